@@ -1,0 +1,97 @@
+"""The callback chain: per event, an ordered list shared by Python and Tcl callbacks.
+
+Several callbacks may listen to one event; they run in registration order and
+the first status other than continue answers the MTA. Tcl's ``milter register``
+keeps one slot per event (TclMilter had one callback per event), replaced in
+place when re-registered; Python's ``register`` appends.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from .protocol.negotiation import EVENT_FLAGS, Wants
+
+EVENTS = (
+    "negotiate",
+    "connect",
+    "helo",
+    "envfrom",
+    "envrcpt",
+    "data",
+    "unknown",
+    "header",
+    "eoh",
+    "body",
+    "eom",
+    "abort",
+    "close",
+)
+
+#: Events whose verdict may wait for the next replied event: the MTA sends them only after
+#: the whole message arrived, so a reject at a header or at end of headers reaches the client
+#: in the same SMTP reply either way. Asking for no reply lets the MTA stream them.
+DEFERRABLE = frozenset({"header"})
+
+
+@dataclass(slots=True)
+class Callback:
+    func: Callable[..., Any]
+    origin: str = "python"  # "python" or "tcl"
+    name: str = ""
+
+
+class Registry:
+    """Callbacks per event. Changes are seen by the next event (and negotiation by the next connection)."""
+
+    def __init__(self) -> None:
+        self._chains: dict[str, list[Callback]] = {e: [] for e in EVENTS}
+
+    @staticmethod
+    def check_event(event: str) -> str:
+        if event not in EVENTS:
+            raise ValueError(f'bad event "{event}": must be {", ".join(EVENTS[:-1])}, or {EVENTS[-1]}')
+        return event
+
+    def add(self, event: str, callback: Callback) -> None:
+        chain = self._chains[self.check_event(event)]
+        self._chains[event] = chain + [callback]  # copy-on-write: a running chain is not disturbed
+
+    def remove(self, event: str, predicate: Callable[[Callback], bool]) -> bool:
+        chain = self._chains[self.check_event(event)]
+        kept = [c for c in chain if not predicate(c)]
+        self._chains[event] = kept
+        return len(kept) != len(chain)
+
+    def replace_tcl(self, event: str, callback: Callback | None) -> None:
+        """Tcl's single slot: replace it where it stands, append it, or remove it (None)."""
+        chain = list(self._chains[self.check_event(event)])
+        for i, c in enumerate(chain):
+            if c.origin == "tcl":
+                if callback is None:
+                    del chain[i]
+                else:
+                    chain[i] = callback
+                break
+        else:
+            if callback is not None:
+                chain.append(callback)
+        self._chains[event] = chain
+
+    def tcl_callback(self, event: str) -> Callback | None:
+        for c in self._chains[self.check_event(event)]:
+            if c.origin == "tcl":
+                return c
+        return None
+
+    def chain(self, event: str) -> list[Callback]:
+        return self._chains[event]
+
+    def registered(self) -> dict[str, list[Callback]]:
+        return {e: list(c) for e, c in self._chains.items() if c}
+
+    def wants(self) -> Wants:
+        """What to negotiate: skip stages nobody listens to, no replies where verdicts can wait."""
+        events = frozenset(e for e in EVENT_FLAGS if self._chains[e])
+        return Wants(events=events, no_reply=events & DEFERRABLE)

@@ -1,0 +1,96 @@
+"""libmilter connection specs: ``unix:/path``, ``local:/path``, ``inet:port@host``, ``inet6:port@host``.
+
+Parsing follows smfi_setconn/smfi_opensocket (reference section 9.1): a
+bare path is a Unix socket, the protocol name is case-insensitive, a port
+that starts with a digit is read like ``atoi`` and otherwise looked up as a
+service, ``inet:PORT`` alone means every address.
+"""
+
+from __future__ import annotations
+
+import re
+import socket
+from dataclasses import dataclass
+
+
+class ConnSpecError(ValueError):
+    """The connection spec cannot be used."""
+
+
+@dataclass(frozen=True, slots=True)
+class ConnSpec:
+    family: str  # "unix", "inet" or "inet6"
+    path: str = ""
+    host: str | None = None  # None: every address
+    port: int = 0
+
+    def __str__(self) -> str:
+        if self.family == "unix":
+            return f"unix:{self.path}"
+        host = self.host if self.host is not None else ("0.0.0.0" if self.family == "inet" else "::")
+        return f"{self.family}:{self.port}@{host}"
+
+    def postfix(self) -> str:
+        """The same address in Postfix's smtpd_milters syntax."""
+        if self.family == "unix":
+            return f"unix:{self.path}"
+        host = self.host or ("127.0.0.1" if self.family == "inet" else "::1")
+        return f"inet:{'[' + host + ']' if ':' in host else host}:{self.port}"
+
+
+_MAX_UNIX_PATH = 107  # sizeof(sun_path) on Linux, NUL included
+
+
+def parse(spec: str) -> ConnSpec:
+    """Parse a spec; raises ConnSpecError with a message a mail admin can act on."""
+    if not spec:
+        raise ConnSpecError("empty connection spec")
+    if ":" not in spec:
+        proto, rest = "unix", spec
+    else:
+        proto, rest = spec.split(":", 1)
+        proto = proto.lower() or "unix"
+    if proto in ("unix", "local"):
+        if not rest:
+            raise ConnSpecError(f'connection "{spec}": missing socket path')
+        if len(rest.encode()) >= _MAX_UNIX_PATH - 1:
+            raise ConnSpecError(f'connection "{spec}": socket path longer than {_MAX_UNIX_PATH - 2} bytes')
+        return ConnSpec("unix", path=rest)
+    if proto not in ("inet", "inet6"):
+        raise ConnSpecError(f'connection "{spec}": unknown socket type "{proto}": must be unix, local, inet or inet6')
+    port_text, _, host = rest.partition("@")
+    port = _port(port_text, spec)
+    return ConnSpec(proto, host=_host(host, proto, spec) if host else None, port=port)
+
+
+def _port(text: str, spec: str) -> int:
+    if not text:
+        raise ConnSpecError(f'connection "{spec}": missing port')
+    if text[0].isdigit():
+        port = int(re.match(r"\d+", text).group())  # type: ignore[union-attr]
+    else:
+        try:
+            port = socket.getservbyname(text, "tcp")
+        except OSError:
+            raise ConnSpecError(f'connection "{spec}": unknown service "{text}"') from None
+    if not 0 <= port <= 65535:
+        raise ConnSpecError(f'connection "{spec}": port {port} out of range')
+    return port
+
+
+def _host(host: str, proto: str, spec: str) -> str:
+    family = socket.AF_INET if proto == "inet" else socket.AF_INET6
+    if host.startswith("["):
+        if not host.endswith("]"):
+            raise ConnSpecError(f'connection "{spec}": missing "]"')
+        addr = host[1:-1]
+        try:
+            socket.inet_pton(family, addr)
+        except OSError:
+            raise ConnSpecError(f'connection "{spec}": "{addr}" is not an {proto} address') from None
+        return addr
+    try:
+        infos = socket.getaddrinfo(host, None, family, socket.SOCK_STREAM)
+    except socket.gaierror as exc:
+        raise ConnSpecError(f'connection "{spec}": cannot resolve "{host}" for {proto}: {exc.strerror}') from None
+    return str(infos[0][4][0])

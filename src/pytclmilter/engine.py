@@ -1,0 +1,401 @@
+"""One connection's logic: core events -> callback chain -> replies.
+
+Sits between the sans-I/O core and the socket: the server hands it bytes and
+gives it a ``write`` and a ``close`` function. Callbacks that are plain
+functions (every Tcl callback) run synchronously inside ``data_received``, so
+a whole pipelined batch of packets is answered with one write; a callback
+that returns an awaitable pauses this connection only, and the rest of the
+batch is handled when it completes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import logging
+from typing import TYPE_CHECKING, Any, Awaitable, Callable, Protocol
+
+from .callbacks import Callback, Registry
+from .context import Context
+from .protocol import events as ev
+from .protocol.errors import LocalProtocolError, RemoteProtocolError
+from .protocol.negotiation import negotiate
+from .protocol.session import NEED_DATA, FilterSession
+from .status import Status, parse_status
+
+if TYPE_CHECKING:
+    from .milter import Milter
+
+log = logging.getLogger("pytclmilter")
+
+_FINAL_OF = {
+    Status.CONTINUE: ev.Continue(),
+    Status.ACCEPT: ev.Accept(),
+    Status.DISCARD: ev.Discard(),
+    Status.SKIP: ev.Skip(),
+}
+
+#: Event type -> (callback event name, function of the event giving the callback arguments).
+_ARGS: dict[type, tuple[str, Callable[[Any], tuple[Any, ...]]]] = {
+    ev.Connect: ("connect", lambda e: (e.hostname, address_info(e))),
+    ev.Helo: ("helo", lambda e: (e.name,)),
+    ev.EnvFrom: ("envfrom", lambda e: (e.args,)),
+    ev.EnvRcpt: ("envrcpt", lambda e: (e.args,)),
+    ev.Data: ("data", lambda e: ()),
+    ev.Unknown: ("unknown", lambda e: (e.line,)),
+    ev.Header: ("header", lambda e: (e.name, e.value)),
+    ev.EndOfHeaders: ("eoh", lambda e: ()),
+    ev.Body: ("body", lambda e: (e.chunk,)),
+    ev.EndOfMessage: ("eom", lambda e: ()),
+}
+_MESSAGE_EVENTS = frozenset({ev.Data, ev.Header, ev.EndOfHeaders, ev.Body, ev.EndOfMessage})
+
+_FAMILY_NAMES = {b"4": "inet", b"6": "inet6", b"L": "unix", b"U": "unknown"}
+
+
+def address_info(e: ev.Connect) -> dict[str, Any]:
+    """The client address as TclMilter's addrInfo dict: family, address, port."""
+    return {"family": _FAMILY_NAMES[e.family.value], "address": e.address, "port": e.port}
+
+
+class Link(Protocol):
+    """What the engine needs from its connection; the server provides it."""
+
+    def write(self, data: bytes) -> None: ...
+    def close(self) -> None: ...
+    def pause_reading(self) -> None: ...
+    def resume_reading(self) -> None: ...
+    def touch(self) -> None: ...
+
+
+class CallbackError(Exception):
+    """A callback failed; ``detail`` is what to log (a traceback or Tcl's errorInfo)."""
+
+    def __init__(self, message: str, detail: str) -> None:
+        super().__init__(message)
+        self.detail = detail
+
+
+class ConnectionEngine:
+    """Drives one FilterSession with the milter's callbacks."""
+
+    def __init__(self, milter: "Milter", conn_id: int, link: "Link") -> None:
+        self.milter = milter
+        self.registry: Registry = milter.registry
+        self.session = FilterSession(milter.max_data_size)
+        self.ctx = Context(conn_id, self.session.macros, self._progress)
+        self.name = self.ctx.name
+        self.link = link
+        self._out: list[bytes] = []
+        self._busy = False  # an async callback is running: hold further events
+        self._deferred: Status | None = None  # verdict of a no-reply event, answered at the next reply
+        self._done = False  # the message (or connection) has its verdict: call no more callbacks
+        self._skip_body = False
+        self.closed = False
+        self.client = ""
+        self.sender = ""
+        milter.hooks.context_created(self.ctx)
+
+    # ------------------------------------------------------------ input
+
+    def data_received(self, data: bytes) -> None:
+        if self.closed:
+            return
+        self.session.receive_data(data)
+        if not self._busy:
+            self._pump()
+
+    def connection_lost(self, reason: str = "eof") -> None:
+        """The socket is gone (EOF, error, timeout, stop): abort and close callbacks, once."""
+        if self.closed:
+            return
+        if reason == "eof" and not self._busy:
+            self.session.receive_data(b"")
+            self._pump()
+            return
+        for event in self.session.teardown(reason):
+            self._handle(event)
+        self._finish(reason)
+
+    def _pump(self) -> None:
+        while not self._busy and not self.closed:
+            try:
+                event = self.session.next_event()
+            except RemoteProtocolError as exc:
+                log.warning("%s: protocol error, closing the connection: %s", self.name, exc)
+                self._flush()
+                self.connection_lost("protocol error")
+                return
+            if event is NEED_DATA:
+                break
+            self._handle(event)
+        self._flush()
+
+    def _flush(self) -> None:
+        if self._out:
+            data = b"".join(self._out) if len(self._out) > 1 else self._out[0]
+            self._out.clear()
+            self.link.write(data)
+
+    # ------------------------------------------------------------ events
+
+    def _handle(self, event: ev.Event) -> None:
+        t = type(event)
+        if t is ev.Macro:
+            return
+        if t is ev.OptionNegotiation:
+            self._negotiate(event)  # type: ignore[arg-type]
+            return
+        if t is ev.Abort:
+            self._run_quiet("abort")
+            self._new_message()
+            return
+        if t is ev.Closed:
+            self._run_quiet("close")
+            if event.reason == "quit_nc":  # type: ignore[attr-defined]
+                self.ctx.reply_text = None
+            else:
+                self._finish(event.reason)  # type: ignore[attr-defined]
+            return
+        name, args_of = _ARGS[t]
+        if t is ev.EnvFrom:
+            self._new_message()
+            self.sender = event.args[0] if event.args else ""  # type: ignore[attr-defined]
+        elif t is ev.Connect:
+            self.client = f"{event.hostname}[{event.address}]"  # type: ignore[attr-defined]
+            self._done = False
+        if not event.needs_reply:
+            self._no_reply_event(name, event, args_of)
+            return
+        if self._deferred is not None and t in _MESSAGE_EVENTS:
+            status, self._deferred = self._deferred, None
+            self._answer(name, event, status)
+            return
+        if self._done or (t is ev.Body and self._skip_body):
+            self._answer(name, event, Status.CONTINUE, quiet=True)
+            return
+        self.ctx.stage = name
+        result = self._run_chain(name, args_of(event))
+        if isinstance(result, Status):
+            self._answer(name, event, result)
+        else:
+            self._await(name, event, result)
+
+    def _no_reply_event(self, name: str, event: ev.Event, args_of: Callable[[Any], tuple[Any, ...]]) -> None:
+        """An event the MTA does not wait on (NR negotiated, or a chunk carried by EOM)."""
+        if self._done or self._deferred is not None:
+            return
+        self.ctx.stage = name
+        result = self._run_chain(name, args_of(event))
+        if not isinstance(result, Status):
+            self._await(name, event, result)
+            return
+        self.ctx.stage = ""
+        if result not in (Status.CONTINUE, Status.NOREPLY, Status.SKIP):
+            self._deferred = result
+
+    def _new_message(self) -> None:
+        self._deferred = None
+        self._done = False
+        self._skip_body = False
+        self.ctx.drop_actions()
+
+    def _negotiate(self, offer: ev.OptionNegotiation) -> None:
+        wants = self.registry.wants()
+        wants.max_data_size = self.milter.max_data_size
+        self.ctx.stage = "negotiate"
+        status = Status.CONTINUE
+        if self.registry.chain("negotiate"):
+            status = self._run_sync("negotiate", (offer.version, offer.actions, offer.protocol))
+        self.ctx.stage = ""
+        wants.macros = dict(self.ctx.symlists)
+        try:
+            if status not in (Status.CONTINUE, Status.ACCEPT):
+                raise RemoteProtocolError(f"the negotiate callback answered {status.smfis}")
+            negotiated = negotiate(offer, wants)
+        except RemoteProtocolError as exc:
+            log.warning("%s: negotiation failed: %s", self.name, exc)
+            for event in self.session.fail_negotiation():
+                self._handle(event)
+            return
+        log.debug("%s: offered v%d actions 0x%x protocol 0x%x; answered %s", self.name,
+                  offer.version, offer.actions, offer.protocol, negotiated.reply)
+        self._out.append(self.session.accept_negotiation(negotiated))
+
+    # ------------------------------------------------------------ running callbacks
+
+    def _run_chain(self, name: str, args: tuple[Any, ...], start: int = 0) -> Status | Awaitable[Status]:
+        chain = self.registry.chain(name)
+        for i in range(start, len(chain)):
+            cb = chain[i]
+            try:
+                result = cb.func(self.ctx, *args)
+            except Exception as exc:  # noqa: BLE001 - a filter bug must not take the milter down
+                return self._callback_failed(name, cb, exc)
+            if inspect.isawaitable(result):
+                return self._continue_async(name, args, chain, i, result)
+            status = self._status(name, cb, result)
+            if status is not Status.CONTINUE:
+                return status
+        return Status.CONTINUE
+
+    async def _continue_async(self, name: str, args: tuple[Any, ...], chain: list[Callback], i: int,
+                              first: Awaitable[Any]) -> Status:
+        try:
+            result = await first
+        except Exception as exc:  # noqa: BLE001
+            return self._callback_failed(name, chain[i], exc)
+        status = self._status(name, chain[i], result)
+        if status is not Status.CONTINUE:
+            return status
+        for j in range(i + 1, len(chain)):
+            cb = chain[j]
+            try:
+                result = cb.func(self.ctx, *args)
+                if inspect.isawaitable(result):
+                    result = await result
+            except Exception as exc:  # noqa: BLE001
+                return self._callback_failed(name, cb, exc)
+            status = self._status(name, cb, result)
+            if status is not Status.CONTINUE:
+                return status
+        return Status.CONTINUE
+
+    def _run_sync(self, name: str, args: tuple[Any, ...]) -> Status:
+        result = self._run_chain(name, args)
+        if isinstance(result, Status):
+            return result
+        close = getattr(result, "close", None)
+        if close:
+            close()
+        log.error("%s: the %s callback must not be async; treated as continue", self.name, name)
+        return Status.CONTINUE
+
+    def _run_quiet(self, name: str) -> None:
+        """abort and close: every callback runs, results are ignored (libmilter ignores them too)."""
+        self.ctx.stage = name
+        for cb in self.registry.chain(name):
+            try:
+                result = cb.func(self.ctx)
+                if inspect.isawaitable(result):
+                    asyncio.ensure_future(result)
+            except Exception as exc:  # noqa: BLE001
+                self._callback_failed(name, cb, exc)
+        self.ctx.stage = ""
+
+    def _status(self, name: str, cb: Callback, result: Any) -> Status:
+        status = parse_status(result)
+        if status is None:
+            log.warning("%s: %s callback %s returned %r, not a status; treated as continue",
+                        self.name, name, cb.name or cb.func, result)
+            return Status.CONTINUE
+        return status
+
+    def _callback_failed(self, name: str, cb: Callback, exc: BaseException) -> Status:
+        detail = exc.detail if isinstance(exc, CallbackError) else _traceback(exc)
+        status = self.milter.on_error
+        log.error("%s: %s callback %s failed, answering %s:\n%s", self.name, name, cb.name or cb.func,
+                  status.smfis, detail)
+        self.milter.stats.errors += 1
+        return status
+
+    def _await(self, name: str, event: ev.Event, awaitable: Awaitable[Status]) -> None:
+        self._busy = True
+        self.link.pause_reading()
+
+        async def finish() -> None:
+            try:
+                status = await awaitable
+            except Exception as exc:  # noqa: BLE001 - defensive: _continue_async catches callback errors
+                status = self._callback_failed(name, Callback(lambda *a: None), exc)
+            if self.closed:
+                return
+            if event.needs_reply:
+                self._answer(name, event, status)
+            elif status not in (Status.CONTINUE, Status.NOREPLY, Status.SKIP):
+                self._deferred = status
+            self._busy = False
+            self.link.resume_reading()
+            self._pump()
+
+        asyncio.ensure_future(finish())
+
+    # ------------------------------------------------------------ answering
+
+    def _answer(self, name: str, event: ev.Event, status: Status, quiet: bool = False) -> None:
+        """Turn a status into the reply (plus EOM modifications) and queue the bytes."""
+        self.ctx.stage = ""
+        is_eom = type(event) is ev.EndOfMessage
+        reply = self._reply_for(name, event, status)
+        start = len(self._out)
+        try:
+            if is_eom:
+                actions = self.ctx.take_actions() if status in (Status.CONTINUE, Status.ACCEPT, Status.DISCARD) else []
+                self.ctx.drop_actions()
+                for action in actions:
+                    self._out.append(self.session.send(action))
+            self._out.append(self.session.send(reply))
+        except LocalProtocolError as exc:
+            log.error("%s: %s: %s; answering tempfail", self.name, name, exc)
+            del self._out[start:]  # nothing of this answer goes out
+            self._out.append(self.session.send(ev.Tempfail()))
+            status = Status.TEMPFAIL
+        if status is not Status.CONTINUE and status is not Status.SKIP:
+            if type(event) not in (ev.EnvRcpt, ev.Unknown):
+                self._done = True
+        if status is Status.SKIP:
+            self._skip_body = True
+        if not quiet and (is_eom or status not in (Status.CONTINUE, Status.SKIP, Status.NOREPLY)):
+            self._log_verdict(name, status, reply)
+
+    def _reply_for(self, name: str, event: ev.Event, status: Status) -> ev.Reply:
+        t = type(event)
+        if status in (Status.REJECT, Status.TEMPFAIL):
+            text = self.ctx.reply_text
+            if text and text[0] == ("5" if status is Status.REJECT else "4"):
+                self.ctx.reply_text = None
+                return ev.ReplyCode(text)
+            return ev.Reject() if status is Status.REJECT else ev.Tempfail()
+        if status is Status.NOREPLY:
+            log.warning("%s: %s callback answered SMFIS_NOREPLY but the MTA waits for a reply; "
+                        "sending continue", self.name, name)
+            return ev.Continue()
+        if status is Status.SKIP and t is not ev.Body:
+            log.warning("%s: SMFIS_SKIP is meaningful only in the body callback; sending continue", self.name)
+            return ev.Continue()
+        if status is Status.SKIP and not (self.session.negotiated.protocol & 0x400):
+            return ev.Continue()  # the MTA cannot skip: we stop calling body callbacks instead
+        if status is Status.DISCARD and t in (ev.Connect, ev.Helo):
+            log.warning("%s: SMFIS_DISCARD is meaningless at %s (the MTA would ignore it); sending continue",
+                        self.name, name)
+            return ev.Continue()
+        return _FINAL_OF[status]
+
+    def _log_verdict(self, stage: str, status: Status, reply: ev.Reply) -> None:
+        text = getattr(reply, "text", "")
+        verdict = status.name.lower() if not (stage == "eom" and status is Status.CONTINUE) else "accept"
+        self.milter.stats.count(verdict)
+        log.info("%s: verdict %s at %s client=%s from=%s%s", self.name, verdict, stage, self.client or "-",
+                 self.sender or "-", f' reply="{text}"' if text else "")
+
+    def _progress(self) -> None:
+        self.link.touch()
+        data = self.session.send(ev.Progress())
+        if data:
+            self._flush()
+            self.link.write(data)
+
+    def _finish(self, reason: str) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        self._flush()
+        self.milter.hooks.context_closed(self.ctx)
+        self.link.close()
+        log.info("%s: closed (%s)", self.name, reason)
+
+
+def _traceback(exc: BaseException) -> str:
+    import traceback
+
+    return "".join(traceback.format_exception(type(exc), exc, exc.__traceback__)).rstrip()

@@ -1,0 +1,139 @@
+"""The public Python face: :class:`Milter` holds the configuration and the callbacks and runs the server."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from .callbacks import EVENTS, Callback, Registry
+from .connspec import ConnSpec, parse
+from .context import Context
+from .protocol.constants import MAX_DATA_SIZE
+from .server import MilterServer
+from .status import Status, parse_status
+
+log = logging.getLogger("pytclmilter")
+
+DEFAULT_CONNECTION = "unix:/var/run/tclmilter.sock"
+DEFAULT_TIMEOUT = 7210
+
+
+@dataclass
+class Hooks:
+    """Points where a host (the Tcl bridge, the CLI) joins in; all optional."""
+
+    context_created: Callable[[Context], None] = lambda ctx: None
+    context_closed: Callable[[Context], None] = lambda ctx: None
+    listening: Callable[[ConnSpec], None] = lambda spec: None
+    signal: Callable[[signal.Signals], None] = lambda sig: None
+    tick: Callable[[], None] | None = None
+
+
+@dataclass
+class Stats:
+    """Verdict counts since start, for the log summary."""
+
+    verdicts: Counter[str] = field(default_factory=Counter)
+    errors: int = 0
+
+    def count(self, verdict: str) -> None:
+        self.verdicts[verdict] += 1
+
+    def summary(self) -> str:
+        parts = [f"{k}={v}" for k, v in sorted(self.verdicts.items())]
+        return ", ".join(parts + [f"callback errors={self.errors}"])
+
+
+class Milter:
+    """A mail filter: register callbacks, then :meth:`run`.
+
+    >>> m = Milter(connection="inet:8899@127.0.0.1")
+    >>> @m.register("envfrom")
+    ... def envfrom(ctx, args):
+    ...     return REJECT if args[0] == "<spammer@example.com>" else CONTINUE
+    """
+
+    def __init__(
+        self,
+        name: str = "pytclmilter",
+        connection: str = DEFAULT_CONNECTION,
+        timeout: float = DEFAULT_TIMEOUT,
+        backlog: int | None = None,
+        on_error: Status | str = Status.TEMPFAIL,
+        grace: float = 30.0,
+        socket_mode: int | None = None,
+        max_data_size: int = MAX_DATA_SIZE,
+    ) -> None:
+        self.name = name
+        self.connection = connection
+        self.timeout = timeout
+        self.backlog = backlog
+        self.on_error = self._status(on_error)
+        self.grace = grace
+        self.socket_mode = socket_mode
+        self.max_data_size = max_data_size
+        self.tick_interval = 0.02
+        self.registry = Registry()
+        self.hooks = Hooks()
+        self.stats = Stats()
+        self._server = MilterServer(self)
+
+    @staticmethod
+    def _status(value: Status | str) -> Status:
+        status = parse_status(value)
+        if status is None:
+            raise ValueError(f"unknown status {value!r}")
+        return status
+
+    # ------------------------------------------------------------ callbacks
+
+    def register(self, event: str, func: Callable[..., Any] | None = None) -> Any:
+        """Add a callback to an event's chain; usable as ``@milter.register("eom")``."""
+        Registry.check_event(event)
+        if func is None:
+            return lambda f: self.register(event, f)
+        self.registry.add(event, Callback(func, "python", getattr(func, "__qualname__", repr(func))))
+        return func
+
+    def unregister(self, event: str, func: Callable[..., Any]) -> bool:
+        return self.registry.remove(event, lambda c: c.func is func)
+
+    # ------------------------------------------------------------ running
+
+    @property
+    def running(self) -> bool:
+        return self._server.listening is not None
+
+    @property
+    def listening(self) -> ConnSpec | None:
+        """Where the server listens now (with the real port when 0 was asked for)."""
+        return self._server.listening
+
+    def check_connection(self) -> ConnSpec:
+        return parse(self.connection)
+
+    async def serve(self) -> None:
+        """Serve until :meth:`stop` or a signal; returns, and may be called again."""
+        try:
+            await self._server.serve()
+        finally:
+            log.info("%s stopped; verdicts: %s", self.name, self.stats.summary())
+
+    def run(self) -> None:
+        """Blocking :meth:`serve` on a fresh event loop."""
+        asyncio.run(self.serve())
+
+    def abort(self) -> None:
+        """Stop at once from the loop's thread, without grace (used by Tcl's ``exit``)."""
+        self._server.abort()
+
+    def stop(self) -> None:
+        """Stop serving: from any thread, from a callback, before or during :meth:`run`."""
+        self._server.stop()
+
+
+__all__ = ["Milter", "EVENTS", "DEFAULT_CONNECTION"]

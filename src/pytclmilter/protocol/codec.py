@@ -1,0 +1,416 @@
+"""Frames and payloads, both directions, without I/O.
+
+A frame is ``u32 length`` (command byte + payload, big-endian), ``command``,
+``payload``. This module turns payloads into the typed values of
+:mod:`.events` and back. Decoding is strict: a payload that does not have
+exactly the documented shape raises :class:`RemoteProtocolError`, because a
+garbled packet must end that one connection, never be guessed at.
+
+Text rule: every string on the wire is bytes; we hand it on as ``str``
+decoded from UTF-8 with ``surrogateescape``, so bytes that are not valid UTF-8
+become U+DC80..U+DCFF and go back out as the very same bytes.
+"""
+
+from __future__ import annotations
+
+import struct
+from typing import Callable, Iterable
+
+from . import events as ev
+from .constants import CHUNK_SIZE, Cmd, Family, MacroStage, Reply
+from .errors import LocalProtocolError, RemoteProtocolError
+
+_U32 = struct.Struct("!I")
+_U16 = struct.Struct("!H")
+_HEADER = struct.Struct("!Ic")
+_OPTNEG = struct.Struct("!III")
+
+COMMAND_CODES = frozenset(c.value for c in Cmd)
+REPLY_CODES = frozenset(r.value for r in Reply)
+
+
+def text(raw: bytes) -> str:
+    """Bytes from the wire as text; never raises, and :func:`wire` undoes it exactly."""
+    return raw.decode("utf-8", "surrogateescape")
+
+
+def wire(value: str) -> bytes:
+    """Text back to wire bytes: UTF-8, with surrogate-escaped bytes restored.
+
+    Lone surrogates that did not come from :func:`text` (U+D800..U+DC7F, U+DD00..)
+    cannot be sent; they are replaced by U+FFFD rather than failing the mail.
+    """
+    try:
+        return value.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError:
+        return "".join(
+            ch if not ("\ud800" <= ch <= "\udfff") or "\udc80" <= ch <= "\udcff" else "\ufffd" for ch in value
+        ).encode("utf-8", "surrogateescape")
+
+
+def frame(code: bytes, payload: bytes = b"") -> bytes:
+    """One packet: length, code, payload."""
+    return _HEADER.pack(len(payload) + 1, code) + payload
+
+
+# ------------------------------------------------------------------ framing
+
+
+class FrameReader:
+    """Splits a byte stream into ``(code, payload)`` frames.
+
+    The length is checked against ``max_payload`` before anything is buffered
+    for the payload, so an oversize frame is refused, never allocated.
+    """
+
+    __slots__ = ("_buf", "_pos", "max_payload", "_codes")
+
+    def __init__(self, codes: frozenset[bytes], max_payload: int) -> None:
+        self._buf = bytearray()
+        self._pos = 0
+        self.max_payload = max_payload
+        self._codes = codes
+
+    def feed(self, data: bytes) -> None:
+        if self._pos and self._pos == len(self._buf):
+            self._buf.clear()
+            self._pos = 0
+        elif self._pos > 65536:
+            del self._buf[: self._pos]
+            self._pos = 0
+        self._buf += data
+
+    @property
+    def pending(self) -> int:
+        """Bytes received but not yet returned as a frame."""
+        return len(self._buf) - self._pos
+
+    def next_frame(self) -> tuple[bytes, bytes] | None:
+        buf, pos = self._buf, self._pos
+        if len(buf) - pos < 5:
+            return None
+        (length,) = _U32.unpack_from(buf, pos)
+        code = bytes(buf[pos + 4 : pos + 5])
+        if length == 0:
+            raise RemoteProtocolError("zero-length packet")
+        if code not in self._codes:
+            raise RemoteProtocolError(f"unknown command {_show(code)}")
+        if length - 1 > self.max_payload:
+            raise RemoteProtocolError(f"packet of {length - 1} bytes exceeds the limit of {self.max_payload}")
+        end = pos + 4 + length
+        if len(buf) < end:
+            return None
+        payload = bytes(buf[pos + 5 : end])
+        self._pos = end
+        return code, payload
+
+
+def _show(code: bytes) -> str:
+    return repr(code.decode("latin-1"))
+
+
+# ------------------------------------------------------------------ payload helpers
+
+
+def _strings(payload: bytes, what: str) -> list[bytes]:
+    """A list of NUL-terminated strings; the payload must end in NUL."""
+    if not payload or payload[-1] != 0:
+        raise RemoteProtocolError(f"{what}: string not NUL-terminated")
+    return payload[:-1].split(b"\0")
+
+
+def _exactly(payload: bytes, count: int, what: str) -> list[bytes]:
+    parts = _strings(payload, what)
+    if len(parts) != count:
+        raise RemoteProtocolError(f"{what}: expected {count} string(s), got {len(parts)}")
+    return parts
+
+
+def _no_payload(event: type[ev.Event]) -> Callable[[bytes], ev.Event]:
+    # libmilter ignores stray payload on these commands; so do we.
+    return lambda payload: event()
+
+
+def _optneg(payload: bytes) -> ev.Event:
+    if len(payload) < 12:
+        raise RemoteProtocolError(f"option negotiation: {len(payload)} bytes, need 12")
+    return ev.OptionNegotiation(*_OPTNEG.unpack_from(payload))
+
+
+def _macro(payload: bytes) -> ev.Event:
+    if not payload:
+        raise RemoteProtocolError("macro: empty payload")
+    stage, rest = payload[:1], payload[1:]
+    parts = rest.split(b"\0")
+    if parts and parts[-1] == b"":
+        parts.pop()
+    # An odd name without a value is dropped, as libmilter's lookup stops there.
+    return ev.Macro(stage, {text(parts[i]): text(parts[i + 1]) for i in range(0, len(parts) - 1, 2)})
+
+
+def _connect(payload: bytes) -> ev.Event:
+    nul = payload.find(b"\0")
+    if nul < 0 or nul + 1 >= len(payload):
+        raise RemoteProtocolError("connect: missing host name or family")
+    host = text(payload[:nul])
+    try:
+        family = Family(payload[nul + 1 : nul + 2])
+    except ValueError:
+        raise RemoteProtocolError(f"connect: unknown address family {_show(payload[nul + 1 : nul + 2])}") from None
+    rest = payload[nul + 2 :]
+    if family is Family.UNKNOWN:
+        return ev.Connect(host, family)
+    if len(rest) < 3:
+        raise RemoteProtocolError("connect: missing port or address")
+    (port,) = _U16.unpack_from(rest)
+    (address,) = _exactly(rest[2:], 1, "connect address")
+    return ev.Connect(host, family, port, text(address))
+
+
+def _helo(payload: bytes) -> ev.Event:
+    return ev.Helo(text(_exactly(payload, 1, "helo")[0]))
+
+
+def _envelope(event: type[ev.EnvFrom] | type[ev.EnvRcpt], what: str) -> Callable[[bytes], ev.Event]:
+    def decode(payload: bytes) -> ev.Event:
+        return event([text(p) for p in _strings(payload, what)])
+
+    return decode
+
+
+def _header(payload: bytes) -> ev.Event:
+    name, value = _exactly(payload, 2, "header")
+    if not name:
+        raise RemoteProtocolError("header: empty name")
+    return ev.Header(text(name), text(value))
+
+
+def _body(payload: bytes) -> ev.Event:
+    if not payload:
+        raise RemoteProtocolError("body: empty chunk")
+    return ev.Body(payload)
+
+
+def _unknown(payload: bytes) -> ev.Event:
+    return ev.Unknown(text(_exactly(payload, 1, "unknown command")[0]))
+
+
+_COMMAND_DECODERS: dict[bytes, Callable[[bytes], ev.Event]] = {
+    b"O": _optneg,
+    b"D": _macro,
+    b"C": _connect,
+    b"H": _helo,
+    b"M": _envelope(ev.EnvFrom, "mail"),
+    b"R": _envelope(ev.EnvRcpt, "rcpt"),
+    b"T": _no_payload(ev.Data),
+    b"U": _unknown,
+    b"L": _header,
+    b"N": _no_payload(ev.EndOfHeaders),
+    b"B": _body,
+    b"E": lambda payload: ev.EndOfMessage(payload),
+    b"A": _no_payload(ev.Abort),
+    b"Q": _no_payload(ev.Quit),
+    b"K": _no_payload(ev.QuitNewConnection),
+}
+
+
+def decode_command(code: bytes, payload: bytes) -> ev.Event:
+    """MTA command payload -> event. Raises RemoteProtocolError on anything malformed."""
+    try:
+        decoder = _COMMAND_DECODERS[code]
+    except KeyError:
+        raise RemoteProtocolError(f"unknown command {_show(code)}") from None
+    return decoder(payload)
+
+
+# ------------------------------------------------------------------ filter replies
+
+
+def _z(value: str, what: str) -> bytes:
+    raw = wire(value)
+    if b"\0" in raw:
+        raise LocalProtocolError(f"{what} must not contain NUL")
+    return raw + b"\0"
+
+
+def _encode_optneg(r: ev.OptionNegotiationReply) -> bytes:
+    payload = _OPTNEG.pack(r.version, r.actions, r.protocol)
+    for stage, names in sorted(r.macros.items()):
+        payload += _U32.pack(int(stage)) + _z(names, "macro list")
+    return frame(b"O", payload)
+
+
+def _encode_body(r: ev.ReplaceBody) -> bytes:
+    data = r.chunk
+    if len(data) <= CHUNK_SIZE:
+        return frame(b"b", data)
+    view = memoryview(data)
+    return b"".join(frame(b"b", bytes(view[i : i + CHUNK_SIZE])) for i in range(0, len(data), CHUNK_SIZE))
+
+
+def _encode_rcpt(r: ev.AddRecipient) -> bytes:
+    if r.args is None:
+        return frame(b"+", _z(r.rcpt, "recipient"))
+    return frame(b"2", _z(r.rcpt, "recipient") + _z(r.args, "ESMTP arguments"))
+
+
+def _encode_chgfrom(r: ev.ChangeFrom) -> bytes:
+    payload = _z(r.sender, "sender")
+    if r.args is not None:
+        payload += _z(r.args, "ESMTP arguments")
+    return frame(b"e", payload)
+
+
+_EMPTY_FRAMES = {
+    ev.Continue: frame(b"c"),
+    ev.Accept: frame(b"a"),
+    ev.Reject: frame(b"r"),
+    ev.Tempfail: frame(b"t"),
+    ev.Discard: frame(b"d"),
+    ev.Skip: frame(b"s"),
+    ev.Progress: frame(b"p"),
+    ev.Shutdown: frame(b"4"),
+    ev.ConnFail: frame(b"f"),
+}
+
+_REPLY_ENCODERS: dict[type, Callable[[ev.Reply], bytes]] = {
+    ev.OptionNegotiationReply: _encode_optneg,  # type: ignore[dict-item]
+    ev.ReplyCode: lambda r: frame(b"y", _z(r.text, "reply text")),  # type: ignore[attr-defined]
+    ev.Quarantine: lambda r: frame(b"q", _z(r.reason, "quarantine reason")),  # type: ignore[attr-defined]
+    ev.AddHeader: lambda r: frame(b"h", _z(r.name, "header name") + _z(r.value, "header value")),  # type: ignore[attr-defined]
+    ev.InsertHeader: lambda r: frame(  # type: ignore[attr-defined]
+        b"i", _U32.pack(r.index) + _z(r.name, "header name") + _z(r.value, "header value")
+    ),
+    ev.ChangeHeader: lambda r: frame(  # type: ignore[attr-defined]
+        b"m", _U32.pack(r.index) + _z(r.name, "header name") + _z(r.value, "header value")
+    ),
+    ev.AddRecipient: _encode_rcpt,  # type: ignore[dict-item]
+    ev.DeleteRecipient: lambda r: frame(b"-", _z(r.rcpt, "recipient")),  # type: ignore[attr-defined]
+    ev.ChangeFrom: _encode_chgfrom,  # type: ignore[dict-item]
+    ev.ReplaceBody: _encode_body,  # type: ignore[dict-item]
+}
+
+
+def encode_reply(reply: ev.Reply) -> bytes:
+    """Filter reply -> frame(s). ReplaceBody larger than a chunk becomes several frames."""
+    fixed = _EMPTY_FRAMES.get(type(reply))
+    if fixed is not None:
+        return fixed
+    try:
+        return _REPLY_ENCODERS[type(reply)](reply)
+    except KeyError:
+        raise LocalProtocolError(f"{type(reply).__name__} is not a packet") from None
+
+
+# ------------------------------------------------------------------ MTA side
+# Used by the `send` client and by tests: the same shapes, the other direction.
+
+
+def encode_command(event: ev.Event) -> bytes:
+    """MTA command -> frame."""
+    t = type(event)
+    if t is ev.OptionNegotiation:
+        return frame(b"O", _OPTNEG.pack(event.version, event.actions, event.protocol))  # type: ignore[attr-defined]
+    if t is ev.Macro:
+        pairs = b"".join(wire(k) + b"\0" + wire(v) + b"\0" for k, v in event.macros.items())  # type: ignore[attr-defined]
+        return frame(b"D", event.stage + pairs)  # type: ignore[attr-defined]
+    if t is ev.Connect:
+        c: ev.Connect = event  # type: ignore[assignment]
+        payload = wire(c.hostname) + b"\0" + c.family.value
+        if c.family is not Family.UNKNOWN:
+            payload += _U16.pack(c.port) + wire(c.address) + b"\0"
+        return frame(b"C", payload)
+    if t is ev.Helo:
+        return frame(b"H", wire(event.name) + b"\0")  # type: ignore[attr-defined]
+    if t in (ev.EnvFrom, ev.EnvRcpt):
+        code = b"M" if t is ev.EnvFrom else b"R"
+        return frame(code, b"".join(wire(a) + b"\0" for a in event.args))  # type: ignore[attr-defined]
+    if t is ev.Header:
+        return frame(b"L", wire(event.name) + b"\0" + wire(event.value) + b"\0")  # type: ignore[attr-defined]
+    if t is ev.Body:
+        return frame(b"B", event.chunk)  # type: ignore[attr-defined]
+    if t is ev.EndOfMessage:
+        return frame(b"E", event.chunk)  # type: ignore[attr-defined]
+    if t is ev.Unknown:
+        return frame(b"U", wire(event.line) + b"\0")  # type: ignore[attr-defined]
+    simple = {ev.Data: b"T", ev.EndOfHeaders: b"N", ev.Abort: b"A", ev.Quit: b"Q", ev.QuitNewConnection: b"K"}
+    if t in simple:
+        return frame(simple[t])
+    raise LocalProtocolError(f"{t.__name__} is not a command")
+
+
+def _reply_strings(payload: bytes, count_min: int, count_max: int, what: str) -> list[str]:
+    parts = _strings(payload, what)
+    if not count_min <= len(parts) <= count_max:
+        raise RemoteProtocolError(f"{what}: expected {count_min}..{count_max} strings, got {len(parts)}")
+    return [text(p) for p in parts]
+
+
+def _indexed_header(payload: bytes, what: str) -> tuple[int, str, str]:
+    if len(payload) < 4:
+        raise RemoteProtocolError(f"{what}: missing index")
+    (index,) = _U32.unpack_from(payload)
+    name, value = _reply_strings(payload[4:], 2, 2, what)
+    return index, name, value
+
+
+def _decode_optneg_reply(payload: bytes) -> ev.Reply:
+    if len(payload) < 12:
+        raise RemoteProtocolError("option negotiation reply shorter than 12 bytes")
+    version, actions, protocol = _OPTNEG.unpack_from(payload)
+    macros: dict[MacroStage, str] = {}
+    rest = payload[12:]
+    while rest:
+        if len(rest) < 5:
+            raise RemoteProtocolError("option negotiation reply: truncated macro list")
+        (stage,) = _U32.unpack_from(rest)
+        nul = rest.find(b"\0", 4)
+        if nul < 0:
+            raise RemoteProtocolError("option negotiation reply: macro list not NUL-terminated")
+        try:
+            macros[MacroStage(stage)] = text(rest[4:nul])
+        except ValueError:
+            raise RemoteProtocolError(f"option negotiation reply: unknown macro stage {stage}") from None
+        rest = rest[nul + 1 :]
+    return ev.OptionNegotiationReply(version, actions, protocol, macros)
+
+
+def decode_reply(code: bytes, payload: bytes) -> ev.Reply:
+    """Filter reply payload -> value (MTA side)."""
+    empty = {v: k for k, v in _EMPTY_FRAMES.items()}
+    if frame(code) in empty:
+        if payload:
+            raise RemoteProtocolError(f"reply {_show(code)} carries {len(payload)} stray bytes")
+        return empty[frame(code)]()
+    if code == b"O":
+        return _decode_optneg_reply(payload)
+    if code == b"y":
+        return ev.ReplyCode(_reply_strings(payload, 1, 1, "reply code")[0])
+    if code == b"q":
+        return ev.Quarantine(_reply_strings(payload, 1, 1, "quarantine")[0])
+    if code == b"h":
+        return ev.AddHeader(*_reply_strings(payload, 2, 2, "add header"))
+    if code == b"i":
+        return ev.InsertHeader(*_indexed_header(payload, "insert header"))
+    if code == b"m":
+        return ev.ChangeHeader(*_indexed_header(payload, "change header"))
+    if code == b"+":
+        return ev.AddRecipient(_reply_strings(payload, 1, 1, "add recipient")[0])
+    if code == b"2":
+        parts = _reply_strings(payload, 1, 2, "add recipient")
+        return ev.AddRecipient(parts[0], parts[1] if len(parts) > 1 else "")
+    if code == b"-":
+        return ev.DeleteRecipient(_reply_strings(payload, 1, 1, "delete recipient")[0])
+    if code == b"e":
+        parts = _reply_strings(payload, 1, 2, "change sender")
+        return ev.ChangeFrom(parts[0], parts[1] if len(parts) > 1 else None)
+    if code == b"b":
+        return ev.ReplaceBody(payload)
+    raise RemoteProtocolError(f"unknown reply {_show(code)}")
+
+
+def split_body(data: bytes, size: int = CHUNK_SIZE) -> Iterable[bytes]:
+    """Body data as MTA chunks of at most ``size`` bytes."""
+    view = memoryview(data)
+    for i in range(0, len(data), size):
+        yield bytes(view[i : i + size])

@@ -1,0 +1,152 @@
+"""Numbers of the milter protocol, version 6 (names as in libmilter's mfdef.h).
+
+Only facts of the wire live here; see ``docs/milter-protocol.md`` sections 2-4
+for their meaning.
+"""
+
+from __future__ import annotations
+
+import enum
+
+PROTOCOL_VERSION = 6
+MIN_MTA_VERSION = 2
+
+LEN_BYTES = 4
+OPTLEN = 12
+CHUNK_SIZE = 65535
+#: Default maximum *payload* (command byte excluded): a full 65535-byte body
+#: chunk arrives with a length field of 65536.
+MAX_DATA_SIZE = 65535
+MDS_256K = 262143
+MDS_1M = 1048575
+
+
+class Cmd(bytes, enum.Enum):
+    """Commands MTA -> filter (SMFIC_*)."""
+
+    ABORT = b"A"
+    BODY = b"B"
+    CONNECT = b"C"
+    MACRO = b"D"
+    BODYEOB = b"E"
+    HELO = b"H"
+    QUIT_NC = b"K"
+    HEADER = b"L"
+    MAIL = b"M"
+    EOH = b"N"
+    OPTNEG = b"O"
+    QUIT = b"Q"
+    RCPT = b"R"
+    DATA = b"T"
+    UNKNOWN = b"U"
+
+
+class Reply(bytes, enum.Enum):
+    """Replies and actions filter -> MTA (SMFIR_*)."""
+
+    ADDRCPT = b"+"
+    DELRCPT = b"-"
+    ADDRCPT_PAR = b"2"
+    SHUTDOWN = b"4"
+    ACCEPT = b"a"
+    REPLBODY = b"b"
+    CONTINUE = b"c"
+    DISCARD = b"d"
+    CHGFROM = b"e"
+    CONN_FAIL = b"f"
+    ADDHEADER = b"h"
+    INSHEADER = b"i"
+    SETSYMLIST = b"l"
+    CHGHEADER = b"m"
+    PROGRESS = b"p"
+    QUARANTINE = b"q"
+    REJECT = b"r"
+    SKIP = b"s"
+    TEMPFAIL = b"t"
+    REPLYCODE = b"y"
+    OPTNEG = b"O"
+
+
+class Family(bytes, enum.Enum):
+    """Address family byte of SMFIC_CONNECT (SMFIA_*)."""
+
+    UNKNOWN = b"U"
+    UNIX = b"L"
+    INET = b"4"
+    INET6 = b"6"
+
+
+class Action(enum.IntFlag):
+    """What the filter may do at end of message (SMFIF_*)."""
+
+    NONE = 0
+    ADDHDRS = 0x001
+    CHGBODY = 0x002
+    ADDRCPT = 0x004
+    DELRCPT = 0x008
+    CHGHDRS = 0x010
+    QUARANTINE = 0x020
+    CHGFROM = 0x040
+    ADDRCPT_PAR = 0x080
+    SETSYMLIST = 0x100
+
+
+ALL_ACTIONS = Action(0x1FF)
+V1_ACTIONS = Action(0x0F)
+
+
+class Proto(enum.IntFlag):
+    """Protocol flags (SMFIP_*): skip bits, no-reply bits and the rest."""
+
+    NONE = 0
+    NOCONNECT = 0x1
+    NOHELO = 0x2
+    NOMAIL = 0x4
+    NORCPT = 0x8
+    NOBODY = 0x10
+    NOHDRS = 0x20
+    NOEOH = 0x40
+    NR_HDR = 0x80
+    NOUNKNOWN = 0x100
+    NODATA = 0x200
+    SKIP = 0x400
+    RCPT_REJ = 0x800
+    NR_CONN = 0x1000
+    NR_HELO = 0x2000
+    NR_MAIL = 0x4000
+    NR_RCPT = 0x8000
+    NR_DATA = 0x10000
+    NR_UNKN = 0x20000
+    NR_EOH = 0x40000
+    NR_BODY = 0x80000
+    HDR_LEADSPC = 0x100000
+    MDS_256K = 0x10000000
+    MDS_1M = 0x20000000
+
+
+V1_PROTO = Proto(0x3F)
+ALL_PROTO = Proto(0x1FFFFF)
+
+
+class MacroStage(enum.IntEnum):
+    """Stage numbers of macro lists in the OPTNEG reply (SMFIM_*), not in protocol order."""
+
+    CONNECT = 0
+    HELO = 1
+    ENVFROM = 2
+    ENVRCPT = 3
+    DATA = 4
+    EOM = 5
+    EOH = 6
+
+
+#: Which command each macro stage precedes; the MTA names the stage by command letter.
+MACRO_STAGE_CMD: dict[MacroStage, bytes] = {
+    MacroStage.CONNECT: b"C",
+    MacroStage.HELO: b"H",
+    MacroStage.ENVFROM: b"M",
+    MacroStage.ENVRCPT: b"R",
+    MacroStage.DATA: b"T",
+    MacroStage.EOM: b"E",
+    MacroStage.EOH: b"N",
+}

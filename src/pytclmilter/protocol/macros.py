@@ -1,0 +1,67 @@
+"""Macro storage with libmilter's semantics (reference section 5.3).
+
+One slot per stage letter; a new SMFIC_MACRO replaces its slot wholesale;
+commands clear the slots of later stages; ABORT clears nothing, so stale
+values stay visible exactly as a libmilter filter would see them.
+"""
+
+from __future__ import annotations
+
+#: Stage letters libmilter stores, in protocol order.
+STAGES = b"CHMRTNE"
+#: Lookup order of smfi_getsymval: latest stage first.
+_LOOKUP = tuple(bytes([c]) for c in b"ENTRMHC")
+#: Which slots a command clears when it arrives (its own slot was just filled).
+_CLEARS = {
+    b"C": b"HMRTNE",
+    b"H": b"MRTNE",
+    b"M": b"RTNE",
+    b"R": b"TNE",
+}
+
+
+class MacroStore:
+    __slots__ = ("_slots",)
+
+    def __init__(self) -> None:
+        self._slots: dict[bytes, dict[str, str]] = {}
+
+    def define(self, stage: bytes, macros: dict[str, str]) -> None:
+        """Store a macro packet; other stage letters and empty packets are ignored, as libmilter does."""
+        if macros and len(stage) == 1 and stage in STAGES:
+            self._slots[stage] = macros
+
+    def command(self, code: bytes) -> None:
+        """Apply the clearing rule of an arriving command."""
+        later = _CLEARS.get(code)
+        if later is not None:
+            for c in later:
+                self._slots.pop(bytes([c]), None)
+        elif code in (b"Q", b"K"):
+            self._slots.clear()
+
+    def get(self, name: str) -> str | None:
+        """smfi_getsymval: ``i`` also finds ``{i}`` and the reverse; long names only exactly."""
+        alt = None
+        if len(name) == 1:
+            alt = "{" + name + "}"
+        elif len(name) == 3 and name[0] == "{" and name[2] == "}":
+            alt = name[1]
+        slots = self._slots
+        for stage in _LOOKUP:
+            slot = slots.get(stage)
+            if slot is None:
+                continue
+            value = slot.get(name)
+            if value is None and alt is not None:
+                value = slot.get(alt)
+            if value is not None:
+                return value
+        return None
+
+    def all(self) -> dict[str, str]:
+        """Every visible macro, later stages winning (for reports and debugging)."""
+        merged: dict[str, str] = {}
+        for stage in reversed(_LOOKUP):
+            merged.update(self._slots.get(stage, {}))
+        return merged

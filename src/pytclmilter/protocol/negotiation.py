@@ -1,0 +1,108 @@
+"""Option negotiation: what we ask the MTA for, computed per connection.
+
+Differs from libmilter on purpose in two ways (reference section 4.4): we
+also ask for no-reply (NR) bits where the filter said it can do without
+replies, and for SKIP, both only where the MTA offers them. Everything we
+request is a subset of the offer, so no MTA has a reason to hang up.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from .constants import (
+    MAX_DATA_SIZE,
+    MDS_1M,
+    MDS_256K,
+    PROTOCOL_VERSION,
+    ALL_ACTIONS,
+    Action,
+    MacroStage,
+    Proto,
+    V1_ACTIONS,
+    V1_PROTO,
+    MIN_MTA_VERSION,
+)
+from .errors import RemoteProtocolError
+from .events import OptionNegotiation, OptionNegotiationReply
+
+#: Event name -> (skip bit, no-reply bit). eom, abort and close have neither.
+EVENT_FLAGS: dict[str, tuple[Proto, Proto]] = {
+    "connect": (Proto.NOCONNECT, Proto.NR_CONN),
+    "helo": (Proto.NOHELO, Proto.NR_HELO),
+    "envfrom": (Proto.NOMAIL, Proto.NR_MAIL),
+    "envrcpt": (Proto.NORCPT, Proto.NR_RCPT),
+    "data": (Proto.NODATA, Proto.NR_DATA),
+    "unknown": (Proto.NOUNKNOWN, Proto.NR_UNKN),
+    "header": (Proto.NOHDRS, Proto.NR_HDR),
+    "eoh": (Proto.NOEOH, Proto.NR_EOH),
+    "body": (Proto.NOBODY, Proto.NR_BODY),
+}
+
+ALL_NR = Proto(0)
+for _skip, _nr in EVENT_FLAGS.values():
+    ALL_NR |= _nr
+
+
+@dataclass(slots=True)
+class Wants:
+    """What the filter needs, derived from the callbacks registered right now."""
+
+    events: frozenset[str] = frozenset(EVENT_FLAGS)
+    no_reply: frozenset[str] = frozenset()
+    actions: Action = ALL_ACTIONS
+    macros: dict[MacroStage, str] = field(default_factory=dict)
+    max_data_size: int = MAX_DATA_SIZE
+
+
+@dataclass(slots=True, frozen=True)
+class Negotiated:
+    """The outcome: the reply to send and the parameters both sides now share."""
+
+    reply: OptionNegotiationReply
+    version: int
+    actions: Action
+    protocol: Proto
+    max_payload: int
+
+    @property
+    def no_reply(self) -> Proto:
+        return self.protocol & ALL_NR
+
+
+DEFAULT = Negotiated(OptionNegotiationReply(PROTOCOL_VERSION, 0, 0), PROTOCOL_VERSION, Action(0), Proto(0), MAX_DATA_SIZE)
+
+
+def negotiate(offer: OptionNegotiation, wants: Wants) -> Negotiated:
+    """Compute our OPTNEG reply. Raises RemoteProtocolError for an MTA older than version 2."""
+    if offer.version < MIN_MTA_VERSION:
+        raise RemoteProtocolError(f"MTA offers protocol version {offer.version}; at least 2 is needed")
+    version = min(PROTOCOL_VERSION, offer.version)
+    offered_actions = Action(offer.actions & ALL_ACTIONS) if offer.actions else V1_ACTIONS
+    offered_proto = Proto(offer.protocol) if offer.protocol else V1_PROTO
+
+    actions = offered_actions & wants.actions
+    protocol = Proto(0)
+    for name, (skip, nr) in EVENT_FLAGS.items():
+        if name not in wants.events:
+            protocol |= skip
+        elif name in wants.no_reply:
+            protocol |= nr
+    protocol |= Proto.SKIP
+    max_payload = MAX_DATA_SIZE
+    if wants.max_data_size >= MDS_1M and Proto.MDS_1M in offered_proto:
+        protocol |= Proto.MDS_1M
+        max_payload = MDS_1M
+    elif wants.max_data_size >= MDS_256K and Proto.MDS_256K in offered_proto:
+        protocol |= Proto.MDS_256K
+        max_payload = MDS_256K
+    protocol &= offered_proto
+
+    macros: dict[MacroStage, str] = {}
+    if wants.macros and Action.SETSYMLIST in offered_actions and version >= 6:
+        macros = dict(wants.macros)
+        actions |= Action.SETSYMLIST
+    else:
+        actions &= ~Action.SETSYMLIST
+    reply = OptionNegotiationReply(version, int(actions), int(protocol), macros)
+    return Negotiated(reply, version, actions, protocol, max_payload)

@@ -1,0 +1,351 @@
+"""The filter side of one milter connection as a state machine, without I/O.
+
+Bytes go in with :meth:`FilterSession.receive_data`, events come out of
+:meth:`FilterSession.next_event`, replies go in with
+:meth:`FilterSession.send` and come out as bytes to write. The session
+knows which event waits for a reply and refuses replies that are illegal for
+it (a header change outside end of message, SKIP outside the body, ...), so
+nothing malformed ever reaches the MTA.
+
+The state table and the out-of-order rules are libmilter's (reference
+section 7), with one deliberate difference: a command that needs a reply but
+is not allowed even after libmilter's fall-back to the HELO state is a
+protocol error here, so the connection is closed at once; libmilter drops it
+silently and leaves the MTA waiting for its timeout.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections import deque
+
+from . import events as ev
+from .codec import COMMAND_CODES, FrameReader, decode_command, encode_reply
+from .constants import MAX_DATA_SIZE, Action, Proto
+from .errors import LocalProtocolError, RemoteProtocolError
+from .macros import MacroStore
+from .negotiation import DEFAULT, EVENT_FLAGS, Negotiated
+
+
+class State(enum.IntEnum):
+    """libmilter's states, in its order (the skip rule depends on the order)."""
+
+    INIT = 0
+    OPTS = 1
+    CONN = 2
+    HELO = 3
+    MAIL = 4
+    RCPT = 5
+    DATA = 6
+    HDRS = 7
+    EOHS = 8
+    BODY = 9
+    ENDM = 10
+    QUIT = 11
+    ABRT = 12
+    UNKN = 13
+    Q_NC = 14
+    CLOSED = 15  # ours: the session is over, nothing more is read
+
+
+S = State
+_NEXT: dict[State, frozenset[State]] = {
+    S.INIT: frozenset({S.OPTS}),
+    S.OPTS: frozenset({S.CONN, S.UNKN}),
+    S.CONN: frozenset({S.HELO, S.MAIL, S.UNKN}),
+    S.HELO: frozenset({S.HELO, S.MAIL, S.UNKN}),
+    S.MAIL: frozenset({S.RCPT, S.ABRT, S.UNKN}),
+    S.RCPT: frozenset({S.RCPT, S.DATA, S.HDRS, S.EOHS, S.BODY, S.ENDM, S.ABRT, S.UNKN}),
+    S.DATA: frozenset({S.HDRS, S.EOHS, S.ABRT}),
+    S.HDRS: frozenset({S.HDRS, S.EOHS, S.ABRT}),
+    S.EOHS: frozenset({S.BODY, S.ENDM, S.ABRT}),
+    S.BODY: frozenset({S.BODY, S.ENDM, S.ABRT}),
+    S.ENDM: frozenset({S.MAIL, S.QUIT, S.Q_NC, S.UNKN}),
+    S.QUIT: frozenset(),
+    S.ABRT: frozenset(),
+    S.UNKN: frozenset({S.HELO, S.MAIL, S.RCPT, S.DATA, S.BODY, S.ABRT, S.UNKN, S.QUIT, S.Q_NC}),
+    S.Q_NC: frozenset({S.CONN, S.UNKN}),
+    S.CLOSED: frozenset(),
+}
+
+_STATE_OF = {
+    b"O": S.OPTS,
+    b"C": S.CONN,
+    b"H": S.HELO,
+    b"M": S.MAIL,
+    b"R": S.RCPT,
+    b"T": S.DATA,
+    b"L": S.HDRS,
+    b"N": S.EOHS,
+    b"B": S.BODY,
+    b"E": S.ENDM,
+    b"Q": S.QUIT,
+    b"A": S.ABRT,
+    b"U": S.UNKN,
+    b"K": S.Q_NC,
+}
+
+#: States whose event a skip flag can suppress, so the skip rule may jump over them.
+_SKIPPABLE = {
+    S.CONN: Proto.NOCONNECT,
+    S.HELO: Proto.NOHELO,
+    S.MAIL: Proto.NOMAIL,
+    S.RCPT: Proto.NORCPT,
+    S.DATA: Proto.NODATA,
+    S.HDRS: Proto.NOHDRS,
+    S.EOHS: Proto.NOEOH,
+    S.BODY: Proto.NOBODY,
+}
+
+_TRANSACTION = frozenset({S.MAIL, S.RCPT, S.DATA, S.HDRS, S.EOHS, S.BODY})
+
+#: Command -> the NR bit that silences its reply.
+_NR_OF = {
+    b"C": Proto.NR_CONN,
+    b"H": Proto.NR_HELO,
+    b"M": Proto.NR_MAIL,
+    b"R": Proto.NR_RCPT,
+    b"T": Proto.NR_DATA,
+    b"U": Proto.NR_UNKN,
+    b"L": Proto.NR_HDR,
+    b"N": Proto.NR_EOH,
+    b"B": Proto.NR_BODY,
+}
+_NEVER_REPLIED = frozenset({b"A", b"Q", b"K", b"D"})
+
+#: Modification -> the action flag it needs.
+_FLAG_OF: dict[type, Action] = {
+    ev.AddHeader: Action.ADDHDRS,
+    ev.InsertHeader: Action.ADDHDRS,
+    ev.ChangeHeader: Action.CHGHDRS,
+    ev.AddRecipient: Action.ADDRCPT,
+    ev.DeleteRecipient: Action.DELRCPT,
+    ev.ChangeFrom: Action.CHGFROM,
+    ev.ReplaceBody: Action.CHGBODY,
+    ev.Quarantine: Action.QUARANTINE,
+}
+
+_FINAL = frozenset(ev.FINAL_REPLIES)
+
+
+class _Need:
+    """Sentinel type: more bytes are needed before the next event."""
+
+    def __repr__(self) -> str:
+        return "NEED_DATA"
+
+
+NEED_DATA = _Need()
+
+
+class FilterSession:
+    """One MTA connection, filter side."""
+
+    def __init__(self, max_data_size: int = MAX_DATA_SIZE) -> None:
+        self.state = S.INIT
+        self.macros = MacroStore()
+        self.negotiated: Negotiated = DEFAULT
+        self._reader = FrameReader(COMMAND_CODES, MAX_DATA_SIZE)
+        self._max_data_size = max_data_size
+        self._queue: deque[ev.Event] = deque()
+        self._pending: ev.Event | None = None
+        self._pending_code = b""
+        self._eof = False
+        self._closed_emitted = False
+        self.dropped: list[str] = []  # out-of-order commands ignored as libmilter does, for the log
+
+    # ------------------------------------------------------------ input
+
+    def receive_data(self, data: bytes) -> None:
+        """Feed bytes from the MTA; ``b""`` means end of file."""
+        if data:
+            self._reader.feed(data)
+        else:
+            self._eof = True
+
+    @property
+    def pending(self) -> ev.Event | None:
+        """The event the MTA waits on a reply for, if any."""
+        return self._pending
+
+    @property
+    def in_transaction(self) -> bool:
+        return self.state in _TRANSACTION
+
+    def next_event(self) -> ev.Event | _Need:
+        """The next event, or NEED_DATA. Raises RemoteProtocolError for bad input."""
+        if self._pending is not None:
+            raise LocalProtocolError(f"reply to {type(self._pending).__name__} first")
+        while True:
+            if self._queue:
+                return self._deliver(self._queue.popleft())
+            if self.state is S.CLOSED:
+                return NEED_DATA
+            item = self._reader.next_frame()
+            if item is None:
+                if self._eof:
+                    if self._reader.pending:
+                        self.state = S.CLOSED
+                        raise RemoteProtocolError(f"connection closed inside a packet ({self._reader.pending} bytes)")
+                    self._queue.extend(self.teardown("eof"))
+                    continue
+                return NEED_DATA
+            self._handle_frame(*item)
+
+    def _handle_frame(self, code: bytes, payload: bytes) -> None:
+        event = decode_command(code, payload)
+        if code == b"D":
+            self.macros.define(event.stage, event.macros)  # type: ignore[attr-defined]
+            self._queue.append(event)
+            return
+        new = _STATE_OF[code]
+        if code == b"Q":
+            self._queue.extend(self.teardown("quit"))
+            return
+        if not self._trans_ok(self.state, new):
+            if self.state in _TRANSACTION:
+                self._queue.append(ev.Abort())
+            self.state = S.HELO
+            if not self._trans_ok(S.HELO, new):
+                self._refuse(code)
+                return
+        self.state = new
+        self.macros.command(code)
+        if code == b"K":
+            self._queue.append(ev.Closed("quit_nc"))
+            return
+        if code == b"C":
+            self._closed_emitted = False  # a new SMTP session: it gets its own close
+        elif code == b"E" and event.chunk:  # type: ignore[attr-defined]
+            body = ev.Body(event.chunk)  # type: ignore[attr-defined]
+            self._queue.append(body)  # delivered without a reply; EOM answers for both
+            event = ev.EndOfMessage()
+        self._queue.append(event)
+
+    def _refuse(self, code: bytes) -> None:
+        name = code.decode("latin-1")
+        if code in _NEVER_REPLIED:
+            self.dropped.append(name)
+            return
+        raise RemoteProtocolError(f"command {name!r} is not allowed after {self.state.name}")
+
+    def _trans_ok(self, old: State, new: State) -> bool:
+        """libmilter's trans_ok: a state the filter skips may be jumped over."""
+        s = old
+        skip = self.negotiated.protocol
+        while True:
+            if new in _NEXT[s]:
+                return True
+            n = s + 1
+            if n > S.BODY:
+                return False
+            flag = _SKIPPABLE.get(State(n))
+            if flag is None or not (skip & flag):
+                return False
+            s = State(n)
+
+    def _deliver(self, event: ev.Event) -> ev.Event:
+        t = type(event)
+        if t is ev.Macro or t is ev.Abort or t is ev.Closed:
+            if t is ev.Closed:
+                self._closed_emitted = True
+            return event
+        if t is ev.Body and self.state is S.ENDM:  # the EOM-carried chunk
+            return event
+        code = _CODE_OF[t]
+        if t is ev.EndOfMessage or t is ev.OptionNegotiation or not (self.negotiated.protocol & _NR_OF[code]):
+            event.needs_reply = True
+            self._pending = event
+            self._pending_code = code
+        return event
+
+    def teardown(self, reason: str) -> list[ev.Event]:
+        """Events that end the session (abort if inside a message, then Closed once)."""
+        out: list[ev.Event] = []
+        if self.state in _TRANSACTION:
+            out.append(ev.Abort())
+        if not self._closed_emitted:
+            out.append(ev.Closed(reason))
+            self._closed_emitted = True
+        self.state = S.CLOSED
+        self._pending = None
+        return out
+
+    # ------------------------------------------------------------ output
+
+    def send(self, reply: ev.Reply) -> bytes:
+        """Encode a reply to the pending event, or raise LocalProtocolError and send nothing."""
+        t = type(reply)
+        pending = self._pending
+        if t is ev.Progress:
+            return encode_reply(reply) if pending is not None else b""
+        if t is ev.NoReply:
+            if pending is not None:
+                raise LocalProtocolError(f"{type(pending).__name__} needs a reply")
+            return b""
+        if pending is None:
+            raise LocalProtocolError(f"no event waits for {t.__name__}")
+        if t is ev.OptionNegotiationReply:
+            raise LocalProtocolError("use accept_negotiation() for the option negotiation reply")
+        if t in _FLAG_OF:
+            return self._modification(reply)
+        if t not in _FINAL:
+            raise LocalProtocolError(f"{t.__name__} cannot be sent by a filter")
+        if type(pending) is ev.OptionNegotiation:
+            raise LocalProtocolError("option negotiation needs its own reply")
+        if t is ev.Skip and (type(pending) is not ev.Body or not (self.negotiated.protocol & Proto.SKIP)):
+            raise LocalProtocolError("skip is allowed only for a body chunk when the MTA understands it")
+        if t is ev.Discard and type(pending) in (ev.Connect, ev.Helo):
+            raise LocalProtocolError("discard is meaningful only for a message, not at connect or helo")
+        data = encode_reply(reply)
+        self._after_final(t)
+        return data
+
+    def _modification(self, reply: ev.Reply) -> bytes:
+        if type(self._pending) is not ev.EndOfMessage:
+            raise LocalProtocolError(f"{type(reply).__name__} is allowed only at end of message")
+        flag = _FLAG_OF[type(reply)]
+        if type(reply) is ev.AddRecipient and reply.args is not None:  # type: ignore[attr-defined]
+            flag = Action.ADDRCPT_PAR
+        if not (self.negotiated.actions & flag):
+            raise LocalProtocolError(f"the MTA did not grant the {flag.name} action")
+        return encode_reply(reply)
+
+    def _after_final(self, t: type) -> None:
+        code = self._pending_code
+        self._pending = None
+        if t is ev.Accept:
+            self.state = S.HELO
+        elif t in (ev.Reject, ev.Tempfail, ev.Discard, ev.ReplyCode) and code not in (b"R", b"U"):
+            self.state = S.HELO
+
+    def accept_negotiation(self, negotiated: Negotiated) -> bytes:
+        """Answer the pending option negotiation and adopt its parameters."""
+        if type(self._pending) is not ev.OptionNegotiation:
+            raise LocalProtocolError("no option negotiation is pending")
+        self.negotiated = negotiated
+        self._reader.max_payload = min(negotiated.max_payload, max(self._max_data_size, MAX_DATA_SIZE))
+        self._pending = None
+        return encode_reply(negotiated.reply)
+
+    def fail_negotiation(self) -> list[ev.Event]:
+        """The filter refuses the offer: end the session (close callbacks still run)."""
+        self._pending = None
+        return self.teardown("negotiation")
+
+
+_CODE_OF: dict[type, bytes] = {
+    ev.OptionNegotiation: b"O",
+    ev.Connect: b"C",
+    ev.Helo: b"H",
+    ev.EnvFrom: b"M",
+    ev.EnvRcpt: b"R",
+    ev.Data: b"T",
+    ev.Unknown: b"U",
+    ev.Header: b"L",
+    ev.EndOfHeaders: b"N",
+    ev.Body: b"B",
+    ev.EndOfMessage: b"E",
+}
+
+__all__ = ["FilterSession", "NEED_DATA", "State", "EVENT_FLAGS"]

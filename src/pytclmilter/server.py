@@ -1,0 +1,291 @@
+"""The asyncio server: listens, feeds each connection's engine, enforces timeouts, stops gracefully.
+
+Knows sockets and time; knows nothing of the protocol beyond handing bytes
+to :class:`~pytclmilter.engine.ConnectionEngine`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import logging
+import os
+import signal
+import socket
+import stat
+import threading
+from typing import TYPE_CHECKING
+
+from .connspec import ConnSpec, ConnSpecError, parse
+from .engine import ConnectionEngine
+
+if TYPE_CHECKING:
+    from .milter import Milter
+
+log = logging.getLogger("pytclmilter")
+
+_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+
+
+class _Connection(asyncio.Protocol):
+    """One accepted socket; the engine's Link."""
+
+    __slots__ = ("server", "transport", "engine", "last", "_loop")
+
+    def __init__(self, server: "MilterServer") -> None:
+        self.server = server
+        self.transport: asyncio.Transport | None = None
+        self.engine: ConnectionEngine | None = None
+        self._loop = server.loop
+        self.last = self._loop.time()
+
+    # asyncio.Protocol
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        sock = transport.get_extra_info("socket")
+        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+        peer = transport.get_extra_info("peername")
+        self.engine = ConnectionEngine(self.server.milter, self.server.next_id(), self)
+        self.server.connections.add(self)
+        log.info("%s: connection from %s", self.engine.name, _peer_text(peer))
+
+    def data_received(self, data: bytes) -> None:
+        self.last = self._loop.time()
+        self.engine.data_received(data)  # type: ignore[union-attr]
+
+    def eof_received(self) -> bool:
+        self.engine.connection_lost("eof")  # type: ignore[union-attr]
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.server.connections.discard(self)
+        if self.engine is not None and not self.engine.closed:
+            self.engine.connection_lost("eof" if exc is None else f"error: {exc}")
+
+    # Link
+    def write(self, data: bytes) -> None:
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.write(data)
+
+    def close(self) -> None:
+        if self.transport is not None:
+            self.transport.close()
+
+    def pause_reading(self) -> None:
+        if self.transport is not None:
+            self.transport.pause_reading()
+
+    def resume_reading(self) -> None:
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.resume_reading()
+
+    def touch(self) -> None:
+        self.last = self._loop.time()
+
+    def expire(self, reason: str) -> None:
+        if self.engine is not None:
+            self.engine.connection_lost(reason)
+        if self.transport is not None:
+            self.transport.abort()
+
+
+def _peer_text(peer: object) -> str:
+    if isinstance(peer, tuple):
+        return f"{peer[0]}:{peer[1]}"
+    return str(peer) or "unix socket"
+
+
+class MilterServer:
+    """Runs one milter's listener until stopped. ``serve`` may be called again after it returns."""
+
+    def __init__(self, milter: "Milter") -> None:
+        self.milter = milter
+        self.loop: asyncio.AbstractEventLoop = None  # type: ignore[assignment]
+        self.connections: set[_Connection] = set()
+        self._ids = 0
+        self._stop: asyncio.Event | None = None
+        self._stop_requested = False
+        self._lock = threading.Lock()
+        self.listening: ConnSpec | None = None
+
+    def next_id(self) -> int:
+        self._ids += 1
+        return self._ids
+
+    # ------------------------------------------------------------ stop, from anywhere
+
+    def stop(self) -> None:
+        """Ask the server to stop; safe from any thread, from callbacks and from signal handlers."""
+        with self._lock:
+            self._stop_requested = True
+            loop, ev = self.loop, self._stop
+        if loop is None or ev is None:
+            return
+        try:
+            if threading.get_ident() == getattr(self, "_thread", None):
+                ev.set()
+            else:
+                loop.call_soon_threadsafe(ev.set)
+        except RuntimeError:
+            pass  # the loop already closed: nothing left to stop
+
+    def abort(self) -> None:
+        """Stop at once, synchronously (Tcl's ``exit``): listener closed, socket file removed, peers cut."""
+        listener = getattr(self, "_listener", None)
+        if listener is None or self.listening is None:
+            return
+        listener.close()
+        self._remove_unix(*self._unix)
+        for conn in list(self.connections):
+            if conn.transport is not None:
+                conn.transport.abort()
+
+    # ------------------------------------------------------------ serving
+
+    async def serve(self) -> None:
+        milter = self.milter
+        spec = parse(milter.connection)
+        self.loop = asyncio.get_running_loop()
+        self._thread = threading.get_ident()
+        with self._lock:
+            self._stop = asyncio.Event()
+            if self._stop_requested:
+                self._stop.set()
+            self._stop_requested = False
+        server, unix_id, spec = await self._listen(spec)
+        self._listener, self._unix = server, (spec, unix_id)
+        self.listening = spec
+        signals = self._install_signals()
+        sweeper = asyncio.ensure_future(self._sweep())
+        ticker = asyncio.ensure_future(self._tick()) if milter.hooks.tick is not None else None
+        try:
+            milter.hooks.listening(spec)
+            await self._stop.wait()
+            log.info("stopping: no new connections; %d open", len(self.connections))
+        finally:
+            server.close()
+            self._remove_unix(spec, unix_id)
+            await self._drain(milter.grace)
+            sweeper.cancel()
+            if ticker is not None:
+                ticker.cancel()
+            self._remove_signals(signals)
+            try:
+                await asyncio.wait_for(server.wait_closed(), 1.0)
+            except asyncio.TimeoutError:
+                pass
+            self.listening = None
+            with self._lock:
+                self._stop = None
+
+    async def _listen(self, spec: ConnSpec) -> tuple[asyncio.AbstractServer, tuple[int, int] | None, ConnSpec]:
+        backlog = self.milter.backlog or max(socket.SOMAXCONN, 20)
+        factory = lambda: _Connection(self)  # noqa: E731
+        if spec.family == "unix":
+            _clear_stale_socket(spec.path)
+            server = await self.loop.create_unix_server(factory, spec.path, backlog=backlog)
+            if self.milter.socket_mode is not None:
+                os.chmod(spec.path, self.milter.socket_mode)
+            st = os.stat(spec.path)
+            return server, (st.st_dev, st.st_ino), spec
+        family = socket.AF_INET if spec.family == "inet" else socket.AF_INET6
+        try:
+            server = await self.loop.create_server(
+                factory, spec.host, spec.port, family=family, backlog=backlog, reuse_address=True
+            )
+        except OSError as exc:
+            raise ConnSpecError(f"cannot listen on {spec}: {exc.strerror or exc}") from None
+        if spec.port == 0:  # an ephemeral port: report the real one
+            port = server.sockets[0].getsockname()[1]
+            spec = ConnSpec(spec.family, host=spec.host, port=port)
+        return server, None, spec
+
+    @staticmethod
+    def _remove_unix(spec: ConnSpec, ident: tuple[int, int] | None) -> None:
+        """Remove our socket file at exit, only if it is still the one we created."""
+        if ident is None:
+            return
+        try:
+            st = os.lstat(spec.path)
+            if stat.S_ISSOCK(st.st_mode) and (st.st_dev, st.st_ino) == ident:
+                os.unlink(spec.path)
+        except OSError:
+            pass
+
+    async def _drain(self, grace: float) -> None:
+        """Let open sessions finish for ``grace`` seconds, then close them (abort/close callbacks run)."""
+        deadline = self.loop.time() + grace
+        while self.connections and self.loop.time() < deadline:
+            await asyncio.sleep(0.05)
+        for conn in list(self.connections):
+            conn.expire("milter stopped")
+        if self.connections:
+            await asyncio.sleep(0)
+        self.connections.clear()
+
+    async def _sweep(self) -> None:
+        """Close connections idle longer than the I/O timeout (progress counts as activity)."""
+        timeout = self.milter.timeout
+        interval = max(0.05, min(1.0, timeout / 4))
+        while True:
+            await asyncio.sleep(interval)
+            now = self.loop.time()
+            for conn in [c for c in self.connections if now - c.last > timeout]:
+                log.warning("%s: no data for %gs, closing", conn.engine.name if conn.engine else "?", timeout)
+                conn.expire("timeout")
+
+    async def _tick(self) -> None:
+        """Give a host (the Tcl interpreter) its turn to run timers and file events."""
+        tick = self.milter.hooks.tick
+        while True:
+            await asyncio.sleep(self.milter.tick_interval)
+            tick()
+
+    def _install_signals(self) -> list[signal.Signals]:
+        if threading.current_thread() is not threading.main_thread():
+            return []
+        installed = []
+        for sig in _SIGNALS:
+            try:
+                self.loop.add_signal_handler(sig, self._on_signal, sig)
+                installed.append(sig)
+            except (RuntimeError, ValueError, NotImplementedError):
+                pass
+        return installed
+
+    def _on_signal(self, sig: signal.Signals) -> None:
+        log.info("received %s: stopping", sig.name)
+        self.milter.hooks.signal(sig)
+        if self._stop is not None:
+            self._stop.set()
+
+    def _remove_signals(self, sigs: list[signal.Signals]) -> None:
+        for sig in sigs:
+            self.loop.remove_signal_handler(sig)
+
+
+def _clear_stale_socket(path: str) -> None:
+    """Remove a stale socket file; refuse a live socket or anything that is not a socket."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return
+    except OSError as exc:
+        raise ConnSpecError(f"cannot use {path}: {exc.strerror}") from None
+    if not stat.S_ISSOCK(st.st_mode):
+        raise ConnSpecError(f"{path} exists and is not a socket; refusing to remove it")
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.settimeout(1.0)
+        probe.connect(path)
+    except OSError as exc:
+        if exc.errno not in (errno.ECONNREFUSED, errno.ENOENT):
+            raise ConnSpecError(f"cannot check socket {path}: {exc.strerror}") from None
+        os.unlink(path)  # nobody answers: a leftover from a process that died
+        log.info("removed stale socket %s", path)
+        return
+    finally:
+        probe.close()
+    raise ConnSpecError(f"{path} is in use by another process; refusing to replace it")

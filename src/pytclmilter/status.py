@@ -1,0 +1,54 @@
+"""Callback return codes (libmilter's SMFIS_*) and how loose values map onto them."""
+
+from __future__ import annotations
+
+import enum
+
+
+class Status(enum.IntEnum):
+    CONTINUE = 0
+    REJECT = 1
+    DISCARD = 2
+    ACCEPT = 3
+    TEMPFAIL = 4
+    NOREPLY = 7
+    SKIP = 8
+
+    @property
+    def smfis(self) -> str:
+        return "SMFIS_" + self.name
+
+
+CONTINUE = Status.CONTINUE
+REJECT = Status.REJECT
+DISCARD = Status.DISCARD
+ACCEPT = Status.ACCEPT
+TEMPFAIL = Status.TEMPFAIL
+NOREPLY = Status.NOREPLY
+SKIP = Status.SKIP
+
+_BY_NAME = {s.name: s for s in Status} | {s.smfis: s for s in Status}
+
+
+def parse_status(value: object) -> Status | None:
+    """A callback's result as a Status; ``None`` and ``""`` mean continue; unknown -> None.
+
+    Accepts Status members, their integer values, and the names ``CONTINUE`` or
+    ``SMFIS_CONTINUE`` (any case).
+    """
+    if value is None or value == "":
+        return CONTINUE
+    if isinstance(value, Status):
+        return value
+    if isinstance(value, int) and not isinstance(value, bool):
+        try:
+            return Status(value)
+        except ValueError:
+            return None
+    if isinstance(value, str):
+        return _BY_NAME.get(value.strip().upper())
+    return None
+
+
+def status_names() -> list[str]:
+    return [s.smfis for s in Status]

@@ -1,0 +1,115 @@
+"""The per-connection context command: ``$context subcommand ?arg ...?``.
+
+Each subcommand maps onto a :class:`~pytclmilter.context.Context` method, with
+TclMilter's argument forms (``chgheader name ?index? data``, ``setreply rcode
+??xcode? message?``) and Tcl-worded errors.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Sequence
+
+from ..context import Context
+from .usage import TclUsageError, check_count, integer, one_of, wrong_args
+
+
+def _getpriv(ctx: Context, args: Sequence[str]) -> Any:
+    if not args:
+        return _flat(ctx.getpriv())
+    return _read(ctx, args[0])
+
+
+def _read(ctx: Context, name: str) -> Any:
+    try:
+        return ctx.getpriv(name)
+    except KeyError:
+        raise TclUsageError(f'can\'t read "{name}": no such private data') from None
+
+
+def _setpriv(ctx: Context, args: Sequence[str]) -> Any:
+    if len(args) == 1:
+        return _read(ctx, args[0])
+    return ctx.setpriv(args[0], args[1])
+
+
+def _unsetpriv(ctx: Context, args: Sequence[str]) -> None:
+    ctx.unsetpriv(args[0] if args else None)
+
+
+def _getsymval(ctx: Context, args: Sequence[str]) -> str:
+    value = ctx.getsymval(args[0])
+    return "" if value is None else value
+
+
+def _setreply(ctx: Context, args: Sequence[str]) -> None:
+    # setreply rcode ??xcode? message?: with two arguments the second is the message.
+    if len(args) == 1:
+        ctx.setreply(args[0])
+    elif len(args) == 2:
+        ctx.setreply(args[0], None, args[1])
+    else:
+        ctx.setreply(args[0], args[1] or None, args[2])
+
+
+def _setmlreply(ctx: Context, args: Sequence[str]) -> None:
+    ctx.setmlreply(args[0], args[1] or None, *args[2:])
+
+
+def _name_index_data(default: int) -> Callable[[Sequence[str]], tuple[str, int, str]]:
+    def parse(args: Sequence[str]) -> tuple[str, int, str]:
+        if len(args) == 2:
+            return args[0], default, args[1]
+        return args[0], integer(args[1]), args[2]
+
+    return parse
+
+
+_chg_args = _name_index_data(1)
+_ins_args = _name_index_data(0)
+
+
+def _chgheader(ctx: Context, args: Sequence[str]) -> None:
+    name, index, data = _chg_args(args)
+    ctx.chgheader(name, data, index)
+
+
+def _insheader(ctx: Context, args: Sequence[str]) -> None:
+    name, index, data = _ins_args(args)
+    ctx.insheader(name, data, index)
+
+
+def _flat(d: dict[str, Any]) -> tuple[Any, ...]:
+    return tuple(x for kv in d.items() for x in kv)
+
+
+# name -> (min args, max args or None, argument usage, handler)
+SUBCOMMANDS: dict[str, tuple[int, int | None, str, Callable[[Context, Sequence[str]], Any]]] = {
+    "getpriv": (0, 1, "?name?", _getpriv),
+    "getsymval": (1, 1, "symbol", _getsymval),
+    "setpriv": (1, 2, "name ?value?", _setpriv),
+    "setreply": (1, 3, "rcode ??xcode? message?", _setreply),
+    "setmlreply": (3, None, "rcode xcode line ?line ...?", _setmlreply),
+    "unsetpriv": (0, 1, "?pattern?", _unsetpriv),
+    "addheader": (2, 2, "name data", lambda c, a: c.addheader(a[0], a[1])),
+    "addrcpt": (1, 2, "rcpt ?esmtpArgs?", lambda c, a: c.addrcpt(a[0], a[1] if len(a) > 1 else None)),
+    "chgheader": (2, 3, "name ?index? data", _chgheader),
+    "delrcpt": (1, 1, "rcpt", lambda c, a: c.delrcpt(a[0])),
+    "insheader": (2, 3, "name ?index? data", _insheader),
+    "replacebody": (1, 1, "data", lambda c, a: c.replacebody(a[0])),
+    "progress": (0, 0, "", lambda c, a: c.progress()),
+    "quarantine": (1, 1, "reason", lambda c, a: c.quarantine(a[0])),
+    "chgfrom": (1, 2, "sender ?esmtpArgs?", lambda c, a: c.chgfrom(a[0], a[1] if len(a) > 1 else None)),
+    "setsymlist": (2, 2, "stage macros", lambda c, a: c.setsymlist(a[0], a[1])),
+}
+
+
+def dispatch(ctx: Context, args: Sequence[str]) -> Any:
+    """Run ``$context sub ?arg ...?`` for one context."""
+    name = ctx.tcl_command
+    if not args:
+        raise wrong_args(f"{name} subcommand ?arg ...?")
+    sub = one_of("option", args[0], SUBCOMMANDS)
+    low, high, usage, handler = SUBCOMMANDS[sub]
+    check_count(args[1:], low, high, f"{name} {sub}{' ' + usage if usage else ''}")
+    result = handler(ctx, args[1:])
+    return "" if result is None else result

@@ -1,0 +1,184 @@
+"""The embedded Tcl interpreter: TclMilter's commands, callbacks into Tcl, the event loop, exit.
+
+tkinter's interpreter may only be used from the thread that created it, so
+everything here runs on the thread that runs the asyncio loop; ``milter stop``
+from other threads arrives through Tcl's own event queue (Thread package) or
+through :meth:`Milter.stop`, which is thread-safe.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import tkinter
+from importlib import resources
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import _tkinter
+
+from ..context import Context, MilterError
+from ..engine import CallbackError
+from ..milter import Milter
+from ..protocol.codec import text
+from . import context_cmd
+from .milter_cmd import MilterCommand
+from .usage import TclUsageError, integer
+
+log = logging.getLogger("pytclmilter")
+
+_DONT_WAIT = _tkinter.DONT_WAIT  # type: ignore[attr-defined]
+_ALL_EVENTS = _tkinter.ALL_EVENTS  # type: ignore[attr-defined]
+
+_PRELUDE = r"""
+proc exit {{returnCode 0}} {
+    set r [::tclmilter::py::exit $returnCode]
+    return -code [lindex $r 0] [lindex $r 1]
+}
+"""
+
+
+def tcl_library_dir() -> Path:
+    """Where pkgIndex.tcl lives: the installed package data, else the source tree's tclmilter/."""
+    try:
+        path = Path(str(resources.files("pytclmilter.tcllib")))
+        if (path / "pkgIndex.tcl").exists():
+            return path
+    except ModuleNotFoundError:
+        pass
+    return Path(__file__).resolve().parents[3] / "tclmilter"
+
+
+class ExitRequest(Exception):
+    """The script called ``exit``; carries the code for the CLI."""
+
+    def __init__(self, code: int) -> None:
+        super().__init__(code)
+        self.code = code
+
+
+def _to_tcl(value: Any) -> Any:
+    """Callback arguments as Tcl values: bytes as text, lists as lists, dicts as key/value lists."""
+    if isinstance(value, bytes):
+        return text(value)
+    if isinstance(value, list):
+        return tuple(value)
+    if isinstance(value, dict):
+        return tuple(x for kv in value.items() for x in kv)
+    return value
+
+
+class TclHost:
+    """One interpreter hosting TclMilter for one :class:`Milter`."""
+
+    def __init__(self, milter: Milter | None = None, on_exit: Callable[[int], None] | None = None) -> None:
+        self.milter = milter or Milter(name="TclMilter")
+        self._on_exit = on_exit or self._default_exit
+        libdir = str(tcl_library_dir())
+        # New interpreters (those of Thread's secondary threads too) read TCLLIBPATH into auto_path.
+        paths = os.environ.get("TCLLIBPATH", "")
+        if libdir not in paths.split():
+            os.environ["TCLLIBPATH"] = f"{libdir} {paths}".strip()
+        self.tcl = tkinter.Tcl()
+        self.tk = self.tcl.tk
+        self.tk.call("lappend", "auto_path", libdir)
+        self.contexts: dict[int, Context] = {}
+        self.command = MilterCommand(self, self.milter)
+        self._register("::tclmilter::py::milter", self.command)
+        self._register("::tclmilter::py::context", self._context)
+        self._register("::tclmilter::py::exit", self._exit)
+        self.tk.call("eval", _PRELUDE)
+        hooks = self.milter.hooks
+        hooks.context_created = self._context_created
+        hooks.context_closed = self._context_closed
+        hooks.tick = self.service_events
+
+    # ------------------------------------------------------------ Python-backed commands
+
+    def _register(self, name: str, func: Callable[[Sequence[str]], Any]) -> None:
+        """A Tcl command answering {ok value} or {error message}: see tclmilter.tcl for why."""
+
+        def command(*args: str) -> tuple[str, Any]:
+            try:
+                result = func(args)
+            except (TclUsageError, MilterError) as exc:
+                return ("error", str(exc))
+            except ExitRequest:
+                raise
+            except Exception as exc:  # noqa: BLE001 - report, never crash the interpreter
+                log.exception("internal error in %s", name)
+                return ("error", f"internal error: {exc}")
+            return ("ok", "" if result is None else result)
+
+        self.tk.createcommand(name, command)
+
+    def _context(self, args: Sequence[str]) -> Any:
+        ctx = self.contexts.get(integer(args[0])) if args else None
+        if ctx is None:
+            raise TclUsageError("context no longer exists")
+        return context_cmd.dispatch(ctx, args[1:])
+
+    def _exit(self, args: Sequence[str]) -> None:
+        code = integer(args[0]) if args else 0
+        self._on_exit(code)
+
+    def _default_exit(self, code: int) -> None:
+        """Tcl's exit: stop serving at once (socket file removed), flush, end the process."""
+        self.milter.abort()
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code & 0xFF)
+
+    # ------------------------------------------------------------ contexts and callbacks
+
+    def _context_created(self, ctx: Context) -> None:
+        name = f"::tclmilter::ctx{ctx.id}"
+        self.tk.call("interp", "alias", "", name, "", "::tclmilter::context", ctx.id)
+        ctx.tcl_command = name
+        self.contexts[ctx.id] = ctx
+
+    def _context_closed(self, ctx: Context) -> None:
+        self.contexts.pop(ctx.id, None)
+        if ctx.tcl_command:
+            self.tk.call("rename", ctx.tcl_command, "")
+            ctx.tcl_command = ""
+
+    def callback(self, script: str) -> Callable[..., Any]:
+        """A Python callable that runs a Tcl command prefix with the context and event arguments."""
+        words = tuple(self.tk.splitlist(script))
+        call = self.tk.call
+        tcl_error = tkinter.TclError
+
+        def run(ctx: Context, *args: Any) -> Any:
+            try:
+                return call(*words, ctx.tcl_command, *[_to_tcl(a) for a in args])
+            except tcl_error as exc:
+                raise CallbackError(str(exc), self.error_info()) from None
+
+        return run
+
+    def error_info(self) -> str:
+        try:
+            return str(self.tk.call("set", "::errorInfo"))
+        except tkinter.TclError:
+            return ""
+
+    # ------------------------------------------------------------ event loop, scripts
+
+    def service_events(self) -> None:
+        """Run due Tcl timers, file events and thread messages without blocking."""
+        for _ in range(1000):
+            if not self.tk.dooneevent(_DONT_WAIT | _ALL_EVENTS):
+                break
+
+    def set_argv(self, script: str, argv: Sequence[str]) -> None:
+        self.tk.call("set", "argv0", script)
+        self.tk.call("set", "argv", tuple(argv))
+        self.tk.call("set", "argc", len(argv))
+        self.tk.call("set", "tcl_interactive", 0)
+
+    def source(self, path: str) -> None:
+        """Evaluate a script file; TclError carries errorInfo in ``error_info()``."""
+        self.tk.call("source", path)

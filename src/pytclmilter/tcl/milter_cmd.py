@@ -1,0 +1,170 @@
+"""The ``milter`` command: configure, main, register, stop (TclMilter 1.0's control functions)."""
+
+from __future__ import annotations
+
+import logging
+import socket
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Callable, Sequence
+
+from ..callbacks import EVENTS, Callback
+from ..connspec import ConnSpecError, parse
+from ..milter import Milter
+from ..status import parse_status, status_names
+from .usage import TclUsageError, check_count, integer, number, one_of, wrong_args
+
+if TYPE_CHECKING:
+    from .interp import TclHost
+
+log = logging.getLogger("pytclmilter")
+
+
+@dataclass(frozen=True)
+class Option:
+    attr: str  # attribute of Milter
+    before_main: bool  # "may only be changed prior to milter main"
+    parse: Callable[[str], Any]
+    show: Callable[[Any], Any] = lambda v: v
+
+
+def _positive(value: str) -> int:
+    n = integer(value)
+    if n <= 0:
+        raise TclUsageError(f'expected positive integer but got "{value}"')
+    return n
+
+
+def _non_negative(value: str) -> int:
+    n = integer(value)
+    if n < 0:
+        raise TclUsageError(f'expected non-negative integer but got "{value}"')
+    return n
+
+
+def _connection(value: str) -> str:
+    try:
+        parse(value)
+    except ConnSpecError as exc:
+        raise TclUsageError(str(exc)) from None
+    return value
+
+
+def _status(value: str) -> Any:
+    status = parse_status(value)
+    if status is None or status.name not in ("CONTINUE", "REJECT", "TEMPFAIL", "ACCEPT", "DISCARD"):
+        raise TclUsageError(f'bad status "{value}": must be SMFIS_ACCEPT, SMFIS_CONTINUE, SMFIS_DISCARD, '
+                            "SMFIS_REJECT, or SMFIS_TEMPFAIL")
+    return status
+
+
+def _seconds(value: str) -> float:
+    n = number(value)
+    if n < 0:
+        raise TclUsageError(f'expected non-negative number but got "{value}"')
+    return n
+
+
+OPTIONS: dict[str, Option] = {
+    "-name": Option("name", True, str),
+    "-connection": Option("connection", True, _connection),
+    "-timeout": Option("timeout", True, _non_negative),
+    "-backlog": Option("backlog", True, _positive, lambda v: v or max(socket.SOMAXCONN, 20)),
+    "-debuglevel": Option("debuglevel", False, _non_negative),
+    # New in pytclmilter:
+    "-onerror": Option("on_error", False, _status, lambda v: v.smfis),
+    "-grace": Option("grace", False, _seconds),
+}
+
+SUBCOMMANDS = ("configure", "main", "register", "stop")
+
+
+class MilterCommand:
+    """Implements ``milter ...`` for one interpreter and its Milter."""
+
+    def __init__(self, host: "TclHost", milter: Milter) -> None:
+        self.host = host
+        self.milter = milter
+        self.locked: dict[str, str] = {}  # options fixed on the command line
+        self.debuglevel = 0
+
+    def __call__(self, args: Sequence[str]) -> Any:
+        if not args:
+            raise wrong_args("milter option ?arg ...?")
+        sub = one_of("option", args[0], SUBCOMMANDS)
+        return getattr(self, "_" + sub)(args[1:])
+
+    # ------------------------------------------------------------ configure
+
+    def _configure(self, args: Sequence[str]) -> Any:
+        if not args:
+            return tuple(x for name in sorted(OPTIONS) for x in (name, self._get(name)))
+        if len(args) == 1:
+            return self._get(one_of("option", args[0], OPTIONS))
+        if len(args) % 2:
+            name = one_of("option", args[-1], OPTIONS)
+            raise TclUsageError(f'value for "{name}" missing')
+        for i in range(0, len(args), 2):
+            self.set(one_of("option", args[i], OPTIONS), args[i + 1], from_script=True)
+        return ""
+
+    def _get(self, name: str) -> Any:
+        opt = OPTIONS[name]
+        value = self.debuglevel if name == "-debuglevel" else getattr(self.milter, opt.attr)
+        return opt.show(value)
+
+    def set(self, name: str, raw: str, from_script: bool = False) -> None:
+        opt = OPTIONS[name]
+        value = opt.parse(raw)
+        if opt.before_main and self.milter.running:
+            raise TclUsageError(f'option "{name}" can only be changed before milter main')
+        if from_script and name in self.locked:
+            log.info("milter configure %s %s ignored: %s given on the command line", name, raw, self.locked[name])
+            return
+        if name == "-debuglevel":
+            self.debuglevel = value
+            logging.getLogger("pytclmilter").setLevel(logging.DEBUG if value > 0 else logging.NOTSET)
+            return
+        setattr(self.milter, opt.attr, value)
+
+    def lock(self, name: str, raw: str, flag: str) -> None:
+        """Set an option from the command line; the script cannot change it afterwards."""
+        self.set(name, raw)
+        self.locked[name] = flag
+
+    # ------------------------------------------------------------ main / stop
+
+    def _main(self, args: Sequence[str]) -> str:
+        check_count(args, 0, 0, "milter main")
+        if self.milter.running:
+            raise TclUsageError("milter main: the milter is already running")
+        try:
+            self.milter.run()
+        except ConnSpecError as exc:
+            raise TclUsageError(f"milter main: {exc}") from None
+        except OSError as exc:
+            raise TclUsageError(f"milter main: {exc.strerror or exc}") from None
+        return ""
+
+    def _stop(self, args: Sequence[str]) -> str:
+        check_count(args, 0, 0, "milter stop")
+        self.milter.stop()
+        return ""
+
+    # ------------------------------------------------------------ register
+
+    def _register(self, args: Sequence[str]) -> str:
+        check_count(args, 1, 2, "milter register event ?callback?")
+        event = one_of("event", args[0], EVENTS)
+        registry = self.milter.registry
+        if len(args) == 1:
+            current = registry.tcl_callback(event)
+            return current.name if current else ""
+        script = args[1]
+        if script == "":
+            registry.replace_tcl(event, None)
+        else:
+            registry.replace_tcl(event, Callback(self.host.callback(script), "tcl", script))
+        return ""
+
+
+__all__ = ["MilterCommand", "OPTIONS", "status_names"]

@@ -1,0 +1,48 @@
+"""Tcl-style argument errors, worded as Tcl's own C API words them.
+
+A Tcl programmer expects ``wrong # args: should be "..."``, ``bad option
+"-x": must be a, b, or c`` and ``expected integer but got "x"``.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable, Sequence
+
+
+class TclUsageError(Exception):
+    """Raised by Python-backed Tcl commands; its text becomes the Tcl error message."""
+
+
+def one_of(kind: str, value: str, choices: Iterable[str]) -> str:
+    """Tcl_GetIndexFromObj without abbreviations: the value, or `bad KIND "value": must be ...`."""
+    options = sorted(choices)
+    if value in options:
+        return value
+    if len(options) == 1:
+        listed = options[0]
+    else:
+        listed = ", ".join(options[:-1]) + (", or " if len(options) > 2 else " or ") + options[-1]
+    raise TclUsageError(f'bad {kind} "{value}": must be {listed}')
+
+
+def wrong_args(usage: str) -> TclUsageError:
+    return TclUsageError(f'wrong # args: should be "{usage}"')
+
+
+def check_count(args: Sequence[str], low: int, high: int | None, usage: str) -> None:
+    if len(args) < low or (high is not None and len(args) > high):
+        raise wrong_args(usage)
+
+
+def integer(value: str) -> int:
+    try:
+        return int(str(value).strip(), 0) if str(value).strip()[:2].lower() in ("0x", "0o", "0b") else int(value)
+    except (TypeError, ValueError):
+        raise TclUsageError(f'expected integer but got "{value}"') from None
+
+
+def number(value: str) -> float:
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        raise TclUsageError(f'expected floating-point number but got "{value}"') from None
