@@ -89,6 +89,8 @@ class ConnectionEngine:
         self._out: list[bytes] = []
         self._busy = False  # an async callback is running: hold further events
         self._deferred: Status | None = None  # verdict of a no-reply event, answered at the next reply
+        self._deferred_stage = ""
+        self._conn_done = False  # connect/helo got a verdict: the whole connection is decided
         self._done = False  # the message (or connection) has its verdict: call no more callbacks
         self._skip_body = False
         self.closed = False
@@ -163,15 +165,15 @@ class ConnectionEngine:
             self.sender = event.args[0] if event.args else ""  # type: ignore[attr-defined]
         elif t is ev.Connect:
             self.client = f"{event.hostname}[{event.address}]"  # type: ignore[attr-defined]
-            self._done = False
+            self._conn_done = False
         if not event.needs_reply:
             self._no_reply_event(name, event, args_of)
             return
         if self._deferred is not None and t in _MESSAGE_EVENTS:
             status, self._deferred = self._deferred, None
-            self._answer(name, event, status)
+            self._answer(f"{self._deferred_stage} (answered at {name})", event, status)
             return
-        if self._done or (t is ev.Body and self._skip_body):
+        if self._done or self._conn_done or (t is ev.Body and self._skip_body):
             self._answer(name, event, Status.CONTINUE, quiet=True)
             return
         self.ctx.stage = name
@@ -183,7 +185,7 @@ class ConnectionEngine:
 
     def _no_reply_event(self, name: str, event: ev.Event, args_of: Callable[[Any], tuple[Any, ...]]) -> None:
         """An event the MTA does not wait on (NR negotiated, or a chunk carried by EOM)."""
-        if self._done or self._deferred is not None:
+        if self._done or self._conn_done or self._deferred is not None:
             return
         self.ctx.stage = name
         result = self._run_chain(name, args_of(event))
@@ -191,8 +193,11 @@ class ConnectionEngine:
             self._await(name, event, result)
             return
         self.ctx.stage = ""
-        if result not in (Status.CONTINUE, Status.NOREPLY, Status.SKIP):
-            self._deferred = result
+        self._defer(name, result)
+
+    def _defer(self, name: str, status: Status) -> None:
+        if status not in (Status.CONTINUE, Status.NOREPLY, Status.SKIP):
+            self._deferred, self._deferred_stage = status, name
 
     def _new_message(self) -> None:
         self._deferred = None
@@ -312,8 +317,8 @@ class ConnectionEngine:
                 return
             if event.needs_reply:
                 self._answer(name, event, status)
-            elif status not in (Status.CONTINUE, Status.NOREPLY, Status.SKIP):
-                self._deferred = status
+            else:
+                self._defer(name, status)
             self._busy = False
             self.link.resume_reading()
             self._pump()
@@ -341,7 +346,9 @@ class ConnectionEngine:
             self._out.append(self.session.send(ev.Tempfail()))
             status = Status.TEMPFAIL
         if status is not Status.CONTINUE and status is not Status.SKIP:
-            if type(event) not in (ev.EnvRcpt, ev.Unknown):
+            if type(event) in (ev.Connect, ev.Helo):
+                self._conn_done = True
+            elif type(event) not in (ev.EnvRcpt, ev.Unknown):
                 self._done = True
         if status is Status.SKIP:
             self._skip_body = True

@@ -86,6 +86,9 @@ class MilterCommand:
         self.milter = milter
         self.locked: dict[str, str] = {}  # options fixed on the command line
         self.debuglevel = 0
+        #: Replaces serving in `milter main` (check mode returns at once); None serves.
+        self.main_hook: Callable[[], None] | None = None
+        self.main_calls = 0
 
     def __call__(self, args: Sequence[str]) -> Any:
         if not args:
@@ -137,6 +140,10 @@ class MilterCommand:
         check_count(args, 0, 0, "milter main")
         if self.milter.running:
             raise TclUsageError("milter main: the milter is already running")
+        self.main_calls += 1
+        if self.main_hook is not None:
+            self.main_hook()
+            return ""
         try:
             self.milter.run()
         except ConnSpecError as exc:

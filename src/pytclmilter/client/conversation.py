@@ -1,0 +1,235 @@
+"""The MTA side of one milter conversation, as Postfix holds it, for ``try`` and ``send``.
+
+Sends the events of one SMTP session with Postfix's macros, honours what the
+filter negotiated (skipped stages, no-reply stages), stops where Postfix
+would stop (a reject at MAIL ends the transaction, a reject at RCPT drops
+that recipient), and records every reply and action per stage.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass, field
+
+from ..protocol import events as ev
+from ..protocol.codec import REPLY_CODES, FrameReader, decode_reply, encode_command, split_body
+from ..protocol.constants import ALL_ACTIONS, ALL_PROTO, MDS_1M, Family, Proto
+from ..protocol.errors import ProtocolError
+from .message import Envelope, Message, angle
+
+VERDICTS = ("accept", "reject", "tempfail", "discard", "quarantine")
+
+
+@dataclass
+class Stage:
+    """One event sent, and what came back."""
+
+    name: str
+    detail: str = ""
+    reply: str = ""  # "continue", "reject", ... or "" when no reply was expected
+    text: str = ""  # reply text of a `y` reply
+    actions: list[ev.Reply] = field(default_factory=list)
+    progress: int = 0
+
+
+@dataclass
+class Outcome:
+    """Everything the conversation produced."""
+
+    verdict: str = "accept"
+    reply_text: str = ""
+    stage: str = ""  # where the verdict was given
+    stages: list[Stage] = field(default_factory=list)
+    actions: list[ev.Reply] = field(default_factory=list)  # the EOM modifications
+    rejected_rcpts: dict[str, str] = field(default_factory=dict)
+    negotiated: tuple[int, int, int] = (0, 0, 0)
+    error: str = ""
+
+
+class ConversationError(Exception):
+    """The filter broke the protocol or the connection."""
+
+
+_REPLY_NAMES = {
+    ev.Continue: "continue",
+    ev.Accept: "accept",
+    ev.Reject: "reject",
+    ev.Tempfail: "tempfail",
+    ev.Discard: "discard",
+    ev.Skip: "skip",
+}
+
+
+class Conversation:
+    """Drives one connection; ``run`` returns the outcome (it never raises for a filter's verdict)."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, timeout: float = 30.0) -> None:
+        self.reader = reader
+        self.writer = writer
+        self.timeout = timeout
+        self.frames = FrameReader(REPLY_CODES, MDS_1M)
+        self.protocol = 0
+        self.out = Outcome()
+
+    # ------------------------------------------------------------ wire
+
+    def _send(self, *events: ev.Event) -> None:
+        self.writer.write(b"".join(encode_command(e) for e in events))
+
+    async def _recv(self) -> ev.Reply:
+        while True:
+            frame = self.frames.next_frame()
+            if frame is not None:
+                return decode_reply(*frame)
+            data = await asyncio.wait_for(self.reader.read(65536), self.timeout)
+            if not data:
+                raise ConversationError("the filter closed the connection")
+            self.frames.feed(data)
+
+    async def _event(self, stage: Stage, macro: ev.Macro | None, event: ev.Event, skip: int, nr: int) -> Stage | None:
+        """Send one event (with its macros); wait for the reply unless the filter said not to."""
+        if self.protocol & skip:
+            if macro is not None:
+                self._send(macro)  # both MTAs send macros of skipped stages too
+            return None
+        self._send(*([macro] if macro is not None else []), event)
+        self.out.stages.append(stage)
+        if self.protocol & nr:
+            await self.writer.drain()
+            return stage
+        await self.writer.drain()
+        await self._reply(stage, eom=isinstance(event, ev.EndOfMessage))
+        return stage
+
+    async def _reply(self, stage: Stage, eom: bool = False) -> None:
+        while True:
+            reply = await self._recv()
+            if isinstance(reply, ev.Progress):
+                stage.progress += 1
+                continue
+            if isinstance(reply, ev.ReplyCode):
+                stage.reply = "reject" if reply.text[:1] == "5" else "tempfail"
+                stage.text = reply.text
+                return
+            name = _REPLY_NAMES.get(type(reply))
+            if name is not None:
+                stage.reply = name
+                return
+            if not eom and not isinstance(reply, ev.Quarantine):
+                raise ConversationError(f"{type(reply).__name__} sent at {stage.name}, outside end of message")
+            stage.actions.append(reply)
+
+    # ------------------------------------------------------------ the session
+
+    async def run(self, env: Envelope, msg: Message) -> Outcome:
+        try:
+            await self._session(env, msg)
+        except (ProtocolError, ConversationError, OSError, asyncio.TimeoutError) as exc:
+            self.out.error = str(exc) or type(exc).__name__
+            self.out.verdict = "tempfail"
+            self.out.reply_text = f"milter failure: {self.out.error}"
+        finally:
+            self.writer.close()
+        return self.out
+
+    async def _session(self, env: Envelope, msg: Message) -> None:
+        self._send(ev.OptionNegotiation(6, int(ALL_ACTIONS), int(ALL_PROTO)))
+        await self.writer.drain()
+        answer = await self._recv()
+        if not isinstance(answer, ev.OptionNegotiationReply):
+            raise ConversationError(f"expected the option negotiation reply, got {type(answer).__name__}")
+        self.protocol = answer.protocol
+        self.out.negotiated = (answer.version, answer.actions, answer.protocol)
+        macros = dict(env.macros)
+        conn_macros = {"j": "pytclmilter.localhost", "{daemon_name}": "pytclmilter", "v": "pytclmilter",
+                       "_": f"{env.client_name} [{env.client_ip}]", **macros}
+        family = Family.INET6 if ":" in env.client_ip else Family.INET
+        steps = [
+            (Stage("connect", f"{env.client_name} [{env.client_ip}]"), ev.Macro(b"C", conn_macros),
+             ev.Connect(env.client_name, family, 25, env.client_ip), Proto.NOCONNECT, Proto.NR_CONN),
+            (Stage("helo", env.helo), ev.Macro(b"H", {}), ev.Helo(env.helo), Proto.NOHELO, Proto.NR_HELO),
+        ]
+        for stage, macro, event, skip, nr in steps:
+            done = await self._event(stage, macro, event, skip, nr)
+            if done is not None and done.reply not in ("", "continue"):
+                return self._verdict(done, connection=True)
+        await self._transaction(env, msg)
+        self._send(ev.Quit())
+        await self.writer.drain()
+
+    async def _transaction(self, env: Envelope, msg: Message) -> None:
+        mail = await self._event(Stage("envfrom", angle(env.sender)), ev.Macro(b"M", {"{mail_addr}": env.sender}),
+                                 ev.EnvFrom([angle(env.sender)]), Proto.NOMAIL, Proto.NR_MAIL)
+        if mail is not None and mail.reply not in ("", "continue"):
+            return self._verdict(mail)
+        accepted = 0
+        for rcpt in env.recipients:
+            stage = await self._event(
+                Stage("envrcpt", angle(rcpt)), ev.Macro(b"R", {"i": env.queue_id, "{rcpt_addr}": rcpt}),
+                ev.EnvRcpt([angle(rcpt)]), Proto.NORCPT, Proto.NR_RCPT)
+            if stage is None or stage.reply in ("", "continue"):
+                accepted += 1
+            elif stage.reply == "accept":
+                accepted += 1
+            elif stage.reply == "discard":
+                return self._verdict(stage)
+            else:
+                self.out.rejected_rcpts[rcpt] = stage.text or stage.reply
+        if not accepted:
+            self.out.verdict, self.out.stage = "reject", "envrcpt"
+            self.out.reply_text = "all recipients rejected"
+            self._send(ev.Abort())
+            return
+        content = [
+            (Stage("data"), ev.Macro(b"T", {"i": env.queue_id}), ev.Data(), Proto.NODATA, Proto.NR_DATA),
+        ]
+        content += [
+            (Stage("header", f"{n}: {v}"), ev.Macro(b"L", {"i": env.queue_id}), ev.Header(n, v),
+             Proto.NOHDRS, Proto.NR_HDR)
+            for n, v in msg.headers
+        ]
+        content.append((Stage("eoh"), ev.Macro(b"N", {"i": env.queue_id}), ev.EndOfHeaders(),
+                        Proto.NOEOH, Proto.NR_EOH))
+        for stage, macro, event, skip, nr in content:
+            done = await self._event(stage, macro, event, skip, nr)
+            if done is not None and done.reply not in ("", "continue"):
+                self._send(ev.Abort())
+                return self._verdict(done)
+        for i, chunk in enumerate(split_body(msg.body)):
+            done = await self._event(Stage("body", f"chunk {i + 1}, {len(chunk)} bytes"),
+                                     ev.Macro(b"B", {"i": env.queue_id}), ev.Body(chunk), Proto.NOBODY, Proto.NR_BODY)
+            if done is not None and done.reply == "skip":
+                break
+            if done is not None and done.reply not in ("", "continue"):
+                self._send(ev.Abort())
+                return self._verdict(done)
+        eom = Stage("eom")
+        self._send(ev.Macro(b"E", {"i": env.queue_id}), ev.EndOfMessage())
+        self.out.stages.append(eom)
+        await self.writer.drain()
+        await self._reply(eom, eom=True)
+        self.out.actions = list(eom.actions)
+        self._send(ev.Abort())  # Postfix sends ABORT after every message
+        if eom.reply in ("continue", "accept"):
+            held = [a for a in eom.actions if isinstance(a, ev.Quarantine)]
+            self.out.verdict, self.out.stage = ("quarantine", "eom") if held else ("accept", "eom")
+            if held:
+                self.out.reply_text = held[0].reason
+            return
+        self._verdict(eom)
+
+    def _verdict(self, stage: Stage, connection: bool = False) -> None:
+        reply = stage.reply
+        if reply == "accept":
+            self.out.verdict = "accept"
+        elif reply == "skip":
+            return
+        else:
+            self.out.verdict = reply
+        self.out.stage = stage.name
+        self.out.reply_text = stage.text
+
+
+async def converse(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, env: Envelope, msg: Message,
+                   timeout: float = 30.0) -> Outcome:
+    return await Conversation(reader, writer, timeout).run(env, msg)

@@ -1,0 +1,92 @@
+"""Connecting to a milter, and ``send --count N --concurrency C``: a load generator with percentiles."""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import TextIO
+
+from ..connspec import ConnSpec
+from .conversation import Outcome, converse
+from .message import Envelope, Message
+
+
+async def connect(spec: ConnSpec) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    if spec.family == "unix":
+        return await asyncio.open_unix_connection(spec.path)
+    host = spec.host or ("127.0.0.1" if spec.family == "inet" else "::1")
+    return await asyncio.open_connection(host, spec.port)
+
+
+async def one(spec: ConnSpec, env: Envelope, msg: Message, timeout: float = 30.0) -> Outcome:
+    try:
+        reader, writer = await asyncio.wait_for(connect(spec), timeout)
+    except (OSError, asyncio.TimeoutError) as exc:
+        return Outcome(verdict="tempfail", error=f"cannot connect to {spec}: {exc}")
+    return await converse(reader, writer, env, msg, timeout)
+
+
+@dataclass
+class LoadResult:
+    count: int
+    seconds: float
+    latencies: list[float] = field(default_factory=list)
+    verdicts: Counter[str] = field(default_factory=Counter)
+    errors: Counter[str] = field(default_factory=Counter)
+
+    def percentile(self, p: float) -> float:
+        if not self.latencies:
+            return 0.0
+        ordered = sorted(self.latencies)
+        return ordered[min(len(ordered) - 1, int(round(p / 100 * (len(ordered) - 1))))]
+
+    def summary(self) -> str:
+        rate = self.count / self.seconds if self.seconds else 0.0
+        ms = lambda p: self.percentile(p) * 1000  # noqa: E731
+        lines = [
+            f"messages: {self.count} in {self.seconds:.2f} s = {rate:.0f} messages/s",
+            f"latency ms: p50 {ms(50):.2f}  p90 {ms(90):.2f}  p99 {ms(99):.2f}  max {ms(100):.2f}",
+            "verdicts: " + ", ".join(f"{k}={v}" for k, v in sorted(self.verdicts.items())),
+        ]
+        if self.errors:
+            lines.append("errors: " + "; ".join(f"{v}x {k}" for k, v in self.errors.most_common(5)))
+        return "\n".join(lines)
+
+
+async def load(spec: ConnSpec, env: Envelope, msg: Message, count: int, concurrency: int,
+               progress: TextIO | None = sys.stderr, timeout: float = 30.0) -> LoadResult:
+    """Send ``count`` messages over ``concurrency`` parallel connections, one message per connection."""
+    result = LoadResult(count, 0.0)
+    todo = iter(range(count))
+    start = time.perf_counter()
+
+    async def worker() -> None:
+        for _ in todo:
+            t0 = time.perf_counter()
+            outcome = await one(spec, env, msg, timeout)
+            result.latencies.append(time.perf_counter() - t0)
+            result.verdicts[outcome.verdict] += 1
+            if outcome.error:
+                result.errors[outcome.error] += 1
+
+    async def reporter() -> None:
+        while True:
+            await asyncio.sleep(0.5)
+            done = len(result.latencies)
+            rate = done / (time.perf_counter() - start)
+            if progress is not None:
+                progress.write(f"\r{done}/{count} messages, {rate:.0f} messages/s ")
+                progress.flush()
+
+    ticker = asyncio.ensure_future(reporter())
+    try:
+        await asyncio.gather(*(worker() for _ in range(max(1, concurrency))))
+    finally:
+        ticker.cancel()
+    result.seconds = time.perf_counter() - start
+    if progress is not None:
+        progress.write(f"\r{count}/{count} messages, {count / result.seconds:.0f} messages/s\n")
+    return result

@@ -1,0 +1,100 @@
+"""The report of one conversation: stage by stage, the actions, the resulting message; text or JSON."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from ..protocol import events as ev
+from ..protocol.codec import text, wire
+from .apply import Result
+from .conversation import Outcome
+
+#: Exit status per verdict (documented in docs/cli.md); 64+ are usage errors.
+EXIT_CODES = {"accept": 0, "reject": 1, "tempfail": 2, "discard": 3, "quarantine": 4}
+
+
+def describe(action: ev.Reply) -> str:
+    t = type(action)
+    if t is ev.AddHeader:
+        return f"addheader {action.name}: {action.value}"  # type: ignore[attr-defined]
+    if t is ev.InsertHeader:
+        return f"insheader at {action.index} {action.name}: {action.value}"  # type: ignore[attr-defined]
+    if t is ev.ChangeHeader:
+        what = "delete" if not action.value else f"-> {action.value}"  # type: ignore[attr-defined]
+        return f"chgheader {action.name}[{action.index}] {what}"  # type: ignore[attr-defined]
+    if t is ev.AddRecipient:
+        args = f" {action.args}" if action.args else ""  # type: ignore[attr-defined]
+        return f"addrcpt {action.rcpt}{args}"  # type: ignore[attr-defined]
+    if t is ev.DeleteRecipient:
+        return f"delrcpt {action.rcpt}"  # type: ignore[attr-defined]
+    if t is ev.ChangeFrom:
+        args = f" {action.args}" if action.args else ""  # type: ignore[attr-defined]
+        return f"chgfrom {action.sender}{args}"  # type: ignore[attr-defined]
+    if t is ev.ReplaceBody:
+        return f"replacebody ({len(action.chunk)} bytes)"  # type: ignore[attr-defined]
+    if t is ev.Quarantine:
+        return f"quarantine {action.reason}"  # type: ignore[attr-defined]
+    return t.__name__
+
+
+def as_dict(outcome: Outcome, result: Result | None) -> dict[str, Any]:
+    doc: dict[str, Any] = {
+        "verdict": outcome.verdict,
+        "stage": outcome.stage,
+        "reply": outcome.reply_text,
+        "exit_status": EXIT_CODES.get(outcome.verdict, 2),
+        "negotiated": {"version": outcome.negotiated[0], "actions": hex(outcome.negotiated[1]),
+                       "protocol": hex(outcome.negotiated[2])},
+        "stages": [
+            {"stage": s.name, "detail": s.detail, "reply": s.reply or None, "text": s.text or None,
+             "progress": s.progress, "actions": [describe(a) for a in s.actions]}
+            for s in outcome.stages
+        ],
+        "actions": [describe(a) for a in outcome.actions],
+        "rejected_recipients": outcome.rejected_rcpts,
+    }
+    if outcome.error:
+        doc["error"] = outcome.error
+    if result is not None:
+        doc["message"] = {
+            "sender": result.sender,
+            "recipients": result.recipients,
+            "quarantine": result.quarantine,
+            "text": text(result.message.render()),
+        }
+    return doc
+
+
+def as_text(outcome: Outcome, result: Result | None) -> str:
+    lines = []
+    for s in outcome.stages:
+        reply = s.reply or "(no reply expected)"
+        extra = f' "{s.text}"' if s.text else ""
+        prog = f" [{s.progress} progress]" if s.progress else ""
+        detail = f" {s.detail}" if s.detail else ""
+        lines.append(f"{s.name:8}{detail} -> {reply}{extra}{prog}")
+        lines += [f"           action: {describe(a)}" for a in s.actions]
+    if outcome.error:
+        lines.append(f"error: {outcome.error}")
+    for rcpt, why in outcome.rejected_rcpts.items():
+        lines.append(f"recipient {rcpt} rejected: {why}")
+    reply = f' "{outcome.reply_text}"' if outcome.reply_text else ""
+    lines.append(f"verdict: {outcome.verdict} at {outcome.stage or '-'}{reply}")
+    if result is not None and outcome.verdict in ("accept", "quarantine"):
+        lines.append(f"envelope: from {result.sender} to {', '.join(result.recipients)}")
+        lines.append("--- resulting message ---")
+        lines.append(wire_text(result.message.render()))
+    return "\n".join(lines)
+
+
+def wire_text(raw: bytes) -> str:
+    """Message bytes for a terminal: CRLF shown as LF, undecodable bytes as \\xNN."""
+    return raw.replace(b"\r\n", b"\n").decode("utf-8", "backslashreplace").rstrip("\n")
+
+
+def to_json(outcome: Outcome, result: Result | None) -> str:
+    return json.dumps(as_dict(outcome, result), indent=2, ensure_ascii=False, default=str)
+
+
+__all__ = ["EXIT_CODES", "as_dict", "as_text", "to_json", "describe", "wire"]

@@ -1,0 +1,1 @@
+"""The subcommands of the ``pytclmilter`` command line, one module each."""

@@ -1,0 +1,133 @@
+"""``pytclmilter check``: load a script without serving and report what it would do.
+
+Reports syntax and runtime errors with file and line, each registered
+callback (and whether its procedure exists and accepts the arguments the
+event passes), and the option negotiation the engine would answer to an MTA
+offering everything.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+import tkinter
+from typing import Any
+
+from ..protocol.constants import Action, Proto
+from ..protocol.events import OptionNegotiation
+from ..protocol.negotiation import negotiate
+from ..tcl.interp import TclHost
+from .common import add_script_options, make_host, setup_logging
+
+#: Arguments each event passes after the context, as the manual names them.
+EVENT_ARGS = {
+    "negotiate": ("version", "actions", "protocol"),
+    "connect": ("hostname", "addrInfo"),
+    "helo": ("helohost",),
+    "envfrom": ("fromList",),
+    "envrcpt": ("rcptList",),
+    "data": (),
+    "unknown": ("line",),
+    "header": ("name", "content"),
+    "eoh": (),
+    "body": ("block",),
+    "eom": (),
+    "abort": (),
+    "close": (),
+}
+
+
+def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:  # type: ignore[type-arg]
+    p = sub.add_parser("check", help="load a script without serving; report errors, callbacks, negotiation")
+    p.add_argument("script", help="the TclMilter script (.tcl)")
+    add_script_options(p)
+    p.add_argument("--log-level", default="warning", choices=["debug", "info", "warning", "error"])
+    p.add_argument("args", nargs="*", help="arguments for the script (argv)")
+    return p
+
+
+def error_location(error_info: str) -> str:
+    """``file:line`` of the innermost frame Tcl reports, or ''."""
+    found = re.findall(r'\(file "([^"]+)" line (\d+)\)', error_info)
+    return f"{found[-1][0]}:{found[-1][1]}" if found else ""
+
+
+def _arity(host: TclHost, words: tuple[str, ...]) -> tuple[int, int | None] | None:
+    """How many arguments a command prefix accepts, if it is a proc (None: not a proc)."""
+    tk = host.tk
+    proc = words[0]
+    if not tk.call("info", "procs", proc if proc.startswith("::") else "::" + proc):
+        return None
+    params = tk.splitlist(tk.call("info", "args", proc))
+    required = 0
+    for p in params:
+        if p == "args":
+            return max(0, required - (len(words) - 1)), None
+        has_default = bool(tk.getboolean(tk.call("info", "default", proc, p, "::tclmilter::_d")))
+        required += 0 if has_default else 1
+    total = len(params) - (len(words) - 1)
+    return max(0, required - (len(words) - 1)), total
+
+
+def check_callbacks(host: TclHost) -> list[str]:
+    problems = []
+    for event, chain in host.milter.registry.registered().items():
+        for cb in chain:
+            if cb.origin != "tcl":
+                continue
+            words = tuple(host.tk.splitlist(cb.name))
+            if not host.tk.call("info", "commands", words[0]) and not host.tk.call("info", "procs", words[0]):
+                problems.append(f'{event} callback "{cb.name}": invalid command name "{words[0]}"')
+                continue
+            arity = _arity(host, words)
+            given = 1 + len(EVENT_ARGS[event])
+            if arity is not None and not (arity[0] <= given and (arity[1] is None or given <= arity[1])):
+                names = " ".join(("context",) + EVENT_ARGS[event])
+                problems.append(f'{event} callback "{cb.name}" does not accept the {given} arguments '
+                                f"the event passes ({names})")
+    return problems
+
+
+def describe_negotiation(host: TclHost) -> list[str]:
+    result = negotiate(OptionNegotiation(6, 0x1FF, 0x1FFFFF), host.milter.registry.wants())
+    proto = Proto(result.protocol)
+    skipped = [f.name.lower() for f in Proto if f.name and f.name.startswith("NO") and f in proto]
+    silent = [f.name for f in Proto if f.name and f.name.startswith("NR_") and f in proto]
+    actions = [f.name for f in Action if f.name and f in Action(result.actions)]
+    return [
+        f"version {result.version}, actions 0x{result.actions:x}, protocol 0x{result.protocol:x}",
+        "  skipped stages: " + (", ".join(skipped) or "none"),
+        "  no-reply stages: " + (", ".join(silent) or "none"),
+        "  actions: " + ", ".join(actions),
+    ]
+
+
+def cmd_check(opts: argparse.Namespace) -> int:
+    setup_logging(opts.log_level)
+    host = make_host(opts.script, opts.python, {})
+    host.command.main_hook = lambda: None  # `milter main` returns at once
+    host.set_argv(opts.script, list(opts.args))
+    try:
+        host.source(opts.script)
+    except tkinter.TclError as exc:
+        info = host.error_info()
+        where = error_location(info) or opts.script
+        print(f"{where}: error: {exc}", file=sys.stderr)
+        print(info, file=sys.stderr)
+        return 1
+    out: list[str] = [f"{opts.script}: loaded"]
+    registered: dict[str, Any] = host.milter.registry.registered()
+    out.append("callbacks:" if registered else "callbacks: none registered")
+    for event, chain in registered.items():
+        for cb in chain:
+            out.append(f"  {event:9} {cb.origin:6} {cb.name}")
+    problems = check_callbacks(host)
+    if host.command.main_calls == 0:
+        problems.append("the script never calls milter main")
+    out.append("negotiation (to an MTA offering everything):")
+    out += ["  " + line for line in describe_negotiation(host)]
+    print("\n".join(out))
+    for problem in problems:
+        print(f"{opts.script}: error: {problem}", file=sys.stderr)
+    return 1 if problems else 0

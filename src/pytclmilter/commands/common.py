@@ -1,0 +1,111 @@
+"""What the subcommands share: logging, loading a script with its hooks, envelope options."""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import logging
+import logging.handlers
+import os
+import sys
+from pathlib import Path
+
+from ..client.message import Envelope, Message
+from ..milter import Milter
+from ..tcl.interp import TclHost
+from ..tcl.usage import TclUsageError
+
+EX_USAGE = 64
+EX_NOINPUT = 66
+EX_SOFTWARE = 70
+
+
+class UsageError(Exception):
+    """A command-line mistake: printed as one line, exit status 64 (or the given one)."""
+
+    def __init__(self, message: str, status: int = EX_USAGE) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+def setup_logging(level: str, syslog: bool = False) -> None:
+    root = logging.getLogger()
+    for handler in list(root.handlers):
+        root.removeHandler(handler)
+    if syslog:
+        if not os.path.exists("/dev/log"):
+            raise UsageError("--syslog: /dev/log does not exist (is a syslog daemon running?)")
+        handler: logging.Handler = logging.handlers.SysLogHandler(
+            address="/dev/log", facility=logging.handlers.SysLogHandler.LOG_MAIL)
+        handler.setFormatter(logging.Formatter("pytclmilter[%(process)d]: %(levelname)s: %(message)s"))
+    else:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(asctime)s pytclmilter[%(process)d] %(levelname)s: %(message)s"))
+    root.addHandler(handler)
+    root.setLevel(getattr(logging, level.upper()))
+
+
+def load_hooks(path: str, milter: Milter) -> None:
+    """Import a --python file and call its setup(milter)."""
+    if not Path(path).is_file():
+        raise UsageError(f"--python {path}: no such file", EX_NOINPUT)
+    spec = importlib.util.spec_from_file_location(f"pytclmilter_hooks_{Path(path).stem}", path)
+    if spec is None or spec.loader is None:
+        raise UsageError(f"--python {path}: cannot be imported")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    setup = getattr(module, "setup", None)
+    if not callable(setup):
+        raise UsageError(f"--python {path}: has no setup(milter) function")
+    setup(milter)
+
+
+def add_script_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--python", metavar="HOOKS.py", action="append", default=[],
+                   help="Python file whose setup(milter) adds callbacks to the same chains (repeatable)")
+
+
+def make_host(script: str, hooks: list[str], overrides: dict[str, str | None]) -> TclHost:
+    """An interpreter with the milter command, command-line overrides locked, Python hooks loaded."""
+    if not Path(script).is_file():
+        raise UsageError(f'couldn\'t read file "{script}": no such file or directory', EX_NOINPUT)
+    host = TclHost()
+    try:
+        for option, value in overrides.items():
+            if value is not None:
+                host.command.lock(option, value, "--" + option[1:])
+    except TclUsageError as exc:
+        raise UsageError(str(exc)) from None
+    for path in hooks:
+        load_hooks(path, host.milter)
+    return host
+
+
+def add_envelope_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("message", metavar="MESSAGE.eml", help="the message file")
+    p.add_argument("--from", dest="sender", metavar="ADDR", help="envelope sender (default: Return-Path or From)")
+    p.add_argument("--rcpt", action="append", default=[], metavar="ADDR",
+                   help="envelope recipient, repeatable (default: To, Cc, Bcc)")
+    p.add_argument("--client-ip", default="127.0.0.1", metavar="IP")
+    p.add_argument("--client-name", default="localhost", metavar="NAME")
+    p.add_argument("--helo", default="localhost", metavar="NAME")
+    p.add_argument("--macro", action="append", default=[], metavar="NAME=VALUE",
+                   help="macro the MTA sends (e.g. --macro {auth_authen}=alice), repeatable")
+    p.add_argument("--json", action="store_true", help="print the report as one JSON document")
+
+
+def read_message(opts: argparse.Namespace) -> tuple[Message, Envelope]:
+    try:
+        raw = Path(opts.message).read_bytes()
+    except OSError as exc:
+        raise UsageError(f"{opts.message}: {exc.strerror}", EX_NOINPUT) from None
+    msg = Message.parse(raw)
+    macros = {}
+    for item in opts.macro:
+        name, eq, value = item.partition("=")
+        if not eq or not name:
+            raise UsageError(f'--macro "{item}": must be NAME=VALUE')
+        macros[name] = value
+    env = Envelope.from_message(msg, opts.sender, opts.rcpt or None, client_ip=opts.client_ip,
+                                client_name=opts.client_name, helo=opts.helo, macros=macros)
+    return msg, env

@@ -1,0 +1,123 @@
+"""``pytclmilter run``: serve a TclMilter script, with the daemon options a mail admin expects."""
+
+from __future__ import annotations
+
+import argparse
+import grp
+import logging
+import os
+import pwd
+import signal
+import sys
+import tkinter
+from pathlib import Path
+
+from ..connspec import ConnSpec
+from ..milter import Milter
+from .common import UsageError, add_script_options, make_host, setup_logging
+
+log = logging.getLogger("pytclmilter")
+
+
+def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:  # type: ignore[type-arg]
+    run = sub.add_parser("run", help="run a TclMilter script as a milter")
+    run.add_argument("script", help="the TclMilter script (.tcl)")
+    run.add_argument("--connection", "-c", metavar="SPEC",
+                     help="listen here (unix:/path, inet:port@host, inet6:port@host); overrides the script")
+    run.add_argument("--timeout", metavar="SECONDS", help="I/O timeout; overrides the script's -timeout")
+    run.add_argument("--backlog", metavar="N", help="listen backlog; overrides the script's -backlog")
+    run.add_argument("--name", help="milter name; overrides the script's -name")
+    run.add_argument("--on-error", metavar="STATUS",
+                     help="answer when a callback fails: SMFIS_TEMPFAIL (default), SMFIS_CONTINUE, ...")
+    run.add_argument("--grace", metavar="SECONDS", help="how long open sessions may finish at stop (default 30)")
+    add_script_options(run)
+    run.add_argument("--user", help="drop privileges to this user after binding the socket")
+    run.add_argument("--group", help="drop privileges to this group after binding (default: the user's group)")
+    run.add_argument("--socket-mode", metavar="MODE", help="mode of the unix socket file, octal (e.g. 0660)")
+    run.add_argument("--pidfile", metavar="PATH", help="write the process id here while serving")
+    run.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    run.add_argument("--syslog", action="store_true", help="log to syslog (facility mail) instead of stderr")
+    run.add_argument("args", nargs="*", help="arguments for the script (argv); put them after -- if they start with -")
+    return run
+
+
+class Daemon:
+    """Privilege drop, pid file and the listening line, done once the socket is bound."""
+
+    def __init__(self, milter: Milter, opts: argparse.Namespace) -> None:
+        self.milter = milter
+        self.uid, self.gid = _ids(opts.user, opts.group)
+        self.pidfile = opts.pidfile
+        self.dropped = False
+        self.pid_written = False
+
+    def listening(self, spec: ConnSpec) -> None:
+        if self.uid is not None and not self.dropped:
+            if spec.family == "unix":
+                os.chown(spec.path, self.uid, self.gid if self.gid is not None else -1)
+            if self.gid is not None:
+                os.setgroups([self.gid])
+                os.setgid(self.gid)
+            os.setuid(self.uid)
+            self.dropped = True
+            log.info("running as uid %d gid %d", os.getuid(), os.getgid())
+        if self.pidfile:
+            Path(self.pidfile).write_text(f"{os.getpid()}\n")
+            self.pid_written = True
+        print(f"pytclmilter: {self.milter.name} listening on {spec}", flush=True)
+
+    def signal(self, sig: signal.Signals) -> None:
+        if sig == signal.SIGINT and sys.stdin is not None and sys.stdin.isatty():
+            print("\npytclmilter: interrupted, stopping", file=sys.stderr, flush=True)
+
+    def cleanup(self) -> None:
+        if self.pid_written:
+            try:
+                os.unlink(self.pidfile)
+            except OSError as exc:
+                log.warning("cannot remove pid file %s: %s", self.pidfile, exc.strerror)
+
+
+def _ids(user: str | None, group: str | None) -> tuple[int | None, int | None]:
+    uid = gid = None
+    if user is not None:
+        try:
+            pw = pwd.getpwnam(user) if not user.isdigit() else pwd.getpwuid(int(user))
+        except KeyError:
+            raise UsageError(f'--user: no such user "{user}"') from None
+        uid, gid = pw.pw_uid, pw.pw_gid
+    if group is not None:
+        try:
+            gid = (grp.getgrnam(group) if not group.isdigit() else grp.getgrgid(int(group))).gr_gid
+        except KeyError:
+            raise UsageError(f'--group: no such group "{group}"') from None
+        if uid is None:
+            raise UsageError("--group needs --user")
+    if uid is not None and os.geteuid() != 0 and uid != os.geteuid():
+        raise UsageError("--user needs root privileges")
+    return uid, gid
+
+
+def cmd_run(opts: argparse.Namespace) -> int:
+    setup_logging(opts.log_level, opts.syslog)
+    overrides = {"-connection": opts.connection, "-timeout": opts.timeout, "-backlog": opts.backlog,
+                 "-name": opts.name, "-onerror": opts.on_error, "-grace": opts.grace}
+    host = make_host(opts.script, opts.python, overrides)
+    milter = host.milter
+    if opts.socket_mode is not None:
+        try:
+            milter.socket_mode = int(opts.socket_mode, 8)
+        except ValueError:
+            raise UsageError(f'--socket-mode: "{opts.socket_mode}" is not an octal mode') from None
+    daemon = Daemon(milter, opts)
+    milter.hooks.listening = daemon.listening
+    milter.hooks.signal = daemon.signal
+    host.set_argv(opts.script, list(opts.args) + list(getattr(opts, "rest", [])))
+    try:
+        host.source(opts.script)
+    except tkinter.TclError:
+        print(host.error_info(), file=sys.stderr)
+        return 1
+    finally:
+        daemon.cleanup()
+    return 0

@@ -1,0 +1,43 @@
+"""``pytclmilter send``: the same conversation against any running milter, or many as a load test."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+
+from ..client.apply import apply
+from ..client.load import load, one
+from ..client.report import EXIT_CODES, as_text, to_json
+from ..connspec import ConnSpecError, parse
+from .common import UsageError, add_envelope_options, read_message, setup_logging
+
+
+def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:  # type: ignore[type-arg]
+    p = sub.add_parser("send", help="send a message to a running milter (any libmilter one too) as an MTA would")
+    p.add_argument("--connection", "-c", required=True, metavar="SPEC",
+                   help="where the milter listens (unix:/path, inet:port@host, inet6:port@host)")
+    add_envelope_options(p)
+    p.add_argument("--count", type=int, default=1, metavar="N", help="send N messages (load generator)")
+    p.add_argument("--concurrency", type=int, default=1, metavar="C", help="parallel connections with --count")
+    p.add_argument("--timeout", type=float, default=30.0, metavar="SECONDS", help="wait this long for each reply")
+    p.add_argument("--log-level", default="warning", choices=["debug", "info", "warning", "error"])
+    return p
+
+
+def cmd_send(opts: argparse.Namespace) -> int:
+    setup_logging(opts.log_level)
+    try:
+        spec = parse(opts.connection)
+    except ConnSpecError as exc:
+        raise UsageError(str(exc)) from None
+    if opts.count < 1 or opts.concurrency < 1:
+        raise UsageError("--count and --concurrency must be at least 1")
+    msg, env = read_message(opts)
+    if opts.count > 1:
+        result = asyncio.run(load(spec, env, msg, opts.count, opts.concurrency, timeout=opts.timeout))
+        print(result.summary())
+        return 0 if not result.errors else 1
+    outcome = asyncio.run(one(spec, env, msg, opts.timeout))
+    applied = apply(outcome.actions, msg, env) if outcome.verdict in ("accept", "quarantine") else None
+    print(to_json(outcome, applied) if opts.json else as_text(outcome, applied))
+    return EXIT_CODES.get(outcome.verdict, 2)

@@ -1,0 +1,852 @@
+"""The public Python API seen from the MTA's side of a real socket.
+
+Every test starts a real :class:`pytclmilter.Milter` in a background thread
+(``support.engine.serving``) and plays the MTA, either with the PyPI
+``miltertest`` client or with the hand-written raw client ``RawMTA`` where
+miltertest cannot go. Expected behaviour comes from
+/work/shared/docs/milter-protocol.md (cited as "ref §x").
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import struct
+import threading
+
+import miltertest
+import pytest
+from miltertest import constants as K
+
+from pytclmilter import (
+    ACCEPT,
+    CONTINUE,
+    DISCARD,
+    NOREPLY,
+    REJECT,
+    SKIP,
+    TEMPFAIL,
+    MilterError,
+    Status,
+)
+from support.engine import (
+    ALL_ACTIONS,
+    ALL_NR,
+    ALL_PROTO,
+    CHUNK,
+    F_ADDHDRS,
+    F_SETSYMLIST,
+    OFFERS,
+    P_NOCONNECT,
+    P_NOMAIL,
+    P_NR_HDR,
+    P_SKIP,
+    SKIP_BITS,
+    RawMTA,
+    make_milter,
+    serving,
+    strings,
+    wait_for,
+    z,
+)
+
+LOG = "pytclmilter"
+
+
+def mt_envelope(conn: miltertest.MilterConnection, rcpt: bool = True) -> None:
+    """C, H, M (and R) through miltertest, each answered with continue."""
+    conn.send(K.SMFIC_CONNECT, hostname="client.example", family="4", port=4321, address="192.0.2.1")
+    conn.send(K.SMFIC_HELO, helo="client.example")
+    conn.send(K.SMFIC_MAIL, args=["<a@example.org>", "SIZE=10"])
+    if rcpt:
+        conn.send(K.SMFIC_RCPT, args=["<b@example.com>"])
+
+
+def all_callbacks(m, calls: list, skip: tuple[str, ...] = ()) -> None:
+    """Register a recording callback (answering continue) for every message event."""
+    for event in ("connect", "helo", "envfrom", "envrcpt", "data", "header", "eoh", "body", "eom", "abort", "close"):
+        if event in skip:
+            continue
+
+        def cb(ctx, *args, _event=event):
+            calls.append((_event,) + args)
+            return CONTINUE
+
+        m.register(event, cb)
+
+
+# ====================================================================== negotiation (ref §4)
+
+
+def test_negotiation_skips_events_without_callbacks():
+    m = make_milter()
+    m.register("envfrom", lambda ctx, args: CONTINUE)
+    with serving(m) as srv, srv.raw(negotiate=False) as mta:
+        version, actions, protocol, macros = mta.optneg(6, ALL_ACTIONS, ALL_PROTO)
+    assert version == 6
+    assert actions & ~ALL_ACTIONS == 0 and protocol & ~ALL_PROTO == 0, "must be a subset of the offer"
+    for event, bit in SKIP_BITS.items():
+        if event == "envfrom":
+            assert not protocol & bit, "MAIL has a callback: must not be skipped"
+        else:
+            assert protocol & bit, f"no {event} callback: its skip bit must be requested"
+    assert protocol & ALL_NR == 0, "no header callback: no no-reply bit"
+    assert macros == {}
+
+
+def test_nr_hdr_requested_only_with_a_header_callback_and_when_offered():
+    m = make_milter()
+    m.register("header", lambda ctx, name, value: CONTINUE)
+    with serving(m) as srv:
+        with srv.raw(negotiate=False) as mta:
+            _, _, protocol, _ = mta.optneg(6, ALL_ACTIONS, ALL_PROTO)
+            assert protocol & P_NR_HDR
+            assert not protocol & SKIP_BITS["header"]
+        with srv.raw(negotiate=False) as mta:
+            _, _, protocol, _ = mta.optneg(6, ALL_ACTIONS, ALL_PROTO & ~P_NR_HDR)
+            assert not protocol & P_NR_HDR, "NR_HDR not offered: must not be requested"
+
+
+def test_headers_stream_without_replies_when_nr_hdr_negotiated():
+    m = make_milter()
+    seen = []
+    m.register("header", lambda ctx, name, value: seen.append((name, value)))
+    m.register("eoh", lambda ctx: CONTINUE)
+    with serving(m) as srv, srv.raw() as mta:
+        assert mta.negotiated[2] & P_NR_HDR
+        mta.envelope() if False else None  # envelope events are skipped: straight to headers
+        mta.send(b"M", z("<a@example.org>"))  # skipped by us but legal to send? -> no: NOMAIL requested
+    # the MTA does not send skipped events; redo with a proper flow below
+    with serving(m) as srv, srv.raw() as mta:
+        mta.send(b"L", z("Subject", "hi"))
+        mta.send(b"L", z("X-Folded", "a\n\tb"))
+        code, _ = mta.command(b"N")
+        assert code == b"c", "the first frame after streamed headers must be the EOH reply"
+        assert seen[-2:] == [("Subject", "hi"), ("X-Folded", "a\n\tb")]
+
+
+def test_a_callback_registered_later_is_negotiated_by_the_next_connection():
+    m = make_milter()
+    m.register("envfrom", lambda ctx, args: CONTINUE)
+    seen = []
+    with serving(m) as srv:
+        with srv.raw() as first:
+            assert first.negotiated[2] & P_NOCONNECT
+        m.register("connect", lambda ctx, host, info: seen.append((host, info)) or REJECT)
+        with srv.raw() as second:
+            assert not second.negotiated[2] & P_NOCONNECT
+            assert second.connect("mx.example", b"4", 2525, "198.51.100.7") == (b"r", b"")
+    assert seen == [("mx.example", {"family": "inet", "address": "198.51.100.7", "port": 2525})]
+
+
+@pytest.mark.parametrize("version", [2, 3, 4, 5, 6])
+def test_mtas_offering_versions_2_to_6_are_served(version):
+    m = make_milter()
+    calls: list = []
+    all_callbacks(m, calls)
+    offered_actions, offered_proto = OFFERS[version]
+    with serving(m) as srv, srv.raw(negotiate=False) as mta:
+        v, actions, protocol, _ = mta.optneg(version, offered_actions, offered_proto)
+        assert v == version
+        assert actions & ~offered_actions == 0
+        assert protocol & ~offered_proto == 0
+        mta.envelope()
+        if version >= 4:
+            assert mta.command(b"T") == (b"c", b"")
+        mta.send(b"L", z("Subject", "v%d" % version))
+        if not protocol & P_NR_HDR:
+            assert mta.reply() == (b"c", b"")
+        assert mta.eoh() == (b"c", b"")
+        assert mta.body(b"hello\r\n") == (b"c", b"")
+        assert mta.eom() == [(b"c", b"")]
+        mta.quit()
+        mta.expect_eof()
+    names = [c[0] for c in calls]
+    expected = ["connect", "helo", "envfrom", "envrcpt"] + (["data"] if version >= 4 else [])
+    expected += ["header", "eoh", "body", "eom", "close"]
+    assert names == expected
+
+
+def test_zero_offers_mean_version_1_masks():
+    m = make_milter()
+    m.register("envfrom", lambda ctx, args: CONTINUE)
+    with serving(m) as srv, srv.raw(negotiate=False) as mta:
+        _, actions, protocol, _ = mta.optneg(6, 0, 0)
+    assert actions & ~0x0F == 0  # ref §4.4 step 2
+    assert protocol & ~0x3F == 0
+
+
+def test_version_1_mta_is_refused_and_close_runs_once():
+    m = make_milter()
+    closed = []
+    m.register("close", lambda ctx: closed.append(ctx.name))
+    with serving(m) as srv, srv.raw(negotiate=False) as mta:
+        mta.send(b"O", struct.pack("!III", 1, ALL_ACTIONS, ALL_PROTO))
+        mta.expect_eof()
+        wait_for(lambda: closed)
+    assert len(closed) == 1
+
+
+def test_setsymlist_in_negotiate_rides_in_the_optneg_reply():
+    m = make_milter()
+
+    def negotiate(ctx, version, actions, protocol):
+        ctx.setsymlist("connect", "j  {daemon_name}")
+        ctx.setsymlist(5, "{msg_id}")
+        return CONTINUE
+
+    m.register("negotiate", negotiate)
+    with serving(m) as srv:
+        with srv.raw(negotiate=False) as mta:
+            _, actions, _, macros = mta.optneg(6, ALL_ACTIONS, ALL_PROTO)
+            assert actions & F_SETSYMLIST
+            assert macros == {0: b"j {daemon_name}", 5: b"{msg_id}"}
+        with srv.raw(negotiate=False) as mta:  # not offered: no list, no flag
+            _, actions, _, macros = mta.optneg(6, ALL_ACTIONS & ~F_SETSYMLIST, ALL_PROTO)
+            assert macros == {} and not actions & F_SETSYMLIST
+
+
+# ====================================================================== statuses (ref §8)
+
+
+@pytest.mark.parametrize(
+    "status, wire",
+    [
+        (CONTINUE, "c"),
+        (REJECT, "r"),
+        (DISCARD, "d"),
+        (ACCEPT, "a"),
+        (TEMPFAIL, "t"),
+        ("SMFIS_REJECT", "r"),
+        ("SMFIS_TEMPFAIL", "t"),
+        ("accept", "a"),
+        (None, "c"),
+        (NOREPLY, "c"),  # the MTA waits for a reply: continue is sent (ref §4.6 says never leave it hanging)
+        (SKIP, "c"),  # SKIP outside the body means nothing
+    ],
+)
+def test_every_status_at_rcpt(status, wire):
+    m = make_milter()
+    m.register("envrcpt", lambda ctx, args: status)
+    with serving(m) as srv:
+        conn = srv.mt()
+        conn.send(K.SMFIC_MAIL, args=["<a@example.org>"]) if False else None
+        # envrcpt is the only callback: C, H, M are skipped by negotiation, R follows the envelope
+        reply = conn.send_get(K.SMFIC_RCPT, args=["<b@example.com>"])
+        assert reply[0] == wire
+        conn.sock.close()
+
+
+def test_status_at_eom_via_miltertest():
+    m = make_milter()
+    answers = iter([ACCEPT, "SMFIS_DISCARD", TEMPFAIL, None])
+    m.register("eom", lambda ctx: next(answers))
+    with serving(m) as srv:
+        conn = srv.mt()
+        got = []
+        for _ in range(4):
+            conn.send(K.SMFIC_MAIL, args=["<a@example.org>"]) if False else None
+            got.append([r[0] for r in conn.send_eom()])
+        assert got == [["a"], ["d"], ["t"], ["c"]]
+
+
+def test_skip_in_body_sends_s_when_offered_and_stops_body_callbacks():
+    m = make_milter()
+    chunks = []
+
+    def body(ctx, chunk):
+        chunks.append(chunk)
+        return SKIP
+
+    m.register("body", body)
+    m.register("eom", lambda ctx: CONTINUE)
+    with serving(m) as srv:
+        with srv.raw() as mta:
+            assert mta.negotiated[2] & P_SKIP
+            assert mta.body(b"one\r\n") == (b"s", b"")
+            assert mta.eom() == [(b"c", b"")]
+        chunks.clear()
+        with srv.raw(protocol=ALL_PROTO & ~P_SKIP) as mta:  # an MTA that cannot skip
+            assert not mta.negotiated[2] & P_SKIP
+            assert mta.body(b"one\r\n") == (b"c", b"")
+            assert mta.body(b"two\r\n") == (b"c", b"")
+            assert mta.eom() == [(b"c", b"")]
+    assert chunks == [b"one\r\n"], "after SKIP the body callback is not called again for that message"
+
+
+def test_discard_at_connect_is_sent_as_continue():
+    m = make_milter()
+    m.register("connect", lambda ctx, host, info: DISCARD)
+    with serving(m) as srv, srv.raw() as mta:
+        assert mta.connect() == (b"c", b"")  # ref §3: d only for message-level events
+
+
+def test_chain_runs_in_registration_order_and_first_non_continue_answers():
+    m = make_milter()
+    order = []
+    m.register("envrcpt", lambda ctx, args: order.append(1))
+    m.register("envrcpt", lambda ctx, args: order.append(2) or "SMFIS_CONTINUE")
+
+    @m.register("envrcpt")
+    def third(ctx, args):
+        order.append(3)
+        return REJECT if args[0] == "<bad@example.com>" else CONTINUE
+
+    m.register("envrcpt", lambda ctx, args: order.append(4) or TEMPFAIL)
+    m.register("envrcpt", lambda ctx, args: order.append(5))
+    with serving(m) as srv:
+        conn = srv.mt()
+        assert conn.send_get(K.SMFIC_RCPT, args=["<bad@example.com>"])[0] == "r"
+        assert order == [1, 2, 3]
+        order.clear()
+        assert conn.send_get(K.SMFIC_RCPT, args=["<ok@example.com>"])[0] == "t"
+        assert order == [1, 2, 3, 4]
+
+
+def test_async_callbacks_are_awaited_in_chain_order():
+    m = make_milter()
+    order = []
+
+    async def slow_continue(ctx, args):
+        await asyncio.sleep(0.01)
+        order.append("async1")
+        return CONTINUE
+
+    def sync(ctx, args):
+        order.append("sync")
+
+    async def slow_reject(ctx, args):
+        await asyncio.sleep(0.01)
+        order.append("async2")
+        return "SMFIS_REJECT"
+
+    for cb in (slow_continue, sync, slow_reject, sync):
+        m.register("envrcpt", cb)
+    with serving(m) as srv:
+        conn = srv.mt()
+        assert conn.send_get(K.SMFIC_RCPT, args=["<b@example.com>"])[0] == "r"
+    assert order == ["async1", "sync", "async2"]
+
+
+def test_a_slow_async_callback_does_not_stall_another_connection():
+    m = make_milter()
+    gate = threading.Event()
+    entered = threading.Event()
+
+    async def envrcpt(ctx, args):
+        if args[0] == "<slow@example.com>":
+            entered.set()
+            for _ in range(500):  # bounded: at most 5 s
+                if gate.is_set():
+                    break
+                await asyncio.sleep(0.01)
+            return REJECT
+        return ACCEPT
+
+    m.register("envrcpt", envrcpt)
+    with serving(m) as srv, srv.raw() as slow, srv.raw() as fast:
+        slow.send(b"R", z("<slow@example.com>"))
+        assert entered.wait(5)
+        assert fast.rcpt("<fast@example.com>") == (b"a", b"")  # answered while the other one waits
+        assert fast.rcpt("<fast2@example.com>") == (b"a", b"")
+        gate.set()
+        assert slow.reply() == (b"r", b"")
+
+
+def test_header_verdict_is_deferred_to_the_next_reply_with_nr_hdr():
+    m = make_milter()
+    seen = []
+
+    def header(ctx, name, value):
+        seen.append(name)
+        return REJECT if name == "X-Spam" else CONTINUE
+
+    m.register("header", header)
+    with serving(m) as srv, srv.raw() as mta:
+        assert mta.negotiated[2] & P_NR_HDR
+        mta.send(b"L", z("Subject", "hi"))
+        mta.send(b"L", z("X-Spam", "yes"))
+        mta.send(b"L", z("X-After", "1"))
+        # no EOH callback (NOEOH), no body callback (NOBODY): EOM carries the verdict
+        assert mta.eom() == [(b"r", b"")]
+    assert seen == ["Subject", "X-Spam"], "no header callback after the deciding one"
+
+
+# ====================================================================== replies (ref §6.5)
+
+
+def test_setreply_is_sent_only_with_a_matching_verdict_and_kept_until_then():
+    m = make_milter()
+    rcpt_answers = iter([TEMPFAIL, REJECT, REJECT])
+
+    def envfrom(ctx, args):
+        ctx.setreply("550", "5.7.1", "Go away")
+        return CONTINUE
+
+    m.register("envfrom", envfrom)
+    m.register("envrcpt", lambda ctx, args: next(rcpt_answers))
+    with serving(m) as srv, srv.raw() as mta:
+        assert mta.mail() == (b"c", b"")  # stored text is not sent with continue
+        assert mta.rcpt() == (b"t", b"")  # 5xx text does not go with tempfail
+        assert mta.rcpt() == (b"y", z("550 5.7.1 Go away"))
+        assert mta.rcpt() == (b"r", b""), "the text is used once"
+
+
+def test_setreply_survives_abort_and_a_new_message():
+    m = make_milter()
+    answers = iter([CONTINUE, REJECT])
+
+    def envfrom(ctx, args):
+        if args[0] == "<first@example.org>":
+            ctx.setreply("451", "4.7.1", "Later")
+        return CONTINUE
+
+    m.register("envfrom", envfrom)
+    m.register("envrcpt", lambda ctx, args: next(answers) if args[0] != "<t@example.com>" else TEMPFAIL)
+    with serving(m) as srv, srv.raw() as mta:
+        assert mta.mail("<first@example.org>") == (b"c", b"")
+        assert mta.rcpt() == (b"c", b"")
+        mta.abort()
+        assert mta.mail("<second@example.org>") == (b"c", b"")
+        assert mta.rcpt() == (b"r", b""), "4xx text is not used for a reject, and kept"
+        assert mta.rcpt("<t@example.com>") == (b"y", z("451 4.7.1 Later"))
+
+
+@pytest.mark.parametrize(
+    "args, text",
+    [
+        (("550", "5.7.1", "No such user"), "550 5.7.1 No such user"),
+        (("550", None, "No such user"), "550 No such user"),
+        (("550", "5.7.1", None), "550 5.7.1"),
+        (("550",), "550 "),
+        (("421", "4.3.2", "Shutting down"), "421 4.3.2 Shutting down"),
+    ],
+)
+def test_setreply_text_forms(args, text):
+    m = make_milter()
+
+    def envrcpt(ctx, rcpt):
+        ctx.setreply(*args)
+        return REJECT if args[0][0] == "5" else TEMPFAIL
+
+    m.register("envrcpt", envrcpt)
+    with serving(m) as srv, srv.raw() as mta:
+        assert mta.rcpt() == (b"y", z(text))
+
+
+def test_setmlreply_multi_line():
+    m = make_milter()
+    m.register("envrcpt", lambda ctx, args: ctx.setmlreply("550", "5.7.1", "first", "second", "third") or REJECT)
+    m.register("envfrom", lambda ctx, args: ctx.setmlreply("452", None, "only") or TEMPFAIL)
+    with serving(m) as srv, srv.raw() as mta:
+        assert mta.rcpt() == (b"y", z("550-5.7.1 first\r\n550-5.7.1 second\r\n550 5.7.1 third"))
+        assert mta.mail() == (b"y", z("452 4.0.0 only"))
+
+
+@pytest.mark.parametrize(
+    "call",
+    [
+        lambda ctx: ctx.setreply("250", None, "ok"),
+        lambda ctx: ctx.setreply("55", None, "short"),
+        lambda ctx: ctx.setreply("5500", None, "long"),
+        lambda ctx: ctx.setreply("550", "5.7", "bad xcode"),
+        lambda ctx: ctx.setreply("550", "5.7.1 x", "bad xcode"),
+        lambda ctx: ctx.setreply("550", "5.7.1", "line\r\nbreak"),
+        lambda ctx: ctx.setreply("550", "5.7.1", "bare\nLF"),
+        lambda ctx: ctx.setreply("550", "5.7.1", "x" * 981),
+        lambda ctx: ctx.setmlreply("550", "5.7.1", *["l"] * 33),
+        lambda ctx: ctx.setmlreply("550", "5.7.1"),
+        lambda ctx: ctx.setmlreply("550", "5.7.1", "ok", "bad\rline"),
+        lambda ctx: ctx.setmlreply("650", None, "ok"),
+    ],
+    ids=["rcode-2xx", "rcode-short", "rcode-long", "xcode-short", "xcode-trailing", "crlf", "lf", "too-long",
+         "33-lines", "no-lines", "ml-cr", "ml-rcode"],
+)
+def test_reply_validation_errors_are_raised_in_the_callback(call):
+    m = make_milter()
+    errors = []
+
+    def envrcpt(ctx, args):
+        try:
+            call(ctx)
+        except MilterError as exc:
+            errors.append(str(exc))
+        return REJECT
+
+    m.register("envrcpt", envrcpt)
+    with serving(m) as srv, srv.raw() as mta:
+        assert mta.rcpt() == (b"r", b""), "a refused text is not stored"
+    assert len(errors) == 1 and errors[0]
+
+
+MODIFICATIONS = {
+    "addheader": lambda ctx: ctx.addheader("X-A", "1"),
+    "chgheader": lambda ctx: ctx.chgheader("X-A", "1", 1),
+    "insheader": lambda ctx: ctx.insheader("X-A", "1", 0),
+    "addrcpt": lambda ctx: ctx.addrcpt("<c@example.com>"),
+    "delrcpt": lambda ctx: ctx.delrcpt("<b@example.com>"),
+    "chgfrom": lambda ctx: ctx.chgfrom("<x@example.org>"),
+    "replacebody": lambda ctx: ctx.replacebody(b"new\r\n"),
+    "quarantine": lambda ctx: ctx.quarantine("suspicious"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(MODIFICATIONS))
+def test_modifications_outside_eom_raise_a_clear_error(name):
+    m = make_milter()
+    errors = []
+
+    def envrcpt(ctx, args):
+        try:
+            MODIFICATIONS[name](ctx)
+        except MilterError as exc:
+            errors.append(str(exc))
+        return CONTINUE
+
+    m.register("envrcpt", envrcpt)
+    m.register("eom", lambda ctx: CONTINUE)
+    with serving(m) as srv, srv.raw() as mta:
+        assert mta.rcpt() == (b"c", b"")
+        assert mta.eom() == [(b"c", b"")], "nothing collected outside eom is sent later"
+    assert len(errors) == 1
+    assert name in errors[0] and "eom" in errors[0], errors[0]
+
+
+# ====================================================================== end of message actions (ref §3, §6)
+
+
+def test_all_eom_actions_arrive_before_the_final_reply_in_one_write():
+    m = make_milter()
+
+    def eom(ctx):
+        ctx.addheader("X-Added", "yes")
+        ctx.insheader("X-Inserted", "first", 0)
+        ctx.chgheader("Subject", "changed", 2)
+        ctx.addrcpt("<plain@example.com>")
+        ctx.addrcpt("<par@example.com>", "NOTIFY=NEVER")
+        ctx.delrcpt("<b@example.com>")
+        ctx.chgfrom("<new@example.org>", "RET=HDRS")
+        ctx.replacebody(b"new body\r\n")
+        ctx.quarantine("held for review")
+        return CONTINUE
+
+    m.register("eom", eom)
+    with serving(m) as srv, srv.raw() as mta:
+        assert mta.negotiated[1] == ALL_ACTIONS & ~F_SETSYMLIST or mta.negotiated[1] & 0xFF == 0xFF
+        mta.send(b"E")
+        frames = mta.burst()
+        if frames[-1][0] != b"c":  # not everything in one segment: still all must arrive, in order
+            frames += mta.until_final()
+        assert frames[-1] == (b"c", b""), "the final reply comes last"
+    by_code = {code: payload for code, payload in frames[:-1]}
+    assert sorted(by_code) == sorted([b"h", b"i", b"m", b"+", b"2", b"-", b"e", b"b", b"q"])
+    assert len(frames) == 10
+    assert by_code[b"h"] == z("X-Added", "yes")
+    assert by_code[b"i"] == struct.pack("!I", 0) + z("X-Inserted", "first")
+    assert by_code[b"m"] == struct.pack("!I", 2) + z("Subject", "changed")
+    assert by_code[b"+"] == z("<plain@example.com>")
+    assert by_code[b"2"] == z("<par@example.com>", "NOTIFY=NEVER")
+    assert by_code[b"-"] == z("<b@example.com>")
+    assert by_code[b"e"] == z("<new@example.org>", "RET=HDRS")
+    assert by_code[b"b"] == b"new body\r\n"
+    assert by_code[b"q"] == z("held for review")
+    # add/ins/chg come in call order
+    codes = [c for c, _ in frames]
+    assert codes.index(b"h") < codes.index(b"i") < codes.index(b"m")
+
+
+def test_eom_actions_in_one_recv():
+    """The modifications and the final reply are written together (one write on the socket)."""
+    m = make_milter()
+
+    def eom(ctx):
+        ctx.addheader("X-A", "1")
+        ctx.addheader("X-B", "2")
+        ctx.chgfrom("<n@example.org>")
+        return ACCEPT
+
+    m.register("eom", eom)
+    with serving(m) as srv, srv.raw() as mta:
+        mta.send(b"E")
+        frames = mta.burst()
+    assert [c for c, _ in frames] == [b"h", b"h", b"e", b"a"]
+    assert frames[2] == (b"e", z("<n@example.org>"))
+
+
+def test_chgheader_with_empty_value_deletes():
+    m = make_milter()
+    m.register("eom", lambda ctx: ctx.chgheader("X-Old", "", 1) or CONTINUE)
+    with serving(m) as srv, srv.raw() as mta:
+        assert mta.eom() == [(b"m", struct.pack("!I", 1) + z("X-Old", "")), (b"c", b"")]
+
+
+def test_actions_are_dropped_when_eom_rejects():
+    m = make_milter()
+
+    def eom(ctx):
+        ctx.addheader("X-A", "1")
+        ctx.replacebody(b"x")
+        return REJECT
+
+    m.register("eom", eom)
+    with serving(m) as srv, srv.raw() as mta:
+        assert mta.eom() == [(b"r", b"")]
+
+
+def test_action_not_granted_by_the_mta_gives_tempfail_and_nothing_else(caplog):
+    caplog.set_level(logging.INFO, logger=LOG)
+    m = make_milter()
+
+    def eom(ctx):
+        ctx.addheader("X-A", "1")
+        ctx.chgheader("Subject", "x")
+        return CONTINUE
+
+    m.register("eom", eom)
+    with serving(m) as srv, srv.raw(actions=F_ADDHDRS) as mta:
+        assert mta.negotiated[1] == F_ADDHDRS
+        assert mta.eom() == [(b"t", b"")], "no half-applied modifications"
+    assert any(r.levelno >= logging.ERROR and "CHGHDRS" in r.getMessage() for r in caplog.records)
+
+
+def test_replacebody_larger_than_a_chunk_is_split_and_reassembles_exactly():
+    m = make_milter()
+    new_body = os.urandom(200_000)
+
+    def eom(ctx):
+        ctx.replacebody(new_body[:150_000])
+        ctx.replacebody(new_body[150_000:])  # calls add up, as in libmilter
+        return CONTINUE
+
+    m.register("eom", eom)
+    with serving(m) as srv, srv.raw() as mta:
+        frames = mta.eom()
+    assert frames[-1] == (b"c", b"")
+    parts = frames[:-1]
+    assert all(code == b"b" for code, _ in parts)
+    assert all(0 < len(p) <= CHUNK for _, p in parts)
+    assert len(parts) == 4  # ceil(200000 / 65535)
+    assert b"".join(p for _, p in parts) == new_body
+
+
+def test_eight_bit_body_bytes_reach_the_callback_and_come_back_byte_exact():
+    m = make_milter()
+    chunks_in = [
+        b"\x00\x01\xff\xfe binary\r\n",
+        b"latin-1 caf\xe9 and invalid utf-8 \xc3\x28 \xed\xa0\x80\r\n",
+        bytes(range(256)) * 300,  # larger than a chunk would be if sent whole: 76800 bytes, sent in two
+        b"\xf0\x9f\x93\xa7 utf-8 emoji\r\n\x00",
+    ]
+    received = []
+
+    def body(ctx, chunk):
+        received.append(chunk)
+        return CONTINUE
+
+    def eom(ctx):
+        ctx.replacebody(b"".join(received))
+        return CONTINUE
+
+    m.register("body", body)
+    m.register("eom", eom)
+    sent = []
+    with serving(m) as srv, srv.raw() as mta:
+        for chunk in chunks_in:
+            for i in range(0, len(chunk), CHUNK):
+                piece = chunk[i : i + CHUNK]
+                sent.append(piece)
+                assert mta.body(piece) == (b"c", b"")
+        frames = mta.eom()
+    assert all(isinstance(c, bytes) for c in received)
+    assert received == sent
+    assert frames[-1] == (b"c", b"")
+    assert b"".join(p for code, p in frames[:-1] if code == b"b") == b"".join(chunks_in)
+
+
+def test_eom_carrying_data_is_given_to_the_body_callback_with_one_reply():
+    m = make_milter()
+    received = []
+    m.register("body", lambda ctx, chunk: received.append(chunk) or REJECT)
+    m.register("eom", lambda ctx: CONTINUE)
+    with serving(m) as srv, srv.raw() as mta:
+        mta.send(b"E", b"tail \xff\r\n")
+        assert mta.until_final() == [(b"r", b"")]
+        assert mta.is_open(0.1)  # and no second reply follows
+        assert mta.buf == b""
+    assert received == [b"tail \xff\r\n"]
+
+
+def test_quarantine_then_final_reply():
+    m = make_milter()
+    m.register("eom", lambda ctx: ctx.quarantine("virus found") or DISCARD)
+    with serving(m) as srv, srv.raw() as mta:
+        assert mta.eom() == [(b"q", z("virus found")), (b"d", b"")]
+
+
+# ====================================================================== macros (ref §5)
+
+
+def test_getsymval_with_libmilter_semantics():
+    m = make_milter()
+    seen = {}
+
+    def look(ctx, stage, *names):
+        seen[stage] = {n: ctx.getsymval(n) for n in names}
+
+    names = ("j", "{j}", "daemon_name", "{daemon_name}", "i", "{i}", "{mail_addr}", "{rcpt_addr}", "{x}", "x")
+    m.register("connect", lambda ctx, host, info: look(ctx, "connect", *names))
+    m.register("envfrom", lambda ctx, args: look(ctx, "envfrom:" + args[0], *names))
+    m.register("envrcpt", lambda ctx, args: look(ctx, "envrcpt:" + args[0], *names))
+    m.register("eom", lambda ctx: look(ctx, "eom", *names))
+    with serving(m) as srv, srv.raw() as mta:
+        mta.macro("C", {"j": "mx.example", "{daemon_name}": "smtpd", "{x}": "braced"})
+        assert mta.connect()[0] == b"c"
+        mta.macro("M", {"{i}": "QID1", "{mail_addr}": "a@example.org"})
+        assert mta.mail("<a@example.org>")[0] == b"c"
+        mta.macro("R", {"{rcpt_addr}": "b@example.com"})
+        assert mta.rcpt("<b@example.com>")[0] == b"c"
+        mta.macro("R", {})  # an empty D keeps the previous recipient's values
+        mta.macro("L", {"i": "ignored"})  # stages libmilter does not store: ignored, never answered
+        assert mta.rcpt("<c@example.com>")[0] == b"c"
+        mta.macro("E", {"i": "QID1-eom"})
+        assert mta.eom() == [(b"c", b"")]
+        mta.abort()  # ABORT clears nothing
+        mta.macro("M", {"{mail_addr}": "second@example.org"})  # replaces the M slot wholesale
+        assert mta.mail("<second@example.org>")[0] == b"c"
+    c = seen["connect"]
+    assert c["j"] == c["{j}"] == "mx.example"
+    assert c["daemon_name"] is None, "long names match only exactly"
+    assert c["{daemon_name}"] == "smtpd"
+    assert c["x"] == c["{x}"] == "braced"
+    assert c["{i}"] is None
+    f = seen["envfrom:<a@example.org>"]
+    assert f["i"] == f["{i}"] == "QID1" and f["{mail_addr}"] == "a@example.org" and f["j"] == "mx.example"
+    assert seen["envrcpt:<b@example.com>"]["{rcpt_addr}"] == "b@example.com"
+    assert seen["envrcpt:<c@example.com>"]["{rcpt_addr}"] == "b@example.com"
+    e = seen["eom"]
+    assert e["i"] == "QID1-eom", "the latest stage wins"
+    assert e["{rcpt_addr}"] == "b@example.com" and e["{mail_addr}"] == "a@example.org"
+    s = seen["envfrom:<second@example.org>"]
+    assert s["{mail_addr}"] == "second@example.org"
+    assert s["{i}"] is None, "the new M packet replaced the whole slot"
+    assert s["{rcpt_addr}"] is None, "MAIL clears the later slots"
+    assert s["j"] == "mx.example", "connection macros persist"
+
+
+# ====================================================================== private data
+
+
+def test_private_data_is_per_connection():
+    m = make_milter()
+    seen = {}
+
+    def envfrom(ctx, args):
+        ctx.setpriv("sender", args[0])
+        ctx.setpriv("count", ctx.getpriv("count", 0) + 1)
+        ctx.setpriv("tmp.a", 1)
+        ctx.setpriv("tmp.b", 2)
+        return CONTINUE
+
+    def eom(ctx):
+        ctx.unsetpriv("tmp.*")
+        seen[ctx.getpriv("sender")] = ctx.getpriv()
+        return CONTINUE
+
+    m.register("envfrom", envfrom)
+    m.register("eom", eom)
+    with serving(m) as srv, srv.raw() as one, srv.raw() as two:
+        assert one.mail("<one@example.org>")[0] == b"c"
+        assert two.mail("<two@example.org>")[0] == b"c"
+        assert one.eom() == [(b"c", b"")]
+        assert two.eom() == [(b"c", b"")]
+        assert two.mail("<two@example.org>")[0] == b"c"  # second message: data persists
+        assert two.eom() == [(b"c", b"")]
+    assert seen["<one@example.org>"] == {"sender": "<one@example.org>", "count": 1}
+    assert seen["<two@example.org>"] == {"sender": "<two@example.org>", "count": 2}
+
+
+def test_getpriv_missing_raises_keyerror_without_default():
+    m = make_milter()
+    out = []
+
+    def envfrom(ctx, args):
+        with pytest.raises(KeyError):
+            ctx.getpriv("absent")
+        out.append(ctx.getpriv("absent", "dflt"))
+        return CONTINUE
+
+    m.register("envfrom", envfrom)
+    with serving(m) as srv, srv.raw() as mta:
+        assert mta.mail()[0] == b"c"
+    assert out == ["dflt"]
+
+
+# ====================================================================== callback errors
+
+
+def test_a_failing_callback_is_logged_with_traceback_and_answered_tempfail(caplog):
+    caplog.set_level(logging.INFO, logger=LOG)
+    m = make_milter()
+
+    def envrcpt(ctx, args):
+        raise RuntimeError("boom in envrcpt")
+
+    m.register("envrcpt", envrcpt)
+    after = []
+    m.register("envrcpt", lambda ctx, args: after.append(1))
+    with serving(m) as srv, srv.raw() as mta:
+        assert mta.rcpt() == (b"t", b"")
+        assert mta.rcpt() == (b"t", b""), "the connection goes on"
+    assert after == []
+    errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert len(errors) == 2
+    text = errors[0].getMessage()
+    assert "Traceback" in text and "RuntimeError: boom in envrcpt" in text and "envrcpt" in text
+    assert m.stats.errors == 2
+
+
+@pytest.mark.parametrize("on_error, wire", [(REJECT, b"r"), ("SMFIS_CONTINUE", b"c"), ("ACCEPT", b"a")])
+def test_on_error_sets_the_answer_for_failing_callbacks(caplog, on_error, wire):
+    caplog.set_level(logging.INFO, logger=LOG)
+    m = make_milter(on_error=on_error)
+
+    async def envfrom(ctx, args):
+        await asyncio.sleep(0)
+        raise ValueError("async boom")
+
+    m.register("envfrom", envfrom)
+    m.register("envrcpt", lambda ctx, args: 1 / 0)
+    with serving(m) as srv, srv.raw() as mta:
+        assert mta.mail() == (wire, b"")
+        assert mta.rcpt() == (wire, b"")
+    messages = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert any("ValueError: async boom" in t for t in messages)
+    assert any("ZeroDivisionError" in t for t in messages)
+
+
+def test_unknown_on_error_value_is_refused():
+    with pytest.raises(ValueError):
+        make_milter(on_error="SMFIS_MAYBE")
+
+
+def test_abort_and_close_callbacks_on_eof_inside_a_message():
+    m = make_milter()
+    calls = []
+    m.register("envfrom", lambda ctx, args: CONTINUE)
+    m.register("abort", lambda ctx: calls.append("abort"))
+    m.register("close", lambda ctx: calls.append("close"))
+    with serving(m) as srv:
+        with srv.raw() as mta:
+            assert mta.mail()[0] == b"c"
+        wait_for(lambda: "close" in calls)
+        with srv.raw() as mta:  # a clean QUIT: close only
+            mta.quit()
+            mta.expect_eof()
+        wait_for(lambda: calls.count("close") == 2)
+    assert calls == ["abort", "close", "close"]
+
+
+def test_status_enum_values_are_libmilters():
+    assert [int(s) for s in (CONTINUE, REJECT, DISCARD, ACCEPT, TEMPFAIL, NOREPLY, SKIP)] == [0, 1, 2, 3, 4, 7, 8]
+    assert Status.REJECT.smfis == "SMFIS_REJECT"

@@ -1,0 +1,148 @@
+"""End to end through a real Postfix: SMTP client -> Postfix -> our milter -> Postfix -> smtp-sink.
+
+The Python engine and the TclMilter blacklist example, each behind a private
+Postfix instance (see tests/support/postfix.py), as a mail admin would deploy them.
+"""
+
+from __future__ import annotations
+
+import re
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Iterator
+
+import pexpect
+import pytest
+
+from pytclmilter import CONTINUE, REJECT, Milter
+
+pytestmark = pytest.mark.postfix
+
+ROOT = Path(__file__).resolve().parents[1]
+BLACKLIST = ROOT / "tclmilter" / "examples" / "blacklist.tcl"
+
+
+def message(sender: str, subject: str, body: bytes = b"Hello.\r\n") -> bytes:
+    return (
+        f"From: {sender}\r\nTo: rcpt@example.com\r\nSubject: {subject}\r\n"
+        f"Message-ID: <{subject.replace(' ', '.')}@test>\r\n\r\n"
+    ).encode() + body
+
+
+@pytest.fixture
+def python_milter() -> Iterator[Milter]:
+    """A Python filter: rejects one sender, stamps and rewrites marked mail, quarantines another."""
+    milter = Milter(name="e2e", connection="inet:0@127.0.0.1", grace=1)
+
+    @milter.register("envfrom")
+    def envfrom(ctx, args):  # type: ignore[no-untyped-def]
+        if args[0].lower() == "<bad@example.org>":
+            ctx.setreply("550", "5.7.1", "sender blocked by e2e")
+            return REJECT
+        return CONTINUE
+
+    @milter.register("header")
+    def header(ctx, name, value):  # type: ignore[no-untyped-def]
+        if name.lower() == "subject":
+            ctx.setpriv("subject", value)
+
+    @milter.register("body")
+    def body(ctx, chunk):  # type: ignore[no-untyped-def]
+        ctx.setpriv("body", ctx.getpriv("body", b"") + chunk)
+
+    @milter.register("eom")
+    def eom(ctx):  # type: ignore[no-untyped-def]
+        subject = ctx.getpriv("subject", "")
+        ctx.addheader("X-E2E", f"seen {ctx.getsymval('i') or 'no-queue-id'}")
+        if "rewrite" in subject:
+            ctx.replacebody(b"Replaced by the milter.\r\n")
+        if "hold" in subject:
+            ctx.quarantine("held by e2e")
+        ctx.unsetpriv("body")
+
+    thread = threading.Thread(target=milter.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 10
+    while milter.listening is None:
+        assert time.monotonic() < deadline, "milter did not start"
+        time.sleep(0.01)
+    yield milter
+    milter.stop()
+    thread.join(10)
+    assert not thread.is_alive()
+
+
+def test_rejected_sender_gets_5xx_at_mail_from(postfix, python_milter: Milter) -> None:
+    pf = postfix(milter=python_milter.listening.postfix())
+    result = pf.send("bad@example.org", ["rcpt@example.com"], message("bad@example.org", "spam"))
+    assert result.mail is not None and result.mail.code == 550, result
+    assert "5.7.1 sender blocked by e2e" in result.mail.text
+    assert not result.accepted
+
+
+def test_added_header_and_replaced_body_arrive(postfix, python_milter: Milter) -> None:
+    pf = postfix(milter=python_milter.listening.postfix())
+    plain = pf.send("good@example.org", ["rcpt@example.com"], message("good@example.org", "plain"))
+    rewritten = pf.send("good@example.org", ["rcpt@example.com"],
+                        message("good@example.org", "please rewrite", b"Original body.\r\n"))
+    assert plain.accepted and rewritten.accepted
+    delivered = {m.message["Subject"]: m for m in pf.wait_for_sink(2)}
+    stamp = delivered["plain"].message["X-E2E"]
+    assert stamp.startswith("seen ") and stamp != "seen no-queue-id"  # Postfix's queue id via macro i
+    assert delivered["plain"].body.rstrip() == b"Hello."
+    assert delivered["please rewrite"].body.rstrip() == b"Replaced by the milter."
+    assert delivered["please rewrite"].message["X-E2E"].startswith("seen ")
+
+
+def test_quarantine_puts_message_on_hold(postfix, python_milter: Milter) -> None:
+    pf = postfix(milter=python_milter.listening.postfix())
+    result = pf.send("good@example.org", ["rcpt@example.com"], message("good@example.org", "hold me"))
+    assert result.accepted
+    held = pf.wait_for_queue("hold", 1)
+    assert held[0]["sender"] == "good@example.org"
+    assert pf.sink_messages() == []
+
+
+def test_eight_bit_body_passes_unchanged(postfix, python_milter: Milter) -> None:
+    """A filter that only reads the body must not alter a byte of it (smtp-sink drops CRs: compare LFs)."""
+    # Lines stay under SMTP's 998-byte limit (Postfix would fold longer ones); > 64 KiB spans chunks.
+    body = bytes(range(0x80, 0x100)) + b"\r\ncaf\xc3\xa9 \xff\xfe invalid utf-8\r\n" + (b"x" * 78 + b"\r\n") * 1000
+    pf = postfix(milter=python_milter.listening.postfix())
+    result = pf.send("good@example.org", ["rcpt@example.com"], message("good@example.org", "binary", body))
+    assert result.accepted
+    (msg,) = pf.wait_for_sink(1)
+    assert msg.body.rstrip(b"\n") == body.replace(b"\r", b"").rstrip(b"\n")
+
+
+@pytest.fixture
+def blacklist_milter(tmp_path: Path) -> Iterator[str]:
+    """The manual's example, unmodified, run on a test port; yields Postfix's address for it."""
+    child = pexpect.spawn(
+        sys.executable,
+        ["-m", "pytclmilter.cli", "run", str(BLACKLIST), "--connection", "inet:0@127.0.0.1"],
+        cwd=str(tmp_path), encoding="utf-8", timeout=20,
+    )
+    child.expect(r"Blacklist listening on inet:(\d+)@127\.0\.0\.1")
+    port = int(child.match.group(1))
+    yield f"inet:127.0.0.1:{port}"
+    child.kill(15)
+    child.expect(pexpect.EOF)
+    child.wait()
+    assert child.exitstatus == 0, child.before
+
+
+def test_blacklist_example_behind_postfix(postfix, blacklist_milter: str) -> None:
+    pf = postfix(milter=blacklist_milter)
+    by_envelope = pf.send("spammer@spamdomain.com", ["rcpt@example.com"],
+                          message("spammer@spamdomain.com", "from a spammer"))
+    assert by_envelope.mail is not None and by_envelope.mail.code // 100 == 5, by_envelope
+    by_header = pf.send("innocent@example.org", ["rcpt@example.com"],
+                        message("friend@public.com", "header from friend"))
+    assert not by_header.accepted and by_header.data is not None and by_header.data.code // 100 == 5
+    fine = pf.send("innocent@example.org", ["rcpt@example.com"], message("innocent@example.org", "fine"))
+    assert fine.accepted, fine
+    (msg,) = pf.wait_for_sink(1)
+    assert msg.message["Subject"] == "fine"
+    assert re.search(r"milter-reject", pf.log_text())
