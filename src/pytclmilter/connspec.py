@@ -38,7 +38,7 @@ class ConnSpec:
         return f"inet:{'[' + host + ']' if ':' in host else host}:{self.port}"
 
 
-_MAX_UNIX_PATH = 107  # sizeof(sun_path) on Linux, NUL included
+_MAX_UNIX_PATH = 108  # sizeof(sun_path) on Linux, NUL included
 
 
 def parse(spec: str) -> ConnSpec:
@@ -53,7 +53,7 @@ def parse(spec: str) -> ConnSpec:
     if proto in ("unix", "local"):
         if not rest:
             raise ConnSpecError(f'connection "{spec}": missing socket path')
-        if len(rest.encode()) >= _MAX_UNIX_PATH - 1:
+        if len(rest.encode()) + 1 >= _MAX_UNIX_PATH:  # libmilter: strlen + 1 < sizeof(sun_path)
             raise ConnSpecError(f'connection "{spec}": socket path longer than {_MAX_UNIX_PATH - 2} bytes')
         return ConnSpec("unix", path=rest)
     if proto not in ("inet", "inet6"):

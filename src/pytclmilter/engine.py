@@ -98,6 +98,11 @@ class ConnectionEngine:
         self.sender = ""
         milter.hooks.context_created(self.ctx)
 
+    @property
+    def busy(self) -> bool:
+        """An async callback is running for this connection."""
+        return self._busy
+
     # ------------------------------------------------------------ input
 
     def data_received(self, data: bytes) -> None:
@@ -354,6 +359,10 @@ class ConnectionEngine:
             self._skip_body = True
         if not quiet and (is_eom or status not in (Status.CONTINUE, Status.SKIP, Status.NOREPLY)):
             self._log_verdict(name, status, reply)
+        if is_eom:
+            # The message is over. With NOMAIL negotiated the MTA sends no MAIL (and Sendmail no
+            # ABORT) before the next message, so its verdict must not leak into that one.
+            self._new_message()
 
     def _reply_for(self, name: str, event: ev.Event, status: Status) -> ev.Reply:
         t = type(event)

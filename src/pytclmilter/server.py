@@ -68,6 +68,7 @@ class _Connection(asyncio.Protocol):
     def write(self, data: bytes) -> None:
         if self.transport is not None and not self.transport.is_closing():
             self.transport.write(data)
+            self.last = self._loop.time()  # the idle clock runs from our answer (reference 9.3)
 
     def close(self) -> None:
         if self.transport is not None:
@@ -80,6 +81,10 @@ class _Connection(asyncio.Protocol):
     def resume_reading(self) -> None:
         if self.transport is not None and not self.transport.is_closing():
             self.transport.resume_reading()
+
+    @property
+    def busy(self) -> bool:
+        return self.engine is not None and self.engine.busy
 
     def touch(self) -> None:
         self.last = self._loop.time()
@@ -119,10 +124,10 @@ class MilterServer:
     def stop(self) -> None:
         """Ask the server to stop; safe from any thread, from callbacks and from signal handlers."""
         with self._lock:
-            self._stop_requested = True
             loop, ev = self.loop, self._stop
-        if loop is None or ev is None:
-            return
+            if loop is None or ev is None:
+                self._stop_requested = True  # not serving yet: the next serve() returns at once
+                return
         try:
             if threading.get_ident() == getattr(self, "_thread", None):
                 ev.set()
@@ -232,7 +237,9 @@ class MilterServer:
         while True:
             await asyncio.sleep(interval)
             now = self.loop.time()
-            for conn in [c for c in self.connections if now - c.last > timeout]:
+            # A connection whose callback is still running is not idle: the timeout limits waits
+            # for the MTA, not callbacks (reference 9.3).
+            for conn in [c for c in self.connections if now - c.last > timeout and not c.busy]:
                 log.warning("%s: no data for %gs, closing", conn.engine.name if conn.engine else "?", timeout)
                 conn.expire("timeout")
 

@@ -421,14 +421,30 @@ class Mta:
 
     def message(self, sender: str = "<sender@example.org>", rcpts: Sequence[str] = ("<rcpt@example.com>",),
                 headers: Sequence[tuple[str, str]] = (("From", "sender@example.org"), ("Subject", "test")),
-                body: bytes = b"Hello\r\n") -> dict[str, Any]:
-        """A whole transaction that is expected to be continued at every step; returns the EOM packets."""
+                body: bytes = b"Hello\r\n", macros: dict[str, dict[str, str]] | None = None) -> dict[str, Any]:
+        """A whole transaction, each step's reply by name (``eom``: every packet, raw).
+
+        ``macros`` maps a stage letter (M R T L N B E) to macros sent just before that command.
+        """
+        macros = macros or {}
+
+        def before(stage: str) -> None:
+            if stage in macros:
+                self.macro(stage, **macros[stage])
+
+        before("M")
         steps: dict[str, Any] = {"mail": self.mail(sender)}
-        steps["rcpt"] = [self.rcpt(r) for r in rcpts]
+        steps["rcpt"] = []
+        for r in rcpts:
+            before("R")
+            steps["rcpt"].append(self.rcpt(r))
+        before("T")
         steps["data"] = self.data()
         steps["headers"] = [self.header(n, v) for n, v in headers]
+        before("N")
         steps["eoh"] = self.eoh()
         steps["body"] = self.body(body) if body else []
+        before("E")
         steps["eom"] = self.eom()
         return steps
 

@@ -1,0 +1,197 @@
+#!/usr/local/bin/tclsh
+#
+# sizepolicy.tcl -- a size and attachment policy that rewrites the body
+#
+# Every message is let through, but when its body is larger than $maxsize or
+# it carries an attachment whose file name matches one of $forbidden (*.exe,
+# *.scr, ...), the body is replaced with a short notice for the recipient,
+# the Content-Type becomes text/plain and a header says what happened:
+#
+#   X-Size-Policy: body removed (attachment "invoice.exe" is not allowed)
+#
+# Attachment names are looked for in the name= and filename= parameters of
+# Content-Type and Content-Disposition, both in the message's own headers
+# (header callback) and in the MIME part headers inside the body.
+#
+# The body arrives in blocks of up to 64 KB; the body callback collects them
+# with setpriv and the checks run at end of message (the only place where a
+# message may be changed). Optionally ($footer) a line of text is appended to
+# plain-text messages that pass: replacebody of the collected blocks plus the
+# footer gives the recipient the original bytes exactly (8-bit text, invalid
+# UTF-8 and all), followed by the footer.
+#
+# Sizes are counted in characters with "string length": for MIME mail
+# (base64 and quoted-printable are 7-bit) that is the number of bytes; an
+# 8-bit UTF-8 body counts each character once.
+#
+# Options (after the script name; with pytclmilter put them after --):
+#   -maxsize BYTES     largest body let through unchanged (default 10485760)
+#   -forbid PATTERNS   glob patterns of forbidden file names, as one list
+#                      (default: *.exe *.scr *.pif *.com *.bat *.cmd *.vbs *.js)
+#   -footer TEXT       append this line to plain-text messages (default: none)
+#
+# Run it:
+#   pytclmilter check sizepolicy.tcl
+#   pytclmilter try sizepolicy.tcl message.eml
+#   pytclmilter run sizepolicy.tcl -- -maxsize 5000000 -footer "Scanned by sizepolicy"
+# and in Postfix's main.cf:  smtpd_milters = unix:/var/run/sizepolicy.sock
+#
+
+package require Tcl 8.4
+package require TclMilter 1.0
+
+# Configuration
+
+set maxsize 10485760
+set forbidden {*.exe *.scr *.pif *.com *.bat *.cmd *.vbs *.js}
+set footer ""
+
+foreach {option value} $argv {
+    switch -- $option {
+        -maxsize { set maxsize $value }
+        -forbid  { set forbidden $value }
+        -footer  { set footer $value }
+        default {
+            error "unknown option \"$option\": must be -maxsize, -forbid or -footer"
+        }
+    }
+}
+if {![string is integer -strict $maxsize] || $maxsize < 0} {
+    error "-maxsize must be a number of bytes, not \"$maxsize\""
+}
+
+milter configure -name SizePolicy
+milter configure -connection {unix:/var/run/sizepolicy.sock}
+
+# File names given by name=/filename= parameters in one header line
+
+proc file_names { line } {
+    set names {}
+    foreach {all name} [regexp -all -inline -nocase \
+            {(?:file)?name\*?\s*=\s*"?([^";]+)"?} $line] {
+        lappend names [string trim $name]
+    }
+    return $names
+}
+
+# File names in the MIME part headers of a body
+
+proc body_file_names { body } {
+    set names {}
+    set in_header 0
+    foreach line [split [string map [list "\r\n" "\n"] $body] "\n"] {
+        if {[regexp -nocase {^content-(type|disposition):} $line]} {
+            set in_header 1
+        } elseif {!$in_header || ![regexp "^\[ \t\]" $line]} {
+            # neither such a header nor its continuation line
+            set in_header 0
+            continue
+        }
+        set names [concat $names [file_names $line]]
+    }
+    return $names
+}
+
+proc forbidden_name { names } {
+    foreach name $names {
+        foreach pattern $::forbidden {
+            if {[string match -nocase $pattern $name]} {
+                return $name
+            }
+        }
+    }
+    return ""
+}
+
+# Callbacks
+
+proc sp_envfrom { context fromList } {
+    # a new message: forget everything about the previous one
+    $context unsetpriv msg_*
+    $context setpriv msg_body ""
+    $context setpriv msg_size 0
+    $context setpriv msg_names {}
+    $context setpriv msg_plain 1
+    return SMFIS_CONTINUE
+}
+
+proc sp_header { context name data } {
+    set name [string tolower $name]
+    if {$name == "content-type" || $name == "content-disposition"} {
+        $context setpriv msg_names [concat [$context getpriv msg_names] [file_names $data]]
+    }
+    if {$name == "content-type" && ![regexp -nocase {^\s*text/plain} $data]} {
+        $context setpriv msg_plain 0
+    }
+    if {$name == "content-transfer-encoding" \
+            && [regexp -nocase {base64|quoted-printable} $data]} {
+        $context setpriv msg_plain 0
+    }
+    return SMFIS_CONTINUE
+}
+
+proc sp_body { context block } {
+    set size [expr {[$context getpriv msg_size] + [string length $block]}]
+    $context setpriv msg_size $size
+    # once over the limit the body will be dropped anyway: stop collecting
+    if {$size <= $::maxsize} {
+        $context setpriv msg_body "[$context getpriv msg_body]$block"
+    }
+    return SMFIS_CONTINUE
+}
+
+proc sp_eom { context } {
+    set size [$context getpriv msg_size]
+    set body [$context getpriv msg_body]
+    set reason ""
+
+    if {$size > $::maxsize} {
+        set reason "the body has $size bytes, more than the $::maxsize allowed"
+        set short "body of $size bytes over the limit of $::maxsize"
+    } else {
+        set names [concat [$context getpriv msg_names] [body_file_names $body]]
+        set bad [forbidden_name $names]
+        if {$bad != ""} {
+            set reason "it carried the attachment \"$bad\", a file type that is not accepted"
+            set short "attachment \"$bad\" is not allowed"
+        }
+    }
+
+    if {$reason != ""} {
+        set notice [join [list \
+            "This message was changed by the mail system's size and attachment policy." \
+            "" \
+            "Its original content was removed because $reason." \
+            "Please ask the sender to share the content another way." \
+            ""] "\r\n"]
+        $context replacebody $notice
+        # the notice is plain text: say so, and drop the old MIME structure
+        $context chgheader Content-Type "text/plain; charset=us-ascii"
+        $context chgheader Content-Transfer-Encoding ""
+        $context addheader X-Size-Policy "body removed ($short)"
+    } elseif {$::footer != "" && [$context getpriv msg_plain]} {
+        # the blocks as received, then the footer: the original bytes come back unchanged
+        $context replacebody "$body\r\n-- \r\n$::footer\r\n"
+    }
+
+    $context unsetpriv msg_*
+    return SMFIS_CONTINUE
+}
+
+proc sp_abort { context } {
+    $context unsetpriv msg_*
+    return SMFIS_CONTINUE
+}
+
+# Register the callbacks and start up the filter
+
+milter register envfrom sp_envfrom
+milter register header sp_header
+milter register body sp_body
+milter register eom sp_eom
+milter register abort sp_abort
+milter main
+
+if {[regexp {^(unix|local):(.+)$} [milter configure -connection] -> proto path]} {
+    file delete $path
+}

@@ -1,0 +1,574 @@
+"""The server as a mail admin sees it: bad input, timeouts, stop/grace, unix sockets, specs, signals.
+
+Expected behaviour comes from /work/shared/docs/milter-protocol.md ("ref §x").
+Every wait is bounded; the I/O-timeout tests use ``timeout=1``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import shutil
+import signal
+import socket
+import stat
+import struct
+import sys
+import tempfile
+import textwrap
+import threading
+import time
+
+import pexpect
+import pytest
+
+from pytclmilter import CONTINUE, REJECT
+from pytclmilter.connspec import ConnSpec, ConnSpecError, parse
+from support.engine import (
+    MilterThread,
+    RawMTA,
+    frame,
+    make_milter,
+    serving,
+    socket_address,
+    wait_for,
+    z,
+)
+
+LOG = "pytclmilter"
+
+
+@pytest.fixture
+def sockdir():
+    """A short directory for unix sockets (sun_path is limited to 107 bytes)."""
+    path = tempfile.mkdtemp(prefix="ptm", dir="/tmp")
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def refused(srv: MilterThread) -> bool:
+    """True when a new connection to the milter's address is refused."""
+    family, addr = srv.address
+    s = socket.socket(family, socket.SOCK_STREAM)
+    s.settimeout(2)
+    try:
+        s.connect(addr)
+    except (ConnectionRefusedError, FileNotFoundError):
+        return True
+    except ConnectionResetError:  # queued just before the listener closed: ask again
+        return False
+    finally:
+        s.close()
+    return False
+
+
+def recording_milter(**kwargs):
+    """A milter recording connect hostnames -> ctx names, and every abort/close."""
+    m = make_milter(**kwargs)
+    m.names, m.events = {}, []
+    m.register("connect", lambda ctx, host, info: m.names.setdefault(host, ctx.name) and CONTINUE)
+    m.register("helo", lambda ctx, name: CONTINUE)
+    m.register("envfrom", lambda ctx, args: CONTINUE)
+    m.register("envrcpt", lambda ctx, args: CONTINUE)
+    m.register("eom", lambda ctx: CONTINUE)
+    m.register("abort", lambda ctx: m.events.append(("abort", ctx.name)))
+    m.register("close", lambda ctx: m.events.append(("close", ctx.name)))
+    return m
+
+
+# ====================================================================== bad input (ref §1.3)
+
+BAD_INPUT = {
+    "garbled-connect": frame(b"C", b"host-without-nul"),
+    "garbled-mail-no-nul": frame(b"M", b"<a@example.org>"),
+    "helo-without-payload": frame(b"H"),
+    "zero-length": b"\0\0\0\0H",  # length 0 (< 1: no room even for the command byte)
+    "oversize-65536": struct.pack("!I", 65537) + b"B" + b"x" * 4096,
+    "oversize-huge": struct.pack("!I", 0x7FFFFFFF) + b"L" + b"x" * 16,
+    "unknown-command": frame(b"Z", b"payload"),
+    "control-byte-command": frame(b"\x01"),
+    "reply-code-as-command": frame(b"c"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(BAD_INPUT))
+def test_bad_input_closes_only_that_connection_with_one_log_line(caplog, name):
+    caplog.set_level(logging.INFO, logger=LOG)
+    m = recording_milter()
+    with serving(m) as srv, srv.raw() as good, srv.raw() as bad:
+        assert good.connect("good.example") == (b"c", b"")
+        assert bad.connect("bad.example") == (b"c", b"")
+        bad_name = m.names["bad.example"]
+        caplog.clear()
+        bad.send_raw(BAD_INPUT[name])
+        bad.expect_eof()
+        # the other, concurrently open connection keeps working
+        assert good.helo() == (b"c", b"")
+        assert good.command(b"M", z("<a@example.org>")) == (b"c", b"")
+        # and a new connection is served
+        with srv.raw() as new:
+            assert new.connect("new.example") == (b"c", b"")
+        wait_for(lambda: ("close", bad_name) in m.events)
+    problems = [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(problems) == 1, [r.getMessage() for r in problems]
+    assert bad_name in problems[0].getMessage()
+    assert ("close", m.names["good.example"]) in m.events  # closed only at the end, by the stop
+    assert [e for e in m.events if e[1] == bad_name] == [("close", bad_name)]
+
+
+def test_bad_input_inside_a_message_runs_abort_then_close():
+    m = recording_milter()
+    with serving(m) as srv, srv.raw() as mta:
+        assert mta.connect("x.example") == (b"c", b"")
+        assert mta.mail() == (b"c", b"")
+        mta.send_raw(frame(b"Z"))
+        mta.expect_eof()
+        name = m.names["x.example"]
+        wait_for(lambda: ("close", name) in m.events)
+    assert m.events == [("abort", name), ("close", name)]
+
+
+def test_eof_inside_a_packet_is_logged_and_closes(caplog):
+    caplog.set_level(logging.INFO, logger=LOG)
+    m = recording_milter()
+    with serving(m) as srv, srv.raw() as mta:
+        assert mta.connect("x.example") == (b"c", b"")
+        mta.send_raw(frame(b"H", z("client.example"))[:7])
+        mta.sock.shutdown(socket.SHUT_WR)
+        mta.expect_eof()
+        name = m.names["x.example"]
+        wait_for(lambda: ("close", name) in m.events)
+    problems = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(problems) == 1 and name in problems[0]
+
+
+def test_a_full_65535_byte_chunk_is_accepted():
+    """len = 65536 (command byte + 65535 payload) is legitimate MTA traffic (ref §1.2)."""
+    m = make_milter()
+    sizes = []
+    m.register("body", lambda ctx, chunk: sizes.append(len(chunk)) or CONTINUE)
+    with serving(m) as srv:
+        conn = srv.mt()
+        reply = conn.send_get("B", buf="x" * 65535)
+        assert reply[0] == "c"
+        conn.sock.close()
+    assert sizes == [65535]
+
+
+# ====================================================================== I/O timeout (ref §9.3)
+
+
+def test_a_client_sending_half_a_frame_is_dropped_after_the_timeout(caplog):
+    caplog.set_level(logging.INFO, logger=LOG)
+    m = recording_milter(timeout=1)
+    with serving(m) as srv, srv.raw() as mta:
+        assert mta.connect("slow.example") == (b"c", b"")
+        mta.send_raw(frame(b"H", z("client.example"))[:6])
+        waited = mta.expect_eof(timeout=5)
+        name = m.names["slow.example"]
+        wait_for(lambda: ("close", name) in m.events)
+    assert 0.7 <= waited <= 3.0, waited
+    assert any(r.levelno == logging.WARNING and name in r.getMessage() for r in caplog.records)
+
+
+def test_an_idle_client_is_dropped_after_the_timeout_and_an_active_one_is_not():
+    m = recording_milter(timeout=1)
+    with serving(m) as srv, srv.raw() as idle, srv.raw() as busy:
+        assert idle.connect("idle.example") == (b"c", b"")
+        assert busy.connect("busy.example") == (b"c", b"")
+        start = time.monotonic()
+        while idle.is_open(0.3):
+            assert busy.helo() == (b"c", b""), "an active connection is not timed out"
+            assert time.monotonic() - start < 4, "idle connection not dropped"
+        assert time.monotonic() - start >= 0.7
+        assert busy.helo() == (b"c", b"")
+
+
+def test_progress_sends_p_and_resets_the_timer():
+    m = make_milter(timeout=1)
+
+    async def eom(ctx):
+        for _ in range(4):  # 1.6 s in all, longer than the 1 s timeout
+            await asyncio.sleep(0.4)
+            ctx.progress()
+        return CONTINUE
+
+    m.register("envfrom", lambda ctx, args: CONTINUE)
+    m.register("eom", eom)
+    with serving(m) as srv, srv.raw() as mta:
+        assert mta.mail() == (b"c", b"")
+        mta.send(b"E")
+        progress: list[int] = []
+        assert mta.reply(timeout=5, progress=progress) == (b"c", b"")
+        assert len(progress) == 4
+        assert mta.mail() == (b"c", b""), "the connection is still open and served"
+
+
+def test_a_slow_callback_does_not_make_the_timeout_cut_the_next_command():
+    """The timeout bounds waiting for the MTA (ref §9.3: "an idle limit between commands, not a
+    callback time limit"); the clock must start again when we have answered."""
+    m = make_milter(timeout=1)
+
+    def eom(ctx):
+        time.sleep(1.3)  # a slow synchronous callback (e.g. a Tcl one doing a DNS lookup)
+        return CONTINUE
+
+    m.register("envfrom", lambda ctx, args: CONTINUE)
+    m.register("eom", eom)
+    with serving(m) as srv, srv.raw() as mta:
+        assert mta.mail() == (b"c", b"")
+        assert mta.eom(timeout=5) == [(b"c", b"")]
+        time.sleep(0.1)  # a quick MTA: well within the 1 s idle limit
+        assert mta.mail() == (b"c", b""), "connection dropped right after our reply"
+
+
+# ====================================================================== stop and grace
+
+
+def test_stop_from_another_thread_returns_and_closes_the_listener():
+    m = make_milter()
+    srv = MilterThread(m).start()
+    assert m.running and m.listening.port != 0
+    with srv.raw() as mta:
+        mta.quit()
+        mta.expect_eof()
+    started = time.monotonic()
+    srv.stop(timeout=5)
+    assert time.monotonic() - started < 2
+    assert srv.error is None
+    assert not m.running and m.listening is None
+    assert refused(srv)
+
+
+def test_stop_before_run_makes_run_return_at_once():
+    m = make_milter()
+    m.stop()
+    t = threading.Thread(target=m.run, daemon=True)
+    t.start()
+    t.join(5)
+    assert not t.is_alive()
+
+
+def test_stop_from_inside_a_callback():
+    m = make_milter(grace=10)
+
+    def envfrom(ctx, args):
+        m.stop()
+        return CONTINUE
+
+    m.register("envfrom", envfrom)
+    m.register("envrcpt", lambda ctx, args: REJECT)
+    srv = MilterThread(m).start()
+    with srv.raw() as mta:
+        assert mta.mail() == (b"c", b"")
+        wait_for(lambda: refused(srv))
+        assert mta.rcpt() == (b"r", b""), "the open session is still served"
+        mta.quit()
+        mta.expect_eof()
+    srv.join(timeout=3)  # returns when the last session ended, long before the 10 s grace
+
+
+def test_run_can_be_called_again_after_it_returned():
+    m = make_milter()
+    m.register("envfrom", lambda ctx, args: REJECT)
+    for round_ in range(3):
+        with serving(m) as srv, srv.raw() as mta:
+            assert mta.mail() == (b"r", b""), f"round {round_}"
+
+
+def test_grace_lets_an_open_session_finish():
+    m = recording_milter(grace=5)
+    srv = MilterThread(m).start()
+    with srv.raw() as mta:
+        assert mta.connect("g.example") == (b"c", b"")
+        assert mta.mail() == (b"c", b"")
+        m.stop()
+        wait_for(lambda: refused(srv))  # no new connections
+        assert mta.rcpt() == (b"c", b"")
+        assert mta.eom() == [(b"c", b"")]
+        mta.quit()
+        mta.expect_eof()
+    started = time.monotonic()
+    srv.join(timeout=3)
+    assert time.monotonic() - started < 2, "run() waits for the grace period although no session is open"
+    assert ("abort", m.names["g.example"]) not in m.events
+
+
+def test_after_the_grace_period_open_sessions_are_closed_with_abort_and_close():
+    m = recording_milter(grace=0.5)
+    srv = MilterThread(m).start()
+    with srv.raw() as mta:
+        assert mta.connect("g.example") == (b"c", b"")
+        assert mta.mail() == (b"c", b"")
+        started = time.monotonic()
+        m.stop()
+        mta.expect_eof(timeout=5)
+        waited = time.monotonic() - started
+    srv.join(timeout=3)
+    name = m.names["g.example"]
+    assert 0.3 <= waited <= 3, waited
+    assert m.events == [("abort", name), ("close", name)]
+
+
+# ====================================================================== unix sockets (ref §9.2)
+
+
+def unix_milter(path, **kwargs):
+    m = make_milter(connection=f"unix:{path}", **kwargs)
+    m.register("envfrom", lambda ctx, args: REJECT)
+    return m
+
+
+def run_expecting_error(m) -> BaseException:
+    t = MilterThread(m)
+    t.thread.start()
+    t.join(5)
+    assert t.error is not None, "run() should have refused to start"
+    return t.error
+
+
+def test_unix_socket_served_and_removed_at_exit(sockdir):
+    path = os.path.join(sockdir, "m.sock")
+    m = unix_milter(path, socket_mode=0o660)
+    with serving(m) as srv:
+        assert srv.spec == ConnSpec("unix", path=path)
+        assert stat.S_ISSOCK(os.lstat(path).st_mode)
+        assert stat.S_IMODE(os.stat(path).st_mode) == 0o660
+        with srv.raw() as mta:
+            assert mta.mail() == (b"r", b"")
+    assert not os.path.exists(path)
+
+
+def test_stale_socket_file_is_removed_at_start(sockdir):
+    path = os.path.join(sockdir, "stale.sock")
+    dead = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    dead.bind(path)
+    dead.close()  # the file stays behind, nobody listens
+    assert stat.S_ISSOCK(os.lstat(path).st_mode)
+    with serving(unix_milter(path)) as srv, srv.raw() as mta:
+        assert mta.mail() == (b"r", b"")
+    assert not os.path.exists(path)
+
+
+def test_live_socket_is_refused_and_left_alone(sockdir):
+    path = os.path.join(sockdir, "live.sock")
+    other = subprocess_listener(path)
+    try:
+        before = os.lstat(path)
+        err = run_expecting_error(unix_milter(path))
+        assert isinstance(err, ConnSpecError)
+        assert path in str(err) and "in use" in str(err)
+        after = os.lstat(path)
+        assert (after.st_ino, after.st_dev) == (before.st_ino, before.st_dev)
+        probe = socket.socket(socket.AF_UNIX)
+        probe.settimeout(2)
+        probe.connect(path)  # the other process still has it
+        probe.close()
+    finally:
+        other.terminate()
+        other.wait(5)
+
+
+def subprocess_listener(path):
+    """Another process listening on a unix socket; returns once it listens."""
+    import subprocess
+
+    code = textwrap.dedent(
+        f"""
+        import socket, sys, time
+        s = socket.socket(socket.AF_UNIX)
+        s.bind({path!r}); s.listen(5)
+        print("ready", flush=True)
+        time.sleep(60)
+        """
+    )
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "ready"
+    return proc
+
+
+def test_regular_file_at_the_socket_path_is_refused_and_left_alone(sockdir):
+    path = os.path.join(sockdir, "precious")
+    with open(path, "w") as f:
+        f.write("do not delete\n")
+    err = run_expecting_error(unix_milter(path))
+    assert isinstance(err, ConnSpecError) and "not a socket" in str(err)
+    with open(path) as f:
+        assert f.read() == "do not delete\n"
+
+
+def test_a_socket_file_replaced_while_running_is_not_removed(sockdir):
+    path = os.path.join(sockdir, "m.sock")
+    m = unix_milter(path)
+    with serving(m):
+        os.unlink(path)
+        other = socket.socket(socket.AF_UNIX)
+        other.bind(path)  # someone else's socket now
+    try:
+        assert stat.S_ISSOCK(os.lstat(path).st_mode), "removed a socket that is not ours"
+    finally:
+        other.close()
+
+
+@pytest.mark.parametrize("prefix", ["unix:", "local:", "LOCAL:", ":", ""])
+def test_unix_spec_forms_listen(sockdir, prefix):
+    path = os.path.join(sockdir, "f.sock")
+    m = make_milter(connection=prefix + path)
+    m.register("envfrom", lambda ctx, args: REJECT)
+    with serving(m) as srv, srv.raw() as mta:
+        assert srv.spec.family == "unix" and srv.spec.path == path
+        assert mta.mail() == (b"r", b"")
+    assert not os.path.exists(path)
+
+
+def test_inet_zero_port_reports_the_real_port_and_serves():
+    m = make_milter(connection="inet:0@127.0.0.1")
+    with serving(m) as srv:
+        assert srv.spec.family == "inet" and srv.spec.host == "127.0.0.1" and srv.spec.port > 0
+        assert socket_address(srv.spec) == (socket.AF_INET, ("127.0.0.1", srv.spec.port))
+        with srv.raw() as mta:
+            assert mta.connect()[0] == b"c"
+
+
+def test_inet6_loopback_serves():
+    try:
+        probe = socket.socket(socket.AF_INET6)
+        probe.bind(("::1", 0))
+        probe.close()
+    except OSError:
+        pytest.skip("no IPv6 loopback")
+    m = make_milter(connection="inet6:0@[::1]")
+    m.register("helo", lambda ctx, name: REJECT)
+    with serving(m) as srv, srv.raw() as mta:
+        assert srv.spec.family == "inet6" and srv.spec.host == "::1"
+        assert mta.helo() == (b"r", b"")
+
+
+def test_port_in_use_is_a_clear_error():
+    busy = socket.socket()
+    busy.bind(("127.0.0.1", 0))
+    busy.listen(1)
+    try:
+        port = busy.getsockname()[1]
+        err = run_expecting_error(make_milter(connection=f"inet:{port}@127.0.0.1"))
+        assert isinstance(err, ConnSpecError) and str(port) in str(err)
+    finally:
+        busy.close()
+
+
+# ====================================================================== connection specs (ref §9.1)
+
+
+@pytest.mark.parametrize(
+    "spec, expected",
+    [
+        ("unix:/var/run/f.sock", ConnSpec("unix", path="/var/run/f.sock")),
+        ("local:/var/run/f.sock", ConnSpec("unix", path="/var/run/f.sock")),
+        ("Unix:/var/run/f.sock", ConnSpec("unix", path="/var/run/f.sock")),
+        ("/var/run/f.sock", ConnSpec("unix", path="/var/run/f.sock")),
+        (":/var/run/f.sock", ConnSpec("unix", path="/var/run/f.sock")),
+        ("inet:8899", ConnSpec("inet", host=None, port=8899)),
+        ("inet:8899@127.0.0.1", ConnSpec("inet", host="127.0.0.1", port=8899)),
+        ("inet:8899@[127.0.0.1]", ConnSpec("inet", host="127.0.0.1", port=8899)),
+        ("inet:8899@localhost", ConnSpec("inet", host="127.0.0.1", port=8899)),
+        ("inet:8899@0.0.0.0", ConnSpec("inet", host="0.0.0.0", port=8899)),
+        ("INET:25abc@[10.1.2.3]", ConnSpec("inet", host="10.1.2.3", port=25)),  # atoi: leading digits
+        ("inet:smtp@127.0.0.1", ConnSpec("inet", host="127.0.0.1", port=25)),  # service name
+        ("inet6:8899", ConnSpec("inet6", host=None, port=8899)),
+        ("inet6:8899@[::1]", ConnSpec("inet6", host="::1", port=8899)),
+        ("inet6:8899@[::]", ConnSpec("inet6", host="::", port=8899)),
+        ("inet6:smtp@[::1]", ConnSpec("inet6", host="::1", port=25)),
+    ],
+)
+def test_connection_spec_parsing(spec, expected):
+    assert parse(spec) == expected
+
+
+@pytest.mark.parametrize(
+    "spec, words",
+    [
+        ("tcp:25@127.0.0.1", "unknown socket type"),
+        ("/tmp/a:b", "unknown socket type"),
+        ("", "empty"),
+        ("unix:", "path"),
+        ("inet:", "port"),
+        ("inet:@127.0.0.1", "port"),
+        ("inet:nosuchservice-xyz@127.0.0.1", "nosuchservice-xyz"),
+        ("inet:25@[127.0.0.1", "]"),
+        ("inet:25@[::1]", "::1"),
+        ("inet6:25@[127.0.0.1]", "127.0.0.1"),
+        ("inet:25@[not-an-address]", "not-an-address"),
+        ("inet:25@no-such-host.invalid", "no-such-host.invalid"),
+        ("inet:70000", "70000"),
+    ],
+)
+def test_connection_spec_errors(spec, words):
+    with pytest.raises(ConnSpecError) as info:
+        parse(spec)
+    assert words in str(info.value)
+
+
+def test_unix_path_length_limit_is_libmilters():
+    """libmilter: strlen(path) + 1 < sizeof(sun_path) = 108 on Linux, so 106 bytes fit (ref §9.1)."""
+    path = "/" + "p" * 105  # 106 bytes
+    assert parse("unix:" + path) == ConnSpec("unix", path=path)
+    with pytest.raises(ConnSpecError):
+        parse("unix:/" + "p" * 106)  # 107 bytes
+
+
+def test_connspec_str_and_postfix_forms():
+    assert str(parse("inet:8899@127.0.0.1")) == "inet:8899@127.0.0.1"
+    assert parse("inet:8899@127.0.0.1").postfix() == "inet:127.0.0.1:8899"
+    assert parse("inet6:8899@[::1]").postfix() == "inet:[::1]:8899"
+    assert parse("local:/r/f.sock").postfix() == "unix:/r/f.sock"
+
+
+# ====================================================================== signals (ref §9.3)
+
+SCRIPT = textwrap.dedent(
+    """
+    import logging, sys
+    from pytclmilter import Milter, REJECT
+    logging.basicConfig(level=logging.INFO, stream=sys.stdout, format="%(levelname)s %(message)s")
+    m = Milter(connection="unix:" + sys.argv[1], grace=float(sys.argv[2]))
+    m.register("envfrom", lambda ctx, args: REJECT)
+    m.hooks.listening = lambda spec: print("LISTENING", spec, flush=True)
+    m.run()
+    print("EXITED", flush=True)
+    """
+)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT, signal.SIGHUP], ids=lambda s: s.name)
+def test_signals_stop_the_milter_cleanly(sockdir, sig):
+    script = os.path.join(sockdir, "run.py")
+    with open(script, "w") as f:
+        f.write(SCRIPT)
+    path = os.path.join(sockdir, "sig.sock")
+    child = pexpect.spawn(sys.executable, [script, path, "5"], timeout=10, encoding="utf-8")
+    try:
+        child.expect("LISTENING unix:" + path)
+        assert os.path.exists(path)
+        with RawMTA(_unix(path)) as mta:
+            mta.optneg()
+            assert mta.mail() == (b"r", b"")
+            child.kill(sig)
+            child.expect(f"received {sig.name}")
+            wait_for(lambda: not os.path.exists(path))  # stops accepting at once
+            if sig is not signal.SIGINT:  # ref §9.3: SIGHUP/SIGTERM let sessions finish (SIGINT may abort them)
+                assert mta.mail() == (b"r", b""), "an open session may finish"
+            mta.quit()
+        child.expect("EXITED")
+        child.expect(pexpect.EOF)
+    finally:
+        child.close(force=True)
+    assert child.exitstatus == 0 and child.signalstatus is None, (child.exitstatus, child.signalstatus)
+    assert not os.path.exists(path)
+
+
+def _unix(path: str) -> socket.socket:
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.settimeout(5)
+    s.connect(path)
+    return s
