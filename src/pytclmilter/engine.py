@@ -82,7 +82,7 @@ class ConnectionEngine:
     def __init__(self, milter: "Milter", conn_id: int, link: "Link") -> None:
         self.milter = milter
         self.registry: Registry = milter.registry
-        self.session = FilterSession(milter.max_data_size)
+        self.session = FilterSession()
         self.ctx = Context(conn_id, self.session.macros, self._progress)
         self.name = self.ctx.name
         self.link = link

@@ -296,10 +296,13 @@ def encode_reply(reply: ev.Reply) -> bytes:
     fixed = _EMPTY_FRAMES.get(type(reply))
     if fixed is not None:
         return fixed
+    encoder = _REPLY_ENCODERS.get(type(reply))
+    if encoder is None:
+        raise LocalProtocolError(f"{type(reply).__name__} is not a packet")
     try:
-        return _REPLY_ENCODERS[type(reply)](reply)
-    except KeyError:
-        raise LocalProtocolError(f"{type(reply).__name__} is not a packet") from None
+        return encoder(reply)
+    except struct.error as exc:  # an index or flag word that does not fit its u32
+        raise LocalProtocolError(f"{type(reply).__name__}: {exc}") from None
 
 
 # ------------------------------------------------------------------ MTA side

@@ -141,17 +141,17 @@ NEED_DATA = _Need()
 class FilterSession:
     """One MTA connection, filter side."""
 
-    def __init__(self, max_data_size: int = MAX_DATA_SIZE) -> None:
+    def __init__(self) -> None:
         self.state = S.INIT
         self.macros = MacroStore()
         self.negotiated: Negotiated = DEFAULT
         self._reader = FrameReader(COMMAND_CODES, MAX_DATA_SIZE)
-        self._max_data_size = max_data_size
         self._queue: deque[ev.Event] = deque()
         self._pending: ev.Event | None = None
         self._pending_code = b""
         self._eof = False
         self._closed_emitted = False
+        self._clear_after_quit_nc = False
         self.dropped: list[str] = []  # out-of-order commands ignored as libmilter does, for the log
 
     # ------------------------------------------------------------ input
@@ -185,7 +185,7 @@ class FilterSession:
             if item is None:
                 if self._eof:
                     if self._reader.pending:
-                        self.state = S.CLOSED
+                        # State unchanged: teardown() must still abort an open message.
                         raise RemoteProtocolError(f"connection closed inside a packet ({self._reader.pending} bytes)")
                     self._queue.extend(self.teardown("eof"))
                     continue
@@ -194,6 +194,9 @@ class FilterSession:
 
     def _handle_frame(self, code: bytes, payload: bytes) -> None:
         event = decode_command(code, payload)
+        if self._clear_after_quit_nc:  # libmilter clears after the close callback, so later
+            self._clear_after_quit_nc = False
+            self.macros.command(b"K")
         if code == b"D":
             self.macros.define(event.stage, event.macros)  # type: ignore[attr-defined]
             self._queue.append(event)
@@ -210,10 +213,11 @@ class FilterSession:
                 self._refuse(code)
                 return
         self.state = new
-        self.macros.command(code)
         if code == b"K":
+            self._clear_after_quit_nc = True  # the close callback still sees this session's macros
             self._queue.append(ev.Closed("quit_nc"))
             return
+        self.macros.command(code)
         if code == b"C":
             self._closed_emitted = False  # a new SMTP session: it gets its own close
         elif code == b"E" and event.chunk:  # type: ignore[attr-defined]
@@ -261,8 +265,12 @@ class FilterSession:
 
     def teardown(self, reason: str) -> list[ev.Event]:
         """Events that end the session (abort if inside a message, then Closed once)."""
+        # Events still queued are never delivered after Closed. A queued abort (out-of-order
+        # fallback) or end of message (EOM carrying a body chunk) means a message is open.
+        queued = list(self._queue)
+        self._queue.clear()
         out: list[ev.Event] = []
-        if self.state in _TRANSACTION:
+        if self.state in _TRANSACTION or any(type(e) in (ev.Abort, ev.EndOfMessage) for e in queued):
             out.append(ev.Abort())
         if not self._closed_emitted:
             out.append(ev.Closed(reason))
@@ -278,7 +286,10 @@ class FilterSession:
         t = type(reply)
         pending = self._pending
         if t is ev.Progress:
-            return encode_reply(reply) if pending is not None else b""
+            # The MTA reads only `O` while it waits for the negotiation reply.
+            if pending is None or type(pending) is ev.OptionNegotiation:
+                return b""
+            return encode_reply(reply)
         if t is ev.NoReply:
             if pending is not None:
                 raise LocalProtocolError(f"{type(pending).__name__} needs a reply")
@@ -324,7 +335,7 @@ class FilterSession:
         if type(self._pending) is not ev.OptionNegotiation:
             raise LocalProtocolError("no option negotiation is pending")
         self.negotiated = negotiated
-        self._reader.max_payload = min(negotiated.max_payload, max(self._max_data_size, MAX_DATA_SIZE))
+        self._reader.max_payload = negotiated.max_payload
         self._pending = None
         return encode_reply(negotiated.reply)
 
