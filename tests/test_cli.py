@@ -227,6 +227,18 @@ def test_run_user_with_pidfile_in_a_root_owned_directory(serve: Callable[..., Tc
         shutil.rmtree(piddir, ignore_errors=True)
 
 
+def test_run_names_the_socket_it_cannot_create() -> None:
+    """BUG: a unix socket in a missing directory fails with a bare "No such file or directory".
+
+    The inet case names the address ("cannot listen on inet:...: address
+    already in use"); the unix case should name the path the admin must fix.
+    """
+    status, out = cli("run", str(STAMP), "--connection", "unix:/nonexistent-dir/stamp.sock")
+    assert status == 1
+    assert "milter main:" in out
+    assert "/nonexistent-dir/stamp.sock" in out.split("milter main:", 1)[1].splitlines()[0], out
+
+
 def test_run_passes_arguments_after_double_dash_to_the_script(serve: Callable[..., TclRun]) -> None:
     m = serve(SIZEPOLICY, "--connection", "inet:0@127.0.0.1",
               args=("-maxsize", "100000", "-footer", "Scanned by SizePolicy"))
@@ -447,6 +459,33 @@ def test_try_prints_8bit_messages_on_a_strict_utf8_terminal() -> None:
     assert json_of(out)["verdict"] == "accept"
 
 
+def test_try_and_check_a_script_that_ends_with_exit(tmp_path: Path) -> None:
+    """BUG: a script ending in `exit` (usual for tclsh scripts) makes try and check print nothing.
+
+    tkinter has no `exit`; pytclmilter's ends the process at once, so `try`
+    never prints its report (and its exit status is the script's, not the
+    verdict's) and `check` exits 0 without checking anything.
+    """
+    script = tmp_path / "ends-with-exit.tcl"
+    script.write_text(
+        "package require TclMilter 1.0\n"
+        "proc eom_cb { context } {\n"
+        "    $context addheader X-Seen yes\n"
+        "    return SMFIS_CONTINUE\n"
+        "}\n"
+        "milter register eom eom_cb\n"
+        "milter main\n"
+        "exit 0\n"
+    )
+    status, out = cli("try", str(script), str(DATA / "plain.eml"))
+    assert "verdict: accept at eom" in out, out
+    assert "X-Seen: yes" in out
+    assert status == 0
+    status, out = cli("check", str(script))
+    assert "eom       tcl    eom_cb" in out, out
+    assert status == 0
+
+
 def test_try_usage_errors() -> None:
     status, out = cli("try", str(STAMP), str(DATA / "no-such.eml"))
     assert status == 66 and "no-such.eml: No such file or directory" in out
@@ -495,7 +534,7 @@ def test_send_keeps_8bit_bytes_through_replacebody(serve: Callable[..., TclRun])
     footer = b"\r\n-- \r\nScanned by SizePolicy\r\n"
     assert f"action: replacebody ({len(original + footer)} bytes)" in out
     body = body_of(resulting_message(out))
-    assert body == "Un caf\\xe9 cr\\xe8me, s'il vous pla\\xeet.\n\n-- \nScanned by SizePolicy"
+    assert body == "Un caf\\xe9 cr\\xe8me, s'il vous pla\\xeet.\n\n-- \nScanned by SizePolicy\n"
     assert m.stop() == 0
 
 

@@ -822,7 +822,7 @@ def test_macro_lists_only_when_setsymlist_offered_and_asked() -> None:
 
 def test_larger_data_size_is_negotiated_and_enforced() -> None:
     offer = ev.OptionNegotiation(6, 0x1FF, 0x1FFFFF | int(Proto.MDS_256K))
-    s = start(Wants(max_data_size=MDS_256K), offer, max_data_size=MDS_256K)
+    s = start(Wants(max_data_size=MDS_256K), offer)
     assert s.negotiated.protocol & Proto.MDS_256K and s.negotiated.max_payload == MDS_256K
     run(s, cmds(CONNECT, MAIL, RCPT))
     value = "v" * (MDS_256K - len("X-Big") - 2)
