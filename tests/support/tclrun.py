@@ -55,6 +55,14 @@ from miltertest import constants as K
 LISTENING = re.compile(r"pytclmilter: (\S+) listening on (\S+)\r?\n")
 REPO = Path(__file__).resolve().parents[2]
 
+# Tcl procs for scripts: R reports a value, T runs a script and reports "OK result" or "ERR message".
+TCL_HELPERS = r"""
+proc R {key value} { puts "R\t$key\t$value" }
+proc T {key script} {
+    if {[catch {uplevel 1 $script} m]} { R $key "ERR $m" } else { R $key "OK $m" }
+}
+"""
+
 SKIPPED = "skipped"  # the filter asked the MTA not to send this event
 NOREPLY = "noreply"  # the filter asked the MTA not to wait for a reply
 
@@ -131,8 +139,8 @@ class TclRun:
 
     @property
     def text(self) -> str:
-        """:attr:`output` with LF line ends."""
-        return self.output.replace("\r\n", "\n")
+        """:attr:`output` with LF line ends (the pty turns LF into CRLF, and Tcl's CRLF into CR CR LF)."""
+        return re.sub(r"\r+\n", "\n", self.output)
 
     def wait_for(self, pattern: str | re.Pattern[str], timeout: float = 10.0, *, since: int | None = None,
                  advance: bool = True) -> re.Match[str]:
@@ -151,6 +159,15 @@ class TclRun:
                 done = "the process ended" if self._eof.is_set() else f"{timeout}s passed"
                 raise AssertionError(f"{rx.pattern!r} not seen ({done}); output so far:\n{out[start:]}")
             time.sleep(0.01)
+
+    def results(self, tag: str = "R") -> dict[str, str]:
+        """``TAG<tab>key<tab>value`` lines of the output (see :data:`TCL_HELPERS`) as a dict; later wins."""
+        out = {}
+        for line in self.text.splitlines():
+            if line.startswith(tag + "\t"):
+                _, key, value = (line.split("\t", 2) + [""])[:3]
+                out[key] = value
+        return out
 
     def mark(self) -> int:
         """A position in the output to search from later (``wait_for(..., since=mark)``)."""
@@ -206,16 +223,20 @@ class TclRun:
         return Mta(self.port, **kw)
 
 
-def spawn(tmp_path: Path, script: str, *options: str, args: Sequence[str] = (), python: Sequence[str] = (),
+def spawn(tmp_path: Path, script: str | Path, *options: str, args: Sequence[str] = (), python: Sequence[str] = (),
           connection: str | None = "inet:0@127.0.0.1", wait: bool = True, name: str = "milter.tcl",
           env: dict[str, str] | None = None, dedent: bool = True) -> TclRun:
     """Write ``script`` to ``tmp_path/name`` and run it; wait for the listening line unless ``wait=False``.
 
-    ``python`` files (text) are written next to it and passed with ``--python``;
+    A :class:`~pathlib.Path` is run as it is (not copied). ``python`` files
+    (their text) are written next to the script and passed with ``--python``;
     ``args`` go after ``--``.
     """
-    path = tmp_path / name
-    path.write_text(textwrap.dedent(script) if dedent else script, encoding="utf-8")
+    if isinstance(script, Path):
+        path = script
+    else:
+        path = tmp_path / name
+        path.write_text(textwrap.dedent(script) if dedent else script, encoding="utf-8")
     argv = _pytclmilter_command() + ["run", str(path)]
     if connection is not None:
         argv += ["--connection", connection]
@@ -236,7 +257,7 @@ def tclrun_factory(tmp_path: Path) -> Iterator[Callable[..., TclRun]]:
     """Generator fixture body: ``make(script, *options, **kw) -> TclRun``; every process is killed at teardown."""
     runs: list[TclRun] = []
 
-    def make(script: str, *options: str, **kw: Any) -> TclRun:
+    def make(script: str | Path, *options: str, **kw: Any) -> TclRun:
         run = spawn(tmp_path, script, *options, **kw)
         runs.append(run)
         return run

@@ -22,8 +22,10 @@ from ..context import Context, MilterError
 from ..engine import CallbackError
 from ..milter import Milter
 from ..protocol.codec import text
+from ..status import Status
 from . import context_cmd
 from .milter_cmd import MilterCommand
+from .strings import deep_to_tcl, from_tcl, to_tcl
 from .usage import TclUsageError, integer
 
 log = logging.getLogger("pytclmilter")
@@ -60,13 +62,40 @@ class ExitRequest(Exception):
 
 def _to_tcl(value: Any) -> Any:
     """Callback arguments as Tcl values: bytes as text, lists as lists, dicts as key/value lists."""
+    if isinstance(value, str):
+        return to_tcl(value)
     if isinstance(value, bytes):
-        return text(value)
+        return to_tcl(text(value))
     if isinstance(value, list):
-        return tuple(value)
+        return tuple(_to_tcl(v) for v in value)
     if isinstance(value, dict):
-        return tuple(x for kv in value.items() for x in kv)
+        return tuple(_to_tcl(x) for kv in value.items() for x in kv)
     return value
+
+
+class NotAStatus:
+    """A callback result that is no SMFIS_* name: the engine logs it and continues."""
+
+    __slots__ = ("text",)
+
+    def __init__(self, text: str) -> None:
+        self.text = text
+
+    def __repr__(self) -> str:
+        return f'"{self.text}"'
+
+
+_STATUS_BY_NAME = {s.smfis: s for s in Status}
+
+
+def tcl_status(result: Any) -> Status | NotAStatus:
+    """A Tcl callback's result by its string value, as Tcl sees it (tkinter hands back typed objects)."""
+    if isinstance(result, tuple):
+        result = tkinter._stringify(result)  # type: ignore[attr-defined]
+    value = str(result)
+    if value == "":
+        return Status.CONTINUE
+    return _STATUS_BY_NAME.get(value) or NotAStatus(from_tcl(value))
 
 
 class TclHost:
@@ -82,6 +111,7 @@ class TclHost:
             os.environ["TCLLIBPATH"] = f"{libdir} {paths}".strip()
         self.tcl = tkinter.Tcl()
         self.tk = self.tcl.tk
+        self.tk.call("encoding", "system", "utf-8")  # scripts are UTF-8 whatever the locale
         self.tk.call("lappend", "auto_path", libdir)
         self.contexts: dict[int, Context] = {}
         self.command = MilterCommand(self, self.milter)
@@ -101,7 +131,7 @@ class TclHost:
 
         def command(*args: str) -> tuple[str, Any]:
             try:
-                result = func(args)
+                result = func([from_tcl(a) for a in args])
             except (TclUsageError, MilterError) as exc:
                 return ("error", str(exc))
             except ExitRequest:
@@ -109,7 +139,7 @@ class TclHost:
             except Exception as exc:  # noqa: BLE001 - report, never crash the interpreter
                 log.exception("internal error in %s", name)
                 return ("error", f"internal error: {exc}")
-            return ("ok", "" if result is None else result)
+            return ("ok", "" if result is None else deep_to_tcl(result))
 
         self.tk.createcommand(name, command)
 
@@ -153,7 +183,7 @@ class TclHost:
 
         def run(ctx: Context, *args: Any) -> Any:
             try:
-                return call(*words, ctx.tcl_command, *[_to_tcl(a) for a in args])
+                return tcl_status(call(*words, ctx.tcl_command, *[_to_tcl(a) for a in args]))
             except tcl_error as exc:
                 raise CallbackError(str(exc), self.error_info()) from None
 

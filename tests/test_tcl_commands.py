@@ -1,0 +1,713 @@
+"""TclMilter 1.0's command set as scripts see it: ``milter configure|register|main|stop`` and the context command.
+
+Every test runs a real script under ``pytclmilter run`` and plays the MTA
+(see tests/support/tclrun.py). The contract is the TclMilter manual
+(/work/shared/seed/TclMilter.txt) plus the issue's additions (-onerror,
+-grace, the extra events and context subcommands).
+"""
+
+from __future__ import annotations
+
+import pytest
+from miltertest import constants as K
+
+from support.tclrun import NOREPLY, SKIPPED, TCL_HELPERS, tclrun_factory
+
+tclrun = pytest.fixture(tclrun_factory, name="tclrun")
+
+OPTIONS = ["-backlog", "-connection", "-debuglevel", "-grace", "-name", "-onerror", "-timeout"]
+BAD_OPTION = 'bad option "-x": must be -backlog, -connection, -debuglevel, -grace, -name, -onerror, or -timeout'
+EVENTS = ["abort", "body", "close", "connect", "data", "envfrom", "envrcpt", "eoh", "eom", "header", "helo",
+          "negotiate", "unknown"]
+
+
+def tcl_pairs(text: str) -> dict[str, str]:
+    """A flat Tcl list of option/value pairs whose values have no spaces."""
+    words = text.split()
+    assert len(words) % 2 == 0, text
+    return dict(zip(words[::2], words[1::2]))
+
+
+# ---------------------------------------------------------------------------- milter configure
+
+
+def test_configure_defaults_query_set_and_errors(tclrun):
+    m = tclrun(TCL_HELPERS + r"""
+        package require TclMilter
+        T all      {milter configure}
+        foreach o {-name -connection -timeout -debuglevel -onerror -backlog -grace} { T get$o {milter configure $o} }
+        T set      {milter configure -name Custom -timeout 99 -backlog 7 -debuglevel 0 -onerror SMFIS_ACCEPT -grace 2}
+        T set-conn {milter configure -connection inet:9999@127.0.0.1}
+        T after    {milter configure}
+        T one      {milter configure -name}
+        T bad      {milter configure -x}
+        T badset   {milter configure -name A -x 1}
+        T odd      {milter configure -name A -timeout}
+        T timeout  {milter configure -timeout abc}
+        T backlog  {milter configure -backlog 0}
+        T onerror  {milter configure -onerror SMFIS_BOGUS}
+        T conn     {milter configure -connection bogus:x}
+        T noargs   {milter}
+        T badsub   {milter bogus}
+        T mainargs {milter main now}
+        T stopargs {milter stop now}
+        exit 0
+    """, connection=None, wait=False)
+    assert m.wait_exit() == 0, m.output
+    r = m.results()
+
+    assert r["all"].startswith("OK ")
+    defaults = tcl_pairs(r["all"][3:])
+    assert sorted(defaults) == OPTIONS
+    assert defaults["-name"] == "TclMilter"
+    assert defaults["-connection"] == "unix:/var/run/tclmilter.sock"
+    assert defaults["-timeout"] == "7210"
+    assert defaults["-debuglevel"] == "0"
+    assert defaults["-onerror"] == "SMFIS_TEMPFAIL"
+    assert int(defaults["-backlog"]) > 0  # "the system default"
+    assert float(defaults["-grace"]) >= 0
+    for option in ["-name", "-connection", "-timeout", "-debuglevel", "-onerror", "-backlog", "-grace"]:
+        assert r["get" + option] == "OK " + defaults[option]
+
+    assert r["set"] == "OK " and r["set-conn"] == "OK "
+    now = tcl_pairs(r["after"][3:])
+    assert now["-name"] == "Custom" and now["-timeout"] == "99" and now["-backlog"] == "7"
+    assert now["-onerror"] == "SMFIS_ACCEPT" and float(now["-grace"]) == 2
+    assert now["-connection"] == "inet:9999@127.0.0.1"
+    assert r["one"] == "OK Custom"
+
+    assert r["bad"] == "ERR " + BAD_OPTION
+    assert r["badset"] == "ERR " + BAD_OPTION
+    assert r["odd"].startswith("ERR ") and "-timeout" in r["odd"]
+    assert r["timeout"] == 'ERR expected integer but got "abc"'
+    assert r["backlog"].startswith("ERR ") and '"0"' in r["backlog"]
+    assert r["onerror"].startswith('ERR bad status "SMFIS_BOGUS"')
+    assert r["conn"].startswith("ERR ") and "bogus" in r["conn"]
+    assert r["noargs"] == 'ERR wrong # args: should be "milter option ?arg ...?"'
+    assert r["badsub"] == 'ERR bad option "bogus": must be configure, main, register, or stop'
+    assert r["mainargs"] == 'ERR wrong # args: should be "milter main"'
+    assert r["stopargs"] == 'ERR wrong # args: should be "milter stop"'
+
+
+def test_configure_name_used_and_only_before_main(tclrun):
+    m = tclrun(TCL_HELPERS + r"""
+        package require TclMilter
+        milter configure -name Early
+        proc helo {ctx host} {
+            foreach {o v} {-name Late -connection inet:1@127.0.0.1 -timeout 5 -backlog 3} { T fixed$o {milter configure $o $v} }
+            foreach {o v} {-debuglevel 0 -onerror SMFIS_CONTINUE -grace 3} { T free$o {milter configure $o $v} }
+            T read {milter configure -name}
+            return SMFIS_CONTINUE
+        }
+        milter register helo helo
+        milter main
+    """)
+    assert m.name == "Early"
+    with m.mta() as mta:
+        mta.negotiate()
+        assert mta.helo() == ("c", {})
+    assert m.stop() == 0
+    r = m.results()
+    for option in ["-name", "-connection", "-timeout", "-backlog"]:
+        assert r["fixed" + option] == f'ERR option "{option}" can only be changed before milter main', r
+    for option in ["-debuglevel", "-onerror", "-grace"]:
+        assert r["free" + option] == "OK ", r
+    assert r["read"] == "OK Early"
+
+
+def test_command_line_overrides_script_settings(tclrun):
+    m = tclrun(TCL_HELPERS + r"""
+        package require TclMilter
+        milter configure -name FromScript -timeout 5 -onerror SMFIS_REJECT -grace 9
+        milter configure -connection unix:/nonexistent/dir/milter.sock
+        R cfg [milter configure]
+        proc helo {ctx host} { error "helo fails on purpose" }
+        milter register helo helo
+        milter main
+    """, "--name", "FromCli", "--timeout", "99", "--on-error", "SMFIS_ACCEPT", "--grace", "1")
+    assert m.name == "FromCli"
+    assert m.spec.startswith("inet:") and m.port
+    with m.mta() as mta:
+        mta.negotiate()
+        assert mta.helo() == ("a", {})  # --on-error, not the script's -onerror
+    assert m.stop() == 0
+    cfg = tcl_pairs(m.results()["cfg"])
+    assert cfg["-name"] == "FromCli"
+    assert cfg["-timeout"] == "99"
+    assert cfg["-onerror"] == "SMFIS_ACCEPT"
+    assert float(cfg["-grace"]) == 1
+    assert cfg["-connection"].startswith("inet:")
+
+
+# ---------------------------------------------------------------------------- milter register
+
+
+def test_register_query_replace_unregister_and_errors(tclrun):
+    m = tclrun(TCL_HELPERS + r"""
+        package require TclMilter
+        proc a {args} {}
+        proc b {args} {}
+        foreach e {connect helo envfrom envrcpt header eoh body eom abort close data unknown negotiate} {
+            T none-$e {milter register $e}
+            T set-$e  {milter register $e a}
+            T get-$e  {milter register $e}
+        }
+        T replace  {milter register helo b}
+        T replaced {milter register helo}
+        T prefix   {milter register eom [list b extra words]}
+        T prefixed {milter register eom}
+        T unset    {milter register envfrom {}}
+        T unsetget {milter register envfrom}
+        T badevent {milter register bogus a}
+        T noargs   {milter register}
+        T toomany  {milter register helo a b}
+        exit 0
+    """, connection=None, wait=False)
+    assert m.wait_exit() == 0, m.output
+    r = m.results()
+    for e in EVENTS:
+        assert r["none-" + e] == "OK ", e
+        assert r["set-" + e] == "OK ", (e, r["set-" + e])
+        assert r["get-" + e] == "OK a", e
+    assert r["replaced"] == "OK b"
+    assert r["prefixed"] == "OK b extra words"
+    assert r["unset"] == "OK " and r["unsetget"] == "OK "
+    assert r["badevent"] == 'ERR bad event "bogus": must be ' + ", ".join(EVENTS[:-1]) + ", or " + EVENTS[-1]
+    assert r["noargs"] == 'ERR wrong # args: should be "milter register event ?callback?"'
+    assert r["toomany"] == 'ERR wrong # args: should be "milter register event ?callback?"'
+
+
+RECORDER = TCL_HELPERS + r"""
+package require TclMilter
+# One line per callback: event, context, arguments (formatted per event).
+proc rec {event ctx args} {
+    set ok [expr {[llength [info commands $ctx]] == 1}]
+    switch -- $event {
+        connect {
+            lassign $args host addr
+            set a "host=$host family=[dict get $addr family] address=[dict get $addr address] port=[dict get $addr port] keys=[lsort [dict keys $addr]]"
+        }
+        envfrom - envrcpt {
+            lassign $args list
+            set a "n=[llength $list] first=[lindex $list 0] rest=[join [lrange $list 1 end] ,]"
+        }
+        header { set a "name=[lindex $args 0] value=[lindex $args 1]" }
+        body { set a "len=[string length [lindex $args 0]] data=[string trim [lindex $args 0]]" }
+        default { set a [join $args ,] }
+    }
+    R "$event#[incr ::seen($event)]" "nargs=[llength $args] cmd=$ok ctx=$ctx $a"
+    return SMFIS_CONTINUE
+}
+foreach e {negotiate connect helo envfrom envrcpt data unknown header eoh body eom abort close} {
+    milter register $e [list rec $e]
+}
+milter main
+"""
+
+
+def test_every_event_gets_the_manuals_arguments(tclrun):
+    m = tclrun(RECORDER)
+    with m.mta() as mta:
+        actions, protocol = mta.negotiate()
+        assert protocol & (K.SMFIP_NOCONNECT | K.SMFIP_NOHELO | K.SMFIP_NOMAIL | K.SMFIP_NORCPT | K.SMFIP_NOHDRS
+                           | K.SMFIP_NOEOH | K.SMFIP_NOBODY | K.SMFIP_NOUNKNOWN | K.SMFIP_NODATA) == 0
+        assert mta.connect("client.example.net", "192.0.2.7", 40123) == ("c", {})
+        assert mta.helo("helo.example.net") == ("c", {})
+        assert mta.mail("<from@example.org>", "SIZE=1234", "BODY=8BITMIME") == ("c", {})
+        assert mta.rcpt("<to@example.com>", "NOTIFY=NEVER") == ("c", {})
+        assert mta.data() == ("c", {})
+        assert mta.header("Subject", "hello world") in (("c", {}), NOREPLY)
+        assert mta.eoh() == ("c", {})
+        assert mta.body(b"body text\r\n") == [("c", b"")]
+        assert mta.eom() == [("c", b"")]
+        assert mta.unknown("XFOO bar") == ("c", b"")
+        assert mta.mail("<second@example.org>") == ("c", {})
+        mta.abort()
+        mta.quit()
+        assert mta.eof()
+    with m.mta() as mta:  # a second connection has a context of its own
+        mta.negotiate()
+        assert mta.connect("v6.example.net", "2001:db8::1", 2525, family="6") == ("c", {})
+    with m.mta() as mta:
+        mta.negotiate()
+        assert mta.connect("localhost", "/run/client.sock", 0, family="L") == ("c", {})
+    assert m.stop() == 0
+    r = m.results()
+
+    ctx = r["connect#1"].split()[2]
+    assert ctx.startswith("ctx=")
+    assert r["negotiate#1"] == f"nargs=3 cmd=1 {ctx} 6,{0x1FF},{0x1FFFFF}"
+    assert r["connect#1"] == (f"nargs=2 cmd=1 {ctx} host=client.example.net family=inet address=192.0.2.7 "
+                              "port=40123 keys=address family port")
+    assert r["helo#1"] == f"nargs=1 cmd=1 {ctx} helo.example.net"
+    assert r["envfrom#1"] == f"nargs=1 cmd=1 {ctx} n=3 first=<from@example.org> rest=SIZE=1234,BODY=8BITMIME"
+    assert r["envrcpt#1"] == f"nargs=1 cmd=1 {ctx} n=2 first=<to@example.com> rest=NOTIFY=NEVER"
+    assert r["data#1"] == f"nargs=0 cmd=1 {ctx} "
+    assert r["header#1"] == f"nargs=2 cmd=1 {ctx} name=Subject value=hello world"
+    assert r["eoh#1"] == f"nargs=0 cmd=1 {ctx} "
+    assert r["body#1"] == f"nargs=1 cmd=1 {ctx} len=11 data=body text"
+    assert r["eom#1"] == f"nargs=0 cmd=1 {ctx} "
+    assert r["unknown#1"] == f"nargs=1 cmd=1 {ctx} XFOO bar"
+    assert r["envfrom#2"] == f"nargs=1 cmd=1 {ctx} n=1 first=<second@example.org> rest="
+    assert r["abort#1"] == f"nargs=0 cmd=1 {ctx} "
+    assert r["close#1"] == f"nargs=0 cmd=1 {ctx} "
+    assert r["connect#2"].endswith("host=v6.example.net family=inet6 address=2001:db8::1 port=2525 "
+                                   "keys=address family port")
+    assert r["connect#3"].endswith("host=localhost family=unix address=/run/client.sock port=0 "
+                                   "keys=address family port")
+    contexts = {r[f"connect#{i}"].split()[2] for i in (1, 2, 3)}
+    assert len(contexts) == 3, "every connection has its own context command"
+
+
+# ---------------------------------------------------------------------------- return codes
+
+
+def test_return_codes_become_the_replies(tclrun):
+    m = tclrun(r"""
+        package require TclMilter
+        proc rcpt {ctx list} {
+            set want [string trim [lindex $list 0] <>]
+            if {$want eq "empty"} { return {} }
+            return $want
+        }
+        proc body {ctx data} { return SMFIS_SKIP }
+        milter register envrcpt rcpt
+        milter register body body
+        milter main
+    """)
+    with m.mta() as mta:
+        mta.negotiate()
+        assert mta.mail("<a@example.org>") == SKIPPED
+        for status, reply in [("SMFIS_CONTINUE", "c"), ("SMFIS_REJECT", "r"), ("SMFIS_TEMPFAIL", "t"),
+                              ("SMFIS_DISCARD", "d"), ("SMFIS_ACCEPT", "a"), ("empty", "c"),
+                              ("not-a-status", "c"), ("SMFIS_NOREPLY", "c")]:
+            assert mta.rcpt(f"<{status}>")[0] == reply, status
+        assert mta.body(b"x" * 70000)[0] == ("s", b"")  # SKIP from the body callback: the MTA offered SMFIP_SKIP
+        assert mta.eom()[-1] == ("c", b"")
+    assert m.stop() == 0
+    assert "not-a-status" in m.text  # "anything else logged and treated as continue"
+
+
+def test_empty_result_is_continue_without_a_warning(tclrun):
+    """An empty result means continue, silently: only "anything else" is logged.
+
+    Bug: tkinter hands the empty result of ``return`` / ``return {}`` back as a
+    ``Tcl_Obj`` (internal type "bytecode" or "dict"), which parse_status does not
+    recognise: every such callback logs "returned <bytecode object: ''>, not a status".
+    """
+    m = tclrun(r"""
+        package require TclMilter
+        proc helo {ctx host} { return }
+        proc from {ctx list} { return {} }
+        proc rcpt {ctx list} { return "" }
+        proc eom {ctx} { set r ""; return $r }
+        milter register helo helo
+        milter register envfrom from
+        milter register envrcpt rcpt
+        milter register eom eom
+        milter main
+    """)
+    with m.mta() as mta:
+        mta.negotiate()
+        assert mta.helo() == ("c", {})
+        assert mta.message()["eom"] == [("c", b"")]
+    assert m.stop() == 0
+    assert "not a status" not in m.text, m.text
+
+
+def test_status_names_honoured_whatever_tcl_made_of_them(tclrun):
+    """``return SMFIS_REJECT`` must reject even if Tcl gave the value another internal representation.
+
+    Bug: the callback result is taken from tkinter as an object: a value Tcl
+    holds as a list arrives as the tuple ('SMFIS_REJECT',) and is treated as
+    continue, so the recipient is let through. Tcl shares a literal within a
+    proc, so once the ``<listrep>`` branch has run ``llength`` on it, the plain
+    ``return SMFIS_REJECT`` of the ``<plain>`` branch is ignored too.
+    """
+    m = tclrun(r"""
+        package require TclMilter
+        proc rcpt {ctx list} {
+            switch -- [lindex $list 0] {
+                <listrep> { set s SMFIS_REJECT; llength $s; return $s }
+                <plain>   { return SMFIS_REJECT }
+                <built>   { return [list SMFIS_TEMPFAIL] }
+            }
+            return SMFIS_CONTINUE
+        }
+        milter register envrcpt rcpt
+        milter main
+    """)
+    with m.mta() as mta:
+        mta.negotiate()
+        got = {a: mta.rcpt(f"<{a}>")[0] for a in ["listrep", "plain", "built"]}
+    assert m.stop() == 0
+    assert got == {"listrep": "r", "plain": "r", "built": "t"}, m.text
+
+
+def test_numbers_are_not_statuses(tclrun):
+    """Only the SMFIS_* names are statuses; "anything else [is] logged and treated as continue".
+
+    Bug: a number reaches parse_status as a Python int when Tcl holds it as an
+    integer, and ints are taken as Status values: ``return 1`` rejects,
+    ``return [expr {2+2}]`` tempfails, while the same text built as a string
+    (``return [string trim " 1 "]``) continues.
+    """
+    m = tclrun(r"""
+        package require TclMilter
+        proc rcpt {ctx list} {
+            switch -- [lindex $list 0] {
+                <literal> { return 1 }
+                <expr>    { return [expr {2 + 2}] }
+                <string>  { return [string trim " 1 "] }
+            }
+        }
+        milter register envrcpt rcpt
+        milter main
+    """)
+    with m.mta() as mta:
+        mta.negotiate()
+        got = {a: mta.rcpt(f"<{a}>")[0] for a in ["literal", "expr", "string"]}
+    assert m.stop() == 0
+    assert got == {"literal": "c", "expr": "c", "string": "c"}, m.text
+
+
+# ---------------------------------------------------------------------------- the context command
+
+
+def test_context_data_access(tclrun):
+    m = tclrun(TCL_HELPERS + r"""
+        package require TclMilter
+        proc helo {ctx host} {
+            T set1     {$ctx setpriv a1 one}
+            T set2     {$ctx setpriv a2 "two words"}
+            T set3     {$ctx setpriv b1 three}
+            T set4     {$ctx setpriv *x star}
+            T set5     {$ctx setpriv list {x {y z}}}
+            T get1     {$ctx getpriv a1}
+            T get2     {$ctx getpriv a2}
+            T getlist  {llength [$ctx getpriv list]}
+            T setget   {$ctx setpriv b1}
+            T all      {llength [$ctx getpriv]}
+            T allarr   {array set p [$ctx getpriv]; set p(a2)}
+            T missing  {$ctx getpriv nope}
+            T unglob   {$ctx unsetpriv a?}
+            T left1    {lsort [dict keys [$ctx getpriv]]}
+            T unlit    {$ctx unsetpriv {\*x}}
+            T left2    {lsort [dict keys [$ctx getpriv]]}
+            T unclass  {$ctx unsetpriv {[bl]*}}
+            T left3    {lsort [dict keys [$ctx getpriv]]}
+            $ctx setpriv k1 v; $ctx setpriv k2 v
+            T unall    {$ctx unsetpriv}
+            T left4    {$ctx getpriv}
+            T sym-j    {$ctx getsymval j}
+            T sym-{j}  {$ctx getsymval {{j}}}
+            T sym-dn   {$ctx getsymval {{daemon_name}}}
+            T sym-bare {$ctx getsymval daemon_name}
+            T sym-i    {$ctx getsymval i}
+            T sym-none {$ctx getsymval {{nothing}}}
+            return SMFIS_CONTINUE
+        }
+        proc from {ctx list} {
+            T sym-i2   {$ctx getsymval i}
+            T sym-{i}  {$ctx getsymval {{i}}}
+            T keep     {$ctx getpriv}
+            return SMFIS_CONTINUE
+        }
+        milter register helo helo
+        milter register envfrom from
+        milter main
+    """)
+    with m.mta() as mta:
+        mta.negotiate()
+        mta.macro("H", j="mx.example.net", **{"{daemon_name}": "smtpd", "{i}": "QUEUEID1"})
+        assert mta.helo() == ("c", {})
+        mta.macro("M", i="QUEUEID2")
+        assert mta.mail("<a@example.org>") == ("c", {})
+    assert m.stop() == 0
+    r = m.results()
+    assert r["set1"] == "OK one" and r["set2"] == "OK two words"
+    assert r["get1"] == "OK one" and r["get2"] == "OK two words"
+    assert r["getlist"] == "OK 2"
+    assert r["setget"] == "OK three"  # setpriv without a value reads
+    assert r["all"] == "OK 10"  # five pairs, dictionary format
+    assert r["allarr"] == "OK two words"  # "suitable for use with array set"
+    assert r["missing"].startswith("ERR ") and "nope" in r["missing"]
+    assert r["unglob"] == "OK "
+    assert r["left1"] == "OK *x b1 list"
+    assert r["left2"] == "OK b1 list"  # a backslash-escaped * is literal
+    assert r["left3"] == "OK "
+    assert r["unall"] == "OK " and r["left4"] == "OK "
+    assert r["sym-j"] == "OK mx.example.net"
+    assert r["sym-{j}"] == "OK mx.example.net"  # {j} also finds j
+    assert r["sym-dn"] == "OK smtpd"
+    assert r["sym-bare"] == "OK "  # long names only in braces
+    assert r["sym-i"] == "OK QUEUEID1"  # i also finds {i}
+    assert r["sym-none"] == "OK "
+    assert r["sym-i2"] == "OK QUEUEID2" and r["sym-{i}"] == "OK QUEUEID2"
+    assert r["keep"] == "OK "  # private data lives as long as the connection (emptied above)
+
+
+def test_setreply_and_setmlreply_forms(tclrun):
+    m = tclrun(TCL_HELPERS + r"""
+        package require TclMilter
+        proc rcpt {ctx list} {
+            set form [string trim [lindex $list 0] <>]
+            switch -- $form {
+                code     { $ctx setreply 550 }
+                message  { $ctx setreply 550 "two args: the second is the message" }
+                xcode    { $ctx setreply 550 5.7.1 }
+                full     { $ctx setreply 550 5.7.1 "all three" }
+                emptyx   { $ctx setreply 550 {} "no xcode" }
+                temp     { $ctx setreply 451 4.7.1 "later"; return SMFIS_TEMPFAIL }
+                multi    { $ctx setmlreply 550 5.7.1 "first line" "second line" "third line" }
+                keep     { $ctx setreply 550 5.7.1 "kept for a reject"; return SMFIS_TEMPFAIL }
+                later    { return SMFIS_REJECT }
+                errors {
+                    R ctx $ctx
+                    T badcode  {$ctx setreply 250 "ok"}
+                    T badx     {$ctx setreply 550 9.9 "x"}
+                    T mismatch {$ctx setreply 550 4.7.1 "x"}
+                    T crlf     {$ctx setreply 550 5.7.1 "a\r\nb"}
+                    T noargs   {$ctx setreply}
+                    T toomany  {$ctx setreply 550 5.7.1 a b}
+                    T mlfew    {$ctx setmlreply 550 5.7.1}
+                    return SMFIS_CONTINUE
+                }
+            }
+            return SMFIS_REJECT
+        }
+        milter register envrcpt rcpt
+        milter main
+    """)
+    with m.mta() as mta:
+        mta.negotiate()
+        got = {}
+        for form in ["code", "message", "xcode", "full", "emptyx", "temp", "multi", "keep", "later", "errors"]:
+            reply = mta.event_raw("R", f"<{form}>\0".encode())
+            got[form] = reply if reply[0] != "y" else ("y", reply[1].rstrip(b"\0").decode())
+    assert m.stop() == 0
+    assert got["code"] == ("y", "550 ")
+    assert got["message"] == ("y", "550 two args: the second is the message")
+    assert got["xcode"] == ("y", "550 5.7.1")
+    assert got["full"] == ("y", "550 5.7.1 all three")
+    assert got["emptyx"] == ("y", "550 no xcode")
+    assert got["temp"] == ("y", "451 4.7.1 later")
+    assert got["multi"] == ("y", "550-5.7.1 first line\r\n550-5.7.1 second line\r\n550 5.7.1 third line")
+    assert got["keep"] == ("t", b"")  # a 5xx text does not go with a tempfail ...
+    assert got["later"] == ("y", "550 5.7.1 kept for a reject")  # ... it is kept for the next reject
+    assert got["errors"] == ("c", b"")
+    r = m.results()
+    for key in ["badcode", "badx", "mismatch", "crlf"]:
+        assert r[key].startswith("ERR "), (key, r[key])
+    assert "250" in r["badcode"]
+    usage = f'ERR wrong # args: should be "{r["ctx"]} setreply rcode ??xcode? message?"'
+    assert r["noargs"] == usage and r["toomany"] == usage
+    assert r["mlfew"] == f'ERR wrong # args: should be "{r["ctx"]} setmlreply rcode xcode line ?line ...?"'
+
+
+def test_message_modifications_at_eom(tclrun):
+    m = tclrun(r"""
+        package require TclMilter
+        proc from {ctx list} { return SMFIS_CONTINUE }
+        proc eom {ctx} {
+            $ctx progress
+            $ctx addheader X-Added "added value"
+            $ctx chgheader Subject "changed subject"
+            $ctx chgheader Received 2 ""
+            $ctx insheader X-First "at the top"
+            $ctx insheader X-Third 3 "before the third"
+            $ctx addrcpt <new@example.com>
+            $ctx addrcpt <new2@example.com> "NOTIFY=NEVER ORCPT=rfc822;x@example.com"
+            $ctx delrcpt <old@example.com>
+            $ctx chgfrom <bounce@example.org>
+            $ctx chgfrom <bounce2@example.org> "RET=HDRS ENVID=abc"
+            $ctx quarantine "held for review"
+            $ctx replacebody "new body, "
+            $ctx replacebody "in two calls\r\n"
+            return SMFIS_CONTINUE
+        }
+        milter register envfrom from
+        milter register eom eom
+        milter main
+    """)
+    with m.mta() as mta:
+        mta.negotiate()
+        eom = mta.message()["eom"]
+    assert m.stop() == 0
+    assert eom == [
+        ("p", b""),
+        ("h", b"X-Added\0added value\0"),
+        ("m", b"\0\0\0\x01Subject\0changed subject\0"),  # index defaults to 1
+        ("m", b"\0\0\0\x02Received\0\0"),
+        ("i", b"\0\0\0\0X-First\0at the top\0"),  # index defaults to 0
+        ("i", b"\0\0\0\x03X-Third\0before the third\0"),
+        ("+", b"<new@example.com>\0"),
+        ("2", b"<new2@example.com>\0NOTIFY=NEVER ORCPT=rfc822;x@example.com\0"),
+        ("-", b"<old@example.com>\0"),
+        ("e", b"<bounce@example.org>\0"),
+        ("e", b"<bounce2@example.org>\0RET=HDRS ENVID=abc\0"),
+        ("q", b"held for review\0"),
+        ("b", b"new body, in two calls\r\n"),
+        ("c", b""),
+    ]
+
+
+SUBCOMMANDS = {
+    "addheader": "name data",
+    "addrcpt": "rcpt ?esmtpArgs?",
+    "chgfrom": "sender ?esmtpArgs?",
+    "chgheader": "name ?index? data",
+    "delrcpt": "rcpt",
+    "getpriv": "?name?",
+    "getsymval": "symbol",
+    "insheader": "name ?index? data",
+    "progress": "",
+    "quarantine": "reason",
+    "replacebody": "data",
+    "setmlreply": "rcode xcode line ?line ...?",
+    "setpriv": "name ?value?",
+    "setreply": "rcode ??xcode? message?",
+    "setsymlist": "stage macros",
+    "unsetpriv": "?pattern?",
+}
+
+
+def test_context_command_errors(tclrun):
+    m = tclrun(TCL_HELPERS + r"""
+        package require TclMilter
+        set ::too_many {a b c d e f g h i j k l m n o p q r s t u v w x y z 1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16 17 18 19 20 21 22 23 24 25 26 27 28 29 30 31 32 33 34}
+        proc helo {ctx host} {
+            R ctx $ctx
+            T nosub {$ctx}
+            T badsub {$ctx bogus}
+            foreach sub {addheader addrcpt chgfrom chgheader delrcpt getpriv getsymval insheader progress
+                         quarantine replacebody setmlreply setpriv setreply setsymlist unsetpriv} {
+                T many-$sub {$ctx $sub {*}$::too_many}
+            }
+            foreach {sub args} {addheader {X v} chgheader {X v} insheader {X v} addrcpt <a@b> delrcpt <a@b>
+                                chgfrom <a@b> replacebody x quarantine why} {
+                T outside-$sub {$ctx $sub {*}$args}
+            }
+            T setsymlist {$ctx setsymlist envfrom i}
+            return SMFIS_CONTINUE
+        }
+        proc eom {ctx} {
+            T badname  {$ctx addheader "Bad Name" v}
+            T badvalue {$ctx addheader X-Ok "line\nnot folded"}
+            T badindex {$ctx chgheader X-Ok -1 v}
+            T notint   {$ctx insheader X-Ok notanumber v}
+            T norcpt   {$ctx addrcpt {}}
+            T noreason {$ctx quarantine {}}
+            return SMFIS_CONTINUE
+        }
+        milter register helo helo
+        milter register eom eom
+        milter main
+    """)
+    with m.mta() as mta:
+        mta.negotiate()
+        assert mta.helo() == ("c", {})
+        assert mta.message()["eom"] == [("c", b"")]  # every failed modification sent nothing
+    assert m.stop() == 0
+    r = m.results()
+    ctx = r["ctx"]
+    assert r["nosub"] == f'ERR wrong # args: should be "{ctx} subcommand ?arg ...?"'
+    assert r["badsub"] == ('ERR bad option "bogus": must be addheader, addrcpt, chgfrom, chgheader, delrcpt, '
+                           "getpriv, getsymval, insheader, progress, quarantine, replacebody, setmlreply, "
+                           "setpriv, setreply, setsymlist, or unsetpriv")
+    for sub, usage in SUBCOMMANDS.items():
+        if sub == "setmlreply":
+            continue  # up to 32 lines: many arguments are valid there
+        expected = f'ERR wrong # args: should be "{ctx} {sub}{" " + usage if usage else ""}"'
+        assert r["many-" + sub] == expected, sub
+    assert r["many-setmlreply"].startswith("ERR ")  # 35 lines are too many
+    for sub in ["addheader", "chgheader", "insheader", "addrcpt", "delrcpt", "chgfrom", "replacebody", "quarantine"]:
+        assert r["outside-" + sub].startswith("ERR ") and "eom" in r["outside-" + sub], (sub, r["outside-" + sub])
+    assert r["setsymlist"].startswith("ERR ") and "negotiate" in r["setsymlist"]
+    assert r["badname"].startswith("ERR ") and "Bad Name" in r["badname"]
+    assert r["badvalue"].startswith("ERR ")
+    assert r["badindex"].startswith("ERR ")
+    assert r["notint"] == 'ERR expected integer but got "notanumber"'
+    assert r["norcpt"].startswith("ERR ") and r["noreason"].startswith("ERR ")
+
+
+def test_context_is_a_command_deleted_when_the_connection_ends(tclrun):
+    m = tclrun(TCL_HELPERS + r"""
+        package require TclMilter
+        proc helo {ctx host} {
+            lappend ::contexts $ctx
+            R exists-$host [llength [info commands $ctx]]
+            $ctx setpriv host $host
+            return SMFIS_CONTINUE
+        }
+        proc close {ctx} {
+            R closing-[$ctx getpriv host] [llength [info commands $ctx]]
+            after 0 [list check $ctx [$ctx getpriv host]]
+        }
+        proc check {ctx host} {
+            T after-$host {$ctx getpriv host}
+            R gone-$host [llength [info commands $ctx]]
+        }
+        milter register helo helo
+        milter register close close
+        milter main
+    """)
+    for host in ["one", "two"]:
+        with m.mta() as mta:
+            mta.negotiate()
+            assert mta.helo(host) == ("c", {})
+            mta.quit()
+            assert mta.eof()
+        m.wait_for(f"R\tgone-{host}\t")
+    assert m.stop() == 0
+    r = m.results()
+    for host in ["one", "two"]:
+        assert r[f"exists-{host}"] == "1" and r[f"closing-{host}"] == "1"
+        assert r[f"gone-{host}"] == "0"
+        assert r[f"after-{host}"].startswith('ERR invalid command name "'), r[f"after-{host}"]
+    assert r["after-one"] != r["after-two"]  # two connections, two commands
+
+
+def test_setsymlist_in_negotiate_asks_for_macros(tclrun):
+    m = tclrun(TCL_HELPERS + r"""
+        package require TclMilter
+        proc negotiate {ctx version actions protocol} {
+            T first  {$ctx setsymlist envfrom {i {mail_addr}}}
+            T byno   {$ctx setsymlist 5 {{msg_id}}}
+            T twice  {$ctx setsymlist envfrom {j}}
+            T bad    {$ctx setsymlist nowhere {j}}
+            return SMFIS_CONTINUE
+        }
+        milter register negotiate negotiate
+        milter main
+    """)
+    with m.mta() as mta:
+        actions, protocol, lists = mta.negotiate_raw()
+        assert actions & K.SMFIF_SETSYMLIST
+        assert lists == {K.SMFIM_ENVFROM: "i {mail_addr}", K.SMFIM_EOM: "{msg_id}"}
+    assert m.stop() == 0
+    r = m.results()
+    assert r["first"] == "OK " and r["byno"] == "OK "
+    assert r["twice"].startswith("ERR ") and r["bad"].startswith("ERR ")
+
+
+# ---------------------------------------------------------------------------- milter main / stop
+
+
+def test_stop_from_a_callback_makes_main_return(tclrun):
+    m = tclrun(r"""
+        package require TclMilter
+        proc helo {ctx host} { milter stop; return SMFIS_CONTINUE }
+        milter register helo helo
+        puts "before main"
+        milter main
+        puts "main returned"
+        exit 0
+    """)
+    with m.mta() as mta:
+        mta.negotiate()
+        assert mta.helo() == ("c", {})  # the stopping callback's own answer still goes out
+        mta.quit()
+    m.wait_for("main returned")
+    assert m.wait_exit() == 0
+    assert m.text.index("before main") < m.text.index("listening on") < m.text.index("main returned")

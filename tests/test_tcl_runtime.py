@@ -1,0 +1,439 @@
+"""Running TclMilter scripts: the manual's example, Tcl and Python in one chain, stopping, errors, exit, argv."""
+
+from __future__ import annotations
+
+import socket
+import time
+
+import pytest
+from miltertest import constants as K
+
+from support.tclrun import REPO, SKIPPED, TCL_HELPERS, tclrun_factory, z
+
+tclrun = pytest.fixture(tclrun_factory, name="tclrun")
+
+BLACKLIST = REPO / "tclmilter" / "examples" / "blacklist.tcl"
+
+
+# ---------------------------------------------------------------------------- the manual's example
+
+
+def test_blacklist_example_runs_verbatim(tclrun):
+    assert "milter configure -connection {unix:/var/run/blmilter.sock}" in BLACKLIST.read_text()
+    m = tclrun(BLACKLIST)  # the file itself; only the connection is overridden on the command line
+    assert m.name == "Blacklist"
+    assert m.spec.startswith("inet:")
+
+    with m.mta() as mta:
+        actions, protocol = mta.negotiate()
+        # Only envfrom and header are registered: the MTA is told to skip the rest.
+        assert protocol & K.SMFIP_NOCONNECT and protocol & K.SMFIP_NOHELO and protocol & K.SMFIP_NORCPT
+        assert not protocol & (K.SMFIP_NOMAIL | K.SMFIP_NOHDRS)
+        assert mta.connect() == SKIPPED
+
+        # Blacklisted envelope senders are rejected at MAIL, with or without ESMTP arguments.
+        assert mta.mail("<spammer@spamdomain.com>") == ("r", {})
+        assert mta.mail("<friend@public.com>", "SIZE=100") == ("r", {})
+        # A blacklisted From header rejects the message (at the end, as headers need no reply).
+        steps = mta.message(sender="<someone@example.org>",
+                            headers=[("From", "<friend@public.com>"), ("Subject", "hi")])
+        assert steps["mail"] == ("c", {})
+        assert steps["eom"] == [("r", b"")]
+        # Everything else passes.
+        steps = mta.message(sender="<someone@example.org>",
+                            headers=[("From", "someone@example.org"), ("Subject", "friend@public.com")])
+        assert steps["mail"] == ("c", {}) and steps["eom"] == [("c", b"")]
+        assert mta.mail("<spammer@spamdomain.com.example>") == ("c", {})
+
+    with m.mta() as mta:  # an MTA that cannot skip header replies gets the reject at the header itself
+        mta.negotiate(protocol=K.SMFI_V2_PROT)
+        assert mta.mail("<someone@example.org>") == ("c", {})
+        assert mta.rcpt("<rcpt@example.com>") == SKIPPED
+        assert mta.header("Subject", "hi") == ("c", {})
+        assert mta.header("From", "spammer@spamdomain.com") == ("r", {})
+
+    assert m.stop() == 0  # main returns on SIGTERM; the script's "file delete" runs; exit 0
+
+
+# ---------------------------------------------------------------------------- Tcl and Python together
+
+
+HOOKS = r'''
+from pytclmilter.status import Status
+
+
+def setup(milter):
+    @milter.register("envfrom")
+    def py_envfrom(ctx, args):
+        print("PY envfrom", args[0], flush=True)
+        ctx.setpriv("py", "set by python")
+        if args[0] == "<py-reject@example.org>":
+            return Status.REJECT
+        return "SMFIS_CONTINUE"
+
+    @milter.register("eom")
+    def py_eom(ctx):
+        ctx.addheader("X-Python-Sees", ctx.getpriv("tcl", "nothing"))
+        return None
+'''
+
+
+def test_tcl_and_python_callbacks_share_chains_and_private_data(tclrun):
+    m = tclrun(r"""
+        package require TclMilter
+        proc from {ctx list} {
+            puts "TCL envfrom [lindex $list 0]"
+            $ctx setpriv tcl "set by tcl"
+            if {[lindex $list 0] eq "<tcl-reject@example.org>"} { return SMFIS_REJECT }
+            return SMFIS_CONTINUE
+        }
+        proc eom {ctx} {
+            $ctx addheader X-Tcl-Sees [$ctx getpriv py]
+            return SMFIS_CONTINUE
+        }
+        milter register envfrom from
+        milter register eom eom
+        milter main
+    """, python=[HOOKS])
+    with m.mta() as mta:
+        mta.negotiate()
+        assert mta.mail("<py-reject@example.org>") == ("r", {})  # Python answers first ...
+        assert mta.mail("<tcl-reject@example.org>") == ("r", {})  # ... then Tcl
+        steps = mta.message(sender="<both@example.org>")
+    assert m.stop() == 0
+    assert steps["mail"] == ("c", {})
+    # Python's eom was registered first (setup runs before the script), so its header comes first.
+    assert steps["eom"] == [("h", b"X-Python-Sees\0set by tcl\0"), ("h", b"X-Tcl-Sees\0set by python\0"),
+                            ("c", b"")]
+    out = m.text
+    assert "TCL envfrom <py-reject@example.org>" not in out  # the first non-continue answers
+    assert out.index("PY envfrom <tcl-reject@example.org>") < out.index("TCL envfrom <tcl-reject@example.org>")
+
+
+# ---------------------------------------------------------------------------- stopping
+
+
+def test_stop_from_an_after_handler(tclrun):
+    m = tclrun(r"""
+        package require TclMilter
+        proc helo {ctx host} { after 50 {milter stop}; return SMFIS_CONTINUE }
+        milter register helo helo
+        milter main
+        puts "main returned"
+        exit 0
+    """)
+    with m.mta() as mta:
+        mta.negotiate()
+        assert mta.helo() == ("c", {})
+    m.wait_for("main returned")
+    assert m.wait_exit() == 0
+
+
+def test_stop_from_a_timer_set_before_main(tclrun):
+    m = tclrun(r"""
+        package require TclMilter
+        after 300 {milter stop}
+        milter main
+        puts "main returned"
+    """)
+    m.wait_for("main returned")
+    assert m.wait_exit() == 0
+
+
+def test_stop_from_a_secondary_thread(tclrun):
+    m = tclrun(TCL_HELPERS + r"""
+        package require TclMilter
+        package require Thread
+        proc helo {ctx host} {
+            set ::worker [thread::create {
+                package require TclMilter
+                proc T {key script} {
+                    if {[catch {uplevel 1 $script} m]} { set r "ERR $m" } else { set r "OK $m" }
+                    puts "R\t$key\t$r"
+                }
+                thread::wait
+            }]
+            thread::send -async $::worker {
+                T thread-configure {milter configure}
+                T thread-register  {milter register helo x}
+                T thread-main      {milter main}
+                T thread-stop      {milter stop}
+            }
+            return SMFIS_CONTINUE
+        }
+        milter register helo helo
+        milter main
+        puts "main returned"
+        exit 0
+    """)
+    with m.mta() as mta:
+        mta.negotiate()
+        assert mta.helo() == ("c", {})
+    m.wait_for("main returned")
+    assert m.wait_exit() == 0
+    r = m.results()
+    assert r["thread-stop"] == "OK "
+    for cmd in ["configure", "register", "main"]:  # "Only the milter stop command will function in secondary threads"
+        assert r[f"thread-{cmd}"].startswith("ERR "), r
+
+
+def test_main_called_twice_serves_again(tclrun):
+    """``milter main`` after a ``milter stop`` must serve again until the next stop.
+
+    Bug: MilterServer.stop() leaves ``_stop_requested`` set after the serve it
+    stopped, and the next serve() takes it as a stop asked for before it
+    started: the second ``milter main`` announces its socket and returns at once.
+    """
+    m = tclrun(r"""
+        package require TclMilter
+        proc helo {ctx host} { if {$host eq "stop"} { milter stop }; return SMFIS_CONTINUE }
+        milter register helo helo
+        milter main
+        puts "first main returned"
+        milter main
+        puts "second main returned"
+        exit 0
+    """)
+    with m.mta() as mta:
+        mta.negotiate()
+        assert mta.helo("stop") == ("c", {})
+    m.wait_for("first main returned")
+    m.wait_listening()
+    second = m.mark()
+    try:
+        with m.mta() as mta:
+            mta.negotiate()
+            assert mta.helo("hello again") == ("c", {})
+            assert mta.helo("stop") == ("c", {})
+    except ConnectionRefusedError:
+        pytest.fail("the second milter main stopped before serving anyone:\n" + m.output[second - 200:])
+    m.wait_for("second main returned")
+    assert m.wait_exit() == 0
+
+
+def test_grace_bounds_the_wait_for_open_sessions_at_stop(tclrun):
+    m = tclrun(r"""
+        package require TclMilter
+        milter configure -grace 0.5
+        proc abort {ctx} { puts "ABORT callback" }
+        proc close {ctx} { puts "CLOSE callback" }
+        milter register envfrom {apply {{ctx list} { return SMFIS_CONTINUE }}}
+        milter register abort abort
+        milter register close close
+        milter main
+        puts "main returned"
+    """)
+    with m.mta() as mta:
+        mta.negotiate()
+        assert mta.mail("<a@example.org>") == ("c", {})  # and the MTA goes quiet mid-message
+        started = time.monotonic()
+        assert m.stop(timeout=10) == 0
+        waited = time.monotonic() - started
+        assert mta.eof()
+    assert 0.4 <= waited < 5, waited
+    out = m.text
+    assert out.index("ABORT callback") < out.index("CLOSE callback") < out.index("main returned")
+
+
+# ---------------------------------------------------------------------------- registering at run time
+
+
+def test_unregister_and_register_at_run_time(tclrun):
+    m = tclrun(TCL_HELPERS + r"""
+        package require TclMilter
+        proc from {ctx list} {
+            if {[lindex $list 0] eq "<off@example.org>"} {
+                milter register envfrom {}
+                R after-unregister "[milter register envfrom]"
+            }
+            return SMFIS_REJECT
+        }
+        proc helo {ctx host} {
+            if {$host eq "on"} { milter register envfrom from }
+            return SMFIS_CONTINUE
+        }
+        milter register envfrom from
+        milter register helo helo
+        milter main
+    """)
+    with m.mta() as mta:
+        mta.negotiate()
+        assert mta.mail("<a@example.org>") == ("r", {})
+        assert mta.mail("<off@example.org>") == ("r", {})
+        assert mta.mail("<b@example.org>") == ("c", {})  # unregistered: the default, continue
+    with m.mta() as mta:  # the next connection does not even ask for MAIL
+        _, protocol = mta.negotiate()
+        assert protocol & K.SMFIP_NOMAIL
+        assert mta.helo("on") == ("c", {})
+    with m.mta() as mta:
+        _, protocol = mta.negotiate()
+        assert not protocol & K.SMFIP_NOMAIL
+        assert mta.mail("<c@example.org>") == ("r", {})
+    assert m.stop() == 0
+    assert m.results()["after-unregister"] == ""
+
+
+# ---------------------------------------------------------------------------- errors
+
+
+def test_callback_error_is_logged_with_errorinfo_and_tempfailed(tclrun):
+    m = tclrun(r"""
+        package require TclMilter
+        proc inner {x} { error "boom $x" }
+        proc helo {ctx host} {
+            inner 42
+            return SMFIS_CONTINUE
+        }
+        milter register helo helo
+        milter main
+    """)
+    with m.mta() as mta:
+        mta.negotiate()
+        assert mta.helo() == ("t", {})
+    with m.mta() as mta:  # the milter is still serving
+        mta.negotiate()
+        assert mta.helo() == ("t", {})
+    assert m.stop() == 0
+    out = m.text
+    at = out.index("boom 42")
+    info = out[at:]
+    for piece in ['while executing\n"error "boom $x"', '(procedure "inner" line 1)', 'invoked from within\n"inner 42"',
+                  '(procedure "helo" line 2)']:
+        assert piece in info, (piece, info)
+    assert "helo" in out[:at].splitlines()[-1]  # the log line names the callback
+
+
+def test_onerror_chooses_the_answer_to_a_failed_callback(tclrun):
+    m = tclrun(r"""
+        package require TclMilter
+        milter configure -onerror SMFIS_CONTINUE
+        proc helo {ctx host} {
+            if {$host eq "switch"} { milter configure -onerror SMFIS_REJECT; return SMFIS_CONTINUE }
+            error "failing on purpose"
+        }
+        milter register helo helo
+        milter main
+    """)
+    with m.mta() as mta:
+        mta.negotiate()
+        assert mta.helo("a") == ("c", {})
+        assert mta.helo("switch") == ("c", {})
+        assert mta.helo("b") == ("r", {})
+    assert m.stop() == 0
+    assert m.text.count("failing on purpose") >= 2
+
+
+def test_uncaught_script_error_exits_1_with_errorinfo(tclrun):
+    m = tclrun(r"""
+        package require TclMilter
+        proc setup {} { no_such_command here }
+        setup
+    """, wait=False)
+    assert m.wait_exit() == 1
+    assert 'invalid command name "no_such_command"' in m.text
+    assert '(procedure "setup" line 1)' in m.text
+
+
+def test_verdict_does_not_silence_the_next_message(tclrun):
+    """Every message gets its callbacks, also when the filter has no envfrom callback.
+
+    Bug: the engine resets its per-message state (``_done``, deferred verdict)
+    only on MAIL or ABORT. A filter without an envfrom callback asks the MTA to
+    skip MAIL, and an MTA that sends no ABORT after a finished message
+    (Sendmail) then gets every later message on the connection continued
+    without any callback: after one reject, the rest of the session is not
+    filtered at all.
+    """
+    m = tclrun(r"""
+        package require TclMilter
+        proc eom {ctx} {
+            set n [expr {[catch {$ctx getpriv n} v] ? 1 : $v + 1}]
+            $ctx setpriv n $n
+            if {$n == 1} { return SMFIS_REJECT }
+            $ctx addheader X-Message $n
+            return SMFIS_CONTINUE
+        }
+        milter register eom eom
+        milter main
+    """)
+    with m.mta() as mta:
+        _, protocol = mta.negotiate()
+        assert protocol & K.SMFIP_NOMAIL
+        assert mta.message()["eom"] == [("r", b"")]
+        assert mta.message()["eom"] == [("h", b"X-Message\x002\0"), ("c", b"")]
+        assert mta.message()["eom"] == [("h", b"X-Message\x003\0"), ("c", b"")]
+    assert m.stop() == 0
+
+
+# ---------------------------------------------------------------------------- exit, argv, event loop
+
+
+def test_exit_in_a_callback_ends_the_process_with_its_code(tclrun):
+    m = tclrun(r"""
+        package require TclMilter
+        proc helo {ctx host} { exit 7 }
+        milter register helo helo
+        milter main
+        puts "not reached"
+    """)
+    with m.mta() as mta:
+        mta.negotiate()
+        mta.send_raw("H", z("bye.example.net"))
+        assert mta.eof()
+    assert m.wait_exit() == 7
+    assert "not reached" not in m.text
+
+
+def test_exit_after_main_and_argv(tclrun):
+    m = tclrun(r"""
+        package require TclMilter
+        puts "argv0=$argv0"
+        puts "argc=$argc"
+        set i 0
+        foreach a $argv { puts "argv[incr i]=<$a>" }
+        milter main
+        puts "main returned"
+        exit 3
+    """, args=["two words", "-x", "--connection", "unix:/tmp/not-this.sock"], name="argv-script.tcl")
+    assert m.spec.startswith("inet:")  # script arguments are not options
+    assert m.stop() == 3
+    out = m.text
+    (script,) = [a for a in m.argv if a.endswith("argv-script.tcl")]
+    assert f"argv0={script}\n" in out
+    assert "argc=4" in out
+    assert "argv1=<two words>\nargv2=<-x>\nargv3=<--connection>\nargv4=<unix:/tmp/not-this.sock>" in out
+    assert "main returned" in out
+
+
+def test_tcl_event_loop_runs_during_main(tclrun):
+    m = tclrun(r"""
+        package require TclMilter
+        set ::ticks 0
+        proc tick {} { incr ::ticks; after 10 tick }
+        after 10 tick
+        proc accept {chan addr port} {
+            fconfigure $chan -buffering line -translation lf
+            fileevent $chan readable [list got $chan]
+        }
+        proc got {chan} {
+            if {[gets $chan line] >= 0} { set ::line $line; puts $chan "echo $line" } else { close $chan }
+        }
+        set srv [socket -server accept -myaddr 127.0.0.1 0]
+        puts "TCLPORT [lindex [fconfigure $srv -sockname] 2]"
+        proc helo {ctx host} {
+            after 20 {set ::flag done}
+            vwait ::flag
+            $ctx setreply 550 5.7.1 "ticks=[expr {$::ticks > 0}] flag=$::flag line=$::line"
+            return SMFIS_REJECT
+        }
+        milter register helo helo
+        milter main
+    """)
+    port = int(m.wait_for(r"TCLPORT (\d+)", since=0).group(1))
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as s:  # fileevent while milter main runs
+        s.sendall(b"hello tcl\n")
+        assert s.makefile("rb").readline() == b"echo hello tcl\n"
+    with m.mta() as mta:
+        mta.negotiate()
+        assert mta.helo() == ("y", {"smtpcode": "550", "space": " ", "text": "5.7.1 ticks=1 flag=done line=hello tcl"})
+    assert m.stop() == 0
