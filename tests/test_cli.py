@@ -47,21 +47,16 @@ GREYLIST = EXAMPLES / "greylist.tcl"
 
 
 def cli(*args: str, env: dict[str, str] | None = None, timeout: float = 30) -> tuple[int, str]:
-    """Run ``pytclmilter ARGS`` on a pty; (exit status, output with LF line ends)."""
+    """Run ``pytclmilter ARGS`` on a pty until it ends; (exit status, output with LF line ends)."""
     full_env = dict(os.environ)
     full_env.setdefault("PYTHONPATH", str(ROOT / "src"))
     full_env.update(env or {})
-    out, status = pexpect.run(
-        " ".join(_quote(a) for a in [*PYTCLMILTER, *args]), env=full_env, withexitstatus=True,
-        timeout=timeout, encoding="utf-8", codec_errors="replace", cwd=str(ROOT),
-    )
+    child = pexpect.spawn(PYTCLMILTER[0], [*PYTCLMILTER[1:], *map(str, args)], env=full_env, cwd=str(ROOT),
+                          encoding="utf-8", codec_errors="replace", timeout=timeout, echo=False)
+    out = child.read()  # everything, until the command exits
+    child.close()
+    status = child.exitstatus if child.exitstatus is not None else -(child.signalstatus or 0)
     return status, out.replace("\r\n", "\n")
-
-
-def _quote(arg: str) -> str:
-    import shlex
-
-    return shlex.quote(str(arg))
 
 
 def json_of(output: str) -> dict[str, Any]:
@@ -250,6 +245,48 @@ def test_run_passes_arguments_after_double_dash_to_the_script(serve: Callable[..
     assert "report.pdf" not in msg
     assert "body     chunk 3, 22543 bytes -> continue" in out  # three blocks collected at eom
     assert m.stop() == 0
+
+
+def test_run_rcptrewrite_reads_a_map_file_given_after_double_dash(serve: Callable[..., TclRun],
+                                                                   tmp_path: Path) -> None:
+    rewrite_map = tmp_path / "rcptrewrite.map"
+    rewrite_map.write_text("# old            new ...\nBob@Example.com  robert@example.com bobby@example.net  # moved\n")
+    m = serve(RCPTREWRITE, "--connection", "inet:0@127.0.0.1", args=("-map", str(rewrite_map)))
+    status, out = cli("send", "--connection", m.spec, str(DATA / "plain.eml"))
+    assert status == 0, out
+    assert "action: delrcpt <bob@example.com>" in out
+    assert "envelope: from <alice@example.org> to <robert@example.com>, <bobby@example.net>" in out
+    assert "X-Rcpt-Rewritten: <bob@example.com> -> <robert@example.com>, <bobby@example.net>" in out
+    assert m.stop() == 0
+
+
+def test_run_greylist_saves_and_reloads_its_state_with_after_while_serving(serve: Callable[..., TclRun],
+                                                                          tmp_path: Path) -> None:
+    state = tmp_path / "greylist.db"
+    m = serve(GREYLIST, "--connection", "inet:0@127.0.0.1",
+              args=("-state", str(state), "-delay", "3600", "-interval", "1"))
+    status, out = cli("send", "--connection", m.spec, str(DATA / "plain.eml"))
+    assert '-> tempfail "451 4.7.1 Greylisted, please try again in 3600 seconds"' in out, out
+    # the `after` timer writes the state while `milter main` serves
+    deadline = time.monotonic() + 5
+    while not state.exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert m.alive() and state.exists(), m.text
+    ip, sender, rcpt, first, last = _greylist_entry(state)
+    # the admin lets the triplet through: an older first-seen time, picked up at the next reload
+    state.write_text(f"{ip} {sender} {rcpt} {int(first) - 7200} {last}\n")
+    mtime = state.stat().st_mtime
+    os.utime(state, (mtime + 2, mtime + 2))  # file mtime has 1 s resolution: make the change visible
+    deadline = time.monotonic() + 5
+    while True:
+        status, out = cli("send", "--connection", m.spec, str(DATA / "plain.eml"))
+        if status == 0 or time.monotonic() > deadline:
+            break
+        time.sleep(0.3)
+    assert status == 0, out
+    assert "envrcpt  <bob@example.com> -> continue" in out
+    assert m.stop() == 0
+    assert int(_greylist_entry(state)[3]) == int(first) - 7200  # saved again at stop, edit kept
 
 
 # ============================================================================ try

@@ -26,6 +26,7 @@ _RCODE = re.compile(r"[45][0-9][0-9]\Z")
 _XCODE = re.compile(r"[245]\.[0-9]{1,3}\.[0-9]{1,3}\Z")
 _HEADER_NAME = re.compile(r"[\x21-\x39\x3b-\x7e\x80-\U0010ffff]+\Z")
 _FOLD = re.compile(r"\r?\n(?=[ \t])")
+_LONE_PERCENT = re.compile(r"(?<!%)%(?:%%)*(?!%)")
 MAX_REPLY_LINE = 980
 MAX_REPLY_LINES = 32
 
@@ -83,6 +84,9 @@ def _reply_line(text: str) -> str:
         raise MilterError(f"reply text longer than {MAX_REPLY_LINE} characters")
     if "\r" in text or "\n" in text or "\0" in text:
         raise MilterError("reply text must not contain CR, LF or NUL")
+    if _LONE_PERCENT.search(text):
+        # Sendmail formats replies printf-style and Postfix drops a lone %: write %% for a percent sign.
+        raise MilterError(f'reply text "{text}": a lone % must be written %%')
     return text
 
 
