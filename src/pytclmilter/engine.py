@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any, Awaitable, Callable, Protocol
 
 from .callbacks import Callback, Registry
 from .context import Context
+from .limits import CallbackTimeout, PythonLimit
 from .protocol import events as ev
 from .protocol.errors import LocalProtocolError, RemoteProtocolError
 from .protocol.negotiation import negotiate
@@ -27,6 +28,8 @@ if TYPE_CHECKING:
     from .milter import Milter
 
 log = logging.getLogger("pytclmilter")
+
+_PY_LIMIT = PythonLimit()
 
 _FINAL_OF = {
     Status.CONTINUE: ev.Continue(),
@@ -236,10 +239,14 @@ class ConnectionEngine:
 
     def _run_chain(self, name: str, args: tuple[Any, ...], start: int = 0) -> Status | Awaitable[Status]:
         chain = self.registry.chain(name)
+        limit = self.milter.call_timeout
         for i in range(start, len(chain)):
             cb = chain[i]
             try:
-                result = cb.func(self.ctx, *args)
+                if cb.origin == "python" and limit:
+                    result = _PY_LIMIT.call(limit, cb.func, self.ctx, *args)
+                else:
+                    result = cb.func(self.ctx, *args)
             except Exception as exc:  # noqa: BLE001 - a filter bug must not take the milter down
                 return self._callback_failed(name, cb, exc)
             if inspect.isawaitable(result):
@@ -252,7 +259,7 @@ class ConnectionEngine:
     async def _continue_async(self, name: str, args: tuple[Any, ...], chain: list[Callback], i: int,
                               first: Awaitable[Any]) -> Status:
         try:
-            result = await first
+            result = await self._limited(first)
         except Exception as exc:  # noqa: BLE001
             return self._callback_failed(name, chain[i], exc)
         status = self._status(name, chain[i], result)
@@ -263,13 +270,22 @@ class ConnectionEngine:
             try:
                 result = cb.func(self.ctx, *args)
                 if inspect.isawaitable(result):
-                    result = await result
+                    result = await self._limited(result)
             except Exception as exc:  # noqa: BLE001
                 return self._callback_failed(name, cb, exc)
             status = self._status(name, cb, result)
             if status is not Status.CONTINUE:
                 return status
         return Status.CONTINUE
+
+    async def _limited(self, awaitable: Awaitable[Any]) -> Any:
+        limit = self.milter.call_timeout
+        if not limit:
+            return await awaitable
+        try:
+            return await asyncio.wait_for(awaitable, limit)
+        except asyncio.TimeoutError:
+            raise CallbackTimeout(f"callback stopped after {limit:g} s (call_timeout)") from None
 
     def _run_sync(self, name: str, args: tuple[Any, ...]) -> Status:
         result = self._run_chain(name, args)

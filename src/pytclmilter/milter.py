@@ -67,6 +67,7 @@ class Milter:
         grace: float = 30.0,
         socket_mode: int | None = None,
         max_data_size: int = MAX_DATA_SIZE,
+        call_timeout: float = 60.0,
     ) -> None:
         self.name = name
         self.connection = connection
@@ -76,6 +77,8 @@ class Milter:
         self.grace = grace
         self.socket_mode = socket_mode
         self.max_data_size = max_data_size
+        #: A callback running longer than this is stopped and answered with on_error (0: no limit).
+        self.call_timeout = call_timeout
         self.tick_interval = 0.02
         self.registry = Registry()
         self.hooks = Hooks()

@@ -55,16 +55,16 @@ def error_location(error_info: str) -> str:
 
 def _arity(host: TclHost, words: tuple[str, ...]) -> tuple[int, int | None] | None:
     """How many arguments a command prefix accepts, if it is a proc (None: not a proc)."""
-    tk = host.tk
+    tk, call = host.tk, host.child_call
     proc = words[0]
-    if not tk.call("info", "procs", proc if proc.startswith("::") else "::" + proc):
+    if not call("info", "procs", proc if proc.startswith("::") else "::" + proc):
         return None
-    params = tk.splitlist(tk.call("info", "args", proc))
+    params = tk.splitlist(call("info", "args", proc))
     required = 0
     for p in params:
         if p == "args":
             return max(0, required - (len(words) - 1)), None
-        has_default = bool(tk.getboolean(tk.call("info", "default", proc, p, "::tclmilter::_d")))
+        has_default = bool(tk.getboolean(call("info", "default", proc, p, "::tclmilter::_d")))
         required += 0 if has_default else 1
     total = len(params) - (len(words) - 1)
     return max(0, required - (len(words) - 1)), total
@@ -77,7 +77,7 @@ def check_callbacks(host: TclHost) -> list[str]:
             if cb.origin != "tcl":
                 continue
             words = tuple(host.tk.splitlist(cb.name))
-            if not host.tk.call("info", "commands", words[0]) and not host.tk.call("info", "procs", words[0]):
+            if not host.child_call("info", "commands", words[0]):
                 problems.append(f'{event} callback "{cb.name}": invalid command name "{words[0]}"')
                 continue
             arity = _arity(host, words)

@@ -24,6 +24,7 @@ from ..milter import Milter
 from ..protocol.codec import text
 from ..status import Status
 from . import context_cmd
+from .limit import CallLimit
 from .milter_cmd import MilterCommand
 from .strings import deep_to_tcl, from_tcl, to_tcl
 from .usage import TclUsageError, integer
@@ -95,11 +96,15 @@ def tcl_status(result: Any) -> Status | NotAStatus:
     value = str(result)
     if value == "":
         return Status.CONTINUE
-    return _STATUS_BY_NAME.get(value) or NotAStatus(from_tcl(value))
+    status = _STATUS_BY_NAME.get(value)
+    return status if status is not None else NotAStatus(from_tcl(value))
 
 
 class TclHost:
     """One interpreter hosting TclMilter for one :class:`Milter`."""
+
+    #: The interpreter the script runs in: a child, so that Tcl's `interp limit` can bound callbacks.
+    CHILD = "filter"
 
     def __init__(self, milter: Milter | None = None, on_exit: Callable[[int], None] | None = None) -> None:
         self.milter = milter or Milter(name="TclMilter")
@@ -112,17 +117,36 @@ class TclHost:
         self.tcl = tkinter.Tcl()
         self.tk = self.tcl.tk
         self.tk.call("encoding", "system", "utf-8")  # scripts are UTF-8 whatever the locale
-        self.tk.call("lappend", "auto_path", libdir)
         self.contexts: dict[int, Context] = {}
         self.command = MilterCommand(self, self.milter)
         self._register("::tclmilter::py::milter", self.command)
         self._register("::tclmilter::py::context", self._context)
         self._register("::tclmilter::py::exit", self._exit)
         self.tk.call("eval", _PRELUDE)
+        # The main interpreter answers `milter stop` sent by secondary threads (thread::send).
+        self.tk.call("lappend", "auto_path", libdir)
+        self.tk.call("package", "require", "TclMilter")
+        self._make_child(libdir)
+        self.limit = CallLimit(self.tk.call, self.tk.createcommand, self.CHILD, lambda: self.milter.call_timeout)
+        self._callbacks = 0
         hooks = self.milter.hooks
         hooks.context_created = self._context_created
         hooks.context_closed = self._context_closed
         hooks.tick = self.service_events
+
+    def _make_child(self, libdir: str) -> None:
+        """The script's interpreter: TclMilter's Python commands and our exit aliased in."""
+        child, call = self.CHILD, self.tk.call
+        call("interp", "create", child)
+        for name in ("::tclmilter::py::milter", "::tclmilter::py::context", "::tclmilter::py::exit"):
+            call("interp", "alias", child, name, "", name)
+        call("interp", "alias", child, "exit", "", "exit")
+        self.child_call("lappend", "auto_path", libdir)
+        self.child_call("package", "require", "TclMilter")
+
+    def child_call(self, *words: Any) -> Any:
+        """Invoke a command in the script's interpreter (a pure list: no parsing of source text)."""
+        return self.tk.call("interp", "eval", self.CHILD, words)
 
     # ------------------------------------------------------------ Python-backed commands
 
@@ -165,29 +189,43 @@ class TclHost:
 
     def _context_created(self, ctx: Context) -> None:
         name = f"::tclmilter::ctx{ctx.id}"
-        self.tk.call("interp", "alias", "", name, "", "::tclmilter::context", ctx.id)
+        self.tk.call("interp", "alias", self.CHILD, name, self.CHILD, "::tclmilter::context", ctx.id)
         ctx.tcl_command = name
         self.contexts[ctx.id] = ctx
 
     def _context_closed(self, ctx: Context) -> None:
         self.contexts.pop(ctx.id, None)
         if ctx.tcl_command:
-            self.tk.call("rename", ctx.tcl_command, "")
+            self.tk.call("interp", "alias", self.CHILD, ctx.tcl_command, "")
             ctx.tcl_command = ""
 
     def callback(self, script: str) -> Callable[..., Any]:
-        """A Python callable that runs a Tcl command prefix with the context and event arguments."""
-        words = tuple(self.tk.splitlist(script))
-        call = self.tk.call
+        """A Python callable that runs a Tcl command prefix with the context and event arguments.
+
+        The prefix is reached through an alias in the main interpreter, so each call is a direct
+        invocation across interpreters with no script text parsed.
+        """
+        self._callbacks += 1
+        alias = f"::tclmilter::cb{self._callbacks}"
+        self.tk.call("interp", "alias", "", alias, self.CHILD, *self.tk.splitlist(script))
+        call, begin = self.tk.call, self.limit.begin
         tcl_error = tkinter.TclError
 
         def run(ctx: Context, *args: Any) -> Any:
+            begin()
             try:
-                return tcl_status(call(*words, ctx.tcl_command, *[_to_tcl(a) for a in args]))
+                return tcl_status(call(alias, ctx.tcl_command, *[_to_tcl(a) for a in args]))
             except tcl_error as exc:
-                raise CallbackError(str(exc), self.error_info()) from None
+                raise self._failure(exc) from None
 
         return run
+
+    def _failure(self, exc: tkinter.TclError) -> CallbackError:
+        info = self.error_info()
+        if "LIMIT TIME" in str(self.tk.call("set", "::errorCode")):
+            self.limit.reset()
+            return CallbackError(f"callback stopped after {self.milter.call_timeout:g} s (-calltimeout)", info)
+        return CallbackError(str(exc), info)
 
     def error_info(self) -> str:
         try:
@@ -199,16 +237,17 @@ class TclHost:
 
     def service_events(self) -> None:
         """Run due Tcl timers, file events and thread messages without blocking."""
+        self.limit.begin()
         for _ in range(1000):
             if not self.tk.dooneevent(_DONT_WAIT | _ALL_EVENTS):
                 break
 
     def set_argv(self, script: str, argv: Sequence[str]) -> None:
-        self.tk.call("set", "argv0", script)
-        self.tk.call("set", "argv", tuple(argv))
-        self.tk.call("set", "argc", len(argv))
-        self.tk.call("set", "tcl_interactive", 0)
+        self.child_call("set", "argv0", script)
+        self.child_call("set", "argv", tuple(to_tcl(a) for a in argv))
+        self.child_call("set", "argc", len(argv))
+        self.child_call("set", "tcl_interactive", 0)
 
     def source(self, path: str) -> None:
-        """Evaluate a script file; TclError carries errorInfo in ``error_info()``."""
-        self.tk.call("source", path)
+        """Evaluate a script file in the script's interpreter; TclError carries errorInfo in ``error_info()``."""
+        self.child_call("source", path)

@@ -73,6 +73,7 @@ OPTIONS: dict[str, Option] = {
     # New in pytclmilter:
     "-onerror": Option("on_error", False, _status, lambda v: v.smfis),
     "-grace": Option("grace", False, _seconds),
+    "-calltimeout": Option("call_timeout", False, _seconds),
 }
 
 SUBCOMMANDS = ("configure", "main", "register", "stop")

@@ -1,0 +1,63 @@
+"""A time limit for Tcl callbacks, with Tcl's own ``interp limit`` on the script's interpreter.
+
+Setting the limit before every callback would cost two Tcl calls per
+callback. Instead the deadline is armed lazily and Tcl calls us back when it
+passes: if the callback running then is still within its allowance the
+deadline moves to exactly its end, otherwise Tcl unwinds it with ``time limit
+exceeded`` (errorCode ``TCL LIMIT TIME``), which a script cannot ``catch``.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Callable
+
+_HANDLER = "::tclmilter::py::limit"
+
+
+class CallLimit:
+    """Per-callback time limit for one child interpreter; ``seconds`` 0 means none."""
+
+    def __init__(self, call: Callable[..., object], create: Callable[[str, Callable[..., object]], None],
+                 child: str, seconds: Callable[[], float]) -> None:
+        self._call = call
+        self._child = child
+        self._seconds = seconds
+        self._started = time.monotonic()
+        self._armed_until = 0.0  # monotonic time of the deadline Tcl holds; 0: none
+        create(_HANDLER, self._on_deadline)
+
+    def begin(self) -> None:
+        """A callback (or a batch of event handlers) starts now."""
+        now = self._started = time.monotonic()
+        limit = self._seconds()
+        if not limit:
+            if self._armed_until:
+                self._set(None)
+            return
+        if self._armed_until < now:  # Tcl would stop this evaluation at once: re-arm
+            self._set(now + limit)
+
+    def reset(self) -> None:
+        """After a callback was stopped: the interpreter must get a fresh deadline to run again."""
+        self._armed_until = 0.0
+        self.begin()
+
+    def _on_deadline(self, *args: object) -> None:
+        limit = self._seconds()
+        end = self._started + limit
+        if limit and time.monotonic() < end:
+            self._set(end)  # the callback running now still has time: extend exactly to its end
+        elif not limit:
+            self._set(None)
+
+    def _set(self, deadline: float | None) -> None:
+        if deadline is None:
+            self._call("interp", "limit", self._child, "time", "-seconds", "", "-milliseconds", "")
+            self._armed_until = 0.0
+            return
+        wall = time.time() + (deadline - time.monotonic())
+        ms = int(wall * 1000) + 1
+        self._call("interp", "limit", self._child, "time", "-seconds", ms // 1000, "-milliseconds", ms % 1000,
+                   "-command", _HANDLER)
+        self._armed_until = deadline
