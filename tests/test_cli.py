@@ -299,6 +299,7 @@ CLIENT = ("--client-ip", "192.0.2.7", "--client-name", "mail.example.net")
 def test_try_stamp_adds_the_header_with_macros_and_client_address() -> None:
     status, out = cli("try", str(STAMP), str(DATA / "plain.eml"), *CLIENT)
     assert status == 0, out
+    assert "not a status" not in out  # `return SMFIS_CONTINUE` is a status like the others
     assert "connect  mail.example.net [192.0.2.7] -> continue" in out
     assert "verdict: accept at eom" in out
     assert "envelope: from <alice@example.org> to <bob@example.com>" in out

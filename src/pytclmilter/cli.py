@@ -52,6 +52,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("pytclmilter: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `pytclmilter try ... | head`: the reader went away, not an error of ours
+        sys.stderr.close()
+        return 0
 
 
 if __name__ == "__main__":

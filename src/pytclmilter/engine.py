@@ -407,8 +407,12 @@ class ConnectionEngine:
         text = getattr(reply, "text", "")
         verdict = status.name.lower() if not (stage == "eom" and status is Status.CONTINUE) else "accept"
         self.milter.stats.count(verdict)
-        log.info("%s: verdict %s at %s client=%s from=%s%s", self.name, verdict, stage, self.client or "-",
-                 self.sender or "-", f' reply="{text}"' if text else "")
+        # without connect/envfrom callbacks those events are skipped, but their macros still arrive
+        client = self.client or self.ctx.getsymval("_") or "-"
+        mail_addr = self.ctx.getsymval("{mail_addr}")
+        sender = self.sender or (f"<{mail_addr}>" if mail_addr else "-")
+        log.info("%s: verdict %s at %s client=%s from=%s%s", self.name, verdict, stage, client,
+                 sender, f' reply="{text}"' if text else "")
 
     def _progress(self) -> None:
         self.link.touch()

@@ -121,10 +121,8 @@ class Milter:
 
     async def serve(self) -> None:
         """Serve until :meth:`stop` or a signal; returns, and may be called again."""
-        try:
-            await self._server.serve()
-        finally:
-            log.info("%s stopped; verdicts: %s", self.name, self.stats.summary())
+        await self._server.serve()
+        log.info("%s stopped; verdicts: %s", self.name, self.stats.summary())
 
     def run(self) -> None:
         """Blocking :meth:`serve` on a fresh event loop."""

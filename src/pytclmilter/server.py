@@ -190,7 +190,10 @@ class MilterServer:
         factory = lambda: _Connection(self)  # noqa: E731
         if spec.family == "unix":
             _clear_stale_socket(spec.path)
-            server = await self.loop.create_unix_server(factory, spec.path, backlog=backlog)
+            try:
+                server = await self.loop.create_unix_server(factory, spec.path, backlog=backlog)
+            except OSError as exc:
+                raise ConnSpecError(f"cannot listen on {spec}: {exc.strerror or exc}") from None
             if self.milter.socket_mode is not None:
                 os.chmod(spec.path, self.milter.socket_mode)
             st = os.stat(spec.path)

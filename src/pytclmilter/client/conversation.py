@@ -163,6 +163,7 @@ class Conversation:
         if mail is not None and mail.reply not in ("", "continue"):
             return self._verdict(mail)
         accepted = 0
+        temporary = False
         for rcpt in env.recipients:
             stage = await self._event(
                 Stage("envrcpt", angle(rcpt)), ev.Macro(b"R", {"i": env.queue_id, "{rcpt_addr}": rcpt}),
@@ -175,9 +176,11 @@ class Conversation:
                 return self._verdict(stage)
             else:
                 self.out.rejected_rcpts[rcpt] = stage.text or stage.reply
+                temporary = temporary or stage.reply == "tempfail"
         if not accepted:
-            self.out.verdict, self.out.stage = "reject", "envrcpt"
-            self.out.reply_text = "all recipients rejected"
+            # the client got 4xx for at least one recipient: it will try again later
+            self.out.verdict, self.out.stage = ("tempfail" if temporary else "reject"), "envrcpt"
+            self.out.reply_text = "no recipient accepted" if temporary else "all recipients rejected"
             self._send(ev.Abort())
             return
         content = [

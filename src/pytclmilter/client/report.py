@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from typing import Any
 
 from ..protocol import events as ev
@@ -66,6 +67,11 @@ def as_dict(outcome: Outcome, result: Result | None) -> dict[str, Any]:
     return doc
 
 
+def printable(s: str) -> str:
+    """Text for a terminal: bytes that are not UTF-8 (surrogate escapes) as \\xNN."""
+    return s.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
 def as_text(outcome: Outcome, result: Result | None) -> str:
     lines = []
     for s in outcome.stages:
@@ -85,7 +91,7 @@ def as_text(outcome: Outcome, result: Result | None) -> str:
         lines.append(f"envelope: from {result.sender} to {', '.join(result.recipients)}")
         lines.append("--- resulting message ---")
         lines.append(wire_text(result.message.render()))
-    return "\n".join(lines)
+    return printable("\n".join(lines))
 
 
 def wire_text(raw: bytes) -> str:
@@ -94,7 +100,9 @@ def wire_text(raw: bytes) -> str:
 
 
 def to_json(outcome: Outcome, result: Result | None) -> str:
-    return json.dumps(as_dict(outcome, result), indent=2, ensure_ascii=False, default=str)
+    doc = json.dumps(as_dict(outcome, result), indent=2, ensure_ascii=False, default=str)
+    # a byte that is not UTF-8 is a lone surrogate here: write it as the JSON escape \\udcNN
+    return re.sub("[\udc80-\udcff]", lambda m: f"\\u{ord(m.group()):04x}", doc)
 
 
 __all__ = ["EXIT_CODES", "as_dict", "as_text", "to_json", "describe", "wire"]

@@ -18,7 +18,7 @@ from ..protocol.constants import Action, Proto
 from ..protocol.events import OptionNegotiation
 from ..protocol.negotiation import negotiate
 from ..tcl.interp import TclHost
-from .common import add_script_options, make_host, setup_logging
+from .common import ScriptExit, add_script_options, make_host, setup_logging
 
 #: Arguments each event passes after the context, as the manual names them.
 EVENT_ARGS = {
@@ -105,17 +105,19 @@ def describe_negotiation(host: TclHost) -> list[str]:
 
 def cmd_check(opts: argparse.Namespace) -> int:
     setup_logging(opts.log_level)
-    host = make_host(opts.script, opts.python, {})
+    exited = ScriptExit()
+    host = make_host(opts.script, opts.python, {}, on_exit=exited)
     host.command.main_hook = lambda: None  # `milter main` returns at once
-    host.set_argv(opts.script, list(opts.args))
+    host.set_argv(opts.script, list(opts.args) + list(getattr(opts, "rest", [])))
     try:
         host.source(opts.script)
     except tkinter.TclError as exc:
-        info = host.error_info()
-        where = error_location(info) or opts.script
-        print(f"{where}: error: {exc}", file=sys.stderr)
-        print(info, file=sys.stderr)
-        return 1
+        if exited.code is None:
+            info = host.error_info()
+            where = error_location(info) or opts.script
+            print(f"{where}: error: {exc}", file=sys.stderr)
+            print(info, file=sys.stderr)
+            return 1
     out: list[str] = [f"{opts.script}: loaded"]
     registered: dict[str, Any] = host.milter.registry.registered()
     out.append("callbacks:" if registered else "callbacks: none registered")

@@ -9,6 +9,7 @@ import logging.handlers
 import os
 import sys
 from pathlib import Path
+from typing import Callable
 
 from ..client.message import Envelope, Message
 from ..milter import Milter
@@ -65,11 +66,12 @@ def add_script_options(p: argparse.ArgumentParser) -> None:
                    help="Python file whose setup(milter) adds callbacks to the same chains (repeatable)")
 
 
-def make_host(script: str, hooks: list[str], overrides: dict[str, str | None]) -> TclHost:
+def make_host(script: str, hooks: list[str], overrides: dict[str, str | None],
+              on_exit: Callable[[int], None] | None = None) -> TclHost:
     """An interpreter with the milter command, command-line overrides locked, Python hooks loaded."""
     if not Path(script).is_file():
         raise UsageError(f'couldn\'t read file "{script}": no such file or directory', EX_NOINPUT)
-    host = TclHost()
+    host = TclHost(on_exit=on_exit)
     try:
         for option, value in overrides.items():
             if value is not None:
@@ -79,6 +81,17 @@ def make_host(script: str, hooks: list[str], overrides: dict[str, str | None]) -
     for path in hooks:
         load_hooks(path, host.milter)
     return host
+
+
+class ScriptExit:
+    """Tcl's `exit` for try and check: remember the code and unwind the script (an error nobody reports)."""
+
+    def __init__(self) -> None:
+        self.code: int | None = None
+
+    def __call__(self, code: int) -> None:
+        self.code = code
+        raise TclUsageError(f"exit {code}")
 
 
 def add_envelope_options(p: argparse.ArgumentParser) -> None:

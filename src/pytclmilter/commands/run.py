@@ -52,6 +52,12 @@ class Daemon:
         self.pid_written = False
 
     def listening(self, spec: ConnSpec) -> None:
+        if self.pidfile and not self.pid_written:  # while still root: /run is root's
+            try:
+                Path(self.pidfile).write_text(f"{os.getpid()}\n")
+            except OSError as exc:
+                raise OSError(exc.errno, f"cannot write pid file {self.pidfile}: {exc.strerror}") from None
+            self.pid_written = True
         if self.uid is not None and not self.dropped:
             if spec.family == "unix":
                 os.chown(spec.path, self.uid, self.gid if self.gid is not None else -1)
@@ -61,9 +67,6 @@ class Daemon:
             os.setuid(self.uid)
             self.dropped = True
             log.info("running as uid %d gid %d", os.getuid(), os.getgid())
-        if self.pidfile:
-            Path(self.pidfile).write_text(f"{os.getpid()}\n")
-            self.pid_written = True
         print(f"pytclmilter: {self.milter.name} listening on {spec}", flush=True)
 
     def signal(self, sig: signal.Signals) -> None:

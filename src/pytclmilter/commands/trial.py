@@ -19,7 +19,8 @@ from ..client.conversation import Outcome
 from ..client.load import one
 from ..client.report import EXIT_CODES, as_text, to_json
 from ..connspec import ConnSpec
-from .common import EX_SOFTWARE, add_envelope_options, add_script_options, make_host, read_message, setup_logging
+from .common import (EX_SOFTWARE, ScriptExit, add_envelope_options, add_script_options, make_host, read_message,
+                     setup_logging)
 
 
 def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:  # type: ignore[type-arg]
@@ -36,7 +37,9 @@ def cmd_try(opts: argparse.Namespace) -> int:
     msg, env = read_message(opts)
     workdir = tempfile.mkdtemp(prefix="pytclmilter-try-")
     try:
-        host = make_host(opts.script, opts.python, {"-connection": f"unix:{workdir}/try.sock", "-grace": "5"})
+        exited = ScriptExit()
+        host = make_host(opts.script, opts.python, {"-connection": f"unix:{workdir}/try.sock", "-grace": "5"},
+                         on_exit=exited)
         milter = host.milter
         outcomes: list[Outcome] = []
 
@@ -47,12 +50,13 @@ def cmd_try(opts: argparse.Namespace) -> int:
                 milter.stop()
 
         milter.hooks.listening = lambda spec: asyncio.ensure_future(converse(spec)) and None
-        host.set_argv(opts.script, [])
+        host.set_argv(opts.script, list(getattr(opts, "rest", [])))
         try:
             host.source(opts.script)
         except tkinter.TclError:
-            print(host.error_info(), file=sys.stderr)
-            return EX_SOFTWARE
+            if exited.code is None:
+                print(host.error_info(), file=sys.stderr)
+                return EX_SOFTWARE
         if not outcomes:
             print(f"pytclmilter: {opts.script} never called milter main", file=sys.stderr)
             return EX_SOFTWARE
