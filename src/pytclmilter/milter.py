@@ -13,6 +13,7 @@ from .callbacks import EVENTS, Callback, Registry
 from .connspec import ConnSpec, parse
 from .context import Context
 from .protocol.constants import MAX_DATA_SIZE
+from .listener import Listener
 from .server import MilterServer
 from .status import Status, parse_status
 
@@ -80,6 +81,11 @@ class Milter:
         #: A callback running longer than this is stopped and answered with on_error (0: no limit).
         self.call_timeout = call_timeout
         self.tick_interval = 0.02
+        #: Serve this already-bound socket instead of binding (set in each --workers process).
+        self.inherited_listener: Listener | None = None
+        #: Processes serving one socket; 1 serves in this process (see workers.py).
+        self.workers = 1
+        self.stop_hook: Callable[[], None] | None = None
         self.registry = Registry()
         self.hooks = Hooks()
         self.stats = Stats()
@@ -125,7 +131,12 @@ class Milter:
         log.info("%s stopped; verdicts: %s", self.name, self.stats.summary())
 
     def run(self) -> None:
-        """Blocking :meth:`serve` on a fresh event loop."""
+        """Blocking :meth:`serve` on a fresh event loop, or in ``workers`` processes (see workers.py)."""
+        if self.workers > 1:
+            from .workers import run_workers
+
+            run_workers(self, self.workers)
+            return
         asyncio.run(self.serve())
 
     def abort(self) -> None:
@@ -135,6 +146,8 @@ class Milter:
     def stop(self) -> None:
         """Stop serving: from any thread, from a callback, before or during :meth:`run`."""
         self._server.stop()
+        if self.stop_hook is not None:  # in --workers: stop the others too
+            self.stop_hook()
 
 
 __all__ = ["Milter", "EVENTS", "DEFAULT_CONNECTION"]

@@ -7,16 +7,15 @@ to :class:`~pytclmilter.engine.ConnectionEngine`.
 from __future__ import annotations
 
 import asyncio
-import errno
 import logging
 import os
 import signal
 import socket
-import stat
 import threading
 from typing import TYPE_CHECKING
 
-from .connspec import ConnSpec, ConnSpecError, parse
+from .connspec import ConnSpec, parse
+from .listener import Listener, bind
 from .engine import ConnectionEngine
 
 if TYPE_CHECKING:
@@ -141,8 +140,8 @@ class MilterServer:
         listener = getattr(self, "_listener", None)
         if listener is None or self.listening is None:
             return
-        listener.close()
-        self._remove_unix(*self._unix)
+        self._server.close()
+        listener.remove_unix()
         for conn in list(self.connections):
             if conn.transport is not None:
                 conn.transport.abort()
@@ -159,8 +158,8 @@ class MilterServer:
             if self._stop_requested:
                 self._stop.set()
             self._stop_requested = False
-        server, unix_id, spec = await self._listen(spec)
-        self._listener, self._unix = server, (spec, unix_id)
+        listener = self._listener = await self._listen(spec)
+        server, spec = self._server, listener.spec
         self.listening = spec
         signals = self._install_signals()
         sweeper = asyncio.ensure_future(self._sweep())
@@ -171,7 +170,7 @@ class MilterServer:
             log.info("stopping: no new connections; %d open", len(self.connections))
         finally:
             server.close()
-            self._remove_unix(spec, unix_id)
+            listener.remove_unix()
             await self._drain(milter.grace)
             sweeper.cancel()
             if ticker is not None:
@@ -185,42 +184,15 @@ class MilterServer:
             with self._lock:
                 self._stop = None
 
-    async def _listen(self, spec: ConnSpec) -> tuple[asyncio.AbstractServer, tuple[int, int] | None, ConnSpec]:
-        backlog = self.milter.backlog or max(socket.SOMAXCONN, 20)
+    async def _listen(self, spec: ConnSpec) -> Listener:
+        """Serve the socket bound for us (``--workers``) or bind one now."""
+        listener = self.milter.inherited_listener or bind(spec, self.milter.backlog, self.milter.socket_mode)
         factory = lambda: _Connection(self)  # noqa: E731
-        if spec.family == "unix":
-            _clear_stale_socket(spec.path)
-            try:
-                server = await self.loop.create_unix_server(factory, spec.path, backlog=backlog)
-            except OSError as exc:
-                raise ConnSpecError(f"cannot listen on {spec}: {exc.strerror or exc}") from None
-            if self.milter.socket_mode is not None:
-                os.chmod(spec.path, self.milter.socket_mode)
-            st = os.stat(spec.path)
-            return server, (st.st_dev, st.st_ino), spec
-        family = socket.AF_INET if spec.family == "inet" else socket.AF_INET6
-        try:
-            server = await self.loop.create_server(
-                factory, spec.host, spec.port, family=family, backlog=backlog, reuse_address=True
-            )
-        except OSError as exc:
-            raise ConnSpecError(f"cannot listen on {spec}: {exc.strerror or exc}") from None
-        if spec.port == 0:  # an ephemeral port: report the real one
-            port = server.sockets[0].getsockname()[1]
-            spec = ConnSpec(spec.family, host=spec.host, port=port)
-        return server, None, spec
-
-    @staticmethod
-    def _remove_unix(spec: ConnSpec, ident: tuple[int, int] | None) -> None:
-        """Remove our socket file at exit, only if it is still the one we created."""
-        if ident is None:
-            return
-        try:
-            st = os.lstat(spec.path)
-            if stat.S_ISSOCK(st.st_mode) and (st.st_dev, st.st_ino) == ident:
-                os.unlink(spec.path)
-        except OSError:
-            pass
+        if listener.spec.family == "unix":
+            self._server = await self.loop.create_unix_server(factory, sock=listener.sock)
+        else:
+            self._server = await self.loop.create_server(factory, sock=listener.sock)
+        return listener
 
     async def _drain(self, grace: float) -> None:
         """Let open sessions finish for ``grace`` seconds, then close them (abort/close callbacks run)."""
@@ -274,28 +246,3 @@ class MilterServer:
     def _remove_signals(self, sigs: list[signal.Signals]) -> None:
         for sig in sigs:
             self.loop.remove_signal_handler(sig)
-
-
-def _clear_stale_socket(path: str) -> None:
-    """Remove a stale socket file; refuse a live socket or anything that is not a socket."""
-    try:
-        st = os.lstat(path)
-    except FileNotFoundError:
-        return
-    except OSError as exc:
-        raise ConnSpecError(f"cannot use {path}: {exc.strerror}") from None
-    if not stat.S_ISSOCK(st.st_mode):
-        raise ConnSpecError(f"{path} exists and is not a socket; refusing to remove it")
-    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        probe.settimeout(1.0)
-        probe.connect(path)
-    except OSError as exc:
-        if exc.errno not in (errno.ECONNREFUSED, errno.ENOENT):
-            raise ConnSpecError(f"cannot check socket {path}: {exc.strerror}") from None
-        os.unlink(path)  # nobody answers: a leftover from a process that died
-        log.info("removed stale socket %s", path)
-        return
-    finally:
-        probe.close()
-    raise ConnSpecError(f"{path} is in use by another process; refusing to replace it")

@@ -30,6 +30,10 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:  # t
     run.add_argument("--on-error", metavar="STATUS",
                      help="answer when a callback fails: SMFIS_TEMPFAIL (default), SMFIS_CONTINUE, ...")
     run.add_argument("--grace", metavar="SECONDS", help="how long open sessions may finish at stop (default 30)")
+    run.add_argument("--call-timeout", metavar="SECONDS",
+                     help="stop a callback running longer than this and answer --on-error (default 60, 0: none)")
+    run.add_argument("--workers", metavar="N",
+                     help="serve with N processes, each with its own interpreter (Tcl globals are per worker)")
     add_script_options(run)
     run.add_argument("--user", help="drop privileges to this user after binding the socket")
     run.add_argument("--group", help="drop privileges to this group after binding (default: the user's group)")
@@ -104,7 +108,8 @@ def _ids(user: str | None, group: str | None) -> tuple[int | None, int | None]:
 def cmd_run(opts: argparse.Namespace) -> int:
     setup_logging(opts.log_level, opts.syslog)
     overrides = {"-connection": opts.connection, "-timeout": opts.timeout, "-backlog": opts.backlog,
-                 "-name": opts.name, "-onerror": opts.on_error, "-grace": opts.grace}
+                 "-name": opts.name, "-onerror": opts.on_error, "-grace": opts.grace,
+                 "-calltimeout": opts.call_timeout, "-workers": opts.workers}
     host = make_host(opts.script, opts.python, overrides)
     milter = host.milter
     if opts.socket_mode is not None:

@@ -74,6 +74,7 @@ OPTIONS: dict[str, Option] = {
     "-onerror": Option("on_error", False, _status, lambda v: v.smfis),
     "-grace": Option("grace", False, _seconds),
     "-calltimeout": Option("call_timeout", False, _seconds),
+    "-workers": Option("workers", True, _positive),
 }
 
 SUBCOMMANDS = ("configure", "main", "register", "stop")

@@ -1,0 +1,133 @@
+"""``--workers N``: N processes serving one listening socket, supervised by the parent.
+
+The parent binds the socket (and drops privileges) at ``milter main``, then
+forks the workers from that very moment, so each starts with the script's
+state as it stood when ``milter main`` was called: its own interpreter, its
+own Tcl globals, the same callbacks. A worker that dies is replaced and the
+death logged; a worker that exits with status 0 asked to stop (``milter
+stop``), which stops all. SIGTERM, SIGINT and SIGHUP to the parent stop all
+gracefully; then ``milter main`` returns in the parent and the script goes on.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import sys
+import time
+from typing import TYPE_CHECKING
+
+from .connspec import parse
+from .listener import Listener, bind
+
+if TYPE_CHECKING:
+    from .milter import Milter
+
+log = logging.getLogger("pytclmilter")
+
+_STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+_RESPAWN_WINDOW = 10.0  # seconds
+_RESPAWN_BURST = 5  # deaths within the window before respawning slows down
+
+
+def run_workers(milter: "Milter", count: int) -> None:
+    listener = bind(parse(milter.connection), milter.backlog, milter.socket_mode)
+    try:
+        milter.hooks.listening(listener.spec)
+        Supervisor(milter, listener, count).run()
+    finally:
+        listener.remove_unix()
+        listener.sock.close()
+
+
+class Supervisor:
+    def __init__(self, milter: "Milter", listener: Listener, count: int) -> None:
+        self.milter = milter
+        self.listener = listener
+        self.count = count
+        self.children: dict[int, int] = {}  # pid -> worker number
+        self.stopping = False
+        self.deaths: list[float] = []
+
+    def run(self) -> None:
+        previous = {sig: signal.signal(sig, self._on_signal) for sig in _STOP_SIGNALS}
+        self.milter.stop_hook = self.stop
+        try:
+            for number in range(1, self.count + 1):
+                self._spawn(number)
+            log.info("%d workers serving %s", self.count, self.listener.spec)
+            while self.children:
+                try:
+                    pid, status = os.waitpid(-1, 0)
+                except ChildProcessError:
+                    break
+                number = self.children.pop(pid, None)
+                if number is not None:
+                    self._reaped(pid, number, status)
+        finally:
+            self.milter.stop_hook = None
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+        log.info("all workers stopped")
+
+    def _reaped(self, pid: int, number: int, status: int) -> None:
+        code = os.waitstatus_to_exitcode(status)
+        if self.stopping:
+            return
+        if code == 0:
+            log.info("worker %d (pid %d) stopped the milter: stopping all workers", number, pid)
+            self.stop()
+            return
+        how = f"signal {-code}" if code < 0 else f"exit status {code}"
+        log.error("worker %d (pid %d) died (%s); starting a new one", number, pid, how)
+        now = time.monotonic()
+        self.deaths = [t for t in self.deaths if now - t < _RESPAWN_WINDOW] + [now]
+        if len(self.deaths) > _RESPAWN_BURST:
+            time.sleep(1.0)  # a worker that dies at once must not turn into a fork loop
+        if not self.stopping:
+            self._spawn(number)
+
+    def _on_signal(self, signum: int, frame: object) -> None:
+        log.info("received %s: stopping %d workers", signal.Signals(signum).name, len(self.children))
+        self.milter.hooks.signal(signal.Signals(signum))
+        self.stop()
+
+    def stop(self) -> None:
+        self.stopping = True
+        for pid in list(self.children):
+            try:
+                os.kill(pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+
+    def _spawn(self, number: int) -> None:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        pid = os.fork()
+        if pid:
+            self.children[pid] = number
+            return
+        self._worker(number)  # never returns
+
+    def _worker(self, number: int) -> None:
+        for sig in _STOP_SIGNALS:
+            signal.signal(sig, signal.SIG_DFL)
+        parent = os.getppid()
+        milter = self.milter
+        milter.workers = 1
+        milter.inherited_listener = Listener(self.listener.sock, self.listener.spec)  # the parent removes the file
+        milter.hooks.listening = lambda spec: None
+        milter.stop_hook = lambda: os.kill(parent, signal.SIGTERM)
+        code = 0
+        try:
+            log.debug("worker %d (pid %d) serving", number, os.getpid())
+            milter.run()
+        except BaseException:  # noqa: BLE001 - a worker must end here, whatever happened
+            log.exception("worker %d failed", number)
+            code = 70
+        finally:
+            logging.shutdown()
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(code)
