@@ -30,6 +30,8 @@ if TYPE_CHECKING:
 log = logging.getLogger("pytclmilter")
 
 _PY_LIMIT = PythonLimit()
+#: Result types that are certainly not awaitable (skips inspect.isawaitable on the hot path).
+_PLAIN = frozenset({type(None), str, int, Status})
 
 _FINAL_OF = {
     Status.CONTINUE: ev.Continue(),
@@ -85,7 +87,7 @@ class ConnectionEngine:
     def __init__(self, milter: "Milter", conn_id: int, link: "Link") -> None:
         self.milter = milter
         self.registry: Registry = milter.registry
-        self.session = FilterSession()
+        self.session = FilterSession(emit_macros=False)
         self.ctx = Context(conn_id, self.session.macros, self._progress)
         self.name = self.ctx.name
         self.link = link
@@ -249,7 +251,7 @@ class ConnectionEngine:
                     result = cb.func(self.ctx, *args)
             except Exception as exc:  # noqa: BLE001 - a filter bug must not take the milter down
                 return self._callback_failed(name, cb, exc)
-            if inspect.isawaitable(result):
+            if result.__class__ not in _PLAIN and inspect.isawaitable(result):
                 return self._continue_async(name, args, chain, i, result)
             status = self._status(name, cb, result)
             if status is not Status.CONTINUE:
@@ -320,8 +322,8 @@ class ConnectionEngine:
     def _callback_failed(self, name: str, cb: Callback, exc: BaseException) -> Status:
         detail = exc.detail if isinstance(exc, CallbackError) else _traceback(exc)
         status = self.milter.on_error
-        log.error("%s: %s callback %s failed, answering %s:\n%s", self.name, name, cb.name or cb.func,
-                  status.smfis, detail)
+        log.error("%s: %s callback %s failed (%s), answering %s:\n%s", self.name, name, cb.name or cb.func,
+                  exc, status.smfis, detail)
         self.milter.stats.errors += 1
         return status
 

@@ -1,15 +1,18 @@
 """A time limit for synchronous Python callbacks (Tcl ones use Tcl's ``interp limit``).
 
-A plain function cannot be stopped from outside, so the limit is a one-shot
-``SIGALRM`` timer whose handler raises inside the callback, only while a
-callback runs, and only on the main thread (where Python delivers signals).
-Async callbacks are limited with ``asyncio.wait_for`` in the engine instead.
+A plain function cannot be stopped from outside, so a watchdog thread checks a
+few times a second whether the callback running on the main thread has
+overrun, and if so sends the main thread ``SIGALRM``, whose handler raises
+inside the callback. Starting a callback costs two attribute writes; this
+works on the main thread only (where Python runs signal handlers). Async
+callbacks are limited with ``asyncio.wait_for`` in the engine instead.
 """
 
 from __future__ import annotations
 
 import signal
 import threading
+import time
 from typing import Any, Callable
 
 
@@ -19,25 +22,38 @@ class CallbackTimeout(Exception):
 
 class PythonLimit:
     def __init__(self) -> None:
-        self._active = False
+        self._started = 0.0
         self._seconds = 0.0
-        self._installed = False
+        self._active = False
+        self._watchdog: threading.Thread | None = None
 
     def call(self, seconds: float, func: Callable[..., Any], *args: Any) -> Any:
         if not seconds or threading.current_thread() is not threading.main_thread():
             return func(*args)
-        if not self._installed:
-            signal.signal(signal.SIGALRM, self._expired)
-            self._installed = True
-        self._active, self._seconds = True, seconds
-        signal.setitimer(signal.ITIMER_REAL, seconds)
+        if self._watchdog is None or not self._watchdog.is_alive():
+            self._start()
+        self._seconds, self._started, self._active = seconds, time.monotonic(), True
         try:
             return func(*args)
         finally:
             self._active = False
-            signal.setitimer(signal.ITIMER_REAL, 0)
+
+    def _start(self) -> None:
+        signal.signal(signal.SIGALRM, self._expired)
+        main = threading.main_thread().ident
+        self._watchdog = threading.Thread(target=self._watch, args=(main,), name="callback-watchdog", daemon=True)
+        self._watchdog.start()
+
+    def _overrun(self) -> bool:
+        return self._active and time.monotonic() - self._started > self._seconds
+
+    def _watch(self, main: int) -> None:
+        while True:
+            time.sleep(min(0.1, max(self._seconds / 4, 0.01)))
+            if self._overrun():
+                signal.pthread_kill(main, signal.SIGALRM)
 
     def _expired(self, signum: int, frame: object) -> None:
-        if self._active:
+        if self._overrun():
             self._active = False
             raise CallbackTimeout(f"callback stopped after {self._seconds:g} s (call_timeout)")

@@ -14,7 +14,7 @@ become U+DC80..U+DCFF and go back out as the very same bytes.
 from __future__ import annotations
 
 import struct
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Iterator, Mapping
 
 from . import events as ev
 from .constants import CHUNK_SIZE, Cmd, Family, MacroStage, Reply
@@ -137,15 +137,50 @@ def _optneg(payload: bytes) -> ev.Event:
     return ev.OptionNegotiation(*_OPTNEG.unpack_from(payload))
 
 
+class LazyMacros(Mapping[str, str]):
+    """Macro pairs decoded on first use: the MTA sends macros before every event, few are read."""
+
+    __slots__ = ("_raw", "_decoded")
+
+    def __init__(self, raw: bytes) -> None:
+        self._raw = raw
+        self._decoded: dict[str, str] | None = None
+
+    def _pairs(self) -> dict[str, str]:
+        if self._decoded is None:
+            parts = self._raw.split(b"\0")
+            if parts and parts[-1] == b"":
+                parts.pop()
+            # An odd name without a value is dropped, as libmilter's lookup stops there.
+            self._decoded = {text(parts[i]): text(parts[i + 1]) for i in range(0, len(parts) - 1, 2)}
+        return self._decoded
+
+    @property
+    def has_pairs(self) -> bool:
+        """At least one name/value pair, known without decoding."""
+        nuls = self._raw.count(b"\0")
+        return nuls >= 2 or (nuls == 1 and not self._raw.endswith(b"\0"))
+
+    def __getitem__(self, name: str) -> str:
+        return self._pairs()[name]
+
+    def get(self, name: str, default: object = None) -> object:  # type: ignore[override]
+        return self._pairs().get(name, default)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._pairs())
+
+    def __len__(self) -> int:
+        return len(self._pairs())
+
+    def __repr__(self) -> str:
+        return repr(self._pairs())
+
+
 def _macro(payload: bytes) -> ev.Event:
     if not payload:
         raise RemoteProtocolError("macro: empty payload")
-    stage, rest = payload[:1], payload[1:]
-    parts = rest.split(b"\0")
-    if parts and parts[-1] == b"":
-        parts.pop()
-    # An odd name without a value is dropped, as libmilter's lookup stops there.
-    return ev.Macro(stage, {text(parts[i]): text(parts[i + 1]) for i in range(0, len(parts) - 1, 2)})
+    return ev.Macro(payload[:1], LazyMacros(payload[1:]))  # type: ignore[arg-type]
 
 
 def _connect(payload: bytes) -> ev.Event:

@@ -7,6 +7,8 @@ values stay visible exactly as a libmilter filter would see them.
 
 from __future__ import annotations
 
+from typing import Mapping
+
 #: Stage letters libmilter stores, in protocol order.
 STAGES = b"CHMRTNE"
 #: Lookup order of smfi_getsymval: latest stage first.
@@ -24,11 +26,12 @@ class MacroStore:
     __slots__ = ("_slots",)
 
     def __init__(self) -> None:
-        self._slots: dict[bytes, dict[str, str]] = {}
+        self._slots: dict[bytes, Mapping[str, str]] = {}
 
-    def define(self, stage: bytes, macros: dict[str, str]) -> None:
+    def define(self, stage: bytes, macros: Mapping[str, str]) -> None:
         """Store a macro packet; other stage letters and empty packets are ignored, as libmilter does."""
-        if macros and len(stage) == 1 and stage in STAGES:
+        has_pairs = getattr(macros, "has_pairs", None)  # a LazyMacros answers without decoding
+        if (has_pairs if has_pairs is not None else macros) and len(stage) == 1 and stage in STAGES:
             self._slots[stage] = macros
 
     def command(self, code: bytes) -> None:

@@ -86,30 +86,31 @@ _STATE_OF = {
 }
 
 #: States whose event a skip flag can suppress, so the skip rule may jump over them.
-_SKIPPABLE = {
-    S.CONN: Proto.NOCONNECT,
-    S.HELO: Proto.NOHELO,
-    S.MAIL: Proto.NOMAIL,
-    S.RCPT: Proto.NORCPT,
-    S.DATA: Proto.NODATA,
-    S.HDRS: Proto.NOHDRS,
-    S.EOHS: Proto.NOEOH,
-    S.BODY: Proto.NOBODY,
+_SKIPPABLE = {  # plain ints: IntFlag arithmetic costs microseconds on the hot path
+    S.CONN: int(Proto.NOCONNECT),
+    S.HELO: int(Proto.NOHELO),
+    S.MAIL: int(Proto.NOMAIL),
+    S.RCPT: int(Proto.NORCPT),
+    S.DATA: int(Proto.NODATA),
+    S.HDRS: int(Proto.NOHDRS),
+    S.EOHS: int(Proto.NOEOH),
+    S.BODY: int(Proto.NOBODY),
 }
+_STATES = tuple(State)
 
 _TRANSACTION = frozenset({S.MAIL, S.RCPT, S.DATA, S.HDRS, S.EOHS, S.BODY})
 
 #: Command -> the NR bit that silences its reply.
 _NR_OF = {
-    b"C": Proto.NR_CONN,
-    b"H": Proto.NR_HELO,
-    b"M": Proto.NR_MAIL,
-    b"R": Proto.NR_RCPT,
-    b"T": Proto.NR_DATA,
-    b"U": Proto.NR_UNKN,
-    b"L": Proto.NR_HDR,
-    b"N": Proto.NR_EOH,
-    b"B": Proto.NR_BODY,
+    b"C": int(Proto.NR_CONN),
+    b"H": int(Proto.NR_HELO),
+    b"M": int(Proto.NR_MAIL),
+    b"R": int(Proto.NR_RCPT),
+    b"T": int(Proto.NR_DATA),
+    b"U": int(Proto.NR_UNKN),
+    b"L": int(Proto.NR_HDR),
+    b"N": int(Proto.NR_EOH),
+    b"B": int(Proto.NR_BODY),
 }
 _NEVER_REPLIED = frozenset({b"A", b"Q", b"K", b"D"})
 
@@ -124,8 +125,10 @@ _FLAG_OF: dict[type, Action] = {
     ev.ReplaceBody: Action.CHGBODY,
     ev.Quarantine: Action.QUARANTINE,
 }
+_FLAG_BITS = {t: int(f) for t, f in _FLAG_OF.items()}
 
 _FINAL = frozenset(ev.FINAL_REPLIES)
+_SKIP = int(Proto.SKIP)
 
 
 class _Need:
@@ -141,10 +144,16 @@ NEED_DATA = _Need()
 class FilterSession:
     """One MTA connection, filter side."""
 
-    def __init__(self) -> None:
+    def __init__(self, emit_macros: bool = True) -> None:
+        #: Also hand out Macro events (they are always stored in ``macros``); a driver that
+        #: only looks macros up turns this off and saves a third of the per-packet work.
+        self.emit_macros = emit_macros
         self.state = S.INIT
         self.macros = MacroStore()
         self.negotiated: Negotiated = DEFAULT
+        self._proto = int(DEFAULT.protocol)  # the negotiated flags as plain ints, for hot checks
+        self._actions = int(DEFAULT.actions)
+        self._trans: dict[tuple[State, State], bool] = {}
         self._reader = FrameReader(COMMAND_CODES, MAX_DATA_SIZE)
         self._queue: deque[ev.Event] = deque()
         self._pending: ev.Event | None = None
@@ -199,7 +208,8 @@ class FilterSession:
             self.macros.command(b"K")
         if code == b"D":
             self.macros.define(event.stage, event.macros)  # type: ignore[attr-defined]
-            self._queue.append(event)
+            if self.emit_macros:
+                self._queue.append(event)
             return
         new = _STATE_OF[code]
         if code == b"Q":
@@ -234,19 +244,26 @@ class FilterSession:
         raise RemoteProtocolError(f"command {name!r} is not allowed after {self.state.name}")
 
     def _trans_ok(self, old: State, new: State) -> bool:
-        """libmilter's trans_ok: a state the filter skips may be jumped over."""
+        """libmilter's trans_ok: a state the filter skips may be jumped over (cached per negotiation)."""
+        key = (old, new)
+        known = self._trans.get(key)
+        if known is None:
+            known = self._trans[key] = self._trans_walk(old, new)
+        return known
+
+    def _trans_walk(self, old: State, new: State) -> bool:
         s = old
-        skip = self.negotiated.protocol
+        skip = self._proto
         while True:
             if new in _NEXT[s]:
                 return True
             n = s + 1
             if n > S.BODY:
                 return False
-            flag = _SKIPPABLE.get(State(n))
+            flag = _SKIPPABLE.get(_STATES[n])
             if flag is None or not (skip & flag):
                 return False
-            s = State(n)
+            s = _STATES[n]
 
     def _deliver(self, event: ev.Event) -> ev.Event:
         t = type(event)
@@ -257,7 +274,7 @@ class FilterSession:
         if t is ev.Body and self.state is S.ENDM:  # the EOM-carried chunk
             return event
         code = _CODE_OF[t]
-        if t is ev.EndOfMessage or t is ev.OptionNegotiation or not (self.negotiated.protocol & _NR_OF[code]):
+        if t is ev.EndOfMessage or t is ev.OptionNegotiation or not (self._proto & _NR_OF[code]):
             event.needs_reply = True
             self._pending = event
             self._pending_code = code
@@ -304,7 +321,7 @@ class FilterSession:
             raise LocalProtocolError(f"{t.__name__} cannot be sent by a filter")
         if type(pending) is ev.OptionNegotiation:
             raise LocalProtocolError("option negotiation needs its own reply")
-        if t is ev.Skip and (type(pending) is not ev.Body or not (self.negotiated.protocol & Proto.SKIP)):
+        if t is ev.Skip and (type(pending) is not ev.Body or not (self._proto & _SKIP)):
             raise LocalProtocolError("skip is allowed only for a body chunk when the MTA understands it")
         if t is ev.Discard and type(pending) in (ev.Connect, ev.Helo):
             raise LocalProtocolError("discard is meaningful only for a message, not at connect or helo")
@@ -318,7 +335,7 @@ class FilterSession:
         flag = _FLAG_OF[type(reply)]
         if type(reply) is ev.AddRecipient and reply.args is not None:  # type: ignore[attr-defined]
             flag = Action.ADDRCPT_PAR
-        if not (self.negotiated.actions & flag):
+        if not (self._actions & flag.value):
             raise LocalProtocolError(f"the MTA did not grant the {flag.name} action")
         return encode_reply(reply)
 
@@ -335,6 +352,9 @@ class FilterSession:
         if type(self._pending) is not ev.OptionNegotiation:
             raise LocalProtocolError("no option negotiation is pending")
         self.negotiated = negotiated
+        self._proto = int(negotiated.protocol)
+        self._actions = int(negotiated.actions)
+        self._trans.clear()
         self._reader.max_payload = negotiated.max_payload
         self._pending = None
         return encode_reply(negotiated.reply)
