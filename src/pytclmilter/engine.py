@@ -249,7 +249,7 @@ class ConnectionEngine:
                     result = _PY_LIMIT.call(limit, cb.func, self.ctx, *args)
                 else:
                     result = cb.func(self.ctx, *args)
-            except Exception as exc:  # noqa: BLE001 - a filter bug must not take the milter down
+            except (Exception, CallbackTimeout) as exc:  # noqa: BLE001 - a filter bug must not take the milter down
                 return self._callback_failed(name, cb, exc)
             if result.__class__ not in _PLAIN and inspect.isawaitable(result):
                 return self._continue_async(name, args, chain, i, result)
@@ -262,7 +262,7 @@ class ConnectionEngine:
                               first: Awaitable[Any]) -> Status:
         try:
             result = await self._limited(first)
-        except Exception as exc:  # noqa: BLE001
+        except (Exception, CallbackTimeout) as exc:  # noqa: BLE001
             return self._callback_failed(name, chain[i], exc)
         status = self._status(name, chain[i], result)
         if status is not Status.CONTINUE:
@@ -270,10 +270,13 @@ class ConnectionEngine:
         for j in range(i + 1, len(chain)):
             cb = chain[j]
             try:
-                result = cb.func(self.ctx, *args)
+                if cb.origin == "python" and self.milter.call_timeout:
+                    result = _PY_LIMIT.call(self.milter.call_timeout, cb.func, self.ctx, *args)
+                else:
+                    result = cb.func(self.ctx, *args)
                 if inspect.isawaitable(result):
                     result = await self._limited(result)
-            except Exception as exc:  # noqa: BLE001
+            except (Exception, CallbackTimeout) as exc:  # noqa: BLE001
                 return self._callback_failed(name, cb, exc)
             status = self._status(name, cb, result)
             if status is not Status.CONTINUE:
@@ -302,12 +305,16 @@ class ConnectionEngine:
     def _run_quiet(self, name: str) -> None:
         """abort and close: every callback runs, results are ignored (libmilter ignores them too)."""
         self.ctx.stage = name
+        limit = self.milter.call_timeout
         for cb in self.registry.chain(name):
             try:
-                result = cb.func(self.ctx)
+                if cb.origin == "python" and limit:
+                    result = _PY_LIMIT.call(limit, cb.func, self.ctx)
+                else:
+                    result = cb.func(self.ctx)
                 if inspect.isawaitable(result):
-                    asyncio.ensure_future(result)
-            except Exception as exc:  # noqa: BLE001
+                    asyncio.ensure_future(self._limited(result))
+            except (Exception, CallbackTimeout) as exc:  # noqa: BLE001
                 self._callback_failed(name, cb, exc)
         self.ctx.stage = ""
 

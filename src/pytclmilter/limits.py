@@ -16,8 +16,12 @@ import time
 from typing import Any, Callable
 
 
-class CallbackTimeout(Exception):
-    """A callback ran longer than the milter's ``call_timeout``."""
+class CallbackTimeout(BaseException):
+    """A callback ran longer than the milter's ``call_timeout``.
+
+    A BaseException, like KeyboardInterrupt, so that a callback's own ``except Exception``
+    cannot swallow it and keep the milter stuck.
+    """
 
 
 class PythonLimit:

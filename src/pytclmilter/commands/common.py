@@ -69,6 +69,10 @@ def add_script_options(p: argparse.ArgumentParser) -> None:
                    help="Python file whose setup(milter) adds callbacks to the same chains (repeatable)")
 
 
+#: Command-line flags whose names differ from the Tcl option they set.
+_FLAGS = {"-onerror": "--on-error", "-calltimeout": "--call-timeout"}
+
+
 def make_host(script: str, hooks: list[str], overrides: dict[str, str | None],
               on_exit: Callable[[int], None] | None = None) -> TclHost:
     """An interpreter with the milter command, command-line overrides locked, Python hooks loaded."""
@@ -78,7 +82,7 @@ def make_host(script: str, hooks: list[str], overrides: dict[str, str | None],
     try:
         for option, value in overrides.items():
             if value is not None:
-                host.command.lock(option, value, "--" + option[1:])
+                host.command.lock(option, value, _FLAGS.get(option, "--" + option[1:]))
     except TclUsageError as exc:
         raise UsageError(str(exc)) from None
     for path in hooks:

@@ -222,7 +222,9 @@ class TclHost:
 
     def _failure(self, exc: tkinter.TclError) -> CallbackError:
         info = self.error_info()
-        if "LIMIT TIME" in str(self.tk.call("set", "::errorCode")):
+        code = self.tk.call("set", "::errorCode")
+        words = code if isinstance(code, tuple) else self.tk.splitlist(str(code))
+        if [str(w) for w in words[:3]] == ["TCL", "LIMIT", "TIME"]:
             self.limit.reset()
             return CallbackError(f"callback stopped after {self.milter.call_timeout:g} s (-calltimeout)", info)
         return CallbackError(str(exc), info)

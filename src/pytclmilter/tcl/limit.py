@@ -38,6 +38,11 @@ class CallLimit:
         if self._armed_until < now:  # Tcl would stop this evaluation at once: re-arm
             self._set(now + limit)
 
+    def clear(self) -> None:
+        """No limit outside serving: the script's own code after `milter main` runs unbounded."""
+        if self._armed_until:
+            self._set(None)
+
     def reset(self) -> None:
         """After a callback was stopped: the interpreter must get a fresh deadline to run again."""
         self._armed_until = 0.0

@@ -148,6 +148,7 @@ class MilterCommand:
             return ""
         try:
             self.milter.run()
+            self.host.limit.clear()
         except ConnSpecError as exc:
             raise TclUsageError(f"milter main: {exc}") from None
         except OSError as exc:
