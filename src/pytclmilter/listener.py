@@ -59,6 +59,9 @@ def bind(spec: ConnSpec, backlog: int | None, socket_mode: int | None) -> Listen
     sock = socket.socket(family, socket.SOCK_STREAM)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        # Inherited by every accepted socket (Linux): replies go out at once, dead peers are noticed.
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
         if family == socket.AF_INET6:
             sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
         host = spec.host if spec.host is not None else ("0.0.0.0" if family == socket.AF_INET else "::")

@@ -24,12 +24,13 @@ if TYPE_CHECKING:
 log = logging.getLogger("pytclmilter")
 
 _SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+_QUICKACK = getattr(socket, "TCP_QUICKACK", 0)  # Linux only
 
 
 class _Connection(asyncio.Protocol):
     """One accepted socket; the engine's Link."""
 
-    __slots__ = ("server", "transport", "engine", "last", "_loop")
+    __slots__ = ("server", "transport", "engine", "last", "_loop", "_tcp", "_wrote")
 
     def __init__(self, server: "MilterServer") -> None:
         self.server = server
@@ -37,14 +38,16 @@ class _Connection(asyncio.Protocol):
         self.engine: ConnectionEngine | None = None
         self._loop = server.loop
         self.last = self._loop.time()
+        self._tcp: socket.socket | None = None
+        self._wrote = False
 
     # asyncio.Protocol
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
+        # TCP_NODELAY and SO_KEEPALIVE are set on the listening socket; accepted ones inherit them.
         sock = transport.get_extra_info("socket")
-        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+        if _QUICKACK and sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+            self._tcp = sock
         peer = transport.get_extra_info("peername")
         self.engine = ConnectionEngine(self.server.milter, self.server.next_id(), self)
         self.server.connections.add(self)
@@ -52,7 +55,15 @@ class _Connection(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         self.last = self._loop.time()
+        self._wrote = False
         self.engine.data_received(data)  # type: ignore[union-attr]
+        if not self._wrote and self._tcp is not None:
+            # Data we do not answer (macros, no-reply headers) would get a delayed ACK, and the
+            # MTA's next small write waits ~40 ms for it (Nagle): acknowledge at once instead.
+            try:
+                self._tcp.setsockopt(socket.IPPROTO_TCP, _QUICKACK, 1)
+            except OSError:
+                self._tcp = None
 
     def eof_received(self) -> bool:
         self.engine.connection_lost("eof")  # type: ignore[union-attr]
@@ -67,6 +78,7 @@ class _Connection(asyncio.Protocol):
     def write(self, data: bytes) -> None:
         if self.transport is not None and not self.transport.is_closing():
             self.transport.write(data)
+            self._wrote = True
             self.last = self._loop.time()  # the idle clock runs from our answer (reference 9.3)
 
     def close(self) -> None:
@@ -188,10 +200,13 @@ class MilterServer:
         """Serve the socket bound for us (``--workers``) or bind one now."""
         listener = self.milter.inherited_listener or bind(spec, self.milter.backlog, self.milter.socket_mode)
         factory = lambda: _Connection(self)  # noqa: E731
+        # asyncio calls listen() again on a given socket, with its default backlog of 100 unless
+        # told: a burst of connections then overflows the queue and clients retry seconds later.
+        backlog = self.milter.backlog or max(socket.SOMAXCONN, 20)
         if listener.spec.family == "unix":
-            self._server = await self.loop.create_unix_server(factory, sock=listener.sock)
+            self._server = await self.loop.create_unix_server(factory, sock=listener.sock, backlog=backlog)
         else:
-            self._server = await self.loop.create_server(factory, sock=listener.sock)
+            self._server = await self.loop.create_server(factory, sock=listener.sock, backlog=backlog)
         return listener
 
     async def _drain(self, grace: float) -> None:
