@@ -67,6 +67,12 @@ def check_header(name: str, value: str) -> str:
     return value
 
 
+def check_index(index: int) -> int:
+    if not 0 <= index <= 0xFFFFFFFF:
+        raise MilterError(f"bad index {index}: must be 0 to 4294967295")
+    return index
+
+
 def check_address(address: str, what: str = "address") -> str:
     if not address or any(c in address for c in "\r\n\0"):
         raise MilterError(f'invalid {what} "{address}": must be non-empty, without CR, LF or NUL')
@@ -220,14 +226,11 @@ class Context:
         self._act("addheader", ev.AddHeader(name, check_header(name, value)))
 
     def chgheader(self, name: str, value: str, index: int = 1) -> None:
-        if index < 0:
-            raise MilterError(f"bad index {index}: must be 0 or more")
-        self._act("chgheader", ev.ChangeHeader(index, name, check_header(name, value) if value else ""))
+        """Change the index-th header of that name; an empty value deletes it."""
+        self._act("chgheader", ev.ChangeHeader(check_index(index), name, check_header(name, value)))
 
     def insheader(self, name: str, value: str, index: int = 0) -> None:
-        if index < 0:
-            raise MilterError(f"bad index {index}: must be 0 or more")
-        self._act("insheader", ev.InsertHeader(index, name, check_header(name, value)))
+        self._act("insheader", ev.InsertHeader(check_index(index), name, check_header(name, value)))
 
     def addrcpt(self, rcpt: str, args: str | None = None) -> None:
         self._act("addrcpt", ev.AddRecipient(check_address(rcpt, "recipient"), check_args(args)))

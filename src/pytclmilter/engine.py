@@ -71,6 +71,8 @@ class Link(Protocol):
     def pause_reading(self) -> None: ...
     def resume_reading(self) -> None: ...
     def touch(self) -> None: ...
+    @property
+    def blocked(self) -> bool: ...
 
 
 class CallbackError(Exception):
@@ -129,8 +131,17 @@ class ConnectionEngine:
             self._handle(event)
         self._finish(reason)
 
+    def resume(self) -> None:
+        """The peer reads its replies again: go on with the commands already received."""
+        if not self._busy and not self.closed:
+            self._pump()
+
     def _pump(self) -> None:
         while not self._busy and not self.closed:
+            if len(self._out) >= 64:  # a long pipelined batch: hand it on, and stop if the peer lags
+                self._flush()
+                if self.link.blocked:
+                    return
             try:
                 event = self.session.next_event()
             except RemoteProtocolError as exc:

@@ -30,7 +30,7 @@ _QUICKACK = getattr(socket, "TCP_QUICKACK", 0)  # Linux only
 class _Connection(asyncio.Protocol):
     """One accepted socket; the engine's Link."""
 
-    __slots__ = ("server", "transport", "engine", "last", "_loop", "_tcp", "_wrote")
+    __slots__ = ("server", "transport", "engine", "last", "_loop", "_tcp", "_wrote", "_blocked")
 
     def __init__(self, server: "MilterServer") -> None:
         self.server = server
@@ -40,6 +40,7 @@ class _Connection(asyncio.Protocol):
         self.last = self._loop.time()
         self._tcp: socket.socket | None = None
         self._wrote = False
+        self._blocked = False  # the write buffer is full: reading waits for resume_writing
 
     # asyncio.Protocol
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -64,6 +65,22 @@ class _Connection(asyncio.Protocol):
                 self._tcp.setsockopt(socket.IPPROTO_TCP, _QUICKACK, 1)
             except OSError:
                 self._tcp = None
+
+    def pause_writing(self) -> None:
+        """The peer does not read its replies: stop reading its commands until it does."""
+        self._blocked = True
+        if self.transport is not None:
+            self.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        self._blocked = False
+        if self.engine is not None and not self.engine.busy:
+            self.resume_reading()
+            self.engine.resume()
+
+    @property
+    def blocked(self) -> bool:
+        return self._blocked
 
     def eof_received(self) -> bool:
         self.engine.connection_lost("eof")  # type: ignore[union-attr]
@@ -90,7 +107,7 @@ class _Connection(asyncio.Protocol):
             self.transport.pause_reading()
 
     def resume_reading(self) -> None:
-        if self.transport is not None and not self.transport.is_closing():
+        if self.transport is not None and not self.transport.is_closing() and not self._blocked:
             self.transport.resume_reading()
 
     @property

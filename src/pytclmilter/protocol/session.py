@@ -161,7 +161,8 @@ class FilterSession:
         self._eof = False
         self._closed_emitted = False
         self._clear_after_quit_nc = False
-        self.dropped: list[str] = []  # out-of-order commands ignored as libmilter does, for the log
+        #: The latest out-of-order ABORT/QUIT_NC ignored as libmilter does (bounded: Postfix sends many).
+        self.dropped: deque[str] = deque(maxlen=64)
 
     # ------------------------------------------------------------ input
 

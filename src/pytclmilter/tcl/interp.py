@@ -224,7 +224,9 @@ class TclHost:
         info = self.error_info()
         code = self.tk.call("set", "::errorCode")
         words = code if isinstance(code, tuple) else self.tk.splitlist(str(code))
-        if [str(w) for w in words[:3]] == ["TCL", "LIMIT", "TIME"]:
+        # vwait inside a stopped callback reports the limit without Tcl's errorCode: the message tells
+        code3 = [str(w) for w in words[:3]]
+        if code3 == ["TCL", "LIMIT", "TIME"] or code3 == ["TCL", "EVENT", "LIMIT"] or str(exc) in ("time limit exceeded", "limit exceeded"):
             self.limit.reset()
             return CallbackError(f"callback stopped after {self.milter.call_timeout:g} s (-calltimeout)", info)
         return CallbackError(str(exc), info)

@@ -1,0 +1,477 @@
+"""Hand-written malformed sessions against the live server (Python API and ``pytclmilter run``).
+
+Each session of :data:`SESSIONS` is played on its own connection while
+another connection is open in the middle of a message. A session that breaks
+the protocol must close only its own connection with exactly one log line
+(WARNING) naming it; a session that is odd but legal (10 000 headers, invalid
+UTF-8 everywhere, an out-of-order ABORT) must be answered with no warning at
+all. Either way the open connection finishes its message and the next
+connection is served.
+
+The engine's documented choices (src/pytclmilter/protocol/session.py): a command
+that needs a reply and is not allowed even after libmilter's fall-back to the
+HELO state closes the connection with a log line; an ABORT (or QUIT_NC) out of
+order is ignored silently.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import socket
+import struct
+from dataclasses import dataclass
+from typing import Callable
+
+import pytest
+
+from pytclmilter import CONTINUE
+from support.engine import P_NR_HDR, RawMTA, frame, make_milter, serving, wait_for, z
+from support.tclrun import tclrun_factory
+
+LOG = "pytclmilter"
+tclrun = pytest.fixture(tclrun_factory, name="tclrun")
+
+BAD = b"\xff\xfe\xc3\x28\xed\xa0\x80\xf0\x28\x8c\x28\x80"  # invalid UTF-8: lone bytes, bad sequences, a surrogate
+OK = (b"c", b"")
+
+
+# ---------------------------------------------------------------- the MTA side of each session
+
+
+def connect_payload(host: bytes = b"client.example", family: bytes = b"4", port: int = 4321,
+                    address: bytes = b"192.0.2.1") -> bytes:
+    return host + b"\0" + family + (struct.pack("!H", port) + address + b"\0" if family != b"U" else b"")
+
+
+def expect(mta: RawMTA, code: bytes, payload: bytes = b"") -> None:
+    mta.send(code, payload)
+    assert mta.reply() == OK, (code, payload)
+
+
+def to_rcpt(mta: RawMTA) -> None:
+    expect(mta, b"C", connect_payload())
+    expect(mta, b"H", z("client.example"))
+    expect(mta, b"M", z("<a@example.org>"))
+    expect(mta, b"R", z("<b@example.com>"))
+
+
+def headers_replied(mta: RawMTA) -> bool:
+    assert mta.negotiated is not None
+    return not (mta.negotiated[2] & P_NR_HDR)
+
+
+def to_body(mta: RawMTA) -> None:
+    to_rcpt(mta)
+    expect(mta, b"T")
+    mta.send(b"L", z("Subject", "hello"))
+    if headers_replied(mta):
+        assert mta.reply() == OK
+    expect(mta, b"N")
+
+
+def eom(mta: RawMTA) -> list[tuple[bytes, bytes]]:
+    mta.send(b"E")
+    return mta.until_final()
+
+
+@dataclass
+class Session:
+    """``play`` drives the connection after option negotiation (``negotiate=False``: before it)."""
+
+    play: Callable[[RawMTA], None]
+    closes: bool  # True: a protocol error, the filter closes; False: answered, no warning
+    negotiate: bool = True
+
+
+def s_zero_length(mta: RawMTA) -> None:
+    expect(mta, b"C", connect_payload())
+    mta.send_raw(b"\0\0\0\0H")
+
+
+def s_oversize(mta: RawMTA) -> None:
+    expect(mta, b"C", connect_payload())
+    mta.send_raw(struct.pack("!I", 65537) + b"B" + b"x" * 1000)
+
+
+def s_oversize_huge(mta: RawMTA) -> None:
+    to_body(mta)
+    mta.send_raw(struct.pack("!I", 0xFFFFFFFF) + b"B")
+
+
+def s_truncated_then_eof(mta: RawMTA) -> None:
+    to_rcpt(mta)
+    mta.send_raw(frame(b"T")[:3])
+    mta.sock.shutdown(socket.SHUT_WR)
+
+
+def s_truncated_payload(mta: RawMTA) -> None:
+    mta.send(b"C", b"client.example\x004\x10")  # port cut short, no address
+
+
+def s_unknown_command(mta: RawMTA) -> None:
+    expect(mta, b"C", connect_payload())
+    mta.send(b"Z", b"what is this")
+
+
+def s_reply_code_as_command(mta: RawMTA) -> None:
+    to_rcpt(mta)
+    mta.send(b"c")
+
+
+def s_body_before_mail(mta: RawMTA) -> None:
+    expect(mta, b"C", connect_payload())
+    expect(mta, b"H", z("client.example"))
+    mta.send(b"B", b"body without a message\r\n")
+
+
+def s_rcpt_before_mail(mta: RawMTA) -> None:
+    expect(mta, b"C", connect_payload())
+    mta.send(b"R", z("<b@example.com>"))
+
+
+def s_eom_twice(mta: RawMTA) -> None:
+    to_body(mta)
+    expect(mta, b"B", b"Hello\r\n")
+    assert eom(mta)[-1] == OK
+    mta.send(b"E")
+
+
+def s_header_without_nul(mta: RawMTA) -> None:
+    to_rcpt(mta)
+    expect(mta, b"T")
+    mta.send(b"L", b"Subject: no NUL anywhere")
+
+
+def s_header_without_value(mta: RawMTA) -> None:
+    to_rcpt(mta)
+    expect(mta, b"T")
+    mta.send(b"L", b"Subject\0")
+
+
+def s_header_empty_name(mta: RawMTA) -> None:
+    to_rcpt(mta)
+    expect(mta, b"T")
+    mta.send(b"L", b"\0value\0")
+
+
+def s_mail_without_nul(mta: RawMTA) -> None:
+    expect(mta, b"C", connect_payload())
+    mta.send(b"M", b"<a@example.org>")
+
+
+def s_empty_body_chunk(mta: RawMTA) -> None:
+    to_body(mta)
+    mta.send(b"B")
+
+
+def s_empty_macro(mta: RawMTA) -> None:
+    mta.send(b"D")
+
+
+def s_unknown_family(mta: RawMTA) -> None:
+    mta.send(b"C", b"client.example\0X")
+
+
+def s_optneg_twice(mta: RawMTA) -> None:
+    mta.send(b"O", struct.pack("!III", 6, 0x1FF, 0x1FFFFF))
+
+
+def s_connect_before_optneg(mta: RawMTA) -> None:
+    mta.send(b"C", connect_payload())
+
+
+def s_short_optneg(mta: RawMTA) -> None:
+    mta.send(b"O", b"\0\0\0\x06\0\0")
+
+
+def s_old_mta_version(mta: RawMTA) -> None:
+    mta.send(b"O", struct.pack("!III", 1, 0x1FF, 0x1FFFFF))
+
+
+def s_noise(mta: RawMTA) -> None:
+    mta.send_raw(bytes(range(256)) * 4)
+
+
+def s_ten_thousand_headers(mta: RawMTA) -> None:
+    to_rcpt(mta)
+    expect(mta, b"T")
+    replied = headers_replied(mta)
+    batch = b"".join(frame(b"L", z(f"X-H{i}", f"value {i}")) for i in range(10_000))
+    mta.send_raw(batch)
+    if replied:
+        for _ in range(10_000):
+            assert mta.reply() == OK
+    expect(mta, b"N")
+    expect(mta, b"B", b"Hello\r\n")
+    final = eom(mta)
+    assert (b"h", z("X-Headers", "10000")) in final and final[-1] == OK, final
+    mta.quit()
+
+
+def s_invalid_utf8_everywhere(mta: RawMTA) -> None:
+    mta.send(b"D", b"Cj\0mx." + BAD + b"\0{daemon_name}\0" + BAD + b"\0")
+    expect(mta, b"C", connect_payload(b"host" + BAD, b"4", 25, b"192.0.2." + BAD))
+    expect(mta, b"H", z(b"helo" + BAD))
+    expect(mta, b"M", z(b"<" + BAD + b"@example.org>", b"X-ARG=" + BAD))
+    expect(mta, b"R", z(b"<" + BAD + b"@example.com>"))
+    expect(mta, b"U", z(b"XCMD " + BAD))
+    expect(mta, b"T")
+    mta.send(b"L", z(b"X-" + BAD, b"value " + BAD))
+    if headers_replied(mta):
+        assert mta.reply() == OK
+    mta.send(b"L", z(b"Subject", BAD))
+    if headers_replied(mta):
+        assert mta.reply() == OK
+    expect(mta, b"N")
+    expect(mta, b"B", BAD * 3)
+    final = eom(mta)
+    # the filter echoes what it was given: the very bytes come back
+    assert (b"h", z("X-Subject", BAD)) in final, final
+    assert (b"h", z("X-Helo", b"helo" + BAD)) in final, final
+    assert (b"h", z("X-Macro-J", b"mx." + BAD)) in final, final
+    assert (b"b", BAD * 3) in final, final
+    assert final[-1] == OK
+    mta.quit()
+
+
+def s_abort_out_of_order(mta: RawMTA) -> None:
+    expect(mta, b"C", connect_payload())
+    mta.send(b"A")  # before MAIL: ignored silently
+    mta.send(b"A")
+    expect(mta, b"H", z("client.example"))
+    expect(mta, b"M", z("<a@example.org>"))
+    expect(mta, b"R", z("<b@example.com>"))
+    mta.send(b"A")  # in a message: the abort callback runs, no reply
+    expect(mta, b"M", z("<a2@example.org>"))
+    mta.quit()
+
+
+def s_quit_inside_a_message(mta: RawMTA) -> None:
+    to_body(mta)
+    mta.quit()  # legal: abort and close callbacks run, the filter closes
+
+
+def s_macro_for_unknown_stage(mta: RawMTA) -> None:
+    mta.send(b"D", b"Zname\0value\0")
+    mta.send(b"D", b"Codd\0")
+    expect(mta, b"C", connect_payload())
+    mta.quit()
+
+
+SESSIONS: dict[str, Session] = {
+    "zero-length-frame": Session(s_zero_length, True),
+    "oversize-frame": Session(s_oversize, True),
+    "oversize-huge-frame-in-body": Session(s_oversize_huge, True),
+    "truncated-frame-then-eof": Session(s_truncated_then_eof, True),
+    "truncated-connect-payload": Session(s_truncated_payload, True),
+    "unknown-command": Session(s_unknown_command, True),
+    "reply-code-as-command": Session(s_reply_code_as_command, True),
+    "body-before-mail": Session(s_body_before_mail, True),
+    "rcpt-before-mail": Session(s_rcpt_before_mail, True),
+    "eom-twice": Session(s_eom_twice, True),
+    "header-without-nul": Session(s_header_without_nul, True),
+    "header-without-value": Session(s_header_without_value, True),
+    "header-with-empty-name": Session(s_header_empty_name, True),
+    "mail-without-nul": Session(s_mail_without_nul, True),
+    "empty-body-chunk": Session(s_empty_body_chunk, True),
+    "empty-macro": Session(s_empty_macro, True),
+    "unknown-address-family": Session(s_unknown_family, True),
+    "optneg-twice": Session(s_optneg_twice, True),
+    "connect-before-optneg": Session(s_connect_before_optneg, True, negotiate=False),
+    "short-optneg": Session(s_short_optneg, True, negotiate=False),
+    "mta-version-1": Session(s_old_mta_version, True, negotiate=False),
+    "noise": Session(s_noise, True),
+    "ten-thousand-headers": Session(s_ten_thousand_headers, False),
+    "invalid-utf8-everywhere": Session(s_invalid_utf8_everywhere, False),
+    "abort-out-of-order": Session(s_abort_out_of_order, False),
+    "quit-inside-a-message": Session(s_quit_inside_a_message, False),
+    "macro-for-unknown-stage": Session(s_macro_for_unknown_stage, False),
+}
+
+
+def open_mta(address: tuple[int, object], negotiate: bool) -> RawMTA:
+    family, addr = address
+    sock = socket.socket(family, socket.SOCK_STREAM)  # type: ignore[arg-type]
+    sock.settimeout(10)
+    sock.connect(addr)
+    mta = RawMTA(sock)
+    if negotiate:
+        mta.optneg()
+    return mta
+
+
+def finish_good(good: RawMTA) -> None:
+    """The connection that was open during the bad one finishes its message."""
+    expect(good, b"T")
+    good.send(b"L", z("Subject", "still here"))
+    if headers_replied(good):
+        assert good.reply() == OK
+    expect(good, b"N")
+    expect(good, b"B", b"Hello\r\n")
+    final = eom(good)
+    assert (b"h", z("X-Headers", "1")) in final and final[-1] == OK, final
+    good.quit()
+
+
+# ---------------------------------------------------------------- the Python API server
+
+
+def every_event_milter():
+    m = make_milter(timeout=5)
+    m.calls = []
+
+    def rec(event):
+        def cb(ctx, *args):
+            m.calls.append((ctx.name, event))
+            if event == "header":
+                ctx.setpriv("headers", ctx.getpriv("headers", 0) + 1)
+                if args[0] == "Subject":
+                    ctx.setpriv("subject", args[1])
+            elif event == "helo":
+                ctx.setpriv("helo", args[0])
+            elif event == "body":
+                ctx.setpriv("body", ctx.getpriv("body", b"") + args[0])
+            elif event == "eom":
+                ctx.addheader("X-Headers", str(ctx.getpriv("headers", 0)))
+                if "\udcff" in ctx.getpriv("subject", ""):
+                    ctx.addheader("X-Subject", ctx.getpriv("subject"))
+                    ctx.addheader("X-Helo", ctx.getpriv("helo"))
+                    ctx.addheader("X-Macro-J", ctx.getsymval("j"))
+                    ctx.replacebody(ctx.getpriv("body"))
+                ctx.unsetpriv()
+            if event in ("abort", "close"):
+                return None
+            return CONTINUE
+
+        return cb
+
+    for event in ("negotiate", "connect", "helo", "envfrom", "envrcpt", "data", "unknown", "header", "eoh", "body",
+                  "eom", "abort", "close"):
+        if event == "negotiate":
+            m.register(event, lambda ctx, v, a, p: CONTINUE)
+        else:
+            m.register(event, rec(event))
+    return m
+
+
+def conn_name(records: list[logging.LogRecord], sock: socket.socket) -> str | None:
+    port = sock.getsockname()[1]
+    for r in records:
+        found = re.match(rf"(conn#\d+): connection from 127\.0\.0\.1:{port}$", r.getMessage())
+        if found:
+            return found.group(1)
+    return None
+
+
+@pytest.mark.parametrize("name", sorted(SESSIONS))
+def test_malformed_session_against_the_python_api(caplog, name):
+    caplog.set_level(logging.INFO, logger=LOG)
+    session = SESSIONS[name]
+    m = every_event_milter()
+    with serving(m) as srv:
+        good = open_mta(srv.address, True)
+        to_rcpt(good)
+        bad = open_mta(srv.address, session.negotiate)
+        bad_name = wait_for(lambda: conn_name(caplog.records, bad.sock))
+        session.play(bad)
+        bad.expect_eof(timeout=10)
+        wait_for(lambda: any(r.getMessage() == f"{bad_name}: closed" or
+                             r.getMessage().startswith(f"{bad_name}: closed (") for r in caplog.records))
+        finish_good(good)
+        good.expect_eof()
+        nxt = open_mta(srv.address, True)
+        to_rcpt(nxt)
+        finish_good(nxt)
+        nxt.expect_eof()
+        bad.close()
+    about_bad = [r for r in caplog.records if r.getMessage().startswith(bad_name + ":")]
+    problems = [r.getMessage() for r in about_bad if r.levelno >= logging.WARNING]
+    if session.closes:
+        assert len(problems) == 1, problems
+        assert ("protocol error" in problems[0] or "negotiation failed" in problems[0]), problems
+    else:
+        assert problems == [], problems
+    others = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING and r not in about_bad]
+    assert others == [], others
+    # the bad connection's context got exactly one close callback
+    assert [e for c, e in m.calls if c == bad_name].count("close") == 1
+
+
+# ---------------------------------------------------------------- the same sessions against `pytclmilter run`
+
+TCL_EVERY_EVENT = r"""
+package require TclMilter
+proc on_connect {ctx host addr} { return SMFIS_CONTINUE }
+proc on_helo {ctx name} { $ctx setpriv helo $name; return SMFIS_CONTINUE }
+proc on_envfrom {ctx args} { return SMFIS_CONTINUE }
+proc on_envrcpt {ctx args} { return SMFIS_CONTINUE }
+proc on_data {ctx} { return SMFIS_CONTINUE }
+proc on_unknown {ctx line} { return SMFIS_CONTINUE }
+proc on_header {ctx name value} {
+    $ctx setpriv headers [expr {[$ctx getpriv headers] + 1}]
+    if {$name eq "Subject"} { $ctx setpriv subject $value }
+    return SMFIS_CONTINUE
+}
+proc on_eoh {ctx} { return SMFIS_CONTINUE }
+proc on_body {ctx chunk} { $ctx setpriv body "[$ctx getpriv body]$chunk"; return SMFIS_CONTINUE }
+proc on_eom {ctx} {
+    $ctx addheader X-Headers [$ctx getpriv headers]
+    if {[string first \udcff [$ctx getpriv subject]] >= 0} {
+        $ctx addheader X-Subject [$ctx getpriv subject]
+        $ctx addheader X-Helo [$ctx getpriv helo]
+        $ctx addheader X-Macro-J [$ctx getsymval j]
+        $ctx replacebody [$ctx getpriv body]
+    }
+    $ctx setpriv headers 0
+    $ctx setpriv body ""
+    $ctx setpriv subject ""
+    return SMFIS_CONTINUE
+}
+proc on_abort {ctx} { $ctx setpriv headers 0; $ctx setpriv body ""; $ctx setpriv subject "" }
+proc on_close {ctx} { puts "CLOSE $ctx" }
+proc on_start {ctx} { $ctx setpriv headers 0; $ctx setpriv body ""; $ctx setpriv subject ""; $ctx setpriv helo "" }
+proc on_negotiate {ctx version actions protocol} { return SMFIS_CONTINUE }
+foreach e {helo envfrom envrcpt data unknown header eoh body eom abort close negotiate} {
+    milter register $e on_$e
+}
+milter register connect {apply {{ctx host addr} { on_start $ctx; return SMFIS_CONTINUE }}}
+milter main
+"""
+
+
+def test_malformed_sessions_against_pytclmilter_run(tclrun):
+    """Every session, one after the other, against one `pytclmilter run` process with a callback per event."""
+    m = tclrun(TCL_EVERY_EVENT, "--timeout", "5")
+    address = (socket.AF_INET, ("127.0.0.1", m.port))
+    for name, session in SESSIONS.items():
+        mark = m.mark()
+        good = open_mta(address, True)
+        to_rcpt(good)
+        bad = open_mta(address, session.negotiate)
+        port = bad.sock.getsockname()[1]
+        bad_name = m.wait_for(rf"(conn#\d+): connection from 127\.0\.0\.1:{port}\r?\n", since=mark,
+                              advance=False).group(1)
+        try:
+            session.play(bad)
+        except AssertionError as exc:
+            raise AssertionError(f"{name}: {exc}") from exc
+        bad.expect_eof(timeout=10)
+        m.wait_for(rf"{bad_name}: closed", since=mark, advance=False)
+        finish_good(good)
+        good.expect_eof()
+        nxt = open_mta(address, True)
+        to_rcpt(nxt)
+        finish_good(nxt)
+        nxt.expect_eof()
+        bad.close()
+        lines = re.sub(r"\r+\n", "\n", m.output[mark:]).splitlines()
+        problems = [ln for ln in lines if re.search(r" (WARNING|ERROR): ", ln)]
+        mine = [ln for ln in problems if f"{bad_name}:" in ln]
+        if session.closes:
+            assert len(mine) == 1, (name, mine)
+        else:
+            assert mine == [], (name, mine)
+        assert problems == mine, (name, problems)
+        assert sum(1 for ln in lines if ln == f"CLOSE ::tclmilter::ctx{bad_name[5:]}") == 1, (name, lines)
+    assert m.stop() == 0

@@ -1,0 +1,263 @@
+"""Socket safety: the milter never removes a file that is not its socket, never takes over a live
+socket, honours --socket-mode, and after --user writes nothing as root.
+
+tests/test_engine_server.py covers a regular file and a live socket at the path with the Python
+API; here: directories, FIFOs, symlinks (also to sockets), a socket replaced by a file while
+serving, two ``pytclmilter run`` on one path, modes with and without --user, and the ownership of
+files a script writes from callbacks and timers after the privilege drop.
+"""
+
+from __future__ import annotations
+
+import os
+import pwd
+import re
+import shutil
+import socket
+import stat
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+from pytclmilter.connspec import ConnSpecError
+from support.engine import MilterThread, make_milter, serving
+from support.tclrun import tclrun_factory
+
+tclrun = pytest.fixture(tclrun_factory, name="tclrun")
+
+ROOT_ONLY = pytest.mark.skipif(os.geteuid() != 0, reason="dropping privileges needs root")
+
+STAMP = r"""
+package require TclMilter
+proc eom {ctx} { $ctx addheader X-Stamp yes; return SMFIS_CONTINUE }
+milter register eom eom
+milter main
+"""
+
+
+@pytest.fixture
+def sockdir():
+    path = Path(tempfile.mkdtemp(prefix="ptms", dir="/tmp"))
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def world_dir() -> Path:
+    path = Path(tempfile.mkdtemp(prefix="ptmw", dir="/tmp"))
+    path.chmod(0o1777)
+    return path
+
+
+def send_one(path: Path) -> bytes:
+    """A minimal milter conversation over the unix socket: negotiate and connect; the connect reply."""
+    import struct
+
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.settimeout(5)
+    s.connect(str(path))
+    try:
+        s.sendall(struct.pack("!I", 13) + b"O" + struct.pack("!III", 6, 0x1FF, 0x1FFFFF))
+        data = b""
+        while len(data) < 4 or len(data) < 4 + struct.unpack("!I", data[:4])[0]:
+            chunk = s.recv(4096)
+            assert chunk, "closed"
+            data += chunk
+        return data[4:5]
+    finally:
+        s.close()
+
+
+def snapshot(path: Path) -> tuple:
+    st = os.lstat(path)
+    content = path.read_bytes() if stat.S_ISREG(st.st_mode) else None
+    return st.st_ino, st.st_mode, content, os.readlink(path) if stat.S_ISLNK(st.st_mode) else None
+
+
+def make_thing(kind: str, path: Path, sockdir: Path) -> None:
+    if kind == "regular-file":
+        path.write_text("precious data\n")
+    elif kind == "empty-file":
+        path.write_bytes(b"")
+    elif kind == "directory":
+        path.mkdir()
+        (path / "inside").write_text("x")
+    elif kind == "fifo":
+        os.mkfifo(path)
+    elif kind == "symlink-to-file":
+        (sockdir / "target").write_text("target data")
+        path.symlink_to(sockdir / "target")
+    elif kind == "dangling-symlink":
+        path.symlink_to(sockdir / "nowhere")
+    elif kind == "symlink-to-stale-socket":
+        stale = sockdir / "stale.sock"
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        s.bind(str(stale))
+        s.close()  # a socket file nobody listens on
+        path.symlink_to(stale)
+    else:
+        raise AssertionError(kind)
+
+
+KINDS = ["regular-file", "empty-file", "directory", "fifo", "symlink-to-file", "dangling-symlink",
+         "symlink-to-stale-socket"]
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_never_removes_what_is_not_a_socket(sockdir, kind):
+    path = sockdir / "milter.sock"
+    make_thing(kind, path, sockdir)
+    before = snapshot(path)
+    m = make_milter(connection=f"unix:{path}")
+    t = MilterThread(m)
+    with pytest.raises(AssertionError, match="stopped before it listened"):
+        t.start()
+    assert isinstance(t.error, ConnSpecError), t.error
+    assert "refusing" in str(t.error) or "not a socket" in str(t.error), t.error
+    assert snapshot(path) == before
+    if kind == "symlink-to-stale-socket":
+        assert stat.S_ISSOCK(os.lstat(sockdir / "stale.sock").st_mode), "the link's target is left too"
+
+
+def test_a_live_socket_of_another_milter_is_refused_and_keeps_working(tclrun, sockdir):
+    path = sockdir / "milter.sock"
+    first = tclrun(STAMP, connection=f"unix:{path}")
+    ino = os.lstat(path).st_ino
+    second = tclrun(STAMP, connection=f"unix:{path}", wait=False)
+    assert second.wait_exit(15) == 1
+    assert re.search(rf"{re.escape(str(path))} is in use by another process; refusing to replace it", second.text)
+    assert os.lstat(path).st_ino == ino
+    assert send_one(path) == b"O"  # the first one still serves on it
+    assert first.stop() == 0
+    assert not path.exists()
+
+
+def test_a_socket_replaced_by_a_file_while_serving_is_not_removed_at_exit(sockdir):
+    path = sockdir / "milter.sock"
+    m = make_milter(connection=f"unix:{path}")
+    with serving(m):
+        os.unlink(path)
+        path.write_text("someone else's file\n")
+    assert path.read_text() == "someone else's file\n"
+
+
+def test_a_stale_socket_is_replaced_and_ours_removed_at_exit(sockdir):
+    path = sockdir / "milter.sock"
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.bind(str(path))
+    s.close()
+    m = make_milter(connection=f"unix:{path}")
+    with serving(m):
+        assert send_one(path) == b"O"  # (the inode number may be reused: the connect is the proof)
+    assert not path.exists()
+
+
+@pytest.mark.parametrize("mode", ["0600", "0660", "0666", "0700"])
+def test_socket_mode_is_honoured(tclrun, sockdir, mode):
+    path = sockdir / "milter.sock"
+    old = os.umask(0o077)  # whatever the umask, the mode asked for is the mode set
+    try:
+        m = tclrun(STAMP, "--socket-mode", mode, connection=f"unix:{path}")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(os.stat(path).st_mode) == int(mode, 8)
+    assert send_one(path) == b"O"
+    assert m.stop() == 0
+
+
+@ROOT_ONLY
+def test_socket_mode_and_owner_with_user(tclrun):
+    nobody = pwd.getpwnam("nobody")
+    d = world_dir()
+    try:
+        path = d / "milter.sock"
+        m = tclrun(STAMP, "--user", "nobody", "--socket-mode", "0640", connection=f"unix:{path}")
+        st = os.stat(path)
+        assert (st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode)) == (nobody.pw_uid, nobody.pw_gid, 0o640)
+        assert m.stop() == 0
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
+
+
+WRITER = r"""
+package require TclMilter
+set dir [lindex $argv 0]
+proc eom {ctx} {
+    set f [open [file join $::dir from-eom.txt] w]; puts $f "written in eom"; close $f
+    file mkdir [file join $::dir made-in-eom]
+    return SMFIS_CONTINUE
+}
+proc tick {} {
+    set f [open [file join $::dir from-timer.txt] w]; puts $f "written by a timer"; close $f
+}
+milter register eom eom
+after 300 tick
+milter main
+"""
+
+HOOK_WRITER = """
+import os
+
+def setup(milter):
+    @milter.register("eom")
+    def write(ctx):
+        with open(os.path.join(os.environ["WRITE_DIR"], "from-python.txt"), "w") as f:
+            f.write("written by a python callback\\n")
+"""
+
+
+@ROOT_ONLY
+def test_after_user_the_files_callbacks_and_timers_write_belong_to_the_user(tclrun):
+    nobody = pwd.getpwnam("nobody")
+    d = world_dir()
+    try:
+        out = d / "out"
+        out.mkdir()
+        out.chmod(0o777)
+        m = tclrun(WRITER, "--user", "nobody", connection="inet:0@127.0.0.1", args=[str(out)],
+                   python=[HOOK_WRITER], env={"WRITE_DIR": str(out)})
+        status = Path(f"/proc/{m.child.pid}/status").read_text()
+        ids = {k: re.search(rf"^{k}:\s*(.*)$", status, re.M).group(1).split() for k in ("Uid", "Gid", "Groups")}
+        assert ids["Uid"] == [str(nobody.pw_uid)] * 4
+        assert ids["Gid"] == [str(nobody.pw_gid)] * 4
+        assert ids["Groups"] == [str(nobody.pw_gid)], "no supplementary group of root's is kept"
+        with m.mta() as mta:
+            mta.negotiate()
+            mta.message()
+        deadline = time.monotonic() + 5
+        names = {"from-eom.txt", "made-in-eom", "from-timer.txt", "from-python.txt"}
+        while {p.name for p in out.iterdir()} != names and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert {p.name for p in out.iterdir()} == names
+        for p in out.iterdir():
+            st = os.lstat(p)
+            assert (st.st_uid, st.st_gid) == (nobody.pw_uid, nobody.pw_gid), (p.name, st.st_uid, st.st_gid)
+        # and nothing it could reach as root: root's files stay out of reach
+        with m.mta() as mta:
+            mta.negotiate()
+        assert m.stop() == 0
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
+
+
+@ROOT_ONLY
+def test_a_socket_a_dropped_milter_could_not_remove_is_cleaned_at_the_next_start(tclrun):
+    """In a root-owned directory the milter, once nobody, cannot unlink its socket at exit; it is
+    left as a stale socket (never someone else's file), and the next start replaces it."""
+    d = Path(tempfile.mkdtemp(prefix="ptmr", dir="/tmp"))
+    d.chmod(0o755)
+    try:
+        path = d / "milter.sock"
+        m = tclrun(STAMP, "--user", "nobody", "--socket-mode", "0666", connection=f"unix:{path}")
+        assert m.stop() == 0
+        left = path.exists()
+        print("socket left after a dropped milter stopped:", left)
+        m2 = tclrun(STAMP, connection=f"unix:{path}")
+        assert send_one(path) == b"O"
+        if left:
+            assert "removed stale socket" in m2.text
+        assert m2.stop() == 0
+        assert not path.exists()
+    finally:
+        shutil.rmtree(d, ignore_errors=True)

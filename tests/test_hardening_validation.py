@@ -1,0 +1,282 @@
+"""Validation of what filters send: every malformed reply code, header or address is an error in the
+callback that asked for it (a Tcl error with a clear message), and nothing malformed reaches the wire.
+
+What tests/test_engine_api.py and tests/test_tcl_commands.py already cover (2xx codes, short and long
+codes, CR/LF in a reply, 33 lines, a space in a header name, an unfolded LF, an empty recipient) is
+extended here to the whole table: extended-code format and class, the lone %, exactly 32 lines,
+colons and control characters in header names, CR alone and NUL in values, CR/LF in addresses and
+ESMTP arguments, header indexes, for the Python API and for Tcl scripts, plus the wire bytes.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from pytclmilter import CONTINUE, MilterError
+from pytclmilter.context import Context
+from pytclmilter.protocol.macros import MacroStore
+from support.engine import make_milter, serving, z
+from support.tclrun import TCL_HELPERS, ok, tclrun_factory
+
+tclrun = pytest.fixture(tclrun_factory, name="tclrun")
+
+
+def eom_context() -> Context:
+    ctx = Context(1, MacroStore())
+    ctx.stage = "eom"
+    return ctx
+
+
+# (call, words the error message must contain)
+INVALID = {
+    "rcode-999": (lambda c: c.setreply("999", None, "x"), ['"999"', "4xx or 5xx"]),
+    "rcode-250": (lambda c: c.setreply("250", None, "x"), ['"250"', "4xx or 5xx"]),
+    "rcode-letters": (lambda c: c.setreply("5xx", None, "x"), ['"5xx"']),
+    "rcode-space": (lambda c: c.setreply(" 550", None, "x"), ['" 550"']),
+    "rcode-empty": (lambda c: c.setreply("", None, "x"), ['""']),
+    "rcode-trailing-newline": (lambda c: c.setreply("550\n", None, "x"), ["4xx or 5xx"]),
+    "xcode-two-parts": (lambda c: c.setreply("550", "5.7", "x"), ['"5.7"', "like 5.7.1"]),
+    "xcode-four-parts": (lambda c: c.setreply("550", "5.7.1.1", "x"), ['"5.7.1.1"']),
+    "xcode-long-part": (lambda c: c.setreply("550", "5.1000.1", "x"), ['"5.1000.1"']),
+    "xcode-class-3": (lambda c: c.setreply("550", "3.7.1", "x"), ['"3.7.1"']),
+    "xcode-class-mismatch-5-4": (lambda c: c.setreply("550", "4.7.1", "x"), ['"4.7.1"', '"550"', "match"]),
+    "xcode-class-mismatch-4-5": (lambda c: c.setreply("451", "5.7.1", "x"), ['"5.7.1"', '"451"', "match"]),
+    "xcode-class-2": (lambda c: c.setreply("550", "2.0.0", "x"), ['"2.0.0"', "match"]),
+    "text-crlf": (lambda c: c.setreply("550", "5.7.1", "a\r\nb"), ["CR, LF"]),
+    "text-lf": (lambda c: c.setreply("550", "5.7.1", "a\nb"), ["CR, LF"]),
+    "text-cr": (lambda c: c.setreply("550", "5.7.1", "a\rb"), ["CR, LF"]),
+    "text-nul": (lambda c: c.setreply("550", "5.7.1", "a\0b"), ["NUL"]),
+    "text-lone-percent": (lambda c: c.setreply("550", "5.7.1", "100% spam"), ["lone %", "%%"]),
+    "text-percent-s": (lambda c: c.setreply("550", None, "%s"), ["lone %"]),
+    "text-three-percents": (lambda c: c.setreply("550", "5.7.1", "a %%% b"), ["lone %"]),
+    "text-too-long": (lambda c: c.setreply("550", "5.7.1", "x" * 981), ["980"]),
+    "ml-33-lines": (lambda c: c.setmlreply("550", "5.7.1", *["l"] * 33), ["32", "33"]),
+    "ml-no-lines": (lambda c: c.setmlreply("550", "5.7.1"), ["1 to 32"]),
+    "ml-crlf-line": (lambda c: c.setmlreply("550", "5.7.1", "ok", "a\r\nb"), ["CR, LF"]),
+    "ml-lone-percent": (lambda c: c.setmlreply("550", "5.7.1", "ok", "50%"), ["lone %"]),
+    "ml-class-mismatch": (lambda c: c.setmlreply("450", "5.7.1", "x"), ["match"]),
+    "ml-rcode": (lambda c: c.setmlreply("650", None, "x"), ["4xx or 5xx"]),
+    "hdr-name-colon": (lambda c: c.addheader("X-A:B", "v"), ['"X-A:B"', "colon"]),
+    "hdr-name-trailing-colon": (lambda c: c.addheader("Subject:", "v"), ['"Subject:"']),
+    "hdr-name-space": (lambda c: c.addheader("X A", "v"), ['"X A"']),
+    "hdr-name-tab": (lambda c: c.addheader("X\tA", "v"), ["invalid header name"]),
+    "hdr-name-ctl": (lambda c: c.addheader("X\x01A", "v"), ["invalid header name"]),
+    "hdr-name-del": (lambda c: c.addheader("X\x7fA", "v"), ["invalid header name"]),
+    "hdr-name-lf": (lambda c: c.addheader("X\nA", "v"), ["invalid header name"]),
+    "hdr-name-nul": (lambda c: c.addheader("X\0A", "v"), ["invalid header name"]),
+    "hdr-name-empty": (lambda c: c.addheader("", "v"), ['""']),
+    "ins-name-colon": (lambda c: c.insheader("X:A", "v", 0), ['"X:A"']),
+    "chg-name-space": (lambda c: c.chgheader("X A", "v", 1), ['"X A"']),
+    "hdr-value-lf": (lambda c: c.addheader("X-A", "a\nb"), ["fold"]),
+    "hdr-value-crlf": (lambda c: c.addheader("X-A", "a\r\nb"), ["fold"]),
+    "hdr-value-cr": (lambda c: c.addheader("X-A", "a\rb"), ["fold"]),
+    "hdr-value-trailing-lf": (lambda c: c.addheader("X-A", "a\n"), ["fold"]),
+    "hdr-value-nul": (lambda c: c.addheader("X-A", "a\0b"), ["X-A"]),
+    "ins-value-cr": (lambda c: c.insheader("X-A", "a\rb", 0), ["fold"]),
+    "chg-value-lf": (lambda c: c.chgheader("X-A", "a\nb", 1), ["fold"]),
+    "chg-index-negative": (lambda c: c.chgheader("X-A", "v", -1), ["-1"]),
+    "ins-index-negative": (lambda c: c.insheader("X-A", "v", -1), ["-1"]),
+    "addrcpt-empty": (lambda c: c.addrcpt(""), ["recipient", "non-empty"]),
+    "addrcpt-crlf": (lambda c: c.addrcpt("<a@example.com>\r\nRCPT TO:<b@example.com>"), ["recipient", "CR"]),
+    "addrcpt-nul": (lambda c: c.addrcpt("<a@exa\0mple.com>"), ["recipient", "NUL"]),
+    "addrcpt-args-lf": (lambda c: c.addrcpt("<a@example.com>", "NOTIFY=NEVER\nX"), ["ESMTP"]),
+    "delrcpt-lf": (lambda c: c.delrcpt("<a@example.com>\n"), ["recipient"]),
+    "delrcpt-empty": (lambda c: c.delrcpt(""), ["recipient"]),
+    "chgfrom-empty": (lambda c: c.chgfrom(""), ["sender"]),
+    "chgfrom-cr": (lambda c: c.chgfrom("<a@example.org>\r"), ["sender"]),
+    "chgfrom-args-nul": (lambda c: c.chgfrom("<a@example.org>", "RET=HDRS\0"), ["ESMTP"]),
+    "quarantine-empty": (lambda c: c.quarantine(""), ["reason"]),
+    "quarantine-nul": (lambda c: c.quarantine("a\0b"), ["NUL"]),
+}
+
+VALID = {
+    "rcode-4xx": (lambda c: c.setreply("451", "4.7.1", "later"), "451 4.7.1 later"),
+    "xcode-three-digits": (lambda c: c.setreply("550", "5.123.456", "x"), "550 5.123.456 x"),
+    "double-percent": (lambda c: c.setreply("550", "5.7.1", "100%% spam"), "550 5.7.1 100%% spam"),
+    "four-percents": (lambda c: c.setreply("550", None, "%%%%"), "550 %%%%"),
+    "980-chars": (lambda c: c.setreply("550", "5.7.1", "x" * 980), "550 5.7.1 " + "x" * 980),
+    "ml-32-lines": (lambda c: c.setmlreply("550", "5.7.1", *[f"l{i}" for i in range(32)]),
+                    "\r\n".join(f"550{'-' if i < 31 else ' '}5.7.1 l{i}" for i in range(32))),
+    "ml-percent": (lambda c: c.setmlreply("450", None, "a %% b"), "450 4.0.0 a %% b"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(INVALID))
+def test_python_context_refuses_with_a_clear_message(name):
+    call, words = INVALID[name]
+    ctx = eom_context()
+    ctx.reply_text = "kept"
+    with pytest.raises(MilterError) as info:
+        call(ctx)
+    message = str(info.value)
+    for word in words:
+        assert word in message, (name, message)
+    assert ctx.reply_text == "kept" and ctx.actions == [] and ctx.body is None, "nothing stored"
+
+
+@pytest.mark.parametrize("name", sorted(VALID))
+def test_python_context_accepts_the_limits(name):
+    call, text = VALID[name]
+    ctx = eom_context()
+    call(ctx)
+    assert ctx.reply_text == text
+
+
+def test_folded_header_values_are_accepted_and_sent_with_lf():
+    ctx = eom_context()
+    ctx.addheader("X-Folded", "first\r\n\tsecond\n third")
+    ctx.insheader("X-Top", "a\r\n b", 0)
+    ctx.chgheader("Subject", "new\n\tsubject", 1)
+    assert [a.value for a in ctx.actions] == ["first\n\tsecond\n third", "a\n b", "new\n\tsubject"]
+
+
+# ---------------------------------------------------------------- through Tcl, with the wire checked
+
+TCL_CASES = {
+    # key: (Tcl script, words of the error)
+    "rcode-999": (r"$ctx setreply 999 x", ['"999"', "4xx or 5xx"]),
+    "rcode-250": (r"$ctx setreply 250 2.0.0 ok", ['"250"']),
+    "xcode-bad": (r"$ctx setreply 550 5.7 x", ['"5.7"']),
+    "xcode-class": (r"$ctx setreply 550 4.7.1 x", ["match"]),
+    "text-crlf": (r"$ctx setreply 550 5.7.1 a\r\nb", ["CR, LF"]),
+    "text-cr": (r"$ctx setreply 550 5.7.1 a\rb", ["CR, LF"]),
+    "text-nul": (r"$ctx setreply 550 5.7.1 a\0b", ["NUL"]),
+    "lone-percent": (r"$ctx setreply 550 5.7.1 {100% sure}", ["lone %", "%%"]),
+    "ml-33": (r"$ctx setmlreply 550 5.7.1 {*}[lrepeat 33 line]", ["32"]),
+    "ml-crlf": (r"$ctx setmlreply 550 5.7.1 ok a\nb", ["CR, LF"]),
+    "ml-percent": (r"$ctx setmlreply 550 5.7.1 ok {50%}", ["lone %"]),
+    "name-colon": (r"$ctx addheader X-A:B v", ['"X-A:B"']),
+    "name-space": (r"$ctx addheader {X A} v", ['"X A"']),
+    "name-ctl": (r"$ctx addheader X\x01A v", ["invalid header name"]),
+    "name-tab": (r"$ctx insheader X\tA v", ["invalid header name"]),
+    "name-empty": (r"$ctx chgheader {} 1 v", ["invalid header name"]),
+    "value-lf": (r"$ctx addheader X-A a\nb", ["fold"]),
+    "value-cr": (r"$ctx addheader X-A a\rb", ["fold"]),
+    "value-crlf": (r"$ctx chgheader X-A a\r\nb", ["fold"]),
+    "value-nul": (r"$ctx insheader X-A a\0b", ["X-A"]),
+    "index-neg": (r"$ctx chgheader X-A -1 v", ["-1"]),
+    "index-word": (r"$ctx insheader X-A one v", ['expected integer but got "one"']),
+    "rcpt-empty": (r"$ctx addrcpt {}", ["recipient"]),
+    "rcpt-crlf": (r"$ctx addrcpt <a@example.com>\r\n", ["recipient"]),
+    "rcpt-args": (r"$ctx addrcpt <a@example.com> NOTIFY=NEVER\n", ["ESMTP"]),
+    "delrcpt-lf": (r"$ctx delrcpt <a@example.com>\n", ["recipient"]),
+    "from-cr": (r"$ctx chgfrom <s@example.org>\r", ["sender"]),
+    "from-args": (r"$ctx chgfrom <s@example.org> RET=HDRS\n", ["ESMTP"]),
+    "quarantine-empty": (r"$ctx quarantine {}", ["reason"]),
+}
+
+TCL_VALID = r"""
+    T ok-percent {$ctx setreply 550 5.7.1 {100%% sure}}
+    T ok-ml32 {$ctx setmlreply 451 4.7.1 {*}[lrepeat 32 wait]}
+    T ok-fold {$ctx addheader X-Folded "first\r\n\tsecond"}
+    T ok-rcpt {$ctx addrcpt <new@example.com> NOTIFY=NEVER}
+"""
+
+
+def test_tcl_errors_are_clear_and_nothing_malformed_reaches_the_wire(tclrun):
+    cases = "\n".join(f"    T {key} {{{script}}}" for key, (script, _) in TCL_CASES.items())
+    m = tclrun(TCL_HELPERS + r"""
+package require TclMilter
+proc eom {ctx} {
+""" + cases + TCL_VALID + r"""
+    if {[catch {$ctx setreply 999 x} msg]} { R catch-example $msg }
+    return SMFIS_TEMPFAIL
+}
+proc eom2 {ctx} { return SMFIS_CONTINUE }
+milter register eom eom
+milter main
+""")
+    with m.mta() as mta:
+        mta.negotiate()
+        assert ok(mta.connect())
+        final = mta.message()["eom"]
+    assert m.stop() == 0  # the whole output is read
+    r = m.results()
+    assert r["catch-example"] == 'invalid reply code "999": must be 4xx or 5xx'
+    for key, (script, words) in TCL_CASES.items():
+        assert r[key].startswith("ERR "), (key, script, r[key])
+        for word in words:
+            assert word in r[key], (key, r[key])
+    for key in ("ok-percent", "ok-ml32", "ok-fold", "ok-rcpt"):
+        assert r[key] == "OK ", (key, r[key])
+    # the last good setmlreply goes out with the tempfail; nothing of the refused calls does
+    # (modifications are dropped with a tempfail verdict)
+    text = "\r\n".join(f"451{'-' if i < 31 else ' '}4.7.1 wait" for i in range(32))
+    assert final == [("y", z(text))], final
+
+
+def test_tcl_valid_modifications_go_out_exactly_and_refused_ones_do_not(tclrun):
+    m = tclrun(TCL_HELPERS + r"""
+package require TclMilter
+proc eom {ctx} {
+    catch {$ctx addheader Bad:Name v}
+    $ctx addheader X-Folded "first\r\n\tsecond"
+    catch {$ctx addheader X-B "a\nb"}
+    catch {$ctx addrcpt "<x@example.com>\r\nDATA"}
+    $ctx addrcpt <new@example.com> NOTIFY=NEVER
+    catch {$ctx chgfrom ""}
+    catch {$ctx insheader X-C -5 v}
+    $ctx insheader X-C 0 v
+    return SMFIS_CONTINUE
+}
+milter register eom eom
+milter main
+""")
+    with m.mta() as mta:
+        mta.negotiate()
+        final = mta.message()["eom"]
+    assert final == [
+        ("h", b"X-Folded\0first\n\tsecond\0"),
+        ("2", b"<new@example.com>\0NOTIFY=NEVER\0"),
+        ("i", b"\0\0\0\0X-C\0v\0"),
+        ("c", b""),
+    ], final
+    assert m.stop() == 0
+
+
+# ---------------------------------------------------------------- gaps found (these fail until fixed)
+
+
+def test_chgheader_delete_validates_the_header_name():
+    """``chgheader name ""`` (delete) skips the name check (context.py: check_header only when the value
+    is not empty), so a name with a colon, space, CR/LF goes on the wire, and one with a NUL makes the
+    engine tempfail the whole message at end of message instead of failing the call."""
+    for name in ("Bad Name", "X-A:B", "X\r\nInjected", "X\0Y", ""):
+        ctx = eom_context()
+        with pytest.raises(MilterError):
+            ctx.chgheader(name, "", 1)
+        assert ctx.actions == [], name
+
+
+def test_header_index_beyond_32_bits_is_refused_in_the_call():
+    """An index that does not fit the protocol's u32 is accepted by chgheader/insheader and only fails
+    when the end-of-message reply is encoded: the whole message is tempfailed instead of the call
+    raising. (insheader 4294967296 ...)"""
+    for call in (lambda c: c.chgheader("X-A", "v", 2**32), lambda c: c.insheader("X-A", "v", 2**40)):
+        ctx = eom_context()
+        with pytest.raises(MilterError):
+            call(ctx)
+        assert ctx.actions == []
+
+
+def test_a_bad_delete_does_not_tempfail_the_message_on_the_wire():
+    """The same gap seen by the MTA: a filter that catches nothing and deletes a header with a NUL in
+    its name gets its whole message tempfailed (LocalProtocolError at encoding), not an error in the
+    callback."""
+    m = make_milter()
+    errors = []
+
+    @m.register("eom")
+    def eom(ctx):
+        try:
+            ctx.chgheader("X\0Y", "", 1)
+        except MilterError as exc:
+            errors.append(str(exc))
+        ctx.addheader("X-Filtered", "yes")
+        return CONTINUE
+
+    with serving(m) as srv, srv.raw() as mta:
+        mta.envelope()
+        final = mta.eom()
+    assert errors, "the call should have failed"
+    assert final == [(b"h", z("X-Filtered", "yes")), (b"c", b"")], final
