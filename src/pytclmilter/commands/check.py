@@ -107,12 +107,13 @@ def cmd_check(opts: argparse.Namespace) -> int:
     setup_logging(opts.log_level)
     exited = ScriptExit()
     host = make_host(opts.script, opts.python, {}, on_exit=exited)
-    host.command.main_hook = lambda: None  # `milter main` returns at once
+    host.command.main_hook = lambda: None  # `milter main` serves nothing
+    host.command.end_script_at_main = True  # and nothing after it runs (it may delete sockets)
     host.set_argv(opts.script, list(opts.args) + list(getattr(opts, "rest", [])))
     try:
         host.source(opts.script)
     except tkinter.TclError as exc:
-        if exited.code is None:
+        if exited.code is None and not host.command.ended_at_main:
             info = host.error_info()
             where = error_location(info) or opts.script
             print(f"{where}: error: {exc}", file=sys.stderr)

@@ -91,6 +91,10 @@ class MilterCommand:
         #: Replaces serving in `milter main` (check mode returns at once); None serves.
         self.main_hook: Callable[[], None] | None = None
         self.main_calls = 0
+        #: check/try: end the script when `milter main` returns, so that what follows it (such as
+        #: the manual's `file delete` of the production socket) never runs outside production.
+        self.end_script_at_main = False
+        self.ended_at_main = False
 
     def __call__(self, args: Sequence[str]) -> Any:
         if not args:
@@ -145,14 +149,22 @@ class MilterCommand:
         self.main_calls += 1
         if self.main_hook is not None:
             self.main_hook()
-            return ""
+            return self._after_main()
         try:
             self.milter.run()
             self.host.limit.clear()
+            if self.end_script_at_main:
+                return self._after_main()
         except ConnSpecError as exc:
             raise TclUsageError(f"milter main: {exc}") from None
         except OSError as exc:
             raise TclUsageError(f"milter main: {exc.strerror or exc}") from None
+        return ""
+
+    def _after_main(self) -> str:
+        if self.end_script_at_main:
+            self.ended_at_main = True
+            raise TclUsageError("milter main: the script ends here under check and try")
         return ""
 
     def _stop(self, args: Sequence[str]) -> str:
