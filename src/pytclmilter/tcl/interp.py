@@ -53,14 +53,6 @@ def tcl_library_dir() -> Path:
     return Path(__file__).resolve().parents[3] / "tclmilter"
 
 
-class ExitRequest(Exception):
-    """The script called ``exit``; carries the code for the CLI."""
-
-    def __init__(self, code: int) -> None:
-        super().__init__(code)
-        self.code = code
-
-
 def _to_tcl(value: Any) -> Any:
     """Callback arguments as Tcl values: bytes as text, lists as lists, dicts as key/value lists."""
     if isinstance(value, str):
@@ -158,8 +150,6 @@ class TclHost:
                 result = func([from_tcl(a) for a in args])
             except (TclUsageError, MilterError) as exc:
                 return ("error", str(exc))
-            except ExitRequest:
-                raise
             except Exception as exc:  # noqa: BLE001 - report, never crash the interpreter
                 log.exception("internal error in %s", name)
                 return ("error", f"internal error: {exc}")
