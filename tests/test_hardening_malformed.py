@@ -366,7 +366,7 @@ def conn_name(records: list[logging.LogRecord], sock: socket.socket) -> str | No
 
 @pytest.mark.parametrize("name", sorted(SESSIONS))
 def test_malformed_session_against_the_python_api(caplog, name):
-    caplog.set_level(logging.INFO, logger=LOG)
+    caplog.set_level(logging.DEBUG, logger=LOG)  # "connection from" names the bad connection
     session = SESSIONS[name]
     m = every_event_milter()
     with serving(m) as srv:
@@ -442,7 +442,7 @@ milter main
 
 def test_malformed_sessions_against_pytclmilter_run(tclrun):
     """Every session, one after the other, against one `pytclmilter run` process with a callback per event."""
-    m = tclrun(TCL_EVERY_EVENT, "--timeout", "5")
+    m = tclrun(TCL_EVERY_EVENT, "--timeout", "5", "--log-level", "debug")  # debug: "connection from"
     address = (socket.AF_INET, ("127.0.0.1", m.port))
     for name, session in SESSIONS.items():
         mark = m.mark()

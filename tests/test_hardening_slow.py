@@ -96,7 +96,7 @@ def wait_all_closed(socks: list[socket.socket], timeout: float) -> tuple[int, fl
 
 
 def test_half_a_frame_is_dropped_at_the_timeout_with_one_log_line(tclrun):
-    m = tclrun(SCRIPT, "--timeout", "1")
+    m = tclrun(SCRIPT, "--timeout", "1", "--log-level", "debug")  # debug: "connection from" per connection
     mark = m.mark()
     s = stuck_client(m.port, 1)
     port = s.getsockname()[1]
@@ -117,7 +117,7 @@ STUCK = 1000
 def test_a_thousand_stuck_clients_do_not_stop_good_ones(tclrun, record_property):
     raise_nofile(4 * STUCK + 256)
     timeout = 12
-    m = tclrun(SCRIPT, "--timeout", str(timeout), "--backlog", "2048")
+    m = tclrun(SCRIPT, "--timeout", str(timeout), "--backlog", "2048", "--log-level", "debug")  # debug: "connection from" per connection
     for _ in range(5):
         good_message(m.port)  # warm-up
     baseline = [good_message(m.port) for _ in range(40)]

@@ -710,6 +710,30 @@ def test_new_mail_clears_recipient_and_later_slots_only() -> None:
     assert s.macros.get("{rcpt_addr}") is None and s.macros.get("i") is None
 
 
+_STAGE_LETTERS = st.sampled_from([b"C", b"H", b"M", b"R", b"T", b"N", b"E", b"L", b"B", b"U", b"Q"])
+_MACRO_TEXT = st.text(alphabet="ij{}_ab\x00é", max_size=4).map(lambda t: t.encode("utf-8"))
+_RAW_MACRO = st.builds(lambda stage, parts: stage + b"".join(p + b"\0" for p in parts),
+                       _STAGE_LETTERS, st.lists(_MACRO_TEXT, max_size=5))
+_MACRO_FRAME = st.one_of(_RAW_MACRO, _RAW_MACRO.map(lambda raw: raw[:-1] if len(raw) > 1 else raw))
+_FLOW = [CONNECT, HELO, MAIL, RCPT, RCPT2, DATA, HEADER, EOH, BODY, EOM, ev.Abort(), MAIL, RCPT, EOM]
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.lists(_MACRO_FRAME, max_size=2), min_size=len(_FLOW), max_size=len(_FLOW)))
+def test_macros_stored_without_events_match_the_event_path(macro_frames: list[list[bytes]]) -> None:
+    """The engine's fast path (emit_macros=False: raw payloads, no Macro events) keeps exactly the
+    values the event path keeps, after every command, whatever the packets look like."""
+    names = ["i", "{i}", "j", "{j}", "_", "a", "{a}", "ab", "", "é"]
+    with_events, without = start(), start(emit_macros=False)
+    for event, frames in zip(_FLOW, macro_frames):
+        data = b"".join(struct.pack("!I", len(f) + 1) + b"D" + f for f in frames) + cmds(event)
+        seen, _ = run(with_events, data)
+        run(without, data)
+        assert [type(e) for e in seen if type(e) is ev.Macro] == [ev.Macro] * len(frames)
+        assert with_events.macros.all() == without.macros.all()
+        assert [with_events.macros.get(n) for n in names] == [without.macros.get(n) for n in names]
+
+
 def test_lookup_order_is_latest_stage_first() -> None:
     order = "ENTRMHC"
     for n in range(1, 8):

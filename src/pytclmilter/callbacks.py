@@ -8,6 +8,7 @@ place when re-registered; Python's ``register`` appends.
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -34,6 +35,10 @@ EVENTS = (
 #: in the same SMTP reply either way. Asking for no reply lets the MTA stream them.
 DEFERRABLE = frozenset({"header"})
 
+#: Registry versions, unique across registries, so that a negotiation computed for one set of
+#: callbacks is never reused for another (see ConnectionEngine._negotiated).
+_GENERATIONS = itertools.count(1)
+
 
 @dataclass(slots=True)
 class Callback:
@@ -47,6 +52,8 @@ class Registry:
 
     def __init__(self) -> None:
         self._chains: dict[str, list[Callback]] = {e: [] for e in EVENTS}
+        #: Changes with every add, remove or replace: what was derived from the chains is stale.
+        self.generation = next(_GENERATIONS)
 
     @staticmethod
     def check_event(event: str) -> str:
@@ -57,11 +64,13 @@ class Registry:
     def add(self, event: str, callback: Callback) -> None:
         chain = self._chains[self.check_event(event)]
         self._chains[event] = chain + [callback]  # copy-on-write: a running chain is not disturbed
+        self.generation = next(_GENERATIONS)
 
     def remove(self, event: str, predicate: Callable[[Callback], bool]) -> bool:
         chain = self._chains[self.check_event(event)]
         kept = [c for c in chain if not predicate(c)]
         self._chains[event] = kept
+        self.generation = next(_GENERATIONS)
         return len(kept) != len(chain)
 
     def replace_tcl(self, event: str, callback: Callback | None) -> None:
@@ -78,6 +87,7 @@ class Registry:
             if callback is not None:
                 chain.append(callback)
         self._chains[event] = chain
+        self.generation = next(_GENERATIONS)
 
     def tcl_callback(self, event: str) -> Callback | None:
         for c in self._chains[self.check_event(event)]:

@@ -20,7 +20,7 @@ from .context import Context
 from .limits import CallbackTimeout, PythonLimit
 from .protocol import events as ev
 from .protocol.errors import LocalProtocolError, RemoteProtocolError
-from .protocol.negotiation import negotiate
+from .protocol.negotiation import Negotiated, negotiate
 from .protocol.session import NEED_DATA, FilterSession
 from .status import Status, parse_status
 
@@ -33,6 +33,7 @@ _PY_LIMIT = PythonLimit()
 #: Result types that are certainly not awaitable (skips inspect.isawaitable on the hot path).
 _PLAIN = frozenset({type(None), str, int, Status})
 
+_CONTINUE = ev.Continue()
 _FINAL_OF = {
     Status.CONTINUE: ev.Continue(),
     Status.ACCEPT: ev.Accept(),
@@ -53,7 +54,13 @@ _ARGS: dict[type, tuple[str, Callable[[Any], tuple[Any, ...]]]] = {
     ev.Body: ("body", lambda e: (e.chunk,)),
     ev.EndOfMessage: ("eom", lambda e: ()),
 }
+#: negotiate() results by (registry generation, offer, size limit, macro lists): see _negotiated.
+_NEGOTIATED: dict[tuple[Any, ...], Negotiated] = {}
+
 _MESSAGE_EVENTS = frozenset({ev.Data, ev.Header, ev.EndOfHeaders, ev.Body, ev.EndOfMessage})
+
+#: How sessions normally end; other reasons (timeout, protocol error, stop) are worth an info line.
+_ROUTINE_ENDS = frozenset({"eof", "quit"})
 
 _FAMILY_NAMES = {b"4": "inet", b"6": "inet6", b"L": "unix", b"U": "unknown"}
 
@@ -164,23 +171,11 @@ class ConnectionEngine:
 
     def _handle(self, event: ev.Event) -> None:
         t = type(event)
-        if t is ev.Macro:
+        spec = _ARGS.get(t)
+        if spec is None:
+            self._handle_control(event)
             return
-        if t is ev.OptionNegotiation:
-            self._negotiate(event)  # type: ignore[arg-type]
-            return
-        if t is ev.Abort:
-            self._run_quiet("abort")
-            self._new_message()
-            return
-        if t is ev.Closed:
-            self._run_quiet("close")
-            if event.reason == "quit_nc":  # type: ignore[attr-defined]
-                self.ctx.reply_text = None
-            else:
-                self._finish(event.reason)  # type: ignore[attr-defined]
-            return
-        name, args_of = _ARGS[t]
+        name, args_of = spec
         if t is ev.EnvFrom:
             self._new_message()
             self.sender = event.args[0] if event.args else ""  # type: ignore[attr-defined]
@@ -199,10 +194,27 @@ class ConnectionEngine:
             return
         self.ctx.stage = name
         result = self._run_chain(name, args_of(event))
-        if isinstance(result, Status):
-            self._answer(name, event, result)
+        if result.__class__ is Status:
+            self._answer(name, event, result)  # type: ignore[arg-type]
         else:
-            self._await(name, event, result)
+            self._await(name, event, result)  # type: ignore[arg-type]
+
+    def _handle_control(self, event: ev.Event) -> None:
+        """Events without a callback of their own name: macros, negotiation, abort, close."""
+        t = type(event)
+        if t is ev.Macro:
+            return
+        if t is ev.OptionNegotiation:
+            self._negotiate(event)  # type: ignore[arg-type]
+        elif t is ev.Abort:
+            self._run_quiet("abort")
+            self._new_message()
+        elif t is ev.Closed:
+            self._run_quiet("close")
+            if event.reason == "quit_nc":  # type: ignore[attr-defined]
+                self.ctx.reply_text = None
+            else:
+                self._finish(event.reason)  # type: ignore[attr-defined]
 
     def _no_reply_event(self, name: str, event: ev.Event, args_of: Callable[[Any], tuple[Any, ...]]) -> None:
         """An event the MTA does not wait on (NR negotiated, or a chunk carried by EOM)."""
@@ -210,11 +222,12 @@ class ConnectionEngine:
             return
         self.ctx.stage = name
         result = self._run_chain(name, args_of(event))
-        if not isinstance(result, Status):
-            self._await(name, event, result)
+        if result.__class__ is not Status:
+            self._await(name, event, result)  # type: ignore[arg-type]
             return
         self.ctx.stage = ""
-        self._defer(name, result)
+        if result is not Status.CONTINUE:
+            self._defer(name, result)  # type: ignore[arg-type]
 
     def _defer(self, name: str, status: Status) -> None:
         if status not in (Status.CONTINUE, Status.NOREPLY, Status.SKIP):
@@ -227,34 +240,51 @@ class ConnectionEngine:
         self.ctx.drop_actions()
 
     def _negotiate(self, offer: ev.OptionNegotiation) -> None:
-        wants = self.registry.wants()
-        wants.max_data_size = self.milter.max_data_size
-        self.ctx.stage = "negotiate"
         status = Status.CONTINUE
         if self.registry.chain("negotiate"):
+            self.ctx.stage = "negotiate"
             status = self._run_sync("negotiate", (offer.version, offer.actions, offer.protocol))
-        self.ctx.stage = ""
-        wants.macros = dict(self.ctx.symlists)
+            self.ctx.stage = ""
         try:
             if status not in (Status.CONTINUE, Status.ACCEPT):
                 raise RemoteProtocolError(f"the negotiate callback answered {status.smfis}")
-            negotiated = negotiate(offer, wants)
+            negotiated = self._negotiated(offer)
         except RemoteProtocolError as exc:
             log.warning("%s: negotiation failed: %s", self.name, exc)
             for event in self.session.fail_negotiation():
                 self._handle(event)
             return
-        log.debug("%s: offered v%d actions 0x%x protocol 0x%x; answered %s", self.name,
-                  offer.version, offer.actions, offer.protocol, negotiated.reply)
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("%s: offered v%d actions 0x%x protocol 0x%x; answered %s", self.name,
+                      offer.version, offer.actions, offer.protocol, negotiated.reply)
         self._out.append(self.session.accept_negotiation(negotiated))
+
+    def _negotiated(self, offer: ev.OptionNegotiation) -> Negotiated:
+        """negotiate() for this offer and the callbacks registered now, computed once per combination.
+
+        Every connection of an MTA makes the same offer, and the callbacks rarely change, so
+        this is a dictionary lookup on the per-connection path.
+        """
+        symlists = self.ctx.symlists
+        key = (self.registry.generation, offer.version, offer.actions, offer.protocol,
+               self.milter.max_data_size, tuple(symlists.items()))
+        negotiated = _NEGOTIATED.get(key)
+        if negotiated is None:
+            wants = self.registry.wants()
+            wants.max_data_size = self.milter.max_data_size
+            wants.macros = dict(symlists)
+            negotiated = negotiate(offer, wants)
+            if len(_NEGOTIATED) >= 256:  # bounded: callbacks changing all the time must not grow it
+                _NEGOTIATED.clear()
+            _NEGOTIATED[key] = negotiated
+        return negotiated
 
     # ------------------------------------------------------------ running callbacks
 
-    def _run_chain(self, name: str, args: tuple[Any, ...], start: int = 0) -> Status | Awaitable[Status]:
+    def _run_chain(self, name: str, args: tuple[Any, ...]) -> Status | Awaitable[Status]:
         chain = self.registry.chain(name)
         limit = self.milter.call_timeout
-        for i in range(start, len(chain)):
-            cb = chain[i]
+        for i, cb in enumerate(chain):
             try:
                 if cb.origin == "python" and limit:
                     result = _PY_LIMIT.call(limit, cb.func, self.ctx, *args)
@@ -262,9 +292,13 @@ class ConnectionEngine:
                     result = cb.func(self.ctx, *args)
             except (Exception, CallbackTimeout) as exc:  # noqa: BLE001 - a filter bug must not take the milter down
                 return self._callback_failed(name, cb, exc)
-            if result.__class__ not in _PLAIN and inspect.isawaitable(result):
+            cls = result.__class__
+            if cls is Status:  # Tcl callbacks and well-behaved Python ones: no parsing
+                status = result
+            elif cls not in _PLAIN and inspect.isawaitable(result):
                 return self._continue_async(name, args, chain, i, result)
-            status = self._status(name, cb, result)
+            else:
+                status = self._status(name, cb, result)
             if status is not Status.CONTINUE:
                 return status
         return Status.CONTINUE
@@ -372,6 +406,9 @@ class ConnectionEngine:
         """Turn a status into the reply (plus EOM modifications) and queue the bytes."""
         self.ctx.stage = ""
         is_eom = type(event) is ev.EndOfMessage
+        if status is Status.CONTINUE and not is_eom:  # the common answer: nothing to decide
+            self._out.append(self.session.send(_CONTINUE))
+            return
         reply = self._reply_for(name, event, status)
         start = len(self._out)
         try:
@@ -429,8 +466,10 @@ class ConnectionEngine:
         self.milter.stats.count(verdict)
         # without connect/envfrom callbacks those events are skipped, but their macros still arrive
         client = self.client or self.ctx.getsymval("_") or "-"
-        mail_addr = self.ctx.getsymval("{mail_addr}")
-        sender = self.sender or (f"<{mail_addr}>" if mail_addr else "-")
+        sender = self.sender
+        if not sender:
+            mail_addr = self.ctx.getsymval("{mail_addr}")
+            sender = f"<{mail_addr}>" if mail_addr else "-"
         log.info("%s: verdict %s at %s client=%s from=%s%s", self.name, verdict, stage, client,
                  sender, f' reply="{text}"' if text else "")
 
@@ -448,7 +487,8 @@ class ConnectionEngine:
         self._flush()
         self.milter.hooks.context_closed(self.ctx)
         self.link.close()
-        log.info("%s: closed (%s)", self.name, reason)
+        # An MTA ending the session is routine (the verdict line said what mattered): debug.
+        log.log(logging.DEBUG if reason in _ROUTINE_ENDS else logging.INFO, "%s: closed (%s)", self.name, reason)
 
 
 def _traceback(exc: BaseException) -> str:

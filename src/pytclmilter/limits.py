@@ -10,6 +10,7 @@ callbacks are limited with ``asyncio.wait_for`` in the engine instead.
 
 from __future__ import annotations
 
+import os
 import signal
 import threading
 import time
@@ -30,11 +31,18 @@ class PythonLimit:
         self._seconds = 0.0
         self._active = False
         self._watchdog: threading.Thread | None = None
+        self._main = threading.main_thread().ident
+        # A forked worker has no watchdog thread (threads do not survive fork): start a new one.
+        os.register_at_fork(after_in_child=self._forget_watchdog)
+
+    def _forget_watchdog(self) -> None:
+        self._watchdog = None
+        self._main = threading.main_thread().ident
 
     def call(self, seconds: float, func: Callable[..., Any], *args: Any) -> Any:
-        if not seconds or threading.current_thread() is not threading.main_thread():
+        if not seconds or threading.get_ident() != self._main:
             return func(*args)
-        if self._watchdog is None or not self._watchdog.is_alive():
+        if self._watchdog is None:
             self._start()
         self._seconds, self._started, self._active = seconds, time.monotonic(), True
         try:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import os
 import signal
@@ -141,6 +142,10 @@ class Milter:
 
     async def serve(self) -> None:
         """Serve until :meth:`stop` or a signal; returns, and may be called again."""
+        # What exists now (modules, the script, its data) lives as long as the process: keep
+        # the garbage collector from scanning it again and again under load (and, with
+        # --workers, from touching pages the forked workers share).
+        gc.freeze()
         await self._server.serve()
         log.info("%s stopped; verdicts: %s", self.name, self.stats.summary())
 

@@ -11,7 +11,7 @@ import logging
 import signal
 import socket
 import threading
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from .connspec import ConnSpec, parse
 from .listener import Listener, bind
@@ -24,6 +24,7 @@ log = logging.getLogger("pytclmilter")
 
 _SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 _QUICKACK = getattr(socket, "TCP_QUICKACK", 0)  # Linux only
+_UNKNOWN: Any = object()  # a connection's socket, not fetched yet
 
 
 class _Connection(asyncio.Protocol):
@@ -37,7 +38,7 @@ class _Connection(asyncio.Protocol):
         self.engine: ConnectionEngine | None = None
         self._loop = server.loop
         self.last = self._loop.time()
-        self._tcp: socket.socket | None = None
+        self._tcp: Any = None  # the socket for TCP_QUICKACK, _UNKNOWN until fetched, None if not TCP
         self._wrote = False
         self._blocked = False  # the write buffer is full: reading waits for resume_writing
 
@@ -45,25 +46,31 @@ class _Connection(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
         # TCP_NODELAY and SO_KEEPALIVE are set on the listening socket; accepted ones inherit them.
-        sock = transport.get_extra_info("socket")
-        if _QUICKACK and sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
-            self._tcp = sock
-        peer = transport.get_extra_info("peername")
+        # The socket object for TCP_QUICKACK is fetched when first needed: with uvloop that costs
+        # two system calls, and many connections never need it.
+        self._tcp = _UNKNOWN if _QUICKACK and self.server.tcp else None
         self.engine = ConnectionEngine(self.server.milter, self.server.next_id(), self)
         self.server.connections.add(self)
-        log.info("%s: connection from %s", self.engine.name, _peer_text(peer))
+        if log.isEnabledFor(logging.DEBUG):  # per connection: the verdict line names the client
+            log.debug("%s: connection from %s", self.engine.name, _peer_text(transport.get_extra_info("peername")))
 
     def data_received(self, data: bytes) -> None:
         self.last = self._loop.time()
         self._wrote = False
-        self.engine.data_received(data)  # type: ignore[union-attr]
-        if not self._wrote and self._tcp is not None:
-            # Data we do not answer (macros, no-reply headers) would get a delayed ACK, and the
-            # MTA's next small write waits ~40 ms for it (Nagle): acknowledge at once instead.
-            try:
-                self._tcp.setsockopt(socket.IPPROTO_TCP, _QUICKACK, 1)
-            except OSError:
-                self._tcp = None
+        engine = self.engine
+        engine.data_received(data)  # type: ignore[union-attr]
+        if not self._wrote and self._tcp is not None and not engine.closed:  # type: ignore[union-attr]
+            self._quick_ack()
+
+    def _quick_ack(self) -> None:
+        """Data we do not answer (macros, no-reply headers) would get a delayed ACK, and the
+        MTA's next small write waits ~40 ms for it (Nagle): acknowledge at once instead."""
+        if self._tcp is _UNKNOWN:
+            self._tcp = self.transport.get_extra_info("socket") if self.transport is not None else None
+        try:
+            self._tcp.setsockopt(socket.IPPROTO_TCP, _QUICKACK, 1)  # type: ignore[union-attr]
+        except (OSError, AttributeError):
+            self._tcp = None
 
     def pause_writing(self) -> None:
         """The peer does not read its replies: stop reading its commands until it does."""
@@ -141,6 +148,7 @@ class MilterServer:
         self._stop_requested = False
         self._lock = threading.Lock()
         self.listening: ConnSpec | None = None
+        self.tcp = False  # the listener is TCP (inet/inet6), not a unix socket
 
     def next_id(self) -> int:
         self._ids += 1
@@ -188,6 +196,7 @@ class MilterServer:
             self._stop_requested = False
         listener = self._listener = await self._listen(spec)
         server, spec = self._server, listener.spec
+        self.tcp = spec.family != "unix"
         self.listening = spec
         signals = self._install_signals()
         sweeper = asyncio.ensure_future(self._sweep())

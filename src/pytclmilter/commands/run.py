@@ -7,6 +7,7 @@ import grp
 import logging
 import os
 import pwd
+import resource
 import signal
 import sys
 import tkinter
@@ -105,8 +106,20 @@ def _ids(user: str | None, group: str | None) -> tuple[int | None, int | None]:
     return uid, gid
 
 
+def raise_fd_limit() -> None:
+    """Every connection is a file descriptor: lift the soft limit to the hard one (systemd's soft
+    default of 1024 would refuse connections well before the machine runs out)."""
+    try:
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if soft != hard:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    except (ValueError, OSError) as exc:
+        log.warning("could not raise the open-file limit: %s", exc)
+
+
 def cmd_run(opts: argparse.Namespace) -> int:
     setup_logging(opts.log_level, opts.syslog)
+    raise_fd_limit()
     overrides = {"-connection": opts.connection, "-timeout": opts.timeout, "-backlog": opts.backlog,
                  "-name": opts.name, "-onerror": opts.on_error, "-grace": opts.grace,
                  "-calltimeout": opts.call_timeout, "-workers": opts.workers}

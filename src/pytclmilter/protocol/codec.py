@@ -61,24 +61,34 @@ class FrameReader:
 
     The length is checked against ``max_payload`` before anything is buffered
     for the payload, so an oversize frame is refused, never allocated.
+
+    Why two buffer types: a read that holds only whole frames (the usual case)
+    is parsed in place, with no copy; only a frame split across reads is
+    gathered in a bytearray, which grows in amortised constant time however
+    large the frame (a 1 MB body chunk arriving in many reads).
     """
 
     __slots__ = ("_buf", "_pos", "max_payload", "_codes")
 
     def __init__(self, codes: frozenset[bytes], max_payload: int) -> None:
-        self._buf = bytearray()
+        self._buf: bytes | bytearray = b""
         self._pos = 0
         self.max_payload = max_payload
         self._codes = codes
 
     def feed(self, data: bytes) -> None:
-        if self._pos and self._pos == len(self._buf):
-            self._buf.clear()
-            self._pos = 0
-        elif self._pos > 65536:
-            del self._buf[: self._pos]
-            self._pos = 0
-        self._buf += data
+        buf, pos = self._buf, self._pos
+        if pos >= len(buf):
+            self._buf, self._pos = bytes(data), 0
+        elif type(buf) is bytearray:
+            if pos > 65536:
+                del buf[:pos]
+                self._pos = 0
+            buf += data
+        else:
+            grown = bytearray(memoryview(buf)[pos:])
+            grown += data
+            self._buf, self._pos = grown, 0
 
     @property
     def pending(self) -> int:
@@ -87,10 +97,10 @@ class FrameReader:
 
     def next_frame(self) -> tuple[bytes, bytes] | None:
         buf, pos = self._buf, self._pos
-        if len(buf) - pos < 5:
+        size = len(buf)
+        if size - pos < 5:
             return None
-        (length,) = _U32.unpack_from(buf, pos)
-        code = bytes(buf[pos + 4 : pos + 5])
+        length, code = _HEADER.unpack_from(buf, pos)
         if length == 0:
             raise RemoteProtocolError("zero-length packet")
         if code not in self._codes:
@@ -98,11 +108,13 @@ class FrameReader:
         if length - 1 > self.max_payload:
             raise RemoteProtocolError(f"packet of {length - 1} bytes exceeds the limit of {self.max_payload}")
         end = pos + 4 + length
-        if len(buf) < end:
+        if size < end:
             return None
-        payload = bytes(buf[pos + 5 : end])
+        payload = buf[pos + 5 : end]
         self._pos = end
-        return code, payload
+        if type(payload) is bytearray:
+            payload = bytes(payload)
+        return code, payload  # type: ignore[return-value]
 
 
 def _show(code: bytes) -> str:
@@ -157,9 +169,9 @@ class LazyMacros(Mapping[str, str]):
 
     @property
     def has_pairs(self) -> bool:
-        """At least one name/value pair, known without decoding."""
-        nuls = self._raw.count(b"\0")
-        return nuls >= 2 or (nuls == 1 and not self._raw.endswith(b"\0"))
+        """At least one name/value pair, known without decoding: a NUL before the last byte."""
+        raw = self._raw
+        return raw.find(b"\0", 0, len(raw) - 1) >= 0
 
     def __getitem__(self, name: str) -> str:
         return self._pairs()[name]

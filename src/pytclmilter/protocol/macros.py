@@ -9,17 +9,20 @@ from __future__ import annotations
 
 from typing import Mapping
 
+from .codec import LazyMacros
+
 #: Stage letters libmilter stores, in protocol order.
 STAGES = b"CHMRTNE"
 #: Lookup order of smfi_getsymval: latest stage first.
 _LOOKUP = tuple(bytes([c]) for c in b"ENTRMHC")
 #: Which slots a command clears when it arrives (its own slot was just filled).
 _CLEARS = {
-    b"C": b"HMRTNE",
-    b"H": b"MRTNE",
-    b"M": b"RTNE",
-    b"R": b"TNE",
+    b"C": (b"H", b"M", b"R", b"T", b"N", b"E"),
+    b"H": (b"M", b"R", b"T", b"N", b"E"),
+    b"M": (b"R", b"T", b"N", b"E"),
+    b"R": (b"T", b"N", b"E"),
 }
+_STAGE_SET = frozenset(bytes([c]) for c in STAGES)
 
 
 class MacroStore:
@@ -34,12 +37,27 @@ class MacroStore:
         if (has_pairs if has_pairs is not None else macros) and len(stage) == 1 and stage in STAGES:
             self._slots[stage] = macros
 
+    def define_raw(self, payload: bytes) -> None:
+        """Store an SMFIC_MACRO payload (stage letter, then pairs) as it came; decoded when looked up.
+
+        The MTA sends macros before nearly every command and filters read few of them, so this
+        is the per-packet path: no decoding, no event object.
+        """
+        stage = payload[:1]
+        if stage in _STAGE_SET:
+            macros = LazyMacros(payload[1:])
+            if macros.has_pairs:
+                self._slots[stage] = macros
+
     def command(self, code: bytes) -> None:
         """Apply the clearing rule of an arriving command."""
         later = _CLEARS.get(code)
         if later is not None:
-            for c in later:
-                self._slots.pop(bytes([c]), None)
+            slots = self._slots
+            if slots:
+                for stage in later:
+                    if stage in slots:
+                        del slots[stage]
         elif code in (b"Q", b"K"):
             self._slots.clear()
 

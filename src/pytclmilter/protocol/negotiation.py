@@ -24,6 +24,7 @@ from .constants import (
     MIN_MTA_VERSION,
 )
 from .errors import RemoteProtocolError
+from .codec import encode_reply
 from .events import OptionNegotiation, OptionNegotiationReply
 
 #: Event name -> (skip bit, no-reply bit). eom, abort and close have neither.
@@ -64,6 +65,8 @@ class Negotiated:
     actions: Action
     protocol: Proto
     max_payload: int
+    #: ``reply`` as bytes, encoded once: every connection of an MTA gets the same answer.
+    wire: bytes = field(default=b"", compare=False, repr=False)
 
     @property
     def no_reply(self) -> Proto:
@@ -105,4 +108,4 @@ def negotiate(offer: OptionNegotiation, wants: Wants) -> Negotiated:
     else:
         actions &= ~Action.SETSYMLIST
     reply = OptionNegotiationReply(version, int(actions), int(protocol), macros)
-    return Negotiated(reply, version, actions, protocol, max_payload)
+    return Negotiated(reply, version, actions, protocol, max_payload, encode_reply(reply))

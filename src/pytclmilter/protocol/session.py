@@ -98,6 +98,9 @@ _SKIPPABLE = {  # plain ints: IntFlag arithmetic costs microseconds on the hot p
 }
 _STATES = tuple(State)
 
+#: _trans_ok's answers by (negotiated protocol flags, old state, new state) packed in one int.
+_TRANS_OK: dict[int, bool] = {}
+
 _TRANSACTION = frozenset({S.MAIL, S.RCPT, S.DATA, S.HDRS, S.EOHS, S.BODY})
 
 #: Command -> the NR bit that silences its reply.
@@ -153,7 +156,6 @@ class FilterSession:
         self.negotiated: Negotiated = DEFAULT
         self._proto = int(DEFAULT.protocol)  # the negotiated flags as plain ints, for hot checks
         self._actions = int(DEFAULT.actions)
-        self._trans: dict[tuple[State, State], bool] = {}
         self._reader = FrameReader(COMMAND_CODES, MAX_DATA_SIZE)
         self._queue: deque[ev.Event] = deque()
         self._pending: ev.Event | None = None
@@ -186,56 +188,72 @@ class FilterSession:
         """The next event, or NEED_DATA. Raises RemoteProtocolError for bad input."""
         if self._pending is not None:
             raise LocalProtocolError(f"reply to {type(self._pending).__name__} first")
+        queue, reader = self._queue, self._reader
         while True:
-            if self._queue:
-                return self._deliver(self._queue.popleft())
+            if queue:
+                return self._deliver(queue.popleft())
             if self.state is S.CLOSED:
                 return NEED_DATA
-            item = self._reader.next_frame()
+            item = reader.next_frame()
             if item is None:
                 if self._eof:
-                    if self._reader.pending:
+                    if reader.pending:
                         # State unchanged: teardown() must still abort an open message.
-                        raise RemoteProtocolError(f"connection closed inside a packet ({self._reader.pending} bytes)")
-                    self._queue.extend(self.teardown("eof"))
+                        raise RemoteProtocolError(f"connection closed inside a packet ({reader.pending} bytes)")
+                    queue.extend(self.teardown("eof"))
                     continue
                 return NEED_DATA
-            self._handle_frame(*item)
+            code, payload = item
+            if code == b"D" and not self.emit_macros and not self._clear_after_quit_nc:
+                # Nearly half of all packets: stored as they came, no event, no decoding.
+                if not payload:
+                    raise RemoteProtocolError("macro: empty payload")
+                self.macros.define_raw(payload)
+                continue
+            event = self._handle_frame(code, payload)
+            if event is not None:
+                return self._deliver(event)
 
-    def _handle_frame(self, code: bytes, payload: bytes) -> None:
+    def _handle_frame(self, code: bytes, payload: bytes) -> ev.Event | None:
+        """Apply one frame; returns its event, or None when it queued events (or none) instead."""
         event = decode_command(code, payload)
         if self._clear_after_quit_nc:  # libmilter clears after the close callback, so later
             self._clear_after_quit_nc = False
             self.macros.command(b"K")
         if code == b"D":
             self.macros.define(event.stage, event.macros)  # type: ignore[attr-defined]
-            if self.emit_macros:
-                self._queue.append(event)
-            return
+            return event if self.emit_macros else None
         new = _STATE_OF[code]
         if code == b"Q":
             self._queue.extend(self.teardown("quit"))
-            return
+            return None
+        queue = self._queue  # empty: frames are read only when every queued event was delivered
         if not self._trans_ok(self.state, new):
             if self.state in _TRANSACTION:
-                self._queue.append(ev.Abort())
+                queue.append(ev.Abort())
             self.state = S.HELO
             if not self._trans_ok(S.HELO, new):
                 self._refuse(code)
-                return
+                return None
+        event = self._enter(new, code, event)
+        if queue:  # an abort, or the chunk an EOM carried, goes first
+            queue.append(event)
+            return None
+        return event
+
+    def _enter(self, new: State, code: bytes, event: ev.Event) -> ev.Event:
+        """The command is allowed: take its state and apply its effects; returns the event to deliver."""
         self.state = new
         if code == b"K":
             self._clear_after_quit_nc = True  # the close callback still sees this session's macros
-            self._queue.append(ev.Closed("quit_nc"))
-            return
+            return ev.Closed("quit_nc")
         self.macros.command(code)
         if code == b"C":
             self._closed_emitted = False  # a new SMTP session: it gets its own close
         elif code == b"E" and event.chunk:  # type: ignore[attr-defined]
-            body = ev.Body(event.chunk)  # type: ignore[attr-defined]
-            self._queue.append(body)  # delivered without a reply; EOM answers for both
-            event = ev.EndOfMessage()
-        self._queue.append(event)
+            self._queue.append(ev.Body(event.chunk))  # type: ignore[attr-defined]  # no reply: EOM answers both
+            return ev.EndOfMessage()
+        return event
 
     def _refuse(self, code: bytes) -> None:
         name = code.decode("latin-1")
@@ -245,11 +263,15 @@ class FilterSession:
         raise RemoteProtocolError(f"command {name!r} is not allowed after {self.state.name}")
 
     def _trans_ok(self, old: State, new: State) -> bool:
-        """libmilter's trans_ok: a state the filter skips may be jumped over (cached per negotiation)."""
-        key = (old, new)
-        known = self._trans.get(key)
+        """libmilter's trans_ok: a state the filter skips may be jumped over.
+
+        The answer depends only on the two states and the negotiated flags, so it is computed
+        once per process for each combination (a handful: every MTA connection negotiates alike).
+        """
+        key = (self._proto << 8) | (old << 4) | new
+        known = _TRANS_OK.get(key)
         if known is None:
-            known = self._trans[key] = self._trans_walk(old, new)
+            known = _TRANS_OK[key] = self._trans_walk(old, new)
         return known
 
     def _trans_walk(self, old: State, new: State) -> bool:
@@ -268,17 +290,17 @@ class FilterSession:
 
     def _deliver(self, event: ev.Event) -> ev.Event:
         t = type(event)
-        if t is ev.Macro or t is ev.Abort or t is ev.Closed:
+        nr = _NR_OF_TYPE.get(t)
+        if nr is None:  # Macro, Abort, Closed: nothing to answer
             if t is ev.Closed:
                 self._closed_emitted = True
             return event
         if t is ev.Body and self.state is S.ENDM:  # the EOM-carried chunk
             return event
-        code = _CODE_OF[t]
-        if t is ev.EndOfMessage or t is ev.OptionNegotiation or not (self._proto & _NR_OF[code]):
+        if not (self._proto & nr):  # EOM and option negotiation have no NR bit (0): always answered
             event.needs_reply = True
             self._pending = event
-            self._pending_code = code
+            self._pending_code = _CODE_OF[t]
         return event
 
     def teardown(self, reason: str) -> list[ev.Event]:
@@ -355,10 +377,9 @@ class FilterSession:
         self.negotiated = negotiated
         self._proto = int(negotiated.protocol)
         self._actions = int(negotiated.actions)
-        self._trans.clear()
         self._reader.max_payload = negotiated.max_payload
         self._pending = None
-        return encode_reply(negotiated.reply)
+        return negotiated.wire or encode_reply(negotiated.reply)
 
     def fail_negotiation(self) -> list[ev.Event]:
         """The filter refuses the offer: end the session (close callbacks still run)."""
@@ -379,5 +400,8 @@ _CODE_OF: dict[type, bytes] = {
     ev.Body: b"B",
     ev.EndOfMessage: b"E",
 }
+
+#: Event type -> the NR bit that silences its reply (0: always answered).
+_NR_OF_TYPE: dict[type, int] = {t: _NR_OF.get(code, 0) for t, code in _CODE_OF.items()}
 
 __all__ = ["FilterSession", "NEED_DATA", "State", "EVENT_FLAGS"]

@@ -55,6 +55,8 @@ def tcl_library_dir() -> Path:
 
 def _to_tcl(value: Any) -> Any:
     """Callback arguments as Tcl values: bytes as text, lists as lists, dicts as key/value lists."""
+    if value.__class__ is str:
+        return value if value.isascii() and "\x00" not in value else to_tcl(value)
     if isinstance(value, str):
         return to_tcl(value)
     if isinstance(value, bytes):
@@ -78,11 +80,15 @@ class NotAStatus:
         return f'"{self.text}"'
 
 
-_STATUS_BY_NAME = {s.smfis: s for s in Status}
+_STATUS_BY_NAME = {s.smfis: s for s in Status} | {"": Status.CONTINUE}
 
 
 def tcl_status(result: Any) -> Status | NotAStatus:
     """A Tcl callback's result by its string value, as Tcl sees it (tkinter hands back typed objects)."""
+    if result.__class__ is str:  # the usual `return SMFIS_...`
+        status = _STATUS_BY_NAME.get(result)
+        if status is not None:
+            return status
     if isinstance(result, tuple):
         result = tkinter._stringify(result)  # type: ignore[attr-defined]
     value = str(result)
