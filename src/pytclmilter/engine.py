@@ -93,6 +93,9 @@ class CallbackError(Exception):
 class ConnectionEngine:
     """Drives one FilterSession with the milter's callbacks."""
 
+    __slots__ = ("milter", "registry", "session", "ctx", "name", "link", "_out", "_busy", "_deferred",
+                 "_deferred_stage", "_conn_done", "_done", "_skip_body", "closed", "client", "sender")
+
     def __init__(self, milter: "Milter", conn_id: int, link: "Link") -> None:
         self.milter = milter
         self.registry: Registry = milter.registry

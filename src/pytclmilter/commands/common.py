@@ -39,7 +39,7 @@ def setup_logging(level: str, syslog: bool = False) -> None:
             raise UsageError("--syslog: /dev/log does not exist (is a syslog daemon running?)")
         handler: logging.Handler = logging.handlers.SysLogHandler(
             address="/dev/log", facility=logging.handlers.SysLogHandler.LOG_MAIL)
-        handler.setFormatter(logging.Formatter("pytclmilter[%(process)d]: %(levelname)s: %(message)s"))
+        handler.setFormatter(LineFormatter("pytclmilter[%(process)d]: %(levelname)s: %(message)s"))
     else:
         handler = logging.StreamHandler(sys.stderr)
         handler.setFormatter(LineFormatter("%(asctime)s pytclmilter[%(process)d] %(levelname)s: %(message)s"))
@@ -51,13 +51,31 @@ def setup_logging(level: str, syslog: bool = False) -> None:
     logging._srcfile = None  # type: ignore[attr-defined]
     logging.logThreads = False
     logging.logMultiprocessing = False
+    logging.logProcesses = False  # os.getpid() is a system call per line: LineFormatter knows the pid
+
+
+_pid = os.getpid()
+
+
+def _forked() -> None:
+    global _pid
+    _pid = os.getpid()
+
+
+os.register_at_fork(after_in_child=_forked)  # --workers: each worker logs its own pid
 
 
 class LineFormatter(logging.Formatter):
-    """logging.Formatter with the date and time formatted once per second, not once per line."""
+    """logging.Formatter with the date and time formatted once per second, not once per line,
+    and the process id known rather than asked of the kernel for every line."""
 
     _second = -1
     _text = ""
+
+    def format(self, record: logging.LogRecord) -> str:
+        if record.process is None:
+            record.process = _pid
+        return super().format(record)
 
     def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:
         if datefmt is not None:

@@ -147,6 +147,9 @@ NEED_DATA = _Need()
 class FilterSession:
     """One MTA connection, filter side."""
 
+    __slots__ = ("emit_macros", "state", "macros", "negotiated", "_proto", "_actions", "_reader", "_queue",
+                 "_pending", "_pending_code", "_eof", "_closed_emitted", "_clear_after_quit_nc", "dropped")
+
     def __init__(self, emit_macros: bool = True) -> None:
         #: Also hand out Macro events (they are always stored in ``macros``); a driver that
         #: only looks macros up turns this off and saves a third of the per-packet work.

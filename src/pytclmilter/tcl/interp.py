@@ -64,7 +64,11 @@ def _to_tcl(value: Any) -> Any:
     if isinstance(value, list):
         return tuple(_to_tcl(v) for v in value)
     if isinstance(value, dict):
-        return tuple(_to_tcl(x) for kv in value.items() for x in kv)
+        flat: list[Any] = []
+        for k, v in value.items():
+            flat.append(_to_tcl(k))
+            flat.append(_to_tcl(v))
+        return tuple(flat)
     return value
 
 
@@ -206,13 +210,19 @@ class TclHost:
         self.tk.call("interp", "alias", "", alias, self.CHILD, *self.tk.splitlist(script))
         call, begin = self.tk.call, self.limit.begin
         tcl_error = tkinter.TclError
+        by_name = _STATUS_BY_NAME
 
         def run(ctx: Context, *args: Any) -> Any:
             begin()
             try:
-                return tcl_status(call(alias, ctx.tcl_command, *[_to_tcl(a) for a in args]))
+                result = call(alias, ctx.tcl_command, *map(_to_tcl, args))
             except tcl_error as exc:
                 raise self._failure(exc) from None
+            if result.__class__ is str:  # `return SMFIS_...`: no further conversion
+                status = by_name.get(result)
+                if status is not None:
+                    return status
+            return tcl_status(result)
 
         return run
 

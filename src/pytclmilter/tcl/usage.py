@@ -15,9 +15,9 @@ class TclUsageError(Exception):
 
 def one_of(kind: str, value: str, choices: Iterable[str]) -> str:
     """Tcl_GetIndexFromObj without abbreviations: the value, or `bad KIND "value": must be ...`."""
-    options = sorted(choices)
-    if value in options:
+    if value in choices:
         return value
+    options = sorted(choices)
     if len(options) == 1:
         listed = options[0]
     else:
@@ -35,6 +35,8 @@ def check_count(args: Sequence[str], low: int, high: int | None, usage: str) -> 
 
 
 def integer(value: str) -> int:
+    if value.__class__ is str and value.isdigit() and value.isascii():  # the usual case, e.g. a context id
+        return int(value)
     try:
         return int(str(value).strip(), 0) if str(value).strip()[:2].lower() in ("0x", "0o", "0b") else int(value)
     except (TypeError, ValueError):
