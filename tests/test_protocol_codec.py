@@ -174,6 +174,14 @@ def test_macro_layout_is_stage_letter_then_pairs() -> None:
     assert decode_command(b"D", b"L") == ev.Macro(b"L", {})
 
 
+@given(st.binary(max_size=12).map(lambda b: b.replace(b"\1", b"\0")))
+def test_macro_packet_has_pairs_exactly_when_a_pair_decodes(raw: bytes) -> None:
+    """The store decides from the raw bytes alone whether a D packet replaces its slot (an empty one
+    does not): that must be the very answer decoding would give."""
+    macros = codec.LazyMacros(raw)
+    assert macros.has_pairs == bool(dict(macros))
+
+
 def test_envelope_and_header_layouts() -> None:
     assert encode_command(ev.EnvFrom(["<a@b>", "SIZE=10", "BODY=8BITMIME"])) == raw_frame(
         b"M", b"<a@b>\0SIZE=10\0BODY=8BITMIME\0"

@@ -231,7 +231,8 @@ class FilterSession:
             self._queue.extend(self.teardown("quit"))
             return None
         queue = self._queue  # empty: frames are read only when every queued event was delivered
-        if not self._trans_ok(self.state, new):
+        ok = _TRANS_OK.get((self._proto << 8) | (self.state << 4) | new)  # _trans_ok's cache, inline
+        if not (ok or (ok is None and self._trans_ok(self.state, new))):
             if self.state in _TRANSACTION:
                 queue.append(ev.Abort())
             self.state = S.HELO
