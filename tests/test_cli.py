@@ -16,6 +16,7 @@ import json
 import os
 import pwd
 import re
+import resource
 import shutil
 import signal
 import socket
@@ -220,6 +221,26 @@ def test_run_user_with_pidfile_in_a_root_owned_directory(serve: Callable[..., Tc
     finally:
         shutil.rmtree(sockdir, ignore_errors=True)
         shutil.rmtree(piddir, ignore_errors=True)
+
+
+@pytest.mark.skipif(shutil.which("prlimit") is None, reason="needs util-linux's prlimit")
+def test_run_lifts_its_open_file_soft_limit_to_the_hard_limit(tmp_path: Path) -> None:
+    """Started with systemd's usual soft limit, the filter would refuse connections long before
+    the machine runs out; it raises the soft limit to the hard one itself."""
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    if hard != resource.RLIM_INFINITY and hard <= 256:
+        pytest.skip(f"the hard limit ({hard}) leaves nothing to lift")
+    m = TclRun(["prlimit", "--nofile=256:", "--", *PYTCLMILTER, "run", str(STAMP),
+                "--connection", "inet:0@127.0.0.1"], cwd=str(tmp_path))
+    try:
+        m.wait_listening()
+        limits = Path(f"/proc/{m.child.pid}/limits").read_text()
+        soft, hard_seen = re.search(r"^Max open files\s+(\S+)\s+(\S+)", limits, re.M).groups()  # type: ignore[union-attr]
+        assert soft == hard_seen != "256", limits
+        assert m.stop() == 0
+    finally:
+        if m.alive():
+            m.stop(signal.SIGKILL)
 
 
 def test_run_names_the_socket_it_cannot_create() -> None:

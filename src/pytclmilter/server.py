@@ -194,9 +194,9 @@ class MilterServer:
             if self._stop_requested:
                 self._stop.set()
             self._stop_requested = False
+        self.tcp = spec.family != "unix"  # before listening: the first connection may come at once
         listener = self._listener = await self._listen(spec)
         server, spec = self._server, listener.spec
-        self.tcp = spec.family != "unix"
         self.listening = spec
         signals = self._install_signals()
         sweeper = asyncio.ensure_future(self._sweep())
