@@ -34,6 +34,7 @@ _PY_LIMIT = PythonLimit()
 _PLAIN = frozenset({type(None), str, int, Status})
 
 _CONTINUE = ev.Continue()
+_VERDICT = {s: s.name.lower() for s in Status}  # enum .name is a slow property
 _FINAL_OF = {
     Status.CONTINUE: ev.Continue(),
     Status.ACCEPT: ev.Accept(),
@@ -465,7 +466,7 @@ class ConnectionEngine:
 
     def _log_verdict(self, stage: str, status: Status, reply: ev.Reply) -> None:
         text = getattr(reply, "text", "")
-        verdict = status.name.lower() if not (stage == "eom" and status is Status.CONTINUE) else "accept"
+        verdict = _VERDICT[status] if not (stage == "eom" and status is Status.CONTINUE) else "accept"
         self.milter.stats.count(verdict)
         # without connect/envfrom callbacks those events are skipped, but their macros still arrive
         client = self.client or self.ctx.getsymval("_") or "-"

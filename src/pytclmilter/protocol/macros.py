@@ -22,7 +22,8 @@ _CLEARS = {
     b"M": (b"R", b"T", b"N", b"E"),
     b"R": (b"T", b"N", b"E"),
 }
-_STAGE_SET = frozenset(bytes([c]) for c in STAGES)
+#: The same as one-byte strings: macro packets for other letters are ignored, as libmilter does.
+STORED_STAGES = frozenset(bytes([c]) for c in STAGES)
 
 
 class MacroStore:
@@ -44,7 +45,7 @@ class MacroStore:
         is the per-packet path: no decoding, no event object.
         """
         stage = payload[:1]
-        if stage in _STAGE_SET:
+        if stage in STORED_STAGES:
             macros = LazyMacros(payload[1:])
             if macros.has_pairs:
                 self._slots[stage] = macros

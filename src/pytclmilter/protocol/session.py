@@ -20,10 +20,10 @@ import enum
 from collections import deque
 
 from . import events as ev
-from .codec import COMMAND_CODES, FrameReader, decode_command, encode_reply
+from .codec import COMMAND_CODES, FrameReader, decode_command, decode_header, encode_reply
 from .constants import MAX_DATA_SIZE, Action, Proto
 from .errors import LocalProtocolError, RemoteProtocolError
-from .macros import MacroStore
+from .macros import STORED_STAGES, MacroStore
 from .negotiation import DEFAULT, EVENT_FLAGS, Negotiated
 
 
@@ -115,6 +115,7 @@ _NR_OF = {
     b"N": int(Proto.NR_EOH),
     b"B": int(Proto.NR_BODY),
 }
+_NR_HDR = int(Proto.NR_HDR)
 _NEVER_REPLIED = frozenset({b"A", b"Q", b"K", b"D"})
 
 #: Modification -> the action flag it needs.
@@ -128,7 +129,8 @@ _FLAG_OF: dict[type, Action] = {
     ev.ReplaceBody: Action.CHGBODY,
     ev.Quarantine: Action.QUARANTINE,
 }
-_FLAG_BITS = {t: int(f) for t, f in _FLAG_OF.items()}
+_FLAG_BITS = {t: int(f) for t, f in _FLAG_OF.items()}  # plain ints: enum attributes are slow
+_ADDRCPT_PAR = int(Action.ADDRCPT_PAR)
 
 _FINAL = frozenset(ev.FINAL_REPLIES)
 _SKIP = int(Proto.SKIP)
@@ -208,11 +210,20 @@ class FilterSession:
                 return NEED_DATA
             code, payload = item
             if code == b"D" and not self.emit_macros and not self._clear_after_quit_nc:
-                # Nearly half of all packets: stored as they came, no event, no decoding.
+                # Nearly half of all packets: stored as they came, no event, no decoding; those
+                # for stages that are never stored (L, B, U: one before every header) dropped.
                 if not payload:
                     raise RemoteProtocolError("macro: empty payload")
-                self.macros.define_raw(payload)
+                if payload[:1] in STORED_STAGES:
+                    self.macros.define_raw(payload)
                 continue
+            if code == b"L" and self.state is S.HDRS:
+                # A header after a header (always allowed, clears no macros): the other hot path.
+                event = decode_header(payload)
+                if not (self._proto & _NR_HDR):
+                    event.needs_reply = True
+                    self._pending, self._pending_code = event, code
+                return event
             event = self._handle_frame(code, payload)
             if event is not None:
                 return self._deliver(event)
@@ -359,11 +370,11 @@ class FilterSession:
     def _modification(self, reply: ev.Reply) -> bytes:
         if type(self._pending) is not ev.EndOfMessage:
             raise LocalProtocolError(f"{type(reply).__name__} is allowed only at end of message")
-        flag = _FLAG_OF[type(reply)]
+        bit = _FLAG_BITS[type(reply)]
         if type(reply) is ev.AddRecipient and reply.args is not None:  # type: ignore[attr-defined]
-            flag = Action.ADDRCPT_PAR
-        if not (self._actions & flag.value):
-            raise LocalProtocolError(f"the MTA did not grant the {flag.name} action")
+            bit = _ADDRCPT_PAR
+        if not (self._actions & bit):
+            raise LocalProtocolError(f"the MTA did not grant the {Action(bit).name} action")
         return encode_reply(reply)
 
     def _after_final(self, t: type) -> None:

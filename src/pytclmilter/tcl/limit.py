@@ -10,19 +10,23 @@ exceeded`` (errorCode ``TCL LIMIT TIME``), which a script cannot ``catch``.
 from __future__ import annotations
 
 import time
-from typing import Callable
+from typing import Callable, Protocol
 
 _HANDLER = "::tclmilter::py::limit"
+
+
+class HasCallTimeout(Protocol):
+    call_timeout: float
 
 
 class CallLimit:
     """Per-callback time limit for one child interpreter; ``seconds`` 0 means none."""
 
     def __init__(self, call: Callable[..., object], create: Callable[[str, Callable[..., object]], None],
-                 child: str, seconds: Callable[[], float]) -> None:
+                 child: str, settings: "HasCallTimeout") -> None:
         self._call = call
         self._child = child
-        self._seconds = seconds
+        self._settings = settings  # read at every callback: `milter configure -calltimeout` applies at once
         self._started = time.monotonic()
         self._armed_until = 0.0  # monotonic time of the deadline Tcl holds; 0: none
         create(_HANDLER, self._on_deadline)
@@ -30,7 +34,7 @@ class CallLimit:
     def begin(self) -> None:
         """A callback (or a batch of event handlers) starts now."""
         now = self._started = time.monotonic()
-        limit = self._seconds()
+        limit = self._settings.call_timeout
         if not limit:
             if self._armed_until:
                 self._set(None)
@@ -49,7 +53,7 @@ class CallLimit:
         self.begin()
 
     def _on_deadline(self, *args: object) -> None:
-        limit = self._seconds()
+        limit = self._settings.call_timeout
         end = self._started + limit
         if limit and time.monotonic() < end:
             self._set(end)  # the callback running now still has time: extend exactly to its end
