@@ -140,6 +140,24 @@ def test_stop_from_a_timer_set_before_main(tclrun):
     assert m.wait_exit() == 0
 
 
+def test_stop_from_a_fileevent_handler(tclrun):
+    """A channel handler runs while serving (the event tick sees the open channel and polls Tcl)."""
+    m = tclrun(r"""
+        package require TclMilter
+        proc accepted {chan addr port} { puts "accepted"; close $chan; milter stop }
+        set srv [socket -server accepted -myaddr 127.0.0.1 0]
+        puts "control port [lindex [chan configure $srv -sockname] 2]"
+        milter main
+        puts "main returned"
+    """, wait=False)
+    port = int(m.wait_for(r"control port (\d+)").group(1))
+    m.wait_listening()
+    socket.create_connection(("127.0.0.1", port), timeout=5).close()
+    m.wait_for("accepted")
+    m.wait_for("main returned")
+    assert m.wait_exit() == 0
+
+
 def test_stop_from_a_secondary_thread(tclrun):
     m = tclrun(TCL_HELPERS + r"""
         package require TclMilter

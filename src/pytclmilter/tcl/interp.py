@@ -39,6 +39,17 @@ proc exit {{returnCode 0}} {
     set r [::tclmilter::py::exit $returnCode]
     return -code [lindex $r 0] [lindex $r 1]
 }
+
+# 1 when no Tcl event can be pending: no `after` timer in either interpreter, no channel beyond
+# the standard three (so no fileevent), no second thread (so no thread::send). See service_events.
+proc ::tclmilter::py::quiet {child} {
+    foreach i [list {} $child] {
+        if {[llength [interp eval $i {after info}]] || [llength [interp eval $i {chan names}]] > 3} {
+            return 0
+        }
+    }
+    expr {![llength [info commands ::thread::names]] || [llength [thread::names]] < 2}
+}
 """
 
 
@@ -264,7 +275,14 @@ class TclHost:
     # ------------------------------------------------------------ event loop, scripts
 
     def service_events(self) -> None:
-        """Run due Tcl timers, file events and thread messages without blocking."""
+        """Run due Tcl timers, file events and thread messages without blocking.
+
+        With a threaded Tcl every poll is a round trip to Tcl's notifier thread (two thread
+        switches, and a wait whenever both CPUs are busy), so it is skipped while the script has
+        nothing that could produce an event: most filters never have.
+        """
+        if self.tk.call("::tclmilter::py::quiet", self.CHILD) in (1, "1"):
+            return
         self.limit.begin()
         for _ in range(1000):
             if not self.tk.dooneevent(_DONT_WAIT | _ALL_EVENTS):
