@@ -35,7 +35,7 @@ class MacroStore:
     def define(self, stage: bytes, macros: Mapping[str, str]) -> None:
         """Store a macro packet; other stage letters and empty packets are ignored, as libmilter does."""
         has_pairs = getattr(macros, "has_pairs", None)  # a LazyMacros answers without decoding
-        if (has_pairs if has_pairs is not None else macros) and len(stage) == 1 and stage in STAGES:
+        if (has_pairs if has_pairs is not None else macros) and stage in STORED_STAGES:
             self._slots[stage] = macros
 
     def define_raw(self, payload: bytes) -> None:
