@@ -11,6 +11,7 @@ judged by.
 
     scripts/bench_inproc.py [--filter tcl|python] [--messages N] [--headers N] [--log-level L]
     scripts/bench_inproc.py --callgrind [--messages 300]
+    build/venv/bin/python scripts/bench_inproc.py --installed   # the compiled build scripts/bench installs
 
 Log lines go to /dev/null through the formatter `pytclmilter run` uses.
 """
@@ -28,7 +29,8 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "src"))
+if "--installed" not in sys.argv:  # by default this checkout's source; --installed: what pip installed
+    sys.path.insert(0, str(ROOT / "src"))
 sys.path.insert(0, str(ROOT / "scripts"))
 
 from pytclmilter.protocol.codec import frame  # noqa: E402
@@ -147,7 +149,7 @@ def callgrind(opts: argparse.Namespace) -> int:
     def instructions(n: int) -> int:
         cmd = ["valgrind", "--tool=callgrind", "--callgrind-out-file=/dev/null", sys.executable, __file__,
                "--filter", opts.filter, "--messages", str(n), "--headers", str(opts.headers),
-               "--log-level", opts.log_level, "--repeat", "1"]
+               "--log-level", opts.log_level, "--repeat", "1", *(["--installed"] if opts.installed else [])]
         out = subprocess.run(cmd, capture_output=True, text=True, check=True).stderr
         found = re.search(r"Collected : (\d+)", out)
         if not found:
@@ -155,8 +157,10 @@ def callgrind(opts: argparse.Namespace) -> int:
         return int(found.group(1))
 
     per = (instructions(opts.messages) - instructions(0)) / opts.messages
+    from pytclmilter.compiled import describe
+
     print(f"{opts.filter}: {per:,.0f} instructions per message ({opts.headers} headers, log level "
-          f"{opts.log_level}; callgrind, {opts.messages} messages)")
+          f"{opts.log_level}; callgrind, {opts.messages} messages; {describe()})")
     return 0
 
 
@@ -168,14 +172,18 @@ def main() -> int:
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     p.add_argument("--repeat", type=int, default=5, help="runs; the best is reported (default 5)")
     p.add_argument("--callgrind", action="store_true", help="count instructions with valgrind instead")
+    p.add_argument("--installed", action="store_true",
+                   help="measure the pytclmilter this Python has installed, not this checkout's src/")
     opts = p.parse_args()
     if opts.callgrind:
         opts.messages = opts.messages or 300
         return callgrind(opts)
     messages = 3000 if opts.messages is None else opts.messages
     us = measure(opts.filter, messages, opts.headers, opts.log_level, opts.repeat)
+    from pytclmilter.compiled import describe
+
     print(f"{opts.filter}: {us:.1f} µs CPU per message ({opts.headers} headers, log level {opts.log_level}; "
-          f"best of {opts.repeat} x {messages})", file=sys.__stdout__)
+          f"best of {opts.repeat} x {messages}; {describe()})", file=sys.__stdout__)
     return 0
 
 

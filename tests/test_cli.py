@@ -30,7 +30,7 @@ from typing import Any, Callable, Iterator
 import pexpect
 import pytest
 
-from support.tclrun import TclRun, _pytclmilter_command
+from support.tclrun import TclRun, _pytclmilter_command, child_env
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "tclmilter" / "examples"
@@ -49,9 +49,7 @@ GREYLIST = EXAMPLES / "greylist.tcl"
 
 def cli(*args: str, env: dict[str, str] | None = None, timeout: float = 30) -> tuple[int, str]:
     """Run ``pytclmilter ARGS`` on a pty until it ends; (exit status, output with LF line ends)."""
-    full_env = dict(os.environ)
-    full_env.setdefault("PYTHONPATH", str(ROOT / "src"))
-    full_env.update(env or {})
+    full_env = child_env(env)
     child = pexpect.spawn(PYTCLMILTER[0], [*PYTCLMILTER[1:], *map(str, args)], env=full_env, cwd=str(ROOT),
                           encoding="utf-8", codec_errors="replace", timeout=timeout, echo=False)
     out = child.read()  # everything, until the command exits
@@ -144,6 +142,16 @@ def test_run_reports_the_command_line_override_of_the_scripts_connection(serve: 
     m = serve(BLACKLIST, "--connection", "inet:0@127.0.0.1")
     assert re.search(r"milter configure -connection unix:/var/run/blmilter.sock ignored: "
                      r"--connection given on the command line", m.text)
+    assert m.stop() == 0
+
+
+def test_run_logs_whether_its_hot_path_is_compiled(serve: Callable[..., TclRun]) -> None:
+    from pytclmilter.compiled import describe  # the same install as the command under test
+
+    m = serve(BLACKLIST, "--connection", "inet:0@127.0.0.1")
+    line = re.search(r"INFO: (hot path: .*?)\r?\n", m.text)
+    assert line, m.text
+    assert line.group(1) == describe()
     assert m.stop() == 0
 
 

@@ -21,7 +21,7 @@ from .limits import CallbackTimeout, PythonLimit
 from .protocol import events as ev
 from .protocol.errors import LocalProtocolError, RemoteProtocolError
 from .protocol.negotiation import Negotiated, negotiate
-from .protocol.session import NEED_DATA, FilterSession
+from .protocol.session import FilterSession, NeedData
 from .status import Status, parse_status
 
 if TYPE_CHECKING:
@@ -160,7 +160,7 @@ class ConnectionEngine:
                 self._flush()
                 self.connection_lost("protocol error")
                 return
-            if event is NEED_DATA:
+            if isinstance(event, NeedData):
                 break
             self._handle(event)
         self._flush()

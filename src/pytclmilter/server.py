@@ -11,7 +11,7 @@ import logging
 import signal
 import socket
 import threading
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable
 
 from .connspec import ConnSpec, parse
 from .listener import Listener, bind
@@ -200,7 +200,8 @@ class MilterServer:
         self.listening = spec
         signals = self._install_signals()
         sweeper = asyncio.ensure_future(self._sweep())
-        ticker = asyncio.ensure_future(self._tick()) if milter.hooks.tick is not None else None
+        tick = milter.hooks.tick
+        ticker = asyncio.ensure_future(self._tick(tick)) if tick is not None else None
         try:
             milter.hooks.listening(spec)
             await self._stop.wait()
@@ -258,9 +259,8 @@ class MilterServer:
                 log.warning("%s: no data for %gs, closing", conn.engine.name if conn.engine else "?", timeout)
                 conn.expire("timeout")
 
-    async def _tick(self) -> None:
+    async def _tick(self, tick: Callable[[], None]) -> None:
         """Give a host (the Tcl interpreter) its turn to run timers and file events."""
-        tick = self.milter.hooks.tick
         while True:
             await asyncio.sleep(self.milter.tick_interval)
             tick()

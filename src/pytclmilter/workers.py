@@ -62,9 +62,8 @@ class Supervisor:
                     pid, status = os.waitpid(-1, 0)
                 except ChildProcessError:
                     break
-                number = self.children.pop(pid, None)
-                if number is not None:
-                    self._reaped(pid, number, status)
+                if pid in self.children:
+                    self._reaped(pid, self.children.pop(pid), status)
         finally:
             self.milter.stop_hook = None
             for sig, handler in previous.items():

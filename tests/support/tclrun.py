@@ -36,6 +36,7 @@ This module does not import pytest; register the factory in a test module::
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import re
 import signal
@@ -82,12 +83,24 @@ FINAL = frozenset("acrtdy")  # replies that end an event (plus 's' for body)
 
 
 def _pytclmilter_command() -> list[str]:
-    """``pytclmilter`` from PATH, else ``python -m pytclmilter.cli`` of this checkout."""
-    for d in os.environ.get("PATH", "").split(os.pathsep):
+    """The ``pytclmilter`` installed beside this Python (what a user runs: with scripts/test, the
+    compiled build), else one on PATH, else ``python -m pytclmilter.cli`` of this checkout."""
+    dirs = [str(Path(sys.executable).parent), *os.environ.get("PATH", "").split(os.pathsep)]
+    for d in dirs:
         exe = Path(d) / "pytclmilter"
         if exe.is_file() and os.access(exe, os.X_OK):
             return [str(exe)]
     return [sys.executable, "-m", "pytclmilter.cli"]
+
+
+def child_env(extra: dict[str, str] | None = None) -> dict[str, str]:
+    """The environment of a pytclmilter process: this checkout's src/ only when pytclmilter is not
+    installed, so that an installed (compiled) build is the one under test."""
+    env = dict(os.environ)
+    if importlib.util.find_spec("pytclmilter") is None:
+        env.setdefault("PYTHONPATH", str(REPO / "src"))
+    env.update(extra or {})
+    return env
 
 
 # ---------------------------------------------------------------------------- the process
@@ -103,10 +116,7 @@ class TclRun:
         self._cursor = 0
         self._eof = threading.Event()
         self.status: int | None = None
-        full_env = dict(os.environ)
-        full_env.setdefault("PYTHONPATH", str(REPO / "src"))
-        if env:
-            full_env.update(env)
+        full_env = child_env(env)
         self.child = pexpect.spawn(
             self.argv[0], self.argv[1:], env=full_env, cwd=cwd, encoding="utf-8",
             codec_errors="replace", timeout=None, echo=False,

@@ -183,7 +183,7 @@ class Conversation:
             self.out.reply_text = "no recipient accepted" if temporary else "all recipients rejected"
             self._send(ev.Abort())
             return
-        content = [
+        content: list[tuple[Stage, ev.Macro, ev.Event, Proto, Proto]] = [
             (Stage("data"), ev.Macro(b"T", {"i": env.queue_id}), ev.Data(), Proto.NODATA, Proto.NR_DATA),
         ]
         content += [

@@ -29,11 +29,11 @@ class Message:
                 name, value = headers[-1]
                 headers[-1] = (name, value + "\n" + text(line))
                 continue
-            name, colon, value = line.partition(b":")
+            raw_name, colon, raw_value = line.partition(b":")
             if not colon:
                 continue  # not a header line; Postfix would treat it as body, tests keep it simple
-            value = value[1:] if value[:1] == b" " else value  # the MTA strips one space (no LEADSPC)
-            headers.append((text(name.rstrip()), text(value)))
+            raw_value = raw_value[1:] if raw_value[:1] == b" " else raw_value  # the MTA strips one space
+            headers.append((text(raw_name.rstrip()), text(raw_value)))
         return cls(headers, body.replace(b"\n", b"\r\n"))
 
     def header(self, name: str) -> str | None:

@@ -32,12 +32,13 @@ class UsageError(Exception):
 
 def setup_logging(level: str, syslog: bool = False) -> None:
     root = logging.getLogger()
-    for handler in list(root.handlers):
-        root.removeHandler(handler)
+    for old in list(root.handlers):
+        root.removeHandler(old)
+    handler: logging.Handler
     if syslog:
         if not os.path.exists("/dev/log"):
             raise UsageError("--syslog: /dev/log does not exist (is a syslog daemon running?)")
-        handler: logging.Handler = logging.handlers.SysLogHandler(
+        handler = logging.handlers.SysLogHandler(
             address="/dev/log", facility=logging.handlers.SysLogHandler.LOG_MAIL)
         handler.setFormatter(LineFormatter("pytclmilter[%(process)d]: %(levelname)s: %(message)s"))
     else:
@@ -84,7 +85,7 @@ class LineFormatter(logging.Formatter):
         if second != self._second:
             self._text = time.strftime(self.default_time_format, self.converter(record.created))
             self._second = second
-        return self.default_msec_format % (self._text, record.msecs)
+        return (self.default_msec_format or "%s,%03d") % (self._text, record.msecs)
 
 
 def load_hooks(path: str, milter: Milter) -> None:

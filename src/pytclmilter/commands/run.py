@@ -13,6 +13,7 @@ import sys
 import tkinter
 from pathlib import Path
 
+from ..compiled import describe
 from ..connspec import ConnSpec
 from ..milter import Milter
 from .common import UsageError, add_script_options, make_host, setup_logging
@@ -119,6 +120,7 @@ def raise_fd_limit() -> None:
 
 def cmd_run(opts: argparse.Namespace) -> int:
     setup_logging(opts.log_level, opts.syslog)
+    log.info("%s", describe())
     raise_fd_limit()
     overrides = {"-connection": opts.connection, "-timeout": opts.timeout, "-backlog": opts.backlog,
                  "-name": opts.name, "-onerror": opts.on_error, "-grace": opts.grace,

@@ -49,7 +49,10 @@ def cmd_try(opts: argparse.Namespace) -> int:
             finally:
                 milter.stop()
 
-        milter.hooks.listening = lambda spec: asyncio.ensure_future(converse(spec)) and None
+        def listening(spec: ConnSpec) -> None:
+            asyncio.ensure_future(converse(spec))
+
+        milter.hooks.listening = listening
         host.set_argv(opts.script, list(getattr(opts, "rest", [])))
         try:
             host.source(opts.script)

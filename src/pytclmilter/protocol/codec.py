@@ -44,7 +44,7 @@ def wire(value: str) -> bytes:
         return value.encode("utf-8", "surrogateescape")
     except UnicodeEncodeError:
         return "".join(
-            ch if not ("\ud800" <= ch <= "\udfff") or "\udc80" <= ch <= "\udcff" else "\ufffd" for ch in value
+            ch if not (0xD800 <= ord(ch) <= 0xDFFF) or 0xDC80 <= ord(ch) <= 0xDCFF else "\ufffd" for ch in value
         ).encode("utf-8", "surrogateescape")
 
 
@@ -192,7 +192,7 @@ class LazyMacros(Mapping[str, str]):
 def _macro(payload: bytes) -> ev.Event:
     if not payload:
         raise RemoteProtocolError("macro: empty payload")
-    return ev.Macro(payload[:1], LazyMacros(payload[1:]))  # type: ignore[arg-type]
+    return ev.Macro(payload[:1], LazyMacros(payload[1:]))
 
 
 _FAMILIES = {f.value: f for f in Family}
@@ -309,6 +309,10 @@ def _encode_rcpt(r: ev.AddRecipient) -> bytes:
     return frame(b"2", _z(r.rcpt, "recipient") + _z(r.args, "ESMTP arguments"))
 
 
+def _encode_indexed(code: bytes, r: ev.InsertHeader | ev.ChangeHeader) -> bytes:
+    return frame(code, _U32.pack(r.index) + _z(r.name, "header name") + _z(r.value, "header value"))
+
+
 def _encode_chgfrom(r: ev.ChangeFrom) -> bytes:
     payload = _z(r.sender, "sender")
     if r.args is not None:
@@ -333,12 +337,8 @@ _REPLY_ENCODERS: dict[type, Callable[[ev.Reply], bytes]] = {
     ev.ReplyCode: lambda r: frame(b"y", _z(r.text, "reply text")),  # type: ignore[attr-defined]
     ev.Quarantine: lambda r: frame(b"q", _z(r.reason, "quarantine reason")),  # type: ignore[attr-defined]
     ev.AddHeader: lambda r: frame(b"h", _z(r.name, "header name") + _z(r.value, "header value")),  # type: ignore[attr-defined]
-    ev.InsertHeader: lambda r: frame(  # type: ignore[attr-defined]
-        b"i", _U32.pack(r.index) + _z(r.name, "header name") + _z(r.value, "header value")
-    ),
-    ev.ChangeHeader: lambda r: frame(  # type: ignore[attr-defined]
-        b"m", _U32.pack(r.index) + _z(r.name, "header name") + _z(r.value, "header value")
-    ),
+    ev.InsertHeader: lambda r: _encode_indexed(b"i", r),  # type: ignore[arg-type]
+    ev.ChangeHeader: lambda r: _encode_indexed(b"m", r),  # type: ignore[arg-type]
     ev.AddRecipient: _encode_rcpt,  # type: ignore[dict-item]
     ev.DeleteRecipient: lambda r: frame(b"-", _z(r.rcpt, "recipient")),  # type: ignore[attr-defined]
     ev.ChangeFrom: _encode_chgfrom,  # type: ignore[dict-item]

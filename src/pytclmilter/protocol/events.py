@@ -9,6 +9,7 @@ Events are what the MTA sends (SMFIC_*); replies are what the filter sends
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Mapping
 
 from .constants import Family, MacroStage
 
@@ -33,7 +34,7 @@ class OptionNegotiation(Event):
 @dataclass(slots=True)
 class Macro(Event):
     stage: bytes  # the command letter the macros precede
-    macros: dict[str, str]
+    macros: Mapping[str, str]
 
 
 @dataclass(slots=True)

@@ -136,14 +136,14 @@ _FINAL = frozenset(ev.FINAL_REPLIES)
 _SKIP = int(Proto.SKIP)
 
 
-class _Need:
+class NeedData:
     """Sentinel type: more bytes are needed before the next event."""
 
     def __repr__(self) -> str:
         return "NEED_DATA"
 
 
-NEED_DATA = _Need()
+NEED_DATA = NeedData()
 
 
 class FilterSession:
@@ -189,7 +189,7 @@ class FilterSession:
     def in_transaction(self) -> bool:
         return self.state in _TRANSACTION
 
-    def next_event(self) -> ev.Event | _Need:
+    def next_event(self) -> ev.Event | NeedData:
         """The next event, or NEED_DATA. Raises RemoteProtocolError for bad input."""
         if self._pending is not None:
             raise LocalProtocolError(f"reply to {type(self._pending).__name__} first")
@@ -219,11 +219,11 @@ class FilterSession:
                 continue
             if code == b"L" and self.state is S.HDRS:
                 # A header after a header (always allowed, clears no macros): the other hot path.
-                event = decode_header(payload)
+                header = decode_header(payload)
                 if not (self._proto & _NR_HDR):
-                    event.needs_reply = True
-                    self._pending, self._pending_code = event, code
-                return event
+                    header.needs_reply = True
+                    self._pending, self._pending_code = header, code
+                return header
             event = self._handle_frame(code, payload)
             if event is not None:
                 return self._deliver(event)
@@ -419,4 +419,4 @@ _CODE_OF: dict[type, bytes] = {
 #: Event type -> the NR bit that silences its reply (0: always answered).
 _NR_OF_TYPE: dict[type, int] = {t: _NR_OF.get(code, 0) for t, code in _CODE_OF.items()}
 
-__all__ = ["FilterSession", "NEED_DATA", "State", "EVENT_FLAGS"]
+__all__ = ["FilterSession", "NEED_DATA", "NeedData", "State", "EVENT_FLAGS"]

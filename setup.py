@@ -1,0 +1,79 @@
+"""Build hook: the per-message hot path is compiled with mypyc; everything else stays Python.
+
+The modules in HOT run for every packet of every message (the sans-I/O core, the engine, the
+context, the callback chain and the Tcl side of a callback call). mypyc turns their type-annotated Python into C extensions that
+run the same code about twice as fast (docs/benchmarks.md); the .py files remain the source and
+the fallback. Compilation is skipped, and the install is pure Python, when
+
+* the install is editable (``pip install -e .``): a compiled module would shadow edits to its
+  .py file, so development always runs the source;
+* ``PYTCLMILTER_PURE=1`` is set;
+* mypyc cannot be imported, or the C compiler fails: the build warns and goes on without the
+  extensions rather than failing the install.
+
+``pytclmilter.compiled_modules()`` and the first log line of ``pytclmilter run`` tell which it is.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+from setuptools import setup
+from setuptools.command.build_ext import build_ext
+
+HOT = [
+    "protocol/constants.py",
+    "protocol/errors.py",
+    "protocol/events.py",
+    "protocol/codec.py",
+    "protocol/macros.py",
+    "protocol/negotiation.py",
+    "protocol/session.py",
+    "status.py",
+    "limits.py",
+    "callbacks.py",
+    "context.py",
+    "engine.py",
+    "tcl/limit.py",
+    "tcl/context_cmd.py",
+    "tcl/interp.py",
+]
+
+
+class OptionalBuildExt(build_ext):
+    """build_ext that falls back to the pure-Python modules when the C compiler fails."""
+
+    def run(self) -> None:
+        try:
+            super().run()
+        except Exception as exc:  # noqa: BLE001 - any compiler failure means: install the .py files
+            # All or nothing: each module's extension imports the shared one, so a partial set
+            # would not import at all.
+            for path in self.get_outputs():
+                if os.path.exists(path):
+                    os.remove(path)
+            _warn(f"compiling failed ({exc})")
+
+
+def _warn(reason: str) -> None:
+    print(f"pytclmilter: {reason}; installing the pure-Python hot path (about half the speed)",
+          file=sys.stderr)
+
+
+def ext_modules() -> list:  # type: ignore[type-arg]
+    if os.environ.get("PYTCLMILTER_PURE") == "1" or "editable_wheel" in sys.argv:
+        return []
+    try:
+        from mypyc.build import mypycify
+    except ImportError:
+        _warn("mypyc is not installed")
+        return []
+    try:
+        return mypycify([os.path.join("src", "pytclmilter", m) for m in HOT], opt_level="3")
+    except SystemExit:  # mypyc exits when the type check fails; the tests catch that, users go on
+        _warn("mypyc's type check failed")
+        return []
+
+
+setup(ext_modules=ext_modules(), cmdclass={"build_ext": OptionalBuildExt})
