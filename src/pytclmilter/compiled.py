@@ -15,7 +15,7 @@ _SUFFIXES = tuple(importlib.machinery.EXTENSION_SUFFIXES)
 
 def compiled_modules() -> list[str]:
     """Names of the loaded pytclmilter modules that are compiled extensions (empty: pure Python)."""
-    from . import engine  # noqa: F401 - loads every hot-path module ...
+    from . import engine, server  # noqa: F401 - loads every hot-path module ...
     from .tcl import interp  # noqa: F401 - ... and the Tcl bridge's
 
     return sorted(name for name, module in list(sys.modules.items())

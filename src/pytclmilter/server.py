@@ -149,6 +149,9 @@ class MilterServer:
         self._lock = threading.Lock()
         self.listening: ConnSpec | None = None
         self.tcp = False  # the listener is TCP (inet/inet6), not a unix socket
+        self._listener: Listener | None = None
+        self._server: asyncio.AbstractServer | None = None
+        self._loop_thread: int | None = None  # the thread running serve(): stop() from it sets the event directly
 
     def next_id(self) -> int:
         self._ids += 1
@@ -164,7 +167,7 @@ class MilterServer:
                 self._stop_requested = True  # not serving yet: the next serve() returns at once
                 return
         try:
-            if threading.get_ident() == getattr(self, "_thread", None):
+            if threading.get_ident() == self._loop_thread:
                 ev.set()
             else:
                 loop.call_soon_threadsafe(ev.set)
@@ -173,10 +176,10 @@ class MilterServer:
 
     def abort(self) -> None:
         """Stop at once, synchronously (Tcl's ``exit``): listener closed, socket file removed, peers cut."""
-        listener = getattr(self, "_listener", None)
-        if listener is None or self.listening is None:
+        listener, server = self._listener, self._server
+        if listener is None or server is None or self.listening is None:
             return
-        self._server.close()
+        server.close()
         listener.remove_unix()
         for conn in list(self.connections):
             if conn.transport is not None:
@@ -188,15 +191,15 @@ class MilterServer:
         milter = self.milter
         spec = parse(milter.connection)
         self.loop = asyncio.get_running_loop()
-        self._thread = threading.get_ident()
+        self._loop_thread = threading.get_ident()
         with self._lock:
             self._stop = asyncio.Event()
             if self._stop_requested:
                 self._stop.set()
             self._stop_requested = False
         self.tcp = spec.family != "unix"  # before listening: the first connection may come at once
-        listener = self._listener = await self._listen(spec)
-        server, spec = self._server, listener.spec
+        listener, server = await self._listen(spec)
+        self._listener, self._server, spec = listener, server, listener.spec
         self.listening = spec
         signals = self._install_signals()
         sweeper = asyncio.ensure_future(self._sweep())
@@ -222,7 +225,7 @@ class MilterServer:
             with self._lock:
                 self._stop = None
 
-    async def _listen(self, spec: ConnSpec) -> Listener:
+    async def _listen(self, spec: ConnSpec) -> tuple[Listener, asyncio.AbstractServer]:
         """Serve the socket bound for us (``--workers``) or bind one now."""
         listener = self.milter.inherited_listener or bind(spec, self.milter.backlog, self.milter.socket_mode)
         factory = lambda: _Connection(self)  # noqa: E731
@@ -230,10 +233,10 @@ class MilterServer:
         # told: a burst of connections then overflows the queue and clients retry seconds later.
         backlog = self.milter.backlog or max(socket.SOMAXCONN, 20)
         if listener.spec.family == "unix":
-            self._server = await self.loop.create_unix_server(factory, sock=listener.sock, backlog=backlog)
+            server = await self.loop.create_unix_server(factory, sock=listener.sock, backlog=backlog)
         else:
-            self._server = await self.loop.create_server(factory, sock=listener.sock, backlog=backlog)
-        return listener
+            server = await self.loop.create_server(factory, sock=listener.sock, backlog=backlog)
+        return listener, server
 
     async def _drain(self, grace: float) -> None:
         """Let open sessions finish for ``grace`` seconds, then close them (abort/close callbacks run)."""
