@@ -114,7 +114,7 @@ def make_milter(kind: str):  # type: ignore[no-untyped-def]
 def measure(kind: str, messages: int, headers: int, level: str, repeat: int) -> float:
     """Best CPU µs per message over ``repeat`` runs (after a warm-up of 200)."""
     sys.stderr = open(os.devnull, "w")  # noqa: SIM115 - the log lines, as `run` writes them, to nowhere
-    from pytclmilter.commands.common import setup_logging
+    from pytclmilter.commands.logs import setup_logging
     from pytclmilter.engine import ConnectionEngine
 
     setup_logging(level)

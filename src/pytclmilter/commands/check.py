@@ -18,7 +18,8 @@ from ..protocol.constants import Action, Proto
 from ..protocol.events import OptionNegotiation
 from ..protocol.negotiation import negotiate
 from ..tcl.interp import TclHost
-from .common import ScriptExit, add_script_options, make_host, setup_logging
+from .common import ScriptExit, add_script_options, make_host
+from .logs import setup_logging
 
 #: Arguments each event passes after the context, as the manual names them.
 EVENT_ARGS = {

@@ -1,11 +1,9 @@
-"""What the subcommands share: logging, loading a script with its hooks, envelope options."""
+"""What the subcommands share: usage errors, loading a script with its hooks, envelope options."""
 
 from __future__ import annotations
 
 import argparse
 import importlib.util
-import logging
-import logging.handlers
 import os
 import sys
 import time
@@ -28,64 +26,6 @@ class UsageError(Exception):
     def __init__(self, message: str, status: int = EX_USAGE) -> None:
         super().__init__(message)
         self.status = status
-
-
-def setup_logging(level: str, syslog: bool = False) -> None:
-    root = logging.getLogger()
-    for old in list(root.handlers):
-        root.removeHandler(old)
-    handler: logging.Handler
-    if syslog:
-        if not os.path.exists("/dev/log"):
-            raise UsageError("--syslog: /dev/log does not exist (is a syslog daemon running?)")
-        handler = logging.handlers.SysLogHandler(
-            address="/dev/log", facility=logging.handlers.SysLogHandler.LOG_MAIL)
-        handler.setFormatter(LineFormatter("pytclmilter[%(process)d]: %(levelname)s: %(message)s"))
-    else:
-        handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(LineFormatter("%(asctime)s pytclmilter[%(process)d] %(levelname)s: %(message)s"))
-    root.addHandler(handler)
-    root.setLevel(getattr(logging, level.upper()))
-    # Our log lines never show the caller's file and line, thread or process name: skip the stack
-    # walk and the look-ups (logging HOWTO, "Optimization"); the stack walk alone was a tenth of
-    # the cost of a message.
-    logging._srcfile = None  # type: ignore[attr-defined]
-    logging.logThreads = False
-    logging.logMultiprocessing = False
-    logging.logProcesses = False  # os.getpid() is a system call per line: LineFormatter knows the pid
-
-
-_pid = os.getpid()
-
-
-def _forked() -> None:
-    global _pid
-    _pid = os.getpid()
-
-
-os.register_at_fork(after_in_child=_forked)  # --workers: each worker logs its own pid
-
-
-class LineFormatter(logging.Formatter):
-    """logging.Formatter with the date and time formatted once per second, not once per line,
-    and the process id known rather than asked of the kernel for every line."""
-
-    _second = -1
-    _text = ""
-
-    def format(self, record: logging.LogRecord) -> str:
-        if record.process is None:
-            record.process = _pid
-        return super().format(record)
-
-    def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:
-        if datefmt is not None:
-            return super().formatTime(record, datefmt)
-        second = int(record.created)
-        if second != self._second:
-            self._text = time.strftime(self.default_time_format, self.converter(record.created))
-            self._second = second
-        return (self.default_msec_format or "%s,%03d") % (self._text, record.msecs)
 
 
 def load_hooks(path: str, milter: Milter) -> None:

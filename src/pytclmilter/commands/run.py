@@ -16,7 +16,8 @@ from pathlib import Path
 from ..compiled import describe
 from ..connspec import ConnSpec
 from ..milter import Milter
-from .common import UsageError, add_script_options, make_host, setup_logging
+from .common import UsageError, add_script_options, make_host
+from .logs import setup_logging
 
 log = logging.getLogger("pytclmilter")
 

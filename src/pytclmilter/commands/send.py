@@ -9,7 +9,8 @@ from ..client.apply import apply
 from ..client.load import load, one
 from ..client.report import EXIT_CODES, as_text, to_json
 from ..connspec import ConnSpecError, parse
-from .common import UsageError, add_envelope_options, read_message, setup_logging
+from .common import UsageError, add_envelope_options, read_message
+from .logs import setup_logging
 
 
 def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:  # type: ignore[type-arg]

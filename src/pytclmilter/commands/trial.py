@@ -19,8 +19,8 @@ from ..client.conversation import Outcome
 from ..client.load import one
 from ..client.report import EXIT_CODES, as_text, to_json
 from ..connspec import ConnSpec
-from .common import (EX_SOFTWARE, ScriptExit, add_envelope_options, add_script_options, make_host, read_message,
-                     setup_logging)
+from .common import EX_SOFTWARE, ScriptExit, add_envelope_options, add_script_options, make_host, read_message
+from .logs import setup_logging
 
 
 def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:  # type: ignore[type-arg]

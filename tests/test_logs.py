@@ -1,0 +1,99 @@
+"""The log handler of the subcommands: lines of one event-loop iteration in one write, none lost."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import logging
+import threading
+
+from pytclmilter.commands.logs import CoalescingStreamHandler, LineFormatter
+
+
+class Stream(io.StringIO):
+    """stderr as the handler sees it, remembering each write."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.writes: list[str] = []
+
+    def write(self, s: str) -> int:
+        self.writes.append(s)
+        return super().write(s)
+
+
+def make_logger(name: str) -> tuple[logging.Logger, Stream, CoalescingStreamHandler]:
+    stream = Stream()
+    handler = CoalescingStreamHandler(stream)
+    handler.setFormatter(LineFormatter("%(levelname)s: %(message)s"))
+    logger = logging.getLogger(f"test-logs.{name}")
+    logger.handlers[:] = [handler]
+    logger.setLevel(logging.DEBUG)
+    logger.propagate = False
+    return logger, stream, handler
+
+
+def test_lines_of_one_loop_iteration_go_out_in_one_write_after_it() -> None:
+    log, stream, _ = make_logger("batch")
+
+    async def main() -> list[str]:
+        log.info("verdict accept 1")
+        log.info("verdict accept 2")
+        seen_inside = list(stream.writes)
+        await asyncio.sleep(0)  # the loop's next iteration: the flush has run
+        return seen_inside
+
+    inside = asyncio.run(main())
+    assert inside == []
+    assert stream.writes == ["INFO: verdict accept 1\nINFO: verdict accept 2\n"]
+
+
+def test_a_warning_goes_out_at_once_after_the_lines_before_it() -> None:
+    log, stream, _ = make_logger("warning")
+
+    async def main() -> None:
+        log.info("first")
+        log.warning("trouble")
+        assert stream.getvalue() == "INFO: first\nWARNING: trouble\n"
+        log.info("after")
+        await asyncio.sleep(0)
+
+    asyncio.run(main())
+    assert stream.getvalue() == "INFO: first\nWARNING: trouble\nINFO: after\n"
+
+
+def test_outside_a_running_loop_every_line_goes_out_at_once() -> None:
+    log, stream, _ = make_logger("plain")
+    log.info("starting")
+    assert stream.writes == ["INFO: starting\n"]
+    thread = threading.Thread(target=lambda: log.debug("from a thread"))
+    thread.start()
+    thread.join()
+    assert stream.writes == ["INFO: starting\n", "DEBUG: from a thread\n"]
+
+
+def test_lines_left_by_a_loop_that_stopped_are_written_by_the_next_loop_and_by_flush() -> None:
+    log, stream, handler = make_logger("stopped")
+    loop = asyncio.new_event_loop()
+    try:
+        loop.run_until_complete(asyncio.sleep(0))
+        log_in_loop = loop.run_until_complete(_log_and_stop(log, loop))
+    finally:
+        loop.close()
+    assert log_in_loop and stream.getvalue() == ""  # the loop stopped before its flush ran
+
+    async def later() -> None:
+        log.info("next loop")
+        await asyncio.sleep(0)
+
+    asyncio.run(later())  # a new loop schedules its own flush: nothing stays behind
+    assert stream.getvalue() == "INFO: left behind\nINFO: next loop\n"
+    log.info("outside")
+    handler.flush()
+    assert stream.getvalue().endswith("INFO: outside\n")
+
+
+async def _log_and_stop(log: logging.Logger, loop: asyncio.AbstractEventLoop) -> bool:
+    log.info("left behind")
+    loop.stop()  # run_until_complete returns before the scheduled flush
+    return True
