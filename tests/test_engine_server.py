@@ -7,6 +7,7 @@ Every wait is bounded; the I/O-timeout tests use ``timeout=1``.
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import os
 import shutil
@@ -23,7 +24,7 @@ import time
 import pexpect
 import pytest
 
-from pytclmilter import CONTINUE, REJECT
+from pytclmilter import CONTINUE, REJECT, Context
 from pytclmilter.connspec import ConnSpec, ConnSpecError, parse
 from support.engine import (
     MilterThread,
@@ -572,3 +573,31 @@ def _unix(path: str) -> socket.socket:
     s.settimeout(5)
     s.connect(path)
     return s
+
+
+# ====================================================================== memory
+
+
+def live_contexts() -> int:
+    return sum(1 for o in gc.get_objects() if type(o) is Context)
+
+
+def test_a_closed_connection_is_freed_at_once_not_by_the_cycle_collector():
+    """A mail server opens a connection per SMTP session: each must be freed when it closes,
+    not left as cyclic garbage (it was 18 objects per connection) for the collector to find."""
+    m = make_milter()
+    m.register("connect", lambda ctx, host, info: CONTINUE)
+    gc.collect()
+    gc.disable()
+    try:
+        with serving(m) as srv:
+            before = live_contexts()
+            for _ in range(3):
+                with srv.raw() as mta:
+                    assert mta.connect("x.example") == (b"c", b"")
+                    assert live_contexts() == before + 1  # the count sees a live connection
+                    mta.send(b"Q")
+                    mta.expect_eof()
+            assert wait_for(lambda: live_contexts() == before)
+    finally:
+        gc.enable()

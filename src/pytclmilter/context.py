@@ -276,3 +276,9 @@ class Context:
     def drop_actions(self) -> None:
         self.actions = []
         self.body = None
+
+    def detach(self) -> None:
+        """The connection is over: progress() does nothing from now on. This also breaks the
+        engine <-> context reference cycle, so a closed connection is freed at once by reference
+        counting instead of waiting for the cyclic garbage collector (18 objects per connection)."""
+        self._progress = None

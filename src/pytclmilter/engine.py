@@ -490,6 +490,7 @@ class ConnectionEngine:
         self.closed = True
         self._flush()
         self.milter.hooks.context_closed(self.ctx)
+        self.ctx.detach()
         self.link.close()
         # An MTA ending the session is routine (the verdict line said what mattered): debug.
         log.log(logging.DEBUG if reason in _ROUTINE_ENDS else logging.INFO, "%s: closed (%s)", self.name, reason)

@@ -94,8 +94,11 @@ class _Connection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.server.connections.discard(self)
-        if self.engine is not None and not self.engine.closed:
-            self.engine.connection_lost("eof" if exc is None else f"error: {exc}")
+        # The transport's last call: letting go of the engine (whose link is this object) lets
+        # reference counting free the connection now, not the cycle collector some time later.
+        engine, self.engine = self.engine, None
+        if engine is not None and not engine.closed:
+            engine.connection_lost("eof" if exc is None else f"error: {exc}")
 
     # Link
     def write(self, data: bytes) -> None:
