@@ -13,6 +13,7 @@ import logging
 import logging.handlers
 import os
 import sys
+import threading
 import time
 import weakref
 from typing import TextIO
@@ -97,6 +98,7 @@ class CoalescingStreamHandler(logging.StreamHandler):  # type: ignore[type-arg]
         super().__init__(stream)
         self._pending: list[str] = []
         self._flush_on: asyncio.AbstractEventLoop | None = None  # the loop a flush is scheduled on
+        self._flush_thread = 0  # ... and the thread that runs it
         _coalescing.add(self)
 
     def emit(self, record: logging.LogRecord) -> None:  # called with self.lock held
@@ -110,12 +112,15 @@ class CoalescingStreamHandler(logging.StreamHandler):  # type: ignore[type-arg]
 
     def _defer(self) -> bool:
         """Let the line wait for the end of the loop's iteration; False outside a running loop."""
+        scheduled = self._flush_on
+        if scheduled is not None and self._flush_thread == threading.get_ident() and scheduled.is_running():
+            return True  # the flush is due in this thread's running loop (get_running_loop costs a getpid)
         try:
             loop = asyncio.get_running_loop()
         except RuntimeError:
             return False
-        if self._flush_on is not loop:  # (a loop that stopped before its flush ran is replaced)
-            self._flush_on = loop
+        if scheduled is not loop:  # (a loop that stopped before its flush ran is replaced)
+            self._flush_on, self._flush_thread = loop, threading.get_ident()
             loop.call_soon(self.flush)
         return True
 
