@@ -26,5 +26,6 @@ def describe() -> str:
     """One phrase for the log: how the hot path runs."""
     names = compiled_modules()
     if not names:
-        return "hot path: pure Python (an editable or PYTCLMILTER_PURE install; see docs/benchmarks.md)"
+        return ("hot path: pure Python (an editable install, PYTCLMILTER_PURE=1, or no C compiler or mypy "
+                "when installing; see docs/deployment.md)")
     return f"hot path: compiled with mypyc ({len(names)} modules)"
