@@ -33,6 +33,7 @@ if "--installed" not in sys.argv:  # by default this checkout's source; --instal
     sys.path.insert(0, str(ROOT / "src"))
 sys.path.insert(0, str(ROOT / "scripts"))
 
+from pytclmilter.compiled import describe  # noqa: E402
 from pytclmilter.protocol.codec import frame  # noqa: E402
 
 QID = "4dBnch1Xq9z"
@@ -157,8 +158,6 @@ def callgrind(opts: argparse.Namespace) -> int:
         return int(found.group(1))
 
     per = (instructions(opts.messages) - instructions(0)) / opts.messages
-    from pytclmilter.compiled import describe
-
     print(f"{opts.filter}: {per:,.0f} instructions per message ({opts.headers} headers, log level "
           f"{opts.log_level}; callgrind, {opts.messages} messages; {describe()})")
     return 0
@@ -180,8 +179,6 @@ def main() -> int:
         return callgrind(opts)
     messages = 3000 if opts.messages is None else opts.messages
     us = measure(opts.filter, messages, opts.headers, opts.log_level, opts.repeat)
-    from pytclmilter.compiled import describe
-
     print(f"{opts.filter}: {us:.1f} µs CPU per message ({opts.headers} headers, log level {opts.log_level}; "
           f"best of {opts.repeat} x {messages}; {describe()})", file=sys.__stdout__)
     return 0

@@ -279,8 +279,10 @@ class MilterServer:
             try:
                 self.loop.add_signal_handler(sig, self._on_signal, sig)
                 installed.append(sig)
-            except (RuntimeError, ValueError, NotImplementedError):
-                pass
+            except (RuntimeError, ValueError, NotImplementedError) as exc:
+                # An event loop without signal support (NotImplementedError), or a signal this
+                # platform lacks: serving goes on, and only this signal keeps its old meaning.
+                log.debug("%s keeps its default handling: %s", sig.name, exc or type(exc).__name__)
         return installed
 
     def _on_signal(self, sig: signal.Signals) -> None:

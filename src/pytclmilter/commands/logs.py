@@ -15,18 +15,17 @@ import os
 import sys
 import threading
 import time
-import weakref
 from typing import TextIO
 
 from .common import UsageError
 
 _pid = os.getpid()
-_coalescing: weakref.WeakSet[CoalescingStreamHandler] = weakref.WeakSet()
 
 
 def _before_fork() -> None:
-    for handler in list(_coalescing):  # a child must not write its parent's pending lines again
-        handler.flush()
+    for handler in logging.getLogger().handlers:  # a child must not write its parent's pending lines again
+        if isinstance(handler, CoalescingStreamHandler):
+            handler.flush()
 
 
 def _forked() -> None:
@@ -99,7 +98,6 @@ class CoalescingStreamHandler(logging.StreamHandler):  # type: ignore[type-arg]
         self._pending: list[str] = []
         self._flush_on: asyncio.AbstractEventLoop | None = None  # the loop a flush is scheduled on
         self._flush_thread = 0  # ... and the thread that runs it
-        _coalescing.add(self)
 
     def emit(self, record: logging.LogRecord) -> None:  # called with self.lock held
         try:
