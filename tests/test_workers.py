@@ -65,8 +65,14 @@ def test_workers_share_the_socket_replace_the_dead_and_stop_together(tmp_path: P
         child.expect("2 workers serving")
         workers = workers_of(child.pid)
         assert len(workers) == 2
-        seen = {reply_pid(sock) for _ in range(40)}
-        assert seen <= workers and len(seen) == 2, (seen, workers)  # both serve, nobody else does
+        # Both serve, nobody else does. Which worker accepts is the kernel's choice: sequential
+        # connections on a busy machine can go to one worker many times running, so ask until
+        # both have answered (a few dozen connections on an idle machine).
+        seen: set[int] = set()
+        deadline = time.monotonic() + 15
+        while len(seen) < 2 and time.monotonic() < deadline:
+            seen.add(reply_pid(sock))
+        assert seen <= workers and len(seen) == 2, (seen, workers)
 
         victim = sorted(workers)[0]
         os.kill(victim, signal.SIGKILL)

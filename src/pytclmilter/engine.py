@@ -288,12 +288,15 @@ class ConnectionEngine:
     def _run_chain(self, name: str, args: tuple[Any, ...]) -> Status | Awaitable[Status]:
         chain = self.registry.chain(name)
         limit = self.milter.call_timeout
+        call_args = (self.ctx, *args)
         for i, cb in enumerate(chain):
+            limited = cb.origin == "python" and _PY_LIMIT.start(limit)
             try:
-                if cb.origin == "python" and limit:
-                    result = _PY_LIMIT.call(limit, cb.func, self.ctx, *args)
-                else:
-                    result = cb.func(self.ctx, *args)
+                try:
+                    result = cb.func(*call_args)
+                finally:
+                    if limited:
+                        _PY_LIMIT.stop()  # before anything else: the failure's log line is not limited
             except (Exception, CallbackTimeout) as exc:  # noqa: BLE001 - a filter bug must not take the milter down
                 return self._callback_failed(name, cb, exc)
             cls = result.__class__

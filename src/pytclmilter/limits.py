@@ -14,7 +14,11 @@ import os
 import signal
 import threading
 import time
-from typing import Any, Callable
+from typing import Any, Callable, Final
+
+
+_monotonic: Final = time.monotonic  # compiled, a module attribute is a look-up per use
+_get_ident: Final = threading.get_ident
 
 
 class CallbackTimeout(BaseException):
@@ -39,12 +43,23 @@ class PythonLimit:
         self._watchdog = None
         self._main = threading.main_thread().ident
 
-    def call(self, seconds: float, func: Callable[..., Any], *args: Any) -> Any:
-        if not seconds or threading.get_ident() != self._main:
-            return func(*args)
+    def start(self, seconds: float) -> bool:
+        """A callback starts now and may run ``seconds``; False if it cannot be limited here
+        (no limit, or not the main thread). Call :meth:`stop` when it returns or raises."""
+        if not seconds or _get_ident() != self._main:
+            return False
         if self._watchdog is None:
             self._start()
-        self._seconds, self._started, self._active = seconds, time.monotonic(), True
+        self._seconds, self._started, self._active = seconds, _monotonic(), True
+        return True
+
+    def stop(self) -> None:
+        self._active = False
+
+    def call(self, seconds: float, func: Callable[..., Any], *args: Any) -> Any:
+        """``func(*args)`` limited to ``seconds``."""
+        if not self.start(seconds):
+            return func(*args)
         try:
             return func(*args)
         finally:
@@ -57,7 +72,7 @@ class PythonLimit:
         self._watchdog.start()
 
     def _overrun(self) -> bool:
-        return self._active and time.monotonic() - self._started > self._seconds
+        return self._active and _monotonic() - self._started > self._seconds
 
     def _watch(self, main: int) -> None:
         while True:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import enum
 from collections import deque
+from typing import Final
 
 from . import events as ev
 from .codec import COMMAND_CODES, FrameReader, decode_command, decode_header, encode_reply
@@ -68,7 +69,15 @@ _NEXT: dict[State, frozenset[State]] = {
     S.CLOSED: frozenset(),
 }
 
-_STATE_OF = {
+# The state as a plain int inside the session (compiled, an enum member is an attribute lookup
+# on every test); FilterSession.state gives the State.
+_HELO: Final = int(S.HELO)
+_HDRS: Final = int(S.HDRS)
+_BODY: Final = int(S.BODY)
+_ENDM: Final = int(S.ENDM)
+_CLOSED: Final = int(S.CLOSED)
+
+_STATE_OF: dict[bytes, int] = {code: int(state) for code, state in {
     b"O": S.OPTS,
     b"C": S.CONN,
     b"H": S.HELO,
@@ -83,7 +92,7 @@ _STATE_OF = {
     b"A": S.ABRT,
     b"U": S.UNKN,
     b"K": S.Q_NC,
-}
+}.items()}
 
 #: States whose event a skip flag can suppress, so the skip rule may jump over them.
 _SKIPPABLE = {  # plain ints: IntFlag arithmetic costs microseconds on the hot path
@@ -101,7 +110,7 @@ _STATES = tuple(State)
 #: _trans_ok's answers by (negotiated protocol flags, old state, new state) packed in one int.
 _TRANS_OK: dict[int, bool] = {}
 
-_TRANSACTION = frozenset({S.MAIL, S.RCPT, S.DATA, S.HDRS, S.EOHS, S.BODY})
+_TRANSACTION: frozenset[int] = frozenset(int(s) for s in (S.MAIL, S.RCPT, S.DATA, S.HDRS, S.EOHS, S.BODY))
 
 #: Command -> the NR bit that silences its reply.
 _NR_OF = {
@@ -149,14 +158,14 @@ NEED_DATA = NeedData()
 class FilterSession:
     """One MTA connection, filter side."""
 
-    __slots__ = ("emit_macros", "state", "macros", "negotiated", "_proto", "_actions", "_reader", "_queue",
+    __slots__ = ("emit_macros", "_state", "macros", "negotiated", "_proto", "_actions", "_reader", "_queue",
                  "_pending", "_pending_code", "_eof", "_closed_emitted", "_clear_after_quit_nc", "dropped")
 
     def __init__(self, emit_macros: bool = True) -> None:
         #: Also hand out Macro events (they are always stored in ``macros``); a driver that
         #: only looks macros up turns this off and saves a third of the per-packet work.
         self.emit_macros = emit_macros
-        self.state = S.INIT
+        self._state = int(S.INIT)
         self.macros = MacroStore()
         self.negotiated: Negotiated = DEFAULT
         self._proto = int(DEFAULT.protocol)  # the negotiated flags as plain ints, for hot checks
@@ -186,8 +195,13 @@ class FilterSession:
         return self._pending
 
     @property
+    def state(self) -> State:
+        """Where the session is, in libmilter's terms."""
+        return _STATES[self._state]
+
+    @property
     def in_transaction(self) -> bool:
-        return self.state in _TRANSACTION
+        return self._state in _TRANSACTION
 
     def next_event(self) -> ev.Event | NeedData:
         """The next event, or NEED_DATA. Raises RemoteProtocolError for bad input."""
@@ -197,7 +211,7 @@ class FilterSession:
         while True:
             if queue:
                 return self._deliver(queue.popleft())
-            if self.state is S.CLOSED:
+            if self._state == _CLOSED:
                 return NEED_DATA
             item = reader.next_frame()
             if item is None:
@@ -217,7 +231,7 @@ class FilterSession:
                 if payload[:1] in STORED_STAGES:
                     self.macros.define_raw(payload)
                 continue
-            if code == b"L" and self.state is S.HDRS:
+            if code == b"L" and self._state == _HDRS:
                 # A header after a header (always allowed, clears no macros): the other hot path.
                 header = decode_header(payload)
                 if not (self._proto & _NR_HDR):
@@ -242,12 +256,13 @@ class FilterSession:
             self._queue.extend(self.teardown("quit"))
             return None
         queue = self._queue  # empty: frames are read only when every queued event was delivered
-        ok = _TRANS_OK.get((self._proto << 8) | (self.state << 4) | new)  # _trans_ok's cache, inline
-        if not (ok or (ok is None and self._trans_ok(self.state, new))):
-            if self.state in _TRANSACTION:
+        state = self._state
+        ok = _TRANS_OK.get((self._proto << 8) | (state << 4) | new)  # _trans_ok's cache, inline
+        if not (ok or (ok is None and self._trans_ok(state, new))):
+            if state in _TRANSACTION:
                 queue.append(ev.Abort())
-            self.state = S.HELO
-            if not self._trans_ok(S.HELO, new):
+            self._state = _HELO
+            if not self._trans_ok(_HELO, new):
                 self._refuse(code)
                 return None
         event = self._enter(new, code, event)
@@ -256,9 +271,9 @@ class FilterSession:
             return None
         return event
 
-    def _enter(self, new: State, code: bytes, event: ev.Event) -> ev.Event:
+    def _enter(self, new: int, code: bytes, event: ev.Event) -> ev.Event:
         """The command is allowed: take its state and apply its effects; returns the event to deliver."""
-        self.state = new
+        self._state = new
         if code == b"K":
             self._clear_after_quit_nc = True  # the close callback still sees this session's macros
             return ev.Closed("quit_nc")
@@ -277,7 +292,7 @@ class FilterSession:
             return
         raise RemoteProtocolError(f"command {name!r} is not allowed after {self.state.name}")
 
-    def _trans_ok(self, old: State, new: State) -> bool:
+    def _trans_ok(self, old: int, new: int) -> bool:
         """libmilter's trans_ok: a state the filter skips may be jumped over.
 
         The answer depends only on the two states and the negotiated flags, so it is computed
@@ -289,19 +304,19 @@ class FilterSession:
             known = _TRANS_OK[key] = self._trans_walk(old, new)
         return known
 
-    def _trans_walk(self, old: State, new: State) -> bool:
+    def _trans_walk(self, old: int, new: int) -> bool:
         s = old
         skip = self._proto
         while True:
-            if new in _NEXT[s]:
+            if new in _NEXT[_STATES[s]]:
                 return True
             n = s + 1
-            if n > S.BODY:
+            if n > _BODY:
                 return False
             flag = _SKIPPABLE.get(_STATES[n])
             if flag is None or not (skip & flag):
                 return False
-            s = _STATES[n]
+            s = n
 
     def _deliver(self, event: ev.Event) -> ev.Event:
         t = type(event)
@@ -310,7 +325,7 @@ class FilterSession:
             if t is ev.Closed:
                 self._closed_emitted = True
             return event
-        if t is ev.Body and self.state is S.ENDM:  # the EOM-carried chunk
+        if t is ev.Body and self._state == _ENDM:  # the EOM-carried chunk
             return event
         if not (self._proto & nr):  # EOM and option negotiation have no NR bit (0): always answered
             event.needs_reply = True
@@ -325,12 +340,12 @@ class FilterSession:
         queued = list(self._queue)
         self._queue.clear()
         out: list[ev.Event] = []
-        if self.state in _TRANSACTION or any(type(e) in (ev.Abort, ev.EndOfMessage) for e in queued):
+        if self._state in _TRANSACTION or any(type(e) in (ev.Abort, ev.EndOfMessage) for e in queued):
             out.append(ev.Abort())
         if not self._closed_emitted:
             out.append(ev.Closed(reason))
             self._closed_emitted = True
-        self.state = S.CLOSED
+        self._state = _CLOSED
         self._pending = None
         return out
 
@@ -381,9 +396,9 @@ class FilterSession:
         code = self._pending_code
         self._pending = None
         if t is ev.Accept:
-            self.state = S.HELO
+            self._state = _HELO
         elif t in (ev.Reject, ev.Tempfail, ev.Discard, ev.ReplyCode) and code not in (b"R", b"U"):
-            self.state = S.HELO
+            self._state = _HELO
 
     def accept_negotiation(self, negotiated: Negotiated) -> bytes:
         """Answer the pending option negotiation and adopt its parameters."""
