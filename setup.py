@@ -38,6 +38,8 @@ HOT = [
     "tcl/limit.py",
     "tcl/context_cmd.py",
     "tcl/interp.py",
+    "tcl/strings.py",
+    "tcl/usage.py",
     "server.py",
 ]
 

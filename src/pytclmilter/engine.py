@@ -18,7 +18,12 @@ from typing import TYPE_CHECKING, Any, Awaitable, Callable, Protocol
 from .callbacks import Callback, Registry
 from .context import Context
 from .limits import CallbackTimeout, PythonLimit
-from .protocol import events as ev
+# Imported by name, not as a module: compiled, `Name` is a module attribute look-up per use.
+from .protocol.events import (
+    Abort, Accept, Body, Closed, Connect, Continue, Data, Discard, EndOfHeaders, EndOfMessage, EnvFrom,
+    EnvRcpt, Event, Header, Helo, Macro, OptionNegotiation, Progress, Reject, Reply, ReplyCode, Skip,
+    Tempfail, Unknown,
+)
 from .protocol.errors import LocalProtocolError, RemoteProtocolError
 from .protocol.negotiation import Negotiated, negotiate
 from .protocol.session import FilterSession, NeedData
@@ -33,32 +38,32 @@ _PY_LIMIT = PythonLimit()
 #: Result types that are certainly not awaitable (skips inspect.isawaitable on the hot path).
 _PLAIN = frozenset({type(None), str, int, Status})
 
-_CONTINUE = ev.Continue()
+_CONTINUE = Continue()
 _VERDICT = {s: s.name.lower() for s in Status}  # enum .name is a slow property
 _FINAL_OF = {
-    Status.CONTINUE: ev.Continue(),
-    Status.ACCEPT: ev.Accept(),
-    Status.DISCARD: ev.Discard(),
-    Status.SKIP: ev.Skip(),
+    Status.CONTINUE: Continue(),
+    Status.ACCEPT: Accept(),
+    Status.DISCARD: Discard(),
+    Status.SKIP: Skip(),
 }
 
 #: Event type -> (callback event name, function of the event giving the callback arguments).
 _ARGS: dict[type, tuple[str, Callable[[Any], tuple[Any, ...]]]] = {
-    ev.Connect: ("connect", lambda e: (e.hostname, address_info(e))),
-    ev.Helo: ("helo", lambda e: (e.name,)),
-    ev.EnvFrom: ("envfrom", lambda e: (e.args,)),
-    ev.EnvRcpt: ("envrcpt", lambda e: (e.args,)),
-    ev.Data: ("data", lambda e: ()),
-    ev.Unknown: ("unknown", lambda e: (e.line,)),
-    ev.Header: ("header", lambda e: (e.name, e.value)),
-    ev.EndOfHeaders: ("eoh", lambda e: ()),
-    ev.Body: ("body", lambda e: (e.chunk,)),
-    ev.EndOfMessage: ("eom", lambda e: ()),
+    Connect: ("connect", lambda e: (e.hostname, address_info(e))),
+    Helo: ("helo", lambda e: (e.name,)),
+    EnvFrom: ("envfrom", lambda e: (e.args,)),
+    EnvRcpt: ("envrcpt", lambda e: (e.args,)),
+    Data: ("data", lambda e: ()),
+    Unknown: ("unknown", lambda e: (e.line,)),
+    Header: ("header", lambda e: (e.name, e.value)),
+    EndOfHeaders: ("eoh", lambda e: ()),
+    Body: ("body", lambda e: (e.chunk,)),
+    EndOfMessage: ("eom", lambda e: ()),
 }
 #: negotiate() results by (registry generation, offer, size limit, macro lists): see _negotiated.
 _NEGOTIATED: dict[tuple[Any, ...], Negotiated] = {}
 
-_MESSAGE_EVENTS = frozenset({ev.Data, ev.Header, ev.EndOfHeaders, ev.Body, ev.EndOfMessage})
+_MESSAGE_EVENTS = frozenset({Data, Header, EndOfHeaders, Body, EndOfMessage})
 
 #: How sessions normally end; other reasons (timeout, protocol error, stop) are worth an info line.
 _ROUTINE_ENDS = frozenset({"eof", "quit"})
@@ -66,7 +71,7 @@ _ROUTINE_ENDS = frozenset({"eof", "quit"})
 _FAMILY_NAMES = {b"4": "inet", b"6": "inet6", b"L": "unix", b"U": "unknown"}
 
 
-def address_info(e: ev.Connect) -> dict[str, Any]:
+def address_info(e: Connect) -> dict[str, Any]:
     """The client address as TclMilter's addrInfo dict: family, address, port."""
     return {"family": _FAMILY_NAMES[e.family.value], "address": e.address, "port": e.port}
 
@@ -173,17 +178,17 @@ class ConnectionEngine:
 
     # ------------------------------------------------------------ events
 
-    def _handle(self, event: ev.Event) -> None:
+    def _handle(self, event: Event) -> None:
         t = type(event)
         spec = _ARGS.get(t)
         if spec is None:
             self._handle_control(event)
             return
         name, args_of = spec
-        if t is ev.EnvFrom:
+        if t is EnvFrom:
             self._new_message()
             self.sender = event.args[0] if event.args else ""  # type: ignore[attr-defined]
-        elif t is ev.Connect:
+        elif t is Connect:
             self.client = f"{event.hostname}[{event.address}]"  # type: ignore[attr-defined]
             self._conn_done = False
         if not event.needs_reply:
@@ -193,40 +198,40 @@ class ConnectionEngine:
             status, self._deferred = self._deferred, None
             self._answer(f"{self._deferred_stage} (answered at {name})", event, status)
             return
-        if self._done or self._conn_done or (t is ev.Body and self._skip_body):
+        if self._done or self._conn_done or (t is Body and self._skip_body):
             self._answer(name, event, Status.CONTINUE, quiet=True)
             return
         self.ctx.stage = name
         result = self._run_chain(name, args_of(event))
-        if result.__class__ is Status:
+        if type(result) is Status:
             self._answer(name, event, result)  # type: ignore[arg-type]
         else:
             self._await(name, event, result)  # type: ignore[arg-type]
 
-    def _handle_control(self, event: ev.Event) -> None:
+    def _handle_control(self, event: Event) -> None:
         """Events without a callback of their own name: macros, negotiation, abort, close."""
         t = type(event)
-        if t is ev.Macro:
+        if t is Macro:
             return
-        if t is ev.OptionNegotiation:
+        if t is OptionNegotiation:
             self._negotiate(event)  # type: ignore[arg-type]
-        elif t is ev.Abort:
+        elif t is Abort:
             self._run_quiet("abort")
             self._new_message()
-        elif t is ev.Closed:
+        elif t is Closed:
             self._run_quiet("close")
             if event.reason == "quit_nc":  # type: ignore[attr-defined]
                 self.ctx.reply_text = None
             else:
                 self._finish(event.reason)  # type: ignore[attr-defined]
 
-    def _no_reply_event(self, name: str, event: ev.Event, args_of: Callable[[Any], tuple[Any, ...]]) -> None:
+    def _no_reply_event(self, name: str, event: Event, args_of: Callable[[Any], tuple[Any, ...]]) -> None:
         """An event the MTA does not wait on (NR negotiated, or a chunk carried by EOM)."""
         if self._done or self._conn_done or self._deferred is not None:
             return
         self.ctx.stage = name
         result = self._run_chain(name, args_of(event))
-        if result.__class__ is not Status:
+        if type(result) is not Status:
             self._await(name, event, result)  # type: ignore[arg-type]
             return
         self.ctx.stage = ""
@@ -243,7 +248,7 @@ class ConnectionEngine:
         self._skip_body = False
         self.ctx.drop_actions()
 
-    def _negotiate(self, offer: ev.OptionNegotiation) -> None:
+    def _negotiate(self, offer: OptionNegotiation) -> None:
         status = Status.CONTINUE
         if self.registry.chain("negotiate"):
             self.ctx.stage = "negotiate"
@@ -263,7 +268,7 @@ class ConnectionEngine:
                       offer.version, offer.actions, offer.protocol, negotiated.reply)
         self._out.append(self.session.accept_negotiation(negotiated))
 
-    def _negotiated(self, offer: ev.OptionNegotiation) -> Negotiated:
+    def _negotiated(self, offer: OptionNegotiation) -> Negotiated:
         """negotiate() for this offer and the callbacks registered now, computed once per combination.
 
         Every connection of an MTA makes the same offer, and the callbacks rarely change, so
@@ -299,7 +304,7 @@ class ConnectionEngine:
                         _PY_LIMIT.stop()  # before anything else: the failure's log line is not limited
             except (Exception, CallbackTimeout) as exc:  # noqa: BLE001 - a filter bug must not take the milter down
                 return self._callback_failed(name, cb, exc)
-            cls = result.__class__
+            cls = type(result)
             if cls is Status:  # Tcl callbacks and well-behaved Python ones: no parsing
                 status = result
             elif cls not in _PLAIN and inspect.isawaitable(result):
@@ -386,7 +391,7 @@ class ConnectionEngine:
         self.milter.stats.errors += 1
         return status
 
-    def _await(self, name: str, event: ev.Event, awaitable: Awaitable[Status]) -> None:
+    def _await(self, name: str, event: Event, awaitable: Awaitable[Status]) -> None:
         self._busy = True
         self.link.pause_reading()
 
@@ -409,10 +414,10 @@ class ConnectionEngine:
 
     # ------------------------------------------------------------ answering
 
-    def _answer(self, name: str, event: ev.Event, status: Status, quiet: bool = False) -> None:
+    def _answer(self, name: str, event: Event, status: Status, quiet: bool = False) -> None:
         """Turn a status into the reply (plus EOM modifications) and queue the bytes."""
         self.ctx.stage = ""
-        is_eom = type(event) is ev.EndOfMessage
+        is_eom = type(event) is EndOfMessage
         if status is Status.CONTINUE and not is_eom:  # the common answer: nothing to decide
             self._out.append(self.session.send(_CONTINUE))
             return
@@ -428,12 +433,12 @@ class ConnectionEngine:
         except LocalProtocolError as exc:
             log.error("%s: %s: %s; answering tempfail", self.name, name, exc)
             del self._out[start:]  # nothing of this answer goes out
-            self._out.append(self.session.send(ev.Tempfail()))
+            self._out.append(self.session.send(Tempfail()))
             status = Status.TEMPFAIL
         if status is not Status.CONTINUE and status is not Status.SKIP:
-            if type(event) in (ev.Connect, ev.Helo):
+            if type(event) in (Connect, Helo):
                 self._conn_done = True
-            elif type(event) not in (ev.EnvRcpt, ev.Unknown):
+            elif type(event) not in (EnvRcpt, Unknown):
                 self._done = True
         if status is Status.SKIP:
             self._skip_body = True
@@ -444,30 +449,30 @@ class ConnectionEngine:
             # ABORT) before the next message, so its verdict must not leak into that one.
             self._new_message()
 
-    def _reply_for(self, name: str, event: ev.Event, status: Status) -> ev.Reply:
+    def _reply_for(self, name: str, event: Event, status: Status) -> Reply:
         t = type(event)
         if status in (Status.REJECT, Status.TEMPFAIL):
             text = self.ctx.reply_text
             if text and text[0] == ("5" if status is Status.REJECT else "4"):
                 self.ctx.reply_text = None
-                return ev.ReplyCode(text)
-            return ev.Reject() if status is Status.REJECT else ev.Tempfail()
+                return ReplyCode(text)
+            return Reject() if status is Status.REJECT else Tempfail()
         if status is Status.NOREPLY:
             log.warning("%s: %s callback answered SMFIS_NOREPLY but the MTA waits for a reply; "
                         "sending continue", self.name, name)
-            return ev.Continue()
-        if status is Status.SKIP and t is not ev.Body:
+            return Continue()
+        if status is Status.SKIP and t is not Body:
             log.warning("%s: SMFIS_SKIP is meaningful only in the body callback; sending continue", self.name)
-            return ev.Continue()
+            return Continue()
         if status is Status.SKIP and not (self.session.negotiated.protocol & 0x400):
-            return ev.Continue()  # the MTA cannot skip: we stop calling body callbacks instead
-        if status is Status.DISCARD and t in (ev.Connect, ev.Helo):
+            return Continue()  # the MTA cannot skip: we stop calling body callbacks instead
+        if status is Status.DISCARD and t in (Connect, Helo):
             log.warning("%s: SMFIS_DISCARD is meaningless at %s (the MTA would ignore it); sending continue",
                         self.name, name)
-            return ev.Continue()
+            return Continue()
         return _FINAL_OF[status]
 
-    def _log_verdict(self, stage: str, status: Status, reply: ev.Reply) -> None:
+    def _log_verdict(self, stage: str, status: Status, reply: Reply) -> None:
         text = getattr(reply, "text", "")
         verdict = _VERDICT[status] if not (stage == "eom" and status is Status.CONTINUE) else "accept"
         self.milter.stats.count(verdict)
@@ -482,7 +487,7 @@ class ConnectionEngine:
 
     def _progress(self) -> None:
         self.link.touch()
-        data = self.session.send(ev.Progress())
+        data = self.session.send(Progress())
         if data:
             self._flush()
             self.link.write(data)

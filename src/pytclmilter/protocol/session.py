@@ -20,7 +20,13 @@ import enum
 from collections import deque
 from typing import Final
 
-from . import events as ev
+# Imported by name, not as a module: compiled, `Name` is a module attribute look-up per use.
+from .events import (
+    Abort, Accept, AddHeader, AddRecipient, Body, ChangeFrom, ChangeHeader, Closed, Connect, Data,
+    DeleteRecipient, Discard, EndOfHeaders, EndOfMessage, EnvFrom, EnvRcpt, Event, FINAL_REPLIES, Header,
+    Helo, InsertHeader, NoReply, OptionNegotiation, OptionNegotiationReply, Progress, Quarantine, Reject,
+    ReplaceBody, Reply, ReplyCode, Skip, Tempfail, Unknown,
+)
 from .codec import COMMAND_CODES, FrameReader, decode_command, decode_header, encode_reply
 from .constants import MAX_DATA_SIZE, Action, Proto
 from .errors import LocalProtocolError, RemoteProtocolError
@@ -129,19 +135,19 @@ _NEVER_REPLIED = frozenset({b"A", b"Q", b"K", b"D"})
 
 #: Modification -> the action flag it needs.
 _FLAG_OF: dict[type, Action] = {
-    ev.AddHeader: Action.ADDHDRS,
-    ev.InsertHeader: Action.ADDHDRS,
-    ev.ChangeHeader: Action.CHGHDRS,
-    ev.AddRecipient: Action.ADDRCPT,
-    ev.DeleteRecipient: Action.DELRCPT,
-    ev.ChangeFrom: Action.CHGFROM,
-    ev.ReplaceBody: Action.CHGBODY,
-    ev.Quarantine: Action.QUARANTINE,
+    AddHeader: Action.ADDHDRS,
+    InsertHeader: Action.ADDHDRS,
+    ChangeHeader: Action.CHGHDRS,
+    AddRecipient: Action.ADDRCPT,
+    DeleteRecipient: Action.DELRCPT,
+    ChangeFrom: Action.CHGFROM,
+    ReplaceBody: Action.CHGBODY,
+    Quarantine: Action.QUARANTINE,
 }
 _FLAG_BITS = {t: int(f) for t, f in _FLAG_OF.items()}  # plain ints: enum attributes are slow
 _ADDRCPT_PAR = int(Action.ADDRCPT_PAR)
 
-_FINAL = frozenset(ev.FINAL_REPLIES)
+_FINAL = frozenset(FINAL_REPLIES)
 _SKIP = int(Proto.SKIP)
 
 
@@ -171,8 +177,8 @@ class FilterSession:
         self._proto = int(DEFAULT.protocol)  # the negotiated flags as plain ints, for hot checks
         self._actions = int(DEFAULT.actions)
         self._reader = FrameReader(COMMAND_CODES, MAX_DATA_SIZE)
-        self._queue: deque[ev.Event] = deque()
-        self._pending: ev.Event | None = None
+        self._queue: deque[Event] = deque()
+        self._pending: Event | None = None
         self._pending_code = b""
         self._eof = False
         self._closed_emitted = False
@@ -190,7 +196,7 @@ class FilterSession:
             self._eof = True
 
     @property
-    def pending(self) -> ev.Event | None:
+    def pending(self) -> Event | None:
         """The event the MTA waits on a reply for, if any."""
         return self._pending
 
@@ -203,7 +209,7 @@ class FilterSession:
     def in_transaction(self) -> bool:
         return self._state in _TRANSACTION
 
-    def next_event(self) -> ev.Event | NeedData:
+    def next_event(self) -> Event | NeedData:
         """The next event, or NEED_DATA. Raises RemoteProtocolError for bad input."""
         if self._pending is not None:
             raise LocalProtocolError(f"reply to {type(self._pending).__name__} first")
@@ -242,7 +248,7 @@ class FilterSession:
             if event is not None:
                 return self._deliver(event)
 
-    def _handle_frame(self, code: bytes, payload: bytes) -> ev.Event | None:
+    def _handle_frame(self, code: bytes, payload: bytes) -> Event | None:
         """Apply one frame; returns its event, or None when it queued events (or none) instead."""
         event = decode_command(code, payload)
         if self._clear_after_quit_nc:  # libmilter clears after the close callback, so later
@@ -260,7 +266,7 @@ class FilterSession:
         ok = _TRANS_OK.get((self._proto << 8) | (state << 4) | new)  # _trans_ok's cache, inline
         if not (ok or (ok is None and self._trans_ok(state, new))):
             if state in _TRANSACTION:
-                queue.append(ev.Abort())
+                queue.append(Abort())
             self._state = _HELO
             if not self._trans_ok(_HELO, new):
                 self._refuse(code)
@@ -271,18 +277,18 @@ class FilterSession:
             return None
         return event
 
-    def _enter(self, new: int, code: bytes, event: ev.Event) -> ev.Event:
+    def _enter(self, new: int, code: bytes, event: Event) -> Event:
         """The command is allowed: take its state and apply its effects; returns the event to deliver."""
         self._state = new
         if code == b"K":
             self._clear_after_quit_nc = True  # the close callback still sees this session's macros
-            return ev.Closed("quit_nc")
+            return Closed("quit_nc")
         self.macros.command(code)
         if code == b"C":
             self._closed_emitted = False  # a new SMTP session: it gets its own close
         elif code == b"E" and event.chunk:  # type: ignore[attr-defined]
-            self._queue.append(ev.Body(event.chunk))  # type: ignore[attr-defined]  # no reply: EOM answers both
-            return ev.EndOfMessage()
+            self._queue.append(Body(event.chunk))  # type: ignore[attr-defined]  # no reply: EOM answers both
+            return EndOfMessage()
         return event
 
     def _refuse(self, code: bytes) -> None:
@@ -318,14 +324,14 @@ class FilterSession:
                 return False
             s = n
 
-    def _deliver(self, event: ev.Event) -> ev.Event:
+    def _deliver(self, event: Event) -> Event:
         t = type(event)
         nr = _NR_OF_TYPE.get(t)
         if nr is None:  # Macro, Abort, Closed: nothing to answer
-            if t is ev.Closed:
+            if t is Closed:
                 self._closed_emitted = True
             return event
-        if t is ev.Body and self._state == _ENDM:  # the EOM-carried chunk
+        if t is Body and self._state == _ENDM:  # the EOM-carried chunk
             return event
         if not (self._proto & nr):  # EOM and option negotiation have no NR bit (0): always answered
             event.needs_reply = True
@@ -333,17 +339,17 @@ class FilterSession:
             self._pending_code = _CODE_OF[t]
         return event
 
-    def teardown(self, reason: str) -> list[ev.Event]:
+    def teardown(self, reason: str) -> list[Event]:
         """Events that end the session (abort if inside a message, then Closed once)."""
         # Events still queued are never delivered after Closed. A queued abort (out-of-order
         # fallback) or end of message (EOM carrying a body chunk) means a message is open.
         queued = list(self._queue)
         self._queue.clear()
-        out: list[ev.Event] = []
-        if self._state in _TRANSACTION or any(type(e) in (ev.Abort, ev.EndOfMessage) for e in queued):
-            out.append(ev.Abort())
+        out: list[Event] = []
+        if self._state in _TRANSACTION or any(type(e) in (Abort, EndOfMessage) for e in queued):
+            out.append(Abort())
         if not self._closed_emitted:
-            out.append(ev.Closed(reason))
+            out.append(Closed(reason))
             self._closed_emitted = True
         self._state = _CLOSED
         self._pending = None
@@ -351,42 +357,42 @@ class FilterSession:
 
     # ------------------------------------------------------------ output
 
-    def send(self, reply: ev.Reply) -> bytes:
+    def send(self, reply: Reply) -> bytes:
         """Encode a reply to the pending event, or raise LocalProtocolError and send nothing."""
         t = type(reply)
         pending = self._pending
-        if t is ev.Progress:
+        if t is Progress:
             # The MTA reads only `O` while it waits for the negotiation reply.
-            if pending is None or type(pending) is ev.OptionNegotiation:
+            if pending is None or type(pending) is OptionNegotiation:
                 return b""
             return encode_reply(reply)
-        if t is ev.NoReply:
+        if t is NoReply:
             if pending is not None:
                 raise LocalProtocolError(f"{type(pending).__name__} needs a reply")
             return b""
         if pending is None:
             raise LocalProtocolError(f"no event waits for {t.__name__}")
-        if t is ev.OptionNegotiationReply:
+        if t is OptionNegotiationReply:
             raise LocalProtocolError("use accept_negotiation() for the option negotiation reply")
         if t in _FLAG_OF:
             return self._modification(reply)
         if t not in _FINAL:
             raise LocalProtocolError(f"{t.__name__} cannot be sent by a filter")
-        if type(pending) is ev.OptionNegotiation:
+        if type(pending) is OptionNegotiation:
             raise LocalProtocolError("option negotiation needs its own reply")
-        if t is ev.Skip and (type(pending) is not ev.Body or not (self._proto & _SKIP)):
+        if t is Skip and (type(pending) is not Body or not (self._proto & _SKIP)):
             raise LocalProtocolError("skip is allowed only for a body chunk when the MTA understands it")
-        if t is ev.Discard and type(pending) in (ev.Connect, ev.Helo):
+        if t is Discard and type(pending) in (Connect, Helo):
             raise LocalProtocolError("discard is meaningful only for a message, not at connect or helo")
         data = encode_reply(reply)
         self._after_final(t)
         return data
 
-    def _modification(self, reply: ev.Reply) -> bytes:
-        if type(self._pending) is not ev.EndOfMessage:
+    def _modification(self, reply: Reply) -> bytes:
+        if type(self._pending) is not EndOfMessage:
             raise LocalProtocolError(f"{type(reply).__name__} is allowed only at end of message")
         bit = _FLAG_BITS[type(reply)]
-        if type(reply) is ev.AddRecipient and reply.args is not None:  # type: ignore[attr-defined]
+        if type(reply) is AddRecipient and reply.args is not None:  # type: ignore[attr-defined]
             bit = _ADDRCPT_PAR
         if not (self._actions & bit):
             raise LocalProtocolError(f"the MTA did not grant the {Action(bit).name} action")
@@ -395,14 +401,14 @@ class FilterSession:
     def _after_final(self, t: type) -> None:
         code = self._pending_code
         self._pending = None
-        if t is ev.Accept:
+        if t is Accept:
             self._state = _HELO
-        elif t in (ev.Reject, ev.Tempfail, ev.Discard, ev.ReplyCode) and code not in (b"R", b"U"):
+        elif t in (Reject, Tempfail, Discard, ReplyCode) and code not in (b"R", b"U"):
             self._state = _HELO
 
     def accept_negotiation(self, negotiated: Negotiated) -> bytes:
         """Answer the pending option negotiation and adopt its parameters."""
-        if type(self._pending) is not ev.OptionNegotiation:
+        if type(self._pending) is not OptionNegotiation:
             raise LocalProtocolError("no option negotiation is pending")
         self.negotiated = negotiated
         self._proto = int(negotiated.protocol)
@@ -411,24 +417,24 @@ class FilterSession:
         self._pending = None
         return negotiated.wire or encode_reply(negotiated.reply)
 
-    def fail_negotiation(self) -> list[ev.Event]:
+    def fail_negotiation(self) -> list[Event]:
         """The filter refuses the offer: end the session (close callbacks still run)."""
         self._pending = None
         return self.teardown("negotiation")
 
 
 _CODE_OF: dict[type, bytes] = {
-    ev.OptionNegotiation: b"O",
-    ev.Connect: b"C",
-    ev.Helo: b"H",
-    ev.EnvFrom: b"M",
-    ev.EnvRcpt: b"R",
-    ev.Data: b"T",
-    ev.Unknown: b"U",
-    ev.Header: b"L",
-    ev.EndOfHeaders: b"N",
-    ev.Body: b"B",
-    ev.EndOfMessage: b"E",
+    OptionNegotiation: b"O",
+    Connect: b"C",
+    Helo: b"H",
+    EnvFrom: b"M",
+    EnvRcpt: b"R",
+    Data: b"T",
+    Unknown: b"U",
+    Header: b"L",
+    EndOfHeaders: b"N",
+    Body: b"B",
+    EndOfMessage: b"E",
 }
 
 #: Event type -> the NR bit that silences its reply (0: always answered).

@@ -66,7 +66,7 @@ def tcl_library_dir() -> Path:
 
 def _to_tcl(value: Any) -> Any:
     """Callback arguments as Tcl values: bytes as text, lists as lists, dicts as key/value lists."""
-    if value.__class__ is str:
+    if type(value) is str:
         return value if value.isascii() and "\x00" not in value else to_tcl(value)
     if isinstance(value, str):
         return to_tcl(value)
@@ -100,7 +100,7 @@ _STATUS_BY_NAME = {s.smfis: s for s in Status} | {"": Status.CONTINUE}
 
 def tcl_status(result: Any) -> Status | NotAStatus:
     """A Tcl callback's result by its string value, as Tcl sees it (tkinter hands back typed objects)."""
-    if result.__class__ is str:  # the usual `return SMFIS_...`
+    if type(result) is str:  # the usual `return SMFIS_...`
         status = _STATUS_BY_NAME.get(result)
         if status is not None:
             return status
@@ -239,7 +239,7 @@ class TclHost:
         def run(ctx: Context, *args: Any) -> Any:
             begin()
             try:
-                result = call(alias, ctx.tcl_command, *map(_to_tcl, args))
+                result = call(alias, ctx.tcl_command, *[_to_tcl(a) for a in args])
             except tcl_error as exc:
                 raise self._failure(exc) from None
             return tcl_status(result)

@@ -18,16 +18,18 @@ from __future__ import annotations
 import re
 from typing import Any
 
-_TO_TCL = re.compile("[\x00\udc80-\udcff]")
-_FROM_TCL = re.compile("\udced([\udcb2\udcb3])([\udc80-\udcbf])")
-_NUL_FOR_TCL = "\udcc0\udc80"  # the bytes C0 80: Tcl's NUL
+# Surrogates are written with chr(): mypyc refuses them in string literals (tcl/ is compiled).
+_ED = chr(0xDCED)  # the escaped byte ED that starts a CESU-8 surrogate
+_TO_TCL = re.compile(f"[\x00{chr(0xDC80)}-{chr(0xDCFF)}]")
+_FROM_TCL = re.compile(f"{_ED}([{chr(0xDCB2)}{chr(0xDCB3)}])([{chr(0xDC80)}-{chr(0xDCBF)}])")
+_NUL_FOR_TCL = chr(0xDCC0) + chr(0xDC80)  # the bytes C0 80: Tcl's NUL
 
 
 def _cesu(m: re.Match[str]) -> str:
     cp = ord(m.group())
     if cp == 0:
         return _NUL_FOR_TCL
-    return "\udced" + chr(0xDC80 | ((cp >> 6) & 0x3F)) + chr(0xDC80 | (cp & 0x3F))
+    return _ED + chr(0xDC80 | ((cp >> 6) & 0x3F)) + chr(0xDC80 | (cp & 0x3F))
 
 
 def _join(m: re.Match[str]) -> str:
@@ -43,7 +45,7 @@ def to_tcl(value: str) -> str:
 
 def from_tcl(value: str) -> str:
     """A str tkinter gave us from Tcl, with our escaped bytes restored."""
-    if value.isascii() or "\udced" not in value:
+    if value.isascii() or _ED not in value:
         return value
     return _FROM_TCL.sub(_join, value)
 

@@ -6,7 +6,7 @@ A Tcl programmer expects ``wrong # args: should be "..."``, ``bad option
 
 from __future__ import annotations
 
-from typing import Iterable, Sequence
+from typing import Any, Iterable, Sequence
 
 
 class TclUsageError(Exception):
@@ -34,8 +34,8 @@ def check_count(args: Sequence[str], low: int, high: int | None, usage: str) -> 
         raise wrong_args(usage)
 
 
-def integer(value: str) -> int:
-    if value.__class__ is str and value.isdigit() and value.isascii():  # the usual case, e.g. a context id
+def integer(value: Any) -> int:
+    if type(value) is str and value.isdigit() and value.isascii():  # the usual case, e.g. a context id
         return int(value)
     try:
         return int(str(value).strip(), 0) if str(value).strip()[:2].lower() in ("0x", "0o", "0b") else int(value)
@@ -43,7 +43,7 @@ def integer(value: str) -> int:
         raise TclUsageError(f'expected integer but got "{value}"') from None
 
 
-def number(value: str) -> float:
+def number(value: Any) -> float:
     try:
         return float(value)
     except (TypeError, ValueError):
