@@ -183,7 +183,7 @@ class LazyMacros(Mapping[str, str]):
     def has_pairs(self) -> bool:
         """At least one name/value pair, known without decoding: a NUL before the last byte."""
         raw = self._raw
-        return len(raw) > 1 and b"\0" in raw[:-1]  # compiled, `in` is a C call; find() a method call
+        return len(raw) > 1 and 0 in raw[:-1]  # a NUL byte; faster than find() or a bytes needle
 
     def __getitem__(self, name: str) -> str:
         return self._pairs()[name]
