@@ -307,7 +307,7 @@ def decode_command(code: bytes, payload: bytes) -> ev.Event:
 
 def _z(value: str, what: str) -> bytes:
     raw = wire(value)
-    if b"\0" in raw:
+    if 0 in raw:  # an int needle: a bytes one goes through the buffer protocol
         raise LocalProtocolError(f"{what} must not contain NUL")
     return raw + b"\0"
 

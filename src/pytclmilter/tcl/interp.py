@@ -220,12 +220,12 @@ class TclHost:
         name = f"::tclmilter::cb{self._callbacks}"
         self.tk.call("interp", "alias", "", name, self.CHILD, *self.tk.splitlist(script))
         alias = self._command_object(name)
-        call, begin = self.tk.call, self.limit.begin
+        call, limit = self.tk.call, self.limit  # limit.begin(): compiled, a direct call; a bound method is not
         tcl_error = tkinter.TclError
 
         def run_header(ctx: Context, name: str, value: str) -> Any:
             """run() for the most frequent callback: its two strings converted without a call each."""
-            begin()
+            limit.begin()
             try:
                 result = call(alias, ctx.tcl_command,
                               name if name.isascii() and "\x00" not in name else to_tcl(name),
@@ -238,7 +238,7 @@ class TclHost:
             return run_header
 
         def run(ctx: Context, *args: Any) -> Any:
-            begin()
+            limit.begin()
             try:
                 result = call(alias, ctx.tcl_command, *[_to_tcl(a) for a in args])
             except tcl_error as exc:

@@ -10,9 +10,10 @@ exceeded`` (errorCode ``TCL LIMIT TIME``), which a script cannot ``catch``.
 from __future__ import annotations
 
 import time
-from typing import Callable, Protocol
+from typing import Callable, Final, Protocol
 
 _HANDLER = "::tclmilter::py::limit"
+_monotonic: Final = time.monotonic  # compiled, `time.monotonic` is two look-ups per call
 
 
 class HasCallTimeout(Protocol):
@@ -27,13 +28,13 @@ class CallLimit:
         self._call = call
         self._child = child
         self._settings = settings  # read at every callback: `milter configure -calltimeout` applies at once
-        self._started = time.monotonic()
+        self._started = _monotonic()
         self._armed_until = 0.0  # monotonic time of the deadline Tcl holds; 0: none
         create(_HANDLER, self._on_deadline)
 
     def begin(self) -> None:
         """A callback (or a batch of event handlers) starts now."""
-        now = self._started = time.monotonic()
+        now = self._started = _monotonic()
         limit = self._settings.call_timeout
         if not limit:
             if self._armed_until:
@@ -55,7 +56,7 @@ class CallLimit:
     def _on_deadline(self, *args: object) -> None:
         limit = self._settings.call_timeout
         end = self._started + limit
-        if limit and time.monotonic() < end:
+        if limit and _monotonic() < end:
             self._set(end)  # the callback running now still has time: extend exactly to its end
         elif not limit:
             self._set(None)
@@ -65,7 +66,7 @@ class CallLimit:
             self._call("interp", "limit", self._child, "time", "-seconds", "", "-milliseconds", "")
             self._armed_until = 0.0
             return
-        wall = time.time() + (deadline - time.monotonic())
+        wall = time.time() + (deadline - _monotonic())
         ms = int(wall * 1000) + 1
         self._call("interp", "limit", self._child, "time", "-seconds", ms // 1000, "-milliseconds", ms % 1000,
                    "-command", _HANDLER)
