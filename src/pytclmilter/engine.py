@@ -293,7 +293,7 @@ class ConnectionEngine:
     def _run_chain(self, name: str, args: tuple[Any, ...]) -> Status | Awaitable[Status]:
         chain = self.registry.chain(name)
         limit = self.milter.call_timeout
-        call_args = (self.ctx, *args)
+        call_args = (self.ctx,) + args  # compiled, (ctx, *args) is built through a list
         for i, cb in enumerate(chain):
             limited = cb.origin == "python" and _PY_LIMIT.start(limit)
             try:
