@@ -455,3 +455,16 @@ def test_tcl_event_loop_runs_during_main(tclrun):
         mta.negotiate()
         assert mta.helo() == ("y", {"smtpcode": "550", "space": " ", "text": "5.7.1 ticks=1 flag=done line=hello tcl"})
     assert m.stop() == 0
+
+
+def test_callback_commands_are_called_through_a_resolved_tcl_object() -> None:
+    """A Tcl callback is invoked through a Tcl object that caches its command look-up (Tcl's
+    cmdName type): tkinter passes it on as it is instead of making a string object per call."""
+    from pytclmilter.tcl.interp import TclHost
+
+    host = TclHost()
+    obj = host._command_object("::set")
+    assert getattr(obj, "typename", None) == "cmdName" and str(obj) == "::set"
+    assert host.tk.call(obj, "::x", "42") == "42"  # and it calls the command
+    assert host._command_object("::no_such_command") == "::no_such_command"  # unresolvable: the name
+    assert not host.tk.call("info", "exists", "::tclmilter::py::cmdobj")  # no variable left behind

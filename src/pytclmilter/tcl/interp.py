@@ -255,11 +255,14 @@ class TclHost:
         re-checks it when commands change), about a tenth of a callback call's cost.
         """
         var = "::tclmilter::py::cmdobj"
-        self.tk.call("set", var, name)
-        self.tk.eval(f"namespace origin ${var}")  # resolves the object held by the variable
-        obj = self.tk.call("set", var)
-        self.tk.call("unset", var)
-        return obj
+        try:
+            self.tk.call("set", var, name)
+            self.tk.eval(f"namespace origin ${var}")  # resolves the object held by the variable
+            return self.tk.call("set", var)
+        except tkinter.TclError:  # the plain name works as well, only slower
+            return name
+        finally:
+            self.tk.call("unset", "-nocomplain", var)
 
     def _failure(self, exc: tkinter.TclError) -> CallbackError:
         info = self.error_info()
