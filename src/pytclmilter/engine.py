@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any, Awaitable, Callable, Protocol
 from .callbacks import Callback, Registry
 from .context import Context
 from .limits import CallbackTimeout, PythonLimit
-# Imported by name, not as a module: compiled, `Name` is a module attribute look-up per use.
+# Imported by name, not as a module: compiled, `events.Name` is a module attribute look-up per use.
 from .protocol.events import (
     Abort, Accept, Body, Closed, Connect, Continue, Data, Discard, EndOfHeaders, EndOfMessage, EnvFrom,
     EnvRcpt, Event, Header, Helo, Macro, OptionNegotiation, Progress, Reject, Reply, ReplyCode, Skip,

@@ -63,7 +63,7 @@ class PythonLimit:
         try:
             return func(*args)
         finally:
-            self._active = False
+            self.stop()
 
     def _start(self) -> None:
         signal.signal(signal.SIGALRM, self._expired)

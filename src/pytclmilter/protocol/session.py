@@ -20,7 +20,7 @@ import enum
 from collections import deque
 from typing import Final
 
-# Imported by name, not as a module: compiled, `Name` is a module attribute look-up per use.
+# Imported by name, not as a module: compiled, `events.Name` is a module attribute look-up per use.
 from .events import (
     Abort, Accept, AddHeader, AddRecipient, Body, ChangeFrom, ChangeHeader, Closed, Connect, Data,
     DeleteRecipient, Discard, EndOfHeaders, EndOfMessage, EnvFrom, EnvRcpt, Event, FINAL_REPLIES, Header,

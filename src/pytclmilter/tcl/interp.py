@@ -217,9 +217,9 @@ class TclHost:
         invocation across interpreters with no script text parsed.
         """
         self._callbacks += 1
-        name = f"::tclmilter::cb{self._callbacks}"
-        self.tk.call("interp", "alias", "", name, self.CHILD, *self.tk.splitlist(script))
-        alias = self._command_object(name)
+        command = f"::tclmilter::cb{self._callbacks}"
+        self.tk.call("interp", "alias", "", command, self.CHILD, *self.tk.splitlist(script))
+        alias = self._command_object(command)
         call, limit = self.tk.call, self.limit  # limit.begin(): compiled, a direct call; a bound method is not
         tcl_error = tkinter.TclError
 
