@@ -97,3 +97,26 @@ async def _log_and_stop(log: logging.Logger, loop: asyncio.AbstractEventLoop) ->
     log.info("left behind")
     loop.stop()  # run_until_complete returns before the scheduled flush
     return True
+
+
+def test_the_stderr_line_is_what_the_standard_formatter_writes() -> None:
+    """LineFormatter writes the `run` format out by hand (cheaper per line); the text must be the
+    standard Formatter's, character for character, and tracebacks still follow the line."""
+    from pytclmilter.commands.logs import STDERR_FORMAT
+
+    ours, standard = LineFormatter(STDERR_FORMAT), logging.Formatter(STDERR_FORMAT)
+    standard.formatTime = ours.formatTime  # type: ignore[method-assign]  # the same clock text
+    record = logging.LogRecord("pytclmilter", logging.INFO, "", 0, "%s: verdict %s at %s", ("conn#7", "reject", "rcpt"), None)
+    record.process = 4242
+    assert ours.format(record) == standard.format(record)
+    assert ours.format(record).endswith(" pytclmilter[4242] INFO: conn#7: verdict reject at rcpt")
+    try:
+        raise ValueError("boom")
+    except ValueError:
+        import sys
+
+        failed = logging.LogRecord("pytclmilter", logging.ERROR, "", 0, "callback failed", (), sys.exc_info())
+    failed.process = 4242
+    text = ours.format(failed)
+    assert text.startswith(standard.formatTime(failed)) and "ERROR: callback failed\nTraceback" in text
+    assert text.rstrip().endswith("ValueError: boom")
