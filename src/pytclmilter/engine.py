@@ -24,6 +24,7 @@ from .protocol.events import (
     EnvRcpt, Event, Header, Helo, Macro, OptionNegotiation, Progress, Reject, Reply, ReplyCode, Skip,
     Tempfail, Unknown,
 )
+from .protocol.constants import Family
 from .protocol.errors import LocalProtocolError, RemoteProtocolError
 from .protocol.negotiation import Negotiated, negotiate
 from .protocol.session import FilterSession, NeedData
@@ -68,12 +69,22 @@ _MESSAGE_EVENTS = frozenset({Data, Header, EndOfHeaders, Body, EndOfMessage})
 #: How sessions normally end; other reasons (timeout, protocol error, stop) are worth an info line.
 _ROUTINE_ENDS = frozenset({"eof", "quit"})
 
-_FAMILY_NAMES = {b"4": "inet", b"6": "inet6", b"L": "unix", b"U": "unknown"}
 
 
 def address_info(e: Connect) -> dict[str, Any]:
     """The client address as TclMilter's addrInfo dict: family, address, port."""
-    return {"family": _FAMILY_NAMES[e.family.value], "address": e.address, "port": e.port}
+    return {"family": _family_name(e.family), "address": e.address, "port": e.port}
+
+
+def _family_name(family: Family) -> str:
+    # Compared by identity: an enum member's .value and hash() are Python-level code.
+    if family is Family.INET:
+        return "inet"
+    if family is Family.INET6:
+        return "inet6"
+    if family is Family.UNIX:
+        return "unix"
+    return "unknown"
 
 
 class Link(Protocol):
