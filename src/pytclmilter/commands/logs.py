@@ -69,10 +69,14 @@ class LineFormatter(logging.Formatter):
     _second = -1
     _text = ""
 
+    def __init__(self, fmt: str) -> None:
+        super().__init__(fmt)
+        self._stderr_line = fmt == STDERR_FORMAT  # the line format() writes out itself
+
     def format(self, record: logging.LogRecord) -> str:
         if record.process is None:
             record.process = _pid
-        if self._fmt != STDERR_FORMAT or record.exc_info or record.exc_text or record.stack_info:
+        if not self._stderr_line or record.exc_info or record.exc_text or record.stack_info:
             return super().format(record)
         # The stderr line written out: Formatter.format's generic path (usesTime() scanning the
         # format, a %-format of the record's __dict__) is a third of the cost of a line.

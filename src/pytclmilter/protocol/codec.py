@@ -87,19 +87,19 @@ class FrameReader:
         elif self._pos >= len(self._buf):
             self._buf, self._pos = data if type(data) is bytes else bytes(data), 0
         else:  # fed again before the frames already here were read: gather both
-            self._hold(0)
-            self._partial += data  # type: ignore[operator]
+            self._hold(0).extend(data)
 
     @property
     def pending(self) -> int:
         """Bytes received but not yet returned as a frame."""
         return len(self._buf) - self._pos + (len(self._partial) if self._partial is not None else 0)
 
-    def _hold(self, need: int) -> None:
+    def _hold(self, need: int) -> bytearray:
         """Move what is left of the buffer into _partial until it holds ``need`` bytes."""
-        self._partial = bytearray(memoryview(self._buf)[self._pos :])
+        partial = self._partial = bytearray(memoryview(self._buf)[self._pos :])
         self._need = need
         self._buf, self._pos = b"", 0
+        return partial
 
     def next_frame(self) -> tuple[bytes, bytes] | None:
         partial = self._partial
@@ -232,11 +232,16 @@ def _helo(payload: bytes) -> ev.Event:
     return ev.Helo(text(_exactly(payload, 1, "helo")[0]))
 
 
-def _envelope(event: type[ev.EnvFrom] | type[ev.EnvRcpt], what: str) -> Callable[[bytes], ev.Event]:
-    def decode(payload: bytes) -> ev.Event:
-        return event([text(p) for p in _strings(payload, what)])
+def _envfrom(payload: bytes) -> ev.Event:
+    return ev.EnvFrom([text(p) for p in _strings(payload, "mail")])
 
-    return decode
+
+def _envrcpt(payload: bytes) -> ev.Event:
+    return ev.EnvRcpt([text(p) for p in _strings(payload, "rcpt")])
+
+
+def _eom(payload: bytes) -> ev.Event:
+    return ev.EndOfMessage(payload)
 
 
 def decode_header(payload: bytes) -> ev.Header:
@@ -244,7 +249,7 @@ def decode_header(payload: bytes) -> ev.Header:
     # The most frequent command, so the checks of _exactly are written out: decoded first, then
     # split (compiled, both are single calls; bytes methods are not). The same strings as splitting
     # first: a NUL byte is never part of a UTF-8 sequence or of an escaped byte.
-    parts = payload.decode("utf-8", "surrogateescape").split("\0")
+    parts = text(payload).split("\0")
     if len(parts) != 3 or parts[2]:
         _exactly(payload, 2, "header")  # raises with the reason
     if not parts[0]:
@@ -267,14 +272,14 @@ _COMMAND_DECODERS: dict[bytes, Callable[[bytes], ev.Event]] = {
     b"D": _macro,
     b"C": _connect,
     b"H": _helo,
-    b"M": _envelope(ev.EnvFrom, "mail"),
-    b"R": _envelope(ev.EnvRcpt, "rcpt"),
+    b"M": _envfrom,
+    b"R": _envrcpt,
     b"T": _no_payload(ev.Data),
     b"U": _unknown,
     b"L": decode_header,
     b"N": _no_payload(ev.EndOfHeaders),
     b"B": _body,
-    b"E": lambda payload: ev.EndOfMessage(payload),
+    b"E": _eom,
     b"A": _no_payload(ev.Abort),
     b"Q": _no_payload(ev.Quit),
     b"K": _no_payload(ev.QuitNewConnection),
@@ -288,13 +293,13 @@ def decode_command(code: bytes, payload: bytes) -> ev.Event:
     if code == b"L":
         return decode_header(payload)
     if code == b"R":
-        return ev.EnvRcpt([text(p) for p in _strings(payload, "rcpt")])
+        return _envrcpt(payload)
     if code == b"M":
-        return ev.EnvFrom([text(p) for p in _strings(payload, "mail")])
+        return _envfrom(payload)
     if code == b"C":
         return _connect(payload)
     if code == b"E":
-        return ev.EndOfMessage(payload)
+        return _eom(payload)
     try:
         decoder = _COMMAND_DECODERS[code]
     except KeyError:
