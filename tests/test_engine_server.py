@@ -601,3 +601,22 @@ def test_a_closed_connection_is_freed_at_once_not_by_the_cycle_collector():
             assert wait_for(lambda: live_contexts() == before)
     finally:
         gc.enable()
+
+
+def test_a_signal_the_event_loop_cannot_handle_is_reported(caplog) -> None:
+    """On an event loop without signal support, serving goes on, and the log says which signals
+    will not stop the milter gracefully. (A stand-in loop: Linux's loops all support signals.)"""
+    from pytclmilter import Milter
+    from pytclmilter.server import MilterServer
+
+    class NoSignals:
+        def add_signal_handler(self, *args: object) -> None:
+            raise NotImplementedError
+
+    server = MilterServer(Milter(name="t"))
+    server.loop = NoSignals()  # type: ignore[assignment]
+    with caplog.at_level(logging.WARNING, logger="pytclmilter"):
+        assert server._install_signals() == []
+    warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert [w.split()[0] for w in warned] == ["SIGTERM", "SIGINT", "SIGHUP"]
+    assert all("will not stop the milter gracefully" in w for w in warned)

@@ -281,8 +281,10 @@ class MilterServer:
                 installed.append(sig)
             except (RuntimeError, ValueError, NotImplementedError) as exc:
                 # An event loop without signal support (NotImplementedError), or a signal this
-                # platform lacks: serving goes on, and only this signal keeps its old meaning.
-                log.debug("%s keeps its default handling: %s", sig.name, exc or type(exc).__name__)
+                # platform lacks: serving goes on, but this signal no longer stops it gracefully,
+                # which the admin must know before relying on it.
+                log.warning("%s will not stop the milter gracefully (the event loop cannot handle it: %s)",
+                            sig.name, exc or type(exc).__name__)
         return installed
 
     def _on_signal(self, sig: signal.Signals) -> None:
