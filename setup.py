@@ -12,6 +12,17 @@ the fallback. Compilation is skipped, and the install is pure Python, when
   extensions rather than failing the install.
 
 ``pytclmilter.compiled_modules()`` and the first log line of ``pytclmilter run`` tell which it is.
+
+Compiled code is only fast where mypyc knows the types; in the HOT modules (each rule measured
+with ``scripts/bench_inproc.py --callgrind``, docs/benchmarks.md):
+
+* a module-level constant read per packet or per callback is ``Final`` (a C static; otherwise
+  every read is a look-up in the module's dict), and so is an alias of another module's
+  function (``_monotonic: Final = time.monotonic``: ``time.monotonic`` is two look-ups per call);
+* names are imported from modules (``from .events import Header``), not used as ``module.Name``;
+* a function that reads attributes of its argument is a typed ``def``, not a lambda (an
+  untyped parameter turns ``e.name`` into a generic getattr);
+* state that is tested often is a plain int, not an enum member.
 """
 
 from __future__ import annotations

@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import itertools
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Final
 
 from .protocol.negotiation import EVENT_FLAGS, Wants
 
-EVENTS = (
+EVENTS: Final = (
     "negotiate",
     "connect",
     "helo",
@@ -33,11 +33,11 @@ EVENTS = (
 #: Events whose verdict may wait for the next replied event: the MTA sends them only after
 #: the whole message arrived, so a reject at a header or at end of headers reaches the client
 #: in the same SMTP reply either way. Asking for no reply lets the MTA stream them.
-DEFERRABLE = frozenset({"header"})
+DEFERRABLE: Final = frozenset({"header"})
 
 #: Registry versions, unique across registries, so that a negotiation computed for one set of
 #: callbacks is never reused for another (see ConnectionEngine._negotiated).
-_GENERATIONS = itertools.count(1)
+_GENERATIONS: Final = itertools.count(1)
 
 
 @dataclass(slots=True)

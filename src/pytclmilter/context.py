@@ -9,7 +9,7 @@ Modifications are collected and written together with the final reply.
 from __future__ import annotations
 
 import re
-from typing import Any, Callable
+from typing import Any, Callable, Final
 
 from .protocol import events as ev
 from .protocol.codec import wire
@@ -21,15 +21,15 @@ class MilterError(ValueError):
     """A filter asked for something the protocol or the stage does not allow."""
 
 
-_MISSING: Any = object()
-_RCODE = re.compile(r"[45][0-9][0-9]\Z")
-_XCODE = re.compile(r"[245]\.[0-9]{1,3}\.[0-9]{1,3}\Z")
-_HEADER_NAME = re.compile(r"[\x21-\x39\x3b-\x7e\x80-\U0010ffff]+\Z")
-_FOLD = re.compile(r"\r?\n(?=[ \t])")
-_BARE_LF = re.compile(r"\n(?![ \t])")
-_LONE_PERCENT = re.compile(r"(?<!%)%(?:%%)*(?!%)")
-MAX_REPLY_LINE = 980
-MAX_REPLY_LINES = 32
+_MISSING: Final[Any] = object()
+_RCODE: Final = re.compile(r"[45][0-9][0-9]\Z")
+_XCODE: Final = re.compile(r"[245]\.[0-9]{1,3}\.[0-9]{1,3}\Z")
+_HEADER_NAME: Final = re.compile(r"[\x21-\x39\x3b-\x7e\x80-\U0010ffff]+\Z")
+_FOLD: Final = re.compile(r"\r?\n(?=[ \t])")
+_BARE_LF: Final = re.compile(r"\n(?![ \t])")
+_LONE_PERCENT: Final = re.compile(r"(?<!%)%(?:%%)*(?!%)")
+MAX_REPLY_LINE: Final = 980
+MAX_REPLY_LINES: Final = 32
 
 
 def tcl_glob(pattern: str) -> re.Pattern[str]:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import inspect
 import logging
-from typing import TYPE_CHECKING, Any, Awaitable, Callable, Protocol
+from typing import TYPE_CHECKING, Any, Awaitable, Callable, Final, Protocol
 
 from .callbacks import Callback, Registry
 from .context import Context
@@ -33,15 +33,15 @@ from .status import Status, parse_status
 if TYPE_CHECKING:
     from .milter import Milter
 
-log = logging.getLogger("pytclmilter")
+log: Final = logging.getLogger("pytclmilter")
 
-_PY_LIMIT = PythonLimit()
+_PY_LIMIT: Final = PythonLimit()
 #: Result types that are certainly not awaitable (skips inspect.isawaitable on the hot path).
-_PLAIN = frozenset({type(None), str, int, Status})
+_PLAIN: Final = frozenset({type(None), str, int, Status})
 
-_CONTINUE = Continue()
-_VERDICT = {s: s.name.lower() for s in Status}  # enum .name is a slow property
-_FINAL_OF = {
+_CONTINUE: Final = Continue()
+_VERDICT: Final = {s: s.name.lower() for s in Status}  # enum .name is a slow property
+_FINAL_OF: Final = {
     Status.CONTINUE: Continue(),
     Status.ACCEPT: Accept(),
     Status.DISCARD: Discard(),
@@ -49,25 +49,38 @@ _FINAL_OF = {
 }
 
 #: Event type -> (callback event name, function of the event giving the callback arguments).
-_ARGS: dict[type, tuple[str, Callable[[Any], tuple[Any, ...]]]] = {
+def _no_args(e: Event) -> tuple[Any, ...]:
+    return ()
+
+
+def _header_args(e: Header) -> tuple[Any, ...]:
+    # A typed function, not a lambda: compiled, e.name is then a slot read, not a getattr by name.
+    return (e.name, e.value)
+
+
+def _envelope_args(e: EnvFrom | EnvRcpt) -> tuple[Any, ...]:
+    return (e.args,)
+
+
+_ARGS: Final[dict[type, tuple[str, Callable[[Any], tuple[Any, ...]]]]] = {
     Connect: ("connect", lambda e: (e.hostname, address_info(e))),
     Helo: ("helo", lambda e: (e.name,)),
-    EnvFrom: ("envfrom", lambda e: (e.args,)),
-    EnvRcpt: ("envrcpt", lambda e: (e.args,)),
-    Data: ("data", lambda e: ()),
+    EnvFrom: ("envfrom", _envelope_args),
+    EnvRcpt: ("envrcpt", _envelope_args),
+    Data: ("data", _no_args),
     Unknown: ("unknown", lambda e: (e.line,)),
-    Header: ("header", lambda e: (e.name, e.value)),
-    EndOfHeaders: ("eoh", lambda e: ()),
+    Header: ("header", _header_args),
+    EndOfHeaders: ("eoh", _no_args),
     Body: ("body", lambda e: (e.chunk,)),
-    EndOfMessage: ("eom", lambda e: ()),
+    EndOfMessage: ("eom", _no_args),
 }
 #: negotiate() results by (registry generation, offer, size limit, macro lists): see _negotiated.
-_NEGOTIATED: dict[tuple[Any, ...], Negotiated] = {}
+_NEGOTIATED: Final[dict[tuple[Any, ...], Negotiated]] = {}
 
-_MESSAGE_EVENTS = frozenset({Data, Header, EndOfHeaders, Body, EndOfMessage})
+_MESSAGE_EVENTS: Final = frozenset({Data, Header, EndOfHeaders, Body, EndOfMessage})
 
 #: How sessions normally end; other reasons (timeout, protocol error, stop) are worth an info line.
-_ROUTINE_ENDS = frozenset({"eof", "quit"})
+_ROUTINE_ENDS: Final = frozenset({"eof", "quit"})
 
 
 
@@ -303,10 +316,11 @@ class ConnectionEngine:
 
     def _run_chain(self, name: str, args: tuple[Any, ...]) -> Status | Awaitable[Status]:
         chain = self.registry.chain(name)
-        limit = self.milter.call_timeout
         call_args = (self.ctx,) + args  # compiled, (ctx, *args) is built through a list
         for i, cb in enumerate(chain):
-            limited = cb.origin == "python" and _PY_LIMIT.start(limit)
+            # (Milter is a Python-level object: its call_timeout is read only for Python callbacks,
+            # Tcl's are limited inside Tcl.)
+            limited = cb.origin == "python" and _PY_LIMIT.start(self.milter.call_timeout)
             try:
                 try:
                     result = cb.func(*call_args)

@@ -11,7 +11,7 @@ import logging
 import signal
 import socket
 import threading
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, Final
 
 from .connspec import ConnSpec, parse
 from .listener import Listener, bind
@@ -20,11 +20,11 @@ from .engine import ConnectionEngine
 if TYPE_CHECKING:
     from .milter import Milter
 
-log = logging.getLogger("pytclmilter")
+log: Final = logging.getLogger("pytclmilter")
 
-_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
-_QUICKACK = getattr(socket, "TCP_QUICKACK", 0)  # Linux only
-_UNKNOWN: Any = object()  # a connection's socket, not fetched yet
+_SIGNALS: Final = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+_QUICKACK: Final = getattr(socket, "TCP_QUICKACK", 0)  # Linux only
+_UNKNOWN: Final[Any] = object()  # a connection's socket, not fetched yet
 
 
 class _Connection(asyncio.Protocol):

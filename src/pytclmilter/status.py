@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+from typing import Final
 
 
 class Status(enum.IntEnum):
@@ -27,7 +28,7 @@ TEMPFAIL = Status.TEMPFAIL
 NOREPLY = Status.NOREPLY
 SKIP = Status.SKIP
 
-_BY_NAME = {s.name: s for s in Status} | {s.smfis: s for s in Status}
+_BY_NAME: Final = {s.name: s for s in Status} | {s.smfis: s for s in Status}
 
 
 def parse_status(value: object) -> Status | None:

@@ -14,19 +14,19 @@ become U+DC80..U+DCFF and go back out as the very same bytes.
 from __future__ import annotations
 
 import struct
-from typing import Callable, Iterable, Iterator, Mapping
+from typing import Callable, Final, Iterable, Iterator, Mapping
 
 from . import events as ev
 from .constants import CHUNK_SIZE, Cmd, Family, MacroStage, Reply
 from .errors import LocalProtocolError, RemoteProtocolError
 
-_U32 = struct.Struct("!I")
-_U16 = struct.Struct("!H")
-_HEADER = struct.Struct("!Ic")
-_OPTNEG = struct.Struct("!III")
+_U32: Final = struct.Struct("!I")
+_U16: Final = struct.Struct("!H")
+_HEADER: Final = struct.Struct("!Ic")
+_OPTNEG: Final = struct.Struct("!III")
 
-COMMAND_CODES = frozenset(c.value for c in Cmd)
-REPLY_CODES = frozenset(r.value for r in Reply)
+COMMAND_CODES: Final = frozenset(c.value for c in Cmd)
+REPLY_CODES: Final = frozenset(r.value for r in Reply)
 
 
 def text(raw: bytes) -> str:
@@ -207,7 +207,7 @@ def _macro(payload: bytes) -> ev.Event:
     return ev.Macro(payload[:1], LazyMacros(payload[1:]))
 
 
-_FAMILIES = {f.value: f for f in Family}
+_FAMILIES: Final = {f.value: f for f in Family}
 
 
 def _connect(payload: bytes) -> ev.Event:
@@ -267,7 +267,7 @@ def _unknown(payload: bytes) -> ev.Event:
     return ev.Unknown(text(_exactly(payload, 1, "unknown command")[0]))
 
 
-_COMMAND_DECODERS: dict[bytes, Callable[[bytes], ev.Event]] = {
+_COMMAND_DECODERS: Final[dict[bytes, Callable[[bytes], ev.Event]]] = {
     b"O": _optneg,
     b"D": _macro,
     b"C": _connect,
@@ -349,7 +349,7 @@ def _encode_chgfrom(r: ev.ChangeFrom) -> bytes:
     return frame(b"e", payload)
 
 
-_EMPTY_FRAMES = {
+_EMPTY_FRAMES: Final = {
     ev.Continue: frame(b"c"),
     ev.Accept: frame(b"a"),
     ev.Reject: frame(b"r"),
@@ -361,7 +361,7 @@ _EMPTY_FRAMES = {
     ev.ConnFail: frame(b"f"),
 }
 
-_REPLY_ENCODERS: dict[type, Callable[[ev.Reply], bytes]] = {
+_REPLY_ENCODERS: Final[dict[type, Callable[[ev.Reply], bytes]]] = {
     ev.OptionNegotiationReply: _encode_optneg,  # type: ignore[dict-item]
     ev.ReplyCode: lambda r: frame(b"y", _z(r.text, "reply text")),  # type: ignore[attr-defined]
     ev.Quarantine: lambda r: frame(b"q", _z(r.reason, "quarantine reason")),  # type: ignore[attr-defined]

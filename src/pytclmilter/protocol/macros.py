@@ -7,23 +7,23 @@ values stay visible exactly as a libmilter filter would see them.
 
 from __future__ import annotations
 
-from typing import Mapping
+from typing import Final, Mapping
 
 from .codec import LazyMacros
 
 #: Stage letters libmilter stores, in protocol order.
-STAGES = b"CHMRTNE"
+STAGES: Final = b"CHMRTNE"
 #: Lookup order of smfi_getsymval: latest stage first.
-_LOOKUP = tuple(bytes([c]) for c in b"ENTRMHC")
+_LOOKUP: Final = tuple(bytes([c]) for c in b"ENTRMHC")
 #: Which slots a command clears when it arrives (its own slot was just filled).
-_CLEARS = {
+_CLEARS: Final = {
     b"C": (b"H", b"M", b"R", b"T", b"N", b"E"),
     b"H": (b"M", b"R", b"T", b"N", b"E"),
     b"M": (b"R", b"T", b"N", b"E"),
     b"R": (b"T", b"N", b"E"),
 }
 #: The same as one-byte strings: macro packets for other letters are ignored, as libmilter does.
-STORED_STAGES = frozenset(bytes([c]) for c in STAGES)
+STORED_STAGES: Final = frozenset(bytes([c]) for c in STAGES)
 
 
 class MacroStore:

@@ -9,6 +9,7 @@ request is a subset of the offer, so no MTA has a reason to hang up.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Final
 
 from .constants import (
     MAX_DATA_SIZE,
@@ -28,7 +29,7 @@ from .codec import encode_reply
 from .events import OptionNegotiation, OptionNegotiationReply
 
 #: Event name -> (skip bit, no-reply bit). eom, abort and close have neither.
-EVENT_FLAGS: dict[str, tuple[Proto, Proto]] = {
+EVENT_FLAGS: Final[dict[str, tuple[Proto, Proto]]] = {
     "connect": (Proto.NOCONNECT, Proto.NR_CONN),
     "helo": (Proto.NOHELO, Proto.NR_HELO),
     "envfrom": (Proto.NOMAIL, Proto.NR_MAIL),
@@ -73,7 +74,7 @@ class Negotiated:
         return self.protocol & ALL_NR
 
 
-DEFAULT = Negotiated(OptionNegotiationReply(PROTOCOL_VERSION, 0, 0), PROTOCOL_VERSION, Action(0), Proto(0), MAX_DATA_SIZE)
+DEFAULT: Final = Negotiated(OptionNegotiationReply(PROTOCOL_VERSION, 0, 0), PROTOCOL_VERSION, Action(0), Proto(0), MAX_DATA_SIZE)
 
 
 def negotiate(offer: OptionNegotiation, wants: Wants) -> Negotiated:

@@ -56,7 +56,7 @@ class State(enum.IntEnum):
 
 
 S = State
-_NEXT: dict[State, frozenset[State]] = {
+_NEXT: Final[dict[State, frozenset[State]]] = {
     S.INIT: frozenset({S.OPTS}),
     S.OPTS: frozenset({S.CONN, S.UNKN}),
     S.CONN: frozenset({S.HELO, S.MAIL, S.UNKN}),
@@ -83,7 +83,7 @@ _BODY: Final = int(S.BODY)
 _ENDM: Final = int(S.ENDM)
 _CLOSED: Final = int(S.CLOSED)
 
-_STATE_OF: dict[bytes, int] = {code: int(state) for code, state in {
+_STATE_OF: Final[dict[bytes, int]] = {code: int(state) for code, state in {
     b"O": S.OPTS,
     b"C": S.CONN,
     b"H": S.HELO,
@@ -101,7 +101,7 @@ _STATE_OF: dict[bytes, int] = {code: int(state) for code, state in {
 }.items()}
 
 #: States whose event a skip flag can suppress, so the skip rule may jump over them.
-_SKIPPABLE = {  # plain ints: IntFlag arithmetic costs microseconds on the hot path
+_SKIPPABLE: Final = {  # plain ints: IntFlag arithmetic costs microseconds on the hot path
     S.CONN: int(Proto.NOCONNECT),
     S.HELO: int(Proto.NOHELO),
     S.MAIL: int(Proto.NOMAIL),
@@ -111,15 +111,15 @@ _SKIPPABLE = {  # plain ints: IntFlag arithmetic costs microseconds on the hot p
     S.EOHS: int(Proto.NOEOH),
     S.BODY: int(Proto.NOBODY),
 }
-_STATES = tuple(State)
+_STATES: Final = tuple(State)
 
 #: _trans_ok's answers by (negotiated protocol flags, old state, new state) packed in one int.
-_TRANS_OK: dict[int, bool] = {}
+_TRANS_OK: Final[dict[int, bool]] = {}
 
-_TRANSACTION: frozenset[int] = frozenset(int(s) for s in (S.MAIL, S.RCPT, S.DATA, S.HDRS, S.EOHS, S.BODY))
+_TRANSACTION: Final[frozenset[int]] = frozenset(int(s) for s in (S.MAIL, S.RCPT, S.DATA, S.HDRS, S.EOHS, S.BODY))
 
 #: Command -> the NR bit that silences its reply.
-_NR_OF = {
+_NR_OF: Final = {
     b"C": int(Proto.NR_CONN),
     b"H": int(Proto.NR_HELO),
     b"M": int(Proto.NR_MAIL),
@@ -130,11 +130,11 @@ _NR_OF = {
     b"N": int(Proto.NR_EOH),
     b"B": int(Proto.NR_BODY),
 }
-_NR_HDR = int(Proto.NR_HDR)
-_NEVER_REPLIED = frozenset({b"A", b"Q", b"K", b"D"})
+_NR_HDR: Final = int(Proto.NR_HDR)
+_NEVER_REPLIED: Final = frozenset({b"A", b"Q", b"K", b"D"})
 
 #: Modification -> the action flag it needs.
-_FLAG_OF: dict[type, Action] = {
+_FLAG_OF: Final[dict[type, Action]] = {
     AddHeader: Action.ADDHDRS,
     InsertHeader: Action.ADDHDRS,
     ChangeHeader: Action.CHGHDRS,
@@ -144,11 +144,11 @@ _FLAG_OF: dict[type, Action] = {
     ReplaceBody: Action.CHGBODY,
     Quarantine: Action.QUARANTINE,
 }
-_FLAG_BITS = {t: int(f) for t, f in _FLAG_OF.items()}  # plain ints: enum attributes are slow
-_ADDRCPT_PAR = int(Action.ADDRCPT_PAR)
+_FLAG_BITS: Final = {t: int(f) for t, f in _FLAG_OF.items()}  # plain ints: enum attributes are slow
+_ADDRCPT_PAR: Final = int(Action.ADDRCPT_PAR)
 
-_FINAL = frozenset(FINAL_REPLIES)
-_SKIP = int(Proto.SKIP)
+_FINAL: Final = frozenset(FINAL_REPLIES)
+_SKIP: Final = int(Proto.SKIP)
 
 
 class NeedData:
@@ -158,7 +158,7 @@ class NeedData:
         return "NEED_DATA"
 
 
-NEED_DATA = NeedData()
+NEED_DATA: Final = NeedData()
 
 
 class FilterSession:
@@ -423,7 +423,7 @@ class FilterSession:
         return self.teardown("negotiation")
 
 
-_CODE_OF: dict[type, bytes] = {
+_CODE_OF: Final[dict[type, bytes]] = {
     OptionNegotiation: b"O",
     Connect: b"C",
     Helo: b"H",
@@ -438,6 +438,6 @@ _CODE_OF: dict[type, bytes] = {
 }
 
 #: Event type -> the NR bit that silences its reply (0: always answered).
-_NR_OF_TYPE: dict[type, int] = {t: _NR_OF.get(code, 0) for t, code in _CODE_OF.items()}
+_NR_OF_TYPE: Final[dict[type, int]] = {t: _NR_OF.get(code, 0) for t, code in _CODE_OF.items()}
 
 __all__ = ["FilterSession", "NEED_DATA", "NeedData", "State", "EVENT_FLAGS"]

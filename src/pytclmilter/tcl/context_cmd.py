@@ -7,7 +7,7 @@ TclMilter's argument forms (``chgheader name ?index? data``, ``setreply rcode
 
 from __future__ import annotations
 
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Final, Sequence
 
 from ..context import Context
 from .usage import TclUsageError, check_count, integer, one_of, wrong_args
@@ -64,8 +64,8 @@ def _name_index_data(default: int) -> Callable[[Sequence[str]], tuple[str, int, 
     return parse
 
 
-_chg_args = _name_index_data(1)
-_ins_args = _name_index_data(0)
+_chg_args: Final = _name_index_data(1)
+_ins_args: Final = _name_index_data(0)
 
 
 def _chgheader(ctx: Context, args: Sequence[str]) -> None:
@@ -83,7 +83,7 @@ def _flat(d: dict[str, Any]) -> tuple[Any, ...]:
 
 
 # name -> (min args, max args or None, argument usage, handler)
-SUBCOMMANDS: dict[str, tuple[int, int | None, str, Callable[[Context, Sequence[str]], Any]]] = {
+SUBCOMMANDS: Final[dict[str, tuple[int, int | None, str, Callable[[Context, Sequence[str]], Any]]]] = {
     "getpriv": (0, 1, "?name?", _getpriv),
     "getsymval": (1, 1, "symbol", _getsymval),
     "setpriv": (1, 2, "name ?value?", _setpriv),

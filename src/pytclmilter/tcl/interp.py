@@ -14,7 +14,7 @@ import sys
 import tkinter
 from importlib import resources
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Final, Sequence
 
 import _tkinter
 
@@ -29,10 +29,10 @@ from .milter_cmd import MilterCommand
 from .strings import deep_to_tcl, from_tcl, to_tcl
 from .usage import TclUsageError, integer
 
-log = logging.getLogger("pytclmilter")
+log: Final = logging.getLogger("pytclmilter")
 
-_DONT_WAIT = _tkinter.DONT_WAIT  # type: ignore[attr-defined]
-_ALL_EVENTS = _tkinter.ALL_EVENTS  # type: ignore[attr-defined]
+_DONT_WAIT: Final = _tkinter.DONT_WAIT  # type: ignore[attr-defined]
+_ALL_EVENTS: Final = _tkinter.ALL_EVENTS  # type: ignore[attr-defined]
 
 _PRELUDE = r"""
 proc exit {{returnCode 0}} {
@@ -95,7 +95,7 @@ class NotAStatus:
         return f'"{self.text}"'
 
 
-_STATUS_BY_NAME = {s.smfis: s for s in Status} | {"": Status.CONTINUE}
+_STATUS_BY_NAME: Final = {s.smfis: s for s in Status} | {"": Status.CONTINUE}
 
 
 def tcl_status(result: Any) -> Status | NotAStatus:

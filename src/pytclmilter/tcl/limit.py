@@ -12,7 +12,7 @@ from __future__ import annotations
 import time
 from typing import Callable, Final, Protocol
 
-_HANDLER = "::tclmilter::py::limit"
+_HANDLER: Final = "::tclmilter::py::limit"
 _monotonic: Final = time.monotonic  # compiled, `time.monotonic` is two look-ups per call
 
 
