@@ -21,7 +21,8 @@ with ``scripts/bench_inproc.py --callgrind``, docs/benchmarks.md):
   function (``_monotonic: Final = time.monotonic``: ``time.monotonic`` is two look-ups per call);
 * names are imported from modules (``from .events import Header``), not used as ``module.Name``;
 * a function that reads attributes of its argument is a typed ``def``, not a lambda (an
-  untyped parameter turns ``e.name`` into a generic getattr);
+  untyped parameter turns ``e.name`` into a generic getattr); a callable attribute is read
+  into a local before the call (``cb.func(*args)`` is a getattr by name, as for a method);
 * state that is tested often is a plain int, not an enum member.
 """
 

@@ -321,9 +321,10 @@ class ConnectionEngine:
             # (Milter is a Python-level object: its call_timeout is read only for Python callbacks,
             # Tcl's are limited inside Tcl.)
             limited = cb.origin == "python" and _PY_LIMIT.start(self.milter.call_timeout)
+            func = cb.func  # compiled, cb.func(*args) would be a getattr by name, as for a method
             try:
                 try:
-                    result = cb.func(*call_args)
+                    result = func(*call_args)
                 finally:
                     if limited:
                         _PY_LIMIT.stop()  # before anything else: the failure's log line is not limited
