@@ -120,3 +120,31 @@ def test_the_stderr_line_is_what_the_standard_formatter_writes() -> None:
     text = ours.format(failed)
     assert text.startswith(standard.formatTime(failed)) and "ERROR: callback failed\nTraceback" in text
     assert text.rstrip().endswith("ValueError: boom")
+
+
+def test_the_lean_record_is_the_standard_record_made_faster() -> None:
+    """setup_logging's record factory: the same attributes and values as logging.LogRecord (the
+    clock aside), and the standard record itself where a caller or a mapping argument is given."""
+    from pytclmilter.commands.logs import LeanLogRecord, setup_logging
+
+    setup_logging("info")
+    assert logging.getLogRecordFactory() is LeanLogRecord
+    try:
+        args = ("conn#3", "accept", "eom")
+        lean = logging.getLogger("pytclmilter").makeRecord("pytclmilter", logging.INFO, "(unknown file)", 0,
+                                                           "%s: verdict %s at %s", args, None)
+        standard = logging.LogRecord("pytclmilter", logging.INFO, "(unknown file)", 0, "%s: verdict %s at %s",
+                                     args, None)
+        ours, theirs = vars(lean), vars(standard)
+        clock = {"created", "msecs", "relativeCreated"}
+        assert set(theirs) <= set(ours) <= set(theirs) | {"taskName"}
+        assert {k: v for k, v in ours.items() if k in theirs and k not in clock} == \
+               {k: v for k, v in theirs.items() if k not in clock}
+        assert abs(lean.relativeCreated - standard.relativeCreated) < 1000  # ms since logging started
+        assert lean.getMessage() == "conn#3: verdict accept at eom"
+        mapped = LeanLogRecord("x", logging.INFO, "(unknown file)", 0, "%(a)s", ({"a": 1},), None)
+        assert mapped.getMessage() == "1" and mapped.args == {"a": 1}
+        located = LeanLogRecord("x", logging.INFO, "/srv/filter.py", 7, "m", (), None)
+        assert (located.filename, located.module, located.lineno) == ("filter.py", "filter", 7)
+    finally:
+        logging.setLogRecordFactory(logging.LogRecord)
