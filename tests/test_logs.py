@@ -148,3 +148,12 @@ def test_the_lean_record_is_the_standard_record_made_faster() -> None:
         assert (located.filename, located.module, located.lineno) == ("filter.py", "filter", 7)
     finally:
         logging.setLogRecordFactory(logging.LogRecord)
+
+
+def test_a_handler_filter_still_decides() -> None:
+    """The handler skips filter() only when it has no filters: one that drops lines still does."""
+    log, stream, handler = make_logger("filtered")
+    handler.addFilter(lambda record: "secret" not in record.getMessage())
+    log.info("public")
+    log.info("a secret")
+    assert stream.getvalue() == "INFO: public\n"

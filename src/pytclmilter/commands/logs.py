@@ -124,8 +124,10 @@ class LineFormatter(logging.Formatter):
             return super().format(record)
         # The stderr line written out: Formatter.format's generic path (usesTime() scanning the
         # format, a %-format of the record's __dict__) is a third of the cost of a line.
-        record.message = record.getMessage()
-        return f"{self.formatTime(record)} pytclmilter[{record.process}] {record.levelname}: {record.message}"
+        record.message = message = record.getMessage()
+        if int(record.created) != self._second:
+            self.formatTime(record)  # the date and time, once per second
+        return f"{self._text},{int(record.msecs):03d} pytclmilter[{record.process}] {record.levelname}: {message}"
 
     def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:
         if datefmt is not None:
@@ -153,9 +155,18 @@ class CoalescingStreamHandler(logging.StreamHandler):  # type: ignore[type-arg]
         self._flush_on: asyncio.AbstractEventLoop | None = None  # the loop a flush is scheduled on
         self._flush_thread = 0  # ... and the thread that runs it
 
+    def handle(self, record: logging.LogRecord) -> Any:
+        """Handler.handle without the call to filter() when there are no filters (one line a message)."""
+        if self.filters:
+            return super().handle(record)
+        with self.lock:  # type: ignore[union-attr]  # created by Handler.__init__
+            self.emit(record)
+        return True
+
     def emit(self, record: logging.LogRecord) -> None:  # called with self.lock held
         try:
-            self._pending.append(self.format(record) + self.terminator)
+            formatter = self.formatter or logging.Formatter()
+            self._pending.append(formatter.format(record) + self.terminator)
         except Exception:  # noqa: BLE001 - as StreamHandler: report the broken record, go on
             self.handleError(record)
             return
