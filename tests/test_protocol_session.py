@@ -195,7 +195,7 @@ def test_postfix_session_event_sequence_and_replies() -> None:
     # Every command comes out as its event, except the post-EOM ABORTs, which libmilter ignores.
     expected = [e for e in POSTFIX_CONNECTION if type(e) not in (ev.Abort, ev.Quit)] + [ev.Closed("quit")]
     assert events == expected
-    assert list(s.dropped) == ["A", "A"]
+    assert s.ignored == 2
     needing = [e for e in events if e.needs_reply]
     assert types(needing) == [t for t in types(expected) if t not in (ev.Macro, ev.Closed)]
     assert replies(out) == [ev.Continue()] * len(needing)
@@ -369,7 +369,7 @@ def test_libmilter_state_table() -> None:
             events, _ = run(s, cmds(command_of[new]))
             expected = {S.QUIT: [ev.Closed("quit")], S.Q_NC: [ev.Closed("quit_nc")]}.get(new, [command_of[new]])
             assert events == expected, (old, new)
-            assert list(s.dropped) == []
+            assert s.ignored == 0
             assert s.state is (new if new is not S.QUIT else State.CLOSED)
 
 
@@ -443,7 +443,7 @@ def test_abort_not_allowed_is_dropped_silently(prefix: list[ev.Event]) -> None:
     run(s, cmds(*prefix))
     events, out = run(s, cmds(ev.Abort(), ev.Abort()))
     assert events == [] and out == b""
-    assert list(s.dropped) == ["A", "A"]
+    assert s.ignored == 2
     assert run(s, cmds(MAIL))[0] == [MAIL]  # the next message starts normally
 
 
@@ -452,7 +452,7 @@ def test_quit_nc_not_allowed_is_dropped_silently_and_the_next_connect_is_refused
     for e in (CONNECT, HELO):
         step(s, e)
     events, out = run(s, cmds(ev.QuitNewConnection()))
-    assert events == [] and out == b"" and list(s.dropped) == ["K"]
+    assert events == [] and out == b"" and s.ignored == 1
     s.receive_data(cmds(CONNECT))
     with pytest.raises(RemoteProtocolError):  # libmilter ignores it silently; we end the connection
         s.next_event()
@@ -463,7 +463,7 @@ def test_abort_inside_a_message_is_delivered_and_a_new_message_follows() -> None
     events, out = run(s, cmds(ev.Abort(), MAIL, RCPT, EOM, ev.Abort()))
     assert events == [ev.Abort(), MAIL, RCPT, EOM]
     assert out == b"\x00\x00\x00\x01c" * 3
-    assert list(s.dropped) == ["A"]
+    assert s.ignored == 1
 
 
 def test_unknown_may_occur_inside_a_message_and_rcpt_follows() -> None:
@@ -491,13 +491,13 @@ def test_nomail_makes_post_eom_abort_legal() -> None:
     # Both MTAs still send the D for M; Postfix honours NOMAIL and sends no M.
     events, _ = run(s, cmds(CONNECT, HELO, ev.Macro(b"M", {"i": "1"}), RCPT, EOH, EOM, ev.Abort()))
     assert types(events) == [ev.Connect, ev.Helo, ev.Macro, ev.EnvRcpt, ev.EndOfHeaders, ev.EndOfMessage, ev.Abort]
-    assert list(s.dropped) == []
+    assert s.ignored == 0
 
 
 def test_without_nomail_post_eom_abort_is_dropped() -> None:
     s = start()
     events, _ = run(s, cmds(CONNECT, HELO, MAIL, RCPT, EOH, EOM, ev.Abort()))
-    assert ev.Abort() not in events and list(s.dropped) == ["A"]
+    assert ev.Abort() not in events and s.ignored == 1
 
 
 def test_skip_bits_count_only_when_negotiated() -> None:
@@ -543,7 +543,7 @@ def test_refusing_a_recipient_keeps_the_transaction(reply: ev.Reply) -> None:
     assert s.state is State.RCPT
     events, out = run(s, cmds(RCPT, DATA, HEADER, EOH, BODY, EOM, ev.Abort()))
     assert events == [RCPT, DATA, HEADER, EOH, BODY, EOM]
-    assert len(replies(out)) == 6 and list(s.dropped) == ["A"]
+    assert len(replies(out)) == 6 and s.ignored == 1
 
 
 @pytest.mark.parametrize("reply", [ev.Reject(), ev.Tempfail(), ev.ReplyCode("550 5.7.1 go away")])
@@ -554,7 +554,7 @@ def test_rejecting_mail_returns_to_helo_and_the_following_abort_is_ignored(reply
     assert s.state is State.HELO
     events, _ = run(s, cmds(ev.Abort(), MAIL, RCPT))
     assert events == [MAIL, RCPT]
-    assert list(s.dropped) == ["A"]
+    assert s.ignored == 1
 
 
 ACCEPT_CASES = [
@@ -599,7 +599,7 @@ def test_reject_at_eom_then_abort_is_ignored() -> None:
     s = at_eom()
     assert s.send(ev.Reject()) == b"\x00\x00\x00\x01r"
     assert run(s, cmds(ev.Abort()))[0] == []
-    assert list(s.dropped) == ["A"]
+    assert s.ignored == 1
 
 
 # ---------------------------------------------------------------- QUIT_NC

@@ -165,7 +165,7 @@ class FilterSession:
     """One MTA connection, filter side."""
 
     __slots__ = ("emit_macros", "_state", "macros", "negotiated", "_proto", "_actions", "_reader", "_queue",
-                 "_pending", "_pending_code", "_eof", "_closed_emitted", "_clear_after_quit_nc", "dropped")
+                 "_pending", "_pending_code", "_eof", "_closed_emitted", "_clear_after_quit_nc", "ignored")
 
     def __init__(self, emit_macros: bool = True) -> None:
         #: Also hand out Macro events (they are always stored in ``macros``); a driver that
@@ -183,8 +183,9 @@ class FilterSession:
         self._eof = False
         self._closed_emitted = False
         self._clear_after_quit_nc = False
-        #: The latest out-of-order ABORT/QUIT_NC ignored as libmilter does (bounded: Postfix sends many).
-        self.dropped: deque[str] = deque(maxlen=64)
+        #: How many out-of-order commands that are never answered (ABORT, QUIT, QUIT_NC, macros)
+        #: were ignored, as libmilter ignores them (Postfix sends an ABORT after each finished message).
+        self.ignored = 0
 
     # ------------------------------------------------------------ input
 
@@ -292,11 +293,10 @@ class FilterSession:
         return event
 
     def _refuse(self, code: bytes) -> None:
-        name = code.decode("latin-1")
         if code in _NEVER_REPLIED:
-            self.dropped.append(name)
+            self.ignored += 1
             return
-        raise RemoteProtocolError(f"command {name!r} is not allowed after {self.state.name}")
+        raise RemoteProtocolError(f"command {code.decode('latin-1')!r} is not allowed after {self.state.name}")
 
     def _trans_ok(self, old: int, new: int) -> bool:
         """libmilter's trans_ok: a state the filter skips may be jumped over.
