@@ -165,8 +165,9 @@ class CoalescingStreamHandler(logging.StreamHandler):  # type: ignore[type-arg]
 
     def emit(self, record: logging.LogRecord) -> None:  # called with self.lock held
         try:
-            formatter = self.formatter or logging.Formatter()
-            self._pending.append(formatter.format(record) + self.terminator)
+            formatter = self.formatter  # (Handler.format is one call more, for its default formatter)
+            line = formatter.format(record) if formatter is not None else self.format(record)
+            self._pending.append(line + self.terminator)
         except Exception:  # noqa: BLE001 - as StreamHandler: report the broken record, go on
             self.handleError(record)
             return
