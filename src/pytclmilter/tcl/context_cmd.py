@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import Any, Callable, Final, Sequence
 
 from ..context import Context
-from .usage import TclUsageError, check_count, integer, one_of, wrong_args
+from .usage import TclUsageError, bad_choice, integer, wrong_args
 
 
 def _getpriv(ctx: Context, args: Sequence[str]) -> Any:
@@ -105,11 +105,14 @@ SUBCOMMANDS: Final[dict[str, tuple[int, int | None, str, Callable[[Context, Sequ
 
 def dispatch(ctx: Context, args: Sequence[str]) -> Any:
     """Run ``$context sub ?arg ...?`` for one context."""
-    name = ctx.tcl_command
     if not args:
-        raise wrong_args(f"{name} subcommand ?arg ...?")
-    sub = one_of("option", args[0], SUBCOMMANDS)
-    low, high, usage, handler = SUBCOMMANDS[sub]
-    check_count(args[1:], low, high, f"{name} {sub}{' ' + usage if usage else ''}")
-    result = handler(ctx, args[1:])
+        raise wrong_args(f"{ctx.tcl_command} subcommand ?arg ...?")
+    spec = SUBCOMMANDS.get(args[0])
+    if spec is None:
+        raise bad_choice("option", args[0], SUBCOMMANDS)
+    low, high, usage, handler = spec
+    rest = args[1:]
+    if len(rest) < low or (high is not None and len(rest) > high):  # the usage text only when it is needed
+        raise wrong_args(f"{ctx.tcl_command} {args[0]}{' ' + usage if usage else ''}")
+    result = handler(ctx, rest)
     return "" if result is None else result

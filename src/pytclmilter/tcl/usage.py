@@ -17,12 +17,16 @@ def one_of(kind: str, value: str, choices: Iterable[str]) -> str:
     """Tcl_GetIndexFromObj without abbreviations: the value, or `bad KIND "value": must be ...`."""
     if value in choices:
         return value
+    raise bad_choice(kind, value, choices)
+
+
+def bad_choice(kind: str, value: str, choices: Iterable[str]) -> TclUsageError:
     options = sorted(choices)
     if len(options) == 1:
         listed = options[0]
     else:
         listed = ", ".join(options[:-1]) + (", or " if len(options) > 2 else " or ") + options[-1]
-    raise TclUsageError(f'bad {kind} "{value}": must be {listed}')
+    return TclUsageError(f'bad {kind} "{value}": must be {listed}')
 
 
 def wrong_args(usage: str) -> TclUsageError:
