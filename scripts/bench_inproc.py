@@ -151,7 +151,10 @@ def callgrind(opts: argparse.Namespace) -> int:
         cmd = ["valgrind", "--tool=callgrind", "--callgrind-out-file=/dev/null", sys.executable, __file__,
                "--filter", opts.filter, "--messages", str(n), "--headers", str(opts.headers),
                "--log-level", opts.log_level, "--repeat", "1", *(["--installed"] if opts.installed else [])]
-        out = subprocess.run(cmd, capture_output=True, text=True, check=True).stderr
+        # A fixed hash seed: with Python's per-process random one, dict and set probing (and so
+        # the count) moved by about 2,000 instructions a message between runs of the same build.
+        env = {**os.environ, "PYTHONHASHSEED": "0"}
+        out = subprocess.run(cmd, capture_output=True, text=True, check=True, env=env).stderr
         found = re.search(r"Collected : (\d+)", out)
         if not found:
             raise SystemExit(f"bench_inproc: no instruction count in valgrind's output:\n{out[-2000:]}")
