@@ -16,7 +16,6 @@ default), so both runs do the same logging work.
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 from pathlib import Path
 
@@ -26,6 +25,7 @@ except ModuleNotFoundError:  # run from a checkout without installing
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from pytclmilter import CONTINUE, Milter  # noqa: E402
+from pytclmilter.commands.logs import setup_logging  # noqa: E402
 
 
 def build(connection: str, body: bool) -> Milter:
@@ -67,10 +67,7 @@ def main() -> int:
     p.add_argument("--body", action="store_true", help="also register a body callback")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     opts = p.parse_args()
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("%(asctime)s pytclmilter[%(process)d] %(levelname)s: %(message)s"))
-    logging.getLogger().addHandler(handler)
-    logging.getLogger().setLevel(getattr(logging, opts.log_level.upper()))
+    setup_logging(opts.log_level)  # as `pytclmilter run`: the same line, handler and record factory
     build(opts.connection, opts.body).run()
     return 0
 
