@@ -48,30 +48,47 @@ _FINAL_OF: Final = {
     Status.SKIP: Skip(),
 }
 
-#: Event type -> (callback event name, function of the event giving the callback arguments).
+# The callback arguments of each event: typed functions, not lambdas (compiled, a lambda's
+# parameter is untyped and every e.name a getattr by name; typed, it is a slot read).
 def _no_args(e: Event) -> tuple[Any, ...]:
     return ()
 
 
-def _header_args(e: Header) -> tuple[Any, ...]:
-    # A typed function, not a lambda: compiled, e.name is then a slot read, not a getattr by name.
-    return (e.name, e.value)
+def _connect_args(e: Connect) -> tuple[Any, ...]:
+    return (e.hostname, address_info(e))
+
+
+def _helo_args(e: Helo) -> tuple[Any, ...]:
+    return (e.name,)
 
 
 def _envelope_args(e: EnvFrom | EnvRcpt) -> tuple[Any, ...]:
     return (e.args,)
 
 
+def _unknown_args(e: Unknown) -> tuple[Any, ...]:
+    return (e.line,)
+
+
+def _header_args(e: Header) -> tuple[Any, ...]:
+    return (e.name, e.value)
+
+
+def _body_args(e: Body) -> tuple[Any, ...]:
+    return (e.chunk,)
+
+
+#: Event type -> (callback event name, function of the event giving the callback arguments).
 _ARGS: Final[dict[type, tuple[str, Callable[[Any], tuple[Any, ...]]]]] = {
-    Connect: ("connect", lambda e: (e.hostname, address_info(e))),
-    Helo: ("helo", lambda e: (e.name,)),
+    Connect: ("connect", _connect_args),
+    Helo: ("helo", _helo_args),
     EnvFrom: ("envfrom", _envelope_args),
     EnvRcpt: ("envrcpt", _envelope_args),
     Data: ("data", _no_args),
-    Unknown: ("unknown", lambda e: (e.line,)),
+    Unknown: ("unknown", _unknown_args),
     Header: ("header", _header_args),
     EndOfHeaders: ("eoh", _no_args),
-    Body: ("body", lambda e: (e.chunk,)),
+    Body: ("body", _body_args),
     EndOfMessage: ("eom", _no_args),
 }
 #: negotiate() results by (registry generation, offer, size limit, macro lists): see _negotiated.

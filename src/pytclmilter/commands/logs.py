@@ -99,7 +99,7 @@ class LeanLogRecord(logging.LogRecord):
     def fits() -> bool:
         """This Python's records have the attributes set above (3.11: no taskName; set anyway), and
         the flags that would fill thread, process and task are off."""
-        standard = set(vars(logging.LogRecord("", logging.INFO, _NO_FILE, 0, "", (), None))) | {"taskName"}
+        standard = set(vars(_START)) | {"taskName"}  # (the flags change values, not which attributes)
         lean = set(vars(LeanLogRecord("", logging.INFO, _NO_FILE, 0, "", (), None)))
         flags = (logging.logThreads, logging.logMultiprocessing, logging.logProcesses,
                  getattr(logging, "logAsyncioTasks", False))
@@ -126,17 +126,20 @@ class LineFormatter(logging.Formatter):
         # format, a %-format of the record's __dict__) is a third of the cost of a line.
         record.message = message = record.getMessage()
         if int(record.created) != self._second:
-            self.formatTime(record)  # the date and time, once per second
+            self._new_second(record.created)
         return f"{self._text},{int(record.msecs):03d} pytclmilter[{record.process}] {record.levelname}: {message}"
 
     def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:
         if datefmt is not None:
             return super().formatTime(record, datefmt)
-        second = int(record.created)
-        if second != self._second:
-            self._text = time.strftime(self.default_time_format, self.converter(record.created))
-            self._second = second
+        if int(record.created) != self._second:
+            self._new_second(record.created)
         return (self.default_msec_format or "%s,%03d") % (self._text, record.msecs)
+
+    def _new_second(self, created: float) -> None:
+        """The date and time text, formatted once per second."""
+        self._text = time.strftime(self.default_time_format, self.converter(created))
+        self._second = int(created)
 
 
 class CoalescingStreamHandler(logging.StreamHandler):  # type: ignore[type-arg]
