@@ -81,6 +81,9 @@ def main() -> int:
     p.add_argument("--log-level", default="info", help="accepted for symmetry with the other filters; unused")
     opts = p.parse_args()
     loop = new_event_loop()
+    if not type(loop).__module__.startswith("uvloop"):  # the floor of the uvloop figures, or nothing
+        raise SystemExit(f"bench_floor: the event loop is {type(loop).__module__}, not uvloop (not importable, or "
+                         "PYTCLMILTER_LOOP=asyncio): this floor would measure asyncio's own")
     try:
         loop.run_until_complete(serve(opts.connection, opts.body))
     except KeyboardInterrupt:
