@@ -44,6 +44,7 @@ HOT = [
     "protocol/session.py",
     "status.py",
     "limits.py",
+    "logline.py",
     "callbacks.py",
     "context.py",
     "engine.py",

@@ -5,9 +5,15 @@ from __future__ import annotations
 import asyncio
 import io
 import logging
+import os
 import threading
+import time
+from collections.abc import Callable
 
-from pytclmilter.commands.logs import CoalescingStreamHandler, LineFormatter
+import pytest
+
+from pytclmilter import logline
+from pytclmilter.commands.logs import STDERR_FORMAT, CoalescingStreamHandler, LeanLogRecord, LineFormatter
 
 
 class Stream(io.StringIO):
@@ -28,6 +34,7 @@ def make_logger(name: str) -> tuple[logging.Logger, Stream, CoalescingStreamHand
     handler.setFormatter(LineFormatter("%(levelname)s: %(message)s"))
     logger = logging.getLogger(f"test-logs.{name}")
     logger.handlers[:] = [handler]
+    logger.filters[:] = []
     logger.setLevel(logging.DEBUG)
     logger.propagate = False
     return logger, stream, handler
@@ -102,8 +109,6 @@ async def _log_and_stop(log: logging.Logger, loop: asyncio.AbstractEventLoop) ->
 def test_the_stderr_line_is_what_the_standard_formatter_writes() -> None:
     """LineFormatter writes the `run` format out by hand (cheaper per line); the text must be the
     standard Formatter's, character for character, and tracebacks still follow the line."""
-    from pytclmilter.commands.logs import STDERR_FORMAT
-
     ours, standard = LineFormatter(STDERR_FORMAT), logging.Formatter(STDERR_FORMAT)
     standard.formatTime = ours.formatTime  # type: ignore[method-assign]  # the same clock text
     record = logging.LogRecord("pytclmilter", logging.INFO, "", 0, "%s: verdict %s at %s", ("conn#7", "reject", "rcpt"), None)
@@ -125,7 +130,7 @@ def test_the_stderr_line_is_what_the_standard_formatter_writes() -> None:
 def test_the_lean_record_is_the_standard_record_made_faster() -> None:
     """setup_logging's record factory: the same attributes and values as logging.LogRecord (the
     clock aside), and the standard record itself where a caller or a mapping argument is given."""
-    from pytclmilter.commands.logs import LeanLogRecord, setup_logging
+    from pytclmilter.commands.logs import setup_logging
 
     setup_logging("info")
     assert logging.getLogRecordFactory() is LeanLogRecord
@@ -148,6 +153,7 @@ def test_the_lean_record_is_the_standard_record_made_faster() -> None:
         assert (located.filename, located.module, located.lineno) == ("filter.py", "filter", 7)
     finally:
         logging.setLogRecordFactory(logging.LogRecord)
+        logline.set_sink(None)
 
 
 def test_a_handler_filter_still_decides() -> None:
@@ -157,3 +163,83 @@ def test_a_handler_filter_still_decides() -> None:
     log.info("public")
     log.info("a secret")
     assert stream.getvalue() == "INFO: public\n"
+
+
+@pytest.fixture
+def run_logging(monkeypatch):  # type: ignore[no-untyped-def]
+    """A logger set up as `pytclmilter run` sets up the root logger (stderr line, lean records,
+    the handler as logline's sink), on a fixed clock; undone afterwards."""
+    monkeypatch.setattr(time, "time", lambda: 1764676800.25)
+    log, stream, handler = make_logger("direct")
+    handler.setFormatter(LineFormatter(STDERR_FORMAT))
+    logging.setLogRecordFactory(LeanLogRecord)
+    logline.set_sink(handler)
+    emitted: list[logging.LogRecord] = []
+    emit = handler.emit
+    handler.emit = lambda record: (emitted.append(record), emit(record))[-1]  # type: ignore[method-assign]
+    yield log, stream, handler, emitted
+    logline.set_sink(None)
+    logging.setLogRecordFactory(logging.LogRecord)
+
+
+def test_a_line_handed_straight_to_the_handler_is_the_line_logging_writes(run_logging) -> None:  # type: ignore[no-untyped-def]
+    """logline.info makes no record when the handler is the line's only way out: the text is
+    what the same call through logging writes, and it waits for the flush like any line."""
+    log, stream, handler, emitted = run_logging
+    log.handlers[:] = [handler]  # (pytest adds handlers of its own for each test phase)
+    assert handler.takes(log, logging.INFO)
+    logline.info(log, "%s: verdict %s at %s", "conn#1", "accept", "eom")
+    assert not emitted  # no record was made or emitted
+    handler.addFilter(lambda record: True)  # now logging's own path
+    logline.info(log, "%s: verdict %s at %s", "conn#1", "accept", "eom")
+    assert len(emitted) == 1
+    direct, through_logging = stream.getvalue().splitlines()
+    assert direct == through_logging
+    assert direct.endswith(f",250 pytclmilter[{os.getpid()}] INFO: conn#1: verdict accept at eom")
+
+    async def in_loop() -> list[str]:
+        handler.filters.clear()
+        logline.info(log, "waits")
+        seen = list(stream.writes)
+        await asyncio.sleep(0)
+        return seen
+
+    before = list(stream.writes)
+    assert asyncio.run(in_loop()) == before and stream.getvalue().endswith(" INFO: waits\n")
+
+
+def _second_handler(log: logging.Logger) -> None:
+    log.addHandler(logging.StreamHandler(io.StringIO()))
+
+
+def _parent_handler(log: logging.Logger) -> None:
+    log.propagate = True
+    assert log.parent is not None
+    log.parent.addHandler(logging.StreamHandler(io.StringIO()))
+
+
+@pytest.mark.parametrize("change", [
+    _second_handler,
+    _parent_handler,
+    lambda log: log.addFilter(lambda record: True),
+    lambda log: log.setLevel(logging.WARNING),
+    lambda log: log.handlers[0].setLevel(logging.WARNING),
+    lambda log: log.handlers[0].setFormatter(LineFormatter("%(levelname)s %(message)s")),
+    lambda log: logging.setLogRecordFactory(logging.LogRecord),
+], ids=["second handler", "handler up the hierarchy", "logger filter", "logger level", "handler level",
+        "other format", "other record factory"])
+def test_a_line_goes_through_logging_when_anything_else_could_see_it(
+        run_logging, change: Callable[[logging.Logger], None]) -> None:  # type: ignore[no-untyped-def]
+    log, _, handler, emitted = run_logging
+    log.handlers[:] = [handler]
+    assert handler.takes(log, logging.INFO)
+    parent = log.parent
+    kept = list(parent.handlers) if parent is not None else []
+    try:
+        change(log)
+        assert not handler.takes(log, logging.INFO)
+        logline.info(log, "routed")
+        assert len(emitted) == (1 if log.isEnabledFor(logging.INFO) and handler.level <= logging.INFO else 0)
+    finally:
+        if parent is not None:
+            parent.handlers[:] = kept

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any, Awaitable, Callable, Final, Protocol
 from .callbacks import Callback, Registry
 from .context import Context
 from .limits import CallbackTimeout, PythonLimit
+from .logline import info as log_info
 # Imported by name, not as a module: compiled, `events.Name` is a module attribute look-up per use.
 from .protocol.events import (
     Abort, Accept, Body, Closed, Connect, Continue, Data, Discard, EndOfHeaders, EndOfMessage, EnvFrom,
@@ -525,7 +526,7 @@ class ConnectionEngine:
         if not sender:
             mail_addr = self.ctx.getsymval("{mail_addr}")
             sender = f"<{mail_addr}>" if mail_addr else "-"
-        log.info("%s: verdict %s at %s client=%s from=%s%s", self.name, verdict, stage, client,
+        log_info(log, "%s: verdict %s at %s client=%s from=%s%s", self.name, verdict, stage, client,
                  sender, f' reply="{text}"' if text else "")
 
     def _progress(self) -> None:

@@ -18,6 +18,7 @@ import time
 from collections.abc import Mapping
 from typing import Any, TextIO
 
+from .. import logline
 from .common import UsageError
 
 _pid = os.getpid()
@@ -64,6 +65,7 @@ def setup_logging(level: str, syslog: bool = False) -> None:
     logging.logAsyncioTasks = False  # type: ignore[attr-defined]  # Python 3.12+: a look-up per line
     if LeanLogRecord.fits():
         logging.setLogRecordFactory(LeanLogRecord)
+    logline.set_sink(handler if isinstance(handler, CoalescingStreamHandler) else None)
 
 
 _NO_FILE = "(unknown file)"  # the caller Logger._log gives a record when _srcfile is None
@@ -125,9 +127,13 @@ class LineFormatter(logging.Formatter):
         # The stderr line written out: Formatter.format's generic path (usesTime() scanning the
         # format, a %-format of the record's __dict__) is a third of the cost of a line.
         record.message = message = record.getMessage()
-        if int(record.created) != self._second:
-            self._new_second(record.created)
-        return f"{self._text},{int(record.msecs):03d} pytclmilter[{record.process}] {record.levelname}: {message}"
+        return self.stderr_line(record.created, record.msecs, record.process, record.levelname, message)
+
+    def stderr_line(self, created: float, msecs: float, process: object, levelname: str, message: str) -> str:
+        """STDERR_FORMAT filled in (for a record, or for a line that never became one)."""
+        if int(created) != self._second:
+            self._new_second(created)
+        return f"{self._text},{int(msecs):03d} pytclmilter[{process}] {levelname}: {message}"
 
     def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:
         if datefmt is not None:
@@ -165,6 +171,35 @@ class CoalescingStreamHandler(logging.StreamHandler):  # type: ignore[type-arg]
         with self.lock:  # type: ignore[union-attr]  # created by Handler.__init__
             self.emit(record)
         return True
+
+    def takes(self, logger: logging.Logger, level: int) -> bool:
+        """logline's DirectSink: a record at ``level`` from ``logger`` would come to this handler
+        and no other, pass every filter on its way (there are none) and be a LeanLogRecord
+        written as the stderr line, so that write_line() writes what logging would."""
+        formatter = self.formatter
+        if (self.filters or logger.filters or level < self.level or not logger.isEnabledFor(level)
+                or not isinstance(formatter, LineFormatter) or not formatter._stderr_line
+                or logging.getLogRecordFactory() is not LeanLogRecord):
+            return False
+        handlers = 0
+        walk: logging.Logger | None = logger  # Logger.callHandlers' walk up the hierarchy
+        while walk is not None:
+            for handler in walk.handlers:
+                if handler is not self:
+                    return False
+                handlers += 1
+            walk = walk.parent if walk.propagate else None
+        return handlers == 1
+
+    def write_line(self, level: int, message: str) -> None:
+        """The line of a record that takes() said would be written here, without making the record."""
+        created = time.time()
+        line = self.formatter.stderr_line(  # type: ignore[union-attr]  # takes(): a LineFormatter
+            created, int((created - int(created)) * 1000), _pid, logging.getLevelName(level), message)
+        with self.lock:  # type: ignore[union-attr]  # created by Handler.__init__
+            self._pending.append(line + self.terminator)
+            if level >= logging.WARNING or not self._defer():
+                self._write_pending()
 
     def emit(self, record: logging.LogRecord) -> None:  # called with self.lock held
         try:
