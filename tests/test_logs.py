@@ -206,6 +206,8 @@ def test_a_line_handed_straight_to_the_handler_is_the_line_logging_writes(run_lo
 
     before = list(stream.writes)
     assert asyncio.run(in_loop()) == before and stream.getvalue().endswith(" INFO: waits\n")
+    logline.info(log, "%s: %d", "not a number", "x")  # a bad format: logging's own report, no exception
+    assert len(emitted) == 2
 
 
 def _second_handler(log: logging.Logger) -> None:

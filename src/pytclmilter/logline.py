@@ -37,6 +37,11 @@ def info(logger: logging.Logger, msg: str, *args: object) -> None:
     """``logger.info(msg, *args)``, in one call when the direct sink takes the line."""
     sink = _sink
     if sink is not None and sink.takes(logger, INFO):
-        sink.write_line(INFO, msg % args if args else msg)
+        try:
+            message = msg % args if args else msg
+        except (TypeError, ValueError):  # logging reports a bad format on stderr and goes on: so do we
+            logger.info(msg, *args)
+            return
+        sink.write_line(INFO, message)
     else:
         logger.info(msg, *args)

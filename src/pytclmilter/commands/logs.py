@@ -174,8 +174,8 @@ class CoalescingStreamHandler(logging.StreamHandler):  # type: ignore[type-arg]
 
     def takes(self, logger: logging.Logger, level: int) -> bool:
         """logline's DirectSink: a record at ``level`` from ``logger`` would come to this handler
-        and no other, pass every filter on its way (there are none) and be a LeanLogRecord
-        written as the stderr line, so that write_line() writes what logging would."""
+        and no other, meet no filter on its way, and be a LeanLogRecord written as the stderr
+        line; so write_line() writes what logging would."""
         formatter = self.formatter
         if (self.filters or logger.filters or level < self.level or not logger.isEnabledFor(level)
                 or not isinstance(formatter, LineFormatter) or not formatter._stderr_line
