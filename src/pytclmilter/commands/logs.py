@@ -131,21 +131,20 @@ class LineFormatter(logging.Formatter):
 
     def stderr_line(self, created: float, msecs: float, process: object, levelname: str, message: str) -> str:
         """STDERR_FORMAT filled in (for a record, or for a line that never became one)."""
-        if int(created) != self._second:
-            self._new_second(created)
-        return f"{self._text},{int(msecs):03d} pytclmilter[{process}] {levelname}: {message}"
+        text = self._text if int(created) == self._second else self._date_time(created)  # (no call per line)
+        return f"{text},{int(msecs):03d} pytclmilter[{process}] {levelname}: {message}"
 
     def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:
         if datefmt is not None:
             return super().formatTime(record, datefmt)
-        if int(record.created) != self._second:
-            self._new_second(record.created)
-        return (self.default_msec_format or "%s,%03d") % (self._text, record.msecs)
+        return (self.default_msec_format or "%s,%03d") % (self._date_time(record.created), record.msecs)
 
-    def _new_second(self, created: float) -> None:
-        """The date and time text, formatted once per second."""
-        self._text = time.strftime(self.default_time_format, self.converter(created))
-        self._second = int(created)
+    def _date_time(self, created: float) -> str:
+        """The date and time text of ``created``, formatted once per second."""
+        if int(created) != self._second:
+            self._text = time.strftime(self.default_time_format, self.converter(created))
+            self._second = int(created)
+        return self._text
 
 
 class CoalescingStreamHandler(logging.StreamHandler):  # type: ignore[type-arg]

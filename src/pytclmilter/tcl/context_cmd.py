@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import Any, Callable, Final, Sequence
 
 from ..context import Context
-from .usage import TclUsageError, bad_choice, integer, wrong_args
+from .usage import TclUsageError, bad_choice, count_ok, integer, wrong_args
 
 
 def _getpriv(ctx: Context, args: Sequence[str]) -> Any:
@@ -112,7 +112,7 @@ def dispatch(ctx: Context, args: Sequence[str]) -> Any:
         raise bad_choice("option", args[0], SUBCOMMANDS)
     low, high, usage, handler = spec
     rest = args[1:]
-    if len(rest) < low or (high is not None and len(rest) > high):  # the usage text only when it is needed
+    if not count_ok(len(rest), low, high):  # (not check_count: the usage text is built only when it is needed)
         raise wrong_args(f"{ctx.tcl_command} {args[0]}{' ' + usage if usage else ''}")
     result = handler(ctx, rest)
     return "" if result is None else result

@@ -33,8 +33,13 @@ def wrong_args(usage: str) -> TclUsageError:
     return TclUsageError(f'wrong # args: should be "{usage}"')
 
 
+def count_ok(count: int, low: int, high: int | None) -> bool:
+    """``low`` to ``high`` arguments (None: no upper bound)."""
+    return low <= count and (high is None or count <= high)
+
+
 def check_count(args: Sequence[str], low: int, high: int | None, usage: str) -> None:
-    if len(args) < low or (high is not None and len(args) > high):
+    if not count_ok(len(args), low, high):
         raise wrong_args(usage)
 
 
