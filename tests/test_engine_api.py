@@ -884,3 +884,24 @@ def test_abort_and_close_callbacks_on_eof_inside_a_message():
 def test_status_enum_values_are_libmilters():
     assert [int(s) for s in (CONTINUE, REJECT, DISCARD, ACCEPT, TEMPFAIL, NOREPLY, SKIP)] == [0, 1, 2, 3, 4, 7, 8]
     assert Status.REJECT.smfis == "SMFIS_REJECT"
+
+
+@pytest.mark.parametrize("level", [logging.INFO, logging.DEBUG])
+def test_a_routine_end_is_logged_at_debug_and_an_error_end_at_info(caplog, level):
+    """An MTA's QUIT is routine (debug: the verdict line said what mattered); a broken packet is not."""
+    caplog.set_level(level, logger=LOG)
+    m = make_milter()
+    m.register("envfrom", lambda ctx, args: CONTINUE)
+    with serving(m) as srv:
+        with srv.raw() as mta:
+            mta.quit()
+            mta.expect_eof()
+        with srv.raw() as mta:
+            mta.sock.sendall(b"\0\0\0\x01Z")  # an unknown command: the connection is dropped
+            mta.expect_eof()
+        wait_for(lambda: sum("closed (" in r.getMessage() for r in caplog.records) >= (2 if level == logging.DEBUG else 1))
+    closed = [(r.levelno, r.getMessage().split(": ", 1)[1]) for r in caplog.records if "closed (" in r.getMessage()]
+    routine = [c for c in closed if c[1] == "closed (quit)"]
+    errors = [c for c in closed if c[1] != "closed (quit)"]
+    assert routine == ([(logging.DEBUG, "closed (quit)")] if level == logging.DEBUG else [])
+    assert len(errors) == 1 and errors[0][0] == logging.INFO, closed

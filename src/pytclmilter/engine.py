@@ -142,7 +142,7 @@ class ConnectionEngine:
     """Drives one FilterSession with the milter's callbacks."""
 
     __slots__ = ("milter", "registry", "session", "ctx", "name", "link", "_out", "_busy", "_deferred",
-                 "_deferred_stage", "_conn_done", "_done", "_skip_body", "closed", "client", "sender")
+                 "_deferred_stage", "_conn_done", "_done", "_skip_body", "closed", "client", "sender", "debug")
 
     def __init__(self, milter: "Milter", conn_id: int, link: "Link") -> None:
         self.milter = milter
@@ -161,6 +161,9 @@ class ConnectionEngine:
         self.closed = False
         self.client = ""
         self.sender = ""
+        # Asked once: a connection lasts one SMTP session, and each isEnabledFor is an
+        # interpreted call; a level set meanwhile applies from the next connection.
+        self.debug = log.isEnabledFor(logging.DEBUG)
         milter.hooks.context_created(self.ctx)
 
     @property
@@ -305,7 +308,7 @@ class ConnectionEngine:
             for event in self.session.fail_negotiation():
                 self._handle(event)
             return
-        if log.isEnabledFor(logging.DEBUG):
+        if self.debug:
             log.debug("%s: offered v%d actions 0x%x protocol 0x%x; answered %s", self.name,
                       offer.version, offer.actions, offer.protocol, negotiated.reply)
         self._out.append(self.session.accept_negotiation(negotiated))
@@ -519,7 +522,7 @@ class ConnectionEngine:
     def _log_verdict(self, stage: str, status: Status, reply: Reply) -> None:
         text = getattr(reply, "text", "")
         verdict = _VERDICT[status] if not (stage == "eom" and status is Status.CONTINUE) else "accept"
-        self.milter.stats.count(verdict)
+        self.milter.stats.verdicts[verdict] += 1
         # without connect/envfrom callbacks those events are skipped, but their macros still arrive
         client = self.client or self.ctx.getsymval("_") or "-"
         sender = self.sender
@@ -545,7 +548,10 @@ class ConnectionEngine:
         self.ctx.detach()
         self.link.close()
         # An MTA ending the session is routine (the verdict line said what mattered): debug.
-        log.log(logging.DEBUG if reason in _ROUTINE_ENDS else logging.INFO, "%s: closed (%s)", self.name, reason)
+        if reason not in _ROUTINE_ENDS:
+            log.info("%s: closed (%s)", self.name, reason)
+        elif self.debug:
+            log.debug("%s: closed (%s)", self.name, reason)
 
 
 def _traceback(exc: BaseException) -> str:

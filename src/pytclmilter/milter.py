@@ -56,9 +56,6 @@ class Stats:
     verdicts: Counter[str] = field(default_factory=Counter)
     errors: int = 0
 
-    def count(self, verdict: str) -> None:
-        self.verdicts[verdict] += 1
-
     def summary(self) -> str:
         parts = [f"{k}={v}" for k, v in sorted(self.verdicts.items())]
         return ", ".join(parts + [f"callback errors={self.errors}"])

@@ -51,7 +51,7 @@ class _Connection(asyncio.Protocol):
         self._tcp = _UNKNOWN if _QUICKACK and self.server.tcp else None
         self.engine = ConnectionEngine(self.server.milter, self.server.next_id(), self)
         self.server.connections.add(self)
-        if log.isEnabledFor(logging.DEBUG):  # per connection: the verdict line names the client
+        if self.engine.debug:  # per connection: the verdict line names the client
             log.debug("%s: connection from %s", self.engine.name, _peer_text(transport.get_extra_info("peername")))
 
     def data_received(self, data: bytes) -> None:
