@@ -548,10 +548,9 @@ class ConnectionEngine:
         self.ctx.detach()
         self.link.close()
         # An MTA ending the session is routine (the verdict line said what mattered): debug.
-        if reason not in _ROUTINE_ENDS:
-            log.info("%s: closed (%s)", self.name, reason)
-        elif self.debug:
-            log.debug("%s: closed (%s)", self.name, reason)
+        routine = reason in _ROUTINE_ENDS
+        if not routine or self.debug:
+            log.log(logging.DEBUG if routine else logging.INFO, "%s: closed (%s)", self.name, reason)
 
 
 def _traceback(exc: BaseException) -> str:
