@@ -7,34 +7,17 @@ machine cannot reach in its present phase is told from one the engine misses.
 
 from __future__ import annotations
 
-import importlib.machinery
-import importlib.util
-import sys
-from pathlib import Path
-
-ROOT = Path(__file__).resolve().parents[1]
+from support.bench import KB4, Cell, engine_targets
 
 
-def load_bench():  # type: ignore[no-untyped-def]
-    loader = importlib.machinery.SourceFileLoader("bench_script", str(ROOT / "scripts" / "bench"))
-    spec = importlib.util.spec_from_loader("bench_script", loader)
-    assert spec is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["bench_script"] = module  # dataclasses look their module up
-    loader.exec_module(module)
-    return module
-
-
-def cells(bench, **figures):  # type: ignore[no-untyped-def]
+def cells(**figures: tuple[float, float, float]) -> list[Cell]:
     """One 32-connection 4 KB cell per filter: name=(msgs/s, CPU µs, p99 ms)."""
-    return [bench.Cell(name, 32, bench.KB4, rate=rate, cpu_us=cpu, p99_ms=p99)
-            for name, (rate, cpu, p99) in figures.items()]
+    return [Cell(name, 32, KB4, rate=rate, cpu_us=cpu, p99_ms=p99) for name, (rate, cpu, p99) in figures.items()]
 
 
 def test_absolute_targets_show_the_floor_and_libmilter_of_the_run() -> None:
-    bench = load_bench()
-    lines = bench.engine_targets(cells(bench, floor=(4117, 239, 13.08), libmilter=(2084, 673, 30.31),
-                                       pymilter=(1219, 1228, 48.59), tcl=(2126, 462, 27.57)))
+    lines = engine_targets(cells(floor=(4117, 239, 13.08), libmilter=(2084, 673, 30.31),
+                                 pymilter=(1219, 1228, 48.59), tcl=(2126, 462, 27.57)))
     assert lines[0] == "messages/s at 32 conns: tcl 2126 = 1.74 x pymilter 1219 (target >= 2x): MISSED"
     assert lines[1] == ("CPU per message at 32 conns: tcl 462 us (target <= 150 us): MISSED; same run: "
                         "floor 239 us, libmilter 673 us (the floor, with no engine, misses it too)")
@@ -43,9 +26,8 @@ def test_absolute_targets_show_the_floor_and_libmilter_of_the_run() -> None:
 
 
 def test_a_floor_within_the_target_is_not_blamed() -> None:
-    bench = load_bench()
-    lines = bench.engine_targets(cells(bench, floor=(7458, 125, 8.0), pymilter=(1327, 964, 59.4),
-                                       tcl=(2853, 313, 9.5)))
+    lines = engine_targets(cells(floor=(7458, 125, 8.0), pymilter=(1327, 964, 59.4),
+                                 tcl=(2853, 313, 9.5)))
     assert lines[0].endswith("(target >= 2x): MET")
     assert lines[1] == ("CPU per message at 32 conns: tcl 313 us (target <= 150 us): MISSED; same run: "
                         "floor 125 us")
@@ -53,7 +35,6 @@ def test_a_floor_within_the_target_is_not_blamed() -> None:
 
 
 def test_without_reference_cells_the_lines_are_the_bare_targets() -> None:
-    bench = load_bench()
-    lines = bench.engine_targets(cells(bench, tcl=(3000, 140, 9.0)))
+    lines = engine_targets(cells(tcl=(3000, 140, 9.0)))
     assert lines == ["CPU per message at 32 conns: tcl 140 us (target <= 150 us): MET",
                      "p99 latency at 32 conns: tcl 9.00 ms (target < 10 ms): MET"]
