@@ -36,18 +36,13 @@ sys.path.insert(0, str(ROOT / "scripts"))
 from pytclmilter.compiled import describe  # noqa: E402
 from pytclmilter.protocol.codec import frame  # noqa: E402
 
+from milterbench import message  # noqa: E402
+
 QID = "4dBnch1Xq9z"
-HEADERS = [
+HEADERS = [  # as scripts/loadgen.c sends them
     ("Received", "from client.bench.test (client.bench.test [127.0.0.1])\n\tby mx.bench.test (Postfix) "
                  f"with ESMTP id {QID}\n\tfor <rcpt1@sink.bench.test>; Tue, 25 Nov 2025 12:00:00 +0000 (UTC)"),
-    ("From", "Bench Sender <sender@client.bench.test>"),
-    ("To", "<rcpt1@sink.bench.test>, <rcpt2@sink.bench.test>"),
-    ("Subject", "milter benchmark message"),
-    ("Date", "Tue, 25 Nov 2025 12:00:00 +0000"),
-    ("Message-ID", "<bench.0001@client.bench.test>"),
-    ("MIME-Version", "1.0"),
-    ("Content-Type", "text/plain; charset=us-ascii"),
-    ("Content-Transfer-Encoding", "7bit"),
+    *message.HEADERS,
     ("X-Mailer", "pytclmilter loadgen"),
 ]
 

@@ -5,6 +5,7 @@
     rigs.py       the filters under test, by name: their commands, start, stop, CPU
     load.py       one measured cell: driving scripts/loadgen.c and reading its result
     report.py     result tables, the targets, the machine's facts, the results file
+    message.py    the benchmark message's headers (loadgen.c's, bench_inproc.py's, smtp-source's)
     engine.py, postfix.py, idle.py, profiling.py    the modes
     cli.py        the command line
 

@@ -20,30 +20,21 @@ from milterbench import BUILD, ROOT, say, warn
 from milterbench.load import body_text
 from milterbench.measure import OTHER_LOAD_WARN, box_busy, children_cpu, other_load_pct, proc_cpu, \
     set_quiet_budget, wait_quiet
+from milterbench.message import HEADERS
 from milterbench.report import TARGET_POSTFIX_RATIO, machine_info, print_info, save_results
 from milterbench.rigs import Filter, filters_cpu, make_filters
 
 sys.path.insert(0, str(ROOT / "tests"))  # the harness is the test suite's, as scripts/faults uses it
 from support import postfix as harness  # noqa: E402
 
-HEADERS = [
-    ("From", "Bench Sender <sender@client.bench.test>"),
-    ("To", "<rcpt1@sink.bench.test>, <rcpt2@sink.bench.test>"),
-    ("Subject", "milter benchmark message"),
-    ("Date", "Tue, 25 Nov 2025 12:00:00 +0000"),
-    ("Message-ID", "<bench.0001@client.bench.test>"),
-    ("MIME-Version", "1.0"),
-    ("Content-Type", "text/plain; charset=us-ascii"),
-    ("Content-Transfer-Encoding", "7bit"),
-    ("X-Mailer", "pytclmilter bench"),
-    ("Reply-To", "<sender@client.bench.test>"),
-]  # 10 headers: Postfix adds its Received: header but does not show it to milters
+# 10 headers: Postfix adds its Received: header but does not show it to milters.
+SMTP_HEADERS = [*HEADERS, ("X-Mailer", "pytclmilter bench"), ("Reply-To", "<sender@client.bench.test>")]
 
 
 def message_file(body: int) -> Path:
     """The message smtp-source sends (-F): 10 headers and a text body of about ``body`` bytes."""
     path = BUILD / f"message-{body}.txt"
-    lines = [f"{k}: {v}" for k, v in HEADERS] + [""]
+    lines = [f"{k}: {v}" for k, v in SMTP_HEADERS] + [""]
     alphabet = "abcdefghijklmnopqrstuvwxyz0123456789"
     size = 0
     i = 0
