@@ -988,70 +988,15 @@ class PrivatePostfix:
         so it should use CRLF line endings.  Like ``smtplib.sendmail`` DATA is
         skipped when every recipient was refused.
         """
-        if isinstance(recipients, str):
-            recipients = [recipients]
-        result = SendResult()
         smtp = smtplib.SMTP(timeout=timeout)
-        try:
-            code, msg = smtp.connect(LOCALHOST, self.smtpd_port)
-            result.banner = Reply.of(code, msg)
-            if code != 220:
-                return result
-            code, msg = smtp.ehlo(helo)
-            result.ehlo = Reply.of(code, msg)
-            if code != 250:
-                return result
-            code, msg = smtp.mail(sender, list(mail_options))
-            result.mail = Reply.of(code, msg)
-            if code != 250:
-                return result
-            for rcpt in recipients:
-                code, msg = smtp.rcpt(rcpt, list(rcpt_options))
-                result.rcpt[rcpt] = Reply.of(code, msg)
-                if code == 421:
-                    return result
-            if not any(r.ok for r in result.rcpt.values()):
-                return result
-            data_reply: tuple[int, bytes | str]
-            try:
-                data_reply = smtp.data(message)
-            except smtplib.SMTPDataError as exc:
-                data_reply = (exc.smtp_code, exc.smtp_error)
-            result.data = Reply.of(*data_reply)
-            return result
-        except smtplib.SMTPServerDisconnected as exc:
-            _record_disconnect(result, str(exc), sender, recipients)
-            return result
-        finally:
-            try:
-                smtp.quit()
-            except (smtplib.SMTPException, OSError):
-                smtp.close()
+        return smtp_send(smtp, lambda: smtp.connect(LOCALHOST, self.smtpd_port), sender, recipients,
+                         message, helo=helo, mail_options=mail_options, rcpt_options=rcpt_options)
 
     # ---- observation -------------------------------------------------------
 
     def sink_messages(self) -> list[SinkMessage]:
         """Messages smtp-sink has completely received so far, oldest first."""
-        # List the directory first, then the sink's open files: a file that
-        # is listed but not open was closed, i.e. is complete [N11].
-        paths = [p for p in self.sink_dir.rglob("*") if p.is_file()]
-        open_now: set[str] = set()
-        if self._sink is not None and self._sink.poll() is None:
-            fd_dir = Path(f"/proc/{self._sink.pid}/fd")
-            for fd in fd_dir.iterdir() if fd_dir.is_dir() else ():
-                with contextlib.suppress(OSError):
-                    open_now.add(os.readlink(fd))
-        done = []
-        for p in paths:
-            if str(p) in open_now:
-                continue
-            try:
-                st = p.stat()
-                content = p.read_bytes()
-            except FileNotFoundError:  # aborted transaction, deleted
-                continue
-            done.append((st.st_mtime_ns, p.name, SinkMessage.parse(p, content)))
-        return [m for _, _, m in sorted(done, key=lambda t: (t[0], t[1]))]
+        return read_sink(self.sink_dir, self._sink)
 
     def wait_for_sink(self, count: int = 1, timeout: float = 10.0) -> list[SinkMessage]:
         """Wait until at least ``count`` messages reached the sink; return all."""
@@ -1191,6 +1136,84 @@ def _record_disconnect(result: SendResult, text: str, sender: str, rcpts: Sequen
         result.rcpt[rcpts[len(result.rcpt)]] = reply
     else:
         result.data = reply
+
+
+def smtp_send(
+    smtp: smtplib.SMTP,
+    connect: Callable[[], tuple[int, bytes]],
+    sender: str,
+    recipients: str | Sequence[str],
+    message: bytes,
+    *,
+    helo: str = "client.example",
+    mail_options: Sequence[str] = (),
+    rcpt_options: Sequence[str] = (),
+) -> SendResult:
+    """One SMTP transaction on ``smtp`` (``connect`` opens it and returns the banner); the
+    reply of every stage, never raising on a rejection. Shared by the Postfix and Sendmail
+    harnesses: only how the connection is opened differs."""
+    if isinstance(recipients, str):
+        recipients = [recipients]
+    result = SendResult()
+    try:
+        code, msg = connect()
+        result.banner = Reply.of(code, msg)
+        if code != 220:
+            return result
+        code, msg = smtp.ehlo(helo)
+        result.ehlo = Reply.of(code, msg)
+        if code != 250:
+            return result
+        code, msg = smtp.mail(sender, list(mail_options))
+        result.mail = Reply.of(code, msg)
+        if code != 250:
+            return result
+        for rcpt in recipients:
+            code, msg = smtp.rcpt(rcpt, list(rcpt_options))
+            result.rcpt[rcpt] = Reply.of(code, msg)
+            if code == 421:
+                return result
+        if not any(r.ok for r in result.rcpt.values()):
+            return result
+        data_reply: tuple[int, bytes | str]
+        try:
+            data_reply = smtp.data(message)
+        except smtplib.SMTPDataError as exc:
+            data_reply = (exc.smtp_code, exc.smtp_error)
+        result.data = Reply.of(*data_reply)
+        return result
+    except smtplib.SMTPServerDisconnected as exc:
+        _record_disconnect(result, str(exc), sender, recipients)
+        return result
+    finally:
+        try:
+            smtp.quit()
+        except (smtplib.SMTPException, OSError):
+            smtp.close()
+
+
+def read_sink(sink_dir: Path, sink: subprocess.Popen[bytes] | None) -> list[SinkMessage]:
+    """The messages an smtp-sink process has completely received in ``sink_dir``, oldest first."""
+    # List the directory first, then the sink's open files: a file that
+    # is listed but not open was closed, i.e. is complete [N11].
+    paths = [p for p in sink_dir.rglob("*") if p.is_file()]
+    open_now: set[str] = set()
+    if sink is not None and sink.poll() is None:
+        fd_dir = Path(f"/proc/{sink.pid}/fd")
+        for fd in fd_dir.iterdir() if fd_dir.is_dir() else ():
+            with contextlib.suppress(OSError):
+                open_now.add(os.readlink(fd))
+    done = []
+    for p in paths:
+        if str(p) in open_now:
+            continue
+        try:
+            st = p.stat()
+            content = p.read_bytes()
+        except FileNotFoundError:  # aborted transaction, deleted
+            continue
+        done.append((st.st_mtime_ns, p.name, SinkMessage.parse(p, content)))
+    return [m for _, _, m in sorted(done, key=lambda t: (t[0], t[1]))]
 
 
 # --------------------------------------------------------------------------

@@ -235,19 +235,19 @@ class TclRun:
 
 def spawn(tmp_path: Path, script: str | Path, *options: str, args: Sequence[str] = (), python: Sequence[str] = (),
           connection: str | None = "inet:0@127.0.0.1", wait: bool = True, name: str = "milter.tcl",
-          env: dict[str, str] | None = None, dedent: bool = True) -> TclRun:
+          env: dict[str, str] | None = None, dedent: bool = True, prefix: Sequence[str] = ()) -> TclRun:
     """Write ``script`` to ``tmp_path/name`` and run it; wait for the listening line unless ``wait=False``.
 
     A :class:`~pathlib.Path` is run as it is (not copied). ``python`` files
     (their text) are written next to the script and passed with ``--python``;
-    ``args`` go after ``--``.
+    ``args`` go after ``--``; ``prefix`` runs the command through another (e.g. ``nsenter``).
     """
     if isinstance(script, Path):
         path = script
     else:
         path = tmp_path / name
         path.write_text(textwrap.dedent(script) if dedent else script, encoding="utf-8")
-    argv = _pytclmilter_command() + ["run", str(path)]
+    argv = [*prefix, *_pytclmilter_command(), "run", str(path)]
     if connection is not None:
         argv += ["--connection", connection]
     for i, src in enumerate(python):
