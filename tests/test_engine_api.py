@@ -4,7 +4,7 @@ Every test starts a real :class:`pytclmilter.Milter` in a background thread
 (``support.engine.serving``) and plays the MTA, either with the PyPI
 ``miltertest`` client or with the hand-written raw client ``RawMTA`` where
 miltertest cannot go. Expected behaviour comes from
-/work/shared/docs/milter-protocol.md (cited as "ref §x").
+docs/protocol.md (cited by section, "docs/protocol.md §x").
 """
 
 from __future__ import annotations
@@ -64,7 +64,7 @@ def all_callbacks(m, calls: list, skip: tuple[str, ...] = ()) -> None:
         m.register(event, cb)
 
 
-# ====================================================================== negotiation (ref §4)
+# ====================================================================== negotiation (docs/protocol.md §4)
 
 
 def test_negotiation_skips_events_without_callbacks():
@@ -156,7 +156,7 @@ def test_zero_offers_mean_version_1_masks():
     m.register("envfrom", lambda ctx, args: CONTINUE)
     with serving(m) as srv, srv.raw(negotiate=False) as mta:
         _, actions, protocol, _ = mta.optneg(6, 0, 0)
-    assert actions & ~0x0F == 0  # ref §4.4 step 2
+    assert actions & ~0x0F == 0  # docs/protocol.md §4.4 step 2
     assert protocol & ~0x3F == 0
 
 
@@ -190,7 +190,7 @@ def test_setsymlist_in_negotiate_rides_in_the_optneg_reply():
             assert macros == {} and not actions & F_SETSYMLIST
 
 
-# ====================================================================== statuses (ref §8)
+# ====================================================================== statuses (docs/protocol.md §8)
 
 
 @pytest.mark.parametrize(
@@ -205,7 +205,7 @@ def test_setsymlist_in_negotiate_rides_in_the_optneg_reply():
         ("SMFIS_TEMPFAIL", "t"),
         ("accept", "a"),
         (None, "c"),
-        (NOREPLY, "c"),  # the MTA waits for a reply: continue is sent (ref §4.6 says never leave it hanging)
+        (NOREPLY, "c"),  # the MTA waits for a reply: continue is sent, never a hang (docs/protocol.md §4.6)
         (SKIP, "c"),  # SKIP outside the body means nothing
     ],
 )
@@ -236,7 +236,7 @@ def test_status_at_eom_via_miltertest():
 
 def test_every_message_is_filtered_when_mail_is_skipped():
     """A content filter (body + eom only) negotiates NOMAIL, so the MTA sends no M between messages
-    (Sendmail sends no ABORT after EOM either, ref §7.5/§10.1): the second message of the session
+    (Sendmail sends no ABORT after EOM either, docs/protocol.md §7.5/§10.1): the second message of the session
     must still reach the callbacks, not be passed through because the first one got a verdict."""
     m = make_milter()
     bodies = []
@@ -284,7 +284,7 @@ def test_discard_at_connect_is_sent_as_continue():
     m = make_milter()
     m.register("connect", lambda ctx, host, info: DISCARD)
     with serving(m) as srv, srv.raw() as mta:
-        assert mta.connect() == (b"c", b"")  # ref §3: d only for message-level events
+        assert mta.connect() == (b"c", b"")  # docs/protocol.md §3: d only for message-level events
 
 
 def test_chain_runs_in_registration_order_and_first_non_continue_answers():
@@ -396,7 +396,7 @@ def test_async_header_callback_with_nr_hdr_defers_its_verdict():
     assert seen == ["A", "X-Bad"], "neither later headers nor eoh are called after the verdict"
 
 
-# ====================================================================== replies (ref §6.5)
+# ====================================================================== replies (docs/protocol.md §6.5)
 
 
 def test_setreply_is_sent_only_with_a_matching_verdict_and_kept_until_then():
@@ -543,7 +543,7 @@ def test_modifications_outside_eom_raise_a_clear_error(name):
     assert name in errors[0] and "eom" in errors[0], errors[0]
 
 
-# ====================================================================== end of message actions (ref §3, §6)
+# ====================================================================== end of message actions (docs/protocol.md §3, §6)
 
 
 def test_all_eom_actions_arrive_before_the_final_reply_in_one_write():
@@ -714,7 +714,7 @@ def test_quarantine_then_final_reply():
         assert mta.eom() == [(b"q", z("virus found")), (b"d", b"")]
 
 
-# ====================================================================== macros (ref §5)
+# ====================================================================== macros (docs/protocol.md §5)
 
 
 def test_getsymval_with_libmilter_semantics():

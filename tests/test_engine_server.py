@@ -1,6 +1,6 @@
 """The server as a mail admin sees it: bad input, timeouts, stop/grace, unix sockets, specs, signals.
 
-Expected behaviour comes from /work/shared/docs/milter-protocol.md ("ref §x").
+Expected behaviour comes from docs/protocol.md (cited by section, "docs/protocol.md §x").
 Every wait is bounded; the I/O-timeout tests use ``timeout=1``.
 """
 
@@ -78,7 +78,7 @@ def recording_milter(**kwargs):
     return m
 
 
-# ====================================================================== bad input (ref §1.3)
+# ====================================================================== bad input (docs/protocol.md §1.3)
 
 BAD_INPUT = {
     "garbled-connect": frame(b"C", b"host-without-nul"),
@@ -145,7 +145,7 @@ def test_eof_inside_a_packet_is_logged_and_closes(caplog):
 
 
 def test_a_full_65535_byte_chunk_is_accepted():
-    """len = 65536 (command byte + 65535 payload) is legitimate MTA traffic (ref §1.2)."""
+    """len = 65536 (command byte + 65535 payload) is legitimate MTA traffic (docs/protocol.md §1.2)."""
     m = make_milter()
     sizes = []
     m.register("body", lambda ctx, chunk: sizes.append(len(chunk)) or CONTINUE)
@@ -157,7 +157,7 @@ def test_a_full_65535_byte_chunk_is_accepted():
     assert sizes == [65535]
 
 
-# ====================================================================== I/O timeout (ref §9.3)
+# ====================================================================== I/O timeout (docs/protocol.md §9.3)
 
 
 def test_a_client_sending_half_a_frame_is_dropped_after_the_timeout(caplog):
@@ -207,8 +207,8 @@ def test_progress_sends_p_and_resets_the_timer():
 
 
 def test_a_slow_callback_does_not_make_the_timeout_cut_the_next_command():
-    """The timeout bounds waiting for the MTA (ref §9.3: "an idle limit between commands, not a
-    callback time limit"); the clock must start again when we have answered."""
+    """The timeout bounds waiting for the MTA (docs/protocol.md §9.3: it limits waits for the MTA,
+    not callbacks); the clock must start again when we have answered."""
     m = make_milter(timeout=1)
 
     def eom(ctx):
@@ -312,7 +312,7 @@ def test_after_the_grace_period_open_sessions_are_closed_with_abort_and_close():
     assert m.events == [("abort", name), ("close", name)]
 
 
-# ====================================================================== unix sockets (ref §9.2)
+# ====================================================================== unix sockets (docs/protocol.md §9.2)
 
 
 def unix_milter(path, **kwargs):
@@ -458,7 +458,7 @@ def test_port_in_use_is_a_clear_error():
         busy.close()
 
 
-# ====================================================================== connection specs (ref §9.1)
+# ====================================================================== connection specs (docs/protocol.md §9.1)
 
 
 @pytest.mark.parametrize(
@@ -511,7 +511,7 @@ def test_connection_spec_errors(spec, words):
 
 
 def test_unix_path_length_limit_is_libmilters():
-    """libmilter: strlen(path) + 1 < sizeof(sun_path) = 108 on Linux, so 106 bytes fit (ref §9.1)."""
+    """libmilter: strlen(path) + 1 < sizeof(sun_path) = 108 on Linux, so 106 bytes fit (docs/protocol.md §9.1)."""
     path = "/" + "p" * 105  # 106 bytes
     assert parse("unix:" + path) == ConnSpec("unix", path=path)
     with pytest.raises(ConnSpecError):
@@ -525,7 +525,7 @@ def test_connspec_str_and_postfix_forms():
     assert parse("local:/r/f.sock").postfix() == "unix:/r/f.sock"
 
 
-# ====================================================================== signals (ref §9.3)
+# ====================================================================== signals (docs/protocol.md §9.3)
 
 SCRIPT = textwrap.dedent(
     """
@@ -557,7 +557,7 @@ def test_signals_stop_the_milter_cleanly(sockdir, sig):
             child.kill(sig)
             child.expect(f"received {sig.name}")
             wait_for(lambda: not os.path.exists(path))  # stops accepting at once
-            if sig is not signal.SIGINT:  # ref §9.3: SIGHUP/SIGTERM let sessions finish (SIGINT may abort them)
+            if sig is not signal.SIGINT:  # SIGHUP/SIGTERM let sessions finish, SIGINT may cut them (docs/protocol.md §9.3)
                 assert mta.mail() == (b"r", b""), "an open session may finish"
             mta.quit()
         child.expect("EXITED")

@@ -1,6 +1,6 @@
 """Wire format of the milter protocol core: frames, payloads, replies, the text rule.
 
-Everything is checked against docs/milter-protocol.md (sections 1-3, 4.1, 6.3):
+Everything is checked against docs/protocol.md (§1-§3, §4.1, §6.3):
 exact byte layouts for a few packets, round trips for every command and every
 reply, and the framing limits (65535-byte payload accepted with length 65536,
 65536 refused before it is buffered, zero length and unknown commands refused).
@@ -40,12 +40,12 @@ FAST = settings(max_examples=150, deadline=None)
 
 
 def raw_frame(code: bytes, payload: bytes = b"") -> bytes:
-    """The reference layout of section 1.1, written out independently of the codec."""
+    """The layout of docs/protocol.md §1.1, written out independently of the codec."""
     return struct.pack("!I", len(payload) + 1) + code + payload
 
 
 def parse_frames(data: bytes) -> list[tuple[bytes, bytes]]:
-    """Split bytes into (code, payload) by the reference layout; all bytes must be used."""
+    """Split bytes into (code, payload) by the layout of docs/protocol.md §1.1; all bytes must be used."""
     out = []
     i = 0
     while i < len(data):

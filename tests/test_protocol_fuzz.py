@@ -121,7 +121,7 @@ MODIFICATIONS: list[tuple[ev.Reply, Action]] = [
 
 
 def legal_answers(s: FilterSession, event: ev.Event, data: st.DataObject) -> list[ev.Reply]:
-    """A reply the reference allows for this event, chosen by hypothesis."""
+    """A reply docs/protocol.md §3 allows for this event, chosen by hypothesis."""
     t = type(event)
     finals: list[ev.Reply] = [ev.Continue(), ev.Accept(), ev.Reject(), ev.Tempfail(), ev.ReplyCode("550 5.7.1 no")]
     if t not in (ev.Connect, ev.Helo):

@@ -1,8 +1,8 @@
 """The filter-side state machine, driven the way an MTA drives it.
 
-Reference: docs/milter-protocol.md sections 4.4 (negotiation), 5.3 (macros),
-7 (state table, out-of-order commands, per-reply state changes, ABORT/QUIT/
-QUIT_NC) and 3/6.1 (which reply is legal when). Every test feeds MTA bytes and
+Reference: docs/protocol.md §4.4 (negotiation), §5.3 (macros),
+§7 (state table, out-of-order commands, per-reply state changes, ABORT/QUIT/
+QUIT_NC) and §3/§6.1 (which reply is legal when). Every test feeds MTA bytes and
 checks what a user of the core sees: events from ``next_event``, bytes from
 ``send``, and the errors raised.
 """

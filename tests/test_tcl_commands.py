@@ -2,7 +2,7 @@
 
 Every test runs a real script under ``pytclmilter run`` and plays the MTA
 (see tests/support/tclrun.py). The contract is the TclMilter manual
-(/work/shared/seed/TclMilter.txt) plus the issue's additions (-onerror,
+(TclMilter(n) 1.0) plus the issue's additions (-onerror,
 -grace, the extra events and context subcommands).
 """
 

@@ -1,6 +1,6 @@
 """libmilter connection specs: ``unix:/path``, ``local:/path``, ``inet:port@host``, ``inet6:port@host``.
 
-Parsing follows smfi_setconn/smfi_opensocket (reference section 9.1): a
+Parsing follows smfi_setconn/smfi_opensocket (docs/protocol.md §9.1): a
 bare path is a Unix socket, the protocol name is case-insensitive, a port
 that starts with a digit is read like ``atoi`` and otherwise looked up as a
 service, ``inet:PORT`` alone means every address.

@@ -105,7 +105,7 @@ class _Connection(asyncio.Protocol):
         if self.transport is not None and not self.transport.is_closing():
             self.transport.write(data)
             self._wrote = True
-            self.last = self._loop.time()  # the idle clock runs from our answer (reference 9.3)
+            self.last = self._loop.time()  # the idle clock runs from our answer (docs/protocol.md §9.3)
 
     def close(self) -> None:
         if self.transport is not None:
@@ -260,7 +260,7 @@ class MilterServer:
             await asyncio.sleep(interval)
             now = self.loop.time()
             # A connection whose callback is still running is not idle: the timeout limits waits
-            # for the MTA, not callbacks (reference 9.3).
+            # for the MTA, not callbacks (docs/protocol.md §9.3).
             for conn in [c for c in self.connections if now - c.last > timeout and not c.busy]:
                 log.warning("%s: no data for %gs, closing", conn.engine.name if conn.engine else "?", timeout)
                 conn.expire("timeout")

@@ -4,7 +4,7 @@
   background thread on ``inet:0@127.0.0.1`` (or any spec, e.g. a unix socket in
   a tmp dir), wait until it listens and stop it afterwards, with bounded waits.
 * :class:`RawMTA` is a tiny MTA-side client that writes and reads milter frames
-  by hand, written from the protocol reference (docs/milter-protocol.md), not
+  by hand, written from the protocol description (docs/protocol.md), not
   from ``pytclmilter.protocol``: the tests must not check our codec with our
   codec.  It is used where the PyPI ``miltertest`` client cannot go (8-bit
   bodies, macro lists in the OPTNEG reply, ``q`` before the final reply,
@@ -24,7 +24,7 @@ from typing import Any, Callable, Iterator
 
 import miltertest
 
-# ---------------------------------------------------------------- protocol numbers (reference sections 2-4)
+# ---------------------------------------------------------------- protocol numbers (docs/protocol.md §2-§4)
 
 VERSION = 6
 ALL_ACTIONS = 0x1FF
@@ -58,7 +58,7 @@ OFFERS = {
     6: (ALL_ACTIONS, ALL_PROTO),
 }
 
-#: Replies that end the filter's answer to an event (section 6.1; `s` only for body chunks).
+#: Replies that end the filter's answer to an event (docs/protocol.md §6.1; `s` only for body chunks).
 FINAL = frozenset(b"cartdys")
 EMPTY_REPLIES = frozenset(b"cartdsp")
 
@@ -171,13 +171,13 @@ def mt_client(sock: socket.socket, actions: int = ALL_ACTIONS, protocol: int = A
     return conn
 
 
-# ---------------------------------------------------------------- a raw MTA client from the reference
+# ---------------------------------------------------------------- a raw MTA client written from docs/protocol.md
 
 _LEN = struct.Struct("!I")
 
 
 def frame(code: bytes | str, payload: bytes = b"") -> bytes:
-    """One packet: u32 length (command byte + payload, big-endian), command, payload (section 1.1)."""
+    """One packet: u32 length (command byte + payload, big-endian), command, payload (docs/protocol.md §1.1)."""
     if isinstance(code, str):
         code = code.encode()
     assert len(code) == 1
@@ -305,7 +305,7 @@ class RawMTA:
     def close(self) -> None:
         self.sock.close()
 
-    # -- commands (section 2)
+    # -- commands (docs/protocol.md §2)
     def optneg(self, version: int = VERSION, actions: int | None = None, protocol: int | None = None) -> tuple[int, int, int, dict[int, bytes]]:
         default_actions, default_proto = OFFERS.get(version, (ALL_ACTIONS, ALL_PROTO))
         actions = default_actions if actions is None else actions

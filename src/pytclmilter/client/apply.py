@@ -1,4 +1,4 @@
-"""End-of-message actions applied to a message as Postfix applies them (reference section 6.2-6.3).
+"""End-of-message actions applied to a message as Postfix applies them (docs/protocol.md §6.2-§6.3).
 
 Postfix counts header indexes after its own ``Received:`` header, which a
 filter never sees; here the message has none, so indexes count the

@@ -1,6 +1,6 @@
 """Numbers of the milter protocol, version 6 (names as in libmilter's mfdef.h).
 
-Only facts of the wire live here; see ``docs/milter-protocol.md`` sections 2-4
+Only facts of the wire live here; see ``docs/protocol.md`` §2-§4
 for their meaning.
 """
 

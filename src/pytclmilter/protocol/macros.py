@@ -1,4 +1,4 @@
-"""Macro storage with libmilter's semantics (reference section 5.3).
+"""Macro storage with libmilter's semantics (docs/protocol.md §5.3).
 
 One slot per stage letter; a new SMFIC_MACRO replaces its slot wholesale;
 commands clear the slots of later stages; ABORT clears nothing, so stale

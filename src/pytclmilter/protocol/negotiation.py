@@ -1,6 +1,6 @@
 """Option negotiation: what we ask the MTA for, computed per connection.
 
-Differs from libmilter on purpose in two ways (reference section 4.4): we
+Differs from libmilter on purpose in two ways (docs/protocol.md §4.4): we
 also ask for no-reply (NR) bits where the filter said it can do without
 replies, and for SKIP, both only where the MTA offers them. Everything we
 request is a subset of the offer, so no MTA has a reason to hang up.

@@ -7,8 +7,8 @@ knows which event waits for a reply and refuses replies that are illegal for
 it (a header change outside end of message, SKIP outside the body, ...), so
 nothing malformed ever reaches the MTA.
 
-The state table and the out-of-order rules are libmilter's (reference
-section 7), with one deliberate difference: a command that needs a reply but
+The state table and the out-of-order rules are libmilter's (docs/protocol.md
+§7), with one deliberate difference: a command that needs a reply but
 is not allowed even after libmilter's fall-back to the HELO state is a
 protocol error here, so the connection is closed at once; libmilter drops it
 silently and leaves the MTA waiting for its timeout.
