@@ -32,7 +32,7 @@ _RESPAWN_BURST = 5  # deaths within the window before respawning slows down
 
 
 def run_workers(milter: "Milter", count: int) -> None:
-    listener = bind(parse(milter.connection), milter.backlog, milter.socket_mode)
+    listener = bind(parse(milter.connection), milter.backlog, milter.socket_mode, milter.socket_owner)
     try:
         Supervisor(milter, listener, count).run()
     finally:

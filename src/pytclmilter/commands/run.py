@@ -54,6 +54,8 @@ class Daemon:
     def __init__(self, milter: Milter, opts: argparse.Namespace) -> None:
         self.milter = milter
         self.uid, self.gid = _ids(opts.user, opts.group)
+        if self.uid is not None:  # the socket's file is made with this owner (unixsocket.py)
+            milter.socket_owner = (self.uid, self.gid if self.gid is not None else -1)
         self.pidfile = opts.pidfile
         self.dropped = False
         self.pid_written = False
@@ -66,8 +68,6 @@ class Daemon:
                 raise OSError(exc.errno, f"cannot write pid file {self.pidfile}: {exc.strerror}") from None
             self.pid_written = True
         if self.uid is not None and not self.dropped:
-            if spec.family == "unix":
-                os.chown(spec.path, self.uid, self.gid if self.gid is not None else -1)
             if self.gid is not None:
                 os.setgroups([self.gid])
                 os.setgid(self.gid)
