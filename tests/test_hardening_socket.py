@@ -3,8 +3,9 @@ socket, honours --socket-mode, and after --user writes nothing as root.
 
 tests/test_engine_server.py covers a regular file and a live socket at the path with the Python
 API; here: directories, FIFOs, symlinks (also to sockets), a socket replaced by a file while
-serving, two ``pytclmilter run`` on one path, modes with and without --user, and the ownership of
-files a script writes from callbacks and timers after the privilege drop.
+serving, two ``pytclmilter run`` on one path, modes with and without --user, the ownership of
+files a script writes from callbacks and timers after the privilege drop, and a process racing
+to swap the socket for a symlink to a root-owned file while the milter starts as root.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import re
 import shutil
 import socket
 import stat
+import subprocess
 import tempfile
 import time
 from pathlib import Path
@@ -261,3 +263,91 @@ def test_a_socket_a_dropped_milter_could_not_remove_is_cleaned_at_the_next_start
         assert not path.exists()
     finally:
         shutil.rmtree(d, ignore_errors=True)
+
+
+# ---------------------------------------------------------------- swaps while starting, as root
+
+SYSTEM_PYTHON = "/usr/bin/python3"  # one the user nobody may run (this venv's may sit under /root)
+
+# The attacker: woken by inotify the moment a name appears in the directory (a loop polling
+# lstat loses the race whenever the scheduler gives its CPU to someone else), it swaps every
+# socket that appears there for a symlink to the target, atomically (rename over it).
+RACER = r"""
+import ctypes, os, stat, struct, sys
+folder, target = sys.argv[1], sys.argv[2]
+libc = ctypes.CDLL(None, use_errno=True)
+watch = libc.inotify_init()
+libc.inotify_add_watch(watch, folder.encode(), 0x100 | 0x80)  # IN_CREATE | IN_MOVED_TO
+print("ready", flush=True)
+while True:
+    events = os.read(watch, 65536)
+    while events:
+        length = struct.unpack_from("iIII", events)[3]
+        name = events[16:16 + length].rstrip(b"\0").decode()
+        events = events[16 + length:]
+        path = os.path.join(folder, name)
+        try:
+            if stat.S_ISSOCK(os.lstat(path).st_mode):
+                os.symlink(target, path + ".link")
+                os.rename(path + ".link", path)
+        except OSError:
+            pass
+"""
+
+
+def root_file(d: Path) -> Path:
+    """A root-owned 0600 file in a directory only root may enter: what the attacker aims at."""
+    d.mkdir(mode=0o700)
+    target = d / "shadow"
+    target.write_bytes(b"root's secret\n")
+    target.chmod(0o600)
+    return target
+
+
+def target_state(target: Path) -> tuple:
+    st = os.stat(target)
+    return st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode), st.st_ino, target.read_bytes()
+
+
+@ROOT_ONLY
+def test_a_socket_swapped_for_a_symlink_while_starting_never_redirects_chmod_or_chown(tclrun, tmp_path):
+    """The socket directory belongs to the --user (as deployment.md sets it up) and is
+    world-writable; a process of that user swaps every socket that appears there for a symlink
+    to a root-owned 0600 file, as fast as it can, while the milter starts 50 times with
+    --user nobody --socket-mode 0660 (five at a time, one of them with --workers 2). The
+    file's owner, mode and content stay as they were every time."""
+    nobody = pwd.getpwnam("nobody")
+    target = root_file(tmp_path / "private")
+    before = target_state(target)
+    d = world_dir()
+    os.chown(d, nobody.pw_uid, nobody.pw_gid)
+    racer = None
+    swapped = 0
+    try:
+        racer = subprocess.Popen([SYSTEM_PYTHON, "-c", RACER, str(d), str(target)], stdout=subprocess.PIPE,
+                                 user=nobody.pw_uid, group=nobody.pw_gid, extra_groups=[])
+        os.setpriority(os.PRIO_PROCESS, racer.pid, -20)  # woken first, ahead of the milters
+        assert racer.stdout.readline() == b"ready\n"
+        for batch in range(10):
+            paths = [d / f"milter{i}.sock" for i in range(5)]
+            runs = [tclrun(STAMP, "--user", "nobody", "--socket-mode", "0660", *(["--workers", "2"] if i == 4 else []),
+                           connection=f"unix:{path}", wait=False) for i, path in enumerate(paths)]
+            for m in runs:
+                m.wait_listening()
+            assert target_state(target) == before, f"batch {batch + 1}: the target changed"
+            for m in runs:
+                assert m.stop() == 0
+            assert target_state(target) == before, f"batch {batch + 1}: the target changed at stop"
+            for path in paths:
+                if os.path.islink(path):
+                    swapped += 1
+                    os.unlink(path)
+            assert not list(d.iterdir()), "nothing is left behind (private directories, sockets)"
+            assert racer.poll() is None
+    finally:
+        if racer is not None:
+            racer.kill()
+            racer.wait()
+        shutil.rmtree(d, ignore_errors=True)
+    print(f"the racer swapped the socket in {swapped} of 50 starts")
+    assert swapped >= 25, "the race was not exercised"

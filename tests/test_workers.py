@@ -93,3 +93,27 @@ def test_workers_share_the_socket_replace_the_dead_and_stop_together(tmp_path: P
     finally:
         if child.isalive():
             child.kill(signal.SIGKILL)
+
+
+def test_a_stop_right_after_the_listening_line_stops_every_worker(tmp_path: Path) -> None:
+    """systemd may stop a unit the moment it started: SIGTERM at the listening line, while the
+    workers are still being forked, stops them all, the parent included, and removes the socket
+    (five tries, three workers each)."""
+    script = tmp_path / "w.tcl"
+    script.write_text(SCRIPT)
+    for attempt in range(5):
+        sock = str(tmp_path / f"w{attempt}.sock")
+        child = pexpect.spawn(sys.executable, ["-m", "pytclmilter.cli", "run", str(script), "--workers", "3",
+                                               "--connection", f"unix:{sock}"], encoding="utf-8", timeout=15)
+        try:
+            child.expect("listening on unix:")
+            child.kill(signal.SIGTERM)
+            child.expect("all workers stopped")
+            child.expect("main returned")
+            child.expect(pexpect.EOF)
+            child.wait()
+            assert child.exitstatus == 0, attempt
+            assert not os.path.exists(sock)
+        finally:
+            if child.isalive():
+                child.kill(signal.SIGKILL)

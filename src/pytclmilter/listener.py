@@ -1,60 +1,44 @@
 """Binding the listening socket, apart from serving it, so ``--workers`` can bind once and fork.
 
-Unix sockets: a stale socket file (nobody answers) is removed first; a live
-socket or a file that is not a socket is refused and left alone; the caller
-remembers the file's identity so that only our own socket is removed at exit.
+Unix sockets: unixsocket.py makes the file (a stale socket removed, a live one or
+any other file refused and left alone) with its mode and owner from the start;
+only the process that bound it removes it at exit, and only if the name still
+holds that very socket.
 """
 
 from __future__ import annotations
 
-import errno
-import logging
-import os
 import socket
-import stat
 from dataclasses import dataclass
 
 from .connspec import ConnSpec, ConnSpecError
-
-log = logging.getLogger("pytclmilter")
+from .unixsocket import SocketFile, bind_unix
 
 
 @dataclass
 class Listener:
     sock: socket.socket
     spec: ConnSpec  # with the real port when port 0 was asked for
-    unix_ident: tuple[int, int] | None = None  # (st_dev, st_ino) of the socket file we created
+    unix_file: SocketFile | None = None  # the socket file we made (None in a --workers worker)
 
     def remove_unix(self) -> None:
-        """Remove our socket file, only if it is still the one we created."""
-        if self.unix_ident is None:
-            return
-        try:
-            st = os.lstat(self.spec.path)
-            if stat.S_ISSOCK(st.st_mode) and (st.st_dev, st.st_ino) == self.unix_ident:
-                os.unlink(self.spec.path)
-        except OSError:
-            pass
-        self.unix_ident = None
+        """Remove our socket file, only if it is still the one we created (once)."""
+        unix_file, self.unix_file = self.unix_file, None
+        if unix_file is not None:
+            unix_file.remove()
 
 
-def bind(spec: ConnSpec, backlog: int | None, socket_mode: int | None) -> Listener:
-    """A listening, non-blocking socket for the spec; ConnSpecError with the reason otherwise."""
+def bind(spec: ConnSpec, backlog: int | None, socket_mode: int | None,
+         socket_owner: tuple[int, int] | None = None) -> Listener:
+    """A listening, non-blocking socket for the spec; ConnSpecError with the reason otherwise.
+
+    A unix socket's file gets ``socket_mode`` and ``socket_owner`` (uid, gid; -1 keeps one).
+    """
     backlog = backlog or max(socket.SOMAXCONN, 20)
     if spec.family == "unix":
-        _clear_stale_socket(spec.path)
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            sock.bind(spec.path)
-            if socket_mode is not None:
-                os.chmod(spec.path, socket_mode)
-            sock.listen(backlog)
-        except OSError as exc:
-            sock.close()
-            raise ConnSpecError(f"cannot listen on {spec}: {exc.strerror or exc}") from None
-        st = os.stat(spec.path)
+        sock, unix_file = bind_unix(spec.path, backlog, socket_mode, socket_owner)
         sock.setblocking(False)
-        return Listener(sock, spec, (st.st_dev, st.st_ino))
+        return Listener(sock, spec, unix_file)
     family = socket.AF_INET if spec.family == "inet" else socket.AF_INET6
     sock = socket.socket(family, socket.SOCK_STREAM)
     try:
@@ -75,27 +59,3 @@ def bind(spec: ConnSpec, backlog: int | None, socket_mode: int | None) -> Listen
         spec = ConnSpec(spec.family, host=spec.host, port=sock.getsockname()[1])
     return Listener(sock, spec)
 
-
-def _clear_stale_socket(path: str) -> None:
-    """Remove a stale socket file; refuse a live socket or anything that is not a socket."""
-    try:
-        st = os.lstat(path)
-    except FileNotFoundError:
-        return
-    except OSError as exc:
-        raise ConnSpecError(f"cannot use {path}: {exc.strerror}") from None
-    if not stat.S_ISSOCK(st.st_mode):
-        raise ConnSpecError(f"{path} exists and is not a socket; refusing to remove it")
-    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        probe.settimeout(1.0)
-        probe.connect(path)
-    except OSError as exc:
-        if exc.errno not in (errno.ECONNREFUSED, errno.ENOENT):
-            raise ConnSpecError(f"cannot check socket {path}: {exc.strerror}") from None
-        os.unlink(path)  # nobody answers: a leftover from a process that died
-        log.info("removed stale socket %s", path)
-        return
-    finally:
-        probe.close()
-    raise ConnSpecError(f"{path} is in use by another process; refusing to replace it")

@@ -89,6 +89,8 @@ class Milter:
         self.on_error = self._status(on_error)
         self.grace = grace
         self.socket_mode = socket_mode
+        #: Owner (uid, gid; -1 keeps one) the unix socket's file has from the moment it appears.
+        self.socket_owner: tuple[int, int] | None = None
         self.max_data_size = max_data_size
         #: A callback running longer than this is stopped and answered with on_error (0: no limit).
         self.call_timeout = call_timeout

@@ -230,7 +230,8 @@ class MilterServer:
 
     async def _listen(self, spec: ConnSpec) -> tuple[Listener, asyncio.AbstractServer]:
         """Serve the socket bound for us (``--workers``) or bind one now."""
-        listener = self.milter.inherited_listener or bind(spec, self.milter.backlog, self.milter.socket_mode)
+        listener = self.milter.inherited_listener or bind(spec, self.milter.backlog, self.milter.socket_mode,
+                                                        self.milter.socket_owner)
         factory = lambda: _Connection(self)  # noqa: E731
         # asyncio calls listen() again on a given socket, with its default backlog of 100 unless
         # told: a burst of connections then overflows the queue and clients retry seconds later.

@@ -32,9 +32,8 @@ _RESPAWN_BURST = 5  # deaths within the window before respawning slows down
 
 
 def run_workers(milter: "Milter", count: int) -> None:
-    listener = bind(parse(milter.connection), milter.backlog, milter.socket_mode)
+    listener = bind(parse(milter.connection), milter.backlog, milter.socket_mode, milter.socket_owner)
     try:
-        milter.hooks.listening(listener.spec)
         Supervisor(milter, listener, count).run()
     finally:
         listener.remove_unix()
@@ -54,8 +53,12 @@ class Supervisor:
         previous = {sig: signal.signal(sig, self._on_signal) for sig in _STOP_SIGNALS}
         self.milter.stop_hook = self.stop
         try:
+            # Only once our handlers are in place: a SIGTERM right after the listening line must
+            # stop cleanly, not end the process by default and leave the socket file behind.
+            self.milter.hooks.listening(self.listener.spec)
             for number in range(1, self.count + 1):
-                self._spawn(number)
+                if not self.stopping:
+                    self._spawn(number)
             log.info("%d workers serving %s", self.count, self.listener.spec)
             while self.children:
                 try:
@@ -103,15 +106,21 @@ class Supervisor:
     def _spawn(self, number: int) -> None:
         sys.stdout.flush()
         sys.stderr.flush()
-        pid = os.fork()
-        if pid:
+        # A stop signal waits until the new worker is in self.children (a stop in between would
+        # miss it and leave it serving) and, in the worker, until our handlers are gone.
+        signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
+        try:
+            pid = os.fork()
+            if pid == 0:
+                self._worker(number)  # never returns
             self.children[pid] = number
-            return
-        self._worker(number)  # never returns
+        finally:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
 
     def _worker(self, number: int) -> None:
         for sig in _STOP_SIGNALS:
             signal.signal(sig, signal.SIG_DFL)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
         parent = os.getppid()
         milter = self.milter
         milter.workers = 1

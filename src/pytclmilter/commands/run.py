@@ -11,13 +11,13 @@ import resource
 import signal
 import sys
 import tkinter
-from pathlib import Path
 
 from ..compiled import describe
 from ..connspec import ConnSpec
 from ..milter import Milter
 from .common import UsageError, add_script_options, make_host
 from .logs import setup_logging
+from .pidfile import PidFile
 
 log = logging.getLogger("pytclmilter")
 
@@ -54,20 +54,15 @@ class Daemon:
     def __init__(self, milter: Milter, opts: argparse.Namespace) -> None:
         self.milter = milter
         self.uid, self.gid = _ids(opts.user, opts.group)
-        self.pidfile = opts.pidfile
+        if self.uid is not None:  # the socket's file is made with this owner (unixsocket.py)
+            milter.socket_owner = (self.uid, self.gid if self.gid is not None else -1)
+        self.pidfile = PidFile(opts.pidfile) if opts.pidfile else None
         self.dropped = False
-        self.pid_written = False
 
     def listening(self, spec: ConnSpec) -> None:
-        if self.pidfile and not self.pid_written:  # while still root: /run is root's
-            try:
-                Path(self.pidfile).write_text(f"{os.getpid()}\n")
-            except OSError as exc:
-                raise OSError(exc.errno, f"cannot write pid file {self.pidfile}: {exc.strerror}") from None
-            self.pid_written = True
+        if self.pidfile is not None and not self.pidfile.claimed:  # while still root: /run is root's
+            self.pidfile.claim()
         if self.uid is not None and not self.dropped:
-            if spec.family == "unix":
-                os.chown(spec.path, self.uid, self.gid if self.gid is not None else -1)
             if self.gid is not None:
                 os.setgroups([self.gid])
                 os.setgid(self.gid)
@@ -81,11 +76,8 @@ class Daemon:
             print("\npytclmilter: interrupted, stopping", file=sys.stderr, flush=True)
 
     def cleanup(self) -> None:
-        if self.pid_written:
-            try:
-                os.unlink(self.pidfile)
-            except OSError as exc:
-                log.warning("cannot remove pid file %s: %s", self.pidfile, exc.strerror)
+        if self.pidfile is not None:
+            self.pidfile.release()
 
 
 def _ids(user: str | None, group: str | None) -> tuple[int | None, int | None]:

@@ -1,0 +1,163 @@
+"""The unix socket's file, made and removed as root in a directory that others may write.
+
+Made without a window: the socket is bound in a private directory (mode 0700,
+ours, made next to the socket path and used only through a descriptor), its
+mode and owner are set there, and only then is it linked under its public
+name with link(2), which neither replaces what is there nor follows a link.
+Until that link no one else can reach the file, and after it the public name
+is never chmod-ed or chown-ed: a symlink or a hard link swapped in at the
+public name is never acted on. The other ways fall short: chmod and chown by
+path act on whatever the name holds by then (a symlink swapped in: its
+target); fchmod and fchown of a socket's descriptor change the socket, not
+its file; a umask set around bind() gives the mode only, and is process-wide
+(a file a thread of the script creates at that moment gets it too).
+
+What is at the public name beforehand is examined as it is, a link as a link:
+nothing is fine; a socket nobody answers on is stale and removed; a live
+socket or anything else is refused and left alone. Removals (that stale
+socket at start, ours at stop) check the name and unlink it relative to the
+directory's descriptor; :func:`safepath.remove_if` says what window remains
+(one name may be removed, never a link's target, no file changed). At stop the
+process is usually the ``--user`` already, not root.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import logging
+import os
+import secrets
+import socket
+import stat
+from dataclasses import dataclass
+
+from .connspec import ConnSpecError
+from .safepath import ident, lstat_at, open_dir, remove_if
+
+log = logging.getLogger("pytclmilter")
+
+_INNER = "socket"  # the socket's name inside the private directory
+
+
+@dataclass
+class SocketFile:
+    """Our socket's file: its directory (a descriptor), its name there and its (st_dev, st_ino)."""
+
+    dirfd: int
+    name: str
+    ident: tuple[int, int]
+
+    def remove(self) -> None:
+        """Remove the name if it still holds our socket; close the directory's descriptor."""
+        try:
+            remove_if(self.dirfd, self.name, stat.S_ISSOCK, self.ident)
+        except OSError:
+            pass  # after --user, a root-owned directory: left as a stale socket, replaced at the next start
+        finally:
+            os.close(self.dirfd)
+
+
+def bind_unix(path: str, backlog: int, mode: int | None,
+              owner: tuple[int, int] | None) -> tuple[socket.socket, SocketFile]:
+    """A listening socket whose file is at ``path``, with this mode and owner (uid, gid; -1 keeps
+    one) from the moment it appears there; ConnSpecError with the reason otherwise."""
+    try:
+        dirfd, name = open_dir(path)
+    except OSError as exc:
+        raise ConnSpecError(f"cannot listen on unix:{path}: {exc.strerror}") from None
+    try:
+        _clear_stale(dirfd, name, path)
+        sock, made = _bind_private(dirfd, name, path, backlog, mode, owner)
+    except BaseException:
+        os.close(dirfd)
+        raise
+    return sock, SocketFile(dirfd, name, made)
+
+
+def _clear_stale(dirfd: int, name: str, path: str) -> None:
+    """Remove a stale socket; refuse a live socket or anything that is not a socket."""
+    try:
+        st = lstat_at(dirfd, name)
+    except OSError as exc:
+        raise ConnSpecError(f"cannot use {path}: {exc.strerror}") from None
+    if st is None:
+        return
+    if not stat.S_ISSOCK(st.st_mode):
+        raise ConnSpecError(f"{path} exists and is not a socket; refusing to remove it")
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.settimeout(1.0)
+        probe.connect(path)  # sends nothing: whatever answers there is only asked whether it listens
+    except OSError as exc:
+        if exc.errno not in (errno.ECONNREFUSED, errno.ENOENT):
+            raise ConnSpecError(f"cannot check socket {path}: {exc.strerror}") from None
+        try:  # nobody answers: a leftover from a process that died
+            if remove_if(dirfd, name, stat.S_ISSOCK, ident(st)):
+                log.info("removed stale socket %s", path)
+        except OSError as err:
+            raise ConnSpecError(f"cannot remove stale socket {path}: {err.strerror}") from None
+        return
+    finally:
+        probe.close()
+    raise ConnSpecError(f"{path} is in use by another process; refusing to replace it")
+
+
+def _bind_private(dirfd: int, name: str, path: str, backlog: int, mode: int | None,
+                  owner: tuple[int, int] | None) -> tuple[socket.socket, tuple[int, int]]:
+    """Bind, chmod, chown and listen in a private directory, then link the socket into place."""
+    try:
+        private, privfd = _private_dir(dirfd, name)
+    except OSError as exc:
+        raise ConnSpecError(f"cannot listen on unix:{path}: {exc.strerror}") from None
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        # The directory by its descriptor: a short path whatever the socket's, and no name to swap.
+        sock.bind(f"/proc/self/fd/{privfd}/{_INNER}")
+        if mode is not None:
+            os.chmod(_INNER, mode, dir_fd=privfd)
+        if owner is not None:
+            os.chown(_INNER, *owner, dir_fd=privfd, follow_symlinks=False)
+        sock.listen(backlog)
+        made = ident(os.stat(_INNER, dir_fd=privfd, follow_symlinks=False))
+        os.link(_INNER, name, src_dir_fd=privfd, dst_dir_fd=dirfd, follow_symlinks=False)
+    except FileExistsError:
+        sock.close()
+        raise ConnSpecError(f"{path} appeared while starting; refusing to replace it") from None
+    except OSError as exc:
+        sock.close()
+        why = exc.strerror or str(exc)
+        if not os.path.isdir("/proc/self/fd"):
+            why = "/proc is not mounted (the socket is bound through /proc/self/fd)"
+        raise ConnSpecError(f"cannot listen on unix:{path}: {why}") from None
+    finally:
+        _remove_private(dirfd, private, privfd)
+    return sock, made
+
+
+def _private_dir(dirfd: int, name: str) -> tuple[str, int]:
+    """A new directory beside the socket that only we may change, and its descriptor."""
+    for _ in range(10):
+        private = f".{name}.{secrets.token_hex(4)}"
+        try:
+            os.mkdir(private, 0o700, dir_fd=dirfd)
+            break
+        except FileExistsError:
+            continue
+    else:
+        raise FileExistsError(errno.EEXIST, "no free name for a private directory")
+    privfd = os.open(private, os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dirfd)
+    st = os.fstat(privfd)
+    if st.st_uid != os.geteuid() or stat.S_IMODE(st.st_mode) & 0o077:  # renamed and replaced in between
+        os.close(privfd)
+        raise PermissionError(errno.EPERM, f"private directory {private} was replaced while starting")
+    return private, privfd
+
+
+def _remove_private(dirfd: int, private: str, privfd: int) -> None:
+    """Our name inside it (the socket stays under its public name), then the empty directory."""
+    with contextlib.suppress(OSError):
+        os.unlink(_INNER, dir_fd=privfd)
+    os.close(privfd)
+    with contextlib.suppress(OSError):
+        os.rmdir(private, dir_fd=dirfd)  # removes an empty directory only, never follows a link
