@@ -18,6 +18,7 @@ import sys
 import time
 from typing import TYPE_CHECKING
 
+from .accept import check_fd_limit
 from .connspec import parse
 from .listener import Listener, bind
 
@@ -33,6 +34,7 @@ _RESPAWN_BURST = 5  # deaths within the window before respawning slows down
 
 def run_workers(milter: "Milter", count: int) -> None:
     listener = bind(parse(milter.connection), milter.backlog, milter.socket_mode)
+    check_fd_limit(milter.backlog)
     try:
         milter.hooks.listening(listener.spec)
         Supervisor(milter, listener, count).run()
