@@ -12,6 +12,11 @@ from pathlib import Path
 
 import miltertest
 import pexpect
+import pytest
+
+from support.tclrun import Mta, ok, tclrun_factory
+
+tclrun = pytest.fixture(tclrun_factory, name="tclrun")
 
 SCRIPT = r"""
 package require TclMilter 1.0
@@ -93,3 +98,62 @@ def test_workers_share_the_socket_replace_the_dead_and_stop_together(tmp_path: P
     finally:
         if child.isalive():
             child.kill(signal.SIGKILL)
+
+
+EOM_SCRIPT = r"""
+package require TclMilter 1.0
+proc eom {ctx} { $ctx addheader X-Worker [pid]; return SMFIS_CONTINUE }
+milter register eom eom
+milter main
+"""
+
+
+def mid_message(mta: Mta) -> None:
+    """A session stopped before its end of message, as when the MTA is still receiving DATA."""
+    mta.negotiate()
+    assert ok(mta.connect()) and ok(mta.mail("<a@example.org>")) and ok(mta.rcpt("<b@example.org>"))
+    assert ok(mta.data()) and ok(mta.header("Subject", "x")) and ok(mta.eoh())
+    assert all(ok(r) for r in mta.body(b"Hello\r\n"))
+
+
+def finish(mta: Mta) -> int:
+    """The end of message: the final reply is continue; the pid of the worker that added its header."""
+    replies = mta.eom()
+    assert replies[-1] == ("c", b""), replies
+    headers = [payload for code, payload in replies if code == "h"]
+    assert headers and headers[0].startswith(b"X-Worker\0"), replies
+    return int(headers[0].split(b"\0")[1])
+
+
+def connect_refused(port: int) -> bool:
+    s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    s.settimeout(2)
+    try:
+        s.connect(("127.0.0.1", port))
+    except ConnectionRefusedError:
+        return True
+    finally:
+        s.close()
+    return False
+
+
+def test_a_stop_with_workers_refuses_new_connections_at_once_while_open_sessions_finish(tclrun) -> None:
+    """Every process closes its copy of the listening socket when the stop starts: before, the
+    supervisor kept its own open, so the kernel went on queueing connections nobody would accept
+    for the whole grace period, and reset them at the end."""
+    grace = 20
+    m = tclrun(EOM_SCRIPT, "--workers", "2", "--grace", str(grace))
+    m.wait_for("2 workers serving")
+    workers = workers_of(m.child.pid)
+    with m.mta() as mta:
+        mid_message(mta)
+        t0 = time.monotonic()
+        m.child.kill(signal.SIGTERM)
+        while not connect_refused(m.port):  # one that got in before the workers closed is served
+            assert time.monotonic() - t0 < 3, "new connections still accepted after SIGTERM"
+            time.sleep(0.05)
+        refused_after = time.monotonic() - t0
+        assert finish(mta) in workers  # the open session finishes within the grace
+    assert m.wait_exit(grace) == 0
+    m.wait_for("all workers stopped", since=0)
+    print(f"refused {refused_after:.2f} s after SIGTERM (grace {grace} s)")

@@ -7,6 +7,11 @@ own Tcl globals, the same callbacks. A worker that dies is replaced and the
 death logged; a worker that exits with status 0 asked to stop (``milter
 stop``), which stops all. SIGTERM, SIGINT and SIGHUP to the parent stop all
 gracefully; then ``milter main`` returns in the parent and the script goes on.
+
+Every process holds the listening socket, and the kernel goes on queueing
+connections until the last one closes it: at a stop the parent and each
+worker close theirs first, so new connections are refused at once while open
+sessions finish.
 """
 
 from __future__ import annotations
@@ -95,7 +100,11 @@ class Supervisor:
         self.stop()
 
     def stop(self) -> None:
-        self.stopping = True
+        if not self.stopping:
+            self.stopping = True
+            # Our copy of the listening socket first: the workers close theirs as they stop.
+            self.listener.remove_unix()
+            self.listener.sock.close()
         for pid in list(self.children):
             try:
                 os.kill(pid, signal.SIGTERM)
@@ -108,6 +117,8 @@ class Supervisor:
         pid = os.fork()
         if pid:
             self.children[pid] = number
+            if self.stopping:  # a stop signal came while forking: this one was not told
+                os.kill(pid, signal.SIGTERM)
             return
         self._worker(number)  # never returns
 
