@@ -299,8 +299,14 @@ def z(*strings: str | bytes) -> bytes:
 class Mta:
     """The MTA end of one milter connection (miltertest for plain text, raw frames for bytes)."""
 
-    def __init__(self, port: int, host: str = "127.0.0.1", timeout: float = 10.0) -> None:
-        self.sock = socket.create_connection((host, port), timeout=timeout)
+    def __init__(self, port: int | str, host: str = "127.0.0.1", timeout: float = 10.0) -> None:
+        """To ``host:port``, or with a ``str`` to that unix socket."""
+        if isinstance(port, str):
+            self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            self.sock.settimeout(timeout)
+            self.sock.connect(port)
+        else:
+            self.sock = socket.create_connection((host, port), timeout=timeout)
         self.conn = miltertest.MilterConnection(self.sock)
         self.actions = 0
         self.protocol = 0
