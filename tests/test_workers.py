@@ -6,12 +6,18 @@ import os
 import re
 import signal
 import socket
+import subprocess
 import sys
 import time
 from pathlib import Path
 
 import miltertest
 import pexpect
+import pytest
+
+from support.tclrun import Mta, _pytclmilter_command, child_env, ok, tclrun_factory
+
+tclrun = pytest.fixture(tclrun_factory, name="tclrun")
 
 SCRIPT = r"""
 package require TclMilter 1.0
@@ -117,3 +123,144 @@ def test_a_stop_right_after_the_listening_line_stops_every_worker(tmp_path: Path
         finally:
             if child.isalive():
                 child.kill(signal.SIGKILL)
+
+
+EOM_SCRIPT = r"""
+package require TclMilter 1.0
+proc eom {ctx} { $ctx addheader X-Worker [pid]; return SMFIS_CONTINUE }
+milter register eom eom
+milter main
+"""
+
+
+def mid_message(mta: Mta) -> None:
+    """A session stopped before its end of message, as when the MTA is still receiving DATA."""
+    mta.negotiate()
+    assert ok(mta.connect()) and ok(mta.mail("<a@example.org>")) and ok(mta.rcpt("<b@example.org>"))
+    assert ok(mta.data()) and ok(mta.header("Subject", "x")) and ok(mta.eoh())
+    assert all(ok(r) for r in mta.body(b"Hello\r\n"))
+
+
+def finish(mta: Mta) -> int:
+    """The end of message: the final reply is continue; the pid of the worker that added its header."""
+    replies = mta.eom()
+    assert replies[-1] == ("c", b""), replies
+    headers = [payload for code, payload in replies if code == "h"]
+    assert headers and headers[0].startswith(b"X-Worker\0"), replies
+    return int(headers[0].split(b"\0")[1])
+
+
+def connect_refused(port: int) -> bool:
+    s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    s.settimeout(2)
+    try:
+        s.connect(("127.0.0.1", port))
+    except ConnectionRefusedError:
+        return True
+    finally:
+        s.close()
+    return False
+
+
+def test_a_stop_with_workers_refuses_new_connections_at_once_while_open_sessions_finish(tclrun) -> None:
+    """Every process closes its copy of the listening socket when the stop starts: before, the
+    supervisor kept its own open, so the kernel went on queueing connections nobody would accept
+    for the whole grace period, and reset them at the end."""
+    grace = 20
+    m = tclrun(EOM_SCRIPT, "--workers", "2", "--grace", str(grace))
+    m.wait_for("2 workers serving")
+    workers = workers_of(m.child.pid)
+    with m.mta() as mta:
+        mid_message(mta)
+        t0 = time.monotonic()
+        m.child.kill(signal.SIGTERM)
+        while not connect_refused(m.port):  # one that got in before the workers closed is served
+            assert time.monotonic() - t0 < 3, "new connections still accepted after SIGTERM"
+            time.sleep(0.05)
+        refused_after = time.monotonic() - t0
+        assert finish(mta) in workers  # the open session finishes within the grace
+    assert m.wait_exit(grace) == 0
+    m.wait_for("all workers stopped", since=0)
+    print(f"refused {refused_after:.2f} s after SIGTERM (grace {grace} s)")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_detached(argv: list[str], log: Path) -> subprocess.Popen[bytes]:
+    """As a service manager starts it: a session of its own and no terminal, so that no SIGHUP from
+    a terminal whose controlling process died reaches the workers (pexpect's pty would send one)."""
+    with open(log, "wb") as out:
+        return subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+                                env=child_env(), start_new_session=True)
+
+
+def wait_log(log: Path, pattern: str, count: int = 1, timeout: float = 15) -> str:
+    deadline = time.monotonic() + timeout
+    while True:
+        text = log.read_text(errors="replace")
+        if len(re.findall(pattern, text)) >= count:
+            return text
+        assert time.monotonic() < deadline, f"{pattern!r} x{count} not seen in:\n{text}"
+        time.sleep(0.05)
+
+
+def alive(pid: int) -> bool:
+    """Running (a zombie waiting for whoever adopted it has exited)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+@pytest.mark.parametrize("family", ["inet", "unix"])
+def test_workers_whose_supervisor_was_killed_finish_their_sessions_and_exit(tmp_path: Path, family: str) -> None:
+    """SIGKILL leaves the supervisor no chance to stop its workers: each notices by itself, stops
+    accepting (so the same command can start again and bind at once; a unix socket's file is
+    then stale and replaced), finishes its open sessions within the grace and exits. Before,
+    they served on unsupervised and a restart failed with "Address already in use" (or found
+    the unix socket "in use by another process")."""
+    script = tmp_path / "w.tcl"
+    script.write_text(EOM_SCRIPT)
+    address: int | str = free_port() if family == "inet" else str(tmp_path / "w.sock")
+    spec = f"inet:{address}@127.0.0.1" if family == "inet" else f"unix:{address}"
+    argv = _pytclmilter_command() + ["run", str(script), "--workers", "2", "--grace", "20", "--connection", spec]
+    first_log, second_log = tmp_path / "first.log", tmp_path / "second.log"
+    first = start_detached(argv, first_log)
+    second = None
+    workers: set[int] = set()
+    try:
+        wait_log(first_log, "2 workers serving")
+        workers = workers_of(first.pid)
+        assert len(workers) == 2
+        mta = Mta(address)
+        mid_message(mta)
+        first.kill()
+        first.wait()
+        wait_log(first_log, r"WARNING: worker \d: the supervisor \(pid \d+\) died: stopping", count=2, timeout=5)
+
+        second = start_detached(argv, second_log)  # binds while an old worker still finishes a session
+        text = wait_log(second_log, "2 workers serving")
+        assert family == "inet" or f"removed stale socket {address}" in text, text
+        assert finish(mta) in workers
+        mta.close()
+        deadline = time.monotonic() + 10
+        while any(alive(pid) for pid in workers):
+            assert time.monotonic() < deadline, f"workers still running:\n{first_log.read_text()}"
+            time.sleep(0.05)
+        with Mta(address) as fresh:
+            mid_message(fresh)
+            assert finish(fresh) in workers_of(second.pid)
+        second.send_signal(signal.SIGTERM)
+        assert second.wait(20) == 0
+        assert "Traceback" not in first_log.read_text() + second_log.read_text()
+    finally:
+        for proc in (first, second):
+            if proc is not None and proc.poll() is None:
+                proc.kill()
+        for pid in workers:  # orphans must not keep the port
+            if alive(pid):
+                os.kill(pid, signal.SIGKILL)

@@ -13,6 +13,7 @@ import socket
 import threading
 from typing import TYPE_CHECKING, Any, Callable, Final
 
+from .accept import Acceptor, check_fd_limit
 from .connspec import ConnSpec, parse
 from .listener import Listener, bind
 from .engine import ConnectionEngine
@@ -93,7 +94,10 @@ class _Connection(asyncio.Protocol):
         return False
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self.server.connections.discard(self)
+        server = self.server
+        server.connections.discard(self)
+        if server.acceptor is not None:
+            server.acceptor.connection_closed()  # a descriptor is free: accept again if we ran out
         # The transport's last call: letting go of the engine (whose link is this object) lets
         # reference counting free the connection now, not the cycle collector some time later.
         engine, self.engine = self.engine, None
@@ -153,7 +157,7 @@ class MilterServer:
         self.listening: ConnSpec | None = None
         self.tcp = False  # the listener is TCP (inet/inet6), not a unix socket
         self._listener: Listener | None = None
-        self._server: asyncio.AbstractServer | None = None
+        self.acceptor: Acceptor | None = None
         self._loop_thread: int | None = None  # the thread running serve(): stop() from it sets the event directly
 
     def next_id(self) -> int:
@@ -179,10 +183,10 @@ class MilterServer:
 
     def abort(self) -> None:
         """Stop at once, synchronously (Tcl's ``exit``): listener closed, socket file removed, peers cut."""
-        listener, server = self._listener, self._server
-        if listener is None or server is None or self.listening is None:
+        listener, acceptor = self._listener, self.acceptor
+        if listener is None or acceptor is None or self.listening is None:
             return
-        server.close()
+        acceptor.close()
         listener.remove_unix()
         for conn in list(self.connections):
             if conn.transport is not None:
@@ -201,8 +205,8 @@ class MilterServer:
                 self._stop.set()
             self._stop_requested = False
         self.tcp = spec.family != "unix"  # before listening: the first connection may come at once
-        listener, server = await self._listen(spec)
-        self._listener, self._server, spec = listener, server, listener.spec
+        listener, acceptor = self._listen(spec)
+        self._listener, self.acceptor, spec = listener, acceptor, listener.spec
         self.listening = spec
         signals = self._install_signals()
         sweeper = asyncio.ensure_future(self._sweep())
@@ -213,34 +217,28 @@ class MilterServer:
             await self._stop.wait()
             log.info("stopping: no new connections; %d open", len(self.connections))
         finally:
-            server.close()
+            acceptor.close()  # new connections are refused from now on, open ones go on
             listener.remove_unix()
             await self._drain(milter.grace)
             sweeper.cancel()
             if ticker is not None:
                 ticker.cancel()
             self._remove_signals(signals)
-            try:
-                await asyncio.wait_for(server.wait_closed(), 1.0)
-            except asyncio.TimeoutError:
-                pass
+            self.acceptor = None
             self.listening = None
             with self._lock:
                 self._stop = None
 
-    async def _listen(self, spec: ConnSpec) -> tuple[Listener, asyncio.AbstractServer]:
-        """Serve the socket bound for us (``--workers``) or bind one now."""
-        listener = self.milter.inherited_listener or bind(spec, self.milter.backlog, self.milter.socket_mode,
-                                                        self.milter.socket_owner)
-        factory = lambda: _Connection(self)  # noqa: E731
-        # asyncio calls listen() again on a given socket, with its default backlog of 100 unless
-        # told: a burst of connections then overflows the queue and clients retry seconds later.
-        backlog = self.milter.backlog or max(socket.SOMAXCONN, 20)
-        if listener.spec.family == "unix":
-            server = await self.loop.create_unix_server(factory, sock=listener.sock, backlog=backlog)
-        else:
-            server = await self.loop.create_server(factory, sock=listener.sock, backlog=backlog)
-        return listener, server
+    def _listen(self, spec: ConnSpec) -> tuple[Listener, Acceptor]:
+        """Serve the socket bound for us (``--workers``) or bind one now; accept on it (accept.py)."""
+        milter = self.milter
+        listener = milter.inherited_listener
+        if listener is None:
+            listener = bind(spec, milter.backlog, milter.socket_mode, milter.socket_owner)
+            check_fd_limit(milter.backlog)  # with --workers, the supervisor checks once
+        acceptor = Acceptor(self.loop, listener.sock, lambda: _Connection(self))
+        acceptor.start()
+        return listener, acceptor
 
     async def _drain(self, grace: float) -> None:
         """Let open sessions finish for ``grace`` seconds, then close them (abort/close callbacks run)."""

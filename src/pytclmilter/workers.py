@@ -7,10 +7,24 @@ own Tcl globals, the same callbacks. A worker that dies is replaced and the
 death logged; a worker that exits with status 0 asked to stop (``milter
 stop``), which stops all. SIGTERM, SIGINT and SIGHUP to the parent stop all
 gracefully; then ``milter main`` returns in the parent and the script goes on.
+
+Every process holds the listening socket, and the kernel goes on queueing
+connections until the last one closes it: at a stop the parent and each
+worker close theirs first, so new connections are refused at once while open
+sessions finish.
+
+A worker must not outlive the parent (it would serve unsupervised and hold the
+port, so that a restart cannot bind): the parent keeps the write end of a
+pipe, each worker's event loop watches the read end, and its EOF, which the
+kernel delivers however the parent died, stops the worker gracefully. Unlike
+``prctl(PR_SET_PDEATHSIG)`` this works on any Unix, has no race with a parent
+dying before the worker set it up (the EOF stays), and fires on the process's
+death, not on that of the thread that forked.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import signal
@@ -18,6 +32,7 @@ import sys
 import time
 from typing import TYPE_CHECKING
 
+from .accept import check_fd_limit
 from .connspec import parse
 from .listener import Listener, bind
 
@@ -33,6 +48,7 @@ _RESPAWN_BURST = 5  # deaths within the window before respawning slows down
 
 def run_workers(milter: "Milter", count: int) -> None:
     listener = bind(parse(milter.connection), milter.backlog, milter.socket_mode, milter.socket_owner)
+    check_fd_limit(milter.backlog)
     try:
         Supervisor(milter, listener, count).run()
     finally:
@@ -48,6 +64,9 @@ class Supervisor:
         self.children: dict[int, int] = {}  # pid -> worker number
         self.stopping = False
         self.deaths: list[float] = []
+        # The workers watch the read end; the write end closes when this process dies.
+        self.lifeline, self._lifeline_w = os.pipe()
+        self.pid = os.getpid()  # for the workers: os.getppid() there may already be another process
 
     def run(self) -> None:
         previous = {sig: signal.signal(sig, self._on_signal) for sig in _STOP_SIGNALS}
@@ -71,6 +90,8 @@ class Supervisor:
             self.milter.stop_hook = None
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
+            os.close(self.lifeline)
+            os.close(self._lifeline_w)
         log.info("all workers stopped")
 
     def _reaped(self, pid: int, number: int, status: int) -> None:
@@ -96,7 +117,11 @@ class Supervisor:
         self.stop()
 
     def stop(self) -> None:
-        self.stopping = True
+        if not self.stopping:
+            self.stopping = True
+            # Our copy of the listening socket first: the workers close theirs as they stop.
+            self.listener.remove_unix()
+            self.listener.sock.close()
         for pid in list(self.children):
             try:
                 os.kill(pid, signal.SIGTERM)
@@ -114,6 +139,8 @@ class Supervisor:
             if pid == 0:
                 self._worker(number)  # never returns
             self.children[pid] = number
+            if self.stopping:  # a stop came before the fork: this one was not told
+                os.kill(pid, signal.SIGTERM)
         finally:
             signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
 
@@ -121,11 +148,12 @@ class Supervisor:
         for sig in _STOP_SIGNALS:
             signal.signal(sig, signal.SIG_DFL)
         signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
-        parent = os.getppid()
+        os.close(self._lifeline_w)  # else the pipe would never reach EOF
+        parent = self.pid
         milter = self.milter
         milter.workers = 1
         milter.inherited_listener = Listener(self.listener.sock, self.listener.spec)  # the parent removes the file
-        milter.hooks.listening = lambda spec: None
+        milter.hooks.listening = lambda spec: self._watch_parent(number, parent)
         milter.stop_hook = lambda: os.kill(parent, signal.SIGTERM)
         code = 0
         try:
@@ -139,3 +167,16 @@ class Supervisor:
             sys.stdout.flush()
             sys.stderr.flush()
             os._exit(code)
+
+    def _watch_parent(self, number: int, parent: int) -> None:
+        """In a worker, once its server listens (on its loop): stop gracefully when the parent dies."""
+        loop = asyncio.get_running_loop()
+        milter = self.milter
+
+        def gone() -> None:
+            loop.remove_reader(self.lifeline)
+            log.warning("worker %d: the supervisor (pid %d) died: stopping", number, parent)
+            milter.stop_hook = None  # its pid may be another process's by now
+            milter.stop()
+
+        loop.add_reader(self.lifeline, gone)

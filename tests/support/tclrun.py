@@ -109,7 +109,8 @@ def child_env(extra: dict[str, str] | None = None) -> dict[str, str]:
 class TclRun:
     """One ``pytclmilter run`` process."""
 
-    def __init__(self, argv: Sequence[str], *, env: dict[str, str] | None = None, cwd: str | None = None) -> None:
+    def __init__(self, argv: Sequence[str], *, env: dict[str, str] | None = None, cwd: str | None = None,
+                 preexec_fn: Callable[[], None] | None = None) -> None:
         self.argv = list(argv)
         self._buf: list[str] = []
         self._lock = threading.Lock()
@@ -119,7 +120,7 @@ class TclRun:
         full_env = child_env(env)
         self.child = pexpect.spawn(
             self.argv[0], self.argv[1:], env=full_env, cwd=cwd, encoding="utf-8",
-            codec_errors="replace", timeout=None, echo=False,
+            codec_errors="replace", timeout=None, echo=False, preexec_fn=preexec_fn,
         )
         self._reader = threading.Thread(target=self._read, name=f"tclrun-{self.child.pid}", daemon=True)
         self._reader.start()
@@ -235,12 +236,14 @@ class TclRun:
 
 def spawn(tmp_path: Path, script: str | Path, *options: str, args: Sequence[str] = (), python: Sequence[str] = (),
           connection: str | None = "inet:0@127.0.0.1", wait: bool = True, name: str = "milter.tcl",
-          env: dict[str, str] | None = None, dedent: bool = True, prefix: Sequence[str] = ()) -> TclRun:
+          env: dict[str, str] | None = None, dedent: bool = True, prefix: Sequence[str] = (),
+          preexec_fn: Callable[[], None] | None = None) -> TclRun:
     """Write ``script`` to ``tmp_path/name`` and run it; wait for the listening line unless ``wait=False``.
 
     A :class:`~pathlib.Path` is run as it is (not copied). ``python`` files
     (their text) are written next to the script and passed with ``--python``;
-    ``args`` go after ``--``; ``prefix`` runs the command through another (e.g. ``nsenter``).
+    ``args`` go after ``--``; ``prefix`` runs the command through another (e.g. ``nsenter``);
+    ``preexec_fn`` runs in the child before it starts (e.g. to lower a resource limit).
     """
     if isinstance(script, Path):
         path = script
@@ -257,7 +260,7 @@ def spawn(tmp_path: Path, script: str | Path, *options: str, args: Sequence[str]
     argv += list(options)
     if args:
         argv += ["--", *args]
-    run = TclRun(argv, env=env, cwd=str(tmp_path))
+    run = TclRun(argv, env=env, cwd=str(tmp_path), preexec_fn=preexec_fn)
     if wait:
         run.wait_listening()
     return run
@@ -296,8 +299,14 @@ def z(*strings: str | bytes) -> bytes:
 class Mta:
     """The MTA end of one milter connection (miltertest for plain text, raw frames for bytes)."""
 
-    def __init__(self, port: int, host: str = "127.0.0.1", timeout: float = 10.0) -> None:
-        self.sock = socket.create_connection((host, port), timeout=timeout)
+    def __init__(self, port: int | str, host: str = "127.0.0.1", timeout: float = 10.0) -> None:
+        """To ``host:port``, or with a ``str`` to that unix socket."""
+        if isinstance(port, str):
+            self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            self.sock.settimeout(timeout)
+            self.sock.connect(port)
+        else:
+            self.sock = socket.create_connection((host, port), timeout=timeout)
         self.conn = miltertest.MilterConnection(self.sock)
         self.actions = 0
         self.protocol = 0

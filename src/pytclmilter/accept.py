@@ -1,0 +1,172 @@
+"""Accepting connections ourselves, so that running out of descriptors is logged once and waited out.
+
+Neither event loop's own server copes with ``accept()`` failing for lack of descriptors:
+asyncio's logs a traceback for every failed call (megabytes a second at full CPU), uvloop's
+says nothing while libuv closes the connections waiting in the queue unanswered. Here the
+listening socket is watched with ``add_reader``; when it is ready a connection is accepted and
+handed to the loop's ``connect_accepted_socket``. When ``accept()`` fails for want of
+descriptors or kernel memory, accepting stops until a connection closes (which frees a
+descriptor) or a short timer passes (something else may have freed one), and the waiting
+connections stay queued; one WARNING says so, repeated at most every 10 s with the number of
+failures since. Open connections are served throughout: reading and writing need no new
+descriptor.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import logging
+import resource
+import socket
+from typing import Any, Callable, Final
+
+log: Final = logging.getLogger("pytclmilter")
+
+BATCH: Final = 64  # connections accepted per wake-up while recovering: a burst must not hold up open sessions
+RETRY: Final = 0.1  # seconds before accepting again when no connection closed meanwhile
+REPEAT: Final = 10.0  # seconds between warnings while accepting keeps failing
+#: Descriptors the process needs besides its connections: the interpreter, the event loop, the
+#: log, the listening socket, what the script opens.
+MARGIN: Final = 64
+# Errors of one connection that went wrong before we took it (accept(2): Linux reports the
+# connection's pending network error here): skip it and take the next.
+_PEER_ERRORS: Final = frozenset({
+    errno.ECONNABORTED, errno.EPROTO, errno.EPERM, errno.ENETDOWN, errno.ENETUNREACH, errno.ENOPROTOOPT,
+    errno.EHOSTDOWN, errno.EHOSTUNREACH, errno.EOPNOTSUPP, errno.ENONET,
+})
+
+
+class Acceptor:
+    """Accepts on one listening socket for a running loop; ``close`` stops and closes the socket."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, sock: socket.socket,
+                 factory: Callable[[], asyncio.Protocol]) -> None:
+        self.loop = loop
+        self.sock = sock
+        self.factory = factory
+        self.open = 0  # connections accepted and not closed yet (connection_closed), for the warning
+        self._fd = sock.fileno()
+        # What socket.accept() does (CPython's socket.py), with less work per connection:
+        # socket.socket's family and type are properties that build an enum member on every
+        # read (about 6,600 instructions each), accept() reads them twice and the loop's
+        # connect_accepted_socket three times more. Here they are read once, and the accepted
+        # sockets are of a subclass where they are plain class attributes.
+        self._accept: Callable[[], tuple[int, Any]] = getattr(sock, "_accept")
+        self._socket_class: type[socket.socket] = type(
+            "AcceptedSocket", (socket.socket,), {"family": sock.family, "type": sock.type})
+        self._kind = (sock.family, sock.type, sock.proto)
+        self._reading = False
+        self._retry: asyncio.Handle | None = None  # accepting is paused until this runs
+        self._failures = 0  # failed accepts since the last warning
+        self._warned: float | None = None  # loop time of the last warning
+        self._tell_recovery = False  # a warning went out: say once when accepting works again
+
+    def start(self) -> None:
+        if not self._reading and self.sock.fileno() >= 0:
+            self.loop.add_reader(self._fd, self._ready)
+            self._reading = True
+
+    def close(self) -> None:
+        """Stop accepting and close the listening socket: new connections are refused from now on
+        (once every process that shares the socket has closed it)."""
+        self._pause()
+        self.sock.close()
+
+    def connection_closed(self) -> None:
+        """A connection's transport closed: its descriptor is free, so accept again at once if we
+        were waiting for one."""
+        self.open -= 1
+        if self._retry is not None:
+            self._retry.cancel()
+            # Next turn: asyncio's transport closes the descriptor after this call returns.
+            self._retry = self.loop.call_soon(self._resume)
+
+    def _ready(self) -> None:
+        """The listening socket is readable: take one connection. The loop calls again at once
+        while more wait, with the open sessions' turns in between; taking more here would end
+        with an accept() that fails (an exception) just to learn that the queue is empty. After a
+        warning, take them all, so that the empty queue tells that accepting works again."""
+        if not self._reading:  # closed or paused since this call was scheduled
+            return
+        accept, new_socket = self._accept, self._socket_class
+        family, kind, proto = self._kind
+        for _ in range(BATCH if self._tell_recovery else 1):
+            try:
+                fd, _addr = accept()
+            except BlockingIOError:  # the queue is empty (or another worker took the connection)
+                if self._tell_recovery:
+                    self._tell_recovery = False
+                    log.info("accepting connections again (%d failed accepts since the last warning)", self._failures)
+                return
+            except OSError as exc:
+                if exc.errno in _PEER_ERRORS:
+                    continue
+                self._failed(exc)
+                return
+            self.open += 1
+            self.loop.create_task(self._connect(new_socket(family, kind, proto, fd)))
+        if self._tell_recovery:  # a full batch: go on next turn, the queue may be empty by now
+            self.loop.call_soon(self._ready)
+
+    async def _connect(self, conn: socket.socket) -> None:
+        try:
+            await self.loop.connect_accepted_socket(self.factory, conn)
+        except OSError as exc:  # no transport was made (connection_closed will not come)
+            conn.close()
+            self.open -= 1
+            log.debug("a connection closed before it was set up: %s", exc)
+
+    def _failed(self, exc: OSError) -> None:
+        """Stop accepting for now; warn unless a warning went out less than REPEAT seconds ago."""
+        self._pause()
+        self._retry = self.loop.call_later(RETRY, self._resume)
+        self._failures += 1
+        now = self.loop.time()
+        if self._warned is not None and now - self._warned < REPEAT:
+            return
+        since = f"; {self._failures} failed accepts since the last warning" if self._warned is not None else ""
+        log.warning("cannot accept connections: %s (open-files limit %s, %d connections open)%s; new "
+                    "connections wait in the listen queue, accepting resumes when one closes",
+                    exc.strerror or exc, _limit_text(), self.open, since)
+        self._warned, self._failures, self._tell_recovery = now, 0, True
+
+    def _pause(self) -> None:
+        if self._retry is not None:
+            self._retry.cancel()
+            self._retry = None
+        if self._reading:
+            self.loop.remove_reader(self._fd)
+            self._reading = False
+
+    def _resume(self) -> None:
+        self._retry = None
+        self.start()
+        if self._tell_recovery:
+            # accept() fails for want of a descriptor even when nobody waits, and then the
+            # socket would never turn readable to tell that accepting works again: try now.
+            self._ready()
+
+
+def _limit_text() -> str:
+    soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    return "unlimited" if soft == resource.RLIM_INFINITY else str(soft)
+
+
+def queue_length(backlog: int) -> int:
+    """The listen queue's real length: the kernel silently caps the backlog at net.core.somaxconn."""
+    try:
+        with open("/proc/sys/net/core/somaxconn", encoding="ascii") as f:
+            return min(backlog, int(f.read()))
+    except (OSError, ValueError):
+        return backlog
+
+
+def check_fd_limit(backlog: int | None) -> None:
+    """Warn at start when the open-files limit cannot hold a full listen queue's connections."""
+    soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    queue = queue_length(backlog or max(socket.SOMAXCONN, 20))  # listener.bind's default
+    if soft != resource.RLIM_INFINITY and soft < queue + MARGIN:
+        log.warning("the open-files limit is %d descriptors, fewer than the %d that a full listen queue "
+                    "(%d connections) and the process's own files need: connections beyond it wait unaccepted; "
+                    "raise it (LimitNOFILE= under systemd, ulimit -n) or lower --backlog", soft, queue + MARGIN, queue)

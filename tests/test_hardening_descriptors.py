@@ -1,0 +1,110 @@
+"""Running out of file descriptors: more MTA connections than the open-files limit allows.
+
+The filter is a real ``pytclmilter run`` process whose RLIMIT_NOFILE (soft and hard, so that it
+cannot lift it) is set low in the child before it starts; the flood is plain non-blocking
+connects that never send anything. On both event loops the filter must say so once, back off
+instead of spinning, keep serving the sessions it has, and accept again by itself when
+connections close.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import re
+import resource
+import socket
+import time
+
+import pytest
+
+from support.tclrun import ok, tclrun_factory
+
+tclrun = pytest.fixture(tclrun_factory, name="tclrun")
+
+SCRIPT = r"""
+package require TclMilter
+proc eom {ctx} { $ctx addheader X-Filtered yes; return SMFIS_CONTINUE }
+milter register eom eom
+milter main
+"""
+
+LIMIT = 128
+FLOOD = 400  # more clients than descriptors
+LOOPS = [pytest.param("uvloop", marks=pytest.mark.skipif(importlib.util.find_spec("uvloop") is None,
+                                                          reason="uvloop is not installed")),
+         "asyncio"]
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+def low_limit() -> None:
+    """In the child, before exec: soft and hard limit, so `run` cannot lift it to the hard one."""
+    resource.setrlimit(resource.RLIMIT_NOFILE, (LIMIT, LIMIT))
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / CLK_TCK
+
+
+def flood(port: int) -> list[socket.socket]:
+    socks = []
+    for _ in range(FLOOD):
+        s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        s.setblocking(False)
+        try:
+            s.connect(("127.0.0.1", port))
+        except BlockingIOError:
+            pass  # still connecting: the listen queue is full, the kernel retries the SYN
+        socks.append(s)
+    return socks
+
+
+def served(mta) -> None:
+    """The rest of a message on an open session: every step answered, the header added at eom."""
+    steps = mta.message()
+    assert ok(steps["mail"]) and all(ok(r) for r in steps["rcpt"]), steps
+    assert steps["eom"][-1][0] == "c" and ("h", b"X-Filtered\0yes\0") in steps["eom"], steps["eom"]
+
+
+@pytest.mark.parametrize("loop", LOOPS)
+def test_out_of_descriptors_is_one_warning_and_accepting_resumes_by_itself(tclrun, loop):
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < FLOOD + 64:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, 4096), hard))
+    # --backlog 32: the limit holds a full queue plus the margin, so no warning at start.
+    m = tclrun(SCRIPT, "--backlog", "32", env={"PYTCLMILTER_LOOP": loop}, preexec_fn=low_limit)
+    with m.mta() as early:
+        early.negotiate()
+        assert ok(early.connect())
+        clients = flood(m.port)
+        try:
+            warning = m.wait_for(r"WARNING: cannot accept connections: Too many open files \(open-files limit "
+                                 rf"{LIMIT}, (\d+) connections open\)[^\n]*\n", timeout=10)
+            assert LIMIT // 2 < int(warning.group(1)) < LIMIT, warning.group(0)
+            cpu_before, t0 = cpu_seconds(m.child.pid), time.monotonic()
+            served(early)  # established before the flood, served during it
+            time.sleep(4)  # clients still waiting: accept keeps failing, at most every RETRY
+            spent = cpu_seconds(m.child.pid) - cpu_before
+            elapsed = time.monotonic() - t0
+            assert spent < 0.25 * elapsed, f"{spent:.2f} s of CPU in {elapsed:.1f} s: accepting spins"
+            text = m.text
+            assert len(re.findall(r" WARNING: ", text)) == 1, text[-3000:]
+            assert "Traceback" not in text and " ERROR: " not in text, text[-3000:]
+        finally:
+            for s in clients:
+                s.close()
+    m.wait_for(r"INFO: accepting connections again \(\d+ failed accepts since the last warning\)", timeout=10)
+    with m.mta() as late:
+        late.negotiate()
+        assert ok(late.connect())
+        served(late)
+    assert m.stop() == 0
+    assert len(re.findall(r" WARNING: ", m.text)) == 1
+
+
+def test_an_open_files_limit_below_the_listen_queue_is_a_warning_at_start(tclrun):
+    m = tclrun(SCRIPT, preexec_fn=low_limit)  # the default backlog: up to 4096 queued connections
+    m.wait_for(rf"WARNING: the open-files limit is {LIMIT} descriptors, fewer than the \d+ that a full listen "
+               r"queue \(\d+ connections\) and the process's own files need", since=0)
+    assert m.stop() == 0
