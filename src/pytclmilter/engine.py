@@ -149,7 +149,7 @@ class ConnectionEngine:
         self.milter = milter
         self.registry: Registry = milter.registry
         self.session = FilterSession(emit_macros=False)
-        self.ctx = Context(conn_id, self.session.macros, self._progress)
+        self.ctx = Context(conn_id, self.session.macros, self._progress, self.session)
         self.name = self.ctx.name
         self.link = link
         self._out: list[bytes] = []
