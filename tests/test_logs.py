@@ -428,15 +428,18 @@ def test_continuation_lines_are_escaped_and_indented() -> None:
     assert guarded == "first\\x1b\n  Traceback\\r\n  File \\x" and logline.guard(guarded) == guarded
 
 
-def test_both_paths_write_the_same_guarded_line(run_logging) -> None:  # type: ignore[no-untyped-def]
-    """A line whose call site forgot to escape (an ESC and an LF in an argument) is written the
-    same by the direct path and through logging: the ESC escaped, the LF's line indented."""
+def test_both_paths_write_the_same_line_and_logging_guards_what_was_not_escaped(run_logging) -> None:  # type: ignore[no-untyped-def]
+    """Escaped arguments (the contract of logline.info) give the same line on the direct path and
+    through logging; a record whose call site forgot to escape (an ESC and an LF in an argument)
+    is guarded by the formatter: the ESC escaped, the LF's line indented."""
     log, stream, handler, emitted = run_logging
     log.handlers[:] = [handler]
-    logline.info(log, "%s: from=%s", "conn#1", "<a\x1b[2J@x>\nINFO: forged")
+    sender = "<a\x1b[2J@x>\nINFO: forged"
+    logline.info(log, "%s: from=%s", "conn#1", logline.escape(sender))
     handler.addFilter(lambda record: True)  # now logging's own path
-    logline.info(log, "%s: from=%s", "conn#1", "<a\x1b[2J@x>\nINFO: forged")
-    assert len(emitted) == 1
+    logline.info(log, "%s: from=%s", "conn#1", logline.escape(sender))
+    log.info("%s: from=%s", "conn#1", sender)
+    assert len(emitted) == 2
     lines = stream.getvalue().splitlines()
-    assert lines[:2] == lines[2:]
-    assert lines[0].endswith(r" INFO: conn#1: from=<a\x1b[2J@x>") and lines[1] == "  INFO: forged"
+    assert lines[0] == lines[1] and lines[0].endswith(r" INFO: conn#1: from=<a\x1b[2J@x>\nINFO: forged")
+    assert lines[2].endswith(r" INFO: conn#1: from=<a\x1b[2J@x>") and lines[3] == "  INFO: forged"

@@ -14,7 +14,7 @@ from __future__ import annotations
 import re
 from typing import Any, Callable, Final
 
-from .logline import escape
+from .logline import escape, isprintable
 from .protocol import events as ev
 from .protocol.codec import wire
 from .protocol.constants import MAX_DATA_SIZE, Action, MacroStage
@@ -89,7 +89,7 @@ def check_header(name: str, value: str) -> str:
     """Validate a header; returns the value with folding normalised to bare LF."""
     if not _HEADER_NAME.match(name):
         raise MilterError(f'invalid header name "{shown(name)}": must be printable ASCII, without colon or space')
-    if _VALUE_CONTROL.search(value) is None:  # nearly always: nothing to normalise
+    if isprintable(value) or _VALUE_CONTROL.search(value) is None:  # nearly always (isprintable: no regex call)
         return value
     value = _FOLD.sub("\n", value)
     bad = _NOT_FOLDING.search(value)
@@ -292,7 +292,7 @@ class Context:
             limit = MAX_DATA_SIZE
         else:
             negotiated = session.negotiated
-            if not (int(negotiated.actions) & flag):
+            if not (negotiated.reply.actions & flag):  # (the reply's plain int: int(Action) is a call)
                 raise MilterError(f"{what} needs the SMFIF_{Action(flag).name} action, which the MTA "
                                   "did not grant in option negotiation")
             limit = negotiated.max_payload
