@@ -73,7 +73,7 @@ def test_a_stuck_tcl_callback_is_stopped_and_answered_with_onerror(tclrun, case)
         assert 0.9 <= waited <= 4.0, waited
         m.wait_for(r"envfrom callback .* failed \((callback stopped after 1 s \(-calltimeout\)|limit exceeded)\), "
                    r"answering SMFIS_REJECT:", since=mark)  # vwait's wording: see the test below
-        m.wait_for(r"answering SMFIS_REJECT:\r?\n(time )?limit exceeded", since=mark)
+        m.wait_for(r"answering SMFIS_REJECT:\r?\n  (time )?limit exceeded", since=mark)
         # the same connection goes on: a callback just under the limit, then a whole message
         assert mta.mail("<slowok@example.org>")[0] == "c"
         assert full_message(mta)[0] == ("h", b"X-Filtered\0yes\0")

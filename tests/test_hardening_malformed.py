@@ -475,3 +475,18 @@ def test_malformed_sessions_against_pytclmilter_run(tclrun):
         assert problems == mine, (name, problems)
         assert sum(1 for ln in lines if ln == f"CLOSE ::tclmilter::ctx{bad_name[5:]}") == 1, (name, lines)
     assert m.stop() == 0
+
+
+def test_connect_before_option_negotiation_is_logged_as_such(caplog):
+    """A CONNECT as the first packet (no OPTNEG): the one log line says what happened, not
+    "after HELO" (the state libmilter falls back to), and the connection is closed."""
+    caplog.set_level(logging.DEBUG, logger=LOG)
+    with serving(every_event_milter()) as srv:
+        bad = open_mta(srv.address, False)
+        bad_name = wait_for(lambda: conn_name(caplog.records, bad.sock))
+        bad.send(b"C", connect_payload())
+        bad.expect_eof()
+        bad.close()
+    problems = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert problems == [f"{bad_name}: protocol error, closing the connection: "
+                        "command 'C' is not allowed before option negotiation"], problems

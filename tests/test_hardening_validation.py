@@ -15,8 +15,9 @@ import pytest
 from pytclmilter import CONTINUE, MilterError
 from pytclmilter.context import Context
 from pytclmilter.protocol.macros import MacroStore
-from support.engine import make_milter, serving, z
+from support.engine import ALL_PROTO, F_ADDHDRS, make_milter, serving, z
 from support.tclrun import TCL_HELPERS, ok, tclrun_factory
+from miltertest import constants as K
 
 tclrun = pytest.fixture(tclrun_factory, name="tclrun")
 
@@ -87,6 +88,39 @@ INVALID = {
     "chgfrom-args-nul": (lambda c: c.chgfrom("<a@example.org>", "RET=HDRS\0"), ["ESMTP"]),
     "quarantine-empty": (lambda c: c.quarantine(""), ["reason"]),
     "quarantine-nul": (lambda c: c.quarantine("a\0b"), ["NUL"]),
+    # RFC 5322 field names only: no UTF-8, no byte that was not UTF-8 (shown escaped)
+    "hdr-name-utf8": (lambda c: c.addheader("X-Ünï", "v"), ['"X-Ünï"', "ASCII"]),
+    "hdr-name-8bit-byte": (lambda c: c.addheader("X-\udcff", "v"), [r'"X-\xff"']),
+    "hdr-name-esc-shown-escaped": (lambda c: c.addheader("X\x1b[2J", "v"), [r'"X\x1b[2J"']),
+    # controls in values: only tab, and a newline that folds
+    "hdr-value-esc": (lambda c: c.addheader("X-A", "a\x1b[2Jb"), ['"X-A"', r"control character \x1b"]),
+    "hdr-value-del": (lambda c: c.addheader("X-A", "a\x7fb"), [r"\x7f"]),
+    "hdr-value-soh": (lambda c: c.addheader("X-A", "a\x01b"), [r"\x01"]),
+    "hdr-value-vt": (lambda c: c.insheader("X-A", "a\x0bb", 0), [r"\x0b"]),
+    "hdr-value-folded-then-esc": (lambda c: c.addheader("X-A", "a\n b\x1b"), [r"\x1b"]),
+    "chg-value-esc": (lambda c: c.chgheader("X-A", "\x1b", 1), [r"\x1b"]),
+    "quarantine-lf": (lambda c: c.quarantine("held\nINFO: forged"), ["reason", "LF"]),
+    "quarantine-cr": (lambda c: c.quarantine("held\r"), ["reason"]),
+    "quarantine-esc": (lambda c: c.quarantine("held\x1b[2J"), ["reason", "control"]),
+    "quarantine-del": (lambda c: c.quarantine("held\x7f"), ["reason"]),
+    "addrcpt-esc": (lambda c: c.addrcpt("<a\x1b@example.com>"), ["recipient", "control", r"\x1b"]),
+    "chgfrom-args-esc": (lambda c: c.chgfrom("<a@example.org>", "RET=\x1bHDRS"), ["ESMTP"]),
+    # packets larger than the MTA accepts (65535 bytes of data when no MDS bit is negotiated):
+    # refused at the call, as libmilter does (mi_wr_cmd), not sent to an MTA that would close
+    "hdr-too-big": (lambda c: c.addheader("X-Big", "x" * 65529), ["addheader", "65536", "65535"]),
+    "hdr-1mb": (lambda c: c.addheader("X-Big", "x" * 1_000_000), ["addheader", "65535"]),
+    "hdr-utf8-too-big": (lambda c: c.addheader("X-Big", "€" * 21843), ["65536", "65535"]),
+    "hdr-name-too-long": (lambda c: c.addheader("N" * 65533, "v"), ["addheader", "65536", "65535"]),
+    "ins-too-big": (lambda c: c.insheader("X-Big", "x" * 65525, 0), ["insheader", "65536"]),
+    "chg-too-big": (lambda c: c.chgheader("X-Big", "x" * 65525, 1), ["chgheader", "65536"]),
+    "addrcpt-too-big": (lambda c: c.addrcpt("<" + "a" * 70_000 + ">"), ["addrcpt", "65535"]),
+    "addrcpt-args-too-big": (lambda c: c.addrcpt("<a@b>", "X=" + "y" * 70_000), ["addrcpt", "65535"]),
+    "delrcpt-too-big": (lambda c: c.delrcpt("<" + "a" * 70_000 + ">"), ["delrcpt", "65535"]),
+    "chgfrom-too-big": (lambda c: c.chgfrom("<a@b>", "X=" + "y" * 70_000), ["chgfrom", "65535"]),
+    "quarantine-too-big": (lambda c: c.quarantine("r" * 65535), ["quarantine", "65536", "65535"]),
+    # a reply line is at most 980 bytes (libmilter's strlen), so that 32 of them always fit a packet
+    "text-980-chars-of-3-bytes": (lambda c: c.setreply("550", "5.7.1", "€" * 327), ["980 bytes"]),
+    "ml-32-lines-of-3-byte-chars": (lambda c: c.setmlreply("550", "5.7.1", *["€" * 980] * 32), ["980 bytes"]),
 }
 
 VALID = {
@@ -98,6 +132,8 @@ VALID = {
     "ml-32-lines": (lambda c: c.setmlreply("550", "5.7.1", *[f"l{i}" for i in range(32)]),
                     "\r\n".join(f"550{'-' if i < 31 else ' '}5.7.1 l{i}" for i in range(32))),
     "ml-percent": (lambda c: c.setmlreply("450", None, "a %% b"), "450 4.0.0 a %% b"),
+    "980-bytes-of-utf8": (lambda c: c.setreply("550", "5.7.1", "€" * 326 + "xx"), "550 5.7.1 " + "€" * 326 + "xx"),
+    "escape-and-del-in-reply": (lambda c: c.setreply("550", None, "a\x1bb\x7f"), "550 a\x1bb\x7f"),  # as libmilter
 }
 
 
@@ -128,6 +164,19 @@ def test_folded_header_values_are_accepted_and_sent_with_lf():
     ctx.insheader("X-Top", "a\r\n b", 0)
     ctx.chgheader("Subject", "new\n\tsubject", 1)
     assert [a.value for a in ctx.actions] == ["first\n\tsecond\n third", "a\n b", "new\n\tsubject"]
+
+
+def test_packets_of_exactly_the_limit_are_accepted():
+    """65535 bytes of data (the default packet size): a header's name, value and their NULs (and
+    the index of insheader/chgheader); a tab and 8-bit text in a value are fine."""
+    ctx = eom_context()
+    ctx.addheader("X-Big", "x" * 65528)
+    ctx.insheader("X-Big", "x" * 65524, 0)
+    ctx.chgheader("X-Big", "€" * 21841 + "x", 1)  # 65524 bytes of UTF-8
+    ctx.addheader("N" * 65532, "v")
+    ctx.quarantine("r" * 65534)
+    ctx.addheader("X-Tab", "a\tb \udcff")
+    assert len(ctx.actions) == 6
 
 
 # ---------------------------------------------------------------- through Tcl, with the wire checked
@@ -163,6 +212,17 @@ TCL_CASES = {
     "from-cr": (r"$ctx chgfrom <s@example.org>\r", ["sender"]),
     "from-args": (r"$ctx chgfrom <s@example.org> RET=HDRS\n", ["ESMTP"]),
     "quarantine-empty": (r"$ctx quarantine {}", ["reason"]),
+    "name-utf8": (r"$ctx addheader X-Ünï v", ['"X-Ünï"', "ASCII"]),
+    "value-esc": (r"$ctx addheader X-A a\x1b\[2Jb", ['"X-A"', r"control character \x1b"]),
+    "value-del": (r"$ctx insheader X-A 0 a\x7fb", [r"\x7f"]),
+    "value-soh": (r"$ctx chgheader X-A a\x01b", [r"\x01"]),
+    "quarantine-lf": (r"$ctx quarantine held\nx", ["reason"]),
+    "quarantine-esc": (r"$ctx quarantine held\x1b", ["reason"]),
+    "header-too-big": (r"$ctx addheader X-Big [string repeat x 65529]", ["addheader", "65536", "65535"]),
+    "name-too-long": (r"$ctx addheader [string repeat N 65533] v", ["addheader", "65536", "65535"]),
+    "quarantine-too-big": (r"$ctx quarantine [string repeat r 65535]", ["quarantine", "65536"]),
+    "reply-bytes": (r"$ctx setreply 550 5.7.1 [string repeat € 327]", ["980 bytes"]),
+    "index-u32": (r"$ctx chgheader X-A 4294967296 v", ["bad index 4294967296: must be 0 to 4294967295"]),
 }
 
 TCL_VALID = r"""
@@ -280,3 +340,110 @@ def test_a_bad_delete_does_not_tempfail_the_message_on_the_wire():
         final = mta.eom()
     assert errors, "the call should have failed"
     assert final == [(b"h", z("X-Filtered", "yes")), (b"c", b"")], final
+
+
+# ---------------------------------------------------------------- what the MTA negotiated, checked at the call
+
+P_MDS_1M = 0x20000000
+MDS_1M = 1048575
+
+
+def test_a_modification_the_mta_did_not_grant_fails_at_the_call_naming_the_flag():
+    """An MTA that grants only SMFIF_ADDHDRS (as one configured so would): every other
+    modification raises MilterError in the callback, naming the flag; the message is not
+    tempfailed at end of message, and what was granted goes out."""
+    m = make_milter()
+    errors = {}
+
+    @m.register("eom")
+    def eom(ctx):
+        for what, call in [
+            ("chgheader", lambda: ctx.chgheader("Subject", "x")),
+            ("addrcpt", lambda: ctx.addrcpt("<new@example.com>")),
+            ("addrcpt-par", lambda: ctx.addrcpt("<new@example.com>", "NOTIFY=NEVER")),
+            ("delrcpt", lambda: ctx.delrcpt("<b@example.com>")),
+            ("chgfrom", lambda: ctx.chgfrom("<new@example.org>")),
+            ("quarantine", lambda: ctx.quarantine("held")),
+            ("replacebody", lambda: ctx.replacebody(b"new body")),
+        ]:
+            try:
+                call()
+            except MilterError as exc:
+                errors[what] = str(exc)
+        ctx.insheader("X-Top", "1", 0)
+        ctx.addheader("X-Filtered", "yes")
+        return CONTINUE
+
+    with serving(m) as srv, srv.raw(actions=F_ADDHDRS) as mta:
+        mta.envelope()
+        final = mta.eom()
+    assert final == [(b"i", b"\0\0\0\0" + z("X-Top", "1")), (b"h", z("X-Filtered", "yes")), (b"c", b"")], final
+    flags = {"chgheader": "CHGHDRS", "addrcpt": "ADDRCPT", "addrcpt-par": "ADDRCPT_PAR", "delrcpt": "DELRCPT",
+             "chgfrom": "CHGFROM", "quarantine": "QUARANTINE", "replacebody": "CHGBODY"}
+    assert set(errors) == set(flags), errors
+    for what, flag in flags.items():
+        assert errors[what] == (f"{what.split('-')[0]} needs the SMFIF_{flag} action, which the MTA did not "
+                                "grant in option negotiation"), errors[what]
+
+
+def test_the_packet_size_is_the_one_negotiated():
+    """A 200 kB header value: refused at the call when the MTA takes the default 65535 bytes, sent
+    as one packet when it agreed to 1 MB (SMFIP_MDS_1M); a body of any size is split as before."""
+    big = "x" * 200_000
+    m = make_milter(max_data_size=MDS_1M)
+    errors = []
+
+    @m.register("eom")
+    def eom(ctx):
+        try:
+            ctx.addheader("X-Big", big)
+        except MilterError as exc:
+            errors.append(str(exc))
+        ctx.replacebody(b"y" * 150_000)
+        return CONTINUE
+
+    with serving(m) as srv:
+        with srv.raw() as mta:  # no MDS bit offered
+            mta.envelope()
+            default = mta.eom()
+        with srv.raw(protocol=ALL_PROTO | P_MDS_1M) as mta:
+            assert mta.negotiated[2] & P_MDS_1M
+            mta.envelope()
+            one_mb = mta.eom()
+    assert errors == ["addheader: a packet of 200007 bytes of data, more than the 65535 the MTA accepts"]
+    assert [code for code, _ in default] == [b"b", b"b", b"b", b"c"], [c for c, _ in default]
+    assert one_mb[0] == (b"h", z("X-Big", big)) and [code for code, _ in one_mb[1:]] == [b"b", b"b", b"b", b"c"]
+
+
+TCL_NOT_GRANTED = TCL_HELPERS + r"""
+package require TclMilter
+proc eom {ctx} {
+    T chgfrom {$ctx chgfrom <new@example.org>}
+    T quarantine {$ctx quarantine held}
+    T replacebody {$ctx replacebody x}
+    T chgheader {$ctx chgheader Subject x}
+    T big {$ctx addheader X-Big [string repeat x 1000000]}
+    if {[catch {$ctx addrcpt <new@example.com>} msg]} { R caught $msg }
+    $ctx addheader X-Ok yes
+    return SMFIS_CONTINUE
+}
+milter register eom eom
+milter main
+"""
+
+
+def test_tcl_gets_a_catchable_error_for_an_action_not_granted_or_a_packet_too_big(tclrun):
+    m = tclrun(TCL_NOT_GRANTED)
+    with m.mta() as mta:
+        mta.negotiate(actions=K.SMFIF_ADDHDRS)
+        final = mta.message()["eom"]
+    assert m.stop() == 0
+    r = m.results()
+    not_granted = "needs the SMFIF_{} action, which the MTA did not grant in option negotiation"
+    assert r["chgfrom"] == "ERR chgfrom " + not_granted.format("CHGFROM")
+    assert r["quarantine"] == "ERR quarantine " + not_granted.format("QUARANTINE")
+    assert r["replacebody"] == "ERR replacebody " + not_granted.format("CHGBODY")
+    assert r["chgheader"] == "ERR chgheader " + not_granted.format("CHGHDRS")
+    assert r["caught"] == "addrcpt " + not_granted.format("ADDRCPT")
+    assert r["big"] == "ERR addheader: a packet of 1000007 bytes of data, more than the 65535 the MTA accepts"
+    assert final == [("h", b"X-Ok\0yes\0"), ("c", b"")], final

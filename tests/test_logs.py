@@ -6,6 +6,8 @@ import asyncio
 import io
 import logging
 import os
+import re
+import socket
 import threading
 import time
 from collections.abc import Callable
@@ -14,6 +16,9 @@ import pytest
 
 from pytclmilter import logline
 from pytclmilter.commands.logs import STDERR_FORMAT, CoalescingStreamHandler, LeanLogRecord, LineFormatter
+from support.tclrun import tclrun_factory
+
+tclrun = pytest.fixture(tclrun_factory, name="tclrun")
 
 
 class Stream(io.StringIO):
@@ -123,7 +128,8 @@ def test_the_stderr_line_is_what_the_standard_formatter_writes() -> None:
         failed = logging.LogRecord("pytclmilter", logging.ERROR, "", 0, "callback failed", (), sys.exc_info())
     failed.process = 4242
     text = ours.format(failed)
-    assert text.startswith(standard.formatTime(failed)) and "ERROR: callback failed\nTraceback" in text
+    # (continuation lines are indented: logline.guard)
+    assert text.startswith(standard.formatTime(failed)) and "ERROR: callback failed\n  Traceback" in text
     assert text.rstrip().endswith("ValueError: boom")
 
 
@@ -245,3 +251,195 @@ def test_a_line_goes_through_logging_when_anything_else_could_see_it(
     finally:
         if parent is not None:
             parent.handlers[:] = kept
+
+
+# ---------------------------------------------------------------- text from the MTA and the script
+
+#: A whole forged verdict line, as a client host name, sender or header value could carry it
+#: (CR and LF), followed by a terminal escape sequence, BEL, DEL and SOH.
+FORGED = "\r\n2001-01-01 00:00:00,000 pytclmilter[1] INFO: conn#9: verdict accept at eom client=x from=<x>"
+FORGED_SHOWN = r"\r\n2001-01-01 00:00:00,000 pytclmilter[1] INFO: conn#9: verdict accept at eom client=x from=<x>"
+HOST = "evil" + FORGED + "\x1b[2J\x7f\x01"
+HOST_SHOWN = r"evil" + FORGED_SHOWN + r"\x1b[2J\x7f\x01"
+SENDER = "<reject" + FORGED + "\x1b]0;t\x07\x7f\x01@example.org>"
+SENDER_SHOWN = r"<reject" + FORGED_SHOWN + r"\x1b]0;t\x07\x7f\x01@example.org>"
+VALUE = "v" + FORGED + "\x1b[31m\x7f\x01\\"
+VALUE_SHOWN = r"v" + FORGED_SHOWN + r"\x1b[31m\x7f\x01\\"
+REPLY_SHOWN = r'reply="550 5.7.1 no\x1b[31m\x7f\x01\\ thanks"'  # CR, LF and NUL: refused by setreply
+STDERR_LINE = re.compile(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} pytclmilter\[\d+\] (DEBUG|INFO|WARNING|ERROR): ")
+
+LOGGING_TCL = r"""
+package require TclMilter
+milter configure -name "Evil\x1b\[2J\x7fName"
+proc from {ctx argv} {
+    if {[string match <reject* [lindex $argv 0]]} {
+        $ctx setreply 550 5.7.1 "no\x1b\[31m\x7f\x01\\ thanks"
+        return SMFIS_REJECT
+    }
+    return SMFIS_CONTINUE
+}
+proc rcpt {ctx argv} { return "no\0status\n2001-01-01 00:00:00,000 pytclmilter\[1\] INFO: forged" }
+milter register connect {apply {{ctx host addr} { return SMFIS_CONTINUE }}}
+milter register envfrom from
+milter register envrcpt rcpt
+milter register header {apply {{ctx name value} {
+    if {$name eq "X-Bad"} { error "bad header value: $value\0" }
+    return SMFIS_CONTINUE
+}}}
+milter main
+"""
+
+
+def test_mta_and_script_text_is_escaped_on_stderr(tclrun) -> None:  # type: ignore[no-untyped-def]
+    """`pytclmilter run` to stderr: CR, LF, ESC, BEL, DEL and SOH in a client host name, a sender,
+    a setreply text, a header value quoted by a Tcl error (with a NUL), a callback's result, a
+    callback name and -name reach the log as backslash escapes; Tcl's errorInfo keeps its lines,
+    indented; no line of the log is anything but a line of ours or an indented continuation."""
+    m = tclrun(LOGGING_TCL)
+    assert m.name == r"Evil\x1b[2J\x7fName"  # the listening line (stdout)
+    with m.mta() as mta:
+        mta.negotiate()
+        assert mta.connect(hostname=HOST) == ("c", {})
+        assert mta.helo() == "skipped"
+        assert mta.event_raw("M", (SENDER + "\0").encode())[0] == "y"
+        assert mta.mail("<ok@example.org>") == ("c", {})
+        assert mta.rcpt("<r@example.com>") == ("c", {})
+        assert mta.data() == "skipped"
+        assert mta.header("X-Bad", VALUE) in ("noreply", ("c", {}))
+        assert mta.eom() == [("t", b"")]  # the header callback's failure: -onerror
+    m.wait_for(r"verdict tempfail at header")
+    assert m.stop() == 0
+    text = m.text  # (the pty's CR LF line ends made LF)
+    assert not re.search(r"[\x00-\x09\x0b-\x1f\x7f]", text), [c for c in text if ord(c) < 32 and c != "\n"]
+    lines = text.splitlines()
+    for line in lines:
+        assert STDERR_LINE.match(line) or line.startswith((" ", "pytclmilter: ")), line
+    assert any(line.endswith(
+        f"INFO: conn#1: verdict reject at envfrom client={HOST_SHOWN}[192.0.2.7] from={SENDER_SHOWN} {REPLY_SHOWN}")
+        for line in lines), text
+    assert any(line.endswith(
+        r'WARNING: conn#1: envrcpt callback rcpt returned "no\x00status\n2001-01-01 00:00:00,000 '
+        r'pytclmilter[1] INFO: forged", not a status; treated as continue') for line in lines), text
+    error = next(i for i, line in enumerate(lines) if " ERROR: conn#1: header callback " in line)
+    assert lines[error].endswith(
+        r'header callback apply {{ctx name value} {\n    if {$name eq "X-Bad"} { error "bad header value: '
+        r'$value\\0" }\n    return SMFIS_CONTINUE\n}} failed (bad header value: ' + VALUE_SHOWN +
+        r"\x00), answering SMFIS_TEMPFAIL:"), lines[error]
+    info = lines[error + 1:lines.index(next(line for line in lines[error + 1:] if not line.startswith(" ")))]
+    # errorInfo: the message first, its LF (a line break to errorInfo) a line break of the log,
+    # the forged line indented like every continuation line; then Tcl's own lines
+    assert info[:2] == [r"  bad header value: v\r",
+                        "  " + FORGED_SHOWN[4:] + r"\x1b[31m\x7f\x01\\\x00"], info
+    assert info[2:4] == ["    while executing", r'  "error "bad header value: $value\\0" "'], info
+    assert any(line.endswith(f"INFO: Evil\\x1b[2J\\x7fName stopped; verdicts: reject=1, tempfail=1, "
+                             "callback errors=1") for line in lines), text
+
+
+@pytest.fixture
+def syslog_socket(tmp_path, monkeypatch):  # type: ignore[no-untyped-def]
+    """`pytclmilter run --syslog`'s logging set-up, with a datagram socket of the test's own as
+    /dev/log; the root logger and logging's settings restored afterwards."""
+    from pytclmilter.commands import logs
+
+    path = tmp_path / "log"
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(str(path))
+    sock.settimeout(5)
+    monkeypatch.setattr(logs, "SYSLOG_SOCKET", str(path))
+    root = logging.getLogger()
+    kept = list(root.handlers), root.level, logging.getLogRecordFactory()
+    logs.setup_logging("info", syslog=True)
+    try:
+        yield sock
+    finally:
+        for handler in root.handlers:
+            handler.close()
+        root.handlers[:], level, factory = kept
+        root.setLevel(level)
+        logging.setLogRecordFactory(factory)
+        logline.set_sink(None)
+        sock.close()
+
+
+def test_mta_and_script_text_is_escaped_through_syslog(syslog_socket) -> None:  # type: ignore[no-untyped-def]
+    """--syslog: the same escapes in each datagram (a client host name, a sender, a reply text,
+    a header value in a Python exception, with a NUL), and the traceback's lines indented."""
+    from pytclmilter import CONTINUE, REJECT
+    from support.engine import make_milter, serving, z
+
+    m = make_milter()
+
+    @m.register("envfrom")
+    def envfrom(ctx, args):  # type: ignore[no-untyped-def]
+        if args[0].startswith("<reject"):
+            ctx.setreply("550", "5.7.1", "no\x1b[31m\x7f\x01\\ thanks")
+            return REJECT
+        return CONTINUE
+
+    @m.register("header")
+    def header(ctx, name, value):  # type: ignore[no-untyped-def]
+        raise ValueError(f"bad header value: {value}\0")
+
+    with serving(m) as srv, srv.raw() as mta:
+        assert mta.connect(host=HOST) == (b"c", b"")
+        assert mta.command(b"M", z(SENDER))[0] == b"y"
+        assert mta.mail("<ok@example.org>") == (b"c", b"")
+        assert mta.rcpt() == (b"c", b"")
+        mta.send(b"L", z("X-Bad", VALUE))  # no reply: the MTA offered SMFIP_NR_HDR
+        assert mta.eom() == [(b"t", b"")]
+    records = []
+    while not any("stopped; verdicts" in r for r in records):
+        data, _ = syslog_socket.recvfrom(65536)
+        assert data.startswith(b"<") and data.endswith(b"\0")
+        records.append(data[:-1].decode())
+    for record in records:
+        assert not re.search(r"[\x00-\x09\x0b-\x1f\x7f]", record), record
+        assert all(line.startswith(" ") for line in record.split("\n")[1:]), record
+    assert f"<22>pytclmilter[{os.getpid()}]: INFO: conn#1: verdict reject at envfrom client={HOST_SHOWN}[192.0.2.1] " \
+           f"from={SENDER_SHOWN} {REPLY_SHOWN}" in records, records
+    failed = next(r for r in records if "header callback" in r).split("\n")
+    assert failed[0] == (f"<19>pytclmilter[{os.getpid()}]: ERROR: conn#1: header callback "
+                         "test_mta_and_script_text_is_escaped_through_syslog.<locals>.header failed "
+                         rf"(bad header value: {VALUE_SHOWN}\x00), answering SMFIS_TEMPFAIL:")
+    assert failed[1] == "  Traceback (most recent call last):"
+    # the message's LF is a line break of the traceback: the forged line is indented like the others
+    assert failed[-2:] == [r"  ValueError: bad header value: v\r",
+                           "  " + FORGED_SHOWN[4:] + r"\x1b[31m\x7f\x01\\\x00"], failed
+
+
+@pytest.mark.parametrize("text, shown", [
+    ("plain <a@example.org> Ünïcödé", "plain <a@example.org> Ünïcödé"),
+    ("cr\r lf\n esc\x1b nul\x00 del\x7f soh\x01 tab\t bs\\", r"cr\r lf\n esc\x1b nul\x00 del\x7f soh\x01 tab\t bs\\"),
+    ("byte \udcff not UTF-8", r"byte \xff not UTF-8"),  # (as codec.text keeps it)
+    ("c1 \x85 ls \u2028 bidi \u202e tag \U000e0041", r"c1 \u0085 ls \u2028 bidi \u202e tag \U000e0041"),
+])
+def test_the_escape_rule(text: str, shown: str) -> None:
+    """logline.escape, as documented in logline's docstring: one line, unambiguous (a backslash
+    is doubled), UTF-8 letters as they are."""
+    assert logline.escape(text) == shown
+    assert "\n" not in logline.escape(text) and logline.escape(text).isprintable()
+
+
+def test_continuation_lines_are_escaped_and_indented() -> None:
+    assert logline.escape_lines("boom\x1b\n    while executing\n\"x\\y\"") == \
+        "  boom\\x1b\n    while executing\n  \"x\\\\y\""
+    # the formatter's guard: controls escaped, backslashes left (escaped already), idempotent
+    guarded = logline.guard("first\x1b\nTraceback\r\n  File \\x")
+    assert guarded == "first\\x1b\n  Traceback\\r\n  File \\x" and logline.guard(guarded) == guarded
+
+
+def test_both_paths_write_the_same_line_and_logging_guards_what_was_not_escaped(run_logging) -> None:  # type: ignore[no-untyped-def]
+    """Escaped arguments (the contract of logline.info) give the same line on the direct path and
+    through logging; a record whose call site forgot to escape (an ESC and an LF in an argument)
+    is guarded by the formatter: the ESC escaped, the LF's line indented."""
+    log, stream, handler, emitted = run_logging
+    log.handlers[:] = [handler]
+    sender = "<a\x1b[2J@x>\nINFO: forged"
+    logline.info(log, "%s: from=%s", "conn#1", logline.escape(sender))
+    handler.addFilter(lambda record: True)  # now logging's own path
+    logline.info(log, "%s: from=%s", "conn#1", logline.escape(sender))
+    log.info("%s: from=%s", "conn#1", sender)
+    assert len(emitted) == 2
+    lines = stream.getvalue().splitlines()
+    assert lines[0] == lines[1] and lines[0].endswith(r" INFO: conn#1: from=<a\x1b[2J@x>\nINFO: forged")
+    assert lines[2].endswith(r" INFO: conn#1: from=<a\x1b[2J@x>") and lines[3] == "  INFO: forged"

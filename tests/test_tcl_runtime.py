@@ -315,7 +315,8 @@ def test_callback_error_is_logged_with_errorinfo_and_tempfailed(tclrun):
     out = m.text
     at = out.index("boom 42")
     info = out[at:]
-    for piece in ['while executing\n"error "boom $x"', '(procedure "inner" line 1)', 'invoked from within\n"inner 42"',
+    # (errorInfo's lines follow the line, indented: logline.escape_lines)
+    for piece in ['while executing\n  "error "boom $x"', '(procedure "inner" line 1)', 'invoked from within\n  "inner 42"',
                   '(procedure "helo" line 2)']:
         assert piece in info, (piece, info)
     assert "helo" in out[:at].splitlines()[-1]  # the log line names the callback

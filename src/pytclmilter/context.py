@@ -2,8 +2,11 @@
 
 Method names are TclMilter's (``getpriv``, ``addheader`` ...). What a filter
 asks for is validated here, so a bad reply code or header name is a clear
-error in the callback that made it and never a malformed packet on the wire.
-Modifications are collected and written together with the final reply.
+error in the callback that made it and never a malformed packet on the wire:
+control characters, header names that are not RFC 5322 field names, a
+modification whose action the MTA did not grant, or whose packet would be
+larger than the MTA accepts. Modifications are collected and written together
+with the final reply.
 """
 
 from __future__ import annotations
@@ -11,10 +14,12 @@ from __future__ import annotations
 import re
 from typing import Any, Callable, Final
 
+from .logline import escape, isprintable
 from .protocol import events as ev
 from .protocol.codec import wire
-from .protocol.constants import MacroStage
+from .protocol.constants import MAX_DATA_SIZE, Action, MacroStage
 from .protocol.macros import MacroStore
+from .protocol.session import FilterSession
 
 
 class MilterError(ValueError):
@@ -24,12 +29,23 @@ class MilterError(ValueError):
 _MISSING: Final[Any] = object()
 _RCODE: Final = re.compile(r"[45][0-9][0-9]\Z")
 _XCODE: Final = re.compile(r"[245]\.[0-9]{1,3}\.[0-9]{1,3}\Z")
-_HEADER_NAME: Final = re.compile(r"[\x21-\x39\x3b-\x7e\x80-\U0010ffff]+\Z")
+#: RFC 5322 3.6.8 field-name: printable US-ASCII but colon (33-57, 59-126), so no UTF-8 either.
+#: libmilter has no length limit of its own for a name (smfi_header in smfi.c checks only that it
+#: is not empty): the whole packet must fit, as for every modification (see Context._granted).
+_HEADER_NAME: Final = re.compile(r"[\x21-\x39\x3b-\x7e]+\Z")
+#: In a header value: any C0 control but tab, and DEL (LF is allowed only to fold a line).
+_VALUE_CONTROL: Final = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
 _FOLD: Final = re.compile(r"\r?\n(?=[ \t])")
-_BARE_LF: Final = re.compile(r"\n(?![ \t])")
+#: What must not be left once folds are LF + white space: a control but tab, or an LF that does not fold.
+_NOT_FOLDING: Final = re.compile(r"[\x00-\x08\x0b-\x1f\x7f]|\n(?![ \t])")
+#: In an address, ESMTP arguments or a quarantine reason (one line of text): any C0 control, DEL.
+_CONTROL: Final = re.compile(r"[\x00-\x1f\x7f]")
 _LONE_PERCENT: Final = re.compile(r"(?<!%)%(?:%%)*(?!%)")
+#: libmilter's MAXREPLYLEN (bytes, as its strlen counts) and MAXREPLIES (smfi.c). 32 lines of 980
+#: bytes with their codes make 32 KB at most: a reply always fits the smallest packet size (65535).
 MAX_REPLY_LINE: Final = 980
 MAX_REPLY_LINES: Final = 32
+_SHOWN: Final = 60  # characters of a refused string quoted in an error message
 
 
 def tcl_glob(pattern: str) -> re.Pattern[str]:
@@ -58,52 +74,69 @@ def tcl_glob(pattern: str) -> re.Pattern[str]:
     return re.compile("".join(out) + r"\Z", re.S)
 
 
+def shown(text: str) -> str:
+    """A refused string as an error message quotes it: its start only, escaped (logline.escape),
+    so that the message stays one short line wherever it is printed or logged."""
+    return escape(text if len(text) <= _SHOWN else text[:_SHOWN] + "...")
+
+
+def wire_size(text: str) -> int:
+    """Bytes of ``text`` on the wire (see codec.wire)."""
+    return len(text) if text.isascii() else len(wire(text))
+
+
 def check_header(name: str, value: str) -> str:
     """Validate a header; returns the value with folding normalised to bare LF."""
     if not _HEADER_NAME.match(name):
-        raise MilterError(f'invalid header name "{name}": must be printable, without colon or space')
-    if "\n" not in value and "\r" not in value and "\0" not in value:  # one line: nothing to check
+        raise MilterError(f'invalid header name "{shown(name)}": must be printable ASCII, without colon or space')
+    if isprintable(value) or _VALUE_CONTROL.search(value) is None:  # nearly always (isprintable: no regex call)
         return value
     value = _FOLD.sub("\n", value)
-    if "\r" in value or _BARE_LF.search(value) or "\0" in value:
-        raise MilterError(f'invalid value for header "{name}": CR and LF are allowed only to fold a line')
+    bad = _NOT_FOLDING.search(value)
+    if bad is not None:
+        char = bad.group()[0]
+        if char == "\r" or char == "\n":
+            raise MilterError(f'invalid value for header "{shown(name)}": CR and LF are allowed only to fold a line')
+        raise MilterError(f'invalid value for header "{shown(name)}": control character {escape(char)} '
+                          "(tabs are allowed, and a newline only to fold a line)")
     return value
 
 
 def check_index(index: int) -> int:
-    if not 0 <= index <= 0xFFFFFFFF:
+    if not 0 <= index <= 0xFFFFFFFF:  # the protocol's u32
         raise MilterError(f"bad index {index}: must be 0 to 4294967295")
     return index
 
 
 def check_address(address: str, what: str = "address") -> str:
-    if not address or any(c in address for c in "\r\n\0"):
-        raise MilterError(f'invalid {what} "{address}": must be non-empty, without CR, LF or NUL')
+    if not address or _CONTROL.search(address):
+        raise MilterError(f'invalid {what} "{shown(address)}": must be non-empty, '
+                          "without CR, LF, NUL or other control characters")
     return address
 
 
 def check_args(args: str | None) -> str | None:
-    if args is not None and any(c in args for c in "\r\n\0"):
-        raise MilterError("invalid ESMTP arguments: no CR, LF or NUL")
+    if args is not None and _CONTROL.search(args):
+        raise MilterError("invalid ESMTP arguments: no CR, LF, NUL or other control characters")
     return args
 
 
 def _reply_line(text: str) -> str:
-    if len(text) > MAX_REPLY_LINE:
-        raise MilterError(f"reply text longer than {MAX_REPLY_LINE} characters")
+    if wire_size(text) > MAX_REPLY_LINE:
+        raise MilterError(f"reply text longer than {MAX_REPLY_LINE} bytes")
     if "\r" in text or "\n" in text or "\0" in text:
         raise MilterError("reply text must not contain CR, LF or NUL")
     if _LONE_PERCENT.search(text):
         # Sendmail formats replies printf-style and Postfix drops a lone %: write %% for a percent sign.
-        raise MilterError(f'reply text "{text}": a lone % must be written %%')
+        raise MilterError(f'reply text "{shown(text)}": a lone % must be written %%')
     return text
 
 
 def _check_codes(rcode: str, xcode: str | None) -> None:
     if not _RCODE.match(rcode):
-        raise MilterError(f'invalid reply code "{rcode}": must be 4xx or 5xx')
+        raise MilterError(f'invalid reply code "{shown(rcode)}": must be 4xx or 5xx')
     if xcode and not _XCODE.match(xcode):
-        raise MilterError(f'invalid extended code "{xcode}": must be like 5.7.1')
+        raise MilterError(f'invalid extended code "{shown(xcode)}": must be like 5.7.1')
     if xcode and xcode[0] != rcode[0]:
         raise MilterError(f'extended code "{xcode}" does not match reply code "{rcode}"')
 
@@ -131,6 +164,26 @@ def build_mlreply(rcode: str, xcode: str | None, lines: list[str]) -> str:
     return "\r\n".join(f"{rcode}{'-' if i < last else ' '}{xcode} {_reply_line(t)}" for i, t in enumerate(lines))
 
 
+_ADDHDRS: Final = int(Action.ADDHDRS)
+_CHGHDRS: Final = int(Action.CHGHDRS)
+_ADDRCPT: Final = int(Action.ADDRCPT)
+_ADDRCPT_PAR: Final = int(Action.ADDRCPT_PAR)
+_DELRCPT: Final = int(Action.DELRCPT)
+_CHGFROM: Final = int(Action.CHGFROM)
+_CHGBODY: Final = int(Action.CHGBODY)
+_QUARANTINE: Final = int(Action.QUARANTINE)
+
+
+def _header_size(name: str, value: str, index: int) -> int:
+    """Data bytes of a header packet: [u32 index,] name NUL value NUL (the name is ASCII)."""
+    return index + len(name) + wire_size(value) + 2
+
+
+def _strings_size(first: str, second: str | None = None) -> int:
+    """Data bytes of a packet of one or two NUL-terminated strings."""
+    return wire_size(first) + 1 + (0 if second is None else wire_size(second) + 1)
+
+
 class Context:
     """One MTA connection as the callbacks see it; private data lives as long as the connection."""
 
@@ -146,9 +199,11 @@ class Context:
         "symlists",
         "_progress",
         "tcl_command",
+        "session",
     )
 
-    def __init__(self, conn_id: int, macros: MacroStore, progress: Callable[[], None] | None = None) -> None:
+    def __init__(self, conn_id: int, macros: MacroStore, progress: Callable[[], None] | None = None,
+                 session: FilterSession | None = None) -> None:
         self.id = conn_id
         self.name = f"conn#{conn_id}"
         self.stage = ""
@@ -160,6 +215,9 @@ class Context:
         self.symlists: dict[MacroStage, str] = {}
         self._progress = progress
         self.tcl_command = ""
+        #: The connection's protocol state: what the MTA granted and its packet size, checked at
+        #: each modification (None: a context without a connection grants all, 65535 bytes).
+        self.session = session
 
     def __repr__(self) -> str:
         return f"<Context {self.name} stage={self.stage or '-'}>"
@@ -208,7 +266,7 @@ class Context:
             st = MacroStage[stage.upper()] if isinstance(stage, str) and not stage.isdigit() else MacroStage(int(stage))
         except (KeyError, ValueError):
             raise MilterError(
-                f'bad stage "{stage}": must be 0-6 or connect, helo, envfrom, envrcpt, data, eom, eoh'
+                f'bad stage "{shown(str(stage))}": must be 0-6 or connect, helo, envfrom, envrcpt, data, eom, eoh'
             ) from None
         if st in self.symlists:
             raise MilterError(f"the macro list for {st.name.lower()} was already set")
@@ -221,41 +279,71 @@ class Context:
             where = f"the {stage} callback"
             raise MilterError(f"{what} is allowed only in {where} (called in {self.stage or 'no callback'})")
 
-    def _act(self, what: str, action: ev.Reply) -> None:
+    def _granted(self, what: str, flag: int, size: int = 0) -> None:
+        """The MTA granted ``flag`` in option negotiation, and a packet of ``size`` bytes of data
+        fits the size it accepts: as libmilter, refused at the call, not at end of message.
+
+        libmilter's mi_wr_cmd (comm.c) refuses to write a packet larger than MILTER_CHUNK_SIZE
+        (the call fails, nothing is sent), and Sendmail closes the connection on one larger than
+        its maximum data size; that size is the one negotiated (65535 unless an MDS bit was).
+        """
+        session = self.session
+        if session is None:
+            limit = MAX_DATA_SIZE
+        else:
+            negotiated = session.negotiated
+            if not (negotiated.reply.actions & flag):  # (the reply's plain int: int(Action) is a call)
+                raise MilterError(f"{what} needs the SMFIF_{Action(flag).name} action, which the MTA "
+                                  "did not grant in option negotiation")
+            limit = negotiated.max_payload
+        if size > limit:
+            raise MilterError(f"{what}: a packet of {size} bytes of data, more than the {limit} the MTA accepts")
+
+    def _act(self, what: str, action: ev.Reply, flag: int, size: int) -> None:
         self._require("eom", what)
+        self._granted(what, flag, size)
         self.actions.append(action)
 
     def addheader(self, name: str, value: str) -> None:
-        self._act("addheader", ev.AddHeader(name, check_header(name, value)))
+        value = check_header(name, value)
+        self._act("addheader", ev.AddHeader(name, value), _ADDHDRS, _header_size(name, value, 0))
 
     def chgheader(self, name: str, value: str, index: int = 1) -> None:
         """Change the index-th header of that name; an empty value deletes it."""
-        self._act("chgheader", ev.ChangeHeader(check_index(index), name, check_header(name, value)))
+        value = check_header(name, value)
+        self._act("chgheader", ev.ChangeHeader(check_index(index), name, value), _CHGHDRS,
+                  _header_size(name, value, 4))
 
     def insheader(self, name: str, value: str, index: int = 0) -> None:
-        self._act("insheader", ev.InsertHeader(check_index(index), name, check_header(name, value)))
+        value = check_header(name, value)
+        self._act("insheader", ev.InsertHeader(check_index(index), name, value), _ADDHDRS,
+                  _header_size(name, value, 4))
 
     def addrcpt(self, rcpt: str, args: str | None = None) -> None:
-        self._act("addrcpt", ev.AddRecipient(check_address(rcpt, "recipient"), check_args(args)))
+        action = ev.AddRecipient(check_address(rcpt, "recipient"), check_args(args))
+        self._act("addrcpt", action, _ADDRCPT if args is None else _ADDRCPT_PAR, _strings_size(rcpt, args))
 
     def delrcpt(self, rcpt: str) -> None:
-        self._act("delrcpt", ev.DeleteRecipient(check_address(rcpt, "recipient")))
+        self._act("delrcpt", ev.DeleteRecipient(check_address(rcpt, "recipient")), _DELRCPT, _strings_size(rcpt))
 
     def chgfrom(self, sender: str, args: str | None = None) -> None:
-        self._act("chgfrom", ev.ChangeFrom(check_address(sender, "sender"), check_args(args)))
+        action = ev.ChangeFrom(check_address(sender, "sender"), check_args(args))
+        self._act("chgfrom", action, _CHGFROM, _strings_size(sender, args))
 
     def replacebody(self, data: bytes | str) -> None:
-        """Append to the new body (calls add up, as in libmilter); str is sent as UTF-8."""
+        """Append to the new body (calls add up, as in libmilter); str is sent as UTF-8. Any size:
+        it goes out in packets of 65535 bytes."""
         self._require("eom", "replacebody")
+        self._granted("replacebody", _CHGBODY)
         raw = wire(data) if isinstance(data, str) else bytes(data)
         if self.body is None:
             self.body = []
         self.body.append(raw)
 
     def quarantine(self, reason: str) -> None:
-        if not reason or "\0" in reason:
-            raise MilterError("quarantine needs a non-empty reason without NUL")
-        self._act("quarantine", ev.Quarantine(reason))
+        if not reason or _CONTROL.search(reason):
+            raise MilterError("quarantine needs a non-empty reason without CR, LF, NUL or other control characters")
+        self._act("quarantine", ev.Quarantine(reason), _QUARANTINE, _strings_size(reason))
 
     def progress(self) -> None:
         """Tell the MTA we are still working; also restarts our own I/O timeout."""

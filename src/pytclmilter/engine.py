@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any, Awaitable, Callable, Final, Protocol
 from .callbacks import Callback, Registry
 from .context import Context
 from .limits import CallbackTimeout, PythonLimit
+from .logline import escape, escape_lines
 from .logline import info as log_info
 # Imported by name, not as a module: compiled, `events.Name` is a module attribute look-up per use.
 from .protocol.events import (
@@ -148,7 +149,7 @@ class ConnectionEngine:
         self.milter = milter
         self.registry: Registry = milter.registry
         self.session = FilterSession(emit_macros=False)
-        self.ctx = Context(conn_id, self.session.macros, self._progress)
+        self.ctx = Context(conn_id, self.session.macros, self._progress, self.session)
         self.name = self.ctx.name
         self.link = link
         self._out: list[bytes] = []
@@ -425,16 +426,18 @@ class ConnectionEngine:
     def _status(self, name: str, cb: Callback, result: Any) -> Status:
         status = parse_status(result)
         if status is None:
-            log.warning("%s: %s callback %s returned %r, not a status; treated as continue",
-                        self.name, name, cb.name or cb.func, result)
+            log.warning("%s: %s callback %s returned %s, not a status; treated as continue",
+                        self.name, name, escape(cb.name or repr(cb.func)), escape(repr(result)))
             return Status.CONTINUE
         return status
 
     def _callback_failed(self, name: str, cb: Callback, exc: BaseException) -> Status:
         detail = exc.detail if isinstance(exc, CallbackError) else _traceback(exc)
         status = self.milter.on_error
-        log.error("%s: %s callback %s failed (%s), answering %s:\n%s", self.name, name, cb.name or cb.func,
-                  exc, status.smfis, detail)
+        # The script's or the MTA's text in every part (a callback name is a Tcl script, an error
+        # message may quote a header): escaped, and errorInfo's lines indented (logline).
+        log.error("%s: %s callback %s failed (%s), answering %s:\n%s", self.name, name,
+                  escape(cb.name or repr(cb.func)), escape(str(exc)), status.smfis, escape_lines(detail))
         self.milter.stats.errors += 1
         return status
 
@@ -529,8 +532,9 @@ class ConnectionEngine:
         if not sender:
             mail_addr = self.ctx.getsymval("{mail_addr}")
             sender = f"<{mail_addr}>" if mail_addr else "-"
-        log_info(log, "%s: verdict %s at %s client=%s from=%s%s", self.name, verdict, stage, client,
-                 sender, f' reply="{text}"' if text else "")
+        # client, sender and reply text come from the MTA and the script: escaped (logline)
+        log_info(log, "%s: verdict %s at %s client=%s from=%s%s", self.name, verdict, stage, escape(client),
+                 escape(sender), f' reply="{escape(text)}"' if text else "")
 
     def _progress(self) -> None:
         self.link.touch()

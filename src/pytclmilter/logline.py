@@ -1,4 +1,4 @@
-"""The per-message log line, handed straight to the one handler that would write it.
+r"""The per-message log line, handed straight to the one handler that would write it.
 
 The engine logs one line per message (its verdict). logging's path for one record (Logger.info,
 _log, makeRecord, the record's __init__, handle, callHandlers, the handler's handle and emit,
@@ -7,14 +7,91 @@ getMessage: a dozen interpreted calls) was a tenth of the engine's instructions 
 unfiltered (``DirectSink.takes``); then the line is formatted and queued by it in one call, the
 same text logging would have written. Otherwise (an application's own logging set-up, a filter,
 a second handler, syslog) the line goes through logging as usual.
+
+Text from the MTA or a script reaches a line only through :func:`escape` (one line) or
+:func:`escape_lines` (what follows a line: a traceback, Tcl's errorInfo), so that no client
+host name, sender, reply text or error message can end a log line early, start a forged one,
+or send escape sequences to a terminal. The rule, in both:
+
+* a backslash is written ``\\``; CR, LF and tab ``\r``, ``\n``, ``\t``; any other C0
+  control and DEL ``\xNN``; a byte that was not UTF-8 (kept as U+DC80 + byte, see
+  protocol/codec.py) ``\xNN`` of that byte; any other character Python does not call
+  printable (C1 controls, line and paragraph separators, bidi overrides) ``\uNNNN``;
+  everything else, UTF-8 letters included, as it is;
+* in the lines after a line, each line is escaped alone and indented by two spaces unless it
+  already starts with a space: a line of the log that starts with a space continues the one
+  above it.
+
+:func:`guard` applies the second rule, and the first for controls only, to a whole formatted
+record: ``pytclmilter run``'s formatter calls it on every record, stderr and syslog alike, so
+that a call site that forgot to escape still cannot forge a line. It leaves backslashes alone,
+so text escaped by the call site is not escaped twice (and the text of escaped arguments is
+the same with and without it). :func:`info`'s direct path makes no record and is not guarded:
+its arguments must be escaped, as the engine's verdict line escapes them.
 """
 
 from __future__ import annotations
 
 import logging
-from typing import Final, Protocol
+from typing import Callable, Final, Protocol
 
 INFO: Final = logging.INFO
+INDENT: Final = "  "
+#: str.isprintable as an object: compiled, ``text.isprintable()`` looks the method up by name on
+#: every call (two thirds of the cost of escaping a sender); this is a direct call.
+isprintable: Final[Callable[[str], bool]] = str.isprintable
+_NAMED: Final = {"\\": "\\\\", "\n": "\\n", "\r": "\\r", "\t": "\\t"}
+
+
+def escape(text: str) -> str:
+    """``text`` (from the MTA or a script) made safe for the inside of one log line (module docstring)."""
+    if isprintable(text) and "\\" not in text:  # nearly always: one pass in C, nothing built
+        return text
+    return "".join([_escaped(c, True) for c in text])
+
+
+def escape_lines(text: str) -> str:
+    """A multi-line text (a traceback, Tcl's errorInfo) for the lines after a log line: each
+    line escaped and, unless it starts with a space, indented, so that none can pass for a line."""
+    return _continued([escape(line) for line in text.split("\n")], 0)
+
+
+def guard(text: str) -> str:
+    """A formatted record as one log line and its continuation lines: controls escaped (not
+    backslashes: see the module docstring), continuation lines indented."""
+    if text.isprintable():
+        return text
+    return _continued([_controls_escaped(line) for line in text.split("\n")], 1)
+
+
+def _controls_escaped(line: str) -> str:
+    if line.isprintable():
+        return line
+    return "".join([_escaped(c, False) for c in line])
+
+
+def _continued(lines: list[str], first: int) -> str:
+    """Lines joined by LF, those from ``first`` on indented unless they start with a space."""
+    for i in range(first, len(lines)):
+        if not lines[i].startswith(" "):
+            lines[i] = INDENT + lines[i]
+    return "\n".join(lines)
+
+
+def _escaped(c: str, backslash: bool) -> str:
+    if c == "\\":
+        return "\\\\" if backslash else c
+    named = _NAMED.get(c)
+    if named is not None:
+        return named
+    code = ord(c)
+    if code < 0x20 or code == 0x7F:
+        return f"\\x{code:02x}"
+    if 0xDC80 <= code <= 0xDCFF:  # a byte that was not UTF-8 (surrogateescape): that byte
+        return f"\\x{code - 0xDC00:02x}"
+    if c.isprintable():
+        return c
+    return f"\\u{code:04x}" if code <= 0xFFFF else f"\\U{code:08x}"
 
 
 class DirectSink(Protocol):
@@ -34,7 +111,10 @@ def set_sink(sink: DirectSink | None) -> None:
 
 
 def info(logger: logging.Logger, msg: str, *args: object) -> None:
-    """``logger.info(msg, *args)``, in one call when the direct sink takes the line."""
+    """``logger.info(msg, *args)``, in one call when the direct sink takes the line.
+
+    Text from the MTA or a script among ``args`` must be escaped (:func:`escape`): the direct
+    path writes the line as it is (see the module docstring)."""
     sink = _sink
     if sink is not None and sink.takes(logger, INFO):
         try:

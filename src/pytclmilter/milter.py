@@ -14,6 +14,7 @@ from typing import Any, Callable
 from .callbacks import EVENTS, Callback, Registry
 from .connspec import ConnSpec, parse
 from .context import Context
+from .logline import escape
 from .protocol.constants import MAX_DATA_SIZE
 from .listener import Listener
 from .server import MilterServer
@@ -146,7 +147,7 @@ class Milter:
         # --workers, from touching pages the forked workers share).
         gc.freeze()
         await self._server.serve()
-        log.info("%s stopped; verdicts: %s", self.name, self.stats.summary())
+        log.info("%s stopped; verdicts: %s", escape(self.name), self.stats.summary())
 
     def run(self) -> None:
         """Blocking :meth:`serve` on a fresh event loop, or in ``workers`` processes (see workers.py)."""

@@ -1,5 +1,10 @@
 """Logging as the subcommands set it up: one line format, stderr or syslog, cheap per line.
 
+Every record is guarded on its way out (``logline.guard``, stderr and syslog alike): control
+characters escaped, continuation lines indented, whatever its call site did. The verdict line's
+direct path (logline.info) is not: its arguments are escaped where they are given, which costs
+less than checking the whole line again.
+
 ``pytclmilter run`` logs one line per message (its verdict), so the cost of a line is part of
 the cost of a message: the time is formatted once per second, the pid is known rather than
 asked for, no caller frame is looked up, and lines logged while the event loop handles one batch
@@ -23,6 +28,7 @@ from .common import UsageError
 
 _pid = os.getpid()
 STDERR_FORMAT = "%(asctime)s pytclmilter[%(process)d] %(levelname)s: %(message)s"
+SYSLOG_SOCKET = "/dev/log"  # where --syslog sends its lines (a test points it at a socket of its own)
 
 
 def _before_fork() -> None:
@@ -45,10 +51,10 @@ def setup_logging(level: str, syslog: bool = False) -> None:
         root.removeHandler(old)
     handler: logging.Handler
     if syslog:
-        if not os.path.exists("/dev/log"):
-            raise UsageError("--syslog: /dev/log does not exist (is a syslog daemon running?)")
+        if not os.path.exists(SYSLOG_SOCKET):
+            raise UsageError(f"--syslog: {SYSLOG_SOCKET} does not exist (is a syslog daemon running?)")
         handler = logging.handlers.SysLogHandler(
-            address="/dev/log", facility=logging.handlers.SysLogHandler.LOG_MAIL)
+            address=SYSLOG_SOCKET, facility=logging.handlers.SysLogHandler.LOG_MAIL)
         handler.setFormatter(LineFormatter("pytclmilter[%(process)d]: %(levelname)s: %(message)s"))
     else:
         handler = CoalescingStreamHandler(sys.stderr)
@@ -123,14 +129,17 @@ class LineFormatter(logging.Formatter):
         if record.process is None:
             record.process = _pid
         if not self._stderr_line or record.exc_info or record.exc_text or record.stack_info:
-            return super().format(record)
+            return logline.guard(super().format(record))  # (the prefix is printable: the same text)
         # The stderr line written out: Formatter.format's generic path (usesTime() scanning the
         # format, a %-format of the record's __dict__) is a third of the cost of a line.
         record.message = message = record.getMessage()
+        if not message.isprintable():  # (the test inline: a call per line costs more)
+            message = logline.guard(message)
         return self.stderr_line(record.created, record.msecs, record.process, record.levelname, message)
 
     def stderr_line(self, created: float, msecs: float, process: object, levelname: str, message: str) -> str:
-        """STDERR_FORMAT filled in (for a record, or for a line that never became one)."""
+        """STDERR_FORMAT filled in (for a record, or for a line that never became one: logline.info's
+        direct path, whose arguments are escaped by its callers, so the message needs no guard)."""
         text = self._text if int(created) == self._second else self._date_time(created)  # (no call per line)
         return f"{text},{int(msecs):03d} pytclmilter[{process}] {levelname}: {message}"
 

@@ -14,6 +14,7 @@ import tkinter
 
 from ..compiled import describe
 from ..connspec import ConnSpec
+from ..logline import escape
 from ..milter import Milter
 from .common import UsageError, add_script_options, make_host
 from .logs import setup_logging
@@ -69,7 +70,8 @@ class Daemon:
             os.setuid(self.uid)
             self.dropped = True
             log.info("running as uid %d gid %d", os.getuid(), os.getgid())
-        print(f"pytclmilter: {self.milter.name} listening on {spec}", flush=True)
+        # (-name and -connection are the script's text: escaped as in the log)
+        print(f"pytclmilter: {escape(self.milter.name)} listening on {escape(str(spec))}", flush=True)
 
     def signal(self, sig: signal.Signals) -> None:
         if sig == signal.SIGINT and sys.stdin is not None and sys.stdin.isatty():

@@ -77,6 +77,7 @@ _NEXT: Final[dict[State, frozenset[State]]] = {
 
 # The state as a plain int inside the session (compiled, an enum member is an attribute lookup
 # on every test); FilterSession.state gives the State.
+_INIT: Final = int(S.INIT)
 _HELO: Final = int(S.HELO)
 _HDRS: Final = int(S.HDRS)
 _BODY: Final = int(S.BODY)
@@ -270,7 +271,7 @@ class FilterSession:
                 queue.append(Abort())
             self._state = _HELO
             if not self._trans_ok(_HELO, new):
-                self._refuse(code)
+                self._refuse(code, state)
                 return None
         event = self._enter(new, code, event)
         if queue:  # an abort, or the chunk an EOM carried, goes first
@@ -292,11 +293,13 @@ class FilterSession:
             return EndOfMessage()
         return event
 
-    def _refuse(self, code: bytes) -> None:
+    def _refuse(self, code: bytes, was: int) -> None:
         if code in _NEVER_REPLIED:
             self.ignored += 1
             return
-        raise RemoteProtocolError(f"command {code.decode('latin-1')!r} is not allowed after {self.state.name}")
+        # Before option negotiation, "after HELO" (the state libmilter falls back to) would be wrong.
+        where = "before option negotiation" if was == _INIT else f"after {self.state.name}"
+        raise RemoteProtocolError(f"command {code.decode('latin-1')!r} is not allowed {where}")
 
     def _trans_ok(self, old: int, new: int) -> bool:
         """libmilter's trans_ok: a state the filter skips may be jumped over.

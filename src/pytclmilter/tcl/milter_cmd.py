@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 from ..callbacks import EVENTS, Callback
 from ..connspec import ConnSpecError, parse
+from ..logline import escape
 from ..milter import Milter
 from ..status import parse_status, status_names
 from .usage import TclUsageError, check_count, integer, number, one_of, wrong_args
@@ -127,7 +128,8 @@ class MilterCommand:
         if opt.before_main and self.milter.running:
             raise TclUsageError(f'option "{name}" can only be changed before milter main')
         if from_script and name in self.locked:
-            log.info("milter configure %s %s ignored: %s given on the command line", name, raw, self.locked[name])
+            log.info("milter configure %s %s ignored: %s given on the command line", name, escape(raw),
+                     self.locked[name])
             return
         if name == "-debuglevel":
             self.debuglevel = value
