@@ -238,3 +238,23 @@ def test_a_callback_returning_no_status_is_answered_continue_with_a_warning(capl
     (warning,) = messages(caplog, logging.WARNING)
     assert "envrcpt callback" in warning and "returned 'bogus', not a status; treated as continue" in warning
     assert m.stats.errors == 0
+
+
+def test_a_new_session_after_quit_nc_starts_with_nothing_decided():
+    """QUIT_NC keeps the connection for a new SMTP session (ref: SMFIC_QUIT_NC). A message verdict
+    of the old session must not hold in the new one. (Failed before the engine's verdict state was
+    one value: a MAIL rejected before an UNKNOWN and QUIT_NC kept the new session's connect
+    callback from running.)"""
+    m, calls = make_milter(), []
+    recording(m, calls, envfrom=REJECT)
+    m.register("unknown", lambda ctx, line: calls.append(("unknown", line)))
+    mta = InProcessMTA(m)
+    mta.optneg()
+    assert mta.connect() == C
+    assert mta.command(b"M", z("<a@example.org>")) == [(b"r", b"")]
+    assert mta.command(b"U", z("NOOP")) == C
+    assert mta.command(b"K") == []  # never answered
+    calls.clear()
+    assert mta.connect() == C
+    assert mta.command(b"H", z("client.example")) == C
+    assert [c[0] for c in calls] == ["connect", "helo"]

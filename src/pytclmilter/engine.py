@@ -25,7 +25,7 @@ from .protocol.events import (
     EnvRcpt, Event, Header, Helo, Macro, OptionNegotiation, Progress, Reject, Reply, ReplyCode, Skip,
     Tempfail, Unknown,
 )
-from .protocol.constants import Family
+from .protocol.constants import Family, Proto
 from .protocol.errors import LocalProtocolError, RemoteProtocolError
 from .protocol.negotiation import Negotiated, negotiate
 from .protocol.session import FilterSession, NeedData
@@ -39,6 +39,13 @@ log: Final = logging.getLogger("pytclmilter")
 _PY_LIMIT: Final = PythonLimit()
 #: Result types that are certainly not awaitable (skips inspect.isawaitable on the hot path).
 _PLAIN: Final = frozenset({type(None), str, int, Status})
+
+# What is decided (ConnectionEngine._decided; see the class docstring). Plain ints: tested per event.
+_OPEN: Final = 0
+_BODY_SKIPPED: Final = 1
+_DEFERRED: Final = 2
+_MESSAGE: Final = 3
+_CONNECTION: Final = 4
 
 _CONTINUE: Final = Continue()
 _VERDICT: Final = {s: s.name.lower() for s in Status}  # enum .name is a slow property
@@ -139,10 +146,32 @@ class CallbackError(Exception):
 
 
 class ConnectionEngine:
-    """Drives one FilterSession with the milter's callbacks."""
+    """Drives one FilterSession with the milter's callbacks.
 
-    __slots__ = ("milter", "registry", "session", "ctx", "name", "link", "_out", "_busy", "_deferred",
-                 "_deferred_stage", "_conn_done", "_done", "_skip_body", "closed", "client", "sender", "debug")
+    What the callbacks have decided so far is one value, ``_decided``:
+
+    * ``_OPEN``: nothing; every event's callbacks run.
+    * ``_BODY_SKIPPED``: a callback answered SKIP; the body chunks the MTA still sends and waits
+      on are answered continue without callbacks (an MTA without SMFIP_SKIP keeps sending them).
+    * ``_DEFERRED``: an event the MTA does not wait on (a header under NR_HDR, the chunk an EOM
+      carries) got a verdict; ``_deferred``, from stage ``_deferred_stage``, answers the next
+      message event the MTA waits on. No callbacks run meanwhile.
+    * ``_MESSAGE``: the message has its verdict; its remaining events are answered continue
+      without callbacks.
+    * ``_CONNECTION``: connect or helo had a verdict; the same for the rest of the SMTP session.
+
+    Transitions, each in one method: :meth:`_decide` (an answer other than continue: SKIP ->
+    body skipped, at connect or helo -> connection, at a message stage -> message; a recipient's
+    or an unknown command's verdict concerns that command only), :meth:`_defer` (open or body
+    skipped -> deferred), :meth:`_new_message` (MAIL, ABORT, end of message: back to open unless
+    the connection is decided), :meth:`_new_session` (CONNECT: open).
+
+    Besides: ``_busy`` (an async callback runs: this connection's further events wait, its
+    socket is not read) and ``closed`` (the connection is over: nothing more is done).
+    """
+
+    __slots__ = ("milter", "registry", "session", "ctx", "name", "link", "_out", "_busy", "_decided",
+                 "_deferred", "_deferred_stage", "closed", "client", "sender", "debug")
 
     def __init__(self, milter: "Milter", conn_id: int, link: "Link") -> None:
         self.milter = milter
@@ -152,12 +181,10 @@ class ConnectionEngine:
         self.name = self.ctx.name
         self.link = link
         self._out: list[bytes] = []
-        self._busy = False  # an async callback is running: hold further events
-        self._deferred: Status | None = None  # verdict of a no-reply event, answered at the next reply
+        self._busy = False
+        self._decided = _OPEN
+        self._deferred = Status.CONTINUE  # with _DEFERRED: the verdict waiting for a reply
         self._deferred_stage = ""
-        self._conn_done = False  # connect/helo got a verdict: the whole connection is decided
-        self._done = False  # the message (or connection) has its verdict: call no more callbacks
-        self._skip_body = False
         self.closed = False
         self.client = ""
         self.sender = ""
@@ -235,17 +262,18 @@ class ConnectionEngine:
             self.sender = event.args[0] if event.args else ""  # type: ignore[attr-defined]
         elif t is Connect:
             self.client = f"{event.hostname}[{event.address}]"  # type: ignore[attr-defined]
-            self._conn_done = False
+            self._new_session()
         if not event.needs_reply:
             self._no_reply_event(name, event, args_of)
             return
-        if self._deferred is not None and t in _MESSAGE_EVENTS:
-            status, self._deferred = self._deferred, None
-            self._answer(f"{self._deferred_stage} (answered at {name})", event, status)
-            return
-        if self._done or self._conn_done or (t is Body and self._skip_body):
-            self._answer(name, event, Status.CONTINUE, quiet=True)
-            return
+        decided = self._decided
+        if decided != _OPEN:  # a verdict holds: maybe no callbacks (see the class docstring)
+            if decided == _DEFERRED and t in _MESSAGE_EVENTS:
+                self._answer(f"{self._deferred_stage} (answered at {name})", event, self._deferred)
+                return
+            if decided >= _MESSAGE or (decided == _BODY_SKIPPED and t is Body):
+                self._answer(name, event, Status.CONTINUE, quiet=True)
+                return
         self.ctx.stage = name
         result = self._run_chain(name, args_of(event))
         if type(result) is Status:
@@ -272,7 +300,7 @@ class ConnectionEngine:
 
     def _no_reply_event(self, name: str, event: Event, args_of: Callable[[Any], tuple[Any, ...]]) -> None:
         """An event the MTA does not wait on (NR negotiated, or a chunk carried by EOM)."""
-        if self._done or self._conn_done or self._deferred is not None:
+        if self._decided >= _DEFERRED:
             return
         self.ctx.stage = name
         result = self._run_chain(name, args_of(event))
@@ -283,15 +311,29 @@ class ConnectionEngine:
         if result is not Status.CONTINUE:
             self._defer(name, result)  # type: ignore[arg-type]
 
-    def _defer(self, name: str, status: Status) -> None:
-        if status not in (Status.CONTINUE, Status.NOREPLY, Status.SKIP):
-            self._deferred, self._deferred_stage = status, name
+    # ------------------------------------------------------------ what is decided (class docstring)
+
+    def _decide(self, t: type, status: Status) -> None:
+        """The transition an answer other than continue makes."""
+        if status is Status.SKIP:
+            self._decided = _BODY_SKIPPED
+        elif t is Connect or t is Helo:
+            self._decided = _CONNECTION
+        elif t is not EnvRcpt and t is not Unknown:
+            self._decided = _MESSAGE
+
+    def _defer(self, stage: str, status: Status) -> None:
+        """A no-reply event's verdict: kept for the next reply (continue, noreply, skip: nothing to keep)."""
+        if status is not Status.CONTINUE and status is not Status.NOREPLY and status is not Status.SKIP:
+            self._decided, self._deferred, self._deferred_stage = _DEFERRED, status, stage
 
     def _new_message(self) -> None:
-        self._deferred = None
-        self._done = False
-        self._skip_body = False
+        if self._decided != _CONNECTION:
+            self._decided = _OPEN
         self.ctx.drop_actions()
+
+    def _new_session(self) -> None:
+        self._decided = _OPEN
 
     def _negotiate(self, offer: OptionNegotiation) -> None:
         status = Status.CONTINUE
@@ -482,13 +524,8 @@ class ConnectionEngine:
             del self._out[start:]  # nothing of this answer goes out
             self._out.append(self.session.send(Tempfail()))
             status = Status.TEMPFAIL
-        if status is not Status.CONTINUE and status is not Status.SKIP:
-            if type(event) in (Connect, Helo):
-                self._conn_done = True
-            elif type(event) not in (EnvRcpt, Unknown):
-                self._done = True
-        if status is Status.SKIP:
-            self._skip_body = True
+        if status is not Status.CONTINUE:
+            self._decide(type(event), status)
         if not quiet and (is_eom or status not in (Status.CONTINUE, Status.SKIP, Status.NOREPLY)):
             self._log_verdict(name, status, reply)
         if is_eom:
@@ -511,7 +548,7 @@ class ConnectionEngine:
         if status is Status.SKIP and t is not Body:
             log.warning("%s: SMFIS_SKIP is meaningful only in the body callback; sending continue", self.name)
             return Continue()
-        if status is Status.SKIP and not (self.session.negotiated.protocol & 0x400):
+        if status is Status.SKIP and not (self.session.negotiated.protocol & Proto.SKIP):
             return Continue()  # the MTA cannot skip: we stop calling body callbacks instead
         if status is Status.DISCARD and t in (Connect, Helo):
             log.warning("%s: SMFIS_DISCARD is meaningless at %s (the MTA would ignore it); sending continue",
