@@ -13,11 +13,12 @@ from __future__ import annotations
 import asyncio
 import inspect
 import logging
+import time
 from typing import TYPE_CHECKING, Any, Awaitable, Callable, Final, Protocol
 
 from .callbacks import Callback, Registry
 from .context import Context
-from .limits import CallbackTimeout, PythonLimit
+from .limits import CallbackTimeout
 from .logline import info as log_info
 # Imported by name, not as a module: compiled, `events.Name` is a module attribute look-up per use.
 from .protocol.events import (
@@ -36,7 +37,7 @@ if TYPE_CHECKING:
 
 log: Final = logging.getLogger("pytclmilter")
 
-_PY_LIMIT: Final = PythonLimit()
+_monotonic: Final = time.monotonic  # compiled, `time.monotonic` is two look-ups per call
 #: Result types that are certainly not awaitable (skips inspect.isawaitable on the hot path).
 _PLAIN: Final = frozenset({type(None), str, int, Status})
 
@@ -168,6 +169,7 @@ class ConnectionEngine:
 
     Besides: ``_busy`` (an async callback runs: this connection's further events wait, its
     socket is not read) and ``closed`` (the connection is over: nothing more is done).
+    Callbacks are called in one place, :meth:`_call`.
     """
 
     __slots__ = ("milter", "registry", "session", "ctx", "name", "link", "_out", "_busy", "_decided",
@@ -276,10 +278,10 @@ class ConnectionEngine:
                 return
         self.ctx.stage = name
         result = self._run_chain(name, args_of(event))
-        if type(result) is Status:
-            self._answer(name, event, result)  # type: ignore[arg-type]
+        if isinstance(result, Status):
+            self._answer(name, event, result)
         else:
-            self._await(name, event, result)  # type: ignore[arg-type]
+            self._await(name, event, result)
 
     def _handle_control(self, event: Event) -> None:
         """Events without a callback of their own name: macros, negotiation, abort, close."""
@@ -304,12 +306,12 @@ class ConnectionEngine:
             return
         self.ctx.stage = name
         result = self._run_chain(name, args_of(event))
-        if type(result) is not Status:
-            self._await(name, event, result)  # type: ignore[arg-type]
+        if not isinstance(result, Status):
+            self._await(name, event, result)
             return
         self.ctx.stage = ""
         if result is not Status.CONTINUE:
-            self._defer(name, result)  # type: ignore[arg-type]
+            self._defer(name, result)
 
     # ------------------------------------------------------------ what is decided (class docstring)
 
@@ -378,65 +380,28 @@ class ConnectionEngine:
     # ------------------------------------------------------------ running callbacks
 
     def _run_chain(self, name: str, args: tuple[Any, ...]) -> Status | Awaitable[Status]:
+        """The event's callbacks in order, up to the first answer other than continue."""
         chain = self.registry.chain(name)
         call_args = (self.ctx,) + args  # compiled, (ctx, *args) is built through a list
+        limit = self.milter.call_timeout  # read per event: `milter configure -calltimeout` applies at once
         for i, cb in enumerate(chain):
-            # (Milter is a Python-level object: its call_timeout is read only for Python callbacks,
-            # Tcl's are limited inside Tcl.)
-            limited = cb.origin == "python" and _PY_LIMIT.start(self.milter.call_timeout)
-            func = cb.func  # compiled, cb.func(*args) would be a getattr by name, as for a method
-            try:
-                try:
-                    result = func(*call_args)
-                finally:
-                    if limited:
-                        _PY_LIMIT.stop()  # before anything else: the failure's log line is not limited
-            except (Exception, CallbackTimeout) as exc:  # noqa: BLE001 - a filter bug must not take the milter down
-                return self._callback_failed(name, cb, exc)
-            cls = type(result)
-            if cls is Status:  # Tcl callbacks and well-behaved Python ones: no parsing
-                status = result
-            elif cls not in _PLAIN and inspect.isawaitable(result):
-                return self._continue_async(name, args, chain, i, result)
-            else:
-                status = self._status(name, cb, result)
+            status = self._call(name, cb, call_args, limit, False)
+            if not isinstance(status, Status):
+                return self._chain_async(name, call_args, chain, i, status, limit)
             if status is not Status.CONTINUE:
                 return status
         return Status.CONTINUE
 
-    async def _continue_async(self, name: str, args: tuple[Any, ...], chain: list[Callback], i: int,
-                              first: Awaitable[Any]) -> Status:
-        try:
-            result = await self._limited(first)
-        except (Exception, CallbackTimeout) as exc:  # noqa: BLE001
-            return self._callback_failed(name, chain[i], exc)
-        status = self._status(name, chain[i], result)
-        if status is not Status.CONTINUE:
-            return status
+    async def _chain_async(self, name: str, call_args: tuple[Any, ...], chain: list[Callback], i: int,
+                           pending: Awaitable[Status], limit: float) -> Status:
+        """The rest of a chain once callback ``i`` turned out async (``pending``)."""
+        status = await pending
         for j in range(i + 1, len(chain)):
-            cb = chain[j]
-            try:
-                if cb.origin == "python" and self.milter.call_timeout:
-                    result = _PY_LIMIT.call(self.milter.call_timeout, cb.func, self.ctx, *args)
-                else:
-                    result = cb.func(self.ctx, *args)
-                if inspect.isawaitable(result):
-                    result = await self._limited(result)
-            except (Exception, CallbackTimeout) as exc:  # noqa: BLE001
-                return self._callback_failed(name, cb, exc)
-            status = self._status(name, cb, result)
             if status is not Status.CONTINUE:
-                return status
-        return Status.CONTINUE
-
-    async def _limited(self, awaitable: Awaitable[Any]) -> Any:
-        limit = self.milter.call_timeout
-        if not limit:
-            return await awaitable
-        try:
-            return await asyncio.wait_for(awaitable, limit)
-        except asyncio.TimeoutError:
-            raise CallbackTimeout(f"callback stopped after {limit:g} s (call_timeout)") from None
+                break
+            result = self._call(name, chain[j], call_args, limit, False)
+            status = result if isinstance(result, Status) else await result
+        return status
 
     def _run_sync(self, name: str, args: tuple[Any, ...]) -> Status:
         result = self._run_chain(name, args)
@@ -451,18 +416,56 @@ class ConnectionEngine:
     def _run_quiet(self, name: str) -> None:
         """abort and close: every callback runs, results are ignored (libmilter ignores them too)."""
         self.ctx.stage = name
+        call_args = (self.ctx,)
         limit = self.milter.call_timeout
         for cb in self.registry.chain(name):
-            try:
-                if cb.origin == "python" and limit:
-                    result = _PY_LIMIT.call(limit, cb.func, self.ctx)
-                else:
-                    result = cb.func(self.ctx)
-                if inspect.isawaitable(result):
-                    asyncio.ensure_future(self._limited(result))
-            except (Exception, CallbackTimeout) as exc:  # noqa: BLE001
-                self._callback_failed(name, cb, exc)
+            result = self._call(name, cb, call_args, limit, True)
+            if not isinstance(result, Status):
+                asyncio.ensure_future(result)  # not awaited: the connection does not wait for it
         self.ctx.stage = ""
+
+    def _call(self, name: str, cb: Callback, call_args: tuple[Any, ...], limit: float,
+              ignore: bool) -> Status | Awaitable[Status]:
+        """Call one callback: the one place for the time limit, failures, and reading the result.
+
+        Returns its status (``on_error`` if it raised or was stopped; continue for a result
+        that is no status, with a warning, or for any result with ``ignore``), or, for an
+        async callback, an awaitable giving that status. Tcl callbacks return a Status, which
+        is taken as it is. With a limit (``limit`` seconds, read by the caller once per chain),
+        ``cb.limit`` holds the callback to it (limits.py); the clock is read here, once, for it.
+        """
+        started = _monotonic() if limit else 0.0
+        limiter = cb.limit
+        held = limiter.begin(limit, started)
+        func = cb.func  # compiled, cb.func(*args) would be a getattr by name, as for a method
+        try:
+            try:
+                result = func(*call_args)
+            finally:
+                if held:
+                    limiter.stop()  # before anything else: the failure's log line is not limited
+        except (Exception, CallbackTimeout) as exc:  # noqa: BLE001 - a filter bug must not take the milter down
+            return self._callback_failed(name, cb, exc)
+        if isinstance(result, Status):  # Tcl callbacks and well-behaved Python ones: no parsing
+            return result
+        if type(result) not in _PLAIN and inspect.isawaitable(result):
+            return self._awaited(name, cb, result, limit, ignore)
+        return Status.CONTINUE if ignore else self._status(name, cb, result)
+
+    async def _awaited(self, name: str, cb: Callback, awaitable: Awaitable[Any], limit: float,
+                       ignore: bool) -> Status:
+        """:meth:`_call` for an async callback, once it returned its awaitable."""
+        try:
+            if limit:
+                try:
+                    result = await asyncio.wait_for(awaitable, limit)
+                except asyncio.TimeoutError:
+                    raise CallbackTimeout(f"callback stopped after {limit:g} s (call_timeout)") from None
+            else:
+                result = await awaitable
+        except (Exception, CallbackTimeout) as exc:  # noqa: BLE001
+            return self._callback_failed(name, cb, exc)
+        return Status.CONTINUE if ignore else self._status(name, cb, result)
 
     def _status(self, name: str, cb: Callback, result: Any) -> Status:
         status = parse_status(result)
@@ -472,34 +475,36 @@ class ConnectionEngine:
             return Status.CONTINUE
         return status
 
-    def _callback_failed(self, name: str, cb: Callback, exc: BaseException) -> Status:
+    def _callback_failed(self, name: str, cb: Callback | None, exc: BaseException) -> Status:
+        """Log a failure (``cb`` None: the engine's own, around an async chain); ``on_error``."""
         detail = exc.detail if isinstance(exc, CallbackError) else _traceback(exc)
         status = self.milter.on_error
-        log.error("%s: %s callback %s failed (%s), answering %s:\n%s", self.name, name, cb.name or cb.func,
+        who = "chain" if cb is None else cb.name or cb.func
+        log.error("%s: %s callback %s failed (%s), answering %s:\n%s", self.name, name, who,
                   exc, status.smfis, detail)
         self.milter.stats.errors += 1
         return status
 
-    def _await(self, name: str, event: Event, awaitable: Awaitable[Status]) -> None:
+    def _await(self, name: str, event: Event, pending: Awaitable[Status]) -> None:
+        """An async callback runs: hold this connection's events until its chain completes."""
         self._busy = True
         self.link.pause_reading()
+        asyncio.ensure_future(self._resume_after(name, event, pending))
 
-        async def finish() -> None:
-            try:
-                status = await awaitable
-            except Exception as exc:  # noqa: BLE001 - defensive: _continue_async catches callback errors
-                status = self._callback_failed(name, Callback(lambda *a: None), exc)
-            if self.closed:
-                return
-            if event.needs_reply:
-                self._answer(name, event, status)
-            else:
-                self._defer(name, status)
-            self._busy = False
-            self.link.resume_reading()
-            self._pump()
-
-        asyncio.ensure_future(finish())
+    async def _resume_after(self, name: str, event: Event, pending: Awaitable[Status]) -> None:
+        try:
+            status = await pending
+        except Exception as exc:  # noqa: BLE001 - defensive: _call catches the callbacks' own failures
+            status = self._callback_failed(name, None, exc)
+        if self.closed:
+            return
+        if event.needs_reply:
+            self._answer(name, event, status)
+        else:
+            self._defer(name, status)
+        self._busy = False
+        self.link.resume_reading()
+        self._pump()
 
     # ------------------------------------------------------------ answering
 

@@ -1,9 +1,14 @@
-"""A time limit for synchronous Python callbacks (Tcl ones use Tcl's ``interp limit``).
+"""Time limits for callbacks: the engine's one interface to them, and the one for Python.
 
-A plain function cannot be stopped from outside, so a watchdog thread checks a
+The engine calls every callback (engine.ConnectionEngine._call) between ``begin`` and ``stop``
+of its callback's :class:`Limit`: :data:`PYTHON_LIMIT` for Python callbacks, Tcl's
+``interp limit`` (tcl/limit.py) for Tcl ones. The engine reads the clock once before the
+call and hands that time to ``begin``, so a limit does not read it again.
+
+A plain Python function cannot be stopped from outside, so a watchdog thread checks a
 few times a second whether the callback running on the main thread has
 overrun, and if so sends the main thread ``SIGALRM``, whose handler raises
-inside the callback. Starting a callback costs two attribute writes; this
+inside the callback. Starting a callback costs a few attribute writes; this
 works on the main thread only (where Python runs signal handlers). Async
 callbacks are limited with ``asyncio.wait_for`` in the engine instead.
 """
@@ -14,7 +19,7 @@ import os
 import signal
 import threading
 import time
-from typing import Any, Callable, Final
+from typing import Final
 
 
 _monotonic: Final = time.monotonic  # compiled, a module attribute is a look-up per use
@@ -29,7 +34,20 @@ class CallbackTimeout(BaseException):
     """
 
 
-class PythonLimit:
+class Limit:
+    """How one kind of callback is held to its time limit (this base: not at all)."""
+
+    def begin(self, seconds: float, now: float) -> bool:
+        """A callback starts at ``now`` (``time.monotonic()``, read by the engine) and may run
+        ``seconds`` (0: no limit). True if this limit holds it: then :meth:`stop` must be called
+        when it returns or raises."""
+        return False
+
+    def stop(self) -> None:
+        """The callback is back."""
+
+
+class PythonLimit(Limit):
     def __init__(self) -> None:
         self._started = 0.0
         self._seconds = 0.0
@@ -43,27 +61,17 @@ class PythonLimit:
         self._watchdog = None
         self._main = threading.main_thread().ident
 
-    def start(self, seconds: float) -> bool:
-        """A callback starts now and may run ``seconds``; False if it cannot be limited here
-        (no limit, or not the main thread). Call :meth:`stop` when it returns or raises."""
+    def begin(self, seconds: float, now: float) -> bool:
+        """False when the callback cannot be limited here: no limit, or not the main thread."""
         if not seconds or _get_ident() != self._main:
             return False
         if self._watchdog is None:
             self._start()
-        self._seconds, self._started, self._active = seconds, _monotonic(), True
+        self._seconds, self._started, self._active = seconds, now, True
         return True
 
     def stop(self) -> None:
         self._active = False
-
-    def call(self, seconds: float, func: Callable[..., Any], *args: Any) -> Any:
-        """``func(*args)`` limited to ``seconds``."""
-        if not self.start(seconds):
-            return func(*args)
-        try:
-            return func(*args)
-        finally:
-            self.stop()
 
     def _start(self) -> None:
         signal.signal(signal.SIGALRM, self._expired)
@@ -84,3 +92,7 @@ class PythonLimit:
         if self._overrun():
             self._active = False
             raise CallbackTimeout(f"callback stopped after {self._seconds:g} s (call_timeout)")
+
+
+#: The limit of every Python callback (one watchdog for the process).
+PYTHON_LIMIT: Final = PythonLimit()
