@@ -40,6 +40,10 @@ log: Final = logging.getLogger("pytclmilter")
 _monotonic: Final = time.monotonic  # compiled, `time.monotonic` is two look-ups per call
 #: Result types that are certainly not awaitable (skips inspect.isawaitable on the hot path).
 _PLAIN: Final = frozenset({type(None), str, int, Status})
+#: A callback stopped by its limit comes back within 0.1 s of it (the Python watchdog's interval;
+#: Tcl's deadline and asyncio's are exact). One that fails later than this past its limit was in
+#: code the limit cannot interrupt, and its real time is logged too.
+_LATE_STOP: Final = 0.5
 
 # What is decided (ConnectionEngine._decided; see the class docstring). Plain ints: tested per event.
 _OPEN: Final = 0
@@ -432,27 +436,35 @@ class ConnectionEngine:
         that is no status, with a warning, or for any result with ``ignore``), or, for an
         async callback, an awaitable giving that status. Tcl callbacks return a Status, which
         is taken as it is. With a limit (``limit`` seconds, read by the caller once per chain),
-        ``cb.limit`` holds the callback to it (limits.py); the clock is read here, once, for it.
+        ``cb.limit`` holds the callback to it (limits.py) and says whether it overran: a
+        callback that comes back after its limit, from code the limit cannot interrupt, is
+        logged with its time. Without one the clock is not read at all.
         """
         started = _monotonic() if limit else 0.0
         limiter = cb.limit
         held = limiter.begin(limit, started)
+        late = False
         func = cb.func  # compiled, cb.func(*args) would be a getattr by name, as for a method
         try:
             try:
                 result = func(*call_args)
             finally:
                 if held:
-                    limiter.stop()  # before anything else: the failure's log line is not limited
+                    late = limiter.stop()  # before anything else: the failure's log line is not limited
         except (Exception, CallbackTimeout) as exc:  # noqa: BLE001 - a filter bug must not take the milter down
-            return self._callback_failed(name, cb, exc)
+            status = self._callback_failed(name, cb, exc)
+            if limit:
+                self._check_time(name, cb, started, limit, _LATE_STOP)
+            return status
+        if late or (limit and not held):  # a sync Python callback off the main thread is timed here
+            self._check_time(name, cb, started, limit, 0.0)
         if isinstance(result, Status):  # Tcl callbacks and well-behaved Python ones: no parsing
             return result
         if type(result) not in _PLAIN and inspect.isawaitable(result):
-            return self._awaited(name, cb, result, limit, ignore)
+            return self._awaited(name, cb, result, limit, started, ignore)
         return Status.CONTINUE if ignore else self._status(name, cb, result)
 
-    async def _awaited(self, name: str, cb: Callback, awaitable: Awaitable[Any], limit: float,
+    async def _awaited(self, name: str, cb: Callback, awaitable: Awaitable[Any], limit: float, started: float,
                        ignore: bool) -> Status:
         """:meth:`_call` for an async callback, once it returned its awaitable."""
         try:
@@ -464,8 +476,25 @@ class ConnectionEngine:
             else:
                 result = await awaitable
         except (Exception, CallbackTimeout) as exc:  # noqa: BLE001
-            return self._callback_failed(name, cb, exc)
+            status = self._callback_failed(name, cb, exc)
+            if limit:
+                self._check_time(name, cb, started, limit, _LATE_STOP)
+            return status
+        if limit:
+            self._check_time(name, cb, started, limit, 0.0)
         return Status.CONTINUE if ignore else self._status(name, cb, result)
+
+    def _check_time(self, name: str, cb: Callback, started: float, limit: float, grace: float) -> None:
+        """Log a callback that took longer than ``limit`` + ``grace`` seconds."""
+        elapsed = _monotonic() - started
+        if elapsed > limit + grace:
+            self._overran(name, cb, elapsed, limit)
+
+    def _overran(self, name: str, cb: Callback, elapsed: float, limit: float) -> None:
+        """A callback came back after its limit: it was in code the limit cannot interrupt (C code,
+        a sync callback off the main thread, an async one blocking the event loop)."""
+        log.warning("%s: %s callback %s took %.1f s, over the %g s call timeout, which could not stop it sooner",
+                    self.name, name, cb.name or cb.func, elapsed, limit)
 
     def _status(self, name: str, cb: Callback, result: Any) -> Status:
         status = parse_status(result)

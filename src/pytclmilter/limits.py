@@ -38,13 +38,14 @@ class Limit:
     """How one kind of callback is held to its time limit (this base: not at all)."""
 
     def begin(self, seconds: float, now: float) -> bool:
-        """A callback starts at ``now`` (``time.monotonic()``, read by the engine) and may run
-        ``seconds`` (0: no limit). True if this limit holds it: then :meth:`stop` must be called
-        when it returns or raises."""
+        """A callback starts at ``now`` (``time.monotonic()``, read by the engine, which also
+        times the callback) and may run ``seconds`` (0: no limit). True if this limit holds it:
+        then :meth:`stop` must be called when it returns or raises."""
         return False
 
-    def stop(self) -> None:
-        """The callback is back."""
+    def stop(self) -> bool:
+        """The callback is back: True if it ran past its limit, as far as this limit can tell."""
+        return False
 
 
 class PythonLimit(Limit):
@@ -52,6 +53,7 @@ class PythonLimit(Limit):
         self._started = 0.0
         self._seconds = 0.0
         self._active = False
+        self._late = False  # the watchdog saw the callback running now overrun
         self._watchdog: threading.Thread | None = None
         self._main = threading.main_thread().ident
         # A forked worker has no watchdog thread (threads do not survive fork): start a new one.
@@ -67,11 +69,14 @@ class PythonLimit(Limit):
             return False
         if self._watchdog is None:
             self._start()
-        self._seconds, self._started, self._active = seconds, now, True
+        self._seconds, self._started, self._active, self._late = seconds, now, True, False
         return True
 
-    def stop(self) -> None:
+    def stop(self) -> bool:
+        """True if the watchdog saw the callback overrun (it looks every 0.1 s at most). One that
+        returns anyway was in C code, which runs the signal handler only when it is done."""
         self._active = False
+        return self._late
 
     def _start(self) -> None:
         signal.signal(signal.SIGALRM, self._expired)
@@ -86,6 +91,7 @@ class PythonLimit(Limit):
         while True:
             time.sleep(min(0.1, max(self._seconds / 4, 0.01)))
             if self._overrun():
+                self._late = True
                 signal.pthread_kill(main, signal.SIGALRM)
 
     def _expired(self, signum: int, frame: object) -> None:

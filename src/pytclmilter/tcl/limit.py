@@ -5,6 +5,8 @@ callback. Instead the deadline is armed lazily and Tcl calls us back when it
 passes: if the callback running then is still within its allowance the
 deadline moves to exactly its end, otherwise Tcl unwinds it with ``time limit
 exceeded`` (errorCode ``TCL LIMIT TIME``), which a script cannot ``catch``.
+Tcl checks the deadline between commands only: a command blocked in C code
+(``exec``) runs to its end, and :meth:`CallLimit.stop` tells the engine so.
 """
 
 from __future__ import annotations
@@ -31,12 +33,13 @@ class CallLimit(Limit):
         self._child = child
         self._settings = settings  # read at every deadline: `milter configure -calltimeout` applies at once
         self._started = _monotonic()
+        self._seconds = 0.0
         self._armed_until = 0.0  # monotonic time of the deadline Tcl holds; 0: none
         create(_HANDLER, self._on_deadline)
 
     def begin(self, seconds: float, now: float) -> bool:
         """A callback starts (the engine read the time and the milter's call_timeout)."""
-        self._started = now
+        self._started, self._seconds = now, seconds
         if not seconds:
             if self._armed_until:
                 self._set(None)
@@ -44,6 +47,10 @@ class CallLimit(Limit):
         if self._armed_until < now:  # Tcl would stop this evaluation at once: re-arm
             self._set(now + seconds)
         return True
+
+    def stop(self) -> bool:
+        """Read the clock: a callback blocked in C code past its deadline may still return."""
+        return _monotonic() - self._started > self._seconds
 
     def begin_handlers(self) -> None:
         """A batch of event handlers (``after``, ``fileevent``) starts now: the same allowance."""
