@@ -254,3 +254,83 @@ def test_the_log_of_a_tcl_callback_stopped_inside_vwait_names_the_limit(tclrun):
         time.sleep(0.2)
     assert "failed (callback stopped after 1 s (-calltimeout))" in m.text, m.text
     assert m.stop() == 0
+
+
+# ---------------------------------------------------------------- calls the limit cannot interrupt
+
+TCL_EXEC = r"""
+package require TclMilter
+milter configure -calltimeout 1
+proc from {ctx list} { exec sleep 3; return SMFIS_CONTINUE }
+milter register envfrom from
+milter main
+"""
+
+
+def test_a_tcl_callback_held_in_exec_past_its_limit_is_logged_with_its_time(tclrun):
+    """``interp limit`` cannot interrupt ``exec``: the callback comes back after 3 s. Tcl checks
+    the limit only every few commands, so it then either returns (answered continue) or is
+    stopped at its next check (answered with -onerror); either way a WARNING names the callback,
+    its time and the limit. (Before: a callback that returned was answered after 3 s with
+    nothing logged.)"""
+    m = tclrun(TCL_EXEC)
+    with m.mta() as mta:
+        mta.negotiate()
+        t0 = time.monotonic()
+        reply = mta.mail("<a@example.org>")
+        waited = time.monotonic() - t0
+        assert reply[0] in ("c", "t"), reply
+        assert 2.9 <= waited <= 6, waited
+        m.wait_for(r"WARNING: conn#1: envfrom callback from took (2\.9|3\.\d) s, over the 1 s call timeout, "
+                   r"which could not stop it sooner")
+    assert m.stop() == 0
+
+
+HOOKS_C_CALL = """
+import os
+
+def setup(milter):
+    @milter.register("envrcpt")
+    def rcpt(ctx, args):
+        os.system("sleep 2")  # C code: the SIGALRM handler runs only when it returns
+        return "SMFIS_CONTINUE"
+"""
+
+
+def test_a_sync_python_callback_held_in_c_code_is_stopped_late_and_logged_with_its_time(tclrun):
+    m = tclrun(TCL_WITH_HOOKS, python=[HOOKS_C_CALL])
+    with m.mta() as mta:
+        mta.negotiate()
+        assert ok(mta.mail("<a@example.org>"))
+        t0 = time.monotonic()
+        assert mta.rcpt("<b@example.com>")[0] == "t"  # stopped, but only when os.system returned
+        assert 1.9 <= time.monotonic() - t0 <= 5
+        m.wait_for(r"envrcpt callback .*rcpt failed \(callback stopped after 1 s \(call_timeout\)\)")
+        m.wait_for(r"WARNING: conn#1: envrcpt callback .*rcpt took [2-4]\.\d s, over the 1 s call timeout")
+    assert m.stop() == 0
+
+
+def test_python_callbacks_that_return_after_their_limit_are_logged_with_their_time(caplog):
+    """Off the main thread a plain callback is not stopped, and an async one that blocks the event
+    loop cannot be cancelled: both return late, and the log says so."""
+    caplog.set_level(logging.INFO, logger=LOG)
+    m = make_milter(call_timeout=0.5)
+
+    @m.register("envfrom")
+    def envfrom(ctx, args):
+        time.sleep(1.2)
+        return CONTINUE
+
+    @m.register("envrcpt")
+    async def envrcpt(ctx, args):
+        time.sleep(1.2)  # blocks the event loop: asyncio.wait_for cannot cancel it
+        return CONTINUE
+
+    with serving(m) as srv, srv.raw() as mta:
+        assert mta.mail() == (b"c", b"")
+        assert mta.rcpt() == (b"c", b"")
+    warnings = "\n".join(r.getMessage() for r in caplog.records if r.levelno == logging.WARNING)
+    for event in ("envfrom", "envrcpt"):
+        pattern = rf"conn#1: {event} callback \S*{event} took 1\.[2-9] s, over the 0.5 s call timeout"
+        assert re.search(pattern, warnings), warnings
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]

@@ -12,6 +12,7 @@ import itertools
 from dataclasses import dataclass
 from typing import Any, Callable, Final
 
+from .limits import PYTHON_LIMIT, Limit
 from .protocol.negotiation import EVENT_FLAGS, Wants
 
 EVENTS: Final = (
@@ -45,6 +46,7 @@ class Callback:
     func: Callable[..., Any]
     origin: str = "python"  # "python" or "tcl"
     name: str = ""
+    limit: Limit = PYTHON_LIMIT  # what holds it to the milter's call_timeout (Tcl's: its interpreter's)
 
 
 class Registry:

@@ -13,11 +13,12 @@ from __future__ import annotations
 import asyncio
 import inspect
 import logging
+import time
 from typing import TYPE_CHECKING, Any, Awaitable, Callable, Final, Protocol
 
 from .callbacks import Callback, Registry
 from .context import Context
-from .limits import CallbackTimeout, PythonLimit
+from .limits import CallbackTimeout
 from .logline import escape, escape_lines
 from .logline import info as log_info
 # Imported by name, not as a module: compiled, `events.Name` is a module attribute look-up per use.
@@ -26,7 +27,7 @@ from .protocol.events import (
     EnvRcpt, Event, Header, Helo, Macro, OptionNegotiation, Progress, Reject, Reply, ReplyCode, Skip,
     Tempfail, Unknown,
 )
-from .protocol.constants import Family
+from .protocol.constants import Family, Proto
 from .protocol.errors import LocalProtocolError, RemoteProtocolError
 from .protocol.negotiation import Negotiated, negotiate
 from .protocol.session import FilterSession, NeedData
@@ -37,9 +38,20 @@ if TYPE_CHECKING:
 
 log: Final = logging.getLogger("pytclmilter")
 
-_PY_LIMIT: Final = PythonLimit()
+_monotonic: Final = time.monotonic  # compiled, `time.monotonic` is two look-ups per call
 #: Result types that are certainly not awaitable (skips inspect.isawaitable on the hot path).
 _PLAIN: Final = frozenset({type(None), str, int, Status})
+#: A callback stopped by its limit comes back within 0.1 s of it (the Python watchdog's interval;
+#: Tcl's deadline and asyncio's are exact). One that fails later than this past its limit was in
+#: code the limit cannot interrupt, and its real time is logged too.
+_LATE_STOP: Final = 0.5
+
+# What is decided (ConnectionEngine._decided; see the class docstring). Plain ints: tested per event.
+_OPEN: Final = 0
+_BODY_SKIPPED: Final = 1
+_DEFERRED: Final = 2
+_MESSAGE: Final = 3
+_CONNECTION: Final = 4
 
 _CONTINUE: Final = Continue()
 _VERDICT: Final = {s: s.name.lower() for s in Status}  # enum .name is a slow property
@@ -140,10 +152,33 @@ class CallbackError(Exception):
 
 
 class ConnectionEngine:
-    """Drives one FilterSession with the milter's callbacks."""
+    """Drives one FilterSession with the milter's callbacks.
 
-    __slots__ = ("milter", "registry", "session", "ctx", "name", "link", "_out", "_busy", "_deferred",
-                 "_deferred_stage", "_conn_done", "_done", "_skip_body", "closed", "client", "sender", "debug")
+    What the callbacks have decided so far is one value, ``_decided``:
+
+    * ``_OPEN``: nothing; every event's callbacks run.
+    * ``_BODY_SKIPPED``: a callback answered SKIP; the body chunks the MTA still sends and waits
+      on are answered continue without callbacks (an MTA without SMFIP_SKIP keeps sending them).
+    * ``_DEFERRED``: an event the MTA does not wait on (a header under NR_HDR, the chunk an EOM
+      carries) got a verdict; ``_deferred``, from stage ``_deferred_stage``, answers the next
+      message event the MTA waits on. No callbacks run meanwhile.
+    * ``_MESSAGE``: the message has its verdict; its remaining events are answered continue
+      without callbacks.
+    * ``_CONNECTION``: connect or helo had a verdict; the same for the rest of the SMTP session.
+
+    Transitions, each in one method: :meth:`_decide` (an answer other than continue: SKIP ->
+    body skipped, at connect or helo -> connection, at a message stage -> message; a recipient's
+    or an unknown command's verdict concerns that command only), :meth:`_defer` (open or body
+    skipped -> deferred), :meth:`_new_message` (MAIL, ABORT, end of message: back to open unless
+    the connection is decided), :meth:`_new_session` (CONNECT: open).
+
+    Besides: ``_busy`` (an async callback runs: this connection's further events wait, its
+    socket is not read) and ``closed`` (the connection is over: nothing more is done).
+    Callbacks are called in one place, :meth:`_call`.
+    """
+
+    __slots__ = ("milter", "registry", "session", "ctx", "name", "link", "_out", "_busy", "_decided",
+                 "_deferred", "_deferred_stage", "closed", "client", "sender", "debug")
 
     def __init__(self, milter: "Milter", conn_id: int, link: "Link") -> None:
         self.milter = milter
@@ -153,12 +188,10 @@ class ConnectionEngine:
         self.name = self.ctx.name
         self.link = link
         self._out: list[bytes] = []
-        self._busy = False  # an async callback is running: hold further events
-        self._deferred: Status | None = None  # verdict of a no-reply event, answered at the next reply
+        self._busy = False
+        self._decided = _OPEN
+        self._deferred = Status.CONTINUE  # with _DEFERRED: the verdict waiting for a reply
         self._deferred_stage = ""
-        self._conn_done = False  # connect/helo got a verdict: the whole connection is decided
-        self._done = False  # the message (or connection) has its verdict: call no more callbacks
-        self._skip_body = False
         self.closed = False
         self.client = ""
         self.sender = ""
@@ -236,23 +269,24 @@ class ConnectionEngine:
             self.sender = event.args[0] if event.args else ""  # type: ignore[attr-defined]
         elif t is Connect:
             self.client = f"{event.hostname}[{event.address}]"  # type: ignore[attr-defined]
-            self._conn_done = False
+            self._new_session()
         if not event.needs_reply:
             self._no_reply_event(name, event, args_of)
             return
-        if self._deferred is not None and t in _MESSAGE_EVENTS:
-            status, self._deferred = self._deferred, None
-            self._answer(f"{self._deferred_stage} (answered at {name})", event, status)
-            return
-        if self._done or self._conn_done or (t is Body and self._skip_body):
-            self._answer(name, event, Status.CONTINUE, quiet=True)
-            return
+        decided = self._decided
+        if decided != _OPEN:  # a verdict holds: maybe no callbacks (see the class docstring)
+            if decided == _DEFERRED and t in _MESSAGE_EVENTS:
+                self._answer(f"{self._deferred_stage} (answered at {name})", event, self._deferred)
+                return
+            if decided >= _MESSAGE or (decided == _BODY_SKIPPED and t is Body):
+                self._answer(name, event, Status.CONTINUE, quiet=True)
+                return
         self.ctx.stage = name
         result = self._run_chain(name, args_of(event))
-        if type(result) is Status:
-            self._answer(name, event, result)  # type: ignore[arg-type]
+        if isinstance(result, Status):
+            self._answer(name, event, result)
         else:
-            self._await(name, event, result)  # type: ignore[arg-type]
+            self._await(name, event, result)
 
     def _handle_control(self, event: Event) -> None:
         """Events without a callback of their own name: macros, negotiation, abort, close."""
@@ -273,26 +307,40 @@ class ConnectionEngine:
 
     def _no_reply_event(self, name: str, event: Event, args_of: Callable[[Any], tuple[Any, ...]]) -> None:
         """An event the MTA does not wait on (NR negotiated, or a chunk carried by EOM)."""
-        if self._done or self._conn_done or self._deferred is not None:
+        if self._decided >= _DEFERRED:
             return
         self.ctx.stage = name
         result = self._run_chain(name, args_of(event))
-        if type(result) is not Status:
-            self._await(name, event, result)  # type: ignore[arg-type]
+        if not isinstance(result, Status):
+            self._await(name, event, result)
             return
         self.ctx.stage = ""
         if result is not Status.CONTINUE:
-            self._defer(name, result)  # type: ignore[arg-type]
+            self._defer(name, result)
 
-    def _defer(self, name: str, status: Status) -> None:
-        if status not in (Status.CONTINUE, Status.NOREPLY, Status.SKIP):
-            self._deferred, self._deferred_stage = status, name
+    # ------------------------------------------------------------ what is decided (class docstring)
+
+    def _decide(self, t: type, status: Status) -> None:
+        """The transition an answer other than continue makes."""
+        if status is Status.SKIP:
+            self._decided = _BODY_SKIPPED
+        elif t is Connect or t is Helo:
+            self._decided = _CONNECTION
+        elif t is not EnvRcpt and t is not Unknown:
+            self._decided = _MESSAGE
+
+    def _defer(self, stage: str, status: Status) -> None:
+        """A no-reply event's verdict: kept for the next reply (continue, noreply, skip: nothing to keep)."""
+        if status is not Status.CONTINUE and status is not Status.NOREPLY and status is not Status.SKIP:
+            self._decided, self._deferred, self._deferred_stage = _DEFERRED, status, stage
 
     def _new_message(self) -> None:
-        self._deferred = None
-        self._done = False
-        self._skip_body = False
+        if self._decided != _CONNECTION:
+            self._decided = _OPEN
         self.ctx.drop_actions()
+
+    def _new_session(self) -> None:
+        self._decided = _OPEN
 
     def _negotiate(self, offer: OptionNegotiation) -> None:
         status = Status.CONTINUE
@@ -337,65 +385,28 @@ class ConnectionEngine:
     # ------------------------------------------------------------ running callbacks
 
     def _run_chain(self, name: str, args: tuple[Any, ...]) -> Status | Awaitable[Status]:
+        """The event's callbacks in order, up to the first answer other than continue."""
         chain = self.registry.chain(name)
         call_args = (self.ctx,) + args  # compiled, (ctx, *args) is built through a list
+        limit = self.milter.call_timeout  # read per event: `milter configure -calltimeout` applies at once
         for i, cb in enumerate(chain):
-            # (Milter is a Python-level object: its call_timeout is read only for Python callbacks,
-            # Tcl's are limited inside Tcl.)
-            limited = cb.origin == "python" and _PY_LIMIT.start(self.milter.call_timeout)
-            func = cb.func  # compiled, cb.func(*args) would be a getattr by name, as for a method
-            try:
-                try:
-                    result = func(*call_args)
-                finally:
-                    if limited:
-                        _PY_LIMIT.stop()  # before anything else: the failure's log line is not limited
-            except (Exception, CallbackTimeout) as exc:  # noqa: BLE001 - a filter bug must not take the milter down
-                return self._callback_failed(name, cb, exc)
-            cls = type(result)
-            if cls is Status:  # Tcl callbacks and well-behaved Python ones: no parsing
-                status = result
-            elif cls not in _PLAIN and inspect.isawaitable(result):
-                return self._continue_async(name, args, chain, i, result)
-            else:
-                status = self._status(name, cb, result)
+            status = self._call(name, cb, call_args, limit, False)
+            if not isinstance(status, Status):
+                return self._chain_async(name, call_args, chain, i, status, limit)
             if status is not Status.CONTINUE:
                 return status
         return Status.CONTINUE
 
-    async def _continue_async(self, name: str, args: tuple[Any, ...], chain: list[Callback], i: int,
-                              first: Awaitable[Any]) -> Status:
-        try:
-            result = await self._limited(first)
-        except (Exception, CallbackTimeout) as exc:  # noqa: BLE001
-            return self._callback_failed(name, chain[i], exc)
-        status = self._status(name, chain[i], result)
-        if status is not Status.CONTINUE:
-            return status
+    async def _chain_async(self, name: str, call_args: tuple[Any, ...], chain: list[Callback], i: int,
+                           pending: Awaitable[Status], limit: float) -> Status:
+        """The rest of a chain once callback ``i`` turned out async (``pending``)."""
+        status = await pending
         for j in range(i + 1, len(chain)):
-            cb = chain[j]
-            try:
-                if cb.origin == "python" and self.milter.call_timeout:
-                    result = _PY_LIMIT.call(self.milter.call_timeout, cb.func, self.ctx, *args)
-                else:
-                    result = cb.func(self.ctx, *args)
-                if inspect.isawaitable(result):
-                    result = await self._limited(result)
-            except (Exception, CallbackTimeout) as exc:  # noqa: BLE001
-                return self._callback_failed(name, cb, exc)
-            status = self._status(name, cb, result)
             if status is not Status.CONTINUE:
-                return status
-        return Status.CONTINUE
-
-    async def _limited(self, awaitable: Awaitable[Any]) -> Any:
-        limit = self.milter.call_timeout
-        if not limit:
-            return await awaitable
-        try:
-            return await asyncio.wait_for(awaitable, limit)
-        except asyncio.TimeoutError:
-            raise CallbackTimeout(f"callback stopped after {limit:g} s (call_timeout)") from None
+                break
+            result = self._call(name, chain[j], call_args, limit, False)
+            status = result if isinstance(result, Status) else await result
+        return status
 
     def _run_sync(self, name: str, args: tuple[Any, ...]) -> Status:
         result = self._run_chain(name, args)
@@ -410,18 +421,81 @@ class ConnectionEngine:
     def _run_quiet(self, name: str) -> None:
         """abort and close: every callback runs, results are ignored (libmilter ignores them too)."""
         self.ctx.stage = name
+        call_args = (self.ctx,)
         limit = self.milter.call_timeout
         for cb in self.registry.chain(name):
-            try:
-                if cb.origin == "python" and limit:
-                    result = _PY_LIMIT.call(limit, cb.func, self.ctx)
-                else:
-                    result = cb.func(self.ctx)
-                if inspect.isawaitable(result):
-                    asyncio.ensure_future(self._limited(result))
-            except (Exception, CallbackTimeout) as exc:  # noqa: BLE001
-                self._callback_failed(name, cb, exc)
+            result = self._call(name, cb, call_args, limit, True)
+            if not isinstance(result, Status):
+                asyncio.ensure_future(result)  # not awaited: the connection does not wait for it
         self.ctx.stage = ""
+
+    def _call(self, name: str, cb: Callback, call_args: tuple[Any, ...], limit: float,
+              ignore: bool) -> Status | Awaitable[Status]:
+        """Call one callback: the one place for the time limit, failures, and reading the result.
+
+        Returns its status (``on_error`` if it raised or was stopped; continue for a result
+        that is no status, with a warning, or for any result with ``ignore``), or, for an
+        async callback, an awaitable giving that status. Tcl callbacks return a Status, which
+        is taken as it is. With a limit (``limit`` seconds, read by the caller once per chain),
+        ``cb.limit`` holds the callback to it (limits.py) and says whether it overran: a
+        callback that comes back after its limit, from code the limit cannot interrupt, is
+        logged with its time. Without one the clock is not read at all.
+        """
+        started = _monotonic() if limit else 0.0
+        limiter = cb.limit
+        held = limiter.begin(limit, started)
+        late = False
+        func = cb.func  # compiled, cb.func(*args) would be a getattr by name, as for a method
+        try:
+            try:
+                result = func(*call_args)
+            finally:
+                if held:
+                    late = limiter.stop()  # before anything else: the failure's log line is not limited
+        except (Exception, CallbackTimeout) as exc:  # noqa: BLE001 - a filter bug must not take the milter down
+            status = self._callback_failed(name, cb, exc)
+            if limit:
+                self._check_time(name, cb, started, limit, _LATE_STOP)
+            return status
+        if late or (limit and not held):  # a sync Python callback off the main thread is timed here
+            self._check_time(name, cb, started, limit, 0.0)
+        if isinstance(result, Status):  # Tcl callbacks and well-behaved Python ones: no parsing
+            return result
+        if type(result) not in _PLAIN and inspect.isawaitable(result):
+            return self._awaited(name, cb, result, limit, started, ignore)
+        return Status.CONTINUE if ignore else self._status(name, cb, result)
+
+    async def _awaited(self, name: str, cb: Callback, awaitable: Awaitable[Any], limit: float, started: float,
+                       ignore: bool) -> Status:
+        """:meth:`_call` for an async callback, once it returned its awaitable."""
+        try:
+            if limit:
+                try:
+                    result = await asyncio.wait_for(awaitable, limit)
+                except asyncio.TimeoutError:
+                    raise CallbackTimeout(f"callback stopped after {limit:g} s (call_timeout)") from None
+            else:
+                result = await awaitable
+        except (Exception, CallbackTimeout) as exc:  # noqa: BLE001
+            status = self._callback_failed(name, cb, exc)
+            if limit:
+                self._check_time(name, cb, started, limit, _LATE_STOP)
+            return status
+        if limit:
+            self._check_time(name, cb, started, limit, 0.0)
+        return Status.CONTINUE if ignore else self._status(name, cb, result)
+
+    def _check_time(self, name: str, cb: Callback, started: float, limit: float, grace: float) -> None:
+        """Log a callback that took longer than ``limit`` + ``grace`` seconds."""
+        elapsed = _monotonic() - started
+        if elapsed > limit + grace:
+            self._overran(name, cb, elapsed, limit)
+
+    def _overran(self, name: str, cb: Callback, elapsed: float, limit: float) -> None:
+        """A callback came back after its limit: it was in code the limit cannot interrupt (C code,
+        a sync callback off the main thread, an async one blocking the event loop)."""
+        log.warning("%s: %s callback %s took %.1f s, over the %g s call timeout, which could not stop it sooner",
+                    self.name, name, escape(cb.name or repr(cb.func)), elapsed, limit)
 
     def _status(self, name: str, cb: Callback, result: Any) -> Status:
         status = parse_status(result)
@@ -431,36 +505,38 @@ class ConnectionEngine:
             return Status.CONTINUE
         return status
 
-    def _callback_failed(self, name: str, cb: Callback, exc: BaseException) -> Status:
+    def _callback_failed(self, name: str, cb: Callback | None, exc: BaseException) -> Status:
+        """Log a failure (``cb`` None: the engine's own, around an async chain); ``on_error``."""
         detail = exc.detail if isinstance(exc, CallbackError) else _traceback(exc)
         status = self.milter.on_error
         # The script's or the MTA's text in every part (a callback name is a Tcl script, an error
         # message may quote a header): escaped, and errorInfo's lines indented (logline).
+        who = "chain" if cb is None else cb.name or repr(cb.func)
         log.error("%s: %s callback %s failed (%s), answering %s:\n%s", self.name, name,
-                  escape(cb.name or repr(cb.func)), escape(str(exc)), status.smfis, escape_lines(detail))
+                  escape(who), escape(str(exc)), status.smfis, escape_lines(detail))
         self.milter.stats.errors += 1
         return status
 
-    def _await(self, name: str, event: Event, awaitable: Awaitable[Status]) -> None:
+    def _await(self, name: str, event: Event, pending: Awaitable[Status]) -> None:
+        """An async callback runs: hold this connection's events until its chain completes."""
         self._busy = True
         self.link.pause_reading()
+        asyncio.ensure_future(self._resume_after(name, event, pending))
 
-        async def finish() -> None:
-            try:
-                status = await awaitable
-            except Exception as exc:  # noqa: BLE001 - defensive: _continue_async catches callback errors
-                status = self._callback_failed(name, Callback(lambda *a: None), exc)
-            if self.closed:
-                return
-            if event.needs_reply:
-                self._answer(name, event, status)
-            else:
-                self._defer(name, status)
-            self._busy = False
-            self.link.resume_reading()
-            self._pump()
-
-        asyncio.ensure_future(finish())
+    async def _resume_after(self, name: str, event: Event, pending: Awaitable[Status]) -> None:
+        try:
+            status = await pending
+        except Exception as exc:  # noqa: BLE001 - defensive: _call catches the callbacks' own failures
+            status = self._callback_failed(name, None, exc)
+        if self.closed:
+            return
+        if event.needs_reply:
+            self._answer(name, event, status)
+        else:
+            self._defer(name, status)
+        self._busy = False
+        self.link.resume_reading()
+        self._pump()
 
     # ------------------------------------------------------------ answering
 
@@ -485,13 +561,8 @@ class ConnectionEngine:
             del self._out[start:]  # nothing of this answer goes out
             self._out.append(self.session.send(Tempfail()))
             status = Status.TEMPFAIL
-        if status is not Status.CONTINUE and status is not Status.SKIP:
-            if type(event) in (Connect, Helo):
-                self._conn_done = True
-            elif type(event) not in (EnvRcpt, Unknown):
-                self._done = True
-        if status is Status.SKIP:
-            self._skip_body = True
+        if status is not Status.CONTINUE:
+            self._decide(type(event), status)
         if not quiet and (is_eom or status not in (Status.CONTINUE, Status.SKIP, Status.NOREPLY)):
             self._log_verdict(name, status, reply)
         if is_eom:
@@ -514,7 +585,7 @@ class ConnectionEngine:
         if status is Status.SKIP and t is not Body:
             log.warning("%s: SMFIS_SKIP is meaningful only in the body callback; sending continue", self.name)
             return Continue()
-        if status is Status.SKIP and not (self.session.negotiated.protocol & 0x400):
+        if status is Status.SKIP and not (self.session.negotiated.protocol & Proto.SKIP):
             return Continue()  # the MTA cannot skip: we stop calling body callbacks instead
         if status is Status.DISCARD and t in (Connect, Helo):
             log.warning("%s: SMFIS_DISCARD is meaningless at %s (the MTA would ignore it); sending continue",

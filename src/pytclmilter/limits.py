@@ -1,9 +1,14 @@
-"""A time limit for synchronous Python callbacks (Tcl ones use Tcl's ``interp limit``).
+"""Time limits for callbacks: the engine's one interface to them, and the one for Python.
 
-A plain function cannot be stopped from outside, so a watchdog thread checks a
+The engine calls every callback (engine.ConnectionEngine._call) between ``begin`` and ``stop``
+of its callback's :class:`Limit`: :data:`PYTHON_LIMIT` for Python callbacks, Tcl's
+``interp limit`` (tcl/limit.py) for Tcl ones. The engine reads the clock once before the
+call and hands that time to ``begin``, so a limit does not read it again.
+
+A plain Python function cannot be stopped from outside, so a watchdog thread checks a
 few times a second whether the callback running on the main thread has
 overrun, and if so sends the main thread ``SIGALRM``, whose handler raises
-inside the callback. Starting a callback costs two attribute writes; this
+inside the callback. Starting a callback costs a few attribute writes; this
 works on the main thread only (where Python runs signal handlers). Async
 callbacks are limited with ``asyncio.wait_for`` in the engine instead.
 """
@@ -14,7 +19,7 @@ import os
 import signal
 import threading
 import time
-from typing import Any, Callable, Final
+from typing import Final
 
 
 _monotonic: Final = time.monotonic  # compiled, a module attribute is a look-up per use
@@ -29,11 +34,26 @@ class CallbackTimeout(BaseException):
     """
 
 
-class PythonLimit:
+class Limit:
+    """How one kind of callback is held to its time limit (this base: not at all)."""
+
+    def begin(self, seconds: float, now: float) -> bool:
+        """A callback starts at ``now`` (``time.monotonic()``, read by the engine, which also
+        times the callback) and may run ``seconds`` (0: no limit). True if this limit holds it:
+        then :meth:`stop` must be called when it returns or raises."""
+        return False
+
+    def stop(self) -> bool:
+        """The callback is back: True if it ran past its limit, as far as this limit can tell."""
+        return False
+
+
+class PythonLimit(Limit):
     def __init__(self) -> None:
         self._started = 0.0
         self._seconds = 0.0
         self._active = False
+        self._late = False  # the watchdog saw the callback running now overrun
         self._watchdog: threading.Thread | None = None
         self._main = threading.main_thread().ident
         # A forked worker has no watchdog thread (threads do not survive fork): start a new one.
@@ -43,27 +63,20 @@ class PythonLimit:
         self._watchdog = None
         self._main = threading.main_thread().ident
 
-    def start(self, seconds: float) -> bool:
-        """A callback starts now and may run ``seconds``; False if it cannot be limited here
-        (no limit, or not the main thread). Call :meth:`stop` when it returns or raises."""
+    def begin(self, seconds: float, now: float) -> bool:
+        """False when the callback cannot be limited here: no limit, or not the main thread."""
         if not seconds or _get_ident() != self._main:
             return False
         if self._watchdog is None:
             self._start()
-        self._seconds, self._started, self._active = seconds, _monotonic(), True
+        self._seconds, self._started, self._active, self._late = seconds, now, True, False
         return True
 
-    def stop(self) -> None:
+    def stop(self) -> bool:
+        """True if the watchdog saw the callback overrun (it looks every 0.1 s at most). One that
+        returns anyway was in C code, which runs the signal handler only when it is done."""
         self._active = False
-
-    def call(self, seconds: float, func: Callable[..., Any], *args: Any) -> Any:
-        """``func(*args)`` limited to ``seconds``."""
-        if not self.start(seconds):
-            return func(*args)
-        try:
-            return func(*args)
-        finally:
-            self.stop()
+        return self._late
 
     def _start(self) -> None:
         signal.signal(signal.SIGALRM, self._expired)
@@ -78,9 +91,14 @@ class PythonLimit:
         while True:
             time.sleep(min(0.1, max(self._seconds / 4, 0.01)))
             if self._overrun():
+                self._late = True
                 signal.pthread_kill(main, signal.SIGALRM)
 
     def _expired(self, signum: int, frame: object) -> None:
         if self._overrun():
             self._active = False
             raise CallbackTimeout(f"callback stopped after {self._seconds:g} s (call_timeout)")
+
+
+#: The limit of every Python callback (one watchdog for the process).
+PYTHON_LIMIT: Final = PythonLimit()

@@ -10,6 +10,9 @@
   bodies, macro lists in the OPTNEG reply, ``q`` before the final reply,
   garbled packets, "one write" checks).
 * :func:`mt_client` gives a negotiated ``miltertest.MilterConnection``.
+* :class:`InProcessMTA` drives a ``ConnectionEngine`` in process, with no socket and no
+  event loop (unless a test brings one): :class:`FakeLink` stands in for the server's
+  connection, and the same hand-built frames go in as bytes.
 """
 
 from __future__ import annotations
@@ -394,3 +397,70 @@ def make_milter(**kwargs: Any) -> Any:
     kwargs.setdefault("connection", "inet:0@127.0.0.1")
     kwargs.setdefault("grace", 1.0)
     return Milter(**kwargs)
+
+
+# ---------------------------------------------------------------- a ConnectionEngine in process
+
+
+class FakeLink:
+    """The engine's ``Link`` (pytclmilter.engine.Link) without a socket: keeps what is written,
+    records pausing and closing."""
+
+    blocked = False
+
+    def __init__(self) -> None:
+        self.data = b""
+        self.paused = False
+        self.closed = False
+
+    def write(self, data: bytes) -> None:
+        self.data += data
+
+    def close(self) -> None:
+        self.closed = True
+
+    def pause_reading(self) -> None:
+        self.paused = True
+
+    def resume_reading(self) -> None:
+        self.paused = False
+
+    def touch(self) -> None:
+        pass
+
+
+class InProcessMTA:
+    """The MTA side of one ``ConnectionEngine`` fed directly: frames in, reply frames out.
+
+    Replies are read from what the engine wrote to its :class:`FakeLink`; each reply is
+    returned once (``replies`` takes the frames written since the last call).
+    """
+
+    def __init__(self, milter: Any, conn_id: int = 1) -> None:
+        from pytclmilter.engine import ConnectionEngine
+
+        self.link = FakeLink()
+        self.engine = ConnectionEngine(milter, conn_id, self.link)
+        self._taken = 0
+
+    def send(self, code: bytes | str, payload: bytes = b"") -> None:
+        self.engine.data_received(frame(code, payload))
+
+    def replies(self) -> list[tuple[bytes, bytes]]:
+        frames, rest = parse_frames(self.link.data[self._taken :])
+        self._taken = len(self.link.data) - len(rest)
+        return frames
+
+    def command(self, code: bytes | str, payload: bytes = b"") -> list[tuple[bytes, bytes]]:
+        """Send a command; the frames the engine wrote in answer (none for a no-reply event)."""
+        self.send(code, payload)
+        return self.replies()
+
+    def optneg(self, actions: int = ALL_ACTIONS, protocol: int = ALL_PROTO) -> int:
+        """Negotiate; the protocol flags the filter asked for."""
+        ((code, payload),) = self.command(b"O", struct.pack("!III", VERSION, actions, protocol))
+        assert code == b"O", code
+        return struct.unpack_from("!III", payload)[2]
+
+    def connect(self, host: str = "client.example") -> list[tuple[bytes, bytes]]:
+        return self.command(b"C", RawMTA.connect_payload(host))

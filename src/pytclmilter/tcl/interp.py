@@ -214,18 +214,18 @@ class TclHost:
         """A Python callable that runs a Tcl command prefix with the context and event arguments.
 
         The prefix is reached through an alias in the main interpreter, so each call is a direct
-        invocation across interpreters with no script text parsed.
+        invocation across interpreters with no script text parsed. The engine holds it to
+        -calltimeout with ``self.limit`` (registered as its Callback's limit).
         """
         self._callbacks += 1
         command = f"::tclmilter::cb{self._callbacks}"
         self.tk.call("interp", "alias", "", command, self.CHILD, *self.tk.splitlist(script))
         alias = self._command_object(command)
-        call, limit = self.tk.call, self.limit  # limit.begin(): compiled, a direct call; a bound method is not
+        call = self.tk.call
         tcl_error = tkinter.TclError
 
         def run_header(ctx: Context, name: str, value: str) -> Any:
             """run() for the most frequent callback: its two strings converted without a call each."""
-            limit.begin()
             try:
                 result = call(alias, ctx.tcl_command,
                               name if name.isascii() and "\x00" not in name else to_tcl(name),
@@ -238,7 +238,6 @@ class TclHost:
             return run_header
 
         def run(ctx: Context, *args: Any) -> Any:
-            limit.begin()
             try:
                 result = call(alias, ctx.tcl_command, *[_to_tcl(a) for a in args])
             except tcl_error as exc:
@@ -292,7 +291,7 @@ class TclHost:
         """
         if self.tk.call("::tclmilter::py::quiet", self.CHILD) in (1, "1"):
             return
-        self.limit.begin()
+        self.limit.begin_handlers()
         for _ in range(1000):
             if not self.tk.dooneevent(_DONT_WAIT | _ALL_EVENTS):
                 break

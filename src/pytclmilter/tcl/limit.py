@@ -5,12 +5,16 @@ callback. Instead the deadline is armed lazily and Tcl calls us back when it
 passes: if the callback running then is still within its allowance the
 deadline moves to exactly its end, otherwise Tcl unwinds it with ``time limit
 exceeded`` (errorCode ``TCL LIMIT TIME``), which a script cannot ``catch``.
+Tcl checks the deadline between commands only: a command blocked in C code
+(``exec``) runs to its end, and :meth:`CallLimit.stop` tells the engine so.
 """
 
 from __future__ import annotations
 
 import time
 from typing import Callable, Final, Protocol
+
+from ..limits import Limit
 
 _HANDLER: Final = "::tclmilter::py::limit"
 _monotonic: Final = time.monotonic  # compiled, `time.monotonic` is two look-ups per call
@@ -20,28 +24,37 @@ class HasCallTimeout(Protocol):
     call_timeout: float
 
 
-class CallLimit:
+class CallLimit(Limit):
     """Per-callback time limit for one child interpreter; ``seconds`` 0 means none."""
 
     def __init__(self, call: Callable[..., object], create: Callable[[str, Callable[..., object]], None],
                  child: str, settings: "HasCallTimeout") -> None:
         self._call = call
         self._child = child
-        self._settings = settings  # read at every callback: `milter configure -calltimeout` applies at once
+        self._settings = settings  # read at every deadline: `milter configure -calltimeout` applies at once
         self._started = _monotonic()
+        self._seconds = 0.0
         self._armed_until = 0.0  # monotonic time of the deadline Tcl holds; 0: none
         create(_HANDLER, self._on_deadline)
 
-    def begin(self) -> None:
-        """A callback (or a batch of event handlers) starts now."""
-        now = self._started = _monotonic()
-        limit = self._settings.call_timeout
-        if not limit:
+    def begin(self, seconds: float, now: float) -> bool:
+        """A callback starts (the engine read the time and the milter's call_timeout)."""
+        self._started, self._seconds = now, seconds
+        if not seconds:
             if self._armed_until:
                 self._set(None)
-            return
+            return False
         if self._armed_until < now:  # Tcl would stop this evaluation at once: re-arm
-            self._set(now + limit)
+            self._set(now + seconds)
+        return True
+
+    def stop(self) -> bool:
+        """Read the clock: a callback blocked in C code past its deadline may still return."""
+        return _monotonic() - self._started > self._seconds
+
+    def begin_handlers(self) -> None:
+        """A batch of event handlers (``after``, ``fileevent``) starts now: the same allowance."""
+        self.begin(self._settings.call_timeout, _monotonic())
 
     def clear(self) -> None:
         """No limit outside serving: the script's own code after `milter main` runs unbounded."""
@@ -51,7 +64,7 @@ class CallLimit:
     def reset(self) -> None:
         """After a callback was stopped: the interpreter must get a fresh deadline to run again."""
         self._armed_until = 0.0
-        self.begin()
+        self.begin_handlers()
 
     def _on_deadline(self, *args: object) -> None:
         limit = self._settings.call_timeout

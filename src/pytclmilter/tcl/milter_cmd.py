@@ -187,7 +187,7 @@ class MilterCommand:
         if script == "":
             registry.replace_tcl(event, None)
         else:
-            registry.replace_tcl(event, Callback(self.host.callback(script, event), "tcl", script))
+            registry.replace_tcl(event, Callback(self.host.callback(script, event), "tcl", script, self.host.limit))
         return ""
 
 

@@ -1,0 +1,260 @@
+"""The engine driven in process: ``ConnectionEngine`` fed hand-built frames through a fake Link.
+
+No socket and no server, so each test sees exactly which bytes the engine writes for each
+command (an empty list: nothing written, as for an event the MTA does not wait on) and which
+callbacks ran. Frames come from ``support.engine`` (built from the protocol reference, not
+with pytclmilter's codec); what is checked is what the MTA and the log would see.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+from pytclmilter import CONTINUE, REJECT, SKIP, TEMPFAIL
+from support.engine import ALL_PROTO, P_NR_HDR, P_SKIP, InProcessMTA, make_milter, z
+
+LOG = "pytclmilter"
+C = [(b"c", b"")]  # continue
+EVENTS = ("connect", "helo", "envfrom", "envrcpt", "data", "header", "eoh", "body", "eom")
+
+
+def recording(m: Any, calls: list, **answers: Any) -> None:
+    """A callback for every message event that records its call and answers ``answers[event]``
+    (a status, or a function of the arguments), continue by default."""
+    for event in EVENTS:
+
+        def cb(ctx: Any, *args: Any, _event: str = event) -> Any:
+            calls.append((_event,) + args)
+            answer = answers.get(_event, CONTINUE)
+            return answer(*args) if callable(answer) else answer
+
+        m.register(event, cb)
+
+
+def envelope(mta: InProcessMTA) -> None:
+    """CONNECT, HELO, MAIL, RCPT, DATA, each answered continue."""
+    assert mta.connect() == C
+    assert mta.command(b"H", z("client.example")) == C
+    assert mta.command(b"M", z("<a@example.org>")) == C
+    assert mta.command(b"R", z("<b@example.com>")) == C
+    assert mta.command(b"T") == C
+
+
+def messages(caplog: Any, level: int) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.levelno == level]
+
+
+def test_a_header_verdict_without_reply_answers_the_next_reply(caplog):
+    caplog.set_level(logging.INFO, logger=LOG)
+    m, calls = make_milter(), []
+    recording(m, calls, header=lambda name, value: REJECT if name == "X-Bad" else CONTINUE)
+    mta = InProcessMTA(m)
+    assert mta.optneg() & P_NR_HDR
+    envelope(mta)
+    assert mta.command(b"L", z("From", "a@example.org")) == []  # no reply: NR_HDR
+    assert mta.command(b"L", z("X-Bad", "yes")) == []  # its verdict waits ...
+    assert mta.command(b"L", z("Subject", "hi")) == []
+    assert mta.command(b"N") == [(b"r", b"")]  # ... for the next event the MTA waits on
+    assert [c[1] for c in calls if c[0] == "header"] == ["From", "X-Bad"]
+    assert ("eoh",) not in calls
+    assert any("verdict reject at header (answered at eoh)" in t for t in messages(caplog, logging.INFO))
+    # the next message is filtered afresh
+    calls.clear()
+    assert mta.command(b"M", z("<a@example.org>")) == C
+    assert mta.command(b"R", z("<b@example.com>")) == C
+    assert mta.command(b"T") == C
+    assert mta.command(b"L", z("Subject", "hi")) == []
+    assert mta.command(b"N") == C
+    assert mta.command(b"E") == C
+    assert [c[0] for c in calls] == ["envfrom", "envrcpt", "data", "header", "eoh", "eom"]
+
+
+def test_a_reject_at_connect_decides_the_whole_connection(caplog):
+    caplog.set_level(logging.INFO, logger=LOG)
+    m, calls = make_milter(), []
+    recording(m, calls, connect=REJECT)
+    mta = InProcessMTA(m)
+    mta.optneg()
+    assert mta.connect() == [(b"r", b"")]
+    assert mta.command(b"H", z("client.example")) == C
+    for _ in range(2):  # two messages: no callback of either runs
+        assert mta.command(b"M", z("<a@example.org>")) == C
+        assert mta.command(b"R", z("<b@example.com>")) == C
+        assert mta.command(b"T") == C
+        assert mta.command(b"L", z("Subject", "hi")) == []
+        assert mta.command(b"N") == C
+        assert mta.command(b"B", b"body\r\n") == C
+        assert mta.command(b"E") == C
+    assert [c[0] for c in calls] == ["connect"]
+    verdicts = [t for t in messages(caplog, logging.INFO) if " verdict " in t]
+    assert len(verdicts) == 1 and "verdict reject at connect" in verdicts[0], verdicts
+
+
+def test_skip_in_body_with_smfip_skip_is_sent_and_ends_the_body_callbacks():
+    m, calls = make_milter(), []
+    recording(m, calls, body=SKIP)
+    mta = InProcessMTA(m)
+    assert mta.optneg() & P_SKIP
+    envelope(mta)
+    assert mta.command(b"N") == C
+    assert mta.command(b"B", b"one\r\n") == [(b"s", b"")]
+    assert mta.command(b"E") == C
+    assert [c for c in calls if c[0] in ("body", "eom")] == [("body", b"one\r\n"), ("eom",)]
+
+
+def test_skip_in_body_without_smfip_skip_is_sent_as_continue_and_ends_the_body_callbacks():
+    m, calls = make_milter(), []
+    recording(m, calls, body=SKIP)
+    mta = InProcessMTA(m)
+    assert not mta.optneg(protocol=ALL_PROTO & ~P_SKIP) & P_SKIP  # an MTA that cannot skip
+    envelope(mta)
+    assert mta.command(b"N") == C
+    assert mta.command(b"B", b"one\r\n") == C
+    assert mta.command(b"B", b"two\r\n") == C  # the MTA goes on sending: no callback
+    assert mta.command(b"E") == C
+    assert [c for c in calls if c[0] in ("body", "eom")] == [("body", b"one\r\n"), ("eom",)]
+    # the next message's body reaches the callback again
+    calls.clear()
+    envelope_again = [mta.command(b"M", z("<a@example.org>")), mta.command(b"R", z("<b@example.com>")),
+                      mta.command(b"T"), mta.command(b"N"), mta.command(b"B", b"three\r\n")]
+    assert envelope_again == [C] * 5
+    assert ("body", b"three\r\n") in calls
+
+
+def test_an_async_callback_pauses_only_its_own_connection():
+    m, calls = make_milter(), []
+
+    async def envfrom(ctx: Any, args: list) -> Any:
+        calls.append(("envfrom", ctx.id))
+        if args[0] == "<slow@example.org>":
+            await gate.wait()
+        return CONTINUE
+
+    def envrcpt(ctx: Any, args: list) -> Any:
+        calls.append(("envrcpt", ctx.id))
+        return CONTINUE
+
+    m.register("envfrom", envfrom)
+    m.register("envrcpt", envrcpt)
+
+    async def answered(mta: InProcessMTA, frames: int) -> list:
+        """Let the event loop run until ``mta`` got ``frames`` reply frames (bounded)."""
+        for _ in range(200):
+            if mta.link.data.count(b"\0\0\0\x01c") >= frames:
+                break
+            await asyncio.sleep(0)
+        return mta.replies()
+
+    async def scenario() -> None:
+        slow, other = InProcessMTA(m, 1), InProcessMTA(m, 2)
+        slow.optneg()
+        other.optneg()
+        assert slow.command(b"M", z("<slow@example.org>")) == []
+        assert slow.link.paused
+        assert slow.command(b"R", z("<b@example.com>")) == []  # held until envfrom is answered
+        # meanwhile the other connection is served (its envfrom is async too, and completes)
+        assert other.command(b"M", z("<fast@example.org>")) == []
+        assert await answered(other, 1) == C
+        assert other.command(b"R", z("<b@example.com>")) == C
+        assert not other.link.paused
+        assert slow.link.paused and slow.replies() == []
+        assert calls == [("envfrom", 1), ("envfrom", 2), ("envrcpt", 2)]
+        gate.set()
+        assert await answered(slow, 2) == C + C  # envfrom's answer, then the held RCPT's
+        assert not slow.link.paused
+        assert calls == [("envfrom", 1), ("envfrom", 2), ("envrcpt", 2), ("envrcpt", 1)]
+
+    gate = asyncio.Event()
+    asyncio.run(scenario())
+
+
+def test_abort_and_close_callbacks_all_run_and_their_results_are_ignored(caplog):
+    caplog.set_level(logging.INFO, logger=LOG)
+    m, calls = make_milter(), []
+    recording(m, calls)
+
+    def failing_abort(ctx: Any) -> Any:
+        calls.append(("abort", 1))
+        raise RuntimeError("abort went wrong")
+
+    for event, answers in (("abort", [REJECT, "bogus"]), ("close", [TEMPFAIL, "bogus", 42])):
+        if event == "abort":
+            m.register("abort", failing_abort)
+        for i, answer in enumerate(answers, 2):
+
+            def cb(ctx: Any, _event: str = event, _i: int = i, _answer: Any = answer) -> Any:
+                calls.append((_event, _i))
+                return _answer
+
+            m.register(event, cb)
+    mta = InProcessMTA(m)
+    mta.optneg()
+    envelope(mta)
+    calls.clear()
+    assert mta.command(b"A") == []  # ABORT is never answered
+    assert calls == [("abort", 1), ("abort", 2), ("abort", 3)]
+    assert mta.command(b"M", z("<a@example.org>")) == C  # REJECT at abort decided nothing
+    calls.clear()
+    assert mta.command(b"Q") == []  # inside a message: abort, then close
+    assert calls == [("abort", 1), ("abort", 2), ("abort", 3), ("close", 2), ("close", 3), ("close", 4)]
+    assert mta.link.closed
+    errors = messages(caplog, logging.ERROR)
+    assert len(errors) == 2, errors
+    assert all("abort callback " in e and ".failing_abort failed (abort went wrong)" in e for e in errors)
+    assert not [t for t in messages(caplog, logging.WARNING) if "not a status" in t]
+    assert not [t for t in messages(caplog, logging.INFO) if " verdict " in t]
+
+
+def test_a_callback_that_raises_is_answered_with_on_error(caplog):
+    caplog.set_level(logging.INFO, logger=LOG)
+    m = make_milter(on_error="SMFIS_REJECT")
+
+    def envfrom(ctx: Any, args: list) -> Any:
+        raise ValueError("no such sender")
+
+    m.register("envfrom", envfrom)
+    mta = InProcessMTA(m)
+    mta.optneg()
+    assert mta.command(b"M", z("<a@example.org>")) == [(b"r", b"")]
+    (error,) = messages(caplog, logging.ERROR)
+    assert "envfrom callback" in error and "envfrom failed (no such sender), answering SMFIS_REJECT:" in error
+    assert "ValueError: no such sender" in error  # the traceback
+    assert m.stats.errors == 1
+
+
+def test_a_callback_returning_no_status_is_answered_continue_with_a_warning(caplog):
+    caplog.set_level(logging.INFO, logger=LOG)
+    m = make_milter()
+
+    def envrcpt(ctx: Any, args: list) -> Any:
+        return "bogus"
+
+    m.register("envrcpt", envrcpt)
+    mta = InProcessMTA(m)
+    mta.optneg()
+    assert mta.command(b"R", z("<b@example.com>")) == C
+    (warning,) = messages(caplog, logging.WARNING)
+    assert "envrcpt callback" in warning and "returned 'bogus', not a status; treated as continue" in warning
+    assert m.stats.errors == 0
+
+
+def test_a_new_session_after_quit_nc_starts_with_nothing_decided():
+    """QUIT_NC keeps the connection for a new SMTP session (ref: SMFIC_QUIT_NC). A message verdict
+    of the old session must not hold in the new one. (Failed before the engine's verdict state was
+    one value: a MAIL rejected before an UNKNOWN and QUIT_NC kept the new session's connect
+    callback from running.)"""
+    m, calls = make_milter(), []
+    recording(m, calls, envfrom=REJECT)
+    m.register("unknown", lambda ctx, line: calls.append(("unknown", line)))
+    mta = InProcessMTA(m)
+    mta.optneg()
+    assert mta.connect() == C
+    assert mta.command(b"M", z("<a@example.org>")) == [(b"r", b"")]
+    assert mta.command(b"U", z("NOOP")) == C
+    assert mta.command(b"K") == []  # never answered
+    calls.clear()
+    assert mta.connect() == C
+    assert mta.command(b"H", z("client.example")) == C
+    assert [c[0] for c in calls] == ["connect", "helo"]
