@@ -257,18 +257,3 @@ class Shutdown(Reply):
 class ConnFail(Reply):
     pass
 
-
-
-#: Replies that end the wait for a pending event.
-FINAL_REPLIES = (Continue, Accept, Reject, Tempfail, Discard, Skip, ReplyCode)
-#: Replies allowed only in answer to end of message (with the action flag they need).
-MODIFICATIONS = (
-    AddHeader,
-    InsertHeader,
-    ChangeHeader,
-    AddRecipient,
-    DeleteRecipient,
-    ChangeFrom,
-    ReplaceBody,
-    Quarantine,
-)
