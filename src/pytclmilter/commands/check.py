@@ -26,7 +26,7 @@ from .logs import setup_logging
 EVENT_ARGS = {c.callback: c.args for c in COMMANDS if c.callback}
 
 
-def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:  # type: ignore[type-arg]
+def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> argparse.ArgumentParser:
     p = sub.add_parser("check", help="load a script without serving; report errors, callbacks, negotiation")
     p.add_argument("script", help="the TclMilter script (.tcl)")
     add_script_options(p)

@@ -16,7 +16,7 @@ become U+DC80..U+DCFF and go back out as the very same bytes.
 from __future__ import annotations
 
 import struct
-from typing import Final, Iterable, Iterator, Mapping
+from typing import Final, Iterable, Iterator, Mapping, TypeVar, overload
 
 from . import events as ev
 from .constants import CHUNK_SIZE, Family, MacroStage
@@ -26,6 +26,7 @@ _U32: Final = struct.Struct("!I")
 _U16: Final = struct.Struct("!H")
 _HEADER: Final = struct.Struct("!Ic")
 _OPTNEG: Final = struct.Struct("!III")
+_T = TypeVar("_T")
 
 
 def text(raw: bytes) -> str:
@@ -198,7 +199,12 @@ class LazyMacros(Mapping[str, str]):
     def __getitem__(self, name: str) -> str:
         return self._pairs()[name]
 
-    def get(self, name: str, default: object = None) -> object:  # type: ignore[override]
+    @overload
+    def get(self, name: str, /) -> str | None: ...
+    @overload
+    def get(self, name: str, default: str | _T, /) -> str | _T: ...
+    def get(self, name: str, default: object = None) -> object:
+        """dict.get on the pairs (Mapping's would go through __getitem__ and an exception)."""
         return self._pairs().get(name, default)
 
     def __iter__(self) -> Iterator[str]:
