@@ -187,8 +187,7 @@ class FilterSession:
             return None
         queue = self._queue  # empty: frames are read only when every queued event was delivered
         state = self._state
-        ok = _TRANS_OK.get((self._proto << 8) | (state << 4) | new)  # _trans_ok's cache, inline
-        if not (ok or (ok is None and self._trans_ok(state, new))):
+        if not self._trans_ok(state, new):
             if state in _TRANSACTION:
                 queue.append(Abort())
             self._state = _HELO
