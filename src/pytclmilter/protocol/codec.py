@@ -348,12 +348,14 @@ def encode_indexed_header(r: ev.InsertHeader | ev.ChangeHeader) -> bytes:
     return _U32.pack(r.index) + _z(r.name, "header name") + _z(r.value, "header value")
 
 
+def _with_args(address: bytes, args: str | None) -> bytes:
+    """An address, then its ESMTP arguments (one string) when there are any."""
+    return address if args is None else address + _z(args, "ESMTP arguments")
+
+
 def encode_addrcpt(r: ev.AddRecipient) -> bytes:
     """Both codes: without ESMTP arguments SMFIR_ADDRCPT, with them SMFIR_ADDRCPT_PAR."""
-    payload = _z(r.rcpt, "recipient")
-    if r.args is not None:
-        payload += _z(r.args, "ESMTP arguments")
-    return payload
+    return _with_args(_z(r.rcpt, "recipient"), r.args)
 
 
 def encode_delrcpt(r: ev.DeleteRecipient) -> bytes:
@@ -361,10 +363,7 @@ def encode_delrcpt(r: ev.DeleteRecipient) -> bytes:
 
 
 def encode_chgfrom(r: ev.ChangeFrom) -> bytes:
-    payload = _z(r.sender, "sender")
-    if r.args is not None:
-        payload += _z(r.args, "ESMTP arguments")
-    return payload
+    return _with_args(_z(r.sender, "sender"), r.args)
 
 
 def encode_replbody(r: ev.ReplaceBody) -> bytes:
