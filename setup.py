@@ -39,6 +39,7 @@ HOT = [
     "protocol/errors.py",
     "protocol/events.py",
     "protocol/codec.py",
+    "protocol/table.py",
     "protocol/macros.py",
     "protocol/negotiation.py",
     "protocol/session.py",

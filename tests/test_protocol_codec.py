@@ -28,6 +28,7 @@ from pytclmilter.protocol import (
     encode_command,
     encode_reply,
     negotiate,
+    table,
     text,
     wire,
 )
@@ -291,7 +292,7 @@ def test_malformed_payloads_are_remote_protocol_errors(code: bytes, payload: byt
 def test_unknown_command_letters_are_refused(code: bytes) -> None:
     with pytest.raises(RemoteProtocolError):
         decode_command(code, b"")
-    reader = FrameReader(codec.COMMAND_CODES, MAX_DATA_SIZE)
+    reader = FrameReader(table.COMMAND_CODES, MAX_DATA_SIZE)
     reader.feed(raw_frame(code, b"xyz\0"))
     with pytest.raises(RemoteProtocolError):
         reader.next_frame()
@@ -305,7 +306,7 @@ def test_unknown_command_is_refused_by_the_session_from_its_header() -> None:
 
 
 def test_zero_length_packet_is_refused() -> None:
-    reader = FrameReader(codec.COMMAND_CODES, MAX_DATA_SIZE)
+    reader = FrameReader(table.COMMAND_CODES, MAX_DATA_SIZE)
     reader.feed(b"\x00\x00\x00\x00Q")
     with pytest.raises(RemoteProtocolError):
         reader.next_frame()
@@ -336,7 +337,7 @@ def test_full_body_chunk_arrives_with_length_65536_and_is_accepted() -> None:
     assert len(chunk) == CHUNK_SIZE == 65535
     data = encode_command(ev.Body(chunk))
     assert data[:4] == b"\x00\x01\x00\x00"  # 65536 = command byte + 65535
-    reader = FrameReader(codec.COMMAND_CODES, MAX_DATA_SIZE)
+    reader = FrameReader(table.COMMAND_CODES, MAX_DATA_SIZE)
     reader.feed(data)
     assert reader.next_frame() == (b"B", chunk)
     s = _session_in_body()
@@ -346,7 +347,7 @@ def test_full_body_chunk_arrives_with_length_65536_and_is_accepted() -> None:
 
 def test_payload_of_65536_is_refused_before_it_is_buffered() -> None:
     header = b"\x00\x01\x00\x01B"  # length 65537: payload 65536
-    reader = FrameReader(codec.COMMAND_CODES, MAX_DATA_SIZE)
+    reader = FrameReader(table.COMMAND_CODES, MAX_DATA_SIZE)
     reader.feed(header)
     with pytest.raises(RemoteProtocolError):
         reader.next_frame()
@@ -358,7 +359,7 @@ def test_payload_of_65536_is_refused_before_it_is_buffered() -> None:
 
 
 def test_oversize_length_is_refused_even_when_huge() -> None:
-    reader = FrameReader(codec.COMMAND_CODES, MAX_DATA_SIZE)
+    reader = FrameReader(table.COMMAND_CODES, MAX_DATA_SIZE)
     reader.feed(b"\xff\xff\xff\xffL")
     with pytest.raises(RemoteProtocolError):
         reader.next_frame()
@@ -366,7 +367,7 @@ def test_oversize_length_is_refused_even_when_huge() -> None:
 
 def test_partial_frames_wait_for_more_data() -> None:
     data = encode_command(ev.Helo("x.example"))
-    reader = FrameReader(codec.COMMAND_CODES, MAX_DATA_SIZE)
+    reader = FrameReader(table.COMMAND_CODES, MAX_DATA_SIZE)
     for i in range(len(data) - 1):
         reader.feed(data[i : i + 1])
         assert reader.next_frame() is None
@@ -381,7 +382,7 @@ def test_partial_frames_wait_for_more_data() -> None:
 def test_frame_reader_splits_any_stream_at_any_point(events: list[ev.Event], data: st.DataObject) -> None:
     stream = b"".join(encode_command(e) for e in events)
     cuts = sorted(data.draw(st.lists(st.integers(0, len(stream)), max_size=10)))
-    reader = FrameReader(codec.COMMAND_CODES, MAX_DATA_SIZE)
+    reader = FrameReader(table.COMMAND_CODES, MAX_DATA_SIZE)
     got = []
     prev = 0
     for cut in [*cuts, len(stream)]:

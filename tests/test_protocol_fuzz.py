@@ -26,10 +26,10 @@ from pytclmilter.protocol import (
     ProtocolError,
     RemoteProtocolError,
     Wants,
-    codec,
     decode_reply,
     encode_command,
     negotiate,
+    table,
     text,
 )
 from pytclmilter.protocol import events as ev
@@ -219,7 +219,7 @@ def test_pure_noise_after_negotiation_only_raises_remote_errors(noise: bytes, cu
 @given(st.sampled_from(CODES), st.binary(max_size=80))
 def test_any_payload_for_any_command_decodes_or_raises_remote_error(code: bytes, payload: bytes) -> None:
     try:
-        event = codec.decode_command(code, payload)
+        event = table.decode_command(code, payload)
     except RemoteProtocolError:
         return
     assert isinstance(event, ev.Event)
@@ -348,12 +348,12 @@ def test_frames_decode_the_same_whatever_the_split(commands: list[ev.Event], cut
     data = b"".join(encode_command(e) for e in commands)
     results = []
     for c in ([], cuts, list(range(len(data)))):
-        reader = FrameReader(codec.COMMAND_CODES, 65535)
+        reader = FrameReader(table.COMMAND_CODES, 65535)
         got = []
         for piece in split(data, c):
             reader.feed(piece)
             while (item := reader.next_frame()) is not None:
-                got.append(codec.decode_command(*item))
+                got.append(table.decode_command(*item))
         assert reader.pending == 0
         results.append(got)
     assert results[0] == results[1] == results[2] == commands
@@ -369,7 +369,7 @@ def test_frames_decode_the_same_whatever_the_split(commands: list[ev.Event], cut
     st.binary(max_size=30)), max_size=10), st.lists(st.integers(0, 1500), max_size=20))
 def test_reader_never_holds_more_than_one_allowed_frame(max_payload: int, pieces: list[bytes], cuts: list[int]) -> None:
     stream = b"".join(pieces)
-    reader = FrameReader(codec.COMMAND_CODES, max_payload)
+    reader = FrameReader(table.COMMAND_CODES, max_payload)
     for piece in split(stream, cuts):
         reader.feed(piece)
         try:

@@ -14,22 +14,10 @@ from typing import Any, Callable, Final
 
 from .limits import PYTHON_LIMIT, Limit
 from .protocol.negotiation import EVENT_FLAGS, Wants
+from .protocol.table import COMMANDS
 
-EVENTS: Final = (
-    "negotiate",
-    "connect",
-    "helo",
-    "envfrom",
-    "envrcpt",
-    "data",
-    "unknown",
-    "header",
-    "eoh",
-    "body",
-    "eom",
-    "abort",
-    "close",
-)
+#: The callback events, in protocol order: those of the command table (close is QUIT's and QUIT_NC's).
+EVENTS: Final = tuple(dict.fromkeys(c.callback for c in COMMANDS if c.callback))
 
 #: Events whose verdict may wait for the next replied event: the MTA sends them only after
 #: the whole message arrived, so a reject at a header or at end of headers reaches the client

@@ -67,7 +67,7 @@ def _port(text: str, spec: str) -> int:
     if not text:
         raise ConnSpecError(f'connection "{spec}": missing port')
     if text[0].isdigit():
-        port = int(re.match(r"\d+", text).group())  # type: ignore[union-attr]
+        port = int(re.split(r"\D", text, maxsplit=1)[0])  # the leading digits
     else:
         try:
             port = socket.getservbyname(text, "tcp")

@@ -23,14 +23,14 @@ from .logline import escape, escape_lines
 from .logline import info as log_info
 # Imported by name, not as a module: compiled, `events.Name` is a module attribute look-up per use.
 from .protocol.events import (
-    Abort, Accept, Body, Closed, Connect, Continue, Data, Discard, EndOfHeaders, EndOfMessage, EnvFrom,
-    EnvRcpt, Event, Header, Helo, Macro, OptionNegotiation, Progress, Reject, Reply, ReplyCode, Skip,
-    Tempfail, Unknown,
+    Abort, Accept, Body, Closed, Connect, Continue, Discard, EndOfMessage, EnvFrom, EnvRcpt, Event, Header,
+    Helo, Macro, OptionNegotiation, Progress, Reject, Reply, ReplyCode, Skip, Tempfail, Unknown,
 )
 from .protocol.constants import Family, Proto
 from .protocol.errors import LocalProtocolError, RemoteProtocolError
 from .protocol.negotiation import Negotiated, negotiate
 from .protocol.session import FilterSession, NeedData
+from .protocol.table import COMMANDS
 from .status import Status, parse_status
 
 if TYPE_CHECKING:
@@ -92,23 +92,29 @@ def _body_args(e: Body) -> tuple[Any, ...]:
     return (e.chunk,)
 
 
-#: Event type -> (callback event name, function of the event giving the callback arguments).
+#: Callback event name -> function of the event giving the callback arguments, for the events
+#: whose callbacks answer the MTA (negotiate, abort and close are _handle_control's).
+_ARG_FUNCS: Final[dict[str, Callable[[Any], tuple[Any, ...]]]] = {
+    "connect": _connect_args,
+    "helo": _helo_args,
+    "envfrom": _envelope_args,
+    "envrcpt": _envelope_args,
+    "data": _no_args,
+    "unknown": _unknown_args,
+    "header": _header_args,
+    "eoh": _no_args,
+    "body": _body_args,
+    "eom": _no_args,
+}
+#: Event type -> (callback event name, argument function), by the command table.
 _ARGS: Final[dict[type, tuple[str, Callable[[Any], tuple[Any, ...]]]]] = {
-    Connect: ("connect", _connect_args),
-    Helo: ("helo", _helo_args),
-    EnvFrom: ("envfrom", _envelope_args),
-    EnvRcpt: ("envrcpt", _envelope_args),
-    Data: ("data", _no_args),
-    Unknown: ("unknown", _unknown_args),
-    Header: ("header", _header_args),
-    EndOfHeaders: ("eoh", _no_args),
-    Body: ("body", _body_args),
-    EndOfMessage: ("eom", _no_args),
+    c.event: (c.callback, _ARG_FUNCS[c.callback]) for c in COMMANDS if c.callback in _ARG_FUNCS
 }
 #: negotiate() results by (registry generation, offer, size limit, macro lists): see _negotiated.
 _NEGOTIATED: Final[dict[tuple[Any, ...], Negotiated]] = {}
 
-_MESSAGE_EVENTS: Final = frozenset({Data, Header, EndOfHeaders, Body, EndOfMessage})
+_MESSAGE_EVENTS: Final = frozenset(c.event for c in COMMANDS if c.message)
+_SKIP: Final = int(Proto.SKIP)
 
 #: How sessions normally end; other reasons (timeout, protocol error, stop) are worth an info line.
 _ROUTINE_ENDS: Final = frozenset({"eof", "quit"})
@@ -585,7 +591,7 @@ class ConnectionEngine:
         if status is Status.SKIP and t is not Body:
             log.warning("%s: SMFIS_SKIP is meaningful only in the body callback; sending continue", self.name)
             return Continue()
-        if status is Status.SKIP and not (self.session.negotiated.protocol & Proto.SKIP):
+        if status is Status.SKIP and not (self.session.negotiated.protocol & _SKIP):
             return Continue()  # the MTA cannot skip: we stop calling body callbacks instead
         if status is Status.DISCARD and t in (Connect, Helo):
             log.warning("%s: SMFIS_DISCARD is meaningless at %s (the MTA would ignore it); sending continue",

@@ -28,28 +28,27 @@ def apply(actions: list[ev.Reply], msg: Message, env: Envelope) -> Result:
     rcpts = [angle(r) for r in env.recipients]
     result = Result(Message(headers, msg.body), angle(env.sender), rcpts)
     for action in actions:
-        t = type(action)
-        if t is ev.AddHeader:
-            headers.append((action.name, action.value))  # type: ignore[attr-defined]
-        elif t is ev.InsertHeader:
-            index = min(action.index, len(headers))  # type: ignore[attr-defined]
-            headers.insert(index, (action.name, action.value))  # type: ignore[attr-defined]
-        elif t is ev.ChangeHeader:
-            _change(headers, action)  # type: ignore[arg-type]
-        elif t is ev.ReplaceBody:
-            body_parts = (body_parts or []) + [action.chunk]  # type: ignore[attr-defined]
-        elif t is ev.AddRecipient:
-            rcpts.append(angle(action.rcpt))  # type: ignore[attr-defined]
-        elif t is ev.DeleteRecipient:
-            target = angle(action.rcpt)  # type: ignore[attr-defined]
-            if target in rcpts:
-                rcpts.remove(target)
-            else:
-                result.notes.append(f"delrcpt {action.rcpt}: no such recipient")  # type: ignore[attr-defined]
-        elif t is ev.ChangeFrom:
-            result.sender = angle(action.sender)  # type: ignore[attr-defined]
-        elif t is ev.Quarantine:
-            result.quarantine = action.reason  # type: ignore[attr-defined]
+        match action:
+            case ev.AddHeader():
+                headers.append((action.name, action.value))
+            case ev.InsertHeader():
+                headers.insert(min(action.index, len(headers)), (action.name, action.value))
+            case ev.ChangeHeader():
+                _change(headers, action)
+            case ev.ReplaceBody():
+                body_parts = (body_parts or []) + [action.chunk]
+            case ev.AddRecipient():
+                rcpts.append(angle(action.rcpt))
+            case ev.DeleteRecipient():
+                target = angle(action.rcpt)
+                if target in rcpts:
+                    rcpts.remove(target)
+                else:
+                    result.notes.append(f"delrcpt {action.rcpt}: no such recipient")
+            case ev.ChangeFrom():
+                result.sender = angle(action.sender)
+            case ev.Quarantine():
+                result.quarantine = action.reason
     if body_parts is not None:
         result.message.body = b"".join(body_parts)
     return result

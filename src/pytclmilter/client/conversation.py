@@ -12,9 +12,10 @@ import asyncio
 from dataclasses import dataclass, field
 
 from ..protocol import events as ev
-from ..protocol.codec import REPLY_CODES, FrameReader, decode_reply, encode_command, split_body
-from ..protocol.constants import ALL_ACTIONS, ALL_PROTO, MDS_1M, Family, Proto
+from ..protocol.codec import FrameReader, split_body
+from ..protocol.constants import ALL_ACTIONS, ALL_PROTO, MDS_1M, Family
 from ..protocol.errors import ProtocolError
+from ..protocol.table import COMMAND_OF_EVENT, REPLIES, REPLY_CODES, decode_reply, encode_command
 from .message import Envelope, Message, angle
 
 VERDICTS = ("accept", "reject", "tempfail", "discard", "quarantine")
@@ -50,14 +51,8 @@ class ConversationError(Exception):
     """The filter broke the protocol or the connection."""
 
 
-_REPLY_NAMES = {
-    ev.Continue: "continue",
-    ev.Accept: "accept",
-    ev.Reject: "reject",
-    ev.Tempfail: "tempfail",
-    ev.Discard: "discard",
-    ev.Skip: "skip",
-}
+#: What a stage's reply is called in the report: a final reply's SMFIR_ name (ReplyCode: by its text).
+_REPLY_NAMES = {r.reply: r.name.lower() for r in REPLIES if r.final and r.reply is not ev.ReplyCode}
 
 
 class Conversation:
@@ -86,15 +81,16 @@ class Conversation:
                 raise ConversationError("the filter closed the connection")
             self.frames.feed(data)
 
-    async def _event(self, stage: Stage, macro: ev.Macro | None, event: ev.Event, skip: int, nr: int) -> Stage | None:
-        """Send one event (with its macros); wait for the reply unless the filter said not to."""
-        if self.protocol & skip:
-            if macro is not None:
-                self._send(macro)  # both MTAs send macros of skipped stages too
+    async def _event(self, stage: Stage, macros: dict[str, str], event: ev.Event) -> Stage | None:
+        """Send one event after its macros; wait for the reply unless the filter said not to."""
+        spec = COMMAND_OF_EVENT[type(event)]
+        macro = ev.Macro(spec.code, macros)  # named by the code of the command it precedes
+        if self.protocol & spec.skip:
+            self._send(macro)  # both MTAs send macros of skipped stages too
             return None
-        self._send(*([macro] if macro is not None else []), event)
+        self._send(macro, event)
         self.out.stages.append(stage)
-        if self.protocol & nr:
+        if self.protocol & spec.no_reply:
             await self.writer.drain()
             return stage
         await self.writer.drain()
@@ -144,13 +140,13 @@ class Conversation:
         conn_macros = {"j": "pytclmilter.localhost", "{daemon_name}": "pytclmilter", "v": "pytclmilter",
                        "_": f"{env.client_name} [{env.client_ip}]", **macros}
         family = Family.INET6 if ":" in env.client_ip else Family.INET
-        steps = [
-            (Stage("connect", f"{env.client_name} [{env.client_ip}]"), ev.Macro(b"C", conn_macros),
-             ev.Connect(env.client_name, family, 25, env.client_ip), Proto.NOCONNECT, Proto.NR_CONN),
-            (Stage("helo", env.helo), ev.Macro(b"H", {}), ev.Helo(env.helo), Proto.NOHELO, Proto.NR_HELO),
+        steps: list[tuple[Stage, dict[str, str], ev.Event]] = [
+            (Stage("connect", f"{env.client_name} [{env.client_ip}]"), conn_macros,
+             ev.Connect(env.client_name, family, 25, env.client_ip)),
+            (Stage("helo", env.helo), {}, ev.Helo(env.helo)),
         ]
-        for stage, macro, event, skip, nr in steps:
-            done = await self._event(stage, macro, event, skip, nr)
+        for stage, macros, event in steps:
+            done = await self._event(stage, macros, event)
             if done is not None and done.reply not in ("", "continue"):
                 return self._verdict(done, connection=True)
         await self._transaction(env, msg)
@@ -158,16 +154,15 @@ class Conversation:
         await self.writer.drain()
 
     async def _transaction(self, env: Envelope, msg: Message) -> None:
-        mail = await self._event(Stage("envfrom", angle(env.sender)), ev.Macro(b"M", {"{mail_addr}": env.sender}),
-                                 ev.EnvFrom([angle(env.sender)]), Proto.NOMAIL, Proto.NR_MAIL)
+        mail = await self._event(Stage("envfrom", angle(env.sender)), {"{mail_addr}": env.sender},
+                                 ev.EnvFrom([angle(env.sender)]))
         if mail is not None and mail.reply not in ("", "continue"):
             return self._verdict(mail)
         accepted = 0
         temporary = False
         for rcpt in env.recipients:
-            stage = await self._event(
-                Stage("envrcpt", angle(rcpt)), ev.Macro(b"R", {"i": env.queue_id, "{rcpt_addr}": rcpt}),
-                ev.EnvRcpt([angle(rcpt)]), Proto.NORCPT, Proto.NR_RCPT)
+            stage = await self._event(Stage("envrcpt", angle(rcpt)), {"i": env.queue_id, "{rcpt_addr}": rcpt},
+                                      ev.EnvRcpt([angle(rcpt)]))
             if stage is None or stage.reply in ("", "continue"):
                 accepted += 1
             elif stage.reply == "accept":
@@ -183,34 +178,24 @@ class Conversation:
             self.out.reply_text = "no recipient accepted" if temporary else "all recipients rejected"
             self._send(ev.Abort())
             return
-        content: list[tuple[Stage, ev.Macro, ev.Event, Proto, Proto]] = [
-            (Stage("data"), ev.Macro(b"T", {"i": env.queue_id}), ev.Data(), Proto.NODATA, Proto.NR_DATA),
-        ]
-        content += [
-            (Stage("header", f"{n}: {v}"), ev.Macro(b"L", {"i": env.queue_id}), ev.Header(n, v),
-             Proto.NOHDRS, Proto.NR_HDR)
-            for n, v in msg.headers
-        ]
-        content.append((Stage("eoh"), ev.Macro(b"N", {"i": env.queue_id}), ev.EndOfHeaders(),
-                        Proto.NOEOH, Proto.NR_EOH))
-        for stage, macro, event, skip, nr in content:
-            done = await self._event(stage, macro, event, skip, nr)
+        qid = {"i": env.queue_id}
+        content: list[tuple[Stage, ev.Event]] = [(Stage("data"), ev.Data())]
+        content += [(Stage("header", f"{n}: {v}"), ev.Header(n, v)) for n, v in msg.headers]
+        content.append((Stage("eoh"), ev.EndOfHeaders()))
+        for stage, event in content:
+            done = await self._event(stage, qid, event)
             if done is not None and done.reply not in ("", "continue"):
                 self._send(ev.Abort())
                 return self._verdict(done)
         for i, chunk in enumerate(split_body(msg.body)):
-            done = await self._event(Stage("body", f"chunk {i + 1}, {len(chunk)} bytes"),
-                                     ev.Macro(b"B", {"i": env.queue_id}), ev.Body(chunk), Proto.NOBODY, Proto.NR_BODY)
+            done = await self._event(Stage("body", f"chunk {i + 1}, {len(chunk)} bytes"), qid, ev.Body(chunk))
             if done is not None and done.reply == "skip":
                 break
             if done is not None and done.reply not in ("", "continue"):
                 self._send(ev.Abort())
                 return self._verdict(done)
         eom = Stage("eom")
-        self._send(ev.Macro(b"E", {"i": env.queue_id}), ev.EndOfMessage())
-        self.out.stages.append(eom)
-        await self.writer.drain()
-        await self._reply(eom, eom=True)
+        await self._event(eom, qid, ev.EndOfMessage())  # never skipped, always answered
         self.out.actions = list(eom.actions)
         self._send(ev.Abort())  # Postfix sends ABORT after every message
         if eom.reply in ("continue", "accept"):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 from email.utils import getaddresses
+from typing import Any
 
 from ..protocol.codec import text
 
@@ -68,7 +69,7 @@ class Envelope:
         msg: Message,
         sender: str | None = None,
         recipients: list[str] | None = None,
-        **kw: object,
+        **kw: Any,  # the other fields, passed on
     ) -> "Envelope":
         """Defaults from the message's headers: Return-Path or From for the sender, To/Cc/Bcc for recipients."""
         if sender is None:
@@ -78,7 +79,7 @@ class Envelope:
         if not recipients:
             fields = [v for n, v in msg.headers if n.lower() in ("to", "cc", "bcc")]
             recipients = [a for _, a in getaddresses(fields) if a] or ["postmaster@localhost"]
-        return cls(sender=sender, recipients=list(recipients), **kw)  # type: ignore[arg-type]
+        return cls(sender=sender, recipients=list(recipients), **kw)
 
 
 def angle(address: str) -> str:

@@ -16,27 +16,29 @@ EXIT_CODES = {"accept": 0, "reject": 1, "tempfail": 2, "discard": 3, "quarantine
 
 
 def describe(action: ev.Reply) -> str:
-    t = type(action)
-    if t is ev.AddHeader:
-        return f"addheader {action.name}: {action.value}"  # type: ignore[attr-defined]
-    if t is ev.InsertHeader:
-        return f"insheader at {action.index} {action.name}: {action.value}"  # type: ignore[attr-defined]
-    if t is ev.ChangeHeader:
-        what = "delete" if not action.value else f"-> {action.value}"  # type: ignore[attr-defined]
-        return f"chgheader {action.name}[{action.index}] {what}"  # type: ignore[attr-defined]
-    if t is ev.AddRecipient:
-        args = f" {action.args}" if action.args else ""  # type: ignore[attr-defined]
-        return f"addrcpt {action.rcpt}{args}"  # type: ignore[attr-defined]
-    if t is ev.DeleteRecipient:
-        return f"delrcpt {action.rcpt}"  # type: ignore[attr-defined]
-    if t is ev.ChangeFrom:
-        args = f" {action.args}" if action.args else ""  # type: ignore[attr-defined]
-        return f"chgfrom {action.sender}{args}"  # type: ignore[attr-defined]
-    if t is ev.ReplaceBody:
-        return f"replacebody ({len(action.chunk)} bytes)"  # type: ignore[attr-defined]
-    if t is ev.Quarantine:
-        return f"quarantine {action.reason}"  # type: ignore[attr-defined]
-    return t.__name__
+    match action:
+        case ev.AddHeader():
+            return f"addheader {action.name}: {action.value}"
+        case ev.InsertHeader():
+            return f"insheader at {action.index} {action.name}: {action.value}"
+        case ev.ChangeHeader():
+            what = "delete" if not action.value else f"-> {action.value}"
+            return f"chgheader {action.name}[{action.index}] {what}"
+        case ev.AddRecipient():
+            return f"addrcpt {action.rcpt}{_args(action.args)}"
+        case ev.DeleteRecipient():
+            return f"delrcpt {action.rcpt}"
+        case ev.ChangeFrom():
+            return f"chgfrom {action.sender}{_args(action.args)}"
+        case ev.ReplaceBody():
+            return f"replacebody ({len(action.chunk)} bytes)"
+        case ev.Quarantine():
+            return f"quarantine {action.reason}"
+    return type(action).__name__
+
+
+def _args(args: str | None) -> str:
+    return f" {args}" if args else ""
 
 
 def as_dict(outcome: Outcome, result: Result | None) -> dict[str, Any]:

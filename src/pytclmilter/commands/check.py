@@ -17,29 +17,16 @@ from typing import Any
 from ..protocol.constants import Action, Proto
 from ..protocol.events import OptionNegotiation
 from ..protocol.negotiation import negotiate
+from ..protocol.table import COMMANDS
 from ..tcl.interp import TclHost
 from .common import ScriptExit, add_script_options, make_host
 from .logs import setup_logging
 
 #: Arguments each event passes after the context, as the manual names them.
-EVENT_ARGS = {
-    "negotiate": ("version", "actions", "protocol"),
-    "connect": ("hostname", "addrInfo"),
-    "helo": ("helohost",),
-    "envfrom": ("fromList",),
-    "envrcpt": ("rcptList",),
-    "data": (),
-    "unknown": ("line",),
-    "header": ("name", "content"),
-    "eoh": (),
-    "body": ("block",),
-    "eom": (),
-    "abort": (),
-    "close": (),
-}
+EVENT_ARGS = {c.callback: c.args for c in COMMANDS if c.callback}
 
 
-def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:  # type: ignore[type-arg]
+def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> argparse.ArgumentParser:
     p = sub.add_parser("check", help="load a script without serving; report errors, callbacks, negotiation")
     p.add_argument("script", help="the TclMilter script (.tcl)")
     add_script_options(p)

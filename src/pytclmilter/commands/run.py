@@ -23,7 +23,7 @@ from .pidfile import PidFile
 log = logging.getLogger("pytclmilter")
 
 
-def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:  # type: ignore[type-arg]
+def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="run a TclMilter script as a milter")
     run.add_argument("script", help="the TclMilter script (.tcl)")
     run.add_argument("--connection", "-c", metavar="SPEC",

@@ -13,7 +13,7 @@ from .common import UsageError, add_envelope_options, read_message
 from .logs import setup_logging
 
 
-def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:  # type: ignore[type-arg]
+def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> argparse.ArgumentParser:
     p = sub.add_parser("send", help="send a message to a running milter (any libmilter one too) as an MTA would")
     p.add_argument("--connection", "-c", required=True, metavar="SPEC",
                    help="where the milter listens (unix:/path, inet:port@host, inet6:port@host)")

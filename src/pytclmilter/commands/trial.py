@@ -23,7 +23,7 @@ from .common import EX_SOFTWARE, ScriptExit, add_envelope_options, add_script_op
 from .logs import setup_logging
 
 
-def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:  # type: ignore[type-arg]
+def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> argparse.ArgumentParser:
     p = sub.add_parser("try", help="run one message through a script without an MTA and show what it did")
     p.add_argument("script", help="the TclMilter script (.tcl)")
     add_envelope_options(p)

@@ -1,10 +1,12 @@
 """Frames and payloads, both directions, without I/O.
 
 A frame is ``u32 length`` (command byte + payload, big-endian), ``command``,
-``payload``. This module turns payloads into the typed values of
-:mod:`.events` and back. Decoding is strict: a payload that does not have
-exactly the documented shape raises :class:`RemoteProtocolError`, because a
-garbled packet must end that one connection, never be guessed at.
+``payload``. This module splits a byte stream into frames and has one function
+per payload shape, turning it into the typed values of :mod:`.events` and
+back; which code has which shape is :mod:`.table`'s row, which also dispatches.
+Decoding is strict: a payload that does not have exactly the documented shape
+raises :class:`RemoteProtocolError`, because a garbled packet must end that one
+connection, never be guessed at.
 
 Text rule: every string on the wire is bytes; we hand it on as ``str``
 decoded from UTF-8 with ``surrogateescape``, so bytes that are not valid UTF-8
@@ -14,19 +16,17 @@ become U+DC80..U+DCFF and go back out as the very same bytes.
 from __future__ import annotations
 
 import struct
-from typing import Callable, Final, Iterable, Iterator, Mapping
+from typing import Final, Iterable, Iterator, Mapping, TypeVar, overload
 
 from . import events as ev
-from .constants import CHUNK_SIZE, Cmd, Family, MacroStage, Reply
+from .constants import CHUNK_SIZE, Family, MacroStage
 from .errors import LocalProtocolError, RemoteProtocolError
 
 _U32: Final = struct.Struct("!I")
 _U16: Final = struct.Struct("!H")
 _HEADER: Final = struct.Struct("!Ic")
 _OPTNEG: Final = struct.Struct("!III")
-
-COMMAND_CODES: Final = frozenset(c.value for c in Cmd)
-REPLY_CODES: Final = frozenset(r.value for r in Reply)
+_T = TypeVar("_T")
 
 
 def text(raw: bytes) -> str:
@@ -118,7 +118,7 @@ class FrameReader:
         if length == 0:
             raise RemoteProtocolError("zero-length packet")
         if code not in self._codes:
-            raise RemoteProtocolError(f"unknown command {_show(code)}")
+            raise RemoteProtocolError(f"unknown command {show(code)}")
         if length - 1 > self.max_payload:
             raise RemoteProtocolError(f"packet of {length - 1} bytes exceeds the limit of {self.max_payload}")
         end = pos + 4 + length
@@ -129,7 +129,8 @@ class FrameReader:
         return code, buf[pos + 5 : end]
 
 
-def _show(code: bytes) -> str:
+def show(code: bytes) -> str:
+    """A command or reply code for an error message."""
     return repr(code.decode("latin-1"))
 
 
@@ -150,12 +151,22 @@ def _exactly(payload: bytes, count: int, what: str) -> list[bytes]:
     return parts
 
 
-def _no_payload(event: type[ev.Event]) -> Callable[[bytes], ev.Event]:
-    # libmilter ignores stray payload on these commands; so do we.
-    return lambda payload: event()
+def _z(value: str, what: str) -> bytes:
+    raw = wire(value)
+    if 0 in raw:  # an int needle: a bytes one goes through the buffer protocol
+        raise LocalProtocolError(f"{what} must not contain NUL")
+    return raw + b"\0"
 
 
-def _optneg(payload: bytes) -> ev.Event:
+def _zs(values: Iterable[str]) -> bytes:
+    """Strings as the MTA writes them: each NUL-terminated (no check: the MTA side, tests)."""
+    return b"".join(wire(v) + b"\0" for v in values)
+
+
+# ------------------------------------------------------------------ commands: payload -> event
+
+
+def decode_optneg(payload: bytes) -> ev.OptionNegotiation:
     if len(payload) < 12:
         raise RemoteProtocolError(f"option negotiation: {len(payload)} bytes, need 12")
     return ev.OptionNegotiation(*_OPTNEG.unpack_from(payload))
@@ -188,7 +199,12 @@ class LazyMacros(Mapping[str, str]):
     def __getitem__(self, name: str) -> str:
         return self._pairs()[name]
 
-    def get(self, name: str, default: object = None) -> object:  # type: ignore[override]
+    @overload
+    def get(self, name: str, /) -> str | None: ...
+    @overload
+    def get(self, name: str, default: str | _T, /) -> str | _T: ...
+    def get(self, name: str, default: object = None) -> object:
+        """dict.get on the pairs (Mapping's would go through __getitem__ and an exception)."""
         return self._pairs().get(name, default)
 
     def __iter__(self) -> Iterator[str]:
@@ -201,7 +217,7 @@ class LazyMacros(Mapping[str, str]):
         return repr(self._pairs())
 
 
-def _macro(payload: bytes) -> ev.Event:
+def decode_macro(payload: bytes) -> ev.Macro:
     if not payload:
         raise RemoteProtocolError("macro: empty payload")
     return ev.Macro(payload[:1], LazyMacros(payload[1:]))
@@ -210,14 +226,14 @@ def _macro(payload: bytes) -> ev.Event:
 _FAMILIES: Final = {f.value: f for f in Family}
 
 
-def _connect(payload: bytes) -> ev.Event:
+def decode_connect(payload: bytes) -> ev.Connect:
     nul = payload.find(b"\0")
     if nul < 0 or nul + 1 >= len(payload):
         raise RemoteProtocolError("connect: missing host name or family")
     host = text(payload[:nul])
     family = _FAMILIES.get(payload[nul + 1 : nul + 2])  # a dict: Family(...) costs a microsecond
     if family is None:
-        raise RemoteProtocolError(f"connect: unknown address family {_show(payload[nul + 1 : nul + 2])}")
+        raise RemoteProtocolError(f"connect: unknown address family {show(payload[nul + 1 : nul + 2])}")
     rest = payload[nul + 2 :]
     if family is Family.UNKNOWN:
         return ev.Connect(host, family)
@@ -228,20 +244,20 @@ def _connect(payload: bytes) -> ev.Event:
     return ev.Connect(host, family, port, text(address))
 
 
-def _helo(payload: bytes) -> ev.Event:
+def decode_helo(payload: bytes) -> ev.Helo:
     return ev.Helo(text(_exactly(payload, 1, "helo")[0]))
 
 
-def _envfrom(payload: bytes) -> ev.Event:
+def decode_envfrom(payload: bytes) -> ev.EnvFrom:
     return ev.EnvFrom([text(p) for p in _strings(payload, "mail")])
 
 
-def _envrcpt(payload: bytes) -> ev.Event:
+def decode_envrcpt(payload: bytes) -> ev.EnvRcpt:
     return ev.EnvRcpt([text(p) for p in _strings(payload, "rcpt")])
 
 
-def _eom(payload: bytes) -> ev.Event:
-    return ev.EndOfMessage(payload)
+def decode_unknown(payload: bytes) -> ev.Unknown:
+    return ev.Unknown(text(_exactly(payload, 1, "unknown command")[0]))
 
 
 def decode_header(payload: bytes) -> ev.Header:
@@ -257,173 +273,113 @@ def decode_header(payload: bytes) -> ev.Header:
     return ev.Header(parts[0], parts[1])
 
 
-def _body(payload: bytes) -> ev.Event:
+def decode_body(payload: bytes) -> ev.Body:
     if not payload:
         raise RemoteProtocolError("body: empty chunk")
     return ev.Body(payload)
 
 
-def _unknown(payload: bytes) -> ev.Event:
-    return ev.Unknown(text(_exactly(payload, 1, "unknown command")[0]))
+def decode_eom(payload: bytes) -> ev.EndOfMessage:
+    return ev.EndOfMessage(payload)
 
 
-_COMMAND_DECODERS: Final[dict[bytes, Callable[[bytes], ev.Event]]] = {
-    b"O": _optneg,
-    b"D": _macro,
-    b"C": _connect,
-    b"H": _helo,
-    b"M": _envfrom,
-    b"R": _envrcpt,
-    b"T": _no_payload(ev.Data),
-    b"U": _unknown,
-    b"L": decode_header,
-    b"N": _no_payload(ev.EndOfHeaders),
-    b"B": _body,
-    b"E": _eom,
-    b"A": _no_payload(ev.Abort),
-    b"Q": _no_payload(ev.Quit),
-    b"K": _no_payload(ev.QuitNewConnection),
-}
+# ------------------------------------------------------------------ commands: event -> payload
+# The MTA side (the `send` client and tests): the same shapes, the other direction.
 
 
-def decode_command(code: bytes, payload: bytes) -> ev.Event:
-    """MTA command payload -> event. Raises RemoteProtocolError on anything malformed."""
-    # The commands of every message are decoded by direct calls (compiled, a call through the
-    # table below costs a Python-level call each); the rest through the table.
-    if code == b"L":
-        return decode_header(payload)
-    if code == b"R":
-        return _envrcpt(payload)
-    if code == b"M":
-        return _envfrom(payload)
-    if code == b"C":
-        return _connect(payload)
-    if code == b"E":
-        return _eom(payload)
-    try:
-        decoder = _COMMAND_DECODERS[code]
-    except KeyError:
-        raise RemoteProtocolError(f"unknown command {_show(code)}") from None
-    return decoder(payload)
+def encode_optneg(e: ev.OptionNegotiation) -> bytes:
+    return _OPTNEG.pack(e.version, e.actions, e.protocol)
 
 
-# ------------------------------------------------------------------ filter replies
+def encode_macro(e: ev.Macro) -> bytes:
+    return e.stage + b"".join(wire(k) + b"\0" + wire(v) + b"\0" for k, v in e.macros.items())
 
 
-def _z(value: str, what: str) -> bytes:
-    raw = wire(value)
-    if 0 in raw:  # an int needle: a bytes one goes through the buffer protocol
-        raise LocalProtocolError(f"{what} must not contain NUL")
-    return raw + b"\0"
+def encode_connect(e: ev.Connect) -> bytes:
+    payload = wire(e.hostname) + b"\0" + e.family.value
+    if e.family is not Family.UNKNOWN:
+        payload += _U16.pack(e.port) + wire(e.address) + b"\0"
+    return payload
 
 
-def _encode_optneg(r: ev.OptionNegotiationReply) -> bytes:
+def encode_helo(e: ev.Helo) -> bytes:
+    return _zs((e.name,))
+
+
+def encode_args(e: ev.EnvFrom | ev.EnvRcpt) -> bytes:
+    return _zs(e.args)
+
+
+def encode_unknown(e: ev.Unknown) -> bytes:
+    return _zs((e.line,))
+
+
+def encode_header(e: ev.Header) -> bytes:
+    return _zs((e.name, e.value))
+
+
+def encode_chunk(e: ev.Body | ev.EndOfMessage) -> bytes:
+    return e.chunk
+
+
+# ------------------------------------------------------------------ replies: reply -> payload
+
+
+def encode_optneg_reply(r: ev.OptionNegotiationReply) -> bytes:
     payload = _OPTNEG.pack(r.version, r.actions, r.protocol)
     for stage, names in sorted(r.macros.items()):
         payload += _U32.pack(int(stage)) + _z(names, "macro list")
-    return frame(b"O", payload)
+    return payload
 
 
-def _encode_body(r: ev.ReplaceBody) -> bytes:
-    data = r.chunk
+def encode_replycode(r: ev.ReplyCode) -> bytes:
+    return _z(r.text, "reply text")
+
+
+def encode_quarantine(r: ev.Quarantine) -> bytes:
+    return _z(r.reason, "quarantine reason")
+
+
+def encode_addheader(r: ev.AddHeader) -> bytes:
+    return _z(r.name, "header name") + _z(r.value, "header value")
+
+
+def encode_indexed_header(r: ev.InsertHeader | ev.ChangeHeader) -> bytes:
+    return _U32.pack(r.index) + _z(r.name, "header name") + _z(r.value, "header value")
+
+
+def _with_args(address: bytes, args: str | None) -> bytes:
+    """An address, then its ESMTP arguments (one string) when there are any."""
+    return address if args is None else address + _z(args, "ESMTP arguments")
+
+
+def encode_addrcpt(r: ev.AddRecipient) -> bytes:
+    """Both codes: without ESMTP arguments SMFIR_ADDRCPT, with them SMFIR_ADDRCPT_PAR."""
+    return _with_args(_z(r.rcpt, "recipient"), r.args)
+
+
+def encode_delrcpt(r: ev.DeleteRecipient) -> bytes:
+    return _z(r.rcpt, "recipient")
+
+
+def encode_chgfrom(r: ev.ChangeFrom) -> bytes:
+    return _with_args(_z(r.sender, "sender"), r.args)
+
+
+def encode_replbody(r: ev.ReplaceBody) -> bytes:
+    return r.chunk
+
+
+def frames(code: bytes, data: bytes) -> bytes:
+    """Body data as frames of at most CHUNK_SIZE bytes (one frame when it fits, even empty)."""
     if len(data) <= CHUNK_SIZE:
-        return frame(b"b", data)
+        return frame(code, data)
     view = memoryview(data)
-    return b"".join(frame(b"b", bytes(view[i : i + CHUNK_SIZE])) for i in range(0, len(data), CHUNK_SIZE))
+    return b"".join(frame(code, bytes(view[i : i + CHUNK_SIZE])) for i in range(0, len(data), CHUNK_SIZE))
 
 
-def _encode_rcpt(r: ev.AddRecipient) -> bytes:
-    if r.args is None:
-        return frame(b"+", _z(r.rcpt, "recipient"))
-    return frame(b"2", _z(r.rcpt, "recipient") + _z(r.args, "ESMTP arguments"))
-
-
-def _encode_indexed(code: bytes, r: ev.InsertHeader | ev.ChangeHeader) -> bytes:
-    return frame(code, _U32.pack(r.index) + _z(r.name, "header name") + _z(r.value, "header value"))
-
-
-def _encode_chgfrom(r: ev.ChangeFrom) -> bytes:
-    payload = _z(r.sender, "sender")
-    if r.args is not None:
-        payload += _z(r.args, "ESMTP arguments")
-    return frame(b"e", payload)
-
-
-_EMPTY_FRAMES: Final = {
-    ev.Continue: frame(b"c"),
-    ev.Accept: frame(b"a"),
-    ev.Reject: frame(b"r"),
-    ev.Tempfail: frame(b"t"),
-    ev.Discard: frame(b"d"),
-    ev.Skip: frame(b"s"),
-    ev.Progress: frame(b"p"),
-    ev.Shutdown: frame(b"4"),
-    ev.ConnFail: frame(b"f"),
-}
-
-_REPLY_ENCODERS: Final[dict[type, Callable[[ev.Reply], bytes]]] = {
-    ev.OptionNegotiationReply: _encode_optneg,  # type: ignore[dict-item]
-    ev.ReplyCode: lambda r: frame(b"y", _z(r.text, "reply text")),  # type: ignore[attr-defined]
-    ev.Quarantine: lambda r: frame(b"q", _z(r.reason, "quarantine reason")),  # type: ignore[attr-defined]
-    ev.AddHeader: lambda r: frame(b"h", _z(r.name, "header name") + _z(r.value, "header value")),  # type: ignore[attr-defined]
-    ev.InsertHeader: lambda r: _encode_indexed(b"i", r),  # type: ignore[arg-type]
-    ev.ChangeHeader: lambda r: _encode_indexed(b"m", r),  # type: ignore[arg-type]
-    ev.AddRecipient: _encode_rcpt,  # type: ignore[dict-item]
-    ev.DeleteRecipient: lambda r: frame(b"-", _z(r.rcpt, "recipient")),  # type: ignore[attr-defined]
-    ev.ChangeFrom: _encode_chgfrom,  # type: ignore[dict-item]
-    ev.ReplaceBody: _encode_body,  # type: ignore[dict-item]
-}
-
-
-def encode_reply(reply: ev.Reply) -> bytes:
-    """Filter reply -> frame(s). ReplaceBody larger than a chunk becomes several frames."""
-    fixed = _EMPTY_FRAMES.get(type(reply))
-    if fixed is not None:
-        return fixed
-    encoder = _REPLY_ENCODERS.get(type(reply))
-    if encoder is None:
-        raise LocalProtocolError(f"{type(reply).__name__} is not a packet")
-    try:
-        return encoder(reply)
-    except struct.error as exc:  # an index or flag word that does not fit its u32
-        raise LocalProtocolError(f"{type(reply).__name__}: {exc}") from None
-
-
-# ------------------------------------------------------------------ MTA side
-# Used by the `send` client and by tests: the same shapes, the other direction.
-
-
-def encode_command(event: ev.Event) -> bytes:
-    """MTA command -> frame."""
-    t = type(event)
-    if t is ev.OptionNegotiation:
-        return frame(b"O", _OPTNEG.pack(event.version, event.actions, event.protocol))  # type: ignore[attr-defined]
-    if t is ev.Macro:
-        pairs = b"".join(wire(k) + b"\0" + wire(v) + b"\0" for k, v in event.macros.items())  # type: ignore[attr-defined]
-        return frame(b"D", event.stage + pairs)  # type: ignore[attr-defined]
-    if t is ev.Connect:
-        c: ev.Connect = event  # type: ignore[assignment]
-        payload = wire(c.hostname) + b"\0" + c.family.value
-        if c.family is not Family.UNKNOWN:
-            payload += _U16.pack(c.port) + wire(c.address) + b"\0"
-        return frame(b"C", payload)
-    if t is ev.Helo:
-        return frame(b"H", wire(event.name) + b"\0")  # type: ignore[attr-defined]
-    if t in (ev.EnvFrom, ev.EnvRcpt):
-        code = b"M" if t is ev.EnvFrom else b"R"
-        return frame(code, b"".join(wire(a) + b"\0" for a in event.args))  # type: ignore[attr-defined]
-    if t is ev.Header:
-        return frame(b"L", wire(event.name) + b"\0" + wire(event.value) + b"\0")  # type: ignore[attr-defined]
-    if t is ev.Body:
-        return frame(b"B", event.chunk)  # type: ignore[attr-defined]
-    if t is ev.EndOfMessage:
-        return frame(b"E", event.chunk)  # type: ignore[attr-defined]
-    if t is ev.Unknown:
-        return frame(b"U", wire(event.line) + b"\0")  # type: ignore[attr-defined]
-    simple = {ev.Data: b"T", ev.EndOfHeaders: b"N", ev.Abort: b"A", ev.Quit: b"Q", ev.QuitNewConnection: b"K"}
-    if t in simple:
-        return frame(simple[t])
-    raise LocalProtocolError(f"{t.__name__} is not a command")
+# ------------------------------------------------------------------ replies: payload -> reply
+# The MTA side again.
 
 
 def _reply_strings(payload: bytes, count_min: int, count_max: int, what: str) -> list[str]:
@@ -441,7 +397,7 @@ def _indexed_header(payload: bytes, what: str) -> tuple[int, str, str]:
     return index, name, value
 
 
-def _decode_optneg_reply(payload: bytes) -> ev.Reply:
+def decode_optneg_reply(payload: bytes) -> ev.OptionNegotiationReply:
     if len(payload) < 12:
         raise RemoteProtocolError("option negotiation reply shorter than 12 bytes")
     version, actions, protocol = _OPTNEG.unpack_from(payload)
@@ -462,38 +418,46 @@ def _decode_optneg_reply(payload: bytes) -> ev.Reply:
     return ev.OptionNegotiationReply(version, actions, protocol, macros)
 
 
-def decode_reply(code: bytes, payload: bytes) -> ev.Reply:
-    """Filter reply payload -> value (MTA side)."""
-    empty = {v: k for k, v in _EMPTY_FRAMES.items()}
-    if frame(code) in empty:
-        if payload:
-            raise RemoteProtocolError(f"reply {_show(code)} carries {len(payload)} stray bytes")
-        return empty[frame(code)]()
-    if code == b"O":
-        return _decode_optneg_reply(payload)
-    if code == b"y":
-        return ev.ReplyCode(_reply_strings(payload, 1, 1, "reply code")[0])
-    if code == b"q":
-        return ev.Quarantine(_reply_strings(payload, 1, 1, "quarantine")[0])
-    if code == b"h":
-        return ev.AddHeader(*_reply_strings(payload, 2, 2, "add header"))
-    if code == b"i":
-        return ev.InsertHeader(*_indexed_header(payload, "insert header"))
-    if code == b"m":
-        return ev.ChangeHeader(*_indexed_header(payload, "change header"))
-    if code == b"+":
-        return ev.AddRecipient(_reply_strings(payload, 1, 1, "add recipient")[0])
-    if code == b"2":
-        parts = _reply_strings(payload, 1, 2, "add recipient")
-        return ev.AddRecipient(parts[0], parts[1] if len(parts) > 1 else "")
-    if code == b"-":
-        return ev.DeleteRecipient(_reply_strings(payload, 1, 1, "delete recipient")[0])
-    if code == b"e":
-        parts = _reply_strings(payload, 1, 2, "change sender")
-        return ev.ChangeFrom(parts[0], parts[1] if len(parts) > 1 else None)
-    if code == b"b":
-        return ev.ReplaceBody(payload)
-    raise RemoteProtocolError(f"unknown reply {_show(code)}")
+def decode_replycode(payload: bytes) -> ev.ReplyCode:
+    return ev.ReplyCode(_reply_strings(payload, 1, 1, "reply code")[0])
+
+
+def decode_quarantine(payload: bytes) -> ev.Quarantine:
+    return ev.Quarantine(_reply_strings(payload, 1, 1, "quarantine")[0])
+
+
+def decode_addheader(payload: bytes) -> ev.AddHeader:
+    return ev.AddHeader(*_reply_strings(payload, 2, 2, "add header"))
+
+
+def decode_insheader(payload: bytes) -> ev.InsertHeader:
+    return ev.InsertHeader(*_indexed_header(payload, "insert header"))
+
+
+def decode_chgheader(payload: bytes) -> ev.ChangeHeader:
+    return ev.ChangeHeader(*_indexed_header(payload, "change header"))
+
+
+def decode_addrcpt(payload: bytes) -> ev.AddRecipient:
+    return ev.AddRecipient(_reply_strings(payload, 1, 1, "add recipient")[0])
+
+
+def decode_addrcpt_par(payload: bytes) -> ev.AddRecipient:
+    parts = _reply_strings(payload, 1, 2, "add recipient")
+    return ev.AddRecipient(parts[0], parts[1] if len(parts) > 1 else "")
+
+
+def decode_delrcpt(payload: bytes) -> ev.DeleteRecipient:
+    return ev.DeleteRecipient(_reply_strings(payload, 1, 1, "delete recipient")[0])
+
+
+def decode_chgfrom(payload: bytes) -> ev.ChangeFrom:
+    parts = _reply_strings(payload, 1, 2, "change sender")
+    return ev.ChangeFrom(parts[0], parts[1] if len(parts) > 1 else None)
+
+
+def decode_replbody(payload: bytes) -> ev.ReplaceBody:
+    return ev.ReplaceBody(payload)
 
 
 def split_body(data: bytes, size: int = CHUNK_SIZE) -> Iterable[bytes]:

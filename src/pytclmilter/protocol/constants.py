@@ -1,7 +1,8 @@
 """Numbers of the milter protocol, version 6 (names as in libmilter's mfdef.h).
 
-Only facts of the wire live here; see ``docs/protocol.md`` §2-§4
-for their meaning.
+Only numbers, flag words and family bytes live here; see ``docs/protocol.md`` §2-§4 for their
+meaning. Codes, and which command goes with which flag, are the rows of
+:mod:`.table`.
 """
 
 from __future__ import annotations
@@ -19,52 +20,6 @@ CHUNK_SIZE = 65535
 MAX_DATA_SIZE = 65535
 MDS_256K = 262143
 MDS_1M = 1048575
-
-
-class Cmd(bytes, enum.Enum):
-    """Commands MTA -> filter (SMFIC_*)."""
-
-    ABORT = b"A"
-    BODY = b"B"
-    CONNECT = b"C"
-    MACRO = b"D"
-    BODYEOB = b"E"
-    HELO = b"H"
-    QUIT_NC = b"K"
-    HEADER = b"L"
-    MAIL = b"M"
-    EOH = b"N"
-    OPTNEG = b"O"
-    QUIT = b"Q"
-    RCPT = b"R"
-    DATA = b"T"
-    UNKNOWN = b"U"
-
-
-class Reply(bytes, enum.Enum):
-    """Replies and actions filter -> MTA (SMFIR_*)."""
-
-    ADDRCPT = b"+"
-    DELRCPT = b"-"
-    ADDRCPT_PAR = b"2"
-    SHUTDOWN = b"4"
-    ACCEPT = b"a"
-    REPLBODY = b"b"
-    CONTINUE = b"c"
-    DISCARD = b"d"
-    CHGFROM = b"e"
-    CONN_FAIL = b"f"
-    ADDHEADER = b"h"
-    INSHEADER = b"i"
-    SETSYMLIST = b"l"
-    CHGHEADER = b"m"
-    PROGRESS = b"p"
-    QUARANTINE = b"q"
-    REJECT = b"r"
-    SKIP = b"s"
-    TEMPFAIL = b"t"
-    REPLYCODE = b"y"
-    OPTNEG = b"O"
 
 
 class Family(bytes, enum.Enum):
@@ -139,14 +94,3 @@ class MacroStage(enum.IntEnum):
     EOM = 5
     EOH = 6
 
-
-#: Which command each macro stage precedes; the MTA names the stage by command letter.
-MACRO_STAGE_CMD: dict[MacroStage, bytes] = {
-    MacroStage.CONNECT: b"C",
-    MacroStage.HELO: b"H",
-    MacroStage.ENVFROM: b"M",
-    MacroStage.ENVRCPT: b"R",
-    MacroStage.DATA: b"T",
-    MacroStage.EOM: b"E",
-    MacroStage.EOH: b"N",
-}

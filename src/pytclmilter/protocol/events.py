@@ -9,7 +9,7 @@ Events are what the MTA sends (SMFIC_*); replies are what the filter sends
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Mapping
+from typing import ClassVar, Mapping
 
 from .constants import Family, MacroStage
 
@@ -17,151 +17,126 @@ from .constants import Family, MacroStage
 # ---------------------------------------------------------------- MTA -> filter
 
 
-# The MTA's events write their __init__ out (init=False): compiled, the one dataclasses generates
-# stays interpreted Python, a tenth of the cost of decoding a header. repr and == still come from
-# the dataclass.
-
-
-@dataclass(slots=True, init=False)
 class Event:
-    """Base of MTA commands. ``needs_reply`` is set by the session from the negotiated flags."""
+    """Base of MTA commands. ``needs_reply`` is set by the session from the negotiated flags.
 
-    needs_reply: bool = field(default=False, init=False, compare=False, repr=False)
+    Plain classes, not dataclasses: compiled, the ``__init__`` a dataclass generates stays
+    interpreted Python (a tenth of the cost of decoding a header), so each class writes its own,
+    which is where its fields are named; ``__match_args__`` lists them once more, in order, for
+    positional ``match`` patterns and for the ``repr`` and ``==`` below.
+    """
 
-    def __init__(self) -> None:
-        self.needs_reply = False
+    __match_args__: ClassVar[tuple[str, ...]] = ()
+    needs_reply: bool = False  # a class default: compiled, set when the object is made, no __init__ call
+
+    def __repr__(self) -> str:
+        fields = ", ".join(f"{name}={getattr(self, name)!r}" for name in self.__match_args__)
+        return f"{type(self).__qualname__}({fields})"
+
+    def __eq__(self, other: object) -> bool:
+        """Same class and same fields (``needs_reply`` is the session's, not the MTA's)."""
+        if type(other) is not type(self):
+            return NotImplemented
+        return all(getattr(self, name) == getattr(other, name) for name in self.__match_args__)
 
 
-@dataclass(slots=True, init=False)
 class OptionNegotiation(Event):
-    version: int
-    actions: int
-    protocol: int
+    __match_args__ = ("version", "actions", "protocol")
 
     def __init__(self, version: int, actions: int, protocol: int) -> None:
-        self.needs_reply = False
         self.version, self.actions, self.protocol = version, actions, protocol
 
 
-@dataclass(slots=True, init=False)
 class Macro(Event):
-    stage: bytes  # the command letter the macros precede
-    macros: Mapping[str, str]
+    __match_args__ = ("stage", "macros")
 
     def __init__(self, stage: bytes, macros: Mapping[str, str]) -> None:
-        self.needs_reply = False
-        self.stage, self.macros = stage, macros
+        self.stage = stage  # the code of the command the macros precede
+        self.macros = macros
 
 
-@dataclass(slots=True, init=False)
 class Connect(Event):
-    hostname: str
-    family: Family
-    port: int = 0
-    address: str = ""
+    __match_args__ = ("hostname", "family", "port", "address")
 
     def __init__(self, hostname: str, family: Family, port: int = 0, address: str = "") -> None:
-        self.needs_reply = False
         self.hostname, self.family, self.port, self.address = hostname, family, port, address
 
 
-@dataclass(slots=True, init=False)
 class Helo(Event):
-    name: str
+    __match_args__ = ("name",)
 
     def __init__(self, name: str) -> None:
-        self.needs_reply = False
         self.name = name
 
 
-@dataclass(slots=True, init=False)
 class EnvFrom(Event):
-    args: list[str]  # sender as written (with <>), then ESMTP parameters
+    __match_args__ = ("args",)
 
     def __init__(self, args: list[str]) -> None:
-        self.needs_reply = False
-        self.args = args
+        self.args = args  # sender as written (with <>), then ESMTP parameters
 
 
-@dataclass(slots=True, init=False)
 class EnvRcpt(Event):
-    args: list[str]
+    __match_args__ = ("args",)
 
     def __init__(self, args: list[str]) -> None:
-        self.needs_reply = False
-        self.args = args
+        self.args = args  # recipient as written (with <>), then ESMTP parameters
 
 
-@dataclass(slots=True, init=False)
 class Data(Event):
     pass
 
 
-@dataclass(slots=True, init=False)
 class Unknown(Event):
-    line: str
+    __match_args__ = ("line",)
 
     def __init__(self, line: str) -> None:
-        self.needs_reply = False
         self.line = line
 
 
-@dataclass(slots=True, init=False)
 class Header(Event):
-    name: str
-    value: str
+    __match_args__ = ("name", "value")
 
     def __init__(self, name: str, value: str) -> None:
-        self.needs_reply = False
         self.name, self.value = name, value
 
 
-@dataclass(slots=True, init=False)
 class EndOfHeaders(Event):
     pass
 
 
-@dataclass(slots=True, init=False)
 class Body(Event):
-    chunk: bytes
+    __match_args__ = ("chunk",)
 
     def __init__(self, chunk: bytes) -> None:
-        self.needs_reply = False
         self.chunk = chunk
 
 
-@dataclass(slots=True, init=False)
 class EndOfMessage(Event):
-    chunk: bytes = b""  # MTAs send none; libmilter treats data here as a last body chunk
+    __match_args__ = ("chunk",)
 
     def __init__(self, chunk: bytes = b"") -> None:
-        self.needs_reply = False
-        self.chunk = chunk
+        self.chunk = chunk  # MTAs send none; libmilter treats data here as a last body chunk
 
 
-@dataclass(slots=True, init=False)
 class Abort(Event):
     pass
 
 
-@dataclass(slots=True, init=False)
 class Quit(Event):
     pass
 
 
-@dataclass(slots=True, init=False)
 class QuitNewConnection(Event):
     pass
 
 
-@dataclass(slots=True, init=False)
 class Closed(Event):
     """Not a packet: the session ended (QUIT, QUIT_NC, EOF or failure). Emitted once per SMTP session."""
 
-    reason: str = "eof"
+    __match_args__ = ("reason",)
 
     def __init__(self, reason: str = "eof") -> None:
-        self.needs_reply = False
         self.reason = reason
 
 
@@ -282,17 +257,3 @@ class Shutdown(Reply):
 class ConnFail(Reply):
     pass
 
-
-#: Replies that end the wait for a pending event.
-FINAL_REPLIES = (Continue, Accept, Reject, Tempfail, Discard, Skip, ReplyCode)
-#: Replies allowed only in answer to end of message (with the action flag they need).
-MODIFICATIONS = (
-    AddHeader,
-    InsertHeader,
-    ChangeHeader,
-    AddRecipient,
-    DeleteRecipient,
-    ChangeFrom,
-    ReplaceBody,
-    Quarantine,
-)

@@ -10,20 +10,18 @@ from __future__ import annotations
 from typing import Final, Mapping
 
 from .codec import LazyMacros
+from .table import COMMANDS, Clears
 
-#: Stage letters libmilter stores, in protocol order.
-STAGES: Final = b"CHMRTNE"
+#: The stages libmilter stores (named by the code of the command the macros precede), in protocol
+#: order: the commands with a macro list of their own (SMFIM_*), by the state they enter.
+_ORDER: Final = tuple(c.code for c in sorted(COMMANDS, key=lambda c: c.state or 0) if c.macros is not None)
 #: Lookup order of smfi_getsymval: latest stage first.
-_LOOKUP: Final = tuple(bytes([c]) for c in b"ENTRMHC")
+_LOOKUP: Final = _ORDER[::-1]
 #: Which slots a command clears when it arrives (its own slot was just filled).
-_CLEARS: Final = {
-    b"C": (b"H", b"M", b"R", b"T", b"N", b"E"),
-    b"H": (b"M", b"R", b"T", b"N", b"E"),
-    b"M": (b"R", b"T", b"N", b"E"),
-    b"R": (b"T", b"N", b"E"),
-}
-#: The same as one-byte strings: macro packets for other letters are ignored, as libmilter does.
-STORED_STAGES: Final = frozenset(bytes([c]) for c in STAGES)
+_CLEARS: Final = {c.code: _ORDER[_ORDER.index(c.code) + 1 :] for c in COMMANDS if c.clears is Clears.LATER}
+_CLEARS_ALL: Final = frozenset(c.code for c in COMMANDS if c.clears is Clears.ALL)
+#: Macro packets for other stages are ignored, as libmilter does.
+STORED_STAGES: Final = frozenset(_ORDER)
 
 
 class MacroStore:
@@ -59,8 +57,12 @@ class MacroStore:
                 for stage in later:
                     if stage in slots:
                         del slots[stage]
-        elif code in (b"Q", b"K"):
+        elif code in _CLEARS_ALL:
             self._slots.clear()
+
+    def clear(self) -> None:
+        """Forget every slot (QUIT_NC's clearing, which the session applies after the close callback)."""
+        self._slots.clear()
 
     def get(self, name: str) -> str | None:
         """smfi_getsymval: ``i`` also finds ``{i}`` and the reverse; long names only exactly."""

@@ -25,25 +25,13 @@ from .constants import (
     MIN_MTA_VERSION,
 )
 from .errors import RemoteProtocolError
-from .codec import encode_reply
 from .events import OptionNegotiation, OptionNegotiationReply
+from .table import COMMANDS, encode_reply
 
-#: Event name -> (skip bit, no-reply bit). eom, abort and close have neither.
-EVENT_FLAGS: Final[dict[str, tuple[Proto, Proto]]] = {
-    "connect": (Proto.NOCONNECT, Proto.NR_CONN),
-    "helo": (Proto.NOHELO, Proto.NR_HELO),
-    "envfrom": (Proto.NOMAIL, Proto.NR_MAIL),
-    "envrcpt": (Proto.NORCPT, Proto.NR_RCPT),
-    "data": (Proto.NODATA, Proto.NR_DATA),
-    "unknown": (Proto.NOUNKNOWN, Proto.NR_UNKN),
-    "header": (Proto.NOHDRS, Proto.NR_HDR),
-    "eoh": (Proto.NOEOH, Proto.NR_EOH),
-    "body": (Proto.NOBODY, Proto.NR_BODY),
-}
+#: Callback event name -> (skip bit, no-reply bit) of its command; eom, abort and close have neither.
+EVENT_FLAGS: Final[dict[str, tuple[Proto, Proto]]] = {c.callback: (c.skip, c.no_reply) for c in COMMANDS if c.skip}
 
-ALL_NR = Proto(0)
-for _skip, _nr in EVENT_FLAGS.values():
-    ALL_NR |= _nr
+ALL_NR: Final = Proto(sum(c.no_reply for c in COMMANDS))  # distinct bits: their sum is their union
 
 
 @dataclass(slots=True)

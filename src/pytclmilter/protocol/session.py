@@ -7,73 +7,34 @@ knows which event waits for a reply and refuses replies that are illegal for
 it (a header change outside end of message, SKIP outside the body, ...), so
 nothing malformed ever reaches the MTA.
 
-The state table and the out-of-order rules are libmilter's (docs/protocol.md
-§7), with one deliberate difference: a command that needs a reply but
-is not allowed even after libmilter's fall-back to the HELO state is a
-protocol error here, so the connection is closed at once; libmilter drops it
-silently and leaves the MTA waiting for its timeout.
+The state table (in :mod:`.table`) and the out-of-order rules are
+libmilter's (docs/protocol.md §7), with one deliberate difference: a command
+that needs a reply but is not allowed even after libmilter's fall-back to the
+HELO state is a protocol error here, so the connection is closed at once;
+libmilter drops it silently and leaves the MTA waiting for its timeout.
 """
 
 from __future__ import annotations
 
-import enum
 from collections import deque
 from typing import Final
 
 # Imported by name, not as a module: compiled, `events.Name` is a module attribute look-up per use.
 from .events import (
-    Abort, Accept, AddHeader, AddRecipient, Body, ChangeFrom, ChangeHeader, Closed, Connect, Data,
-    DeleteRecipient, Discard, EndOfHeaders, EndOfMessage, EnvFrom, EnvRcpt, Event, FINAL_REPLIES, Header,
-    Helo, InsertHeader, NoReply, OptionNegotiation, OptionNegotiationReply, Progress, Quarantine, Reject,
-    ReplaceBody, Reply, ReplyCode, Skip, Tempfail, Unknown,
+    Abort, Accept, Body, Closed, Connect, Discard, EndOfMessage, Event, Header, Helo, Macro, NoReply,
+    OptionNegotiation, OptionNegotiationReply, Progress, Quit, QuitNewConnection, Reject, Reply, ReplyCode, Skip,
+    Tempfail,
 )
-from .codec import COMMAND_CODES, FrameReader, decode_command, decode_header, encode_reply
+from .codec import FrameReader, decode_header
 from .constants import MAX_DATA_SIZE, Action, Proto
 from .errors import LocalProtocolError, RemoteProtocolError
 from .macros import STORED_STAGES, MacroStore
 from .negotiation import DEFAULT, EVENT_FLAGS, Negotiated
-
-
-class State(enum.IntEnum):
-    """libmilter's states, in its order (the skip rule depends on the order)."""
-
-    INIT = 0
-    OPTS = 1
-    CONN = 2
-    HELO = 3
-    MAIL = 4
-    RCPT = 5
-    DATA = 6
-    HDRS = 7
-    EOHS = 8
-    BODY = 9
-    ENDM = 10
-    QUIT = 11
-    ABRT = 12
-    UNKN = 13
-    Q_NC = 14
-    CLOSED = 15  # ours: the session is over, nothing more is read
-
+from .table import (
+    COMMAND_CODES, COMMANDS, FINAL_REPLIES, NEXT, REPLIES, State, code_of, decode_command, encode_reply, reply_spec,
+)
 
 S = State
-_NEXT: Final[dict[State, frozenset[State]]] = {
-    S.INIT: frozenset({S.OPTS}),
-    S.OPTS: frozenset({S.CONN, S.UNKN}),
-    S.CONN: frozenset({S.HELO, S.MAIL, S.UNKN}),
-    S.HELO: frozenset({S.HELO, S.MAIL, S.UNKN}),
-    S.MAIL: frozenset({S.RCPT, S.ABRT, S.UNKN}),
-    S.RCPT: frozenset({S.RCPT, S.DATA, S.HDRS, S.EOHS, S.BODY, S.ENDM, S.ABRT, S.UNKN}),
-    S.DATA: frozenset({S.HDRS, S.EOHS, S.ABRT}),
-    S.HDRS: frozenset({S.HDRS, S.EOHS, S.ABRT}),
-    S.EOHS: frozenset({S.BODY, S.ENDM, S.ABRT}),
-    S.BODY: frozenset({S.BODY, S.ENDM, S.ABRT}),
-    S.ENDM: frozenset({S.MAIL, S.QUIT, S.Q_NC, S.UNKN}),
-    S.QUIT: frozenset(),
-    S.ABRT: frozenset(),
-    S.UNKN: frozenset({S.HELO, S.MAIL, S.RCPT, S.DATA, S.BODY, S.ABRT, S.UNKN, S.QUIT, S.Q_NC}),
-    S.Q_NC: frozenset({S.CONN, S.UNKN}),
-    S.CLOSED: frozenset(),
-}
 
 # The state as a plain int inside the session (compiled, an enum member is an attribute lookup
 # on every test); FilterSession.state gives the State.
@@ -84,34 +45,11 @@ _BODY: Final = int(S.BODY)
 _ENDM: Final = int(S.ENDM)
 _CLOSED: Final = int(S.CLOSED)
 
-_STATE_OF: Final[dict[bytes, int]] = {code: int(state) for code, state in {
-    b"O": S.OPTS,
-    b"C": S.CONN,
-    b"H": S.HELO,
-    b"M": S.MAIL,
-    b"R": S.RCPT,
-    b"T": S.DATA,
-    b"L": S.HDRS,
-    b"N": S.EOHS,
-    b"B": S.BODY,
-    b"E": S.ENDM,
-    b"Q": S.QUIT,
-    b"A": S.ABRT,
-    b"U": S.UNKN,
-    b"K": S.Q_NC,
-}.items()}
-
+# The per-packet dictionaries, derived from the command table (plain ints: IntFlag arithmetic
+# costs microseconds on the hot path).
+_STATE_OF: Final[dict[bytes, int]] = {c.code: int(c.state) for c in COMMANDS if c.state is not None}
 #: States whose event a skip flag can suppress, so the skip rule may jump over them.
-_SKIPPABLE: Final = {  # plain ints: IntFlag arithmetic costs microseconds on the hot path
-    S.CONN: int(Proto.NOCONNECT),
-    S.HELO: int(Proto.NOHELO),
-    S.MAIL: int(Proto.NOMAIL),
-    S.RCPT: int(Proto.NORCPT),
-    S.DATA: int(Proto.NODATA),
-    S.HDRS: int(Proto.NOHDRS),
-    S.EOHS: int(Proto.NOEOH),
-    S.BODY: int(Proto.NOBODY),
-}
+_SKIPPABLE: Final[dict[State, int]] = {c.state: int(c.skip) for c in COMMANDS if c.state is not None and c.skip}
 _STATES: Final = tuple(State)
 
 #: _trans_ok's answers by (negotiated protocol flags, old state, new state) packed in one int.
@@ -119,36 +57,21 @@ _TRANS_OK: Final[dict[int, bool]] = {}
 
 _TRANSACTION: Final[frozenset[int]] = frozenset(int(s) for s in (S.MAIL, S.RCPT, S.DATA, S.HDRS, S.EOHS, S.BODY))
 
-#: Command -> the NR bit that silences its reply.
-_NR_OF: Final = {
-    b"C": int(Proto.NR_CONN),
-    b"H": int(Proto.NR_HELO),
-    b"M": int(Proto.NR_MAIL),
-    b"R": int(Proto.NR_RCPT),
-    b"T": int(Proto.NR_DATA),
-    b"U": int(Proto.NR_UNKN),
-    b"L": int(Proto.NR_HDR),
-    b"N": int(Proto.NR_EOH),
-    b"B": int(Proto.NR_BODY),
-}
-_NR_HDR: Final = int(Proto.NR_HDR)
-_NEVER_REPLIED: Final = frozenset({b"A", b"Q", b"K", b"D"})
+#: Event type -> the NR bit that silences its reply (0: always answered), for the events the MTA
+#: waits on; _CODE_OF gives their command codes.
+_NR_OF_TYPE: Final[dict[type, int]] = {c.event: int(c.no_reply) for c in COMMANDS if c.replied}
+_CODE_OF: Final[dict[type, bytes]] = {c.event: c.code for c in COMMANDS if c.replied}
+_NR_HDR: Final = _NR_OF_TYPE[Header]
+_NEVER_REPLIED: Final = frozenset(c.code for c in COMMANDS if not c.replied)
+#: Commands a reject answers alone: the state stays (libmilter's CT_IGNO).
+_REJECT_KEEPS_STATE: Final = frozenset(c.code for c in COMMANDS if c.reject_keeps_state)
+_MACRO: Final = code_of(Macro)
+_HEADER: Final = code_of(Header)
 
-#: Modification -> the action flag it needs.
-_FLAG_OF: Final[dict[type, Action]] = {
-    AddHeader: Action.ADDHDRS,
-    InsertHeader: Action.ADDHDRS,
-    ChangeHeader: Action.CHGHDRS,
-    AddRecipient: Action.ADDRCPT,
-    DeleteRecipient: Action.DELRCPT,
-    ChangeFrom: Action.CHGFROM,
-    ReplaceBody: Action.CHGBODY,
-    Quarantine: Action.QUARANTINE,
-}
-_FLAG_BITS: Final = {t: int(f) for t, f in _FLAG_OF.items()}  # plain ints: enum attributes are slow
-_ADDRCPT_PAR: Final = int(Action.ADDRCPT_PAR)
-
-_FINAL: Final = frozenset(FINAL_REPLIES)
+#: Modifications, and by the code each goes out as (reply_spec) the action flag it needs.
+_MODIFICATIONS: Final = frozenset(r.reply for r in REPLIES if r.action)
+_ACTION_BITS: Final[dict[bytes, int]] = {r.code: int(r.action) for r in REPLIES if r.action}
+_FINAL: Final = FINAL_REPLIES
 _SKIP: Final = int(Proto.SKIP)
 
 
@@ -231,7 +154,7 @@ class FilterSession:
                     continue
                 return NEED_DATA
             code, payload = item
-            if code == b"D" and not self.emit_macros and not self._clear_after_quit_nc:
+            if code == _MACRO and not self.emit_macros and not self._clear_after_quit_nc:
                 # Nearly half of all packets: stored as they came, no event, no decoding; those
                 # for stages that are never stored (L, B, U: one before every header) dropped.
                 if not payload:
@@ -239,7 +162,7 @@ class FilterSession:
                 if payload[:1] in STORED_STAGES:
                     self.macros.define_raw(payload)
                 continue
-            if code == b"L" and self._state == _HDRS:
+            if code == _HEADER and self._state == _HDRS:
                 # A header after a header (always allowed, clears no macros): the other hot path.
                 header = decode_header(payload)
                 if not (self._proto & _NR_HDR):
@@ -255,18 +178,17 @@ class FilterSession:
         event = decode_command(code, payload)
         if self._clear_after_quit_nc:  # libmilter clears after the close callback, so later
             self._clear_after_quit_nc = False
-            self.macros.command(b"K")
-        if code == b"D":
-            self.macros.define(event.stage, event.macros)  # type: ignore[attr-defined]
+            self.macros.clear()
+        if type(event) is Macro:
+            self.macros.define(event.stage, event.macros)
             return event if self.emit_macros else None
         new = _STATE_OF[code]
-        if code == b"Q":
+        if type(event) is Quit:
             self._queue.extend(self.teardown("quit"))
             return None
         queue = self._queue  # empty: frames are read only when every queued event was delivered
         state = self._state
-        ok = _TRANS_OK.get((self._proto << 8) | (state << 4) | new)  # _trans_ok's cache, inline
-        if not (ok or (ok is None and self._trans_ok(state, new))):
+        if not self._trans_ok(state, new):
             if state in _TRANSACTION:
                 queue.append(Abort())
             self._state = _HELO
@@ -282,14 +204,14 @@ class FilterSession:
     def _enter(self, new: int, code: bytes, event: Event) -> Event:
         """The command is allowed: take its state and apply its effects; returns the event to deliver."""
         self._state = new
-        if code == b"K":
+        if type(event) is QuitNewConnection:
             self._clear_after_quit_nc = True  # the close callback still sees this session's macros
             return Closed("quit_nc")
         self.macros.command(code)
-        if code == b"C":
+        if type(event) is Connect:
             self._closed_emitted = False  # a new SMTP session: it gets its own close
-        elif code == b"E" and event.chunk:  # type: ignore[attr-defined]
-            self._queue.append(Body(event.chunk))  # type: ignore[attr-defined]  # no reply: EOM answers both
+        elif type(event) is EndOfMessage and event.chunk:
+            self._queue.append(Body(event.chunk))  # no reply: EOM answers both
             return EndOfMessage()
         return event
 
@@ -317,7 +239,7 @@ class FilterSession:
         s = old
         skip = self._proto
         while True:
-            if new in _NEXT[_STATES[s]]:
+            if new in NEXT[_STATES[s]]:
                 return True
             n = s + 1
             if n > _BODY:
@@ -377,7 +299,7 @@ class FilterSession:
             raise LocalProtocolError(f"no event waits for {t.__name__}")
         if t is OptionNegotiationReply:
             raise LocalProtocolError("use accept_negotiation() for the option negotiation reply")
-        if t in _FLAG_OF:
+        if t in _MODIFICATIONS:
             return self._modification(reply)
         if t not in _FINAL:
             raise LocalProtocolError(f"{t.__name__} cannot be sent by a filter")
@@ -394,9 +316,8 @@ class FilterSession:
     def _modification(self, reply: Reply) -> bytes:
         if type(self._pending) is not EndOfMessage:
             raise LocalProtocolError(f"{type(reply).__name__} is allowed only at end of message")
-        bit = _FLAG_BITS[type(reply)]
-        if type(reply) is AddRecipient and reply.args is not None:  # type: ignore[attr-defined]
-            bit = _ADDRCPT_PAR
+        spec = reply_spec(reply)
+        bit = _ACTION_BITS[spec.code] if spec is not None else 0
         if not (self._actions & bit):
             raise LocalProtocolError(f"the MTA did not grant the {Action(bit).name} action")
         return encode_reply(reply)
@@ -406,7 +327,7 @@ class FilterSession:
         self._pending = None
         if t is Accept:
             self._state = _HELO
-        elif t in (Reject, Tempfail, Discard, ReplyCode) and code not in (b"R", b"U"):
+        elif t in (Reject, Tempfail, Discard, ReplyCode) and code not in _REJECT_KEEPS_STATE:
             self._state = _HELO
 
     def accept_negotiation(self, negotiated: Negotiated) -> bytes:
@@ -425,22 +346,5 @@ class FilterSession:
         self._pending = None
         return self.teardown("negotiation")
 
-
-_CODE_OF: Final[dict[type, bytes]] = {
-    OptionNegotiation: b"O",
-    Connect: b"C",
-    Helo: b"H",
-    EnvFrom: b"M",
-    EnvRcpt: b"R",
-    Data: b"T",
-    Unknown: b"U",
-    Header: b"L",
-    EndOfHeaders: b"N",
-    Body: b"B",
-    EndOfMessage: b"E",
-}
-
-#: Event type -> the NR bit that silences its reply (0: always answered).
-_NR_OF_TYPE: Final[dict[type, int]] = {t: _NR_OF.get(code, 0) for t, code in _CODE_OF.items()}
 
 __all__ = ["FilterSession", "NEED_DATA", "NeedData", "State", "EVENT_FLAGS"]
