@@ -136,10 +136,9 @@ class TclHost:
         self._register("::tclmilter::py::context", self._context)
         self._register("::tclmilter::py::exit", self._exit)
         self.tk.call("eval", _PRELUDE)
-        # The main interpreter answers `milter stop` sent by secondary threads (thread::send).
-        self.tk.call("lappend", "auto_path", libdir)
-        self.tk.call("package", "require", "TclMilter")
         self._make_child(libdir)
+        # For `quiet` only, and only now: see _make_child.
+        self.tk.call("catch", "package require Thread")
         self.limit = CallLimit(self.tk.call, self.tk.createcommand, self.CHILD, self.milter)
         self._callbacks = 0
         hooks = self.milter.hooks
@@ -148,7 +147,14 @@ class TclHost:
         hooks.tick = self.service_events
 
     def _make_child(self, libdir: str) -> None:
-        """The script's interpreter: TclMilter's Python commands and our exit aliased in."""
+        """The script's interpreter: TclMilter's Python commands and our exit aliased in.
+
+        The Thread package evaluates every thread::send to this thread in the interpreter that
+        ran the thread's first thread:: command (its ``Init``). `package require TclMilter` here
+        runs `thread::id` (tclmilter.tcl), before the parent has Thread, so that interpreter is
+        the script's: workers' sends, `milter stop` among them, reach the script's procs and
+        globals as under tclsh.
+        """
         child, call = self.CHILD, self.tk.call
         call("interp", "create", child)
         for name in ("::tclmilter::py::milter", "::tclmilter::py::context", "::tclmilter::py::exit"):
