@@ -199,3 +199,30 @@ def test_vwait_in_a_callback_gets_a_workers_send(tclrun):
         assert mta.helo() == ("y", {"smtpcode": "550", "space": " ", "text": "5.7.1 flag=done"})
     assert m.stop() == 0
 
+
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_send_from_a_worker_that_has_ended_is_still_served(tclrun, workers):
+    """A worker that sends and ends at once may be gone before the event loop next looks for a
+    second thread: its message waits in the queue all the same and must be served (also in a
+    process forked by --workers)."""
+    m = tclrun(REPORT + r"""
+        package require TclMilter
+        package require Thread
+        proc helo {ctx host} {
+            thread::create [list thread::send -async [thread::id] {set ::seen yes; R seen yes}]
+            return SMFIS_CONTINUE
+        }
+        proc eom {ctx} {
+            $ctx setreply 550 5.7.1 "seen=[set ::seen]"
+            return SMFIS_REJECT
+        }
+        milter register helo helo
+        milter register eom eom
+        milter main
+    """, "--workers", workers)
+    with m.mta() as mta:
+        mta.negotiate()
+        assert mta.helo() == ("c", {})
+        m.wait_for(r"R\tseen\tyes\r*\n")
+        assert mta.message()["eom"] == [("y", b"550 5.7.1 seen=yes\0")]
+    assert m.stop() == 0

@@ -42,13 +42,21 @@ proc exit {{returnCode 0}} {
 
 # 1 when no Tcl event can be pending: no `after` timer in either interpreter, no channel beyond
 # the standard three (so no fileevent), no second thread (so no thread::send). See service_events.
+# A thread's thread::send events stay queued after it ended, so the poll after the last thread is
+# gone still happens: `poll` is 1 while threads exist, from the script's thread::create (traced:
+# a worker may send and end between two checks), and when service_events left events queued.
+namespace eval ::tclmilter::py { variable poll 0 }
+proc ::tclmilter::py::poll_next {args} { variable poll 1 }
 proc ::tclmilter::py::quiet {child} {
+    variable poll
     foreach i [list {} $child] {
         if {[llength [interp eval $i {after info}]] || [llength [interp eval $i {chan names}]] > 3} {
             return 0
         }
     }
-    expr {![llength [info commands ::thread::names]] || [llength [thread::names]] < 2}
+    set was $poll
+    set poll [expr {[llength [info commands ::thread::names]] && [llength [thread::names]] > 1}]
+    expr {!$was && !$poll}
 }
 """
 
@@ -157,11 +165,15 @@ class TclHost:
         """
         child, call = self.CHILD, self.tk.call
         call("interp", "create", child)
-        for name in ("::tclmilter::py::milter", "::tclmilter::py::context", "::tclmilter::py::exit"):
+        for name in ("::tclmilter::py::milter", "::tclmilter::py::context", "::tclmilter::py::exit",
+                     "::tclmilter::py::poll_next"):
             call("interp", "alias", child, name, "", name)
         call("interp", "alias", child, "exit", "", "exit")
         self.child_call("lappend", "auto_path", libdir)
         self.child_call("package", "require", "TclMilter")
+        for name in ("::thread::create", "::tpool::create", "::tpool::post"):  # see `quiet`
+            if self.child_call("info", "commands", name):
+                self.child_call("trace", "add", "execution", name, "enter", "::tclmilter::py::poll_next")
 
     def child_call(self, *words: Any) -> Any:
         """Invoke a command in the script's interpreter (a pure list: no parsing of source text)."""
@@ -301,7 +313,8 @@ class TclHost:
         self.limit.begin()
         for _ in range(1000):
             if not self.tk.dooneevent(_DONT_WAIT | _ALL_EVENTS):
-                break
+                return
+        self.tk.call("::tclmilter::py::poll_next")  # events may be left: look again at the next tick
 
     def set_argv(self, script: str, argv: Sequence[str]) -> None:
         self.child_call("set", "argv0", script)
