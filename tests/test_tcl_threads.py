@@ -226,3 +226,20 @@ def test_send_from_a_worker_that_has_ended_is_still_served(tclrun, workers):
         m.wait_for(r"R\tseen\tyes\r*\n")
         assert mta.message()["eom"] == [("y", b"550 5.7.1 seen=yes\0")]
     assert m.stop() == 0
+
+
+def test_threads_started_before_main_with_workers_fail_loudly(tclrun):
+    """--workers forks at `milter main` and a fork keeps no thread: a script's thread would be
+    missing in the workers (a sync send to it would hang one for good), so `milter main` says so."""
+    m = tclrun(r"""
+        package require TclMilter
+        package require Thread
+        set w [thread::create {proc hi {} {return hello}; thread::wait}]
+        proc helo {ctx host} { $ctx setreply 550 5.7.1 [thread::send $::w hi]; return SMFIS_REJECT }
+        milter register helo helo
+        milter main
+    """, "--workers", "2", wait=False)
+    assert m.wait_exit() == 1
+    assert ("milter main: -workers 2 forks the serving processes and a fork keeps no thread, so the script's "
+            "1 other thread(s) would not be in them: start threads in callbacks, or serve with -workers 1") in m.text
+    assert "listening on" not in m.text

@@ -175,6 +175,12 @@ class TclHost:
             if self.child_call("info", "commands", name):
                 self.child_call("trace", "add", "execution", name, "enter", "::tclmilter::py::poll_next")
 
+    def thread_count(self) -> int:
+        """Threads of the Thread package in this process, this one included (1 without Thread)."""
+        if not self.tk.call("info", "commands", "::thread::names"):
+            return 1
+        return len(self.tk.splitlist(self.tk.call("thread::names")))
+
     def child_call(self, *words: Any) -> Any:
         """Invoke a command in the script's interpreter (a pure list: no parsing of source text)."""
         return self.tk.call("interp", "eval", self.CHILD, words)
