@@ -21,7 +21,9 @@ if {[llength [info commands ::tclmilter::py::milter]]} {
         return -code [lindex $r 0] [lindex $r 1]
     }
 
-    # Let `milter stop` work from secondary threads (TclMilter 1.0 allowed exactly that).
+    # Let `milter stop` work from secondary threads (TclMilter 1.0 allowed exactly that). The
+    # host loads this package first in the script's interpreter: as the first in its thread to
+    # run a thread:: command, it is the one where Thread evaluates what threads send here.
     if {![catch {package require Thread}]} {
         tsv::set ::tclmilter main [thread::id]
     }

@@ -42,13 +42,21 @@ proc exit {{returnCode 0}} {
 
 # 1 when no Tcl event can be pending: no `after` timer in either interpreter, no channel beyond
 # the standard three (so no fileevent), no second thread (so no thread::send). See service_events.
+# A thread's thread::send events stay queued after it ended, so the poll after the last thread is
+# gone still happens: `poll` is 1 while threads exist, from the script's thread::create (traced:
+# a worker may send and end between two checks), and when service_events left events queued.
+namespace eval ::tclmilter::py { variable poll 0 }
+proc ::tclmilter::py::poll_next {args} { variable poll 1 }
 proc ::tclmilter::py::quiet {child} {
+    variable poll
     foreach i [list {} $child] {
         if {[llength [interp eval $i {after info}]] || [llength [interp eval $i {chan names}]] > 3} {
             return 0
         }
     }
-    expr {![llength [info commands ::thread::names]] || [llength [thread::names]] < 2}
+    set was $poll
+    set poll [expr {[llength [info commands ::thread::names]] && [llength [thread::names]] > 1}]
+    expr {!$was && !$poll}
 }
 """
 
@@ -136,10 +144,9 @@ class TclHost:
         self._register("::tclmilter::py::context", self._context)
         self._register("::tclmilter::py::exit", self._exit)
         self.tk.call("eval", _PRELUDE)
-        # The main interpreter answers `milter stop` sent by secondary threads (thread::send).
-        self.tk.call("lappend", "auto_path", libdir)
-        self.tk.call("package", "require", "TclMilter")
         self._make_child(libdir)
+        # For `quiet` only, and only now: see _make_child.
+        self.tk.call("catch", "package require Thread")
         self.limit = CallLimit(self.tk.call, self.tk.createcommand, self.CHILD, self.milter)
         self._callbacks = 0
         hooks = self.milter.hooks
@@ -148,14 +155,31 @@ class TclHost:
         hooks.tick = self.service_events
 
     def _make_child(self, libdir: str) -> None:
-        """The script's interpreter: TclMilter's Python commands and our exit aliased in."""
+        """The script's interpreter: TclMilter's Python commands and our exit aliased in.
+
+        The Thread package evaluates every thread::send to this thread in the interpreter that
+        ran the thread's first thread:: command (its ``Init``). `package require TclMilter` here
+        runs `thread::id` (tclmilter.tcl), before the parent has Thread, so that interpreter is
+        the script's: workers' sends, `milter stop` among them, reach the script's procs and
+        globals as under tclsh.
+        """
         child, call = self.CHILD, self.tk.call
         call("interp", "create", child)
-        for name in ("::tclmilter::py::milter", "::tclmilter::py::context", "::tclmilter::py::exit"):
+        for name in ("::tclmilter::py::milter", "::tclmilter::py::context", "::tclmilter::py::exit",
+                     "::tclmilter::py::poll_next"):
             call("interp", "alias", child, name, "", name)
         call("interp", "alias", child, "exit", "", "exit")
         self.child_call("lappend", "auto_path", libdir)
         self.child_call("package", "require", "TclMilter")
+        for name in ("::thread::create", "::tpool::create", "::tpool::post"):  # see `quiet`
+            if self.child_call("info", "commands", name):
+                self.child_call("trace", "add", "execution", name, "enter", "::tclmilter::py::poll_next")
+
+    def thread_count(self) -> int:
+        """Threads of the Thread package in this process, this one included (1 without Thread)."""
+        if not self.tk.call("info", "commands", "::thread::names"):
+            return 1
+        return len(self.tk.splitlist(self.tk.call("thread::names")))
 
     def child_call(self, *words: Any) -> Any:
         """Invoke a command in the script's interpreter (a pure list: no parsing of source text)."""
@@ -294,7 +318,8 @@ class TclHost:
         self.limit.begin_handlers()
         for _ in range(1000):
             if not self.tk.dooneevent(_DONT_WAIT | _ALL_EVENTS):
-                break
+                return
+        self.tk.call("::tclmilter::py::poll_next")  # events may be left: look again at the next tick
 
     def set_argv(self, script: str, argv: Sequence[str]) -> None:
         self.child_call("set", "argv0", script)

@@ -148,6 +148,13 @@ class MilterCommand:
         check_count(args, 0, 0, "milter main")
         if self.milter.running:
             raise TclUsageError("milter main: the milter is already running")
+        threads = self.host.thread_count() - 1
+        if self.milter.workers > 1 and threads:
+            # The workers are forked, and a fork copies no thread: what the script's threads do or
+            # send would never reach them, and a worker's sync send to one would wait forever.
+            raise TclUsageError(f"milter main: -workers {self.milter.workers} forks the serving processes and a fork "
+                                f"keeps no thread, so the script's {threads} other thread(s) would not be in them: "
+                                "start threads in callbacks, or serve with -workers 1")
         self.main_calls += 1
         if self.main_hook is not None:
             self.main_hook()

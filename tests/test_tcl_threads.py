@@ -1,0 +1,245 @@
+"""Thread package workers talking to the script's thread: what they send is evaluated in the
+script's own interpreter, as under tclsh.
+
+Each script is also run by the real ``tclsh`` (Debian's tclsh8.6, with the Thread package), minus
+the milter parts, as the reference: the ``R`` lines both print must be the same.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from support.tclrun import TclRun, spawn, tclrun_factory
+
+tclrun = pytest.fixture(tclrun_factory, name="tclrun")
+
+TCLSH = shutil.which("tclsh8.6") or shutil.which("tclsh")
+
+# R reports a value on one line (newlines and tabs of errorInfo shown as | and >).
+REPORT = r"""
+proc R {key value} { puts "R\t$key\t[string map [list \n | \t >] $value]" }
+"""
+
+
+def _results(text: str) -> dict[str, str]:
+    """The R lines as a dict, thread handles (``tid0x7f...``) made comparable."""
+    out = {}
+    for line in re.sub(r"\r+\n", "\n", text).splitlines():
+        if line.startswith("R\t"):
+            _, key, value = line.split("\t", 2)
+            out[key] = re.sub(r"tid0x[0-9a-f]+", "tidN", value)
+    return out
+
+
+def _tclsh(tmp_path: Path, script: str) -> subprocess.CompletedProcess[str]:
+    if TCLSH is None:
+        pytest.skip("no tclsh to compare with (Debian: apt-get install tcl8.6 tcl-thread)")
+    path = tmp_path / "reference.tcl"
+    path.write_text(textwrap.dedent(script), encoding="utf-8")
+    return subprocess.run([TCLSH, str(path)], capture_output=True, text=True, timeout=60, check=False)
+
+
+def _both(tmp_path: Path, script: str) -> tuple[dict[str, str], dict[str, str], subprocess.CompletedProcess[str], TclRun]:
+    """The same script (no milter parts) under tclsh and under ``pytclmilter run``."""
+    ref = _tclsh(tmp_path, script)
+    run = spawn(tmp_path, script, wait=False)
+    try:
+        assert run.wait_exit(30) == ref.returncode == 0, (ref.stderr, run.output)
+    finally:
+        run.kill()
+    return _results(ref.stdout), _results(run.output), ref, run
+
+
+def test_async_send_from_a_worker_ends_the_scripts_vwait_before_main(tmp_path):
+    """A worker's `thread::send -async $main {set ::flag done}` sets the script's variable, so
+    `vwait ::flag` returns; an error in an async script is printed on stderr, as tclsh does."""
+    script = REPORT + r"""
+        package require Thread
+        set main [thread::id]
+        thread::create [list apply {{main} {
+            thread::send -async $main {error "async boom"}
+            thread::send -async $main {set ::flag done}
+        }} $main]
+        after 5000 {set ::flag "timed out"}
+        vwait ::flag
+        R flag $::flag
+        exit 0
+    """
+    ref, ours, tclsh, run = _both(tmp_path, script)
+    assert ref == {"flag": "done"}
+    assert ours == ref
+    for out in (tclsh.stderr, run.text):
+        assert re.search(r'Error from thread tid0x[0-9a-f]+\nasync boom\n    while executing\n"error "async boom""',
+                         out), out
+
+
+def test_sync_send_to_the_main_thread_returns_its_result_from_the_scripts_interpreter(tmp_path):
+    """`thread::send $main` (sync, and with -head) runs in the script's interpreter, with its procs
+    and globals, and returns the result; `thread::id` in the script is the thread workers reach."""
+    script = REPORT + r"""
+        package require Thread
+        set main [thread::id]
+        set ::greeting hello
+        proc note {x} { lappend ::notes $x; return "noted $x" }
+        set w [thread::create -joinable [list apply {{main} {
+            set r [list [thread::send $main {expr 6*7}]]
+            lappend r [thread::send $main {note $::greeting}]
+            lappend r [thread::send -head $main {set ::head first}]
+            thread::send -async $main [list set ::report $r]
+        }} $main]]
+        after 5000 {set ::report "timed out"}
+        vwait ::report
+        R report $::report
+        R notes $::notes
+        R head $::head
+        thread::join $w
+        exit 0
+    """
+    ref, ours, _, _ = _both(tmp_path, script)
+    assert ref == {"report": "42 {noted hello} first", "notes": "hello", "head": "first"}
+    assert ours == ref
+
+
+def test_error_in_a_sync_send_reaches_the_worker_as_in_tclsh(tmp_path):
+    """An error in the script's interpreter comes back to the worker's `thread::send` with its
+    message, errorCode and errorInfo; an unknown command is the script's, not the host's."""
+    script = REPORT + r"""
+        package require Thread
+        set main [thread::id]
+        proc fail {} { error boom {} {MY CODE} }
+        set w [thread::create -joinable [list apply {{main} {
+            set code [catch {thread::send $main fail} msg opts]
+            set r [list $code $msg [dict get $opts -errorcode] [dict get $opts -errorinfo]]
+            lappend r [catch {thread::send $main {nosuchcmd 1}} msg] $msg
+            thread::send -async $main [list set ::report $r]
+        }} $main]]
+        after 5000 {set ::report "timed out"}
+        vwait ::report
+        foreach k {code msg errorcode errorinfo code2 msg2} v $::report { R $k $v }
+        thread::join $w
+        exit 0
+    """
+    ref, ours, _, _ = _both(tmp_path, script)
+    assert ref["code"] == "1" and ref["msg"] == "boom" and ref["errorcode"] == "{MY CODE}"  # Thread wraps it in a list
+    assert ref["errorinfo"].startswith('boom|    while executing|"error boom {} {MY CODE} "|    (procedure "fail"')
+    assert ref["errorinfo"].endswith('invoked from within|"thread::send $main fail"')
+    assert ref["code2"] == "1" and ref["msg2"] == 'invalid command name "nosuchcmd"'
+    assert ours == ref
+
+
+# The part shared by the serving test and its tclsh reference: a worker that sends async, then
+# sync (the main thread must serve it while it waits), then async again, and ends.
+WORKER = REPORT + r"""
+    package require Thread
+    proc done {answer} { set ::answer $answer; R answer $answer }
+    proc start_worker {} {
+        thread::create [list apply {{main} {
+            thread::send -async $main {set ::seen yes}
+            set r [thread::send $main {expr 6*7}]
+            thread::send -async $main [list done $r]
+        }} [thread::id]]
+    }
+"""
+
+
+def test_worker_sends_are_served_while_main_runs(tclrun, tmp_path):
+    """While `milter main` serves, a worker started by a callback reaches the script's
+    interpreter with async and sync sends, also the one it sends just before it ends; the
+    eom callback reads the variables they set."""
+    ref = _tclsh(tmp_path, WORKER + r"""
+        start_worker
+        after 5000 {set ::answer "timed out"}
+        vwait ::answer
+        R seen $::seen
+        exit 0
+    """)
+    assert _results(ref.stdout) == {"answer": "42", "seen": "yes"}
+    m = tclrun(WORKER + r"""
+        package require TclMilter
+        proc helo {ctx host} { start_worker; return SMFIS_CONTINUE }
+        proc eom {ctx} {
+            $ctx setreply 550 5.7.1 "seen=[set ::seen] answer=[set ::answer]"
+            return SMFIS_REJECT
+        }
+        milter register helo helo
+        milter register eom eom
+        milter main
+    """)
+    with m.mta() as mta:
+        mta.negotiate()
+        assert mta.helo() == ("c", {})
+        m.wait_for(r"R\tanswer\t42\r*\n")  # printed by `done`, run in the main thread
+        steps = mta.message()
+        assert steps["eom"] == [("y", b"550 5.7.1 seen=yes answer=42\0")]
+    assert m.stop() == 0
+
+
+def test_vwait_in_a_callback_gets_a_workers_send(tclrun):
+    m = tclrun(REPORT + r"""
+        package require TclMilter
+        package require Thread
+        proc helo {ctx host} {
+            thread::create [list thread::send -async [thread::id] {set ::flag done}]
+            after 5000 {set ::flag "timed out"}
+            vwait ::flag
+            $ctx setreply 550 5.7.1 "flag=$::flag"
+            return SMFIS_REJECT
+        }
+        milter register helo helo
+        milter main
+    """)
+    with m.mta() as mta:
+        mta.negotiate()
+        assert mta.helo() == ("y", {"smtpcode": "550", "space": " ", "text": "5.7.1 flag=done"})
+    assert m.stop() == 0
+
+
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_send_from_a_worker_that_has_ended_is_still_served(tclrun, workers):
+    """A worker that sends and ends at once may be gone before the event loop next looks for a
+    second thread: its message waits in the queue all the same and must be served (also in a
+    process forked by --workers)."""
+    m = tclrun(REPORT + r"""
+        package require TclMilter
+        package require Thread
+        proc helo {ctx host} {
+            thread::create [list thread::send -async [thread::id] {set ::seen yes; R seen yes}]
+            return SMFIS_CONTINUE
+        }
+        proc eom {ctx} {
+            $ctx setreply 550 5.7.1 "seen=[set ::seen]"
+            return SMFIS_REJECT
+        }
+        milter register helo helo
+        milter register eom eom
+        milter main
+    """, "--workers", workers)
+    with m.mta() as mta:
+        mta.negotiate()
+        assert mta.helo() == ("c", {})
+        m.wait_for(r"R\tseen\tyes\r*\n")
+        assert mta.message()["eom"] == [("y", b"550 5.7.1 seen=yes\0")]
+    assert m.stop() == 0
+
+
+def test_threads_started_before_main_with_workers_fail_loudly(tclrun):
+    """--workers forks at `milter main` and a fork keeps no thread: a script's thread would be
+    missing in the workers (a sync send to it would hang one for good), so `milter main` says so."""
+    m = tclrun(r"""
+        package require TclMilter
+        package require Thread
+        set w [thread::create {proc hi {} {return hello}; thread::wait}]
+        proc helo {ctx host} { $ctx setreply 550 5.7.1 [thread::send $::w hi]; return SMFIS_REJECT }
+        milter register helo helo
+        milter main
+    """, "--workers", "2", wait=False)
+    assert m.wait_exit() == 1
+    assert ("milter main: -workers 2 forks the serving processes and a fork keeps no thread, so the script's "
+            "1 other thread(s) would not be in them: start threads in callbacks, or serve with -workers 1") in m.text
+    assert "listening on" not in m.text
