@@ -145,7 +145,7 @@ class Context:
         "body",
         "symlists",
         "_progress",
-        "tcl_command",
+        "host_data",
     )
 
     def __init__(self, conn_id: int, macros: MacroStore, progress: Callable[[], None] | None = None) -> None:
@@ -159,7 +159,9 @@ class Context:
         self.body: list[bytes] | None = None
         self.symlists: dict[MacroStage, str] = {}
         self._progress = progress
-        self.tcl_command = ""
+        #: The host's own per-connection value, set by its context_created hook and read at
+        #: every callback (hence a slot, not a look-up in a table of the host's).
+        self.host_data: Any = None
 
     def __repr__(self) -> str:
         return f"<Context {self.name} stage={self.stage or '-'}>"

@@ -201,14 +201,14 @@ class TclHost:
     def _context_created(self, ctx: Context) -> None:
         name = f"::tclmilter::ctx{ctx.id}"
         self.tk.call("interp", "alias", self.CHILD, name, self.CHILD, "::tclmilter::context", ctx.id)
-        ctx.tcl_command = name
+        ctx.host_data = name  # the context command: the first argument of every callback
         self.contexts[ctx.id] = ctx
 
     def _context_closed(self, ctx: Context) -> None:
         self.contexts.pop(ctx.id, None)
-        if ctx.tcl_command:
-            self.tk.call("interp", "alias", self.CHILD, ctx.tcl_command, "")
-            ctx.tcl_command = ""
+        if ctx.host_data:
+            self.tk.call("interp", "alias", self.CHILD, ctx.host_data, "")
+            ctx.host_data = None
 
     def callback(self, script: str, event: str = "") -> Callable[..., Any]:
         """A Python callable that runs a Tcl command prefix with the context and event arguments.
@@ -227,7 +227,7 @@ class TclHost:
             """run() for the most frequent callback: its two strings converted without a call each."""
             limit.begin()
             try:
-                result = call(alias, ctx.tcl_command,
+                result = call(alias, ctx.host_data,
                               name if name.isascii() and "\x00" not in name else to_tcl(name),
                               value if value.isascii() and "\x00" not in value else to_tcl(value))
             except tcl_error as exc:
@@ -240,7 +240,7 @@ class TclHost:
         def run(ctx: Context, *args: Any) -> Any:
             limit.begin()
             try:
-                result = call(alias, ctx.tcl_command, *[_to_tcl(a) for a in args])
+                result = call(alias, ctx.host_data, *[_to_tcl(a) for a in args])
             except tcl_error as exc:
                 raise self._failure(exc) from None
             return tcl_status(result)
