@@ -13,10 +13,13 @@ from __future__ import annotations
 import asyncio
 import inspect
 import logging
-from typing import TYPE_CHECKING, Any, Awaitable, Callable, Final, Protocol
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any, Awaitable, Callable, Final, Protocol
 
 from .callbacks import Callback, Registry
 from .context import Context
+from .hooks import Hooks
 from .limits import CallbackTimeout, PythonLimit
 from .logline import info as log_info
 # Imported by name, not as a module: compiled, `events.Name` is a module attribute look-up per use.
@@ -29,10 +32,8 @@ from .protocol.constants import Family
 from .protocol.errors import LocalProtocolError, RemoteProtocolError
 from .protocol.negotiation import Negotiated, negotiate
 from .protocol.session import FilterSession, NeedData
+from .settings import Settings
 from .status import Status, parse_status
-
-if TYPE_CHECKING:
-    from .milter import Milter
 
 log: Final = logging.getLogger("pytclmilter")
 
@@ -130,6 +131,35 @@ class Link(Protocol):
     def blocked(self) -> bool: ...
 
 
+@dataclass
+class Stats:
+    """Verdict counts since start, for the log summary."""
+
+    verdicts: Counter[str] = field(default_factory=Counter)
+    errors: int = 0
+
+    def summary(self) -> str:
+        parts = [f"{k}={v}" for k, v in sorted(self.verdicts.items())]
+        return ", ".join(parts + [f"callback errors={self.errors}"])
+
+
+class Shared:
+    """What every connection of one milter reads: its settings, callbacks, hooks and counts.
+
+    ``settings`` is replaced whole when an option changes (the value itself never changes), and
+    each connection reads it here at every use: an option set while serving (``milter configure
+    -onerror`` in a callback) applies at once, to the connections already open too.
+    """
+
+    __slots__ = ("settings", "registry", "hooks", "stats")
+
+    def __init__(self, settings: Settings, registry: Registry, hooks: Hooks, stats: Stats) -> None:
+        self.settings = settings
+        self.registry = registry
+        self.hooks = hooks
+        self.stats = stats
+
+
 class CallbackError(Exception):
     """A callback failed; ``detail`` is what to log (a traceback or Tcl's errorInfo)."""
 
@@ -141,12 +171,12 @@ class CallbackError(Exception):
 class ConnectionEngine:
     """Drives one FilterSession with the milter's callbacks."""
 
-    __slots__ = ("milter", "registry", "session", "ctx", "name", "link", "_out", "_busy", "_deferred",
+    __slots__ = ("shared", "registry", "session", "ctx", "name", "link", "_out", "_busy", "_deferred",
                  "_deferred_stage", "_conn_done", "_done", "_skip_body", "closed", "client", "sender", "debug")
 
-    def __init__(self, milter: "Milter", conn_id: int, link: "Link") -> None:
-        self.milter = milter
-        self.registry: Registry = milter.registry
+    def __init__(self, shared: Shared, conn_id: int, link: "Link") -> None:
+        self.shared = shared
+        self.registry: Registry = shared.registry
         self.session = FilterSession(emit_macros=False)
         self.ctx = Context(conn_id, self.session.macros, self._progress)
         self.name = self.ctx.name
@@ -164,7 +194,7 @@ class ConnectionEngine:
         # Asked once: a connection lasts one SMTP session, and each isEnabledFor is an
         # interpreted call; a level set meanwhile applies from the next connection.
         self.debug = log.isEnabledFor(logging.DEBUG)
-        milter.hooks.context_created(self.ctx)
+        shared.hooks.context_created(self.ctx)
 
     @property
     def busy(self) -> bool:
@@ -320,12 +350,13 @@ class ConnectionEngine:
         this is a dictionary lookup on the per-connection path.
         """
         symlists = self.ctx.symlists
+        max_data_size = self.shared.settings.max_data_size
         key = (self.registry.generation, offer.version, offer.actions, offer.protocol,
-               self.milter.max_data_size, tuple(symlists.items()))
+               max_data_size, tuple(symlists.items()))
         negotiated = _NEGOTIATED.get(key)
         if negotiated is None:
             wants = self.registry.wants()
-            wants.max_data_size = self.milter.max_data_size
+            wants.max_data_size = max_data_size
             wants.macros = dict(symlists)
             negotiated = negotiate(offer, wants)
             if len(_NEGOTIATED) >= 256:  # bounded: callbacks changing all the time must not grow it
@@ -339,9 +370,8 @@ class ConnectionEngine:
         chain = self.registry.chain(name)
         call_args = (self.ctx,) + args  # compiled, (ctx, *args) is built through a list
         for i, cb in enumerate(chain):
-            # (Milter is a Python-level object: its call_timeout is read only for Python callbacks,
-            # Tcl's are limited inside Tcl.)
-            limited = cb.origin == "python" and _PY_LIMIT.start(self.milter.call_timeout)
+            # (call_timeout is read only for Python callbacks: Tcl's are limited inside Tcl.)
+            limited = cb.origin == "python" and _PY_LIMIT.start(self.shared.settings.call_timeout)
             func = cb.func  # compiled, cb.func(*args) would be a getattr by name, as for a method
             try:
                 try:
@@ -374,8 +404,8 @@ class ConnectionEngine:
         for j in range(i + 1, len(chain)):
             cb = chain[j]
             try:
-                if cb.origin == "python" and self.milter.call_timeout:
-                    result = _PY_LIMIT.call(self.milter.call_timeout, cb.func, self.ctx, *args)
+                if cb.origin == "python" and self.shared.settings.call_timeout:
+                    result = _PY_LIMIT.call(self.shared.settings.call_timeout, cb.func, self.ctx, *args)
                 else:
                     result = cb.func(self.ctx, *args)
                 if inspect.isawaitable(result):
@@ -388,7 +418,7 @@ class ConnectionEngine:
         return Status.CONTINUE
 
     async def _limited(self, awaitable: Awaitable[Any]) -> Any:
-        limit = self.milter.call_timeout
+        limit = self.shared.settings.call_timeout
         if not limit:
             return await awaitable
         try:
@@ -409,7 +439,7 @@ class ConnectionEngine:
     def _run_quiet(self, name: str) -> None:
         """abort and close: every callback runs, results are ignored (libmilter ignores them too)."""
         self.ctx.stage = name
-        limit = self.milter.call_timeout
+        limit = self.shared.settings.call_timeout
         for cb in self.registry.chain(name):
             try:
                 if cb.origin == "python" and limit:
@@ -432,10 +462,10 @@ class ConnectionEngine:
 
     def _callback_failed(self, name: str, cb: Callback, exc: BaseException) -> Status:
         detail = exc.detail if isinstance(exc, CallbackError) else _traceback(exc)
-        status = self.milter.on_error
+        status = self.shared.settings.on_error
         log.error("%s: %s callback %s failed (%s), answering %s:\n%s", self.name, name, cb.name or cb.func,
                   exc, status.smfis, detail)
-        self.milter.stats.errors += 1
+        self.shared.stats.errors += 1
         return status
 
     def _await(self, name: str, event: Event, awaitable: Awaitable[Status]) -> None:
@@ -522,7 +552,7 @@ class ConnectionEngine:
     def _log_verdict(self, stage: str, status: Status, reply: Reply) -> None:
         text = getattr(reply, "text", "")
         verdict = _VERDICT[status] if not (stage == "eom" and status is Status.CONTINUE) else "accept"
-        self.milter.stats.verdicts[verdict] += 1
+        self.shared.stats.verdicts[verdict] += 1
         # without connect/envfrom callbacks those events are skipped, but their macros still arrive
         client = self.client or self.ctx.getsymval("_") or "-"
         sender = self.sender
@@ -544,7 +574,7 @@ class ConnectionEngine:
             return
         self.closed = True
         self._flush()
-        self.milter.hooks.context_closed(self.ctx)
+        self.shared.hooks.context_closed(self.ctx)
         self.ctx.detach()
         self.link.close()
         # An MTA ending the session is routine (the verdict line said what mattered): debug.

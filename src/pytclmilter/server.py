@@ -11,14 +11,11 @@ import logging
 import signal
 import socket
 import threading
-from typing import TYPE_CHECKING, Any, Callable, Final
+from typing import Any, Callable, Final
 
 from .connspec import ConnSpec, parse
 from .listener import Listener, bind
-from .engine import ConnectionEngine
-
-if TYPE_CHECKING:
-    from .milter import Milter
+from .engine import ConnectionEngine, Shared
 
 log: Final = logging.getLogger("pytclmilter")
 
@@ -49,7 +46,7 @@ class _Connection(asyncio.Protocol):
         # The socket object for TCP_QUICKACK is fetched when first needed: with uvloop that costs
         # two system calls, and many connections never need it.
         self._tcp = _UNKNOWN if _QUICKACK and self.server.tcp else None
-        self.engine = ConnectionEngine(self.server.milter, self.server.next_id(), self)
+        self.engine = ConnectionEngine(self.server.shared, self.server.next_id(), self)
         self.server.connections.add(self)
         if self.engine.debug:  # per connection: the verdict line names the client
             log.debug("%s: connection from %s", self.engine.name, _peer_text(transport.get_extra_info("peername")))
@@ -142,8 +139,8 @@ def _peer_text(peer: object) -> str:
 class MilterServer:
     """Runs one milter's listener until stopped. ``serve`` may be called again after it returns."""
 
-    def __init__(self, milter: "Milter") -> None:
-        self.milter = milter
+    def __init__(self, shared: Shared) -> None:
+        self.shared = shared
         self.loop: asyncio.AbstractEventLoop = None  # type: ignore[assignment]
         self.connections: set[_Connection] = set()
         self._ids = 0
@@ -190,9 +187,11 @@ class MilterServer:
 
     # ------------------------------------------------------------ serving
 
-    async def serve(self) -> None:
-        milter = self.milter
-        spec = parse(milter.connection)
+    async def serve(self, inherited: Listener | None = None) -> None:
+        """Serve with the settings in force now; ``inherited``: a socket the parent of ``--workers``
+        bound and announced (hooks.listening), to serve instead of binding one."""
+        hooks = self.shared.hooks
+        spec = parse(self.shared.settings.connection)
         self.loop = asyncio.get_running_loop()
         self._loop_thread = threading.get_ident()
         with self._lock:
@@ -201,21 +200,22 @@ class MilterServer:
                 self._stop.set()
             self._stop_requested = False
         self.tcp = spec.family != "unix"  # before listening: the first connection may come at once
-        listener, server = await self._listen(spec)
+        listener, server = await self._listen(spec, inherited)
         self._listener, self._server, spec = listener, server, listener.spec
         self.listening = spec
         signals = self._install_signals()
         sweeper = asyncio.ensure_future(self._sweep())
-        tick = milter.hooks.tick
+        tick = hooks.tick
         ticker = asyncio.ensure_future(self._tick(tick)) if tick is not None else None
         try:
-            milter.hooks.listening(spec)
+            if inherited is None:
+                hooks.listening(spec)
             await self._stop.wait()
             log.info("stopping: no new connections; %d open", len(self.connections))
         finally:
             server.close()
             listener.remove_unix()
-            await self._drain(milter.grace)
+            await self._drain(self.shared.settings.grace)
             sweeper.cancel()
             if ticker is not None:
                 ticker.cancel()
@@ -228,13 +228,14 @@ class MilterServer:
             with self._lock:
                 self._stop = None
 
-    async def _listen(self, spec: ConnSpec) -> tuple[Listener, asyncio.AbstractServer]:
+    async def _listen(self, spec: ConnSpec, inherited: Listener | None) -> tuple[Listener, asyncio.AbstractServer]:
         """Serve the socket bound for us (``--workers``) or bind one now."""
-        listener = self.milter.inherited_listener or bind(spec, self.milter.backlog, self.milter.socket_mode)
+        settings = self.shared.settings
+        listener = inherited or bind(spec, settings.backlog, settings.socket_mode)
         factory = lambda: _Connection(self)  # noqa: E731
         # asyncio calls listen() again on a given socket, with its default backlog of 100 unless
         # told: a burst of connections then overflows the queue and clients retry seconds later.
-        backlog = self.milter.backlog or max(socket.SOMAXCONN, 20)
+        backlog = settings.backlog or max(socket.SOMAXCONN, 20)
         if listener.spec.family == "unix":
             server = await self.loop.create_unix_server(factory, sock=listener.sock, backlog=backlog)
         else:
@@ -254,7 +255,7 @@ class MilterServer:
 
     async def _sweep(self) -> None:
         """Close connections idle longer than the I/O timeout (progress counts as activity)."""
-        timeout = self.milter.timeout
+        timeout = self.shared.settings.timeout
         interval = max(0.05, min(1.0, timeout / 4))
         while True:
             await asyncio.sleep(interval)
@@ -268,7 +269,7 @@ class MilterServer:
     async def _tick(self, tick: Callable[[], None]) -> None:
         """Give a host (the Tcl interpreter) its turn to run timers and file events."""
         while True:
-            await asyncio.sleep(self.milter.tick_interval)
+            await asyncio.sleep(self.shared.settings.tick_interval)
             tick()
 
     def _install_signals(self) -> list[signal.Signals]:
@@ -289,7 +290,7 @@ class MilterServer:
 
     def _on_signal(self, sig: signal.Signals) -> None:
         log.info("received %s: stopping", sig.name)
-        self.milter.hooks.signal(sig)
+        self.shared.hooks.signal(sig)
         if self._stop is not None:
             self._stop.set()
 

@@ -16,13 +16,12 @@ import os
 import signal
 import sys
 import time
-from typing import TYPE_CHECKING
+from typing import Callable
 
 from .connspec import parse
+from .hooks import Hooks
 from .listener import Listener, bind
-
-if TYPE_CHECKING:
-    from .milter import Milter
+from .settings import Settings
 
 log = logging.getLogger("pytclmilter")
 
@@ -30,29 +29,38 @@ _STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 _RESPAWN_WINDOW = 10.0  # seconds
 _RESPAWN_BURST = 5  # deaths within the window before respawning slows down
 
+#: Serves the inherited socket in a worker process until stopped; the callable given stops all
+#: workers (the worker's ``milter stop``).
+Serve = Callable[[Listener, Callable[[], None]], None]
 
-def run_workers(milter: "Milter", count: int) -> None:
-    listener = bind(parse(milter.connection), milter.backlog, milter.socket_mode)
+
+def run_workers(settings: Settings, supervisor: "Supervisor") -> None:
+    """Bind the socket, announce it (hooks.listening, once, here), and supervise the workers."""
+    listener = bind(parse(settings.connection), settings.backlog, settings.socket_mode)
     try:
-        milter.hooks.listening(listener.spec)
-        Supervisor(milter, listener, count).run()
+        supervisor.hooks.listening(listener.spec)
+        supervisor.run(listener)
     finally:
         listener.remove_unix()
         listener.sock.close()
 
 
 class Supervisor:
-    def __init__(self, milter: "Milter", listener: Listener, count: int) -> None:
-        self.milter = milter
-        self.listener = listener
+    """Forks ``count`` workers running ``serve`` and keeps them running; :meth:`stop` stops all."""
+
+    listener: Listener  # the socket they serve, given to run()
+
+    def __init__(self, count: int, hooks: Hooks, serve: Serve) -> None:
+        self.hooks = hooks
+        self.serve = serve
         self.count = count
         self.children: dict[int, int] = {}  # pid -> worker number
         self.stopping = False
         self.deaths: list[float] = []
 
-    def run(self) -> None:
+    def run(self, listener: Listener) -> None:
+        self.listener = listener
         previous = {sig: signal.signal(sig, self._on_signal) for sig in _STOP_SIGNALS}
-        self.milter.stop_hook = self.stop
         try:
             for number in range(1, self.count + 1):
                 self._spawn(number)
@@ -65,7 +73,6 @@ class Supervisor:
                 if pid in self.children:
                     self._reaped(pid, self.children.pop(pid), status)
         finally:
-            self.milter.stop_hook = None
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
         log.info("all workers stopped")
@@ -89,7 +96,7 @@ class Supervisor:
 
     def _on_signal(self, signum: int, frame: object) -> None:
         log.info("received %s: stopping %d workers", signal.Signals(signum).name, len(self.children))
-        self.milter.hooks.signal(signal.Signals(signum))
+        self.hooks.signal(signal.Signals(signum))
         self.stop()
 
     def stop(self) -> None:
@@ -113,15 +120,11 @@ class Supervisor:
         for sig in _STOP_SIGNALS:
             signal.signal(sig, signal.SIG_DFL)
         parent = os.getppid()
-        milter = self.milter
-        milter.workers = 1
-        milter.inherited_listener = Listener(self.listener.sock, self.listener.spec)  # the parent removes the file
-        milter.hooks.listening = lambda spec: None
-        milter.stop_hook = lambda: os.kill(parent, signal.SIGTERM)
         code = 0
         try:
             log.debug("worker %d (pid %d) serving", number, os.getpid())
-            milter.run()
+            listener = Listener(self.listener.sock, self.listener.spec)  # the parent removes the file
+            self.serve(listener, lambda: os.kill(parent, signal.SIGTERM))
         except BaseException:  # noqa: BLE001 - a worker must end here, whatever happened
             log.exception("worker %d failed", number)
             code = 70

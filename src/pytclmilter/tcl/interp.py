@@ -12,6 +12,7 @@ import logging
 import os
 import sys
 import tkinter
+from dataclasses import replace
 from importlib import resources
 from pathlib import Path
 from typing import Any, Callable, Final, Sequence
@@ -20,6 +21,7 @@ import _tkinter
 
 from ..context import Context, MilterError
 from ..engine import CallbackError
+from ..hooks import Hooks
 from ..milter import Milter
 from ..protocol.codec import text
 from ..status import Status
@@ -119,8 +121,11 @@ class TclHost:
     #: The interpreter the script runs in: a child, so that Tcl's `interp limit` can bound callbacks.
     CHILD = "filter"
 
-    def __init__(self, milter: Milter | None = None, on_exit: Callable[[int], None] | None = None) -> None:
-        self.milter = milter or Milter(name="TclMilter")
+    def __init__(self, hooks: Hooks | None = None, on_exit: Callable[[int], None] | None = None) -> None:
+        """``hooks``: the program's own (listening, signal); the interpreter adds its context and tick hooks."""
+        own = replace(hooks or Hooks(), context_created=self._context_created, context_closed=self._context_closed,
+                      tick=self.service_events)
+        self.milter = Milter(name="TclMilter", hooks=own)
         self._on_exit = on_exit or self._default_exit
         libdir = str(tcl_library_dir())
         # New interpreters (those of Thread's secondary threads too) read TCLLIBPATH into auto_path.
@@ -140,12 +145,8 @@ class TclHost:
         self.tk.call("lappend", "auto_path", libdir)
         self.tk.call("package", "require", "TclMilter")
         self._make_child(libdir)
-        self.limit = CallLimit(self.tk.call, self.tk.createcommand, self.CHILD, self.milter)
+        self.limit = CallLimit(self.tk.call, self.tk.createcommand, self.CHILD, self.milter.shared)
         self._callbacks = 0
-        hooks = self.milter.hooks
-        hooks.context_created = self._context_created
-        hooks.context_closed = self._context_closed
-        hooks.tick = self.service_events
 
     def _make_child(self, libdir: str) -> None:
         """The script's interpreter: TclMilter's Python commands and our exit aliased in."""

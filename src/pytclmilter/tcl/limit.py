@@ -10,24 +10,22 @@ exceeded`` (errorCode ``TCL LIMIT TIME``), which a script cannot ``catch``.
 from __future__ import annotations
 
 import time
-from typing import Callable, Final, Protocol
+from typing import Callable, Final
+
+from ..engine import Shared
 
 _HANDLER: Final = "::tclmilter::py::limit"
 _monotonic: Final = time.monotonic  # compiled, `time.monotonic` is two look-ups per call
-
-
-class HasCallTimeout(Protocol):
-    call_timeout: float
 
 
 class CallLimit:
     """Per-callback time limit for one child interpreter; ``seconds`` 0 means none."""
 
     def __init__(self, call: Callable[..., object], create: Callable[[str, Callable[..., object]], None],
-                 child: str, settings: "HasCallTimeout") -> None:
+                 child: str, shared: Shared) -> None:
         self._call = call
         self._child = child
-        self._settings = settings  # read at every callback: `milter configure -calltimeout` applies at once
+        self._shared = shared  # read at every callback: `milter configure -calltimeout` applies at once
         self._started = _monotonic()
         self._armed_until = 0.0  # monotonic time of the deadline Tcl holds; 0: none
         create(_HANDLER, self._on_deadline)
@@ -35,7 +33,7 @@ class CallLimit:
     def begin(self) -> None:
         """A callback (or a batch of event handlers) starts now."""
         now = self._started = _monotonic()
-        limit = self._settings.call_timeout
+        limit = self._shared.settings.call_timeout
         if not limit:
             if self._armed_until:
                 self._set(None)
@@ -54,7 +52,7 @@ class CallLimit:
         self.begin()
 
     def _on_deadline(self, *args: object) -> None:
-        limit = self._settings.call_timeout
+        limit = self._shared.settings.call_timeout
         end = self._started + limit
         if limit and _monotonic() < end:
             self._set(end)  # the callback running now still has time: extend exactly to its end
