@@ -24,12 +24,13 @@ try:
 except ModuleNotFoundError:  # run from a checkout without installing
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from pytclmilter import CONTINUE, Milter  # noqa: E402
+from pytclmilter import CONTINUE, Hooks, Milter  # noqa: E402
 from pytclmilter.commands.logs import setup_logging  # noqa: E402
 
 
 def build(connection: str, body: bool) -> Milter:
-    milter = Milter(name="BenchPy", connection=connection)
+    milter = Milter(name="BenchPy", connection=connection, hooks=Hooks(
+        listening=lambda spec: print(f"pytclmilter: {milter.name} listening on {spec}", flush=True)))
 
     @milter.register("connect")
     def connect(ctx, hostname, addr):
@@ -57,7 +58,6 @@ def build(connection: str, body: bool) -> Milter:
         ctx.addheader("X-Bench", "1")
         return CONTINUE
 
-    milter.hooks.listening = lambda spec: print(f"pytclmilter: {milter.name} listening on {spec}", flush=True)
     return milter
 
 

@@ -119,7 +119,7 @@ def measure(kind: str, messages: int, headers: int, level: str, repeat: int) -> 
 
     def one(conn_id: int) -> Link:
         link = Link()
-        engine = ConnectionEngine(milter, conn_id, link)
+        engine = ConnectionEngine(milter.shared, conn_id, link)
         for batch in data:
             engine.data_received(batch)
         engine.connection_lost("eof")

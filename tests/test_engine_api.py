@@ -10,6 +10,7 @@ docs/protocol.md (cited by section, "docs/protocol.md §x").
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import os
 import struct
@@ -23,6 +24,7 @@ from pytclmilter import (
     CONTINUE,
     DISCARD,
     NOREPLY,
+    Hooks,
     REJECT,
     SKIP,
     TEMPFAIL,
@@ -862,6 +864,37 @@ def test_on_error_sets_the_answer_for_failing_callbacks(caplog, on_error, wire):
 def test_unknown_on_error_value_is_refused():
     with pytest.raises(ValueError):
         make_milter(on_error="SMFIS_MAYBE")
+
+
+def test_settings_are_one_value_that_each_change_replaces():
+    """The documented attributes read the milter's Settings; assigning one makes a new value and
+    leaves the old one as it was."""
+    m = make_milter(name="api", call_timeout=5)
+    before = m.settings
+    assert (before.name, before.call_timeout, before.workers, m.call_timeout) == ("api", 5, 1, 5)
+    m.workers = 3
+    m.on_error = "SMFIS_CONTINUE"
+    assert (m.workers, m.on_error, m.settings.workers, m.settings.on_error) == (3, CONTINUE, 3, CONTINUE)
+    assert (before.workers, before.on_error) == (1, TEMPFAIL)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        m.settings.grace = 1
+    m.settings = dataclasses.replace(m.settings, name="renamed")
+    assert m.name == "renamed"
+
+
+def test_hooks_given_at_construction_are_called_by_the_server_and_the_connection():
+    seen: list[tuple[str, str]] = []
+    hooks = Hooks(listening=lambda spec: seen.append(("listening", str(spec))),
+                  context_created=lambda ctx: seen.append(("created", ctx.name)),
+                  context_closed=lambda ctx: seen.append(("closed", ctx.name)))
+    m = make_milter(hooks=hooks)
+    m.register("envfrom", lambda ctx, args: CONTINUE)
+    with serving(m) as srv:
+        with srv.raw() as mta:
+            assert mta.mail() == (b"c", b"")
+        wait_for(lambda: len(seen) == 3)
+    assert seen == [("listening", str(srv.spec)), ("created", "conn#1"), ("closed", "conn#1")]
+    assert m.hooks is hooks
 
 
 def test_abort_and_close_callbacks_on_eof_inside_a_message():

@@ -530,11 +530,11 @@ def test_connspec_str_and_postfix_forms():
 SCRIPT = textwrap.dedent(
     """
     import logging, sys
-    from pytclmilter import Milter, REJECT
+    from pytclmilter import Hooks, Milter, REJECT
     logging.basicConfig(level=logging.INFO, stream=sys.stdout, format="%(levelname)s %(message)s")
-    m = Milter(connection="unix:" + sys.argv[1], grace=float(sys.argv[2]))
+    m = Milter(connection="unix:" + sys.argv[1], grace=float(sys.argv[2]),
+               hooks=Hooks(listening=lambda spec: print("LISTENING", spec, flush=True)))
     m.register("envfrom", lambda ctx, args: REJECT)
-    m.hooks.listening = lambda spec: print("LISTENING", spec, flush=True)
     m.run()
     print("EXITED", flush=True)
     """
@@ -613,7 +613,7 @@ def test_a_signal_the_event_loop_cannot_handle_is_reported(caplog) -> None:
         def add_signal_handler(self, *args: object) -> None:
             raise NotImplementedError
 
-    server = MilterServer(Milter(name="t"))
+    server = MilterServer(Milter(name="t").shared)
     server.loop = NoSignals()  # type: ignore[assignment]
     with caplog.at_level(logging.WARNING, logger="pytclmilter"):
         assert server._install_signals() == []

@@ -1,11 +1,13 @@
 """pytclmilter: a milter engine in Python that runs TclMilter scripts and Python callbacks."""
 
 from .context import Context, MilterError
+from .hooks import Hooks
 from .milter import Milter
+from .settings import Settings
 from .status import ACCEPT, CONTINUE, DISCARD, NOREPLY, REJECT, SKIP, TEMPFAIL, Status
 
 __version__ = "0.1.0"
 __all__ = [
-    "Milter", "Context", "MilterError", "Status",
+    "Milter", "Settings", "Hooks", "Context", "MilterError", "Status",
     "CONTINUE", "REJECT", "DISCARD", "ACCEPT", "TEMPFAIL", "SKIP", "NOREPLY",
 ]

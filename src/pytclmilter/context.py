@@ -198,7 +198,7 @@ class Context:
         "body",
         "symlists",
         "_progress",
-        "tcl_command",
+        "host_data",
         "session",
     )
 
@@ -214,7 +214,9 @@ class Context:
         self.body: list[bytes] | None = None
         self.symlists: dict[MacroStage, str] = {}
         self._progress = progress
-        self.tcl_command = ""
+        #: The host's own per-connection value, set by its context_created hook and read at
+        #: every callback (hence a slot, not a look-up in a table of the host's).
+        self.host_data: Any = None
         #: The connection's protocol state: what the MTA granted and its packet size, checked at
         #: each modification (None: a context without a connection grants all, 65535 bytes).
         self.session = session

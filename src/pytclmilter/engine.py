@@ -14,10 +14,13 @@ import asyncio
 import inspect
 import logging
 import time
-from typing import TYPE_CHECKING, Any, Awaitable, Callable, Final, Protocol
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any, Awaitable, Callable, Final, Protocol
 
 from .callbacks import Callback, Registry
 from .context import Context
+from .hooks import Hooks
 from .limits import CallbackTimeout
 from .logline import escape, escape_lines
 from .logline import info as log_info
@@ -31,10 +34,8 @@ from .protocol.errors import LocalProtocolError, RemoteProtocolError
 from .protocol.negotiation import Negotiated, negotiate
 from .protocol.session import FilterSession, NeedData
 from .protocol.table import COMMANDS
+from .settings import Settings
 from .status import Status, parse_status
-
-if TYPE_CHECKING:
-    from .milter import Milter
 
 log: Final = logging.getLogger("pytclmilter")
 
@@ -149,6 +150,35 @@ class Link(Protocol):
     def blocked(self) -> bool: ...
 
 
+@dataclass
+class Stats:
+    """Verdict counts since start, for the log summary."""
+
+    verdicts: Counter[str] = field(default_factory=Counter)
+    errors: int = 0
+
+    def summary(self) -> str:
+        parts = [f"{k}={v}" for k, v in sorted(self.verdicts.items())]
+        return ", ".join(parts + [f"callback errors={self.errors}"])
+
+
+class Shared:
+    """What every connection of one milter reads: its settings, callbacks, hooks and counts.
+
+    ``settings`` is replaced whole when an option changes (the value itself never changes), and
+    each connection reads it here at every use: an option set while serving (``milter configure
+    -onerror`` in a callback) applies at once, to the connections already open too.
+    """
+
+    __slots__ = ("settings", "registry", "hooks", "stats")
+
+    def __init__(self, settings: Settings, registry: Registry, hooks: Hooks, stats: Stats) -> None:
+        self.settings = settings
+        self.registry = registry
+        self.hooks = hooks
+        self.stats = stats
+
+
 class CallbackError(Exception):
     """A callback failed; ``detail`` is what to log (a traceback or Tcl's errorInfo)."""
 
@@ -183,12 +213,12 @@ class ConnectionEngine:
     Callbacks are called in one place, :meth:`_call`.
     """
 
-    __slots__ = ("milter", "registry", "session", "ctx", "name", "link", "_out", "_busy", "_decided",
+    __slots__ = ("shared", "registry", "session", "ctx", "name", "link", "_out", "_busy", "_decided",
                  "_deferred", "_deferred_stage", "closed", "client", "sender", "debug")
 
-    def __init__(self, milter: "Milter", conn_id: int, link: "Link") -> None:
-        self.milter = milter
-        self.registry: Registry = milter.registry
+    def __init__(self, shared: Shared, conn_id: int, link: "Link") -> None:
+        self.shared = shared
+        self.registry: Registry = shared.registry
         self.session = FilterSession(emit_macros=False)
         self.ctx = Context(conn_id, self.session.macros, self._progress, self.session)
         self.name = self.ctx.name
@@ -204,7 +234,7 @@ class ConnectionEngine:
         # Asked once: a connection lasts one SMTP session, and each isEnabledFor is an
         # interpreted call; a level set meanwhile applies from the next connection.
         self.debug = log.isEnabledFor(logging.DEBUG)
-        milter.hooks.context_created(self.ctx)
+        shared.hooks.context_created(self.ctx)
 
     @property
     def busy(self) -> bool:
@@ -375,12 +405,13 @@ class ConnectionEngine:
         this is a dictionary lookup on the per-connection path.
         """
         symlists = self.ctx.symlists
+        max_data_size = self.shared.settings.max_data_size
         key = (self.registry.generation, offer.version, offer.actions, offer.protocol,
-               self.milter.max_data_size, tuple(symlists.items()))
+               max_data_size, tuple(symlists.items()))
         negotiated = _NEGOTIATED.get(key)
         if negotiated is None:
             wants = self.registry.wants()
-            wants.max_data_size = self.milter.max_data_size
+            wants.max_data_size = max_data_size
             wants.macros = dict(symlists)
             negotiated = negotiate(offer, wants)
             if len(_NEGOTIATED) >= 256:  # bounded: callbacks changing all the time must not grow it
@@ -394,7 +425,7 @@ class ConnectionEngine:
         """The event's callbacks in order, up to the first answer other than continue."""
         chain = self.registry.chain(name)
         call_args = (self.ctx,) + args  # compiled, (ctx, *args) is built through a list
-        limit = self.milter.call_timeout  # read per event: `milter configure -calltimeout` applies at once
+        limit = self.shared.settings.call_timeout  # read per event: `milter configure -calltimeout` applies at once
         for i, cb in enumerate(chain):
             status = self._call(name, cb, call_args, limit, False)
             if not isinstance(status, Status):
@@ -428,7 +459,7 @@ class ConnectionEngine:
         """abort and close: every callback runs, results are ignored (libmilter ignores them too)."""
         self.ctx.stage = name
         call_args = (self.ctx,)
-        limit = self.milter.call_timeout
+        limit = self.shared.settings.call_timeout
         for cb in self.registry.chain(name):
             result = self._call(name, cb, call_args, limit, True)
             if not isinstance(result, Status):
@@ -514,13 +545,13 @@ class ConnectionEngine:
     def _callback_failed(self, name: str, cb: Callback | None, exc: BaseException) -> Status:
         """Log a failure (``cb`` None: the engine's own, around an async chain); ``on_error``."""
         detail = exc.detail if isinstance(exc, CallbackError) else _traceback(exc)
-        status = self.milter.on_error
+        status = self.shared.settings.on_error
         # The script's or the MTA's text in every part (a callback name is a Tcl script, an error
         # message may quote a header): escaped, and errorInfo's lines indented (logline).
         who = "chain" if cb is None else cb.name or repr(cb.func)
         log.error("%s: %s callback %s failed (%s), answering %s:\n%s", self.name, name,
                   escape(who), escape(str(exc)), status.smfis, escape_lines(detail))
-        self.milter.stats.errors += 1
+        self.shared.stats.errors += 1
         return status
 
     def _await(self, name: str, event: Event, pending: Awaitable[Status]) -> None:
@@ -602,7 +633,7 @@ class ConnectionEngine:
     def _log_verdict(self, stage: str, status: Status, reply: Reply) -> None:
         text = getattr(reply, "text", "")
         verdict = _VERDICT[status] if not (stage == "eom" and status is Status.CONTINUE) else "accept"
-        self.milter.stats.verdicts[verdict] += 1
+        self.shared.stats.verdicts[verdict] += 1
         # without connect/envfrom callbacks those events are skipped, but their macros still arrive
         client = self.client or self.ctx.getsymval("_") or "-"
         sender = self.sender
@@ -625,7 +656,7 @@ class ConnectionEngine:
             return
         self.closed = True
         self._flush()
-        self.milter.hooks.context_closed(self.ctx)
+        self.shared.hooks.context_closed(self.ctx)
         self.ctx.detach()
         self.link.close()
         # An MTA ending the session is routine (the verdict line said what mattered): debug.

@@ -1,4 +1,4 @@
-"""The public Python face: :class:`Milter` holds the configuration and the callbacks and runs the server."""
+"""The public Python face: :class:`Milter` holds the settings, the callbacks and the hooks, and runs the server."""
 
 from __future__ import annotations
 
@@ -6,23 +6,23 @@ import asyncio
 import gc
 import logging
 import os
-import signal
-from collections import Counter
-from dataclasses import dataclass, field
-from typing import Any, Callable
+from dataclasses import replace
+from typing import Any, Callable, Generic, TypeVar, overload
 
 from .callbacks import EVENTS, Callback, Registry
 from .connspec import ConnSpec, parse
-from .context import Context
+from .engine import Shared, Stats
+from .hooks import Hooks
 from .logline import escape
 from .protocol.constants import MAX_DATA_SIZE
 from .listener import Listener
 from .server import MilterServer
+from .settings import DEFAULT_CONNECTION, DEFAULT_TIMEOUT, Settings
 from .status import Status, parse_status
 
 log = logging.getLogger("pytclmilter")
 
-DEFAULT_CONNECTION = "unix:/var/run/tclmilter.sock"
+T = TypeVar("T")
 
 
 def new_event_loop() -> asyncio.AbstractEventLoop:
@@ -36,30 +36,29 @@ def new_event_loop() -> asyncio.AbstractEventLoop:
         else:
             return uvloop.new_event_loop()
     return asyncio.new_event_loop()
-DEFAULT_TIMEOUT = 7210
 
 
-@dataclass
-class Hooks:
-    """Points where a host (the Tcl bridge, the CLI) joins in; all optional."""
+class _Setting(Generic[T]):
+    """A :class:`Milter` attribute for one field of its settings: reading reads the value in
+    force, assigning replaces that value by a new one (:func:`dataclasses.replace`)."""
 
-    context_created: Callable[[Context], None] = lambda ctx: None
-    context_closed: Callable[[Context], None] = lambda ctx: None
-    listening: Callable[[ConnSpec], None] = lambda spec: None
-    signal: Callable[[signal.Signals], None] = lambda sig: None
-    tick: Callable[[], None] | None = None
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.name = name
 
+    @overload
+    def __get__(self, milter: None, owner: type) -> "_Setting[T]": ...
+    @overload
+    def __get__(self, milter: "Milter", owner: type) -> T: ...
 
-@dataclass
-class Stats:
-    """Verdict counts since start, for the log summary."""
+    def __get__(self, milter: "Milter | None", owner: type) -> "T | _Setting[T]":
+        if milter is None:
+            return self
+        value: T = getattr(milter.settings, self.name)
+        return value
 
-    verdicts: Counter[str] = field(default_factory=Counter)
-    errors: int = 0
-
-    def summary(self) -> str:
-        parts = [f"{k}={v}" for k, v in sorted(self.verdicts.items())]
-        return ", ".join(parts + [f"callback errors={self.errors}"])
+    def __set__(self, milter: "Milter", value: T) -> None:
+        change: dict[str, Any] = {self.name: value}
+        milter.settings = replace(milter.settings, **change)
 
 
 class Milter:
@@ -70,6 +69,19 @@ class Milter:
     ... def envfrom(ctx, args):
     ...     return REJECT if args[0] == "<spammer@example.com>" else CONTINUE
     """
+
+    name: _Setting[str] = _Setting()
+    connection: _Setting[str] = _Setting()
+    timeout: _Setting[float] = _Setting()
+    backlog: _Setting[int | None] = _Setting()
+    grace: _Setting[float] = _Setting()
+    socket_mode: _Setting[int | None] = _Setting()
+    #: Owner (uid, gid; -1 keeps one) the unix socket's file has from the moment it appears.
+    socket_owner: _Setting[tuple[int, int] | None] = _Setting()
+    max_data_size: _Setting[int] = _Setting()
+    call_timeout: _Setting[float] = _Setting()
+    workers: _Setting[int] = _Setting()
+    tick_interval: _Setting[float] = _Setting()
 
     def __init__(
         self,
@@ -82,29 +94,43 @@ class Milter:
         socket_mode: int | None = None,
         max_data_size: int = MAX_DATA_SIZE,
         call_timeout: float = 60.0,
+        hooks: Hooks | None = None,
     ) -> None:
-        self.name = name
-        self.connection = connection
-        self.timeout = timeout
-        self.backlog = backlog
-        self.on_error = self._status(on_error)
-        self.grace = grace
-        self.socket_mode = socket_mode
-        #: Owner (uid, gid; -1 keeps one) the unix socket's file has from the moment it appears.
-        self.socket_owner: tuple[int, int] | None = None
-        self.max_data_size = max_data_size
-        #: A callback running longer than this is stopped and answered with on_error (0: no limit).
-        self.call_timeout = call_timeout
-        self.tick_interval = 0.02
-        #: Serve this already-bound socket instead of binding (set in each --workers process).
-        self.inherited_listener: Listener | None = None
-        #: Processes serving one socket; 1 serves in this process (see workers.py).
-        self.workers = 1
-        self.stop_hook: Callable[[], None] | None = None
+        settings = Settings(name=name, connection=connection, timeout=timeout, backlog=backlog,
+                            on_error=self._status(on_error), grace=grace, socket_mode=socket_mode,
+                            max_data_size=max_data_size, call_timeout=call_timeout)
         self.registry = Registry()
-        self.hooks = Hooks()
         self.stats = Stats()
-        self._server = MilterServer(self)
+        #: What the server and every connection read, the settings in force among it.
+        self.shared = Shared(settings, self.registry, hooks or Hooks(), self.stats)
+        self._server = MilterServer(self.shared)
+        #: While run() supervises --workers: their supervisor's stop; in a worker: asking the
+        #: parent to stop them all. stop() calls it.
+        self._stop_others: Callable[[], None] | None = None
+
+    @property
+    def settings(self) -> Settings:
+        """The settings in force. Assigning a new value (or one of the attributes above) applies
+        to the next :meth:`run`, and at once to what reads it while serving (on_error,
+        call_timeout, grace: every open connection)."""
+        return self.shared.settings
+
+    @settings.setter
+    def settings(self, value: Settings) -> None:
+        self.shared.settings = value
+
+    @property
+    def hooks(self) -> Hooks:
+        """Given at construction; the server, the connections and the workers call them."""
+        return self.shared.hooks
+
+    @property
+    def on_error(self) -> Status:
+        return self.settings.on_error
+
+    @on_error.setter
+    def on_error(self, value: Status | str) -> None:
+        self.settings = replace(self.settings, on_error=self._status(value))
 
     @staticmethod
     def _status(value: Status | str) -> Status:
@@ -142,22 +168,46 @@ class Milter:
 
     async def serve(self) -> None:
         """Serve until :meth:`stop` or a signal; returns, and may be called again."""
+        await self._serve(None, None)
+
+    async def _serve(self, inherited: Listener | None, started: Callable[[], None] | None) -> None:
         # What exists now (modules, the script, its data) lives as long as the process: keep
         # the garbage collector from scanning it again and again under load (and, with
         # --workers, from touching pages the forked workers share).
         gc.freeze()
-        await self._server.serve()
+        await self._server.serve(inherited, started)
         log.info("%s stopped; verdicts: %s", escape(self.name), self.stats.summary())
 
     def run(self) -> None:
         """Blocking :meth:`serve` on a fresh event loop, or in ``workers`` processes (see workers.py)."""
-        if self.workers > 1:
-            from .workers import run_workers
+        settings = self.settings
+        if settings.workers > 1:
+            from .workers import Supervisor, run_workers
 
-            run_workers(self, self.workers)
+            supervisor = Supervisor(settings.workers, self.hooks, self._serve_worker)
+            self._stop_others = supervisor.stop
+            try:
+                run_workers(settings, supervisor)
+            finally:
+                self._stop_others = None
             return
+        self._run_here(None, None)
+
+    def _run_here(self, inherited: Listener | None, started: Callable[[], None] | None) -> None:
         with asyncio.Runner(loop_factory=new_event_loop) as runner:
-            runner.run(self.serve())
+            runner.run(self._serve(inherited, started))
+
+    def _serve_worker(self, listener: Listener, stop_all: Callable[[], None],
+                      watch: Callable[[Callable[[], None]], None]) -> None:
+        """One --workers process: serve the socket the parent bound; stop() asks it to stop all.
+        ``watch`` runs on the loop once it listens, given how to stop this worker alone."""
+        self._stop_others = stop_all
+        self._run_here(listener, lambda: watch(self._stop_alone))
+
+    def _stop_alone(self) -> None:
+        """Stop this process only (a worker whose supervisor died: its pid may be reused)."""
+        self._stop_others = None
+        self.stop()
 
     def abort(self) -> None:
         """Stop at once from the loop's thread, without grace (used by Tcl's ``exit``)."""
@@ -166,8 +216,8 @@ class Milter:
     def stop(self) -> None:
         """Stop serving: from any thread, from a callback, before or during :meth:`run`."""
         self._server.stop()
-        if self.stop_hook is not None:  # in --workers: stop the others too
-            self.stop_hook()
+        if self._stop_others is not None:  # in --workers: stop the others too
+            self._stop_others()
 
 
-__all__ = ["Milter", "EVENTS", "DEFAULT_CONNECTION"]
+__all__ = ["Milter", "Settings", "Hooks", "EVENTS", "DEFAULT_CONNECTION"]

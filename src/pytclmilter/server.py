@@ -11,15 +11,12 @@ import logging
 import signal
 import socket
 import threading
-from typing import TYPE_CHECKING, Any, Callable, Final
+from typing import Any, Callable, Final
 
 from .accept import Acceptor, check_fd_limit
 from .connspec import ConnSpec, parse
 from .listener import Listener, bind
-from .engine import ConnectionEngine
-
-if TYPE_CHECKING:
-    from .milter import Milter
+from .engine import ConnectionEngine, Shared
 
 log: Final = logging.getLogger("pytclmilter")
 
@@ -50,7 +47,7 @@ class _Connection(asyncio.Protocol):
         # The socket object for TCP_QUICKACK is fetched when first needed: with uvloop that costs
         # two system calls, and many connections never need it.
         self._tcp = _UNKNOWN if _QUICKACK and self.server.tcp else None
-        self.engine = ConnectionEngine(self.server.milter, self.server.next_id(), self)
+        self.engine = ConnectionEngine(self.server.shared, self.server.next_id(), self)
         self.server.connections.add(self)
         if self.engine.debug:  # per connection: the verdict line names the client
             log.debug("%s: connection from %s", self.engine.name, _peer_text(transport.get_extra_info("peername")))
@@ -146,8 +143,8 @@ def _peer_text(peer: object) -> str:
 class MilterServer:
     """Runs one milter's listener until stopped. ``serve`` may be called again after it returns."""
 
-    def __init__(self, milter: "Milter") -> None:
-        self.milter = milter
+    def __init__(self, shared: Shared) -> None:
+        self.shared = shared
         self.loop: asyncio.AbstractEventLoop = None  # type: ignore[assignment]
         self.connections: set[_Connection] = set()
         self._ids = 0
@@ -194,9 +191,12 @@ class MilterServer:
 
     # ------------------------------------------------------------ serving
 
-    async def serve(self) -> None:
-        milter = self.milter
-        spec = parse(milter.connection)
+    async def serve(self, inherited: Listener | None = None, started: Callable[[], None] | None = None) -> None:
+        """Serve with the settings in force now; ``inherited``: a socket the parent of ``--workers``
+        bound and announced (hooks.listening), to serve instead of binding one; ``started``, with
+        it: called on the loop once serving (the worker's watch on its parent)."""
+        hooks = self.shared.hooks
+        spec = parse(self.shared.settings.connection)
         self.loop = asyncio.get_running_loop()
         self._loop_thread = threading.get_ident()
         with self._lock:
@@ -205,21 +205,24 @@ class MilterServer:
                 self._stop.set()
             self._stop_requested = False
         self.tcp = spec.family != "unix"  # before listening: the first connection may come at once
-        listener, acceptor = self._listen(spec)
+        listener, acceptor = self._listen(spec, inherited)
         self._listener, self.acceptor, spec = listener, acceptor, listener.spec
         self.listening = spec
         signals = self._install_signals()
         sweeper = asyncio.ensure_future(self._sweep())
-        tick = milter.hooks.tick
+        tick = hooks.tick
         ticker = asyncio.ensure_future(self._tick(tick)) if tick is not None else None
         try:
-            milter.hooks.listening(spec)
+            if inherited is None:
+                hooks.listening(spec)
+            elif started is not None:
+                started()
             await self._stop.wait()
             log.info("stopping: no new connections; %d open", len(self.connections))
         finally:
             acceptor.close()  # new connections are refused from now on, open ones go on
             listener.remove_unix()
-            await self._drain(milter.grace)
+            await self._drain(self.shared.settings.grace)
             sweeper.cancel()
             if ticker is not None:
                 ticker.cancel()
@@ -229,13 +232,13 @@ class MilterServer:
             with self._lock:
                 self._stop = None
 
-    def _listen(self, spec: ConnSpec) -> tuple[Listener, Acceptor]:
+    def _listen(self, spec: ConnSpec, inherited: Listener | None) -> tuple[Listener, Acceptor]:
         """Serve the socket bound for us (``--workers``) or bind one now; accept on it (accept.py)."""
-        milter = self.milter
-        listener = milter.inherited_listener
+        listener = inherited
         if listener is None:
-            listener = bind(spec, milter.backlog, milter.socket_mode, milter.socket_owner)
-            check_fd_limit(milter.backlog)  # with --workers, the supervisor checks once
+            settings = self.shared.settings
+            listener = bind(spec, settings.backlog, settings.socket_mode, settings.socket_owner)
+            check_fd_limit(settings.backlog)  # with --workers, the supervisor checks once
         acceptor = Acceptor(self.loop, listener.sock, lambda: _Connection(self))
         acceptor.start()
         return listener, acceptor
@@ -253,7 +256,7 @@ class MilterServer:
 
     async def _sweep(self) -> None:
         """Close connections idle longer than the I/O timeout (progress counts as activity)."""
-        timeout = self.milter.timeout
+        timeout = self.shared.settings.timeout
         interval = max(0.05, min(1.0, timeout / 4))
         while True:
             await asyncio.sleep(interval)
@@ -267,7 +270,7 @@ class MilterServer:
     async def _tick(self, tick: Callable[[], None]) -> None:
         """Give a host (the Tcl interpreter) its turn to run timers and file events."""
         while True:
-            await asyncio.sleep(self.milter.tick_interval)
+            await asyncio.sleep(self.shared.settings.tick_interval)
             tick()
 
     def _install_signals(self) -> list[signal.Signals]:
@@ -288,7 +291,7 @@ class MilterServer:
 
     def _on_signal(self, sig: signal.Signals) -> None:
         log.info("received %s: stopping", sig.name)
-        self.milter.hooks.signal(sig)
+        self.shared.hooks.signal(sig)
         if self._stop is not None:
             self._stop.set()
 

@@ -30,14 +30,13 @@ import os
 import signal
 import sys
 import time
-from typing import TYPE_CHECKING
+from typing import Callable
 
 from .accept import check_fd_limit
 from .connspec import parse
+from .hooks import Hooks
 from .listener import Listener, bind
-
-if TYPE_CHECKING:
-    from .milter import Milter
+from .settings import Settings
 
 log = logging.getLogger("pytclmilter")
 
@@ -46,35 +45,45 @@ _RESPAWN_WINDOW = 10.0  # seconds
 _RESPAWN_BURST = 5  # deaths within the window before respawning slows down
 
 
-def run_workers(milter: "Milter", count: int) -> None:
-    listener = bind(parse(milter.connection), milter.backlog, milter.socket_mode, milter.socket_owner)
-    check_fd_limit(milter.backlog)
+#: Serves the inherited socket in a worker process until stopped. Given the socket, a callable
+#: that stops all workers (the worker's ``milter stop``), and one to call on the worker's loop
+#: once it listens, with a callable that stops this worker alone (see _watch_parent).
+Serve = Callable[[Listener, Callable[[], None], Callable[[Callable[[], None]], None]], None]
+
+
+def run_workers(settings: Settings, supervisor: "Supervisor") -> None:
+    """Bind the socket and supervise the workers (which announce it: hooks.listening, once)."""
+    listener = bind(parse(settings.connection), settings.backlog, settings.socket_mode, settings.socket_owner)
+    check_fd_limit(settings.backlog)
     try:
-        Supervisor(milter, listener, count).run()
+        supervisor.run(listener)
     finally:
         listener.remove_unix()
         listener.sock.close()
 
 
 class Supervisor:
-    def __init__(self, milter: "Milter", listener: Listener, count: int) -> None:
-        self.milter = milter
-        self.listener = listener
+    """Forks ``count`` workers running ``serve`` and keeps them running; :meth:`stop` stops all."""
+
+    def __init__(self, count: int, hooks: Hooks, serve: Serve) -> None:
+        self.hooks = hooks
+        self.serve = serve
         self.count = count
+        self.listener: Listener | None = None  # the socket they serve, given to run()
         self.children: dict[int, int] = {}  # pid -> worker number
         self.stopping = False
         self.deaths: list[float] = []
-        # The workers watch the read end; the write end closes when this process dies.
-        self.lifeline, self._lifeline_w = os.pipe()
         self.pid = os.getpid()  # for the workers: os.getppid() there may already be another process
 
-    def run(self) -> None:
+    def run(self, listener: Listener) -> None:
+        self.listener = listener
+        # The workers watch the read end; the write end closes when this process dies.
+        self.lifeline, self._lifeline_w = os.pipe()
         previous = {sig: signal.signal(sig, self._on_signal) for sig in _STOP_SIGNALS}
-        self.milter.stop_hook = self.stop
         try:
             # Only once our handlers are in place: a SIGTERM right after the listening line must
             # stop cleanly, not end the process by default and leave the socket file behind.
-            self.milter.hooks.listening(self.listener.spec)
+            self.hooks.listening(listener.spec)
             for number in range(1, self.count + 1):
                 if not self.stopping:
                     self._spawn(number)
@@ -87,7 +96,6 @@ class Supervisor:
                 if pid in self.children:
                     self._reaped(pid, self.children.pop(pid), status)
         finally:
-            self.milter.stop_hook = None
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
             os.close(self.lifeline)
@@ -113,15 +121,16 @@ class Supervisor:
 
     def _on_signal(self, signum: int, frame: object) -> None:
         log.info("received %s: stopping %d workers", signal.Signals(signum).name, len(self.children))
-        self.milter.hooks.signal(signal.Signals(signum))
+        self.hooks.signal(signal.Signals(signum))
         self.stop()
 
     def stop(self) -> None:
         if not self.stopping:
             self.stopping = True
             # Our copy of the listening socket first: the workers close theirs as they stop.
-            self.listener.remove_unix()
-            self.listener.sock.close()
+            if self.listener is not None:
+                self.listener.remove_unix()
+                self.listener.sock.close()
         for pid in list(self.children):
             try:
                 os.kill(pid, signal.SIGTERM)
@@ -150,15 +159,13 @@ class Supervisor:
         signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
         os.close(self._lifeline_w)  # else the pipe would never reach EOF
         parent = self.pid
-        milter = self.milter
-        milter.workers = 1
-        milter.inherited_listener = Listener(self.listener.sock, self.listener.spec)  # the parent removes the file
-        milter.hooks.listening = lambda spec: self._watch_parent(number, parent)
-        milter.stop_hook = lambda: os.kill(parent, signal.SIGTERM)
+        assert self.listener is not None  # forked from run()
         code = 0
         try:
             log.debug("worker %d (pid %d) serving", number, os.getpid())
-            milter.run()
+            listener = Listener(self.listener.sock, self.listener.spec)  # the parent removes the file
+            self.serve(listener, lambda: os.kill(parent, signal.SIGTERM),
+                       lambda stop: self._watch_parent(number, parent, stop))
         except BaseException:  # noqa: BLE001 - a worker must end here, whatever happened
             log.exception("worker %d failed", number)
             code = 70
@@ -168,15 +175,15 @@ class Supervisor:
             sys.stderr.flush()
             os._exit(code)
 
-    def _watch_parent(self, number: int, parent: int) -> None:
-        """In a worker, once its server listens (on its loop): stop gracefully when the parent dies."""
+    def _watch_parent(self, number: int, parent: int, stop: Callable[[], None]) -> None:
+        """In a worker, once its server listens (on its loop): stop gracefully when the parent dies.
+
+        ``stop`` stops this worker alone: the parent's pid may be another process's by now."""
         loop = asyncio.get_running_loop()
-        milter = self.milter
 
         def gone() -> None:
             loop.remove_reader(self.lifeline)
             log.warning("worker %d: the supervisor (pid %d) died: stopping", number, parent)
-            milter.stop_hook = None  # its pid may be another process's by now
-            milter.stop()
+            stop()
 
         loop.add_reader(self.lifeline, gone)

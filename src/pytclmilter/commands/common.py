@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Callable
 
 from ..client.message import Envelope, Message
+from ..hooks import Hooks
 from ..milter import Milter
 from ..tcl.interp import TclHost
 from ..tcl.usage import TclUsageError
@@ -53,11 +54,12 @@ _FLAGS = {"-onerror": "--on-error", "-calltimeout": "--call-timeout"}
 
 
 def make_host(script: str, hooks: list[str], overrides: dict[str, str | None],
-              on_exit: Callable[[int], None] | None = None) -> TclHost:
-    """An interpreter with the milter command, command-line overrides locked, Python hooks loaded."""
+              on_exit: Callable[[int], None] | None = None, milter_hooks: Hooks | None = None) -> TclHost:
+    """An interpreter with the milter command, command-line overrides locked, Python hooks loaded;
+    ``milter_hooks``: the command's own (listening, signal)."""
     if not Path(script).is_file():
         raise UsageError(f'couldn\'t read file "{script}": no such file or directory', EX_NOINPUT)
-    host = TclHost(on_exit=on_exit)
+    host = TclHost(milter_hooks, on_exit=on_exit)
     try:
         for option, value in overrides.items():
             if value is not None:

@@ -14,6 +14,7 @@ import tkinter
 
 from ..compiled import describe
 from ..connspec import ConnSpec
+from ..hooks import Hooks
 from ..logline import escape
 from ..milter import Milter
 from .common import UsageError, add_script_options, make_host
@@ -120,7 +121,10 @@ def cmd_run(opts: argparse.Namespace) -> int:
     overrides = {"-connection": opts.connection, "-timeout": opts.timeout, "-backlog": opts.backlog,
                  "-name": opts.name, "-onerror": opts.on_error, "-grace": opts.grace,
                  "-calltimeout": opts.call_timeout, "-workers": opts.workers}
-    host = make_host(opts.script, opts.python, overrides)
+    # The daemon is made below, once the script's options are known to be valid; its hooks run
+    # only when the milter serves.
+    hooks = Hooks(listening=lambda spec: daemon.listening(spec), signal=lambda sig: daemon.signal(sig))
+    host = make_host(opts.script, opts.python, overrides, milter_hooks=hooks)
     milter = host.milter
     if opts.socket_mode is not None:
         try:
@@ -128,8 +132,6 @@ def cmd_run(opts: argparse.Namespace) -> int:
         except ValueError:
             raise UsageError(f'--socket-mode: "{opts.socket_mode}" is not an octal mode') from None
     daemon = Daemon(milter, opts)
-    milter.hooks.listening = daemon.listening
-    milter.hooks.signal = daemon.signal
     host.set_argv(opts.script, list(opts.args) + list(getattr(opts, "rest", [])))
     try:
         host.source(opts.script)

@@ -19,6 +19,7 @@ from ..client.conversation import Outcome
 from ..client.load import one
 from ..client.report import EXIT_CODES, as_text, to_json
 from ..connspec import ConnSpec
+from ..hooks import Hooks
 from .common import EX_SOFTWARE, ScriptExit, add_envelope_options, add_script_options, make_host, read_message
 from .logs import setup_logging
 
@@ -38,21 +39,19 @@ def cmd_try(opts: argparse.Namespace) -> int:
     workdir = tempfile.mkdtemp(prefix="pytclmilter-try-")
     try:
         exited = ScriptExit()
-        host = make_host(opts.script, opts.python, {"-connection": f"unix:{workdir}/try.sock", "-grace": "5"},
-                         on_exit=exited)
-        milter = host.milter
         outcomes: list[Outcome] = []
 
         async def converse(spec: ConnSpec) -> None:
             try:
                 outcomes.append(await one(spec, env, msg))
             finally:
-                milter.stop()
+                host.milter.stop()
 
         def listening(spec: ConnSpec) -> None:
             asyncio.ensure_future(converse(spec))
 
-        milter.hooks.listening = listening
+        host = make_host(opts.script, opts.python, {"-connection": f"unix:{workdir}/try.sock", "-grace": "5"},
+                         on_exit=exited, milter_hooks=Hooks(listening=listening))
         host.set_argv(opts.script, list(getattr(opts, "rest", [])))
         try:
             host.source(opts.script)

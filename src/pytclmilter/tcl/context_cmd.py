@@ -106,13 +106,13 @@ SUBCOMMANDS: Final[dict[str, tuple[int, int | None, str, Callable[[Context, Sequ
 def dispatch(ctx: Context, args: Sequence[str]) -> Any:
     """Run ``$context sub ?arg ...?`` for one context."""
     if not args:
-        raise wrong_args(f"{ctx.tcl_command} subcommand ?arg ...?")
+        raise wrong_args(f"{ctx.host_data} subcommand ?arg ...?")
     spec = SUBCOMMANDS.get(args[0])
     if spec is None:
         raise bad_choice("option", args[0], SUBCOMMANDS)
     low, high, usage, handler = spec
     rest = args[1:]
     if not count_ok(len(rest), low, high):  # (not check_count: the usage text is built only when it is needed)
-        raise wrong_args(f"{ctx.tcl_command} {args[0]}{' ' + usage if usage else ''}")
+        raise wrong_args(f"{ctx.host_data} {args[0]}{' ' + usage if usage else ''}")
     result = handler(ctx, rest)
     return "" if result is None else result

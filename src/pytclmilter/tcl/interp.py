@@ -12,6 +12,7 @@ import logging
 import os
 import sys
 import tkinter
+from dataclasses import replace
 from importlib import resources
 from pathlib import Path
 from typing import Any, Callable, Final, Sequence
@@ -20,6 +21,7 @@ import _tkinter
 
 from ..context import Context, MilterError
 from ..engine import CallbackError
+from ..hooks import Hooks
 from ..milter import Milter
 from ..protocol.codec import text
 from ..status import Status
@@ -127,8 +129,11 @@ class TclHost:
     #: The interpreter the script runs in: a child, so that Tcl's `interp limit` can bound callbacks.
     CHILD = "filter"
 
-    def __init__(self, milter: Milter | None = None, on_exit: Callable[[int], None] | None = None) -> None:
-        self.milter = milter or Milter(name="TclMilter")
+    def __init__(self, hooks: Hooks | None = None, on_exit: Callable[[int], None] | None = None) -> None:
+        """``hooks``: the program's own (listening, signal); the interpreter adds its context and tick hooks."""
+        own = replace(hooks or Hooks(), context_created=self._context_created, context_closed=self._context_closed,
+                      tick=self.service_events)
+        self.milter = Milter(name="TclMilter", hooks=own)
         self._on_exit = on_exit or self._default_exit
         libdir = str(tcl_library_dir())
         # New interpreters (those of Thread's secondary threads too) read TCLLIBPATH into auto_path.
@@ -147,12 +152,8 @@ class TclHost:
         self._make_child(libdir)
         # For `quiet` only, and only now: see _make_child.
         self.tk.call("catch", "package require Thread")
-        self.limit = CallLimit(self.tk.call, self.tk.createcommand, self.CHILD, self.milter)
+        self.limit = CallLimit(self.tk.call, self.tk.createcommand, self.CHILD, self.milter.shared)
         self._callbacks = 0
-        hooks = self.milter.hooks
-        hooks.context_created = self._context_created
-        hooks.context_closed = self._context_closed
-        hooks.tick = self.service_events
 
     def _make_child(self, libdir: str) -> None:
         """The script's interpreter: TclMilter's Python commands and our exit aliased in.
@@ -225,14 +226,14 @@ class TclHost:
     def _context_created(self, ctx: Context) -> None:
         name = f"::tclmilter::ctx{ctx.id}"
         self.tk.call("interp", "alias", self.CHILD, name, self.CHILD, "::tclmilter::context", ctx.id)
-        ctx.tcl_command = name
+        ctx.host_data = name  # the context command: the first argument of every callback
         self.contexts[ctx.id] = ctx
 
     def _context_closed(self, ctx: Context) -> None:
         self.contexts.pop(ctx.id, None)
-        if ctx.tcl_command:
-            self.tk.call("interp", "alias", self.CHILD, ctx.tcl_command, "")
-            ctx.tcl_command = ""
+        if ctx.host_data:
+            self.tk.call("interp", "alias", self.CHILD, ctx.host_data, "")
+            ctx.host_data = None
 
     def callback(self, script: str, event: str = "") -> Callable[..., Any]:
         """A Python callable that runs a Tcl command prefix with the context and event arguments.
@@ -251,7 +252,7 @@ class TclHost:
         def run_header(ctx: Context, name: str, value: str) -> Any:
             """run() for the most frequent callback: its two strings converted without a call each."""
             try:
-                result = call(alias, ctx.tcl_command,
+                result = call(alias, ctx.host_data,
                               name if name.isascii() and "\x00" not in name else to_tcl(name),
                               value if value.isascii() and "\x00" not in value else to_tcl(value))
             except tcl_error as exc:
@@ -263,7 +264,7 @@ class TclHost:
 
         def run(ctx: Context, *args: Any) -> Any:
             try:
-                result = call(alias, ctx.tcl_command, *[_to_tcl(a) for a in args])
+                result = call(alias, ctx.host_data, *[_to_tcl(a) for a in args])
             except tcl_error as exc:
                 raise self._failure(exc) from None
             return tcl_status(result)

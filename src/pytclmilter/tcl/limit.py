@@ -12,26 +12,23 @@ Tcl checks the deadline between commands only: a command blocked in C code
 from __future__ import annotations
 
 import time
-from typing import Callable, Final, Protocol
+from typing import Callable, Final
 
+from ..engine import Shared
 from ..limits import Limit
 
 _HANDLER: Final = "::tclmilter::py::limit"
 _monotonic: Final = time.monotonic  # compiled, `time.monotonic` is two look-ups per call
 
 
-class HasCallTimeout(Protocol):
-    call_timeout: float
-
-
 class CallLimit(Limit):
     """Per-callback time limit for one child interpreter; ``seconds`` 0 means none."""
 
     def __init__(self, call: Callable[..., object], create: Callable[[str, Callable[..., object]], None],
-                 child: str, settings: "HasCallTimeout") -> None:
+                 child: str, shared: Shared) -> None:
         self._call = call
         self._child = child
-        self._settings = settings  # read at every deadline: `milter configure -calltimeout` applies at once
+        self._shared = shared  # read at every deadline: `milter configure -calltimeout` applies at once
         self._started = _monotonic()
         self._seconds = 0.0
         self._armed_until = 0.0  # monotonic time of the deadline Tcl holds; 0: none
@@ -54,7 +51,7 @@ class CallLimit(Limit):
 
     def begin_handlers(self) -> None:
         """A batch of event handlers (``after``, ``fileevent``) starts now: the same allowance."""
-        self.begin(self._settings.call_timeout, _monotonic())
+        self.begin(self._shared.settings.call_timeout, _monotonic())
 
     def clear(self) -> None:
         """No limit outside serving: the script's own code after `milter main` runs unbounded."""
@@ -67,7 +64,7 @@ class CallLimit(Limit):
         self.begin_handlers()
 
     def _on_deadline(self, *args: object) -> None:
-        limit = self._settings.call_timeout
+        limit = self._shared.settings.call_timeout
         end = self._started + limit
         if limit and _monotonic() < end:
             self._set(end)  # the callback running now still has time: extend exactly to its end

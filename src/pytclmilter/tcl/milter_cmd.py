@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import socket
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 from ..callbacks import EVENTS, Callback
@@ -22,7 +22,7 @@ log = logging.getLogger("pytclmilter")
 
 @dataclass(frozen=True)
 class Option:
-    attr: str  # attribute of Milter
+    attr: str  # field of Settings (but "debuglevel": MilterCommand keeps it)
     before_main: bool  # "may only be changed prior to milter main"
     parse: Callable[[str], Any]
     show: Callable[[Any], Any] = lambda v: v
@@ -119,7 +119,7 @@ class MilterCommand:
 
     def _get(self, name: str) -> Any:
         opt = OPTIONS[name]
-        value = self.debuglevel if name == "-debuglevel" else getattr(self.milter, opt.attr)
+        value = self.debuglevel if name == "-debuglevel" else getattr(self.milter.settings, opt.attr)
         return opt.show(value)
 
     def set(self, name: str, raw: str, from_script: bool = False) -> None:
@@ -135,7 +135,8 @@ class MilterCommand:
             self.debuglevel = value
             logging.getLogger("pytclmilter").setLevel(logging.DEBUG if value > 0 else logging.NOTSET)
             return
-        setattr(self.milter, opt.attr, value)
+        change: dict[str, Any] = {opt.attr: value}
+        self.milter.settings = replace(self.milter.settings, **change)
 
     def lock(self, name: str, raw: str, flag: str) -> None:
         """Set an option from the command line; the script cannot change it afterwards."""

@@ -1,0 +1,35 @@
+"""Where a host (the Tcl bridge, the command line, a Python program) joins in a milter's run.
+
+Given once, to ``Milter(hooks=...)``, and immutable: the server, the connections and the
+worker processes call them, none replaces them.
+"""
+
+from __future__ import annotations
+
+import signal
+from dataclasses import dataclass
+from typing import Callable
+
+from .connspec import ConnSpec
+from .context import Context
+
+
+def _ignore(*args: object) -> None:
+    """The hook nobody asked for."""
+
+
+@dataclass(frozen=True)
+class Hooks:
+    """All optional."""
+
+    #: A connection's context exists: before its first callback.
+    context_created: Callable[[Context], None] = _ignore
+    #: The connection is over: after its last callback.
+    context_closed: Callable[[Context], None] = _ignore
+    #: The socket is bound (with the real port when 0 was asked for): once per serve, while
+    #: still root under `pytclmilter run`; with workers, once in the parent.
+    listening: Callable[[ConnSpec], None] = _ignore
+    #: SIGTERM, SIGINT or SIGHUP arrived; the milter stops after the hook returns.
+    signal: Callable[[signal.Signals], None] = _ignore
+    #: Called every ``tick_interval`` seconds while serving, if given.
+    tick: Callable[[], None] | None = None

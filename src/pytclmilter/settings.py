@@ -1,0 +1,44 @@
+"""A milter's settings as one immutable value.
+
+:class:`~pytclmilter.milter.Milter` owns it and hands it down to the server, the
+connections and the worker processes; changing an option (a ``Milter`` attribute, Tcl's
+``milter configure``) makes a new value with :func:`dataclasses.replace`, so whoever holds
+one sees a consistent set and no layer writes into another's configuration. Compiled with
+the hot path (setup.py): the engine reads ``call_timeout`` and ``on_error`` as native
+attributes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Final
+
+from .protocol.constants import MAX_DATA_SIZE
+from .status import Status
+
+DEFAULT_CONNECTION: Final = "unix:/var/run/tclmilter.sock"
+DEFAULT_TIMEOUT: Final = 7210
+
+
+@dataclass(frozen=True)
+class Settings:
+    """What a milter is configured with; the meanings are in docs/python-api.md."""
+
+    name: str = "pytclmilter"
+    connection: str = DEFAULT_CONNECTION
+    #: int or float: Tcl's -timeout is an integer and `milter configure -timeout` shows it as one
+    #: (compiled, a float field would turn 7210 into 7210.0).
+    timeout: int | float = DEFAULT_TIMEOUT
+    backlog: int | None = None
+    on_error: Status = Status.TEMPFAIL
+    grace: float = 30.0
+    socket_mode: int | None = None
+    #: Owner (uid, gid; -1 keeps one) the unix socket's file has from the moment it appears.
+    socket_owner: tuple[int, int] | None = None
+    max_data_size: int = MAX_DATA_SIZE
+    #: A callback running longer than this is stopped and answered with on_error (0: no limit).
+    call_timeout: float = 60.0
+    #: Processes serving one socket; 1 serves in this process (see workers.py).
+    workers: int = 1
+    #: How often a host (the Tcl interpreter) gets its turn to run timers and file events.
+    tick_interval: float = 0.02
