@@ -1,9 +1,10 @@
 # TclMilter 1.0 command set, hosted by pytclmilter.
 #
-# In the main interpreter the Python host has created ::tclmilter::py::milter and
-# ::tclmilter::py::context before this file is sourced. They answer a list
-# {code value}; the procs below turn that into a normal Tcl result or error,
-# because tkinter drops the message of an error raised inside a Python command.
+# In the main interpreter the Python host has created ::tclmilter::py::milter,
+# ::tclmilter::py::context and ::tclmilter::py::replacebody before this file is
+# sourced. They answer a list {code value}; the procs below turn that into a
+# normal Tcl result or error, because tkinter drops the message of an error
+# raised inside a Python command.
 
 namespace eval ::tclmilter {
     variable version 1.0
@@ -17,6 +18,14 @@ if {[llength [info commands ::tclmilter::py::milter]]} {
 
     # Every context command is an alias of this proc with the connection id.
     proc ::tclmilter::context {id args} {
+        if {[lindex $args 0] eq "replacebody" && [llength $args] == 2} {
+            # Python fetches the bytes Tcl keeps the text in (tcl/strings.py makes wire bytes
+            # of them); as an argument they would be converted to text and back.
+            variable outgoing [encoding convertto identity [lindex $args 1]]
+            set r [::tclmilter::py::replacebody $id]
+            unset outgoing
+            return -code [lindex $r 0] [lindex $r 1]
+        }
         set r [::tclmilter::py::context $id {*}$args]
         return -code [lindex $r 0] [lindex $r 1]
     }

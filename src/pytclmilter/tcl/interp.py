@@ -26,7 +26,7 @@ from ..status import Status
 from . import context_cmd
 from .limit import CallLimit
 from .milter_cmd import MilterCommand
-from .strings import deep_to_tcl, from_tcl, to_tcl
+from .strings import deep_to_tcl, from_tcl, tcl_to_wire, to_tcl, wire_to_tcl
 from .usage import TclUsageError, integer
 
 log: Final = logging.getLogger("pytclmilter")
@@ -51,6 +51,12 @@ proc ::tclmilter::py::quiet {child} {
     expr {![llength [info commands ::thread::names]] || [llength [thread::names]] < 2}
 }
 """
+
+# What a body callback's alias runs: the block arrives as the bytes Tcl keeps its text in
+# (strings.py), which become the string without another conversion, and tailcall runs the
+# script's callback in the lambda's place (so [info level] and uplevel see the callback alone).
+# A lambda in the global namespace, because that is where an alias resolves its command.
+_BODY_LAMBDA: Final = "{prefix context bytes} {tailcall {*}$prefix $context [encoding convertfrom identity $bytes]} ::"
 
 
 def tcl_library_dir() -> Path:
@@ -134,6 +140,7 @@ class TclHost:
         self.command = MilterCommand(self, self.milter)
         self._register("::tclmilter::py::milter", self.command)
         self._register("::tclmilter::py::context", self._context)
+        self._register("::tclmilter::py::replacebody", self._replacebody)
         self._register("::tclmilter::py::exit", self._exit)
         self.tk.call("eval", _PRELUDE)
         # The main interpreter answers `milter stop` sent by secondary threads (thread::send).
@@ -151,7 +158,8 @@ class TclHost:
         """The script's interpreter: TclMilter's Python commands and our exit aliased in."""
         child, call = self.CHILD, self.tk.call
         call("interp", "create", child)
-        for name in ("::tclmilter::py::milter", "::tclmilter::py::context", "::tclmilter::py::exit"):
+        for name in ("::tclmilter::py::milter", "::tclmilter::py::context", "::tclmilter::py::replacebody",
+                     "::tclmilter::py::exit"):
             call("interp", "alias", child, name, "", name)
         call("interp", "alias", child, "exit", "", "exit")
         self.child_call("lappend", "auto_path", libdir)
@@ -179,10 +187,23 @@ class TclHost:
         self.tk.createcommand(name, command)
 
     def _context(self, args: Sequence[str]) -> Any:
+        return context_cmd.dispatch(self._open_context(args), args[1:])
+
+    def _open_context(self, args: Sequence[str]) -> Context:
         ctx = self.contexts.get(integer(args[0])) if args else None
         if ctx is None:
             raise TclUsageError("context no longer exists")
-        return context_cmd.dispatch(ctx, args[1:])
+        return ctx
+
+    def _replacebody(self, args: Sequence[str]) -> None:
+        """``$context replacebody data``: the data is fetched as the bytes Tcl keeps its text in.
+
+        Handed over as an argument, tkinter would make text of those bytes and the text would
+        have to be made bytes again; fetched as the result of a call, they arrive as bytes.
+        """
+        ctx = self._open_context(args)
+        data = self.child_call("set", "::tclmilter::outgoing")
+        ctx.replacebody(tcl_to_wire(data) if isinstance(data, bytes) else from_tcl(str(data)))
 
     def _exit(self, args: Sequence[str]) -> None:
         code = integer(args[0]) if args else 0
@@ -218,7 +239,11 @@ class TclHost:
         """
         self._callbacks += 1
         command = f"::tclmilter::cb{self._callbacks}"
-        self.tk.call("interp", "alias", "", command, self.CHILD, *self.tk.splitlist(script))
+        words = self.tk.splitlist(script)
+        if event == "body":  # through _BODY_LAMBDA, which takes the block as bytes (run_body)
+            self.tk.call("interp", "alias", "", command, self.CHILD, "apply", _BODY_LAMBDA, tuple(words))
+        else:
+            self.tk.call("interp", "alias", "", command, self.CHILD, *words)
         alias = self._command_object(command)
         call, limit = self.tk.call, self.limit  # limit.begin(): compiled, a direct call; a bound method is not
         tcl_error = tkinter.TclError
@@ -236,6 +261,18 @@ class TclHost:
 
         if event == "header":
             return run_header
+
+        def run_body(ctx: Context, block: bytes) -> Any:
+            """run() for body blocks: Tcl gets the bytes it keeps the block's text in (strings.py)."""
+            limit.begin()
+            try:
+                result = call(alias, ctx.tcl_command, wire_to_tcl(block))
+            except tcl_error as exc:
+                raise self._failure(exc) from None
+            return tcl_status(result)
+
+        if event == "body":
+            return run_body
 
         def run(ctx: Context, *args: Any) -> Any:
             limit.begin()
