@@ -26,6 +26,7 @@ from ..status import Status
 from . import context_cmd
 from .limit import CallLimit
 from .milter_cmd import MilterCommand
+from .priv import TclPrivate
 from .strings import deep_to_tcl, from_tcl, tcl_to_wire, to_tcl, wire_to_tcl
 from .usage import TclUsageError, integer
 
@@ -141,12 +142,14 @@ class TclHost:
         self._register("::tclmilter::py::milter", self.command)
         self._register("::tclmilter::py::context", self._context)
         self._register("::tclmilter::py::replacebody", self._replacebody)
+        self._register("::tclmilter::py::privstarted", self._priv_started)
         self._register("::tclmilter::py::exit", self._exit)
         self.tk.call("eval", _PRELUDE)
         # The main interpreter answers `milter stop` sent by secondary threads (thread::send).
         self.tk.call("lappend", "auto_path", libdir)
         self.tk.call("package", "require", "TclMilter")
         self._make_child(libdir)
+        self.private = TclPrivate(self.child_call)
         self.limit = CallLimit(self.tk.call, self.tk.createcommand, self.CHILD, self.milter)
         self._callbacks = 0
         hooks = self.milter.hooks
@@ -159,7 +162,7 @@ class TclHost:
         child, call = self.CHILD, self.tk.call
         call("interp", "create", child)
         for name in ("::tclmilter::py::milter", "::tclmilter::py::context", "::tclmilter::py::replacebody",
-                     "::tclmilter::py::exit"):
+                     "::tclmilter::py::privstarted", "::tclmilter::py::exit"):
             call("interp", "alias", child, name, "", name)
         call("interp", "alias", child, "exit", "", "exit")
         self.child_call("lappend", "auto_path", libdir)
@@ -205,6 +208,9 @@ class TclHost:
         data = self.child_call("set", "::tclmilter::outgoing")
         ctx.replacebody(tcl_to_wire(data) if isinstance(data, bytes) else from_tcl(str(data)))
 
+    def _priv_started(self, args: Sequence[str]) -> None:
+        self.private.started(integer(args[0]))
+
     def _exit(self, args: Sequence[str]) -> None:
         code = integer(args[0]) if args else 0
         self._on_exit(code)
@@ -223,10 +229,12 @@ class TclHost:
         name = f"::tclmilter::ctx{ctx.id}"
         self.tk.call("interp", "alias", self.CHILD, name, self.CHILD, "::tclmilter::context", ctx.id)
         ctx.tcl_command = name
+        ctx.script_priv = self.private
         self.contexts[ctx.id] = ctx
 
     def _context_closed(self, ctx: Context) -> None:
         self.contexts.pop(ctx.id, None)
+        self.private.forget(ctx.id)
         if ctx.tcl_command:
             self.tk.call("interp", "alias", self.CHILD, ctx.tcl_command, "")
             ctx.tcl_command = ""
