@@ -28,9 +28,9 @@ if {[llength [info commands ::tclmilter::py::milter]]} {
 
     # Every context command is an alias of this proc with the connection id.
     proc ::tclmilter::context {id args} {
-        variable priv
         switch -exact -- [lindex $args 0] {
             getpriv - setpriv {
+                variable priv
                 set n [llength $args]
                 if {$n == 3 && [lindex $args 0] eq "setpriv"} {
                     if {![info exists priv($id)]} {

@@ -183,3 +183,29 @@ def test_python_and_tcl_share_private_data_whichever_side_keeps_it(tclrun):
     assert "PY last 'tcl again'" in out
     assert "PY left ['both', 'py.int'] 'gone'" in out
     assert r["close-names"] == "OK both py.int"
+
+
+def test_a_body_callback_is_called_alike_for_ascii_and_8bit_blocks(tclrun):
+    """An 8-bit block takes another way into Tcl (as bytes, through a lambda): the callback must not
+    notice, not even when it has the name of one of the bridge's own procs, and errors read alike."""
+    m = tclrun(TCL_HELPERS + r"""
+        package require TclMilter
+        proc unsetpriv {ctx block} {
+            R level-[string length $block] [info level]/[uplevel 1 {namespace current}]/[lindex [info level 0] 0]
+            if {[string length $block] > 5} { error "long block" }
+            return SMFIS_CONTINUE
+        }
+        milter register body unsetpriv
+        milter main
+    """)
+    with m.mta() as mta:
+        mta.negotiate()
+        mta.mail("<a@example.org>")  # skipped: no envfrom callback
+        assert mta.body(b"abc") == [("c", b"")]
+        assert mta.body(b"\xe9\xff") == [("c", b"")]
+        assert mta.body(b"caf\xe9 au lait") == [("t", b"")]
+    assert m.stop() == 0
+    r = m.results()
+    assert r["level-3"] == r["level-2"] == r["level-12"]  # the same level ...
+    assert r["level-3"].endswith("/::/unsetpriv")  # ... at global scope, the script's own proc
+    assert 'invoked from within\n"unsetpriv ::tclmilter::ctx1 {caf' in m.text

@@ -53,10 +53,11 @@ proc ::tclmilter::py::quiet {child} {
 }
 """
 
-# What a body callback's alias runs: the block arrives as the bytes Tcl keeps its text in
-# (strings.py), which become the string without another conversion, and tailcall runs the
-# script's callback in the lambda's place (so [info level] and uplevel see the callback alone).
-# A lambda in the global namespace, because that is where an alias resolves its command.
+# What the second alias of a body callback runs, for blocks that are not plain ASCII: the block
+# arrives as the bytes Tcl keeps its text in (strings.py), which become the string without
+# another conversion, and tailcall runs the script's callback in the lambda's place (so [info
+# level] and uplevel see the callback alone). A lambda in the global namespace, because that is
+# where an alias resolves its command.
 _BODY_LAMBDA: Final = "{prefix context bytes} {tailcall {*}$prefix $context [encoding convertfrom identity $bytes]} ::"
 
 
@@ -150,6 +151,8 @@ class TclHost:
         self.tk.call("package", "require", "TclMilter")
         self._make_child(libdir)
         self.private = TclPrivate(self.child_call)
+        self.tk.call("interp", "alias", "", "::tclmilter::py::outgoing", self.CHILD, "set", "::tclmilter::outgoing")
+        self._outgoing = self._command_object("::tclmilter::py::outgoing")
         self.limit = CallLimit(self.tk.call, self.tk.createcommand, self.CHILD, self.milter)
         self._callbacks = 0
         hooks = self.milter.hooks
@@ -205,7 +208,7 @@ class TclHost:
         have to be made bytes again; fetched as the result of a call, they arrive as bytes.
         """
         ctx = self._open_context(args)
-        data = self.child_call("set", "::tclmilter::outgoing")
+        data = self.tk.call(self._outgoing)
         ctx.replacebody(tcl_to_wire(data) if isinstance(data, bytes) else from_tcl(str(data)))
 
     def _priv_started(self, args: Sequence[str]) -> None:
@@ -248,10 +251,7 @@ class TclHost:
         self._callbacks += 1
         command = f"::tclmilter::cb{self._callbacks}"
         words = self.tk.splitlist(script)
-        if event == "body":  # through _BODY_LAMBDA, which takes the block as bytes (run_body)
-            self.tk.call("interp", "alias", "", command, self.CHILD, "apply", _BODY_LAMBDA, tuple(words))
-        else:
-            self.tk.call("interp", "alias", "", command, self.CHILD, *words)
+        self.tk.call("interp", "alias", "", command, self.CHILD, *words)
         alias = self._command_object(command)
         call, limit = self.tk.call, self.limit  # limit.begin(): compiled, a direct call; a bound method is not
         tcl_error = tkinter.TclError
@@ -270,17 +270,8 @@ class TclHost:
         if event == "header":
             return run_header
 
-        def run_body(ctx: Context, block: bytes) -> Any:
-            """run() for body blocks: Tcl gets the bytes it keeps the block's text in (strings.py)."""
-            limit.begin()
-            try:
-                result = call(alias, ctx.tcl_command, wire_to_tcl(block))
-            except tcl_error as exc:
-                raise self._failure(exc) from None
-            return tcl_status(result)
-
         if event == "body":
-            return run_body
+            return self._body_callback(command, words, alias)
 
         def run(ctx: Context, *args: Any) -> Any:
             limit.begin()
@@ -291,6 +282,27 @@ class TclHost:
             return tcl_status(result)
 
         return run
+
+    def _body_callback(self, command: str, words: Sequence[str], alias: Any) -> Callable[..., Any]:
+        """callback()'s run() for body blocks: ASCII as it is, others as the bytes Tcl keeps their
+        text in, through a second alias that runs _BODY_LAMBDA."""
+        self.tk.call("interp", "alias", "", f"{command}_8bit", self.CHILD, "apply", _BODY_LAMBDA, tuple(words))
+        alias_8bit = self._command_object(f"{command}_8bit")
+        call, limit = self.tk.call, self.limit
+        tcl_error = tkinter.TclError
+
+        def run_body(ctx: Context, block: bytes) -> Any:
+            limit.begin()
+            try:
+                if block.isascii() and b"\0" not in block:
+                    result = call(alias, ctx.tcl_command, block.decode("ascii"))
+                else:
+                    result = call(alias_8bit, ctx.tcl_command, wire_to_tcl(block))
+            except tcl_error as exc:
+                raise self._failure(exc) from None
+            return tcl_status(result)
+
+        return run_body
 
     def _command_object(self, name: str) -> Any:
         """``name`` as a Tcl object that has looked its command up (Tcl's cmdName type).
