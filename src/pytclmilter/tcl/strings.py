@@ -36,7 +36,6 @@ _CESU_PAIR = re.compile(f"{_ED}([{chr(0xDCA0)}-{chr(0xDCAF)}])([{chr(0xDC80)}-{c
                         f"{_ED}([{chr(0xDCB0)}-{chr(0xDCBF)}])([{chr(0xDC80)}-{chr(0xDCBF)}])")
 _TCL_NUL: Final = b"\xc0\x80"
 _HIGH_SURROGATE: Final = re.compile(b"\xed[\xa0-\xaf]")  # how Tcl begins a CESU-8 surrogate pair
-_ESCAPED: Final = re.compile(b"\xed[\xb2\xb3][\x80-\xbf]")  # an escaped byte, as Tcl keeps it
 # An escaped byte ED B2|B3 xx after every byte was written as its Latin-1 character in UTF-8:
 # ED -> C3 AD, B2 -> C2 B2, xx (80..BF) -> C2 xx. What replaces it is the lead byte that, with
 # the xx left behind, is the UTF-8 of the character whose Latin-1 byte is the escaped byte.
@@ -123,23 +122,40 @@ def tcl_to_wire(data: bytes) -> bytes:
         data = data.replace(_TCL_NUL, b"\0")
     if b"\xed" not in data:  # no escaped byte: text as it is
         return data
-    if _HIGH_SURROGATE.search(data) is not None:
-        # A character beyond U+FFFF that Tcl rewrote as a surrogate pair: tkinter joins those
-        # pairs, so this follows tkinter's way exactly (one regex call per pair and escape).
-        return wire(from_tcl(_CESU_PAIR.sub(_join_pair, data.decode("utf-8", "surrogateescape"))))
-    if data.count(b"\xed") * 256 < len(data):  # a few escaped bytes: one call each is cheaper
-        return _ESCAPED.sub(_unescape, data)
-    # Every byte as its Latin-1 character in UTF-8, each escaped byte rewritten as the character
-    # of its byte, and back: whatever was not an escaped byte comes out as it went in.
-    data = data.decode("latin-1").encode("utf-8")
-    data = data.replace(_ESCAPED_80_BF, b"\xc2").replace(_ESCAPED_C0_FF, b"\xc3")
-    return data.decode("utf-8").encode("latin-1")
+    # A few escaped bytes (UTF-8 text cut between two MTA blocks): one step each is cheaper than
+    # passes over all the bytes; split stops counting at that many.
+    few = max(16, len(data) >> 12)
+    parts = data.split(b"\xed", few)
+    if len(parts) <= few:
+        unescaped = _unescape(parts)
+        if unescaped is not None:
+            return unescaped
+    elif _HIGH_SURROGATE.search(data) is None:
+        # Every byte as its Latin-1 character in UTF-8, each escaped byte rewritten as the
+        # character of its byte, and back: what was not an escaped byte comes out as it went in.
+        data = data.decode("latin-1").encode("utf-8")
+        data = data.replace(_ESCAPED_80_BF, b"\xc2").replace(_ESCAPED_C0_FF, b"\xc3")
+        return data.decode("utf-8").encode("latin-1")
+    # A character beyond U+FFFF that Tcl rewrote as a surrogate pair: tkinter joins those pairs,
+    # so this follows tkinter's way exactly (one regex call per pair and escaped byte).
+    return wire(from_tcl(_CESU_PAIR.sub(_join_pair, data.decode("utf-8", "surrogateescape"))))
 
 
-def _unescape(m: re.Match[bytes]) -> bytes:
-    """ED B2 xx is the byte xx, ED B3 xx the byte xx + 40 (the 64 bytes above)."""
-    escaped = m.group()
-    return bytes((escaped[2] + (escaped[1] - 0xB2) * 0x40,))
+def _unescape(parts: list[bytes]) -> bytes | None:
+    """The bytes split at each ED joined again, ED B2 xx as the byte xx and ED B3 xx as xx + 40;
+    None if an ED begins a CESU-8 surrogate pair (ED A0..AF)."""
+    out: list[bytes | memoryview] = [parts[0]]
+    for part in parts[1:]:
+        second = part[0] if part else 0
+        if (second == 0xB2 or second == 0xB3) and len(part) > 1 and 0x80 <= part[1] < 0xC0:
+            out.append(bytes((part[1] + (second - 0xB2) * 0x40,)))
+            out.append(memoryview(part)[2:])
+        elif 0xA0 <= second < 0xB0:
+            return None
+        else:
+            out.append(b"\xed")
+            out.append(part)
+    return b"".join(out)
 
 
 def _join_pair(m: re.Match[str]) -> str:
