@@ -1,7 +1,8 @@
 # TclMilter 1.0 command set, hosted by pytclmilter.
 #
-# In the main interpreter the Python host has created ::tclmilter::py::milter and
-# ::tclmilter::py::context before this file is sourced. They answer a list
+# In the main interpreter the Python host has created ::tclmilter::py::milter,
+# ::tclmilter::py::context, ::tclmilter::py::replacebody and
+# ::tclmilter::py::privstarted before this file is sourced. They answer a list
 # {code value}; the procs below turn that into a normal Tcl result or error,
 # because tkinter drops the message of an error raised inside a Python command.
 
@@ -15,10 +16,95 @@ if {[llength [info commands ::tclmilter::py::milter]]} {
         return -code [lindex $r 0] [lindex $r 1]
     }
 
+    # Private data that the script sets stays here, as Tcl values: priv($id) is a dict per
+    # connection. A body collected block by block with setpriv is then never copied into Python
+    # and back. What a Python callback sets lives in Python (tcl/priv.py): a name missing here
+    # is looked up there, and Python removes a name from here when it sets it. Python is told
+    # when priv($id) is made, so that it asks here only about connections that have one.
+    namespace eval ::tclmilter {
+        variable priv
+        array set priv {}
+    }
+
     # Every context command is an alias of this proc with the connection id.
     proc ::tclmilter::context {id args} {
+        switch -exact -- [lindex $args 0] {
+            getpriv - setpriv {
+                variable priv
+                set n [llength $args]
+                if {$n == 3 && [lindex $args 0] eq "setpriv"} {
+                    if {![info exists priv($id)]} {
+                        ::tclmilter::py::privstarted $id
+                    }
+                    dict set priv($id) [lindex $args 1] [lindex $args 2]
+                    return [lindex $args 2]
+                }
+                if {$n == 2 && [info exists priv($id)] && [dict exists $priv($id) [lindex $args 1]]} {
+                    return [dict get $priv($id) [lindex $args 1]]
+                }
+                if {$n == 1 && [lindex $args 0] eq "getpriv"} {
+                    set r [::tclmilter::py::context $id getpriv]
+                    if {[lindex $r 0] eq "ok" && [info exists priv($id)]} {
+                        return [dict merge [lindex $r 1] $priv($id)]
+                    }
+                    return -code [lindex $r 0] [lindex $r 1]
+                }
+            }
+            unsetpriv {
+                if {[llength $args] <= 2} {
+                    ::tclmilter::unsetpriv $id {*}[lrange $args 1 end]
+                }
+            }
+            replacebody {
+                if {[llength $args] == 2} {
+                    # Python fetches the bytes Tcl keeps the text in (tcl/strings.py makes wire
+                    # bytes of them); as an argument they would be converted to text and back.
+                    variable outgoing [encoding convertto identity [lindex $args 1]]
+                    set r [::tclmilter::py::replacebody $id]
+                    unset outgoing
+                    return -code [lindex $r 0] [lindex $r 1]
+                }
+            }
+        }
         set r [::tclmilter::py::context $id {*}$args]
         return -code [lindex $r 0] [lindex $r 1]
+    }
+
+    # Remove this connection's private data matching the glob pattern (all without one) here;
+    # Python's part is removed by the caller, through ::tclmilter::py::context.
+    proc ::tclmilter::unsetpriv {id {pattern *}} {
+        variable priv
+        if {[info exists priv($id)]} {
+            foreach name [dict keys $priv($id) $pattern] {
+                dict unset priv($id) $name
+            }
+        }
+    }
+
+    # For Python (tcl/priv.py): the private data set here, as the bytes Tcl keeps its text in.
+    proc ::tclmilter::privbytes {id name} {
+        variable priv
+        encoding convertto identity [dict get $priv($id) $name]
+    }
+
+    proc ::tclmilter::allprivbytes {id} {
+        variable priv
+        set all {}
+        if {[info exists priv($id)]} {
+            dict for {name value} $priv($id) {
+                lappend all [encoding convertto identity $name] [encoding convertto identity $value]
+            }
+        }
+        return $all
+    }
+
+    proc ::tclmilter::forgetpriv {id {name ""}} {
+        variable priv
+        if {[llength [info level 0]] == 2} {
+            unset -nocomplain priv($id)
+        } elseif {[info exists priv($id)]} {
+            dict unset priv($id) $name
+        }
     }
 
     # Let `milter stop` work from secondary threads (TclMilter 1.0 allowed exactly that). The

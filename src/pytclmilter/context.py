@@ -12,7 +12,7 @@ with the final reply.
 from __future__ import annotations
 
 import re
-from typing import Any, Callable, Final
+from typing import Any, Callable, Final, Protocol
 
 from .logline import escape, isprintable
 from .protocol import events as ev
@@ -83,6 +83,34 @@ def shown(text: str) -> str:
 def wire_size(text: str) -> int:
     """Bytes of ``text`` on the wire (see codec.wire)."""
     return len(text) if text.isascii() else len(wire(text))
+
+
+def unset_matching(priv: dict[str, Any], pattern: str | None) -> None:
+    """Remove the names matching the Tcl glob pattern; all without a pattern."""
+    if pattern is None:
+        priv.clear()
+        return
+    rx = tcl_glob(pattern)
+    for key in [k for k in priv if rx.match(k)]:
+        del priv[key]
+
+
+class ScriptPrivate(Protocol):
+    """Private data that a script interpreter keeps as its own values (tcl/priv.py).
+
+    A Tcl script's setpriv stays in Tcl, so a body collected block by block is never copied
+    across; the context's own dict holds what Python sets. Reads look here first, and a Python
+    setpriv removes the name here, so the latest write wins whichever side made it.
+    """
+
+    def get(self, conn_id: int, name: str) -> Any:
+        """The value, as Python sees it; KeyError if the script has not set it."""
+
+    def items(self, conn_id: int) -> dict[str, Any]: ...
+
+    def drop(self, conn_id: int, name: str) -> None: ...
+
+    def unset(self, conn_id: int, pattern: str | None) -> None: ...
 
 
 def check_header(name: str, value: str) -> str:
@@ -200,6 +228,7 @@ class Context:
         "_progress",
         "host_data",
         "session",
+        "script_priv",
     )
 
     def __init__(self, conn_id: int, macros: MacroStore, progress: Callable[[], None] | None = None,
@@ -220,6 +249,7 @@ class Context:
         #: The connection's protocol state: what the MTA granted and its packet size, checked at
         #: each modification (None: a context without a connection grants all, 65535 bytes).
         self.session = session
+        self.script_priv: ScriptPrivate | None = None
 
     def __repr__(self) -> str:
         return f"<Context {self.name} stage={self.stage or '-'}>"
@@ -228,8 +258,14 @@ class Context:
 
     def getpriv(self, name: str | None = None, default: Any = _MISSING) -> Any:
         """One private value (KeyError if absent and no default), or a dict of all."""
+        script = self.script_priv
         if name is None:
-            return dict(self.priv)
+            return dict(self.priv) if script is None else {**self.priv, **script.items(self.id)}
+        if script is not None:
+            try:
+                return script.get(self.id, name)
+            except KeyError:
+                pass
         try:
             return self.priv[name]
         except KeyError:
@@ -241,16 +277,15 @@ class Context:
         if value is _MISSING:
             return self.getpriv(name)
         self.priv[name] = value
+        if self.script_priv is not None:
+            self.script_priv.drop(self.id, name)
         return value
 
     def unsetpriv(self, pattern: str | None = None) -> None:
         """Remove private data whose name matches the Tcl glob pattern; all without a pattern."""
-        if pattern is None:
-            self.priv.clear()
-            return
-        rx = tcl_glob(pattern)
-        for key in [k for k in self.priv if rx.match(k)]:
-            del self.priv[key]
+        unset_matching(self.priv, pattern)
+        if self.script_priv is not None:
+            self.script_priv.unset(self.id, pattern)
 
     def getsymval(self, symbol: str) -> str | None:
         return self.macros.get(symbol)

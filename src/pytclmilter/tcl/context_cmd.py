@@ -9,19 +9,22 @@ from __future__ import annotations
 
 from typing import Any, Callable, Final, Sequence
 
-from ..context import Context
+from ..context import Context, unset_matching
 from .usage import TclUsageError, bad_choice, count_ok, integer, wrong_args
+
+# Private data: ::tclmilter::context (tclmilter.tcl) answers from the script's own values and
+# comes here only for what Python callbacks set (ctx.priv), or with an error to report.
 
 
 def _getpriv(ctx: Context, args: Sequence[str]) -> Any:
     if not args:
-        return _flat(ctx.getpriv())
+        return _flat(ctx.priv)
     return _read(ctx, args[0])
 
 
 def _read(ctx: Context, name: str) -> Any:
     try:
-        return ctx.getpriv(name)
+        return ctx.priv[name]
     except KeyError:
         raise TclUsageError(f'can\'t read "{name}": no such private data') from None
 
@@ -33,7 +36,7 @@ def _setpriv(ctx: Context, args: Sequence[str]) -> Any:
 
 
 def _unsetpriv(ctx: Context, args: Sequence[str]) -> None:
-    ctx.unsetpriv(args[0] if args else None)
+    unset_matching(ctx.priv, args[0] if args else None)
 
 
 def _getsymval(ctx: Context, args: Sequence[str]) -> str:

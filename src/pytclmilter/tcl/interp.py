@@ -28,7 +28,8 @@ from ..status import Status
 from . import context_cmd
 from .limit import CallLimit
 from .milter_cmd import MilterCommand
-from .strings import deep_to_tcl, from_tcl, to_tcl
+from .priv import TclPrivate
+from .strings import deep_to_tcl, from_tcl, tcl_to_wire, to_tcl, wire_to_tcl
 from .usage import TclUsageError, integer
 
 log: Final = logging.getLogger("pytclmilter")
@@ -61,6 +62,13 @@ proc ::tclmilter::py::quiet {child} {
     expr {!$was && !$poll}
 }
 """
+
+# What the second alias of a body callback runs, for blocks that are not plain ASCII: the block
+# arrives as the bytes Tcl keeps its text in (strings.py), which become the string without
+# another conversion, and tailcall runs the script's callback in the lambda's place (so [info
+# level] and uplevel see the callback alone). A lambda in the global namespace, because that is
+# where an alias resolves its command.
+_BODY_LAMBDA: Final = "{prefix context bytes} {tailcall {*}$prefix $context [encoding convertfrom identity $bytes]} ::"
 
 
 def tcl_library_dir() -> Path:
@@ -147,11 +155,16 @@ class TclHost:
         self.command = MilterCommand(self, self.milter)
         self._register("::tclmilter::py::milter", self.command)
         self._register("::tclmilter::py::context", self._context)
+        self._register("::tclmilter::py::replacebody", self._replacebody)
+        self._register("::tclmilter::py::privstarted", self._priv_started)
         self._register("::tclmilter::py::exit", self._exit)
         self.tk.call("eval", _PRELUDE)
         self._make_child(libdir)
         # For `quiet` only, and only now: see _make_child.
         self.tk.call("catch", "package require Thread")
+        self.private = TclPrivate(self.child_call)
+        self.tk.call("interp", "alias", "", "::tclmilter::py::outgoing", self.CHILD, "set", "::tclmilter::outgoing")
+        self._outgoing = self._command_object("::tclmilter::py::outgoing")
         self.limit = CallLimit(self.tk.call, self.tk.createcommand, self.CHILD, self.milter.shared)
         self._callbacks = 0
 
@@ -166,8 +179,8 @@ class TclHost:
         """
         child, call = self.CHILD, self.tk.call
         call("interp", "create", child)
-        for name in ("::tclmilter::py::milter", "::tclmilter::py::context", "::tclmilter::py::exit",
-                     "::tclmilter::py::poll_next"):
+        for name in ("::tclmilter::py::milter", "::tclmilter::py::context", "::tclmilter::py::replacebody",
+                     "::tclmilter::py::privstarted", "::tclmilter::py::exit", "::tclmilter::py::poll_next"):
             call("interp", "alias", child, name, "", name)
         call("interp", "alias", child, "exit", "", "exit")
         self.child_call("lappend", "auto_path", libdir)
@@ -204,10 +217,26 @@ class TclHost:
         self.tk.createcommand(name, command)
 
     def _context(self, args: Sequence[str]) -> Any:
+        return context_cmd.dispatch(self._open_context(args), args[1:])
+
+    def _open_context(self, args: Sequence[str]) -> Context:
         ctx = self.contexts.get(integer(args[0])) if args else None
         if ctx is None:
             raise TclUsageError("context no longer exists")
-        return context_cmd.dispatch(ctx, args[1:])
+        return ctx
+
+    def _replacebody(self, args: Sequence[str]) -> None:
+        """``$context replacebody data``: the data is fetched as the bytes Tcl keeps its text in.
+
+        Handed over as an argument, tkinter would make text of those bytes and the text would
+        have to be made bytes again; fetched as the result of a call, they arrive as bytes.
+        """
+        ctx = self._open_context(args)
+        data = self.tk.call(self._outgoing)
+        ctx.replacebody(tcl_to_wire(data) if isinstance(data, bytes) else from_tcl(str(data)))
+
+    def _priv_started(self, args: Sequence[str]) -> None:
+        self.private.started(integer(args[0]))
 
     def _exit(self, args: Sequence[str]) -> None:
         code = integer(args[0]) if args else 0
@@ -227,10 +256,12 @@ class TclHost:
         name = f"::tclmilter::ctx{ctx.id}"
         self.tk.call("interp", "alias", self.CHILD, name, self.CHILD, "::tclmilter::context", ctx.id)
         ctx.host_data = name  # the context command: the first argument of every callback
+        ctx.script_priv = self.private
         self.contexts[ctx.id] = ctx
 
     def _context_closed(self, ctx: Context) -> None:
         self.contexts.pop(ctx.id, None)
+        self.private.forget(ctx.id)
         if ctx.host_data:
             self.tk.call("interp", "alias", self.CHILD, ctx.host_data, "")
             ctx.host_data = None
@@ -244,7 +275,8 @@ class TclHost:
         """
         self._callbacks += 1
         command = f"::tclmilter::cb{self._callbacks}"
-        self.tk.call("interp", "alias", "", command, self.CHILD, *self.tk.splitlist(script))
+        words = self.tk.splitlist(script)
+        self.tk.call("interp", "alias", "", command, self.CHILD, *words)
         alias = self._command_object(command)
         call = self.tk.call
         tcl_error = tkinter.TclError
@@ -262,6 +294,9 @@ class TclHost:
         if event == "header":
             return run_header
 
+        if event == "body":
+            return self._body_callback(command, words, alias)
+
         def run(ctx: Context, *args: Any) -> Any:
             try:
                 result = call(alias, ctx.host_data, *[_to_tcl(a) for a in args])
@@ -270,6 +305,26 @@ class TclHost:
             return tcl_status(result)
 
         return run
+
+    def _body_callback(self, command: str, words: Sequence[str], alias: Any) -> Callable[..., Any]:
+        """callback()'s run() for body blocks: ASCII as it is, others as the bytes Tcl keeps their
+        text in, through a second alias that runs _BODY_LAMBDA."""
+        self.tk.call("interp", "alias", "", f"{command}_8bit", self.CHILD, "apply", _BODY_LAMBDA, tuple(words))
+        alias_8bit = self._command_object(f"{command}_8bit")
+        call = self.tk.call
+        tcl_error = tkinter.TclError
+
+        def run_body(ctx: Context, block: bytes) -> Any:
+            try:
+                if block.isascii() and b"\0" not in block:
+                    result = call(alias, ctx.host_data, block.decode("ascii"))
+                else:
+                    result = call(alias_8bit, ctx.host_data, wire_to_tcl(block))
+            except tcl_error as exc:
+                raise self._failure(exc) from None
+            return tcl_status(result)
+
+        return run_body
 
     def _command_object(self, name: str) -> Any:
         """``name`` as a Tcl object that has looked its command up (Tcl's cmdName type).

@@ -11,25 +11,36 @@ to Tcl we write each U+DC80..U+DCFF as the three bytes of its CESU-8 form
 (Tcl's own NUL), both of which Tcl keeps through any string operation; on
 the way back tkinter gives those three bytes to us as three escapes, which
 we join again. The fast path (ASCII text) costs one ``isascii`` call.
+
+Large values (body blocks, the body a script hands to ``replacebody``, private
+data read from Python) do not go through ``str`` at all: :func:`wire_to_tcl`
+gives the bytes Tcl keeps for the text of wire bytes, which Tcl takes as they
+are with ``encoding convertfrom identity``, and :func:`tcl_to_wire` turns the
+bytes ``encoding convertto identity`` gives back into wire bytes. Both are a
+few passes of Python's codecs and ``bytes.replace`` (C loops), never a Python
+call per byte: an 8-bit body costs about what an ASCII one does.
 """
 
 from __future__ import annotations
 
 import re
-from typing import Any
+from typing import Any, Final
+
+from ..protocol.codec import wire
 
 # Surrogates are written with chr(): mypyc refuses them in string literals (tcl/ is compiled).
 _ED = chr(0xDCED)  # the escaped byte ED that starts a CESU-8 surrogate
 _TO_TCL = re.compile(f"[\x00{chr(0xDC80)}-{chr(0xDCFF)}]")
 _FROM_TCL = re.compile(f"{_ED}([{chr(0xDCB2)}{chr(0xDCB3)}])([{chr(0xDC80)}-{chr(0xDCBF)}])")
-_NUL_FOR_TCL = chr(0xDCC0) + chr(0xDC80)  # the bytes C0 80: Tcl's NUL
-
-
-def _cesu(m: re.Match[str]) -> str:
-    cp = ord(m.group())
-    if cp == 0:
-        return _NUL_FOR_TCL
-    return _ED + chr(0xDC80 | ((cp >> 6) & 0x3F)) + chr(0xDC80 | (cp & 0x3F))
+_CESU_PAIR = re.compile(f"{_ED}([{chr(0xDCA0)}-{chr(0xDCAF)}])([{chr(0xDC80)}-{chr(0xDCBF)}])"
+                        f"{_ED}([{chr(0xDCB0)}-{chr(0xDCBF)}])([{chr(0xDC80)}-{chr(0xDCBF)}])")
+_TCL_NUL: Final = b"\xc0\x80"
+_HIGH_SURROGATE: Final = re.compile(b"\xed[\xa0-\xaf]")  # how Tcl begins a CESU-8 surrogate pair
+# An escaped byte ED B2|B3 xx after every byte was written as its Latin-1 character in UTF-8:
+# ED -> C3 AD, B2 -> C2 B2, xx (80..BF) -> C2 xx. What replaces it is the lead byte that, with
+# the xx left behind, is the UTF-8 of the character whose Latin-1 byte is the escaped byte.
+_ESCAPED_80_BF: Final = b"\xc3\xad\xc2\xb2\xc2"
+_ESCAPED_C0_FF: Final = b"\xc3\xad\xc2\xb3\xc2"
 
 
 def _join(m: re.Match[str]) -> str:
@@ -37,10 +48,16 @@ def _join(m: re.Match[str]) -> str:
 
 
 def to_tcl(value: str) -> str:
-    """A str as tkinter must be given it so that Tcl holds exactly our characters."""
+    """A str as tkinter must be given it so that Tcl holds exactly our characters.
+
+    ``surrogatepass`` writes each U+DC80..U+DCFF as its CESU-8 bytes, which ``surrogateescape``
+    then reads back as three escapes, each of which tkinter sends as that byte: C loops only.
+    """
     if value.isascii() and "\x00" not in value:
         return value
-    return _TO_TCL.sub(_cesu, value)
+    if _TO_TCL.search(value) is None:  # text without escaped bytes or NUL: as it is
+        return value
+    return value.encode("utf-8", "surrogatepass").replace(b"\0", _TCL_NUL).decode("utf-8", "surrogateescape")
 
 
 def from_tcl(value: str) -> str:
@@ -48,6 +65,104 @@ def from_tcl(value: str) -> str:
     if value.isascii() or _ED not in value:
         return value
     return _FROM_TCL.sub(_join, value)
+
+
+def wire_to_tcl(data: bytes) -> bytes:
+    """The bytes Tcl keeps for the text of these wire bytes (``encoding convertfrom identity``).
+
+    Valid UTF-8 is kept as it is; each other byte becomes its U+DC80+byte character, which Tcl
+    writes in CESU-8 (ED B2|B3 xx), and NUL becomes C0 80, Tcl's own NUL: the same bytes as
+    ``to_tcl(text(data))`` handed to tkinter.
+    """
+    if not data.isascii():
+        data = _escape_invalid(data)
+    return data.replace(b"\0", _TCL_NUL) if b"\0" in data else data
+
+
+def _escape_invalid(data: bytes) -> bytes:
+    """Valid UTF-8 kept, every other byte in CESU-8 (``surrogatepass`` writes them so)."""
+    # UTF-8 text cut into the MTA's 64 KB blocks is invalid only at the ends: the rest of a
+    # character that began in the block before, the start of one that the next block ends.
+    head = 0
+    while head < 3 and head < len(data) and 0x80 <= data[head] < 0xC0:
+        head += 1
+    end = len(data) - _cut_off(data)
+    try:
+        str(memoryview(data)[head:end], "utf-8")
+    except UnicodeDecodeError:  # not UTF-8 text: each invalid byte escaped by the codecs
+        return data.decode("utf-8", "surrogateescape").encode("utf-8", "surrogatepass")
+    if head == 0 and end == len(data):
+        return data
+    return _escaped(data[:head]) + data[head:end] + _escaped(data[end:])
+
+
+def _cut_off(data: bytes) -> int:
+    """How many bytes at the end begin a character that the data does not complete (0 to 3)."""
+    for back in range(1, min(3, len(data)) + 1):
+        byte = data[-back]
+        if byte >= 0xC0:  # a lead byte: the character needs 2, 3 or 4 bytes
+            return back if back < (2 if byte < 0xE0 else 3 if byte < 0xF0 else 4) else 0
+        if byte < 0x80:
+            return 0
+    return 0
+
+
+def _escaped(data: bytes) -> bytes:
+    return data.decode("utf-8", "surrogateescape").encode("utf-8", "surrogatepass")
+
+
+def tcl_to_wire(data: bytes) -> bytes:
+    """Wire bytes for the text Tcl keeps in these bytes (``encoding convertto identity``).
+
+    The inverse of :func:`wire_to_tcl`, and for any Tcl string the same bytes as
+    ``wire(from_tcl(...))`` of what tkinter makes of it: C0 80 is NUL, each escaped byte
+    (ED B2|B3 xx) becomes that byte, everything else is kept.
+    """
+    if b"\xc0" in data:  # (memchr: searching for both bytes at once is fifty times slower)
+        data = data.replace(_TCL_NUL, b"\0")
+    if b"\xed" not in data:  # no escaped byte: text as it is
+        return data
+    # A few escaped bytes (UTF-8 text cut between two MTA blocks): one step each is cheaper than
+    # passes over all the bytes; split stops counting at that many.
+    few = max(16, len(data) >> 12)
+    parts = data.split(b"\xed", few)
+    if len(parts) <= few:
+        unescaped = _unescape(parts)
+        if unescaped is not None:
+            return unescaped
+    elif _HIGH_SURROGATE.search(data) is None:
+        # Every byte as its Latin-1 character in UTF-8, each escaped byte rewritten as the
+        # character of its byte, and back: what was not an escaped byte comes out as it went in.
+        data = data.decode("latin-1").encode("utf-8")
+        data = data.replace(_ESCAPED_80_BF, b"\xc2").replace(_ESCAPED_C0_FF, b"\xc3")
+        return data.decode("utf-8").encode("latin-1")
+    # A character beyond U+FFFF that Tcl rewrote as a surrogate pair: tkinter joins those pairs,
+    # so this follows tkinter's way exactly (one regex call per pair and escaped byte).
+    return wire(from_tcl(_CESU_PAIR.sub(_join_pair, data.decode("utf-8", "surrogateescape"))))
+
+
+def _unescape(parts: list[bytes]) -> bytes | None:
+    """The bytes split at each ED joined again, ED B2 xx as the byte xx and ED B3 xx as xx + 40;
+    None if an ED begins a CESU-8 surrogate pair (ED A0..AF)."""
+    out: list[bytes | memoryview] = [parts[0]]
+    for part in parts[1:]:
+        second = part[0] if part else 0
+        if (second == 0xB2 or second == 0xB3) and len(part) > 1 and 0x80 <= part[1] < 0xC0:
+            out.append(bytes((part[1] + (second - 0xB2) * 0x40,)))
+            out.append(memoryview(part)[2:])
+        elif 0xA0 <= second < 0xB0:
+            return None
+        else:
+            out.append(b"\xed")
+            out.append(part)
+    return b"".join(out)
+
+
+def _join_pair(m: re.Match[str]) -> str:
+    """A CESU-8 surrogate pair, read as escapes, joined into its character (as tkinter does)."""
+    high = 0xD000 | ((ord(m.group(1)) & 0x3F) << 6) | (ord(m.group(2)) & 0x3F)
+    low = 0xD000 | ((ord(m.group(3)) & 0x3F) << 6) | (ord(m.group(4)) & 0x3F)
+    return chr(0x10000 + ((high - 0xD800) << 10) + (low - 0xDC00))
 
 
 def deep_to_tcl(value: Any) -> Any:
