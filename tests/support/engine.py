@@ -440,7 +440,7 @@ class InProcessMTA:
         from pytclmilter.engine import ConnectionEngine
 
         self.link = FakeLink()
-        self.engine = ConnectionEngine(milter, conn_id, self.link)
+        self.engine = ConnectionEngine(milter.shared, conn_id, self.link)
         self._taken = 0
 
     def send(self, code: bytes | str, payload: bytes = b"") -> None:
