@@ -315,7 +315,7 @@ def test_mta_and_script_text_is_escaped_on_stderr(tclrun) -> None:  # type: igno
     for line in lines:
         assert STDERR_LINE.match(line) or line.startswith((" ", "pytclmilter: ")), line
     assert any(line.endswith(
-        f"INFO: conn#1: verdict reject at envfrom client={HOST_SHOWN}[192.0.2.7] from={SENDER_SHOWN} {REPLY_SHOWN}")
+        f"INFO: conn#1: verdict reject at envfrom client={HOST_SHOWN}[192.0.2.7] from={SENDER_SHOWN} {REPLY_SHOWN} gen=1")
         for line in lines), text
     assert any(line.endswith(
         r'WARNING: conn#1: envrcpt callback rcpt returned "no\x00status\n2001-01-01 00:00:00,000 '
