@@ -13,6 +13,16 @@ namespace eval ::tclmilter {
 if {[llength [info commands ::tclmilter::py::milter]]} {
     proc ::milter {args} {
         set r [::tclmilter::py::milter {*}$args]
+        if {[lindex $r 0] eq "suspend"} {
+            # `milter main` under `pytclmilter run`: the host serves outside this script, which
+            # waits here until the milter stops, then goes on with the result of serving (see
+            # TclHost.start). A reload deletes a waiting script's interpreter: what follows its
+            # `milter main` never runs. Called where Tcl cannot suspend the script (from a command
+            # implemented in C), the milter serves inside this call instead.
+            if {[info coroutine] eq "" || [catch {yield main} r]} {
+                set r [::tclmilter::py::serve]
+            }
+        }
         return -code [lindex $r 0] [lindex $r 1]
     }
 

@@ -315,7 +315,7 @@ def test_mta_and_script_text_is_escaped_on_stderr(tclrun) -> None:  # type: igno
     for line in lines:
         assert STDERR_LINE.match(line) or line.startswith((" ", "pytclmilter: ")), line
     assert any(line.endswith(
-        f"INFO: conn#1: verdict reject at envfrom client={HOST_SHOWN}[192.0.2.7] from={SENDER_SHOWN} {REPLY_SHOWN}")
+        f"INFO: conn#1: verdict reject at envfrom client={HOST_SHOWN}[192.0.2.7] from={SENDER_SHOWN} {REPLY_SHOWN} gen=1")
         for line in lines), text
     assert any(line.endswith(
         r'WARNING: conn#1: envrcpt callback rcpt returned "no\x00status\n2001-01-01 00:00:00,000 '
@@ -396,7 +396,7 @@ def test_mta_and_script_text_is_escaped_through_syslog(syslog_socket) -> None:  
         assert not re.search(r"[\x00-\x09\x0b-\x1f\x7f]", record), record
         assert all(line.startswith(" ") for line in record.split("\n")[1:]), record
     assert f"<22>pytclmilter[{os.getpid()}]: INFO: conn#1: verdict reject at envfrom client={HOST_SHOWN}[192.0.2.1] " \
-           f"from={SENDER_SHOWN} {REPLY_SHOWN}" in records, records
+           f"from={SENDER_SHOWN} {REPLY_SHOWN} gen=1" in records, records
     failed = next(r for r in records if "header callback" in r).split("\n")
     assert failed[0] == (f"<19>pytclmilter[{os.getpid()}]: ERROR: conn#1: header callback "
                          "test_mta_and_script_text_is_escaped_through_syslog.<locals>.header failed "

@@ -152,10 +152,14 @@ class Link(Protocol):
 
 @dataclass
 class Stats:
-    """Verdict counts since start, for the log summary."""
+    """Verdict counts since start, for the log summary; reloads (with --workers, the supervisor's)."""
 
     verdicts: Counter[str] = field(default_factory=Counter)
     errors: int = 0
+    reloads_ok: int = 0
+    reloads_failed: int = 0
+    #: Of the script serving new connections: 1 at start, one more at every reload that loads.
+    generation: int = 1
 
     def summary(self) -> str:
         parts = [f"{k}={v}" for k, v in sorted(self.verdicts.items())]
@@ -168,15 +172,19 @@ class Shared:
     ``settings`` is replaced whole when an option changes (the value itself never changes), and
     each connection reads it here at every use: an option set while serving (``milter configure
     -onerror`` in a callback) applies at once, to the connections already open too.
+
+    A reload makes a new one (another milter's) for the connections accepted from then on; those
+    open keep theirs. ``generation`` tells them apart in the verdict lines.
     """
 
-    __slots__ = ("settings", "registry", "hooks", "stats")
+    __slots__ = ("settings", "registry", "hooks", "stats", "generation")
 
     def __init__(self, settings: Settings, registry: Registry, hooks: Hooks, stats: Stats) -> None:
         self.settings = settings
         self.registry = registry
         self.hooks = hooks
         self.stats = stats
+        self.generation = 1
 
 
 class CallbackError(Exception):
@@ -641,8 +649,9 @@ class ConnectionEngine:
             mail_addr = self.ctx.getsymval("{mail_addr}")
             sender = f"<{mail_addr}>" if mail_addr else "-"
         # client, sender and reply text come from the MTA and the script: escaped (logline)
-        log_info(log, "%s: verdict %s at %s client=%s from=%s%s", self.name, verdict, stage, escape(client),
-                 escape(sender), f' reply="{escape(text)}"' if text else "")
+        log_info(log, "%s: verdict %s at %s client=%s from=%s%s gen=%d", self.name, verdict, stage,
+                 escape(client), escape(sender), f' reply="{escape(text)}"' if text else "",
+                 self.shared.generation)
 
     def _progress(self) -> None:
         self.link.touch()

@@ -31,5 +31,9 @@ class Hooks:
     listening: Callable[[ConnSpec], None] = _ignore
     #: SIGTERM, SIGINT or SIGHUP arrived; the milter stops after the hook returns.
     signal: Callable[[signal.Signals], None] = _ignore
+    #: SIGUSR1 arrived (with workers: at their supervisor): load the filter anew and hand it to
+    #: :meth:`Milter.reload <pytclmilter.milter.Milter.reload>`. Runs on the serving loop (with
+    #: workers: in the supervisor). Without it the milter leaves SIGUSR1 alone.
+    reload: Callable[[], None] | None = None
     #: Called every ``tick_interval`` seconds while serving, if given.
     tick: Callable[[], None] | None = None

@@ -24,6 +24,16 @@ log = logging.getLogger("pytclmilter")
 
 T = TypeVar("T")
 
+#: Settings fixed when the socket is bound or the workers forked: a reload cannot change them.
+RESTART_ONLY: dict[str, str] = {
+    "connection": "-connection", "backlog": "-backlog", "workers": "-workers",
+    "socket_mode": "--socket-mode", "socket_owner": "--user/--group",
+}
+
+
+class ReloadError(Exception):
+    """A milter cannot replace the one serving; nothing changed."""
+
 
 def new_event_loop() -> asyncio.AbstractEventLoop:
     """uvloop's event loop when installed (accept, read and write in C: a fifth less CPU per
@@ -107,6 +117,8 @@ class Milter:
         #: While run() supervises --workers: their supervisor's stop; in a worker: asking the
         #: parent to stop them all. stop() calls it.
         self._stop_others: Callable[[], None] | None = None
+        #: While run() supervises --workers: the supervisor (reload forks a new set of workers).
+        self._supervisor: Any = None
 
     @property
     def settings(self) -> Settings:
@@ -163,6 +175,11 @@ class Milter:
         """Where the server listens now (with the real port when 0 was asked for)."""
         return self._server.listening
 
+    @property
+    def generation(self) -> int:
+        """1, or one more than the milter this one replaced (:meth:`reload`)."""
+        return self.shared.generation
+
     def check_connection(self) -> ConnSpec:
         return parse(self.connection)
 
@@ -176,7 +193,8 @@ class Milter:
         # --workers, from touching pages the forked workers share).
         gc.freeze()
         await self._server.serve(inherited, started)
-        log.info("%s stopped; verdicts: %s", escape(self.name), self.stats.summary())
+        # (after reloads, the name of the milter that serves last)
+        log.info("%s stopped; verdicts: %s", escape(self._server.shared.settings.name), self.stats.summary())
 
     def run(self) -> None:
         """Blocking :meth:`serve` on a fresh event loop, or in ``workers`` processes (see workers.py)."""
@@ -185,11 +203,11 @@ class Milter:
             from .workers import Supervisor, run_workers
 
             supervisor = Supervisor(settings.workers, self.hooks, self._serve_worker)
-            self._stop_others = supervisor.stop
+            self._stop_others, self._supervisor = supervisor.stop, supervisor
             try:
                 run_workers(settings, supervisor)
             finally:
-                self._stop_others = None
+                self._stop_others = self._supervisor = None
             return
         self._run_here(None, None)
 
@@ -201,13 +219,42 @@ class Milter:
                       watch: Callable[[Callable[[], None]], None]) -> None:
         """One --workers process: serve the socket the parent bound; stop() asks it to stop all.
         ``watch`` runs on the loop once it listens, given how to stop this worker alone."""
-        self._stop_others = stop_all
+        self._stop_others, self._supervisor = stop_all, None
+        self._server.reloadable = False  # SIGUSR1 goes to the supervisor
         self._run_here(listener, lambda: watch(self._stop_alone))
 
     def _stop_alone(self) -> None:
         """Stop this process only (a worker whose supervisor died: its pid may be reused)."""
         self._stop_others = None
         self.stop()
+
+    def reload(self, new: "Milter", gone: Callable[[], None] | None = None) -> None:
+        """Hand serving over to ``new`` (another milter, with its own callbacks and hooks), while
+        this one serves (from its loop, e.g. in ``Hooks.reload``; with workers, in their
+        supervisor): the connections accepted from now on are ``new``'s, those open finish with
+        this milter's callbacks within its ``grace`` (then they are closed), and ``gone`` is called
+        once they are over. With workers, a set of ``new``'s is forked, and the old set stops
+        accepting and finishes. ``new`` continues the verdict counts and is one generation later.
+
+        ReloadError, with nothing changed, if ``new`` differs in a setting that only a restart can
+        change (RESTART_ONLY) or this milter does not serve."""
+        changed = [flag for attr, flag in RESTART_ONLY.items()
+                   if getattr(new.settings, attr) != getattr(self.settings, attr)]
+        if changed:
+            raise ReloadError(f"{', '.join(changed)} cannot change without a restart")
+        if not self.running and self._supervisor is None:
+            raise ReloadError("the milter is not serving")
+        new.stats = new.shared.stats = self.stats
+        new.shared.generation = self.shared.generation + 1
+        new._stop_others, new._supervisor = self._stop_others, self._supervisor
+        self.stats.generation = new.shared.generation
+        self.stats.reloads_ok += 1
+        done = gone or (lambda: None)
+        if self._supervisor is not None:
+            self._supervisor.reload(new._serve_worker, new.generation, done)
+        else:
+            new._server = self._server
+            self._server.replace(new.shared, done)
 
     def abort(self) -> None:
         """Stop at once from the loop's thread, without grace (used by Tcl's ``exit``)."""
@@ -220,4 +267,4 @@ class Milter:
             self._stop_others()
 
 
-__all__ = ["Milter", "Settings", "Hooks", "EVENTS", "DEFAULT_CONNECTION"]
+__all__ = ["Milter", "Settings", "Hooks", "EVENTS", "DEFAULT_CONNECTION", "ReloadError"]

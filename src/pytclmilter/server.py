@@ -21,6 +21,7 @@ from .engine import ConnectionEngine, Shared
 log: Final = logging.getLogger("pytclmilter")
 
 _SIGNALS: Final = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+_RELOAD: Final = signal.SIGUSR1
 _QUICKACK: Final = getattr(socket, "TCP_QUICKACK", 0)  # Linux only
 _UNKNOWN: Final[Any] = object()  # a connection's socket, not fetched yet
 
@@ -100,6 +101,8 @@ class _Connection(asyncio.Protocol):
         engine, self.engine = self.engine, None
         if engine is not None and not engine.closed:
             engine.connection_lost("eof" if exc is None else f"error: {exc}")
+        if server.retiring and engine is not None:
+            server.session_over(engine.shared)
 
     # Link
     def write(self, data: bytes) -> None:
@@ -140,6 +143,17 @@ def _peer_text(peer: object) -> str:
     return str(peer) or "unix socket"
 
 
+class _Retiring:
+    """A generation replaced by a reload: its sessions still open, and whom to tell when none is."""
+
+    __slots__ = ("open", "over", "gone")
+
+    def __init__(self, open_sessions: int, gone: Callable[[], None]) -> None:
+        self.open = open_sessions
+        self.over = asyncio.Event()
+        self.gone = gone
+
+
 class MilterServer:
     """Runs one milter's listener until stopped. ``serve`` may be called again after it returns."""
 
@@ -156,6 +170,13 @@ class MilterServer:
         self._listener: Listener | None = None
         self.acceptor: Acceptor | None = None
         self._loop_thread: int | None = None  # the thread running serve(): stop() from it sets the event directly
+        #: Generations a reload replaced, while sessions of theirs are open (see replace).
+        self.retiring: dict[Shared, _Retiring] = {}
+        self._retirements: set[asyncio.Future[None]] = set()
+        self._ticker: asyncio.Future[None] | None = None
+        #: SIGUSR1 calls hooks.reload (if given); a --workers worker leaves reloading to its supervisor.
+        self.reloadable = True
+        self._reload_disposition: Any = signal.SIG_DFL
 
     def next_id(self) -> int:
         self._ids += 1
@@ -210,8 +231,7 @@ class MilterServer:
         self.listening = spec
         signals = self._install_signals()
         sweeper = asyncio.ensure_future(self._sweep())
-        tick = hooks.tick
-        ticker = asyncio.ensure_future(self._tick(tick)) if tick is not None else None
+        self._start_ticker()
         try:
             if inherited is None:
                 hooks.listening(spec)
@@ -223,9 +243,11 @@ class MilterServer:
             acceptor.close()  # new connections are refused from now on, open ones go on
             listener.remove_unix()
             await self._drain(self.shared.settings.grace)
+            await self._end_retirements()
             sweeper.cancel()
-            if ticker is not None:
-                ticker.cancel()
+            if self._ticker is not None:
+                self._ticker.cancel()
+                self._ticker = None
             self._remove_signals(signals)
             self.acceptor = None
             self.listening = None
@@ -243,6 +265,51 @@ class MilterServer:
         acceptor.start()
         return listener, acceptor
 
+    # ------------------------------------------------------------ reload
+
+    def replace(self, shared: Shared, gone: Callable[[], None]) -> None:
+        """On the loop: serve the connections accepted from now on with ``shared`` (a reloaded
+        milter's). Those open finish with the one in force until now, within its grace (then they
+        are closed); ``gone`` is called, on the loop, when the last of them is over."""
+        old, self.shared = self.shared, shared
+        if self._stop is None:  # not serving: nothing to finish
+            gone()
+            return
+        self._start_ticker()
+        retiring = _Retiring(sum(1 for c in self.connections if c.engine is not None and c.engine.shared is old), gone)
+        self.retiring[old] = retiring
+        task = asyncio.ensure_future(self._retire(old, retiring))
+        self._retirements.add(task)
+        task.add_done_callback(self._retirements.discard)
+
+    def session_over(self, shared: Shared) -> None:
+        """A connection of ``shared`` closed (while some generation retires)."""
+        retiring = self.retiring.get(shared)
+        if retiring is not None:
+            retiring.open -= 1
+            if retiring.open <= 0:
+                retiring.over.set()
+
+    async def _retire(self, old: Shared, retiring: _Retiring) -> None:
+        try:
+            if retiring.open > 0:
+                try:
+                    await asyncio.wait_for(retiring.over.wait(), old.settings.grace)
+                except asyncio.TimeoutError:
+                    for conn in [c for c in self.connections if c.engine is not None and c.engine.shared is old]:
+                        conn.expire("milter reloaded")
+        finally:
+            del self.retiring[old]
+            retiring.gone()
+
+    async def _end_retirements(self) -> None:
+        """At stop, after the drain: every replaced generation is over."""
+        tasks = list(self._retirements)
+        for task in tasks:
+            task.cancel()
+        if tasks:
+            await asyncio.gather(*tasks, return_exceptions=True)
+
     async def _drain(self, grace: float) -> None:
         """Let open sessions finish for ``grace`` seconds, then close them (abort/close callbacks run)."""
         deadline = self.loop.time() + grace
@@ -256,10 +323,9 @@ class MilterServer:
 
     async def _sweep(self) -> None:
         """Close connections idle longer than the I/O timeout (progress counts as activity)."""
-        timeout = self.shared.settings.timeout
-        interval = max(0.05, min(1.0, timeout / 4))
         while True:
-            await asyncio.sleep(interval)
+            timeout = self.shared.settings.timeout  # read each round: a reload may change it
+            await asyncio.sleep(max(0.05, min(1.0, timeout / 4)))
             now = self.loop.time()
             # A connection whose callback is still running is not idle: the timeout limits waits
             # for the MTA, not callbacks (docs/protocol.md §9.3).
@@ -267,26 +333,45 @@ class MilterServer:
                 log.warning("%s: no data for %gs, closing", conn.engine.name if conn.engine else "?", timeout)
                 conn.expire("timeout")
 
-    async def _tick(self, tick: Callable[[], None]) -> None:
-        """Give a host (the Tcl interpreter) its turn to run timers and file events."""
+    def _start_ticker(self) -> None:
+        if self._ticker is None and self.shared.hooks.tick is not None:
+            self._ticker = asyncio.ensure_future(self._tick())
+
+    async def _tick(self) -> None:
+        """Give a host (the Tcl interpreter) its turn to run timers and file events; after a reload,
+        the replaced generations' hosts too while they serve their last sessions."""
         while True:
             await asyncio.sleep(self.shared.settings.tick_interval)
-            tick()
+            tick = self.shared.hooks.tick
+            if tick is not None:
+                tick()
+            if self.retiring:
+                for old in list(self.retiring):
+                    tick = old.hooks.tick
+                    if tick is not None:
+                        tick()
 
     def _install_signals(self) -> list[signal.Signals]:
         if threading.current_thread() is not threading.main_thread():
             return []
-        installed = []
-        for sig in _SIGNALS:
+        installed: list[signal.Signals] = []
+        # SIGUSR1 only for a milter that can reload (Hooks.reload): otherwise it keeps its meaning.
+        reload = self.reloadable and self.shared.hooks.reload is not None
+        for sig in _SIGNALS + ((_RELOAD,) if reload else ()):
             try:
-                self.loop.add_signal_handler(sig, self._on_signal, sig)
+                if sig == _RELOAD:
+                    self._reload_disposition = signal.getsignal(sig)
+                    self.loop.add_signal_handler(sig, self._on_reload)
+                else:
+                    self.loop.add_signal_handler(sig, self._on_signal, sig)
                 installed.append(sig)
             except (RuntimeError, ValueError, NotImplementedError) as exc:
                 # An event loop without signal support (NotImplementedError), or a signal this
                 # platform lacks: serving goes on, but this signal no longer stops it gracefully,
                 # which the admin must know before relying on it.
-                log.warning("%s will not stop the milter gracefully (the event loop cannot handle it: %s)",
-                            sig.name, exc or type(exc).__name__)
+                log.warning("%s will not %s (the event loop cannot handle it: %s)", sig.name,
+                            "reload the milter" if sig == _RELOAD else "stop the milter gracefully",
+                            exc or type(exc).__name__)
         return installed
 
     def _on_signal(self, sig: signal.Signals) -> None:
@@ -295,6 +380,18 @@ class MilterServer:
         if self._stop is not None:
             self._stop.set()
 
+    def _on_reload(self) -> None:
+        reload = self.shared.hooks.reload
+        if reload is None:  # (a reload replaced the milter by one without the hook)
+            log.warning("received SIGUSR1: this milter has no reload (Hooks.reload); ignored")
+            return
+        try:
+            reload()
+        except Exception:  # noqa: BLE001 - a failed reload must not stop serving
+            log.exception("reload failed; the milter serves on unchanged")
+
     def _remove_signals(self, sigs: list[signal.Signals]) -> None:
         for sig in sigs:
             self.loop.remove_signal_handler(sig)
+            if sig == _RELOAD:  # asyncio leaves the default, which would end the process
+                signal.signal(sig, self._reload_disposition)

@@ -8,6 +8,12 @@ death logged; a worker that exits with status 0 asked to stop (``milter
 stop``), which stops all. SIGTERM, SIGINT and SIGHUP to the parent stop all
 gracefully; then ``milter main`` returns in the parent and the script goes on.
 
+SIGUSR1 to the parent reloads (``Hooks.reload``, then :meth:`Supervisor.reload`): the parent
+forks a new set of workers from the new script's state, then tells the old set to stop (SIGTERM:
+they close their copy of the socket, which the parent and the new set keep open, and finish
+their sessions). The parent waits for its children and for SIGUSR1 with ``sigwaitinfo``, both
+signals blocked, so that neither is lost between two waits.
+
 Every process holds the listening socket, and the kernel goes on queueing
 connections until the last one closes it: at a stop the parent and each
 worker close theirs first, so new connections are refused at once while open
@@ -70,7 +76,11 @@ class Supervisor:
         self.serve = serve
         self.count = count
         self.listener: Listener | None = None  # the socket they serve, given to run()
-        self.children: dict[int, int] = {}  # pid -> worker number
+        self.children: dict[int, tuple[int, int]] = {}  # pid -> (worker number, generation)
+        self.generation = 1  # of the workers serving new connections (reload)
+        self._gone: dict[int, Callable[[], None]] = {}  # replaced generation -> called when its last worker ended
+        # Taken with sigwaitinfo in the parent; SIGUSR1 only when the milter can reload (Hooks.reload).
+        self._waited = (signal.SIGCHLD,) + ((signal.SIGUSR1,) if hooks.reload is not None else ())
         self.stopping = False
         self.deaths: list[float] = []
         self.pid = os.getpid()  # for the workers: os.getppid() there may already be another process
@@ -80,6 +90,7 @@ class Supervisor:
         # The workers watch the read end; the write end closes when this process dies.
         self.lifeline, self._lifeline_w = os.pipe()
         previous = {sig: signal.signal(sig, self._on_signal) for sig in _STOP_SIGNALS}
+        mask = signal.pthread_sigmask(signal.SIG_BLOCK, self._waited)
         try:
             # Only once our handlers are in place: a SIGTERM right after the listening line must
             # stop cleanly, not end the process by default and leave the socket file behind.
@@ -88,19 +99,76 @@ class Supervisor:
                 if not self.stopping:
                     self._spawn(number)
             log.info("%d workers serving %s", self.count, self.listener.spec)
-            while self.children:
-                try:
-                    pid, status = os.waitpid(-1, 0)
-                except ChildProcessError:
-                    break
-                if pid in self.children:
-                    self._reaped(pid, self.children.pop(pid), status)
+            while self._reap():
+                # A stop signal's handler interrupts the wait and kills the workers: SIGCHLD follows.
+                if signal.sigwaitinfo(self._waited).si_signo == signal.SIGUSR1:
+                    self._on_reload()
         finally:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
+            signal.pthread_sigmask(signal.SIG_SETMASK, mask)
             os.close(self.lifeline)
             os.close(self._lifeline_w)
         log.info("all workers stopped")
+
+    def _reap(self) -> bool:
+        """Handle the workers that ended; False when none is left."""
+        while self.children:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return False
+            if pid == 0:
+                return True
+            if pid in self.children:
+                number, generation = self.children.pop(pid)
+                if generation == self.generation:
+                    self._reaped(pid, number, status)
+                else:
+                    self._replaced_ended(pid, number, generation, status)
+        return False
+
+    def _replaced_ended(self, pid: int, number: int, generation: int, status: int) -> None:
+        """A worker of a generation a reload replaced ended (it was told to stop)."""
+        code = os.waitstatus_to_exitcode(status)
+        if code != 0:
+            how = f"signal {-code}" if code < 0 else f"exit status {code}"
+            log.warning("worker %d (pid %d) of generation %d ended with %s while finishing", number, pid,
+                        generation, how)
+        if not any(g == generation for _, g in self.children.values()):
+            gone = self._gone.pop(generation, None)
+            if gone is not None:
+                gone()
+
+    def reload(self, serve: Serve, generation: int, gone: Callable[[], None]) -> None:
+        """Fork a set of workers running ``serve`` (a reloaded milter's), then stop the set serving
+        now; ``gone`` is called when its last worker ended. New connections are accepted by the new
+        set, or by an old worker until it closed its socket: none is refused meanwhile (the parent
+        holds the socket)."""
+        old = self.generation
+        self.serve, self.generation = serve, generation
+        self._gone[old] = gone
+        replaced = [pid for pid, (_, g) in self.children.items() if g == old]
+        for number in range(1, self.count + 1):
+            if not self.stopping:
+                self._spawn(number)
+        for pid in replaced:
+            try:
+                os.kill(pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+        if not replaced:
+            del self._gone[old]
+            gone()
+
+    def _on_reload(self) -> None:
+        reload = self.hooks.reload
+        if self.stopping or reload is None:
+            return
+        try:
+            reload()
+        except Exception:  # noqa: BLE001 - a failed reload must not stop serving
+            log.exception("reload failed; the milter serves on unchanged")
 
     def _reaped(self, pid: int, number: int, status: int) -> None:
         code = os.waitstatus_to_exitcode(status)
@@ -147,7 +215,7 @@ class Supervisor:
             pid = os.fork()
             if pid == 0:
                 self._worker(number)  # never returns
-            self.children[pid] = number
+            self.children[pid] = (number, self.generation)
             if self.stopping:  # a stop came before the fork: this one was not told
                 os.kill(pid, signal.SIGTERM)
         finally:
@@ -156,7 +224,9 @@ class Supervisor:
     def _worker(self, number: int) -> None:
         for sig in _STOP_SIGNALS:
             signal.signal(sig, signal.SIG_DFL)
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
+        if signal.SIGUSR1 in self._waited:
+            signal.signal(signal.SIGUSR1, signal.SIG_IGN)  # a reload is the supervisor's
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS + self._waited)
         os.close(self._lifeline_w)  # else the pipe would never reach EOF
         parent = self.pid
         assert self.listener is not None  # forked from run()

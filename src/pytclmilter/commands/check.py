@@ -41,6 +41,11 @@ def error_location(error_info: str) -> str:
     return f"{found[-1][0]}:{found[-1][1]}" if found else ""
 
 
+def script_error(script: str, exc: BaseException, error_info: str) -> str:
+    """The first line check reports for a script that failed to load: ``file:line: error: ...``."""
+    return f"{error_location(error_info) or script}: error: {exc}"
+
+
 def _arity(host: TclHost, words: tuple[str, ...]) -> tuple[int, int | None] | None:
     """How many arguments a command prefix accepts, if it is a proc (None: not a proc)."""
     tk, call = host.tk, host.child_call
@@ -103,8 +108,7 @@ def cmd_check(opts: argparse.Namespace) -> int:
     except tkinter.TclError as exc:
         if exited.code is None and not host.command.ended_at_main:
             info = host.error_info()
-            where = error_location(info) or opts.script
-            print(f"{where}: error: {exc}", file=sys.stderr)
+            print(script_error(opts.script, exc, info), file=sys.stderr)
             print(info, file=sys.stderr)
             return 1
     out: list[str] = [f"{opts.script}: loaded"]

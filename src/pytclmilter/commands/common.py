@@ -65,9 +65,14 @@ def make_host(script: str, hooks: list[str], overrides: dict[str, str | None],
             if value is not None:
                 host.command.lock(option, value, _FLAGS.get(option, "--" + option[1:]))
     except TclUsageError as exc:
+        host.close()
         raise UsageError(str(exc)) from None
-    for path in hooks:
-        load_hooks(path, host.milter)
+    try:
+        for path in hooks:
+            load_hooks(path, host.milter)
+    except BaseException:
+        host.close()  # a reload goes on serving: free this interpreter now
+        raise
     return host
 
 

@@ -11,15 +11,18 @@ import resource
 import signal
 import sys
 import tkinter
+from typing import Callable
 
 from ..compiled import describe
 from ..connspec import ConnSpec
 from ..hooks import Hooks
 from ..logline import escape
 from ..milter import Milter
+from ..tcl.interp import TclHost
 from .common import UsageError, add_script_options, make_host
 from .logs import setup_logging
 from .pidfile import PidFile
+from .reloading import Generations
 
 log = logging.getLogger("pytclmilter")
 
@@ -56,8 +59,6 @@ class Daemon:
     def __init__(self, milter: Milter, opts: argparse.Namespace) -> None:
         self.milter = milter
         self.uid, self.gid = _ids(opts.user, opts.group)
-        if self.uid is not None:  # the socket's file is made with this owner (unixsocket.py)
-            milter.socket_owner = (self.uid, self.gid if self.gid is not None else -1)
         self.pidfile = PidFile(opts.pidfile) if opts.pidfile else None
         self.dropped = False
 
@@ -118,25 +119,43 @@ def cmd_run(opts: argparse.Namespace) -> int:
     setup_logging(opts.log_level, opts.syslog)
     log.info("%s", describe())
     raise_fd_limit()
+    # A reload (SIGUSR1) before the milter serves has nothing to replace: not the end of the process.
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
     overrides = {"-connection": opts.connection, "-timeout": opts.timeout, "-backlog": opts.backlog,
                  "-name": opts.name, "-onerror": opts.on_error, "-grace": opts.grace,
                  "-calltimeout": opts.call_timeout, "-workers": opts.workers}
-    # The daemon is made below, once the script's options are known to be valid; its hooks run
-    # only when the milter serves.
-    hooks = Hooks(listening=lambda spec: daemon.listening(spec), signal=lambda sig: daemon.signal(sig))
-    host = make_host(opts.script, opts.python, overrides, milter_hooks=hooks)
-    milter = host.milter
+    socket_mode = None
     if opts.socket_mode is not None:
         try:
-            milter.socket_mode = int(opts.socket_mode, 8)
+            socket_mode = int(opts.socket_mode, 8)
         except ValueError:
             raise UsageError(f'--socket-mode: "{opts.socket_mode}" is not an octal mode') from None
-    daemon = Daemon(milter, opts)
-    host.set_argv(opts.script, list(opts.args) + list(getattr(opts, "rest", [])))
+    uid, gid = _ids(opts.user, opts.group)
+    argv = list(opts.args) + list(getattr(opts, "rest", []))
+    # The daemon is made below, once the script's options are known to be valid; its hooks run
+    # only when the milter serves.
+    hooks = Hooks(listening=lambda spec: daemon.listening(spec), signal=lambda sig: daemon.signal(sig),
+                  reload=lambda: scripts.reload())
+
+    def load(on_exit: Callable[[int], None] | None) -> TclHost:
+        """One generation's interpreter, made the same way at start and at every reload."""
+        host = make_host(opts.script, opts.python, overrides, on_exit=on_exit, milter_hooks=hooks)
+        if socket_mode is not None:
+            host.milter.socket_mode = socket_mode
+        if uid is not None:  # the socket's file is made with this owner (unixsocket.py)
+            host.milter.socket_owner = (uid, gid if gid is not None else -1)
+        host.set_argv(opts.script, argv)
+        return host
+
+    scripts = Generations(opts.script, load)
+    daemon = Daemon(scripts.current.milter, opts)
     try:
-        host.source(opts.script)
+        waiting = scripts.current.start(opts.script)
+        while waiting:  # the script waits in `milter main`: serve, then let it go on
+            result = scripts.current.command.serve()
+            waiting = scripts.current.resume(result)  # a reload may have replaced the script meanwhile
     except tkinter.TclError:
-        print(host.error_info(), file=sys.stderr)
+        print(scripts.current.error_info(), file=sys.stderr)
         return 1
     finally:
         daemon.cleanup()

@@ -27,7 +27,7 @@ from ..protocol.codec import text
 from ..status import Status
 from . import context_cmd
 from .limit import CallLimit
-from .milter_cmd import MilterCommand
+from .milter_cmd import MilterCommand, SuspendAtMain
 from .priv import TclPrivate
 from .strings import deep_to_tcl, from_tcl, tcl_to_wire, to_tcl, wire_to_tcl
 from .usage import TclUsageError, integer
@@ -136,13 +136,15 @@ class TclHost:
 
     #: The interpreter the script runs in: a child, so that Tcl's `interp limit` can bound callbacks.
     CHILD = "filter"
+    #: The coroutine that runs the script under start(): it exists while the script waits in `milter main`.
+    SCRIPT = "::tclmilter::py::script"
 
     def __init__(self, hooks: Hooks | None = None, on_exit: Callable[[int], None] | None = None) -> None:
         """``hooks``: the program's own (listening, signal); the interpreter adds its context and tick hooks."""
         own = replace(hooks or Hooks(), context_created=self._context_created, context_closed=self._context_closed,
                       tick=self.service_events)
         self.milter = Milter(name="TclMilter", hooks=own)
-        self._on_exit = on_exit or self._default_exit
+        self.on_exit = on_exit or self.exit_process
         libdir = str(tcl_library_dir())
         # New interpreters (those of Thread's secondary threads too) read TCLLIBPATH into auto_path.
         paths = os.environ.get("TCLLIBPATH", "")
@@ -152,12 +154,18 @@ class TclHost:
         self.tk = self.tcl.tk
         self.tk.call("encoding", "system", "utf-8")  # scripts are UTF-8 whatever the locale
         self.contexts: dict[int, Context] = {}
+        self._commands: list[str] = []  # the Python commands, deleted by close()
+        #: `milter main` served inside the script's call (where Tcl could not suspend it).
+        self.served_inside = False
+        #: A reload loads this script: its `milter main` must suspend it, never serve.
+        self.loading = False
         self.command = MilterCommand(self, self.milter)
         self._register("::tclmilter::py::milter", self.command)
         self._register("::tclmilter::py::context", self._context)
         self._register("::tclmilter::py::replacebody", self._replacebody)
         self._register("::tclmilter::py::privstarted", self._priv_started)
         self._register("::tclmilter::py::exit", self._exit)
+        self._create("::tclmilter::py::serve", self._serve_inside)
         self.tk.call("eval", _PRELUDE)
         self._make_child(libdir)
         # For `quiet` only, and only now: see _make_child.
@@ -165,7 +173,7 @@ class TclHost:
         self.private = TclPrivate(self.child_call)
         self.tk.call("interp", "alias", "", "::tclmilter::py::outgoing", self.CHILD, "set", "::tclmilter::outgoing")
         self._outgoing = self._command_object("::tclmilter::py::outgoing")
-        self.limit = CallLimit(self.tk.call, self.tk.createcommand, self.CHILD, self.milter.shared)
+        self.limit = CallLimit(self.tk.call, self._create, self.CHILD, self.milter.shared)
         self._callbacks = 0
 
     def _make_child(self, libdir: str) -> None:
@@ -180,7 +188,8 @@ class TclHost:
         child, call = self.CHILD, self.tk.call
         call("interp", "create", child)
         for name in ("::tclmilter::py::milter", "::tclmilter::py::context", "::tclmilter::py::replacebody",
-                     "::tclmilter::py::privstarted", "::tclmilter::py::exit", "::tclmilter::py::poll_next"):
+                     "::tclmilter::py::privstarted", "::tclmilter::py::exit", "::tclmilter::py::poll_next",
+                     "::tclmilter::py::serve"):
             call("interp", "alias", child, name, "", name)
         call("interp", "alias", child, "exit", "", "exit")
         self.child_call("lappend", "auto_path", libdir)
@@ -207,6 +216,8 @@ class TclHost:
         def command(*args: str) -> tuple[str, Any]:
             try:
                 result = func([from_tcl(a) for a in args])
+            except SuspendAtMain:
+                return ("suspend", "")
             except (TclUsageError, MilterError) as exc:
                 return ("error", str(exc))
             except Exception as exc:  # noqa: BLE001 - report, never crash the interpreter
@@ -214,7 +225,11 @@ class TclHost:
                 return ("error", f"internal error: {exc}")
             return ("ok", "" if result is None else deep_to_tcl(result))
 
-        self.tk.createcommand(name, command)
+        self._create(name, command)
+
+    def _create(self, name: str, func: Callable[..., Any]) -> None:
+        self.tk.createcommand(name, func)
+        self._commands.append(name)
 
     def _context(self, args: Sequence[str]) -> Any:
         return context_cmd.dispatch(self._open_context(args), args[1:])
@@ -240,9 +255,9 @@ class TclHost:
 
     def _exit(self, args: Sequence[str]) -> None:
         code = integer(args[0]) if args else 0
-        self._on_exit(code)
+        self.on_exit(code)
 
-    def _default_exit(self, code: int) -> None:
+    def exit_process(self, code: int) -> None:
         """Tcl's exit: stop serving at once (socket file removed), flush, end the process."""
         self.milter.abort()
         logging.shutdown()
@@ -386,3 +401,48 @@ class TclHost:
     def source(self, path: str) -> None:
         """Evaluate a script file in the script's interpreter; TclError carries errorInfo in ``error_info()``."""
         self.child_call("source", path)
+
+    # ------------------------------------------------------------ run's script, suspended in `milter main`
+
+    def start(self, path: str) -> bool:
+        """Source a script whose `milter main` suspends it instead of serving (tclmilter.tcl), so that
+        the milter serves outside the script's stack and a reload can replace the script without
+        running the code after its `milter main`. True: it waits in `milter main` (serve, then
+        resume); False: it ended, or it served inside (where Tcl could not suspend it). TclError
+        as source()."""
+        self.command.suspend_at_main = True
+        self.child_call("coroutine", self.SCRIPT, "source", path)
+        return self.waiting
+
+    @property
+    def waiting(self) -> bool:
+        """The script waits in `milter main` (start)."""
+        return bool(self.child_call("info", "commands", self.SCRIPT))
+
+    def resume(self, result: tuple[str, str]) -> bool:
+        """The milter stopped: `milter main` returns ``result`` (MilterCommand.serve) and the script
+        goes on; True if it waits in `milter main` again. TclError as source()."""
+        self.limit.clear()  # the code after `milter main` runs without the callbacks' limit
+        self.child_call(self.SCRIPT, result)
+        return self.waiting
+
+    def _serve_inside(self, *args: str) -> tuple[str, str]:
+        """`milter main` where Tcl cannot suspend the script: serve in this call, as TclMilter does."""
+        if self.loading:
+            return ("error", "milter main: called where Tcl cannot suspend the script (from a command "
+                             "implemented in C): a reload cannot load it; restart instead")
+        self.served_inside = True
+        try:
+            return self.command.serve()
+        finally:
+            self.limit.clear()
+
+    def close(self) -> None:
+        """Delete the script's interpreter (a script waiting in `milter main` with it: the code
+        after it never runs) and the Python commands, whose references to this host would keep
+        the interpreter alive; the interpreter itself goes with the last reference to the host."""
+        self.tk.call("interp", "delete", self.CHILD)
+        for name in self._commands:
+            self.tk.deletecommand(name)
+        self._commands.clear()
+        self.contexts.clear()

@@ -20,6 +20,10 @@ if TYPE_CHECKING:
 log = logging.getLogger("pytclmilter")
 
 
+class SuspendAtMain(Exception):
+    """`milter main` under run: the script waits there while the host serves (tclmilter.tcl)."""
+
+
 @dataclass(frozen=True)
 class Option:
     attr: str  # field of Settings (but "debuglevel": MilterCommand keeps it)
@@ -96,6 +100,8 @@ class MilterCommand:
         #: the manual's `file delete` of the production socket) never runs outside production.
         self.end_script_at_main = False
         self.ended_at_main = False
+        #: run: `milter main` suspends the script and the host serves outside it (TclHost.start).
+        self.suspend_at_main = False
 
     def __call__(self, args: Sequence[str]) -> Any:
         if not args:
@@ -160,16 +166,32 @@ class MilterCommand:
         if self.main_hook is not None:
             self.main_hook()
             return self._after_main()
+        if self.suspend_at_main:
+            raise SuspendAtMain
+        try:
+            self._serve()
+        finally:
+            self.host.limit.clear()
+        if self.end_script_at_main:
+            return self._after_main()
+        return ""
+
+    def serve(self) -> tuple[str, str]:
+        """Serve until the milter stops, for a script waiting in `milter main`: what that returns,
+        ``("ok", "")`` or ``("error", message)``."""
+        try:
+            self._serve()
+        except TclUsageError as exc:
+            return ("error", str(exc))
+        return ("ok", "")
+
+    def _serve(self) -> None:
         try:
             self.milter.run()
-            self.host.limit.clear()
-            if self.end_script_at_main:
-                return self._after_main()
         except ConnSpecError as exc:
             raise TclUsageError(f"milter main: {exc}") from None
         except OSError as exc:
             raise TclUsageError(f"milter main: {exc.strerror or exc}") from None
-        return ""
 
     def _after_main(self) -> str:
         if self.end_script_at_main:
@@ -199,4 +221,4 @@ class MilterCommand:
         return ""
 
 
-__all__ = ["MilterCommand", "OPTIONS", "status_names"]
+__all__ = ["MilterCommand", "OPTIONS", "SuspendAtMain", "status_names"]

@@ -1,0 +1,124 @@
+"""``pytclmilter run``'s script generations: the one serving, and SIGUSR1's reload.
+
+A reload loads the script and every ``--python`` file afresh, in a new interpreter, exactly as
+at start, up to its ``milter main``, where the script waits (TclHost.start). Then
+:meth:`Milter.reload` hands new connections to it; the replaced script's interpreter is deleted
+once its last session is over, without running what follows its ``milter main`` (only the
+script serving at the final stop goes on there). A load that fails changes nothing: the error
+is logged as ``pytclmilter check`` reports it. The process may have dropped its privileges
+(``--user``) by now: the files are read with the rights it runs with.
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+import tkinter
+import traceback
+from typing import Callable
+
+from ..logline import escape, escape_lines
+from ..milter import ReloadError
+from ..tcl.interp import TclHost
+from .check import script_error
+from .common import ScriptExit, UsageError
+
+log = logging.getLogger("pytclmilter")
+
+#: Makes the interpreter of a generation as at start (make_host, run's options, argv), with
+#: ``on_exit`` for Tcl's exit while it loads (None: the process's).
+Load = Callable[["Callable[[int], None] | None"], TclHost]
+
+
+class LoadFailed(Exception):
+    """The new generation did not load: what check would say, and the details (errorInfo)."""
+
+    def __init__(self, message: str, detail: str = "") -> None:
+        super().__init__(message)
+        self.detail = detail
+
+
+class Generations:
+    """The script ``run`` serves: :attr:`current`, replaced by :meth:`reload` (Hooks.reload)."""
+
+    def __init__(self, script: str, load: Load) -> None:
+        self.script = script
+        self._load = load
+        self.current = load(None)
+
+    def reload(self) -> None:
+        """Load the next generation and serve new connections with it, or log why not."""
+        current = self.current
+        number = current.milter.generation + 1
+        log.info("reload: loading generation %d from %s", number, escape(self.script))
+        try:
+            _check_replaceable(current)
+            host = self._start()
+        except Exception as exc:  # noqa: BLE001 - whatever failed, the running script serves on
+            self._failed(current, number, exc)
+            return
+        self.current = host
+        try:
+            current.milter.reload(host.milter, lambda: self._gone(current, number - 1))
+        except ReloadError as exc:
+            self.current = current
+            host.close()
+            _collect()
+            self._failed(current, number, exc)
+
+    def _start(self) -> TclHost:
+        """The new generation's interpreter, its script waiting in `milter main`."""
+        exited = ScriptExit()
+        host = self._load(exited)
+        host.loading = True
+        try:
+            if not host.start(self.script):
+                raise LoadFailed(f"{self.script}: error: the script never calls milter main")
+        except tkinter.TclError as exc:
+            info = host.error_info()
+            host.close()
+            if exited.code is not None:
+                raise LoadFailed(f"{self.script}: error: the script called exit {exited.code} while loading") from None
+            raise LoadFailed(script_error(self.script, exc, info), info) from None
+        except BaseException:
+            host.close()
+            raise
+        host.loading = False
+        host.on_exit = host.exit_process  # from now on Tcl's exit ends the process, as at start
+        return host
+
+    def _failed(self, current: TclHost, number: int, exc: Exception) -> None:
+        current.milter.stats.reloads_failed += 1
+        if isinstance(exc, LoadFailed):
+            message, detail = str(exc), exc.detail
+        elif isinstance(exc, (UsageError, ReloadError)):
+            message, detail = str(exc), ""
+        else:  # a --python file's error
+            message, detail = f"{type(exc).__name__}: {exc}", "".join(traceback.format_exception(exc)).rstrip()
+        log.error("reload: generation %d not loaded, generation %d serves on unchanged: %s%s", number,
+                  current.milter.generation, escape(message), "\n" + escape_lines(detail) if detail else "")
+        _collect()
+
+    def _gone(self, old: TclHost, number: int) -> None:
+        old.close()
+        _collect()
+        log.info("reload: generation %d is gone (its last session is over); generation %d serves",
+                 number, self.current.milter.generation)
+
+
+def _check_replaceable(current: TclHost) -> None:
+    if current.served_inside:
+        raise ReloadError("the serving script's `milter main` was called where Tcl cannot suspend a "
+                          "script (from a command implemented in C), so it cannot be replaced; restart instead")
+    threads = current.thread_count() - 1
+    if threads:
+        raise ReloadError(f"the serving script runs {threads} other thread(s), which would outlive its "
+                          "interpreter; restart instead")
+
+
+def _collect() -> None:
+    """Free a closed interpreter now: the serving process froze what existed when it started
+    (Milter.serve: gc.freeze), the old host among it, and its cycles would never be collected."""
+    gc.unfreeze()
+    gc.collect()
+    gc.freeze()

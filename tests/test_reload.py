@@ -1,0 +1,264 @@
+"""SIGUSR1 reloads the script under `pytclmilter run`: new connections get the new script, open
+ones finish on the old, nothing is refused; a script that does not load changes nothing."""
+
+from __future__ import annotations
+
+import gc
+import re
+import signal
+import threading
+import time
+import weakref
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from support.tclrun import TclRun, tclrun_factory
+
+tclrun = pytest.fixture(tclrun_factory, name="tclrun")
+
+# {STAMP} is A or B: the two versions of the script the load test alternates.
+STAMPING = r"""
+package require TclMilter 1.0
+proc eom {ctx} {
+    $ctx addheader X-Stamp {STAMP}
+    return SMFIS_CONTINUE
+}
+milter register eom eom
+milter main
+puts "after main: {STAMP}"
+"""
+
+SENDERS = 32
+RELOADS = 20
+GONE = r"reload: generation (\d+) is gone \(its last session is over\); generation (\d+) serves"
+
+
+def stamping(stamp: str) -> str:
+    return STAMPING.replace("{STAMP}", stamp)
+
+
+def stamp_of(generation: int) -> str:
+    return "A" if generation % 2 else "B"
+
+
+class Senders:
+    """``SENDERS`` threads sending one message per connection, without pause, each recording when
+    it opened the connection and the stamps the message got; every failure is kept."""
+
+    def __init__(self, run: TclRun) -> None:
+        self.run = run
+        self.done = threading.Event()
+        self.sessions: list[tuple[float, list[str]]] = []
+        self.failures: list[str] = []
+        self.inflight: dict[int, float] = {}  # sender -> when its open connection was opened
+        self.lock = threading.Lock()
+        self.threads = [threading.Thread(target=self._send, daemon=True) for _ in range(SENDERS)]
+
+    def __enter__(self) -> "Senders":
+        for t in self.threads:
+            t.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.done.set()
+        for t in self.threads:
+            t.join(30)
+
+    def _send(self) -> None:
+        me = threading.get_ident()
+        while not self.done.is_set():
+            with self.lock:
+                opened = self.inflight[me] = time.monotonic()
+            try:
+                with self.run.mta() as mta:
+                    mta.negotiate()
+                    replies: list[Any] = [mta.connect(), mta.helo()]
+                    steps = mta.message()
+                    replies += [steps["mail"], *steps["rcpt"], steps["data"], steps["eoh"], *steps["body"]]
+                    eom = steps["eom"]
+                    mta.quit()
+            except Exception as exc:  # noqa: BLE001 - every failure is one the test reports
+                with self.lock:
+                    self.failures.append(f"connection error: {exc!r}")
+                    del self.inflight[me]
+                continue
+            stamps = [p[1].split(b"\0")[1].decode() for p in eom if p[0] == "h" and p[1].startswith(b"X-Stamp\0")]
+            bad = [r for r in replies if isinstance(r, tuple) and r[0] != "c"]
+            if eom[-1][0] != "c":
+                bad.append(eom[-1])
+            with self.lock:
+                if bad:
+                    self.failures.append(f"reply other than continue: {bad}")
+                self.sessions.append((opened, stamps))
+                del self.inflight[me]
+
+    def count(self) -> int:
+        with self.lock:
+            return len(self.sessions)
+
+    def served_before(self, moment: float) -> None:
+        """Wait until every connection opened before ``moment`` is over."""
+        while True:
+            with self.lock:
+                if all(opened >= moment for opened in self.inflight.values()):
+                    return
+            time.sleep(0.005)
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_reloads_under_load_lose_nothing(tclrun, tmp_path: Path, workers: int) -> None:
+    script = tmp_path / "stamp.tcl"
+    script.write_text(stamping("A"))
+    run = tclrun(script, "--workers", str(workers), "--grace", "5")
+    completed: list[tuple[float, float, str]] = []  # (completion seen, next reload sent, stamp serving)
+    with Senders(run) as senders:
+        while senders.count() < 50:
+            time.sleep(0.05)
+        for generation in range(2, RELOADS + 2):
+            script.write_text(stamping(stamp_of(generation)))
+            sent = time.monotonic()
+            # A connection waits in the listen queue for a while under this load: the ones opened
+            # since the last completion line must have been served before the next reload starts.
+            senders.served_before(sent)
+            if completed:
+                completed[-1] = (completed[-1][0], sent, completed[-1][2])
+            run.child.kill(signal.SIGUSR1)
+            m = run.wait_for(GONE, timeout=20)
+            assert (int(m.group(1)), int(m.group(2))) == (generation - 1, generation)
+            completed.append((time.monotonic(), float("inf"), stamp_of(generation)))
+            before = senders.count()
+            while senders.count() < before + 10:  # connections served in between
+                time.sleep(0.01)
+    assert run.stop() == 0
+    assert senders.failures == []
+    sessions = senders.sessions
+    assert len(sessions) > 20 * RELOADS
+    assert [s for s in sessions if len(s[1]) != 1 or s[1][0] not in ("A", "B")] == []
+    wrong = [(opened, stamps, stamp) for seen, until, stamp in completed for opened, stamps in sessions
+             if seen < opened < until and stamps != [stamp]]
+    assert wrong == [], wrong[:5]
+    checked = sum(1 for seen, until, _ in completed for opened, _s in sessions if seen < opened < until)
+    assert checked >= RELOADS * 5
+    assert len(re.findall(r"reload: loading generation \d+", run.text)) == RELOADS
+    # the code after `milter main` ran once, at the stop, in the script serving then
+    assert re.findall(r"after main: \w", run.text) == [f"after main: {stamp_of(RELOADS + 1)}"]
+
+
+def test_verdict_lines_carry_the_generation(tclrun, tmp_path: Path) -> None:
+    script = tmp_path / "stamp.tcl"
+    script.write_text(stamping("A"))
+    run = tclrun(script)
+    with run.mta() as mta:
+        mta.negotiate()
+        mta.message()
+    run.wait_for(r"verdict accept at eom client=\S+ from=\S+ gen=1\r?\n")
+    script.write_text(stamping("B"))
+    run.child.kill(signal.SIGUSR1)
+    run.wait_for(GONE)
+    with run.mta() as mta:
+        mta.negotiate()
+        assert [p for p in mta.message()["eom"] if p[0] == "h"] == [("h", b"X-Stamp\0B\0")]
+    run.wait_for(r"verdict accept at eom client=\S+ from=\S+ gen=2\r?\n")
+    assert run.stop() == 0
+
+
+def test_a_session_open_at_the_reload_finishes_on_the_old_script(tclrun, tmp_path: Path) -> None:
+    script = tmp_path / "stamp.tcl"
+    script.write_text(stamping("A"))
+    run = tclrun(script)
+    with run.mta() as old:
+        old.negotiate()
+        old.connect()
+        script.write_text(stamping("B"))
+        run.child.kill(signal.SIGUSR1)
+        run.wait_for(r"reload: loading generation 2")
+        with run.mta() as new:  # accepted after the reload: the new script
+            new.negotiate()
+            assert [p for p in new.message()["eom"] if p[0] == "h"] == [("h", b"X-Stamp\0B\0")]
+        assert "is gone" not in run.text  # the old generation waits for its session
+        assert [p for p in old.message()["eom"] if p[0] == "h"] == [("h", b"X-Stamp\0A\0")]
+    run.wait_for(r"reload: generation 1 is gone")
+    assert run.stop() == 0
+
+
+BROKEN = r"""
+package require TclMilter 1.0
+proc eom {ctx} { return SMFIS_CONTINUE }
+nosuchcommand 42
+milter register eom eom
+milter main
+"""
+
+
+def test_a_script_that_does_not_load_leaves_the_old_one_serving(tclrun, tmp_path: Path) -> None:
+    script = tmp_path / "stamp.tcl"
+    script.write_text(stamping("A"))
+    run = tclrun(script)
+    script.write_text(BROKEN)
+    run.child.kill(signal.SIGUSR1)
+    m = run.wait_for(r"ERROR: reload: generation 2 not loaded, generation 1 serves on unchanged: (.*?)\r?\n")
+    assert m.group(1) == f'{script}:4: error: invalid command name "nosuchcommand"'
+    run.wait_for(r'  invalid command name "nosuchcommand"\r?\n    while executing\r?\n  "nosuchcommand 42"')
+    with run.mta() as mta:
+        mta.negotiate()
+        assert [p for p in mta.message()["eom"] if p[0] == "h"] == [("h", b"X-Stamp\0A\0")]
+    # a missing file, then a change that needs a restart: the same
+    script.unlink()
+    run.child.kill(signal.SIGUSR1)
+    run.wait_for(r'generation 2 not loaded, generation 1 serves on unchanged: couldn\'t read file "[^"]+stamp.tcl"')
+    script.write_text("milter configure -workers 2 -backlog 7\n" + stamping("B"))
+    run.child.kill(signal.SIGUSR1)
+    run.wait_for(r"generation 2 not loaded, generation 1 serves on unchanged: -backlog, -workers cannot change "
+                 r"without a restart\r?\n")
+    with run.mta() as mta:
+        mta.negotiate()
+        assert [p for p in mta.message()["eom"] if p[0] == "h"] == [("h", b"X-Stamp\0A\0")]
+    # and a good one loads as generation 2
+    script.write_text(stamping("B"))
+    run.child.kill(signal.SIGUSR1)
+    run.wait_for(r"reload: generation 1 is gone \(its last session is over\); generation 2 serves")
+    assert run.stop() == 0
+    assert re.findall(r"after main: \w", run.text) == ["after main: B"]
+
+
+def test_python_hooks_are_loaded_afresh(tclrun, tmp_path: Path) -> None:
+    script = tmp_path / "stamp.tcl"
+    script.write_text(stamping("A"))
+    hook = "def setup(milter):\n    @milter.register('eom')\n    def eom(ctx):\n        ctx.addheader('X-Py', 'V1')\n"
+    run = tclrun(script, python=[hook])
+    hooks = tmp_path / "hooks0.py"
+    hooks.write_text(hook.replace("V1", "V2"))
+    run.child.kill(signal.SIGUSR1)
+    run.wait_for(GONE)
+    with run.mta() as mta:
+        mta.negotiate()
+        headers = sorted(p[1] for p in mta.message()["eom"] if p[0] == "h")
+    assert headers == [b"X-Py\0V2\0", b"X-Stamp\0A\0"]
+    hooks.write_text("def setup(milter):\n    raise RuntimeError('bad hooks')\n")
+    run.child.kill(signal.SIGUSR1)
+    run.wait_for(r"generation 3 not loaded, generation 2 serves on unchanged: RuntimeError: bad hooks\r?\n  Traceback")
+    assert run.stop() == 0
+
+
+def test_a_replaced_interpreter_is_freed_without_running_the_code_after_milter_main(tmp_path: Path) -> None:
+    from pytclmilter.tcl.interp import TclHost
+
+    marker = tmp_path / "ran"
+    script = tmp_path / "s.tcl"
+    script.write_text(f"package require TclMilter\nmilter main\nclose [open {marker} w]\n")
+    host = TclHost()
+    assert host.start(str(script)) is True
+    tcl = weakref.ref(host.tcl)
+    gc.freeze()  # as the serving process does
+    try:
+        from pytclmilter.commands.reloading import _collect
+
+        host.close()
+        del host
+        _collect()
+        assert tcl() is None
+    finally:
+        gc.unfreeze()
+    assert not marker.exists()
