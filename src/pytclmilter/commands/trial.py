@@ -1,33 +1,51 @@
-"""``pytclmilter try``: one message through a script, no MTA, through the real server code.
+"""``pytclmilter try``: messages through a script, no MTA, through the real server code.
 
 The script's ``milter main`` serves on a private unix socket in a temporary
-directory; the MTA side of :mod:`pytclmilter.client` sends the message there,
-then the milter stops and ``main`` returns, exactly as in production.
+directory; the MTA side of :mod:`pytclmilter.client` sends the messages there,
+one connection each and one after the other, as an MTA would; then the
+milter stops and ``main`` returns, exactly as in production. One message file
+gets the full report; a directory of ``.eml`` files or an mbox gets a line per
+message and a summary.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import shutil
 import sys
 import tempfile
 import tkinter
+from typing import Awaitable, Callable
 
 from ..client.apply import apply
+from ..client.archive import Item, Listing, open_input
+from ..client.batch import Tally, Verdict, about, error_line, line
 from ..client.conversation import Outcome
 from ..client.load import one
+from ..client.message import Message
 from ..client.report import EXIT_CODES, as_text, to_json
 from ..connspec import ConnSpec
 from ..hooks import Hooks
-from .common import EX_SOFTWARE, ScriptExit, add_envelope_options, add_script_options, make_host, read_message
+from ..logline import escape
+from .common import (EX_NOINPUT, EX_SOFTWARE, ScriptExit, UsageError, add_envelope_options, add_script_options,
+                     envelope_of, macros_of, make_host, read_message)
 from .logs import setup_logging
+
+#: Exit statuses of a batch (docs/cli.md); a single message exits with its verdict.
+ALL_TRIED, NOT_ALL_TRIED = 0, 2
+
+#: What is called for each message of a batch: its number, the item, and the script's verdict
+#: (None when the message was not tried).
+OnMessage = Callable[[int, Item, str, Verdict | None], None]
 
 
 def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> argparse.ArgumentParser:
-    p = sub.add_parser("try", help="run one message through a script without an MTA and show what it did")
+    p = sub.add_parser("try", help="run a message, a directory of .eml files or an mbox through a script "
+                                   "without an MTA and show what it did")
     p.add_argument("script", help="the TclMilter script (.tcl)")
-    add_envelope_options(p)
+    add_envelope_options(p, "a message file, a directory of .eml files, an mbox, or - for standard input")
     add_script_options(p)
     p.add_argument("--log-level", default="warning", choices=["debug", "info", "warning", "error"])
     return p
@@ -35,36 +53,125 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> argp
 
 def cmd_try(opts: argparse.Namespace) -> int:
     setup_logging(opts.log_level)
-    msg, env = read_message(opts)
+    macros_of(opts)  # a usage error before anything runs
     workdir = tempfile.mkdtemp(prefix="pytclmilter-try-")
     try:
-        exited = ScriptExit()
-        outcomes: list[Outcome] = []
-
-        async def converse(spec: ConnSpec) -> None:
-            try:
-                outcomes.append(await one(spec, env, msg))
-            finally:
-                host.milter.stop()
-
-        def listening(spec: ConnSpec) -> None:
-            asyncio.ensure_future(converse(spec))
-
-        host = make_host(opts.script, opts.python, {"-connection": f"unix:{workdir}/try.sock", "-grace": "5"},
-                         on_exit=exited, milter_hooks=Hooks(listening=listening))
-        host.set_argv(opts.script, list(getattr(opts, "rest", [])))
-        try:
-            host.source(opts.script)
-        except tkinter.TclError:
-            if exited.code is None:
-                print(host.error_info(), file=sys.stderr)
-                return EX_SOFTWARE
-        if not outcomes:
-            print(f"pytclmilter: {opts.script} never called milter main", file=sys.stderr)
-            return EX_SOFTWARE
+        listing = _input(opts, workdir)
+        if listing.kind == "message":
+            return _single(opts, listing.path, workdir)
+        if opts.json:
+            raise UsageError("--json reports on a single message")
+        return _batch(opts, listing, workdir)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
+
+
+def _input(opts: argparse.Namespace, workdir: str) -> Listing:
+    """What the MESSAGE argument names; standard input is copied to a file first (an mbox must be seekable)."""
+    path = opts.message
+    if path == "-":
+        path = os.path.join(workdir, "stdin")
+        with open(path, "wb") as f:
+            shutil.copyfileobj(sys.stdin.buffer, f)
+    try:
+        return open_input(path, opts.message)
+    except OSError as exc:
+        raise UsageError(f"{opts.message}: {exc.strerror}", EX_NOINPUT) from None
+
+
+def _serve(opts: argparse.Namespace, script: str, socket: str,
+           work: Callable[[ConnSpec], Awaitable[None]]) -> int | None:
+    """Run the script; once its ``milter main`` listens, ``work`` talks to it, then the milter stops.
+    None when all went well, else the exit status (the error is printed)."""
+    exited = ScriptExit()
+    listened: list[bool] = []
+    failed: list[Exception] = []
+
+    async def converse(spec: ConnSpec) -> None:
+        listened.append(True)
+        try:
+            await work(spec)
+        except Exception as exc:  # raised again below, out of the script's `milter main`
+            failed.append(exc)
+        finally:
+            host.milter.stop()
+
+    def listening(spec: ConnSpec) -> None:
+        asyncio.ensure_future(converse(spec))
+
+    host = make_host(script, opts.python, {"-connection": f"unix:{socket}", "-grace": "5"},
+                     on_exit=exited, milter_hooks=Hooks(listening=listening))
+    host.set_argv(script, list(getattr(opts, "rest", [])))
+    try:
+        host.source(script)
+    except tkinter.TclError:
+        if failed:
+            raise failed[0]
+        if exited.code is None:
+            print(host.error_info(), file=sys.stderr)
+            return EX_SOFTWARE
+    if failed:
+        raise failed[0]
+    if not listened:
+        print(f"pytclmilter: {script} never called milter main", file=sys.stderr)
+        return EX_SOFTWARE
+    return None
+
+
+def _single(opts: argparse.Namespace, path: str, workdir: str) -> int:
+    """One message: the stage-by-stage report, the exit status of its verdict."""
+    opts.message = path
+    msg, env = read_message(opts)
+    outcomes: list[Outcome] = []
+
+    async def work(spec: ConnSpec) -> None:
+        outcomes.append(await one(spec, env, msg))
+
+    failure = _serve(opts, opts.script, f"{workdir}/try.sock", work)
+    if failure is not None:
+        return failure
     outcome = outcomes[0]
     result = apply(outcome.actions, msg, env) if outcome.verdict in ("accept", "quarantine") else None
     print(to_json(outcome, result) if opts.json else as_text(outcome, result))
     return EXIT_CODES.get(outcome.verdict, 2)
+
+
+def _run_all(opts: argparse.Namespace, script: str, listing: Listing, socket: str, each: OnMessage) -> int | None:
+    """Every message of the listing through the script, one connection each, in order; ``each``
+    gets the verdicts. The script runs once for the whole batch (its state carries over, as in
+    production); message N has queue id 4TRYnnnnnnn with N in its digits."""
+
+    async def work(spec: ConnSpec) -> None:
+        for n, item in enumerate(listing.items(), 1):
+            if item.error:
+                each(n, item, "", None)
+                continue
+            msg = Message.parse(item.raw)
+            env = envelope_of(opts, msg, f"4TRY{n:07d}")
+            each(n, item, about(env, msg), Verdict.of(await one(spec, env, msg)))
+
+    return _serve(opts, script, socket, work)
+
+
+def _batch(opts: argparse.Namespace, listing: Listing, workdir: str) -> int:
+    """A line per message as it is done, then the summary."""
+    tally = Tally()
+
+    def each(n: int, item: Item, what: str, verdict: Verdict | None) -> None:
+        print(error_line(item.label, item.error) if verdict is None else line(item.label, what, verdict), flush=True)
+        tally.add(verdict)
+
+    failure = _run_all(opts, opts.script, listing, f"{workdir}/try.sock", each)
+    if failure is not None:
+        return failure
+    _note_ignored(listing)
+    print(tally.text())
+    return NOT_ALL_TRIED if tally.failed else ALL_TRIED
+
+
+def _note_ignored(listing: Listing) -> None:
+    if listing.ignored:
+        sys.stdout.flush()
+        n = listing.ignored
+        print(f"pytclmilter try: {escape(listing.name)}: {n} entr{'y' if n == 1 else 'ies'} ignored (only regular "
+              "*.eml files directly in the directory are read; symbolic links are not followed)", file=sys.stderr)
