@@ -1,4 +1,4 @@
-"""The report of ``pytclmilter try`` on many messages: a line each, and a summary.
+"""The report of ``pytclmilter try`` on many messages: a line each, a summary, or a comparison of two scripts.
 
 Everything here is one line per fact, and every string that comes from a
 message or a script (a subject, a sender, a reply text, a header value) goes
@@ -23,7 +23,7 @@ from .report import describe
 @dataclass(frozen=True)
 class Verdict:
     """What one script did with one message: all that the MTA would act on, and nothing else,
-    in a form two verdicts can be compared in."""
+    so that two scripts did the same exactly when their Verdicts are equal."""
 
     verdict: str
     stage: str
@@ -120,3 +120,31 @@ class Tally:
         if not_tried:
             counts.append(f"{not_tried} not tried")
         return f"summary: {n} message{'' if n == 1 else 's'}" + (": " + ", ".join(counts) if counts else "")
+
+
+def comparison(label: str, what: str, names: tuple[str, str], a: Verdict, b: Verdict) -> list[str]:
+    """Two scripts' verdicts on one message: each side's verdict, then what only that side did."""
+    width = max(len(escape(n)) for n in names)
+    lines = [f"{escape(label)}: {what}"]
+    for name, mine, theirs in ((names[0], a, b), (names[1], b, a)):
+        lines.append(f"  {escape(name) + ':':{width + 1}} {mine.text()}")
+        lines += [f"      {escape(item)}" for item in _only_in(mine.modifications + mine.rejected,
+                                                             theirs.modifications + theirs.rejected)]
+    return lines
+
+
+def _only_in(mine: tuple[str, ...], theirs: tuple[str, ...]) -> list[str]:
+    """The items of ``mine`` that ``theirs`` lacks, counting repeats, in ``mine``'s order."""
+    left = Counter(theirs)
+    out = []
+    for item in mine:
+        if left[item]:
+            left[item] -= 1
+        else:
+            out.append(item)
+    return out
+
+
+def comparison_summary(messages: int, differ: int, not_tried: int) -> str:
+    text = f"summary: {messages} message{'' if messages == 1 else 's'}, {differ} differ{'s' if differ == 1 else ''}"
+    return text + (f", {not_tried} not tried" if not_tried else "")

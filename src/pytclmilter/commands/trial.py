@@ -5,7 +5,8 @@ directory; the MTA side of :mod:`pytclmilter.client` sends the messages there,
 one connection each and one after the other, as an MTA would; then the
 milter stops and ``main`` returns, exactly as in production. One message file
 gets the full report; a directory of ``.eml`` files or an mbox gets a line per
-message and a summary.
+message and a summary. ``--compare`` runs a second script the same way and
+lists the messages the two treat differently.
 """
 
 from __future__ import annotations
@@ -17,11 +18,12 @@ import shutil
 import sys
 import tempfile
 import tkinter
+from pathlib import Path
 from typing import Awaitable, Callable
 
 from ..client.apply import apply
 from ..client.archive import Item, Listing, open_input
-from ..client.batch import Tally, Verdict, about, error_line, line
+from ..client.batch import Tally, Verdict, about, comparison, comparison_summary, error_line, line
 from ..client.conversation import Outcome
 from ..client.load import one
 from ..client.message import Message
@@ -33,8 +35,8 @@ from .common import (EX_NOINPUT, EX_SOFTWARE, ScriptExit, UsageError, add_envelo
                      envelope_of, macros_of, make_host, read_message)
 from .logs import setup_logging
 
-#: Exit statuses of a batch (docs/cli.md); a single message exits with its verdict.
-ALL_TRIED, NOT_ALL_TRIED = 0, 2
+#: Exit statuses of a batch and of --compare (docs/cli.md); a single message exits with its verdict.
+ALL_TRIED, DIFFER, NOT_ALL_TRIED = 0, 1, 2
 
 #: What is called for each message of a batch: its number, the item, and the script's verdict
 #: (None when the message was not tried).
@@ -46,6 +48,8 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> argp
                                    "without an MTA and show what it did")
     p.add_argument("script", help="the TclMilter script (.tcl)")
     add_envelope_options(p, "a message file, a directory of .eml files, an mbox, or - for standard input")
+    p.add_argument("--compare", metavar="OTHER.tcl",
+                   help="run OTHER.tcl too and list only the messages whose verdict or modifications differ")
     add_script_options(p)
     p.add_argument("--log-level", default="warning", choices=["debug", "info", "warning", "error"])
     return p
@@ -57,10 +61,12 @@ def cmd_try(opts: argparse.Namespace) -> int:
     workdir = tempfile.mkdtemp(prefix="pytclmilter-try-")
     try:
         listing = _input(opts, workdir)
-        if listing.kind == "message":
+        if listing.kind == "message" and not opts.compare:
             return _single(opts, listing.path, workdir)
         if opts.json:
-            raise UsageError("--json reports on a single message")
+            raise UsageError("--json reports on a single message, without --compare")
+        if opts.compare:
+            return _compare(opts, listing, workdir)
         return _batch(opts, listing, workdir)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
@@ -167,6 +173,39 @@ def _batch(opts: argparse.Namespace, listing: Listing, workdir: str) -> int:
     _note_ignored(listing)
     print(tally.text())
     return NOT_ALL_TRIED if tally.failed else ALL_TRIED
+
+
+def _compare(opts: argparse.Namespace, listing: Listing, workdir: str) -> int:
+    """The first script over every message, then the other, listing the messages they treat differently."""
+    for script in (opts.script, opts.compare):  # both, before a long batch runs through the first
+        if not Path(script).is_file():
+            raise UsageError(f'couldn\'t read file "{script}": no such file or directory', EX_NOINPUT)
+    first: list[Verdict | None] = []
+    failure = _run_all(opts, opts.script, listing, f"{workdir}/first.sock", lambda n, i, w, v: first.append(v))
+    if failure is not None:
+        return failure
+    differ = not_tried = failed = 0
+    names = (opts.script, opts.compare)
+
+    def each(n: int, item: Item, what: str, verdict: Verdict | None) -> None:
+        nonlocal differ, not_tried, failed
+        mine = first[n - 1] if n <= len(first) else None
+        if verdict is None or mine is None:
+            not_tried += 1
+            print(error_line(item.label, item.error or "not tried by the first script"), flush=True)
+            return
+        broken = bool(verdict.error or mine.error)  # shown even when both broke alike
+        failed += broken
+        differ += verdict != mine
+        if verdict != mine or broken:
+            print("\n".join(comparison(item.label, what, names, mine, verdict)), flush=True)
+
+    failure = _run_all(opts, opts.compare, listing, f"{workdir}/other.sock", each)
+    if failure is not None:
+        return failure
+    _note_ignored(listing)
+    print(comparison_summary(len(first), differ, not_tried))
+    return NOT_ALL_TRIED if not_tried or failed else DIFFER if differ else ALL_TRIED
 
 
 def _note_ignored(listing: Listing) -> None:
