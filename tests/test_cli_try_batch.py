@@ -205,6 +205,26 @@ def test_try_batch_is_one_script_instance_with_a_connection_per_message(tmp_path
     assert status == 0
 
 
+def test_try_batch_ends_where_the_script_stops_serving(tmp_path: Path) -> None:
+    """A callback that calls `milter stop`: the message it was called for is answered (the open
+    connection gets its grace), the next one finds the socket gone and the batch ends there."""
+    script = tmp_path / "stopper.tcl"
+    script.write_text("package require TclMilter 1.0\n"
+                      "proc ef { context args } { milter stop; return SMFIS_CONTINUE }\n"
+                      "milter register envfrom ef\nmilter main\n")
+    plain = (DATA / "plain.eml").read_bytes()
+    box = write_mbox(tmp_path / "archive.mbox", plain, plain, plain)
+    status, out = cli("try", str(script), str(box))
+    assert output_lines(out) == [
+        '#1: accept at eom, 0 modifications; from <alice@example.org>, subject "Lunch on Friday?"',
+        f"pytclmilter: {script} no longer serves ([Errno 2] No such file or directory): the messages from #2 "
+        "on were not tried",
+        "#2: error: not tried: the filter stopped serving",
+        "summary: 2 messages: 1 accept, 1 not tried",
+    ], out
+    assert status == 2
+
+
 # ============================================================================ --compare
 
 

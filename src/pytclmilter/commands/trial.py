@@ -18,14 +18,15 @@ import shutil
 import sys
 import tempfile
 import tkinter
+from dataclasses import replace
 from pathlib import Path
 from typing import Awaitable, Callable
 
 from ..client.apply import apply
 from ..client.archive import Item, Listing, open_input
 from ..client.batch import Tally, Verdict, about, comparison, comparison_summary, error_line, line
-from ..client.conversation import Outcome
-from ..client.load import one
+from ..client.conversation import Outcome, converse
+from ..client.load import connect, one
 from ..client.message import Message
 from ..client.report import EXIT_CODES, as_text, to_json
 from ..connspec import ConnSpec
@@ -91,12 +92,14 @@ def _serve(opts: argparse.Namespace, script: str, socket: str,
     None when all went well, else the exit status (the error is printed)."""
     exited = ScriptExit()
     listened: list[bool] = []
+    done: list[bool] = []
     failed: list[Exception] = []
 
     async def converse(spec: ConnSpec) -> None:
         listened.append(True)
         try:
             await work(spec)
+            done.append(True)
         except Exception as exc:  # raised again below, out of the script's `milter main`
             failed.append(exc)
         finally:
@@ -120,6 +123,9 @@ def _serve(opts: argparse.Namespace, script: str, socket: str,
         raise failed[0]
     if not listened:
         print(f"pytclmilter: {script} never called milter main", file=sys.stderr)
+        return EX_SOFTWARE
+    if not done:  # `milter main` returned (`milter stop` in a callback) while a conversation was on
+        print(f"pytclmilter: {script} stopped serving before every message was tried", file=sys.stderr)
         return EX_SOFTWARE
     return None
 
@@ -145,7 +151,8 @@ def _single(opts: argparse.Namespace, path: str, workdir: str) -> int:
 def _run_all(opts: argparse.Namespace, script: str, listing: Listing, socket: str, each: OnMessage) -> int | None:
     """Every message of the listing through the script, one connection each, in order; ``each``
     gets the verdicts. The script runs once for the whole batch (its state carries over, as in
-    production); message N has queue id 4TRYnnnnnnn with N in its digits."""
+    production); message N has queue id 4TRYnnnnnnn with N in its digits. When the socket is gone
+    (a callback called `milter stop`), the batch ends there: no later message could be tried."""
 
     async def work(spec: ConnSpec) -> None:
         for n, item in enumerate(listing.items(), 1):
@@ -154,7 +161,14 @@ def _run_all(opts: argparse.Namespace, script: str, listing: Listing, socket: st
                 continue
             msg = Message.parse(item.raw)
             env = envelope_of(opts, msg, f"4TRY{n:07d}")
-            each(n, item, about(env, msg), Verdict.of(await one(spec, env, msg)))
+            try:
+                reader, writer = await connect(spec)
+            except OSError as exc:
+                print(f"pytclmilter: {escape(script)} no longer serves ({escape(str(exc))}): the messages "
+                      f"from {escape(item.label)} on were not tried", file=sys.stderr)
+                each(n, replace(item, error="not tried: the filter stopped serving"), "", None)
+                return
+            each(n, item, about(env, msg), Verdict.of(await converse(reader, writer, env, msg)))
 
     return _serve(opts, script, socket, work)
 
@@ -184,11 +198,12 @@ def _compare(opts: argparse.Namespace, listing: Listing, workdir: str) -> int:
     failure = _run_all(opts, opts.script, listing, f"{workdir}/first.sock", lambda n, i, w, v: first.append(v))
     if failure is not None:
         return failure
-    differ = not_tried = failed = 0
+    differ = not_tried = failed = seen = 0
     names = (opts.script, opts.compare)
 
     def each(n: int, item: Item, what: str, verdict: Verdict | None) -> None:
-        nonlocal differ, not_tried, failed
+        nonlocal differ, not_tried, failed, seen
+        seen = n
         mine = first[n - 1] if n <= len(first) else None
         if verdict is None or mine is None:
             not_tried += 1
@@ -204,6 +219,7 @@ def _compare(opts: argparse.Namespace, listing: Listing, workdir: str) -> int:
     if failure is not None:
         return failure
     _note_ignored(listing)
+    not_tried += max(0, len(first) - seen)  # the other script stopped serving before these
     print(comparison_summary(len(first), differ, not_tried))
     return NOT_ALL_TRIED if not_tried or failed else DIFFER if differ else ALL_TRIED
 
