@@ -87,8 +87,8 @@ class ScriptExit:
         raise TclUsageError(f"exit {code}")
 
 
-def add_envelope_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("message", metavar="MESSAGE.eml", help="the message file")
+def add_envelope_options(p: argparse.ArgumentParser, message_help: str = "the message file") -> None:
+    p.add_argument("message", metavar="MESSAGE.eml", help=message_help)
     p.add_argument("--from", dest="sender", metavar="ADDR", help="envelope sender (default: Return-Path or From)")
     p.add_argument("--rcpt", action="append", default=[], metavar="ADDR",
                    help="envelope recipient, repeatable (default: To, Cc, Bcc)")
@@ -106,12 +106,22 @@ def read_message(opts: argparse.Namespace) -> tuple[Message, Envelope]:
     except OSError as exc:
         raise UsageError(f"{opts.message}: {exc.strerror}", EX_NOINPUT) from None
     msg = Message.parse(raw)
+    return msg, envelope_of(opts, msg)
+
+
+def envelope_of(opts: argparse.Namespace, msg: Message, queue_id: str = Envelope.queue_id) -> Envelope:
+    """The envelope of one message: the options where given, else the message's headers."""
+    return Envelope.from_message(msg, opts.sender, opts.rcpt or None, client_ip=opts.client_ip,
+                                 client_name=opts.client_name, helo=opts.helo, macros=macros_of(opts),
+                                 queue_id=queue_id)
+
+
+def macros_of(opts: argparse.Namespace) -> dict[str, str]:
+    """The --macro options; UsageError for one that is not NAME=VALUE."""
     macros = {}
     for item in opts.macro:
         name, eq, value = item.partition("=")
         if not eq or not name:
             raise UsageError(f'--macro "{item}": must be NAME=VALUE')
         macros[name] = value
-    env = Envelope.from_message(msg, opts.sender, opts.rcpt or None, client_ip=opts.client_ip,
-                                client_name=opts.client_name, helo=opts.helo, macros=macros)
-    return msg, env
+    return macros

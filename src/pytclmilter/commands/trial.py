@@ -1,33 +1,56 @@
-"""``pytclmilter try``: one message through a script, no MTA, through the real server code.
+"""``pytclmilter try``: messages through a script, no MTA, through the real server code.
 
 The script's ``milter main`` serves on a private unix socket in a temporary
-directory; the MTA side of :mod:`pytclmilter.client` sends the message there,
-then the milter stops and ``main`` returns, exactly as in production.
+directory; the MTA side of :mod:`pytclmilter.client` sends the messages there,
+one connection each and one after the other, as an MTA would; then the
+milter stops and ``main`` returns, exactly as in production. One message file
+gets the full report; a directory of ``.eml`` files or an mbox gets a line per
+message and a summary. ``--compare`` runs a second script the same way and
+lists the messages the two treat differently.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import shutil
 import sys
 import tempfile
 import tkinter
+from dataclasses import replace
+from pathlib import Path
+from typing import Awaitable, Callable
 
 from ..client.apply import apply
-from ..client.conversation import Outcome
-from ..client.load import one
+from ..client.archive import Item, Listing, open_input
+from ..client.batch import Tally, Verdict, about, comparison, comparison_summary, error_line, line
+from ..client.conversation import Outcome, converse
+from ..client.load import connect, one
+from ..client.message import Message
 from ..client.report import EXIT_CODES, as_text, to_json
 from ..connspec import ConnSpec
 from ..hooks import Hooks
-from .common import EX_SOFTWARE, ScriptExit, add_envelope_options, add_script_options, make_host, read_message
+from ..logline import escape
+from .common import (EX_NOINPUT, EX_SOFTWARE, ScriptExit, UsageError, add_envelope_options, add_script_options,
+                     envelope_of, macros_of, make_host, read_message)
 from .logs import setup_logging
+
+#: Exit statuses of a batch and of --compare (docs/cli.md); a single message exits with its verdict.
+ALL_TRIED, DIFFER, NOT_ALL_TRIED = 0, 1, 2
+
+#: What is called for each message of a batch: its number, the item, and the script's verdict
+#: (None when the message was not tried).
+OnMessage = Callable[[int, Item, str, Verdict | None], None]
 
 
 def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> argparse.ArgumentParser:
-    p = sub.add_parser("try", help="run one message through a script without an MTA and show what it did")
+    p = sub.add_parser("try", help="run a message, a directory of .eml files or an mbox through a script "
+                                   "without an MTA and show what it did")
     p.add_argument("script", help="the TclMilter script (.tcl)")
-    add_envelope_options(p)
+    add_envelope_options(p, "a message file, a directory of .eml files, an mbox, or - for standard input")
+    p.add_argument("--compare", metavar="OTHER.tcl",
+                   help="run OTHER.tcl too and list only the messages whose verdict or modifications differ")
     add_script_options(p)
     p.add_argument("--log-level", default="warning", choices=["debug", "info", "warning", "error"])
     return p
@@ -35,36 +58,175 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> argp
 
 def cmd_try(opts: argparse.Namespace) -> int:
     setup_logging(opts.log_level)
-    msg, env = read_message(opts)
+    macros_of(opts)  # a usage error before anything runs
     workdir = tempfile.mkdtemp(prefix="pytclmilter-try-")
     try:
-        exited = ScriptExit()
-        outcomes: list[Outcome] = []
-
-        async def converse(spec: ConnSpec) -> None:
-            try:
-                outcomes.append(await one(spec, env, msg))
-            finally:
-                host.milter.stop()
-
-        def listening(spec: ConnSpec) -> None:
-            asyncio.ensure_future(converse(spec))
-
-        host = make_host(opts.script, opts.python, {"-connection": f"unix:{workdir}/try.sock", "-grace": "5"},
-                         on_exit=exited, milter_hooks=Hooks(listening=listening))
-        host.set_argv(opts.script, list(getattr(opts, "rest", [])))
-        try:
-            host.source(opts.script)
-        except tkinter.TclError:
-            if exited.code is None:
-                print(host.error_info(), file=sys.stderr)
-                return EX_SOFTWARE
-        if not outcomes:
-            print(f"pytclmilter: {opts.script} never called milter main", file=sys.stderr)
-            return EX_SOFTWARE
+        listing = _input(opts, workdir)
+        if listing.kind == "message" and not opts.compare:
+            return _single(opts, listing.path, workdir)
+        if opts.json:
+            raise UsageError("--json reports on a single message, without --compare")
+        if opts.compare:
+            return _compare(opts, listing, workdir)
+        return _batch(opts, listing, workdir)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
+
+
+def _input(opts: argparse.Namespace, workdir: str) -> Listing:
+    """What the MESSAGE argument names; standard input is copied to a file first (an mbox must be seekable)."""
+    path = opts.message
+    if path == "-":
+        path = os.path.join(workdir, "stdin")
+        with open(path, "wb") as f:
+            shutil.copyfileobj(sys.stdin.buffer, f)
+    try:
+        return open_input(path, opts.message)
+    except OSError as exc:
+        raise UsageError(f"{opts.message}: {exc.strerror}", EX_NOINPUT) from None
+
+
+def _serve(opts: argparse.Namespace, script: str, socket: str,
+           work: Callable[[ConnSpec], Awaitable[None]]) -> int | None:
+    """Run the script; once its ``milter main`` listens, ``work`` talks to it, then the milter stops.
+    None when all went well, else the exit status (the error is printed)."""
+    exited = ScriptExit()
+    listened: list[bool] = []
+    done: list[bool] = []
+    failed: list[Exception] = []
+
+    async def converse(spec: ConnSpec) -> None:
+        listened.append(True)
+        try:
+            await work(spec)
+            done.append(True)
+        except Exception as exc:  # raised again below, out of the script's `milter main`
+            failed.append(exc)
+        finally:
+            host.milter.stop()
+
+    def listening(spec: ConnSpec) -> None:
+        asyncio.ensure_future(converse(spec))
+
+    host = make_host(script, opts.python, {"-connection": f"unix:{socket}", "-grace": "5"},
+                     on_exit=exited, milter_hooks=Hooks(listening=listening))
+    host.set_argv(script, list(getattr(opts, "rest", [])))
+    try:
+        host.source(script)
+    except tkinter.TclError:
+        if failed:
+            raise failed[0]
+        if exited.code is None:
+            print(host.error_info(), file=sys.stderr)
+            return EX_SOFTWARE
+    if failed:
+        raise failed[0]
+    if not listened:
+        print(f"pytclmilter: {script} never called milter main", file=sys.stderr)
+        return EX_SOFTWARE
+    if not done:  # `milter main` returned (`milter stop` in a callback) while a conversation was on
+        print(f"pytclmilter: {script} stopped serving before every message was tried", file=sys.stderr)
+        return EX_SOFTWARE
+    return None
+
+
+def _single(opts: argparse.Namespace, path: str, workdir: str) -> int:
+    """One message: the stage-by-stage report, the exit status of its verdict."""
+    opts.message = path
+    msg, env = read_message(opts)
+    outcomes: list[Outcome] = []
+
+    async def work(spec: ConnSpec) -> None:
+        outcomes.append(await one(spec, env, msg))
+
+    failure = _serve(opts, opts.script, f"{workdir}/try.sock", work)
+    if failure is not None:
+        return failure
     outcome = outcomes[0]
     result = apply(outcome.actions, msg, env) if outcome.verdict in ("accept", "quarantine") else None
     print(to_json(outcome, result) if opts.json else as_text(outcome, result))
     return EXIT_CODES.get(outcome.verdict, 2)
+
+
+def _run_all(opts: argparse.Namespace, script: str, listing: Listing, socket: str, each: OnMessage) -> int | None:
+    """Every message of the listing through the script, one connection each, in order; ``each``
+    gets the verdicts. The script runs once for the whole batch (its state carries over, as in
+    production); message N has queue id 4TRYnnnnnnn with N in its digits. When the socket is gone
+    (a callback called `milter stop`), the batch ends there: no later message could be tried."""
+
+    async def work(spec: ConnSpec) -> None:
+        for n, item in enumerate(listing.items(), 1):
+            if item.error:
+                each(n, item, "", None)
+                continue
+            msg = Message.parse(item.raw)
+            env = envelope_of(opts, msg, f"4TRY{n:07d}")
+            try:
+                reader, writer = await connect(spec)
+            except OSError as exc:
+                print(f"pytclmilter: {escape(script)} no longer serves ({escape(str(exc))}): the messages "
+                      f"from {escape(item.label)} on were not tried", file=sys.stderr)
+                each(n, replace(item, error="not tried: the filter stopped serving"), "", None)
+                return
+            each(n, item, about(env, msg), Verdict.of(await converse(reader, writer, env, msg)))
+
+    return _serve(opts, script, socket, work)
+
+
+def _batch(opts: argparse.Namespace, listing: Listing, workdir: str) -> int:
+    """A line per message as it is done, then the summary."""
+    tally = Tally()
+
+    def each(n: int, item: Item, what: str, verdict: Verdict | None) -> None:
+        print(error_line(item.label, item.error) if verdict is None else line(item.label, what, verdict), flush=True)
+        tally.add(verdict)
+
+    failure = _run_all(opts, opts.script, listing, f"{workdir}/try.sock", each)
+    if failure is not None:
+        return failure
+    _note_ignored(listing)
+    print(tally.text())
+    return NOT_ALL_TRIED if tally.failed else ALL_TRIED
+
+
+def _compare(opts: argparse.Namespace, listing: Listing, workdir: str) -> int:
+    """The first script over every message, then the other, listing the messages they treat differently."""
+    for script in (opts.script, opts.compare):  # both, before a long batch runs through the first
+        if not Path(script).is_file():
+            raise UsageError(f'couldn\'t read file "{script}": no such file or directory', EX_NOINPUT)
+    first: list[Verdict | None] = []
+    failure = _run_all(opts, opts.script, listing, f"{workdir}/first.sock", lambda n, i, w, v: first.append(v))
+    if failure is not None:
+        return failure
+    differ = not_tried = failed = seen = 0
+    names = (opts.script, opts.compare)
+
+    def each(n: int, item: Item, what: str, verdict: Verdict | None) -> None:
+        nonlocal differ, not_tried, failed, seen
+        seen = n
+        mine = first[n - 1] if n <= len(first) else None
+        if verdict is None or mine is None:
+            not_tried += 1
+            print(error_line(item.label, item.error or "not tried by the first script"), flush=True)
+            return
+        broken = bool(verdict.error or mine.error)  # shown even when both broke alike
+        failed += broken
+        differ += verdict != mine
+        if verdict != mine or broken:
+            print("\n".join(comparison(item.label, what, names, mine, verdict)), flush=True)
+
+    failure = _run_all(opts, opts.compare, listing, f"{workdir}/other.sock", each)
+    if failure is not None:
+        return failure
+    _note_ignored(listing)
+    not_tried += max(0, len(first) - seen)  # the other script stopped serving before these
+    print(comparison_summary(len(first), differ, not_tried))
+    return NOT_ALL_TRIED if not_tried or failed else DIFFER if differ else ALL_TRIED
+
+
+def _note_ignored(listing: Listing) -> None:
+    if listing.ignored:
+        sys.stdout.flush()
+        n = listing.ignored
+        print(f"pytclmilter try: {escape(listing.name)}: {n} entr{'y' if n == 1 else 'ies'} ignored (only regular "
+              "*.eml files directly in the directory are read; symbolic links are not followed)", file=sys.stderr)

@@ -1,0 +1,139 @@
+"""The messages ``pytclmilter try`` reads: one message file, a directory of ``.eml`` files, or an mbox.
+
+An mbox is told by its first line (``From ``, as every mbox writer starts a
+message) and read with Python's :mod:`mailbox`: a message ends at the next
+line that starts with ``From ``, its ``From `` line is dropped, and every
+other byte is handed on as it is (8-bit bytes included). ``>From `` lines
+are not unquoted, as :mod:`mailbox` leaves them: whether one was quoted by
+the writer (mboxrd, mboxo) cannot be told from the file.
+
+A directory: the regular files directly in it whose names end in ``.eml``
+(any case), in name order. Subdirectories are not entered and symbolic links
+are not followed (a link named ``x.eml`` is skipped, as are other entries);
+each file is opened relative to the directory, refusing a link or a file that
+is not regular at open time, so a name swapped after the listing is not read.
+"""
+
+from __future__ import annotations
+
+import mailbox
+import os
+import re
+import stat
+from dataclasses import dataclass
+from typing import Iterator
+
+#: What a mbox starts with: the separator line of its first message.
+MBOX_MAGIC = b"From "
+#: A header field's first line: a name of printable characters but the colon, then a colon
+#: (blanks before it are the obsolete syntax of RFC 5322 §4.5.3, which Message.parse strips).
+_FIELD = re.compile(rb"[!-9;-~]+[ \t]*:")
+
+
+@dataclass
+class Item:
+    """One message of the input: its label on the report, and its bytes or why there are none."""
+
+    label: str
+    raw: bytes = b""
+    error: str = ""
+
+
+@dataclass
+class Listing:
+    """The messages of an input and, for a directory, how many entries were left out."""
+
+    kind: str  # "message", "mbox" or "directory"
+    path: str
+    name: str  # as the user gave it ("-" for standard input, copied to ``path``)
+    ignored: int = 0
+
+    def items(self) -> Iterator[Item]:
+        if self.kind == "directory":
+            return _directory_items(self)
+        if self.kind == "mbox":
+            return _mbox_items(self.path)
+        return _file_item(self.path, self.name)
+
+
+def open_input(path: str, name: str) -> Listing:
+    """What ``path`` holds; OSError when it cannot be read."""
+    if os.path.isdir(path):
+        return Listing("directory", path, name)
+    with open(path, "rb") as f:
+        first = f.read(len(MBOX_MAGIC))
+    return Listing("mbox" if first == MBOX_MAGIC else "message", path, name)
+
+
+def _file_item(path: str, name: str) -> Iterator[Item]:
+    with open(path, "rb") as f:
+        yield Item(name, f.read())
+
+
+def _mbox_items(path: str) -> Iterator[Item]:
+    box = mailbox.mbox(path, create=False)
+    try:
+        for n, key in enumerate(box.iterkeys(), 1):
+            yield _checked(Item(f"#{n}", box.get_bytes(key)))
+    finally:
+        box.close()
+
+
+def _directory_items(listing: Listing) -> Iterator[Item]:
+    listing.ignored = 0
+    dirfd = os.open(listing.path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        names = []
+        with os.scandir(dirfd) as entries:
+            for entry in entries:
+                if entry.name.lower().endswith(".eml") and entry.is_file(follow_symlinks=False):
+                    names.append(entry.name)
+                else:
+                    listing.ignored += 1
+        for name in sorted(names):
+            yield _checked(_read_at(dirfd, name))
+    finally:
+        os.close(dirfd)
+
+
+def _read_at(dirfd: int, name: str) -> Item:
+    """The file ``name`` of the directory: never through a link, never a FIFO or device (no blocking open)."""
+    try:
+        fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=dirfd)
+    except OSError as exc:
+        return Item(name, error=exc.strerror or str(exc))
+    with os.fdopen(fd, "rb") as f:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return Item(name, error="not a regular file")
+        try:
+            return Item(name, f.read())
+        except OSError as exc:
+            return Item(name, error=exc.strerror or str(exc))
+
+
+def _checked(item: Item) -> Item:
+    problem = malformed(item.raw) if not item.error else None
+    if problem:
+        item.error = problem
+    return item
+
+
+def malformed(raw: bytes) -> str | None:
+    """Why a message of a batch is not tried, or None.
+
+    ``Message.parse`` takes anything (a single ``try`` sends whatever it is
+    given); in an archive, a file with no header section, or a header section
+    with a line that is neither a field nor a continuation (which the parser
+    would drop), is a broken or foreign file, and a NUL byte cannot be sent in
+    a header (the protocol ends strings with NUL)."""
+    if not raw.strip():
+        return "empty message"
+    head = raw.replace(b"\r\n", b"\n").partition(b"\n\n")[0]
+    if not _FIELD.match(head):
+        return "no header fields (the first line is not NAME: value)"
+    for n, line in enumerate(head.split(b"\n"), 1):
+        if not (_FIELD.match(line) or line[:1] in (b" ", b"\t")):
+            return f"line {n} of the header section is not a header field"
+    if b"\0" in head:
+        return "a NUL byte in the header section"
+    return None

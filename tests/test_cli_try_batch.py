@@ -1,0 +1,277 @@
+"""``pytclmilter try`` on an archive, as a mail admin tries a rule on old mail before going live.
+
+A directory of ``.eml`` files or an mbox (written by Python's ``mailbox``, as an MDA writes one,
+``From `` lines in bodies quoted) goes through a script, one connection per message: a line per
+message and a summary of verdicts; ``--compare OTHER.tcl`` lists only the messages the two
+scripts treat differently. Driven through ``pexpect`` like the rest of tests/test_cli.py.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import mailbox
+import os
+import re
+from pathlib import Path
+
+from test_cli import BLACKLIST, DATA, GREYLIST, PYTCLMILTER, ROOT, STAMP, cli
+from support.tclrun import child_env
+
+import pexpect
+
+#: blacklist.tcl without friend@public.com: differs from the original on blacklisted-from.eml only.
+LENIENT_BLACKLIST = BLACKLIST.read_text().replace("    friend@public.com\n", "")
+
+#: A script that sends each message's body back as its new body: the digest of the replaced body
+#: on the --compare line shows the bytes the script was given.
+ECHO_BODY = """package require TclMilter 1.0
+proc body_cb { context data } {
+    append ::body($context) $data
+    return SMFIS_CONTINUE
+}
+proc eom_cb { context } {
+    $context replacebody $::body($context)
+    unset ::body($context)
+    return SMFIS_CONTINUE
+}
+milter register body body_cb
+milter register eom eom_cb
+milter main
+"""
+NOTHING = "package require TclMilter 1.0\nmilter main\n"
+
+#: A message whose body has a line starting with "From " (an mbox writer quotes it as ">From ").
+FROM_IN_BODY = (b"From: Carol <carol@example.com>\nTo: bob@example.com\nSubject: Minutes\n"
+                b"Message-ID: <minutes.1@example.com>\n\nHello Bob,\n\nFrom now on we meet on Mondays.\n"
+                b"\nCarol\n")
+
+PLAIN = 'plain.eml: accept at eom, 0 modifications; from <alice@example.org>, subject "Lunch on Friday?"'
+LATIN1 = 'latin1.eml: accept at eom, 0 modifications; from <dominique@example.fr>, subject "Café"'
+SPAMMER = ('blacklisted.eml: reject at envfrom, 0 modifications; from <spammer@spamdomain.com>, '
+           'subject "You have won!!!"')
+
+
+def archive_dir(tmp_path: Path, *names: str) -> Path:
+    d = tmp_path / "archive"
+    d.mkdir()
+    for name in names:
+        (d / name).write_bytes((DATA / name).read_bytes())
+    return d
+
+
+def write_mbox(path: Path, *messages: bytes) -> Path:
+    box = mailbox.mbox(str(path))
+    for raw in messages:
+        box.add(raw)
+    box.close()
+    return path
+
+
+def output_lines(out: str) -> list[str]:
+    return [line for line in out.splitlines() if line]
+
+
+def crlf_body(raw: bytes) -> bytes:
+    """The body as the MTA sends it: after the first empty line, CRLF line ends."""
+    return raw.split(b"\n\n", 1)[1].replace(b"\n", b"\r\n")
+
+
+def replacebody(body: bytes) -> str:
+    return f"replacebody ({len(body)} bytes, sha256 {hashlib.sha256(body).hexdigest()[:12]})"
+
+
+# ============================================================================ a directory
+
+
+def test_try_directory_prints_a_line_per_message_in_name_order_and_a_summary(tmp_path: Path) -> None:
+    d = archive_dir(tmp_path, "plain.eml", "latin1.eml", "blacklisted.eml")
+    (d / "notes.txt").write_text("not a message\n")
+    (d / "older").mkdir()
+    (d / "older" / "old.eml").write_bytes((DATA / "plain.eml").read_bytes())
+    (d / "outside.eml").symlink_to(DATA / "blacklisted-from.eml")  # not followed
+    status, out = cli("try", str(BLACKLIST), str(d))
+    assert output_lines(out) == [
+        SPAMMER,
+        LATIN1,
+        PLAIN,
+        f"pytclmilter try: {d}: 3 entries ignored (only regular *.eml files directly in the directory "
+        "are read; symbolic links are not followed)",
+        "summary: 3 messages: 2 accept, 1 reject",
+    ], out
+    assert status == 0
+
+
+def test_try_directory_reports_a_malformed_message_on_its_line_and_goes_on(tmp_path: Path) -> None:
+    d = archive_dir(tmp_path, "plain.eml", "blacklisted.eml")
+    (d / "a-notes.eml").write_text("Shopping list\n\nmilk, eggs\n")
+    (d / "b-empty.eml").write_bytes(b"")
+    (d / "c-truncated.eml").write_bytes(b"From: x@example.com\nSubject: cut\n<html>\n\nbody\n")
+    status, out = cli("try", str(BLACKLIST), str(d))
+    assert output_lines(out) == [
+        "a-notes.eml: error: no header fields (the first line is not NAME: value)",
+        "b-empty.eml: error: empty message",
+        SPAMMER,
+        "c-truncated.eml: error: line 3 of the header section is not a header field",
+        PLAIN,
+        "summary: 5 messages: 1 accept, 1 reject, 3 not tried",
+    ], out
+    assert status == 2
+
+
+def test_try_escapes_what_an_archive_puts_on_a_line(tmp_path: Path) -> None:
+    """A subject (decoded from RFC 2047) or a file name from an archive cannot start a line of
+    its own or reach the terminal as an escape sequence."""
+    d = tmp_path / "archive"
+    d.mkdir()
+    (d / "evil\nsummary: 0 messages.eml").write_bytes(
+        b"From: mallory@example.com\nTo: bob@example.com\n"
+        b"Subject: =?utf-8?q?hi=0Asummary:_99_messages=1B[2J?=\n\nx\n")
+    status, out = cli("try", str(BLACKLIST), str(d))
+    assert output_lines(out) == [
+        r'evil\nsummary: 0 messages.eml: accept at eom, 0 modifications; from <mallory@example.com>, '
+        r'subject "hi\nsummary: 99 messages\x1b[2J"',
+        "summary: 1 message: 1 accept",
+    ], out
+    assert status == 0
+
+
+# ============================================================================ an mbox
+
+
+def test_try_mbox_with_a_from_line_in_a_body(tmp_path: Path) -> None:
+    box = write_mbox(tmp_path / "archive.mbox", (DATA / "plain.eml").read_bytes(),
+                     FROM_IN_BODY, (DATA / "latin1.eml").read_bytes(), (DATA / "blacklisted.eml").read_bytes())
+    assert b"\n>From now on" in box.read_bytes()  # as an MDA writes it
+    status, out = cli("try", str(BLACKLIST), str(box))
+    assert output_lines(out) == [
+        '#1: accept at eom, 0 modifications; from <alice@example.org>, subject "Lunch on Friday?"',
+        '#2: accept at eom, 0 modifications; from <carol@example.com>, subject "Minutes"',
+        '#3: accept at eom, 0 modifications; from <dominique@example.fr>, subject "Café"',
+        '#4: reject at envfrom, 0 modifications; from <spammer@spamdomain.com>, subject "You have won!!!"',
+        "summary: 4 messages: 3 accept, 1 reject",
+    ], out
+    assert status == 0
+
+
+def test_try_mbox_hands_every_byte_of_8bit_bodies_to_the_script(tmp_path: Path) -> None:
+    """The body a script gets is the message's, byte for byte (Latin-1 included), and the quoted
+    ">From " line stays as the mbox holds it."""
+    latin1 = (DATA / "latin1.eml").read_bytes()
+    assert re.search(rb"[\x80-\xff]", crlf_body(latin1))
+    box = write_mbox(tmp_path / "archive.mbox", latin1, FROM_IN_BODY)
+    echo, nothing = tmp_path / "echo.tcl", tmp_path / "nothing.tcl"
+    echo.write_text(ECHO_BODY)
+    nothing.write_text(NOTHING)
+    status, out = cli("try", str(echo), str(box), "--compare", str(nothing))
+    quoted = FROM_IN_BODY.replace(b"\nFrom now", b"\n>From now")
+    assert output_lines(out) == [
+        '#1: from <dominique@example.fr>, subject "Café"',
+        f"  {echo}:    accept at eom, 1 modification",
+        f"      {replacebody(crlf_body(latin1))}",
+        f"  {nothing}: accept at eom, 0 modifications",
+        '#2: from <carol@example.com>, subject "Minutes"',
+        f"  {echo}:    accept at eom, 1 modification",
+        f"      {replacebody(crlf_body(quoted))}",
+        f"  {nothing}: accept at eom, 0 modifications",
+        "summary: 2 messages, 2 differ",
+    ], out
+    assert status == 1
+
+
+def test_try_mbox_from_standard_input(tmp_path: Path) -> None:
+    box = write_mbox(tmp_path / "archive.mbox", (DATA / "plain.eml").read_bytes(),
+                     (DATA / "blacklisted.eml").read_bytes())
+    child = pexpect.spawn("/bin/sh", ["-c", f'exec "$@" < {box}', "sh", *PYTCLMILTER, "try", str(BLACKLIST), "-"],
+                          env=child_env(None), cwd=str(ROOT), encoding="utf-8", timeout=30, echo=False)
+    out = child.read().replace("\r\n", "\n")
+    child.close()
+    assert output_lines(out)[-1] == "summary: 2 messages: 1 accept, 1 reject", out
+    assert child.exitstatus == 0
+
+
+def test_try_batch_is_one_script_instance_with_a_connection_per_message(tmp_path: Path) -> None:
+    """As behind a real MTA, the script's state carries over from one message to the next:
+    greylisting with no delay refuses a triplet the first time and lets its retry through."""
+    plain = (DATA / "plain.eml").read_bytes()
+    box = write_mbox(tmp_path / "archive.mbox", plain, plain)
+    env = {"GREYLIST_STATE": str(tmp_path / "greylist.db"), "GREYLIST_DELAY": "0"}
+    status, out = cli("try", str(GREYLIST), str(box), env=env)
+    assert output_lines(out) == [
+        '#1: tempfail at envrcpt "no recipient accepted", 0 modifications, 1 recipient rejected; '
+        'from <alice@example.org>, subject "Lunch on Friday?"',
+        '#2: accept at eom, 0 modifications; from <alice@example.org>, subject "Lunch on Friday?"',
+        "summary: 2 messages: 1 accept, 1 tempfail",
+    ], out
+    assert status == 0
+
+
+def test_try_batch_ends_where_the_script_stops_serving(tmp_path: Path) -> None:
+    """A callback that calls `milter stop`: the message it was called for is answered (the open
+    connection gets its grace), the next one finds the socket gone and the batch ends there."""
+    script = tmp_path / "stopper.tcl"
+    script.write_text("package require TclMilter 1.0\n"
+                      "proc ef { context args } { milter stop; return SMFIS_CONTINUE }\n"
+                      "milter register envfrom ef\nmilter main\n")
+    plain = (DATA / "plain.eml").read_bytes()
+    box = write_mbox(tmp_path / "archive.mbox", plain, plain, plain)
+    status, out = cli("try", str(script), str(box))
+    assert output_lines(out) == [
+        '#1: accept at eom, 0 modifications; from <alice@example.org>, subject "Lunch on Friday?"',
+        f"pytclmilter: {script} no longer serves ([Errno 2] No such file or directory): the messages from #2 "
+        "on were not tried",
+        "#2: error: not tried: the filter stopped serving",
+        "summary: 2 messages: 1 accept, 1 not tried",
+    ], out
+    assert status == 2
+
+
+# ============================================================================ --compare
+
+
+def test_try_compare_lists_only_the_messages_whose_verdict_differs(tmp_path: Path) -> None:
+    d = archive_dir(tmp_path, "plain.eml", "latin1.eml", "blacklisted.eml", "blacklisted-from.eml")
+    lenient = tmp_path / "lenient.tcl"
+    lenient.write_text(LENIENT_BLACKLIST)
+    status, out = cli("try", str(BLACKLIST), str(d), "--compare", str(lenient))
+    width = max(len(str(BLACKLIST)), len(str(lenient))) + 1  # the verdicts line up
+    assert output_lines(out) == [
+        'blacklisted-from.eml: from <bounces@lists.example.net>, subject "Hello old friend"',
+        f"  {str(BLACKLIST) + ':':{width}} reject at eom, 0 modifications",
+        f"  {str(lenient) + ':':{width}} accept at eom, 0 modifications",
+        "summary: 4 messages, 1 differs",
+    ], out
+    assert status == 1
+    status, out = cli("try", str(BLACKLIST), str(d), "--compare", str(BLACKLIST))
+    assert output_lines(out) == ["summary: 4 messages, 0 differ"], out
+    assert status == 0
+
+
+def test_try_compare_one_message_shows_the_header_edits_that_differ(tmp_path: Path) -> None:
+    """Both sides add a header: only the edits one side made and the other did not are listed."""
+    v1, v2 = tmp_path / "stamp-v1.tcl", tmp_path / "stamp-v2.tcl"
+    script = STAMP.read_text()
+    v1.write_text(script)
+    v2.write_text(script.replace("X-Filtered-By", "X-Checked-By"))
+    status, out = cli("try", str(v1), str(DATA / "plain.eml"), "--compare", str(v2))
+    lines = output_lines(out)
+    assert lines[0] == f'{DATA / "plain.eml"}: from <alice@example.org>, subject "Lunch on Friday?"', out
+    assert lines[1] == f"  {v1}: accept at eom, 1 modification"
+    assert lines[2].startswith("      addheader X-Filtered-By: Stamp on pytclmilter.localhost")
+    assert lines[2].endswith(r"queue-id 4TRY0000001;\n client localhost [127.0.0.1] port 25")
+    assert lines[3] == f"  {v2}: accept at eom, 1 modification"
+    assert lines[4].startswith("      addheader X-Checked-By: Stamp on pytclmilter.localhost")
+    assert lines[5:] == ["summary: 1 message, 1 differs"]
+    assert status == 1
+
+
+def test_try_batch_usage_errors(tmp_path: Path) -> None:
+    d = archive_dir(tmp_path, "plain.eml")
+    status, out = cli("try", str(BLACKLIST), str(d), "--json")
+    assert status == 64 and "pytclmilter try: --json reports on a single message, without --compare" in out
+    missing = tmp_path / "no-such.tcl"
+    status, out = cli("try", str(BLACKLIST), str(d), "--compare", str(missing))
+    assert status == 66 and f'couldn\'t read file "{missing}"' in out
+    assert "summary" not in out  # refused before the first script ran
+    status, out = cli("try", str(BLACKLIST), str(tmp_path / "nowhere"))
+    assert status == 66 and "nowhere: No such file or directory" in out
+    assert os.listdir(d) == ["plain.eml"]
