@@ -6,7 +6,7 @@
     load.py       one measured cell: driving scripts/loadgen.c and reading its result
     report.py     result tables, the targets, the machine's facts, the results file
     message.py    the benchmark message's headers (loadgen.c's, bench_inproc.py's, smtp-source's)
-    engine.py, postfix.py, idle.py, profiling.py    the modes
+    engine.py, postfix.py, idle.py, profiling.py, fleet.py    the modes
     cli.py        the command line
 
 The programs it runs stay beside it in scripts/ (loadgen.c, bench_libmilter.c, bench_filter.py,

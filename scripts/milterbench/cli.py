@@ -60,6 +60,15 @@ def parser(doc: str) -> argparse.ArgumentParser:
     pf.add_argument("--rounds", type=int, help="rounds over all configs (default 2, quick 1)")
     pf.add_argument("--body", type=parse_size, default=KB4, help="body size (default 4k)")
 
+    fl = sub.add_parser("fleet", help="one instance against two behind HAProxy (scripts/haproxy.cfg)")
+    fl.add_argument("--conns", type=int, default=32, help="concurrent connections (default 32)")
+    fl.add_argument("--body", type=parse_size, default=KB4, help="body size (default 4k)")
+    fl.add_argument("--duration", type=float, help="measured seconds per cell (default 5, quick 1.5)")
+    fl.add_argument("--rounds", type=int, help="rounds, the targets back to back in each (default 3, quick 1)")
+    fl.add_argument("--quick", action="store_true", help="short run")
+    add_log_level(fl)
+    add_json(fl)
+
     pr = sub.add_parser("profile", help="profile a pytclmilter filter under load (32 connections)")
     pr.add_argument("--tool", choices=["py-spy", "cprofile"], default="py-spy")
     pr.add_argument("--filter", choices=["tcl-pure", "python-pure", "tcl", "python", "tcl-asyncio", "python-asyncio"],
@@ -92,6 +101,11 @@ def main(doc: str, argv: list[str] | None = None) -> int:
         from milterbench.postfix import cmd_postfix
 
         return cmd_postfix(opts)
+    if opts.mode == "fleet":
+        # Imported here: it needs the test suite's HAProxy harness, which the other modes do not.
+        from milterbench.fleet import cmd_fleet
+
+        return cmd_fleet(opts)
     return {"engine": cmd_engine, "idle": cmd_idle, "profile": cmd_profile}[opts.mode](opts)
 
 

@@ -14,9 +14,20 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 from milterbench.measure import box_busy, other_load_pct
-from milterbench.rigs import Filter
+
+
+class Measured(Protocol):
+    """What a cell measures: a filter (rigs.Filter), or a pool of them behind a balancer (fleet.py)."""
+
+    name: str
+
+    @property
+    def spec(self) -> str: ...
+
+    def cpu_split(self) -> tuple[float, float]: ...
 
 KB4, MB1 = 4096, 1024 * 1024
 
@@ -100,14 +111,14 @@ class _Edge:
     at: float  # time.monotonic()
 
     @classmethod
-    def read(cls, flt: Filter) -> _Edge:
+    def read(cls, flt: Measured) -> _Edge:
         return cls(flt.cpu_split(), box_busy(), time.monotonic())
 
 
 _RESULT = re.compile(r"(\w+)=([-\d.]+)")
 
 
-def run_cell(loadgen: Path, flt: Filter, conns: int, body: int, duration: float, warmup: float,
+def run_cell(loadgen: Path, flt: Measured, conns: int, body: int, duration: float, warmup: float,
              per_conn: int, quickack: bool) -> Cell:
     cell = Cell(flt.name, conns, body)
     cmd = [str(loadgen), "-q", "-c", str(conns), "-d", str(duration), "-w", str(warmup), "-b", str(body),
