@@ -2,7 +2,7 @@
 
 No socket and no server, so each test sees exactly which bytes the engine writes for each
 command (an empty list: nothing written, as for an event the MTA does not wait on) and which
-callbacks ran. Frames come from ``support.engine`` (built from the protocol reference, not
+callbacks ran. Frames come from ``support.engine`` (built from docs/protocol.md, not
 with pytclmilter's codec); what is checked is what the MTA and the log would see.
 """
 

@@ -267,7 +267,7 @@ def test_a_socket_a_dropped_milter_could_not_remove_is_cleaned_at_the_next_start
 
 # ---------------------------------------------------------------- swaps while starting, as root
 
-SYSTEM_PYTHON = "/usr/bin/python3"  # one the user nobody may run (this venv's may sit under /root)
+SYSTEM_PYTHON = "/usr/bin/python3"  # one the user nobody may run (this venv's may sit in root's home)
 
 # The attacker: woken by inotify the moment a name appears in the directory (a loop polling
 # lstat loses the race whenever the scheduler gives its CPU to someone else), it swaps every

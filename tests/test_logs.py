@@ -142,10 +142,11 @@ def test_the_lean_record_is_the_standard_record_made_faster() -> None:
     assert logging.getLogRecordFactory() is LeanLogRecord
     try:
         args = ("conn#3", "accept", "eom")
+        func = "(unknown function)"  # what Logger._log names with logging._srcfile None
         lean = logging.getLogger("pytclmilter").makeRecord("pytclmilter", logging.INFO, "(unknown file)", 0,
-                                                           "%s: verdict %s at %s", args, None)
+                                                           "%s: verdict %s at %s", args, None, func)
         standard = logging.LogRecord("pytclmilter", logging.INFO, "(unknown file)", 0, "%s: verdict %s at %s",
-                                     args, None)
+                                     args, None, func)
         ours, theirs = vars(lean), vars(standard)
         clock = {"created", "msecs", "relativeCreated"}
         assert set(theirs) <= set(ours) <= set(theirs) | {"taskName"}

@@ -801,7 +801,7 @@ def test_zero_actions_mean_v1_actions_and_zero_protocol_means_v1_protocol() -> N
 
 
 def test_reference_example_reply() -> None:
-    """Section 4.4 [tested]: libmilter answers (6, 0x11, 0x300); we also ask for SKIP when offered."""
+    """docs/protocol.md §4.4: libmilter answers (6, 0x11, 0x300); we also ask for SKIP when offered."""
     wants = Wants(events=ALL_EVENTS - {"data", "unknown"}, actions=Action.ADDHDRS | Action.CHGHDRS)
     n = negotiate(ev.OptionNegotiation(6, 0x1FF, 0x1FFFFF), wants)
     assert (n.reply.version, n.reply.actions, n.reply.protocol) == (6, 0x11, 0x300 | 0x400)

@@ -308,11 +308,12 @@ class ConnectionEngine:
             self._handle_control(event)
             return
         name, args_of = spec
-        if t is EnvFrom:
+        # type(event), not t: mypy narrows event by this test (compiled, both are a pointer compare).
+        if type(event) is EnvFrom:
             self._new_message()
-            self.sender = event.args[0] if event.args else ""  # type: ignore[attr-defined]
-        elif t is Connect:
-            self.client = f"{event.hostname}[{event.address}]"  # type: ignore[attr-defined]
+            self.sender = event.args[0] if event.args else ""
+        elif type(event) is Connect:
+            self.client = f"{event.hostname}[{event.address}]"
             self._new_session()
         if not event.needs_reply:
             self._no_reply_event(name, event, args_of)
@@ -334,20 +335,19 @@ class ConnectionEngine:
 
     def _handle_control(self, event: Event) -> None:
         """Events without a callback of their own name: macros, negotiation, abort, close."""
-        t = type(event)
-        if t is Macro:
+        if type(event) is Macro:
             return
-        if t is OptionNegotiation:
-            self._negotiate(event)  # type: ignore[arg-type]
-        elif t is Abort:
+        if type(event) is OptionNegotiation:
+            self._negotiate(event)
+        elif type(event) is Abort:
             self._run_quiet("abort")
             self._new_message()
-        elif t is Closed:
+        elif type(event) is Closed:
             self._run_quiet("close")
-            if event.reason == "quit_nc":  # type: ignore[attr-defined]
+            if event.reason == "quit_nc":
                 self.ctx.reply_text = None
             else:
-                self._finish(event.reason)  # type: ignore[attr-defined]
+                self._finish(event.reason)
 
     def _no_reply_event(self, name: str, event: Event, args_of: Callable[[Any], tuple[Any, ...]]) -> None:
         """An event the MTA does not wait on (NR negotiated, or a chunk carried by EOM)."""

@@ -11,7 +11,7 @@ import logging
 import signal
 import socket
 import threading
-from typing import Any, Callable, Final
+from typing import Any, Callable, Final, cast
 
 from .accept import Acceptor, check_fd_limit
 from .connspec import ConnSpec, parse
@@ -31,11 +31,11 @@ class _Connection(asyncio.Protocol):
 
     __slots__ = ("server", "transport", "engine", "last", "_loop", "_tcp", "_wrote", "_blocked")
 
-    def __init__(self, server: "MilterServer") -> None:
+    def __init__(self, server: "MilterServer", loop: asyncio.AbstractEventLoop) -> None:
         self.server = server
         self.transport: asyncio.Transport | None = None
         self.engine: ConnectionEngine | None = None
-        self._loop = server.loop
+        self._loop = loop
         self.last = self._loop.time()
         self._tcp: Any = None  # the socket for TCP_QUICKACK, _UNKNOWN until fetched, None if not TCP
         self._wrote = False
@@ -43,7 +43,9 @@ class _Connection(asyncio.Protocol):
 
     # asyncio.Protocol
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]
+        # asyncio types the argument as any transport; a stream server's is a stream Transport.
+        # (cast, not isinstance: uvloop's transports do not derive from asyncio.Transport.)
+        self.transport = cast(asyncio.Transport, transport)
         # TCP_NODELAY and SO_KEEPALIVE are set on the listening socket; accepted ones inherit them.
         # The socket object for TCP_QUICKACK is fetched when first needed: with uvloop that costs
         # two system calls, and many connections never need it.
@@ -57,8 +59,10 @@ class _Connection(asyncio.Protocol):
         self.last = self._loop.time()
         self._wrote = False
         engine = self.engine
-        engine.data_received(data)  # type: ignore[union-attr]
-        if not self._wrote and self._tcp is not None and not engine.closed:  # type: ignore[union-attr]
+        if engine is None:  # connection_lost came first: nothing reads this connection any more
+            return
+        engine.data_received(data)
+        if not self._wrote and self._tcp is not None and not engine.closed:
             self._quick_ack()
 
     def _quick_ack(self) -> None:
@@ -67,7 +71,7 @@ class _Connection(asyncio.Protocol):
         if self._tcp is _UNKNOWN:
             self._tcp = self.transport.get_extra_info("socket") if self.transport is not None else None
         try:
-            self._tcp.setsockopt(socket.IPPROTO_TCP, _QUICKACK, 1)  # type: ignore[union-attr]
+            self._tcp.setsockopt(socket.IPPROTO_TCP, _QUICKACK, 1)
         except (OSError, AttributeError):
             self._tcp = None
 
@@ -88,7 +92,8 @@ class _Connection(asyncio.Protocol):
         return self._blocked
 
     def eof_received(self) -> bool:
-        self.engine.connection_lost("eof")  # type: ignore[union-attr]
+        if self.engine is not None:
+            self.engine.connection_lost("eof")
         return False
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -159,7 +164,7 @@ class MilterServer:
 
     def __init__(self, shared: Shared) -> None:
         self.shared = shared
-        self.loop: asyncio.AbstractEventLoop = None  # type: ignore[assignment]
+        self.loop: asyncio.AbstractEventLoop | None = None  # the loop serve() runs on, once it has run
         self.connections: set[_Connection] = set()
         self._ids = 0
         self._stop: asyncio.Event | None = None
@@ -218,7 +223,7 @@ class MilterServer:
         it: called on the loop once serving (the worker's watch on its parent)."""
         hooks = self.shared.hooks
         spec = parse(self.shared.settings.connection)
-        self.loop = asyncio.get_running_loop()
+        self.loop = loop = asyncio.get_running_loop()
         self._loop_thread = threading.get_ident()
         with self._lock:
             self._stop = asyncio.Event()
@@ -226,11 +231,11 @@ class MilterServer:
                 self._stop.set()
             self._stop_requested = False
         self.tcp = spec.family != "unix"  # before listening: the first connection may come at once
-        listener, acceptor = self._listen(spec, inherited)
+        listener, acceptor = self._listen(spec, inherited, loop)
         self._listener, self.acceptor, spec = listener, acceptor, listener.spec
         self.listening = spec
-        signals = self._install_signals()
-        sweeper = asyncio.ensure_future(self._sweep())
+        signals = self._install_signals(loop)
+        sweeper = asyncio.ensure_future(self._sweep(loop))
         self._start_ticker()
         try:
             if inherited is None:
@@ -242,26 +247,27 @@ class MilterServer:
         finally:
             acceptor.close()  # new connections are refused from now on, open ones go on
             listener.remove_unix()
-            await self._drain(self.shared.settings.grace)
+            await self._drain(loop, self.shared.settings.grace)
             await self._end_retirements()
             sweeper.cancel()
             if self._ticker is not None:
                 self._ticker.cancel()
                 self._ticker = None
-            self._remove_signals(signals)
+            self._remove_signals(loop, signals)
             self.acceptor = None
             self.listening = None
             with self._lock:
                 self._stop = None
 
-    def _listen(self, spec: ConnSpec, inherited: Listener | None) -> tuple[Listener, Acceptor]:
+    def _listen(self, spec: ConnSpec, inherited: Listener | None,
+                loop: asyncio.AbstractEventLoop) -> tuple[Listener, Acceptor]:
         """Serve the socket bound for us (``--workers``) or bind one now; accept on it (accept.py)."""
         listener = inherited
         if listener is None:
             settings = self.shared.settings
             listener = bind(spec, settings.backlog, settings.socket_mode, settings.socket_owner)
             check_fd_limit(settings.backlog)  # with --workers, the supervisor checks once
-        acceptor = Acceptor(self.loop, listener.sock, lambda: _Connection(self))
+        acceptor = Acceptor(loop, listener.sock, lambda: _Connection(self, loop))
         acceptor.start()
         return listener, acceptor
 
@@ -310,10 +316,10 @@ class MilterServer:
         if tasks:
             await asyncio.gather(*tasks, return_exceptions=True)
 
-    async def _drain(self, grace: float) -> None:
+    async def _drain(self, loop: asyncio.AbstractEventLoop, grace: float) -> None:
         """Let open sessions finish for ``grace`` seconds, then close them (abort/close callbacks run)."""
-        deadline = self.loop.time() + grace
-        while self.connections and self.loop.time() < deadline:
+        deadline = loop.time() + grace
+        while self.connections and loop.time() < deadline:
             await asyncio.sleep(0.05)
         for conn in list(self.connections):
             conn.expire("milter stopped")
@@ -321,12 +327,12 @@ class MilterServer:
             await asyncio.sleep(0)
         self.connections.clear()
 
-    async def _sweep(self) -> None:
+    async def _sweep(self, loop: asyncio.AbstractEventLoop) -> None:
         """Close connections idle longer than the I/O timeout (progress counts as activity)."""
         while True:
             timeout = self.shared.settings.timeout  # read each round: a reload may change it
             await asyncio.sleep(max(0.05, min(1.0, timeout / 4)))
-            now = self.loop.time()
+            now = loop.time()
             # A connection whose callback is still running is not idle: the timeout limits waits
             # for the MTA, not callbacks (docs/protocol.md §9.3).
             for conn in [c for c in self.connections if now - c.last > timeout and not c.busy]:
@@ -351,7 +357,7 @@ class MilterServer:
                     if tick is not None:
                         tick()
 
-    def _install_signals(self) -> list[signal.Signals]:
+    def _install_signals(self, loop: asyncio.AbstractEventLoop) -> list[signal.Signals]:
         if threading.current_thread() is not threading.main_thread():
             return []
         installed: list[signal.Signals] = []
@@ -361,9 +367,9 @@ class MilterServer:
             try:
                 if sig == _RELOAD:
                     self._reload_disposition = signal.getsignal(sig)
-                    self.loop.add_signal_handler(sig, self._on_reload)
+                    loop.add_signal_handler(sig, self._on_reload)
                 else:
-                    self.loop.add_signal_handler(sig, self._on_signal, sig)
+                    loop.add_signal_handler(sig, self._on_signal, sig)
                 installed.append(sig)
             except (RuntimeError, ValueError, NotImplementedError) as exc:
                 # An event loop without signal support (NotImplementedError), or a signal this
@@ -390,8 +396,8 @@ class MilterServer:
         except Exception:  # noqa: BLE001 - a failed reload must not stop serving
             log.exception("reload failed; the milter serves on unchanged")
 
-    def _remove_signals(self, sigs: list[signal.Signals]) -> None:
+    def _remove_signals(self, loop: asyncio.AbstractEventLoop, sigs: list[signal.Signals]) -> None:
         for sig in sigs:
-            self.loop.remove_signal_handler(sig)
+            loop.remove_signal_handler(sig)
             if sig == _RELOAD:  # asyncio leaves the default, which would end the process
                 signal.signal(sig, self._reload_disposition)

@@ -64,17 +64,19 @@ def setup_logging(level: str, syslog: bool = False) -> None:
     # Our log lines never show the caller's file and line, thread or process name: skip the stack
     # walk and the look-ups (logging HOWTO, "Optimization"); the stack walk alone was a tenth of
     # the cost of a message.
-    logging._srcfile = None  # type: ignore[attr-defined]
+    logging._srcfile = None
     logging.logThreads = False
     logging.logMultiprocessing = False
     logging.logProcesses = False  # os.getpid() is a system call per line: LineFormatter knows the pid
-    logging.logAsyncioTasks = False  # type: ignore[attr-defined]  # Python 3.12+: a look-up per line
+    if sys.version_info >= (3, 12):
+        logging.logAsyncioTasks = False  # a look-up per line
     if LeanLogRecord.fits():
         logging.setLogRecordFactory(LeanLogRecord)
     logline.set_sink(handler if isinstance(handler, CoalescingStreamHandler) else None)
 
 
 _NO_FILE = "(unknown file)"  # the caller Logger._log gives a record when _srcfile is None
+_NO_FUNC = "(unknown function)"  # ... and its function
 _START = logging.LogRecord("", logging.INFO, _NO_FILE, 0, "", (), None)  # for relativeCreated
 
 
@@ -85,12 +87,14 @@ class LeanLogRecord(logging.LogRecord):
     "(unknown file)" with two os.path calls, looks for a mapping argument and reads logging's
     flags: a third of the cost of a verdict line. Those attributes are the same on every line
     of ours. Used only when ``fits()``: the standard record of this Python has exactly the
-    attributes set here; a record with a caller or a mapping argument is made the standard way.
+    attributes set here; a record with a caller, a mapping argument or no function name (which
+    the standard record keeps as None; Logger gives "(unknown function)") is made the standard way.
     """
 
     def __init__(self, name: str, level: int, pathname: str, lineno: int, msg: object, args: Any,
                  exc_info: Any, func: str | None = None, sinfo: str | None = None, **kwargs: Any) -> None:
-        if pathname != _NO_FILE or (args and len(args) == 1 and isinstance(args[0], Mapping) and args[0]):
+        if (pathname != _NO_FILE or func is None
+                or (args and len(args) == 1 and isinstance(args[0], Mapping) and args[0])):
             super().__init__(name, level, pathname, lineno, msg, args, exc_info, func, sinfo, **kwargs)
             return
         created = time.time()
@@ -98,7 +102,7 @@ class LeanLogRecord(logging.LogRecord):
         self.levelname, self.levelno = logging.getLevelName(level), level
         self.pathname = self.filename = self.module = _NO_FILE
         self.exc_info, self.exc_text, self.stack_info = exc_info, None, sinfo
-        self.lineno, self.funcName = lineno, func  # type: ignore[assignment]  # None as in LogRecord
+        self.lineno, self.funcName = lineno, func
         self.created, self.msecs = created, int((created - int(created)) * 1000) + 0.0
         self.relativeCreated = (created - _START.created) * 1000 + _START.relativeCreated
         self.thread = self.threadName = self.processName = self.process = self.taskName = None
@@ -108,7 +112,7 @@ class LeanLogRecord(logging.LogRecord):
         """This Python's records have the attributes set above (3.11: no taskName; set anyway), and
         the flags that would fill thread, process and task are off."""
         standard = set(vars(_START)) | {"taskName"}  # (the flags change values, not which attributes)
-        lean = set(vars(LeanLogRecord("", logging.INFO, _NO_FILE, 0, "", (), None)))
+        lean = set(vars(LeanLogRecord("", logging.INFO, _NO_FILE, 0, "", (), None, _NO_FUNC)))
         flags = (logging.logThreads, logging.logMultiprocessing, logging.logProcesses,
                  getattr(logging, "logAsyncioTasks", False))
         return standard == lean and not any(flags)
@@ -156,7 +160,7 @@ class LineFormatter(logging.Formatter):
         return self._text
 
 
-class CoalescingStreamHandler(logging.StreamHandler):  # type: ignore[type-arg]
+class CoalescingStreamHandler(logging.StreamHandler[TextIO]):
     """A StreamHandler that writes the info and debug lines of one event-loop iteration at once.
 
     Under load every connection's verdict line was a write system call of its own, a tenth of
@@ -165,6 +169,8 @@ class CoalescingStreamHandler(logging.StreamHandler):  # type: ignore[type-arg]
     iteration. A warning or error, a line from another thread or from outside the loop, a flush,
     a fork and logging.shutdown() write everything pending at once, in order.
     """
+
+    lock: threading.RLock  # made by Handler.__init__ (createLock), never None here
 
     def __init__(self, stream: TextIO) -> None:
         super().__init__(stream)
@@ -176,7 +182,7 @@ class CoalescingStreamHandler(logging.StreamHandler):  # type: ignore[type-arg]
         """Handler.handle without the call to filter() when there are no filters (one line a message)."""
         if self.filters:
             return super().handle(record)
-        with self.lock:  # type: ignore[union-attr]  # created by Handler.__init__
+        with self.lock:
             self.emit(record)
         return True
 
@@ -201,10 +207,12 @@ class CoalescingStreamHandler(logging.StreamHandler):  # type: ignore[type-arg]
 
     def write_line(self, level: int, message: str) -> None:
         """The line of a record that takes() said would be written here, without making the record."""
+        formatter = self.formatter
+        assert isinstance(formatter, LineFormatter)  # takes() checked it
         created = time.time()
-        line = self.formatter.stderr_line(  # type: ignore[union-attr]  # takes(): a LineFormatter
+        line = formatter.stderr_line(
             created, int((created - int(created)) * 1000), _pid, logging.getLevelName(level), message)
-        with self.lock:  # type: ignore[union-attr]  # created by Handler.__init__
+        with self.lock:
             self._pending.append(line + self.terminator)
             if level >= logging.WARNING or not self._defer():
                 self._write_pending()

@@ -65,8 +65,8 @@ class State(enum.IntEnum):
 
 
 S = State
-#: The states allowed to follow each state (reference 7.2); a skipped state may also be jumped
-#: over (FilterSession._trans_ok).
+#: The states allowed to follow each state (docs/protocol.md §7.2); a skipped state may also be
+#: jumped over (FilterSession._trans_ok).
 NEXT: Final[dict[State, frozenset[State]]] = {
     S.INIT: frozenset({S.OPTS}),
     S.OPTS: frozenset({S.CONN, S.UNKN}),
@@ -88,7 +88,7 @@ NEXT: Final[dict[State, frozenset[State]]] = {
 
 
 class Clears(enum.Enum):
-    """Which stored macro slots a command empties when it arrives (reference 5.3)."""
+    """Which stored macro slots a command empties when it arrives (docs/protocol.md §5.3)."""
 
     NOTHING = 0
     LATER = 1  # the slots of the stages after its own

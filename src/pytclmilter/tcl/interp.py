@@ -34,8 +34,10 @@ from .usage import TclUsageError, integer
 
 log: Final = logging.getLogger("pytclmilter")
 
-_DONT_WAIT: Final = _tkinter.DONT_WAIT  # type: ignore[attr-defined]
-_ALL_EVENTS: Final = _tkinter.ALL_EVENTS  # type: ignore[attr-defined]
+_DONT_WAIT: Final = _tkinter.DONT_WAIT
+_ALL_EVENTS: Final = _tkinter.ALL_EVENTS
+#: tkinter's own quoting of a tuple as a Tcl list; private to tkinter, so not in its type stubs.
+_stringify: Final[Callable[[Any], str]] = getattr(tkinter, "_stringify")
 
 _PRELUDE = r"""
 proc exit {{returnCode 0}} {
@@ -123,7 +125,7 @@ def tcl_status(result: Any) -> Status | NotAStatus:
         if status is not None:
             return status
     if isinstance(result, tuple):
-        result = tkinter._stringify(result)  # type: ignore[attr-defined]
+        result = _stringify(result)
     value = str(result)
     if value == "":
         return Status.CONTINUE

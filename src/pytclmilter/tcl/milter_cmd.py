@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import socket
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING, Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence, TypeVar
 
 from ..callbacks import EVENTS, Callback
 from ..connspec import ConnSpecError, parse
@@ -32,18 +32,22 @@ class Option:
     show: Callable[[Any], Any] = lambda v: v
 
 
-def _positive(value: str) -> int:
-    n = integer(value)
-    if n <= 0:
-        raise TclUsageError(f'expected positive integer but got "{value}"')
-    return n
+_N = TypeVar("_N", int, float)
 
 
-def _non_negative(value: str) -> int:
-    n = integer(value)
-    if n < 0:
-        raise TclUsageError(f'expected non-negative integer but got "{value}"')
-    return n
+def _at_least(low: int, convert: Callable[[str], _N], expected: str) -> Callable[[str], _N]:
+    """An option's parser: the value ``convert``ed, refused below ``low`` in Tcl's words."""
+    def parse_value(value: str) -> _N:
+        n = convert(value)
+        if n < low:
+            raise TclUsageError(f'expected {expected} but got "{value}"')
+        return n
+    return parse_value
+
+
+_positive = _at_least(1, integer, "positive integer")
+_non_negative = _at_least(0, integer, "non-negative integer")
+_seconds = _at_least(0, number, "non-negative number")
 
 
 def _connection(value: str) -> str:
@@ -60,13 +64,6 @@ def _status(value: str) -> Any:
         raise TclUsageError(f'bad status "{value}": must be SMFIS_ACCEPT, SMFIS_CONTINUE, SMFIS_DISCARD, '
                             "SMFIS_REJECT, or SMFIS_TEMPFAIL")
     return status
-
-
-def _seconds(value: str) -> float:
-    n = number(value)
-    if n < 0:
-        raise TclUsageError(f'expected non-negative number but got "{value}"')
-    return n
 
 
 OPTIONS: dict[str, Option] = {
