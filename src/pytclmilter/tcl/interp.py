@@ -29,6 +29,7 @@ from . import context_cmd
 from .limit import CallLimit
 from .milter_cmd import MilterCommand
 from .priv import TclPrivate
+from .pycommands import PythonCommands
 from .strings import deep_to_tcl, from_tcl, tcl_to_wire, to_tcl, wire_to_tcl
 from .usage import TclUsageError, integer
 
@@ -167,6 +168,8 @@ class TclHost:
         self._outgoing = self._command_object("::tclmilter::py::outgoing")
         self.limit = CallLimit(self.tk.call, self.tk.createcommand, self.CHILD, self.milter.shared)
         self._callbacks = 0
+        self.pycommands = PythonCommands(self.tk.call, self.tk.createcommand, self.CHILD, self.limit)
+        self.pycommands.attach(self.milter.tcl_commands)
 
     def _make_child(self, libdir: str) -> None:
         """The script's interpreter: TclMilter's Python commands and our exit aliased in.
@@ -351,6 +354,9 @@ class TclHost:
         code3 = [str(w) for w in words[:3]]
         if code3 == ["TCL", "LIMIT", "TIME"] or code3 == ["TCL", "EVENT", "LIMIT"] or str(exc) in ("time limit exceeded", "limit exceeded"):
             self.limit.reset()
+            if self.pycommands.stopped:  # a Python command was running: where it was, too
+                info = f"{info}\n{self.pycommands.stopped}"
+                self.pycommands.stopped = ""
             return CallbackError(f"callback stopped after {self.milter.call_timeout:g} s (-calltimeout)", info)
         return CallbackError(str(exc), info)
 
