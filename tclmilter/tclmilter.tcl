@@ -125,6 +125,16 @@ if {[llength [info commands ::tclmilter::py::milter]]} {
         while 1 {}
     }
 
+    # ctx.tcl and milter.tcl from Python (tcl/pycommands.py): the command at the global level, as
+    # a callback runs, and its result as the bytes Tcl keeps its text in (or each element's).
+    proc ::tclmilter::call {args} {
+        encoding convertto identity [uplevel #0 $args]
+    }
+
+    proc ::tclmilter::calllist {args} {
+        lmap element [uplevel #0 $args] { encoding convertto identity $element }
+    }
+
     # Let `milter stop` work from secondary threads (TclMilter 1.0 allowed exactly that). The
     # host loads this package first in the script's interpreter: as the first in its thread to
     # run a thread:: command, it is the one where Thread evaluates what threads send here.

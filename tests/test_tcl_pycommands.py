@@ -502,3 +502,146 @@ def test_names_and_functions_tcl_cannot_use_are_refused_when_defined():
     with pytest.raises(ValueError, match='"later" is already defined'):
         milter.tcl_command("later", str)
     assert [c.name for c in milter.tcl_commands] == ["later"]
+
+
+# ---------------------------------------------------------------------------- Python calls Tcl
+
+
+CALLS_SCRIPT = r"""
+package require TclMilter
+proc is_blacklisted {addr} { expr {[string match *@spam.example> $addr] ? 1 : 0} }
+proc listed {args} { return [list one "two words" {} {*}$args] }
+proc echo {value} { return "<$value>" }
+proc priv_of {ctx name} { $ctx getpriv $name }
+proc fails {what} { error "no $what here" "" {MYAPP NOTFOUND} }
+proc eom {ctx} { $ctx addheader X-Tcl-Eom yes; return SMFIS_CONTINUE }
+proc outer {value} { return [py_outer $value] }
+proc inner {value} { return "inner($value)" }
+milter register eom eom
+milter main
+"""
+
+CALLS_HOOKS = r'''
+from pytclmilter import CONTINUE, REJECT, TclError
+
+
+def setup(milter):
+    @milter.register("envfrom")
+    def envfrom(ctx, args):
+        if ctx.tcl("is_blacklisted", args[0]) == "1":
+            return REJECT
+        ctx.setpriv("sender", args[0])
+        return CONTINUE
+
+    @milter.register("header")
+    def header(ctx, name, value):
+        if name == "X-Raw":
+            ctx.setpriv("echo", ctx.tcl("echo", value))
+
+    @milter.tcl_command("py_outer")
+    def py_outer(value):
+        return milter.tcl("inner", value)  # outside a connection's context: the milter's variant
+
+    @milter.register("eom")
+    def eom(ctx):
+        ctx.addheader("X-List", "|".join(ctx.tcl_list("listed", "x y", 7)))
+        ctx.addheader("X-Empty", str(ctx.tcl_list("list")))
+        ctx.addheader("X-Priv", ctx.tcl("priv_of", ctx, "sender"))  # a context: its context command
+        ctx.addheader("X-Echo", ctx.getpriv("echo"))
+        ctx.addheader("X-Nested", ctx.tcl("outer", "v"))
+        try:
+            ctx.tcl("fails", "key")
+        except TclError as exc:
+            print("ERRORINFO<<" + exc.error_info + ">>", flush=True)
+            ctx.addheader("X-Error", f"{exc.message} / {' '.join(exc.error_code)}")
+        if ctx.getpriv("sender") == "<uncaught@example.org>":
+            ctx.tcl("fails", "luck")
+'''
+
+
+def test_python_callbacks_call_the_scripts_procs(tclrun):
+    m = tclrun(CALLS_SCRIPT, python=[CALLS_HOOKS])
+    with m.mta() as mta:
+        mta.negotiate()
+        assert mta.mail("<x@spam.example>") == ("r", {})
+        assert ok(mta.mail("<a@example.org>"))
+        assert ok(mta.rcpt("<b@example.com>"))
+        assert ok(mta.event_raw("L", z("X-Raw", RAW)))
+        assert ok(mta.eoh())
+        reply = mta.eom()
+        assert mta.mail("<uncaught@example.org>") == ("c", {})
+        assert ok(mta.rcpt("<b@example.com>"))
+        assert mta.eom() == [("t", b"")]  # -onerror: tempfail
+    assert m.stop() == 0
+    assert reply == [("h", z("X-List", "one|two words||x y|7")), ("h", z("X-Empty", "[]")),
+                     ("h", z("X-Priv", "<a@example.org>")), ("h", z("X-Echo", b"<" + RAW + b">")),
+                     ("h", z("X-Nested", "inner(v)")), ("h", z("X-Error", "no key here / MYAPP NOTFOUND")),
+                     ("h", z("X-Tcl-Eom", "yes")), ("c", b"")]
+    # errorInfo is the script's, without the frames of the call itself
+    info = re.search(r"ERRORINFO<<(.*?)>>", m.text, re.S).group(1)
+    assert info.split("\n") == ["no key here", "    while executing", '"error "no $what here" "" {MYAPP NOTFOUND} "',
+                                '    (procedure "fails" line 1)', "    invoked from within", '"fails key"']
+    # Uncaught, the Tcl error fails the Python callback: its traceback, then Tcl's errorInfo
+    logged(m, r"ERROR: conn#1: eom callback setup\.<locals>\.eom failed \(no luck here\), answering SMFIS_TEMPFAIL:\n"
+              r"  Traceback \(most recent call last\):\n(.*\n)*?"
+              r'    ctx\.tcl\("fails", "luck"\)\n(.*\n)*?'
+              r"  pytclmilter\.scripting\.TclError: no luck here\n  Tcl errorInfo:\n  no luck here\n"
+              r"    while executing\n(.*\n)*?"
+              r'  "fails luck"\n')
+
+
+LOOP_HOOKS = r'''
+import asyncio
+
+
+def setup(milter):
+    @milter.register("envfrom")
+    def plain(ctx, args):
+        if args[0] == "<plain@example.org>":
+            ctx.tcl("spin")
+
+    @milter.register("envfrom")
+    async def later(ctx, args):
+        if args[0] == "<async@example.org>":
+            await asyncio.sleep(0.1)
+            ctx.tcl("spin")
+'''
+
+
+def test_tcl_run_from_a_python_callback_is_held_to_the_callbacks_time_limit(tclrun):
+    m = tclrun(r"""
+        package require TclMilter
+        milter configure -calltimeout 1 -onerror SMFIS_REJECT
+        proc spin {} { while 1 { catch { while 1 {} } } }
+        proc from {ctx list} { return SMFIS_CONTINUE }
+        milter register envfrom from
+        milter main
+    """, python=[LOOP_HOOKS])
+    with m.mta() as mta:
+        mta.negotiate()
+        for count, case in enumerate(("plain", "async"), 1):
+            t0 = time.monotonic()
+            assert mta.mail(f"<{case}@example.org>") == ("r", {}), case
+            assert 0.9 <= time.monotonic() - t0 <= 4.0
+            logged(m, r"envfrom callback setup\.<locals>\.(plain|later) failed \(callback stopped after 1 s "
+                      r"\(call_timeout\)", count)
+            assert mta.mail("<ok@example.org>") == ("c", {})  # Tcl and Python callbacks run again
+    assert m.stop() == 0
+
+
+def test_tcl_calls_need_a_script_and_the_milters_thread():
+    from pytclmilter import Context, Milter
+    from pytclmilter.protocol.macros import MacroStore
+    from pytclmilter.tcl.interp import TclHost
+
+    for no_script in (Milter(), Context(1, MacroStore())):
+        with pytest.raises(RuntimeError, match="no Tcl script runs with this milter"):
+            no_script.tcl("set", "x")
+    host = TclHost()
+    assert host.milter.tcl("set", "x", "caf\udce9") == "caf\udce9"
+    assert host.milter.tcl_list("list", "a b", "c") == ["a b", "c"]
+    failed: list[BaseException] = []
+    thread = threading.Thread(target=lambda: failed.append(pytest.raises(RuntimeError, host.milter.tcl, "set", "x")))
+    thread.start()
+    thread.join()
+    assert "on the milter's thread only" in str(failed[0].value)

@@ -11,6 +11,7 @@ from typing import Any, Callable, Generic, TypeVar, overload
 
 from .callbacks import EVENTS, Callback, Registry
 from .connspec import ConnSpec, parse
+from .context import NO_SCRIPT, ScriptCalls
 from .engine import Shared, Stats
 from .hooks import Hooks
 from .logline import escape
@@ -107,6 +108,8 @@ class Milter:
         self._server = MilterServer(self.shared)
         #: Commands written in Python for a hosted script (see tcl_command); the host makes them.
         self.tcl_commands = TclCommands()
+        #: The script's procs, when a host runs a script (the Tcl bridge sets it): tcl().
+        self.script: ScriptCalls | None = None
         #: While run() supervises --workers: their supervisor's stop; in a worker: asking the
         #: parent to stop them all. stop() calls it.
         self._stop_others: Callable[[], None] | None = None
@@ -164,6 +167,19 @@ class Milter:
             return lambda f: self.tcl_command(name, f)
         self.tcl_commands.add(name, func)
         return func
+
+    def tcl(self, *words: Any) -> str:
+        """Run a command of the hosted Tcl script and return its result as text, as
+        :meth:`Context.tcl` does, for code outside a connection (a Python command, a timer)."""
+        if self.script is None:
+            raise RuntimeError(NO_SCRIPT)
+        return self.script.call(words)
+
+    def tcl_list(self, *words: Any) -> list[str]:
+        """:meth:`tcl`, its result split as a Tcl list."""
+        if self.script is None:
+            raise RuntimeError(NO_SCRIPT)
+        return self.script.call_list(words)
 
     # ------------------------------------------------------------ running
 

@@ -1,4 +1,5 @@
-"""What Python offers a hosted script: commands written in Python that the script calls.
+"""What Python and a hosted script offer each other: commands written in Python that the script
+calls (:class:`TclCommands`), and the errors of Python's calls into the script (:class:`TclError`).
 
 The milter keeps them in a :class:`TclCommands` registry and knows nothing else of Tcl: the
 Tcl bridge (tcl/pycommands.py) watches the registry and makes each entry a command of the
@@ -12,6 +13,20 @@ from __future__ import annotations
 import inspect
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator
+
+class TclError(Exception):
+    """A Tcl error in what Python ran in the script (``ctx.tcl``): Tcl's message, with its
+    ``error_info`` (the Tcl stack, also shown under a traceback as the exception's note) and its
+    ``error_code`` words (``("NONE",)`` for a plain ``error``)."""
+
+    def __init__(self, message: str, error_info: str = "", error_code: tuple[str, ...] = ()) -> None:
+        super().__init__(message)
+        self.message = message
+        self.error_info = error_info
+        self.error_code = error_code
+        if error_info:
+            self.add_note(f"Tcl errorInfo:\n{error_info}")
+
 
 #: Commands the bridge itself gives the script: a Python command must not replace them.
 _RESERVED = ("milter", "exit")

@@ -168,8 +168,9 @@ class TclHost:
         self._outgoing = self._command_object("::tclmilter::py::outgoing")
         self.limit = CallLimit(self.tk.call, self.tk.createcommand, self.CHILD, self.milter.shared)
         self._callbacks = 0
-        self.pycommands = PythonCommands(self.tk.call, self.tk.createcommand, self.CHILD, self.limit)
+        self.pycommands = PythonCommands(self.tk.call, self.tk.createcommand, self.CHILD, self.limit, self.milter)
         self.pycommands.attach(self.milter.tcl_commands)
+        self.milter.script = self.pycommands
 
     def _make_child(self, libdir: str) -> None:
         """The script's interpreter: TclMilter's Python commands and our exit aliased in.
@@ -260,6 +261,7 @@ class TclHost:
         self.tk.call("interp", "alias", self.CHILD, name, self.CHILD, "::tclmilter::context", ctx.id)
         ctx.host_data = name  # the context command: the first argument of every callback
         ctx.script_priv = self.private
+        ctx.script = self.pycommands
         self.contexts[ctx.id] = ctx
 
     def _context_closed(self, ctx: Context) -> None:

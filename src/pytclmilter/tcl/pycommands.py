@@ -1,4 +1,5 @@
-"""Commands written in Python, in the script's interpreter (``milter.tcl_command``).
+"""Python's half of the script: commands written in Python (``milter.tcl_command``), and
+Python's calls to the script's procs (``ctx.tcl``, ``milter.tcl``).
 
 Each command of the milter's registry (scripting.py) becomes, in the script's interpreter, an
 alias of ``::tclmilter::pycommand`` (tclmilter.tcl) with a Python command of the main
@@ -17,28 +18,43 @@ message of an error raised inside a Python command):
 
 Arguments arrive as ``str`` under the README's bytes rule (``from_tcl``): a byte that is not
 UTF-8 is a surrogate escape, and goes back to Tcl as that same byte.
+
+The other way, ``ctx.tcl(...)`` runs a command through ``::tclmilter::call`` (tclmilter.tcl),
+which hands back the bytes Tcl keeps the result's text in: the exact string form of any Tcl
+value, converted once under the same rule. Run from a Python callback, the Tcl code gets the
+time that callback has left (Tcl's own limit, set for it), or a callback's full time from an
+``async`` one; run from a Python command, it is already inside a limited Tcl callback.
 """
 
 from __future__ import annotations
 
 import itertools
 import logging
+import threading
 import time
+import tkinter
 import traceback
 from types import TracebackType
 from typing import Any, Callable, Final, Sequence
 
+from ..context import Context
 from ..limits import PYTHON_LIMIT, CallbackTimeout
+from ..milter import Milter
 from ..protocol.codec import text
-from ..scripting import TclCommand, TclCommands
+from ..scripting import TclCommand, TclCommands, TclError
 from ..status import Status
 from .limit import CallLimit
+from .priv import identity_text
 from .strings import from_tcl, to_tcl
 from .usage import count_ok
 
 log: Final = logging.getLogger("pytclmilter")
 
 _WRAPPER: Final = "::tclmilter::pycommand"
+_CALL: Final = "::tclmilter::call"
+_CALL_LIST: Final = "::tclmilter::calllist"
+#: Where our ::tclmilter::call frames start in errorInfo: what follows is ours, not the script's.
+_OUR_FRAMES: Final = '\n    ("uplevel" body line 1)\n    invoked from within\n"uplevel #0 $args"'
 
 
 class _Stopped(Exception):
@@ -75,6 +91,13 @@ def tcl_value(value: Any) -> Any:
                     "or a list, tuple or dict of them)")
 
 
+def script_word(value: Any) -> Any:
+    """An argument of ctx.tcl: a context as its context command, the rest as :func:`tcl_value`."""
+    if isinstance(value, Context):
+        return value.host_data or ""
+    return tcl_value(value)
+
+
 def _own_frames_dropped(tb: TracebackType | None) -> TracebackType | None:
     """The traceback from the command's function on: this module's frames say nothing to its author."""
     while tb is not None and tb.tb_frame.f_code.co_filename == __file__:
@@ -86,12 +109,17 @@ class PythonCommands:
     """Makes a milter's Python commands in the script's interpreter and runs them there."""
 
     def __init__(self, call: Callable[..., Any], create: Callable[[str, Callable[..., Any]], None],
-                 child: str, limit: CallLimit) -> None:
+                 child: str, limit: CallLimit, milter: Milter) -> None:
         self._call = call  # a command in the main interpreter
         self._create = create
         self._child = child
         self.limit = limit
+        self._milter = milter  # callbacks have a time limit only while it serves
         self._ids = itertools.count(1)
+        self._thread = threading.get_ident()  # tkinter's interpreter works on its own thread only
+        #: Python commands and calls into Tcl running now, one inside the other: only the outermost
+        #: sets the time limit, the others run within it.
+        self._depth = 0
         #: Where the last command stopped by the time limit was (its traceback), for the log line
         #: of the callback it stopped: the Tcl error of a limit carries Tcl's frames only.
         self.stopped = ""
@@ -121,6 +149,7 @@ class PythonCommands:
             if not count_ok(len(args), low, high):
                 message = to_tcl(f'wrong # args: should be "{usage}"')
                 return ("error", message, ("TCL", "WRONGARGS"), message)
+            self._depth += 1
             try:
                 result = self._limited(func, [from_tcl(a) for a in args])
             except _Stopped as stopped:
@@ -129,6 +158,8 @@ class PythonCommands:
                 return ("limit",)
             except Exception as exc:  # noqa: BLE001 - the script gets it as a Tcl error
                 return self._error(exc, _own_frames_dropped(exc.__traceback__))
+            finally:
+                self._depth -= 1
             try:
                 return ("ok", tcl_value(result))
             except TypeError as exc:
@@ -162,6 +193,57 @@ class PythonCommands:
         if late or time.monotonic() - started > left:  # back from C code the signal could not stop
             raise _Stopped()
         return result
+
+    # ------------------------------------------------------------ Python -> Tcl
+
+    def call(self, words: tuple[Any, ...]) -> str:
+        """ctx.tcl: the command's result as text (the bytes rule)."""
+        return identity_text(self._run(_CALL, words))
+
+    def call_list(self, words: tuple[Any, ...]) -> list[str]:
+        """ctx.tcl_list: the command's result split as a Tcl list, each element as text."""
+        result = self._run(_CALL_LIST, words)
+        if isinstance(result, tuple):
+            return [identity_text(e) for e in result]
+        return [] if result == "" else [identity_text(result)]
+
+    def _run(self, helper: str, words: tuple[Any, ...]) -> Any:
+        if threading.get_ident() != self._thread:
+            raise RuntimeError("ctx.tcl and milter.tcl work on the milter's thread only (in callbacks)")
+        if not words:
+            raise TypeError("ctx.tcl needs a command name")
+        args = [script_word(w) for w in words]
+        if not self._depth and self._milter.running:
+            self._arm()
+        self._depth += 1
+        try:
+            return self._call("interp", "eval", self._child, (helper, *args))
+        except tkinter.TclError as exc:
+            raise self._tcl_error(exc) from None
+        finally:
+            self._depth -= 1
+
+    def _arm(self) -> None:
+        """Give the Tcl code the time the Python callback running it has left, or, from an async
+        one (whose time asyncio keeps), a callback's full time."""
+        now = time.monotonic()
+        left = PYTHON_LIMIT.remaining()
+        if left is not None:
+            self.limit.begin_within(now + left, now)
+        else:
+            self.limit.begin_handlers()
+
+    def _tcl_error(self, exc: tkinter.TclError) -> BaseException:
+        info = str(self._call("set", "::errorInfo"))
+        code = self._call("lrange", self._call("set", "::errorCode"), 0, "end")
+        words = tuple(from_tcl(str(w)) for w in (code if isinstance(code, tuple) else (code,) if code else ()))
+        if words[:3] == ("TCL", "LIMIT", "TIME") or str(exc) in ("time limit exceeded", "limit exceeded"):
+            self.limit.reset()
+            return CallbackTimeout(f"callback stopped after {self._milter.call_timeout:g} s (call_timeout), in Tcl code")
+        cut = info.rfind(_OUR_FRAMES)
+        return TclError(from_tcl(str(exc)), from_tcl(info[:cut] if cut >= 0 else info), words)
+
+    # ------------------------------------------------------------ errors
 
     @staticmethod
     def _error(exc: Exception, tb: TracebackType | None) -> tuple[Any, ...]:
