@@ -592,13 +592,18 @@ def test_python_callbacks_call_the_scripts_procs(tclrun):
 
 LOOP_HOOKS = r'''
 import asyncio
+import time
 
 
 def setup(milter):
+    milter.tcl_command("slow", lambda seconds: time.sleep(float(seconds)))
+
     @milter.register("envfrom")
     def plain(ctx, args):
         if args[0] == "<plain@example.org>":
             ctx.tcl("spin")
+        elif args[0] == "<nested@example.org>":
+            ctx.tcl("callslow")  # Python -> Tcl -> Python, all within this callback's time
 
     @milter.register("envfrom")
     async def later(ctx, args):
@@ -613,13 +618,14 @@ def test_tcl_run_from_a_python_callback_is_held_to_the_callbacks_time_limit(tclr
         package require TclMilter
         milter configure -calltimeout 1 -onerror SMFIS_REJECT
         proc spin {} { while 1 { catch { while 1 {} } } }
+        proc callslow {} { while 1 { catch { slow 30 } } }
         proc from {ctx list} { return SMFIS_CONTINUE }
         milter register envfrom from
         milter main
     """, python=[LOOP_HOOKS])
     with m.mta() as mta:
         mta.negotiate()
-        for count, case in enumerate(("plain", "async"), 1):
+        for count, case in enumerate(("plain", "async", "nested"), 1):
             t0 = time.monotonic()
             assert mta.mail(f"<{case}@example.org>") == ("r", {}), case
             assert 0.9 <= time.monotonic() - t0 <= 4.0
@@ -627,6 +633,9 @@ def test_tcl_run_from_a_python_callback_is_held_to_the_callbacks_time_limit(tclr
                       r"\(call_timeout\)", count)
             assert mta.mail("<ok@example.org>") == ("c", {})  # Tcl and Python callbacks run again
     assert m.stop() == 0
+    # the nested case: where the Python command was, under the callback's own traceback
+    logged(m, r'  ctx\.tcl\("callslow"\)(.*\n)*?  Python command slow stopped at the time limit in:\n'
+              r'  File ".*hooks0\.py", line 7, in <lambda>\n')
 
 
 def test_tcl_calls_need_a_script_and_the_milters_thread():

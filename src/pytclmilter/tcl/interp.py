@@ -380,10 +380,14 @@ class TclHost:
         if self.tk.call("::tclmilter::py::quiet", self.CHILD) in (1, "1"):
             return
         self.limit.begin_handlers()
-        for _ in range(1000):
-            if not self.tk.dooneevent(_DONT_WAIT | _ALL_EVENTS):
-                return
-        self.tk.call("::tclmilter::py::poll_next")  # events may be left: look again at the next tick
+        try:
+            for _ in range(1000):
+                if not self.tk.dooneevent(_DONT_WAIT | _ALL_EVENTS):
+                    return
+            self.tk.call("::tclmilter::py::poll_next")  # events may be left: look again at the next tick
+        finally:
+            # A Python command stopped in a handler: Tcl reported it (bgerror), no callback will.
+            self.pycommands.stopped = ""
 
     def set_argv(self, script: str, argv: Sequence[str]) -> None:
         self.child_call("set", "argv0", script)

@@ -235,13 +235,20 @@ class PythonCommands:
 
     def _tcl_error(self, exc: tkinter.TclError) -> BaseException:
         info = str(self._call("set", "::errorInfo"))
+        cut = info.rfind(_OUR_FRAMES)
+        info = from_tcl(info[:cut] if cut >= 0 else info)
         code = self._call("lrange", self._call("set", "::errorCode"), 0, "end")
         words = tuple(from_tcl(str(w)) for w in (code if isinstance(code, tuple) else (code,) if code else ()))
         if words[:3] == ("TCL", "LIMIT", "TIME") or str(exc) in ("time limit exceeded", "limit exceeded"):
             self.limit.reset()
-            return CallbackTimeout(f"callback stopped after {self._milter.call_timeout:g} s (call_timeout), in Tcl code")
-        cut = info.rfind(_OUR_FRAMES)
-        return TclError(from_tcl(str(exc)), from_tcl(info[:cut] if cut >= 0 else info), words)
+            stopped = CallbackTimeout(f"callback stopped after {self._milter.call_timeout:g} s (call_timeout), "
+                                      "in Tcl code")
+            stopped.add_note(f"Tcl errorInfo:\n{info}")
+            if self.stopped:  # a Python command that this Tcl code called was running
+                stopped.add_note(self.stopped)
+                self.stopped = ""
+            return stopped
+        return TclError(from_tcl(str(exc)), info, words)
 
     # ------------------------------------------------------------ errors
 
