@@ -117,6 +117,34 @@ if {[llength [info commands ::tclmilter::py::milter]]} {
         }
     }
 
+    # A command written in Python (a --python file's milter.tcl_command): every one is an alias
+    # of this proc with its Python half, which answers {ok value}, {error message errorCode
+    # errorInfo} or {limit} (tcl/pycommands.py).
+    proc ::tclmilter::pycommand {command args} {
+        set r [$command {*}$args]
+        switch -exact -- [lindex $r 0] {
+            ok {
+                return [lindex $r 1]
+            }
+            error {
+                return -code error -errorcode [lindex $r 2] -errorinfo [lindex $r 3] [lindex $r 1]
+            }
+        }
+        # {limit}: the callback's time (-calltimeout) ran out in Python, and Tcl's deadline is now
+        # set to now: its next check stops the callback, as for any callback over its limit.
+        while 1 {}
+    }
+
+    # ctx.tcl and milter.tcl from Python (tcl/pycommands.py): the command at the global level, as
+    # a callback runs, and its result as the bytes Tcl keeps its text in (or each element's).
+    proc ::tclmilter::call {args} {
+        encoding convertto identity [uplevel #0 $args]
+    }
+
+    proc ::tclmilter::calllist {args} {
+        lmap element [uplevel #0 $args] { encoding convertto identity $element }
+    }
+
     # Let `milter stop` work from secondary threads (TclMilter 1.0 allowed exactly that). The
     # host loads this package first in the script's interpreter: as the first in its thread to
     # run a thread:: command, it is the one where Thread evaluates what threads send here.

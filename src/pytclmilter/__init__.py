@@ -3,11 +3,12 @@
 from .context import Context, MilterError
 from .hooks import Hooks
 from .milter import Milter
+from .scripting import TclError
 from .settings import Settings
 from .status import ACCEPT, CONTINUE, DISCARD, NOREPLY, REJECT, SKIP, TEMPFAIL, Status
 
 __version__ = "0.1.0"
 __all__ = [
-    "Milter", "Settings", "Hooks", "Context", "MilterError", "Status",
+    "Milter", "Settings", "Hooks", "Context", "MilterError", "TclError", "Status",
     "CONTINUE", "REJECT", "DISCARD", "ACCEPT", "TEMPFAIL", "SKIP", "NOREPLY",
 ]

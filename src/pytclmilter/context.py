@@ -113,6 +113,20 @@ class ScriptPrivate(Protocol):
     def unset(self, conn_id: int, pattern: str | None) -> None: ...
 
 
+class ScriptCalls(Protocol):
+    """Calls into the script a host runs (tcl/pycommands.py), for ``ctx.tcl`` and ``milter.tcl``."""
+
+    def call(self, words: tuple[Any, ...]) -> str:
+        """Run the command ``words``; its result as text, TclError for a Tcl error."""
+
+    def call_list(self, words: tuple[Any, ...]) -> list[str]:
+        """The same, its result split as a Tcl list."""
+
+
+#: What ctx.tcl and milter.tcl say where no script is hosted (a Milter of a Python program).
+NO_SCRIPT: Final = "no Tcl script runs with this milter (ctx.tcl and milter.tcl need pytclmilter run, try or check)"
+
+
 def check_header(name: str, value: str) -> str:
     """Validate a header; returns the value with folding normalised to bare LF."""
     if not _HEADER_NAME.match(name):
@@ -229,6 +243,7 @@ class Context:
         "host_data",
         "session",
         "script_priv",
+        "script",
     )
 
     def __init__(self, conn_id: int, macros: MacroStore, progress: Callable[[], None] | None = None,
@@ -250,6 +265,8 @@ class Context:
         #: each modification (None: a context without a connection grants all, 65535 bytes).
         self.session = session
         self.script_priv: ScriptPrivate | None = None
+        #: The script's procs, when a host runs one (set by the Tcl bridge): ctx.tcl.
+        self.script: ScriptCalls | None = None
 
     def __repr__(self) -> str:
         return f"<Context {self.name} stage={self.stage or '-'}>"
@@ -289,6 +306,20 @@ class Context:
 
     def getsymval(self, symbol: str) -> str | None:
         return self.macros.get(symbol)
+
+    def tcl(self, *words: Any) -> str:
+        """Run a command of the Tcl script (``ctx.tcl("is_blacklisted", addr)``) and return its
+        result as text; a Tcl error raises :class:`~pytclmilter.scripting.TclError`. A context
+        among the words is passed as the script's context command."""
+        if self.script is None:
+            raise RuntimeError(NO_SCRIPT)
+        return self.script.call(words)
+
+    def tcl_list(self, *words: Any) -> list[str]:
+        """:meth:`tcl`, its result split as a Tcl list."""
+        if self.script is None:
+            raise RuntimeError(NO_SCRIPT)
+        return self.script.call_list(words)
 
     def setreply(self, rcode: str, xcode: str | None = None, message: str | None = None) -> None:
         self.reply_text = build_reply(rcode, xcode, message)

@@ -78,6 +78,13 @@ class PythonLimit(Limit):
         self._active = False
         return self._late
 
+    def remaining(self) -> float | None:
+        """Seconds the callback running now may still run; None when none is held here (code
+        that runs inside it, such as a Python command its Tcl calls, is held by the same limit)."""
+        if not self._active:
+            return None
+        return self._started + self._seconds - _monotonic()
+
     def _start(self) -> None:
         signal.signal(signal.SIGALRM, self._expired)
         main = threading.main_thread().ident

@@ -11,10 +11,12 @@ from typing import Any, Callable, Generic, TypeVar, overload
 
 from .callbacks import EVENTS, Callback, Registry
 from .connspec import ConnSpec, parse
+from .context import NO_SCRIPT, ScriptCalls
 from .engine import Shared, Stats
 from .hooks import Hooks
 from .logline import escape
 from .protocol.constants import MAX_DATA_SIZE
+from .scripting import TclCommands
 from .listener import Listener
 from .server import MilterServer
 from .settings import DEFAULT_CONNECTION, DEFAULT_TIMEOUT, Settings
@@ -114,6 +116,10 @@ class Milter:
         #: What the server and every connection read, the settings in force among it.
         self.shared = Shared(settings, self.registry, hooks or Hooks(), self.stats)
         self._server = MilterServer(self.shared)
+        #: Commands written in Python for a hosted script (see tcl_command); the host makes them.
+        self.tcl_commands = TclCommands()
+        #: The script's procs, when a host runs a script (the Tcl bridge sets it): tcl().
+        self.script: ScriptCalls | None = None
         #: While run() supervises --workers: their supervisor's stop; in a worker: asking the
         #: parent to stop them all. stop() calls it.
         self._stop_others: Callable[[], None] | None = None
@@ -163,6 +169,29 @@ class Milter:
 
     def unregister(self, event: str, func: Callable[..., Any]) -> bool:
         return self.registry.remove(event, lambda c: c.func is func)
+
+    def tcl_command(self, name: str, func: Callable[..., Any] | None = None) -> Any:
+        """Give the milter's Tcl script a command ``name`` that calls ``func`` with the words as
+        ``str``; usable as ``@milter.tcl_command("greydb")``. ValueError for a name already
+        defined or the engine's own (``milter``, ``exit``, ``::tclmilter::...``), or an async
+        function. Only a hosted script (``pytclmilter run --python``) sees it."""
+        if func is None:
+            return lambda f: self.tcl_command(name, f)
+        self.tcl_commands.add(name, func)
+        return func
+
+    def tcl(self, *words: Any) -> str:
+        """Run a command of the hosted Tcl script and return its result as text, as
+        :meth:`Context.tcl` does, for code outside a connection (a Python command, a timer)."""
+        if self.script is None:
+            raise RuntimeError(NO_SCRIPT)
+        return self.script.call(words)
+
+    def tcl_list(self, *words: Any) -> list[str]:
+        """:meth:`tcl`, its result split as a Tcl list."""
+        if self.script is None:
+            raise RuntimeError(NO_SCRIPT)
+        return self.script.call_list(words)
 
     # ------------------------------------------------------------ running
 

@@ -2,8 +2,8 @@
 
 Reports syntax and runtime errors with file and line, each registered
 callback (and whether its procedure exists and accepts the arguments the
-event passes), and the option negotiation the engine would answer to an MTA
-offering everything.
+event passes), the commands --python files define for the script, and the
+option negotiation the engine would answer to an MTA offering everything.
 """
 
 from __future__ import annotations
@@ -117,6 +117,10 @@ def cmd_check(opts: argparse.Namespace) -> int:
     for event, chain in registered.items():
         for cb in chain:
             out.append(f"  {event:9} {cb.origin:6} {cb.name}")
+    commands = list(host.milter.tcl_commands)
+    if commands:  # (what a --python file defined for the script; load-time calls have run)
+        out.append("python commands:")
+        out += [f"  {c.name} {c.usage}".rstrip() for c in commands]
     problems = check_callbacks(host)
     if host.command.main_calls == 0:
         problems.append("the script never calls milter main")

@@ -29,6 +29,7 @@ from . import context_cmd
 from .limit import CallLimit
 from .milter_cmd import MilterCommand, SuspendAtMain
 from .priv import TclPrivate
+from .pycommands import PythonCommands
 from .strings import deep_to_tcl, from_tcl, tcl_to_wire, to_tcl, wire_to_tcl
 from .usage import TclUsageError, integer
 
@@ -177,6 +178,9 @@ class TclHost:
         self._outgoing = self._command_object("::tclmilter::py::outgoing")
         self.limit = CallLimit(self.tk.call, self._create, self.CHILD, self.milter.shared)
         self._callbacks = 0
+        self.pycommands = PythonCommands(self.tk.call, self.tk.createcommand, self.CHILD, self.limit, self.milter)
+        self.pycommands.attach(self.milter.tcl_commands)
+        self.milter.script = self.pycommands
 
     def _make_child(self, libdir: str) -> None:
         """The script's interpreter: TclMilter's Python commands and our exit aliased in.
@@ -274,6 +278,7 @@ class TclHost:
         self.tk.call("interp", "alias", self.CHILD, name, self.CHILD, "::tclmilter::context", ctx.id)
         ctx.host_data = name  # the context command: the first argument of every callback
         ctx.script_priv = self.private
+        ctx.script = self.pycommands
         self.contexts[ctx.id] = ctx
 
     def _context_closed(self, ctx: Context) -> None:
@@ -368,6 +373,9 @@ class TclHost:
         code3 = [str(w) for w in words[:3]]
         if code3 == ["TCL", "LIMIT", "TIME"] or code3 == ["TCL", "EVENT", "LIMIT"] or str(exc) in ("time limit exceeded", "limit exceeded"):
             self.limit.reset()
+            if self.pycommands.stopped:  # a Python command was running: where it was, too
+                info = f"{info}\n{self.pycommands.stopped}"
+                self.pycommands.stopped = ""
             return CallbackError(f"callback stopped after {self.milter.call_timeout:g} s (-calltimeout)", info)
         return CallbackError(str(exc), info)
 
@@ -389,10 +397,14 @@ class TclHost:
         if self.tk.call("::tclmilter::py::quiet", self.CHILD) in (1, "1"):
             return
         self.limit.begin_handlers()
-        for _ in range(1000):
-            if not self.tk.dooneevent(_DONT_WAIT | _ALL_EVENTS):
-                return
-        self.tk.call("::tclmilter::py::poll_next")  # events may be left: look again at the next tick
+        try:
+            for _ in range(1000):
+                if not self.tk.dooneevent(_DONT_WAIT | _ALL_EVENTS):
+                    return
+            self.tk.call("::tclmilter::py::poll_next")  # events may be left: look again at the next tick
+        finally:
+            # A Python command stopped in a handler: Tcl reported it (bgerror), no callback will.
+            self.pycommands.stopped = ""
 
     def set_argv(self, script: str, argv: Sequence[str]) -> None:
         self.child_call("set", "argv0", script)

@@ -7,6 +7,11 @@ deadline moves to exactly its end, otherwise Tcl unwinds it with ``time limit
 exceeded`` (errorCode ``TCL LIMIT TIME``), which a script cannot ``catch``.
 Tcl checks the deadline between commands only: a command blocked in C code
 (``exec``) runs to its end, and :meth:`CallLimit.stop` tells the engine so.
+
+A command written in Python (tcl/pycommands.py) is Python code inside the Tcl callback, which
+Tcl's limit cannot stop: it runs under the Python limit (limits.py) with :meth:`remaining`,
+and when that stops it, :meth:`expire` has Tcl's limit end the callback the usual way.
+Python code that runs Tcl (``ctx.tcl``) gives Tcl its own end with :meth:`begin_within`.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ from ..limits import Limit
 
 _HANDLER: Final = "::tclmilter::py::limit"
 _monotonic: Final = time.monotonic  # compiled, `time.monotonic` is two look-ups per call
+_NEVER: Final = float("inf")
 
 
 class CallLimit(Limit):
@@ -32,11 +38,12 @@ class CallLimit(Limit):
         self._started = _monotonic()
         self._seconds = 0.0
         self._armed_until = 0.0  # monotonic time of the deadline Tcl holds; 0: none
+        self._cap = _NEVER  # an end the allowance may not pass (begin_within, expire)
         create(_HANDLER, self._on_deadline)
 
     def begin(self, seconds: float, now: float) -> bool:
         """A callback starts (the engine read the time and the milter's call_timeout)."""
-        self._started, self._seconds = now, seconds
+        self._started, self._seconds, self._cap = now, seconds, _NEVER
         if not seconds:
             if self._armed_until:
                 self._set(None)
@@ -48,6 +55,25 @@ class CallLimit(Limit):
     def stop(self) -> bool:
         """Read the clock: a callback blocked in C code past its deadline may still return."""
         return _monotonic() - self._started > self._seconds
+
+    def begin_within(self, deadline: float, now: float) -> None:
+        """Python code held to ``deadline`` (monotonic) runs Tcl now: Tcl stops at the same end."""
+        self._started, self._seconds, self._cap = now, max(deadline - now, 0.0), deadline
+        self._set(deadline)
+
+    def remaining(self) -> float | None:
+        """Seconds the Tcl code running now may still run; None when no limit is in force (the
+        script's own code before and after serving, or -calltimeout 0)."""
+        limit = self._shared.settings.call_timeout
+        if not self._armed_until or not limit:
+            return None
+        return min(self._started + limit, self._cap) - _monotonic()
+
+    def expire(self) -> None:
+        """The allowance is used up (by a Python command): Tcl's next check stops the evaluation."""
+        now = _monotonic()
+        self._cap = now
+        self._set(now)
 
     def begin_handlers(self) -> None:
         """A batch of event handlers (``after``, ``fileevent``) starts now: the same allowance."""
@@ -65,7 +91,7 @@ class CallLimit(Limit):
 
     def _on_deadline(self, *args: object) -> None:
         limit = self._shared.settings.call_timeout
-        end = self._started + limit
+        end = min(self._started + limit, self._cap)
         if limit and _monotonic() < end:
             self._set(end)  # the callback running now still has time: extend exactly to its end
         elif not limit:

@@ -16,7 +16,7 @@ from ..protocol.codec import text
 from .strings import from_tcl, tcl_to_wire, to_tcl
 
 
-def _value(data: Any) -> str:
+def identity_text(data: Any) -> str:
     """A value ``encoding convertto identity`` produced, as Python's text."""
     if isinstance(data, bytes):
         return text(tcl_to_wire(data))
@@ -40,7 +40,7 @@ class TclPrivate:
         if conn_id not in self._kept:
             raise KeyError(name)
         try:
-            return _value(self._call("::tclmilter::privbytes", conn_id, to_tcl(name)))
+            return identity_text(self._call("::tclmilter::privbytes", conn_id, to_tcl(name)))
         except tkinter.TclError:
             raise KeyError(name) from None
 
@@ -50,7 +50,7 @@ class TclPrivate:
         flat = self._call("::tclmilter::allprivbytes", conn_id)
         if not isinstance(flat, tuple):  # no private data: the empty string
             return {}
-        return {_value(flat[i]): _value(flat[i + 1]) for i in range(0, len(flat), 2)}
+        return {identity_text(flat[i]): identity_text(flat[i + 1]) for i in range(0, len(flat), 2)}
 
     def drop(self, conn_id: int, name: str) -> None:
         if conn_id in self._kept:

@@ -1,0 +1,656 @@
+"""Tcl commands written in Python: ``milter.tcl_command`` in a ``--python`` hooks file.
+
+Scripts run under ``pytclmilter run`` (tests/support/tclrun.py) and an independent MTA-side client
+talks to them; ``try`` and ``check`` are driven through pexpect. What is checked is what a script
+writer sees: the command's results as Tcl values, bytes that survive the trip byte for byte, Tcl
+errors a script can ``catch``, the log line of an uncaught one, Tcl's ``wrong # args`` message,
+the callback time limit, and the commands in every ``--workers`` process.
+"""
+
+from __future__ import annotations
+
+import re
+import threading
+import time
+from pathlib import Path
+
+import pexpect
+import pytest
+
+from support.tclrun import TCL_HELPERS, _pytclmilter_command, child_env, ok, tclrun_factory, z
+
+tclrun = pytest.fixture(tclrun_factory, name="tclrun")
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = ROOT / "tests" / "data"
+
+
+def cli(*args: str, timeout: float = 30) -> tuple[int, str]:
+    """``pytclmilter ARGS`` on a pty until it ends: (exit status, output with LF line ends)."""
+    command = _pytclmilter_command()
+    child = pexpect.spawn(command[0], [*command[1:], *args], env=child_env(), cwd=str(ROOT), encoding="utf-8",
+                          codec_errors="replace", timeout=timeout, echo=False)
+    out = child.read()
+    child.close()
+    return child.exitstatus if child.exitstatus is not None else -(child.signalstatus or 0), out.replace("\r\n", "\n")
+
+
+def logged(m, pattern: str, count: int = 1, timeout: float = 10.0) -> None:
+    """Wait until the log (LF line ends) holds ``count`` matches of a multi-line pattern."""
+    deadline = time.monotonic() + timeout
+    while len(re.findall(pattern, m.text)) < count:
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{pattern!r} not seen {count} time(s) in:\n{m.text}")
+        time.sleep(0.02)
+
+
+# ---------------------------------------------------------------------------- values
+
+
+VALUES_HOOKS = r'''
+from pytclmilter import REJECT
+
+
+def setup(milter):
+    store = {}
+
+    @milter.tcl_command("greydb")
+    def greydb(key, value=None):
+        if value is None:
+            return store.get(key)
+        store[key] = value
+        return len(store)
+
+    @milter.tcl_command("pyargs")
+    def pyargs(*args):
+        print("PYARGS", ascii(args), flush=True)
+        return list(args)
+
+    def values():
+        return {"list": [1, "two words", ["x", "y z"], ()], "true": True, "false": False, "none": None,
+                "float": 1.5, "big": 2 ** 70, "bytes": b"caf\xc3\xa9 \xe9", "status": REJECT,
+                "tuple": ("a", {"k": "v"})}
+
+    milter.tcl_command("pyvalues", values)
+    milter.tcl_command("pyset", lambda: {1, 2})
+'''
+
+
+def test_arguments_arrive_as_strings_and_results_become_tcl_values(tclrun):
+    m = tclrun(TCL_HELPERS + r"""
+        package require TclMilter
+        T set      {greydb k "v w"}
+        T get      {greydb k}
+        T missing  {greydb nope}
+        T args     {llength [pyargs a "b c" {} 7]}
+        set v [pyvalues]
+        T keys     {dict keys $v}
+        T list     {dict get $v list}
+        T nested   {lindex [dict get $v list] 2 1}
+        T empty    {llength [lindex [dict get $v list] 3]}
+        T true     {dict get $v true}
+        T false    {dict get $v false}
+        T none     {string length [dict get $v none]}
+        T float    {expr {[dict get $v float] * 2}}
+        T big      {dict get $v big}
+        T bytes    {list [string length [dict get $v bytes]] [string range [dict get $v bytes] 0 3] [scan [string index [dict get $v bytes] end] %c]}
+        T status   {dict get $v status}
+        T tuple    {dict get [lindex [dict get $v tuple] 1] k}
+        T set2     {pyset}
+        exit 0
+    """, python=[VALUES_HOOKS], connection=None, wait=False)
+    assert m.wait_exit() == 0, m.output
+    r = m.results()
+    assert r["set"] == "OK 1"
+    assert r["get"] == "OK v w"
+    assert r["missing"] == "OK "  # None: the empty string
+    assert "PYARGS ('a', 'b c', '', '7')" in m.text  # every word a str, as Tcl has no other type
+    assert r["args"] == "OK 4"
+    assert r["keys"] == "OK list true false none float big bytes status tuple"
+    assert r["list"] == "OK 1 {two words} {x {y z}} {}"
+    assert r["nested"] == "OK y z"
+    assert r["empty"] == "OK 0"
+    assert (r["true"], r["false"], r["none"]) == ("OK 1", "OK 0", "OK 0")
+    assert r["float"] == "OK 3.0"
+    assert r["big"] == f"OK {2 ** 70}"
+    # bytes are text under the bytes rule: valid UTF-8 decoded, the lone 0xE9 as U+DCE9
+    assert r["bytes"] == f"OK 6 café {0xDCE9}"
+    assert r["status"] == "OK SMFIS_REJECT"
+    assert r["tuple"] == "OK v"
+    assert r["set2"] == ("ERR pyset: a set has no Tcl form (return str, int, float, bool, bytes, None, "
+                         "or a list, tuple or dict of them)")
+
+
+ECHO_HOOKS = r'''
+def setup(milter):
+    @milter.tcl_command("pyecho")
+    def pyecho(value):
+        print("PYECHO", ascii(value), flush=True)
+        return value
+
+    @milter.tcl_command("pybytes")
+    def pybytes(value):
+        return value.encode("utf-8", "surrogateescape")  # bytes: back as the same text
+'''
+
+RAW = b"caf\xc3\xa9 \xe9\xff \xed\xb2\x80 \xc0\x80 end"  # UTF-8, Latin-1, a CESU-8 look-alike, overlong NUL
+
+
+def test_8bit_bytes_round_trip_through_a_python_command(tclrun):
+    m = tclrun(r"""
+        package require TclMilter
+        proc hdr {ctx name value} {
+            if {$name eq "X-Raw"} { $ctx setpriv raw [pyecho $value] }
+            return SMFIS_CONTINUE
+        }
+        proc eom {ctx} {
+            $ctx addheader X-Echo [$ctx getpriv raw]
+            $ctx addheader X-Bytes [pybytes [$ctx getpriv raw]]
+            $ctx addheader X-Length [string length [pyecho [$ctx getpriv raw]]]
+            return SMFIS_CONTINUE
+        }
+        milter register header hdr
+        milter register eom eom
+        milter main
+    """, python=[ECHO_HOOKS])
+    with m.mta() as mta:
+        mta.negotiate()
+        assert ok(mta.mail("<a@example.org>"))
+        assert ok(mta.event_raw("L", z("X-Raw", RAW)))
+        assert ok(mta.eoh())
+        reply = mta.eom()
+    assert m.stop() == 0
+    expected = RAW.decode("utf-8", "surrogateescape")
+    assert f"PYECHO {ascii(expected)}" in m.text  # the function sees the bytes rule's str
+    assert reply == [("h", z("X-Echo", RAW)), ("h", z("X-Bytes", RAW)),
+                     ("h", z("X-Length", str(len(expected)))), ("c", b"")]
+
+
+# ---------------------------------------------------------------------------- errors
+
+
+ERROR_HOOKS = r'''
+def setup(milter):
+    @milter.tcl_command("boom")
+    def boom(message):
+        raise LookupError(message)
+
+    @milter.tcl_command("blank")
+    def blank():
+        raise RuntimeError()
+'''
+
+
+def reply(text: str) -> dict[str, str]:
+    """A 550 5.7.1 reply as miltertest decodes it."""
+    return {"smtpcode": "550", "space": " ", "text": f"5.7.1 {text}"}
+
+
+def test_a_python_exception_is_a_tcl_error_the_script_can_catch(tclrun):
+    m = tclrun(TCL_HELPERS + r"""
+        package require TclMilter
+        T plain    {boom "no such key"}
+        T code     {catch {boom "no such key"} m o; dict get $o -errorcode}
+        T trap     {try { boom x } trap {PYTHON LookupError} {msg} { set r "trapped $msg" }}
+        T blank    {blank}
+        proc p {} { boom "from a proc" }
+        catch p m o
+        puts "INFO<<[dict get $o -errorinfo]>>"
+        proc from {ctx list} {
+            if {[catch {boom "unknown sender [lindex $list 0]"} m]} {
+                $ctx setreply 550 5.7.1 "caught: $m"
+                return SMFIS_REJECT
+            }
+            return SMFIS_CONTINUE
+        }
+        milter register envfrom from
+        milter main
+    """, python=[ERROR_HOOKS])
+    with m.mta() as mta:
+        mta.negotiate()
+        assert mta.mail("<a@example.org>") == ("y", reply("caught: unknown sender <a@example.org>"))
+        assert mta.mail("<b@example.org>") == ("y", reply("caught: unknown sender <b@example.org>"))
+    assert m.stop() == 0
+    r = m.results()
+    assert r["plain"] == "ERR no such key"
+    assert r["code"] == "OK PYTHON LookupError {no such key}"
+    assert r["trap"] == "OK trapped x"
+    assert r["blank"] == "ERR RuntimeError"  # no message: the exception's name
+    info = re.search(r"INFO<<(.*?)>>", m.text, re.S).group(1)
+    lines = info.split("\n")
+    assert lines[0] == "from a proc"
+    assert lines[1] == "Traceback (most recent call last):"
+    assert re.match(r'  File ".*hooks0\.py", line 5, in boom$', lines[2]), lines
+    assert lines[3] == "    raise LookupError(message)"
+    assert lines[4] == "LookupError: from a proc"
+    assert lines[5:] == ["    invoked from within", '"boom "from a proc" "', '    (procedure "p" line 1)',
+                         "    invoked from within", '"p"']
+
+
+def test_an_uncaught_python_exception_in_a_callback_is_logged_and_answered_with_onerror(tclrun):
+    m = tclrun(r"""
+        package require TclMilter
+        milter configure -onerror SMFIS_REJECT
+        proc from {ctx list} { boom "bad \x1b\[1m sender\nFAKE: line" }
+        milter register envfrom from
+        milter main
+    """, python=[ERROR_HOOKS])
+    with m.mta() as mta:
+        mta.negotiate()
+        assert mta.mail("<a@example.org>") == ("r", {})  # -onerror SMFIS_REJECT
+        # The Python traceback, then Tcl's errorInfo: every line indented under the log line (or
+        # starting with a space already), control characters escaped: no line passes for a log line
+        logged(m, r"ERROR: conn#1: envfrom callback from failed \(bad \\x1b\[1m sender\\nFAKE: line\), "
+                  r"answering SMFIS_REJECT:\n"
+                  r"  bad \\x1b\[1m sender\n  FAKE: line\n  Traceback \(most recent call last\):\n"
+                  r'  File ".*hooks0\.py", line 5, in boom\n    raise LookupError\(message\)\n'
+                  r"  LookupError: bad \\x1b\[1m sender\n  FAKE: line\n    invoked from within\n"
+                  r'  "boom "bad .*FAKE: line" "\n    \(procedure "from" line 1\)\n')
+        assert mta.mail("<b@example.org>") == ("r", {})  # the same connection goes on
+    assert m.stop() == 0
+    assert "\nFAKE: line" not in m.text
+
+
+ARITY_HOOKS = r'''
+def setup(milter):
+    milter.tcl_command("two", lambda a, b: a + b)
+    milter.tcl_command("greydb", lambda key, value=None: key)
+    milter.tcl_command("first", lambda first, *rest: first)
+    milter.tcl_command("anyargs", lambda *args: len(args))
+    milter.tcl_command("values", lambda *values: len(values))
+    milter.tcl_command("nothing", lambda: "nothing")
+    milter.tcl_command("::ns::qualified", lambda x, **kw: x)
+'''
+
+
+def test_a_wrong_number_of_arguments_reads_as_tcls_own_message(tclrun):
+    m = tclrun(TCL_HELPERS + r"""
+        package require TclMilter
+        T two       {two a}
+        T two3      {two a b c}
+        T two-ok    {two a b}
+        T greydb    {greydb}
+        T greydb3   {greydb a b c}
+        T first     {first}
+        T first-ok  {first a b c d}
+        T any       {anyargs}
+        T values    {values 1 2}
+        T nothing   {nothing x}
+        T qualified {::ns::qualified}
+        T code      {catch {two} m o; dict get $o -errorcode}
+        exit 0
+    """, python=[ARITY_HOOKS], connection=None, wait=False)
+    assert m.wait_exit() == 0, m.output
+    r = m.results()
+    assert r["two"] == r["two3"] == 'ERR wrong # args: should be "two a b"'
+    assert r["two-ok"] == "OK ab"
+    assert r["greydb"] == r["greydb3"] == 'ERR wrong # args: should be "greydb key ?value?"'
+    assert r["first"] == 'ERR wrong # args: should be "first first ?rest ...?"'
+    assert r["first-ok"] == "OK a"
+    assert r["any"] == "OK 0"
+    assert r["values"] == "OK 2"
+    assert r["nothing"] == 'ERR wrong # args: should be "nothing"'
+    assert r["qualified"] == 'ERR wrong # args: should be "::ns::qualified x"'
+    assert r["code"] == "OK TCL WRONGARGS"
+
+
+# ---------------------------------------------------------------------------- time limit
+
+
+SLOW_HOOKS = r'''
+import os
+import time
+
+
+def setup(milter):
+    @milter.tcl_command("slow")
+    def slow(seconds):
+        time.sleep(float(seconds))
+        return "done"
+
+    @milter.tcl_command("cslow")
+    def cslow(seconds):
+        os.system(f"sleep {seconds}")  # C code: Python's signal handler runs only once it is back
+        return "done"
+'''
+
+SLOW_SCRIPT = TCL_HELPERS + r"""
+package require TclMilter
+milter configure -calltimeout 1 -onerror SMFIS_REJECT
+T load {slow 1.2}
+proc from {ctx list} {
+    switch -- [lindex $list 0] {
+        <sleep@example.org> { slow 30 }
+        <catch@example.org> { while 1 { catch { slow 30 } } }
+        <c@example.org>     { cslow 2 }
+        <ok@example.org>    { slow 0.5 }
+    }
+    return SMFIS_CONTINUE
+}
+milter register envfrom from
+milter main
+"""
+
+
+def test_the_time_limit_stops_a_python_command_that_blocks(tclrun):
+    m = tclrun(SLOW_SCRIPT, python=[SLOW_HOOKS])
+    assert m.results()["load"] == "OK done"  # before milter main the script runs unbounded
+    with m.mta() as mta:
+        mta.negotiate()
+        for count, case in enumerate(("sleep", "catch"), 1):
+            t0 = time.monotonic()
+            assert mta.mail(f"<{case}@example.org>") == ("r", {}), case  # -onerror SMFIS_REJECT
+            assert 0.9 <= time.monotonic() - t0 <= 4.0
+            # Tcl's errorInfo, then where the Python command was when it was stopped
+            logged(m, r"envfrom callback from failed \(callback stopped after 1 s \(-calltimeout\)\), "
+                      r"answering SMFIS_REJECT:\n  time limit exceeded\n(.*\n)*?"
+                      r'  "slow 30 "\n    \(procedure "from" line \d\)\n(.*\n)*?'
+                      r"  Python command slow stopped at the time limit in:\n"
+                      r'  File ".*hooks0\.py", line 9, in slow\n    time\.sleep\(float\(seconds\)\)\n', count)
+            t0 = time.monotonic()
+            assert mta.mail("<ok@example.org>") == ("c", {})  # the next callback has its own second
+            assert time.monotonic() - t0 >= 0.5
+        # C code that does not come back to Python: stopped as soon as it is back, logged as late
+        t0 = time.monotonic()
+        assert mta.mail("<c@example.org>") == ("r", {})
+        assert 1.9 <= time.monotonic() - t0 <= 5.0
+        logged(m, r"envfrom callback from failed \(callback stopped after 1 s \(-calltimeout\)\)", 3)
+        logged(m, r"WARNING: conn#1: envfrom callback from took 2\.\d s, over the 1 s call timeout")
+        assert mta.mail("<ok@example.org>") == ("c", {})
+    assert m.stop() == 0
+
+
+# ---------------------------------------------------------------------------- workers
+
+
+PID_HOOKS = r'''
+import os
+import time
+
+
+def setup(milter):
+    milter.tcl_command("pypid", os.getpid)
+    milter.tcl_command("hold", lambda seconds: time.sleep(float(seconds)))
+'''
+
+
+def test_every_worker_has_the_commands(tclrun):
+    m = tclrun(r"""
+        package require TclMilter
+        proc from {ctx list} {
+            if {[lindex $list 0] eq "<hold@example.org>"} { hold 2 }
+            return SMFIS_CONTINUE
+        }
+        proc eom {ctx} { $ctx addheader X-Worker "[pypid] [pid]"; return SMFIS_CONTINUE }
+        milter register envfrom from
+        milter register eom eom
+        milter main
+    """, "--workers", "2", python=[PID_HOOKS])
+    m.wait_for("2 workers serving")
+    results: dict[str, list] = {}
+
+    def message(sender: str) -> None:
+        with m.mta() as mta:
+            mta.negotiate()
+            results[sender] = mta.message(sender=sender)["eom"]
+
+    # While one worker is held in a Python command, the other one must take the next connection.
+    held = threading.Thread(target=message, args=("<hold@example.org>",))
+    held.start()
+    time.sleep(0.5)
+    message("<free@example.org>")
+    held.join(10)
+    assert m.stop() == 0
+    pids = set()
+    for sender in ("<hold@example.org>", "<free@example.org>"):
+        (code, header), final = results[sender]
+        assert code == "h" and final == ("c", b"")
+        py_pid, tcl_pid = header.split(b"\0")[1].split()
+        assert py_pid == tcl_pid  # the command ran in the worker that served the connection
+        pids.add(py_pid)
+    assert len(pids) == 2
+
+
+# ---------------------------------------------------------------------------- try and check
+
+
+TRY_HOOKS = r'''
+def setup(milter):
+    seen = []
+
+    @milter.tcl_command("remember")
+    def remember(word):
+        seen.append(word)
+        return len(seen)
+
+    milter.tcl_command("recall", lambda: seen)
+'''
+
+TRY_SCRIPT = r"""
+package require TclMilter
+remember load-time
+proc from {ctx list} { remember [lindex $list 0]; return SMFIS_CONTINUE }
+proc eom {ctx} { $ctx addheader X-Seen [join [recall] ", "]; return SMFIS_CONTINUE }
+milter register envfrom from
+milter register eom eom
+milter main
+"""
+
+
+def test_try_and_check_run_a_script_with_python_commands(tmp_path: Path):
+    script, hooks = tmp_path / "cmds.tcl", tmp_path / "hooks.py"
+    script.write_text(TRY_SCRIPT)
+    hooks.write_text(TRY_HOOKS)
+    status, out = cli("try", str(script), str(DATA / "plain.eml"), "--python", str(hooks))
+    assert status == 0, out
+    assert "X-Seen: load-time, <alice@example.org>" in out
+    status, out = cli("check", str(script), "--python", str(hooks))
+    assert status == 0, out
+    assert "python commands:\n  remember word\n  recall\n" in out
+    assert "error" not in out
+    status, out = cli("try", str(script), str(DATA / "plain.eml"))  # without the hooks file
+    assert status == 70, out
+    assert 'invalid command name "remember"' in out
+
+
+def test_check_reports_a_python_error_at_load_time_with_file_and_line(tmp_path: Path):
+    script, hooks = tmp_path / "broken.tcl", tmp_path / "hooks.py"
+    script.write_text("package require TclMilter\n\nopenstore /nonexistent/dir/x.db\nmilter main\n")
+    hooks.write_text("def setup(milter):\n"
+                     "    milter.tcl_command('openstore', lambda path: open(path, 'w'))\n")
+    status, out = cli("check", str(script), "--python", str(hooks))
+    assert status == 1, out
+    assert (f"{script}:3: error: [Errno 2] No such file or directory: '/nonexistent/dir/x.db'") in out
+    assert "FileNotFoundError" in out  # the Python traceback in errorInfo
+
+
+# ---------------------------------------------------------------------------- the API
+
+
+def test_names_and_functions_tcl_cannot_use_are_refused_when_defined():
+    from pytclmilter.tcl.interp import TclHost
+
+    host = TclHost()
+    milter = host.milter
+
+    async def coroutine(x):
+        return x
+
+    def keyword_only(x, *, y):
+        return x
+
+    refused = {
+        "set": (lambda: milter.tcl_command("set", len), 'tcl_command: "set" is already a Tcl command'),
+        "milter": (lambda: milter.tcl_command("milter", len), 'tcl_command: "milter" is pytclmilter\'s own command'),
+        "ns": (lambda: milter.tcl_command("::tclmilter::x", len), "is pytclmilter's own command"),
+        "empty": (lambda: milter.tcl_command("", len), "must be a non-empty string"),
+        "async": (lambda: milter.tcl_command("co", coroutine), "a Tcl command cannot be async"),
+        "kwonly": (lambda: milter.tcl_command("kw", keyword_only), "keyword-only parameter 'y' has no default"),
+        "callable": (lambda: milter.tcl_command("nc", 3), "is not callable"),
+    }
+    for name, (define, message) in refused.items():
+        with pytest.raises(ValueError) as info:
+            define()
+        assert message in str(info.value), name
+
+    @milter.tcl_command("later")
+    def later(word):
+        return word.upper()
+
+    assert later("x") == "X"  # the decorator gives the function back
+    assert host.child_call("later", "defined after the interpreter") == "DEFINED AFTER THE INTERPRETER"
+    with pytest.raises(ValueError, match='"later" is already defined'):
+        milter.tcl_command("later", str)
+    assert [c.name for c in milter.tcl_commands] == ["later"]
+
+
+# ---------------------------------------------------------------------------- Python calls Tcl
+
+
+CALLS_SCRIPT = r"""
+package require TclMilter
+proc is_blacklisted {addr} { expr {[string match *@spam.example> $addr] ? 1 : 0} }
+proc listed {args} { return [list one "two words" {} {*}$args] }
+proc echo {value} { return "<$value>" }
+proc priv_of {ctx name} { $ctx getpriv $name }
+proc fails {what} { error "no $what here" "" {MYAPP NOTFOUND} }
+proc eom {ctx} { $ctx addheader X-Tcl-Eom yes; return SMFIS_CONTINUE }
+proc outer {value} { return [py_outer $value] }
+proc inner {value} { return "inner($value)" }
+milter register eom eom
+milter main
+"""
+
+CALLS_HOOKS = r'''
+from pytclmilter import CONTINUE, REJECT, TclError
+
+
+def setup(milter):
+    @milter.register("envfrom")
+    def envfrom(ctx, args):
+        if ctx.tcl("is_blacklisted", args[0]) == "1":
+            return REJECT
+        ctx.setpriv("sender", args[0])
+        return CONTINUE
+
+    @milter.register("header")
+    def header(ctx, name, value):
+        if name == "X-Raw":
+            ctx.setpriv("echo", ctx.tcl("echo", value))
+
+    @milter.tcl_command("py_outer")
+    def py_outer(value):
+        return milter.tcl("inner", value)  # outside a connection's context: the milter's variant
+
+    @milter.register("eom")
+    def eom(ctx):
+        ctx.addheader("X-List", "|".join(ctx.tcl_list("listed", "x y", 7)))
+        ctx.addheader("X-Empty", str(ctx.tcl_list("list")))
+        ctx.addheader("X-Priv", ctx.tcl("priv_of", ctx, "sender"))  # a context: its context command
+        ctx.addheader("X-Echo", ctx.getpriv("echo"))
+        ctx.addheader("X-Nested", ctx.tcl("outer", "v"))
+        try:
+            ctx.tcl("fails", "key")
+        except TclError as exc:
+            print("ERRORINFO<<" + exc.error_info + ">>", flush=True)
+            ctx.addheader("X-Error", f"{exc.message} / {' '.join(exc.error_code)}")
+        if ctx.getpriv("sender") == "<uncaught@example.org>":
+            ctx.tcl("fails", "luck")
+'''
+
+
+def test_python_callbacks_call_the_scripts_procs(tclrun):
+    m = tclrun(CALLS_SCRIPT, python=[CALLS_HOOKS])
+    with m.mta() as mta:
+        mta.negotiate()
+        assert mta.mail("<x@spam.example>") == ("r", {})
+        assert ok(mta.mail("<a@example.org>"))
+        assert ok(mta.rcpt("<b@example.com>"))
+        assert ok(mta.event_raw("L", z("X-Raw", RAW)))
+        assert ok(mta.eoh())
+        reply = mta.eom()
+        assert mta.mail("<uncaught@example.org>") == ("c", {})
+        assert ok(mta.rcpt("<b@example.com>"))
+        assert mta.eom() == [("t", b"")]  # -onerror: tempfail
+    assert m.stop() == 0
+    assert reply == [("h", z("X-List", "one|two words||x y|7")), ("h", z("X-Empty", "[]")),
+                     ("h", z("X-Priv", "<a@example.org>")), ("h", z("X-Echo", b"<" + RAW + b">")),
+                     ("h", z("X-Nested", "inner(v)")), ("h", z("X-Error", "no key here / MYAPP NOTFOUND")),
+                     ("h", z("X-Tcl-Eom", "yes")), ("c", b"")]
+    # errorInfo is the script's, without the frames of the call itself
+    info = re.search(r"ERRORINFO<<(.*?)>>", m.text, re.S).group(1)
+    assert info.split("\n") == ["no key here", "    while executing", '"error "no $what here" "" {MYAPP NOTFOUND} "',
+                                '    (procedure "fails" line 1)', "    invoked from within", '"fails key"']
+    # Uncaught, the Tcl error fails the Python callback: its traceback, then Tcl's errorInfo
+    logged(m, r"ERROR: conn#1: eom callback setup\.<locals>\.eom failed \(no luck here\), answering SMFIS_TEMPFAIL:\n"
+              r"  Traceback \(most recent call last\):\n(.*\n)*?"
+              r'    ctx\.tcl\("fails", "luck"\)\n(.*\n)*?'
+              r"  pytclmilter\.scripting\.TclError: no luck here\n  Tcl errorInfo:\n  no luck here\n"
+              r"    while executing\n(.*\n)*?"
+              r'  "fails luck"\n')
+
+
+LOOP_HOOKS = r'''
+import asyncio
+import time
+
+
+def setup(milter):
+    milter.tcl_command("slow", lambda seconds: time.sleep(float(seconds)))
+
+    @milter.register("envfrom")
+    def plain(ctx, args):
+        if args[0] == "<plain@example.org>":
+            ctx.tcl("spin")
+        elif args[0] == "<nested@example.org>":
+            ctx.tcl("callslow")  # Python -> Tcl -> Python, all within this callback's time
+
+    @milter.register("envfrom")
+    async def later(ctx, args):
+        if args[0] == "<async@example.org>":
+            await asyncio.sleep(0.1)
+            ctx.tcl("spin")
+'''
+
+
+def test_tcl_run_from_a_python_callback_is_held_to_the_callbacks_time_limit(tclrun):
+    m = tclrun(r"""
+        package require TclMilter
+        milter configure -calltimeout 1 -onerror SMFIS_REJECT
+        proc spin {} { while 1 { catch { while 1 {} } } }
+        proc callslow {} { while 1 { catch { slow 30 } } }
+        proc from {ctx list} { return SMFIS_CONTINUE }
+        milter register envfrom from
+        milter main
+    """, python=[LOOP_HOOKS])
+    with m.mta() as mta:
+        mta.negotiate()
+        for count, case in enumerate(("plain", "async", "nested"), 1):
+            t0 = time.monotonic()
+            assert mta.mail(f"<{case}@example.org>") == ("r", {}), case
+            assert 0.9 <= time.monotonic() - t0 <= 4.0
+            logged(m, r"envfrom callback setup\.<locals>\.(plain|later) failed \(callback stopped after 1 s "
+                      r"\(call_timeout\)", count)
+            assert mta.mail("<ok@example.org>") == ("c", {})  # Tcl and Python callbacks run again
+    assert m.stop() == 0
+    # the nested case: where the Python command was, under the callback's own traceback
+    logged(m, r'  ctx\.tcl\("callslow"\)(.*\n)*?  Python command slow stopped at the time limit in:\n'
+              r'  File ".*hooks0\.py", line 7, in <lambda>\n')
+
+
+def test_tcl_calls_need_a_script_and_the_milters_thread():
+    from pytclmilter import Context, Milter
+    from pytclmilter.protocol.macros import MacroStore
+    from pytclmilter.tcl.interp import TclHost
+
+    for no_script in (Milter(), Context(1, MacroStore())):
+        with pytest.raises(RuntimeError, match="no Tcl script runs with this milter"):
+            no_script.tcl("set", "x")
+    host = TclHost()
+    assert host.milter.tcl("set", "x", "caf\udce9") == "caf\udce9"
+    assert host.milter.tcl_list("list", "a b", "c") == ["a b", "c"]
+    failed: list[BaseException] = []
+    thread = threading.Thread(target=lambda: failed.append(pytest.raises(RuntimeError, host.milter.tcl, "set", "x")))
+    thread.start()
+    thread.join()
+    assert "on the milter's thread only" in str(failed[0].value)
