@@ -20,6 +20,7 @@ import resource
 import shutil
 import signal
 import socket
+import sqlite3
 import stat
 import subprocess
 import tempfile
@@ -42,6 +43,7 @@ STAMP = EXAMPLES / "stamp.tcl"
 SIZEPOLICY = EXAMPLES / "sizepolicy.tcl"
 RCPTREWRITE = EXAMPLES / "rcptrewrite.tcl"
 GREYLIST = EXAMPLES / "greylist.tcl"
+GREYLIST_STORE = ("--python", str(EXAMPLES / "greylist_store.py"))  # the greylist's triplets
 
 
 # ---------------------------------------------------------------------------- helpers
@@ -289,33 +291,27 @@ def test_run_rcptrewrite_reads_a_map_file_given_after_double_dash(serve: Callabl
     assert m.stop() == 0
 
 
-def test_run_greylist_saves_and_reloads_its_state_with_after_while_serving(serve: Callable[..., TclRun],
-                                                                          tmp_path: Path) -> None:
-    state = tmp_path / "greylist.db"
-    m = serve(GREYLIST, "--connection", "inet:0@127.0.0.1",
-              args=("-state", str(state), "-delay", "3600", "-interval", "1"))
+def test_run_greylist_keeps_its_state_in_sqlite_and_forgets_with_after_while_serving(
+        serve: Callable[..., TclRun], tmp_path: Path) -> None:
+    store = tmp_path / "greylist.sqlite"
+    m = serve(GREYLIST, "--connection", "inet:0@127.0.0.1", *GREYLIST_STORE,
+              args=("-store", f"sqlite:{store}", "-delay", "3600", "-interval", "1"))
     status, out = cli("send", "--connection", m.spec, str(DATA / "plain.eml"))
     assert '-> tempfail "451 4.7.1 Greylisted, please try again in 3600 seconds"' in out, out
-    # the `after` timer writes the state while `milter main` serves
-    deadline = time.monotonic() + 5
-    while not state.exists() and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert m.alive() and state.exists(), m.text
-    ip, sender, rcpt, first, last = _greylist_entry(state)
-    # the admin lets the triplet through: an older first-seen time, picked up at the next reload
-    state.write_text(f"{ip} {sender} {rcpt} {int(first) - 7200} {last}\n")
-    mtime = state.stat().st_mtime
-    os.utime(state, (mtime + 2, mtime + 2))  # file mtime has 1 s resolution: make the change visible
-    deadline = time.monotonic() + 5
-    while True:
-        status, out = cli("send", "--connection", m.spec, str(DATA / "plain.eml"))
-        if status == 0 or time.monotonic() > deadline:
-            break
-        time.sleep(0.3)
+    ip, sender, rcpt, first, last, seen = _greylist_entry(store)
+    assert (ip, sender, rcpt, seen) == ("127.0.0.1", "alice@example.org", "bob@example.com", 1)
+    # the admin lets the triplet through: an older first-seen time, seen by the next message
+    _greylist_sql(store, "UPDATE triplets SET first_seen = first_seen - 7200")
+    status, out = cli("send", "--connection", m.spec, str(DATA / "plain.eml"))
     assert status == 0, out
     assert "envrcpt  <bob@example.com> -> continue" in out
+    # not seen for longer than -maxage: the `after` timer has the store forget it while `milter main` serves
+    _greylist_sql(store, "UPDATE triplets SET last_seen = last_seen - 4000000")
+    deadline = time.monotonic() + 5
+    while _greylist_sql(store, "SELECT count(*) FROM triplets") != [(0,)] and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert m.alive() and _greylist_sql(store, "SELECT count(*) FROM triplets") == [(0,)], m.text
     assert m.stop() == 0
-    assert int(_greylist_entry(state)[3]) == int(first) - 7200  # saved again at stop, edit kept
 
 
 # ============================================================================ try
@@ -443,57 +439,69 @@ def test_try_json_shows_the_edited_message() -> None:
     assert doc["message"]["recipients"] == ["<bob@example.com>"]
 
 
-def _greylist_entry(state: Path) -> list[str]:
-    lines = state.read_text().splitlines()
-    assert len(lines) == 1, lines
-    return lines[0].split()
+def _greylist_sql(store: Path, sql: str) -> list[tuple[Any, ...]]:
+    with sqlite3.connect(store) as db:
+        return db.execute(sql).fetchall()
+
+
+def _greylist_entry(store: Path) -> tuple[Any, ...]:
+    rows = _greylist_sql(store, "SELECT ip, sender, rcpt, first_seen, last_seen, seen FROM triplets")
+    assert len(rows) == 1, rows
+    return rows[0]
 
 
 def test_try_greylist_tempfails_first_then_accepts_once_the_delay_passed(tmp_path: Path) -> None:
-    state = tmp_path / "greylist.db"
-    env = {"GREYLIST_STATE": str(state), "GREYLIST_DELAY": "3600"}
+    store = tmp_path / "greylist.sqlite"
+    env = {"GREYLIST_STORE": f"sqlite:{store}", "GREYLIST_DELAY": "3600"}
     grey = 'envrcpt  <bob@example.com> -> tempfail "451 4.7.1 Greylisted, please try again in 3600 seconds"'
 
-    status, out = cli("try", str(GREYLIST), str(DATA / "plain.eml"), env=env)
+    status, out = cli("try", str(GREYLIST), str(DATA / "plain.eml"), *GREYLIST_STORE, env=env)
     assert grey in out, out
     assert "resulting message" not in out
-    ip, sender, rcpt, first, last = _greylist_entry(state)
-    assert (ip, sender, rcpt) == ("127.0.0.1", "alice@example.org", "bob@example.com")
-    assert abs(int(first) - time.time()) < 60 and last == first
+    ip, sender, rcpt, first, last, seen = _greylist_entry(store)
+    assert (ip, sender, rcpt, seen) == ("127.0.0.1", "alice@example.org", "bob@example.com", 1)
+    assert abs(first - time.time()) < 60 and last == first
 
     # a retry that comes too early is refused again
-    status, out = cli("try", str(GREYLIST), str(DATA / "plain.eml"), env=env)
+    status, out = cli("try", str(GREYLIST), str(DATA / "plain.eml"), *GREYLIST_STORE, env=env)
     assert re.search(r'-> tempfail "451 4.7.1 Greylisted, please try again in 3[56]\d\d seconds"', out), out
 
     # the delay has passed (the admin's way to let a triplet through: an older first-seen time)
-    state.write_text(f"{ip} {sender} {rcpt} {int(first) - 3600} {last}\n")
-    status, out = cli("try", str(GREYLIST), str(DATA / "plain.eml"), env=env)
+    _greylist_sql(store, "UPDATE triplets SET first_seen = first_seen - 3600")
+    status, out = cli("try", str(GREYLIST), str(DATA / "plain.eml"), *GREYLIST_STORE, env=env)
     assert status == 0, out
     assert "envrcpt  <bob@example.com> -> continue" in out
     assert "verdict: accept at eom" in out
     assert "Subject: Lunch on Friday?" in resulting_message(out)
+    assert _greylist_entry(store)[5] == 3
 
 
 def test_try_greylist_with_delay_zero_accepts_the_first_retry(tmp_path: Path) -> None:
-    env = {"GREYLIST_STATE": str(tmp_path / "greylist.db"), "GREYLIST_DELAY": "0"}
-    status, out = cli("try", str(GREYLIST), str(DATA / "plain.eml"), env=env)
+    env = {"GREYLIST_STORE": f"sqlite:{tmp_path / 'greylist.sqlite'}", "GREYLIST_DELAY": "0"}
+    status, out = cli("try", str(GREYLIST), str(DATA / "plain.eml"), *GREYLIST_STORE, env=env)
     assert "-> tempfail" in out and "resulting message" not in out, out
-    status, out = cli("try", str(GREYLIST), str(DATA / "plain.eml"), env=env)
+    status, out = cli("try", str(GREYLIST), str(DATA / "plain.eml"), *GREYLIST_STORE, env=env)
     assert status == 0, out
     assert "verdict: accept at eom" in out
+
+
+def test_greylist_without_its_store_module_says_how_to_run_it() -> None:
+    status, out = cli("check", str(GREYLIST))
+    assert status == 1
+    assert "run it with --python greylist_store.py" in out, out
 
 
 def test_try_passes_arguments_after_double_dash_to_the_script(tmp_path: Path) -> None:
     """BUG: `try` sets the script's argv to {} and drops what follows `--`.
 
-    The environment says "delay 3600" and points at another state file, the
-    arguments say "-state ... -delay 0": the arguments must win, as with `run`.
+    The environment says "delay 3600" and points at another store, the
+    arguments say "-store ... -delay 0": the arguments must win, as with `run`.
     """
-    state = tmp_path / "args.db"
-    env = {"GREYLIST_STATE": str(tmp_path / "env.db"), "GREYLIST_DELAY": "3600"}
-    args = ("--", "-state", str(state), "-delay", "0")
+    store = tmp_path / "args.sqlite"
+    env = {"GREYLIST_STORE": f"sqlite:{tmp_path / 'env.sqlite'}", "GREYLIST_DELAY": "3600"}
+    args = (*GREYLIST_STORE, "--", "-store", f"sqlite:{store}", "-delay", "0")
     cli("try", str(GREYLIST), str(DATA / "plain.eml"), *args, env=env)
-    assert state.exists(), "the -state argument was not seen by the script"
+    assert store.exists(), "the -store argument was not seen by the script"
     status, out = cli("try", str(GREYLIST), str(DATA / "plain.eml"), *args, env=env)
     assert status == 0, out
     assert "verdict: accept at eom" in out
@@ -505,12 +513,12 @@ def test_try_tempfail_of_every_recipient_is_a_tempfail(tmp_path: Path) -> None:
     The SMTP client got 451 for each RCPT TO and will try again later: that is
     a temporary failure (exit 2), not a rejection (exit 1).
     """
-    env = {"GREYLIST_STATE": str(tmp_path / "greylist.db")}
-    status, out = cli("try", str(GREYLIST), str(DATA / "plain.eml"), env=env)
+    env = {"GREYLIST_STORE": f"sqlite:{tmp_path / 'greylist.sqlite'}"}
+    status, out = cli("try", str(GREYLIST), str(DATA / "plain.eml"), *GREYLIST_STORE, env=env)
     assert "-> tempfail" in out
     assert "verdict: tempfail at envrcpt" in out, out
     assert status == 2
-    status, out = cli("try", str(GREYLIST), str(DATA / "plain.eml"), "--json", env=env)
+    status, out = cli("try", str(GREYLIST), str(DATA / "plain.eml"), *GREYLIST_STORE, "--json", env=env)
     assert json_of(out)["verdict"] == "tempfail"
 
 
@@ -768,8 +776,9 @@ def test_check_reports_a_missing_proc_and_a_missing_milter_main(tmp_path: Path) 
 )
 def test_check_reports_callbacks_and_negotiation_of_every_example(script: Path, callbacks: list[str],
                                                                   skipped: str, tmp_path: Path) -> None:
-    # greylist reads its state at start: keep it away from /var/lib
-    status, out = cli("check", str(script), env={"GREYLIST_STATE": str(tmp_path / "g.db")})
+    # greylist's store: away from /var/lib (and opened by no check: it opens at the first message)
+    hooks = GREYLIST_STORE if script == GREYLIST else ()
+    status, out = cli("check", str(script), *hooks, env={"GREYLIST_STORE": f"sqlite:{tmp_path / 'g.db'}"})
     assert status == 0, out
     assert f"{script}: loaded" in out
     listed = re.findall(r"^  (\w+ +tcl +\w+)$", out, re.M)

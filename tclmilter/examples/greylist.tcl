@@ -1,6 +1,6 @@
 #!/usr/local/bin/tclsh
 #
-# greylist.tcl -- greylisting with its state in a file
+# greylist.tcl -- greylisting with its state in a store every worker and host sees
 #
 # The first time a triplet (client IP address, envelope sender, recipient) is
 # seen, that recipient is refused with a temporary error:
@@ -11,47 +11,58 @@
 # seconds have passed since the triplet was first seen, it is accepted (and
 # every later message with the same triplet too). Spam software that never
 # retries never gets through. A retry that comes too early is refused again.
-# Addresses in $whitelist (client IPs, or glob patterns of them) are never
-# greylisted.
+# A triplet not seen for $max_age seconds is forgotten. Addresses in
+# $whitelist (client IPs, or glob patterns of them) are never greylisted.
 #
-# The state lives in memory and in $state_file, one Tcl list per line:
-#
-#   client-ip sender recipient first-seen last-seen
-#
-# (times in seconds since 1970, from "clock seconds"). The file is read at
-# start. Every $interval seconds a Tcl "after" timer -- Tcl's event loop runs
-# while "milter main" serves -- forgets triplets not seen for $max_age
-# seconds, reads the file again if someone else changed it (merging what it
-# holds) and writes it if anything changed (to a temporary file, then
-# renamed over the old one). It is written once more when the filter stops.
-# An administrator may edit the file while the filter runs, e.g. to let a
-# triplet through at once by lowering its first-seen time.
+# The triplets live in a store, kept by the Python command "greydb" of
+# greylist_store.py (next to this script), so that a retry gets the same answer
+# whichever --workers process or host it reaches:
+#   sqlite:PATH     a file on this host, shared by any number of workers (default)
+#   redis://HOST:PORT/DB   a Redis server shared by several hosts
+# A store that cannot be reached answers as -unavailable says: tempfail (the
+# client retries later) or accept (mail flows ungreylisted meanwhile); the
+# outage is logged once when it starts and once when the store is back.
+# Every $interval seconds a Tcl "after" timer -- Tcl's event loop runs while
+# "milter main" serves -- has the store forget the triplets not seen for
+# $max_age seconds (Redis forgets them by itself).
 #
 # Options (after the script name; with pytclmilter put them after --), each
 # with an environment variable as fallback, handy in a systemd unit:
-#   -state FILE        GREYLIST_STATE     (default /var/lib/greylist/greylist.db)
-#   -delay SECONDS     GREYLIST_DELAY     (default 300)
-#   -interval SECONDS  GREYLIST_INTERVAL  (default 60)
-#   -maxage SECONDS    GREYLIST_MAXAGE    (default 3024000, 35 days)
+#   -store SPEC         GREYLIST_STORE        (default sqlite:/var/lib/greylist/greylist.sqlite)
+#   -delay SECONDS      GREYLIST_DELAY        (default 300)
+#   -maxage SECONDS     GREYLIST_MAXAGE       (default 3024000, 35 days)
+#   -unavailable WHAT   GREYLIST_UNAVAILABLE  (tempfail or accept; default tempfail)
+#   -retry SECONDS      GREYLIST_RETRY        (try an unreachable store again after; default 5)
+#   -interval SECONDS   GREYLIST_INTERVAL     (default 60)
 #
-# Run it:
-#   pytclmilter check greylist.tcl
-#   GREYLIST_STATE=/tmp/grey.db pytclmilter try greylist.tcl message.eml
-#   pytclmilter run greylist.tcl -- -state /var/lib/greylist/greylist.db -delay 600
+# Run it (the store opens at the first message, after --user dropped root's
+# privileges: its directory must belong to that user):
+#   pytclmilter check greylist.tcl --python greylist_store.py
+#   pytclmilter try greylist.tcl message.eml --python greylist_store.py -- -store sqlite:/tmp/grey.sqlite
+#   pytclmilter run greylist.tcl --python greylist_store.py --user greylist --workers 4 \
+#       -- -store sqlite:/var/lib/greylist/greylist.sqlite -delay 600
 # and in Postfix's main.cf (greylist only mail from the Internet, port 25):
 #   smtpd_milters = unix:/var/run/greylist.sock
+# The state file of the greylist before its store is imported once with
+#   python3 greylist_store.py import /var/lib/greylist/greylist.db sqlite:/var/lib/greylist/greylist.sqlite
 #
 
 package require Tcl 8.4
 package require TclMilter 1.0
 
+if {[info commands greydb] eq ""} {
+    error "greylist.tcl keeps its triplets with greylist_store.py: run it with --python greylist_store.py"
+}
+
 # Configuration
 
 set settings {
-    -state    state_file GREYLIST_STATE    /var/lib/greylist/greylist.db
-    -delay    delay      GREYLIST_DELAY    300
-    -interval interval   GREYLIST_INTERVAL 60
-    -maxage   max_age    GREYLIST_MAXAGE   3024000
+    -store       store       GREYLIST_STORE       sqlite:/var/lib/greylist/greylist.sqlite
+    -delay       delay       GREYLIST_DELAY       300
+    -maxage      max_age     GREYLIST_MAXAGE      3024000
+    -unavailable unavailable GREYLIST_UNAVAILABLE tempfail
+    -retry       retry       GREYLIST_RETRY       5
+    -interval    interval    GREYLIST_INTERVAL    60
 }
 set whitelist {}
 
@@ -65,88 +76,24 @@ foreach {option var envvar default} $settings {
 foreach {option value} $argv {
     set i [lsearch -exact $settings $option]
     if {$i < 0 || $i % 4 != 0} {
-        error "unknown option \"$option\": must be -state, -delay, -interval or -maxage"
+        error "unknown option \"$option\": must be -store, -delay, -maxage, -unavailable, -retry or -interval"
     }
     set [lindex $settings [expr {$i + 1}]] $value
 }
-foreach var {delay interval max_age} {
-    if {![string is integer -strict [set $var]] || [set $var] < 0} {
-        error "$var must be a number of seconds, not \"[set $var]\""
-    }
+if {![string is integer -strict $interval] || $interval < 1} {
+    error "interval must be a number of seconds, not \"$interval\""
 }
-if {$interval < 1} {
-    set interval 1
-}
+# (greydb checks the rest, and says which option is wrong)
+greydb configure -store $store -delay $delay -maxage $max_age -unavailable $unavailable -retry $retry
 
 milter configure -name Greylist
 milter configure -connection {unix:/var/run/greylist.sock}
 
-# The state: seen([list ip sender rcpt]) = [list first-seen last-seen]
-
-array set seen {}
-set dirty 0
-set file_mtime 0
-
-proc load_state { } {
-    global seen state_file file_mtime
-    if {![file exists $state_file]} {
-        return
-    }
-    set f [open $state_file r]
-    while {[gets $f line] >= 0} {
-        if {[catch {llength $line} n] || $n != 5} {
-            continue
-        }
-        foreach {ip sender rcpt first last} $line break
-        set key [list $ip $sender $rcpt]
-        if {[info exists seen($key)]} {
-            # merge: the earlier first sight and the later last sight win
-            foreach {f0 l0} $seen($key) break
-            if {$f0 < $first} { set first $f0 }
-            if {$l0 > $last} { set last $l0 }
-        }
-        set seen($key) [list $first $last]
-    }
-    close $f
-    set file_mtime [file mtime $state_file]
-}
-
-proc save_state { } {
-    global seen state_file file_mtime dirty
-    set tmp $state_file.tmp
-    if {[catch {
-        set f [open $tmp w]
-        foreach key [lsort [array names seen]] {
-            puts $f [concat $key $seen($key)]
-        }
-        close $f
-        file rename -force $tmp $state_file
-        set file_mtime [file mtime $state_file]
-        set dirty 0
-    } err]} {
-        puts stderr "greylist: cannot write $state_file: $err"
-    }
-}
-
-# Every $interval seconds: expire, merge outside changes, save
+# Every $interval seconds: forget old triplets
 
 proc housekeeping { } {
-    global seen max_age state_file file_mtime dirty interval
-    set now [clock seconds]
-    foreach key [array names seen] {
-        if {$now - [lindex $seen($key) 1] > $max_age} {
-            unset seen($key)
-            set dirty 1
-        }
-    }
-    if {[file exists $state_file] && [file mtime $state_file] != $file_mtime} {
-        load_state
-        set dirty 1
-    }
-    if {$dirty} {
-        save_state
-    }
-    after [expr {$interval * 1000}] housekeeping
+    greydb expire
+    after [expr {$::interval * 1000}] housekeeping
 }
 
 proc whitelisted { ip } {
@@ -177,36 +124,30 @@ proc gl_envfrom { context fromList } {
 }
 
 proc gl_envrcpt { context rcptList } {
-    global seen delay dirty
     set ip [$context getpriv client]
     if {[whitelisted $ip]} {
         return SMFIS_CONTINUE
     }
     set rcpt [string tolower [string trim [lindex $rcptList 0] <>]]
-    set key [list $ip [$context getpriv sender] $rcpt]
-    set now [clock seconds]
-
-    if {![info exists seen($key)]} {
-        set seen($key) [list $now $now]
-        set dirty 1
-        $context setreply 451 4.7.1 "Greylisted, please try again in $delay seconds"
-        return SMFIS_TEMPFAIL
+    set answer [greydb check $ip [$context getpriv sender] $rcpt]
+    switch -- [lindex $answer 0] {
+        pass {
+            return SMFIS_CONTINUE
+        }
+        wait {
+            $context setreply 451 4.7.1 "Greylisted, please try again in [lindex $answer 1] seconds"
+            return SMFIS_TEMPFAIL
+        }
+        default {
+            # the store cannot be reached (and -unavailable is tempfail)
+            $context setreply 451 4.3.0 "Greylisting temporarily unavailable, please try again later"
+            return SMFIS_TEMPFAIL
+        }
     }
-
-    set first [lindex $seen($key) 0]
-    set seen($key) [list $first $now]
-    set dirty 1
-    set wait [expr {$first + $delay - $now}]
-    if {$wait > 0} {
-        $context setreply 451 4.7.1 "Greylisted, please try again in $wait seconds"
-        return SMFIS_TEMPFAIL
-    }
-    return SMFIS_CONTINUE
 }
 
-# Load the state, start the timer, register the callbacks and start up the filter
+# Start the timer, register the callbacks and start up the filter
 
-load_state
 after [expr {$interval * 1000}] housekeeping
 
 milter register connect gl_connect
@@ -214,10 +155,6 @@ milter register envfrom gl_envfrom
 milter register envrcpt gl_envrcpt
 milter main
 
-# Stopped: keep what was learnt
-if {$dirty} {
-    save_state
-}
 if {[regexp {^(unix|local):(.+)$} [milter configure -connection] -> proto path]} {
     file delete $path
 }

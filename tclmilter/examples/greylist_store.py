@@ -1,0 +1,502 @@
+"""greylist_store.py -- the greylist's triplets in a store every worker and every host sees.
+
+A ``--python`` hooks file for greylist.tcl. It gives the script one command::
+
+    greydb configure ?-store SPEC? ?-delay S? ?-maxage S? ?-unavailable tempfail|accept? ?-retry S?
+    greydb check IP SENDER RCPT    ;# pass | wait SECONDS | unavailable
+    greydb expire                  ;# forget triplets not seen for -maxage; how many
+
+and keeps in one place what every deployment of the greylist shares: the triplet rules (first
+seen, delay, last seen, forgotten after -maxage), what happens while the store cannot be
+reached, and the two back ends, chosen by -store:
+
+* ``sqlite:PATH`` (the default, ``sqlite:/var/lib/greylist/greylist.sqlite``): Python's own
+  sqlite3, a file on this host shared by any number of ``--workers`` (WAL mode, so readers never
+  wait for the writer; one atomic upsert per check, so two workers seeing the same triplet at
+  once agree on its first sight);
+* ``redis://HOST:PORT/DB`` (or ``rediss://``): a Redis server shared by several hosts; one key
+  per triplet whose time to live is -maxage, updated by one Lua script (atomic in Redis). Needs
+  the ``redis`` package (``pip install redis``), imported only when Redis is chosen.
+
+The store is opened at the first check, not when the script loads: by then ``run --user`` has
+dropped root's privileges and ``--workers`` have forked (each opens its own connection).
+
+A store that cannot be reached (Redis down, the SQLite file locked past 0.5 s or unwritable)
+answers ``unavailable`` (-unavailable tempfail, the default: the script refuses the recipient
+with a 4xx and the client retries) or ``pass`` (-unavailable accept: mail flows ungreylisted),
+logs one warning when the outage starts and one when the store is back, and is tried again at
+most every -retry seconds (default 5): in between, checks answer at once, without touching the
+network. Callbacks run on the milter's only thread, so no call may block long: Redis gets 0.3 s
+to connect and to answer.
+
+The file of the greylist before its store (one Tcl list per line: ip sender rcpt first last)
+is imported once with::
+
+    python3 greylist_store.py import OLDFILE [STORE]
+
+Each ``setup(milter)`` makes its own store object, closed when it is garbage: a second setup in
+the same process (a reload) shares nothing with the first.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import re
+import sqlite3
+import stat
+import sys
+import time
+import weakref
+from typing import Any, Iterable, Iterator, NamedTuple, Protocol
+
+log = logging.getLogger("pytclmilter.greylist")
+
+DEFAULT_STORE = "sqlite:/var/lib/greylist/greylist.sqlite"
+SQLITE_BUSY_TIMEOUT = 0.5  # seconds a write waits for another worker's
+REDIS_TIMEOUT = 0.3  # seconds to connect, and to answer
+REDIS_PREFIX = b"greylist:"
+DEFAULT_MAX_AGE = 3024000.0  # 35 days
+
+
+class StoreError(Exception):
+    """The store cannot be used now (also: a setting of this host that stops it being opened)."""
+
+
+class Settings(NamedTuple):
+    store: str = DEFAULT_STORE
+    delay: float = 300
+    max_age: float = DEFAULT_MAX_AGE
+    unavailable: str = "tempfail"
+    retry: float = 5
+
+
+_OPTIONS = {"-store": "store", "-delay": "delay", "-maxage": "max_age", "-unavailable": "unavailable",
+            "-retry": "retry"}
+
+
+def configured(settings: Settings, words: Iterable[str]) -> Settings:
+    """``settings`` changed by ``-option value`` pairs; ValueError naming a bad one."""
+    words = list(words)
+    if len(words) % 2:
+        raise ValueError(f'option "{words[-1]}" has no value')
+    changes: dict[str, Any] = {}
+    for option, value in zip(words[::2], words[1::2]):
+        field = _OPTIONS.get(option)
+        if field is None:
+            raise ValueError(f'unknown option "{option}": must be {", ".join(_OPTIONS)}')
+        if field == "store":
+            check_spec(value)  # a bad spec, or Redis without its client: said at load time
+            changes[field] = value
+        elif field == "unavailable":
+            if value not in ("tempfail", "accept"):
+                raise ValueError(f'-unavailable must be tempfail or accept, not "{value}"')
+            changes[field] = value
+        else:
+            changes[field] = _seconds(option, value, minimum=1 if field == "max_age" else 0)
+    return settings._replace(**changes)
+
+
+def _seconds(option: str, value: str, minimum: float) -> float:
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = math.nan
+    if not seconds >= minimum or math.isinf(seconds):
+        raise ValueError(f'{option} must be a number of seconds >= {minimum:g}, not "{value}"')
+    return seconds
+
+
+# ---------------------------------------------------------------------------- back ends
+
+
+Errors = tuple[type[Exception], ...]
+
+
+class Store(Protocol):
+    """What the greylist needs of a back end; ``errors``: the exceptions that mean "unavailable"."""
+
+    @property
+    def errors(self) -> Errors: ...
+
+    @property
+    def where(self) -> str: ...
+
+    def see(self, triplet: tuple[str, str, str], now: float, max_age: float) -> tuple[float, int]:
+        """Record a sighting at ``now``; (first seen, sightings) after it, both reset when the
+        triplet was last seen more than ``max_age`` ago. Atomic."""
+
+    def expire(self, before: float) -> int:
+        """Forget (some of the) triplets last seen before ``before``; how many."""
+
+    def merge(self, triplet: tuple[str, str, str], first: float, last: float, now: float, max_age: float) -> None:
+        """Add a triplet seen from ``first`` to ``last`` (import): the earlier first and later last win."""
+
+    def close(self) -> None: ...
+
+
+def check_spec(spec: str) -> str:
+    """The kind of store a ``-store`` spec names (sqlite, redis); ValueError for a bad one."""
+    if spec.startswith("sqlite:"):
+        if spec == "sqlite:":
+            raise ValueError("-store sqlite:PATH needs a path")
+        return "sqlite"
+    if re.match(r"rediss?://.", spec):
+        _redis_module()
+        return "redis"
+    raise ValueError(f'-store must be sqlite:PATH or redis://HOST:PORT/DB, not "{spec}"')
+
+
+def open_store(spec: str) -> Store:
+    """The back end a ``-store`` spec names (not connected yet: that happens at its first use)."""
+    if check_spec(spec) == "sqlite":
+        return SqliteStore(spec[len("sqlite:"):])
+    return RedisStore(spec)
+
+
+def _db_text(value: str) -> str | bytes:
+    """Text as SQLite stores it: bytes that are not UTF-8 (surrogate escapes) as a blob, so that
+    they stay distinct and come back unchanged."""
+    try:
+        value.encode("utf-8")
+        return value
+    except UnicodeEncodeError:
+        return value.encode("utf-8", "surrogateescape")
+
+
+class SqliteStore:
+    """Triplets in a SQLite file shared by the processes of one host."""
+
+    errors: Errors = (sqlite3.Error, OSError, StoreError)
+    _SCHEMA = """
+        CREATE TABLE IF NOT EXISTS triplets (
+            ip TEXT NOT NULL, sender TEXT NOT NULL, rcpt TEXT NOT NULL,
+            first_seen REAL NOT NULL, last_seen REAL NOT NULL, seen INTEGER NOT NULL,
+            PRIMARY KEY (ip, sender, rcpt));
+        CREATE INDEX IF NOT EXISTS triplets_last_seen ON triplets (last_seen);
+    """
+    # One statement: SQLite runs it under the write lock, so two workers recording the same new
+    # triplet at once get one first sighting (seen 1) and one second (seen 2), never two firsts.
+    _SEE = """
+        INSERT INTO triplets (ip, sender, rcpt, first_seen, last_seen, seen) VALUES (?, ?, ?, ?, ?, 1)
+        ON CONFLICT (ip, sender, rcpt) DO UPDATE SET
+            first_seen = CASE WHEN last_seen < ? THEN excluded.first_seen ELSE first_seen END,
+            seen = CASE WHEN last_seen < ? THEN 1 ELSE seen + 1 END,
+            last_seen = excluded.last_seen
+        RETURNING first_seen, seen
+    """
+    _MERGE = """
+        INSERT INTO triplets (ip, sender, rcpt, first_seen, last_seen, seen) VALUES (?, ?, ?, ?, ?, 1)
+        ON CONFLICT (ip, sender, rcpt) DO UPDATE SET
+            first_seen = min(first_seen, excluded.first_seen), last_seen = max(last_seen, excluded.last_seen)
+    """
+    _EXPIRE_BATCH = 1000  # rows per expire: a call must not hold the write lock for long
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.where = f"sqlite:{path}"
+        self._db: sqlite3.Connection | None = None
+        self._pid = 0
+
+    def _conn(self) -> sqlite3.Connection:
+        if self._db is not None and self._pid == os.getpid():
+            return self._db
+        # (a connection from before a fork is the parent's: SQLite forbids using it; left alone)
+        _refuse_unsafe_as_root(self.path)
+        db = sqlite3.connect(self.path, timeout=SQLITE_BUSY_TIMEOUT, isolation_level=None)
+        try:
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute("PRAGMA synchronous=NORMAL")  # WAL: durable at checkpoints, no fsync per check
+            db.executescript(self._SCHEMA)
+        except BaseException:
+            db.close()
+            raise
+        self._db, self._pid = db, os.getpid()
+        return db
+
+    def see(self, triplet: tuple[str, str, str], now: float, max_age: float) -> tuple[float, int]:
+        oldest = now - max_age
+        rows = self._conn().execute(self._SEE, (*map(_db_text, triplet), now, now, oldest, oldest)).fetchall()
+        first, seen = rows[0]
+        return float(first), int(seen)
+
+    def expire(self, before: float) -> int:
+        cur = self._conn().execute(
+            "DELETE FROM triplets WHERE rowid IN (SELECT rowid FROM triplets WHERE last_seen < ? LIMIT ?)",
+            (before, self._EXPIRE_BATCH))
+        return cur.rowcount
+
+    def merge(self, triplet: tuple[str, str, str], first: float, last: float, now: float, max_age: float) -> None:
+        if last >= now - max_age:
+            self._conn().execute(self._MERGE, (*map(_db_text, triplet), first, last))
+
+    def close(self) -> None:
+        if self._db is not None and self._pid == os.getpid():
+            self._db.close()
+        self._db = None
+
+
+def _refuse_unsafe_as_root(path: str) -> None:
+    """As root, open the file only in a directory no one else can write, and never through a link.
+
+    SQLite follows links and creates PATH-wal and PATH-shm beside PATH: in a directory others may
+    write, they could point one of those names at any file root may write. The directory itself
+    is the admin's choice (a link on the way to it is trusted, as for the socket's directory).
+    After ``run --user`` dropped privileges none of this applies: a link then reaches only what
+    that user may write anyway.
+    """
+    if os.geteuid() != 0:
+        return
+    directory = os.path.dirname(os.path.abspath(path))
+    st = os.stat(directory)
+    if st.st_uid != 0 or st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+        raise StoreError(f"refusing to open it as root in {directory}, which others may write "
+                         "(run with --user, or give root the directory)")
+    for name in (path, path + "-wal", path + "-shm", path + "-journal"):
+        try:
+            if stat.S_ISLNK(os.lstat(name).st_mode):
+                raise StoreError(f"refusing to open it as root through the symbolic link {name}")
+        except FileNotFoundError:
+            pass
+
+
+# The sighting, in Redis: one script runs atomically, so two hosts recording the same new triplet
+# at once get one first sighting and one second. A key not seen for max_age has expired (TTL).
+# (first and last stay strings: a Lua number would come back truncated to an integer.)
+_REDIS_SEE = """
+local first = redis.call('HGET', KEYS[1], 'first')
+local seen = 1
+if first then
+    seen = redis.call('HINCRBY', KEYS[1], 'seen', 1)
+    redis.call('HSET', KEYS[1], 'last', ARGV[1])
+else
+    first = ARGV[1]
+    redis.call('HSET', KEYS[1], 'first', first, 'last', first, 'seen', 1)
+end
+redis.call('EXPIRE', KEYS[1], ARGV[2])
+return {first, seen}
+"""
+_REDIS_MERGE = """
+local old = redis.call('HMGET', KEYS[1], 'first', 'last')
+local first, last = ARGV[1], ARGV[2]
+if old[1] and tonumber(old[1]) < tonumber(first) then first = old[1] end
+if old[2] and tonumber(old[2]) > tonumber(last) then last = old[2] end
+local ttl = math.ceil(tonumber(last) + tonumber(ARGV[3]) - tonumber(ARGV[4]))
+if ttl > 0 then
+    redis.call('HSET', KEYS[1], 'first', first, 'last', last)
+    redis.call('HSETNX', KEYS[1], 'seen', 1)
+    redis.call('EXPIRE', KEYS[1], ttl)
+end
+return ttl
+"""
+
+
+def _redis_module() -> Any:
+    try:
+        import redis
+    except ImportError:
+        raise ValueError("-store redis://... needs the Python package redis (pip install redis)") from None
+    return redis
+
+
+class RedisStore:
+    """Triplets in a Redis server shared by several hosts."""
+
+    def __init__(self, url: str) -> None:
+        redis = _redis_module()
+        from redis.backoff import NoBackoff
+        from redis.retry import Retry
+
+        self.errors: Errors = (redis.exceptions.RedisError, OSError)
+        # the URL may hold a password: not in the log
+        self.where = re.sub(r"//[^/@]*@", "//", url)
+        # No retries: redis-py's default retries with back-off would hold the milter's thread for
+        # seconds. The greylist retries instead, at most every -retry seconds.
+        self._client = redis.Redis.from_url(
+            url, socket_connect_timeout=REDIS_TIMEOUT, socket_timeout=REDIS_TIMEOUT,
+            retry=Retry(NoBackoff(), 0), health_check_interval=0)
+        self._see = self._client.register_script(_REDIS_SEE)
+        self._merge = self._client.register_script(_REDIS_MERGE)
+
+    @staticmethod
+    def key(triplet: tuple[str, str, str]) -> bytes:
+        """greylist:IP NUL SENDER NUL RCPT (NUL cannot occur in milter strings: no two triplets share a key)."""
+        return REDIS_PREFIX + b"\0".join(s.encode("utf-8", "surrogateescape") for s in triplet)
+
+    def see(self, triplet: tuple[str, str, str], now: float, max_age: float) -> tuple[float, int]:
+        first, seen = self._see(keys=[self.key(triplet)], args=[repr(now), math.ceil(max_age)])
+        return float(first), int(seen)
+
+    def expire(self, before: float) -> int:
+        return 0  # Redis forgets a key when its time to live runs out
+
+    def merge(self, triplet: tuple[str, str, str], first: float, last: float, now: float, max_age: float) -> None:
+        self._merge(keys=[self.key(triplet)], args=[repr(first), repr(last), repr(max_age), repr(now)])
+
+    def close(self) -> None:
+        self._client.close()
+
+
+# ---------------------------------------------------------------------------- the greylist
+
+
+class Greylist:
+    """The triplet rules on a store, and what to answer while the store cannot be reached."""
+
+    def __init__(self, settings: Settings = Settings()) -> None:
+        self.settings = settings
+        self.store = open_store(settings.store)
+        self._finalizer = weakref.finalize(self, self.store.close)
+        self.down_since: float | None = None  # time.monotonic() when the outage began
+        self._next_try = 0.0
+        self.answered = 0  # checks answered without the store in this outage
+
+    def configure(self, words: Iterable[str]) -> None:
+        settings = configured(self.settings, words)
+        if settings.store != self.settings.store:
+            self._finalizer()
+            self.store = open_store(settings.store)
+            self._finalizer = weakref.finalize(self, self.store.close)
+            self.down_since = None
+        self.settings = settings
+
+    def check(self, ip: str, sender: str, rcpt: str) -> str | tuple[str, int]:
+        """``pass``, ``(wait, SECONDS)``, or while the store cannot be reached ``unavailable``
+        (-unavailable tempfail) or ``pass`` (accept)."""
+        now = time.time()
+        seen = self._use(lambda store: store.see((ip, sender, rcpt), now, self.settings.max_age))
+        if seen is None:
+            self.answered += 1
+            return "pass" if self.settings.unavailable == "accept" else "unavailable"
+        first, count = seen
+        if count == 1:  # first sight: a retry after the delay is what real mail servers do
+            return ("wait", math.ceil(self.settings.delay))
+        left = first + self.settings.delay - now
+        return ("wait", math.ceil(left)) if left > 0 else "pass"
+
+    def expire(self) -> int:
+        removed = self._use(lambda store: store.expire(time.time() - self.settings.max_age))
+        return removed or 0
+
+    def _use(self, op: Any) -> Any:
+        """``op(store)``; None when the store cannot be reached (an outage: logged when it starts
+        and ends; the store is not tried again until -retry seconds have passed)."""
+        now = time.monotonic()
+        if self.down_since is not None and now < self._next_try:
+            return None
+        try:
+            result = op(self.store)
+        except self.store.errors as exc:
+            self._next_try = now + self.settings.retry
+            if self.down_since is None:
+                self.down_since, self.answered = now, 0
+                log.warning("greylist store %s unavailable (%s): answering %s, trying again every %g s",
+                            self.store.where, _reason(exc), self._answer(), self.settings.retry)
+            self.store.close()  # a fresh connection at the next try
+            return None
+        if self.down_since is not None:
+            log.warning("greylist store %s is back after %.1f s; %d recipients were answered %s meanwhile",
+                        self.store.where, now - self.down_since, self.answered, self._answer())
+            self.down_since = None
+        return result
+
+    def _answer(self) -> str:
+        return "tempfail" if self.settings.unavailable == "tempfail" else "accept (not greylisted)"
+
+
+def _reason(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+
+
+# ---------------------------------------------------------------------------- the Tcl command
+
+
+def _command(greylist: Greylist) -> Any:
+    def greydb(subcommand: str, *args: str) -> Any:
+        if subcommand == "check":
+            if len(args) != 3:
+                raise ValueError('wrong # args: should be "greydb check ip sender rcpt"')
+            return greylist.check(*args)
+        if subcommand == "configure":
+            greylist.configure(args)
+            return None
+        if subcommand == "expire" and not args:
+            return greylist.expire()
+        raise ValueError(f'bad subcommand "{subcommand}": must be check, configure or expire')
+
+    return greydb
+
+
+def setup(milter: Any) -> None:
+    """The hooks file's entry: the command ``greydb`` for the script (the store opens at its first check)."""
+    milter.tcl_command("greydb", _command(Greylist()))
+
+
+# ---------------------------------------------------------------------------- import of the old file
+
+
+def old_entries(lines: Iterable[str]) -> Iterator[tuple[tuple[str, str, str], float, float]]:
+    """The entries of greylist.tcl's old state file: one Tcl list per line, ``ip sender rcpt
+    first last``, read by Tcl itself; a line that is no such list is skipped, as the old script
+    skipped it."""
+    import tkinter
+
+    tcl = tkinter.Tcl()
+    for line in lines:
+        try:
+            words = [str(w) for w in tcl.splitlist(line)]
+        except (tkinter.TclError, UnicodeError):
+            continue
+        if len(words) != 5:
+            continue
+        ip, sender, rcpt, first, last = words
+        try:
+            yield (ip, sender, rcpt), float(first), float(last)
+        except ValueError:
+            continue
+
+
+def import_file(old: str, store: Store, max_age: float = DEFAULT_MAX_AGE) -> tuple[int, int]:
+    """Merge the old state file into the store; (triplets imported, lines skipped or expired)."""
+    imported = skipped = 0
+    now = time.time()
+    try:
+        with open(old, encoding="utf-8", errors="surrogateescape") as f:
+            lines = f.read().splitlines()
+        for triplet, first, last in old_entries(lines):
+            if last < now - max_age:
+                continue
+            store.merge(triplet, first, last, now, max_age)
+            imported += 1
+        skipped = len(lines) - imported
+    finally:
+        store.close()
+    return imported, skipped
+
+
+def main(argv: list[str]) -> int:
+    usage = (f"usage: {os.path.basename(sys.argv[0])} import OLDFILE [STORE] [MAXAGE]\n"
+             f"  STORE: sqlite:PATH or redis://HOST:PORT/DB (default $GREYLIST_STORE, else {DEFAULT_STORE})")
+    if len(argv) not in (2, 3, 4) or argv[0] != "import":
+        print(usage, file=sys.stderr)
+        return 64
+    store = argv[2] if len(argv) > 2 else os.environ.get("GREYLIST_STORE", DEFAULT_STORE)
+    try:
+        max_age = _seconds("MAXAGE", argv[3], 1) if len(argv) > 3 else DEFAULT_MAX_AGE
+        target = open_store(store)
+    except ValueError as exc:
+        print(f"import: {exc}", file=sys.stderr)
+        return 64
+    errors: Errors = (OSError, *target.errors)  # (redis's too: one line, not a traceback)
+    try:
+        imported, skipped = import_file(argv[1], target, max_age)
+    except errors as exc:
+        print(f"import: {target.where}: {_reason(exc)}", file=sys.stderr)
+        return 1
+    print(f"imported {imported} triplets into {target.where} ({skipped} lines skipped or expired)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

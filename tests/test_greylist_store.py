@@ -1,0 +1,340 @@
+"""The greylist example on its shared store (tclmilter/examples/greylist_store.py).
+
+``pytclmilter run greylist.tcl --python greylist_store.py`` as a user runs it, the MTA side played
+over real sockets (tests/support/tclrun.py: miltertest), the store real: a SQLite file shared by
+``--workers``, and a private redis-server (tests/support/redis.py) shared by two instances,
+stopped and started again mid-run. What is asserted is what the SMTP client would get (the
+replies to RCPT) and what the admin reads (the log lines, the store's rows).
+"""
+
+from __future__ import annotations
+
+import gc
+import importlib.util
+import os
+import pwd
+import re
+import shutil
+import signal
+import sqlite3
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import pytest
+
+from support.redis import RedisServer
+from support.tclrun import TclRun, tclrun_factory
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "tclmilter" / "examples"
+GREYLIST = EXAMPLES / "greylist.tcl"
+STORE_PY = EXAMPLES / "greylist_store.py"
+
+tclrun = pytest.fixture(tclrun_factory, name="tclrun")
+
+GREYLISTED = re.compile(r"4\.7\.1 Greylisted, please try again in (\d+) seconds")
+UNAVAILABLE = "4.3.0 Greylisting temporarily unavailable, please try again later"
+
+
+@pytest.fixture
+def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
+    server = RedisServer(tmp_path)
+    server.start()
+    try:
+        yield server
+    finally:
+        server.close()
+
+
+def greylist(tclrun: Callable[..., TclRun], store: str, *options: str, args: tuple[str, ...] = ()) -> TclRun:
+    return tclrun(GREYLIST, "--python", str(STORE_PY), *options, args=("-store", store, *args))
+
+
+def rcpt_reply(m: TclRun, n: int, *, whole: bool = False) -> Any:
+    """Triplet ``n`` (client 192.0.2.N%250, sender sN@example.org, rcpt rN@example.com) on a new
+    connection: the reply to RCPT, or with ``whole`` that of the whole message (so that an
+    accepted one has its verdict line, with the pid of the worker that served it)."""
+    with m.mta() as mta:
+        mta.negotiate()
+        mta.connect(address=f"192.0.2.{n % 250 + 1}")
+        if whole:
+            steps = mta.message(sender=f"<s{n}@example.org>", rcpts=[f"<r{n}@example.com>"])
+            return steps["rcpt"][0], steps["eom"][-1][0]
+        assert mta.mail(f"<s{n}@example.org>") == ("c", {})
+        return mta.rcpt(f"<r{n}@example.com>")
+
+
+def greylisted(reply: Any) -> int | None:
+    """The seconds of a "Greylisted" 451, else None."""
+    if isinstance(reply, tuple) and reply[0] == "y" and reply[1]["smtpcode"] == "451":
+        m = GREYLISTED.fullmatch(reply[1]["text"])
+        return int(m.group(1)) if m else None
+    return None
+
+
+def unavailable(reply: Any) -> bool:
+    return isinstance(reply, tuple) and reply[0] == "y" and reply[1] == {
+        "smtpcode": "451", "space": " ", "text": UNAVAILABLE}
+
+
+def served_by(m: TclRun, verdict: str) -> dict[int, int]:
+    """Triplet number -> pid of the process that logged its verdict (``tempfail at envrcpt``...)."""
+    rx = re.compile(rf"pytclmilter\[(\d+)\] INFO: conn#\d+: verdict {verdict} client=\S+ from=<s(\d+)@")
+    return {int(n): int(pid) for pid, n in rx.findall(m.text)}
+
+
+# ---------------------------------------------------------------------------- one host, SQLite
+
+
+def test_workers_share_sqlite_every_retry_after_the_delay_is_accepted(tclrun: Callable[..., TclRun],
+                                                                       tmp_path: Path) -> None:
+    """--workers 2: 200 triplets first seen (451) and, after the delay, retried on new
+    connections: every retry accepted, whichever worker took the first attempt or the retry."""
+    db = tmp_path / "greylist.sqlite"
+    delay = 2
+    m = greylist(tclrun, f"sqlite:{db}", "--workers", "2", args=("-delay", str(delay)))
+    triplets = range(200)
+    with ThreadPoolExecutor(8) as pool:  # concurrent connections: both workers accept some
+        first = list(pool.map(lambda n: rcpt_reply(m, n), triplets))
+        started = time.monotonic()
+        assert [greylisted(r) for r in first] == [delay] * 200, first
+        assert sqlite3.connect(db).execute("SELECT count(*), max(seen) FROM triplets").fetchone() == (200, 1)
+        time.sleep(max(0.0, delay + 0.2 - (time.monotonic() - started)))
+        retries = list(pool.map(lambda n: rcpt_reply(m, n, whole=True), triplets))
+    assert retries == [(("c", {}), "c")] * 200, [r for r in retries if r != (("c", {}), "c")][:5]
+
+    deadline = time.monotonic() + 10  # each worker logs a verdict after its reply went out
+    while len(served_by(m, "accept at eom")) < 200 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    firsts, accepts = served_by(m, "tempfail at envrcpt"), served_by(m, "accept at eom")
+    missing = sorted(set(triplets) - set(firsts)) + sorted(set(triplets) - set(accepts))
+    assert not missing, (missing, [l for l in m.text.splitlines() if any(f"<s{n}@" in l for n in missing[:3])])
+    workers = set(accepts.values())
+    assert len(workers) == 2 and m.child.pid not in workers, workers  # both workers served retries
+    moved = [n for n in triplets if firsts[n] != accepts[n]]
+    assert moved, "no retry reached the other worker than its first attempt"
+    assert "unavailable" not in m.text and "Traceback" not in m.text
+    assert m.stop() == 0
+
+
+# ---------------------------------------------------------------------------- several hosts, Redis
+
+
+def test_two_instances_sharing_redis_accept_a_retry_the_other_one_greylisted(
+        tclrun: Callable[..., TclRun], redis_server: RedisServer) -> None:
+    a = greylist(tclrun, redis_server.url, args=("-delay", "1"))
+    b = greylist(tclrun, redis_server.url, args=("-delay", "1"))
+    triplets = range(20)
+    assert [greylisted(rcpt_reply(a, n)) for n in triplets] == [1] * 20
+    assert redis_server.command("DBSIZE") == b":20"
+    ttl = int(redis_server.command("TTL", "greylist:192.0.2.1\0s0@example.org\0r0@example.com")[1:])
+    assert 3024000 - 5 <= ttl <= 3024000  # forgotten after -maxage (35 days) unseen
+    time.sleep(1.1)
+    assert [rcpt_reply(b, n, whole=True) for n in triplets] == [(("c", {}), "c")] * 20
+    assert [rcpt_reply(a, n) for n in triplets] == [("c", {})] * 20  # and A agrees
+    # a triplet first seen at B is greylisted at A too, then passes there
+    assert greylisted(rcpt_reply(b, 500)) == 1
+    assert greylisted(rcpt_reply(a, 500)) in (0, 1)
+    time.sleep(1.1)
+    assert rcpt_reply(a, 500) == ("c", {})
+    assert a.stop() == 0 and b.stop() == 0
+
+
+def test_redis_stopped_mid_run_tempfails_logs_once_and_recovers_by_itself(
+        tclrun: Callable[..., TclRun], redis_server: RedisServer) -> None:
+    m = greylist(tclrun, redis_server.url, args=("-delay", "1", "-retry", "1"))
+    assert greylisted(rcpt_reply(m, 1)) == 1
+    time.sleep(1.1)
+    assert rcpt_reply(m, 1) == ("c", {})
+
+    redis_server.stop()
+    outage = [rcpt_reply(m, n) for n in (1, 2, 3)]
+    time.sleep(1.2)  # past -retry: the next check tries Redis again, and finds it still down
+    outage += [rcpt_reply(m, n) for n in (1, 4)]
+    assert all(unavailable(r) for r in outage), outage
+    line = m.wait_for(r"WARNING: greylist store (\S+) unavailable \((.*)\): answering tempfail, "
+                      r"trying again every 1 s\r?\n")
+    assert line.group(1) == redis_server.url and "ConnectionError" in line.group(2)
+    assert len(re.findall(r"greylist store \S+ unavailable", m.text)) == 1
+
+    redis_server.start()  # empty: no persistence
+    time.sleep(1.1)  # past -retry
+    assert greylisted(rcpt_reply(m, 1)) == 1  # the store answers again (it forgot, being new)
+    back = m.wait_for(r"WARNING: greylist store (\S+) is back after ([\d.]+) s; "
+                      r"(\d+) recipients were answered tempfail meanwhile\r?\n")
+    assert back.group(1) == redis_server.url and float(back.group(2)) >= 1.2
+    assert int(back.group(3)) == 5
+    time.sleep(1.1)
+    assert rcpt_reply(m, 1) == ("c", {})
+    assert len(re.findall(r"greylist store \S+ unavailable", m.text)) == 1
+    assert m.alive() and "Traceback" not in m.text
+    assert m.stop() == 0
+
+
+def test_an_unresponsive_redis_costs_one_timeout_per_retry_interval_not_one_per_message(
+        tclrun: Callable[..., TclRun], redis_server: RedisServer) -> None:
+    """A frozen server (SIGSTOP: connections hang, like a host gone from the network): the check
+    that meets it waits for the 0.3 s timeout; the next ones, within -retry, answer at once."""
+    m = greylist(tclrun, redis_server.url, args=("-delay", "0", "-retry", "30", "-unavailable", "accept"))
+    assert greylisted(rcpt_reply(m, 1)) == 0
+    assert redis_server.proc is not None
+    redis_server.proc.send_signal(signal.SIGSTOP)
+    try:
+        started = time.monotonic()
+        assert rcpt_reply(m, 2) == ("c", {})  # -unavailable accept
+        first = time.monotonic() - started
+        started = time.monotonic()
+        assert [rcpt_reply(m, n) for n in range(3, 13)] == [("c", {})] * 10
+        ten = time.monotonic() - started
+    finally:
+        redis_server.proc.send_signal(signal.SIGCONT)
+    assert first >= 0.25, first
+    assert ten < 1.0, ten  # without the pause, 10 * 0.3 s at least
+    line = m.wait_for(r"greylist store \S+ unavailable \((.*)\): answering accept \(not greylisted\)")
+    assert "Timeout" in line.group(1)
+    assert m.stop() == 0
+
+
+# ---------------------------------------------------------------------------- import of the old file
+
+
+def run_import(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, str(STORE_PY), "import", *args], capture_output=True, text=True,
+                          timeout=30)
+
+
+def old_file(path: Path) -> Path:
+    """The old greylist.tcl's state file: ip sender rcpt first-seen last-seen, one Tcl list a line."""
+    now = int(time.time())
+    path.write_text(
+        f"192.0.2.1 s0@example.org r0@example.com {now - 7200} {now - 3600}\n"  # waited long enough
+        f"192.0.2.2 s1@example.org r1@example.com {now - 100} {now - 100}\n"  # 200 s of 300 to go
+        f"192.0.2.3 s2@example.org r2@example.com {now - 90 * 86400} {now - 40 * 86400}\n"  # too old
+        "this line is no entry\n"
+        f"192.0.2.4 {{odd sender@example.org}} r4@example.com {now - 7200} {now - 3600}\n")  # braced word
+    return path
+
+
+def test_import_of_the_old_state_file_into_sqlite(tclrun: Callable[..., TclRun], tmp_path: Path) -> None:
+    db = tmp_path / "greylist.sqlite"
+    done = run_import(str(old_file(tmp_path / "greylist.db")), f"sqlite:{db}")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == f"imported 3 triplets into sqlite:{db} (2 lines skipped or expired)\n"
+    rows = sqlite3.connect(db).execute("SELECT ip, sender, rcpt FROM triplets ORDER BY ip").fetchall()
+    assert rows == [("192.0.2.1", "s0@example.org", "r0@example.com"),
+                    ("192.0.2.2", "s1@example.org", "r1@example.com"),
+                    ("192.0.2.4", "odd sender@example.org", "r4@example.com")]
+
+    m = greylist(tclrun, f"sqlite:{db}")
+    assert rcpt_reply(m, 0) == ("c", {})  # 192.0.2.1: its delay passed before the import
+    wait = greylisted(rcpt_reply(m, 1))  # 192.0.2.2: first seen 100 s ago, the delay is 300 s
+    assert wait is not None and 195 <= wait <= 201, wait
+    assert greylisted(rcpt_reply(m, 2)) == 300  # 192.0.2.3: expired, not imported: first sight
+    assert m.stop() == 0
+
+    again = run_import(str(tmp_path / "greylist.db"), f"sqlite:{db}")  # merging again changes nothing
+    assert again.returncode == 0 and "imported 3 triplets" in again.stdout
+    assert sqlite3.connect(db).execute("SELECT count(*) FROM triplets").fetchone() == (4,)
+
+
+def test_import_into_redis_and_its_errors(redis_server: RedisServer, tmp_path: Path) -> None:
+    old = old_file(tmp_path / "greylist.db")
+    done = run_import(str(old), redis_server.url)
+    assert done.returncode == 0, done.stderr
+    assert "imported 3 triplets" in done.stdout
+    assert redis_server.command("DBSIZE") == b":3"
+
+    assert run_import(str(tmp_path / "missing.db"), f"sqlite:{tmp_path / 'x.sqlite'}").returncode == 1
+    bad = run_import(str(old), "mysql://somewhere")
+    assert bad.returncode == 64 and "-store must be sqlite:PATH or redis://HOST:PORT/DB" in bad.stderr
+    redis_server.stop()
+    down = run_import(str(old), redis_server.url)
+    assert down.returncode == 1 and f"import: {redis_server.url}: ConnectionError" in down.stderr
+    assert "Traceback" not in down.stderr
+
+
+# ---------------------------------------------------------------------------- root and the SQLite file
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root (the milter starts as root)")
+def test_as_root_the_file_opens_only_in_roots_own_directory_and_never_through_a_link(
+        tclrun: Callable[..., TclRun], tmp_path: Path) -> None:
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o1777)  # like /tmp: anyone could plant a link there
+    m = greylist(tclrun, f"sqlite:{shared}/greylist.sqlite")
+    assert unavailable(rcpt_reply(m, 1))
+    m.wait_for(rf"unavailable \(StoreError: refusing to open it as root in {re.escape(str(shared))}, "
+               r"which others may write \(run with --user, or give root the directory\)\)")
+    assert list(shared.iterdir()) == []
+
+    own = tmp_path / "own"
+    own.mkdir(mode=0o700)
+    (own / "greylist.sqlite-wal").symlink_to(tmp_path / "victim")
+    m = greylist(tclrun, f"sqlite:{own}/greylist.sqlite")
+    assert unavailable(rcpt_reply(m, 1))
+    m.wait_for(r"refusing to open it as root through the symbolic link \S+/greylist.sqlite-wal")
+    assert not (tmp_path / "victim").exists() and not (own / "greylist.sqlite").exists()
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root (to drop privileges)")
+def test_with_user_the_file_is_opened_after_the_privilege_drop(tclrun: Callable[..., TclRun]) -> None:
+    nobody = pwd.getpwnam("nobody")
+    base = Path(tempfile.mkdtemp(prefix="greylist-store-"))
+    try:
+        base.chmod(0o755)
+        directory = base / "greylist"
+        directory.mkdir(mode=0o700)
+        os.chown(directory, nobody.pw_uid, nobody.pw_gid)  # as deployment.md says: the user's directory
+        m = greylist(tclrun, f"sqlite:{directory}/greylist.sqlite", "--user", "nobody", "--workers", "2")
+        assert greylisted(rcpt_reply(m, 1)) == 300
+        for name in ("greylist.sqlite", "greylist.sqlite-wal", "greylist.sqlite-shm"):
+            assert (directory / name).stat().st_uid == nobody.pw_uid, name
+        assert m.stop() == 0
+    finally:
+        shutil.rmtree(base)
+
+
+# ---------------------------------------------------------------------------- set up again (a reload)
+
+
+def test_setup_again_in_the_same_process_has_its_own_connection_closed_with_it(tmp_path: Path) -> None:
+    """A reload imports the hooks file again and calls setup() on a new milter: the second
+    store object shares nothing with the first, and the first's connection closes once it is
+    garbage."""
+    from pytclmilter.milter import Milter
+
+    db = tmp_path / "greylist.sqlite"
+    milters, commands = [], []
+    for n in (1, 2):
+        spec = importlib.util.spec_from_file_location(f"greylist_store_{n}", STORE_PY)
+        assert spec is not None and spec.loader is not None
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        milter = Milter()
+        module.setup(milter)
+        greydb = next(iter(milter.tcl_commands)).func
+        greydb("configure", "-store", f"sqlite:{db}", "-delay", "0")
+        milters.append(milter)
+        commands.append(greydb)
+    assert commands[0]("check", "192.0.2.1", "a@example.org", "b@example.com") == ("wait", 0)
+    assert commands[1]("check", "192.0.2.1", "a@example.org", "b@example.com") == "pass"
+    first, second = (_connection(greydb) for greydb in commands)
+    assert first is not second  # one connection each
+    del milters[0], commands[0]
+    gc.collect()
+    with pytest.raises(sqlite3.ProgrammingError, match="closed database"):
+        first.execute("SELECT 1")
+    assert commands[0]("check", "192.0.2.1", "a@example.org", "b@example.com") == "pass"
+
+
+def _connection(greydb: Callable[..., Any]) -> sqlite3.Connection:
+    """The SQLite connection behind a greydb command (its closure holds the Greylist)."""
+    greylist = next(c.cell_contents for c in greydb.__closure__ or () if hasattr(c.cell_contents, "store"))
+    db = greylist.store._db
+    assert isinstance(db, sqlite3.Connection)
+    return db
