@@ -13,6 +13,12 @@ the fallback. Compilation is skipped, and the install is pure Python, when
 
 ``pytclmilter.compiled_modules()`` and the first log line of ``pytclmilter run`` tell which it is.
 
+One module is C from the start (C_EXT): ``tcl/_tclbytes.c`` converts large values (body blocks,
+the body a script hands to ``replacebody``) between wire bytes and the bytes Tcl keeps text in,
+in one pass; Python's codecs, which ``tcl/strings.py`` falls back to, take their error path for
+every byte that is not UTF-8 (docs/benchmarks.md, "8-bit bodies through a Tcl script"). It is
+built, and skipped, with the mypyc modules.
+
 Compiled code is only fast where mypyc knows the types; in the HOT modules (each rule measured
 with ``scripts/bench_inproc.py --callgrind``, docs/benchmarks.md):
 
@@ -33,7 +39,7 @@ from __future__ import annotations
 import os
 import sys
 
-from setuptools import setup
+from setuptools import Extension, setup
 from setuptools.command.build_ext import build_ext
 
 HOT = [
@@ -59,6 +65,8 @@ HOT = [
     "tcl/usage.py",
     "server.py",
 ]
+
+C_EXT = {"pytclmilter.tcl._tclbytes": "tcl/_tclbytes.c"}
 
 
 class OptionalBuildExt(build_ext):
@@ -90,10 +98,12 @@ def ext_modules() -> list:  # type: ignore[type-arg]
         _warn("mypyc is not installed")
         return []
     try:
-        return mypycify([os.path.join("src", "pytclmilter", m) for m in HOT], opt_level="3")
+        compiled = mypycify([os.path.join("src", "pytclmilter", m) for m in HOT], opt_level="3")
     except SystemExit:  # mypyc exits when the type check fails; the tests catch that, users go on
         _warn("mypyc's type check failed")
         return []
+    return compiled + [Extension(name, [os.path.join("src", "pytclmilter", path)], extra_compile_args=["-O2"])
+                       for name, path in C_EXT.items()]
 
 
 setup(ext_modules=ext_modules(), cmdclass={"build_ext": OptionalBuildExt})

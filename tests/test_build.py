@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 import pytclmilter
-from pytclmilter.compiled import compiled_modules, describe
+from pytclmilter.compiled import C_MODULES, compiled_modules, describe
 
 ROOT = Path(__file__).resolve().parents[1]
 SRC = ROOT / "src"
@@ -28,14 +28,27 @@ CORE_TESTS = ["tests/test_protocol_session.py", "tests/test_protocol_codec.py", 
               "tests/test_engine_api.py", "tests/test_hardening_fuzz.py", "tests/test_tcl_runtime.py"]
 
 
-def hot_modules() -> set[str]:
-    """setup.py's HOT list as module names."""
+def setup_constant(name: str) -> object:
+    """A constant of setup.py (HOT, C_EXT)."""
     tree = ast.parse((ROOT / "setup.py").read_text())
     for node in tree.body:
-        if isinstance(node, ast.Assign) and getattr(node.targets[0], "id", "") == "HOT":
-            paths = ast.literal_eval(node.value)
-            return {"pytclmilter." + p.removesuffix(".py").replace("/", ".") for p in paths}
-    raise AssertionError("setup.py has no HOT list")
+        if isinstance(node, ast.Assign) and getattr(node.targets[0], "id", "") == name:
+            return ast.literal_eval(node.value)
+    raise AssertionError(f"setup.py has no {name}")
+
+
+def hot_modules() -> set[str]:
+    """setup.py's HOT list as module names."""
+    paths = setup_constant("HOT")
+    assert isinstance(paths, list)
+    return {"pytclmilter." + p.removesuffix(".py").replace("/", ".") for p in paths}
+
+
+def c_modules() -> set[str]:
+    """setup.py's C_EXT modules, which compiled.py must know as C."""
+    names = setup_constant("C_EXT")
+    assert isinstance(names, dict) and set(names) == C_MODULES
+    return set(names)
 
 
 def runs_from_source() -> bool:
@@ -49,8 +62,8 @@ def test_an_installed_build_runs_the_hot_path_compiled() -> None:
         return
     # A wheel build that fell back to pure Python (mypyc missing, type check or compiler failed)
     # installs fine but runs at half the speed: that must not pass unnoticed.
-    assert set(compiled_modules()) == hot_modules()
-    assert describe() == f"hot path: compiled with mypyc ({len(hot_modules())} modules)"
+    assert set(compiled_modules()) == hot_modules() | c_modules()
+    assert describe() == f"hot path: compiled with mypyc ({len(hot_modules())} modules) and C ({len(c_modules())})"
 
 
 def test_the_pure_python_source_passes_the_core_tests() -> None:

@@ -11,6 +11,8 @@ import importlib.machinery
 import sys
 
 _SUFFIXES = tuple(importlib.machinery.EXTENSION_SUFFIXES)
+#: Modules written in C (setup.py's C_EXT), built and skipped with the mypyc ones.
+C_MODULES = frozenset({"pytclmilter.tcl._tclbytes"})
 
 
 def compiled_modules() -> list[str]:
@@ -28,4 +30,5 @@ def describe() -> str:
     if not names:
         return ("hot path: pure Python (an editable install, PYTCLMILTER_PURE=1, or no C compiler or mypy "
                 "when installing; see docs/deployment.md)")
-    return f"hot path: compiled with mypyc ({len(names)} modules)"
+    in_c = len(C_MODULES.intersection(names))
+    return f"hot path: compiled with mypyc ({len(names) - in_c} modules) and C ({in_c})"

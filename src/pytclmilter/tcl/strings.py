@@ -16,15 +16,17 @@ Large values (body blocks, the body a script hands to ``replacebody``, private
 data read from Python) do not go through ``str`` at all: :func:`wire_to_tcl`
 gives the bytes Tcl keeps for the text of wire bytes, which Tcl takes as they
 are with ``encoding convertfrom identity``, and :func:`tcl_to_wire` turns the
-bytes ``encoding convertto identity`` gives back into wire bytes. Both are a
-few passes of Python's codecs and ``bytes.replace`` (C loops), never a Python
-call per byte: an 8-bit body costs about what an ASCII one does.
+bytes ``encoding convertto identity`` gives back into wire bytes. Each is one
+pass in C (``_tclbytes.c``, built with the mypyc modules); where that is not
+built, :func:`wire_to_tcl_python` and :func:`tcl_to_wire_python` give the same
+bytes in a few passes of Python's codecs and ``bytes.replace`` (C loops, but
+the codecs take their error path for each byte that is not UTF-8).
 """
 
 from __future__ import annotations
 
 import re
-from typing import Any, Final
+from typing import Any, Callable, Final
 
 from ..protocol.codec import wire
 
@@ -41,6 +43,11 @@ _HIGH_SURROGATE: Final = re.compile(b"\xed[\xa0-\xaf]")  # how Tcl begins a CESU
 # the xx left behind, is the UTF-8 of the character whose Latin-1 byte is the escaped byte.
 _ESCAPED_80_BF: Final = b"\xc3\xad\xc2\xb2\xc2"
 _ESCAPED_C0_FF: Final = b"\xc3\xad\xc2\xb3\xc2"
+# The second replace would also match where the first one's C2 follows an ED B3 or an ED that is
+# no escape (ED B3 + ED B2 80, ED + ED B2 B3 + 80). Tcl never keeps such bytes (an ED it writes
+# begins a character), but a script's `encoding convertfrom identity` can: the slow way then.
+_ED_ED: Final = b"\xed\xed"
+_ED_B3_ED: Final = b"\xed\xb3\xed"
 
 
 def _join(m: re.Match[str]) -> str:
@@ -67,7 +74,7 @@ def from_tcl(value: str) -> str:
     return _FROM_TCL.sub(_join, value)
 
 
-def wire_to_tcl(data: bytes) -> bytes:
+def wire_to_tcl_python(data: bytes) -> bytes:
     """The bytes Tcl keeps for the text of these wire bytes (``encoding convertfrom identity``).
 
     Valid UTF-8 is kept as it is; each other byte becomes its U+DC80+byte character, which Tcl
@@ -111,10 +118,10 @@ def _escaped(data: bytes) -> bytes:
     return data.decode("utf-8", "surrogateescape").encode("utf-8", "surrogatepass")
 
 
-def tcl_to_wire(data: bytes) -> bytes:
+def tcl_to_wire_python(data: bytes) -> bytes:
     """Wire bytes for the text Tcl keeps in these bytes (``encoding convertto identity``).
 
-    The inverse of :func:`wire_to_tcl`, and for any Tcl string the same bytes as
+    The inverse of :func:`wire_to_tcl_python`, and for any Tcl string the same bytes as
     ``wire(from_tcl(...))`` of what tkinter makes of it: C0 80 is NUL, each escaped byte
     (ED B2|B3 xx) becomes that byte, everything else is kept.
     """
@@ -130,7 +137,7 @@ def tcl_to_wire(data: bytes) -> bytes:
         unescaped = _unescape(parts)
         if unescaped is not None:
             return unescaped
-    elif _HIGH_SURROGATE.search(data) is None:
+    elif _HIGH_SURROGATE.search(data) is None and _ED_ED not in data and _ED_B3_ED not in data:
         # Every byte as its Latin-1 character in UTF-8, each escaped byte rewritten as the
         # character of its byte, and back: what was not an escaped byte comes out as it went in.
         data = data.decode("latin-1").encode("utf-8")
@@ -163,6 +170,18 @@ def _join_pair(m: re.Match[str]) -> str:
     high = 0xD000 | ((ord(m.group(1)) & 0x3F) << 6) | (ord(m.group(2)) & 0x3F)
     low = 0xD000 | ((ord(m.group(3)) & 0x3F) << 6) | (ord(m.group(4)) & 0x3F)
     return chr(0x10000 + ((high - 0xD800) << 10) + (low - 0xDC00))
+
+
+def _native() -> tuple[Callable[[bytes], bytes], Callable[[bytes], bytes]]:
+    """The C functions of ``_tclbytes`` where they are built, else the Python ones."""
+    try:
+        from . import _tclbytes
+    except ImportError:  # an editable or PYTCLMILTER_PURE=1 install, or no C compiler
+        return wire_to_tcl_python, tcl_to_wire_python
+    return _tclbytes.wire_to_tcl, _tclbytes.tcl_to_wire
+
+
+wire_to_tcl, tcl_to_wire = _native()
 
 
 def deep_to_tcl(value: Any) -> Any:
