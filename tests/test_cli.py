@@ -789,3 +789,19 @@ def test_check_reports_callbacks_and_negotiation_of_every_example(script: Path, 
     assert "actions: ADDHDRS, CHGBODY, ADDRCPT, DELRCPT, CHGHDRS, QUARANTINE, CHGFROM, ADDRCPT_PAR" in out
     assert "error" not in out
     assert not (tmp_path / "g.db").exists()  # check serves nothing and changes nothing
+
+
+def test_try_loads_a_hooks_file_that_defines_a_dataclass(tmp_path: Path) -> None:
+    """A --python file is a module like any other: @dataclass (which looks its module up in
+    sys.modules) works in it, also with postponed annotations."""
+    hooks = tmp_path / "hooks.py"
+    hooks.write_text("from __future__ import annotations\n"
+                     "from dataclasses import dataclass\n\n\n"
+                     "@dataclass\nclass Seen:\n    sender: str\n\n\n"
+                     "def setup(milter):\n"
+                     "    @milter.register('envfrom')\n"
+                     "    def envfrom(ctx, args):\n"
+                     "        ctx.setpriv('seen', Seen(args[0]))\n")
+    status, out = cli("try", "--python", str(hooks), EXAMPLES / "blacklist.tcl", DATA / "plain.eml")
+    assert status == 0, out
+    assert "verdict: accept" in out, out

@@ -37,6 +37,9 @@ def load_hooks(path: str, milter: Milter) -> None:
     if spec is None or spec.loader is None:
         raise UsageError(f"--python {path}: cannot be imported")
     module = importlib.util.module_from_spec(spec)
+    # Registered as an import would be: @dataclass and pickling look the module up by name. A
+    # reload's import replaces the entry; the old generation keeps its module through its callbacks.
+    sys.modules[spec.name] = module
     spec.loader.exec_module(module)
     setup = getattr(module, "setup", None)
     if not callable(setup):
