@@ -44,7 +44,9 @@ def parser(doc: str) -> argparse.ArgumentParser:
     e.add_argument("--bodies", default="4k,1m", help="body sizes (default 4k,1m)")
     e.add_argument("--duration", type=float, help="measured seconds per cell (default 6, quick 1.2)")
     e.add_argument("--warmup", type=float, help="warm-up seconds per cell (default 1, quick 0.3)")
-    e.add_argument("--per-conn", type=int, default=1, help="messages per milter connection (default 1)")
+    e.add_argument("--per-conn", default="1",
+                   help="messages per milter connection, comma-separated for several in one run (default 1, as"
+                        " Postfix: one connection per SMTP session; e.g. 1,100)")
     e.add_argument("--rounds", type=int, default=1,
                    help="run the whole grid N times, the filters of a cell back to back in an order rotated"
                         " every round, and report the medians over the rounds and the spread of msgs/s (default 1)")
