@@ -134,7 +134,9 @@ def make_milter(kind: str):  # type: ignore[no-untyped-def]
 
 def measure(kind: str, messages: int, headers: int, level: str, repeat: int, per_conn: int = 1,
             stage: str = "") -> float:
-    """Best CPU µs per message (per unit of ``stage``) over ``repeat`` runs (after a warm-up of 200)."""
+    """Best CPU µs per message (per unit of ``stage``) over ``repeat`` runs, after a warm-up of 200
+    one-message connections (the same in every run, so that --callgrind's runs differ only in what
+    they measure)."""""
     sys.stderr = open(os.devnull, "w")  # noqa: SIM115 - the log lines, as `run` writes them, to nowhere
     from pytclmilter.commands.logs import setup_logging
     from pytclmilter.context import Context
@@ -144,10 +146,11 @@ def measure(kind: str, messages: int, headers: int, level: str, repeat: int, per
     setup_logging(level)
     milter = make_milter(kind)
     shared = milter.shared
+    first = batches(headers)  # the check and the warm-up: the same in every run, whatever is measured
     data = batches(headers, per_conn)
     conns = max(messages // per_conn, 1) if messages else 0
 
-    def one(conn_id: int) -> Link:
+    def one(conn_id: int, data: list[bytes] = data) -> Link:
         link = Link()
         engine = ConnectionEngine(shared, conn_id, link)
         for batch in data:
@@ -161,16 +164,15 @@ def measure(kind: str, messages: int, headers: int, level: str, repeat: int, per
         shared.hooks.context_closed(ctx)
         ctx.detach()
 
-    if b"X-Bench" not in b"".join(one(0).out):
+    if b"X-Bench" not in b"".join(one(0, first).out):
         raise SystemExit("bench_inproc: the filter did not add X-Bench: the workload is not running")
+    for i in range(200):
+        one(i, first)
     unit: Callable[[int], object] = one
     if stage:
         conns = messages
-        data = STAGES[stage] or []
-        if STAGES[stage] is None:
-            unit = context
-    for i in range(200):
-        unit(i)
+        stage_data = STAGES[stage]
+        unit = context if stage_data is None else (lambda conn_id: one(conn_id, stage_data))
     best = float("inf")
     for _ in range(repeat):
         start = time.process_time()

@@ -63,13 +63,17 @@ def parser(doc: str) -> argparse.ArgumentParser:
     pf.add_argument("--body", type=parse_size, default=KB4, help="body size (default 4k)")
 
     pr = sub.add_parser("profile", help="profile a pytclmilter filter under load (32 connections)")
-    pr.add_argument("--tool", choices=["py-spy", "cprofile"], default="py-spy")
+    pr.add_argument("--tool", choices=["py-spy", "cprofile", "callgrind"], default="py-spy",
+                    help="callgrind: instructions per message of the whole server process (accept, uvloop,"
+                         " engine, Tcl), by part; the compiled tcl filter only")
     pr.add_argument("--filter", choices=["tcl-pure", "python-pure", "tcl", "python", "tcl-asyncio", "python-asyncio"],
                     default="tcl-pure", help="default tcl-pure: the Python source, whose frames py-spy can name")
     pr.add_argument("--conns", type=int, default=32)
     pr.add_argument("--duration", type=float, default=10.0)
     pr.add_argument("--rate", type=int, default=200, help="py-spy samples per second")
     pr.add_argument("--native", action="store_true", help="py-spy --native (C frames: Tcl, the interpreter)")
+    pr.add_argument("--messages", type=int, default=300, help="callgrind: messages measured (default 300)")
+    pr.add_argument("--per-conn", type=int, default=1, help="callgrind: messages per connection (default 1)")
     pr.add_argument("--top", type=int, default=30)
     add_log_level(pr)
 
