@@ -56,7 +56,7 @@ def inclusive(dump: Path) -> tuple[int, dict[str, int]]:
         raise SystemExit(f"bench: no total in callgrind_annotate's output of {dump}")
     total = int(found.group(1).replace(",", ""))
     counts: dict[str, int] = {}
-    for m in re.finditer(r"^ *([\d,]+) \([ \d.]+%\)  \S*?:(\w+) ", text, re.M):
+    for m in re.finditer(r"^ *([\d,]+) \([ \d.]+%\)  \S*?:(\w+)(?: |$)", text, re.M):
         n, name = int(m.group(1).replace(",", "")), m.group(2)
         counts[name] = max(counts.get(name, 0), n)
     return total, counts
@@ -78,6 +78,7 @@ def cmd_callgrind(opts: argparse.Namespace) -> int:
     cmd = ["valgrind", "--tool=callgrind", f"--callgrind-out-file={base}", flt.cmd[0], "-m", "pytclmilter.cli",
            "run", str(TCL_SCRIPT), "--connection", spec, "--log-level", opts.log_level]
     flt.cmd = cmd
+    flt.env["PYTHONHASHSEED"] = "0"  # as bench_inproc.py --callgrind: dict probing the same in every run
     loadgen = str(loadgen_path())
     flt.start(timeout=1200)  # valgrind starts Python and Tcl slowly, slower still on a busy machine
     try:
