@@ -1,7 +1,8 @@
 """Build hook: the per-message hot path is compiled with mypyc; everything else stays Python.
 
 The modules in HOT run for every packet of every message (the sans-I/O core, the engine, the
-context, the callback chain, the Tcl side of a callback call, and the server's per-read path). mypyc turns their type-annotated Python into C extensions that
+context, the callback chain, the Tcl side of a callback call, the server's per-read path, and
+the per-connection accept loop). mypyc turns their type-annotated Python into C extensions that
 run the same code about twice as fast (docs/benchmarks.md); the .py files remain the source and
 the fallback. Compilation is skipped, and the install is pure Python, when
 
@@ -64,6 +65,7 @@ HOT = [
     "tcl/strings.py",
     "tcl/usage.py",
     "server.py",
+    "accept.py",
 ]
 
 C_EXT = {"pytclmilter.tcl._tclbytes": "tcl/_tclbytes.c"}

@@ -30,6 +30,10 @@ def loadgen_path() -> Path:
     return build_c(SCRIPTS / "loadgen.c", BUILD / "loadgen", ["-lpthread"])
 
 
+def null_filter_path() -> Path:
+    return build_c(SCRIPTS / "nullmilter.c", BUILD / "nullmilter", [])
+
+
 def libmilter_filter_path() -> Path | None:
     if not Path("/usr/include/libmilter/mfapi.h").exists():
         warn("libmilter-dev is not installed (apt-get install libmilter-dev): no libmilter filter")

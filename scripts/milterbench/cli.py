@@ -44,7 +44,9 @@ def parser(doc: str) -> argparse.ArgumentParser:
     e.add_argument("--bodies", default="4k,1m", help="body sizes (default 4k,1m)")
     e.add_argument("--duration", type=float, help="measured seconds per cell (default 6, quick 1.2)")
     e.add_argument("--warmup", type=float, help="warm-up seconds per cell (default 1, quick 0.3)")
-    e.add_argument("--per-conn", type=int, default=1, help="messages per milter connection (default 1)")
+    e.add_argument("--per-conn", default="1",
+                   help="messages per milter connection, comma-separated for several in one run (default 1, as"
+                        " Postfix: one connection per SMTP session; e.g. 1,100)")
     e.add_argument("--rounds", type=int, default=1,
                    help="run the whole grid N times, the filters of a cell back to back in an order rotated"
                         " every round, and report the medians over the rounds and the spread of msgs/s (default 1)")
@@ -70,13 +72,17 @@ def parser(doc: str) -> argparse.ArgumentParser:
     add_json(fl)
 
     pr = sub.add_parser("profile", help="profile a pytclmilter filter under load (32 connections)")
-    pr.add_argument("--tool", choices=["py-spy", "cprofile"], default="py-spy")
+    pr.add_argument("--tool", choices=["py-spy", "cprofile", "callgrind"], default="py-spy",
+                    help="callgrind: instructions per message of the whole server process (accept, uvloop,"
+                         " engine, Tcl), by part; the compiled tcl filter only")
     pr.add_argument("--filter", choices=["tcl-pure", "python-pure", "tcl", "python", "tcl-asyncio", "python-asyncio"],
                     default="tcl-pure", help="default tcl-pure: the Python source, whose frames py-spy can name")
     pr.add_argument("--conns", type=int, default=32)
     pr.add_argument("--duration", type=float, default=10.0)
     pr.add_argument("--rate", type=int, default=200, help="py-spy samples per second")
     pr.add_argument("--native", action="store_true", help="py-spy --native (C frames: Tcl, the interpreter)")
+    pr.add_argument("--messages", type=int, default=300, help="callgrind: messages measured (default 300)")
+    pr.add_argument("--per-conn", type=int, default=1, help="callgrind: messages per connection (default 1)")
     pr.add_argument("--top", type=int, default=30)
     add_log_level(pr)
 

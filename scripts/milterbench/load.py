@@ -61,6 +61,7 @@ class Cell:
     other_pct: float = 0.0  # CPU used by processes other than the filter and loadgen, % of all CPUs
     errors: int = 0
     error_text: str = ""
+    per_conn: int = 1  # messages per milter connection
 
 
 @dataclass
@@ -81,9 +82,10 @@ _MEDIAN_FIELDS = ("seconds", "rate", "p50_ms", "p90_ms", "p99_ms", "max_ms", "cp
 
 
 def median_cell(runs: list[Cell]) -> MedianCell:
-    """The medians over the rounds of one cell (same filter, conns, body); failed rounds are left out."""
+    """The medians over the rounds of one cell (same filter, conns, body, per_conn); failed rounds are
+    left out."""
     first = runs[0]
-    m = MedianCell(first.filter, first.conns, first.body)
+    m = MedianCell(first.filter, first.conns, first.body, per_conn=first.per_conn)
     ok = [c for c in runs if c.errors >= 0]
     texts = list(dict.fromkeys(c.error_text for c in runs if c.error_text))
     m.error_text = "\n".join(texts)
@@ -120,7 +122,7 @@ _RESULT = re.compile(r"(\w+)=([-\d.]+)")
 
 def run_cell(loadgen: Path, flt: Measured, conns: int, body: int, duration: float, warmup: float,
              per_conn: int, quickack: bool) -> Cell:
-    cell = Cell(flt.name, conns, body)
+    cell = Cell(flt.name, conns, body, per_conn=per_conn)
     cmd = [str(loadgen), "-q", "-c", str(conns), "-d", str(duration), "-w", str(warmup), "-b", str(body),
            "-m", str(per_conn), *([] if quickack else ["-D"]), flt.spec]
     start = end = None

@@ -21,7 +21,7 @@ from milterbench.load import body_text
 from milterbench.measure import OTHER_LOAD_WARN, box_busy, children_cpu, other_load_pct, proc_cpu, \
     set_quiet_budget, wait_quiet
 from milterbench.message import HEADERS
-from milterbench.report import TARGET_POSTFIX_RATIO, machine_info, print_info, save_results
+from milterbench.report import TARGET_POSTFIX_RATIO, TARGET_POSTFIX_VS_NULL, machine_info, print_info, save_results
 from milterbench.rigs import Filter, filters_cpu, make_filters
 
 sys.path.insert(0, str(ROOT / "tests"))  # the harness is the test suite's, as scripts/faults uses it
@@ -253,11 +253,13 @@ def cmd_postfix(opts: argparse.Namespace) -> int:
 
 
 def report(runs: dict[str, PostfixRun], milter_warnings: list[str]) -> None:
-    """The results table (means over the rounds, ratio to Postfix without a milter) and the target."""
+    """The results table (means over the rounds, ratio to Postfix without a milter and to Postfix with
+    the null milter) and the targets."""
     base = runs["none"].rate
+    null = runs["null"].rate if "null" in runs else 0.0
     say("")
     say("Results (mean over rounds)")
-    say(f"{'config':10} {'msgs/s':>8} {'ratio':>6} {'milter CPU us/msg':>17} {'Postfix CPU us/msg':>18}"
+    say(f"{'config':10} {'msgs/s':>8} {'ratio':>6} {'x null':>6} {'milter CPU us/msg':>17} {'Postfix CPU us/msg':>18}"
         f" {'other%':>6}  notes")
     for name, run in runs.items():
         ratio = run.rate / base if base else 0.0
@@ -266,7 +268,8 @@ def report(runs: dict[str, PostfixRun], milter_warnings: list[str]) -> None:
         oth = f"{max(run.other_pct):6.0f}" if run.other_pct else f"{'-':>6}"
         notes = run.problems[:2] + (["machine busy with other work: rerun"]
                                     if run.other_pct and max(run.other_pct) > OTHER_LOAD_WARN else [])
-        say(f"{name:10} {run.rate:8.0f} {ratio:6.2f} {cpu} {pfu} {oth}  {'; '.join(notes)}")
+        vs_null = f"{run.rate / null:6.2f}" if null else f"{'-':>6}"
+        say(f"{name:10} {run.rate:8.0f} {ratio:6.2f} {vs_null} {cpu} {pfu} {oth}  {'; '.join(notes)}")
     if milter_warnings:
         say(f"\nPostfix logged {len(milter_warnings)} milter warning(s), e.g.:")
         for line in milter_warnings[:5]:
@@ -278,3 +281,7 @@ def report(runs: dict[str, PostfixRun], milter_warnings: list[str]) -> None:
             ratio = runs[name].rate / base
             say(f"  {name} through Postfix: {ratio:.0%} of Postfix without a milter (target >= "
                 f"{TARGET_POSTFIX_RATIO:.0%}): {'MET' if ratio >= TARGET_POSTFIX_RATIO else 'MISSED'}")
+        if name in runs and null:
+            ratio = runs[name].rate / null
+            say(f"  {name} through Postfix: {ratio:.2f} x Postfix with the null milter (target >= "
+                f"{TARGET_POSTFIX_VS_NULL:g}x): {'MET' if ratio >= TARGET_POSTFIX_VS_NULL else 'MISSED'}")

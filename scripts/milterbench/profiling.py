@@ -1,7 +1,8 @@
-"""profile mode: where a pytclmilter filter spends its time under load (py-spy or cProfile).
+"""profile mode: where a pytclmilter filter spends its time under load (py-spy, cProfile, callgrind).
 
 py-spy samples the running filter from outside (raw collapsed stacks, summarised here by
-function, line and layer); cProfile runs inside it and is printed with pstats.
+function, line and layer); cProfile runs inside it and is printed with pstats; callgrind counts
+the instructions of the whole server process (callgrind.py).
 """
 
 from __future__ import annotations
@@ -32,6 +33,10 @@ def py_spy() -> str:
 
 
 def cmd_profile(opts: argparse.Namespace) -> int:
+    if opts.tool == "callgrind":
+        from milterbench.callgrind import cmd_callgrind
+
+        return cmd_callgrind(opts)
     loadgen = loadgen_path()
     out_dir = BUILD / "profile"
     out_dir.mkdir(parents=True, exist_ok=True)

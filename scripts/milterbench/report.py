@@ -15,7 +15,7 @@ from pathlib import Path
 
 from milterbench import BUILD, ROOT, VENV, say
 from milterbench.build import installed_python
-from milterbench.load import KB4, Cell, MedianCell, body_text
+from milterbench.load import KB4, MB1, Cell, MedianCell, body_text
 from milterbench.measure import OTHER_LOAD_WARN
 
 # Targets of the issue, for the Tcl workload in one process.
@@ -25,6 +25,14 @@ TARGET_CPU_US = 150.0
 TARGET_P99_MS = 10.0
 TARGET_POSTFIX_RATIO = 0.90
 TARGET_IDLE_KB = 50.0  # RSS per idle milter connection
+# Issue 20: ratios of the Tcl workload at 32 connections, 4 KB, in one run. Per milter connection
+# "one" is 1 message (as Postfix), "many" more than one.
+TARGET_ONE_VS_NULL = 0.6  # x the null milter's msgs/s, 1 message per connection
+TARGET_ONE_VS_PYMILTER = 2.0
+TARGET_MANY_VS_PYMILTER = 2.0
+TARGET_MANY_VS_LIBMILTER = 1.3
+TARGET_MB_VS_NULL = 0.8  # x the null milter's MB/s with 1 MB bodies
+TARGET_POSTFIX_VS_NULL = 0.95  # x Postfix with the null milter, through Postfix
 
 
 def machine_info() -> dict[str, str]:
@@ -81,7 +89,7 @@ def print_info(info: dict[str, str]) -> None:
 def table(cells: list[Cell], tag: str = "", medians: bool = False) -> str:
     """One line per cell. tag: a first note on every line (e.g. the round). medians: the cells are
     MedianCells, shown with two more columns: the kernel part of the CPU and the spread of msgs/s."""
-    head = f"{'filter':14} {'conns':>5} {'body':>6} {'msgs/s':>8} {'p50 ms':>8} {'p99 ms':>8} {'CPU us/msg':>10}" \
+    head = f"{'filter':14} {'conns':>5} {'m/c':>4} {'body':>6} {'msgs/s':>8} {'p50 ms':>8} {'p99 ms':>8} {'CPU us/msg':>10}" \
            + (f" {'sys us':>6}" if medians else "") + f" {'loadgen us':>10} {'other%':>6}" \
            + (f" {'spread%':>7}" if medians else "") + "  notes"
     lines = [head, "-" * len(head)]
@@ -97,7 +105,7 @@ def table(cells: list[Cell], tag: str = "", medians: bool = False) -> str:
         spread = ""
         if medians:
             spread = f" {c.spread_pct:7.0f}" if isinstance(c, MedianCell) and c.rounds_measured > 1 else f" {'-':>7}"
-        lines.append(f"{c.filter:14} {c.conns:5d} {body_text(c.body):>6} {c.rate:8.0f} {c.p50_ms:8.2f}"
+        lines.append(f"{c.filter:14} {c.conns:5d} {c.per_conn:4d} {body_text(c.body):>6} {c.rate:8.0f} {c.p50_ms:8.2f}"
                      f" {c.p99_ms:8.2f} {c.cpu_us:10.0f}{sys_col} {c.loadgen_cpu_us:10.0f} {c.other_pct:6.0f}{spread}"
                      f"  {'; '.join(notes)}")
     return "\n".join(lines)
@@ -105,7 +113,8 @@ def table(cells: list[Cell], tag: str = "", medians: bool = False) -> str:
 
 def engine_targets(cells: list[Cell]) -> list[str]:
     def find(name: str, conns: int = 32) -> Cell | None:
-        return next((c for c in cells if c.filter == name and c.conns == conns and c.body == KB4), None)
+        return next((c for c in cells if c.filter == name and c.conns == conns and c.body == KB4
+                     and c.per_conn == 1), None)
 
     # --workers 2 against libmilter, at every connection count measured with 4 KB bodies by both.
     workers = []
@@ -131,6 +140,52 @@ def engine_targets(cells: list[Cell]) -> list[str]:
                f"{'MET' if tcl.p99_ms < TARGET_P99_MS else 'MISSED'}"
                + beside(find, lambda c: f"{c.p99_ms:.2f} ms", lambda c: c.p99_ms < TARGET_P99_MS))
     return out + workers
+
+
+def ratio_lines(cells: list[Cell]) -> list[str]:
+    """One line per cell of the Tcl workload: its msgs/s (MB/s for bodies of 1 MB and more) and CPU,
+    and its ratio to the null milter, pymilter and libmilter of the same cell in the same run."""
+    out = []
+    for tcl in (c for c in cells if c.filter == "tcl"):
+        peers = {c.filter: c for c in cells if (c.conns, c.body, c.per_conn) == (tcl.conns, tcl.body, tcl.per_conn)}
+        ratios = [f"{tcl.rate / p.rate:.2f} x {name} {_speed(p)}" for name in ("null", "pymilter", "libmilter")
+                  if (p := peers.get(name)) is not None and p.rate]
+        out.append(f"{tcl.per_conn} msg/conn, {tcl.conns} conns, {body_text(tcl.body)}: tcl {_speed(tcl)}"
+                   f" ({tcl.cpu_us:.0f} us CPU/msg)" + (" = " + ", ".join(ratios) if ratios else ""))
+    return out
+
+
+def _speed(c: Cell) -> str:
+    if c.body >= MB1:
+        return f"{c.rate * c.body / 1e6:.0f} MB/s"
+    return f"{c.rate:.0f} msgs/s"
+
+
+def ratio_targets(cells: list[Cell]) -> list[str]:
+    """Issue 20's targets, at 32 connections, each where its cells were measured."""
+    def ratio(per_conn: Callable[[int], bool], body: Callable[[int], bool], ref: str) -> tuple[float, Cell] | None:
+        for tcl in cells:
+            if tcl.filter == "tcl" and tcl.conns == 32 and per_conn(tcl.per_conn) and body(tcl.body):
+                p = next((c for c in cells if c.filter == ref and (c.conns, c.body, c.per_conn)
+                          == (tcl.conns, tcl.body, tcl.per_conn)), None)
+                if p is not None and p.rate:
+                    return tcl.rate / p.rate, tcl
+        return None
+
+    one, many, kb4, big = (lambda m: m == 1), (lambda m: m > 1), (lambda b: b == KB4), (lambda b: b >= MB1)
+    out = []
+    for per_conn, body, ref, target in ((one, kb4, "null", TARGET_ONE_VS_NULL),
+                                        (one, kb4, "pymilter", TARGET_ONE_VS_PYMILTER),
+                                        (many, kb4, "pymilter", TARGET_MANY_VS_PYMILTER),
+                                        (many, kb4, "libmilter", TARGET_MANY_VS_LIBMILTER),
+                                        (lambda m: True, big, "null", TARGET_MB_VS_NULL)):
+        found = ratio(per_conn, body, ref)
+        if found is not None:
+            r, tcl = found
+            out.append(f"{tcl.per_conn} msg/conn, 32 conns, {body_text(tcl.body)}: tcl = {r:.2f} x {ref}"
+                       f"{' in MB/s' if tcl.body >= MB1 else ''} (target >= {target:g}x):"
+                       f" {'MET' if r >= target else 'MISSED'}")
+    return out
 
 
 def beside(find: Callable[[str], Cell | None], show: Callable[[Cell], str], meets: Callable[[Cell], bool]) -> str:

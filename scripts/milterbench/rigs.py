@@ -18,11 +18,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from milterbench import BUILD, ROOT, SCRIPTS
-from milterbench.build import compiled_python, libmilter_filter_path, pymilter_python, uvloop_python
+from milterbench.build import compiled_python, libmilter_filter_path, null_filter_path, pymilter_python, uvloop_python
 from milterbench.measure import proc_cpu, proc_cpu_split, tcp_listening
 
 TCL_SCRIPT = ROOT / "tclmilter" / "examples" / "bench.tcl"
-FILTERS = ("libmilter", "pymilter", "tcl", "python")  # the default set of the modes
+FILTERS = ("null", "libmilter", "pymilter", "tcl", "python")  # the default set of the modes
 VARIANTS = "floor, tcl-pure, python-pure, tcl-asyncio, python-asyncio, tcl-wN"
 
 
@@ -111,7 +111,8 @@ def known(kind: str, variant: str) -> bool:
 
 
 def make_filters(names: list[str], log_level: str, body_cb: bool) -> list[Filter]:
-    """Filters by name: libmilter, pymilter, tcl, python, floor (bench_floor.py), and variants:
+    """Filters by name: null (nullmilter.c, the limit), libmilter, pymilter, tcl, python, floor
+    (bench_floor.py), and variants:
     NAME-pure (this checkout's src/, the hot path not compiled), NAME-asyncio (asyncio's own
     event loop instead of uvloop: PYTCLMILTER_LOOP=asyncio) and tcl-wN (pytclmilter run --workers N).
     tcl and python without -pure run this checkout as installed into build/venv: compiled.
@@ -134,7 +135,9 @@ def make_filters(names: list[str], log_level: str, body_cb: bool) -> list[Filter
         if variant == "asyncio":
             env["PYTCLMILTER_LOOP"] = "asyncio"
         py = uvloop_python() if from_source else compiled_python() if kind in ("tcl", "python") else ""
-        if kind == "libmilter":
+        if kind == "null":
+            cmd = [str(null_filter_path()), *(["-b"] if body_cb else []), conn]
+        elif kind == "libmilter":
             exe = libmilter_filter_path()
             if exe is None:
                 continue

@@ -11,7 +11,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "scripts"))
 
-from milterbench.load import KB4, Cell  # noqa: E402
-from milterbench.report import engine_targets  # noqa: E402
+from milterbench.build import loadgen_path, null_filter_path  # noqa: E402
+from milterbench.load import KB4, MB1, Cell  # noqa: E402
+from milterbench.report import engine_targets, ratio_lines, ratio_targets  # noqa: E402
 
-__all__ = ["KB4", "Cell", "engine_targets"]
+__all__ = ["KB4", "MB1", "Cell", "engine_targets", "loadgen_path", "null_filter_path", "ratio_lines", "ratio_targets"]
