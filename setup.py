@@ -50,6 +50,7 @@ HOT = [
     "limits.py",
     "logline.py",
     "callbacks.py",
+    "meter.py",
     "context.py",
     "engine.py",
     "tcl/limit.py",

@@ -10,7 +10,7 @@ messages): the same figure on every run of the same code, which is what an optim
 judged by.
 
     scripts/bench_inproc.py [--filter tcl|python] [--messages N] [--headers N] [--log-level L]
-    scripts/bench_inproc.py --callgrind [--messages 300]
+    scripts/bench_inproc.py --callgrind [--messages 300] [--metrics]
     build/venv/bin/python scripts/bench_inproc.py --installed   # the compiled build scripts/bench installs
 
 Log lines go to /dev/null through the formatter `pytclmilter run` uses.
@@ -107,7 +107,7 @@ def make_milter(kind: str):  # type: ignore[no-untyped-def]
     return bench_filter.build("inet:1@127.0.0.1", False)
 
 
-def measure(kind: str, messages: int, headers: int, level: str, repeat: int) -> float:
+def measure(kind: str, messages: int, headers: int, level: str, repeat: int, metrics: bool) -> float:
     """Best CPU µs per message over ``repeat`` runs (after a warm-up of 200)."""
     sys.stderr = open(os.devnull, "w")  # noqa: SIM115 - the log lines, as `run` writes them, to nowhere
     from pytclmilter.commands.logs import setup_logging
@@ -115,6 +115,10 @@ def measure(kind: str, messages: int, headers: int, level: str, repeat: int) -> 
 
     setup_logging(level)
     milter = make_milter(kind)
+    if metrics:  # what --metrics counts per message (the HTTP side costs nothing per message)
+        from pytclmilter.meter import Meter
+
+        milter.shared.meter = Meter()
     data = batches(headers)
 
     def one(conn_id: int) -> Link:
@@ -145,7 +149,8 @@ def callgrind(opts: argparse.Namespace) -> int:
     def instructions(n: int) -> int:
         cmd = ["valgrind", "--tool=callgrind", "--callgrind-out-file=/dev/null", sys.executable, __file__,
                "--filter", opts.filter, "--messages", str(n), "--headers", str(opts.headers),
-               "--log-level", opts.log_level, "--repeat", "1", *(["--installed"] if opts.installed else [])]
+               "--log-level", opts.log_level, "--repeat", "1", *(["--installed"] if opts.installed else []),
+               *(["--metrics"] if opts.metrics else [])]
         # A fixed hash seed: with Python's per-process random one, dict and set probing (and so
         # the count) moved by about 2,000 instructions a message between runs of the same build.
         env = {**os.environ, "PYTHONHASHSEED": "0"}
@@ -157,7 +162,7 @@ def callgrind(opts: argparse.Namespace) -> int:
 
     per = (instructions(opts.messages) - instructions(0)) / opts.messages
     print(f"{opts.filter}: {per:,.0f} instructions per message ({opts.headers} headers, log level "
-          f"{opts.log_level}; callgrind, {opts.messages} messages; {describe()})")
+          f"{opts.log_level}{', metrics on' if opts.metrics else ''}; callgrind, {opts.messages} messages; {describe()})")
     return 0
 
 
@@ -171,12 +176,13 @@ def main() -> int:
     p.add_argument("--callgrind", action="store_true", help="count instructions with valgrind instead")
     p.add_argument("--installed", action="store_true",
                    help="measure the pytclmilter this Python has installed, not this checkout's src/")
+    p.add_argument("--metrics", action="store_true", help="count what --metrics counts (meter.py)")
     opts = p.parse_args()
     if opts.callgrind:
         opts.messages = opts.messages or 300
         return callgrind(opts)
     messages = 3000 if opts.messages is None else opts.messages
-    us = measure(opts.filter, messages, opts.headers, opts.log_level, opts.repeat)
+    us = measure(opts.filter, messages, opts.headers, opts.log_level, opts.repeat, opts.metrics)
     print(f"{opts.filter}: {us:.1f} µs CPU per message ({opts.headers} headers, log level {opts.log_level}; "
           f"best of {opts.repeat} x {messages}; {describe()})", file=sys.__stdout__)
     return 0

@@ -24,6 +24,7 @@ from .hooks import Hooks
 from .limits import CallbackTimeout
 from .logline import escape, escape_lines
 from .logline import info as log_info
+from .meter import Meter
 # Imported by name, not as a module: compiled, `events.Name` is a module attribute look-up per use.
 from .protocol.events import (
     Abort, Accept, Body, Closed, Connect, Continue, Discard, EndOfMessage, EnvFrom, EnvRcpt, Event, Header,
@@ -152,10 +153,13 @@ class Link(Protocol):
 
 @dataclass
 class Stats:
-    """Verdict counts since start, for the log summary."""
+    """Verdict counts since start, for the log summary; reloads and the script's generation."""
 
     verdicts: Counter[str] = field(default_factory=Counter)
     errors: int = 0
+    reloads_ok: int = 0
+    reloads_failed: int = 0
+    generation: int = 1
 
     def summary(self) -> str:
         parts = [f"{k}={v}" for k, v in sorted(self.verdicts.items())]
@@ -168,15 +172,18 @@ class Shared:
     ``settings`` is replaced whole when an option changes (the value itself never changes), and
     each connection reads it here at every use: an option set while serving (``milter configure
     -onerror`` in a callback) applies at once, to the connections already open too.
+    ``meter`` counts for ``--metrics`` (meter.py); None without, and each connection reads it once.
     """
 
-    __slots__ = ("settings", "registry", "hooks", "stats")
+    __slots__ = ("settings", "registry", "hooks", "stats", "meter")
 
-    def __init__(self, settings: Settings, registry: Registry, hooks: Hooks, stats: Stats) -> None:
+    def __init__(self, settings: Settings, registry: Registry, hooks: Hooks, stats: Stats,
+                 meter: Meter | None = None) -> None:
         self.settings = settings
         self.registry = registry
         self.hooks = hooks
         self.stats = stats
+        self.meter = meter
 
 
 class CallbackError(Exception):
@@ -214,7 +221,7 @@ class ConnectionEngine:
     """
 
     __slots__ = ("shared", "registry", "session", "ctx", "name", "link", "_out", "_busy", "_decided",
-                 "_deferred", "_deferred_stage", "closed", "client", "sender", "debug")
+                 "_deferred", "_deferred_stage", "closed", "client", "sender", "debug", "meter")
 
     def __init__(self, shared: Shared, conn_id: int, link: "Link") -> None:
         self.shared = shared
@@ -234,6 +241,9 @@ class ConnectionEngine:
         # Asked once: a connection lasts one SMTP session, and each isEnabledFor is an
         # interpreted call; a level set meanwhile applies from the next connection.
         self.debug = log.isEnabledFor(logging.DEBUG)
+        self.meter = meter = shared.meter
+        if meter is not None:
+            meter.opened()
         shared.hooks.context_created(self.ctx)
 
     @property
@@ -277,6 +287,8 @@ class ConnectionEngine:
                 event = self.session.next_event()
             except RemoteProtocolError as exc:
                 log.warning("%s: protocol error, closing the connection: %s", self.name, exc)
+                if self.meter is not None:
+                    self.meter.protocol_error()
                 self._flush()
                 self.connection_lost("protocol error")
                 return
@@ -478,7 +490,8 @@ class ConnectionEngine:
         callback that comes back after its limit, from code the limit cannot interrupt, is
         logged with its time. Without one the clock is not read at all.
         """
-        started = _monotonic() if limit else 0.0
+        meter = self.meter
+        started = _monotonic() if limit or meter is not None else 0.0
         limiter = cb.limit
         held = limiter.begin(limit, started)
         late = False
@@ -493,13 +506,19 @@ class ConnectionEngine:
             status = self._callback_failed(name, cb, exc)
             if limit:
                 self._check_time(name, cb, started, limit, _LATE_STOP)
+            if meter is not None:
+                meter.callback(name, cb.origin, _monotonic() - started)
             return status
         if late or (limit and not held):  # a sync Python callback off the main thread is timed here
             self._check_time(name, cb, started, limit, 0.0)
         if isinstance(result, Status):  # Tcl callbacks and well-behaved Python ones: no parsing
+            if meter is not None:
+                meter.callback(name, cb.origin, _monotonic() - started)
             return result
         if type(result) not in _PLAIN and inspect.isawaitable(result):
-            return self._awaited(name, cb, result, limit, started, ignore)
+            return self._awaited(name, cb, result, limit, started, ignore)  # timed when it completes
+        if meter is not None:
+            meter.callback(name, cb.origin, _monotonic() - started)
         return Status.CONTINUE if ignore else self._status(name, cb, result)
 
     async def _awaited(self, name: str, cb: Callback, awaitable: Awaitable[Any], limit: float, started: float,
@@ -517,14 +536,23 @@ class ConnectionEngine:
             status = self._callback_failed(name, cb, exc)
             if limit:
                 self._check_time(name, cb, started, limit, _LATE_STOP)
+            self._timed(name, cb, started)
             return status
         if limit:
             self._check_time(name, cb, started, limit, 0.0)
+        self._timed(name, cb, started)
         return Status.CONTINUE if ignore else self._status(name, cb, result)
 
+    def _timed(self, name: str, cb: Callback, started: float) -> None:
+        if self.meter is not None:
+            self.meter.callback(name, cb.origin, _monotonic() - started)
+
     def _check_time(self, name: str, cb: Callback, started: float, limit: float, grace: float) -> None:
-        """Log a callback that took longer than ``limit`` + ``grace`` seconds."""
+        """Count a callback that took longer than ``limit`` (stopped by it, or back late); log one
+        that took longer than ``limit`` + ``grace`` seconds."""
         elapsed = _monotonic() - started
+        if elapsed > limit and self.meter is not None:
+            self.meter.overran(name, cb.origin)
         if elapsed > limit + grace:
             self._overran(name, cb, elapsed, limit)
 
@@ -552,6 +580,8 @@ class ConnectionEngine:
         log.error("%s: %s callback %s failed (%s), answering %s:\n%s", self.name, name,
                   escape(who), escape(str(exc)), status.smfis, escape_lines(detail))
         self.shared.stats.errors += 1
+        if self.meter is not None:
+            self.meter.failed(name, "python" if cb is None else cb.origin)
         return status
 
     def _await(self, name: str, event: Event, pending: Awaitable[Status]) -> None:
@@ -586,9 +616,11 @@ class ConnectionEngine:
             return
         reply = self._reply_for(name, event, status)
         start = len(self._out)
+        actions: list[Reply] = []
         try:
             if is_eom:
-                actions = self.ctx.take_actions() if status in (Status.CONTINUE, Status.ACCEPT, Status.DISCARD) else []
+                if status in (Status.CONTINUE, Status.ACCEPT, Status.DISCARD):
+                    actions = self.ctx.take_actions()
                 self.ctx.drop_actions()
                 for action in actions:
                     self._out.append(self.session.send(action))
@@ -598,6 +630,10 @@ class ConnectionEngine:
             del self._out[start:]  # nothing of this answer goes out
             self._out.append(self.session.send(Tempfail()))
             status = Status.TEMPFAIL
+            actions = []
+        if actions and self.meter is not None:
+            for action in actions:
+                self.meter.modification(action, False)
         if status is not Status.CONTINUE:
             self._decide(type(event), status)
         if not quiet and (is_eom or status not in (Status.CONTINUE, Status.SKIP, Status.NOREPLY)):
@@ -634,6 +670,8 @@ class ConnectionEngine:
         text = getattr(reply, "text", "")
         verdict = _VERDICT[status] if not (stage == "eom" and status is Status.CONTINUE) else "accept"
         self.shared.stats.verdicts[verdict] += 1
+        if self.meter is not None:
+            self.meter.verdict(verdict, stage, False)
         # without connect/envfrom callbacks those events are skipped, but their macros still arrive
         client = self.client or self.ctx.getsymval("_") or "-"
         sender = self.sender
@@ -659,6 +697,8 @@ class ConnectionEngine:
         self.shared.hooks.context_closed(self.ctx)
         self.ctx.detach()
         self.link.close()
+        if self.meter is not None:
+            self.meter.closed(reason)
         # An MTA ending the session is routine (the verdict line said what mattered): debug.
         routine = reason in _ROUTINE_ENDS
         if not routine or self.debug:

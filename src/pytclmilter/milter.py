@@ -3,22 +3,28 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import logging
 import os
 from dataclasses import replace
-from typing import Any, Callable, Generic, TypeVar, overload
+from typing import TYPE_CHECKING, Any, Callable, Generic, Iterator, TypeVar, overload
 
 from .callbacks import EVENTS, Callback, Registry
 from .connspec import ConnSpec, parse
 from .engine import Shared, Stats
 from .hooks import Hooks
 from .logline import escape
+from .meter import Meter
 from .protocol.constants import MAX_DATA_SIZE
 from .listener import Listener
 from .server import MilterServer
 from .settings import DEFAULT_CONNECTION, DEFAULT_TIMEOUT, Settings
 from .status import Status, parse_status
+
+if TYPE_CHECKING:
+    from .metrics import Block, Exporter
+    from .workers import Supervisor
 
 log = logging.getLogger("pytclmilter")
 
@@ -82,6 +88,8 @@ class Milter:
     call_timeout: _Setting[float] = _Setting()
     workers: _Setting[int] = _Setting()
     tick_interval: _Setting[float] = _Setting()
+    #: inet:PORT@HOST: serve Prometheus metrics there while running (metrics.py); "": none.
+    metrics: _Setting[str] = _Setting()
 
     def __init__(
         self,
@@ -107,6 +115,8 @@ class Milter:
         #: While run() supervises --workers: their supervisor's stop; in a worker: asking the
         #: parent to stop them all. stop() calls it.
         self._stop_others: Callable[[], None] | None = None
+        self._exporter: Exporter | None = None  # while serving with `metrics`
+        self._publish: Callable[[], None] | None = None  # in a --workers process with `metrics`
 
     @property
     def settings(self) -> Settings:
@@ -168,14 +178,26 @@ class Milter:
 
     async def serve(self) -> None:
         """Serve until :meth:`stop` or a signal; returns, and may be called again."""
-        await self._serve(None, None)
+        with self._metrics_here():
+            await self._serve(None, None)
 
     async def _serve(self, inherited: Listener | None, started: Callable[[], None] | None) -> None:
         # What exists now (modules, the script, its data) lives as long as the process: keep
         # the garbage collector from scanning it again and again under load (and, with
         # --workers, from touching pages the forked workers share).
         gc.freeze()
-        await self._server.serve(inherited, started)
+        publish = self._publish
+        publisher = None
+        if publish is not None:  # a --workers process with metrics: its counts to the supervisor
+            from .metrics import publishing
+
+            publisher = asyncio.ensure_future(publishing(publish))
+        try:
+            await self._server.serve(inherited, started)
+        finally:
+            if publish is not None and publisher is not None:
+                publisher.cancel()
+                publish()
         log.info("%s stopped; verdicts: %s", escape(self.name), self.stats.summary())
 
     def run(self) -> None:
@@ -185,13 +207,65 @@ class Milter:
             from .workers import Supervisor, run_workers
 
             supervisor = Supervisor(settings.workers, self.hooks, self._serve_worker)
-            self._stop_others = supervisor.stop
-            try:
-                run_workers(settings, supervisor)
-            finally:
-                self._stop_others = None
+            with self._metrics_of_workers(supervisor):
+                self._stop_others = supervisor.stop
+                try:
+                    run_workers(settings, supervisor)
+                finally:
+                    self._stop_others = None
             return
-        self._run_here(None, None)
+        with self._metrics_here():
+            self._run_here(None, None)
+
+    # ------------------------------------------------------------ metrics (metrics.py)
+
+    @contextlib.contextmanager
+    def _metrics_here(self) -> Iterator[None]:
+        """With ``metrics`` set: count in this process while serving, and serve the counts."""
+        if not self.settings.metrics:
+            yield
+            return
+        meter = Meter()
+        with self._exporting(lambda: list(meter.cells), lambda: 1):
+            self.shared.meter = meter
+            try:
+                yield
+            finally:
+                self.shared.meter = None
+
+    @contextlib.contextmanager
+    def _metrics_of_workers(self, supervisor: "Supervisor") -> Iterator[None]:
+        """With ``metrics`` set: each worker counts and publishes into its slot, this process serves the sum."""
+        if not self.settings.metrics:
+            yield
+            return
+        from .metrics import Block
+
+        block = Block(supervisor.count)
+        supervisor.forked = lambda number: self._count_in_worker(block, number)
+        supervisor.reaped = lambda number: block.retire(number - 1)
+        with self._exporting(block.totals, lambda: len(supervisor.children)):
+            yield
+
+    @contextlib.contextmanager
+    def _exporting(self, totals: Callable[[], list[int]], alive: Callable[[], int]) -> Iterator[None]:
+        """The HTTP endpoint, bound now: before the listening hook drops privileges."""
+        from .metrics import Exporter
+
+        self._exporter = Exporter(self.settings.metrics, totals, self.stats, alive)
+        try:
+            yield
+        finally:
+            self._exporter.close()
+            self._exporter = None
+
+    def _count_in_worker(self, block: "Block", number: int) -> None:
+        """In worker ``number``, just forked: count here, publish into its slot (see _serve)."""
+        if self._exporter is not None:
+            self._exporter.forget()  # the supervisor serves the metrics
+            self._exporter = None
+        meter = self.shared.meter = Meter()
+        self._publish = lambda: block.publish(number - 1, meter.cells)
 
     def _run_here(self, inherited: Listener | None, started: Callable[[], None] | None) -> None:
         with asyncio.Runner(loop_factory=new_event_loop) as runner:

@@ -42,3 +42,5 @@ class Settings:
     workers: int = 1
     #: How often a host (the Tcl interpreter) gets its turn to run timers and file events.
     tick_interval: float = 0.02
+    #: Where to serve Prometheus metrics over HTTP (inet:PORT@HOST, metrics.py); "" serves none.
+    metrics: str = ""

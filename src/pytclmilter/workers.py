@@ -68,6 +68,10 @@ class Supervisor:
     def __init__(self, count: int, hooks: Hooks, serve: Serve) -> None:
         self.hooks = hooks
         self.serve = serve
+        #: Called in a new worker, with its number, before it serves; and here when one ended
+        #: (the metrics give each worker its slot, and retire a dead one's).
+        self.forked: Callable[[int], None] | None = None
+        self.reaped: Callable[[int], None] | None = None
         self.count = count
         self.listener: Listener | None = None  # the socket they serve, given to run()
         self.children: dict[int, int] = {}  # pid -> worker number
@@ -104,6 +108,8 @@ class Supervisor:
 
     def _reaped(self, pid: int, number: int, status: int) -> None:
         code = os.waitstatus_to_exitcode(status)
+        if self.reaped is not None:
+            self.reaped(number)
         if self.stopping:
             return
         if code == 0:
@@ -164,6 +170,8 @@ class Supervisor:
         try:
             log.debug("worker %d (pid %d) serving", number, os.getpid())
             listener = Listener(self.listener.sock, self.listener.spec)  # the parent removes the file
+            if self.forked is not None:
+                self.forked(number)
             self.serve(listener, lambda: os.kill(parent, signal.SIGTERM),
                        lambda stop: self._watch_parent(number, parent, stop))
         except BaseException:  # noqa: BLE001 - a worker must end here, whatever happened

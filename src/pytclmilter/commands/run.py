@@ -39,6 +39,8 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> argp
                      help="stop a callback running longer than this and answer --on-error (default 60, 0: none)")
     run.add_argument("--workers", metavar="N",
                      help="serve with N processes, each with its own interpreter (Tcl globals are per worker)")
+    run.add_argument("--metrics", metavar="SPEC",
+                     help="serve Prometheus metrics over HTTP at /metrics here (inet:port@host); overrides the script")
     add_script_options(run)
     run.add_argument("--user", help="drop privileges to this user after binding the socket")
     run.add_argument("--group", help="drop privileges to this group after binding (default: the user's group)")
@@ -120,7 +122,7 @@ def cmd_run(opts: argparse.Namespace) -> int:
     raise_fd_limit()
     overrides = {"-connection": opts.connection, "-timeout": opts.timeout, "-backlog": opts.backlog,
                  "-name": opts.name, "-onerror": opts.on_error, "-grace": opts.grace,
-                 "-calltimeout": opts.call_timeout, "-workers": opts.workers}
+                 "-calltimeout": opts.call_timeout, "-workers": opts.workers, "-metrics": opts.metrics}
     # The daemon is made below, once the script's options are known to be valid; its hooks run
     # only when the milter serves.
     hooks = Hooks(listening=lambda spec: daemon.listening(spec), signal=lambda sig: daemon.signal(sig))

@@ -8,7 +8,7 @@ from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 from ..callbacks import EVENTS, Callback
-from ..connspec import ConnSpecError, parse
+from ..connspec import ConnSpecError, parse, parse_metrics
 from ..logline import escape
 from ..milter import Milter
 from ..status import parse_status, status_names
@@ -50,6 +50,15 @@ def _connection(value: str) -> str:
     return value
 
 
+def _metrics(value: str) -> str:
+    if value:
+        try:
+            parse_metrics(value)
+        except ConnSpecError as exc:
+            raise TclUsageError(str(exc)) from None
+    return value
+
+
 def _status(value: str) -> Any:
     status = parse_status(value)
     if status is None or status.name not in ("CONTINUE", "REJECT", "TEMPFAIL", "ACCEPT", "DISCARD"):
@@ -76,6 +85,7 @@ OPTIONS: dict[str, Option] = {
     "-grace": Option("grace", False, _seconds),
     "-calltimeout": Option("call_timeout", False, _seconds),
     "-workers": Option("workers", True, _positive),
+    "-metrics": Option("metrics", True, _metrics),
 }
 
 SUBCOMMANDS = ("configure", "main", "register", "stop")
