@@ -615,6 +615,9 @@ class ConnectionEngine:
             self._out.append(self.session.send(_CONTINUE))
             return
         reply = self._reply_for(name, event, status)
+        # --dry-run: the callbacks' answer is decided on as usual (the events after a verdict run
+        # no callbacks, as they would not arrive), but the MTA gets continue and no modification.
+        dry = self.shared.settings.dry_run and not quiet
         start = len(self._out)
         actions: list[Reply] = []
         try:
@@ -622,9 +625,12 @@ class ConnectionEngine:
                 if status in (Status.CONTINUE, Status.ACCEPT, Status.DISCARD):
                     actions = self.ctx.take_actions()
                 self.ctx.drop_actions()
-                for action in actions:
-                    self._out.append(self.session.send(action))
-            self._out.append(self.session.send(reply))
+                if dry:
+                    self._log_would(actions)
+                else:
+                    for action in actions:
+                        self._out.append(self.session.send(action))
+            self._out.append(self.session.send(_CONTINUE if dry else reply))
         except LocalProtocolError as exc:
             log.error("%s: %s: %s; answering tempfail", self.name, name, exc)
             del self._out[start:]  # nothing of this answer goes out
@@ -633,11 +639,11 @@ class ConnectionEngine:
             actions = []
         if actions and self.meter is not None:
             for action in actions:
-                self.meter.modification(action, False)
+                self.meter.modification(action, dry)
         if status is not Status.CONTINUE:
             self._decide(type(event), status)
         if not quiet and (is_eom or status not in (Status.CONTINUE, Status.SKIP, Status.NOREPLY)):
-            self._log_verdict(name, status, reply)
+            self._log_verdict(name, status, reply, dry)
         if is_eom:
             # The message is over. With NOMAIL negotiated the MTA sends no MAIL (and Sendmail no
             # ABORT) before the next message, so its verdict must not leak into that one.
@@ -666,12 +672,14 @@ class ConnectionEngine:
             return Continue()
         return _FINAL_OF[status]
 
-    def _log_verdict(self, stage: str, status: Status, reply: Reply) -> None:
+    def _log_verdict(self, stage: str, status: Status, reply: Reply, dry: bool) -> None:
         text = getattr(reply, "text", "")
         verdict = _VERDICT[status] if not (stage == "eom" and status is Status.CONTINUE) else "accept"
-        self.shared.stats.verdicts[verdict] += 1
         if self.meter is not None:
-            self.meter.verdict(verdict, stage, False)
+            self.meter.verdict(verdict, stage, dry)
+        if dry:
+            verdict = "would " + verdict
+        self.shared.stats.verdicts[verdict] += 1
         # without connect/envfrom callbacks those events are skipped, but their macros still arrive
         client = self.client or self.ctx.getsymval("_") or "-"
         sender = self.sender
@@ -681,6 +689,17 @@ class ConnectionEngine:
         # client, sender and reply text come from the MTA and the script: escaped (logline)
         log_info(log, "%s: verdict %s at %s client=%s from=%s%s", self.name, verdict, stage, escape(client),
                  escape(sender), f' reply="{escape(text)}"' if text else "")
+
+    def _log_would(self, actions: list[Reply]) -> None:
+        """--dry-run: the modifications the MTA would have got, one line each, counted as "would ..."."""
+        from .client.report import describe
+
+        verdicts = self.shared.stats.verdicts
+        for action in actions:
+            what = describe(action)
+            verdicts["would " + what.partition(" ")[0]] += 1
+            # header names and values, addresses: the script's and the MTA's text, escaped
+            log_info(log, "%s: would %s", self.name, escape(what))
 
     def _progress(self) -> None:
         self.link.touch()

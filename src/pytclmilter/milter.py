@@ -90,6 +90,8 @@ class Milter:
     tick_interval: _Setting[float] = _Setting()
     #: inet:PORT@HOST: serve Prometheus metrics there while running (metrics.py); "": none.
     metrics: _Setting[str] = _Setting()
+    #: Run the callbacks but answer the MTA continue, with no modification; log what would have been sent.
+    dry_run: _Setting[bool] = _Setting()
 
     def __init__(
         self,

@@ -59,6 +59,16 @@ def _metrics(value: str) -> str:
     return value
 
 
+def _boolean(value: str) -> bool:
+    """Tcl's boolean forms (Tcl_GetBoolean)."""
+    word = value.strip().lower()
+    if word in ("1", "true", "yes", "on") or (word.isdigit() and int(word) != 0):
+        return True
+    if word in ("0", "false", "no", "off"):
+        return False
+    raise TclUsageError(f'expected boolean value but got "{value}"')
+
+
 def _status(value: str) -> Any:
     status = parse_status(value)
     if status is None or status.name not in ("CONTINUE", "REJECT", "TEMPFAIL", "ACCEPT", "DISCARD"):
@@ -86,6 +96,7 @@ OPTIONS: dict[str, Option] = {
     "-calltimeout": Option("call_timeout", False, _seconds),
     "-workers": Option("workers", True, _positive),
     "-metrics": Option("metrics", True, _metrics),
+    "-dryrun": Option("dry_run", False, _boolean, int),
 }
 
 SUBCOMMANDS = ("configure", "main", "register", "stop")
