@@ -57,6 +57,7 @@ HOT = [
     "limits.py",
     "logline.py",
     "callbacks.py",
+    "meter.py",
     "context.py",
     "engine.py",
     "tcl/limit.py",

@@ -10,7 +10,7 @@ messages): the same figure on every run of the same code, which is what an optim
 judged by.
 
     scripts/bench_inproc.py [--filter tcl|python] [--messages N] [--headers N] [--log-level L]
-    scripts/bench_inproc.py --callgrind [--messages 300]
+    scripts/bench_inproc.py --callgrind [--messages 300] [--metrics]
     scripts/bench_inproc.py --per-conn 50 [--callgrind]   # 50 messages per connection (default 1, as Postfix)
     scripts/bench_inproc.py --split                       # a connection's instructions, stage by stage
     build/venv/bin/python scripts/bench_inproc.py --installed   # the compiled build scripts/bench installs
@@ -133,7 +133,7 @@ def make_milter(kind: str):  # type: ignore[no-untyped-def]
 
 
 def measure(kind: str, messages: int, headers: int, level: str, repeat: int, per_conn: int = 1,
-            stage: str = "") -> float:
+            stage: str = "", metrics: bool = False) -> float:
     """Best CPU µs per message (per unit of ``stage``) over ``repeat`` runs, after a warm-up of 200
     one-message connections (the same in every run, so that --callgrind's runs differ only in what
     they measure)."""""
@@ -149,6 +149,10 @@ def measure(kind: str, messages: int, headers: int, level: str, repeat: int, per
     first = batches(headers)  # the check and the warm-up: the same in every run, whatever is measured
     data = batches(headers, per_conn)
     conns = max(messages // per_conn, 1) if messages else 0
+    if metrics:  # what --metrics counts per message (the HTTP side costs nothing per message)
+        from pytclmilter.meter import Meter
+
+        shared.meter = Meter()
 
     def one(conn_id: int, data: list[bytes] = data) -> Link:
         link = Link()
@@ -190,7 +194,8 @@ def callgrind(opts: argparse.Namespace) -> int:
         cmd = ["valgrind", "--tool=callgrind", "--callgrind-out-file=/dev/null", sys.executable, __file__,
                "--filter", opts.filter, "--messages", str(n), "--headers", str(opts.headers),
                "--log-level", opts.log_level, "--repeat", "1", "--per-conn", str(per_conn),
-               *(["--stage", stage] if stage else []), *(["--installed"] if opts.installed else [])]
+               *(["--stage", stage] if stage else []), *(["--installed"] if opts.installed else []),
+               *(["--metrics"] if opts.metrics else [])]
         # A fixed hash seed: with Python's per-process random one, dict and set probing (and so
         # the count) moved by about 2,000 instructions a message between runs of the same build.
         env = {**os.environ, "PYTHONHASHSEED": "0"}
@@ -205,7 +210,7 @@ def callgrind(opts: argparse.Namespace) -> int:
     n = opts.messages - opts.messages % opts.per_conn or opts.per_conn
     per = (instructions(n) - instructions(0)) / n
     print(f"{opts.filter}: {per:,.0f} instructions per message ({opts.per_conn} per connection, {opts.headers}"
-          f" headers, log level {opts.log_level}; callgrind, {n} messages; {describe()})")
+          f" headers, log level {opts.log_level}{', metrics on' if opts.metrics else ''}; callgrind, {n} messages; {describe()})")
     return 0
 
 
@@ -249,6 +254,7 @@ def main() -> int:
     p.add_argument("--stage", choices=list(STAGES), default="", help=argparse.SUPPRESS)  # --split's runs
     p.add_argument("--installed", action="store_true",
                    help="measure the pytclmilter this Python has installed, not this checkout's src/")
+    p.add_argument("--metrics", action="store_true", help="count what --metrics counts (meter.py)")
     opts = p.parse_args()
     if opts.per_conn < 1:
         raise SystemExit("bench_inproc: --per-conn must be at least 1")
@@ -256,7 +262,8 @@ def main() -> int:
         opts.messages = opts.messages if opts.messages is not None else 300
         return callgrind(opts)
     messages = 3000 if opts.messages is None else opts.messages
-    us = measure(opts.filter, messages, opts.headers, opts.log_level, opts.repeat, opts.per_conn, opts.stage)
+    us = measure(opts.filter, messages, opts.headers, opts.log_level, opts.repeat, opts.per_conn, opts.stage,
+                 opts.metrics)
     unit = f"{opts.stage} unit" if opts.stage else "message"
     print(f"{opts.filter}: {us:.1f} µs CPU per {unit} ({opts.per_conn} per connection, {opts.headers} headers, log"
           f" level {opts.log_level}; best of {opts.repeat} x {messages}; {describe()})", file=sys.__stdout__)

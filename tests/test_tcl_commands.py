@@ -15,9 +15,10 @@ from support.tclrun import NOREPLY, SKIPPED, TCL_HELPERS, tclrun_factory
 
 tclrun = pytest.fixture(tclrun_factory, name="tclrun")
 
-OPTIONS = ["-backlog", "-calltimeout", "-connection", "-debuglevel", "-grace", "-name", "-onerror", "-timeout", "-workers"]
-BAD_OPTION = ('bad option "-x": must be -backlog, -calltimeout, -connection, -debuglevel, -grace, -name, '
-              "-onerror, -timeout, or -workers")
+OPTIONS = ["-backlog", "-calltimeout", "-connection", "-debuglevel", "-dryrun", "-grace", "-metrics", "-name",
+           "-onerror", "-timeout", "-workers"]
+BAD_OPTION = ('bad option "-x": must be -backlog, -calltimeout, -connection, -debuglevel, -dryrun, -grace, -metrics, '
+              "-name, -onerror, -timeout, or -workers")
 EVENTS = ["abort", "body", "close", "connect", "data", "envfrom", "envrcpt", "eoh", "eom", "header", "helo",
           "negotiate", "unknown"]
 

@@ -63,6 +63,17 @@ def parse(spec: str) -> ConnSpec:
     return ConnSpec(proto, host=_host(host, proto, spec) if host else None, port=port)
 
 
+def parse_metrics(text: str) -> ConnSpec:
+    """Where to serve the metrics (HTTP): ``inet:PORT@HOST`` or ``inet6:PORT@HOST``, with the host
+    given: the metrics are for whom the admin chooses, not every address by default."""
+    spec = parse(text)
+    if spec.family == "unix":
+        raise ConnSpecError(f'metrics "{text}": must be inet:PORT@HOST or inet6:PORT@HOST (HTTP over TCP)')
+    if spec.host is None:
+        raise ConnSpecError(f'metrics "{text}": needs the address to listen on, such as inet:{spec.port}@127.0.0.1')
+    return spec
+
+
 def _port(text: str, spec: str) -> int:
     if not text:
         raise ConnSpecError(f'connection "{spec}": missing port')

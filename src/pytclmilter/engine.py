@@ -24,6 +24,7 @@ from .hooks import Hooks
 from .limits import CallbackTimeout
 from .logline import escape, escape_lines
 from .logline import info as log_info
+from .meter import Meter
 # Imported by name, not as a module: compiled, `events.Name` is a module attribute look-up per use.
 from .protocol.events import (
     Abort, Accept, Body, Closed, Connect, Continue, Discard, EndOfMessage, EnvFrom, EnvRcpt, Event, Header,
@@ -175,16 +176,20 @@ class Shared:
 
     A reload makes a new one (another milter's) for the connections accepted from then on; those
     open keep theirs. ``generation`` tells them apart in the verdict lines.
+
+    ``meter`` counts for ``--metrics`` (meter.py); None without, and each connection reads it once.
     """
 
-    __slots__ = ("settings", "registry", "hooks", "stats", "generation")
+    __slots__ = ("settings", "registry", "hooks", "stats", "generation", "meter")
 
-    def __init__(self, settings: Settings, registry: Registry, hooks: Hooks, stats: Stats) -> None:
+    def __init__(self, settings: Settings, registry: Registry, hooks: Hooks, stats: Stats,
+                 meter: Meter | None = None) -> None:
         self.settings = settings
         self.registry = registry
         self.hooks = hooks
         self.stats = stats
         self.generation = 1
+        self.meter = meter
 
 
 class CallbackError(Exception):
@@ -222,7 +227,7 @@ class ConnectionEngine:
     """
 
     __slots__ = ("shared", "registry", "session", "ctx", "name", "link", "_out", "_busy", "_decided",
-                 "_deferred", "_deferred_stage", "closed", "client", "sender", "debug")
+                 "_deferred", "_deferred_stage", "closed", "client", "sender", "debug", "meter")
 
     def __init__(self, shared: Shared, conn_id: int, link: "Link") -> None:
         self.shared = shared
@@ -242,6 +247,9 @@ class ConnectionEngine:
         # Asked once: a connection lasts one SMTP session, and each isEnabledFor is an
         # interpreted call; a level set meanwhile applies from the next connection.
         self.debug = log.isEnabledFor(logging.DEBUG)
+        self.meter = meter = shared.meter
+        if meter is not None:
+            meter.opened()
         shared.hooks.context_created(self.ctx)
 
     @property
@@ -285,6 +293,8 @@ class ConnectionEngine:
                 event = self.session.next_event()
             except RemoteProtocolError as exc:
                 log.warning("%s: protocol error, closing the connection: %s", self.name, exc)
+                if self.meter is not None:
+                    self.meter.protocol_error()
                 self._flush()
                 self.connection_lost("protocol error")
                 return
@@ -486,7 +496,8 @@ class ConnectionEngine:
         callback that comes back after its limit, from code the limit cannot interrupt, is
         logged with its time. Without one the clock is not read at all.
         """
-        started = _monotonic() if limit else 0.0
+        meter = self.meter
+        started = _monotonic() if limit or meter is not None else 0.0
         limiter = cb.limit
         held = limiter.begin(limit, started)
         late = False
@@ -501,13 +512,19 @@ class ConnectionEngine:
             status = self._callback_failed(name, cb, exc)
             if limit:
                 self._check_time(name, cb, started, limit, _LATE_STOP)
+            if meter is not None:
+                meter.callback(name, cb.origin, _monotonic() - started)
             return status
         if late or (limit and not held):  # a sync Python callback off the main thread is timed here
             self._check_time(name, cb, started, limit, 0.0)
         if isinstance(result, Status):  # Tcl callbacks and well-behaved Python ones: no parsing
+            if meter is not None:
+                meter.callback(name, cb.origin, _monotonic() - started)
             return result
         if type(result) not in _PLAIN and inspect.isawaitable(result):
-            return self._awaited(name, cb, result, limit, started, ignore)
+            return self._awaited(name, cb, result, limit, started, ignore)  # timed when it completes
+        if meter is not None:
+            meter.callback(name, cb.origin, _monotonic() - started)
         return Status.CONTINUE if ignore else self._status(name, cb, result)
 
     async def _awaited(self, name: str, cb: Callback, awaitable: Awaitable[Any], limit: float, started: float,
@@ -525,14 +542,23 @@ class ConnectionEngine:
             status = self._callback_failed(name, cb, exc)
             if limit:
                 self._check_time(name, cb, started, limit, _LATE_STOP)
+            self._timed(name, cb, started)
             return status
         if limit:
             self._check_time(name, cb, started, limit, 0.0)
+        self._timed(name, cb, started)
         return Status.CONTINUE if ignore else self._status(name, cb, result)
 
+    def _timed(self, name: str, cb: Callback, started: float) -> None:
+        if self.meter is not None:
+            self.meter.callback(name, cb.origin, _monotonic() - started)
+
     def _check_time(self, name: str, cb: Callback, started: float, limit: float, grace: float) -> None:
-        """Log a callback that took longer than ``limit`` + ``grace`` seconds."""
+        """Count a callback that took longer than ``limit`` (stopped by it, or back late); log one
+        that took longer than ``limit`` + ``grace`` seconds."""
         elapsed = _monotonic() - started
+        if elapsed > limit and self.meter is not None:
+            self.meter.overran(name, cb.origin)
         if elapsed > limit + grace:
             self._overran(name, cb, elapsed, limit)
 
@@ -560,6 +586,8 @@ class ConnectionEngine:
         log.error("%s: %s callback %s failed (%s), answering %s:\n%s", self.name, name,
                   escape(who), escape(str(exc)), status.smfis, escape_lines(detail))
         self.shared.stats.errors += 1
+        if self.meter is not None:
+            self.meter.failed(name, "python" if cb is None else cb.origin)
         return status
 
     def _await(self, name: str, event: Event, pending: Awaitable[Status]) -> None:
@@ -593,23 +621,35 @@ class ConnectionEngine:
             self._out.append(self.session.send(_CONTINUE))
             return
         reply = self._reply_for(name, event, status)
+        # --dry-run: the callbacks' answer is decided on as usual (the events after a verdict run
+        # no callbacks, as they would not arrive), but the MTA gets continue and no modification.
+        dry = self.shared.settings.dry_run and not quiet
         start = len(self._out)
+        actions: list[Reply] = []
         try:
             if is_eom:
-                actions = self.ctx.take_actions() if status in (Status.CONTINUE, Status.ACCEPT, Status.DISCARD) else []
+                if status in (Status.CONTINUE, Status.ACCEPT, Status.DISCARD):
+                    actions = self.ctx.take_actions()
                 self.ctx.drop_actions()
-                for action in actions:
-                    self._out.append(self.session.send(action))
-            self._out.append(self.session.send(reply))
+                if dry:
+                    self._log_would(actions)
+                else:
+                    for action in actions:
+                        self._out.append(self.session.send(action))
+            self._out.append(self.session.send(_CONTINUE if dry else reply))
         except LocalProtocolError as exc:
             log.error("%s: %s: %s; answering tempfail", self.name, name, exc)
             del self._out[start:]  # nothing of this answer goes out
             self._out.append(self.session.send(Tempfail()))
             status = Status.TEMPFAIL
+            actions = []
+        if actions and self.meter is not None:
+            for action in actions:
+                self.meter.modification(action, dry)
         if status is not Status.CONTINUE:
             self._decide(type(event), status)
         if not quiet and (is_eom or status not in (Status.CONTINUE, Status.SKIP, Status.NOREPLY)):
-            self._log_verdict(name, status, reply)
+            self._log_verdict(name, status, reply, dry)
         if is_eom:
             # The message is over. With NOMAIL negotiated the MTA sends no MAIL (and Sendmail no
             # ABORT) before the next message, so its verdict must not leak into that one.
@@ -638,9 +678,13 @@ class ConnectionEngine:
             return Continue()
         return _FINAL_OF[status]
 
-    def _log_verdict(self, stage: str, status: Status, reply: Reply) -> None:
+    def _log_verdict(self, stage: str, status: Status, reply: Reply, dry: bool) -> None:
         text = getattr(reply, "text", "")
         verdict = _VERDICT[status] if not (stage == "eom" and status is Status.CONTINUE) else "accept"
+        if self.meter is not None:
+            self.meter.verdict(verdict, stage, dry)
+        if dry:
+            verdict = "would " + verdict
         self.shared.stats.verdicts[verdict] += 1
         # without connect/envfrom callbacks those events are skipped, but their macros still arrive
         client = self.client or self.ctx.getsymval("_") or "-"
@@ -652,6 +696,17 @@ class ConnectionEngine:
         log_info(log, "%s: verdict %s at %s client=%s from=%s%s gen=%d", self.name, verdict, stage,
                  escape(client), escape(sender), f' reply="{escape(text)}"' if text else "",
                  self.shared.generation)
+
+    def _log_would(self, actions: list[Reply]) -> None:
+        """--dry-run: the modifications the MTA would have got, one line each, counted as "would ..."."""
+        from .client.report import describe
+
+        verdicts = self.shared.stats.verdicts
+        for action in actions:
+            what = describe(action)
+            verdicts["would " + what.partition(" ")[0]] += 1
+            # header names and values, addresses: the script's and the MTA's text, escaped
+            log_info(log, "%s: would %s", self.name, escape(what))
 
     def _progress(self) -> None:
         self.link.touch()
@@ -668,6 +723,8 @@ class ConnectionEngine:
         self.shared.hooks.context_closed(self.ctx)
         self.ctx.detach()
         self.link.close()
+        if self.meter is not None:
+            self.meter.closed(reason)
         # An MTA ending the session is routine (the verdict line said what mattered): debug.
         routine = reason in _ROUTINE_ENDS
         if not routine or self.debug:

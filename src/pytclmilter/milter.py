@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import logging
 import os
 from dataclasses import replace
-from typing import Any, Callable, Generic, TypeVar, overload
+from typing import TYPE_CHECKING, Any, Callable, Generic, Iterator, TypeVar, overload
 
 from .callbacks import EVENTS, Callback, Registry
 from .connspec import ConnSpec, parse
@@ -15,12 +16,17 @@ from .context import NO_SCRIPT, ScriptCalls
 from .engine import Shared, Stats
 from .hooks import Hooks
 from .logline import escape
+from .meter import Meter, WorkerCounts
 from .protocol.constants import MAX_DATA_SIZE
 from .scripting import TclCommands
 from .listener import Listener
 from .server import MilterServer
 from .settings import DEFAULT_CONNECTION, DEFAULT_TIMEOUT, Settings
 from .status import Status, parse_status
+
+if TYPE_CHECKING:
+    from .metrics import Block, Exporter
+    from .workers import Supervisor
 
 log = logging.getLogger("pytclmilter")
 
@@ -30,6 +36,7 @@ T = TypeVar("T")
 RESTART_ONLY: dict[str, str] = {
     "connection": "-connection", "backlog": "-backlog", "workers": "-workers",
     "socket_mode": "--socket-mode", "socket_owner": "--user/--group",
+    "metrics": "-metrics",  # its HTTP socket is bound at start, before privileges are dropped
 }
 
 
@@ -94,6 +101,10 @@ class Milter:
     call_timeout: _Setting[float] = _Setting()
     workers: _Setting[int] = _Setting()
     tick_interval: _Setting[float] = _Setting()
+    #: inet:PORT@HOST: serve Prometheus metrics there while running (metrics.py); "": none.
+    metrics: _Setting[str] = _Setting()
+    #: Run the callbacks but answer the MTA continue, with no modification; log what would have been sent.
+    dry_run: _Setting[bool] = _Setting()
 
     def __init__(
         self,
@@ -125,6 +136,9 @@ class Milter:
         self._stop_others: Callable[[], None] | None = None
         #: While run() supervises --workers: the supervisor (reload forks a new set of workers).
         self._supervisor: Any = None
+        self._exporter: Exporter | None = None  # while serving with `metrics`
+        #: In a --workers process with `metrics`: its meter and how it publishes (carried by reloads).
+        self._worker_counts = WorkerCounts()
 
     @property
     def settings(self) -> Settings:
@@ -214,14 +228,26 @@ class Milter:
 
     async def serve(self) -> None:
         """Serve until :meth:`stop` or a signal; returns, and may be called again."""
-        await self._serve(None, None)
+        with self._metrics_here():
+            await self._serve(None, None)
 
     async def _serve(self, inherited: Listener | None, started: Callable[[], None] | None) -> None:
         # What exists now (modules, the script, its data) lives as long as the process: keep
         # the garbage collector from scanning it again and again under load (and, with
         # --workers, from touching pages the forked workers share).
         gc.freeze()
-        await self._server.serve(inherited, started)
+        publish = self._worker_counts.publish
+        publisher = None
+        if publish is not None:  # a --workers process with metrics: its counts to the supervisor
+            from .metrics import publishing
+
+            publisher = asyncio.ensure_future(publishing(publish))
+        try:
+            await self._server.serve(inherited, started)
+        finally:
+            if publish is not None and publisher is not None:
+                publisher.cancel()
+                publish()
         # (after reloads, the name of the milter that serves last)
         log.info("%s stopped; verdicts: %s", escape(self._server.shared.settings.name), self.stats.summary())
 
@@ -232,13 +258,66 @@ class Milter:
             from .workers import Supervisor, run_workers
 
             supervisor = Supervisor(settings.workers, self.hooks, self._serve_worker)
-            self._stop_others, self._supervisor = supervisor.stop, supervisor
-            try:
-                run_workers(settings, supervisor)
-            finally:
-                self._stop_others = self._supervisor = None
+            with self._metrics_of_workers(supervisor):
+                self._stop_others, self._supervisor = supervisor.stop, supervisor
+                try:
+                    run_workers(settings, supervisor)
+                finally:
+                    self._stop_others = self._supervisor = None
             return
-        self._run_here(None, None)
+        with self._metrics_here():
+            self._run_here(None, None)
+
+    # ------------------------------------------------------------ metrics (metrics.py)
+
+    @contextlib.contextmanager
+    def _metrics_here(self) -> Iterator[None]:
+        """With ``metrics`` set: count in this process while serving, and serve the counts."""
+        if not self.settings.metrics:
+            yield
+            return
+        meter = Meter()
+        with self._exporting(lambda: list(meter.cells), lambda: 1):
+            self.shared.meter = meter
+            try:
+                yield
+            finally:
+                self.shared.meter = None
+
+    @contextlib.contextmanager
+    def _metrics_of_workers(self, supervisor: "Supervisor") -> Iterator[None]:
+        """With ``metrics`` set: each worker counts and publishes into its slot, this process serves the sum."""
+        if not self.settings.metrics:
+            yield
+            return
+        from .metrics import Block
+
+        block = Block(supervisor.slots)
+        supervisor.forked = lambda slot: self._count_in_worker(block, slot)
+        supervisor.reaped = block.retire
+        with self._exporting(block.totals, lambda: len(supervisor.children)):
+            yield
+
+    @contextlib.contextmanager
+    def _exporting(self, totals: Callable[[], list[int]], alive: Callable[[], int]) -> Iterator[None]:
+        """The HTTP endpoint, bound now: before the listening hook drops privileges."""
+        from .metrics import Exporter
+
+        self._exporter = Exporter(self.settings.metrics, totals, self.stats, alive)
+        try:
+            yield
+        finally:
+            self._exporter.close()
+            self._exporter = None
+
+    def _count_in_worker(self, block: "Block", slot: int) -> None:
+        """In a worker just forked, given ``slot``: count here, publish into the slot (see _serve).
+        Set on the counts a reload hands on: the worker may serve a later generation's milter."""
+        if self._exporter is not None:
+            self._exporter.forget()  # the supervisor serves the metrics
+            self._exporter = None
+        meter = self._worker_counts.meter = Meter()
+        self._worker_counts.publish = lambda: block.publish(slot, meter.cells)
 
     def _run_here(self, inherited: Listener | None, started: Callable[[], None] | None) -> None:
         with asyncio.Runner(loop_factory=new_event_loop) as runner:
@@ -249,6 +328,8 @@ class Milter:
         """One --workers process: serve the socket the parent bound; stop() asks it to stop all.
         ``watch`` runs on the loop once it listens, given how to stop this worker alone."""
         self._stop_others, self._supervisor = stop_all, None
+        if self._worker_counts.meter is not None:
+            self.shared.meter = self._worker_counts.meter
         self._server.reloadable = False  # SIGUSR1 goes to the supervisor
         self._run_here(listener, lambda: watch(self._stop_alone))
 
@@ -274,6 +355,8 @@ class Milter:
         if not self.running and self._supervisor is None:
             raise ReloadError("the milter is not serving")
         new.stats = new.shared.stats = self.stats
+        # --metrics goes on counting in the same cells: here, and in the workers forked for new
+        new.shared.meter, new._worker_counts = self.shared.meter, self._worker_counts
         new.shared.generation = self.shared.generation + 1
         new._stop_others, new._supervisor = self._stop_others, self._supervisor
         self.stats.generation = new.shared.generation

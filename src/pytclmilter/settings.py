@@ -42,3 +42,8 @@ class Settings:
     workers: int = 1
     #: How often a host (the Tcl interpreter) gets its turn to run timers and file events.
     tick_interval: float = 0.02
+    #: Where to serve Prometheus metrics over HTTP (inet:PORT@HOST, metrics.py); "" serves none.
+    metrics: str = ""
+    #: Callbacks run, but the MTA gets continue and no modification; what would have been sent
+    #: is logged and counted as "would ..." (engine.ConnectionEngine._answer).
+    dry_run: bool = False

@@ -49,6 +49,7 @@ log = logging.getLogger("pytclmilter")
 _STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 _RESPAWN_WINDOW = 10.0  # seconds
 _RESPAWN_BURST = 5  # deaths within the window before respawning slows down
+_SLOT_SETS = 4  # metrics slots per worker: the set serving, and up to three reloads finishing
 
 
 #: Serves the inherited socket in a worker process until stopped. Given the socket, a callable
@@ -74,7 +75,15 @@ class Supervisor:
     def __init__(self, count: int, hooks: Hooks, serve: Serve) -> None:
         self.hooks = hooks
         self.serve = serve
+        #: Called in a new worker, with its slot, before it serves; and here with the slot of one
+        #: that ended (the metrics count each worker in its slot, and retire a dead one's).
+        self.forked: Callable[[int], None] | None = None
+        self.reaped: Callable[[int], None] | None = None
         self.count = count
+        #: Slots for the workers alive at once: a set serving, and the sets of reloads that finish
+        #: their sessions meanwhile (a worker forked when all are taken is not counted).
+        self.slots = count * _SLOT_SETS
+        self._slot_of: dict[int, int] = {}  # pid -> slot
         self.listener: Listener | None = None  # the socket they serve, given to run()
         self.children: dict[int, tuple[int, int]] = {}  # pid -> (worker number, generation)
         self.generation = 1  # of the workers serving new connections (reload)
@@ -122,6 +131,9 @@ class Supervisor:
                 return True
             if pid in self.children:
                 number, generation = self.children.pop(pid)
+                slot = self._slot_of.pop(pid, None)
+                if slot is not None and self.reaped is not None:
+                    self.reaped(slot)
                 if generation == self.generation:
                     self._reaped(pid, number, status)
                 else:
@@ -210,18 +222,22 @@ class Supervisor:
         sys.stderr.flush()
         # A stop signal waits until the new worker is in self.children (a stop in between would
         # miss it and leave it serving) and, in the worker, until our handlers are gone.
+        free = sorted(set(range(self.slots)) - set(self._slot_of.values()))
+        slot = free[0] if free else None
         signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
         try:
             pid = os.fork()
             if pid == 0:
-                self._worker(number)  # never returns
+                self._worker(number, slot)  # never returns
             self.children[pid] = (number, self.generation)
+            if slot is not None:
+                self._slot_of[pid] = slot
             if self.stopping:  # a stop came before the fork: this one was not told
                 os.kill(pid, signal.SIGTERM)
         finally:
             signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
 
-    def _worker(self, number: int) -> None:
+    def _worker(self, number: int, slot: int | None) -> None:
         for sig in _STOP_SIGNALS:
             signal.signal(sig, signal.SIG_DFL)
         if signal.SIGUSR1 in self._waited:
@@ -234,6 +250,8 @@ class Supervisor:
         try:
             log.debug("worker %d (pid %d) serving", number, os.getpid())
             listener = Listener(self.listener.sock, self.listener.spec)  # the parent removes the file
+            if self.forked is not None and slot is not None:
+                self.forked(slot)
             self.serve(listener, lambda: os.kill(parent, signal.SIGTERM),
                        lambda stop: self._watch_parent(number, parent, stop))
         except BaseException:  # noqa: BLE001 - a worker must end here, whatever happened

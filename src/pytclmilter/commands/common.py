@@ -53,7 +53,7 @@ def add_script_options(p: argparse.ArgumentParser) -> None:
 
 
 #: Command-line flags whose names differ from the Tcl option they set.
-_FLAGS = {"-onerror": "--on-error", "-calltimeout": "--call-timeout"}
+_FLAGS = {"-onerror": "--on-error", "-calltimeout": "--call-timeout", "-dryrun": "--dry-run"}
 
 
 def make_host(script: str, hooks: list[str], overrides: dict[str, str | None],

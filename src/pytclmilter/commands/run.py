@@ -42,6 +42,11 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> argp
                      help="stop a callback running longer than this and answer --on-error (default 60, 0: none)")
     run.add_argument("--workers", metavar="N",
                      help="serve with N processes, each with its own interpreter (Tcl globals are per worker)")
+    run.add_argument("--metrics", metavar="SPEC",
+                     help="serve Prometheus metrics over HTTP at /metrics here (inet:port@host); overrides the script")
+    run.add_argument("--dry-run", action="store_true",
+                     help="run the callbacks, but answer the MTA continue with no modification; log what "
+                          "would have been sent (overrides the script's -dryrun)")
     add_script_options(run)
     run.add_argument("--user", help="drop privileges to this user after binding the socket")
     run.add_argument("--group", help="drop privileges to this group after binding (default: the user's group)")
@@ -123,7 +128,8 @@ def cmd_run(opts: argparse.Namespace) -> int:
     signal.signal(signal.SIGUSR1, signal.SIG_IGN)
     overrides = {"-connection": opts.connection, "-timeout": opts.timeout, "-backlog": opts.backlog,
                  "-name": opts.name, "-onerror": opts.on_error, "-grace": opts.grace,
-                 "-calltimeout": opts.call_timeout, "-workers": opts.workers}
+                 "-calltimeout": opts.call_timeout, "-workers": opts.workers, "-metrics": opts.metrics,
+                 "-dryrun": "1" if opts.dry_run else None}
     socket_mode = None
     if opts.socket_mode is not None:
         try:

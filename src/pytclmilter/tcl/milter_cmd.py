@@ -8,7 +8,7 @@ from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, Callable, Sequence, TypeVar
 
 from ..callbacks import EVENTS, Callback
-from ..connspec import ConnSpecError, parse
+from ..connspec import ConnSpecError, parse, parse_metrics
 from ..logline import escape
 from ..milter import Milter
 from ..status import parse_status, status_names
@@ -58,6 +58,25 @@ def _connection(value: str) -> str:
     return value
 
 
+def _metrics(value: str) -> str:
+    if value:
+        try:
+            parse_metrics(value)
+        except ConnSpecError as exc:
+            raise TclUsageError(str(exc)) from None
+    return value
+
+
+def _boolean(value: str) -> bool:
+    """Tcl's boolean forms (Tcl_GetBoolean)."""
+    word = value.strip().lower()
+    if word in ("1", "true", "yes", "on") or (word.isdigit() and int(word) != 0):
+        return True
+    if word in ("0", "false", "no", "off"):
+        return False
+    raise TclUsageError(f'expected boolean value but got "{value}"')
+
+
 def _status(value: str) -> Any:
     status = parse_status(value)
     if status is None or status.name not in ("CONTINUE", "REJECT", "TEMPFAIL", "ACCEPT", "DISCARD"):
@@ -77,6 +96,8 @@ OPTIONS: dict[str, Option] = {
     "-grace": Option("grace", False, _seconds),
     "-calltimeout": Option("call_timeout", False, _seconds),
     "-workers": Option("workers", True, _positive),
+    "-metrics": Option("metrics", True, _metrics),
+    "-dryrun": Option("dry_run", False, _boolean, int),
 }
 
 SUBCOMMANDS = ("configure", "main", "register", "stop")

@@ -1,0 +1,268 @@
+"""``--metrics``: what meter.py counts, served to Prometheus over HTTP by prometheus_client.
+
+The engine counts into a list of integers (meter.py). In one process the exporter reads that
+list when scraped. With ``--workers`` the supervisor makes an anonymous shared mapping before it
+forks (:class:`Block`, a slot of 64-bit cells per worker); each worker copies its list into its
+slot once a second (:data:`PUBLISH_EVERY`) and when it stops, and the supervisor's endpoint sums
+the slots. This rather than prometheus_client's multiprocess mode: that mode writes a file per
+process under a directory that must exist before the first import (made as root, handed to the
+user we drop to, cleaned at stop) and takes a lock, a ``getpid()`` and a write to a mapped file
+per count; here a count is a list item incremented, there is no file, and the mapping goes away
+with the processes. The price: a scrape may be a second behind the workers, and a worker killed
+outright loses at most its last second of counts. A worker that dies is *retired*: the
+supervisor adds its counters to a running total before its slot is cleared for the
+replacement, and forgets its gauge (its connections are gone).
+
+The HTTP side is bounded: one thread accepts, at most :data:`MAX_SCRAPES` threads answer, a
+scraper that sends nothing is dropped after :data:`SCRAPE_TIMEOUT` seconds, and a connection
+beyond that is closed at once (with a warning at most once a minute). It runs apart from the
+event loop, which it never blocks; rendering takes the GIL for about a millisecond.
+"""
+
+from __future__ import annotations
+
+import array
+import asyncio
+import logging
+import mmap
+import socket
+import threading
+import time
+from socketserver import TCPServer, ThreadingMixIn
+from typing import Any, Callable, Iterable, Iterator
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer
+
+from prometheus_client import CollectorRegistry, make_wsgi_app
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.registry import Collector as _CollectorBase
+
+from . import meter as m
+from .connspec import ConnSpec, ConnSpecError, parse_metrics
+from .engine import Stats
+
+log = logging.getLogger("pytclmilter")
+
+MAX_SCRAPES = 4
+PUBLISH_EVERY = 1.0  # seconds between a worker's copies of its counts into shared memory
+SCRAPE_TIMEOUT = 10.0
+_WARN_EVERY = 60.0
+_GAUGES = frozenset({m.OPEN})
+
+
+class Block:
+    """The cells of ``slots`` processes in one shared mapping, and what dead workers counted."""
+
+    def __init__(self, slots: int) -> None:
+        # An anonymous mapping is MAP_SHARED: a forked worker writes the very pages we read.
+        self._map = mmap.mmap(-1, slots * m.CELLS * 8)
+        self._view = memoryview(self._map).cast("q")
+        self.slots = slots
+        self._retired = [0] * m.CELLS
+        self._lock = threading.Lock()
+
+    def cells(self, slot: int) -> memoryview:
+        return self._view[slot * m.CELLS:(slot + 1) * m.CELLS]
+
+    def publish(self, slot: int, counts: list[int]) -> None:
+        """A worker's counts into its slot (one copy in C: the supervisor reads them from there)."""
+        self.cells(slot)[:] = array.array("q", counts)
+
+    def retire(self, slot: int) -> None:
+        """The worker of ``slot`` is gone: keep its counts, drop its gauges, clear the slot."""
+        cells = self.cells(slot)
+        with self._lock:
+            for i in range(m.CELLS):
+                if i not in _GAUGES:
+                    self._retired[i] += cells[i]
+                cells[i] = 0
+
+    def totals(self) -> list[int]:
+        with self._lock:
+            out = list(self._retired)
+            for slot in range(self.slots):
+                for i, value in enumerate(self.cells(slot)):
+                    out[i] += value
+        return out
+
+
+async def publishing(publish: Callable[[], None]) -> None:
+    """In a worker: its counts into shared memory every PUBLISH_EVERY seconds (until cancelled)."""
+    while True:
+        await asyncio.sleep(PUBLISH_EVERY)
+        publish()
+
+
+class Collector(_CollectorBase):
+    """prometheus_client's custom collector: the families, built from the cells when scraped."""
+
+    def __init__(self, totals: Callable[[], list[int]], stats: Stats, workers_alive: Callable[[], int]) -> None:
+        self.totals = totals
+        self.stats = stats
+        self.workers_alive = workers_alive
+
+    def collect(self) -> Iterator[Metric]:
+        t = self.totals()
+        yield from _connections(t)
+        yield CounterMetricFamily("pytclmilter_protocol_errors", "Connections closed because the MTA broke "
+                                  "the milter protocol (a garbled, oversize or out-of-order packet)",
+                                  value=t[m.PROTOCOL_ERRORS])
+        yield _labelled(CounterMetricFamily("pytclmilter_verdicts", "Verdicts given, as the verdict log lines "
+                                            "count them: one per message, and one per recipient or connection "
+                                            "refused; dry_run=\"true\": would have been given (--dry-run)",
+                                            labels=["verdict", "stage", "dry_run"]),
+                        ((v, s, _bool(d)) for v in m.VERDICTS for s in m.STAGES for d in (False, True)),
+                        t[m.MESSAGES:m.ERRORS])
+        yield _labelled(CounterMetricFamily("pytclmilter_modifications", "Modifications sent at end of "
+                                            "message; dry_run=\"true\": would have been sent (--dry-run)",
+                                            labels=["action", "dry_run"]),
+                        ((a, _bool(d)) for a in m.ACTIONS for d in (False, True)), t[m.MODIFICATIONS:m.CELLS])
+        yield from _callbacks(t)
+        stats = self.stats
+        reloads = CounterMetricFamily("pytclmilter_reloads", "Script reloads, by result", labels=["result"])
+        reloads.add_metric(["ok"], stats.reloads_ok)
+        reloads.add_metric(["failed"], stats.reloads_failed)
+        yield reloads
+        yield GaugeMetricFamily("pytclmilter_generation", "Generation of the script serving new connections "
+                                "(1 at start, one more at each reload)", value=stats.generation)
+        yield GaugeMetricFamily("pytclmilter_workers_alive", "Processes serving connections",
+                                value=self.workers_alive())
+
+
+def _bool(flag: bool) -> str:
+    return "true" if flag else "false"
+
+
+def _labelled(family: Any, labels: Iterable[tuple[str, ...]], values: list[int]) -> Any:
+    """A labelled series appears from its first count on (most combinations never happen)."""
+    for label, value in zip(labels, values):
+        if value:
+            family.add_metric(list(label), value)
+    return family
+
+
+def _connections(t: list[int]) -> Iterator[Metric]:
+    yield GaugeMetricFamily("pytclmilter_connections_open", "MTA connections open now", value=t[m.OPEN])
+    yield CounterMetricFamily("pytclmilter_connections", "MTA connections accepted", value=t[m.TOTAL])
+    yield _labelled(CounterMetricFamily("pytclmilter_connections_closed", "MTA connections closed, by reason "
+                                        "(eof and quit: the MTA ended the session)", labels=["reason"]),
+                    ((r,) for r in m.REASONS), t[m.CLOSED:m.MESSAGES])
+
+
+def _callbacks(t: list[int]) -> Iterator[Metric]:
+    pairs = [(e, lang) for e in m.EVENTS for lang in m.LANGUAGES]
+    hist = HistogramMetricFamily("pytclmilter_callback_duration_seconds", "Time callbacks took, by event and "
+                                 "language (failed ones included)", labels=["event", "language"])
+    for p, (event, lang) in enumerate(pairs):
+        counts = t[m.BUCKETS + p * (len(m.BOUNDS) + 1):m.BUCKETS + (p + 1) * (len(m.BOUNDS) + 1)]
+        if not any(counts):
+            continue
+        buckets, running = [], 0
+        for bound, n in zip([*(repr(b) for b in m.BOUNDS), "+Inf"], counts):
+            running += n
+            buckets.append((bound, running))
+        hist.add_metric([event, lang], buckets, t[m.SUMS + p] / 1e9)
+    yield hist
+    yield _labelled(CounterMetricFamily("pytclmilter_callback_errors", "Callbacks that failed (an error, or "
+                                        "stopped by the time limit), answered with -onerror",
+                                        labels=["event", "language"]), pairs, t[m.ERRORS:m.OVERRUNS])
+    yield _labelled(CounterMetricFamily("pytclmilter_callback_time_limit_overruns", "Callbacks that ran past "
+                                        "the time limit (-calltimeout): stopped by it, or back late from code "
+                                        "it cannot stop", labels=["event", "language"]),
+                    pairs, t[m.OVERRUNS:m.SUMS])
+
+
+# ------------------------------------------------------------------ HTTP
+
+
+class _Handler(WSGIRequestHandler):
+    timeout = SCRAPE_TIMEOUT  # for reading the request and writing the answer
+
+    def log_message(self, format: str, *args: Any) -> None:
+        """A scrape every few seconds is not worth a log line."""
+
+
+class _Server(ThreadingMixIn, WSGIServer):
+    """At most MAX_SCRAPES requests at once; more are closed at once, with a warning now and then."""
+
+    daemon_threads = True
+    request_queue_size = 16
+
+    def __init__(self, spec: ConnSpec) -> None:
+        self.address_family = socket.AF_INET6 if spec.family == "inet6" else socket.AF_INET
+        self._free = threading.BoundedSemaphore(MAX_SCRAPES)
+        self._refused = 0
+        self._warned = 0.0
+        super().__init__((spec.host or "", spec.port), _Handler)
+
+    def server_bind(self) -> None:
+        # HTTPServer.server_bind asks DNS for the host's name (getfqdn): not needed, and slow when DNS is.
+        TCPServer.server_bind(self)
+        self.server_name, self.server_port = str(self.server_address[0]), int(self.server_address[1])
+        self.setup_environ()
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        if not self._free.acquire(blocking=False):
+            self._refuse()
+            self.shutdown_request(request)
+            return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self._free.release()
+            raise
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._free.release()
+
+    def _refuse(self) -> None:
+        self._refused += 1
+        now = time.monotonic()
+        if now - self._warned >= _WARN_EVERY:
+            log.warning("metrics: %d scrapes at once already; %d connection(s) closed unanswered "
+                        "(warned at most once a minute)", MAX_SCRAPES, self._refused)
+            self._warned, self._refused = now, 0
+
+
+def _app(registry: CollectorRegistry) -> Callable[..., Iterable[bytes]]:
+    metrics = make_wsgi_app(registry)
+
+    def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
+        if environ.get("PATH_INFO") != "/metrics":
+            start_response("404 Not Found", [("Content-Type", "text/plain; charset=utf-8")])
+            return [b"the metrics are at /metrics\n"]
+        result: Iterable[bytes] = metrics(environ, start_response)
+        return result
+
+    return app
+
+
+class Exporter:
+    """Serves the counts ``totals()`` gives at http://HOST:PORT/metrics from a thread of its own."""
+
+    def __init__(self, text: str, totals: Callable[[], list[int]], stats: Stats,
+                 workers_alive: Callable[[], int]) -> None:
+        spec = parse_metrics(text)
+        registry = CollectorRegistry(auto_describe=False)
+        registry.register(Collector(totals, stats, workers_alive))
+        try:
+            self._server = _Server(spec)
+        except OSError as exc:
+            raise ConnSpecError(f'metrics "{text}": cannot listen: {exc.strerror or exc}') from None
+        self._server.set_app(_app(registry))
+        host, port = self._server.server_name, self._server.server_port
+        self.url = f"http://{'[' + host + ']' if ':' in host else host}:{port}/metrics"
+        self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.5},
+                                        name="metrics", daemon=True)
+        self._thread.start()
+        log.info("metrics at %s", self.url)
+
+    def close(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+
+    def forget(self) -> None:
+        """In a forked worker: close this process's copy of the listening socket (no thread serves it here)."""
+        self._server.socket.close()

@@ -1,0 +1,187 @@
+"""`pytclmilter run --metrics inet:PORT@HOST`: Prometheus metrics over HTTP, after known traffic.
+
+The traffic comes from the MTA side of tests/support/tclrun.py (miltertest and raw frames), the
+scrape is a plain HTTP GET with urllib, and the text is read with prometheus_client's own parser.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import time
+import urllib.error
+import urllib.request
+from typing import Any
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from support.tclrun import Mta, TclRun, ok, tclrun_factory
+
+tclrun = pytest.fixture(tclrun_factory, name="tclrun")
+
+SCRIPT = r"""
+package require TclMilter 1.0
+milter configure -calltimeout 0.5
+proc ef {ctx list} {
+    switch -glob -- [lindex $list 0] {
+        *spam@*  { $ctx setreply 550 5.7.1 "spam from [pid]"; return SMFIS_REJECT }
+        *bug@*   { error "no such table" }
+        *slow@*  { while 1 {} }
+    }
+    return SMFIS_CONTINUE
+}
+proc eom {ctx} { $ctx addheader X-Checked [pid]; return SMFIS_CONTINUE }
+milter register envfrom ef
+milter register eom eom
+milter main
+"""
+
+HOOKS = """
+def setup(milter):
+    milter.register("helo", lambda ctx, name: "continue")
+"""
+
+METRICS = re.compile(r"metrics at (http://127\.0\.0\.1:\d+/metrics)")
+
+
+def scrape(url: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """Every sample of the endpoint: (name, sorted labels) -> value."""
+    with urllib.request.urlopen(url, timeout=10) as r:
+        assert r.status == 200
+        assert r.headers["Content-Type"].startswith("text/plain")
+        text = r.read().decode()
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in text_string_to_metric_families(text) for s in family.samples}
+
+
+def value(samples: dict[Any, float], name: str, **labels: str) -> float:
+    return samples.get((name, tuple(sorted(labels.items()))), 0.0)
+
+
+def message(mta: Mta, sender: str) -> tuple[str, Any]:
+    """One message from ``sender``: how its envelope sender was answered, and at the end of
+    message what came back (or None when the sender was refused)."""
+    mta.negotiate()
+    assert ok(mta.connect()) and ok(mta.helo())
+    reply = mta.mail(sender)
+    if not ok(reply):
+        return reply[0], None
+    assert ok(mta.rcpt("<rcpt@example.com>")) and ok(mta.data()) and ok(mta.eoh())
+    return "c", mta.eom()
+
+
+def session(m: TclRun, sender: str) -> tuple[str, Any]:
+    """:func:`message` on a connection of its own, ended as an MTA ends it (QUIT)."""
+    with m.mta() as mta:
+        result = message(mta, sender)
+        mta.quit()
+        assert mta.eof()
+        return result
+
+
+def worker_pid(eom: list[tuple[str, bytes]]) -> int:
+    """The pid in the script's X-Checked header."""
+    assert eom[0][0] == "h" and eom[0][1].startswith(b"X-Checked\0"), eom
+    return int(eom[0][1].split(b"\0")[1])
+
+
+def protocol_error(m: TclRun) -> None:
+    with m.mta() as mta:
+        mta.negotiate()
+        mta.sock.sendall(b"\0\0\0\0H")  # a packet of length 0 (and a byte after it)
+        assert mta.eof()
+
+
+def wait_value(url: str, name: str, want: float, **labels: str) -> dict[Any, float]:
+    """Scrape until a value is reached: a connection's end is counted just after the MTA's last read."""
+    deadline = time.monotonic() + 10
+    while True:
+        samples = scrape(url)
+        if value(samples, name, **labels) == want or time.monotonic() > deadline:
+            return samples
+        time.sleep(0.05)
+
+
+def test_metrics_count_verdicts_callbacks_errors_and_connections(tclrun) -> None:
+    m = tclrun(SCRIPT, "--metrics", "inet:0@127.0.0.1", python=[HOOKS])
+    url = m.wait_for(METRICS, since=0).group(1)
+
+    assert session(m, "<spam@example.org>")[0] == "y"  # the script's reply code
+    eom = session(m, "<good@example.org>")[1]
+    assert eom[-1] == ("c", b"") and worker_pid(eom) == m.child.pid
+    assert session(m, "<bug@example.org>")[0] == "t"  # a Tcl error: -onerror's default, tempfail
+    assert session(m, "<slow@example.org>")[0] == "t"  # stopped by -calltimeout
+    protocol_error(m)
+
+    s = wait_value(url, "pytclmilter_connections_open", 0)
+    assert value(s, "pytclmilter_connections_total") == 5
+    assert value(s, "pytclmilter_connections_open") == 0
+    assert value(s, "pytclmilter_connections_closed_total", reason="quit") == 4
+    assert value(s, "pytclmilter_connections_closed_total", reason="protocol error") == 1
+    assert value(s, "pytclmilter_protocol_errors_total") == 1
+    verdicts = {(dict(k[1])["verdict"], dict(k[1])["stage"], dict(k[1])["dry_run"]): v
+                for k, v in s.items() if k[0] == "pytclmilter_verdicts_total"}
+    assert verdicts == {("reject", "envfrom", "false"): 1, ("accept", "eom", "false"): 1,
+                        ("tempfail", "envfrom", "false"): 2}, verdicts
+    assert value(s, "pytclmilter_modifications_total", action="addheader", dry_run="false") == 1
+    assert value(s, "pytclmilter_callback_errors_total", event="envfrom", language="tcl") == 2
+    assert value(s, "pytclmilter_callback_time_limit_overruns_total", event="envfrom", language="tcl") == 1
+    # durations: every envfrom callback (the failed ones too), the Python helo hook as python
+    assert value(s, "pytclmilter_callback_duration_seconds_count", event="envfrom", language="tcl") == 4
+    assert value(s, "pytclmilter_callback_duration_seconds_bucket", event="envfrom", language="tcl", le="+Inf") == 4
+    assert value(s, "pytclmilter_callback_duration_seconds_bucket", event="envfrom", language="tcl", le="0.25") == 3
+    assert value(s, "pytclmilter_callback_duration_seconds_sum", event="envfrom", language="tcl") >= 0.5
+    assert value(s, "pytclmilter_callback_duration_seconds_count", event="helo", language="python") == 4
+    assert value(s, "pytclmilter_callback_duration_seconds_count", event="eom", language="tcl") == 1
+    # No reload can happen yet: the fields the reload sets are exported as they stand.
+    assert value(s, "pytclmilter_reloads_total", result="ok") == 0
+    assert value(s, "pytclmilter_reloads_total", result="failed") == 0
+    assert value(s, "pytclmilter_generation") == 1
+    assert value(s, "pytclmilter_workers_alive") == 1
+
+    # Only /metrics is served; a scraper is answered by prometheus_client's exposition.
+    with pytest.raises(urllib.error.HTTPError) as err:
+        urllib.request.urlopen(url.replace("/metrics", "/"), timeout=10)
+    assert err.value.code == 404
+    assert m.stop() == 0
+    assert "verdicts: accept=1, reject=1, tempfail=2, callback errors=2" in m.text
+
+
+def test_metrics_with_two_workers_report_the_sum_and_keep_a_dead_workers_counts(tclrun) -> None:
+    m = tclrun(SCRIPT, "--workers", "2", "--metrics", "inet:0@127.0.0.1")
+    url = m.wait_for(METRICS, since=0).group(1)
+    m.wait_for("2 workers serving")
+    # Which worker accepts is the kernel's choice: send until both have answered.
+    pids: list[int] = []
+    deadline = time.monotonic() + 30
+    while len(set(pids)) < 2:
+        assert time.monotonic() < deadline, pids
+        pids.append(worker_pid(session(m, "<good@example.org>")[1]))
+    assert session(m, "<spam@example.org>")[0] == "y"
+    assert session(m, "<bug@example.org>")[0] == "t"
+    s = wait_value(url, "pytclmilter_connections_total", len(pids) + 2)
+    assert value(s, "pytclmilter_verdicts_total", verdict="accept", stage="eom", dry_run="false") == len(pids)
+    assert value(s, "pytclmilter_verdicts_total", verdict="reject", stage="envfrom", dry_run="false") == 1
+    assert value(s, "pytclmilter_verdicts_total", verdict="tempfail", stage="envfrom", dry_run="false") == 1
+    assert value(s, "pytclmilter_callback_errors_total", event="envfrom", language="tcl") == 1
+    assert value(s, "pytclmilter_connections_total") == len(pids) + 2
+    assert value(s, "pytclmilter_workers_alive") == 2
+
+    # A worker killed with a connection open: what it counted stays, its open connection does not.
+    held = m.mta()
+    victim = worker_pid(message(held, "<good@example.org>")[1])
+    s = wait_value(url, "pytclmilter_connections_open", 1)
+    assert value(s, "pytclmilter_connections_open") == 1
+    os.kill(victim, signal.SIGKILL)
+    m.wait_for(rf"worker \d \(pid {victim}\) died \(signal 9\); starting a new one")
+    held.close()
+    assert session(m, "<spam@example.org>")[0] == "y"
+    s = wait_value(url, "pytclmilter_verdicts_total", 2, verdict="reject", stage="envfrom", dry_run="false")
+    assert value(s, "pytclmilter_verdicts_total", verdict="reject", stage="envfrom", dry_run="false") == 2
+    assert value(s, "pytclmilter_verdicts_total", verdict="accept", stage="eom", dry_run="false") == len(pids) + 1
+    assert value(s, "pytclmilter_connections_total") == len(pids) + 4
+    assert value(s, "pytclmilter_connections_open") == 0
+    assert value(s, "pytclmilter_workers_alive") == 2
+    assert m.stop() == 0
