@@ -185,3 +185,36 @@ def test_metrics_with_two_workers_report_the_sum_and_keep_a_dead_workers_counts(
     assert value(s, "pytclmilter_connections_open") == 0
     assert value(s, "pytclmilter_workers_alive") == 2
     assert m.stop() == 0
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_metrics_go_on_counting_across_reloads(tclrun, tmp_path, workers: int) -> None:
+    """A failed reload and a good one are counted, the generation follows, and what both
+    generations counted adds up (with --workers, the old set's counts outlive its workers)."""
+    script = tmp_path / "filter.tcl"
+    script.write_text(SCRIPT)
+    m = tclrun(script, "--workers", str(workers), "--metrics", "inet:0@127.0.0.1")
+    url = m.wait_for(METRICS, since=0).group(1)
+    assert session(m, "<spam@example.org>")[0] == "y"
+    assert session(m, "<good@example.org>")[1][-1] == ("c", b"")
+
+    script.write_text("nosuchcommand\n" + SCRIPT)
+    m.child.kill(signal.SIGUSR1)
+    m.wait_for("reload: generation 2 not loaded")
+    script.write_text(SCRIPT.replace("milter main", "# edited\nmilter main"))
+    m.child.kill(signal.SIGUSR1)
+    m.wait_for(r"reload: generation 1 is gone \(its last session is over\); generation 2 serves")
+    assert session(m, "<spam@example.org>")[0] == "y"
+    assert session(m, "<bug@example.org>")[0] == "t"
+
+    s = wait_value(url, "pytclmilter_connections_total", 4)
+    assert value(s, "pytclmilter_reloads_total", result="ok") == 1
+    assert value(s, "pytclmilter_reloads_total", result="failed") == 1
+    assert value(s, "pytclmilter_generation") == 2
+    assert value(s, "pytclmilter_connections_total") == 4
+    assert value(s, "pytclmilter_verdicts_total", verdict="reject", stage="envfrom", dry_run="false") == 2
+    assert value(s, "pytclmilter_verdicts_total", verdict="accept", stage="eom", dry_run="false") == 1
+    assert value(s, "pytclmilter_verdicts_total", verdict="tempfail", stage="envfrom", dry_run="false") == 1
+    assert value(s, "pytclmilter_callback_errors_total", event="envfrom", language="tcl") == 1
+    assert value(s, "pytclmilter_workers_alive") == workers
+    assert m.stop() == 0

@@ -368,6 +368,8 @@ class MilterServer:
                 if sig == _RELOAD:
                     self._reload_disposition = signal.getsignal(sig)
                     loop.add_signal_handler(sig, self._on_reload)
+                    # `run` blocks it in every thread but the one that serves (commands/run.py)
+                    signal.pthread_sigmask(signal.SIG_UNBLOCK, (sig,))
                 else:
                     loop.add_signal_handler(sig, self._on_signal, sig)
                 installed.append(sig)

@@ -126,6 +126,12 @@ def cmd_run(opts: argparse.Namespace) -> int:
     raise_fd_limit()
     # A reload (SIGUSR1) before the milter serves has nothing to replace: not the end of the process.
     signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+    # Blocked before any thread exists (Tcl's notifier, the metrics server, Thread's threads), so
+    # that every thread inherits the block: a signal is delivered to a thread that does not block
+    # it, and one that came while the serving thread was busy (a reload, a worker's death) would
+    # go to such a thread, there be ignored, and be lost. Whoever waits for them unblocks them in
+    # its own thread only: the server for SIGUSR1, the --workers supervisor waits with sigwaitinfo.
+    signal.pthread_sigmask(signal.SIG_BLOCK, (signal.SIGUSR1, signal.SIGCHLD))
     overrides = {"-connection": opts.connection, "-timeout": opts.timeout, "-backlog": opts.backlog,
                  "-name": opts.name, "-onerror": opts.on_error, "-grace": opts.grace,
                  "-calltimeout": opts.call_timeout, "-workers": opts.workers, "-metrics": opts.metrics,
