@@ -14,7 +14,7 @@ import os
 import re
 from pathlib import Path
 
-from test_cli import BLACKLIST, DATA, GREYLIST, PYTCLMILTER, ROOT, STAMP, cli
+from test_cli import BLACKLIST, DATA, GREYLIST, GREYLIST_STORE, PYTCLMILTER, ROOT, STAMP, cli
 from support.tclrun import child_env
 
 import pexpect
@@ -194,8 +194,8 @@ def test_try_batch_is_one_script_instance_with_a_connection_per_message(tmp_path
     greylisting with no delay refuses a triplet the first time and lets its retry through."""
     plain = (DATA / "plain.eml").read_bytes()
     box = write_mbox(tmp_path / "archive.mbox", plain, plain)
-    env = {"GREYLIST_STATE": str(tmp_path / "greylist.db"), "GREYLIST_DELAY": "0"}
-    status, out = cli("try", str(GREYLIST), str(box), env=env)
+    env = {"GREYLIST_STORE": f"sqlite:{tmp_path / 'greylist.sqlite'}", "GREYLIST_DELAY": "0"}
+    status, out = cli("try", *GREYLIST_STORE, str(GREYLIST), str(box), env=env)
     assert output_lines(out) == [
         '#1: tempfail at envrcpt "no recipient accepted", 0 modifications, 1 recipient rejected; '
         'from <alice@example.org>, subject "Lunch on Friday?"',
