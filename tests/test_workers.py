@@ -264,3 +264,19 @@ def test_workers_whose_supervisor_was_killed_finish_their_sessions_and_exit(tmp_
         for pid in workers:  # orphans must not keep the port
             if alive(pid):
                 os.kill(pid, signal.SIGKILL)
+
+
+def test_the_workers_line_escapes_the_scripts_socket_path(tmp_path: Path) -> None:
+    """-connection is the script's text: the supervisor's "N workers serving" line escapes it,
+    as the listening line does, so that a control character in it cannot start a line of its own."""
+    script = tmp_path / "w.tcl"
+    script.write_text(SCRIPT)
+    sock = str(tmp_path / "w\x1b\nFAKE.sock")
+    child = pexpect.spawn(sys.executable, ["-m", "pytclmilter.cli", "run", str(script), "--workers", "2",
+                                           "--connection", f"unix:{sock}"], encoding="utf-8", timeout=20)
+    try:
+        child.expect(r"2 workers serving (\S+)\r?\n")
+        assert child.match.group(1) == f"unix:{tmp_path}/w\\x1b\\nFAKE.sock"
+    finally:
+        child.kill(signal.SIGTERM)
+        child.expect(pexpect.EOF)

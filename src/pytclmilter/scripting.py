@@ -107,6 +107,13 @@ class TclCommands:
             watcher(command)
         self._watchers.append(watcher)
 
+    def clear(self) -> None:
+        """Forget every command: the interpreter that ran them is gone, and what their functions
+        hold (a hooks file's database connection) must go with it, even while this milter object
+        lives on (the first generation's runs the server's loop)."""
+        self._commands.clear()
+        self._watchers.clear()
+
     def __iter__(self) -> Iterator[TclCommand]:
         return iter(list(self._commands.values()))
 

@@ -42,6 +42,7 @@ from .accept import check_fd_limit
 from .connspec import parse
 from .hooks import Hooks
 from .listener import Listener, bind
+from .logline import escape
 from .settings import Settings
 
 log = logging.getLogger("pytclmilter")
@@ -107,7 +108,7 @@ class Supervisor:
             for number in range(1, self.count + 1):
                 if not self.stopping:
                     self._spawn(number)
-            log.info("%d workers serving %s", self.count, self.listener.spec)
+            log.info("%d workers serving %s", self.count, escape(str(self.listener.spec)))  # the script's text
             while self._reap():
                 # A stop signal's handler interrupts the wait and kills the workers: SIGCHLD follows.
                 if signal.sigwaitinfo(self._waited).si_signo == signal.SIGUSR1:

@@ -178,7 +178,7 @@ class TclHost:
         self._outgoing = self._command_object("::tclmilter::py::outgoing")
         self.limit = CallLimit(self.tk.call, self._create, self.CHILD, self.milter.shared)
         self._callbacks = 0
-        self.pycommands = PythonCommands(self.tk.call, self.tk.createcommand, self.CHILD, self.limit, self.milter)
+        self.pycommands = PythonCommands(self.tk.call, self._create, self.CHILD, self.limit, self.milter)
         self.pycommands.attach(self.milter.tcl_commands)
         self.milter.script = self.pycommands
 
@@ -459,4 +459,5 @@ class TclHost:
         for name in self._commands:
             self.tk.deletecommand(name)
         self._commands.clear()
+        self.milter.tcl_commands.clear()
         self.contexts.clear()
