@@ -44,6 +44,9 @@ _HDRS: Final = int(S.HDRS)
 _BODY: Final = int(S.BODY)
 _ENDM: Final = int(S.ENDM)
 _CLOSED: Final = int(S.CLOSED)
+# The defaults every session starts from, as plain ints once (int() of a flag is a Python call).
+_DEFAULT_PROTO: Final = int(DEFAULT.protocol)
+_DEFAULT_ACTIONS: Final = int(DEFAULT.actions)
 
 # The per-packet dictionaries, derived from the command table (plain ints: IntFlag arithmetic
 # costs microseconds on the hot path).
@@ -95,11 +98,11 @@ class FilterSession:
         #: Also hand out Macro events (they are always stored in ``macros``); a driver that
         #: only looks macros up turns this off and saves a third of the per-packet work.
         self.emit_macros = emit_macros
-        self._state = int(S.INIT)
+        self._state = _INIT
         self.macros = MacroStore()
         self.negotiated: Negotiated = DEFAULT
-        self._proto = int(DEFAULT.protocol)  # the negotiated flags as plain ints, for hot checks
-        self._actions = int(DEFAULT.actions)
+        self._proto = _DEFAULT_PROTO  # the negotiated flags as plain ints, for hot checks
+        self._actions = _DEFAULT_ACTIONS
         self._reader = FrameReader(COMMAND_CODES, MAX_DATA_SIZE)
         self._queue: deque[Event] = deque()
         self._pending: Event | None = None

@@ -56,7 +56,9 @@ proc ::tclmilter::py::poll_next {args} { variable poll 1 }
 proc ::tclmilter::py::quiet {child} {
     variable poll
     foreach i [list {} $child] {
-        if {[llength [interp eval $i {after info}]] || [llength [interp eval $i {chan names}]] > 3} {
+        # [list ...] is evaluated as a pure list, without compiling: a braced literal evaluated
+        # in the two interpreters in turn would be recompiled on every tick.
+        if {[llength [interp eval $i [list after info]]] || [llength [interp eval $i [list chan names]]] > 3} {
             return 0
         }
     }
