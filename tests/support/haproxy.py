@@ -48,6 +48,7 @@ from pathlib import Path
 from typing import Any
 
 from support.postfix import LOCALHOST, HarnessError, free_port, listening, wait_until
+from support.service import PrivateService
 
 HAPROXY = "/usr/sbin/haproxy"
 REPO = Path(__file__).resolve().parents[2]
@@ -96,7 +97,7 @@ def render(template: str, bind: str, servers: Mapping[str, str]) -> str:
     return text[:start] + new + _SERVER.sub("", text[end:])
 
 
-class PrivateHAProxy:
+class PrivateHAProxy(PrivateService):
     """One HAProxy process running the shipped milter configuration on a free loopback port."""
 
     def __init__(self, servers: Mapping[str, str], *, template: Path = TEMPLATE,
@@ -194,16 +195,6 @@ class PrivateHAProxy:
             if path.is_file():
                 shutil.copy2(path, dest / path.name)
         return dest
-
-    def __enter__(self) -> PrivateHAProxy:
-        try:
-            return self.start()
-        except BaseException:
-            self.close()
-            raise
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
     # ---- observation and control
 

@@ -127,6 +127,8 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
+from .service import PrivateService
+
 __all__ = [
     "HarnessError",
     "PrivatePostfix",
@@ -579,7 +581,7 @@ postlog   unix-dgram n  -       n       -       1       postlogd
 """
 
 
-class PrivatePostfix:
+class PrivatePostfix(PrivateService):
     """One private Postfix instance relaying everything to an smtp-sink.
 
     Directories are created at construction (so e.g. :meth:`socket_path` can
@@ -934,16 +936,6 @@ class PrivatePostfix:
             if (self.root / name).is_file():
                 shutil.copy2(self.root / name, dest / name)
         return dest
-
-    def __enter__(self) -> PrivatePostfix:
-        try:
-            return self.start()
-        except BaseException:
-            self.close()
-            raise
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
     def __repr__(self) -> str:
         return (

@@ -49,6 +49,7 @@ from typing import Any
 from .postfix import (
     HarnessError, SendResult, SinkMessage, read_sink, smtp_send, wait_until,
 )
+from .service import PrivateService
 
 REPO = Path(__file__).resolve().parents[2]
 #: Where the packages are unpacked once (build/ is not tracked).
@@ -141,7 +142,7 @@ class _NamespacedSMTP(smtplib.SMTP):
         return netns_connect(self._netns, host, port, timeout)
 
 
-class PrivateSendmail:
+class PrivateSendmail(PrivateService):
     """One Sendmail daemon in its own namespaces, relaying everything to an smtp-sink.
 
     ``milter`` is the milter's socket as Sendmail writes it (``unix:/path`` or
@@ -304,16 +305,6 @@ class PrivateSendmail:
         finally:
             if not self.keep:
                 shutil.rmtree(self.root, ignore_errors=True)
-
-    def __enter__(self) -> PrivateSendmail:
-        try:
-            return self.start()
-        except BaseException:
-            self.close()
-            raise
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
     # ---- SMTP and results --------------------------------------------------
 
