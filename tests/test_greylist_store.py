@@ -371,3 +371,12 @@ def _connection(greydb: Callable[..., Any]) -> sqlite3.Connection:
     db = greylist.store._db
     assert isinstance(db, sqlite3.Connection)
     return db
+
+
+def test_the_outage_line_escapes_the_store_spec(tclrun: Callable[..., TclRun], tmp_path: Path) -> None:
+    """The spec comes from the script's arguments: a line feed in it stays inside the one line."""
+    m = greylist(tclrun, f"sqlite:{tmp_path}/no\nsuch/greylist.sqlite")
+    assert unavailable(rcpt_reply(m, 1))
+    line = m.wait_for(r"WARNING: greylist store (.*) unavailable \((.*)\): answering tempfail")
+    assert line.group(1) == f"sqlite:{tmp_path}/no\\nsuch/greylist.sqlite", line.group(0)
+    assert m.alive() and m.stop() == 0

@@ -51,6 +51,8 @@ import time
 import weakref
 from typing import Any, Iterable, Iterator, NamedTuple, Protocol
 
+from pytclmilter.logline import escape
+
 log = logging.getLogger("pytclmilter.greylist")
 
 DEFAULT_STORE = "sqlite:/var/lib/greylist/greylist.sqlite"
@@ -391,13 +393,14 @@ class Greylist:
             self._next_try = now + self.settings.retry
             if self.down_since is None:
                 self.down_since, self.answered = now, 0
+                # the spec comes from the script's arguments, the reason may quote what the store sent
                 log.warning("greylist store %s unavailable (%s): answering %s, trying again every %g s",
-                            self.store.where, _reason(exc), self._answer(), self.settings.retry)
+                            escape(self.store.where), escape(_reason(exc)), self._answer(), self.settings.retry)
             self.store.close()  # a fresh connection at the next try
             return None
         if self.down_since is not None:
             log.warning("greylist store %s is back after %.1f s; %d recipients were answered %s meanwhile",
-                        self.store.where, now - self.down_since, self.answered, self._answer())
+                        escape(self.store.where), now - self.down_since, self.answered, self._answer())
             self.down_since = None
         return result
 
