@@ -52,6 +52,7 @@ import weakref
 from typing import Any, Iterable, Iterator, NamedTuple, Protocol
 
 from pytclmilter.logline import escape
+from pytclmilter.safepath import lstat_at, open_dir
 
 log = logging.getLogger("pytclmilter.greylist")
 
@@ -250,17 +251,19 @@ def _refuse_unsafe_as_root(path: str) -> None:
     """
     if os.geteuid() != 0:
         return
-    directory = os.path.dirname(os.path.abspath(path))
-    st = os.stat(directory)
-    if st.st_uid != 0 or st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
-        raise StoreError(f"refusing to open it as root in {directory}, which others may write "
-                         "(run with --user, or give root the directory)")
-    for name in (path, path + "-wal", path + "-shm", path + "-journal"):
-        try:
-            if stat.S_ISLNK(os.lstat(name).st_mode):
-                raise StoreError(f"refusing to open it as root through the symbolic link {name}")
-        except FileNotFoundError:
-            pass
+    dirfd, name = open_dir(os.path.abspath(path))  # the project's root-time helpers (safepath)
+    try:
+        st = os.fstat(dirfd)
+        if st.st_uid != 0 or st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+            raise StoreError(f"refusing to open it as root in {os.path.dirname(os.path.abspath(path))}, "
+                             "which others may write (run with --user, or give root the directory)")
+        for entry in (name, name + "-wal", name + "-shm", name + "-journal"):
+            found = lstat_at(dirfd, entry)
+            if found is not None and stat.S_ISLNK(found.st_mode):
+                raise StoreError(f"refusing to open it as root through the symbolic link "
+                                 f"{os.path.join(os.path.dirname(path), entry)}")
+    finally:
+        os.close(dirfd)
 
 
 # The sighting, in Redis: one script runs atomically, so two hosts recording the same new triplet
