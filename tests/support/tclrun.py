@@ -36,9 +36,11 @@ This module does not import pytest; register the factory in a test module::
 
 from __future__ import annotations
 
+import codecs
 import importlib.util
 import os
 import re
+import select
 import signal
 import socket
 import struct
@@ -116,12 +118,14 @@ class TclRun:
         self._lock = threading.Lock()
         self._cursor = 0
         self._eof = threading.Event()
+        self._stop = threading.Event()  # wait_exit: stop draining (a grandchild may hold the pty open)
         self.status: int | None = None
         full_env = child_env(env)
         self.child = pexpect.spawn(
             self.argv[0], self.argv[1:], env=full_env, cwd=cwd, encoding="utf-8",
             codec_errors="replace", timeout=None, echo=False, preexec_fn=preexec_fn,
         )
+        self._fd = os.dup(self.child.child_fd)  # the reader's own: close() cannot give its number to another file
         self._reader = threading.Thread(target=self._read, name=f"tclrun-{self.child.pid}", daemon=True)
         self._reader.start()
         self.name: str | None = None
@@ -131,22 +135,42 @@ class TclRun:
     # -- output
 
     def _read(self) -> None:
-        while True:
-            try:
-                data = self.child.read_nonblocking(65536, timeout=0.2)
-            except pexpect.TIMEOUT:
-                continue
-            except (pexpect.EOF, OSError, ValueError):
-                break
+        """Drain the pty until every holder closed it (EIO) or its descriptor went away.
+
+        The bytes are read here with os.read, not with pexpect's read_nonblocking: that one calls
+        isalive() (a waitpid) when the pty is quiet, and wait_exit() calls it in the main thread,
+        so the two raced for the child's status and the loser raised PtyProcessError in this thread.
+        Now only the main thread asks for the status.
+        """
+        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        fd = self._fd
+        try:
+            while not self._stop.is_set():
+                try:
+                    ready, _, _ = select.select([fd], [], [], 0.2)
+                    if not ready:
+                        continue
+                    data = os.read(fd, 65536)
+                except (OSError, ValueError):  # EIO: the pty's last holder closed it; EBADF: close()
+                    break
+                if not data:
+                    break
+                text = decoder.decode(data)
+                with self._lock:
+                    self._buf.append(text)
+        finally:
+            os.close(fd)
             with self._lock:
-                self._buf.append(data)
-        self._eof.set()
+                self._buf.append(decoder.decode(b"", final=True))
+            self._eof.set()
 
     @property
     def output(self) -> str:
         """Everything the process wrote so far (stdout and stderr, pty line ends)."""
         with self._lock:
-            return "".join(self._buf)
+            if len(self._buf) > 1:  # joined once, not on every poll of wait_for
+                self._buf[:] = ["".join(self._buf)]
+            return self._buf[0] if self._buf else ""
 
     @property
     def text(self) -> str:
@@ -206,6 +230,7 @@ class TclRun:
                 raise AssertionError(f"process did not exit within {timeout}s; output:\n{self.output}")
             time.sleep(0.02)
         self._eof.wait(5)
+        self._stop.set()
         self._reader.join(5)
         st = self.child.exitstatus
         self.status = st if st is not None else -(self.child.signalstatus or 0)
