@@ -262,3 +262,50 @@ def test_a_replaced_interpreter_is_freed_without_running_the_code_after_milter_m
     finally:
         gc.unfreeze()
     assert not marker.exists()
+
+
+ALIVE_HOOKS = """
+import sys
+import weakref
+
+def setup(milter):
+    # every generation's milter, across reloads (each reload loads this file afresh)
+    refs = sys.__dict__.setdefault("_test_reload_milters", [])
+    refs.append(weakref.ref(milter))
+
+    @milter.tcl_command("alive")
+    def alive():
+        return " ".join(str(n) for n, ref in enumerate(refs, 1) if ref() is not None)
+"""
+
+ALIVE_SCRIPT = r"""
+package require TclMilter 1.0
+proc eom {ctx} { $ctx addheader X-Alive [alive]; return SMFIS_CONTINUE }
+milter register eom eom
+milter main
+"""
+
+
+def test_a_replaced_generation_is_freed_when_it_is_gone(tclrun, tmp_path: Path) -> None:
+    """Served, a generation that is gone is freed within 2 s, not kept until the next reload: its
+    retirement's last frames (and its last connection's transport) held it when the collection
+    ran, and gc.freeze kept what survived. Generation 1's milter lives on, closed: its serve()
+    runs the server."""
+    script = tmp_path / "alive.tcl"
+    script.write_text(ALIVE_SCRIPT)
+    run = tclrun(script, python=[ALIVE_HOOKS])
+
+    def alive() -> list[tuple[str, bytes]]:
+        with run.mta() as mta:
+            mta.negotiate()
+            return [p for p in mta.message()["eom"] if p[0] == "h"]
+
+    assert alive() == [("h", b"X-Alive\x001\x00")]
+    for generation in (2, 3, 4):
+        run.child.kill(signal.SIGUSR1)
+        run.wait_for(rf"generation {generation - 1} is gone \(its last session is over\); generation {generation} serves")
+        deadline = time.monotonic() + 3
+        while (seen := alive()) != [("h", f"X-Alive\x001 {generation}\x00".encode())] and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert seen == [("h", f"X-Alive\x001 {generation}\x00".encode())]  # the one before: freed
+    assert run.stop() == 0

@@ -11,10 +11,13 @@ is logged as ``pytclmilter check`` reports it. The process may have dropped its 
 
 from __future__ import annotations
 
+import asyncio
+
 import gc
 import logging
 import tkinter
 import traceback
+import weakref
 from typing import Callable
 
 from ..logline import escape, escape_lines
@@ -101,7 +104,7 @@ class Generations:
 
     def _gone(self, old: TclHost, number: int) -> None:
         old.close()
-        _collect()
+        _collect_until_freed(old)
         log.info("reload: generation %d is gone (its last session is over); generation %d serves",
                  number, self.current.milter.generation)
 
@@ -114,6 +117,31 @@ def _check_replaceable(current: TclHost) -> None:
     if threads:
         raise ReloadError(f"the serving script runs {threads} other thread(s), which would outlive its "
                           "interpreter; restart instead")
+
+
+_FREE_TRIES = 20  # 2 s: the last connection's transport is long closed by then
+
+
+def _collect_until_freed(old: TclHost) -> None:
+    """_collect() until ``old`` is freed, from the loop's next turn on (a few tries, 0.1 s apart).
+
+    A generation is gone from the last frames of its retirement, which still hold it, and the
+    transport of its last connection may still hold that connection's engine for a turn or two;
+    a collection then finds the host alive and gc.freeze keeps it, interpreter and Python
+    commands, until the next reload."""
+    ref = weakref.ref(old)
+    try:
+        loop = asyncio.get_running_loop()
+    except RuntimeError:  # not serving: nothing of a retirement holds it
+        _collect()
+        return
+
+    def attempt(tries: int) -> None:
+        _collect()
+        if ref() is not None and tries > 1:
+            loop.call_later(0.1, attempt, tries - 1)
+
+    loop.call_soon(attempt, _FREE_TRIES)
 
 
 def _collect() -> None:
