@@ -340,8 +340,12 @@ class TclHost:
 
         def run_body(ctx: Context, block: bytes) -> Any:
             try:
-                if block.isascii() and b"\0" not in block:
-                    result = call(alias, ctx.host_data, block.decode("ascii"))
+                text = block.decode("ascii")  # checks while it copies: no isascii() pass before it
+            except UnicodeDecodeError:
+                text = None
+            try:
+                if text is not None and "\0" not in text:
+                    result = call(alias, ctx.host_data, text)
                 else:
                     result = call(alias_8bit, ctx.host_data, wire_to_tcl(block))
             except tcl_error as exc:
