@@ -129,7 +129,7 @@ def _collect_until_freed(old: TclHost) -> None:
     transport of its last connection may still hold that connection's engine for a turn or two;
     a collection then finds the host alive and gc.freeze keeps it, interpreter and Python
     commands, until the next reload."""
-    ref = weakref.ref(old)
+    ref = weakref.ref(old.tcl)  # (a TclHost, compiled, takes no weak reference; its Tcl object does)
     try:
         loop = asyncio.get_running_loop()
     except RuntimeError:  # not serving: nothing of a retirement holds it
