@@ -87,7 +87,7 @@ def test_8bit_body_is_byte_exact_across_chunks(tclrun):
     assert eom[-1] == ("c", b"")
 
 
-@pytest.mark.parametrize("case", ["c0-80", "cesu-pair", "c0-80-split-by-chunking", "random"])
+@pytest.mark.parametrize("case", ["c0-80", "cesu-pair", "c0-80-split-by-chunking", "random", "ascii-with-nul"])
 def test_body_bytes_tcl_would_misread_are_byte_exact(tclrun, case):
     """Invalid UTF-8 that happens to be Tcl's own internal encoding must not be decoded.
 
@@ -105,6 +105,8 @@ def test_body_bytes_tcl_would_misread_are_byte_exact(tclrun, case):
         body = b"before \xed\xa0\xbd\xed\xb8\x80 after\r\n"
     elif case == "c0-80-split-by-chunking":
         body = b"x" * (CHUNK - 1) + b"\xc0" + b"\x80" + b"y\r\n"
+    elif case == "ascii-with-nul":  # ASCII but for its NULs, which Tcl keeps as C0 80
+        body = b"plain text\0with NULs\0\r\n" * 100
     else:
         body = random.Random(4).randbytes(3 * CHUNK + 1000)
     m = tclrun(ECHO_BODY)
