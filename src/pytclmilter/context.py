@@ -127,6 +127,13 @@ class ScriptCalls(Protocol):
 NO_SCRIPT: Final = "no Tcl script runs with this milter (ctx.tcl and milter.tcl need pytclmilter run, try or check)"
 
 
+def hosted(script: ScriptCalls | None) -> ScriptCalls:
+    """The script ctx.tcl and milter.tcl call into; RuntimeError where none is hosted."""
+    if script is None:
+        raise RuntimeError(NO_SCRIPT)
+    return script
+
+
 def check_header(name: str, value: str) -> str:
     """Validate a header; returns the value with folding normalised to bare LF."""
     if not _HEADER_NAME.match(name):
@@ -311,15 +318,11 @@ class Context:
         """Run a command of the Tcl script (``ctx.tcl("is_blacklisted", addr)``) and return its
         result as text; a Tcl error raises :class:`~pytclmilter.scripting.TclError`. A context
         among the words is passed as the script's context command."""
-        if self.script is None:
-            raise RuntimeError(NO_SCRIPT)
-        return self.script.call(words)
+        return hosted(self.script).call(words)
 
     def tcl_list(self, *words: Any) -> list[str]:
         """:meth:`tcl`, its result split as a Tcl list."""
-        if self.script is None:
-            raise RuntimeError(NO_SCRIPT)
-        return self.script.call_list(words)
+        return hosted(self.script).call_list(words)
 
     def setreply(self, rcode: str, xcode: str | None = None, message: str | None = None) -> None:
         self.reply_text = build_reply(rcode, xcode, message)

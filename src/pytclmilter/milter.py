@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any, Callable, Generic, Iterator, TypeVar, ove
 
 from .callbacks import EVENTS, Callback, Registry
 from .connspec import ConnSpec, parse
-from .context import NO_SCRIPT, ScriptCalls
+from .context import ScriptCalls, hosted
 from .engine import Shared, Stats
 from .hooks import Hooks
 from .logline import escape
@@ -197,15 +197,11 @@ class Milter:
     def tcl(self, *words: Any) -> str:
         """Run a command of the hosted Tcl script and return its result as text, as
         :meth:`Context.tcl` does, for code outside a connection (a Python command, a timer)."""
-        if self.script is None:
-            raise RuntimeError(NO_SCRIPT)
-        return self.script.call(words)
+        return hosted(self.script).call(words)
 
     def tcl_list(self, *words: Any) -> list[str]:
         """:meth:`tcl`, its result split as a Tcl list."""
-        if self.script is None:
-            raise RuntimeError(NO_SCRIPT)
-        return self.script.call_list(words)
+        return hosted(self.script).call_list(words)
 
     # ------------------------------------------------------------ running
 
