@@ -43,7 +43,7 @@ milter main
 
 
 def instance(tclrun: Callable[..., TclRun], name: str, port: int = 0) -> TclRun:
-    return tclrun(FLEET_TCL, "--connection", f"inet:{port}@127.0.0.1", args=[name], name=f"{name}.tcl")
+    return tclrun(FLEET_TCL, connection=f"inet:{port}@127.0.0.1", args=[name], name=f"{name}.tcl")
 
 
 def identity(run: TclRun, name: str) -> str:

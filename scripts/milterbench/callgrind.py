@@ -22,7 +22,7 @@ from pathlib import Path
 
 from milterbench import BUILD, ROOT, say
 from milterbench.build import loadgen_path
-from milterbench.rigs import TCL_SCRIPT, make_filters
+from milterbench.rigs import make_filters
 
 # (what, the function whose inclusive count it is, or several: "a|b", their sum); indented parts
 # are within the part above. PyGen_am_send is the connect task's coroutine while accept.py runs
@@ -75,9 +75,7 @@ def cmd_callgrind(opts: argparse.Namespace) -> int:
     for old in out_dir.glob("tcl.callgrind*"):
         old.unlink()
     spec = f"inet:{flt.port}@127.0.0.1"
-    cmd = ["valgrind", "--tool=callgrind", f"--callgrind-out-file={base}", flt.cmd[0], "-m", "pytclmilter.cli",
-           "run", str(TCL_SCRIPT), "--connection", spec, "--log-level", opts.log_level]
-    flt.cmd = cmd
+    flt.cmd = ["valgrind", "--tool=callgrind", f"--callgrind-out-file={base}", *flt.cmd]  # rigs.py's command
     flt.env["PYTHONHASHSEED"] = "0"  # as bench_inproc.py --callgrind: dict probing the same in every run
     loadgen = str(loadgen_path())
     flt.start(timeout=1200)  # valgrind starts Python and Tcl slowly, slower still on a busy machine

@@ -94,19 +94,17 @@ def render(template: str, bind: str, servers: Mapping[str, str]) -> str:
     indent, options = lines[0].group(1), lines[0].group(2)
     new = "".join(f"{indent}server {name} {addr}{options}\n" for name, addr in servers.items())
     start, end = lines[0].start(), lines[-1].end()
-    return text[:start] + new + _SERVER.sub("", text[end:])
+    return text[:start] + new + text[end:]
 
 
 class PrivateHAProxy(PrivateService):
     """One HAProxy process running the shipped milter configuration on a free loopback port."""
 
-    def __init__(self, servers: Mapping[str, str], *, template: Path = TEMPLATE,
-                 base_dir: str | os.PathLike[str] | None = None) -> None:
+    def __init__(self, servers: Mapping[str, str]) -> None:
         """``servers``: name -> HOST:PORT of each milter instance."""
         ensure_haproxy_installed()
         self.servers = dict(servers)
-        self.template = template
-        self.root = Path(tempfile.mkdtemp(prefix="hap", dir=base_dir))
+        self.root = Path(tempfile.mkdtemp(prefix="hap"))
         self.port = 0
         self.proc: subprocess.Popen[bytes] | None = None
 
@@ -137,7 +135,7 @@ class PrivateHAProxy(PrivateService):
             f"    stats socket {self.admin_socket} mode 600 level admin\n"
             "    log stdout format raw local0\n\n"
         )
-        return head + render(self.template.read_text(), f"{LOCALHOST}:{self.port}", self.servers)
+        return head + render(TEMPLATE.read_text(), f"{LOCALHOST}:{self.port}", self.servers)
 
     # ---- lifecycle
 
@@ -157,7 +155,7 @@ class PrivateHAProxy(PrivateService):
             try:
                 wait_until(self._up, 10, message=lambda: f"haproxy did not start:\n{self.log_text()}")
                 return self
-            except HarnessError as exc:
+            except (HarnessError, TimeoutError) as exc:  # (wait_until times out with TimeoutError)
                 last = str(exc)
                 self.stop()
                 if "cannot bind" not in last:
@@ -243,17 +241,17 @@ class PrivateHAProxy(PrivateService):
 
 
 def haproxy_factory(tmp_path_factory: Any) -> Iterator[Callable[..., PrivateHAProxy]]:
-    """Generator fixture body: ``make(servers, start=True) -> PrivateHAProxy``.
+    """Generator fixture body: ``make(servers) -> PrivateHAProxy``, started.
 
     At teardown every instance is stopped, its config and log copied to a pytest tmp dir
     (printed in the failure's captured output) and its directory removed.
     """
     instances: list[PrivateHAProxy] = []
 
-    def make(servers: Mapping[str, str], *, start: bool = True, **kwargs: Any) -> PrivateHAProxy:
-        hap = PrivateHAProxy(servers, **kwargs)
+    def make(servers: Mapping[str, str]) -> PrivateHAProxy:
+        hap = PrivateHAProxy(servers)
         instances.append(hap)
-        return hap.start() if start else hap
+        return hap.start()
 
     try:
         yield make
