@@ -57,6 +57,14 @@ def scrape(url: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
 
 
 def value(samples: dict[Any, float], name: str, **labels: str) -> float:
+    """The sample's value; AssertionError if the endpoint does not export it."""
+    key = (name, tuple(sorted(labels.items())))
+    assert key in samples, f"{name}{labels} not exported"
+    return samples[key]
+
+
+def value_or_zero(samples: dict[Any, float], name: str, **labels: str) -> float:
+    """The sample's value, 0 where it is not exported (a label set that was never counted)."""
     return samples.get((name, tuple(sorted(labels.items()))), 0.0)
 
 
@@ -99,7 +107,7 @@ def wait_value(url: str, name: str, want: float, **labels: str) -> dict[Any, flo
     deadline = time.monotonic() + 10
     while True:
         samples = scrape(url)
-        if value(samples, name, **labels) == want or time.monotonic() > deadline:
+        if samples.get((name, tuple(sorted(labels.items())))) == want or time.monotonic() > deadline:
             return samples
         time.sleep(0.05)
 
