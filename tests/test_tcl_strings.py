@@ -12,8 +12,8 @@ from hypothesis import strategies as st
 
 from pytclmilter.compiled import compiled_modules
 from pytclmilter.protocol.codec import text, wire
-from pytclmilter.tcl.strings import (from_tcl, tcl_to_wire, tcl_to_wire_python, to_tcl, wire_to_tcl,
-                                     wire_to_tcl_python)
+from pytclmilter.tcl.strings import (ascii_text_python, from_tcl, tcl_to_wire, tcl_to_wire_python, to_tcl,
+                                     wire_to_tcl, wire_to_tcl_python)
 
 TK = tkinter.Tcl().tk
 TK.eval(
@@ -122,6 +122,17 @@ def test_the_c_conversions_give_the_python_ones_bytes(data: bytes, head: int, ta
     assert c.wire_to_tcl(data) == wire_to_tcl_python(data) == to_tcl(text(data)).encode("utf-8", "surrogateescape")
     assert c.tcl_to_wire(data) == tcl_to_wire_python(data)
     assert c.tcl_to_wire(c.wire_to_tcl(data)) == data
+    assert c.ascii_text(data) == ascii_text_python(data)
+
+
+def test_ascii_text_takes_ascii_without_nul_only() -> None:
+    c = native()
+    for n in range(0, 20):
+        plain = bytes(0x20 + (i * 7) % 0x5F for i in range(n))  # ASCII without NUL, every length up to 19
+        assert c.ascii_text(plain) == ascii_text_python(plain) == plain.decode("ascii")
+        for i in range(n):  # one other byte at each position: the 8-byte and the byte-wise parts
+            for other in (b"\0", b"\x80", b"\xff"):
+                assert c.ascii_text(plain[:i] + other + plain[i + 1:]) is None
 
 
 def test_the_c_conversions_of_long_values() -> None:

@@ -30,7 +30,7 @@ from .limit import CallLimit
 from .milter_cmd import MilterCommand, SuspendAtMain
 from .priv import TclPrivate
 from .pycommands import PythonCommands
-from .strings import deep_to_tcl, from_tcl, tcl_to_wire, to_tcl, wire_to_tcl
+from .strings import ascii_text, deep_to_tcl, from_tcl, tcl_to_wire, to_tcl, wire_to_tcl
 from .usage import TclUsageError, integer
 
 log: Final = logging.getLogger("pytclmilter")
@@ -339,12 +339,9 @@ class TclHost:
         tcl_error = tkinter.TclError
 
         def run_body(ctx: Context, block: bytes) -> Any:
+            text = ascii_text(block)  # one pass over a block the cache no longer holds
             try:
-                text = block.decode("ascii")  # checks while it copies: no isascii() pass before it
-            except UnicodeDecodeError:
-                text = None
-            try:
-                if text is not None and "\0" not in text:
+                if text is not None:
                     result = call(alias, ctx.host_data, text)
                 else:
                     result = call(alias_8bit, ctx.host_data, wire_to_tcl(block))

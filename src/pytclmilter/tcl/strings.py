@@ -172,16 +172,21 @@ def _join_pair(m: re.Match[str]) -> str:
     return chr(0x10000 + ((high - 0xD800) << 10) + (low - 0xDC00))
 
 
-def _native() -> tuple[Callable[[bytes], bytes], Callable[[bytes], bytes]]:
+def ascii_text_python(data: bytes) -> str | None:
+    """The text of bytes that are ASCII without NUL (Tcl takes it as it is); None for others."""
+    return data.decode("ascii") if data.isascii() and b"\0" not in data else None
+
+
+def _native() -> tuple[Callable[[bytes], bytes], Callable[[bytes], bytes], Callable[[bytes], str | None]]:
     """The C functions of ``_tclbytes`` where they are built, else the Python ones."""
     try:
         from . import _tclbytes
     except ImportError:  # an editable or PYTCLMILTER_PURE=1 install, or no C compiler
-        return wire_to_tcl_python, tcl_to_wire_python
-    return _tclbytes.wire_to_tcl, _tclbytes.tcl_to_wire
+        return wire_to_tcl_python, tcl_to_wire_python, ascii_text_python
+    return _tclbytes.wire_to_tcl, _tclbytes.tcl_to_wire, _tclbytes.ascii_text
 
 
-wire_to_tcl, tcl_to_wire = _native()
+wire_to_tcl, tcl_to_wire, ascii_text = _native()
 
 
 def deep_to_tcl(value: Any) -> Any:
