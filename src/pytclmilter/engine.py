@@ -182,14 +182,13 @@ class Shared:
 
     __slots__ = ("settings", "registry", "hooks", "stats", "generation", "meter")
 
-    def __init__(self, settings: Settings, registry: Registry, hooks: Hooks, stats: Stats,
-                 meter: Meter | None = None) -> None:
+    def __init__(self, settings: Settings, registry: Registry, hooks: Hooks, stats: Stats) -> None:
         self.settings = settings
         self.registry = registry
         self.hooks = hooks
         self.stats = stats
         self.generation = 1
-        self.meter = meter
+        self.meter: Meter | None = None
 
 
 class CallbackError(Exception):
@@ -496,8 +495,7 @@ class ConnectionEngine:
         callback that comes back after its limit, from code the limit cannot interrupt, is
         logged with its time. Without one the clock is not read at all.
         """
-        meter = self.meter
-        started = _monotonic() if limit or meter is not None else 0.0
+        started = _monotonic() if limit or self.meter is not None else 0.0
         limiter = cb.limit
         held = limiter.begin(limit, started)
         late = False
@@ -512,19 +510,16 @@ class ConnectionEngine:
             status = self._callback_failed(name, cb, exc)
             if limit:
                 self._check_time(name, cb, started, limit, _LATE_STOP)
-            if meter is not None:
-                meter.callback(name, cb.origin, _monotonic() - started)
+            self._timed(name, cb, started)
             return status
         if late or (limit and not held):  # a sync Python callback off the main thread is timed here
             self._check_time(name, cb, started, limit, 0.0)
         if isinstance(result, Status):  # Tcl callbacks and well-behaved Python ones: no parsing
-            if meter is not None:
-                meter.callback(name, cb.origin, _monotonic() - started)
+            self._timed(name, cb, started)
             return result
         if type(result) not in _PLAIN and inspect.isawaitable(result):
             return self._awaited(name, cb, result, limit, started, ignore)  # timed when it completes
-        if meter is not None:
-            meter.callback(name, cb.origin, _monotonic() - started)
+        self._timed(name, cb, started)
         return Status.CONTINUE if ignore else self._status(name, cb, result)
 
     async def _awaited(self, name: str, cb: Callback, awaitable: Awaitable[Any], limit: float, started: float,
@@ -550,6 +545,7 @@ class ConnectionEngine:
         return Status.CONTINUE if ignore else self._status(name, cb, result)
 
     def _timed(self, name: str, cb: Callback, started: float) -> None:
+        """Count a callback's time for --metrics (without metrics the clock was not read)."""
         if self.meter is not None:
             self.meter.callback(name, cb.origin, _monotonic() - started)
 

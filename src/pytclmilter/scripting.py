@@ -116,9 +116,3 @@ class TclCommands:
 
     def __iter__(self) -> Iterator[TclCommand]:
         return iter(list(self._commands.values()))
-
-    def __len__(self) -> int:
-        return len(self._commands)
-
-    def __contains__(self, name: object) -> bool:
-        return name in self._commands

@@ -50,21 +50,21 @@ _non_negative = _at_least(0, integer, "non-negative integer")
 _seconds = _at_least(0, number, "non-negative number")
 
 
-def _connection(value: str) -> str:
-    try:
-        parse(value)
-    except ConnSpecError as exc:
-        raise TclUsageError(str(exc)) from None
-    return value
+def _spec(check: Callable[[str], object], empty_ok: bool = False) -> Callable[[str], str]:
+    """A parser of a socket option's value: ``check`` (connspec) refuses it in Tcl's words."""
+    def parse_value(value: str) -> str:
+        if value or not empty_ok:
+            try:
+                check(value)
+            except ConnSpecError as exc:
+                raise TclUsageError(str(exc)) from None
+        return value
+
+    return parse_value
 
 
-def _metrics(value: str) -> str:
-    if value:
-        try:
-            parse_metrics(value)
-        except ConnSpecError as exc:
-            raise TclUsageError(str(exc)) from None
-    return value
+_connection = _spec(parse)
+_metrics = _spec(parse_metrics, empty_ok=True)  # "" serves no metrics
 
 
 def _boolean(value: str) -> bool:

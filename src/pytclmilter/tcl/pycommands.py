@@ -29,7 +29,6 @@ time that callback has left (Tcl's own limit, set for it), or a callback's full 
 from __future__ import annotations
 
 import itertools
-import logging
 import threading
 import time
 import tkinter
@@ -46,9 +45,7 @@ from ..status import Status
 from .limit import CallLimit
 from .priv import identity_text
 from .strings import from_tcl, to_tcl
-from .usage import count_ok
-
-log: Final = logging.getLogger("pytclmilter")
+from .usage import count_ok, wrong_args
 
 _WRAPPER: Final = "::tclmilter::pycommand"
 _CALL: Final = "::tclmilter::call"
@@ -147,7 +144,7 @@ class PythonCommands:
 
         def run(*args: str) -> tuple[Any, ...]:
             if not count_ok(len(args), low, high):
-                message = to_tcl(f'wrong # args: should be "{usage}"')
+                message = to_tcl(str(wrong_args(usage)))
                 return ("error", message, ("TCL", "WRONGARGS"), message)
             self._depth += 1
             try:
