@@ -85,3 +85,31 @@ def test_dryrun_is_a_milter_configure_option(tclrun) -> None:
         assert ok(mta.connect()) and ok(mta.helo()) and ok(mta.mail("<spam@example.org>"))
     m.wait_for(r"conn#1: verdict would reject at envfrom ")
     assert m.stop() == 0
+
+
+# What a script may write for a boolean option: Tcl's own words, and Tcl's refusals
+BOOLEAN_FORMS = ["0", "1", "t", "TR", "true", "f", "Fals", "y", "Ye", "n", "NO", "on", "of", "OFF",
+                 "o", "", "00", "2", "-1", " 1", "1 ", "yess", "0x1", "1.0", "maybe"]
+
+
+def test_dryrun_takes_the_booleans_tcl_takes():
+    """`milter configure -dryrun` parses as Tcl's own option parsers do (Tcl_GetBoolean), judged
+    against this very Tcl: prefixes such as `t` or `of` are booleans, `2` or ` 1` are not."""
+    import tkinter
+
+    from pytclmilter.tcl.interp import TclHost
+
+    tk = tkinter.Tcl().tk
+    host = TclHost()
+    host.child_call("package", "require", "TclMilter")
+    for form in BOOLEAN_FORMS:
+        try:
+            expected: object = "1" if tk.getboolean(form) else "0"
+        except tkinter.TclError as exc:
+            expected = str(exc)
+        try:
+            host.child_call("milter", "configure", "-dryrun", form)
+            got: object = host.child_call("milter", "configure", "-dryrun")
+        except tkinter.TclError as exc:
+            got = str(exc)
+        assert str(got) == expected, form

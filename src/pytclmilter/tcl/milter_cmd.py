@@ -12,7 +12,7 @@ from ..connspec import ConnSpecError, parse, parse_metrics
 from ..logline import escape
 from ..milter import Milter
 from ..status import parse_status, status_names
-from .usage import TclUsageError, check_count, integer, number, one_of, wrong_args
+from .usage import TclUsageError, boolean, check_count, integer, number, one_of, wrong_args
 
 if TYPE_CHECKING:
     from .interp import TclHost
@@ -67,16 +67,6 @@ _connection = _spec(parse)
 _metrics = _spec(parse_metrics, empty_ok=True)  # "" serves no metrics
 
 
-def _boolean(value: str) -> bool:
-    """Tcl's boolean forms (Tcl_GetBoolean)."""
-    word = value.strip().lower()
-    if word in ("1", "true", "yes", "on") or (word.isdigit() and int(word) != 0):
-        return True
-    if word in ("0", "false", "no", "off"):
-        return False
-    raise TclUsageError(f'expected boolean value but got "{value}"')
-
-
 def _status(value: str) -> Any:
     status = parse_status(value)
     if status is None or status.name not in ("CONTINUE", "REJECT", "TEMPFAIL", "ACCEPT", "DISCARD"):
@@ -97,7 +87,7 @@ OPTIONS: dict[str, Option] = {
     "-calltimeout": Option("call_timeout", False, _seconds),
     "-workers": Option("workers", True, _positive),
     "-metrics": Option("metrics", True, _metrics),
-    "-dryrun": Option("dry_run", False, _boolean, int),
+    "-dryrun": Option("dry_run", False, boolean, int),
 }
 
 SUBCOMMANDS = ("configure", "main", "register", "stop")

@@ -52,6 +52,26 @@ def integer(value: Any) -> int:
         raise TclUsageError(f'expected integer but got "{value}"') from None
 
 
+# Tcl_GetBoolean's words, each with the shortest prefix that is not ambiguous ("o": on or off?)
+_BOOLEAN_WORDS = (("yes", 1, True), ("true", 1, True), ("on", 2, True),
+                  ("no", 1, False), ("false", 1, False), ("off", 2, False))
+
+
+def boolean(value: str) -> bool:
+    """Tcl_GetBoolean: 0, 1, or a prefix of yes/no/true/false/on/off, any case, no spaces.
+
+    Other integers ("2", "00") are not booleans to Tcl's option parsers (`fconfigure -blocking
+    2` is an error), so they are not here either.
+    """
+    if value in ("0", "1"):
+        return value == "1"
+    word = value.lower()
+    for full, shortest, meaning in _BOOLEAN_WORDS:
+        if len(word) >= shortest and full.startswith(word):
+            return meaning
+    raise TclUsageError(f'expected boolean value but got "{value}"')
+
+
 def number(value: Any) -> float:
     try:
         return float(value)
