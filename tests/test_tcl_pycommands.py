@@ -604,6 +604,8 @@ def setup(milter):
             ctx.tcl("spin")
         elif args[0] == "<nested@example.org>":
             ctx.tcl("callslow")  # Python -> Tcl -> Python, all within this callback's time
+        elif args[0] == "<vwait@example.org>":
+            ctx.tcl("waitforever")  # Tcl reports the limit inside vwait in its own words
 
     @milter.register("envfrom")
     async def later(ctx, args):
@@ -619,13 +621,14 @@ def test_tcl_run_from_a_python_callback_is_held_to_the_callbacks_time_limit(tclr
         milter configure -calltimeout 1 -onerror SMFIS_REJECT
         proc spin {} { while 1 { catch { while 1 {} } } }
         proc callslow {} { while 1 { catch { slow 30 } } }
+        proc waitforever {} { vwait ::never }
         proc from {ctx list} { return SMFIS_CONTINUE }
         milter register envfrom from
         milter main
     """, python=[LOOP_HOOKS])
     with m.mta() as mta:
         mta.negotiate()
-        for count, case in enumerate(("plain", "async", "nested"), 1):
+        for count, case in enumerate(("plain", "async", "nested", "vwait"), 1):
             t0 = time.monotonic()
             assert mta.mail(f"<{case}@example.org>") == ("r", {}), case
             assert 0.9 <= time.monotonic() - t0 <= 4.0

@@ -26,7 +26,7 @@ from ..milter import Milter
 from ..protocol.codec import text
 from ..status import Status
 from . import context_cmd
-from .limit import CallLimit
+from .limit import CallLimit, is_limit_error
 from .milter_cmd import MilterCommand, SuspendAtMain
 from .priv import TclPrivate
 from .pycommands import PythonCommands
@@ -372,9 +372,7 @@ class TclHost:
         info = self.error_info()
         code = self.tk.call("set", "::errorCode")
         words = code if isinstance(code, tuple) else self.tk.splitlist(str(code))
-        # vwait inside a stopped callback reports the limit without Tcl's errorCode: the message tells
-        code3 = [str(w) for w in words[:3]]
-        if code3 == ["TCL", "LIMIT", "TIME"] or code3 == ["TCL", "EVENT", "LIMIT"] or str(exc) in ("time limit exceeded", "limit exceeded"):
+        if is_limit_error(str(exc), [str(w) for w in words[:3]]):
             self.limit.reset()
             if self.pycommands.stopped:  # a Python command was running: where it was, too
                 info = f"{info}\n{self.pycommands.stopped}"

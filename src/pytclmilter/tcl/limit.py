@@ -17,7 +17,7 @@ Python code that runs Tcl (``ctx.tcl``) gives Tcl its own end with :meth:`begin_
 from __future__ import annotations
 
 import time
-from typing import Callable, Final
+from typing import Callable, Final, Sequence
 
 from ..engine import Shared
 from ..limits import Limit
@@ -25,6 +25,14 @@ from ..limits import Limit
 _HANDLER: Final = "::tclmilter::py::limit"
 _monotonic: Final = time.monotonic  # compiled, `time.monotonic` is two look-ups per call
 _NEVER: Final = float("inf")
+
+
+def is_limit_error(message: str, code: Sequence[str]) -> bool:
+    """Whether a Tcl error is this limit ending the callback. Tcl says so with errorCode ``TCL
+    LIMIT TIME``, but from inside ``vwait`` with ``TCL EVENT LIMIT`` or none, so the message
+    tells too."""
+    return (tuple(code[:3]) in (("TCL", "LIMIT", "TIME"), ("TCL", "EVENT", "LIMIT"))
+            or message in ("time limit exceeded", "limit exceeded"))
 
 
 class CallLimit(Limit):

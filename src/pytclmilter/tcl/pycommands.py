@@ -42,7 +42,7 @@ from ..milter import Milter
 from ..protocol.codec import text
 from ..scripting import TclCommand, TclCommands, TclError
 from ..status import Status
-from .limit import CallLimit
+from .limit import CallLimit, is_limit_error
 from .priv import identity_text
 from .strings import from_tcl, to_tcl
 from .usage import count_ok, wrong_args
@@ -236,7 +236,7 @@ class PythonCommands:
         info = from_tcl(info[:cut] if cut >= 0 else info)
         code = self._call("lrange", self._call("set", "::errorCode"), 0, "end")
         words = tuple(from_tcl(str(w)) for w in (code if isinstance(code, tuple) else (code,) if code else ()))
-        if words[:3] == ("TCL", "LIMIT", "TIME") or str(exc) in ("time limit exceeded", "limit exceeded"):
+        if is_limit_error(str(exc), words):
             self.limit.reset()
             stopped = CallbackTimeout(f"callback stopped after {self._milter.call_timeout:g} s (call_timeout), "
                                       "in Tcl code")
