@@ -17,6 +17,7 @@ from typing import Any
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from pytclmilter.metrics import PUBLISH_EVERY
 from support.tclrun import Mta, TclRun, ok, tclrun_factory
 
 tclrun = pytest.fixture(tclrun_factory, name="tclrun")
@@ -226,3 +227,66 @@ def test_metrics_go_on_counting_across_reloads(tclrun, tmp_path, workers: int) -
     assert value(s, "pytclmilter_callback_errors_total", event="envfrom", language="tcl") == 1
     assert value(s, "pytclmilter_workers_alive") == workers
     assert m.stop() == 0
+
+
+def listening_inode(url: str) -> str:
+    """The socket inode of the endpoint's listening TCP socket (/proc/net/tcp)."""
+    port = int(url.rsplit(":", 1)[1].split("/")[0])
+    with open("/proc/net/tcp") as f:
+        for line in f.readlines()[1:]:
+            fields = line.split()
+            if int(fields[1].split(":")[1], 16) == port and fields[3] == "0A":  # LISTEN
+                return fields[9]
+    raise AssertionError(f"nothing listens on port {port}")
+
+
+def sockets_of(pid: int) -> set[str]:
+    links = (os.readlink(f"/proc/{pid}/fd/{fd}") for fd in os.listdir(f"/proc/{pid}/fd"))
+    return {link[len("socket:["):-1] for link in links if link.startswith("socket:[")}
+
+
+def test_a_worker_past_the_metrics_slots_is_logged_and_holds_no_metrics_socket(tclrun, tmp_path) -> None:
+    """With --workers 2 the metrics have 8 slots. Sessions held open on both workers of each
+    generation keep them finishing, so after three reloads every slot is taken: the fourth
+    reload's workers are not counted, the supervisor says so once, and no worker keeps the
+    endpoint's socket open (which would outlive the supervisor)."""
+    script = tmp_path / "filter.tcl"
+    script.write_text(SCRIPT)
+    m = tclrun(script, "--workers", "2", "--metrics", "inet:0@127.0.0.1")
+    url = m.wait_for(METRICS, since=0).group(1)
+    m.wait_for("2 workers serving")
+    inode = listening_inode(url)
+    held: dict[int, Mta] = {}  # worker pid -> the session held on it
+    try:
+        for generation in range(1, 6):
+            if generation > 1:
+                m.child.kill(signal.SIGUSR1)
+                m.wait_for(rf"reload: loading generation {generation} ")
+            new = hold_both_workers(m, held)
+            assert not [pid for pid in new if inode in sockets_of(pid)], generation
+        m.wait_for("the metrics do not count new workers: all 8 slots are held by workers of earlier reloads")
+        # The supervisor serves on, counting the workers that have a slot: not the fifth generation's
+        wait_value(url, "pytclmilter_connections_open", len(held) - 2)
+        time.sleep(3 * PUBLISH_EVERY)  # (time for an uncounted worker to publish, were it counted)
+        assert value(scrape(url), "pytclmilter_connections_open") == len(held) - 2
+        assert m.text.count("the metrics do not count new workers") == 1
+    finally:
+        for mta in held.values():
+            mta.close()
+    assert m.stop() == 0
+
+
+def hold_both_workers(m: TclRun, held: dict[int, Mta]) -> list[int]:
+    """Sessions until two workers not in ``held`` have answered, each then held open there."""
+    new: list[int] = []
+    deadline = time.monotonic() + 20
+    while len(new) < 2:  # which worker accepts is the kernel's choice; an old one may, too
+        assert time.monotonic() < deadline, held
+        mta = m.mta()
+        pid = worker_pid(message(mta, "<good@example.org>")[1])
+        if pid in held:
+            mta.close()
+        else:
+            held[pid] = mta
+            new.append(pid)
+    return new

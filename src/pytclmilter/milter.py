@@ -306,12 +306,15 @@ class Milter:
             self._exporter.close()
             self._exporter = None
 
-    def _count_in_worker(self, block: "Block", slot: int) -> None:
-        """In a worker just forked, given ``slot``: count here, publish into the slot (see _serve).
-        Set on the counts a reload hands on: the worker may serve a later generation's milter."""
+    def _count_in_worker(self, block: "Block", slot: int | None) -> None:
+        """In a worker just forked, given ``slot``: count here, publish into the slot (see _serve);
+        without one (the supervisor logged why), count nothing. Set on the counts a reload hands
+        on: the worker may serve a later generation's milter."""
         if self._exporter is not None:
             self._exporter.forget()  # the supervisor serves the metrics
             self._exporter = None
+        if slot is None:
+            return
         meter = self._worker_counts.meter = Meter()
         self._worker_counts.publish = lambda: block.publish(slot, meter.cells)
 

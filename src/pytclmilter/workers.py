@@ -76,15 +76,17 @@ class Supervisor:
     def __init__(self, count: int, hooks: Hooks, serve: Serve) -> None:
         self.hooks = hooks
         self.serve = serve
-        #: Called in a new worker, with its slot, before it serves; and here with the slot of one
-        #: that ended (the metrics count each worker in its slot, and retire a dead one's).
-        self.forked: Callable[[int], None] | None = None
+        #: Called in a new worker, with its slot (None: all are taken), before it serves; and here
+        #: with the slot of one that ended (the metrics count each worker in its slot, and retire a
+        #: dead one's).
+        self.forked: Callable[[int | None], None] | None = None
         self.reaped: Callable[[int], None] | None = None
         self.count = count
         #: Slots for the workers alive at once: a set serving, and the sets of reloads that finish
         #: their sessions meanwhile (a worker forked when all are taken is not counted).
         self.slots = count * _SLOT_SETS
         self._slot_of: dict[int, int] = {}  # pid -> slot
+        self._told_no_slot = False  # logged once, until a new worker is counted again
         self.listener: Listener | None = None  # the socket they serve, given to run()
         self.children: dict[int, tuple[int, int]] = {}  # pid -> (worker number, generation)
         self.generation = 1  # of the workers serving new connections (reload)
@@ -223,8 +225,7 @@ class Supervisor:
         sys.stderr.flush()
         # A stop signal waits until the new worker is in self.children (a stop in between would
         # miss it and leave it serving) and, in the worker, until our handlers are gone.
-        free = sorted(set(range(self.slots)) - set(self._slot_of.values()))
-        slot = free[0] if free else None
+        slot = self._free_slot()
         signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
         try:
             pid = os.fork()
@@ -237,6 +238,17 @@ class Supervisor:
                 os.kill(pid, signal.SIGTERM)
         finally:
             signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
+
+    def _free_slot(self) -> int | None:
+        free = sorted(set(range(self.slots)) - set(self._slot_of.values()))
+        if free:
+            self._told_no_slot = False
+            return free[0]
+        if self.forked is not None and not self._told_no_slot:
+            self._told_no_slot = True
+            log.warning("the metrics do not count new workers: all %d slots are held by workers of "
+                        "earlier reloads still finishing their sessions", self.slots)
+        return None
 
     def _worker(self, number: int, slot: int | None) -> None:
         for sig in _STOP_SIGNALS:
@@ -251,7 +263,7 @@ class Supervisor:
         try:
             log.debug("worker %d (pid %d) serving", number, os.getpid())
             listener = Listener(self.listener.sock, self.listener.spec)  # the parent removes the file
-            if self.forked is not None and slot is not None:
+            if self.forked is not None:
                 self.forked(slot)
             self.serve(listener, lambda: os.kill(parent, signal.SIGTERM),
                        lambda stop: self._watch_parent(number, parent, stop))
