@@ -22,15 +22,10 @@ from pathlib import Path
 import pytest
 
 from support.bench import loadgen_path, null_filter_path
+from support.postfix import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 POSTFIX_OFFER = struct.pack("!IcIII", 13, b"O", 6, 0x1FF, 0x1FFFFF)  # what Postfix 3.7 offers
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @contextmanager

@@ -19,7 +19,6 @@ import re
 import resource
 import shutil
 import signal
-import socket
 import sqlite3
 import stat
 import subprocess
@@ -31,6 +30,7 @@ from typing import Any, Callable, Iterator
 import pexpect
 import pytest
 
+from support.postfix import free_port
 from support.tclrun import TclRun, _pytclmilter_command, child_env
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -81,12 +81,6 @@ def headers_of(message: str) -> str:
 
 def body_of(message: str) -> str:
     return message.split("\n\n", 1)[1]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture

@@ -15,6 +15,7 @@ import miltertest
 import pexpect
 import pytest
 
+from support.postfix import free_port
 from support.tclrun import Mta, _pytclmilter_command, child_env, ok, tclrun_factory
 
 tclrun = pytest.fixture(tclrun_factory, name="tclrun")
@@ -182,12 +183,6 @@ def test_a_stop_with_workers_refuses_new_connections_at_once_while_open_sessions
     assert m.wait_exit(grace) == 0
     m.wait_for("all workers stopped", since=0)
     print(f"refused {refused_after:.2f} s after SIGTERM (grace {grace} s)")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def start_detached(argv: list[str], log: Path) -> subprocess.Popen[bytes]:
