@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 
 from support.tclrun import TCL_HELPERS, ok, tclrun_factory
-from test_metrics import METRICS, message, scrape, value, value_or_zero, wait_value
+from test_metrics import METRICS, message, value, value_or_zero, wait_value
 
 tclrun = pytest.fixture(tclrun_factory, name="tclrun")
 
@@ -89,7 +89,7 @@ def test_dryrun_is_a_milter_configure_option(tclrun) -> None:
 
 # What a script may write for a boolean option: Tcl's own words, and Tcl's refusals
 BOOLEAN_FORMS = ["0", "1", "t", "TR", "true", "f", "Fals", "y", "Ye", "n", "NO", "on", "of", "OFF",
-                 "o", "", "00", "2", "-1", " 1", "1 ", "yess", "0x1", "1.0", "maybe"]
+                 "o", "", "00", "2", "-1", " 1", "1 ", "yess", "0x1", "1.0", "maybe", "no" * 40]
 
 
 def test_dryrun_takes_the_booleans_tcl_takes():

@@ -252,7 +252,8 @@ def test_a_worker_past_the_metrics_slots_is_logged_and_holds_no_metrics_socket(t
     endpoint's socket open (which would outlive the supervisor)."""
     script = tmp_path / "filter.tcl"
     script.write_text(SCRIPT)
-    m = tclrun(script, "--workers", "2", "--metrics", "inet:0@127.0.0.1")
+    # (a grace longer than the test: no held session may be closed, freeing its slot)
+    m = tclrun(script, "--workers", "2", "--metrics", "inet:0@127.0.0.1", "--grace", "300")
     url = m.wait_for(METRICS, since=0).group(1)
     m.wait_for("2 workers serving")
     inode = listening_inode(url)

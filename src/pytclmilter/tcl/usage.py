@@ -69,7 +69,7 @@ def boolean(value: str) -> bool:
     for full, shortest, meaning in _BOOLEAN_WORDS:
         if len(word) >= shortest and full.startswith(word):
             return meaning
-    raise TclUsageError(f'expected boolean value but got "{value}"')
+    raise TclUsageError(f'expected boolean value but got "{value[:50]}"')  # Tcl quotes 50 at most
 
 
 def number(value: Any) -> float:
