@@ -4,8 +4,9 @@
  * wire_to_tcl_python / tcl_to_wire_python give the same bytes for any input (tests compare them)
  * and serve where this module is not built. Python's codecs do the same work in several passes
  * and take their error path for every byte that is not UTF-8 (half the bytes of a binary part,
- * most of those of CP1251 text); here such a byte costs a few instructions, and no branch that
- * the processor would have to guess (docs/benchmarks.md, "8-bit bodies through a Tcl script").
+ * most of those of CP1251 text); here such a byte costs a table look-up, and the only branch
+ * that depends on the data is taken for the few byte pairs that may begin a character
+ * (docs/benchmarks.md, "8-bit bodies through a Tcl script").
  *
  * wire_to_tcl: valid UTF-8 (Python's strict rules: no overlongs, no surrogates, nothing beyond
  *   U+10FFFF) is kept; NUL becomes C0 80 (Tcl's NUL); any other byte b becomes the CESU-8 form of
@@ -74,33 +75,39 @@ utf8_char(const unsigned char *p, const unsigned char *end)
     return left >= 4 && p[1] >= lo && p[1] <= hi && is_cont(p[2]) && is_cont(p[3]) ? 4 : 0;
 }
 
-/* What wire_to_tcl makes of a byte by itself: its bytes (the first ESC_LEN[b] of ESC_WORD[b]) */
-static uint32_t ESC_WORD[256];
-static unsigned char ESC_LEN[256];
-/* A lead byte's character length and the range of its second byte (LEAD_LO > LEAD_HI: no lead). */
-static unsigned char LEAD_LEN[256], LEAD_LO[256], LEAD_HI[256];
+/* What wire_to_tcl makes of a byte that begins no valid character: its bytes in Tcl (the byte
+ * itself, C0 80 for NUL, ED B2|B3 xx for 80..FF) in the low 32 bits, in memory order, and how
+ * many they are in the top byte: one look-up a byte. */
+static uint64_t BYTE_FORM[256];
+static unsigned char MAY_LEAD[256];  /* C2..F4: a byte that may begin a character */
 
 static void
 make_tables(void)
 {
     for (int b = 0; b < 256; b++) {
         unsigned char out[4] = {(unsigned char)b, 0, 0, 0};
-        unsigned char len = 1;
+        uint64_t len = 1;
+        uint32_t word;
         if (b == 0) {
             out[0] = 0xC0, out[1] = 0x80, len = 2;
         }
         else if (b >= 0x80) {
             out[0] = 0xED, out[1] = b < 0xC0 ? 0xB2 : 0xB3, out[2] = 0x80 | (b & 0x3F), len = 3;
         }
-        memcpy(&ESC_WORD[b], out, 4);
-        ESC_LEN[b] = len;
-        LEAD_LO[b] = 0xFF, LEAD_HI[b] = 0x00, LEAD_LEN[b] = 1;
-        if (b >= 0xC2 && b <= 0xF4) {
-            LEAD_LEN[b] = b < 0xE0 ? 2 : b < 0xF0 ? 3 : 4;
-            LEAD_LO[b] = b == 0xE0 ? 0xA0 : b == 0xF0 ? 0x90 : 0x80;
-            LEAD_HI[b] = b == 0xED ? 0x9F : b == 0xF4 ? 0x8F : 0xBF;
-        }
+        memcpy(&word, out, 4);
+        BYTE_FORM[b] = word | len << 56;
+        MAY_LEAD[b] = b >= 0xC2 && b <= 0xF4;
     }
+}
+
+/* Write the form of byte c at o (4 bytes: the caller leaves room) and give its length. */
+static inline Py_ssize_t
+put_form(unsigned char *o, unsigned char c)
+{
+    uint64_t form = BYTE_FORM[c];
+    uint32_t word = (uint32_t)form;
+    memcpy(o, &word, 4);
+    return (Py_ssize_t)(form >> 56);
 }
 
 /* No valid UTF-8 character of 2 to 4 bytes begins in these 8 bytes (in memory order), the byte
@@ -118,26 +125,32 @@ no_character_starts(uint64_t v, unsigned char next)
 #endif
 }
 
-/* One byte, the same work whatever it is, so that the processor need not guess (random bytes
- * would defeat its guesses) and steps do not wait on each other: whether a byte is kept depends
- * only on the bytes from it on (a lead byte that begins a valid character) and on how many
- * continuation bytes of such a character are still to come (rest). The step stores 4 bytes, the
- * byte or its own form, and moves the output on by the length of that: 4 bytes of input must be
- * left, and room for 3 output bytes for each. */
-static inline void
-wire_step(const unsigned char **pp, unsigned char **op, unsigned *restp)
+/* The bytes from p to stop, and the rest of a character that begins before stop: a valid
+ * character is kept, any other byte gets its form. Only a byte C2..F4 followed by a continuation
+ * byte can begin a character; in random bytes one pair in 20 is such, so the branch is seldom
+ * taken, and the processor guesses it right. */
+static inline const unsigned char *
+exact_bytes(const unsigned char *p, const unsigned char *stop, const unsigned char *end,
+            unsigned char **op)
 {
-    const unsigned char *p = *pp;
-    unsigned c = p[0], len = LEAD_LEN[c], rest = *restp;
-    uint32_t lead = (p[1] >= LEAD_LO[c]) & (p[1] <= LEAD_HI[c]) & ((len < 3) | is_cont(p[2]))
-                    & ((len < 4) | is_cont(p[3]));
-    uint32_t inside = rest != 0;
-    uint32_t keep = -(lead | inside);  /* all ones for a byte of a valid character */
-    uint32_t word = (c & keep) | (ESC_WORD[c] & ~keep);
-    memcpy(*op, &word, 4);
-    *op += (1 & keep) | (ESC_LEN[c] & ~keep);
-    *restp = ((len - 1) & -lead) | ((rest - inside) & ~-lead);
-    *pp = p + 1;
+    unsigned char *o = *op;
+    Py_ssize_t k;
+
+    while (p < stop) {
+        /* one branch, not two: a value, not && (p[1] is there but for the last byte) */
+        unsigned next = end - p >= 2 ? p[1] : 0;
+        if ((MAY_LEAD[*p] & (((next ^ 0x80) & 0xC0) == 0)) && (k = utf8_char(p, end)) != 0) {
+            memcpy(o, p, (size_t)k);
+            o += k;
+            p += k;
+        }
+        else {
+            o += put_form(o, *p);
+            p++;
+        }
+    }
+    *op = o;
+    return p;
 }
 
 /* Where the bytes from p on stop being valid UTF-8 without NUL: what wire_to_tcl keeps. */
@@ -174,10 +187,9 @@ wire_to_tcl(PyObject *module, PyObject *arg)
 {
     const unsigned char *src, *p, *end;
     unsigned char *out, *o;
-    Py_ssize_t n, kept, k;
+    Py_ssize_t n, kept;
     PyObject *result;
     uint64_t v;
-    unsigned rest = 0;
 
     if (!PyBytes_Check(arg)) {
         PyErr_Format(PyExc_TypeError, "wire_to_tcl() needs bytes, not %.100s", Py_TYPE(arg)->tp_name);
@@ -192,55 +204,35 @@ wire_to_tcl(PyObject *module, PyObject *arg)
         return arg;
     }
     kept = p - src;
-    if (n - kept > (PY_SSIZE_T_MAX - kept) / 3)
+    if (n - kept > (PY_SSIZE_T_MAX - kept - 1) / 3)
         return PyErr_NoMemory();
-    result = PyBytes_FromStringAndSize(NULL, kept + 3 * (n - kept));  /* at most 3 for 1 */
+    /* at most 3 for 1, and 1 more: put_form writes 4 bytes */
+    result = PyBytes_FromStringAndSize(NULL, kept + 3 * (n - kept) + 1);
     if (result == NULL)
         return NULL;
     out = (unsigned char *)PyBytes_AS_STRING(result);
     memcpy(out, src, kept);
     o = out + kept;
     /* 8 bytes at a time: ASCII text is copied; 8-bit text (Latin-1, CP1251) or random bytes in
-     * which no UTF-8 character can begin are each given their own form, one step a byte; other
-     * words take the exact way below, byte by byte. */
+     * which no UTF-8 character can begin are each given their form, with no branch; other words
+     * take the exact way. */
     while (end - p >= 16) {
-        if (rest == 0) {
-            memcpy(&v, p, 8);
-            if (stop_bits(v) == 0) {
-                memcpy(o, &v, 8);
-                o += 8;
-                p += 8;
-                continue;
-            }
-            if (no_character_starts(v, p[8])) {
-                for (int i = 0; i < 8; i++) {
-                    memcpy(o, &ESC_WORD[p[i]], 4);  /* (there is room: 3 for each byte left) */
-                    o += ESC_LEN[p[i]];
-                }
-                p += 8;
-                continue;
-            }
+        memcpy(&v, p, 8);
+        if (stop_bits(v) == 0) {
+            memcpy(o, &v, 8);
+            o += 8;
+            p += 8;
         }
-        for (int i = 0; i < 8; i++)
-            wire_step(&p, &o, &rest);
-    }
-    while (end - p >= 4)
-        wire_step(&p, &o, &rest);
-    for (; p < end; p++) {  /* the last 3 bytes */
-        unsigned char c = *p;
-        if (rest) {
-            *o++ = c;
-            rest--;
-        }
-        else if ((k = c < 0x80 ? (c != 0) : utf8_char(p, end)) != 0) {
-            *o++ = c;
-            rest = (unsigned)k - 1;
+        else if (no_character_starts(v, p[8])) {
+            for (int i = 0; i < 8; i++)
+                o += put_form(o, p[i]);
+            p += 8;
         }
         else {
-            memcpy(o, &ESC_WORD[c], ESC_LEN[c]);
-            o += ESC_LEN[c];
+            p = exact_bytes(p, p + 8, end, &o);
         }
     }
+    exact_bytes(p, end, end, &o);
     if (_PyBytes_Resize(&result, o - out) < 0)
         return NULL;
     return result;
