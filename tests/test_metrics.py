@@ -18,6 +18,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from pytclmilter.metrics import PUBLISH_EVERY
+from support.postfix import tcp_listeners
 from support.tclrun import Mta, TclRun, ok, tclrun_factory
 
 tclrun = pytest.fixture(tclrun_factory, name="tclrun")
@@ -232,12 +233,9 @@ def test_metrics_go_on_counting_across_reloads(tclrun, tmp_path, workers: int) -
 def listening_inode(url: str) -> str:
     """The socket inode of the endpoint's listening TCP socket (/proc/net/tcp)."""
     port = int(url.rsplit(":", 1)[1].split("/")[0])
-    with open("/proc/net/tcp") as f:
-        for line in f.readlines()[1:]:
-            fields = line.split()
-            if int(fields[1].split(":")[1], 16) == port and fields[3] == "0A":  # LISTEN
-                return fields[9]
-    raise AssertionError(f"nothing listens on port {port}")
+    inodes = [inode for _, lport, inode in tcp_listeners() if lport == port]
+    assert inodes, f"nothing listens on port {port}"
+    return inodes[0]
 
 
 def sockets_of(pid: int) -> set[str]:

@@ -249,27 +249,32 @@ def free_port(host: str = LOCALHOST) -> int:
         return int(s.getsockname()[1])
 
 
+def tcp_listeners() -> list[tuple[str, int, str]]:
+    """Every IPv4 LISTEN socket, from /proc/net/tcp: (address in /proc's hex, port, socket inode)."""
+    listeners = []
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        fields = line.split()
+        addr, _, port = fields[1].partition(":")
+        if fields[3] == "0A":
+            listeners.append((addr, int(port, 16), fields[9]))
+    return listeners
+
+
 def _tcp_listening(host: str, port: int) -> bool:
     """True if a LISTEN socket exists on host:port, without connecting to it.
 
     Read from /proc/net/tcp so the check does not open an SMTP/milter session.
     """
-    want_port = f"{port:04X}"
     want_addrs = {"00000000"}  # 0.0.0.0
     with contextlib.suppress(OSError):
         want_addrs.add(socket.inet_aton(host)[::-1].hex().upper())
     try:
-        lines = Path("/proc/net/tcp").read_text().splitlines()[1:]
+        listeners = tcp_listeners()
     except OSError:  # pragma: no cover - non-Linux
         with contextlib.suppress(OSError), socket.create_connection((host, port), 0.5):
             return True
         return False
-    for line in lines:
-        fields = line.split()
-        addr, _, lport = fields[1].partition(":")
-        if lport == want_port and addr in want_addrs and fields[3] == "0A":
-            return True
-    return False
+    return any(lport == port and addr in want_addrs for addr, lport, _ in listeners)
 
 
 def _unix_listening(path: str) -> bool:

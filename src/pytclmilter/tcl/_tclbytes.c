@@ -75,6 +75,19 @@ utf8_char(const unsigned char *p, const unsigned char *end)
     return left >= 4 && p[1] >= lo && p[1] <= hi && is_cont(p[2]) && is_cont(p[3]) ? 4 : 0;
 }
 
+/* The bytes of arg, from *src to *end; 0 with TypeError if arg is not bytes. */
+static int
+bytes_arg(PyObject *arg, const char *function, const unsigned char **src, const unsigned char **end)
+{
+    if (!PyBytes_Check(arg)) {
+        PyErr_Format(PyExc_TypeError, "%s() needs bytes, not %.100s", function, Py_TYPE(arg)->tp_name);
+        return 0;
+    }
+    *src = (const unsigned char *)PyBytes_AS_STRING(arg);
+    *end = *src + PyBytes_GET_SIZE(arg);
+    return 1;
+}
+
 /* What wire_to_tcl makes of a byte that begins no valid character: its bytes in Tcl (the byte
  * itself, C0 80 for NUL, ED B2|B3 xx for 80..FF) in the low 32 bits, in memory order, and how
  * many they are in the top byte: one look-up a byte. */
@@ -191,13 +204,9 @@ wire_to_tcl(PyObject *module, PyObject *arg)
     PyObject *result;
     uint64_t v;
 
-    if (!PyBytes_Check(arg)) {
-        PyErr_Format(PyExc_TypeError, "wire_to_tcl() needs bytes, not %.100s", Py_TYPE(arg)->tp_name);
+    if (!bytes_arg(arg, "wire_to_tcl", &src, &end))
         return NULL;
-    }
-    src = (const unsigned char *)PyBytes_AS_STRING(arg);
-    n = PyBytes_GET_SIZE(arg);
-    end = src + n;
+    n = end - src;
     p = wire_plain_end(src, end);
     if (p == end) {
         Py_INCREF(arg);
@@ -307,13 +316,9 @@ tcl_to_wire(PyObject *module, PyObject *arg)
     uint64_t v;
     int k;
 
-    if (!PyBytes_Check(arg)) {
-        PyErr_Format(PyExc_TypeError, "tcl_to_wire() needs bytes, not %.100s", Py_TYPE(arg)->tp_name);
+    if (!bytes_arg(arg, "tcl_to_wire", &src, &end))
         return NULL;
-    }
-    src = (const unsigned char *)PyBytes_AS_STRING(arg);
-    n = PyBytes_GET_SIZE(arg);
-    end = src + n;
+    n = end - src;
     p = tcl_plain_end(src, end);
     if (p == end) {
         Py_INCREF(arg);
@@ -379,12 +384,8 @@ ascii_text(PyObject *module, PyObject *arg)
     PyObject *result;
     uint64_t v;
 
-    if (!PyBytes_Check(arg)) {
-        PyErr_Format(PyExc_TypeError, "ascii_text() needs bytes, not %.100s", Py_TYPE(arg)->tp_name);
+    if (!bytes_arg(arg, "ascii_text", &src, &end))
         return NULL;
-    }
-    src = (const unsigned char *)PyBytes_AS_STRING(arg);
-    end = src + PyBytes_GET_SIZE(arg);
     if (end > src && (*src == 0 || *src >= 0x80))  /* an 8-bit block usually shows it at once */
         Py_RETURN_NONE;
     result = PyUnicode_New(end - src, 127);
