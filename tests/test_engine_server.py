@@ -24,7 +24,7 @@ import time
 import pexpect
 import pytest
 
-from pytclmilter import CONTINUE, REJECT, Context
+from pytclmilter import CONTINUE, REJECT, Context, Hooks
 from pytclmilter.connspec import ConnSpec, ConnSpecError, parse
 from support.engine import (
     MilterThread,
@@ -142,6 +142,29 @@ def test_eof_inside_a_packet_is_logged_and_closes(caplog):
         wait_for(lambda: ("close", name) in m.events)
     problems = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
     assert len(problems) == 1 and name in problems[0]
+
+
+@pytest.mark.parametrize("end", ["quit", "eof"])
+def test_quit_or_eof_after_quit_nc_closes_the_connection_and_releases_its_context(end):
+    """QUIT_NC runs the close callbacks and keeps the socket for another SMTP session
+    (docs/protocol.md §7.5); a QUIT or an EOF then ends the connection. Before, neither did: after
+    the QUIT the MTA waited on an open socket until the I/O timeout, and either way the context
+    was never released (Hooks.context_closed never ran: a Tcl filter's context command stayed
+    until the process ended)."""
+    released: list[str] = []
+    m = recording_milter(hooks=Hooks(context_closed=lambda ctx: released.append(ctx.name)))
+    with serving(m) as srv, srv.raw() as mta:
+        mta.envelope()
+        assert mta.eom() == [(b"c", b"")]
+        mta.send(b"K")
+        if end == "quit":
+            mta.quit()
+        else:
+            mta.sock.shutdown(socket.SHUT_WR)
+        mta.expect_eof()
+        name = m.names["client.example"]
+        wait_for(lambda: released == [name])
+    assert [e for e in m.events if e[1] == name] == [("close", name)]  # the close callbacks ran once
 
 
 def test_a_full_65535_byte_chunk_is_accepted():

@@ -298,6 +298,9 @@ class ConnectionEngine:
                 self.connection_lost("protocol error")
                 return
             if isinstance(event, NeedData):
+                if self.session.ended is not None:  # QUIT or EOF after QUIT_NC: no close event comes
+                    self._finish(self.session.ended)
+                    return
                 break
             self._handle(event)
         self._flush()

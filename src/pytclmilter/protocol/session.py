@@ -92,7 +92,7 @@ class FilterSession:
     """One MTA connection, filter side."""
 
     __slots__ = ("emit_macros", "_state", "macros", "negotiated", "_proto", "_actions", "_reader", "_queue",
-                 "_pending", "_pending_code", "_eof", "_closed_emitted", "_clear_after_quit_nc", "ignored")
+                 "_pending", "_pending_code", "_eof", "_closed_emitted", "_clear_after_quit_nc", "ignored", "ended")
 
     def __init__(self, emit_macros: bool = True) -> None:
         #: Also hand out Macro events (they are always stored in ``macros``); a driver that
@@ -113,6 +113,10 @@ class FilterSession:
         #: How many out-of-order commands that are never answered (ABORT, QUIT, QUIT_NC, macros)
         #: were ignored, as libmilter ignores them (Postfix sends an ABORT after each finished message).
         self.ignored = 0
+        #: Why the connection ended (teardown's reason), None while it lasts. After QUIT_NC the
+        #: close event was already given, so a QUIT or EOF then ends it with no event: the
+        #: driver must look here.
+        self.ended: str | None = None
 
     # ------------------------------------------------------------ input
 
@@ -281,6 +285,8 @@ class FilterSession:
             self._closed_emitted = True
         self._state = _CLOSED
         self._pending = None
+        if self.ended is None:
+            self.ended = reason
         return out
 
     # ------------------------------------------------------------ output
