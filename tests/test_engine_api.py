@@ -192,6 +192,37 @@ def test_setsymlist_in_negotiate_rides_in_the_optneg_reply():
             assert macros == {} and not actions & F_SETSYMLIST
 
 
+def test_setsymlist_refuses_a_list_the_reply_could_not_carry_at_the_call(caplog):
+    """A macro list goes out NUL-terminated in the OPTNEG reply, which must fit 65535 bytes
+    (docs/protocol.md §1.2, §5.2). Before, setsymlist took a NUL and any length: with a NUL the
+    reply could not be encoded, asyncio logged a "Fatal error on transport" traceback and the
+    MTA saw the connection closed; 80 000 bytes of names went out as an 80 016-byte reply, over
+    the protocol's limit (libmilter refuses to send it). Now both fail at the call, which the
+    callback can catch."""
+    caplog.set_level(logging.INFO, logger="pytclmilter")
+    m = make_milter()
+    refused: list[str] = []
+
+    def negotiate(ctx, version, actions, protocol):
+        for stage, names in (("connect", "j\0{daemon_name}"), ("helo", "x " * 40000)):
+            try:
+                ctx.setsymlist(stage, names)
+            except MilterError as exc:
+                refused.append(str(exc))
+        ctx.setsymlist("envfrom", "i")
+        return CONTINUE
+
+    m.register("negotiate", negotiate)
+    with serving(m) as srv, srv.raw(negotiate=False) as mta:
+        _, actions, _, macros = mta.optneg(6, ALL_ACTIONS, ALL_PROTO)
+        assert macros == {2: b"i"} and actions & F_SETSYMLIST
+        assert mta.connect() == (b"c", b"")
+    assert len(refused) == 2, refused
+    assert "no NUL or other control characters" in refused[0]
+    assert "option negotiation reply of 80016 bytes, more than the 65535" in refused[1]
+    assert not [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+
+
 # ====================================================================== statuses (docs/protocol.md §8)
 
 

@@ -233,6 +233,13 @@ def _strings_size(first: str, second: str | None = None) -> int:
     return wire_size(first) + 1 + (0 if second is None else wire_size(second) + 1)
 
 
+def _optneg_size(lists: list[str]) -> int:
+    """Data bytes of the option negotiation reply carrying these macro lists: three u32, then
+    each list as a u32 stage and a NUL-terminated string. It is sent before any MDS bit applies,
+    so it must fit the protocol's 65535 bytes (libmilter's mi_wr_cmd refuses to send more)."""
+    return 12 + sum(4 + wire_size(names) + 1 for names in lists)
+
+
 class Context:
     """One MTA connection as the callbacks see it; private data lives as long as the connection."""
 
@@ -341,7 +348,14 @@ class Context:
             ) from None
         if st in self.symlists:
             raise MilterError(f"the macro list for {st.name.lower()} was already set")
-        self.symlists[st] = " ".join(macros.split())
+        names = " ".join(macros.split())
+        if _CONTROL.search(names):
+            raise MilterError(f'invalid macro list "{shown(names)}": no NUL or other control characters')
+        size = _optneg_size([*self.symlists.values(), names])
+        if size > MAX_DATA_SIZE:
+            raise MilterError(f"setsymlist: the macro lists make an option negotiation reply of {size} bytes, "
+                              f"more than the {MAX_DATA_SIZE} the MTA accepts")
+        self.symlists[st] = names
 
     # ------------------------------------------------------------ modifications (eom only)
 
