@@ -12,6 +12,7 @@ Exit statuses (docs/cli.md): try/send 0 accepted, 1 rejected, 2 tempfail,
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import pwd
@@ -19,10 +20,13 @@ import re
 import resource
 import shutil
 import signal
+import socket
 import sqlite3
 import stat
+import struct
 import subprocess
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -30,6 +34,7 @@ from typing import Any, Callable, Iterator
 import pexpect
 import pytest
 
+from support.engine import frame, parse_frames
 from support.postfix import free_port
 from support.tclrun import TclRun, _pytclmilter_command, child_env
 
@@ -648,6 +653,58 @@ def test_send_usage_errors() -> None:
     assert status == 64 and 'unknown socket type "tcp"' in out
     status, out = cli("send", "--connection", "inet:25@127.0.0.1", str(DATA / "plain.eml"), "--count", "0")
     assert status == 64 and "--count and --concurrency must be at least 1" in out
+
+
+@contextlib.contextmanager
+def scripted_milter(answers: dict[bytes, list[bytes]]) -> Iterator[str]:
+    """A milter that answers each command with the reply codes ``answers`` gives (continue
+    otherwise), whatever they are: a filter that misbehaves. Serves one connection; its spec."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    listener.settimeout(30)
+
+    def serve() -> None:
+        conn, _ = listener.accept()
+        with conn:
+            buf = b""
+            while data := conn.recv(65536):
+                frames, buf = parse_frames(buf + data)
+                for code, _payload in frames:
+                    if code == b"O":  # version 6, the actions offered, no protocol flag
+                        conn.sendall(frame(b"O", struct.pack("!III", 6, 0x1FF, 0)))
+                    elif code not in (b"D", b"A", b"Q", b"K"):
+                        conn.sendall(b"".join(frame(c) for c in answers.get(code, [b"c"])))
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        yield f"inet:{listener.getsockname()[1]}@127.0.0.1"
+    finally:
+        listener.close()
+        thread.join(10)
+
+
+def test_send_takes_skip_outside_the_body_as_postfix_does() -> None:
+    """Postfix takes SKIP at any event as continue, and sends no more events of that kind until
+    another kind comes (milter8.c; docs/protocol.md §8). Before, `send` took a SKIP at RCPT for a
+    rejected recipient and reported "reject at envrcpt: all recipients rejected" (exit 1) for a
+    message Postfix accepts, and a SKIP at a header ended the message without end of message."""
+    with scripted_milter({b"R": [b"s"], b"L": [b"s"]}) as spec:
+        status, out = cli("send", "--connection", spec, str(DATA / "plain.eml"), "--json")
+    doc = json_of(out)
+    assert (status, doc["verdict"], doc["stage"], doc["rejected_recipients"]) == (0, "accept", "eom", {}), out
+    stages = [(s["stage"], s["reply"]) for s in doc["stages"]]
+    assert stages[3:] == [("envrcpt", "skip"), ("data", "continue"), ("header", "skip"), ("eoh", "continue"),
+                          ("body", "continue"), ("eom", "continue")], stages
+
+
+def test_send_reports_a_reply_that_is_no_action_at_end_of_message_as_a_failure() -> None:
+    """At end of message Postfix takes actions, then one final reply; anything else (here
+    SMFIR_SHUTDOWN) is a failure, and the message is not accepted. Before, `send` listed it as
+    an action and reported "accept at eom" with exit status 0."""
+    with scripted_milter({b"E": [b"4", b"c"]}) as spec:
+        status, out = cli("send", "--connection", spec, str(DATA / "plain.eml"))
+    assert status == 2, out
+    assert "verdict: tempfail" in out and "Shutdown sent at eom: neither a final reply nor an action" in out, out
 
 
 # ---------------------------------------------------------------------------- a libmilter filter

@@ -53,6 +53,11 @@ class ConversationError(Exception):
 
 #: What a stage's reply is called in the report: a final reply's SMFIR_ name (ReplyCode: by its text).
 _REPLY_NAMES = {r.reply: r.name.lower() for r in REPLIES if r.final and r.reply is not ev.ReplyCode}
+#: Replies Postfix takes before the final one: modifications (at end of message only) and quarantine.
+_ACTIONS = frozenset(r.reply for r in REPLIES if r.action)
+#: Stage replies after which the session goes on. SKIP is a continue that also skips the
+#: following events of that kind, whatever the event (Postfix's milter8_event, docs/protocol.md §8).
+_GOES_ON = ("", "continue", "skip")
 
 
 class Conversation:
@@ -65,6 +70,7 @@ class Conversation:
         self.frames = FrameReader(REPLY_CODES, MDS_1M)
         self.protocol = 0
         self.out = Outcome()
+        self.skipping: type | None = None  # the kind of event the filter answered SKIP to, while they last
 
     # ------------------------------------------------------------ wire
 
@@ -83,6 +89,10 @@ class Conversation:
 
     async def _event(self, stage: Stage, macros: dict[str, str], event: ev.Event) -> Stage | None:
         """Send one event after its macros; wait for the reply unless the filter said not to."""
+        if self.skipping is not None:
+            if type(event) is self.skipping:
+                return None  # Postfix sends neither the event nor its macros
+            self.skipping = None
         spec = COMMAND_OF_EVENT[type(event)]
         macro = ev.Macro(spec.code, macros)  # named by the code of the command it precedes
         if self.protocol & spec.skip:
@@ -95,6 +105,8 @@ class Conversation:
             return stage
         await self.writer.drain()
         await self._reply(stage, eom=isinstance(event, ev.EndOfMessage))
+        if stage.reply == "skip":
+            self.skipping = type(event)
         return stage
 
     async def _reply(self, stage: Stage, eom: bool = False) -> None:
@@ -111,6 +123,9 @@ class Conversation:
             if name is not None:
                 stage.reply = name
                 return
+            if type(reply) not in _ACTIONS:  # Postfix: "unexpected filter response", a tempfail
+                raise ConversationError(f"{type(reply).__name__} sent at {stage.name}: neither a final reply "
+                                        "nor an action")
             if not eom and not isinstance(reply, ev.Quarantine):
                 raise ConversationError(f"{type(reply).__name__} sent at {stage.name}, outside end of message")
             stage.actions.append(reply)
@@ -147,7 +162,7 @@ class Conversation:
         ]
         for stage, macros, event in steps:
             done = await self._event(stage, macros, event)
-            if done is not None and done.reply not in ("", "continue"):
+            if done is not None and done.reply not in _GOES_ON:
                 return self._verdict(done, connection=True)
         await self._transaction(env, msg)
         self._send(ev.Quit())
@@ -156,14 +171,14 @@ class Conversation:
     async def _transaction(self, env: Envelope, msg: Message) -> None:
         mail = await self._event(Stage("envfrom", angle(env.sender)), {"{mail_addr}": env.sender},
                                  ev.EnvFrom([angle(env.sender)]))
-        if mail is not None and mail.reply not in ("", "continue"):
+        if mail is not None and mail.reply not in _GOES_ON:
             return self._verdict(mail)
         accepted = 0
         temporary = False
         for rcpt in env.recipients:
             stage = await self._event(Stage("envrcpt", angle(rcpt)), {"i": env.queue_id, "{rcpt_addr}": rcpt},
                                       ev.EnvRcpt([angle(rcpt)]))
-            if stage is None or stage.reply in ("", "continue"):
+            if stage is None or stage.reply in _GOES_ON:
                 accepted += 1
             elif stage.reply == "accept":
                 accepted += 1
@@ -184,7 +199,7 @@ class Conversation:
         content.append((Stage("eoh"), ev.EndOfHeaders()))
         for stage, event in content:
             done = await self._event(stage, qid, event)
-            if done is not None and done.reply not in ("", "continue"):
+            if done is not None and done.reply not in _GOES_ON:
                 self._send(ev.Abort())
                 return self._verdict(done)
         for i, chunk in enumerate(split_body(msg.body)):
@@ -198,7 +213,7 @@ class Conversation:
         await self._event(eom, qid, ev.EndOfMessage())  # never skipped, always answered
         self.out.actions = list(eom.actions)
         self._send(ev.Abort())  # Postfix sends ABORT after every message
-        if eom.reply in ("continue", "accept"):
+        if eom.reply in ("continue", "accept", "skip"):
             held = [a for a in eom.actions if isinstance(a, ev.Quarantine)]
             self.out.verdict, self.out.stage = ("quarantine", "eom") if held else ("accept", "eom")
             if held:
