@@ -657,8 +657,9 @@ def test_send_usage_errors() -> None:
 
 @contextlib.contextmanager
 def scripted_milter(answers: dict[bytes, list[bytes]]) -> Iterator[str]:
-    """A milter that answers each command with the reply codes ``answers`` gives (continue
-    otherwise), whatever they are: a filter that misbehaves. Serves one connection; its spec."""
+    """A milter that answers each command with the replies ``answers`` gives, each its code and
+    its payload (continue otherwise), whatever they are: a filter that misbehaves. Serves one
+    connection; its spec."""
     listener = socket.create_server(("127.0.0.1", 0))
     listener.settimeout(30)
 
@@ -672,7 +673,7 @@ def scripted_milter(answers: dict[bytes, list[bytes]]) -> Iterator[str]:
                     if code == b"O":  # version 6, the actions offered, no protocol flag
                         conn.sendall(frame(b"O", struct.pack("!III", 6, 0x1FF, 0)))
                     elif code not in (b"D", b"A", b"Q", b"K"):
-                        conn.sendall(b"".join(frame(c) for c in answers.get(code, [b"c"])))
+                        conn.sendall(b"".join(frame(r[:1], r[1:]) for r in answers.get(code, [b"c"])))
 
     thread = threading.Thread(target=serve, daemon=True)
     thread.start()
@@ -705,6 +706,27 @@ def test_send_reports_a_reply_that_is_no_action_at_end_of_message_as_a_failure()
         status, out = cli("send", "--connection", spec, str(DATA / "plain.eml"))
     assert status == 2, out
     assert "verdict: tempfail" in out and "Shutdown sent at eom: neither a final reply nor an action" in out, out
+
+
+def test_send_shows_the_filters_text_without_controls_that_could_forge_a_line() -> None:
+    """What a filter sends (a reply text, a header it adds) reaches the report with its control
+    characters escaped, as logs and `try` on an archive write them: it can neither start a line
+    of its own (a forged verdict) nor send escape sequences to the terminal. Before, it was
+    printed as it came. A folded header value keeps its line breaks."""
+    header = b"hX-Note\0hidden\x1b]0;owned\x07\x1b[2J\n\tfolded\0"
+    shown_header = r"X-Note: hidden\x1b]0;owned\x07\x1b[2J" + "\n\tfolded"
+    reject = b"y550 5.7.1 no\r\nverdict: accept at eom\x1b[8m\0"
+    outputs = []
+    for final in (reject, b"c"):
+        with scripted_milter({b"E": [header, final]}) as spec:
+            outputs.append(cli("send", "--connection", spec, str(DATA / "plain.eml")))
+    (rejected, out_rejected), (accepted, out_accepted) = outputs
+    for out in (out_rejected, out_accepted):
+        assert not re.search(r"[\x00-\x08\x0b-\x1f\x7f]", out), repr(out)
+        assert f"action: addheader {shown_header}" in out, out
+    assert rejected == 1 and not re.search(r"^verdict: accept", out_rejected, re.M), out_rejected
+    assert r'verdict: reject at eom "550 5.7.1 no\r\nverdict: accept at eom\x1b[8m"' in out_rejected
+    assert accepted == 0 and "\n" + shown_header + "\n" in resulting_message(out_accepted), out_accepted
 
 
 # ---------------------------------------------------------------------------- a libmilter filter

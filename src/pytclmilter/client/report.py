@@ -6,6 +6,7 @@ import json
 import re
 from typing import Any
 
+from ..logline import escape
 from ..protocol import events as ev
 from ..protocol.codec import text, wire
 from .apply import Result
@@ -69,6 +70,18 @@ def as_dict(outcome: Outcome, result: Result | None) -> dict[str, Any]:
     return doc
 
 
+def shown(s: str) -> str:
+    """Text from the filter or the message for one report line, escaped as the log escapes it
+    (logline.escape), so that it can neither start a line of its own (a forged "verdict:") nor
+    send escape sequences to the terminal. Kept: tabs, a line break that folds a header (a
+    space or tab follows it), and bytes that were not UTF-8, which printable() shows as \\xNN."""
+    if s.isprintable():
+        return s
+    return "".join(c if c.isprintable() or c == "\t" or "\udc80" <= c <= "\udcff"
+                   or (c == "\n" and s[i + 1 : i + 2] in (" ", "\t")) else escape(c)
+                   for i, c in enumerate(s))
+
+
 def printable(s: str) -> str:
     """Text for a terminal: bytes that are not UTF-8 (surrogate escapes) as \\xNN."""
     return s.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
@@ -78,27 +91,33 @@ def as_text(outcome: Outcome, result: Result | None) -> str:
     lines = []
     for s in outcome.stages:
         reply = s.reply or "(no reply expected)"
-        extra = f' "{s.text}"' if s.text else ""
+        extra = f' "{shown(s.text)}"' if s.text else ""
         prog = f" [{s.progress} progress]" if s.progress else ""
-        detail = f" {s.detail}" if s.detail else ""
+        detail = f" {shown(s.detail)}" if s.detail else ""
         lines.append(f"{s.name:8}{detail} -> {reply}{extra}{prog}")
-        lines += [f"           action: {describe(a)}" for a in s.actions]
+        lines += [f"           action: {shown(describe(a))}" for a in s.actions]
     if outcome.error:
-        lines.append(f"error: {outcome.error}")
+        lines.append(f"error: {shown(outcome.error)}")
     for rcpt, why in outcome.rejected_rcpts.items():
-        lines.append(f"recipient {rcpt} rejected: {why}")
-    reply = f' "{outcome.reply_text}"' if outcome.reply_text else ""
+        lines.append(f"recipient {shown(rcpt)} rejected: {shown(why)}")
+    reply = f' "{shown(outcome.reply_text)}"' if outcome.reply_text else ""
     lines.append(f"verdict: {outcome.verdict} at {outcome.stage or '-'}{reply}")
     if result is not None and outcome.verdict in ("accept", "quarantine"):
-        lines.append(f"envelope: from {result.sender} to {', '.join(result.recipients)}")
+        lines.append(f"envelope: from {shown(result.sender)} to {shown(', '.join(result.recipients))}")
         lines.append("--- resulting message ---")
         lines.append(wire_text(result.message.render()))
     return printable("\n".join(lines))
 
 
+#: Controls a message may hold that a terminal would act on: all of C0 but tab and LF, DEL, C1.
+_MESSAGE_CONTROLS = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+
+
 def wire_text(raw: bytes) -> str:
-    """Message bytes for a terminal: CRLF shown as LF, undecodable bytes as \\xNN."""
-    return raw.replace(b"\r\n", b"\n").decode("utf-8", "backslashreplace").rstrip("\n")
+    """Message bytes for a terminal: CRLF shown as LF, undecodable bytes as \\xNN, other
+    controls (a lone CR, ESC: from the message or a filter's header) escaped as in the log."""
+    shown_text = raw.replace(b"\r\n", b"\n").decode("utf-8", "backslashreplace").rstrip("\n")
+    return _MESSAGE_CONTROLS.sub(lambda m: escape(m.group()), shown_text)
 
 
 def to_json(outcome: Outcome, result: Result | None) -> str:
