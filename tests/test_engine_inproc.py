@@ -12,7 +12,9 @@ import asyncio
 import logging
 from typing import Any
 
-from pytclmilter import CONTINUE, REJECT, SKIP, TEMPFAIL
+import pytest
+
+from pytclmilter import CONTINUE, NOREPLY, REJECT, SKIP, TEMPFAIL
 from support.engine import ALL_PROTO, P_NR_HDR, P_SKIP, InProcessMTA, make_milter, z
 
 LOG = "pytclmilter"
@@ -238,6 +240,29 @@ def test_a_callback_returning_no_status_is_answered_continue_with_a_warning(capl
     (warning,) = messages(caplog, logging.WARNING)
     assert "envrcpt callback" in warning and "returned 'bogus', not a status; treated as continue" in warning
     assert m.stats.errors == 0
+
+
+@pytest.mark.parametrize("status", [SKIP, NOREPLY], ids=["skip", "noreply"])
+def test_an_eom_answer_sent_as_continue_keeps_its_modifications(caplog, status):
+    """SKIP and NOREPLY mean nothing at end of message, where the MTA waits: the engine sends
+    continue, and the MTA accepts the message. Its modifications must go with it, as with
+    libmilter (which writes each one at its call). Before, they were dropped: the MTA got a
+    bare `c` and the message went through without the header the eom callback added, while the
+    log said only "sending continue" (docs/protocol.md §6.1, §8)."""
+    caplog.set_level(logging.WARNING, logger=LOG)
+    m = make_milter()
+
+    def eom(ctx):
+        ctx.addheader("X-Scanned", "yes")
+        return status
+
+    m.register("eom", eom)
+    mta = InProcessMTA(m)
+    mta.optneg()
+    envelope(mta)
+    assert mta.command(b"E") == [(b"h", z("X-Scanned", "yes")), (b"c", b"")]
+    (warning,) = messages(caplog, logging.WARNING)
+    assert "sending continue" in warning
 
 
 def test_a_new_session_after_quit_nc_starts_with_nothing_decided():

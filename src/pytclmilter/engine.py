@@ -57,6 +57,9 @@ _CONNECTION: Final = 4
 
 _CONTINUE: Final = Continue()
 _VERDICT: Final = {s: s.name.lower() for s in Status}  # enum .name is a slow property
+#: Answers at end of message that let the message through, so its modifications go with them
+#: (a SKIP or NOREPLY there goes out as continue: the MTA accepts the message all the same).
+_TAKES_ACTIONS: Final = frozenset({Continue, Accept, Discard})
 _FINAL_OF: Final = {
     Status.CONTINUE: Continue(),
     Status.ACCEPT: Accept(),
@@ -627,7 +630,7 @@ class ConnectionEngine:
         actions: list[Reply] = []
         try:
             if is_eom:
-                if status in (Status.CONTINUE, Status.ACCEPT, Status.DISCARD):
+                if type(reply) in _TAKES_ACTIONS:
                     actions = self.ctx.take_actions()
                 self.ctx.drop_actions()
                 if dry:
