@@ -13,6 +13,7 @@ Exit statuses (docs/cli.md): try/send 0 accepted, 1 rejected, 2 tempfail,
 from __future__ import annotations
 
 import contextlib
+import grp
 import json
 import os
 import pwd
@@ -197,6 +198,44 @@ def test_run_user_nobody_drops_privileges_while_serving(serve: Callable[..., Tcl
         assert not sock.exists()  # nobody could remove it: the directory is world-writable
     finally:
         shutil.rmtree(sockdir, ignore_errors=True)
+
+
+# Run as nobody, with no capability to change ids (as under a unit's User=nobody), but with
+# CAP_DAC_OVERRIDE so that nobody may run this venv's Python (it may sit in root's home).
+AS_NOBODY = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
+             "--inh-caps=+dac_override", "--ambient-caps=+dac_override"]
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or shutil.which("setpriv") is None,
+                    reason="needs root and util-linux's setpriv to start as nobody")
+def test_run_user_naming_the_unprivileged_user_it_runs_as_serves(tmp_path: Path) -> None:
+    """A unit with User=nobody that keeps --user nobody: nothing to switch, so it serves; before,
+    setgroups() failed and the start ended in "milter main: Operation not permitted", exit 1."""
+    m = TclRun([*AS_NOBODY, *PYTCLMILTER, "run", str(STAMP), "--connection", "inet:0@127.0.0.1",
+                "--user", "nobody"], cwd=str(tmp_path))
+    try:
+        m.wait_for(r"listening on|milter main:", 15, advance=False)
+        assert "Operation not permitted" not in m.text, m.text
+        m.wait_listening()
+        assert "running as uid 65534 gid 65534" in m.text
+        status, out = cli("send", "--connection", m.spec or "", str(DATA / "plain.eml"))
+        assert status == 0 and "X-Filtered-By: Stamp on" in out, out
+        assert m.stop() == 0
+    finally:
+        if m.alive():
+            m.stop(signal.SIGKILL)
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or shutil.which("setpriv") is None,
+                    reason="needs root and util-linux's setpriv to start as nobody")
+def test_run_group_it_cannot_switch_to_without_root_is_a_usage_error(tmp_path: Path) -> None:
+    other = grp.getgrnam("mail").gr_gid
+    m = TclRun([*AS_NOBODY, *PYTCLMILTER, "run", str(STAMP), "--connection", "inet:0@127.0.0.1",
+                "--user", "nobody", "--group", str(other)], cwd=str(tmp_path))
+    assert m.wait_exit(15) == 64, m.text
+    assert (f"pytclmilter run: --user/--group: switching to gid {other} needs root privileges (the process "
+            "runs as gid 65534)") in m.text, m.text
+    assert "listening on" not in m.text
 
 
 def test_run_pidfile_is_written_while_serving_and_removed_at_stop(serve: Callable[..., TclRun],

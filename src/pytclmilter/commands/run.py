@@ -71,10 +71,11 @@ class Daemon:
         if self.pidfile is not None and not self.pidfile.claimed:  # while still root: /run is root's
             self.pidfile.claim()
         if self.uid is not None and not self.dropped:
-            if self.gid is not None:
-                os.setgroups([self.gid])
-                os.setgid(self.gid)
-            os.setuid(self.uid)
+            if os.geteuid() == 0:  # else already these ids (_ids): nothing to switch, nor allowed
+                if self.gid is not None:
+                    os.setgroups([self.gid])
+                    os.setgid(self.gid)
+                os.setuid(self.uid)
             self.dropped = True
             log.info("running as uid %d gid %d", os.getuid(), os.getgid())
         # (-name and -connection are the script's text: escaped as in the log)
@@ -104,9 +105,20 @@ def _ids(user: str | None, group: str | None) -> tuple[int | None, int | None]:
             raise UsageError(f'--group: no such group "{group}"') from None
         if uid is None:
             raise UsageError("--group needs --user")
-    if uid is not None and os.geteuid() != 0 and uid != os.geteuid():
-        raise UsageError("--user needs root privileges")
+    if uid is not None and os.geteuid() != 0:
+        _check_unprivileged(uid, gid)
     return uid, gid
+
+
+def _check_unprivileged(uid: int, gid: int | None) -> None:
+    """Without root the process can only stay what it is: --user naming itself (a unit with
+    ``User=`` that keeps ``--user``) is fine; another user or group is a usage error now, not
+    an "Operation not permitted" from ``milter main`` once the script has loaded."""
+    if uid != os.geteuid():
+        raise UsageError("--user needs root privileges")
+    if gid is not None and gid != os.getegid():
+        raise UsageError(f"--user/--group: switching to gid {gid} needs root privileges "
+                         f"(the process runs as gid {os.getegid()})")
 
 
 def raise_fd_limit() -> None:
