@@ -10,6 +10,7 @@ to swap the socket for a symlink to a root-owned file while the milter starts as
 
 from __future__ import annotations
 
+import grp
 import os
 import pwd
 import re
@@ -241,6 +242,30 @@ def test_after_user_the_files_callbacks_and_timers_write_belong_to_the_user(tclr
         assert m.stop() == 0
     finally:
         shutil.rmtree(d, ignore_errors=True)
+
+
+# Runs the command with this group file as /etc/group, in a mount namespace of its own.
+WITH_GROUP_FILE = ["unshare", "--mount", "--propagation", "private", "--", "sh", "-c",
+                   'mount --bind "$1" /etc/group && shift && exec "$@"', "sh"]
+
+
+@ROOT_ONLY
+@pytest.mark.skipif(shutil.which("unshare") is None, reason="needs util-linux's unshare")
+def test_after_user_the_process_has_the_users_supplementary_groups(tclrun, tmp_path):
+    """docs/deployment.md: --user switches to the user's uid, gid and supplementary groups. An
+    admin who ran `adduser pytclmilter redis` for Redis's socket expects that group; before,
+    setgroups([gid]) left the filter with its primary group only."""
+    nobody = pwd.getpwnam("nobody")
+    extra = next(g for g in range(40000, 60000) if g not in {e.gr_gid for e in grp.getgrall()})
+    group_file = tmp_path / "group"
+    group_file.write_text(Path("/etc/group").read_text() + f"ptmextra:x:{extra}:nobody\n")
+    m = tclrun(STAMP, "--user", "nobody", prefix=[*WITH_GROUP_FILE, str(group_file)])
+    status = Path(f"/proc/{m.child.pid}/status").read_text()
+    ids = {k: re.search(rf"^{k}:\s*(.*)$", status, re.M).group(1).split() for k in ("Uid", "Gid", "Groups")}
+    assert ids["Uid"] == [str(nobody.pw_uid)] * 4
+    assert ids["Gid"] == [str(nobody.pw_gid)] * 4
+    assert sorted(map(int, ids["Groups"])) == sorted({nobody.pw_gid, extra}), ids["Groups"]
+    assert m.stop() == 0
 
 
 @ROOT_ONLY

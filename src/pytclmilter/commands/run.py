@@ -11,7 +11,7 @@ import resource
 import signal
 import sys
 import tkinter
-from typing import Callable
+from typing import Callable, NamedTuple
 
 from ..compiled import describe
 from ..connspec import ConnSpec
@@ -63,19 +63,16 @@ class Daemon:
 
     def __init__(self, milter: Milter, opts: argparse.Namespace) -> None:
         self.milter = milter
-        self.uid, self.gid = _ids(opts.user, opts.group)
+        self.ids = _ids(opts.user, opts.group)
         self.pidfile = PidFile(opts.pidfile) if opts.pidfile else None
         self.dropped = False
 
     def listening(self, spec: ConnSpec) -> None:
         if self.pidfile is not None and not self.pidfile.claimed:  # while still root: /run is root's
             self.pidfile.claim()
-        if self.uid is not None and not self.dropped:
+        if self.ids is not None and not self.dropped:
             if os.geteuid() == 0:  # else already these ids (_ids): nothing to switch, nor allowed
-                if self.gid is not None:
-                    os.setgroups([self.gid])
-                    os.setgid(self.gid)
-                os.setuid(self.uid)
+                self.ids.switch()
             self.dropped = True
             log.info("running as uid %d gid %d", os.getuid(), os.getgid())
         # (-name and -connection are the script's text: escaped as in the log)
@@ -90,33 +87,50 @@ class Daemon:
             self.pidfile.release()
 
 
-def _ids(user: str | None, group: str | None) -> tuple[int | None, int | None]:
-    uid = gid = None
-    if user is not None:
-        try:
-            pw = pwd.getpwnam(user) if not user.isdigit() else pwd.getpwuid(int(user))
-        except KeyError:
-            raise UsageError(f'--user: no such user "{user}"') from None
-        uid, gid = pw.pw_uid, pw.pw_gid
+class Ids(NamedTuple):
+    """Whom --user and --group name."""
+
+    uid: int
+    gid: int
+    user: str  # the user's name in the group database, for its supplementary groups
+
+    def switch(self) -> None:
+        """Become the user: its supplementary groups as in the group database (as login, su
+        and most daemons do: ``adduser pytclmilter redis`` must reach Redis's socket), the gid,
+        the uid; root's groups are dropped. The groups first: setuid() ends the right to."""
+        os.initgroups(self.user, self.gid)
+        os.setgid(self.gid)
+        os.setuid(self.uid)
+
+
+def _ids(user: str | None, group: str | None) -> Ids | None:
+    """The ids of --user and --group (None without --user); UsageError when they cannot be had."""
+    if user is None:
+        if group is not None:
+            raise UsageError("--group needs --user")
+        return None
+    try:
+        pw = pwd.getpwnam(user) if not user.isdigit() else pwd.getpwuid(int(user))
+    except KeyError:
+        raise UsageError(f'--user: no such user "{user}"') from None
+    gid = pw.pw_gid
     if group is not None:
         try:
             gid = (grp.getgrnam(group) if not group.isdigit() else grp.getgrgid(int(group))).gr_gid
         except KeyError:
             raise UsageError(f'--group: no such group "{group}"') from None
-        if uid is None:
-            raise UsageError("--group needs --user")
-    if uid is not None and os.geteuid() != 0:
-        _check_unprivileged(uid, gid)
-    return uid, gid
+    if os.geteuid() != 0:
+        _check_unprivileged(pw.pw_uid, gid)
+    return Ids(pw.pw_uid, gid, pw.pw_name)
 
 
-def _check_unprivileged(uid: int, gid: int | None) -> None:
+def _check_unprivileged(uid: int, gid: int) -> None:
     """Without root the process can only stay what it is: --user naming itself (a unit with
     ``User=`` that keeps ``--user``) is fine; another user or group is a usage error now, not
     an "Operation not permitted" from ``milter main`` once the script has loaded."""
     if uid != os.geteuid():
         raise UsageError("--user needs root privileges")
-    if gid is not None and gid != os.getegid():
+    if gid != os.getegid():
         raise UsageError(f"--user/--group: switching to gid {gid} needs root privileges "
                          f"(the process runs as gid {os.getegid()})")
 
@@ -154,7 +168,7 @@ def cmd_run(opts: argparse.Namespace) -> int:
             socket_mode = int(opts.socket_mode, 8)
         except ValueError:
             raise UsageError(f'--socket-mode: "{opts.socket_mode}" is not an octal mode') from None
-    uid, gid = _ids(opts.user, opts.group)
+    ids = _ids(opts.user, opts.group)
     argv = list(opts.args) + list(getattr(opts, "rest", []))
     # The daemon is made below, once the script's options are known to be valid; its hooks run
     # only when the milter serves.
@@ -166,8 +180,8 @@ def cmd_run(opts: argparse.Namespace) -> int:
         host = make_host(opts.script, opts.python, overrides, on_exit=on_exit, milter_hooks=hooks)
         if socket_mode is not None:
             host.milter.socket_mode = socket_mode
-        if uid is not None:  # the socket's file is made with this owner (unixsocket.py)
-            host.milter.socket_owner = (uid, gid if gid is not None else -1)
+        if ids is not None:  # the socket's file is made with this owner (unixsocket.py)
+            host.milter.socket_owner = (ids.uid, ids.gid)
         host.set_argv(opts.script, argv)
         return host
 
