@@ -275,3 +275,26 @@ def test_the_workers_line_escapes_the_scripts_socket_path(tmp_path: Path) -> Non
     finally:
         child.kill(signal.SIGTERM)
         child.expect(pexpect.EOF)
+
+
+DIES_AT_ONCE = r"""
+package require TclMilter 1.0
+after 10 { puts "WORKER [pid]"; flush stdout; exit 3 }
+milter main
+"""
+
+
+def test_workers_that_keep_dying_are_respawned_slowly_and_logged_once(tclrun) -> None:
+    """A worker that dies as soon as it starts (here Tcl's exit; in life a crash, the OOM killer
+    under load): after a burst the respawns slow to one a second, and the log says so in one
+    line, not an ERROR line a death for as long as it lasts (before: 3 600 lines an hour)."""
+    m = tclrun(DIES_AT_ONCE, "--workers", "2")
+    deadline = time.monotonic() + 30
+    while m.text.count("WORKER ") < 12:  # deaths past the burst, respawned one a second
+        assert time.monotonic() < deadline and m.alive(), m.text
+        time.sleep(0.1)
+    died = re.findall(r"ERROR: worker \d \(pid \d+\) died \(exit status 3\)(.*)", m.text)
+    assert len(died) <= 6, m.text  # the burst of 5 one by one, then one line for the rest
+    assert "worker deaths within 10 s: starting one a second at most, the deaths logged once a " \
+           "minute" in died[-1], m.text
+    assert m.stop() == 0

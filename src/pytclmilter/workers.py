@@ -4,7 +4,8 @@ The parent binds the socket (and drops privileges) at ``milter main``, then
 forks the workers from that very moment, so each starts with the script's
 state as it stood when ``milter main`` was called: its own interpreter, its
 own Tcl globals, the same callbacks. A worker that dies is replaced and the
-death logged; a worker that exits with status 0 asked to stop (``milter
+death logged (deaths faster than a burst: replaced one a second, logged once a
+minute); a worker that exits with status 0 asked to stop (``milter
 stop``), which stops all. SIGTERM, SIGINT and SIGHUP to the parent stop all
 gracefully; then ``milter main`` returns in the parent and the script goes on.
 
@@ -50,6 +51,7 @@ log = logging.getLogger("pytclmilter")
 _STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 _RESPAWN_WINDOW = 10.0  # seconds
 _RESPAWN_BURST = 5  # deaths within the window before respawning slows down
+_STORM_TELL_EVERY = 60.0  # seconds between the lines of deaths that come faster than that
 _SLOT_SETS = 4  # metrics slots per worker: the set serving, and up to three reloads finishing
 
 
@@ -68,6 +70,37 @@ def run_workers(settings: Settings, supervisor: "Supervisor") -> None:
     finally:
         listener.remove_unix()
         listener.sock.close()
+
+
+class _Deaths:
+    """Worker deaths, each logged until they come faster than _RESPAWN_BURST in _RESPAWN_WINDOW
+    seconds (a worker that dies at once, the OOM killer under load): then the respawns slow to
+    one a second and one line says so, then one a minute with the count, not a line a death."""
+
+    def __init__(self) -> None:
+        self.times: list[float] = []
+        self.told = 0.0  # when the last line of a storm went out (0: not in one)
+        self.untold = 0  # deaths since then that no line named
+
+    def died(self, what: str) -> bool:
+        """Log the death ``what`` as due; True when respawning must slow down."""
+        now = time.monotonic()
+        self.times = [t for t in self.times if now - t < _RESPAWN_WINDOW] + [now]
+        before = f" ({self.untold} more since the last line)" if self.untold else ""
+        if len(self.times) <= _RESPAWN_BURST:
+            log.error("%s; starting a new one%s", what, before)
+            self.told, self.untold = 0.0, 0
+            return False
+        if self.told and now - self.told < _STORM_TELL_EVERY:
+            self.untold += 1
+        elif not self.told:
+            log.error("%s; %d worker deaths within %g s: starting one a second at most, the deaths "
+                      "logged once a minute", what, len(self.times), _RESPAWN_WINDOW)
+            self.told, self.untold = now, 0
+        else:
+            log.error("%s; workers still dying%s: starting one a second at most", what, before)
+            self.told, self.untold = now, 0
+        return True
 
 
 class Supervisor:
@@ -94,7 +127,7 @@ class Supervisor:
         # Taken with sigwaitinfo in the parent; SIGUSR1 only when the milter can reload (Hooks.reload).
         self._waited = (signal.SIGCHLD,) + ((signal.SIGUSR1,) if hooks.reload is not None else ())
         self.stopping = False
-        self.deaths: list[float] = []
+        self.deaths = _Deaths()
         self.pid = os.getpid()  # for the workers: os.getppid() there may already be another process
 
     def run(self, listener: Listener) -> None:
@@ -194,10 +227,7 @@ class Supervisor:
             self.stop()
             return
         how = f"signal {-code}" if code < 0 else f"exit status {code}"
-        log.error("worker %d (pid %d) died (%s); starting a new one", number, pid, how)
-        now = time.monotonic()
-        self.deaths = [t for t in self.deaths if now - t < _RESPAWN_WINDOW] + [now]
-        if len(self.deaths) > _RESPAWN_BURST:
+        if self.deaths.died(f"worker {number} (pid {pid}) died ({how})"):
             time.sleep(1.0)  # a worker that dies at once must not turn into a fork loop
         if not self.stopping:
             self._spawn(number)
