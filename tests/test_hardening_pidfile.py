@@ -171,3 +171,36 @@ def test_a_pid_file_replaced_while_serving_is_left_at_stop(tclrun, tmp_path, pid
     m.wait_for(re.escape(f"pid file {pidfile} is not the one we wrote any more; leaving it"), since=0)
     assert state(pidfile) == before
     assert state(target) == target_before
+
+
+EXITS_WHILE_SERVING = r"""
+package require TclMilter
+set marker [lindex $argv 0]
+proc leave {} {  ;# the first process to get here exits 3: with --workers, one worker once
+    if {![file exists $::marker]} { close [open $::marker w]; exit 3 }
+}
+after 200 leave
+milter main
+"""
+
+
+def test_tcl_exit_while_serving_removes_the_pid_file(tclrun, piddir):
+    """Tcl's exit ends the process at once (os._exit): it removed the socket but left the pid
+    file, which docs/cli.md says is removed at exit."""
+    pidfile = piddir / "milter.pid"
+    sock = piddir / "milter.sock"
+    m = tclrun(EXITS_WHILE_SERVING, "--pidfile", str(pidfile), connection=f"unix:{sock}",
+               args=[str(piddir / "marker")])
+    assert m.wait_exit(15) == 3, m.text
+    assert not os.path.lexists(sock)
+    assert not os.path.lexists(pidfile), "the pid file of a process that exited was left behind"
+
+
+def test_a_worker_that_calls_exit_leaves_the_supervisors_pid_file(tclrun, piddir):
+    pidfile = piddir / "milter.pid"
+    m = tclrun(EXITS_WHILE_SERVING, "--pidfile", str(pidfile), "--workers", "2", connection=TCP,
+               args=[str(piddir / "marker")])
+    m.wait_for(r"worker \d \(pid \d+\) died \(exit status 3\); starting a new one", since=0)
+    assert pidfile.read_text() == f"{m.child.pid}\n"
+    assert m.stop() == 0
+    assert not os.path.lexists(pidfile)

@@ -39,6 +39,7 @@ class PidFile:
         self.claimed = False
         self._where: tuple[int, str] | None = None  # directory descriptor and name while ours
         self._ident: tuple[int, int] | None = None
+        self._pid = 0  # the process that wrote it: a --workers worker's exit leaves it to that one
 
     def claim(self) -> None:
         """Write our pid; OSError whose text says why not."""
@@ -54,8 +55,8 @@ class PidFile:
             if fd is None:
                 raise self._refused("appeared while starting; refusing to replace it")
             try:
-                self._ident = ident(os.fstat(fd))
-                os.write(fd, f"{os.getpid()}\n".encode())
+                self._ident, self._pid = ident(os.fstat(fd)), os.getpid()
+                os.write(fd, f"{self._pid}\n".encode())
             except OSError as exc:
                 raise self._cannot(exc) from None  # an empty file stays: stale at the next start
             finally:
@@ -67,7 +68,7 @@ class PidFile:
 
     def release(self) -> None:
         """Remove the file if the name still holds ours (a warning in the log otherwise)."""
-        if self._where is None:
+        if self._where is None or os.getpid() != self._pid:
             return
         (dirfd, name), self._where = self._where, None
         try:

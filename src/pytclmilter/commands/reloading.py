@@ -12,7 +12,7 @@ is logged as ``pytclmilter check`` reports it. The process may have dropped its 
 from __future__ import annotations
 
 import asyncio
-
+import functools
 import gc
 import logging
 import tkinter
@@ -41,13 +41,23 @@ class LoadFailed(Exception):
         self.detail = detail
 
 
+#: Tcl's exit once a generation serves (or, the first one, runs): ends the process.
+Exit = Callable[[TclHost, int], None]
+
+
 class Generations:
     """The script ``run`` serves: :attr:`current`, replaced by :meth:`reload` (Hooks.reload)."""
 
-    def __init__(self, script: str, load: Load) -> None:
+    def __init__(self, script: str, load: Load, exit_process: Exit = TclHost.exit_process) -> None:
         self.script = script
         self._load = load
-        self.current = load(None)
+        self._exit_process = exit_process
+        self.current = self._ends_the_process(load(None))
+
+    def _ends_the_process(self, host: TclHost) -> TclHost:
+        """From now on Tcl's exit in ``host`` ends the process (``exit_process``)."""
+        host.on_exit = functools.partial(self._exit_process, host)
+        return host
 
     def reload(self) -> None:
         """Load the next generation and serve new connections with it, or log why not."""
@@ -87,8 +97,7 @@ class Generations:
             host.close()
             raise
         host.loading = False
-        host.on_exit = host.exit_process  # from now on Tcl's exit ends the process, as at start
-        return host
+        return self._ends_the_process(host)  # as at start
 
     def _failed(self, current: TclHost, number: int, exc: Exception) -> None:
         current.milter.stats.reloads_failed += 1

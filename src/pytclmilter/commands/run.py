@@ -185,7 +185,12 @@ def cmd_run(opts: argparse.Namespace) -> int:
         host.set_argv(opts.script, argv)
         return host
 
-    scripts = Generations(opts.script, load)
+    def exit_process(host: TclHost, code: int) -> None:
+        """Tcl's exit: the pid file goes first (the process ends without unwinding to cleanup)."""
+        daemon.cleanup()
+        host.exit_process(code)
+
+    scripts = Generations(opts.script, load, exit_process)
     daemon = Daemon(scripts.current.milter, opts)
     try:
         waiting = scripts.current.start(opts.script)
