@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import io
 import logging
 import os
 import re
 import socket
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -16,7 +19,7 @@ import pytest
 
 from pytclmilter import logline
 from pytclmilter.commands.logs import STDERR_FORMAT, CoalescingStreamHandler, LeanLogRecord, LineFormatter
-from support.tclrun import tclrun_factory
+from support.tclrun import child_env, tclrun_factory
 
 tclrun = pytest.fixture(tclrun_factory, name="tclrun")
 
@@ -444,3 +447,42 @@ def test_both_paths_write_the_same_line_and_logging_guards_what_was_not_escaped(
     lines = stream.getvalue().splitlines()
     assert lines[0] == lines[1] and lines[0].endswith(r" INFO: conn#1: from=<a\x1b[2J@x>\nINFO: forged")
     assert lines[2].endswith(r" INFO: conn#1: from=<a\x1b[2J@x>") and lines[3] == "  INFO: forged"
+
+# `pytclmilter run` as the command line runs it, with its syslog socket (/dev/log) the test's own.
+RUN_WITH_SYSLOG_AT = ("import sys; from pytclmilter.commands import logs; logs.SYSLOG_SOCKET = sys.argv[1]; "
+                      "from pytclmilter.cli import main; sys.exit(main(sys.argv[2:]))")
+
+
+@pytest.mark.parametrize("why", ["script", "usage"])
+def test_with_syslog_the_reason_run_ends_is_in_the_log_too(tmp_path, why) -> None:  # type: ignore[no-untyped-def]
+    """--syslog: a start that fails (a socket it cannot make, an unknown --user) logs why, with
+    errorInfo; before, the reason went to stderr alone, which an init script's daemon sends
+    nowhere, and the mail log ended at the "hot path" line."""
+    log_path = tmp_path / "log"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+        sock.bind(str(log_path))
+        script = tmp_path / "s.tcl"
+        script.write_text("milter main\n")
+        where = f"{tmp_path}/missing/m.sock"
+        options = ["--user", "no-such-user"] if why == "usage" else []
+        proc = subprocess.run([sys.executable, "-c", RUN_WITH_SYSLOG_AT, str(log_path), "run", str(script),
+                               "--syslog", "--connection", f"unix:{where}", *options],
+                              env=child_env(), capture_output=True, text=True, timeout=60)
+        sock.setblocking(False)
+        records = []
+        with contextlib.suppress(BlockingIOError):
+            while True:
+                records.append(sock.recv(65536)[:-1].decode())
+    pid = r"pytclmilter\[\d+\]"
+    if why == "usage":
+        assert proc.returncode == 64, proc.stderr
+        assert any(re.fullmatch(rf'<19>{pid}: ERROR: exiting: pytclmilter run: --user: no such user '
+                                r'"no-such-user"', r) for r in records), records
+        return
+    assert proc.returncode == 1, proc.stderr
+    failed = next((r for r in records if "ERROR: exiting:" in r), None)
+    assert failed is not None, records
+    lines = failed.split("\n")
+    assert re.fullmatch(rf"<19>{pid}: ERROR: exiting: milter main: cannot listen on unix:{re.escape(where)}: "
+                        "No such file or directory", lines[0]), lines
+    assert lines[1:3] == ["    while executing", '  "milter main"'], lines  # errorInfo, indented

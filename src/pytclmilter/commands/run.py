@@ -16,7 +16,7 @@ from typing import Callable, NamedTuple
 from ..compiled import describe
 from ..connspec import ConnSpec
 from ..hooks import Hooks
-from ..logline import escape
+from ..logline import escape, escape_lines
 from ..milter import Milter
 from ..tcl.interp import TclHost
 from .common import UsageError, add_script_options, make_host
@@ -148,6 +148,24 @@ def raise_fd_limit() -> None:
 
 def cmd_run(opts: argparse.Namespace) -> int:
     setup_logging(opts.log_level, opts.syslog)
+    try:
+        return _serve(opts)
+    except UsageError as exc:
+        if opts.syslog:
+            _log_failure(f"pytclmilter run: {exc}")
+        raise  # (and on stderr: cli.main)
+
+
+def _log_failure(text: str) -> None:
+    """What ends ``run`` (printed on stderr) in the log too: with --syslog, stderr may go nowhere
+    (an init script's daemon), and the mail log would not say why the filter is gone. A Tcl
+    error's errorInfo follows its first line, as a callback's does."""
+    message, _, detail = text.partition("\n")
+    log.error("exiting: %s%s", escape(message), "\n" + escape_lines(detail) if detail else "")
+
+
+def _serve(opts: argparse.Namespace) -> int:
+    """``run`` once logging is set up: load the script, serve, carry on after `milter main`."""
     log.info("%s", describe())
     raise_fd_limit()
     # A reload (SIGUSR1) before the milter serves has nothing to replace: not the end of the process.
@@ -198,7 +216,10 @@ def cmd_run(opts: argparse.Namespace) -> int:
             result = scripts.current.command.serve()
             waiting = scripts.current.resume(result)  # a reload may have replaced the script meanwhile
     except tkinter.TclError:
-        print(scripts.current.error_info(), file=sys.stderr)
+        info = scripts.current.error_info()
+        print(info, file=sys.stderr)
+        if opts.syslog:
+            _log_failure(info)
         return 1
     finally:
         daemon.cleanup()
