@@ -289,3 +289,43 @@ def hold_both_workers(m: TclRun, held: dict[int, Mta]) -> list[int]:
             held[pid] = mta
             new.append(pid)
     return new
+
+
+def test_clients_that_trickle_bytes_cannot_hold_the_scrape_slots(tclrun) -> None:  # type: ignore[no-untyped-def]
+    """MAX_SCRAPES clients each sending a byte of a request line every 2 s (never 10 s of
+    silence) held every slot for as long as they liked: each scrape was closed unanswered. A
+    scrape now has SCRAPE_TIMEOUT in all; then its connection is shut down, and scrapes work."""
+    import contextlib
+    import select
+    import socket
+    from urllib.parse import urlsplit
+
+    from pytclmilter.metrics import MAX_SCRAPES, SCRAPE_TIMEOUT
+
+    m = tclrun(SCRIPT, "--metrics", "inet:0@127.0.0.1")
+    url = m.wait_for(METRICS, since=0).group(1)
+    where = urlsplit(url)
+    tricklers = [socket.create_connection((where.hostname, where.port), timeout=5) for _ in range(MAX_SCRAPES)]
+    try:
+        open_ = list(tricklers)
+        deadline = time.monotonic() + 3 * SCRAPE_TIMEOUT
+        while open_ and time.monotonic() < deadline:
+            for s in open_:
+                s.send(b"G")
+            ended, _, _ = select.select(open_, [], [], 2)  # EOF (or a reset): the filter shut it down
+            for s in ended:
+                with contextlib.suppress(OSError):
+                    assert s.recv(1) == b""
+                open_.remove(s)
+        assert not open_, f"{len(open_)} trickling clients still hold their scrape slots"
+        while True:  # (a slot is free once its thread has ended, just after the client saw EOF)
+            try:
+                assert value(scrape(url), "pytclmilter_generation") == 1
+                break
+            except (urllib.error.URLError, ConnectionError):
+                assert time.monotonic() < deadline, "no scrape answered after the slots were freed"
+                time.sleep(0.1)
+    finally:
+        for s in tricklers:
+            s.close()
+    assert m.stop() == 0

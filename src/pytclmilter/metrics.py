@@ -14,8 +14,9 @@ supervisor adds its counters to a running total before its slot is cleared for t
 replacement, and forgets its gauge (its connections are gone).
 
 The HTTP side is bounded: one thread accepts, at most :data:`MAX_SCRAPES` threads answer, a
-scraper that sends nothing is dropped after :data:`SCRAPE_TIMEOUT` seconds, and a connection
-beyond that is closed at once (with a warning at most once a minute). It runs apart from the
+scrape has :data:`SCRAPE_TIMEOUT` seconds in all to send its request and read the answer (then
+its connection is shut down: a client that trickles a byte now and then cannot hold a slot),
+and a connection beyond that is closed at once (with a warning at most once a minute). It runs apart from the
 event loop, which it never blocks; rendering takes the GIL for about a millisecond.
 """
 
@@ -212,9 +213,13 @@ class _Server(ThreadingMixIn, WSGIServer):
             raise
 
     def process_request_thread(self, request: Any, client_address: Any) -> None:
+        deadline = threading.Timer(SCRAPE_TIMEOUT, _cut, (request,))
+        deadline.daemon = True
+        deadline.start()
         try:
             super().process_request_thread(request, client_address)
         finally:
+            deadline.cancel()
             self._free.release()
 
     def _refuse(self) -> None:
@@ -224,6 +229,14 @@ class _Server(ThreadingMixIn, WSGIServer):
             log.warning("metrics: %d scrapes at once already; %d connection(s) closed unanswered "
                         "(warned at most once a minute)", MAX_SCRAPES, self._refused)
             self._warned, self._refused = now, 0
+
+
+def _cut(request: socket.socket) -> None:
+    """A scrape's time is up: end its connection (the handler's read or write returns)."""
+    try:
+        request.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass  # closed meanwhile: the scrape was done
 
 
 def _app(registry: CollectorRegistry) -> Callable[..., Iterable[bytes]]:
