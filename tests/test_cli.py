@@ -238,6 +238,21 @@ def test_run_group_it_cannot_switch_to_without_root_is_a_usage_error(tmp_path: P
     assert "listening on" not in m.text
 
 
+def test_run_refuses_an_empty_host_rather_than_listen_on_every_address(tmp_path: Path) -> None:
+    """`inet:8891@` (say `inet:8891@$HOST` with HOST unset) is an unknown host to libmilter; it
+    listened on every address, exposing a filter without authentication to the network."""
+    m = TclRun([*PYTCLMILTER, "run", str(STAMP), "--connection", "inet:0@"], cwd=str(tmp_path))
+    try:
+        m.wait_for(r"listening on|pytclmilter run:", 15, advance=False)
+        assert "listening on" not in m.text, m.text
+        assert m.wait_exit() == 64
+        assert 'pytclmilter run: connection "inet:0@": missing host after "@" (inet:PORT alone listens ' \
+               "on every address)" in m.text, m.text
+    finally:
+        if m.alive():
+            m.stop(signal.SIGKILL)
+
+
 def test_run_pidfile_is_written_while_serving_and_removed_at_stop(serve: Callable[..., TclRun],
                                                                   tmp_path: Path) -> None:
     pidfile = tmp_path / "stamp.pid"

@@ -58,8 +58,10 @@ def parse(spec: str) -> ConnSpec:
         return ConnSpec("unix", path=rest)
     if proto not in ("inet", "inet6"):
         raise ConnSpecError(f'connection "{spec}": unknown socket type "{proto}": must be unix, local, inet or inet6')
-    port_text, _, host = rest.partition("@")
+    port_text, at, host = rest.partition("@")
     port = _port(port_text, spec)
+    if at and not host:  # libmilter: an unknown host name. Not every address: a typo or an empty $HOST
+        raise ConnSpecError(f'connection "{spec}": missing host after "@" (inet:PORT alone listens on every address)')
     return ConnSpec(proto, host=_host(host, proto, spec) if host else None, port=port)
 
 
