@@ -486,3 +486,30 @@ def test_with_syslog_the_reason_run_ends_is_in_the_log_too(tmp_path, why) -> Non
     assert re.fullmatch(rf"<19>{pid}: ERROR: exiting: milter main: cannot listen on unix:{re.escape(where)}: "
                         "No such file or directory", lines[0]), lines
     assert lines[1:3] == ["    while executing", '  "milter main"'], lines  # errorInfo, indented
+
+
+def test_while_syslog_cannot_be_reached_stderr_says_so_once_and_the_loss_is_counted(
+        syslog_socket, tmp_path, capsys) -> None:  # type: ignore[no-untyped-def]
+    """--syslog with its daemon gone (restarting, stopped): one line on stderr, not logging's
+    traceback of some 18 lines for every log line (a verdict line a message); the first line
+    that gets through again is followed by how many were lost."""
+    from pytclmilter.commands import logs
+
+    log = logging.getLogger("pytclmilter")
+    log.info("before")
+    assert syslog_socket.recv(65536).endswith(b"INFO: before\0")
+    syslog_socket.close()
+    os.unlink(tmp_path / "log")  # the syslog daemon is gone
+    for n in range(3):
+        log.info("lost %d", n)
+    err = capsys.readouterr().err
+    assert err == (f"pytclmilter: cannot log to {logs.SYSLOG_SOCKET}: No such file or directory; log lines "
+                   "are lost (and counted) until it can be reached again\n"), err
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as back:  # ... and back
+        back.bind(str(tmp_path / "log"))
+        back.settimeout(5)
+        log.info("after")
+        assert back.recv(65536).endswith(b"INFO: after\0")
+        assert back.recv(65536).endswith(
+            f"WARNING: 3 log lines were lost while {logs.SYSLOG_SOCKET} could not be reached\0".encode())
+    assert capsys.readouterr().err == ""

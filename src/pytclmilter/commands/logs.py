@@ -53,8 +53,7 @@ def setup_logging(level: str, syslog: bool = False) -> None:
     if syslog:
         if not os.path.exists(SYSLOG_SOCKET):
             raise UsageError(f"--syslog: {SYSLOG_SOCKET} does not exist (is a syslog daemon running?)")
-        handler = logging.handlers.SysLogHandler(
-            address=SYSLOG_SOCKET, facility=logging.handlers.SysLogHandler.LOG_MAIL)
+        handler = SyslogHandler(address=SYSLOG_SOCKET, facility=logging.handlers.SysLogHandler.LOG_MAIL)
         handler.setFormatter(LineFormatter("pytclmilter[%(process)d]: %(levelname)s: %(message)s"))
     else:
         handler = CoalescingStreamHandler(sys.stderr)
@@ -73,6 +72,40 @@ def setup_logging(level: str, syslog: bool = False) -> None:
     if LeanLogRecord.fits():
         logging.setLogRecordFactory(LeanLogRecord)
     logline.set_sink(handler if isinstance(handler, CoalescingStreamHandler) else None)
+
+
+class SyslogHandler(logging.handlers.SysLogHandler):
+    """SysLogHandler that, while syslog cannot be reached (its daemon restarting or stopped),
+    says so once on stderr and counts the lines lost, then says how many in the first line that
+    gets through; logging's own handleError printed a traceback of some 18 lines on stderr for
+    every line, a flood at one verdict line a message."""
+
+    def __init__(self, address: str, facility: int) -> None:
+        super().__init__(address=address, facility=facility)
+        self.lost = 0  # lines not sent since syslog could last be reached
+
+    def emit(self, record: logging.LogRecord) -> None:  # called with self.lock held
+        lost = self.lost
+        super().emit(record)  # (reconnects once if sending fails)
+        if lost and self.lost == lost:  # this one got through: syslog is back
+            self.lost = 0
+            super().emit(logging.LogRecord(record.name, logging.WARNING, _NO_FILE, 0,
+                                           "%d log lines were lost while %s could not be reached", (lost, self.address),
+                                           None))
+
+    def handleError(self, record: logging.LogRecord) -> None:
+        exc = sys.exc_info()[1]
+        if not isinstance(exc, OSError):  # a bug in a call site or a formatter: as logging reports it
+            super().handleError(record)
+            return
+        if not self.lost:
+            try:
+                sys.stderr.write(f"pytclmilter: cannot log to {self.address}: {exc.strerror or exc}; log lines "
+                                 "are lost (and counted) until it can be reached again\n")
+                sys.stderr.flush()
+            except (OSError, ValueError):
+                pass
+        self.lost += 1
 
 
 _NO_FILE = "(unknown file)"  # the caller Logger._log gives a record when _srcfile is None
