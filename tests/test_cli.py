@@ -253,6 +253,34 @@ def test_run_refuses_an_empty_host_rather_than_listen_on_every_address(tmp_path:
             m.stop(signal.SIGKILL)
 
 
+WAITS_FOR_ITS_JOB = r"""
+package require TclMilter
+proc eom {ctx} {
+    $ctx addheader X-Waited [exec sh -c {sleep 0.1 & wait; echo yes}]
+    return SMFIS_CONTINUE
+}
+milter register eom eom
+milter main
+"""
+
+
+def test_run_a_callback_whose_shell_waits_for_its_job_is_answered(tmp_path: Path) -> None:
+    """What a callback execs inherits its signal mask; run blocked SIGCHLD (for the --workers
+    supervisor) in the thread that serves too, so `sh -c {scan & wait}` waited for ever, and the
+    whole milter with it: no answer, not even to SIGTERM."""
+    script = tmp_path / "waits.tcl"
+    script.write_text(WAITS_FOR_ITS_JOB)
+    m = TclRun([*PYTCLMILTER, "run", str(script), "--connection", "inet:0@127.0.0.1"], cwd=str(tmp_path))
+    try:
+        m.wait_listening()
+        status, out = cli("send", "--connection", m.spec or "", str(DATA / "plain.eml"), timeout=20)
+        assert status == 0 and "X-Waited: yes" in out, out
+        assert m.stop() == 0
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(m.child.pid, signal.SIGKILL)  # (the shell too, were it still waiting)
+
+
 def test_run_pidfile_is_written_while_serving_and_removed_at_stop(serve: Callable[..., TclRun],
                                                                   tmp_path: Path) -> None:
     pidfile = tmp_path / "stamp.pid"

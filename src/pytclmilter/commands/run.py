@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import grp
 import logging
 import os
@@ -11,7 +12,7 @@ import resource
 import signal
 import sys
 import tkinter
-from typing import Callable, NamedTuple
+from typing import Callable, Iterator, NamedTuple
 
 from ..compiled import describe
 from ..connspec import ConnSpec
@@ -135,6 +136,22 @@ def _check_unprivileged(uid: int, gid: int) -> None:
                          f"(the process runs as gid {os.getegid()})")
 
 
+@contextlib.contextmanager
+def _sigchld_for_children(milter: Milter) -> Iterator[None]:
+    """SIGCHLD unblocked in this thread while it serves alone (no --workers): the callbacks and
+    timers run here, and what they start inherits the signal mask. With SIGCHLD blocked, a
+    shell's ``wait`` (``exec sh -c {scan & wait}``) waited for ever, and the milter with it. The
+    --workers supervisor keeps it blocked (it waits with sigwaitinfo); its workers unblock it."""
+    if milter.settings.workers > 1:
+        yield
+        return
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, (signal.SIGCHLD,))
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_BLOCK, (signal.SIGCHLD,))
+
+
 def raise_fd_limit() -> None:
     """Every connection is a file descriptor: lift the soft limit to the hard one (systemd's soft
     default of 1024 would refuse connections well before the machine runs out)."""
@@ -213,7 +230,8 @@ def _serve(opts: argparse.Namespace) -> int:
     try:
         waiting = scripts.current.start(opts.script)
         while waiting:  # the script waits in `milter main`: serve, then let it go on
-            result = scripts.current.command.serve()
+            with _sigchld_for_children(scripts.current.milter):
+                result = scripts.current.command.serve()
             waiting = scripts.current.resume(result)  # a reload may have replaced the script meanwhile
     except tkinter.TclError:
         info = scripts.current.error_info()
