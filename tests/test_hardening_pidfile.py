@@ -111,10 +111,11 @@ def test_what_is_not_a_pid_file_is_refused_and_left_alone(tclrun, piddir, kind):
     assert state(pidfile) == before
 
 
-@pytest.mark.parametrize("kind", ["dead", "reused", "empty"])
+@pytest.mark.parametrize("kind", ["dead", "reused", "reused-by-a-tool-naming-it", "empty"])
 def test_a_stale_pid_file_is_replaced_and_removed_at_stop(tclrun, piddir, kind):
     """Ours, a regular file, and its pid runs no pytclmilter: gone, taken by another program
-    since, or nothing written at all (a crash)."""
+    since (also one whose command line names pytclmilter, as `journalctl -u pytclmilter -f`
+    does: before, "already running as pid N" and no start), or nothing written at all (a crash)."""
     pidfile = piddir / "milter.pid"
     other = None
     if kind == "dead":
@@ -122,6 +123,10 @@ def test_a_stale_pid_file_is_replaced_and_removed_at_stop(tclrun, piddir, kind):
         why = f"pid {pid} no longer runs"
     elif kind == "reused":
         other = subprocess.Popen(["sleep", "60"])
+        pid = other.pid
+        why = f"pid {pid} is not a pytclmilter"
+    elif kind == "reused-by-a-tool-naming-it":  # a shell waiting on its stdin, pytclmilter in its argv
+        other = subprocess.Popen(["sh", "-c", "read line  # journalctl -u pytclmilter -f"], stdin=subprocess.PIPE)
         pid = other.pid
         why = f"pid {pid} is not a pytclmilter"
     else:

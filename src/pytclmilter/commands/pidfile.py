@@ -8,7 +8,8 @@ already there is examined as it is:
 
 * a regular file of ours (our effective uid) that is empty (a crash while
   writing) or holds our own pid or the pid of a process that is gone or is not
-  a pytclmilter (the pid was reused): stale, removed and created anew;
+  a pytclmilter (the pid was reused; a pytclmilter is a Python whose command
+  line names it): stale, removed and created anew;
 * the same with the pid of a running pytclmilter: refused, "already running as
   pid N";
 * a symbolic link, anything but a regular file, a file of another user, a file
@@ -145,17 +146,22 @@ class PidFile:
 
 
 def _whose(pid: int) -> str:
-    """Why the pid makes a pid file stale; "" when it is a running pytclmilter (by its command line)."""
+    """Why the pid makes a pid file stale; "" when it is a running pytclmilter: a Python whose
+    command line names pytclmilter (not `journalctl -u pytclmilter` or `vi pytclmilter.tcl`,
+    which may well have the pid of one that crashed)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return f"pid {pid} no longer runs"
     except PermissionError:
         pass  # it runs, as another user
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as f:  # the kernel's file: no one else's name to swap
-            return "" if b"pytclmilter" in f.read() else f"pid {pid} is not a pytclmilter"
+    try:  # the kernel's files: no one else's names to swap
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            if b"pytclmilter" not in f.read():
+                return f"pid {pid} is not a pytclmilter"
+        program = os.path.basename(os.readlink(f"/proc/{pid}/exe"))
     except FileNotFoundError:
         return f"pid {pid} no longer runs"  # ended meanwhile
     except OSError:
         return ""  # cannot tell: take it as running
+    return "" if program.startswith(("python", "pytclmilter")) else f"pid {pid} is not a pytclmilter"
