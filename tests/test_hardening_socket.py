@@ -376,3 +376,63 @@ def test_a_socket_swapped_for_a_symlink_while_starting_never_redirects_chmod_or_
         shutil.rmtree(d, ignore_errors=True)
     print(f"the racer swapped the socket in {swapped} of 50 starts")
     assert swapped >= 25, "the race was not exercised"
+
+
+# Swaps the name, as fast as it can, between a stale socket (a hard link of one) and a symlink to
+# a live socket elsewhere: whatever the probe of a stale socket finds at lstat() may be the
+# other one by the time it connects.
+SWAPPER = r"""
+import os, sys
+folder, live = sys.argv[1], sys.argv[2]
+stale, name = os.path.join(folder, "stale.sock"), os.path.join(folder, "milter.sock")
+print("ready", flush=True)
+i = 0
+while True:
+    i += 1
+    tmp = os.path.join(folder, f"t{i}")
+    os.link(stale, tmp) if i % 2 else os.symlink(live, tmp)
+    os.rename(tmp, name)
+"""
+
+
+def test_the_probe_of_a_stale_socket_never_connects_through_a_symlink_swapped_in(sockdir, tmp_path):
+    """docs/deployment.md: nothing done as root in the socket's directory follows a symlink. The
+    probe that asks a stale socket whether it listens connected by path, so a symlink swapped in
+    after the lstat() sent root's connection to any socket it named (a few in every thousand
+    probes, here). Now it connects through a descriptor of the very socket it saw."""
+    import sys
+
+    from pytclmilter.safepath import open_dir
+    from pytclmilter.unixsocket import _clear_stale
+
+    live = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    live.bind(str(tmp_path / "live"))
+    live.listen(4096)
+    live.setblocking(False)
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.bind(str(sockdir / "stale.sock"))
+    s.close()
+    swapper = subprocess.Popen([sys.executable, "-c", SWAPPER, str(sockdir), str(tmp_path / "live")],
+                               stdout=subprocess.PIPE, text=True)
+    dirfd, name = open_dir(str(sockdir / "milter.sock"))
+    reached = 0
+    try:
+        assert swapper.stdout is not None and swapper.stdout.readline() == "ready\n"
+        for _ in range(20000):
+            try:
+                _clear_stale(dirfd, name, str(sockdir / "milter.sock"))
+            except ConnSpecError:
+                pass  # a symlink, or a socket that changed meanwhile: refused, which is right
+            while True:
+                try:
+                    conn, _ = live.accept()
+                except BlockingIOError:
+                    break
+                conn.close()
+                reached += 1
+    finally:
+        swapper.kill()
+        swapper.wait()
+        os.close(dirfd)
+        live.close()
+    assert reached == 0, f"{reached} probes connected to the live socket a symlink named"

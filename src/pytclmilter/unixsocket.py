@@ -13,7 +13,8 @@ its file; a umask set around bind() gives the mode only, and is process-wide
 (a file a thread of the script creates at that moment gets it too).
 
 What is at the public name beforehand is examined as it is, a link as a link:
-nothing is fine; a socket nobody answers on is stale and removed; a live
+nothing is fine; a socket nobody answers on (asked through a descriptor of that
+very socket, never by its name) is stale and removed; a live
 socket or anything else is refused and left alone. Removals (that stale
 socket at start, ours at stop) check the name and unlink it relative to the
 directory's descriptor; :func:`safepath.remove_if` says what window remains
@@ -88,7 +89,7 @@ def _clear_stale(dirfd: int, name: str, path: str) -> None:
     probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         probe.settimeout(1.0)
-        probe.connect(path)  # sends nothing: whatever answers there is only asked whether it listens
+        _connect_to(probe, dirfd, name, st, path)  # sends nothing: only asks whether it listens
     except OSError as exc:
         if exc.errno not in (errno.ECONNREFUSED, errno.ENOENT):
             raise ConnSpecError(f"cannot check socket {path}: {exc.strerror}") from None
@@ -101,6 +102,20 @@ def _clear_stale(dirfd: int, name: str, path: str) -> None:
     finally:
         probe.close()
     raise ConnSpecError(f"{path} is in use by another process; refusing to replace it")
+
+
+def _connect_to(probe: socket.socket, dirfd: int, name: str, st: os.stat_result, path: str) -> None:
+    """Connect to the very socket ``st`` describes, through a descriptor of it: by its path,
+    a symlink swapped in after the lstat would be followed, and root would connect to whatever
+    socket it names. ConnSpecError when the name holds something else by now (OSError ENOENT
+    when it holds nothing: gone meanwhile)."""
+    fd = os.open(name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dirfd)
+    try:
+        if ident(os.fstat(fd)) != ident(st):
+            raise ConnSpecError(f"{path} changed while starting; refusing to replace it")
+        probe.connect(f"/proc/self/fd/{fd}")
+    finally:
+        os.close(fd)
 
 
 def _bind_private(dirfd: int, name: str, path: str, backlog: int, mode: int | None,
