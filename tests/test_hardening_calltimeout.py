@@ -21,7 +21,7 @@ import pytest
 
 from pytclmilter import CONTINUE, Milter
 from support.engine import make_milter, serving, z
-from support.tclrun import ok, tclrun_factory
+from support.tclrun import TCL_HELPERS, ok, tclrun_factory
 
 tclrun = pytest.fixture(tclrun_factory, name="tclrun")
 
@@ -334,3 +334,30 @@ def test_python_callbacks_that_return_after_their_limit_are_logged_with_their_ti
         pattern = rf"conn#1: {event} callback \S*{event} took 1\.[2-9] s, over the 0.5 s call timeout"
         assert re.search(pattern, warnings), warnings
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+
+
+@pytest.mark.parametrize("seconds", ["1e9", "Inf"])
+def test_a_calltimeout_past_2038_or_infinite_still_answers_callbacks(tclrun, seconds):
+    """Tcl 8.6 holds `interp limit -seconds` in a C int: a deadline past 2038 made every callback
+    fail inside the server ("Fatal error on transport"), and the MTA saw the filter close."""
+    m = tclrun(TCL_STUCK.replace("-calltimeout 1", f"-calltimeout {seconds}"))
+    with m.mta() as mta:
+        mta.negotiate()
+        assert ok(mta.connect())
+        assert mta.mail("<ok@example.org>")[0] == "c"
+        assert full_message(mta)[0] == ("h", b"X-Filtered\0yes\0")
+    assert "Traceback" not in m.text and " ERROR: " not in m.text, m.text
+    assert m.stop() == 0
+
+
+def test_nan_seconds_are_refused_like_a_negative_number(tclrun):
+    m = tclrun(TCL_HELPERS + r"""
+        package require TclMilter
+        T calltimeout {milter configure -calltimeout nan}
+        T grace       {milter configure -grace NaN}
+        exit 0
+    """, connection=None, wait=False)
+    assert m.wait_exit() == 0, m.output
+    r = m.results()
+    assert r["calltimeout"] == 'ERR expected non-negative number but got "nan"'
+    assert r["grace"] == 'ERR expected non-negative number but got "NaN"'

@@ -25,6 +25,8 @@ from ..limits import Limit
 _HANDLER: Final = "::tclmilter::py::limit"
 _monotonic: Final = time.monotonic  # compiled, `time.monotonic` is two look-ups per call
 _NEVER: Final = float("inf")
+#: Tcl 8.6 keeps `interp limit ... -seconds` in a C int: a later second (2038) is refused there.
+_TCL_LAST_SECOND: Final = 2**31 - 1
 
 
 def is_limit_error(message: str, code: Sequence[str]) -> bool:
@@ -110,7 +112,7 @@ class CallLimit(Limit):
             self._call("interp", "limit", self._child, "time", "-seconds", "", "-milliseconds", "")
             self._armed_until = 0.0
             return
-        wall = time.time() + (deadline - _monotonic())
+        wall = min(time.time() + (deadline - _monotonic()), _TCL_LAST_SECOND)  # -calltimeout 1e9, Inf
         ms = int(wall * 1000) + 1
         self._call("interp", "limit", self._child, "time", "-seconds", ms // 1000, "-milliseconds", ms % 1000,
                    "-command", _HANDLER)

@@ -36,10 +36,10 @@ _N = TypeVar("_N", int, float)
 
 
 def _at_least(low: int, convert: Callable[[str], _N], expected: str) -> Callable[[str], _N]:
-    """An option's parser: the value ``convert``ed, refused below ``low`` in Tcl's words."""
+    """An option's parser: the value ``convert``ed, refused below ``low`` (or NaN) in Tcl's words."""
     def parse_value(value: str) -> _N:
         n = convert(value)
-        if n < low:
+        if not n >= low:  # NaN compares false both ways: `-grace nan` would be no grace at all
             raise TclUsageError(f'expected {expected} but got "{value}"')
         return n
     return parse_value
