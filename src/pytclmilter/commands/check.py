@@ -104,7 +104,7 @@ def cmd_check(opts: argparse.Namespace) -> int:
     host.command.end_script_at_main = True  # and nothing after it runs (it may delete sockets)
     host.set_argv(opts.script, list(opts.args) + list(getattr(opts, "rest", [])))
     try:
-        host.source(opts.script)
+        host.start(opts.script)  # the script waits in `milter main` and is never resumed
     except tkinter.TclError as exc:
         if exited.code is None and not host.command.ended_at_main:
             info = host.error_info()

@@ -3,7 +3,8 @@
 The script's ``milter main`` serves on a private unix socket in a temporary
 directory; the MTA side of :mod:`pytclmilter.client` sends the messages there,
 one connection each and one after the other, as an MTA would; then the
-milter stops and ``main`` returns, exactly as in production. One message file
+milter stops, exactly as in production; the script is not resumed after its ``milter main``
+(what follows may delete the production socket). One message file
 gets the full report; a directory of ``.eml`` files or an mbox gets a line per
 message and a summary. ``--compare`` runs a second script the same way and
 lists the messages the two treat differently.
@@ -111,12 +112,20 @@ def _serve(opts: argparse.Namespace, script: str, socket: str,
     host = make_host(script, opts.python, {"-connection": f"unix:{socket}", "-grace": "5"},
                      on_exit=exited, milter_hooks=Hooks(listening=listening))
     host.set_argv(script, list(getattr(opts, "rest", [])))
+    # The script serves as under run, from the `milter main` it waits in, and is never resumed:
+    # what follows (the manual's example deletes the production socket there) must not run when
+    # an admin tries a message. Where Tcl cannot suspend it, it serves inside and ends there.
+    host.command.end_script_at_main = True
     try:
-        host.source(script)
+        if host.start(script):
+            served = host.command.serve()
+            if served[0] == "error":
+                print(f"pytclmilter: {escape(script)}: {escape(served[1])}", file=sys.stderr)
+                return EX_SOFTWARE
     except tkinter.TclError:
         if failed:
             raise failed[0]
-        if exited.code is None:
+        if exited.code is None and not host.command.ended_at_main:
             print(host.error_info(), file=sys.stderr)
             return EX_SOFTWARE
     if failed:

@@ -446,11 +446,16 @@ class TclHost:
         if self.loading:
             return ("error", "milter main: called where Tcl cannot suspend the script (from a command "
                              "implemented in C): a reload cannot load it; restart instead")
-        self.served_inside = True
+        self.served_inside = self.command.main_hook is None
         try:
-            return self.command.serve()
+            return self.command.serve_inside()
         finally:
             self.limit.clear()
+
+    def cancel_script(self, message: str) -> None:
+        """Unwind the script's evaluation where it is, through any `catch` (Tcl's `interp cancel
+        -unwind`): the ``message`` is the error its evaluation ends with."""
+        self.tk.call("interp", "cancel", "-unwind", "--", self.CHILD, message)
 
     def close(self) -> None:
         """Delete the script's interpreter (a script waiting in `milter main` with it: the code

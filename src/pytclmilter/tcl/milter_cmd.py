@@ -92,6 +92,8 @@ OPTIONS: dict[str, Option] = {
 
 SUBCOMMANDS = ("configure", "main", "register", "stop")
 
+_ENDS_HERE = "milter main: the script ends here under check and try"
+
 
 class MilterCommand:
     """Implements ``milter ...`` for one interpreter and its Milter."""
@@ -171,11 +173,11 @@ class MilterCommand:
                                 f"keeps no thread, so the script's {threads} other thread(s) would not be in them: "
                                 "start threads in callbacks, or serve with -workers 1")
         self.main_calls += 1
+        if self.suspend_at_main:
+            raise SuspendAtMain
         if self.main_hook is not None:
             self.main_hook()
             return self._after_main()
-        if self.suspend_at_main:
-            raise SuspendAtMain
         try:
             self._serve()
         finally:
@@ -193,6 +195,20 @@ class MilterCommand:
             return ("error", str(exc))
         return ("ok", "")
 
+    def serve_inside(self) -> tuple[str, str]:
+        """`milter main` where Tcl could not suspend the script: serve here (check: not at all),
+        then return what `milter main` returns, ending the script under check and try."""
+        if self.main_hook is not None:
+            self.main_hook()
+            result = ("ok", "")
+        else:
+            result = self.serve()
+        if result[0] == "ok" and self.end_script_at_main:
+            self.ended_at_main = True
+            self.host.cancel_script(_ENDS_HERE)  # past any `catch` around `milter main`
+            return ("error", _ENDS_HERE)
+        return result
+
     def _serve(self) -> None:
         try:
             self.milter.run()
@@ -204,7 +220,7 @@ class MilterCommand:
     def _after_main(self) -> str:
         if self.end_script_at_main:
             self.ended_at_main = True
-            raise TclUsageError("milter main: the script ends here under check and try")
+            raise TclUsageError(_ENDS_HERE)
         return ""
 
     def _stop(self, args: Sequence[str]) -> str:
