@@ -141,6 +141,22 @@ def test_command_line_overrides_script_settings(tclrun):
     assert cfg["-connection"].startswith("inet:")
 
 
+def test_a_backlog_no_c_int_holds_is_refused_when_set(tclrun):
+    """listen() takes a C int: -backlog 2147483648 was accepted and `milter main` died with a
+    Python traceback (OverflowError); from the command line too."""
+    m = tclrun(TCL_HELPERS + r"""
+        package require TclMilter
+        T big {milter configure -backlog 2147483648}
+        T max {milter configure -backlog 2147483647}
+        exit 0
+    """, connection=None, wait=False)
+    assert m.wait_exit() == 0, m.output
+    assert m.results() == {"big": "ERR integer value too large to represent", "max": "OK "}
+    m = tclrun("package require TclMilter\nmilter main\n", "--backlog", "99999999999999999999", wait=False)
+    assert m.wait_exit() == 64, m.output
+    assert "integer value too large to represent" in m.output and "Traceback" not in m.output, m.output
+
+
 # ---------------------------------------------------------------------------- milter register
 
 

@@ -46,6 +46,17 @@ def _at_least(low: int, convert: Callable[[str], _N], expected: str) -> Callable
 
 
 _positive = _at_least(1, integer, "positive integer")
+
+
+def _c_int(parse: Callable[[str], int]) -> Callable[[str], int]:
+    """``parse``, refusing what a C int cannot hold as Tcl_GetIntFromObj does (listen() takes one)."""
+    def parse_value(value: str) -> int:
+        n = parse(value)
+        if n > 2**31 - 1:
+            raise TclUsageError("integer value too large to represent")
+        return n
+    return parse_value
+
 _non_negative = _at_least(0, integer, "non-negative integer")
 _seconds = _at_least(0, number, "non-negative number")
 
@@ -79,7 +90,7 @@ OPTIONS: dict[str, Option] = {
     "-name": Option("name", True, str),
     "-connection": Option("connection", True, _connection),
     "-timeout": Option("timeout", True, _non_negative),
-    "-backlog": Option("backlog", True, _positive, lambda v: v or max(socket.SOMAXCONN, 20)),
+    "-backlog": Option("backlog", True, _c_int(_positive), lambda v: v or max(socket.SOMAXCONN, 20)),
     "-debuglevel": Option("debuglevel", False, _non_negative),
     # New in pytclmilter:
     "-onerror": Option("on_error", False, _status, lambda v: v.smfis),
