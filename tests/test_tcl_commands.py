@@ -195,6 +195,23 @@ def test_register_query_replace_unregister_and_errors(tclrun):
     assert r["toomany"] == 'ERR wrong # args: should be "milter register event ?callback?"'
 
 
+def test_a_callback_that_is_no_list_is_refused_in_tcls_words(tclrun):
+    """A callback is a command prefix, i.e. a list: one that is not ("a {") was an "internal
+    error" with a Python traceback in the log, and one without words (" ") was too."""
+    m = tclrun(TCL_HELPERS + r"""
+        package require TclMilter
+        proc from {ctx l} { return SMFIS_REJECT }
+        T brace {milter register envfrom "from \{"}
+        T set   {milter register envfrom from}
+        T blank {milter register envfrom " "}
+        T after {milter register envfrom}
+        exit 0
+    """, connection=None, wait=False)
+    assert m.wait_exit() == 0, m.output
+    assert m.results() == {"brace": "ERR unmatched open brace in list", "set": "OK ", "blank": "OK ", "after": "OK "}
+    assert "internal error" not in m.output and "Traceback" not in m.output, m.output
+
+
 RECORDER = TCL_HELPERS + r"""
 package require TclMilter
 # One line per callback: event, context, arguments (formatted per event).

@@ -299,7 +299,7 @@ class TclHost:
         """
         self._callbacks += 1
         command = f"::tclmilter::cb{self._callbacks}"
-        words = self.tk.splitlist(script)
+        words = self.words(script)
         self.tk.call("interp", "alias", "", command, self.CHILD, *words)
         alias = self._command_object(command)
         call = self.tk.call
@@ -329,6 +329,13 @@ class TclHost:
             return tcl_status(result)
 
         return run
+
+    def words(self, script: str) -> tuple[str, ...]:
+        """A command prefix as its words; TclUsageError with Tcl's message if it is no list."""
+        try:
+            return tuple(self.tk.splitlist(script))
+        except tkinter.TclError as exc:
+            raise TclUsageError(str(exc)) from None
 
     def _body_callback(self, command: str, words: Sequence[str], alias: Any) -> Callable[..., Any]:
         """callback()'s run() for body blocks: ASCII as it is, others as the bytes Tcl keeps their

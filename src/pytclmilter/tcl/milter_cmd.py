@@ -249,7 +249,7 @@ class MilterCommand:
             current = registry.tcl_callback(event)
             return current.name if current else ""
         script = args[1]
-        if script == "":
+        if script == "" or not self.host.words(script):  # {} or " ": no command to call
             registry.replace_tcl(event, None)
         else:
             registry.replace_tcl(event, Callback(self.host.callback(script, event), "tcl", script, self.host.limit))
