@@ -361,3 +361,23 @@ def test_nan_seconds_are_refused_like_a_negative_number(tclrun):
     r = m.results()
     assert r["calltimeout"] == 'ERR expected non-negative number but got "nan"'
     assert r["grace"] == 'ERR expected non-negative number but got "NaN"'
+
+
+def test_the_code_after_milter_main_runs_without_the_callbacks_limit(tclrun):
+    """docs/tcl-reference.md listed as a known issue that the code after `milter main` got only
+    -calltimeout seconds once callbacks had run; it runs unbounded, as the script's own code."""
+    m = tclrun(r"""
+package require TclMilter
+milter configure -calltimeout 0.5
+proc from {ctx list} { after 10 {milter stop}; return SMFIS_CONTINUE }
+milter register envfrom from
+milter main
+after 1500
+puts "after main: done"
+""")
+    with m.mta() as mta:
+        mta.negotiate()
+        assert ok(mta.connect())
+        assert mta.mail("<ok@example.org>")[0] == "c"
+    assert m.wait_exit(15) == 0, m.output
+    assert "after main: done" in m.output and "limit exceeded" not in m.output, m.output
