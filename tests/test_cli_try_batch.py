@@ -12,12 +12,14 @@ import hashlib
 import mailbox
 import os
 import re
+import socket
 from pathlib import Path
 
 from test_cli import BLACKLIST, DATA, GREYLIST, GREYLIST_STORE, PYTCLMILTER, ROOT, STAMP, cli
 from support.tclrun import child_env
 
 import pexpect
+import pytest
 
 #: blacklist.tcl without friend@public.com: differs from the original on blacklisted-from.eml only.
 LENIENT_BLACKLIST = BLACKLIST.read_text().replace("    friend@public.com\n", "")
@@ -275,3 +277,21 @@ def test_try_batch_usage_errors(tmp_path: Path) -> None:
     status, out = cli("try", str(BLACKLIST), str(tmp_path / "nowhere"))
     assert status == 66 and "nowhere: No such file or directory" in out
     assert os.listdir(d) == ["plain.eml"]
+
+
+@pytest.mark.parametrize("option", ["-workers 4", "-metrics inet:{port}@127.0.0.1"])
+def test_try_a_production_script_with_workers_or_metrics(tmp_path: Path, option: str) -> None:
+    """A production script may set -workers (try then forked serving processes that the
+    conversation never reached: it waited forever) or -metrics on the port the running daemon
+    holds (`milter main` failed: "Address already in use", exit 70). try overrides both."""
+    with socket.socket() as taken:  # the production daemon's metrics port
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        script = tmp_path / "production.tcl"
+        script.write_text("package require TclMilter 1.0\n"
+                          f"milter configure {option.format(port=taken.getsockname()[1])}\n"
+                          "proc ef {ctx from} { return SMFIS_REJECT }\n"
+                          "milter register envfrom ef\nmilter main\n")
+        status, out = cli("try", str(script), str(DATA / "plain.eml"), timeout=30)
+    assert "verdict: reject at envfrom" in out, out
+    assert status == 1, out

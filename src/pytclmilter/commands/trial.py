@@ -40,6 +40,11 @@ from .logs import setup_logging
 #: Exit statuses of a batch and of --compare (docs/cli.md); a single message exits with its verdict.
 ALL_TRIED, DIFFER, NOT_ALL_TRIED = 0, 1, 2
 
+#: The script's options try overrides besides -connection: what would fork the serving processes
+#: (the conversation talks to this process, so a try of a -workers script waited forever) or
+#: bind the production daemon's metrics port (taken while it runs: `milter main` failed).
+TRY_OVERRIDES: dict[str, str | None] = {"-grace": "5", "-workers": "1", "-metrics": ""}
+
 #: What is called for each message of a batch: its number, the item, and the script's verdict
 #: (None when the message was not tried).
 OnMessage = Callable[[int, Item, str, Verdict | None], None]
@@ -109,7 +114,7 @@ def _serve(opts: argparse.Namespace, script: str, socket: str,
     def listening(spec: ConnSpec) -> None:
         asyncio.ensure_future(converse(spec))
 
-    host = make_host(script, opts.python, {"-connection": f"unix:{socket}", "-grace": "5"},
+    host = make_host(script, opts.python, TRY_OVERRIDES | {"-connection": f"unix:{socket}"},
                      on_exit=exited, milter_hooks=Hooks(listening=listening))
     host.set_argv(script, list(getattr(opts, "rest", [])))
     # The script serves as under run, from the `milter main` it waits in, and is never resumed:
