@@ -406,6 +406,32 @@ def test_numbers_are_not_statuses(tclrun):
     assert got == {"literal": "c", "expr": "c", "string": "c"}, m.text
 
 
+def test_a_long_result_that_is_no_status_is_logged_by_its_start(tclrun):
+    """The manual's advice, collecting the body with setpriv, without a `return`: the callback's
+    result is the body so far. It was logged whole for every block (a 10 MB message: some 800 MB
+    of log, the mail's content in it); now its first 60 characters and its length."""
+    m = tclrun(r"""
+        package require TclMilter
+        proc body {ctx block} {
+            if {[catch {$ctx getpriv body} sofar]} { set sofar "" }
+            $ctx setpriv body "$sofar$block"
+        }
+        milter register body body
+        milter main
+    """)
+    block = b"confidential line\r\n" * 3000  # 57000 bytes
+    with m.mta() as mta:
+        mta.negotiate()
+        steps = mta.message(body=block * 3)
+    assert m.stop() == 0
+    assert steps["eom"][-1][0] in ("a", "c"), steps  # treated as continue: the message goes through
+    warnings = [ln for ln in m.text.splitlines() if "not a status" in ln]
+    assert len(warnings) == 3, m.text[-2000:]
+    for line in warnings:
+        assert len(line) < 400, line[:400]
+        assert 'returned "' + "confidential line\\r\\n" * 3 in line and "...\" (" in line, line
+
+
 # ---------------------------------------------------------------------------- the context command
 
 

@@ -106,6 +106,12 @@ def _to_tcl(value: Any) -> Any:
     return value
 
 
+#: Characters of a result that is no status quoted in the log line, as a refused string is quoted
+#: in an error (context.shown): a body callback ending in `$context setpriv body "$sofar$block"`
+#: returns the body so far, which would be logged whole for every block.
+_SHOWN: Final = 60
+
+
 class NotAStatus:
     """A callback result that is no SMFIS_* name: the engine logs it and continues."""
 
@@ -115,7 +121,9 @@ class NotAStatus:
         self.text = text
 
     def __repr__(self) -> str:
-        return f'"{self.text}"'
+        if len(self.text) <= _SHOWN:
+            return f'"{self.text}"'
+        return f'"{self.text[:_SHOWN]}..." ({len(self.text)} characters)'
 
 
 _STATUS_BY_NAME: Final = {s.smfis: s for s in Status} | {"": Status.CONTINUE}
