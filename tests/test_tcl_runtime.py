@@ -291,6 +291,52 @@ def test_unregister_and_register_at_run_time(tclrun):
     assert m.results()["after-unregister"] == ""
 
 
+def test_callbacks_registered_per_message_work_and_do_not_pile_up(tclrun):
+    """Registering in a callback, once per message, as the manual allows: each registration made
+    a new alias (two for body) that was never deleted, so a long-running milter kept growing. The
+    callbacks registered so (also the one re-registering itself while it runs) work."""
+    m = tclrun(TCL_HELPERS + r"""
+        package require TclMilter
+        proc from {ctx list} {
+            milter register envfrom from          ;# itself, while it runs
+            milter register body [list collect [lindex $list 0]]
+            return SMFIS_CONTINUE
+        }
+        proc collect {sender ctx block} { R body "$sender [string length $block]"; return SMFIS_CONTINUE }
+        milter register envfrom from
+        milter register body {collect none}  ;# so that the MTA sends the body
+        milter main
+    """)
+    with m.mta() as mta:
+        mta.negotiate()
+        for n in range(3):
+            steps = mta.message(sender=f"<s{n}@example.org>", body="caf\u00e9\r\n".encode())
+            assert steps["mail"] == ("c", {})
+    assert m.stop() == 0
+    assert [ln.rstrip() for ln in m.text.splitlines() if ln.startswith("R\tbody")] == [
+        f"R\tbody\t<s{n}@example.org> 6" for n in range(3)]
+
+
+def test_replaced_and_unregistered_callbacks_leave_no_command_behind() -> None:
+    from pytclmilter.tcl.interp import TclHost
+
+    host = TclHost()
+    host.child_call("proc", "cb", "args", "return SMFIS_CONTINUE")
+
+    def aliases() -> int:
+        return len(host.tk.splitlist(host.tk.call("interp", "aliases", "")))
+
+    before = aliases()
+    for n in range(200):
+        host.child_call("milter", "register", "body", f"cb {n}")
+        host.child_call("milter", "register", "eom", "cb")
+    assert aliases() == before + 3  # the body callback's two, the eom callback's one
+    host.child_call("milter", "register", "body", "")
+    host.child_call("milter", "register", "eom", "")
+    assert aliases() == before
+    host.close()
+
+
 # ---------------------------------------------------------------------------- errors
 
 

@@ -188,6 +188,7 @@ class TclHost:
         self._outgoing = self._command_object("::tclmilter::py::outgoing")
         self.limit = CallLimit(self.tk.call, self._create, self.CHILD, self.milter.shared)
         self._callbacks = 0
+        self._aliases: dict[str, list[str]] = {}  # event -> its Tcl callback's aliases (callback())
         self.pycommands = PythonCommands(self.tk.call, self._create, self.CHILD, self.limit, self.milter)
         self.pycommands.attach(self.milter.tcl_commands)
         self.milter.script = self.pycommands
@@ -299,15 +300,30 @@ class TclHost:
             ctx.host_data = None
 
     def callback(self, script: str, event: str = "") -> Callable[..., Any]:
-        """A Python callable that runs a Tcl command prefix with the context and event arguments.
+        """A Python callable that runs a Tcl command prefix with the context and event arguments;
+        it replaces the event's previous one, whose aliases are deleted (forget_callback).
 
         The prefix is reached through an alias in the main interpreter, so each call is a direct
         invocation across interpreters with no script text parsed. The engine holds it to
         -calltimeout with ``self.limit`` (registered as its Callback's limit).
         """
+        words = self.words(script)
         self._callbacks += 1
         command = f"::tclmilter::cb{self._callbacks}"
-        words = self.words(script)
+        run = self._new_callback(command, words, event)
+        self.forget_callback(event)
+        self._aliases[event] = [command, f"{command}_8bit"] if event == "body" else [command]
+        return run
+
+    def forget_callback(self, event: str) -> None:
+        """Delete the aliases of the event's Tcl callback, replaced or unregistered: a script that
+        registers per message (`milter register body [list collect $id]`) would otherwise add
+        commands to the interpreter for as long as the milter runs."""
+        for name in self._aliases.pop(event, ()):
+            self.tk.call("interp", "alias", "", name, "")
+
+    def _new_callback(self, command: str, words: tuple[str, ...], event: str) -> Callable[..., Any]:
+        """callback()'s callable, through a new alias ``command`` to the prefix ``words``."""
         self.tk.call("interp", "alias", "", command, self.CHILD, *words)
         alias = self._command_object(command)
         call = self.tk.call

@@ -251,6 +251,7 @@ class MilterCommand:
         script = args[1]
         if script == "" or not self.host.words(script):  # {} or " ": no command to call
             registry.replace_tcl(event, None)
+            self.host.forget_callback(event)
         else:
             registry.replace_tcl(event, Callback(self.host.callback(script, event), "tcl", script, self.host.limit))
         return ""
