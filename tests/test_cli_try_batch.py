@@ -295,3 +295,17 @@ def test_try_a_production_script_with_workers_or_metrics(tmp_path: Path, option:
         status, out = cli("try", str(script), str(DATA / "plain.eml"), timeout=30)
     assert "verdict: reject at envfrom" in out, out
     assert status == 1, out
+
+
+def test_try_escapes_terminal_controls_in_the_report_of_one_message(tmp_path: Path) -> None:
+    """As the lines of a batch (above), the report of one message shows an untrusted message's
+    control characters escaped: they reached the terminal as they were (here: set the window
+    title, clear the screen), tabs and line ends excepted."""
+    message = tmp_path / "evil.eml"
+    message.write_bytes(b"From: mallory@example.com\r\nTo: bob@example.com\r\n"
+                        b"Subject: hi\x1b]0;owned\x07\r\nX-Tab: a\tb\r\n\r\nbody\x1b[2J\r\n")
+    status, out = cli("try", str(BLACKLIST), str(message))
+    assert status == 0, out
+    assert "\x1b" not in out and "\x07" not in out, repr(out)
+    assert r"header   Subject: hi\x1b]0;owned\x07 -> " in out, out
+    assert "\nSubject: hi\\x1b]0;owned\\x07\nX-Tab: a\tb\n\nbody\\x1b[2J" in out, out
