@@ -8,6 +8,8 @@ Every test runs a real script under ``pytclmilter run`` and plays the MTA
 
 from __future__ import annotations
 
+import os
+
 import pytest
 from miltertest import constants as K
 
@@ -155,6 +157,28 @@ def test_a_backlog_no_c_int_holds_is_refused_when_set(tclrun):
     m = tclrun("package require TclMilter\nmilter main\n", "--backlog", "99999999999999999999", wait=False)
     assert m.wait_exit() == 64, m.output
     assert "integer value too large to represent" in m.output and "Traceback" not in m.output, m.output
+
+
+def test_a_socket_path_that_is_not_utf8_is_taken(tmp_path):
+    """A path from argv with a byte that is not UTF-8 (a Latin-1 directory name) reaches the
+    script as the bytes rule says; `milter configure -connection` then failed with "internal
+    error: 'utf-8' codec can't encode ..." and a Python traceback in the log."""
+    import subprocess
+    import sys
+
+    from support.tclrun import child_env
+
+    script = tmp_path / "s.tcl"
+    script.write_text("package require TclMilter\n"
+                      "milter configure -connection unix:[lindex $argv 0]\n"
+                      "puts [string length [milter configure -connection]]\n"
+                      "milter main\n")
+    path = bytes(tmp_path) + b"/caf\xe9.sock"
+    done = subprocess.run([sys.executable, "-m", "pytclmilter.cli", "check", str(script), "--", path],
+                          capture_output=True, env=child_env(), timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert b"internal error" not in done.stderr and b"Traceback" not in done.stderr, done.stderr
+    assert done.stdout.startswith(b"%d\n" % len("unix:" + os.fsdecode(path))), done.stdout
 
 
 # ---------------------------------------------------------------------------- milter register

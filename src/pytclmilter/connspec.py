@@ -8,6 +8,7 @@ service, ``inet:PORT`` alone means every address.
 
 from __future__ import annotations
 
+import os
 import re
 import socket
 from dataclasses import dataclass
@@ -53,7 +54,7 @@ def parse(spec: str) -> ConnSpec:
     if proto in ("unix", "local"):
         if not rest:
             raise ConnSpecError(f'connection "{spec}": missing socket path')
-        if len(rest.encode()) + 1 >= _MAX_UNIX_PATH:  # libmilter: strlen + 1 < sizeof(sun_path)
+        if len(os.fsencode(rest)) + 1 >= _MAX_UNIX_PATH:  # libmilter: strlen + 1 < sizeof(sun_path)
             raise ConnSpecError(f'connection "{spec}": socket path longer than {_MAX_UNIX_PATH - 2} bytes')
         return ConnSpec("unix", path=rest)
     if proto not in ("inet", "inet6"):
