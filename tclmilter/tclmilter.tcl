@@ -18,8 +18,9 @@ if {[llength [info commands ::tclmilter::py::milter]]} {
             # waits here until the milter stops, then goes on with the result of serving (see
             # TclHost.start). A reload deletes a waiting script's interpreter: what follows its
             # `milter main` never runs. Called where Tcl cannot suspend the script (from a command
-            # implemented in C), the milter serves inside this call instead.
-            if {[info coroutine] eq "" || [catch {yield main} r]} {
+            # implemented in C), the milter serves inside this call instead; so it does in a
+            # coroutine of the script's own, whose yield would return to the script, not the host.
+            if {[info coroutine] ne "::tclmilter::py::script" || [catch {yield main} r]} {
                 set r [::tclmilter::py::serve]
             }
         }

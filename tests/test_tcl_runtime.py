@@ -195,6 +195,25 @@ def test_stop_from_a_secondary_thread(tclrun):
         assert r[f"thread-{cmd}"].startswith("ERR "), r
 
 
+def test_main_called_in_a_coroutine_of_the_script_serves(tclrun):
+    """`milter main` suspends the script by yielding from the host's coroutine; called in a
+    coroutine of the script's own, the yield returned to the script instead: `run` went on
+    after it without ever listening, and exited 0."""
+    m = tclrun(r"""
+        package require TclMilter
+        proc from {ctx list} { return SMFIS_REJECT }
+        milter register envfrom from
+        proc start {} { milter main; puts "main returned" }
+        coroutine starter start
+        puts "script end"
+    """)
+    with m.mta() as mta:
+        mta.negotiate()
+        assert mta.mail("<a@example.org>") == ("r", {})
+    assert m.stop() == 0
+    assert m.text.index("listening on") < m.text.index("main returned") < m.text.index("script end")
+
+
 def test_main_called_twice_serves_again(tclrun):
     """``milter main`` after a ``milter stop`` must serve again until the next stop.
 
