@@ -83,19 +83,9 @@ def shown(s: str) -> str:
 
 
 def printable(s: str) -> str:
-    """Text for a terminal: bytes that are not UTF-8 (surrogate escapes) as \\xNN, and control
-    characters other than newline and tab escaped as the log escapes them: the message is
-    untrusted, and an escape sequence in it must not reach the terminal (as for batch lines)."""
-    s = s.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
-    if s.isprintable():
-        return s
-    return "\n".join(_controls_escaped(line) for line in s.split("\n"))
-
-
-def _controls_escaped(line: str) -> str:
-    if line.isprintable():
-        return line
-    return "".join(c if c == "\t" or c.isprintable() else escape(c) for c in line)
+    """Text for a terminal: bytes that are not UTF-8 (surrogate escapes) as \\xNN. Control
+    characters were escaped where the text was put together (shown, wire_text)."""
+    return s.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
 def as_text(outcome: Outcome, result: Result | None) -> str:
