@@ -146,11 +146,29 @@ if {[llength [info commands ::tclmilter::py::milter]]} {
         lmap element [uplevel #0 $args] { encoding convertto identity $element }
     }
 
-    # Let `milter stop` work from secondary threads (TclMilter 1.0 allowed exactly that). The
-    # host loads this package first in the script's interpreter: as the first in its thread to
-    # run a thread:: command, it is the one where Thread evaluates what threads send here.
-    if {![catch {package require Thread}]} {
+    # Thread evaluates what threads send to this thread in the interpreter that ran the
+    # thread's first thread:: command, for as long as the process lives (it never learns that an
+    # interpreter was deleted). So the first thread:: or tpool:: command here asks the host
+    # first, which then keeps this interpreter and refuses to replace it by a reload (TclHost
+    # thread_home), or refuses the command if an earlier interpreter holds that place; then it
+    # tells secondary threads where `milter stop` goes (TclMilter 1.0 allowed exactly that).
+    proc ::tclmilter::threads_used {args} {
+        set r [::tclmilter::py::threads]
+        if {[lindex $r 0] ne "ok"} {
+            return -code error [lindex $r 1]
+        }
+        ::tclmilter::trace_threads remove
         tsv::set ::tclmilter main [thread::id]
+    }
+
+    proc ::tclmilter::trace_threads {op} {
+        foreach cmd [concat [info commands ::thread::*] [info commands ::tpool::*]] {
+            trace $op execution $cmd enter ::tclmilter::threads_used
+        }
+    }
+
+    if {![catch {package require Thread}] && [llength [info commands ::tclmilter::py::threads]]} {
+        ::tclmilter::trace_threads add
     }
 } else {
     # A secondary thread or a foreign interpreter: only `milter stop` works here.

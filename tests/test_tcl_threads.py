@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import re
 import shutil
+import signal
 import subprocess
 import textwrap
 from pathlib import Path
@@ -243,3 +244,86 @@ def test_threads_started_before_main_with_workers_fail_loudly(tclrun):
     assert ("milter main: -workers 2 forks the serving processes and a fork keeps no thread, so the script's "
             "1 other thread(s) would not be in them: start threads in callbacks, or serve with -workers 1") in m.text
     assert "listening on" not in m.text
+
+
+# ---------------------------------------------------------------------------- threads and reloads
+#
+# Thread evaluates what threads send to this thread in the interpreter that ran the thread's
+# first thread:: command, for the process's life: a reload must neither delete that interpreter
+# (it crashed with SIGSEGV at the next send) nor let a later script's threads send into it.
+
+STOP_FROM_A_THREAD = r"""
+package require TclMilter 1.0
+proc from {ctx args} {
+    thread::create {package require TclMilter; milter stop}
+    return SMFIS_CONTINUE
+}
+milter register envfrom from
+milter main
+puts "after main"
+"""
+
+
+def test_a_thread_started_after_a_reload_stops_the_milter(tclrun, tmp_path):
+    """Generation 1 never used Thread, so it is replaced; the reloaded script's thread runs
+    `milter stop` (the manual's use of threads) and the milter stops as it would without a reload."""
+    script = tmp_path / "stop.tcl"
+    script.write_text(STOP_FROM_A_THREAD)
+    run = tclrun(script)
+    run.child.kill(signal.SIGUSR1)
+    run.wait_for(r"reload: generation 1 is gone \(its last session is over\); generation 2 serves")
+    with run.mta() as mta:
+        mta.negotiate()
+        mta.connect()
+        assert mta.mail("<someone@example.org>")[0] == "c"
+    assert run.wait_exit(15) == 0, run.output
+    assert "after main" in run.text
+
+
+USES_THREADS = r"""
+package require TclMilter 1.0
+proc helo {ctx host} {
+    set ::main [thread::id]
+    return SMFIS_CONTINUE
+}
+milter register helo helo
+milter configure -onerror SMFIS_TEMPFAIL
+milter main
+"""
+
+
+def test_a_script_that_used_threads_is_kept_and_a_later_one_cannot_use_them(tclrun, tmp_path):
+    """Once generation 1 has used Thread it is not replaced; where it first did so while finishing
+    a session after a reload, its interpreter stays and the new script's thread:: commands fail,
+    saying why, instead of sending into another script's interpreter."""
+    script = tmp_path / "threads.tcl"
+    script.write_text(USES_THREADS)
+    run = tclrun(script)
+    with run.mta() as old:
+        old.negotiate()
+        old.connect()
+        run.child.kill(signal.SIGUSR1)
+        run.wait_for(r"reload: loading generation 2")
+        assert old.helo()[0] == "c"  # generation 1's first thread:: command, after the reload
+        with run.mta() as new:
+            new.negotiate()
+            new.connect()
+            assert new.helo()[0] == "t"
+        run.wait_for(r"the Thread package cannot be used by this script: Thread sends what threads send to "
+                     r"this thread to the interpreter of the first script that used it \(generation 1\)")
+    run.wait_for(r"WARNING: reload: generation 1's interpreter stays for the process's life")
+    run.wait_for(r"reload: generation 1 is gone")
+    run.child.kill(signal.SIGUSR1)  # generation 2 never used Thread: it can be replaced
+    run.wait_for(r"reload: generation 2 is gone \(its last session is over\); generation 3 serves")
+    assert run.stop() == 0
+
+    # a script that used Thread while serving is not replaced
+    run = tclrun(script)
+    with run.mta() as mta:
+        mta.negotiate()
+        mta.connect()
+        assert mta.helo()[0] == "c"
+    run.child.kill(signal.SIGUSR1)
+    run.wait_for(r"ERROR: reload: generation 2 not loaded, generation 1 serves on unchanged: the serving script "
+                 r"has used the Thread package, .* restart instead")
+    assert run.stop() == 0

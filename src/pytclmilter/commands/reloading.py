@@ -112,6 +112,10 @@ class Generations:
         _collect()
 
     def _gone(self, old: TclHost, number: int) -> None:
+        if old.thread_home:  # it ran its first thread:: command while finishing its sessions
+            log.warning("reload: generation %d's interpreter stays for the process's life: its script used "
+                        "the Thread package after the reload, and Thread sends to that interpreter; "
+                        "restart to free it and to use threads in the script", number)
         old.close()
         _collect_until_freed(old)
         log.info("reload: generation %d is gone (its last session is over); generation %d serves",
@@ -122,6 +126,10 @@ def _check_replaceable(current: TclHost) -> None:
     if current.served_inside:
         raise ReloadError("the serving script's `milter main` was called where Tcl cannot suspend a "
                           "script (from a command implemented in C), so it cannot be replaced; restart instead")
+    if current.thread_home:
+        raise ReloadError("the serving script has used the Thread package, which sends what threads send to "
+                          "this thread to that script's interpreter for as long as the process lives, so the "
+                          "interpreter cannot be replaced; restart instead")
     threads = current.thread_count() - 1
     if threads:
         raise ReloadError(f"the serving script runs {threads} other thread(s), which would outlive its "

@@ -48,12 +48,15 @@ proc exit {{returnCode 0}} {
 
 # 1 when no Tcl event can be pending: no `after` timer in either interpreter, no channel beyond
 # the standard three (so no fileevent), no second thread (so no thread::send). See service_events.
+# `threads`: 1 once a script's interpreter has run a thread:: command (TclHost.thread_home);
+# before, thread::names here would make this interpreter the one Thread sends this thread's
+# scripts to.
 # A thread's thread::send events stay queued after it ended, so the poll after the last thread is
 # gone still happens: `poll` is 1 while threads exist, from the script's thread::create (traced:
 # a worker may send and end between two checks), and when service_events left events queued.
 namespace eval ::tclmilter::py { variable poll 0 }
 proc ::tclmilter::py::poll_next {args} { variable poll 1 }
-proc ::tclmilter::py::quiet {child} {
+proc ::tclmilter::py::quiet {child threads} {
     variable poll
     foreach i [list {} $child] {
         # [list ...] is evaluated as a pure list, without compiling: a braced literal evaluated
@@ -63,7 +66,7 @@ proc ::tclmilter::py::quiet {child} {
         }
     }
     set was $poll
-    set poll [expr {[llength [info commands ::thread::names]] && [llength [thread::names]] > 1}]
+    set poll [expr {$threads && [llength [thread::names]] > 1}]
     expr {!$was && !$poll}
 }
 """
@@ -74,6 +77,13 @@ proc ::tclmilter::py::quiet {child} {
 # level] and uplevel see the callback alone). A lambda in the global namespace, because that is
 # where an alias resolves its command.
 _BODY_LAMBDA: Final = "{prefix context bytes} {tailcall {*}$prefix $context [encoding convertfrom identity $bytes]} ::"
+
+
+#: The host whose script's interpreter Thread evaluates what threads send to this thread in: the
+#: first to run a thread:: command (tclmilter.tcl, threads_used). Thread keeps that interpreter
+#: for the process's life and would evaluate into freed memory once it is deleted, so the host
+#: stays here and its interpreter is never deleted (TclHost.close); empty until then.
+_THREAD_HOME: Final[list["TclHost"]] = []
 
 
 def tcl_library_dir() -> Path:
@@ -178,6 +188,7 @@ class TclHost:
         self._register("::tclmilter::py::replacebody", self._replacebody)
         self._register("::tclmilter::py::privstarted", self._priv_started)
         self._register("::tclmilter::py::exit", self._exit)
+        self._register("::tclmilter::py::threads", self._threads)
         self._create("::tclmilter::py::serve", self._serve_inside)
         self.tk.call("eval", _PRELUDE)
         self._make_child(libdir)
@@ -206,7 +217,7 @@ class TclHost:
         call("interp", "create", child)
         for name in ("::tclmilter::py::milter", "::tclmilter::py::context", "::tclmilter::py::replacebody",
                      "::tclmilter::py::privstarted", "::tclmilter::py::exit", "::tclmilter::py::poll_next",
-                     "::tclmilter::py::serve"):
+                     "::tclmilter::py::serve", "::tclmilter::py::threads"):
             call("interp", "alias", child, name, "", name)
         call("interp", "alias", child, "exit", "", "exit")
         self.child_call("lappend", "auto_path", libdir)
@@ -217,8 +228,8 @@ class TclHost:
 
     def thread_count(self) -> int:
         """Threads of the Thread package in this process, this one included (1 without Thread)."""
-        if not self.tk.call("info", "commands", "::thread::names"):
-            return 1
+        if not _THREAD_HOME or not self.tk.call("info", "commands", "::thread::names"):
+            return 1  # (before any script ran a thread:: command, none can have made a thread)
         return len(self.tk.splitlist(self.tk.call("thread::names")))
 
     def child_call(self, *words: Any) -> Any:
@@ -266,6 +277,24 @@ class TclHost:
         ctx = self._open_context(args)
         data = self.tk.call(self._outgoing)
         ctx.replacebody(tcl_to_wire(data) if isinstance(data, bytes) else from_tcl(str(data)))
+
+    def _threads(self, args: Sequence[str]) -> None:
+        """The script's first thread:: command: this interpreter becomes the one Thread sends this
+        thread's scripts to, unless another holds that place (an error then, never a send that
+        reaches the wrong script or freed memory)."""
+        if not _THREAD_HOME:
+            _THREAD_HOME.append(self)
+        elif _THREAD_HOME[0] is not self:
+            generation = _THREAD_HOME[0].milter.generation
+            raise TclUsageError(
+                "the Thread package cannot be used by this script: Thread sends what threads send to "
+                f"this thread to the interpreter of the first script that used it (generation {generation}) "
+                "for as long as the process lives; restart pytclmilter to use threads in this script")
+
+    @property
+    def thread_home(self) -> bool:
+        """Thread evaluates what threads send to this thread in this host's script interpreter."""
+        return bool(_THREAD_HOME) and _THREAD_HOME[0] is self
 
     def _priv_started(self, args: Sequence[str]) -> None:
         self.private.started(integer(args[0]))
@@ -426,7 +455,7 @@ class TclHost:
         switches, and a wait whenever both CPUs are busy), so it is skipped while the script has
         nothing that could produce an event: most filters never have.
         """
-        if self.tk.call("::tclmilter::py::quiet", self.CHILD) in (1, "1"):
+        if self.tk.call("::tclmilter::py::quiet", self.CHILD, 1 if _THREAD_HOME else 0) in (1, "1"):
             return
         self.limit.begin_handlers()
         try:
@@ -491,8 +520,10 @@ class TclHost:
     def close(self) -> None:
         """Delete the script's interpreter (a script waiting in `milter main` with it: the code
         after it never runs) and the Python commands, whose references to this host would keep
-        the interpreter alive; the interpreter itself goes with the last reference to the host."""
-        self.tk.call("interp", "delete", self.CHILD)
+        the interpreter alive; the interpreter itself goes with the last reference to the host.
+        The thread_home's interpreter stays, script and all, with the process (_THREAD_HOME)."""
+        if not self.thread_home:
+            self.tk.call("interp", "delete", self.CHILD)
         for name in self._commands:
             self.tk.deletecommand(name)
         self._commands.clear()
