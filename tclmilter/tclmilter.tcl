@@ -146,6 +146,31 @@ if {[llength [info commands ::tclmilter::py::milter]]} {
         lmap element [uplevel #0 $args] { encoding convertto identity $element }
     }
 
+    # Errors of `after` and `fileevent` handlers, as Tcl's own handler treats them: the script's
+    # bgerror proc if it has one (its break drops the errors queued after, as in Tcl); but what
+    # Tcl would print raw on stderr goes to the log, escaped and with its errorInfo.
+    proc ::tclmilter::bgerror {message options} {
+        set info [dict get $options -errorinfo]
+        if {[llength [info commands ::bgerror]]} {
+            set ::errorInfo $info
+            set ::errorCode [dict get $options -errorcode]
+            set code [catch {uplevel #0 [list ::bgerror $message]} result ropts]
+            if {$code == 3} {
+                return -code break
+            }
+            if {$code != 1} {
+                return
+            }
+            set message "bgerror failed to handle a background error: $result (the error: $message)"
+            set info [dict get $ropts -errorinfo]
+        }
+        ::tclmilter::py::bgerror $message $info
+        return
+    }
+    if {[llength [info commands ::tclmilter::py::bgerror]]} {
+        interp bgerror {} ::tclmilter::bgerror
+    }
+
     # Thread evaluates what threads send to this thread in the interpreter that ran the
     # thread's first thread:: command, for as long as the process lives (it never learns that an
     # interpreter was deleted). So the first thread:: or tpool:: command here asks the host

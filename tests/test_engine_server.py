@@ -265,6 +265,27 @@ def test_stop_from_another_thread_returns_and_closes_the_listener():
     assert refused(srv)
 
 
+def test_a_tick_that_raises_is_logged_once_and_the_ticks_go_on(caplog):
+    """Hooks.tick (the Tcl host's event loop turn) that raised ended the tick task for good:
+    no timer or file event of the script ran again, and nothing said so."""
+    calls = []
+
+    def tick() -> None:
+        calls.append(time.monotonic())
+        raise RuntimeError("tick broke")
+
+    m = make_milter(hooks=Hooks(tick=tick))
+    m.tick_interval = 0.01
+    with caplog.at_level(logging.ERROR, logger=LOG):
+        srv = MilterThread(m).start()
+        try:
+            wait_for(lambda: len(calls) >= 20, timeout=5)
+        finally:
+            srv.stop(timeout=5)
+    failed = [r for r in caplog.records if "event tick failed" in r.getMessage()]
+    assert len(failed) == 1 and "tick broke" in caplog.text, caplog.text
+
+
 def test_stop_before_run_makes_run_return_at_once():
     m = make_milter()
     m.stop()

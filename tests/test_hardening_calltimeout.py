@@ -104,6 +104,29 @@ def test_a_loop_in_an_after_handler_is_stopped_and_the_milter_goes_on(tclrun):
     assert m.stop() == 0
 
 
+RUNAWAY_TIMER = r"""
+package require TclMilter
+milter configure -calltimeout 1
+proc spin {} { while 1 {} }
+after 100 spin
+after 1500 { puts "later timer ran"; milter stop }
+milter main
+"""
+
+
+def test_a_timer_stopped_at_its_limit_is_logged_and_later_timers_still_run(tclrun):
+    """With no callback between them, a timer stopped at -calltimeout left the interpreter unable
+    to run anything (the next tick's check failed and the tick task ended): the later timer
+    never ran, and the stop went only to stderr, raw, as "error in background error handler"."""
+    m = tclrun(RUNAWAY_TIMER)
+    assert m.wait_exit(15) == 0, m.output
+    assert "later timer ran" in m.text
+    assert re.search(r"ERROR: error in an event handler of the script \(after, fileevent\): stopped after 1 s "
+                     r"\(-calltimeout\)\r?\n  time limit exceeded\r?\n    while executing\r?\n  \"while 1 \{\} \"",
+                     m.text), m.text
+    assert "error in background error handler" not in m.text
+
+
 def test_calltimeout_from_the_command_line(tclrun):
     m = tclrun(TCL_STUCK.replace("milter configure -calltimeout 1 -onerror SMFIS_REJECT", ""),
                "--call-timeout", "0.5", "--on-error", "SMFIS_TEMPFAIL")

@@ -534,3 +534,36 @@ def test_callback_commands_are_called_through_a_resolved_tcl_object() -> None:
     assert host.tk.call(obj, "::x", "42") == "42"  # and it calls the command
     assert host._command_object("::no_such_command") == "::no_such_command"  # unresolvable: the name
     assert not host.tk.call("info", "exists", "::tclmilter::py::cmdobj")  # no variable left behind
+
+
+BACKGROUND_ERRORS = r"""
+package require TclMilter
+proc boom {} { error "boom\nERROR: forged line" }
+after 50 boom
+after 200 {
+    proc ::bgerror {message} { puts "script's bgerror: $message" }
+    after 10 {error handled}
+}
+after 400 {
+    proc ::bgerror {message} { error "bgerror broke" }
+    after 10 {error unhandled}
+}
+after 600 {milter stop}
+milter main
+"""
+
+
+def test_errors_of_timers_go_to_the_log_or_to_the_scripts_bgerror(tclrun):
+    """An error in an `after` (or `fileevent`) handler is logged escaped, with its errorInfo,
+    where Tcl printed it raw on stderr (a forged log line with it); a script's own bgerror proc
+    gets it first, as in Tcl, and its own error is logged with the original one."""
+    m = tclrun(BACKGROUND_ERRORS)
+    assert m.wait_exit(15) == 0, m.output
+    text = m.text.replace("\r\n", "\n")
+    assert "ERROR: error in an event handler of the script (after, fileevent): boom\\nERROR: forged line\n" \
+           "  boom\n  ERROR: forged line\n    while executing\n" in text, text
+    assert "\nERROR: forged line" not in text
+    assert "script's bgerror: handled" in text
+    assert "error in an event handler of the script (after, fileevent): bgerror failed to handle a background " \
+           "error: bgerror broke (the error: unhandled)\n  bgerror broke\n" in text, text
+

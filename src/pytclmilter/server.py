@@ -11,6 +11,7 @@ import logging
 import signal
 import socket
 import threading
+import time
 from typing import Any, Callable, Final, cast
 
 from .accept import Acceptor, check_fd_limit
@@ -179,6 +180,7 @@ class MilterServer:
         self.retiring: dict[Shared, _Retiring] = {}
         self._retirements: set[asyncio.Future[None]] = set()
         self._ticker: asyncio.Future[None] | None = None
+        self._tick_failed = float("-inf")  # when _run_tick last logged a failed tick
         #: SIGUSR1 calls hooks.reload (if given); a --workers worker leaves reloading to its supervisor.
         self.reloadable = True
         self._reload_disposition: Any = signal.SIG_DFL
@@ -350,12 +352,23 @@ class MilterServer:
             await asyncio.sleep(self.shared.settings.tick_interval)
             tick = self.shared.hooks.tick
             if tick is not None:
-                tick()
+                self._run_tick(tick)
             if self.retiring:
                 for old in list(self.retiring):
                     tick = old.hooks.tick
                     if tick is not None:
-                        tick()
+                        self._run_tick(tick)
+
+    def _run_tick(self, tick: Callable[[], None]) -> None:
+        """One tick; one that fails is logged (at most once a minute) and the next comes as usual:
+        an escaping error ended this task, and with it every later timer and file event."""
+        try:
+            tick()
+        except Exception:  # noqa: BLE001 - log, and keep ticking
+            now = time.monotonic()
+            if now - self._tick_failed >= 60:
+                self._tick_failed = now
+                log.exception("the host's event tick failed (logged at most once a minute)")
 
     def _install_signals(self, loop: asyncio.AbstractEventLoop) -> list[signal.Signals]:
         if threading.current_thread() is not threading.main_thread():

@@ -22,6 +22,7 @@ import _tkinter
 from ..context import Context, MilterError
 from ..engine import CallbackError
 from ..hooks import Hooks
+from ..logline import escape, escape_lines
 from ..milter import Milter
 from ..protocol.codec import text
 from ..status import Status
@@ -189,6 +190,7 @@ class TclHost:
         self._register("::tclmilter::py::privstarted", self._priv_started)
         self._register("::tclmilter::py::exit", self._exit)
         self._register("::tclmilter::py::threads", self._threads)
+        self._register("::tclmilter::py::bgerror", self._bgerror)
         self._create("::tclmilter::py::serve", self._serve_inside)
         self.tk.call("eval", _PRELUDE)
         self._make_child(libdir)
@@ -217,7 +219,7 @@ class TclHost:
         call("interp", "create", child)
         for name in ("::tclmilter::py::milter", "::tclmilter::py::context", "::tclmilter::py::replacebody",
                      "::tclmilter::py::privstarted", "::tclmilter::py::exit", "::tclmilter::py::poll_next",
-                     "::tclmilter::py::serve", "::tclmilter::py::threads"):
+                     "::tclmilter::py::serve", "::tclmilter::py::threads", "::tclmilter::py::bgerror"):
             call("interp", "alias", child, name, "", name)
         call("interp", "alias", child, "exit", "", "exit")
         self.child_call("lappend", "auto_path", libdir)
@@ -277,6 +279,17 @@ class TclHost:
         ctx = self._open_context(args)
         data = self.tk.call(self._outgoing)
         ctx.replacebody(tcl_to_wire(data) if isinstance(data, bytes) else from_tcl(str(data)))
+
+    def _bgerror(self, args: Sequence[str]) -> None:
+        """An error of an `after` or `fileevent` handler (tclmilter.tcl's bgerror): logged as a
+        callback's error is, where Tcl would print it raw on stderr."""
+        message, info = (list(args) + ["", ""])[:2]
+        if is_limit_error(message, ()):
+            message = f"stopped after {self.milter.call_timeout:g} s (-calltimeout)"
+            if self.pycommands.stopped:  # a Python command was running: where it was, too
+                info, self.pycommands.stopped = f"{info}\n{self.pycommands.stopped}", ""
+        log.error("error in an event handler of the script (after, fileevent): %s%s", escape(message),
+                  "\n" + escape_lines(info) if info else "")
 
     def _threads(self, args: Sequence[str]) -> None:
         """The script's first thread:: command: this interpreter becomes the one Thread sends this
@@ -455,6 +468,8 @@ class TclHost:
         switches, and a wait whenever both CPUs are busy), so it is skipped while the script has
         nothing that could produce an event: most filters never have.
         """
+        if self.limit.exceeded:  # a handler was stopped: until reset, the interpreter runs nothing
+            self.limit.reset()
         if self.tk.call("::tclmilter::py::quiet", self.CHILD, 1 if _THREAD_HOME else 0) in (1, "1"):
             return
         self.limit.begin_handlers()
@@ -462,6 +477,8 @@ class TclHost:
             for _ in range(1000):
                 if not self.tk.dooneevent(_DONT_WAIT | _ALL_EVENTS):
                     return
+                if self.limit.exceeded:  # its error is reported at the next tick, with time to run
+                    break
             self.tk.call("::tclmilter::py::poll_next")  # events may be left: look again at the next tick
         finally:
             # A Python command stopped in a handler: Tcl reported it (bgerror), no callback will.

@@ -49,6 +49,9 @@ class CallLimit(Limit):
         self._seconds = 0.0
         self._armed_until = 0.0  # monotonic time of the deadline Tcl holds; 0: none
         self._cap = _NEVER  # an end the allowance may not pass (begin_within, expire)
+        #: Tcl stopped an evaluation at the deadline, and runs nothing more in the interpreter
+        #: until the limit is set again (any _set).
+        self.exceeded = False
         create(_HANDLER, self._on_deadline)
 
     def begin(self, seconds: float, now: float) -> bool:
@@ -106,8 +109,11 @@ class CallLimit(Limit):
             self._set(end)  # the callback running now still has time: extend exactly to its end
         elif not limit:
             self._set(None)
+        else:
+            self.exceeded = True
 
     def _set(self, deadline: float | None) -> None:
+        self.exceeded = False
         if deadline is None:
             self._call("interp", "limit", self._child, "time", "-seconds", "", "-milliseconds", "")
             self._armed_until = 0.0
