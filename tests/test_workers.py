@@ -298,3 +298,49 @@ def test_workers_that_keep_dying_are_respawned_slowly_and_logged_once(tclrun) ->
     assert "worker deaths within 10 s: starting one a second at most, the deaths logged once a " \
            "minute" in died[-1], m.text
     assert m.stop() == 0
+
+
+
+# Loaded by the supervisor with the script: SIGUSR2 turns its fork()s off and on again, with the
+# soft RLIMIT_NPROC (0: the kernel refuses every fork of a process not run by root).
+NO_FORKS_ON_USR2 = """
+import resource
+import signal
+
+
+def toggle(signum, frame):
+    soft, hard = resource.getrlimit(resource.RLIMIT_NPROC)
+    resource.setrlimit(resource.RLIMIT_NPROC, (hard if soft == 0 else 0, hard))
+
+
+def setup(milter):
+    signal.signal(signal.SIGUSR2, toggle)
+"""
+
+
+def test_a_worker_that_cannot_be_forked_is_tried_again_while_the_others_serve(tclrun) -> None:
+    """fork() failing (no process or memory left) when a dead worker is replaced ended the
+    supervisor, and with it the filter. Made real with RLIMIT_NPROC, which binds the supervisor
+    once --user has made it nobody."""
+    m = tclrun(SCRIPT, "--workers", "2", "--user", "nobody", python=[NO_FORKS_ON_USR2])
+    m.wait_for(r"2 workers serving")
+    supervisor = m.child.pid
+    workers = sorted(workers_of(supervisor))
+    assert len(workers) == 2, workers
+    os.kill(supervisor, signal.SIGUSR2)
+    time.sleep(0.5)
+    os.kill(workers[0], signal.SIGKILL)
+    m.wait_for(r"ERROR: cannot start worker \d: fork: Resource temporarily unavailable; serving with 1 "
+               r"workers, trying again every second")
+    with Mta(m.port) as mta:  # the other worker serves meanwhile
+        mta.negotiate()
+        mta.mail("<a@example.org>")
+        assert mta.rcpt("<b@example.org>")[0] == "y"
+    time.sleep(2.5)
+    assert m.alive() and len(workers_of(supervisor)) == 1
+    os.kill(supervisor, signal.SIGUSR2)
+    m.wait_for(r"worker \d started, after its fork had failed")
+    assert len(workers_of(supervisor)) == 2
+    assert m.text.count("cannot start worker") == 1, m.text  # tried every second, logged once
+    assert m.stop() == 0
+

@@ -128,6 +128,9 @@ class Supervisor:
         self._waited = (signal.SIGCHLD,) + ((signal.SIGUSR1,) if hooks.reload is not None else ())
         self.stopping = False
         self.deaths = _Deaths()
+        #: Workers of the serving set whose fork failed (EAGAIN, ENOMEM): tried again every second.
+        self.unstarted: set[int] = set()
+        self._fork_failed = 0.0  # when a failed fork was last logged
         self.pid = os.getpid()  # for the workers: os.getppid() there may already be another process
 
     def run(self, listener: Listener) -> None:
@@ -144,9 +147,15 @@ class Supervisor:
                 if not self.stopping:
                     self._spawn(number)
             log.info("%d workers serving %s", self.count, escape(str(self.listener.spec)))  # the script's text
-            while self._reap():
+            while self._reap() or (self.unstarted and not self.stopping):
                 # A stop signal's handler interrupts the wait and kills the workers: SIGCHLD follows.
-                if signal.sigwaitinfo(self._waited).si_signo == signal.SIGUSR1:
+                if not self.unstarted:
+                    got: signal.struct_siginfo | None = signal.sigwaitinfo(self._waited)
+                else:
+                    got = signal.sigtimedwait(self._waited, 1.0)
+                if got is None:
+                    self._start_unstarted()
+                elif got.si_signo == signal.SIGUSR1:
                     self._on_reload()
         finally:
             for sig, handler in previous.items():
@@ -158,6 +167,8 @@ class Supervisor:
 
     def _reap(self) -> bool:
         """Handle the workers that ended; False when none is left."""
+        if self.unstarted and not self.stopping:
+            self._start_unstarted()
         while self.children:
             try:
                 pid, status = os.waitpid(-1, os.WNOHANG)
@@ -197,6 +208,7 @@ class Supervisor:
         self.serve, self.generation = serve, generation
         self._gone[old] = gone
         replaced = [pid for pid, (_, g) in self.children.items() if g == old]
+        self.unstarted.clear()  # the new set is started whole
         for number in range(1, self.count + 1):
             if not self.stopping:
                 self._spawn(number)
@@ -250,7 +262,28 @@ class Supervisor:
             except ProcessLookupError:
                 pass
 
+    def _start_unstarted(self) -> None:
+        """Try again to fork the workers whose fork failed (_spawn)."""
+        for number in sorted(self.unstarted):
+            if self.stopping:
+                return
+            self.unstarted.discard(number)
+            self._spawn(number)
+            if number not in self.unstarted:
+                log.info("worker %d started, after its fork had failed", number)
+
     def _spawn(self, number: int) -> None:
+        try:
+            self._fork(number)
+        except OSError as exc:  # no process or memory left: serve with the others, try again
+            self.unstarted.add(number)
+            now = time.monotonic()
+            if now - self._fork_failed >= _STORM_TELL_EVERY:
+                self._fork_failed = now
+                log.error("cannot start worker %d: fork: %s; serving with %d workers, trying again every second "
+                          "(logged at most once a minute)", number, exc.strerror, len(self.children))
+
+    def _fork(self, number: int) -> None:
         sys.stdout.flush()
         sys.stderr.flush()
         # A stop signal waits until the new worker is in self.children (a stop in between would
