@@ -796,3 +796,32 @@ def test_stop_from_a_callback_makes_main_return(tclrun):
     m.wait_for("main returned")
     assert m.wait_exit() == 0
     assert m.text.index("before main") < m.text.index("listening on") < m.text.index("main returned")
+
+
+INTEGER_FORMS = ["12", "012", "08", "00", " 12 ", "\t7\n", "+7", "-0", "0x1F", "0X1f", "0o17", "0b101",
+                 "0d12", "1_0", "0x", "", " ", "1e3", "12a", "0o8", "0b2", "९"]
+
+
+def test_integer_options_read_numbers_as_tcl_does():
+    """`milter configure -timeout` (and every integer argument) reads an integer as this very Tcl
+    does (Tcl_GetIntFromObj): "012" is octal 10, "08" no integer, space around it is fine; before,
+    "012" was 12 and "1_0" (Python's) 10."""
+    import tkinter
+
+    from pytclmilter.tcl.interp import TclHost
+
+    tk = tkinter.Tcl().tk
+    host = TclHost()
+    host.child_call("package", "require", "TclMilter")
+    for form in INTEGER_FORMS:
+        try:
+            expected: object = str(tk.call("format", "%lld", form))
+        except tkinter.TclError as exc:
+            expected = str(exc)
+        try:
+            host.child_call("milter", "configure", "-timeout", form)
+            got: object = str(host.child_call("milter", "configure", "-timeout"))
+        except tkinter.TclError as exc:
+            got = str(exc)
+        assert got == expected, repr(form)
+    host.close()

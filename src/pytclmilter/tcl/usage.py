@@ -6,7 +6,8 @@ A Tcl programmer expects ``wrong # args: should be "..."``, ``bad option
 
 from __future__ import annotations
 
-from typing import Any, Iterable, Sequence
+import re
+from typing import Any, Final, Iterable, Sequence
 
 
 class TclUsageError(Exception):
@@ -43,13 +44,26 @@ def check_count(args: Sequence[str], low: int, high: int | None, usage: str) -> 
         raise wrong_args(usage)
 
 
+#: An integer as Tcl 8.6 reads one (Tcl_GetIntFromObj): white space around it, a sign, then 0x
+#: hex, 0o octal, 0b binary, a leading 0 octal ("012" is 10, "08" no integer), else decimal.
+_TCL_INTEGER: Final = re.compile(
+    r"[ \t\n\v\f\r]*([+-]?)(?:0[xX]([0-9a-fA-F]+)|0[oO]([0-7]+)|0[bB]([01]+)|(0[0-7]*)|([1-9][0-9]*))[ \t\n\v\f\r]*")
+_BASES: Final = (16, 8, 2, 8, 10)
+
+
 def integer(value: Any) -> int:
-    if type(value) is str and value.isdigit() and value.isascii():  # the usual case, e.g. a context id
-        return int(value)
-    try:
-        return int(str(value).strip(), 0) if str(value).strip()[:2].lower() in ("0x", "0o", "0b") else int(value)
-    except (TypeError, ValueError):
-        raise TclUsageError(f'expected integer but got "{value}"') from None
+    """Tcl_GetIntFromObj's reading of ``value`` (_TCL_INTEGER), in Tcl's words when it is none."""
+    text = str(value)
+    if text.isdigit() and text.isascii() and text[0] != "0":  # the usual case, e.g. a context id
+        return int(text)
+    m = _TCL_INTEGER.fullmatch(text)
+    if m is None:
+        raise TclUsageError(f'expected integer but got "{text}"')
+    for digits, base in zip(m.groups()[1:], _BASES):
+        if digits is not None:
+            n = int(digits, base)
+            return -n if m.group(1) == "-" else n
+    raise AssertionError("the pattern has one group of digits")
 
 
 # Tcl_GetBoolean's words, each with the shortest prefix that is not ambiguous ("o": on or off?)
