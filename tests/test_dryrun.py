@@ -92,15 +92,13 @@ BOOLEAN_FORMS = ["0", "1", "t", "TR", "true", "f", "Fals", "y", "Ye", "n", "NO",
                  "o", "", "00", "2", "-1", " 1", "1 ", "yess", "0x1", "1.0", "maybe", "no" * 40]
 
 
-def test_dryrun_takes_the_booleans_tcl_takes():
+def test_dryrun_takes_the_booleans_tcl_takes(tcl_host):
     """`milter configure -dryrun` parses as Tcl's own option parsers do (Tcl_GetBoolean), judged
     against this very Tcl: prefixes such as `t` or `of` are booleans, `2` or ` 1` are not."""
     import tkinter
 
-    from pytclmilter.tcl.interp import TclHost
-
     tk = tkinter.Tcl().tk
-    host = TclHost()
+    host = tcl_host
     host.child_call("package", "require", "TclMilter")
     for form in BOOLEAN_FORMS:
         try:

@@ -802,16 +802,14 @@ INTEGER_FORMS = ["12", "012", "08", "00", " 12 ", "\t7\n", "+7", "-0", "0x1F", "
                  "0d12", "1_0", "0x", "", " ", "1e3", "12a", "0o8", "0b2", "९"]
 
 
-def test_integer_options_read_numbers_as_tcl_does():
+def test_integer_options_read_numbers_as_tcl_does(tcl_host):
     """`milter configure -timeout` (and every integer argument) reads an integer as this very Tcl
     does (Tcl_GetIntFromObj): "012" is octal 10, "08" no integer, space around it is fine; before,
     "012" was 12 and "1_0" (Python's) 10."""
     import tkinter
 
-    from pytclmilter.tcl.interp import TclHost
-
     tk = tkinter.Tcl().tk
-    host = TclHost()
+    host = tcl_host
     host.child_call("package", "require", "TclMilter")
     for form in INTEGER_FORMS:
         try:
@@ -824,4 +822,3 @@ def test_integer_options_read_numbers_as_tcl_does():
         except tkinter.TclError as exc:
             got = str(exc)
         assert got == expected, repr(form)
-    host.close()

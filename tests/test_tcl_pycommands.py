@@ -467,10 +467,8 @@ def test_check_reports_a_python_error_at_load_time_with_file_and_line(tmp_path: 
 # ---------------------------------------------------------------------------- the API
 
 
-def test_names_and_functions_tcl_cannot_use_are_refused_when_defined():
-    from pytclmilter.tcl.interp import TclHost
-
-    host = TclHost()
+def test_names_and_functions_tcl_cannot_use_are_refused_when_defined(tcl_host):
+    host = tcl_host
     milter = host.milter
 
     async def coroutine(x):
@@ -641,15 +639,13 @@ def test_tcl_run_from_a_python_callback_is_held_to_the_callbacks_time_limit(tclr
               r'  File ".*hooks0\.py", line 7, in <lambda>\n')
 
 
-def test_tcl_calls_need_a_script_and_the_milters_thread():
+def test_tcl_calls_need_a_script_and_the_milters_thread(tcl_host):
     from pytclmilter import Context, Milter
     from pytclmilter.protocol.macros import MacroStore
-    from pytclmilter.tcl.interp import TclHost
-
     for no_script in (Milter(), Context(1, MacroStore())):
         with pytest.raises(RuntimeError, match="no Tcl script runs with this milter"):
             no_script.tcl("set", "x")
-    host = TclHost()
+    host = tcl_host
     assert host.milter.tcl("set", "x", "caf\udce9") == "caf\udce9"
     assert host.milter.tcl_list("list", "a b", "c") == ["a b", "c"]
     failed: list[BaseException] = []

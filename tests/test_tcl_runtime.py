@@ -336,10 +336,8 @@ def test_callbacks_registered_per_message_work_and_do_not_pile_up(tclrun):
         f"R\tbody\t<s{n}@example.org> 6" for n in range(3)]
 
 
-def test_replaced_and_unregistered_callbacks_leave_no_command_behind() -> None:
-    from pytclmilter.tcl.interp import TclHost
-
-    host = TclHost()
+def test_replaced_and_unregistered_callbacks_leave_no_command_behind(tcl_host) -> None:
+    host = tcl_host
     host.child_call("proc", "cb", "args", "return SMFIS_CONTINUE")
 
     def aliases() -> int:
@@ -353,7 +351,6 @@ def test_replaced_and_unregistered_callbacks_leave_no_command_behind() -> None:
     host.child_call("milter", "register", "body", "")
     host.child_call("milter", "register", "eom", "")
     assert aliases() == before
-    host.close()
 
 
 # ---------------------------------------------------------------------------- errors
@@ -523,12 +520,10 @@ def test_tcl_event_loop_runs_during_main(tclrun):
     assert m.stop() == 0
 
 
-def test_callback_commands_are_called_through_a_resolved_tcl_object() -> None:
+def test_callback_commands_are_called_through_a_resolved_tcl_object(tcl_host) -> None:
     """A Tcl callback is invoked through a Tcl object that caches its command look-up (Tcl's
     cmdName type): tkinter passes it on as it is instead of making a string object per call."""
-    from pytclmilter.tcl.interp import TclHost
-
-    host = TclHost()
+    host = tcl_host
     obj = host._command_object("::set")
     assert getattr(obj, "typename", None) == "cmdName" and str(obj) == "::set"
     assert host.tk.call(obj, "::x", "42") == "42"  # and it calls the command
