@@ -380,3 +380,20 @@ def test_the_outage_line_escapes_the_store_spec(tclrun: Callable[..., TclRun], t
     line = m.wait_for(r"WARNING: greylist store (.*) unavailable \((.*)\): answering tempfail")
     assert line.group(1) == f"sqlite:{tmp_path}/no\\nsuch/greylist.sqlite", line.group(0)
     assert m.alive() and m.stop() == 0
+
+
+def test_a_sender_and_recipient_beyond_u_ffff_are_greylisted_not_a_crash(
+        tclrun: Callable[..., TclRun], tmp_path: Path) -> None:
+    """SMTPUTF8 addresses with an emoji: the script's `string tolower` once killed the process
+    (Tcl 8.6 crashes on a character beyond U+FFFF in 4-byte UTF-8, the form it was given)."""
+    db = tmp_path / "greylist.sqlite"
+    m = greylist(tclrun, f"sqlite:{db}")
+    with m.mta() as mta:
+        mta.negotiate()
+        mta.connect(address="192.0.2.9")
+        assert mta.mail("<Gr\u00fc\u00dfe\U0001F600@example.org>") == ("c", {})
+        assert greylisted(mta.rcpt("<R\U0001F600@Example.com>")) == 300
+    with sqlite3.connect(db) as conn:
+        rows = conn.execute("SELECT ip, sender, rcpt FROM triplets").fetchall()
+    assert rows == [("192.0.2.9", "gr\u00fc\u00dfe\U0001F600@example.org", "r\U0001F600@example.com")]
+    assert m.alive() and m.stop() == 0

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import random
+import subprocess
+import sys
 import tkinter
 from typing import Any
 
@@ -145,3 +147,24 @@ def test_the_c_conversions_of_long_values() -> None:
         assert c.tcl_to_wire(tcl) == tcl_to_wire_python(tcl) == data
     ascii_text = b"plain ascii\r\n" * 50000
     assert c.wire_to_tcl(ascii_text) is ascii_text and c.tcl_to_wire(ascii_text) is ascii_text  # no copy
+
+
+def test_tcl_changes_the_case_of_text_beyond_u_ffff_without_crashing() -> None:
+    """Tcl 8.6 keeps such a character as a surrogate pair: given its 4-byte UTF-8 (as tkinter
+    passes a str, or as identity bytes), `string tolower` crashed the process. In a child, so a
+    crash is a failure here, not the end of the test run."""
+    code = """if 1:
+        import sys, tkinter
+        from pytclmilter.protocol.codec import text, wire
+        from pytclmilter.tcl.strings import from_tcl, tcl_to_wire, to_tcl, wire_to_tcl
+        tk = tkinter.Tcl().tk
+        data = "Gr\\u00fce \\U0001F600 \\U0010FFFF@X.org".encode() + bytes([255])
+        lower = wire(from_tcl(str(tk.call("string", "tolower", to_tcl(text(data))))))
+        tk.eval("proc up {b} {encoding convertto identity [string toupper [encoding convertfrom identity $b]]}")
+        upper = tcl_to_wire(tk.call("up", wire_to_tcl(data)))
+        print(repr((lower, upper)))
+    """
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == repr(("gr\u00fce \U0001F600 \U0010FFFF@x.org".encode() + b"\xff",
+                                       "GR\u00dcE \U0001F600 \U0010FFFF@X.ORG".encode() + b"\xff"))

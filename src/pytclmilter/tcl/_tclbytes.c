@@ -9,8 +9,10 @@
  * (docs/benchmarks.md, "8-bit bodies through a Tcl script").
  *
  * wire_to_tcl: valid UTF-8 (Python's strict rules: no overlongs, no surrogates, nothing beyond
- *   U+10FFFF) is kept; NUL becomes C0 80 (Tcl's NUL); any other byte b becomes the CESU-8 form of
- *   U+DC80+b, ED B2|B3 xx, which Tcl keeps through any string operation.
+ *   U+10FFFF) is kept, but for a character beyond U+FFFF, which becomes its CESU-8 surrogate pair
+ *   as Tcl keeps it (Tcl's string tolower/toupper crash on the 4-byte form); NUL becomes C0 80
+ *   (Tcl's NUL); any other byte b becomes the CESU-8 form of U+DC80+b, ED B2|B3 xx, which Tcl
+ *   keeps through any string operation.
  * tcl_to_wire: the inverse, for any bytes: C0 80 -> NUL; a CESU-8 surrogate pair
  *   (ED A0..AF xx ED B0..BF xx, what Tcl writes for a character beyond U+FFFF when it rebuilds a
  *   string) -> that character in UTF-8; ED B2|B3 xx -> the byte; everything else kept.
@@ -142,6 +144,23 @@ no_character_starts(uint64_t v, unsigned char next)
  * character is kept, any other byte gets its form. Only a byte C2..F4 followed by a continuation
  * byte can begin a character; in random bytes one pair in 20 is such, so the branch is seldom
  * taken, and the processor guesses it right. */
+/* A character beyond U+FFFF, its 4 bytes of UTF-8 at p, as the CESU-8 of its surrogate pair. */
+static inline Py_ssize_t
+put_pair(unsigned char *o, const unsigned char *p)
+{
+    uint32_t cp = ((uint32_t)(p[0] & 0x07) << 18) | ((uint32_t)(p[1] & 0x3F) << 12)
+                  | ((uint32_t)(p[2] & 0x3F) << 6) | (uint32_t)(p[3] & 0x3F);
+    uint32_t high = 0xD800 + ((cp - 0x10000) >> 10), low = 0xDC00 + ((cp - 0x10000) & 0x3FF);
+
+    o[0] = 0xED;
+    o[1] = (unsigned char)(0x80 | ((high >> 6) & 0x3F));
+    o[2] = (unsigned char)(0x80 | (high & 0x3F));
+    o[3] = 0xED;
+    o[4] = (unsigned char)(0x80 | ((low >> 6) & 0x3F));
+    o[5] = (unsigned char)(0x80 | (low & 0x3F));
+    return 6;
+}
+
 static inline const unsigned char *
 exact_bytes(const unsigned char *p, const unsigned char *stop, const unsigned char *end,
             unsigned char **op)
@@ -153,8 +172,13 @@ exact_bytes(const unsigned char *p, const unsigned char *stop, const unsigned ch
         /* one branch, not two: a value, not && (p[1] is there but for the last byte) */
         unsigned next = end - p >= 2 ? p[1] : 0;
         if ((MAY_LEAD[*p] & (((next ^ 0x80) & 0xC0) == 0)) && (k = utf8_char(p, end)) != 0) {
-            memcpy(o, p, (size_t)k);
-            o += k;
+            if (k == 4) {
+                o += put_pair(o, p);
+            }
+            else {
+                memcpy(o, p, (size_t)k);
+                o += k;
+            }
             p += k;
         }
         else {
@@ -188,7 +212,7 @@ wire_plain_end(const unsigned char *p, const unsigned char *end)
             p++;
             continue;
         }
-        if (*p == 0 || (k = utf8_char(p, end)) == 0)
+        if (*p == 0 || (k = utf8_char(p, end)) == 0 || k == 4)
             break;
         p += k;
     }

@@ -37,6 +37,10 @@ _FROM_TCL = re.compile(f"{_ED}([{chr(0xDCB2)}{chr(0xDCB3)}])([{chr(0xDC80)}-{chr
 _CESU_PAIR = re.compile(f"{_ED}([{chr(0xDCA0)}-{chr(0xDCAF)}])([{chr(0xDC80)}-{chr(0xDCBF)}])"
                         f"{_ED}([{chr(0xDCB0)}-{chr(0xDCBF)}])([{chr(0xDC80)}-{chr(0xDCBF)}])")
 _TCL_NUL: Final = b"\xc0\x80"
+# A character beyond U+FFFF: Tcl 8.6 keeps it as a CESU-8 surrogate pair, and its case commands
+# (string tolower, toupper, totitle) crash the process on the 4-byte UTF-8 form.
+_ASTRAL = re.compile(f"[{chr(0x10000)}-{chr(0x10FFFF)}]")
+_FOUR_BYTES: Final = re.compile(b"[\xf0-\xf4][\x80-\xbf]{3}")
 _HIGH_SURROGATE: Final = re.compile(b"\xed[\xa0-\xaf]")  # how Tcl begins a CESU-8 surrogate pair
 # An escaped byte ED B2|B3 xx after every byte was written as its Latin-1 character in UTF-8:
 # ED -> C3 AD, B2 -> C2 B2, xx (80..BF) -> C2 xx. What replaces it is the lead byte that, with
@@ -59,12 +63,24 @@ def to_tcl(value: str) -> str:
 
     ``surrogatepass`` writes each U+DC80..U+DCFF as its CESU-8 bytes, which ``surrogateescape``
     then reads back as three escapes, each of which tkinter sends as that byte: C loops only.
+    A character beyond U+FFFF goes as its surrogate pair, in CESU-8 too, as Tcl itself keeps it.
     """
     if value.isascii() and "\x00" not in value:
         return value
-    if _TO_TCL.search(value) is None:  # text without escaped bytes or NUL: as it is
+    if _TO_TCL.search(value) is None and _ASTRAL.search(value) is None:  # plain text: as it is
         return value
-    return value.encode("utf-8", "surrogatepass").replace(b"\0", _TCL_NUL).decode("utf-8", "surrogateescape")
+    return _ASTRAL.sub(_split_pair, value).encode("utf-8", "surrogatepass").replace(b"\0", _TCL_NUL).decode("utf-8", "surrogateescape")
+
+
+def _split_pair(m: re.Match[str]) -> str:
+    """A character beyond U+FFFF as its UTF-16 surrogate pair (two characters)."""
+    code = ord(m.group(0)) - 0x10000
+    return chr(0xD800 + (code >> 10)) + chr(0xDC00 + (code & 0x3FF))
+
+
+def _pair_bytes(m: re.Match[bytes]) -> bytes:
+    """The UTF-8 of a character beyond U+FFFF as the CESU-8 of its surrogate pair."""
+    return _ASTRAL.sub(_split_pair, m.group(0).decode("utf-8")).encode("utf-8", "surrogatepass")
 
 
 def from_tcl(value: str) -> str:
@@ -83,6 +99,8 @@ def wire_to_tcl_python(data: bytes) -> bytes:
     """
     if not data.isascii():
         data = _escape_invalid(data)
+        if _FOUR_BYTES.search(data) is not None:  # (only valid UTF-8 is left 4 bytes long)
+            data = _FOUR_BYTES.sub(_pair_bytes, data)
     return data.replace(b"\0", _TCL_NUL) if b"\0" in data else data
 
 
