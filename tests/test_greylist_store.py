@@ -27,6 +27,7 @@ from typing import Any, Callable, Iterator
 
 import pytest
 
+from support.postfix import free_port
 from support.redis import RedisServer
 from support.tclrun import TclRun, tclrun_factory
 
@@ -397,3 +398,18 @@ def test_a_sender_and_recipient_beyond_u_ffff_are_greylisted_not_a_crash(
         rows = conn.execute("SELECT ip, sender, rcpt FROM triplets").fetchall()
     assert rows == [("192.0.2.9", "gr\u00fc\u00dfe\U0001F600@example.org", "r\U0001F600@example.com")]
     assert m.alive() and m.stop() == 0
+
+
+@pytest.mark.parametrize("secret_at", ["authority", "query"])
+def test_the_outage_line_holds_no_redis_password(tclrun: Callable[..., TclRun], secret_at: str) -> None:
+    """Docs: "a password in the URL is not logged" -- also one with an unencoded "@" (redis-py
+    reads it so) and one given as ?password=, both of which the log once showed."""
+    port = free_port()  # nothing listens: the first check starts an outage
+    url = (f"redis://:hunter2@pw@127.0.0.1:{port}/0" if secret_at == "authority"
+           else f"redis://127.0.0.1:{port}/0?password=hunter2&db=0")
+    m = greylist(tclrun, url)
+    assert unavailable(rcpt_reply(m, 1))
+    line = m.wait_for(r"WARNING: greylist store (\S*) unavailable")
+    assert line.group(1) == f"redis://127.0.0.1:{port}/0" + ("?db=0" if secret_at == "query" else "")
+    assert m.alive() and m.stop() == 0
+    assert "hunter2" not in m.text

@@ -50,6 +50,7 @@ import sys
 import time
 import weakref
 from typing import Any, Iterable, Iterator, NamedTuple, Protocol
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from pytclmilter.logline import escape
 from pytclmilter.safepath import lstat_at, open_dir
@@ -305,6 +306,14 @@ def _redis_module() -> Any:
     return redis
 
 
+def _redis_where(url: str) -> str:
+    """The URL for the log, without the user and password it may hold: before the host's "@" (the
+    last one: redis-py reads an unencoded "@" in a password so) or as ?password= / ?username=."""
+    parts = urlsplit(url)
+    query = [(k, v) for k, v in parse_qsl(parts.query, keep_blank_values=True) if k not in ("password", "username")]
+    return urlunsplit(parts._replace(netloc=parts.netloc.rpartition("@")[2], query=urlencode(query)))
+
+
 class RedisStore:
     """Triplets in a Redis server shared by several hosts."""
 
@@ -314,8 +323,7 @@ class RedisStore:
         from redis.retry import Retry
 
         self.errors: Errors = (redis.exceptions.RedisError, OSError)
-        # the URL may hold a password: not in the log
-        self.where = re.sub(r"//[^/@]*@", "//", url)
+        self.where = _redis_where(url)
         # No retries: redis-py's default retries with back-off would hold the milter's thread for
         # seconds. The greylist retries instead, at most every -retry seconds.
         self._client = redis.Redis.from_url(
