@@ -12,6 +12,7 @@ import signal
 import time
 import urllib.error
 import urllib.request
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -328,4 +329,26 @@ def test_clients_that_trickle_bytes_cannot_hold_the_scrape_slots(tclrun) -> None
     finally:
         for s in tricklers:
             s.close()
+    assert m.stop() == 0
+
+
+def test_a_session_of_a_reloaded_script_past_its_grace_counts_as_milter_reloaded(tclrun, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """A session the replaced generation still holds when its -grace runs out is closed; the docs'
+    table of reasons names the label it is counted under, and the log line says the same."""
+    script = tmp_path / "filter.tcl"
+    script.write_text(SCRIPT)
+    m = tclrun(script, "--grace", "1", "--metrics", "inet:0@127.0.0.1")
+    url = m.wait_for(METRICS, since=0).group(1)
+    with m.mta() as mta:
+        mta.negotiate()
+        assert ok(mta.connect())
+        m.child.kill(signal.SIGUSR1)
+        m.wait_for(r"reload: generation 1 is gone")
+        assert mta.eof()
+    m.wait_for(r"conn#1: closed \(milter reloaded\)", since=0)
+    s = wait_value(url, "pytclmilter_connections_closed_total", 1, reason="milter reloaded")
+    assert value(s, "pytclmilter_connections_closed_total", reason="milter reloaded") == 1
+    table = (Path(__file__).resolve().parents[1] / "docs" / "deployment.md").read_text()
+    closed_row = next(line for line in table.splitlines() if line.startswith("| `pytclmilter_connections_closed_total"))
+    assert "`milter reloaded`" in closed_row
     assert m.stop() == 0
