@@ -14,6 +14,7 @@ import importlib.util
 import os
 import pwd
 import re
+import shlex
 import shutil
 import signal
 import sqlite3
@@ -413,3 +414,18 @@ def test_the_outage_line_holds_no_redis_password(tclrun: Callable[..., TclRun], 
     assert line.group(1) == f"redis://127.0.0.1:{port}/0" + ("?db=0" if secret_at == "query" else "")
     assert m.alive() and m.stop() == 0
     assert "hunter2" not in m.text
+
+
+def test_the_try_command_of_the_docs_greylists_also_as_root(tmp_path: Path) -> None:
+    """docs/cli.md's example, run as written (an admin tries it as root): its store must be one
+    root may open, not a file in the world-writable /tmp, which root refuses (-> "unavailable")."""
+    from support.tclrun import _pytclmilter_command, child_env
+
+    doc = (EXAMPLES.parents[1] / "docs" / "cli.md").read_text()
+    found = re.search(r"`pytclmilter (try tclmilter/examples/greylist\.tcl [^`]*)`", doc)
+    assert found, "the greylist example of try is gone from docs/cli.md"
+    command = " ".join([*map(shlex.quote, _pytclmilter_command()), *found.group(1).split()])
+    out = subprocess.run(["/bin/sh", "-c", command], cwd=EXAMPLES.parents[1], env=child_env({"HOME": str(tmp_path)}),
+                         capture_output=True, text=True, timeout=60)
+    assert "451 4.7.1 Greylisted, please try again in 300 seconds" in out.stdout, out.stdout + out.stderr
+    assert out.returncode == 2

@@ -38,7 +38,7 @@
 # Run it (the store opens at the first message, after --user dropped root's
 # privileges: its directory must belong to that user):
 #   pytclmilter check greylist.tcl --python greylist_store.py
-#   pytclmilter try greylist.tcl message.eml --python greylist_store.py -- -store sqlite:/tmp/grey.sqlite
+#   pytclmilter try greylist.tcl message.eml --python greylist_store.py -- -store sqlite:$HOME/grey.sqlite
 #   pytclmilter run greylist.tcl --python greylist_store.py --user greylist --workers 4 \
 #       -- -store sqlite:/var/lib/greylist/greylist.sqlite -delay 600
 # and in Postfix's main.cf (greylist only mail from the Internet, port 25):
