@@ -429,3 +429,26 @@ def test_the_try_command_of_the_docs_greylists_also_as_root(tmp_path: Path) -> N
                          capture_output=True, text=True, timeout=60)
     assert "451 4.7.1 Greylisted, please try again in 300 seconds" in out.stdout, out.stdout + out.stderr
     assert out.returncode == 2
+
+
+def test_the_housekeeping_timer_does_not_report_a_stopped_redis_back(
+        tclrun: Callable[..., TclRun], redis_server: RedisServer) -> None:
+    """Redis forgets triplets by itself, so the timer's `greydb expire` sends it nothing; that
+    must not count as Redis answering: the log once said "is back" at each tick of a long
+    outage (and "unavailable" again at the next message), its count of answers reset."""
+    m = greylist(tclrun, redis_server.url, args=("-retry", "0.2", "-interval", "1"))
+    assert greylisted(rcpt_reply(m, 1)) == 300
+    redis_server.stop()
+    assert unavailable(rcpt_reply(m, 2))
+    m.wait_for(r"greylist store \S+ unavailable")
+    time.sleep(2.5)  # two ticks of the timer, each past -retry
+    assert unavailable(rcpt_reply(m, 3))
+    assert "is back" not in m.text
+    assert len(re.findall(r"greylist store \S+ unavailable", m.text)) == 1
+
+    redis_server.start()
+    time.sleep(0.3)  # past -retry
+    assert greylisted(rcpt_reply(m, 4)) == 300
+    back = m.wait_for(r"greylist store \S+ is back after [\d.]+ s; (\d+) recipients were answered tempfail")
+    assert back.group(1) == "2"
+    assert m.stop() == 0

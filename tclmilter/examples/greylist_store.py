@@ -127,6 +127,10 @@ class Store(Protocol):
     @property
     def where(self) -> str: ...
 
+    @property
+    def forgets_by_itself(self) -> bool:
+        """True when the store drops old triplets on its own (expire has nothing to ask it)."""
+
     def see(self, triplet: tuple[str, str, str], now: float, max_age: float) -> tuple[float, int]:
         """Record a sighting at ``now``; (first seen, sightings) after it, both reset when the
         triplet was last seen more than ``max_age`` ago. Atomic."""
@@ -173,6 +177,7 @@ class SqliteStore:
     """Triplets in a SQLite file shared by the processes of one host."""
 
     errors: Errors = (sqlite3.Error, OSError, StoreError)
+    forgets_by_itself = False
     _SCHEMA = """
         CREATE TABLE IF NOT EXISTS triplets (
             ip TEXT NOT NULL, sender TEXT NOT NULL, rcpt TEXT NOT NULL,
@@ -317,6 +322,8 @@ def _redis_where(url: str) -> str:
 class RedisStore:
     """Triplets in a Redis server shared by several hosts."""
 
+    forgets_by_itself = True  # each key's time to live
+
     def __init__(self, url: str) -> None:
         redis = _redis_module()
         from redis.backoff import NoBackoff
@@ -389,6 +396,8 @@ class Greylist:
         return ("wait", math.ceil(left)) if left > 0 else "pass"
 
     def expire(self) -> int:
+        if self.store.forgets_by_itself:  # nothing is sent: no sign of the store being back
+            return 0
         removed = self._use(lambda store: store.expire(time.time() - self.settings.max_age))
         return removed or 0
 
