@@ -452,3 +452,31 @@ def test_the_housekeeping_timer_does_not_report_a_stopped_redis_back(
     back = m.wait_for(r"greylist store \S+ is back after [\d.]+ s; (\d+) recipients were answered tempfail")
     assert back.group(1) == "2"
     assert m.stop() == 0
+
+
+def test_a_redis_on_its_unix_socket_is_a_store(tclrun: Callable[..., TclRun], tmp_path: Path) -> None:
+    """docs/deployment.md: a filter user in group redis "reaches Redis's socket"; the greylist
+    refused any -store but sqlite: and redis(s)://, so that socket could not be its store."""
+    sock = tmp_path / "redis.sock"
+    server = subprocess.Popen([shutil.which("redis-server") or "/usr/bin/redis-server", "--port", "0",
+                               "--unixsocket", str(sock), "--unixsocketperm", "700", "--save", "",
+                               "--appendonly", "no", "--dir", str(tmp_path)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 10
+        while not sock.exists():
+            assert server.poll() is None and time.monotonic() < deadline, "redis-server did not start"
+            time.sleep(0.05)
+        m = greylist(tclrun, f"unix://{sock}?db=0", args=("-delay", "1"))
+        assert greylisted(rcpt_reply(m, 1)) == 1
+        time.sleep(1.1)
+        assert rcpt_reply(m, 1) == ("c", {})  # the retry after the delay: Redis kept the triplet
+        server.terminate()
+        server.wait(10)
+        assert unavailable(rcpt_reply(m, 2))
+        line = m.wait_for(r"WARNING: greylist store (\S+) unavailable")
+        assert line.group(1) == f"unix://{sock}?db=0"
+        assert m.stop() == 0
+    finally:
+        server.kill()
+        server.wait(10)

@@ -19,6 +19,7 @@
 # whichever --workers process or host it reaches:
 #   sqlite:PATH     a file on this host, shared by any number of workers (default)
 #   redis://HOST:PORT/DB   a Redis server shared by several hosts
+#   unix:///run/redis/redis-server.sock?db=0   a Redis server on this host, by its socket
 # A store that cannot be reached answers as -unavailable says: tempfail (the
 # client retries later) or accept (mail flows ungreylisted meanwhile); the
 # outage is logged once when it starts and once when the store is back.

@@ -14,7 +14,7 @@ reached, and the two back ends, chosen by -store:
   sqlite3, a file on this host shared by any number of ``--workers`` (WAL mode, so readers never
   wait for the writer; one atomic upsert per check, so two workers seeing the same triplet at
   once agree on its first sight);
-* ``redis://HOST:PORT/DB`` (or ``rediss://``): a Redis server shared by several hosts; one key
+* ``redis://HOST:PORT/DB`` (or ``rediss://``, or ``unix://SOCKET?db=DB``): a Redis server shared by several hosts; one key
   per triplet whose time to live is -maxage, updated by one Lua script (atomic in Redis). Needs
   the ``redis`` package (``pip install redis``), imported only when Redis is chosen.
 
@@ -50,7 +50,7 @@ import sys
 import time
 import weakref
 from typing import Any, Iterable, Iterator, NamedTuple, Protocol
-from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+from urllib.parse import parse_qsl, urlencode, urlsplit
 
 from pytclmilter.logline import escape
 from pytclmilter.safepath import lstat_at, open_dir
@@ -150,10 +150,10 @@ def check_spec(spec: str) -> str:
         if spec == "sqlite:":
             raise ValueError("-store sqlite:PATH needs a path")
         return "sqlite"
-    if re.match(r"rediss?://.", spec):
+    if re.match(r"(rediss?|unix)://.", spec):  # unix:///run/redis/redis-server.sock?db=0: Redis's socket
         _redis_module()
         return "redis"
-    raise ValueError(f'-store must be sqlite:PATH or redis://HOST:PORT/DB, not "{spec}"')
+    raise ValueError(f'-store must be sqlite:PATH or redis://HOST:PORT/DB (or unix://SOCKET?db=DB), not "{spec}"')
 
 
 def open_store(spec: str) -> Store:
@@ -315,8 +315,9 @@ def _redis_where(url: str) -> str:
     """The URL for the log, without the user and password it may hold: before the host's "@" (the
     last one: redis-py reads an unencoded "@" in a password so) or as ?password= / ?username=."""
     parts = urlsplit(url)
-    query = [(k, v) for k, v in parse_qsl(parts.query, keep_blank_values=True) if k not in ("password", "username")]
-    return urlunsplit(parts._replace(netloc=parts.netloc.rpartition("@")[2], query=urlencode(query)))
+    query = urlencode([(k, v) for k, v in parse_qsl(parts.query, keep_blank_values=True)
+                       if k not in ("password", "username")])
+    return f"{parts.scheme}://{parts.netloc.rpartition('@')[2]}{parts.path}" + (f"?{query}" if query else "")
 
 
 class RedisStore:
@@ -500,7 +501,7 @@ def import_file(old: str, store: Store, max_age: float = DEFAULT_MAX_AGE) -> tup
 
 def main(argv: list[str]) -> int:
     usage = (f"usage: {os.path.basename(sys.argv[0])} import OLDFILE [STORE] [MAXAGE]\n"
-             f"  STORE: sqlite:PATH or redis://HOST:PORT/DB (default $GREYLIST_STORE, else {DEFAULT_STORE})")
+             f"  STORE: sqlite:PATH, redis://HOST:PORT/DB or unix://SOCKET?db=DB (default $GREYLIST_STORE, else {DEFAULT_STORE})")
     if len(argv) not in (2, 3, 4) or argv[0] != "import":
         print(usage, file=sys.stderr)
         return 64
