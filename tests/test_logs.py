@@ -454,7 +454,7 @@ RUN_WITH_SYSLOG_AT = ("import sys; from pytclmilter.commands import logs; logs.S
                       "from pytclmilter.cli import main; sys.exit(main(sys.argv[2:]))")
 
 
-@pytest.mark.parametrize("why", ["script", "usage"])
+@pytest.mark.parametrize("why", ["script", "usage", "hooks"])
 def test_with_syslog_the_reason_run_ends_is_in_the_log_too(tmp_path, why) -> None:  # type: ignore[no-untyped-def]
     """--syslog: a start that fails (a socket it cannot make, an unknown --user) logs why, with
     errorInfo; before, the reason went to stderr alone, which an init script's daemon sends
@@ -466,6 +466,10 @@ def test_with_syslog_the_reason_run_ends_is_in_the_log_too(tmp_path, why) -> Non
         script.write_text("milter main\n")
         where = f"{tmp_path}/missing/m.sock"
         options = ["--user", "no-such-user"] if why == "usage" else []
+        hooks = tmp_path / "hooks.py"
+        if why == "hooks":  # a --python file whose setup raises
+            hooks.write_text("def setup(milter):\n    raise RuntimeError('store\\nunreachable')\n")
+            options = ["--python", str(hooks)]
         proc = subprocess.run([sys.executable, "-c", RUN_WITH_SYSLOG_AT, str(log_path), "run", str(script),
                                "--syslog", "--connection", f"unix:{where}", *options],
                               env=child_env(), capture_output=True, text=True, timeout=60)
@@ -482,6 +486,13 @@ def test_with_syslog_the_reason_run_ends_is_in_the_log_too(tmp_path, why) -> Non
         return
     assert proc.returncode == 1, proc.stderr
     failed = next((r for r in records if "ERROR: exiting:" in r), None)
+    if why == "hooks":
+        assert failed is not None, records
+        lines = failed.split("\n")
+        assert re.fullmatch(rf"<19>{pid}: ERROR: exiting: pytclmilter run: --python {re.escape(str(hooks))}: "
+                            r"RuntimeError: store\\nunreachable", lines[0]), lines
+        assert lines[1:3] == ["  Traceback (most recent call last):", f'  File "{hooks}", line 2, in setup'], lines
+        return
     assert failed is not None, records
     lines = failed.split("\n")
     assert re.fullmatch(rf"<19>{pid}: ERROR: exiting: milter main: cannot listen on unix:{re.escape(where)}: "

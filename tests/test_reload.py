@@ -238,7 +238,8 @@ def test_python_hooks_are_loaded_afresh(tclrun, tmp_path: Path) -> None:
     assert headers == [b"X-Py\0V2\0", b"X-Stamp\0A\0"]
     hooks.write_text("def setup(milter):\n    raise RuntimeError('bad hooks')\n")
     run.child.kill(signal.SIGUSR1)
-    run.wait_for(r"generation 3 not loaded, generation 2 serves on unchanged: RuntimeError: bad hooks\r?\n  Traceback")
+    run.wait_for(r"generation 3 not loaded, generation 2 serves on unchanged: --python \S+hooks0\.py: "
+                 r"RuntimeError: bad hooks\r?\n  Traceback")
     assert run.stop() == 0
 
 

@@ -464,6 +464,30 @@ def test_check_reports_a_python_error_at_load_time_with_file_and_line(tmp_path: 
     assert "FileNotFoundError" in out  # the Python traceback in errorInfo
 
 
+def test_a_python_file_that_fails_to_load_is_reported_by_file_with_its_traceback(tmp_path: Path):
+    """An import error or a setup() that raises names the file, shows the traceback from the
+    file on (not pytclmilter's frames), and exits as the table of cli.md says: not with exit 1,
+    which means "rejected" to a caller of `try`."""
+    script = tmp_path / "s.tcl"
+    script.write_text("package require TclMilter\nmilter main\n")
+    broken = {
+        "imports.py": ("import no_such_module_here\ndef setup(milter):\n    pass\n",
+                       "ModuleNotFoundError: No module named 'no_such_module_here'", "line 1, in <module>"),
+        "setup.py": ("def setup(milter):\n    raise RuntimeError('store\\nunreachable')\n",
+                     "RuntimeError: store\\nunreachable", "line 2, in setup"),
+    }
+    for name, (source, message, where) in broken.items():
+        hooks = tmp_path / name
+        hooks.write_text(source)
+        for command, args, expected in (("try", [str(DATA / "plain.eml")], 70), ("check", [], 1), ("run", [], 1)):
+            status, out = cli(command, str(script), *args, "--python", str(hooks),
+                              *(["--connection", f"unix:{tmp_path}/x.sock"] if command == "run" else []))
+            assert status == expected, (command, name, out)
+            assert f"pytclmilter {command}: --python {hooks}: {message}\n" in out, out
+            assert f'File "{hooks}", {where}' in out, out
+            assert "common.py" not in out and "cli.py" not in out, out
+
+
 # ---------------------------------------------------------------------------- the API
 
 

@@ -8,7 +8,8 @@ from typing import Callable, Sequence
 
 from . import __version__
 from .commands import check, run, send, trial
-from .commands.common import EX_USAGE, UsageError
+from .commands.common import EX_SOFTWARE, EX_USAGE, HooksFailed, UsageError
+from .logline import escape
 
 _COMMANDS: dict[str, tuple[Callable[..., argparse.ArgumentParser], Callable[[argparse.Namespace], int]]] = {
     "run": (run.add_parser, run.cmd_run),
@@ -49,6 +50,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except UsageError as exc:
         print(f"pytclmilter {argv[0]}: {exc}", file=sys.stderr)
         return exc.status
+    except HooksFailed as exc:  # the traceback from the file's frames, not from ours
+        print(f"pytclmilter {argv[0]}: {escape(str(exc))}\n{exc.detail}", file=sys.stderr)  # one line, then it
+        return EX_SOFTWARE if argv[0] == "try" else 1
     except KeyboardInterrupt:
         print("pytclmilter: interrupted", file=sys.stderr)
         return 130

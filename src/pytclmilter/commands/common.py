@@ -7,7 +7,9 @@ import importlib.util
 import os
 import sys
 import time
+import traceback
 from pathlib import Path
+from types import TracebackType
 from typing import Callable
 
 from ..client.message import Envelope, Message
@@ -29,8 +31,28 @@ class UsageError(Exception):
         self.status = status
 
 
+class HooksFailed(Exception):
+    """A --python file failed to import, or its setup(milter) raised: the message names the file
+    and the exception, ``detail`` is the traceback from the file's own frames on (pytclmilter's
+    frames say nothing to its author). run and check exit 1, try 70 (cli.main)."""
+
+    def __init__(self, path: str, exc: Exception) -> None:
+        super().__init__(f"--python {path}: {type(exc).__name__}: {exc}")  # escaped where printed or logged
+        tb = _from_file(exc.__traceback__, path)
+        self.detail = "".join(traceback.format_exception(type(exc), exc, tb)).rstrip("\n")
+
+
+def _from_file(tb: TracebackType | None, path: str) -> TracebackType | None:
+    """The traceback from the first frame in ``path`` on (None for a SyntaxError, whose own
+    lines say where)."""
+    name = os.path.realpath(path)
+    while tb is not None and os.path.realpath(tb.tb_frame.f_code.co_filename) != name:
+        tb = tb.tb_next
+    return tb
+
+
 def load_hooks(path: str, milter: Milter) -> None:
-    """Import a --python file and call its setup(milter)."""
+    """Import a --python file and call its setup(milter); HooksFailed if either raises."""
     if not Path(path).is_file():
         raise UsageError(f"--python {path}: no such file", EX_NOINPUT)
     spec = importlib.util.spec_from_file_location(f"pytclmilter_hooks_{Path(path).stem}", path)
@@ -40,11 +62,17 @@ def load_hooks(path: str, milter: Milter) -> None:
     # Registered as an import would be: @dataclass and pickling look the module up by name. A
     # reload's import replaces the entry; the old generation keeps its module through its callbacks.
     sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
+    try:
+        spec.loader.exec_module(module)
+    except Exception as exc:  # noqa: BLE001 - any error of the file's: reported as the file's
+        raise HooksFailed(path, exc) from None
     setup = getattr(module, "setup", None)
     if not callable(setup):
         raise UsageError(f"--python {path}: has no setup(milter) function")
-    setup(milter)
+    try:
+        setup(milter)
+    except Exception as exc:  # noqa: BLE001
+        raise HooksFailed(path, exc) from None
 
 
 def add_script_options(p: argparse.ArgumentParser) -> None:

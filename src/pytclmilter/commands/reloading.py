@@ -24,7 +24,7 @@ from ..logline import escape, escape_lines
 from ..milter import ReloadError
 from ..tcl.interp import TclHost
 from .check import script_error
-from .common import ScriptExit, UsageError
+from .common import HooksFailed, ScriptExit, UsageError
 
 log = logging.getLogger("pytclmilter")
 
@@ -101,7 +101,7 @@ class Generations:
 
     def _failed(self, current: TclHost, number: int, exc: Exception) -> None:
         current.milter.stats.reloads_failed += 1
-        if isinstance(exc, LoadFailed):
+        if isinstance(exc, (LoadFailed, HooksFailed)):
             message, detail = str(exc), exc.detail
         elif isinstance(exc, (UsageError, ReloadError)):
             message, detail = str(exc), ""

@@ -20,7 +20,7 @@ from ..hooks import Hooks
 from ..logline import escape, escape_lines
 from ..milter import Milter
 from ..tcl.interp import TclHost
-from .common import UsageError, add_script_options, make_host
+from .common import HooksFailed, UsageError, add_script_options, make_host
 from .logs import setup_logging
 from .pidfile import PidFile
 from .reloading import Generations
@@ -171,13 +171,19 @@ def cmd_run(opts: argparse.Namespace) -> int:
         if opts.syslog:
             _log_failure(f"pytclmilter run: {exc}")
         raise  # (and on stderr: cli.main)
+    except HooksFailed as exc:
+        if opts.syslog:
+            _log_failure(f"pytclmilter run: {exc}", exc.detail)
+        raise
 
 
-def _log_failure(text: str) -> None:
+def _log_failure(text: str, detail: str | None = None) -> None:
     """What ends ``run`` (printed on stderr) in the log too: with --syslog, stderr may go nowhere
     (an init script's daemon), and the mail log would not say why the filter is gone. A Tcl
-    error's errorInfo follows its first line, as a callback's does."""
-    message, _, detail = text.partition("\n")
+    error's errorInfo follows its first line (or ``detail`` follows ``text``), as a callback's does."""
+    message = text
+    if detail is None:
+        message, _, detail = text.partition("\n")
     log.error("exiting: %s%s", escape(message), "\n" + escape_lines(detail) if detail else "")
 
 
