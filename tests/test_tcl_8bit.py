@@ -185,6 +185,42 @@ def test_python_and_tcl_share_private_data_whichever_side_keeps_it(tclrun):
     assert r["close-names"] == "OK both py.int"
 
 
+PY_BYTES_HOOKS = r'''
+def setup(milter):
+    @milter.register("envrcpt")
+    def rcpt(ctx, args):
+        ctx.setpriv("py.bytes", b"caf\xc3\xa9 \xe9\xff")
+        ctx.setpriv("py.list", [b"\xc3\xa9", None, {"k": b"\xe9"}])
+'''
+
+
+def test_bytes_python_sets_in_private_data_reach_tcl_under_the_bytes_rule(tclrun):
+    """Bug: Python's bytes reached Tcl as one character per byte (UTF-8 read as Latin-1), so a
+    script that put them in a header sent the MTA other bytes than Python had set."""
+    m = tclrun(TCL_HELPERS + r"""
+        package require TclMilter
+        proc eom {ctx} {
+            $ctx addheader X-Py-Bytes [$ctx getpriv py.bytes]
+            $ctx addheader X-Py-List [$ctx getpriv py.list]
+            $ctx addheader X-Py-All [dict get [$ctx getpriv] py.bytes]
+            R length [string length [$ctx getpriv py.bytes]]
+            return SMFIS_CONTINUE
+        }
+        milter register eom eom
+        milter main
+    """, python=[PY_BYTES_HOOKS])
+    with m.mta() as mta:
+        mta.negotiate()
+        mta.mail("<a@example.org>")  # skipped: no envfrom callback
+        assert mta.rcpt("<b@example.org>") == ("c", {})
+        headers = [p for code, p in mta.eom() if code == "h"]
+    assert m.stop() == 0
+    assert headers == [b"X-Py-Bytes\0caf\xc3\xa9 \xe9\xff\0",
+                       b"X-Py-List\0\xc3\xa9 {} {k \xe9}\0",
+                       b"X-Py-All\0caf\xc3\xa9 \xe9\xff\0"]
+    assert m.results()["length"] == "7"  # c a f \u00e9 space, then two bytes that are not UTF-8
+
+
 def test_a_body_callback_is_called_alike_for_ascii_and_8bit_blocks(tclrun):
     """An 8-bit block takes another way into Tcl (as bytes, through a lambda): the callback must not
     notice, not even when it has the name of one of the bridge's own procs, and errors read alike."""
