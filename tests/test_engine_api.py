@@ -869,6 +869,30 @@ def test_a_failing_callback_is_logged_with_traceback_and_answered_tempfail(caplo
     assert m.stats.errors == 2
 
 
+@pytest.mark.parametrize("call_timeout", [0, 30.0])
+def test_an_async_callback_whose_await_is_cancelled_fails_and_the_connection_goes_on(caplog, call_timeout):
+    """Bug: a CancelledError out of an async callback (it awaited a task that something else
+    cancelled) escaped the engine: the connection stayed paused for ever, nothing logged."""
+    caplog.set_level(logging.INFO, logger=LOG)
+    m = make_milter(call_timeout=call_timeout)
+
+    async def envrcpt(ctx, args):
+        if args[0] == "<ok@example.com>":
+            return REJECT
+        lookup = asyncio.ensure_future(asyncio.sleep(60))  # e.g. a shared lookup, cancelled elsewhere
+        asyncio.get_running_loop().call_soon(lookup.cancel)
+        await lookup
+
+    m.register("envrcpt", envrcpt)
+    with serving(m) as srv, srv.raw() as mta:
+        assert mta.rcpt("<b@example.com>") == (b"t", b"")
+        assert mta.rcpt("<ok@example.com>") == (b"r", b""), "the connection goes on"
+    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert len(errors) == 1 and "envrcpt callback" in errors[0], errors
+    assert "failed (CancelledError), answering SMFIS_TEMPFAIL" in errors[0]
+    assert "in envrcpt\n" in errors[0] and "await lookup" in errors[0]  # where it was
+
+
 @pytest.mark.parametrize("on_error, wire", [(REJECT, b"r"), ("SMFIS_CONTINUE", b"c"), ("ACCEPT", b"a")])
 def test_on_error_sets_the_answer_for_failing_callbacks(caplog, on_error, wire):
     caplog.set_level(logging.INFO, logger=LOG)

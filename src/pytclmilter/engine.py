@@ -539,6 +539,14 @@ class ConnectionEngine:
                     raise CallbackTimeout(f"callback stopped after {limit:g} s (call_timeout)") from None
             else:
                 result = await awaitable
+        except asyncio.CancelledError as exc:
+            if _cancelling():  # the loop ends (run() returns): this connection's task must end too
+                raise
+            # From inside the callback: it awaited a task or future that was cancelled. Left to
+            # propagate, the connection would wait for ever, paused, with nothing logged.
+            status = self._callback_failed(name, cb, exc)
+            self._timed(name, cb, started)
+            return status
         except (Exception, CallbackTimeout) as exc:  # noqa: BLE001
             status = self._callback_failed(name, cb, exc)
             if limit:
@@ -586,7 +594,7 @@ class ConnectionEngine:
         # message may quote a header): escaped, and errorInfo's lines indented (logline).
         who = "chain" if cb is None else cb.name or repr(cb.func)
         log.error("%s: %s callback %s failed (%s), answering %s:\n%s", self.name, name,
-                  escape(who), escape(str(exc)), status.smfis, escape_lines(detail))
+                  escape(who), escape(str(exc) or type(exc).__name__), status.smfis, escape_lines(detail))
         self.shared.stats.errors += 1
         if self.meter is not None:
             self.meter.failed(name, "python" if cb is None else cb.origin)
@@ -731,6 +739,13 @@ class ConnectionEngine:
         routine = reason in _ROUTINE_ENDS
         if not routine or self.debug:
             log.log(logging.DEBUG if routine else logging.INFO, "%s: closed (%s)", self.name, reason)
+
+
+def _cancelling() -> bool:
+    """Whether the running task itself is being cancelled (not merely given a CancelledError
+    by something it awaited)."""
+    task = asyncio.current_task()
+    return task is not None and task.cancelling() > 0
 
 
 def _traceback(exc: BaseException) -> str:
