@@ -693,6 +693,29 @@ def test_replacebody_larger_than_a_chunk_is_split_and_reassembles_exactly():
     assert b"".join(p for _, p in parts) == new_body
 
 
+def test_replacebody_of_a_number_or_a_list_is_a_type_error_not_a_body_of_nuls(caplog):
+    """Bug: bytes(5) is five NULs: ctx.replacebody(5) replaced the body with them, and
+    replacebody(True) with one, where the docs promise a TypeError at the call."""
+    caplog.set_level(logging.INFO, logger=LOG)
+    m = make_milter()
+    refused = []
+
+    def eom(ctx):
+        for wrong in (5, True, [104, 105]):
+            try:
+                ctx.replacebody(wrong)
+            except TypeError as exc:
+                refused.append(str(exc))
+        ctx.replacebody(bytearray(b"kept"))
+        ctx.replacebody(5)  # uncaught: the callback fails
+
+    m.register("eom", eom)
+    with serving(m) as srv, srv.raw() as mta:
+        assert mta.eom() == [(b"t", b"")]  # no body packet: the failed callback's changes are dropped
+    assert refused == [f"replacebody: bytes or str expected; got {t}" for t in ("int", "bool", "list")]
+    assert any("failed (replacebody: bytes or str expected; got int)" in r.getMessage() for r in caplog.records)
+
+
 def test_eight_bit_body_bytes_reach_the_callback_and_come_back_byte_exact():
     m = make_milter()
     chunks_in = [

@@ -420,7 +420,12 @@ class Context:
         it goes out in packets of 65535 bytes."""
         self._require("eom", "replacebody")
         self._granted("replacebody", _CHGBODY)
-        raw = wire(data) if isinstance(data, str) else bytes(data)
+        if isinstance(data, str):
+            raw = wire(data)
+        elif isinstance(data, (bytes, bytearray, memoryview)):
+            raw = bytes(data)
+        else:  # bytes() of an int is that many NULs, of a list of ints those bytes: never a body
+            raise TypeError(f"replacebody: bytes or str expected; got {type(data).__name__}")
         if self.body is None:
             self.body = []
         self.body.append(raw)
