@@ -975,6 +975,40 @@ def test_hooks_given_at_construction_are_called_by_the_server_and_the_connection
     assert m.hooks is hooks
 
 
+def test_a_context_hook_that_raises_is_logged_and_the_connection_is_served(caplog):
+    """Bug: a context_created hook that raised left the MTA waiting for its negotiation reply with
+    the socket open; one in context_closed left the connection half torn down. Both reached only
+    asyncio's own log, unescaped."""
+    caplog.set_level(logging.INFO, logger=LOG)
+
+    def created(ctx):
+        raise RuntimeError("no db\nhandle")
+
+    closed = []
+
+    def gone(ctx):
+        closed.append(ctx.name)
+        raise KeyError(ctx.name)
+
+    m = make_milter(hooks=Hooks(context_created=created, context_closed=gone))
+    m.register("envfrom", lambda ctx, args: REJECT)
+    with serving(m) as srv:
+        for _ in range(2):
+            with srv.raw() as mta:
+                assert mta.mail() == (b"r", b"")
+                mta.quit()
+                mta.expect_eof()
+        wait_for(lambda: len(closed) == 2)
+    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    prefix = "test_a_context_hook_that_raises_is_logged_and_the_connection_is_served.<locals>."
+    assert [e.split(" failed (")[0] for e in errors] == [
+        f"conn#{n}: the {hook} hook {prefix}{func}"
+        for n in (1, 2) for hook, func in (("context_created", "created"), ("context_closed", "gone"))
+    ], errors
+    assert "failed (no db\\nhandle):\n  Traceback" in errors[0]  # one line, then the indented traceback
+    assert m.running is False
+
+
 def test_abort_and_close_callbacks_on_eof_inside_a_message():
     m = make_milter()
     calls = []

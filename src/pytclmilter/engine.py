@@ -252,7 +252,19 @@ class ConnectionEngine:
         self.meter = meter = shared.meter
         if meter is not None:
             meter.opened()
-        shared.hooks.context_created(self.ctx)
+        self._hook("context_created", shared.hooks.context_created)
+
+    def _hook(self, name: str, hook: Callable[[Context], None]) -> None:
+        """A host's per-connection hook (Hooks): one that raises is logged, and the connection
+        goes on (its callbacks run; one that needed the hook fails and answers on_error). Left
+        to propagate, it left the MTA waiting with the socket open (context_created) or the
+        connection half torn down (context_closed), logged by asyncio only, unescaped."""
+        try:
+            hook(self.ctx)
+        except Exception as exc:  # noqa: BLE001 - a host's bug must not hang or leak the connection
+            log.error("%s: the %s hook %s failed (%s):\n%s", self.name, name,
+                      escape(getattr(hook, "__qualname__", repr(hook))), escape(str(exc) or type(exc).__name__),
+                      escape_lines(_traceback(exc)))
 
     @property
     def busy(self) -> bool:
@@ -730,7 +742,7 @@ class ConnectionEngine:
             return
         self.closed = True
         self._flush()
-        self.shared.hooks.context_closed(self.ctx)
+        self._hook("context_closed", self.shared.hooks.context_closed)
         self.ctx.detach()
         self.link.close()
         if self.meter is not None:
