@@ -13,6 +13,7 @@ import asyncio
 import dataclasses
 import logging
 import os
+import re
 import struct
 import threading
 
@@ -123,6 +124,17 @@ def test_a_callback_registered_later_is_negotiated_by_the_next_connection():
             assert not second.negotiated[2] & P_NOCONNECT
             assert second.connect("mx.example", b"4", 2525, "198.51.100.7") == (b"r", b"")
     assert seen == [("mx.example", {"family": "inet", "address": "198.51.100.7", "port": 2525})]
+
+
+def test_registering_what_cannot_be_called_is_refused_at_once_not_at_every_message():
+    """Bug: register("eom", CONTINUE) (a result where the function was meant) was accepted; every
+    message then failed with "'Status' object is not callable" and was answered tempfail, and a
+    reload that brought such a file went live instead of being refused."""
+    m = make_milter()
+    for wrong in (CONTINUE, "eom", 42):
+        with pytest.raises(TypeError, match=f"register eom: {re.escape(repr(wrong))} is not callable"):
+            m.register("eom", wrong)
+    assert m.registry.registered() == {}
 
 
 @pytest.mark.parametrize("version", [2, 3, 4, 5, 6])

@@ -178,6 +178,8 @@ class Milter:
         Registry.check_event(event)
         if func is None:
             return lambda f: self.register(event, f)
+        if not callable(func):  # refused now, at load: not a TypeError at every message, a tempfail each
+            raise TypeError(f"register {event}: {escape(repr(func))} is not callable")
         self.registry.add(event, Callback(func, "python", getattr(func, "__qualname__", repr(func))))
         return func
 
