@@ -501,6 +501,9 @@ def test_names_and_functions_tcl_cannot_use_are_refused_when_defined(tcl_host):
     def keyword_only(x, *, y):
         return x
 
+    def rest_then_keyword_only(*words, sep):  # the check once skipped what follows *words
+        return sep.join(words)
+
     refused = {
         "set": (lambda: milter.tcl_command("set", len), 'tcl_command: "set" is already a Tcl command'),
         "milter": (lambda: milter.tcl_command("milter", len), 'tcl_command: "milter" is pytclmilter\'s own command'),
@@ -508,6 +511,8 @@ def test_names_and_functions_tcl_cannot_use_are_refused_when_defined(tcl_host):
         "empty": (lambda: milter.tcl_command("", len), "must be a non-empty string"),
         "async": (lambda: milter.tcl_command("co", coroutine), "a Tcl command cannot be async"),
         "kwonly": (lambda: milter.tcl_command("kw", keyword_only), "keyword-only parameter 'y' has no default"),
+        "rest-kwonly": (lambda: milter.tcl_command("kw2", rest_then_keyword_only),
+                        "keyword-only parameter 'sep' has no default"),
         "callable": (lambda: milter.tcl_command("nc", 3), "is not callable"),
     }
     for name, (define, message) in refused.items():

@@ -52,6 +52,7 @@ def _signature(name: str, func: Callable[..., Any]) -> tuple[int, int | None, st
     except (TypeError, ValueError):  # a builtin without a signature: any number, as it checks itself
         return 0, None, "?arg ...?"
     low, high, words = 0, 0, []
+    rest = False  # a *args parameter: no largest count
     for p in sig.parameters.values():
         if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD):
             high += 1
@@ -60,13 +61,13 @@ def _signature(name: str, func: Callable[..., Any]) -> tuple[int, int | None, st
                 words.append(p.name)
             else:
                 words.append(f"?{p.name}?")
-        elif p.kind is p.VAR_POSITIONAL:
+        elif p.kind is p.VAR_POSITIONAL:  # (the keyword-only parameters come after it: go on)
             words.append("?arg ...?" if p.name == "args" else f"?{p.name} ...?")
-            return low, None, " ".join(words)
+            rest = True
         elif p.kind is p.KEYWORD_ONLY and p.default is p.empty:
             raise ValueError(f"tcl_command {name}: keyword-only parameter {p.name!r} has no default, "
                              "and Tcl passes positional words only")
-    return low, high, " ".join(words)
+    return low, (None if rest else high), " ".join(words)
 
 
 def check_name(name: str) -> str:
