@@ -883,6 +883,26 @@ def test_getpriv_missing_raises_keyerror_without_default():
 # ====================================================================== callback errors
 
 
+def test_a_long_result_that_is_no_status_is_logged_by_its_start_not_whole(caplog):
+    """Bug: a body callback written as a lambda around ctx.setpriv (which returns the value) returns
+    the body so far; its warning quoted it whole for every block: the log grew with the square of
+    the message size and held the mail's content. Now as a Tcl callback's result is quoted."""
+    caplog.set_level(logging.INFO, logger=LOG)
+    here = "test_a_long_result_that_is_no_status_is_logged_by_its_start_not_whole"
+    m = make_milter()
+    m.register("body", lambda ctx, chunk: ctx.setpriv("body", ctx.getpriv("body", b"") + chunk))
+    m.register("envrcpt", lambda ctx, args: "short")
+    with serving(m) as srv, srv.raw() as mta:
+        assert mta.rcpt() == (b"c", b"")
+        for _ in range(3):
+            assert mta.body(b"secret " * 9_000) == (b"c", b"")
+    warnings = [r.getMessage().replace(f"{here}.<locals>.", "") for r in caplog.records if r.levelno == logging.WARNING]
+    assert warnings[0] == "conn#1: envrcpt callback <lambda> returned 'short', not a status; treated as continue"
+    start = repr(b"secret " * 9)[:60]
+    assert warnings[1:] == [f"conn#1: body callback <lambda> returned {start}... ({n * 63_000} bytes), not a status; "
+                            "treated as continue" for n in (1, 2, 3)]
+
+
 def test_a_failing_callback_is_logged_with_traceback_and_answered_tempfail(caplog):
     caplog.set_level(logging.INFO, logger=LOG)
     m = make_milter()

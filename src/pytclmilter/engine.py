@@ -47,6 +47,10 @@ _PLAIN: Final = frozenset({type(None), str, int, Status})
 #: Tcl's deadline and asyncio's are exact). One that fails later than this past its limit was in
 #: code the limit cannot interrupt, and its real time is logged too.
 _LATE_STOP: Final = 0.5
+#: Characters of a Python callback's result that is no status quoted in its warning, as a Tcl
+#: callback's is (tcl/interp.py): a lambda ending in ctx.setpriv("body", sofar + chunk) returns
+#: the body so far, which would be logged whole for every block.
+_SHOWN_RESULT: Final = 60
 
 # What is decided (ConnectionEngine._decided; see the class docstring). Plain ints: tested per event.
 _OPEN: Final = 0
@@ -594,7 +598,7 @@ class ConnectionEngine:
         status = parse_status(result)
         if status is None:
             log.warning("%s: %s callback %s returned %s, not a status; treated as continue",
-                        self.name, name, escape(cb.name or repr(cb.func)), escape(repr(result)))
+                        self.name, name, escape(cb.name or repr(cb.func)), escape(_result_shown(result)))
             return Status.CONTINUE
         return status
 
@@ -751,6 +755,16 @@ class ConnectionEngine:
         routine = reason in _ROUTINE_ENDS
         if not routine or self.debug:
             log.log(logging.DEBUG if routine else logging.INFO, "%s: closed (%s)", self.name, reason)
+
+
+def _result_shown(result: Any) -> str:
+    """A result that is no status as its warning quotes it: a long text, bytes or collection by the
+    start of its repr and its length (a Tcl callback's result comes quoted and cut already)."""
+    shown = repr(result)
+    if len(shown) <= _SHOWN_RESULT or not isinstance(result, (str, bytes, bytearray, list, tuple, dict)):
+        return shown
+    unit = "bytes" if isinstance(result, (bytes, bytearray)) else "characters" if isinstance(result, str) else "items"
+    return f"{shown[:_SHOWN_RESULT]}... ({len(result)} {unit})"
 
 
 def _cancelling() -> bool:
