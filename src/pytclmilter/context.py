@@ -415,9 +415,11 @@ class Context:
         action = ev.ChangeFrom(check_address(sender, "sender"), check_args(args))
         self._act("chgfrom", action, _CHGFROM, _strings_size(sender, args))
 
-    def replacebody(self, data: bytes | str) -> None:
-        """Append to the new body (calls add up, as in libmilter); str is sent as UTF-8. Any size:
-        it goes out in packets of 65535 bytes."""
+    def replacebody(self, data: object) -> None:
+        """Append to the new body (calls add up, as in libmilter): bytes, bytearray or memoryview,
+        or str sent as UTF-8. Any size: it goes out in packets of 65535 bytes. (``object``: the
+        check below refuses other types, so both builds say the same; the compiled one would
+        check an exact annotation first, in its own words, and refuse bytearray.)"""
         self._require("eom", "replacebody")
         self._granted("replacebody", _CHGBODY)
         if isinstance(data, str):
