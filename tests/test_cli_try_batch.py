@@ -248,6 +248,28 @@ def test_try_compare_lists_only_the_messages_whose_verdict_differs(tmp_path: Pat
     assert status == 0
 
 
+THREAD_ID_AT_EOM = r"""
+package require TclMilter 1.0
+proc eom {ctx} { $ctx addheader X-Main [thread::id]; return SMFIS_CONTINUE }
+milter register eom eom
+milter main
+"""
+
+
+def test_try_compare_of_two_scripts_using_threads_says_why_the_second_cannot(tmp_path: Path) -> None:
+    """Both scripts run in one process, and Thread sends to the interpreter of the first that used
+    it: the second's thread:: command fails saying so (it neither crashes nor reaches the first)."""
+    first, second = tmp_path / "first.tcl", tmp_path / "second.tcl"
+    first.write_text(THREAD_ID_AT_EOM)
+    second.write_text(THREAD_ID_AT_EOM)
+    status, out = cli("try", str(first), str(DATA / "plain.eml"), "--compare", str(second))
+    assert re.search(rf"  {re.escape(str(first))}: +accept at eom, 1 modification\n", out), out
+    assert re.search(rf"  {re.escape(str(second))}: +tempfail at eom, 0 modifications\n", out), out
+    assert "the Thread package cannot be used by this script" in out, out
+    assert "(with try --compare: try each script alone)" in out, out
+    assert status != 0
+
+
 def test_try_compare_one_message_shows_the_header_edits_that_differ(tmp_path: Path) -> None:
     """Both sides add a header: only the edits one side made and the other did not are listed."""
     v1, v2 = tmp_path / "stamp-v1.tcl", tmp_path / "stamp-v2.tcl"

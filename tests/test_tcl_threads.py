@@ -310,7 +310,8 @@ def test_a_script_that_used_threads_is_kept_and_a_later_one_cannot_use_them(tclr
             new.connect()
             assert new.helo()[0] == "t"
         run.wait_for(r"the Thread package cannot be used by this script: Thread sends what threads send to "
-                     r"this thread to the interpreter of the first script that used it \(generation 1\)")
+                     r"this thread to the interpreter of the first script in this process that used it "
+                     r"\(generation 1\)")
     run.wait_for(r"WARNING: reload: generation 1's interpreter stays for the process's life")
     run.wait_for(r"reload: generation 1 is gone")
     run.child.kill(signal.SIGUSR1)  # generation 2 never used Thread: it can be replaced

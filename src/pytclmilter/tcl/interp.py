@@ -301,8 +301,9 @@ class TclHost:
             generation = _THREAD_HOME[0].milter.generation
             raise TclUsageError(
                 "the Thread package cannot be used by this script: Thread sends what threads send to "
-                f"this thread to the interpreter of the first script that used it (generation {generation}) "
-                "for as long as the process lives; restart pytclmilter to use threads in this script")
+                "this thread to the interpreter of the first script in this process that used it "
+                f"(generation {generation}) for as long as the process lives; restart pytclmilter to "
+                "use threads in this script (with try --compare: try each script alone)")
 
     @property
     def thread_home(self) -> bool:
