@@ -14,7 +14,7 @@ from __future__ import annotations
 import re
 from typing import Any, Callable, Final, Protocol
 
-from .logline import escape, isprintable
+from .logline import clip, escape, isprintable
 from .protocol import events as ev
 from .protocol.codec import wire
 from .protocol.constants import MAX_DATA_SIZE, Action, MacroStage
@@ -45,7 +45,6 @@ _LONE_PERCENT: Final = re.compile(r"(?<!%)%(?:%%)*(?!%)")
 #: bytes with their codes make 32 KB at most: a reply always fits the smallest packet size (65535).
 MAX_REPLY_LINE: Final = 980
 MAX_REPLY_LINES: Final = 32
-_SHOWN: Final = 60  # characters of a refused string quoted in an error message
 
 
 def tcl_glob(pattern: str) -> re.Pattern[str]:
@@ -77,7 +76,7 @@ def tcl_glob(pattern: str) -> re.Pattern[str]:
 def shown(text: str) -> str:
     """A refused string as an error message quotes it: its start only, escaped (logline.escape),
     so that the message stays one short line wherever it is printed or logged."""
-    return escape(text if len(text) <= _SHOWN else text[:_SHOWN] + "...")
+    return escape(clip(text))
 
 
 def wire_size(text: str) -> int:

@@ -22,7 +22,7 @@ from .callbacks import Callback, Registry
 from .context import Context
 from .hooks import Hooks
 from .limits import CallbackTimeout
-from .logline import escape, escape_lines
+from .logline import SHOWN, clip, escape, escape_lines
 from .logline import info as log_info
 from .meter import Meter
 # Imported by name, not as a module: compiled, `events.Name` is a module attribute look-up per use.
@@ -47,10 +47,6 @@ _PLAIN: Final = frozenset({type(None), str, int, Status})
 #: Tcl's deadline and asyncio's are exact). One that fails later than this past its limit was in
 #: code the limit cannot interrupt, and its real time is logged too.
 _LATE_STOP: Final = 0.5
-#: Characters of a Python callback's result that is no status quoted in its warning, as a Tcl
-#: callback's is (tcl/interp.py): a lambda ending in ctx.setpriv("body", sofar + chunk) returns
-#: the body so far, which would be logged whole for every block.
-_SHOWN_RESULT: Final = 60
 
 # What is decided (ConnectionEngine._decided; see the class docstring). Plain ints: tested per event.
 _OPEN: Final = 0
@@ -761,10 +757,10 @@ def _result_shown(result: Any) -> str:
     """A result that is no status as its warning quotes it: a long text, bytes or collection by the
     start of its repr and its length (a Tcl callback's result comes quoted and cut already)."""
     shown = repr(result)
-    if len(shown) <= _SHOWN_RESULT or not isinstance(result, (str, bytes, bytearray, list, tuple, dict)):
+    if len(shown) <= SHOWN or not isinstance(result, (str, bytes, bytearray, list, tuple, dict)):
         return shown
     unit = "bytes" if isinstance(result, (bytes, bytearray)) else "characters" if isinstance(result, str) else "items"
-    return f"{shown[:_SHOWN_RESULT]}... ({len(result)} {unit})"
+    return f"{clip(shown)} ({len(result)} {unit})"
 
 
 def _cancelling() -> bool:

@@ -33,6 +33,7 @@ its arguments must be escaped, as the engine's verdict line escapes them.
 from __future__ import annotations
 
 import logging
+import time
 from typing import Callable, Final, Protocol
 
 INFO: Final = logging.INFO
@@ -41,6 +42,35 @@ INDENT: Final = "  "
 #: every call (two thirds of the cost of escaping a sender); this is a direct call.
 isprintable: Final[Callable[[str], bool]] = str.isprintable
 _NAMED: Final = {"\\": "\\\\", "\n": "\\n", "\r": "\\r", "\t": "\\t"}
+
+
+#: Characters of a long text from the MTA or a script that an error or log line quotes: a refused
+#: string, a callback's result that is no status (a body callback ending in a setpriv of the
+#: body so far returns it, and would be logged whole for every block).
+SHOWN: Final = 60
+
+
+class Every:
+    """A log line for a failure that may repeat for as long as it lasts: due() is True at most
+    once every ``seconds`` (the first time at once), so that it is logged once, not flooded."""
+
+    __slots__ = ("seconds", "_last")
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+        self._last: float | None = None
+
+    def due(self) -> bool:
+        now = time.monotonic()
+        if self._last is not None and now - self._last < self.seconds:
+            return False
+        self._last = now
+        return True
+
+
+def clip(text: str) -> str:
+    """``text`` as a message quotes it: whole, or its first SHOWN characters and "..."."""
+    return text if len(text) <= SHOWN else text[:SHOWN] + "..."
 
 
 def escape(text: str) -> str:

@@ -11,12 +11,12 @@ import logging
 import signal
 import socket
 import threading
-import time
 from typing import Any, Callable, Final, cast
 
 from .accept import Acceptor, check_fd_limit
 from .connspec import ConnSpec, parse
 from .listener import Listener, bind
+from .logline import Every
 from .engine import ConnectionEngine, Shared
 
 log: Final = logging.getLogger("pytclmilter")
@@ -180,7 +180,7 @@ class MilterServer:
         self.retiring: dict[Shared, _Retiring] = {}
         self._retirements: set[asyncio.Future[None]] = set()
         self._ticker: asyncio.Future[None] | None = None
-        self._tick_failed = float("-inf")  # when _run_tick last logged a failed tick
+        self._tick_failed = Every(60.0)  # _run_tick's log line
         #: SIGUSR1 calls hooks.reload (if given); a --workers worker leaves reloading to its supervisor.
         self.reloadable = True
         self._reload_disposition: Any = signal.SIG_DFL
@@ -365,9 +365,7 @@ class MilterServer:
         try:
             tick()
         except Exception:  # noqa: BLE001 - log, and keep ticking
-            now = time.monotonic()
-            if now - self._tick_failed >= 60:
-                self._tick_failed = now
+            if self._tick_failed.due():
                 log.exception("the host's event tick failed (logged at most once a minute)")
 
     def _install_signals(self, loop: asyncio.AbstractEventLoop) -> list[signal.Signals]:

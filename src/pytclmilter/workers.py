@@ -43,7 +43,7 @@ from .accept import check_fd_limit
 from .connspec import parse
 from .hooks import Hooks
 from .listener import Listener, bind
-from .logline import escape
+from .logline import Every, escape
 from .settings import Settings
 
 log = logging.getLogger("pytclmilter")
@@ -130,7 +130,7 @@ class Supervisor:
         self.deaths = _Deaths()
         #: Workers of the serving set whose fork failed (EAGAIN, ENOMEM): tried again every second.
         self.unstarted: set[int] = set()
-        self._fork_failed = 0.0  # when a failed fork was last logged
+        self._fork_failed = Every(_STORM_TELL_EVERY)  # _spawn's log line
         self.pid = os.getpid()  # for the workers: os.getppid() there may already be another process
 
     def run(self, listener: Listener) -> None:
@@ -277,9 +277,7 @@ class Supervisor:
             self._fork(number)
         except OSError as exc:  # no process or memory left: serve with the others, try again
             self.unstarted.add(number)
-            now = time.monotonic()
-            if now - self._fork_failed >= _STORM_TELL_EVERY:
-                self._fork_failed = now
+            if self._fork_failed.due():
                 log.error("cannot start worker %d: fork: %s; serving with %d workers, trying again every second "
                           "(logged at most once a minute)", number, exc.strerror, len(self.children))
 

@@ -10,8 +10,7 @@ from __future__ import annotations
 from typing import Any, Callable, Final, Sequence
 
 from ..context import Context, unset_matching
-from ..protocol.codec import text
-from ..status import Status
+from .pycommands import tcl_form
 from .usage import TclUsageError, bad_choice, count_ok, integer, wrong_args
 
 # Private data: ::tclmilter::context (tclmilter.tcl) answers from the script's own values and
@@ -20,33 +19,20 @@ from .usage import TclUsageError, bad_choice, count_ok, integer, wrong_args
 
 def _getpriv(ctx: Context, args: Sequence[str]) -> Any:
     if not args:
-        return _flat(ctx.priv)
+        return priv_value(ctx.priv)
     return _read(ctx, args[0])
 
 
 def priv_value(value: Any) -> Any:
-    """A value Python set, as the context command hands it to Tcl (its strings then go through
-    deep_to_tcl): bytes as their text under the bytes rule, as a Python command's result (tkinter
-    would make a byte array of them, one character per byte: UTF-8 text read as Latin-1, and the
-    bytes that reach the MTA altered), None as "", a list, tuple or dict as a Tcl list or dict;
-    numbers as they are; anything else its string form."""
-    if isinstance(value, str):
-        return value
-    if isinstance(value, (bytes, bytearray, memoryview)):
-        return text(bytes(value))
-    if value is None:
-        return ""
-    if isinstance(value, bool):
-        return 1 if value else 0
-    if isinstance(value, Status):
-        return value.smfis
-    if isinstance(value, (int, float)):
-        return value
-    if isinstance(value, (list, tuple)):
-        return tuple(priv_value(v) for v in value)
-    if isinstance(value, dict):
-        return _flat(value)
-    return str(value)
+    """A value Python set, as the context command hands it to Tcl: :func:`tcl_form` with texts
+    left as they are (the command's result goes through deep_to_tcl) and any other type as its
+    string form. Bytes are text under the bytes rule (tkinter would make a byte array of them,
+    one character per byte: UTF-8 text read as Latin-1, and the bytes that reach the MTA altered)."""
+    return tcl_form(value, _same, str)
+
+
+def _same(value: str) -> str:
+    return value
 
 
 def _read(ctx: Context, name: str) -> Any:
@@ -106,10 +92,6 @@ def _chgheader(ctx: Context, args: Sequence[str]) -> None:
 def _insheader(ctx: Context, args: Sequence[str]) -> None:
     name, index, data = _ins_args(args)
     ctx.insheader(name, data, index)
-
-
-def _flat(d: dict[Any, Any]) -> tuple[Any, ...]:
-    return tuple(priv_value(x) for kv in d.items() for x in kv)
 
 
 # name -> (min args, max args or None, argument usage, handler)

@@ -22,7 +22,7 @@ import _tkinter
 from ..context import Context, MilterError
 from ..engine import CallbackError
 from ..hooks import Hooks
-from ..logline import escape, escape_lines
+from ..logline import SHOWN, clip, escape, escape_lines
 from ..milter import Milter
 from ..protocol.codec import text
 from ..status import Status
@@ -117,12 +117,6 @@ def _to_tcl(value: Any) -> Any:
     return value
 
 
-#: Characters of a result that is no status quoted in the log line, as a refused string is quoted
-#: in an error (context.shown): a body callback ending in `$context setpriv body "$sofar$block"`
-#: returns the body so far, which would be logged whole for every block.
-_SHOWN: Final = 60
-
-
 class NotAStatus:
     """A callback result that is no SMFIS_* name: the engine logs it and continues."""
 
@@ -132,9 +126,10 @@ class NotAStatus:
         self.text = text
 
     def __repr__(self) -> str:
-        if len(self.text) <= _SHOWN:
+        """As the engine's warning quotes it: a long result by its start (logline.clip)."""
+        if len(self.text) <= SHOWN:
             return f'"{self.text}"'
-        return f'"{self.text[:_SHOWN]}..." ({len(self.text)} characters)'
+        return f'"{clip(self.text)}" ({len(self.text)} characters)'
 
 
 _STATUS_BY_NAME: Final = {s.smfis: s for s in Status} | {"": Status.CONTINUE}

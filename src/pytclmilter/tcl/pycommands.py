@@ -62,12 +62,13 @@ class _Stopped(Exception):
         self.where = where
 
 
-def tcl_value(value: Any) -> Any:
-    """A Python value as tkinter must be given it for its Tcl form: None the empty string, bool
-    1 or 0, a Status its SMFIS_ name, bytes their text (the bytes rule), a list or tuple a Tcl
-    list, a dict a Tcl dict (a key/value list); TypeError for anything else."""
+def tcl_form(value: Any, string: Callable[[str], Any], other: Callable[[Any], Any]) -> Any:
+    """A Python value in the shape tkinter makes a Tcl value of: None the empty string, bool 1 or
+    0, a Status its SMFIS_ name, numbers as they are, bytes their text (the bytes rule), a list or
+    tuple a Tcl list, a dict a Tcl dict (a key/value list). ``string`` gives each text's form,
+    ``other`` that of a value of any other type."""
     if type(value) is str:
-        return to_tcl(value)
+        return string(value)
     if value is None:
         return ""
     if isinstance(value, bool):
@@ -77,13 +78,23 @@ def tcl_value(value: Any) -> Any:
     if isinstance(value, (int, float)):
         return value
     if isinstance(value, str):
-        return to_tcl(str(value))
+        return string(str(value))
     if isinstance(value, (bytes, bytearray, memoryview)):
-        return to_tcl(text(bytes(value)))
+        return string(text(bytes(value)))
     if isinstance(value, (list, tuple)):
-        return tuple(tcl_value(v) for v in value)
+        return tuple(tcl_form(v, string, other) for v in value)
     if isinstance(value, dict):
-        return tuple(x for k, v in value.items() for x in (tcl_value(k), tcl_value(v)))
+        return tuple(x for k, v in value.items() for x in (tcl_form(k, string, other), tcl_form(v, string, other)))
+    return other(value)
+
+
+def tcl_value(value: Any) -> Any:
+    """A Python command's result as tkinter must be given it (:func:`tcl_form`, texts made
+    :func:`to_tcl`); TypeError for a type with no Tcl form."""
+    return tcl_form(value, to_tcl, _no_tcl_form)
+
+
+def _no_tcl_form(value: Any) -> Any:
     raise TypeError(f"a {type(value).__name__} has no Tcl form (return str, int, float, bool, bytes, None, "
                     "or a list, tuple or dict of them)")
 
