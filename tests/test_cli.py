@@ -238,6 +238,34 @@ def test_run_group_it_cannot_switch_to_without_root_is_a_usage_error(tmp_path: P
     assert "listening on" not in m.text
 
 
+def _profile_files(folder: Path) -> list[Path]:
+    """The start-up files tkinter.Tk reads from $HOME, each leaving a marker if it runs."""
+    markers = []
+    for name in (".Tk", ".pytclmilter", ".cli"):  # the class, then the program's name
+        tcl_marker, py_marker = folder / f"ran{name}.tcl", folder / f"ran{name}.py"
+        (folder / f"{name}.tcl").write_text(f"close [open {tcl_marker} w]\n")
+        (folder / f"{name}.py").write_text(f"open({str(py_marker)!r}, 'w').close()\n")
+        markers += [tcl_marker, py_marker]
+    return markers
+
+
+@pytest.mark.parametrize("home", ["set", "unset"])
+def test_run_reads_no_start_up_file_from_home_or_the_current_directory(tmp_path: Path, home: str) -> None:
+    """tkinter.Tcl() sources .Tk.tcl and executes .Tk.py (and .pytclmilter.py) from $HOME, or from
+    the current directory when HOME is unset, as under systemd: a root daemon ran them."""
+    markers = _profile_files(tmp_path)
+    prefix = ["env", "-u", "HOME"] if home == "unset" else []
+    m = TclRun([*prefix, *PYTCLMILTER, "run", str(STAMP), "--connection", "inet:0@127.0.0.1"],
+               env={"HOME": str(tmp_path)}, cwd=str(tmp_path))
+    try:
+        m.wait_listening()
+        assert m.stop() == 0
+    finally:
+        if m.alive():
+            m.stop(signal.SIGKILL)
+    assert [p.name for p in markers if p.exists()] == []
+
+
 def test_run_refuses_an_empty_host_rather_than_listen_on_every_address(tmp_path: Path) -> None:
     """`inet:8891@` (say `inet:8891@$HOST` with HOST unset) is an unknown host to libmilter; it
     listened on every address, exposing a filter without authentication to the network."""

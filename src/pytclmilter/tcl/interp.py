@@ -87,6 +87,19 @@ _BODY_LAMBDA: Final = "{prefix context bytes} {tailcall {*}$prefix $context [enc
 _THREAD_HOME: Final[list["TclHost"]] = []
 
 
+class _Interpreter(tkinter.Tk):
+    """What ``tkinter.Tcl()`` makes, less the start-up files of a desktop program.
+
+    ``tkinter.Tk`` sources ``.Tk.tcl`` and ``.pytclmilter.tcl`` and executes ``.Tk.py`` and
+    ``.pytclmilter.py`` from $HOME, or from the current directory when HOME is unset, as a
+    service's often is (systemd starts it in /). In a daemon that starts as root that is code
+    from a path no one configured, read through whatever symlink is there: never read any.
+    """
+
+    def readprofile(self, baseName: str, className: str) -> None:  # noqa: N803 - tkinter's names
+        """Nothing: see the class."""
+
+
 def tcl_library_dir() -> Path:
     """Where pkgIndex.tcl lives: the installed package data, else the source tree's tclmilter/."""
     try:
@@ -169,7 +182,7 @@ class TclHost:
         paths = os.environ.get("TCLLIBPATH", "")
         if libdir not in paths.split():
             os.environ["TCLLIBPATH"] = f"{libdir} {paths}".strip()
-        self.tcl = tkinter.Tcl()
+        self.tcl = _Interpreter(useTk=False)  # tkinter.Tcl(), without start-up files
         self.tk = self.tcl.tk
         self.tk.call("encoding", "system", "utf-8")  # scripts are UTF-8 whatever the locale
         self.contexts: dict[int, Context] = {}
