@@ -304,6 +304,37 @@ def test_with_user_the_file_is_opened_after_the_privilege_drop(tclrun: Callable[
 # ---------------------------------------------------------------------------- set up again (a reload)
 
 
+RACER = """
+import importlib.util, sys, time
+spec = importlib.util.spec_from_file_location("greylist_store", sys.argv[1])
+module = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(module)
+from pytclmilter.milter import Milter
+start, folder = float(sys.argv[2]), sys.argv[3]
+for n in range(int(sys.argv[4])):
+    milter = Milter()
+    module.setup(milter)
+    greydb = next(iter(milter.tcl_commands)).func
+    greydb("configure", "-store", f"sqlite:{folder}/{n}.sqlite")
+    while time.time() < start + 0.25 * n:  # both processes open file n at the same moment
+        pass
+    print(greydb("check", "192.0.2.1", "a@example.org", "b@example.com"), flush=True)
+"""
+
+
+def test_workers_opening_a_new_sqlite_file_at_once_both_greylist(tmp_path: Path) -> None:
+    """Two workers' first checks on a new file: SQLite refused one of the two `PRAGMA
+    journal_mode=WAL` at once ("database is locked", its busy handler not asked), so a worker
+    started its life with an outage and answered 4.3.0 for -retry seconds (half of the starts)."""
+    trials = 16
+    start = str(time.time() + 2)
+    racers = [subprocess.Popen([sys.executable, "-c", RACER, str(STORE_PY), start, str(tmp_path), str(trials)],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    outputs = [racer.communicate(timeout=60) for racer in racers]
+    for out, err in outputs:  # (the second sighting may be 300 s plus the clocks' last digits away)
+        assert [re.sub(r"\d+", "N", line) for line in out.splitlines()] == ["('wait', N)"] * trials, err
+
+
 def test_setup_again_in_the_same_process_has_its_own_connection_closed_with_it(tmp_path: Path) -> None:
     """A reload imports the hooks file again and calls setup() on a new milter: the second
     store object shares nothing with the first, and the first's connection closes once it is

@@ -215,7 +215,7 @@ class SqliteStore:
         _refuse_unsafe_as_root(self.path)
         db = sqlite3.connect(self.path, timeout=SQLITE_BUSY_TIMEOUT, isolation_level=None)
         try:
-            db.execute("PRAGMA journal_mode=WAL")
+            _wal_mode(db)
             db.execute("PRAGMA synchronous=NORMAL")  # WAL: durable at checkpoints, no fsync per check
             db.executescript(self._SCHEMA)
         except BaseException:
@@ -244,6 +244,24 @@ class SqliteStore:
         if self._db is not None and self._pid == os.getpid():
             self._db.close()
         self._db = None
+
+
+def _wal_mode(db: sqlite3.Connection) -> None:
+    """``PRAGMA journal_mode=WAL``, waiting for another process as long as any statement would.
+
+    While another process switches the same new file to WAL (two workers' first checks at once),
+    SQLite answers "database is locked" at once, without its busy handler: one worker of two
+    began its life with an outage and answered -unavailable for -retry seconds.
+    """
+    deadline = time.monotonic() + SQLITE_BUSY_TIMEOUT
+    while True:
+        try:
+            db.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError as exc:
+            if exc.sqlite_errorcode != sqlite3.SQLITE_BUSY or time.monotonic() >= deadline:
+                raise
+            time.sleep(0.005)
 
 
 def _refuse_unsafe_as_root(path: str) -> None:
