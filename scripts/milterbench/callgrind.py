@@ -62,6 +62,52 @@ def inclusive(dump: Path) -> tuple[int, dict[str, int]]:
     return total, counts
 
 
+# Whose code each shared object is: the first pattern that matches its path names it.
+OWNERS = [
+    ("pytclmilter (the mypyc-compiled modules, _tclbytes)", r"__mypyc\.|/pytclmilter/"),
+    ("tkinter (_tkinter: calls into Tcl, Tcl commands of Python)", r"/_tkinter\."),
+    ("Tcl (libtcl: the script, aliases, the event queue)", r"/libtcl"),
+    ("uvloop and libuv (the event loop, transports)", r"/uvloop/"),
+    ("CPython (the interpreter, objects, its C modules, asyncio, logging)", r"/libpython|/lib-dynload/|/bin/python"),
+    ("libc (memory, locks, thread-local data, system call stubs)", r"/libc\.|/libm\.|/ld-linux"),
+]
+
+
+def self_by_object(dump: Path) -> tuple[int, dict[str, int]]:
+    """Each shared object's own (exclusive) instructions, read from the dump itself.
+
+    A cost line counts for the object of the function it is in, except the line after
+    ``calls=``: that is the callee's inclusive cost, counted where the callee is."""
+    names: dict[str, str] = {}
+    counts: dict[str, int] = {}
+    obj, after_call, total = "???", False, 0
+    for line in dump.read_text().splitlines():
+        if line.startswith(("ob=", "cob=")):
+            ident, _, name = line.partition("=")[2].partition(" ")
+            names[ident] = name or names.get(ident, ident)
+            if line.startswith("ob="):
+                obj = names[ident]
+        elif line.startswith("calls="):
+            after_call = True
+        elif line[:1].isdigit() or line[:1] in ("+", "-", "*"):  # a position and its cost
+            if after_call:
+                after_call = False
+                continue
+            cost = int(line.split()[-1])
+            counts[obj] = counts.get(obj, 0) + cost
+            total += cost
+    return total, counts
+
+
+def owners(counts: dict[str, int]) -> dict[str, int]:
+    """``self_by_object``'s counts summed by whose code the objects are (OWNERS; else "other")."""
+    summed: dict[str, int] = {}
+    for obj, count in counts.items():
+        owner = next((who for who, rx in OWNERS if re.search(rx, obj)), "other")
+        summed[owner] = summed.get(owner, 0) + count
+    return summed
+
+
 def cmd_callgrind(opts: argparse.Namespace) -> int:
     for tool in ("valgrind", "callgrind_control", "callgrind_annotate"):
         if not shutil.which(tool):
@@ -105,4 +151,8 @@ def cmd_callgrind(opts: argparse.Namespace) -> int:
     for what, func in PARTS:
         count = sum(counts.get(name, 0) for name in func.split("|"))
         say(f"  {count / n:11,.0f}  {what}")
+    own_total, by_object = self_by_object(dump)
+    say("by whose code the instructions are (each object's own, the tick included):")
+    for who, count in sorted(owners(by_object).items(), key=lambda item: -item[1]):
+        say(f"  {count / n:11,.0f}  {100 * count / own_total:5.1f} %  {who}")
     return 0
