@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import gc
 import logging
 import os
 import re
 import struct
 import threading
+import warnings
 
 import pytest
 from miltertest import constants as K
@@ -1082,3 +1084,23 @@ def test_a_routine_end_is_logged_at_debug_and_an_error_end_at_info(caplog, level
     errors = [c for c in closed if c[1] != "closed (quit)"]
     assert routine == ([(logging.DEBUG, "closed (quit)")] if level == logging.DEBUG else [])
     assert len(errors) == 1 and errors[0][0] == logging.INFO, closed
+
+
+def test_an_async_negotiate_callback_is_refused_and_closed_without_a_warning(caplog):
+    """negotiate is answered at once (python-api.md: "must not be async", treated as continue).
+    Its coroutine, and the engine's own around it, were dropped unstarted: Python warned
+    "coroutine ... was never awaited" on stderr for every connection."""
+    m = make_milter()
+
+    async def negotiate(ctx, version, actions, protocol):
+        return CONTINUE
+
+    m.register("negotiate", negotiate)
+    m.register("envfrom", lambda ctx, args: CONTINUE)
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        with serving(m) as srv, srv.raw() as mta:
+            assert mta.command(b"M", z("<a@example.org>")) == (b"c", b"")
+        gc.collect()
+    assert [str(w.message) for w in seen if issubclass(w.category, RuntimeWarning)] == []
+    assert "the negotiate callback must not be async; treated as continue" in caplog.text

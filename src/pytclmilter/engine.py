@@ -481,10 +481,16 @@ class ConnectionEngine:
         return status
 
     def _run_sync(self, name: str, args: tuple[Any, ...]) -> Status:
+        """A chain answered at once (negotiate): its async callbacks were refused in _call."""
         result = self._run_chain(name, args)
-        if isinstance(result, Status):
-            return result
-        close = getattr(result, "close", None)
+        if not isinstance(result, Status):
+            raise TypeError(f"the {name} chain gave an awaitable")  # (_call's refusal makes this impossible)
+        return result
+
+    def _not_awaitable(self, name: str, awaitable: Awaitable[Any]) -> Status:
+        """An async callback where the answer must be given at once: closed unstarted (a coroutine
+        merely dropped makes Python warn "never awaited" on stderr), logged, taken as continue."""
+        close = getattr(awaitable, "close", None)
         if close:
             close()
         log.error("%s: the %s callback must not be async; treated as continue", self.name, name)
@@ -536,6 +542,8 @@ class ConnectionEngine:
             self._timed(name, cb, started)
             return result
         if type(result) not in _PLAIN and inspect.isawaitable(result):
+            if name == "negotiate":
+                return self._not_awaitable(name, result)
             return self._awaited(name, cb, result, limit, started, ignore)  # timed when it completes
         self._timed(name, cb, started)
         return Status.CONTINUE if ignore else self._status(name, cb, result)
