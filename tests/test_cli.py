@@ -309,6 +309,33 @@ def test_run_a_callback_whose_shell_waits_for_its_job_is_answered(tmp_path: Path
             os.killpg(m.child.pid, signal.SIGKILL)  # (the shell too, were it still waiting)
 
 
+WAITS_BEFORE_AND_AFTER_MAIN = r"""
+package require TclMilter
+puts "loading: [exec sh -c {sleep 0.1 & wait; echo waited}]"
+after 200 {milter stop}
+milter main
+puts "after main: [exec sh -c {sleep 0.1 & wait; echo waited}]"
+"""
+
+
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_run_a_script_whose_shell_waits_before_and_after_main_goes_on(tmp_path: Path, workers: str) -> None:
+    """The script's own code, before `milter main` and after it returns, execs as under tclsh:
+    SIGCHLD, blocked for the --workers supervisor, was blocked there too, and a shell's `wait`
+    waited for ever: the milter never listened."""
+    script = tmp_path / "waits.tcl"
+    script.write_text(WAITS_BEFORE_AND_AFTER_MAIN)
+    m = TclRun([*PYTCLMILTER, "run", str(script), "--connection", "inet:0@127.0.0.1", "--workers", workers],
+               cwd=str(tmp_path))
+    try:
+        m.wait_for(r"after main: waited", 20)
+        assert "loading: waited" in m.text, m.text
+        assert m.wait_exit() == 0, m.text
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(m.child.pid, signal.SIGKILL)  # (the shell too, were it still waiting)
+
+
 def test_run_pidfile_is_written_while_serving_and_removed_at_stop(serve: Callable[..., TclRun],
                                                                   tmp_path: Path) -> None:
     pidfile = tmp_path / "stamp.pid"

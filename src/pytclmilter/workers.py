@@ -12,7 +12,7 @@ gracefully; then ``milter main`` returns in the parent and the script goes on.
 SIGUSR1 to the parent reloads (``Hooks.reload``, then :meth:`Supervisor.reload`): the parent
 forks a new set of workers from the new script's state, then tells the old set to stop (SIGTERM:
 they close their copy of the socket, which the parent and the new set keep open, and finish
-their sessions). The parent waits for its children and for SIGUSR1 with ``sigwaitinfo``, both
+their sessions). The parent waits for its children and for SIGUSR1 with ``sigtimedwait``, both
 signals blocked, so that neither is lost between two waits.
 
 Every process holds the listening socket, and the kernel goes on queueing
@@ -124,7 +124,7 @@ class Supervisor:
         self.children: dict[int, tuple[int, int]] = {}  # pid -> (worker number, generation)
         self.generation = 1  # of the workers serving new connections (reload)
         self._gone: dict[int, Callable[[], None]] = {}  # replaced generation -> called when its last worker ended
-        # Taken with sigwaitinfo in the parent; SIGUSR1 only when the milter can reload (Hooks.reload).
+        # Taken with sigtimedwait in the parent; SIGUSR1 only when the milter can reload (Hooks.reload).
         self._waited = (signal.SIGCHLD,) + ((signal.SIGUSR1,) if hooks.reload is not None else ())
         self.stopping = False
         self.deaths = _Deaths()
@@ -149,13 +149,11 @@ class Supervisor:
             log.info("%d workers serving %s", self.count, escape(str(self.listener.spec)))  # the script's text
             while self._reap() or (self.unstarted and not self.stopping):
                 # A stop signal's handler interrupts the wait and kills the workers: SIGCHLD follows.
-                if not self.unstarted:
-                    got: signal.struct_siginfo | None = signal.sigwaitinfo(self._waited)
-                else:
-                    got = signal.sigtimedwait(self._waited, 1.0)
-                if got is None:
-                    self._start_unstarted()
-                elif got.si_signo == signal.SIGUSR1:
+                # A second at most: _reap tries the unstarted again, and reaps a worker whose
+                # SIGCHLD a thread of the script took (one it started while loading inherited
+                # SIGCHLD unblocked: commands/sigmask.py).
+                got = signal.sigtimedwait(self._waited, 1.0)
+                if got is not None and got.si_signo == signal.SIGUSR1:
                     self._on_reload()
         finally:
             for sig, handler in previous.items():

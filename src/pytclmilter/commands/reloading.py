@@ -25,6 +25,7 @@ from ..milter import ReloadError
 from ..tcl.interp import TclHost
 from .check import script_error
 from .common import HooksFailed, ScriptExit, UsageError
+from . import sigmask
 
 log = logging.getLogger("pytclmilter")
 
@@ -85,7 +86,9 @@ class Generations:
         host = self._load(exited)
         host.loading = True
         try:
-            if not host.start(self.script):
+            with sigmask.children_reapable():  # under --workers, in the supervisor
+                started = host.start(self.script)
+            if not started:
                 raise LoadFailed(f"{self.script}: error: the script never calls milter main")
         except tkinter.TclError as exc:
             info = host.error_info()

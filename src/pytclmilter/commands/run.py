@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import contextlib
 import grp
 import logging
 import os
@@ -12,7 +11,7 @@ import resource
 import signal
 import sys
 import tkinter
-from typing import Callable, Iterator, NamedTuple
+from typing import Callable, NamedTuple
 
 from ..compiled import describe
 from ..connspec import ConnSpec
@@ -23,6 +22,7 @@ from ..tcl.interp import TclHost
 from .common import HooksFailed, UsageError, add_script_options, make_host
 from .logs import setup_logging
 from .pidfile import PidFile
+from . import sigmask
 from .reloading import Generations
 
 log = logging.getLogger("pytclmilter")
@@ -136,20 +136,13 @@ def _check_unprivileged(uid: int, gid: int) -> None:
                          f"(the process runs as gid {os.getegid()})")
 
 
-@contextlib.contextmanager
-def _sigchld_for_children(milter: Milter) -> Iterator[None]:
-    """SIGCHLD unblocked in this thread while it serves alone (no --workers): the callbacks and
-    timers run here, and what they start inherits the signal mask. With SIGCHLD blocked, a
-    shell's ``wait`` (``exec sh -c {scan & wait}``) waited for ever, and the milter with it. The
-    --workers supervisor keeps it blocked (it waits with sigwaitinfo); its workers unblock it."""
-    if milter.settings.workers > 1:
-        yield
-        return
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, (signal.SIGCHLD,))
-    try:
-        yield
-    finally:
-        signal.pthread_sigmask(signal.SIG_BLOCK, (signal.SIGCHLD,))
+def _serve_once(host: TclHost) -> tuple[str, str]:
+    """`milter main`'s serving; the supervisor of --workers takes SIGCHLD, one process serving
+    alone runs the callbacks in this thread (sigmask.py)."""
+    if host.milter.settings.workers > 1:
+        return host.command.serve()
+    with sigmask.children_reapable():
+        return host.command.serve()
 
 
 def raise_fd_limit() -> None:
@@ -193,12 +186,7 @@ def _serve(opts: argparse.Namespace) -> int:
     raise_fd_limit()
     # A reload (SIGUSR1) before the milter serves has nothing to replace: not the end of the process.
     signal.signal(signal.SIGUSR1, signal.SIG_IGN)
-    # Blocked before any thread exists (Tcl's notifier, the metrics server, Thread's threads), so
-    # that every thread inherits the block: a signal is delivered to a thread that does not block
-    # it, and one that came while the serving thread was busy (a reload, a worker's death) would
-    # go to such a thread, there be ignored, and be lost. Whoever waits for them unblocks them in
-    # its own thread only: the server for SIGUSR1, the --workers supervisor waits with sigwaitinfo.
-    signal.pthread_sigmask(signal.SIG_BLOCK, (signal.SIGUSR1, signal.SIGCHLD))
+    sigmask.block_for_the_waiters()  # (the why: sigmask.py)
     overrides = {"-connection": opts.connection, "-timeout": opts.timeout, "-backlog": opts.backlog,
                  "-name": opts.name, "-onerror": opts.on_error, "-grace": opts.grace,
                  "-calltimeout": opts.call_timeout, "-workers": opts.workers, "-metrics": opts.metrics,
@@ -234,11 +222,12 @@ def _serve(opts: argparse.Namespace) -> int:
     scripts = Generations(opts.script, load, exit_process)
     daemon = Daemon(scripts.current.milter, opts)
     try:
-        waiting = scripts.current.start(opts.script)
+        with sigmask.children_reapable():
+            waiting = scripts.current.start(opts.script)
         while waiting:  # the script waits in `milter main`: serve, then let it go on
-            with _sigchld_for_children(scripts.current.milter):
-                result = scripts.current.command.serve()
-            waiting = scripts.current.resume(result)  # a reload may have replaced the script meanwhile
+            result = _serve_once(scripts.current)
+            with sigmask.children_reapable():
+                waiting = scripts.current.resume(result)  # a reload may have replaced the script meanwhile
     except tkinter.TclError:
         info = scripts.current.error_info()
         print(info, file=sys.stderr)

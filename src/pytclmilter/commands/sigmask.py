@@ -1,0 +1,38 @@
+"""Which thread of ``run`` takes SIGUSR1 and SIGCHLD, and what the script's children inherit.
+
+``run`` blocks both before any thread exists (:func:`block_for_the_waiters`): a signal goes to a
+thread that does not block it, and a reload or a worker's death taken by a thread with nothing to
+do with it (Tcl's notifier, the metrics server, a Thread-package thread) would be lost. But what
+the script execs inherits the signal mask of the thread that forks it, and a shell's ``wait``
+(``exec sh -c {scan & wait}``) with SIGCHLD blocked waits for ever, and the milter with it. So the
+thread that runs the script's code unblocks SIGCHLD while it does (:func:`children_reapable`):
+loading, serving alone, after `milter main`. Only the --workers supervisor keeps it blocked in
+that thread, taking it with sigtimedwait (workers.py), and its workers unblock it again.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import signal
+from typing import Iterator
+
+#: Taken by whoever waits for them: the server (SIGUSR1), the --workers supervisor (both).
+WAITED = (signal.SIGUSR1, signal.SIGCHLD)
+
+
+def block_for_the_waiters() -> None:
+    """Block :data:`WAITED` in this thread and every thread it will start."""
+    signal.pthread_sigmask(signal.SIG_BLOCK, WAITED)
+
+
+@contextlib.contextmanager
+def children_reapable() -> Iterator[None]:
+    """SIGCHLD unblocked in this thread meanwhile, then the mask it had (a reload while serving
+    alone runs inside, where it is already unblocked). A SIGCHLD for a --workers worker that comes
+    meanwhile is taken here and ignored; the supervisor reaps with waitpid whatever it was woken
+    for (workers.py), so the worker is reaped all the same."""
+    mask = signal.pthread_sigmask(signal.SIG_UNBLOCK, (signal.SIGCHLD,))
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
