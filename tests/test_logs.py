@@ -412,6 +412,57 @@ def test_mta_and_script_text_is_escaped_through_syslog(syslog_socket) -> None:  
                            "  " + FORGED_SHOWN[4:] + r"\x1b[31m\x7f\x01\\\x00"], failed
 
 
+def test_a_megabyte_error_reaches_syslog_cut_to_its_ends(syslog_socket) -> None:  # type: ignore[no-untyped-def]
+    """A callback's error can quote what it was given (a body, a header) whole. Its record, about
+    2 MB with the traceback, went to syslog as one datagram, which the kernel refuses (EMSGSIZE):
+    the error was not logged at all. Now each overlong line keeps its two ends and says how much
+    was left out, and the record fits a datagram."""
+    from pytclmilter import CONTINUE
+    from support.engine import make_milter, serving, z
+
+    m = make_milter()
+
+    @m.register("header")
+    def header(ctx, name, value):  # type: ignore[no-untyped-def]
+        raise ValueError("bad header: " + value * 100_000 + " (end)")
+
+    with serving(m) as srv, srv.raw() as mta:
+        assert mta.connect(host="mx.example.org") == (b"c", b"")
+        assert mta.mail("<ok@example.org>") == (b"c", b"")
+        assert mta.rcpt() == (b"c", b"")
+        mta.send(b"L", z("X-Big", "0123456789"))
+        assert mta.eom() == [(b"t", b"")]
+    records = []
+    while not any("stopped; verdicts" in r for r in records):
+        data, _ = syslog_socket.recvfrom(1 << 20)
+        records.append(data[:-1].decode())
+    failed = next((r for r in records if "header callback" in r), None)
+    assert failed is not None, [r[:200] for r in records]
+    assert len(failed.encode()) < 64 * 1024, len(failed)
+    first, *rest = failed.split("\n")
+    left_out = 100_000 * 10 + len("bad header:  (end)")
+    assert re.fullmatch(rf"<19>pytclmilter\[{os.getpid()}\]: ERROR: conn#1: header callback \S+ failed "
+                        rf"\(bad header: (0123456789)+\d* \.\.\. \(\d+ characters left out\) \.\.\. \d*"
+                        r"(0123456789)+ \(end\)\), answering SMFIS_TEMPFAIL:", first), first[:2000]
+    assert rest[0] == "  Traceback (most recent call last):" and rest[-1].endswith("0123456789 (end)"), rest
+    assert sum(int(n) for n in re.findall(r"\((\d+) characters left out\)", failed)) > 2 * (left_out - 2000)
+
+
+def test_a_record_of_many_long_lines_keeps_the_first_and_the_last() -> None:
+    log, stream, handler = make_logger("long")
+    lines = [f"line {i} " + "y" * 5000 + f" {i} ends" for i in range(1000)]
+    log.error("failed:\n%s", "\n".join(lines))
+    handler.flush()
+    out = stream.getvalue().rstrip("\n").split("\n")
+    assert out[0] == "ERROR: failed:" and len(stream.getvalue()) < 64 * 1024
+    assert re.fullmatch(r"  line 0 y+ \.\.\. \(\d+ characters left out\) \.\.\. y+ 0 ends", out[1]), out[1][:100]
+    assert out[-1].startswith("  line 999 ") and out[-1].endswith(" 999 ends")
+    cut = [line for line in out if "lines left out" in line]
+    assert len(cut) == 1 and re.fullmatch(r"  \.\.\. \((\d+) lines left out\) \.\.\.", cut[0]), cut
+    kept = [int(line.split()[1]) for line in out[1:] if line.startswith("  line ")]
+    assert kept == sorted(kept) and len(kept) + int(re.findall(r"\d+", cut[0])[0]) == 1000
+
+
 @pytest.mark.parametrize("text, shown", [
     ("plain <a@example.org> Ünïcödé", "plain <a@example.org> Ünïcödé"),
     ("cr\r lf\n esc\x1b nul\x00 del\x7f soh\x01 tab\t bs\\", r"cr\r lf\n esc\x1b nul\x00 del\x7f soh\x01 tab\t bs\\"),

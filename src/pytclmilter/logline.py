@@ -26,7 +26,9 @@ or send escape sequences to a terminal. The rule, in both:
 record: ``pytclmilter run``'s formatter calls it on every record, stderr and syslog alike, so
 that a call site that forgot to escape still cannot forge a line. It leaves backslashes alone,
 so text escaped by the call site is not escaped twice (and the text of escaped arguments is
-the same with and without it). :func:`info`'s direct path makes no record and is not guarded:
+the same with and without it). It also bounds the record (:data:`LINE_KEPT`, :data:`LINES_KEPT`):
+a line too long keeps its two ends, a record of too many lines its first and last lines, and
+each cut says how much it left out. :func:`info`'s direct path makes no record and is not guarded:
 its arguments must be escaped, as the engine's verdict line escapes them.
 """
 
@@ -48,6 +50,19 @@ _NAMED: Final = {"\\": "\\\\", "\n": "\\n", "\r": "\\r", "\t": "\\t"}
 #: string, a callback's result that is no status (a body callback ending in a setpriv of the
 #: body so far returns it, and would be logged whole for every block).
 SHOWN: Final = 60
+
+
+#: What a record keeps of a line longer than their sum: its first and last characters. A text from
+#: the MTA or a script can be megabytes (an error quoting a body it was given); syslog takes a
+#: record as one datagram, which Linux refuses over about 208 KiB (the whole record was lost); and
+#: the disk is finite. The ends say what the line was (a callback's name, what was answered).
+LINE_KEPT: Final = (600, 200)
+#: What a record keeps of more lines than their sum (a deep errorInfo or traceback): the first
+#: (where it happened) and the last (the callback). With LINE_KEPT, a record stays under 170,000
+#: characters, ASCII but for letters kept as they are: under 100 KiB but for absurd input.
+LINES_KEPT: Final = (40, 10)
+#: The longest line a record keeps whole.
+LONGEST: Final = LINE_KEPT[0] + LINE_KEPT[1]
 
 
 class Every:
@@ -88,10 +103,29 @@ def escape_lines(text: str) -> str:
 
 def guard(text: str) -> str:
     """A formatted record as one log line and its continuation lines: controls escaped (not
-    backslashes: see the module docstring), continuation lines indented."""
-    if text.isprintable():
+    backslashes: see the module docstring), continuation lines indented, the whole bounded."""
+    if len(text) <= LONGEST and text.isprintable():
         return text
-    return _continued([_controls_escaped(line) for line in text.split("\n")], 1)
+    return _continued([_shorter(line) for line in _fewer(text.split("\n"))], 1)
+
+
+def _fewer(lines: list[str]) -> list[str]:
+    """``lines``, or their first and last ones (LINES_KEPT) and a line saying how many were left out."""
+    first, last = LINES_KEPT
+    if len(lines) <= first + last:
+        return lines
+    return lines[:first] + [f"... ({len(lines) - first - last} lines left out) ..."] + lines[-last:]
+
+
+def _shorter(line: str) -> str:
+    """``line`` with its controls escaped, and its middle left out if it is too long (LINE_KEPT)."""
+    if len(line) <= LONGEST:
+        return _controls_escaped(line)
+    head, tail = LINE_KEPT
+    # an escape is 4 to 10 characters: a part of controls only is cut again (one of them split)
+    start = _controls_escaped(line[:head])[:4 * head]
+    end = _controls_escaped(line[-tail:])[-4 * tail:]
+    return f"{start} ... ({len(line) - head - tail} characters left out) ... {end}"
 
 
 def _controls_escaped(line: str) -> str:

@@ -170,7 +170,7 @@ class LineFormatter(logging.Formatter):
         # The stderr line written out: Formatter.format's generic path (usesTime() scanning the
         # format, a %-format of the record's __dict__) is a third of the cost of a line.
         record.message = message = record.getMessage()
-        if not message.isprintable():  # (the test inline: a call per line costs more)
+        if len(message) > logline.LONGEST or not message.isprintable():  # (inline: a call costs more)
             message = logline.guard(message)
         return self.stderr_line(record.created, record.msecs, record.process, record.levelname, message)
 
