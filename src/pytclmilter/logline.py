@@ -58,8 +58,8 @@ SHOWN: Final = 60
 #: the disk is finite. The ends say what the line was (a callback's name, what was answered).
 LINE_KEPT: Final = (600, 200)
 #: What a record keeps of more lines than their sum (a deep errorInfo or traceback): the first
-#: (where it happened) and the last (the callback). With LINE_KEPT, a record stays under 170,000
-#: characters, ASCII but for letters kept as they are: under 100 KiB but for absurd input.
+#: (where it happened) and the last (the callback). With LINE_KEPT, a record stays under 170 KB
+#: (51 lines, each of 800 characters of at most 4 bytes, or of escapes cut at 4 x 800): one datagram.
 LINES_KEPT: Final = (40, 10)
 #: The longest line a record keeps whole.
 LONGEST: Final = LINE_KEPT[0] + LINE_KEPT[1]
