@@ -706,6 +706,29 @@ def test_try_usage_errors() -> None:
     assert status == 64 and '--macro "novalue": must be NAME=VALUE' in out
 
 
+@pytest.mark.parametrize("command", ["run", "check", "try"])
+def test_a_script_that_cannot_be_read_is_named_with_the_reason_tclsh_gives(command: str, tmp_path: Path) -> None:
+    """Every path that was not a regular file was "no such file or directory", a directory too,
+    which sends an admin looking for a typo; tclsh says why (and a FIFO would block a reader)."""
+    fifo = tmp_path / "filter.fifo"
+    os.mkfifo(fifo)
+    message = [str(DATA / "plain.eml")] if command == "try" else []
+    for path, reason in [(tmp_path / "missing.tcl", "no such file or directory"),
+                         (tmp_path, "illegal operation on a directory"),
+                         (STAMP / "x.tcl", "not a directory"),
+                         (fifo, "not a regular file")]:
+        status, out = cli(command, str(path), *message)
+        assert status == 66 and f'pytclmilter {command}: couldn\'t read file "{path}": {reason}\n' in out, out
+
+
+@pytest.mark.parametrize("command", ["run", "check"])
+def test_without_a_script_usage_names_the_script_alone(command: str) -> None:
+    """The script's arguments are optional; the usage error listed them as required too."""
+    status, out = cli(command)
+    assert status == 64 and out.endswith(f"pytclmilter {command}: error: the following arguments are required: "
+                                         "script\n"), out
+
+
 # ============================================================================ send
 
 

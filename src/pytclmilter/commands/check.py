@@ -31,7 +31,7 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> argp
     p.add_argument("script", help="the TclMilter script (.tcl)")
     add_script_options(p)
     p.add_argument("--log-level", default="warning", choices=["debug", "info", "warning", "error"])
-    p.add_argument("args", nargs="*", help="arguments for the script (argv)")
+    p.add_argument("args", nargs="*", default=[], help="arguments for the script (argv)")
     return p
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import os
+import stat
 import sys
 import time
 import traceback
@@ -84,12 +85,25 @@ def add_script_options(p: argparse.ArgumentParser) -> None:
 _FLAGS = {"-onerror": "--on-error", "-calltimeout": "--call-timeout", "-dryrun": "--dry-run"}
 
 
+def check_script(script: str) -> None:
+    """A UsageError (EX_NOINPUT) unless ``script`` is a regular file, saying why in tclsh's words:
+    a typo and a directory are told apart, and a FIFO is not opened (reading it would block)."""
+    try:
+        mode = os.stat(script).st_mode
+    except OSError as exc:
+        reason = os.strerror(exc.errno).lower() if exc.errno else str(exc)
+    else:
+        if stat.S_ISREG(mode):
+            return
+        reason = "illegal operation on a directory" if stat.S_ISDIR(mode) else "not a regular file"
+    raise UsageError(f'couldn\'t read file "{script}": {reason}', EX_NOINPUT)
+
+
 def make_host(script: str, hooks: list[str], overrides: dict[str, str | None],
               on_exit: Callable[[int], None] | None = None, milter_hooks: Hooks | None = None) -> TclHost:
     """An interpreter with the milter command, command-line overrides locked, Python hooks loaded;
     ``milter_hooks``: the command's own (listening, signal)."""
-    if not Path(script).is_file():
-        raise UsageError(f'couldn\'t read file "{script}": no such file or directory', EX_NOINPUT)
+    check_script(script)
     host = TclHost(milter_hooks, on_exit=on_exit)
     try:
         for option, value in overrides.items():

@@ -55,7 +55,7 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> argp
     run.add_argument("--pidfile", metavar="PATH", help="write the process id here while serving")
     run.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     run.add_argument("--syslog", action="store_true", help="log to syslog (facility mail) instead of stderr")
-    run.add_argument("args", nargs="*", help="arguments for the script (argv); put them after -- if they start with -")
+    run.add_argument("args", nargs="*", default=[], help="arguments for the script (argv); put them after -- if they start with -")
     return run
 
 

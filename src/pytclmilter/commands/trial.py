@@ -34,7 +34,7 @@ from ..connspec import ConnSpec
 from ..hooks import Hooks
 from ..logline import escape
 from .common import (EX_NOINPUT, EX_SOFTWARE, ScriptExit, UsageError, add_envelope_options, add_script_options,
-                     envelope_of, macros_of, make_host, read_message)
+                     check_script, envelope_of, macros_of, make_host, read_message)
 from .logs import setup_logging
 
 #: Exit statuses of a batch and of --compare (docs/cli.md); a single message exits with its verdict.
@@ -206,8 +206,7 @@ def _batch(opts: argparse.Namespace, listing: Listing, workdir: str) -> int:
 def _compare(opts: argparse.Namespace, listing: Listing, workdir: str) -> int:
     """The first script over every message, then the other, listing the messages they treat differently."""
     for script in (opts.script, opts.compare):  # both, before a long batch runs through the first
-        if not Path(script).is_file():
-            raise UsageError(f'couldn\'t read file "{script}": no such file or directory', EX_NOINPUT)
+        check_script(script)
     first: list[Verdict | None] = []
     failure = _run_all(opts, opts.script, listing, f"{workdir}/first.sock", lambda n, i, w, v: first.append(v))
     if failure is not None:
