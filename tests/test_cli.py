@@ -721,6 +721,28 @@ def test_a_script_that_cannot_be_read_is_named_with_the_reason_tclsh_gives(comma
         assert status == 66 and f'pytclmilter {command}: couldn\'t read file "{path}": {reason}\n' in out, out
 
 
+@pytest.mark.parametrize(("command", "where"), [("run", "loading"), ("check", "loading"), ("try", "loading"),
+                                               ("run", "after main")])  # (check and try stop at main)
+def test_a_script_error_ends_its_trace_at_the_script_as_tclsh_does(command: str, where: str, tmp_path: Path) -> None:
+    """The errorInfo of an error in the script's own code went on with the frames of how we run
+    it (`source` in a coroutine, `interp eval filter`): names an admin finds nowhere in the script."""
+    script = tmp_path / "failing.tcl"
+    before, after = ("p", "") if where == "loading" else ("", "p")
+    script.write_text("package require TclMilter\n"
+                      "proc p {} {error \"no such list\"}\n"
+                      "milter configure -connection inet:0@127.0.0.1\n"
+                      f"{before}\n"
+                      "after 200 {milter stop}\n"
+                      "milter main\n"
+                      f"{after}\n")
+    message = [str(DATA / "plain.eml")] if command == "try" else []
+    status, out = cli(command, str(script), *message)
+    line = 4 if where == "loading" else 7
+    assert status in (1, 70) and out.rstrip().endswith(
+        f'"error "no such list""\n    (procedure "p" line 1)\n    invoked from within\n"p"\n'
+        f'    (file "{script}" line {line})'), out
+
+
 @pytest.mark.parametrize("command", ["run", "check"])
 def test_without_a_script_usage_names_the_script_alone(command: str) -> None:
     """The script's arguments are optional; the usage error listed them as required too."""

@@ -77,6 +77,8 @@ proc ::tclmilter::py::quiet {child threads} {
 # another conversion, and tailcall runs the script's callback in the lambda's place (so [info
 # level] and uplevel see the callback alone). A lambda in the global namespace, because that is
 # where an alias resolves its command.
+#: How errorInfo introduces each outer frame.
+_CALLED_FROM: Final = "\n    invoked from within\n"
 _BODY_LAMBDA: Final = "{prefix context bytes} {tailcall {*}$prefix $context [encoding convertfrom identity $bytes]} ::"
 
 
@@ -463,10 +465,18 @@ class TclHost:
         return CallbackError(str(exc), info)
 
     def error_info(self) -> str:
+        """Tcl's errorInfo as tclsh would show it: ending at the script's file, without the frames
+        of how start() and resume() run it (`source` in a coroutine, in the child interpreter)."""
         try:
-            return str(self.tk.call("set", "::errorInfo"))
+            info = str(self.tk.call("set", "::errorInfo"))
         except tkinter.TclError:
             return ""
+        ours = max(info.rfind(f'{_CALLED_FROM}"coroutine {self.SCRIPT} '), info.rfind(f'{_CALLED_FROM}"{self.SCRIPT} '))
+        if ours < 0:
+            return info
+        source = info.rfind(f'{_CALLED_FROM}"source ', 0, ours)
+        adjacent = source >= 0 and info.find(_CALLED_FROM, source + 1) == ours
+        return info[:source if adjacent else ours]
 
     # ------------------------------------------------------------ event loop, scripts
 
