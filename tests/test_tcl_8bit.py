@@ -246,3 +246,32 @@ def test_a_body_callback_is_called_alike_for_ascii_and_8bit_blocks(tclrun):
     assert r["level-3"].endswith("/::/unsetpriv")  # ... at global scope, the script's own proc
     # errorInfo's lines are indented in the log (logline.escape_lines)
     assert 'invoked from within\n  "unsetpriv ::tclmilter::ctx1 {caf' in m.text
+
+
+def test_a_failed_callback_is_logged_as_the_script_registered_it_with_the_bytes_it_was_given(tclrun):
+    """errorInfo named the alias a callback is called through (`::tclmilter::cb1`), for an 8-bit
+    block twice, the second time with the bytes Tcl keeps its text in ("cafí³©"), and a byte that
+    was not UTF-8 was logged as the three bytes of Tcl's form (`\\xed\\xb3\\xa9`), not as itself."""
+    m = tclrun(r"""
+        package require TclMilter
+        proc bd {tag ctx block} { error "bad block $block" }
+        milter register body [list bd mytag]
+        milter register helo noSuchProc
+        milter main
+    """)
+    with m.mta() as mta:
+        mta.negotiate()
+        assert mta.helo("mx.example") == ("t", {})
+    with m.mta() as mta:
+        mta.negotiate()
+        mta.mail("<a@example.org>")
+        assert mta.body(b"caf\xe9 au lait") == [("t", b"")]
+    assert m.stop() == 0
+    out = m.text
+    assert "::tclmilter::cb" not in out and "\\xed\\xb3" not in out, out
+    assert ('helo callback noSuchProc failed (invalid command name "noSuchProc"), answering SMFIS_TEMPFAIL:\n'
+            '  invalid command name "noSuchProc"\n    invoked from within\n'
+            '  "noSuchProc ::tclmilter::ctx1 mx.example"\n') in out, out
+    assert "body callback bd mytag failed (bad block caf\\xe9 au lait)" in out, out
+    assert ('    (procedure "bd" line 1)\n    invoked from within\n'
+            '  "bd mytag ::tclmilter::ctx2 {caf\\xe9 au lait}"\n') in out, out

@@ -165,6 +165,21 @@ def tcl_status(result: Any) -> Status | NotAStatus:
     return status if status is not None else NotAStatus(from_tcl(value))
 
 
+def _as_registered(info: str, alias: str, script: str) -> str:
+    """A callback's errorInfo with its last frame as the script registered the callback: the
+    alias it is called through is in no script, and an 8-bit block's second alias is given the
+    bytes Tcl keeps the block's text in, shown as other characters (the frame above it, the
+    callback's own, shows the block's text)."""
+    frame = info.rfind(f'{_CALLED_FROM}"{alias}_8bit ')
+    if frame >= 0:
+        return info[:frame]
+    frame = info.rfind(f'{_CALLED_FROM}"{alias} ')
+    if frame < 0:
+        return info
+    name = frame + len(_CALLED_FROM) + 1
+    return f"{info[:name]}{script}{info[name + len(alias):]}"
+
+
 class TclHost:
     """One interpreter hosting TclMilter for one :class:`Milter`."""
 
@@ -363,7 +378,7 @@ class TclHost:
         words = self.words(script)
         self._callbacks += 1
         command = f"::tclmilter::cb{self._callbacks}"
-        run = self._new_callback(command, words, event)
+        run = self._new_callback(command, words, event, script)
         self.forget_callback(event)
         self._aliases[event] = [command, f"{command}_8bit"] if event == "body" else [command]
         return run
@@ -375,12 +390,15 @@ class TclHost:
         for name in self._aliases.pop(event, ()):
             self.tk.call("interp", "alias", "", name, "")
 
-    def _new_callback(self, command: str, words: tuple[str, ...], event: str) -> Callable[..., Any]:
-        """callback()'s callable, through a new alias ``command`` to the prefix ``words``."""
+    def _new_callback(self, command: str, words: tuple[str, ...], event: str, script: str) -> Callable[..., Any]:
+        """callback()'s callable, through a new alias ``command`` to the prefix ``words`` (``script``)."""
         self.tk.call("interp", "alias", "", command, self.CHILD, *words)
         alias = self._command_object(command)
         call = self.tk.call
         tcl_error = tkinter.TclError
+
+        def failure(exc: tkinter.TclError) -> CallbackError:
+            return self._failure(exc, command, script)
 
         def run_header(ctx: Context, name: str, value: str) -> Any:
             """run() for the most frequent callback: its two strings converted without a call each."""
@@ -389,20 +407,20 @@ class TclHost:
                               name if name.isascii() and "\x00" not in name else to_tcl(name),
                               value if value.isascii() and "\x00" not in value else to_tcl(value))
             except tcl_error as exc:
-                raise self._failure(exc) from None
+                raise failure(exc) from None
             return tcl_status(result)
 
         if event == "header":
             return run_header
 
         if event == "body":
-            return self._body_callback(command, words, alias)
+            return self._body_callback(command, words, alias, failure)
 
         def run(ctx: Context, *args: Any) -> Any:
             try:
                 result = call(alias, ctx.host_data, *[_to_tcl(a) for a in args])
             except tcl_error as exc:
-                raise self._failure(exc) from None
+                raise failure(exc) from None
             return tcl_status(result)
 
         return run
@@ -414,7 +432,8 @@ class TclHost:
         except tkinter.TclError as exc:
             raise TclUsageError(str(exc)) from None
 
-    def _body_callback(self, command: str, words: Sequence[str], alias: Any) -> Callable[..., Any]:
+    def _body_callback(self, command: str, words: Sequence[str], alias: Any,
+                       failure: Callable[[tkinter.TclError], CallbackError]) -> Callable[..., Any]:
         """callback()'s run() for body blocks: ASCII as it is, others as the bytes Tcl keeps their
         text in, through a second alias that runs _BODY_LAMBDA."""
         self.tk.call("interp", "alias", "", f"{command}_8bit", self.CHILD, "apply", _BODY_LAMBDA, tuple(words))
@@ -430,7 +449,7 @@ class TclHost:
                 else:
                     result = call(alias_8bit, ctx.host_data, wire_to_tcl(block))
             except tcl_error as exc:
-                raise self._failure(exc) from None
+                raise failure(exc) from None
             return tcl_status(result)
 
         return run_body
@@ -452,8 +471,9 @@ class TclHost:
         finally:
             self.tk.call("unset", "-nocomplain", var)
 
-    def _failure(self, exc: tkinter.TclError) -> CallbackError:
-        info = self.error_info()
+    def _failure(self, exc: tkinter.TclError, alias: str, script: str) -> CallbackError:
+        """The CallbackError of the callback ``script``, called through ``alias``, that raised ``exc``."""
+        info = _as_registered(from_tcl(self.error_info()), alias, script)
         code = self.tk.call("set", "::errorCode")
         words = code if isinstance(code, tuple) else self.tk.splitlist(str(code))
         if is_limit_error(str(exc), [str(w) for w in words[:3]]):
@@ -462,7 +482,7 @@ class TclHost:
                 info = f"{info}\n{self.pycommands.stopped}"
                 self.pycommands.stopped = ""
             return CallbackError(f"callback stopped after {self.milter.call_timeout:g} s (-calltimeout)", info)
-        return CallbackError(str(exc), info)
+        return CallbackError(from_tcl(str(exc)), info)
 
     def error_info(self) -> str:
         """Tcl's errorInfo as tclsh would show it: ending at the script's file, without the frames
