@@ -721,6 +721,18 @@ def test_a_script_that_cannot_be_read_is_named_with_the_reason_tclsh_gives(comma
         assert status == 66 and f'pytclmilter {command}: couldn\'t read file "{path}": {reason}\n' in out, out
 
 
+@pytest.mark.parametrize("command", ["run", "check", "try"])
+def test_a_python_file_that_cannot_be_read_is_named_with_the_reason(command: str, tmp_path: Path) -> None:
+    """--python said "no such file" of a directory, a FIFO and a path through a file alike."""
+    fifo = tmp_path / "hooks.fifo"
+    os.mkfifo(fifo)
+    message = [str(DATA / "plain.eml")] if command == "try" else []
+    for path, reason in [(tmp_path / "missing.py", "no such file or directory"), (tmp_path, "is a directory"),
+                         (STAMP / "x.py", "not a directory"), (fifo, "not a regular file")]:
+        status, out = cli(command, str(STAMP), *message, "--python", str(path))
+        assert status == 66 and f"pytclmilter {command}: --python {path}: {reason}\n" in out, out
+
+
 @pytest.mark.parametrize(("command", "where"), [("run", "loading"), ("check", "loading"), ("try", "loading"),
                                                ("run", "after main")])  # (check and try stop at main)
 def test_a_script_error_ends_its_trace_at_the_script_as_tclsh_does(command: str, where: str, tmp_path: Path) -> None:

@@ -54,8 +54,9 @@ def _from_file(tb: TracebackType | None, path: str) -> TracebackType | None:
 
 def load_hooks(path: str, milter: Milter) -> None:
     """Import a --python file and call its setup(milter); HooksFailed if either raises."""
-    if not Path(path).is_file():
-        raise UsageError(f"--python {path}: no such file", EX_NOINPUT)
+    reason = _not_readable(path, directory="is a directory")
+    if reason:
+        raise UsageError(f"--python {path}: {reason}", EX_NOINPUT)
     spec = importlib.util.spec_from_file_location(f"pytclmilter_hooks_{Path(path).stem}", path)
     if spec is None or spec.loader is None:
         raise UsageError(f"--python {path}: cannot be imported")
@@ -86,17 +87,22 @@ _FLAGS = {"-onerror": "--on-error", "-calltimeout": "--call-timeout", "-dryrun":
 
 
 def check_script(script: str) -> None:
-    """A UsageError (EX_NOINPUT) unless ``script`` is a regular file, saying why in tclsh's words:
-    a typo and a directory are told apart, and a FIFO is not opened (reading it would block)."""
+    """A UsageError (EX_NOINPUT) unless ``script`` is a regular file, saying why in tclsh's words."""
+    reason = _not_readable(script, directory="illegal operation on a directory")
+    if reason:
+        raise UsageError(f'couldn\'t read file "{script}": {reason}', EX_NOINPUT)
+
+
+def _not_readable(path: str, directory: str) -> str:
+    """Why ``path`` is no file to read ("" if it is one): a typo and a directory are told apart
+    (``directory`` says the latter), and a FIFO is not opened (reading it would block)."""
     try:
-        mode = os.stat(script).st_mode
+        mode = os.stat(path).st_mode
     except OSError as exc:
-        reason = os.strerror(exc.errno).lower() if exc.errno else str(exc)
-    else:
-        if stat.S_ISREG(mode):
-            return
-        reason = "illegal operation on a directory" if stat.S_ISDIR(mode) else "not a regular file"
-    raise UsageError(f'couldn\'t read file "{script}": {reason}', EX_NOINPUT)
+        return os.strerror(exc.errno).lower() if exc.errno else str(exc)
+    if stat.S_ISREG(mode):
+        return ""
+    return directory if stat.S_ISDIR(mode) else "not a regular file"
 
 
 def make_host(script: str, hooks: list[str], overrides: dict[str, str | None],
