@@ -730,6 +730,26 @@ def test_replacebody_of_a_number_or_a_list_is_a_type_error_not_a_body_of_nuls(ca
     assert any("failed (replacebody: bytes or str expected; got int)" in r.getMessage() for r in caplog.records)
 
 
+def test_a_private_data_name_that_is_no_str_is_a_type_error_in_either_build():
+    """The pure-Python source failed deep inside with AttributeError ('int' object has no
+    attribute 'isascii') where the docs promise a TypeError at the call, as the compiled build gives."""
+    m = make_milter()
+    refused = []
+
+    def envfrom(ctx, args):
+        for call in (lambda: ctx.setpriv(1, "x"), lambda: ctx.getpriv(1), lambda: ctx.unsetpriv(5)):
+            try:
+                call()
+            except TypeError as exc:
+                refused.append(str(exc))
+        return CONTINUE
+
+    m.register("envfrom", envfrom)
+    with serving(m) as srv, srv.raw() as mta:
+        assert mta.mail("<a@example.org>") == (b"c", b"")
+    assert len(refused) == 3 and all(r.endswith("expected; got int") for r in refused), refused
+
+
 def test_eight_bit_body_bytes_reach_the_callback_and_come_back_byte_exact():
     m = make_milter()
     chunks_in = [

@@ -239,6 +239,13 @@ def _optneg_size(lists: list[str]) -> int:
     return 12 + sum(4 + wire_size(names) + 1 for names in lists)
 
 
+def _check_name(command: str, name: object) -> None:
+    """A TypeError at the call for a name that is no str, as the compiled build gives: the pure
+    source failed deep inside with an AttributeError (``'int' object has no attribute ...``)."""
+    if not isinstance(name, str):
+        raise TypeError(f"{command}: str expected; got {type(name).__name__}")
+
+
 class Context:
     """One MTA connection as the callbacks see it; private data lives as long as the connection."""
 
@@ -291,6 +298,7 @@ class Context:
         script = self.script_priv
         if name is None:
             return dict(self.priv) if script is None else {**self.priv, **script.items(self.id)}
+        _check_name("getpriv", name)
         if script is not None:
             try:
                 return script.get(self.id, name)
@@ -306,6 +314,7 @@ class Context:
     def setpriv(self, name: str, value: Any = _MISSING) -> Any:
         if value is _MISSING:
             return self.getpriv(name)
+        _check_name("setpriv", name)
         self.priv[name] = value
         if self.script_priv is not None:
             self.script_priv.drop(self.id, name)
@@ -313,6 +322,8 @@ class Context:
 
     def unsetpriv(self, pattern: str | None = None) -> None:
         """Remove private data whose name matches the Tcl glob pattern; all without a pattern."""
+        if pattern is not None:
+            _check_name("unsetpriv", pattern)
         unset_matching(self.priv, pattern)
         if self.script_priv is not None:
             self.script_priv.unset(self.id, pattern)
