@@ -223,6 +223,31 @@ def test_a_script_that_does_not_load_leaves_the_old_one_serving(tclrun, tmp_path
     assert re.findall(r"after main: \w", run.text) == ["after main: B"]
 
 
+@pytest.mark.parametrize("hang", ["while 1 {}", "after 600000", "vwait forever"])
+def test_a_script_that_hangs_while_loading_is_stopped_and_the_old_one_serves_on(tclrun, tmp_path: Path,
+                                                                               hang: str) -> None:
+    """A reload loads on the thread that serves: a script that looped before its `milter main`
+    (even one that lifted its own -calltimeout first) froze every connection for good, and
+    SIGTERM with them. The load is held to the serving generation's -calltimeout."""
+    script = tmp_path / "stamp.tcl"
+    script.write_text("milter configure -calltimeout 1\n" + stamping("A"))
+    run = tclrun(script)
+    script.write_text(f"milter configure -calltimeout 0\n{hang}\n" + stamping("B"))
+    started = time.monotonic()
+    run.child.kill(signal.SIGUSR1)
+    m = run.wait_for(r"ERROR: reload: generation 2 not loaded, generation 1 serves on unchanged: (.*?)\r?\n", timeout=20)
+    assert m.group(1) == (f"{script}: error: loading was stopped after 1 s (-calltimeout of generation 1): "
+                          "the milter serves nothing while a script loads")
+    assert time.monotonic() - started < 10
+    with run.mta() as mta:
+        mta.negotiate()
+        assert [p for p in mta.message()["eom"] if p[0] == "h"] == [("h", b"X-Stamp\0A\0")]
+    script.write_text(stamping("B"))  # a good one still loads after it
+    run.child.kill(signal.SIGUSR1)
+    run.wait_for(r"reload: generation 1 is gone \(its last session is over\); generation 2 serves")
+    assert run.stop() == 0
+
+
 def test_python_hooks_are_loaded_afresh(tclrun, tmp_path: Path) -> None:
     script = tmp_path / "stamp.tcl"
     script.write_text(stamping("A"))

@@ -85,16 +85,23 @@ class Generations:
         exited = ScriptExit()
         host = self._load(exited)
         host.loading = True
+        # The load runs on the thread that serves: while it runs, no connection is answered.
+        within = self.current.milter.call_timeout
         try:
             with sigmask.children_reapable():  # under --workers, in the supervisor
-                started = host.start(self.script)
+                started = host.start(self.script, within)
             if not started:
                 raise LoadFailed(f"{self.script}: error: the script never calls milter main")
         except tkinter.TclError as exc:
             info = host.error_info()
+            stopped = host.limit.exceeded
             host.close()
             if exited.code is not None:
                 raise LoadFailed(f"{self.script}: error: the script called exit {exited.code} while loading") from None
+            if stopped:
+                raise LoadFailed(f"{self.script}: error: loading was stopped after {within:g} s (-calltimeout of "
+                                 f"generation {self.current.milter.generation}): the milter serves nothing while a "
+                                 "script loads", info) from None
             raise LoadFailed(script_error(self.script, exc, info), info) from None
         except BaseException:
             host.close()

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import time
 import tkinter
 from dataclasses import replace
 from importlib import resources
@@ -535,14 +536,21 @@ class TclHost:
 
     # ------------------------------------------------------------ run's script, suspended in `milter main`
 
-    def start(self, path: str) -> bool:
+    def start(self, path: str, within: float = 0.0) -> bool:
         """Source a script whose `milter main` suspends it instead of serving (tclmilter.tcl), so that
         the milter serves outside the script's stack and a reload can replace the script without
         running the code after its `milter main`. True: it waits in `milter main` (serve, then
         resume); False: it ended, or it served inside (where Tcl could not suspend it). TclError
-        as source()."""
+        as source(). ``within``: seconds the script may take to get there (0: no limit), held by
+        Tcl's `interp limit` whatever the script sets -calltimeout to; past them the TclError
+        comes with ``self.limit.exceeded`` set."""
         self.command.suspend_at_main = True
+        if within:
+            now = time.monotonic()
+            self.limit.begin_within(now + within, now)
         self.child_call("coroutine", self.SCRIPT, "source", path)
+        if within:
+            self.limit.clear()
         return self.waiting
 
     @property

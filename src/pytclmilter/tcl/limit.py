@@ -104,11 +104,12 @@ class CallLimit(Limit):
 
     def _on_deadline(self, *args: object) -> None:
         limit = self._shared.settings.call_timeout
-        end = min(self._started + limit, self._cap)
-        if limit and _monotonic() < end:
-            self._set(end)  # the callback running now still has time: extend exactly to its end
-        elif not limit:
+        # An end given (begin_within, expire) holds whatever the script set -calltimeout to since.
+        end = self._cap if self._cap != _NEVER else self._started + limit if limit else _NEVER
+        if end == _NEVER:
             self._set(None)
+        elif _monotonic() < end:
+            self._set(end)  # the callback running now still has time: extend exactly to its end
         else:
             self.exceeded = True
 
