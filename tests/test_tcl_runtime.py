@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import socket
 import time
 
@@ -382,6 +384,37 @@ def test_callback_error_is_logged_with_errorinfo_and_tempfailed(tclrun):
                   '(procedure "helo" line 2)']:
         assert piece in info, (piece, info)
     assert "helo" in out[:at].splitlines()[-1]  # the log line names the callback
+
+
+def test_a_callback_failing_the_same_way_for_every_message_logs_its_trace_once(tclrun):
+    """A callback whose database is down failed for every message with the same ten lines of
+    errorInfo each time: a flood under load. Each failure keeps its line (its own message and
+    answer); the trace of the same place is logged once and referred to after that; another
+    place, or another callback, gets its own."""
+    m = tclrun(r"""
+        package require TclMilter
+        proc lookup {who} { error "db down for $who" }
+        proc helo {ctx host} {
+            if {$host eq "other"} { error "elsewhere" }
+            lookup $host
+        }
+        milter register helo helo
+        milter main
+    """)
+    for host in ("a.example", "b.example", "other", "c.example"):
+        with m.mta() as mta:
+            mta.negotiate()
+            assert mta.helo(host) == ("t", {})
+    assert m.stop() == 0
+    out = m.text
+    assert out.count('(procedure "lookup" line 1)') == 1, out
+    assert out.count('while executing\n  "error "elsewhere"') == 1, out
+    first = re.search(r"ERROR: (conn#\d+): helo callback helo failed \(db down for a.example\), answering "
+                      r"SMFIS_TEMPFAIL:\n  db down for a.example\n    while executing", out)
+    assert first, out
+    for host, conn in (("b.example", 2), ("c.example", 4)):
+        assert re.search(rf"ERROR: conn#{conn}: helo callback helo failed \(db down for {host}\), answering "
+                         rf"SMFIS_TEMPFAIL \(the same trace as {first.group(1)}'s at \d\d:\d\d:\d\d\)\n", out), out
 
 
 def test_onerror_chooses_the_answer_to_a_failed_callback(tclrun):

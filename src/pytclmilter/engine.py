@@ -22,7 +22,7 @@ from .callbacks import Callback, Registry
 from .context import Context
 from .hooks import Hooks
 from .limits import CallbackTimeout
-from .logline import SHOWN, clip, escape, escape_lines
+from .logline import SHOWN, SameTrace, clip, escape, escape_lines, place_of
 from .logline import info as log_info
 from .meter import Meter
 # Imported by name, not as a module: compiled, `events.Name` is a module attribute look-up per use.
@@ -181,9 +181,10 @@ class Shared:
     open keep theirs. ``generation`` tells them apart in the verdict lines.
 
     ``meter`` counts for ``--metrics`` (meter.py); None without, and each connection reads it once.
+    ``traces``: the failed callbacks' traces logged lately, so that the same one is logged once.
     """
 
-    __slots__ = ("settings", "registry", "hooks", "stats", "generation", "meter")
+    __slots__ = ("settings", "registry", "hooks", "stats", "generation", "meter", "traces")
 
     def __init__(self, settings: Settings, registry: Registry, hooks: Hooks, stats: Stats) -> None:
         self.settings = settings
@@ -192,6 +193,7 @@ class Shared:
         self.stats = stats
         self.generation = 1
         self.meter: Meter | None = None
+        self.traces = SameTrace()
 
 
 class CallbackError(Exception):
@@ -613,8 +615,14 @@ class ConnectionEngine:
         # The script's or the MTA's text in every part (a callback name is a Tcl script, an error
         # message may quote a header): escaped, and errorInfo's lines indented (logline).
         who = "chain" if cb is None else cb.name or repr(cb.func)
-        log.error("%s: %s callback %s failed (%s), answering %s:\n%s", self.name, name,
-                  escape(who), escape(str(exc) or type(exc).__name__), status.smfis, escape_lines(detail))
+        message = str(exc) or type(exc).__name__
+        seen = self.shared.traces.logged_as(f"{name} {who}\n{place_of(detail, str(exc))}", self.name) if detail else None
+        if seen is None:
+            log.error("%s: %s callback %s failed (%s), answering %s:\n%s", self.name, name,
+                      escape(who), escape(message), status.smfis, escape_lines(detail))
+        else:
+            log.error("%s: %s callback %s failed (%s), answering %s (the same trace as %s)", self.name, name,
+                      escape(who), escape(message), status.smfis, seen)
         self.shared.stats.errors += 1
         if self.meter is not None:
             self.meter.failed(name, "python" if cb is None else cb.origin)

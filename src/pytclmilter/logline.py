@@ -83,6 +83,44 @@ class Every:
         return True
 
 
+class SameTrace:
+    """The traces (errorInfo, tracebacks) logged in the last ``seconds``, by the place they show:
+    a callback that fails for every message (its database is down) would log the same ten lines
+    for each. Each failure keeps its own line; from the second, it refers to the first's trace.
+    At most ``keep`` places are remembered, so a script failing in ever new ways cannot grow it."""
+
+    __slots__ = ("seconds", "keep", "_logged")
+
+    def __init__(self, seconds: float = 60.0, keep: int = 100) -> None:
+        self.seconds = seconds
+        self.keep = keep
+        self._logged: dict[str, tuple[float, str]] = {}
+
+    def logged_as(self, place: str, who: str) -> str | None:
+        """Whose trace of ``place`` was logged in the last ``seconds`` ("conn#1's at 15:18:22");
+        None: log it now, as ``who``'s."""
+        now = time.monotonic()
+        seen = self._logged.pop(place, None)
+        if seen is not None and now - seen[0] < self.seconds:
+            self._logged[place] = seen
+            return seen[1]
+        if len(self._logged) >= self.keep:
+            self._logged = {k: v for k, v in self._logged.items() if now - v[0] < self.seconds}
+            while len(self._logged) >= self.keep:
+                del self._logged[next(iter(self._logged))]
+        self._logged[place] = (now, f"{who}'s at {time.strftime('%H:%M:%S')}")
+        return None
+
+
+def place_of(trace: str, message: str) -> str:
+    """What two failures' traces share when they fail at the same place: the trace without the
+    error's message (which quotes data) and without its last frame (a Tcl callback's call with
+    its arguments, the context command's name among them) or line (a traceback's exception)."""
+    trace = trace.replace(message, "") if message else trace
+    cut = trace.rfind("\n    invoked from within\n")
+    return trace[:cut if cut >= 0 else max(trace.rfind("\n"), 0)]
+
+
 def clip(text: str) -> str:
     """``text`` as a message quotes it: whole, or its first SHOWN characters and "..."."""
     return text if len(text) <= SHOWN else text[:SHOWN] + "..."
