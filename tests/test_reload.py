@@ -248,6 +248,32 @@ def test_a_script_that_hangs_while_loading_is_stopped_and_the_old_one_serves_on(
     assert run.stop() == 0
 
 
+@pytest.mark.parametrize("hang", ["time.sleep(600)", "while True:\n        pass"])
+def test_a_python_file_that_hangs_while_loading_is_stopped_and_the_old_one_serves_on(tclrun, tmp_path: Path,
+                                                                                    hang: str) -> None:
+    """The --python files load on the thread that serves too: a setup() that waited for a
+    service that is down held every connection as long as it waited."""
+    script = tmp_path / "stamp.tcl"
+    script.write_text("milter configure -calltimeout 1\n" + stamping("A"))
+    run = tclrun(script, python=["def setup(milter):\n    pass\n"])
+    hooks = tmp_path / "hooks0.py"
+    hooks.write_text(f"import time\n\ndef setup(milter):\n    {hang}\n")
+    started = time.monotonic()
+    run.child.kill(signal.SIGUSR1)
+    m = run.wait_for(r"ERROR: reload: generation 2 not loaded, generation 1 serves on unchanged: (.*?)\r?\n", timeout=20)
+    assert m.group(1) == (f"--python {hooks}: loading was stopped after 1 s (-calltimeout of generation 1): "
+                          "the milter serves nothing while a script loads")
+    run.wait_for(rf'  Traceback \(most recent call last\):\r?\n  File "{hooks}", line \d+, in setup')
+    assert time.monotonic() - started < 10
+    with run.mta() as mta:
+        mta.negotiate()
+        assert [p for p in mta.message()["eom"] if p[0] == "h"] == [("h", b"X-Stamp\0A\0")]
+    hooks.write_text("def setup(milter):\n    pass\n")
+    run.child.kill(signal.SIGUSR1)
+    run.wait_for(r"reload: generation 1 is gone \(its last session is over\); generation 2 serves")
+    assert run.stop() == 0
+
+
 def test_python_hooks_are_loaded_afresh(tclrun, tmp_path: Path) -> None:
     script = tmp_path / "stamp.tcl"
     script.write_text(stamping("A"))

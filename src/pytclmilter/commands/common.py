@@ -15,6 +15,7 @@ from typing import Callable
 
 from ..client.message import Envelope, Message
 from ..hooks import Hooks
+from ..limits import CallbackTimeout
 from ..milter import Milter
 from ..tcl.interp import TclHost
 from ..tcl.usage import TclUsageError
@@ -37,8 +38,11 @@ class HooksFailed(Exception):
     and the exception, ``detail`` is the traceback from the file's own frames on (pytclmilter's
     frames say nothing to its author). run and check exit 1, try 70 (cli.main)."""
 
-    def __init__(self, path: str, exc: Exception) -> None:
+    def __init__(self, path: str, exc: BaseException) -> None:
         super().__init__(f"--python {path}: {type(exc).__name__}: {exc}")  # escaped where printed or logged
+        self.path = path
+        #: The time limit of a reload's load stopped it (reloading.Generations._start).
+        self.stopped = isinstance(exc, CallbackTimeout)
         tb = _from_file(exc.__traceback__, path)
         self.detail = "".join(traceback.format_exception(type(exc), exc, tb)).rstrip("\n")
 
@@ -66,14 +70,14 @@ def load_hooks(path: str, milter: Milter) -> None:
     sys.modules[spec.name] = module
     try:
         spec.loader.exec_module(module)
-    except Exception as exc:  # noqa: BLE001 - any error of the file's: reported as the file's
+    except (Exception, CallbackTimeout) as exc:  # noqa: BLE001 - any error of the file's: reported as the file's
         raise HooksFailed(path, exc) from None
     setup = getattr(module, "setup", None)
     if not callable(setup):
         raise UsageError(f"--python {path}: has no setup(milter) function")
     try:
         setup(milter)
-    except Exception as exc:  # noqa: BLE001
+    except (Exception, CallbackTimeout) as exc:  # noqa: BLE001
         raise HooksFailed(path, exc) from None
 
 

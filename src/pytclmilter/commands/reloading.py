@@ -15,11 +15,13 @@ import asyncio
 import functools
 import gc
 import logging
+import time
 import tkinter
 import traceback
 import weakref
 from typing import Callable
 
+from ..limits import PYTHON_LIMIT
 from ..logline import escape, escape_lines
 from ..milter import ReloadError
 from ..tcl.interp import TclHost
@@ -83,10 +85,20 @@ class Generations:
     def _start(self) -> TclHost:
         """The new generation's interpreter, its script waiting in `milter main`."""
         exited = ScriptExit()
-        host = self._load(exited)
-        host.loading = True
         # The load runs on the thread that serves: while it runs, no connection is answered.
         within = self.current.milter.call_timeout
+        stopped = _stopped(within, self.current.milter.generation)
+        held = PYTHON_LIMIT.begin(within, time.monotonic())  # the --python files' import and setup
+        try:
+            host = self._load(exited)
+        except HooksFailed as exc:
+            if exc.stopped:
+                raise LoadFailed(f"--python {exc.path}: {stopped}", exc.detail) from None
+            raise
+        finally:
+            if held:
+                PYTHON_LIMIT.stop()
+        host.loading = True
         try:
             with sigmask.children_reapable():  # under --workers, in the supervisor
                 started = host.start(self.script, within)
@@ -94,14 +106,12 @@ class Generations:
                 raise LoadFailed(f"{self.script}: error: the script never calls milter main")
         except tkinter.TclError as exc:
             info = host.error_info()
-            stopped = host.limit.exceeded
+            exceeded = host.limit.exceeded
             host.close()
             if exited.code is not None:
                 raise LoadFailed(f"{self.script}: error: the script called exit {exited.code} while loading") from None
-            if stopped:
-                raise LoadFailed(f"{self.script}: error: loading was stopped after {within:g} s (-calltimeout of "
-                                 f"generation {self.current.milter.generation}): the milter serves nothing while a "
-                                 "script loads", info) from None
+            if exceeded:
+                raise LoadFailed(f"{self.script}: error: {stopped}", info) from None
             raise LoadFailed(script_error(self.script, exc, info), info) from None
         except BaseException:
             host.close()
@@ -130,6 +140,12 @@ class Generations:
         _collect_until_freed(old)
         log.info("reload: generation %d is gone (its last session is over); generation %d serves",
                  number, self.current.milter.generation)
+
+
+def _stopped(seconds: float, generation: int) -> str:
+    """Why a load was stopped: it ran past the serving generation's -calltimeout."""
+    return (f"loading was stopped after {seconds:g} s (-calltimeout of generation {generation}): "
+            "the milter serves nothing while a script loads")
 
 
 def _check_replaceable(current: TclHost) -> None:
