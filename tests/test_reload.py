@@ -248,6 +248,24 @@ def test_a_script_that_hangs_while_loading_is_stopped_and_the_old_one_serves_on(
     assert run.stop() == 0
 
 
+def test_a_python_command_that_hangs_while_the_script_loads_is_stopped(tclrun, tmp_path: Path) -> None:
+    """A command written in Python runs under the time Tcl's limit leaves it: at a reload's load,
+    after the script lifted its own -calltimeout, that was none."""
+    script = tmp_path / "stamp.tcl"
+    script.write_text("milter configure -calltimeout 1\n" + stamping("A"))
+    hooks = "import time\n\ndef setup(milter):\n    milter.tcl_command('lookup', lambda: time.sleep(600))\n"
+    run = tclrun(script, python=[hooks])
+    script.write_text("milter configure -calltimeout 0\nlookup\n" + stamping("B"))
+    run.child.kill(signal.SIGUSR1)
+    m = run.wait_for(r"ERROR: reload: generation 2 not loaded, generation 1 serves on unchanged: (.*?)\r?\n", timeout=20)
+    assert m.group(1) == (f"{script}: error: loading was stopped after 1 s (-calltimeout of generation 1): "
+                          "the milter serves nothing while a script loads")
+    with run.mta() as mta:
+        mta.negotiate()
+        assert [p for p in mta.message()["eom"] if p[0] == "h"] == [("h", b"X-Stamp\0A\0")]
+    assert run.stop() == 0
+
+
 @pytest.mark.parametrize("hang", ["time.sleep(600)", "while True:\n        pass"])
 def test_a_python_file_that_hangs_while_loading_is_stopped_and_the_old_one_serves_on(tclrun, tmp_path: Path,
                                                                                     hang: str) -> None:

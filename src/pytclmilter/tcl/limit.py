@@ -77,10 +77,8 @@ class CallLimit(Limit):
     def remaining(self) -> float | None:
         """Seconds the Tcl code running now may still run; None when no limit is in force (the
         script's own code before and after serving, or -calltimeout 0)."""
-        limit = self._shared.settings.call_timeout
-        if not self._armed_until or not limit:
-            return None
-        return min(self._started + limit, self._cap) - _monotonic()
+        end = self._end() if self._armed_until else _NEVER
+        return None if end == _NEVER else end - _monotonic()
 
     def expire(self) -> None:
         """The allowance is used up (by a Python command): Tcl's next check stops the evaluation."""
@@ -102,10 +100,17 @@ class CallLimit(Limit):
         self._armed_until = 0.0
         self.begin_handlers()
 
-    def _on_deadline(self, *args: object) -> None:
+    def _end(self) -> float:
+        """When the Tcl code running now must stop (_NEVER: no limit). An end given (begin_within,
+        expire) holds whatever the script set -calltimeout to since; otherwise -calltimeout,
+        read now: `milter configure -calltimeout` in a callback applies to it at once."""
+        if self._cap != _NEVER:
+            return self._cap
         limit = self._shared.settings.call_timeout
-        # An end given (begin_within, expire) holds whatever the script set -calltimeout to since.
-        end = self._cap if self._cap != _NEVER else self._started + limit if limit else _NEVER
+        return self._started + limit if limit else _NEVER
+
+    def _on_deadline(self, *args: object) -> None:
+        end = self._end()
         if end == _NEVER:
             self._set(None)
         elif _monotonic() < end:
