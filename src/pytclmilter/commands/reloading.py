@@ -62,8 +62,8 @@ class Generations:
         host.on_exit = functools.partial(self._exit_process, host)
         return host
 
-    def reload(self) -> None:
-        """Load the next generation and serve new connections with it, or log why not."""
+    def reload(self) -> bool:
+        """Load the next generation and serve new connections with it (True), or log why not."""
         current = self.current
         number = current.milter.generation + 1
         log.info("reload: loading generation %d from %s", number, escape(self.script))
@@ -72,7 +72,7 @@ class Generations:
             host = self._start()
         except Exception as exc:  # noqa: BLE001 - whatever failed, the running script serves on
             self._failed(current, number, exc)
-            return
+            return False
         self.current = host
         try:
             current.milter.reload(host.milter, lambda: self._gone(current, number - 1))
@@ -81,6 +81,8 @@ class Generations:
             host.close()
             _collect()
             self._failed(current, number, exc)
+            return False
+        return True
 
     def _start(self) -> TclHost:
         """The new generation's interpreter, its script waiting in `milter main`."""

@@ -24,6 +24,7 @@ from .logs import setup_logging
 from .pidfile import PidFile
 from . import sigmask
 from .reloading import Generations
+from .sdnotify import Notifier
 
 log = logging.getLogger("pytclmilter")
 
@@ -60,13 +61,16 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> argp
 
 
 class Daemon:
-    """Privilege drop, pid file and the listening line, done once the socket is bound."""
+    """Privilege drop, pid file and the listening line, done once the socket is bound; what
+    systemd is told (sdnotify.py)."""
 
-    def __init__(self, milter: Milter, opts: argparse.Namespace) -> None:
+    def __init__(self, milter: Milter, opts: argparse.Namespace, notify: Notifier) -> None:
         self.milter = milter
         self.ids = _ids(opts.user, opts.group)
         self.pidfile = PidFile(opts.pidfile) if opts.pidfile else None
         self.dropped = False
+        self.notify = notify
+        self.serving = ""  # what systemctl status shows (STATUS=)
 
     def listening(self, spec: ConnSpec) -> None:
         if self.pidfile is not None and not self.pidfile.claimed:  # while still root: /run is root's
@@ -78,14 +82,26 @@ class Daemon:
             log.info("running as uid %d gid %d", os.getuid(), os.getgid())
         # (-name and -connection are the script's text: escaped as in the log)
         print(f"pytclmilter: {escape(self.milter.name)} listening on {escape(str(spec))}", flush=True)
+        self.serving = f"{self.milter.name} listening on {spec}"
+        self.notify.ready(self.serving)
 
     def signal(self, sig: signal.Signals) -> None:
+        """A stop signal (server.py and workers.py call this for those alone)."""
+        self.notify.stopping()
         if sig == signal.SIGINT and sys.stdin is not None and sys.stdin.isatty():
             print("\npytclmilter: interrupted, stopping", file=sys.stderr, flush=True)
+
+    def reload(self, scripts: Generations) -> None:
+        """SIGUSR1: systemd sees the reload begin and end, and whether it loaded."""
+        self.notify.reloading()
+        loaded = scripts.reload()
+        outcome = "" if loaded else "; the last reload failed (see the log)"
+        self.notify.ready(f"{self.serving}; generation {scripts.current.milter.generation}{outcome}")
 
     def cleanup(self) -> None:
         if self.pidfile is not None:
             self.pidfile.release()
+        self.notify.close()
 
 
 class Ids(NamedTuple):
@@ -183,6 +199,7 @@ def _log_failure(text: str, detail: str | None = None) -> None:
 def _serve(opts: argparse.Namespace) -> int:
     """``run`` once logging is set up: load the script, serve, carry on after `milter main`."""
     log.info("%s", describe())
+    notify = Notifier.from_environment()  # before any code of the script's runs (sdnotify.py)
     raise_fd_limit()
     # A reload (SIGUSR1) before the milter serves has nothing to replace: not the end of the process.
     signal.signal(signal.SIGUSR1, signal.SIG_IGN)
@@ -202,7 +219,7 @@ def _serve(opts: argparse.Namespace) -> int:
     # The daemon is made below, once the script's options are known to be valid; its hooks run
     # only when the milter serves.
     hooks = Hooks(listening=lambda spec: daemon.listening(spec), signal=lambda sig: daemon.signal(sig),
-                  reload=lambda: scripts.reload())
+                  reload=lambda: daemon.reload(scripts))
 
     def load(on_exit: Callable[[int], None] | None) -> TclHost:
         """One generation's interpreter, made the same way at start and at every reload."""
@@ -220,7 +237,7 @@ def _serve(opts: argparse.Namespace) -> int:
         host.exit_process(code)
 
     scripts = Generations(opts.script, load, exit_process)
-    daemon = Daemon(scripts.current.milter, opts)
+    daemon = Daemon(scripts.current.milter, opts, notify)
     try:
         with sigmask.children_reapable():
             waiting = scripts.current.start(opts.script)
