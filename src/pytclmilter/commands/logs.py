@@ -17,6 +17,7 @@ import asyncio
 import logging
 import logging.handlers
 import os
+import socket
 import sys
 import threading
 import time
@@ -84,6 +85,19 @@ class SyslogHandler(logging.handlers.SysLogHandler):
         super().__init__(address=address, facility=facility)
         self.lost = 0  # lines not sent since syslog could last be reached
 
+    def _connect_unixsocket(self, address: Any) -> None:
+        """Connect as SysLogHandler does, then never wait: a syslog daemon that stops reading
+        (stuck on a full disk) fills the socket's queue, and a blocking send would hold the event
+        loop, every MTA connection with it. A line that finds the queue full is lost and counted
+        (handleError). A stream socket (a syslog without datagrams) stays blocking: a partial
+        send would garble the stream."""
+        # (SysLogHandler's own, also called by its emit to reconnect once after a failed send;
+        # private, so typeshed does not declare it nor the socket it sets)
+        getattr(super(), "_connect_unixsocket")(address)
+        sock = getattr(self, "socket", None)
+        if isinstance(sock, socket.socket) and sock.type == socket.SOCK_DGRAM:
+            sock.setblocking(False)
+
     def emit(self, record: logging.LogRecord) -> None:  # called with self.lock held
         lost = self.lost
         super().emit(record)  # (reconnects once if sending fails)
@@ -99,8 +113,10 @@ class SyslogHandler(logging.handlers.SysLogHandler):
             super().handleError(record)
             return
         if not self.lost:
+            why = ("it takes no more lines (its queue is full: is the syslog daemon stuck?)"
+                   if isinstance(exc, BlockingIOError) else exc.strerror or exc)
             try:
-                sys.stderr.write(f"pytclmilter: cannot log to {self.address}: {exc.strerror or exc}; log lines "
+                sys.stderr.write(f"pytclmilter: cannot log to {self.address}: {why}; log lines "
                                  "are lost (and counted) until it can be reached again\n")
                 sys.stderr.flush()
             except (OSError, ValueError):
