@@ -14,12 +14,17 @@ import sys
 import threading
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 
 from pytclmilter import logline
 from pytclmilter.commands.logs import STDERR_FORMAT, CoalescingStreamHandler, LeanLogRecord, LineFormatter
-from support.tclrun import child_env, tclrun_factory
+from support.postfix import free_port
+from support.tclrun import _pytclmilter_command, child_env, tclrun_factory
+
+PYTCLMILTER = _pytclmilter_command()
+DATA = Path(__file__).parent / "data"
 
 tclrun = pytest.fixture(tclrun_factory, name="tclrun")
 
@@ -542,6 +547,88 @@ def test_a_syslog_that_takes_no_more_lines_never_blocks_the_milter(syslog_socket
     assert syslog_socket.recv(65536).endswith(b"INFO: after\0")
     assert syslog_socket.recv(65536).endswith(
         f"WARNING: {2000 - delivered} log lines were lost while {logs.SYSLOG_SOCKET} could not be reached\0".encode())
+
+
+def test_a_journal_that_takes_no_more_lines_never_blocks_the_milter(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """Under systemd, stderr is a stream socket to journald. A journald that stops reading
+    (stuck, or slow to restart) filled it, and the next log line's write waited, holding the
+    event loop and every MTA connection: 3000 messages did not pass in 60 s. Now the lines wait
+    in memory and go, whole and in order, once it reads again."""
+    journal, stderr = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    stderr.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    journal.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    script = tmp_path / "s.tcl"
+    script.write_text("package require TclMilter\nmilter main\n")
+    port = free_port()
+    proc = subprocess.Popen([*PYTCLMILTER, "run", str(script), "--connection", f"inet:{port}@127.0.0.1"],
+                            stdout=subprocess.DEVNULL, stderr=stderr, env=child_env())
+    stderr.close()
+
+    def send(count: int) -> str:  # (pytclmilter send: its report)
+        return subprocess.run([*PYTCLMILTER, "send", "-c", f"inet:{port}@127.0.0.1", "--count", str(count),
+                               "--concurrency", "4", "--timeout", "5", str(DATA / "plain.eml")],
+                              capture_output=True, text=True, timeout=60, env=child_env()).stdout
+
+    got = b""
+    try:
+        deadline = time.monotonic() + 30
+        while True:  # listening
+            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=1):
+                break
+            assert time.monotonic() < deadline and proc.poll() is None
+            time.sleep(0.1)
+        assert "verdicts: accept=3000" in send(3000)  # the journal reads nothing meanwhile
+        journal.settimeout(0.5)
+        deadline = time.monotonic() + 30
+        while b"conn#3001: verdict" not in got and time.monotonic() < deadline:  # it reads again
+            with contextlib.suppress(socket.timeout):
+                got += journal.recv(65536)
+    finally:
+        proc.terminate()
+        proc.wait(10)
+        journal.close()
+    lines = got.decode().splitlines()
+    verdicts = [int(m.group(1)) for line in lines if (m := re.search(r" INFO: conn#(\d+): verdict accept", line))]
+    assert sorted(verdicts) == list(range(2, 3002)), verdicts[-5:]  # every one once (conn#1: the look for the socket)
+    assert all(re.match(r"\d{4}-\d\d-\d\d ", line) for line in lines), "a line was cut"
+
+
+def test_a_journal_socket_holds_back_a_bounded_backlog_and_counts_the_lines_lost(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """Beyond STDERR_BACKLOG, whole lines are lost (never half a line), and once the reader has
+    taken what waited, the count of those lost is logged."""
+    from pytclmilter.commands import logs
+
+    monkeypatch.setattr(logs, "STDERR_BACKLOG", 3000)
+    journal, stderr = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    stderr.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    journal.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    with journal, stderr, os.fdopen(os.dup(stderr.fileno()), "w", encoding="utf-8", errors="backslashreplace") as stream:
+        handler = CoalescingStreamHandler(stream)
+        assert handler.socket is not None
+        handler.setFormatter(LineFormatter(STDERR_FORMAT))
+        log = logging.getLogger("test-journal")
+        log.propagate = False
+        log.addHandler(handler)
+        try:
+            for n in range(2000):
+                log.warning("line %04d %s", n, "x" * 60)
+            journal.setblocking(False)
+            got = b""
+            for _ in range(50):  # it reads again; the next line takes what waited
+                with contextlib.suppress(BlockingIOError):
+                    while chunk := journal.recv(65536):
+                        got += chunk
+                if b"were lost" in got:
+                    break
+                log.warning("again")
+        finally:
+            log.removeHandler(handler)
+    lines = got.decode().splitlines()
+    numbers = [int(m.group(1)) for line in lines if (m := re.search(r"WARNING: line (\d{4}) x{60}$", line))]
+    assert all(re.search(r"WARNING: (line \d{4} x{60}|again|\d+ log lines were lost .*)$", line) for line in lines), lines
+    assert numbers == sorted(numbers) and numbers[0] == 0
+    lost = re.search(r"WARNING: (\d+) log lines were lost while stderr took no more", got.decode())
+    assert lost and int(lost.group(1)) == 2000 - len(numbers), (lost, len(numbers))
 
 
 @pytest.mark.parametrize("why", ["script", "usage", "hooks"])

@@ -17,7 +17,9 @@ import asyncio
 import logging
 import logging.handlers
 import os
+import select
 import socket
+import stat
 import sys
 import threading
 import time
@@ -41,6 +43,9 @@ def _before_fork() -> None:
 def _forked() -> None:
     global _pid
     _pid = os.getpid()
+    for handler in logging.getLogger().handlers:  # nor send its parent's backlog
+        if isinstance(handler, CoalescingStreamHandler) and handler.socket is not None:
+            handler.socket.forget()
 
 
 os.register_at_fork(before=_before_fork, after_in_child=_forked)  # --workers: each logs its own pid
@@ -223,6 +228,9 @@ class CoalescingStreamHandler(logging.StreamHandler[TextIO]):
 
     def __init__(self, stream: TextIO) -> None:
         super().__init__(stream)
+        #: stderr when it is a socket (systemd's journal): written without waiting.
+        self.socket = SocketStderr.of(stream)
+        self._retrying = False  # a _retry is scheduled
         self._pending: list[str] = []
         self._flush_on: asyncio.AbstractEventLoop | None = None  # the loop a flush is scheduled on
         self._flush_thread = 0  # ... and the thread that runs it
@@ -304,8 +312,132 @@ class CoalescingStreamHandler(logging.StreamHandler[TextIO]):
             return
         data = "".join(self._pending)
         self._pending.clear()
+        if self.socket is not None:
+            self._send(data)
+            return
         try:
             self.stream.write(data)
             self.stream.flush()
         except (OSError, ValueError):  # stderr closed or gone: nothing better to do with the lines
             pass
+
+    def _send(self, data: str) -> None:
+        """To a stderr socket, as far as it takes it now; then the count of lines it lost, once
+        it has taken all it held back."""
+        if self.socket is None:
+            return
+        lost = self.socket.send(data)
+        if self.socket.holding and not self._retrying:
+            self._retry_soon()
+        if lost and self.formatter is not None:
+            notice = logging.LogRecord("pytclmilter", logging.WARNING, _NO_FILE, 0,
+                                       "%d log lines were lost while stderr took no more (%s)",
+                                       (lost, "its reader, the journal, was not reading"), None)
+            self._pending.append(self.formatter.format(notice) + self.terminator)
+            self._write_pending()
+
+    def _retry_soon(self) -> None:
+        """What the stderr socket held back is sent again shortly by the running loop, not only
+        with the next line (none may come for a while); without a loop, with the next line."""
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            return
+        self._retrying = True
+        loop.call_later(RETRY_EVERY, self._retry)
+
+    def _retry(self) -> None:
+        self.acquire()
+        try:
+            self._retrying = False
+            self._send("")
+        finally:
+            self.release()
+
+    def close(self) -> None:
+        """At exit: what the stderr socket holds back gets a few seconds to go."""
+        self.acquire()
+        try:
+            self._write_pending()
+            if self.socket is not None:
+                self.socket.drain(5.0)
+        finally:
+            self.release()
+        super().close()
+
+
+#: What a stderr socket may hold back while its reader takes no more: beyond, lines are lost.
+STDERR_BACKLOG = 1 << 20
+#: Seconds between tries to send what a stderr socket holds back.
+RETRY_EVERY = 0.05
+
+
+class SocketStderr:
+    """stderr when it is a socket, as systemd makes it (a stream to journald): written with
+    MSG_DONTWAIT, so that a journal that stops reading never holds the event loop (a blocking
+    write held every MTA connection with it). What it does not take now waits, up to
+    STDERR_BACKLOG; beyond, whole lines are lost and counted. MSG_DONTWAIT is per call: the
+    descriptor, shared with anything else writing to stderr, stays blocking.
+    A pipe, terminal or file is written as it always was (a pipe has no per-call flag)."""
+
+    def __init__(self, sock: socket.socket, encoding: str, errors: str) -> None:
+        self._sock = sock
+        self._encoding, self._errors = encoding, errors
+        self._backlog = b""
+        self._lost = 0
+
+    @classmethod
+    def of(cls, stream: TextIO) -> "SocketStderr | None":
+        try:
+            fd = stream.fileno()
+            if not stat.S_ISSOCK(os.fstat(fd).st_mode):
+                return None
+            sock = socket.socket(fileno=os.dup(fd))  # (its own descriptor: closing it leaves stderr)
+        except (OSError, ValueError, AttributeError):
+            return None
+        return cls(sock, getattr(stream, "encoding", None) or "utf-8", getattr(stream, "errors", None) or "strict")
+
+    @property
+    def holding(self) -> bool:
+        """Lines wait for the socket to take them."""
+        return bool(self._backlog)
+
+    def send(self, text: str) -> int:
+        """Send what was held back and ``text``, as far as the socket takes them now; the
+        number of lines lost, once all held back has gone (0 until then)."""
+        data = self._backlog + text.encode(self._encoding, self._errors)
+        try:
+            sent = self._sock.send(data, socket.MSG_DONTWAIT)
+        except BlockingIOError:
+            sent = 0
+        except OSError:  # the reader is gone: nothing better to do with the lines
+            self._backlog = b""
+            return 0
+        self._backlog = self._bounded(data[sent:])
+        if self._backlog or not self._lost:
+            return 0
+        lost, self._lost = self._lost, 0
+        return lost
+
+    def _bounded(self, rest: bytes) -> bytes:
+        """``rest`` cut to STDERR_BACKLOG at a line's end (a line begun on the socket is kept
+        whole, or the stream would carry half a line); the lines cut off are counted."""
+        if len(rest) <= STDERR_BACKLOG:
+            return rest
+        end = rest.rfind(b"\n", 0, STDERR_BACKLOG) + 1
+        if end == 0:  # (one line longer than the bound: keep up to its end)
+            end = rest.find(b"\n") + 1 or len(rest)
+        self._lost += rest.count(b"\n", end)
+        return rest[:end]
+
+    def drain(self, seconds: float) -> None:
+        """Wait up to ``seconds`` for the socket to take what was held back (at exit)."""
+        deadline = time.monotonic() + seconds
+        while self._backlog and time.monotonic() < deadline:
+            select.select([], [self._sock], [], max(deadline - time.monotonic(), 0))
+            self.send("")
+
+    def forget(self) -> None:
+        """In a forked child: the parent sends what it held back."""
+        self._backlog = b""
+        self._lost = 0
