@@ -722,6 +722,28 @@ def test_a_script_that_cannot_be_read_is_named_with_the_reason_tclsh_gives(comma
 
 
 @pytest.mark.parametrize("command", ["run", "check", "try"])
+def test_ctrl_c_stops_a_script_that_loops_while_loading_as_tclsh_does(command: str, tmp_path: Path) -> None:
+    """Python's SIGINT handler runs only once Tcl returns: a script that looped before its
+    `milter main` (a typo in a loop's condition) ignored Ctrl-C, and only kill ended it."""
+    script = tmp_path / "loop.tcl"
+    script.write_text("package require TclMilter\nputs looping\nwhile 1 {}\nmilter main\n")
+    extra = ["--connection", "inet:0@127.0.0.1"] if command == "run" else []
+    message = [str(DATA / "plain.eml")] if command == "try" else []
+    child = pexpect.spawn(PYTCLMILTER[0], [*PYTCLMILTER[1:], command, str(script), *message, *extra],
+                          env=child_env(), encoding="utf-8", timeout=10)
+    try:
+        child.expect("looping")
+        time.sleep(0.3)
+        child.sendintr()
+        child.expect(pexpect.EOF, timeout=5)
+        child.close()
+        assert child.signalstatus == signal.SIGINT, (child.exitstatus, child.signalstatus)
+    finally:
+        if child.isalive():
+            child.terminate(force=True)
+
+
+@pytest.mark.parametrize("command", ["run", "check", "try"])
 def test_a_python_file_that_cannot_be_read_is_named_with_the_reason(command: str, tmp_path: Path) -> None:
     """--python said "no such file" of a directory, a FIFO and a path through a file alike."""
     fifo = tmp_path / "hooks.fifo"

@@ -21,6 +21,7 @@ from ..protocol.table import COMMANDS
 from ..tcl.interp import TclHost
 from .common import ScriptExit, add_script_options, make_host
 from .logs import setup_logging
+from . import sigmask
 
 #: Arguments each event passes after the context, as the manual names them.
 EVENT_ARGS = {c.callback: c.args for c in COMMANDS if c.callback}
@@ -104,7 +105,8 @@ def cmd_check(opts: argparse.Namespace) -> int:
     host.command.end_script_at_main = True  # and nothing after it runs (it may delete sockets)
     host.set_argv(opts.script, list(opts.args) + list(getattr(opts, "rest", [])))
     try:
-        host.start(opts.script)  # the script waits in `milter main` and is never resumed
+        with sigmask.interruptible():
+            host.start(opts.script)  # the script waits in `milter main` and is never resumed
     except tkinter.TclError as exc:
         if exited.code is None and not host.command.ended_at_main:
             info = host.error_info()

@@ -239,11 +239,11 @@ def _serve(opts: argparse.Namespace) -> int:
     scripts = Generations(opts.script, load, exit_process)
     daemon = Daemon(scripts.current.milter, opts, notify)
     try:
-        with sigmask.children_reapable():
+        with sigmask.children_reapable(), sigmask.interruptible():
             waiting = scripts.current.start(opts.script)
         while waiting:  # the script waits in `milter main`: serve, then let it go on
             result = _serve_once(scripts.current)
-            with sigmask.children_reapable():
+            with sigmask.children_reapable(), sigmask.interruptible():
                 waiting = scripts.current.resume(result)  # a reload may have replaced the script meanwhile
     except tkinter.TclError:
         info = scripts.current.error_info()

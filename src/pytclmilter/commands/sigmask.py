@@ -8,6 +8,10 @@ the script execs inherits the signal mask of the thread that forks it, and a she
 thread that runs the script's code unblocks SIGCHLD while it does (:func:`children_reapable`):
 loading, serving alone, after `milter main`. Only the --workers supervisor keeps it blocked in
 that thread, taking it with sigtimedwait (workers.py), and its workers unblock it again.
+
+Ctrl-C too: Python's SIGINT handler runs only once Tcl returns, so a script that loops while it
+loads (or after `milter main`) could not be interrupted at all. While the script's own code runs
+at the top level, SIGINT ends the process, as under tclsh (:func:`interruptible`).
 """
 
 from __future__ import annotations
@@ -36,3 +40,14 @@ def children_reapable() -> Iterator[None]:
         yield
     finally:
         signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+
+
+@contextlib.contextmanager
+def interruptible() -> Iterator[None]:
+    """Ctrl-C (SIGINT) ends the process meanwhile, as tclsh's does, then the handler it had.
+    Serving installs its own (a graceful stop) for as long as it serves."""
+    previous = signal.signal(signal.SIGINT, signal.SIG_DFL)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)

@@ -36,6 +36,7 @@ from ..logline import escape
 from .common import (EX_NOINPUT, EX_SOFTWARE, ScriptExit, UsageError, add_envelope_options, add_script_options,
                      check_script, envelope_of, macros_of, make_host, read_message)
 from .logs import setup_logging
+from . import sigmask
 
 #: Exit statuses of a batch and of --compare (docs/cli.md); a single message exits with its verdict.
 ALL_TRIED, DIFFER, NOT_ALL_TRIED = 0, 1, 2
@@ -122,7 +123,9 @@ def _serve(opts: argparse.Namespace, script: str, socket: str,
     # an admin tries a message. Where Tcl cannot suspend it, it serves inside and ends there.
     host.command.end_script_at_main = True
     try:
-        if host.start(script):
+        with sigmask.interruptible():
+            waiting = host.start(script)
+        if waiting:
             served = host.command.serve()
             if served[0] == "error":
                 print(f"pytclmilter: {escape(script)}: {escape(served[1])}", file=sys.stderr)
