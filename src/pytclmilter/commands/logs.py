@@ -14,6 +14,7 @@ of ready sockets reach stderr in one write (warnings and errors at once).
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import logging.handlers
 import os
@@ -44,8 +45,8 @@ def _forked() -> None:
     global _pid
     _pid = os.getpid()
     for handler in logging.getLogger().handlers:  # nor send its parent's backlog
-        if isinstance(handler, CoalescingStreamHandler) and handler.socket is not None:
-            handler.socket.forget()
+        if isinstance(handler, CoalescingStreamHandler) and handler.nowait is not None:
+            handler.nowait.forget()
 
 
 os.register_at_fork(before=_before_fork, after_in_child=_forked)  # --workers: each logs its own pid
@@ -228,8 +229,8 @@ class CoalescingStreamHandler(logging.StreamHandler[TextIO]):
 
     def __init__(self, stream: TextIO) -> None:
         super().__init__(stream)
-        #: stderr when it is a socket (systemd's journal): written without waiting.
-        self.socket = SocketStderr.of(stream)
+        #: stderr when it is a socket (systemd's journal) or a pipe: written without waiting.
+        self.nowait = NoWaitStderr.of(stream)
         self._retrying = False  # a _retry is scheduled
         self._pending: list[str] = []
         self._flush_on: asyncio.AbstractEventLoop | None = None  # the loop a flush is scheduled on
@@ -312,7 +313,7 @@ class CoalescingStreamHandler(logging.StreamHandler[TextIO]):
             return
         data = "".join(self._pending)
         self._pending.clear()
-        if self.socket is not None:
+        if self.nowait is not None:
             self._send(data)
             return
         try:
@@ -322,22 +323,22 @@ class CoalescingStreamHandler(logging.StreamHandler[TextIO]):
             pass
 
     def _send(self, data: str) -> None:
-        """To a stderr socket, as far as it takes it now; then the count of lines it lost, once
+        """To stderr (NoWaitStderr), as far as it takes it now; then the count of lines it lost, once
         it has taken all it held back."""
-        if self.socket is None:
+        if self.nowait is None:
             return
-        lost = self.socket.send(data)
-        if self.socket.holding and not self._retrying:
+        lost = self.nowait.send(data)
+        if self.nowait.holding and not self._retrying:
             self._retry_soon()
         if lost and self.formatter is not None:
             notice = logging.LogRecord("pytclmilter", logging.WARNING, _NO_FILE, 0,
-                                       "%d log lines were lost while stderr took no more (%s)",
-                                       (lost, "its reader, the journal, was not reading"), None)
+                                       "%d log lines were lost while stderr took no more (its reader "
+                                       "was not reading)", (lost,), None)
             self._pending.append(self.formatter.format(notice) + self.terminator)
             self._write_pending()
 
     def _retry_soon(self) -> None:
-        """What the stderr socket held back is sent again shortly by the running loop, not only
+        """What stderr held back is written again shortly by the running loop, not only
         with the next line (none may come for a while); without a loop, with the next line."""
         try:
             loop = asyncio.get_running_loop()
@@ -355,59 +356,64 @@ class CoalescingStreamHandler(logging.StreamHandler[TextIO]):
             self.release()
 
     def close(self) -> None:
-        """At exit: what the stderr socket holds back gets a few seconds to go."""
+        """At exit: what stderr holds back gets a few seconds to go."""
         self.acquire()
         try:
             self._write_pending()
-            if self.socket is not None:
-                self.socket.drain(5.0)
+            if self.nowait is not None:
+                self.nowait.drain(5.0)
         finally:
             self.release()
         super().close()
 
 
-#: What a stderr socket may hold back while its reader takes no more: beyond, lines are lost.
+#: What stderr may hold back while its reader takes no more (NoWaitStderr): beyond, lines are lost.
 STDERR_BACKLOG = 1 << 20
-#: Seconds between tries to send what a stderr socket holds back.
+#: Seconds between tries to write what stderr holds back.
 RETRY_EVERY = 0.05
 
 
-class SocketStderr:
-    """stderr when it is a socket, as systemd makes it (a stream to journald): written with
-    MSG_DONTWAIT, so that a journal that stops reading never holds the event loop (a blocking
-    write held every MTA connection with it). What it does not take now waits, up to
-    STDERR_BACKLOG; beyond, whole lines are lost and counted. MSG_DONTWAIT is per call: the
-    descriptor, shared with anything else writing to stderr, stays blocking.
-    A pipe, terminal or file is written as it always was (a pipe has no per-call flag)."""
+class NoWaitStderr:
+    """stderr when it is a socket (systemd's stream to journald) or a pipe (a supervisor's, a
+    log collector's): written without waiting, so that a reader that stops reading never holds
+    the event loop (a blocking write held every MTA connection with it). What it does not take
+    now waits, up to STDERR_BACKLOG; beyond, whole lines are lost and counted. The flag is per
+    call (MSG_DONTWAIT, RWF_NOWAIT): the descriptor, shared with anything else writing to
+    stderr, stays blocking. A terminal or a file is written as it always was, and so is a pipe
+    on a kernel without RWF_NOWAIT for pipes (it says so at the first write)."""
 
-    def __init__(self, sock: socket.socket, encoding: str, errors: str) -> None:
-        self._sock = sock
+    def __init__(self, fd: int, is_socket: bool, encoding: str, errors: str) -> None:
+        self._fd = fd
+        self._sock = socket.socket(fileno=fd) if is_socket else None
+        self._nowait = True
         self._encoding, self._errors = encoding, errors
         self._backlog = b""
         self._lost = 0
 
     @classmethod
-    def of(cls, stream: TextIO) -> "SocketStderr | None":
+    def of(cls, stream: TextIO) -> "NoWaitStderr | None":
         try:
             fd = stream.fileno()
-            if not stat.S_ISSOCK(os.fstat(fd).st_mode):
+            mode = os.fstat(fd).st_mode
+            if not (stat.S_ISSOCK(mode) or stat.S_ISFIFO(mode)):
                 return None
-            sock = socket.socket(fileno=os.dup(fd))  # (its own descriptor: closing it leaves stderr)
+            own = os.dup(fd)  # (its own descriptor: closing it leaves stderr)
         except (OSError, ValueError, AttributeError):
             return None
-        return cls(sock, getattr(stream, "encoding", None) or "utf-8", getattr(stream, "errors", None) or "strict")
+        return cls(own, stat.S_ISSOCK(mode), getattr(stream, "encoding", None) or "utf-8",
+                   getattr(stream, "errors", None) or "strict")
 
     @property
     def holding(self) -> bool:
-        """Lines wait for the socket to take them."""
+        """Lines wait for the reader to take them."""
         return bool(self._backlog)
 
     def send(self, text: str) -> int:
-        """Send what was held back and ``text``, as far as the socket takes them now; the
+        """Write what was held back and ``text``, as far as the reader takes them now; the
         number of lines lost, once all held back has gone (0 until then)."""
         data = self._backlog + text.encode(self._encoding, self._errors)
         try:
-            sent = self._sock.send(data, socket.MSG_DONTWAIT)
+            sent = self._write_now(data) if data else 0
         except BlockingIOError:
             sent = 0
         except OSError:  # the reader is gone: nothing better to do with the lines
@@ -419,8 +425,20 @@ class SocketStderr:
         lost, self._lost = self._lost, 0
         return lost
 
+    def _write_now(self, data: bytes) -> int:
+        if self._sock is not None:
+            return self._sock.send(data, socket.MSG_DONTWAIT)
+        if self._nowait:
+            try:
+                return os.pwritev(self._fd, [data], -1, os.RWF_NOWAIT)
+            except OSError as exc:
+                if exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
+                    raise
+                self._nowait = False  # (a kernel before pipes took RWF_NOWAIT)
+        return os.write(self._fd, data)
+
     def _bounded(self, rest: bytes) -> bytes:
-        """``rest`` cut to STDERR_BACKLOG at a line's end (a line begun on the socket is kept
+        """``rest`` cut to STDERR_BACKLOG at a line's end (a line begun on stderr is kept
         whole, or the stream would carry half a line); the lines cut off are counted."""
         if len(rest) <= STDERR_BACKLOG:
             return rest
@@ -431,10 +449,10 @@ class SocketStderr:
         return rest[:end]
 
     def drain(self, seconds: float) -> None:
-        """Wait up to ``seconds`` for the socket to take what was held back (at exit)."""
+        """Wait up to ``seconds`` for the reader to take what was held back (at exit)."""
         deadline = time.monotonic() + seconds
         while self._backlog and time.monotonic() < deadline:
-            select.select([], [self._sock], [], max(deadline - time.monotonic(), 0))
+            select.select([], [self._fd], [], max(deadline - time.monotonic(), 0))
             self.send("")
 
     def forget(self) -> None:
