@@ -559,18 +559,14 @@ class Reader:
             self._sock, writer = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
             writer.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
             self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-            self.fd, self._writer = self._sock.fileno(), writer.detach()
+            self.fd, self.writer = self._sock.fileno(), writer.detach()
         else:
-            self.fd, self._writer = os.pipe()
-            fcntl.fcntl(self._writer, 1031, 4096)  # F_SETPIPE_SZ
+            self.fd, self.writer = os.pipe()
+            fcntl.fcntl(self.writer, 1031, 4096)  # F_SETPIPE_SZ
         os.set_blocking(self.fd, False)
 
-    @property
-    def writer(self) -> int:
-        return self._writer
-
     def close_writer(self) -> None:
-        os.close(self._writer)
+        os.close(self.writer)
 
     def read(self) -> bytes:
         """What is there now."""

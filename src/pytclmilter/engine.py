@@ -615,8 +615,9 @@ class ConnectionEngine:
         # The script's or the MTA's text in every part (a callback name is a Tcl script, an error
         # message may quote a header): escaped, and errorInfo's lines indented (logline).
         who = "chain" if cb is None else cb.name or repr(cb.func)
-        message = str(exc) or type(exc).__name__
-        seen = self.shared.traces.logged_as(f"{name} {who}\n{place_of(detail, str(exc))}", self.name) if detail else None
+        text = str(exc)
+        message = text or type(exc).__name__
+        seen = self.shared.traces.logged_as(f"{name} {who}\n{place_of(detail, text)}", self.name) if detail else None
         if seen is None:
             log.error("%s: %s callback %s failed (%s), answering %s:\n%s", self.name, name,
                       escape(who), escape(message), status.smfis, escape_lines(detail))

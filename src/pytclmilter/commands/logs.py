@@ -109,9 +109,7 @@ class SyslogHandler(logging.handlers.SysLogHandler):
         super().emit(record)  # (reconnects once if sending fails)
         if lost and self.lost == lost:  # this one got through: syslog is back
             self.lost = 0
-            super().emit(logging.LogRecord(record.name, logging.WARNING, _NO_FILE, 0,
-                                           "%d log lines were lost while %s could not be reached", (lost, self.address),
-                                           None))
+            super().emit(_lost(lost, f"while {self.address} could not be reached"))
 
     def handleError(self, record: logging.LogRecord) -> None:
         exc = sys.exc_info()[1]
@@ -133,6 +131,12 @@ class SyslogHandler(logging.handlers.SysLogHandler):
 _NO_FILE = "(unknown file)"  # the caller Logger._log gives a record when _srcfile is None
 _NO_FUNC = "(unknown function)"  # ... and its function
 _START = logging.LogRecord("", logging.INFO, _NO_FILE, 0, "", (), None)  # for relativeCreated
+
+
+def _lost(count: int, when: str) -> logging.LogRecord:
+    """The warning that follows lines a handler could not write (syslog, stderr) once it can."""
+    return logging.LogRecord("pytclmilter", logging.WARNING, _NO_FILE, 0, "%d log lines were lost %s",
+                             (count, when), None)
 
 
 class LeanLogRecord(logging.LogRecord):
@@ -331,9 +335,7 @@ class CoalescingStreamHandler(logging.StreamHandler[TextIO]):
         if self.nowait.holding and not self._retrying:
             self._retry_soon()
         if lost and self.formatter is not None:
-            notice = logging.LogRecord("pytclmilter", logging.WARNING, _NO_FILE, 0,
-                                       "%d log lines were lost while stderr took no more (its reader "
-                                       "was not reading)", (lost,), None)
+            notice = _lost(lost, "while stderr took no more (its reader was not reading)")
             self._pending.append(self.formatter.format(notice) + self.terminator)
             self._write_pending()
 
@@ -385,7 +387,7 @@ class NoWaitStderr:
     def __init__(self, fd: int, is_socket: bool, encoding: str, errors: str) -> None:
         self._fd = fd
         self._sock = socket.socket(fileno=fd) if is_socket else None
-        self._nowait = True
+        self._rwf_nowait = True  # (pipes: until a kernel refuses the flag)
         self._encoding, self._errors = encoding, errors
         self._backlog = b""
         self._lost = 0
@@ -428,13 +430,13 @@ class NoWaitStderr:
     def _write_now(self, data: bytes) -> int:
         if self._sock is not None:
             return self._sock.send(data, socket.MSG_DONTWAIT)
-        if self._nowait:
+        if self._rwf_nowait:
             try:
                 return os.pwritev(self._fd, [data], -1, os.RWF_NOWAIT)
             except OSError as exc:
                 if exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
                     raise
-                self._nowait = False  # (a kernel before pipes took RWF_NOWAIT)
+                self._rwf_nowait = False  # (a kernel before pipes took RWF_NOWAIT)
         return os.write(self._fd, data)
 
     def _bounded(self, rest: bytes) -> bytes:
