@@ -292,6 +292,28 @@ milter main
 """
 
 
+OVER_ITS_FILE_SIZE_LIMIT = r"""
+package require TclMilter
+proc eom {ctx} {
+    # as under tclsh: a program past `ulimit -f` is killed by SIGXFSZ (exit status 128 + 25)
+    $ctx addheader X-Status [exec sh -c {ulimit -f 1; head -c 4096 /dev/zero > "$0" 2>/dev/null; echo $?} %s]
+    return SMFIS_CONTINUE
+}
+milter register eom eom
+milter main
+"""
+
+
+def test_try_a_program_the_script_execs_past_its_file_size_limit_is_killed_as_under_tclsh(tmp_path: Path) -> None:
+    """Python ignores SIGXFSZ, and an ignored signal stays ignored across exec: the program went on
+    with "File too large" errors (status 1) where the script, written for tclsh, expects it killed."""
+    script = tmp_path / "limited.tcl"
+    script.write_text(OVER_ITS_FILE_SIZE_LIMIT % (tmp_path / "big"))
+    status, out = cli("try", str(script), str(DATA / "plain.eml"))
+    assert status == 0, out
+    assert "action: addheader X-Status: 153" in out, out
+
+
 def test_run_a_callback_whose_shell_waits_for_its_job_is_answered(tmp_path: Path) -> None:
     """What a callback execs inherits its signal mask; run blocked SIGCHLD (for the --workers
     supervisor) in the thread that serves too, so `sh -c {scan & wait}` waited for ever, and the

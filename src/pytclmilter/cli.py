@@ -7,7 +7,7 @@ import sys
 from typing import Callable, Sequence
 
 from . import __version__
-from .commands import check, run, send, trial
+from .commands import check, run, send, sigmask, trial
 from .commands.common import EX_SOFTWARE, EX_USAGE, HooksFailed, UsageError
 from .logline import escape
 
@@ -45,6 +45,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SystemExit as exc:
         return EX_USAGE if exc.code else 0
     opts.command, opts.rest = argv[0], rest
+    sigmask.file_size_signal_caught()  # before any script runs (why: sigmask.py)
     try:
         return _COMMANDS[argv[0]][1](opts)
     except UsageError as exc:

@@ -12,12 +12,21 @@ that thread, taking it with sigtimedwait (workers.py), and its workers unblock i
 Ctrl-C too: Python's SIGINT handler runs only once Tcl returns, so a script that loops while it
 loads (or after `milter main`) could not be interrupted at all. While the script's own code runs
 at the top level, SIGINT ends the process, as under tclsh (:func:`interruptible`).
+
+And the file size limit: Python ignores SIGXFSZ from its start (a write past RLIMIT_FSIZE then
+fails with EFBIG instead of killing the process), and an ignored signal stays ignored across
+exec, where Tcl's exec resets only the signals a handler catches. A program the script execs
+under a file size limit (`ulimit -f`) went on with EFBIG where under tclsh it is killed, as its
+caller expects. :func:`file_size_signal_caught` catches it instead: the milter's own writes still
+fail with EFBIG, and what it execs starts with the default action.
 """
 
 from __future__ import annotations
 
 import contextlib
 import signal
+import threading
+from types import FrameType
 from typing import Iterator
 
 #: Taken by whoever waits for them: the server (SIGUSR1), the --workers supervisor (both).
@@ -51,3 +60,14 @@ def interruptible() -> Iterator[None]:
         yield
     finally:
         signal.signal(signal.SIGINT, previous)
+
+
+def file_size_signal_caught() -> None:
+    """SIGXFSZ caught and ignored by a handler rather than by its disposition (module docstring).
+    Only the main thread can set a handler: elsewhere (an application's thread) it is left alone."""
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGXFSZ, _past_the_file_size_limit)
+
+
+def _past_the_file_size_limit(signum: int, frame: FrameType | None) -> None:
+    """Nothing: the write that went past the limit fails with EFBIG, and its caller reports that."""
