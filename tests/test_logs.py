@@ -506,6 +506,23 @@ def test_both_paths_write_the_same_line_and_logging_guards_what_was_not_escaped(
     assert lines[0] == lines[1] and lines[0].endswith(r" INFO: conn#1: from=<a\x1b[2J@x>\nINFO: forged")
     assert lines[2].endswith(r" INFO: conn#1: from=<a\x1b[2J@x>") and lines[3] == "  INFO: forged"
 
+
+def test_a_verdict_line_quoting_fifty_kilobytes_is_cut_to_its_ends_on_both_paths(run_logging) -> None:  # type: ignore[no-untyped-def]
+    """The direct path wrote its escaped arguments at any length: a sender or a multi-line reply
+    text of tens of kilobytes made a line as long, once a message, where a record is bounded."""
+    log, stream, handler, emitted = run_logging
+    log.handlers[:] = [handler]
+    sender = "<" + "s" * 50_000 + "@example.org>"
+    logline.info(log, "%s: verdict accept at eom from=%s gen=1", "conn#1", logline.escape(sender))
+    handler.addFilter(lambda record: True)  # now logging's own path
+    logline.info(log, "%s: verdict accept at eom from=%s gen=1", "conn#1", logline.escape(sender))
+    assert len(emitted) == 1
+    direct, through_logging = stream.getvalue().splitlines()
+    assert direct == through_logging and len(direct) < 1000, len(direct)
+    assert re.fullmatch(r".* INFO: conn#1: verdict accept at eom from=<s+ \.\.\. \(\d+ characters left out\) "
+                        r"\.\.\. s+@example\.org> gen=1", direct), direct
+
+
 # `pytclmilter run` as the command line runs it, with its syslog socket (/dev/log) the test's own.
 RUN_WITH_SYSLOG_AT = ("import sys; from pytclmilter.commands import logs; logs.SYSLOG_SOCKET = sys.argv[1]; "
                       "from pytclmilter.cli import main; sys.exit(main(sys.argv[2:]))")

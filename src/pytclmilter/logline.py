@@ -28,8 +28,8 @@ that a call site that forgot to escape still cannot forge a line. It leaves back
 so text escaped by the call site is not escaped twice (and the text of escaped arguments is
 the same with and without it). It also bounds the record (:data:`LINE_KEPT`, :data:`LINES_KEPT`):
 a line too long keeps its two ends, a record of too many lines its first and last lines, and
-each cut says how much it left out. :func:`info`'s direct path makes no record and is not guarded:
-its arguments must be escaped, as the engine's verdict line escapes them.
+each cut says how much it left out. :func:`info`'s direct path makes no record, and only bounds
+its line: its arguments must be escaped, as the engine's verdict line escapes them.
 """
 
 from __future__ import annotations
@@ -224,6 +224,8 @@ def info(logger: logging.Logger, msg: str, *args: object) -> None:
         except (TypeError, ValueError):  # logging reports a bad format on stderr and goes on: so do we
             logger.info(msg, *args)
             return
-        sink.write_line(INFO, message)
+        # bounded as a record is (guard): a sender or reply text from the MTA or a script is escaped,
+        # but may be tens of kilobytes, once a message
+        sink.write_line(INFO, message if len(message) <= LONGEST else guard(message))
     else:
         logger.info(msg, *args)
