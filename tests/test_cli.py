@@ -726,6 +726,34 @@ def test_try_usage_errors() -> None:
     assert status == 66 and 'couldn\'t read file' in out
     status, out = cli("try", str(STAMP), str(DATA / "plain.eml"), "--macro", "novalue")
     assert status == 64 and '--macro "novalue": must be NAME=VALUE' in out
+    status, out = cli("try", str(STAMP), str(DATA / "plain.eml"), "--macro", "{}=x")
+    assert status == 64 and '--macro "{}=x": must be NAME=VALUE' in out
+    # the MTA sends long names in braces, and getsymval finds nothing else: a name never sent
+    status, out = cli("try", str(STAMP), str(DATA / "plain.eml"), "--macro", "auth_authen=alice")
+    assert status == 64 and ('--macro "auth_authen=alice": a name longer than one letter is sent in braces, '
+                             "as the MTA sends it: --macro '{auth_authen}=alice'") in out, out
+
+
+SHOWS_MACROS = r"""
+package require TclMilter
+proc connect {ctx host addr} {
+    puts "j=[$ctx getsymval j] {j}=[$ctx getsymval {{j}}] daemon_name=[$ctx getsymval {{daemon_name}}]"
+    return SMFIS_CONTINUE
+}
+milter register connect connect
+milter main
+"""
+
+
+@pytest.mark.parametrize("given", ["j=mx.mine", "{j}=mx.mine"])
+def test_try_a_macro_given_in_either_form_replaces_the_default(tmp_path: Path, given: str) -> None:
+    """`{j}` and `j` are one macro to getsymval (as to smfi_getsymval); `--macro '{j}=x'` was sent
+    beside the default `j`, and `getsymval j` still gave the default."""
+    script = tmp_path / "shows.tcl"
+    script.write_text(SHOWS_MACROS)
+    status, out = cli("try", str(script), str(DATA / "plain.eml"), "--macro", given)
+    assert status == 0, out
+    assert "j=mx.mine {j}=mx.mine daemon_name=pytclmilter" in out, out
 
 
 @pytest.mark.parametrize("command", ["run", "check", "try"])

@@ -15,6 +15,7 @@ from ..protocol import events as ev
 from ..protocol.codec import FrameReader, split_body
 from ..protocol.constants import ALL_ACTIONS, ALL_PROTO, MDS_1M, Family
 from ..protocol.errors import ProtocolError
+from ..protocol.macros import letter_of
 from ..protocol.table import COMMAND_OF_EVENT, REPLIES, REPLY_CODES, decode_reply, encode_command
 from .message import Envelope, Message, angle
 
@@ -151,9 +152,11 @@ class Conversation:
             raise ConversationError(f"expected the option negotiation reply, got {type(answer).__name__}")
         self.protocol = answer.protocol
         self.out.negotiated = (answer.version, answer.actions, answer.protocol)
-        macros = dict(env.macros)
-        conn_macros = {"j": "pytclmilter.localhost", "{daemon_name}": "pytclmilter", "v": "pytclmilter",
-                       "_": f"{env.client_name} [{env.client_ip}]", **macros}
+        defaults = {"j": "pytclmilter.localhost", "{daemon_name}": "pytclmilter", "v": "pytclmilter",
+                    "_": f"{env.client_name} [{env.client_ip}]"}
+        given = {letter_of(name) for name in env.macros}  # `{j}=x` replaces j, as `j=x` does
+        conn_macros = {name: value for name, value in defaults.items() if letter_of(name) not in given}
+        conn_macros.update(env.macros)
         family = Family.INET6 if ":" in env.client_ip else Family.INET
         steps: list[tuple[Stage, dict[str, str], ev.Event]] = [
             (Stage("connect", f"{env.client_name} [{env.client_ip}]"), conn_macros,

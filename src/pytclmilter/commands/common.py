@@ -172,11 +172,15 @@ def envelope_of(opts: argparse.Namespace, msg: Message, queue_id: str = Envelope
 
 
 def macros_of(opts: argparse.Namespace) -> dict[str, str]:
-    """The --macro options; UsageError for one that is not NAME=VALUE."""
+    """The --macro options; UsageError for one that is not NAME=VALUE, or whose name no MTA sends
+    (a long name without braces, which getsymval would never find)."""
     macros = {}
     for item in opts.macro:
         name, eq, value = item.partition("=")
-        if not eq or not name:
+        if not eq or not name.strip("{}"):
             raise UsageError(f'--macro "{item}": must be NAME=VALUE')
+        if len(name) > 1 and not (len(name) > 2 and name[0] == "{" and name[-1] == "}"):
+            raise UsageError(f'--macro "{item}": a name longer than one letter is sent in braces, as the '
+                             f"MTA sends it: --macro '{{{name.strip('{}')}}}={value}'")
         macros[name] = value
     return macros

@@ -24,6 +24,12 @@ _CLEARS_ALL: Final = frozenset(c.code for c in COMMANDS if c.clears is Clears.AL
 STORED_STAGES: Final = frozenset(_ORDER)
 
 
+def letter_of(name: str) -> str:
+    """``name`` without the braces of a one-letter name: smfi_getsymval takes ``{i}`` and ``i``
+    for one macro (:meth:`MacroStore.get`), so a client that sends one must not send the other."""
+    return name[1] if len(name) == 3 and name[0] == "{" and name[2] == "}" else name
+
+
 class MacroStore:
     __slots__ = ("_slots",)
 
