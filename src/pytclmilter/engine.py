@@ -21,7 +21,7 @@ from typing import Any, Awaitable, Callable, Final, Protocol
 from .callbacks import Callback, Registry
 from .context import Context
 from .hooks import Hooks
-from .limits import CallbackTimeout
+from .limits import CallbackTimeout, handler_dropped
 from .logline import SHOWN, SameTrace, clip, escape, escape_lines, place_of
 from .logline import info as log_info
 from .meter import Meter
@@ -790,4 +790,4 @@ def _cancelling() -> bool:
 def _traceback(exc: BaseException) -> str:
     import traceback
 
-    return "".join(traceback.format_exception(type(exc), exc, exc.__traceback__)).rstrip()
+    return "".join(traceback.format_exception(type(exc), exc, handler_dropped(exc, exc.__traceback__))).rstrip()

@@ -19,6 +19,7 @@ import os
 import signal
 import threading
 import time
+from types import TracebackType
 from typing import Final
 
 
@@ -105,6 +106,28 @@ class PythonLimit(Limit):
         if self._overrun():
             self._active = False
             raise CallbackTimeout(f"callback stopped after {self._seconds:g} s (call_timeout)")
+
+
+def handler_dropped(exc: BaseException, tb: TracebackType | None) -> TracebackType | None:
+    """``tb`` without its last entry when that is the watchdog's signal handler raising ``exc``:
+    the entry above it is where the code was when its time ran out, and the handler is no code
+    that code called (a trace that ended in it sent a Python author looking at pytclmilter)."""
+    entries = []
+    while tb is not None:
+        entries.append(tb)
+        tb = tb.tb_next
+    if not (isinstance(exc, CallbackTimeout) and len(entries) > 1 and _is_the_handler(entries[-1])):
+        return entries[0] if entries else None
+    kept = None
+    for entry in reversed(entries[:-1]):
+        kept = TracebackType(kept, entry.tb_frame, entry.tb_lasti, entry.tb_lineno)
+    return kept
+
+
+def _is_the_handler(entry: TracebackType) -> bool:
+    """Compiled, the entry is mypyc's, named by the source path at build time."""
+    code = entry.tb_frame.f_code
+    return code.co_name == "_expired" and os.path.basename(code.co_filename) == "limits.py"
 
 
 #: The limit of every Python callback (one watchdog for the process).

@@ -15,7 +15,7 @@ from typing import Callable
 
 from ..client.message import Envelope, Message
 from ..hooks import Hooks
-from ..limits import CallbackTimeout
+from ..limits import CallbackTimeout, handler_dropped
 from ..milter import Milter
 from ..tcl.interp import TclHost
 from ..tcl.usage import TclUsageError
@@ -43,7 +43,7 @@ class HooksFailed(Exception):
         self.path = path
         #: The time limit of a reload's load stopped it (reloading.Generations._start).
         self.stopped = isinstance(exc, CallbackTimeout)
-        tb = _from_file(exc.__traceback__, path)
+        tb = _from_file(handler_dropped(exc, exc.__traceback__), path)
         self.detail = "".join(traceback.format_exception(type(exc), exc, tb)).rstrip("\n")
 
 

@@ -37,7 +37,7 @@ from types import TracebackType
 from typing import Any, Callable, Final, Sequence
 
 from ..context import Context
-from ..limits import PYTHON_LIMIT, CallbackTimeout
+from ..limits import PYTHON_LIMIT, CallbackTimeout, handler_dropped
 from ..milter import Milter
 from ..protocol.codec import text
 from ..scripting import TclCommand, TclCommands, TclError
@@ -263,7 +263,7 @@ class PythonCommands:
     @staticmethod
     def _error(exc: Exception, tb: TracebackType | None) -> tuple[Any, ...]:
         message = str(exc) or type(exc).__name__
-        trace = "".join(traceback.format_exception(type(exc), exc, tb)).rstrip("\n")
+        trace = "".join(traceback.format_exception(type(exc), exc, handler_dropped(exc, tb))).rstrip("\n")
         return ("error", to_tcl(message), ("PYTHON", type(exc).__name__, to_tcl(message)),
                 to_tcl(f"{message}\n{trace}"))
 
@@ -271,4 +271,4 @@ class PythonCommands:
 def _where(exc: BaseException) -> str:
     """Where a stopped command was: its frames, without the exception line (whose seconds are
     the time that was left, not the limit)."""
-    return "".join(traceback.format_tb(_own_frames_dropped(exc.__traceback__))).rstrip("\n")
+    return "".join(traceback.format_tb(_own_frames_dropped(handler_dropped(exc, exc.__traceback__)))).rstrip("\n")
