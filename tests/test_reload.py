@@ -6,6 +6,7 @@ from __future__ import annotations
 import gc
 import re
 import signal
+import socket
 import threading
 import time
 import weakref
@@ -162,6 +163,32 @@ def test_verdict_lines_carry_the_generation(tclrun, tmp_path: Path) -> None:
         assert [p for p in mta.message()["eom"] if p[0] == "h"] == [("h", b"X-Stamp\0B\0")]
     run.wait_for(r"verdict accept at eom client=\S+ from=\S+ gen=2\r?\n")
     assert run.stop() == 0
+
+
+@pytest.mark.parametrize("held", ["a pipeline", "a socket"])
+def test_a_replaced_script_whose_pipeline_or_socket_is_stuck_does_not_freeze_the_milter(
+        tclrun, tmp_path: Path, held: str) -> None:
+    """Deleting the old script's interpreter closes its channels, and Tcl's close of a blocking
+    pipeline waits for its programs to end (`open "|tail -f log"`: for ever), of a blocking socket
+    until a peer that reads nothing has taken its output: no connection was answered again, and
+    SIGTERM was not heard. Its channels are now made non-blocking first, and Tcl does not wait."""
+    with socket.socket() as stuck:
+        stuck.bind(("127.0.0.1", 0))
+        stuck.listen()
+        opens = ('set held [open "|sleep 600" r]' if held == "a pipeline" else
+                 f"set held [socket 127.0.0.1 {stuck.getsockname()[1]}]\n"  # (written while serving:)
+                 "fconfigure $held -blocking 0\nputs -nonewline $held [string repeat x 8000000]\n"
+                 "fconfigure $held -blocking 1")  # more than the kernel takes, still to be written
+        script = tmp_path / "stamp.tcl"
+        script.write_text(stamping("A").replace("milter main", opens + "\nmilter main"))
+        run = tclrun(script)
+        script.write_text(stamping("B"))
+        run.child.kill(signal.SIGUSR1)
+        run.wait_for(GONE, timeout=10)
+        with run.mta() as mta:
+            mta.negotiate()
+            assert [p for p in mta.message()["eom"] if p[0] == "h"] == [("h", b"X-Stamp\0B\0")]
+        assert run.stop() == 0
 
 
 def test_a_session_open_at_the_reload_finishes_on_the_old_script(tclrun, tmp_path: Path) -> None:

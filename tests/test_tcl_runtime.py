@@ -9,8 +9,9 @@ import time
 
 import pytest
 from miltertest import constants as K
+from miltertest.client import MilterError
 
-from support.tclrun import REPO, SKIPPED, TCL_HELPERS, tclrun_factory, z
+from support.tclrun import REPO, SKIPPED, TCL_HELPERS, ok, tclrun_factory, z
 
 tclrun = pytest.fixture(tclrun_factory, name="tclrun")
 
@@ -158,6 +159,79 @@ def test_stop_from_a_fileevent_handler(tclrun):
     m.wait_for("accepted")
     m.wait_for("main returned")
     assert m.wait_exit() == 0
+
+
+def test_a_script_that_closed_stdin_accepts_on_its_server_socket(tclrun):
+    """Whether Tcl had events to serve was told by counting channels: with stdin closed (a
+    daemon's habit) a server socket was the third channel, and its clients were never answered."""
+    m = tclrun(r"""
+        package require TclMilter
+        close stdin
+        proc accepted {chan addr port} { puts $chan "hello from the script"; close $chan }
+        set srv [socket -server accepted -myaddr 127.0.0.1 0]
+        puts "control port [lindex [chan configure $srv -sockname] 2]"
+        milter main
+    """, wait=False)
+    port = int(m.wait_for(r"control port (\d+)").group(1))
+    m.wait_listening()
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+        assert s.makefile("rb").readline() == b"hello from the script\r\n"  # (a socket's default: crlf)
+    assert m.stop() == 0
+
+
+def test_a_fileevent_on_stdin_fires_while_milter_main_runs(tclrun):
+    m = tclrun(r"""
+        package require TclMilter
+        fileevent stdin readable {
+            if {[gets stdin line] > 0} { puts "read <$line>" } elseif {[eof stdin]} { fileevent stdin readable {} }
+        }
+        milter main
+    """)
+    m.child.sendline("from the terminal")
+    m.wait_for(r"read <from the terminal>")
+    assert m.stop() == 0
+
+
+LOGS_TO_ITS_FILE = r"""
+    package require TclMilter
+    set log [open [lindex $argv 0] a]
+    puts $log "started [pid]"
+    proc envfrom {ctx from} {
+        puts $::log "from $from in [pid]"
+        if {$from eq "<exit@example.org>"} { exit 3 }
+        return SMFIS_CONTINUE
+    }
+    milter register envfrom envfrom
+    milter main
+    puts -nonewline "main returned"
+"""
+
+
+@pytest.mark.parametrize("how", ["sigterm", "exit", "workers"])
+def test_what_the_script_wrote_to_its_channels_is_written_when_the_milter_ends(tclrun, tmp_path, how):
+    """Tcl's exit flushes every channel; the milter ended without it, so a script's log file lost
+    its buffered lines (all of them, for a quiet day), and `puts -nonewline` to stdout was lost.
+    With --workers, what was written before the fork is written once, not by every worker."""
+    log = tmp_path / "filter.log"
+    m = tclrun(LOGS_TO_ITS_FILE, *(["--workers", "2"] if how == "workers" else []), args=[str(log)])
+    for n in range(3):
+        with m.mta() as mta:
+            mta.negotiate()
+            assert ok(mta.connect())
+            if how == "exit" and n == 2:
+                with pytest.raises(MilterError, match="unexpected EOF"):  # the process ended
+                    mta.mail("<exit@example.org>")
+            else:
+                assert ok(mta.mail(f"<s{n}@example.org>"))
+    if how == "exit":
+        assert m.wait_exit() == 3
+    else:
+        assert m.stop() == 0
+        assert m.text.endswith("main returned"), m.text[-300:]
+    lines = log.read_text().splitlines()
+    assert len([line for line in lines if line.startswith("started ")]) == 1, lines
+    expected = ["<s0@example.org>", "<s1@example.org>", "<exit@example.org>" if how == "exit" else "<s2@example.org>"]
+    assert sorted(line.split()[1] for line in lines if line.startswith("from ")) == sorted(expected), lines
 
 
 def test_stop_from_a_secondary_thread(tclrun):

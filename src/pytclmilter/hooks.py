@@ -35,5 +35,9 @@ class Hooks:
     #: :meth:`Milter.reload <pytclmilter.milter.Milter.reload>`. Runs on the serving loop (with
     #: workers: in the supervisor). Without it the milter leaves SIGUSR1 alone.
     reload: Callable[[], None] | None = None
+    #: The process forks workers (False), or a worker that served ends without unwinding (True):
+    #: write out what the host buffers, as stdio's buffers are flushed then, so that nothing is
+    #: written by parent and child alike, or never. True: wait for no reader.
+    flush: Callable[[bool], None] = _ignore
     #: Called every ``tick_interval`` seconds while serving, if given.
     tick: Callable[[], None] | None = None

@@ -255,6 +255,7 @@ class Milter:
         if settings.workers > 1:
             from .workers import Supervisor, run_workers
 
+            self.hooks.flush(False)  # before the workers are forked
             supervisor = Supervisor(settings.workers, self.hooks, self._serve_worker)
             with self._metrics_of_workers(supervisor):
                 self._stop_others, self._supervisor = supervisor.stop, supervisor
@@ -332,7 +333,10 @@ class Milter:
         if self._worker_counts.meter is not None:
             self.shared.meter = self._worker_counts.meter
         self._server.reloadable = False  # SIGUSR1 goes to the supervisor
-        self._run_here(listener, lambda: watch(self._stop_alone))
+        try:
+            self._run_here(listener, lambda: watch(self._stop_alone))
+        finally:
+            self.hooks.flush(True)  # the worker ends with os._exit (workers.py)
 
     def _stop_alone(self) -> None:
         """Stop this process only (a worker whose supervisor died: its pid may be reused)."""
@@ -364,6 +368,7 @@ class Milter:
         self.stats.reloads_ok += 1
         done = gone or (lambda: None)
         if self._supervisor is not None:
+            new.hooks.flush(False)  # before its workers are forked
             self._supervisor.reload(new._serve_worker, new.generation, done)
         else:
             new._server = self._server

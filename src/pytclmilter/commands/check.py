@@ -113,6 +113,8 @@ def cmd_check(opts: argparse.Namespace) -> int:
             print(script_error(opts.script, exc, info), file=sys.stderr)
             print(info, file=sys.stderr)
             return 1
+    finally:
+        host.flush_channels(ending=True)  # what the script wrote, before the report (as Tcl's exit)
     out: list[str] = [f"{opts.script}: loaded"]
     registered: dict[str, Any] = host.milter.registry.registered()
     out.append("callbacks:" if registered else "callbacks: none registered")

@@ -252,5 +252,6 @@ def _serve(opts: argparse.Namespace) -> int:
             _log_failure(info)
         return 1
     finally:
+        scripts.current.flush_channels(ending=True)  # as Tcl's exit would
         daemon.cleanup()
     return 0

@@ -117,34 +117,37 @@ def _serve(opts: argparse.Namespace, script: str, socket: str,
 
     host = make_host(script, opts.python, TRY_OVERRIDES | {"-connection": f"unix:{socket}"},
                      on_exit=exited, milter_hooks=Hooks(listening=listening))
-    host.set_argv(script, list(getattr(opts, "rest", [])))
-    # The script serves as under run, from the `milter main` it waits in, and is never resumed:
-    # what follows (the manual's example deletes the production socket there) must not run when
-    # an admin tries a message. Where Tcl cannot suspend it, it serves inside and ends there.
-    host.command.end_script_at_main = True
     try:
-        with sigmask.interruptible():
-            waiting = host.start(script)
-        if waiting:
-            served = host.command.serve()
-            if served[0] == "error":
-                print(f"pytclmilter: {escape(script)}: {escape(served[1])}", file=sys.stderr)
+        host.set_argv(script, list(getattr(opts, "rest", [])))
+        # The script serves as under run, from the `milter main` it waits in, and is never resumed:
+        # what follows (the manual's example deletes the production socket there) must not run when
+        # an admin tries a message. Where Tcl cannot suspend it, it serves inside and ends there.
+        host.command.end_script_at_main = True
+        try:
+            with sigmask.interruptible():
+                waiting = host.start(script)
+            if waiting:
+                served = host.command.serve()
+                if served[0] == "error":
+                    print(f"pytclmilter: {escape(script)}: {escape(served[1])}", file=sys.stderr)
+                    return EX_SOFTWARE
+        except tkinter.TclError:
+            if failed:
+                raise failed[0]
+            if exited.code is None and not host.command.ended_at_main:
+                print(host.error_info(), file=sys.stderr)
                 return EX_SOFTWARE
-    except tkinter.TclError:
         if failed:
             raise failed[0]
-        if exited.code is None and not host.command.ended_at_main:
-            print(host.error_info(), file=sys.stderr)
+        if not listened:
+            print(f"pytclmilter: {script} never called milter main", file=sys.stderr)
             return EX_SOFTWARE
-    if failed:
-        raise failed[0]
-    if not listened:
-        print(f"pytclmilter: {script} never called milter main", file=sys.stderr)
-        return EX_SOFTWARE
-    if not done:  # `milter main` returned (`milter stop` in a callback) while a conversation was on
-        print(f"pytclmilter: {script} stopped serving before every message was tried", file=sys.stderr)
-        return EX_SOFTWARE
-    return None
+        if not done:  # `milter main` returned (`milter stop` in a callback) while a conversation was on
+            print(f"pytclmilter: {script} stopped serving before every message was tried", file=sys.stderr)
+            return EX_SOFTWARE
+        return None
+    finally:
+        host.flush_channels(ending=True)  # what the script wrote (as Tcl's exit)
 
 
 def _single(opts: argparse.Namespace, path: str, workdir: str) -> int:

@@ -8,6 +8,7 @@ through :meth:`Milter.stop`, which is thread-safe.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import sys
@@ -48,28 +49,56 @@ proc exit {{returnCode 0}} {
     return -code [lindex $r 0] [lindex $r 1]
 }
 
-# 1 when no Tcl event can be pending: no `after` timer in either interpreter, no channel beyond
-# the standard three (so no fileevent), no second thread (so no thread::send). See service_events.
+# 1 when no Tcl event can be pending: no `after` timer in either interpreter, no channel but the
+# standard three and no file event handler on these (`watched`), no second thread (so no
+# thread::send). See service_events. (Counting channels was not enough: a daemon's `close stdin`
+# left a script's server socket the third channel, and its connections were never accepted.)
 # `threads`: 1 once a script's interpreter has run a thread:: command (TclHost.thread_home);
 # before, thread::names here would make this interpreter the one Thread sends this thread's
 # scripts to.
 # A thread's thread::send events stay queued after it ended, so the poll after the last thread is
 # gone still happens: `poll` is 1 while threads exist, from the script's thread::create (traced:
 # a worker may send and end between two checks), and when service_events left events queued.
-namespace eval ::tclmilter::py { variable poll 0 }
+namespace eval ::tclmilter::py { variable poll 0; variable std_events 0 }
 proc ::tclmilter::py::poll_next {args} { variable poll 1 }
+# The script's `fileevent` and `chan event` (traced): a handler on a standard channel is polled for
+# from then on (`fileevent stdin readable ...`).
+proc ::tclmilter::py::watched {command op} {
+    lassign $command - channel - script
+    if {$channel in {stdin stdout stderr} && $script ne ""} { variable std_events 1 }
+}
 proc ::tclmilter::py::quiet {child threads} {
     variable poll
+    variable std_events
+    if {$std_events} { return 0 }
     foreach i [list {} $child] {
         # [list ...] is evaluated as a pure list, without compiling: a braced literal evaluated
         # in the two interpreters in turn would be recompiled on every tick.
-        if {[llength [interp eval $i [list after info]]] || [llength [interp eval $i [list chan names]]] > 3} {
-            return 0
+        if {[llength [interp eval $i [list after info]]]} { return 0 }
+        foreach channel [interp eval $i [list chan names]] {
+            if {$channel ni {stdin stdout stderr}} { return 0 }
         }
     }
     set was $poll
     set poll [expr {$threads && [llength [thread::names]] > 1}]
     expr {!$was && !$poll}
+}
+
+# Tcl's exit writes what every channel buffers before the process ends (Tcl_Finalize); the milter
+# ends by other ways (a worker's os._exit, the end of `run`), so this does it: a script's log file
+# keeps its last lines. `ending`: the process or the interpreter goes, so every channel but the
+# standard three is made non-blocking first. A flush of a blocking socket waits until a stuck
+# peer reads; deleting an interpreter closes its channels, and closing a blocking pipeline waits
+# for its programs to end (`open "|tail -f log"`: for ever, and the milter with it). Non-blocking,
+# Tcl writes what can go now and detaches the programs. The standard channels stay blocking:
+# their descriptors are shared with the process that started the milter.
+proc ::tclmilter::py::flush_all {child ending} {
+    foreach c [interp eval $child [list chan names]] {
+        if {$ending && $c ni {stdin stdout stderr}} {
+            catch {interp eval $child [list chan configure $c -blocking 0]}
+        }
+        catch {interp eval $child [list flush $c]}
+    }
 }
 """
 
@@ -192,7 +221,7 @@ class TclHost:
     def __init__(self, hooks: Hooks | None = None, on_exit: Callable[[int], None] | None = None) -> None:
         """``hooks``: the program's own (listening, signal); the interpreter adds its context and tick hooks."""
         own = replace(hooks or Hooks(), context_created=self._context_created, context_closed=self._context_closed,
-                      tick=self.service_events)
+                      tick=self.service_events, flush=self.flush_channels)
         self.milter = Milter(name="TclMilter", hooks=own)
         self.on_exit = on_exit or self.exit_process
         libdir = str(tcl_library_dir())
@@ -245,7 +274,8 @@ class TclHost:
         call("interp", "create", child)
         for name in ("::tclmilter::py::milter", "::tclmilter::py::context", "::tclmilter::py::replacebody",
                      "::tclmilter::py::privstarted", "::tclmilter::py::exit", "::tclmilter::py::poll_next",
-                     "::tclmilter::py::serve", "::tclmilter::py::threads", "::tclmilter::py::bgerror"):
+                     "::tclmilter::py::serve", "::tclmilter::py::threads", "::tclmilter::py::bgerror",
+                     "::tclmilter::py::watched"):
             call("interp", "alias", child, name, "", name)
         call("interp", "alias", child, "exit", "", "exit")
         self.child_call("lappend", "auto_path", libdir)
@@ -253,6 +283,8 @@ class TclHost:
         for name in ("::thread::create", "::tpool::create", "::tpool::post"):  # see `quiet`
             if self.child_call("info", "commands", name):
                 self.child_call("trace", "add", "execution", name, "enter", "::tclmilter::py::poll_next")
+        for name in ("::fileevent", "::tcl::chan::event"):  # (`chan event` is not `fileevent`)
+            self.child_call("trace", "add", "execution", name, "enter", "::tclmilter::py::watched")
 
     def thread_count(self) -> int:
         """Threads of the Thread package in this process, this one included (1 without Thread)."""
@@ -346,6 +378,7 @@ class TclHost:
     def exit_process(self, code: int) -> None:
         """Tcl's exit: stop serving at once (socket file removed), flush, end the process."""
         self.milter.abort()
+        self.flush_channels(ending=True)
         logging.shutdown()
         sys.stdout.flush()
         sys.stderr.flush()
@@ -581,12 +614,21 @@ class TclHost:
         -unwind`): the ``message`` is the error its evaluation ends with."""
         self.tk.call("interp", "cancel", "-unwind", "--", self.CHILD, message)
 
+    def flush_channels(self, ending: bool) -> None:
+        """Write what the script's channels buffer, as Tcl's exit does; ``ending``: the process or
+        the interpreter goes, so wait for no reader and no program (``flush_all`` in _PRELUDE)."""
+        if ending:
+            self.limit.clear()  # (a stopped callback's limit would refuse every command)
+        with contextlib.suppress(tkinter.TclError):  # (an interpreter deleted already)
+            self.tk.call("::tclmilter::py::flush_all", self.CHILD, 1 if ending else 0)
+
     def close(self) -> None:
         """Delete the script's interpreter (a script waiting in `milter main` with it: the code
         after it never runs) and the Python commands, whose references to this host would keep
         the interpreter alive; the interpreter itself goes with the last reference to the host.
         The thread_home's interpreter stays, script and all, with the process (_THREAD_HOME)."""
         if not self.thread_home:
+            self.flush_channels(ending=True)  # its channels are closed with it: without waiting
             self.tk.call("interp", "delete", self.CHILD)
         for name in self._commands:
             self.tk.deletecommand(name)
