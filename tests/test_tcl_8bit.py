@@ -275,3 +275,32 @@ def test_a_failed_callback_is_logged_as_the_script_registered_it_with_the_bytes_
     assert "body callback bd mytag failed (bad block caf\\xe9 au lait)" in out, out
     assert ('    (procedure "bd" line 1)\n    invoked from within\n'
             '  "bd mytag ::tclmilter::ctx2 {caf\\xe9 au lait}"\n') in out, out
+
+
+def test_a_callback_ending_in_break_is_logged_as_the_script_registered_it(tclrun):
+    """A callback that ends in `break` or `continue` has no frame of its own: Tcl's error names the
+    command that was called, which was the alias (and for an 8-bit block, its bytes)."""
+    m = tclrun(r"""
+        package require TclMilter
+        proc from {ctx sender} { if {$sender eq "<break@example.org>"} { return -code break SMFIS_REJECT } }
+        proc bd {tag ctx block} { return -code continue }
+        milter register envfrom from
+        milter register body [list bd mytag]
+        milter main
+    """)
+    with m.mta() as mta:
+        mta.negotiate()
+        assert mta.mail("<break@example.org>") == ("t", {})
+    with m.mta() as mta:
+        mta.negotiate()
+        assert mta.mail("<a@example.org>") == ("c", {})
+        assert mta.body(b"caf\xe9 au lait") == [("t", b"")]
+    assert m.stop() == 0
+    out = m.text
+    assert "::tclmilter::cb" not in out and "\\xed\\xb3" not in out, out
+    assert ('envfrom callback from failed (invoked "break" outside of a loop), answering SMFIS_TEMPFAIL:\n'
+            '  invoked "break" outside of a loop\n    while executing\n'
+            '  "from ::tclmilter::ctx1 <break@example.org>"\n') in out, out
+    assert ('body callback bd mytag failed (invoked "continue" outside of a loop), answering SMFIS_TEMPFAIL:\n'
+            '  invoked "continue" outside of a loop\n    while executing\n'
+            '  "bd mytag ::tclmilter::ctx2 {caf\\xe9 au lait}"\n') in out, out

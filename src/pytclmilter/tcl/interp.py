@@ -109,6 +109,8 @@ proc ::tclmilter::py::flush_all {child ending} {
 # where an alias resolves its command.
 #: How errorInfo introduces each outer frame.
 _CALLED_FROM: Final = "\n    invoked from within\n"
+#: How errorInfo introduces its first frame.
+_EXECUTING: Final = "\n    while executing\n"
 _BODY_LAMBDA: Final = "{prefix context bytes} {tailcall {*}$prefix $context [encoding convertfrom identity $bytes]} ::"
 
 
@@ -199,15 +201,30 @@ def _as_registered(info: str, alias: str, script: str) -> str:
     """A callback's errorInfo with its last frame as the script registered the callback: the
     alias it is called through is in no script, and an 8-bit block's second alias is given the
     bytes Tcl keeps the block's text in, shown as other characters (the frame above it, the
-    callback's own, shows the block's text)."""
+    callback's own, shows the block's text). A callback that ends in `break`, `continue` or
+    another code has no frame of its own: its error is Tcl's, `while executing` the alias."""
     frame = info.rfind(f'{_CALLED_FROM}"{alias}_8bit ')
     if frame >= 0:
         return info[:frame]
-    frame = info.rfind(f'{_CALLED_FROM}"{alias} ')
+    for intro in (_CALLED_FROM, _EXECUTING):
+        frame = info.rfind(f'{intro}"{alias} ')
+        if frame >= 0:
+            name = frame + len(intro) + 1
+            return f"{info[:name]}{script}{info[name + len(alias):]}"
+    frame = info.rfind(f'{_EXECUTING}"{alias}_8bit ')
     if frame < 0:
         return info
-    name = frame + len(_CALLED_FROM) + 1
-    return f"{info[:name]}{script}{info[name + len(alias):]}"
+    name = frame + len(_EXECUTING) + 1
+    return f"{info[:name]}{script}{_text_of_bytes(info[name + len(alias) + len('_8bit'):])}"
+
+
+def _text_of_bytes(shown: str) -> str:
+    """What errorInfo shows of words given as the bytes Tcl keeps text in (a character per byte,
+    cut after 150), as the text they are."""
+    try:
+        return text(tcl_to_wire(shown.encode("latin-1")))
+    except UnicodeEncodeError:  # (not such a frame after all)
+        return shown
 
 
 class TclHost:
