@@ -3,7 +3,8 @@
 # In the main interpreter the Python host has created ::tclmilter::py::milter,
 # ::tclmilter::py::context, ::tclmilter::py::replacebody and
 # ::tclmilter::py::privstarted before this file is sourced. They answer a list
-# {code value}; the procs below turn that into a normal Tcl result or error,
+# {ok value} or {error message errorCode}; the procs below turn that into a normal
+# Tcl result or error (with the errorCode Tcl's C API sets, e.g. TCL WRONGARGS),
 # because tkinter drops the message of an error raised inside a Python command.
 
 namespace eval ::tclmilter {
@@ -24,7 +25,10 @@ if {[llength [info commands ::tclmilter::py::milter]]} {
                 set r [::tclmilter::py::serve]
             }
         }
-        return -code [lindex $r 0] [lindex $r 1]
+        if {[lindex $r 0] eq "error"} {
+            return -code error -errorcode [lindex $r 2] [lindex $r 1]
+        }
+        return [lindex $r 1]
     }
 
     # Private data that the script sets stays here, as Tcl values: priv($id) is a dict per
@@ -55,10 +59,13 @@ if {[llength [info commands ::tclmilter::py::milter]]} {
                 }
                 if {$n == 1 && [lindex $args 0] eq "getpriv"} {
                     set r [::tclmilter::py::context $id getpriv]
-                    if {[lindex $r 0] eq "ok" && [info exists priv($id)]} {
+                    if {[lindex $r 0] eq "error"} {
+                        return -code error -errorcode [lindex $r 2] [lindex $r 1]
+                    }
+                    if {[info exists priv($id)]} {
                         return [dict merge [lindex $r 1] $priv($id)]
                     }
-                    return -code [lindex $r 0] [lindex $r 1]
+                    return [lindex $r 1]
                 }
             }
             unsetpriv {
@@ -73,12 +80,18 @@ if {[llength [info commands ::tclmilter::py::milter]]} {
                     variable outgoing [encoding convertto identity [lindex $args 1]]
                     set r [::tclmilter::py::replacebody $id]
                     unset outgoing
-                    return -code [lindex $r 0] [lindex $r 1]
+                    if {[lindex $r 0] eq "error"} {
+                        return -code error -errorcode [lindex $r 2] [lindex $r 1]
+                    }
+                    return [lindex $r 1]
                 }
             }
         }
         set r [::tclmilter::py::context $id {*}$args]
-        return -code [lindex $r 0] [lindex $r 1]
+        if {[lindex $r 0] eq "error"} {
+            return -code error -errorcode [lindex $r 2] [lindex $r 1]
+        }
+        return [lindex $r 1]
     }
 
     # Remove this connection's private data matching the glob pattern (all without one) here;
@@ -199,13 +212,13 @@ if {[llength [info commands ::tclmilter::py::milter]]} {
     # A secondary thread or a foreign interpreter: only `milter stop` works here.
     proc ::milter {args} {
         if {[llength $args] == 0} {
-            return -code error "wrong # args: should be \"milter option ?arg ...?\""
+            return -code error -errorcode {TCL WRONGARGS} "wrong # args: should be \"milter option ?arg ...?\""
         }
         if {[lindex $args 0] ne "stop"} {
             return -code error "milter [lindex $args 0]: only \"milter stop\" works outside the main interpreter"
         }
         if {[llength $args] != 1} {
-            return -code error "wrong # args: should be \"milter stop\""
+            return -code error -errorcode {TCL WRONGARGS} "wrong # args: should be \"milter stop\""
         }
         if {[catch {package require Thread}] || ![tsv::exists ::tclmilter main]} {
             return -code error "milter stop: no running pytclmilter interpreter to stop"

@@ -822,3 +822,54 @@ def test_integer_options_read_numbers_as_tcl_does(tcl_host):
         except tkinter.TclError as exc:
             got = str(exc)
         assert got == expected, repr(form)
+
+
+DOUBLE_FORMS = INTEGER_FORMS + ["1.5", ".5", "5.", "1e-3", " 2.5e1 ", "inf", "Infinity", "1e", "1.2.3", "0x1.8",
+                                "08.5", "08e1", "nan", " NaN ", "-1.5"]
+
+
+def test_seconds_options_read_numbers_as_tcl_does(tcl_host):
+    """`-grace` and `-calltimeout` read a number as Tcl does (Tcl_GetDoubleFromObj), with its
+    errorCode; before, Python's float() took "1_0" and refused Tcl's integers ("0x10")."""
+    import tkinter
+
+    tk = tkinter.Tcl().tk
+    host = tcl_host
+    host.child_call("package", "require", "TclMilter")
+    for form in DOUBLE_FORMS:
+        try:
+            expected: object = ("ok", float(tk.call("format", "%.17g", form)))
+        except tkinter.TclError as exc:
+            expected = ("error", str(exc), tk.call("set", "errorCode"))
+        try:
+            host.child_call("milter", "configure", "-grace", form)
+            got: object = ("ok", float(host.child_call("milter", "configure", "-grace")))
+        except tkinter.TclError as exc:
+            got = ("error", str(exc), host.child_call("set", "errorCode"))
+        if form == "-1.5":  # a number, but no time
+            expected = ("error", 'expected non-negative number but got "-1.5"', ("TCL", "VALUE", "NUMBER"))
+        assert got == expected, repr(form)
+
+
+def test_usage_errors_carry_the_error_code_tcls_own_commands_set(tcl_host):
+    """`try ... trap {TCL WRONGARGS}` and `trap {TCL LOOKUP INDEX}` matched Tcl's own commands'
+    errors but not TclMilter's: every error of `milter` and the context command had errorCode NONE."""
+    import tkinter
+
+    host = tcl_host
+    host.child_call("package", "require", "TclMilter")
+
+    def code_of(*words: str) -> str:
+        with pytest.raises(tkinter.TclError):
+            host.child_call(*words)
+        return " ".join(map(str, host.tk.splitlist(host.child_call("set", "errorCode"))))
+
+    assert code_of("string", "repeat") == "TCL WRONGARGS"  # (Tcl's own, for comparison)
+    assert code_of("milter") == "TCL WRONGARGS"
+    assert code_of("milter", "register") == "TCL WRONGARGS"
+    assert code_of("milter", "foo") == "TCL LOOKUP INDEX option foo"
+    assert code_of("milter", "configure", "-nosuch") == "TCL LOOKUP INDEX option -nosuch"
+    assert code_of("milter", "register", "nosuchevent", "x") == "TCL LOOKUP INDEX event nosuchevent"
+    assert code_of("milter", "configure", "-timeout", "x") == "TCL VALUE NUMBER"
+    assert code_of("milter", "configure", "-dryrun", "maybe") == "TCL VALUE BOOLEAN"
+    assert code_of("milter", "configure", "-onerror", "SMFIS_NOSUCH") == "NONE"  # a message of TclMilter's own

@@ -19,6 +19,7 @@ from ..hooks import Hooks
 from ..logline import escape, escape_lines
 from ..milter import Milter
 from ..tcl.interp import TclHost
+from ..tcl.usage import Answer
 from .common import HooksFailed, UsageError, add_script_options, make_host
 from .logs import setup_logging
 from .pidfile import PidFile
@@ -152,7 +153,7 @@ def _check_unprivileged(uid: int, gid: int) -> None:
                          f"(the process runs as gid {os.getegid()})")
 
 
-def _serve_once(host: TclHost) -> tuple[str, str]:
+def _serve_once(host: TclHost) -> Answer:
     """`milter main`'s serving; the supervisor of --workers takes SIGCHLD, one process serving
     alone runs the callbacks in this thread (sigmask.py)."""
     if host.milter.settings.workers > 1:

@@ -34,7 +34,7 @@ from .milter_cmd import MilterCommand, SuspendAtMain
 from .priv import TclPrivate
 from .pycommands import PythonCommands
 from .strings import ascii_text, deep_to_tcl, from_tcl, tcl_to_wire, to_tcl, wire_to_tcl
-from .usage import TclUsageError, integer
+from .usage import NONE, Answer, TclUsageError, integer
 
 log: Final = logging.getLogger("pytclmilter")
 
@@ -318,16 +318,18 @@ class TclHost:
     def _register(self, name: str, func: Callable[[Sequence[str]], Any]) -> None:
         """A Tcl command answering {ok value} or {error message}: see tclmilter.tcl for why."""
 
-        def command(*args: str) -> tuple[str, Any]:
+        def command(*args: str) -> Answer:
             try:
                 result = func([from_tcl(a) for a in args])
             except SuspendAtMain:
                 return ("suspend", "")
-            except (TclUsageError, MilterError) as exc:
-                return ("error", str(exc))
+            except TclUsageError as exc:
+                return ("error", str(exc), exc.code)
+            except MilterError as exc:
+                return ("error", str(exc), NONE)
             except Exception as exc:  # noqa: BLE001 - report, never crash the interpreter
                 log.exception("internal error in %s", name)
-                return ("error", f"internal error: {exc}")
+                return ("error", f"internal error: {exc}", NONE)
             return ("ok", "" if result is None else deep_to_tcl(result))
 
         self._create(name, command)
@@ -608,18 +610,18 @@ class TclHost:
         """The script waits in `milter main` (start)."""
         return bool(self.child_call("info", "commands", self.SCRIPT))
 
-    def resume(self, result: tuple[str, str]) -> bool:
+    def resume(self, result: Answer) -> bool:
         """The milter stopped: `milter main` returns ``result`` (MilterCommand.serve) and the script
         goes on; True if it waits in `milter main` again. TclError as source()."""
         self.limit.clear()  # the code after `milter main` runs without the callbacks' limit
         self.child_call(self.SCRIPT, result)
         return self.waiting
 
-    def _serve_inside(self, *args: str) -> tuple[str, str]:
+    def _serve_inside(self, *args: str) -> Answer:
         """`milter main` where Tcl cannot suspend the script: serve in this call, as TclMilter does."""
         if self.loading:
             return ("error", "milter main: called where Tcl cannot suspend the script (from a command "
-                             "implemented in C): a reload cannot load it; restart instead")
+                             "implemented in C): a reload cannot load it; restart instead", NONE)
         self.served_inside = self.command.main_hook is None
         try:
             return self.command.serve_inside()

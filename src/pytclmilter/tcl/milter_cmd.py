@@ -12,7 +12,7 @@ from ..connspec import ConnSpecError, parse, parse_metrics
 from ..logline import escape
 from ..milter import Milter
 from ..status import parse_status, status_names
-from .usage import TclUsageError, boolean, check_count, integer, number, one_of, wrong_args
+from .usage import NONE, VALUE_NUMBER, Answer, TclUsageError, boolean, check_count, integer, number, one_of, wrong_args
 
 if TYPE_CHECKING:
     from .interp import TclHost
@@ -40,7 +40,7 @@ def _at_least(low: int, convert: Callable[[str], _N], expected: str) -> Callable
     def parse_value(value: str) -> _N:
         n = convert(value)
         if not n >= low:  # NaN compares false both ways: `-grace nan` would be no grace at all
-            raise TclUsageError(f'expected {expected} but got "{value}"')
+            raise TclUsageError(f'expected {expected} but got "{value}"', VALUE_NUMBER)
         return n
     return parse_value
 
@@ -53,7 +53,8 @@ def _c_int(parse: Callable[[str], int]) -> Callable[[str], int]:
     def parse_value(value: str) -> int:
         n = parse(value)
         if n > 2**31 - 1:
-            raise TclUsageError("integer value too large to represent")
+            raise TclUsageError("integer value too large to represent",
+                                ("ARITH", "IOVERFLOW", "integer value too large to represent"))
         return n
     return parse_value
 
@@ -197,16 +198,16 @@ class MilterCommand:
             return self._after_main()
         return ""
 
-    def serve(self) -> tuple[str, str]:
+    def serve(self) -> Answer:
         """Serve until the milter stops, for a script waiting in `milter main`: what that returns,
-        ``("ok", "")`` or ``("error", message)``."""
+        ``("ok", "")`` or ``("error", message, errorCode)``."""
         try:
             self._serve()
         except TclUsageError as exc:
-            return ("error", str(exc))
+            return ("error", str(exc), exc.code)
         return ("ok", "")
 
-    def serve_inside(self) -> tuple[str, str]:
+    def serve_inside(self) -> Answer:
         """`milter main` where Tcl could not suspend the script: serve here (check: not at all),
         then return what `milter main` returns, ending the script under check and try."""
         if self.main_hook is not None:
@@ -217,7 +218,7 @@ class MilterCommand:
         if result[0] == "ok" and self.end_script_at_main:
             self.ended_at_main = True
             self.host.cancel_script(_ENDS_HERE)  # past any `catch` around `milter main`
-            return ("error", _ENDS_HERE)
+            return ("error", _ENDS_HERE, NONE)
         return result
 
     def _serve(self) -> None:

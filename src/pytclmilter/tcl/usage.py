@@ -10,8 +10,25 @@ import re
 from typing import Any, Final, Iterable, Sequence
 
 
+#: The errorCode Tcl 8.6's C API sets with each kind of error (a `try ... trap {TCL WRONGARGS}`
+#: matches on it); NONE where Tcl sets none, as for a message of TclMilter's own.
+NONE: Final = ("NONE",)
+WRONGARGS: Final = ("TCL", "WRONGARGS")
+VALUE_NUMBER: Final = ("TCL", "VALUE", "NUMBER")
+
+
+#: What the Python half of a command answers its Tcl proc (tclmilter.tcl): ("ok", value) or
+#: ("error", message, errorCode).
+Answer = tuple[Any, ...]
+
+
 class TclUsageError(Exception):
-    """Raised by Python-backed Tcl commands; its text becomes the Tcl error message."""
+    """Raised by Python-backed Tcl commands; its text becomes the Tcl error message, ``code`` its
+    errorCode."""
+
+    def __init__(self, message: str, code: tuple[str, ...] = NONE) -> None:
+        super().__init__(message)
+        self.code = code
 
 
 def one_of(kind: str, value: str, choices: Iterable[str]) -> str:
@@ -27,11 +44,11 @@ def bad_choice(kind: str, value: str, choices: Iterable[str]) -> TclUsageError:
         listed = options[0]
     else:
         listed = ", ".join(options[:-1]) + (", or " if len(options) > 2 else " or ") + options[-1]
-    return TclUsageError(f'bad {kind} "{value}": must be {listed}')
+    return TclUsageError(f'bad {kind} "{value}": must be {listed}', ("TCL", "LOOKUP", "INDEX", kind, value))
 
 
 def wrong_args(usage: str) -> TclUsageError:
-    return TclUsageError(f'wrong # args: should be "{usage}"')
+    return TclUsageError(f'wrong # args: should be "{usage}"', WRONGARGS)
 
 
 def count_ok(count: int, low: int, high: int | None) -> bool:
@@ -58,7 +75,7 @@ def integer(value: Any) -> int:
         return int(text)
     m = _TCL_INTEGER.fullmatch(text)
     if m is None:
-        raise TclUsageError(f'expected integer but got "{text}"')
+        raise TclUsageError(f'expected integer but got "{text}"', VALUE_NUMBER)
     for digits, base in zip(m.groups()[1:], _BASES):
         if digits is not None:
             n = int(digits, base)
@@ -83,11 +100,31 @@ def boolean(value: str) -> bool:
     for full, shortest, meaning in _BOOLEAN_WORDS:
         if len(word) >= shortest and full.startswith(word):
             return meaning
-    raise TclUsageError(f'expected boolean value but got "{value[:50]}"')  # Tcl quotes 50 at most
+    raise TclUsageError(f'expected boolean value but got "{value[:50]}"',  # Tcl quotes 50 at most
+                        ("TCL", "VALUE", "BOOLEAN"))
+
+
+#: A decimal number as Tcl 8.6 reads one (Tcl_GetDoubleFromObj): white space around it, a sign,
+#: digits with a fraction or an exponent or both, or Inf/Infinity in any case. (Python's float()
+#: takes "1_0" too, and not Tcl's integers, "0x10".)
+_TCL_DECIMAL: Final = re.compile(
+    r"[ \t\n\v\f\r]*[+-]?(?:(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][+-]?[0-9]+)?|inf(?:inity)?)[ \t\n\v\f\r]*",
+    re.IGNORECASE)
+#: Not a Number, which Tcl reads only to refuse it, in words of its own.
+_TCL_NAN: Final = re.compile(r"[ \t\n\v\f\r]*[+-]?nan(?:\([0-9a-f]*\))?[ \t\n\v\f\r]*", re.IGNORECASE)
+#: Digits after a leading 0, not all octal: Tcl reads them as an octal integer, and refuses them.
+_NOT_OCTAL: Final = re.compile(r"[ \t\n\v\f\r]*[+-]?0[0-9]+[ \t\n\v\f\r]*")
 
 
 def number(value: Any) -> float:
-    try:
-        return float(value)
-    except (TypeError, ValueError):
-        raise TclUsageError(f'expected floating-point number but got "{value}"') from None
+    """Tcl_GetDoubleFromObj's reading of ``value``: an integer in Tcl's forms (integer()), or a
+    decimal number; in Tcl's words when it is none."""
+    text = str(value)
+    if _TCL_INTEGER.fullmatch(text):
+        return float(integer(text))
+    if _TCL_DECIMAL.fullmatch(text) and not _NOT_OCTAL.fullmatch(text):
+        return float(text)
+    if _TCL_NAN.fullmatch(text):
+        raise TclUsageError("floating point value is Not a Number", ("TCL", "VALUE", "DOUBLE", "NAN"))
+    octal = " (looks like invalid octal number)" if _NOT_OCTAL.fullmatch(text) else ""
+    raise TclUsageError(f'expected floating-point number but got "{text}"{octal}', VALUE_NUMBER)
