@@ -292,6 +292,17 @@ milter main
 """
 
 
+def test_check_a_script_runs_tcl_helpers_with_info_nameofexecutable_as_under_tclsh(tmp_path: Path) -> None:
+    """Tcl is started by Python here, and named Python: `exec [info nameofexecutable] helper.tcl`
+    handed a Tcl script to Python. It names the tclsh of this Tcl, where TclMilter's scripts ran."""
+    script = tmp_path / "helpers.tcl"
+    script.write_text("package require TclMilter\n"
+                      'puts "helper says [exec [info nameofexecutable] << {puts [expr {6 * 7}]}]"\n'
+                      "milter main\n")
+    status, out = cli("check", str(script))
+    assert status == 0 and "helper says 42" in out, out
+
+
 OVER_ITS_FILE_SIZE_LIMIT = r"""
 package require TclMilter
 proc eom {ctx} {

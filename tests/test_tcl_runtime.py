@@ -192,6 +192,24 @@ def test_a_fileevent_on_stdin_fires_while_milter_main_runs(tclrun):
     assert m.stop() == 0
 
 
+@pytest.mark.parametrize("where", ["before main", "after main"])
+def test_a_yield_at_the_top_level_of_the_script_is_refused_as_under_tclsh(tclrun, where):
+    """The script runs in a coroutine of the host's (so that `milter main` can suspend it): a
+    `yield` of its own at the top level suspended it as `milter main` does, and the milter served
+    a script that never called `milter main`, or served again after it returned."""
+    m = tclrun(r"""
+        package require TclMilter
+        if {"%s" eq "after main"} { after 100 {milter stop}; milter main; puts "main returned" }
+        yield something
+        puts "after yield"
+        milter main
+    """ % where, wait=False)
+    assert m.wait_exit() == 1
+    assert "yield can only be called in a coroutine" in m.text, m.text
+    assert "after yield" not in m.text
+    assert m.text.count("listening on") == (1 if where == "after main" else 0), m.text
+
+
 LOGS_TO_ITS_FILE = r"""
     package require TclMilter
     set log [open [lindex $argv 0] a]

@@ -9,8 +9,10 @@ through :meth:`Milter.stop`, which is thread-safe.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
+import shutil
 import sys
 import time
 import tkinter
@@ -109,6 +111,8 @@ proc ::tclmilter::py::flush_all {child ending} {
 # where an alias resolves its command.
 #: How errorInfo introduces each outer frame.
 _CALLED_FROM: Final = "\n    invoked from within\n"
+#: Tcl's error for a `yield` outside a coroutine.
+_NO_COROUTINE: Final = "yield can only be called in a coroutine"
 #: How errorInfo introduces its first frame.
 _EXECUTING: Final = "\n    while executing\n"
 _BODY_LAMBDA: Final = "{prefix context bytes} {tailcall {*}$prefix $context [encoding convertfrom identity $bytes]} ::"
@@ -227,6 +231,18 @@ def _text_of_bytes(shown: str) -> str:
         return shown
 
 
+@functools.cache
+def _tclsh(version: str) -> str | None:
+    """The tclsh of this Tcl's version on PATH: what `info nameofexecutable` names under tclsh,
+    where TclMilter's scripts ran. Here Tcl was started by Python and names Python, which a
+    script that runs Tcl helpers with it would hand a Tcl script."""
+    for name in (f"tclsh{version}", "tclsh"):
+        path = shutil.which(name)
+        if path is not None:
+            return path
+    return None
+
+
 class TclHost:
     """One interpreter hosting TclMilter for one :class:`Milter`."""
 
@@ -289,6 +305,9 @@ class TclHost:
         """
         child, call = self.CHILD, self.tk.call
         call("interp", "create", child)
+        tclsh = _tclsh(str(call("info", "tclversion")))
+        if tclsh is not None:  # a script's `exec [info nameofexecutable] helper.tcl` runs Tcl, as under tclsh
+            self.child_call("proc", "::tcl::info::nameofexecutable", "", ("return", tclsh))
         for name in ("::tclmilter::py::milter", "::tclmilter::py::context", "::tclmilter::py::replacebody",
                      "::tclmilter::py::privstarted", "::tclmilter::py::exit", "::tclmilter::py::poll_next",
                      "::tclmilter::py::serve", "::tclmilter::py::threads", "::tclmilter::py::bgerror",
@@ -600,10 +619,10 @@ class TclHost:
         if within:
             now = time.monotonic()
             self.limit.begin_within(now + within, now)
-        self.child_call("coroutine", self.SCRIPT, "source", path)
+        yielded = self.child_call("coroutine", self.SCRIPT, "source", path)
         if within:
             self.limit.clear()
-        return self.waiting
+        return self._at_main(yielded)
 
     @property
     def waiting(self) -> bool:
@@ -614,8 +633,19 @@ class TclHost:
         """The milter stopped: `milter main` returns ``result`` (MilterCommand.serve) and the script
         goes on; True if it waits in `milter main` again. TclError as source()."""
         self.limit.clear()  # the code after `milter main` runs without the callbacks' limit
-        self.child_call(self.SCRIPT, result)
-        return self.waiting
+        return self._at_main(self.child_call(self.SCRIPT, result))
+
+    def _at_main(self, yielded: Any) -> bool:
+        """Whether the script waits in `milter main`, which yields "main" (tclmilter.tcl). A `yield`
+        of the script's own at its top level, where tclsh has no coroutine, is refused as tclsh
+        refuses it (TclError); it suspended the script, and the milter served."""
+        if not self.waiting:
+            return False
+        if str(yielded) == "main":
+            return True
+        self.child_call("rename", self.SCRIPT, "")  # (unwinds the script)
+        self.tk.call("set", "::errorInfo", _NO_COROUTINE)  # (what error_info reads)
+        raise tkinter.TclError(_NO_COROUTINE)
 
     def _serve_inside(self, *args: str) -> Answer:
         """`milter main` where Tcl cannot suspend the script: serve in this call, as TclMilter does."""
