@@ -170,10 +170,53 @@ def test_run_socket_mode_sets_the_mode_of_the_unix_socket(serve: Callable[..., T
     assert not sock.exists()  # removed at stop
 
 
-def test_run_socket_mode_must_be_octal() -> None:
-    status, out = cli("run", str(STAMP), "--socket-mode", "rw-rw----")
+@pytest.mark.parametrize("mode", ["rw-rw----", "-1", "77777", "1777", "0x1b6", ""])
+def test_run_socket_mode_must_be_an_octal_file_mode(mode: str) -> None:
+    """`-1` and `77777` were taken, and chmod made the socket 07777: writable by anyone."""
+    status, out = cli("run", str(STAMP), "--socket-mode", mode)
     assert status == 64
-    assert '--socket-mode: "rw-rw----" is not an octal mode' in out
+    assert f'--socket-mode: "{mode}" is not an octal mode (0 to 0777)' in out, out
+
+
+def test_run_says_socket_mode_is_ignored_for_an_inet_socket(serve: Callable[..., TclRun]) -> None:
+    m = serve(STAMP, "--connection", "inet:0@127.0.0.1", "--socket-mode", "0660")
+    m.wait_for(r"WARNING: --socket-mode 0660 applies to a unix socket's file: inet:\d+@127\.0\.0\.1 has none "
+               r"\(ignored\)", since=0)
+    assert m.stop() == 0
+
+
+def test_run_serves_when_stdout_is_a_pipe_nobody_reads(tmp_path: Path) -> None:
+    """The listening line went to a closed pipe, and its EPIPE ended `milter main` with an error."""
+    port = free_port()
+    r, w = os.pipe()
+    os.close(r)
+    proc = subprocess.Popen([*PYTCLMILTER, "run", str(STAMP), "--connection", f"inet:{port}@127.0.0.1"],
+                            stdout=w, stderr=subprocess.PIPE, env=child_env(None), cwd=str(tmp_path))
+    os.close(w)
+    try:
+        status, out = cli("send", "--connection", f"inet:{port}@127.0.0.1", str(DATA / "plain.eml"), timeout=20)
+        for _ in range(50):  # (until it listens)
+            if status == 0:
+                break
+            time.sleep(0.2)
+            status, out = cli("send", "--connection", f"inet:{port}@127.0.0.1", str(DATA / "plain.eml"))
+        assert status == 0 and "verdict: accept at eom" in out, out
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=20)
+    assert proc.returncode == 0, err
+    assert b"stdout cannot be written (Broken pipe): the listening line is not printed" in err, err
+
+
+def test_a_socket_mode_that_is_no_file_mode_is_refused_at_bind(tmp_path: Path) -> None:
+    """The Python API's socket_mode too: the socket is never made."""
+    from pytclmilter.connspec import ConnSpecError, parse
+    from pytclmilter.listener import bind
+
+    for mode in (-1, 0o7777):
+        with pytest.raises(ConnSpecError, match="is no file mode"):
+            bind(parse(f"unix:{tmp_path}/m.sock"), None, mode)
+        assert not (tmp_path / "m.sock").exists()
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="dropping privileges needs root")

@@ -63,6 +63,8 @@ def bind_unix(path: str, backlog: int, mode: int | None,
               owner: tuple[int, int] | None) -> tuple[socket.socket, SocketFile]:
     """A listening socket whose file is at ``path``, with this mode and owner (uid, gid; -1 keeps
     one) from the moment it appears there; ConnSpecError with the reason otherwise."""
+    if mode is not None and not 0 <= mode <= 0o777:  # chmod(-1) would make it 07777: anyone's
+        raise ConnSpecError(f"socket mode {mode:#o} of unix:{path} is no file mode (0 to 0777)")
     try:
         dirfd, name = open_dir(path)
     except OSError as exc:

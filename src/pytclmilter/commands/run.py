@@ -7,6 +7,7 @@ import grp
 import logging
 import os
 import pwd
+import re
 import resource
 import signal
 import sys
@@ -72,6 +73,7 @@ class Daemon:
         self.dropped = False
         self.notify = notify
         self.serving = ""  # what systemctl status shows (STATUS=)
+        self.socket_mode = opts.socket_mode
 
     def listening(self, spec: ConnSpec) -> None:
         if self.pidfile is not None and not self.pidfile.claimed:  # while still root: /run is root's
@@ -81,8 +83,15 @@ class Daemon:
                 self.ids.switch()
             self.dropped = True
             log.info("running as uid %d gid %d", os.getuid(), os.getgid())
+        if self.socket_mode is not None and spec.family != "unix":
+            log.warning("--socket-mode %s applies to a unix socket's file: %s has none (ignored)",
+                        self.socket_mode, escape(str(spec)))
         # (-name and -connection are the script's text: escaped as in the log)
-        print(f"pytclmilter: {escape(self.milter.name)} listening on {escape(str(spec))}", flush=True)
+        try:
+            print(f"pytclmilter: {escape(self.milter.name)} listening on {escape(str(spec))}", flush=True)
+        except OSError as exc:  # stdout's reader went away (a closed pipe): no reason not to serve
+            log.warning("stdout cannot be written (%s): the listening line is not printed", exc.strerror or exc)
+            sys.stdout = open(os.devnull, "w", encoding="utf-8")  # (its buffer would fail at exit)
         self.serving = f"{self.milter.name} listening on {spec}"
         self.notify.ready(self.serving)
 
@@ -211,10 +220,11 @@ def _serve(opts: argparse.Namespace) -> int:
                  "-dryrun": "1" if opts.dry_run else None}
     socket_mode = None
     if opts.socket_mode is not None:
-        try:
-            socket_mode = int(opts.socket_mode, 8)
-        except ValueError:
-            raise UsageError(f'--socket-mode: "{opts.socket_mode}" is not an octal mode') from None
+        # three octal digits, as chmod's: int() alone took "-1" and "77777", and chmod made the
+        # socket 07777, writable by anyone
+        if not re.fullmatch(r"0?[0-7]{1,3}", opts.socket_mode):
+            raise UsageError(f'--socket-mode: "{opts.socket_mode}" is not an octal mode (0 to 0777)')
+        socket_mode = int(opts.socket_mode, 8)
     ids = _ids(opts.user, opts.group)
     argv = list(opts.args) + list(getattr(opts, "rest", []))
     # The daemon is made below, once the script's options are known to be valid; its hooks run
