@@ -332,12 +332,15 @@ def test_clients_that_trickle_bytes_cannot_hold_the_scrape_slots(tclrun) -> None
     assert m.stop() == 0
 
 
-def test_a_session_of_a_reloaded_script_past_its_grace_counts_as_milter_reloaded(tclrun, tmp_path) -> None:  # type: ignore[no-untyped-def]
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_a_session_of_a_reloaded_script_past_its_grace_counts_as_milter_reloaded(tclrun, tmp_path, workers) -> None:  # type: ignore[no-untyped-def]
     """A session the replaced generation still holds when its -grace runs out is closed; the docs'
-    table of reasons names the label it is counted under, and the log line says the same."""
+    table of reasons names the label it is counted under, and the log line says the same. With
+    --workers the replaced workers were stopped as by SIGTERM: "received SIGTERM: stopping" and
+    "closed (milter stopped)" in the log of a reload, counted as a stop."""
     script = tmp_path / "filter.tcl"
     script.write_text(SCRIPT)
-    m = tclrun(script, "--grace", "1", "--metrics", "inet:0@127.0.0.1")
+    m = tclrun(script, "--grace", "1", "--metrics", "inet:0@127.0.0.1", "--workers", workers)
     url = m.wait_for(METRICS, since=0).group(1)
     with m.mta() as mta:
         mta.negotiate()
@@ -351,4 +354,7 @@ def test_a_session_of_a_reloaded_script_past_its_grace_counts_as_milter_reloaded
     table = (Path(__file__).resolve().parents[1] / "docs" / "deployment.md").read_text()
     closed_row = next(line for line in table.splitlines() if line.startswith("| `pytclmilter_connections_closed_total"))
     assert "`milter reloaded`" in closed_row
+    assert "milter stopped" not in m.text and "received SIGTERM" not in m.text, m.text
+    if workers == "2":
+        assert "replaced by a reload: no new connections; 1 open" in m.text, m.text
     assert m.stop() == 0

@@ -210,6 +210,40 @@ def test_a_session_open_at_the_reload_finishes_on_the_old_script(tclrun, tmp_pat
     assert run.stop() == 0
 
 
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_a_reload_asked_before_the_milter_serves_is_ignored_as_documented(tclrun, tmp_path: Path, workers: str) -> None:
+    """SIGUSR1 is blocked until the milter serves: one sent while the script loaded waited, and
+    reloaded the script just loaded as soon as the milter served."""
+    script = tmp_path / "stamp.tcl"
+    script.write_text(stamping("A").replace("milter main", 'puts "loading"; after 1500\nmilter main'))
+    run = tclrun(script, "--workers", workers, wait=False)
+    run.wait_for("loading")
+    run.child.kill(signal.SIGUSR1)
+    run.wait_listening()
+    run.wait_for(r"WARNING: received SIGUSR1 before the milter served: nothing to reload yet; ignored", since=0)
+    with run.mta() as mta:
+        mta.negotiate()
+        assert [p for p in mta.message()["eom"] if p[0] == "h"] == [("h", b"X-Stamp\0A\0")]
+    assert "reload: loading" not in run.text
+    assert run.stop() == 0
+
+
+def test_a_reload_asked_while_the_milter_stops_is_not_done(tclrun, tmp_path: Path) -> None:
+    """It loaded a new interpreter, running the script's top-level code, for a milter that stops."""
+    script = tmp_path / "stamp.tcl"
+    script.write_text(stamping("A"))
+    run = tclrun(script, "--grace", "3")
+    with run.mta() as mta:
+        mta.negotiate()
+        mta.connect()
+        run.child.kill(signal.SIGTERM)
+        run.wait_for(r"stopping: no new connections; 1 open")
+        run.child.kill(signal.SIGUSR1)
+        run.wait_for(r"WARNING: received SIGUSR1 while stopping: no reload")
+    assert run.wait_exit() == 0
+    assert "reload: loading" not in run.text
+
+
 BROKEN = r"""
 package require TclMilter 1.0
 proc eom {ctx} { return SMFIS_CONTINUE }

@@ -102,6 +102,46 @@ def test_workers_share_the_socket_replace_the_dead_and_stop_together(tmp_path: P
             child.kill(signal.SIGKILL)
 
 
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP])
+def test_a_stop_signal_sent_to_one_worker_replaces_it_and_the_milter_serves_on(tmp_path: Path, sig: int) -> None:
+    """`kill` of a worker's pid (or a `pkill -f` that matches the workers too) stopped the whole
+    milter with exit status 0, which systemd's Restart=on-failure does not restart: all mail was
+    tempfailed. A SIGUSR1 sent to a worker vanished without a word."""
+    script = tmp_path / "w.tcl"
+    script.write_text(SCRIPT)
+    sock = str(tmp_path / "w.sock")
+    child = pexpect.spawn(sys.executable, ["-m", "pytclmilter.cli", "run", str(script), "--workers", "2",
+                                           "--connection", f"unix:{sock}"], encoding="utf-8", timeout=20)
+    try:
+        child.expect("2 workers serving")
+        workers, seen = workers_of(child.pid), set()
+        deadline = time.monotonic() + 15
+        while len(seen) < 2 and time.monotonic() < deadline:  # (both serve: their handlers are in place)
+            seen.add(reply_pid(sock))
+        victim = sorted(workers)[0]
+        os.kill(victim, sig)
+        child.expect(rf"WARNING: worker \d \(pid {victim}\) was stopped by {signal.Signals(sig).name} sent to it; "
+                     rf"starting a new one \(to stop the milter, signal the supervisor, pid {child.pid}\)")
+        deadline = time.monotonic() + 10
+        while len(workers_of(child.pid) - {victim}) < 2:
+            assert time.monotonic() < deadline, "no replacement worker"
+            time.sleep(0.05)
+        assert {reply_pid(sock) for _ in range(10)} - {victim}
+        other = sorted(workers - {victim})[0]
+        os.kill(other, signal.SIGUSR1)
+        child.expect(rf"WARNING: received SIGUSR1 in a worker: reloading is the supervisor's \(pid {child.pid}\); "
+                     "ignored")
+        assert other in workers_of(child.pid)
+        child.kill(signal.SIGTERM)
+        child.expect("all workers stopped")
+        child.expect(pexpect.EOF)
+        child.wait()
+        assert child.exitstatus == 0
+    finally:
+        if child.isalive():
+            child.kill(signal.SIGKILL)
+
+
 def test_a_stop_right_after_the_listening_line_stops_every_worker(tmp_path: Path) -> None:
     """systemd may stop a unit the moment it started: SIGTERM at the listening line, while the
     workers are still being forked, stops them all, the parent included, and removes the socket

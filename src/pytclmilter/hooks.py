@@ -6,12 +6,15 @@ worker processes call them, none replaces them.
 
 from __future__ import annotations
 
+import logging
 import signal
 from dataclasses import dataclass
 from typing import Callable
 
 from .connspec import ConnSpec
 from .context import Context
+
+log = logging.getLogger("pytclmilter")
 
 
 def _ignore(*args: object) -> None:
@@ -41,3 +44,12 @@ class Hooks:
     flush: Callable[[bool], None] = _ignore
     #: Called every ``tick_interval`` seconds while serving, if given.
     tick: Callable[[], None] | None = None
+
+
+def forget_early_reload() -> None:
+    """Take a SIGUSR1 that came while the milter was not serving yet (blocked until then, so it
+    waits): there was nothing to reload, and the script just loaded is the one on disk. Run
+    before SIGUSR1 is unblocked or waited for; it would otherwise reload at once."""
+    if signal.SIGUSR1 in signal.sigpending():
+        signal.sigtimedwait((signal.SIGUSR1,), 0)
+        log.warning("received SIGUSR1 before the milter served: nothing to reload yet; ignored")

@@ -7,6 +7,7 @@ import contextlib
 import gc
 import logging
 import os
+import signal
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any, Callable, Generic, Iterator, TypeVar, overload
 
@@ -326,9 +327,10 @@ class Milter:
             runner.run(self._serve(inherited, started))
 
     def _serve_worker(self, listener: Listener, stop_all: Callable[[], None],
-                      watch: Callable[[Callable[[], None]], None]) -> None:
+                      watch: Callable[[Callable[[], None]], None]) -> signal.Signals | None:
         """One --workers process: serve the socket the parent bound; stop() asks it to stop all.
-        ``watch`` runs on the loop once it listens, given how to stop this worker alone."""
+        ``watch`` runs on the loop once it listens, given how to stop this worker alone. The stop
+        signal that ended it, if one did (workers.py replaces a worker so stopped)."""
         self._stop_others, self._supervisor = stop_all, None
         if self._worker_counts.meter is not None:
             self.shared.meter = self._worker_counts.meter
@@ -337,6 +339,7 @@ class Milter:
             self._run_here(listener, lambda: watch(self._stop_alone))
         finally:
             self.hooks.flush(True)  # the worker ends with os._exit (workers.py)
+        return self._server.stopped_by
 
     def _stop_alone(self) -> None:
         """Stop this process only (a worker whose supervisor died: its pid may be reused)."""

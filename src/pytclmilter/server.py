@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
 import socket
 import threading
@@ -15,6 +16,7 @@ from typing import Any, Callable, Final, cast
 
 from .accept import Acceptor, check_fd_limit
 from .connspec import ConnSpec, parse
+from .hooks import forget_early_reload
 from .listener import Listener, bind
 from .logline import Every
 from .engine import ConnectionEngine, Shared
@@ -22,6 +24,9 @@ from .engine import ConnectionEngine, Shared
 log: Final = logging.getLogger("pytclmilter")
 
 _SIGNALS: Final = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+#: From the --workers supervisor to the workers a reload replaced: finish the open sessions (their
+#: log lines and metrics then say "milter reloaded", not "milter stopped"), then end.
+REPLACED: Final = signal.SIGUSR2
 _RELOAD: Final = signal.SIGUSR1
 _QUICKACK: Final = getattr(socket, "TCP_QUICKACK", 0)  # Linux only
 _UNKNOWN: Final[Any] = object()  # a connection's socket, not fetched yet
@@ -160,6 +165,11 @@ class _Retiring:
         self.gone = gone
 
 
+#: What the end of serving is logged as, and why the sessions cut at its grace were closed.
+_STOPPED: Final = ("stopping", "milter stopped")
+_REPLACED: Final = ("replaced by a reload", "milter reloaded")
+
+
 class MilterServer:
     """Runs one milter's listener until stopped. ``serve`` may be called again after it returns."""
 
@@ -184,6 +194,10 @@ class MilterServer:
         #: SIGUSR1 calls hooks.reload (if given); a --workers worker leaves reloading to its supervisor.
         self.reloadable = True
         self._reload_disposition: Any = signal.SIG_DFL
+        #: The stop signal that stopped serving, if one did (a --workers worker's exit status says it).
+        self.stopped_by: signal.Signals | None = None
+        #: Why serving ends, as the log and the metrics say it: a stop, or (a worker) a reload.
+        self._ending = _STOPPED
 
     def next_id(self) -> int:
         self._ids += 1
@@ -232,6 +246,7 @@ class MilterServer:
             if self._stop_requested:
                 self._stop.set()
             self._stop_requested = False
+        self.stopped_by, self._ending = None, _STOPPED
         self.tcp = spec.family != "unix"  # before listening: the first connection may come at once
         listener, acceptor = self._listen(spec, inherited, loop)
         self._listener, self.acceptor, spec = listener, acceptor, listener.spec
@@ -245,7 +260,7 @@ class MilterServer:
             elif started is not None:
                 started()
             await self._stop.wait()
-            log.info("stopping: no new connections; %d open", len(self.connections))
+            log.info("%s: no new connections; %d open", self._ending[0], len(self.connections))
         finally:
             acceptor.close()  # new connections are refused from now on, open ones go on
             listener.remove_unix()
@@ -324,7 +339,7 @@ class MilterServer:
         while self.connections and loop.time() < deadline:
             await asyncio.sleep(0.05)
         for conn in list(self.connections):
-            conn.expire("milter stopped")
+            conn.expire(self._ending[1])
         if self.connections:
             await asyncio.sleep(0)
         self.connections.clear()
@@ -373,13 +388,18 @@ class MilterServer:
             return []
         installed: list[signal.Signals] = []
         # SIGUSR1 only for a milter that can reload (Hooks.reload): otherwise it keeps its meaning.
-        reload = self.reloadable and self.shared.hooks.reload is not None
-        for sig in _SIGNALS + ((_RELOAD,) if reload else ()):
+        # A --workers worker's milter can, in the supervisor: one sent to a worker is only logged.
+        can_reload = self.shared.hooks.reload is not None
+        for sig in _SIGNALS + ((_RELOAD,) if can_reload else ()):
             try:
                 if sig == _RELOAD:
                     self._reload_disposition = signal.getsignal(sig)
-                    loop.add_signal_handler(sig, self._on_reload)
+                    loop.add_signal_handler(sig, self._on_reload if self.reloadable else self._reload_elsewhere)
+                    if not self.reloadable:  # a worker: its supervisor tells it when a reload replaced it
+                        loop.add_signal_handler(REPLACED, self._on_replaced)
+                        installed.append(REPLACED)
                     # `run` blocks it in every thread but the one that serves (commands/run.py)
+                    forget_early_reload()
                     signal.pthread_sigmask(signal.SIG_UNBLOCK, (sig,))
                 else:
                     loop.add_signal_handler(sig, self._on_signal, sig)
@@ -395,11 +415,24 @@ class MilterServer:
 
     def _on_signal(self, sig: signal.Signals) -> None:
         log.info("received %s: stopping", sig.name)
+        self.stopped_by = sig
         self.shared.hooks.signal(sig)
         if self._stop is not None:
             self._stop.set()
 
+    def _on_replaced(self) -> None:
+        self._ending = _REPLACED
+        if self._stop is not None:
+            self._stop.set()
+
+    def _reload_elsewhere(self) -> None:
+        log.warning("received SIGUSR1 in a worker: reloading is the supervisor's (pid %d); ignored",
+                    os.getppid())
+
     def _on_reload(self) -> None:
+        if self._stop is not None and self._stop.is_set():
+            log.warning("received SIGUSR1 while stopping: no reload")
+            return
         reload = self.shared.hooks.reload
         if reload is None:  # (a reload replaced the milter by one without the hook)
             log.warning("received SIGUSR1: this milter has no reload (Hooks.reload); ignored")
@@ -414,3 +447,5 @@ class MilterServer:
             loop.remove_signal_handler(sig)
             if sig == _RELOAD:  # asyncio leaves the default, which would end the process
                 signal.signal(sig, self._reload_disposition)
+            elif sig == REPLACED:  # (the same: a late one must not kill the worker)
+                signal.signal(sig, signal.SIG_IGN)

@@ -41,14 +41,19 @@ from typing import Callable
 
 from .accept import check_fd_limit
 from .connspec import parse
-from .hooks import Hooks
+from .hooks import Hooks, forget_early_reload
 from .listener import Listener, bind
+from .server import REPLACED
 from .logline import Every, escape
 from .settings import Settings
 
 log = logging.getLogger("pytclmilter")
 
 _STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+#: A worker a stop signal stopped exits with STOPPED_BY + the signal, as a shell reports one; it
+#: is replaced (the supervisor stops its workers with SIGTERM too, and then replaces none). Exit
+#: status 0 is `milter stop`, which stops all.
+STOPPED_BY = 128
 _RESPAWN_WINDOW = 10.0  # seconds
 _RESPAWN_BURST = 5  # deaths within the window before respawning slows down
 _STORM_TELL_EVERY = 60.0  # seconds between the lines of deaths that come faster than that
@@ -58,7 +63,8 @@ _SLOT_SETS = 4  # metrics slots per worker: the set serving, and up to three rel
 #: Serves the inherited socket in a worker process until stopped. Given the socket, a callable
 #: that stops all workers (the worker's ``milter stop``), and one to call on the worker's loop
 #: once it listens, with a callable that stops this worker alone (see _watch_parent).
-Serve = Callable[[Listener, Callable[[], None], Callable[[Callable[[], None]], None]], None]
+#: A worker's serving: the stop signal that ended it, if one did.
+Serve = Callable[[Listener, Callable[[], None], Callable[[Callable[[], None]], None]], "signal.Signals | None"]
 
 
 def run_workers(settings: Settings, supervisor: "Supervisor") -> None:
@@ -139,6 +145,8 @@ class Supervisor:
         self.lifeline, self._lifeline_w = os.pipe()
         previous = {sig: signal.signal(sig, self._on_signal) for sig in _STOP_SIGNALS}
         mask = signal.pthread_sigmask(signal.SIG_BLOCK, self._waited)
+        if signal.SIGUSR1 in self._waited:
+            forget_early_reload()
         try:
             # Only once our handlers are in place: a SIGTERM right after the listening line must
             # stop cleanly, not end the process by default and leave the socket file behind.
@@ -188,7 +196,7 @@ class Supervisor:
     def _replaced_ended(self, pid: int, number: int, generation: int, status: int) -> None:
         """A worker of a generation a reload replaced ended (it was told to stop)."""
         code = os.waitstatus_to_exitcode(status)
-        if code != 0:
+        if code not in (0, STOPPED_BY + signal.SIGTERM):  # (a stop came while it finished)
             how = f"signal {-code}" if code < 0 else f"exit status {code}"
             log.warning("worker %d (pid %d) of generation %d ended with %s while finishing", number, pid,
                         generation, how)
@@ -212,7 +220,7 @@ class Supervisor:
                 self._spawn(number)
         for pid in replaced:
             try:
-                os.kill(pid, signal.SIGTERM)
+                os.kill(pid, REPLACED)
             except ProcessLookupError:
                 pass
         if not replaced:
@@ -221,6 +229,8 @@ class Supervisor:
 
     def _on_reload(self) -> None:
         reload = self.hooks.reload
+        if self.stopping:
+            log.warning("received SIGUSR1 while stopping: no reload")
         if self.stopping or reload is None:
             return
         try:
@@ -235,6 +245,12 @@ class Supervisor:
         if code == 0:
             log.info("worker %d (pid %d) stopped the milter: stopping all workers", number, pid)
             self.stop()
+            return
+        if code - STOPPED_BY in _STOP_SIGNALS:  # sent to it alone (an admin's kill, a pkill -f)
+            log.warning("worker %d (pid %d) was stopped by %s sent to it; starting a new one (to stop the "
+                        "milter, signal the supervisor, pid %d)", number, pid, signal.Signals(code - STOPPED_BY).name,
+                        self.pid)
+            self._spawn(number)
             return
         how = f"signal {-code}" if code < 0 else f"exit status {code}"
         if self.deaths.died(f"worker {number} (pid {pid}) died ({how})"):
@@ -324,8 +340,9 @@ class Supervisor:
             listener = Listener(self.listener.sock, self.listener.spec)  # the parent removes the file
             if self.forked is not None:
                 self.forked(slot)
-            self.serve(listener, lambda: os.kill(parent, signal.SIGTERM),
-                       lambda stop: self._watch_parent(number, parent, stop))
+            stopped_by = self.serve(listener, lambda: os.kill(parent, signal.SIGTERM),
+                                    lambda stop: self._watch_parent(number, parent, stop))
+            code = 0 if stopped_by is None else STOPPED_BY + stopped_by
         except BaseException:  # noqa: BLE001 - a worker must end here, whatever happened
             log.exception("worker %d failed", number)
             code = 70
