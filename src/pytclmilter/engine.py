@@ -603,8 +603,12 @@ class ConnectionEngine:
     def _status(self, name: str, cb: Callback, result: Any) -> Status:
         status = parse_status(result)
         if status is None:
-            log.warning("%s: %s callback %s returned %s, not a status; treated as continue",
-                        self.name, name, escape(cb.name or repr(cb.func)), escape(_result_shown(result)))
+            # A proc that ends in `set` returns what it set, for every header of every message:
+            # said once a minute per callback (the same place, as for a failure's trace).
+            who = cb.name or repr(cb.func)
+            if self.shared.traces.logged_as(f"{name} {who} returns no status", self.name) is None:
+                log.warning("%s: %s callback %s returned %s, not a status; treated as continue (said once a "
+                            "minute for this callback)", self.name, name, escape(who), escape(_result_shown(result)))
             return Status.CONTINUE
         return status
 
