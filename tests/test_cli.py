@@ -973,6 +973,26 @@ def test_send_usage_errors() -> None:
     assert status == 64 and 'unknown socket type "tcp"' in out
     status, out = cli("send", "--connection", "inet:25@127.0.0.1", str(DATA / "plain.eml"), "--count", "0")
     assert status == 64 and "--count and --concurrency must be at least 1" in out
+    # (0 timed out every wait at once, and said "cannot connect to ...:" with no reason)
+    status, out = cli("send", "--connection", "inet:25@127.0.0.1", str(DATA / "plain.eml"), "--timeout", "0")
+    assert status == 64 and "--timeout 0: must be more than 0 seconds" in out, out
+
+
+def test_send_to_a_filter_that_never_answers_says_where_it_waited() -> None:
+    """It said only "error: TimeoutError"."""
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen()
+        port = silent.getsockname()[1]
+        status, out = cli("send", "--connection", f"inet:{port}@127.0.0.1", "--timeout", "0.5", str(DATA / "plain.eml"))
+    assert status == 2
+    assert "error: no reply from the filter within 0.5 s (waiting at option negotiation)" in out, out
+
+
+def test_run_names_the_metrics_option_in_its_errors() -> None:
+    """A bad --metrics spec was reported as `connection "inet:abc@127.0.0.1": ...`."""
+    status, out = cli("run", str(STAMP), "--connection", "inet:0@127.0.0.1", "--metrics", "inet:abc@127.0.0.1")
+    assert status == 64 and 'metrics "inet:abc@127.0.0.1": unknown service "abc"' in out, out
 
 
 @contextlib.contextmanager

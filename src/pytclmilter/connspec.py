@@ -42,8 +42,9 @@ class ConnSpec:
 _MAX_UNIX_PATH = 108  # sizeof(sun_path) on Linux, NUL included
 
 
-def parse(spec: str) -> ConnSpec:
-    """Parse a spec; raises ConnSpecError with a message a mail admin can act on."""
+def parse(spec: str, what: str = "connection") -> ConnSpec:
+    """Parse a spec; raises ConnSpecError with a message a mail admin can act on, naming the
+    setting as ``what``."""
     if not spec:
         raise ConnSpecError("empty connection spec")
     if ":" not in spec:
@@ -53,23 +54,23 @@ def parse(spec: str) -> ConnSpec:
         proto = proto.lower() or "unix"
     if proto in ("unix", "local"):
         if not rest:
-            raise ConnSpecError(f'connection "{spec}": missing socket path')
+            raise ConnSpecError(f'{what} "{spec}": missing socket path')
         if len(os.fsencode(rest)) + 1 >= _MAX_UNIX_PATH:  # libmilter: strlen + 1 < sizeof(sun_path)
-            raise ConnSpecError(f'connection "{spec}": socket path longer than {_MAX_UNIX_PATH - 2} bytes')
+            raise ConnSpecError(f'{what} "{spec}": socket path longer than {_MAX_UNIX_PATH - 2} bytes')
         return ConnSpec("unix", path=rest)
     if proto not in ("inet", "inet6"):
-        raise ConnSpecError(f'connection "{spec}": unknown socket type "{proto}": must be unix, local, inet or inet6')
+        raise ConnSpecError(f'{what} "{spec}": unknown socket type "{proto}": must be unix, local, inet or inet6')
     port_text, at, host = rest.partition("@")
-    port = _port(port_text, spec)
+    port = _port(port_text, spec, what)
     if at and not host:  # libmilter: an unknown host name. Not every address: a typo or an empty $HOST
-        raise ConnSpecError(f'connection "{spec}": missing host after "@" (inet:PORT alone listens on every address)')
-    return ConnSpec(proto, host=_host(host, proto, spec) if host else None, port=port)
+        raise ConnSpecError(f'{what} "{spec}": missing host after "@" (inet:PORT alone listens on every address)')
+    return ConnSpec(proto, host=_host(host, proto, spec, what) if host else None, port=port)
 
 
 def parse_metrics(text: str) -> ConnSpec:
     """Where to serve the metrics (HTTP): ``inet:PORT@HOST`` or ``inet6:PORT@HOST``, with the host
     given: the metrics are for whom the admin chooses, not every address by default."""
-    spec = parse(text)
+    spec = parse(text, "metrics")
     if spec.family == "unix":
         raise ConnSpecError(f'metrics "{text}": must be inet:PORT@HOST or inet6:PORT@HOST (HTTP over TCP)')
     if spec.host is None:
@@ -77,34 +78,34 @@ def parse_metrics(text: str) -> ConnSpec:
     return spec
 
 
-def _port(text: str, spec: str) -> int:
+def _port(text: str, spec: str, what: str) -> int:
     if not text:
-        raise ConnSpecError(f'connection "{spec}": missing port')
+        raise ConnSpecError(f'{what} "{spec}": missing port')
     if text[0].isdigit():
         port = int(re.split(r"\D", text, maxsplit=1)[0])  # the leading digits
     else:
         try:
             port = socket.getservbyname(text, "tcp")
         except OSError:
-            raise ConnSpecError(f'connection "{spec}": unknown service "{text}"') from None
+            raise ConnSpecError(f'{what} "{spec}": unknown service "{text}"') from None
     if not 0 <= port <= 65535:
-        raise ConnSpecError(f'connection "{spec}": port {port} out of range')
+        raise ConnSpecError(f'{what} "{spec}": port {port} out of range')
     return port
 
 
-def _host(host: str, proto: str, spec: str) -> str:
+def _host(host: str, proto: str, spec: str, what: str) -> str:
     family = socket.AF_INET if proto == "inet" else socket.AF_INET6
     if host.startswith("["):
         if not host.endswith("]"):
-            raise ConnSpecError(f'connection "{spec}": missing "]"')
+            raise ConnSpecError(f'{what} "{spec}": missing "]"')
         addr = host[1:-1]
         try:
             socket.inet_pton(family, addr)
         except OSError:
-            raise ConnSpecError(f'connection "{spec}": "{addr}" is not an {proto} address') from None
+            raise ConnSpecError(f'{what} "{spec}": "{addr}" is not an {proto} address') from None
         return addr
     try:
         infos = socket.getaddrinfo(host, None, family, socket.SOCK_STREAM)
     except socket.gaierror as exc:
-        raise ConnSpecError(f'connection "{spec}": cannot resolve "{host}" for {proto}: {exc.strerror}') from None
+        raise ConnSpecError(f'{what} "{spec}": cannot resolve "{host}" for {proto}: {exc.strerror}') from None
     return str(infos[0][4][0])

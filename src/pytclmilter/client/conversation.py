@@ -83,7 +83,12 @@ class Conversation:
             frame = self.frames.next_frame()
             if frame is not None:
                 return decode_reply(*frame)
-            data = await asyncio.wait_for(self.reader.read(65536), self.timeout)
+            try:
+                data = await asyncio.wait_for(self.reader.read(65536), self.timeout)
+            except asyncio.TimeoutError:
+                where = self.out.stages[-1].name if self.out.stages else "option negotiation"
+                raise ConversationError(f"no reply from the filter within {self.timeout:g} s "
+                                        f"(waiting at {where})") from None
             if not data:
                 raise ConversationError("the filter closed the connection")
             self.frames.feed(data)

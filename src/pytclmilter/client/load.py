@@ -25,7 +25,8 @@ async def one(spec: ConnSpec, env: Envelope, msg: Message, timeout: float = 30.0
     try:
         reader, writer = await asyncio.wait_for(connect(spec), timeout)
     except (OSError, asyncio.TimeoutError) as exc:
-        return Outcome(verdict="tempfail", error=f"cannot connect to {spec}: {exc}")
+        why = str(exc) or f"no answer within {timeout:g} s"  # (a TimeoutError says nothing)
+        return Outcome(verdict="tempfail", error=f"cannot connect to {spec}: {why}")
     return await converse(reader, writer, env, msg, timeout)
 
 

@@ -33,6 +33,8 @@ def cmd_send(opts: argparse.Namespace) -> int:
         raise UsageError(str(exc)) from None
     if opts.count < 1 or opts.concurrency < 1:
         raise UsageError("--count and --concurrency must be at least 1")
+    if not opts.timeout > 0:  # (0 timed out every wait at once: "cannot connect ...:" and no reason)
+        raise UsageError(f"--timeout {opts.timeout:g}: must be more than 0 seconds")
     msg, env = read_message(opts)
     if opts.count > 1:
         result = asyncio.run(load(spec, env, msg, opts.count, opts.concurrency, timeout=opts.timeout))
