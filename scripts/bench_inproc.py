@@ -105,6 +105,7 @@ class Link:
     """The engine's connection, minus the socket: replies are kept to check the first message."""
 
     blocked = False
+    peer = "the benchmark"
 
     def __init__(self) -> None:
         self.out: list[bytes] = []

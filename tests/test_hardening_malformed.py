@@ -290,6 +290,14 @@ SESSIONS: dict[str, Session] = {
 }
 
 
+def _peer_of(sock: socket.socket) -> str:
+    """The server's name for the peer at the other end of our ``sock``."""
+    if sock.family == socket.AF_UNIX:
+        return "unix socket"
+    host, port = sock.getsockname()[:2]
+    return f"{host}:{port}"
+
+
 def open_mta(address: tuple[int, object], negotiate: bool) -> RawMTA:
     family, addr = address
     sock = socket.socket(family, socket.SOCK_STREAM)  # type: ignore[arg-type]
@@ -374,6 +382,7 @@ def test_malformed_session_against_the_python_api(caplog, name):
         to_rcpt(good)
         bad = open_mta(srv.address, session.negotiate)
         bad_name = wait_for(lambda: conn_name(caplog.records, bad.sock))
+        peer = _peer_of(bad.sock)  # named in the warning: a TCP milter's admin must tell who sent garbage
         session.play(bad)
         bad.expect_eof(timeout=10)
         wait_for(lambda: any(r.getMessage() == f"{bad_name}: closed" or
@@ -389,7 +398,8 @@ def test_malformed_session_against_the_python_api(caplog, name):
     problems = [r.getMessage() for r in about_bad if r.levelno >= logging.WARNING]
     if session.closes:
         assert len(problems) == 1, problems
-        assert ("protocol error" in problems[0] or "negotiation failed" in problems[0]), problems
+        assert (f"protocol error from {peer}" in problems[0] or
+                f"negotiation with {peer} failed" in problems[0]), problems
     else:
         assert problems == [], problems
     others = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING and r not in about_bad]
@@ -484,9 +494,10 @@ def test_connect_before_option_negotiation_is_logged_as_such(caplog):
     with serving(every_event_milter()) as srv:
         bad = open_mta(srv.address, False)
         bad_name = wait_for(lambda: conn_name(caplog.records, bad.sock))
+        peer = _peer_of(bad.sock)  # named in the warning: a TCP milter's admin must tell who sent garbage
         bad.send(b"C", connect_payload())
         bad.expect_eof()
         bad.close()
     problems = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
-    assert problems == [f"{bad_name}: protocol error, closing the connection: "
+    assert problems == [f"{bad_name}: protocol error from {peer}, closing the connection: "
                         "command 'C' is not allowed before option negotiation"], problems

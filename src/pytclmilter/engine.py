@@ -152,6 +152,9 @@ class Link(Protocol):
     def touch(self) -> None: ...
     @property
     def blocked(self) -> bool: ...
+    @property
+    def peer(self) -> str:
+        """Who is at the other end, for a warning that must say who sent garbage."""
 
 
 @dataclass
@@ -308,7 +311,7 @@ class ConnectionEngine:
             try:
                 event = self.session.next_event()
             except RemoteProtocolError as exc:
-                log.warning("%s: protocol error, closing the connection: %s", self.name, exc)
+                log.warning("%s: protocol error from %s, closing the connection: %s", self.name, self.link.peer, exc)
                 if self.meter is not None:
                     self.meter.protocol_error()
                 self._flush()
@@ -426,7 +429,7 @@ class ConnectionEngine:
                 raise RemoteProtocolError(f"the negotiate callback answered {status.smfis}")
             negotiated = self._negotiated(offer)
         except RemoteProtocolError as exc:
-            log.warning("%s: negotiation failed: %s", self.name, exc)
+            log.warning("%s: negotiation with %s failed: %s", self.name, self.link.peer, exc)
             for event in self.session.fail_negotiation():
                 self._handle(event)
             return

@@ -61,6 +61,10 @@ class _Connection(asyncio.Protocol):
         if self.engine.debug:  # per connection: the verdict line names the client
             log.debug("%s: connection from %s", self.engine.name, _peer_text(transport.get_extra_info("peername")))
 
+    @property
+    def peer(self) -> str:
+        return _peer_text(self.transport.get_extra_info("peername") if self.transport is not None else None)
+
     def data_received(self, data: bytes) -> None:
         self.last = self._loop.time()
         self._wrote = False

@@ -407,6 +407,7 @@ class FakeLink:
     records pausing and closing."""
 
     blocked = False
+    peer = "the test"
 
     def __init__(self) -> None:
         self.data = b""
