@@ -48,13 +48,15 @@ class SocketFile:
     dirfd: int
     name: str
     ident: tuple[int, int]
+    path: str
 
     def remove(self) -> None:
         """Remove the name if it still holds our socket; close the directory's descriptor."""
         try:
             remove_if(self.dirfd, self.name, stat.S_ISSOCK, self.ident)
-        except OSError:
-            pass  # after --user, a root-owned directory: left as a stale socket, replaced at the next start
+        except OSError as exc:  # after --user, a root-owned directory, say
+            log.warning("cannot remove socket file %s: %s (left as a stale socket: the next start replaces it)",
+                        self.path, exc.strerror or exc)
         finally:
             os.close(self.dirfd)
 
@@ -75,7 +77,7 @@ def bind_unix(path: str, backlog: int, mode: int | None,
     except BaseException:
         os.close(dirfd)
         raise
-    return sock, SocketFile(dirfd, name, made)
+    return sock, SocketFile(dirfd, name, made, path)
 
 
 def _clear_stale(dirfd: int, name: str, path: str) -> None:

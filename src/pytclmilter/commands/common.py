@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import ipaddress
 import os
 import stat
 import sys
@@ -166,6 +167,10 @@ def read_message(opts: argparse.Namespace) -> tuple[Message, Envelope]:
 
 def envelope_of(opts: argparse.Namespace, msg: Message, queue_id: str = Envelope.queue_id) -> Envelope:
     """The envelope of one message: the options where given, else the message's headers."""
+    try:  # (sent in the connect event with its family: what no MTA would send, the script never sees)
+        ipaddress.ip_address(opts.client_ip)
+    except ValueError:
+        raise UsageError(f'--client-ip "{opts.client_ip}": not an IPv4 or IPv6 address') from None
     return Envelope.from_message(msg, opts.sender, opts.rcpt or None, client_ip=opts.client_ip,
                                  client_name=opts.client_name, helo=opts.helo, macros=macros_of(opts),
                                  queue_id=queue_id)
