@@ -228,10 +228,11 @@ def test_health_check_speaks_milter(haproxy, tclrun, silent_servers) -> None:
                    "smtp": f"127.0.0.1:{smtp.port}"})
     for name in ("silent", "smtp"):
         row = hap.wait_status(name, "DOWN", timeout=10)
-        assert row["check_status"] in ("L7TOUT", "L7RSP"), row
+        # ("* L7TOUT": HAProxy marks the last check's result with "* " while the next one runs)
+        assert row["check_status"].removeprefix("* ") in ("L7TOUT", "L7RSP"), row
     assert silent.accepted and smtp.accepted  # they were reached: TCP alone would have passed
     row = hap.wait_status("milter", "UP")
-    assert row["check_status"] == "L7OK", row
+    assert row["check_status"].removeprefix("* ") == "L7OK", row
     assert "milter OPTNEG reply" in hap.log_text()  # the failed step, as HAProxy names it
 
     for _ in range(4):  # every session through the balancer reaches the milter

@@ -342,10 +342,10 @@ class TclHost:
                 result = func([from_tcl(a) for a in args])
             except SuspendAtMain:
                 return ("suspend", "")
-            except TclUsageError as exc:
-                return ("error", str(exc), exc.code)
-            except MilterError as exc:
-                return ("error", str(exc), NONE)
+            except TclUsageError as usage:  # (one name per type: compiled, a name has one type)
+                return ("error", str(usage), usage.code)
+            except MilterError as refused:
+                return ("error", str(refused), NONE)
             except Exception as exc:  # noqa: BLE001 - report, never crash the interpreter
                 log.exception("internal error in %s", name)
                 return ("error", f"internal error: {exc}", NONE)
