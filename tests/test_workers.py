@@ -61,24 +61,35 @@ def workers_of(parent: int) -> set[int]:
     return out
 
 
-def test_workers_share_the_socket_replace_the_dead_and_stop_together(tmp_path: Path) -> None:
+def two_workers(tmp_path: Path) -> tuple[pexpect.spawn, str]:
+    """`run SCRIPT --workers 2` on a unix socket, once it says both are forked; and the socket."""
     script = tmp_path / "w.tcl"
     script.write_text(SCRIPT)
     sock = str(tmp_path / "w.sock")
     child = pexpect.spawn(sys.executable, ["-m", "pytclmilter.cli", "run", str(script), "--workers", "2",
                                            "--connection", f"unix:{sock}"], encoding="utf-8", timeout=20)
+    child.expect("listening on unix:")
+    child.expect("2 workers serving")
+    return child, sock
+
+
+def answering(sock: str) -> set[int]:
+    """The workers that answered, asked until two did. Which worker accepts is the kernel's choice:
+    sequential connections on a busy machine can go to one worker many times running (a few dozen
+    connections on an idle machine)."""
+    seen: set[int] = set()
+    deadline = time.monotonic() + 15
+    while len(seen) < 2 and time.monotonic() < deadline:
+        seen.add(reply_pid(sock))
+    return seen
+
+
+def test_workers_share_the_socket_replace_the_dead_and_stop_together(tmp_path: Path) -> None:
+    child, sock = two_workers(tmp_path)
     try:
-        child.expect("listening on unix:")
-        child.expect("2 workers serving")
         workers = workers_of(child.pid)
         assert len(workers) == 2
-        # Both serve, nobody else does. Which worker accepts is the kernel's choice: sequential
-        # connections on a busy machine can go to one worker many times running, so ask until
-        # both have answered (a few dozen connections on an idle machine).
-        seen: set[int] = set()
-        deadline = time.monotonic() + 15
-        while len(seen) < 2 and time.monotonic() < deadline:
-            seen.add(reply_pid(sock))
+        seen = answering(sock)  # both serve, nobody else does
         assert seen <= workers and len(seen) == 2, (seen, workers)
 
         victim = sorted(workers)[0]
@@ -107,17 +118,10 @@ def test_a_stop_signal_sent_to_one_worker_replaces_it_and_the_milter_serves_on(t
     """`kill` of a worker's pid (or a `pkill -f` that matches the workers too) stopped the whole
     milter with exit status 0, which systemd's Restart=on-failure does not restart: all mail was
     tempfailed. A SIGUSR1 sent to a worker vanished without a word."""
-    script = tmp_path / "w.tcl"
-    script.write_text(SCRIPT)
-    sock = str(tmp_path / "w.sock")
-    child = pexpect.spawn(sys.executable, ["-m", "pytclmilter.cli", "run", str(script), "--workers", "2",
-                                           "--connection", f"unix:{sock}"], encoding="utf-8", timeout=20)
+    child, sock = two_workers(tmp_path)
     try:
-        child.expect("2 workers serving")
-        workers, seen = workers_of(child.pid), set()
-        deadline = time.monotonic() + 15
-        while len(seen) < 2 and time.monotonic() < deadline:  # (both serve: their handlers are in place)
-            seen.add(reply_pid(sock))
+        workers = workers_of(child.pid)
+        assert len(answering(sock)) == 2  # (both serve: their handlers are in place)
         victim = sorted(workers)[0]
         os.kill(victim, sig)
         child.expect(rf"WARNING: worker \d \(pid {victim}\) was stopped by {signal.Signals(sig).name} sent to it; "
