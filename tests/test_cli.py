@@ -346,6 +346,28 @@ def test_check_a_script_runs_tcl_helpers_with_info_nameofexecutable_as_under_tcl
     assert status == 0 and "helper says 42" in out, out
 
 
+def test_try_waits_for_a_callback_as_long_as_its_call_timeout_allows(tmp_path: Path) -> None:
+    """try waited a fixed 30 s for each reply: a callback of 31 s, within its -calltimeout of 45,
+    showed as "milter failure: no reply from the filter within 30 s", where `run` would have
+    answered the MTA (31 s: this test is slow on purpose, the old limit was 30)."""
+    script = tmp_path / "slow.tcl"
+    script.write_text("package require TclMilter\nmilter configure -calltimeout 45\n"
+                      "proc eom {ctx} { after 31000; $ctx addheader X-Slow yes; return SMFIS_CONTINUE }\n"
+                      "milter register eom eom\nmilter main\n")
+    status, out = cli("try", str(script), str(DATA / "plain.eml"), timeout=90)
+    assert status == 0 and "action: addheader X-Slow: yes" in out, out
+
+
+def test_check_refuses_an_async_setup_in_a_python_file(tmp_path: Path) -> None:
+    """Its coroutine was never awaited: a RuntimeWarning, no callback registered, exit 0, and the
+    filter ran without its Python half."""
+    hooks = tmp_path / "asetup.py"
+    hooks.write_text("async def setup(milter):\n    milter.register('envfrom', lambda ctx, args: 'REJECT')\n")
+    status, out = cli("check", str(STAMP), "--python", str(hooks))
+    assert status == 64, out
+    assert f"--python {hooks}: setup(milter) must be a plain function, not async" in out, out
+
+
 OVER_ITS_FILE_SIZE_LIMIT = r"""
 package require TclMilter
 proc eom {ctx} {

@@ -193,6 +193,7 @@ def test_setsymlist_in_negotiate_rides_in_the_optneg_reply():
     def negotiate(ctx, version, actions, protocol):
         ctx.setsymlist("connect", "j  {daemon_name}")
         ctx.setsymlist(5, "{msg_id}")
+        ctx.setsymlist("envfrom", ["i", "{mail_addr}"])  # a list too (a str was required: TypeError)
         return CONTINUE
 
     m.register("negotiate", negotiate)
@@ -200,7 +201,7 @@ def test_setsymlist_in_negotiate_rides_in_the_optneg_reply():
         with srv.raw(negotiate=False) as mta:
             _, actions, _, macros = mta.optneg(6, ALL_ACTIONS, ALL_PROTO)
             assert actions & F_SETSYMLIST
-            assert macros == {0: b"j {daemon_name}", 5: b"{msg_id}"}
+            assert macros == {0: b"j {daemon_name}", 5: b"{msg_id}", 2: b"i {mail_addr}"}
         with srv.raw(negotiate=False) as mta:  # not offered: no list, no flag
             _, actions, _, macros = mta.optneg(6, ALL_ACTIONS & ~F_SETSYMLIST, ALL_PROTO)
             assert macros == {} and not actions & F_SETSYMLIST
@@ -1125,3 +1126,15 @@ def test_an_async_negotiate_callback_is_refused_and_closed_without_a_warning(cap
         gc.collect()
     assert [str(w.message) for w in seen if issubclass(w.category, RuntimeWarning)] == []
     assert "the negotiate callback must not be async; treated as continue" in caplog.text
+
+
+@pytest.mark.parametrize("setting, value", [("on_error", None), ("on_error", ""), ("call_timeout", -1),
+                                            ("grace", float("nan")), ("timeout", -5)])
+def test_settings_the_command_line_refuses_are_refused_by_the_api_too(setting, value):
+    """on_error=None became "continue" (a failing callback let every message through), and a
+    negative call_timeout stopped every callback at once: the CLI and Tcl refuse both."""
+    with pytest.raises(ValueError):
+        make_milter(**{setting: value})
+    m = make_milter()
+    with pytest.raises(ValueError):
+        setattr(m, setting, value)

@@ -287,12 +287,15 @@ def test_a_tick_that_raises_is_logged_once_and_the_ticks_go_on(caplog):
 
 
 def test_stop_before_run_makes_run_return_at_once():
-    m = make_milter()
+    """...without binding the socket or calling the listening hook (it did both, then returned)."""
+    heard = []
+    m = make_milter(hooks=Hooks(listening=heard.append))
     m.stop()
     t = threading.Thread(target=m.run, daemon=True)
     t.start()
     t.join(5)
     assert not t.is_alive()
+    assert heard == []
 
 
 def test_stop_from_inside_a_callback():

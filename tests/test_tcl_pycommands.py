@@ -501,6 +501,10 @@ def test_names_and_functions_tcl_cannot_use_are_refused_when_defined(tcl_host):
     def keyword_only(x, *, y):
         return x
 
+    class AsyncCall:
+        async def __call__(self, x):
+            return x
+
     def rest_then_keyword_only(*words, sep):  # the check once skipped what follows *words
         return sep.join(words)
 
@@ -510,6 +514,8 @@ def test_names_and_functions_tcl_cannot_use_are_refused_when_defined(tcl_host):
         "ns": (lambda: milter.tcl_command("::tclmilter::x", len), "is pytclmilter's own command"),
         "empty": (lambda: milter.tcl_command("", len), "must be a non-empty string"),
         "async": (lambda: milter.tcl_command("co", coroutine), "a Tcl command cannot be async"),
+        # (an object whose __call__ is async was taken, and every call failed: "a coroutine has no Tcl form")
+        "async-call": (lambda: milter.tcl_command("co2", AsyncCall()), "a Tcl command cannot be async"),
         "kwonly": (lambda: milter.tcl_command("kw", keyword_only), "keyword-only parameter 'y' has no default"),
         "rest-kwonly": (lambda: milter.tcl_command("kw2", rest_then_keyword_only),
                         "keyword-only parameter 'sep' has no default"),

@@ -12,7 +12,7 @@ with the final reply.
 from __future__ import annotations
 
 import re
-from typing import Any, Callable, Final, Protocol
+from typing import Any, Callable, Final, Protocol, Sequence
 
 from .logline import clip, escape, isprintable
 from .protocol import events as ev
@@ -347,8 +347,9 @@ class Context:
     def setmlreply(self, rcode: str, xcode: str | None, *lines: str) -> None:
         self.reply_text = build_mlreply(rcode, xcode, list(lines))
 
-    def setsymlist(self, stage: int | str, macros: str) -> None:
-        """Ask for these macros at a stage; only inside the negotiate callback."""
+    def setsymlist(self, stage: int | str, macros: str | Sequence[str]) -> None:
+        """Ask for these macros at a stage (names separated by spaces, or a list of names); only
+        inside the negotiate callback."""
         self._require("negotiate", "setsymlist")
         try:
             st = MacroStage[stage.upper()] if isinstance(stage, str) and not stage.isdigit() else MacroStage(int(stage))
@@ -358,7 +359,7 @@ class Context:
             ) from None
         if st in self.symlists:
             raise MilterError(f"the macro list for {st.name.lower()} was already set")
-        names = " ".join(macros.split())
+        names = " ".join(macros.split() if isinstance(macros, str) else [str(m) for m in macros])
         if _CONTROL.search(names):
             raise MilterError(f'invalid macro list "{shown(names)}": no NUL or other control characters')
         size = _optneg_size([*self.symlists.values(), names])

@@ -167,7 +167,9 @@ class Milter:
 
     @staticmethod
     def _status(value: Status | str) -> Status:
-        status = parse_status(value)
+        # (not None or "": those mean continue as a callback's result, but as on_error a missing
+        # value would silently let every message through when a callback fails)
+        status = parse_status(value) if value is not None and value != "" else None
         if status is None:
             raise ValueError(f"unknown status {value!r}")
         return status

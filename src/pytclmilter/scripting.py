@@ -79,6 +79,12 @@ def check_name(name: str) -> str:
     return name
 
 
+def is_async(func: object) -> bool:
+    """An async function, a partial of one, or an object whose __call__ is one: calling it makes
+    a coroutine, which code that calls and uses the result at once would never run."""
+    return inspect.iscoroutinefunction(func) or inspect.iscoroutinefunction(getattr(func, "__call__", None))
+
+
 class TclCommands:
     """The Python commands of a milter's script, by name, in definition order."""
 
@@ -91,7 +97,7 @@ class TclCommands:
         check_name(name)
         if not callable(func):
             raise ValueError(f"tcl_command {name}: {func!r} is not callable")
-        if inspect.iscoroutinefunction(func):
+        if is_async(func):
             raise ValueError(f"tcl_command {name}: a Tcl command cannot be async (Tcl waits for its result)")
         if name in self._commands:
             raise ValueError(f'tcl_command: "{name}" is already defined')

@@ -246,10 +246,10 @@ class MilterServer:
         self.loop = loop = asyncio.get_running_loop()
         self._loop_thread = threading.get_ident()
         with self._lock:
-            self._stop = asyncio.Event()
-            if self._stop_requested:
-                self._stop.set()
-            self._stop_requested = False
+            if self._stop_requested:  # stop() before serve(): return at once, bound to nothing
+                self._stop_requested = False
+                return
+            self._stop = stop = asyncio.Event()
         self.stopped_by, self._ending = None, _STOPPED
         self.tcp = spec.family != "unix"  # before listening: the first connection may come at once
         listener, acceptor = self._listen(spec, inherited, loop)
@@ -263,7 +263,7 @@ class MilterServer:
                 hooks.listening(spec)
             elif started is not None:
                 started()
-            await self._stop.wait()
+            await stop.wait()
             log.info("%s: no new connections; %d open", self._ending[0], len(self.connections))
         finally:
             acceptor.close()  # new connections are refused from now on, open ones go on

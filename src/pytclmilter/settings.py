@@ -47,3 +47,13 @@ class Settings:
     #: Callbacks run, but the MTA gets continue and no modification; what would have been sent
     #: is logged and counted as "would ..." (engine.ConnectionEngine._answer).
     dry_run: bool = False
+
+    def __post_init__(self) -> None:
+        """Refuse what the command line and Tcl's `milter configure` refuse, whoever sets it: a
+        negative call_timeout stopped every callback at once, a NaN grace was no grace at all."""
+        for name, value in (("timeout", self.timeout), ("grace", self.grace), ("call_timeout", self.call_timeout),
+                            ("tick_interval", self.tick_interval)):
+            if not value >= 0:  # (NaN too)
+                raise ValueError(f"{name} {value!r}: must be a number of seconds, 0 or more")
+        if self.workers < 1 or (self.backlog is not None and self.backlog < 1):
+            raise ValueError(f"workers {self.workers!r} and backlog {self.backlog!r}: must be 1 or more")

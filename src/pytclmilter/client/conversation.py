@@ -64,7 +64,8 @@ _GOES_ON = ("", "continue", "skip")
 class Conversation:
     """Drives one connection; ``run`` returns the outcome (it never raises for a filter's verdict)."""
 
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, timeout: float = 30.0) -> None:
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                 timeout: float | None = 30.0) -> None:
         self.reader = reader
         self.writer = writer
         self.timeout = timeout
@@ -242,5 +243,5 @@ class Conversation:
 
 
 async def converse(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, env: Envelope, msg: Message,
-                   timeout: float = 30.0) -> Outcome:
+                   timeout: float | None = 30.0) -> Outcome:
     return await Conversation(reader, writer, timeout).run(env, msg)

@@ -21,7 +21,7 @@ async def connect(spec: ConnSpec) -> tuple[asyncio.StreamReader, asyncio.StreamW
     return await asyncio.open_connection(host, spec.port)
 
 
-async def one(spec: ConnSpec, env: Envelope, msg: Message, timeout: float = 30.0) -> Outcome:
+async def one(spec: ConnSpec, env: Envelope, msg: Message, timeout: float | None = 30.0) -> Outcome:
     try:
         reader, writer = await asyncio.wait_for(connect(spec), timeout)
     except (OSError, asyncio.TimeoutError) as exc:

@@ -18,6 +18,7 @@ from ..client.message import Envelope, Message
 from ..hooks import Hooks
 from ..limits import CallbackTimeout, handler_dropped
 from ..milter import Milter
+from ..scripting import is_async
 from ..tcl.interp import TclHost
 from ..tcl.usage import TclUsageError
 
@@ -76,6 +77,9 @@ def load_hooks(path: str, milter: Milter) -> None:
     setup = getattr(module, "setup", None)
     if not callable(setup):
         raise UsageError(f"--python {path}: has no setup(milter) function")
+    if is_async(setup):  # (its coroutine would never run: no callback registered, and no error)
+        raise UsageError(f"--python {path}: setup(milter) must be a plain function, not async: it runs "
+                         "once, while the script loads")
     try:
         setup(milter)
     except (Exception, CallbackTimeout) as exc:  # noqa: BLE001

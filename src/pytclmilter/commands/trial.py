@@ -94,9 +94,11 @@ def _input(opts: argparse.Namespace, workdir: str) -> Listing:
 
 
 def _serve(opts: argparse.Namespace, script: str, socket: str,
-           work: Callable[[ConnSpec], Awaitable[None]]) -> int | None:
+           work: Callable[[ConnSpec, float | None], Awaitable[None]]) -> int | None:
     """Run the script; once its ``milter main`` listens, ``work`` talks to it, then the milter stops.
-    None when all went well, else the exit status (the error is printed)."""
+    None when all went well, else the exit status (the error is printed). ``work`` is given how
+    long to wait for a reply: as long as a callback may run (-calltimeout, None: no limit), and
+    10 s more; a fixed 30 s showed a callback of 40 s as a broken filter, where `run` waits."""
     exited = ScriptExit()
     listened: list[bool] = []
     done: list[bool] = []
@@ -104,8 +106,9 @@ def _serve(opts: argparse.Namespace, script: str, socket: str,
 
     async def converse(spec: ConnSpec) -> None:
         listened.append(True)
+        limit = host.milter.call_timeout
         try:
-            await work(spec)
+            await work(spec, limit + 10.0 if limit else None)
             done.append(True)
         except Exception as exc:  # raised again below, out of the script's `milter main`
             failed.append(exc)
@@ -156,8 +159,8 @@ def _single(opts: argparse.Namespace, path: str, workdir: str) -> int:
     msg, env = read_message(opts)
     outcomes: list[Outcome] = []
 
-    async def work(spec: ConnSpec) -> None:
-        outcomes.append(await one(spec, env, msg))
+    async def work(spec: ConnSpec, wait: float | None) -> None:
+        outcomes.append(await one(spec, env, msg, wait))
 
     failure = _serve(opts, opts.script, f"{workdir}/try.sock", work)
     if failure is not None:
@@ -174,7 +177,7 @@ def _run_all(opts: argparse.Namespace, script: str, listing: Listing, socket: st
     production); message N has queue id 4TRYnnnnnnn with N in its digits. When the socket is gone
     (a callback called `milter stop`), the batch ends there: no later message could be tried."""
 
-    async def work(spec: ConnSpec) -> None:
+    async def work(spec: ConnSpec, wait: float | None) -> None:
         for n, item in enumerate(listing.items(), 1):
             if item.error:
                 each(n, item, "", None)
@@ -188,7 +191,7 @@ def _run_all(opts: argparse.Namespace, script: str, listing: Listing, socket: st
                       f"from {escape(item.label)} on were not tried", file=sys.stderr)
                 each(n, replace(item, error="not tried: the filter stopped serving"), "", None)
                 return
-            each(n, item, about(env, msg), Verdict.of(await converse(reader, writer, env, msg)))
+            each(n, item, about(env, msg), Verdict.of(await converse(reader, writer, env, msg, wait)))
 
     return _serve(opts, script, socket, work)
 
