@@ -89,6 +89,18 @@ def s_zero_length(mta: RawMTA) -> None:
     mta.send_raw(b"\0\0\0\0H")
 
 
+def s_zero_length_alone(mta: RawMTA) -> None:
+    """Only the length, and the peer waits: the connection stayed open until the I/O timeout,
+    with nothing logged, for want of a command byte that never came."""
+    expect(mta, b"C", connect_payload())
+    mta.send_raw(b"\0\0\0\0")
+
+
+def s_oversize_length_alone(mta: RawMTA) -> None:
+    expect(mta, b"C", connect_payload())
+    mta.send_raw(struct.pack("!I", 65537))
+
+
 def s_oversize(mta: RawMTA) -> None:
     expect(mta, b"C", connect_payload())
     mta.send_raw(struct.pack("!I", 65537) + b"B" + b"x" * 1000)
@@ -261,6 +273,8 @@ def s_macro_for_unknown_stage(mta: RawMTA) -> None:
 
 SESSIONS: dict[str, Session] = {
     "zero-length-frame": Session(s_zero_length, True),
+    "zero-length-alone": Session(s_zero_length_alone, True),
+    "oversize-length-alone": Session(s_oversize_length_alone, True),
     "oversize-frame": Session(s_oversize, True),
     "oversize-huge-frame-in-body": Session(s_oversize_huge, True),
     "truncated-frame-then-eof": Session(s_truncated_then_eof, True),

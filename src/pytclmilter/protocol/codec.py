@@ -110,23 +110,33 @@ class FrameReader:
         buf, pos = self._buf, self._pos
         size = len(buf)
         if size - pos < 5:
+            if size - pos == 4:  # the length alone can be wrong: say so now, not when a 5th byte comes
+                self._check_length(int.from_bytes(buf[pos : pos + 4], "big"))
             if size > pos:
                 self._hold(5)
             return None
         length = (buf[pos] << 24) | (buf[pos + 1] << 16) | (buf[pos + 2] << 8) | buf[pos + 3]
         code = buf[pos + 4 : pos + 5]
         if length == 0:
-            raise RemoteProtocolError("zero-length packet")
+            self._check_length(length)
         if code not in self._codes:
             raise RemoteProtocolError(f"unknown command {show(code)}")
         if length - 1 > self.max_payload:
-            raise RemoteProtocolError(f"packet of {length - 1} bytes exceeds the limit of {self.max_payload}")
+            self._check_length(length)
         end = pos + 4 + length
         if size < end:
             self._hold(end - pos)
             return None
         self._pos = end
         return code, buf[pos + 5 : end]
+
+    def _check_length(self, length: int) -> None:
+        """A peer that sent a zero or oversize length and waits would otherwise hold its
+        connection open until the I/O timeout, with nothing logged."""
+        if length == 0:
+            raise RemoteProtocolError("zero-length packet")
+        if length - 1 > self.max_payload:
+            raise RemoteProtocolError(f"packet of {length - 1} bytes exceeds the limit of {self.max_payload}")
 
 
 def show(code: bytes) -> str:
