@@ -12,6 +12,7 @@ import re
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable
@@ -573,13 +574,20 @@ class Reader:
     pipe as a supervisor or log collector gives, both with small buffers."""
 
     def __init__(self, kind: str) -> None:
+        self._fifo = ""
         if kind == "socket":
             self._sock, writer = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
             writer.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
             self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
             self.fd, self.writer = self._sock.fileno(), writer.detach()
-        else:
+        elif kind == "pipe":
             self.fd, self.writer = os.pipe()
+            fcntl.fcntl(self.writer, 1031, 4096)  # F_SETPIPE_SZ
+        else:  # a named FIFO (`2>log.fifo`), where the kernel refuses RWF_NOWAIT
+            self._fifo = path = os.path.join(tempfile.mkdtemp(), "log.fifo")
+            os.mkfifo(path)
+            self.fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+            self.writer = os.open(path, os.O_WRONLY)
             fcntl.fcntl(self.writer, 1031, 4096)  # F_SETPIPE_SZ
         os.set_blocking(self.fd, False)
 
@@ -596,9 +604,12 @@ class Reader:
 
     def close(self) -> None:
         os.close(self.fd)
+        if self._fifo:
+            os.unlink(self._fifo)
+            os.rmdir(os.path.dirname(self._fifo))
 
 
-@pytest.mark.parametrize("kind", ["socket", "pipe"])
+@pytest.mark.parametrize("kind", ["socket", "pipe", "fifo"])
 def test_a_journal_that_takes_no_more_lines_never_blocks_the_milter(tmp_path, kind) -> None:  # type: ignore[no-untyped-def]
     """Under systemd, stderr is a stream socket to journald; elsewhere it may be a pipe. A reader
     that stops reading (journald stuck or slow to restart) filled it, and the next log line's

@@ -381,8 +381,9 @@ class NoWaitStderr:
     the event loop (a blocking write held every MTA connection with it). What it does not take
     now waits, up to STDERR_BACKLOG; beyond, whole lines are lost and counted. The flag is per
     call (MSG_DONTWAIT, RWF_NOWAIT): the descriptor, shared with anything else writing to
-    stderr, stays blocking. A terminal or a file is written as it always was, and so is a pipe
-    on a kernel without RWF_NOWAIT for pipes (it says so at the first write)."""
+    stderr, stays blocking. Where RWF_NOWAIT is refused (a named FIFO, a kernel before pipes took
+    it), a file description of our own on the same pipe is opened non-blocking instead
+    (:meth:`_reopened`). A terminal or a file is written as it always was."""
 
     def __init__(self, fd: int, is_socket: bool, encoding: str, errors: str) -> None:
         self._fd = fd
@@ -436,8 +437,21 @@ class NoWaitStderr:
             except OSError as exc:
                 if exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
                     raise
-                self._rwf_nowait = False  # (a kernel before pipes took RWF_NOWAIT)
+                self._rwf_nowait = False
+                self._fd = self._reopened()
         return os.write(self._fd, data)
+
+    def _reopened(self) -> int:
+        """Our descriptor of the pipe, made non-blocking through a file description of its own
+        (opened anew through /proc: O_NONBLOCK on the shared one would change stderr for whoever
+        else writes it); the one we have, blocking, when that cannot be had. Before, a named
+        FIFO whose reader stopped held the milter after 64 KiB of log."""
+        try:
+            own = os.open(f"/proc/self/fd/{self._fd}", os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        except OSError:
+            return self._fd
+        os.close(self._fd)
+        return own
 
     def _bounded(self, rest: bytes) -> bytes:
         """``rest`` cut to STDERR_BACKLOG at a line's end (a line begun on stderr is kept
