@@ -23,7 +23,8 @@ from .engine import ConnectionEngine, Shared
 
 log: Final = logging.getLogger("pytclmilter")
 
-_SIGNALS: Final = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+#: Stop the milter gracefully (with workers: sent to the supervisor; to a worker, that worker).
+STOP_SIGNALS: Final = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 #: From the --workers supervisor to the workers a reload replaced: finish the open sessions (their
 #: log lines and metrics then say "milter reloaded", not "milter stopped"), then end.
 REPLACED: Final = signal.SIGUSR2
@@ -394,7 +395,7 @@ class MilterServer:
         # SIGUSR1 only for a milter that can reload (Hooks.reload): otherwise it keeps its meaning.
         # A --workers worker's milter can, in the supervisor: one sent to a worker is only logged.
         can_reload = self.shared.hooks.reload is not None
-        for sig in _SIGNALS + ((_RELOAD,) if can_reload else ()):
+        for sig in STOP_SIGNALS + ((_RELOAD,) if can_reload else ()):
             try:
                 if sig == _RELOAD:
                     self._reload_disposition = signal.getsignal(sig)

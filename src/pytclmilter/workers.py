@@ -43,13 +43,12 @@ from .accept import check_fd_limit
 from .connspec import parse
 from .hooks import Hooks, forget_early_reload
 from .listener import Listener, bind
-from .server import REPLACED
+from .server import REPLACED, STOP_SIGNALS
 from .logline import Every, escape
 from .settings import Settings
 
 log = logging.getLogger("pytclmilter")
 
-_STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 #: A worker a stop signal stopped exits with STOPPED_BY + the signal, as a shell reports one; it
 #: is replaced (the supervisor stops its workers with SIGTERM too, and then replaces none). Exit
 #: status 0 is `milter stop`, which stops all.
@@ -143,7 +142,7 @@ class Supervisor:
         self.listener = listener
         # The workers watch the read end; the write end closes when this process dies.
         self.lifeline, self._lifeline_w = os.pipe()
-        previous = {sig: signal.signal(sig, self._on_signal) for sig in _STOP_SIGNALS}
+        previous = {sig: signal.signal(sig, self._on_signal) for sig in STOP_SIGNALS}
         mask = signal.pthread_sigmask(signal.SIG_BLOCK, self._waited)
         if signal.SIGUSR1 in self._waited:
             forget_early_reload()
@@ -231,7 +230,8 @@ class Supervisor:
         reload = self.hooks.reload
         if self.stopping:
             log.warning("received SIGUSR1 while stopping: no reload")
-        if self.stopping or reload is None:
+            return
+        if reload is None:
             return
         try:
             reload()
@@ -246,7 +246,7 @@ class Supervisor:
             log.info("worker %d (pid %d) stopped the milter: stopping all workers", number, pid)
             self.stop()
             return
-        if code - STOPPED_BY in _STOP_SIGNALS:  # sent to it alone (an admin's kill, a pkill -f)
+        if code - STOPPED_BY in STOP_SIGNALS:  # sent to it alone (an admin's kill, a pkill -f)
             log.warning("worker %d (pid %d) was stopped by %s sent to it; starting a new one (to stop the "
                         "milter, signal the supervisor, pid %d)", number, pid, signal.Signals(code - STOPPED_BY).name,
                         self.pid)
@@ -301,7 +301,7 @@ class Supervisor:
         # A stop signal waits until the new worker is in self.children (a stop in between would
         # miss it and leave it serving) and, in the worker, until our handlers are gone.
         slot = self._free_slot()
-        signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
+        signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
         try:
             pid = os.fork()
             if pid == 0:
@@ -312,7 +312,7 @@ class Supervisor:
             if self.stopping:  # a stop came before the fork: this one was not told
                 os.kill(pid, signal.SIGTERM)
         finally:
-            signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
 
     def _free_slot(self) -> int | None:
         free = sorted(set(range(self.slots)) - set(self._slot_of.values()))
@@ -326,11 +326,11 @@ class Supervisor:
         return None
 
     def _worker(self, number: int, slot: int | None) -> None:
-        for sig in _STOP_SIGNALS:
+        for sig in STOP_SIGNALS:
             signal.signal(sig, signal.SIG_DFL)
         if signal.SIGUSR1 in self._waited:
             signal.signal(signal.SIGUSR1, signal.SIG_IGN)  # a reload is the supervisor's
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS + self._waited)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS + self._waited)
         os.close(self._lifeline_w)  # else the pipe would never reach EOF
         parent = self.pid
         assert self.listener is not None  # forked from run()
