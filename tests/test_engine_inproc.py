@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from pytclmilter import CONTINUE, NOREPLY, REJECT, SKIP, TEMPFAIL
+from pytclmilter import CONTINUE, DISCARD, NOREPLY, REJECT, SKIP, TEMPFAIL
 from support.engine import ALL_PROTO, P_NR_HDR, P_SKIP, InProcessMTA, make_milter, z
 
 LOG = "pytclmilter"
@@ -283,3 +283,55 @@ def test_a_new_session_after_quit_nc_starts_with_nothing_decided():
     assert mta.connect() == C
     assert mta.command(b"H", z("client.example")) == C
     assert [c[0] for c in calls] == ["connect", "helo"]
+
+
+@pytest.mark.parametrize("stage, status", [("connect", DISCARD), ("helo", DISCARD), ("connect", NOREPLY),
+                                           ("envfrom", NOREPLY), ("envfrom", SKIP), ("header", SKIP),
+                                           ("eoh", SKIP)])
+def test_a_status_sent_as_continue_decides_nothing(caplog, stage, status):
+    """A status the MTA cannot get where it waits goes out as `c` (docs/protocol.md §8): the MTA
+    then filters on, so must the milter. Before, the engine decided on the callback's word: a
+    DISCARD at connect was logged as a verdict and no later callback of the connection ran, a
+    NOREPLY at MAIL silently skipped the message's callbacks and its eom modifications, and a
+    SKIP before the body skipped the body callbacks."""
+    caplog.set_level(logging.INFO, logger=LOG)
+    m, calls = make_milter(), []
+    recording(m, calls, **{stage: status})
+
+    def eom(ctx):
+        ctx.addheader("X-Scanned", "yes")
+
+    m.register("eom", eom)
+    mta = InProcessMTA(m)
+    mta.optneg(protocol=ALL_PROTO & ~P_NR_HDR)  # every header waits for its reply
+    envelope(mta)
+    assert mta.command(b"L", z("Subject", "hi")) == C
+    assert mta.command(b"N") == C
+    assert mta.command(b"B", b"body\r\n") == C
+    assert mta.command(b"E") == [(b"h", z("X-Scanned", "yes")), (b"c", b"")]
+    assert [c[0] for c in calls] == list(EVENTS)
+    assert "sending continue" in " ".join(messages(caplog, logging.WARNING))
+    verdicts = [t for t in messages(caplog, logging.INFO) if " verdict " in t]
+    assert len(verdicts) == 1 and "verdict accept at eom" in verdicts[0], verdicts
+
+
+def test_quit_nc_forgets_the_sessions_private_data_and_sender(caplog):
+    """The SMTP session after QUIT_NC may be another client's: what the filter kept with setpriv
+    for the first must not reach it, nor must the first sender appear in its verdict line."""
+    caplog.set_level(logging.INFO, logger=LOG)
+    m, seen = make_milter(), []
+    m.register("envfrom", lambda ctx, *a: ctx.setpriv("who", "first"))
+    m.register("connect", lambda ctx, *a: seen.append(ctx.getpriv("who", None)) or CONTINUE)
+    m.register("helo", lambda ctx, helo: REJECT if helo == "second.example" else CONTINUE)
+    mta = InProcessMTA(m)
+    mta.optneg()
+    assert mta.connect() == C
+    assert mta.command(b"H", z("client.example")) == C
+    assert mta.command(b"M", z("<first@example.org>")) == C
+    assert mta.command(b"E") == C
+    assert mta.command(b"K") == []
+    assert mta.connect() == C
+    assert mta.command(b"H", z("second.example")) == [(b"r", b"")]
+    assert seen == [None, None]
+    (verdict,) = [t for t in messages(caplog, logging.INFO) if "verdict reject" in t]
+    assert "first@example.org" not in verdict and "from=-" in verdict, verdict

@@ -113,6 +113,32 @@ def test_tcl_and_python_callbacks_share_chains_and_private_data(tclrun):
     assert out.index("PY envfrom <tcl-reject@example.org>") < out.index("TCL envfrom <tcl-reject@example.org>")
 
 
+def test_a_session_after_quit_nc_starts_without_the_last_ones_private_data(tclrun):
+    """QUIT_NC: the MTA keeps the connection for another SMTP session, maybe another client's.
+    Before, a value the script kept with setpriv for the first session was there in the second."""
+    m = tclrun(r"""
+        package require TclMilter
+        proc conn {ctx host addr} {
+            if {[catch {$ctx getpriv who} who]} { return SMFIS_CONTINUE }
+            $ctx setreply 550 5.7.1 "kept: $who"
+            return SMFIS_REJECT
+        }
+        proc from {ctx args} { $ctx setpriv who [lindex $args 0 0]; return SMFIS_CONTINUE }
+        milter register connect conn
+        milter register envfrom from
+        milter main
+    """)
+    connect = z("h.example", "4") + b"\x19\x01" + z("127.0.0.1")
+    with m.mta() as mta:
+        mta.negotiate_raw()
+        for _session in range(2):
+            assert mta.event_raw("C", connect) == ("c", b"")
+            assert mta.event_raw("M", z("<first@example.org>")) == ("c", b"")
+            assert mta.event_raw("E") == ("c", b"")
+            mta.send_raw("K")
+    assert m.stop() == 0
+
+
 # ---------------------------------------------------------------------------- stopping
 
 

@@ -247,7 +247,7 @@ def _check_name(command: str, name: object) -> None:
 
 
 class Context:
-    """One MTA connection as the callbacks see it; private data lives as long as the connection."""
+    """One MTA connection as the callbacks see it; private data lives as long as its SMTP session."""
 
     __slots__ = (
         "id",

@@ -377,7 +377,10 @@ class ConnectionEngine:
         elif type(event) is Closed:
             self._run_quiet("close")
             if event.reason == "quit_nc":
+                # Another SMTP session follows on this connection, maybe another client's: what
+                # the filter kept or said for this one must not reach it (nor its log lines).
                 self.ctx.reply_text = None
+                self.ctx.unsetpriv()
             else:
                 self._finish(event.reason)
 
@@ -417,6 +420,7 @@ class ConnectionEngine:
 
     def _new_session(self) -> None:
         self._decided = _OPEN
+        self.sender = ""
 
     def _negotiate(self, offer: OptionNegotiation) -> None:
         status = Status.CONTINUE
@@ -666,7 +670,8 @@ class ConnectionEngine:
         if status is Status.CONTINUE and not is_eom:  # the common answer: nothing to decide
             self._out.append(self.session.send(_CONTINUE))
             return
-        reply = self._reply_for(name, event, status)
+        status = self._effective(name, event, status)
+        reply = self._reply_for(event, status)
         # --dry-run: the callbacks' answer is decided on as usual (the events after a verdict run
         # no callbacks, as they would not arrive), but the MTA gets continue and no modification.
         dry = self.shared.settings.dry_run and not quiet
@@ -701,27 +706,36 @@ class ConnectionEngine:
             # ABORT) before the next message, so its verdict must not leak into that one.
             self._new_message()
 
-    def _reply_for(self, name: str, event: Event, status: Status) -> Reply:
+    def _effective(self, name: str, event: Event, status: Status) -> Status:
+        """The status as the MTA will take it: one that cannot be sent here goes out as continue.
+
+        What is decided and logged follows this, not the callback's word: a NOREPLY, a SKIP
+        outside the body or a DISCARD at connect or helo answered ``c`` must not stop the
+        callbacks of the rest of the message or connection behind the MTA's back.
+        """
         t = type(event)
-        if status in (Status.REJECT, Status.TEMPFAIL):
+        if status is Status.NOREPLY:
+            log.warning("%s: %s callback answered SMFIS_NOREPLY but the MTA waits for a reply; "
+                        "sending continue", self.name, name)
+            return Status.CONTINUE
+        if status is Status.SKIP and t is not Body:
+            log.warning("%s: SMFIS_SKIP is meaningful only in the body callback; sending continue", self.name)
+            return Status.CONTINUE
+        if status is Status.DISCARD and (t is Connect or t is Helo):
+            log.warning("%s: SMFIS_DISCARD is meaningless at %s (the MTA would ignore it); sending continue",
+                        self.name, name)
+            return Status.CONTINUE
+        return status
+
+    def _reply_for(self, event: Event, status: Status) -> Reply:
+        if status is Status.REJECT or status is Status.TEMPFAIL:
             text = self.ctx.reply_text
             if text and text[0] == ("5" if status is Status.REJECT else "4"):
                 self.ctx.reply_text = None
                 return ReplyCode(text)
             return Reject() if status is Status.REJECT else Tempfail()
-        if status is Status.NOREPLY:
-            log.warning("%s: %s callback answered SMFIS_NOREPLY but the MTA waits for a reply; "
-                        "sending continue", self.name, name)
-            return Continue()
-        if status is Status.SKIP and t is not Body:
-            log.warning("%s: SMFIS_SKIP is meaningful only in the body callback; sending continue", self.name)
-            return Continue()
         if status is Status.SKIP and not (self.session.negotiated.protocol & _SKIP):
             return Continue()  # the MTA cannot skip: we stop calling body callbacks instead
-        if status is Status.DISCARD and t in (Connect, Helo):
-            log.warning("%s: SMFIS_DISCARD is meaningless at %s (the MTA would ignore it); sending continue",
-                        self.name, name)
-            return Continue()
         return _FINAL_OF[status]
 
     def _log_verdict(self, stage: str, status: Status, reply: Reply, dry: bool) -> None:
