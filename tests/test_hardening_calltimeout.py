@@ -408,3 +408,35 @@ puts "after main: done"
         assert mta.mail("<ok@example.org>")[0] == "c"
     assert m.wait_exit(15) == 0, m.output
     assert "after main: done" in m.output and "limit exceeded" not in m.output, m.output
+
+
+IDLE_HOOKS = """
+def setup(milter):
+    @milter.register("eom")
+    def eom(ctx):
+        ctx.addheader("X-Seen", ctx.getpriv("from"))
+"""
+
+
+def test_the_deadline_of_a_finished_tcl_callback_stops_nothing_later(tclrun):
+    """The Tcl limit stays armed after a callback returns. Before, its deadline passing while the
+    milter was idle made every tick fail ("the host's event tick failed ... time limit exceeded",
+    once a minute for ever), and a Python callback that read the Tcl private data after it, or
+    the cleanup of the connection's context, failed the same way: the context and its private
+    data were never freed (a leak per connection)."""
+    m = tclrun(r"""
+        package require TclMilter
+        proc from {ctx args} { $ctx setpriv from [lindex $args 0 0]; return SMFIS_CONTINUE }
+        milter register envfrom from
+        milter main
+    """, "--call-timeout", "1", python=[IDLE_HOOKS])
+    for _connection in range(2):
+        with m.mta() as mta:
+            mta.negotiate()
+            assert mta.mail("<idle@example.org>") == ("c", {})
+            time.sleep(1.3)  # past the deadline of the Tcl callback, before end of message
+            assert mta.event_raw("E") == ("h", b"X-Seen\0<idle@example.org>\0")
+            assert mta.reply_raw() == ("c", b"")
+        time.sleep(1.3)  # idle past it: the context's cleanup, then the ticks
+    assert m.stop() == 0
+    assert "ERROR" not in m.text and "time limit" not in m.text, m.text

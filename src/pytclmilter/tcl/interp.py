@@ -592,6 +592,7 @@ class TclHost:
                     break
             self.tk.call("::tclmilter::py::poll_next")  # events may be left: look again at the next tick
         finally:
+            self.limit.done()
             # A Python command stopped in a handler: Tcl reported it (bgerror), no callback will.
             self.pycommands.stopped = ""
 

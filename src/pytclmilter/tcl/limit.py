@@ -8,6 +8,11 @@ exceeded`` (errorCode ``TCL LIMIT TIME``), which a script cannot ``catch``.
 Tcl checks the deadline between commands only: a command blocked in C code
 (``exec``) runs to its end, and :meth:`CallLimit.stop` tells the engine so.
 
+The deadline stays armed after a callback returns (disarming would cost a Tcl call each time),
+so it can pass while the host itself evaluates in the interpreter: an idle poll, a context's
+cleanup, a Python callback reading private data. Those are no callback's time: a deadline that
+finds nothing limited running is removed (:meth:`CallLimit.done` says when that is).
+
 A command written in Python (tcl/pycommands.py) is Python code inside the Tcl callback, which
 Tcl's limit cannot stop: it runs under the Python limit (limits.py) with :meth:`remaining`,
 and when that stops it, :meth:`expire` has Tcl's limit end the callback the usual way.
@@ -49,6 +54,7 @@ class CallLimit(Limit):
         self._seconds = 0.0
         self._armed_until = 0.0  # monotonic time of the deadline Tcl holds; 0: none
         self._cap = _NEVER  # an end the allowance may not pass (begin_within, expire)
+        self._running = False  # limited Tcl code runs (a callback, handlers, begin_within's code)
         #: Tcl stopped an evaluation at the deadline, and runs nothing more in the interpreter
         #: until the limit is set again (any _set).
         self.exceeded = False
@@ -56,7 +62,7 @@ class CallLimit(Limit):
 
     def begin(self, seconds: float, now: float) -> bool:
         """A callback starts (the engine read the time and the milter's call_timeout)."""
-        self._started, self._seconds, self._cap = now, seconds, _NEVER
+        self._started, self._seconds, self._cap, self._running = now, seconds, _NEVER, True
         if not seconds:
             if self._armed_until:
                 self._set(None)
@@ -67,12 +73,23 @@ class CallLimit(Limit):
 
     def stop(self) -> bool:
         """Read the clock: a callback blocked in C code past its deadline may still return."""
+        self._running = False
         return _monotonic() - self._started > self._seconds
+
+    def done(self) -> None:
+        """The limited code is over (a batch of handlers, begin_within's code): what the host runs
+        in the interpreter next is not held to its end."""
+        self._running = False
 
     def begin_within(self, deadline: float, now: float) -> None:
         """Python code held to ``deadline`` (monotonic) runs Tcl now: Tcl stops at the same end."""
-        self._started, self._seconds, self._cap = now, max(deadline - now, 0.0), deadline
+        self._started, self._seconds, self._cap, self._running = now, max(deadline - now, 0.0), deadline, True
         self._set(deadline)
+
+    @property
+    def running(self) -> bool:
+        """Limited Tcl code runs now (a callback, a batch of handlers, begin_within's code)."""
+        return self._running
 
     def remaining(self) -> float | None:
         """Seconds the Tcl code running now may still run; None when no limit is in force (the
@@ -83,7 +100,7 @@ class CallLimit(Limit):
     def expire(self) -> None:
         """The allowance is used up (by a Python command): Tcl's next check stops the evaluation."""
         now = _monotonic()
-        self._cap = now
+        self._cap, self._running = now, True
         self._set(now)
 
     def begin_handlers(self) -> None:
@@ -92,13 +109,15 @@ class CallLimit(Limit):
 
     def clear(self) -> None:
         """No limit outside serving: the script's own code after `milter main` runs unbounded."""
+        self._running = False
         if self._armed_until:
             self._set(None)
 
     def reset(self) -> None:
-        """After a callback was stopped: the interpreter must get a fresh deadline to run again."""
-        self._armed_until = 0.0
-        self.begin_handlers()
+        """After a callback was stopped: Tcl runs nothing more in the interpreter until its limit
+        changes, so it goes; the next callback or batch of handlers arms a fresh one."""
+        self._running = False
+        self._set(None)
 
     def _end(self) -> float:
         """When the Tcl code running now must stop (_NEVER: no limit). An end given (begin_within,
@@ -110,7 +129,7 @@ class CallLimit(Limit):
         return self._started + limit if limit else _NEVER
 
     def _on_deadline(self, *args: object) -> None:
-        end = self._end()
+        end = self._end() if self._running else _NEVER
         if end == _NEVER:
             self._set(None)
         elif _monotonic() < end:

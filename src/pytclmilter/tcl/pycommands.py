@@ -221,6 +221,7 @@ class PythonCommands:
         if not words:
             raise TypeError("ctx.tcl needs a command name")
         args = [script_word(w) for w in words]
+        inside = self.limit.running  # Tcl code called the Python code calling us: its limit stays
         if not self._depth and self._milter.running:
             self._arm()
         self._depth += 1
@@ -230,6 +231,8 @@ class PythonCommands:
             raise self._tcl_error(exc) from None
         finally:
             self._depth -= 1
+            if not self._depth and not inside:
+                self.limit.done()
 
     def _arm(self) -> None:
         """Give the Tcl code the time the Python callback running it has left, or, from an async
