@@ -16,6 +16,7 @@ import logging
 import os
 import re
 import struct
+import sys
 import threading
 import warnings
 
@@ -1138,3 +1139,48 @@ def test_settings_the_command_line_refuses_are_refused_by_the_api_too(setting, v
     m = make_milter()
     with pytest.raises(ValueError):
         setattr(m, setting, value)
+
+
+def _exits(kind: str, how: str):
+    """A callback that ends in sys.exit(3) or KeyboardInterrupt, sync or async."""
+
+    def leave() -> None:
+        if kind == "exit":
+            sys.exit(3)
+        raise KeyboardInterrupt
+
+    if how == "sync":
+        return lambda ctx, args: leave() if args[0] == "<bye@example.org>" else CONTINUE
+
+    async def envfrom(ctx, args):
+        await asyncio.sleep(0)
+        if args[0] == "<bye@example.org>":
+            leave()
+        return CONTINUE
+
+    return envfrom
+
+
+@pytest.mark.parametrize("timeout", [0, 5], ids=["no-limit", "limit"])
+@pytest.mark.parametrize("how", ["sync", "async"])
+@pytest.mark.parametrize("kind", ["exit", "interrupt"])
+def test_sys_exit_in_a_python_callback_is_a_failure_not_the_milters_end(caplog, kind, how, timeout):
+    """A Python callback (or a library it calls) that runs sys.exit() or raises KeyboardInterrupt
+    failed, like one that raises anything else: logged with its traceback, answered with
+    on_error, and the milter serves on. Before, a sync one broke the connection ("Fatal error on
+    transport", the MTA waiting for its reply), and an async one ended the whole milter with
+    exit code 3 and nothing logged."""
+    caplog.set_level(logging.INFO, logger="pytclmilter")
+    m = make_milter(call_timeout=timeout)
+    m.register("envfrom", _exits(kind, how))
+    with serving(m) as srv, srv.raw() as mta:
+        assert mta.connect() == (b"c", b"")
+        assert mta.mail("<bye@example.org>") == (b"t", b"")
+        assert mta.mail("<next@example.org>") == (b"c", b"")
+        with srv.raw() as other:
+            assert other.connect() == (b"c", b"")
+    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    shown = "SystemExit(3)" if kind == "exit" else "KeyboardInterrupt()"
+    assert len(errors) == 1 and "envfrom callback" in errors[0], errors
+    assert f"failed ({shown}), answering SMFIS_TEMPFAIL" in errors[0], errors
+    assert "leave" in errors[0]  # the traceback, down to where it was raised

@@ -178,6 +178,11 @@ def setup(milter):
     @milter.tcl_command("blank")
     def blank():
         raise RuntimeError()
+
+    @milter.tcl_command("leave")
+    def leave():
+        import sys
+        sys.exit(3)
 '''
 
 
@@ -193,6 +198,7 @@ def test_a_python_exception_is_a_tcl_error_the_script_can_catch(tclrun):
         T code     {catch {boom "no such key"} m o; dict get $o -errorcode}
         T trap     {try { boom x } trap {PYTHON LookupError} {msg} { set r "trapped $msg" }}
         T blank    {blank}
+        T leave    {catch leave m o; list $m [dict get $o -errorcode]}
         proc p {} { boom "from a proc" }
         catch p m o
         puts "INFO<<[dict get $o -errorinfo]>>"
@@ -216,6 +222,9 @@ def test_a_python_exception_is_a_tcl_error_the_script_can_catch(tclrun):
     assert r["code"] == "OK PYTHON LookupError {no such key}"
     assert r["trap"] == "OK trapped x"
     assert r["blank"] == "ERR RuntimeError"  # no message: the exception's name
+    # sys.exit() in a command (or a library it calls) is an error like another: the script catches
+    # it (before, it passed through Tcl and failed the callback, or ended the load, from outside)
+    assert r["leave"] == "OK SystemExit(3) {PYTHON SystemExit SystemExit(3)}"
     info = re.search(r"INFO<<(.*?)>>", m.text, re.S).group(1)
     lines = info.split("\n")
     assert lines[0] == "from a proc"

@@ -207,6 +207,23 @@ class CallbackError(Exception):
         self.detail = detail
 
 
+class _Exited(Exception):
+    """SystemExit or KeyboardInterrupt raised in an async callback, carried as an Exception: asyncio
+    re-raises those two out of the event loop from the task they end, which would end the milter
+    for one callback's ``sys.exit()`` (or a library's)."""
+
+    def __init__(self, original: SystemExit | KeyboardInterrupt) -> None:
+        super().__init__(str(original))
+        self.original = original
+
+
+async def _contained(awaitable: Awaitable[Any]) -> Any:
+    try:
+        return await awaitable
+    except (SystemExit, KeyboardInterrupt) as exc:
+        raise _Exited(exc) from None
+
+
 class ConnectionEngine:
     """Drives one FilterSession with the milter's callbacks.
 
@@ -539,7 +556,9 @@ class ConnectionEngine:
             finally:
                 if held:
                     late = limiter.stop()  # before anything else: the failure's log line is not limited
-        except (Exception, CallbackTimeout) as exc:  # noqa: BLE001 - a filter bug must not take the milter down
+        # A filter bug must not take the milter down: a sys.exit() in a callback included (the
+        # Tcl `exit` ends the process, as the manual has it; Python's is a failure like any other).
+        except (Exception, CallbackTimeout, SystemExit, KeyboardInterrupt) as exc:  # noqa: BLE001
             status = self._callback_failed(name, cb, exc)
             if limit:
                 self._check_time(name, cb, started, limit, _LATE_STOP)
@@ -563,11 +582,11 @@ class ConnectionEngine:
         try:
             if limit:
                 try:
-                    result = await asyncio.wait_for(awaitable, limit)
+                    result = await asyncio.wait_for(_contained(awaitable), limit)
                 except asyncio.TimeoutError:
                     raise CallbackTimeout(f"callback stopped after {limit:g} s (call_timeout)") from None
             else:
-                result = await awaitable
+                result = await _contained(awaitable)
         except asyncio.CancelledError as exc:
             if _cancelling():  # the loop ends (run() returns): this connection's task must end too
                 raise
@@ -577,7 +596,7 @@ class ConnectionEngine:
             self._timed(name, cb, started)
             return status
         except (Exception, CallbackTimeout) as exc:  # noqa: BLE001
-            status = self._callback_failed(name, cb, exc)
+            status = self._callback_failed(name, cb, exc.original if isinstance(exc, _Exited) else exc)
             if limit:
                 self._check_time(name, cb, started, limit, _LATE_STOP)
             self._timed(name, cb, started)
@@ -628,6 +647,8 @@ class ConnectionEngine:
         who = "chain" if cb is None else cb.name or repr(cb.func)
         text = str(exc)
         message = text or type(exc).__name__
+        if isinstance(exc, (SystemExit, KeyboardInterrupt)):  # "failed (3)" would say nothing
+            message = f"{type(exc).__name__}({text})"
         seen = self.shared.traces.logged_as(f"{name} {who}\n{place_of(detail, text)}", self.name) if detail else None
         if seen is None:
             log.error("%s: %s callback %s failed (%s), answering %s:\n%s", self.name, name,

@@ -164,7 +164,9 @@ class PythonCommands:
                 self.stopped = f"Python command {command.name} stopped at the time limit in:\n{stopped.where}"
                 self.limit.expire()
                 return ("limit",)
-            except Exception as exc:  # noqa: BLE001 - the script gets it as a Tcl error
+            # The script gets it as a Tcl error: a sys.exit() too, which would otherwise pass
+            # through Tcl uncatchable and fail the callback, or end the load, from outside it.
+            except (Exception, SystemExit, KeyboardInterrupt) as exc:  # noqa: BLE001
                 return self._error(exc, _own_frames_dropped(exc.__traceback__))
             finally:
                 self._depth -= 1
@@ -264,8 +266,10 @@ class PythonCommands:
     # ------------------------------------------------------------ errors
 
     @staticmethod
-    def _error(exc: Exception, tb: TracebackType | None) -> tuple[Any, ...]:
+    def _error(exc: BaseException, tb: TracebackType | None) -> tuple[Any, ...]:
         message = str(exc) or type(exc).__name__
+        if isinstance(exc, (SystemExit, KeyboardInterrupt)):  # "3" would say nothing
+            message = f"{type(exc).__name__}({exc})"
         trace = "".join(traceback.format_exception(type(exc), exc, handler_dropped(exc, tb))).rstrip("\n")
         return ("error", to_tcl(message), ("PYTHON", type(exc).__name__, to_tcl(message)),
                 to_tcl(f"{message}\n{trace}"))
