@@ -13,6 +13,7 @@ import mailbox
 import os
 import re
 import socket
+import time
 from pathlib import Path
 
 from test_cli import BLACKLIST, DATA, GREYLIST, GREYLIST_STORE, PYTCLMILTER, ROOT, STAMP, cli
@@ -189,6 +190,64 @@ def test_try_mbox_from_standard_input(tmp_path: Path) -> None:
     child.close()
     assert output_lines(out)[-1] == "summary: 2 messages: 1 accept, 1 reject", out
     assert child.exitstatus == 0
+
+
+def spawn_in_bash(command: str, *args: str, env: dict[str, str] | None = None) -> pexpect.spawn:
+    """``pytclmilter ARGS`` run by bash as ``"$@" COMMAND``: COMMAND may use process substitution."""
+    return pexpect.spawn("bash", ["-c", f'"$@" {command}', "bash", *PYTCLMILTER, *args], env=child_env(env),
+                         cwd=str(ROOT), encoding="utf-8", timeout=30, echo=False)
+
+
+def run_in_bash(command: str, *args: str) -> tuple[int, str]:
+    child = spawn_in_bash(command, *args)
+    out = child.read().replace("\r\n", "\n")
+    child.close()
+    return child.exitstatus, out
+
+
+def test_try_reads_a_message_or_an_mbox_from_a_pipe_it_can_read_only_once(tmp_path: Path) -> None:
+    """A process substitution or a named FIFO: try read its first bytes to tell an mbox from a
+    message, then opened it again and found it empty (a message: "accepted", with nothing in it),
+    or could not seek it (an mbox: a traceback)."""
+    status, out = run_in_bash(f"<(cat {DATA / 'blacklisted.eml'})", "try", str(BLACKLIST))
+    assert "verdict: reject at envfrom" in out and "<spammer@spamdomain.com>" in out, out
+    assert status == 1
+    box = write_mbox(tmp_path / "archive.mbox", (DATA / "plain.eml").read_bytes(),
+                     (DATA / "blacklisted.eml").read_bytes())
+    status, out = run_in_bash(f"<(cat {box})", "try", str(BLACKLIST))
+    assert output_lines(out) == ['#1: accept at eom, 0 modifications; from <alice@example.org>, subject '
+                                 '"Lunch on Friday?"', SPAMMER.replace("blacklisted.eml", "#2"),
+                                 "summary: 2 messages: 1 accept, 1 reject"], out
+    assert status == 0
+    fifo = tmp_path / "message.fifo"
+    os.mkfifo(fifo)
+    status, out = run_in_bash(f"{fifo} & cat {box} > {fifo}; wait", "try", str(BLACKLIST))
+    assert output_lines(out)[-1] == "summary: 2 messages: 1 accept, 1 reject", out
+    assert status == 0
+
+
+@pytest.mark.parametrize("message", ["file", "stdin"])
+def test_ctrl_c_while_the_script_loads_leaves_no_temporary_directory(tmp_path: Path, message: str) -> None:
+    """Ctrl-C while the script loads ends try at once, as under tclsh: its temporary directory
+    (and a copy of standard input in it) stayed in /tmp."""
+    script = tmp_path / "loop.tcl"
+    script.write_text("package require TclMilter\nputs looping\nwhile 1 {}\nmilter main\n")
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    source = f"< {DATA / 'plain.eml'} -" if message == "stdin" else str(DATA / "plain.eml")
+    child = spawn_in_bash(source, "try", str(script), env={"TMPDIR": str(tmp)})
+    try:
+        child.expect("looping")
+        assert len(os.listdir(tmp)) == 1  # it was there while try ran
+        child.sendintr()
+        child.expect(pexpect.EOF, timeout=5)
+    finally:
+        child.close(force=True)
+    for _ in range(50):
+        if not os.listdir(tmp):
+            break
+        time.sleep(0.1)
+    assert os.listdir(tmp) == []
 
 
 def test_try_batch_is_one_script_instance_with_a_connection_per_message(tmp_path: Path) -> None:

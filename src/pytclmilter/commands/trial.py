@@ -16,8 +16,8 @@ import argparse
 import asyncio
 import os
 import shutil
+import stat
 import sys
-import tempfile
 import tkinter
 from dataclasses import replace
 from pathlib import Path
@@ -36,6 +36,7 @@ from ..logline import escape
 from .common import (EX_NOINPUT, EX_SOFTWARE, ScriptExit, UsageError, add_envelope_options, add_script_options,
                      check_script, envelope_of, macros_of, make_host, read_message)
 from .logs import setup_logging
+from .workdir import private_workdir
 from . import sigmask
 
 #: Exit statuses of a batch and of --compare (docs/cli.md); a single message exits with its verdict.
@@ -66,8 +67,7 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> argp
 def cmd_try(opts: argparse.Namespace) -> int:
     setup_logging(opts.log_level)
     macros_of(opts)  # a usage error before anything runs
-    workdir = tempfile.mkdtemp(prefix="pytclmilter-try-")
-    try:
+    with private_workdir("pytclmilter-try-") as workdir:
         listing = _input(opts, workdir)
         if listing.kind == "message" and not opts.compare:
             return _single(opts, listing.path, workdir)
@@ -76,21 +76,36 @@ def cmd_try(opts: argparse.Namespace) -> int:
         if opts.compare:
             return _compare(opts, listing, workdir)
         return _batch(opts, listing, workdir)
-    finally:
-        shutil.rmtree(workdir, ignore_errors=True)
 
 
 def _input(opts: argparse.Namespace, workdir: str) -> Listing:
-    """What the MESSAGE argument names; standard input is copied to a file first (an mbox must be seekable)."""
-    path = opts.message
-    if path == "-":
-        path = os.path.join(workdir, "stdin")
-        with open(path, "wb") as f:
-            shutil.copyfileobj(sys.stdin.buffer, f)
+    """What the MESSAGE argument names. Standard input, a FIFO, a device or a process substitution
+    (``<(...)``, /dev/fd/N) is copied to a file first: it can be read only once, and it is read
+    twice (its first line tells an mbox, which must be seekable, from a message)."""
     try:
-        return open_input(path, opts.message)
+        return open_input(_copied(opts.message, workdir), opts.message)
     except OSError as exc:
-        raise UsageError(f"{opts.message}: {exc.strerror}", EX_NOINPUT) from None
+        raise UsageError(f"{opts.message}: {exc.strerror or exc}", EX_NOINPUT) from None
+
+
+def _copied(path: str, workdir: str) -> str:
+    """``path``, or where a stream it names was copied to; OSError when it cannot be read."""
+    if path != "-" and not _is_stream(path):
+        return path
+    copy = os.path.join(workdir, "input")
+    with open(copy, "wb") as f:
+        if path == "-":
+            shutil.copyfileobj(sys.stdin.buffer, f)
+        else:
+            with open(path, "rb") as source:
+                shutil.copyfileobj(source, f)
+    return copy
+
+
+def _is_stream(path: str) -> bool:
+    """Neither a regular file nor a directory (which are read where they are)."""
+    mode = os.stat(path).st_mode
+    return not (stat.S_ISREG(mode) or stat.S_ISDIR(mode))
 
 
 def _serve(opts: argparse.Namespace, script: str, socket: str,
