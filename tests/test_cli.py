@@ -756,6 +756,26 @@ def test_try_tempfail_of_every_recipient_is_a_tempfail(tmp_path: Path) -> None:
     assert json_of(out)["verdict"] == "tempfail"
 
 
+def test_try_drops_a_recipient_rejected_at_rcpt_from_the_envelope(tmp_path: Path) -> None:
+    """Postfix drops a recipient the filter rejects at RCPT; the report listed it in the envelope
+    of the accepted message all the same (text and --json)."""
+    script = tmp_path / "no-carol.tcl"
+    script.write_text("package require TclMilter 1.0\n"
+                      "proc rc {ctx rcpt} {\n"
+                      "    if {[string match *carol* [lindex $rcpt 0]]} { return SMFIS_REJECT }\n"
+                      "    return SMFIS_CONTINUE\n"
+                      "}\nmilter register envrcpt rc\nmilter main\n")
+    rcpts = ("--rcpt", "bob@example.com", "--rcpt", "carol@example.com", "--rcpt", "dave@example.com")
+    status, out = cli("try", str(script), str(DATA / "plain.eml"), *rcpts)
+    assert status == 0, out
+    assert "recipient carol@example.com rejected: reject" in out, out
+    assert "envelope: from <alice@example.org> to <bob@example.com>, <dave@example.com>\n" in out, out
+    status, out = cli("try", str(script), str(DATA / "plain.eml"), *rcpts, "--json")
+    doc = json_of(out)
+    assert doc["message"]["recipients"] == ["<bob@example.com>", "<dave@example.com>"], out
+    assert doc["rejected_recipients"] == {"carol@example.com": "reject"}
+
+
 def test_try_prints_8bit_messages_on_a_strict_utf8_terminal() -> None:
     """BUG: with a UTF-8 locale (e.g. LANG=en_US.UTF-8) Python's stdout is strict,
     and the report of a message with 8-bit bytes dies with UnicodeEncodeError.

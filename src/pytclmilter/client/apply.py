@@ -7,9 +7,10 @@ message's own headers.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from ..protocol import events as ev
+from .conversation import Outcome
 from .message import Envelope, Message, angle
 
 
@@ -20,6 +21,14 @@ class Result:
     recipients: list[str]
     quarantine: str | None = None
     notes: list[str] = field(default_factory=list)
+
+
+def delivered(outcome: Outcome, msg: Message, env: Envelope) -> Result | None:
+    """What the MTA would deliver, for an accepted or quarantined message (else None): the
+    recipients refused at RCPT are no longer in its envelope, as Postfix drops them."""
+    if outcome.verdict not in ("accept", "quarantine"):
+        return None
+    return apply(outcome.actions, msg, replace(env, recipients=outcome.recipients))
 
 
 def apply(actions: list[ev.Reply], msg: Message, env: Envelope) -> Result:

@@ -44,6 +44,8 @@ class Outcome:
     stages: list[Stage] = field(default_factory=list)
     actions: list[ev.Reply] = field(default_factory=list)  # the EOM modifications
     rejected_rcpts: dict[str, str] = field(default_factory=dict)
+    #: The envelope's recipients the MTA keeps: those rejected or tempfailed at RCPT dropped.
+    recipients: list[str] = field(default_factory=list)
     negotiated: tuple[int, int, int] = (0, 0, 0)
     error: str = ""
 
@@ -140,6 +142,7 @@ class Conversation:
     # ------------------------------------------------------------ the session
 
     async def run(self, env: Envelope, msg: Message) -> Outcome:
+        self.out.recipients = list(env.recipients)  # all of them, unless the filter refuses some at RCPT
         try:
             await self._session(env, msg)
         except (ProtocolError, ConversationError, OSError, asyncio.TimeoutError) as exc:
@@ -182,21 +185,20 @@ class Conversation:
                                  ev.EnvFrom([angle(env.sender)]))
         if mail is not None and mail.reply not in _GOES_ON:
             return self._verdict(mail)
-        accepted = 0
+        kept: list[str] = []
         temporary = False
         for rcpt in env.recipients:
             stage = await self._event(Stage("envrcpt", angle(rcpt)), {"i": env.queue_id, "{rcpt_addr}": rcpt},
                                       ev.EnvRcpt([angle(rcpt)]))
-            if stage is None or stage.reply in _GOES_ON:
-                accepted += 1
-            elif stage.reply == "accept":
-                accepted += 1
+            if stage is None or stage.reply in _GOES_ON or stage.reply == "accept":
+                kept.append(rcpt)
             elif stage.reply == "discard":
                 return self._verdict(stage)
             else:
                 self.out.rejected_rcpts[rcpt] = stage.text or stage.reply
                 temporary = temporary or stage.reply == "tempfail"
-        if not accepted:
+        self.out.recipients = kept
+        if not kept:
             # the client got 4xx for at least one recipient: it will try again later
             self.out.verdict, self.out.stage = ("tempfail" if temporary else "reject"), "envrcpt"
             self.out.reply_text = "no recipient accepted" if temporary else "all recipients rejected"

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 
-from ..client.apply import apply
+from ..client.apply import delivered
 from ..client.load import load, one
 from ..client.report import EXIT_CODES, as_text, to_json
 from ..connspec import ConnSpecError, parse
@@ -41,6 +41,6 @@ def cmd_send(opts: argparse.Namespace) -> int:
         print(result.summary())
         return 0 if not result.errors else 1
     outcome = asyncio.run(one(spec, env, msg, opts.timeout))
-    applied = apply(outcome.actions, msg, env) if outcome.verdict in ("accept", "quarantine") else None
+    applied = delivered(outcome, msg, env)
     print(to_json(outcome, applied) if opts.json else as_text(outcome, applied))
     return EXIT_CODES.get(outcome.verdict, 2)

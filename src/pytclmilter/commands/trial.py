@@ -23,7 +23,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Awaitable, Callable
 
-from ..client.apply import apply
+from ..client.apply import delivered
 from ..client.archive import Item, Listing, open_input
 from ..client.batch import Tally, Verdict, about, comparison, comparison_summary, error_line, line
 from ..client.conversation import Outcome, converse
@@ -181,7 +181,7 @@ def _single(opts: argparse.Namespace, path: str, workdir: str) -> int:
     if failure is not None:
         return failure
     outcome = outcomes[0]
-    result = apply(outcome.actions, msg, env) if outcome.verdict in ("accept", "quarantine") else None
+    result = delivered(outcome, msg, env)
     print(to_json(outcome, result) if opts.json else as_text(outcome, result))
     return EXIT_CODES.get(outcome.verdict, 2)
 
