@@ -12,7 +12,9 @@ import hashlib
 import mailbox
 import os
 import re
+import shutil
 import socket
+import subprocess
 import time
 from pathlib import Path
 
@@ -358,6 +360,27 @@ def test_try_batch_usage_errors(tmp_path: Path) -> None:
     status, out = cli("try", str(BLACKLIST), str(tmp_path / "nowhere"))
     assert status == 66 and "nowhere: No such file or directory" in out
     assert os.listdir(d) == ["plain.eml"]
+
+
+def without_root_privileges(*command: str) -> list[str]:
+    """``command`` as root without the capabilities that pass over file permissions (setpriv)."""
+    if os.geteuid() != 0:
+        return list(command)
+    if shutil.which("setpriv") is None:
+        pytest.skip("setpriv (util-linux) is needed to drop root's permission override")
+    return ["setpriv", "--bounding-set=-dac_override,-dac_read_search", *command]
+
+
+def test_try_a_directory_it_may_not_read_is_one_line_and_exit_66(tmp_path: Path) -> None:
+    """A directory without read permission gave a PermissionError traceback from the batch."""
+    d = archive_dir(tmp_path, "plain.eml")
+    d.chmod(0)
+    try:
+        proc = subprocess.run(without_root_privileges(*PYTCLMILTER, "try", str(BLACKLIST), str(d)),
+                              env=child_env(), capture_output=True, text=True, timeout=30)
+    finally:
+        d.chmod(0o700)
+    assert (proc.returncode, proc.stdout, proc.stderr) == (66, "", f"pytclmilter try: {d}: Permission denied\n")
 
 
 @pytest.mark.parametrize("option", ["-workers 4", "-metrics inet:{port}@127.0.0.1"])

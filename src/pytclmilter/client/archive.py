@@ -57,8 +57,10 @@ class Listing:
 
 
 def open_input(path: str, name: str) -> Listing:
-    """What ``path`` holds; OSError when it cannot be read."""
+    """What ``path`` holds; OSError when it cannot be read (a directory: listed, which needs
+    read permission; checked here, before any script runs, not when the batch reaches it)."""
     if os.path.isdir(path):
+        os.close(os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC))
         return Listing("directory", path, name)
     with open(path, "rb") as f:
         first = f.read(len(MBOX_MAGIC))
