@@ -788,6 +788,27 @@ def test_try_prints_8bit_messages_on_a_strict_utf8_terminal() -> None:
     assert json_of(out)["verdict"] == "accept"
 
 
+@pytest.mark.parametrize("command", ["try", "send"])
+def test_reports_print_on_a_terminal_whose_encoding_lacks_a_character(command: str, tmp_path: Path,
+                                                                      serve: Callable[..., TclRun]) -> None:
+    """A snowman in a header or a recipient, on a Latin-1 terminal: the report ended in a
+    UnicodeEncodeError traceback, as text and as JSON. Text shows it as \\u2603, JSON is ASCII."""
+    message = tmp_path / "snow.eml"
+    message.write_bytes("From: alice@example.org\nTo: bob@example.com\nSubject: Caf\u00e9\n"
+                        "X-Weather: \u2603\n\nsnow\n".encode())
+    where = [str(STAMP), str(message)] if command == "try" else [
+        "--connection", serve(STAMP, "--connection", "inet:0@127.0.0.1").spec, str(message)]
+    latin1 = {"PYTHONIOENCODING": "iso8859-1"}
+    status, out = cli(command, *where, "--rcpt", "snow\u2603@example.com", env=latin1)
+    assert status == 0, out
+    assert "\nX-Weather: \\u2603\n" in out and "to <snow\\u2603@example.com>" in out, out
+    status, out = cli(command, *where, "--rcpt", "snow\u2603@example.com", "--json", env=latin1)
+    assert status == 0 and out.isascii(), out
+    doc = json_of(out)
+    assert doc["message"]["recipients"] == ["<snow\u2603@example.com>"]
+    assert "X-Weather: \u2603\r\n" in doc["message"]["text"] and "Subject: Caf\u00e9\r\n" in doc["message"]["text"]
+
+
 def test_try_and_check_a_script_that_ends_with_exit(tmp_path: Path) -> None:
     """BUG: a script ending in `exit` (usual for tclsh scripts) makes try and check print nothing.
 

@@ -122,9 +122,9 @@ def wire_text(raw: bytes) -> str:
 
 
 def to_json(outcome: Outcome, result: Result | None) -> str:
-    doc = json.dumps(as_dict(outcome, result), indent=2, ensure_ascii=False, default=str)
-    # a byte that is not UTF-8 is a lone surrogate here: write it as the JSON escape \\udcNN
-    return re.sub("[\udc80-\udcff]", lambda m: f"\\u{ord(m.group()):04x}", doc)
+    """ASCII only, so that it prints whatever the terminal's encoding: other characters as JSON
+    escapes (``\\u00e9``), and a byte that is not UTF-8 (a lone surrogate here) as ``\\udcNN``."""
+    return json.dumps(as_dict(outcome, result), indent=2, ensure_ascii=True, default=str)
 
 
 __all__ = ["EXIT_CODES", "as_dict", "as_text", "to_json", "describe", "wire"]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import io
 import ipaddress
 import os
 import stat
@@ -158,6 +159,13 @@ def add_envelope_options(p: argparse.ArgumentParser, message_help: str = "the me
     p.add_argument("--macro", action="append", default=[], metavar="NAME=VALUE",
                    help="macro the MTA sends (e.g. --macro {auth_authen}=alice), repeatable")
     p.add_argument("--json", action="store_true", help="print the report as one JSON document")
+
+
+def reports_print_anywhere() -> None:
+    """Standard output writes a character its encoding lacks (a snowman on a Latin-1 terminal,
+    PYTHONIOENCODING=iso8859-1) as ``\\u2603``: a report failed with UnicodeEncodeError."""
+    if isinstance(sys.stdout, io.TextIOWrapper):
+        sys.stdout.reconfigure(errors="backslashreplace")
 
 
 def read_message(opts: argparse.Namespace) -> tuple[Message, Envelope]:

@@ -9,7 +9,7 @@ from ..client.apply import delivered
 from ..client.load import load, one
 from ..client.report import EXIT_CODES, as_text, to_json
 from ..connspec import ConnSpecError, parse
-from .common import UsageError, add_envelope_options, read_message
+from .common import UsageError, add_envelope_options, read_message, reports_print_anywhere
 from .logs import setup_logging
 
 
@@ -27,6 +27,7 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> argp
 
 def cmd_send(opts: argparse.Namespace) -> int:
     setup_logging(opts.log_level)
+    reports_print_anywhere()
     try:
         spec = parse(opts.connection)
     except ConnSpecError as exc:

@@ -34,7 +34,7 @@ from ..connspec import ConnSpec
 from ..hooks import Hooks
 from ..logline import escape
 from .common import (EX_NOINPUT, EX_SOFTWARE, ScriptExit, UsageError, add_envelope_options, add_script_options,
-                     check_script, envelope_of, macros_of, make_host, read_message)
+                     check_script, envelope_of, macros_of, make_host, read_message, reports_print_anywhere)
 from .logs import setup_logging
 from .workdir import private_workdir
 from . import sigmask
@@ -66,6 +66,7 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> argp
 
 def cmd_try(opts: argparse.Namespace) -> int:
     setup_logging(opts.log_level)
+    reports_print_anywhere()
     macros_of(opts)  # a usage error before anything runs
     with private_workdir("pytclmilter-try-") as workdir:
         listing = _input(opts, workdir)
