@@ -1023,6 +1023,26 @@ def test_send_count_and_concurrency_print_a_load_summary(serve: Callable[..., Tc
     assert "verdicts: accept=200, callback errors=0" in m.text
 
 
+def test_send_count_with_json_prints_the_load_summary_as_json(serve: Callable[..., TclRun]) -> None:
+    """--json with --count printed the text summary: a script reading it got no JSON."""
+    m = serve(STAMP, "--connection", "inet:0@127.0.0.1")
+    status, out = cli("send", "--connection", m.spec, str(DATA / "plain.eml"), "--count", "20", "--json")
+    assert status == 0, out
+    doc = json_of(out)
+    assert (doc["messages"], doc["verdicts"], doc["errors"], doc["exit_status"]) == (20, {"accept": 20}, {}, 0), out
+    assert doc["seconds"] > 0 and doc["messages_per_second"] > 0
+    lat = doc["latency_ms"]
+    assert 0 < lat["p50"] <= lat["p90"] <= lat["p99"] <= lat["max"], lat
+    assert m.stop() == 0
+    port = free_port()
+    status, out = cli("send", "--connection", f"inet:{port}@127.0.0.1", str(DATA / "plain.eml"), "--count", "3",
+                      "--json")
+    doc = json_of(out)
+    assert (status, doc["exit_status"], doc["verdicts"]) == (1, 1, {"tempfail": 3}), out
+    [(error, times)] = doc["errors"].items()
+    assert error.startswith(f"cannot connect to inet:{port}@127.0.0.1") and times == 3, out
+
+
 def test_send_to_nothing_is_a_tempfail_with_the_reason() -> None:
     port = free_port()
     status, out = cli("send", "--connection", f"inet:{port}@127.0.0.1", str(DATA / "plain.eml"))

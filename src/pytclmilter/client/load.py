@@ -7,7 +7,7 @@ import sys
 import time
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import TextIO
+from typing import Any, TextIO
 
 from ..connspec import ConnSpec
 from .conversation import Outcome, converse
@@ -43,6 +43,18 @@ class LoadResult:
             return 0.0
         ordered = sorted(self.latencies)
         return ordered[min(len(ordered) - 1, int(round(p / 100 * (len(ordered) - 1))))]
+
+    def as_dict(self) -> dict[str, Any]:
+        """The summary as ``send --count N --json`` prints it: seconds and milliseconds as numbers."""
+        return {
+            "messages": self.count,
+            "seconds": round(self.seconds, 3),
+            "messages_per_second": round(self.count / self.seconds, 1) if self.seconds else 0.0,
+            "latency_ms": {name: round(self.percentile(p) * 1000, 2)
+                           for name, p in (("p50", 50), ("p90", 90), ("p99", 99), ("max", 100))},
+            "verdicts": dict(sorted(self.verdicts.items())),
+            "errors": dict(self.errors.most_common()),
+        }
 
     def summary(self) -> str:
         rate = self.count / self.seconds if self.seconds else 0.0

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 
 from ..client.apply import delivered
 from ..client.load import load, one
@@ -18,7 +19,8 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> argp
     p.add_argument("--connection", "-c", required=True, metavar="SPEC",
                    help="where the milter listens (unix:/path, inet:port@host, inet6:port@host)")
     add_envelope_options(p)
-    p.add_argument("--count", type=int, default=1, metavar="N", help="send N messages (load generator)")
+    p.add_argument("--count", type=int, default=1, metavar="N",
+                   help="send N messages (load generator) and print a summary (with --json: as JSON)")
     p.add_argument("--concurrency", type=int, default=1, metavar="C", help="parallel connections with --count")
     p.add_argument("--timeout", type=float, default=30.0, metavar="SECONDS", help="wait this long for each reply")
     p.add_argument("--log-level", default="warning", choices=["debug", "info", "warning", "error"])
@@ -39,8 +41,9 @@ def cmd_send(opts: argparse.Namespace) -> int:
     msg, env = read_message(opts)
     if opts.count > 1:
         result = asyncio.run(load(spec, env, msg, opts.count, opts.concurrency, timeout=opts.timeout))
-        print(result.summary())
-        return 0 if not result.errors else 1
+        status = 0 if not result.errors else 1
+        print(json.dumps(result.as_dict() | {"exit_status": status}, indent=2) if opts.json else result.summary())
+        return status
     outcome = asyncio.run(one(spec, env, msg, opts.timeout))
     applied = delivered(outcome, msg, env)
     print(to_json(outcome, applied) if opts.json else as_text(outcome, applied))
