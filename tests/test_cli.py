@@ -1133,6 +1133,20 @@ def test_send_reports_a_reply_that_is_no_action_at_end_of_message_as_a_failure()
     assert "verdict: tempfail" in out and "Shutdown sent at eom: neither a final reply nor an action" in out, out
 
 
+@pytest.mark.parametrize("answer", [b"4", b"h"], ids=["shutdown", "malformed-header"])
+def test_send_names_the_stage_a_conversation_broke_at(answer: bytes) -> None:
+    """A filter that breaks the conversation while the MTA waits at end of message: the report said
+    `eom -> (no reply expected)` and `verdict: tempfail at -`, as if eom had not been waited for."""
+    with scripted_milter({b"E": [answer]}) as spec:
+        status, out = cli("send", "--connection", spec, str(DATA / "plain.eml"))
+    assert status == 2, out
+    assert "\neom      -> (no reply: failed)\n" in out, out
+    assert re.search(r'^verdict: tempfail at eom "milter failure: ', out, re.M), out
+    with scripted_milter({b"E": [answer]}) as spec:
+        status, out = cli("send", "--connection", spec, str(DATA / "plain.eml"), "--json")
+    assert (status, json_of(out)["stage"]) == (2, "eom"), out
+
+
 def test_send_shows_the_filters_text_without_controls_that_could_forge_a_line() -> None:
     """What a filter sends (a reply text, a header it adds) reaches the report with its control
     characters escaped, as logs and `try` on an archive write them: it can neither start a line

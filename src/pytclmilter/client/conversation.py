@@ -32,6 +32,7 @@ class Stage:
     text: str = ""  # reply text of a `y` reply
     actions: list[ev.Reply] = field(default_factory=list)
     progress: int = 0
+    failed: bool = False  # the conversation broke while this event was sent or its reply awaited
 
 
 @dataclass
@@ -149,9 +150,20 @@ class Conversation:
             self.out.error = str(exc) or type(exc).__name__
             self.out.verdict = "tempfail"
             self.out.reply_text = f"milter failure: {self.out.error}"
+            self.out.stage = self._failed_at()
         finally:
             self.writer.close()
         return self.out
+
+    def _failed_at(self) -> str:
+        """The stage the conversation broke at: the last event sent (an event is recorded when
+        sent, its reply awaited before the next), marked failed unless it had its reply (the
+        break came after: ABORT, QUIT); "negotiate" before any."""
+        if not self.out.stages:
+            return "negotiate"
+        last = self.out.stages[-1]
+        last.failed = not last.reply
+        return last.name
 
     async def _session(self, env: Envelope, msg: Message) -> None:
         self._send(ev.OptionNegotiation(6, int(ALL_ACTIONS), int(ALL_PROTO)))

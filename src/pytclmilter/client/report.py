@@ -91,7 +91,7 @@ def printable(s: str) -> str:
 def as_text(outcome: Outcome, result: Result | None) -> str:
     lines = []
     for s in outcome.stages:
-        reply = s.reply or "(no reply expected)"
+        reply = s.reply or ("(no reply: failed)" if s.failed else "(no reply expected)")
         extra = f' "{shown(s.text)}"' if s.text else ""
         prog = f" [{s.progress} progress]" if s.progress else ""
         detail = f" {shown(s.detail)}" if s.detail else ""
