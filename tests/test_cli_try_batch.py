@@ -283,9 +283,78 @@ def test_try_batch_ends_where_the_script_stops_serving(tmp_path: Path) -> None:
         f"pytclmilter: {script} no longer serves ([Errno 2] No such file or directory): the messages from #2 "
         "on were not tried",
         "#2: error: not tried: the filter stopped serving",
-        "summary: 2 messages: 1 accept, 1 not tried",
+        "#3: error: not tried: the filter stopped serving",  # (the batch ended at #2: uncounted)
+        "summary: 3 messages: 1 accept, 2 not tried",
     ], out
     assert status == 2
+
+
+STOPPER = ("package require TclMilter 1.0\n"
+           "proc ef { context args } { milter stop; return SMFIS_CONTINUE }\n"
+           "milter register envfrom ef\nmilter main\n")
+LUNCH = '#1: accept at eom, 0 modifications; from <alice@example.org>, subject "Lunch on Friday?"'
+
+
+@pytest.mark.parametrize("stops", ["first", "other"])
+def test_try_compare_counts_every_message_once_when_a_script_stops_serving(tmp_path: Path, stops: str) -> None:
+    """When the first script stopped, the summary counted only the messages it had reached
+    ("2 messages, 0 differ, 2 not tried" of 3); when the other did, the messages after it stopped
+    had no line."""
+    stopper, nothing = tmp_path / "stopper.tcl", tmp_path / "nothing.tcl"
+    stopper.write_text(STOPPER)
+    nothing.write_text(NOTHING)
+    plain = (DATA / "plain.eml").read_bytes()
+    box = write_mbox(tmp_path / "archive.mbox", plain, plain, plain)
+    scripts = (stopper, nothing) if stops == "first" else (nothing, stopper)
+    status, out = cli("try", str(scripts[0]), str(box), "--compare", str(scripts[1]))
+    why = "not tried by the first script" if stops == "first" else "not tried: the filter stopped serving"
+    assert output_lines(out) == [
+        f"pytclmilter: {stopper} no longer serves ([Errno 2] No such file or directory): the messages from #2 "
+        "on were not tried",
+        f"#2: error: {why}",
+        f"#3: error: {why}",
+        "summary: 3 messages, 0 differ, 2 not tried",
+    ], out
+    assert status == 2
+
+
+BUSY_AT_THE_SECOND = """package require TclMilter 1.0
+proc ef { context args } {
+    if {[incr ::n] == 2} { puts stderr busy; flush stderr; after 1000 }
+    return SMFIS_CONTINUE
+}
+milter register envfrom ef
+milter main
+"""
+
+
+@pytest.mark.parametrize("compare", [False, True], ids=["batch", "compare"])
+def test_ctrl_c_during_a_batch_counts_every_message_once(tmp_path: Path, compare: bool) -> None:
+    """Ctrl-C while a batch runs: the message being tried is answered, the others are listed and
+    counted as not tried ("interrupted"); the summary counted only those reached, and with
+    --compare the other script then ran over the whole archive all the same."""
+    script, nothing = tmp_path / "busy.tcl", tmp_path / "nothing.tcl"
+    script.write_text(BUSY_AT_THE_SECOND)
+    nothing.write_text(NOTHING)
+    plain = (DATA / "plain.eml").read_bytes()
+    box = write_mbox(tmp_path / "archive.mbox", plain, plain, plain, plain)
+    other = ["--compare", str(nothing)] if compare else []
+    child = pexpect.spawn(PYTCLMILTER[0], [*PYTCLMILTER[1:], "try", str(script), str(box), *other],
+                          env=child_env(), encoding="utf-8", timeout=30, echo=False)
+    child.expect("busy")
+    child.sendintr()
+    out = child.read().replace("\r\n", "\n")
+    child.close()
+    lines = [line.lstrip("^C") for line in output_lines(out)]
+    not_tried = [f"#{n}: error: not tried: interrupted (SIGINT)" for n in ((1, 2, 3, 4) if compare else (3, 4))]
+    note = "pytclmilter: interrupted (SIGINT): the messages from #3 on were not tried"
+    if compare:
+        assert lines == [note, *not_tried, "summary: 4 messages, 0 differ, 4 not tried"], out
+    else:
+        assert lines == [LUNCH.replace("#1", "#2"), note, *not_tried, "summary: 4 messages: 2 accept, 2 not tried"], out
+    assert child.exitstatus == 2
+
+
 
 
 # ============================================================================ --compare

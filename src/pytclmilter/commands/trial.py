@@ -14,14 +14,16 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import os
 import shutil
+import signal
 import stat
 import sys
 import tkinter
 from dataclasses import replace
 from pathlib import Path
-from typing import Awaitable, Callable
+from typing import Awaitable, Callable, Iterable
 
 from ..client.apply import delivered
 from ..client.archive import Item, Listing, open_input
@@ -110,11 +112,13 @@ def _is_stream(path: str) -> bool:
 
 
 def _serve(opts: argparse.Namespace, script: str, socket: str,
-           work: Callable[[ConnSpec, float | None], Awaitable[None]]) -> int | None:
+           work: Callable[[ConnSpec, float | None], Awaitable[None]],
+           signalled: list[signal.Signals] | None = None) -> int | None:
     """Run the script; once its ``milter main`` listens, ``work`` talks to it, then the milter stops.
     None when all went well, else the exit status (the error is printed). ``work`` is given how
     long to wait for a reply: as long as a callback may run (-calltimeout, None: no limit), and
-    10 s more; a fixed 30 s showed a callback of 40 s as a broken filter, where `run` waits."""
+    10 s more; a fixed 30 s showed a callback of 40 s as a broken filter, where `run` waits.
+    ``signalled`` gets the signal that stopped the milter (Ctrl-C: SIGINT) while it served."""
     exited = ScriptExit()
     listened: list[bool] = []
     done: list[bool] = []
@@ -134,8 +138,9 @@ def _serve(opts: argparse.Namespace, script: str, socket: str,
     def listening(spec: ConnSpec) -> None:
         asyncio.ensure_future(converse(spec))
 
+    hooks = Hooks(listening=listening, signal=(signalled if signalled is not None else []).append)
     host = make_host(script, opts.python, TRY_OVERRIDES | {"-connection": f"unix:{socket}"},
-                     on_exit=exited, milter_hooks=Hooks(listening=listening))
+                     on_exit=exited, milter_hooks=hooks)
     try:
         host.set_argv(script, list(getattr(opts, "rest", [])))
         # The script serves as under run, from the `milter main` it waits in, and is never resumed:
@@ -187,29 +192,43 @@ def _single(opts: argparse.Namespace, path: str, workdir: str) -> int:
     return EXIT_CODES.get(outcome.verdict, 2)
 
 
-def _run_all(opts: argparse.Namespace, script: str, listing: Listing, socket: str, each: OnMessage) -> int | None:
+def _run_all(opts: argparse.Namespace, script: str, listing: Listing, socket: str, each: OnMessage,
+             signalled: list[signal.Signals]) -> int | None:
     """Every message of the listing through the script, one connection each, in order; ``each``
-    gets the verdicts. The script runs once for the whole batch (its state carries over, as in
-    production); message N has queue id 4TRYnnnnnnn with N in its digits. When the socket is gone
-    (a callback called `milter stop`), the batch ends there: no later message could be tried."""
+    gets the verdicts, once per message. The script runs once for the whole batch (its state
+    carries over, as in production); message N has queue id 4TRYnnnnnnn with N in its digits. When
+    the milter stopped (Ctrl-C: ``signalled``; a callback called `milter stop`: the socket is
+    gone), no later message can be tried: each is counted and listed as not tried."""
 
     async def work(spec: ConnSpec, wait: float | None) -> None:
-        for n, item in enumerate(listing.items(), 1):
+        items = enumerate(listing.items(), 1)
+        for n, item in items:
             if item.error:
                 each(n, item, "", None)
                 continue
+            if signalled:
+                why = f"interrupted ({signalled[0].name})"
+                return _not_tried(itertools.chain([(n, item)], items), why, each, why)
             msg = Message.parse(item.raw)
             env = envelope_of(opts, msg, f"4TRY{n:07d}")
             try:
                 reader, writer = await connect(spec)
             except OSError as exc:
-                print(f"pytclmilter: {escape(script)} no longer serves ({escape(str(exc))}): the messages "
-                      f"from {escape(item.label)} on were not tried", file=sys.stderr)
-                each(n, replace(item, error="not tried: the filter stopped serving"), "", None)
-                return
+                note = f"{escape(script)} no longer serves ({escape(str(exc))})"
+                return _not_tried(itertools.chain([(n, item)], items), "the filter stopped serving", each, note)
             each(n, item, about(env, msg), Verdict.of(await converse(reader, writer, env, msg, wait)))
 
-    return _serve(opts, script, socket, work)
+    return _serve(opts, script, socket, work, signalled)
+
+
+def _not_tried(items: Iterable[tuple[int, Item]], why: str, each: OnMessage, note: str = "") -> None:
+    """The messages of ``items`` listed and counted as not tried, ``why`` said on each line (one
+    that could not be read, or is malformed, gives its own reason); ``note``: on stderr first,
+    with the message from which on none was tried."""
+    for k, (n, item) in enumerate(items):
+        if note and not k:
+            print(f"pytclmilter: {note}: the messages from {escape(item.label)} on were not tried", file=sys.stderr)
+        each(n, item if item.error else replace(item, error=f"not tried: {why}"), "", None)
 
 
 def _batch(opts: argparse.Namespace, listing: Listing, workdir: str) -> int:
@@ -220,7 +239,7 @@ def _batch(opts: argparse.Namespace, listing: Listing, workdir: str) -> int:
         print(error_line(item.label, item.error) if verdict is None else line(item.label, what, verdict), flush=True)
         tally.add(verdict)
 
-    failure = _run_all(opts, opts.script, listing, f"{workdir}/try.sock", each)
+    failure = _run_all(opts, opts.script, listing, f"{workdir}/try.sock", each, [])
     if failure is not None:
         return failure
     _note_ignored(listing)
@@ -229,11 +248,15 @@ def _batch(opts: argparse.Namespace, listing: Listing, workdir: str) -> int:
 
 
 def _compare(opts: argparse.Namespace, listing: Listing, workdir: str) -> int:
-    """The first script over every message, then the other, listing the messages they treat differently."""
+    """The first script over every message, then the other, listing the messages they treat
+    differently. Ctrl-C during the first stops there: the other does not start, and no message
+    is compared."""
     for script in (opts.script, opts.compare):  # both, before a long batch runs through the first
         check_script(script)
     first: list[Verdict | None] = []
-    failure = _run_all(opts, opts.script, listing, f"{workdir}/first.sock", lambda n, i, w, v: first.append(v))
+    signalled: list[signal.Signals] = []
+    failure = _run_all(opts, opts.script, listing, f"{workdir}/first.sock", lambda n, i, w, v: first.append(v),
+                       signalled)
     if failure is not None:
         return failure
     differ = not_tried = failed = seen = 0
@@ -253,12 +276,15 @@ def _compare(opts: argparse.Namespace, listing: Listing, workdir: str) -> int:
         if verdict != mine or broken:
             print("\n".join(comparison(item.label, what, names, mine, verdict)), flush=True)
 
-    failure = _run_all(opts, opts.compare, listing, f"{workdir}/other.sock", each)
-    if failure is not None:
-        return failure
+    if signalled:  # (the first run said from which message on it stopped)
+        _not_tried(enumerate(listing.items(), 1), f"interrupted ({signalled[0].name})", each)
+    else:
+        failure = _run_all(opts, opts.compare, listing, f"{workdir}/other.sock", each, signalled)
+        if failure is not None:
+            return failure
     _note_ignored(listing)
-    not_tried += max(0, len(first) - seen)  # the other script stopped serving before these
-    print(comparison_summary(len(first), differ, not_tried))
+    not_tried += max(0, len(first) - seen)  # (the directory lost files between the two runs)
+    print(comparison_summary(max(len(first), seen), differ, not_tried))
     return NOT_ALL_TRIED if not_tried or failed else DIFFER if differ else ALL_TRIED
 
 
