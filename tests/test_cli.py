@@ -836,6 +836,22 @@ def test_try_and_check_a_script_that_ends_with_exit(tmp_path: Path) -> None:
     assert status == 0
 
 
+def test_try_help_shows_script_arguments_and_the_envelope_defaults() -> None:
+    """`try --help` did not show that the script's arguments go after --, nor what --client-ip,
+    --client-name and --helo are and default to."""
+    status, out = cli("try", "--help", env={"COLUMNS": "100"})
+    assert status == 0, out
+    usage = out.split("\n\n")[0]
+    assert usage.startswith("usage: pytclmilter try ") and usage.endswith(" script MESSAGE.eml [-- ARGS...]"), out
+    help_of = {m.group(1): " ".join(m.group(2).split())
+               for m in re.finditer(r"^  (--[\w-]+) [A-Z]+ +(.*(?:\n {20,}.*)*)", out, re.M)}
+    assert help_of["--client-ip"] == ("client address in the connect event; IPv6 if it has a colon "
+                                      "(default: 127.0.0.1)"), out
+    assert help_of["--client-name"] == "client host name in the connect event (default: localhost)", out
+    assert help_of["--helo"] == "HELO/EHLO argument (default: localhost)", out
+    assert "ARGS: arguments for the script (its argv), after --" in out
+
+
 def test_try_usage_errors() -> None:
     status, out = cli("try", str(STAMP), str(DATA / "no-such.eml"))
     assert status == 66 and "no-such.eml: No such file or directory" in out

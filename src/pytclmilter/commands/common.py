@@ -153,9 +153,11 @@ def add_envelope_options(p: argparse.ArgumentParser, message_help: str = "the me
     p.add_argument("--from", dest="sender", metavar="ADDR", help="envelope sender (default: Return-Path or From)")
     p.add_argument("--rcpt", action="append", default=[], metavar="ADDR",
                    help="envelope recipient, repeatable (default: To, Cc, Bcc)")
-    p.add_argument("--client-ip", default="127.0.0.1", metavar="IP")
-    p.add_argument("--client-name", default="localhost", metavar="NAME")
-    p.add_argument("--helo", default="localhost", metavar="NAME")
+    p.add_argument("--client-ip", default="127.0.0.1", metavar="IP",
+                   help="client address in the connect event; IPv6 if it has a colon (default: %(default)s)")
+    p.add_argument("--client-name", default="localhost", metavar="NAME",
+                   help="client host name in the connect event (default: %(default)s)")
+    p.add_argument("--helo", default="localhost", metavar="NAME", help="HELO/EHLO argument (default: %(default)s)")
     p.add_argument("--macro", action="append", default=[], metavar="NAME=VALUE",
                    help="macro the MTA sends (e.g. --macro {auth_authen}=alice), repeatable")
     p.add_argument("--json", action="store_true", help="print the report as one JSON document")

@@ -62,7 +62,12 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> argp
     p.add_argument("--compare", metavar="OTHER.tcl",
                    help="run OTHER.tcl too and list only the messages whose verdict or modifications differ")
     add_script_options(p)
-    p.add_argument("--log-level", default="warning", choices=["debug", "info", "warning", "error"])
+    p.add_argument("--log-level", default="warning", choices=["debug", "info", "warning", "error"],
+                   help="the milter's log lines on stderr from this level on (default: %(default)s)")
+    # MESSAGE takes the place run gives the script's arguments: they come after --, which main()
+    # cuts off before argparse sees it; the usage says so, as docs/cli.md does.
+    p.usage = p.format_usage().removeprefix("usage: ").rstrip() + " [-- ARGS...]"
+    p.epilog = "ARGS: arguments for the script (its argv), after --; they may start with -."
     return p
 
 
