@@ -511,3 +511,73 @@ def test_a_redis_on_its_unix_socket_is_a_store(tclrun: Callable[..., TclRun], tm
     finally:
         server.kill()
         server.wait(10)
+
+
+# ---------------------------------------------------------------------------- a Redis host by name
+
+
+SLOW_DNS = """
+import socket, time
+_real = socket.getaddrinfo
+
+def getaddrinfo(host, port, *args, **kwargs):
+    # a DNS that takes 2 s for redis.test (then 127.0.0.1), never answers for hang.test,
+    # and knows no nxdomain.test
+    if host == "redis.test":
+        time.sleep(2)
+        return _real("127.0.0.1", port, *args, **kwargs)
+    if host == "hang.test":
+        time.sleep(600)
+    if host == "nxdomain.test":
+        raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+    return _real(host, port, *args, **kwargs)
+
+socket.getaddrinfo = getaddrinfo
+
+def setup(milter):
+    pass
+"""
+
+
+def test_a_redis_host_name_is_resolved_once_at_load_never_while_serving(
+        tclrun: Callable[..., TclRun], redis_server: RedisServer) -> None:
+    """A slow DNS (2 s an answer) holds the load, where waiting is harmless, and never a check:
+    the store connected by name at each (re)connect, holding the whole milter 2 s each time."""
+    url = f"redis://redis.test:{redis_server.port}/0"
+    m = tclrun(GREYLIST, "--python", str(STORE_PY), python=[SLOW_DNS], args=("-store", url, "-retry", "0.2"))
+
+    def timed(n: int) -> tuple[Any, float]:
+        started = time.monotonic()
+        reply = rcpt_reply(m, n)
+        return reply, time.monotonic() - started
+
+    reply, took = timed(1)
+    assert greylisted(reply) == 300 and took < 1.0, (reply, took)
+    redis_server.stop()
+    reply, took = timed(2)
+    assert unavailable(reply) and took < 1.0, (reply, took)
+    line = m.wait_for(r"WARNING: greylist store (\S+) unavailable")
+    assert line.group(1) == url  # the log names the store as the admin wrote it
+    redis_server.start()
+    time.sleep(0.3)  # past -retry: the next check connects again
+    reply, took = timed(3)
+    assert greylisted(reply) == 300 and took < 1.0, (reply, took)
+    m.wait_for(r"greylist store \S+ is back")
+    assert m.stop() == 0
+
+
+@pytest.mark.parametrize(("host", "reason"), [
+    ("hang.test", 'cannot resolve the Redis host "hang.test": no answer within 5 s'),
+    ("nxdomain.test", 'cannot resolve the Redis host "nxdomain.test": .*Name or service not known'),
+    ("name.test", r'-store rediss:// needs an IP address, not the host name "name.test"'),
+])
+def test_a_redis_host_name_that_does_not_resolve_fails_the_load_in_bounded_time(
+        tclrun: Callable[..., TclRun], host: str, reason: str) -> None:
+    scheme = "rediss" if host == "name.test" else "redis"
+    started = time.monotonic()
+    m = tclrun(GREYLIST, "--python", str(STORE_PY), python=[SLOW_DNS], wait=False,
+               args=("-store", f"{scheme}://{host}:6379/0"))
+    assert m.wait_exit(timeout=20) == 1
+    assert time.monotonic() - started < 15
+    assert re.search(reason, m.text), m.text
+    assert "listening" not in m.text

@@ -27,7 +27,8 @@ with a 4xx and the client retries) or ``pass`` (-unavailable accept: mail flows 
 logs one warning when the outage starts and one when the store is back, and is tried again at
 most every -retry seconds (default 5): in between, checks answer at once, without touching the
 network. Callbacks run on the milter's only thread, so no call may block long: Redis gets 0.3 s
-to connect and to answer.
+to connect and to answer, and its host name is resolved once, when the script loads (within 5 s,
+else the load fails), never while serving.
 
 The file of the greylist before its store (one Tcl list per line: ip sender rcpt first last)
 is imported once with::
@@ -42,15 +43,18 @@ from __future__ import annotations
 
 import logging
 import math
+import ipaddress
 import os
 import re
+import socket
 import sqlite3
 import stat
 import sys
+import threading
 import time
 import weakref
 from typing import Any, Iterable, Iterator, NamedTuple, Protocol
-from urllib.parse import parse_qsl, urlencode, urlsplit
+from urllib.parse import SplitResult, parse_qsl, urlencode, urlsplit, urlunsplit
 
 from pytclmilter.logline import escape
 from pytclmilter.safepath import lstat_at, open_dir
@@ -60,6 +64,7 @@ log = logging.getLogger("pytclmilter.greylist")
 DEFAULT_STORE = "sqlite:/var/lib/greylist/greylist.sqlite"
 SQLITE_BUSY_TIMEOUT = 0.5  # seconds a write waits for another worker's
 REDIS_TIMEOUT = 0.3  # seconds to connect, and to answer
+RESOLVE_TIMEOUT = 5.0  # seconds the host name of a redis:// store may take to resolve, at load
 REDIS_PREFIX = b"greylist:"
 DEFAULT_MAX_AGE = 3024000.0  # 35 days
 
@@ -338,8 +343,66 @@ def _redis_where(url: str) -> str:
     return f"{parts.scheme}://{parts.netloc.rpartition('@')[2]}{parts.path}" + (f"?{query}" if query else "")
 
 
+def _resolve(host: str, port: int, timeout: float = RESOLVE_TIMEOUT) -> str:
+    """The first address ``host`` resolves to, within ``timeout``; ValueError saying why not.
+
+    getaddrinfo has no time limit of its own (a slow DNS holds it 4-30 s), so it runs in a
+    thread of its own that is given up on after ``timeout``.
+    """
+    found: list[list[Any] | OSError] = []
+
+    def lookup() -> None:
+        try:
+            found.append(list(socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)))
+        except OSError as exc:
+            found.append(exc)
+
+    thread = threading.Thread(target=lookup, name=f"resolve {host}", daemon=True)
+    thread.start()
+    thread.join(timeout)
+    if not found:
+        raise ValueError(f'cannot resolve the Redis host "{host}": no answer within {timeout:g} s')
+    answer = found[0]
+    if isinstance(answer, OSError) or not answer:
+        raise ValueError(f'cannot resolve the Redis host "{host}": {answer or "no address"}')
+    return str(answer[0][4][0])
+
+
+def _is_address(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
+
+
+def _with_address(parts: SplitResult, address: str) -> str:
+    """The URL of ``parts`` with ``address`` for its host (user, password and port kept)."""
+    userinfo, at, _ = parts.netloc.rpartition("@")
+    host = f"[{address}]" if ":" in address else address
+    port = f":{parts.port}" if parts.port is not None else ""
+    return urlunsplit(parts._replace(netloc=f"{userinfo}{at}{host}{port}"))
+
+
+def pinned_url(url: str) -> str:
+    """``url`` with its host name resolved, once, now (at load): a reconnect while serving must
+    not ask DNS, which would hold the milter's only thread for as long as DNS takes."""
+    parts = urlsplit(url)
+    host = parts.hostname
+    if parts.scheme == "unix" or not host or _is_address(host):
+        return url
+    if parts.scheme == "rediss":  # TLS checks the certificate against the name it connects to
+        raise ValueError(f'-store rediss:// needs an IP address, not the host name "{host}" (a name '
+                         "would be looked up at every reconnect, holding the milter while DNS answers)")
+    return _with_address(parts, _resolve(host, parts.port or 6379))
+
+
 class RedisStore:
-    """Triplets in a Redis server shared by several hosts."""
+    """Triplets in a Redis server shared by several hosts.
+
+    A host name in the URL is resolved once, when the store is configured (the script loads):
+    the milter then connects to that address, and a reload resolves the name again.
+    """
 
     forgets_by_itself = True  # each key's time to live
 
@@ -353,7 +416,7 @@ class RedisStore:
         # No retries: redis-py's default retries with back-off would hold the milter's thread for
         # seconds. The greylist retries instead, at most every -retry seconds.
         self._client = redis.Redis.from_url(
-            url, socket_connect_timeout=REDIS_TIMEOUT, socket_timeout=REDIS_TIMEOUT,
+            pinned_url(url), socket_connect_timeout=REDIS_TIMEOUT, socket_timeout=REDIS_TIMEOUT,
             retry=Retry(NoBackoff(), 0), health_check_interval=0)
         self._see = self._client.register_script(_REDIS_SEE)
         self._merge = self._client.register_script(_REDIS_MERGE)
