@@ -178,6 +178,15 @@ def test_run_socket_mode_must_be_an_octal_file_mode(mode: str) -> None:
     assert f'--socket-mode: "{mode}" is not an octal mode (0 to 0777)' in out, out
 
 
+@pytest.mark.parametrize("name", ["", "  "])
+def test_run_refuses_an_empty_name(name: str) -> None:
+    """An empty --name was taken: log lines and the listening line named no milter."""
+    status, out = cli("run", str(STAMP), "--name", name, "--connection", "inet:0@127.0.0.1")
+    assert status == 64
+    assert f"pytclmilter run: --name {name!r}: must not be empty" in out, out
+    assert "listening" not in out
+
+
 def test_run_says_socket_mode_is_ignored_for_an_inet_socket(serve: Callable[..., TclRun]) -> None:
     m = serve(STAMP, "--connection", "inet:0@127.0.0.1", "--socket-mode", "0660")
     m.wait_for(r"WARNING: --socket-mode 0660 applies to a unix socket's file: inet:\d+@127\.0\.0\.1 has none "

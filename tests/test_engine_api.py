@@ -1184,3 +1184,62 @@ def test_sys_exit_in_a_python_callback_is_a_failure_not_the_milters_end(caplog, 
     assert len(errors) == 1 and "envfrom callback" in errors[0], errors
     assert f"failed ({shown}), answering SMFIS_TEMPFAIL" in errors[0], errors
     assert "leave" in errors[0]  # the traceback, down to where it was raised
+
+
+@pytest.mark.parametrize("option, value, error, message", [
+    ("on_error", NOREPLY, ValueError, "on_error <Status.NOREPLY: 7>: must be one of SMFIS_TEMPFAIL, SMFIS_CONTINUE, "
+                                      "SMFIS_ACCEPT, SMFIS_REJECT, SMFIS_DISCARD (a Status or its name)"),
+    ("on_error", "SMFIS_SKIP", ValueError, "on_error 'SMFIS_SKIP': must be one of SMFIS_TEMPFAIL, "),
+    ("on_error", "SMFIS_MAYBE", ValueError, "on_error 'SMFIS_MAYBE': must be one of "),
+    ("socket_mode", 0o17777, ValueError, "socket_mode 0o17777: must be a file mode from 0o0 to 0o777, such as 0o660"),
+    ("socket_mode", -1, ValueError, "socket_mode -0o1: must be a file mode from 0o0 to 0o777"),
+    ("socket_mode", "0660", TypeError, "socket_mode must be a file mode such as 0o660, or None, not '0660'"),
+    ("hooks", 5, TypeError, "hooks must be a pytclmilter.Hooks, or None, not 5"),
+    ("timeout", "abc", TypeError, "timeout must be a number of seconds, not 'abc'"),
+    ("call_timeout", True, TypeError, "call_timeout must be a number of seconds, not True"),
+    ("backlog", 1.5, TypeError, "backlog must be a positive integer, or None, not 1.5"),
+])
+def test_the_api_names_a_bad_option_and_what_it_takes(option, value, error, message):
+    """NOREPLY, SKIP, 0o17777 and hooks=5 were taken (a failing callback answered SKIP at any stage,
+    the socket became setuid and world-writable, the first connection raised AttributeError);
+    timeout="abc" failed inside a comparison, or in mypyc's words when compiled."""
+    with pytest.raises(error) as raised:
+        make_milter(**{option: value})
+    assert str(raised.value).startswith(message), str(raised.value)
+    if option != "hooks":
+        m = make_milter()
+        with pytest.raises(error) as raised:
+            setattr(m, option, value)
+        assert str(raised.value).startswith(message), str(raised.value)
+
+
+@pytest.mark.parametrize("spec, message", [
+    ("bogus", 'metrics "bogus": must be inet:PORT@HOST or inet6:PORT@HOST (HTTP over TCP)'),
+    ("inet:9101", 'metrics "inet:9101": needs the address to listen on, such as inet:9101@127.0.0.1'),
+    ("inet:x@127.0.0.1", 'metrics "inet:x@127.0.0.1": unknown service "x"'),
+])
+def test_a_metrics_spec_that_cannot_be_served_is_refused_when_set(spec, message):
+    """It was taken, and failed only when run() bound the endpoint."""
+    m = make_milter()
+    with pytest.raises(ValueError) as raised:
+        m.metrics = spec
+    assert str(raised.value) == message
+    with pytest.raises(TypeError, match="metrics must be inet:PORT@HOST, or \"\" for none, not 9101"):
+        setattr(m, "metrics", 9101)
+    m.metrics = "inet:0@127.0.0.1"
+    assert m.metrics == "inet:0@127.0.0.1"
+
+
+def test_reload_error_is_exported_and_names_the_python_settings():
+    """It was only in pytclmilter.milter, and said "-connection, -workers cannot change without a
+    restart" in the command line's spelling."""
+    import pytclmilter
+
+    assert "ReloadError" in pytclmilter.__all__
+    m = make_milter()
+    new = make_milter()
+    new.workers = 2
+    with pytest.raises(pytclmilter.ReloadError) as raised:
+        m.reload(new)
+    assert str(raised.value) == "only a restart can change workers (serving 1, new 2)"
+    assert raised.value.settings == ("workers",)

@@ -2,13 +2,13 @@
 
 from .context import Context, MilterError
 from .hooks import Hooks
-from .milter import Milter
+from .milter import Milter, ReloadError
 from .scripting import TclError
 from .settings import Settings
 from .status import ACCEPT, CONTINUE, DISCARD, NOREPLY, REJECT, SKIP, TEMPFAIL, Status
 
 __version__ = "0.1.0"
 __all__ = [
-    "Milter", "Settings", "Hooks", "Context", "MilterError", "TclError", "Status",
+    "Milter", "Settings", "Hooks", "Context", "MilterError", "TclError", "ReloadError", "Status",
     "CONTINUE", "REJECT", "DISCARD", "ACCEPT", "TEMPFAIL", "SKIP", "NOREPLY",
 ]

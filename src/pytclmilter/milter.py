@@ -12,7 +12,7 @@ from dataclasses import replace
 from typing import TYPE_CHECKING, Any, Callable, Generic, Iterator, TypeVar, overload
 
 from .callbacks import EVENTS, Callback, Registry
-from .connspec import ConnSpec, parse
+from .connspec import ConnSpec, parse, parse_metrics
 from .context import ScriptCalls, hosted
 from .engine import Shared, Stats
 from .hooks import Hooks
@@ -23,7 +23,7 @@ from .scripting import TclCommands
 from .listener import Listener
 from .server import MilterServer
 from .settings import DEFAULT_CONNECTION, DEFAULT_TIMEOUT, Settings
-from .status import Status, parse_status
+from .status import ERROR_ANSWERS, Status, parse_status
 
 if TYPE_CHECKING:
     from .metrics import Block, Exporter
@@ -42,7 +42,44 @@ RESTART_ONLY: dict[str, str] = {
 
 
 class ReloadError(Exception):
-    """A milter cannot replace the one serving; nothing changed."""
+    """A milter cannot replace the one serving; nothing changed. ``settings``: the names of the
+    settings that differ and only a restart can change (RESTART_ONLY), if that is why."""
+
+    def __init__(self, message: str, settings: tuple[str, ...] = ()) -> None:
+        super().__init__(message)
+        self.settings = settings
+
+
+_SECONDS = "a number of seconds"
+#: What each option given to Milter() or assigned to its attribute must be: checked before a
+#: Settings is made, whose compiled fields would refuse it in mypyc's words ("float object
+#: expected; got str"), the pure-Python ones deep inside a comparison, or not at all.
+_KINDS: dict[str, tuple[tuple[type, ...], str]] = {
+    "name": ((str,), "a string"),
+    "connection": ((str,), "a connection spec such as inet:8899@127.0.0.1"),
+    "timeout": ((int, float), _SECONDS),
+    "backlog": ((int, type(None)), "a positive integer, or None"),
+    "grace": ((int, float), _SECONDS),
+    "socket_mode": ((int, type(None)), "a file mode such as 0o660, or None"),
+    "socket_owner": ((tuple, type(None)), "a (uid, gid) tuple, or None"),
+    "max_data_size": ((int,), "an integer"),
+    "call_timeout": ((int, float), _SECONDS),
+    "workers": ((int,), "a positive integer"),
+    "tick_interval": ((int, float), _SECONDS),
+    "metrics": ((str,), 'inet:PORT@HOST, or "" for none'),
+    "dry_run": ((bool,), "True or False"),
+}
+
+
+def _checked(name: str, value: T) -> T:
+    """``value`` if it is of the kind option ``name`` takes; TypeError naming the option and what
+    it takes (a bool is no number), ValueError for a metrics spec that cannot be served."""
+    kinds, what = _KINDS[name]
+    if not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds):
+        raise TypeError(f"{name} must be {what}, not {value!r}")
+    if name == "metrics" and value:
+        parse_metrics(str(value))  # ConnSpecError (a ValueError): 'metrics "x": must be ...'
+    return value
 
 
 def new_event_loop() -> asyncio.AbstractEventLoop:
@@ -77,7 +114,7 @@ class _Setting(Generic[T]):
         return value
 
     def __set__(self, milter: "Milter", value: T) -> None:
-        change: dict[str, Any] = {self.name: value}
+        change: dict[str, Any] = {self.name: _checked(self.name, value)}
         milter.settings = replace(milter.settings, **change)
 
 
@@ -120,9 +157,12 @@ class Milter:
         call_timeout: float = 60.0,
         hooks: Hooks | None = None,
     ) -> None:
-        settings = Settings(name=name, connection=connection, timeout=timeout, backlog=backlog,
-                            on_error=self._status(on_error), grace=grace, socket_mode=socket_mode,
-                            max_data_size=max_data_size, call_timeout=call_timeout)
+        options: dict[str, Any] = {
+            "name": name, "connection": connection, "timeout": timeout, "backlog": backlog, "grace": grace,
+            "socket_mode": socket_mode, "max_data_size": max_data_size, "call_timeout": call_timeout}
+        settings = Settings(on_error=self._status(on_error), **{k: _checked(k, v) for k, v in options.items()})
+        if hooks is not None and not isinstance(hooks, Hooks):  # (else an AttributeError at the first connection)
+            raise TypeError(f"hooks must be a pytclmilter.Hooks, or None, not {hooks!r}")
         self.registry = Registry()
         self.stats = Stats()
         #: What the server and every connection read, the settings in force among it.
@@ -170,8 +210,9 @@ class Milter:
         # (not None or "": those mean continue as a callback's result, but as on_error a missing
         # value would silently let every message through when a callback fails)
         status = parse_status(value) if value is not None and value != "" else None
-        if status is None:
-            raise ValueError(f"unknown status {value!r}")
+        if status is None or status not in ERROR_ANSWERS:
+            raise ValueError(f"on_error {value!r}: must be one of {', '.join(s.smfis for s in ERROR_ANSWERS)} "
+                             "(a Status or its name)")
         return status
 
     # ------------------------------------------------------------ callbacks
@@ -358,10 +399,11 @@ class Milter:
 
         ReloadError, with nothing changed, if ``new`` differs in a setting that only a restart can
         change (RESTART_ONLY) or this milter does not serve."""
-        changed = [flag for attr, flag in RESTART_ONLY.items()
-                   if getattr(new.settings, attr) != getattr(self.settings, attr)]
+        changed = tuple(attr for attr in RESTART_ONLY if getattr(new.settings, attr) != getattr(self.settings, attr))
         if changed:
-            raise ReloadError(f"{', '.join(changed)} cannot change without a restart")
+            values = ", ".join(f"{attr} (serving {getattr(self.settings, attr)!r}, new {getattr(new.settings, attr)!r})"
+                               for attr in changed)
+            raise ReloadError(f"only a restart can change {values}", changed)
         if not self.running and self._supervisor is None:
             raise ReloadError("the milter is not serving")
         new.stats = new.shared.stats = self.stats

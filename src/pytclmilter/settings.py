@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Final
 
 from .protocol.constants import MAX_DATA_SIZE
-from .status import Status
+from .status import ERROR_ANSWERS, Status
 
 DEFAULT_CONNECTION: Final = "unix:/var/run/tclmilter.sock"
 DEFAULT_TIMEOUT: Final = 7210
@@ -57,3 +57,10 @@ class Settings:
                 raise ValueError(f"{name} {value!r}: must be a number of seconds, 0 or more")
         if self.workers < 1 or (self.backlog is not None and self.backlog < 1):
             raise ValueError(f"workers {self.workers!r} and backlog {self.backlog!r}: must be 1 or more")
+        if self.on_error not in ERROR_ANSWERS:
+            raise ValueError(f"on_error {self.on_error.smfis}: must be one of "
+                             f"{', '.join(s.smfis for s in ERROR_ANSWERS)}")
+        if self.socket_mode is not None and not 0 <= self.socket_mode <= 0o777:
+            # (chmod would take 0o7777: a setuid, world-writable socket file)
+            raise ValueError(f"socket_mode {self.socket_mode:#o}: must be a file mode from 0o0 to 0o777, "
+                             "such as 0o660")

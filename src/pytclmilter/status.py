@@ -30,6 +30,10 @@ SKIP = Status.SKIP
 
 _BY_NAME: Final = {s.name: s for s in Status} | {s.smfis: s for s in Status}
 
+#: What a failing callback may answer (on_error, -onerror): SKIP and NOREPLY are answers to one
+#: stage only (a body chunk; an event the MTA expects no reply to), not to any failure.
+ERROR_ANSWERS: Final = (TEMPFAIL, CONTINUE, ACCEPT, REJECT, DISCARD)
+
 
 def parse_status(value: object) -> Status | None:
     """A callback's result as a Status; ``None`` and ``""`` mean continue; unknown -> None.

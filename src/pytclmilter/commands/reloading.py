@@ -23,7 +23,7 @@ from typing import Callable
 
 from ..limits import PYTHON_LIMIT
 from ..logline import escape, escape_lines
-from ..milter import ReloadError
+from ..milter import RESTART_ONLY, ReloadError
 from ..tcl.interp import TclHost
 from .check import script_error
 from .common import HooksFailed, ScriptExit, UsageError
@@ -125,6 +125,8 @@ class Generations:
         current.milter.stats.reloads_failed += 1
         if isinstance(exc, (LoadFailed, HooksFailed)):
             message, detail = str(exc), exc.detail
+        elif isinstance(exc, ReloadError) and exc.settings:  # in the options' own spelling
+            message, detail = f"{', '.join(RESTART_ONLY[s] for s in exc.settings)} cannot change without a restart", ""
         elif isinstance(exc, (UsageError, ReloadError)):
             message, detail = str(exc), ""
         else:  # a --python file's error

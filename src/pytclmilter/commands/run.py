@@ -218,6 +218,8 @@ def _serve(opts: argparse.Namespace) -> int:
                  "-name": opts.name, "-onerror": opts.on_error, "-grace": opts.grace,
                  "-calltimeout": opts.call_timeout, "-workers": opts.workers, "-metrics": opts.metrics,
                  "-dryrun": "1" if opts.dry_run else None}
+    if opts.name is not None and not opts.name.strip():  # (a log line's name, the listening line's)
+        raise UsageError(f"--name {opts.name!r}: must not be empty")
     socket_mode = None
     if opts.socket_mode is not None:
         # three octal digits, as chmod's: int() alone took "-1" and "77777", and chmod made the
