@@ -325,6 +325,60 @@ def test_run_can_be_called_again_after_it_returned():
             assert mta.mail() == (b"r", b""), f"round {round_}"
 
 
+def test_serve_while_serving_is_refused_and_stop_still_stops():
+    """A second serve() on the same milter took over its stop event (and bound a second socket):
+    stop() then stopped the second only, and the first served on for ever."""
+    m = make_milter()
+
+    async def main() -> tuple[str, str, bool]:
+        first = asyncio.ensure_future(m.serve())
+        while not m.running:
+            await asyncio.sleep(0.01)
+        second = asyncio.ensure_future(m.serve())
+        await asyncio.wait([second], timeout=2)
+        refused = repr(second.exception()) if second.done() else "still serving"
+        await asyncio.sleep(0)
+        failed: list[str] = []
+        other = threading.Thread(target=_record, args=(m.run, failed))  # run() from another thread
+        other.start()
+        other.join(5)
+        m.stop()
+        done, _ = await asyncio.wait([first], timeout=5)
+        if not second.done():
+            m.stop()
+            await asyncio.wait([second], timeout=5)
+        return refused, failed[0] if failed else "", bool(done)
+
+    refused, from_run, stopped = asyncio.run(main())
+    message = "milter 'pytclmilter' is already serving: serve() and run() may be called again once they have returned"
+    assert refused == f"RuntimeError({message!r})"
+    assert from_run == message
+    assert stopped, "stop() did not stop the first serve()"
+    assert not m.running
+    with serving(m) as srv, srv.raw() as mta:  # and it serves again afterwards
+        assert mta.mail() == (b"c", b"")
+
+
+def test_a_serve_that_could_not_bind_leaves_the_milter_able_to_serve():
+    """The refusal of a second serve() must not count one that failed to bind as serving."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        m = make_milter(connection=f"inet:{taken.getsockname()[1]}@127.0.0.1")
+        with pytest.raises(ValueError, match="Address already in use"):
+            m.run()
+    m.connection = "inet:0@127.0.0.1"
+    with serving(m) as srv, srv.raw() as mta:
+        assert mta.mail() == (b"c", b"")
+
+
+def _record(func, failed: list[str]) -> None:
+    try:
+        func()
+    except RuntimeError as exc:
+        failed.append(str(exc))
+
+
 def test_grace_lets_an_open_session_finish():
     m = recording_milter(grace=5)
     srv = MilterThread(m).start()

@@ -21,7 +21,7 @@ from .meter import Meter, WorkerCounts
 from .protocol.constants import MAX_DATA_SIZE
 from .scripting import TclCommands
 from .listener import Listener
-from .server import MilterServer
+from .server import MilterServer, already_serving
 from .settings import DEFAULT_CONNECTION, DEFAULT_TIMEOUT, Settings
 from .status import ERROR_ANSWERS, Status, parse_status
 
@@ -269,7 +269,9 @@ class Milter:
         return parse(self.connection)
 
     async def serve(self) -> None:
-        """Serve until :meth:`stop` or a signal; returns, and may be called again."""
+        """Serve until :meth:`stop` or a signal; returns, and may be called again (RuntimeError
+        while it or :meth:`run` serves)."""
+        self._check_idle()
         with self._metrics_here():
             await self._serve(None, None)
 
@@ -295,6 +297,7 @@ class Milter:
 
     def run(self) -> None:
         """Blocking :meth:`serve` on a fresh event loop, or in ``workers`` processes (see workers.py)."""
+        self._check_idle()
         settings = self.settings
         if settings.workers > 1:
             from .workers import Supervisor, run_workers
@@ -310,6 +313,12 @@ class Milter:
             return
         with self._metrics_here():
             self._run_here(None, None)
+
+    def _check_idle(self) -> None:
+        """RuntimeError while this milter serves: before a second metrics endpoint or set of
+        workers is made (the server refuses a second serve() too, under its lock)."""
+        if self._server.serving or self._supervisor is not None:
+            raise RuntimeError(already_serving(self.name))
 
     # ------------------------------------------------------------ metrics (metrics.py)
 

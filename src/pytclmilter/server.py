@@ -159,6 +159,10 @@ def _peer_text(peer: object) -> str:
     return str(peer) or "unix socket"
 
 
+def already_serving(name: str) -> str:
+    return f"milter {name!r} is already serving: serve() and run() may be called again once they have returned"
+
+
 class _Retiring:
     """A generation replaced by a reload: its sessions still open, and whom to tell when none is."""
 
@@ -208,6 +212,11 @@ class MilterServer:
         self._ids += 1
         return self._ids
 
+    @property
+    def serving(self) -> bool:
+        """serve() runs (from its start until it returns, not only while it listens)."""
+        return self._stop is not None
+
     # ------------------------------------------------------------ stop, from anywhere
 
     def stop(self) -> None:
@@ -244,16 +253,25 @@ class MilterServer:
         it: called on the loop once serving (the worker's watch on its parent)."""
         hooks = self.shared.hooks
         spec = parse(self.shared.settings.connection)
-        self.loop = loop = asyncio.get_running_loop()
-        self._loop_thread = threading.get_ident()
+        loop = asyncio.get_running_loop()
         with self._lock:
+            # A second serve() meanwhile would take over the loop and the stop event: stop() then
+            # stopped only one of the two, and the other served on for ever.
+            if self._stop is not None:
+                raise RuntimeError(already_serving(self.shared.settings.name))
             if self._stop_requested:  # stop() before serve(): return at once, bound to nothing
                 self._stop_requested = False
                 return
+            self.loop, self._loop_thread = loop, threading.get_ident()
             self._stop = stop = asyncio.Event()
         self.stopped_by, self._ending = None, _STOPPED
         self.tcp = spec.family != "unix"  # before listening: the first connection may come at once
-        listener, acceptor = self._listen(spec, inherited, loop)
+        try:
+            listener, acceptor = self._listen(spec, inherited, loop)
+        except BaseException:  # not serving after all: the next serve() may try again
+            with self._lock:
+                self._stop = None
+            raise
         self._listener, self.acceptor, spec = listener, acceptor, listener.spec
         self.listening = spec
         signals = self._install_signals(loop)
