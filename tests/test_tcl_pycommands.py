@@ -473,6 +473,10 @@ def test_check_reports_a_python_error_at_load_time_with_file_and_line(tmp_path: 
     assert "FileNotFoundError" in out  # the Python traceback in errorInfo
 
 
+_EXITED = ("called sys.exit({}) while loading; a --python file cannot end pytclmilter (raise an exception "
+           "to fail the load)")
+
+
 def test_a_python_file_that_fails_to_load_is_reported_by_file_with_its_traceback(tmp_path: Path):
     """An import error or a setup() that raises names the file, shows the traceback from the
     file on (not pytclmilter's frames), and exits as the table of cli.md says: not with exit 1,
@@ -484,6 +488,9 @@ def test_a_python_file_that_fails_to_load_is_reported_by_file_with_its_traceback
                        "ModuleNotFoundError: No module named 'no_such_module_here'", "line 1, in <module>"),
         "setup.py": ("def setup(milter):\n    raise RuntimeError('store\\nunreachable')\n",
                      "RuntimeError: store\\nunreachable", "line 2, in setup"),
+        # sys.exit(3) ended the command silently with 3, which try reports as "discarded"
+        "exits.py": ("import sys\ndef setup(milter):\n    sys.exit(3)\n", _EXITED.format(3), "line 3, in setup"),
+        "exits_at_import.py": ("import sys\nsys.exit()\n", _EXITED.format(None), "line 2, in <module>"),
     }
     for name, (source, message, where) in broken.items():
         hooks = tmp_path / name

@@ -42,12 +42,19 @@ class HooksFailed(Exception):
     frames say nothing to its author). run and check exit 1, try 70 (cli.main)."""
 
     def __init__(self, path: str, exc: BaseException) -> None:
-        super().__init__(f"--python {path}: {type(exc).__name__}: {exc}")  # escaped where printed or logged
+        super().__init__(f"--python {path}: {_failure(exc)}")  # escaped where printed or logged
         self.path = path
         #: The time limit of a reload's load stopped it (reloading.Generations._start).
         self.stopped = isinstance(exc, CallbackTimeout)
         tb = _from_file(handler_dropped(exc, exc.__traceback__), path)
         self.detail = "".join(traceback.format_exception(type(exc), exc, tb)).rstrip("\n")
+
+
+def _failure(exc: BaseException) -> str:
+    if isinstance(exc, SystemExit):  # its status would be taken for the command's (try: 3, "discarded")
+        return (f"called sys.exit({exc.code!r}) while loading; a --python file cannot end pytclmilter "
+                "(raise an exception to fail the load)")
+    return f"{type(exc).__name__}: {exc}"
 
 
 def _from_file(tb: TracebackType | None, path: str) -> TracebackType | None:
@@ -57,6 +64,11 @@ def _from_file(tb: TracebackType | None, path: str) -> TracebackType | None:
     while tb is not None and os.path.realpath(tb.tb_frame.f_code.co_filename) != name:
         tb = tb.tb_next
     return tb
+
+
+#: What a --python file's import or setup may raise that fails its load: sys.exit() too, which
+#: would otherwise end the command silently with the file's status as if it were the command's.
+_FAILURES = (Exception, CallbackTimeout, SystemExit)
 
 
 def load_hooks(path: str, milter: Milter) -> None:
@@ -73,7 +85,7 @@ def load_hooks(path: str, milter: Milter) -> None:
     sys.modules[spec.name] = module
     try:
         spec.loader.exec_module(module)
-    except (Exception, CallbackTimeout) as exc:  # noqa: BLE001 - any error of the file's: reported as the file's
+    except _FAILURES as exc:  # noqa: BLE001 - any error of the file's: reported as the file's
         raise HooksFailed(path, exc) from None
     setup = getattr(module, "setup", None)
     if not callable(setup):
@@ -83,7 +95,7 @@ def load_hooks(path: str, milter: Milter) -> None:
                          "once, while the script loads")
     try:
         setup(milter)
-    except (Exception, CallbackTimeout) as exc:  # noqa: BLE001
+    except _FAILURES as exc:  # noqa: BLE001
         raise HooksFailed(path, exc) from None
 
 
