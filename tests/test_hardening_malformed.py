@@ -20,6 +20,7 @@ import logging
 import re
 import socket
 import struct
+import time
 from dataclasses import dataclass
 from typing import Callable
 
@@ -515,3 +516,56 @@ def test_connect_before_option_negotiation_is_logged_as_such(caplog):
     problems = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
     assert problems == [f"{bad_name}: protocol error from {peer}, closing the connection: "
                         "command 'C' is not allowed before option negotiation"], problems
+
+
+# ---------------------------------------------------------------- HAProxy's send-proxy
+
+OPTNEG = frame(b"O", struct.pack("!III", 6, 0x1FF, 0x1FFFFF))
+PROXY_V1 = b"PROXY TCP4 192.0.2.7 127.0.0.1 40000 8891\r\n"
+PROXY_V2 = b"\r\n\r\n\x00\r\nQUIT\n" + b"\x21\x11\x00\x0c" + bytes([192, 0, 2, 7, 127, 0, 0, 1]) + b"\x9c\x40\x22\xbb"
+HINT = ("(it began with a PROXY protocol header, which a milter does not speak: remove send-proxy from "
+        "HAProxy's server lines; docs/deployment.md, HAProxy)")
+
+
+def send_then_eof(address: tuple[int, object], *pieces: bytes) -> str:
+    """Send ``pieces`` (a pause between them) as the first bytes of a connection; its peer name."""
+    bad = open_mta(address, False)
+    for piece in pieces:
+        bad.send_raw(piece)
+        time.sleep(0.05)
+    bad.expect_eof()
+    peer = _peer_of(bad.sock)
+    bad.close()
+    return peer
+
+
+@pytest.mark.parametrize("pieces, hinted", [
+    ((PROXY_V1 + OPTNEG,), True),  # send-proxy: "unknown command 'Y'"
+    ((PROXY_V2 + OPTNEG,), True),  # send-proxy-v2
+    ((b"PROX", PROXY_V1[4:] + OPTNEG), True),  # in pieces: the length "PROX" is refused alone
+    ((b"\r\n", PROXY_V2[2:] + OPTNEG), True),
+    ((b"POST / HTTP/1.0\r\n\r\n",), False),  # other garbage: no hint
+    ((b"PROXIMA\r\n",), False),  # like it, but not it, by its fifth byte
+])
+def test_a_proxy_protocol_header_is_named_in_the_protocol_error(caplog, pieces, hinted):
+    """HAProxy with send-proxy: the one warning said only "unknown command 'Y'" (the "Y" of
+    "PROXY"), which sent admins looking at the MTA rather than at HAProxy's configuration."""
+    caplog.set_level(logging.WARNING, logger=LOG)
+    with serving(every_event_milter()) as srv:
+        peer = send_then_eof(srv.address, *pieces)
+        nxt = open_mta(srv.address, True)  # the next connection is served as ever
+        to_rcpt(nxt)
+        finish_good(nxt)
+        nxt.expect_eof()
+    problems = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(problems) == 1, problems
+    assert f"protocol error from {peer}" in problems[0], problems
+    assert (f"protocol error from {peer} {HINT}, closing the connection: " in problems[0]) == hinted, problems
+
+
+def test_pytclmilter_run_names_a_proxy_protocol_header(tclrun):
+    m = tclrun(TCL_EVERY_EVENT)
+    peer = send_then_eof((socket.AF_INET, ("127.0.0.1", m.port)), PROXY_V1 + OPTNEG)
+    line = m.wait_for(r"WARNING: (conn#\d+: protocol error from [^\r\n]*)\r?\n")
+    assert line.group(1).endswith(f"protocol error from {peer} {HINT}, closing the connection: unknown command 'Y'")
+    assert m.stop() == 0

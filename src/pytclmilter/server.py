@@ -31,12 +31,19 @@ REPLACED: Final = signal.SIGUSR2
 _RELOAD: Final = signal.SIGUSR1
 _QUICKACK: Final = getattr(socket, "TCP_QUICKACK", 0)  # Linux only
 _UNKNOWN: Final[Any] = object()  # a connection's socket, not fetched yet
+#: How a PROXY protocol header starts, v1 and v2: what HAProxy's send-proxy (-v2) puts before
+#: the MTA's first packet, which the milter reads as a garbled packet ("unknown command 'Y'").
+_PROXY_SIGNATURES: Final = (b"PROXY ", b"\r\n\r\n\x00\r\nQUIT\n")
+_SNIFFED: Final = 12  # bytes that tell either signature
+#: Said after the peer in the log lines of a connection that began with one.
+_PROXY_HINT: Final = (" (it began with a PROXY protocol header, which a milter does not speak: remove "
+                      "send-proxy from HAProxy's server lines; docs/deployment.md, HAProxy)")
 
 
 class _Connection(asyncio.Protocol):
     """One accepted socket; the engine's Link."""
 
-    __slots__ = ("server", "transport", "engine", "last", "_loop", "_tcp", "_wrote", "_blocked")
+    __slots__ = ("server", "transport", "engine", "last", "_loop", "_tcp", "_wrote", "_blocked", "_head", "_proxy")
 
     def __init__(self, server: "MilterServer", loop: asyncio.AbstractEventLoop) -> None:
         self.server = server
@@ -47,6 +54,8 @@ class _Connection(asyncio.Protocol):
         self._tcp: Any = None  # the socket for TCP_QUICKACK, _UNKNOWN until fetched, None if not TCP
         self._wrote = False
         self._blocked = False  # the write buffer is full: reading waits for resume_writing
+        self._head: bytes | None = b""  # the first bytes, until they tell whether a PROXY header came
+        self._proxy = False
 
     # asyncio.Protocol
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -64,11 +73,22 @@ class _Connection(asyncio.Protocol):
 
     @property
     def peer(self) -> str:
-        return _peer_text(self.transport.get_extra_info("peername") if self.transport is not None else None)
+        """Who is at the other end, as log lines name it; with a hint if it sent a PROXY header."""
+        peer = _peer_text(self.transport.get_extra_info("peername") if self.transport is not None else None)
+        return peer + _PROXY_HINT if self._proxy else peer
+
+    def _sniff(self, head: bytes, data: bytes) -> None:
+        """Do the first bytes start a PROXY protocol header? Told within 12 bytes; an MTA's first
+        byte (a length's high byte, 0) tells at once, so a session pays one comparison."""
+        head += data[: _SNIFFED - len(head)]
+        self._proxy = any(sig[: len(head)] == head[: len(sig)] for sig in _PROXY_SIGNATURES)
+        self._head = head if self._proxy and len(head) < _SNIFFED else None
 
     def data_received(self, data: bytes) -> None:
         self.last = self._loop.time()
         self._wrote = False
+        if self._head is not None:  # (before the engine: it logs the garbled packet at once)
+            self._sniff(self._head, data)
         engine = self.engine
         if engine is None:  # connection_lost came first: nothing reads this connection any more
             return
