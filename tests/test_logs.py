@@ -326,7 +326,7 @@ def test_mta_and_script_text_is_escaped_on_stderr(tclrun) -> None:  # type: igno
     for line in lines:
         assert STDERR_LINE.match(line) or line.startswith((" ", "pytclmilter: ")), line
     assert any(line.endswith(
-        f"INFO: conn#1: verdict reject at envfrom client={HOST_SHOWN}[192.0.2.7] from={SENDER_SHOWN} {REPLY_SHOWN} gen=1")
+        f'INFO: conn#1: verdict reject at envfrom client="{HOST_SHOWN}[192.0.2.7]" from="{SENDER_SHOWN}" {REPLY_SHOWN} gen=1')
         for line in lines), text
     assert any(line.endswith(
         r'WARNING: conn#1: envrcpt callback rcpt returned "no\x00status\n2001-01-01 00:00:00,000 '
@@ -408,8 +408,8 @@ def test_mta_and_script_text_is_escaped_through_syslog(syslog_socket) -> None:  
     for record in records:
         assert not re.search(r"[\x00-\x09\x0b-\x1f\x7f]", record), record
         assert all(line.startswith(" ") for line in record.split("\n")[1:]), record
-    assert f"<22>pytclmilter[{os.getpid()}]: INFO: conn#1: verdict reject at envfrom client={HOST_SHOWN}[192.0.2.1] " \
-           f"from={SENDER_SHOWN} {REPLY_SHOWN} gen=1" in records, records
+    assert f'<22>pytclmilter[{os.getpid()}]: INFO: conn#1: verdict reject at envfrom client="{HOST_SHOWN}[192.0.2.1]" ' \
+           f'from="{SENDER_SHOWN}" {REPLY_SHOWN} gen=1' in records, records
     failed = next(r for r in records if "header callback" in r).split("\n")
     assert failed[0] == (f"<19>pytclmilter[{os.getpid()}]: ERROR: conn#1: header callback "
                          "test_mta_and_script_text_is_escaped_through_syslog.<locals>.header failed "
@@ -760,3 +760,30 @@ def test_while_syslog_cannot_be_reached_stderr_says_so_once_and_the_loss_is_coun
         assert back.recv(65536).endswith(
             f"WARNING: 3 log lines were lost while {logs.SYSLOG_SOCKET} could not be reached\0".encode())
     assert capsys.readouterr().err == ""
+
+
+def test_a_quote_in_a_sender_or_reply_cannot_make_fields_of_the_verdict_line(caplog):
+    """The verdict line is key=value fields. A sender such as `<a" verdict=accept x="@b>` (SMTP
+    allows quotes and spaces in a quoted local part) or a reply text with a quote made fields of
+    its own: a log parser read `verdict=accept`. Values with a space or a quote are now quoted,
+    their quotes escaped."""
+    from pytclmilter import REJECT
+    from support.engine import InProcessMTA, make_milter, z
+
+    caplog.set_level(logging.INFO, logger="pytclmilter")
+    m = make_milter()
+
+    def envfrom(ctx, args):
+        ctx.setreply("550", "5.7.1", 'no" verdict=accept x="y')
+        return REJECT
+
+    m.register("envfrom", envfrom)
+    mta = InProcessMTA(m)
+    mta.optneg()
+    assert mta.connect(host="client example") == [(b"c", b"")]
+    assert mta.command(b"M", z('<a" verdict=accept x="@b>'))[0][0] == b"y"
+    (line,) = [r.getMessage() for r in caplog.records if " verdict " in r.getMessage()]
+    assert line == (r'conn#1: verdict reject at envfrom client="client example[192.0.2.1]" '
+                    r'from="<a\" verdict=accept x=\"@b>" reply="550 5.7.1 no\" verdict=accept x=\"y" gen=1'), line
+    fields = re.findall(r' (\w+)=("(?:[^"\\]|\\.)*"|\S+)', line)
+    assert [key for key, _ in fields] == ["client", "from", "reply", "gen"], fields

@@ -22,7 +22,7 @@ from .callbacks import Callback, Registry
 from .context import Context
 from .hooks import Hooks
 from .limits import CallbackTimeout, handler_dropped
-from .logline import SHOWN, SameTrace, clip, escape, escape_lines, place_of
+from .logline import SHOWN, SameTrace, as_field, clip, escape, escape_lines, place_of, quoted
 from .logline import info as log_info
 from .meter import Meter
 # Imported by name, not as a module: compiled, `events.Name` is a module attribute look-up per use.
@@ -773,9 +773,10 @@ class ConnectionEngine:
         if not sender:
             mail_addr = self.ctx.getsymval("{mail_addr}")
             sender = f"<{mail_addr}>" if mail_addr else "-"
-        # client, sender and reply text come from the MTA and the script: escaped (logline)
+        # client, sender and reply text come from the MTA and the script: escaped, and quoted
+        # where they could pass for more fields (logline)
         log_info(log, "%s: verdict %s at %s client=%s from=%s%s gen=%d", self.name, verdict, stage,
-                 escape(client), escape(sender), f' reply="{escape(text)}"' if text else "",
+                 as_field(client), as_field(sender), f" reply={quoted(escape(text))}" if text else "",
                  self.shared.generation)
 
     def _log_would(self, actions: list[Reply]) -> None:

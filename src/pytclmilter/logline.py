@@ -8,8 +8,9 @@ unfiltered (``DirectSink.takes``); then the line is formatted and queued by it i
 same text logging would have written. Otherwise (an application's own logging set-up, a filter,
 a second handler, syslog) the line goes through logging as usual.
 
-Text from the MTA or a script reaches a line only through :func:`escape` (one line) or
-:func:`escape_lines` (what follows a line: a traceback, Tcl's errorInfo), so that no client
+Text from the MTA or a script reaches a line only through :func:`escape` (one line; :func:`as_field`
+for a value of a ``key=value`` field) or :func:`escape_lines` (what follows a line: a traceback,
+Tcl's errorInfo), so that no client
 host name, sender, reply text or error message can end a log line early, start a forged one,
 or send escape sequences to a terminal. The rule, in both:
 
@@ -131,6 +132,21 @@ def escape(text: str) -> str:
     if isprintable(text) and "\\" not in text:  # nearly always: one pass in C, nothing built
         return text
     return "".join([_escaped(c, True) for c in text])
+
+
+def as_field(text: str) -> str:
+    """A value after ``key=`` in a line of such fields (the verdict line), escaped; quoted, with
+    its quotes escaped, when it holds a space or a quote: else a sender such as
+    ``<a" verdict=accept x="@b>`` would read as fields of its own."""
+    text = escape(text)
+    if " " not in text and '"' not in text:
+        return text
+    return quoted(text)
+
+
+def quoted(escaped: str) -> str:
+    """An escaped text in double quotes, its own quotes escaped (backslashes are already)."""
+    return '"' + escaped.replace('"', '\\"') + '"'
 
 
 def escape_lines(text: str) -> str:
