@@ -121,6 +121,16 @@ INVALID = {
     # a reply line is at most 980 bytes (libmilter's strlen), so that 32 of them always fit a packet
     "text-980-chars-of-3-bytes": (lambda c: c.setreply("550", "5.7.1", "€" * 327), ["980 bytes"]),
     "ml-32-lines-of-3-byte-chars": (lambda c: c.setmlreply("550", "5.7.1", *["€" * 980] * 32), ["980 bytes"]),
+    # a text without an extended code follows the reply code, where MTAs look for one: Postfix 3.7
+    # calls "550 4 apples" malformed and answers the client 451 4.3.5 Server configuration problem
+    "text-digit-no-xcode": (lambda c: c.setreply("550", None, "4 apples left"),
+                            ['"4 apples left"', "starts with a digit", "like 5.0.0"]),
+    "text-digit-empty-xcode": (lambda c: c.setreply("451", "", "5 retries"), ['"5 retries"', "like 4.0.0"]),
+    "text-digit-same-class": (lambda c: c.setreply("550", None, "5 apples"), ["starts with a digit"]),
+    "text-digit-partial-xcode": (lambda c: c.setreply("550", None, "5.7 go away"), ["starts with a digit"]),
+    "text-digit-xcode-glued": (lambda c: c.setreply("550", None, "5.7.1go away"), ["starts with a digit"]),
+    "text-xcode-class-mismatch": (lambda c: c.setreply("550", None, "4.7.1 go away"),
+                                  ['extended code "4.7.1" does not match reply code "550"']),
 }
 
 VALID = {
@@ -134,6 +144,12 @@ VALID = {
     "ml-percent": (lambda c: c.setmlreply("450", None, "a %% b"), "450 4.0.0 a %% b"),
     "980-bytes-of-utf8": (lambda c: c.setreply("550", "5.7.1", "€" * 326 + "xx"), "550 5.7.1 " + "€" * 326 + "xx"),
     "escape-and-del-in-reply": (lambda c: c.setreply("550", None, "a\x1bb\x7f"), "550 a\x1bb\x7f"),  # as libmilter
+    # after an extended code the text is free; a text may open with the extended code itself
+    "digit-after-xcode": (lambda c: c.setreply("550", "5.7.1", "4 apples left"), "550 5.7.1 4 apples left"),
+    "xcode-in-text": (lambda c: c.setreply("550", None, "5.7.1 go away"), "550 5.7.1 go away"),
+    "xcode-alone-in-text": (lambda c: c.setreply("451", None, "4.3.2"), "451 4.3.2"),
+    "ml-digit-lines": (lambda c: c.setmlreply("451", None, "5 retries", "4 apples"),
+                       "451-4.0.0 5 retries\r\n451 4.0.0 4 apples"),
 }
 
 
@@ -223,10 +239,17 @@ TCL_CASES = {
     "quarantine-too-big": (r"$ctx quarantine [string repeat r 65535]", ["quarantine", "65536"]),
     "reply-bytes": (r"$ctx setreply 550 5.7.1 [string repeat € 327]", ["980 bytes"]),
     "index-u32": (r"$ctx chgheader X-A 4294967296 v", ["bad index 4294967296: must be 0 to 4294967295"]),
+    "text-digit": (r"$ctx setreply 550 {4 apples left}", ['reply text "4 apples left" starts with a digit, '
+                                                          "which MTAs read as an extended code: "
+                                                          "give the extended code too, like 5.0.0"]),
+    "text-digit-empty-xcode": (r"$ctx setreply 451 {} {5 retries}", ['"5 retries" starts with a digit']),
 }
 
 TCL_VALID = r"""
     T ok-percent {$ctx setreply 550 5.7.1 {100%% sure}}
+    T ok-digit-after-xcode {$ctx setreply 550 5.7.1 {4 apples left}}
+    T ok-xcode-in-text {$ctx setreply 550 {5.7.1 go away}}
+    T ok-ml-digit {$ctx setmlreply 550 {} {4 apples} {5 pears}}
     T ok-ml32 {$ctx setmlreply 451 4.7.1 {*}[lrepeat 32 wait]}
     T ok-fold {$ctx addheader X-Folded "first\r\n\tsecond"}
     T ok-rcpt {$ctx addrcpt <new@example.com> NOTIFY=NEVER}
@@ -257,7 +280,8 @@ milter main
         assert r[key].startswith("ERR "), (key, script, r[key])
         for word in words:
             assert word in r[key], (key, r[key])
-    for key in ("ok-percent", "ok-ml32", "ok-fold", "ok-rcpt"):
+    for key in ("ok-percent", "ok-ml32", "ok-fold", "ok-rcpt", "ok-digit-after-xcode", "ok-xcode-in-text",
+                "ok-ml-digit"):
         assert r[key] == "OK ", (key, r[key])
     # the last good setmlreply goes out with the tempfail; nothing of the refused calls does
     # (modifications are dropped with a tempfail verdict)

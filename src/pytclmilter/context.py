@@ -29,6 +29,8 @@ class MilterError(ValueError):
 _MISSING: Final[Any] = object()
 _RCODE: Final = re.compile(r"[45][0-9][0-9]\Z")
 _XCODE: Final = re.compile(r"[245]\.[0-9]{1,3}\.[0-9]{1,3}\Z")
+#: An extended code that opens a text given without one (``setreply 550 "5.7.1 go away"``).
+_LEADING_XCODE: Final = re.compile(r"([245]\.[0-9]{1,3}\.[0-9]{1,3})(?: |\Z)")
 #: RFC 5322 3.6.8 field-name: printable US-ASCII but colon (33-57, 59-126), so no UTF-8 either.
 #: libmilter has no length limit of its own for a name (smfi_header in smfi.c checks only that it
 #: is not empty): the whole packet must fit, as for every modification (see Context._granted).
@@ -189,6 +191,19 @@ def _check_codes(rcode: str, xcode: str | None) -> None:
         raise MilterError(f'extended code "{xcode}" does not match reply code "{rcode}"')
 
 
+def _check_bare_text(rcode: str, message: str) -> None:
+    """A text given without an extended code follows the reply code, where the MTAs look for one:
+    Postfix 3.7 calls ``550 4 apples`` malformed (a digit after the code other than its first) and
+    answers the client 451 4.3.5. So a leading digit must open a whole extended code of the class."""
+    if not message or message[0] not in "0123456789":
+        return
+    found = _LEADING_XCODE.match(message)
+    if found is None:
+        raise MilterError(f'reply text "{shown(message)}" starts with a digit, which MTAs read as an extended '
+                          f'code: give the extended code too, like {rcode[0]}.0.0')
+    _check_codes(rcode, found.group(1))
+
+
 def build_reply(rcode: str, xcode: str | None = None, message: str | None = None) -> str:
     """smfi_setreply's text: ``550 5.7.1 msg``, ``550 msg``, ``550 5.7.1``, ``550 ``."""
     _check_codes(rcode, xcode)
@@ -198,6 +213,7 @@ def build_reply(rcode: str, xcode: str | None = None, message: str | None = None
         if message is not None:
             text += " " + _reply_line(message)
     elif message is not None:
+        _check_bare_text(rcode, message)
         text += _reply_line(message)
     return text
 
