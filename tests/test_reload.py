@@ -284,6 +284,53 @@ def test_a_script_that_does_not_load_leaves_the_old_one_serving(tclrun, tmp_path
     assert re.findall(r"after main: \w", run.text) == ["after main: B"]
 
 
+# What `pytclmilter check` refuses and every message would fail on: a callback that is not a
+# command, and one that cannot take its event's arguments.
+UNCALLABLE = r"""
+package require TclMilter 1.0
+proc eom {ctx extra} { return SMFIS_CONTINUE }
+milter register envfrom no_such_proc
+milter register eom eom
+milter main
+"""
+
+
+def uncallable_errors(script: Path) -> list[str]:
+    return [f'{script}: error: envfrom callback "no_such_proc": invalid command name "no_such_proc"',
+            f'{script}: error: eom callback "eom" does not accept the 1 arguments the event passes (context)']
+
+
+def test_a_script_whose_callbacks_check_refuses_is_not_loaded(tclrun, tmp_path: Path) -> None:
+    """Such a script loaded: after the reload every message was answered -onerror (tempfail)."""
+    script = tmp_path / "stamp.tcl"
+    script.write_text(stamping("A"))
+    run = tclrun(script)
+    script.write_text(UNCALLABLE)
+    run.child.kill(signal.SIGUSR1)
+    first, second = uncallable_errors(script)
+    m = run.wait_for(r"ERROR: reload: generation 2 not loaded, generation 1 serves on unchanged: (.*?)\r?\n(.*?)\r?\n")
+    assert m.groups() == (first, "  " + second)
+    with run.mta() as mta:
+        mta.negotiate()
+        assert [p for p in mta.message()["eom"] if p[0] == "h"] == [("h", b"X-Stamp\0A\0")]
+    script.write_text(stamping("B"))
+    run.child.kill(signal.SIGUSR1)
+    run.wait_for(r"reload: generation 1 is gone \(its last session is over\); generation 2 serves")
+    assert run.stop() == 0
+    assert re.findall(r"after main: \w", run.text) == ["after main: B"]
+
+
+def test_a_script_whose_callbacks_check_refuses_is_not_served_at_start(tclrun, tmp_path: Path) -> None:
+    """Exit 1 before serving, as for a script error (with --syslog logged too: test_logs.py)."""
+    script = tmp_path / "uncallable.tcl"
+    script.write_text(UNCALLABLE + 'puts "after main"\n')
+    run = tclrun(script, wait=False)
+    assert run.wait_exit() == 1
+    assert "listening" not in run.text and "after main" not in run.text
+    for line in uncallable_errors(script):
+        assert line + "\r\n" in run.text or line + "\n" in run.text, run.text
+
+
 @pytest.mark.parametrize("hang", ["while 1 {}", "after 600000", "vwait forever"])
 def test_a_script_that_hangs_while_loading_is_stopped_and_the_old_one_serves_on(tclrun, tmp_path: Path,
                                                                                hang: str) -> None:

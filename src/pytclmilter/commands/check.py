@@ -83,6 +83,12 @@ def check_callbacks(host: TclHost) -> list[str]:
     return problems
 
 
+def callback_errors(script: str, host: TclHost) -> list[str]:
+    """check's lines for the callbacks that would fail every call: ``run`` refuses to serve them
+    and a reload to load them, as check reports them (the whole mail would get -onerror)."""
+    return [f"{script}: error: {problem}" for problem in check_callbacks(host)]
+
+
 def describe_negotiation(host: TclHost) -> list[str]:
     result = negotiate(OptionNegotiation(6, 0x1FF, 0x1FFFFF), host.milter.registry.wants())
     proto = Proto(result.protocol)

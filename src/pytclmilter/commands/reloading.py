@@ -25,7 +25,7 @@ from ..limits import PYTHON_LIMIT
 from ..logline import escape, escape_lines
 from ..milter import RESTART_ONLY, ReloadError
 from ..tcl.interp import TclHost
-from .check import script_error
+from .check import callback_errors, script_error
 from .common import HooksFailed, ScriptExit, UsageError
 from . import sigmask
 
@@ -106,6 +106,9 @@ class Generations:
                 started = host.start(self.script, within)
             if not started:
                 raise LoadFailed(f"{self.script}: error: the script never calls milter main")
+            errors = callback_errors(self.script, host)
+            if errors:
+                raise LoadFailed(errors[0], "\n".join(errors[1:]))
         except tkinter.TclError as exc:
             info = host.error_info()
             exceeded = host.limit.exceeded

@@ -21,6 +21,7 @@ from ..logline import escape, escape_lines
 from ..milter import Milter
 from ..tcl.interp import TclHost
 from ..tcl.usage import Answer
+from .check import callback_errors
 from .common import HooksFailed, UsageError, add_script_options, make_host
 from .logs import setup_logging
 from .pidfile import PidFile
@@ -206,6 +207,17 @@ def _log_failure(text: str, detail: str | None = None) -> None:
     log.error("exiting: %s%s", escape(message), "\n" + escape_lines(detail) if detail else "")
 
 
+def _refused(opts: argparse.Namespace, host: TclHost) -> bool:
+    """A callback that does not exist or cannot take its event's arguments would fail for every
+    message (all mail answered -onerror): say so as check does, and serve nothing, as a reload does."""
+    errors = callback_errors(opts.script, host)
+    for line in errors:
+        print(escape(line), file=sys.stderr)
+    if errors and opts.syslog:
+        _log_failure(errors[0], "\n".join(errors[1:]))
+    return bool(errors)
+
+
 def _serve(opts: argparse.Namespace) -> int:
     """``run`` once logging is set up: load the script, serve, carry on after `milter main`."""
     log.info("%s", describe())
@@ -254,6 +266,8 @@ def _serve(opts: argparse.Namespace) -> int:
     try:
         with sigmask.children_reapable(), sigmask.interruptible():
             waiting = scripts.current.start(opts.script)
+        if waiting and _refused(opts, scripts.current):
+            return 1
         while waiting:  # the script waits in `milter main`: serve, then let it go on
             result = _serve_once(scripts.current)
             with sigmask.children_reapable(), sigmask.interruptible():
