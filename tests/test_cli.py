@@ -1284,6 +1284,51 @@ def test_check_reports_a_callback_with_the_wrong_number_of_arguments(tmp_path: P
             "(context hostname addrInfo)") in out
 
 
+PYTHON_ARITY = """
+import functools
+
+def setup(milter):
+    milter.register("envfrom", lambda ctx: None)           # no fromList
+
+    @milter.register("header")
+    def hdr(ctx, name):                                    # no content
+        pass
+
+    @milter.register("eom")
+    async def eom(ctx, extra):                             # one too many
+        pass
+
+    @milter.register("eoh")
+    def eoh(ctx, *, strict):                               # a keyword the engine never passes
+        pass
+
+    # these take what their events pass
+    milter.register("envrcpt", lambda ctx, args, *more: None)
+    milter.register("helo", functools.partial(lambda tag, ctx, name: None, "t"))
+    milter.register("close", type("Closer", (), {"__call__": lambda self, ctx: None})())
+    milter.register("body", lambda ctx, block, extra=None: None)
+"""
+
+
+def test_check_reports_python_callbacks_with_the_wrong_number_of_arguments(tmp_path: Path) -> None:
+    """They passed check and failed with a TypeError at every message (tempfailed by -onerror)."""
+    script = tmp_path / "hooked.tcl"
+    script.write_text("package require TclMilter 1.0\nmilter main\n")
+    hooks = tmp_path / "hooks.py"
+    hooks.write_text(PYTHON_ARITY)
+    status, out = cli("check", str(script), "--python", str(hooks))
+    assert status == 1
+    errors = [line for line in out.splitlines() if ": error: " in line]
+    assert errors == [f'{script}: error: {line}' for line in [
+        'envfrom Python callback "setup.<locals>.<lambda>" does not accept the 2 arguments the event passes '
+        "(context fromList)",
+        'header Python callback "setup.<locals>.hdr" does not accept the 3 arguments the event passes '
+        "(context name content)",
+        'eoh Python callback "setup.<locals>.eoh" does not accept the 1 arguments the event passes (context)',
+        'eom Python callback "setup.<locals>.eom" does not accept the 1 arguments the event passes (context)',
+    ]], out
+
+
 def test_check_reports_a_missing_proc_and_a_missing_milter_main(tmp_path: Path) -> None:
     script = tmp_path / "incomplete.tcl"
     script.write_text("package require TclMilter 1.0\nmilter register eom no_such_proc\n")

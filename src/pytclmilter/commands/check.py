@@ -2,18 +2,21 @@
 
 Reports syntax and runtime errors with file and line, each registered
 callback (and whether its procedure exists and accepts the arguments the
-event passes), the commands --python files define for the script, and the
-option negotiation the engine would answer to an MTA offering everything.
+event passes; for a Python callback, whether its function does), the
+commands --python files define for the script, and the option negotiation
+the engine would answer to an MTA offering everything.
 """
 
 from __future__ import annotations
 
 import argparse
+import inspect
 import re
 import sys
 import tkinter
-from typing import Any
+from typing import Any, Callable
 
+from ..callbacks import Callback
 from ..protocol.constants import Action, Proto
 from ..protocol.events import OptionNegotiation
 from ..protocol.negotiation import negotiate
@@ -64,22 +67,50 @@ def _arity(host: TclHost, words: tuple[str, ...]) -> tuple[int, int | None] | No
     return max(0, required - (len(words) - 1)), total
 
 
+def _tcl_problem(host: TclHost, event: str, cb: Callback) -> str | None:
+    words = tuple(host.tk.splitlist(cb.name))
+    if not host.child_call("info", "commands", words[0]):
+        return f'{event} callback "{cb.name}": invalid command name "{words[0]}"'
+    arity = _arity(host, words)
+    given = 1 + len(EVENT_ARGS[event])
+    if arity is not None and not (arity[0] <= given and (arity[1] is None or given <= arity[1])):
+        return f'{event} callback "{cb.name}" {_not_accepted(event)}'
+    return None
+
+
+def _python_accepts(func: Callable[..., Any], given: int) -> bool:
+    """Whether ``func`` can be called with ``given`` positional arguments, as the engine calls it."""
+    try:
+        sig = inspect.signature(func)
+    except (TypeError, ValueError):  # no signature to read (a builtin): it checks its arguments itself
+        return True
+    try:
+        sig.bind(*range(given))
+    except TypeError:
+        return False
+    return True
+
+
+def _python_problem(event: str, cb: Callback) -> str | None:
+    if _python_accepts(cb.func, 1 + len(EVENT_ARGS[event])):
+        return None
+    return f'{event} Python callback "{cb.name}" {_not_accepted(event)}'
+
+
+def _not_accepted(event: str) -> str:
+    names = " ".join(("context",) + EVENT_ARGS[event])
+    return f"does not accept the {1 + len(EVENT_ARGS[event])} arguments the event passes ({names})"
+
+
 def check_callbacks(host: TclHost) -> list[str]:
+    """What would fail at every call of a callback: a Tcl command that does not exist, a proc or
+    a Python function that cannot take the event's arguments."""
     problems = []
     for event, chain in host.milter.registry.registered().items():
         for cb in chain:
-            if cb.origin != "tcl":
-                continue
-            words = tuple(host.tk.splitlist(cb.name))
-            if not host.child_call("info", "commands", words[0]):
-                problems.append(f'{event} callback "{cb.name}": invalid command name "{words[0]}"')
-                continue
-            arity = _arity(host, words)
-            given = 1 + len(EVENT_ARGS[event])
-            if arity is not None and not (arity[0] <= given and (arity[1] is None or given <= arity[1])):
-                names = " ".join(("context",) + EVENT_ARGS[event])
-                problems.append(f'{event} callback "{cb.name}" does not accept the {given} arguments '
-                                f"the event passes ({names})")
+            problem = _tcl_problem(host, event, cb) if cb.origin == "tcl" else _python_problem(event, cb)
+            if problem is not None:
+                problems.append(problem)
     return problems
 
 
