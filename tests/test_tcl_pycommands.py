@@ -73,6 +73,10 @@ def setup(milter):
 
     milter.tcl_command("pyvalues", values)
     milter.tcl_command("pyset", lambda: {1, 2})
+    milter.tcl_command("pyobject", object)
+    milter.tcl_command("pyellipsis", lambda: ...)
+    milter.tcl_command("pyuuid", lambda: __import__("uuid").UUID(int=0))
+    milter.tcl_command("pyhttp", lambda: __import__("http.client").client.HTTPMessage())
 '''
 
 
@@ -97,6 +101,10 @@ def test_arguments_arrive_as_strings_and_results_become_tcl_values(tclrun):
         T status   {dict get $v status}
         T tuple    {dict get [lindex [dict get $v tuple] 1] k}
         T set2     {pyset}
+        T object   {pyobject}
+        T ellipsis {pyellipsis}
+        T uuid     {pyuuid}
+        T http     {pyhttp}
         exit 0
     """, python=[VALUES_HOOKS], connection=None, wait=False)
     assert m.wait_exit() == 0, m.output
@@ -119,6 +127,11 @@ def test_arguments_arrive_as_strings_and_results_become_tcl_values(tclrun):
     assert r["tuple"] == "OK v"
     assert r["set2"] == ("ERR pyset: a set has no Tcl form (return str, int, float, bool, bytes, None, "
                          "or a list, tuple or dict of them)")
+    # the article as the type's name is read: a word by its first letter, an acronym by its letter's name
+    assert r["object"].startswith("ERR pyobject: an object has no Tcl form (")
+    assert r["ellipsis"].startswith("ERR pyellipsis: an ellipsis has no Tcl form (")
+    assert r["uuid"].startswith("ERR pyuuid: a UUID has no Tcl form (")
+    assert r["http"].startswith("ERR pyhttp: an HTTPMessage has no Tcl form (")
 
 
 ECHO_HOOKS = r'''

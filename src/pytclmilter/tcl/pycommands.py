@@ -45,7 +45,7 @@ from ..status import Status
 from .limit import CallLimit, is_limit_error
 from .priv import identity_text
 from .strings import from_tcl, to_tcl
-from .usage import count_ok, wrong_args
+from .usage import count_ok, with_article, wrong_args
 
 _WRAPPER: Final = "::tclmilter::pycommand"
 _CALL: Final = "::tclmilter::call"
@@ -95,7 +95,7 @@ def tcl_value(value: Any) -> Any:
 
 
 def _no_tcl_form(value: Any) -> Any:
-    raise TypeError(f"a {type(value).__name__} has no Tcl form (return str, int, float, bool, bytes, None, "
+    raise TypeError(f"{with_article(type(value).__name__)} has no Tcl form (return str, int, float, bool, bytes, None, "
                     "or a list, tuple or dict of them)")
 
 

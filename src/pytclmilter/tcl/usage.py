@@ -31,6 +31,21 @@ class TclUsageError(Exception):
         self.code = code
 
 
+#: Letters whose names start with a vowel sound ("an SMTPError", "an HTTPMessage", "a UUID").
+_VOWEL_NAMED: Final = frozenset("AEFHILMNORSX")
+_ACRONYM: Final = re.compile(r"[A-Z]{2}")
+
+
+def with_article(name: str) -> str:
+    """``name`` after "a" or "an" as it is read aloud: a word by its first letter (``an object``,
+    ``a set``), an acronym by its first letter's name (``a UUID``, ``an HTTPMessage``)."""
+    if _ACRONYM.match(name):
+        vowel = name[0] in _VOWEL_NAMED
+    else:
+        vowel = name[:1].lower() in ("a", "e", "i", "o", "u")
+    return ("an " if vowel else "a ") + name
+
+
 def one_of(kind: str, value: str, choices: Iterable[str]) -> str:
     """Tcl_GetIndexFromObj without abbreviations: the value, or `bad KIND "value": must be ...`."""
     if value in choices:
