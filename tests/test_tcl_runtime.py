@@ -699,6 +699,34 @@ milter main
 """
 
 
+FAILING_LOOP = r"""
+package require TclMilter
+proc tick {} { after 20 tick; error "boom [incr ::n]" }
+after 20 tick
+proc other {} { error "other" }
+after 300 other
+after 1500 {puts "ticked $::n times"; milter stop}
+milter main
+"""
+
+
+def test_a_timer_that_fails_over_and_over_is_logged_once_not_flooded(tclrun):
+    """A timer that failed and rescheduled itself logged each failure with its errorInfo (47
+    ERROR lines in 3 s); now the first is logged whole and the same failure again is counted,
+    its count logged at most once a minute (unit: test_logs.py). Another place is logged too."""
+    m = tclrun(FAILING_LOOP)
+    assert m.wait_exit(15) == 0, m.output
+    text = m.text.replace("\r\n", "\n")
+    ticks = int(re.search(r"ticked (\d+) times", text).group(1))
+    assert ticks > 20, text
+    errors = re.findall(r"ERROR: .*", text)
+    assert errors == ["ERROR: error in an event handler of the script (after, fileevent): boom 1",
+                      "ERROR: error in an event handler of the script (after, fileevent): other"], text
+    assert ("boom 1\n  boom 1\n    while executing\n  \"error \"boom [incr ::n]\" \"\n"
+            "    (procedure \"tick\" line 1)\n") in text, text  # its errorInfo, once
+    assert text.count('(procedure "tick" line 1)') == 1, text
+
+
 def test_errors_of_timers_go_to_the_log_or_to_the_scripts_bgerror(tclrun):
     """An error in an `after` (or `fileevent`) handler is logged escaped, with its errorInfo,
     where Tcl printed it raw on stderr (a forged log line with it); a script's own bgerror proc

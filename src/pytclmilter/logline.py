@@ -113,6 +113,41 @@ class SameTrace:
         return None
 
 
+class Repeated:
+    """Failures nobody answers, which may recur many times a second (an `after` handler that
+    fails and reschedules itself): the first at a place is logged whole, the next ones within
+    ``seconds`` are only counted, and the first after that is logged with the count, so a
+    failure that lasts makes one line a minute. At most ``keep`` places are remembered."""
+
+    __slots__ = ("seconds", "keep", "clock", "_places")
+
+    def __init__(self, seconds: float = 60.0, keep: int = 100,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.seconds = seconds
+        self.keep = keep
+        self.clock = clock
+        #: place -> (when last logged, how many since, that time as the log shows it)
+        self._places: dict[str, tuple[float, int, str]] = {}
+
+    def due(self, place: str) -> tuple[int, str] | None:
+        """None: count this one, log nothing; else log it: (how many were not logged since the
+        last line of ``place``, that line's time; 0 and "": log it whole, as the first)."""
+        now = self.clock()
+        seen = self._places.pop(place, None)
+        if seen is not None and now - seen[0] < self.seconds:
+            self._places[place] = (seen[0], seen[1] + 1, seen[2])
+            return None
+        self._make_room(now)
+        self._places[place] = (now, 0, time.strftime("%H:%M:%S"))
+        return (0, "") if seen is None or seen[1] == 0 else (seen[1], seen[2])
+
+    def _make_room(self, now: float) -> None:
+        if len(self._places) >= self.keep:
+            self._places = {k: v for k, v in self._places.items() if now - v[0] < self.seconds}
+            while len(self._places) >= self.keep:
+                del self._places[next(iter(self._places))]
+
+
 def place_of(trace: str, message: str) -> str:
     """What two failures' traces share when they fail at the same place: the trace without the
     error's message (which quotes data) and without its last frame (a Tcl callback's call with

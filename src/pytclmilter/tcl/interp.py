@@ -26,7 +26,7 @@ import _tkinter
 from ..context import Context, MilterError
 from ..engine import CallbackError
 from ..hooks import Hooks
-from ..logline import SHOWN, clip, escape, escape_lines
+from ..logline import SHOWN, Repeated, clip, escape, escape_lines, place_of
 from ..milter import Milter
 from ..protocol.codec import text
 from ..status import Status
@@ -271,6 +271,8 @@ class TclHost:
         self.served_inside = False
         #: A reload loads this script: its `milter main` must suspend it, never serve.
         self.loading = False
+        #: The background errors logged lately: a failing `after` loop logs once a minute.
+        self.bgerrors = Repeated()
         self.command = MilterCommand(self, self.milter)
         self._register("::tclmilter::py::milter", self.command)
         self._register("::tclmilter::py::context", self._context)
@@ -384,6 +386,13 @@ class TclHost:
             message = f"stopped after {self.milter.call_timeout:g} s (-calltimeout)"
             if self.pycommands.stopped:  # a Python command was running: where it was, too
                 info, self.pycommands.stopped = f"{info}\n{self.pycommands.stopped}", ""
+        due = self.bgerrors.due(place_of(info, message) if info else message)
+        if due is None:
+            return
+        if due[0]:
+            log.error("error in an event handler of the script (after, fileevent): %s (repeated %d times since "
+                      "the line of %s, the same trace; logged once a minute)", escape(message), due[0], due[1])
+            return
         log.error("error in an event handler of the script (after, fileevent): %s%s", escape(message),
                   "\n" + escape_lines(info) if info else "")
 
