@@ -16,7 +16,7 @@ from typing import Iterator
 import pexpect
 import pytest
 
-from pytclmilter import CONTINUE, REJECT, Milter
+from pytclmilter import CONTINUE, REJECT, Milter, MilterError
 
 pytestmark = pytest.mark.postfix
 
@@ -146,3 +146,48 @@ def test_blacklist_example_behind_postfix(postfix, blacklist_milter: str) -> Non
     (msg,) = pf.wait_for_sink(1)
     assert msg.message["Subject"] == "fine"
     assert re.search(r"milter-reject", pf.log_text())
+
+
+def test_a_digit_right_after_the_reply_code_is_a_malformed_reply_to_postfix(postfix) -> None:
+    """Why setreply refuses a text that starts with a digit when no extended code comes first
+    (docs/protocol.md 6.5): Postfix 3.7 reads the character after the code's space as the start of
+    an extended code, so "550 4 apples left" is a malformed reply and the client gets 451 4.3.5;
+    with the extended code given, or opening the text, the digit passes."""
+    milter = Milter(name="digits", connection="inet:0@127.0.0.1", grace=1)
+    refused: list[str] = []
+
+    @milter.register("envfrom")
+    def envfrom(ctx, args):  # type: ignore[no-untyped-def]
+        local = args[0].strip("<>").split("@")[0]
+        if local == "bare":
+            try:
+                ctx.setreply("550", None, "4 apples left")
+            except MilterError as exc:
+                refused.append(str(exc))
+            ctx.reply_text = "550 4 apples left"  # what setreply used to send
+        elif local == "given":
+            ctx.setreply("550", "5.7.1", "4 apples left")
+        elif local == "opening":
+            ctx.setreply("550", None, "5.7.1 go away")
+        return REJECT
+
+    thread = threading.Thread(target=milter.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 10
+    while milter.listening is None:
+        assert time.monotonic() < deadline, "milter did not start"
+        time.sleep(0.01)
+    try:
+        pf = postfix(milter=milter.listening.postfix())
+        replies = {local: pf.send(f"{local}@example.org", ["rcpt@example.com"],
+                                  message(f"{local}@example.org", local)).mail
+                   for local in ("bare", "given", "opening")}
+    finally:
+        milter.stop()
+        thread.join(10)
+    assert refused == ['reply text "4 apples left" starts with a digit, which MTAs read as an extended code: '
+                       "give the extended code too, like 5.0.0"]
+    assert str(replies["bare"]).startswith("451 4.3.5"), replies
+    assert "malformed reply: 550 4 apples left" in pf.maillog_path.read_text(errors="replace")
+    assert str(replies["given"]) == "550 5.7.1 4 apples left", replies
+    assert str(replies["opening"]) == "550 5.7.1 go away", replies
