@@ -1324,8 +1324,8 @@ def test_check_reports_python_callbacks_with_the_wrong_number_of_arguments(tmp_p
         "(context fromList)",
         'header Python callback "setup.<locals>.hdr" does not accept the 3 arguments the event passes '
         "(context name content)",
-        'eoh Python callback "setup.<locals>.eoh" does not accept the 1 arguments the event passes (context)',
-        'eom Python callback "setup.<locals>.eom" does not accept the 1 arguments the event passes (context)',
+        'eoh Python callback "setup.<locals>.eoh" does not accept the 1 argument the event passes (context)',
+        'eom Python callback "setup.<locals>.eom" does not accept the 1 argument the event passes (context)',
     ]], out
 
 
@@ -1387,3 +1387,20 @@ def test_try_loads_a_hooks_file_that_defines_a_dataclass(tmp_path: Path) -> None
     status, out = cli("try", "--python", str(hooks), EXAMPLES / "blacklist.tcl", DATA / "plain.eml")
     assert status == 0, out
     assert "verdict: accept" in out, out
+
+
+def test_check_and_run_find_a_callback_proc_kept_in_an_autoloaded_library(tmp_path: Path) -> None:
+    """Tcl libraries of TclMilter's day were often kept as a tclIndex on auto_path: the proc exists
+    once its first call loads it. check, and run at `milter main`, must not call it missing
+    (run refuses to serve a missing callback)."""
+    lib = tmp_path / "lib"
+    lib.mkdir()
+    (lib / "mylib.tcl").write_text("proc lib_from {ctx args} { return SMFIS_CONTINUE }\n")
+    (lib / "tclIndex").write_text("# Tcl autoload index file, version 2.0\n"  # as auto_mkindex writes it
+                                  "set auto_index(lib_from) [list source [file join $dir mylib.tcl]]\n")
+    script = tmp_path / "autoloaded.tcl"
+    script.write_text("package require TclMilter\nlappend auto_path [file join [file dirname [info script]] lib]\n"
+                      "milter register envfrom lib_from\nmilter main\n")
+    status, out = cli("check", str(script))
+    assert status == 0, out
+    assert "envfrom   tcl    lib_from" in out

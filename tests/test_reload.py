@@ -297,7 +297,7 @@ milter main
 
 def uncallable_errors(script: Path) -> list[str]:
     return [f'{script}: error: envfrom callback "no_such_proc": invalid command name "no_such_proc"',
-            f'{script}: error: eom callback "eom" does not accept the 1 arguments the event passes (context)']
+            f'{script}: error: eom callback "eom" does not accept the 1 argument the event passes (context)']
 
 
 def test_a_script_whose_callbacks_check_refuses_is_not_loaded(tclrun, tmp_path: Path) -> None:

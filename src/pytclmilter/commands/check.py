@@ -67,9 +67,18 @@ def _arity(host: TclHost, words: tuple[str, ...]) -> tuple[int, int | None] | No
     return max(0, required - (len(words) - 1)), total
 
 
+def _autoloads(host: TclHost, command: str) -> bool:
+    """Whether Tcl's autoloader (a tclIndex on auto_path, as libraries of TclMilter's day were
+    kept) defines the command: it would at its first call, so it is not missing."""
+    try:
+        return bool(host.tk.getboolean(host.child_call("auto_load", command)))
+    except tkinter.TclError:  # a broken tclIndex: the call would fail the same way
+        return False
+
+
 def _tcl_problem(host: TclHost, event: str, cb: Callback) -> str | None:
     words = tuple(host.tk.splitlist(cb.name))
-    if not host.child_call("info", "commands", words[0]):
+    if not host.child_call("info", "commands", words[0]) and not _autoloads(host, words[0]):
         return f'{event} callback "{cb.name}": invalid command name "{words[0]}"'
     arity = _arity(host, words)
     given = 1 + len(EVENT_ARGS[event])
@@ -99,7 +108,8 @@ def _python_problem(event: str, cb: Callback) -> str | None:
 
 def _not_accepted(event: str) -> str:
     names = " ".join(("context",) + EVENT_ARGS[event])
-    return f"does not accept the {1 + len(EVENT_ARGS[event])} arguments the event passes ({names})"
+    given = 1 + len(EVENT_ARGS[event])
+    return f"does not accept the {given} argument{'s' if given > 1 else ''} the event passes ({names})"
 
 
 def check_callbacks(host: TclHost) -> list[str]:
