@@ -13,6 +13,7 @@ Exit statuses (docs/cli.md): try/send 0 accepted, 1 rejected, 2 tempfail,
 from __future__ import annotations
 
 import contextlib
+import functools
 import grp
 import json
 import os
@@ -1284,49 +1285,56 @@ def test_check_reports_a_callback_with_the_wrong_number_of_arguments(tmp_path: P
             "(context hostname addrInfo)") in out
 
 
-PYTHON_ARITY = """
-import functools
-
-def setup(milter):
-    milter.register("envfrom", lambda ctx: None)           # no fromList
-
-    @milter.register("header")
-    def hdr(ctx, name):                                    # no content
+def _arity_cases() -> list[tuple[str, Any, bool]]:
+    """(event, callable, whether it takes what the event passes)."""
+    async def eom(ctx, extra):  # one too many
         pass
 
-    @milter.register("eom")
-    async def eom(ctx, extra):                             # one too many
+    def eoh(ctx, *, strict):  # a keyword the engine never passes
         pass
 
-    @milter.register("eoh")
-    def eoh(ctx, *, strict):                               # a keyword the engine never passes
+    def hdr(ctx, name):  # no content
         pass
 
-    # these take what their events pass
-    milter.register("envrcpt", lambda ctx, args, *more: None)
-    milter.register("helo", functools.partial(lambda tag, ctx, name: None, "t"))
-    milter.register("close", type("Closer", (), {"__call__": lambda self, ctx: None})())
-    milter.register("body", lambda ctx, block, extra=None: None)
-"""
+    return [
+        ("envfrom", lambda ctx: None, False),  # no fromList
+        ("header", hdr, False),
+        ("eom", eom, False),
+        ("eoh", eoh, False),
+        ("envrcpt", lambda ctx, args, *more: None, True),
+        ("helo", functools.partial(lambda tag, ctx, name: None, "t"), True),
+        ("close", type("Closer", (), {"__call__": lambda self, ctx: None})(), True),
+        ("body", lambda ctx, block, extra=None: None, True),
+        ("connect", print, True),  # no signature to read: it checks its arguments itself
+    ]
 
 
-def test_check_reports_python_callbacks_with_the_wrong_number_of_arguments(tmp_path: Path) -> None:
-    """They passed check and failed with a TypeError at every message (tempfailed by -onerror)."""
+@pytest.mark.parametrize("event, func, fits", _arity_cases())
+def test_a_python_callback_that_cannot_take_its_events_arguments_is_refused_at_register(event, func, fits):
+    """It was registered, passed check, and failed with a TypeError at every message (tempfailed
+    by -onerror). Refused at once, as a callable that is not callable is."""
+    from pytclmilter import Milter
+
+    m = Milter("arity")
+    if fits:
+        m.register(event, func)
+        assert len(m.registry.chain(event)) == 1
+        return
+    with pytest.raises(TypeError, match=rf'^register {event}: ".+" does not accept the \d arguments? the event '
+                                        r"passes \(context"):
+        m.register(event, func)
+    assert not m.registry.chain(event)
+
+
+def test_check_reports_a_python_callback_that_cannot_take_its_events_arguments(tmp_path: Path) -> None:
     script = tmp_path / "hooked.tcl"
     script.write_text("package require TclMilter 1.0\nmilter main\n")
     hooks = tmp_path / "hooks.py"
-    hooks.write_text(PYTHON_ARITY)
+    hooks.write_text("def setup(milter):\n    milter.register('header', lambda ctx, name: None)\n")
     status, out = cli("check", str(script), "--python", str(hooks))
     assert status == 1
-    errors = [line for line in out.splitlines() if ": error: " in line]
-    assert errors == [f'{script}: error: {line}' for line in [
-        'envfrom Python callback "setup.<locals>.<lambda>" does not accept the 2 arguments the event passes '
-        "(context fromList)",
-        'header Python callback "setup.<locals>.hdr" does not accept the 3 arguments the event passes '
-        "(context name content)",
-        'eoh Python callback "setup.<locals>.eoh" does not accept the 1 argument the event passes (context)',
-        'eom Python callback "setup.<locals>.eom" does not accept the 1 argument the event passes (context)',
-    ]], out
+    assert ('TypeError: register header: "setup.<locals>.<lambda>" does not accept the 3 arguments the event '
+            "passes (context name content)") in out, out
 
 
 def test_check_reports_a_missing_proc_and_a_missing_milter_main(tmp_path: Path) -> None:

@@ -8,6 +8,7 @@ place when re-registered; Python's ``register`` appends.
 
 from __future__ import annotations
 
+import inspect
 import itertools
 from dataclasses import dataclass
 from typing import Any, Callable, Final
@@ -19,6 +20,9 @@ from .protocol.table import COMMANDS
 #: The callback events, in protocol order: those of the command table (close is QUIT's and QUIT_NC's).
 EVENTS: Final = tuple(dict.fromkeys(c.callback for c in COMMANDS if c.callback))
 
+#: The arguments each event's callbacks get after the context, named as the manual names them.
+EVENT_ARGS: Final = {c.callback: c.args for c in COMMANDS if c.callback}
+
 #: Events whose verdict may wait for the next replied event: the MTA sends them only after
 #: the whole message arrived, so a reject at a header or at end of headers reaches the client
 #: in the same SMTP reply either way. Asking for no reply lets the MTA stream them.
@@ -27,6 +31,28 @@ DEFERRABLE: Final = frozenset({"header"})
 #: Registry versions, unique across registries, so that a negotiation computed for one set of
 #: callbacks is never reused for another (see ConnectionEngine._negotiated).
 _GENERATIONS: Final = itertools.count(1)
+
+
+def accepts(func: Callable[..., Any], event: str) -> bool:
+    """Whether ``func`` can be called as the engine calls the event's callbacks (the context, then
+    the event's arguments, positional). A callable without a readable signature (a builtin)
+    checks its arguments itself."""
+    try:
+        sig = inspect.signature(func)
+    except (TypeError, ValueError):
+        return True
+    try:
+        sig.bind(*range(1 + len(EVENT_ARGS[event])))
+    except TypeError:
+        return False
+    return True
+
+
+def not_accepted(event: str) -> str:
+    """How a callback that cannot take the event's arguments is reported."""
+    names = ("context",) + EVENT_ARGS[event]
+    plural = "s" if len(names) > 1 else ""
+    return f"does not accept the {len(names)} argument{plural} the event passes ({' '.join(names)})"
 
 
 @dataclass(slots=True)

@@ -11,7 +11,7 @@ import signal
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any, Callable, Generic, Iterator, TypeVar, overload
 
-from .callbacks import EVENTS, Callback, Registry
+from .callbacks import EVENTS, Callback, Registry, accepts, not_accepted
 from .connspec import ConnSpec, parse, parse_metrics
 from .context import ScriptCalls, hosted
 from .engine import Shared, Stats
@@ -224,7 +224,10 @@ class Milter:
             return lambda f: self.register(event, f)
         if not callable(func):  # refused now, at load: not a TypeError at every message, a tempfail each
             raise TypeError(f"register {event}: {escape(repr(func))} is not callable")
-        self.registry.add(event, Callback(func, "python", getattr(func, "__qualname__", repr(func))))
+        name = getattr(func, "__qualname__", repr(func))
+        if not accepts(func, event):  # the same: refused now, not failed at every message
+            raise TypeError(f'register {event}: "{escape(name)}" {not_accepted(event)}')
+        self.registry.add(event, Callback(func, "python", name))
         return func
 
     def unregister(self, event: str, func: Callable[..., Any]) -> bool:

@@ -10,24 +10,21 @@ the engine would answer to an MTA offering everything.
 from __future__ import annotations
 
 import argparse
-import inspect
 import re
 import sys
 import tkinter
-from typing import Any, Callable
+from typing import Any
 
-from ..callbacks import Callback
+from ..callbacks import EVENT_ARGS, Callback, not_accepted
 from ..protocol.constants import Action, Proto
 from ..protocol.events import OptionNegotiation
 from ..protocol.negotiation import negotiate
-from ..protocol.table import COMMANDS
 from ..tcl.interp import TclHost
 from .common import ScriptExit, add_script_options, make_host
 from .logs import setup_logging
 from . import sigmask
 
 #: Arguments each event passes after the context, as the manual names them.
-EVENT_ARGS = {c.callback: c.args for c in COMMANDS if c.callback}
 
 
 def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> argparse.ArgumentParser:
@@ -83,42 +80,18 @@ def _tcl_problem(host: TclHost, event: str, cb: Callback) -> str | None:
     arity = _arity(host, words)
     given = 1 + len(EVENT_ARGS[event])
     if arity is not None and not (arity[0] <= given and (arity[1] is None or given <= arity[1])):
-        return f'{event} callback "{cb.name}" {_not_accepted(event)}'
+        return f'{event} callback "{cb.name}" {not_accepted(event)}'
     return None
 
 
-def _python_accepts(func: Callable[..., Any], given: int) -> bool:
-    """Whether ``func`` can be called with ``given`` positional arguments, as the engine calls it."""
-    try:
-        sig = inspect.signature(func)
-    except (TypeError, ValueError):  # no signature to read (a builtin): it checks its arguments itself
-        return True
-    try:
-        sig.bind(*range(given))
-    except TypeError:
-        return False
-    return True
-
-
-def _python_problem(event: str, cb: Callback) -> str | None:
-    if _python_accepts(cb.func, 1 + len(EVENT_ARGS[event])):
-        return None
-    return f'{event} Python callback "{cb.name}" {_not_accepted(event)}'
-
-
-def _not_accepted(event: str) -> str:
-    names = " ".join(("context",) + EVENT_ARGS[event])
-    given = 1 + len(EVENT_ARGS[event])
-    return f"does not accept the {given} argument{'s' if given > 1 else ''} the event passes ({names})"
-
-
 def check_callbacks(host: TclHost) -> list[str]:
-    """What would fail at every call of a callback: a Tcl command that does not exist, a proc or
-    a Python function that cannot take the event's arguments."""
+    """What would fail at every call of a Tcl callback: a command that does not exist, a proc
+    that cannot take the event's arguments (a Python function that cannot is refused by
+    Milter.register already)."""
     problems = []
     for event, chain in host.milter.registry.registered().items():
         for cb in chain:
-            problem = _tcl_problem(host, event, cb) if cb.origin == "tcl" else _python_problem(event, cb)
+            problem = _tcl_problem(host, event, cb) if cb.origin == "tcl" else None
             if problem is not None:
                 problems.append(problem)
     return problems
