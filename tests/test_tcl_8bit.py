@@ -128,6 +128,7 @@ proc eom {ctx} {
     T unset      {$ctx unsetpriv py.t*}
     T gone       {$ctx getpriv py.text}
     T names2     {lsort [dict keys [$ctx getpriv]]}
+    T gonecode   {catch {$ctx getpriv py.text} m o; dict get $o -errorcode}
     $ctx setpriv tcl.last "tcl again"
     return SMFIS_CONTINUE
 }
@@ -181,6 +182,7 @@ def test_python_and_tcl_share_private_data_whichever_side_keeps_it(tclrun):
     assert r["names"] == "OK both py.int py.text tcl.body tcl.latin"
     assert r["unset"] == "OK " and r["gone"] == 'ERR can\'t read "py.text": no such private data'
     assert r["names2"] == "OK both py.int tcl.body tcl.latin"
+    assert r["gonecode"] == "OK TCL LOOKUP VARNAME py.text"  # as Tcl's own `can't read` (was NONE)
     assert "PY last 'tcl again'" in out
     assert "PY left ['both', 'py.int'] 'gone'" in out
     assert r["close-names"] == "OK both py.int"

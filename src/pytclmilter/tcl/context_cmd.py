@@ -39,7 +39,8 @@ def _read(ctx: Context, name: str) -> Any:
     try:
         return priv_value(ctx.priv[name])
     except KeyError:
-        raise TclUsageError(f'can\'t read "{name}": no such private data') from None
+        # errorCode as Tcl's own for a variable that is not there: `trap {TCL LOOKUP VARNAME}` works
+        raise TclUsageError(f'can\'t read "{name}": no such private data', ("TCL", "LOOKUP", "VARNAME", name)) from None
 
 
 def _setpriv(ctx: Context, args: Sequence[str]) -> Any:
