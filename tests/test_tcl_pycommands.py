@@ -611,6 +611,12 @@ def setup(milter):
         ctx.addheader("X-Priv", ctx.tcl("priv_of", ctx, "sender"))  # a context: its context command
         ctx.addheader("X-Echo", ctx.getpriv("echo"))
         ctx.addheader("X-Nested", ctx.tcl("outer", "v"))
+        # a context in a list too (it was refused: "a Context has no Tcl form (return ...)")
+        ctx.addheader("X-In-List", ctx.tcl("lindex", [ctx, "x"], 0).replace(ctx.tcl("string", "cat", ctx), "ctx"))
+        try:
+            ctx.tcl("list", object())
+        except TypeError as exc:
+            ctx.addheader("X-Refused", str(exc)[:46])
         try:
             ctx.tcl("fails", "key")
         except TclError as exc:
@@ -637,7 +643,9 @@ def test_python_callbacks_call_the_scripts_procs(tclrun):
     assert m.stop() == 0
     assert reply == [("h", z("X-List", "one|two words||x y|7")), ("h", z("X-Empty", "[]")),
                      ("h", z("X-Priv", "<a@example.org>")), ("h", z("X-Echo", b"<" + RAW + b">")),
-                     ("h", z("X-Nested", "inner(v)")), ("h", z("X-Error", "no key here / MYAPP NOTFOUND")),
+                     ("h", z("X-Nested", "inner(v)")), ("h", z("X-In-List", "ctx")),
+                     ("h", z("X-Refused", "an object has no Tcl form (pass a context, str")),
+                     ("h", z("X-Error", "no key here / MYAPP NOTFOUND")),
                      ("h", z("X-Tcl-Eom", "yes")), ("c", b"")]
     # errorInfo is the script's, without the frames of the call itself
     info = re.search(r"ERRORINFO<<(.*?)>>", m.text, re.S).group(1)

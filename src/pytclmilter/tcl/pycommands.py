@@ -94,16 +94,21 @@ def tcl_value(value: Any) -> Any:
     return tcl_form(value, to_tcl, _no_tcl_form)
 
 
-def _no_tcl_form(value: Any) -> Any:
-    raise TypeError(f"{with_article(type(value).__name__)} has no Tcl form (return str, int, float, bool, bytes, None, "
+def _no_tcl_form(value: Any, verb: str = "return") -> Any:
+    raise TypeError(f"{with_article(type(value).__name__)} has no Tcl form ({verb} str, int, float, bool, bytes, None, "
                     "or a list, tuple or dict of them)")
 
 
 def script_word(value: Any) -> Any:
-    """An argument of ctx.tcl: a context as its context command, the rest as :func:`tcl_value`."""
+    """An argument of ctx.tcl as :func:`tcl_value` makes it, a context (in a list too) as its
+    context command."""
+    return tcl_form(value, to_tcl, _word)
+
+
+def _word(value: Any) -> Any:
     if isinstance(value, Context):
         return value.host_data or ""
-    return tcl_value(value)
+    return _no_tcl_form(value, "pass a context,")
 
 
 def _own_frames_dropped(tb: TracebackType | None) -> TracebackType | None:
