@@ -1045,7 +1045,7 @@ def test_a_context_hook_that_raises_is_logged_and_the_connection_is_served(caplo
 
     def gone(ctx):
         closed.append(ctx.name)
-        raise KeyError(ctx.name)
+        sys.exit(2)  # (a library's exit, too, must not end the milter)
 
     m = make_milter(hooks=Hooks(context_created=created, context_closed=gone))
     m.register("envfrom", lambda ctx, args: REJECT)
@@ -1063,6 +1063,7 @@ def test_a_context_hook_that_raises_is_logged_and_the_connection_is_served(caplo
         for n in (1, 2) for hook, func in (("context_created", "created"), ("context_closed", "gone"))
     ], errors
     assert "failed (no db\\nhandle):\n  Traceback" in errors[0]  # one line, then the indented traceback
+    assert "hook" in errors[1] and "failed (SystemExit(2)):\n  Traceback" in errors[1], errors[1]
     assert m.running is False
 
 

@@ -283,9 +283,10 @@ class ConnectionEngine:
         connection half torn down (context_closed), logged by asyncio only, unescaped."""
         try:
             hook(self.ctx)
-        except Exception as exc:  # noqa: BLE001 - a host's bug must not hang or leak the connection
+        # A host's bug must not hang or leak the connection, nor end the milter with a sys.exit().
+        except (Exception, SystemExit, KeyboardInterrupt) as exc:  # noqa: BLE001
             log.error("%s: the %s hook %s failed (%s):\n%s", self.name, name,
-                      escape(getattr(hook, "__qualname__", repr(hook))), escape(str(exc) or type(exc).__name__),
+                      escape(getattr(hook, "__qualname__", repr(hook))), escape(_failure_text(exc)),
                       escape_lines(_traceback(exc)))
 
     @property
@@ -646,9 +647,7 @@ class ConnectionEngine:
         # message may quote a header): escaped, and errorInfo's lines indented (logline).
         who = "chain" if cb is None else cb.name or repr(cb.func)
         text = str(exc)
-        message = text or type(exc).__name__
-        if isinstance(exc, (SystemExit, KeyboardInterrupt)):  # "failed (3)" would say nothing
-            message = f"{type(exc).__name__}({text})"
+        message = _failure_text(exc)
         seen = self.shared.traces.logged_as(f"{name} {who}\n{place_of(detail, text)}", self.name) if detail else None
         if seen is None:
             log.error("%s: %s callback %s failed (%s), answering %s:\n%s", self.name, name,
@@ -828,6 +827,14 @@ def _cancelling() -> bool:
     by something it awaited)."""
     task = asyncio.current_task()
     return task is not None and task.cancelling() > 0
+
+
+def _failure_text(exc: BaseException) -> str:
+    """What a log line says a failure was: its message, else its type's name; a SystemExit or
+    KeyboardInterrupt with both ("failed (3)" would say nothing)."""
+    if isinstance(exc, (SystemExit, KeyboardInterrupt)):
+        return f"{type(exc).__name__}({exc})"
+    return str(exc) or type(exc).__name__
 
 
 def _traceback(exc: BaseException) -> str:
