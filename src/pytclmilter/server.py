@@ -80,6 +80,9 @@ class _Connection(asyncio.Protocol):
     def _sniff(self, head: bytes, data: bytes) -> None:
         """Do the first bytes start a PROXY protocol header? Told within 12 bytes; an MTA's first
         byte (a length's high byte, 0) tells at once, so a session pays one comparison."""
+        if not head and data[:1] == b"\0":  # the common case, without the generator below
+            self._head = None
+            return
         head += data[: _SNIFFED - len(head)]
         self._proxy = any(sig[: len(head)] == head[: len(sig)] for sig in _PROXY_SIGNATURES)
         self._head = head if self._proxy and len(head) < _SNIFFED else None
