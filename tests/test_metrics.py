@@ -152,6 +152,12 @@ def test_metrics_count_verdicts_callbacks_errors_and_connections(tclrun) -> None
     assert value(s, "pytclmilter_generation") == 1
     assert value(s, "pytclmilter_workers_alive") == 1
 
+    # A scrape job may ask for some families only (`params: name[]: [...]`): it got an empty page
+    # (the collector described no names, so prometheus_client's filter dropped them all).
+    only = scrape(url + "?name[]=pytclmilter_generation&name[]=pytclmilter_connections_total")
+    assert {k[0] for k in only} == {"pytclmilter_generation", "pytclmilter_connections_total"}, only
+    assert value(only, "pytclmilter_connections_total") == 5
+
     # Only /metrics is served; a scraper is answered by prometheus_client's exposition.
     with pytest.raises(urllib.error.HTTPError) as err:
         urllib.request.urlopen(url.replace("/metrics", "/"), timeout=10)

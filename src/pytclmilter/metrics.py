@@ -101,6 +101,11 @@ class Collector(_CollectorBase):
         self.stats = stats
         self.workers_alive = workers_alive
 
+    def describe(self) -> list[Metric]:
+        """The families this collector gives: a scrape that names some (`?name[]=...`) is
+        answered from them (without it, and with auto_describe off, such a scrape got none)."""
+        return list(self.collect())
+
     def collect(self) -> Iterator[Metric]:
         t = self.totals()
         yield from _connections(t)
