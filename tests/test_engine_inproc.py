@@ -335,3 +335,44 @@ def test_quit_nc_forgets_the_sessions_private_data_and_sender(caplog):
     assert seen == [None, None]
     (verdict,) = [t for t in messages(caplog, logging.INFO) if "verdict reject" in t]
     assert "first@example.org" not in verdict and "from=-" in verdict, verdict
+
+
+def test_a_connection_verdict_ends_with_its_session_at_quit_nc_without_connect_callbacks(caplog):
+    """Without a connect callback the MTA skips CONNECT (SMFIP_NOCONNECT), and the engine's state
+    for the session went back to undecided only at CONNECT: a reject at HELO of one session left
+    the next session, after QUIT_NC, answered continue without callbacks (its mail unfiltered)."""
+    caplog.set_level(logging.INFO, logger=LOG)
+    m, calls = make_milter(), []
+    m.register("helo", lambda ctx, helo: calls.append(helo) or (REJECT if helo == "bad.example" else CONTINUE))
+    m.register("envfrom", lambda ctx, args: calls.append(args[0]) or REJECT)
+    m.register("unknown", lambda ctx, line: CONTINUE)
+    mta = InProcessMTA(m)
+    mta.optneg()
+    assert mta.command(b"H", z("bad.example")) == [(b"r", b"")]
+    assert mta.command(b"U", z("NOOP")) == C  # (QUIT_NC counts after UNKNOWN or end of message)
+    assert mta.command(b"K") == []
+    assert mta.command(b"H", z("good.example")) == C
+    assert mta.command(b"M", z("<a@example.org>")) == [(b"r", b"")]
+    assert calls == ["bad.example", "good.example", "<a@example.org>"]
+
+
+def test_a_discard_at_rcpt_is_the_whole_messages_verdict(caplog):
+    """DISCARD at RCPT discards the whole message (docs/protocol.md §8): the message's later
+    callbacks do not run, and no second verdict is logged for it."""
+    caplog.set_level(logging.INFO, logger=LOG)
+    m, calls = make_milter(), []
+    recording(m, calls, envrcpt=lambda args: DISCARD if args[0] == "<drop@example.com>" else CONTINUE,
+              eom=REJECT)
+    mta = InProcessMTA(m)
+    mta.optneg(protocol=ALL_PROTO & ~P_NR_HDR)
+    assert mta.connect() == C
+    assert mta.command(b"M", z("<a@example.org>")) == C
+    assert mta.command(b"R", z("<drop@example.com>")) == [(b"d", b"")]
+    assert mta.command(b"R", z("<b@example.com>")) == C
+    assert mta.command(b"T") == C
+    assert mta.command(b"L", z("Subject", "hi")) == C
+    assert mta.command(b"N") == C
+    assert mta.command(b"E") == C
+    assert [c[0] for c in calls] == ["connect", "envfrom", "envrcpt"]
+    verdicts = [t for t in messages(caplog, logging.INFO) if " verdict " in t]
+    assert len(verdicts) == 1 and "verdict discard at envrcpt" in verdicts[0], verdicts

@@ -241,9 +241,10 @@ class ConnectionEngine:
 
     Transitions, each in one method: :meth:`_decide` (an answer other than continue: SKIP ->
     body skipped, at connect or helo -> connection, at a message stage -> message; a recipient's
-    or an unknown command's verdict concerns that command only), :meth:`_defer` (open or body
-    skipped -> deferred), :meth:`_new_message` (MAIL, ABORT, end of message: back to open unless
-    the connection is decided), :meth:`_new_session` (CONNECT: open).
+    or an unknown command's verdict concerns that command only, but a discard at RCPT the
+    message), :meth:`_defer` (open or body skipped -> deferred), :meth:`_new_message` (MAIL,
+    ABORT, end of message: back to open unless the connection is decided), :meth:`_new_session`
+    (CONNECT, QUIT_NC: open).
 
     Besides: ``_busy`` (an async callback runs: this connection's further events wait, its
     socket is not read) and ``closed`` (the connection is over: nothing more is done).
@@ -399,6 +400,7 @@ class ConnectionEngine:
                 # the filter kept or said for this one must not reach it (nor its log lines).
                 self.ctx.reply_text = None
                 self.ctx.unsetpriv()
+                self._new_session()  # (its CONNECT, which would, may be skipped: SMFIP_NOCONNECT)
             else:
                 self._finish(event.reason)
 
@@ -423,8 +425,8 @@ class ConnectionEngine:
             self._decided = _BODY_SKIPPED
         elif t is Connect or t is Helo:
             self._decided = _CONNECTION
-        elif t is not EnvRcpt and t is not Unknown:
-            self._decided = _MESSAGE
+        elif (t is not EnvRcpt and t is not Unknown) or (t is EnvRcpt and status is Status.DISCARD):
+            self._decided = _MESSAGE  # a discard at RCPT is the whole message's (docs/protocol.md §8)
 
     def _defer(self, stage: str, status: Status) -> None:
         """A no-reply event's verdict: kept for the next reply (continue, noreply, skip: nothing to keep)."""
