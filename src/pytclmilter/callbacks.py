@@ -36,9 +36,10 @@ _GENERATIONS: Final = itertools.count(1)
 def accepts(func: Callable[..., Any], event: str) -> bool:
     """Whether ``func`` can be called as the engine calls the event's callbacks (the context, then
     the event's arguments, positional). A callable without a readable signature (a builtin)
-    checks its arguments itself."""
+    checks its arguments itself. A decorated one is checked as it is called, not as the
+    function it wraps (functools.wraps): a decorator may pass that one other arguments."""
     try:
-        sig = inspect.signature(func)
+        sig = inspect.signature(func, follow_wrapped=False)
     except (TypeError, ValueError):
         return True
     try:
