@@ -1199,6 +1199,7 @@ def test_sys_exit_in_a_python_callback_is_a_failure_not_the_milters_end(caplog, 
     ("timeout", "abc", TypeError, "timeout must be a number of seconds, not 'abc'"),
     ("call_timeout", True, TypeError, "call_timeout must be a number of seconds, not True"),
     ("backlog", 1.5, TypeError, "backlog must be a positive integer, or None, not 1.5"),
+    ("name", " ", ValueError, "name must not be empty, not ' '"),
 ])
 def test_the_api_names_a_bad_option_and_what_it_takes(option, value, error, message):
     """NOREPLY, SKIP, 0o17777 and hooks=5 were taken (a failing callback answered SKIP at any stage,
@@ -1212,6 +1213,18 @@ def test_the_api_names_a_bad_option_and_what_it_takes(option, value, error, mess
         with pytest.raises(error) as raised:
             setattr(m, option, value)
         assert str(raised.value).startswith(message), str(raised.value)
+
+
+@pytest.mark.parametrize("owner", [(0,), ("root", "root"), (0, 0, 0), (True, 0)])
+def test_a_socket_owner_that_is_not_a_uid_and_gid_is_named_when_set(owner):
+    """Only its being a tuple was checked: the rest failed in mypyc's words ("tuple[int, int] or
+    None object expected; got tuple[int]") or, pure, when the socket was made."""
+    m = make_milter()
+    with pytest.raises(TypeError) as raised:
+        m.socket_owner = owner
+    assert str(raised.value) == f"socket_owner must be a (uid, gid) tuple, or None, not {owner!r}"
+    m.socket_owner = (0, 0)
+    assert m.socket_owner == (0, 0)
 
 
 @pytest.mark.parametrize("spec, message", [

@@ -51,6 +51,7 @@ def test_configure_defaults_query_set_and_errors(tclrun):
         T backlog  {milter configure -backlog 0}
         T onerror  {milter configure -onerror SMFIS_BOGUS}
         T conn     {milter configure -connection bogus:x}
+        T noname   {milter configure -name ""}
         T noargs   {milter}
         T badsub   {milter bogus}
         T mainargs {milter main now}
@@ -87,6 +88,7 @@ def test_configure_defaults_query_set_and_errors(tclrun):
     assert r["backlog"].startswith("ERR ") and '"0"' in r["backlog"]
     assert r["onerror"].startswith('ERR bad status "SMFIS_BOGUS"')
     assert r["conn"].startswith("ERR ") and "bogus" in r["conn"]
+    assert r["noname"] == 'ERR bad name "": must not be empty'  # the listening line shows it
     assert r["noargs"] == 'ERR wrong # args: should be "milter option ?arg ...?"'
     assert r["badsub"] == 'ERR bad option "bogus": must be configure, main, register, or stop'
     assert r["mainargs"] == 'ERR wrong # args: should be "milter main"'
@@ -338,11 +340,14 @@ def test_return_codes_become_the_replies(tclrun):
         mta.negotiate()
         assert mta.mail("<a@example.org>") == SKIPPED
         for status, reply in [("SMFIS_CONTINUE", "c"), ("SMFIS_REJECT", "r"), ("SMFIS_TEMPFAIL", "t"),
-                              ("SMFIS_DISCARD", "d"), ("SMFIS_ACCEPT", "a"), ("empty", "c"),
+                              ("SMFIS_ACCEPT", "a"), ("empty", "c"),
                               ("not-a-status", "c"), ("SMFIS_NOREPLY", "c")]:
             assert mta.rcpt(f"<{status}>")[0] == reply, status
         assert mta.body(b"x" * 70000)[0] == ("s", b"")  # SKIP from the body callback: the MTA offered SMFIP_SKIP
         assert mta.eom()[-1] == ("c", b"")
+        # a discard at RCPT is the whole message's: the MTA sends none of its events after it
+        assert mta.mail("<b@example.org>") == SKIPPED
+        assert mta.rcpt("<SMFIS_DISCARD>")[0] == "d"
     assert m.stop() == 0
     assert "not-a-status" in m.text  # "anything else logged and treated as continue"
 

@@ -79,7 +79,17 @@ def _checked(name: str, value: T) -> T:
         raise TypeError(f"{name} must be {what}, not {value!r}")
     if name == "metrics" and value:
         parse_metrics(str(value))  # ConnSpecError (a ValueError): 'metrics "x": must be ...'
+    elif name == "socket_owner" and value is not None and not _is_owner(value):
+        raise TypeError(f"{name} must be {what}, not {value!r}")
+    elif name == "name" and not str(value).strip():  # the listening line and every log line show it
+        raise ValueError(f"name must not be empty, not {value!r}")
     return value
+
+
+def _is_owner(value: object) -> bool:
+    """A (uid, gid) pair of numbers (names are the CLI's to look up: --user, --group)."""
+    return (isinstance(value, tuple) and len(value) == 2
+            and all(isinstance(i, int) and not isinstance(i, bool) for i in value))
 
 
 def new_event_loop() -> asyncio.AbstractEventLoop:

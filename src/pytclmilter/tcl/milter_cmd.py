@@ -75,6 +75,13 @@ def _spec(check: Callable[[str], object], empty_ok: bool = False) -> Callable[[s
     return parse_value
 
 
+def _name(value: str) -> str:
+    """The milter's name: every log line and the listening line show it, so not blank."""
+    if not value.strip():
+        raise TclUsageError(f'bad name "{value}": must not be empty')
+    return value
+
+
 _connection = _spec(parse)
 _metrics = _spec(parse_metrics, empty_ok=True)  # "" serves no metrics
 
@@ -88,7 +95,7 @@ def _status(value: str) -> Any:
 
 
 OPTIONS: dict[str, Option] = {
-    "-name": Option("name", True, str),
+    "-name": Option("name", True, _name),
     "-connection": Option("connection", True, _connection),
     "-timeout": Option("timeout", True, _non_negative),
     "-backlog": Option("backlog", True, _c_int(_positive), lambda v: v or max(socket.SOMAXCONN, 20)),
