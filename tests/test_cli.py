@@ -1414,12 +1414,31 @@ def test_check_and_run_find_a_callback_proc_kept_in_an_autoloaded_library(tmp_pa
     (run refuses to serve a missing callback)."""
     lib = tmp_path / "lib"
     lib.mkdir()
-    (lib / "mylib.tcl").write_text("proc lib_from {ctx args} { return SMFIS_CONTINUE }\n")
+    # (its loading would hold a reload: check reads the index, it does not load the library)
+    (lib / "mylib.tcl").write_text("proc lib_from {ctx args} { return SMFIS_CONTINUE }\nafter 8000\n")
     (lib / "tclIndex").write_text("# Tcl autoload index file, version 2.0\n"  # as auto_mkindex writes it
                                   "set auto_index(lib_from) [list source [file join $dir mylib.tcl]]\n")
     script = tmp_path / "autoloaded.tcl"
     script.write_text("package require TclMilter\nlappend auto_path [file join [file dirname [info script]] lib]\n"
                       "milter register envfrom lib_from\nmilter main\n")
+    started = time.monotonic()
     status, out = cli("check", str(script))
     assert status == 0, out
     assert "envfrom   tcl    lib_from" in out
+    assert time.monotonic() - started < 6  # the library was not loaded
+
+
+def test_check_and_run_take_a_callback_the_scripts_own_unknown_serves(tmp_path: Path) -> None:
+    """A script may serve commands through its own `unknown` (a dispatcher): the command does not
+    exist until called. run refused such a script at start as missing its callback."""
+    script = tmp_path / "dispatch.tcl"
+    script.write_text("package require TclMilter\n"
+                      "rename unknown _tcl_unknown\n"
+                      "proc unknown {cmd args} {\n"
+                      "    if {[string match cb_* $cmd]} { return SMFIS_CONTINUE }\n"
+                      "    uplevel 1 [list _tcl_unknown $cmd {*}$args]\n"
+                      "}\n"
+                      "milter register envfrom cb_from\nmilter main\n")
+    status, out = cli("check", str(script))
+    assert status == 0, out
+    assert "envfrom   tcl    cb_from" in out

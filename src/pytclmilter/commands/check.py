@@ -66,16 +66,32 @@ def _arity(host: TclHost, words: tuple[str, ...]) -> tuple[int, int | None] | No
 
 def _autoloads(host: TclHost, command: str) -> bool:
     """Whether Tcl's autoloader (a tclIndex on auto_path, as libraries of TclMilter's day were
-    kept) defines the command: it would at its first call, so it is not missing."""
+    kept) knows the command: its first call would define it. Read from the indexes only, never
+    by loading the library, whose code would run here, unbounded (a reload serves meanwhile)."""
+    name = command.lstrip(":")
     try:
-        return bool(host.tk.getboolean(host.child_call("auto_load", command)))
-    except tkinter.TclError:  # a broken tclIndex: the call would fail the same way
+        host.child_call("auto_load_index")
+    except tkinter.TclError:  # a broken tclIndex: the call would fail on it too
         return False
+    return any(host.tk.getboolean(host.child_call("info", "exists", f"::auto_index({n})"))
+               for n in (name, f"::{name}"))
+
+
+def _own_unknown(host: TclHost) -> bool:
+    """Whether the script handles unknown commands itself (its own `unknown` proc, or `namespace
+    unknown`): then a command that does not exist yet may well be served by it."""
+    if not host.tk.getboolean(host.child_call("expr", "[namespace eval :: {namespace unknown}] in {{} ::unknown}")):
+        return True
+    if not host.child_call("info", "procs", "::unknown"):
+        return bool(host.child_call("info", "commands", "::unknown"))  # a command of its own
+    return str(host.child_call("info", "body", "::unknown")) != str(host.tk.call("info", "body", "::unknown"))
 
 
 def _tcl_problem(host: TclHost, event: str, cb: Callback) -> str | None:
     words = tuple(host.tk.splitlist(cb.name))
-    if not host.child_call("info", "commands", words[0]) and not _autoloads(host, words[0]):
+    if not host.child_call("info", "commands", words[0]):
+        if _autoloads(host, words[0]) or _own_unknown(host):
+            return None
         return f'{event} callback "{cb.name}": invalid command name "{words[0]}"'
     arity = _arity(host, words)
     given = 1 + len(EVENT_ARGS[event])
