@@ -798,21 +798,20 @@ def test_a_failure_that_recurs_is_logged_whole_once_then_counted_once_a_minute()
     the log: log the first whole, count the rest, log the count with the first one a minute on."""
     now = [100.0]
     repeated = logline.Repeated(60.0, keep=3, clock=lambda: now[0])
-    assert repeated.due("tick") == (0, "")  # the first: logged whole
+    assert repeated.due("tick") == 0  # the first: logged whole
     for _ in range(46):
         now[0] += 0.05
         assert repeated.due("tick") is None  # counted
-    assert repeated.due("other") == (0, "")  # another place is its own
+    assert repeated.due("other") == 0  # another place is its own
     now[0] = 160.5
-    count, since = repeated.due("tick")  # a minute on: logged, with the count
-    assert count == 46 and re.fullmatch(r"\d\d:\d\d:\d\d", since)
+    assert repeated.due("tick") == 46  # a minute on: logged, with the count
     now[0] += 1
     assert repeated.due("tick") is None
     now[0] += 120  # quiet for longer than a minute after a lone repeat: the count first
-    assert repeated.due("tick")[0] == 1
+    assert repeated.due("tick") == 1
     now[0] += 120  # and, nothing counted since, whole again
-    assert repeated.due("tick") == (0, "")
+    assert repeated.due("tick") == 0
     for place in ("a", "b", "c"):  # at most `keep` places remembered: the oldest goes
-        assert repeated.due(place) == (0, "")
-    assert repeated.due("tick") == (0, "")  # forgotten, so whole again (within its minute)
+        assert repeated.due(place) == 0
+    assert repeated.due("tick") == 0  # forgotten, so whole again (within its minute)
     assert repeated.due("c") is None  # still remembered

@@ -126,20 +126,21 @@ class Repeated:
         self.seconds = seconds
         self.keep = keep
         self.clock = clock
-        #: place -> (when last logged, how many since, that time as the log shows it)
-        self._places: dict[str, tuple[float, int, str]] = {}
+        #: place -> (when last logged, how many since)
+        self._places: dict[str, tuple[float, int]] = {}
 
-    def due(self, place: str) -> tuple[int, str] | None:
-        """None: count this one, log nothing; else log it: (how many were not logged since the
-        last line of ``place``, that line's time; 0 and "": log it whole, as the first)."""
+    def due(self, place: str) -> int | None:
+        """None: count this one, log nothing; else log it, saying how many were not logged since
+        the last line of ``place`` (0: log it whole, as the first). Its line is named by its
+        message, not by a time: a time taken here may differ from the line's own by a second."""
         now = self.clock()
         seen = self._places.pop(place, None)
         if seen is not None and now - seen[0] < self.seconds:
-            self._places[place] = (seen[0], seen[1] + 1, seen[2])
+            self._places[place] = (seen[0], seen[1] + 1)
             return None
         self._make_room(now)
-        self._places[place] = (now, 0, time.strftime("%H:%M:%S"))
-        return (0, "") if seen is None or seen[1] == 0 else (seen[1], seen[2])
+        self._places[place] = (now, 0)
+        return 0 if seen is None else seen[1]
 
     def _make_room(self, now: float) -> None:
         if len(self._places) >= self.keep:

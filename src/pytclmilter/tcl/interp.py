@@ -389,9 +389,9 @@ class TclHost:
         due = self.bgerrors.due(place_of(info, message) if info else message)
         if due is None:
             return
-        if due[0]:
+        if due:
             log.error("error in an event handler of the script (after, fileevent): %s (repeated %d times since "
-                      "the line of %s, the same trace; logged once a minute)", escape(message), due[0], due[1])
+                      "its last line with the trace; logged once a minute)", escape(message), due)
             return
         log.error("error in an event handler of the script (after, fileevent): %s%s", escape(message),
                   "\n" + escape_lines(info) if info else "")
