@@ -127,6 +127,30 @@ def test_a_timer_stopped_at_its_limit_is_logged_and_later_timers_still_run(tclru
     assert "error in background error handler" not in m.text
 
 
+RESCHEDULING_RUNAWAY = r"""
+package require TclMilter
+milter configure -calltimeout 0.5
+proc spin {} { after 50 spin; while 1 {} }
+after 50 spin
+after 1200 { puts "co-due timer ran" }
+milter main
+"""
+
+
+def test_a_looping_timer_that_reschedules_itself_is_logged_and_a_co_due_one_said_lost(tclrun):
+    """Before, nothing was ever logged: Tcl reports a stopped handler from an idle handler, and
+    the timer, due again at once, always ran first. A timer due in the same pass as the stopped
+    one is refused by Tcl (its interpreter runs nothing until the limit is reset); it was logged
+    with an empty message."""
+    m = tclrun(RESCHEDULING_RUNAWAY)
+    m.wait_for(r"ERROR: error in an event handler of the script \(after, fileevent\): stopped after 0\.5 s "
+               r"\(-calltimeout\)\r?\n  time limit exceeded", timeout=5)
+    m.wait_for(r"ERROR: error in an event handler of the script \(after, fileevent\): not run: a handler due "
+               r"with it was stopped at the time limit \(-calltimeout\), and Tcl runs nothing more in that "
+               r"pass\r?\n(  .*\r?\n)*?  \"puts \"co-due timer ran\" \"", timeout=5)
+    assert m.stop() == 0
+
+
 def test_calltimeout_from_the_command_line(tclrun):
     m = tclrun(TCL_STUCK.replace("milter configure -calltimeout 1 -onerror SMFIS_REJECT", ""),
                "--call-timeout", "0.5", "--on-error", "SMFIS_TEMPFAIL")

@@ -42,6 +42,11 @@ log: Final = logging.getLogger("pytclmilter")
 
 _DONT_WAIT: Final = _tkinter.DONT_WAIT
 _ALL_EVENTS: Final = _tkinter.ALL_EVENTS
+_IDLE_EVENTS: Final = _tkinter.IDLE_EVENTS
+#: What a handler that Tcl refused to run, in the pass whose earlier handler the limit stopped,
+#: is logged as (Tcl gives it no message: the interpreter runs nothing until the limit is reset).
+_NOT_RUN: Final = ("not run: a handler due with it was stopped at the time limit (-calltimeout), and Tcl "
+                   "runs nothing more in that pass")
 #: tkinter's own quoting of a tuple as a Tcl list; private to tkinter, so not in its type stubs.
 _stringify: Final[Callable[[Any], str]] = getattr(tkinter, "_stringify")
 
@@ -273,6 +278,8 @@ class TclHost:
         self.loading = False
         #: The background errors logged lately: a failing `after` loop logs once a minute.
         self.bgerrors = Repeated()
+        #: A handler was stopped by the limit since the background errors were last reported.
+        self._handler_stopped = False
         self.command = MilterCommand(self, self.milter)
         self._register("::tclmilter::py::milter", self.command)
         self._register("::tclmilter::py::context", self._context)
@@ -382,7 +389,9 @@ class TclHost:
         """An error of an `after` or `fileevent` handler (tclmilter.tcl's bgerror): logged as a
         callback's error is, where Tcl would print it raw on stderr."""
         message, info = (list(args) + ["", ""])[:2]
-        if is_limit_error(message, ()):
+        if not message and self._handler_stopped:
+            message = _NOT_RUN
+        elif is_limit_error(message, ()):
             message = f"stopped after {self.milter.call_timeout:g} s (-calltimeout)"
             if self.pycommands.stopped:  # a Python command was running: where it was, too
                 info, self.pycommands.stopped = f"{info}\n{self.pycommands.stopped}", ""
@@ -590,6 +599,7 @@ class TclHost:
         """
         if self.limit.exceeded:  # a handler was stopped: until reset, the interpreter runs nothing
             self.limit.reset()
+            self._report_errors()
         if self.tk.call("::tclmilter::py::quiet", self.CHILD, 1 if _THREAD_HOME else 0) in (1, "1"):
             return
         self.limit.begin_handlers()
@@ -604,6 +614,20 @@ class TclHost:
             self.limit.done()
             # A Python command stopped in a handler: Tcl reported it (bgerror), no callback will.
             self.pycommands.stopped = ""
+
+    def _report_errors(self) -> None:
+        """Run the idle handlers, Tcl's reports of background errors among them, before any
+        timer: a handler that reschedules itself and loops is due again at once, and its report
+        (an idle handler) never got a turn, so nothing was ever logged."""
+        self._handler_stopped = True
+        self.limit.begin_handlers()  # (the script's own `after idle` handlers run here too)
+        try:
+            for _ in range(100):
+                if not self.tk.dooneevent(_DONT_WAIT | _IDLE_EVENTS) or self.limit.exceeded:
+                    break
+        finally:
+            self.limit.done()
+            self._handler_stopped = False
 
     def set_argv(self, script: str, argv: Sequence[str]) -> None:
         self.child_call("set", "argv0", script)
