@@ -725,3 +725,15 @@ def test_tcl_calls_need_a_script_and_the_milters_thread(tcl_host):
     thread.start()
     thread.join()
     assert "on the milter's thread only" in str(failed[0].value)
+
+
+@pytest.mark.parametrize("name, shown", [
+    ("object", "an object"), ("set", "a set"), ("UUID", "a UUID"), ("HTTPMessage", "an HTTPMessage"),
+    ("UnboundLocalError", "an UnboundLocalError"), ("UserDict", "a UserDict"), ("Unicode", "a Unicode"),
+    ("OneShot", "a OneShot"),
+])
+def test_the_article_of_a_type_name_is_the_one_it_is_read_with(name, shown):
+    """The "has no Tcl form" message names the type with its article; it said "an UserDict"."""
+    from pytclmilter.tcl.usage import with_article
+
+    assert with_article(name) == shown

@@ -36,13 +36,17 @@ _VOWEL_NAMED: Final = frozenset("AEFHILMNORSX")
 _ACRONYM: Final = re.compile(r"[A-Z]{2}")
 
 
+#: Word starts whose vowel letter is read as a consonant sound: "you" and "won".
+_READ_YOU_OR_WON: Final = ("uni", "use", "usu", "uti", "ura", "eu", "one", "once")
+
+
 def with_article(name: str) -> str:
     """``name`` after "a" or "an" as it is read aloud: a word by its first letter (``an object``,
     ``a set``), an acronym by its first letter's name (``a UUID``, ``an HTTPMessage``)."""
     if _ACRONYM.match(name):
         vowel = name[0] in _VOWEL_NAMED
-    else:
-        vowel = name[:1].lower() in ("a", "e", "i", "o", "u")
+    else:  # a vowel letter, unless read as "you" or "one" (a UserDict, a Unicode..., a OneShot)
+        vowel = name[:1].lower() in ("a", "e", "i", "o", "u") and not name.lower().startswith(_READ_YOU_OR_WON)
     return ("an " if vowel else "a ") + name
 
 
