@@ -11,7 +11,7 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
 import pexpect
 import pytest
@@ -29,6 +29,17 @@ def message(sender: str, subject: str, body: bytes = b"Hello.\r\n") -> bytes:
         f"From: {sender}\r\nTo: rcpt@example.com\r\nSubject: {subject}\r\n"
         f"Message-ID: <{subject.replace(' ', '.')}@test>\r\n\r\n"
     ).encode() + body
+
+
+def run_in_thread(milter: Any) -> threading.Thread:
+    """Serve ``milter`` from a thread of its own; back once it listens."""
+    thread = threading.Thread(target=milter.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 10
+    while milter.listening is None:
+        assert time.monotonic() < deadline, "milter did not start"
+        time.sleep(0.01)
+    return thread
 
 
 @pytest.fixture
@@ -62,12 +73,7 @@ def python_milter() -> Iterator[Milter]:
             ctx.quarantine("held by e2e")
         ctx.unsetpriv("body")
 
-    thread = threading.Thread(target=milter.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 10
-    while milter.listening is None:
-        assert time.monotonic() < deadline, "milter did not start"
-        time.sleep(0.01)
+    thread = run_in_thread(milter)
     yield milter
     milter.stop()
     thread.join(10)
@@ -171,12 +177,7 @@ def test_a_digit_right_after_the_reply_code_is_a_malformed_reply_to_postfix(post
             ctx.setreply("550", None, "5.7.1 go away")
         return REJECT
 
-    thread = threading.Thread(target=milter.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 10
-    while milter.listening is None:
-        assert time.monotonic() < deadline, "milter did not start"
-        time.sleep(0.01)
+    thread = run_in_thread(milter)
     try:
         pf = postfix(milter=milter.listening.postfix())
         replies = {local: pf.send(f"{local}@example.org", ["rcpt@example.com"],

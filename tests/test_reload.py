@@ -253,12 +253,18 @@ milter main
 """
 
 
-def test_a_script_that_does_not_load_leaves_the_old_one_serving(tclrun, tmp_path: Path) -> None:
-    script = tmp_path / "stamp.tcl"
+def serving_then_reloading(tclrun: Any, script: Path, new: str) -> Any:
+    """``pytclmilter run`` of a script stamping A, then that file replaced by ``new`` and SIGUSR1."""
     script.write_text(stamping("A"))
     run = tclrun(script)
-    script.write_text(BROKEN)
+    script.write_text(new)
     run.child.kill(signal.SIGUSR1)
+    return run
+
+
+def test_a_script_that_does_not_load_leaves_the_old_one_serving(tclrun, tmp_path: Path) -> None:
+    script = tmp_path / "stamp.tcl"
+    run = serving_then_reloading(tclrun, script, BROKEN)
     m = run.wait_for(r"ERROR: reload: generation 2 not loaded, generation 1 serves on unchanged: (.*?)\r?\n")
     assert m.group(1) == f'{script}:4: error: invalid command name "nosuchcommand"'
     run.wait_for(r'  invalid command name "nosuchcommand"\r?\n    while executing\r?\n  "nosuchcommand 42"')
@@ -273,10 +279,15 @@ def test_a_script_that_does_not_load_leaves_the_old_one_serving(tclrun, tmp_path
     run.child.kill(signal.SIGUSR1)
     run.wait_for(r"generation 2 not loaded, generation 1 serves on unchanged: -backlog, -workers cannot change "
                  r"without a restart\r?\n")
+    old_serves_then_a_good_one_loads(run, script)
+
+
+def old_serves_then_a_good_one_loads(run: Any, script: Path) -> None:
+    """After a refused reload: generation 1 (stamping A) still serves; a good script then loads as
+    generation 2, and the code after its `milter main` is the only one that ran."""
     with run.mta() as mta:
         mta.negotiate()
         assert [p for p in mta.message()["eom"] if p[0] == "h"] == [("h", b"X-Stamp\0A\0")]
-    # and a good one loads as generation 2
     script.write_text(stamping("B"))
     run.child.kill(signal.SIGUSR1)
     run.wait_for(r"reload: generation 1 is gone \(its last session is over\); generation 2 serves")
@@ -303,21 +314,11 @@ def uncallable_errors(script: Path) -> list[str]:
 def test_a_script_whose_callbacks_check_refuses_is_not_loaded(tclrun, tmp_path: Path) -> None:
     """Such a script loaded: after the reload every message was answered -onerror (tempfail)."""
     script = tmp_path / "stamp.tcl"
-    script.write_text(stamping("A"))
-    run = tclrun(script)
-    script.write_text(UNCALLABLE)
-    run.child.kill(signal.SIGUSR1)
+    run = serving_then_reloading(tclrun, script, UNCALLABLE)
     first, second = uncallable_errors(script)
     m = run.wait_for(r"ERROR: reload: generation 2 not loaded, generation 1 serves on unchanged: (.*?)\r?\n(.*?)\r?\n")
     assert m.groups() == (first, "  " + second)
-    with run.mta() as mta:
-        mta.negotiate()
-        assert [p for p in mta.message()["eom"] if p[0] == "h"] == [("h", b"X-Stamp\0A\0")]
-    script.write_text(stamping("B"))
-    run.child.kill(signal.SIGUSR1)
-    run.wait_for(r"reload: generation 1 is gone \(its last session is over\); generation 2 serves")
-    assert run.stop() == 0
-    assert re.findall(r"after main: \w", run.text) == ["after main: B"]
+    old_serves_then_a_good_one_loads(run, script)
 
 
 def test_a_script_whose_callbacks_check_refuses_is_not_served_at_start(tclrun, tmp_path: Path) -> None:
