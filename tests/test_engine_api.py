@@ -1257,3 +1257,32 @@ def test_reload_error_is_exported_and_names_the_python_settings():
         m.reload(new)
     assert str(raised.value) == "only a restart can change workers (serving 1, new 2)"
     assert raised.value.settings == ("workers",)
+
+
+@pytest.mark.parametrize("end", ["eof", "quit"])
+def test_an_async_abort_callback_runs_before_the_close_callbacks_and_the_contexts_end(end):
+    """docs/protocol.md §7.5: the abort callbacks, then the close callbacks, once. An async abort
+    callback was started and not waited for: it ran after the close callbacks and after the
+    context had ended (context_closed), where its private data was gone."""
+    seen = []
+
+    def ended(ctx):
+        seen.append("context ended")
+
+    m = make_milter(hooks=Hooks(context_closed=ended))
+    m.register("envfrom", lambda ctx, args: ctx.setpriv("from", args[0]))
+
+    @m.register("abort")
+    async def abort(ctx):
+        await asyncio.sleep(0.2)
+        seen.append(f"abort {ctx.getpriv('from')}")
+
+    m.register("close", lambda ctx: seen.append("close"))
+    with serving(m) as srv:
+        with srv.raw() as mta:
+            assert mta.connect() == (b"c", b"")
+            assert mta.mail("<a@example.org>") == (b"c", b"")
+            if end == "quit":
+                mta.quit()
+        wait_for(lambda: len(seen) == 3)
+    assert seen == ["abort <a@example.org>", "close", "context ended"]

@@ -217,6 +217,12 @@ class _Exited(Exception):
         self.original = original
 
 
+async def _in_turn(awaitables: list[Awaitable[Status]]) -> None:
+    """Await each in turn (abort and close callbacks: their failures are logged by _awaited)."""
+    for awaitable in awaitables:
+        await awaitable
+
+
 async def _contained(awaitable: Awaitable[Any]) -> Any:
     try:
         return await awaitable
@@ -252,7 +258,7 @@ class ConnectionEngine:
     """
 
     __slots__ = ("shared", "registry", "session", "ctx", "name", "link", "_out", "_busy", "_decided",
-                 "_deferred", "_deferred_stage", "closed", "client", "sender", "debug", "meter")
+                 "_deferred", "_deferred_stage", "_quiet", "closed", "client", "sender", "debug", "meter")
 
     def __init__(self, shared: Shared, conn_id: int, link: "Link") -> None:
         self.shared = shared
@@ -263,6 +269,7 @@ class ConnectionEngine:
         self.link = link
         self._out: list[bytes] = []
         self._busy = False
+        self._quiet: asyncio.Future[None] | None = None  # async abort or close callbacks still running
         self._decided = _OPEN
         self._deferred = Status.CONTINUE  # with _DEFERRED: the verdict waiting for a reply
         self._deferred_stage = ""
@@ -526,15 +533,35 @@ class ConnectionEngine:
         return Status.CONTINUE
 
     def _run_quiet(self, name: str) -> None:
-        """abort and close: every callback runs, results are ignored (libmilter ignores them too)."""
+        """abort and close: every callback runs, results are ignored (libmilter ignores them too).
+
+        The connection does not wait for an async one; what comes after it in the connection's
+        own end does: the close callbacks after the abort callbacks, the context's end after
+        both (docs/protocol.md §7.5). Before, an async abort callback ran after the close
+        callbacks, on a context already ended."""
+        if self._quiet is not None and not self._quiet.done():
+            self._quiet = asyncio.ensure_future(self._quiet_after(self._quiet, name))
+            return
+        pending = self._quiet_chain(name)
+        if pending:
+            self._quiet = asyncio.ensure_future(_in_turn(pending))
+
+    def _quiet_chain(self, name: str) -> list[Awaitable[Status]]:
+        """Run the event's callbacks; the awaitables of the async ones, not awaited yet."""
         self.ctx.stage = name
         call_args = (self.ctx,)
         limit = self.shared.settings.call_timeout
+        pending = []
         for cb in self.registry.chain(name):
             result = self._call(name, cb, call_args, limit, True)
             if not isinstance(result, Status):
-                asyncio.ensure_future(result)  # not awaited: the connection does not wait for it
+                pending.append(result)
         self.ctx.stage = ""
+        return pending
+
+    async def _quiet_after(self, before: Awaitable[None], name: str) -> None:
+        await before
+        await _in_turn(self._quiet_chain(name))
 
     def _call(self, name: str, cb: Callback, call_args: tuple[Any, ...], limit: float,
               ignore: bool) -> Status | Awaitable[Status]:
@@ -803,8 +830,11 @@ class ConnectionEngine:
             return
         self.closed = True
         self._flush()
-        self._hook("context_closed", self.shared.hooks.context_closed)
-        self.ctx.detach()
+        quiet = self._quiet
+        if quiet is not None and not quiet.done():  # the context ends after its last callback
+            quiet.add_done_callback(self._end_context)
+        else:
+            self._end_context()
         self.link.close()
         if self.meter is not None:
             self.meter.closed(reason)
@@ -812,6 +842,12 @@ class ConnectionEngine:
         routine = reason in _ROUTINE_ENDS
         if not routine or self.debug:
             log.log(logging.DEBUG if routine else logging.INFO, "%s: closed (%s)", self.name, reason)
+
+    def _end_context(self, _done: object = None) -> None:
+        """The context's end (the host's hook, then nothing more of it works): after its last
+        callback, an async abort or close callback included (a done callback then)."""
+        self._hook("context_closed", self.shared.hooks.context_closed)
+        self.ctx.detach()
 
 
 def _result_shown(result: Any) -> str:
