@@ -880,3 +880,22 @@ def test_usage_errors_carry_the_error_code_tcls_own_commands_set(tcl_host):
     assert code_of("milter", "configure", "-timeout", "x") == "TCL VALUE NUMBER"
     assert code_of("milter", "configure", "-dryrun", "maybe") == "TCL VALUE BOOLEAN"
     assert code_of("milter", "configure", "-onerror", "SMFIS_NOSUCH") == "NONE"  # a message of TclMilter's own
+
+
+def test_an_empty_onerror_is_refused_not_taken_as_continue(tclrun):
+    """An empty result of a callback means continue, and `-onerror {}` (or `--on-error ""`) was
+    taken the same way: every callback that failed then let its message through, without a word.
+    The Python API refuses an empty on_error for that reason; so do the option and the flag."""
+    m = tclrun(TCL_HELPERS + r"""
+        package require TclMilter
+        T empty {milter configure -onerror {}}
+        T after {milter configure -onerror}
+        exit 0
+    """, connection=None, wait=False)
+    assert m.wait_exit() == 0, m.output
+    bad = ('ERR bad status "": must be SMFIS_ACCEPT, SMFIS_CONTINUE, SMFIS_DISCARD, SMFIS_REJECT, '
+           "or SMFIS_TEMPFAIL")
+    assert m.results() == {"empty": bad, "after": "OK SMFIS_TEMPFAIL"}
+    m = tclrun("package require TclMilter\nmilter main\n", "--on-error", "", wait=False)
+    assert m.wait_exit() == 64, m.output
+    assert 'bad status ""' in m.output, m.output

@@ -87,7 +87,9 @@ _metrics = _spec(parse_metrics, empty_ok=True)  # "" serves no metrics
 
 
 def _status(value: str) -> Any:
-    status = parse_status(value)
+    # Not "": as a callback's result it means continue, but as -onerror (or --on-error "") an
+    # empty value, such as an unset variable's default, would let every failing message through.
+    status = parse_status(value) if value else None
     if status is None or status.name not in ("CONTINUE", "REJECT", "TEMPFAIL", "ACCEPT", "DISCARD"):
         raise TclUsageError(f'bad status "{value}": must be SMFIS_ACCEPT, SMFIS_CONTINUE, SMFIS_DISCARD, '
                             "SMFIS_REJECT, or SMFIS_TEMPFAIL")
