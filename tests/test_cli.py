@@ -786,6 +786,34 @@ def test_try_drops_a_recipient_rejected_at_rcpt_from_the_envelope(tmp_path: Path
     assert doc["rejected_recipients"] == {"carol@example.com": "reject"}
 
 
+def test_try_accept_at_rcpt_accepts_the_message_without_sending_the_filter_more(tmp_path: Path) -> None:
+    """SMFIS_ACCEPT at RCPT accepts the message as far as the filter goes: no more callbacks
+    (the manual), and Postfix sends the filter no more events of it. `try` went on sending the
+    rest of the message: the eom callback ran and its header was reported as added, and with a
+    header callback the filter (back in HELO, as libmilter) refused the headers as a protocol
+    error, reported as "tempfail at eoh: milter failure" (exit 2)."""
+    script = tmp_path / "accept-dave.tcl"
+    script.write_text("package require TclMilter 1.0\n"
+                      "proc rc {ctx rcpt} {\n"
+                      "    switch -glob -- [lindex $rcpt 0] { *carol* { return SMFIS_REJECT } *dave* { return SMFIS_ACCEPT } }\n"
+                      "    return SMFIS_CONTINUE\n"
+                      "}\nproc eom {ctx} { $ctx addheader X-Seen yes; return SMFIS_CONTINUE }\n"
+                      "milter register envrcpt rc\nmilter register eom eom\nmilter main\n")
+    rcpts = ("--rcpt", "bob@example.com", "--rcpt", "carol@example.com", "--rcpt", "dave@example.com",
+             "--rcpt", "erin@example.com")
+    status, out = cli("try", str(script), str(DATA / "plain.eml"), *rcpts)
+    assert status == 0, out
+    assert "verdict: accept at envrcpt\n" in out and "milter failure" not in out, out
+    assert "erin" not in out.split("envelope:")[0], out  # not sent to the filter
+    assert ("envelope: from <alice@example.org> to <bob@example.com>, <dave@example.com>, <erin@example.com>\n"
+            in out), out
+    assert "X-Seen" not in out, out
+    status, out = cli("try", str(script), str(DATA / "plain.eml"), *rcpts, "--json")
+    doc = json_of(out)
+    assert (status, doc["verdict"], doc["stage"]) == (0, "accept", "envrcpt"), out
+    assert doc["rejected_recipients"] == {"carol@example.com": "reject"}, out
+
+
 def test_try_prints_8bit_messages_on_a_strict_utf8_terminal() -> None:
     """BUG: with a UTF-8 locale (e.g. LANG=en_US.UTF-8) Python's stdout is strict,
     and the report of a message with 8-bit bytes dies with UnicodeEncodeError.

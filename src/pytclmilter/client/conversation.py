@@ -199,11 +199,17 @@ class Conversation:
             return self._verdict(mail)
         kept: list[str] = []
         temporary = False
-        for rcpt in env.recipients:
+        for n, rcpt in enumerate(env.recipients):
             stage = await self._event(Stage("envrcpt", angle(rcpt)), {"i": env.queue_id, "{rcpt_addr}": rcpt},
                                       ev.EnvRcpt([angle(rcpt)]))
-            if stage is None or stage.reply in _GOES_ON or stage.reply == "accept":
+            if stage is None or stage.reply in _GOES_ON:
                 kept.append(rcpt)
+            elif stage.reply == "accept":
+                # The whole message is accepted as far as this filter goes: Postfix sends it no more
+                # events of the message (MILTER8_STAT_ACCEPT_MSG), only the ABORT that ends it.
+                self.out.recipients = kept + list(env.recipients[n:])
+                self._send(ev.Abort())
+                return self._verdict(stage)
             elif stage.reply == "discard":
                 return self._verdict(stage)
             else:
