@@ -392,6 +392,39 @@ def test_grace_bounds_the_wait_for_open_sessions_at_stop(tclrun):
     assert out.index("ABORT callback") < out.index("CLOSE callback") < out.index("main returned")
 
 
+def test_abort_is_not_called_for_the_abort_postfix_sends_after_a_completed_message(tclrun):
+    """The manual: the abort callback "is not invoked if message transmission is completed".
+    A script without an envfrom callback had MAIL skipped (SMFIP_NOMAIL), which makes ABORT legal
+    between messages: Postfix's ABORT after every message, accepted or rejected, called the abort
+    callback of a message that had ended with its eom or its verdict (TclMilter 1.0, which
+    registers every libmilter callback to let scripts register theirs at any time, never skips
+    MAIL). An ABORT in the middle of a message still calls it."""
+    m = tclrun(TCL_HELPERS + r"""
+        package require TclMilter
+        proc eoh {ctx} { if {[incr ::messages] == 2} { return SMFIS_REJECT }; return SMFIS_CONTINUE }
+        proc eom {ctx} { R eom$::messages called; return SMFIS_CONTINUE }
+        proc aborted {ctx} { R abort[incr ::aborts] "after $::messages messages" }
+        milter register eoh eoh
+        milter register eom eom
+        milter register abort aborted
+        milter main
+    """)
+    with m.mta() as mta:
+        mta.negotiate()
+        assert mta.message()["eom"] == [("c", b"")]
+        mta.abort()  # Postfix, after a completed message
+        assert ok(mta.mail("<second@example.org>")) and ok(mta.rcpt("<rcpt@example.com>"))
+        assert ok(mta.data()) and ok(mta.header("Subject", "second"))
+        assert mta.eoh() == ("r", {})
+        mta.abort()  # Postfix, after the rejected one
+        assert ok(mta.mail("<third@example.org>")) and ok(mta.rcpt("<rcpt@example.com>"))
+        mta.abort()  # the client said RSET: a real abort
+        mta.quit()
+        assert mta.eof()
+    assert m.stop() == 0
+    assert m.results() == {"eom1": "called", "abort1": "after 2 messages"}
+
+
 # ---------------------------------------------------------------------------- registering at run time
 
 

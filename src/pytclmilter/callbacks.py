@@ -121,4 +121,12 @@ class Registry:
     def wants(self) -> Wants:
         """What to negotiate: skip stages nobody listens to, no replies where verdicts can wait."""
         events = frozenset(e for e in EVENT_FLAGS if self._chains[e])
-        return Wants(events=events, no_reply=events & DEFERRABLE)
+        no_reply = events & DEFERRABLE
+        if self._chains["abort"] and "envfrom" not in events:
+            # MAIL is where a message starts: skipped, the HELO -> ABORT jump becomes legal and
+            # the ABORT Postfix sends after every message would call the abort callbacks of a
+            # message that ended with its eom or a verdict ("not invoked if message transmission
+            # is completed", the manual). Asked for without a reply, where the MTA allows it.
+            events |= {"envfrom"}
+            no_reply |= {"envfrom"}
+        return Wants(events=events, no_reply=no_reply)
