@@ -180,6 +180,25 @@ def test_a_full_65535_byte_chunk_is_accepted():
     assert sizes == [65535]
 
 
+def test_an_unknown_command_between_rcpt_and_data_leaves_the_message_to_be_filtered(caplog):
+    """Postfix and Sendmail send a client's unknown command (``U``) in the middle of a
+    transaction; without a data callback the headers come next, with no ``T`` in between."""
+    m = make_milter()
+    seen = []
+    m.register("envrcpt", lambda ctx, args: CONTINUE)
+    m.register("unknown", lambda ctx, line: seen.append(line) or CONTINUE)
+    m.register("eom", lambda ctx: seen.append("eom") or REJECT)
+    with serving(m) as srv, srv.raw() as mta, caplog.at_level(logging.WARNING, "pytclmilter"):
+        mta.envelope()
+        assert mta.command(b"U", b"XFOO bar\0") == (b"c", b"")
+        assert mta.eoh() == (b"c", b"")
+        assert mta.body(b"hello\r\n") == (b"c", b"")
+        assert mta.eom() == [(b"r", b"")]
+        mta.quit()
+    assert seen == ["XFOO bar", "eom"]
+    assert not caplog.records
+
+
 # ====================================================================== I/O timeout (docs/protocol.md §9.3)
 
 

@@ -472,6 +472,26 @@ def test_unknown_may_occur_inside_a_message_and_rcpt_follows() -> None:
     assert events == [CONNECT, MAIL, ev.Unknown("XCMD"), RCPT, DATA, EOH, EOM]
 
 
+@pytest.mark.parametrize("rest", [[HEADER, EOH, BODY, EOM], [EOH, EOM], [BODY, EOM], [EOM]],
+                         ids=["header", "eoh", "body", "eom"])
+def test_unknown_between_rcpt_and_content_without_data(rest: list[ev.Event]) -> None:
+    # Postfix and Sendmail pass a client's unknown command on in the middle of a transaction;
+    # without a data callback (NODATA) the message content follows it with no T in between.
+    s = start(Wants(events=ALL_EVENTS - {"data"}))
+    assert s.negotiated.protocol & Proto.NODATA
+    events, _ = run(s, cmds(CONNECT, HELO, MAIL, RCPT, ev.Unknown("XFOO"), ev.Unknown("XBAR"), *rest))
+    assert events == [CONNECT, HELO, MAIL, RCPT, ev.Unknown("XFOO"), ev.Unknown("XBAR"), *rest]
+    assert s.ignored == 0
+
+
+def test_unknown_outside_a_message_still_does_not_admit_its_content() -> None:
+    s = start(Wants(events=ALL_EVENTS - {"data"}))
+    run(s, cmds(CONNECT, HELO, ev.Unknown("XFOO")))
+    s.receive_data(cmds(EOH))
+    with pytest.raises(RemoteProtocolError):
+        s.next_event()
+
+
 def test_eom_carrying_data_delivers_a_body_chunk_and_one_reply() -> None:
     s = in_message()
     events, out = run(s, cmds(EOH, ev.EndOfMessage(b"tail")), lambda e: ev.Accept() if type(e) is ev.EndOfMessage

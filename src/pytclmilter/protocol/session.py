@@ -43,6 +43,7 @@ _HELO: Final = int(S.HELO)
 _HDRS: Final = int(S.HDRS)
 _BODY: Final = int(S.BODY)
 _ENDM: Final = int(S.ENDM)
+_UNKN: Final = int(S.UNKN)
 _CLOSED: Final = int(S.CLOSED)
 # The defaults every session starts from, as plain ints once (int() of a flag is a Python call).
 _DEFAULT_PROTO: Final = int(DEFAULT.protocol)
@@ -92,7 +93,8 @@ class FilterSession:
     """One MTA connection, filter side."""
 
     __slots__ = ("emit_macros", "_state", "macros", "negotiated", "_proto", "_actions", "_reader", "_queue",
-                 "_pending", "_pending_code", "_eof", "_closed_emitted", "_clear_after_quit_nc", "ignored", "ended")
+                 "_pending", "_pending_code", "_eof", "_closed_emitted", "_clear_after_quit_nc", "_before_unknown",
+                 "ignored", "ended")
 
     def __init__(self, emit_macros: bool = True) -> None:
         #: Also hand out Macro events (they are always stored in ``macros``); a driver that
@@ -110,6 +112,8 @@ class FilterSession:
         self._eof = False
         self._closed_emitted = False
         self._clear_after_quit_nc = False
+        #: The state an UNKNOWN command interrupted: what may follow the unknown command.
+        self._before_unknown = _INIT
         #: How many out-of-order commands that are never answered (ABORT, QUIT, QUIT_NC, macros)
         #: were ignored, as libmilter ignores them (Postfix sends an ABORT after each finished message).
         self.ignored = 0
@@ -195,7 +199,7 @@ class FilterSession:
             return None
         queue = self._queue  # empty: frames are read only when every queued event was delivered
         state = self._state
-        if not self._trans_ok(state, new):
+        if not self._trans_ok(state, new) and not self._resumes(state, new):
             if state in _TRANSACTION:
                 queue.append(Abort())
             self._state = _HELO
@@ -208,8 +212,20 @@ class FilterSession:
             return None
         return event
 
+    def _resumes(self, state: int, new: int) -> bool:
+        """After an UNKNOWN command, what the interrupted state allows.
+
+        libmilter's table lets only DATA and BODY of a message follow UNKNOWN, so with DATA
+        skipped (no data callback) a client's typo between RCPT and DATA made the message's
+        headers, end of headers or end of message illegal: Postfix and Sendmail send an
+        unknown command to the filter in the middle of a transaction too.
+        """
+        return state == _UNKN and self._trans_ok(self._before_unknown, new)
+
     def _enter(self, new: int, code: bytes, event: Event) -> Event:
         """The command is allowed: take its state and apply its effects; returns the event to deliver."""
+        if new == _UNKN and self._state != _UNKN:
+            self._before_unknown = self._state
         self._state = new
         if type(event) is QuitNewConnection:
             self._clear_after_quit_nc = True  # the close callback still sees this session's macros
