@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from pytclmilter import CONTINUE, DISCARD, NOREPLY, REJECT, SKIP, TEMPFAIL
+from pytclmilter import ACCEPT, CONTINUE, DISCARD, NOREPLY, REJECT, SKIP, TEMPFAIL
 from support.engine import ALL_PROTO, P_NR_HDR, P_SKIP, InProcessMTA, make_milter, z
 
 LOG = "pytclmilter"
@@ -376,3 +376,37 @@ def test_a_discard_at_rcpt_is_the_whole_messages_verdict(caplog):
     assert [c[0] for c in calls] == ["connect", "envfrom", "envrcpt"]
     verdicts = [t for t in messages(caplog, logging.INFO) if " verdict " in t]
     assert len(verdicts) == 1 and "verdict discard at envrcpt" in verdicts[0], verdicts
+
+
+def test_after_a_verdict_at_mail_a_new_ehlo_and_an_unknown_command_run_their_callbacks():
+    """A verdict at MAIL is the message's, not the connection's. Postfix's ABORT after it is
+    ignored (the session is back in HELO) and Sendmail sends none, so the engine kept answering
+    a second EHLO and an unknown command continue without their callbacks: a script that rejects
+    ``EHLO bad.example`` let it through, as shown behind Postfix 3.7."""
+    m, calls = make_milter(), []
+    m.register("helo", lambda ctx, helo: calls.append(helo) or (REJECT if helo == "bad.example" else CONTINUE))
+    m.register("envfrom", lambda ctx, args: calls.append(args[0]) or REJECT)
+    m.register("unknown", lambda ctx, line: calls.append(line) or CONTINUE)
+    mta = InProcessMTA(m)
+    mta.optneg()
+    assert mta.connect() == C
+    assert mta.command(b"H", z("client.example")) == C
+    assert mta.command(b"M", z("<spam@example.org>")) == [(b"r", b"")]
+    assert mta.command(b"A") == []  # Postfix's; ignored after the reject
+    assert mta.command(b"U", z("XFOO bar")) == C
+    assert mta.command(b"H", z("bad.example")) == [(b"r", b"")]
+    assert calls == ["client.example", "<spam@example.org>", "XFOO bar", "bad.example"]
+
+
+def test_an_accept_at_data_still_leaves_the_next_ehlo_to_its_callback():
+    m, calls = make_milter(), []
+    recording(m, calls, data=ACCEPT)
+    mta = InProcessMTA(m)
+    mta.optneg()
+    assert mta.connect() == C
+    assert mta.command(b"H", z("client.example")) == C
+    assert mta.command(b"M", z("<a@example.org>")) == C
+    assert mta.command(b"R", z("<b@example.com>")) == C
+    assert mta.command(b"T") == [(b"a", b"")]
+    assert mta.command(b"H", z("again.example")) == C
+    assert [c[0] for c in calls] == ["connect", "helo", "envfrom", "envrcpt", "data", "helo"]

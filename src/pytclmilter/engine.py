@@ -242,14 +242,15 @@ class ConnectionEngine:
       carries) got a verdict; ``_deferred``, from stage ``_deferred_stage``, answers the next
       message event the MTA waits on. No callbacks run meanwhile.
     * ``_MESSAGE``: the message has its verdict; its remaining events are answered continue
-      without callbacks.
+      without callbacks (an unknown command is the connection's, not the message's: its
+      callbacks still run).
     * ``_CONNECTION``: connect or helo had a verdict; the same for the rest of the SMTP session.
 
     Transitions, each in one method: :meth:`_decide` (an answer other than continue: SKIP ->
     body skipped, at connect or helo -> connection, at a message stage -> message; a recipient's
     or an unknown command's verdict concerns that command only, but a discard at RCPT the
     message), :meth:`_defer` (open or body skipped -> deferred), :meth:`_new_message` (MAIL,
-    ABORT, end of message: back to open unless the connection is decided), :meth:`_new_session`
+    HELO, ABORT, end of message: back to open unless the connection is decided), :meth:`_new_session`
     (CONNECT, QUIT_NC: open).
 
     Besides: ``_busy`` (an async callback runs: this connection's further events wait, its
@@ -370,6 +371,12 @@ class ConnectionEngine:
         if type(event) is EnvFrom:
             self._new_message()
             self.sender = event.args[0] if event.args else ""
+        elif type(event) is Helo:
+            # HELO/EHLO ends any transaction. After a verdict at MAIL (or later) the session is
+            # back in HELO, so Postfix's ABORT before it is ignored and Sendmail sends none:
+            # without this the helo callbacks of a second EHLO never ran.
+            self._new_message()
+            self.sender = ""
         elif type(event) is Connect:
             self.client = f"{event.hostname}[{event.address}]"
             self._new_session()
@@ -381,7 +388,8 @@ class ConnectionEngine:
             if decided == _DEFERRED and t in _MESSAGE_EVENTS:
                 self._answer(f"{self._deferred_stage} (answered at {name})", event, self._deferred)
                 return
-            if decided >= _MESSAGE or (decided == _BODY_SKIPPED and t is Body):
+            if (decided == _CONNECTION or (decided == _MESSAGE and t is not Unknown)
+                    or (decided == _BODY_SKIPPED and t is Body)):
                 self._answer(name, event, Status.CONTINUE, quiet=True)
                 return
         self.ctx.stage = name
