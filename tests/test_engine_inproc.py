@@ -410,3 +410,20 @@ def test_an_accept_at_data_still_leaves_the_next_ehlo_to_its_callback():
     assert mta.command(b"T") == [(b"a", b"")]
     assert mta.command(b"H", z("again.example")) == C
     assert [c[0] for c in calls] == ["connect", "helo", "envfrom", "envrcpt", "data", "helo"]
+
+
+def test_a_message_without_headers_reaches_eom_without_an_abort():
+    """Postfix sends no header for a message that has none (it hides its own Received:). With
+    header and data callbacks but none for eoh (NOEOH), DATA was followed by the body,
+    which libmilter's table refuses: the abort callbacks ran, and the connection was closed as
+    a protocol error (Postfix tempfailed the message, and the rest of the session)."""
+    m, calls = make_milter(), []
+    for event in ("envfrom", "envrcpt", "data", "header", "body", "eom", "abort"):
+        m.register(event, lambda ctx, *args, _event=event: calls.append(_event) or CONTINUE)
+    mta = InProcessMTA(m)
+    mta.optneg()
+    envelope(mta)
+    assert mta.command(b"B", b"no headers\r\n") == C
+    assert mta.command(b"E") == C
+    assert calls == ["envfrom", "envrcpt", "data", "body", "eom"]
+    assert not mta.link.closed

@@ -532,6 +532,24 @@ def test_skip_bits_count_only_when_negotiated() -> None:
         s.next_event()
 
 
+@pytest.mark.parametrize("rest", [[BODY, EOM], [EOM]], ids=["body", "eom"])
+def test_a_message_without_headers_after_data_with_noeoh(rest: list[ev.Event]) -> None:
+    # Postfix hides its own Received:, so a message without headers sends none; with a header
+    # callback (no NOHDRS) but no eoh callback (NOEOH), DATA is followed by the body.
+    s = start(Wants(events=ALL_EVENTS - {"eoh"}))
+    assert not s.negotiated.protocol & Proto.NOHDRS and s.negotiated.protocol & Proto.NOEOH
+    events, _ = run(s, cmds(CONNECT, HELO, MAIL, RCPT, DATA, *rest))
+    assert events == [CONNECT, HELO, MAIL, RCPT, DATA, *rest]  # no Abort in between
+
+
+def test_without_noeoh_data_is_still_followed_by_eoh() -> None:
+    s = start(Wants(events=ALL_EVENTS))
+    run(s, cmds(CONNECT, HELO, MAIL, RCPT, DATA))
+    s.receive_data(cmds(BODY))
+    with pytest.raises(RemoteProtocolError):
+        s.next_event()
+
+
 def test_noeoh_allows_headers_then_body() -> None:
     s = start(Wants(events=ALL_EVENTS - {"eoh"}))
     events, _ = run(s, cmds(CONNECT, MAIL, RCPT, HEADER, BODY, EOM))

@@ -259,6 +259,12 @@ class FilterSession:
         return known
 
     def _trans_walk(self, old: int, new: int) -> bool:
+        """Follow the states in order from ``old`` while each next one may be jumped over.
+
+        The headers may always be jumped over, skipped or not: a message can have none (Postfix
+        hides its own Received:), and then DATA is followed by the end of headers, or, when that
+        is skipped too, by the body or end of message, which libmilter's table refuses.
+        """
         s = old
         skip = self._proto
         while True:
@@ -268,7 +274,7 @@ class FilterSession:
             if n > _BODY:
                 return False
             flag = _SKIPPABLE.get(_STATES[n])
-            if flag is None or not (skip & flag):
+            if n != _HDRS and (flag is None or not (skip & flag)):
                 return False
             s = n
 
