@@ -192,3 +192,56 @@ def test_a_digit_right_after_the_reply_code_is_a_malformed_reply_to_postfix(post
     assert "malformed reply: 550 4 apples left" in pf.maillog_path.read_text(errors="replace")
     assert str(replies["given"]) == "550 5.7.1 4 apples left", replies
     assert str(replies["opening"]) == "550 5.7.1 go away", replies
+
+
+@pytest.fixture
+def state_milter() -> Iterator[tuple[Milter, list[str]]]:
+    """Callbacks for envrcpt, data, header, unknown, helo, envfrom and eom, none for eoh: the
+    headers may be answered late (NR_HDR) and end of headers is skipped (NOEOH)."""
+    milter = Milter(name="states", connection="inet:0@127.0.0.1", grace=1)
+    calls: list[str] = []
+
+    def record(event: str, verdict: Any = CONTINUE) -> Any:
+        def callback(ctx: Any, *args: Any) -> Any:
+            first = args[0] if args else ""
+            calls.append(f"{event} {first[0] if isinstance(first, list) else first}".strip())
+            return verdict(*args) if callable(verdict) else verdict
+        return callback
+
+    milter.register("helo", record("helo", lambda name: REJECT if name == "bad.example" else CONTINUE))
+    milter.register("envfrom", record("envfrom", lambda args: REJECT if "spam" in args[0] else CONTINUE))
+    for event in ("envrcpt", "data", "header", "unknown", "eom"):
+        milter.register(event, record(event))
+    thread = run_in_thread(milter)
+    yield milter, calls
+    milter.stop()
+    thread.join(10)
+
+
+def test_an_unknown_command_and_a_headerless_message_are_filtered_behind_postfix(postfix, state_milter) -> None:
+    """Postfix passes a client's unknown command between RCPT and DATA on, and sends no header
+    for a message without one (it hides its own Received:): both used to end the filter's
+    session as a protocol error, and Postfix tempfailed the mail."""
+    milter, calls = state_milter
+    pf = postfix(milter=milter.listening.postfix())
+    with pf.smtp_session() as smtp:
+        smtp.ehlo("client.example")
+        assert smtp.mail("a@example.org")[0] == 250 and smtp.rcpt("b@example.com")[0] == 250
+        assert smtp.docmd("XFOO")[0] == 500
+        assert smtp.data(message("a@example.org", "after an unknown command"))[0] == 250
+        assert smtp.mail("a@example.org")[0] == 250 and smtp.rcpt("b@example.com")[0] == 250
+        assert smtp.data(b"\r\nNo header at all.\r\n")[0] == 250
+    assert len(pf.wait_for_sink(2)) == 2
+    assert calls.count("eom") == 2 and "unknown XFOO" in calls
+
+
+def test_an_ehlo_after_a_rejected_mail_is_checked_behind_postfix(postfix, state_milter) -> None:
+    """A verdict at MAIL is the message's: the next EHLO must still reach the helo callback."""
+    milter, calls = state_milter
+    pf = postfix(milter=milter.listening.postfix())
+    with pf.smtp_session() as smtp:
+        assert smtp.ehlo("client.example")[0] == 250
+        assert smtp.mail("spam@example.org")[0] == 550
+        assert smtp.ehlo("bad.example")[0] == 250  # Postfix answers a rejected EHLO at MAIL (protocol.md 10.6)
+        assert smtp.mail("a@example.org")[0] == 550
+    assert calls == ["helo client.example", "envfrom <spam@example.org>", "helo bad.example"]
