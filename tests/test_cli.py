@@ -944,6 +944,33 @@ def test_a_script_that_cannot_be_read_is_named_with_the_reason_tclsh_gives(comma
         assert status == 66 and f'pytclmilter {command}: couldn\'t read file "{path}": {reason}\n' in out, out
 
 
+def without_root_privileges(*command: str) -> list[str]:
+    """``command`` as root without the capabilities that pass over file permissions (setpriv)."""
+    if os.geteuid() != 0:
+        return list(command)
+    if shutil.which("setpriv") is None:
+        pytest.skip("setpriv (util-linux) is needed to drop root's permission override")
+    return ["setpriv", "--bounding-set=-dac_override,-dac_read_search", *command]
+
+
+@pytest.mark.parametrize("command", ["run", "check", "try", "try --compare"])
+def test_a_script_without_read_permission_is_missing_input_exit_66(command: str, tmp_path: Path) -> None:
+    """cli.md: a script "missing or unreadable" is exit 66; one without read permission passed the
+    check and failed in Tcl's `source` instead, a script error: exit 1 (run, check) or 70 (try),
+    which for try reads as "the script raised a Tcl error"."""
+    script = tmp_path / "filter.tcl"
+    script.write_text(STAMP.read_text())
+    script.chmod(0)
+    args = {"run": [str(script), "--connection", "inet:0@127.0.0.1"], "check": [str(script)],
+            "try": [str(script), str(DATA / "plain.eml")],
+            "try --compare": [str(STAMP), str(DATA / "plain.eml"), "--compare", str(script)]}[command]
+    proc = subprocess.run(without_root_privileges(*PYTCLMILTER, command.split()[0], *args),
+                          env=child_env(), capture_output=True, text=True, timeout=30)
+    cmd = command.split()[0]
+    assert (proc.returncode, proc.stdout) == (66, ""), (proc.returncode, proc.stdout, proc.stderr)
+    assert proc.stderr.endswith(f'pytclmilter {cmd}: couldn\'t read file "{script}": permission denied\n'), proc.stderr
+
+
 @pytest.mark.parametrize("command", ["run", "check", "try"])
 def test_ctrl_c_stops_a_script_that_loops_while_loading_as_tclsh_does(command: str, tmp_path: Path) -> None:
     """Python's SIGINT handler runs only once Tcl returns: a script that looped before its

@@ -12,13 +12,13 @@ import hashlib
 import mailbox
 import os
 import re
-import shutil
 import socket
 import subprocess
 import time
 from pathlib import Path
 
-from test_cli import BLACKLIST, DATA, GREYLIST, GREYLIST_STORE, PYTCLMILTER, ROOT, STAMP, cli
+from test_cli import (BLACKLIST, DATA, GREYLIST, GREYLIST_STORE, PYTCLMILTER, ROOT, STAMP, cli,
+                      without_root_privileges)
 from support.tclrun import child_env
 
 import pexpect
@@ -429,15 +429,6 @@ def test_try_batch_usage_errors(tmp_path: Path) -> None:
     status, out = cli("try", str(BLACKLIST), str(tmp_path / "nowhere"))
     assert status == 66 and "nowhere: No such file or directory" in out
     assert os.listdir(d) == ["plain.eml"]
-
-
-def without_root_privileges(*command: str) -> list[str]:
-    """``command`` as root without the capabilities that pass over file permissions (setpriv)."""
-    if os.geteuid() != 0:
-        return list(command)
-    if shutil.which("setpriv") is None:
-        pytest.skip("setpriv (util-linux) is needed to drop root's permission override")
-    return ["setpriv", "--bounding-set=-dac_override,-dac_read_search", *command]
 
 
 def test_try_a_directory_it_may_not_read_is_one_line_and_exit_66(tmp_path: Path) -> None:

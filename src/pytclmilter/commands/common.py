@@ -117,9 +117,12 @@ def check_script(script: str) -> None:
 
 def _not_readable(path: str, directory: str) -> str:
     """Why ``path`` is no file to read ("" if it is one): a typo and a directory are told apart
-    (``directory`` says the latter), and a FIFO is not opened (reading it would block)."""
+    (``directory`` says the latter), a FIFO is not opened (reading it would block), and a file
+    without read permission is found here, not by Tcl's `source` (a script error, exit 1 or 70)."""
     try:
         mode = os.stat(path).st_mode
+        if stat.S_ISREG(mode):
+            os.close(os.open(path, os.O_RDONLY))
     except OSError as exc:
         return os.strerror(exc.errno).lower() if exc.errno else str(exc)
     if stat.S_ISREG(mode):
