@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from support.tclrun import TclRun, tclrun_factory
+from support.tclrun import TclRun, _pytclmilter_command, tclrun_factory
 
 tclrun = pytest.fixture(tclrun_factory, name="tclrun")
 
@@ -420,6 +420,31 @@ def test_python_hooks_are_loaded_afresh(tclrun, tmp_path: Path) -> None:
     run.wait_for(r"generation 3 not loaded, generation 2 serves on unchanged: --python \S+hooks0\.py: "
                  r"RuntimeError: bad hooks\r?\n  Traceback")
     assert run.stop() == 0
+
+
+def test_a_script_that_changes_its_directory_reloads_the_files_it_started_with(tmp_path: Path) -> None:
+    """Started by relative names (`pytclmilter run stamp.tcl --python hooks.py`), a script that
+    changes its directory (`cd /`, as a daemon does) could not be reloaded: the reload looked for
+    stamp.tcl in the new directory ("couldn't read file"), and the old script served on."""
+    script, hooks = tmp_path / "stamp.tcl", tmp_path / "hooks.py"
+    script.write_text("cd /\n" + stamping("A"))
+    hook = "def setup(milter):\n    @milter.register('eom')\n    def eom(ctx):\n        ctx.addheader('X-Py', 'V1')\n"
+    hooks.write_text(hook)
+    run = TclRun([*_pytclmilter_command(), "run", "stamp.tcl", "--python", "hooks.py",
+                  "--connection", "inet:0@127.0.0.1"], cwd=str(tmp_path))
+    try:
+        run.wait_listening()
+        script.write_text("cd /\n" + stamping("B"))
+        hooks.write_text(hook.replace("V1", "V2"))
+        run.child.kill(signal.SIGUSR1)
+        run.wait_for(GONE)
+        with run.mta() as mta:
+            mta.negotiate()
+            headers = sorted(p[1] for p in mta.message()["eom"] if p[0] == "h")
+        assert headers == [b"X-Py\0V2\0", b"X-Stamp\0B\0"]
+        assert run.stop() == 0
+    finally:
+        run.kill()
 
 
 def test_a_replaced_interpreter_is_freed_without_running_the_code_after_milter_main(tmp_path: Path) -> None:

@@ -51,8 +51,11 @@ Exit = Callable[[TclHost, int], None]
 class Generations:
     """The script ``run`` serves: :attr:`current`, replaced by :meth:`reload` (Hooks.reload)."""
 
-    def __init__(self, script: str, load: Load, exit_process: Exit = TclHost.exit_process) -> None:
+    def __init__(self, script: str, load: Load, exit_process: Exit = TclHost.exit_process,
+                 source: str | None = None) -> None:
         self.script = script
+        #: Where a reload reads the script (``script`` unless given: run gives its absolute path).
+        self.source = script if source is None else source
         self._load = load
         self._exit_process = exit_process
         self.current = self._ends_the_process(load(None))
@@ -103,7 +106,7 @@ class Generations:
         host.loading = True
         try:
             with sigmask.children_reapable():  # under --workers, in the supervisor
-                started = host.start(self.script, within)
+                started = host.start(self.source, within)
             if not started:
                 raise LoadFailed(f"{self.script}: error: the script never calls milter main")
             errors = callback_errors(self.script, host)

@@ -246,9 +246,17 @@ def _serve(opts: argparse.Namespace) -> int:
     hooks = Hooks(listening=lambda spec: daemon.listening(spec), signal=lambda sig: daemon.signal(sig),
                   reload=lambda: daemon.reload(scripts))
 
+    # A reload reads the files the start read, whatever directory the script has changed to since
+    # (Tcl's cd, a daemon's `cd /`): by their absolute paths, taken before any of its code runs.
+    reread = os.path.abspath(opts.script), [os.path.abspath(path) for path in opts.python]
+    loads = 0
+
     def load(on_exit: Callable[[int], None] | None) -> TclHost:
         """One generation's interpreter, made the same way at start and at every reload."""
-        host = make_host(opts.script, opts.python, overrides, on_exit=on_exit, milter_hooks=hooks)
+        nonlocal loads
+        script, python = (opts.script, opts.python) if not loads else reread
+        loads += 1
+        host = make_host(script, python, overrides, on_exit=on_exit, milter_hooks=hooks)
         if socket_mode is not None:
             host.milter.socket_mode = socket_mode
         if ids is not None:  # the socket's file is made with this owner (unixsocket.py)
@@ -261,7 +269,7 @@ def _serve(opts: argparse.Namespace) -> int:
         daemon.cleanup()
         host.exit_process(code)
 
-    scripts = Generations(opts.script, load, exit_process)
+    scripts = Generations(opts.script, load, exit_process, source=reread[0])
     daemon = Daemon(scripts.current.milter, opts, notify)
     try:
         with sigmask.children_reapable(), sigmask.interruptible():
