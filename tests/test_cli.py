@@ -453,6 +453,21 @@ def test_run_pidfile_is_written_while_serving_and_removed_at_stop(serve: Callabl
     assert not pidfile.exists()
 
 
+def test_run_relative_pidfile_is_where_it_was_given_when_the_script_changes_directory(
+        serve: Callable[..., TclRun], tmp_path: Path) -> None:
+    """`--pidfile stamp.pid` was written when the socket was bound, relative to the directory the
+    script had changed to by then (`cd /` in a daemon-style script: a root-owned /stamp.pid)."""
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    script = tmp_path / "stamp.tcl"
+    script.write_text(f"cd {{{elsewhere}}}\n" + STAMP.read_text())
+    m = serve(script, "--connection", "inet:0@127.0.0.1", "--pidfile", "stamp.pid")
+    assert (tmp_path / "stamp.pid").read_text() == f"{m.child.pid}\n"
+    assert os.listdir(elsewhere) == []
+    assert m.stop() == 0
+    assert not (tmp_path / "stamp.pid").exists()
+
+
 @pytest.mark.skipif(os.geteuid() != 0, reason="dropping privileges needs root")
 def test_run_user_with_pidfile_in_a_root_owned_directory(serve: Callable[..., TclRun]) -> None:
     """BUG: the pid file is written after the privilege drop, so /run/NAME.pid (root's) fails.

@@ -70,7 +70,8 @@ class Daemon:
     def __init__(self, milter: Milter, opts: argparse.Namespace, notify: Notifier) -> None:
         self.milter = milter
         self.ids = _ids(opts.user, opts.group)
-        self.pidfile = PidFile(opts.pidfile) if opts.pidfile else None
+        # (made before the script runs: a relative path is the caller's, not where its `cd` leads)
+        self.pidfile = PidFile(os.path.abspath(opts.pidfile)) if opts.pidfile else None
         self.dropped = False
         self.notify = notify
         self.serving = ""  # what systemctl status shows (STATUS=)
