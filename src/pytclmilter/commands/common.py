@@ -121,8 +121,8 @@ def _not_readable(path: str, directory: str) -> str:
     without read permission is found here, not by Tcl's `source` (a script error, exit 1 or 70)."""
     try:
         mode = os.stat(path).st_mode
-        if stat.S_ISREG(mode):
-            os.close(os.open(path, os.O_RDONLY))
+        if stat.S_ISREG(mode):  # (O_NONBLOCK: a FIFO swapped in after the stat does not block)
+            os.close(os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC))
     except OSError as exc:
         return os.strerror(exc.errno).lower() if exc.errno else str(exc)
     if stat.S_ISREG(mode):
