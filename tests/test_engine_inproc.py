@@ -337,6 +337,25 @@ def test_quit_nc_forgets_the_sessions_private_data_and_sender(caplog):
     assert "first@example.org" not in verdict and "from=-" in verdict, verdict
 
 
+def test_a_session_after_quit_nc_without_its_connect_does_not_name_the_previous_client(caplog):
+    """A session after QUIT_NC whose CONNECT is skipped (no connect callback) is maybe another
+    client's: its verdict line named the client of the session before (from its CONNECT)."""
+    caplog.set_level(logging.INFO, logger=LOG)
+    m = make_milter()
+    m.register("envfrom", lambda ctx, args: REJECT if args[0] == "<b@example.org>" else CONTINUE)
+    m.register("eom", lambda ctx: CONTINUE)
+    mta = InProcessMTA(m)
+    mta.optneg()
+    assert mta.connect(host="first.example") == C
+    assert mta.command(b"M", z("<a@example.org>")) == C
+    assert mta.command(b"E") == C
+    assert mta.command(b"K") == []
+    assert mta.command(b"M", z("<b@example.org>")) == [(b"r", b"")]
+    first, second = [t for t in messages(caplog, logging.INFO) if " verdict " in t]
+    assert "client=first.example[192.0.2.1]" in first, first
+    assert "first.example" not in second and "client=-" in second, second
+
+
 def test_a_connection_verdict_ends_with_its_session_at_quit_nc_without_connect_callbacks(caplog):
     """Without a connect callback the MTA skips CONNECT (SMFIP_NOCONNECT), and the engine's state
     for the session went back to undecided only at CONNECT: a reject at HELO of one session left

@@ -378,8 +378,8 @@ class ConnectionEngine:
             self._new_message()
             self.sender = ""
         elif type(event) is Connect:
-            self.client = f"{event.hostname}[{event.address}]"
             self._new_session()
+            self.client = f"{event.hostname}[{event.address}]"
         if not event.needs_reply:
             self._no_reply_event(name, event, args_of)
             return
@@ -456,6 +456,7 @@ class ConnectionEngine:
     def _new_session(self) -> None:
         self._decided = _OPEN
         self.sender = ""
+        self.client = ""  # (a session after QUIT_NC whose CONNECT is skipped has no name of its own)
 
     def _negotiate(self, offer: OptionNegotiation) -> None:
         status = Status.CONTINUE
