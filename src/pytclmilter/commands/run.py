@@ -37,7 +37,7 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> argp
     run.add_argument("script", help="the TclMilter script (.tcl)")
     run.add_argument("--connection", "-c", metavar="SPEC",
                      help="listen here (unix:/path, inet:port@host, inet6:port@host); overrides the script")
-    run.add_argument("--timeout", metavar="SECONDS", help="I/O timeout; overrides the script's -timeout")
+    run.add_argument("--timeout", metavar="SECONDS", help="seconds the MTA may stay silent before its connection is closed; overrides the script's -timeout")
     run.add_argument("--backlog", metavar="N", help="listen backlog; overrides the script's -backlog")
     run.add_argument("--name", help="milter name; overrides the script's -name")
     run.add_argument("--on-error", metavar="STATUS",

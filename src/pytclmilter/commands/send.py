@@ -22,7 +22,7 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> argp
     p.add_argument("--count", type=int, default=1, metavar="N",
                    help="send N messages (load generator) and print a summary (with --json: as JSON)")
     p.add_argument("--concurrency", type=int, default=1, metavar="C", help="parallel connections with --count")
-    p.add_argument("--timeout", type=float, default=30.0, metavar="SECONDS", help="wait this long for each reply")
+    p.add_argument("--timeout", type=float, default=30.0, metavar="SECONDS", help="wait at most this long to connect and for each reply (default: %(default)s)")
     p.add_argument("--log-level", default="warning", choices=["debug", "info", "warning", "error"])
     return p
 
