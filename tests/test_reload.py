@@ -402,19 +402,26 @@ def test_a_python_file_that_hangs_while_loading_is_stopped_and_the_old_one_serve
     assert run.stop() == 0
 
 
-def test_python_hooks_are_loaded_afresh(tclrun, tmp_path: Path) -> None:
-    script = tmp_path / "stamp.tcl"
-    script.write_text(stamping("A"))
-    hook = "def setup(milter):\n    @milter.register('eom')\n    def eom(ctx):\n        ctx.addheader('X-Py', 'V1')\n"
-    run = tclrun(script, python=[hook])
-    hooks = tmp_path / "hooks0.py"
-    hooks.write_text(hook.replace("V1", "V2"))
+PY_STAMP = "def setup(milter):\n    @milter.register('eom')\n    def eom(ctx):\n        ctx.addheader('X-Py', 'V1')\n"
+
+
+def _headers_after_reload(run: TclRun) -> list[bytes]:
+    """SIGUSR1, the old generation gone, and the headers a message then gets (sorted)."""
     run.child.kill(signal.SIGUSR1)
     run.wait_for(GONE)
     with run.mta() as mta:
         mta.negotiate()
-        headers = sorted(p[1] for p in mta.message()["eom"] if p[0] == "h")
-    assert headers == [b"X-Py\0V2\0", b"X-Stamp\0A\0"]
+        return sorted(p[1] for p in mta.message()["eom"] if p[0] == "h")
+
+
+def test_python_hooks_are_loaded_afresh(tclrun, tmp_path: Path) -> None:
+    script = tmp_path / "stamp.tcl"
+    script.write_text(stamping("A"))
+    hook = PY_STAMP
+    run = tclrun(script, python=[hook])
+    hooks = tmp_path / "hooks0.py"
+    hooks.write_text(hook.replace("V1", "V2"))
+    assert _headers_after_reload(run) == [b"X-Py\0V2\0", b"X-Stamp\0A\0"]
     hooks.write_text("def setup(milter):\n    raise RuntimeError('bad hooks')\n")
     run.child.kill(signal.SIGUSR1)
     run.wait_for(r"generation 3 not loaded, generation 2 serves on unchanged: --python \S+hooks0\.py: "
@@ -428,7 +435,7 @@ def test_a_script_that_changes_its_directory_reloads_the_files_it_started_with(t
     stamp.tcl in the new directory ("couldn't read file"), and the old script served on."""
     script, hooks = tmp_path / "stamp.tcl", tmp_path / "hooks.py"
     script.write_text("cd /\n" + stamping("A"))
-    hook = "def setup(milter):\n    @milter.register('eom')\n    def eom(ctx):\n        ctx.addheader('X-Py', 'V1')\n"
+    hook = PY_STAMP
     hooks.write_text(hook)
     run = TclRun([*_pytclmilter_command(), "run", "stamp.tcl", "--python", "hooks.py",
                   "--connection", "inet:0@127.0.0.1"], cwd=str(tmp_path))
@@ -436,12 +443,7 @@ def test_a_script_that_changes_its_directory_reloads_the_files_it_started_with(t
         run.wait_listening()
         script.write_text("cd /\n" + stamping("B"))
         hooks.write_text(hook.replace("V1", "V2"))
-        run.child.kill(signal.SIGUSR1)
-        run.wait_for(GONE)
-        with run.mta() as mta:
-            mta.negotiate()
-            headers = sorted(p[1] for p in mta.message()["eom"] if p[0] == "h")
-        assert headers == [b"X-Py\0V2\0", b"X-Stamp\0B\0"]
+        assert _headers_after_reload(run) == [b"X-Py\0V2\0", b"X-Stamp\0B\0"]
         assert run.stop() == 0
     finally:
         run.kill()
