@@ -42,6 +42,7 @@ from support.engine import (
     CHUNK,
     F_ADDHDRS,
     F_SETSYMLIST,
+    MilterThread,
     OFFERS,
     P_NOCONNECT,
     P_NOMAIL,
@@ -1030,6 +1031,22 @@ def test_hooks_given_at_construction_are_called_by_the_server_and_the_connection
         wait_for(lambda: len(seen) == 3)
     assert seen == [("listening", str(srv.spec)), ("created", "conn#1"), ("closed", "conn#1")]
     assert m.hooks is hooks
+
+
+def test_abort_from_a_callback_ends_run_at_once_and_cuts_the_open_sessions():
+    """abort() closed the listener and cut the sessions, but serve() went on waiting for a stop:
+    run() never returned, and the milter claimed to be running with nothing left to serve."""
+    m = make_milter(grace=600.0)  # no grace is waited for: a wait would fail the join below
+    m.register("envfrom", lambda ctx, args: m.abort())
+    srv = MilterThread(m).start()
+    with srv.raw() as idle, srv.raw() as mta:
+        assert idle.connect() == (b"c", b"")
+        mta.send(b"M", z("<a@example.org>"))
+        mta.expect_eof()
+        idle.expect_eof()
+        srv.join()
+    assert srv.error is None
+    assert not m.running
 
 
 def test_a_context_hook_that_raises_is_logged_and_the_connection_is_served(caplog):

@@ -230,6 +230,7 @@ class MilterServer:
         self.stopped_by: signal.Signals | None = None
         #: Why serving ends, as the log and the metrics say it: a stop, or (a worker) a reload.
         self._ending = _STOPPED
+        self._aborted = False  # abort(): serve() ends without the grace
 
     def next_id(self) -> int:
         self._ids += 1
@@ -258,7 +259,8 @@ class MilterServer:
             pass  # the loop already closed: nothing left to stop
 
     def abort(self) -> None:
-        """Stop at once, synchronously (Tcl's ``exit``): listener closed, socket file removed, peers cut."""
+        """Stop at once, synchronously (Tcl's ``exit``): listener closed, socket file removed, peers
+        cut; serve() then returns without waiting for a grace (from the loop's thread)."""
         listener, acceptor = self._listener, self.acceptor
         if listener is None or acceptor is None or self.listening is None:
             return
@@ -267,6 +269,10 @@ class MilterServer:
         for conn in list(self.connections):
             if conn.transport is not None:
                 conn.transport.abort()
+        # Else serve() went on waiting for a stop with nothing left to serve: run() never returned.
+        self._aborted = True
+        if self._stop is not None:
+            self._stop.set()
 
     # ------------------------------------------------------------ serving
 
@@ -287,7 +293,7 @@ class MilterServer:
                 return
             self.loop, self._loop_thread = loop, threading.get_ident()
             self._stop = stop = asyncio.Event()
-        self.stopped_by, self._ending = None, _STOPPED
+        self.stopped_by, self._ending, self._aborted = None, _STOPPED, False
         self.tcp = spec.family != "unix"  # before listening: the first connection may come at once
         try:
             listener, acceptor = self._listen(spec, inherited, loop)
@@ -310,7 +316,7 @@ class MilterServer:
         finally:
             acceptor.close()  # new connections are refused from now on, open ones go on
             listener.remove_unix()
-            await self._drain(loop, self.shared.settings.grace)
+            await self._drain(loop, 0.0 if self._aborted else self.shared.settings.grace)
             await self._end_retirements()
             sweeper.cancel()
             if self._ticker is not None:
