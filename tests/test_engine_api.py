@@ -733,6 +733,27 @@ def test_replacebody_of_a_number_or_a_list_is_a_type_error_not_a_body_of_nuls(ca
     assert any("failed (replacebody: bytes or str expected; got int)" in r.getMessage() for r in caplog.records)
 
 
+def test_a_header_index_that_is_no_int_is_a_type_error_at_the_call_not_a_tempfail_at_eom():
+    """Bug: a float index passed the range check, and at end of message the packet could not be
+    made: the whole message was answered tempfail, whatever the callback did about it."""
+    m = make_milter()
+    refused = []
+
+    def eom(ctx):
+        ctx.addheader("X-Kept", "yes")
+        for call in (lambda: ctx.chgheader("Subject", "x", 1.5), lambda: ctx.insheader("X-A", "x", 2.0)):
+            try:
+                call()
+            except TypeError as exc:
+                refused.append(str(exc))
+
+    m.register("eom", eom)
+    with serving(m) as srv, srv.raw() as mta:
+        assert mta.eom() == [(b"h", z("X-Kept", "yes")), (b"c", b"")]
+    # (the compiled build refuses it at the call too, in mypyc's words: "int object expected; got float")
+    assert len(refused) == 2 and all(r.endswith("expected; got float") for r in refused), refused
+
+
 def test_a_private_data_name_that_is_no_str_is_a_type_error_in_either_build():
     """The pure-Python source failed deep inside with AttributeError ('int' object has no
     attribute 'isascii') where the docs promise a TypeError at the call, as the compiled build gives."""

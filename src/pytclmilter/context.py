@@ -153,6 +153,8 @@ def check_header(name: str, value: str) -> str:
 
 
 def check_index(index: int) -> int:
+    if not isinstance(index, int):  # a float passed the range test, then failed the whole message at eom
+        raise TypeError(f"header index: int expected; got {type(index).__name__}")
     if not 0 <= index <= 0xFFFFFFFF:  # the protocol's u32
         raise MilterError(f"bad index {index}: must be 0 to 4294967295")
     return index
