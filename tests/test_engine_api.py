@@ -1324,3 +1324,31 @@ def test_an_async_abort_callback_runs_before_the_close_callbacks_and_the_context
                 mta.quit()
         wait_for(lambda: len(seen) == 3)
     assert seen == ["abort <a@example.org>", "close", "context ended"]
+
+
+def test_a_session_cut_while_an_async_callback_runs_ends_it_before_its_close_callbacks():
+    """When a stop's grace (or a reload's) ran out during an async callback, the session's close
+    callbacks and its context's end ran beside it, and the callback went on afterwards on a
+    context already ended (after a reload: for up to call_timeout, its private data gone, a
+    script's interpreter maybe deleted). It is cancelled now, and they come after it."""
+    seen = []
+    m = make_milter(grace=0.1, hooks=Hooks(context_closed=lambda ctx: seen.append("context ended")))
+
+    @m.register("eom")
+    async def eom(ctx):
+        seen.append("eom")
+        try:
+            await asyncio.Event().wait()  # never set: only the cut ends it
+        except asyncio.CancelledError:
+            seen.append("eom cancelled")
+            raise
+
+    m.register("close", lambda ctx: seen.append("close"))
+    with serving(m) as srv, srv.raw() as mta:
+        mta.envelope()
+        mta.send(b"E")
+        wait_for(lambda: seen == ["eom"])
+        m.stop()
+        mta.expect_eof()
+        srv.join()
+    assert seen == ["eom", "eom cancelled", "close", "context ended"]

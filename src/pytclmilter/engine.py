@@ -258,7 +258,7 @@ class ConnectionEngine:
     Callbacks are called in one place, :meth:`_call`.
     """
 
-    __slots__ = ("shared", "registry", "session", "ctx", "name", "link", "_out", "_busy", "_decided",
+    __slots__ = ("shared", "registry", "session", "ctx", "name", "link", "_out", "_busy", "_pending", "_decided",
                  "_deferred", "_deferred_stage", "_quiet", "closed", "client", "sender", "debug", "meter")
 
     def __init__(self, shared: Shared, conn_id: int, link: "Link") -> None:
@@ -270,6 +270,7 @@ class ConnectionEngine:
         self.link = link
         self._out: list[bytes] = []
         self._busy = False
+        self._pending: asyncio.Future[None] | None = None  # with _busy: the async chain's task
         self._quiet: asyncio.Future[None] | None = None  # async abort or close callbacks still running
         self._decided = _OPEN
         self._deferred = Status.CONTINUE  # with _DEFERRED: the verdict waiting for a reply
@@ -303,6 +304,12 @@ class ConnectionEngine:
         """An async callback is running for this connection."""
         return self._busy
 
+    @property
+    def ending(self) -> "asyncio.Future[None] | None":
+        """Once closed: what its abort and close callbacks, then its context's end, still wait for
+        (an async callback cut by the close, an async abort callback); None or done: nothing."""
+        return self._quiet if self.closed else None
+
     # ------------------------------------------------------------ input
 
     def data_received(self, data: bytes) -> None:
@@ -320,6 +327,13 @@ class ConnectionEngine:
             self.session.receive_data(b"")
             self._pump()
             return
+        pending = self._pending
+        if self._busy and pending is not None and not pending.done():
+            # Cut while an async callback runs (a stop's or a reload's grace ran out): it is
+            # cancelled, and the abort and close callbacks and the context's end come after it
+            # has ended, as after an async abort callback: not beside it, on a context ended.
+            pending.cancel()
+            self._quiet = pending
         for event in self.session.teardown(reason):
             self._handle(event)
         self._finish(reason)
@@ -569,7 +583,12 @@ class ConnectionEngine:
         return pending
 
     async def _quiet_after(self, before: Awaitable[None], name: str) -> None:
-        await before
+        try:
+            await before
+        except asyncio.CancelledError:
+            if _cancelling():  # this task itself: the loop ends
+                raise
+            # (before: a callback cancelled as its connection was cut, see connection_lost)
         await _in_turn(self._quiet_chain(name))
 
     def _call(self, name: str, cb: Callback, call_args: tuple[Any, ...], limit: float,
@@ -702,7 +721,7 @@ class ConnectionEngine:
         """An async callback runs: hold this connection's events until its chain completes."""
         self._busy = True
         self.link.pause_reading()
-        asyncio.ensure_future(self._resume_after(name, event, pending))
+        self._pending = asyncio.ensure_future(self._resume_after(name, event, pending))
 
     async def _resume_after(self, name: str, event: Event, pending: Awaitable[Status]) -> None:
         try:

@@ -176,6 +176,22 @@ class _Connection(asyncio.Protocol):
             self.transport.abort()
 
 
+#: Seconds a cut session's cancelled async callback may take to unwind before its abort and close
+#: callbacks run (a callback that ignores its cancellation is not waited for longer).
+_UNWIND: Final = 1.0
+
+
+async def _cut(conns: list["_Connection"], reason: str) -> None:
+    """Close these sessions now; return once their abort and close callbacks have run, after the
+    async callbacks the close cancelled (else the loop's end, or a reload's ``gone``, came first)."""
+    engines = [c.engine for c in conns if c.engine is not None]
+    for conn in conns:
+        conn.expire(reason)
+    ending = [f for f in (e.ending for e in engines) if f is not None and not f.done()]
+    if ending:
+        await asyncio.wait(ending, timeout=_UNWIND)
+
+
 def _peer_text(peer: object) -> str:
     if isinstance(peer, tuple):
         return f"{peer[0]}:{peer[1]}"
@@ -371,8 +387,8 @@ class MilterServer:
                 try:
                     await asyncio.wait_for(retiring.over.wait(), old.settings.grace)
                 except asyncio.TimeoutError:
-                    for conn in [c for c in self.connections if c.engine is not None and c.engine.shared is old]:
-                        conn.expire("milter reloaded")
+                    await _cut([c for c in self.connections if c.engine is not None and c.engine.shared is old],
+                               "milter reloaded")
         finally:
             del self.retiring[old]
             retiring.gone()
@@ -390,8 +406,7 @@ class MilterServer:
         deadline = loop.time() + grace
         while self.connections and loop.time() < deadline:
             await asyncio.sleep(0.05)
-        for conn in list(self.connections):
-            conn.expire(self._ending[1])
+        await _cut(list(self.connections), self._ending[1])
         if self.connections:
             await asyncio.sleep(0)
         self.connections.clear()
