@@ -492,6 +492,34 @@ def test_unknown_outside_a_message_still_does_not_admit_its_content() -> None:
         s.next_event()
 
 
+LEAVING_AFTER_UNKNOWN = [
+    ("helo", [HELO, ev.Abort()], [ev.Abort(), HELO]),  # Postfix: EHLO, then its ABORT (ignored)
+    ("mail", [MAIL], [ev.Abort(), MAIL]),
+    ("quit_nc", [ev.QuitNewConnection()], [ev.Abort(), ev.Closed("quit_nc")]),
+    ("quit", [ev.Quit()], [ev.Abort(), ev.Closed("quit")]),
+    ("eof", [], [ev.Abort(), ev.Closed("eof")]),
+]
+
+
+@pytest.mark.parametrize("name, rest, after", LEAVING_AFTER_UNKNOWN, ids=[c[0] for c in LEAVING_AFTER_UNKNOWN])
+def test_a_message_left_after_an_unknown_command_is_aborted(name: str, rest: list[ev.Event],
+                                                            after: list[ev.Event]) -> None:
+    # The message is still open after UNKNOWN (its content may follow): a command that leaves
+    # it, allowed by UNKN's row, aborted nothing, and its abort callbacks never ran.
+    s = start()
+    events, _ = run(s, cmds(CONNECT, HELO, MAIL, RCPT, ev.Unknown("XFOO"), *rest))
+    if not rest:
+        s.receive_data(b"")
+        events += run(s)[0]
+    assert events == [CONNECT, HELO, MAIL, RCPT, ev.Unknown("XFOO"), *after]
+
+
+def test_an_abort_after_an_unknown_command_inside_a_message_is_delivered_once() -> None:
+    s = start()
+    events, _ = run(s, cmds(CONNECT, HELO, MAIL, RCPT, ev.Unknown("XFOO"), ev.Abort(), HELO, ev.Quit()))
+    assert events == [CONNECT, HELO, MAIL, RCPT, ev.Unknown("XFOO"), ev.Abort(), HELO, ev.Closed("quit")]
+
+
 def test_eom_carrying_data_delivers_a_body_chunk_and_one_reply() -> None:
     s = in_message()
     events, out = run(s, cmds(EOH, ev.EndOfMessage(b"tail")), lambda e: ev.Accept() if type(e) is ev.EndOfMessage

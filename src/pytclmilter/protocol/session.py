@@ -60,6 +60,8 @@ _STATES: Final = tuple(State)
 _TRANS_OK: Final[dict[int, bool]] = {}
 
 _TRANSACTION: Final[frozenset[int]] = frozenset(int(s) for s in (S.MAIL, S.RCPT, S.DATA, S.HDRS, S.EOHS, S.BODY))
+#: What UNKNOWN's row allows that ends the message an unknown command interrupted (QUIT: teardown).
+_LEAVES: Final[frozenset[int]] = frozenset(int(s) for s in (S.HELO, S.MAIL, S.Q_NC))
 
 #: Event type -> the NR bit that silences its reply (0: always answered), for the events the MTA
 #: waits on; _CODE_OF gives their command codes.
@@ -143,7 +145,11 @@ class FilterSession:
 
     @property
     def in_transaction(self) -> bool:
-        return self._state in _TRANSACTION
+        return self._in_message(self._state)
+
+    def _in_message(self, state: int) -> bool:
+        """A message is open: a transaction state, or UNKNOWN in the middle of one (see _resumes)."""
+        return state in _TRANSACTION or (state == _UNKN and self._before_unknown in _TRANSACTION)
 
     def next_event(self) -> Event | NeedData:
         """The next event, or NEED_DATA. Raises RemoteProtocolError for bad input."""
@@ -200,12 +206,17 @@ class FilterSession:
         queue = self._queue  # empty: frames are read only when every queued event was delivered
         state = self._state
         if not self._trans_ok(state, new) and not self._resumes(state, new):
-            if state in _TRANSACTION:
+            if self._in_message(state):
                 queue.append(Abort())
             self._state = _HELO
             if not self._trans_ok(_HELO, new):
                 self._refuse(code, state)
                 return None
+        elif state == _UNKN and new in _LEAVES and self._in_message(state):
+            # UNKNOWN's row allows these, but they leave the message the unknown command
+            # interrupted unfinished: its abort callbacks run, as when they follow RCPT itself
+            # (Postfix sends its ABORT after the HELO: ignored then, as after a finished message).
+            queue.append(Abort())
         event = self._enter(new, code, event)
         if queue:  # an abort, or the chunk an EOM carried, goes first
             queue.append(event)
@@ -300,7 +311,7 @@ class FilterSession:
         queued = list(self._queue)
         self._queue.clear()
         out: list[Event] = []
-        if self._state in _TRANSACTION or any(type(e) in (Abort, EndOfMessage) for e in queued):
+        if self._in_message(self._state) or any(type(e) in (Abort, EndOfMessage) for e in queued):
             out.append(Abort())
         if not self._closed_emitted:
             out.append(Closed(reason))
