@@ -464,3 +464,45 @@ def test_the_deadline_of_a_finished_tcl_callback_stops_nothing_later(tclrun):
         time.sleep(1.3)  # idle past it: the context's cleanup, then the ticks
     assert m.stop() == 0
     assert "ERROR" not in m.text and "time limit" not in m.text, m.text
+
+
+TCL_CHILD_INTERPS = TCL_HELPERS + r"""
+package require TclMilter
+milter configure -calltimeout 1 -onerror SMFIS_REJECT
+set ::early [interp create]
+interp create [list $::early inner]
+proc from {ctx list} {
+    if {![interp exists lazy]} { interp create lazy }
+    switch -- [lindex $list 0] {
+        <loop@example.org>  { $::early eval {while 1 {}} }
+        <inner@example.org> { $::early eval {inner eval {while 1 {}}} }
+        <vwait@example.org> { lazy eval {vwait ::never} }
+        <lazy@example.org>  { T lazy { lazy eval {for {set i 0} {$i < 1000} {incr i} {}; set i} } }
+    }
+    return SMFIS_CONTINUE
+}
+milter register envfrom from
+milter main
+"""
+
+
+def test_code_in_an_interpreter_the_script_made_is_held_to_the_limit(tclrun):
+    """Tcl checks the limit of the interpreter that runs only: a loop in a child the script made
+    at load time (`interp create`) held every connection for ever, and a child made in a
+    callback kept the deadline it inherited there, so that later callbacks got `time limit
+    exceeded` from it whatever their time."""
+    m = tclrun(TCL_CHILD_INTERPS)
+    with m.mta() as mta:
+        mta.negotiate()
+        assert ok(mta.connect())
+        assert mta.mail("<lazy@example.org>")[0] == "c"  # makes `lazy` in the callback
+        time.sleep(1.5)  # past that callback's deadline, which `lazy` inherited
+        assert mta.mail("<lazy@example.org>")[0] == "c"
+        for _ in range(2):  # (not `ERR time limit exceeded` the second time)
+            assert m.wait_for(r"R\tlazy\t(OK 1000|ERR [^\r\n]*)\r*\n").group(1) == "OK 1000", m.text
+        for stuck in ("loop", "inner", "vwait"):
+            assert mta.mail(f"<{stuck}@example.org>")[0] == "r", stuck  # -onerror, not a hang
+            m.wait_for(r"envfrom callback from failed \(callback stopped after 1 s \(-calltimeout\)\)")
+        assert mta.mail("<lazy@example.org>")[0] == "c"
+    assert m.results()["lazy"] == "OK 1000", m.text
+    assert m.stop() == 0

@@ -91,6 +91,25 @@ proc ::tclmilter::py::quiet {child threads} {
     expr {!$was && !$poll}
 }
 
+# The callbacks' time limit (tcl/limit.py) on the script's interpreter and on every interpreter the
+# script made (`interp create`, also inside those): Tcl checks an interpreter's own limit only,
+# so code running in a child would otherwise never be stopped, and a child made in a callback
+# keeps the deadline it inherited there, past which it refuses every command for ever.
+proc ::tclmilter::py::limit_time {child args} {
+    set paths [list $child]
+    for {set i 0} {$i < [llength $paths]} {incr i} {
+        foreach name [interp slaves [lindex $paths $i]] {
+            lappend paths [list {*}[lindex $paths $i] $name]
+        }
+    }
+    foreach path $paths { interp limit $path time {*}$args }
+}
+# The script's `interp create` (traced): the new interpreter gets the limit in force now, and with
+# it the handler that gives a callback with time left its full time (Tcl copies the time alone).
+proc ::tclmilter::py::interp_made {command code result op} {
+    if {$code == 0 && [string match "cr*" [lindex $command 1]]} { ::tclmilter::py::limit_sync }
+}
+
 # Tcl's exit writes what every channel buffers before the process ends (Tcl_Finalize); the milter
 # ends by other ways (a worker's os._exit, the end of `run`), so this does it: a script's log file
 # keeps its last lines. `ending`: the process or the interpreter goes, so every channel but the
@@ -320,7 +339,7 @@ class TclHost:
         for name in ("::tclmilter::py::milter", "::tclmilter::py::context", "::tclmilter::py::replacebody",
                      "::tclmilter::py::privstarted", "::tclmilter::py::exit", "::tclmilter::py::poll_next",
                      "::tclmilter::py::serve", "::tclmilter::py::threads", "::tclmilter::py::bgerror",
-                     "::tclmilter::py::watched"):
+                     "::tclmilter::py::watched", "::tclmilter::py::interp_made"):
             call("interp", "alias", child, name, "", name)
         call("interp", "alias", child, "exit", "", "exit")
         self.child_call("lappend", "auto_path", libdir)
@@ -330,6 +349,7 @@ class TclHost:
                 self.child_call("trace", "add", "execution", name, "enter", "::tclmilter::py::poll_next")
         for name in ("::fileevent", "::tcl::chan::event"):  # (`chan event` is not `fileevent`)
             self.child_call("trace", "add", "execution", name, "enter", "::tclmilter::py::watched")
+        self.child_call("trace", "add", "execution", "::interp", "leave", "::tclmilter::py::interp_made")
 
     def thread_count(self) -> int:
         """Threads of the Thread package in this process, this one included (1 without Thread)."""

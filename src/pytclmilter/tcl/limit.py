@@ -28,6 +28,8 @@ from ..engine import Shared
 from ..limits import Limit
 
 _HANDLER: Final = "::tclmilter::py::limit"
+#: Sets the limit on the script's interpreter and on each interpreter it made (interp.py's _PRELUDE).
+_LIMIT_TIME: Final = "::tclmilter::py::limit_time"
 _monotonic: Final = time.monotonic  # compiled, `time.monotonic` is two look-ups per call
 _NEVER: Final = float("inf")
 #: Tcl 8.6 keeps `interp limit ... -seconds` in a C int: a later second (2038) is refused there.
@@ -59,6 +61,7 @@ class CallLimit(Limit):
         #: until the limit is set again (any _set).
         self.exceeded = False
         create(_HANDLER, self._on_deadline)
+        create("::tclmilter::py::limit_sync", self._sync)
 
     def begin(self, seconds: float, now: float) -> bool:
         """A callback starts (the engine read the time and the milter's call_timeout)."""
@@ -137,14 +140,22 @@ class CallLimit(Limit):
         else:
             self.exceeded = True
 
+    def _sync(self, *args: object) -> None:
+        """The script made an interpreter: it gets the deadline armed now, with its handler."""
+        if self._armed_until:
+            self._set(self._armed_until)
+
     def _set(self, deadline: float | None) -> None:
+        """Arm ``deadline`` (None: no limit) on the script's interpreter and every one it made:
+        Tcl checks only the limit of the interpreter that runs, so a loop in the script's own
+        `interp create`d child would hold the milter for ever."""
         self.exceeded = False
         if deadline is None:
-            self._call("interp", "limit", self._child, "time", "-seconds", "", "-milliseconds", "")
+            self._call(_LIMIT_TIME, self._child, "-seconds", "", "-milliseconds", "")
             self._armed_until = 0.0
             return
         wall = min(time.time() + (deadline - _monotonic()), _TCL_LAST_SECOND)  # -calltimeout 1e9, Inf
         ms = int(wall * 1000) + 1
-        self._call("interp", "limit", self._child, "time", "-seconds", ms // 1000, "-milliseconds", ms % 1000,
+        self._call(_LIMIT_TIME, self._child, "-seconds", ms // 1000, "-milliseconds", ms % 1000,
                    "-command", _HANDLER)
         self._armed_until = deadline
