@@ -364,3 +364,40 @@ def test_a_session_of_a_reloaded_script_past_its_grace_counts_as_milter_reloaded
     if workers == "2":
         assert "replaced by a reload: no new connections; 1 open" in m.text, m.text
     assert m.stop() == 0
+
+
+def test_a_scrape_waiting_while_out_of_descriptors_is_one_warning_and_no_busy_loop(caplog) -> None:  # type: ignore[no-untyped-def]
+    """accept() failing with EMFILE (the MTA's connections hold every descriptor) while a scrape
+    waits: socketserver returned quietly and its loop called accept() again at once, for ever
+    (a core's worth of CPU in the metrics thread, nothing logged). Now each failure waits
+    ACCEPT_RETRY before the next, and one warning says so."""
+    import errno
+    import logging
+
+    from pytclmilter.connspec import parse_metrics
+    from pytclmilter.metrics import ACCEPT_RETRY, _Server
+
+    class NoDescriptors:
+        def __init__(self) -> None:
+            self.accepts = 0
+
+        def accept(self) -> Any:
+            self.accepts += 1
+            raise OSError(errno.EMFILE, os.strerror(errno.EMFILE))
+
+    server = _Server(parse_metrics("inet:0@127.0.0.1"))
+    real, fake = server.socket, NoDescriptors()
+    waits: list[float] = []
+    server._pause = waits.append  # type: ignore[method-assign,assignment]
+    server.socket = fake  # type: ignore[assignment]
+    try:
+        with caplog.at_level(logging.WARNING, logger="pytclmilter"):
+            for _ in range(100):  # what serve_forever does while the listening socket is readable
+                server._handle_request_noblock()  # type: ignore[attr-defined]
+    finally:
+        server.socket = real
+        server.server_close()
+    assert fake.accepts == 100
+    assert waits == [ACCEPT_RETRY] * 100
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and "metrics: cannot accept a scrape: Too many open files" in warnings[0], warnings

@@ -128,7 +128,7 @@ class Acceptor:
         since = f"; {self._failures} failed accepts since the last warning" if self._warned is not None else ""
         log.warning("cannot accept connections: %s (open-files limit %s, %d connections open)%s; new "
                     "connections wait in the listen queue, accepting resumes when one closes",
-                    exc.strerror or exc, _limit_text(), self.open, since)
+                    exc.strerror or exc, limit_text(), self.open, since)
         self._warned, self._failures, self._tell_recovery = now, 0, True
 
     def _pause(self) -> None:
@@ -148,7 +148,7 @@ class Acceptor:
             self._ready()
 
 
-def _limit_text() -> str:
+def limit_text() -> str:
     soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
     return "unlimited" if soft == resource.RLIM_INFINITY else str(soft)
 

@@ -16,14 +16,19 @@ replacement, and forgets its gauge (its connections are gone).
 The HTTP side is bounded: one thread accepts, at most :data:`MAX_SCRAPES` threads answer, a
 scrape has :data:`SCRAPE_TIMEOUT` seconds in all to send its request and read the answer (then
 its connection is shut down: a client that trickles a byte now and then cannot hold a slot),
-and a connection beyond that is closed at once (with a warning at most once a minute). It runs apart from the
-event loop, which it never blocks; rendering takes the GIL for about a millisecond.
+and a connection beyond that is closed at once (with a warning at most once a minute). When
+``accept()`` fails for want of descriptors (the MTA's connections took them all), the thread waits
+:data:`ACCEPT_RETRY` seconds before it tries again, with a warning at most once a minute: the
+waiting scrape keeps the socket readable, and socketserver alone tried again at once, for ever, a
+core's worth of CPU taken from the event loop, silently. It runs apart from the event loop, which
+it never blocks; rendering takes the GIL for about a millisecond.
 """
 
 from __future__ import annotations
 
 import array
 import asyncio
+import errno
 import logging
 import mmap
 import socket
@@ -38,6 +43,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 from prometheus_client.registry import Collector as _CollectorBase
 
 from . import meter as m
+from .accept import limit_text
 from .connspec import ConnSpec, ConnSpecError, parse_metrics
 from .engine import Stats
 
@@ -46,7 +52,10 @@ log = logging.getLogger("pytclmilter")
 MAX_SCRAPES = 4
 PUBLISH_EVERY = 1.0  # seconds between a worker's copies of its counts into shared memory
 SCRAPE_TIMEOUT = 10.0
+ACCEPT_RETRY = 0.5  # seconds before accepting again after accept() found no descriptor or memory
 _WARN_EVERY = 60.0
+#: accept() failing for want of a resource of the process or the system, not because of the client.
+_EXHAUSTED = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
 _GAUGES = frozenset({m.OPEN})
 
 
@@ -198,6 +207,9 @@ class _Server(ThreadingMixIn, WSGIServer):
         self._free = threading.BoundedSemaphore(MAX_SCRAPES)
         self._refused = 0
         self._warned = 0.0
+        self._failed = 0  # accepts that failed for want of descriptors since the last warning
+        self._failed_warned: float | None = None
+        self._pause = threading.Event().wait  # (a test counts the waits)
         super().__init__((spec.host or "", spec.port), _Handler)
 
     def server_bind(self) -> None:
@@ -205,6 +217,26 @@ class _Server(ThreadingMixIn, WSGIServer):
         TCPServer.server_bind(self)
         self.server_name, self.server_port = str(self.server_address[0]), int(self.server_address[1])
         self.setup_environ()
+
+    def get_request(self) -> tuple[socket.socket, Any]:
+        """socketserver returns quietly when this raises, and its loop calls again at once while
+        the scrape waits in the queue: out of descriptors, wait a little and say so once a minute."""
+        try:
+            return super().get_request()
+        except OSError as exc:
+            if exc.errno in _EXHAUSTED:
+                self._cannot_accept(exc)
+            raise
+
+    def _cannot_accept(self, exc: OSError) -> None:
+        self._failed += 1
+        now = time.monotonic()
+        if self._failed_warned is None or now - self._failed_warned >= _WARN_EVERY:
+            since = f"; {self._failed} failed accepts since the last warning" if self._failed_warned is not None else ""
+            log.warning("metrics: cannot accept a scrape: %s (open-files limit %s)%s; trying again every %g s "
+                        "(warned at most once a minute)", exc.strerror or exc, limit_text(), since, ACCEPT_RETRY)
+            self._failed_warned, self._failed = now, 0
+        self._pause(ACCEPT_RETRY)
 
     def process_request(self, request: Any, client_address: Any) -> None:
         if not self._free.acquire(blocking=False):
