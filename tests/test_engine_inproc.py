@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 
 from pytclmilter import ACCEPT, CONTINUE, DISCARD, NOREPLY, REJECT, SKIP, TEMPFAIL
-from support.engine import ALL_PROTO, P_NR_HDR, P_SKIP, InProcessMTA, make_milter, z
+from support.engine import ALL_PROTO, P_NR_HDR, P_SKIP, InProcessMTA, frame, make_milter, z
 
 LOG = "pytclmilter"
 C = [(b"c", b"")]  # continue
@@ -446,3 +446,46 @@ def test_a_message_without_headers_reaches_eom_without_an_abort():
     assert mta.command(b"E") == C
     assert calls == ["envfrom", "envrcpt", "data", "body", "eom"]
     assert not mta.link.closed
+
+
+def test_aborts_faster_than_an_async_abort_callback_are_held_back_not_queued_without_bound():
+    """A peer sending MAIL and ABORT in a loop to a filter whose async abort callback is slow
+    (a network call): each ABORT queued one more task behind the running one, all answered at
+    once, so the peer could queue as many as it sent (17 MB for 20 000, and a RecursionError
+    when the loop cancelled the chain at stop). Now at _QUIET_QUEUE queued runs the connection
+    waits, its socket not read, until one has run; then it goes on, and every abort runs."""
+    from pytclmilter.engine import _QUIET_QUEUE
+
+    m, aborts = make_milter(), []
+    m.register("envfrom", lambda ctx, args: CONTINUE)
+
+    @m.register("abort")
+    async def abort(ctx: Any) -> None:
+        aborts.append(ctx.id)
+        await gate.wait()
+
+    sent = 1000
+
+    async def scenario() -> None:
+        mta = InProcessMTA(m)
+        mta.optneg()
+        assert mta.connect() == C
+        mta.engine.data_received((frame(b"M", z("<a@example.org>")) + frame(b"A")) * sent)
+        for _ in range(10):  # the running abort callback awaits the gate: nothing moves on
+            await asyncio.sleep(0)
+        assert mta.link.paused
+        assert aborts == [1]
+        assert len(mta.replies()) == _QUIET_QUEUE + 1  # (the first ABORT's run is not queued)
+        # the first run, the queued ones, the running callback under wait_for, this one
+        assert len(asyncio.all_tasks()) <= _QUIET_QUEUE + 3
+        gate.set()
+        for _ in range(100 * sent):
+            if len(aborts) == sent:
+                break
+            await asyncio.sleep(0)
+        assert len(aborts) == sent
+        assert len(mta.replies()) == sent - _QUIET_QUEUE - 1
+        assert not mta.link.paused and not mta.engine.busy
+
+    gate = asyncio.Event()
+    asyncio.run(scenario())

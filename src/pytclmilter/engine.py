@@ -47,6 +47,11 @@ _PLAIN: Final = frozenset({type(None), str, int, Status})
 #: Tcl's deadline and asyncio's are exact). One that fails later than this past its limit was in
 #: code the limit cannot interrupt, and its real time is logged too.
 _LATE_STOP: Final = 0.5
+#: Abort and close runs that may wait behind a running async abort or close callback: a peer
+#: sending MAIL and ABORT in a loop queued one more each (memory without bound, and a chain of
+#: tasks whose cancellation at stop overflowed the stack). At this many, the connection's further
+#: commands wait until one has run.
+_QUIET_QUEUE: Final = 8
 
 # What is decided (ConnectionEngine._decided; see the class docstring). Plain ints: tested per event.
 _OPEN: Final = 0
@@ -253,13 +258,14 @@ class ConnectionEngine:
     HELO, ABORT, end of message: back to open unless the connection is decided), :meth:`_new_session`
     (CONNECT, QUIT_NC: open).
 
-    Besides: ``_busy`` (an async callback runs: this connection's further events wait, its
-    socket is not read) and ``closed`` (the connection is over: nothing more is done).
+    Besides: ``_busy`` (an async callback runs, or ``_held``: _QUIET_QUEUE abort or close runs
+    wait behind an async one; this connection's further events wait, its socket is not read)
+    and ``closed`` (the connection is over: nothing more is done).
     Callbacks are called in one place, :meth:`_call`.
     """
 
     __slots__ = ("shared", "registry", "session", "ctx", "name", "link", "_out", "_busy", "_pending", "_decided",
-                 "_deferred", "_deferred_stage", "_quiet", "closed", "client", "sender", "debug", "meter")
+                 "_deferred", "_deferred_stage", "_quiet", "_queued", "_held", "closed", "client", "sender", "debug", "meter")
 
     def __init__(self, shared: Shared, conn_id: int, link: "Link") -> None:
         self.shared = shared
@@ -272,6 +278,8 @@ class ConnectionEngine:
         self._busy = False
         self._pending: asyncio.Future[None] | None = None  # with _busy: the async chain's task
         self._quiet: asyncio.Future[None] | None = None  # async abort or close callbacks still running
+        self._queued = 0  # abort and close runs waiting behind _quiet (_QUIET_QUEUE)
+        self._held = False  # _busy because _queued reached _QUIET_QUEUE
         self._decided = _OPEN
         self._deferred = Status.CONTINUE  # with _DEFERRED: the verdict waiting for a reply
         self._deferred_stage = ""
@@ -564,6 +572,10 @@ class ConnectionEngine:
         callbacks, on a context already ended."""
         if self._quiet is not None and not self._quiet.done():
             self._quiet = asyncio.ensure_future(self._quiet_after(self._quiet, name))
+            self._queued += 1
+            if self._queued >= _QUIET_QUEUE and not self._busy and not self.closed:
+                self._held = self._busy = True  # (_quiet_after lets go)
+                self.link.pause_reading()
             return
         pending = self._quiet_chain(name)
         if pending:
@@ -589,7 +601,15 @@ class ConnectionEngine:
             if _cancelling():  # this task itself: the loop ends
                 raise
             # (before: a callback cancelled as its connection was cut, see connection_lost)
-        await _in_turn(self._quiet_chain(name))
+        try:
+            await _in_turn(self._quiet_chain(name))
+        finally:
+            self._queued -= 1
+        if self._held and self._queued < _QUIET_QUEUE:
+            self._held = self._busy = False
+            if not self.closed:
+                self.link.resume_reading()
+                self._pump()
 
     def _call(self, name: str, cb: Callback, call_args: tuple[Any, ...], limit: float,
               ignore: bool) -> Status | Awaitable[Status]:
