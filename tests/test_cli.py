@@ -698,6 +698,18 @@ def test_try_json_shows_the_edited_message() -> None:
     assert doc["message"]["recipients"] == ["<bob@example.com>"]
 
 
+def test_try_shows_the_headers_no_filter_changed_as_the_message_has_them(tmp_path: Path) -> None:
+    """Bug: every header was shown rewritten as `Name: value`, so a tab or no space after the
+    colon, or an empty value, came out altered (`Subject: \tHi`), although the MTA delivers a
+    header no filter touched as it came; only added or changed ones get the MTA's one space."""
+    original = b"Subject:\tHi\r\nX-A:b\r\nX-Empty:\r\nX-F:  two\r\n\tfolded \xe9\r\nFrom: a@example.org\r\n"
+    (tmp_path / "m.eml").write_bytes(original + b"\r\nbody\r\n")
+    status, out = cli("try", str(STAMP), str(tmp_path / "m.eml"), *CLIENT, "--json")
+    assert status == 0
+    message = json_of(out)["message"]["text"].encode("utf-8", "surrogateescape")
+    assert message == original + STAMP_HEADER.replace("\n", "\r\n").encode() + b"\r\n\r\nbody\r\n"
+
+
 def _greylist_sql(store: Path, sql: str) -> list[tuple[Any, ...]]:
     with sqlite3.connect(store) as db:
         return db.execute(sql).fetchall()

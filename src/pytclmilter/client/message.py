@@ -7,7 +7,23 @@ from dataclasses import dataclass, field
 from email.utils import getaddresses
 from typing import Any
 
-from ..protocol.codec import text
+from ..protocol.codec import text, wire
+
+
+class Field(tuple[str, str]):
+    """A header of the message file: (name, value) as the MTA sends it to the milter, and
+    ``line``, the field as the file has it (folds as bare LF), which is what the MTA delivers
+    while no filter changes it: ``Subject:\tHi`` or ``X-A:b`` as they are, not ``Subject: \tHi``."""
+
+    line: str
+
+    def __new__(cls, name: str, value: str, line: str) -> "Field":
+        field = super().__new__(cls, (name, value))
+        field.line = line
+        return field
+
+    def __getnewargs__(self) -> tuple[str, str, str]:  # type: ignore[override]  # (copy and pickle)
+        return self[0], self[1], self.line
 
 
 @dataclass
@@ -24,18 +40,18 @@ class Message:
         head, sep, body = raw.partition(b"\n\n")
         if not sep and not re.match(rb"[!-9;-~]+:", head):
             head, body = b"", raw  # no header section at all
-        headers: list[tuple[str, str]] = []
+        headers: list[Field] = []
         for line in head.split(b"\n") if head else []:
             if line[:1] in (b" ", b"\t") and headers:
-                name, value = headers[-1]
-                headers[-1] = (name, value + "\n" + text(line))
+                last, fold = headers[-1], "\n" + text(line)
+                headers[-1] = Field(last[0], last[1] + fold, last.line + fold)
                 continue
             raw_name, colon, raw_value = line.partition(b":")
             if not colon:
                 continue  # not a header line; Postfix would treat it as body, tests keep it simple
             raw_value = raw_value[1:] if raw_value[:1] == b" " else raw_value  # the MTA strips one space
-            headers.append((text(raw_name.rstrip()), text(raw_value)))
-        return cls(headers, body.replace(b"\n", b"\r\n"))
+            headers.append(Field(text(raw_name.rstrip()), text(raw_value), text(line)))
+        return cls(list(headers), body.replace(b"\n", b"\r\n"))
 
     def header(self, name: str) -> str | None:
         for n, v in self.headers:
@@ -44,10 +60,10 @@ class Message:
         return None
 
     def render(self) -> bytes:
-        """The message as bytes with CRLF line ends (headers re-folded as received)."""
-        from ..protocol.codec import wire
-
-        lines = [wire(f"{n}: {v}".replace("\n", "\r\n")) for n, v in self.headers]
+        """The message as bytes with CRLF line ends: the file's headers as it has them, those a
+        filter added or changed as the MTAs write them (one space after the colon)."""
+        lines = [wire((h.line if isinstance(h, Field) else f"{h[0]}: {h[1]}").replace("\n", "\r\n"))
+                 for h in self.headers]
         return b"\r\n".join(lines) + b"\r\n\r\n" + self.body
 
 
