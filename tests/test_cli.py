@@ -36,6 +36,7 @@ from typing import Any, Callable, Iterator
 import pexpect
 import pytest
 
+from pytclmilter.client.message import Message
 from support.engine import frame, parse_frames
 from support.postfix import free_port
 from support.tclrun import TclRun, _pytclmilter_command, child_env
@@ -708,6 +709,22 @@ def test_try_shows_the_headers_no_filter_changed_as_the_message_has_them(tmp_pat
     assert status == 0
     message = json_of(out)["message"]["text"].encode("utf-8", "surrogateescape")
     assert message == original + STAMP_HEADER.replace("\n", "\r\n").encode() + b"\r\n\r\nbody\r\n"
+
+
+def test_try_starts_the_body_at_a_line_of_the_header_section_that_is_no_field(tmp_path: Path) -> None:
+    """Bug: such a line (a message cut short, a body without its empty line) was dropped, so
+    neither the filter nor the report saw it. The MTAs start the body there."""
+    raw = b"From: a@example.org\nSubject: cut\n<html>\n\nbody\n"
+    (tmp_path / "m.eml").write_bytes(raw)
+    status, out = cli("try", str(STAMP), str(tmp_path / "m.eml"), *CLIENT, "--json")
+    assert status == 0
+    text = json_of(out)["message"]["text"]
+    assert text.startswith("From: a@example.org\r\nSubject: cut\r\nX-Filtered-By: ")
+    assert text.endswith("\r\n\r\n<html>\r\n\r\nbody\r\n")
+    # A single message saved with its mbox separator line (`send`; `try` reads it as an mbox):
+    # the line is no part of the message, as Postfix's sendmail skips it.
+    saved = Message.parse(b"From a@example.org Mon Dec  5 10:00:00 2026\n" + raw)
+    assert (saved.headers, saved.body) == ([("From", "a@example.org"), ("Subject", "cut")], b"<html>\r\n\r\nbody\r\n")
 
 
 def _greylist_sql(store: Path, sql: str) -> list[tuple[Any, ...]]:

@@ -18,16 +18,14 @@ from __future__ import annotations
 
 import mailbox
 import os
-import re
 import stat
 from dataclasses import dataclass
 from typing import Iterator
 
+from .message import FIELD
+
 #: What a mbox starts with: the separator line of its first message.
 MBOX_MAGIC = b"From "
-#: A header field's first line: a name of printable characters but the colon, then a colon
-#: (blanks before it are the obsolete syntax of RFC 5322 §4.5.3, which Message.parse strips).
-_FIELD = re.compile(rb"[!-9;-~]+[ \t]*:")
 
 
 @dataclass
@@ -125,16 +123,16 @@ def malformed(raw: bytes) -> str | None:
 
     ``Message.parse`` takes anything (a single ``try`` sends whatever it is
     given); in an archive, a file with no header section, or a header section
-    with a line that is neither a field nor a continuation (which the parser
-    would drop), is a broken or foreign file, and a NUL byte cannot be sent in
-    a header (the protocol ends strings with NUL)."""
+    with a line that is neither a field nor a continuation (where the parser,
+    as the MTAs, would start the body), is a broken or foreign file, and a NUL
+    byte cannot be sent in a header (the protocol ends strings with NUL)."""
     if not raw.strip():
         return "empty message"
     head = raw.replace(b"\r\n", b"\n").partition(b"\n\n")[0]
-    if not _FIELD.match(head):
+    if not FIELD.match(head):
         return "no header fields (the first line is not NAME: value)"
     for n, line in enumerate(head.split(b"\n"), 1):
-        if not (_FIELD.match(line) or line[:1] in (b" ", b"\t")):
+        if not (FIELD.match(line) or line[:1] in (b" ", b"\t")):
             return f"line {n} of the header section is not a header field"
     if b"\0" in head:
         return "a NUL byte in the header section"

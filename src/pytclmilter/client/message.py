@@ -5,9 +5,14 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 from email.utils import getaddresses
-from typing import Any
+from typing import Any, Final
 
 from ..protocol.codec import text, wire
+
+
+#: A header field's first line: a name of printable characters but the colon, then a colon
+#: (blanks before it are the obsolete syntax of RFC 5322 §4.5.3, which Message.parse strips).
+FIELD: Final = re.compile(rb"[!-9;-~]+[ \t]*:")
 
 
 class Field(tuple[str, str]):
@@ -35,23 +40,31 @@ class Message:
 
     @classmethod
     def parse(cls, raw: bytes) -> "Message":
-        """Split like Postfix: header lines up to the first empty line; line ends become CRLF."""
+        """Split like Postfix: the header section ends at the first empty line, or at the first
+        line that is neither a field nor a field's continuation, which begins the body (it was
+        dropped, and the filter and the report never saw it); line ends become CRLF."""
         raw = raw.replace(b"\r\n", b"\n")
-        head, sep, body = raw.partition(b"\n\n")
-        if not sep and not re.match(rb"[!-9;-~]+:", head):
-            head, body = b"", raw  # no header section at all
         headers: list[Field] = []
-        for line in head.split(b"\n") if head else []:
+        # An mbox separator line (a single message saved from an mbox): no part of the message;
+        # Postfix's sendmail skips it too.
+        pos = raw.find(b"\n") + 1 or len(raw) if raw.startswith(b"From ") else 0
+        while pos < len(raw):
+            end = raw.find(b"\n", pos)
+            end = len(raw) if end < 0 else end
+            line = raw[pos:end]
             if line[:1] in (b" ", b"\t") and headers:
                 last, fold = headers[-1], "\n" + text(line)
                 headers[-1] = Field(last[0], last[1] + fold, last.line + fold)
-                continue
-            raw_name, colon, raw_value = line.partition(b":")
-            if not colon:
-                continue  # not a header line; Postfix would treat it as body, tests keep it simple
-            raw_value = raw_value[1:] if raw_value[:1] == b" " else raw_value  # the MTA strips one space
-            headers.append(Field(text(raw_name.rstrip()), text(raw_value), text(line)))
-        return cls(list(headers), body.replace(b"\n", b"\r\n"))
+            elif FIELD.match(line):
+                raw_name, _, raw_value = line.partition(b":")
+                raw_value = raw_value[1:] if raw_value[:1] == b" " else raw_value  # the MTA strips one space
+                headers.append(Field(text(raw_name.rstrip()), text(raw_value), text(line)))
+            else:
+                if not line:
+                    pos = end + 1  # the empty line that ends the header section
+                break
+            pos = end + 1
+        return cls(list(headers), raw[pos:].replace(b"\n", b"\r\n"))
 
     def header(self, name: str) -> str | None:
         for n, v in self.headers:
@@ -64,7 +77,7 @@ class Message:
         filter added or changed as the MTAs write them (one space after the colon)."""
         lines = [wire((h.line if isinstance(h, Field) else f"{h[0]}: {h[1]}").replace("\n", "\r\n"))
                  for h in self.headers]
-        return b"\r\n".join(lines) + b"\r\n\r\n" + self.body
+        return b"".join(line + b"\r\n" for line in lines) + b"\r\n" + self.body
 
 
 @dataclass
