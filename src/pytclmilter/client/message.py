@@ -27,8 +27,9 @@ class Field(tuple[str, str]):
         field.line = line
         return field
 
-    def __getnewargs__(self) -> tuple[str, str, str]:  # type: ignore[override]  # (copy and pickle)
-        return self[0], self[1], self.line
+    def __reduce__(self) -> tuple[type["Field"], tuple[str, str, str]]:
+        """copy and pickle make a Field again, its line with it (not a bare tuple)."""
+        return Field, (self[0], self[1], self.line)
 
 
 @dataclass
