@@ -46,6 +46,7 @@ from . import meter as m
 from .accept import limit_text
 from .connspec import ConnSpec, ConnSpecError, parse_metrics
 from .engine import Stats
+from .logline import Repeated
 
 log = logging.getLogger("pytclmilter")
 
@@ -207,8 +208,7 @@ class _Server(ThreadingMixIn, WSGIServer):
         self._free = threading.BoundedSemaphore(MAX_SCRAPES)
         self._refused = 0
         self._warned = 0.0
-        self._failed = 0  # accepts that failed for want of descriptors since the last warning
-        self._failed_warned: float | None = None
+        self._exhausted = Repeated(_WARN_EVERY)  # accepts that failed for want of descriptors
         self._pause = threading.Event().wait  # (a test counts the waits)
         super().__init__((spec.host or "", spec.port), _Handler)
 
@@ -229,13 +229,11 @@ class _Server(ThreadingMixIn, WSGIServer):
             raise
 
     def _cannot_accept(self, exc: OSError) -> None:
-        self._failed += 1
-        now = time.monotonic()
-        if self._failed_warned is None or now - self._failed_warned >= _WARN_EVERY:
-            since = f"; {self._failed} failed accepts since the last warning" if self._failed_warned is not None else ""
+        missed = self._exhausted.due("accept")
+        if missed is not None:
+            since = f"; {missed} failed accepts since the last warning" if missed else ""
             log.warning("metrics: cannot accept a scrape: %s (open-files limit %s)%s; trying again every %g s "
                         "(warned at most once a minute)", exc.strerror or exc, limit_text(), since, ACCEPT_RETRY)
-            self._failed_warned, self._failed = now, 0
         self._pause(ACCEPT_RETRY)
 
     def process_request(self, request: Any, client_address: Any) -> None:
