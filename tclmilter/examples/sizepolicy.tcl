@@ -11,7 +11,9 @@
 #
 # Attachment names are looked for in the name= and filename= parameters of
 # Content-Type and Content-Disposition, both in the message's own headers
-# (header callback) and in the MIME part headers inside the body.
+# (header callback) and in the MIME part headers inside the body; a quoted
+# name may hold ";", and a name in RFC 2231 form (filename*=UTF-8''...,
+# or split into filename*0=, filename*1=, ...) is put together and decoded.
 #
 # The body arrives in blocks of up to 64 KB; the body callback collects them
 # with setpriv and the checks run at end of message (the only place where a
@@ -63,31 +65,95 @@ if {![string is integer -strict $maxsize] || $maxsize < 0} {
 milter configure -name SizePolicy
 milter configure -connection {unix:/var/run/sizepolicy.sock}
 
-# File names given by name=/filename= parameters in one header line
+# File names given by the name= and filename= parameters of one header field:
+# a quoted value may hold ";" and backslash escapes; the RFC 2231 forms
+# (name*=charset'lang'text with %XX escapes, split into name*0, name*1, ...)
+# are put together and decoded, so that "invoice" + ".exe" is seen whole
 
-proc file_names { line } {
+proc file_names { field } {
+    # unfold the lines of a folded field (RFC 5322: a newline before white space)
+    regsub -all {\r?\n} $field "" field
     set names {}
-    foreach {all name} [regexp -all -inline -nocase \
-            {(?:file)?name\*?\s*=\s*"?([^";]+)"?} $line] {
-        lappend names [string trim $name]
+    foreach {all param section extended value} [regexp -all -inline -nocase \
+            {((?:file)?name)(?:\*([0-9]+))?(\*?)\s*=\s*("(?:[^"\\]|\\.)*"|[^";]*)} $field] {
+        if {[string index $value 0] == "\""} {
+            regsub -all {\\(.)} [string range $value 1 end-1] {\1} value
+        }
+        set value [string trim $value]
+        if {$section == ""} {
+            lappend names [rfc2231_decoded $extended $value 1 charset]
+        } else {
+            # one section of a split value: put together below, in the order of their numbers
+            lappend sections([string tolower $param]) [list $section $extended $value]
+        }
+    }
+    foreach param [array names sections] {
+        set name ""
+        set charset ""
+        set first 1
+        foreach part [lsort -dictionary -index 0 $sections($param)] {
+            foreach {section extended value} $part break
+            append name [rfc2231_decoded $extended $value $first charset]
+            set first 0
+        }
+        lappend names $name
     }
     return $names
+}
+
+# A parameter value as RFC 2231 gives it: with a "*" after the name it is
+# percent-encoded, the first (or only) part starting with charset'language'
+
+proc rfc2231_decoded { extended value first charsetVar } {
+    upvar 1 $charsetVar charset
+    if {$extended == ""} {
+        return $value
+    }
+    if {$first && [regexp {^([^']*)'[^']*'(.*)$} $value -> charset value]} {
+        set charset [string tolower $charset]
+    }
+    return [percent_decoded $value $charset]
+}
+
+# The text of an RFC 2231 value: %XX escapes are bytes in the given charset
+
+proc percent_decoded { text charset } {
+    set bytes ""
+    while {[regexp -indices {%[0-9A-Fa-f][0-9A-Fa-f]} $text at]} {
+        set i [lindex $at 0]
+        append bytes [string range $text 0 [expr {$i - 1}]]
+        append bytes [format %c [scan [string range $text [expr {$i + 1}] [expr {$i + 2}]] %x]]
+        set text [string range $text [expr {$i + 3}] end]
+    }
+    append bytes $text
+    set encoding [string map {iso- iso us-ascii ascii} $charset]
+    if {$encoding != "" && [lsearch -exact [encoding names] $encoding] >= 0} {
+        return [encoding convertfrom $encoding $bytes]
+    }
+    return $bytes
 }
 
 # File names in the MIME part headers of a body
 
 proc body_file_names { body } {
     set names {}
-    set in_header 0
+    set field ""
     foreach line [split [string map [list "\r\n" "\n"] $body] "\n"] {
-        if {[regexp -nocase {^content-(type|disposition):} $line]} {
-            set in_header 1
-        } elseif {!$in_header || ![regexp "^\[ \t\]" $line]} {
-            # neither such a header nor its continuation line
-            set in_header 0
+        if {$field != "" && [regexp "^\[ \t\]" $line]} {
+            # a continuation line of the field
+            append field "\n" $line
             continue
         }
-        set names [concat $names [file_names $line]]
+        if {$field != ""} {
+            set names [concat $names [file_names $field]]
+            set field ""
+        }
+        if {[regexp -nocase {^content-(type|disposition):} $line]} {
+            set field $line
+        }
+    }
+    if {$field != ""} {
+        set names [concat $names [file_names $field]]
     }
     return $names
 }
@@ -152,6 +218,8 @@ proc sp_eom { context } {
         set names [concat [$context getpriv msg_names] [body_file_names $body]]
         set bad [forbidden_name $names]
         if {$bad != ""} {
+            # the notice is US-ASCII: a decoded name's other characters show as "?"
+            regsub -all {[^ -~]} $bad ? bad
             set reason "it carried the attachment \"$bad\", a file type that is not accepted"
             set short "attachment \"$bad\" is not allowed"
         }
