@@ -116,3 +116,22 @@ def test_sizepolicy_finds_attachment_names_in_every_form_of_the_parameters(postf
         assert msg.headers("Content-Transfer-Encoding") == [], subject
         assert msg.body.startswith(b"This message was changed by the mail system's size and attachment policy.\n")
         assert b"TVqQ" not in msg.body, subject
+
+
+# ---------------------------------------------------------------------------- rcptrewrite.tcl
+
+
+def test_rcptrewrite_rewrites_an_address_given_with_a_quoted_local_part(postfix, example) -> None:
+    """Bug: RCPT TO:<"sales"@example.com>, which Postfix delivers to sales@example.com, was not
+    found in the map and reached the old address; the sender likewise kept its old address.
+    (Postfix gives the milter "in\\fo" as "info": delrcpt takes that form.)"""
+    pf = postfix(milter=example("rcptrewrite.tcl"))
+    result = pf.send('"noreply"@legacy.example.com', ['"sales"@example.com', '"in\\fo"@Example.com'],
+                     message("quoted"))
+    assert result.accepted, result
+    (msg,) = pf.wait_for_sink(1)
+    assert (msg.mail_from, msg.recipients) == (
+        "noreply@example.com", ["alice@example.com", "bob@example.com", "team-sales@example.com"])
+    assert msg.headers("X-Rcpt-Rewritten") == ['<"sales"@example.com> -> <team-sales@example.com>',
+                                               '<"info"@Example.com> -> <alice@example.com>, <bob@example.com>']
+    assert msg.headers("X-Sender-Rewritten") == ["<noreply@legacy.example.com> -> <noreply@example.com>"]

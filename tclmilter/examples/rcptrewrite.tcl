@@ -11,7 +11,8 @@
 #   X-Rcpt-Rewritten: <sales@example.com> -> <team-sales@example.com>
 #
 # Only the envelope changes; the To: and Cc: headers stay as the sender wrote
-# them. Addresses are compared without case and angle brackets.
+# them. Addresses are compared without case and angle brackets, and a quoted
+# local part as the same one unquoted ("sales"@example.com is sales@example.com).
 #
 # The same is done for envelope senders listed in sender_map, with "chgfrom".
 # chgfrom is new in pytclmilter (TclMilter 1.0 had no smfi_chgfrom): under
@@ -65,7 +66,13 @@ milter configure -name RcptRewrite
 milter configure -connection {unix:/var/run/rcptrewrite.sock}
 
 proc bare { address } {
-    return [string tolower [string trim $address "<> \t"]]
+    set address [string trim $address "<> \t"]
+    # a quoted local part ("sales"@example.com) is the same mailbox as the unquoted one
+    if {[regexp {^"((?:[^"\\]|\\.)*)"(@.*)$} $address -> local domain]} {
+        regsub -all {\\(.)} $local {\1} local
+        set address $local$domain
+    }
+    return [string tolower $address]
 }
 
 # Callbacks
