@@ -243,6 +243,19 @@ def test_import_of_the_old_state_file_into_sqlite(tclrun: Callable[..., TclRun],
     assert sqlite3.connect(db).execute("SELECT count(*) FROM triplets").fetchone() == (4,)
 
 
+def test_import_run_by_a_python_without_pytclmilter_says_which_python_to_use(tmp_path: Path) -> None:
+    """Bug: the documented `python3 greylist_store.py import ...`, run by the system's python3
+    beside a pytclmilter installed in a venv, ended in a ModuleNotFoundError traceback. (-S: a
+    python3 that cannot see the venv's packages.)"""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    done = subprocess.run([sys.executable, "-S", str(STORE_PY), "import", str(old_file(tmp_path / "old.db")),
+                           f"sqlite:{tmp_path / 'new.sqlite'}"], capture_output=True, text=True, timeout=30, env=env)
+    assert done.returncode == 1
+    assert done.stderr == ("greylist_store.py: No module named 'pytclmilter': run it with the python3 pytclmilter is "
+                           "installed in, the one next to the pytclmilter program (e.g. /opt/pytclmilter/bin/python3)\n")
+    assert not (tmp_path / "new.sqlite").exists()
+
+
 def test_import_into_redis_and_its_errors(redis_server: RedisServer, tmp_path: Path) -> None:
     old = old_file(tmp_path / "greylist.db")
     done = run_import(str(old), redis_server.url)

@@ -44,8 +44,10 @@
 #       -- -store sqlite:/var/lib/greylist/greylist.sqlite -delay 600
 # and in Postfix's main.cf (greylist only mail from the Internet, port 25):
 #   smtpd_milters = unix:/var/run/greylist.sock
-# The state file of the greylist before its store is imported once with
-#   python3 greylist_store.py import /var/lib/greylist/greylist.db sqlite:/var/lib/greylist/greylist.sqlite
+# The state file of the greylist before its store is imported once with the
+# python3 pytclmilter is installed in (the one next to the pytclmilter program):
+#   /opt/pytclmilter/bin/python3 greylist_store.py import /var/lib/greylist/greylist.db \
+#       sqlite:/var/lib/greylist/greylist.sqlite
 #
 
 package require Tcl 8.4

@@ -31,9 +31,10 @@ to connect and to answer, and its host name is resolved once, when the script lo
 else the load fails), never while serving.
 
 The file of the greylist before its store (one Tcl list per line: ip sender rcpt first last)
-is imported once with::
+is imported once with pytclmilter's own python3 (``/opt/pytclmilter/bin/python3`` in
+docs/deployment.md; it imports pytclmilter)::
 
-    python3 greylist_store.py import OLDFILE [STORE]
+    /opt/pytclmilter/bin/python3 greylist_store.py import OLDFILE [STORE]
 
 Each ``setup(milter)`` makes its own store object, closed when it is garbage: a second setup in
 the same process (a reload) shares nothing with the first.
@@ -56,8 +57,14 @@ import weakref
 from typing import Any, Iterable, Iterator, NamedTuple, Protocol
 from urllib.parse import SplitResult, parse_qsl, urlencode, urlsplit, urlunsplit
 
-from pytclmilter.logline import escape
-from pytclmilter.safepath import lstat_at, open_dir
+try:
+    from pytclmilter.logline import escape
+    from pytclmilter.safepath import lstat_at, open_dir
+except ImportError as exc:  # `import` run by a python3 other than pytclmilter's: say which one, not a traceback
+    if __name__ != "__main__":
+        raise
+    sys.exit(f"{os.path.basename(sys.argv[0])}: {exc}: run it with the python3 pytclmilter is installed in, "
+             "the one next to the pytclmilter program (e.g. /opt/pytclmilter/bin/python3)")
 
 log = logging.getLogger("pytclmilter.greylist")
 
