@@ -4,6 +4,7 @@ comment promises."""
 
 from __future__ import annotations
 
+import sqlite3
 import sys
 from pathlib import Path
 from typing import Callable, Iterator
@@ -118,6 +119,42 @@ def test_sizepolicy_finds_attachment_names_in_every_form_of_the_parameters(postf
         assert b"TVqQ" not in msg.body, subject
 
 
+def test_sizepolicy_options_maxsize_forbid_and_footer(postfix, example) -> None:
+    """-maxsize: a body of exactly that many bytes passes, one byte more is removed; -forbid
+    replaces the list of patterns; -footer: a plain-text message gets the original bytes (8-bit,
+    invalid UTF-8, a character split between 64 KiB body blocks) and then the footer, while
+    other messages are left as they are."""
+    limit = 200_000
+    pf = postfix(milter=example("sizepolicy.tcl", args=("-maxsize", str(limit), "-forbid", "*.zip *.ISO",
+                                                         "-footer", "Scanned by sizepolicy")))
+    line = b"x" * 98 + b"\r\n"
+    at_limit = line * (limit // len(line))
+    eight_bit = b"\xff\xfe\xc3\r\n" + b"a" * 7 + b"\r\n" + ("\u20ac" * 300).encode() + b"\r\n"
+    eight_bit = eight_bit * 100 + bytes(range(0x80, 0x100)) + b"\r\n"
+    messages = {
+        "at limit": message("at limit", body=at_limit),
+        "over limit": message("over limit", body=at_limit + b"y"),  # "y" and the CRLF smtplib ends it with
+        "eight bit": message("eight bit", b"Content-Type: text/plain; charset=utf-8\r\n", eight_bit),
+        "exe allowed": with_attachment("exe allowed", b'Content-Type: application/octet-stream; name="a.exe"\r\n'),
+        "zip": with_attachment("zip", b'Content-Disposition: attachment; filename="archive.zip"\r\n'),
+        "iso": with_attachment("iso", b'Content-Disposition: attachment; filename="disk.iso"\r\n'),
+        "html": message("html", b"Content-Type: text/html\r\n", b"<p>hi</p>\r\n"),
+    }
+    got = sent(pf, messages)
+    footer = b"\n-- \nScanned by sizepolicy\n"
+    original = {subject: data.split(b"\r\n\r\n", 1)[1].replace(b"\r", b"") for subject, data in messages.items()}
+    assert len(at_limit) == limit
+    assert got["at limit"].headers("X-Size-Policy") == []
+    assert got["at limit"].body == original["at limit"] + footer
+    assert got["over limit"].headers("X-Size-Policy") == [f"body removed (body of {limit + 3} bytes over the "
+                                                          f"limit of {limit})"]
+    assert got["eight bit"].body == original["eight bit"] + footer
+    assert got["zip"].headers("X-Size-Policy") == ['body removed (attachment "archive.zip" is not allowed)']
+    assert got["iso"].headers("X-Size-Policy") == ['body removed (attachment "disk.iso" is not allowed)']
+    for subject in ("exe allowed", "html"):
+        assert got[subject].headers("X-Size-Policy") == [] and got[subject].body == original[subject], subject
+
+
 # ---------------------------------------------------------------------------- rcptrewrite.tcl
 
 
@@ -135,3 +172,75 @@ def test_rcptrewrite_rewrites_an_address_given_with_a_quoted_local_part(postfix,
     assert msg.headers("X-Rcpt-Rewritten") == ['<"sales"@example.com> -> <team-sales@example.com>',
                                                '<"info"@Example.com> -> <alice@example.com>, <bob@example.com>']
     assert msg.headers("X-Sender-Rewritten") == ["<noreply@legacy.example.com> -> <noreply@example.com>"]
+
+
+def test_rcptrewrite_changes_the_envelope_from_its_map_and_a_map_file(postfix, example, tmp_path: Path) -> None:
+    """Recipients compared without case, given with ESMTP parameters, one mapped to several, one
+    read from -map; the sender from sender_map; a header says what was done, To: stays."""
+    rewrite_map = tmp_path / "rcptrewrite.map"
+    rewrite_map.write_text("# old            new ...\nBob@Example.com  robert@example.com bobby@example.net  # moved\n")
+    pf = postfix(milter=example("rcptrewrite.tcl", args=("-map", str(rewrite_map))))
+    cases = [
+        ("upper", "a@example.org", ["SALES@EXAMPLE.COM"], ()),
+        ("esmtp", "a@example.org", ["sales@example.com"], ("NOTIFY=SUCCESS,FAILURE",)),
+        ("several", "a@example.org", ["info@example.com", "carol@example.com"], ()),
+        ("map file", "a@example.org", ["bob@example.com"], ()),
+        ("sender", "NoReply@Legacy.Example.com", ["carol@example.com"], ()),
+    ]
+    for subject, sender, rcpts, options in cases:
+        assert pf.send(sender, rcpts, message(subject), rcpt_options=options).accepted, subject
+    got = {m.message["Subject"]: m for m in pf.wait_for_sink(len(cases))}
+    envelopes = {subject: (m.mail_from, m.recipients, m.headers("X-Rcpt-Rewritten"), m.headers("X-Sender-Rewritten"))
+                 for subject, m in got.items()}
+    assert envelopes == {
+        "upper": ("a@example.org", ["team-sales@example.com"],
+                  ["<SALES@EXAMPLE.COM> -> <team-sales@example.com>"], []),
+        "esmtp": ("a@example.org", ["team-sales@example.com"], ["<sales@example.com> -> <team-sales@example.com>"], []),
+        "several": ("a@example.org", ["alice@example.com", "bob@example.com", "carol@example.com"],
+                    ["<info@example.com> -> <alice@example.com>, <bob@example.com>"], []),
+        "map file": ("a@example.org", ["robert@example.com", "bobby@example.net"],
+                     ["<bob@example.com> -> <robert@example.com>, <bobby@example.net>"], []),
+        "sender": ("noreply@example.com", ["carol@example.com"], [],
+                   ["<noreply@legacy.example.com> -> <noreply@example.com>"]),
+    }
+    assert {m.message["To"] for m in got.values()} == {"Sales <sales@example.com>"}
+
+
+# ---------------------------------------------------------------------------- stamp.tcl
+
+
+def test_stamp_adds_its_header_with_postfixs_macros(postfix, example) -> None:
+    """j and {daemon_name} (Postfix's $myhostname for both) and the queue id i, and the client
+    the connect callback saw, folded onto a second line."""
+    pf = postfix(milter=example("stamp.tcl"))
+    result = pf.send("a@example.org", ["b@example.com"], message("stamp me"))
+    assert result.accepted
+    (msg,) = pf.wait_for_sink(1)
+    (stamp,) = msg.headers("X-Filtered-By")
+    assert stamp.startswith(f"Stamp on harness.test (daemon harness.test); queue-id {result.queue_id};\n"
+                            " client localhost [127.0.0.1] port "), stamp
+    assert stamp.rsplit(" ", 1)[1].isdigit(), stamp
+
+
+# ---------------------------------------------------------------------------- greylist.tcl
+
+
+def test_greylist_refuses_each_new_triplet_until_its_delay_has_passed(postfix, example, tmp_path: Path) -> None:
+    store = tmp_path / "greylist.sqlite"
+    pf = postfix(milter=example("greylist.tcl", "--python", str(EXAMPLES / "greylist_store.py"),
+                                args=("-store", f"sqlite:{store}", "-delay", "600")))
+    grey = "4.7.1 Greylisted, please try again in 600 seconds"
+    first = pf.send("Alice@Example.org", ["b@example.com", "c@example.com"], message("first"))
+    assert {rcpt: (r.code, r.text) for rcpt, r in first.rcpt.items()} == {
+        "b@example.com": (451, grey), "c@example.com": (451, grey)}
+    early = pf.send("alice@example.org", ["b@example.com"], message("too early"))
+    assert early.rcpt["b@example.com"].code == 451
+    with sqlite3.connect(store) as db:  # the delay has passed for b's triplet only
+        db.execute("UPDATE triplets SET first_seen = first_seen - 600 WHERE rcpt = 'b@example.com'")
+    retry = pf.send("alice@example.org", ["b@example.com", "c@example.com"], message("retry"))
+    assert retry.rcpt["b@example.com"].code == 250 and retry.rcpt["c@example.com"].code == 451, retry
+    assert retry.accepted
+    other = pf.send("mallory@example.org", ["b@example.com"], message("other sender"))
+    assert other.rcpt["b@example.com"].code == 451
+    (msg,) = pf.wait_for_sink(1)
+    assert msg.recipients == ["b@example.com"] and msg.message["Subject"] == "retry"
