@@ -551,6 +551,18 @@ def test_run_rcptrewrite_reads_a_map_file_given_after_double_dash(serve: Callabl
     assert m.stop() == 0
 
 
+def test_rcptrewrite_names_the_line_of_its_map_file_that_it_cannot_read(tmp_path: Path) -> None:
+    """Bug: a map line that is no Tcl list (a quoted local part with a space, a lone brace)
+    failed the load with "unmatched open brace in list" at a line of the script, naming
+    neither the map file nor its line."""
+    rewrite_map = tmp_path / "rcptrewrite.map"
+    rewrite_map.write_text('# old new\nsales@example.com team@example.com\n"john smith"@example.com john@example.com\n')
+    status, out = cli("check", str(RCPTREWRITE), "--", "-map", str(rewrite_map))
+    assert status == 1
+    assert (f"error: -map {rewrite_map} line 3: list element in quotes followed by \"@example.com\" instead of "
+            'space: "john smith"@example.com john@example.com') in out, out
+
+
 def test_run_greylist_keeps_its_state_in_sqlite_and_forgets_with_after_while_serving(
         serve: Callable[..., TclRun], tmp_path: Path) -> None:
     store = tmp_path / "greylist.sqlite"

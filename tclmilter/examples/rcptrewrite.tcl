@@ -48,9 +48,16 @@ foreach {option value} $argv {
     switch -- $option {
         -map {
             set f [open $value r]
+            set number 0
             while {[gets $f line] >= 0} {
+                incr number
                 set line [string trim [regsub {#.*} $line ""]]
-                if {[llength $line] >= 2} {
+                # each line is read as a Tcl list: say which one is none
+                if {[catch {llength $line} words]} {
+                    close $f
+                    error "-map $value line $number: $words: $line"
+                }
+                if {$words >= 2} {
                     set rcpt_map([string tolower [lindex $line 0]]) [lrange $line 1 end]
                 }
             }
