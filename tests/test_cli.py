@@ -785,6 +785,20 @@ def test_try_greylist_with_delay_zero_accepts_the_first_retry(tmp_path: Path) ->
     assert "verdict: accept at eom" in out
 
 
+def test_try_greylist_never_greylists_a_client_in_its_whitelist(tmp_path: Path) -> None:
+    """The header's promise: addresses in $whitelist (client IPs or glob patterns) are never
+    greylisted, and not even recorded."""
+    script = tmp_path / "greylist.tcl"
+    script.write_text(GREYLIST.read_text().replace("\nset whitelist {}\n", "\nset whitelist {192.0.2.* 10.1.2.3}\n"))
+    store = tmp_path / "greylist.sqlite"
+    env = {"GREYLIST_STORE": f"sqlite:{store}"}
+    for ip, verdict in (("192.0.2.7", "accept at eom"), ("10.1.2.3", "accept at eom"),
+                        ("10.1.2.4", 'tempfail at envrcpt "no recipient accepted"')):
+        status, out = cli("try", str(script), str(DATA / "plain.eml"), *GREYLIST_STORE, "--client-ip", ip, env=env)
+        assert f"verdict: {verdict}" in out, (ip, out)
+    assert _greylist_sql(store, "SELECT ip FROM triplets") == [("10.1.2.4",)]
+
+
 def test_greylist_without_its_store_module_says_how_to_run_it() -> None:
     status, out = cli("check", str(GREYLIST))
     assert status == 1

@@ -222,6 +222,16 @@ def test_stamp_adds_its_header_with_postfixs_macros(postfix, example) -> None:
     assert stamp.rsplit(" ", 1)[1].isdigit(), stamp
 
 
+def test_stamp_writes_unknown_for_the_macros_postfix_was_told_not_to_send(postfix, example) -> None:
+    no_macros = {f"milter_{stage}_macros": "" for stage in ("connect", "mail", "rcpt", "data", "end_of_header",
+                                                            "end_of_data")}
+    pf = postfix(milter=example("stamp.tcl"), settings=no_macros)
+    assert pf.send("a@example.org", ["b@example.com"], message("no macros")).accepted
+    (msg,) = pf.wait_for_sink(1)
+    (stamp,) = msg.headers("X-Filtered-By")
+    assert stamp.startswith("Stamp on unknown (daemon unknown); queue-id unknown;\n client localhost [127.0.0.1]"), stamp
+
+
 # ---------------------------------------------------------------------------- greylist.tcl
 
 
