@@ -41,7 +41,7 @@ class Floor(asyncio.Protocol):
         self.buf = b""
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]
+        self.transport = transport
 
     def data_received(self, data: bytes) -> None:
         buf, pos, out = self.buf + data, 0, []
@@ -59,7 +59,7 @@ class Floor(asyncio.Protocol):
             pos += 4 + length
         self.buf = buf[pos:]
         if out:
-            self.transport.write(b"".join(out))  # type: ignore[attr-defined]
+            self.transport.write(b"".join(out))
 
 
 async def serve(connection: str, body: bool) -> None:

@@ -119,7 +119,7 @@ class Link:
     def touch(self) -> None: ...
 
 
-def make_milter(kind: str):  # type: ignore[no-untyped-def]
+def make_milter(kind: str):
     if kind == "tcl":
         from pytclmilter.tcl.interp import TclHost
 

@@ -238,8 +238,8 @@ def test_run_user_nobody_drops_privileges_while_serving(serve: Callable[..., Tcl
         sock = sockdir / "stamp.sock"
         m = serve(STAMP, "--connection", f"unix:{sock}", "--user", "nobody", "--socket-mode", "0660")
         status_lines = Path(f"/proc/{m.child.pid}/status").read_text()
-        uid_line = re.search(r"^Uid:\s+(.*)$", status_lines, re.M).group(1).split()  # type: ignore[union-attr]
-        gid_line = re.search(r"^Gid:\s+(.*)$", status_lines, re.M).group(1).split()  # type: ignore[union-attr]
+        uid_line = re.search(r"^Uid:\s+(.*)$", status_lines, re.M).group(1).split()
+        gid_line = re.search(r"^Gid:\s+(.*)$", status_lines, re.M).group(1).split()
         assert uid_line == [str(nobody.pw_uid)] * 4  # real, effective, saved, filesystem
         assert gid_line == [str(nobody.pw_gid)] * 4
         st = os.stat(sock)
@@ -505,7 +505,7 @@ def test_run_lifts_its_open_file_soft_limit_to_the_hard_limit(tmp_path: Path) ->
     try:
         m.wait_listening()
         limits = Path(f"/proc/{m.child.pid}/limits").read_text()
-        soft, hard_seen = re.search(r"^Max open files\s+(\S+)\s+(\S+)", limits, re.M).groups()  # type: ignore[union-attr]
+        soft, hard_seen = re.search(r"^Max open files\s+(\S+)\s+(\S+)", limits, re.M).groups()
         assert soft == hard_seen != "256", limits
         assert m.stop() == 0
     finally:

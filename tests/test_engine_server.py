@@ -735,7 +735,7 @@ def test_a_signal_the_event_loop_cannot_handle_is_reported(caplog) -> None:
 
     server = MilterServer(Milter(name="t").shared)
     with caplog.at_level(logging.WARNING, logger="pytclmilter"):
-        assert server._install_signals(NoSignals()) == []  # type: ignore[arg-type]
+        assert server._install_signals(NoSignals()) == []
     warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert [w.split()[0] for w in warned] == ["SIGTERM", "SIGINT", "SIGHUP"]
     assert all("will not stop the milter gracefully" in w for w in warned)

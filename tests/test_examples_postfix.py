@@ -58,7 +58,7 @@ def with_attachment(subject: str, part_headers: bytes) -> bytes:
                    PARTS % part_headers)
 
 
-def sent(pf, messages: dict[str, bytes], sender: str = "a@example.org"):  # type: ignore[no-untyped-def]
+def sent(pf, messages: dict[str, bytes], sender: str = "a@example.org"):
     """Sends each message, returns what reached the sink by subject."""
     for subject, data in messages.items():
         assert pf.send(sender, ["b@example.com"], data).accepted, subject

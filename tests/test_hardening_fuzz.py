@@ -68,7 +68,7 @@ def test_out_of_order_commands_ignored_silently_do_not_grow_memory():
     session counts the ignored ones (FilterSession.ignored) and keeps nothing per command."""
     s = FilterSession()
     s.receive_data(struct.pack("!I", 13) + b"O" + struct.pack("!III", 6, 0x1FF, 0x1FFFFF))
-    s.accept_negotiation(negotiate(s.next_event(), Wants()))  # type: ignore[arg-type]
+    s.accept_negotiation(negotiate(s.next_event(), Wants()))
     abort = struct.pack("!I", 1) + b"A"
     for _ in range(100):
         s.receive_data(abort * 1000)

@@ -315,7 +315,7 @@ def _peer_of(sock: socket.socket) -> str:
 
 def open_mta(address: tuple[int, object], negotiate: bool) -> RawMTA:
     family, addr = address
-    sock = socket.socket(family, socket.SOCK_STREAM)  # type: ignore[arg-type]
+    sock = socket.socket(family, socket.SOCK_STREAM)
     sock.settimeout(10)
     sock.connect(addr)
     mta = RawMTA(sock)

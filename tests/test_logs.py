@@ -125,7 +125,7 @@ def test_the_stderr_line_is_what_the_standard_formatter_writes() -> None:
     """LineFormatter writes the `run` format out by hand (cheaper per line); the text must be the
     standard Formatter's, character for character, and tracebacks still follow the line."""
     ours, standard = LineFormatter(STDERR_FORMAT), logging.Formatter(STDERR_FORMAT)
-    standard.formatTime = ours.formatTime  # type: ignore[method-assign]  # the same clock text
+    standard.formatTime = ours.formatTime  # the same clock text
     record = logging.LogRecord("pytclmilter", logging.INFO, "", 0, "%s: verdict %s at %s", ("conn#7", "reject", "rcpt"), None)
     record.process = 4242
     assert ours.format(record) == standard.format(record)
@@ -183,7 +183,7 @@ def test_a_handler_filter_still_decides() -> None:
 
 
 @pytest.fixture
-def run_logging(monkeypatch):  # type: ignore[no-untyped-def]
+def run_logging(monkeypatch):
     """A logger set up as `pytclmilter run` sets up the root logger (stderr line, lean records,
     the handler as logline's sink), on a fixed clock; undone afterwards."""
     monkeypatch.setattr(time, "time", lambda: 1764676800.25)
@@ -193,13 +193,13 @@ def run_logging(monkeypatch):  # type: ignore[no-untyped-def]
     logline.set_sink(handler)
     emitted: list[logging.LogRecord] = []
     emit = handler.emit
-    handler.emit = lambda record: (emitted.append(record), emit(record))[-1]  # type: ignore[method-assign]
+    handler.emit = lambda record: (emitted.append(record), emit(record))[-1]
     yield log, stream, handler, emitted
     logline.set_sink(None)
     logging.setLogRecordFactory(logging.LogRecord)
 
 
-def test_a_line_handed_straight_to_the_handler_is_the_line_logging_writes(run_logging) -> None:  # type: ignore[no-untyped-def]
+def test_a_line_handed_straight_to_the_handler_is_the_line_logging_writes(run_logging) -> None:
     """logline.info makes no record when the handler is the line's only way out: the text is
     what the same call through logging writes, and it waits for the flush like any line."""
     log, stream, handler, emitted = run_logging
@@ -248,7 +248,7 @@ def _parent_handler(log: logging.Logger) -> None:
 ], ids=["second handler", "handler up the hierarchy", "logger filter", "logger level", "handler level",
         "other format", "other record factory"])
 def test_a_line_goes_through_logging_when_anything_else_could_see_it(
-        run_logging, change: Callable[[logging.Logger], None]) -> None:  # type: ignore[no-untyped-def]
+        run_logging, change: Callable[[logging.Logger], None]) -> None:
     log, _, handler, emitted = run_logging
     log.handlers[:] = [handler]
     assert handler.takes(log, logging.INFO)
@@ -301,7 +301,7 @@ milter main
 """
 
 
-def test_mta_and_script_text_is_escaped_on_stderr(tclrun) -> None:  # type: ignore[no-untyped-def]
+def test_mta_and_script_text_is_escaped_on_stderr(tclrun) -> None:
     """`pytclmilter run` to stderr: CR, LF, ESC, BEL, DEL and SOH in a client host name, a sender,
     a setreply text, a header value quoted by a Tcl error (with a NUL), a callback's result, a
     callback name and -name reach the log as backslash escapes; Tcl's errorInfo keeps its lines,
@@ -349,7 +349,7 @@ def test_mta_and_script_text_is_escaped_on_stderr(tclrun) -> None:  # type: igno
 
 
 @pytest.fixture
-def syslog_socket(tmp_path, monkeypatch):  # type: ignore[no-untyped-def]
+def syslog_socket(tmp_path, monkeypatch):
     """`pytclmilter run --syslog`'s logging set-up, with a datagram socket of the test's own as
     /dev/log; the root logger and logging's settings restored afterwards."""
     from pytclmilter.commands import logs
@@ -374,7 +374,7 @@ def syslog_socket(tmp_path, monkeypatch):  # type: ignore[no-untyped-def]
         sock.close()
 
 
-def test_mta_and_script_text_is_escaped_through_syslog(syslog_socket) -> None:  # type: ignore[no-untyped-def]
+def test_mta_and_script_text_is_escaped_through_syslog(syslog_socket) -> None:
     """--syslog: the same escapes in each datagram (a client host name, a sender, a reply text,
     a header value in a Python exception, with a NUL), and the traceback's lines indented."""
     from pytclmilter import CONTINUE, REJECT
@@ -383,14 +383,14 @@ def test_mta_and_script_text_is_escaped_through_syslog(syslog_socket) -> None:  
     m = make_milter()
 
     @m.register("envfrom")
-    def envfrom(ctx, args):  # type: ignore[no-untyped-def]
+    def envfrom(ctx, args):
         if args[0].startswith("<reject"):
             ctx.setreply("550", "5.7.1", "no\x1b[31m\x7f\x01\\ thanks")
             return REJECT
         return CONTINUE
 
     @m.register("header")
-    def header(ctx, name, value):  # type: ignore[no-untyped-def]
+    def header(ctx, name, value):
         raise ValueError(f"bad header value: {value}\0")
 
     with serving(m) as srv, srv.raw() as mta:
@@ -420,7 +420,7 @@ def test_mta_and_script_text_is_escaped_through_syslog(syslog_socket) -> None:  
                            "  " + FORGED_SHOWN[4:] + r"\x1b[31m\x7f\x01\\\x00"], failed
 
 
-def test_a_megabyte_error_reaches_syslog_cut_to_its_ends(syslog_socket) -> None:  # type: ignore[no-untyped-def]
+def test_a_megabyte_error_reaches_syslog_cut_to_its_ends(syslog_socket) -> None:
     """A callback's error can quote what it was given (a body, a header) whole. Its record, about
     2 MB with the traceback, went to syslog as one datagram, which the kernel refuses (EMSGSIZE):
     the error was not logged at all. Now each overlong line keeps its two ends and says how much
@@ -431,7 +431,7 @@ def test_a_megabyte_error_reaches_syslog_cut_to_its_ends(syslog_socket) -> None:
     m = make_milter()
 
     @m.register("header")
-    def header(ctx, name, value):  # type: ignore[no-untyped-def]
+    def header(ctx, name, value):
         raise ValueError("bad header: " + value * 100_000 + " (end)")
 
     with serving(m) as srv, srv.raw() as mta:
@@ -492,7 +492,7 @@ def test_continuation_lines_are_escaped_and_indented() -> None:
     assert guarded == "first\\x1b\n  Traceback\\r\n  File \\x" and logline.guard(guarded) == guarded
 
 
-def test_both_paths_write_the_same_line_and_logging_guards_what_was_not_escaped(run_logging) -> None:  # type: ignore[no-untyped-def]
+def test_both_paths_write_the_same_line_and_logging_guards_what_was_not_escaped(run_logging) -> None:
     """Escaped arguments (the contract of logline.info) give the same line on the direct path and
     through logging; a record whose call site forgot to escape (an ESC and an LF in an argument)
     is guarded by the formatter: the ESC escaped, the LF's line indented."""
@@ -509,7 +509,7 @@ def test_both_paths_write_the_same_line_and_logging_guards_what_was_not_escaped(
     assert lines[2].endswith(r" INFO: conn#1: from=<a\x1b[2J@x>") and lines[3] == "  INFO: forged"
 
 
-def test_a_verdict_line_quoting_fifty_kilobytes_is_cut_to_its_ends_on_both_paths(run_logging) -> None:  # type: ignore[no-untyped-def]
+def test_a_verdict_line_quoting_fifty_kilobytes_is_cut_to_its_ends_on_both_paths(run_logging) -> None:
     """The direct path wrote its escaped arguments at any length: a sender or a multi-line reply
     text of tens of kilobytes made a line as long, once a message, where a record is bounded."""
     log, stream, handler, emitted = run_logging
@@ -530,7 +530,7 @@ RUN_WITH_SYSLOG_AT = ("import sys; from pytclmilter.commands import logs; logs.S
                       "from pytclmilter.cli import main; sys.exit(main(sys.argv[2:]))")
 
 
-def test_a_syslog_that_takes_no_more_lines_never_blocks_the_milter(syslog_socket, capsys) -> None:  # type: ignore[no-untyped-def]
+def test_a_syslog_that_takes_no_more_lines_never_blocks_the_milter(syslog_socket, capsys) -> None:
     """A syslog daemon that stops reading (stuck on a full disk, say) fills /dev/log's queue;
     the next line's send then waited for it, and with it the event loop: measured, a filter
     behind such a syslog answered 30 messages in 40 s, each MTA connection timing out. Lines
@@ -610,7 +610,7 @@ class Reader:
 
 
 @pytest.mark.parametrize("kind", ["socket", "pipe", "fifo"])
-def test_a_journal_that_takes_no_more_lines_never_blocks_the_milter(tmp_path, kind) -> None:  # type: ignore[no-untyped-def]
+def test_a_journal_that_takes_no_more_lines_never_blocks_the_milter(tmp_path, kind) -> None:
     """Under systemd, stderr is a stream socket to journald; elsewhere it may be a pipe. A reader
     that stops reading (journald stuck or slow to restart) filled it, and the next log line's
     write waited, holding the event loop and every MTA connection: 3000 messages did not pass
@@ -651,7 +651,7 @@ def test_a_journal_that_takes_no_more_lines_never_blocks_the_milter(tmp_path, ki
     assert all(re.match(r"\d{4}-\d\d-\d\d ", line) for line in lines), "a line was cut"
 
 
-def test_a_journal_socket_holds_back_a_bounded_backlog_and_counts_the_lines_lost(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+def test_a_journal_socket_holds_back_a_bounded_backlog_and_counts_the_lines_lost(monkeypatch) -> None:
     """Beyond STDERR_BACKLOG, whole lines are lost (never half a line), and once the reader has
     taken what waited, the count of those lost is logged."""
     from pytclmilter.commands import logs
@@ -690,7 +690,7 @@ def test_a_journal_socket_holds_back_a_bounded_backlog_and_counts_the_lines_lost
 
 
 @pytest.mark.parametrize("why", ["script", "usage", "hooks", "callback"])
-def test_with_syslog_the_reason_run_ends_is_in_the_log_too(tmp_path, why) -> None:  # type: ignore[no-untyped-def]
+def test_with_syslog_the_reason_run_ends_is_in_the_log_too(tmp_path, why) -> None:
     """--syslog: a start that fails (a socket it cannot make, an unknown --user) logs why, with
     errorInfo; before, the reason went to stderr alone, which an init script's daemon sends
     nowhere, and the mail log ended at the "hot path" line."""
@@ -740,7 +740,7 @@ def test_with_syslog_the_reason_run_ends_is_in_the_log_too(tmp_path, why) -> Non
 
 
 def test_while_syslog_cannot_be_reached_stderr_says_so_once_and_the_loss_is_counted(
-        syslog_socket, tmp_path, capsys) -> None:  # type: ignore[no-untyped-def]
+        syslog_socket, tmp_path, capsys) -> None:
     """--syslog with its daemon gone (restarting, stopped): one line on stderr, not logging's
     traceback of some 18 lines for every log line (a verdict line a message); the first line
     that gets through again is followed by how many were lost."""

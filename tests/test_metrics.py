@@ -298,7 +298,7 @@ def hold_both_workers(m: TclRun, held: dict[int, Mta]) -> list[int]:
     return new
 
 
-def test_clients_that_trickle_bytes_cannot_hold_the_scrape_slots(tclrun) -> None:  # type: ignore[no-untyped-def]
+def test_clients_that_trickle_bytes_cannot_hold_the_scrape_slots(tclrun) -> None:
     """MAX_SCRAPES clients each sending a byte of a request line every 2 s (never 10 s of
     silence) held every slot for as long as they liked: each scrape was closed unanswered. A
     scrape now has SCRAPE_TIMEOUT in all; then its connection is shut down, and scrapes work."""
@@ -339,7 +339,7 @@ def test_clients_that_trickle_bytes_cannot_hold_the_scrape_slots(tclrun) -> None
 
 
 @pytest.mark.parametrize("workers", ["1", "2"])
-def test_a_session_of_a_reloaded_script_past_its_grace_counts_as_milter_reloaded(tclrun, tmp_path, workers) -> None:  # type: ignore[no-untyped-def]
+def test_a_session_of_a_reloaded_script_past_its_grace_counts_as_milter_reloaded(tclrun, tmp_path, workers) -> None:
     """A session the replaced generation still holds when its -grace runs out is closed; the docs'
     table of reasons names the label it is counted under, and the log line says the same. With
     --workers the replaced workers were stopped as by SIGTERM: "received SIGTERM: stopping" and
@@ -366,7 +366,7 @@ def test_a_session_of_a_reloaded_script_past_its_grace_counts_as_milter_reloaded
     assert m.stop() == 0
 
 
-def test_a_scrape_waiting_while_out_of_descriptors_is_one_warning_and_no_busy_loop(caplog) -> None:  # type: ignore[no-untyped-def]
+def test_a_scrape_waiting_while_out_of_descriptors_is_one_warning_and_no_busy_loop(caplog) -> None:
     """accept() failing with EMFILE (the MTA's connections hold every descriptor) while a scrape
     waits: socketserver returned quietly and its loop called accept() again at once, for ever
     (a core's worth of CPU in the metrics thread, nothing logged). Now each failure waits
@@ -388,12 +388,12 @@ def test_a_scrape_waiting_while_out_of_descriptors_is_one_warning_and_no_busy_lo
     server = _Server(parse_metrics("inet:0@127.0.0.1"))
     real, fake = server.socket, NoDescriptors()
     waits: list[float] = []
-    server._pause = waits.append  # type: ignore[method-assign,assignment]
-    server.socket = fake  # type: ignore[assignment]
+    server._pause = waits.append
+    server.socket = fake
     try:
         with caplog.at_level(logging.WARNING, logger="pytclmilter"):
             for _ in range(100):  # what serve_forever does while the listening socket is readable
-                server._handle_request_noblock()  # type: ignore[attr-defined]
+                server._handle_request_noblock()
     finally:
         server.socket = real
         server.server_close()

@@ -48,23 +48,23 @@ def python_milter() -> Iterator[Milter]:
     milter = Milter(name="e2e", connection="inet:0@127.0.0.1", grace=1)
 
     @milter.register("envfrom")
-    def envfrom(ctx, args):  # type: ignore[no-untyped-def]
+    def envfrom(ctx, args):
         if args[0].lower() == "<bad@example.org>":
             ctx.setreply("550", "5.7.1", "sender blocked by e2e")
             return REJECT
         return CONTINUE
 
     @milter.register("header")
-    def header(ctx, name, value):  # type: ignore[no-untyped-def]
+    def header(ctx, name, value):
         if name.lower() == "subject":
             ctx.setpriv("subject", value)
 
     @milter.register("body")
-    def body(ctx, chunk):  # type: ignore[no-untyped-def]
+    def body(ctx, chunk):
         ctx.setpriv("body", ctx.getpriv("body", b"") + chunk)
 
     @milter.register("eom")
-    def eom(ctx):  # type: ignore[no-untyped-def]
+    def eom(ctx):
         subject = ctx.getpriv("subject", "")
         ctx.addheader("X-E2E", f"seen {ctx.getsymval('i') or 'no-queue-id'}")
         if "rewrite" in subject:
@@ -163,7 +163,7 @@ def test_a_digit_right_after_the_reply_code_is_a_malformed_reply_to_postfix(post
     refused: list[str] = []
 
     @milter.register("envfrom")
-    def envfrom(ctx, args):  # type: ignore[no-untyped-def]
+    def envfrom(ctx, args):
         local = args[0].strip("<>").split("@")[0]
         if local == "bare":
             try:

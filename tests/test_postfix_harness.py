@@ -27,7 +27,7 @@ try:  # rootdir on sys.path (python -m pytest) or tests/ itself (rootdir-less)
         wait_until,
     )
 except ImportError:  # pragma: no cover - depends on how pytest was started
-    from support.postfix import (  # type: ignore[no-redef]
+    from support.postfix import (
         PrivatePostfix,
         free_port,
         postfix_factory,
@@ -72,7 +72,7 @@ def _milter_main(behaviour: str, libmilter_socket: str) -> None:
     """
     import Milter  # only the child needs it
 
-    class HarnessMilter(Milter.Base):  # type: ignore[misc]
+    class HarnessMilter(Milter.Base):
         def envfrom(self, mailfrom: str, *params: str) -> Any:
             if behaviour == "tag" and mailfrom.strip("<>").lower() == "bad@example.com":
                 self.setreply("550", "5.7.1", "harness rejects this sender")

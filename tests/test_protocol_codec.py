@@ -323,7 +323,7 @@ def _session_in_body() -> FilterSession:
     """A negotiated session whose next command may be a body chunk."""
     s = FilterSession()
     s.receive_data(encode_command(ev.OptionNegotiation(6, 0x1FF, 0x1FFFFF)))
-    s.accept_negotiation(negotiate(s.next_event(), Wants()))  # type: ignore[arg-type]
+    s.accept_negotiation(negotiate(s.next_event(), Wants()))
     for cmd in (ev.Connect("h", Family.INET, 25, "192.0.2.1"), ev.EnvFrom(["<a@b>"]), ev.EnvRcpt(["<c@d>"]),
                 ev.EndOfHeaders()):
         s.receive_data(encode_command(cmd))

@@ -203,7 +203,7 @@ def test_arbitrary_input_only_raises_protocol_errors(stream: bytes, cuts: list[i
 def test_pure_noise_after_negotiation_only_raises_remote_errors(noise: bytes, cuts: list[int]) -> None:
     s = FilterSession()
     s.receive_data(OPTNEG)
-    s.accept_negotiation(negotiate(s.next_event(), Wants()))  # type: ignore[arg-type]
+    s.accept_negotiation(negotiate(s.next_event(), Wants()))
     try:
         for piece in [*split(noise, cuts), b""]:
             s.receive_data(piece)
@@ -326,7 +326,7 @@ def test_valid_stream_gives_the_same_events_whatever_the_split(stream: tuple[lis
     def fresh() -> FilterSession:
         s = FilterSession()
         s.receive_data(OPTNEG)
-        s.accept_negotiation(negotiate(s.next_event(), Wants()))  # type: ignore[arg-type]
+        s.accept_negotiation(negotiate(s.next_event(), Wants()))
         return s
 
     whole_events, whole_out = _answer_all(fresh(), data, [])
@@ -389,7 +389,7 @@ def test_reader_never_holds_more_than_one_allowed_frame(max_payload: int, pieces
 def test_session_refuses_an_oversize_frame_as_soon_as_its_header_is_in(length: int, code: bytes) -> None:
     s = FilterSession()
     s.receive_data(OPTNEG)
-    s.accept_negotiation(negotiate(s.next_event(), Wants()))  # type: ignore[arg-type]
+    s.accept_negotiation(negotiate(s.next_event(), Wants()))
     header = struct.pack("!I", length + 1) + code
     for i in range(4):
         s.receive_data(header[i : i + 1])

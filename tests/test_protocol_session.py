@@ -77,7 +77,7 @@ def start(wants: Wants | None = None, offer: ev.OptionNegotiation = POSTFIX_OFFE
     s.receive_data(encode_command(offer))
     event = s.next_event()
     assert event == offer and event.needs_reply and s.pending is event
-    out = s.accept_negotiation(negotiate(offer, wants or Wants()))  # type: ignore[arg-type]
+    out = s.accept_negotiation(negotiate(offer, wants or Wants()))
     assert [type(r) for r in replies(out)] == [ev.OptionNegotiationReply]
     assert s.pending is None
     return s
@@ -852,7 +852,7 @@ def test_fail_negotiation_closes_once() -> None:
     s.receive_data(encode_command(ev.OptionNegotiation(1, 0, 0)))
     offer = s.next_event()
     with pytest.raises(RemoteProtocolError):
-        negotiate(offer, Wants())  # type: ignore[arg-type]
+        negotiate(offer, Wants())
     assert s.fail_negotiation() == [ev.Closed("negotiation")]
     assert s.pending is None
     assert run(s, cmds(CONNECT))[0] == []
@@ -880,7 +880,7 @@ def test_reply_is_what_the_session_sends() -> None:
     s.receive_data(encode_command(POSTFIX_OFFER))
     offer = s.next_event()
     wants = Wants(actions=Action.ADDHDRS, macros={MacroStage.CONNECT: "j {daemon_name}"})
-    n = negotiate(offer, wants)  # type: ignore[arg-type]
+    n = negotiate(offer, wants)
     out = s.accept_negotiation(n)
     assert replies(out) == [n.reply]
     assert n.reply.macros == {MacroStage.CONNECT: "j {daemon_name}"}

@@ -45,7 +45,7 @@ def reply_pid(path: str) -> int:
         cmd, data = conn.send_ar("R", args=["<b@example.org>"])
         assert cmd == "y", (cmd, data)
         text = data["space"] + data["text"] if "text" in data else str(data)
-        return int(re.search(r"pid (\d+)", text).group(1))  # type: ignore[union-attr]
+        return int(re.search(r"pid (\d+)", text).group(1))
 
 
 def workers_of(parent: int) -> set[int]:
