@@ -107,6 +107,37 @@ def test_an_end_of_message_symlist_is_used_only_with_an_end_of_headers_one(
     assert msg.headers("X-Daemon-Port") == [f"port={port}"]
 
 
+EDITS = r"""
+package require TclMilter 1.0
+proc eom {ctx} {
+    foreach edit $::argv { $ctx {*}$edit }
+    return SMFIS_CONTINUE
+}
+milter register eom eom
+milter main
+"""
+
+
+def edited_headers(sendmail, milter, socket_path: Path, edits: list[str], extra: bytes = b"") -> list[tuple[str, str]]:
+    """The headers that reach the sink after an eom callback made ``edits`` (context subcommands
+    with their arguments, as Tcl lists) on a message with ``extra`` after its Subject."""
+    milter(EDITS, connection=f"unix:{socket_path}", args=edits)
+    sm = sendmail(f"unix:{socket_path}").start()
+    assert sm.send("a@client.test", ["b@example.com"], message("a@client.test", "first", extra=extra)).accepted
+    (msg,) = sm.wait_for_sink(1)
+    return [(str(name), str(value)) for name, value in msg.message.items()]
+
+
+def test_a_header_index_above_2147483647_means_past_the_last_header(sendmail, milter, socket_path: Path) -> None:
+    """Sendmail reads the index as a signed int: 4294967295 would be -1, the first header, so an
+    insheader meant for the end went to the top and a chgheader deleted the first Subject."""
+    headers = edited_headers(sendmail, milter, socket_path,
+                             ["insheader X-Last 4294967295 last", "chgheader Subject 4294967295 {}"],
+                             extra=b"Subject: second\r\n")
+    assert headers[-1] == ("X-Last", "last")
+    assert [v for n, v in headers if n == "Subject"] == ["first", "second"]
+
+
 def test_quarantine_holds_the_message_with_its_reason(sendmail, milter, socket_path: Path) -> None:
     milter("""
         package require TclMilter 1.0

@@ -152,12 +152,19 @@ def check_header(name: str, value: str) -> str:
     return value
 
 
+#: The largest header index both MTAs read as the number it is: Sendmail reads the field as a
+#: signed 32-bit int (milter.c), so 4294967295 arrives as -1 and means the first header.
+_WIRE_INDEX_MAX: Final = 0x7FFFFFFF
+
+
 def check_index(index: int) -> int:
+    """The index to send: one above 2147483647 is past any message's last header, and is sent as
+    2147483647, which means just that to Sendmail too (it would take the bigger one as negative)."""
     if not isinstance(index, int):  # a float passed the range test, then failed the whole message at eom
         raise TypeError(f"header index: int expected; got {type(index).__name__}")
     if not 0 <= index <= 0xFFFFFFFF:  # the protocol's u32
         raise MilterError(f"bad index {index}: must be 0 to 4294967295")
-    return index
+    return min(index, _WIRE_INDEX_MAX)
 
 
 def check_address(address: str, what: str = "address") -> str:
