@@ -783,6 +783,36 @@ def test_setsymlist_in_negotiate_asks_for_macros(tclrun):
     assert r["twice"].startswith("ERR ") and r["bad"].startswith("ERR ")
 
 
+def test_setsymlist_refuses_a_long_macro_name_without_braces(tclrun):
+    """``[list i {rcpt_addr}]`` is the string ``i rcpt_addr``: Tcl's list drops the braces (and
+    ``[list i {{rcpt_addr}}]`` doubles them). Before,
+    that list went to the MTA as it was, and Sendmail sent the macro of the first letter under
+    the long name (``daemon_name`` got ``$d``, a date) while the braced name the script read got
+    nothing; Postfix sent nothing. Now the call fails, naming the braced form."""
+    m = tclrun(TCL_HELPERS + r"""
+        package require TclMilter
+        proc negotiate {ctx version actions protocol} {
+            T bare   {$ctx setsymlist envrcpt [list i {rcpt_addr}]}
+            T open   {$ctx setsymlist eoh [string range "{daemon_name}" 0 end-1]}
+            T double {$ctx setsymlist helo [list i {{mail_addr}}]}
+            T braced {$ctx setsymlist envfrom {i {mail_addr}}}
+            return SMFIS_CONTINUE
+        }
+        milter register negotiate negotiate
+        milter main
+    """)
+    with m.mta() as mta:
+        _, _, lists = mta.negotiate_raw()
+        assert lists == {K.SMFIM_ENVFROM: "i {mail_addr}"}
+    assert m.stop() == 0
+    r = m.results()
+    assert r["bare"] == ('ERR invalid macro name "rcpt_addr": a name longer than one character '
+                         "is written in one pair of braces, {rcpt_addr}")
+    assert r["open"].startswith('ERR invalid macro name "{daemon_name"')
+    assert r["double"].startswith('ERR invalid macro name "{{mail_addr}}"')
+    assert r["braced"] == "OK "
+
+
 # ---------------------------------------------------------------------------- milter main / stop
 
 

@@ -42,6 +42,8 @@ _FOLD: Final = re.compile(r"\r?\n(?=[ \t])")
 _NOT_FOLDING: Final = re.compile(r"[\x00-\x08\x0b-\x1f\x7f]|\n(?![ \t])")
 #: In an address, ESMTP arguments or a quarantine reason (one line of text): any C0 control, DEL.
 _CONTROL: Final = re.compile(r"[\x00-\x1f\x7f]")
+#: A macro name of more than one character, as the MTAs know it: ``{daemon_name}``.
+_BRACED_MACRO: Final = re.compile(r"\{[^{}]+\}\Z")
 _LONE_PERCENT: Final = re.compile(r"(?<!%)%(?:%%)*(?!%)")
 #: libmilter's MAXREPLYLEN (bytes, as its strlen counts) and MAXREPLIES (smfi.c). 32 lines of 980
 #: bytes with their codes make 32 KB at most: a reply always fits the smallest packet size (65535).
@@ -264,6 +266,18 @@ def _optneg_size(lists: list[str]) -> int:
     return 12 + sum(4 + wire_size(names) + 1 for names in lists)
 
 
+def _check_macro_names(names: list[str]) -> None:
+    """A macro name longer than one letter is known to the MTAs only in braces: asked for bare,
+    Sendmail sends the macro of its first letter under that name (``daemon_name`` gets ``$d``,
+    a date) and Postfix sends nothing. Tcl's ``list`` drops the braces of ``{daemon_name}``, or
+    doubles them (``{{daemon_name}}``): the list is a string of names separated by spaces."""
+    for name in names:
+        if len(name) > 1 and _BRACED_MACRO.match(name) is None:
+            braced = "{" + shown(name.strip("{}")) + "}"
+            raise MilterError(f'invalid macro name "{shown(name)}": a name longer than one character '
+                              f"is written in one pair of braces, {braced}")
+
+
 def _check_name(command: str, name: object) -> None:
     """A TypeError at the call for a name that is no str, as the compiled build gives: the pure
     source failed deep inside with an AttributeError (``'int' object has no attribute ...``)."""
@@ -384,9 +398,11 @@ class Context:
             ) from None
         if st in self.symlists:
             raise MilterError(f"the macro list for {st.name.lower()} was already set")
-        names = " ".join(macros.split() if isinstance(macros, str) else [str(m) for m in macros])
+        listed = macros.split() if isinstance(macros, str) else [str(m) for m in macros]
+        names = " ".join(listed)
         if _CONTROL.search(names):
             raise MilterError(f'invalid macro list "{shown(names)}": no NUL or other control characters')
+        _check_macro_names(listed)
         size = _optneg_size([*self.symlists.values(), names])
         if size > MAX_DATA_SIZE:
             raise MilterError(f"setsymlist: the macro lists make an option negotiation reply of {size} bytes, "
