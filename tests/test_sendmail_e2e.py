@@ -138,6 +138,41 @@ def test_a_header_index_above_2147483647_means_past_the_last_header(sendmail, mi
     assert [v for n, v in headers if n == "Subject"] == ["first", "second"]
 
 
+def test_addheader_goes_before_its_own_earlier_one_and_replaces_a_default_header(
+        sendmail, milter, socket_path: Path) -> None:
+    """Sendmail links each added header before the first of its name, the filter's own included,
+    so two addheader of one name arrive in reverse order; a Message-Id added to a message that
+    had none replaces the one Sendmail made instead of adding a second."""
+    headers = edited_headers(sendmail, milter, socket_path, [
+        "addheader X-Note one", "addheader X-Note two", "addheader Message-Id <filter@example.org>",
+        "insheader X-Top {at the top}",
+    ])
+    assert [v for n, v in headers if n == "X-Note"] == ["two", "one"]
+    assert [v for n, v in headers if n == "Message-Id"] == ["<filter@example.org>"]
+    assert headers[0] == ("X-Top", "at the top")  # above Sendmail's own Received:
+
+
+@pytest.mark.parametrize(("edit", "subjects"), [
+    ("chgheader subject changed", ["changed", "second"]),  # index 1, any case
+    ("chgheader Subject 2 changed", ["first", "changed"]),
+    ("chgheader Subject 3 added", ["added", "first", "second"]),  # beyond the count: added, before the first
+    ("chgheader SUBJECT 1 {}", ["second"]),
+    ("chgheader X-Missing {}", ["first", "second"]),  # nothing to delete
+])
+def test_chgheader_behind_sendmail(sendmail, milter, socket_path: Path, edit: str, subjects: list[str]) -> None:
+    headers = edited_headers(sendmail, milter, socket_path, [edit], extra=b"Subject: second\r\n")
+    assert [v for n, v in headers if n.lower() == "subject"] == subjects
+    assert "X-Missing" not in [n for n, _ in headers]
+
+
+def test_chgheader_of_a_header_the_client_did_not_send_changes_sendmails_own(
+        sendmail, milter, socket_path: Path) -> None:
+    """The message has no Date: Sendmail's own is the one changed (or deleted)."""
+    headers = edited_headers(sendmail, milter, socket_path, ["chgheader Date {}", "chgheader Message-Id 1 <c@x>"])
+    assert "Date" not in [n for n, _ in headers]
+    assert [v for n, v in headers if n == "Message-Id"] == ["<c@x>"]
+
+
 def test_quarantine_holds_the_message_with_its_reason(sendmail, milter, socket_path: Path) -> None:
     milter("""
         package require TclMilter 1.0
