@@ -16,7 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from support.sendmail import sendmail_factory
+from support.postfix import SendResult
+from support.sendmail import PrivateSendmail, sendmail_factory
 from support.tclrun import tclrun_factory
 
 pytestmark = pytest.mark.sendmail
@@ -111,19 +112,32 @@ EDITS = r"""
 package require TclMilter 1.0
 proc eom {ctx} {
     foreach edit $::argv { $ctx {*}$edit }
+    return $::status
+}
+proc envfrom {ctx from} {
+    if {[info exists ::env(PROGRESS_AT_ENVFROM)]} { $ctx progress }
     return SMFIS_CONTINUE
 }
+set status [expr {[info exists ::env(EOM_STATUS)] ? $::env(EOM_STATUS) : "SMFIS_CONTINUE"}]
+milter register envfrom envfrom
 milter register eom eom
 milter main
 """
 
 
-def edited_headers(sendmail, milter, socket_path: Path, edits: list[str], extra: bytes = b"") -> list[tuple[str, str]]:
-    """The headers that reach the sink after an eom callback made ``edits`` (context subcommands
-    with their arguments, as Tcl lists) on a message with ``extra`` after its Subject."""
-    milter(EDITS, connection=f"unix:{socket_path}", args=edits)
+def edited(sendmail, milter, socket_path: Path, edits: list[str], extra: bytes = b"",
+           env: dict[str, str] | None = None) -> tuple[PrivateSendmail, SendResult]:
+    """Sendmail and its replies to a message (with ``extra`` after its Subject) whose eom callback
+    made ``edits``: context subcommands with their arguments, as Tcl lists."""
+    milter(EDITS, connection=f"unix:{socket_path}", args=edits, env=env)
     sm = sendmail(f"unix:{socket_path}").start()
-    assert sm.send("a@client.test", ["b@example.com"], message("a@client.test", "first", extra=extra)).accepted
+    return sm, sm.send("a@client.test", ["b@example.com"], message("a@client.test", "first", extra=extra))
+
+
+def edited_headers(sendmail, milter, socket_path: Path, edits: list[str], extra: bytes = b"") -> list[tuple[str, str]]:
+    """The headers that reach the sink after an eom callback made ``edits``."""
+    sm, result = edited(sendmail, milter, socket_path, edits, extra)
+    assert result.accepted, result
     (msg,) = sm.wait_for_sink(1)
     return [(str(name), str(value)) for name, value in msg.message.items()]
 
@@ -171,6 +185,55 @@ def test_chgheader_of_a_header_the_client_did_not_send_changes_sendmails_own(
     headers = edited_headers(sendmail, milter, socket_path, ["chgheader Date {}", "chgheader Message-Id 1 <c@x>"])
     assert "Date" not in [n for n, _ in headers]
     assert [v for n, v in headers if n == "Message-Id"] == ["<c@x>"]
+
+
+@pytest.mark.parametrize(("edits", "status", "code", "text"), [
+    (["setmlreply 550 5.7.1 one two"], "SMFIS_REJECT", 550, "5.7.1 one\n5.7.1 two"),
+    (["setmlreply 451 {} later"], "SMFIS_TEMPFAIL", 451, "4.0.0 later"),
+    (["setreply 451 4.7.1 {100%% sure}"], "SMFIS_TEMPFAIL", 451, "4.7.1 100% sure"),
+    (["setreply 550 5.7.1 unused"], "SMFIS_TEMPFAIL", 451, "4.3.2 Please try again later"),  # not its class
+    (["addheader X-Dropped yes"], "SMFIS_REJECT", 554, "5.7.1 Command rejected"),
+])
+def test_replies_at_end_of_message_reach_the_client(sendmail, milter, socket_path: Path, edits: list[str],
+                                                    status: str, code: int, text: str) -> None:
+    sm, result = edited(sendmail, milter, socket_path, edits, env={"EOM_STATUS": status})
+    assert result.data is not None and (result.data.code, result.data.text) == (code, text), result
+    assert sm.sink_messages() == []
+
+
+def test_progress_at_end_of_message(sendmail, milter, socket_path: Path) -> None:
+    sm, result = edited(sendmail, milter, socket_path, ["progress", "addheader X-Progress yes", "progress"])
+    assert result.accepted, result
+    (msg,) = sm.wait_for_sink(1)
+    assert msg.headers("X-Progress") == ["yes"]
+
+
+def test_progress_before_end_of_message_fails_the_filter(sendmail, milter, socket_path: Path) -> None:
+    """Sendmail takes progress only while it waits for the end-of-message answer; anywhere else it
+    is a "bogus response" that puts the filter in its error state (F=T: tempfail)."""
+    sm, result = edited(sendmail, milter, socket_path, [], env={"PROGRESS_AT_ENVFROM": "1"})
+    assert result.rcpt["b@example.com"].code == 451, result
+    assert sm.sink_messages() == []
+
+
+def test_recipients_with_esmtp_arguments_and_the_body(sendmail, milter, socket_path: Path) -> None:
+    """addrcpt with ESMTP arguments (Sendmail parses them all), delrcpt as envrcpt received it,
+    and a replaced body with bare LF line ends and no final line end."""
+    sm, result = edited(sendmail, milter, socket_path, [
+        "addrcpt <new@example.com> {NOTIFY=SUCCESS,FAILURE ORCPT=rfc822;b@example.com}",
+        "delrcpt <b@example.com>", "replacebody {line one\nline two}",
+    ])
+    assert result.accepted, result
+    (msg,) = sm.wait_for_sink(1)
+    assert msg.rcpt_args == ("<new@example.com> NOTIFY=SUCCESS,FAILURE ORCPT=rfc822;b@example.com",)
+    assert msg.body.rstrip(b"\n") == b"line one\nline two"
+
+
+def test_an_empty_replacement_body(sendmail, milter, socket_path: Path) -> None:
+    sm, result = edited(sendmail, milter, socket_path, ["replacebody {}"])
+    assert result.accepted, result
+    (msg,) = sm.wait_for_sink(1)
+    assert msg.body.strip(b"\n") == b""
 
 
 def test_quarantine_holds_the_message_with_its_reason(sendmail, milter, socket_path: Path) -> None:
