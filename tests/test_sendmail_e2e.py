@@ -236,6 +236,43 @@ def test_an_empty_replacement_body(sendmail, milter, socket_path: Path) -> None:
     assert msg.body.strip(b"\n") == b""
 
 
+MACROS = r"""
+package require TclMilter 1.0
+proc look {ctx stage} {
+    foreach name {i {i} {{i}} j {daemon_name} {{daemon_name}} {{mail_addr}} {{msg_id}}} {
+        $ctx setpriv "$stage $name" [$ctx getsymval $name]
+    }
+}
+proc envfrom {ctx from} { look $ctx envfrom; return SMFIS_CONTINUE }
+proc eom {ctx} {
+    look $ctx eom
+    foreach {key value} [$ctx getpriv] { $ctx addheader X-Macro "$key=$value" }
+    return SMFIS_CONTINUE
+}
+milter register envfrom envfrom
+milter register eom eom
+milter main
+"""
+
+
+def test_macros_by_name_and_stage(sendmail, milter, socket_path: Path) -> None:
+    """Sendmail's defaults: i and {mail_addr} with MAIL, {msg_id} at end of message, j and
+    {daemon_name} with the connection; a letter finds its braced form and the reverse; a long
+    name without its braces in the value finds nothing (deployment.md, tcl-reference.md)."""
+    milter(MACROS, connection=f"unix:{socket_path}")
+    sm = sendmail(f"unix:{socket_path}").start()
+    assert sm.send("a@client.test", ["b@example.com"], message("a@client.test", "macros")).accepted
+    (msg,) = sm.wait_for_sink(1)
+    seen = dict(h.split("=", 1) for h in msg.headers("X-Macro"))
+    queue_id = re.search(r"with ESMTP id (\w+)", msg.message["Received"]).group(1)
+    for stage in ("envfrom", "eom"):
+        assert [seen[f"{stage} {name}"] for name in ("i", "{i}", "j", "daemon_name", "{daemon_name}")] == \
+            [queue_id, queue_id, "mx.sendmail.test", "", "MTA"]
+        assert seen[f"{stage} {{mail_addr}}"] == "a@client.test"
+    assert seen["envfrom {msg_id}"] == ""
+    assert seen["eom {msg_id}"] == msg.message["Message-Id"]
+
+
 def test_quarantine_holds_the_message_with_its_reason(sendmail, milter, socket_path: Path) -> None:
     milter("""
         package require TclMilter 1.0
