@@ -229,6 +229,14 @@ def test_recipients_with_esmtp_arguments_and_the_body(sendmail, milter, socket_p
     assert msg.body.rstrip(b"\n") == b"line one\nline two"
 
 
+def test_chgfrom_with_empty_esmtp_arguments_keeps_the_mail_parameters(sendmail, milter, socket_path: Path) -> None:
+    """An empty argument field made Sendmail reset the MAIL parameters and relay an empty AUTH=."""
+    sm, result = edited(sendmail, milter, socket_path, ["chgfrom <new@example.org> {}"])
+    assert result.accepted, result
+    (msg,) = sm.wait_for_sink(1)
+    assert msg.mail_args == "<new@example.org>"
+
+
 def test_an_empty_replacement_body(sendmail, milter, socket_path: Path) -> None:
     sm, result = edited(sendmail, milter, socket_path, ["replacebody {}"])
     assert result.accepted, result

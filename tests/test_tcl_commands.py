@@ -597,6 +597,29 @@ def test_setreply_and_setmlreply_forms(tclrun):
     assert r["mlfew"] == f'ERR wrong # args: should be "{r["ctx"]} setmlreply rcode xcode line ?line ...?"'
 
 
+def test_empty_esmtp_arguments_are_none(tclrun):
+    """``[lrange $from 1 end]`` of a MAIL without arguments is "": before, that went out as an
+    (empty) argument field, an ADDRCPT_PAR for addrcpt, and Sendmail took it as new MAIL arguments:
+    the client's BODY, ENVID and RET were dropped and an empty AUTH= was relayed."""
+    m = tclrun(r"""
+        package require TclMilter
+        proc from {ctx list} { $ctx setpriv args [lrange $list 1 end]; return SMFIS_CONTINUE }
+        proc eom {ctx} {
+            $ctx chgfrom <bounce@example.org> [$ctx getpriv args]
+            $ctx addrcpt <new@example.com> "  "
+            return SMFIS_CONTINUE
+        }
+        milter register envfrom from
+        milter register eom eom
+        milter main
+    """)
+    with m.mta() as mta:
+        mta.negotiate()
+        eom = mta.message()["eom"]
+    assert m.stop() == 0
+    assert eom == [("e", b"<bounce@example.org>\0"), ("+", b"<new@example.com>\0"), ("c", b"")]
+
+
 def test_message_modifications_at_eom(tclrun):
     m = tclrun(r"""
         package require TclMilter

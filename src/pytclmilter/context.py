@@ -177,9 +177,14 @@ def check_address(address: str, what: str = "address") -> str:
 
 
 def check_args(args: str | None) -> str | None:
-    if args is not None and _CONTROL.search(args):
+    """The ESMTP arguments to send; None for none, also for "" or blanks (``[lrange $from 1 end]``
+    of a MAIL without arguments): Sendmail takes an argument field, even an empty one, as new
+    MAIL arguments, drops the client's (BODY, ENVID, RET) and relays an empty ``AUTH=``."""
+    if args is None:
+        return None
+    if _CONTROL.search(args):
         raise MilterError("invalid ESMTP arguments: no CR, LF, NUL or other control characters")
-    return args
+    return args if args.strip() else None
 
 
 def _reply_line(text: str) -> str:
@@ -457,14 +462,16 @@ class Context:
                   _header_size(name, value, 4))
 
     def addrcpt(self, rcpt: str, args: str | None = None) -> None:
-        action = ev.AddRecipient(check_address(rcpt, "recipient"), check_args(args))
+        args = check_args(args)
+        action = ev.AddRecipient(check_address(rcpt, "recipient"), args)
         self._act("addrcpt", action, _ADDRCPT if args is None else _ADDRCPT_PAR, _strings_size(rcpt, args))
 
     def delrcpt(self, rcpt: str) -> None:
         self._act("delrcpt", ev.DeleteRecipient(check_address(rcpt, "recipient")), _DELRCPT, _strings_size(rcpt))
 
     def chgfrom(self, sender: str, args: str | None = None) -> None:
-        action = ev.ChangeFrom(check_address(sender, "sender"), check_args(args))
+        args = check_args(args)
+        action = ev.ChangeFrom(check_address(sender, "sender"), args)
         self._act("chgfrom", action, _CHGFROM, _strings_size(sender, args))
 
     def replacebody(self, data: object) -> None:
