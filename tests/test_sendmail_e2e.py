@@ -193,6 +193,7 @@ def test_chgheader_of_a_header_the_client_did_not_send_changes_sendmails_own(
     (["setreply 451 4.7.1 {100%% sure}"], "SMFIS_TEMPFAIL", 451, "4.7.1 100% sure"),
     (["setreply 550 5.7.1 unused"], "SMFIS_TEMPFAIL", 451, "4.3.2 Please try again later"),  # not its class
     (["addheader X-Dropped yes"], "SMFIS_REJECT", 554, "5.7.1 Command rejected"),
+    (["setreply 550 5.7.1 {caf\u00e9 \u20ac}"], "SMFIS_REJECT", 550, "5.7.1 cafC) b\x02,"),  # 8th bit cleared
 ])
 def test_replies_at_end_of_message_reach_the_client(sendmail, milter, socket_path: Path, edits: list[str],
                                                     status: str, code: int, text: str) -> None:
