@@ -169,6 +169,7 @@ def test_addheader_goes_before_its_own_earlier_one_and_replaces_a_default_header
 @pytest.mark.parametrize(("edit", "subjects"), [
     ("chgheader subject changed", ["changed", "second"]),  # index 1, any case
     ("chgheader Subject 2 changed", ["first", "changed"]),
+    ("chgheader Subject 0 zero", ["zero", "second"]),
     ("chgheader Subject 3 added", ["added", "first", "second"]),  # beyond the count: added, before the first
     ("chgheader SUBJECT 1 {}", ["second"]),
     ("chgheader X-Missing {}", ["first", "second"]),  # nothing to delete
