@@ -489,3 +489,23 @@ def test_aborts_faster_than_an_async_abort_callback_are_held_back_not_queued_wit
 
     gate = asyncio.Event()
     asyncio.run(scenario())
+
+
+def test_postfixs_abort_after_a_finished_message_runs_no_abort_callback_without_envfrom():
+    """docs/protocol.md §7.5: the manual's abort callback "is not invoked if message transmission
+    is completed", yet Postfix sends ABORT after every message. A filter with an abort callback
+    and none for MAIL must still be sent MAIL, or the skip rule makes that ABORT legal after HELO
+    and the abort callback runs for every delivered message. The MTA here sends only the events
+    the filter did not ask to skip, as Postfix does."""
+    from support.engine import P_NOMAIL
+
+    m, calls = make_milter(), []
+    m.register("eom", lambda ctx: calls.append("eom") or CONTINUE)
+    m.register("abort", lambda ctx: calls.append("abort"))
+    mta = InProcessMTA(m)
+    asked = mta.optneg()
+    if not asked & P_NOMAIL:
+        mta.command(b"M", z("<a@example.org>"))
+    assert mta.command(b"E") == C
+    mta.command(b"A")  # Postfix's ABORT after the message it delivered
+    assert calls == ["eom"]
