@@ -661,6 +661,16 @@ def test_chgheader_with_empty_value_deletes():
         assert mta.eom() == [(b"m", struct.pack("!I", 1) + z("X-Old", "")), (b"c", b"")]
 
 
+def test_chgheader_and_insheader_without_an_index_use_the_documented_defaults():
+    """docs/python-api.md: chgheader(name, value, index=1), insheader(name, value, index=0): the
+    first header of that name, and the top of the header section, as the MTA is told."""
+    m = make_milter()
+    m.register("eom", lambda ctx: ctx.chgheader("Subject", "new") or ctx.insheader("X-Top", "1") or CONTINUE)
+    with serving(m) as srv, srv.raw() as mta:
+        assert mta.eom() == [(b"m", struct.pack("!I", 1) + z("Subject", "new")),
+                             (b"i", struct.pack("!I", 0) + z("X-Top", "1")), (b"c", b"")]
+
+
 def test_actions_are_dropped_when_eom_rejects():
     m = make_milter()
 
