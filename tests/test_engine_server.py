@@ -266,6 +266,24 @@ def test_a_slow_callback_does_not_make_the_timeout_cut_the_next_command():
         assert mta.mail() == (b"c", b""), "connection dropped right after our reply"
 
 
+def test_an_async_callback_running_past_the_timeout_keeps_its_connection():
+    """docs/protocol.md §9.3: a connection idle past the I/O timeout is closed only "with no
+    callback of its running". An async callback lets the loop, and the idle sweep, run while it
+    waits (a slow DNS or Redis lookup): its connection must not be closed under it."""
+    m = make_milter(timeout=1)
+
+    async def eom(ctx):
+        await asyncio.sleep(2.5)  # no progress(): twice the timeout, and more
+        return CONTINUE
+
+    m.register("envfrom", lambda ctx, args: CONTINUE)
+    m.register("eom", eom)
+    with serving(m) as srv, srv.raw() as mta:
+        assert mta.mail() == (b"c", b"")
+        assert mta.eom(timeout=5) == [(b"c", b"")]
+        assert mta.mail() == (b"c", b"")
+
+
 # ====================================================================== stop and grace
 
 
