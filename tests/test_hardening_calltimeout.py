@@ -19,7 +19,7 @@ import time
 
 import pytest
 
-from pytclmilter import CONTINUE, Milter
+from pytclmilter import CONTINUE, REJECT, Milter
 from support.engine import make_milter, serving, z
 from support.tclrun import TCL_HELPERS, ok, tclrun_factory
 
@@ -383,6 +383,23 @@ def test_python_callbacks_that_return_after_their_limit_are_logged_with_their_ti
         pattern = rf"conn#1: {event} callback \S*{event} took 1\.[2-9] s, over the 0.5 s call timeout"
         assert re.search(pattern, warnings), warnings
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+
+
+def test_call_timeout_0_lets_a_python_callback_run_as_long_as_it_takes():
+    """docs/protocol.md §9.3: a call timeout of 0 is none. The callback runs on the main thread
+    here (the engine in process), where the watchdog could stop it."""
+    from support.engine import InProcessMTA
+
+    m = make_milter(call_timeout=0)
+
+    @m.register("envfrom")
+    def envfrom(ctx, args):
+        time.sleep(0.3)
+        return REJECT
+
+    mta = InProcessMTA(m)
+    mta.optneg()
+    assert mta.command(b"M", z("<a@example.org>")) == [(b"r", b"")]
 
 
 @pytest.mark.parametrize("seconds", ["1e9", "Inf"])
