@@ -41,6 +41,12 @@ def test_tcl_counts_characters_not_escapes() -> None:
     assert TK.call("string", "length", to_tcl(text(b"\xff\x00\xc0\x80caf\xc3\xa9"))) == 8
 
 
+def test_a_nul_in_ascii_text_survives_tcls_case_commands() -> None:
+    """A value from Python (setpriv, a Python command's result) with a NUL and nothing but ASCII:
+    handed to Tcl as it is, Tcl keeps a raw NUL byte, and `string toupper` ends the text there."""
+    assert from_tcl(str(TK.call("string", "toupper", to_tcl("a\0b")))) == "A\0B"
+
+
 def test_script_text_goes_out_as_utf8() -> None:
     assert wire(from_tcl(str(TK.call("format", "%s", "Grüße 😀")))) == "Grüße 😀".encode()
 
