@@ -242,6 +242,8 @@ def test_run_user_nobody_drops_privileges_while_serving(serve: Callable[..., Tcl
         gid_line = re.search(r"^Gid:\s+(.*)$", status_lines, re.M).group(1).split()
         assert uid_line == [str(nobody.pw_uid)] * 4  # real, effective, saved, filesystem
         assert gid_line == [str(nobody.pw_gid)] * 4
+        groups = re.search(r"^Groups:(.*)$", status_lines, re.M).group(1).split()  # type: ignore[union-attr]
+        assert sorted(map(int, groups)) == sorted(set(os.getgrouplist("nobody", nobody.pw_gid))), "root's groups kept"
         st = os.stat(sock)
         assert (st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode)) == (nobody.pw_uid, nobody.pw_gid, 0o660)
         assert f"running as uid {nobody.pw_uid} gid {nobody.pw_gid}" in m.text
