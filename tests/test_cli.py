@@ -838,6 +838,25 @@ def test_try_tempfail_of_every_recipient_is_a_tempfail(tmp_path: Path) -> None:
     assert json_of(out)["verdict"] == "tempfail"
 
 
+def test_try_applies_header_indexes_and_names_as_postfix_does(tmp_path: Path) -> None:
+    """The message `try` shows is the one Postfix would deliver (client/apply.py): chgheader
+    matches the name in any case and takes index 0 as 1, deleting a header that is not there
+    adds nothing, and insheader's index counts the headers before the new one."""
+    script = tmp_path / "headers.tcl"
+    script.write_text("package require TclMilter 1.0\n"
+                      "proc eom {ctx} {\n"
+                      "    $ctx chgheader subject 0 new\n"
+                      "    $ctx chgheader X-Missing {}\n"
+                      "    $ctx insheader X-Ins 1 ins\n"
+                      "    return SMFIS_CONTINUE\n"
+                      "}\nmilter register eom eom\nmilter main\n")
+    (tmp_path / "m.eml").write_bytes(b"From: a@example.org\r\nSubject: old\r\nTo: b@example.com\r\n\r\nbody\r\n")
+    status, out = cli("try", str(script), str(tmp_path / "m.eml"), "--json")
+    assert status == 0, out
+    assert json_of(out)["message"]["text"] == (
+        "From: a@example.org\r\nX-Ins: ins\r\nSubject: new\r\nTo: b@example.com\r\n\r\nbody\r\n")
+
+
 def test_try_drops_a_recipient_rejected_at_rcpt_from_the_envelope(tmp_path: Path) -> None:
     """Postfix drops a recipient the filter rejects at RCPT; the report listed it in the envelope
     of the accepted message all the same (text and --json)."""
