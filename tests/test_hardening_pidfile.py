@@ -92,12 +92,13 @@ def test_a_pid_file_of_another_user_is_refused_and_left_alone(tclrun, piddir):
     assert state(pidfile) == before
 
 
-@pytest.mark.parametrize("kind", ["not-a-pid", "directory", "fifo"])
+@pytest.mark.parametrize("kind", ["not-a-pid", "not-a-pid-number", "directory", "fifo"])
 def test_what_is_not_a_pid_file_is_refused_and_left_alone(tclrun, piddir, kind):
-    """An admin's typo (--pidfile naming a config file) must not cost that file."""
+    """An admin's typo (--pidfile naming a config file) must not cost that file, nor one holding
+    a number no pid can be (a serial, a date, above the kernel's limit for pid_max)."""
     pidfile = piddir / "milter.pid"
-    if kind == "not-a-pid":
-        pidfile.write_text("smtpd_milters = unix:/x.sock\n")
+    if kind.startswith("not-a-pid"):
+        pidfile.write_text("smtpd_milters = unix:/x.sock\n" if kind == "not-a-pid" else "20261205\n")
         expected = "does not hold a pid; refusing to replace it"
     elif kind == "directory":
         pidfile.mkdir()
