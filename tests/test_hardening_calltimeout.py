@@ -523,3 +523,35 @@ def test_code_in_an_interpreter_the_script_made_is_held_to_the_limit(tclrun):
         assert mta.mail("<lazy@example.org>")[0] == "c"
     assert m.results()["lazy"] == "OK 1000", m.text
     assert m.stop() == 0
+
+
+TCL_CHILD_LATE = r"""
+package require TclMilter
+milter configure -calltimeout 2 -onerror SMFIS_REJECT
+proc rcpt {ctx list} {
+    if {[lindex $list 0] eq "<child@example.com>"} {
+        set child [interp create]
+        $child eval {set end [expr {[clock milliseconds] + 1000}]; while {[clock milliseconds] < $end} {}}
+        interp delete $child
+    }
+    return SMFIS_CONTINUE
+}
+milter register envrcpt rcpt
+milter main
+"""
+
+
+def test_a_child_made_in_a_callback_gets_the_whole_time_of_that_callback(tclrun):
+    """The deadline Tcl holds may be an earlier callback's (it is re-armed only once passed),
+    and Tcl copies a new interpreter the parent's time limit but not its handler: a child made
+    in a callback that starts before that deadline stopped there, with time left."""
+    m = tclrun(TCL_CHILD_LATE)
+    with m.mta() as mta:
+        mta.negotiate()
+        assert ok(mta.connect())
+        mta.mail("<a@example.org>")  # (skipped: no envfrom callback)
+        assert mta.rcpt("<b@example.com>")[0] == "c"  # arms a deadline 2 s from now
+        time.sleep(1.2)
+        assert mta.rcpt("<child@example.com>")[0] == "c", m.text  # 1 s in a child: within its 2 s
+    assert "failed" not in m.text, m.text
+    assert m.stop() == 0
