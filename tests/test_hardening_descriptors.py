@@ -9,7 +9,10 @@ connections close.
 
 from __future__ import annotations
 
+import asyncio
+import errno
 import importlib.util
+import logging
 import os
 import re
 import resource
@@ -18,6 +21,7 @@ import time
 
 import pytest
 
+from pytclmilter.accept import Acceptor
 from support.tclrun import TclRun, ok, tclrun_factory
 
 tclrun = pytest.fixture(tclrun_factory, name="tclrun")
@@ -124,3 +128,46 @@ def test_an_open_files_limit_below_the_listen_queue_is_a_warning_at_start(tclrun
     m.wait_for(rf"WARNING: the open-files limit is {LIMIT} descriptors, fewer than the \d+ that a full listen "
                r"queue \(\d+ connections\) and the process's own files need", since=0)
     assert m.stop() == 0
+
+
+def test_a_connection_that_failed_before_it_was_taken_is_skipped_without_a_warning(caplog):
+    """accept(2) on Linux reports a queued connection's own network error (ECONNABORTED for one
+    the client reset): that is no shortage of descriptors, so no "cannot accept connections"
+    warning and no pause; the next connection is taken at once."""
+    class ResetFirst(socket.socket):
+        resets = 1
+
+        def _accept(self):  # what socket.accept() calls; the Acceptor calls it directly
+            if self.resets:
+                self.resets -= 1
+                raise OSError(errno.ECONNABORTED, os.strerror(errno.ECONNABORTED))
+            return super()._accept()
+
+    caplog.set_level(logging.INFO, logger="pytclmilter")
+    loop = asyncio.new_event_loop()
+    listener = ResetFirst(socket.AF_INET, socket.SOCK_STREAM)
+    accepted: list[asyncio.BaseTransport] = []
+
+    class Served(asyncio.Protocol):
+        def connection_made(self, transport: asyncio.BaseTransport) -> None:
+            accepted.append(transport)
+            transport.close()
+
+    async def serve() -> None:
+        while not accepted:
+            await asyncio.sleep(0.01)
+
+    try:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(8)
+        listener.setblocking(False)
+        acceptor = Acceptor(loop, listener, Served)
+        acceptor.start()
+        with socket.create_connection(listener.getsockname(), timeout=5):
+            loop.run_until_complete(asyncio.wait_for(serve(), 5))
+        acceptor.close()
+    finally:
+        loop.close()
+        listener.close()
+    assert len(accepted) == 1
+    assert not [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
