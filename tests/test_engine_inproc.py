@@ -509,3 +509,19 @@ def test_postfixs_abort_after_a_finished_message_runs_no_abort_callback_without_
     assert mta.command(b"E") == C
     mta.command(b"A")  # Postfix's ABORT after the message it delivered
     assert calls == ["eom"]
+
+
+def test_the_verdict_line_names_the_client_from_its_macro_when_connect_is_skipped(caplog):
+    """docs/troubleshooting.md: `verdict reject at envfrom client="localhost [127.0.0.1]" ...`.
+    Without a connect callback the MTA sends no CONNECT, but its macros still arrive: the
+    verdict line names the client by the `_` macro, not as "-"."""
+    caplog.set_level(logging.INFO, logger=LOG)
+    m = make_milter()
+    m.register("envfrom", lambda ctx, args: REJECT)
+    mta = InProcessMTA(m)
+    mta.optneg()
+    mta.send(b"D", b"C" + z("_", "localhost [127.0.0.1]"))
+    assert mta.command(b"M", z("<spammer@example.com>")) == [(b"r", b"")]
+    verdicts = [t for t in messages(caplog, logging.INFO) if "verdict" in t]
+    assert verdicts == ['conn#1: verdict reject at envfrom client="localhost [127.0.0.1]" '
+                        "from=<spammer@example.com> gen=1"], verdicts
