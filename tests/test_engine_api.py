@@ -1292,6 +1292,28 @@ def test_a_metrics_spec_that_cannot_be_served_is_refused_when_set(spec, message)
     assert m.metrics == "inet:0@127.0.0.1"
 
 
+@pytest.mark.parametrize("spec, message", [
+    ("foo:bar", 'connection "foo:bar": unknown socket type "foo": must be unix, local, inet or inet6'),
+    ("inet:99999@127.0.0.1", 'connection "inet:99999@127.0.0.1": port 99999 out of range'),
+    ("inet:8899@", 'connection "inet:8899@": missing host after "@"'),
+    ("", "empty connection spec"),
+])
+def test_a_connection_spec_that_cannot_be_served_is_refused_when_given_or_set(spec, message):
+    """It was taken, by Milter() and by assignment, and failed only when run() bound the socket
+    (python-api.md: each option is checked when given or assigned; Tcl's configure refused it)."""
+    with pytest.raises(ValueError) as raised:
+        make_milter(connection=spec)
+    assert str(raised.value).startswith(message), str(raised.value)
+    m = make_milter()
+    before = m.connection
+    with pytest.raises(ValueError) as raised:
+        m.connection = spec
+    assert str(raised.value).startswith(message), str(raised.value)
+    assert m.connection == before
+    m.connection = "inet:0@127.0.0.1"
+    assert m.connection == "inet:0@127.0.0.1"
+
+
 def test_reload_error_is_exported_and_names_the_python_settings():
     """It was only in pytclmilter.milter, and said "-connection, -workers cannot change without a
     restart" in the command line's spelling."""

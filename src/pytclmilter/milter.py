@@ -73,12 +73,15 @@ _KINDS: dict[str, tuple[tuple[type, ...], str]] = {
 
 def _checked(name: str, value: T) -> T:
     """``value`` if it is of the kind option ``name`` takes; TypeError naming the option and what
-    it takes (a bool is no number), ValueError for a metrics spec that cannot be served."""
+    it takes (a bool is no number), ValueError for a connection or metrics spec that cannot be
+    served (as Tcl's `milter configure -connection` refuses it, not only once run() binds)."""
     kinds, what = _KINDS[name]
     if not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds):
         raise TypeError(f"{name} must be {what}, not {value!r}")
     if name == "metrics" and value:
         parse_metrics(str(value))  # ConnSpecError (a ValueError): 'metrics "x": must be ...'
+    elif name == "connection":
+        parse(str(value))  # ConnSpecError: 'connection "x": unknown socket type ...'
     elif name == "socket_owner" and value is not None and not _is_owner(value):
         raise TypeError(f"{name} must be {what}, not {value!r}")
     elif name == "name" and not str(value).strip():  # the listening line and every log line show it
