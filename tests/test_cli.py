@@ -607,6 +607,26 @@ def test_try_stamp_adds_the_header_with_macros_and_client_address() -> None:
     assert body_of(msg).startswith("Hi Bob,\n\nare we still on for lunch on Friday?")
 
 
+@pytest.mark.parametrize("sender, rcpt", [("<carol@example.net>", "<dave@example.com>"),
+                                          ("carol@example.net", "dave@example.com")])
+def test_try_sends_the_address_macros_without_angle_brackets(tmp_path: Path, sender: str, rcpt: str) -> None:
+    """--from '<a@b>' put "<a@b>" in {mail_addr} (and --rcpt in {rcpt_addr}), which Postfix and
+    Sendmail give as a@b: a script comparing the macro passed under try and failed behind the MTA,
+    and the verdict line of a filter without an envfrom callback read from=<<a@b>>."""
+    script = tmp_path / "macros.tcl"
+    script.write_text(
+        "package require TclMilter 1.0\n"
+        "proc rcpt {ctx to} { puts \"MACROS [$ctx getsymval {{mail_addr}}]|[$ctx getsymval {{rcpt_addr}}]\"\n"
+        "    return SMFIS_CONTINUE }\n"
+        "milter register envrcpt rcpt\nmilter main\n")
+    status, out = cli("try", str(script), str(DATA / "plain.eml"), "--from", sender, "--rcpt", rcpt)
+    assert status == 0, out
+    assert "MACROS carol@example.net|dave@example.com" in out, out
+    assert "envfrom  <carol@example.net> -> continue" not in out  # (no envfrom callback: not asked)
+    assert "envrcpt  <dave@example.com> -> continue" in out
+    assert "envelope: from <carol@example.net> to <dave@example.com>" in out
+
+
 def test_try_sizepolicy_replaces_the_body_of_a_message_with_an_exe() -> None:
     status, out = cli("try", str(SIZEPOLICY), str(DATA / "exe.eml"))
     assert status == 0, out

@@ -17,7 +17,7 @@ from ..protocol.constants import ALL_ACTIONS, ALL_PROTO, MDS_1M, Family
 from ..protocol.errors import ProtocolError
 from ..protocol.macros import letter_of
 from ..protocol.table import COMMAND_OF_EVENT, REPLIES, REPLY_CODES, decode_reply, encode_command
-from .message import Envelope, Message, angle
+from .message import Envelope, Message, angle, bare
 
 VERDICTS = ("accept", "reject", "tempfail", "discard", "quarantine")
 
@@ -193,14 +193,14 @@ class Conversation:
         await self.writer.drain()
 
     async def _transaction(self, env: Envelope, msg: Message) -> None:
-        mail = await self._event(Stage("envfrom", angle(env.sender)), {"{mail_addr}": env.sender},
+        mail = await self._event(Stage("envfrom", angle(env.sender)), {"{mail_addr}": bare(env.sender)},
                                  ev.EnvFrom([angle(env.sender)]))
         if mail is not None and mail.reply not in _GOES_ON:
             return self._verdict(mail)
         kept: list[str] = []
         temporary = False
         for n, rcpt in enumerate(env.recipients):
-            stage = await self._event(Stage("envrcpt", angle(rcpt)), {"i": env.queue_id, "{rcpt_addr}": rcpt},
+            stage = await self._event(Stage("envrcpt", angle(rcpt)), {"i": env.queue_id, "{rcpt_addr}": bare(rcpt)},
                                       ev.EnvRcpt([angle(rcpt)]))
             if stage is None or stage.reply in _GOES_ON:
                 kept.append(rcpt)

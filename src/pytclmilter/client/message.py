@@ -116,3 +116,10 @@ def angle(address: str) -> str:
     """The address as it appears in MAIL FROM/RCPT TO: with angle brackets."""
     address = address.strip()
     return address if address.startswith("<") else f"<{address}>"
+
+
+def bare(address: str) -> str:
+    """The address as Postfix and Sendmail give it in {mail_addr} and {rcpt_addr}: without the
+    angle brackets of MAIL FROM/RCPT TO, however --from and --rcpt spelled it."""
+    address = address.strip()
+    return address[1:-1] if address.startswith("<") and address.endswith(">") else address
