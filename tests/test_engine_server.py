@@ -15,6 +15,7 @@ import signal
 import socket
 import stat
 import struct
+import re
 import sys
 import tempfile
 import textwrap
@@ -704,6 +705,50 @@ def test_signals_stop_the_milter_cleanly(sockdir, sig):
         child.close(force=True)
     assert child.exitstatus == 0 and child.signalstatus is None, (child.exitstatus, child.signalstatus)
     assert not os.path.exists(path)
+
+
+FAILING_SIGNAL_HOOK = textwrap.dedent(
+    """
+    import logging, sys
+    from pytclmilter import Hooks, Milter
+    logging.basicConfig(level=logging.INFO, stream=sys.stdout, format="%(levelname)s %(message)s")
+    def hook(sig):
+        if sys.argv[3] == "exit":
+            sys.exit(3)
+        raise RuntimeError("the hook broke")
+    m = Milter(connection="unix:" + sys.argv[1], grace=1.0,
+               hooks=Hooks(signal=hook, listening=lambda spec: print("LISTENING", spec, flush=True)))
+    m.workers = int(sys.argv[2])
+    m.register("eom", lambda ctx: None)
+    m.run()
+    print("EXITED", flush=True)
+    """
+)
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+@pytest.mark.parametrize("failure", ["raise", "exit"])
+def test_a_signal_hook_that_fails_is_logged_and_the_milter_stops_all_the_same(sockdir, workers, failure):
+    """Hooks.signal is called "before the milter stops": one that raised swallowed the SIGTERM
+    (asyncio logged "Exception in callback" and the milter served on, to be SIGKILLed by systemd)
+    or, with workers, ended run() in a traceback, the socket file left behind."""
+    script = os.path.join(sockdir, "hook.py")
+    with open(script, "w") as f:
+        f.write(FAILING_SIGNAL_HOOK)
+    path = os.path.join(sockdir, "hook.sock")
+    child = pexpect.spawn(sys.executable, [script, path, str(workers), failure], timeout=15, encoding="utf-8")
+    try:
+        child.expect("LISTENING unix:" + path)
+        child.kill(signal.SIGTERM)
+        shown = "SystemExit(3)" if failure == "exit" else "the hook broke"
+        child.expect(rf"ERROR the signal hook hook failed \({re.escape(shown)}\); stopping all the same")
+        child.expect("EXITED")
+        child.expect(pexpect.EOF)
+        output = child.before
+    finally:
+        child.close(force=True)
+    assert child.exitstatus == 0 and child.signalstatus is None, (child.exitstatus, child.signalstatus, output)
+    assert "Exception in callback" not in output and not os.path.exists(path)
 
 
 def _unix(path: str) -> socket.socket:

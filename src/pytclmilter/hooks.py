@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import logging
 import signal
+import traceback
 from dataclasses import dataclass
 from typing import Callable
 
 from .connspec import ConnSpec
 from .context import Context
+from .logline import escape, escape_lines
 
 log = logging.getLogger("pytclmilter")
 
@@ -53,3 +55,16 @@ def forget_early_reload() -> None:
     if signal.SIGUSR1 in signal.sigpending():
         signal.sigtimedwait((signal.SIGUSR1,), 0)
         log.warning("received SIGUSR1 before the milter served: nothing to reload yet; ignored")
+
+
+def signalled(hooks: Hooks, sig: signal.Signals) -> None:
+    """Call ``hooks.signal``; one that raises (``sys.exit()`` too) is logged, and the caller stops
+    the milter all the same. Left to propagate, it swallowed the SIGTERM (the loop logged it and
+    the milter served on, until systemd's SIGKILL) or, with workers, ended run() in a traceback."""
+    try:
+        hooks.signal(sig)
+    except (Exception, SystemExit, KeyboardInterrupt) as exc:  # noqa: BLE001 - a host's bug
+        what = f"{type(exc).__name__}({exc})" if isinstance(exc, (SystemExit, KeyboardInterrupt)) else str(exc)
+        log.error("the signal hook %s failed (%s); stopping all the same:\n%s",
+                  escape(getattr(hooks.signal, "__qualname__", repr(hooks.signal))),
+                  escape(what or type(exc).__name__), escape_lines("".join(traceback.format_exception(exc)).rstrip()))

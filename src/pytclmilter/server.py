@@ -16,7 +16,7 @@ from typing import Any, Callable, Final, cast
 
 from .accept import Acceptor, check_fd_limit
 from .connspec import ConnSpec, parse
-from .hooks import forget_early_reload
+from .hooks import forget_early_reload, signalled
 from .listener import Listener, bind
 from .logline import Every
 from .engine import ConnectionEngine, Shared
@@ -483,7 +483,7 @@ class MilterServer:
     def _on_signal(self, sig: signal.Signals) -> None:
         log.info("received %s: stopping", sig.name)
         self.stopped_by = sig
-        self.shared.hooks.signal(sig)
+        signalled(self.shared.hooks, sig)
         if self._stop is not None:
             self._stop.set()
 

@@ -41,7 +41,7 @@ from typing import Callable
 
 from .accept import check_fd_limit
 from .connspec import parse
-from .hooks import Hooks, forget_early_reload
+from .hooks import Hooks, forget_early_reload, signalled
 from .listener import Listener, bind
 from .server import REPLACED, STOP_SIGNALS
 from .logline import Every, escape
@@ -260,7 +260,7 @@ class Supervisor:
 
     def _on_signal(self, signum: int, frame: object) -> None:
         log.info("received %s: stopping %d workers", signal.Signals(signum).name, len(self.children))
-        self.hooks.signal(signal.Signals(signum))
+        signalled(self.hooks, signal.Signals(signum))
         self.stop()
 
     def stop(self) -> None:
