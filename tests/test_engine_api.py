@@ -936,6 +936,30 @@ def test_getpriv_missing_raises_keyerror_without_default():
     assert out == ["dflt"]
 
 
+def test_private_data_calls_return_and_copy_as_documented():
+    """python-api.md: setpriv returns the value and setpriv(name) reads it; getpriv() is a copy
+    of all (changing it changes nothing); unsetpriv() without a pattern removes all."""
+    m = make_milter()
+    out = []
+
+    def envfrom(ctx, args):
+        out.append(ctx.setpriv("a", [1]))
+        out.append(ctx.setpriv("a"))
+        ctx.setpriv("b", 2)
+        copy = ctx.getpriv()
+        copy["c"] = 3
+        del copy["b"]
+        out.append(sorted(ctx.getpriv()))
+        ctx.unsetpriv()
+        out.append(ctx.getpriv())
+        return CONTINUE
+
+    m.register("envfrom", envfrom)
+    with serving(m) as srv, srv.raw() as mta:
+        assert mta.mail()[0] == b"c"
+    assert out == [[1], [1], ["a", "b"], {}]
+
+
 # ====================================================================== callback errors
 
 

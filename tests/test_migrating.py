@@ -16,6 +16,7 @@ from typing import Any
 import pexpect
 import pytest
 
+from support.engine import make_milter, serving
 from support.tclrun import _pytclmilter_command, child_env
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -28,10 +29,16 @@ DECISIVE = ("verdict", "stage", "reply", "exit_status", "actions", "rejected_rec
 
 
 def try_json(script: str, message: str, hooks: str | None = None) -> dict[str, Any]:
-    command = _pytclmilter_command()
-    args = [*command[1:], "try", str(EXAMPLE / script), str(DATA / message), "--json"]
+    args = ["try", str(EXAMPLE / script), str(DATA / message), "--json"]
     if hooks:
         args += ["--python", str(EXAMPLE / hooks)]
+    return report(args)
+
+
+def report(args: list[str]) -> dict[str, Any]:
+    """The decisive part of a `pytclmilter try/send ... --json` report."""
+    command = _pytclmilter_command()
+    args = [*command[1:], *args]
     child = pexpect.spawn(command[0], args, env=child_env(), cwd=str(ROOT), encoding="utf-8", timeout=30,
                           echo=False)
     out = child.read().replace("\r\n", "\n")
@@ -69,3 +76,16 @@ def test_each_step_moves_a_proc_out_of_the_script() -> None:
     assert procs["step1"] == procs["legacy"] - {"is_blacklisted"}
     assert procs["step2"] == procs["step1"] - {"lg_header"}
     assert procs["step3"] == set()
+
+
+def test_step3_as_a_python_program_of_its_own_answers_as_the_legacy_script() -> None:
+    """migrating.md: with nothing left in the script, step3.py can become a program of its own,
+    Milter(name="Legacy", connection=...) with the same setup(milter): no Tcl at all."""
+    namespace: dict[str, Any] = {"__file__": str(EXAMPLE / "step3.py")}
+    exec(compile((EXAMPLE / "step3.py").read_text(), str(EXAMPLE / "step3.py"), "exec"), namespace)
+    milter = make_milter(name="Legacy")
+    namespace["setup"](milter)
+    with serving(milter) as srv:
+        for message in EXPECTED:
+            sent = report(["send", "--connection", str(srv.spec), str(DATA / message), "--json"])
+            assert sent == try_json("legacy.tcl", message), message
