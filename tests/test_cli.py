@@ -1174,6 +1174,11 @@ def test_run_logs_the_sender_of_a_verdict_when_the_script_has_no_envfrom_callbac
     assert status == 0, out
     line = m.wait_for(r"conn#\d+: verdict accept at eom .*").group(0)
     assert "from=<alice@example.org>" in line or "from=alice@example.org" in line, line
+    # A bounce: Postfix sends {mail_addr} empty for MAIL FROM:<>, which read as "no sender" (from=-)
+    status, out = cli("send", "--connection", m.spec, str(DATA / "plain.eml"), "--from", "<>", *CLIENT)
+    assert status == 0, out
+    line = m.wait_for(r"conn#2: verdict accept at eom .*").group(0)
+    assert "from=<> " in line, line
     assert m.stop() == 0
 
 

@@ -847,8 +847,8 @@ class ConnectionEngine:
         client = self.client or self.ctx.getsymval("_") or "-"
         sender = self.sender
         if not sender:
-            mail_addr = self.ctx.getsymval("{mail_addr}")
-            sender = f"<{mail_addr}>" if mail_addr else "-"
+            mail_addr = self.ctx.getsymval("{mail_addr}")  # "" from Postfix for a bounce's <>
+            sender = f"<{mail_addr}>" if mail_addr is not None else "-"
         # client, sender and reply text come from the MTA and the script: escaped, and quoted
         # where they could pass for more fields (logline)
         log_info(log, "%s: verdict %s at %s client=%s from=%s%s gen=%d", self.name, verdict, stage,
