@@ -4,7 +4,7 @@
 #
 # At the end of each message this filter adds one header:
 #
-#   X-Filtered-By: Stamp on mx.example.org (daemon smtpd); queue-id 4Xyz1234;
+#   X-Filtered-By: Stamp on mx.example.org (daemon mx.example.org); queue-id 4Xyz1234;
 #    client mail.example.net [192.0.2.7] port 40123
 #
 # The MTA's host name comes from the macro j, the daemon from {daemon_name},
@@ -19,6 +19,8 @@
 # Postfix sends j and {daemon_name} with the connect event and i with every
 # event from the first accepted recipient on (milter_connect_macros and
 # milter_end_of_data_macros in main.cf); Sendmail's defaults include them too.
+# Postfix's {daemon_name} is its host name unless milter_macro_daemon_name says
+# otherwise (as above); Sendmail's is the daemon's Name= (MTA, MSA).
 #
 # Run it:
 #   pytclmilter check stamp.tcl                   # what it registers and negotiates
