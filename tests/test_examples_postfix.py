@@ -70,7 +70,9 @@ def sent(pf, messages: dict[str, bytes], sender: str = "a@example.org"):
 
 def test_sizepolicy_finds_attachment_names_in_every_form_of_the_parameters(postfix, example) -> None:
     """The names of name= and filename=, in the message's own header and in MIME part headers,
-    folded, quoted, nested, in RFC 2231 form. Bug: a name split into RFC 2231 sections
+    folded, quoted, nested, in RFC 2231 form, quoted RFC 2047 encoded words (as Outlook and
+    Gmail write non-ASCII names; before, "=?UTF-8?B?aW52b2ljZS5leGU=?=" let an invoice.exe
+    through). Bug: a name split into RFC 2231 sections
     (filename*0="invoice"; filename*1=".exe", as mail clients write long names) or a quoted
     name holding ";" was not seen, and the .exe reached the recipient; a name holding a control
     character made the notice's header invalid, and every attempt ended in a tempfail."""
@@ -89,6 +91,10 @@ def test_sizepolicy_finds_attachment_names_in_every_form_of_the_parameters(postf
             "encoded sections", part + b"\r\n filename*0*=UTF-8''inv%C3%A9;\r\n filename*1*=%2Eexe\r\n"),
         "semicolon": with_attachment("semicolon", part + b' filename="a;b.exe"\r\n'),
         "control": with_attachment("control", part + b' filename="a\x1bb.exe"\r\n'),
+        "rfc2047": with_attachment("rfc2047", part + b' filename="=?UTF-8?B?aW52b2ljZS5leGU=?="\r\n'),
+        "rfc2047 words": with_attachment(
+            "rfc2047 words", b'Content-Type: application/octet-stream;\r\n name="=?ISO-8859-1?Q?R=E9sum=E9?=\r\n'
+            b' =?UTF-8?Q?_final=2Escr?="\r\n'),
         "nested": message("nested", b'MIME-Version: 1.0\r\nContent-Type: multipart/mixed; boundary="BB"\r\n', nested),
         "own header": message("own header", b'MIME-Version: 1.0\r\nContent-Type: application/octet-stream;\r\n'
                               b'\tname="own.exe"\r\nContent-Transfer-Encoding: base64\r\n', b"TVqQAAMAAAAEAAAA\r\n"),
@@ -105,6 +111,8 @@ def test_sizepolicy_finds_attachment_names_in_every_form_of_the_parameters(postf
         "encoded sections": ['body removed (attachment "inv?.exe" is not allowed)'],
         "semicolon": ['body removed (attachment "a;b.exe" is not allowed)'],
         "control": ['body removed (attachment "a?b.exe" is not allowed)'],
+        "rfc2047": ['body removed (attachment "invoice.exe" is not allowed)'],
+        "rfc2047 words": ['body removed (attachment "R?sum? final.scr" is not allowed)'],
         "nested": ['body removed (attachment "deep.scr" is not allowed)'],
         "own header": ['body removed (attachment "own.exe" is not allowed)'],
         "pdf": [],

@@ -13,7 +13,8 @@
 # Content-Type and Content-Disposition, both in the message's own headers
 # (header callback) and in the MIME part headers inside the body; a quoted
 # name may hold ";", and a name in RFC 2231 form (filename*=UTF-8''...,
-# or split into filename*0=, filename*1=, ...) is put together and decoded.
+# or split into filename*0=, filename*1=, ...) is put together and decoded,
+# and so is a quoted name in RFC 2047 form (filename="=?UTF-8?B?...?=").
 #
 # The body arrives in blocks of up to 64 KB; the body callback collects them
 # with setpriv and the checks run at end of message (the only place where a
@@ -39,7 +40,7 @@
 # and in Postfix's main.cf:  smtpd_milters = unix:/var/run/sizepolicy.sock
 #
 
-package require Tcl 8.4
+package require Tcl 8.6
 package require TclMilter 1.0
 
 # Configuration
@@ -80,7 +81,9 @@ proc file_names { field } {
             regsub -all {\\(.)} [string range $value 1 end-1] {\1} value
         }
         set value [string trim $value]
-        if {$section == ""} {
+        if {$section == "" && $extended == ""} {
+            lappend names [rfc2047_decoded $value]
+        } elseif {$section == ""} {
             lappend names [rfc2231_decoded $extended $value 1 charset]
         } else {
             # one section of a split value: put together below, in the order of their numbers
@@ -115,17 +118,52 @@ proc rfc2231_decoded { extended value first charsetVar } {
     return [percent_decoded $value $charset]
 }
 
-# The text of an RFC 2231 value: %XX escapes are bytes in the given charset
+# A quoted name written as RFC 2047 encoded words (filename="=?UTF-8?B?...?="):
+# RFC 2047 does not allow them there, but Outlook and Gmail write non-ASCII
+# names so and every mail client reads them, so "=?UTF-8?B?aW52b2ljZS5leGU=?="
+# is an invoice.exe. White space between two encoded words is no part of the
+# name. (binary decode is Tcl 8.6's.)
 
-proc percent_decoded { text charset } {
+proc rfc2047_decoded { text } {
+    set name ""
+    set words 0
+    while {[regexp {^(.*?)=\?([^?]+)\?([BbQq])\?([^?]*)\?=(.*)$} $text \
+            -> before charset kind data text]} {
+        if {!$words || [string trim $before] != ""} {
+            append name $before
+        }
+        set charset [string tolower $charset]
+        if {[string equal -nocase $kind b]} {
+            if {[catch {binary decode base64 $data} bytes]} {
+                set bytes $data
+            }
+            append name [in_charset $bytes $charset]
+        } else {
+            append name [percent_decoded [string map {_ " "} $data] $charset =]
+        }
+        set words 1
+    }
+    return $name$text
+}
+
+# The text of an RFC 2231 value: %XX escapes are bytes in the given charset
+# (and of an RFC 2047 Q-encoded word: =XX)
+
+proc percent_decoded { text charset {escape %} } {
     set bytes ""
-    while {[regexp -indices {%[0-9A-Fa-f][0-9A-Fa-f]} $text at]} {
+    while {[regexp -indices "$escape\[0-9A-Fa-f\]\[0-9A-Fa-f\]" $text at]} {
         set i [lindex $at 0]
         append bytes [string range $text 0 [expr {$i - 1}]]
         append bytes [format %c [scan [string range $text [expr {$i + 1}] [expr {$i + 2}]] %x]]
         set text [string range $text [expr {$i + 3}] end]
     }
     append bytes $text
+    return [in_charset $bytes $charset]
+}
+
+# Bytes as text of the given charset, when Tcl knows it
+
+proc in_charset { bytes charset } {
     set encoding [string map {iso- iso us-ascii ascii} $charset]
     if {$encoding != "" && [lsearch -exact [encoding names] $encoding] >= 0} {
         return [encoding convertfrom $encoding $bytes]
