@@ -356,6 +356,30 @@ def test_a_session_after_quit_nc_without_its_connect_does_not_name_the_previous_
     assert "first.example" not in second and "client=-" in second, second
 
 
+@pytest.mark.parametrize("end", [b"Q", b""])
+def test_each_session_after_quit_nc_gets_its_close_callback_without_connect_callbacks(end):
+    """Without a connect callback the MTA skips CONNECT (SMFIP_NOCONNECT), so the second SMTP
+    session on a connection after QUIT_NC begins at HELO: its QUIT or EOF ran no close callback,
+    and a filter's per-session cleanup (counters, files, private data) never ran for it."""
+    m, closed = make_milter(), []
+    m.register("helo", lambda ctx, helo: ctx.setpriv("helo", helo) and CONTINUE)
+    m.register("close", lambda ctx: closed.append(ctx.getpriv("helo", None)) or CONTINUE)
+    mta = InProcessMTA(m)
+    mta.optneg()
+    for helo in ("first.example", "second.example"):
+        assert mta.command(b"H", z(helo)) == C
+        assert mta.command(b"M", z("<a@example.org>")) == C
+        assert mta.command(b"R", z("<b@example.org>")) == C
+        assert mta.command(b"E") == C
+        if helo == "first.example":
+            assert mta.command(b"K") == []
+    if end:
+        mta.send(end)
+    else:
+        mta.engine.connection_lost()
+    assert closed == ["first.example", "second.example"]
+
+
 def test_a_connection_verdict_ends_with_its_session_at_quit_nc_without_connect_callbacks(caplog):
     """Without a connect callback the MTA skips CONNECT (SMFIP_NOCONNECT), and the engine's state
     for the session went back to undecided only at CONNECT: a reject at HELO of one session left

@@ -706,6 +706,28 @@ def test_eof_right_after_quit_nc_adds_no_second_closed() -> None:
     assert s.teardown("eof") == []
 
 
+@pytest.mark.parametrize("end", [ev.Quit(), None])
+def test_a_session_after_quit_nc_whose_connect_is_skipped_gets_its_own_closed(end: ev.Event | None) -> None:
+    """Without a connect callback (SMFIP_NOCONNECT) the next session after QUIT_NC starts at HELO
+    or MAIL: its QUIT or EOF must still run the close callback (libmilter's QUIT does), or the
+    filter's per-session cleanup never runs for it."""
+    s = start(Wants(events=ALL_EVENTS - {"connect"}))
+    first, _ = run(s, cmds(HELO, MAIL, RCPT, EOM, ev.QuitNewConnection()))
+    assert first[-1] == ev.Closed("quit_nc")
+    events, _ = run(s, cmds(HELO, MAIL, RCPT, EOM) + (cmds(end) if end is not None else b""))
+    if end is None:
+        s.receive_data(b"")
+        events += run(s)[0]
+    assert events == [HELO, MAIL, RCPT, EOM, ev.Closed("quit" if end is not None else "eof")]
+
+
+def test_quit_right_after_quit_nc_adds_no_second_closed() -> None:
+    s = start(Wants(events=ALL_EVENTS - {"connect"}))
+    events, _ = run(s, cmds(HELO, MAIL, RCPT, EOM, ev.QuitNewConnection(), ev.Quit()))
+    assert events == [HELO, MAIL, RCPT, EOM, ev.Closed("quit_nc")]
+    assert s.ended == "quit"
+
+
 def test_quit_nc_after_unknown_is_accepted() -> None:
     s = start()
     events, _ = run(s, cmds(CONNECT, ev.Unknown("X"), ev.QuitNewConnection(), CONNECT))

@@ -196,6 +196,10 @@ class FilterSession:
         if self._clear_after_quit_nc:  # libmilter clears after the close callback, so later
             self._clear_after_quit_nc = False
             self.macros.clear()
+            if type(event) is not Quit:
+                # The next SMTP session has begun, and its CONNECT (which would) may be skipped
+                # (SMFIP_NOCONNECT): it gets its own close all the same, as libmilter's QUIT gives.
+                self._closed_emitted = False
         if type(event) is Macro:
             self.macros.define(event.stage, event.macros)
             return event if self.emit_macros else None
