@@ -850,6 +850,17 @@ def test_single_letter_names_match_their_braced_form_and_back() -> None:
     assert m.get("i") == "from-rcpt"
 
 
+@pytest.mark.parametrize("emit_macros", [True, False])
+def test_the_first_pair_of_a_packet_that_names_a_macro_wins(emit_macros: bool) -> None:
+    """libmilter walks a stage's pairs in order and takes the first whose name is the one asked
+    for or, for a one-letter macro, its other form. Here the exact spelling won wherever it stood,
+    and of two pairs with one name the last: `i` and `{i}` in one packet gave each its own value."""
+    s = start(emit_macros=emit_macros)
+    packet = b"C" + b"".join(p + b"\0" for p in (b"{j}", b"first", b"j", b"second", b"v", b"one", b"v", b"two"))
+    run(s, struct.pack("!I", len(packet) + 1) + b"D" + packet + cmds(CONNECT))
+    assert [s.macros.get(name) for name in ("j", "{j}", "v")] == ["first", "first", "one"]
+
+
 # ---------------------------------------------------------------- negotiation (4.4)
 
 

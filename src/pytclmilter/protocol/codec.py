@@ -196,8 +196,12 @@ class LazyMacros(Mapping[str, str]):
             parts = self._raw.split(b"\0")
             if parts and parts[-1] == b"":
                 parts.pop()
-            # An odd name without a value is dropped, as libmilter's lookup stops there.
-            self._decoded = {text(parts[i]): text(parts[i + 1]) for i in range(0, len(parts) - 1, 2)}
+            # An odd name without a value is dropped, as libmilter's lookup stops there. Of two
+            # pairs with one name the first counts, as libmilter's lookup finds it first.
+            pairs: dict[str, str] = {}
+            for i in range(0, len(parts) - 1, 2):
+                pairs.setdefault(text(parts[i]), text(parts[i + 1]))
+            self._decoded = pairs
         return self._decoded
 
     @property

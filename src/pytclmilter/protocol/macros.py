@@ -30,6 +30,12 @@ def letter_of(name: str) -> str:
     return name[1] if len(name) == 3 and name[0] == "{" and name[2] == "}" else name
 
 
+def _first_of(slot: Mapping[str, str], name: str, alt: str) -> str:
+    """Which of two names a stage's packet has first (libmilter walks the pairs in order and takes
+    the first that matches either form of a one-letter name)."""
+    return next(key for key in slot if key == name or key == alt)
+
+
 class MacroStore:
     __slots__ = ("_slots",)
 
@@ -71,7 +77,8 @@ class MacroStore:
         self._slots.clear()
 
     def get(self, name: str) -> str | None:
-        """smfi_getsymval: ``i`` also finds ``{i}`` and the reverse; long names only exactly."""
+        """smfi_getsymval: ``i`` also finds ``{i}`` and the reverse, whichever pair of the stage
+        comes first; long names only exactly."""
         alt = None
         if len(name) == 1:
             alt = "{" + name + "}"
@@ -83,8 +90,10 @@ class MacroStore:
             if slot is None:
                 continue
             value = slot.get(name)
-            if value is None and alt is not None:
-                value = slot.get(alt)
+            if alt is not None:
+                other = slot.get(alt)
+                if other is not None and (value is None or _first_of(slot, name, alt) == alt):
+                    value = other
             if value is not None:
                 return value
         return None
