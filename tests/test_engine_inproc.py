@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 
 from pytclmilter import ACCEPT, CONTINUE, DISCARD, NOREPLY, REJECT, SKIP, TEMPFAIL
-from support.engine import ALL_PROTO, P_NR_HDR, P_SKIP, InProcessMTA, frame, make_milter, z
+from support.engine import ALL_PROTO, P_NR_HDR, P_SKIP, InProcessMTA, RawMTA, frame, make_milter, z
 
 LOG = "pytclmilter"
 C = [(b"c", b"")]  # continue
@@ -335,6 +335,20 @@ def test_quit_nc_forgets_the_sessions_private_data_and_sender(caplog):
     assert seen == [None, None]
     (verdict,) = [t for t in messages(caplog, logging.INFO) if "verdict reject" in t]
     assert "first@example.org" not in verdict and "from=-" in verdict, verdict
+
+
+@pytest.mark.parametrize("family, address, port", [(b"L", "/var/run/smtpd", 0), (b"4", "192.0.2.7", 4321),
+                                                  (b"6", "2001:db8::7", 4321)])
+def test_a_unix_client_has_port_0_whatever_the_connect_carried(family: bytes, address: str, port: int) -> None:
+    """The connect callbacks got the port field of a unix client's CONNECT (an MTA may put any
+    number there); libmilter hands filters a unix address as a sockaddr_un, which has none, and
+    the addrInfo of docs/tcl-reference.md has 0 for unix."""
+    m, seen = make_milter(), []
+    m.register("connect", lambda ctx, host, info: seen.append(info) or CONTINUE)
+    mta = InProcessMTA(m)
+    mta.optneg()
+    assert mta.command(b"C", RawMTA.connect_payload("client.example", family, 4321, address)) == C
+    assert seen == [{"family": {b"L": "unix", b"4": "inet", b"6": "inet6"}[family], "address": address, "port": port}]
 
 
 def test_a_session_after_quit_nc_without_its_connect_does_not_name_the_previous_client(caplog):

@@ -132,8 +132,12 @@ _ROUTINE_ENDS: Final = frozenset({"eof", "quit"})
 
 
 def address_info(e: Connect) -> dict[str, Any]:
-    """The client address as TclMilter's addrInfo dict: family, address, port."""
-    return {"family": _family_name(e.family), "address": e.address, "port": e.port}
+    """The client address as TclMilter's addrInfo dict: family, address, port.
+
+    A unix socket's address has no port (libmilter hands its filters a sockaddr_un), so its port
+    is 0 whatever the CONNECT carried."""
+    port = e.port if e.family is Family.INET or e.family is Family.INET6 else 0
+    return {"family": _family_name(e.family), "address": e.address, "port": port}
 
 
 def _family_name(family: Family) -> str:
