@@ -850,6 +850,23 @@ def test_single_letter_names_match_their_braced_form_and_back() -> None:
     assert m.get("i") == "from-rcpt"
 
 
+@pytest.mark.parametrize("before", [(), (ev.Unknown("XFOO"),)])
+@pytest.mark.parametrize("command", [HELO, MAIL])
+def test_the_abort_of_a_message_a_command_interrupts_sees_the_message_macros(
+        before: tuple[ev.Event, ...], command: ev.Event) -> None:
+    """HELO or MAIL in the middle of a message (Postfix sends such a HELO), also after an unknown
+    command there, first aborts it, and libmilter's abort callback still sees the message's
+    macros: the command clears them when it is handled. Here the clearing came before the abort
+    was delivered, so the abort callbacks saw no {rcpt_addr}."""
+    s = in_message()
+    run(s, cmds(ev.Macro(b"R", {"{rcpt_addr}": "b@example.com"}), RCPT, *before))
+    s.receive_data(cmds(command))
+    assert type(s.next_event()) is ev.Abort
+    assert s.macros.get("{rcpt_addr}") == "b@example.com"
+    assert type(s.next_event()) is not ev.Abort
+    assert s.macros.get("{rcpt_addr}") is None
+
+
 @pytest.mark.parametrize("emit_macros", [True, False])
 def test_the_first_pair_of_a_packet_that_names_a_macro_wins(emit_macros: bool) -> None:
     """libmilter walks a stage's pairs in order and takes the first whose name is the one asked

@@ -96,7 +96,7 @@ class FilterSession:
 
     __slots__ = ("emit_macros", "_state", "macros", "negotiated", "_proto", "_actions", "_reader", "_queue",
                  "_pending", "_pending_code", "_eof", "_closed_emitted", "_clear_after_quit_nc", "_before_unknown",
-                 "ignored", "ended")
+                 "_clear_on_delivery", "ignored", "ended")
 
     def __init__(self, emit_macros: bool = True) -> None:
         #: Also hand out Macro events (they are always stored in ``macros``); a driver that
@@ -114,6 +114,8 @@ class FilterSession:
         self._eof = False
         self._closed_emitted = False
         self._clear_after_quit_nc = False
+        #: The code of a command whose macro clearing waits until the abort queued before it is delivered.
+        self._clear_on_delivery = b""
         #: The state an UNKNOWN command interrupted: what may follow the unknown command.
         self._before_unknown = _INIT
         #: How many out-of-order commands that are never answered (ABORT, QUIT, QUIT_NC, macros)
@@ -245,7 +247,12 @@ class FilterSession:
         if type(event) is QuitNewConnection:
             self._clear_after_quit_nc = True  # the close callback still sees this session's macros
             return Closed("quit_nc")
-        self.macros.command(code)
+        if self._queue:
+            # An abort goes first, and its callbacks see the message's macros, as libmilter's,
+            # which clears at the command's own handling: cleared when this event is delivered.
+            self._clear_on_delivery = code
+        else:
+            self.macros.command(code)
         if type(event) is Connect:
             self._closed_emitted = False  # a new SMTP session: it gets its own close
         elif type(event) is EndOfMessage and event.chunk:
@@ -295,6 +302,9 @@ class FilterSession:
 
     def _deliver(self, event: Event) -> Event:
         t = type(event)
+        if self._clear_on_delivery and t is not Abort:
+            self.macros.command(self._clear_on_delivery)
+            self._clear_on_delivery = b""
         nr = _NR_OF_TYPE.get(t)
         if nr is None:  # Macro, Abort, Closed: nothing to answer
             if t is Closed:
