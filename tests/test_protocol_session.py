@@ -429,6 +429,18 @@ def test_commands_not_allowed_from_helo_are_refused(bad: ev.Event) -> None:
         s.next_event()
 
 
+def test_a_header_out_of_order_without_a_reply_is_dropped_silently() -> None:
+    """Under NR_HDR the MTA waits for no reply to a header, so one out of order is dropped, as
+    libmilter drops it (and as ABORT or QUIT_NC out of order are, §7.3); it ended the session,
+    as for a command the MTA waits on."""
+    s = start(Wants(no_reply=frozenset({"header"})))
+    assert s.negotiated.protocol & Proto.NR_HDR
+    run(s, cmds(CONNECT, HELO))
+    events, out = run(s, cmds(HEADER, HEADER))
+    assert events == [] and out == b"" and s.ignored == 2
+    assert run(s, cmds(MAIL))[0] == [MAIL]
+
+
 def test_second_option_negotiation_is_refused() -> None:
     s = start()
     s.receive_data(encode_command(POSTFIX_OFFER))

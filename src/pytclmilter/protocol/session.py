@@ -69,6 +69,7 @@ _NR_OF_TYPE: Final[dict[type, int]] = {c.event: int(c.no_reply) for c in COMMAND
 _CODE_OF: Final[dict[type, bytes]] = {c.event: c.code for c in COMMANDS if c.replied}
 _NR_HDR: Final = _NR_OF_TYPE[Header]
 _NEVER_REPLIED: Final = frozenset(c.code for c in COMMANDS if not c.replied)
+_NR_OF_CODE: Final[dict[bytes, int]] = {c.code: int(c.no_reply) for c in COMMANDS if c.replied}
 #: Commands a reject answers alone: the state stays (libmilter's CT_IGNO).
 _REJECT_KEEPS_STATE: Final = frozenset(c.code for c in COMMANDS if c.reject_keeps_state)
 _MACRO: Final = code_of(Macro)
@@ -118,8 +119,9 @@ class FilterSession:
         self._clear_on_delivery = b""
         #: The state an UNKNOWN command interrupted: what may follow the unknown command.
         self._before_unknown = _INIT
-        #: How many out-of-order commands that are never answered (ABORT, QUIT, QUIT_NC, macros)
-        #: were ignored, as libmilter ignores them (Postfix sends an ABORT after each finished message).
+        #: How many out-of-order commands that are not answered (ABORT, QUIT, QUIT_NC, macros, and
+        #: those under a negotiated no-reply bit) were ignored, as libmilter ignores them (Postfix
+        #: sends an ABORT after each finished message).
         self.ignored = 0
         #: Why the connection ended (teardown's reason), None while it lasts. After QUIT_NC the
         #: close event was already given, so a QUIT or EOF then ends it with no event: the
@@ -261,7 +263,8 @@ class FilterSession:
         return event
 
     def _refuse(self, code: bytes, was: int) -> None:
-        if code in _NEVER_REPLIED:
+        if code in _NEVER_REPLIED or self._proto & _NR_OF_CODE.get(code, 0):
+            # The MTA waits for no reply (a header under NR_HDR, say): ignored, as libmilter does.
             self.ignored += 1
             return
         # Before option negotiation, "after HELO" (the state libmilter falls back to) would be wrong.
