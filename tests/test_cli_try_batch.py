@@ -8,6 +8,7 @@ scripts treat differently. Driven through ``pexpect`` like the rest of tests/tes
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import mailbox
 import os
@@ -19,6 +20,7 @@ from pathlib import Path
 
 from test_cli import (BLACKLIST, DATA, GREYLIST, GREYLIST_STORE, PYTCLMILTER, ROOT, STAMP, cli,
                       without_root_privileges)
+from pytclmilter.client.archive import _read_at
 from support.tclrun import child_env
 
 import pexpect
@@ -121,6 +123,77 @@ def test_try_directory_reports_a_malformed_message_on_its_line_and_goes_on(tmp_p
         "summary: 5 messages: 1 accept, 1 reject, 3 not tried",
     ], out
     assert status == 2
+
+
+def test_try_does_not_send_a_message_with_a_nul_byte_in_its_header_section(tmp_path: Path) -> None:
+    """A NUL byte cannot be sent in a header (the protocol ends its strings with one): in a
+    directory or an mbox, a message with one in its header section is not tried; one with a NUL
+    in its body is sent as it is."""
+    in_header = b"From: a@example.org\nTo: b@example.com\nSubject: cut\0here\n\nbody\n"
+    in_body = b"From: a@example.org\nTo: b@example.com\nSubject: binary\n\nbo\0dy\n"
+    d = tmp_path / "archive"
+    d.mkdir()
+    (d / "nul-body.eml").write_bytes(in_body)
+    (d / "nul-header.eml").write_bytes(in_header)
+    box = write_mbox(tmp_path / "archive.mbox", in_body, in_header)
+    for source, first, second in ((d, "nul-body.eml", "nul-header.eml"), (box, "#1", "#2")):
+        status, out = cli("try", str(BLACKLIST), str(source))
+        assert output_lines(out) == [
+            f'{first}: accept at eom, 0 modifications; from <a@example.org>, subject "binary"',
+            f"{second}: error: a NUL byte in the header section",
+            "summary: 2 messages: 1 accept, 1 not tried",
+        ], out
+        assert status == 2
+
+
+def test_try_reads_crlf_messages_folded_headers_and_eml_in_any_case(tmp_path: Path) -> None:
+    """A directory's *.eml files in any case (X.EML too), messages with CRLF line ends (as saved
+    from an IMAP client) and headers folded with a tab are tried; a file of blank lines is an
+    empty message. A folded subject is shown unfolded."""
+    plain = (DATA / "plain.eml").read_bytes()
+    d = tmp_path / "archive"
+    d.mkdir()
+    (d / "CRLF.EML").write_bytes(plain.replace(b"\n", b"\r\n"))
+    (d / "blank.eml").write_bytes(b"\r\n\n \n")
+    (d / "folded.eml").write_bytes(b"From: a@example.org\nTo: b@example.com,\n\tc@example.com\n"
+                                   b"Subject: Lunch\n on Friday?\n\nbody\n")
+    status, out = cli("try", str(BLACKLIST), str(d))
+    assert output_lines(out) == [
+        PLAIN.replace("plain.eml", "CRLF.EML"),
+        "blank.eml: error: empty message",
+        'folded.eml: accept at eom, 0 modifications; from <a@example.org>, subject "Lunch on Friday?"',
+        "summary: 3 messages: 2 accept, 1 not tried",
+    ], out
+    assert status == 2
+
+
+def test_try_compare_counts_the_entries_it_ignored_once(tmp_path: Path) -> None:
+    """--compare lists the directory twice (once per script): the entries left out are counted once."""
+    d = archive_dir(tmp_path, "plain.eml")
+    (d / "notes.txt").write_text("not a message\n")
+    status, out = cli("try", str(BLACKLIST), str(d), "--compare", str(BLACKLIST))
+    assert output_lines(out) == [
+        f"pytclmilter try: {d}: 1 entry ignored (only regular *.eml files directly in the directory are read; "
+        "symbolic links are not followed)",
+        "summary: 1 message, 0 differ",
+    ], out
+    assert status == 0
+
+
+def test_a_file_of_a_directory_is_opened_refusing_a_link_or_a_fifo(tmp_path: Path) -> None:
+    """The listing leaves out links and what is not a regular file; a name swapped after it (a
+    link to a file elsewhere, a FIFO) is refused when it is opened, never read or waited on."""
+    d = tmp_path / "archive"
+    d.mkdir()
+    (d / "link.eml").symlink_to(DATA / "plain.eml")
+    os.mkfifo(d / "fifo.eml")
+    dirfd = os.open(d, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        link, fifo = _read_at(dirfd, "link.eml"), _read_at(dirfd, "fifo.eml")
+    finally:
+        os.close(dirfd)
+    assert (link.raw, link.error) == (b"", os.strerror(errno.ELOOP))
+    assert (fifo.raw, fifo.error) == (b"", "not a regular file")
 
 
 def test_try_escapes_what_an_archive_puts_on_a_line(tmp_path: Path) -> None:
