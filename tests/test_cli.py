@@ -761,6 +761,27 @@ def test_try_starts_the_body_at_a_line_of_the_header_section_that_is_no_field(tm
     assert (saved.headers, saved.body) == ([("From", "a@example.org"), ("Subject", "cut")], b"<html>\r\n\r\nbody\r\n")
 
 
+def test_try_takes_the_headers_and_the_envelope_from_the_message_as_the_mta_does(tmp_path: Path) -> None:
+    """A header's name and value reach the filter as the MTA sends them: blanks before the colon
+    (RFC 5322's obsolete syntax) are dropped, and one space after it. Without --rcpt the
+    recipients are To, Cc and Bcc, else postmaster@localhost; --from is taken without the blanks
+    around it."""
+    (tmp_path / "m.eml").write_bytes(b"From: alice@example.org\nSubject :  two spaces\nTo: bob@example.com\n"
+                                     b"Cc: carol@example.com\nBcc: dave@example.com\n\nbody\n")
+    status, out = cli("try", str(BLACKLIST), str(tmp_path / "m.eml"), "--json")
+    doc = json_of(out)
+    assert status == 0, out
+    assert [s["detail"] for s in doc["stages"] if s["stage"] == "header"] == [
+        "From: alice@example.org", "Subject:  two spaces", "To: bob@example.com", "Cc: carol@example.com",
+        "Bcc: dave@example.com"], out
+    assert doc["message"]["recipients"] == ["<bob@example.com>", "<carol@example.com>", "<dave@example.com>"], out
+    (tmp_path / "n.eml").write_bytes(b"From: alice@example.org\nSubject: to nobody\n\nbody\n")
+    status, out = cli("try", str(BLACKLIST), str(tmp_path / "n.eml"), "--from", " erin@example.org ")
+    assert status == 0, out
+    assert "envfrom  <erin@example.org> -> continue" in out, out
+    assert "envelope: from <erin@example.org> to <postmaster@localhost>\n" in out, out
+
+
 def _greylist_sql(store: Path, sql: str) -> list[tuple[Any, ...]]:
     with sqlite3.connect(store) as db:
         return db.execute(sql).fetchall()
