@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import json
 import mailbox
 import os
 import re
@@ -211,6 +212,96 @@ def test_try_escapes_what_an_archive_puts_on_a_line(tmp_path: Path) -> None:
         "summary: 1 message: 1 accept",
     ], out
     assert status == 0
+
+
+#: Rejects the blacklist's spammer with a reply of two lines, holds every other message.
+HOLD_ALL = """package require TclMilter 1.0
+proc ef {ctx from} {
+    if {[string match *spammer* [lindex $from 0]]} {
+        $ctx setmlreply 550 5.7.1 "go away" "and stay away"
+        return SMFIS_REJECT
+    }
+    return SMFIS_CONTINUE
+}
+proc eom {ctx} { $ctx quarantine "held for review"; return SMFIS_CONTINUE }
+milter register envfrom ef
+milter register eom eom
+milter main
+"""
+
+
+def test_try_batch_lines_of_a_quarantine_a_reply_of_two_lines_and_a_message_without_subject(
+        tmp_path: Path) -> None:
+    """A quarantine is the verdict, with its reason, not a modification (exit 0: every message was
+    tried); the CRLF between the lines of a reply is escaped on its message's line; a message
+    without a subject is named by its Message-ID."""
+    d = archive_dir(tmp_path, "plain.eml", "blacklisted.eml")
+    (d / "no-subject.eml").write_bytes(b"From: a@example.org\nTo: b@example.com\nMessage-ID: <n.1@example.org>\n"
+                                       b"\nbody\n")
+    script = tmp_path / "hold.tcl"
+    script.write_text(HOLD_ALL)
+    status, out = cli("try", str(script), str(d))
+    assert output_lines(out) == [
+        r'blacklisted.eml: reject at envfrom "550-5.7.1 go away\r\n550 5.7.1 and stay away", 0 modifications; '
+        'from <spammer@spamdomain.com>, subject "You have won!!!"',
+        'no-subject.eml: quarantine at eom "held for review", 0 modifications; from <a@example.org>, '
+        "id <n.1@example.org>",
+        'plain.eml: quarantine at eom "held for review", 0 modifications; from <alice@example.org>, '
+        'subject "Lunch on Friday?"',
+        "summary: 3 messages: 1 reject, 2 quarantine",
+    ], out
+    assert status == 0
+
+
+#: A header longer than a milter packet (65535 bytes): the filter closes the connection.
+HUGE_HEADER = b"From: a@example.org\nTo: b@example.com\nSubject: huge\nX-Big: " + b"x" * 70000 + b"\n\nbody\n"
+BROKEN = r'tempfail at \w+ "milter failure: [^"]+", 0 modifications, error: .+'
+
+
+def test_try_batch_whose_conversation_with_the_filter_failed_exits_2(tmp_path: Path) -> None:
+    """A message whose conversation broke has its line with the error; the batch goes on and
+    exits 2, as for a message that could not be tried. --compare lists it even when both scripts
+    broke alike, and exits 2 too."""
+    d = archive_dir(tmp_path, "plain.eml")
+    (d / "huge.eml").write_bytes(HUGE_HEADER)
+    status, out = cli("try", str(BLACKLIST), str(d), "--log-level", "error")  # (not its warning)
+    lines = output_lines(out)
+    assert re.fullmatch(rf'huge\.eml: {BROKEN}; from <a@example\.org>, subject "huge"', lines[0]), out
+    assert lines[1:] == [PLAIN, "summary: 2 messages: 1 accept, 1 tempfail"], out
+    assert status == 2
+    status, out = cli("try", str(BLACKLIST), str(d), "--compare", str(BLACKLIST), "--log-level", "error")
+    lines = output_lines(out)
+    assert lines[0] == 'huge.eml: from <a@example.org>, subject "huge"', out
+    assert all(re.fullmatch(rf"  {re.escape(str(BLACKLIST))}: {BROKEN}", line) for line in lines[1:3]), out
+    assert re.fullmatch(r"summary: 2 messages, [01] differs?", lines[3]) and len(lines) == 4, out
+    assert status == 2
+
+
+def test_try_a_new_body_longer_than_a_packet_is_one_modification_of_the_whole_body(tmp_path: Path) -> None:
+    """A script's new body goes out in packets of 65535 bytes: on a batch's line and in --compare
+    it is one replacebody, its length and digest those of the whole body, and one message's
+    report shows all of it."""
+    big = (DATA / "big.eml").read_bytes()
+    assert len(crlf_body(big)) > 2 * 65535
+    d = archive_dir(tmp_path, "big.eml")
+    echo, nothing = tmp_path / "echo.tcl", tmp_path / "nothing.tcl"
+    echo.write_text(ECHO_BODY)
+    nothing.write_text(NOTHING)
+    status, out = cli("try", str(echo), str(d), "--compare", str(nothing))
+    assert output_lines(out) == [
+        'big.eml: from <carol@example.org>, subject "Quarterly report (scanned)"',
+        f"  {echo}:    accept at eom, 1 modification",
+        f"      {replacebody(crlf_body(big))}",
+        f"  {nothing}: accept at eom, 0 modifications",
+        "summary: 1 message, 1 differs",
+    ], out
+    assert status == 1
+    # (through a pipe: a pty mangles a line this long)
+    proc = subprocess.run([*PYTCLMILTER, "try", str(echo), str(DATA / "big.eml"), "--json"], env=child_env(),
+                          capture_output=True, timeout=30)
+    assert proc.returncode == 0, proc.stderr
+    text = json.loads(proc.stdout)["message"]["text"].encode()
+    assert text.endswith(b"\r\n\r\n" + crlf_body(big)), text[-300:]
 
 
 # ============================================================================ an mbox
@@ -489,6 +580,44 @@ def test_try_compare_one_message_shows_the_header_edits_that_differ(tmp_path: Pa
     assert lines[4].startswith("      addheader X-Checked-By: Stamp on pytclmilter.localhost")
     assert lines[5:] == ["summary: 1 message, 1 differs"]
     assert status == 1
+
+
+def test_try_compare_counts_a_modification_made_twice(tmp_path: Path) -> None:
+    """A header one script adds twice and the other once: the second one is what differs."""
+    twice, once = tmp_path / "twice.tcl", tmp_path / "once.tcl"
+    eom = "package require TclMilter 1.0\nproc eom {ctx} {\n%s    return SMFIS_CONTINUE\n}\nmilter register eom eom\nmilter main\n"
+    twice.write_text(eom % ("    $ctx addheader X-Tag yes\n" * 2))
+    once.write_text(eom % "    $ctx addheader X-Tag yes\n")
+    status, out = cli("try", str(twice), str(DATA / "plain.eml"), "--compare", str(once))
+    assert output_lines(out) == [
+        f'{DATA / "plain.eml"}: from <alice@example.org>, subject "Lunch on Friday?"',
+        f"  {twice}: accept at eom, 2 modifications",
+        "      addheader X-Tag: yes",
+        f"  {once}:  accept at eom, 1 modification",
+        "summary: 1 message, 1 differs",
+    ], out
+    assert status == 1
+
+
+def test_try_compare_escapes_the_file_names_of_an_archive(tmp_path: Path) -> None:
+    """A file name is printed escaped on every kind of line: a message that differs, one that
+    could not be tried."""
+    d = tmp_path / "archive"
+    d.mkdir()
+    (d / "evil\nsummary: 0 messages.eml").write_bytes((DATA / "blacklisted.eml").read_bytes())
+    (d / "notes\x1b[2J.eml").write_text("Shopping list\n\nmilk, eggs\n")
+    nothing = tmp_path / "nothing.tcl"
+    nothing.write_text(NOTHING)
+    status, out = cli("try", str(BLACKLIST), str(d), "--compare", str(nothing))
+    width = max(len(str(BLACKLIST)), len(str(nothing))) + 1
+    assert output_lines(out) == [
+        r'evil\nsummary: 0 messages.eml: from <spammer@spamdomain.com>, subject "You have won!!!"',
+        f"  {str(BLACKLIST) + ':':{width}} reject at envfrom, 0 modifications",
+        f"  {str(nothing) + ':':{width}} accept at eom, 0 modifications",
+        r"notes\x1b[2J.eml: error: no header fields (the first line is not NAME: value)",
+        "summary: 2 messages, 1 differs, 1 not tried",
+    ], out
+    assert status == 2
 
 
 def test_try_batch_usage_errors(tmp_path: Path) -> None:
