@@ -733,6 +733,50 @@ def test_try_json_shows_the_edited_message() -> None:
     assert doc["message"]["recipients"] == ["<bob@example.com>"]
 
 
+#: Discards the blacklist's spammer; holds every other message, its envelope changed, addresses
+#: given without angle brackets.
+DISCARD_OR_HOLD = """package require TclMilter 1.0
+proc ef {ctx from} {
+    if {[string match *spammer* [lindex $from 0]]} { return SMFIS_DISCARD }
+    return SMFIS_CONTINUE
+}
+proc eom {ctx} {
+    $ctx quarantine "held for review"
+    $ctx delrcpt bob@example.com
+    $ctx addrcpt dave@example.com
+    $ctx chgfrom carol@example.com
+    return SMFIS_CONTINUE
+}
+milter register envfrom ef
+milter register eom eom
+milter main
+"""
+
+
+def test_try_exit_statuses_and_reports_of_a_discarded_and_a_quarantined_message(tmp_path: Path) -> None:
+    """docs/cli.md: a discarded message exits 3 and is not shown; a quarantined one exits 4 and
+    is shown as the MTA holds it (its reason, its envelope changes: a recipient deleted or added
+    and a sender changed without angle brackets are the MTA's addresses with them)."""
+    script = tmp_path / "discard-or-hold.tcl"
+    script.write_text(DISCARD_OR_HOLD)
+    status, out = cli("try", str(script), str(DATA / "blacklisted.eml"))
+    assert status == 3, out
+    assert "verdict: discard at envfrom\n" in out and "--- resulting message ---" not in out, out
+    status, out = cli("try", str(script), str(DATA / "blacklisted.eml"), "--json")
+    doc = json_of(out)
+    assert (status, doc["verdict"], doc["exit_status"], "message" in doc) == (3, "discard", 3, False), out
+    status, out = cli("try", str(script), str(DATA / "plain.eml"))
+    assert status == 4, out
+    assert 'verdict: quarantine at eom "held for review"\n' in out, out
+    assert "envelope: from <carol@example.com> to <dave@example.com>\n" in out, out
+    assert resulting_message(out).startswith("Return-Path: <alice@example.org>\n"), out
+    status, out = cli("try", str(script), str(DATA / "plain.eml"), "--json")
+    doc = json_of(out)
+    assert (status, doc["verdict"], doc["reply"], doc["exit_status"]) == (4, "quarantine", "held for review", 4), out
+    assert doc["message"]["quarantine"] == "held for review", out
+    assert (doc["message"]["sender"], doc["message"]["recipients"]) == ("<carol@example.com>", ["<dave@example.com>"])
+
+
 def test_try_shows_the_headers_no_filter_changed_as_the_message_has_them(tmp_path: Path) -> None:
     """Bug: every header was shown rewritten as `Name: value`, so a tab or no space after the
     colon, or an empty value, came out altered (`Subject: \tHi`), although the MTA delivers a
