@@ -30,12 +30,14 @@ import subprocess
 import tempfile
 import threading
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import pexpect
 import pytest
 
+from pytclmilter.client.load import LoadResult
 from pytclmilter.client.message import Message
 from support.engine import frame, parse_frames
 from support.postfix import free_port
@@ -1305,6 +1307,25 @@ def test_send_count_with_json_prints_the_load_summary_as_json(serve: Callable[..
     assert error.startswith(f"cannot connect to inet:{port}@127.0.0.1") and times == 3, out
 
 
+def test_send_load_summary_percentiles_and_most_frequent_errors() -> None:
+    """The summary's figures (client/load.py): percentiles by nearest rank over the latencies, the
+    five most frequent errors on the text line, all of them most frequent first in JSON."""
+    result = LoadResult(10, 3.0, latencies=[n / 1000 for n in range(10, 0, -1)],
+                        verdicts=Counter({"tempfail": 8, "accept": 2}),
+                        errors=Counter({f"error {n}": n for n in range(1, 7)}))
+    assert result.summary().splitlines() == [
+        "messages: 10 in 3.00 s = 3 messages/s",
+        "latency ms: p50 5.00  p90 9.00  p99 10.00  max 10.00",
+        "verdicts: accept=2, tempfail=8",
+        "errors: 6x error 6; 5x error 5; 4x error 4; 3x error 3; 2x error 2",
+    ]
+    doc = result.as_dict()
+    assert doc["latency_ms"] == {"p50": 5.0, "p90": 9.0, "p99": 10.0, "max": 10.0}
+    assert list(doc["errors"].items()) == [(f"error {n}", n) for n in range(6, 0, -1)]
+    assert list(doc["verdicts"]) == ["accept", "tempfail"]
+    assert (doc["messages_per_second"], doc["seconds"]) == (3.3, 3.0)
+
+
 def test_send_to_nothing_is_a_tempfail_with_the_reason() -> None:
     port = free_port()
     status, out = cli("send", "--connection", f"inet:{port}@127.0.0.1", str(DATA / "plain.eml"))
@@ -1334,6 +1355,48 @@ def test_send_to_a_filter_that_never_answers_says_where_it_waited() -> None:
         status, out = cli("send", "--connection", f"inet:{port}@127.0.0.1", "--timeout", "0.5", str(DATA / "plain.eml"))
     assert status == 2
     assert "error: no reply from the filter within 0.5 s (waiting at option negotiation)" in out, out
+
+
+def test_send_to_an_inet6_spec_without_a_host_connects_to_the_ipv6_loopback() -> None:
+    """`inet6:PORT` without a host is the IPv6 loopback, ::1 (as `inet:PORT` is 127.0.0.1)."""
+    with socket.create_server(("::1", 0), family=socket.AF_INET6) as silent:  # queues, never answers
+        port = silent.getsockname()[1]
+        status, out = cli("send", "--connection", f"inet6:{port}", "--timeout", "0.5", str(DATA / "plain.eml"))
+    assert status == 2
+    assert "error: no reply from the filter within 0.5 s (waiting at option negotiation)" in out, out
+
+
+def test_send_to_a_filter_whose_listen_queue_is_full_cannot_connect() -> None:
+    """A filter that accepts no more connections (its listen queue full, its SYNs dropped): the
+    connection attempt ends at --timeout, said in those words (asyncio's TimeoutError has none)."""
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen(0)
+        port = busy.getsockname()[1]
+        queued = [socket.socket() for _ in range(3)]
+        try:
+            for sock in queued:
+                sock.setblocking(False)
+                with contextlib.suppress(BlockingIOError):
+                    sock.connect(("127.0.0.1", port))
+            status, out = cli("send", "--connection", f"inet:{port}@127.0.0.1", "--timeout", "0.5",
+                              str(DATA / "plain.eml"))
+        finally:
+            for sock in queued:
+                sock.close()
+    assert status == 2
+    assert f"error: cannot connect to inet:{port}@127.0.0.1: no answer within 0.5 s\nverdict: tempfail at -\n" in out, out
+
+
+def test_send_count_prints_its_progress_on_stderr_and_the_summary_alone_on_stdout() -> None:
+    """Progress is for the person watching; standard output carries the summary alone, so that
+    `send --count N --json | jq` reads one document."""
+    port = free_port()
+    proc = subprocess.run([*PYTCLMILTER, "send", "--connection", f"inet:{port}@127.0.0.1", str(DATA / "plain.eml"),
+                           "--count", "3", "--json"], env=child_env(None), capture_output=True, text=True, timeout=30)
+    assert proc.returncode == 1, proc.stderr
+    assert json.loads(proc.stdout)["verdicts"] == {"tempfail": 3}, proc.stdout
+    assert re.search(r"3/3 messages, \d+ messages/s\n$", proc.stderr), repr(proc.stderr)
 
 
 def test_run_names_the_metrics_option_in_its_errors() -> None:
