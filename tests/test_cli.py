@@ -1388,6 +1388,34 @@ def test_send_to_a_filter_whose_listen_queue_is_full_cannot_connect() -> None:
     assert f"error: cannot connect to inet:{port}@127.0.0.1: no answer within 0.5 s\nverdict: tempfail at -\n" in out, out
 
 
+def test_send_to_a_unix_socket_whose_listen_queue_is_full_says_so(tmp_path: Path) -> None:
+    """A unix socket whose listen queue is full refuses a connection at once (EAGAIN), and Postfix
+    says so ("Resource temporarily unavailable"). asyncio took it for a connection under way, and
+    `send` reported "tempfail at negotiate" with "[Errno 22] Invalid argument", as if a filter
+    had been reached and had broken the protocol."""
+    path = tmp_path / "busy.sock"
+    with socket.socket(socket.AF_UNIX) as busy:
+        busy.bind(str(path))
+        busy.listen(0)
+        queued: list[socket.socket] = []
+        try:
+            while True:  # until the queue is full
+                sock = socket.socket(socket.AF_UNIX)
+                queued.append(sock)
+                sock.setblocking(False)
+                try:
+                    sock.connect(str(path))
+                except BlockingIOError:
+                    break
+            status, out = cli("send", "--connection", f"unix:{path}", "--timeout", "5", str(DATA / "plain.eml"))
+        finally:
+            for sock in queued:
+                sock.close()
+    assert status == 2
+    assert (f"error: cannot connect to unix:{path}: [Errno 11] Resource temporarily unavailable\n"
+            "verdict: tempfail at -\n") in out, out
+
+
 def test_send_count_prints_its_progress_on_stderr_and_the_summary_alone_on_stdout() -> None:
     """Progress is for the person watching; standard output carries the summary alone, so that
     `send --count N --json | jq` reads one document."""

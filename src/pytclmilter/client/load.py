@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import socket
 import sys
 import time
 from collections import Counter
@@ -16,9 +17,24 @@ from .message import Envelope, Message
 
 async def connect(spec: ConnSpec) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
     if spec.family == "unix":
-        return await asyncio.open_unix_connection(spec.path)
+        return await asyncio.open_unix_connection(sock=_unix_socket(spec.path))
     host = spec.host or ("127.0.0.1" if spec.family == "inet" else "::1")
     return await asyncio.open_connection(host, spec.port)
+
+
+def _unix_socket(path: str) -> socket.socket:
+    """A socket connected to ``path`` as Postfix connects to a milter: when the filter's listen
+    queue is full, the connection fails at once (EAGAIN, "Resource temporarily unavailable"; a
+    unix socket has no connection under way). asyncio's own connect took EAGAIN for one under
+    way, went on as if connected and failed at the first write with "Invalid argument"."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.setblocking(False)
+        sock.connect(path)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
 
 
 async def one(spec: ConnSpec, env: Envelope, msg: Message, timeout: float | None = 30.0) -> Outcome:
