@@ -1500,6 +1500,69 @@ def test_send_names_the_stage_a_conversation_broke_at(answer: bytes) -> None:
     assert (status, json_of(out)["stage"]) == (2, "eom"), out
 
 
+def test_send_verdicts_postfix_takes_at_helo_at_rcpt_and_at_end_of_message() -> None:
+    """A reject at HELO ends the session there (exit 1); a discard at RCPT discards the message
+    (exit 3), not one recipient; a SKIP at end of message is a continue: accepted (exit 0)."""
+    cases = [({b"H": [b"r"]}, 1, "reject at helo"), ({b"R": [b"d"]}, 3, "discard at envrcpt"),
+             ({b"E": [b"s"]}, 0, "accept at eom")]
+    for answers, expected, verdict in cases:
+        with scripted_milter(answers) as spec:
+            status, out = cli("send", "--connection", spec, str(DATA / "plain.eml"))
+        assert (status, f"\nverdict: {verdict}\n" in out) == (expected, True), out
+        assert "recipient" not in out, out
+    assert "envfrom" not in out.split("helo", 1)[0], out
+
+
+def test_send_reports_an_action_before_end_of_message_as_a_failure() -> None:
+    """Modifications come at end of message only; one sent earlier is a failure (Postfix: an
+    unexpected filter response), not an action."""
+    with scripted_milter({b"M": [b"hX-Early\0yes\0", b"c"]}) as spec:
+        status, out = cli("send", "--connection", spec, str(DATA / "plain.eml"))
+    assert status == 2, out
+    assert 'verdict: tempfail at envfrom "milter failure: AddHeader sent at envfrom, outside end of message"' in out, out
+
+
+def test_send_says_at_which_stage_it_waited_for_a_reply_in_vain() -> None:
+    with scripted_milter({b"E": []}) as spec:
+        status, out = cli("send", "--connection", spec, "--timeout", "0.5", str(DATA / "plain.eml"))
+    assert status == 2, out
+    assert "error: no reply from the filter within 0.5 s (waiting at eom)\n" in out, out
+
+
+#: What a script sees of the session: the macros of a stage it skipped, the queue id at RCPT,
+#: the client's address, and the QUIT that ends the session.
+SESSION_SEEN = """package require TclMilter 1.0
+proc ef {ctx from} { puts "seen: envfrom _=[$ctx getsymval _] daemon=[$ctx getsymval {{daemon_name}}]"; return SMFIS_CONTINUE }
+proc rc {ctx rcpt} { puts "seen: envrcpt i=[$ctx getsymval i]"; return SMFIS_CONTINUE }
+proc cl {ctx} { puts "seen: close"; return SMFIS_CONTINUE }
+milter register envfrom ef
+milter register envrcpt rc
+milter register close cl
+milter main
+"""
+
+
+def test_try_sends_the_macros_and_events_postfix_sends(tmp_path: Path) -> None:
+    """The connect macros reach a script that skips CONNECT (both MTAs send a skipped stage's
+    macros), `i` comes with RCPT, and the session ends with QUIT; an address with a colon is sent
+    as IPv6, with port 25."""
+    script = tmp_path / "session.tcl"
+    script.write_text(SESSION_SEEN)
+    status, out = cli("try", str(script), str(DATA / "plain.eml"), "--client-ip", "2001:db8::7", "--log-level", "debug")
+    assert status == 0, out
+    seen = [line for line in out.splitlines() if line.startswith("seen: ")]
+    assert seen == ["seen: envfrom _=localhost [2001:db8::7] daemon=pytclmilter", "seen: envrcpt i=4TRY0000001",
+                    "seen: close"], out
+    assert "conn#1: closed (quit)" in out, out  # (its debug line; "closed (eof)" without QUIT)
+    (tmp_path / "connect.tcl").write_text(
+        "package require TclMilter 1.0\n"
+        "proc cn {ctx host addr} { puts \"seen: connect $host {$addr}\"; return SMFIS_CONTINUE }\n"
+        "milter register connect cn\nmilter main\n")
+    status, out = cli("try", str(tmp_path / "connect.tcl"), str(DATA / "plain.eml"), "--client-ip", "2001:db8::7")
+    assert status == 0, out
+    assert "seen: connect localhost {family inet6 address 2001:db8::7 port 25}" in out, out
+
+
 def test_send_shows_the_filters_text_without_controls_that_could_forge_a_line() -> None:
     """What a filter sends (a reply text, a header it adds) reaches the report with its control
     characters escaped, as logs and `try` on an archive write them: it can neither start a line
