@@ -1500,6 +1500,16 @@ def test_send_names_the_stage_a_conversation_broke_at(answer: bytes) -> None:
     assert (status, json_of(out)["stage"]) == (2, "eom"), out
 
 
+def test_send_counts_the_progress_packets_of_a_stage() -> None:
+    with scripted_milter({b"E": [b"p", b"p", b"c"]}) as spec:
+        status, out = cli("send", "--connection", spec, str(DATA / "plain.eml"))
+    assert status == 0, out
+    assert "\neom      -> continue [2 progress]\n" in out, out
+    with scripted_milter({b"E": [b"p", b"c"]}) as spec:
+        status, out = cli("send", "--connection", spec, str(DATA / "plain.eml"), "--json")
+    assert [s["progress"] for s in json_of(out)["stages"] if s["stage"] == "eom"] == [1], out
+
+
 def test_send_verdicts_postfix_takes_at_helo_at_rcpt_and_at_end_of_message() -> None:
     """A reject at HELO ends the session there (exit 1); a discard at RCPT discards the message
     (exit 3), not one recipient; a SKIP at end of message is a continue: accepted (exit 0)."""

@@ -675,3 +675,9 @@ def test_try_escapes_terminal_controls_in_the_report_of_one_message(tmp_path: Pa
     assert "\x1b" not in out and "\x07" not in out, repr(out)
     assert r"header   Subject: hi\x1b]0;owned\x07 -> " in out, out
     assert "\nSubject: hi\\x1b]0;owned\\x07\nX-Tab: a\tb\n\nbody\\x1b[2J" in out, out
+    # C1 controls (U+0080 to U+009F; U+009B is a CSI, as ESC [) written in UTF-8
+    message.write_bytes(b"From: mallory@example.com\r\nTo: bob@example.com\r\n\r\nbody\xc2\x9b2J\xc2\x85\r\n")
+    status, out = cli("try", str(BLACKLIST), str(message))
+    assert status == 0, out
+    assert "\x9b" not in out and "\x85" not in out, repr(out)
+    assert r"body\u009b2J\u0085" in out, out
