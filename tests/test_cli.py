@@ -1685,6 +1685,32 @@ def test_check_reports_a_callback_with_the_wrong_number_of_arguments(tmp_path: P
             "(context hostname addrInfo)") in out
 
 
+def test_check_counts_default_arguments_args_and_the_words_a_callback_is_registered_with(tmp_path: Path) -> None:
+    """A proc's arguments with defaults are optional, `args` takes any number, and the words
+    registered with the proc's name (`milter register envrcpt {rc tag}`) come first."""
+    fine = tmp_path / "fine.tcl"
+    fine.write_text("package require TclMilter 1.0\n"
+                    "proc hdr {ctx name value {extra x}} { return SMFIS_CONTINUE }\n"
+                    "proc body {ctx args} { return SMFIS_CONTINUE }\n"
+                    "proc rc {tag ctx rcpt} { return SMFIS_CONTINUE }\n"
+                    "milter register header hdr\nmilter register body body\nmilter register envrcpt {rc T}\n"
+                    "milter register eom {body x y}\nmilter main\n")
+    status, out = cli("check", str(fine))
+    assert status == 0 and "error" not in out, out
+    assert "  envrcpt   tcl    rc T\n" in out, out
+    broken = tmp_path / "broken.tcl"
+    broken.write_text("package require TclMilter 1.0\n"
+                      "proc rc {tag ctx} { return SMFIS_CONTINUE }\n"
+                      "proc eom {ctx a {b 1} args} { return SMFIS_CONTINUE }\n"
+                      "milter register envrcpt {rc T}\nmilter register eom eom\nmilter main\n")
+    status, out = cli("check", str(broken))
+    assert status == 1, out
+    assert (f'{broken}: error: envrcpt callback "rc T" does not accept the 2 arguments the event passes '
+            "(context rcptList)") in out, out
+    assert (f'{broken}: error: eom callback "eom" does not accept the 1 argument the event passes (context)'
+            in out), out
+
+
 def _arity_cases() -> list[tuple[str, Any, bool]]:
     """(event, callable, whether it takes what the event passes)."""
     async def eom(ctx, extra):  # one too many
