@@ -724,6 +724,16 @@ def test_try_json_has_the_same_verdict_as_the_text_report(script: Path, message:
         assert "message" not in doc
 
 
+def test_try_json_stages_say_null_for_no_reply_and_no_reply_text() -> None:
+    """docs/cli.md: a stage's reply is null when none was expected, its text null without one."""
+    status, out = cli("try", str(BLACKLIST), str(DATA / "blacklisted-from.eml"), "--json")
+    assert status == 1, out
+    stages = [(s["stage"], s["reply"], s["text"]) for s in json_of(out)["stages"]]
+    assert stages[0] == ("envfrom", "continue", None), stages
+    assert {(reply, text) for stage, reply, text in stages if stage == "header"} == {(None, None)}, stages
+    assert stages[-1][0] == "eom" and stages[-1][1] == "reject", stages
+
+
 def test_try_json_shows_the_edited_message() -> None:
     status, out = cli("try", str(STAMP), str(DATA / "plain.eml"), *CLIENT, "--json")
     assert status == 0
@@ -1332,6 +1342,10 @@ def test_send_to_nothing_is_a_tempfail_with_the_reason() -> None:
     assert status == 2
     assert f"error: cannot connect to inet:{port}@127.0.0.1" in out
     assert "verdict: tempfail" in out
+    status, out = cli("send", "--connection", f"inet:{port}@127.0.0.1", str(DATA / "plain.eml"), "--json")
+    doc = json_of(out)
+    assert (status, doc["verdict"], doc["exit_status"]) == (2, "tempfail", 2), out
+    assert doc["error"].startswith(f"cannot connect to inet:{port}@127.0.0.1: "), out
 
 
 def test_send_usage_errors() -> None:
@@ -1508,6 +1522,21 @@ def test_send_counts_the_progress_packets_of_a_stage() -> None:
     with scripted_milter({b"E": [b"p", b"c"]}) as spec:
         status, out = cli("send", "--connection", spec, str(DATA / "plain.eml"), "--json")
     assert [s["progress"] for s in json_of(out)["stages"] if s["stage"] == "eom"] == [1], out
+
+
+def test_send_reports_every_action_with_its_arguments_and_the_envelope_escaped() -> None:
+    """An inserted header with its index, ESMTP arguments of a new recipient and sender, and a
+    sender with a control character: escaped on the envelope line too."""
+    actions = [b"i" + struct.pack("!I", 1) + b"X-Ins\0ins\0", b"2<carol@example.com>\0NOTIFY=NEVER\0",
+               b"e<evil\x1b[2J@example.org>\0SIZE=100\0", b"c"]
+    with scripted_milter({b"E": actions}) as spec:
+        status, out = cli("send", "--connection", spec, str(DATA / "plain.eml"))
+    assert status == 0, out
+    assert "\x1b" not in out, repr(out)
+    assert ("           action: insheader at 1 X-Ins: ins\n"
+            "           action: addrcpt <carol@example.com> NOTIFY=NEVER\n"
+            "           action: chgfrom <evil\\x1b[2J@example.org> SIZE=100\n") in out, out
+    assert "envelope: from <evil\\x1b[2J@example.org> to <bob@example.com>, <carol@example.com>\n" in out, out
 
 
 def test_send_verdicts_postfix_takes_at_helo_at_rcpt_and_at_end_of_message() -> None:
