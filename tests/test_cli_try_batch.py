@@ -453,6 +453,43 @@ def test_try_batch_ends_where_the_script_stops_serving(tmp_path: Path) -> None:
     assert status == 2
 
 
+def test_try_batch_gives_each_message_its_queue_id_and_a_malformed_one_its_reason_after_a_stop(
+        tmp_path: Path) -> None:
+    """Message N of a batch has queue id 4TRY followed by N in 7 digits; once the script stopped
+    serving, a message that could not have been tried anyway keeps its own reason."""
+    script = tmp_path / "queue-ids.tcl"
+    script.write_text("package require TclMilter 1.0\n"
+                      "proc eom {ctx} { puts \"seen: i=[$ctx getsymval i]\"\n"
+                      "    if {[incr ::n] == 2} { milter stop }\n    return SMFIS_CONTINUE }\n"
+                      "milter register eom eom\nmilter main\n")
+    plain = (DATA / "plain.eml").read_bytes()
+    box = write_mbox(tmp_path / "archive.mbox", plain, plain, plain, b"Shopping list\n\nmilk, eggs\n")
+    status, out = cli("try", str(script), str(box))
+    assert [line.strip() for line in out.splitlines() if line.startswith("seen: ")] == [
+        "seen: i=4TRY0000001", "seen: i=4TRY0000002"], out
+    assert [line for line in output_lines(out) if not line.startswith(("seen: ", "#1: ", "#2: "))] == [
+        f"pytclmilter: {script} no longer serves ([Errno 2] No such file or directory): the messages from #3 "
+        "on were not tried",
+        "#3: error: not tried: the filter stopped serving",
+        "#4: error: no header fields (the first line is not NAME: value)",
+        "summary: 4 messages: 2 accept, 2 not tried",
+    ], out
+    assert status == 2
+
+
+def test_try_compare_counts_a_message_the_first_script_deleted_as_not_tried(tmp_path: Path) -> None:
+    """The directory is listed once per script: a file gone by the other's run (here the first
+    script deletes it) is counted, as not tried."""
+    d = archive_dir(tmp_path, "blacklisted.eml", "plain.eml")
+    deleter = tmp_path / "deleter.tcl"
+    deleter.write_text("package require TclMilter 1.0\n"
+                       f"proc ef {{ctx from}} {{ file delete {{{d / 'plain.eml'}}}; return SMFIS_CONTINUE }}\n"
+                       "milter register envfrom ef\nmilter main\n")
+    status, out = cli("try", str(deleter), str(d), "--compare", str(deleter))
+    assert output_lines(out) == ["summary: 2 messages, 0 differ, 1 not tried"], out
+    assert status == 2
+
+
 STOPPER = ("package require TclMilter 1.0\n"
            "proc ef { context args } { milter stop; return SMFIS_CONTINUE }\n"
            "milter register envfrom ef\nmilter main\n")
