@@ -490,6 +490,17 @@ def test_try_compare_counts_a_message_the_first_script_deleted_as_not_tried(tmp_
     assert status == 2
 
 
+def test_try_serves_the_script_from_a_directory_only_its_user_may_enter(tmp_path: Path) -> None:
+    script = tmp_path / "where.tcl"
+    script.write_text("package require TclMilter 1.0\n"
+                      "regexp {^unix:(.*)$} [milter configure -connection] -> socket\n"
+                      "puts \"seen: [file attributes [file dirname $socket] -permissions]\"\n"
+                      "milter main\n")
+    status, out = cli("try", str(script), str(DATA / "plain.eml"))
+    assert status == 0, out
+    assert "seen: 040700" in out, out  # (a directory, rwx for its owner alone)
+
+
 STOPPER = ("package require TclMilter 1.0\n"
            "proc ef { context args } { milter stop; return SMFIS_CONTINUE }\n"
            "milter register envfrom ef\nmilter main\n")
