@@ -1355,6 +1355,9 @@ def test_send_usage_errors() -> None:
     assert status == 64 and 'unknown socket type "tcp"' in out
     status, out = cli("send", "--connection", "inet:25@127.0.0.1", str(DATA / "plain.eml"), "--count", "0")
     assert status == 64 and "--count and --concurrency must be at least 1" in out
+    status, out = cli("send", "--connection", "inet:25@127.0.0.1", str(DATA / "plain.eml"), "--count", "2",
+                      "--concurrency", "0")
+    assert status == 64 and "--count and --concurrency must be at least 1" in out, out
     # (0 timed out every wait at once, and said "cannot connect to ...:" with no reason)
     status, out = cli("send", "--connection", "inet:25@127.0.0.1", str(DATA / "plain.eml"), "--timeout", "0")
     assert status == 64 and "--timeout 0: must be more than 0 seconds" in out, out
