@@ -1544,9 +1544,12 @@ def test_send_reports_every_action_with_its_arguments_and_the_envelope_escaped()
 
 def test_send_verdicts_postfix_takes_at_helo_at_rcpt_and_at_end_of_message() -> None:
     """A reject at HELO ends the session there (exit 1); a discard at RCPT discards the message
-    (exit 3), not one recipient; a SKIP at end of message is a continue: accepted (exit 0)."""
+    (exit 3), not one recipient; a SKIP at end of message is a continue: accepted (exit 0); a
+    reply code that is not 4xx or 5xx is a temporary failure (exit 2)."""
     cases = [({b"H": [b"r"]}, 1, "reject at helo"), ({b"R": [b"d"]}, 3, "discard at envrcpt"),
-             ({b"E": [b"s"]}, 0, "accept at eom")]
+             ({b"E": [b"s"]}, 0, "accept at eom"),
+             # a reply code that is neither 4xx nor 5xx (Postfix: "malformed reply") rejects nothing
+             ({b"M": [b"y250 2.0.0 fine\0"]}, 2, 'tempfail at envfrom "250 2.0.0 fine"')]
     for answers, expected, verdict in cases:
         with scripted_milter(answers) as spec:
             status, out = cli("send", "--connection", spec, str(DATA / "plain.eml"))
