@@ -501,6 +501,17 @@ def test_try_serves_the_script_from_a_directory_only_its_user_may_enter(tmp_path
     assert "seen: 040700" in out, out  # (a directory, rwx for its owner alone)
 
 
+def test_try_with_a_temporary_directory_too_deep_for_a_socket_path(tmp_path: Path) -> None:
+    """try serves the script on a unix socket in a directory of its own under TMPDIR; a TMPDIR
+    deep enough that the socket's path passed 106 bytes failed every try with a usage error (exit
+    64) about a connection the user never gave. Then the directory goes in /tmp instead."""
+    deep = tmp_path / ("d" * 100)
+    deep.mkdir()
+    status, out = cli("try", str(BLACKLIST), str(DATA / "plain.eml"), env={"TMPDIR": str(deep)})
+    assert (status, "verdict: accept at eom\n" in out) == (0, True), out
+    assert os.listdir(deep) == []
+
+
 STOPPER = ("package require TclMilter 1.0\n"
            "proc ef { context args } { milter stop; return SMFIS_CONTINUE }\n"
            "milter register envfrom ef\nmilter main\n")

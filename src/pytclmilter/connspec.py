@@ -39,7 +39,7 @@ class ConnSpec:
         return f"inet:{'[' + host + ']' if ':' in host else host}:{self.port}"
 
 
-_MAX_UNIX_PATH = 108  # sizeof(sun_path) on Linux, NUL included
+MAX_UNIX_PATH = 108  # sizeof(sun_path) on Linux, NUL included
 
 
 def parse(spec: str, what: str = "connection") -> ConnSpec:
@@ -55,8 +55,8 @@ def parse(spec: str, what: str = "connection") -> ConnSpec:
     if proto in ("unix", "local"):
         if not rest:
             raise ConnSpecError(f'{what} "{spec}": missing socket path')
-        if len(os.fsencode(rest)) + 1 >= _MAX_UNIX_PATH:  # libmilter: strlen + 1 < sizeof(sun_path)
-            raise ConnSpecError(f'{what} "{spec}": socket path longer than {_MAX_UNIX_PATH - 2} bytes')
+        if len(os.fsencode(rest)) + 1 >= MAX_UNIX_PATH:  # libmilter: strlen + 1 < sizeof(sun_path)
+            raise ConnSpecError(f'{what} "{spec}": socket path longer than {MAX_UNIX_PATH - 2} bytes')
         return ConnSpec("unix", path=rest)
     if proto not in ("inet", "inet6"):
         raise ConnSpecError(f'{what} "{spec}": unknown socket type "{proto}": must be unix, local, inet or inet6')

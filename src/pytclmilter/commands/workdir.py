@@ -17,14 +17,25 @@ import signal
 import tempfile
 from typing import Iterator, NoReturn
 
+from ..connspec import MAX_UNIX_PATH
+
 #: What a terminal sends the whole foreground process group; the watcher outlives them all.
 _TERMINAL_SIGNALS = {signal.SIGINT, signal.SIGHUP, signal.SIGTERM, signal.SIGQUIT}
 
 
+#: The longest name a socket in the directory gets (trial.py: first.sock, other.sock, try.sock).
+SOCKET_NAME_ROOM = len("/other.sock")
+
+
 @contextlib.contextmanager
 def private_workdir(prefix: str) -> Iterator[str]:
-    """A new directory only this user may enter, removed on leaving and when the process dies."""
+    """A new directory only this user may enter, removed on leaving and when the process dies.
+    In the temporary directory (TMPDIR), or in /tmp when a socket's path there would be too long
+    for a unix socket (a deep TMPDIR made every try a usage error about a socket path)."""
     path = tempfile.mkdtemp(prefix=prefix)
+    if len(os.fsencode(path)) + SOCKET_NAME_ROOM + 1 >= MAX_UNIX_PATH and os.path.isdir("/tmp"):
+        os.rmdir(path)
+        path = tempfile.mkdtemp(prefix=prefix, dir="/tmp")
     try:
         read_end, write_end = os.pipe()  # close-on-exec: what the script runs does not hold it
         mask = signal.pthread_sigmask(signal.SIG_BLOCK, _TERMINAL_SIGNALS)  # none before the child ignores them
