@@ -935,6 +935,23 @@ def test_try_tempfail_of_every_recipient_is_a_tempfail(tmp_path: Path) -> None:
     assert json_of(out)["verdict"] == "tempfail"
 
 
+def test_try_a_message_whose_recipients_got_4xx_and_5xx_is_a_tempfail(tmp_path: Path) -> None:
+    """docs/cli.md: with no recipient left, the verdict is a tempfail if any of them got a 4xx
+    (the client will try again), whichever came last; a reject when all got 5xx."""
+    script = tmp_path / "refuse.tcl"
+    script.write_text("package require TclMilter 1.0\n"
+                      "proc rc {ctx rcpt} {\n"
+                      "    if {[string match *bob* [lindex $rcpt 0]]} { return SMFIS_TEMPFAIL }\n"
+                      "    return SMFIS_REJECT\n"
+                      "}\nmilter register envrcpt rc\nmilter main\n")
+    status, out = cli("try", str(script), str(DATA / "plain.eml"), "--rcpt", "bob@example.com",
+                      "--rcpt", "carol@example.com")
+    assert (status, 'verdict: tempfail at envrcpt "no recipient accepted"\n' in out) == (2, True), out
+    status, out = cli("try", str(script), str(DATA / "plain.eml"), "--rcpt", "carol@example.com",
+                      "--rcpt", "dave@example.com")
+    assert (status, 'verdict: reject at envrcpt "all recipients rejected"\n' in out) == (1, True), out
+
+
 def test_try_applies_header_indexes_and_names_as_postfix_does(tmp_path: Path) -> None:
     """The message `try` shows is the one Postfix would deliver (client/apply.py): chgheader
     matches the name in any case and takes index 0 as 1, deleting a header that is not there
