@@ -7,6 +7,7 @@ process alone).
 
 from __future__ import annotations
 
+import os
 import signal
 import socket
 import struct
@@ -35,11 +36,13 @@ class Manager:
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         self.sock.bind(address)
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
+        self.last = b""  # the last message as it came
 
     def receive(self, timeout: float = 10.0) -> tuple[int, dict[str, str]]:
         """The next message: its sender's pid, and its fields."""
         self.sock.settimeout(timeout)
         data, ancillary, _, _ = self.sock.recvmsg(4096, socket.CMSG_SPACE(12))
+        self.last = data
         pids = [struct.unpack("iII", cdata[:12])[0] for level, kind, cdata in ancillary
                 if level == socket.SOL_SOCKET and kind == socket.SCM_CREDENTIALS]
         fields = dict(line.split("=", 1) for line in data.decode().splitlines())
@@ -52,7 +55,9 @@ class Manager:
 @pytest.mark.parametrize("workers, where", [("1", "path"), ("2", "abstract")])
 def test_systemd_hears_ready_reloads_and_stop_from_the_main_process(tclrun: Callable[..., TclRun], tmp_path: Path,
                                                                    workers: str, where: str) -> None:
-    name = f"pytclmilter-test-{tmp_path.name}"
+    # (an abstract name is seen by every process of the network namespace: a concurrent pytest's
+    # tmp_path has the same name, so this process's id makes it unique)
+    name = f"pytclmilter-test-{os.getpid()}-{tmp_path.name}"
     address, env_value = ((str(tmp_path / "notify"), str(tmp_path / "notify")) if where == "path"
                           else (b"\0" + name.encode(), "@" + name))
     manager = Manager(address)
@@ -91,6 +96,34 @@ def test_systemd_hears_ready_reloads_and_stop_from_the_main_process(tclrun: Call
         manager.close()
 
 
+def test_status_quotes_the_scripts_name_and_socket_escaped_so_they_add_no_field(tclrun: Callable[..., TclRun],
+                                                                                tmp_path: Path) -> None:
+    """STATUS= quotes the script's ``-name`` and ``-connection``, and each line of a notify message
+    is a field of its own: a name with a newline then ``STOPPING=1`` told systemd the filter was
+    stopping (or ``READY=1``, ``MAINPID=``...), and an escape sequence reached the terminal of
+    ``systemctl status``. They are escaped as in the log (logline.escape), at the start and after a reload."""
+    name = "Evil\\nSTOPPING=1\\x1b\\[31mé"  # (Tcl's backslash escapes: a newline, an ESC)
+    sock = tmp_path / "a\nMAINPID=1\tb.sock"
+    address = str(tmp_path / "notify")
+    manager = Manager(address)
+    try:
+        script = tmp_path / "named.tcl"
+        script.write_text(f'package require TclMilter\nmilter configure -name "{name}"\nmilter main\n')
+        run = tclrun(script, "--connection", f"unix:{sock}", env={"NOTIFY_SOCKET": address})
+        shown = f"Evil\\nSTOPPING=1\\x1b[31mé listening on unix:{tmp_path}/a\\nMAINPID=1\\tb.sock"
+        fields = manager.receive()[1]
+        assert manager.last == f"READY=1\nSTATUS={shown}".encode()
+        assert fields == {"READY": "1", "STATUS": shown}
+
+        run.child.kill(signal.SIGUSR1)
+        assert manager.receive()[1]["RELOADING"] == "1"
+        manager.receive()
+        assert manager.last == f"READY=1\nSTATUS={shown}; generation 2".encode()
+        assert run.stop() == 0
+    finally:
+        manager.close()
+
+
 def test_without_notify_socket_nothing_is_sent_and_a_bad_one_is_one_warning(tclrun: Callable[..., TclRun],
                                                                            tmp_path: Path) -> None:
     run = tclrun(SCRIPT, env={"NOTIFY_SOCKET": str(tmp_path / "gone")})
@@ -99,3 +132,18 @@ def test_without_notify_socket_nothing_is_sent_and_a_bad_one_is_one_warning(tclr
     run.wait_for(r"reload: generation 1 is gone")
     assert run.stop() == 0
     assert run.text.count("cannot notify systemd") == 1
+
+
+def test_a_notify_socket_that_is_no_unix_address_is_a_warning_and_the_milter_serves(
+        tclrun: Callable[..., TclRun]) -> None:
+    """systemd 254 may hand a VSOCK address (``vsock:CID:PORT``), which is not spoken here: the
+    log says that systemd will not hear of readiness (a Type=notify unit would time out starting,
+    for a reason the journal then gives), and the milter serves; the variable is taken away all the same."""
+    run = tclrun(SCRIPT, env={"NOTIFY_SOCKET": "vsock:2:1234"})
+    run.wait_for(r"script sees NOTIFY_SOCKET: 0", since=0)
+    run.wait_for(r"WARNING: NOTIFY_SOCKET vsock:2:1234: not a unix socket address; systemd will not be told when "
+                 r"the milter is ready", since=0)
+    with run.mta() as mta:
+        mta.negotiate()
+        assert ("h", b"X-Stamp\0A\0") in mta.message()["eom"]
+    assert run.stop() == 0
