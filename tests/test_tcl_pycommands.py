@@ -73,6 +73,7 @@ def setup(milter):
 
     milter.tcl_command("pyvalues", values)
     milter.tcl_command("pyset", lambda: {1, 2})
+    milter.tcl_command("pybuffers", lambda: [bytearray(b"ab"), memoryview(b"cd")])  # as bytes are
     milter.tcl_command("pyobject", object)
     milter.tcl_command("pyellipsis", lambda: ...)
     milter.tcl_command("pyuuid", lambda: __import__("uuid").UUID(int=0))
@@ -101,6 +102,7 @@ def test_arguments_arrive_as_strings_and_results_become_tcl_values(tclrun):
         T status   {dict get $v status}
         T tuple    {dict get [lindex [dict get $v tuple] 1] k}
         T set2     {pyset}
+        T buffers  {pybuffers}
         T object   {pyobject}
         T ellipsis {pyellipsis}
         T uuid     {pyuuid}
@@ -125,6 +127,7 @@ def test_arguments_arrive_as_strings_and_results_become_tcl_values(tclrun):
     assert r["bytes"] == f"OK 6 café {0xDCE9}"
     assert r["status"] == "OK SMFIS_REJECT"
     assert r["tuple"] == "OK v"
+    assert r["buffers"] == "OK ab cd"
     assert r["set2"] == ("ERR pyset: a set has no Tcl form (return str, int, float, bool, bytes, None, "
                          "or a list, tuple or dict of them)")
     # the article as the type's name is read: a word by its first letter, an acronym by its letter's name
@@ -380,6 +383,39 @@ def test_the_time_limit_stops_a_python_command_that_blocks(tclrun):
         logged(m, r"WARNING: conn#1: envfrom callback from took 2\.\d s, over the 1 s call timeout")
         assert mta.mail("<ok@example.org>") == ("c", {})
     assert m.stop() == 0
+
+
+MARK_HOOKS = r'''
+def setup(milter):
+    milter.tcl_command("mark", lambda word: print("MARK", word, flush=True))
+'''
+
+
+def test_a_python_command_called_after_the_time_ran_out_does_not_run(tclrun):
+    """Tcl looks at its time limit only every few commands, so a callback that spent its time in
+    C code (``exec``) can still call a Python command: that command is not run (its side effects,
+    a database write, would happen for a message already answered with -onerror), and the callback
+    ends at the limit as any other."""
+    m = tclrun(r"""
+        package require TclMilter
+        milter configure -calltimeout 1 -onerror SMFIS_REJECT
+        proc from {ctx list} {
+            if {[lindex $list 0] eq "<late@example.org>"} { exec sleep 1.3 }
+            # (Tcl looks at the clock every tenth command or so: one of these runs before it does)
+            foreach i {1 2 3 4 5 6 7 8 9 10 11 12} { mark "[lindex $list 0] $i" }
+            return SMFIS_CONTINUE
+        }
+        milter register envfrom from
+        milter main
+    """, python=[MARK_HOOKS])
+    with m.mta() as mta:
+        mta.negotiate()
+        assert mta.mail("<late@example.org>") == ("r", {})  # -onerror SMFIS_REJECT
+        logged(m, r"envfrom callback from failed \(callback stopped after 1 s \(-calltimeout\)\)")
+        assert mta.mail("<ok@example.org>") == ("c", {})
+        logged(m, r"MARK <ok@example\.org> 12")
+    assert m.stop() == 0
+    assert "MARK <late@example.org>" not in m.text, m.text
 
 
 # ---------------------------------------------------------------------------- workers
@@ -676,6 +712,9 @@ def setup(milter):
             ctx.tcl("callslow")  # Python -> Tcl -> Python, all within this callback's time
         elif args[0] == "<vwait@example.org>":
             ctx.tcl("waitforever")  # Tcl reports the limit inside vwait in its own words
+        elif args[0] == "<late@example.org>":
+            time.sleep(0.7)
+            ctx.tcl("spin")  # the 0.3 s this callback has left, not a second of its own
 
     @milter.register("envfrom")
     async def later(ctx, args):
@@ -698,10 +737,10 @@ def test_tcl_run_from_a_python_callback_is_held_to_the_callbacks_time_limit(tclr
     """, python=[LOOP_HOOKS])
     with m.mta() as mta:
         mta.negotiate()
-        for count, case in enumerate(("plain", "async", "nested", "vwait"), 1):
+        for count, case in enumerate(("plain", "async", "nested", "vwait", "late"), 1):
             t0 = time.monotonic()
             assert mta.mail(f"<{case}@example.org>") == ("r", {}), case
-            assert 0.9 <= time.monotonic() - t0 <= 4.0
+            assert 0.9 <= time.monotonic() - t0 <= (1.45 if case == "late" else 4.0), case
             logged(m, r"envfrom callback setup\.<locals>\.(plain|later) failed \(callback stopped after 1 s "
                       r"\(call_timeout\)", count)
             assert mta.mail("<ok@example.org>") == ("c", {})  # Tcl and Python callbacks run again
@@ -709,6 +748,11 @@ def test_tcl_run_from_a_python_callback_is_held_to_the_callbacks_time_limit(tclr
     # the nested case: where the Python command was, under the callback's own traceback
     logged(m, r'  ctx\.tcl\("callslow"\)(.*\n)*?  Python command slow stopped at the time limit in:\n'
               r'  File ".*hooks0\.py", line 7, in <lambda>\n')
+    # and only there: the cases after it were stopped in Tcl code alone
+    assert m.text.count("Python command slow stopped") == 1, m.text
+    # under the traceback, where the Tcl code was when it was stopped
+    logged(m, r'  pytclmilter\.limits\.CallbackTimeout: callback stopped after 1 s \(call_timeout\), in Tcl code\n'
+              r'  Tcl errorInfo:\n  time limit exceeded\n(.*\n)*?    \(procedure "spin" line 1\)\n', 3)
 
 
 def test_tcl_calls_need_a_script_and_the_milters_thread(tcl_host):
@@ -720,11 +764,27 @@ def test_tcl_calls_need_a_script_and_the_milters_thread(tcl_host):
     host = tcl_host
     assert host.milter.tcl("set", "x", "caf\udce9") == "caf\udce9"
     assert host.milter.tcl_list("list", "a b", "c") == ["a b", "c"]
+    for call in (host.milter.tcl, host.milter.tcl_list):
+        with pytest.raises(TypeError, match="^ctx.tcl needs a command name$"):
+            call()
     failed: list[BaseException] = []
     thread = threading.Thread(target=lambda: failed.append(pytest.raises(RuntimeError, host.milter.tcl, "set", "x")))
     thread.start()
     thread.join()
     assert "on the milter's thread only" in str(failed[0].value)
+
+
+def test_tcl_run_before_the_milter_serves_has_no_time_limit(tcl_host):
+    """At load time (a hooks file's setup, the script's own code) nothing is a callback, and Tcl
+    run from Python is not held to -calltimeout (docs/python-api.md), as the script itself is not."""
+    host = tcl_host
+    host.child_call("package", "require", "TclMilter")
+    host.child_call("milter", "configure", "-calltimeout", "1")
+    host.child_call("proc", "busy", "", "set t [clock milliseconds]\n"
+                    "while {[clock milliseconds] - $t < 1300} {}\nreturn done")
+    t0 = time.monotonic()
+    assert host.milter.tcl("busy") == "done"
+    assert time.monotonic() - t0 >= 1.2
 
 
 @pytest.mark.parametrize("name, shown", [
