@@ -285,6 +285,8 @@ def setup(milter):
     milter.tcl_command("values", lambda *values: len(values))
     milter.tcl_command("nothing", lambda: "nothing")
     milter.tcl_command("::ns::qualified", lambda x, **kw: x)
+    milter.tcl_command("pylen", len)  # a positional-only parameter: len(obj, /)
+    milter.tcl_command("pymax", max)  # no signature Python can read: any number, max counts them itself
 '''
 
 
@@ -302,6 +304,10 @@ def test_a_wrong_number_of_arguments_reads_as_tcls_own_message(tclrun):
         T values    {values 1 2}
         T nothing   {nothing x}
         T qualified {::ns::qualified}
+        T len       {pylen}
+        T len-ok    {pylen abcd}
+        T max-ok    {pymax b c a}
+        T max       {pymax}
         T code      {catch {two} m o; dict get $o -errorcode}
         exit 0
     """, python=[ARITY_HOOKS], connection=None, wait=False)
@@ -316,6 +322,10 @@ def test_a_wrong_number_of_arguments_reads_as_tcls_own_message(tclrun):
     assert r["values"] == "OK 2"
     assert r["nothing"] == 'ERR wrong # args: should be "nothing"'
     assert r["qualified"] == 'ERR wrong # args: should be "::ns::qualified x"'
+    assert r["len"] == 'ERR wrong # args: should be "pylen obj"'
+    assert r["len-ok"] == "OK 4"
+    assert r["max-ok"] == "OK c"
+    assert r["max"] == "ERR max expected at least 1 argument, got 0"  # Python's own message
     assert r["code"] == "OK TCL WRONGARGS"
 
 
@@ -578,6 +588,9 @@ def test_names_and_functions_tcl_cannot_use_are_refused_when_defined(tcl_host):
         "milter": (lambda: milter.tcl_command("milter", len), 'tcl_command: "milter" is pytclmilter\'s own command'),
         "ns": (lambda: milter.tcl_command("::tclmilter::x", len), "is pytclmilter's own command"),
         "empty": (lambda: milter.tcl_command("", len), "must be a non-empty string"),
+        "blank": (lambda: milter.tcl_command(" \t", len), "tcl_command: bad command name ' \\t': must be a non-empty "
+                                                          "string"),
+        "exit": (lambda: milter.tcl_command("exit", len), 'tcl_command: "exit" is pytclmilter\'s own command'),
         "async": (lambda: milter.tcl_command("co", coroutine), "a Tcl command cannot be async"),
         # (an object whose __call__ is async was taken, and every call failed: "a coroutine has no Tcl form")
         "async-call": (lambda: milter.tcl_command("co2", AsyncCall()), "a Tcl command cannot be async"),
