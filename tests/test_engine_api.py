@@ -1073,6 +1073,31 @@ def test_settings_are_one_value_that_each_change_replaces():
     assert m.name == "renamed"
 
 
+def test_a_milter_made_without_arguments_has_the_documented_defaults():
+    """The signature docs/python-api.md shows, and the defaults it names for the other attributes."""
+    from pytclmilter import Milter
+
+    m = Milter()
+    assert (m.name, m.connection, m.timeout, m.backlog, m.on_error, m.grace, m.socket_mode, m.max_data_size,
+            m.call_timeout) == ("pytclmilter", "unix:/var/run/tclmilter.sock", 7210, None, TEMPFAIL, 30.0, None,
+                                65535, 60.0)
+    assert (m.socket_owner, m.workers, m.metrics, m.dry_run) == (None, 1, "", False)
+
+
+def test_workers_backlog_and_tick_interval_below_their_least_are_refused():
+    """No worker or a listen queue of 0 would serve nothing; a negative tick spins the loop."""
+    m = make_milter()
+    for option, value, message in [("workers", 0, "workers 0 and backlog None: must be 1 or more"),
+                                   ("backlog", 0, "workers 1 and backlog 0: must be 1 or more"),
+                                   ("tick_interval", -0.5, "tick_interval -0.5: must be a number of seconds, 0 or "
+                                                           "more")]:
+        with pytest.raises(ValueError) as raised:
+            setattr(m, option, value)
+        assert str(raised.value) == message
+    m.socket_mode = 0  # a mode (nobody but root may connect), as documented: 0 to 0o777
+    assert m.socket_mode == 0
+
+
 def test_hooks_given_at_construction_are_called_by_the_server_and_the_connection():
     seen: list[tuple[str, str]] = []
     hooks = Hooks(listening=lambda spec: seen.append(("listening", str(spec))),
