@@ -248,7 +248,7 @@ def test_run_user_nobody_drops_privileges_while_serving(serve: Callable[..., Tcl
         assert sorted(map(int, groups)) == sorted(set(os.getgrouplist("nobody", nobody.pw_gid))), "root's groups kept"
         st = os.stat(sock)
         assert (st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode)) == (nobody.pw_uid, nobody.pw_gid, 0o660)
-        assert f"running as uid {nobody.pw_uid} gid {nobody.pw_gid}" in m.text
+        m.wait_for(f"running as uid {nobody.pw_uid} gid {nobody.pw_gid}", since=0)
         # it still serves, as nobody
         status, out = cli("send", "--connection", f"unix:{sock}", str(DATA / "plain.eml"))
         assert status == 0 and "X-Filtered-By: Stamp on" in out, out
@@ -275,7 +275,7 @@ def test_run_user_naming_the_unprivileged_user_it_runs_as_serves(tmp_path: Path)
         m.wait_for(r"listening on|milter main:", 15, advance=False)
         assert "Operation not permitted" not in m.text, m.text
         m.wait_listening()
-        assert "running as uid 65534 gid 65534" in m.text
+        m.wait_for("running as uid 65534 gid 65534", since=0)  # (the log line may follow the listening line)
         status, out = cli("send", "--connection", m.spec or "", str(DATA / "plain.eml"))
         assert status == 0 and "X-Filtered-By: Stamp on" in out, out
         assert m.stop() == 0
