@@ -162,7 +162,10 @@ class FilterSession:
         queue, reader = self._queue, self._reader
         while True:
             if queue:
-                return self._deliver(queue.popleft())
+                queued = queue.popleft()
+                if self._clear_on_delivery and type(queued) is not Abort:
+                    self._clear_deferred()
+                return self._deliver(queued)
             if self._state == _CLOSED:
                 return NEED_DATA
             item = reader.next_frame()
@@ -303,11 +306,14 @@ class FilterSession:
                 return False
             s = n
 
+    def _clear_deferred(self) -> None:
+        """The macro clearing of a command queued behind an abort (see _enter), now that the
+        abort was delivered: only queued events can carry one, so only the queue looks here."""
+        self.macros.command(self._clear_on_delivery)
+        self._clear_on_delivery = b""
+
     def _deliver(self, event: Event) -> Event:
         t = type(event)
-        if self._clear_on_delivery and t is not Abort:
-            self.macros.command(self._clear_on_delivery)
-            self._clear_on_delivery = b""
         nr = _NR_OF_TYPE.get(t)
         if nr is None:  # Macro, Abort, Closed: nothing to answer
             if t is Closed:
