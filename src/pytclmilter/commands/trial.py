@@ -71,11 +71,15 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> argp
     return p
 
 
+#: The sockets the script serves on, in the private directory: one, or two for --compare.
+_TRY_SOCKET, _FIRST_SOCKET, _OTHER_SOCKET = "try.sock", "first.sock", "other.sock"
+
+
 def cmd_try(opts: argparse.Namespace) -> int:
     setup_logging(opts.log_level)
     reports_print_anywhere()
     macros_of(opts)  # a usage error before anything runs
-    with private_workdir("pytclmilter-try-") as workdir:
+    with private_workdir("pytclmilter-try-", (_TRY_SOCKET, _FIRST_SOCKET, _OTHER_SOCKET)) as workdir:
         listing = _input(opts, workdir)
         if listing.kind == "message" and not opts.compare:
             return _single(opts, listing.path, workdir)
@@ -188,7 +192,7 @@ def _single(opts: argparse.Namespace, path: str, workdir: str) -> int:
     async def work(spec: ConnSpec, wait: float | None) -> None:
         outcomes.append(await one(spec, env, msg, wait))
 
-    failure = _serve(opts, opts.script, f"{workdir}/try.sock", work)
+    failure = _serve(opts, opts.script, os.path.join(workdir, _TRY_SOCKET), work)
     if failure is not None:
         return failure
     outcome = outcomes[0]
@@ -244,7 +248,7 @@ def _batch(opts: argparse.Namespace, listing: Listing, workdir: str) -> int:
         print(error_line(item.label, item.error) if verdict is None else line(item.label, what, verdict), flush=True)
         tally.add(verdict)
 
-    failure = _run_all(opts, opts.script, listing, f"{workdir}/try.sock", each, [])
+    failure = _run_all(opts, opts.script, listing, os.path.join(workdir, _TRY_SOCKET), each, [])
     if failure is not None:
         return failure
     _note_ignored(listing)
@@ -260,8 +264,8 @@ def _compare(opts: argparse.Namespace, listing: Listing, workdir: str) -> int:
         check_script(script)
     first: list[Verdict | None] = []
     signalled: list[signal.Signals] = []
-    failure = _run_all(opts, opts.script, listing, f"{workdir}/first.sock", lambda n, i, w, v: first.append(v),
-                       signalled)
+    failure = _run_all(opts, opts.script, listing, os.path.join(workdir, _FIRST_SOCKET),
+                       lambda n, i, w, v: first.append(v), signalled)
     if failure is not None:
         return failure
     differ = not_tried = failed = seen = 0
@@ -284,7 +288,7 @@ def _compare(opts: argparse.Namespace, listing: Listing, workdir: str) -> int:
     if signalled:  # (the first run said from which message on it stopped)
         _not_tried(enumerate(listing.items(), 1), f"interrupted ({signalled[0].name})", each)
     else:
-        failure = _run_all(opts, opts.compare, listing, f"{workdir}/other.sock", each, signalled)
+        failure = _run_all(opts, opts.compare, listing, os.path.join(workdir, _OTHER_SOCKET), each, signalled)
         if failure is not None:
             return failure
     _note_ignored(listing)

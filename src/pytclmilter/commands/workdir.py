@@ -23,17 +23,14 @@ from ..connspec import MAX_UNIX_PATH
 _TERMINAL_SIGNALS = {signal.SIGINT, signal.SIGHUP, signal.SIGTERM, signal.SIGQUIT}
 
 
-#: The longest name a socket in the directory gets (trial.py: first.sock, other.sock, try.sock).
-SOCKET_NAME_ROOM = len("/other.sock")
-
-
 @contextlib.contextmanager
-def private_workdir(prefix: str) -> Iterator[str]:
+def private_workdir(prefix: str, socket_names: tuple[str, ...] = ()) -> Iterator[str]:
     """A new directory only this user may enter, removed on leaving and when the process dies.
-    In the temporary directory (TMPDIR), or in /tmp when a socket's path there would be too long
-    for a unix socket (a deep TMPDIR made every try a usage error about a socket path)."""
+    In the temporary directory (TMPDIR), or in /tmp when the path of a socket named as in
+    ``socket_names`` would be too long there (a deep TMPDIR made every try a usage error)."""
     path = tempfile.mkdtemp(prefix=prefix)
-    if len(os.fsencode(path)) + SOCKET_NAME_ROOM + 1 >= MAX_UNIX_PATH and os.path.isdir("/tmp"):
+    room = max((len(os.fsencode(name)) + 1 for name in socket_names), default=0)  # with its "/"
+    if len(os.fsencode(path)) + room + 1 >= MAX_UNIX_PATH and os.path.isdir("/tmp"):
         os.rmdir(path)
         path = tempfile.mkdtemp(prefix=prefix, dir="/tmp")
     try:
