@@ -4,6 +4,7 @@ ones finish on the old, nothing is refused; a script that does not load changes 
 from __future__ import annotations
 
 import gc
+import os
 import re
 import signal
 import socket
@@ -210,6 +211,54 @@ def test_a_session_open_at_the_reload_finishes_on_the_old_script(tclrun, tmp_pat
     assert run.stop() == 0
 
 
+def children_of(parent: int) -> set[int]:
+    """The live child processes of ``parent`` (the workers of a --workers supervisor)."""
+    out = set()
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[1]) == parent and fields[0] != "Z":
+                out.add(int(entry.name))
+    return out
+
+
+def test_with_workers_the_old_generation_is_gone_when_its_last_worker_ended(tclrun, tmp_path: Path) -> None:
+    """The replaced set of --workers finishes its sessions: the generation is gone when the last
+    of its workers has ended, not the first (one with no session ends at once), and a replaced
+    worker that dies while finishing (the OOM killer, an admin's kill -9) is logged as such."""
+    script = tmp_path / "stamp.tcl"
+    script.write_text(stamping("A"))
+    run = tclrun(script, "--workers", "2")
+    run.wait_for("2 workers serving")
+    supervisor = run.child.pid
+    first = children_of(supervisor)
+    assert len(first) == 2
+    with run.mta() as old:
+        old.negotiate()
+        old.connect()  # a session on one worker of generation 1
+        script.write_text(stamping("B"))
+        run.child.kill(signal.SIGUSR1)
+        run.wait_for(r"reload: loading generation 2")
+        deadline = time.monotonic() + 10
+        while len(first & children_of(supervisor)) != 1:  # the worker without a session has ended
+            assert time.monotonic() < deadline, run.text
+            time.sleep(0.05)
+        (finishing,) = first & children_of(supervisor)
+        time.sleep(0.5)  # (the supervisor has reaped the other)
+        assert "is gone" not in run.text, run.text  # its other worker still finishes a session
+        os.kill(finishing, signal.SIGKILL)
+        run.wait_for(rf"WARNING: worker \d \(pid {finishing}\) of generation 1 ended with signal 9 while finishing")
+        run.wait_for(r"reload: generation 1 is gone \(its last session is over\); generation 2 serves")
+    with run.mta() as new:
+        new.negotiate()
+        assert [p for p in new.message()["eom"] if p[0] == "h"] == [("h", b"X-Stamp\0B\0")]
+    assert run.stop() == 0
+    assert run.text.count("while finishing") == 1, run.text  # (the other ended as told: no line)
+
+
 @pytest.mark.parametrize("workers", ["1", "2"])
 def test_a_reload_asked_before_the_milter_serves_is_ignored_as_documented(tclrun, tmp_path: Path, workers: str) -> None:
     """SIGUSR1 is blocked until the milter serves: one sent while the script loaded waited, and
@@ -228,11 +277,13 @@ def test_a_reload_asked_before_the_milter_serves_is_ignored_as_documented(tclrun
     assert run.stop() == 0
 
 
-def test_a_reload_asked_while_the_milter_stops_is_not_done(tclrun, tmp_path: Path) -> None:
-    """It loaded a new interpreter, running the script's top-level code, for a milter that stops."""
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_a_reload_asked_while_the_milter_stops_is_not_done(tclrun, tmp_path: Path, workers: str) -> None:
+    """It loaded a new interpreter, running the script's top-level code, for a milter that stops.
+    With --workers, the supervisor waits for a worker's session to finish, and says the same."""
     script = tmp_path / "stamp.tcl"
     script.write_text(stamping("A"))
-    run = tclrun(script, "--grace", "3")
+    run = tclrun(script, "--grace", "3", "--workers", workers)
     with run.mta() as mta:
         mta.negotiate()
         mta.connect()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import signal
@@ -333,10 +334,13 @@ def test_workers_that_keep_dying_are_respawned_slowly_and_logged_once(tclrun) ->
     under load): after a burst the respawns slow to one a second, and the log says so in one
     line, not an ERROR line a death for as long as it lasts (before: 3 600 lines an hour)."""
     m = tclrun(DIES_AT_ONCE, "--workers", "2")
-    deadline = time.monotonic() + 30
+    started = time.monotonic()
+    deadline = started + 30
     while m.text.count("WORKER ") < 12:  # deaths past the burst, respawned one a second
         assert time.monotonic() < deadline and m.alive(), m.text
         time.sleep(0.1)
+    # the 7th to the 12th after a second each (without that pause, a fork loop: all 12 in a moment)
+    assert time.monotonic() - started >= 4.0, m.text
     died = re.findall(r"ERROR: worker \d \(pid \d+\) died \(exit status 3\)(.*)", m.text)
     assert len(died) <= 6, m.text  # the burst of 5 one by one, then one line for the rest
     assert "worker deaths within 10 s: starting one a second at most, the deaths logged once a " \
@@ -388,3 +392,84 @@ def test_a_worker_that_cannot_be_forked_is_tried_again_while_the_others_serve(tc
     assert m.text.count("cannot start worker") == 1, m.text  # tried every second, logged once
     assert m.stop() == 0
 
+
+
+def test_deaths_are_logged_one_by_one_then_once_a_minute_with_their_count(caplog, monkeypatch) -> None:
+    """The supervisor's lines for dying workers (workers._Deaths), on a clock of the test's: a
+    burst of 5 is logged death by death; the 6th within 10 s says the respawns slow down; the
+    next ones are only counted, and the first a minute later gives their count; once the deaths
+    come slower again, each is logged again, with the count of those no line named."""
+    from types import SimpleNamespace
+
+    from pytclmilter import workers
+
+    now = [1000.0]
+    monkeypatch.setattr(workers, "time", SimpleNamespace(monotonic=lambda: now[0]))
+    caplog.set_level(logging.ERROR, logger="pytclmilter")
+    deaths = workers._Deaths()
+
+    def die(at: float, n: int) -> tuple[bool, list[str]]:
+        now[0] = 1000.0 + at
+        caplog.clear()
+        slow = deaths.died(f"worker 1 (pid {n}) died (signal 9)")
+        return slow, [r.getMessage() for r in caplog.records]
+
+    for n in range(5):
+        assert die(n * 0.1, n) == (False, [f"worker 1 (pid {n}) died (signal 9); starting a new one"])
+    assert die(0.5, 5) == (True, ["worker 1 (pid 5) died (signal 9); 6 worker deaths within 10 s: starting one "
+                                  "a second at most, the deaths logged once a minute"])
+    for n in range(6, 65):  # one a second, as the supervisor respawns them: counted, not logged
+        assert die(n - 4.5, n) == (True, [])
+    assert die(60.5, 65) == (True, ["worker 1 (pid 65) died (signal 9); workers still dying (59 more since the "
+                                    "last line): starting one a second at most"])
+    assert die(61.5, 66) == (True, [])
+    # the deaths stop, and the next one comes long after: logged whole, with those no line named
+    assert die(200.0, 67) == (False, ["worker 1 (pid 67) died (signal 9); starting a new one (1 more since the "
+                                      "last line)"])
+    assert die(201.0, 68) == (False, ["worker 1 (pid 68) died (signal 9); starting a new one"])
+
+
+# Loaded by the supervisor (and again at each reload): SIGUSR2 makes its fork()s fail, and work again.
+FORKS_FAIL_ON_USR2 = """
+import errno
+import os
+import signal
+
+
+def setup(milter):
+    if hasattr(os, "_real_fork"):  # a reload: already in place
+        return
+    os._real_fork, os._forks_fail = os.fork, False
+
+    def fork():
+        if os._forks_fail:
+            raise OSError(errno.EAGAIN, os.strerror(errno.EAGAIN))
+        return os._real_fork()
+
+    def toggle(signum, frame):
+        os._forks_fail = not os._forks_fail
+
+    os.fork = fork
+    signal.signal(signal.SIGUSR2, toggle)
+"""
+
+
+def test_a_reload_starts_a_whole_set_and_forgets_the_worker_whose_fork_failed(tclrun) -> None:
+    """A worker whose fork failed is tried again every second; a reload meanwhile forks a whole
+    new set, so that worker is no longer owed: trying it again as well would serve with one
+    worker more than --workers, for as long as the milter runs."""
+    m = tclrun(SCRIPT, "--workers", "2", python=[FORKS_FAIL_ON_USR2])
+    m.wait_for(r"2 workers serving")
+    supervisor = m.child.pid
+    workers = sorted(workers_of(supervisor))
+    os.kill(supervisor, signal.SIGUSR2)  # forks fail
+    time.sleep(0.3)
+    os.kill(workers[0], signal.SIGKILL)
+    m.wait_for(r"ERROR: cannot start worker \d: fork: Resource temporarily unavailable; serving with 1 workers")
+    os.kill(supervisor, signal.SIGUSR2)  # forks work again, and at once (before the retry) a reload
+    os.kill(supervisor, signal.SIGUSR1)
+    m.wait_for(r"reload: generation 1 is gone \(its last session is over\); generation 2 serves")
+    time.sleep(1.5)  # (the supervisor's retries come every second)
+    assert len(workers_of(supervisor)) == 2, m.text
+    assert "after its fork had failed" not in m.text, m.text
+    assert m.stop() == 0
