@@ -333,6 +333,55 @@ def test_a_script_that_does_not_load_leaves_the_old_one_serving(tclrun, tmp_path
     old_serves_then_a_good_one_loads(run, script)
 
 
+def test_a_script_that_exits_or_never_serves_while_loading_is_not_loaded(tclrun, tmp_path: Path) -> None:
+    """Tcl's `exit` in the new script fails the reload, and the milter serves on (the process's
+    exit is the serving generation's alone); a script that never calls `milter main` is not
+    served either. Both as docs/deployment.md says, in words of their own."""
+    script = tmp_path / "stamp.tcl"
+    run = serving_then_reloading(tclrun, script, "package require TclMilter 1.0\nexit 3\n")
+    run.wait_for(r"ERROR: reload: generation 2 not loaded, generation 1 serves on unchanged: "
+                 + re.escape(f"{script}: error: the script called exit 3 while loading") + r"\r?\n")
+    script.write_text("package require TclMilter 1.0\nputs {no main here}\n")
+    run.child.kill(signal.SIGUSR1)
+    run.wait_for(r"ERROR: reload: generation 2 not loaded, generation 1 serves on unchanged: "
+                 + re.escape(f"{script}: error: the script never calls milter main") + r"\r?\n")
+    old_serves_then_a_good_one_loads(run, script)
+
+
+@pytest.mark.parametrize("main", ["interp eval {} {milter main}", "coroutine serving milter main"])
+def test_a_script_serving_where_tcl_cannot_suspend_it_is_not_replaced(tclrun, tmp_path: Path, main: str) -> None:
+    """`milter main` called from a command implemented in C (or a coroutine of the script's own)
+    serves inside that call, and its interpreter cannot be set aside for a new one: the reload
+    is refused, saying to restart, and the script serves on."""
+    script = tmp_path / "stamp.tcl"
+    script.write_text(stamping("A").replace("milter main", main))
+    run = tclrun(script)
+    run.child.kill(signal.SIGUSR1)
+    run.wait_for(r"ERROR: reload: generation 2 not loaded, generation 1 serves on unchanged: the serving script's "
+                 r"`milter main` was called where Tcl cannot suspend a script \(from a command implemented in C\), "
+                 r"so it cannot be replaced; restart instead")
+    with run.mta() as mta:
+        mta.negotiate()
+        assert [p for p in mta.message()["eom"] if p[0] == "h"] == [("h", b"X-Stamp\0A\0")]
+    assert run.stop() == 0
+
+
+def test_with_workers_a_script_whose_shell_waits_while_loading_reloads(tclrun, tmp_path: Path) -> None:
+    """The --workers supervisor blocks SIGCHLD to wait for its workers; a reloaded script that
+    runs a shell which `wait`s (exec) loads in that process: the shell must get SIGCHLD, or it
+    waits until the load is stopped at -calltimeout and the reload fails."""
+    script = tmp_path / "stamp.tcl"
+    waits = 'milter configure -calltimeout 5\nputs "loading: [exec sh -c {sleep 0.1 & wait; echo waited}]"\nmilter main'
+    script.write_text(stamping("A").replace("milter main", waits))
+    run = tclrun(script, "--workers", "2")
+    script.write_text(stamping("B").replace("milter main", waits))
+    run.child.kill(signal.SIGUSR1)
+    run.wait_for(r"reload: generation 1 is gone \(its last session is over\); generation 2 serves", timeout=15)
+    assert "not loaded" not in run.text, run.text
+    assert run.text.count("loading: waited") == 2, run.text
+    assert run.stop() == 0
+
+
 def old_serves_then_a_good_one_loads(run: Any, script: Path) -> None:
     """After a refused reload: generation 1 (stamping A) still serves; a good script then loads as
     generation 2, and the code after its `milter main` is the only one that ran."""
