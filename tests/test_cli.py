@@ -1079,6 +1079,19 @@ def test_try_and_check_a_script_that_ends_with_exit(tmp_path: Path) -> None:
     assert status == 0
 
 
+def test_try_and_check_a_script_that_exits_before_milter_main(tmp_path: Path) -> None:
+    """docs/cli.md: an `exit` before `milter main` means "never called milter main": try exits
+    70, check reports it as an error (exit 1), not the exit as a script error."""
+    script = tmp_path / "exits-early.tcl"
+    script.write_text("package require TclMilter 1.0\nexit 3\nmilter main\n")
+    status, out = cli("try", str(script), str(DATA / "plain.eml"))
+    assert (status, out) == (70, f"pytclmilter: {script} never called milter main\n"), out
+    status, out = cli("check", str(script))
+    assert status == 1, out
+    assert out.startswith(f"{script}: loaded\ncallbacks: none registered\n"), out
+    assert out.endswith(f"{script}: error: the script never calls milter main\n"), out
+
+
 def test_try_help_shows_script_arguments_and_the_envelope_defaults() -> None:
     """`try --help` did not show that the script's arguments go after --, nor what --client-ip,
     --client-name and --helo are and default to."""
