@@ -1092,6 +1092,18 @@ def test_try_and_check_a_script_that_exits_before_milter_main(tmp_path: Path) ->
     assert out.endswith(f"{script}: error: the script never calls milter main\n"), out
 
 
+def test_check_names_the_file_and_line_of_an_error_in_a_file_the_script_sources(tmp_path: Path) -> None:
+    """The error's own file and line: check named the script's `source` line (the outermost frame
+    of errorInfo), which holds no error, though it said it names the innermost."""
+    (tmp_path / "lib.tcl").write_text("proc helper {} {}\nset x [expr {1 +}]\n")
+    script = tmp_path / "main.tcl"
+    script.write_text("package require TclMilter 1.0\nsource [file join [file dirname [info script]] lib.tcl]\n"
+                      "milter main\n")
+    status, out = cli("check", str(script))
+    assert status == 1, out
+    assert out.startswith(f"{tmp_path / 'lib.tcl'}:2: error: missing operand"), out
+
+
 def test_try_help_shows_script_arguments_and_the_envelope_defaults() -> None:
     """`try --help` did not show that the script's arguments go after --, nor what --client-ip,
     --client-name and --helo are and default to."""

@@ -37,9 +37,10 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> argp
 
 
 def error_location(error_info: str) -> str:
-    """``file:line`` of the innermost frame Tcl reports, or ''."""
+    """``file:line`` of the innermost frame Tcl reports, or '': errorInfo lists the frames from
+    the innermost out, so for an error in a file the script sources, the line in that file."""
     found = re.findall(r'\(file "([^"]+)" line (\d+)\)', error_info)
-    return f"{found[-1][0]}:{found[-1][1]}" if found else ""
+    return f"{found[0][0]}:{found[0][1]}" if found else ""
 
 
 def script_error(script: str, exc: BaseException, error_info: str) -> str:
