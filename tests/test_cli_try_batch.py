@@ -705,6 +705,18 @@ def test_try_batch_usage_errors(tmp_path: Path) -> None:
     assert os.listdir(d) == ["plain.eml"]
 
 
+def test_try_compare_with_a_missing_other_script_runs_neither(tmp_path: Path) -> None:
+    """OTHER.tcl is checked before SCRIPT runs over the archive (a long batch, and whatever the
+    script does to its files), not found missing after."""
+    d = archive_dir(tmp_path, "plain.eml")
+    script = tmp_path / "loud.tcl"
+    script.write_text("package require TclMilter 1.0\nputs {seen: loaded}\nmilter main\n")
+    missing = tmp_path / "no-such.tcl"
+    status, out = cli("try", str(script), str(d), "--compare", str(missing))
+    assert status == 66 and f'couldn\'t read file "{missing}"' in out, out
+    assert "seen: loaded" not in out, out
+
+
 def test_try_a_directory_it_may_not_read_is_one_line_and_exit_66(tmp_path: Path) -> None:
     """A directory without read permission gave a PermissionError traceback from the batch."""
     d = archive_dir(tmp_path, "plain.eml")
