@@ -8,6 +8,7 @@ reply, and the framing limits (65535-byte payload accepted with length 65536,
 
 from __future__ import annotations
 
+import socket
 import struct
 
 import pytest
@@ -92,13 +93,12 @@ def commands() -> st.SearchStrategy[ev.Event]:
             st.dictionaries(nonempty_wire_text, wire_text, max_size=4),
         ),
         st.builds(ev.Connect, wire_text, st.just(Family.UNKNOWN)),
-        st.builds(
-            ev.Connect,
-            wire_text,
-            st.sampled_from([Family.INET, Family.INET6, Family.UNIX]),
-            st.integers(0, 65535),
-            wire_text,
-        ),
+        st.builds(ev.Connect, wire_text, st.just(Family.INET), st.integers(0, 65535),
+                  st.ip_addresses(v=4).map(str)),
+        st.builds(ev.Connect, wire_text, st.just(Family.INET6), st.integers(0, 65535),
+                  st.ip_addresses(v=6).map(lambda a: socket.inet_ntop(socket.AF_INET6, a.packed))),  # (libc's form)
+        st.builds(ev.Connect, wire_text, st.just(Family.UNIX), st.integers(0, 65535),
+                  wire_text.filter(lambda path: len(wire(path)) < 108)),
         st.builds(ev.Helo, wire_text),
         st.builds(ev.EnvFrom, st.lists(wire_text, min_size=1, max_size=4)),
         st.builds(ev.EnvRcpt, st.lists(wire_text, min_size=1, max_size=4)),
@@ -159,6 +159,34 @@ def test_connect_ipv6_unix_and_unknown_layouts() -> None:
     # Family U: hostname and family byte only, no port, no address.
     assert encode_command(ev.Connect("localhost", Family.UNKNOWN)) == raw_frame(b"C", b"localhost\0U")
     assert decode_command(b"C", b"localhost\0U") == ev.Connect("localhost", Family.UNKNOWN)
+
+
+@pytest.mark.parametrize("family, sent, seen", [
+    (b"6", b"IPv6:2001:db8::1", "2001:db8::1"),  # Sendmail tags IPv6 addresses
+    (b"6", b"IPv6:2001:db8:0:0:0:0:0:1", "2001:db8::1"),  # ... uncompressed without UseCompressedIPv6Addresses
+    (b"6", b"ipv6:::1", "::1"),
+    (b"6", b"2001:DB8::A", "2001:db8::a"),
+    (b"6", b"::ffff:192.0.2.7", "::ffff:192.0.2.7"),
+    (b"4", b"192.0.2.007", "192.0.2.7"),
+    (b"4", b"127.1", "127.0.0.1"),
+    (b"4", b"0x7f.0.0.1", "127.0.0.1"),
+])
+def test_connect_address_is_seen_as_libmilter_prints_it(family: bytes, sent: bytes, seen: str) -> None:
+    """docs/protocol.md §2.1: libmilter parses the address into a sockaddr (inet_aton, inet_pton after
+    an "IPv6:" tag) and its filters print that: a script sees the same address text behind any MTA."""
+    payload = b"client.example\0" + family + b"\x00\x19" + sent + b"\0"
+    assert decode_command(b"C", payload).address == seen
+
+
+@pytest.mark.parametrize("family, sent", [
+    (b"4", b"192.0.2.300"), (b"4", b""), (b"4", b"2001:db8::1"), (b"6", b"192.0.2.7"), (b"6", b"fe80::1%eth0"),
+    (b"6", b""), (b"L", b"/" + b"p" * 107),
+])
+def test_connect_address_libmilter_cannot_parse_is_refused(family: bytes, sent: bytes) -> None:
+    """docs/protocol.md §1.3, §2.1: an address that is no address of its family (or a unix path
+    longer than a sockaddr_un holds) ends the session in libmilter; in pytclmilter too."""
+    with pytest.raises(RemoteProtocolError, match="connect"):
+        decode_command(b"C", b"client.example\0" + family + b"\x00\x19" + sent + b"\0")
 
 
 def test_optneg_command_layout() -> None:

@@ -15,6 +15,7 @@ become U+DC80..U+DCFF and go back out as the very same bytes.
 
 from __future__ import annotations
 
+import socket
 import struct
 from typing import Final, Iterable, Iterator, Mapping, TypeVar, overload
 
@@ -255,7 +256,30 @@ def decode_connect(payload: bytes) -> ev.Connect:
         raise RemoteProtocolError("connect: missing port or address")
     (port,) = _U16.unpack_from(rest)
     (address,) = _exactly(rest[2:], 1, "connect address")
-    return ev.Connect(host, family, port, text(address))
+    return ev.Connect(host, family, port, _address(family, address))
+
+
+#: The longest unix socket path libmilter copies into a sockaddr_un (sun_path, 108 bytes, its NUL).
+_SUN_PATH_MAX: Final = 107
+
+
+def _address(family: Family, raw: bytes) -> str:
+    """The address as libmilter's filters see it: parsed into a sockaddr and printed
+    (docs/protocol.md §2.1). So Sendmail's "IPv6:" tag and its uncompressed form, or IPv4's
+    other spellings, reach a script as they would under libmilter; what it cannot parse ends
+    the session there and here."""
+    if family is Family.UNIX:
+        if len(raw) > _SUN_PATH_MAX:
+            raise RemoteProtocolError(f"connect: unix socket path of {len(raw)} bytes is too long")
+        return text(raw)
+    try:
+        if family is Family.INET:
+            return socket.inet_ntoa(socket.inet_aton(raw.decode("ascii")))  # libmilter's inet_aton
+        if raw[:5].lower() == b"ipv6:":
+            raw = raw[5:]
+        return socket.inet_ntop(socket.AF_INET6, socket.inet_pton(socket.AF_INET6, raw.decode("ascii")))
+    except (OSError, ValueError):  # (UnicodeDecodeError is a ValueError)
+        raise RemoteProtocolError(f"connect: {raw[:64]!r} is not an {family.name} address") from None
 
 
 def decode_helo(payload: bytes) -> ev.Helo:
