@@ -121,6 +121,8 @@ class LogTail:
 class Filter:
     """One filter process on a unix socket, with its instruction file and log."""
 
+    answers_eom_chunk_twice = False
+
     def __init__(self, directory: Path, name: str) -> None:
         directory.mkdir(parents=True, exist_ok=True)
         self.socket_path = directory / f"{name}.sock"
@@ -142,6 +144,8 @@ class Filter:
 
 
 class CFilter(Filter):
+    answers_eom_chunk_twice = True  # (see _Driver._second_reply)
+
     def __init__(self, exe: Path, directory: Path, unregistered: Sequence[str] = ()) -> None:
         super().__init__(directory, "libmilter")
         spec = f"unix:{self.socket_path}"
@@ -177,10 +181,12 @@ class _Driver:
         self.awaited: list[bool] = []
         self.steps: list[Step] = []
         self.ended = False
+        self.pending_lines: list[str] = []  # lines taken before their step (_second_reply)
         filt.log.take()  # (nothing: the previous connection ended before this one started)
 
     def step(self, at: str, frames: list[Reply]) -> None:
-        self.steps.append(Step(at, frames, self.filter.log.take()))
+        self.steps.append(Step(at, frames, self.pending_lines + self.filter.log.take()))
+        self.pending_lines = []
 
     def send(self, command: Command, wait: bool) -> Reply | None:
         """Send one command; its final reply if ``wait``, None at EOF."""
@@ -202,9 +208,21 @@ class _Driver:
                 self.ended = True
                 return None
             frames.append((code, payload))
-            if code[0] in FINAL or code == b"O":
+            if (code[0] in FINAL or code == b"O") and not self._second_reply(command, frames):
                 self.step(str(index), frames)
                 return code, payload
+
+    def _second_reply(self, command: Command, frames: list[Reply]) -> bool:
+        """Whether a second final reply follows this one: libmilter's, to an EOM carrying a body
+        chunk whose body callback answered other than continue (docs/protocol.md §2.4). It calls
+        no eom callback then: the last line logged is the body callback's."""
+        if not (self.filter.answers_eom_chunk_twice and command.code == b"E" and command.payload):
+            return False
+        finals = sum(1 for code, _ in frames if code[0] in FINAL)
+        if finals == 1:
+            self.pending_lines = self.filter.log.take()
+            return bool(self.pending_lines) and self.pending_lines[-1].startswith("body ")
+        return False
 
     def close(self) -> Run:
         """Shut the write side, collect everything up to the filter's EOF as the last step."""

@@ -50,7 +50,7 @@ static int unregistered[13];
 
 /* The macros every line shows, when they have a value (both forms of `i`: each finds the other). */
 static const char *MACROS[] = {"j", "{daemon_name}", "i", "{i}", "{mail_addr}", "{rcpt_addr}", "{tls_version}",
-                               "{auth_authen}", NULL};
+                               "{auth_type}", "{auth_authen}", "{auth_author}", "{auth_ssf}", NULL};
 
 /* A header verdict pytclmilter keeps for the next reply (DEFERRED_HEADER_VERDICT below); 0: none. */
 static sfsistat deferred;

@@ -12,7 +12,8 @@ set unregistered [lrange $argv 2 end]
 set log [open $logfile a]
 fconfigure $log -buffering line -translation lf -encoding iso8859-1
 # The macros every line shows when they have a value (difffilter.c, MACROS).
-set macros {j {{daemon_name}} i {{i}} {{mail_addr}} {{rcpt_addr}} {{tls_version}} {{auth_authen}}}
+set macros {j {{daemon_name}} i {{i}} {{mail_addr}} {{rcpt_addr}} {{tls_version}} {{auth_type}} {{auth_authen}}
+    {{auth_author}} {{auth_ssf}}}
 
 # A byte outside 0x21-0x7e, and the backslash, as \xHH: a character the MTA sent as a byte that
 # is not UTF-8 (U+DC80 + byte) as that byte, any other as the bytes of its UTF-8 form.

@@ -64,7 +64,7 @@ class Scenario:
 
 def invalid_frames(rnd: random.Random) -> dict[str, tuple[str, list[Command]]]:
     """The invalid commands: name -> (where the model slips it in, the frames). Headers go without
-    waiting: the filters always negotiate SMFIP_NR_HDR."""
+    waiting where SMFIP_NR_HDR was negotiated (Mta.hook)."""
     chunk = b"out of place\r\n"
     return {
         "rcpt_before_mail": ("between", [Command(b"R", z("<x@example.com>"), True)]),
@@ -94,6 +94,35 @@ def invalid_frames(rnd: random.Random) -> dict[str, tuple[str, list[Command]]]:
 
 
 INVALID = sorted(invalid_frames(random.Random(0)))
+
+#: Values as the MTAs give the AUTH macros of MAIL (besides the generic ones of macro_pairs).
+AUTH_VALUES = {"{auth_type}": ["PLAIN", "LOGIN"], "{auth_authen}": ["alice", "bob@example.org"],
+               "{auth_author}": ["<alice@example.org>"], "{auth_ssf}": ["0", "256"]}
+
+#: CONNECT's family and address (docs/protocol.md §2.1): as Postfix and Sendmail send them
+#: (Sendmail writes an IPv6 address with its "IPv6:" tag, and uncompressed unless
+#: UseCompressedIPv6Addresses), other spellings libmilter reads, and malformed ones.
+CONNECT_ADDRESSES = [
+    (b"4", "192.0.2.7"), (b"4", "192.0.2.7"), (b"4", "192.0.2.7"), (b"6", "2001:db8::7"), (b"6", "2001:db8::7"),
+    (b"L", "/var/run/client"), (b"U", ""), (b"U", ""),
+    (b"6", "IPv6:2001:db8::7"), (b"6", "IPv6:2001:db8:0:0:0:0:0:7"), (b"6", "ipv6:::1"), (b"6", "::ffff:192.0.2.7"),
+    (b"6", "2001:DB8::A"), (b"4", "127.1"), (b"4", "192.0.2.007"), (b"4", "0x7f.0.0.1"), (b"L", ""),
+    (b"4", "192.0.2.300"), (b"4", ""), (b"4", "2001:db8::7"), (b"6", "192.0.2.7"), (b"6", "fe80::1%eth0"),
+    (b"4", "192.0.2.7 trailing"), (b"L", "/" + "p" * 107), (b"L", "/" + "p" * 106),
+]
+
+#: CONNECT payloads that break §2.1's layout: what follows the host name.
+MALFORMED_CONNECT = [
+    b"",  # no family byte
+    b"X\x00\x19192.0.2.7\x00",  # an unknown family
+    b"4",  # no port
+    b"4\x00",  # half a port
+    b"4\x00\x19",  # no address
+    b"4\x00\x19192.0.2.7",  # no NUL after the address
+    b"4\x00\x19192.0.2.7\x00junk\x00",  # two strings
+    b"L\x00\x00/var/run/a\x00b\x00",  # two strings
+    b"U\x00\x19192.0.2.7\x00",  # unknown, with a port and address after all
+]
 
 
 class Mta:
@@ -125,8 +154,13 @@ class Mta:
         return (yield from self.send(Command(code, payload, waits=not self.proto & NR_BIT.get(code, 0))))
 
     def macros(self, stage: str) -> Iterator[Command]:
+        """The macro frame before an event; sent for a skipped event too (both MTAs), but for the
+        content events: Postfix sends none for a skipped header, end of headers or body chunk
+        (milter8.c registers no MIME callback for them), Sendmail none for a skipped end of headers."""
         pairs = self.macro_pairs(stage)
         if self.s.style == "sendmail" and (stage in "LBU" or not pairs):
+            return
+        if stage in ("LNB" if self.s.style == "postfix" else "N") and self.proto & SKIP_BIT[stage.encode()]:
             return
         payload = stage.encode() + b"".join(z(k, v) for k, v in pairs)
         yield from self.send(Command(b"D", payload))
@@ -134,12 +168,13 @@ class Mta:
     def macro_pairs(self, stage: str) -> list[tuple[str, str]]:
         rnd = self.rnd
         names = {"C": ["j", "{j}", "{daemon_name}", "_"], "H": ["{tls_version}", "{cipher}"],
-                 "M": ["i", "{i}", "{mail_addr}", "{auth_authen}"], "R": ["i", "{rcpt_addr}"], "T": ["i", "{i}"],
+                 "M": ["i", "{i}", "{mail_addr}", "{auth_type}", "{auth_authen}", "{auth_author}", "{auth_ssf}"], "R": ["i", "{rcpt_addr}"], "T": ["i", "{i}"],
                  "N": ["i", "{i}"], "E": ["i", "{i}"], "L": ["i"], "B": ["i"], "U": ["i"]}[stage]
         if rnd.random() < 0.15:
             return []
         chosen = rnd.sample(names, rnd.randint(1, len(names)))
-        return [(n, rnd.choice([f"{stage}{rnd.randint(1, 9)}", f"v {stage}", "caf\u00e9", "x@example.org"]))
+        return [(n, rnd.choice(AUTH_VALUES.get(n, []) + [f"{stage}{rnd.randint(1, 9)}", f"v {stage}", "caf\u00e9",
+                                                         "x@example.org"]))
                 for n in chosen]
 
     def hook(self, point: str) -> Iterator[Command]:
@@ -150,6 +185,8 @@ class Mta:
         self.injected = True
         yield UNCERTAIN
         for command in self.inject:
+            if command.code in NR_BIT:  # (a header waits for its reply where NR_HDR was not negotiated)
+                command = Command(command.code, command.payload, not self.proto & NR_BIT[command.code])
             yield from self.send(command)
         return True
 
@@ -178,10 +215,7 @@ class Mta:
         """One SMTP session; True when a verdict ended the connection."""
         rnd = self.rnd
         yield from self.macros("C")
-        family = rnd.choice([b"4", b"4", b"6", b"L", b"U"])
-        address = {b"4": "192.0.2.7", b"6": "2001:db8::7", b"L": "/var/run/client", b"U": ""}[family]
-        reply = yield from self.event(b"C", RawMTA.connect_payload(rnd.choice(["client.example", "[192.0.2.7]"]),
-                                                                   family, rnd.randint(1, 65535), address))
+        reply = yield from self.event(b"C", self.connect_payload())
         if (yield from self.connection_verdict(reply)):
             return True
         for _ in range(rnd.choice([0, 1, 1, 1, 2])):
@@ -198,6 +232,14 @@ class Mta:
             yield from self.hook("between")
         return False
 
+    def connect_payload(self) -> bytes:
+        rnd = self.rnd
+        host = rnd.choice(["client.example", "[192.0.2.7]"])
+        if rnd.random() < 0.06:
+            return z(host) + rnd.choice(MALFORMED_CONNECT)
+        family, address = rnd.choice(CONNECT_ADDRESSES)
+        return RawMTA.connect_payload(host, family, rnd.choice([0, rnd.randint(1, 65535)]), address)
+
     def connection_verdict(self, reply: Reply) -> Iterator[Command]:
         """After a verdict at CONNECT or HELO Postfix closes the filter connection, Sendmail quits it."""
         if reply[0] not in {b"a", b"r", b"t", b"y"}:  # (d and s mean nothing there)
@@ -210,7 +252,7 @@ class Mta:
         """QUIT_NC where libmilter takes it: after end of message or an unknown command (True if sent)."""
         if not (self.last == b"E" and self.last_reply == (b"c", b"")):
             reply = yield from self.unknown()
-            if reply[0] == b"a":  # (back in HELO, as after any accept)
+            if reply[0] in (b"a", SKIPPED[0]):  # (back in HELO, as after any accept; or no UNKNOWN sent)
                 return False
         yield from self.send(Command(b"K"))
         return True
@@ -238,17 +280,22 @@ class Mta:
         yield from self.hook("in_message")
         if (yield from self.abandon(stop == "rcpt", eof)):
             return
+        skipped = False  # the filter answered SKIP to a body chunk: no more body, none in the EOM
         for stage, code, payloads in self.content():
             for payload in payloads:
                 yield from self.macros(code.decode())
-                reply = yield from self.event(code, payload)
+                reply = yield from self.event(code, b"" if code == b"E" and skipped else payload)
                 if code == b"B" and reply[0] == b"s" and self.proto & P_SKIP:
+                    skipped = True
                     break
                 if code == b"E" or reply[0] in VERDICTS:
                     if code == b"E":
                         yield from self.hook("after_eom")
                     return (yield from self.message_over(finished=code == b"E"))
-                if stage == "header":
+                if stage == "header" and reply != SKIPPED:
+                    # (only after a header sent: with no DATA and no headers, an unknown command
+                    # here follows RCPT, after which pytclmilter takes the EOM, docs/protocol.md
+                    # §7.2, and libmilter leaves the MTA waiting for its reply)
                     yield from self.hook("in_headers")
             yield from self.hook("in_message")
             if (yield from self.abandon(stop == stage, eof)):
@@ -276,10 +323,17 @@ class Mta:
         rnd = self.rnd
         headers = [z(*rnd.choice([("Subject", "hello"), ("From", "a@example.org"), ("X-Old", "folded\n\tvalue"),
                                   ("Subject", "caf\u00e9"), ("To", "")])) for _ in range(rnd.choice([0, 1, 2, 3]))]
+        if not headers and self.proto & SKIP_BIT[b"N"] and not self.proto & (SKIP_BIT[b"T"] | SKIP_BIT[b"L"]):
+            # DATA straight to the body or EOM: libmilter's table refuses it, pytclmilter takes it
+            # (docs/protocol.md §7.2); libmilter would leave the MTA waiting.
+            headers = [z("Subject", "hello")]
         chunks = [rnd.choice([b"line one\r\n", b"8-bit \xc3\xa9 and \xff\r\n", b"tab\there\r\n.\r\n", b"x" * 300])
                   for _ in range(rnd.choice([0, 1, 1, 2]))]
+        last = b""
+        if chunks and not self.proto & SKIP_BIT[b"B"] and rnd.random() < 0.2:
+            last = chunks.pop()  # an MTA that sends the last chunk with the EOM (docs/protocol.md §2.4)
         return [("data", b"T", [b""]), ("header", b"L", headers), ("eoh", b"N", [b""]), ("body", b"B", chunks),
-                ("eom", b"E", [b""])]
+                ("eom", b"E", [last])]
 
     def abandon(self, here: bool, eof: bool) -> Iterator[Command]:
         """The client goes away (EOF) or resets (ABORT) here; True if it did."""
