@@ -1129,6 +1129,8 @@ def test_try_usage_errors() -> None:
     assert status == 64 and '--macro "novalue": must be NAME=VALUE' in out
     status, out = cli("try", str(STAMP), str(DATA / "plain.eml"), "--client-ip", "999.1.1.1")
     assert status == 64 and '--client-ip "999.1.1.1": not an IPv4 or IPv6 address' in out, out
+    status, out = cli("try", str(STAMP), str(DATA / "plain.eml"), "--client-ip", "fe80::1%eth0")
+    assert status == 64 and '--client-ip "fe80::1%eth0": a scoped address is not one an MTA sends' in out, out
     status, out = cli("try", str(STAMP), str(DATA / "plain.eml"), "--macro", "{}=x")
     assert status == 64 and '--macro "{}=x": must be NAME=VALUE' in out
     # the MTA sends long names in braces, and getsymval finds nothing else: a name never sent

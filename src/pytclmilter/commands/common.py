@@ -197,9 +197,11 @@ def read_message(opts: argparse.Namespace) -> tuple[Message, Envelope]:
 def envelope_of(opts: argparse.Namespace, msg: Message, queue_id: str = Envelope.queue_id) -> Envelope:
     """The envelope of one message: the options where given, else the message's headers."""
     try:  # (sent in the connect event with its family: what no MTA would send, the script never sees)
-        ipaddress.ip_address(opts.client_ip)
+        address = ipaddress.ip_address(opts.client_ip)
     except ValueError:
         raise UsageError(f'--client-ip "{opts.client_ip}": not an IPv4 or IPv6 address') from None
+    if isinstance(address, ipaddress.IPv6Address) and address.scope_id:  # (a milter ends the session)
+        raise UsageError(f'--client-ip "{opts.client_ip}": a scoped address is not one an MTA sends')
     return Envelope.from_message(msg, opts.sender, opts.rcpt or None, client_ip=opts.client_ip,
                                  client_name=opts.client_name, helo=opts.helo, macros=macros_of(opts),
                                  queue_id=queue_id)
