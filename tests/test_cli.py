@@ -789,6 +789,41 @@ def test_try_exit_statuses_and_reports_of_a_discarded_and_a_quarantined_message(
     assert (doc["message"]["sender"], doc["message"]["recipients"]) == ("<carol@example.com>", ["<dave@example.com>"])
 
 
+#: Deletes a recipient the envelope has and one it does not.
+DELRCPT_STRANGER = """package require TclMilter 1.0
+proc eom {ctx} {
+    $ctx delrcpt bob@example.com
+    $ctx addrcpt carol@example.com
+    $ctx delrcpt nobody@example.com
+    return SMFIS_CONTINUE
+}
+milter register eom eom
+milter main
+"""
+
+
+def test_try_and_send_show_a_delrcpt_of_a_recipient_the_envelope_lacks(tmp_path: Path,
+                                                                       serve: Callable[..., TclRun]) -> None:
+    """docs/cli.md: an action the MTA could not apply is a note of the report; a delrcpt of a
+    recipient the envelope does not have was dropped silently, as if it had removed one."""
+    script = tmp_path / "delrcpt.tcl"
+    script.write_text(DELRCPT_STRANGER)
+    note = "delrcpt nobody@example.com: no such recipient"
+    tried = cli("try", str(script), str(DATA / "plain.eml"))
+    assert tried[0] == 0, tried
+    assert f"verdict: accept at eom\nnote: {note}\nenvelope: from <alice@example.org> to <carol@example.com>\n" \
+        in tried[1], tried
+    m = serve(script, "--connection", "inet:0@127.0.0.1")
+    assert cli("send", "--connection", m.spec, str(DATA / "plain.eml")) == tried
+    for command in (("try", str(script)), ("send", "--connection", m.spec)):
+        status, out = cli(*command, str(DATA / "plain.eml"), "--json")
+        doc = json_of(out)
+        assert (status, doc["notes"]) == (0, [note]), out
+        assert doc["message"]["recipients"] == ["<carol@example.com>"], out
+    status, out = cli("try", str(STAMP), str(DATA / "plain.eml"), "--json")
+    assert (status, json_of(out)["notes"]) == (0, []), out
+
+
 def test_try_shows_the_headers_no_filter_changed_as_the_message_has_them(tmp_path: Path) -> None:
     """Bug: every header was shown rewritten as `Name: value`, so a tab or no space after the
     colon, or an empty value, came out altered (`Subject: \tHi`), although the MTA delivers a

@@ -57,6 +57,7 @@ def as_dict(outcome: Outcome, result: Result | None) -> dict[str, Any]:
         ],
         "actions": [describe(a) for a in outcome.actions],
         "rejected_recipients": outcome.rejected_rcpts,
+        "notes": result.notes if result is not None else [],
     }
     if outcome.error:
         doc["error"] = outcome.error
@@ -104,6 +105,7 @@ def as_text(outcome: Outcome, result: Result | None) -> str:
     reply = f' "{shown(outcome.reply_text)}"' if outcome.reply_text else ""
     lines.append(f"verdict: {outcome.verdict} at {outcome.stage or '-'}{reply}")
     if result is not None and outcome.verdict in ("accept", "quarantine"):
+        lines += [f"note: {shown(note)}" for note in result.notes]
         lines.append(f"envelope: from {shown(result.sender)} to {shown(', '.join(result.recipients))}")
         lines.append("--- resulting message ---")
         lines.append(wire_text(result.message.render()))
