@@ -1425,6 +1425,8 @@ def test_send_to_nothing_is_a_tempfail_with_the_reason() -> None:
     doc = json_of(out)
     assert (status, doc["verdict"], doc["exit_status"]) == (2, "tempfail", 2), out
     assert doc["error"].startswith(f"cannot connect to inet:{port}@127.0.0.1: "), out
+    # no stage was reached (the text's "at -") and nothing negotiated: null, not "" and version 0
+    assert (doc["stage"], doc["negotiated"], doc["stages"]) == (None, None, []), out
 
 
 def test_send_usage_errors() -> None:

@@ -47,7 +47,7 @@ class Outcome:
     rejected_rcpts: dict[str, str] = field(default_factory=dict)
     #: The envelope's recipients the MTA keeps: those rejected or tempfailed at RCPT dropped.
     recipients: list[str] = field(default_factory=list)
-    negotiated: tuple[int, int, int] = (0, 0, 0)
+    negotiated: tuple[int, int, int] | None = None  # (version, actions, protocol) the filter answered
     error: str = ""
 
 

@@ -42,14 +42,21 @@ def _args(args: str | None) -> str:
     return f" {args}" if args else ""
 
 
+def _negotiated(answer: tuple[int, int, int] | None) -> dict[str, Any] | None:
+    """The filter's option negotiation reply; None when it never gave one (no connection, or it
+    broke before), rather than a version 0 no filter answered."""
+    if answer is None:
+        return None
+    return {"version": answer[0], "actions": hex(answer[1]), "protocol": hex(answer[2])}
+
+
 def as_dict(outcome: Outcome, result: Result | None) -> dict[str, Any]:
     doc: dict[str, Any] = {
         "verdict": outcome.verdict,
-        "stage": outcome.stage,
+        "stage": outcome.stage or None,  # (no connection: the text report's "at -")
         "reply": outcome.reply_text,
         "exit_status": EXIT_CODES.get(outcome.verdict, 2),
-        "negotiated": {"version": outcome.negotiated[0], "actions": hex(outcome.negotiated[1]),
-                       "protocol": hex(outcome.negotiated[2])},
+        "negotiated": _negotiated(outcome.negotiated),
         "stages": [
             {"stage": s.name, "detail": s.detail, "reply": s.reply or None, "text": s.text or None,
              "progress": s.progress, "actions": [describe(a) for a in s.actions]}
