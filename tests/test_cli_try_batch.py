@@ -21,7 +21,7 @@ from pathlib import Path
 
 from test_cli import (BLACKLIST, DATA, GREYLIST, GREYLIST_STORE, PYTCLMILTER, ROOT, STAMP, cli,
                       without_root_privileges)
-from pytclmilter.client.archive import _read_at
+from pytclmilter.client.archive import MAX_SIZE, _read_at
 from support.tclrun import child_env
 
 import pexpect
@@ -190,7 +190,7 @@ def test_a_file_of_a_directory_is_opened_refusing_a_link_or_a_fifo(tmp_path: Pat
     os.mkfifo(d / "fifo.eml")
     dirfd = os.open(d, os.O_RDONLY | os.O_DIRECTORY)
     try:
-        link, fifo = _read_at(dirfd, "link.eml"), _read_at(dirfd, "fifo.eml")
+        link, fifo = _read_at(dirfd, "link.eml", MAX_SIZE), _read_at(dirfd, "fifo.eml", MAX_SIZE)
     finally:
         os.close(dirfd)
     assert (link.raw, link.error) == (b"", os.strerror(errno.ELOOP))
@@ -364,8 +364,8 @@ def spawn_in_bash(command: str, *args: str, env: dict[str, str] | None = None) -
                          cwd=str(ROOT), encoding="utf-8", timeout=30, echo=False)
 
 
-def run_in_bash(command: str, *args: str) -> tuple[int, str]:
-    child = spawn_in_bash(command, *args)
+def run_in_bash(command: str, *args: str, env: dict[str, str] | None = None) -> tuple[int, str]:
+    child = spawn_in_bash(command, *args, env=env)
     out = child.read().replace("\r\n", "\n")
     child.close()
     return child.exitstatus, out
@@ -765,3 +765,61 @@ def test_try_escapes_terminal_controls_in_the_report_of_one_message(tmp_path: Pa
     assert status == 0, out
     assert "\x9b" not in out and "\x85" not in out, repr(out)
     assert r"body\u009b2J\u0085" in out, out
+
+
+def test_try_refuses_an_endless_message_from_standard_input_at_max_size(tmp_path: Path) -> None:
+    """`try x.tcl - < /dev/zero` copied standard input until the disk was full. A message is read
+    up to --max-size bytes (Postfix's message_size_limit default, 10240000) and refused past it
+    with exit 66, as an unreadable one; the copy in try's private directory is gone."""
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    status, out = run_in_bash("< /dev/zero -", "try", str(STAMP), env={"TMPDIR": str(tmp)})
+    assert (status, out) == (66, "pytclmilter try: -: larger than 10240000 bytes (--max-size)\n"), out
+    assert os.listdir(tmp) == []
+    status, out = cli("try", str(STAMP), "/dev/zero", "--max-size", "1000")  # a device, copied too
+    assert (status, out) == (66, "pytclmilter try: /dev/zero: larger than 1000 bytes (--max-size)\n"), out
+    status, out = cli("send", "--connection", "inet:1@127.0.0.1", "/dev/zero")
+    assert (status, out) == (66, "pytclmilter send: /dev/zero: larger than 10240000 bytes (--max-size)\n"), out
+
+
+def test_try_max_size_is_the_largest_message_tried(tmp_path: Path) -> None:
+    size = len((DATA / "plain.eml").read_bytes())
+    status, out = cli("try", str(BLACKLIST), str(DATA / "plain.eml"), "--max-size", str(size))
+    assert status == 0 and "verdict: accept at eom" in out, out
+    status, out = run_in_bash(f"< {DATA / 'plain.eml'} -", "try", str(BLACKLIST), "--max-size", str(size))
+    assert status == 0 and "verdict: accept at eom" in out, out
+    for source in (str(DATA / "plain.eml"), f"- < {DATA / 'plain.eml'}"):
+        status, out = run_in_bash(source, "try", str(BLACKLIST), "--max-size", str(size - 1))
+        assert (status, out) == (66, f"pytclmilter try: {source.split()[0]}: larger than {size - 1} bytes "
+                                     "(--max-size)\n"), out
+    for value in ("0", "-1", "1e6", "lots"):
+        status, out = cli("try", str(BLACKLIST), str(DATA / "plain.eml"), "--max-size", value)
+        assert status == 64 and "argument --max-size: " in out, out
+
+
+def test_try_an_archive_lists_a_message_larger_than_max_size_and_goes_on(tmp_path: Path) -> None:
+    """In an mbox, from a file or a stream, and in a directory, a message larger than --max-size
+    is not tried and its line says why; one of exactly that size is. A stream's oversized
+    message is cut while it is copied (one of 200 KB on a single line here), not stored whole."""
+    plain = (DATA / "plain.eml").read_bytes()
+    padded = [plain + b"x" * 50 + b"\n", plain + b"x" * 51 + b"\n", plain + b"y" * 200_000]
+    box = write_mbox(tmp_path / "archive.mbox", plain, *padded, (DATA / "blacklisted.eml").read_bytes())
+    sizes = [len(m.as_bytes()) for m in mailbox.mbox(str(box))]
+    limit = sizes[1]
+    assert sizes[2] == limit + 1, sizes
+    lunch = "accept at eom, 0 modifications; from <alice@example.org>, subject \"Lunch on Friday?\""
+    too_large = f"error: larger than {limit} bytes (--max-size)"
+    expected = [f"#1: {lunch}", f"#2: {lunch}", f"#3: {too_large}", f"#4: {too_large}",
+                SPAMMER.replace("blacklisted.eml", "#5"), "summary: 5 messages: 2 accept, 1 reject, 2 not tried"]
+    for source in (str(box), f"- < {box}", f"<(cat {box})"):
+        status, out = run_in_bash(source, "try", str(BLACKLIST), "--max-size", str(limit))
+        assert (status, output_lines(out)) == (2, expected), (source, out)
+    d = tmp_path / "archive"
+    d.mkdir()
+    for n, raw in enumerate([plain, *padded], 1):
+        (d / f"{n}.eml").write_bytes(raw)
+    status, out = cli("try", str(BLACKLIST), str(d), "--max-size", str(len(padded[0])))
+    assert (status, output_lines(out)[1:]) == (2, [
+        f"2.eml: {lunch}", f"3.eml: error: larger than {len(padded[0])} bytes (--max-size)",
+        f"4.eml: error: larger than {len(padded[0])} bytes (--max-size)",
+        "summary: 4 messages: 2 accept, 2 not tried"]), out

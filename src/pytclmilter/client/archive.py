@@ -12,6 +12,9 @@ A directory: the regular files directly in it whose names end in ``.eml``
 are not followed (a link named ``x.eml`` is skipped, as are other entries);
 each file is opened relative to the directory, refusing a link or a file that
 is not regular at open time, so a name swapped after the listing is not read.
+
+No message is read past its size limit (--max-size, Postfix's message_size_limit): an endless
+stream or a file that grows fills neither memory nor, copied, the disk.
 """
 
 from __future__ import annotations
@@ -20,12 +23,42 @@ import mailbox
 import os
 import stat
 from dataclasses import dataclass
-from typing import Iterator
+from typing import BinaryIO, Iterator, Protocol
 
 from .message import FIELD
 
 #: What a mbox starts with: the separator line of its first message.
 MBOX_MAGIC = b"From "
+
+#: The largest message read, in bytes (--max-size): Postfix's default message_size_limit.
+MAX_SIZE = 10240000
+
+#: How much of a stream is read at once while it is copied.
+_CHUNK = 65536
+
+#: The separator line of a message in the copy of an mbox stream (what follows ``From `` is dropped).
+_SEPARATOR = b"From -\n"
+
+
+class Readable(Protocol):
+    """A file of bytes, or the part of an mbox one message is (mailbox's get_file)."""
+
+    def read(self, size: int, /) -> bytes: ...
+
+
+class TooLarge(Exception):
+    """A message holds more than the limit: an endless stream or a file that grows is read no further."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(f"larger than {limit} bytes (--max-size)")
+
+
+def read_at_most(f: Readable, limit: int) -> bytes:
+    """The rest of ``f``; TooLarge past ``limit`` bytes, having read one byte more at most."""
+    data = f.read(limit + 1)
+    if len(data) > limit:
+        raise TooLarge(limit)
+    return data
 
 
 @dataclass
@@ -44,37 +77,77 @@ class Listing:
     kind: str  # "message", "mbox" or "directory"
     path: str
     name: str  # as the user gave it ("-" for standard input, copied to ``path``)
+    max_size: int = MAX_SIZE
     ignored: int = 0
 
     def items(self) -> Iterator[Item]:
         if self.kind == "directory":
             return _directory_items(self)
         if self.kind == "mbox":
-            return _mbox_items(self.path)
-        return _file_item(self.path, self.name)
+            return _mbox_items(self.path, self.max_size)
+        return _file_item(self.path, self.name, self.max_size)
 
 
-def open_input(path: str, name: str) -> Listing:
+def open_input(path: str, name: str, max_size: int = MAX_SIZE) -> Listing:
     """What ``path`` holds; OSError when it cannot be read (a directory: listed, which needs
     read permission; checked here, before any script runs, not when the batch reaches it)."""
     if os.path.isdir(path):
         os.close(os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC))
-        return Listing("directory", path, name)
+        return Listing("directory", path, name, max_size)
     with open(path, "rb") as f:
         first = f.read(len(MBOX_MAGIC))
-    return Listing("mbox" if first == MBOX_MAGIC else "message", path, name)
+    return Listing("mbox" if first == MBOX_MAGIC else "message", path, name, max_size)
 
 
-def _file_item(path: str, name: str) -> Iterator[Item]:
+def copy_stream(source: BinaryIO, dest: BinaryIO, limit: int) -> None:
+    """Standard input or another stream, to a file ``open_input`` reads: TooLarge when it holds
+    one message of more than ``limit`` bytes (``/dev/zero`` is read no further). An mbox is
+    copied whole but for its messages larger than the limit: cut two bytes past it (one more is
+    the empty line before the next ``From ``, which mailbox drops) and ended with a line break, so
+    that their items still say they are too large, and the rest read and dropped; its ``From ``
+    lines, which no one reads, are written as ``From -``: no stream fills the disk."""
+    first = source.read(len(MBOX_MAGIC))
+    if first != MBOX_MAGIC:
+        data = first + source.read(max(0, limit + 1 - len(first)))
+        if len(data) > limit:
+            raise TooLarge(limit)
+        dest.write(data)
+        return
+    dest.write(_SEPARATOR)
+    size, cut, in_separator, at_line_start = 0, False, True, False
+    while chunk := source.readline(_CHUNK):
+        if at_line_start and chunk.startswith(MBOX_MAGIC):
+            dest.write(b"\n" + _SEPARATOR if cut else _SEPARATOR)
+            size, cut, in_separator = 0, False, True
+        elif not (in_separator or cut):
+            kept = chunk[:limit + 2 - size]
+            dest.write(kept)
+            size += len(kept)
+            cut = size > limit + 1
+        at_line_start = chunk.endswith(b"\n")
+        in_separator = in_separator and not at_line_start
+
+
+def _file_item(path: str, name: str, limit: int) -> Iterator[Item]:
     with open(path, "rb") as f:
-        yield Item(name, f.read())
+        yield _bounded(name, f, limit)
 
 
-def _mbox_items(path: str) -> Iterator[Item]:
+def _bounded(label: str, f: Readable, limit: int) -> Item:
+    """The item of a message read from ``f``: an error when it is larger than ``limit``."""
+    try:
+        return Item(label, read_at_most(f, limit))
+    except TooLarge as exc:
+        return Item(label, error=str(exc))
+
+
+def _mbox_items(path: str, limit: int) -> Iterator[Item]:
     box = mailbox.mbox(path, create=False)
     try:
         for n, key in enumerate(box.iterkeys(), 1):
-            yield _checked(Item(f"#{n}", box.get_bytes(key)))
+            with box.get_file(key) as f:
+                item = _bounded(f"#{n}", f, limit)
+            yield _checked(item)
     finally:
         box.close()
 
@@ -91,12 +164,12 @@ def _directory_items(listing: Listing) -> Iterator[Item]:
                 else:
                     listing.ignored += 1
         for name in sorted(names):
-            yield _checked(_read_at(dirfd, name))
+            yield _checked(_read_at(dirfd, name, listing.max_size))
     finally:
         os.close(dirfd)
 
 
-def _read_at(dirfd: int, name: str) -> Item:
+def _read_at(dirfd: int, name: str, limit: int) -> Item:
     """The file ``name`` of the directory: never through a link, never a FIFO or device (no blocking open)."""
     try:
         fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=dirfd)
@@ -106,7 +179,7 @@ def _read_at(dirfd: int, name: str) -> Item:
         if not stat.S_ISREG(os.fstat(fd).st_mode):
             return Item(name, error="not a regular file")
         try:
-            return Item(name, f.read())
+            return _bounded(name, f, limit)
         except OSError as exc:
             return Item(name, error=exc.strerror or str(exc))
 

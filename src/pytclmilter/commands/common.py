@@ -15,6 +15,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Callable
 
+from ..client.archive import MAX_SIZE, TooLarge, read_at_most
 from ..client.message import Envelope, Message
 from ..hooks import Hooks
 from ..limits import CallbackTimeout, handler_dropped
@@ -176,6 +177,19 @@ def add_envelope_options(p: argparse.ArgumentParser, message_help: str = "the me
     p.add_argument("--macro", action="append", default=[], metavar="NAME=VALUE",
                    help="macro the MTA sends (e.g. --macro {auth_authen}=alice), repeatable")
     p.add_argument("--json", action="store_true", help="print the report as one JSON document")
+    p.add_argument("--max-size", type=_max_size, default=MAX_SIZE, metavar="BYTES",
+                   help="refuse a message larger than this, as Postfix's message_size_limit (default: %(default)s)")
+
+
+def _max_size(value: str) -> int:
+    """--max-size: a whole number of bytes, at least 1 (argparse's usage error otherwise)."""
+    try:
+        size = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f'expected a number of bytes but got "{value}"') from None
+    if size < 1:
+        raise argparse.ArgumentTypeError(f"{size}: must be at least 1 byte")
+    return size
 
 
 def reports_print_anywhere() -> None:
@@ -186,10 +200,15 @@ def reports_print_anywhere() -> None:
 
 
 def read_message(opts: argparse.Namespace) -> tuple[Message, Envelope]:
+    """The message file and its envelope; a UsageError (EX_NOINPUT) when it cannot be read or is
+    larger than --max-size (a device or a file that grows is read no further)."""
     try:
-        raw = Path(opts.message).read_bytes()
+        with open(opts.message, "rb") as f:
+            raw = read_at_most(f, opts.max_size)
     except OSError as exc:
         raise UsageError(f"{opts.message}: {exc.strerror}", EX_NOINPUT) from None
+    except TooLarge as exc:
+        raise UsageError(f"{opts.message}: {exc}", EX_NOINPUT) from None
     msg = Message.parse(raw)
     return msg, envelope_of(opts, msg)
 

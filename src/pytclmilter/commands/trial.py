@@ -16,7 +16,6 @@ import argparse
 import asyncio
 import itertools
 import os
-import shutil
 import signal
 import stat
 import sys
@@ -26,7 +25,7 @@ from pathlib import Path
 from typing import Awaitable, Callable, Iterable
 
 from ..client.apply import delivered
-from ..client.archive import Item, Listing, open_input
+from ..client.archive import Item, Listing, TooLarge, copy_stream, open_input
 from ..client.batch import Tally, Verdict, about, comparison, comparison_summary, error_line, line
 from ..client.conversation import Outcome, converse
 from ..client.load import connect, one
@@ -95,22 +94,29 @@ def _input(opts: argparse.Namespace, workdir: str) -> Listing:
     (``<(...)``, /dev/fd/N) is copied to a file first: it can be read only once, and it is read
     twice (its first line tells an mbox, which must be seekable, from a message)."""
     try:
-        return open_input(_copied(opts.message, workdir), opts.message)
+        return open_input(_copied(opts.message, workdir, opts.max_size), opts.message, opts.max_size)
     except OSError as exc:
         raise UsageError(f"{opts.message}: {exc.strerror or exc}", EX_NOINPUT) from None
+    except TooLarge as exc:
+        raise UsageError(f"{opts.message}: {exc}", EX_NOINPUT) from None
 
 
-def _copied(path: str, workdir: str) -> str:
-    """``path``, or where a stream it names was copied to; OSError when it cannot be read."""
+def _copied(path: str, workdir: str, limit: int) -> str:
+    """``path``, or where a stream it names was copied to; OSError when it cannot be read,
+    TooLarge (the copy removed) when it is one message of more than ``limit`` bytes."""
     if path != "-" and not _is_stream(path):
         return path
     copy = os.path.join(workdir, "input")
     with open(copy, "wb") as f:
-        if path == "-":
-            shutil.copyfileobj(sys.stdin.buffer, f)
-        else:
-            with open(path, "rb") as source:
-                shutil.copyfileobj(source, f)
+        try:
+            if path == "-":
+                copy_stream(sys.stdin.buffer, f, limit)
+            else:
+                with open(path, "rb") as source:
+                    copy_stream(source, f, limit)
+        except BaseException:
+            os.unlink(copy)
+            raise
     return copy
 
 
