@@ -731,6 +731,7 @@ def test_try_json_stages_say_null_for_no_reply_and_no_reply_text() -> None:
     stages = [(s["stage"], s["reply"], s["text"]) for s in json_of(out)["stages"]]
     assert stages[0] == ("envfrom", "continue", None), stages
     assert {(reply, text) for stage, reply, text in stages if stage == "header"} == {(None, None)}, stages
+    assert not any(s["failed"] for s in json_of(out)["stages"]), out
     assert stages[-1][0] == "eom" and stages[-1][1] == "reject", stages
 
 
@@ -1595,7 +1596,11 @@ def test_send_names_the_stage_a_conversation_broke_at(answer: bytes) -> None:
     assert re.search(r'^verdict: tempfail at eom "milter failure: ', out, re.M), out
     with scripted_milter({b"E": [answer]}) as spec:
         status, out = cli("send", "--connection", spec, str(DATA / "plain.eml"), "--json")
-    assert (status, json_of(out)["stage"]) == (2, "eom"), out
+    doc = json_of(out)
+    assert (status, doc["stage"]) == (2, "eom"), out
+    # the JSON tells the failed stage from one not answered as the text does: it said reply null alone
+    assert [(s["stage"], s["reply"], s["failed"]) for s in doc["stages"]][-2:] == [
+        ("body", "continue", False), ("eom", None, True)], out
 
 
 def test_send_counts_the_progress_packets_of_a_stage() -> None:

@@ -59,7 +59,7 @@ def as_dict(outcome: Outcome, result: Result | None) -> dict[str, Any]:
         "negotiated": _negotiated(outcome.negotiated),
         "stages": [
             {"stage": s.name, "detail": s.detail, "reply": s.reply or None, "text": s.text or None,
-             "progress": s.progress, "actions": [describe(a) for a in s.actions]}
+             "failed": s.failed, "progress": s.progress, "actions": [describe(a) for a in s.actions]}
             for s in outcome.stages
         ],
         "actions": [describe(a) for a in outcome.actions],
