@@ -20,7 +20,7 @@ import time
 import pytest
 
 from pytclmilter import CONTINUE, REJECT, Milter
-from support.engine import make_milter, serving, z
+from support.engine import MilterThread, make_milter, serving, z
 from support.tclrun import TCL_HELPERS, ok, tclrun_factory
 
 tclrun = pytest.fixture(tclrun_factory, name="tclrun")
@@ -242,6 +242,78 @@ def test_a_stuck_async_callback_is_stopped_and_others_are_served_meanwhile(caplo
     messages = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
     assert len(messages) == 1 and "answering SMFIS_TEMPFAIL" in messages[0]
     assert "callback stopped after 1 s (call_timeout)" in messages[0]
+
+
+def test_an_async_callback_that_swallows_its_cancellation_is_answered_at_the_limit(caplog):
+    """An async callback that catches CancelledError and sleeps on held the MTA as long as it
+    slept (asyncio.wait_for waited for it to let go). Now the MTA gets the -onerror answer at the
+    limit, the connection is closed (the callback may still use its context), the abandonment
+    is logged once, and the milter serves on."""
+    caplog.set_level(logging.INFO, logger=LOG)
+    m = make_milter(call_timeout=1.0, on_error=REJECT)
+    ended = []
+
+    @m.register("envfrom")
+    async def stubborn(ctx, args):
+        if args[0] == "<stubborn\n@example.org>":
+            try:
+                await asyncio.sleep(3600)
+            except asyncio.CancelledError:
+                try:
+                    await asyncio.sleep(3600)  # twice: a second cancel would end the first sleep
+                except asyncio.CancelledError:
+                    await asyncio.sleep(3600)
+                finally:
+                    ended.append("finally")
+        return CONTINUE
+
+    with serving(m) as srv, srv.raw() as mta:
+        assert mta.connect() == (b"c", b"")
+        t0 = time.monotonic()
+        mta.send(b"M", z("<stubborn\n@example.org>"))
+        assert mta.reply(timeout=10) == (b"r", b"")
+        assert 0.9 <= time.monotonic() - t0 <= 3
+        mta.expect_eof(timeout=10)
+        with srv.raw() as other:  # the milter serves on
+            assert other.connect() == (b"c", b"")
+            assert other.mail() == (b"c", b"")
+    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert len(errors) == 2, errors
+    assert "callback stopped after 1 s (call_timeout)" in errors[0] and "answering SMFIS_REJECT" in errors[0]
+    assert re.fullmatch(r"conn#1: envfrom callback \S*stubborn ignored its cancellation at the 1 s call timeout "
+                        r"and is abandoned; its connection is closed \(abandoned callbacks still running: \d+\)",
+                        errors[1]), errors[1]
+    assert ended == ["finally"]  # its coroutine was closed: it ran its finally clause, and ended
+
+
+def test_a_stop_does_not_wait_for_an_async_callback_that_swallows_its_cancellation(caplog):
+    """Without a limit, such a callback running at a stop was cancelled at the end of the grace,
+    and the loop's end waited for it for ever: run() never returned. Now it is abandoned after
+    its unwinding second, logged, and the milter stops."""
+    caplog.set_level(logging.INFO, logger=LOG)
+    m = make_milter(call_timeout=0, grace=0.5)
+
+    @m.register("envfrom")
+    async def stubborn(ctx, args):
+        while True:
+            try:
+                await asyncio.sleep(3600)
+            except asyncio.CancelledError:
+                pass
+
+    with MilterThread(m) as srv, srv.raw() as mta:
+        assert mta.connect() == (b"c", b"")
+        mta.send(b"M", z("<a@example.org>"))
+        assert mta.is_open(0.3)
+        t0 = time.monotonic()
+        srv.stop(timeout=15)
+        assert time.monotonic() - t0 <= 10
+        mta.expect_eof()
+    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert len(errors) == 1, errors
+    assert re.fullmatch(r"conn#1: envfrom callback \S*stubborn ignored its cancellation as its connection was cut "
+                        r"and is abandoned; its connection is closed \(abandoned callbacks still running: \d+\)",
+                        errors[0]), errors[0]
 
 
 def test_the_log_of_a_stopped_tcl_callback_names_the_limit(tclrun):

@@ -52,6 +52,15 @@ _LATE_STOP: Final = 0.5
 #: tasks whose cancellation at stop overflowed the stack). At this many, the connection's further
 #: commands wait until one has run.
 _QUIET_QUEUE: Final = 8
+#: Seconds an async callback cancelled by its limit (or by its connection's end) may take to end
+#: (its ``finally`` clauses) before it is abandoned: one that swallows CancelledError would
+#: otherwise hold its connection, or the milter's stop, as long as it likes.
+UNWIND: Final = 1.0
+#: Abandoned callbacks still running (one that ignored GeneratorExit too): held here so that they
+#: are counted, and dropped as each ends. Each keeps its memory until then.
+ABANDONED: Final[set["asyncio.Task[Any]"]] = set()
+#: Why the connection of an abandoned callback was closed (its log line and metrics).
+ABANDONED_END: Final = "callback ignored its cancellation"
 
 # What is decided (ConnectionEngine._decided; see the class docstring). Plain ints: tested per event.
 _OPEN: Final = 0
@@ -232,6 +241,36 @@ async def _in_turn(awaitables: list[Awaitable[Status]]) -> None:
         await awaitable
 
 
+def abandon(task: "asyncio.Task[Any]") -> None:
+    """Let go of a cancelled callback that goes on: its coroutine is closed (GeneratorExit at its
+    await: its ``finally`` clauses run, and an ``except CancelledError`` does not catch it), and
+    cancelled once more, which ends a closed one. One that survives even that is kept in
+    ABANDONED, counted, until it ends."""
+    close = getattr(task.get_coro(), "close", None)
+    survives = close is None
+    if close is not None:
+        try:
+            close()
+        except RuntimeError:  # "coroutine ignored GeneratorExit": it awaits on
+            survives = True
+    task.cancel()
+    if survives:
+        ABANDONED.add(task)
+    task.add_done_callback(_forget)
+
+
+def _forget(task: "asyncio.Task[Any]") -> None:
+    ABANDONED.discard(task)
+    _consume(task)
+
+
+def _consume(task: "asyncio.Task[Any]") -> None:
+    """Read a finished callback task's outcome, which nobody answers with any more (asyncio would
+    log an exception never retrieved)."""
+    if not task.cancelled():
+        task.exception()
+
+
 async def _contained(awaitable: Awaitable[Any]) -> Any:
     try:
         return await awaitable
@@ -269,7 +308,7 @@ class ConnectionEngine:
     """
 
     __slots__ = ("shared", "registry", "session", "ctx", "name", "link", "_out", "_busy", "_pending", "_decided",
-                 "_deferred", "_deferred_stage", "_quiet", "_queued", "_held", "closed", "client", "sender", "debug", "meter")
+                 "_deferred", "_deferred_stage", "_quiet", "_queued", "_held", "_unwinding", "_abandoned", "closed", "client", "sender", "debug", "meter")
 
     def __init__(self, shared: Shared, conn_id: int, link: "Link") -> None:
         self.shared = shared
@@ -284,6 +323,9 @@ class ConnectionEngine:
         self._quiet: asyncio.Future[None] | None = None  # async abort or close callbacks still running
         self._queued = 0  # abort and close runs waiting behind _quiet (_QUIET_QUEUE)
         self._held = False  # _busy because _queued reached _QUIET_QUEUE
+        #: An async callback stopped by its limit and answered, still ending (_settle).
+        self._unwinding: tuple[str, Callback, asyncio.Task[Any], str] | None = None
+        self._abandoned = False  # a callback of this connection ignored its cancellation: it closes
         self._decided = _OPEN
         self._deferred = Status.CONTINUE  # with _DEFERRED: the verdict waiting for a reply
         self._deferred_stage = ""
@@ -545,7 +587,7 @@ class ConnectionEngine:
         """The rest of a chain once callback ``i`` turned out async (``pending``)."""
         status = await pending
         for j in range(i + 1, len(chain)):
-            if status is not Status.CONTINUE:
+            if status is not Status.CONTINUE or not await self._settle():
                 break
             result = self._call(name, chain[j], call_args, limit, False)
             status = result if isinstance(result, Status) else await result
@@ -660,24 +702,29 @@ class ConnectionEngine:
 
     async def _awaited(self, name: str, cb: Callback, awaitable: Awaitable[Any], limit: float, started: float,
                        ignore: bool) -> Status:
-        """:meth:`_call` for an async callback, once it returned its awaitable."""
+        """:meth:`_call` for an async callback, once it returned its awaitable.
+
+        Run as a task of its own, so that the limit answers the MTA at its time whatever the
+        callback does with its cancellation (asyncio.wait_for waited until it let go: one that
+        swallowed CancelledError held the MTA as long as it liked)."""
+        task = asyncio.ensure_future(_contained(awaitable))
         try:
-            if limit:
-                try:
-                    result = await asyncio.wait_for(_contained(awaitable), limit)
-                except asyncio.TimeoutError:
-                    raise CallbackTimeout(f"callback stopped after {limit:g} s (call_timeout)") from None
-            else:
-                result = await _contained(awaitable)
+            done, _ = await asyncio.wait((task,), timeout=limit or None)
+        except asyncio.CancelledError:  # the connection is cut, or the loop ends: the callback too
+            task.cancel()
+            await self._unwound(name, cb, task, "as its connection was cut")
+            raise
+        if not done:
+            return await self._stopped(name, cb, task, limit, started, ignore)
+        try:
+            result = task.result()
         except asyncio.CancelledError as exc:
-            if _cancelling():  # the loop ends (run() returns): this connection's task must end too
-                raise
             # From inside the callback: it awaited a task or future that was cancelled. Left to
             # propagate, the connection would wait for ever, paused, with nothing logged.
             status = self._callback_failed(name, cb, exc)
             self._timed(name, cb, started)
             return status
-        except (Exception, CallbackTimeout) as exc:  # noqa: BLE001
+        except Exception as exc:  # noqa: BLE001
             status = self._callback_failed(name, cb, exc.original if isinstance(exc, _Exited) else exc)
             if limit:
                 self._check_time(name, cb, started, limit, _LATE_STOP)
@@ -687,6 +734,49 @@ class ConnectionEngine:
             self._check_time(name, cb, started, limit, 0.0)
         self._timed(name, cb, started)
         return Status.CONTINUE if ignore else self._status(name, cb, result)
+
+    async def _stopped(self, name: str, cb: Callback, task: "asyncio.Task[Any]", limit: float, started: float,
+                       ignore: bool) -> Status:
+        """An async callback ran out of time: cancelled, and answered with ``on_error`` now. It
+        gets UNWIND seconds to end before anything more of this connection runs (its ``finally``
+        clauses use the context); :meth:`_settle` waits for it there."""
+        task.cancel()
+        status = self._callback_failed(name, cb, CallbackTimeout(f"callback stopped after {limit:g} s (call_timeout)"))
+        self._check_time(name, cb, started, limit, _LATE_STOP)
+        self._timed(name, cb, started)
+        self._unwinding = (name, cb, task, f"at the {limit:g} s call timeout")
+        if ignore and not await self._settle():  # abort, close: no answer to give first
+            self._cut_loose()
+        return status
+
+    async def _settle(self) -> bool:
+        """Wait (UNWIND seconds at most) for a callback stopped by its limit to end; False if it
+        did not, and was abandoned."""
+        unwinding, self._unwinding = self._unwinding, None
+        if unwinding is not None:
+            await self._unwound(*unwinding)
+        return not self._abandoned
+
+    async def _unwound(self, name: str, cb: Callback, task: "asyncio.Task[Any]", when: str) -> None:
+        """Give a cancelled callback UNWIND seconds to end; abandon it (logged) if it does not."""
+        if not task.done():
+            try:
+                await asyncio.wait((task,), timeout=UNWIND)
+            finally:
+                if not task.done():
+                    abandon(task)
+                    self._abandoned = True
+                    log.error("%s: %s callback %s ignored its cancellation %s and is abandoned; its "
+                              "connection is closed (abandoned callbacks still running: %d)", self.name, name,
+                              escape(cb.name or repr(cb.func)), when, len(ABANDONED))
+        if task.done():
+            _consume(task)
+
+    def _cut_loose(self) -> None:
+        """Close the connection of an abandoned callback: it may still use the context."""
+        if not self.closed:
+            self._flush()
+            self.connection_lost(ABANDONED_END)
 
     def _timed(self, name: str, cb: Callback, started: float) -> None:
         """Count a callback's time for --metrics (without metrics the clock was not read)."""
@@ -758,6 +848,11 @@ class ConnectionEngine:
             self._answer(name, event, status)
         else:
             self._defer(name, status)
+        self._flush()  # the answer goes out at the limit, before the stopped callback has ended
+        if not await self._settle():
+            self._busy = False
+            self._cut_loose()
+            return
         self._busy = False
         self.link.resume_reading()
         self._pump()

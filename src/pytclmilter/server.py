@@ -19,7 +19,7 @@ from .connspec import ConnSpec, parse
 from .hooks import forget_early_reload, signalled
 from .listener import Listener, bind
 from .logline import Every
-from .engine import ConnectionEngine, Shared
+from .engine import UNWIND, ConnectionEngine, Shared
 
 log: Final = logging.getLogger("pytclmilter")
 
@@ -176,11 +176,6 @@ class _Connection(asyncio.Protocol):
             self.transport.abort()
 
 
-#: Seconds a cut session's cancelled async callback may take to unwind before its abort and close
-#: callbacks run (a callback that ignores its cancellation is not waited for longer).
-_UNWIND: Final = 1.0
-
-
 async def _cut(conns: list["_Connection"], reason: str) -> None:
     """Close these sessions now; return once their abort and close callbacks have run, after the
     async callbacks the close cancelled (else the loop's end, or a reload's ``gone``, came first)."""
@@ -189,7 +184,7 @@ async def _cut(conns: list["_Connection"], reason: str) -> None:
         conn.expire(reason)
     ending = [f for f in (e.ending for e in engines) if f is not None and not f.done()]
     if ending:
-        await asyncio.wait(ending, timeout=_UNWIND)
+        await asyncio.wait(ending, timeout=2 * UNWIND)  # (each abandons its callback after UNWIND)
 
 
 def _peer_text(peer: object) -> str:
