@@ -56,6 +56,10 @@ _QUIET_QUEUE: Final = 8
 #: (its ``finally`` clauses) before it is abandoned: one that swallows CancelledError would
 #: otherwise hold its connection, or the milter's stop, as long as it likes.
 UNWIND: Final = 1.0
+_FOREVER: Final = float("inf")
+#: Seconds each callback gets once a stop's grace is over (the abort and close callbacks of the
+#: sessions it cuts), whatever call_timeout says.
+_LAST_WORDS: Final = 0.05
 #: Abandoned callbacks still running (one that ignored GeneratorExit too): held here so that they
 #: are counted, and dropped as each ends. Each keeps its memory until then.
 ABANDONED: Final[set["asyncio.Task[Any]"]] = set()
@@ -203,9 +207,11 @@ class Shared:
 
     ``meter`` counts for ``--metrics`` (meter.py); None without, and each connection reads it once.
     ``traces``: the failed callbacks' traces logged lately, so that the same one is logged once.
+    ``stop_by``: once a stop is under way, when its grace ends (``time.monotonic()``): no callback
+    runs past it (:meth:`call_limit`); infinity while serving.
     """
 
-    __slots__ = ("settings", "registry", "hooks", "stats", "generation", "meter", "traces")
+    __slots__ = ("settings", "registry", "hooks", "stats", "generation", "meter", "traces", "stop_by")
 
     def __init__(self, settings: Settings, registry: Registry, hooks: Hooks, stats: Stats) -> None:
         self.settings = settings
@@ -215,6 +221,18 @@ class Shared:
         self.generation = 1
         self.meter: Meter | None = None
         self.traces = SameTrace()
+        self.stop_by = _FOREVER
+
+    def call_limit(self, now: float) -> float:
+        """How long a callback starting ``now`` may run (0: no limit): call_timeout, and once a
+        stop is under way no longer than its grace, then _LAST_WORDS (the abort and close
+        callbacks of the sessions it cuts): an answer after that reaches no MTA, and a stuck
+        callback would hold the stop by as much as call_timeout again, per callback."""
+        limit = self.settings.call_timeout
+        if self.stop_by == _FOREVER:
+            return limit
+        left = max(self.stop_by - now, _LAST_WORDS)
+        return min(limit, left) if limit else left
 
 
 class CallbackError(Exception):
@@ -573,7 +591,8 @@ class ConnectionEngine:
         """The event's callbacks in order, up to the first answer other than continue."""
         chain = self.registry.chain(name)
         call_args = (self.ctx,) + args  # compiled, (ctx, *args) is built through a list
-        limit = self.shared.settings.call_timeout  # read per event: `milter configure -calltimeout` applies at once
+        # read per event: `milter configure -calltimeout` (and a stop's grace) apply at once
+        limit = self.shared.call_limit(_monotonic())
         for i, cb in enumerate(chain):
             status = self._call(name, cb, call_args, limit, False)
             if not isinstance(status, Status):
@@ -631,7 +650,7 @@ class ConnectionEngine:
         """Run the event's callbacks; the awaitables of the async ones, not awaited yet."""
         self.ctx.stage = name
         call_args = (self.ctx,)
-        limit = self.shared.settings.call_timeout
+        limit = self.shared.call_limit(_monotonic())
         pending = []
         for cb in self.registry.chain(name):
             result = self._call(name, cb, call_args, limit, True)

@@ -12,6 +12,7 @@ import os
 import signal
 import socket
 import threading
+import time
 from typing import Any, Callable, Final, cast
 
 from .accept import Acceptor, check_fd_limit
@@ -20,6 +21,8 @@ from .hooks import forget_early_reload, signalled
 from .listener import Listener, bind
 from .logline import Every
 from .engine import UNWIND, ConnectionEngine, Shared
+
+_FOREVER: Final = float("inf")
 
 log: Final = logging.getLogger("pytclmilter")
 
@@ -328,6 +331,7 @@ class MilterServer:
             acceptor.close()  # new connections are refused from now on, open ones go on
             listener.remove_unix()
             await self._drain(loop, 0.0 if self._aborted else self.shared.settings.grace)
+            self.shared.stop_by = _FOREVER  # (serve() may be called again)
             await self._end_retirements()
             sweeper.cancel()
             if self._ticker is not None:
@@ -397,10 +401,17 @@ class MilterServer:
             await asyncio.gather(*tasks, return_exceptions=True)
 
     async def _drain(self, loop: asyncio.AbstractEventLoop, grace: float) -> None:
-        """Let open sessions finish for ``grace`` seconds, then close them (abort/close callbacks run)."""
+        """Let open sessions finish for ``grace`` seconds, then close them (abort/close callbacks
+        run). No callback runs past the grace (Shared.call_limit): the stop is over within it,
+        UNWIND and a few moments, plus whatever the callback running when it came still had."""
+        self.shared.stop_by = time.monotonic() + grace
         deadline = loop.time() + grace
         while self.connections and loop.time() < deadline:
             await asyncio.sleep(0.05)
+        if self.connections:
+            open_now = len(self.connections)
+            log.warning("%s: %d conversation%s still open at the end of the %g s grace cut short (the MTA applies "
+                        "its default action to each)", self._ending[0], open_now, "" if open_now == 1 else "s", grace)
         await _cut(list(self.connections), self._ending[1])
         if self.connections:
             await asyncio.sleep(0)

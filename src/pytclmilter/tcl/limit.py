@@ -70,7 +70,9 @@ class CallLimit(Limit):
             if self._armed_until:
                 self._set(None)
             return False
-        if self._armed_until < now:  # Tcl would stop this evaluation at once: re-arm
+        # Re-armed when Tcl would stop this evaluation at once, or later than its end (the limit
+        # was lowered meanwhile: a stop under way).
+        if self._armed_until < now or self._armed_until > now + seconds:
             self._set(now + seconds)
         return True
 
@@ -108,7 +110,8 @@ class CallLimit(Limit):
 
     def begin_handlers(self) -> None:
         """A batch of event handlers (``after``, ``fileevent``) starts now: the same allowance."""
-        self.begin(self._shared.settings.call_timeout, _monotonic())
+        now = _monotonic()
+        self.begin(self._shared.call_limit(now), now)
 
     def clear(self) -> None:
         """No limit outside serving: the script's own code after `milter main` runs unbounded."""
@@ -128,7 +131,7 @@ class CallLimit(Limit):
         read now: `milter configure -calltimeout` in a callback applies to it at once."""
         if self._cap != _NEVER:
             return self._cap
-        limit = self._shared.settings.call_timeout
+        limit = self._shared.call_limit(self._started)
         return self._started + limit if limit else _NEVER
 
     def _on_deadline(self, *args: object) -> None:
