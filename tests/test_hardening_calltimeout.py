@@ -662,3 +662,51 @@ def test_a_stop_during_a_stuck_tcl_callback_is_bounded_by_calltimeout_and_grace(
     m.wait_for(r"received SIGTERM: stopping")
     m.wait_for(r"WARNING: stopping: 1 conversation still open at the end of the 1 s grace cut short")
     m.wait_for(r"close callback bye failed \(callback stopped after")
+
+
+HANGING_HOOK = r"""
+import sys, time
+from pytclmilter import Hooks, Milter
+
+def created(ctx):
+    if ctx.id == 1:
+        time.sleep(30)
+
+m = Milter(connection="inet:0@127.0.0.1", call_timeout=1, grace=0.5,
+           hooks=Hooks(context_created=created,
+                       listening=lambda spec: print("listening", spec.port, flush=True)))
+m.register("envfrom")(lambda ctx, args: "SMFIS_CONTINUE")
+m.run()
+"""
+
+
+def test_a_context_hook_that_hangs_is_stopped_at_call_timeout(tmp_path):
+    """A host's context_created hook runs on the serving loop: one that hung held every
+    connection for ever. It is held to call_timeout like a plain callback (main thread)."""
+    import signal
+    import subprocess
+    import sys
+
+    from support.engine import RawMTA
+
+    script = tmp_path / "hanging_hook.py"
+    script.write_text(HANGING_HOOK, encoding="utf-8")
+    proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        port = int(proc.stdout.readline().split()[1])
+        import socket
+
+        with RawMTA(socket.create_connection(("127.0.0.1", port), timeout=10)) as stuck:
+            stuck.optneg()
+            t0 = time.monotonic()
+            assert stuck.connect() == (b"c", b"")
+            assert time.monotonic() - t0 <= 5  # (before: 30 s)
+        with RawMTA(socket.create_connection(("127.0.0.1", port), timeout=10)) as other:
+            other.optneg()
+            assert other.connect() == (b"c", b"")
+            assert other.mail() == (b"c", b"")
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=20)
+    assert re.search(r"conn#1: the context_created hook created failed \(callback stopped after 1 s "
+                     r"\(call_timeout\)\)", err), err

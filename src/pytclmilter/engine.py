@@ -21,7 +21,7 @@ from typing import Any, Awaitable, Callable, Final, Protocol
 from .callbacks import Callback, Registry
 from .context import Context
 from .hooks import Hooks
-from .limits import CallbackTimeout, handler_dropped
+from .limits import PYTHON_LIMIT, CallbackTimeout, handler_dropped
 from .logline import SHOWN, SameTrace, as_field, clip, escape, escape_lines, place_of, quoted
 from .logline import info as log_info
 from .meter import Meter
@@ -39,6 +39,7 @@ from .settings import Settings
 from .status import Status, parse_status
 
 log: Final = logging.getLogger("pytclmilter")
+_NO_HOOK: Final = Hooks().context_created  # (no limit, nor its watchdog, for the hook nobody gave)
 
 _monotonic: Final = time.monotonic  # compiled, `time.monotonic` is two look-ups per call
 #: Result types that are certainly not awaitable (skips inspect.isawaitable on the hot path).
@@ -362,11 +363,20 @@ class ConnectionEngine:
         """A host's per-connection hook (Hooks): one that raises is logged, and the connection
         goes on (its callbacks run; one that needed the hook fails and answers on_error). Left
         to propagate, it left the MTA waiting with the socket open (context_created) or the
-        connection half torn down (context_closed), logged by asyncio only, unescaped."""
+        connection half torn down (context_closed), logged by asyncio only, unescaped.
+
+        Held to call_timeout like a plain Python callback (on the main thread): it runs on the
+        serving loop, and one that hung held every connection, for ever."""
+        now = _monotonic()
+        held = hook is not _NO_HOOK and PYTHON_LIMIT.begin(self.shared.call_limit(now), now)
         try:
-            hook(self.ctx)
+            try:
+                hook(self.ctx)
+            finally:
+                if held:
+                    PYTHON_LIMIT.stop()
         # A host's bug must not hang or leak the connection, nor end the milter with a sys.exit().
-        except (Exception, SystemExit, KeyboardInterrupt) as exc:  # noqa: BLE001
+        except (Exception, CallbackTimeout, SystemExit, KeyboardInterrupt) as exc:  # noqa: BLE001
             log.error("%s: the %s hook %s failed (%s):\n%s", self.name, name,
                       escape(getattr(hook, "__qualname__", repr(hook))), escape(_failure_text(exc)),
                       escape_lines(_traceback(exc)))
