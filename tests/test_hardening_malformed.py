@@ -547,6 +547,7 @@ def send_then_eof(address: tuple[int, object], *pieces: bytes) -> str:
     ((b"\r\n", PROXY_V2[2:] + OPTNEG), True),
     ((b"POST / HTTP/1.0\r\n\r\n",), False),  # other garbage: no hint
     ((b"PROXIMA\r\n",), False),  # like it, but not it, by its fifth byte
+    ((b"PR", b"IMA\r\n"), False),  # its start alike, in a piece too short to be refused
 ])
 def test_a_proxy_protocol_header_is_named_in_the_protocol_error(caplog, pieces, hinted):
     """HAProxy with send-proxy: the one warning said only "unknown command 'Y'" (the "Y" of
