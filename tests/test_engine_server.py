@@ -28,6 +28,7 @@ import pytest
 from pytclmilter import CONTINUE, REJECT, Context, Hooks
 from pytclmilter.connspec import ConnSpec, ConnSpecError, parse
 from support.engine import (
+    P_NR_HDR,
     MilterThread,
     RawMTA,
     frame,
@@ -227,6 +228,34 @@ def test_an_idle_client_is_dropped_after_the_timeout_and_an_active_one_is_not():
             assert time.monotonic() - start < 4, "idle connection not dropped"
         assert time.monotonic() - start >= 0.7
         assert busy.helo() == (b"c", b"")
+
+
+def test_an_mta_streaming_headers_without_replies_is_not_idle():
+    """Headers under NR_HDR get no reply, so only their arrival shows that the MTA is there: the
+    idle clock starts again at every packet read, not only at every reply written."""
+    m = make_milter(timeout=1)
+    m.register("header", lambda ctx, name, value: CONTINUE)
+    m.register("eoh", lambda ctx: CONTINUE)
+    with serving(m) as srv, srv.raw() as mta:
+        assert mta.negotiated[2] & P_NR_HDR
+        for i in range(8):  # 2 s of headers, longer than the 1 s timeout
+            mta.send(b"L", z(f"X-Part-{i}", "yes"))
+            time.sleep(0.25)
+        assert mta.command(b"N") == (b"c", b""), "the connection was dropped as idle"
+
+
+def test_a_connection_reset_by_the_mta_is_logged_as_an_error(caplog):
+    """A peer gone with a TCP reset is not a routine end: its close line says the error."""
+    caplog.set_level(logging.INFO, logger=LOG)
+    m = make_milter()
+    m.register("connect", lambda ctx, host, info: CONTINUE)
+    with serving(m) as srv, srv.raw() as mta:
+        assert mta.connect("reset.example") == (b"c", b"")
+        mta.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        mta.sock.close()
+        wait_for(lambda: any(" closed (" in r.getMessage() for r in caplog.records))
+    (closed,) = [r.getMessage() for r in caplog.records if " closed (" in r.getMessage()]
+    assert "closed (error: " in closed and "reset" in closed, closed
 
 
 def test_progress_sends_p_and_resets_the_timer():
