@@ -683,8 +683,7 @@ class ConnectionEngine:
         if self._held and self._queued < _QUIET_QUEUE:
             self._held = self._busy = False
             if not self.closed:
-                self.link.resume_reading()
-                self._pump()
+                self._go_on()
 
     def _call(self, name: str, cb: Callback, call_args: tuple[Any, ...], limit: float,
               ignore: bool) -> Status | Awaitable[Status]:
@@ -883,8 +882,16 @@ class ConnectionEngine:
             self._cut_loose()
             return
         self._busy = False
+        self._go_on()
+
+    def _go_on(self) -> None:
+        """After an async callback: read and handle the next commands, unless the peer has not
+        read the replies yet (then the server's resume_writing calls :meth:`resume`). Without
+        this, every command already read was answered into a full write buffer: 256 kB of them,
+        a thousand times that in replies."""
         self.link.resume_reading()
-        self._pump()
+        if not self.link.blocked:
+            self._pump()
 
     # ------------------------------------------------------------ answering
 
