@@ -235,3 +235,32 @@ def _replies_held_for_a_client_that_never_reads(rcpt: object) -> tuple[int, int]
         s.close()
     print(f"sent {sent} bytes of commands; the filter holds {buffered} bytes of unread replies")
     return sent, buffered
+
+
+def test_a_client_that_reads_its_replies_late_gets_every_one_of_them():
+    """Pushed back, then reading again: the commands the server had read before it stopped are
+    answered once the peer catches up, though no more data comes to wake the connection."""
+    from pytclmilter import REJECT
+    from support.engine import make_milter, serving
+
+    async def rcpt(ctx, args):
+        ctx.setmlreply("550", "5.7.1", *["Recipient refused by policy. " + "x" * 940] * 32)
+        return REJECT
+
+    m = make_milter(timeout=30)
+    m.register("envrcpt", rcpt)
+    count = 200  # 5 kB of commands, read at once; 6 MB of replies
+    with serving(m) as srv:
+        s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        s.connect(srv.address[1])
+        mta = RawMTA(s)
+        mta.optneg()
+        assert mta.mail() == (b"c", b"")
+        s.sendall(frame(b"R", z("<rcpt@example.com>")) * count)
+        time.sleep(0.5)  # the server has read them all, and is pushed back
+        replies = [mta.recv_frame(timeout=5)[0] for _ in range(count)]  # (fails on 5 s of silence)
+        assert replies == [b"y"] * count
+        mta.send(b"Q")
+        mta.expect_eof()
+        s.close()
