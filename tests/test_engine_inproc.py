@@ -73,6 +73,42 @@ def test_a_header_verdict_without_reply_answers_the_next_reply(caplog):
     assert [c[0] for c in calls] == ["envfrom", "envrcpt", "data", "header", "eoh", "eom"]
 
 
+def test_a_skip_at_a_header_without_reply_keeps_nothing_back():
+    """SKIP means something in the body only: at a header the MTA does not wait on it decides
+    nothing, so the later headers' callbacks still run and end of headers is answered by its own."""
+    m, calls = make_milter(), []
+    recording(m, calls, header=lambda name, value: SKIP if name == "From" else CONTINUE, eoh=REJECT)
+    mta = InProcessMTA(m)
+    assert mta.optneg() & P_NR_HDR
+    envelope(mta)
+    assert mta.command(b"L", z("From", "a@example.org")) == []
+    assert mta.command(b"L", z("Subject", "hi")) == []
+    assert mta.command(b"N") == [(b"r", b"")]
+    assert [c[1] for c in calls if c[0] == "header"] == ["From", "Subject"]
+    assert ("eoh",) in calls
+
+
+def test_a_negotiate_callback_may_answer_accept():
+    """docs/python-api.md: negotiate returns CONTINUE or ACCEPT; either lets the session go on."""
+    m, calls = make_milter(), []
+    m.register("negotiate", lambda ctx, version, actions, protocol: ACCEPT)
+    recording(m, calls, envfrom=REJECT)
+    mta = InProcessMTA(m)
+    mta.optneg()
+    assert mta.connect() == C
+    assert mta.command(b"M", z("<a@example.org>")) == [(b"r", b"")]
+
+
+def test_a_changed_max_data_size_is_negotiated_by_the_next_connection():
+    """The negotiation is computed once per offer and callbacks; the size limit is part of it."""
+    mds_1m = 0x20000000
+    m = make_milter()
+    m.register("eom", lambda ctx: CONTINUE)
+    assert not InProcessMTA(m).optneg(protocol=ALL_PROTO | mds_1m) & mds_1m
+    m.max_data_size = 1048575
+    assert InProcessMTA(m, 2).optneg(protocol=ALL_PROTO | mds_1m) & mds_1m
+
+
 def test_a_reject_at_connect_decides_the_whole_connection(caplog):
     caplog.set_level(logging.INFO, logger=LOG)
     m, calls = make_milter(), []
@@ -335,6 +371,28 @@ def test_quit_nc_forgets_the_sessions_private_data_and_sender(caplog):
     assert seen == [None, None]
     (verdict,) = [t for t in messages(caplog, logging.INFO) if "verdict reject" in t]
     assert "first@example.org" not in verdict and "from=-" in verdict, verdict
+
+
+def test_quit_nc_forgets_a_reply_text_its_session_set_and_did_not_use():
+    """A reply set in one session and never sent (its callback answered continue) must not be
+    the text of a reject in the session after QUIT_NC, which may be another client's."""
+    m = make_milter()
+
+    def envfrom(ctx, args):
+        ctx.setreply("550", "5.7.1", "meant for the first client")
+        return CONTINUE
+
+    m.register("connect", lambda ctx, *a: CONTINUE)
+    m.register("envfrom", envfrom)
+    m.register("helo", lambda ctx, helo: REJECT if helo == "second.example" else CONTINUE)
+    mta = InProcessMTA(m)
+    mta.optneg()
+    assert mta.connect() == C
+    assert mta.command(b"M", z("<first@example.org>")) == C
+    assert mta.command(b"E") == C
+    assert mta.command(b"K") == []
+    assert mta.connect() == C
+    assert mta.command(b"H", z("second.example")) == [(b"r", b"")]
 
 
 @pytest.mark.parametrize("family, address, port", [(b"L", "/var/run/smtpd", 0), (b"4", "192.0.2.7", 4321),
