@@ -20,7 +20,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from pytclmilter.metrics import PUBLISH_EVERY
 from support.postfix import tcp_listeners
-from support.tclrun import Mta, TclRun, ok, tclrun_factory
+from support.tclrun import NOREPLY, Mta, TclRun, ok, tclrun_factory
 
 tclrun = pytest.fixture(tclrun_factory, name="tclrun")
 
@@ -164,6 +164,37 @@ def test_metrics_count_verdicts_callbacks_errors_and_connections(tclrun) -> None
     assert err.value.code == 404
     assert m.stop() == 0
     assert "verdicts: accept=1, reject=1, tempfail=2, callback errors=2" in m.text
+
+
+HEADER_SCRIPT = r"""
+package require TclMilter 1.0
+proc hdr {ctx name value} { if {$name eq "X-Bad"} { return SMFIS_REJECT }; return SMFIS_CONTINUE }
+proc eoh {ctx} { return SMFIS_CONTINUE }
+milter register header hdr
+milter register eoh eoh
+milter main
+"""
+
+
+def test_a_deferred_verdict_counts_at_its_stage_and_a_reset_as_an_error(tclrun) -> None:
+    """A header's verdict answered at end of headers (NR_HDR) is the header's, as its log line
+    says ("reject at header (answered at eoh)"); a connection reset is closed for an error."""
+    import socket
+    import struct
+
+    m = tclrun(HEADER_SCRIPT, "--metrics", "inet:0@127.0.0.1")
+    url = m.wait_for(METRICS, since=0).group(1)
+    with m.mta() as mta:
+        mta.negotiate()
+        assert ok(mta.connect()) and ok(mta.helo()) and ok(mta.mail("<a@example.org>"))
+        assert ok(mta.rcpt("<b@example.com>")) and ok(mta.data())
+        assert mta.header("X-Bad", "yes") == NOREPLY
+        assert mta.eoh()[0] == "r"
+        mta.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    s = wait_value(url, "pytclmilter_connections_open", 0)
+    assert value(s, "pytclmilter_verdicts_total", verdict="reject", stage="header", dry_run="false") == 1
+    assert value(s, "pytclmilter_connections_closed_total", reason="error") == 1
+    assert m.stop() == 0
 
 
 def test_metrics_with_two_workers_report_the_sum_and_keep_a_dead_workers_counts(tclrun) -> None:
