@@ -278,6 +278,21 @@ def test_a_callback_returning_no_status_is_answered_continue_with_a_warning(capl
     assert m.stats.errors == 0
 
 
+@pytest.mark.parametrize("result, reply, warned", [
+    ("", C, False),  # an empty result (a Tcl proc without return gives one): continue, no warning
+    (" smfis_reject\n", [(b"r", b"")], False),  # a name, in any case, with blanks around it
+    (True, C, True),  # not 1 (reject): a bool is no status
+])
+def test_loose_results_are_read_as_documented(caplog, result, reply, warned):
+    caplog.set_level(logging.INFO, logger=LOG)
+    m = make_milter()
+    m.register("envrcpt", lambda ctx, args: result)
+    mta = InProcessMTA(m)
+    mta.optneg()
+    assert mta.command(b"R", z("<b@example.com>")) == reply
+    assert bool(messages(caplog, logging.WARNING)) == warned, messages(caplog, logging.WARNING)
+
+
 @pytest.mark.parametrize("status", [SKIP, NOREPLY], ids=["skip", "noreply"])
 def test_an_eom_answer_sent_as_continue_keeps_its_modifications(caplog, status):
     """SKIP and NOREPLY mean nothing at end of message, where the MTA waits: the engine sends
