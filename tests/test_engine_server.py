@@ -385,8 +385,14 @@ def test_stop_from_inside_a_callback():
 
 
 def test_run_can_be_called_again_after_it_returned():
-    m = make_milter()
-    m.register("envfrom", lambda ctx, args: REJECT)
+    """With call_timeout back to its own (a stop holds callbacks to its grace, here none at all)."""
+    m = make_milter(grace=0)
+
+    async def envfrom(ctx, args):
+        await asyncio.sleep(0.2)
+        return REJECT
+
+    m.register("envfrom", envfrom)
     for round_ in range(3):
         with serving(m) as srv, srv.raw() as mta:
             assert mta.mail() == (b"r", b""), f"round {round_}"
@@ -464,7 +470,8 @@ def test_grace_lets_an_open_session_finish():
     assert ("abort", m.names["g.example"]) not in m.events
 
 
-def test_after_the_grace_period_open_sessions_are_closed_with_abort_and_close():
+def test_after_the_grace_period_open_sessions_are_closed_with_abort_and_close(caplog):
+    caplog.set_level(logging.WARNING, logger=LOG)
     m = recording_milter(grace=0.5)
     srv = MilterThread(m).start()
     with srv.raw() as mta:
@@ -478,6 +485,9 @@ def test_after_the_grace_period_open_sessions_are_closed_with_abort_and_close():
     name = m.names["g.example"]
     assert 0.3 <= waited <= 3, waited
     assert m.events == [("abort", name), ("close", name)]
+    assert [r.getMessage() for r in caplog.records] == [
+        "stopping: 1 conversation still open at the end of the 0.5 s grace cut short (the MTA applies its "
+        "default action to each)"]
 
 
 # ====================================================================== unix sockets (docs/protocol.md §9.2)
