@@ -636,3 +636,18 @@ def test_the_verdict_line_names_the_client_from_its_macro_when_connect_is_skippe
     verdicts = [t for t in messages(caplog, logging.INFO) if "verdict" in t]
     assert verdicts == ['conn#1: verdict reject at envfrom client="localhost [127.0.0.1]" '
                         "from=<spammer@example.com> gen=1"], verdicts
+
+
+@pytest.mark.parametrize("mail_addr, shown", [("", "from=<>"), ("bounce@example.org", "from=<bounce@example.org>")])
+def test_the_verdict_line_names_the_sender_from_its_macro_when_mail_is_skipped(caplog, mail_addr, shown):
+    """Without an envfrom callback the MTA sends no MAIL; the sender comes from {mail_addr}, in
+    angle brackets as MAIL gives it, and Postfix's "" for a bounce is <>, not "-"."""
+    caplog.set_level(logging.INFO, logger=LOG)
+    m = make_milter()
+    m.register("envrcpt", lambda ctx, args: REJECT)
+    mta = InProcessMTA(m)
+    mta.optneg()
+    mta.send(b"D", b"M" + z("{mail_addr}", mail_addr))
+    assert mta.command(b"R", z("<postmaster@example.com>")) == [(b"r", b"")]
+    (verdict,) = [t for t in messages(caplog, logging.INFO) if "verdict" in t]
+    assert f" {shown} " in verdict, verdict
