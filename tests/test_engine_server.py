@@ -519,6 +519,17 @@ def test_unix_socket_served_and_removed_at_exit(sockdir):
     assert not os.path.exists(path)
 
 
+def test_a_protocol_error_on_a_unix_socket_names_the_socket_as_its_peer(sockdir, caplog):
+    """A unix client has no address (getpeername gives ""): the warning says what it came over."""
+    caplog.set_level(logging.WARNING, logger=LOG)
+    m = unix_milter(os.path.join(sockdir, "m.sock"))
+    with serving(m) as srv, srv.raw(negotiate=False) as mta:
+        mta.send_raw(b"\0\0\0\0H")  # a packet of length 0
+        mta.expect_eof()
+    (warning,) = [r.getMessage() for r in caplog.records]
+    assert "protocol error from unix socket, closing the connection" in warning, warning
+
+
 def test_stale_socket_file_is_removed_at_start(sockdir):
     path = os.path.join(sockdir, "stale.sock")
     dead = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
