@@ -128,7 +128,7 @@ def test_a_session_after_quit_nc_starts_without_the_last_ones_private_data(tclru
         milter register envfrom from
         milter main
     """)
-    connect = z("h.example", "4") + b"\x19\x01" + z("127.0.0.1")
+    connect = z("h.example") + b"4\x19\x01" + z("127.0.0.1")  # family 4, port 6401
     with m.mta() as mta:
         mta.negotiate_raw()
         for _session in range(2):
