@@ -1228,10 +1228,12 @@ def test_an_async_negotiate_callback_is_refused_and_closed_without_a_warning(cap
 
 
 @pytest.mark.parametrize("setting, value", [("on_error", None), ("on_error", ""), ("call_timeout", -1),
-                                            ("grace", float("nan")), ("timeout", -5)])
+                                            ("grace", float("nan")), ("timeout", -5),
+                                            ("socket_mode", 0o4777)])
 def test_settings_the_command_line_refuses_are_refused_by_the_api_too(setting, value):
-    """on_error=None became "continue" (a failing callback let every message through), and a
-    negative call_timeout stopped every callback at once: the CLI and Tcl refuse both."""
+    """on_error=None became "continue" (a failing callback let every message through), a
+    negative call_timeout stopped every callback at once, and chmod takes 0o4777 (a setuid,
+    world-writable socket file): the CLI and Tcl refuse them all."""
     with pytest.raises(ValueError):
         make_milter(**{setting: value})
     m = make_milter()
