@@ -621,18 +621,50 @@ def test_inet_zero_port_reports_the_real_port_and_serves():
             assert mta.connect()[0] == b"c"
 
 
-def test_inet6_loopback_serves():
+def test_a_port_is_served_again_at_once_after_sessions_the_milter_closed():
+    """The milter closes a session at QUIT first, which leaves its side in TIME_WAIT for a
+    minute: a restart must bind the port all the same (SO_REUSEADDR, as libmilter sets)."""
+    m = make_milter()
+    m.register("envfrom", lambda ctx, args: REJECT)
+    with serving(m) as srv, srv.raw() as mta:
+        port = srv.spec.port
+        assert mta.mail() == (b"r", b"")
+        mta.send(b"Q")
+        mta.expect_eof()
+    m.connection = f"inet:{port}@127.0.0.1"
+    with serving(m) as srv, srv.raw() as mta:
+        assert mta.mail() == (b"r", b"")
+
+
+def _need_ipv6() -> None:
     try:
         probe = socket.socket(socket.AF_INET6)
         probe.bind(("::1", 0))
         probe.close()
     except OSError:
         pytest.skip("no IPv6 loopback")
+
+
+def test_inet6_loopback_serves():
+    _need_ipv6()
     m = make_milter(connection="inet6:0@[::1]")
     m.register("helo", lambda ctx, name: REJECT)
     with serving(m) as srv, srv.raw() as mta:
         assert srv.spec.family == "inet6" and srv.spec.host == "::1"
         assert mta.helo() == (b"r", b"")
+
+
+def test_inet6_on_every_address_leaves_the_ipv4_port_to_an_inet_milter():
+    """docs/protocol.md: inet6:PORT is IPv6's every address, not IPv4's too (IPV6_V6ONLY): a
+    milter on inet:PORT can serve beside it."""
+    _need_ipv6()
+    v6 = make_milter(connection="inet6:0")
+    v6.register("helo", lambda ctx, name: REJECT)
+    with serving(v6) as srv6:
+        v4 = make_milter(connection=f"inet:{srv6.spec.port}@127.0.0.1")
+        v4.register("helo", lambda ctx, name: CONTINUE)
+        with serving(v4) as srv4, srv4.raw() as mta:
+            assert mta.helo() == (b"c", b"")
 
 
 def test_port_in_use_is_a_clear_error():
