@@ -21,7 +21,7 @@ import time
 
 import pytest
 
-from pytclmilter.accept import Acceptor
+from pytclmilter.accept import MARGIN, Acceptor
 from support.tclrun import TclRun, ok, tclrun_factory
 
 tclrun = pytest.fixture(tclrun_factory, name="tclrun")
@@ -127,6 +127,23 @@ def test_an_open_files_limit_below_the_listen_queue_is_a_warning_at_start(tclrun
     m = tclrun(SCRIPT, preexec_fn=low_limit)  # the default backlog: up to 4096 queued connections
     m.wait_for(rf"WARNING: the open-files limit is {LIMIT} descriptors, fewer than the \d+ that a full listen "
                r"queue \(\d+ connections\) and the process's own files need", since=0)
+    assert m.stop() == 0
+
+
+def _somaxconn() -> int:
+    with open("/proc/sys/net/core/somaxconn", encoding="ascii") as f:
+        return int(f.read())
+
+
+@pytest.mark.parametrize("backlog, queue", [
+    (100, lambda: 100),  # below the limit, but not with the margin for the process's own files
+    (100000, _somaxconn),  # the kernel caps the queue: the warning says the real one
+])
+def test_the_start_warning_counts_the_margin_and_the_real_queue(tclrun, backlog, queue):
+    m = tclrun(SCRIPT, "--backlog", str(backlog), preexec_fn=low_limit)
+    n = queue()
+    m.wait_for(rf"WARNING: the open-files limit is {LIMIT} descriptors, fewer than the {n + MARGIN} that a full listen "
+               rf"queue \({n} connections\) and the process's own files need", since=0)
     assert m.stop() == 0
 
 
