@@ -336,7 +336,8 @@ def hold_both_workers(m: TclRun, held: dict[int, Mta]) -> list[int]:
 def test_clients_that_trickle_bytes_cannot_hold_the_scrape_slots(tclrun) -> None:
     """MAX_SCRAPES clients each sending a byte of a request line every 2 s (never 10 s of
     silence) held every slot for as long as they liked: each scrape was closed unanswered. A
-    scrape now has SCRAPE_TIMEOUT in all; then its connection is shut down, and scrapes work."""
+    scrape now has SCRAPE_TIMEOUT in all; then its connection is shut down, and scrapes work.
+    Meanwhile a scrape beyond MAX_SCRAPES is closed at once (the bound on answering threads)."""
     import contextlib
     import select
     import socket
@@ -349,6 +350,12 @@ def test_clients_that_trickle_bytes_cannot_hold_the_scrape_slots(tclrun) -> None
     where = urlsplit(url)
     tricklers = [socket.create_connection((where.hostname, where.port), timeout=5) for _ in range(MAX_SCRAPES)]
     try:
+        for s in tricklers:
+            s.send(b"G")
+        time.sleep(0.5)  # each in a slot of its own by now
+        with pytest.raises(ConnectionError):  # one scrape more: closed unanswered, and said once
+            scrape(url)
+        m.wait_for(rf"WARNING: metrics: {MAX_SCRAPES} scrapes at once already; 1 connection\(s\) closed unanswered")
         open_ = list(tricklers)
         deadline = time.monotonic() + 3 * SCRAPE_TIMEOUT
         while open_ and time.monotonic() < deadline:
