@@ -197,6 +197,17 @@ def test_a_client_that_never_reads_is_pushed_back_after_each_async_callback():
     assert buffered < 2 << 20, f"{buffered} bytes buffered for a client that does not read ({sent} bytes sent)"
 
 
+def _slow_reader(address: object) -> tuple[socket.socket, RawMTA]:
+    """A client with a 4 kB receive buffer (its replies back up at once), negotiated, past MAIL."""
+    s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    s.connect(address)
+    mta = RawMTA(s)
+    mta.optneg()
+    assert mta.mail() == (b"c", b"")
+    return s, mta
+
+
 def _replies_held_for_a_client_that_never_reads(rcpt: object) -> tuple[int, int]:
     """Serve ``rcpt`` to a client that sends up to 40 000 RCPTs and reads nothing; the bytes it
     sent, and the bytes of replies the server then holds for it."""
@@ -205,12 +216,7 @@ def _replies_held_for_a_client_that_never_reads(rcpt: object) -> tuple[int, int]
     m = make_milter(timeout=30)
     m.register("envrcpt", rcpt)
     with serving(m) as srv:
-        s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-        s.connect(srv.address[1])
-        mta = RawMTA(s)
-        mta.optneg()
-        assert mta.mail() == (b"c", b"")
+        s, _ = _slow_reader(srv.address[1])
         batch = frame(b"R", z("<rcpt@example.com>")) * 1000
         s.settimeout(2)
         sent = 0
@@ -251,12 +257,7 @@ def test_a_client_that_reads_its_replies_late_gets_every_one_of_them():
     m.register("envrcpt", rcpt)
     count = 200  # 5 kB of commands, read at once; 6 MB of replies
     with serving(m) as srv:
-        s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-        s.connect(srv.address[1])
-        mta = RawMTA(s)
-        mta.optneg()
-        assert mta.mail() == (b"c", b"")
+        s, mta = _slow_reader(srv.address[1])
         s.sendall(frame(b"R", z("<rcpt@example.com>")) * count)
         time.sleep(0.5)  # the server has read them all, and is pushed back
         replies = [mta.recv_frame(timeout=5)[0] for _ in range(count)]  # (fails on 5 s of silence)
