@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 
 from pytclmilter import ACCEPT, CONTINUE, DISCARD, NOREPLY, REJECT, SKIP, TEMPFAIL
-from support.engine import ALL_PROTO, P_NR_HDR, P_SKIP, InProcessMTA, RawMTA, frame, make_milter, z
+from support.engine import ALL_PROTO, P_NOCONNECT, P_NR_HDR, P_SKIP, InProcessMTA, RawMTA, frame, make_milter, z
 
 LOG = "pytclmilter"
 C = [(b"c", b"")]  # continue
@@ -107,6 +107,21 @@ def test_a_changed_max_data_size_is_negotiated_by_the_next_connection():
     assert not InProcessMTA(m).optneg(protocol=ALL_PROTO | mds_1m) & mds_1m
     m.max_data_size = 1048575
     assert InProcessMTA(m, 2).optneg(protocol=ALL_PROTO | mds_1m) & mds_1m
+
+
+def test_an_unregistered_callback_is_no_longer_negotiated():
+    """The negotiation is cached per set of callbacks: removing one is a new set, whose event the
+    next connection asks the MTA to skip."""
+    m = make_milter()
+    m.register("eom", lambda ctx: CONTINUE)
+
+    def connect(ctx, host, info):
+        return CONTINUE
+
+    m.register("connect", connect)
+    assert not InProcessMTA(m).optneg() & P_NOCONNECT
+    assert m.unregister("connect", connect)
+    assert InProcessMTA(m, 2).optneg() & P_NOCONNECT
 
 
 def test_a_reject_at_connect_decides_the_whole_connection(caplog):
