@@ -259,6 +259,16 @@ class TclRun:
         return Mta(self.port, **kw)
 
 
+def _write_whole(path: Path, text: str) -> None:
+    """Write ``path`` by renaming a complete file over it. Tests start several runs of one script
+    at once (``wait=False``), each spawn writing the same file: written in place, it was truncated
+    while an earlier run read it, and that run sourced an empty script and ended (exit 0, nothing
+    served, its log no further than the hot path line). A reader keeps the file it opened."""
+    part = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}")
+    part.write_text(text, encoding="utf-8")
+    os.replace(part, path)
+
+
 def spawn(tmp_path: Path, script: str | Path, *options: str, args: Sequence[str] = (), python: Sequence[str] = (),
           connection: str | None = "inet:0@127.0.0.1", wait: bool = True, name: str = "milter.tcl",
           env: dict[str, str] | None = None, dedent: bool = True, prefix: Sequence[str] = (),
@@ -274,13 +284,13 @@ def spawn(tmp_path: Path, script: str | Path, *options: str, args: Sequence[str]
         path = script
     else:
         path = tmp_path / name
-        path.write_text(textwrap.dedent(script) if dedent else script, encoding="utf-8")
+        _write_whole(path, textwrap.dedent(script) if dedent else script)
     argv = [*prefix, *_pytclmilter_command(), "run", str(path)]
     if connection is not None:
         argv += ["--connection", connection]
     for i, src in enumerate(python):
         hook = tmp_path / f"hooks{i}.py"
-        hook.write_text(textwrap.dedent(src), encoding="utf-8")
+        _write_whole(hook, textwrap.dedent(src))
         argv += ["--python", str(hook)]
     argv += list(options)
     if args:
