@@ -1128,6 +1128,19 @@ def test_try_and_check_a_script_that_exits_before_milter_main(tmp_path: Path) ->
     assert out.endswith(f"{script}: error: the script never calls milter main\n"), out
 
 
+@pytest.mark.parametrize("text", ["", "package require TclMilter\nproc eom {ctx} {\n    return SMFIS_CONTINUE\n}\n"])
+def test_run_of_a_script_that_never_calls_milter_main_says_so_and_fails(tmp_path: Path, text: str) -> None:
+    """A script that ends without calling `milter main` (here empty, or cut short before it, as
+    a file being rewritten is) served nothing: run exited 0 with nothing after the hot path line,
+    a clean stop to a service manager. Now it says why, as check does, and exits 1."""
+    script = tmp_path / "cut.tcl"
+    script.write_text(text)
+    status, out = cli("run", str(script), "--connection", "inet:0@127.0.0.1")
+    assert status == 1, out
+    assert f"{script}: error: the script never calls milter main (nothing was served)\n" in out, out
+    assert "listening on" not in out, out
+
+
 def test_check_names_the_file_and_line_of_an_error_in_a_file_the_script_sources(tmp_path: Path) -> None:
     """The error's own file and line: check named the script's `source` line (the outermost frame
     of errorInfo), which holds no error, though it said it names the innermost."""

@@ -689,7 +689,7 @@ def test_a_journal_socket_holds_back_a_bounded_backlog_and_counts_the_lines_lost
     assert lost and int(lost.group(1)) == 2000 - len(numbers), (lost, len(numbers))
 
 
-@pytest.mark.parametrize("why", ["script", "usage", "hooks", "callback"])
+@pytest.mark.parametrize("why", ["script", "usage", "hooks", "callback", "no main"])
 def test_with_syslog_the_reason_run_ends_is_in_the_log_too(tmp_path, why) -> None:
     """--syslog: a start that fails (a socket it cannot make, an unknown --user) logs why, with
     errorInfo; before, the reason went to stderr alone, which an init script's daemon sends
@@ -698,7 +698,7 @@ def test_with_syslog_the_reason_run_ends_is_in_the_log_too(tmp_path, why) -> Non
     with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
         sock.bind(str(log_path))
         script = tmp_path / "s.tcl"
-        script.write_text("milter register eom no_such_proc\n" * (why == "callback") + "milter main\n")
+        script.write_text("milter register eom no_such_proc\n" * (why == "callback") + "milter main\n" * (why != "no main"))
         where = f"{tmp_path}/missing/m.sock"
         options = ["--user", "no-such-user"] if why == "usage" else []
         hooks = tmp_path / "hooks.py"
@@ -729,6 +729,10 @@ def test_with_syslog_the_reason_run_ends_is_in_the_log_too(tmp_path, why) -> Non
         assert lines[1:3] == ["  Traceback (most recent call last):", f'  File "{hooks}", line 2, in setup'], lines
         return
     assert failed is not None, records
+    if why == "no main":  # the script ran to its end: nothing served, and the log says why
+        assert re.fullmatch(rf"<19>{pid}: ERROR: exiting: {re.escape(str(script))}: error: the script never "
+                            r"calls milter main \(nothing was served\)", failed), failed
+        return
     if why == "callback":  # refused before listening, as `pytclmilter check` reports it
         assert re.fullmatch(rf'<19>{pid}: ERROR: exiting: {re.escape(str(script))}: error: eom callback '
                             r'"no_such_proc": invalid command name "no_such_proc"', failed), failed

@@ -219,6 +219,17 @@ def _refused(opts: argparse.Namespace, host: TclHost) -> bool:
     return bool(errors)
 
 
+def _never_served(opts: argparse.Namespace) -> int:
+    """The script ran to its end without calling `milter main`: say so, as check does, and fail
+    the start. It ended with status 0 and not a word (an empty or truncated file, a `milter
+    main` behind a condition not met), and a service manager saw a clean stop."""
+    message = f"{opts.script}: error: the script never calls milter main (nothing was served)"
+    print(escape(message), file=sys.stderr)
+    if opts.syslog:
+        _log_failure(message)
+    return 1
+
+
 def _serve(opts: argparse.Namespace) -> int:
     """``run`` once logging is set up: load the script, serve, carry on after `milter main`."""
     log.info("%s", describe())
@@ -277,6 +288,8 @@ def _serve(opts: argparse.Namespace) -> int:
             waiting = scripts.current.start(opts.script)
         if waiting and _refused(opts, scripts.current):
             return 1
+        if not waiting and not scripts.current.command.main_calls:
+            return _never_served(opts)
         while waiting:  # the script waits in `milter main`: serve, then let it go on
             result = _serve_once(scripts.current)
             with sigmask.children_reapable(), sigmask.interruptible():
