@@ -1141,6 +1141,20 @@ def test_run_of_a_script_that_never_calls_milter_main_says_so_and_fails(tmp_path
     assert "listening on" not in out, out
 
 
+def test_run_that_crashes_while_starting_says_where(tmp_path: Path) -> None:
+    """A crash while starting (here a --python file's C call, as an extension's bug would) ended
+    run with not a word after the hot path line: now stderr says which fatal error and where
+    (faulthandler), and the status is still the signal's."""
+    script = tmp_path / "s.tcl"
+    script.write_text("package require TclMilter\nmilter main\n")
+    hooks = tmp_path / "crashes.py"
+    hooks.write_text("import ctypes\n\n\ndef setup(milter):\n    ctypes.string_at(0)\n")
+    status, out = cli("run", str(script), "--python", str(hooks), "--connection", "inet:0@127.0.0.1")
+    assert status == -signal.SIGSEGV, out
+    assert "Fatal Python error: Segmentation fault" in out, out
+    assert f'File "{hooks}", line 5 in setup' in out, out
+
+
 def test_check_names_the_file_and_line_of_an_error_in_a_file_the_script_sources(tmp_path: Path) -> None:
     """The error's own file and line: check named the script's `source` line (the outermost frame
     of errorInfo), which holds no error, though it said it names the innermost."""

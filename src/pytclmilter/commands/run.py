@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import grp
 import logging
 import os
@@ -186,6 +187,7 @@ def raise_fd_limit() -> None:
 
 def cmd_run(opts: argparse.Namespace) -> int:
     setup_logging(opts.log_level, opts.syslog)
+    report_crashes()
     try:
         return _serve(opts)
     except UsageError as exc:
@@ -196,6 +198,16 @@ def cmd_run(opts: argparse.Namespace) -> int:
         if opts.syslog:
             _log_failure(f"pytclmilter run: {exc}", exc.detail)
         raise
+
+
+def report_crashes() -> None:
+    """A crash (SIGSEGV, SIGBUS, SIGILL, SIGFPE, SIGABRT: a C extension a --python file or the
+    script loads, Tcl itself) ended the process with not a word, the log stopping at its last
+    line: now stderr gets "Fatal Python error: Segmentation fault" and where each thread was
+    (faulthandler, written from the signal handler, so nothing buffered is needed). The signal
+    then ends the process as before (its status unchanged)."""
+    if not faulthandler.is_enabled():
+        faulthandler.enable(all_threads=True)
 
 
 def _log_failure(text: str, detail: str | None = None) -> None:
