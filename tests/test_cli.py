@@ -1322,6 +1322,18 @@ def test_a_script_error_ends_its_trace_at_the_script_as_tclsh_does(command: str,
         f'    (file "{script}" line {line})'), out
 
 
+def test_run_prints_the_error_that_ends_its_start_with_controls_escaped(tmp_path: Path) -> None:
+    """The errorInfo of a script error that ends run is printed as tclsh prints it, but the
+    script's text went out raw: an escape sequence reached the terminal (or journal), a CR wrote
+    over the line. Now its controls are escaped; the layout stays tclsh's."""
+    script = tmp_path / "esc.tcl"
+    script.write_text('package require TclMilter\nerror "bad\\x1b\\[2Jname\\rERROR: forged"\nmilter main\n')
+    status, out = cli("run", str(script), "--connection", "inet:0@127.0.0.1")
+    assert status == 1, out
+    assert "\x1b" not in out and "\r" not in out, repr(out)
+    assert "bad\\x1b[2Jname\\rERROR: forged\n    while executing\n" in out, out
+
+
 @pytest.mark.parametrize("command", ["run", "check"])
 def test_without_a_script_usage_names_the_script_alone(command: str) -> None:
     """The script's arguments are optional; the usage error listed them as required too."""

@@ -191,6 +191,13 @@ def escape_lines(text: str) -> str:
     return _continued([escape(line) for line in text.split("\n")], 0)
 
 
+def controls_escaped(text: str) -> str:
+    """A multi-line text printed in its own layout (Tcl's errorInfo on stderr, laid out as tclsh
+    lays it out): each line's controls escaped (not backslashes, as :func:`guard`), no line
+    indented, so a terminal or a log reader gets no escape sequence, no CR over a line."""
+    return "\n".join([_controls_escaped(line) for line in text.split("\n")])
+
+
 def guard(text: str) -> str:
     """A formatted record as one log line and its continuation lines: controls escaped (not
     backslashes: see the module docstring), continuation lines indented, the whole bounded."""

@@ -18,7 +18,7 @@ from typing import Callable, NamedTuple
 from ..compiled import describe
 from ..connspec import ConnSpec
 from ..hooks import Hooks
-from ..logline import escape, escape_lines
+from ..logline import controls_escaped, escape, escape_lines
 from ..milter import Milter
 from ..tcl.interp import TclHost
 from ..tcl.usage import Answer
@@ -308,7 +308,7 @@ def _serve(opts: argparse.Namespace) -> int:
                 waiting = scripts.current.resume(result)  # a reload may have replaced the script meanwhile
     except tkinter.TclError:
         info = scripts.current.error_info()
-        print(info, file=sys.stderr)
+        print(controls_escaped(info), file=sys.stderr)  # (tclsh's layout; the script's text)
         if opts.syslog:
             _log_failure(info)
         return 1
