@@ -145,6 +145,26 @@ def test_a_socket_replaced_by_a_file_while_serving_is_not_removed_at_exit(sockdi
     assert path.read_text() == "someone else's file\n"
 
 
+@pytest.mark.parametrize("kind", ["a symbolic link", "a regular file"])
+def test_a_socket_name_swapped_while_serving_is_left_alone_and_said_at_stop(tclrun, sockdir, tmp_path, kind):
+    """Someone who may write the socket's directory renames a symlink (or a file) over the socket
+    while the milter serves: the MTA cannot reach it by that name from then on, and the stop left
+    the name alone without a word. Now the stop says what it found there; it still leaves it."""
+    path = sockdir / "milter.sock"
+    m = tclrun(STAMP, connection=f"unix:{path}")
+    swap = sockdir / "swap"
+    if kind == "a symbolic link":
+        os.symlink(tmp_path / "elsewhere", swap)
+    else:
+        swap.write_text("someone else's\n")
+    os.rename(swap, path)
+    before = snapshot(path)
+    assert m.stop() == 0
+    assert snapshot(path) == before
+    assert (f"WARNING: socket file {path} was replaced while serving (now {kind}): left alone; the MTA could "
+            "not reach this milter by that name since") in m.text, m.text
+
+
 def test_a_stale_socket_is_replaced_and_ours_removed_at_exit(sockdir):
     path = sockdir / "milter.sock"
     s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)

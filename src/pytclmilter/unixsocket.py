@@ -34,6 +34,7 @@ import stat
 from dataclasses import dataclass
 
 from .connspec import ConnSpecError
+from .logline import escape
 from .safepath import ident, lstat_at, open_dir, remove_if
 
 log = logging.getLogger("pytclmilter")
@@ -53,12 +54,33 @@ class SocketFile:
     def remove(self) -> None:
         """Remove the name if it still holds our socket; close the directory's descriptor."""
         try:
-            remove_if(self.dirfd, self.name, stat.S_ISSOCK, self.ident)
+            if not remove_if(self.dirfd, self.name, stat.S_ISSOCK, self.ident):
+                self._tell_replaced()
         except OSError as exc:  # after --user, a root-owned directory, say
             log.warning("cannot remove socket file %s: %s (left as a stale socket: the next start replaces it)",
                         self.path, exc.strerror or exc)
         finally:
             os.close(self.dirfd)
+
+    def _tell_replaced(self) -> None:
+        """Our socket's name holds something else by now: say so (the MTA could not reach the
+        milter by that name since), and leave it alone."""
+        try:
+            st = lstat_at(self.dirfd, self.name)
+        except OSError:
+            return
+        if st is not None:
+            log.warning("socket file %s was replaced while serving (now %s): left alone; the MTA could not "
+                        "reach this milter by that name since", escape(self.path), _kind(st.st_mode))
+
+
+def _kind(mode: int) -> str:
+    """What a directory entry is, in a word or two for a log line."""
+    for test, name in ((stat.S_ISLNK, "a symbolic link"), (stat.S_ISSOCK, "another socket"),
+                       (stat.S_ISREG, "a regular file"), (stat.S_ISDIR, "a directory")):
+        if test(mode):
+            return name
+    return "a special file"
 
 
 def bind_unix(path: str, backlog: int, mode: int | None,
