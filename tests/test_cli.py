@@ -137,6 +137,19 @@ def test_run_prints_listening_line_and_stops_on_ctrl_c(serve: Callable[..., TclR
     assert "Blacklist stopped; verdicts: accept=1" in m.text
 
 
+def test_run_prints_its_listening_line_whatever_the_encoding_of_stdout(serve: Callable[..., TclRun]) -> None:
+    """A milter name (or socket path) that stdout's encoding lacks ended the start in a Python
+    traceback (UnicodeEncodeError) right after binding, nothing served and no log line saying why.
+    The character is now written as the reports write it, and the milter serves."""
+    m = serve(BLACKLIST, "--connection", "inet:0@127.0.0.1", "--name", "Caf\u00e9",
+              env={"PYTHONIOENCODING": "ascii"})
+    assert m.name == "Caf\\xe9", m.text
+    status, out = cli("send", "--connection", m.spec, str(DATA / "plain.eml"))
+    assert status == 0, out
+    assert m.stop() == 0
+    assert "Traceback" not in m.text, m.text
+
+
 def test_run_with_an_unknown_option_is_a_usage_error() -> None:
     status, out = cli("run", str(BLACKLIST), "--no-such-option")
     assert status == 64

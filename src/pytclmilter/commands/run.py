@@ -23,7 +23,7 @@ from ..milter import Milter
 from ..tcl.interp import TclHost
 from ..tcl.usage import Answer
 from .check import callback_errors
-from .common import HooksFailed, UsageError, add_script_options, make_host
+from .common import HooksFailed, UsageError, add_script_options, make_host, reports_print_anywhere
 from .logs import setup_logging
 from .pidfile import PidFile
 from . import sigmask
@@ -188,6 +188,9 @@ def raise_fd_limit() -> None:
 def cmd_run(opts: argparse.Namespace) -> int:
     setup_logging(opts.log_level, opts.syslog)
     report_crashes()
+    # The listening line quotes the name and the socket's path: one that stdout's encoding lacks
+    # (Café under PYTHONIOENCODING=ascii) ended the start in a traceback, nothing served.
+    reports_print_anywhere()
     try:
         return _serve(opts)
     except UsageError as exc:
