@@ -208,11 +208,12 @@ class Shared:
 
     ``meter`` counts for ``--metrics`` (meter.py); None without, and each connection reads it once.
     ``traces``: the failed callbacks' traces logged lately, so that the same one is logged once.
-    ``stop_by``: once a stop is under way, when its grace ends (``time.monotonic()``): no callback
-    runs past it (:meth:`call_limit`); infinity while serving.
+    ``stop_by``: once a stop is under way, or a reload replaced this generation, when the grace of
+    its open sessions ends (``time.monotonic()``): no callback runs past it (:meth:`call_limit`);
+    infinity while serving. ``stop_why`` says, for a log line, which grace that is.
     """
 
-    __slots__ = ("settings", "registry", "hooks", "stats", "generation", "meter", "traces", "stop_by")
+    __slots__ = ("settings", "registry", "hooks", "stats", "generation", "meter", "traces", "stop_by", "stop_why")
 
     def __init__(self, settings: Settings, registry: Registry, hooks: Hooks, stats: Stats) -> None:
         self.settings = settings
@@ -223,12 +224,29 @@ class Shared:
         self.meter: Meter | None = None
         self.traces = SameTrace()
         self.stop_by = _FOREVER
+        self.stop_why = ""
+
+    def hold_to(self, by: float, why: str) -> None:
+        """No callback runs past ``by`` (monotonic), the end of the grace ``why`` names ("the
+        stop's 30 s grace"); an earlier end given before holds."""
+        if by < self.stop_by:
+            self.stop_by, self.stop_why = by, why
+
+    def overrun(self, started: float, now: float, what: str) -> str:
+        """Why a callback started at ``started`` was stopped ``now``, for its log line: ``what``
+        (the limit's name), or the end of a stop's or reload's grace when that came first."""
+        limit = self.settings.call_timeout
+        if self.stop_by == _FOREVER or (limit and started + limit <= self.stop_by):
+            return f"stopped after {limit:g} s ({what})"
+        allowed = f"{what} is {limit:g} s" if limit else f"no {what}"
+        return f"stopped after {now - started:.1f} s: {self.stop_why} was over ({allowed})"
 
     def call_limit(self, now: float) -> float:
         """How long a callback starting ``now`` may run (0: no limit): call_timeout, and once a
-        stop is under way no longer than its grace, then _LAST_WORDS (the abort and close
-        callbacks of the sessions it cuts): an answer after that reaches no MTA, and a stuck
-        callback would hold the stop by as much as call_timeout again, per callback."""
+        stop is under way (or a reload replaced this generation) no longer than its grace, then
+        _LAST_WORDS (the abort and close callbacks of the sessions it cuts): an answer after that
+        reaches no MTA, and a stuck callback would hold the stop by as much as call_timeout
+        again, per callback."""
         limit = self.settings.call_timeout
         if self.stop_by == _FOREVER:
             return limit

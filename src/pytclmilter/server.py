@@ -331,7 +331,7 @@ class MilterServer:
             acceptor.close()  # new connections are refused from now on, open ones go on
             listener.remove_unix()
             await self._drain(loop, 0.0 if self._aborted else self.shared.settings.grace)
-            self.shared.stop_by = _FOREVER  # (serve() may be called again)
+            self.shared.stop_by, self.shared.stop_why = _FOREVER, ""  # (serve() may be called again)
             await self._end_retirements()
             sweeper.cancel()
             if self._ticker is not None:
@@ -404,7 +404,8 @@ class MilterServer:
         """Let open sessions finish for ``grace`` seconds, then close them (abort/close callbacks
         run). No callback runs past the grace (Shared.call_limit): the stop is over within it,
         UNWIND and a few moments, plus whatever the callback running when it came still had."""
-        self.shared.stop_by = time.monotonic() + grace
+        why = f"the {'reload' if self._ending is _REPLACED else 'stop'}'s {grace:g} s grace"
+        self.shared.hold_to(time.monotonic() + grace, why)
         deadline = loop.time() + grace
         while self.connections and loop.time() < deadline:
             await asyncio.sleep(0.05)

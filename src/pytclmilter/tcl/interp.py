@@ -412,7 +412,7 @@ class TclHost:
         if not message and self._handler_stopped:
             message = _NOT_RUN
         elif is_limit_error(message, ()):
-            message = f"stopped after {self.milter.call_timeout:g} s (-calltimeout)"
+            message = self.limit.stopped()
             if self.pycommands.stopped:  # a Python command was running: where it was, too
                 info, self.pycommands.stopped = f"{info}\n{self.pycommands.stopped}", ""
         due = self.bgerrors.due(place_of(info, message) if info else message)
@@ -587,11 +587,12 @@ class TclHost:
         code = self.tk.call("set", "::errorCode")
         words = code if isinstance(code, tuple) else self.tk.splitlist(str(code))
         if is_limit_error(str(exc), [str(w) for w in words[:3]]):
+            stopped = self.limit.stopped()
             self.limit.reset()
             if self.pycommands.stopped:  # a Python command was running: where it was, too
                 info = f"{info}\n{self.pycommands.stopped}"
                 self.pycommands.stopped = ""
-            return CallbackError(f"callback stopped after {self.milter.call_timeout:g} s (-calltimeout)", info)
+            return CallbackError(f"callback {stopped}", info)
         return CallbackError(from_tcl(str(exc)), info)
 
     def error_info(self) -> str:

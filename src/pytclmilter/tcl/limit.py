@@ -134,6 +134,12 @@ class CallLimit(Limit):
         limit = self._shared.call_limit(self._started)
         return self._started + limit if limit else _NEVER
 
+    def stopped(self, what: str = "-calltimeout") -> str:
+        """Why the limited Tcl code that ran last was stopped, for its log line (Shared.overrun)."""
+        if self._cap != _NEVER:  # (begin_within, expire: their own end)
+            return f"stopped after {self._shared.settings.call_timeout:g} s ({what})"
+        return self._shared.overrun(self._started, _monotonic(), what)
+
     def _on_deadline(self, *args: object) -> None:
         end = self._end() if self._running else _NEVER
         if end == _NEVER:
