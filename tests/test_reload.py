@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from support.tclrun import TclRun, _pytclmilter_command, tclrun_factory
+from support.tclrun import TclRun, _pytclmilter_command, ok, tclrun_factory
 
 tclrun = pytest.fixture(tclrun_factory, name="tclrun")
 
@@ -615,4 +615,41 @@ def test_a_replaced_generation_is_freed_when_it_is_gone(tclrun, tmp_path: Path) 
         while (seen := alive()) != [("h", f"X-Alive\x001 {generation}\x00".encode())] and time.monotonic() < deadline:
             time.sleep(0.1)
         assert seen == [("h", f"X-Alive\x001 {generation}\x00".encode())]  # the one before: freed
+    assert run.stop() == 0
+
+
+STUCK_SENDER = r"""
+package require TclMilter 1.0
+milter configure -calltimeout 120
+proc from {ctx list} {
+    if {[lindex $list 0] eq "<stuck@example.org>"} { after 60000 }
+    return SMFIS_CONTINUE
+}
+milter register envfrom from
+milter main
+"""
+HELD = (r"envfrom callback from failed \(callback stopped after \d+\.\d s: the reload's 1 s grace was over "
+        r"\(-calltimeout is 120 s\)")
+
+
+def test_a_reloaded_away_worker_holds_its_running_callback_to_the_grace(tclrun, tmp_path: Path) -> None:
+    """--workers: the supervisor tells the worker of the replaced script to finish (SIGUSR2) while
+    a callback of its runs, stuck: the callback is held to the 1 s grace from then on, not to its
+    120 s -calltimeout (the worker takes the signal while Tcl runs), the MTA gets -onerror, and
+    the worker ends."""
+    script = tmp_path / "stuck.tcl"
+    script.write_text(STUCK_SENDER)
+    run = tclrun(script, "--grace", "1", "--workers", "2")  # (1: served by the supervisor alone)
+    with run.mta() as mta:
+        mta.negotiate()
+        assert ok(mta.connect())
+        mta.send_raw("M", b"<stuck@example.org>\0")
+        time.sleep(0.5)
+        t0 = time.monotonic()
+        run.child.kill(signal.SIGUSR1)
+        mta.sock.settimeout(30)
+        assert mta.reply_raw() == ("t", b"")
+        assert time.monotonic() - t0 <= 1 + 3 + 3  # the load, the grace, a beat, a loaded machine
+    run.wait_for(HELD, since=0)
+    run.wait_for(GONE)
     assert run.stop() == 0

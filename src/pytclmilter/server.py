@@ -402,11 +402,10 @@ class MilterServer:
 
     async def _drain(self, loop: asyncio.AbstractEventLoop, grace: float) -> None:
         """Let open sessions finish for ``grace`` seconds, then close them (abort/close callbacks
-        run). No callback runs past the grace (Shared.call_limit): the stop is over within it,
-        UNWIND and a few moments, plus whatever the callback running when it came still had."""
-        why = f"the {'reload' if self._ending is _REPLACED else 'stop'}'s {grace:g} s grace"
-        self.shared.hold_to(time.monotonic() + grace, why)
-        deadline = loop.time() + grace
+        run). No callback runs past the grace (Shared.call_limit), counted from the signal when
+        its handler ran first: the stop is over within it, UNWIND and a few moments."""
+        self._hold_to_grace(grace, self._ending is _REPLACED)  # (from the signal: _grace_starts)
+        deadline = loop.time() + max(self.shared.stop_by - time.monotonic(), 0.0)
         while self.connections and loop.time() < deadline:
             await asyncio.sleep(0.05)
         if self.connections:
@@ -471,12 +470,14 @@ class MilterServer:
                     loop.add_signal_handler(sig, self._on_reload if self.reloadable else self._reload_elsewhere)
                     if not self.reloadable:  # a worker: its supervisor tells it when a reload replaced it
                         loop.add_signal_handler(REPLACED, self._on_replaced)
+                        signal.signal(REPLACED, self._grace_starts)
                         installed.append(REPLACED)
                     # `run` blocks it in every thread but the one that serves (commands/run.py)
                     forget_early_reload()
                     signal.pthread_sigmask(signal.SIG_UNBLOCK, (sig,))
                 else:
                     loop.add_signal_handler(sig, self._on_signal, sig)
+                    signal.signal(sig, self._grace_starts)  # (the loop still gets it, by its wakeup fd)
                 installed.append(sig)
             except (RuntimeError, ValueError, NotImplementedError) as exc:
                 # An event loop without signal support (NotImplementedError), or a signal this
@@ -486,6 +487,19 @@ class MilterServer:
                             "reload the milter" if sig == _RELOAD else "stop the milter gracefully",
                             exc or type(exc).__name__)
         return installed
+
+    def _grace_starts(self, signum: int, frame: object) -> None:
+        """Python's own handler of the stop signals (the loop's, :meth:`_on_signal`, comes when the
+        loop next turns): the grace starts at the signal. Python runs it even while a Tcl callback
+        holds the loop (at its limit's beats, tcl/limit.py), which is then held to the grace at
+        once rather than to its -calltimeout."""
+        self._hold_to_grace(0.0 if self._aborted else self.shared.settings.grace, signum == REPLACED)
+
+    def _hold_to_grace(self, grace: float, reload: bool) -> None:
+        """No callback runs more than ``grace`` seconds from now, or from an earlier signal
+        (Shared.call_limit); ``reload``: the grace is a reload's (a --workers worker replaced)."""
+        why = f"the {'reload' if reload else 'stop'}'s {grace:g} s grace"
+        self.shared.hold_to(time.monotonic() + grace, why)
 
     def _on_signal(self, sig: signal.Signals) -> None:
         log.info("received %s: stopping", sig.name)

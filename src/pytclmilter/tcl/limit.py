@@ -3,8 +3,12 @@
 Setting the limit before every callback would cost two Tcl calls per
 callback. Instead the deadline is armed lazily and Tcl calls us back when it
 passes: if the callback running then is still within its allowance the
-deadline moves to exactly its end, otherwise Tcl unwinds it with ``time limit
+deadline moves on towards its end, otherwise Tcl unwinds it with ``time limit
 exceeded`` (errorCode ``TCL LIMIT TIME``), which a script cannot ``catch``.
+The deadline Tcl holds is never more than half a second away: at each such beat
+the Python handlers of the signals that came meanwhile run, so a stop (SIGTERM)
+holds the callback running to the stop's grace at once (server.py), not only once
+it returns.
 Tcl checks the deadline between commands only: a command blocked in C code
 (``exec``) runs to its end, and :meth:`CallLimit.stop` tells the engine so.
 
@@ -21,6 +25,7 @@ Python code that runs Tcl (``ctx.tcl``) gives Tcl its own end with :meth:`begin_
 
 from __future__ import annotations
 
+import signal
 import time
 from typing import Callable, Final, Sequence
 
@@ -32,8 +37,21 @@ _HANDLER: Final = "::tclmilter::py::limit"
 _LIMIT_TIME: Final = "::tclmilter::py::limit_time"
 _monotonic: Final = time.monotonic  # compiled, `time.monotonic` is two look-ups per call
 _NEVER: Final = float("inf")
+#: Seconds between Tcl's calls to the deadline handler while limited Tcl code runs: the deadline
+#: Tcl holds is never further away, however long the allowance (see :func:`_take_signals`).
+_BEAT: Final = 0.5
+_NO_SIGNALS: Final[tuple[signal.Signals, ...]] = ()
 #: Tcl 8.6 keeps `interp limit ... -seconds` in a C int: a later second (2038) is refused there.
 _TCL_LAST_SECOND: Final = 2**31 - 1
+
+
+def _take_signals() -> None:
+    """Run the Python handlers of the signals that came while Tcl ran. Python runs them only
+    between its own statements, and a Tcl callback stuck in `after` or a loop runs none: a stop's
+    signal (server.py) would lower the allowance only once the callback was over. CPython runs
+    the pending handlers whenever the signal mask is set, also to what it was, and compiled code
+    (mypyc) would not run them at all otherwise."""
+    signal.pthread_sigmask(signal.SIG_BLOCK, _NO_SIGNALS)
 
 
 def is_limit_error(message: str, code: Sequence[str]) -> bool:
@@ -141,11 +159,13 @@ class CallLimit(Limit):
         return self._shared.overrun(self._started, _monotonic(), what)
 
     def _on_deadline(self, *args: object) -> None:
+        if self._running:
+            _take_signals()  # a stop that came meanwhile lowers the allowance now (_BEAT)
         end = self._end() if self._running else _NEVER
         if end == _NEVER:
             self._set(None)
         elif _monotonic() < end:
-            self._set(end)  # the callback running now still has time: extend exactly to its end
+            self._set(end)  # the callback running now still has time: extend towards its end
         else:
             self.exceeded = True
 
@@ -163,7 +183,9 @@ class CallLimit(Limit):
             self._call(_LIMIT_TIME, self._child, "-seconds", "", "-milliseconds", "")
             self._armed_until = 0.0
             return
-        wall = min(time.time() + (deadline - _monotonic()), _TCL_LAST_SECOND)  # -calltimeout 1e9, Inf
+        now = _monotonic()
+        deadline = min(deadline, now + _BEAT)  # Tcl calls back at each beat: _on_deadline extends
+        wall = min(time.time() + (deadline - now), _TCL_LAST_SECOND)  # -calltimeout 1e9, Inf
         ms = int(wall * 1000) + 1
         self._call(_LIMIT_TIME, self._child, "-seconds", ms // 1000, "-milliseconds", ms % 1000,
                    "-command", _HANDLER)
