@@ -632,6 +632,32 @@ HELD = (r"envfrom callback from failed \(callback stopped after \d+\.\d s: the r
         r"\(-calltimeout is 120 s\)")
 
 
+def test_a_reload_holds_the_old_generations_callbacks_to_its_grace(tclrun, tmp_path: Path) -> None:
+    """A session the reloaded-away script still serves has its -grace (here 1 s) to finish, then it
+    is cut: a callback it starts meanwhile is held to that grace, as at a stop, not to the 120 s
+    -calltimeout (which held every connection, the new script's too, as long). The MTA gets
+    -onerror once the grace is over, the old generation is gone, the new one serves."""
+    script = tmp_path / "stuck.tcl"
+    script.write_text(STUCK_SENDER)
+    run = tclrun(script, "--grace", "1")
+    with run.mta() as mta:
+        mta.negotiate()
+        assert ok(mta.connect())
+        run.child.kill(signal.SIGUSR1)
+        run.wait_for(r"reload: loading generation 2")
+        with run.mta() as other:  # answered once the reload is over: the loop is free again
+            other.negotiate()
+            assert ok(other.connect())
+        t0 = time.monotonic()
+        mta.sock.settimeout(30)
+        mta.send_raw("M", b"<stuck@example.org>\0")
+        assert mta.reply_raw() == ("t", b"")  # the default -onerror answer
+        assert time.monotonic() - t0 <= 1 + 3 + 3  # the grace, a beat, and 3 s for a loaded machine
+    run.wait_for(HELD, since=0)
+    run.wait_for(GONE)
+    assert run.stop() == 0
+
+
 def test_a_reloaded_away_worker_holds_its_running_callback_to_the_grace(tclrun, tmp_path: Path) -> None:
     """--workers: the supervisor tells the worker of the replaced script to finish (SIGUSR2) while
     a callback of its runs, stuck: the callback is held to the 1 s grace from then on, not to its

@@ -360,12 +360,17 @@ class MilterServer:
     def replace(self, shared: Shared, gone: Callable[[], None]) -> None:
         """On the loop: serve the connections accepted from now on with ``shared`` (a reloaded
         milter's). Those open finish with the one in force until now, within its grace (then they
-        are closed); ``gone`` is called, on the loop, when the last of them is over."""
+        are closed, and no callback of theirs runs past it); ``gone`` is called, on the loop, when
+        the last of them is over."""
         old, self.shared = self.shared, shared
         if self._stop is None:  # not serving: nothing to finish
             gone()
             return
         self._start_ticker()
+        # Its sessions are cut at the end of its grace: no callback of theirs runs past it either
+        # (an answer after it reaches no MTA, and a stuck one held the new script's too).
+        grace = old.settings.grace
+        old.hold_to(time.monotonic() + grace, f"the reload's {grace:g} s grace")
         retiring = _Retiring(sum(1 for c in self.connections if c.engine is not None and c.engine.shared is old), gone)
         self.retiring[old] = retiring
         task = asyncio.ensure_future(self._retire(old, retiring))
