@@ -770,7 +770,8 @@ class ConnectionEngine:
             status = self._callback_failed(name, cb, exc)
             self._timed(name, cb, started)
             return status
-        except Exception as exc:  # noqa: BLE001
+        # CallbackTimeout (no Exception): the time limit of Tcl code the callback ran (ctx.tcl)
+        except (Exception, CallbackTimeout) as exc:  # noqa: BLE001
             status = self._callback_failed(name, cb, exc.original if isinstance(exc, _Exited) else exc)
             if limit:
                 self._check_time(name, cb, started, limit, _LATE_STOP)
