@@ -750,3 +750,27 @@ def test_a_stop_holds_the_running_tcl_callback_to_the_grace(tclrun, stuck):
     m.wait_for(r"envfrom callback from failed \(callback stopped after \d\.\d s: the stop's 1 s grace was over "
                r"\(-calltimeout is 120 s\)", since=0)  # (logged before the loop turns to the signal)
     assert "stopped after 120 s" not in m.text, m.text
+
+
+@pytest.mark.parametrize("rcpt", ["loop", "sleep"])
+def test_a_stop_holds_the_running_sync_python_callback_to_the_grace(tclrun, rcpt):
+    """SIGTERM while a plain Python callback is stuck (a loop, time.sleep) with a -calltimeout of
+    120 s: the stop signal's handler, which Python runs inside the callback, lowers its limit to
+    the 1 s grace, so it is stopped then, the MTA gets -onerror and the process exits 0 within
+    --grace + 3 s; the log says the grace stopped it. Before, the exit came 120 s later."""
+    m = tclrun(TCL_WITH_HOOKS.replace("-calltimeout 1", "-calltimeout 120"), "--grace", "1",
+               python=[HOOKS_LOOP.replace("time.sleep(30)", "time.sleep(60)")])
+    with m.mta() as mta:
+        mta.negotiate()
+        assert ok(mta.connect())
+        assert ok(mta.mail("<a@example.org>"))
+        mta.send_raw("R", f"<{rcpt}@example.com>\0".encode())
+        time.sleep(0.5)
+        t0 = time.monotonic()
+        status = m.stop(timeout=60)
+        took = time.monotonic() - t0
+        assert mta.reply_raw() == ("t", b"")
+    assert status == 0
+    assert took <= 1 + 3 + 3, took  # the documented bound, and 3 s for a loaded machine
+    m.wait_for(r"envrcpt callback setup\.<locals>\.rcpt failed \(callback stopped after \d\.\d s: the stop's 1 s "
+               r"grace was over \(call_timeout is 120 s\)\)", since=0)

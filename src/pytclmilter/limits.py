@@ -55,6 +55,7 @@ class PythonLimit(Limit):
         self._seconds = 0.0
         self._active = False
         self._late = False  # the watchdog saw the callback running now overrun
+        self._why = ""  # a stop's grace ended the allowance before call_timeout: which (hold_to)
         self._watchdog: threading.Thread | None = None
         self._main = threading.main_thread().ident
         # A forked worker has no watchdog thread (threads do not survive fork): start a new one.
@@ -70,8 +71,16 @@ class PythonLimit(Limit):
             return False
         if self._watchdog is None:
             self._start()
-        self._seconds, self._started, self._active, self._late = seconds, now, True, False
+        self._seconds, self._started, self._active, self._late, self._why = seconds, now, True, False, ""
         return True
+
+    def hold_to(self, by: float, why: str) -> None:
+        """The grace ``why`` names ends at ``by`` (monotonic): the callback running now stops then
+        if its own limit comes later. From a stop signal's handler, which Python runs inside the
+        callback (server.py): one that started before the signal has no other way to learn of it."""
+        if self._active and by < self._started + self._seconds:
+            self._why = f"{why} was over (call_timeout is {self._seconds:g} s)"
+            self._seconds = max(by - self._started, 0.0)
 
     def stop(self) -> bool:
         """True if the watchdog saw the callback overrun (it looks every 0.1 s at most). One that
@@ -105,6 +114,8 @@ class PythonLimit(Limit):
     def _expired(self, signum: int, frame: object) -> None:
         if self._overrun():
             self._active = False
+            if self._why:
+                raise CallbackTimeout(f"callback stopped after {_monotonic() - self._started:.1f} s: {self._why}")
             raise CallbackTimeout(f"callback stopped after {self._seconds:g} s (call_timeout)")
 
 

@@ -21,6 +21,7 @@ from .hooks import forget_early_reload, signalled
 from .listener import Listener, bind
 from .logline import Every
 from .engine import UNWIND, ConnectionEngine, Shared
+from .limits import PYTHON_LIMIT
 
 _FOREVER: Final = float("inf")
 
@@ -503,8 +504,9 @@ class MilterServer:
     def _hold_to_grace(self, grace: float, reload: bool) -> None:
         """No callback runs more than ``grace`` seconds from now, or from an earlier signal
         (Shared.call_limit); ``reload``: the grace is a reload's (a --workers worker replaced)."""
-        why = f"the {'reload' if reload else 'stop'}'s {grace:g} s grace"
-        self.shared.hold_to(time.monotonic() + grace, why)
+        by, why = time.monotonic() + grace, f"the {'reload' if reload else 'stop'}'s {grace:g} s grace"
+        self.shared.hold_to(by, why)
+        PYTHON_LIMIT.hold_to(by, why)  # a plain Python callback the signal came in
 
     def _on_signal(self, sig: signal.Signals) -> None:
         log.info("received %s: stopping", sig.name)
