@@ -85,3 +85,23 @@ def test_the_package_type_checks(tmp_path: Path) -> None:
                           capture_output=True, text=True, cwd=ROOT, timeout=600)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert proc.stdout.startswith("Success: no issues found")
+
+
+
+def test_no_compiled_module_reraises_after_an_await_in_an_except_clause() -> None:
+    """Compiled with mypyc, a bare ``raise`` after an ``await`` in the same except clause
+    re-raised an exception already freed: the process crashed when asyncio logged it
+    (engine._awaited, at a stop with a callback that ignored its cancellation). Bind the
+    exception, and await and raise it after the clause."""
+    paths = setup_constant("HOT")
+    assert isinstance(paths, list)
+    found = []
+    for path in paths:
+        tree = ast.parse((SRC / "pytclmilter" / path).read_text())
+        for handler in ast.walk(tree):
+            if isinstance(handler, ast.ExceptHandler):
+                inside = list(ast.walk(handler))
+                if any(isinstance(n, ast.Await) for n in inside) and any(
+                        isinstance(n, ast.Raise) and n.exc is None for n in inside):
+                    found.append(f"{path}:{handler.lineno}")
+    assert found == [], f"a bare raise after an await in an except clause of a compiled module: {found}"

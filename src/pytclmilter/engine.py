@@ -278,12 +278,14 @@ async def _in_turn(awaitables: list[Awaitable[Status]]) -> None:
         await awaitable
 
 
-def abandon(task: "asyncio.Task[Any]") -> None:
-    """Let go of a cancelled callback that goes on: its coroutine is closed (GeneratorExit at its
-    await: its ``finally`` clauses run, and an ``except CancelledError`` does not catch it), and
-    cancelled once more, which ends a closed one. One that survives even that is kept in
-    ABANDONED, counted, until it ends."""
-    close = getattr(task.get_coro(), "close", None)
+def abandon(task: "asyncio.Task[Any]", awaitable: Awaitable[Any]) -> None:
+    """Let go of a cancelled callback that goes on: the coroutine it returned is closed
+    (GeneratorExit at its await: its ``finally`` clauses run, and an ``except CancelledError``
+    does not catch it), and the task cancelled once more, which ends on a closed one. One that
+    survives even that is kept in ABANDONED, counted, until it ends. (The callback's coroutine,
+    not the task's: that one is compiled by mypyc, and a Task stepping a compiled coroutine
+    closed under it crashed the process.)"""
+    close = getattr(awaitable, "close", None)
     survives = close is None
     if close is not None:
         try:
@@ -361,7 +363,7 @@ class ConnectionEngine:
         self._queued = 0  # abort and close runs waiting behind _quiet (_QUIET_QUEUE)
         self._held = False  # _busy because _queued reached _QUIET_QUEUE
         #: An async callback stopped by its limit and answered, still ending (_settle).
-        self._unwinding: tuple[str, Callback, asyncio.Task[Any], str] | None = None
+        self._unwinding: tuple[str, Callback, asyncio.Task[Any], Awaitable[Any], str] | None = None
         self._abandoned = False  # a callback of this connection ignored its cancellation: it closes
         self._decided = _OPEN
         self._deferred = Status.CONTINUE  # with _DEFERRED: the verdict waiting for a reply
@@ -754,14 +756,17 @@ class ConnectionEngine:
         callback does with its cancellation (asyncio.wait_for waited until it let go: one that
         swallowed CancelledError held the MTA as long as it liked)."""
         task = asyncio.ensure_future(_contained(awaitable))
+        cut: asyncio.CancelledError | None = None
         try:
             done, _ = await asyncio.wait((task,), timeout=limit or None)
-        except asyncio.CancelledError:  # the connection is cut, or the loop ends: the callback too
-            task.cancel()
-            await self._unwound(name, cb, task, "as its connection was cut")
-            raise
+        except asyncio.CancelledError as exc:  # the connection is cut, or the loop ends: the callback too
+            cut = exc
+        if cut is not None:  # (awaited outside the except clause: compiled, a bare raise after an
+            task.cancel()    # await there re-raised an exception already freed, and crashed)
+            await self._unwound(name, cb, task, awaitable, "as its connection was cut")
+            raise cut
         if not done:
-            return await self._stopped(name, cb, task, limit, started, ignore)
+            return await self._stopped(name, cb, task, awaitable, limit, started, ignore)
         try:
             result = task.result()
         except asyncio.CancelledError as exc:
@@ -782,8 +787,8 @@ class ConnectionEngine:
         self._timed(name, cb, started)
         return Status.CONTINUE if ignore else self._status(name, cb, result)
 
-    async def _stopped(self, name: str, cb: Callback, task: "asyncio.Task[Any]", limit: float, started: float,
-                       ignore: bool) -> Status:
+    async def _stopped(self, name: str, cb: Callback, task: "asyncio.Task[Any]", awaitable: Awaitable[Any],
+                       limit: float, started: float, ignore: bool) -> Status:
         """An async callback ran out of time: cancelled, and answered with ``on_error`` now. It
         gets UNWIND seconds to end before anything more of this connection runs (its ``finally``
         clauses use the context); :meth:`_settle` waits for it there."""
@@ -791,7 +796,7 @@ class ConnectionEngine:
         status = self._callback_failed(name, cb, CallbackTimeout(f"callback stopped after {limit:g} s (call_timeout)"))
         self._check_time(name, cb, started, limit, _LATE_STOP)
         self._timed(name, cb, started)
-        self._unwinding = (name, cb, task, f"at the {limit:g} s call timeout")
+        self._unwinding = (name, cb, task, awaitable, f"at the {limit:g} s call timeout")
         if ignore and not await self._settle():  # abort, close: no answer to give first
             self._cut_loose()
         return status
@@ -804,14 +809,15 @@ class ConnectionEngine:
             await self._unwound(*unwinding)
         return not self._abandoned
 
-    async def _unwound(self, name: str, cb: Callback, task: "asyncio.Task[Any]", when: str) -> None:
+    async def _unwound(self, name: str, cb: Callback, task: "asyncio.Task[Any]", awaitable: Awaitable[Any],
+                       when: str) -> None:
         """Give a cancelled callback UNWIND seconds to end; abandon it (logged) if it does not."""
         if not task.done():
             try:
                 await asyncio.wait((task,), timeout=UNWIND)
             finally:
                 if not task.done():
-                    abandon(task)
+                    abandon(task, awaitable)
                     self._abandoned = True
                     log.error("%s: %s callback %s ignored its cancellation %s and is abandoned; its "
                               "connection is closed (abandoned callbacks still running: %d)", self.name, name,
