@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from support.tclrun import TclRun, _pytclmilter_command, ok, tclrun_factory
+from support.tclrun import TclRun, _pytclmilter_command, children_of, ok, tclrun_factory
 
 tclrun = pytest.fixture(tclrun_factory, name="tclrun")
 
@@ -209,20 +209,6 @@ def test_a_session_open_at_the_reload_finishes_on_the_old_script(tclrun, tmp_pat
         assert [p for p in old.message()["eom"] if p[0] == "h"] == [("h", b"X-Stamp\0A\0")]
     run.wait_for(r"reload: generation 1 is gone")
     assert run.stop() == 0
-
-
-def children_of(parent: int) -> set[int]:
-    """The live child processes of ``parent`` (the workers of a --workers supervisor)."""
-    out = set()
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
-            if int(fields[1]) == parent and fields[0] != "Z":
-                out.add(int(entry.name))
-    return out
 
 
 def test_with_workers_the_old_generation_is_gone_when_its_last_worker_ended(tclrun, tmp_path: Path) -> None:

@@ -17,7 +17,7 @@ import pexpect
 import pytest
 
 from support.postfix import free_port
-from support.tclrun import Mta, _pytclmilter_command, child_env, ok, tclrun_factory
+from support.tclrun import Mta, _pytclmilter_command, child_env, children_of, ok, tclrun_factory
 
 tclrun = pytest.fixture(tclrun_factory, name="tclrun")
 
@@ -49,19 +49,6 @@ def reply_pid(path: str) -> int:
         return int(re.search(r"pid (\d+)", text).group(1))
 
 
-def workers_of(parent: int) -> set[int]:
-    out = set()
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
-            if int(fields[1]) == parent and fields[0] != "Z":
-                out.add(int(entry.name))
-    return out
-
-
 def two_workers(tmp_path: Path) -> tuple[pexpect.spawn, str]:
     """`run SCRIPT --workers 2` on a unix socket, once it says both are forked; and the socket."""
     script = tmp_path / "w.tcl"
@@ -88,7 +75,7 @@ def answering(sock: str) -> set[int]:
 def test_workers_share_the_socket_replace_the_dead_and_stop_together(tmp_path: Path) -> None:
     child, sock = two_workers(tmp_path)
     try:
-        workers = workers_of(child.pid)
+        workers = children_of(child.pid)
         assert len(workers) == 2
         seen = answering(sock)  # both serve, nobody else does
         assert seen <= workers and len(seen) == 2, (seen, workers)
@@ -97,7 +84,7 @@ def test_workers_share_the_socket_replace_the_dead_and_stop_together(tmp_path: P
         os.kill(victim, signal.SIGKILL)
         child.expect(rf"worker \d \(pid {victim}\) died \(signal 9\); starting a new one")
         deadline = time.monotonic() + 10
-        while len(workers_of(child.pid) - {victim}) < 2:
+        while len(children_of(child.pid) - {victim}) < 2:
             assert time.monotonic() < deadline, "no replacement worker"
             time.sleep(0.05)
         assert {reply_pid(sock) for _ in range(20)} - {victim}
@@ -121,14 +108,14 @@ def test_a_stop_signal_sent_to_one_worker_replaces_it_and_the_milter_serves_on(t
     tempfailed. A SIGUSR1 sent to a worker vanished without a word."""
     child, sock = two_workers(tmp_path)
     try:
-        workers = workers_of(child.pid)
+        workers = children_of(child.pid)
         assert len(answering(sock)) == 2  # (both serve: their handlers are in place)
         victim = sorted(workers)[0]
         os.kill(victim, sig)
         child.expect(rf"WARNING: worker \d \(pid {victim}\) was stopped by {signal.Signals(sig).name} sent to it; "
                      rf"starting a new one \(to stop the milter, signal the supervisor, pid {child.pid}\)")
         deadline = time.monotonic() + 10
-        while len(workers_of(child.pid) - {victim}) < 2:
+        while len(children_of(child.pid) - {victim}) < 2:
             assert time.monotonic() < deadline, "no replacement worker"
             time.sleep(0.05)
         assert {reply_pid(sock) for _ in range(10)} - {victim}
@@ -136,7 +123,7 @@ def test_a_stop_signal_sent_to_one_worker_replaces_it_and_the_milter_serves_on(t
         os.kill(other, signal.SIGUSR1)
         child.expect(rf"WARNING: received SIGUSR1 in a worker: reloading is the supervisor's \(pid {child.pid}\); "
                      "ignored")
-        assert other in workers_of(child.pid)
+        assert other in children_of(child.pid)
         child.kill(signal.SIGTERM)
         child.expect("all workers stopped")
         child.expect(pexpect.EOF)
@@ -215,7 +202,7 @@ def test_a_stop_with_workers_refuses_new_connections_at_once_while_open_sessions
     grace = 20
     m = tclrun(EOM_SCRIPT, "--workers", "2", "--grace", str(grace))
     m.wait_for("2 workers serving")
-    workers = workers_of(m.child.pid)
+    workers = children_of(m.child.pid)
     with m.mta() as mta:
         mid_message(mta)
         t0 = time.monotonic()
@@ -274,7 +261,7 @@ def test_workers_whose_supervisor_was_killed_finish_their_sessions_and_exit(tmp_
     workers: set[int] = set()
     try:
         wait_log(first_log, "2 workers serving")
-        workers = workers_of(first.pid)
+        workers = children_of(first.pid)
         assert len(workers) == 2
         mta = Mta(address)
         mid_message(mta)
@@ -293,7 +280,7 @@ def test_workers_whose_supervisor_was_killed_finish_their_sessions_and_exit(tmp_
             time.sleep(0.05)
         with Mta(address) as fresh:
             mid_message(fresh)
-            assert finish(fresh) in workers_of(second.pid)
+            assert finish(fresh) in children_of(second.pid)
         second.send_signal(signal.SIGTERM)
         assert second.wait(20) == 0
         assert "Traceback" not in first_log.read_text() + second_log.read_text()
@@ -373,7 +360,7 @@ def test_a_worker_that_cannot_be_forked_is_tried_again_while_the_others_serve(tc
     m = tclrun(SCRIPT, "--workers", "2", "--user", "nobody", python=[NO_FORKS_ON_USR2])
     m.wait_for(r"2 workers serving")
     supervisor = m.child.pid
-    workers = sorted(workers_of(supervisor))
+    workers = sorted(children_of(supervisor))
     assert len(workers) == 2, workers
     os.kill(supervisor, signal.SIGUSR2)
     time.sleep(0.5)
@@ -385,10 +372,10 @@ def test_a_worker_that_cannot_be_forked_is_tried_again_while_the_others_serve(tc
         mta.mail("<a@example.org>")
         assert mta.rcpt("<b@example.org>")[0] == "y"
     time.sleep(2.5)
-    assert m.alive() and len(workers_of(supervisor)) == 1
+    assert m.alive() and len(children_of(supervisor)) == 1
     os.kill(supervisor, signal.SIGUSR2)
     m.wait_for(r"worker \d started, after its fork had failed")
-    assert len(workers_of(supervisor)) == 2
+    assert len(children_of(supervisor)) == 2
     assert m.text.count("cannot start worker") == 1, m.text  # tried every second, logged once
     assert m.stop() == 0
 
@@ -461,7 +448,7 @@ def test_a_reload_starts_a_whole_set_and_forgets_the_worker_whose_fork_failed(tc
     m = tclrun(SCRIPT, "--workers", "2", python=[FORKS_FAIL_ON_USR2])
     m.wait_for(r"2 workers serving")
     supervisor = m.child.pid
-    workers = sorted(workers_of(supervisor))
+    workers = sorted(children_of(supervisor))
     os.kill(supervisor, signal.SIGUSR2)  # forks fail
     time.sleep(0.3)
     os.kill(workers[0], signal.SIGKILL)
@@ -470,6 +457,6 @@ def test_a_reload_starts_a_whole_set_and_forgets_the_worker_whose_fork_failed(tc
     os.kill(supervisor, signal.SIGUSR1)
     m.wait_for(r"reload: generation 1 is gone \(its last session is over\); generation 2 serves")
     time.sleep(1.5)  # (the supervisor's retries come every second)
-    assert len(workers_of(supervisor)) == 2, m.text
+    assert len(children_of(supervisor)) == 2, m.text
     assert "after its fork had failed" not in m.text, m.text
     assert m.stop() == 0

@@ -527,3 +527,17 @@ class Mta:
 def ok(reply: Any) -> bool:
     """A reply that lets the MTA carry on: continue, or an event it did not send or wait on."""
     return reply in (SKIPPED, NOREPLY) or (isinstance(reply, tuple) and reply[0] == "c")
+
+
+def children_of(parent: int) -> set[int]:
+    """The live child processes of ``parent`` (the workers of a --workers supervisor)."""
+    out = set()
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[1]) == parent and fields[0] != "Z":
+                out.add(int(entry.name))
+    return out
