@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import socket
 import struct
 
 from hypothesis import given, settings, strategies as st
@@ -69,8 +70,11 @@ def valid_commands() -> st.SearchStrategy[ev.Event]:
         st.builds(ev.OptionNegotiation, st.integers(0, 8), st.integers(0, 0x3FF), st.integers(0, 2**32 - 1)),
         st.builds(ev.Macro, st.sampled_from([b"C", b"H", b"M", b"R", b"T", b"L", b"N", b"B", b"E", b"U", b"Z"]),
                   st.dictionaries(nonempty_text, wire_text, max_size=3)),
-        st.builds(ev.Connect, wire_text, st.sampled_from([Family.INET, Family.INET6, Family.UNIX]),
-                  st.integers(0, 65535), wire_text),
+        # (addresses as libc prints them: the decoder parses and prints them so, docs/protocol.md §2.1)
+        st.builds(ev.Connect, wire_text, st.just(Family.INET), st.integers(0, 65535), st.ip_addresses(v=4).map(str)),
+        st.builds(ev.Connect, wire_text, st.just(Family.INET6), st.integers(0, 65535),
+                  st.ip_addresses(v=6).map(lambda a: socket.inet_ntop(socket.AF_INET6, a.packed))),
+        st.builds(ev.Connect, wire_text, st.just(Family.UNIX), st.integers(0, 65535), wire_text),
         st.builds(ev.Connect, wire_text, st.just(Family.UNKNOWN)),
         st.builds(ev.Helo, wire_text),
         st.builds(ev.EnvFrom, st.lists(wire_text, min_size=1, max_size=3)),
