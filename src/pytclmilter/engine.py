@@ -241,16 +241,16 @@ class Shared:
         allowed = f"{what} is {limit:g} s" if limit else f"no {what}"
         return f"stopped after {now - started:.1f} s: {self.stop_why} was over ({allowed})"
 
-    def call_limit(self, now: float) -> float:
-        """How long a callback starting ``now`` may run (0: no limit): call_timeout, and once a
-        stop is under way (or a reload replaced this generation) no longer than its grace, then
-        _LAST_WORDS (the abort and close callbacks of the sessions it cuts): an answer after that
-        reaches no MTA, and a stuck callback would hold the stop by as much as call_timeout
-        again, per callback."""
+    def call_limit(self, now: float = -1.0) -> float:
+        """How long a callback starting ``now`` (-1: now) may run (0: no limit): call_timeout, and
+        once a stop is under way (or a reload replaced this generation) no longer than its grace,
+        then _LAST_WORDS (the abort and close callbacks of the sessions it cuts): an answer after
+        that reaches no MTA, and a stuck callback would hold the stop by as much as call_timeout
+        again, per callback. The clock is read only then: the per-event path reads none."""
         limit = self.settings.call_timeout
         if self.stop_by == _FOREVER:
             return limit
-        left = max(self.stop_by - now, _LAST_WORDS)
+        left = max(self.stop_by - (_monotonic() if now < 0 else now), _LAST_WORDS)
         return min(limit, left) if limit else left
 
 
@@ -622,7 +622,7 @@ class ConnectionEngine:
         chain = self.registry.chain(name)
         call_args = (self.ctx,) + args  # compiled, (ctx, *args) is built through a list
         # read per event: `milter configure -calltimeout` (and a stop's grace) apply at once
-        limit = self.shared.call_limit(_monotonic())
+        limit = self.shared.call_limit()
         for i, cb in enumerate(chain):
             status = self._call(name, cb, call_args, limit, False)
             if not isinstance(status, Status):
@@ -680,7 +680,7 @@ class ConnectionEngine:
         """Run the event's callbacks; the awaitables of the async ones, not awaited yet."""
         self.ctx.stage = name
         call_args = (self.ctx,)
-        limit = self.shared.call_limit(_monotonic())
+        limit = self.shared.call_limit()
         pending = []
         for cb in self.registry.chain(name):
             result = self._call(name, cb, call_args, limit, True)
