@@ -13,7 +13,7 @@ import argparse
 import re
 import sys
 import tkinter
-from typing import Any
+from typing import Any, Final
 
 from ..callbacks import EVENT_ARGS, Callback, not_accepted
 from ..protocol.constants import Action, Proto
@@ -23,6 +23,9 @@ from ..tcl.interp import TclHost
 from .common import ScriptExit, add_script_options, make_host
 from .logs import setup_logging
 from . import sigmask
+
+#: What check, run and a reload say of a script that ends without `milter main`.
+NO_MAIN: Final = "the script never calls milter main"
 
 #: Arguments each event passes after the context, as the manual names them.
 
@@ -164,7 +167,7 @@ def cmd_check(opts: argparse.Namespace) -> int:
         out += [f"  {c.name} {c.usage}".rstrip() for c in commands]
     problems = check_callbacks(host)
     if host.command.main_calls == 0:
-        problems.append("the script never calls milter main")
+        problems.append(NO_MAIN)
     out.append("negotiation (to an MTA offering everything):")
     out += ["  " + line for line in describe_negotiation(host)]
     print("\n".join(out))

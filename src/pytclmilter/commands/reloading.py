@@ -25,7 +25,7 @@ from ..limits import PYTHON_LIMIT
 from ..logline import escape, escape_lines
 from ..milter import RESTART_ONLY, ReloadError
 from ..tcl.interp import TclHost
-from .check import callback_errors, script_error
+from .check import NO_MAIN, callback_errors, script_error
 from .common import HooksFailed, ScriptExit, UsageError
 from . import sigmask
 
@@ -108,7 +108,7 @@ class Generations:
             with sigmask.children_reapable():  # under --workers, in the supervisor
                 started = host.start(self.source, within)
             if not started:
-                raise LoadFailed(f"{self.script}: error: the script never calls milter main")
+                raise LoadFailed(f"{self.script}: error: {NO_MAIN}")
             errors = callback_errors(self.script, host)
             if errors:
                 raise LoadFailed(errors[0], "\n".join(errors[1:]))

@@ -22,7 +22,7 @@ from ..logline import controls_escaped, escape, escape_lines
 from ..milter import Milter
 from ..tcl.interp import TclHost
 from ..tcl.usage import Answer
-from .check import callback_errors
+from .check import NO_MAIN, callback_errors
 from .common import HooksFailed, UsageError, add_script_options, make_host, reports_print_anywhere
 from .logs import setup_logging
 from .pidfile import PidFile
@@ -238,7 +238,7 @@ def _never_served(opts: argparse.Namespace) -> int:
     """The script ran to its end without calling `milter main`: say so, as check does, and fail
     the start. It ended with status 0 and not a word (an empty or truncated file, a `milter
     main` behind a condition not met), and a service manager saw a clean stop."""
-    message = f"{opts.script}: error: the script never calls milter main (nothing was served)"
+    message = f"{opts.script}: error: {NO_MAIN} (nothing was served)"
     print(escape(message), file=sys.stderr)
     if opts.syslog:
         _log_failure(message)
