@@ -443,3 +443,35 @@ def test_a_scrape_waiting_while_out_of_descriptors_is_one_warning_and_no_busy_lo
     assert waits == [ACCEPT_RETRY] * 100
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert len(warnings) == 1 and "metrics: cannot accept a scrape: Too many open files" in warnings[0], warnings
+
+
+def test_clients_that_go_away_or_send_garbage_leave_no_traceback_in_the_log(tclrun) -> None:
+    """A port scanner or a TLS probe at the metrics port: a request cut short by a reset, or
+    bytes that are no request, made socketserver print a 20-line traceback on stderr for each
+    connection ("Exception occurred during processing of request from ..."), outside the log's
+    format: anyone who could reach the port filled the journal. Now such a client leaves no
+    line, a request it cannot serve still gets its answer (405), and scrapes go on."""
+    import socket
+    import struct
+    from urllib.parse import urlsplit
+
+    m = tclrun(SCRIPT, "--metrics", "inet:0@127.0.0.1")
+    url = m.wait_for(METRICS, since=0).group(1)
+    where = urlsplit(url)
+    for request in [b"GARBAGE\r\n\r\n", b"GET /metr", b"\x16\x03\x01\x00\xa5\x01\x00\x00\xa1\x03\x03"] * 10:
+        s = socket.create_connection((where.hostname, where.port), timeout=5)
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))  # close = reset
+        s.sendall(request)
+        s.close()
+    deadline = time.monotonic() + 10
+    while True:  # (the last ones may still hold the scrape slots a moment)
+        with socket.create_connection((where.hostname, where.port), timeout=5) as s:
+            s.sendall(b"BREW /metrics HTTP/1.0\r\n\r\n")
+            status = s.makefile("rb").readline()
+        if status or time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
+    assert status.startswith(b"HTTP/1.0 405 "), status
+    assert value(scrape(url), "pytclmilter_generation") == 1
+    assert m.stop() == 0
+    assert "Traceback" not in m.text and "Exception occurred" not in m.text, m.text

@@ -32,6 +32,7 @@ import errno
 import logging
 import mmap
 import socket
+import sys
 import threading
 import time
 from socketserver import TCPServer, ThreadingMixIn
@@ -46,7 +47,7 @@ from . import meter as m
 from .accept import limit_text
 from .connspec import ConnSpec, ConnSpecError, parse_metrics
 from .engine import Stats
-from .logline import Repeated
+from .logline import Repeated, escape
 
 log = logging.getLogger("pytclmilter")
 
@@ -209,6 +210,8 @@ class _Server(ThreadingMixIn, WSGIServer):
         self._refused = 0
         self._warned = 0.0
         self._exhausted = Repeated(_WARN_EVERY)  # accepts that failed for want of descriptors
+        self._failed = Repeated(_WARN_EVERY)  # scrapes whose handler raised, by the exception's type
+        self._lock = threading.Lock()  # (handle_error runs in the scrapes' threads)
         self._pause = threading.Event().wait  # (a test counts the waits)
         super().__init__((spec.host or "", spec.port), _Handler)
 
@@ -256,6 +259,21 @@ class _Server(ThreadingMixIn, WSGIServer):
         finally:
             deadline.cancel()
             self._free.release()
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        """socketserver printed a traceback on stderr for every scrape that failed, outside the
+        log: a port scanner or a client that resets (or is cut at SCRAPE_TIMEOUT) made 20 lines
+        each. A client gone is not the filter's failure: nothing; anything else, one warning a
+        minute (the place is the exception's type: its text may quote the client)."""
+        exc = sys.exc_info()[1]
+        if isinstance(exc, OSError):
+            return
+        with self._lock:
+            missed = self._failed.due(type(exc).__name__)
+        if missed is not None:
+            since = f"; {missed} more since the last warning" if missed else ""
+            log.warning("metrics: a scrape from %s failed: %s: %s%s (warned at most once a minute)",
+                        client_address[0], type(exc).__name__, escape(str(exc)), since)
 
     def _refuse(self) -> None:
         self._refused += 1
