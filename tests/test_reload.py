@@ -319,6 +319,20 @@ def test_a_script_that_does_not_load_leaves_the_old_one_serving(tclrun, tmp_path
     old_serves_then_a_good_one_loads(run, script)
 
 
+def test_a_script_that_changes_its_metrics_address_is_not_loaded_as_the_docs_list(tclrun, tmp_path: Path) -> None:
+    """A new `-metrics` needs a restart (its socket is bound before --user drops root), and the
+    reload says so; docs/deployment.md's list of what only a restart can change left it out, so
+    an admin read that a reload would move the endpoint."""
+    script = tmp_path / "stamp.tcl"
+    run = serving_then_reloading(tclrun, script, "milter configure -metrics inet:0@127.0.0.1\n" + stamping("B"))
+    run.wait_for(r"generation 2 not loaded, generation 1 serves on unchanged: -metrics cannot change "
+                 r"without a restart\r?\n")
+    docs = (Path(__file__).resolve().parents[1] / "docs" / "deployment.md").read_text()
+    listed = re.search(r"a changed option that\s+only a restart can apply.*?Everything else", docs, re.S)
+    assert listed and "`-metrics`" in listed.group(0), listed
+    old_serves_then_a_good_one_loads(run, script)
+
+
 def test_a_script_that_exits_or_never_serves_while_loading_is_not_loaded(tclrun, tmp_path: Path) -> None:
     """Tcl's `exit` in the new script fails the reload, and the milter serves on (the process's
     exit is the serving generation's alone); a script that never calls `milter main` is not
