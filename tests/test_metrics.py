@@ -402,6 +402,10 @@ def test_a_session_of_a_reloaded_script_past_its_grace_counts_as_milter_reloaded
     table = (Path(__file__).resolve().parents[1] / "docs" / "deployment.md").read_text()
     closed_row = next(line for line in table.splitlines() if line.startswith("| `pytclmilter_connections_closed_total"))
     assert "`milter reloaded`" in closed_row
+    # and the reload's promise says which sessions it keeps (it said "not one" was tempfailed)
+    reload_section = table.split("## 6. Reloading a script", 1)[1]
+    promise = reload_section[:reload_section.index("1. ")]
+    assert "without refusing, resetting or tempfailing" in promise and "`-grace`" in promise, promise
     assert "milter stopped" not in m.text and "received SIGTERM" not in m.text, m.text
     if workers == "2":
         assert "replaced by a reload: no new connections; 1 open" in m.text, m.text
