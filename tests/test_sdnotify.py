@@ -86,6 +86,12 @@ def test_systemd_hears_ready_reloads_and_stop_from_the_main_process(tclrun: Call
         assert pid == main and fields == {"READY": "1", "STATUS": f"TclMilter listening on {run.spec}; "
                                                                   "generation 2; the last reload failed (see the log)"}
 
+        script.write_text(SCRIPT.replace("milter main", "milter configure -name Renamed\nmilter main"))
+        run.child.kill(signal.SIGUSR1)  # STATUS= names the script serving (it kept the first one's -name)
+        assert manager.receive()[1]["RELOADING"] == "1"
+        pid, fields = manager.receive()
+        assert pid == main and fields == {"READY": "1", "STATUS": f"Renamed listening on {run.spec}; generation 3"}
+
         run.child.kill(signal.SIGTERM)
         pid, fields = manager.receive()
         assert pid == main and fields == {"STOPPING": "1", "STATUS": "stopping"}

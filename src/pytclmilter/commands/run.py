@@ -75,7 +75,7 @@ class Daemon:
         self.pidfile = PidFile(os.path.abspath(opts.pidfile)) if opts.pidfile else None
         self.dropped = False
         self.notify = notify
-        self.serving = ""  # what systemctl status shows (STATUS=)
+        self.serving = ""  # what systemctl status shows (STATUS=), after the -name of the script serving
         self.socket_mode = opts.socket_mode
 
     def listening(self, spec: ConnSpec) -> None:
@@ -95,8 +95,8 @@ class Daemon:
         except OSError as exc:  # stdout's reader went away (a closed pipe): no reason not to serve
             log.warning("stdout cannot be written (%s): the listening line is not printed", exc.strerror or exc)
             sys.stdout = open(os.devnull, "w", encoding="utf-8")  # (its buffer would fail at exit)
-        self.serving = f"{self.milter.name} listening on {spec}"
-        self.notify.ready(self.serving)
+        self.serving = f"listening on {spec}"
+        self.notify.ready(f"{self.milter.name} {self.serving}")
 
     def signal(self, sig: signal.Signals) -> None:
         """A stop signal (server.py and workers.py call this for those alone)."""
@@ -109,7 +109,8 @@ class Daemon:
         self.notify.reloading()
         loaded = scripts.reload()
         outcome = "" if loaded else "; the last reload failed (see the log)"
-        self.notify.ready(f"{self.serving}; generation {scripts.current.milter.generation}{outcome}")
+        serving = scripts.current.milter  # its -name: a reload may change it
+        self.notify.ready(f"{serving.name} {self.serving}; generation {serving.generation}{outcome}")
 
     def cleanup(self) -> None:
         if self.pidfile is not None:
