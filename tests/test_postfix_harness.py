@@ -233,6 +233,26 @@ def test_unreachable_milter_tempfails_by_default(postfix: MakePostfix) -> None:
     assert pf.sink_messages() == []
 
 
+def test_sasl_users_log_in_with_auth_plain(postfix: MakePostfix) -> None:
+    """The instance offers SMTP AUTH against its own users: a right password is accepted and
+    logged as Postfix's sasl_username, a wrong one is refused before MAIL, no login still
+    relays (127.0.0.1 is in mynetworks, so policy is left to the milter under test)."""
+    pf = postfix(sasl_users={"alice": "alice's secret"})
+    with pf.smtp_session() as smtp:
+        assert b"AUTH PLAIN LOGIN" in smtp.ehlo("client.example")[1]
+
+    wrong = pf.send("a@example.org", "b@example.com", MESSAGE, login=("alice", "guess"))
+    right = pf.send("a@example.org", "b@example.com", MESSAGE, login=("alice", "alice's secret"))
+    anonymous = pf.send("a@example.org", "b@example.com", MESSAGE)
+
+    assert wrong.stage == "auth" and str(wrong.auth).startswith("535 5.7.8"), wrong
+    assert wrong.mail is None and not wrong.accepted
+    assert right.auth is not None and right.auth.code == 235 and right.accepted, right
+    assert anonymous.auth is None and anonymous.accepted, anonymous
+    pf.wait_for_log(rf"{right.queue_id}: client=localhost\[127\.0\.0\.1\], sasl_method=PLAIN, sasl_username=alice$")
+    assert len(pf.wait_for_sink(2)) == 2
+
+
 def test_instances_are_isolated_and_cleaned_up(postfix: MakePostfix) -> None:
     first = postfix()
     second = postfix(settings={"myhostname": "second.test"})

@@ -26,7 +26,7 @@ From a ``conftest.py``::
         pf = postfix(milter="inet:127.0.0.1:12345")
 
 Things learned about running a private Postfix 3.7 (Debian 12) instance; the
-code below refers back to these notes as [N1]..[N14]:
+code below refers back to these notes as [N1]..[N15]:
 
 [N1]  ``postfix -c DIR start`` works without listing DIR in the default
       instance's ``alternate_config_directories``: that rule only binds
@@ -100,6 +100,17 @@ code below refers back to these notes as [N1]..[N14]:
       found") to stderr only when stderr is a tty, else to syslog, which a
       CI machine may not even have (no /dev/log).  The harness gives them a
       pty as stderr so such errors end up in the HarnessError message.
+[N15] SMTP AUTH (``sasl_users``) uses Cyrus SASL with a private sasldb; only
+      packages are installed (sasl2-bin for saslpasswd2, libsasl2-modules for
+      PLAIN), no system file is touched.  Debian's Postfix reads Cyrus's
+      ``smtpd.conf`` from ``$config_directory/sasl/`` (upstream from
+      ``cyrus_sasl_config_path``, which is set to the same directory); without
+      it Cyrus falls back to /etc/sasldb2.  smtpd (user ``postfix``, no
+      chroot [N5]) opens the sasldb read-only, so it is root:postfix 0640.
+      With ``smtpd_sasl_local_domain`` empty Cyrus looks a user up in the
+      realm ``$myhostname``, where saslpasswd2 ``-u`` stores it, and the
+      name Postfix logs and sends as ``{auth_authen}`` stays the bare login;
+      setting the local domain would make it ``user@domain``.
 """
 
 from __future__ import annotations
@@ -110,6 +121,7 @@ import email
 import email.message
 import email.policy
 import fcntl
+import glob
 import json
 import os
 import pwd
@@ -137,6 +149,7 @@ __all__ = [
     "SinkMessage",
     "SMTPStageError",
     "ensure_postfix_installed",
+    "ensure_sasl_installed",
     "free_port",
     "listening",
     "postfix_factory",
@@ -150,6 +163,7 @@ POSTQUEUE = "/usr/sbin/postqueue"
 POSTSUPER = "/usr/sbin/postsuper"
 POSTCONF = "/usr/sbin/postconf"
 SMTP_SINK = "/usr/sbin/smtp-sink"
+SASLPASSWD2 = "/usr/sbin/saslpasswd2"
 MAIL_OWNER = "postfix"
 LOCALHOST = "127.0.0.1"
 
@@ -173,41 +187,57 @@ def _postfix_present() -> bool:
     return all(os.access(p, os.X_OK) for p in (POSTFIX, POSTQUEUE, POSTSUPER, SMTP_SINK))
 
 
-def ensure_postfix_installed() -> None:
-    """Install Debian's postfix package if it is missing (CI starts fresh).
+def _sasl_present() -> bool:
+    """saslpasswd2 and the PLAIN and sasldb plugins (libsasl2-modules is only recommended)."""
+    plugins = ("libplain.so*", "libsasldb.so*")
+    return os.access(SASLPASSWD2, os.X_OK) and all(glob.glob(f"/usr/lib/*/sasl2/{p}") for p in plugins)
 
-    Runs ``apt-get update`` and ``apt-get install -y postfix`` as root with
-    debconf preseeded to "No configuration", so the package does not write a
-    system main.cf and the system-wide instance is not started: only private
-    instances run.  A file lock serialises concurrent callers (xdist).
+
+def _apt_install(packages: Sequence[str], present: Callable[[], bool], preseed: str = "") -> None:
+    """Install Debian ``packages`` unless ``present()`` already holds (CI starts fresh).
+
+    ``preseed`` is fed to debconf-set-selections first.  A file lock
+    serialises concurrent callers (xdist).
     """
-    if _postfix_present():
+    if present():
         return
+    names = " ".join(packages)
     if os.geteuid() != 0:
-        raise HarnessError("postfix is not installed and we are not root to install it")
+        raise HarnessError(f"{names} not installed and we are not root to install it")
     lock_path = Path(tempfile.gettempdir()) / "pytclmilter-postfix-install.lock"
     with open(lock_path, "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        if _postfix_present():
+        if present():
             return
         env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-        if shutil.which("debconf-set-selections"):
-            subprocess.run(
-                ["debconf-set-selections"],
-                input=(
-                    "postfix postfix/main_mailer_type select No configuration\n"
-                    "postfix postfix/mailname string harness.test\n"
-                ),
-                text=True,
-                env=env,
-                check=False,
-            )
-        for cmd in (["apt-get", "update"], ["apt-get", "install", "-y", "postfix"]):
+        if preseed and shutil.which("debconf-set-selections"):
+            subprocess.run(["debconf-set-selections"], input=preseed, text=True, env=env, check=False)
+        for cmd in (["apt-get", "update"], ["apt-get", "install", "-y", *packages]):
             proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
             if proc.returncode != 0:
                 raise HarnessError(f"{' '.join(cmd)} failed:\n{proc.stdout}\n{proc.stderr}")
-    if not _postfix_present():
-        raise HarnessError("postfix package installed but binaries/user still missing")
+    if not present():
+        raise HarnessError(f"{names} installed but still missing")
+
+
+def ensure_postfix_installed() -> None:
+    """Install Debian's postfix package if it is missing.
+
+    debconf is preseeded to "No configuration", so the package does not
+    write a system main.cf and the system-wide instance is not started:
+    only private instances run.
+    """
+    _apt_install(
+        ["postfix"],
+        _postfix_present,
+        "postfix postfix/main_mailer_type select No configuration\n"
+        "postfix postfix/mailname string harness.test\n",
+    )
+
+
+def ensure_sasl_installed() -> None:
+    """Install Cyrus SASL's saslpasswd2 and plugins if missing (for ``sasl_users``) [N15]."""
+    _apt_install(["sasl2-bin", "libsasl2-modules"], _sasl_present)
 
 
 # --------------------------------------------------------------------------
@@ -411,6 +441,7 @@ class SendResult:
 
     banner: Reply | None = None
     ehlo: Reply | None = None
+    auth: Reply | None = None  # only when sent with a login
     mail: Reply | None = None
     rcpt: dict[str, Reply] = dataclasses.field(default_factory=dict)
     data: Reply | None = None
@@ -427,12 +458,12 @@ class SendResult:
 
     @property
     def stage(self) -> str:
-        """The last stage attempted: banner, ehlo, mail, rcpt or data."""
+        """The last stage attempted: banner, ehlo, auth, mail, rcpt or data."""
         if self.data is not None:
             return "data"
         if self.rcpt:
             return "rcpt"
-        for name in ("mail", "ehlo", "banner"):
+        for name in ("mail", "auth", "ehlo", "banner"):
             if getattr(self, name) is not None:
                 return name
         return "banner"
@@ -444,7 +475,7 @@ class SendResult:
             return self.data
         if self.rcpt:
             return list(self.rcpt.values())[-1]
-        return self.mail or self.ehlo or self.banner
+        return self.mail or self.auth or self.ehlo or self.banner
 
     @property
     def queue_id(self) -> str | None:
@@ -461,7 +492,9 @@ class SendResult:
         return self
 
     def __str__(self) -> str:
-        parts = [f"banner={self.banner}", f"ehlo={self.ehlo}", f"mail={self.mail}"]
+        parts = [f"banner={self.banner}", f"ehlo={self.ehlo}"]
+        parts += [f"auth={self.auth}"] if self.auth is not None else []
+        parts.append(f"mail={self.mail}")
         parts += [f"rcpt<{r}>={rep}" for r, rep in self.rcpt.items()]
         parts.append(f"data={self.data}")
         return "SendResult(" + ", ".join(parts) + ")"
@@ -605,6 +638,7 @@ class PrivatePostfix(PrivateService):
         *,
         hostname: str = "harness.test",
         sink_options: Sequence[str] = (),
+        sasl_users: Mapping[str, str] | None = None,
         keep: bool = False,
     ) -> None:
         """
@@ -622,12 +656,16 @@ class PrivatePostfix(PrivateService):
         sink_options: extra smtp-sink flags, e.g. ``["-r", "rcpt"]`` to make
                       the sink soft-reject RCPT and so exercise the deferred
                       queue.
+        sasl_users:   login -> password: smtpd offers AUTH PLAIN and LOGIN
+                      and checks them against these users [N15]; None = no
+                      AUTH.  Send with ``send(..., login=(user, password))``.
         keep:         leave the directory behind on close (for debugging).
         """
         self.milter = milter
         self.settings: dict[str, object] = dict(settings or {})
         self.hostname = hostname
         self.sink_options = list(sink_options)
+        self.sasl_users = dict(sasl_users) if sasl_users is not None else None
         self.keep = keep
         self.smtpd_port = 0
         self.sink_port = 0
@@ -635,6 +673,8 @@ class PrivatePostfix(PrivateService):
         self._master_pid: int | None = None
 
         ensure_postfix_installed()
+        if self.sasl_users is not None:
+            ensure_sasl_installed()
         owner = pwd.getpwnam(MAIL_OWNER)
         self._owner_uid, self._owner_gid = owner.pw_uid, owner.pw_gid
         base = Path(base_dir) if base_dir is not None else Path(tempfile.gettempdir())
@@ -683,6 +723,10 @@ class PrivatePostfix(PrivateService):
     @property
     def maillog_path(self) -> Path:
         return self.root / "maillog"
+
+    @property
+    def sasl_dir(self) -> Path:
+        return self.config_dir / "sasl"
 
     def socket_path(self, name: str = "milter") -> Path:
         """A short path for a unix socket (e.g. a milter's) in this instance.
@@ -753,6 +797,9 @@ class PrivatePostfix(PrivateService):
         }
         if self.milter:
             cf["smtpd_milters"] = self.milter
+        if self.sasl_users is not None:  # [N15]
+            cf.update(smtpd_sasl_auth_enable=True, smtpd_sasl_type="cyrus",
+                      cyrus_sasl_config_path=self.sasl_dir)
         cf.update(self.settings)
         out: dict[str, str] = {}
         for key, value in cf.items():
@@ -776,6 +823,26 @@ class PrivatePostfix(PrivateService):
         past = time.time() - 60
         for name in ("main.cf", "master.cf"):
             os.utime(self.config_dir / name, (past, past))
+        if self.sasl_users is not None:
+            self._write_sasl(self.sasl_users)
+
+    def _write_sasl(self, users: Mapping[str, str]) -> None:
+        """Cyrus's smtpd.conf and a sasldb holding ``users`` [N15]."""
+        self.sasl_dir.mkdir(mode=0o755, exist_ok=True)
+        db = self.sasl_dir / "sasldb2"
+        (self.sasl_dir / "smtpd.conf").write_text(
+            f"pwcheck_method: auxprop\nauxprop_plugin: sasldb\nsasldb_path: {db}\nmech_list: PLAIN LOGIN\n"
+        )
+        for user, password in users.items():
+            proc = subprocess.run(
+                [SASLPASSWD2, "-c", "-p", "-f", str(db), "-u", self.hostname, user],
+                input=password.encode(), capture_output=True,
+            )
+            if proc.returncode != 0:
+                raise HarnessError(f"saslpasswd2 {user} exited {proc.returncode}: {proc.stderr!r}")
+        if db.exists():
+            os.chown(db, 0, self._owner_gid)
+            os.chmod(db, 0o640)
 
     # ---- commands ----------------------------------------------------------
 
@@ -976,10 +1043,14 @@ class PrivatePostfix(PrivateService):
         helo: str = "client.example",
         mail_options: Sequence[str] = (),
         rcpt_options: Sequence[str] = (),
+        login: tuple[str, str] | None = None,
         timeout: float = 60.0,
     ) -> SendResult:
         """Send one message; report the reply of every stage, never raise on
         an SMTP rejection (call ``.check()`` on the result for that).
+
+        ``login`` = (user, password) authenticates with AUTH PLAIN after EHLO
+        (see ``sasl_users``); a refused login ends the session before MAIL.
 
         ``message`` is sent as is (smtplib only dot-stuffs and terminates it),
         so it should use CRLF line endings.  Like ``smtplib.sendmail`` DATA is
@@ -987,7 +1058,8 @@ class PrivatePostfix(PrivateService):
         """
         smtp = smtplib.SMTP(timeout=timeout)
         return smtp_send(smtp, lambda: smtp.connect(LOCALHOST, self.smtpd_port), sender, recipients,
-                         message, helo=helo, mail_options=mail_options, rcpt_options=rcpt_options)
+                         message, helo=helo, mail_options=mail_options, rcpt_options=rcpt_options,
+                         login=login)
 
     # ---- observation -------------------------------------------------------
 
@@ -1120,19 +1192,30 @@ def _groups_of(user: str) -> list[Any]:
     return [g for g in grp.getgrall() if user in g.gr_mem]
 
 
-def _record_disconnect(result: SendResult, text: str, sender: str, rcpts: Sequence[str]) -> None:
+def _record_disconnect(result: SendResult, text: str, rcpts: Sequence[str], login: bool) -> None:
     """Put a code -1 reply on the stage during which the server hung up."""
     reply = Reply(-1, f"connection closed: {text}")
     if result.banner is None:
         result.banner = reply
     elif result.ehlo is None:
         result.ehlo = reply
+    elif login and result.auth is None:
+        result.auth = reply
     elif result.mail is None:
         result.mail = reply
     elif len(result.rcpt) < len(rcpts):
         result.rcpt[rcpts[len(result.rcpt)]] = reply
     else:
         result.data = reply
+
+
+def _auth_plain(smtp: smtplib.SMTP, user: str, password: str) -> Reply:
+    """AUTH PLAIN; the server's reply, also a refusal (smtplib raises on those)."""
+    smtp.user, smtp.password = user, password
+    try:
+        return Reply.of(*smtp.auth("PLAIN", smtp.auth_plain))
+    except smtplib.SMTPAuthenticationError as exc:
+        return Reply.of(exc.smtp_code, exc.smtp_error)
 
 
 def smtp_send(
@@ -1145,10 +1228,11 @@ def smtp_send(
     helo: str = "client.example",
     mail_options: Sequence[str] = (),
     rcpt_options: Sequence[str] = (),
+    login: tuple[str, str] | None = None,
 ) -> SendResult:
     """One SMTP transaction on ``smtp`` (``connect`` opens it and returns the banner); the
     reply of every stage, never raising on a rejection. Shared by the Postfix and Sendmail
-    harnesses: only how the connection is opened differs."""
+    harnesses: only how the connection is opened differs. ``login``: AUTH PLAIN after EHLO."""
     if isinstance(recipients, str):
         recipients = [recipients]
     result = SendResult()
@@ -1161,6 +1245,10 @@ def smtp_send(
         result.ehlo = Reply.of(code, msg)
         if code != 250:
             return result
+        if login is not None:
+            result.auth = _auth_plain(smtp, *login)
+            if result.auth.code != 235:
+                return result
         code, msg = smtp.mail(sender, list(mail_options))
         result.mail = Reply.of(code, msg)
         if code != 250:
@@ -1180,7 +1268,7 @@ def smtp_send(
         result.data = Reply.of(*data_reply)
         return result
     except smtplib.SMTPServerDisconnected as exc:
-        _record_disconnect(result, str(exc), sender, recipients)
+        _record_disconnect(result, str(exc), recipients, login is not None)
         return result
     finally:
         try:
