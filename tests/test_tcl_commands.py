@@ -497,6 +497,8 @@ def test_context_data_access(tclrun):
             T sym-bare {$ctx getsymval daemon_name}
             T sym-i    {$ctx getsymval i}
             T sym-none {$ctx getsymval {{nothing}}}
+            T sym-none2 {$ctx getsymval nothing}
+            T sym-bare2 {$ctx getsymval daemon_name}
             return SMFIS_CONTINUE
         }
         proc from {ctx list} {
@@ -532,7 +534,13 @@ def test_context_data_access(tclrun):
     assert r["sym-j"] == "OK mx.example.net"
     assert r["sym-{j}"] == "OK mx.example.net"  # {j} also finds j
     assert r["sym-dn"] == "OK smtpd"
-    assert r["sym-bare"] == "OK "  # long names only in braces
+    assert r["sym-bare"] == "OK "  # long names only in braces, as in libmilter
+    # ... and the admin learns why the value is empty
+    hint = [ln for ln in m.text.splitlines() if "getsymval daemon_name" in ln]
+    assert len(hint) == 1 and hint[0].endswith(
+        "getsymval daemon_name found nothing though the MTA sent {daemon_name}: a long macro name needs "
+        'its braces in the value, as in getsymval {{daemon_name}} or "{daemon_name}" (said once an hour)'), m.text
+    assert "getsymval nothing" not in m.text  # nor a name the MTA did not send either way
     assert r["sym-i"] == "OK QUEUEID1"  # i also finds {i}
     assert r["sym-none"] == "OK "
     assert r["sym-i2"] == "OK QUEUEID2" and r["sym-{i}"] == "OK QUEUEID2"

@@ -7,9 +7,11 @@ TclMilter's argument forms (``chgheader name ?index? data``, ``setreply rcode
 
 from __future__ import annotations
 
+import logging
 from typing import Any, Callable, Final, Sequence
 
 from ..context import Context, unset_matching
+from ..logline import Repeated, escape
 from .pycommands import tcl_form
 from .usage import TclUsageError, bad_choice, count_ok, integer, wrong_args
 
@@ -53,9 +55,34 @@ def _unsetpriv(ctx: Context, args: Sequence[str]) -> None:
     unset_matching(ctx.priv, args[0] if args else None)
 
 
+log = logging.getLogger("pytclmilter")
+
+#: Bare long macro names a script asked for while the MTA sent their braced form: said an hour.
+_BARE_NAMES: Final = Repeated(3600.0, keep=32)
+
+
 def _getsymval(ctx: Context, args: Sequence[str]) -> str:
-    value = ctx.getsymval(args[0])
-    return "" if value is None else value
+    name = args[0]
+    value = ctx.getsymval(name)
+    if value is None:
+        if len(name) > 1 and name[0] != "{":
+            _bare_name(ctx, name)
+        return ""
+    return value
+
+
+def _bare_name(ctx: Context, name: str) -> None:
+    """``getsymval {auth_authen}`` is Tcl quoting: it asks for ``auth_authen``, which finds nothing,
+    as in libmilter and TclMilter 1.0 (the MTAs send long names in braces). The answer stays ""
+    (a script written for 1.0 behaves as it did), but the admin is told why the value is empty."""
+    if ctx.getsymval("{" + name + "}") is None:
+        return
+    missed = _BARE_NAMES.due(name)
+    if missed is not None:
+        shown = escape(name)
+        log.warning('getsymval %s found nothing though the MTA sent {%s}: a long macro name needs its '
+                    'braces in the value, as in getsymval {{%s}} or "{%s}" (said once an hour%s)',
+                    shown, shown, shown, shown, f"; {missed} more since" if missed else "")
 
 
 def _setreply(ctx: Context, args: Sequence[str]) -> None:
