@@ -774,3 +774,41 @@ def test_a_stop_holds_the_running_sync_python_callback_to_the_grace(tclrun, rcpt
     assert took <= 1 + 3 + 3, took  # the documented bound, and 3 s for a loaded machine
     m.wait_for(r"envrcpt callback setup\.<locals>\.rcpt failed \(callback stopped after \d\.\d s: the stop's 1 s "
                r"grace was over \(call_timeout is 120 s\)\)", since=0)
+
+
+TCL_ASYNC_HOOKS = r"""
+package require TclMilter
+milter configure -calltimeout 120
+milter main
+"""
+
+ASYNC_BYE = """
+import asyncio
+
+def setup(milter):
+    @milter.register("close")
+    async def bye(ctx):
+        try:
+            await asyncio.sleep(60)
+        except asyncio.CancelledError:
+            await asyncio.sleep(60)  # goes on: abandoned a second later
+"""
+
+
+def test_a_stop_names_its_grace_for_the_async_callback_it_cuts_short(tclrun):
+    """SIGTERM with a 1 s grace and a -calltimeout of 120 s: the session still open at the end of
+    the grace is cut, and its async close callback gets the moments left (not 120 s). The log
+    says the grace stopped it, as for Tcl and plain Python callbacks, and so does the line of its
+    abandonment (it ignores its cancellation); before, they read "callback stopped after 0.05 s
+    (call_timeout)" and "at the 0.05 s call timeout", a limit nobody had set."""
+    m = tclrun(TCL_ASYNC_HOOKS, "--grace", "1", python=[ASYNC_BYE])
+    with m.mta() as mta:
+        mta.negotiate()
+        assert ok(mta.connect())
+        assert m.stop(timeout=30) == 0
+    m.wait_for(r"close callback setup\.<locals>\.bye failed \(callback stopped after \d\.\d s: the stop's 1 s "
+               r"grace was over \(call_timeout is 120 s\)\)", since=0)
+    m.wait_for(r"close callback setup\.<locals>\.bye ignored its cancellation when the stop's 1 s grace was over "
+               r"and is abandoned", since=0)
+    assert "(call_timeout))" not in m.text and "call timeout" not in m.text, m.text
+

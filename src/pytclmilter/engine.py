@@ -232,11 +232,17 @@ class Shared:
         if by < self.stop_by:
             self.stop_by, self.stop_why = by, why
 
+    def graced(self, started: float) -> bool:
+        """Whether the end of a stop's or reload's grace, not call_timeout, is what limited a
+        callback started at ``started``."""
+        limit = self.settings.call_timeout
+        return self.stop_by != _FOREVER and not (limit and started + limit <= self.stop_by)
+
     def overrun(self, started: float, now: float, what: str) -> str:
         """Why a callback started at ``started`` was stopped ``now``, for its log line: ``what``
         (the limit's name), or the end of a stop's or reload's grace when that came first."""
         limit = self.settings.call_timeout
-        if self.stop_by == _FOREVER or (limit and started + limit <= self.stop_by):
+        if not self.graced(started):
             return f"stopped after {limit:g} s ({what})"
         allowed = f"{what} is {limit:g} s" if limit else f"no {what}"
         return f"stopped after {now - started:.1f} s: {self.stop_why} was over ({allowed})"
@@ -793,10 +799,13 @@ class ConnectionEngine:
         gets UNWIND seconds to end before anything more of this connection runs (its ``finally``
         clauses use the context); :meth:`_settle` waits for it there."""
         task.cancel()
-        status = self._callback_failed(name, cb, CallbackTimeout(f"callback stopped after {limit:g} s (call_timeout)"))
+        shared = self.shared  # a stop's grace may have cut the limit short: the line names it, as for Tcl
+        why = shared.overrun(started, _monotonic(), "call_timeout")
+        status = self._callback_failed(name, cb, CallbackTimeout(f"callback {why}"))
         self._check_time(name, cb, started, limit, _LATE_STOP)
         self._timed(name, cb, started)
-        self._unwinding = (name, cb, task, awaitable, f"at the {limit:g} s call timeout")
+        when = f"when {shared.stop_why} was over" if shared.graced(started) else f"at the {limit:g} s call timeout"
+        self._unwinding = (name, cb, task, awaitable, when)
         if ignore and not await self._settle():  # abort, close: no answer to give first
             self._cut_loose()
         return status
