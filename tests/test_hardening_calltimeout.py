@@ -15,12 +15,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
+import socket
+import struct
 import time
 
 import pytest
 
 from pytclmilter import CONTINUE, REJECT, Milter
-from support.engine import MilterThread, make_milter, serving, z
+from support.engine import MilterThread, RawMTA, frame, make_milter, serving, z
 from support.tclrun import TCL_HELPERS, ok, tclrun_factory
 
 tclrun = pytest.fixture(tclrun_factory, name="tclrun")
@@ -812,3 +814,50 @@ def test_a_stop_names_its_grace_for_the_async_callback_it_cuts_short(tclrun):
                r"and is abandoned", since=0)
     assert "(call_timeout))" not in m.text and "call timeout" not in m.text, m.text
 
+
+ASYNC_FROM = """
+import asyncio
+import time
+
+def setup(milter):
+    @milter.register("helo")
+    def helo(ctx, name):
+        if name == "block":
+            time.sleep(0.5)  # holds the event loop
+
+    @milter.register("envfrom")
+    async def envfrom(ctx, args):
+        print("envfrom started", flush=True)
+        try:
+            await asyncio.sleep(2)
+        finally:
+            print("envfrom ended", flush=True)
+"""
+
+
+def test_a_connection_reset_as_its_async_callback_starts_leaves_no_warning(tclrun):
+    """An MTA pipelines 70 HELOs and a MAIL and resets the connection while the event loop is
+    held (another connection's helo callback sleeps): once it turns, the 64 replies handed on
+    before the MAIL is handled find the reset, so the connection's end comes before the task of
+    the async envfrom has run at all. Before, Python printed "coroutine ... was never awaited"
+    on stderr (the callback's and two of the engine's). Now the callback is started and
+    cancelled like one cut later (its ``finally`` runs), nothing is printed, and the
+    connection's end is logged."""
+    m = tclrun(TCL_ASYNC_HOOKS, python=[ASYNC_FROM])
+    with RawMTA(socket.create_connection(("127.0.0.1", m.port), timeout=10)) as holder:
+        holder.optneg()
+        assert holder.connect() == (b"c", b"")
+        for i in range(2, 5):
+            with RawMTA(socket.create_connection(("127.0.0.1", m.port), timeout=10)) as mta:
+                mta.optneg()
+                assert mta.connect() == (b"c", b"")
+                holder.send(b"H", z("block"))
+                time.sleep(0.2)  # the loop is held now
+                mta.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))  # close: RST
+                mta.send_raw(frame(b"H", z("client.example")) * 70 + frame(b"M", z("<a@example.org>")))
+            assert holder.reply() == (b"c", b"")
+            m.wait_for(rf"conn#{i}: closed \(error: ", since=0)
+    assert m.stop() == 0
+    text = m.text
+    assert "never awaited" not in text and "Task was destroyed" not in text, text
+    assert text.count("envfrom started") == text.count("envfrom ended"), text

@@ -440,7 +440,10 @@ class ConnectionEngine:
             # Cut while an async callback runs (a stop's or a reload's grace ran out): it is
             # cancelled, and the abort and close callbacks and the context's end come after it
             # has ended, as after an async abort callback: not beside it, on a context ended.
-            pending.cancel()
+            # Cancelled once its task has had its first turn: one cut in the turn that made it
+            # (a write of that turn found the peer gone) never ran, and Python warned on stderr
+            # that its coroutines were "never awaited"; now it is cancelled at its first await.
+            pending.get_loop().call_soon(pending.cancel)
             self._quiet = pending
         for event in self.session.teardown(reason):
             self._handle(event)
