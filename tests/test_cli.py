@@ -1279,10 +1279,11 @@ def test_a_script_without_read_permission_is_missing_input_exit_66(command: str,
     assert proc.stderr.endswith(f'pytclmilter {cmd}: couldn\'t read file "{script}": permission denied\n'), proc.stderr
 
 
-@pytest.mark.parametrize("command", ["run", "check", "try"])
+@pytest.mark.parametrize("command", ["check", "try"])
 def test_ctrl_c_stops_a_script_that_loops_while_loading_as_tclsh_does(command: str, tmp_path: Path) -> None:
     """Python's SIGINT handler runs only once Tcl returns: a script that looped before its
-    `milter main` (a typo in a loop's condition) ignored Ctrl-C, and only kill ended it."""
+    `milter main` (a typo in a loop's condition) ignored Ctrl-C, and only kill ended it.
+    (run: test_run_a_stop_signal_while_the_script_loads_is_logged_and_a_stop)"""
     script = tmp_path / "loop.tcl"
     script.write_text("package require TclMilter\nputs looping\nwhile 1 {}\nmilter main\n")
     extra = ["--connection", "inet:0@127.0.0.1"] if command == "run" else []
@@ -1299,6 +1300,56 @@ def test_ctrl_c_stops_a_script_that_loops_while_loading_as_tclsh_does(command: s
     finally:
         if child.isalive():
             child.terminate(force=True)
+
+
+STOP_WHILE_LOADING = {
+    "after": "package require TclMilter\nputs loading\nafter 20000\nmilter main\n",
+    "loop": "package require TclMilter\nputs loading\nwhile 1 {}\nmilter main\n",
+}
+
+
+@pytest.mark.parametrize("workers", ["1", "2"])
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT, signal.SIGHUP])
+@pytest.mark.parametrize("waits", ["after", "loop"])
+def test_run_a_stop_signal_while_the_script_loads_is_logged_and_a_stop(
+        tmp_path: Path, waits: str, sig: signal.Signals, workers: str) -> None:
+    """`systemctl stop` while a script still loads (an `after 5000` or a long loop before its
+    `milter main`): Python's handlers run only once Tcl returns, so the signal's default action
+    ended the process, with not a word in the log and a status no stop has (143, 130, 129). Now
+    one line says what the stop interrupted and the status is a stop's, 0 (docs/cli.md)."""
+    script = tmp_path / "slow.tcl"
+    script.write_text(STOP_WHILE_LOADING[waits])
+    m = TclRun([*PYTCLMILTER, "run", str(script), "--connection", "inet:0@127.0.0.1", "--workers", workers],
+               cwd=str(tmp_path))
+    try:
+        m.wait_for("loading")
+        time.sleep(0.3)  # (into the after or the loop)
+        assert m.stop(sig) == 0, m.text
+        assert re.search(rf"WARNING: stopped by {sig.name} while loading {re.escape(str(script))}\n", m.text), m.text
+        assert "listening on" not in m.text, m.text
+    finally:
+        m.kill()
+
+
+def test_run_a_stop_signal_after_milter_main_returned_is_logged_and_the_pidfile_removed(tmp_path: Path) -> None:
+    """The same once `milter main` returned and the script goes on (a cleanup that takes a while):
+    a second SIGTERM ended the process by its default action, and left the pid file behind."""
+    script = tmp_path / "slow.tcl"
+    script.write_text("package require TclMilter\nmilter main\nputs {after main}\nafter 20000\n")
+    pidfile = tmp_path / "m.pid"
+    m = TclRun([*PYTCLMILTER, "run", str(script), "--connection", "inet:0@127.0.0.1", "--pidfile", str(pidfile)],
+               cwd=str(tmp_path))
+    try:
+        m.wait_listening()
+        m.child.kill(signal.SIGTERM)
+        m.wait_for("after main")
+        assert pidfile.exists()
+        assert m.stop(signal.SIGTERM) == 0, m.text
+        assert re.search(rf"WARNING: stopped by SIGTERM while running {re.escape(str(script))} after its milter "
+                         r"main\n", m.text), m.text
+        assert not pidfile.exists()
+    finally:
+        m.kill()
 
 
 @pytest.mark.parametrize("command", ["run", "check", "try"])

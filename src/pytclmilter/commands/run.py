@@ -112,6 +112,11 @@ class Daemon:
         serving = scripts.current.milter  # its -name: a reload may change it
         self.notify.ready(f"{serving.name} {self.serving}; generation {serving.generation}{outcome}")
 
+    def stopped(self) -> None:
+        """A stop signal while the script's own code runs ends the process there (sigmask.py)."""
+        self.notify.stopping()
+        self.cleanup()
+
     def cleanup(self) -> None:
         if self.pidfile is not None:
             self.pidfile.release()
@@ -297,10 +302,14 @@ def _serve(opts: argparse.Namespace) -> int:
         daemon.cleanup()
         host.exit_process(code)
 
-    scripts = Generations(opts.script, load, exit_process, source=reread[0])
+    # A stop signal while the script's own code runs (loading it, or after its `milter main`):
+    # logged and exit 0, as a stop while serving (sigmask.py).
+    loading = f"loading {opts.script}"
+    with sigmask.stops_meanwhile(loading, notify.stopping):
+        scripts = Generations(opts.script, load, exit_process, source=reread[0])
     daemon = Daemon(scripts.current.milter, opts, notify)
     try:
-        with sigmask.children_reapable(), sigmask.interruptible():
+        with sigmask.stops_meanwhile(loading, daemon.stopped), sigmask.children_reapable():
             waiting = scripts.current.start(opts.script)
         if waiting and _refused(opts, scripts.current):
             return 1
@@ -308,7 +317,8 @@ def _serve(opts: argparse.Namespace) -> int:
             return _never_served(opts)
         while waiting:  # the script waits in `milter main`: serve, then let it go on
             result = _serve_once(scripts.current)
-            with sigmask.children_reapable(), sigmask.interruptible():
+            with (sigmask.stops_meanwhile(f"running {opts.script} after its milter main", daemon.stopped),
+                  sigmask.children_reapable()):
                 waiting = scripts.current.resume(result)  # a reload may have replaced the script meanwhile
     except tkinter.TclError:
         info = scripts.current.error_info()

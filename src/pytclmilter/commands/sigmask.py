@@ -11,7 +11,10 @@ that thread, taking it with sigtimedwait (workers.py), and its workers unblock i
 
 Ctrl-C too: Python's SIGINT handler runs only once Tcl returns, so a script that loops while it
 loads (or after `milter main`) could not be interrupted at all. While the script's own code runs
-at the top level, SIGINT ends the process, as under tclsh (:func:`interruptible`).
+at the top level, SIGINT ends the process, as under tclsh (:func:`interruptible`). ``run`` is a
+daemon: there a stop signal (SIGTERM, SIGINT, SIGHUP) while the script's own code runs ends the
+process with status 0 and a log line saying what it came during (:func:`stops_meanwhile`), where
+the default action had ended it without a word in the log.
 
 And the file size limit: Python ignores SIGXFSZ from its start (a write past RLIMIT_FSIZE then
 fails with EFBIG instead of killing the process), and an ignored signal stays ignored across
@@ -24,10 +27,17 @@ fail with EFBIG, and what it execs starts with the default action.
 from __future__ import annotations
 
 import contextlib
+import logging
+import os
 import signal
 import threading
 from types import FrameType
-from typing import Iterator
+from typing import Callable, Iterator
+
+from ..logline import escape
+from ..server import STOP_SIGNALS
+
+log = logging.getLogger("pytclmilter")
 
 #: Taken by whoever waits for them: the server (SIGUSR1), the --workers supervisor (both).
 WAITED = (signal.SIGUSR1, signal.SIGCHLD)
@@ -60,6 +70,53 @@ def interruptible() -> Iterator[None]:
         yield
     finally:
         signal.signal(signal.SIGINT, previous)
+
+
+@contextlib.contextmanager
+def stops_meanwhile(doing: str, before_exit: Callable[[], None]) -> Iterator[None]:
+    """A stop signal meanwhile logs ``stopped by SIGTERM while DOING``, calls ``before_exit`` and
+    ends the process with status 0 (a stop, docs/cli.md). Python runs its signal handlers only
+    between bytecodes, never while Tcl evaluates (an `after 5000`, a loop), and the main thread
+    cannot be unwound out of Tcl: so Python's C-level handler writes the signal's number to a
+    pipe (its wakeup fd), and a thread reading the pipe does the stop. Enter it before
+    :func:`children_reapable`: the thread must start with SIGCHLD blocked."""
+    read_end, write_end = os.pipe()
+    os.set_blocking(write_end, False)  # (set_wakeup_fd's requirement)
+    watcher = threading.Thread(target=_stop_on_signal, args=(read_end, doing, before_exit),
+                               name="stop-while-loading", daemon=True)
+    watcher.start()
+    previous = {sig: signal.signal(sig, _taken_by_the_watcher) for sig in STOP_SIGNALS}
+    wakeup = signal.set_wakeup_fd(write_end, warn_on_full_buffer=False)
+    try:
+        yield
+    finally:
+        # The handlers first: a signal that finds ours still in place writes to our pipe, before
+        # the end's byte, so the watcher sees it.
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        signal.set_wakeup_fd(wakeup)
+        os.write(write_end, b"\0")
+        watcher.join()
+        os.close(read_end)
+        os.close(write_end)
+
+
+def _taken_by_the_watcher(signum: int, frame: FrameType | None) -> None:
+    """Nothing: the stop is :func:`_stop_on_signal`'s (Python would run this only once Tcl returns)."""
+
+
+def _stop_on_signal(read_end: int, doing: str, before_exit: Callable[[], None]) -> None:
+    """:func:`stops_meanwhile`'s thread: read signal numbers until the end's 0."""
+    stops = {int(sig) for sig in STOP_SIGNALS}
+    while True:
+        for number in os.read(read_end, 64):
+            if number == 0:
+                return
+            if number in stops:
+                log.warning("stopped by %s while %s", signal.Signals(number).name, escape(doing))
+                before_exit()
+                logging.shutdown()  # (os._exit below flushes nothing)
+                os._exit(0)
 
 
 def file_size_signal_caught() -> None:
