@@ -689,30 +689,36 @@ def test_a_journal_socket_holds_back_a_bounded_backlog_and_counts_the_lines_lost
     assert lost and int(lost.group(1)) == 2000 - len(numbers), (lost, len(numbers))
 
 
-@pytest.mark.parametrize("why", ["script", "usage", "hooks", "callback", "no main"])
-def test_with_syslog_the_reason_run_ends_is_in_the_log_too(tmp_path, why) -> None:
-    """--syslog: a start that fails (a socket it cannot make, an unknown --user) logs why, with
-    errorInfo; before, the reason went to stderr alone, which an init script's daemon sends
-    nowhere, and the mail log ended at the "hot path" line."""
+def _run_with_syslog(tmp_path: Path, *args: str) -> tuple[subprocess.CompletedProcess[str], list[str]]:
+    """``pytclmilter run ARGS --syslog`` to its end, with /dev/log a socket of the test's own:
+    the process and the records syslog got (without their NUL)."""
     log_path = tmp_path / "log"
     with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
         sock.bind(str(log_path))
-        script = tmp_path / "s.tcl"
-        script.write_text("milter register eom no_such_proc\n" * (why == "callback") + "milter main\n" * (why != "no main"))
-        where = f"{tmp_path}/missing/m.sock"
-        options = ["--user", "no-such-user"] if why == "usage" else []
-        hooks = tmp_path / "hooks.py"
-        if why == "hooks":  # a --python file whose setup raises
-            hooks.write_text("def setup(milter):\n    raise RuntimeError('store\\nunreachable')\n")
-            options = ["--python", str(hooks)]
-        proc = subprocess.run([sys.executable, "-c", RUN_WITH_SYSLOG_AT, str(log_path), "run", str(script),
-                               "--syslog", "--connection", f"unix:{where}", *options],
+        proc = subprocess.run([sys.executable, "-c", RUN_WITH_SYSLOG_AT, str(log_path), "run", *args, "--syslog"],
                               env=child_env(), capture_output=True, text=True, timeout=60)
         sock.setblocking(False)
         records = []
         with contextlib.suppress(BlockingIOError):
             while True:
                 records.append(sock.recv(65536)[:-1].decode())
+    return proc, records
+
+
+@pytest.mark.parametrize("why", ["script", "usage", "hooks", "callback", "no main"])
+def test_with_syslog_the_reason_run_ends_is_in_the_log_too(tmp_path, why) -> None:
+    """--syslog: a start that fails (a socket it cannot make, an unknown --user) logs why, with
+    errorInfo; before, the reason went to stderr alone, which an init script's daemon sends
+    nowhere, and the mail log ended at the "hot path" line."""
+    script = tmp_path / "s.tcl"
+    script.write_text("milter register eom no_such_proc\n" * (why == "callback") + "milter main\n" * (why != "no main"))
+    where = f"{tmp_path}/missing/m.sock"
+    options = ["--user", "no-such-user"] if why == "usage" else []
+    hooks = tmp_path / "hooks.py"
+    if why == "hooks":  # a --python file whose setup raises
+        hooks.write_text("def setup(milter):\n    raise RuntimeError('store\\nunreachable')\n")
+        options = ["--python", str(hooks)]
+    proc, records = _run_with_syslog(tmp_path, str(script), "--connection", f"unix:{where}", *options)
     pid = r"pytclmilter\[\d+\]"
     if why == "usage":
         assert proc.returncode == 64, proc.stderr
@@ -741,6 +747,61 @@ def test_with_syslog_the_reason_run_ends_is_in_the_log_too(tmp_path, why) -> Non
     assert re.fullmatch(rf"<19>{pid}: ERROR: exiting: milter main: cannot listen on unix:{re.escape(where)}: "
                         "No such file or directory", lines[0]), lines
     assert lines[1:3] == ["    while executing", '  "milter main"'], lines  # errorInfo, indented
+
+
+#: A --python file's bug that nothing in pytclmilter catches: a BaseException of its own (not an
+#: Exception, not sys.exit), its message with an ESC and a line break.
+UNCAUGHT = """class Fault(BaseException):
+    pass
+
+
+def setup(milter):
+    raise Fault("store\\x1b[31m\\ngone")
+"""
+
+
+def _logged_by_a_python_file(tmp_path: Path, script: str, hooks: str, status: int,
+                             marker: str) -> tuple[list[str], str, list[str]]:
+    """run --syslog of ``script`` with ``hooks`` as its --python file, ending with ``status``: the
+    lines of the record that holds ``marker``, stderr, and every record."""
+    (tmp_path / "s.tcl").write_text(script)
+    (tmp_path / "hooks.py").write_text(hooks)
+    proc, records = _run_with_syslog(tmp_path, str(tmp_path / "s.tcl"), "--python", str(tmp_path / "hooks.py"),
+                                     "--connection", "inet:0@127.0.0.1")
+    assert proc.returncode == status, proc.stderr
+    record = next((r for r in records if marker in r), None)
+    assert record is not None, records
+    return record.split("\n"), proc.stderr, records
+
+
+def test_with_syslog_an_unexpected_error_that_ends_run_is_logged_with_its_traceback(tmp_path) -> None:
+    """An exception nothing handled ended run with Python's traceback on stderr alone (and its
+    text unescaped): under an init script's daemon, stderr goes nowhere, and the mail log stopped
+    at the "hot path" line. Now syslog gets it, escaped, its traceback indented; stderr still
+    has it, and the status is still 1."""
+    lines, stderr, _ = _logged_by_a_python_file(tmp_path, "milter main\n", UNCAUGHT, 1, "unexpected error")
+    hooks = tmp_path / "hooks.py"
+    assert re.fullmatch(r"<19>pytclmilter\[\d+\]: ERROR: exiting: unexpected error: Fault: store\\x1b\[31m\\ngone", lines[0]), lines
+    assert lines[1] == "  Traceback (most recent call last):", lines
+    assert f'  File "{hooks}", line 6, in setup' in lines, lines
+    assert lines[-2:] == [r"  pytclmilter_hooks_hooks.Fault: store\x1b[31m", "  gone"], lines
+    assert all(line.startswith(" ") and "\x1b" not in line for line in lines[1:]), lines
+    assert stderr.startswith("pytclmilter run: unexpected error\nTraceback (most recent call last):\n"), stderr
+    assert stderr.endswith("pytclmilter_hooks_hooks.Fault: store\\x1b[31m\ngone\n"), stderr
+
+
+def test_with_syslog_an_exception_that_ends_a_thread_is_logged_with_its_traceback(tmp_path) -> None:
+    """A thread of a --python file that dies of an exception: Python's report went to stderr
+    alone. Now syslog gets it too, escaped; run serves on."""
+    hooks = ("import threading\n\n\ndef poll():\n    raise ValueError('redis\\x1b[2J down')\n\n\n"
+             "def setup(milter):\n    t = threading.Thread(target=poll, name='poller')\n    t.start()\n    t.join()\n")
+    lines, stderr, records = _logged_by_a_python_file(tmp_path, "after 300 {milter stop}\nmilter main\n", hooks, 0,
+                                                      "in thread")
+    assert re.fullmatch(r"<19>pytclmilter\[\d+\]: ERROR: unexpected error in thread poller: ValueError: "
+                        r"redis\\x1b\[2J down", lines[0]), lines
+    assert lines[1] == "  Traceback (most recent call last):" and lines[-1] == r"  ValueError: redis\x1b[2J down", lines
+    assert any("stopped; verdicts" in r for r in records), records  # it served on, and stopped
+    assert "Exception in thread poller:" in stderr and "ValueError: redis" in stderr, stderr
 
 
 def test_while_syslog_cannot_be_reached_stderr_says_so_once_and_the_loss_is_counted(

@@ -12,7 +12,9 @@ import re
 import resource
 import signal
 import sys
+import threading
 import tkinter
+import traceback
 from typing import Callable, NamedTuple
 
 from ..compiled import describe
@@ -194,6 +196,7 @@ def raise_fd_limit() -> None:
 def cmd_run(opts: argparse.Namespace) -> int:
     setup_logging(opts.log_level, opts.syslog)
     report_crashes()
+    threading.excepthook = _thread_failed_logger(opts.syslog)
     # The listening line quotes the name and the socket's path: one that stdout's encoding lacks
     # (Café under PYTHONIOENCODING=ascii) ended the start in a traceback, nothing served.
     reports_print_anywhere()
@@ -207,6 +210,40 @@ def cmd_run(opts: argparse.Namespace) -> int:
         if opts.syslog:
             _log_failure(f"pytclmilter run: {exc}", exc.detail)
         raise
+    except (SystemExit, KeyboardInterrupt):
+        raise
+    except BaseException as exc:  # noqa: BLE001 - a bug, ours or a --python file's: say it where the log is
+        return _unexpected(opts, exc)
+
+
+def _unexpected(opts: argparse.Namespace, exc: BaseException) -> int:
+    """An exception nothing handled ends ``run`` (status 1, as Python's own report of it): its
+    traceback in the log, escaped, and with --syslog on stderr too. Python printed it on stderr
+    alone, unescaped, which an init script's daemon sends nowhere: the mail log just stopped."""
+    trace = "".join(traceback.format_exception(exc)).rstrip()
+    if opts.syslog:
+        print(f"pytclmilter run: unexpected error\n{controls_escaped(trace)}", file=sys.stderr)
+    _log_failure(f"unexpected error: {type(exc).__name__}: {exc}", trace)
+    return 1
+
+
+def _thread_failed_logger(syslog: bool) -> Callable[[threading.ExceptHookArgs], None]:
+    """threading.excepthook for ``run``: an exception that ends a thread (one a --python file
+    started, say) is logged, escaped, with its traceback, and with --syslog also printed on
+    stderr as Python prints it; it went to stderr alone, unescaped."""
+    printed = threading.__excepthook__
+
+    def failed(args: threading.ExceptHookArgs) -> None:
+        if args.exc_type is SystemExit:  # (as Python's own hook: a thread's sys.exit() is no error)
+            return
+        name = args.thread.name if args.thread is not None else "?"
+        trace = "".join(traceback.format_exception(args.exc_type, args.exc_value, args.exc_traceback)).rstrip()
+        log.error("unexpected error in thread %s: %s\n%s", escape(name),
+                  escape(f"{args.exc_type.__name__}: {args.exc_value}"), escape_lines(trace))
+        if syslog:
+            printed(args)
+
+    return failed
 
 
 def report_crashes() -> None:
