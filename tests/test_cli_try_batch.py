@@ -14,10 +14,13 @@ import json
 import mailbox
 import os
 import re
+import select
+import signal
 import socket
 import subprocess
 import time
 from pathlib import Path
+from typing import Callable, Iterator
 
 from test_cli import (BLACKLIST, DATA, GREYLIST, GREYLIST_STORE, PYTCLMILTER, ROOT, STAMP, cli,
                       without_root_privileges)
@@ -356,6 +359,91 @@ def test_try_mbox_from_standard_input(tmp_path: Path) -> None:
     child.close()
     assert output_lines(out)[-1] == "summary: 2 messages: 1 accept, 1 reject", out
     assert child.exitstatus == 0
+
+
+def _stdout_line(proc: subprocess.Popen[bytes], timeout: float = 20.0) -> str:
+    """The next line ``proc`` prints, waiting ``timeout`` seconds at most for it."""
+    assert proc.stdout is not None
+    ready, _, _ = select.select([proc.stdout], [], [], timeout)
+    assert ready, f"no line within {timeout} s"
+    return proc.stdout.readline().decode()
+
+
+LUNCH = '#1: accept at eom, 0 modifications; from <alice@example.org>, subject "Lunch on Friday?"'
+
+
+@pytest.fixture
+def endless_stream() -> Iterator[Callable[..., subprocess.Popen[bytes]]]:
+    """``pytclmilter try ARGS -`` with its standard input a pipe the test writes and keeps open,
+    as ``tail -f mbox |`` does."""
+    procs: list[subprocess.Popen[bytes]] = []
+
+    def start(*args: str) -> subprocess.Popen[bytes]:
+        proc = subprocess.Popen([*PYTCLMILTER, "try", *args, "-"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, env=child_env(None), cwd=str(ROOT))
+        procs.append(proc)
+        return proc
+
+    yield start
+    for proc in procs:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
+        for pipe in (proc.stdin, proc.stdout, proc.stderr):
+            if pipe is not None:
+                pipe.close()
+
+
+def test_try_an_mbox_stream_that_stays_open_tries_each_message_once_its_end_is_known(endless_stream) -> None:
+    """`tail -f mbox | pytclmilter try script.tcl -`: the stream was read to its end before any
+    message was tried, so nothing was ever printed. Now a message is tried as soon as the next
+    `From ` line shows where it ends, the last one at the end of the stream."""
+    proc = endless_stream(str(BLACKLIST))
+    assert proc.stdin is not None
+    proc.stdin.write(b"From alice@example.org Fri Jan  5 12:00:00 2024\n" + (DATA / "plain.eml").read_bytes()
+                     + b"\nFrom spammer@spamdomain.com Fri Jan  5 12:01:00 2024\n")
+    proc.stdin.flush()
+    assert _stdout_line(proc) == LUNCH + "\n"
+    assert proc.poll() is None  # still reading
+    out, err = proc.communicate((DATA / "blacklisted.eml").read_bytes(), timeout=30)  # (then its end)
+    assert output_lines(out.decode()) == [SPAMMER.replace("blacklisted.eml", "#2"),
+                                          "summary: 2 messages: 1 accept, 1 reject"], (out, err)
+    assert proc.returncode == 0, err
+
+
+def test_ctrl_c_on_an_mbox_stream_that_stays_open_lists_the_message_being_read(endless_stream) -> None:
+    """Ctrl-C ends such a batch, the stream still open: the messages tried, the one whose end had
+    not come yet as not tried, the summary (exit 2). The end of a stream cannot be waited for."""
+    proc = endless_stream(str(BLACKLIST))
+    assert proc.stdin is not None
+    proc.stdin.write(b"From a Fri Jan  5 12:00:00 2024\n" + (DATA / "plain.eml").read_bytes()
+                     + b"\nFrom b Fri Jan  5 12:01:00 2024\n" + (DATA / "blacklisted.eml").read_bytes())
+    proc.stdin.flush()
+    assert _stdout_line(proc) == LUNCH + "\n"
+    proc.send_signal(signal.SIGINT)
+    proc.wait(timeout=30)  # (not communicate(): it would end the stream)
+    assert proc.stdout is not None and proc.stderr is not None
+    out, err = proc.stdout.read(), proc.stderr.read()
+    assert output_lines(out.decode()) == ["#2: error: not tried: interrupted (SIGINT)",
+                                          "summary: 2 messages: 1 accept, 1 not tried"], (out, err)
+    assert err.decode().endswith("pytclmilter: interrupted (SIGINT): the messages from #2 on were not tried\n"), err
+    assert proc.returncode == 2
+
+
+def test_try_an_mbox_from_a_stream_is_cut_into_messages_as_from_its_file(tmp_path: Path) -> None:
+    """Read as it comes, an mbox stream gives the messages it gives read from a file: no empty
+    line before a `From ` line, a `From` that is no separator, CRLF line ends, an empty message,
+    a message larger than --max-size, a last line without its line end."""
+    plain = (DATA / "plain.eml").read_bytes()
+    box = tmp_path / "odd.mbox"
+    box.write_bytes(b"From a\n" + plain + b"From b\n" + plain.replace(b"\n", b"\r\n") + b"\nFrom c\n\n"
+                    b"From d\n" + plain + b"Fromage\nFrom\n" + b"x" * 3000 + b"\n\nFrom e\n" + plain.rstrip())
+    limit = str(len(plain) + 100)
+    status, from_file = cli("try", str(BLACKLIST), str(box), "--max-size", limit)
+    streamed, piped = run_in_bash(f"- < <(cat {box})", "try", str(BLACKLIST), "--max-size", limit)
+    assert (streamed, output_lines(piped)) == (status, output_lines(from_file)), (from_file, piped)
+    assert "#3: error: empty message" in from_file and "#4: error: larger than" in from_file, from_file
+    assert output_lines(from_file)[-1] == "summary: 5 messages: 3 accept, 2 not tried", from_file
 
 
 def spawn_in_bash(command: str, *args: str, env: dict[str, str] | None = None) -> pexpect.spawn:

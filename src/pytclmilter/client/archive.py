@@ -5,7 +5,8 @@ message) and read with Python's :mod:`mailbox`: a message ends at the next
 line that starts with ``From ``, its ``From `` line is dropped, and every
 other byte is handed on as it is (8-bit bytes included). ``>From `` lines
 are not unquoted, as :mod:`mailbox` leaves them: whether one was quoted by
-the writer (mboxrd, mboxo) cannot be told from the file.
+the writer (mboxrd, mboxo) cannot be told from the file. An mbox that comes
+as a stream is cut into the same messages as it arrives (:class:`MboxSplitter`).
 
 A directory: the regular files directly in it whose names end in ``.eml``
 (any case), in name order. Subdirectories are not entered and symbolic links
@@ -99,14 +100,15 @@ def open_input(path: str, name: str, max_size: int = MAX_SIZE) -> Listing:
     return Listing("mbox" if first == MBOX_MAGIC else "message", path, name, max_size)
 
 
-def copy_stream(source: BinaryIO, dest: BinaryIO, limit: int) -> None:
+def copy_stream(source: BinaryIO, dest: BinaryIO, limit: int, first: bytes | None = None) -> None:
     """Standard input or another stream, to a file ``open_input`` reads: TooLarge when it holds
     one message of more than ``limit`` bytes (``/dev/zero`` is read no further). An mbox is
     copied whole but for its messages larger than the limit: cut two bytes past it (one more is
     the empty line before the next ``From ``, which mailbox drops) and ended with a line break, so
     that their items still say they are too large, and the rest read and dropped; its ``From ``
-    lines, which no one reads, are written as ``From -``: no stream fills the disk."""
-    first = source.read(len(MBOX_MAGIC))
+    lines, which no one reads, are written as ``From -``: no stream fills the disk. ``first``:
+    the stream's first bytes, when they were read already."""
+    first = source.read(len(MBOX_MAGIC)) if first is None else first
     if first != MBOX_MAGIC:
         data = first + source.read(max(0, limit + 1 - len(first)))
         if len(data) > limit:
@@ -126,6 +128,90 @@ def copy_stream(source: BinaryIO, dest: BinaryIO, limit: int) -> None:
             cut = size > limit + 1
         at_line_start = chunk.endswith(b"\n")
         in_separator = in_separator and not at_line_start
+
+
+class MboxSplitter:
+    """An mbox arriving in pieces (a stream: ``tail -f mbox |``), cut into its messages as soon as
+    each one's end is known: the next ``From `` line, or the end of the stream. Each message is as
+    :mod:`mailbox` reads it from a file (``_mbox_items``): without its ``From `` line and without
+    the empty line before the next; no more than ``limit`` + 2 bytes of one are held (the rest
+    is counted, and its item says it is too large), so memory stays bounded however long the
+    stream or its lines."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.count = 0  # messages begun: the one being read is number ``count``
+        self._kept = bytearray()  # the message being read, up to limit + 2 bytes
+        self._cut = False  # ... and it had more
+        self._head = b""  # the start of a line, shorter than "From " and maybe its start
+        self._at_line_start = True
+        self._in_separator = False  # in a From line (dropped)
+        self._empty_line = False  # the last whole line was an empty one (mailbox's last_was_empty)
+
+    def feed(self, data: bytes) -> list[Item]:
+        """The messages ``data`` ends (the stream starts with ``From ``: open_stream checked)."""
+        done: list[Item] = []
+        for piece in _lines(data):
+            if self._in_separator:
+                whole = piece.endswith(b"\n")
+                self._in_separator, self._at_line_start = not whole, whole
+                continue
+            if not self._at_line_start:
+                self._keep(piece)
+                continue
+            line, self._head = self._head + piece, b""
+            if len(line) < len(MBOX_MAGIC) and MBOX_MAGIC.startswith(line):
+                self._head = line  # a From line, or not: its next bytes tell
+            elif line.startswith(MBOX_MAGIC):
+                done += self._separator(line.endswith(b"\n"))
+            else:
+                self._keep(line)
+                self._empty_line = line == b"\n"
+        return done
+
+    def end(self) -> list[Item]:
+        """The stream ended: its last message (none before the first ``From `` line)."""
+        if self._head:
+            self._keep(self._head)
+            self._head = b""
+        return [self._item()] if self.count else []
+
+    def pending(self) -> Item | None:
+        """The message being read, whose end is not known yet (the stream stops here: Ctrl-C):
+        what came of it so far, not checked; None before the first ``From `` line."""
+        return Item(f"#{self.count}", bytes(self._kept) + self._head) if self.count else None
+
+    def _separator(self, whole: bool) -> list[Item]:
+        """A ``From `` line: the end of the message before it (if any) and the start of another."""
+        done = [self._item()] if self.count else []
+        self.count += 1
+        self._kept, self._cut, self._empty_line = bytearray(), False, False
+        self._in_separator, self._at_line_start = not whole, whole
+        return done
+
+    def _keep(self, piece: bytes) -> None:
+        room = self.limit + 2 - len(self._kept)
+        self._kept += piece[:max(room, 0)]
+        self._cut = self._cut or len(piece) > room
+        self._at_line_start = piece.endswith(b"\n")
+        self._empty_line = False
+
+    def _item(self) -> Item:
+        label = f"#{self.count}"
+        raw = bytes(self._kept[:-1] if self._empty_line and not self._cut else self._kept)
+        if self._cut or len(raw) > self.limit:
+            return Item(label, error=str(TooLarge(self.limit)))
+        return _checked(Item(label, raw))
+
+
+def _lines(data: bytes) -> Iterator[bytes]:
+    """``data`` cut after each LF (the last piece may have none): lines as mailbox reads them,
+    where bytes.splitlines would cut at a lone CR too."""
+    start = 0
+    while start < len(data):
+        end = data.find(b"\n", start) + 1 or len(data)
+        yield data[start:end]
+        start = end
 
 
 def _file_item(path: str, name: str, limit: int) -> Iterator[Item]:

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import itertools
 import os
 import signal
 import stat
@@ -22,15 +21,16 @@ import sys
 import tkinter
 from dataclasses import replace
 from pathlib import Path
-from typing import Awaitable, Callable, Iterable
+from typing import AsyncIterator, Awaitable, Callable, Iterable
 
 from ..client.apply import delivered
-from ..client.archive import Item, Listing, TooLarge, copy_stream, open_input
+from ..client.archive import MBOX_MAGIC, Item, Listing, TooLarge, copy_stream, open_input
 from ..client.batch import Tally, Verdict, about, comparison, comparison_summary, error_line, line
 from ..client.conversation import Outcome, converse
 from ..client.load import connect, one
 from ..client.message import Message
 from ..client.report import EXIT_CODES, as_text, to_json
+from ..client.streamed import StreamedMbox
 from ..connspec import ConnSpec
 from ..hooks import Hooks
 from ..logline import escape
@@ -80,40 +80,55 @@ def cmd_try(opts: argparse.Namespace) -> int:
     macros_of(opts)  # a usage error before anything runs
     with private_workdir("pytclmilter-try-", (_TRY_SOCKET, _FIRST_SOCKET, _OTHER_SOCKET)) as workdir:
         listing = _input(opts, workdir)
-        if listing.kind == "message" and not opts.compare:
+        if isinstance(listing, Listing) and listing.kind == "message" and not opts.compare:
             return _single(opts, listing.path, workdir)
         if opts.json:
             raise UsageError("--json reports on a single message, without --compare")
         if opts.compare:
+            assert isinstance(listing, Listing)  # (a stream is copied for --compare: _input)
             return _compare(opts, listing, workdir)
         return _batch(opts, listing, workdir)
 
 
-def _input(opts: argparse.Namespace, workdir: str) -> Listing:
+def _input(opts: argparse.Namespace, workdir: str) -> Listing | StreamedMbox:
     """What the MESSAGE argument names. Standard input, a FIFO, a device or a process substitution
-    (``<(...)``, /dev/fd/N) is copied to a file first: it can be read only once, and it is read
-    twice (its first line tells an mbox, which must be seekable, from a message)."""
+    (``<(...)``, /dev/fd/N) can be read only once: its first bytes tell an mbox, read as it
+    comes (streamed.py: ``tail -f mbox |`` never ends), from a message, copied to a file first
+    (read twice); so is an mbox for --compare, which reads it once for each script."""
     try:
-        return open_input(_copied(opts.message, workdir, opts.max_size), opts.message, opts.max_size)
+        if opts.message != "-" and not _is_stream(opts.message):
+            return open_input(opts.message, opts.message, opts.max_size)
+        fd = 0 if opts.message == "-" else os.open(opts.message, os.O_RDONLY | os.O_CLOEXEC)
+        first = _first_bytes(fd)
+        if first == MBOX_MAGIC and not opts.compare:
+            return StreamedMbox(fd, first, opts.message, opts.max_size)
+        return open_input(_copied(fd, first, opts.message != "-", workdir, opts.max_size), opts.message,
+                          opts.max_size)
     except OSError as exc:
         raise UsageError(f"{opts.message}: {exc.strerror or exc}", EX_NOINPUT) from None
     except TooLarge as exc:
         raise UsageError(f"{opts.message}: {exc}", EX_NOINPUT) from None
 
 
-def _copied(path: str, workdir: str, limit: int) -> str:
-    """``path``, or where a stream it names was copied to; OSError when it cannot be read,
-    TooLarge (the copy removed) when it is one message of more than ``limit`` bytes."""
-    if path != "-" and not _is_stream(path):
-        return path
+def _first_bytes(fd: int) -> bytes:
+    """As many bytes of the stream as ``From `` has (fewer at its end), and not one more: the
+    rest is read by whoever reads it next."""
+    first = b""
+    while len(first) < len(MBOX_MAGIC):
+        more = os.read(fd, len(MBOX_MAGIC) - len(first))
+        if not more:
+            break
+        first += more
+    return first
+
+
+def _copied(fd: int, first: bytes, close: bool, workdir: str, limit: int) -> str:
+    """Where the stream ``fd`` (its ``first`` bytes read already) was copied to; OSError when it
+    cannot be read, TooLarge (the copy removed) when it is one message of more than ``limit`` bytes."""
     copy = os.path.join(workdir, "input")
-    with open(copy, "wb") as f:
+    with open(copy, "wb") as f, open(fd, "rb", closefd=close) as source:
         try:
-            if path == "-":
-                copy_stream(sys.stdin.buffer, f, limit)
-            else:
-                with open(path, "rb") as source:
-                    copy_stream(source, f, limit)
+            copy_stream(source, f, limit, first)
         except BaseException:
             os.unlink(copy)
             raise
@@ -128,12 +143,12 @@ def _is_stream(path: str) -> bool:
 
 def _serve(opts: argparse.Namespace, script: str, socket: str,
            work: Callable[[ConnSpec, float | None], Awaitable[None]],
-           signalled: list[signal.Signals] | None = None) -> int | None:
+           signalled: Callable[[signal.Signals], None] | None = None) -> int | None:
     """Run the script; once its ``milter main`` listens, ``work`` talks to it, then the milter stops.
     None when all went well, else the exit status (the error is printed). ``work`` is given how
     long to wait for a reply: as long as a callback may run (-calltimeout, None: no limit), and
     10 s more; a fixed 30 s showed a callback of 40 s as a broken filter, where `run` waits.
-    ``signalled`` gets the signal that stopped the milter (Ctrl-C: SIGINT) while it served."""
+    ``signalled`` is given the signal that stopped the milter (Ctrl-C: SIGINT) while it served."""
     exited = ScriptExit()
     listened: list[bool] = []
     done: list[bool] = []
@@ -153,7 +168,11 @@ def _serve(opts: argparse.Namespace, script: str, socket: str,
     def listening(spec: ConnSpec) -> None:
         asyncio.ensure_future(converse(spec))
 
-    hooks = Hooks(listening=listening, signal=(signalled if signalled is not None else []).append)
+    def on_signal(sig: signal.Signals) -> None:
+        if signalled is not None:
+            signalled(sig)
+
+    hooks = Hooks(listening=listening, signal=on_signal)
     host = make_host(script, opts.python, TRY_OVERRIDES | {"-connection": f"unix:{socket}"},
                      on_exit=exited, milter_hooks=hooks)
     try:
@@ -207,33 +226,60 @@ def _single(opts: argparse.Namespace, path: str, workdir: str) -> int:
     return EXIT_CODES.get(outcome.verdict, 2)
 
 
-def _run_all(opts: argparse.Namespace, script: str, listing: Listing, socket: str, each: OnMessage,
-             signalled: list[signal.Signals]) -> int | None:
+def _run_all(opts: argparse.Namespace, script: str, listing: Listing | StreamedMbox, socket: str,
+             each: OnMessage, signalled: list[signal.Signals]) -> int | None:
     """Every message of the listing through the script, one connection each, in order; ``each``
     gets the verdicts, once per message. The script runs once for the whole batch (its state
     carries over, as in production); message N has queue id 4TRYnnnnnnn with N in its digits. When
     the milter stopped (Ctrl-C: ``signalled``; a callback called `milter stop`: the socket is
-    gone), no later message can be tried: each is counted and listed as not tried."""
+    gone), no later message can be tried: each is counted and listed as not tried (of a stream,
+    those read so far: the rest may never come)."""
+
+    def stop_signal(sig: signal.Signals) -> None:
+        signalled.append(sig)
+        if isinstance(listing, StreamedMbox):
+            listing.interrupt()  # (waiting for the stream's next message)
 
     async def work(spec: ConnSpec, wait: float | None) -> None:
-        items = enumerate(listing.items(), 1)
-        for n, item in items:
-            if item.error:
-                each(n, item, "", None)
+        stopped = ""  # why the messages from here on are not tried
+        async for n, item in _numbered(listing):
+            if item.error or stopped:
+                each(n, item if item.error else replace(item, error=f"not tried: {stopped}"), "", None)
                 continue
-            if signalled:
-                why = f"interrupted ({signalled[0].name})"
-                return _not_tried(itertools.chain([(n, item)], items), why, each, why)
             msg = Message.parse(item.raw)
             env = envelope_of(opts, msg, f"4TRY{n:07d}")
             try:
-                reader, writer = await connect(spec)
+                if signalled:
+                    stopped = note = f"interrupted ({signalled[0].name})"
+                else:
+                    reader, writer = await connect(spec)
             except OSError as exc:
-                note = f"{escape(script)} no longer serves ({escape(str(exc))})"
-                return _not_tried(itertools.chain([(n, item)], items), "the filter stopped serving", each, note)
+                stopped, note = "the filter stopped serving", f"{escape(script)} no longer serves ({escape(str(exc))})"
+            if stopped:
+                _say_not_tried(note, item)
+                if isinstance(listing, StreamedMbox):
+                    listing.interrupt()
+                each(n, replace(item, error=f"not tried: {stopped}"), "", None)
+                continue
             each(n, item, about(env, msg), Verdict.of(await converse(reader, writer, env, msg, wait)))
 
-    return _serve(opts, script, socket, work, signalled)
+    return _serve(opts, script, socket, work, stop_signal)
+
+
+async def _numbered(listing: Listing | StreamedMbox) -> AsyncIterator[tuple[int, Item]]:
+    """The messages of ``listing`` and their numbers, from 1; a stream's as they come."""
+    if isinstance(listing, Listing):
+        for numbered in enumerate(listing.items(), 1):
+            yield numbered
+        return
+    n = 0
+    async for item in listing.items():
+        n += 1
+        yield n, item
+
+
+def _say_not_tried(note: str, item: Item) -> None:
+    print(f"pytclmilter: {note}: the messages from {escape(item.label)} on were not tried", file=sys.stderr)
 
 
 def _not_tried(items: Iterable[tuple[int, Item]], why: str, each: OnMessage, note: str = "") -> None:
@@ -242,11 +288,11 @@ def _not_tried(items: Iterable[tuple[int, Item]], why: str, each: OnMessage, not
     with the message from which on none was tried."""
     for k, (n, item) in enumerate(items):
         if note and not k:
-            print(f"pytclmilter: {note}: the messages from {escape(item.label)} on were not tried", file=sys.stderr)
+            _say_not_tried(note, item)
         each(n, item if item.error else replace(item, error=f"not tried: {why}"), "", None)
 
 
-def _batch(opts: argparse.Namespace, listing: Listing, workdir: str) -> int:
+def _batch(opts: argparse.Namespace, listing: Listing | StreamedMbox, workdir: str) -> int:
     """A line per message as it is done, then the summary."""
     tally = Tally()
 
@@ -303,8 +349,8 @@ def _compare(opts: argparse.Namespace, listing: Listing, workdir: str) -> int:
     return NOT_ALL_TRIED if not_tried or failed else DIFFER if differ else ALL_TRIED
 
 
-def _note_ignored(listing: Listing) -> None:
-    if listing.ignored:
+def _note_ignored(listing: Listing | StreamedMbox) -> None:
+    if isinstance(listing, Listing) and listing.ignored:
         sys.stdout.flush()
         n = listing.ignored
         print(f"pytclmilter try: {escape(listing.name)}: {n} entr{'y' if n == 1 else 'ies'} ignored (only regular "
