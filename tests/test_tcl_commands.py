@@ -960,3 +960,28 @@ def test_an_empty_onerror_is_refused_not_taken_as_continue(tclrun):
     m = tclrun("package require TclMilter\nmilter main\n", "--on-error", "", wait=False)
     assert m.wait_exit() == 64, m.output
     assert 'bad status ""' in m.output, m.output
+
+
+def test_a_failing_abort_or_close_callback_is_logged_without_an_answer(tclrun):
+    """ABORT and close take no reply (docs/protocol.md): a failing abort or close callback's line
+    said "answering SMFIS_TEMPFAIL", and an admin looked for a tempfail the MTA never got."""
+    m = tclrun(r"""
+        package require TclMilter
+        proc drop {ctx} { error "abort went wrong" }
+        proc bye {ctx} { error "close went wrong" }
+        proc to {ctx list} { error "envrcpt went wrong" }
+        milter register abort drop
+        milter register close bye
+        milter register envrcpt to
+        milter main
+    """)
+    with m.mta() as mta:
+        mta.negotiate()
+        mta.mail("<a@example.org>")
+        assert mta.rcpt("<b@example.org>")[0] == "t"  # -onerror's default: the MTA is answered
+        mta.abort()
+    assert m.stop() == 0
+    failed = {ln.split(" callback ")[0].split()[-1]: ln for ln in m.text.splitlines() if " failed (" in ln}
+    assert failed["envrcpt"].endswith("envrcpt callback to failed (envrcpt went wrong), answering SMFIS_TEMPFAIL:")
+    assert failed["abort"].endswith("abort callback drop failed (abort went wrong), no answer (abort takes none):")
+    assert failed["close"].endswith("close callback bye failed (close went wrong), no answer (close takes none):")

@@ -740,7 +740,7 @@ class ConnectionEngine:
         # A filter bug must not take the milter down: a sys.exit() in a callback included (the
         # Tcl `exit` ends the process, as the manual has it; Python's is a failure like any other).
         except (Exception, CallbackTimeout, SystemExit, KeyboardInterrupt) as exc:  # noqa: BLE001
-            status = self._callback_failed(name, cb, exc)
+            status = self._callback_failed(name, cb, exc, ignore)
             if limit:
                 self._check_time(name, cb, started, limit, _LATE_STOP)
             self._timed(name, cb, started)
@@ -781,12 +781,12 @@ class ConnectionEngine:
         except asyncio.CancelledError as exc:
             # From inside the callback: it awaited a task or future that was cancelled. Left to
             # propagate, the connection would wait for ever, paused, with nothing logged.
-            status = self._callback_failed(name, cb, exc)
+            status = self._callback_failed(name, cb, exc, ignore)
             self._timed(name, cb, started)
             return status
         # CallbackTimeout (no Exception): the time limit of Tcl code the callback ran (ctx.tcl)
         except (Exception, CallbackTimeout) as exc:  # noqa: BLE001
-            status = self._callback_failed(name, cb, exc.original if isinstance(exc, _Exited) else exc)
+            status = self._callback_failed(name, cb, exc.original if isinstance(exc, _Exited) else exc, ignore)
             if limit:
                 self._check_time(name, cb, started, limit, _LATE_STOP)
             self._timed(name, cb, started)
@@ -804,7 +804,7 @@ class ConnectionEngine:
         task.cancel()
         shared = self.shared  # a stop's grace may have cut the limit short: the line names it, as for Tcl
         why = shared.overrun(started, _monotonic(), "call_timeout")
-        status = self._callback_failed(name, cb, CallbackTimeout(f"callback {why}"))
+        status = self._callback_failed(name, cb, CallbackTimeout(f"callback {why}"), ignore)
         self._check_time(name, cb, started, limit, _LATE_STOP)
         self._timed(name, cb, started)
         when = f"when {shared.stop_why} was over" if shared.graced(started) else f"at the {limit:g} s call timeout"
@@ -875,8 +875,9 @@ class ConnectionEngine:
             return Status.CONTINUE
         return status
 
-    def _callback_failed(self, name: str, cb: Callback | None, exc: BaseException) -> Status:
-        """Log a failure (``cb`` None: the engine's own, around an async chain); ``on_error``."""
+    def _callback_failed(self, name: str, cb: Callback | None, exc: BaseException, ignore: bool = False) -> Status:
+        """Log a failure (``cb`` None: the engine's own, around an async chain); ``on_error``.
+        With ``ignore`` (abort, close) the line says no answer goes: those events take none."""
         detail = exc.detail if isinstance(exc, CallbackError) else _traceback(exc)
         status = self.shared.settings.on_error
         # The script's or the MTA's text in every part (a callback name is a Tcl script, an error
@@ -885,12 +886,13 @@ class ConnectionEngine:
         text = str(exc)
         message = _failure_text(exc)
         seen = self.shared.traces.logged_as(f"{name} {who}\n{place_of(detail, text)}", self.name) if detail else None
+        answer = f"no answer ({name} takes none)" if ignore else f"answering {status.smfis}"
         if seen is None:
-            log.error("%s: %s callback %s failed (%s), answering %s:\n%s", self.name, name,
-                      escape(who), escape(message), status.smfis, escape_lines(detail))
+            log.error("%s: %s callback %s failed (%s), %s:\n%s", self.name, name,
+                      escape(who), escape(message), answer, escape_lines(detail))
         else:
-            log.error("%s: %s callback %s failed (%s), answering %s (the same trace as %s)", self.name, name,
-                      escape(who), escape(message), status.smfis, seen)
+            log.error("%s: %s callback %s failed (%s), %s (the same trace as %s)", self.name, name,
+                      escape(who), escape(message), answer, seen)
         self.shared.stats.errors += 1
         if self.meter is not None:
             self.meter.failed(name, "python" if cb is None else cb.origin)
