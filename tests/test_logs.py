@@ -804,6 +804,20 @@ def test_with_syslog_an_exception_that_ends_a_thread_is_logged_with_its_tracebac
     assert "Exception in thread poller:" in stderr and "ValueError: redis" in stderr, stderr
 
 
+def test_with_syslog_an_exception_python_cannot_raise_is_logged_with_its_traceback(tmp_path) -> None:
+    """An exception in a __del__ of a --python file's object (Python cannot raise it: "Exception
+    ignored in ..."): its report went to stderr alone. Now syslog gets it too, escaped."""
+    hooks = ("class Handle:\n    def __del__(self):\n        raise OSError('socket\\x1b[2J gone')\n\n\n"
+             "def setup(milter):\n    Handle()\n")
+    lines, stderr, records = _logged_by_a_python_file(tmp_path, "after 300 {milter stop}\nmilter main\n", hooks, 0,
+                                                      "ignored")
+    assert re.fullmatch(r"<19>pytclmilter\[\d+\]: ERROR: unexpected error, ignored: Exception ignored in: "
+                        r"<function Handle.__del__ at 0x[0-9a-f]+>: OSError: socket\\x1b\[2J gone", lines[0]), lines
+    assert lines[1] == "  Traceback (most recent call last):" and lines[-1] == r"  OSError: socket\x1b[2J gone", lines
+    assert any("stopped; verdicts" in r for r in records), records  # it served on, and stopped
+    assert "Exception ignored in" in stderr and "OSError: socket" in stderr, stderr
+
+
 def test_while_syslog_cannot_be_reached_stderr_says_so_once_and_the_loss_is_counted(
         syslog_socket, tmp_path, capsys) -> None:
     """--syslog with its daemon gone (restarting, stopped): one line on stderr, not logging's

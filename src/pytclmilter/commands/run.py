@@ -197,6 +197,7 @@ def cmd_run(opts: argparse.Namespace) -> int:
     setup_logging(opts.log_level, opts.syslog)
     report_crashes()
     threading.excepthook = _thread_failed_logger(opts.syslog)
+    sys.unraisablehook = _unraisable_logger(opts.syslog)
     # The listening line quotes the name and the socket's path: one that stdout's encoding lacks
     # (Café under PYTHONIOENCODING=ascii) ended the start in a traceback, nothing served.
     reports_print_anywhere()
@@ -244,6 +245,24 @@ def _thread_failed_logger(syslog: bool) -> Callable[[threading.ExceptHookArgs], 
             printed(args)
 
     return failed
+
+
+def _unraisable_logger(syslog: bool) -> Callable[[sys.UnraisableHookArgs], None]:
+    """sys.unraisablehook for ``run``: an exception Python cannot raise (one in a ``__del__`` or
+    a weakref callback of a --python file) is logged, escaped, with its traceback, as a thread's
+    death is (:func:`_thread_failed_logger`); Python printed it on stderr alone, unescaped."""
+    printed = sys.__unraisablehook__
+
+    def ignored(args: sys.UnraisableHookArgs) -> None:
+        where = args.err_msg or "Exception ignored in"
+        what = f"{where}: {args.object!r}" if args.object is not None else where
+        trace = "".join(traceback.format_exception(args.exc_type, args.exc_value, args.exc_traceback)).rstrip()
+        log.error("unexpected error, ignored: %s: %s\n%s", escape(what),
+                  escape(f"{args.exc_type.__name__}: {args.exc_value}"), escape_lines(trace))
+        if syslog:
+            printed(args)
+
+    return ignored
 
 
 def report_crashes() -> None:
