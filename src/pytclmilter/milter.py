@@ -32,6 +32,9 @@ if TYPE_CHECKING:
 log = logging.getLogger("pytclmilter")
 
 T = TypeVar("T")
+#: A callback or a command as the user wrote it: register and tcl_command hand it back unchanged,
+#: so a decorated function keeps its type for the user's type checker.
+F = TypeVar("F", bound=Callable[..., Any])
 
 #: Settings fixed when the socket is bound or the workers forked: a reload cannot change them.
 RESTART_ONLY: dict[str, str] = {
@@ -230,7 +233,12 @@ class Milter:
 
     # ------------------------------------------------------------ callbacks
 
-    def register(self, event: str, func: Callable[..., Any] | None = None) -> Any:
+    @overload
+    def register(self, event: str, func: None = None) -> Callable[[F], F]: ...
+    @overload
+    def register(self, event: str, func: F) -> F: ...
+
+    def register(self, event: str, func: F | None = None) -> F | Callable[[F], F]:
         """Add a callback to an event's chain; usable as ``@milter.register("eom")``."""
         Registry.check_event(event)
         if func is None:
@@ -246,7 +254,12 @@ class Milter:
     def unregister(self, event: str, func: Callable[..., Any]) -> bool:
         return self.registry.remove(event, lambda c: c.func is func)
 
-    def tcl_command(self, name: str, func: Callable[..., Any] | None = None) -> Any:
+    @overload
+    def tcl_command(self, name: str, func: None = None) -> Callable[[F], F]: ...
+    @overload
+    def tcl_command(self, name: str, func: F) -> F: ...
+
+    def tcl_command(self, name: str, func: F | None = None) -> F | Callable[[F], F]:
         """Give the milter's Tcl script a command ``name`` that calls ``func`` with the words as
         ``str``; usable as ``@milter.tcl_command("greydb")``. ValueError for a name already
         defined or the engine's own (``milter``, ``exit``, ``::tclmilter::...``), or an async
