@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -28,10 +29,13 @@ STEPS = ["step1", "step2", "step3"]
 DECISIVE = ("verdict", "stage", "reply", "exit_status", "actions", "rejected_recipients", "message")
 
 
-def try_json(script: str, message: str, hooks: str | None = None) -> dict[str, Any]:
-    args = ["try", str(EXAMPLE / script), str(DATA / message), "--json"]
+def try_json(script: str, message: str, hooks: str | None = None, where: Path = EXAMPLE,
+             sender: str | None = None) -> dict[str, Any]:
+    args = ["try", str(where / script), str(DATA / message), "--json"]
     if hooks:
-        args += ["--python", str(EXAMPLE / hooks)]
+        args += ["--python", str(where / hooks)]
+    if sender is not None:
+        args += ["--from", sender]
     return report(args)
 
 
@@ -67,6 +71,31 @@ def test_every_step_answers_as_the_legacy_script(message: str) -> None:
     if message == "suspect.eml":  # the subject's Latin-1 byte went through Python and back
         text = legacy["message"]["text"].encode("utf-8", "surrogateescape")
         assert b"X-Spam-Score: 4 (Free caf\xe9 for the winners)\r\n" in text
+
+
+@pytest.mark.parametrize("sender", ["<>", "<friend@public.com>", "<Spammer@SpamDomain.COM>"])
+def test_every_step_reads_the_blacklist_as_the_legacy_script_did(tmp_path: Path, sender: str) -> None:
+    """Translated, not corrected: legacy.tcl compares the lower-cased address with the entries as
+    written (a mixed-case one never matches), and its split keeps a blank line as an empty entry,
+    which the null sender <> matches. The steps lower-cased the entries and skipped blank lines,
+    so on such a file they answered otherwise than the legacy script (migrating.md)."""
+    where = tmp_path / "migrating"
+    shutil.copytree(EXAMPLE, where)
+    (where / "blacklist.txt").write_text("spammer@spamdomain.com\n\nFriend@Public.com\n")
+    legacy = try_json("legacy.tcl", "plain.eml", where=where, sender=sender)
+    for step in STEPS:
+        assert try_json(f"{step}.tcl", "plain.eml", f"{step}.py", where, sender) == legacy, step
+
+
+def test_the_code_the_page_shows_is_the_examples_own() -> None:
+    """migrating.md quotes step1.py, step2.py's header callback and step3.tcl: as the files are."""
+    page = (ROOT / "docs" / "migrating.md").read_text()
+    python = re.findall(r"^```python\n(.*?)^```", page, re.S | re.M)
+    assert len(python) == 2 and python[0].startswith("# step1.py\n")
+    assert python[0].removeprefix("# step1.py\n") in (EXAMPLE / "step1.py").read_text()
+    assert python[1] in (EXAMPLE / "step2.py").read_text()
+    tcl = re.findall(r"^```tcl\n(.*?)^```", page, re.S | re.M)
+    assert tcl[-1] in (EXAMPLE / "step3.tcl").read_text()
 
 
 def test_each_step_moves_a_proc_out_of_the_script() -> None:

@@ -10,7 +10,10 @@ BLACKLIST = Path(__file__).with_name("blacklist.txt")
 
 
 def read_blacklist() -> set[str]:
-    return {line.strip().lower() for line in BLACKLIST.read_text().splitlines() if line.strip()}
+    # as legacy.tcl reads it, [split [string trim [read $f]] "\n"]: each line as written, a blank
+    # one as "" (which the null sender <> matches), none from an empty file
+    text = BLACKLIST.read_text().strip()
+    return set(text.split("\n")) if text else set()
 
 
 def setup(milter):

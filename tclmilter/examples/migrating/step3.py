@@ -15,7 +15,10 @@ SPAM_WORDS = {"free": 2, "money": 2, "win": 2, "won": 2, "prize": 2, "!!!": 2}
 
 
 def read_blacklist() -> set[str]:
-    return {line.strip().lower() for line in BLACKLIST.read_text().splitlines() if line.strip()}
+    # as legacy.tcl reads it, [split [string trim [read $f]] "\n"]: each line as written, a blank
+    # one as "" (which the null sender <> matches), none from an empty file
+    text = BLACKLIST.read_text().strip()
+    return set(text.split("\n")) if text else set()
 
 
 def subject_score(subject: str) -> int:
