@@ -19,7 +19,7 @@ from typing import Iterator
 import pytest
 
 import pytclmilter
-from support.engine import wait_for
+from support.engine import WAIT, RawMTA, strings, wait_for, z
 from support.tclrun import _pytclmilter_command, child_env
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -128,6 +128,31 @@ def test_the_filter_in_python_answers_as_the_page_shows(tmp_path: Path, started:
         sent += 1
     assert sent == 2
     assert stop(proc) == ""  # the library configures no log handler
+
+
+def test_the_filter_in_python_keeps_no_subject_from_a_message_to_the_next(
+        tmp_path: Path, started: list[subprocess.Popen[str]]) -> None:
+    """Private data outlives a message: the page's example stamped a second message of the
+    connection (SMTP allows several per session) that had no Subject with the first one's,
+    "Subject: [checked] Lunch", because only its envfrom's size was reset."""
+    port = free_port()
+    (tmp_path / "example.py").write_text(
+        block("python", "import asyncio\n").replace("inet:8899@127.0.0.1", f"inet:{port}@127.0.0.1"))
+    wait_listening(start(started, tmp_path / "example.py"), port)
+    with RawMTA(socket.create_connection(("127.0.0.1", port), timeout=WAIT)) as mta:
+        mta.optneg()
+        assert mta.connect() == (b"c", b"")
+        subjects = []
+        for headers in ([("Subject", "Lunch"), ("From", "<a@example.org>")], [("From", "<a@example.org>")]):
+            assert mta.mail() == (b"c", b"") and mta.rcpt() == (b"c", b"")
+            for name, value in headers:  # (no reply: the milter asked for none, NR_HDR)
+                mta.send(b"L", z(name, value))
+            assert mta.eoh() == (b"c", b"") and mta.body(b"hi\r\n") == (b"c", b"")
+            replies = mta.eom()
+            subjects += [strings(p[4:]) for code, p in replies if code == b"m"]
+            assert replies[-1] == (b"c", b""), replies
+            mta.abort()  # as Postfix ends each message
+    assert subjects == [[b"Subject", b"[checked] Lunch"], [b"Subject", b"[checked] "]]
 
 
 def test_a_typed_program_type_checks_strictly_and_runs_as_shown(tmp_path: Path,
