@@ -210,3 +210,40 @@ def test_a_worker_that_calls_exit_leaves_the_supervisors_pid_file(tclrun, piddir
     assert pidfile.read_text() == f"{m.child.pid}\n"
     assert m.stop() == 0
     assert not os.path.lexists(pidfile)
+
+
+def _links_home(piddir: Path, tmp_path: Path, owner: str) -> tuple[Path, Path]:
+    """A link ``piddir/d`` made by ``owner`` that sends a path through it to a directory of root's."""
+    home = tmp_path / "roots"
+    home.mkdir(mode=0o755)
+    link = piddir / "d"
+    link.symlink_to(home)
+    pw = pwd.getpwnam(owner)
+    os.lchown(link, pw.pw_uid, pw.pw_gid)
+    return link, home
+
+
+@ROOT_ONLY
+@pytest.mark.parametrize("what", ["pidfile", "socket"])
+def test_a_directory_link_another_user_made_in_tmp_is_not_followed(tclrun, tmp_path, piddir, what):
+    """Another user's link in a sticky /tmp on the way to the pid file or the socket: the
+    kernel's protected_symlinks guard is off in many containers, and root made its files in the
+    directory the link named."""
+    link, home = _links_home(piddir, tmp_path, "nobody")
+    options = ("--pidfile", str(link / "m.pid")) if what == "pidfile" else ()
+    m = tclrun(STAMP, *options, "--user", "nobody",
+               connection=TCP if what == "pidfile" else f"unix:{link}/m.sock", wait=False)
+    assert m.wait_exit(15) == 1, m.text
+    assert f"the symbolic link {link} is in a directory others may write; refusing to follow it" in m.text
+    assert "listening on" not in m.text
+    assert list(home.iterdir()) == []
+
+
+@ROOT_ONLY
+def test_a_directory_link_of_roots_in_tmp_is_followed(tclrun, tmp_path, piddir):
+    link, home = _links_home(piddir, tmp_path, "root")
+    (home / "sub").mkdir()
+    m = tclrun(STAMP, "--pidfile", str(link / "sub" / ".." / "m.pid"), connection=f"unix:{link}/m.sock")
+    assert (home / "m.pid").read_text() == f"{m.child.pid}\n"
+    assert stat.S_ISSOCK(os.lstat(home / "m.sock").st_mode)
+    assert m.stop() == 0

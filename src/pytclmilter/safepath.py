@@ -4,14 +4,23 @@ The directory is opened once (``O_PATH``) and every later step names the
 entry relative to that descriptor (the ``*at`` system calls) and never
 follows a symbolic link at the name: whatever someone puts there, a link is
 examined or removed as a link, never its target. The path *to* the directory
-is the admin's choice and trusted: a link on the way (``/var/run -> /run``)
-is followed once, when the directory is opened.
+is the admin's choice: a link on the way (``/var/run -> /run``) is followed
+when the directory is opened, but only where no one else could have put it
+(:func:`open_dir`): the kernel's own guard (``fs.protected_symlinks``) is off
+in many containers, and a link another user made in ``/tmp`` sent root's
+socket and pid file into any directory.
 """
 
 from __future__ import annotations
 
+import errno
 import os
+import stat
 from typing import Callable
+
+
+_DIR = os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC
+_MAX_LINKS = 40  # as the kernel's path walk
 
 
 def open_dir(path: str) -> tuple[int, str]:
@@ -19,7 +28,54 @@ def open_dir(path: str) -> tuple[int, str]:
     head, name = os.path.split(path)
     if not name or name in (".", ".."):
         raise IsADirectoryError(21, "Is a directory")
-    return os.open(head or ".", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC), name
+    return _walk(head or "."), name
+
+
+def _walk(path: str) -> int:
+    """Open the directory ``path`` a name at a time, as the kernel would, but follow a symbolic
+    link only where its owner is to be trusted (:func:`_trusted_link`); OSError otherwise. A
+    name that becomes a link meanwhile fails the open (O_NOFOLLOW), never leads elsewhere."""
+    fd = os.open("/" if path.startswith("/") else ".", _DIR)
+    todo, walked, links = path.split("/")[::-1], "/" if path.startswith("/") else "", 0
+    try:
+        while todo:
+            part = todo.pop()
+            if part in ("", "."):
+                continue
+            st = lstat_at(fd, part)
+            if st is None or not stat.S_ISLNK(st.st_mode):
+                fd = _replace(fd, os.open(part, _DIR | os.O_NOFOLLOW, dir_fd=fd))
+                walked = os.path.join(walked, part)
+                continue
+            links += 1
+            if links > _MAX_LINKS:
+                raise OSError(errno.ELOOP, os.strerror(errno.ELOOP))
+            if not _trusted_link(os.fstat(fd), st):
+                raise PermissionError(errno.EPERM, f"the symbolic link {os.path.join(walked, part)} is in a "
+                                      "directory others may write; refusing to follow it")
+            target = os.readlink(part, dir_fd=fd)
+            todo.extend(target.split("/")[::-1])
+            if target.startswith("/"):
+                fd, walked = _replace(fd, os.open("/", _DIR)), "/"
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _replace(old: int, new: int) -> int:
+    os.close(old)
+    return new
+
+
+def _trusted_link(directory: os.stat_result, link: os.stat_result) -> bool:
+    """A link in a directory only root and we may write, or in a sticky one (``/tmp``) a link of
+    ours or of the directory's owner (the kernel's ``protected_symlinks`` rule): any other one
+    may have been made by another user, to send root's files where that user chose."""
+    ours = (0, os.geteuid())
+    if directory.st_uid in ours and not directory.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+        return True
+    return bool(directory.st_mode & stat.S_ISVTX) and link.st_uid in (*ours, directory.st_uid)
 
 
 def lstat_at(dirfd: int, name: str) -> os.stat_result | None:

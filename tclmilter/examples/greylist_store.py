@@ -281,7 +281,8 @@ def _refuse_unsafe_as_root(path: str) -> None:
 
     SQLite follows links and creates PATH-wal and PATH-shm beside PATH: in a directory others may
     write, they could point one of those names at any file root may write. The directory itself
-    is the admin's choice (a link on the way to it is trusted, as for the socket's directory).
+    is the admin's choice (a link on the way to it is followed only where no one else could have
+    made it: safepath.open_dir, as for the socket's directory).
     After ``run --user`` dropped privileges none of this applies: a link then reaches only what
     that user may write anyway.
     """
