@@ -211,6 +211,26 @@ def test_macro_packet_has_pairs_exactly_when_a_pair_decodes(raw: bytes) -> None:
     assert macros.has_pairs == bool(dict(macros))
 
 
+_WORDS = st.sampled_from([b"", b"a", b"{a}", b"b", b"a\xff", b"\xc3\xa9"])
+
+
+@given(st.lists(_WORDS, max_size=12), st.lists(_WORDS, max_size=12), st.booleans(),
+       st.sampled_from(["a", "{a}", "b", "", "a\udcff", "\xe9", "zz"]))
+def test_a_packet_too_big_to_keep_decoded_answers_as_decoding_would(head: list[bytes], tail: list[bytes],
+                                                                      closed: bool, name: str) -> None:
+    """Past KEPT_PAIRS pairs a lookup searches the bytes (nothing decoded is kept): the first
+    pair of the name wins, a name-like value is no name, a last name without a value is none."""
+    filler = [b"f%d" % i for i in range(2 * codec.KEPT_PAIRS + 4)]
+    raw = b"\0".join(head + filler + tail) + (b"\0" if closed else b"")
+    parts = raw.split(b"\0")
+    if parts[-1] == b"":
+        parts.pop()
+    expected: dict[str, str] = {}
+    for i in range(0, len(parts) - 1, 2):
+        expected.setdefault(codec.text(parts[i]), codec.text(parts[i + 1]))
+    assert codec.LazyMacros(raw).get(name) == expected.get(name)
+
+
 def test_envelope_and_header_layouts() -> None:
     assert encode_command(ev.EnvFrom(["<a@b>", "SIZE=10", "BODY=8BITMIME"])) == raw_frame(
         b"M", b"<a@b>\0SIZE=10\0BODY=8BITMIME\0"

@@ -1,0 +1,87 @@
+"""What one peer of the milter's socket can make ``pytclmilter run`` hold: raw frames over a real
+socket against a separate process, whose memory is read from /proc (docs/hardening.md,
+"Resource exhaustion from the MTA side")."""
+
+from __future__ import annotations
+
+import socket
+import struct
+
+import pytest
+
+from support.tclrun import frame, tclrun_factory, z
+
+tclrun = pytest.fixture(tclrun_factory, name="tclrun")
+
+OPTNEG = frame("O", struct.pack("!III", 6, 0x1FF, 0x1FFFFF))
+
+# Reads a macro no packet has (every stage's pairs are searched) and one at the end of a big
+# packet, after the same name as a value: a wrong answer is a reject that says what it got.
+MACROS = r"""
+package require TclMilter
+proc from {ctx args} {
+    $ctx getsymval {{nosuch}}
+    set got [$ctx getsymval {{target}}]
+    if {$got eq "found"} { return SMFIS_CONTINUE }
+    $ctx setreply 550 5.7.1 "got <$got>"
+    return SMFIS_REJECT
+}
+milter register envfrom from
+milter main
+"""
+
+
+def _big_macros(stage: bytes, seed: int) -> bytes:
+    """A 64 KiB macro packet of 3-byte pairs ({target} as a value on the way), {target} last."""
+    pairs = [b"x\0{target}\0"]
+    size = len(stage) + len(pairs[0]) + len(z("{target}", "found"))
+    i = 0
+    while size + 8 < 65000:
+        pair = b"%x\0\0" % (seed * 100000 + i)
+        pairs.append(pair)
+        size += len(pair)
+        i += 1
+    pairs.append(z("{target}", "found"))
+    return frame("D", stage + b"".join(pairs))
+
+
+def _reply(sock: socket.socket) -> bytes:
+    head = b""
+    while len(head) < 4:
+        head += sock.recv(4 - len(head))
+    (length,) = struct.unpack("!I", head)
+    data = b""
+    while len(data) < length:
+        data += sock.recv(length - len(data))
+    return data
+
+
+def _rss_kb(pid: int) -> int:
+    with open(f"/proc/{pid}/status", encoding="ascii") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:"))
+
+
+def test_big_macro_packets_are_kept_as_they_came_not_decoded(tclrun):
+    """40 peers, each 64 KiB of macro pairs for connect, HELO and MAIL, read by getsymval: before,
+    each packet was kept as a dict of 8 000 strings (some 2.4 MB a connection, 100 MB in all)."""
+    m = tclrun(MACROS)
+    pid = m.child.pid
+    before = _rss_kb(pid)
+    peers = []
+    for n in range(40):
+        sock = socket.create_connection(("127.0.0.1", m.port), timeout=10)
+        peers.append(sock)
+        sock.sendall(OPTNEG)
+        assert _reply(sock)[:1] == b"O"
+        sock.sendall(_big_macros(b"C", n) + frame("C", z("client.example") + b"4" + struct.pack("!H", 25) + z("192.0.2.1")))
+        assert _reply(sock) == b"c"
+        sock.sendall(_big_macros(b"H", n) + frame("H", z("helo.example")))
+        assert _reply(sock) == b"c"
+        sock.sendall(_big_macros(b"M", n) + frame("M", z("<a@example.org>")))
+        assert _reply(sock) == b"c", "getsymval found the wrong value"
+    grown = _rss_kb(pid) - before
+    for sock in peers:
+        sock.close()
+    assert grown < 30_000, f"RSS grew by {grown} kB for 40 peers sending 7.8 MB of macros"
+    assert m.stop() == 0
+
