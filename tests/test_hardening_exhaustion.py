@@ -85,3 +85,36 @@ def test_big_macro_packets_are_kept_as_they_came_not_decoded(tclrun):
     assert grown < 30_000, f"RSS grew by {grown} kB for 40 peers sending 7.8 MB of macros"
     assert m.stop() == 0
 
+
+NULL = r"""
+package require TclMilter
+proc rcpt {ctx args} { return SMFIS_CONTINUE }
+milter register envrcpt rcpt
+milter main
+"""
+
+
+def test_a_peer_that_reads_no_replies_is_closed_with_one_line_that_says_so(tclrun):
+    """It is pushed back (not read while its replies wait) and closed at --timeout; the line said
+    "no data for 1s", which sent an admin looking for an MTA that had sent 5 MB of commands."""
+    m = tclrun(NULL, "--timeout", "1")
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.connect(("127.0.0.1", m.port))
+    sock.sendall(OPTNEG)
+    assert _reply(sock)[:1] == b"O"
+    sock.sendall(frame("M", z("<a@example.org>")))
+    assert _reply(sock) == b"c"
+    sock.settimeout(0.5)
+    batch = frame("R", z("<rcpt@example.org>")) * 1000
+    try:
+        while True:
+            sock.sendall(batch)
+    except (TimeoutError, socket.timeout):
+        pass  # pushed back
+    m.wait_for(r"closing\r?\n", timeout=10)
+    assert "conn#1: replies unread by the peer (its receive buffer full: nothing more was read from it) for 1s, " \
+           "closing" in m.text, m.text
+    assert m.text.count("WARNING") == 1, m.text
+    sock.close()
+    assert m.stop() == 0

@@ -212,6 +212,8 @@ class _Retiring:
         self.gone = gone
 
 
+#: Why a connection pushed back (its replies unread) was idle: not read from while it reads nothing.
+_UNREAD: Final = "replies unread by the peer (its receive buffer full: nothing more was read from it)"
 #: What the end of serving is logged as, and why the sessions cut at its grace were closed.
 _STOPPED: Final = ("stopping", "milter stopped")
 _REPLACED: Final = ("replaced by a reload", "milter reloaded")
@@ -432,7 +434,10 @@ class MilterServer:
             # A connection whose callback is still running is not idle: the timeout limits waits
             # for the MTA, not callbacks (docs/protocol.md §9.3).
             for conn in [c for c in self.connections if now - c.last > timeout and not c.busy]:
-                log.warning("%s: no data for %gs, closing", conn.engine.name if conn.engine else "?", timeout)
+                # A peer whose replies are unread is not read either (pause_writing): "no data"
+                # sent an admin looking for a silent MTA that had in fact sent plenty.
+                log.warning("%s: %s for %gs, closing", conn.engine.name if conn.engine else "?",
+                            _UNREAD if conn.blocked else "no data", timeout)
                 conn.expire("timeout")
 
     def _start_ticker(self) -> None:
