@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 
 from support.haproxy import TEMPLATE, haproxy_factory
+from support.loopback import LoopbackServer
 from support.postfix import PrivatePostfix, SinkMessage, wait_until
 from support.tclrun import Mta, TclRun, tclrun_factory
 
@@ -174,37 +175,18 @@ def test_pool_survives_a_killed_instance_and_takes_it_back(postfix, haproxy, tcl
 # ---------------------------------------------------------------------------- the health check
 
 
-class SilentServer:
+class SilentServer(LoopbackServer):
     """Accepts TCP connections and reads them; answers nothing, or ``greeting`` once."""
 
     def __init__(self, greeting: bytes = b"") -> None:
         self.greeting = greeting
-        self.sock = socket.create_server(("127.0.0.1", 0))
-        self.port = self.sock.getsockname()[1]
-        self.accepted = 0
-        threading.Thread(target=self._accept, daemon=True).start()
+        super().__init__(self._greet)
 
-    def _accept(self) -> None:
-        while True:
-            try:
-                conn, _ = self.sock.accept()
-            except OSError:
-                return
-            self.accepted += 1
-            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
-
-    def _serve(self, conn: socket.socket) -> None:
-        with conn:
-            try:
-                if self.greeting:
-                    conn.sendall(self.greeting)
-                while conn.recv(4096):
-                    pass
-            except OSError:
-                pass
-
-    def close(self) -> None:
-        self.sock.close()
+    def _greet(self, conn: socket.socket) -> None:
+        if self.greeting:
+            conn.sendall(self.greeting)
+        while conn.recv(4096):
+            pass
 
 
 @pytest.fixture

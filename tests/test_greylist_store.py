@@ -17,6 +17,7 @@ import re
 import shlex
 import shutil
 import signal
+import socket
 import sqlite3
 import subprocess
 import sys
@@ -28,6 +29,7 @@ from typing import Any, Callable, Iterator
 
 import pytest
 
+from support.loopback import LoopbackServer
 from support.postfix import free_port
 from support.redis import RedisServer
 from support.tclrun import TclRun, tclrun_factory
@@ -198,6 +200,74 @@ def test_an_unresponsive_redis_costs_one_timeout_per_retry_interval_not_one_per_
     assert ten < 1.0, ten  # without the pause, 10 * 0.3 s at least
     line = m.wait_for(r"greylist store \S+ unavailable \((.*)\): answering accept \(not greylisted\)")
     assert "Timeout" in line.group(1)
+    assert m.stop() == 0
+
+
+class NotRedis(LoopbackServer):
+    """A TCP server on loopback that is no Redis: it answers whatever it reads with ``answer``
+    (once per read), then with ``trickle`` one byte every 0.1 s (a server that never finishes)."""
+
+    def __init__(self, answer: bytes, trickle: bytes = b"") -> None:
+        self.answer, self.trickle = answer, trickle
+        super().__init__(self._answer)
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+
+    def _answer(self, conn: socket.socket) -> None:
+        while conn.recv(65536):
+            conn.sendall(self.answer)
+            for byte in self.trickle:
+                conn.sendall(bytes([byte]))
+                time.sleep(0.1)
+
+
+@pytest.fixture
+def not_redis() -> Iterator[Callable[..., NotRedis]]:
+    made: list[NotRedis] = []
+
+    def make(answer: bytes, trickle: bytes = b"") -> NotRedis:
+        made.append(NotRedis(answer, trickle))
+        return made[-1]
+
+    yield make
+    for server in made:
+        server.close()
+
+
+@pytest.mark.parametrize("answer, mode", [(b"*2\r\n$3\r\nabc\r\n$3\r\nxyz\r\n", "tempfail"), (b":1\r\n", "accept")])
+def test_a_store_that_answers_what_no_redis_answers_is_an_outage_not_an_error_per_message(
+        tclrun: Callable[..., TclRun], not_redis: Callable[..., NotRedis], answer: bytes, mode: str) -> None:
+    """-store pointed at a service that speaks Redis's syntax but is no Redis (another service
+    behind the port, a proxy answering for it): redis-py takes its answers for Redis's and fails
+    on them with AttributeError or ValueError. That was a Tcl error in every check: an ERROR with
+    a traceback per recipient, the generic tempfail (-unavailable accept ignored), and the store
+    tried again at every message."""
+    server = not_redis(answer)
+    m = greylist(tclrun, server.url, args=("-retry", "30", "-unavailable", mode))
+    replies = [rcpt_reply(m, n) for n in range(3)]
+    if mode == "accept":
+        assert replies == [("c", {})] * 3, replies
+    else:
+        assert all(unavailable(r) for r in replies), replies
+    line = m.wait_for(r"WARNING: greylist store \S+ unavailable \((.*)\): answering ")
+    assert line.group(1).startswith("StoreError: an answer no Redis gives ("), line.group(1)
+    assert len(re.findall(r"greylist store \S+ unavailable", m.text)) == 1
+    assert "ERROR" not in m.text and "Traceback" not in m.text
+    assert m.stop() == 0
+
+
+def test_a_store_that_trickles_its_answer_is_given_up_on_not_waited_for_until_the_call_timeout(
+        tclrun: Callable[..., TclRun], not_redis: Callable[..., NotRedis]) -> None:
+    """redis-py's socket timeout bounds each read, not an answer: a server that sends a byte
+    every 0.1 s never trips it. Each check then held the milter's only thread until -calltimeout
+    (60 s by default, longer than Postfix waits) stopped the callback, message after message,
+    as no outage was noticed. Now one check gets REDIS_DEADLINE in all."""
+    server = not_redis(b"$100000\r\n", b"x" * 1000)
+    m = greylist(tclrun, server.url, "--call-timeout", "5", args=("-retry", "30"))
+    replies = [rcpt_reply(m, n) for n in range(2)]
+    assert all(unavailable(r) for r in replies), replies
+    line = m.wait_for(r"WARNING: greylist store \S+ unavailable \((.*)\): answering tempfail")
+    assert line.group(1).startswith("TimeoutError"), line.group(1)
+    assert "ERROR" not in m.text and "callback stopped" not in m.text
     assert m.stop() == 0
 
 

@@ -27,8 +27,9 @@ with a 4xx and the client retries) or ``pass`` (-unavailable accept: mail flows 
 logs one warning when the outage starts and one when the store is back, and is tried again at
 most every -retry seconds (default 5): in between, checks answer at once, without touching the
 network. Callbacks run on the milter's only thread, so no call may block long: Redis gets 0.3 s
-to connect and to answer, and its host name is resolved once, when the script loads (within 5 s,
-else the load fails), never while serving.
+to connect and for each read, 1 s in all for a check, and its host name is resolved once, when
+the script loads (within 5 s, else the load fails), never while serving. A server that answers
+what no Redis answers (another service at that port) is an outage too, not an error per check.
 
 The file of the greylist before its store (one Tcl list per line: ip sender rcpt first last)
 is imported once with pytclmilter's own python3 (``/opt/pytclmilter/bin/python3`` in
@@ -42,6 +43,7 @@ the same process (a reload) shares nothing with the first.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import ipaddress
@@ -70,7 +72,8 @@ log = logging.getLogger("pytclmilter.greylist")
 
 DEFAULT_STORE = "sqlite:/var/lib/greylist/greylist.sqlite"
 SQLITE_BUSY_TIMEOUT = 0.5  # seconds a write waits for another worker's
-REDIS_TIMEOUT = 0.3  # seconds to connect, and to answer
+REDIS_TIMEOUT = 0.3  # seconds to connect, and for each read of an answer
+REDIS_DEADLINE = 1.0  # seconds one check may spend with Redis in all (a reconnect's handshake included)
 RESOLVE_TIMEOUT = 5.0  # seconds the host name of a redis:// store may take to resolve, at load
 REDIS_PREFIX = b"greylist:"
 DEFAULT_MAX_AGE = 3024000.0  # 35 days
@@ -405,6 +408,77 @@ def pinned_url(url: str) -> str:
     return _with_address(parts, _resolve(host, parts.port or 6379))
 
 
+class _Deadline:
+    """The end (time.monotonic()) of the Redis operation under way; infinite between operations."""
+
+    def __init__(self) -> None:
+        self.end = math.inf
+
+    def left(self) -> float:
+        return self.end - time.monotonic()
+
+
+class _BoundedSocket:
+    """A connected socket whose every read and write ends by the deadline of the operation under way.
+
+    redis-py's socket_timeout bounds each read, not an answer: a server that trickles its answer
+    (a byte every 0.1 s) never trips it, and held the milter's only thread until -calltimeout
+    stopped the callback, at every message, no outage ever being noticed. Past the deadline a
+    read raises socket.timeout, which redis-py turns into its TimeoutError (and disconnects).
+    """
+
+    def __init__(self, sock: socket.socket, deadline: _Deadline) -> None:
+        self._sock = sock
+        self._deadline = deadline
+        self._timeout = sock.gettimeout()
+
+    def __getattr__(self, name: str) -> Any:  # fileno, shutdown, close, setsockopt...: the socket's own
+        return getattr(self._sock, name)
+
+    def settimeout(self, value: float | None) -> None:
+        self._timeout = value
+        self._sock.settimeout(value)
+
+    def gettimeout(self) -> float | None:
+        return self._timeout
+
+    def _bound(self) -> None:
+        left = self._deadline.left()
+        if left <= 0:
+            raise socket.timeout(f"no answer within {REDIS_DEADLINE:g} s in all")
+        self._sock.settimeout(left if self._timeout is None else min(left, self._timeout))
+
+    def recv(self, *args: Any) -> bytes:
+        self._bound()
+        return self._sock.recv(*args)
+
+    def recv_into(self, *args: Any) -> int:
+        self._bound()
+        return self._sock.recv_into(*args)
+
+    def send(self, *args: Any) -> int:
+        self._bound()
+        return self._sock.send(*args)
+
+    def sendall(self, *args: Any) -> None:
+        self._bound()
+        self._sock.sendall(*args)
+
+
+def _bounded_connection(base: Any, deadline: _Deadline) -> type:
+    """redis-py's connection class ``base`` (TCP, TLS or unix socket) with its socket bounded by ``deadline``."""
+
+    def _connect(self: Any) -> _BoundedSocket:
+        return _BoundedSocket(base._connect(self), deadline)
+
+    return type(f"Bounded{base.__name__}", (base,), {"_connect": _connect})
+
+
+#: What redis-py raises when a server answers in Redis's syntax what Redis never answers (a
+#: list where the handshake expects a map, a number for the check's pair): it trusts the server.
+_ALIEN_ANSWER: Errors = (AttributeError, TypeError, ValueError, IndexError, KeyError)
+
+
 class RedisStore:
     """Triplets in a Redis server shared by several hosts.
 
@@ -419,13 +493,17 @@ class RedisStore:
         from redis.backoff import NoBackoff
         from redis.retry import Retry
 
-        self.errors: Errors = (redis.exceptions.RedisError, OSError)
+        self.errors: Errors = (redis.exceptions.RedisError, OSError, StoreError)
         self.where = _redis_where(url)
+        self._deadline = _Deadline()
+        kind = {"unix": redis.connection.UnixDomainSocketConnection, "rediss": redis.connection.SSLConnection}
+        base = kind.get(urlsplit(url).scheme, redis.connection.Connection)
         # No retries: redis-py's default retries with back-off would hold the milter's thread for
         # seconds. The greylist retries instead, at most every -retry seconds.
         self._client = redis.Redis.from_url(
             pinned_url(url), socket_connect_timeout=REDIS_TIMEOUT, socket_timeout=REDIS_TIMEOUT,
-            retry=Retry(NoBackoff(), 0), health_check_interval=0)
+            retry=Retry(NoBackoff(), 0), health_check_interval=0,
+            connection_class=_bounded_connection(base, self._deadline))
         self._see = self._client.register_script(_REDIS_SEE)
         self._merge = self._client.register_script(_REDIS_MERGE)
 
@@ -434,15 +512,29 @@ class RedisStore:
         """greylist:IP NUL SENDER NUL RCPT (NUL cannot occur in milter strings: no two triplets share a key)."""
         return REDIS_PREFIX + b"\0".join(s.encode("utf-8", "surrogateescape") for s in triplet)
 
+    @contextlib.contextmanager
+    def _talking(self) -> Iterator[None]:
+        """One operation: REDIS_DEADLINE in all, and an answer no Redis gives is a StoreError
+        (an outage, logged once), not an error of every check."""
+        self._deadline.end = time.monotonic() + REDIS_DEADLINE
+        try:
+            yield
+        except _ALIEN_ANSWER as exc:
+            raise StoreError(f"an answer no Redis gives ({_reason(exc)}): is it a Redis server?") from exc
+        finally:
+            self._deadline.end = math.inf
+
     def see(self, triplet: tuple[str, str, str], now: float, max_age: float) -> tuple[float, int]:
-        first, seen = self._see(keys=[self.key(triplet)], args=[repr(now), math.ceil(max_age)])
-        return float(first), int(seen)
+        with self._talking():
+            first, seen = self._see(keys=[self.key(triplet)], args=[repr(now), math.ceil(max_age)])
+            return float(first), int(seen)
 
     def expire(self, before: float) -> int:
         return 0  # Redis forgets a key when its time to live runs out
 
     def merge(self, triplet: tuple[str, str, str], first: float, last: float, now: float, max_age: float) -> None:
-        self._merge(keys=[self.key(triplet)], args=[repr(first), repr(last), repr(max_age), repr(now)])
+        with self._talking():
+            self._merge(keys=[self.key(triplet)], args=[repr(first), repr(last), repr(max_age), repr(now)])
 
     def close(self) -> None:
         self._client.close()
