@@ -252,6 +252,72 @@ def test_a_python_exception_is_a_tcl_error_the_script_can_catch(tclrun):
                          "    invoked from within", '"p"']
 
 
+NESTING_HOOKS = '''
+def setup(milter):
+    @milter.tcl_command("nested")
+    def nested(levels, kind="list"):
+        value = "x"
+        for _ in range(int(levels)):
+            value = [value] if kind == "list" else {"k": value}
+        return value
+
+    @milter.tcl_command("itself")
+    def itself():
+        loop = []
+        loop.append(loop)
+        return loop
+
+    @milter.tcl_command("again")
+    def again():
+        return milter.tcl("again")
+
+    @milter.register("connect")
+    def connect(ctx, hostname, addrinfo):
+        loop = {}
+        loop["me"] = loop
+        ctx.setpriv("loop", loop)
+'''
+
+
+def test_a_result_nested_too_deep_or_without_end_is_a_tcl_error_that_says_so(tclrun):
+    """A result nested deeper than Python's recursion limit allowed (about 450 levels), or a
+    list that contains itself, raised RecursionError inside tkinter's call of the command:
+    tkinter keeps such an exception to itself, and the script got an empty error, errorCode
+    NONE; a command calling itself through milter.tcl ended in a bare "TclError". Read with
+    getpriv, such private data was an "internal error" with a traceback of a thousand lines."""
+    m = tclrun(TCL_HELPERS + r"""
+        package require TclMilter
+        T list100  {string length [nested 100]}
+        T dict100  {dict size [nested 100 dict]}
+        T list101  {nested 101}
+        T code     {catch {nested 500} m o; dict get $o -errorcode}
+        T itself   {itself}
+        T again    {again}
+        proc helo {ctx name} {
+            T loop {$ctx getpriv loop}
+            return SMFIS_CONTINUE
+        }
+        milter register helo helo
+        milter main
+    """, python=[NESTING_HOOKS])
+    with m.mta() as mta:
+        mta.negotiate()
+        assert mta.connect() == ("c", {})
+        assert mta.helo() == ("c", {})
+    assert m.stop() == 0
+    r = m.results()
+    deep = "a list nested deeper than 100 levels (or one that contains itself) has no Tcl form"
+    assert r["list100"] == "OK 1"
+    assert r["dict100"] == "OK 1"
+    assert r["list101"] == f"ERR nested: {deep}"
+    assert r["code"] == f"OK PYTHON ValueError {{nested: {deep}}}"
+    assert r["itself"] == f"ERR itself: {deep}"
+    assert r["again"].startswith("ERR maximum recursion depth exceeded"), r["again"]
+    assert r["loop"] == ('ERR private data "loop": a dict nested deeper than 100 levels (or one that '
+                         'contains itself) has no Tcl form')
+    assert "internal error" not in m.text and "Traceback" not in m.text
+
+
 def test_an_uncaught_python_exception_in_a_callback_is_logged_and_answered_with_onerror(tclrun):
     m = tclrun(r"""
         package require TclMilter

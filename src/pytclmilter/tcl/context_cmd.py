@@ -21,7 +21,7 @@ from .usage import TclUsageError, bad_choice, count_ok, integer, wrong_args
 
 def _getpriv(ctx: Context, args: Sequence[str]) -> Any:
     if not args:
-        return priv_value(ctx.priv)
+        return _readable("", ctx.priv)
     return _read(ctx, args[0])
 
 
@@ -39,10 +39,20 @@ def _same(value: str) -> str:
 
 def _read(ctx: Context, name: str) -> Any:
     try:
-        return priv_value(ctx.priv[name])
+        value = ctx.priv[name]
     except KeyError:
         # errorCode as Tcl's own for a variable that is not there: `trap {TCL LOOKUP VARNAME}` works
         raise TclUsageError(f'can\'t read "{name}": no such private data', ("TCL", "LOOKUP", "VARNAME", name)) from None
+    return _readable(name, value)
+
+
+def _readable(name: str, value: Any) -> Any:
+    """priv_value, its ValueError (a value a Python callback nested too deep) the script's error."""
+    try:
+        return priv_value(value)
+    except ValueError as exc:
+        what = f'private data "{name}"' if name else "private data"
+        raise TclUsageError(f"{what}: {exc}", ("PYTHON", "ValueError", str(exc))) from None
 
 
 def _setpriv(ctx: Context, args: Sequence[str]) -> Any:

@@ -62,11 +62,23 @@ class _Stopped(Exception):
         self.where = where
 
 
-def tcl_form(value: Any, string: Callable[[str], Any], other: Callable[[Any], Any]) -> Any:
+#: Levels of lists and dicts a value given to Tcl may nest. Deeper, Python's recursion limit
+#: stopped the conversion at a depth that varied with the stack (about 450 levels), and inside
+#: tkinter's call of a command, whose RecursionError tkinter keeps to itself: the script got an
+#: empty error. (tkinter's own C conversion crashes the process near 100 000 levels.)
+MAX_NESTING: Final = 100
+#: What a Python command answers when Python's recursion limit stops it (a command calling itself
+#: through milter.tcl): made here, as there is no stack left to make it then.
+_RECURSION: Final = "maximum recursion depth exceeded (a Python command that calls itself through Tcl?)"
+_RECURSION_ANSWER: Final = ("error", _RECURSION, ("PYTHON", "RecursionError", _RECURSION), _RECURSION)
+
+
+def tcl_form(value: Any, string: Callable[[str], Any], other: Callable[[Any], Any], depth: int = 0) -> Any:
     """A Python value in the shape tkinter makes a Tcl value of: None the empty string, bool 1 or
     0, a Status its SMFIS_ name, numbers as they are, bytes their text (the bytes rule), a list or
     tuple a Tcl list, a dict a Tcl dict (a key/value list). ``string`` gives each text's form,
-    ``other`` that of a value of any other type."""
+    ``other`` that of a value of any other type. ValueError for lists or dicts nested deeper than
+    MAX_NESTING (a list that contains itself has no end)."""
     if type(value) is str:
         return string(value)
     if value is None:
@@ -81,10 +93,15 @@ def tcl_form(value: Any, string: Callable[[str], Any], other: Callable[[Any], An
         return string(str(value))
     if isinstance(value, (bytes, bytearray, memoryview)):
         return string(text(bytes(value)))
+    if isinstance(value, (list, tuple, dict)) and depth >= MAX_NESTING:
+        raise ValueError(f"{with_article(type(value).__name__)} nested deeper than {MAX_NESTING} levels "
+                         "(or one that contains itself) has no Tcl form")
+    depth += 1
     if isinstance(value, (list, tuple)):
-        return tuple(tcl_form(v, string, other) for v in value)
+        return tuple(tcl_form(v, string, other, depth) for v in value)
     if isinstance(value, dict):
-        return tuple(x for k, v in value.items() for x in (tcl_form(k, string, other), tcl_form(v, string, other)))
+        return tuple(x for k, v in value.items()
+                     for x in (tcl_form(k, string, other, depth), tcl_form(v, string, other, depth)))
     return other(value)
 
 
@@ -159,6 +176,12 @@ class PythonCommands:
         usage = f"{command.name} {command.usage}".rstrip()
 
         def run(*args: str) -> tuple[Any, ...]:
+            try:
+                return attempt(*args)
+            except RecursionError:  # (in _error: no stack left to report it; tkinter would drop it)
+                return _RECURSION_ANSWER
+
+        def attempt(*args: str) -> tuple[Any, ...]:
             if not count_ok(len(args), low, high):
                 message = to_tcl(str(wrong_args(usage)))
                 return ("error", message, ("TCL", "WRONGARGS"), message)
@@ -177,9 +200,9 @@ class PythonCommands:
                 self._depth -= 1
             try:
                 return ("ok", tcl_value(result))
-            except TypeError as exc:
+            except (TypeError, ValueError) as exc:
                 message = to_tcl(f"{command.name}: {exc}")
-                return ("error", message, ("PYTHON", "TypeError", message), message)
+                return ("error", message, ("PYTHON", type(exc).__name__, message), message)
 
         return run
 
