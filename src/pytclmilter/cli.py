@@ -8,7 +8,7 @@ from typing import Callable, Sequence
 
 from . import __version__
 from .commands import check, run, send, sigmask, trial
-from .commands.common import EX_SOFTWARE, EX_USAGE, HooksFailed, UsageError
+from .commands.common import EX_SOFTWARE, EX_USAGE, HooksFailed, UnsafeFile, UsageError
 from .logline import escape
 
 _COMMANDS: dict[str, tuple[Callable[..., argparse.ArgumentParser], Callable[[argparse.Namespace], int]]] = {
@@ -50,6 +50,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _COMMANDS[argv[0]][1](opts)
     except UsageError as exc:
         print(f"pytclmilter {argv[0]}: {exc}", file=sys.stderr)
+        if isinstance(exc, UnsafeFile) and argv[0] == "try":  # (1 would read as "rejected")
+            return EX_SOFTWARE
         return exc.status
     except HooksFailed as exc:  # the traceback from the file's frames, not from ours
         print(f"pytclmilter {argv[0]}: {escape(str(exc))}\n{exc.detail}", file=sys.stderr)  # one line, then it

@@ -9,18 +9,33 @@ when the directory is opened, but only where no one else could have put it
 (:func:`open_dir`): the kernel's own guard (``fs.protected_symlinks``) is off
 in many containers, and a link another user made in ``/tmp`` sent root's
 socket and pid file into any directory.
+
+A file root runs (the script, a ``--python`` file) is opened by the same walk, every directory
+on the way and the file itself checked as it is opened (:func:`open_trusted`), as OpenSSH's
+StrictModes and Sendmail's safe-file checks do.
 """
 
 from __future__ import annotations
 
 import errno
 import os
+import shlex
 import stat
 from typing import Callable
 
 
 _DIR = os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC
+_FILE = os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC  # (O_NONBLOCK: a FIFO at the name does not block)
 _MAX_LINKS = 40  # as the kernel's path walk
+_OTHERS_WRITE = stat.S_IWGRP | stat.S_IWOTH
+
+#: What a walk checks of each directory it opens and of the file at its end: the name walked
+#: (links resolved) and what was opened there (fstat).
+Check = Callable[[str, os.stat_result], None]
+
+
+class Untrusted(PermissionError):
+    """A name on the way that another user could have changed (its strerror says which, and how)."""
 
 
 def open_dir(path: str) -> tuple[int, str]:
@@ -31,32 +46,79 @@ def open_dir(path: str) -> tuple[int, str]:
     return _walk(head or "."), name
 
 
-def _walk(path: str) -> int:
+def open_trusted(path: str) -> int:
+    """A descriptor to read the file ``path`` from (close it), opened by the walk of
+    :func:`open_dir` (a link followed only where no one else could have made it) with each
+    directory on the way and the file checked as it is opened (:func:`_owned_by_us`): Untrusted
+    when another user could have changed any of them, and so what root runs; OSError otherwise."""
+    fd = _walk(path, _owned_by_us, _FILE)
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OSError(errno.EINVAL, "not a regular file")
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _owned_by_us(name: str, st: os.stat_result) -> None:
+    """Untrusted unless only root (we) could change ``name``: ours, and writable by no group or
+    others, except a sticky directory (``/tmp``): there no one else may remove or rename what
+    root owns, and every entry walked below it must be root's too (this same check)."""
+    if st.st_uid not in (0, os.geteuid()):
+        raise Untrusted(errno.EPERM, f"{name} is owned by uid {st.st_uid}, not root: that user could "
+                                     f"change what runs as root (chown root {shlex.quote(name)})")
+    writable = st.st_mode & _OTHERS_WRITE
+    if writable and not (stat.S_ISDIR(st.st_mode) and st.st_mode & stat.S_ISVTX):
+        who, letters = {stat.S_IWGRP: ("its group", "g"), stat.S_IWOTH: ("others", "o")}.get(
+            writable, ("its group and others", "go"))
+        raise Untrusted(errno.EPERM, f"{name} is writable by {who}, who could change what runs as "
+                                     f"root (chmod {letters}-w {shlex.quote(name)})")
+
+
+def _here() -> str:
+    """The current directory's name, for a message."""
+    try:
+        return os.getcwd()
+    except OSError:
+        return "."
+
+
+def _walk(path: str, check: Check | None = None, last: int = _DIR) -> int:
     """Open the directory ``path`` a name at a time, as the kernel would, but follow a symbolic
     link only where its owner is to be trusted (:func:`_trusted_link`); OSError otherwise. A
-    name that becomes a link meanwhile fails the open (O_NOFOLLOW), never leads elsewhere."""
+    name that becomes a link meanwhile fails the open (O_NOFOLLOW), never leads elsewhere.
+    ``check`` sees every directory opened, the first one too, and the last name, opened with
+    ``last``'s flags (a file's, not a directory's)."""
     fd = os.open("/" if path.startswith("/") else ".", _DIR)
     todo, walked, links = path.split("/")[::-1], "/" if path.startswith("/") else "", 0
     try:
+        if check is not None:
+            check(walked or _here(), os.fstat(fd))
         while todo:
             part = todo.pop()
             if part in ("", "."):
                 continue
             st = lstat_at(fd, part)
             if st is None or not stat.S_ISLNK(st.st_mode):
-                fd = _replace(fd, os.open(part, _DIR | os.O_NOFOLLOW, dir_fd=fd))
+                flags = last if all(rest in ("", ".") for rest in todo) else _DIR
+                fd = _replace(fd, os.open(part, flags | os.O_NOFOLLOW, dir_fd=fd))
                 walked = os.path.join(walked, part)
+                if check is not None:
+                    check(walked, os.fstat(fd))
                 continue
             links += 1
             if links > _MAX_LINKS:
                 raise OSError(errno.ELOOP, os.strerror(errno.ELOOP))
             if not _trusted_link(os.fstat(fd), st):
-                raise PermissionError(errno.EPERM, f"the symbolic link {os.path.join(walked, part)} is in a "
-                                      "directory others may write; refusing to follow it")
+                raise Untrusted(errno.EPERM, f"the symbolic link {os.path.join(walked, part)} is in a "
+                                "directory others may write; refusing to follow it")
             target = os.readlink(part, dir_fd=fd)
             todo.extend(target.split("/")[::-1])
             if target.startswith("/"):
                 fd, walked = _replace(fd, os.open("/", _DIR)), "/"
+                if check is not None:
+                    check(walked, os.fstat(fd))
     except BaseException:
         os.close(fd)
         raise

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib.machinery
 import importlib.util
 import io
 import ipaddress
@@ -13,13 +14,14 @@ import time
 import traceback
 from pathlib import Path
 from types import TracebackType
-from typing import Callable
+from typing import Any, Callable, Mapping
 
 from ..client.archive import MAX_SIZE, TooLarge, read_at_most
 from ..client.message import Envelope, Message
 from ..hooks import Hooks
 from ..limits import CallbackTimeout, handler_dropped
 from ..milter import Milter
+from ..safepath import Untrusted, open_trusted
 from ..scripting import is_async
 from ..tcl.interp import TclHost
 from ..tcl.usage import TclUsageError
@@ -35,6 +37,14 @@ class UsageError(Exception):
     def __init__(self, message: str, status: int = EX_USAGE) -> None:
         super().__init__(message)
         self.status = status
+
+
+class UnsafeFile(UsageError):
+    """As root, a file to run, or a directory on its path, that another user could change: run
+    and check exit 1 (as for a file that fails to load), try 70 (cli.main); a reload logs it."""
+
+    def __init__(self, what: str, why: str) -> None:
+        super().__init__(f"refusing to load {what} as root: {why}", 1)
 
 
 class HooksFailed(Exception):
@@ -72,14 +82,58 @@ def _from_file(tb: TracebackType | None, path: str) -> TracebackType | None:
 _FAILURES = (Exception, CallbackTimeout, SystemExit)
 
 
-def load_hooks(path: str, milter: Milter) -> None:
-    """Import a --python file and call its setup(milter); HooksFailed if either raises."""
+def read_hooks(path: str) -> bytes:
+    """The source of a --python file, read from the descriptor checked as root (_opened_as_root);
+    UsageError when it cannot be read."""
     reason = _not_readable(path, directory="is a directory")
     if reason:
         raise UsageError(f"--python {path}: {reason}", EX_NOINPUT)
-    spec = importlib.util.spec_from_file_location(f"pytclmilter_hooks_{Path(path).stem}", path)
-    if spec is None or spec.loader is None:
+    what = f"--python {path}"
+    fd = _opened_as_root(path, what) if os.geteuid() == 0 else None
+    try:
+        with open(path if fd is None else fd, "rb") as f:
+            return f.read()
+    except OSError as exc:
+        raise UsageError(f"{what}: {_reason(exc)}", EX_NOINPUT) from None
+
+
+def _opened_as_root(path: str, what: str) -> int:
+    """A descriptor of the file ``path`` that ``what`` (the script, ``--python PATH``) names, as
+    root: UnsafeFile when another user could have changed it or a directory on its way
+    (safepath.open_trusted), UsageError (EX_NOINPUT) when it cannot be opened."""
+    try:
+        return open_trusted(path)
+    except Untrusted as exc:
+        raise UnsafeFile(what, exc.strerror or str(exc)) from None
+    except OSError as exc:
+        raise UsageError(f"{what}: {_reason(exc)}", EX_NOINPUT) from None
+
+
+class _CheckedSource(importlib.machinery.SourceFileLoader):
+    """A --python file's loader: it compiles the bytes read (and checked, as root) by read_hooks,
+    and never reads or writes a cached ``.pyc``. The file's ``__pycache__``, which nothing checks,
+    could hold other code that Python would run (its recorded mtime and size are all it
+    compares with the source); and as root, writing one left root's files in the admin's directory."""
+
+    def __init__(self, fullname: str, path: str, source: bytes) -> None:
+        super().__init__(fullname, path)
+        self.source = source
+
+    def get_data(self, path: str) -> bytes:
+        return self.source if path == self.path else super().get_data(path)
+
+    def path_stats(self, path: str) -> Mapping[str, Any]:
+        raise OSError("no bytecode cache")  # get_code then compiles the source, and writes no .pyc
+
+
+def load_hooks(path: str, source: bytes, milter: Milter) -> None:
+    """Import a --python file from its ``source`` (read_hooks) and call its setup(milter);
+    HooksFailed if either raises."""
+    name = f"pytclmilter_hooks_{Path(path).stem}"
+    if not path.endswith(tuple(importlib.machinery.SOURCE_SUFFIXES)):  # (a .pyc, a .so: no source to check)
         raise UsageError(f"--python {path}: cannot be imported")
+    spec = importlib.util.spec_from_file_location(name, path, loader=_CheckedSource(name, path, source))
+    assert spec is not None and spec.loader is not None  # (given a loader, it makes a spec)
     module = importlib.util.module_from_spec(spec)
     # Registered as an import would be: @dataclass and pickling look the module up by name. A
     # reload's import replaces the entry; the old generation keeps its module through its callbacks.
@@ -110,10 +164,18 @@ _FLAGS = {"-onerror": "--on-error", "-calltimeout": "--call-timeout", "-dryrun":
 
 
 def check_script(script: str) -> None:
-    """A UsageError (EX_NOINPUT) unless ``script`` is a regular file, saying why in tclsh's words."""
+    """A UsageError (EX_NOINPUT) unless ``script`` is a regular file, saying why in tclsh's words;
+    as root, UnsafeFile unless only root could change it (_opened_as_root).
+
+    Tcl's `source` then opens it again by its name (it reads no descriptor of ours; emulating it
+    would change what errorInfo and `info script` say). That is no window: the check found no
+    name on the way, nor the file, that anyone but root may write, so until root changes them
+    the name leads to the file checked and the file holds what root left in it."""
     reason = _not_readable(script, directory="illegal operation on a directory")
     if reason:
         raise UsageError(f'couldn\'t read file "{script}": {reason}', EX_NOINPUT)
+    if os.geteuid() == 0:
+        os.close(_opened_as_root(script, script))
 
 
 def _not_readable(path: str, directory: str) -> str:
@@ -125,17 +187,24 @@ def _not_readable(path: str, directory: str) -> str:
         if stat.S_ISREG(mode):  # (O_NONBLOCK: a FIFO swapped in after the stat does not block)
             os.close(os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC))
     except OSError as exc:
-        return os.strerror(exc.errno).lower() if exc.errno else str(exc)
+        return _reason(exc)
     if stat.S_ISREG(mode):
         return ""
     return directory if stat.S_ISDIR(mode) else "not a regular file"
 
 
+def _reason(exc: OSError) -> str:
+    """An OSError as tclsh words it ("no such file or directory")."""
+    return os.strerror(exc.errno).lower() if exc.errno else str(exc)
+
+
 def make_host(script: str, hooks: list[str], overrides: dict[str, str | None],
               on_exit: Callable[[int], None] | None = None, milter_hooks: Hooks | None = None) -> TclHost:
     """An interpreter with the milter command, command-line overrides locked, Python hooks loaded;
-    ``milter_hooks``: the command's own (listening, signal)."""
+    ``milter_hooks``: the command's own (listening, signal). Every file is checked, as root, before
+    any of them runs."""
     check_script(script)
+    sources = [(path, read_hooks(path)) for path in hooks]
     host = TclHost(milter_hooks, on_exit=on_exit)
     try:
         for option, value in overrides.items():
@@ -145,8 +214,8 @@ def make_host(script: str, hooks: list[str], overrides: dict[str, str | None],
         host.close()
         raise UsageError(str(exc)) from None
     try:
-        for path in hooks:
-            load_hooks(path, host.milter)
+        for path, source in sources:
+            load_hooks(path, source, host.milter)
     except BaseException:
         host.close()  # a reload goes on serving: free this interpreter now
         raise

@@ -1,0 +1,230 @@
+"""What root runs: the script and each ``--python`` file, as root until `milter main`. A file, or
+a directory on the way to it, that another user owns or may write is refused at start (exit 1,
+nothing of it run), at a reload (the old script serves on) and by ``check`` and ``try`` run as
+root; a developer's own account is not checked. All through the command as an admin runs it."""
+
+from __future__ import annotations
+
+import os
+import py_compile
+import re
+import shutil
+import signal
+import subprocess
+from importlib.util import cache_from_source
+from pathlib import Path
+
+import pytest
+
+from support.tclrun import _pytclmilter_command, child_env, tclrun_factory
+
+tclrun = pytest.fixture(tclrun_factory, name="tclrun")
+
+pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="runs as root, with files of another user")
+
+NOBODY = 65534
+
+STAMP = r"""puts "script ran"
+package require TclMilter
+proc eom {ctx} { $ctx addheader X-Stamp {STAMP}; return SMFIS_CONTINUE }
+milter register eom eom
+milter main
+"""
+
+HOOKS = 'print("hooks ran", flush=True)\n\ndef setup(milter):\n    pass\n'
+
+TCP = "inet:0@127.0.0.1"
+
+
+def stamping(stamp: str) -> str:
+    return STAMP.replace("{STAMP}", stamp)
+
+
+@pytest.fixture
+def etc(tmp_path: Path) -> Path:
+    """An admin's directory, /etc/milter-like: root's, 0755, on a path of root's (pytest's own
+    under the sticky /tmp). Holds the script and its --python file, 0644."""
+    home = tmp_path / "etc" / "milter"
+    home.mkdir(parents=True)
+    for d in (tmp_path, tmp_path / "etc", home):
+        d.chmod(0o755)
+    (home / "filter.tcl").write_text(stamping("A"))
+    (home / "hooks.py").write_text(HOOKS)
+    return home
+
+
+def stamps(run) -> list[bytes]:
+    with run.mta() as mta:
+        mta.negotiate()
+        return [p[1] for p in mta.message()["eom"] if p[0] == "h"]
+
+
+def make_unsafe(etc: Path, kind: str) -> tuple[Path, Path, str]:
+    """The script and the --python file to run, and the reason given for refusing them."""
+    script, hooks = etc / "filter.tcl", etc / "hooks.py"
+    if kind == "script owned by another user":
+        os.chown(script, NOBODY, -1)
+        return script, hooks, (f"{script} as root: {script} is owned by uid {NOBODY}, not root: that user could "
+                               f"change what runs as root (chown root {script})")
+    if kind == "script writable by its group":
+        script.chmod(0o664)
+        return script, hooks, (f"{script} as root: {script} is writable by its group, who could change what "
+                               f"runs as root (chmod g-w {script})")
+    if kind == "directory writable by others":
+        etc.chmod(0o777)
+        return script, hooks, (f"{script} as root: {etc} is writable by its group and others, who could change "
+                               f"what runs as root (chmod go-w {etc})")
+    if kind == "directory above owned by another user":
+        os.chown(etc.parent, NOBODY, -1)
+        return script, hooks, (f"{script} as root: {etc.parent} is owned by uid {NOBODY}, not root: that user "
+                               f"could change what runs as root (chown root {etc.parent})")
+    if kind == "python file owned by another user":
+        os.chown(hooks, NOBODY, -1)
+        return script, hooks, (f"--python {hooks} as root: {hooks} is owned by uid {NOBODY}, not root: that "
+                               f"user could change what runs as root (chown root {hooks})")
+    if kind == "another user's directory in a sticky one":  # /tmp/x, made by that user
+        sticky = etc / "tmp"
+        sticky.mkdir(mode=0o1777)
+        sticky.chmod(0o1777)
+        theirs = sticky / "x"
+        theirs.mkdir()
+        script = theirs / "filter.tcl"
+        script.write_text(stamping("A"))
+        os.chown(theirs, NOBODY, -1)
+        return script, hooks, (f"{script} as root: {theirs} is owned by uid {NOBODY}, not root: that user "
+                               f"could change what runs as root (chown root {theirs})")
+    assert kind == "another user's link in a sticky directory"
+    sticky = etc / "tmp"
+    sticky.mkdir()
+    sticky.chmod(0o1777)
+    link = sticky / "filter.tcl"
+    link.symlink_to(script)  # to root's own safe file: but that user could make it lead anywhere
+    os.lchown(link, NOBODY, -1)
+    return link, hooks, (f"{link} as root: the symbolic link {link} is in a directory others may write; "
+                         "refusing to follow it")
+
+
+UNSAFE = ["script owned by another user", "script writable by its group", "directory writable by others",
+          "directory above owned by another user", "python file owned by another user",
+          "another user's directory in a sticky one", "another user's link in a sticky directory"]
+
+
+@pytest.mark.parametrize("kind", UNSAFE)
+def test_a_file_others_could_change_is_refused_at_start_before_any_of_it_runs(tclrun, etc, kind):
+    script, hooks, why = make_unsafe(etc, kind)
+    m = tclrun(script, "--python", str(hooks), connection=TCP, wait=False)
+    assert m.wait_exit(15) == 1, m.text
+    assert f"pytclmilter run: refusing to load {why}\n" in m.text
+    assert "script ran" not in m.text and "hooks ran" not in m.text  # neither file ran, as root or at all
+    assert "listening on" not in m.text
+
+
+@pytest.mark.parametrize("command", ["check", "try"])
+def test_check_and_try_as_root_refuse_it_too(etc, command):
+    """check is what an admin runs before a start or a reload: it fails as they would (exit 1), and
+    runs nothing of the file (it would run as root). try exits 70, as for a file that fails to
+    load (1 is its "rejected")."""
+    script, hooks, why = make_unsafe(etc, "directory writable by others")
+    message = [str(etc / "m.eml")] if command == "try" else []
+    (etc / "m.eml").write_text("From: a@example.org\nTo: b@example.com\n\nhi\n")
+    done = subprocess.run([*_pytclmilter_command(), command, str(script), *message, "--python", str(hooks)],
+                          env=child_env(), capture_output=True, text=True, timeout=60)
+    assert done.returncode == (1 if command == "check" else 70), done
+    assert done.stderr == f"pytclmilter {command}: refusing to load {why}\n"
+    assert "ran" not in done.stdout
+
+
+def sticky_tmp(etc: Path) -> Path:
+    sticky = etc / "tmp"
+    sticky.mkdir()
+    sticky.chmod(0o1777)
+    return sticky
+
+
+@pytest.mark.parametrize("where", ["root's directory", "root's file in a sticky directory",
+                                   "root's link in a sticky directory", "relative to the current directory"])
+def test_roots_own_files_are_run(tclrun, etc, where):
+    """Root's 0644 files on a path of root's 0755 directories, as pytest's own under the sticky
+    /tmp; in a sticky directory (/tmp) root's file, or root's link to it, is root's to change alone."""
+    script, hooks = etc / "filter.tcl", etc / "hooks.py"
+    if where == "root's file in a sticky directory":
+        script = sticky_tmp(etc) / "filter.tcl"
+        script.write_text(stamping("A"))
+    elif where == "root's link in a sticky directory":
+        script = sticky_tmp(etc) / "filter.tcl"
+        script.symlink_to(etc / "filter.tcl")
+    elif where == "relative to the current directory":  # (tclrun runs it in etc's parent's parent)
+        script, hooks = Path("etc/milter/filter.tcl"), Path("etc/milter/hooks.py")
+    m = tclrun(script, "--python", str(hooks), connection=TCP)
+    assert "script ran" in m.text and "hooks ran" in m.text
+    assert stamps(m) == [b"X-Stamp\0A\0"]
+    assert m.stop() == 0
+
+
+def test_a_file_others_could_change_is_not_loaded_at_reload_and_the_old_one_serves(tclrun, etc):
+    script, hooks = etc / "filter.tcl", etc / "hooks.py"
+    m = tclrun(script, "--python", str(hooks), connection=TCP)
+    refused = r"ERROR: reload: generation 2 not loaded, generation 1 serves on unchanged: refusing to load "
+    script.write_text(stamping("B"))
+    os.chown(script, NOBODY, -1)
+    m.child.kill(signal.SIGUSR1)
+    m.wait_for(re.escape(refused + f"{script} as root: {script} is owned by uid {NOBODY}, not root: that user "
+                         f"could change what runs as root (chown root {script})") + r"\r?\n")
+    assert stamps(m) == [b"X-Stamp\0A\0"]
+    os.chown(script, 0, -1)
+    etc.chmod(0o775)
+    m.child.kill(signal.SIGUSR1)
+    m.wait_for(re.escape(refused + f"{script} as root: {etc} is writable by its group, who could change what "
+                         f"runs as root (chmod g-w {etc})") + r"\r?\n")
+    etc.chmod(0o755)
+    hooks.chmod(0o646)
+    m.child.kill(signal.SIGUSR1)
+    m.wait_for(re.escape(refused + f"--python {hooks} as root: {hooks} is writable by others, who could "
+                         f"change what runs as root (chmod o-w {hooks})") + r"\r?\n")
+    assert stamps(m) == [b"X-Stamp\0A\0"]
+    assert m.text.count("script ran") == 1 and m.text.count("hooks ran") == 1  # nothing new ran
+    hooks.chmod(0o644)  # all fixed: the new script loads
+    m.child.kill(signal.SIGUSR1)
+    m.wait_for(r"reload: generation 1 is gone")
+    assert stamps(m) == [b"X-Stamp\0B\0"]
+    assert m.stop() == 0
+
+
+# As test_cli's: nobody, with CAP_DAC_OVERRIDE to run this venv's Python (it may be in root's home).
+AS_NOBODY = ["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups",
+             "--inh-caps=+dac_override", "--ambient-caps=+dac_override"]
+
+
+@pytest.mark.skipif(shutil.which("setpriv") is None, reason="needs util-linux's setpriv to start as nobody")
+def test_a_developers_own_account_is_not_checked(tclrun, etc):
+    """Not root: the files do not run as root, and a developer's tree is often group-writable."""
+    etc.chmod(0o777)
+    script = etc / "filter.tcl"
+    script.chmod(0o666)
+    m = tclrun(script, "--python", str(etc / "hooks.py"), connection=TCP, prefix=AS_NOBODY)
+    assert "script ran" in m.text and "hooks ran" in m.text
+    assert stamps(m) == [b"X-Stamp\0A\0"]
+    assert m.stop() == 0
+
+
+def test_a_python_file_runs_as_its_source_says_and_leaves_no_bytecode(tclrun, etc):
+    """Python ran a .pyc from the file's __pycache__ instead of the source when the mtime and size
+    it records match the source's: a directory nothing checked decided what ran as root. And
+    root wrote that __pycache__ into the admin's directory."""
+    hooks = etc / "hooks.py"
+    hooks.write_text('print("hooks: A", flush=True)\n\ndef setup(milter):\n    pass\n')
+    st = hooks.stat()
+    cached = Path(cache_from_source(str(hooks)))
+    py_compile.compile(str(hooks), cfile=str(cached), doraise=True)
+    hooks.write_text('print("hooks: B", flush=True)\n\ndef setup(milter):\n    pass\n')  # the same size
+    os.utime(hooks, ns=(st.st_atime_ns, st.st_mtime_ns))
+    m = tclrun(etc / "filter.tcl", "--python", str(hooks), connection=TCP)
+    assert "hooks: B" in m.text and "hooks: A" not in m.text
+    assert m.stop() == 0
+    cached.unlink()
+    cached.parent.rmdir()
+    m = tclrun(etc / "filter.tcl", "--python", str(hooks), connection=TCP)
+    m.child.kill(signal.SIGUSR1)
+    m.wait_for(r"reload: generation 1 is gone")
+    assert m.stop() == 0
+    assert sorted(p.name for p in etc.iterdir()) == ["filter.tcl", "hooks.py"]
