@@ -134,6 +134,20 @@ def test_check_and_try_as_root_refuse_it_too(etc, command):
     assert "ran" not in done.stdout
 
 
+def test_a_relative_path_is_checked_from_the_root_as_a_reload_checks_it(etc):
+    """Run from the script's own directory (root's), below one another user owns: the start walked
+    from the current directory alone and accepted it, every reload (which names the script from
+    the root) refused it. Both refuse now."""
+    os.chown(etc.parent, NOBODY, -1)
+    done = subprocess.run([*_pytclmilter_command(), "check", "filter.tcl"], cwd=etc,
+                          env=child_env(), capture_output=True, text=True, timeout=60)
+    assert done.returncode == 1, done
+    assert done.stderr == (f"pytclmilter check: refusing to load filter.tcl as root: {etc.parent} is owned by uid "
+                           f"{NOBODY}, not root: that user could change what runs as root "
+                           f"(chown root {etc.parent})\n"), done.stderr
+    assert "ran" not in done.stdout
+
+
 def sticky_tmp(etc: Path) -> Path:
     sticky = etc / "tmp"
     sticky.mkdir()

@@ -51,6 +51,10 @@ def open_trusted(path: str) -> int:
     :func:`open_dir` (a link followed only where no one else could have made it) with each
     directory on the way and the file checked as it is opened (:func:`_owned_by_us`): Untrusted
     when another user could have changed any of them, and so what root runs; OSError otherwise."""
+    if not path.startswith("/"):
+        # From the root, as a reload names it: the walk from the current directory alone let a
+        # start accept what each reload then refused (a directory above it another user's).
+        path = os.path.join(os.getcwd(), path)
     fd = _walk(path, _owned_by_us, _FILE)
     try:
         if not stat.S_ISREG(os.fstat(fd).st_mode):
