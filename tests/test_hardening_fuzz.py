@@ -33,6 +33,7 @@ def load_harness():
 
 
 fuzz = load_harness()
+import fuzz_engine  # noqa: E402 - scripts/ is on the path once the harness is loaded
 FILES = sorted(CORPUS.iterdir()) if CORPUS.is_dir() else []
 
 
@@ -61,6 +62,13 @@ def test_the_harness_answers_deep_into_sessions():
         fuzz.checked_input(f.read_bytes())
     assert fuzz.STATS.events > 10 * len(FILES)  # events per input, on average
     assert fuzz.STATS.remote_errors < len(FILES)
+
+
+@pytest.mark.parametrize("name", sorted(fuzz_engine.seeds()))
+def test_the_engine_seeds_replay_through_a_tcl_script(name):
+    """The engine target's seeds (scripts/fuzz_engine.py) go through its checks: a connection of a
+    Tcl script answers each read as the protocol says, logs escaped lines, ends clean."""
+    fuzz_engine.one_input(fuzz_engine.seeds()[name])
 
 
 def test_out_of_order_commands_ignored_silently_do_not_grow_memory():
