@@ -4,6 +4,7 @@ socket against a separate process, whose memory is read from /proc (docs/hardeni
 
 from __future__ import annotations
 
+import re
 import socket
 import struct
 
@@ -118,3 +119,53 @@ def test_a_peer_that_reads_no_replies_is_closed_with_one_line_that_says_so(tclru
     assert m.text.count("WARNING") == 1, m.text
     sock.close()
     assert m.stop() == 0
+
+
+#: "unknown command '\x1b'": a packet no MTA sends (ESC, which the line must show escaped).
+GARBLED = frame("\x1b")
+#: The window of the fault lines cut to 4 s (60 s in production), through the one object that
+#: counts them, so that the minute's summary shows within the test.
+SHORT_WINDOW = """
+def setup(milter):
+    if hasattr(milter.shared, "faults"):  # (the test fails by its log, not here, on a build without it)
+        milter.shared.faults.seconds = 4.0
+"""
+
+
+def _bad_connections(port: int, count: int, data: bytes = GARBLED, reset: bool = False) -> None:
+    """``count`` connections that each send ``data`` and close (with a reset: RST, not FIN)."""
+    for _ in range(count):
+        sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+        sock.sendall(data)
+        if reset:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        sock.close()
+
+
+def test_a_burst_of_bad_connections_logs_ten_lines_of_each_kind_and_a_count(tclrun):
+    """Every connection that broke the protocol made a WARNING and an INFO line: a local user
+    opening garbled connections as fast as it can decided the log's size. Now the first 10 of a
+    kind in the window are logged whole, the rest counted and told in one line."""
+    m = tclrun(NULL, python=[SHORT_WINDOW])
+    _bad_connections(m.port, 500)
+    m.wait_for(r"WARNING: 490 more connections closed for the same reason, not logged one by one \(the first 10 "
+               r"in 4 s are\): protocol error: unknown command '\.\.\.'\r?\n", timeout=15)
+    text = m.text
+    assert text.count("closing the connection: unknown command '\\x1b'\n") == 10, text
+    assert text.count("closed (protocol error)") == 10, text
+    assert text.count("more connections closed") == 1, text
+    with m.mta() as mta:  # served meanwhile, as ever
+        mta.negotiate()
+        assert mta.rcpt("<b@example.org>") == ("c", {})
+    # a new window: 10 lines again; a kind of its own (resets) counted apart; the counts at stop
+    _bad_connections(m.port, 30)
+    _bad_connections(m.port, 30, OPTNEG, reset=True)
+    m.wait_for(r"(closed \(error: \[Errno 104\] Connection reset by peer\)\r?\n.*){10}", timeout=15)
+    assert m.stop() == 0
+    text = m.text
+    assert text.count("closing the connection: unknown command '\\x1b'\n") == 20, text
+    assert len(re.findall(r"conn#\d+: closed \(error: ", text)) == 10, text
+    assert "WARNING: 20 more connections closed for the same reason, not logged one by one (the first 10 in 4 s " \
+           "are): protocol error: unknown command '...'\n" in text, text
+    assert "WARNING: 20 more connections closed for the same reason, not logged one by one (the first 10 in 4 s " \
+           "are): closed (error: [Errno N] Connection reset by peer)\n" in text, text

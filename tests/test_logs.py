@@ -894,3 +894,33 @@ def test_a_failure_that_recurs_is_logged_whole_once_then_counted_once_a_minute()
         assert repeated.due(place) == 0
     assert repeated.due("tick") == 0  # forgotten, so whole again (within its minute)
     assert repeated.due("c") is None  # still remembered
+
+
+def test_a_fault_that_recurs_is_logged_whole_n_times_a_window_and_its_count_told_when_it_ends() -> None:
+    """logline.Repeated with ``whole``, as the lines of connections ended by a fault use it: the
+    first ``whole`` of a place in a window logged, the rest counted; overdue() tells the count once
+    the window is over even if no fault comes again (before, only the next fault told it)."""
+    now = [100.0]
+    repeated = logline.Repeated(60.0, clock=lambda: now[0], whole=3)
+    assert [repeated.due("garbled") for _ in range(5)] == [0, 0, 0, None, None]
+    assert repeated.due("reset") == 0  # a kind of its own
+    now[0] += 59
+    assert repeated.overdue() == []  # the window is not over
+    now[0] += 1
+    assert repeated.overdue() == [("garbled", 2)]
+    assert repeated.overdue() == []  # told once
+    assert [repeated.due("garbled") for _ in range(4)] == [0, 0, 0, None]  # a new window
+    assert repeated.overdue(ended_only=False) == [("garbled", 1)]  # at the end: whatever is counted
+    now[0] += 60
+    assert repeated.due("garbled") == 0  # nothing left to tell: whole
+
+
+def test_faults_of_one_kind_differ_only_in_the_mtas_bytes_and_numbers() -> None:
+    """The kind of a fault is its message with the MTA's bytes (quoted by repr) and the numbers
+    left out: a peer varying its bytes makes one kind, not one per byte value."""
+    kinds = {logline.fault_kind(f"protocol error: unknown command {chr(c)!r}") for c in range(256)}
+    assert kinds == {"protocol error: unknown command '...'"}
+    assert logline.fault_kind(f"connect: {b'x' * 64 + bytes([39, 34, 92])!r} is not an INET6 address") == \
+        "connect: '...' is not an INET6 address"
+    assert logline.fault_kind("packet of 9999999 bytes exceeds the limit of 65535") == \
+        "packet of N bytes exceeds the limit of N"

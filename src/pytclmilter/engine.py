@@ -22,7 +22,7 @@ from .callbacks import Callback, Registry
 from .context import Context
 from .hooks import Hooks
 from .limits import PYTHON_LIMIT, CallbackTimeout, handler_dropped
-from .logline import SHOWN, SameTrace, as_field, clip, escape, escape_lines, place_of, quoted
+from .logline import SHOWN, Repeated, SameTrace, as_field, clip, escape, escape_lines, fault_kind, place_of, quoted
 from .logline import info as log_info
 from .meter import Meter
 # Imported by name, not as a module: compiled, `events.Name` is a module attribute look-up per use.
@@ -142,6 +142,11 @@ _SKIP: Final = int(Proto.SKIP)
 
 #: How sessions normally end; other reasons (timeout, protocol error, stop) are worth an info line.
 _ROUTINE_ENDS: Final = frozenset({"eof", "quit"})
+#: Of the lines for faults that end a connection (a garbled or truncated packet, a reset), the
+#: first FAULT_LINES of each kind in FAULT_WINDOW seconds are logged; the others are counted, and
+#: the count told in one line: whoever can reach the socket can open thousands a second.
+FAULT_LINES: Final = 10
+FAULT_WINDOW: Final = 60.0
 
 
 
@@ -208,12 +213,15 @@ class Shared:
 
     ``meter`` counts for ``--metrics`` (meter.py); None without, and each connection reads it once.
     ``traces``: the failed callbacks' traces logged lately, so that the same one is logged once.
+    ``faults``: the lines of connections ended by a fault, by kind (:meth:`fault_due`); a reload
+    hands it on, as the meter.
     ``stop_by``: once a stop is under way, or a reload replaced this generation, when the grace of
     its open sessions ends (``time.monotonic()``): no callback runs past it (:meth:`call_limit`);
     infinity while serving. ``stop_why`` says, for a log line, which grace that is.
     """
 
-    __slots__ = ("settings", "registry", "hooks", "stats", "generation", "meter", "traces", "stop_by", "stop_why")
+    __slots__ = ("settings", "registry", "hooks", "stats", "generation", "meter", "traces", "faults", "stop_by",
+                 "stop_why")
 
     def __init__(self, settings: Settings, registry: Registry, hooks: Hooks, stats: Stats) -> None:
         self.settings = settings
@@ -223,8 +231,30 @@ class Shared:
         self.generation = 1
         self.meter: Meter | None = None
         self.traces = SameTrace()
+        self.faults = Repeated(FAULT_WINDOW, whole=FAULT_LINES)
         self.stop_by = _FOREVER
         self.stop_why = ""
+
+    def fault_due(self, kind: str) -> bool:
+        """Whether to log the line of a connection ended by a fault of ``kind`` (fault_kind of its
+        message): not when FAULT_LINES of that kind were logged in the last FAULT_WINDOW seconds;
+        it is counted then, for :meth:`tell_faults` (or this method, when the next one comes
+        first). A peer opening bad connections as fast as it can must not decide the log's size."""
+        missed = self.faults.due(kind)
+        if missed:
+            self._faults_told(kind, missed)
+        return missed is not None
+
+    def tell_faults(self, ended_only: bool = True) -> None:
+        """The summary lines of the faults counted in windows now over (all, at the end): the
+        server asks every second or so, so a burst's count is told even if no fault follows."""
+        for kind, count in self.faults.overdue(ended_only):
+            self._faults_told(kind, count)
+
+    def _faults_told(self, kind: str, count: int) -> None:
+        faults = self.faults
+        log.warning("%d more connection%s closed for the same reason, not logged one by one (the first %d in %g s "
+                    "are): %s", count, "" if count == 1 else "s", faults.whole, faults.seconds, escape(kind))
 
     def hold_to(self, by: float, why: str) -> None:
         """No callback runs past ``by`` (monotonic), the end of the grace ``why`` names ("the
@@ -353,7 +383,8 @@ class ConnectionEngine:
     """
 
     __slots__ = ("shared", "registry", "session", "ctx", "name", "link", "_out", "_busy", "_pending", "_decided",
-                 "_deferred", "_deferred_stage", "_quiet", "_queued", "_held", "_unwinding", "_abandoned", "closed", "client", "sender", "debug", "meter")
+                 "_deferred", "_deferred_stage", "_quiet", "_queued", "_held", "_unwinding", "_abandoned", "closed", "client", "sender", "debug", "meter",
+                 "_counted")
 
     def __init__(self, shared: Shared, conn_id: int, link: "Link") -> None:
         self.shared = shared
@@ -371,6 +402,7 @@ class ConnectionEngine:
         #: An async callback stopped by its limit and answered, still ending (_settle).
         self._unwinding: tuple[str, Callback, asyncio.Task[Any], Awaitable[Any], str] | None = None
         self._abandoned = False  # a callback of this connection ignored its cancellation: it closes
+        self._counted = False  # its fault was counted, not logged (Shared.fault_due): its closed line too
         self._decided = _OPEN
         self._deferred = Status.CONTINUE  # with _DEFERRED: the verdict waiting for a reply
         self._deferred_stage = ""
@@ -463,7 +495,8 @@ class ConnectionEngine:
             try:
                 event = self.session.next_event()
             except RemoteProtocolError as exc:
-                log.warning("%s: protocol error from %s, closing the connection: %s", self.name, self.link.peer, exc)
+                if self._fault_due(f"protocol error: {exc}"):
+                    log.warning("%s: protocol error from %s, closing the connection: %s", self.name, self.link.peer, exc)
                 if self.meter is not None:
                     self.meter.protocol_error()
                 self._flush()
@@ -594,7 +627,8 @@ class ConnectionEngine:
                 raise RemoteProtocolError(f"the negotiate callback answered {status.smfis}")
             negotiated = self._negotiated(offer)
         except RemoteProtocolError as exc:
-            log.warning("%s: negotiation with %s failed: %s", self.name, self.link.peer, exc)
+            if self._fault_due(f"negotiation failed: {exc}"):
+                log.warning("%s: negotiation with %s failed: %s", self.name, self.link.peer, exc)
             for event in self.session.fail_negotiation():
                 self._handle(event)
             return
@@ -1060,10 +1094,20 @@ class ConnectionEngine:
         self.link.close()
         if self.meter is not None:
             self.meter.closed(reason)
-        # An MTA ending the session is routine (the verdict line said what mattered): debug.
-        routine = reason in _ROUTINE_ENDS
-        if not routine or self.debug:
-            log.log(logging.DEBUG if routine else logging.INFO, "%s: closed (%s)", self.name, reason)
+        # An MTA ending the session is routine (the verdict line said what mattered): debug. A
+        # reset (any "error: ...") is a fault of its own; after a fault counted, nothing.
+        if reason in _ROUTINE_ENDS:
+            if self.debug:
+                log.debug("%s: closed (%s)", self.name, reason)
+        elif not self._counted and (not reason.startswith("error: ") or self._fault_due(f"closed ({reason})")):
+            log.info("%s: closed (%s)", self.name, reason)
+
+    def _fault_due(self, message: str) -> bool:
+        """Whether to log the line of the fault ``message`` that ends this connection (Shared.fault_due)."""
+        if self.shared.fault_due(fault_kind(message)):
+            return True
+        self._counted = True
+        return False
 
     def _end_context(self, _done: object = None) -> None:
         """The context's end (the host's hook, then nothing more of it works): after its last

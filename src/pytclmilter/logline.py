@@ -36,6 +36,7 @@ its line: its arguments must be escaped, as the engine's verdict line escapes th
 from __future__ import annotations
 
 import logging
+import re
 import time
 from typing import Callable, Final, Protocol
 
@@ -44,6 +45,8 @@ INDENT: Final = "  "
 #: str.isprintable as an object: compiled, ``text.isprintable()`` looks the method up by name on
 #: every call (two thirds of the cost of escaping a sender); this is a direct call.
 isprintable: Final[Callable[[str], bool]] = str.isprintable
+#: A number, or a ``repr`` of a str or bytes (quoted by ' or by ", escapes within): fault_kind.
+_DATA: Final = re.compile(r"\b\d+\b|b?'(?:[^'\\]|\\.)*'|b?\"(?:[^\"\\]|\\.)*\"")
 _NAMED: Final = {"\\": "\\\\", "\n": "\\n", "\r": "\\r", "\t": "\\t"}
 
 
@@ -115,19 +118,22 @@ class SameTrace:
 
 class Repeated:
     """Failures nobody answers, which may recur many times a second (an `after` handler that
-    fails and reschedules itself): the first at a place is logged whole, the next ones within
-    ``seconds`` are only counted, and the first after that is logged with the count, so a
-    failure that lasts makes one line a minute. At most ``keep`` places are remembered."""
+    fails and reschedules itself, a peer opening bad connections): the first ``whole`` at a place
+    within ``seconds`` are logged whole, the next ones only counted, and the count is told by the
+    first line after that or, for a caller that asks, by :meth:`overdue` once the ``seconds`` are
+    over; so a failure that lasts makes ``whole`` lines and a count a window. At most ``keep``
+    places are remembered."""
 
-    __slots__ = ("seconds", "keep", "clock", "_places")
+    __slots__ = ("seconds", "keep", "whole", "clock", "_places")
 
     def __init__(self, seconds: float = 60.0, keep: int = 100,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic, whole: int = 1) -> None:
         self.seconds = seconds
         self.keep = keep
+        self.whole = whole
         self.clock = clock
-        #: place -> (when last logged, how many since)
-        self._places: dict[str, tuple[float, int]] = {}
+        #: place -> (when its window started, lines logged in it, how many counted since)
+        self._places: dict[str, tuple[float, int, int]] = {}
 
     def due(self, place: str) -> int | None:
         """None: count this one, log nothing; else log it, saying how many were not logged since
@@ -136,17 +142,44 @@ class Repeated:
         now = self.clock()
         seen = self._places.pop(place, None)
         if seen is not None and now - seen[0] < self.seconds:
-            self._places[place] = (seen[0], seen[1] + 1)
+            start, logged, counted = seen
+            if logged < self.whole and not counted:
+                self._places[place] = (start, logged + 1, 0)
+                return 0
+            self._places[place] = (start, logged, counted + 1)
             return None
         self._make_room(now)
-        self._places[place] = (now, 0)
-        return 0 if seen is None else seen[1]
+        self._places[place] = (now, 1, 0)
+        return 0 if seen is None else seen[2]
+
+    def overdue(self, ended_only: bool = True) -> list[tuple[str, int]]:
+        """The places with failures counted and not told, whose window is over (all of them if
+        not ``ended_only``: at the end), with their counts, which are told from now on: a summary
+        line each, for a failure that may not come again to carry its count."""
+        now = self.clock()
+        told = []
+        for place, (start, logged, counted) in list(self._places.items()):
+            if counted and (not ended_only or now - start >= self.seconds):
+                told.append((place, counted))
+                self._places[place] = (start, logged, 0)
+        return told
 
     def _make_room(self, now: float) -> None:
         if len(self._places) >= self.keep:
             self._places = {k: v for k, v in self._places.items() if now - v[0] < self.seconds}
             while len(self._places) >= self.keep:
                 del self._places[next(iter(self._places))]
+
+
+def fault_kind(message: str) -> str:
+    """What faults of one kind share: ``message`` with its numbers and quoted data (how an error
+    of the protocol gives the MTA's bytes: ``repr``) as N and '...', so that a peer varying its
+    bytes still makes one kind, and a message's own words tell the kinds apart."""
+    return _DATA.sub(_placeholder, message)
+
+
+def _placeholder(found: re.Match[str]) -> str:
+    return "N" if found.group().isdigit() else "'...'"
 
 
 def place_of(trace: str, message: str) -> str:
