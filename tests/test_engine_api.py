@@ -1299,6 +1299,8 @@ def test_sys_exit_in_a_python_callback_is_a_failure_not_the_milters_end(caplog, 
     ("call_timeout", True, TypeError, "call_timeout must be a number of seconds, not True"),
     ("backlog", 1.5, TypeError, "backlog must be a positive integer, or None, not 1.5"),
     ("name", " ", ValueError, "name must not be empty, not ' '"),
+    ("max_connections", -1, ValueError, "max_connections -1: must be 0 (no limit) or more"),
+    ("max_connections", 2.5, TypeError, "max_connections must be an integer, 0 (no limit) or more, not 2.5"),
 ])
 def test_the_api_names_a_bad_option_and_what_it_takes(option, value, error, message):
     """NOREPLY, SKIP, 0o17777 and hooks=5 were taken (a failing callback answered SKIP at any stage,

@@ -7,6 +7,7 @@ from __future__ import annotations
 import re
 import socket
 import struct
+import urllib.request
 
 import pytest
 
@@ -169,3 +170,61 @@ def test_a_burst_of_bad_connections_logs_ten_lines_of_each_kind_and_a_count(tclr
            "are): protocol error: unknown command '...'\n" in text, text
     assert "WARNING: 20 more connections closed for the same reason, not logged one by one (the first 10 in 4 s " \
            "are): closed (error: [Errno N] Connection reset by peer)\n" in text, text
+
+
+def _served(mta) -> None:
+    """One message's envelope through the milter (what a held connection does meanwhile)."""
+    assert mta.mail("<a@example.org>") in (("c", {}), "skipped")
+    assert mta.rcpt("<b@example.org>") == ("c", {})
+
+
+def _refused_total(m) -> str:
+    """pytclmilter_connections_refused_total as the metrics endpoint gives it."""
+    url = m.wait_for(r"metrics at (http://127\.0\.0\.1:\d+/metrics)", since=0).group(1)
+    with urllib.request.urlopen(url, timeout=10) as r:
+        found = re.search(r"^pytclmilter_connections_refused_total (\S+)$", r.read().decode(), re.M)
+    assert found, "pytclmilter_connections_refused_total not exported"
+    return found.group(1)
+
+
+def test_connections_past_the_limit_are_closed_at_once_with_one_warning(tclrun):
+    """Nothing bounded the connections open but the open-files limit, which `run` lifts to 65536 or
+    more (each may hold ~0.5 MB of packets). With --max-connections 3, of 5 connections the 2 past
+    the limit are closed at once (the MTA then applies its default action), the 3 served; one
+    warning says the limit is reached, one that it no longer is, with the count. Crossing it
+    again within the minute adds no line: its count is told at stop."""
+    m = tclrun(NULL, "--max-connections", "3", "--metrics", "inet:0@127.0.0.1")
+    held = [m.mta() for _ in range(3)]
+    for mta in held:
+        mta.negotiate()
+    late = [m.mta() for _ in range(2)]
+    for mta in late:
+        assert mta.eof(), "a connection past the limit was not closed"
+    m.wait_for(r"WARNING: connection limit reached: 3 connections open \(--max-connections 3\); new connections "
+               r"are closed at once, and the MTA applies its default action to them \(Postfix: "
+               r"milter_default_action\), until one closes\r?\n")
+    for mta in held:
+        _served(mta)
+    assert _refused_total(m) == "2.0"
+    for mta in held + late:
+        mta.close()
+    m.wait_for(r"WARNING: below the connection limit again: 2 connections open \(--max-connections 3\); 2 "
+               r"connections closed at the limit in \d+\.\d s\r?\n")
+    with m.mta() as mta:
+        mta.negotiate()
+        _served(mta)
+        # at the limit again at once, and below it: counted, no line
+        again = [m.mta() for _ in range(2)]
+        for other in again:
+            other.negotiate()
+        with m.mta() as past:
+            assert past.eof()
+        _served(mta)
+        for other in again:
+            other.close()
+    assert m.stop() == 0
+    text = m.text
+    assert text.count("connection limit reached") == 1, text
+    assert text.count("below the connection limit again") == 1, text
+    assert "WARNING: 1 connection closed at the connection limit since the last line about it\n" in text, text
+    assert "protocol error" not in text and "ERROR" not in text, text

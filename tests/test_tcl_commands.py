@@ -17,10 +17,10 @@ from support.tclrun import NOREPLY, SKIPPED, TCL_HELPERS, tclrun_factory
 
 tclrun = pytest.fixture(tclrun_factory, name="tclrun")
 
-OPTIONS = ["-backlog", "-calltimeout", "-connection", "-debuglevel", "-dryrun", "-grace", "-metrics", "-name",
-           "-onerror", "-timeout", "-workers"]
-BAD_OPTION = ('bad option "-x": must be -backlog, -calltimeout, -connection, -debuglevel, -dryrun, -grace, -metrics, '
-              "-name, -onerror, -timeout, or -workers")
+OPTIONS = ["-backlog", "-calltimeout", "-connection", "-debuglevel", "-dryrun", "-grace", "-maxconnections", "-metrics",
+           "-name", "-onerror", "-timeout", "-workers"]
+BAD_OPTION = ('bad option "-x": must be -backlog, -calltimeout, -connection, -debuglevel, -dryrun, -grace, '
+              "-maxconnections, -metrics, -name, -onerror, -timeout, or -workers")
 EVENTS = ["abort", "body", "close", "connect", "data", "envfrom", "envrcpt", "eoh", "eom", "header", "helo",
           "negotiate", "unknown"]
 
@@ -49,6 +49,8 @@ def test_configure_defaults_query_set_and_errors(tclrun):
         T odd      {milter configure -name A -timeout}
         T timeout  {milter configure -timeout abc}
         T backlog  {milter configure -backlog 0}
+        T maxconn  {milter configure -maxconnections -1}
+        T nolimit  {milter configure -maxconnections 0}
         T onerror  {milter configure -onerror SMFIS_BOGUS}
         T conn     {milter configure -connection bogus:x}
         T noname   {milter configure -name ""}
@@ -71,6 +73,7 @@ def test_configure_defaults_query_set_and_errors(tclrun):
     assert defaults["-onerror"] == "SMFIS_TEMPFAIL"
     assert int(defaults["-backlog"]) > 0  # "the system default"
     assert float(defaults["-grace"]) >= 0
+    assert defaults["-maxconnections"] == "1000"
     for option in ["-name", "-connection", "-timeout", "-debuglevel", "-onerror", "-backlog", "-grace"]:
         assert r["get" + option] == "OK " + defaults[option]
 
@@ -86,6 +89,8 @@ def test_configure_defaults_query_set_and_errors(tclrun):
     assert r["odd"].startswith("ERR ") and "-timeout" in r["odd"]
     assert r["timeout"] == 'ERR expected integer but got "abc"'
     assert r["backlog"].startswith("ERR ") and '"0"' in r["backlog"]
+    assert r["maxconn"] == 'ERR expected non-negative integer but got "-1"'
+    assert r["nolimit"] == "OK "
     assert r["onerror"].startswith('ERR bad status "SMFIS_BOGUS"')
     assert r["conn"].startswith("ERR ") and "bogus" in r["conn"]
     assert r["noname"] == 'ERR bad name "": must not be empty'  # the listening line shows it

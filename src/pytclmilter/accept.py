@@ -10,6 +10,15 @@ descriptor) or a short timer passes (something else may have freed one), and the
 connections stay queued; one WARNING says so, repeated at most every 10 s with the number of
 failures since. Open connections are served throughout: reading and writing need no new
 descriptor.
+
+At the connection limit (``max_connections``: ``limit`` here) a connection accepted is closed at
+once, unanswered: the MTA applies its default action to that session now (Postfix:
+``milter_default_action``), rather than after its own timeout as it would if the connection
+waited in the listen queue, holding an smtpd process meanwhile; the limit is set so that no
+real MTA reaches it. One WARNING says the limit is reached, one more says when a connection
+closed below it again, with how many were closed at it; while a peer keeps crossing the limit
+back and forth, that pair comes at most every LIMIT_REPEAT seconds, and the counts between go
+with the next line (or the end of serving).
 """
 
 from __future__ import annotations
@@ -17,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import logging
+import os
 import resource
 import socket
 from typing import Any, Callable, Final
@@ -26,6 +36,7 @@ log: Final = logging.getLogger("pytclmilter")
 BATCH: Final = 64  # connections accepted per wake-up while recovering: a burst must not hold up open sessions
 RETRY: Final = 0.1  # seconds before accepting again when no connection closed meanwhile
 REPEAT: Final = 10.0  # seconds between warnings while accepting keeps failing
+LIMIT_REPEAT: Final = 60.0  # seconds between warnings that the connection limit is reached
 #: Descriptors the process needs besides its connections: the interpreter, the event loop, the
 #: log, the listening socket, what the script opens.
 MARGIN: Final = 64
@@ -41,10 +52,15 @@ class Acceptor:
     """Accepts on one listening socket for a running loop; ``close`` stops and closes the socket."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop, sock: socket.socket,
-                 factory: Callable[[], asyncio.Protocol]) -> None:
+                 factory: Callable[[], asyncio.Protocol], limit: Callable[[], int] = lambda: 0,
+                 on_refused: Callable[[], None] = lambda: None) -> None:
+        """``limit``: the connection limit in force (read at each accept: a reload or `milter
+        configure` may change it), 0 for none; ``on_refused``: called for each connection closed at it."""
         self.loop = loop
         self.sock = sock
         self.factory = factory
+        self.limit = limit
+        self.on_refused = on_refused
         self.open = 0  # connections accepted and not closed yet (connection_closed), for the warning
         self._fd = sock.fileno()
         # What socket.accept() does (CPython's socket.py), with less work per connection:
@@ -61,6 +77,10 @@ class Acceptor:
         self._failures = 0  # failed accepts since the last warning
         self._warned: float | None = None  # loop time of the last warning
         self._tell_recovery = False  # a warning went out: say once when accepting works again
+        self._capped = False  # a connection was closed at the limit, and none has closed since
+        self._told = False  # the warning of this time at the limit went out: say when it is over
+        self._limit_warned: float | None = None  # loop time of the last warning of the limit
+        self._refused = 0  # connections closed at the limit that no line has counted yet
 
     def start(self) -> None:
         if not self._reading and self.sock.fileno() >= 0:
@@ -72,11 +92,14 @@ class Acceptor:
         (once every process that shares the socket has closed it)."""
         self._pause()
         self.sock.close()
+        if self._refused:
+            log.warning("%s closed at the connection limit since the last line about it", _connections(self._refused))
+            self._refused = 0
 
     def connection_closed(self) -> None:
         """A connection's transport closed: its descriptor is free, so accept again at once if we
         were waiting for one."""
-        self.open -= 1
+        self._released()
         if self._retry is not None:
             self._retry.cancel()
             # Next turn: asyncio's transport closes the descriptor after this call returns.
@@ -104,6 +127,11 @@ class Acceptor:
                     continue
                 self._failed(exc)
                 return
+            limit = self.limit()
+            if limit and self.open >= limit:
+                os.close(fd)
+                self._at_limit(limit)
+                continue
             self.open += 1
             self.loop.create_task(self._connect(new_socket(family, kind, proto, fd)))
         if self._tell_recovery:  # a full batch: go on next turn, the queue may be empty by now
@@ -114,8 +142,43 @@ class Acceptor:
             await self.loop.connect_accepted_socket(self.factory, conn)
         except OSError as exc:  # no transport was made (connection_closed will not come)
             conn.close()
-            self.open -= 1
+            self._released()
             log.debug("a connection closed before it was set up: %s", exc)
+
+    def _at_limit(self, limit: int) -> None:
+        """A connection was closed at once, ``limit`` being open: warn as the limit is reached
+        (unless a warning went out less than LIMIT_REPEAT seconds ago), count it either way."""
+        self._refused += 1
+        self.on_refused()
+        if self._capped:
+            return
+        self._capped = True
+        now = self.loop.time()
+        self._told = self._limit_warned is None or now - self._limit_warned >= LIMIT_REPEAT
+        if not self._told:
+            return
+        earlier = self._refused - 1
+        since = f"; {earlier} more were closed at it since the last line about it" if earlier else ""
+        log.warning("connection limit reached: %s open (--max-connections %d); new connections are closed at once, "
+                    "and the MTA applies its default action to them (Postfix: milter_default_action), until one "
+                    "closes%s", _connections(self.open), limit, since)
+        self._limit_warned, self._refused = now, 1
+
+    def _released(self) -> None:
+        """A connection is over: if it was at the limit, the limit is no longer reached (said once
+        the warning of it went out)."""
+        self.open -= 1
+        if not self._capped:
+            return
+        limit = self.limit()
+        if limit and self.open >= limit:  # (the limit lowered meanwhile)
+            return
+        self._capped = False
+        if self._told and self._limit_warned is not None:
+            log.warning("below the connection limit again: %s open (--max-connections %d); %s closed at the limit "
+                        "in %.1f s", _connections(self.open), limit, _connections(self._refused),
+                        self.loop.time() - self._limit_warned)
+            self._refused = 0
 
     def _failed(self, exc: OSError) -> None:
         """Stop accepting for now; warn unless a warning went out less than REPEAT seconds ago."""
@@ -146,6 +209,10 @@ class Acceptor:
             # accept() fails for want of a descriptor even when nobody waits, and then the
             # socket would never turn readable to tell that accepting works again: try now.
             self._ready()
+
+
+def _connections(n: int) -> str:
+    return f"{n} connection" if n == 1 else f"{n} connections"
 
 
 def limit_text() -> str:

@@ -47,7 +47,8 @@ _NM: Final = len(VERDICTS) * len(STAGES) * 2  # (verdict, stage, dry run)
 OPEN: Final = 0
 TOTAL: Final = 1
 PROTOCOL_ERRORS: Final = 2
-CLOSED: Final = 3
+REFUSED: Final = 3  # closed at once at the connection limit (accept.py)
+CLOSED: Final = 4
 MESSAGES: Final = CLOSED + len(REASONS)
 ERRORS: Final = MESSAGES + _NM
 OVERRUNS: Final = ERRORS + _NE
@@ -115,6 +116,9 @@ class Meter:
 
     def protocol_error(self) -> None:
         self.cells[PROTOCOL_ERRORS] += 1
+
+    def refused(self) -> None:
+        self.cells[REFUSED] += 1
 
     def verdict(self, verdict: str, stage: str, dry: bool) -> None:
         self.cells[message_cell(verdict, stage, dry)] += 1

@@ -160,6 +160,8 @@ def _labelled(family: Any, labels: Iterable[tuple[str, ...]], values: list[int])
 def _connections(t: list[int]) -> Iterator[Metric]:
     yield GaugeMetricFamily("pytclmilter_connections_open", "MTA connections open now", value=t[m.OPEN])
     yield CounterMetricFamily("pytclmilter_connections", "MTA connections accepted", value=t[m.TOTAL])
+    yield CounterMetricFamily("pytclmilter_connections_refused", "MTA connections closed at once, unanswered, "
+                              "at the connection limit (--max-connections)", value=t[m.REFUSED])
     yield _labelled(CounterMetricFamily("pytclmilter_connections_closed", "MTA connections closed, by reason "
                                         "(eof and quit: the MTA ended the session)", labels=["reason"]),
                     ((r,) for r in m.REASONS), t[m.CLOSED:m.MESSAGES])

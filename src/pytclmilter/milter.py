@@ -22,7 +22,7 @@ from .protocol.constants import MAX_DATA_SIZE
 from .scripting import TclCommands
 from .listener import Listener
 from .server import MilterServer, already_serving
-from .settings import DEFAULT_CONNECTION, DEFAULT_TIMEOUT, Settings
+from .settings import DEFAULT_CONNECTION, DEFAULT_MAX_CONNECTIONS, DEFAULT_TIMEOUT, Settings
 from .status import ERROR_ANSWERS, Status, parse_status
 
 if TYPE_CHECKING:
@@ -71,6 +71,7 @@ _KINDS: dict[str, tuple[tuple[type, ...], str]] = {
     "tick_interval": ((int, float), _SECONDS),
     "metrics": ((str,), 'inet:PORT@HOST, or "" for none'),
     "dry_run": ((bool,), "True or False"),
+    "max_connections": ((int,), "an integer, 0 (no limit) or more"),
 }
 
 
@@ -159,6 +160,8 @@ class Milter:
     metrics: _Setting[str] = _Setting()
     #: Run the callbacks but answer the MTA continue, with no modification; log what would have been sent.
     dry_run: _Setting[bool] = _Setting()
+    #: MTA connections served at once by a process; more are closed at once (0: no limit).
+    max_connections: _Setting[int] = _Setting()
 
     def __init__(
         self,
@@ -172,10 +175,12 @@ class Milter:
         max_data_size: int = MAX_DATA_SIZE,
         call_timeout: float = 60.0,
         hooks: Hooks | None = None,
+        max_connections: int = DEFAULT_MAX_CONNECTIONS,
     ) -> None:
         options: dict[str, Any] = {
             "name": name, "connection": connection, "timeout": timeout, "backlog": backlog, "grace": grace,
-            "socket_mode": socket_mode, "max_data_size": max_data_size, "call_timeout": call_timeout}
+            "socket_mode": socket_mode, "max_data_size": max_data_size, "call_timeout": call_timeout,
+            "max_connections": max_connections}
         settings = Settings(on_error=self._status(on_error), **{k: _checked(k, v) for k, v in options.items()})
         if hooks is not None and not isinstance(hooks, Hooks):  # (else an AttributeError at the first connection)
             raise TypeError(f"hooks must be a pytclmilter.Hooks, or None, not {hooks!r}")

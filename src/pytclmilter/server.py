@@ -355,9 +355,16 @@ class MilterServer:
             settings = self.shared.settings
             listener = bind(spec, settings.backlog, settings.socket_mode, settings.socket_owner)
             check_fd_limit(settings.backlog)  # with --workers, the supervisor checks once
-        acceptor = Acceptor(loop, listener.sock, lambda: _Connection(self, loop))
+        acceptor = Acceptor(loop, listener.sock, lambda: _Connection(self, loop),
+                            lambda: self.shared.settings.max_connections, self._refused)
         acceptor.start()
         return listener, acceptor
+
+    def _refused(self) -> None:
+        """A connection was closed at the connection limit (accept.py): count it for --metrics."""
+        meter = self.shared.meter
+        if meter is not None:
+            meter.refused()
 
     # ------------------------------------------------------------ reload
 

@@ -18,6 +18,11 @@ from .status import ERROR_ANSWERS, Status
 
 DEFAULT_CONNECTION: Final = "unix:/var/run/tclmilter.sock"
 DEFAULT_TIMEOUT: Final = 7210
+#: MTA connections served at once (per process; 0: no limit). Postfix opens one per smtpd and
+#: cleanup process (default_process_limit 100 each): 1000 leaves room for five times that,
+#: and holds what peers can make the milter keep (~0.5 MB a connection, docs/hardening.md) to
+#: about half a gigabyte, where the open-files limit `run` lifts (65536 and more) held nothing.
+DEFAULT_MAX_CONNECTIONS: Final = 1000
 
 
 @dataclass(frozen=True)
@@ -47,6 +52,8 @@ class Settings:
     #: Callbacks run, but the MTA gets continue and no modification; what would have been sent
     #: is logged and counted as "would ..." (engine.ConnectionEngine._answer).
     dry_run: bool = False
+    #: Connections accepted beyond this many open are closed at once (accept.py); 0: no limit.
+    max_connections: int = DEFAULT_MAX_CONNECTIONS
 
     def __post_init__(self) -> None:
         """Refuse what the command line and Tcl's `milter configure` refuse, whoever sets it: a
@@ -55,6 +62,8 @@ class Settings:
                             ("tick_interval", self.tick_interval)):
             if not value >= 0:  # (NaN too)
                 raise ValueError(f"{name} {value!r}: must be a number of seconds, 0 or more")
+        if self.max_connections < 0:
+            raise ValueError(f"max_connections {self.max_connections!r}: must be 0 (no limit) or more")
         if self.workers < 1 or (self.backlog is not None and self.backlog < 1):
             raise ValueError(f"workers {self.workers!r} and backlog {self.backlog!r}: must be 1 or more")
         if self.on_error not in ERROR_ANSWERS:

@@ -160,7 +160,8 @@ def add_script_options(p: argparse.ArgumentParser) -> None:
 
 
 #: Command-line flags whose names differ from the Tcl option they set.
-_FLAGS = {"-onerror": "--on-error", "-calltimeout": "--call-timeout", "-dryrun": "--dry-run"}
+_FLAGS = {"-onerror": "--on-error", "-calltimeout": "--call-timeout", "-dryrun": "--dry-run",
+          "-maxconnections": "--max-connections"}
 
 
 def check_script(script: str) -> None:

@@ -52,6 +52,9 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> argp
                      help="serve with N processes, each with its own interpreter (Tcl globals are per worker)")
     run.add_argument("--metrics", metavar="SPEC",
                      help="serve Prometheus metrics over HTTP at /metrics here (inet:port@host); overrides the script")
+    run.add_argument("--max-connections", metavar="N",
+                     help="MTA connections served at once (per worker); more are closed at once (default 1000, "
+                          "0: no limit); overrides the script's -maxconnections")
     run.add_argument("--dry-run", action="store_true",
                      help="run the callbacks, but answer the MTA continue with no modification; log what "
                           "would have been sent (overrides the script's -dryrun)")
@@ -318,7 +321,7 @@ def _serve(opts: argparse.Namespace) -> int:
     overrides = {"-connection": opts.connection, "-timeout": opts.timeout, "-backlog": opts.backlog,
                  "-name": opts.name, "-onerror": opts.on_error, "-grace": opts.grace,
                  "-calltimeout": opts.call_timeout, "-workers": opts.workers, "-metrics": opts.metrics,
-                 "-dryrun": "1" if opts.dry_run else None}
+                 "-dryrun": "1" if opts.dry_run else None, "-maxconnections": opts.max_connections}
     if opts.name is not None and not opts.name.strip():  # (a log line's name, the listening line's)
         raise UsageError(f"--name {opts.name!r}: must not be empty")
     socket_mode = None

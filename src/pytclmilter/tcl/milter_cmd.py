@@ -109,6 +109,7 @@ OPTIONS: dict[str, Option] = {
     "-workers": Option("workers", True, _positive),
     "-metrics": Option("metrics", True, _metrics),
     "-dryrun": Option("dry_run", False, boolean, int),
+    "-maxconnections": Option("max_connections", False, _non_negative),
 }
 
 SUBCOMMANDS = ("configure", "main", "register", "stop")
