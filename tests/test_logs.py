@@ -148,6 +148,8 @@ def test_the_lean_record_is_the_standard_record_made_faster() -> None:
     clock aside), and the standard record itself where a caller or a mapping argument is given."""
     from pytclmilter.commands.logs import setup_logging
 
+    root = logging.getLogger()
+    kept = list(root.handlers), root.level  # (left at INFO, later tests' caplog saw INFO records)
     setup_logging("info")
     assert logging.getLogRecordFactory() is LeanLogRecord
     try:
@@ -171,6 +173,8 @@ def test_the_lean_record_is_the_standard_record_made_faster() -> None:
     finally:
         logging.setLogRecordFactory(logging.LogRecord)
         logline.set_sink(None)
+        root.handlers[:], level = kept
+        root.setLevel(level)
 
 
 def test_a_handler_filter_still_decides() -> None:
