@@ -15,6 +15,7 @@ import sys
 import threading
 import tkinter
 import traceback
+from types import TracebackType
 from typing import Callable, NamedTuple
 
 from ..compiled import describe
@@ -241,9 +242,7 @@ def _thread_failed_logger(syslog: bool) -> Callable[[threading.ExceptHookArgs], 
         if args.exc_type is SystemExit:  # (as Python's own hook: a thread's sys.exit() is no error)
             return
         name = args.thread.name if args.thread is not None else "?"
-        trace = "".join(traceback.format_exception(args.exc_type, args.exc_value, args.exc_traceback)).rstrip()
-        log.error("unexpected error in thread %s: %s\n%s", escape(name),
-                  escape(f"{args.exc_type.__name__}: {args.exc_value}"), escape_lines(trace))
+        _log_unexpected(f" in thread {name}", args.exc_type, args.exc_value, args.exc_traceback)
         if syslog:
             printed(args)
 
@@ -259,13 +258,19 @@ def _unraisable_logger(syslog: bool) -> Callable[[sys.UnraisableHookArgs], None]
     def ignored(args: sys.UnraisableHookArgs) -> None:
         where = args.err_msg or "Exception ignored in"
         what = f"{where}: {args.object!r}" if args.object is not None else where
-        trace = "".join(traceback.format_exception(args.exc_type, args.exc_value, args.exc_traceback)).rstrip()
-        log.error("unexpected error, ignored: %s: %s\n%s", escape(what),
-                  escape(f"{args.exc_type.__name__}: {args.exc_value}"), escape_lines(trace))
+        _log_unexpected(f", ignored: {what}", args.exc_type, args.exc_value, args.exc_traceback)
         if syslog:
             printed(args)
 
     return ignored
+
+
+def _log_unexpected(where: str, exc_type: type[BaseException], exc: BaseException | None,
+                    tb: TracebackType | None) -> None:
+    """``ERROR: unexpected error WHERE: TYPE: message`` and the traceback below it, all escaped."""
+    trace = "".join(traceback.format_exception(exc_type, exc, tb)).rstrip()
+    log.error("unexpected error%s: %s\n%s", escape(where), escape(f"{exc_type.__name__}: {exc}"),
+              escape_lines(trace))
 
 
 def report_crashes() -> None:
