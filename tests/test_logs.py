@@ -794,32 +794,29 @@ def test_with_syslog_an_unexpected_error_that_ends_run_is_logged_with_its_traceb
     assert stderr.endswith("pytclmilter_hooks_hooks.Fault: store\\x1b[31m\ngone\n"), stderr
 
 
-def test_with_syslog_an_exception_that_ends_a_thread_is_logged_with_its_traceback(tmp_path) -> None:
-    """A thread of a --python file that dies of an exception: Python's report went to stderr
-    alone. Now syslog gets it too, escaped; run serves on."""
-    hooks = ("import threading\n\n\ndef poll():\n    raise ValueError('redis\\x1b[2J down')\n\n\n"
-             "def setup(milter):\n    t = threading.Thread(target=poll, name='poller')\n    t.start()\n    t.join()\n")
-    lines, stderr, records = _logged_by_a_python_file(tmp_path, "after 300 {milter stop}\nmilter main\n", hooks, 0,
-                                                      "in thread")
-    assert re.fullmatch(r"<19>pytclmilter\[\d+\]: ERROR: unexpected error in thread poller: ValueError: "
-                        r"redis\\x1b\[2J down", lines[0]), lines
-    assert lines[1] == "  Traceback (most recent call last):" and lines[-1] == r"  ValueError: redis\x1b[2J down", lines
-    assert any("stopped; verdicts" in r for r in records), records  # it served on, and stopped
-    assert "Exception in thread poller:" in stderr and "ValueError: redis" in stderr, stderr
+THREAD_DIES = ("import threading\n\n\ndef poll():\n    raise ValueError('redis\\x1b[2J down')\n\n\n"
+               "def setup(milter):\n    t = threading.Thread(target=poll, name='poller')\n    t.start()\n    t.join()\n")
+DEL_RAISES = ("class Handle:\n    def __del__(self):\n        raise OSError('socket\\x1b[2J gone')\n\n\n"
+              "def setup(milter):\n    Handle()\n")
 
 
-def test_with_syslog_an_exception_python_cannot_raise_is_logged_with_its_traceback(tmp_path) -> None:
-    """An exception in a __del__ of a --python file's object (Python cannot raise it: "Exception
-    ignored in ..."): its report went to stderr alone. Now syslog gets it too, escaped."""
-    hooks = ("class Handle:\n    def __del__(self):\n        raise OSError('socket\\x1b[2J gone')\n\n\n"
-             "def setup(milter):\n    Handle()\n")
+@pytest.mark.parametrize("hooks, marker, first, last, printed", [
+    (THREAD_DIES, "in thread", r"unexpected error in thread poller: ValueError: redis\\x1b\[2J down",
+     r"  ValueError: redis\x1b[2J down", "Exception in thread poller:"),
+    (DEL_RAISES, "ignored", r"unexpected error, ignored: Exception ignored in: <function Handle.__del__ at "
+     r"0x[0-9a-f]+>: OSError: socket\\x1b\[2J gone", r"  OSError: socket\x1b[2J gone", "Exception ignored in"),
+], ids=["a thread dies", "an exception Python cannot raise"])
+def test_with_syslog_an_error_nothing_can_raise_is_logged_with_its_traceback(tmp_path, hooks, marker, first, last,
+                                                                            printed) -> None:
+    """A thread of a --python file that dies of an exception, an exception in a __del__ (Python
+    cannot raise it): Python's report went to stderr alone. Now syslog gets it too, escaped, and
+    run serves on."""
     lines, stderr, records = _logged_by_a_python_file(tmp_path, "after 300 {milter stop}\nmilter main\n", hooks, 0,
-                                                      "ignored")
-    assert re.fullmatch(r"<19>pytclmilter\[\d+\]: ERROR: unexpected error, ignored: Exception ignored in: "
-                        r"<function Handle.__del__ at 0x[0-9a-f]+>: OSError: socket\\x1b\[2J gone", lines[0]), lines
-    assert lines[1] == "  Traceback (most recent call last):" and lines[-1] == r"  OSError: socket\x1b[2J gone", lines
+                                                      marker)
+    assert re.fullmatch(r"<19>pytclmilter\[\d+\]: ERROR: " + first, lines[0]), lines
+    assert lines[1] == "  Traceback (most recent call last):" and lines[-1] == last, lines
     assert any("stopped; verdicts" in r for r in records), records  # it served on, and stopped
-    assert "Exception ignored in" in stderr and "OSError: socket" in stderr, stderr
+    assert printed in stderr and last.strip().split("\\")[0] in stderr, stderr
 
 
 def test_while_syslog_cannot_be_reached_stderr_says_so_once_and_the_loss_is_counted(
