@@ -80,14 +80,6 @@ def _owned_by_us(name: str, st: os.stat_result) -> None:
                                      f"root (chmod {letters}-w {shlex.quote(name)})")
 
 
-def _here() -> str:
-    """The current directory's name, for a message."""
-    try:
-        return os.getcwd()
-    except OSError:
-        return "."
-
-
 def _walk(path: str, check: Check | None = None, last: int = _DIR) -> int:
     """Open the directory ``path`` a name at a time, as the kernel would, but follow a symbolic
     link only where its owner is to be trusted (:func:`_trusted_link`); OSError otherwise. A
@@ -98,7 +90,7 @@ def _walk(path: str, check: Check | None = None, last: int = _DIR) -> int:
     todo, walked, links = path.split("/")[::-1], "/" if path.startswith("/") else "", 0
     try:
         if check is not None:
-            check(walked or _here(), os.fstat(fd))
+            check(walked or ".", os.fstat(fd))
         while todo:
             part = todo.pop()
             if part in ("", "."):

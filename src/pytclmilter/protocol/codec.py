@@ -233,8 +233,9 @@ class LazyMacros(Mapping[str, str]):
     def get(self, name: str, default: object = None) -> object:
         """dict.get on the pairs (Mapping's would go through __getitem__ and an exception)."""
         decoded = self._decoded
-        if decoded is None and self._raw.count(0) > 2 * KEPT_PAIRS + 1:
-            found = _find_pair(self._raw, name)
+        raw = self._raw  # (an MTA's packet is shorter than the NULs of KEPT_PAIRS pairs: no count)
+        if decoded is None and len(raw) > 2 * KEPT_PAIRS + 1 and raw.count(0) > 2 * KEPT_PAIRS + 1:
+            found = _find_pair(raw, name)
             return default if found is None else text(found)
         return (decoded if decoded is not None else self._pairs()).get(name, default)
 
