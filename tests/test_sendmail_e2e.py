@@ -9,15 +9,12 @@ differently from Postfix is asserted here and documented in docs/deployment.md.
 from __future__ import annotations
 
 import re
-import shutil
-import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from support.postfix import SendResult
-from support.sendmail import PrivateSendmail, sendmail_factory
+from support.sendmail import PrivateSendmail, milter_socket_path, sendmail_factory
 from support.tclrun import tclrun_factory
 
 pytestmark = pytest.mark.sendmail
@@ -28,20 +25,13 @@ DATA = REPO / "tests" / "data"
 
 sendmail = pytest.fixture(sendmail_factory, name="sendmail")
 milter = pytest.fixture(tclrun_factory, name="milter")
+# Not below the temp dir: see the DontBlameSendmail test in test_sendmail_e2e.py.
+socket_path = pytest.fixture(milter_socket_path, name="socket_path")
 
 
 def message(sender: str, subject: str, body: bytes = b"Hello.\r\n", extra: bytes = b"") -> bytes:
     return (f"From: {sender}\r\nTo: rcpt@example.com\r\nSubject: {subject}\r\n".encode()
             + extra + b"\r\n" + body)
-
-
-@pytest.fixture
-def socket_path() -> Iterator[Path]:
-    """A socket path where Sendmail accepts one: in a directory no ancestor of which is group- or
-    world-writable, as /run is (the temp dir is not: see the DontBlameSendmail test)."""
-    directory = Path(tempfile.mkdtemp(prefix="pytclmilter-test-", dir="/run"))
-    yield directory / "milter.sock"
-    shutil.rmtree(directory, ignore_errors=True)
 
 
 def test_the_blacklist_example_runs_verbatim_behind_sendmail(sendmail, milter, socket_path: Path) -> None:

@@ -155,6 +155,7 @@ __all__ = [
     "postfix_factory",
     "wait_for_listener",
     "wait_until",
+    "write_sasl_config",
 ]
 
 # System binaries (Debian paths); the only absolute paths used here.
@@ -238,6 +239,21 @@ def ensure_postfix_installed() -> None:
 def ensure_sasl_installed() -> None:
     """Install Cyrus SASL's saslpasswd2 and plugins if missing (for ``sasl_users``) [N15]."""
     _apt_install(["sasl2-bin", "libsasl2-modules"], _sasl_present)
+
+
+def write_sasl_config(conf: Path, realm: str, users: Mapping[str, str]) -> Path:
+    """A Cyrus SASL application config ``conf`` offering PLAIN and LOGIN against a sasldb beside
+    it that holds ``users`` (login -> password) in ``realm``; returns the sasldb's path [N15].
+    Shared by the Postfix and Sendmail harnesses, which differ in where Cyrus looks for it."""
+    conf.parent.mkdir(mode=0o755, exist_ok=True)
+    db = conf.parent / "sasldb2"
+    conf.write_text(f"pwcheck_method: auxprop\nauxprop_plugin: sasldb\nsasldb_path: {db}\nmech_list: PLAIN LOGIN\n")
+    for user, password in users.items():
+        proc = subprocess.run([SASLPASSWD2, "-c", "-p", "-f", str(db), "-u", realm, user],
+                              input=password.encode(), capture_output=True)
+        if proc.returncode != 0:
+            raise HarnessError(f"saslpasswd2 {user} exited {proc.returncode}: {proc.stderr!r}")
+    return db
 
 
 # --------------------------------------------------------------------------
@@ -441,6 +457,7 @@ class SendResult:
 
     banner: Reply | None = None
     ehlo: Reply | None = None
+    failed_auth: Reply | None = None  # only when sent with a failed_login
     auth: Reply | None = None  # only when sent with a login
     mail: Reply | None = None
     rcpt: dict[str, Reply] = dataclasses.field(default_factory=dict)
@@ -493,6 +510,7 @@ class SendResult:
 
     def __str__(self) -> str:
         parts = [f"banner={self.banner}", f"ehlo={self.ehlo}"]
+        parts += [f"failed_auth={self.failed_auth}"] if self.failed_auth is not None else []
         parts += [f"auth={self.auth}"] if self.auth is not None else []
         parts.append(f"mail={self.mail}")
         parts += [f"rcpt<{r}>={rep}" for r, rep in self.rcpt.items()]
@@ -828,18 +846,7 @@ class PrivatePostfix(PrivateService):
 
     def _write_sasl(self, users: Mapping[str, str]) -> None:
         """Cyrus's smtpd.conf and a sasldb holding ``users`` [N15]."""
-        self.sasl_dir.mkdir(mode=0o755, exist_ok=True)
-        db = self.sasl_dir / "sasldb2"
-        (self.sasl_dir / "smtpd.conf").write_text(
-            f"pwcheck_method: auxprop\nauxprop_plugin: sasldb\nsasldb_path: {db}\nmech_list: PLAIN LOGIN\n"
-        )
-        for user, password in users.items():
-            proc = subprocess.run(
-                [SASLPASSWD2, "-c", "-p", "-f", str(db), "-u", self.hostname, user],
-                input=password.encode(), capture_output=True,
-            )
-            if proc.returncode != 0:
-                raise HarnessError(f"saslpasswd2 {user} exited {proc.returncode}: {proc.stderr!r}")
+        db = write_sasl_config(self.sasl_dir / "smtpd.conf", self.hostname, users)
         if db.exists():
             os.chown(db, 0, self._owner_gid)
             os.chmod(db, 0o640)
@@ -1044,13 +1051,16 @@ class PrivatePostfix(PrivateService):
         mail_options: Sequence[str] = (),
         rcpt_options: Sequence[str] = (),
         login: tuple[str, str] | None = None,
+        mechanism: str = "PLAIN",
+        failed_login: str | None = None,
         timeout: float = 60.0,
     ) -> SendResult:
         """Send one message; report the reply of every stage, never raise on
         an SMTP rejection (call ``.check()`` on the result for that).
 
-        ``login`` = (user, password) authenticates with AUTH PLAIN after EHLO
-        (see ``sasl_users``); a refused login ends the session before MAIL.
+        ``login`` = (user, password) authenticates with AUTH ``mechanism``
+        after EHLO (see ``sasl_users``); a refused login ends the session
+        before MAIL.  ``failed_login``: see :func:`smtp_send`.
 
         ``message`` is sent as is (smtplib only dot-stuffs and terminates it),
         so it should use CRLF line endings.  Like ``smtplib.sendmail`` DATA is
@@ -1059,7 +1069,7 @@ class PrivatePostfix(PrivateService):
         smtp = smtplib.SMTP(timeout=timeout)
         return smtp_send(smtp, lambda: smtp.connect(LOCALHOST, self.smtpd_port), sender, recipients,
                          message, helo=helo, mail_options=mail_options, rcpt_options=rcpt_options,
-                         login=login)
+                         login=login, mechanism=mechanism, failed_login=failed_login)
 
     # ---- observation -------------------------------------------------------
 
@@ -1209,11 +1219,12 @@ def _record_disconnect(result: SendResult, text: str, rcpts: Sequence[str], logi
         result.data = reply
 
 
-def _auth_plain(smtp: smtplib.SMTP, user: str, password: str) -> Reply:
-    """AUTH PLAIN; the server's reply, also a refusal (smtplib raises on those)."""
+def _auth(smtp: smtplib.SMTP, user: str, password: str, mechanism: str = "PLAIN") -> Reply:
+    """AUTH PLAIN or LOGIN; the server's reply, also a refusal (smtplib raises on those)."""
     smtp.user, smtp.password = user, password
+    authobject = smtp.auth_plain if mechanism == "PLAIN" else smtp.auth_login
     try:
-        return Reply.of(*smtp.auth("PLAIN", smtp.auth_plain))
+        return Reply.of(*smtp.auth(mechanism, authobject))
     except smtplib.SMTPAuthenticationError as exc:
         return Reply.of(exc.smtp_code, exc.smtp_error)
 
@@ -1229,10 +1240,14 @@ def smtp_send(
     mail_options: Sequence[str] = (),
     rcpt_options: Sequence[str] = (),
     login: tuple[str, str] | None = None,
+    mechanism: str = "PLAIN",
+    failed_login: str | None = None,
 ) -> SendResult:
     """One SMTP transaction on ``smtp`` (``connect`` opens it and returns the banner); the
     reply of every stage, never raising on a rejection. Shared by the Postfix and Sendmail
-    harnesses: only how the connection is opened differs. ``login``: AUTH PLAIN after EHLO."""
+    harnesses: only how the connection is opened differs. ``login``: AUTH (``mechanism``
+    PLAIN or LOGIN) after EHLO. ``failed_login``: first an AUTH PLAIN as that user with a
+    wrong password, whose refusal is ``failed_auth``; the session goes on either way."""
     if isinstance(recipients, str):
         recipients = [recipients]
     result = SendResult()
@@ -1245,8 +1260,10 @@ def smtp_send(
         result.ehlo = Reply.of(code, msg)
         if code != 250:
             return result
+        if failed_login is not None:
+            result.failed_auth = _auth(smtp, failed_login, "not the password")
         if login is not None:
-            result.auth = _auth_plain(smtp, *login)
+            result.auth = _auth(smtp, *login, mechanism)
             if result.auth.code != 235:
                 return result
         code, msg = smtp.mail(sender, list(mail_options))
