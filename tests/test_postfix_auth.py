@@ -13,52 +13,20 @@ from typing import Iterator
 import pexpect
 import pytest
 
+from support.sasl import ALICE, MACROS, POLICY, macros_seen, message, send_all
+from support.tclrun import tclrun_factory
+
 pytestmark = pytest.mark.postfix
 
-ALICE = ("alice", "alice's secret")
-
-# A long macro name keeps its braces in the value: {{auth_authen}} in Tcl (tcl-reference.md).
-SCRIPT = r"""
-package require TclMilter 1.0
-milter configure -name AuthPolicy
-
-proc auth_envfrom { context fromList } {
-    if {[$context getsymval {{auth_authen}}] eq ""} {
-        $context setreply 550 5.7.1 "log in first: this server relays only for its users"
-        return SMFIS_REJECT
-    }
-    return SMFIS_CONTINUE
-}
-
-proc auth_eom { context } {
-    set value "[$context getsymval {{auth_authen}}] with [$context getsymval {{auth_type}}]"
-    set author [$context getsymval {{auth_author}}]
-    if {$author ne ""} {
-        append value " for $author"
-    }
-    $context addheader X-Authenticated-User $value
-    return SMFIS_CONTINUE
-}
-
-milter register envfrom auth_envfrom
-milter register eom auth_eom
-milter main
-"""
-
-
-def message(subject: str) -> bytes:
-    return (f"From: alice@example.org\r\nTo: b@example.com\r\nSubject: {subject}\r\n"
-            f"Message-ID: <{subject.replace(' ', '.')}@test>\r\n\r\nHello.\r\n").encode()
+milter = pytest.fixture(tclrun_factory, name="milter")
 
 
 @pytest.fixture
 def auth_policy(tmp_path: Path) -> Iterator[str]:
-    """The script above under `pytclmilter run`; yields Postfix's address for it."""
-    script = tmp_path / "authpolicy.tcl"
-    script.write_text(SCRIPT)
+    """The policy script under `pytclmilter run`; yields Postfix's address for it."""
     child = pexpect.spawn(
         sys.executable,
-        ["-m", "pytclmilter.cli", "run", str(script), "--connection", "inet:0@127.0.0.1"],
+        ["-m", "pytclmilter.cli", "run", str(POLICY), "--connection", "inet:0@127.0.0.1"],
         cwd=str(tmp_path), encoding="utf-8", timeout=20,
     )
     child.expect(r"AuthPolicy listening on inet:(\d+)@127\.0\.0\.1")
@@ -96,3 +64,31 @@ def test_a_milter_mail_macros_without_the_auth_macros_hides_the_login(postfix, a
     result = pf.send("alice@example.org", "b@example.com", message("logged in"), login=ALICE)
     assert result.auth is not None and result.auth.code == 235, result
     assert str(result.mail) == "550 5.7.1 log in first: this server relays only for its users", result
+
+
+def test_auth_author_is_the_clients_claim_not_a_login(postfix, milter) -> None:
+    """{auth_author} is MAIL FROM's AUTH= as written, also from a client that did not log in or
+    whose login failed, so a script keys on {auth_authen}; AUTH=<> leaves it empty; Postfix has no
+    {auth_ssf} (test_sendmail_auth.py: Sendmail's differences)."""
+    run = milter(MACROS)
+    pf = postfix(milter=f"inet:127.0.0.1:{run.port}", sasl_users=dict([ALICE]))
+    results = send_all(pf, {
+        "anonymous": {"mail_options": ["AUTH=<boss@example.org>"]},
+        "failed": {"failed_login": ALICE[0], "mail_options": ["AUTH=<alice@example.org>"]},
+        "logged in": {"login": ALICE, "mechanism": "LOGIN", "mail_options": ["AUTH=<>"]},
+    })
+    failed = results["failed"].failed_auth
+    assert failed is not None and failed.code == 535, results["failed"]
+    assert macros_seen(pf, 3) == {
+        "anonymous": ["auth_authen=; auth_type=; auth_author=<boss@example.org>; auth_ssf="] * 2,
+        "failed": ["auth_authen=; auth_type=; auth_author=<alice@example.org>; auth_ssf="] * 2,
+        "logged in": ["auth_authen=alice; auth_type=LOGIN; auth_author=; auth_ssf="] * 2,
+    }
+
+
+def test_a_filters_envfrom_list_without_the_auth_macros_hides_the_login(postfix, milter) -> None:
+    """A list asked for with setsymlist replaces milter_mail_macros for that filter."""
+    run = milter(MACROS, env={"ENVFROM_MACROS": "i {mail_addr}"})
+    pf = postfix(milter=f"inet:127.0.0.1:{run.port}", sasl_users=dict([ALICE]))
+    send_all(pf, {"logged in": {"login": ALICE}})
+    assert macros_seen(pf, 1) == {"logged in": ["auth_authen=; auth_type=; auth_author=; auth_ssf="] * 2}
