@@ -221,17 +221,24 @@ def test_a_developers_own_account_is_not_checked(tclrun, etc):
     assert m.stop() == 0
 
 
+def stale_cache(source: Path, text: str) -> Path:
+    """``source`` with ``text`` formatted with B, and its cached .pyc (returned) compiled from
+    ``text`` with A: the same mtime and size, which are all Python compares."""
+    source.write_text(text.format("A"))
+    st = source.stat()
+    cached = Path(cache_from_source(str(source)))
+    py_compile.compile(str(source), cfile=str(cached), doraise=True)
+    source.write_text(text.format("B"))
+    os.utime(source, ns=(st.st_atime_ns, st.st_mtime_ns))
+    return cached
+
+
 def test_a_python_file_runs_as_its_source_says_and_leaves_no_bytecode(tclrun, etc):
     """Python ran a .pyc from the file's __pycache__ instead of the source when the mtime and size
     it records match the source's: a directory nothing checked decided what ran as root. And
     root wrote that __pycache__ into the admin's directory."""
     hooks = etc / "hooks.py"
-    hooks.write_text('print("hooks: A", flush=True)\n\ndef setup(milter):\n    pass\n')
-    st = hooks.stat()
-    cached = Path(cache_from_source(str(hooks)))
-    py_compile.compile(str(hooks), cfile=str(cached), doraise=True)
-    hooks.write_text('print("hooks: B", flush=True)\n\ndef setup(milter):\n    pass\n')  # the same size
-    os.utime(hooks, ns=(st.st_atime_ns, st.st_mtime_ns))
+    cached = stale_cache(hooks, 'print("hooks: {}", flush=True)\n\ndef setup(milter):\n    pass\n')
     m = tclrun(etc / "filter.tcl", "--python", str(hooks), connection=TCP)
     assert "hooks: B" in m.text and "hooks: A" not in m.text
     assert m.stop() == 0
@@ -242,3 +249,145 @@ def test_a_python_file_runs_as_its_source_says_and_leaves_no_bytecode(tclrun, et
     m.wait_for(r"reload: generation 1 is gone")
     assert m.stop() == 0
     assert sorted(p.name for p in etc.iterdir()) == ["filter.tcl", "hooks.py"]
+
+
+# What the files pull in as root: Tcl's `source` and `load` (and `package require`, which ends in
+# them) and a --python file's imports are refused as the files themselves are.
+
+
+@pytest.fixture
+def theirs(tmp_path: Path) -> Path:
+    """Another user's directory (0755), where root's scripts should find nothing to run."""
+    lib = tmp_path / "lib"
+    lib.mkdir()
+    lib.chmod(0o755)
+    os.chown(lib, NOBODY, -1)
+    return lib
+
+
+def pulling_in(line: str) -> str:
+    """The script with ``line`` (its line 2) pulling something in before it registers."""
+    return f'puts "script ran"\n{line}\n' + stamping("A").split("\n", 1)[1]
+
+
+def owned_by_nobody(path: Path) -> str:
+    return (f"{path} is owned by uid {NOBODY}, not root: that user could change what runs as root "
+            f"(chown root {path})")
+
+
+@pytest.mark.parametrize("kind", ["file of another user's", "file of root's in another user's directory",
+                                  "file of root's, writable by others"])
+def test_a_file_the_script_sources_is_refused_at_start_and_check_says_where(tclrun, etc, theirs, kind):
+    rules = (theirs if kind.endswith("directory") else etc) / "rules.tcl"
+    rules.write_text('puts "rules ran"\n')
+    why = owned_by_nobody(theirs)
+    if kind == "file of another user's":
+        os.chown(rules, NOBODY, -1)
+        why = owned_by_nobody(rules)
+    elif kind.endswith("others"):
+        rules.chmod(0o646)
+        why = f"{rules} is writable by others, who could change what runs as root (chmod o-w {rules})"
+    script = etc / "filter.tcl"
+    script.write_text(pulling_in(f"source {rules}"))
+    refused = f'refusing to source "{rules}" as root: {why}'
+    m = tclrun(script, connection=TCP, wait=False)
+    assert m.wait_exit(15) == 1, m.text
+    assert refused in m.text and "script ran" in m.text
+    assert "rules ran" not in m.text and "listening on" not in m.text
+    done = subprocess.run([*_pytclmilter_command(), "check", str(script)], env=child_env(),
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 1, done
+    assert done.stderr.startswith(f"{script}:2: error: {refused}\n"), done.stderr
+    assert "rules ran" not in done.stdout
+
+
+def test_a_package_index_in_another_users_directory_is_not_run(etc, theirs):
+    """`package require` sources every pkgIndex.tcl below the auto_path: Tcl's scan says which
+    one it could not read, and why, and the package is not found."""
+    index = theirs / "foo" / "pkgIndex.tcl"
+    index.parent.mkdir()
+    index.write_text('puts "index ran"\npackage ifneeded Foo 1.0 {package provide Foo 1.0}\n')
+    script = etc / "filter.tcl"
+    script.write_text(pulling_in(f"lappend auto_path {theirs}; package require Foo"))
+    done = subprocess.run([*_pytclmilter_command(), "check", str(script)], env=child_env(),
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 1, done
+    assert (f'error reading package index file {index}: refusing to source "{index}" as root: '
+            f"{owned_by_nobody(theirs)}\n{script}:2: error: can't find package Foo\n") in done.stderr
+    assert "index ran" not in done.stdout
+
+
+THREAD = Path("/usr/lib/tcltk/x86_64-linux-gnu/thread2.8.8/libthread2.8.8.so")
+
+
+@pytest.mark.skipif(not THREAD.exists(), reason="needs Debian's tcl-thread")
+def test_a_library_in_another_users_directory_is_not_loaded(tclrun, etc, theirs):
+    library = theirs / THREAD.name
+    shutil.copy(THREAD, library)
+    script = etc / "filter.tcl"
+    script.write_text(pulling_in(f'load {library} Thread; puts "loaded: [info loaded]"'))
+    m = tclrun(script, connection=TCP, wait=False)
+    assert m.wait_exit(15) == 1, m.text
+    assert f'refusing to load "{library}" as root: {owned_by_nobody(theirs)}' in m.text
+    assert "loaded:" not in m.text and "listening on" not in m.text
+
+
+def test_a_file_sourced_at_reload_is_refused_and_the_old_script_serves(tclrun, etc, theirs):
+    script = etc / "filter.tcl"
+    m = tclrun(script, connection=TCP)
+    rules = theirs / "rules.tcl"
+    rules.write_text('puts "rules ran"\n')
+    script.write_text(pulling_in(f"source {rules}").replace("{A}", "{B}"))
+    m.child.kill(signal.SIGUSR1)
+    m.wait_for(re.escape(f'refusing to source "{rules}" as root: {owned_by_nobody(theirs)}'))
+    assert "rules ran" not in m.text
+    assert stamps(m) == [b"X-Stamp\0A\0"]
+    assert m.stop() == 0
+
+
+IMPORTING = 'import sys\nsys.path.insert(0, {where!r})\nimport rules\n\ndef setup(milter):\n    pass\n'
+
+
+@pytest.mark.parametrize("kind", ["module in another user's directory", "module of another user's beside the file"])
+def test_a_module_the_python_file_imports_is_refused(tclrun, etc, theirs, kind):
+    where = theirs if kind.startswith("module in") else etc
+    module = where / "rules.py"
+    module.write_text('print("rules ran", flush=True)\n')
+    why = owned_by_nobody(theirs)
+    if where == etc:
+        os.chown(module, NOBODY, -1)
+        why = owned_by_nobody(module)
+    hooks = etc / "hooks.py"
+    hooks.write_text(IMPORTING.format(where=str(where)))
+    m = tclrun(etc / "filter.tcl", "--python", str(hooks), connection=TCP, wait=False)
+    assert m.wait_exit(15) == 1, m.text
+    assert (f"pytclmilter run: --python {hooks}: UnsafeModule: refusing to import rules from {module} as "
+            f"root: {why}") in m.text
+    assert "rules ran" not in m.text and "script ran" not in m.text and "listening on" not in m.text
+
+
+def test_a_cached_module_in_another_users_pycache_is_not_run(tclrun, etc):
+    """The source is root's; the .pyc beside it in a __pycache__ another user owns records the
+    source's mtime and size, with other code: the source runs."""
+    cached = stale_cache(etc / "rules.py", 'print("rules: {}", flush=True)\n')
+    os.chown(cached.parent, NOBODY, -1)
+    os.chown(cached, NOBODY, -1)
+    hooks = etc / "hooks.py"
+    hooks.write_text(IMPORTING.format(where=str(etc)))
+    m = tclrun(etc / "filter.tcl", "--python", str(hooks), connection=TCP)
+    assert "rules: B" in m.text and "rules: A" not in m.text
+    assert m.stop() == 0
+
+
+def test_roots_own_files_pulled_in_are_run(tclrun, etc):
+    """A file sourced, a package (TclMilter's own, Thread), a module beside the --python file: root's."""
+    (etc / "rules.tcl").write_text('puts "rules ran: [file tail [info script]]"\n')
+    (etc / "rules.py").write_text('print("rules.py ran", flush=True)\n')
+    (etc / "hooks.py").write_text(IMPORTING.format(where=str(etc)))
+    script = etc / "filter.tcl"
+    script.write_text(pulling_in('source [file join [file dirname [info script]] rules.tcl]\n'
+                                 'puts "Thread [package require Thread]"'))
+    m = tclrun(script, "--python", str(etc / "hooks.py"), connection=TCP)
+    assert "rules.py ran" in m.text and "rules ran: rules.tcl" in m.text and "Thread 2." in m.text
+    assert stamps(m) == [b"X-Stamp\0A\0"]
+    assert m.stop() == 0

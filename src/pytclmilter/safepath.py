@@ -136,6 +136,17 @@ def _trusted_link(directory: os.stat_result, link: os.stat_result) -> bool:
     return bool(directory.st_mode & stat.S_ISVTX) and link.st_uid in (*ours, directory.st_uid)
 
 
+def read_trusted(path: str) -> bytes:
+    """The content of the file ``path``, read from the descriptor :func:`open_trusted` checked."""
+    with open(open_trusted(path), "rb") as f:
+        return f.read()
+
+
+def os_reason(exc: OSError) -> str:
+    """An OSError as tclsh words it ("no such file or directory"), its file name left out."""
+    return os.strerror(exc.errno).lower() if exc.errno else str(exc)
+
+
 def lstat_at(dirfd: int, name: str) -> os.stat_result | None:
     """The entry itself (a link as a link); None when there is none."""
     try:

@@ -21,7 +21,8 @@ from ..client.message import Envelope, Message
 from ..hooks import Hooks
 from ..limits import CallbackTimeout, handler_dropped
 from ..milter import Milter
-from ..safepath import Untrusted, open_trusted
+from .. import rootimports
+from ..safepath import Untrusted, open_trusted, os_reason
 from ..scripting import is_async
 from ..tcl.interp import TclHost
 from ..tcl.usage import TclUsageError
@@ -94,7 +95,7 @@ def read_hooks(path: str) -> bytes:
         with open(path if fd is None else fd, "rb") as f:
             return f.read()
     except OSError as exc:
-        raise UsageError(f"{what}: {_reason(exc)}", EX_NOINPUT) from None
+        raise UsageError(f"{what}: {os_reason(exc)}", EX_NOINPUT) from None
 
 
 def _opened_as_root(path: str, what: str) -> int:
@@ -106,7 +107,7 @@ def _opened_as_root(path: str, what: str) -> int:
     except Untrusted as exc:
         raise UnsafeFile(what, exc.strerror or str(exc)) from None
     except OSError as exc:
-        raise UsageError(f"{what}: {_reason(exc)}", EX_NOINPUT) from None
+        raise UsageError(f"{what}: {os_reason(exc)}", EX_NOINPUT) from None
 
 
 class _CheckedSource(importlib.machinery.SourceFileLoader):
@@ -166,12 +167,8 @@ _FLAGS = {"-onerror": "--on-error", "-calltimeout": "--call-timeout", "-dryrun":
 
 def check_script(script: str) -> None:
     """A UsageError (EX_NOINPUT) unless ``script`` is a regular file, saying why in tclsh's words;
-    as root, UnsafeFile unless only root could change it (_opened_as_root).
-
-    Tcl's `source` then opens it again by its name (it reads no descriptor of ours; emulating it
-    would change what errorInfo and `info script` say). That is no window: the check found no
-    name on the way, nor the file, that anyone but root may write, so until root changes them
-    the name leads to the file checked and the file holds what root left in it."""
+    as root, UnsafeFile unless only root could change it (_opened_as_root), before anything
+    runs. The `source` that then runs it reads it from a descriptor checked again (tcl/rootfiles.py)."""
     reason = _not_readable(script, directory="illegal operation on a directory")
     if reason:
         raise UsageError(f'couldn\'t read file "{script}": {reason}', EX_NOINPUT)
@@ -188,15 +185,10 @@ def _not_readable(path: str, directory: str) -> str:
         if stat.S_ISREG(mode):  # (O_NONBLOCK: a FIFO swapped in after the stat does not block)
             os.close(os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC))
     except OSError as exc:
-        return _reason(exc)
+        return os_reason(exc)
     if stat.S_ISREG(mode):
         return ""
     return directory if stat.S_ISDIR(mode) else "not a regular file"
-
-
-def _reason(exc: OSError) -> str:
-    """An OSError as tclsh words it ("no such file or directory")."""
-    return os.strerror(exc.errno).lower() if exc.errno else str(exc)
 
 
 def make_host(script: str, hooks: list[str], overrides: dict[str, str | None],
@@ -206,6 +198,8 @@ def make_host(script: str, hooks: list[str], overrides: dict[str, str | None],
     any of them runs."""
     check_script(script)
     sources = [(path, read_hooks(path)) for path in hooks]
+    if os.geteuid() == 0:
+        rootimports.install()  # what the files import, as they are, only from files of root's
     host = TclHost(milter_hooks, on_exit=on_exit)
     try:
         for option, value in overrides.items():

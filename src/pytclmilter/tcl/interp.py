@@ -30,7 +30,7 @@ from ..logline import SHOWN, Repeated, clip, escape, escape_lines, place_of
 from ..milter import Milter
 from ..protocol.codec import text
 from ..status import Status
-from . import context_cmd
+from . import context_cmd, rootfiles
 from .limit import CallLimit, is_limit_error
 from .milter_cmd import MilterCommand, SuspendAtMain
 from .priv import TclPrivate
@@ -342,6 +342,8 @@ class TclHost:
                      "::tclmilter::py::watched", "::tclmilter::py::interp_made"):
             call("interp", "alias", child, name, "", name)
         call("interp", "alias", child, "exit", "", "exit")
+        rootfiles.install(self._register, lambda name: call("interp", "alias", child, name, "", name),
+                          lambda script: call("interp", "eval", child, script))
         self.child_call("lappend", "auto_path", libdir)
         self.child_call("package", "require", "TclMilter")
         for name in ("::thread::create", "::tpool::create", "::tpool::post"):  # see `quiet`
