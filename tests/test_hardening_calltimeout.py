@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
+import signal
 import socket
 import struct
 import time
@@ -861,3 +862,166 @@ def test_a_connection_reset_as_its_async_callback_starts_leaves_no_warning(tclru
     text = m.text
     assert "never awaited" not in text and "Task was destroyed" not in text, text
     assert text.count("envfrom started") == text.count("envfrom ended"), text
+
+
+TCL_ENDS = r"""
+package require TclMilter
+milter configure -calltimeout 120
+proc from {ctx args} { puts "tcl envfrom started"; flush stdout; after 1500; return SMFIS_CONTINUE }
+proc ab {ctx} { puts "abort ran"; flush stdout; return SMFIS_CONTINUE }
+proc bye {ctx} { puts "close ran"; flush stdout; return SMFIS_CONTINUE }
+if {$argv eq "tcl"} { milter register envfrom from }
+milter register abort ab
+milter register close bye
+milter main
+"""
+
+ASYNC_WAITS = """
+import asyncio
+
+def setup(milter):
+    @milter.register("envfrom")
+    async def envfrom(ctx, args):
+        print("envfrom started", flush=True)
+        try:
+            await asyncio.sleep(60)  # a scanner that does not answer
+        except asyncio.CancelledError:
+            print("envfrom cancelled", flush=True)
+            raise
+"""
+
+
+@pytest.mark.parametrize("end", ["eof", "reset"])
+def test_an_mta_gone_while_an_async_callback_waits_is_noticed_at_once(tclrun, end):
+    """The MTA closes (Postfix giving up at milter_command_timeout) or resets the connection while
+    an async envfrom waits 60 s: the connection is still read meanwhile, so its end is noticed at
+    once; the callback is cancelled, the abort and close callbacks run after it (as when the MTA
+    goes away between commands), and one line says so. Before, nothing was noticed until the
+    callback ended 60 s later (reading was paused while it ran), and an EOF was not logged at all."""
+    m = tclrun(TCL_ENDS, python=[ASYNC_WAITS], args=["async"])
+    with m.mta() as mta:
+        mta.negotiate()
+        assert ok(mta.connect())
+        mta.send_raw("M", b"<a@example.org>\0")
+        m.wait_for("envfrom started")
+        if end == "reset":
+            mta.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    said = r"closed \(eof, " if end == "eof" else r"closed \(error: \[Errno 104\] Connection reset by peer, "
+    m.wait_for(said + r"while its envfrom callback ran: cancelled\)")
+    m.wait_for("close ran")
+    text = m.text
+    assert text.index("envfrom cancelled") < text.index("abort ran") < text.index("close ran"), text
+    assert m.text.count("conn#1: closed") == 1, m.text
+    assert m.stop() == 0
+
+
+def test_an_mta_gone_while_a_tcl_callback_runs_is_noticed_when_it_returns(tclrun):
+    """A Tcl (or plain Python) callback holds the event loop and cannot be interrupted: the MTA's
+    EOF is read once it returns, its answer goes nowhere, and the abort and close callbacks run
+    then, as for any EOF (docs/python-api.md, "When the MTA goes away")."""
+    m = tclrun(TCL_ENDS, args=["tcl"])
+    with m.mta() as mta:
+        mta.negotiate()
+        assert ok(mta.connect())
+        mta.send_raw("M", b"<a@example.org>\0")
+        m.wait_for("tcl envfrom started")
+    m.wait_for("close ran")
+    text = m.text
+    assert text.index("tcl envfrom started") < text.index("abort ran") < text.index("close ran"), text
+    assert "cancelled" not in text, text
+    assert m.stop() == 0
+
+
+TCL_LATE = r"""
+package require TclMilter
+milter configure -calltimeout 120
+proc from {ctx args} { exec sleep 2; return SMFIS_CONTINUE }
+if {$argv eq "tcl"} { milter register envfrom from }
+milter main
+"""
+
+PYTHON_LATE = {
+    "async": """
+import asyncio, time
+
+def setup(milter):
+    @milter.register("envfrom")
+    async def from_(ctx, args):
+        time.sleep(2)  # holds the event loop: no cancellation reaches it
+        await asyncio.sleep(60)
+""",
+    "sync": """
+import os
+
+def setup(milter):
+    @milter.register("envfrom")
+    def from_(ctx, args):
+        os.system("sleep 2")  # C code: the limit's signal is handled when it returns
+""",
+}
+
+
+@pytest.mark.parametrize("kind", ["async", "sync", "tcl"])
+def test_a_callback_back_late_in_a_stops_grace_is_warned_as_past_the_grace(tclrun, kind):
+    """An envfrom started in the 1 s grace of a stop gets what is left of it, and comes back 2 s
+    later from code no limit interrupts: the warning names the grace that held it, as the
+    failure line does (-calltimeout is 120 s). Before, it read "over the 0.79934 s call timeout",
+    a limit nobody set, for every kind; a plain Python callback's failure line read "stopped after
+    0.79934 s (call_timeout)" too."""
+    python = [PYTHON_LATE[kind]] if kind in PYTHON_LATE else []
+    m = tclrun(TCL_LATE, "--grace", "1", python=python, args=[kind])
+    with m.mta() as mta:
+        mta.negotiate()
+        assert ok(mta.connect())
+        m.child.kill(signal.SIGTERM)
+        m.wait_for("received SIGTERM")
+        mta.send_raw("M", b"<a@example.org>\0")
+        assert mta.reply_raw()[0] in ("c", "t")  # (Tcl's exec returns before its limit is checked)
+    m.wait_for(r"WARNING: conn#1: envfrom callback \S+ took [2-4]\.\d s, past the end of the stop's 1 s grace, "
+               r"which could not stop it sooner", since=0)
+    if kind != "tcl":
+        m.wait_for(r"envfrom callback \S+ failed \(callback stopped after [2-4]\.\d s: the stop's 1 s grace was over "
+                   r"\(call_timeout is 120 s\)\)", since=0)
+    assert m.wait_exit() == 0
+    assert "call timeout" not in m.text and "(call_timeout))" not in m.text, m.text
+
+
+ASYNC_DUE_AT_THE_CUT = """
+import asyncio, time
+
+def setup(milter):
+    @milter.register("helo")
+    async def helo(ctx, name):
+        time.sleep(3)  # holds the event loop past the end of the grace
+
+    @milter.register("envfrom")
+    async def envfrom(ctx, args):
+        print("envfrom started", flush=True)
+        await asyncio.sleep(60)
+"""
+
+
+@pytest.mark.parametrize("loop", ["uvloop", "asyncio"])
+def test_an_async_callback_due_at_the_grace_end_is_stopped_and_logged_before_the_cut(tclrun, loop):
+    """An envfrom started in a stop's 2 s grace is limited to what is left of it, so its limit and
+    the grace's cut of its connection fall due together; another connection's callback holds the
+    event loop over that moment, so both are late and the loop's order of timers decided. Now the
+    callback's limit comes first whatever the loop: the failure line, the -onerror answer, then
+    the cut. Before, the cut came first: the MTA got an EOF and the log no line of the callback."""
+    env = {"PYTCLMILTER_LOOP": loop} if loop == "asyncio" else {}
+    m = tclrun(TCL_ASYNC_HOOKS, "--grace", "2", python=[ASYNC_DUE_AT_THE_CUT], env=env)
+    with m.mta() as holder, m.mta() as mta:
+        holder.negotiate()
+        assert ok(holder.connect())
+        mta.negotiate()
+        assert ok(mta.connect())
+        m.child.kill(signal.SIGTERM)
+        m.wait_for("received SIGTERM")
+        mta.send_raw("M", b"<a@example.org>\0")
+        m.wait_for("envfrom started")
+        holder.send_raw("H", b"client.example\0")
+        assert mta.reply_raw() == ("t", b"")
+        assert mta.eof()
+    m.wait_for(r"conn#2: envfrom callback setup\.<locals>\.envfrom failed \(callback stopped after \d\.\d s: the "
+               r"stop's 2 s grace was over \(call_timeout is 120 s\)\), answering SMFIS_TEMPFAIL", since=0)
+    assert m.wait_exit() == 0

@@ -60,7 +60,12 @@ UNWIND: Final = 1.0
 _FOREVER: Final = float("inf")
 #: Seconds each callback gets once a stop's grace is over (the abort and close callbacks of the
 #: sessions it cuts), whatever call_timeout says.
-_LAST_WORDS: Final = 0.05
+LAST_WORDS: Final = 0.05
+#: Bytes of the MTA's that may wait unhandled while an async callback runs before its connection
+#: is no longer read (one read more at most): reading on notices at once an MTA that closes or
+#: resets the connection meanwhile (one that gave up waiting), and an MTA waiting for the reply
+#: sends nothing more.
+_WATCHED: Final = 4096
 #: Abandoned callbacks still running (one that ignored GeneratorExit too): held here so that they
 #: are counted, and dropped as each ends. Each keeps its memory until then.
 ABANDONED: Final[set["asyncio.Task[Any]"]] = set()
@@ -280,13 +285,13 @@ class Shared:
     def call_limit(self, now: float = -1.0) -> float:
         """How long a callback starting ``now`` (-1: now) may run (0: no limit): call_timeout, and
         once a stop is under way (or a reload replaced this generation) no longer than its grace,
-        then _LAST_WORDS (the abort and close callbacks of the sessions it cuts): an answer after
+        then LAST_WORDS (the abort and close callbacks of the sessions it cuts): an answer after
         that reaches no MTA, and a stuck callback would hold the stop by as much as call_timeout
         again, per callback. The clock is read only then: the per-event path reads none."""
         limit = self.settings.call_timeout
         if self.stop_by == _FOREVER:
             return limit
-        left = max(self.stop_by - (_monotonic() if now < 0 else now), _LAST_WORDS)
+        left = max(self.stop_by - (_monotonic() if now < 0 else now), LAST_WORDS)
         return min(limit, left) if limit else left
 
 
@@ -384,7 +389,7 @@ class ConnectionEngine:
 
     __slots__ = ("shared", "registry", "session", "ctx", "name", "link", "_out", "_busy", "_pending", "_decided",
                  "_deferred", "_deferred_stage", "_quiet", "_queued", "_held", "_unwinding", "_abandoned", "closed", "client", "sender", "debug", "meter",
-                 "_counted")
+                 "_counted", "_due", "_cut")
 
     def __init__(self, shared: Shared, conn_id: int, link: "Link") -> None:
         self.shared = shared
@@ -403,6 +408,8 @@ class ConnectionEngine:
         self._unwinding: tuple[str, Callback, asyncio.Task[Any], Awaitable[Any], str] | None = None
         self._abandoned = False  # a callback of this connection ignored its cancellation: it closes
         self._counted = False  # its fault was counted, not logged (Shared.fault_due): its closed line too
+        self._due = _FOREVER  # when the async callback awaited now reaches its own limit (see due)
+        self._cut = ""  # the stage of the async callback the connection's end cancelled (_finish)
         self._decided = _OPEN
         self._deferred = Status.CONTINUE  # with _DEFERRED: the verdict waiting for a reply
         self._deferred_stage = ""
@@ -445,6 +452,13 @@ class ConnectionEngine:
         return self._busy
 
     @property
+    def due(self) -> float:
+        """When the async callback running now reaches its own time limit (``time.monotonic()``;
+        infinity: none runs, or it has none): the server lets one due by a grace's end be
+        stopped by it, answered and logged, before it cuts the connection (server._cut)."""
+        return self._due
+
+    @property
     def ending(self) -> "asyncio.Future[None] | None":
         """Once closed: what its abort and close callbacks, then its context's end, still wait for
         (an async callback cut by the close, an async abort callback); None or done: nothing."""
@@ -458,6 +472,8 @@ class ConnectionEngine:
         self.session.receive_data(data)
         if not self._busy:
             self._pump()
+        elif self.session.buffered > _WATCHED:
+            self.link.pause_reading()
 
     def connection_lost(self, reason: str = "eof") -> None:
         """The socket is gone (EOF, error, timeout, stop): abort and close callbacks, once."""
@@ -469,9 +485,11 @@ class ConnectionEngine:
             return
         pending = self._pending
         if self._busy and pending is not None and not pending.done():
-            # Cut while an async callback runs (a stop's or a reload's grace ran out): it is
-            # cancelled, and the abort and close callbacks and the context's end come after it
-            # has ended, as after an async abort callback: not beside it, on a context ended.
+            self._cut = self.ctx.stage  # ("" once answered: stopped by its limit, still ending)
+            # Cut while an async callback runs (the MTA closed or reset the connection, which
+            # is read meanwhile, or a stop's or a reload's grace ran out): it is cancelled, and
+            # the abort and close callbacks and the context's end come after it has ended, as
+            # after an async abort callback: not beside it, on a context ended.
             # Cancelled once its task has had its first turn: one cut in the turn that made it
             # (a write of that turn found the peer gone) never ran, and Python warned on stderr
             # that its coroutines were "never awaited"; now it is cancelled at its first await.
@@ -774,7 +792,7 @@ class ConnectionEngine:
         # A filter bug must not take the milter down: a sys.exit() in a callback included (the
         # Tcl `exit` ends the process, as the manual has it; Python's is a failure like any other).
         except (Exception, CallbackTimeout, SystemExit, KeyboardInterrupt) as exc:  # noqa: BLE001
-            status = self._callback_failed(name, cb, exc, ignore)
+            status = self._callback_failed(name, cb, self._grace_named(exc, started), ignore)
             if limit:
                 self._check_time(name, cb, started, limit, _LATE_STOP)
             self._timed(name, cb, started)
@@ -791,6 +809,14 @@ class ConnectionEngine:
         self._timed(name, cb, started)
         return Status.CONTINUE if ignore else self._status(name, cb, result)
 
+    def _grace_named(self, exc: BaseException, started: float) -> BaseException:
+        """A plain Python callback that started in a stop's or reload's grace was held to what was
+        left of it, which the Python limit calls call_timeout (it knows no grace): its line names
+        the grace, as a Tcl or an async callback's does."""
+        if type(exc) is CallbackTimeout and str(exc).endswith("(call_timeout)") and self.shared.graced(started):
+            exc.args = (f"callback {self.shared.overrun(started, _monotonic(), 'call_timeout')}",)
+        return exc
+
     async def _awaited(self, name: str, cb: Callback, awaitable: Awaitable[Any], limit: float, started: float,
                        ignore: bool) -> Status:
         """:meth:`_call` for an async callback, once it returned its awaitable.
@@ -800,10 +826,14 @@ class ConnectionEngine:
         swallowed CancelledError held the MTA as long as it liked)."""
         task = asyncio.ensure_future(_contained(awaitable))
         cut: asyncio.CancelledError | None = None
+        if not ignore:
+            self._due = started + limit if limit else _FOREVER
         try:
             done, _ = await asyncio.wait((task,), timeout=limit or None)
         except asyncio.CancelledError as exc:  # the connection is cut, or the loop ends: the callback too
             cut = exc
+        if not ignore:
+            self._due = _FOREVER
         if cut is not None:  # (awaited outside the except clause: compiled, a bare raise after an
             task.cancel()    # await there re-raised an exception already freed, and crashed)
             await self._unwound(name, cb, task, awaitable, "as its connection was cut")
@@ -886,16 +916,22 @@ class ConnectionEngine:
         """Count a callback that took longer than ``limit`` (stopped by it, or back late); log one
         that took longer than ``limit`` + ``grace`` seconds."""
         elapsed = _monotonic() - started
+        shared = self.shared
+        if shared.stop_by != _FOREVER:  # a stop's or reload's grace: its end holds it too (call_limit)
+            limit = min(limit, shared.call_limit(started))
         if elapsed > limit and self.meter is not None:
             self.meter.overran(name, cb.origin)
         if elapsed > limit + grace:
-            self._overran(name, cb, elapsed, limit)
+            self._overran(name, cb, elapsed, limit, started)
 
-    def _overran(self, name: str, cb: Callback, elapsed: float, limit: float) -> None:
+    def _overran(self, name: str, cb: Callback, elapsed: float, limit: float, started: float) -> None:
         """A callback came back after its limit: it was in code the limit cannot interrupt (C code,
-        a sync callback off the main thread, an async one blocking the event loop)."""
-        log.warning("%s: %s callback %s took %.1f s, over the %g s call timeout, which could not stop it sooner",
-                    self.name, name, escape(cb.name or repr(cb.func)), elapsed, limit)
+        a sync callback off the main thread, an async one blocking the event loop). The limit is
+        named as the failure line names it: call_timeout, or the grace that ended first."""
+        shared = self.shared
+        over = f"past the end of {shared.stop_why}" if shared.graced(started) else f"over the {limit:g} s call timeout"
+        log.warning("%s: %s callback %s took %.1f s, %s, which could not stop it sooner",
+                    self.name, name, escape(cb.name or repr(cb.func)), elapsed, over)
 
     def _status(self, name: str, cb: Callback, result: Any) -> Status:
         status = parse_status(result)
@@ -935,7 +971,8 @@ class ConnectionEngine:
     def _await(self, name: str, event: Event, pending: Awaitable[Status]) -> None:
         """An async callback runs: hold this connection's events until its chain completes."""
         self._busy = True
-        self.link.pause_reading()
+        if self.session.buffered > _WATCHED:  # else read on, to notice the MTA's end (data_received)
+            self.link.pause_reading()
         self._pending = asyncio.ensure_future(self._resume_after(name, event, pending))
 
     async def _resume_after(self, name: str, event: Event, pending: Awaitable[Status]) -> None:
@@ -1082,6 +1119,8 @@ class ConnectionEngine:
             self.link.write(data)
 
     def _finish(self, reason: str) -> None:
+        """The connection is over, for ``reason``; its closed line names the async callback its
+        end cancelled, if any (``_cut``: then at info, even for an EOF)."""
         if self.closed:
             return
         self.closed = True
@@ -1095,12 +1134,16 @@ class ConnectionEngine:
         if self.meter is not None:
             self.meter.closed(reason)
         # An MTA ending the session is routine (the verdict line said what mattered): debug. A
-        # reset (any "error: ...") is a fault of its own; after a fault counted, nothing.
-        if reason in _ROUTINE_ENDS:
+        # reset (any "error: ...") is a fault of its own, and so is an end while a callback runs
+        # (an MTA that gave up waiting): limited as faults, as the peer may repeat them at will.
+        # After a fault counted, nothing.
+        routine, cut = reason in _ROUTINE_ENDS, self._cut
+        text = f"{reason}, while its {cut} callback ran: cancelled" if cut else reason
+        if routine and not cut:
             if self.debug:
                 log.debug("%s: closed (%s)", self.name, reason)
-        elif not self._counted and (not reason.startswith("error: ") or self._fault_due(f"closed ({reason})")):
-            log.info("%s: closed (%s)", self.name, reason)
+        elif not self._counted and (not (routine or reason.startswith("error: ")) or self._fault_due(f"closed ({text})")):
+            log.info("%s: closed (%s)", self.name, text)
 
     def _fault_due(self, message: str) -> bool:
         """Whether to log the line of the fault ``message`` that ends this connection (Shared.fault_due)."""

@@ -20,7 +20,7 @@ from .connspec import ConnSpec, parse
 from .hooks import forget_early_reload, signalled
 from .listener import Listener, bind
 from .logline import Every
-from .engine import UNWIND, ConnectionEngine, Shared
+from .engine import LAST_WORDS, UNWIND, ConnectionEngine, Shared
 from .limits import PYTHON_LIMIT
 
 _FOREVER: Final = float("inf")
@@ -184,11 +184,24 @@ async def _cut(conns: list["_Connection"], reason: str) -> None:
     """Close these sessions now; return once their abort and close callbacks have run, after the
     async callbacks the close cancelled (else the loop's end, or a reload's ``gone``, came first)."""
     engines = [c.engine for c in conns if c.engine is not None]
+    await _due_first(engines)
     for conn in conns:
         conn.expire(reason)
     ending = [f for f in (e.ending for e in engines) if f is not None and not f.done()]
     if ending:
         await asyncio.wait(ending, timeout=2 * UNWIND)  # (each abandons its callback after UNWIND)
+
+
+async def _due_first(engines: list[ConnectionEngine]) -> None:
+    """Let the async callbacks whose own limit ends with the grace (one started in it gets what
+    is left of it, LAST_WORDS at least) reach it before their connections are cut: each is
+    then stopped, logged and answered with on_error, as a sync or Tcl one is. Without this the
+    loop's timers decided: a cut first left the MTA an EOF and the log no line of the callback.
+    Waits UNWIND more at most (a loop a callback holds runs no timers meanwhile)."""
+    soon = time.monotonic() + LAST_WORDS
+    due = [e for e in engines if e.due <= soon]
+    while any(e.due <= soon for e in due) and time.monotonic() < soon + UNWIND:
+        await asyncio.sleep(0.005)
 
 
 def _peer_text(peer: object) -> str:

@@ -138,6 +138,11 @@ class FilterSession:
             self._eof = True
 
     @property
+    def buffered(self) -> int:
+        """Bytes received and not yet handed out as events (read on, or not, while a callback runs)."""
+        return self._reader.pending
+
+    @property
     def pending(self) -> Event | None:
         """The event the MTA waits on a reply for, if any."""
         return self._pending
