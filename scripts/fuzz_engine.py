@@ -1,18 +1,30 @@
 """The engine target of scripts/fuzz: bytes as a socket delivers them to one ConnectionEngine
-serving a TclMilter script, in process (``scripts/fuzz run --target engine``).
+serving a TclMilter script, in process (``scripts/fuzz run --target engine``), and, as an
+input's flags say, async Python callbacks ahead of its Tcl ones.
 
 The core target (scripts/fuzz) answers every event itself; this one lets the real engine do it:
 the Tcl bridge turns the MTA's strings into Tcl values, a script with a callback for every event
 answers what an "answer tape" picks (every SMFIS_* status, an error quoting the MTA's text, a
 ``setreply`` of it, the modifications at end of message made of what the MTA sent, progress),
-and the engine turns that into replies, modifications and log lines.
+and the engine turns that into replies, modifications and log lines. With flag bit 6 an async
+Python callback of each of those events runs first in the chain (``--python`` as a user writes
+it): it reads the same tape through ``ctx.tcl``, lets the event loop turn 0 to 3 times, then
+continues (to the Tcl callback), answers a status, raises with the MTA's text, returns that text
+(no status), keeps or reads private data the Tcl side set, or adds a header of it at end of
+message; its abort and close callbacks are async too. The engine then holds the connection's
+commands until the chain ends, reads on until 4 KiB wait (the harness delivers no read while the
+engine has paused reading, as a transport does), and, with flag bit 7, gets the EOF right after
+the last read, while a callback may still await: it must cancel it, then run the abort and
+close callbacks.
 
 One input is a small header, then the byte stream:
 
     [0]      flags: bit 0 prepend a valid OPTNEG; bits 1-2 offer (as the core target);
              bit 3 the peer reads its replies late (the link reports itself blocked after each
              write: the engine must stop, and go on at resume); bit 4 --dry-run;
-             bit 5 -onerror SMFIS_CONTINUE (else tempfail)
+             bit 5 -onerror SMFIS_CONTINUE (else tempfail); bit 6 async Python callbacks too;
+             bit 7 reads delivered back to back, and the EOF right after the last one, whose
+             callbacks may still await (else the callbacks end before each read and the EOF)
     [1:3]    events with a Tcl callback (bit i: the i-th of EVENTS); eom, abort, close, negotiate always
     [3]      n: number of answer bytes that follow, then n answer bytes (cycled by the script)
     [4+n:8+n] four piece sizes (0 = the rest), cycled: how the stream is split into reads
@@ -31,19 +43,24 @@ Checked on every input (anything else is a crash for libFuzzer):
   and the connection is closed then; nothing is written after the close;
 * every log line's text from the MTA or the script is escaped by its call site (each line
   printable, the lines after the first indented), at every level, the verdict lines included;
-* the session's buffers are bounded after each read, as in the core target;
+* the session's buffers are bounded after each read, as in the core target (while an async
+  callback runs: at most 4 KiB and the read, or reading is paused);
 * after EOF the connection is closed, its close callback ran once per SMTP session, its context
-  command is gone from the interpreter and the host keeps no context.
+  command is gone from the interpreter and the host keeps no context; an EOF while a callback
+  awaited leaves the commands from that one on unanswered, and one line says it was cancelled;
+* the event loop gets the engine's tasks done within a bound number of turns (callbacks await
+  nothing but the loop's turns): nothing is left waiting.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from dataclasses import replace
 import os
 import struct
 import tempfile
-from typing import Any
+from typing import Any, Awaitable, Callable
 
 from pytclmilter.engine import ConnectionEngine
 from pytclmilter.protocol.negotiation import EVENT_FLAGS
@@ -51,6 +68,7 @@ from pytclmilter.status import Status
 from pytclmilter.tcl.interp import TclHost
 
 EVENTS = sorted(set(EVENT_FLAGS) - {"negotiate"})
+ALWAYS = ["eom", "abort", "close"]  # (and negotiate): registered for every input
 OFFERS = [(6, 0x1FF, 0x1FFFFF), (2, 0x3F, 0x7F), (6, 0xFFFFFFFF, 0xFFFFFFFF), (6, 0, 0)]
 COMPACT_AT = 65536
 
@@ -150,10 +168,64 @@ ANSWERED = {b"C": 0x1000, b"H": 0x2000, b"M": 0x4000, b"R": 0x8000, b"T": 0x1000
 P_SKIP = 0x400
 
 
+#: Turns of the event loop the engine gets to end its tasks (each callback awaits 3 turns at most).
+TURNS = 2000
+#: Bytes the engine reads on while an async callback runs (engine._WATCHED).
+WATCHED = 4096
+
+
+def async_callback(event: str) -> Callable[..., Awaitable[Any]]:
+    """The async Python callback of ``event``: what it does is the tape's next byte (module docstring)."""
+
+    async def callback(ctx: Any, *args: Any) -> Any:
+        b = int(ctx.tcl("next"))
+        for _ in range(b >> 6):
+            await asyncio.sleep(0)
+        text = args[0] if args and not isinstance(args[0], dict) else event
+        what = (b >> 3) & 7
+        if what == 1:
+            raise ValueError(f"{event} failed on {text!r}")
+        if what == 2:
+            return list(Status)[b % len(Status)]
+        if what == 3:
+            return text  # no status: a warning quoting it
+        if what == 4:
+            ctx.setpriv("py", text)
+            return ctx.getpriv("last", None) and Status.CONTINUE
+        if what == 5 and event == "eom":
+            ctx.addheader("X-Async", str(ctx.getpriv("py", "")))  # (MilterError for a control character)
+        return Status.CONTINUE
+
+    callback.__qualname__ = f"async_{event}"
+    return callback
+
+
 class Host:
-    """One interpreter for every input (making one takes a tenth of a second)."""
+    """One interpreter for every input (making one takes a tenth of a second), and one event loop."""
 
     host: TclHost | None = None
+    loop: asyncio.AbstractEventLoop | None = None
+    #: event -> its async Python callback, registered while an input asks for them
+    python: dict[str, Callable[..., Awaitable[Any]]] = {}
+
+    @classmethod
+    def event_loop(cls) -> asyncio.AbstractEventLoop:
+        if cls.loop is None:
+            cls.loop = asyncio.new_event_loop()
+        return cls.loop
+
+    @classmethod
+    def use_python(cls, events: list[str]) -> None:
+        """The async Python callbacks of ``events`` (none: remove them), ahead of the Tcl ones."""
+        milter = cls.get().milter
+        for event, cb in list(cls.python.items()):
+            if event not in events:
+                milter.unregister(event, cb)
+                del cls.python[event]
+        for event in events:
+            if event not in cls.python:
+                cls.python[event] = cb = async_callback(event)
+                milter.register(event, cb)
 
     @classmethod
     def get(cls) -> TclHost:
@@ -214,6 +286,8 @@ class Stats:
         self.inputs = 0
         self.replies = 0
         self.warnings = 0
+        self.asynchronous = 0  # inputs with async Python callbacks
+        self.cut = 0  # of those, ended by an EOF while a callback awaited
 
 
 STATS = Stats()
@@ -326,8 +400,14 @@ def one_input(data: bytes) -> None:
     flags, ev_mask, tape, sizes, stream = parse_input(data)
     host = Host.get()
     shared = host.milter.shared
-    for i, event in enumerate(EVENTS):
-        host.child_call("milter", "register", event, f"on_{event}" if ev_mask >> i & 1 else "")
+    tcl = [e for i, e in enumerate(EVENTS) if ev_mask >> i & 1] + list(ALWAYS)
+    for event in EVENTS + ALWAYS:  # (then registered after the Python ones, as a --python file's come first)
+        host.child_call("milter", "register", event, "")
+    asynchronous = bool(flags & 0x40)
+    Host.use_python(tcl if asynchronous else [])
+    STATS.asynchronous += asynchronous
+    for event in tcl:
+        host.child_call("milter", "register", event, f"on_{event}")
     shared.settings = replace(shared.settings, dry_run=bool(flags & 0x10),
                               on_error=Status.CONTINUE if flags & 0x20 else Status.TEMPFAIL)
     host.child_call("set", "::tape", tuple(tape))
@@ -345,23 +425,18 @@ def one_input(data: bytes) -> None:
     logger.addHandler(records)
     try:
         engine = ConnectionEngine(shared, _ids[0], link)
-        reader = engine.session._reader
-        for piece in pieces(stream, sizes):
-            engine.data_received(piece)
-            drain(engine, link)
-            if not engine.closed:
-                assert reader.pending < 5 + reader.max_payload, (reader.pending, reader.max_payload)
-                assert len(reader._buf) <= reader.pending + COMPACT_AT + len(piece), (len(reader._buf), reader.pending)
-                assert not engine.session._queue and not engine._out, "events or replies left queued"
-            if engine.closed:
-                break
-        if not engine.closed:
-            engine.connection_lost("eof")
+        cut = Host.event_loop().run_until_complete(converse(engine, link, pieces(stream, sizes), bool(flags & 0x80)))
         assert engine.closed and link.closes == 1, (engine.closed, link.closes)
     finally:
         logger.removeHandler(records)
         logger.setLevel(level)
-    gave_up = check_log(records.records, engine.name)
+    # A fault's line is one of the first FAULT_LINES of its kind in a minute, else counted (_counted)
+    counted = engine._counted
+    if cut:
+        STATS.cut += 1
+        assert counted or any(", while its " in r.getMessage() and r.getMessage().endswith(": cancelled)")
+                              for r in records.records), "no line says the callback was cancelled"
+    gave_up = check_log(records.records, engine.name) or counted or cut
     STATS.warnings += gave_up
     replies = frames(bytes(link.data), strict=True)
     STATS.replies += len(replies)
@@ -371,6 +446,48 @@ def one_input(data: bytes) -> None:
     assert host.child_call("info", "commands", "::tclmilter::ctx*") == "", "a context command was left"
     if any(code == ord("O") for code, _ in replies):  # (close is always registered)
         assert int(host.child_call("set", "::closes")) >= 1, "no close callback"
+
+
+async def converse(engine: ConnectionEngine, link: Link, reads: list[bytes], eof_at_once: bool) -> bool:
+    """Deliver the reads as a transport does (none while reading is paused), then the EOF; wait for
+    the connection's end. With ``eof_at_once`` the reads come as fast as they are read (but the
+    last), and the EOF right after the last: its callbacks may still await. Whether the EOF came
+    while a callback awaited (cut)."""
+    reader = engine.session._reader
+    for i, piece in enumerate(reads):
+        if link.paused or not eof_at_once or i == len(reads) - 1:
+            await turns(engine, link, lambda: not (link.paused or engine.busy) or engine.closed,
+                        "the connection to be read again")
+        engine.data_received(piece)
+        drain(engine, link)
+        if engine.closed:
+            break
+        if engine.busy:
+            assert reader.pending <= WATCHED + len(piece) or link.paused, (reader.pending, link.paused)
+        else:
+            assert reader.pending < 5 + reader.max_payload, (reader.pending, reader.max_payload)
+            assert len(reader._buf) <= reader.pending + COMPACT_AT + len(piece), (len(reader._buf), reader.pending)
+            assert not engine.session._queue and not engine._out, "events or replies left queued"
+    if not eof_at_once:
+        await turns(engine, link, lambda: not engine.busy or engine.closed, "the callbacks to end")
+    cut = not engine.closed and engine.busy and bool(engine.ctx.stage)
+    if not engine.closed:
+        engine.connection_lost("eof")
+    # (an EOF read while not busy may start an async callback first: the close follows it)
+    await turns(engine, link, lambda: engine.closed and (engine.ending is None or engine.ending.done()),
+                "the connection's end and its abort and close callbacks")
+    return cut
+
+
+async def turns(engine: ConnectionEngine, link: Link, done: Callable[[], bool], what: str) -> None:
+    """Let the event loop turn until ``done()``, the peer reading its replies meanwhile (drain);
+    within TURNS turns (else the engine is stuck)."""
+    for _ in range(TURNS):
+        if done():
+            return
+        await asyncio.sleep(0)
+        drain(engine, link)
+    raise AssertionError(f"waited {TURNS} turns of the event loop for {what}")
 
 
 def drain(engine: ConnectionEngine, link: Link) -> None:
@@ -414,4 +531,15 @@ def seeds() -> dict[str, bytes]:
         "no-callbacks": bytes([1, 0, 0, 0]) + b"\0" * 4 + session,
         "noise": bytes([1, *every, 0]) + b"\0" * 4 + conn + bytes(range(256)),
         "truncated": bytes([1, *every, 0]) + b"\0" * 4 + session[:-3],
+        # async Python callbacks first: tape bytes pick turns (bits 6-7) and what they do (bits 3-5)
+        "async-chain": bytes([0x41, *every, 2, 0x20, 0x60]) + b"\0" * 4 + session + msg + fr(b"Q"),
+        "async-chain-answers": bytes([0x41, *every, 8, 0x40, 0xC0, 0x08, 0x10, 0x20, 0x28, 0x80, 0x00]) + b"\0" * 4
+        + session + msg + fr(b"Q"),
+        "async-chain-split": bytes([0x41, *every, 4, 0x40, 0x20, 0xE0, 0x00]) + b"\5\3\1\x20" + session + fr(b"Q"),
+        "async-eof-while-awaiting": bytes([0xC1, *every, 1, 0xC0]) + b"\0" * 4 + session + fr(b"Q"),
+        "async-eof-while-awaiting-eom": bytes([0xC1, *every, 2, 0xC0, 0x00]) + b"\1\1\1\1" + session[:-5],
+        "async-pipelined-past-4k": bytes([0xC1, *every, 1, 0xC0]) + b"\xc8" * 4
+        + session.replace(fr(b"T"), many_rcpts * 3 + fr(b"T")),
+        "async-lagging-peer": bytes([0x49, *every, 2, 0x40, 0x00]) + b"\0" * 4
+        + session.replace(fr(b"T"), many_rcpts + fr(b"T")) + fr(b"Q"),
     }

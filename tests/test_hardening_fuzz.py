@@ -67,7 +67,8 @@ def test_the_harness_answers_deep_into_sessions():
 @pytest.mark.parametrize("name", sorted(fuzz_engine.seeds()))
 def test_the_engine_seeds_replay_through_a_tcl_script(name):
     """The engine target's seeds (scripts/fuzz_engine.py) go through its checks: a connection of a
-    Tcl script answers each read as the protocol says, logs escaped lines, ends clean."""
+    Tcl script, with async Python callbacks ahead of its own in some, answers each read as the
+    protocol says, logs escaped lines, ends clean, also when the MTA goes away while one awaits."""
     fuzz_engine.one_input(fuzz_engine.seeds()[name])
 
 
