@@ -488,3 +488,25 @@ def test_clients_that_go_away_or_send_garbage_leave_no_traceback_in_the_log(tclr
     assert value(samples, "pytclmilter_generation") == 1
     assert m.stop() == 0
     assert "Traceback" not in m.text and "Exception occurred" not in m.text, m.text
+
+
+def test_a_request_line_without_a_version_is_refused_at_once(tclrun) -> None:
+    """`GET /metrics` alone (HTTP/0.9, or a person typing into nc): http.server read on for
+    headers HTTP/0.9 has none of, and the client waited the whole SCRAPE_TIMEOUT (10 s) for a
+    closed connection and nothing else. Now it gets 505 at once, and scrapes go on."""
+    import socket
+    from urllib.parse import urlsplit
+
+    from pytclmilter.metrics import SCRAPE_TIMEOUT
+
+    m = tclrun(SCRIPT, "--metrics", "inet:0@127.0.0.1")
+    url = m.wait_for(METRICS, since=0).group(1)
+    where = urlsplit(url)
+    for line in (b"GET /metrics\r\n", b"GET /metrics\n"):
+        with socket.create_connection((where.hostname, where.port), timeout=SCRAPE_TIMEOUT / 2) as s:
+            s.sendall(line)
+            answer = s.makefile("rb").read()  # (socket.timeout, before: nothing came until the cut)
+        assert answer.startswith(b"HTTP/1.0 505 HTTP Version Not Supported\r\n"), answer
+        assert b"GET /metrics HTTP/1.0" in answer, answer
+    assert value(scrape(url), "pytclmilter_generation") == 1
+    assert m.stop() == 0

@@ -35,6 +35,7 @@ import socket
 import sys
 import threading
 import time
+from http import HTTPStatus
 from socketserver import TCPServer, ThreadingMixIn
 from typing import Any, Callable, Iterable, Iterator
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer
@@ -195,6 +196,19 @@ def _callbacks(t: list[int]) -> Iterator[Metric]:
 
 class _Handler(WSGIRequestHandler):
     timeout = SCRAPE_TIMEOUT  # for reading the request and writing the answer
+    raw_requestline: bytes  # (read by handle() before parse_request; typeshed leaves it out)
+
+    def parse_request(self) -> bool:
+        """A request line without a version (``GET /metrics``, HTTP/0.9) has no headers, but
+        http.server read on for them until SCRAPE_TIMEOUT cut the connection: 10 s and no
+        answer. Refused at once, with a status line a person trying with nc can read."""
+        line = str(self.raw_requestline, "iso-8859-1").rstrip("\r\n")
+        if len(line.split()) == 2:
+            self.command, self.requestline, self.request_version, self.close_connection = "", line, "HTTP/1.0", True
+            self.send_error(HTTPStatus.HTTP_VERSION_NOT_SUPPORTED,
+                            explain="Send HTTP/1.0 or later: GET /metrics HTTP/1.0")
+            return False
+        return super().parse_request()
 
     def log_message(self, format: str, *args: Any) -> None:
         """A scrape every few seconds is not worth a log line."""
