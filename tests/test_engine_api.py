@@ -19,6 +19,7 @@ import struct
 import sys
 import threading
 import warnings
+from typing import Any, Callable
 
 import pytest
 from miltertest import constants as K
@@ -764,24 +765,43 @@ def test_a_header_index_that_is_no_int_is_a_type_error_at_the_call_not_a_tempfai
     assert len(refused) == 2 and all(r.endswith("expected; got float") for r in refused), refused
 
 
-def test_a_private_data_name_that_is_no_str_is_a_type_error_in_either_build():
-    """The pure-Python source failed deep inside with AttributeError ('int' object has no
-    attribute 'isascii') where the docs promise a TypeError at the call, as the compiled build gives."""
+def type_errors_at_envfrom(*calls: Callable[[Any], object]) -> tuple[Any, list[str]]:
+    """Make each call with an envfrom callback's context, which then rejects: the MTA's answer,
+    and the TypeErrors' messages."""
     m = make_milter()
     refused = []
 
     def envfrom(ctx, args):
-        for call in (lambda: ctx.setpriv(1, "x"), lambda: ctx.getpriv(1), lambda: ctx.unsetpriv(5)):
+        for call in calls:
             try:
-                call()
+                call(ctx)
             except TypeError as exc:
                 refused.append(str(exc))
-        return CONTINUE
+        return REJECT
 
     m.register("envfrom", envfrom)
     with serving(m) as srv, srv.raw() as mta:
-        assert mta.mail("<a@example.org>") == (b"c", b"")
+        return mta.mail("<a@example.org>"), refused
+
+
+def test_a_private_data_name_that_is_no_str_is_a_type_error_in_either_build():
+    """The pure-Python source failed deep inside with AttributeError ('int' object has no
+    attribute 'isascii') where the docs promise a TypeError at the call, as the compiled build gives."""
+    _, refused = type_errors_at_envfrom(lambda ctx: ctx.setpriv(1, "x"), lambda ctx: ctx.getpriv(1),
+                                        lambda ctx: ctx.unsetpriv(5))
     assert len(refused) == 3 and all(r.endswith("expected; got int") for r in refused), refused
+
+
+def test_a_reply_text_or_code_that_is_no_str_is_a_type_error_in_either_build():
+    """The pure-Python source failed deep inside setmlreply and setreply with AttributeError
+    ('int' object has no attribute 'isascii') for a line that was no str, where the docs promise
+    a TypeError at the call, as the compiled build gives; and the reply is left unset."""
+    answer, refused = type_errors_at_envfrom(
+        lambda ctx: ctx.setmlreply("550", "5.7.1", "first", 2), lambda ctx: ctx.setmlreply("550", None, b"x"),
+        lambda ctx: ctx.setmlreply(550, None, "x"), lambda ctx: ctx.setmlreply("550", 571, "x"),
+        lambda ctx: ctx.setreply("550", "5.7.1", 3), lambda ctx: ctx.setreply("550", None, b"x"))
+    assert answer == (b"r", b""), answer  # no reply text was set (before: the callback failed, tempfail)
+    assert len(refused) == 6 and all(re.search(r"expected; got (int|bytes)$", r) for r in refused), refused
 
 
 def test_eight_bit_body_bytes_reach_the_callback_and_come_back_byte_exact():

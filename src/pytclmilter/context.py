@@ -283,11 +283,17 @@ def _check_macro_names(names: list[str]) -> None:
                               f"is written in one pair of braces, {braced}")
 
 
-def _check_name(command: str, name: object) -> None:
-    """A TypeError at the call for a name that is no str, as the compiled build gives: the pure
-    source failed deep inside with an AttributeError (``'int' object has no attribute ...``)."""
-    if not isinstance(name, str):
-        raise TypeError(f"{command}: str expected; got {type(name).__name__}")
+def _check_name(command: str, *names: object) -> None:
+    """A TypeError at the call for a name or text that is no str, as the compiled build gives: the
+    pure source failed deep inside with an AttributeError (``'int' object has no attribute ...``)."""
+    for name in names:
+        if not isinstance(name, str):
+            raise TypeError(f"{command}: str expected; got {type(name).__name__}")
+
+
+def _given(*values: object) -> list[object]:
+    """The optional arguments given (not None), for _check_name."""
+    return [v for v in values if v is not None]
 
 
 class Context:
@@ -386,9 +392,11 @@ class Context:
         return hosted(self.script).call_list(words)
 
     def setreply(self, rcode: str, xcode: str | None = None, message: str | None = None) -> None:
+        _check_name("setreply", rcode, *_given(xcode, message))
         self.reply_text = build_reply(rcode, xcode, message)
 
     def setmlreply(self, rcode: str, xcode: str | None, *lines: str) -> None:
+        _check_name("setmlreply", rcode, *_given(xcode), *lines)
         self.reply_text = build_mlreply(rcode, xcode, list(lines))
 
     def setsymlist(self, stage: int | str, macros: str | Sequence[str]) -> None:
