@@ -203,3 +203,15 @@ def test_the_hooks_file_joins_the_script_as_check_and_try_show(tmp_path: Path) -
         done = run_cli(*command.split()[1:], cwd=tmp_path)
         assert done.returncode == 0, done.stdout + done.stderr
         in_order(shown.splitlines(), done.stdout)
+
+
+def test_every_setting_of_a_milter_is_documented_in_its_section() -> None:
+    """Each field of Settings is an attribute of Milter a program may set; tick_interval was
+    checked and tested, but a reader of the page could not know it existed."""
+    import dataclasses
+
+    from pytclmilter.settings import Settings
+
+    section = DOC.read_text().split("## `Milter`", 1)[1].split("\n## ", 1)[0]
+    missing = [f.name for f in dataclasses.fields(Settings) if f"`{f.name}`" not in section]
+    assert missing == [], f"not in docs/python-api.md's Milter section: {missing}"

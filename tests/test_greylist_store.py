@@ -664,3 +664,14 @@ def test_a_redis_host_name_that_does_not_resolve_fails_the_load_in_bounded_time(
     assert time.monotonic() - started < 15
     assert re.search(reason, m.text), m.text
     assert "listening" not in m.text
+
+
+def test_the_module_docstring_shows_the_import_usage_the_command_prints() -> None:
+    """The docstring showed `import OLDFILE [STORE]`, though the command takes MAXAGE too."""
+    import ast
+
+    done = run_import()
+    assert done.returncode == 64
+    usage = done.stderr.splitlines()[0].removeprefix("usage: ")
+    docstring = ast.get_docstring(ast.parse(STORE_PY.read_text()))
+    assert docstring and f"python3 {usage}\n" in docstring, (usage, docstring)

@@ -35,7 +35,10 @@ The file of the greylist before its store (one Tcl list per line: ip sender rcpt
 is imported once with pytclmilter's own python3 (``/opt/pytclmilter/bin/python3`` in
 docs/deployment.md; it imports pytclmilter)::
 
-    /opt/pytclmilter/bin/python3 greylist_store.py import OLDFILE [STORE]
+    /opt/pytclmilter/bin/python3 greylist_store.py import OLDFILE [STORE] [MAXAGE]
+
+STORE as -store (default $GREYLIST_STORE, else DEFAULT_STORE); a triplet last seen more than
+MAXAGE seconds ago (default 35 days, as -maxage) is left out.
 
 Each ``setup(milter)`` makes its own store object, closed when it is garbage: a second setup in
 the same process (a reload) shares nothing with the first.
