@@ -46,6 +46,7 @@ from prometheus_client.registry import Collector as _CollectorBase
 
 from . import meter as m
 from .accept import limit_text
+from .callbacks import EVENTS
 from .connspec import ConnSpec, ConnSpecError, parse_metrics
 from .engine import Stats
 from .logline import Repeated, escape
@@ -169,7 +170,7 @@ def _connections(t: list[int]) -> Iterator[Metric]:
 
 
 def _callbacks(t: list[int]) -> Iterator[Metric]:
-    pairs = [(e, lang) for e in m.EVENTS for lang in m.LANGUAGES]
+    pairs = [(e, lang) for e in EVENTS for lang in m.LANGUAGES]
     hist = HistogramMetricFamily("pytclmilter_callback_duration_seconds", "Time callbacks took, by event and "
                                  "language (failed ones included)", labels=["event", "language"])
     for p, (event, lang) in enumerate(pairs):

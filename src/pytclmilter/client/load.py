@@ -74,10 +74,10 @@ class LoadResult:
 
     def summary(self) -> str:
         rate = self.count / self.seconds if self.seconds else 0.0
-        ms = lambda p: self.percentile(p) * 1000  # noqa: E731
+        p50, p90, p99, top = (self.percentile(p) * 1000 for p in (50, 90, 99, 100))
         lines = [
             f"messages: {self.count} in {self.seconds:.2f} s = {rate:.0f} messages/s",
-            f"latency ms: p50 {ms(50):.2f}  p90 {ms(90):.2f}  p99 {ms(99):.2f}  max {ms(100):.2f}",
+            f"latency ms: p50 {p50:.2f}  p90 {p90:.2f}  p99 {p99:.2f}  max {top:.2f}",
             "verdicts: " + ", ".join(f"{k}={v}" for k, v in sorted(self.verdicts.items())),
         ]
         if self.errors:
