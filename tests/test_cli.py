@@ -157,6 +157,23 @@ def test_run_with_an_unknown_option_is_a_usage_error() -> None:
     assert "unrecognized arguments: --no-such-option" in out
 
 
+@pytest.mark.parametrize("command", ["check", "run", "try"])
+def test_a_script_argument_starting_with_a_dash_without_the_lone_dashes_says_where_it_goes(command: str) -> None:
+    """`check s.tcl -store x` said only "unrecognized arguments: -store x", which does not tell
+    that the script would get it after a lone --; docs/cli.md shows the line."""
+    message = [str(DATA / "plain.eml")] if command == "try" else []
+    status, out = cli(command, str(BLACKLIST), *message, "-store", "x")
+    assert status == 64, out
+    form = "SCRIPT.tcl MESSAGE.eml [options] -- ARGS" if command == "try" else "SCRIPT.tcl [options] -- ARGS"
+    line = (f"pytclmilter {command}: error: unrecognized arguments: -store x (arguments for the script that "
+            f"start with - go after a lone --: pytclmilter {command} {form})")
+    assert out.endswith(line + "\n"), out
+    if command == "check":
+        assert line in (ROOT / "docs" / "cli.md").read_text()
+        status, out = cli(command, str(BLACKLIST), "--", "-store", "x")
+        assert status == 0, out
+
+
 def test_run_reports_the_command_line_override_of_the_scripts_connection(serve: Callable[..., TclRun]) -> None:
     m = serve(BLACKLIST, "--connection", "inet:0@127.0.0.1")
     assert re.search(r"milter configure -connection unix:/var/run/blmilter.sock ignored: "

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import Callable, Sequence
+from typing import Callable, NoReturn, Sequence
 
 from . import __version__
 from .commands import check, run, send, sigmask, trial
@@ -19,10 +19,27 @@ _COMMANDS: dict[str, tuple[Callable[..., argparse.ArgumentParser], Callable[[arg
 }
 
 
+#: How the commands that run a script take the script's own arguments.
+_SCRIPT_ARGS = {"run": "SCRIPT.tcl [options] -- ARGS", "check": "SCRIPT.tcl [options] -- ARGS",
+                "try": "SCRIPT.tcl MESSAGE.eml [options] -- ARGS"}
+
+
+class _CommandParser(argparse.ArgumentParser):
+    """A command's parser. A script's argument that starts with - (``-store x``) is one argparse
+    does not know unless it follows a lone ``--``; its error named it and no more."""
+
+    def error(self, message: str) -> NoReturn:
+        unknown = message.removeprefix("unrecognized arguments: ")
+        form = _SCRIPT_ARGS.get(self.prog.rpartition(" ")[2])
+        if form and unknown != message and any(word.startswith("-") for word in unknown.split()):
+            message += f" (arguments for the script that start with - go after a lone --: {self.prog} {form})"
+        super().error(message)
+
+
 def _parsers() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
     top = argparse.ArgumentParser(prog="pytclmilter", description="Run TclMilter scripts as a milter.")
     top.add_argument("--version", action="version", version=f"pytclmilter {__version__}")
-    sub = top.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    sub = top.add_subparsers(dest="command", metavar="COMMAND", required=True, parser_class=_CommandParser)
     return top, {name: add(sub) for name, (add, _) in _COMMANDS.items()}
 
 

@@ -35,7 +35,7 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> argp
     p.add_argument("script", help="the TclMilter script (.tcl)")
     add_script_options(p)
     p.add_argument("--log-level", default="warning", choices=["debug", "info", "warning", "error"])
-    p.add_argument("args", nargs="*", default=[], help="arguments for the script (argv)")
+    p.add_argument("args", nargs="*", default=[], help="arguments for the script (argv); put them after -- if they start with -")
     return p
 
 
