@@ -106,6 +106,7 @@ class Link:
 
     blocked = False
     peer = "the benchmark"
+    proxied = False
 
     def __init__(self) -> None:
         self.out: list[bytes] = []

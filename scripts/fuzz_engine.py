@@ -255,6 +255,7 @@ class Link:
     """The engine's link: keeps what is written, counts closes; may say the peer lags."""
 
     peer = "the fuzzer"
+    proxied = False
 
     def __init__(self, lags: bool) -> None:
         self.data = bytearray()

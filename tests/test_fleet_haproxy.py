@@ -225,6 +225,23 @@ def test_health_check_speaks_milter(haproxy, tclrun, silent_servers) -> None:
     assert milter.alive()
 
 
+def test_health_checks_with_send_proxy_make_one_warning_a_minute(haproxy, tclrun) -> None:
+    """docs/deployment.md: no send-proxy. With it every health check (each second, every 250 ms
+    while the instance goes down) began with a PROXY header and failed: the milter logged a
+    WARNING and an INFO line for each, ten a minute, and a count. Now one line a minute."""
+    milter = tclrun(FLEET_TCL, "--log-level", "debug", args=["m"])  # debug: a line per connection
+    hap = haproxy({"milter": f"127.0.0.1:{milter.port} send-proxy"})
+    hap.wait_status("milter", "DOWN")
+    wait_until(lambda: milter.text.count(": connection from ") >= 6, 15, interval=0.1,
+               message=lambda: milter.text)
+    assert milter.text.count("WARNING") == 1, milter.text
+    assert "(it began with a PROXY protocol header, which a milter does not speak: remove send-proxy from " \
+           "HAProxy's server lines; docs/deployment.md, HAProxy), closing the connection: unknown command 'Y' " \
+           "(said at most once a minute)\n" in milter.text, milter.text
+    assert "closed (protocol error)" not in milter.text, milter.text
+    assert milter.stop() == 0
+
+
 def test_docs_show_the_tested_configuration() -> None:
     """docs/deployment.md quotes scripts/haproxy.cfg, the file the tests run, so the two cannot drift."""
     doc = (ROOT / "docs" / "deployment.md").read_text()

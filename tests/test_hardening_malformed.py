@@ -528,12 +528,12 @@ HINT = ("(it began with a PROXY protocol header, which a milter does not speak: 
         "HAProxy's server lines; docs/deployment.md, HAProxy)")
 
 
-def send_then_eof(address: tuple[int, object], *pieces: bytes) -> str:
+def send_then_eof(address: tuple[int, object], *pieces: bytes, pause: float = 0.05) -> str:
     """Send ``pieces`` (a pause between them) as the first bytes of a connection; its peer name."""
     bad = open_mta(address, False)
     for piece in pieces:
         bad.send_raw(piece)
-        time.sleep(0.05)
+        time.sleep(pause)
     bad.expect_eof()
     peer = _peer_of(bad.sock)
     bad.close()
@@ -569,5 +569,30 @@ def test_pytclmilter_run_names_a_proxy_protocol_header(tclrun):
     m = tclrun(TCL_EVERY_EVENT)
     peer = send_then_eof((socket.AF_INET, ("127.0.0.1", m.port)), PROXY_V1 + OPTNEG)
     line = m.wait_for(r"WARNING: (conn#\d+: protocol error from [^\r\n]*)\r?\n")
-    assert line.group(1).endswith(f"protocol error from {peer} {HINT}, closing the connection: unknown command 'Y'")
+    assert line.group(1).endswith(f"protocol error from {peer} {HINT}, closing the connection: unknown command 'Y' "
+                                  "(said at most once a minute)")
     assert m.stop() == 0
+
+
+def test_proxy_headers_as_health_checks_send_them_make_one_line_a_minute_with_a_count(caplog):
+    """HAProxy's send-proxy puts the header on its health checks too: a connection a second per
+    instance (four a second while it is DOWN), each failing alike. Each made a WARNING and an
+    INFO line, the first 10 a minute, and a count: 21 lines a minute saying one thing. Now one
+    line, and the next (the minute over) says how many were not logged."""
+    caplog.set_level(logging.INFO, logger=LOG)
+    m = every_event_milter()
+    with serving(m) as srv:
+        for header in [PROXY_V1, PROXY_V2] * 15:
+            send_then_eof(srv.address, header + OPTNEG, pause=0)
+        lines = [r.getMessage() for r in caplog.records if r.name == LOG]
+        assert len(lines) == 1 and lines[0].endswith(f"{HINT}, closing the connection: unknown command 'Y' "
+                                                     "(said at most once a minute)"), lines
+        m.shared.proxied.seconds = 0  # the minute is over
+        send_then_eof(srv.address, PROXY_V2 + OPTNEG, pause=0)
+        nxt = open_mta(srv.address, True)  # served as ever meanwhile
+        to_rcpt(nxt)
+        finish_good(nxt)
+        nxt.expect_eof()
+    lines = [r.getMessage() for r in caplog.records if r.name == LOG and "PROXY" in r.getMessage()]
+    assert len(lines) == 2 and lines[1].endswith("closing the connection: unknown command '\\x00' (said at most "
+                                                 "once a minute; 29 more such connections since)"), lines

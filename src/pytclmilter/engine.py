@@ -188,6 +188,9 @@ class Link(Protocol):
     @property
     def peer(self) -> str:
         """Who is at the other end, for a warning that must say who sent garbage."""
+    @property
+    def proxied(self) -> bool:
+        """The connection began with a PROXY protocol header (HAProxy's send-proxy)."""
 
 
 @dataclass
@@ -219,14 +222,14 @@ class Shared:
     ``meter`` counts for ``--metrics`` (meter.py); None without, and each connection reads it once.
     ``traces``: the failed callbacks' traces logged lately, so that the same one is logged once.
     ``faults``: the lines of connections ended by a fault, by kind (:meth:`fault_due`); a reload
-    hands it on, as the meter.
+    hands it on, as the meter. ``proxied``: the line of those that began with a PROXY header.
     ``stop_by``: once a stop is under way, or a reload replaced this generation, when the grace of
     its open sessions ends (``time.monotonic()``): no callback runs past it (:meth:`call_limit`);
     infinity while serving. ``stop_why`` says, for a log line, which grace that is.
     """
 
-    __slots__ = ("settings", "registry", "hooks", "stats", "generation", "meter", "traces", "faults", "stop_by",
-                 "stop_why")
+    __slots__ = ("settings", "registry", "hooks", "stats", "generation", "meter", "traces", "faults", "proxied",
+                 "stop_by", "stop_why")
 
     def __init__(self, settings: Settings, registry: Registry, hooks: Hooks, stats: Stats) -> None:
         self.settings = settings
@@ -237,6 +240,7 @@ class Shared:
         self.meter: Meter | None = None
         self.traces = SameTrace()
         self.faults = Repeated(FAULT_WINDOW, whole=FAULT_LINES)
+        self.proxied = Repeated(FAULT_WINDOW)  # the connections that began with a PROXY header
         self.stop_by = _FOREVER
         self.stop_why = ""
 
@@ -407,7 +411,7 @@ class ConnectionEngine:
         #: An async callback stopped by its limit and answered, still ending (_settle).
         self._unwinding: tuple[str, Callback, asyncio.Task[Any], Awaitable[Any], str] | None = None
         self._abandoned = False  # a callback of this connection ignored its cancellation: it closes
-        self._counted = False  # its fault was counted, not logged (Shared.fault_due): its closed line too
+        self._counted = False  # no closed line: its fault was counted, not logged (fault_due), or a PROXY line said it
         self._due = _FOREVER  # when the async callback awaited now reaches its own limit (see due)
         self._cut = ""  # the stage of the async callback the connection's end cancelled (_finish)
         self._decided = _OPEN
@@ -513,8 +517,7 @@ class ConnectionEngine:
             try:
                 event = self.session.next_event()
             except RemoteProtocolError as exc:
-                if self._fault_due(f"protocol error: {exc}"):
-                    log.warning("%s: protocol error from %s, closing the connection: %s", self.name, self.link.peer, exc)
+                self._protocol_error(str(exc))
                 if self.meter is not None:
                     self.meter.protocol_error()
                 self._flush()
@@ -645,7 +648,7 @@ class ConnectionEngine:
                 raise RemoteProtocolError(f"the negotiate callback answered {status.smfis}")
             negotiated = self._negotiated(offer)
         except RemoteProtocolError as exc:
-            if self._fault_due(f"negotiation failed: {exc}"):
+            if self.fault_due(f"negotiation failed: {exc}"):
                 log.warning("%s: negotiation with %s failed: %s", self.name, self.link.peer, exc)
             for event in self.session.fail_negotiation():
                 self._handle(event)
@@ -1142,15 +1145,30 @@ class ConnectionEngine:
         if routine and not cut:
             if self.debug:
                 log.debug("%s: closed (%s)", self.name, reason)
-        elif not self._counted and (not (routine or reason.startswith("error: ")) or self._fault_due(f"closed ({text})")):
+        elif not self._counted and (not (routine or reason.startswith("error: ")) or self.fault_due(f"closed ({text})")):
             log.info("%s: closed (%s)", self.name, text)
 
-    def _fault_due(self, message: str) -> bool:
+    def fault_due(self, message: str) -> bool:
         """Whether to log the line of the fault ``message`` that ends this connection (Shared.fault_due)."""
         if self.shared.fault_due(fault_kind(message)):
             return True
         self._counted = True
         return False
+
+    def _protocol_error(self, error: str) -> None:
+        """The warning of a protocol error. One from a connection that began with a PROXY header
+        is HAProxy's send-proxy, whose health checks alone make one a second, each failing alike:
+        one line a minute, with the count since the last, and no "closed" line after it."""
+        link = self.link
+        if not link.proxied:
+            if self.fault_due(f"protocol error: {error}"):
+                log.warning("%s: protocol error from %s, closing the connection: %s", self.name, link.peer, error)
+            return
+        self._counted = True
+        missed = self.shared.proxied.due("")
+        if missed is not None:
+            log.warning("%s: protocol error from %s, closing the connection: %s (said at most once a minute%s)",
+                        self.name, link.peer, error, f"; {missed} more such connections since" if missed else "")
 
     def _end_context(self, _done: object = None) -> None:
         """The context's end (the host's hook, then nothing more of it works): after its last

@@ -452,7 +452,8 @@ class Milter:
         new.stats = new.shared.stats = self.stats
         # --metrics goes on counting in the same cells: here, and in the workers forked for new
         new.shared.meter, new._worker_counts = self.shared.meter, self._worker_counts
-        new.shared.faults = self.shared.faults  # (a reload must not start the fault lines' count again)
+        # (a reload must not start the fault lines' counts again)
+        new.shared.faults, new.shared.proxied = self.shared.faults, self.shared.proxied
         new.shared.generation = self.shared.generation + 1
         new._stop_others, new._supervisor = self._stop_others, self._supervisor
         self.stats.generation = new.shared.generation

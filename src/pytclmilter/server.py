@@ -76,6 +76,10 @@ class _Connection(asyncio.Protocol):
             log.debug("%s: connection from %s", self.engine.name, _peer_text(transport.get_extra_info("peername")))
 
     @property
+    def proxied(self) -> bool:
+        return self._proxy
+
+    @property
     def peer(self) -> str:
         """Who is at the other end, as log lines name it; with a hint if it sent a PROXY header."""
         peer = _peer_text(self.transport.get_extra_info("peername") if self.transport is not None else None)
@@ -459,8 +463,11 @@ class MilterServer:
             for conn in [c for c in self.connections if now - c.last > timeout and not c.busy]:
                 # A peer whose replies are unread is not read either (pause_writing): "no data"
                 # sent an admin looking for a silent MTA that had in fact sent plenty.
-                log.warning("%s: %s for %gs, closing", conn.engine.name if conn.engine else "?",
-                            _UNREAD if conn.blocked else "no data", timeout)
+                what = f"{_UNREAD if conn.blocked else 'no data'} for {timeout:g}s, closing"
+                # A stalled MTA's connections time out together: ten lines a minute and a count.
+                engine = conn.engine
+                if engine is None or engine.fault_due(what):
+                    log.warning("%s: %s", engine.name if engine else "?", what)
                 conn.expire("timeout")
 
     def _start_ticker(self) -> None:

@@ -408,6 +408,7 @@ class FakeLink:
 
     blocked = False
     peer = "the test"
+    proxied = False
 
     def __init__(self) -> None:
         self.data = b""
