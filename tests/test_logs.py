@@ -693,20 +693,41 @@ def test_a_journal_socket_holds_back_a_bounded_backlog_and_counts_the_lines_lost
     assert lost and int(lost.group(1)) == 2000 - len(numbers), (lost, len(numbers))
 
 
-def _run_with_syslog(tmp_path: Path, *args: str) -> tuple[subprocess.CompletedProcess[str], list[str]]:
+def _run_with_syslog(tmp_path: Path, *args: str, stderr: str = "pipe") -> tuple[subprocess.CompletedProcess[str],
+                                                                                list[str]]:
     """``pytclmilter run ARGS --syslog`` to its end, with /dev/log a socket of the test's own:
-    the process and the records syslog got (without their NUL)."""
+    the process and the records syslog got (without their NUL). ``stderr``: "pipe" (read into
+    the process's stderr), "null" (/dev/null) or "closed"."""
     log_path = tmp_path / "log"
     with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
         sock.bind(str(log_path))
         proc = subprocess.run([sys.executable, "-c", RUN_WITH_SYSLOG_AT, str(log_path), "run", *args, "--syslog"],
-                              env=child_env(), capture_output=True, text=True, timeout=60)
+                              env=child_env(), stdout=subprocess.PIPE, text=True, timeout=60,
+                              stderr=subprocess.DEVNULL if stderr == "null" else subprocess.PIPE,
+                              preexec_fn=(lambda: os.close(2)) if stderr == "closed" else None)
         sock.setblocking(False)
         records = []
         with contextlib.suppress(BlockingIOError):
             while True:
                 records.append(sock.recv(65536)[:-1].decode())
     return proc, records
+
+
+@pytest.mark.parametrize("stderr", ["closed", "null"])
+def test_with_syslog_a_stderr_that_cannot_take_a_crash_dump_is_said_once(tmp_path, stderr) -> None:
+    """A crash's dump (faulthandler) goes to stderr alone. With stderr closed, enabling it raised
+    and run ended, exit 1, with not a line anywhere; with stderr /dev/null the dump of a crash
+    would be lost and nothing said so. Now run serves, and the log says it once."""
+    script = tmp_path / "s.tcl"
+    script.write_text("after 300 {milter stop}\nmilter main\n")
+    proc, records = _run_with_syslog(tmp_path, str(script), "--connection", "inet:0@127.0.0.1", stderr=stderr)
+    assert proc.returncode == 0, (proc.stdout, records)
+    why = "stderr cannot take it (sys.stderr is None); start pytclmilter with stderr open, to the journal or a file" \
+        if stderr == "closed" else "stderr is /dev/null; send it to the journal or a file (2>>/var/log/pytclmilter.err)"
+    warnings = [r for r in records if "WARNING" in r]
+    assert len(warnings) == 1 and warnings[0].endswith("WARNING: a crash (SIGSEGV, SIGABRT, ...) would leave no dump "
+                                                       f"of where each thread was: {why}"), records
+    assert "listening on" in proc.stdout
 
 
 @pytest.mark.parametrize("why", ["script", "usage", "hooks", "callback", "no main"])

@@ -11,6 +11,7 @@ import pwd
 import re
 import resource
 import signal
+import stat
 import sys
 import threading
 import tkinter
@@ -278,9 +279,28 @@ def report_crashes() -> None:
     script loads, Tcl itself) ended the process with not a word, the log stopping at its last
     line: now stderr gets "Fatal Python error: Segmentation fault" and where each thread was
     (faulthandler, written from the signal handler, so nothing buffered is needed). The signal
-    then ends the process as before (its status unchanged)."""
-    if not faulthandler.is_enabled():
+    then ends the process as before (its status unchanged). Where stderr cannot take the dump,
+    one warning says so: with stderr closed, enable() raised, and run ended with exit 1 and not a
+    word (the traceback had nowhere to go); sent to /dev/null, a crash would leave no trace."""
+    if faulthandler.is_enabled():
+        return
+    try:
         faulthandler.enable(all_threads=True)
+    except (RuntimeError, ValueError, OSError) as exc:  # no sys.stderr, or no descriptor behind it
+        log.warning("a crash (SIGSEGV, SIGABRT, ...) would leave no dump of where each thread was: "
+                    "stderr cannot take it (%s); start pytclmilter with stderr open, to the journal or a file", exc)
+        return
+    if _is_dev_null(sys.stderr.fileno()):
+        log.warning("a crash (SIGSEGV, SIGABRT, ...) would leave no dump of where each thread was: stderr "
+                    "is /dev/null; send it to the journal or a file (2>>/var/log/pytclmilter.err)")
+
+
+def _is_dev_null(fd: int) -> bool:
+    try:
+        here, null = os.fstat(fd), os.stat(os.devnull)
+    except OSError:
+        return False
+    return stat.S_ISCHR(here.st_mode) and here.st_rdev == null.st_rdev
 
 
 def _log_failure(text: str, detail: str | None = None) -> None:
