@@ -382,6 +382,23 @@ def test_with_workers_a_script_whose_shell_waits_while_loading_reloads(tclrun, t
     assert run.stop() == 0
 
 
+def test_a_reload_names_a_script_given_relative_by_one_path(tclrun, tmp_path: Path) -> None:
+    """`run stamp.tcl` (relative): a reload read the absolute path, and its lines named the script
+    as given ("loading generation 2 from stamp.tcl", "stamp.tcl: error: eom callback ...") or
+    as absolute (a Tcl error's place, "--python /.../hooks.py") by turns. Now by the path it reads."""
+    script = tmp_path / "stamp.tcl"
+    script.write_text(stamping("A"))
+    run = tclrun(Path(script.name))  # (run in tmp_path)
+    for broken in (stamping("B").replace("register eom eom", "register eom no_such_proc"), BROKEN):
+        script.write_text(broken)
+        mark = run.mark()
+        run.child.kill(signal.SIGUSR1)
+        run.wait_for(r"generation 2 not loaded", since=mark)
+    lines = [ln for ln in run.text.splitlines() if "reload: " in ln]
+    assert len(lines) == 4 and all(f"{script}" in ln and f" {script.name}" not in ln for ln in lines), lines
+    assert run.stop() == 0
+
+
 def old_serves_then_a_good_one_loads(run: Any, script: Path) -> None:
     """After a refused reload: generation 1 (stamping A) still serves; a good script then loads as
     generation 2, and the code after its `milter main` is the only one that ran."""

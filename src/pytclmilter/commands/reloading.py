@@ -51,11 +51,12 @@ Exit = Callable[[TclHost, int], None]
 class Generations:
     """The script ``run`` serves: :attr:`current`, replaced by :meth:`reload` (Hooks.reload)."""
 
-    def __init__(self, script: str, load: Load, exit_process: Exit = TclHost.exit_process,
-                 source: str | None = None) -> None:
+    def __init__(self, script: str, load: Load, exit_process: Exit = TclHost.exit_process) -> None:
+        #: Where a reload reads the script, and how its lines name it: run gives the absolute path
+        #: (the working directory may have changed since the start), as it does for the --python
+        #: files and as Tcl's errorInfo then names the script, so that the lines of a reload
+        #: agree (they named it as given on the command line and as absolute by turns).
         self.script = script
-        #: Where a reload reads the script (``script`` unless given: run gives its absolute path).
-        self.source = script if source is None else source
         self._load = load
         self._exit_process = exit_process
         self.current = self._ends_the_process(load(None))
@@ -106,7 +107,7 @@ class Generations:
         host.loading = True
         try:
             with sigmask.children_reapable():  # under --workers, in the supervisor
-                started = host.start(self.source, within)
+                started = host.start(self.script, within)
             if not started:
                 raise LoadFailed(f"{self.script}: error: {NO_MAIN}")
             errors = callback_errors(self.script, host)

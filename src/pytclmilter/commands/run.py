@@ -390,7 +390,7 @@ def _serve(opts: argparse.Namespace) -> int:
     # logged and exit 0, as a stop while serving (sigmask.py).
     loading = f"loading {opts.script}"
     with sigmask.stops_meanwhile(loading, notify.stopping):
-        scripts = Generations(opts.script, load, exit_process, source=reread[0])
+        scripts = Generations(reread[0], load, exit_process)
     daemon = Daemon(scripts.current.milter, opts, notify)
     try:
         with sigmask.stops_meanwhile(loading, daemon.stopped), sigmask.children_reapable():
