@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import errno
 import os
-from typing import Any, Callable, Final, Sequence
+from typing import Any, Callable, Final, Sequence, TypeVar
 
 from ..safepath import Untrusted, open_trusted, os_reason, read_trusted
 from .usage import TclUsageError
@@ -24,6 +24,7 @@ from .usage import TclUsageError
 #: The errorCode of a refused file: as Tcl's for a file it may not open (not EACCES, which
 #: Tcl's package index scan ignores without a word).
 _REFUSED: Final = ("POSIX", "EPERM", "operation not permitted")
+_T = TypeVar("_T")
 
 _PRELUDE: Final = r"""
 proc ::source {args} {
@@ -110,7 +111,7 @@ def _path(args: Sequence[str]) -> str:
     return os.path.expanduser(args[0]) if args[0].startswith("~") else args[0]
 
 
-def _opened(path: str, verb: str, opener: Callable[[str], Any], tcl_verb: str) -> Any:
+def _opened(path: str, verb: str, opener: Callable[[str], _T], tcl_verb: str) -> _T:
     """``opener(path)``; the TclUsageError a refusal, or Tcl's own ``couldn't TCL_VERB file``."""
     try:
         return opener(path)
