@@ -380,14 +380,96 @@ def test_a_cached_module_in_another_users_pycache_is_not_run(tclrun, etc):
 
 
 def test_roots_own_files_pulled_in_are_run(tclrun, etc):
-    """A file sourced, a package (TclMilter's own, Thread), a module beside the --python file: root's."""
+    """A file sourced, a package (TclMilter's own, Thread), a command autoloaded through a tclIndex,
+    a module beside the --python file: root's, also in an interpreter the script creates."""
     (etc / "rules.tcl").write_text('puts "rules ran: [file tail [info script]]"\n')
     (etc / "rules.py").write_text('print("rules.py ran", flush=True)\n')
     (etc / "hooks.py").write_text(IMPORTING.format(where=str(etc)))
+    (etc / "tclIndex").write_text('# Tcl autoload index file, version 2.0\n'
+                                  'set auto_index(autoloaded) [list source [file join $dir auto.tcl]]\n')
+    (etc / "auto.tcl").write_text('proc autoloaded {} { return "autoloaded ran" }\n')
     script = etc / "filter.tcl"
-    script.write_text(pulling_in('source [file join [file dirname [info script]] rules.tcl]\n'
-                                 'puts "Thread [package require Thread]"'))
+    script.write_text(pulling_in(f'source [file join [file dirname [info script]] rules.tcl]\n'
+                                 f'puts "Thread [package require Thread]"; lappend auto_path {etc}; puts [autoloaded]\n'
+                                 f'interp create i; i eval {{source {etc}/rules.tcl; package require Thread}}'))
     m = tclrun(script, "--python", str(etc / "hooks.py"), connection=TCP)
-    assert "rules.py ran" in m.text and "rules ran: rules.tcl" in m.text and "Thread 2." in m.text
+    assert "rules.py ran" in m.text and m.text.count("rules ran: rules.tcl") == 2 and "Thread 2." in m.text
+    assert "autoloaded ran" in m.text
     assert stamps(m) == [b"X-Stamp\0A\0"]
     assert m.stop() == 0
+
+
+def check_refuses(etc: Path, line: str, refused: str, ran: str) -> None:
+    """``pytclmilter check`` as root, as an admin runs it before a start, of the script pulling
+    in with ``line``: exit 1 at that line with ``refused``; nothing printed ``ran``."""
+    script = etc / "filter.tcl"
+    script.write_text(pulling_in(line))
+    done = subprocess.run([*_pytclmilter_command(), "check", str(script)], env=child_env(),
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 1, done
+    assert done.stderr.startswith(f"{script}:2: error: {refused}\n"), done.stderr
+    assert ran not in done.stdout
+
+
+def test_a_tcl_index_in_another_users_directory_is_not_evaluated(etc, theirs):
+    """The autoloader (`unknown`, at the first unknown command) evaluated every tclIndex on the
+    auto_path as it read it by name (init.tcl's ``eval [read $f]``): another user's ran as root."""
+    index = theirs / "tclIndex"
+    index.write_text('# Tcl autoload index file, version 2.0\nputs "index ran"\n')
+    check_refuses(etc, f"lappend auto_path {theirs}; no_such_command",
+                  f'refusing to source "{index}" as root: {owned_by_nobody(theirs)}', "index ran")
+
+
+@pytest.mark.parametrize("nested", [False, True], ids=["interp create", "interp create in it"])
+def test_an_interpreter_the_script_creates_refuses_too(etc, theirs, nested):
+    """An interpreter the script made had Tcl's own `source`, also below it."""
+    rules = theirs / "rules.tcl"
+    rules.write_text('puts "rules ran"\n')
+    sourcing = f"i eval {{interp create j; j eval {{source {rules}}}}}" if nested else f"i eval {{source {rules}}}"
+    check_refuses(etc, f"interp create i; {sourcing}",
+                  f'refusing to source "{rules}" as root: {owned_by_nobody(theirs)}', "rules ran")
+
+
+def test_a_library_named_without_a_path_is_refused_saying_why(etc):
+    """Not in the current directory, Tcl has dlopen look for it where nothing checks."""
+    check_refuses(etc, 'load libz.so.1 Z; puts "libz loaded"',
+                  'refusing to load "libz.so.1" as root: not in the current directory, and the dynamic linker '
+                  "would look for it in directories nothing checks (give the library's path)", "libz loaded")
+
+
+TCLSH = shutil.which("tclsh8.6") or shutil.which("tclsh")
+
+# Each case's result and errorInfo, printed by the script itself (with a byte order mark, as an
+# editor may leave): under tclsh and, as root, through the checking `source`.
+SOURCING = "\ufeff" + r"""proc T {label script} {
+    set code [catch {uplevel 1 $script} m o]
+    puts "$label: $code <$m>"
+    if {$code == 1} { puts "  <[dict get $o -errorcode]> <[dict get $o -errorinfo]>" }
+}
+T bom {source bom.tcl}
+T option {source -nocomplain x y}
+T directory {source lib}
+T home {source ~/no-such-file.tcl}
+T encoding {source -encoding no-such-encoding bom.tcl}
+T break {foreach i {1 2} { source break.tcl; puts "not reached" }}
+namespace eval ns { T namespace {source ns.tcl} }
+if {![catch {package require TclMilter}]} { milter main }
+"""
+
+
+@pytest.mark.skipif(TCLSH is None, reason="needs tclsh to compare with")
+def test_source_as_root_reads_and_fails_as_tclshs(etc):
+    """A byte order mark first stopped the script (and a file it sourced) at line 1 as root;
+    some errors were worded otherwise, or had the proc's frames in errorInfo."""
+    (etc / "bom.tcl").write_text('\ufeffputs "bom.tcl ran"\nreturn 42\n')
+    (etc / "break.tcl").write_text("break\n")
+    (etc / "ns.tcl").write_text("namespace current\n")
+    (etc / "lib").mkdir(mode=0o755)
+    script = etc / "probe.tcl"
+    script.write_text(SOURCING)
+    under_tclsh = subprocess.run([TCLSH, script.name], cwd=etc, capture_output=True, text=True, timeout=60)
+    assert under_tclsh.returncode == 0 and "bom.tcl ran" in under_tclsh.stdout, under_tclsh
+    done = subprocess.run([*_pytclmilter_command(), "check", script.name], cwd=etc, env=child_env(),
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done
+    assert done.stdout.split(f"{script.name}: loaded\n")[0] == under_tclsh.stdout

@@ -57,7 +57,10 @@ def open_trusted(path: str) -> int:
         path = os.path.join(os.getcwd(), path)
     fd = _walk(path, _owned_by_us, _FILE)
     try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
+        mode = os.fstat(fd).st_mode
+        if stat.S_ISDIR(mode):
+            raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR))
+        if not stat.S_ISREG(mode):
             raise OSError(errno.EINVAL, "not a regular file")
     except BaseException:
         os.close(fd)

@@ -342,8 +342,7 @@ class TclHost:
                      "::tclmilter::py::watched", "::tclmilter::py::interp_made"):
             call("interp", "alias", child, name, "", name)
         call("interp", "alias", child, "exit", "", "exit")
-        rootfiles.install(self._register, lambda name: call("interp", "alias", child, name, "", name),
-                          lambda script: call("interp", "eval", child, script))
+        rootfiles.install(self._register, call, child)
         self.child_call("lappend", "auto_path", libdir)
         self.child_call("package", "require", "TclMilter")
         for name in ("::thread::create", "::tpool::create", "::tpool::post"):  # see `quiet`

@@ -5,11 +5,14 @@ its way root's, writable by no one else).
 
 `source` is replaced by a proc that evaluates what was read from the checked descriptor, as
 Tcl's own does (in the caller's frame, `info script` set, ``(file "F" line N)`` in errorInfo,
-`return` ending the file); Tcl's `source` opens the file by name, and no Tcl command reads a
-script from a descriptor. `load` checks the library the same way, then Tcl opens it by name
-(dlopen takes nothing else): as for the script, no name on the way is one another user could
-change once checked. Installed in the script's interpreter when it is made as root; as any
-other user the commands read and load as Tcl's own do.
+`return` ending the file, a byte order mark first skipped); Tcl's `source` opens the file by
+name, and no Tcl command reads a script from a descriptor. `load` checks the library the same
+way, then Tcl opens it by name (dlopen takes nothing else): as for the script, no name on the
+way is one another user could change once checked. The autoloader's `auto_load_index`, which
+evaluates each `tclIndex` as it reads it (init.tcl's ``eval [read $f]``), `source`s it instead.
+An interpreter the script creates (`interp create`, in those too) gets all this, a safe one
+excepted (it has neither command). Installed when the script's interpreter is made as root; as
+any other user the commands read and load as Tcl's own do.
 """
 
 from __future__ import annotations
@@ -28,22 +31,30 @@ _T = TypeVar("_T")
 
 _PRELUDE: Final = r"""
 proc ::source {args} {
-    if {[llength $args] == 3 && [lindex $args 0] eq "-encoding"} {
-        set encoding [lindex $args 1]
-    } elseif {[llength $args] == 1} {
+    if {[llength $args] == 1} {
         set encoding [encoding system]
-    } else {
+    } elseif {[llength $args] != 3} {
         return -code error -errorcode {TCL WRONGARGS} {wrong # args: should be "source ?-encoding name? fileName"}
+    } elseif {[lindex $args 0] ne "-encoding"} {
+        set option [lindex $args 0]
+        return -code error -errorcode [list TCL LOOKUP INDEX option $option] "bad option \"$option\": must be -encoding"
+    } else {
+        set encoding [lindex $args 1]
     }
     set file [lindex $args end]
     set r [::tclmilter::py::rootread $file]
     if {[lindex $r 0] eq "error"} {
         return -code error -errorcode [lindex $r 2] [lindex $r 1]
     }
-    # As Tcl's channel reads a script: CRLF and CR as LF, nothing from ^Z on.
-    set text [string map {\r\n \n \r \n} [encoding convertfrom $encoding [lindex $r 1]]]
+    if {[catch {encoding convertfrom $encoding [lindex $r 1]} text options]} {
+        return -code error -errorcode [dict get $options -errorcode] $text
+    }
+    # As Tcl's channel reads a script: CRLF and CR as LF, nothing from ^Z on; and as its
+    # `source`, a byte order mark first is skipped.
+    set text [string map {\r\n \n \r \n} $text]
     set eof [string first \x1a $text]
     if {$eof >= 0} { set text [string range $text 0 $eof-1] }
+    if {[string index $text 0] eq "\ufeff"} { set text [string range $text 1 end] }
     set outer [info script]
     info script $file
     set code [catch {uplevel 1 $text} result options]
@@ -77,60 +88,93 @@ proc ::load {args} {
     }
     return $result
 }
+
+# The autoloader evaluates each tclIndex (version 2.0: a script) as it reads it by name: through
+# the `source` above instead, in the same frame (where $dir is its directory).
+apply {{} {
+    set body [info body ::auto_load_index]
+    set checked [string map {{eval [read $f]} {source [file join $dir tclIndex]}} $body]
+    if {$checked eq $body} {
+        error "this Tcl's auto_load_index reads tclIndex files in a way that cannot be checked as root"
+    }
+    proc ::auto_load_index {} $checked
+}}
+"""
+
+#: In the host's interpreter: a new interpreter (`interp create`, traced) gets the aliases, the
+#: prelude and the trace, unless it is a safe one, which has neither `source` nor `load`.
+_HOST: Final = r"""
+proc ::tclmilter::py::rootmade {creator command code result op} {
+    if {$code == 0 && [string match "cr*" [lindex $command 1]]} {
+        set path [list {*}$creator {*}$result]
+        if {![interp issafe $path]} { ::tclmilter::py::rootinstall $path }
+    }
+}
+proc ::tclmilter::py::rootinstall {path} {
+    foreach name {::tclmilter::py::rootread ::tclmilter::py::rootcheck} {
+        interp alias $path $name {} $name
+    }
+    interp alias $path ::tclmilter::py::rootmade {} ::tclmilter::py::rootmade $path
+    interp eval $path $::tclmilter::py::rootprelude
+    interp eval $path {trace add execution ::interp leave ::tclmilter::py::rootmade}
+}
 """
 
 
-def install(register: Callable[[str, Callable[[Sequence[str]], Any]], None],
-            alias: Callable[[str], None], child_eval: Callable[[str], Any]) -> None:
-    """As root, the checking `source` and `load` in the script's interpreter, made and aliased
-    to it (``alias``) by the host; as any other user, Tcl's own stay."""
+def install(register: Callable[[str, Callable[[Sequence[str]], Any]], None], call: Callable[..., Any],
+            child: str) -> None:
+    """As root, the checking `source` and `load` in the script's interpreter ``child`` and in
+    those it creates (``call``: the host's interpreter; ``register`` makes a Python function a
+    command of it); as any other user, Tcl's own stay."""
     if os.geteuid() != 0:
         return
     for name, func in (("::tclmilter::py::rootread", _read), ("::tclmilter::py::rootcheck", _check)):
         register(name, func)
-        alias(name)
-    child_eval(_PRELUDE)
+    call("set", "::tclmilter::py::rootprelude", _PRELUDE)
+    call("eval", _HOST)
+    call("::tclmilter::py::rootinstall", child)
 
 
 def _read(args: Sequence[str]) -> bytes:
     """`source`'s file, read from the descriptor checked while root runs it."""
-    path = _path(args)
     if os.geteuid() != 0:  # (a host made as root, its callbacks run as the --user)
-        return _plain(path)
-    return _opened(path, "source", read_trusted, "read")
+        return _opened(args[0], "source", _plain, "read")
+    return _opened(args[0], "source", read_trusted, "read")
 
 
 def _check(args: Sequence[str]) -> None:
     """`load`'s library, checked while root runs it."""
     if os.geteuid() == 0:
-        os.close(_opened(_path(args), "load", open_trusted, "load"))
+        os.close(_opened(args[0], "load", _library, "load"))
 
 
-def _path(args: Sequence[str]) -> str:
-    """The file as Tcl 8.6 names it: ``~`` and ``~user`` at its start are home directories."""
-    return os.path.expanduser(args[0]) if args[0].startswith("~") else args[0]
-
-
-def _opened(path: str, verb: str, opener: Callable[[str], _T], tcl_verb: str) -> _T:
-    """``opener(path)``; the TclUsageError a refusal, or Tcl's own ``couldn't TCL_VERB file``."""
+def _library(path: str) -> int:
+    """open_trusted; Untrusted for a bare name not in the current directory, which Tcl's `load`
+    would then have dlopen look for in its search path (LD_LIBRARY_PATH...), checked by no one."""
     try:
-        return opener(path)
+        return open_trusted(path)
+    except FileNotFoundError:
+        if "/" in path:
+            raise
+    raise Untrusted(errno.EPERM, "not in the current directory, and the dynamic linker would look for it in "
+                                 "directories nothing checks (give the library's path)")
+
+
+def _opened(name: str, verb: str, opener: Callable[[str], _T], tcl_verb: str) -> _T:
+    """``opener`` of the file Tcl names ``name`` (``~`` and ``~user`` at its start are home
+    directories, as in Tcl 8.6); the TclUsageError a refusal, or Tcl's own ``couldn't TCL_VERB
+    file``, both naming the file as Tcl got it."""
+    try:
+        return opener(os.path.expanduser(name) if name.startswith("~") else name)
     except Untrusted as exc:
-        raise TclUsageError(f'refusing to {verb} "{path}" as root: {exc.strerror}', _REFUSED) from None
+        raise TclUsageError(f'refusing to {verb} "{name}" as root: {exc.strerror}', _REFUSED) from None
     except OSError as exc:
-        raise _unreadable(path, exc, tcl_verb) from None
+        code = exc.errno or errno.EIO
+        reason = "illegal operation on a directory" if code == errno.EISDIR else os_reason(exc)  # (Tcl's words)
+        raise TclUsageError(f'couldn\'t {tcl_verb} file "{name}": {reason}',
+                            ("POSIX", errno.errorcode.get(code, "EIO"), reason)) from None
 
 
 def _plain(path: str) -> bytes:
-    try:
-        with open(path, "rb") as f:
-            return f.read()
-    except OSError as exc:
-        raise _unreadable(path, exc, "read") from None
-
-
-def _unreadable(path: str, exc: OSError, tcl_verb: str) -> TclUsageError:
-    """Tcl's own error, errorCode and all (``POSIX ENOENT {no such file or directory}``)."""
-    code = exc.errno or errno.EIO
-    return TclUsageError(f'couldn\'t {tcl_verb} file "{path}": {os_reason(exc)}',
-                         ("POSIX", errno.errorcode.get(code, "EIO"), os_reason(exc)))
+    with open(path, "rb") as f:
+        return f.read()
