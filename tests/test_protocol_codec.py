@@ -158,7 +158,9 @@ def test_connect_ipv6_unix_and_unknown_layouts() -> None:
     assert decode_command(b"C", unix) == ev.Connect("localhost", Family.UNIX, 0, "/run/smtpd.sock")
     # Family U: hostname and family byte only, no port, no address.
     assert encode_command(ev.Connect("localhost", Family.UNKNOWN)) == raw_frame(b"C", b"localhost\0U")
-    assert decode_command(b"C", b"localhost\0U") == ev.Connect("localhost", Family.UNKNOWN)
+    unknown = decode_command(b"C", b"localhost\0U")
+    assert unknown == ev.Connect("localhost", Family.UNKNOWN)
+    assert (unknown.port, unknown.address) == (0, "")
 
 
 @pytest.mark.parametrize("family, sent, seen", [
@@ -294,6 +296,33 @@ def test_every_command_round_trips(code: bytes) -> None:
 
 def test_example_commands_cover_every_command_letter() -> None:
     assert set(EXAMPLE_COMMANDS) == set(b"ODCHMRTULNBEAQK"[i : i + 1] for i in range(15))
+
+
+UNEQUAL_TWINS = [
+    (ev.OptionNegotiation(6, 0x1FF, 0x1FFFFF), ev.OptionNegotiation(6, 0x1FF, 0x1FFFFE)),
+    (ev.Macro(b"M", {"i": "1"}), ev.Macro(b"R", {"i": "1"})),
+    (ev.Connect("host", Family.INET, 25, "192.0.2.1"), ev.Connect("host", Family.INET, 26, "192.0.2.1")),
+    (ev.Helo("a.example"), ev.Helo("b.example")),
+    (ev.EnvFrom(["<a@b>"]), ev.EnvFrom(["<a@b>", "SIZE=1"])),
+    (ev.EnvRcpt(["<a@b>"]), ev.EnvRcpt(["<c@d>"])),
+    (ev.Unknown("HELP"), ev.Unknown("NOOP")),
+    (ev.Header("From", "a@b"), ev.Header("From", "c@d")),
+    (ev.Body(b"hello\r\n"), ev.Body(b"hullo\r\n")),
+    (ev.EndOfMessage(b"tail"), ev.EndOfMessage()),
+]
+
+
+@pytest.mark.parametrize("one, other", UNEQUAL_TWINS, ids=[type(t[0]).__name__ for t in UNEQUAL_TWINS])
+def test_events_differing_in_one_field_are_unequal_and_shown_apart(one: ev.Event, other: ev.Event) -> None:
+    """The round trips compare events with ==: were events of a class all equal, they would
+    pass whatever the codec decoded, and a failure's repr would not show which field differs."""
+    assert one != other and repr(one) != repr(other)
+    assert one == decode_command(*one_frame(encode_command(one)))
+
+
+def test_an_events_repr_names_its_fields() -> None:
+    assert repr(ev.Helo("a.example")) == "Helo(name='a.example')"
+    assert repr(ev.Header("From", "a@b")) == "Header(name='From', value='a@b')"
 
 
 @FAST

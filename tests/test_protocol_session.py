@@ -541,6 +541,20 @@ def test_eom_carrying_data_delivers_a_body_chunk_and_one_reply() -> None:
     assert replies(out) == [ev.Continue(), ev.Accept()]
 
 
+def test_an_out_of_order_command_left_unanswered_still_ends_the_message() -> None:
+    """A header after the end of headers, under NR_HDR, is out of order and ignored (libmilter
+    ignores what it cannot answer), yet it ends the message as any out-of-order command does:
+    the abort, then the session is after HELO, so a body chunk that follows is out of order too
+    and closes the connection, instead of being taken as the aborted message's."""
+    s = in_message(Wants(no_reply=frozenset({"header"})))
+    run(s, cmds(DATA, HEADER, EOH))
+    events, out = run(s, cmds(HEADER))
+    assert events == [ev.Abort()] and out == b"" and s.ignored == 1
+    s.receive_data(cmds(BODY))
+    with pytest.raises(RemoteProtocolError, match="^command 'B' is not allowed after HELO$"):
+        s.next_event()
+
+
 # ---------------------------------------------------------------- skip rule
 
 
@@ -746,6 +760,22 @@ def test_quit_nc_after_unknown_is_accepted() -> None:
     assert events == [CONNECT, ev.Unknown("X"), ev.Closed("quit_nc"), CONNECT]
 
 
+def test_the_smtp_session_after_quit_nc_keeps_its_own_macros() -> None:
+    """QUIT_NC clears the macros once, at the next command: the next session's own, sent after
+    it, stay visible to its later callbacks as they arrive."""
+    s = start()
+    run(s, cmds(ev.Macro(b"C", {"j": "mx"}), CONNECT, HELO, MAIL, RCPT, EOM, ev.QuitNewConnection()))
+    seen: list[tuple[str, str | None, str | None]] = []
+
+    def look(e: ev.Event) -> ev.Reply:
+        seen.append((type(e).__name__, s.macros.get("j"), s.macros.get("{tls_version}")))
+        return ev.Continue()
+
+    run(s, cmds(ev.Macro(b"C", {"j": "mx2"}), CONNECT, ev.Macro(b"H", {"{tls_version}": "TLSv1.3"}), HELO, MAIL),
+        look)
+    assert seen == [("Connect", "mx2", None), ("Helo", "mx2", "TLSv1.3"), ("EnvFrom", "mx2", "TLSv1.3")]
+
+
 # ---------------------------------------------------------------- macros (5.3)
 
 
@@ -808,6 +838,24 @@ def test_new_mail_clears_recipient_and_later_slots_only() -> None:
     assert s.macros.get("j") == "mx" and s.macros.get("{cipher}") == "AES"
     assert s.macros.get("{mail_addr}") == "a"  # no new D M: the old slot stays
     assert s.macros.get("{rcpt_addr}") is None and s.macros.get("i") is None
+
+
+def test_a_mail_that_aborted_a_message_clears_the_macros_once_not_again_in_the_next_message() -> None:
+    """An out-of-order MAIL clears the recipient's and later macros when it is delivered, after
+    the abort it queued. The next events to come out of the queue (the body chunk an EOM
+    carries, then the EOM) belong to the next message, whose macros stay visible to them."""
+    s = in_message()
+    run(s, cmds(MAIL, ev.Macro(b"R", {"{rcpt_addr}": "c"}), RCPT2, DATA, EOH, ev.Macro(b"E", {"i": "Q2"})))
+    seen: list[tuple[str, str | None, str | None]] = []
+
+    def look(e: ev.Event) -> ev.Reply:
+        seen.append((type(e).__name__, s.macros.get("{rcpt_addr}"), s.macros.get("i")))
+        return ev.Continue()
+
+    events, _ = run(s, cmds(ev.EndOfMessage(b"tail")), look)
+    assert events == [ev.Body(b"tail"), EOM]
+    assert seen == [("EndOfMessage", "c", "Q2")]
+    assert (s.macros.get("{rcpt_addr}"), s.macros.get("i")) == ("c", "Q2")
 
 
 _STAGE_LETTERS = st.sampled_from([b"C", b"H", b"M", b"R", b"T", b"N", b"E", b"L", b"B", b"U", b"Q"])
@@ -1149,6 +1197,18 @@ def test_no_reply_when_nothing_is_pending() -> None:
     run(s, cmds(MAIL, RCPT, ev.Abort()))
     with pytest.raises(LocalProtocolError):  # ABORT is never answered
         s.send(ev.Continue())
+
+
+def test_the_option_negotiation_is_answered_by_accept_negotiation_only() -> None:
+    s = FilterSession()
+    s.receive_data(encode_command(POSTFIX_OFFER))
+    assert s.next_event() == POSTFIX_OFFER
+    reply = negotiate(POSTFIX_OFFER, Wants()).reply
+    with pytest.raises(LocalProtocolError, match=r"^use accept_negotiation\(\) for the option negotiation reply$"):
+        s.send(reply)
+    with pytest.raises(LocalProtocolError, match="^option negotiation needs its own reply$"):
+        s.send(ev.Continue())
+    assert replies(s.accept_negotiation(negotiate(POSTFIX_OFFER, Wants()))) == [reply]
 
 
 def test_next_event_refuses_to_move_on_while_a_reply_is_owed() -> None:
