@@ -142,6 +142,19 @@ def test_registering_what_cannot_be_called_is_refused_at_once_not_at_every_messa
     assert m.registry.registered() == {}
 
 
+def test_registering_for_an_event_that_does_not_exist_names_the_events():
+    """A misspelt event (the decorator form too) is refused with the list to choose from, as
+    Tcl's ``milter register`` refuses it, not with a KeyError from inside the registry."""
+    from pytclmilter.callbacks import EVENTS
+
+    m = make_milter()
+    listed = ", ".join(EVENTS[:-1]) + ", or " + EVENTS[-1]
+    for register in (lambda: m.register("envform", lambda ctx, args: CONTINUE), lambda: m.register("envform")):
+        with pytest.raises(ValueError, match=f'^bad event "envform": must be {re.escape(listed)}$'):
+            register()
+    assert m.registry.registered() == {}
+
+
 @pytest.mark.parametrize("version", [2, 3, 4, 5, 6])
 def test_mtas_offering_versions_2_to_6_are_served(version):
     m = make_milter()

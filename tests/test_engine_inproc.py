@@ -641,6 +641,21 @@ def test_postfixs_abort_after_a_finished_message_runs_no_abort_callback_without_
     assert calls == ["eom"]
 
 
+def test_the_mail_asked_for_an_abort_callback_alone_waits_for_no_reply():
+    """The MAIL that an abort callback needs (above) is asked for without a reply where the MTA
+    allows it: nobody listens to it, so the MTA need not wait on it, nor does it get one."""
+    from support.engine import P_NOMAIL, P_NR_MAIL
+
+    m = make_milter()
+    m.register("eom", lambda ctx: CONTINUE)
+    m.register("abort", lambda ctx: None)
+    mta = InProcessMTA(m)
+    asked = mta.optneg()
+    assert not asked & P_NOMAIL and asked & P_NR_MAIL
+    assert mta.command(b"M", z("<a@example.org>")) == []
+    assert mta.command(b"E") == C
+
+
 def test_the_verdict_line_names_the_client_from_its_macro_when_connect_is_skipped(caplog):
     """docs/troubleshooting.md: `verdict reject at envfrom client="localhost [127.0.0.1]" ...`.
     Without a connect callback the MTA sends no CONNECT, but its macros still arrive: the
