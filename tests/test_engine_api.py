@@ -22,6 +22,7 @@ import warnings
 from typing import Any, Callable
 
 import pytest
+from hypothesis import given, settings, strategies as st
 from miltertest import constants as K
 
 from pytclmilter import (
@@ -951,6 +952,51 @@ def test_private_data_is_per_connection():
         assert two.eom() == [(b"c", b"")]
     assert seen["<one@example.org>"] == {"sender": "<one@example.org>", "count": 1}
     assert seen["<two@example.org>"] == {"sender": "<two@example.org>", "count": 2}
+
+
+PRIV_NAMES = ["tmp.a", "abc", "a*", "bx", "yx", "x]a", "end\\", "[x]", "^", "a", "a[", "-", "]", "a-b"]
+
+
+def tcls_string_match(pattern: str, names: list[str]) -> list[str]:
+    """The names Tcl's own ``string match`` matches (an interpreter made and freed here)."""
+    from tkinter import Tcl
+
+    tcl = Tcl()
+    return [n for n in names if tcl.getboolean(tcl.call("string", "match", pattern, n))]
+
+
+@pytest.mark.parametrize("pattern", ["tmp.*", "[ab]*", "x][ab]", "[a-c]x", "[z-x]x", "\\[x]", "a\\*", "[^a]",
+                                     "end\\", "[]a]", "[]", "[ab", "*[", "a[-]*", "[a-]*", "*-*", "?"])
+def test_unsetpriv_removes_the_names_tcls_string_match_matches(pattern):
+    """docs/tcl-reference.md: unsetpriv's pattern follows ``string match``, which the script's
+    own half of the data is matched with. A class that opens with ``]`` (matching nothing in Tcl)
+    was a Python re.error at the call, and a trailing backslash matched itself where Tcl
+    matches nothing."""
+    gone = tcls_string_match(pattern, PRIV_NAMES)
+    m = make_milter()
+    left = []
+
+    def envfrom(ctx, args):
+        for name in PRIV_NAMES:
+            ctx.setpriv(name, 1)
+        ctx.unsetpriv(pattern)
+        left.append(sorted(ctx.getpriv()))
+        return CONTINUE
+
+    m.register("envfrom", envfrom)
+    with serving(m) as srv, srv.raw() as mta:
+        assert mta.mail()[0] == b"c"
+    assert left == [sorted(set(PRIV_NAMES) - set(gone))]
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.text("ab*?[]-\\^", max_size=8), st.lists(st.text("ab[]-\\^*?", max_size=5), max_size=6))
+def test_unsetpriv_patterns_match_as_in_tcl_whatever_they_are(pattern, names):
+    from pytclmilter.context import unset_matching
+
+    priv = dict.fromkeys(names, 1)
+    unset_matching(priv, pattern)
+    assert sorted(priv) == sorted(set(names) - set(tcls_string_match(pattern, names)))
 
 
 def test_getpriv_missing_raises_keyerror_without_default():
