@@ -589,10 +589,13 @@ MODIFICATIONS = {
 
 @pytest.mark.parametrize("name", sorted(MODIFICATIONS))
 def test_modifications_outside_eom_raise_a_clear_error(name):
+    """The error says where the call was made: in another callback, or in none (a context kept
+    past its callbacks, called from a thread or a task of the filter's own)."""
     m = make_milter()
-    errors = []
+    errors, kept = [], []
 
     def envrcpt(ctx, args):
+        kept.append(ctx)
         try:
             MODIFICATIONS[name](ctx)
         except MilterError as exc:
@@ -604,8 +607,9 @@ def test_modifications_outside_eom_raise_a_clear_error(name):
     with serving(m) as srv, srv.raw() as mta:
         assert mta.rcpt() == (b"c", b"")
         assert mta.eom() == [(b"c", b"")], "nothing collected outside eom is sent later"
-    assert len(errors) == 1
-    assert name in errors[0] and "eom" in errors[0], errors[0]
+    assert errors == [f"{name} is allowed only in the eom callback (called in envrcpt)"]
+    with pytest.raises(MilterError, match=rf"^{name} is allowed only in the eom callback \(called in no callback\)$"):
+        MODIFICATIONS[name](kept[0])
 
 
 # ====================================================================== end of message actions (docs/protocol.md §3, §6)
@@ -997,6 +1001,17 @@ def test_unsetpriv_patterns_match_as_in_tcl_whatever_they_are(pattern, names):
     priv = dict.fromkeys(names, 1)
     unset_matching(priv, pattern)
     assert sorted(priv) == sorted(set(names) - set(tcls_string_match(pattern, names)))
+
+
+def test_a_context_shows_its_connection_and_stage():
+    """What a filter's own log line or a traceback shows of a context (repr)."""
+    m = make_milter()
+    kept = []
+    m.register("envfrom", lambda ctx, args: kept.append(ctx) or kept.append(repr(ctx)) or CONTINUE)
+    with serving(m) as srv, srv.raw() as mta:
+        assert mta.mail()[0] == b"c"
+    assert kept[1:] == ["<Context conn#1 stage=envfrom>"]
+    assert repr(kept[0]) == "<Context conn#1 stage=->"
 
 
 def test_getpriv_missing_raises_keyerror_without_default():
