@@ -365,6 +365,14 @@ def test_malformed_payloads_are_remote_protocol_errors(code: bytes, payload: byt
         decode_command(code, payload)
 
 
+@pytest.mark.parametrize("payload, shown", [(b"host\0X\x00\x19addr\0", "'X'"), (b"host\0\x07", "'\\x07'")])
+def test_an_unknown_address_family_is_named_escaped_in_the_error(payload: bytes, shown: str) -> None:
+    """The WARNING line that closes the connection says which family byte the MTA sent."""
+    with pytest.raises(RemoteProtocolError) as refused:
+        decode_command(b"C", payload)
+    assert str(refused.value) == f"connect: unknown address family {shown}"
+
+
 @pytest.mark.parametrize("code", [b"\x00", b"\x1f", b"Z", b"c", b"a", b"P", b"\xff", b"4"])
 def test_unknown_command_letters_are_refused(code: bytes) -> None:
     with pytest.raises(RemoteProtocolError):
