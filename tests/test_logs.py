@@ -693,15 +693,16 @@ def test_a_journal_socket_holds_back_a_bounded_backlog_and_counts_the_lines_lost
     assert lost and int(lost.group(1)) == 2000 - len(numbers), (lost, len(numbers))
 
 
-def _run_with_syslog(tmp_path: Path, *args: str, stderr: str = "pipe") -> tuple[subprocess.CompletedProcess[str],
-                                                                                list[str]]:
-    """``pytclmilter run ARGS --syslog`` to its end, with /dev/log a socket of the test's own:
-    the process and the records syslog got (without their NUL). ``stderr``: "pipe" (read into
-    the process's stderr), "null" (/dev/null) or "closed"."""
+def _run_with_syslog(tmp_path: Path, *args: str, stderr: str = "pipe",
+                     option: bool = True) -> tuple[subprocess.CompletedProcess[str], list[str]]:
+    """``pytclmilter run ARGS --syslog`` (without the option if not ``option``) to its end, with
+    /dev/log a socket of the test's own: the process and the records syslog got (without their
+    NUL). ``stderr``: "pipe" (read into the process's stderr), "null" (/dev/null) or "closed"."""
     log_path = tmp_path / "log"
     with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
         sock.bind(str(log_path))
-        proc = subprocess.run([sys.executable, "-c", RUN_WITH_SYSLOG_AT, str(log_path), "run", *args, "--syslog"],
+        proc = subprocess.run([sys.executable, "-c", RUN_WITH_SYSLOG_AT, str(log_path), "run", *args,
+                               *["--syslog"] * option],
                               env=child_env(), stdout=subprocess.PIPE, text=True, timeout=60,
                               stderr=subprocess.DEVNULL if stderr == "null" else subprocess.PIPE,
                               preexec_fn=(lambda: os.close(2)) if stderr == "closed" else None)
@@ -728,6 +729,37 @@ def test_with_syslog_a_stderr_that_cannot_take_a_crash_dump_is_said_once(tmp_pat
     assert len(warnings) == 1 and warnings[0].endswith("WARNING: a crash (SIGSEGV, SIGABRT, ...) would leave no dump "
                                                        f"of where each thread was: {why}"), records
     assert "listening on" in proc.stdout
+
+
+def test_with_stderr_closed_run_logs_to_syslog_and_says_why(tmp_path) -> None:
+    """An init system's daemon started with stderr closed (2>&-) and no --syslog: the first log
+    line raised (sys.stderr is None), and run ended, exit 1, with not a word anywhere. Now it logs
+    to syslog instead, as a milter such as OpenDKIM does, its first line saying why, and serves."""
+    script = tmp_path / "s.tcl"
+    script.write_text("after 300 {milter stop}\nmilter main\n")
+    proc, records = _run_with_syslog(tmp_path, str(script), "--connection", "inet:0@127.0.0.1", stderr="closed",
+                                     option=False)
+    assert proc.returncode == 0, (proc.stdout, records)
+    assert "listening on" in proc.stdout
+    assert records and re.fullmatch(r"<20>pytclmilter\[\d+\]: WARNING: stderr is closed: logging to syslog "
+                                    rf"\({re.escape(str(tmp_path / 'log'))}, facility mail\) instead; start "
+                                    r"pytclmilter with --syslog, or with stderr open \(to the journal or a file\)",
+                                    records[0]), records
+    assert any("TclMilter stopped; verdicts:" in r for r in records), records
+
+
+def test_with_stderr_closed_and_no_syslog_run_ends_saying_why_on_stdout(tmp_path) -> None:
+    """Nowhere to log at all (stderr closed, no /dev/log): run ends at once with the usage
+    status and the reason on stdout, which an init script may keep; it was exit 1 and silence."""
+    script = tmp_path / "s.tcl"
+    script.write_text("milter main\n")
+    missing = tmp_path / "no-log"
+    proc = subprocess.run([sys.executable, "-c", RUN_WITH_SYSLOG_AT, str(missing), "run", str(script),
+                           "--connection", "inet:0@127.0.0.1"], env=child_env(), stdout=subprocess.PIPE, text=True,
+                          timeout=60, preexec_fn=lambda: os.close(2))
+    assert proc.returncode == 64, proc.stdout
+    assert proc.stdout == (f"pytclmilter run: stderr is closed, and syslog cannot take the log instead: {missing} "
+                           "does not exist (is a syslog daemon running?)\n"), proc.stdout
 
 
 @pytest.mark.parametrize("why", ["script", "usage", "hooks", "callback", "no main"])
@@ -840,11 +872,14 @@ def test_with_syslog_an_error_nothing_can_raise_is_logged_with_its_traceback(tmp
     assert printed in stderr and last.strip().split("\\")[0] in stderr, stderr
 
 
+@pytest.mark.parametrize("stderr", ["open", "closed"])
 def test_while_syslog_cannot_be_reached_stderr_says_so_once_and_the_loss_is_counted(
-        syslog_socket, tmp_path, capsys) -> None:
+        syslog_socket, tmp_path, capsys, monkeypatch, stderr) -> None:
     """--syslog with its daemon gone (restarting, stopped): one line on stderr, not logging's
     traceback of some 18 lines for every log line (a verdict line a message); the first line
-    that gets through again is followed by how many were lost."""
+    that gets through again is followed by how many were lost. With stderr closed (2>&-:
+    sys.stderr is None) that one line raised AttributeError out of the logging call, ending
+    whatever logged (at start, run itself): now it is left out, and the lines counted alike."""
     from pytclmilter.commands import logs
 
     log = logging.getLogger("pytclmilter")
@@ -852,11 +887,13 @@ def test_while_syslog_cannot_be_reached_stderr_says_so_once_and_the_loss_is_coun
     assert syslog_socket.recv(65536).endswith(b"INFO: before\0")
     syslog_socket.close()
     os.unlink(tmp_path / "log")  # the syslog daemon is gone
+    if stderr == "closed":
+        monkeypatch.setattr(sys, "stderr", None)
     for n in range(3):
         log.info("lost %d", n)
     err = capsys.readouterr().err
-    assert err == (f"pytclmilter: cannot log to {logs.SYSLOG_SOCKET}: No such file or directory; log lines "
-                   "are lost (and counted) until it can be reached again\n"), err
+    assert err == ("" if stderr == "closed" else f"pytclmilter: cannot log to {logs.SYSLOG_SOCKET}: No such file or "
+                   "directory; log lines are lost (and counted) until it can be reached again\n"), err
     with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as back:  # ... and back
         back.bind(str(tmp_path / "log"))
         back.settimeout(5)

@@ -52,16 +52,26 @@ def _forked() -> None:
 os.register_at_fork(before=_before_fork, after_in_child=_forked)  # --workers: each logs its own pid
 
 
-def setup_logging(level: str, syslog: bool = False) -> None:
+def setup_logging(level: str, syslog: bool = False, daemon: bool = False) -> bool:
+    """Log to stderr, or with ``syslog`` to syslog; whether it is syslog. With stderr closed
+    (``2>&-``: Python's sys.stderr is None), a ``daemon`` (run) logs to syslog, as a milter such
+    as OpenDKIM does, and says why in its first line; it ended with exit 1 and not a word (the
+    first line raised). Nowhere to log is a UsageError (on stdout, if open). Other commands
+    drop their log lines: their reports go to stdout."""
     root = logging.getLogger()
     for old in list(root.handlers):
         root.removeHandler(old)
+    closed = sys.stderr is None
+    instead = closed and daemon and not syslog
     handler: logging.Handler
-    if syslog:
+    if syslog or instead:
         if not os.path.exists(SYSLOG_SOCKET):
-            raise UsageError(f"--syslog: {SYSLOG_SOCKET} does not exist (is a syslog daemon running?)")
+            why = "stderr is closed, and syslog cannot take the log instead: " if instead else "--syslog: "
+            raise UsageError(f"{why}{SYSLOG_SOCKET} does not exist (is a syslog daemon running?)")
         handler = SyslogHandler(address=SYSLOG_SOCKET, facility=logging.handlers.SysLogHandler.LOG_MAIL)
         handler.setFormatter(LineFormatter("pytclmilter[%(process)d]: %(levelname)s: %(message)s"))
+    elif closed:
+        handler = logging.NullHandler()
     else:
         handler = CoalescingStreamHandler(sys.stderr)
         handler.setFormatter(LineFormatter(STDERR_FORMAT))
@@ -79,6 +89,11 @@ def setup_logging(level: str, syslog: bool = False) -> None:
     if LeanLogRecord.fits():
         logging.setLogRecordFactory(LeanLogRecord)
     logline.set_sink(handler if isinstance(handler, CoalescingStreamHandler) else None)
+    if instead:
+        logging.getLogger("pytclmilter").warning(
+            "stderr is closed: logging to syslog (%s, facility mail) instead; start pytclmilter with --syslog, "
+            "or with stderr open (to the journal or a file)", SYSLOG_SOCKET)
+    return syslog or instead
 
 
 class SyslogHandler(logging.handlers.SysLogHandler):
@@ -119,11 +134,11 @@ class SyslogHandler(logging.handlers.SysLogHandler):
         if not self.lost:
             why = ("it takes no more lines (its queue is full: is the syslog daemon stuck?)"
                    if isinstance(exc, BlockingIOError) else exc.strerror or exc)
-            try:
+            try:  # (stderr closed: sys.stderr is None, and the notice has nowhere to go)
                 sys.stderr.write(f"pytclmilter: cannot log to {self.address}: {why}; log lines "
                                  "are lost (and counted) until it can be reached again\n")
                 sys.stderr.flush()
-            except (OSError, ValueError):
+            except (OSError, ValueError, AttributeError):
                 pass
         self.lost += 1
 

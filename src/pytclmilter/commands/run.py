@@ -199,7 +199,7 @@ def raise_fd_limit() -> None:
 
 
 def cmd_run(opts: argparse.Namespace) -> int:
-    setup_logging(opts.log_level, opts.syslog)
+    opts.syslog = setup_logging(opts.log_level, opts.syslog, daemon=True)  # (stderr closed: syslog)
     report_crashes()
     threading.excepthook = _thread_failed_logger(opts.syslog)
     sys.unraisablehook = _unraisable_logger(opts.syslog)
