@@ -974,6 +974,27 @@ def test_a_fault_that_recurs_is_logged_whole_n_times_a_window_and_its_count_told
     assert repeated.due("garbled") == 0  # nothing left to tell: whole
 
 
+def test_counts_no_failure_came_to_carry_are_told_once_their_window_is_over_or_at_the_end() -> None:
+    """logline.tell_counts, which the server's sweep calls every second or so: a Repeated's count
+    was told only by its next failure, so the last window of a failure that stopped (HAProxy's
+    send-proxy fixed, a failing timer's script reloaded) was never told. Now its ``tell`` says
+    it once the window is over, once, by the label of the last failure counted."""
+    now = [100.0]
+    said: list[tuple[str, int]] = []
+    repeated = logline.Repeated(60.0, clock=lambda: now[0], tell=lambda _r, label, count: said.append((label, count)))
+    assert [repeated.due("tick", f"boom {n}") for n in range(4)] == [0, None, None, None]
+    logline.tell_counts()
+    assert said == []  # its window is not over
+    now[0] += 60
+    logline.tell_counts()
+    logline.tell_counts()
+    assert said == [("boom 3", 3)]  # told once
+    assert repeated.due("tick", "boom 4") == 0  # the next one is whole: nothing left to tell
+    assert repeated.due("tick", "boom 5") is None
+    logline.tell_counts(ended_only=False)  # at a stop: whatever is counted
+    assert said == [("boom 3", 3), ("boom 5", 1)]
+
+
 def test_faults_of_one_kind_differ_only_in_the_mtas_bytes_and_numbers() -> None:
     """The kind of a fault is its message with the MTA's bytes (quoted by repr) and the numbers
     left out: a peer varying its bytes makes one kind, not one per byte value."""

@@ -746,15 +746,23 @@ milter main
 def test_a_timer_that_fails_over_and_over_is_logged_once_not_flooded(tclrun):
     """A timer that failed and rescheduled itself logged each failure with its errorInfo (47
     ERROR lines in 3 s); now the first is logged whole and the same failure again is counted,
-    its count logged at most once a minute (unit: test_logs.py). Another place is logged too."""
+    its count logged at most once a minute (unit: test_logs.py), and at the latest at stop: it
+    was told only by the next failure after the minute, and a script stopped (or fixed by a
+    reload) before that never said how often it had failed. Another place is logged too."""
     m = tclrun(FAILING_LOOP)
     assert m.wait_exit(15) == 0, m.output
     text = m.text.replace("\r\n", "\n")
     ticks = int(re.search(r"ticked (\d+) times", text).group(1))
     assert ticks > 20, text
     errors = re.findall(r"ERROR: .*", text)
-    assert errors == ["ERROR: error in an event handler of the script (after, fileevent): boom 1",
-                      "ERROR: error in an event handler of the script (after, fileevent): other"], text
+    assert errors[:2] == ["ERROR: error in an event handler of the script (after, fileevent): boom 1",
+                          "ERROR: error in an event handler of the script (after, fileevent): other"], text
+    assert len(errors) == 3, text
+    told = re.fullmatch(r"ERROR: error in an event handler of the script \(after, fileevent\): boom (\d+) \(repeated "
+                        r"(\d+) times since its last line with the trace; logged once a minute\)", errors[2])
+    assert told, text
+    # (a tick may come between the puts and the stop)
+    assert int(told.group(1)) in (ticks, ticks + 1) and int(told.group(2)) == int(told.group(1)) - 1, text
     assert ("boom 1\n  boom 1\n    while executing\n  \"error \"boom [incr ::n]\" \"\n"
             "    (procedure \"tick\" line 1)\n") in text, text  # its errorInfo, once
     assert text.count('(procedure "tick" line 1)') == 1, text

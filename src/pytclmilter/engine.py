@@ -209,6 +209,18 @@ class Stats:
         return ", ".join(parts + [f"callback errors={self.errors}"])
 
 
+def _faults_told(faults: Repeated, kind: str, count: int) -> None:
+    log.warning("%d more connection%s closed for the same reason, not logged one by one (the first %d in %g s "
+                "are): %s", count, "" if count == 1 else "s", faults.whole, faults.seconds, escape(kind))
+
+
+def _proxied_told(_proxied: Repeated, _label: str, count: int) -> None:
+    """The count of a minute's PROXY-header connections, when none came after it to carry it
+    (HAProxy's send-proxy fixed): else the last minute's were never told."""
+    log.warning("%d more connection%s that began with a PROXY header closed with a protocol error since the last "
+                "such line (said at most once a minute)", count, "" if count == 1 else "s")
+
+
 class Shared:
     """What every connection of one milter reads: its settings, callbacks, hooks and counts.
 
@@ -239,31 +251,22 @@ class Shared:
         self.generation = 1
         self.meter: Meter | None = None
         self.traces = SameTrace()
-        self.faults = Repeated(FAULT_WINDOW, whole=FAULT_LINES)
-        self.proxied = Repeated(FAULT_WINDOW)  # the connections that began with a PROXY header
+        self.faults = Repeated(FAULT_WINDOW, whole=FAULT_LINES, tell=_faults_told)
+        self.proxied = Repeated(FAULT_WINDOW, tell=_proxied_told)  # the connections that began with a PROXY header
         self.stop_by = _FOREVER
         self.stop_why = ""
 
     def fault_due(self, kind: str) -> bool:
         """Whether to log the line of a connection ended by a fault of ``kind`` (fault_kind of its
         message): not when FAULT_LINES of that kind were logged in the last FAULT_WINDOW seconds;
-        it is counted then, for :meth:`tell_faults` (or this method, when the next one comes
-        first). A peer opening bad connections as fast as it can must not decide the log's size."""
-        missed = self.faults.due(kind)
-        if missed:
-            self._faults_told(kind, missed)
-        return missed is not None
-
-    def tell_faults(self, ended_only: bool = True) -> None:
-        """The summary lines of the faults counted in windows now over (all, at the end): the
-        server asks every second or so, so a burst's count is told even if no fault follows."""
-        for kind, count in self.faults.overdue(ended_only):
-            self._faults_told(kind, count)
-
-    def _faults_told(self, kind: str, count: int) -> None:
+        it is counted then, told by logline.tell_counts once the window is over (or by this method,
+        when the next one comes first). A peer opening bad connections as fast as it can must not
+        decide the log's size."""
         faults = self.faults
-        log.warning("%d more connection%s closed for the same reason, not logged one by one (the first %d in %g s "
-                    "are): %s", count, "" if count == 1 else "s", faults.whole, faults.seconds, escape(kind))
+        missed = faults.due(kind)
+        if missed:
+            _faults_told(faults, kind, missed)
+        return missed is not None
 
     def hold_to(self, by: float, why: str) -> None:
         """No callback runs past ``by`` (monotonic), the end of the grace ``why`` names ("the

@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import logging
 import re
+import threading
 import time
 from typing import Callable, Final, Protocol
 
@@ -116,59 +117,93 @@ class SameTrace:
         return None
 
 
+#: How a Repeated tells a count of failures not logged one by one: (the Repeated, the label of
+#: their place, the count), called by :func:`tell_counts` when no failure came to carry it.
+Tell = Callable[["Repeated", str, int], None]
+
+
 class Repeated:
     """Failures nobody answers, which may recur many times a second (an `after` handler that
     fails and reschedules itself, a peer opening bad connections): the first ``whole`` at a place
     within ``seconds`` are logged whole, the next ones only counted, and the count is told by the
-    first line after that or, for a caller that asks, by :meth:`overdue` once the ``seconds`` are
-    over; so a failure that lasts makes ``whole`` lines and a count a window. At most ``keep``
-    places are remembered."""
+    first line after that or, once the ``seconds`` are over, by ``tell`` (:func:`tell_counts`):
+    a failure that stops (HAProxy fixed) had its last window's count never told. So a failure
+    that lasts makes ``whole`` lines and a count a window. At most ``keep`` places are
+    remembered. Thread-safe: a scrape's thread counts, the event loop's tells."""
 
-    __slots__ = ("seconds", "keep", "whole", "clock", "_places")
+    __slots__ = ("seconds", "keep", "whole", "clock", "tell", "_places")
 
-    def __init__(self, seconds: float = 60.0, keep: int = 100,
-                 clock: Callable[[], float] = time.monotonic, whole: int = 1) -> None:
+    def __init__(self, seconds: float = 60.0, keep: int = 100, clock: Callable[[], float] = time.monotonic,
+                 whole: int = 1, tell: Tell | None = None) -> None:
         self.seconds = seconds
         self.keep = keep
         self.whole = whole
         self.clock = clock
-        #: place -> (when its window started, lines logged in it, how many counted since)
-        self._places: dict[str, tuple[float, int, int]] = {}
+        self.tell = tell
+        #: place -> (when its window started, lines logged in it, how many counted since, their label)
+        self._places: dict[str, tuple[float, int, int, str]] = {}
 
-    def due(self, place: str) -> int | None:
+    def due(self, place: str, label: str = "") -> int | None:
         """None: count this one, log nothing; else log it, saying how many were not logged since
         the last line of ``place`` (0: log it whole, as the first). Its line is named by its
-        message, not by a time: a time taken here may differ from the line's own by a second."""
-        now = self.clock()
-        seen = self._places.pop(place, None)
-        if seen is not None and now - seen[0] < self.seconds:
-            start, logged, counted = seen
-            if logged < self.whole and not counted:
-                self._places[place] = (start, logged + 1, 0)
-                return 0
-            self._places[place] = (start, logged, counted + 1)
-            return None
-        self._make_room(now)
-        self._places[place] = (now, 1, 0)
-        return 0 if seen is None else seen[2]
+        message, not by a time: a time taken here may differ from the line's own by a second.
+        ``label``: what ``tell`` calls the place (default: the place)."""
+        with _LOCK:
+            now = self.clock()
+            seen = self._places.pop(place, None)
+            if seen is not None and now - seen[0] < self.seconds:
+                start, logged, counted, _ = seen
+                if logged < self.whole and not counted:
+                    self._places[place] = (start, logged + 1, 0, label)
+                    return 0
+                self._places[place] = (start, logged, counted + 1, label)
+                if self.tell is not None:
+                    _untold.add(self)
+                return None
+            self._make_room(now)
+            self._places[place] = (now, 1, 0, label)
+            return 0 if seen is None else seen[2]
 
     def overdue(self, ended_only: bool = True) -> list[tuple[str, int]]:
         """The places with failures counted and not told, whose window is over (all of them if
-        not ``ended_only``: at the end), with their counts, which are told from now on: a summary
-        line each, for a failure that may not come again to carry its count."""
-        now = self.clock()
-        told = []
-        for place, (start, logged, counted) in list(self._places.items()):
-            if counted and (not ended_only or now - start >= self.seconds):
-                told.append((place, counted))
-                self._places[place] = (start, logged, 0)
-        return told
+        not ``ended_only``: at the end), by label, with their counts, which are told from now on:
+        a summary line each, for a failure that may not come again to carry its count."""
+        with _LOCK:
+            now = self.clock()
+            told = []
+            for place, (start, logged, counted, label) in list(self._places.items()):
+                if counted and (not ended_only or now - start >= self.seconds):
+                    told.append((label or place, counted))
+                    self._places[place] = (start, logged, 0, label)
+            if not any(counted for _, _, counted, _ in self._places.values()):
+                _untold.discard(self)
+            return told
 
     def _make_room(self, now: float) -> None:
         if len(self._places) >= self.keep:
             self._places = {k: v for k, v in self._places.items() if now - v[0] < self.seconds}
             while len(self._places) >= self.keep:
                 del self._places[next(iter(self._places))]
+
+
+_LOCK: Final = threading.Lock()
+#: The Repeated with a ``tell`` that hold counts not told yet: only those, so that one dropped
+#: (a reload's interpreter) is forgotten here once its counts are told.
+_untold: Final[set[Repeated]] = set()
+
+
+def tell_counts(ended_only: bool = True) -> None:
+    """Tell the counts of every Repeated whose window is over (all, if not ``ended_only``: at a
+    stop): the server's sweep calls it every second or so, the metrics' thread too (it is the
+    only one ticking in a --workers supervisor), so a burst's count is told even if the failure
+    never comes again, once a window at most."""
+    with _LOCK:
+        pending = list(_untold)
+    for repeated in pending:
+        tell = repeated.tell
+        for label, count in repeated.overdue(ended_only):
+            if tell is not None:
+                tell(repeated, label, count)
 
 
 def fault_kind(message: str) -> str:

@@ -34,7 +34,6 @@ import mmap
 import socket
 import sys
 import threading
-import time
 from http import HTTPStatus
 from socketserver import TCPServer, ThreadingMixIn
 from typing import Any, Callable, Iterable, Iterator
@@ -49,7 +48,7 @@ from .accept import limit_text
 from .callbacks import EVENTS
 from .connspec import ConnSpec, ConnSpecError, parse_metrics
 from .engine import Stats
-from .logline import Repeated, escape
+from .logline import Repeated, escape, tell_counts
 
 log = logging.getLogger("pytclmilter")
 
@@ -224,11 +223,9 @@ class _Server(ThreadingMixIn, WSGIServer):
     def __init__(self, spec: ConnSpec) -> None:
         self.address_family = socket.AF_INET6 if spec.family == "inet6" else socket.AF_INET
         self._free = threading.BoundedSemaphore(MAX_SCRAPES)
-        self._refused = 0
-        self._warned = 0.0
-        self._exhausted = Repeated(_WARN_EVERY)  # accepts that failed for want of descriptors
-        self._failed = Repeated(_WARN_EVERY)  # scrapes whose handler raised, by the exception's type
-        self._lock = threading.Lock()  # (handle_error runs in the scrapes' threads)
+        self._refused = Repeated(_WARN_EVERY, tell=_refused_told)  # scrapes past the slots
+        self._exhausted = Repeated(_WARN_EVERY, tell=_exhausted_told)  # accepts that failed for want of descriptors
+        self._failed = Repeated(_WARN_EVERY, tell=_failed_told)  # scrapes whose handler raised, by the exception's type
         self._pause = threading.Event().wait  # (a test counts the waits)
         super().__init__((spec.host or "", spec.port), _Handler)
 
@@ -247,6 +244,12 @@ class _Server(ThreadingMixIn, WSGIServer):
             if exc.errno in _EXHAUSTED:
                 self._cannot_accept(exc)
             raise
+
+    def service_actions(self) -> None:
+        """Each turn of serve_forever (every poll_interval): the counts of failures not logged one
+        by one whose minute is over, here or elsewhere in the process; in a --workers
+        supervisor nothing else ticks (logline.tell_counts)."""
+        tell_counts()
 
     def _cannot_accept(self, exc: OSError) -> None:
         missed = self._exhausted.due("accept")
@@ -285,20 +288,31 @@ class _Server(ThreadingMixIn, WSGIServer):
         exc = sys.exc_info()[1]
         if isinstance(exc, OSError):
             return
-        with self._lock:
-            missed = self._failed.due(type(exc).__name__)
+        missed = self._failed.due(type(exc).__name__)
         if missed is not None:
             since = f"; {missed} more since the last warning" if missed else ""
             log.warning("metrics: a scrape from %s failed: %s: %s%s (warned at most once a minute)",
                         client_address[0], type(exc).__name__, escape(str(exc)), since)
 
     def _refuse(self) -> None:
-        self._refused += 1
-        now = time.monotonic()
-        if now - self._warned >= _WARN_EVERY:
-            log.warning("metrics: %d scrapes at once already; %d connection(s) closed unanswered "
-                        "(warned at most once a minute)", MAX_SCRAPES, self._refused)
-            self._warned, self._refused = now, 0
+        missed = self._refused.due("")
+        if missed is not None:
+            _refused_told(self._refused, "", missed + 1)
+
+
+def _refused_told(_refused: Repeated, _label: str, count: int) -> None:
+    log.warning("metrics: %d scrapes at once already; %d connection(s) closed unanswered "
+                "(warned at most once a minute)", MAX_SCRAPES, count)
+
+
+def _exhausted_told(_exhausted: Repeated, _label: str, count: int) -> None:
+    log.warning("metrics: %d more failed accepts of a scrape since the last warning (warned at most once a minute)",
+                count)
+
+
+def _failed_told(_failed: Repeated, name: str, count: int) -> None:
+    log.warning("metrics: %d more scrapes failed with %s since the last warning (warned at most once a minute)",
+                count, name)
 
 
 def _cut(request: socket.socket) -> None:
@@ -345,6 +359,7 @@ class Exporter:
     def close(self) -> None:
         self._server.shutdown()
         self._server.server_close()
+        tell_counts(ended_only=False)  # (a --workers supervisor's own: its workers tell theirs)
 
     def forget(self) -> None:
         """In a forked worker: close this process's copy of the listening socket (no thread serves it here)."""

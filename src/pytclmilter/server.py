@@ -19,7 +19,7 @@ from .accept import Acceptor, check_fd_limit
 from .connspec import ConnSpec, parse
 from .hooks import forget_early_reload, signalled
 from .listener import Listener, bind
-from .logline import Every
+from .logline import Every, tell_counts
 from .engine import LAST_WORDS, UNWIND, ConnectionEngine, Shared
 from .limits import PYTHON_LIMIT
 
@@ -351,7 +351,7 @@ class MilterServer:
             acceptor.close()  # new connections are refused from now on, open ones go on
             listener.remove_unix()
             await self._drain(loop, 0.0 if self._aborted else self.shared.settings.grace)
-            self.shared.tell_faults(ended_only=False)
+            tell_counts(ended_only=False)  # (the faults' counts, and any other Repeated's)
             self.shared.stop_by, self.shared.stop_why = _FOREVER, ""  # (serve() may be called again)
             await self._end_retirements()
             sweeper.cancel()
@@ -452,11 +452,11 @@ class MilterServer:
 
     async def _sweep(self, loop: asyncio.AbstractEventLoop) -> None:
         """Close connections idle longer than the I/O timeout (progress counts as activity); tell
-        the faults counted, not logged, in a window now over (Shared.tell_faults)."""
+        the failures counted, not logged, in a window now over (logline.tell_counts)."""
         while True:
             timeout = self.shared.settings.timeout  # read each round: a reload may change it
             await asyncio.sleep(max(0.05, min(1.0, timeout / 4)))
-            self.shared.tell_faults()
+            tell_counts()
             now = loop.time()
             # A connection whose callback is still running is not idle: the timeout limits waits
             # for the MTA, not callbacks (docs/protocol.md §9.3).

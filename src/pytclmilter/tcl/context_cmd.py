@@ -67,9 +67,6 @@ def _unsetpriv(ctx: Context, args: Sequence[str]) -> None:
 
 log = logging.getLogger("pytclmilter")
 
-#: Bare long macro names a script asked for while the MTA sent their braced form: said an hour.
-_BARE_NAMES: Final = Repeated(3600.0, keep=32)
-
 
 def _getsymval(ctx: Context, args: Sequence[str]) -> str:
     name = args[0]
@@ -89,10 +86,20 @@ def _bare_name(ctx: Context, name: str) -> None:
         return
     missed = _BARE_NAMES.due(name)
     if missed is not None:
-        shown = escape(name)
-        log.warning('getsymval %s found nothing though the MTA sent {%s}: a long macro name needs its '
-                    'braces in the value, as in getsymval {{%s}} or "{%s}" (said once an hour%s)',
-                    shown, shown, shown, shown, f"; {missed} more since" if missed else "")
+        _bare_name_said(_BARE_NAMES, name, missed)
+
+
+def _bare_name_said(_names: Repeated, name: str, missed: int) -> None:
+    """The warning of a macro asked for without its braces, with how many such calls since the
+    last (as the next one says it, or alone once the hour is over: logline.tell_counts)."""
+    shown = escape(name)
+    log.warning('getsymval %s found nothing though the MTA sent {%s}: a long macro name needs its '
+                'braces in the value, as in getsymval {{%s}} or "{%s}" (said once an hour%s)',
+                shown, shown, shown, shown, f"; {missed} more since" if missed else "")
+
+
+#: Bare long macro names a script asked for while the MTA sent their braced form: said an hour.
+_BARE_NAMES: Final = Repeated(3600.0, keep=32, tell=_bare_name_said)
 
 
 def _setreply(ctx: Context, args: Sequence[str]) -> None:

@@ -267,6 +267,13 @@ def _tclsh(version: str) -> str | None:
     return None
 
 
+def _bgerrors_told(_bgerrors: Repeated, message: str, count: int) -> None:
+    """The count of an event handler's error (``message``, escaped) logged once a minute: with
+    the next such error, or alone once the minute is over (logline.tell_counts)."""
+    log.error("error in an event handler of the script (after, fileevent): %s (repeated %d times since its last "
+              "line with the trace; logged once a minute)", message, count)
+
+
 class TclHost:
     """One interpreter hosting TclMilter for one :class:`Milter`."""
 
@@ -296,7 +303,7 @@ class TclHost:
         #: A reload loads this script: its `milter main` must suspend it, never serve.
         self.loading = False
         #: The background errors logged lately: a failing `after` loop logs once a minute.
-        self.bgerrors = Repeated()
+        self.bgerrors = Repeated(tell=_bgerrors_told)
         #: A handler was stopped by the limit since the background errors were last reported.
         self._handler_stopped = False
         self.command = MilterCommand(self, self.milter)
@@ -416,12 +423,11 @@ class TclHost:
             message = self.limit.stopped()
             if self.pycommands.stopped:  # a Python command was running: where it was, too
                 info, self.pycommands.stopped = f"{info}\n{self.pycommands.stopped}", ""
-        due = self.bgerrors.due(place_of(info, message) if info else message)
+        due = self.bgerrors.due(place_of(info, message) if info else message, escape(message))
         if due is None:
             return
         if due:
-            log.error("error in an event handler of the script (after, fileevent): %s (repeated %d times since "
-                      "its last line with the trace; logged once a minute)", escape(message), due)
+            _bgerrors_told(self.bgerrors, escape(message), due)
             return
         log.error("error in an event handler of the script (after, fileevent): %s%s", escape(message),
                   "\n" + escape_lines(info) if info else "")
