@@ -37,6 +37,7 @@ from pytclmilter import (
     MilterError,
     Status,
 )
+from pytclmilter.compiled import compiled_modules
 from support.engine import (
     ALL_ACTIONS,
     ALL_NR,
@@ -820,6 +821,64 @@ def test_a_reply_text_or_code_that_is_no_str_is_a_type_error_in_either_build():
         lambda ctx: ctx.setreply("550", "5.7.1", 3), lambda ctx: ctx.setreply("550", None, b"x"))
     assert answer == (b"r", b""), answer  # no reply text was set (before: the callback failed, tempfail)
     assert len(refused) == 6 and all(re.search(r"expected; got (int|bytes)$", r) for r in refused), refused
+
+
+def _refused_as(ours: str, mypyc: str) -> str:
+    """A TypeError's message at a Context call: ours from the pure-Python source; the compiled
+    build checks an annotated argument before the method runs, in mypyc's words."""
+    return mypyc if "pytclmilter.context" in compiled_modules() else ours
+
+
+WRONG_TYPES: list[tuple[Callable[[Any], object], str, str]] = [
+    (lambda ctx: ctx.addheader(1, "v"), "addheader: str expected; got int", "str object expected; got int"),
+    (lambda ctx: ctx.addheader("X-A", b"v"), "addheader: str expected; got bytes", "str object expected; got bytes"),
+    (lambda ctx: ctx.chgheader("Subject", 5), "chgheader: str expected; got int", "str object expected; got int"),
+    (lambda ctx: ctx.insheader(None, "v"), "insheader: str expected; got NoneType",
+     "str object expected; got None"),
+    (lambda ctx: ctx.addrcpt(b"<b@example.org>"), "addrcpt: str expected; got bytes",
+     "str object expected; got bytes"),
+    (lambda ctx: ctx.addrcpt("<b@example.org>", 5), "addrcpt: str expected; got int",
+     "str or None object expected; got int"),
+    (lambda ctx: ctx.delrcpt(1), "delrcpt: str expected; got int", "str object expected; got int"),
+    (lambda ctx: ctx.chgfrom("<a@example.org>", b"X=1"), "chgfrom: str expected; got bytes",
+     "str or None object expected; got bytes"),
+    (lambda ctx: ctx.quarantine(7), "quarantine: str expected; got int", "str object expected; got int"),
+    (lambda ctx: ctx.getsymval(1), "getsymval: str expected; got int", "str object expected; got int"),
+    (lambda ctx: ctx.setsymlist(1.5, "i"), "setsymlist: int or str expected; got float",
+     "union[int, str] object expected; got float"),
+    (lambda ctx: ctx.setsymlist("eom", 1), "setsymlist: str or a list of str expected; got int",
+     "setsymlist: str or a list of str expected; got int"),
+    (lambda ctx: ctx.setsymlist("eom", ["i", 2]), "setsymlist: str expected; got int",
+     "setsymlist: str expected; got int"),
+]
+
+
+def test_a_context_method_given_the_wrong_type_says_which_and_what_it_takes(caplog):
+    """The pure-Python source refused a wrong type deep inside, in words that named neither the
+    method nor the argument (addheader(1, ...): "expected string or bytes-like object, got
+    'int'", a bytes value: "descriptor 'isprintable' for 'str' objects doesn't apply to a
+    'bytes' object", getsymval(1): "object of type 'int' has no len()"), or took it
+    (setsymlist(1.5) as stage 1, a list of ints as names). Now "addheader: str expected; got
+    int", as setreply says, before anything is done; the message keeps only what was right."""
+    caplog.set_level(logging.INFO, logger=LOG)
+    m = make_milter()
+    refused = []
+
+    def eom(ctx):
+        for call, _, _ in WRONG_TYPES:
+            try:
+                call(ctx)
+            except TypeError as exc:
+                refused.append(str(exc))
+        ctx.addheader("X-Kept", "yes")
+        ctx.addheader(b"X-Bad", "v")  # uncaught: the callback fails, its changes dropped
+
+    m.register("eom", eom)
+    with serving(m) as srv, srv.raw() as mta:
+        assert mta.eom() == [(b"t", b"")]
+    assert refused == [_refused_as(ours, mypyc) for _, ours, mypyc in WRONG_TYPES]
+    failed = _refused_as("addheader: str expected; got bytes", "str object expected; got bytes")
+    assert any(f"failed ({failed})" in r.getMessage() for r in caplog.records), caplog.records
 
 
 def test_eight_bit_body_bytes_reach_the_callback_and_come_back_byte_exact():

@@ -170,8 +170,13 @@ def hosted(script: ScriptCalls | None) -> ScriptCalls:
     return script
 
 
-def check_header(name: str, value: str) -> str:
-    """Validate a header; returns the value with folding normalised to bare LF."""
+def check_header(what: str, name: str, value: str) -> str:
+    """Validate a header for the method ``what``; returns the value with folding normalised to
+    bare LF. A name or value that is no str failed in the pure source with "descriptor
+    'isprintable' for 'str' objects doesn't apply to a 'int' object" (one isinstance each, inline:
+    once a message; the compiled build refuses it at the call, in mypyc's words)."""
+    if not (isinstance(name, str) and isinstance(value, str)):
+        _check_name(what, name, value)
     if not _HEADER_NAME.match(name):
         raise MilterError(f'invalid header name "{shown(name)}": must be printable ASCII, without colon or space')
     if isprintable(value) or _VALUE_CONTROL.search(value) is None:  # nearly always (isprintable: no regex call)
@@ -324,6 +329,19 @@ def _check_name(command: str, *names: object) -> None:
             raise TypeError(f"{command}: str expected; got {type(name).__name__}")
 
 
+def _macro_names(stage: object, macros: object) -> list[str]:
+    """setsymlist's names, split; a TypeError for a stage or a list of the wrong type, which the
+    pure source took (a float stage as its int, a list of numbers as their text)."""
+    if not isinstance(stage, (int, str)):
+        raise TypeError(f"setsymlist: int or str expected; got {type(stage).__name__}")
+    if isinstance(macros, str):
+        return macros.split()
+    if not isinstance(macros, (list, tuple)):
+        raise TypeError(f"setsymlist: str or a list of str expected; got {type(macros).__name__}")
+    _check_name("setsymlist", *macros)
+    return list(macros)
+
+
 def _given(*values: object) -> list[object]:
     """The optional arguments given (not None), for _check_name."""
     return [v for v in values if v is not None]
@@ -412,6 +430,8 @@ class Context:
             self.script_priv.unset(self.id, pattern)
 
     def getsymval(self, symbol: str) -> str | None:
+        if not isinstance(symbol, str):  # (the pure source: "object of type 'int' has no len()")
+            _check_name("getsymval", symbol)
         return self.macros.get(symbol)
 
     def tcl(self, *words: Any) -> str:
@@ -435,6 +455,7 @@ class Context:
     def setsymlist(self, stage: int | str, macros: str | Sequence[str]) -> None:
         """Ask for these macros at a stage (names separated by spaces, or a list of names); only
         inside the negotiate callback."""
+        listed = _macro_names(stage, macros)
         self._require("negotiate", "setsymlist")
         try:
             st = MacroStage[stage.upper()] if isinstance(stage, str) and not stage.isdigit() else MacroStage(int(stage))
@@ -444,7 +465,6 @@ class Context:
             ) from None
         if st in self.symlists:
             raise MilterError(f"the macro list for {st.name.lower()} was already set")
-        listed = macros.split() if isinstance(macros, str) else [str(m) for m in macros]
         names = " ".join(listed)
         if _CONTROL.search(names):
             raise MilterError(f'invalid macro list "{shown(names)}": no NUL or other control characters')
@@ -488,29 +508,32 @@ class Context:
         self.actions.append(action)
 
     def addheader(self, name: str, value: str) -> None:
-        value = check_header(name, value)
+        value = check_header("addheader", name, value)
         self._act("addheader", ev.AddHeader(name, value), _ADDHDRS, _header_size(name, value, 0))
 
     def chgheader(self, name: str, value: str, index: int = 1) -> None:
         """Change the index-th header of that name; an empty value deletes it."""
-        value = check_header(name, value)
+        value = check_header("chgheader", name, value)
         self._act("chgheader", ev.ChangeHeader(check_index(index), name, value), _CHGHDRS,
                   _header_size(name, value, 4))
 
     def insheader(self, name: str, value: str, index: int = 0) -> None:
-        value = check_header(name, value)
+        value = check_header("insheader", name, value)
         self._act("insheader", ev.InsertHeader(check_index(index), name, value), _ADDHDRS,
                   _header_size(name, value, 4))
 
     def addrcpt(self, rcpt: str, args: str | None = None) -> None:
+        _check_name("addrcpt", rcpt, *_given(args))
         args = check_args(args)
         action = ev.AddRecipient(check_address(rcpt, "recipient"), args)
         self._act("addrcpt", action, _ADDRCPT if args is None else _ADDRCPT_PAR, _strings_size(rcpt, args))
 
     def delrcpt(self, rcpt: str) -> None:
+        _check_name("delrcpt", rcpt)
         self._act("delrcpt", ev.DeleteRecipient(check_address(rcpt, "recipient")), _DELRCPT, _strings_size(rcpt))
 
     def chgfrom(self, sender: str, args: str | None = None) -> None:
+        _check_name("chgfrom", sender, *_given(args))
         args = check_args(args)
         action = ev.ChangeFrom(check_address(sender, "sender"), args)
         self._act("chgfrom", action, _CHGFROM, _strings_size(sender, args))
@@ -533,6 +556,7 @@ class Context:
         self.body.append(raw)
 
     def quarantine(self, reason: str) -> None:
+        _check_name("quarantine", reason)
         if not reason or _CONTROL.search(reason):
             raise MilterError("quarantine needs a non-empty reason without CR, LF, NUL or other control characters")
         self._act("quarantine", ev.Quarantine(reason), _QUARANTINE, _strings_size(reason))
