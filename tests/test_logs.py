@@ -9,6 +9,7 @@ import io
 import logging
 import os
 import re
+import signal
 import socket
 import subprocess
 import sys
@@ -993,6 +994,38 @@ def test_counts_no_failure_came_to_carry_are_told_once_their_window_is_over_or_a
     assert repeated.due("tick", "boom 5") is None
     logline.tell_counts(ended_only=False)  # at a stop: whatever is counted
     assert said == [("boom 3", 3), ("boom 5", 1)]
+
+
+def test_a_worker_forked_while_another_thread_counts_can_count() -> None:
+    """A Repeated is counted in the metrics' threads too, under one lock. A --workers fork while
+    such a thread held it left the worker's copy held forever: the worker hung at its first
+    fault. Now the fork waits for the lock (here held by a thread until after the fork began)."""
+    held, release = threading.Event(), threading.Event()
+
+    def hold() -> None:
+        with logline._LOCK:
+            held.set()
+            release.wait(10)
+
+    holder = threading.Thread(target=hold)
+    holder.start()
+    held.wait(10)
+    threading.Timer(0.2, release.set).start()  # (whenever it comes: the fork waits for it)
+    pid = os.fork()
+    if pid == 0:
+        repeated = logline.Repeated(tell=lambda _r, _label, _count: None)
+        repeated.due("x")
+        repeated.due("x")
+        logline.tell_counts(ended_only=False)
+        os._exit(0)
+    holder.join()
+    deadline = time.monotonic() + 10
+    while os.waitpid(pid, os.WNOHANG) == (0, 0):
+        if time.monotonic() > deadline:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+            raise AssertionError("the forked child hung on the lock it was forked with")
+        time.sleep(0.05)
 
 
 def test_faults_of_one_kind_differ_only_in_the_mtas_bytes_and_numbers() -> None:

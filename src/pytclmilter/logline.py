@@ -36,6 +36,7 @@ its line: its arguments must be escaped, as the engine's verdict line escapes th
 from __future__ import annotations
 
 import logging
+import os
 import re
 import threading
 import time
@@ -187,6 +188,9 @@ class Repeated:
 
 
 _LOCK: Final = threading.Lock()
+# A worker forked (--workers) while the metrics' thread held the lock would find it held forever,
+# and its event loop would hang at its first fault: the fork waits for it, as logging's locks.
+os.register_at_fork(before=_LOCK.acquire, after_in_parent=_LOCK.release, after_in_child=_LOCK.release)
 #: The Repeated with a ``tell`` that hold counts not told yet: only those, so that one dropped
 #: (a reload's interpreter) is forgotten here once its counts are told.
 _untold: Final[set[Repeated]] = set()
