@@ -467,7 +467,10 @@ def test_source_as_root_reads_and_fails_as_tclshs(etc):
     (etc / "lib").mkdir(mode=0o755)
     script = etc / "probe.tcl"
     script.write_text(SOURCING)
-    under_tclsh = subprocess.run([TCLSH, script.name], cwd=etc, capture_output=True, text=True, timeout=60)
+    # Plain tclsh, without the TCLLIBPATH an in-process TclHost of an earlier test put in our
+    # environment (it would find TclMilter, whose `milter main` works only under pytclmilter).
+    plain = {k: v for k, v in os.environ.items() if k != "TCLLIBPATH"}
+    under_tclsh = subprocess.run([TCLSH, script.name], cwd=etc, env=plain, capture_output=True, text=True, timeout=60)
     assert under_tclsh.returncode == 0 and "bom.tcl ran" in under_tclsh.stdout, under_tclsh
     done = subprocess.run([*_pytclmilter_command(), "check", script.name], cwd=etc, env=child_env(),
                           capture_output=True, text=True, timeout=60)
