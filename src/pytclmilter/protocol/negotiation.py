@@ -31,7 +31,6 @@ from .table import COMMANDS, encode_reply
 #: Callback event name -> (skip bit, no-reply bit) of its command; eom, abort and close have neither.
 EVENT_FLAGS: Final[dict[str, tuple[Proto, Proto]]] = {c.callback: (c.skip, c.no_reply) for c in COMMANDS if c.skip}
 
-ALL_NR: Final = Proto(sum(c.no_reply for c in COMMANDS))  # distinct bits: their sum is their union
 
 
 @dataclass(slots=True)
@@ -56,10 +55,6 @@ class Negotiated:
     max_payload: int
     #: ``reply`` as bytes, encoded once: every connection of an MTA gets the same answer.
     wire: bytes = field(default=b"", compare=False, repr=False)
-
-    @property
-    def no_reply(self) -> Proto:
-        return self.protocol & ALL_NR
 
 
 DEFAULT: Final = Negotiated(OptionNegotiationReply(PROTOCOL_VERSION, 0, 0), PROTOCOL_VERSION, Action(0), Proto(0), MAX_DATA_SIZE)
