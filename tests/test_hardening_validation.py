@@ -131,6 +131,14 @@ INVALID = {
     "text-digit-xcode-glued": (lambda c: c.setreply("550", None, "5.7.1go away"), ["starts with a digit"]),
     "text-xcode-class-mismatch": (lambda c: c.setreply("550", None, "4.7.1 go away"),
                                   ['extended code "4.7.1" does not match reply code "550"']),
+    # an extended code given and opening the text too: one code, so two different ones are refused
+    "text-opens-with-other-xcode": (lambda c: c.setreply("550", "5.7.1", "5.1.1 no such user"),
+                                    ['reply text "5.1.1 no such user" opens with the extended code 5.1.1, '
+                                     "but the reply's is 5.7.1: give one"]),
+    "ml-line-opens-with-other-xcode": (lambda c: c.setmlreply("550", None, "5.7.1 go", "5.1.1 away"),
+                                       ["opens with the extended code 5.1.1", "the reply's is 5.7.1"]),
+    "ml-first-line-xcode-class": (lambda c: c.setmlreply("550", None, "4.7.1 later"),
+                                  ['extended code "4.7.1" does not match reply code "550"']),
 }
 
 VALID = {
@@ -150,6 +158,11 @@ VALID = {
     "xcode-alone-in-text": (lambda c: c.setreply("451", None, "4.3.2"), "451 4.3.2"),
     "ml-digit-lines": (lambda c: c.setmlreply("451", None, "5 retries", "4 apples"),
                        "451-4.0.0 5 retries\r\n451 4.0.0 4 apples"),
+    # the extended code once, where the script gave it twice or setmlreply's lines carry it
+    "xcode-given-and-in-text": (lambda c: c.setreply("550", "5.7.1", "5.7.1 go away"), "550 5.7.1 go away"),
+    "ml-xcode-of-first-line": (lambda c: c.setmlreply("550", None, "5.7.1 go", "away", "5.7.1 now"),
+                               "550-5.7.1 go\r\n550-5.7.1 away\r\n550 5.7.1 now"),
+    "ml-xcode-given-and-in-lines": (lambda c: c.setmlreply("451", "4.7.1", "4.7.1 later"), "451 4.7.1 later"),
 }
 
 
@@ -243,6 +256,7 @@ TCL_CASES = {
                                                           "which MTAs read as an extended code: "
                                                           "give the extended code too, like 5.0.0"]),
     "text-digit-empty-xcode": (r"$ctx setreply 451 {} {5 retries}", ['"5 retries" starts with a digit']),
+    "text-other-xcode": (r"$ctx setreply 550 5.7.1 {5.1.1 no such user}", ["opens with the extended code 5.1.1"]),
 }
 
 TCL_VALID = r"""

@@ -194,6 +194,49 @@ def test_a_digit_right_after_the_reply_code_is_a_malformed_reply_to_postfix(post
     assert str(replies["opening"]) == "550 5.7.1 go away", replies
 
 
+def reply_lines(smtp: Any, command: str) -> list[str]:
+    """The reply to ``command`` as the client reads it, every line with its codes (smtplib strips them)."""
+    smtp.send(command + "\r\n")
+    lines: list[str] = []
+    while not lines or lines[-1][3:4] == "-":
+        lines.append(smtp.file.readline().decode().rstrip("\r\n"))
+    return lines
+
+
+def test_an_extended_code_given_twice_reaches_the_client_once(postfix) -> None:
+    """A script that gives the extended code and also opens its text with it, or gives setmlreply
+    none and opens a line with one, asked for one code: libmilter would put both (its setmlreply
+    adds 5.0.0 when none is given) and Postfix passes the text on as it is (docs/protocol.md 6.5)."""
+    milter = Milter(name="codes", connection="inet:0@127.0.0.1", grace=1)
+    calls: dict[str, Any] = {
+        "twice": lambda ctx: ctx.setreply("550", "5.7.1", "5.7.1 go away"),
+        "mlopening": lambda ctx: ctx.setmlreply("550", None, "5.7.1 go away", "see the policy"),
+        "mltwice": lambda ctx: ctx.setmlreply("550", "5.7.1", "5.7.1 go away", "5.7.1 see the policy"),
+        "bare": lambda ctx: ctx.setreply("550", None, "go away"),
+    }
+
+    @milter.register("envfrom")
+    def envfrom(ctx, args):
+        calls[args[0].strip("<>").split("@")[0]](ctx)
+        return REJECT
+
+    thread = run_in_thread(milter)
+    try:
+        pf = postfix(milter=milter.listening.postfix())
+        with pf.smtp_session() as smtp:
+            smtp.ehlo("client.example")
+            replies = {local: reply_lines(smtp, f"MAIL FROM:<{local}@example.org>") for local in calls}
+    finally:
+        milter.stop()
+        thread.join(10)
+    assert replies == {
+        "twice": ["550 5.7.1 go away"],
+        "mlopening": ["550-5.7.1 go away", "550 5.7.1 see the policy"],
+        "mltwice": ["550-5.7.1 go away", "550 5.7.1 see the policy"],
+        "bare": ["550 go away"],  # as set: Postfix adds no extended code (Sendmail adds 5.0.0)
+    }
+
+
 @pytest.fixture
 def state_milter() -> Iterator[tuple[Milter, list[str]]]:
     """Callbacks for envrcpt, data, header, unknown, helo, envfrom and eom, none for eoh: the

@@ -181,6 +181,9 @@ def test_chgheader_of_a_header_the_client_did_not_send_changes_sendmails_own(
 @pytest.mark.parametrize(("edits", "status", "code", "text"), [
     (["setmlreply 550 5.7.1 one two"], "SMFIS_REJECT", 550, "5.7.1 one\n5.7.1 two"),
     (["setmlreply 451 {} later"], "SMFIS_TEMPFAIL", 451, "4.0.0 later"),
+    (["setmlreply 550 {} {5.7.1 one} two"], "SMFIS_REJECT", 550, "5.7.1 one\n5.7.1 two"),  # not 5.0.0 5.7.1
+    (["setreply 550 5.7.1 {5.7.1 once}"], "SMFIS_REJECT", 550, "5.7.1 once"),
+    (["setreply 550 {no code}"], "SMFIS_REJECT", 550, "5.0.0 no code"),  # Sendmail's (Postfix adds none)
     (["setreply 451 4.7.1 {100%% sure}"], "SMFIS_TEMPFAIL", 451, "4.7.1 100% sure"),
     (["setreply 550 5.7.1 unused"], "SMFIS_TEMPFAIL", 451, "4.3.2 Please try again later"),  # not its class
     (["addheader X-Dropped yes"], "SMFIS_REJECT", 554, "5.7.1 Command rejected"),

@@ -245,17 +245,35 @@ def _check_codes(rcode: str, xcode: str | None) -> None:
         raise MilterError(f'extended code "{xcode}" does not match reply code "{rcode}"')
 
 
+def _opening_code(text: str) -> str | None:
+    """The extended code a text opens with (followed by a space or nothing), if any."""
+    found = _LEADING_XCODE.match(text)
+    return found.group(1) if found else None
+
+
 def _check_bare_text(rcode: str, message: str) -> None:
     """A text given without an extended code follows the reply code, where the MTAs look for one:
     Postfix 3.7 calls ``550 4 apples`` malformed (a digit after the code other than its first) and
     answers the client 451 4.3.5. So a leading digit must open a whole extended code of the class."""
     if not message or message[0] not in "0123456789":
         return
-    found = _LEADING_XCODE.match(message)
-    if found is None:
+    opening = _opening_code(message)
+    if opening is None:
         raise MilterError(f'reply text "{shown(message)}" starts with a digit, which MTAs read as an extended '
                           f'code: give the extended code too, like {rcode[0]}.0.0')
-    _check_codes(rcode, found.group(1))
+    _check_codes(rcode, opening)
+
+
+def _after_code(xcode: str, text: str) -> str:
+    """The text without an opening extended code that repeats ``xcode``: libmilter would put both
+    (``550 5.7.1 5.7.1 go away``) and both MTAs pass that on, where the script meant one code."""
+    opening = _opening_code(text)
+    if opening is None:
+        return text
+    if opening != xcode:
+        raise MilterError(f'reply text "{shown(text)}" opens with the extended code {opening}, '
+                          f"but the reply's is {xcode}: give one")
+    return text[len(opening) + 1:]
 
 
 def build_reply(rcode: str, xcode: str | None = None, message: str | None = None) -> str:
@@ -265,7 +283,7 @@ def build_reply(rcode: str, xcode: str | None = None, message: str | None = None
     if xcode:
         text += xcode
         if message is not None:
-            text += " " + _reply_line(message)
+            text += " " + _reply_line(_after_code(xcode, message))
     elif message is not None:
         _check_bare_text(rcode, message)
         text += _reply_line(message)
@@ -273,13 +291,17 @@ def build_reply(rcode: str, xcode: str | None = None, message: str | None = None
 
 
 def build_mlreply(rcode: str, xcode: str | None, lines: list[str]) -> str:
-    """smfi_setmlreply's text: lines joined by CRLF, all but the last with a hyphen."""
+    """smfi_setmlreply's text: lines joined by CRLF, all but the last with a hyphen. Without an
+    xcode, the one the first line opens with, else 4.0.0 or 5.0.0 (libmilter always the latter)."""
     _check_codes(rcode, xcode)
     if not 1 <= len(lines) <= MAX_REPLY_LINES:
         raise MilterError(f"a multi-line reply needs 1 to {MAX_REPLY_LINES} lines, got {len(lines)}")
-    xcode = xcode or f"{rcode[0]}.0.0"
+    if not xcode:
+        xcode = _opening_code(lines[0]) or f"{rcode[0]}.0.0"
+        _check_codes(rcode, xcode)
     last = len(lines) - 1
-    return "\r\n".join(f"{rcode}{'-' if i < last else ' '}{xcode} {_reply_line(t)}" for i, t in enumerate(lines))
+    return "\r\n".join(f"{rcode}{'-' if i < last else ' '}{xcode} {_reply_line(_after_code(xcode, t))}"
+                       for i, t in enumerate(lines))
 
 
 _ADDHDRS: Final = int(Action.ADDHDRS)
