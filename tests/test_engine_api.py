@@ -50,6 +50,7 @@ from support.engine import (
     P_NOCONNECT,
     P_NOMAIL,
     P_NR_HDR,
+    P_NR_MAIL,
     P_SKIP,
     SKIP_BITS,
     make_milter,
@@ -320,6 +321,66 @@ def test_every_message_is_filtered_when_mail_is_skipped():
         assert mta.body(b"more spam\r\n") == (b"c", b"")
         assert mta.eom() == [(b"r", b"")], "second message of the session was not filtered"
     assert bodies == [b"spam\r\n", b"more spam\r\n"]
+
+
+def test_a_message_after_one_decided_before_its_end_is_filtered_without_mail_or_abort():
+    """Sendmail's order for a content filter (no envfrom: NOMAIL; headers under NR_HDR): a header
+    verdict answered at the body chunk ends the message for Sendmail, which sends no end of
+    message and no ABORT for it (its filter never reached its "in message" state: that takes a
+    reply to MAIL), only the next message's macros, `D M` first (docs/protocol.md §10.1). The
+    next message's headers, body and end of message must reach the callbacks all the same."""
+    m = make_milter()
+    calls = []
+
+    def header(ctx, name, value):
+        calls.append(f"header {value}")
+        return REJECT if value == "spam" else CONTINUE
+
+    m.register("header", header)
+    m.register("body", lambda ctx, chunk: calls.append("body") or CONTINUE)
+    m.register("eom", lambda ctx: calls.append("eom") or ACCEPT)
+    with serving(m) as srv, srv.raw() as mta:
+        assert mta.negotiated[2] & (P_NOMAIL | P_NR_HDR) == P_NOMAIL | P_NR_HDR
+        for subject, answers in (("spam", [b"r"]), ("ham", [b"c", b"a"])):
+            mta.macro("M", {"{mail_addr}": f"{subject}@example.org", "i": ""})
+            mta.macro("R", {"{rcpt_addr}": "rcpt@example.com"})
+            mta.send(b"L", z("Subject", subject))  # no reply: NR_HDR
+            got = [mta.body(b"text\r\n")[0]]
+            if got == [b"c"]:
+                got += [r[0] for r in mta.eom()]
+            assert got == answers, subject
+    assert calls == ["header spam", "header ham", "body", "eom"]
+
+
+def test_a_message_reset_without_abort_under_nr_mail_gets_its_abort_callbacks_first():
+    """Sendmail's order under NR_MAIL (an abort callback, no envfrom: MAIL without a reply):
+    its filter counts as in a message only after a reply to MAIL, so RSET sends it nothing and
+    the next message begins with `D M`, `M` straight after the last RCPT. The abort callbacks of
+    the reset message run before the next message's callbacks, which see only their own private
+    data (docs/protocol.md §7.3, §10.1), as libmilter's out-of-order rule has it."""
+    m = make_milter()
+    calls = []
+
+    def envrcpt(ctx, args):
+        ctx.setpriv("rcpts", (ctx.getpriv("rcpts") if "rcpts" in ctx.getpriv() else []) + args[:1])
+        calls.append(f"envrcpt {args[0]}")
+
+    def abort(ctx):
+        calls.append(f"abort {ctx.getpriv('rcpts')}")
+        ctx.unsetpriv("rcpts")
+
+    m.register("envrcpt", envrcpt)
+    m.register("abort", abort)
+    m.register("eom", lambda ctx: calls.append(f"eom {ctx.getpriv('rcpts')}") or CONTINUE)
+    with serving(m) as srv, srv.raw() as mta:
+        assert mta.negotiated[2] & (P_NOMAIL | P_NR_MAIL) == P_NR_MAIL
+        for rcpt in ("<reset@example.com>", "<kept@example.com>"):
+            mta.macro("M", {"{mail_addr}": "a@example.org"})
+            mta.send(b"M", z("<a@example.org>"))  # no reply
+            assert mta.rcpt(rcpt) == (b"c", b"")
+        assert mta.eom() == [(b"c", b"")]
+    assert calls == ["envrcpt <reset@example.com>", "abort ['<reset@example.com>']",
+                     "envrcpt <kept@example.com>", "eom ['<kept@example.com>']"]
 
 
 def test_skip_in_body_sends_s_when_offered_and_stops_body_callbacks():

@@ -49,6 +49,44 @@ def test_the_blacklist_example_runs_verbatim_behind_sendmail(sendmail, milter, s
     run.wait_for(r"verdict reject at header")
 
 
+CONTENT_ONLY = r"""
+package require TclMilter 1.0
+proc header {ctx name value} {
+    if {$name eq "Subject" && $value eq "spam"} { return SMFIS_REJECT }
+    return SMFIS_CONTINUE
+}
+proc body {ctx block} { return SMFIS_CONTINUE }
+proc eom {ctx} {
+    $ctx addheader X-Filtered yes
+    return SMFIS_CONTINUE
+}
+milter register header header
+milter register body body
+milter register eom eom
+milter main
+"""
+
+
+def test_the_message_after_one_rejected_before_its_end_is_filtered(sendmail, milter, socket_path: Path) -> None:
+    """A filter without envfrom and abort callbacks has MAIL skipped; Sendmail then sends no
+    ABORT for a message decided before its end of message (here by a header verdict, answered at
+    the first body chunk), only the next message's macros (docs/protocol.md §10.1). The next
+    message of the SMTP session must still get every callback."""
+    milter(CONTENT_ONLY, connection=f"unix:{socket_path}")
+    sm = sendmail(f"unix:{socket_path}").start()
+    with sm.smtp_session() as smtp:
+        smtp.ehlo("client.test")
+        replies = []
+        for subject in ("spam", "ham"):
+            assert smtp.mail("a@client.test")[0] == 250
+            assert smtp.rcpt("b@example.com")[0] == 250
+            replies.append(smtp.data(message("a@client.test", subject))[0])
+    assert replies == [554, 250]  # Sendmail's default text for a reject at the body
+    (msg,) = sm.wait_for_sink(1)
+    assert msg.message["Subject"] == "ham"
+    assert msg.headers("X-Filtered") == ["yes"]
+
+
 def test_the_stamp_example_reads_sendmails_macros(sendmail, milter, socket_path: Path) -> None:
     milter(EXAMPLES / "stamp.tcl", connection=f"unix:{socket_path}")
     sm = sendmail(f"unix:{socket_path}").start()

@@ -384,8 +384,8 @@ class ConnectionEngine:
     Transitions, each in one method: :meth:`_decide` (an answer other than continue: SKIP ->
     body skipped, at connect or helo -> connection, at a message stage -> message; a recipient's
     or an unknown command's verdict concerns that command only, but a discard at RCPT the
-    message), :meth:`_defer` (open or body skipped -> deferred), :meth:`_new_message` (MAIL,
-    HELO, ABORT, end of message: back to open unless the connection is decided), :meth:`_new_session`
+    message), :meth:`_defer` (open or body skipped -> deferred), :meth:`_new_message` (MAIL's
+    macros or MAIL, HELO, ABORT, end of message: back to open unless the connection is decided), :meth:`_new_session`
     (CONNECT, QUIT_NC: open).
 
     Besides: ``_busy`` (an async callback runs, or ``_held``: _QUIET_QUEUE abort or close runs
@@ -396,7 +396,7 @@ class ConnectionEngine:
 
     __slots__ = ("shared", "registry", "session", "ctx", "name", "link", "_out", "_busy", "_pending", "_decided",
                  "_deferred", "_deferred_stage", "_quiet", "_queued", "_held", "_unwinding", "_abandoned", "closed", "client", "sender", "debug", "meter",
-                 "_counted", "_due", "_cut")
+                 "_counted", "_due", "_cut", "_mail_macros")
 
     def __init__(self, shared: Shared, conn_id: int, link: "Link") -> None:
         self.shared = shared
@@ -420,6 +420,7 @@ class ConnectionEngine:
         self._decided = _OPEN
         self._deferred = Status.CONTINUE  # with _DEFERRED: the verdict waiting for a reply
         self._deferred_stage = ""
+        self._mail_macros = 0  # the session's mail_macros when the last message began
         self.closed = False
         self.client = ""
         self.sender = ""
@@ -543,6 +544,11 @@ class ConnectionEngine:
     # ------------------------------------------------------------ events
 
     def _handle(self, event: Event) -> None:
+        if self.session.mail_macros != self._mail_macros:
+            # MAIL's macros came: a new message, whether its MAIL comes (it may be skipped) or
+            # not, and whatever ended the last one (Sendmail may send no ABORT for it).
+            self._mail_macros = self.session.mail_macros
+            self._new_message()
         t = type(event)
         spec = _ARGS.get(t)
         if spec is None:

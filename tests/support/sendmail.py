@@ -383,6 +383,20 @@ class PrivateSendmail(PrivateService):
         smtp = _NamespacedSMTP(self.netns, timeout)
         return smtp_send(smtp, lambda: smtp.connect(LOOPBACK, SMTP_PORT), sender, recipients, message, **options)
 
+    @contextlib.contextmanager
+    def smtp_session(self, timeout: float = 60.0) -> Iterator[smtplib.SMTP]:
+        """An ``smtplib.SMTP`` connected to this instance (banner read), for several messages in
+        one SMTP session; closed (QUIT if possible) on exit."""
+        smtp = _NamespacedSMTP(self.netns, timeout)
+        smtp.connect(LOOPBACK, SMTP_PORT)
+        try:
+            yield smtp
+        finally:
+            try:
+                smtp.quit()
+            except (smtplib.SMTPException, OSError):
+                smtp.close()
+
     def sink_messages(self) -> list[SinkMessage]:
         return read_sink(self.root / "sink", self._sink)
 

@@ -21,7 +21,7 @@ from typing import Final
 
 # Imported by name, not as a module: compiled, `events.Name` is a module attribute look-up per use.
 from .events import (
-    Abort, Accept, Body, Closed, Connect, Discard, EndOfMessage, Event, Header, Helo, Macro, NoReply,
+    Abort, Accept, Body, Closed, Connect, Discard, EndOfMessage, EnvFrom, Event, Header, Helo, Macro, NoReply,
     OptionNegotiation, OptionNegotiationReply, Progress, Quit, QuitNewConnection, Reject, Reply, ReplyCode, Skip,
     Tempfail,
 )
@@ -74,6 +74,8 @@ _NR_OF_CODE: Final[dict[bytes, int]] = {c.code: int(c.no_reply) for c in COMMAND
 _REJECT_KEEPS_STATE: Final = frozenset(c.code for c in COMMANDS if c.reject_keeps_state)
 _MACRO: Final = code_of(Macro)
 _HEADER: Final = code_of(Header)
+#: MAIL's macro stage letter (the command's code): the macros both MTAs send before every MAIL.
+_MAIL_STAGE: Final = code_of(EnvFrom)
 
 #: Modifications, and by the code each goes out as (reply_spec) the action flag it needs.
 _MODIFICATIONS: Final = frozenset(r.reply for r in REPLIES if r.action)
@@ -97,7 +99,7 @@ class FilterSession:
 
     __slots__ = ("emit_macros", "_state", "macros", "negotiated", "_proto", "_actions", "_reader", "_queue",
                  "_pending", "_pending_code", "_eof", "_closed_emitted", "_clear_after_quit_nc", "_before_unknown",
-                 "_clear_on_delivery", "ignored", "ended")
+                 "_clear_on_delivery", "ignored", "ended", "mail_macros")
 
     def __init__(self, emit_macros: bool = True) -> None:
         #: Also hand out Macro events (they are always stored in ``macros``); a driver that
@@ -127,6 +129,10 @@ class FilterSession:
         #: close event was already given, so a QUIT or EOF then ends it with no event: the
         #: driver must look here.
         self.ended: str | None = None
+        #: MAIL-stage macro packets received. Both MTAs send one before every MAIL, also when MAIL
+        #: is skipped (NOMAIL): where nothing else marks a new message (Sendmail sends no ABORT
+        #: for a message decided before its end of message, docs/protocol.md §10.1), this does.
+        self.mail_macros = 0
 
     # ------------------------------------------------------------ input
 
@@ -188,7 +194,10 @@ class FilterSession:
                 # for stages that are never stored (L, B, U: one before every header) dropped.
                 if not payload:
                     raise RemoteProtocolError("macro: empty payload")
-                if payload[:1] in STORED_STAGES:
+                stage = payload[:1]
+                if stage in STORED_STAGES:
+                    if stage == _MAIL_STAGE:
+                        self.mail_macros += 1
                     self.macros.define_raw(payload)
                 continue
             if code == _HEADER and self._state == _HDRS:
@@ -213,6 +222,8 @@ class FilterSession:
                 # (SMFIP_NOCONNECT): it gets its own close all the same, as libmilter's QUIT gives.
                 self._closed_emitted = False
         if type(event) is Macro:
+            if event.stage == _MAIL_STAGE:
+                self.mail_macros += 1
             self.macros.define(event.stage, event.macros)
             return event if self.emit_macros else None
         new = _STATE_OF[code]
