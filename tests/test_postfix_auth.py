@@ -92,3 +92,15 @@ def test_a_filters_envfrom_list_without_the_auth_macros_hides_the_login(postfix,
     pf = postfix(milter=f"inet:127.0.0.1:{run.port}", sasl_users=dict([ALICE]))
     send_all(pf, {"logged in": {"login": ALICE}})
     assert macros_seen(pf, 1) == {"logged in": ["auth_authen=; auth_type=; auth_author=; auth_ssf="] * 2}
+
+
+def test_a_sasl_local_domain_is_appended_to_the_login(postfix, milter) -> None:
+    """With smtpd_sasl_local_domain set, Cyrus (given it as the user realm) qualifies a login
+    without a realm, and {auth_authen} is then ``user@domain``, not the name the client typed: a
+    script that compares it with a list of users must list them so (docs/deployment.md)."""
+    run = milter(MACROS)
+    pf = postfix(milter=f"inet:127.0.0.1:{run.port}", sasl_users=dict([ALICE]),
+                 settings={"smtpd_sasl_local_domain": "$myhostname"})  # the realm the sasldb holds alice in
+    send_all(pf, {"logged in": {"login": ALICE}})
+    assert macros_seen(pf, 1) == {
+        "logged in": ["auth_authen=alice@harness.test; auth_type=PLAIN; auth_author=; auth_ssf="] * 2}
