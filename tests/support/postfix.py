@@ -1032,14 +1032,8 @@ class PrivatePostfix(PrivateService):
         """
         if not self.smtpd_port:
             raise HarnessError("instance not started")
-        smtp = smtplib.SMTP(LOCALHOST, self.smtpd_port, timeout=timeout)
-        try:
+        with closing_smtp(smtplib.SMTP(LOCALHOST, self.smtpd_port, timeout=timeout)) as smtp:
             yield smtp
-        finally:
-            try:
-                smtp.quit()
-            except (smtplib.SMTPException, OSError):
-                smtp.close()
 
     def send(
         self,
@@ -1229,6 +1223,24 @@ def _auth(smtp: smtplib.SMTP, user: str, password: str, mechanism: str = "PLAIN"
         return Reply.of(exc.smtp_code, exc.smtp_error)
 
 
+@contextlib.contextmanager
+def closing_smtp(smtp: smtplib.SMTP) -> Iterator[smtplib.SMTP]:
+    """``smtp``, connected, closed (QUIT if possible) on exit. Shared by the Postfix and Sendmail
+    harnesses."""
+    try:
+        yield smtp
+    finally:
+        quit_smtp(smtp)
+
+
+def quit_smtp(smtp: smtplib.SMTP) -> None:
+    """QUIT if the server still takes it, else just close."""
+    try:
+        smtp.quit()
+    except (smtplib.SMTPException, OSError):
+        smtp.close()
+
+
 def smtp_send(
     smtp: smtplib.SMTP,
     connect: Callable[[], tuple[int, bytes]],
@@ -1288,10 +1300,7 @@ def smtp_send(
         _record_disconnect(result, str(exc), recipients, login is not None)
         return result
     finally:
-        try:
-            smtp.quit()
-        except (smtplib.SMTPException, OSError):
-            smtp.close()
+        quit_smtp(smtp)
 
 
 def read_sink(sink_dir: Path, sink: subprocess.Popen[bytes] | None) -> list[SinkMessage]:

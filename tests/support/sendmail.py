@@ -59,7 +59,7 @@ from pathlib import Path
 from typing import Any
 
 from .postfix import (
-    HarnessError, SendResult, SinkMessage, ensure_sasl_installed, read_sink, smtp_send, wait_until,
+    HarnessError, SendResult, SinkMessage, closing_smtp, ensure_sasl_installed, read_sink, smtp_send, wait_until,
     write_sasl_config,
 )
 from .service import PrivateService
@@ -389,13 +389,8 @@ class PrivateSendmail(PrivateService):
         one SMTP session; closed (QUIT if possible) on exit."""
         smtp = _NamespacedSMTP(self.netns, timeout)
         smtp.connect(LOOPBACK, SMTP_PORT)
-        try:
+        with closing_smtp(smtp):
             yield smtp
-        finally:
-            try:
-                smtp.quit()
-            except (smtplib.SMTPException, OSError):
-                smtp.close()
 
     def sink_messages(self) -> list[SinkMessage]:
         return read_sink(self.root / "sink", self._sink)
