@@ -537,6 +537,35 @@ def test_callback_error_is_logged_with_errorinfo_and_tempfailed(tclrun):
     assert "helo" in out[:at].splitlines()[-1]  # the log line names the callback
 
 
+def test_a_callback_that_takes_too_few_arguments_is_named_in_tcls_wrong_args_as_registered(tclrun):
+    """A callback registered while serving (no start-time check sees it) whose proc takes fewer
+    arguments than its event passes: Tcl's message named the alias pytclmilter calls it through,
+    `should be "::tclmilter::cb3 ctx"`, a command in no script; tclsh, and TclMilter 1.0 calling
+    the callback itself, name it as the script registered it."""
+    m = tclrun(r"""
+        package require TclMilter
+        proc from {ctx list} { return SMFIS_CONTINUE }
+        proc short {ctx} { return SMFIS_CONTINUE }
+        proc prefixed {word ctx} { return SMFIS_CONTINUE }
+        proc helo {ctx host} { milter register envfrom $host; return SMFIS_CONTINUE }
+        milter register envfrom from
+        milter register helo helo
+        milter main
+    """)
+    for registered in ("short", "prefixed X"):
+        with m.mta() as mta:
+            mta.negotiate()
+            assert mta.helo(registered) == ("c", {})
+            assert mta.mail("<a@example.org>") == ("t", {})
+    assert m.stop() == 0
+    failed = [ln for ln in m.text.splitlines() if "failed (" in ln]
+    assert len(failed) == 2, m.text
+    assert 'envfrom callback short failed (wrong # args: should be "short ctx")' in failed[0]
+    assert 'envfrom callback prefixed X failed (wrong # args: should be "prefixed X ctx")' in failed[1]
+    assert '\n  wrong # args: should be "short ctx"\n' in m.text  # errorInfo's first line too
+    assert "::tclmilter::cb" not in m.text
+
+
 def test_a_callback_failing_the_same_way_for_every_message_logs_its_trace_once(tclrun):
     """A callback whose database is down failed for every message with the same ten lines of
     errorInfo each time: a flood under load. Each failure keeps its line (its own message and

@@ -246,6 +246,16 @@ def _as_registered(info: str, alias: str, script: str) -> str:
     return f"{info[:name]}{script}{_text_of_bytes(info[name + len(alias) + len('_8bit'):])}"
 
 
+def _usage_as_registered(text: str, alias: str, script: str) -> str:
+    """Tcl's `wrong # args` of a callback (its message, errorInfo's first line) with the callback
+    as the script registered it: Tcl writes the usage of a command called through an alias with
+    the alias's name, which is in no script; TclMilter 1.0 called the callback itself."""
+    usage = f'wrong # args: should be "{alias}'
+    if text.startswith(usage) and text[len(usage):len(usage) + 1] in (" ", '"'):
+        return f'wrong # args: should be "{script}{text[len(usage):]}'
+    return text
+
+
 def _text_of_bytes(shown: str) -> str:
     """What errorInfo shows of words given as the bytes Tcl keeps text in (a character per byte,
     cut after 150), as the text they are."""
@@ -590,7 +600,7 @@ class TclHost:
 
     def _failure(self, exc: tkinter.TclError, alias: str, script: str) -> CallbackError:
         """The CallbackError of the callback ``script``, called through ``alias``, that raised ``exc``."""
-        info = _as_registered(from_tcl(self.error_info()), alias, script)
+        info = _usage_as_registered(_as_registered(from_tcl(self.error_info()), alias, script), alias, script)
         code = self.tk.call("set", "::errorCode")
         words = code if isinstance(code, tuple) else self.tk.splitlist(str(code))
         if is_limit_error(str(exc), [str(w) for w in words[:3]]):
@@ -600,7 +610,7 @@ class TclHost:
                 info = f"{info}\n{self.pycommands.stopped}"
                 self.pycommands.stopped = ""
             return CallbackError(f"callback {stopped}", info)
-        return CallbackError(from_tcl(str(exc)), info)
+        return CallbackError(_usage_as_registered(from_tcl(str(exc)), alias, script), info)
 
     def error_info(self) -> str:
         """Tcl's errorInfo as tclsh would show it: ending at the script's file, without the frames
