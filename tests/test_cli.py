@@ -174,6 +174,29 @@ def test_a_script_argument_starting_with_a_dash_without_the_lone_dashes_says_whe
         assert status == 0, out
 
 
+def synopsis_options(text: str, command: str) -> set[str]:
+    """The --options of the synopsis of ``pytclmilter COMMAND`` in a page's code blocks: the block
+    whose first line starts so and lists options (not the summary line of every command)."""
+    blocks = re.findall(r"^```[\w-]*\n(.*?)^```", text, re.S | re.M)
+    found = [b for b in blocks if b.startswith(f"pytclmilter {command} ") and re.search(r"\[--[a-z]", b.splitlines()[0])]
+    assert len(found) == 1, (command, found)
+    return set(re.findall(r"(?<![\w-])--[a-z][a-z-]+", found[0]))
+
+
+@pytest.mark.parametrize("command", ["run", "try", "send", "check"])
+def test_the_synopses_in_the_docs_list_every_option_the_help_does(command: str) -> None:
+    """docs/cli.md's synopsis of each command, and the README's of run, list every option of its
+    --help: the README's left out --max-connections."""
+    status, out = cli(command, "--help")
+    assert status == 0, out
+    usage = out.split("\n\n")[0]
+    options = set(re.findall(r"(?<![\w-])--[a-z][a-z-]+", usage))
+    assert "--log-level" in options and "--help" not in options, usage
+    assert synopsis_options((ROOT / "docs" / "cli.md").read_text(), command) == options
+    if command == "run":
+        assert synopsis_options((ROOT / "README.md").read_text(), command) == options
+
+
 def test_run_reports_the_command_line_override_of_the_scripts_connection(serve: Callable[..., TclRun]) -> None:
     m = serve(BLACKLIST, "--connection", "inet:0@127.0.0.1")
     assert re.search(r"milter configure -connection unix:/var/run/blmilter.sock ignored: "
