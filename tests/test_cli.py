@@ -2133,3 +2133,35 @@ def test_check_and_run_take_a_callback_the_scripts_own_unknown_serves(tmp_path: 
     status, out = cli("check", str(script))
     assert status == 0, out
     assert "envfrom   tcl    cb_from" in out
+
+
+#: A timer failing over and over while the script loads, then the script's end: a Tcl error, or `exit`.
+FAILING_WHILE_LOADING = r"""
+package require TclMilter
+proc tick {} { after 1 tick; error "boom [incr ::n]" }
+after 1 tick
+after 300 {set done 1}
+vwait done
+END
+"""
+
+
+@pytest.mark.parametrize(("command", "end", "status"), [
+    ("try", 'error "load failed"', 70),
+    ("check", 'error "load failed"', 1),
+    ("run", "exit 3", 3),
+])
+def test_a_count_of_failures_not_logged_one_by_one_is_told_when_the_command_ends(
+        tmp_path: Path, command: str, end: str, status: int) -> None:
+    """A timer failing once a millisecond is logged once with its trace, the rest counted and told
+    once a minute or when `milter main` stops. A script that ended before it served (a Tcl error,
+    `exit`) never told the count: ``try``, ``check`` and ``run`` ended with the first line only."""
+    script = tmp_path / "failing.tcl"
+    script.write_text(FAILING_WHILE_LOADING.replace("END", end))
+    args = [str(DATA / "plain.eml")] if command == "try" else []
+    got, out = cli(command, str(script), *args)
+    assert got == status, out
+    assert out.count("ERROR: error in an event handler of the script (after, fileevent): boom ") == 2, out
+    told = re.search(r"ERROR: error in an event handler of the script \(after, fileevent\): boom (\d+) \(repeated "
+                     r"(\d+) times since its last line with the trace; logged once a minute\)\n", out)
+    assert told and int(told.group(2)) == int(told.group(1)) - 1 > 10, out

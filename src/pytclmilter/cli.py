@@ -9,7 +9,7 @@ from typing import Callable, NoReturn, Sequence
 from . import __version__
 from .commands import check, run, send, sigmask, trial
 from .commands.common import EX_SOFTWARE, EX_USAGE, HooksFailed, UnsafeFile, UsageError
-from .logline import escape
+from .logline import escape, tell_counts
 
 _COMMANDS: dict[str, tuple[Callable[..., argparse.ArgumentParser], Callable[[argparse.Namespace], int]]] = {
     "run": (run.add_parser, run.cmd_run),
@@ -79,6 +79,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BrokenPipeError:  # `pytclmilter try ... | head`: the reader went away, not an error of ours
         sys.stderr.close()
         return 0
+    finally:
+        # Failures counted, not logged one by one (a script's failing `after` loop), since the last
+        # line about them: a script that fails, or ends, outside `milter main` (which tells them as
+        # it stops) would never tell them.
+        tell_counts(ended_only=False)
 
 
 if __name__ == "__main__":

@@ -26,7 +26,7 @@ import _tkinter
 from ..context import Context, MilterError
 from ..engine import CallbackError
 from ..hooks import Hooks
-from ..logline import SHOWN, Repeated, clip, escape, escape_lines, place_of
+from ..logline import SHOWN, Repeated, clip, escape, escape_lines, place_of, tell_counts
 from ..milter import Milter
 from ..protocol.codec import text
 from ..status import Status
@@ -472,6 +472,7 @@ class TclHost:
         """Tcl's exit: stop serving at once (socket file removed), flush, end the process."""
         self.milter.abort()
         self.flush_channels(ending=True)
+        tell_counts(ended_only=False)  # (the script's failing `after` loop's count: cli.main's end is not reached)
         logging.shutdown()
         sys.stdout.flush()
         sys.stderr.flush()
