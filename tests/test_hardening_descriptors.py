@@ -188,3 +188,39 @@ def test_a_connection_that_failed_before_it_was_taken_is_skipped_without_a_warni
         listener.close()
     assert len(accepted) == 1
     assert not [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+
+
+def test_a_second_shortage_within_the_minute_is_counted_and_its_count_told(tclrun):
+    """The warning comes at most once a minute: a shortage that came back within it was counted
+    and told only by the next warning, which never came if the shortage did not last: the log
+    said accepting worked again and nothing of the second time. Now its count is told once the
+    minute is over, or at stop at the latest."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < MAX_CLIENTS + ROUND + 64:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, 4096), hard))
+    m = tclrun(SCRIPT, "--backlog", "32", preexec_fn=low_limit)
+    clients: list[socket.socket] = []
+    try:
+        flood_until_out_of_descriptors(m, clients)
+    finally:
+        for s in clients:
+            s.close()
+    m.wait_for(r"INFO: accepting connections again \(\d+ failed accepts since the last warning\)", timeout=10)
+    clients = []
+    try:
+        for _ in range(3 * LIMIT // ROUND):  # more than the limit: accept() fails again, without a line
+            clients.extend(connect_round(m.port))
+        time.sleep(2)
+    finally:
+        for s in clients:
+            s.close()
+    with m.mta() as late:  # served once they are gone
+        late.negotiate()
+        assert ok(late.connect())
+        served(late)
+    assert m.stop() == 0
+    text = m.text
+    assert len(re.findall(r"WARNING: cannot accept connections", text)) == 1, text[-3000:]
+    told = re.findall(r"WARNING: (\d+) more failed accepts \(out of descriptors or memory\) since the last line "
+                      r"about them \(warned at most once a minute\)", text)
+    assert len(told) == 1 and int(told[0]) > 0, text[-3000:]

@@ -7,9 +7,10 @@ listening socket is watched with ``add_reader``; when it is ready a connection i
 handed to the loop's ``connect_accepted_socket``. When ``accept()`` fails for want of
 descriptors or kernel memory, accepting stops until a connection closes (which frees a
 descriptor) or a short timer passes (something else may have freed one), and the waiting
-connections stay queued; one WARNING says so, repeated at most every 10 s with the number of
-failures since. Open connections are served throughout: reading and writing need no new
-descriptor.
+connections stay queued; one WARNING says so, at most once a minute (logline.Repeated), and one
+INFO line when accepting works again, with the number of failures since; failures no line named
+(a second shortage within the minute) are told once the minute is over, or at stop. Open
+connections are served throughout: reading and writing need no new descriptor.
 
 At the connection limit (``max_connections``: ``limit`` here) a connection accepted is closed at
 once, unanswered: the MTA applies its default action to that session now (Postfix:
@@ -31,11 +32,13 @@ import resource
 import socket
 from typing import Any, Callable, Final
 
+from .logline import Repeated
+
 log: Final = logging.getLogger("pytclmilter")
 
 BATCH: Final = 64  # connections accepted per wake-up while recovering: a burst must not hold up open sessions
 RETRY: Final = 0.1  # seconds before accepting again when no connection closed meanwhile
-REPEAT: Final = 10.0  # seconds between warnings while accepting keeps failing
+REPEAT: Final = 60.0  # seconds between warnings while accepting keeps failing (or fails again)
 LIMIT_REPEAT: Final = 60.0  # seconds between warnings that the connection limit is reached
 #: Descriptors the process needs besides its connections: the interpreter, the event loop, the
 #: log, the listening socket, what the script opens.
@@ -74,8 +77,7 @@ class Acceptor:
         self._kind = (sock.family, sock.type, sock.proto)
         self._reading = False
         self._retry: asyncio.Handle | None = None  # accepting is paused until this runs
-        self._failures = 0  # failed accepts since the last warning
-        self._warned: float | None = None  # loop time of the last warning
+        self._failures = Repeated(REPEAT, tell=_failures_told)  # failed accepts, a warning a minute
         self._tell_recovery = False  # a warning went out: say once when accepting works again
         self._capped = False  # a connection was closed at the limit, and none has closed since
         self._told = False  # the warning of this time at the limit went out: say when it is over
@@ -120,7 +122,8 @@ class Acceptor:
             except BlockingIOError:  # the queue is empty (or another worker took the connection)
                 if self._tell_recovery:
                     self._tell_recovery = False
-                    log.info("accepting connections again (%d failed accepts since the last warning)", self._failures)
+                    failed = sum(count for _, count in self._failures.overdue(ended_only=False))
+                    log.info("accepting connections again (%d failed accepts since the last warning)", failed)
                 return
             except OSError as exc:
                 if exc.errno in _PEER_ERRORS:
@@ -181,18 +184,18 @@ class Acceptor:
             self._refused = 0
 
     def _failed(self, exc: OSError) -> None:
-        """Stop accepting for now; warn unless a warning went out less than REPEAT seconds ago."""
+        """Stop accepting for now; warn unless a warning went out less than REPEAT seconds ago
+        (then the failure is counted, and told by the INFO line of recovery or tell_counts)."""
         self._pause()
         self._retry = self.loop.call_later(RETRY, self._resume)
-        self._failures += 1
-        now = self.loop.time()
-        if self._warned is not None and now - self._warned < REPEAT:
+        missed = self._failures.due("accept")
+        if missed is None:
             return
-        since = f"; {self._failures} failed accepts since the last warning" if self._warned is not None else ""
+        since = f"; {missed} failed accepts since the last line about them" if missed else ""
         log.warning("cannot accept connections: %s (open-files limit %s, %d connections open)%s; new "
-                    "connections wait in the listen queue, accepting resumes when one closes",
-                    exc.strerror or exc, limit_text(), self.open, since)
-        self._warned, self._failures, self._tell_recovery = now, 0, True
+                    "connections wait in the listen queue, accepting resumes when one closes (warned at most "
+                    "once a minute)", exc.strerror or exc, limit_text(), self.open, since)
+        self._tell_recovery = True
 
     def _pause(self) -> None:
         if self._retry is not None:
@@ -209,6 +212,11 @@ class Acceptor:
             # accept() fails for want of a descriptor even when nobody waits, and then the
             # socket would never turn readable to tell that accepting works again: try now.
             self._ready()
+
+
+def _failures_told(_failures: Repeated, _label: str, count: int) -> None:
+    log.warning("%d more failed accepts (out of descriptors or memory) since the last line about them (warned at "
+                "most once a minute)", count)
 
 
 def _connections(n: int) -> str:
