@@ -330,8 +330,8 @@ def test_workers_that_keep_dying_are_respawned_slowly_and_logged_once(tclrun) ->
     assert time.monotonic() - started >= 4.0, m.text
     died = re.findall(r"ERROR: worker \d \(pid \d+\) died \(exit status 3\)(.*)", m.text)
     assert len(died) <= 6, m.text  # the burst of 5 one by one, then one line for the rest
-    assert "worker deaths within 10 s: starting one a second at most, the deaths logged once a " \
-           "minute" in died[-1], m.text
+    assert "worker deaths within 10 s: starting one a second at most, the deaths logged once in " \
+           "60 s" in died[-1], m.text
     assert m.stop() == 0
 
 
@@ -381,39 +381,53 @@ def test_a_worker_that_cannot_be_forked_is_tried_again_while_the_others_serve(tc
 
 
 
-def test_deaths_are_logged_one_by_one_then_once_a_minute_with_their_count(caplog, monkeypatch) -> None:
-    """The supervisor's lines for dying workers (workers._Deaths), on a clock of the test's: a
-    burst of 5 is logged death by death; the 6th within 10 s says the respawns slow down; the
-    next ones are only counted, and the first a minute later gives their count; once the deaths
-    come slower again, each is logged again, with the count of those no line named."""
-    from types import SimpleNamespace
+#: A worker dies as it starts while the file $env(DIE) exists.
+DIES_WHILE_THE_FILE_IS_THERE = r"""
+package require TclMilter 1.0
+after 10 { if {[file exists $env(DIE)]} { puts "WORKER DIES"; flush stdout; exit 3 } }
+proc rc {ctx l} { return SMFIS_REJECT }
+milter register envrcpt rc
+milter main
+"""
 
-    from pytclmilter import workers
+#: Loaded by the supervisor: the deaths' window of 3 s, not a minute (a test waits for its end).
+SHORT_DEATHS_WINDOW = """
+from pytclmilter import workers
 
-    now = [1000.0]
-    monkeypatch.setattr(workers, "time", SimpleNamespace(monotonic=lambda: now[0]))
-    caplog.set_level(logging.ERROR, logger="pytclmilter")
-    deaths = workers._Deaths()
 
-    def die(at: float, n: int) -> tuple[bool, list[str]]:
-        now[0] = 1000.0 + at
-        caplog.clear()
-        slow = deaths.died(f"worker 1 (pid {n}) died (signal 9)")
-        return slow, [r.getMessage() for r in caplog.records]
+def setup(milter):
+    workers._DEATHS_WINDOW = 3.0
+"""
 
-    for n in range(5):
-        assert die(n * 0.1, n) == (False, [f"worker 1 (pid {n}) died (signal 9); starting a new one"])
-    assert die(0.5, 5) == (True, ["worker 1 (pid 5) died (signal 9); 6 worker deaths within 10 s: starting one "
-                                  "a second at most, the deaths logged once a minute"])
-    for n in range(6, 65):  # one a second, as the supervisor respawns them: counted, not logged
-        assert die(n - 4.5, n) == (True, [])
-    assert die(60.5, 65) == (True, ["worker 1 (pid 65) died (signal 9); workers still dying (59 more since the "
-                                    "last line): starting one a second at most"])
-    assert die(61.5, 66) == (True, [])
-    # the deaths stop, and the next one comes long after: logged whole, with those no line named
-    assert die(200.0, 67) == (False, ["worker 1 (pid 67) died (signal 9); starting a new one (1 more since the "
-                                      "last line)"])
-    assert die(201.0, 68) == (False, ["worker 1 (pid 68) died (signal 9); starting a new one"])
+
+def test_every_death_of_a_worker_is_logged_or_counted_and_the_count_told(tclrun, tmp_path: Path) -> None:
+    """Workers that die at every start, then no longer (the disk they need is back): the deaths
+    past the burst were counted and told by the next line about a death, which never came: the
+    log ended in "the deaths logged once a minute" and said nothing of the 20 deaths after it.
+    Now the count is told once the window is over, each death is in a line or a count (once:
+    the workers forked after a count do not tell it again), and the milter serves again."""
+    die = tmp_path / "die"
+    die.touch()
+    m = tclrun(DIES_WHILE_THE_FILE_IS_THERE, "--workers", "2", env={"DIE": str(die)}, python=[SHORT_DEATHS_WINDOW])
+    deadline = time.monotonic() + 30
+    while m.text.count("WORKER DIES") < 16:  # past the burst, one a second, over windows
+        assert time.monotonic() < deadline and m.alive(), m.text
+        time.sleep(0.1)
+    die.unlink()
+    m.wait_for(r"ERROR: \d+ more worker deaths? since the last line about them", timeout=10)
+    with Mta(m.port) as mta:
+        mta.negotiate()
+        mta.mail("<a@example.org>")
+        assert mta.rcpt("<b@example.org>")[0] == "r"
+    assert m.stop() == 0
+    text = m.text
+    lines = re.findall(r"ERROR: worker \d \(pid \d+\) died \(exit status 3\); ([^\n]*)", text)
+    counts = [int(n) for n in re.findall(r"ERROR: (\d+) more worker deaths? since the last line about them, each "
+                                         r"replaced \(not logged one by one: ", text)]
+    counts += [int(n) for line in lines for n in re.findall(r"\((\d+) more since the last line\)$", line)]
+    assert len(lines) + sum(counts) == text.count("WORKER DIES"), text
+    assert len(lines) <= 5 + 16 // 3 + 2 and lines[5].startswith("6 worker deaths within 10 s: starting one a "
+                                                                 "second at most"), text
 
 
 # Loaded by the supervisor (and again at each reload): SIGUSR2 makes its fork()s fail, and work again.

@@ -188,12 +188,25 @@ class Repeated:
 
 
 _LOCK: Final = threading.Lock()
-# A worker forked (--workers) while the metrics' thread held the lock would find it held forever,
-# and its event loop would hang at its first fault: the fork waits for it, as logging's locks.
-os.register_at_fork(before=_LOCK.acquire, after_in_parent=_LOCK.release, after_in_child=_LOCK.release)
 #: The Repeated with a ``tell`` that hold counts not told yet: only those, so that one dropped
 #: (a reload's interpreter) is forgotten here once its counts are told.
 _untold: Final[set[Repeated]] = set()
+
+
+def _forked() -> None:
+    """In a child just forked (a --workers worker): the counts so far are the parent's, which
+    tells them; told here too, each would be told once more by every worker (a supervisor's
+    count of worker deaths, by the workers it then started)."""
+    for repeated in _untold:
+        repeated._places = {place: (start, logged, 0, label)
+                            for place, (start, logged, _, label) in repeated._places.items()}
+    _untold.clear()
+    _LOCK.release()
+
+
+# A worker forked (--workers) while the metrics' thread held the lock would find it held forever,
+# and its event loop would hang at its first fault: the fork waits for it, as logging's locks.
+os.register_at_fork(before=_LOCK.acquire, after_in_parent=_LOCK.release, after_in_child=_forked)
 
 
 def tell_counts(ended_only: bool = True) -> None:

@@ -4,8 +4,8 @@ The parent binds the socket (and drops privileges) at ``milter main``, then
 forks the workers from that very moment, so each starts with the script's
 state as it stood when ``milter main`` was called: its own interpreter, its
 own Tcl globals, the same callbacks. A worker that dies is replaced and the
-death logged (deaths faster than a burst: replaced one a second, logged once a
-minute); a worker that exits with status 0 asked to stop (``milter
+death logged (five a minute at most, then a count; deaths faster than a burst:
+replaced one a second, logged once a minute, then a count); a worker that exits with status 0 asked to stop (``milter
 stop``), which stops all. SIGTERM, SIGINT and SIGHUP to the parent stop all
 gracefully; then ``milter main`` returns in the parent and the script goes on.
 
@@ -44,7 +44,7 @@ from .connspec import parse
 from .hooks import Hooks, forget_early_reload, signalled
 from .listener import Listener, bind
 from .server import REPLACED, STOP_SIGNALS
-from .logline import Every, escape
+from .logline import Every, Repeated, escape, tell_counts
 from .settings import Settings
 
 log = logging.getLogger("pytclmilter")
@@ -55,7 +55,8 @@ log = logging.getLogger("pytclmilter")
 STOPPED_BY = 128
 _RESPAWN_WINDOW = 10.0  # seconds
 _RESPAWN_BURST = 5  # deaths within the window before respawning slows down
-_STORM_TELL_EVERY = 60.0  # seconds between the lines of deaths that come faster than that
+_DEATHS_WINDOW = 60.0  # seconds in which deaths are logged _RESPAWN_BURST times, or once when faster (_Deaths)
+_FORK_TELL_EVERY = 60.0  # seconds between the lines of failed forks
 _SLOT_SETS = 4  # metrics slots per worker: the set serving, and up to three reloads finishing
 
 
@@ -77,35 +78,40 @@ def run_workers(settings: Settings, supervisor: "Supervisor") -> None:
         listener.sock.close()
 
 
+def _deaths_told(deaths: Repeated, _label: str, count: int) -> None:
+    """The count of the deaths no line named, once their window is over (logline.tell_counts)."""
+    how = (f"at most {deaths.whole} lines in {deaths.seconds:g} s" if deaths.whole > 1 else
+           f"one line in {deaths.seconds:g} s while they come faster than {_RESPAWN_BURST} in {_RESPAWN_WINDOW:g} s")
+    log.error("%d more worker death%s since the last line about them, each replaced (not logged one by one: %s)",
+              count, "" if count == 1 else "s", how)
+
+
 class _Deaths:
-    """Worker deaths, each logged until they come faster than _RESPAWN_BURST in _RESPAWN_WINDOW
-    seconds (a worker that dies at once, the OOM killer under load): then the respawns slow to
-    one a second and one line says so, then one a minute with the count, not a line a death."""
+    """Worker deaths, each logged, at most _RESPAWN_BURST in _DEATHS_WINDOW seconds; past
+    _RESPAWN_BURST in _RESPAWN_WINDOW seconds (a worker that dies at once, the OOM killer under
+    load) the respawns slow to one a second, which one line a window says. The deaths past those
+    lines are counted, and their count told (logline.Repeated): a worker that dies on every
+    connection, or at every start, makes a few lines a minute, not one a death."""
 
     def __init__(self) -> None:
         self.times: list[float] = []
-        self.told = 0.0  # when the last line of a storm went out (0: not in one)
-        self.untold = 0  # deaths since then that no line named
+        self.lines = Repeated(_DEATHS_WINDOW, whole=_RESPAWN_BURST, tell=_deaths_told)
+        self.storm = Repeated(_DEATHS_WINDOW, tell=_deaths_told)  # the deaths that slow the respawns
 
     def died(self, what: str) -> bool:
         """Log the death ``what`` as due; True when respawning must slow down."""
         now = time.monotonic()
         self.times = [t for t in self.times if now - t < _RESPAWN_WINDOW] + [now]
-        before = f" ({self.untold} more since the last line)" if self.untold else ""
-        if len(self.times) <= _RESPAWN_BURST:
-            log.error("%s; starting a new one%s", what, before)
-            self.told, self.untold = 0.0, 0
-            return False
-        if self.told and now - self.told < _STORM_TELL_EVERY:
-            self.untold += 1
-        elif not self.told:
-            log.error("%s; %d worker deaths within %g s: starting one a second at most, the deaths "
-                      "logged once a minute", what, len(self.times), _RESPAWN_WINDOW)
-            self.told, self.untold = now, 0
-        else:
-            log.error("%s; workers still dying%s: starting one a second at most", what, before)
-            self.told, self.untold = now, 0
-        return True
+        slow = len(self.times) > _RESPAWN_BURST
+        missed = (self.storm if slow else self.lines).due("deaths")
+        if missed is not None:
+            before = f" ({missed} more since the last line)" if missed else ""
+            if slow:
+                log.error("%s; %d worker deaths within %g s: starting one a second at most, the deaths logged once "
+                          "in %g s%s", what, len(self.times), _RESPAWN_WINDOW, self.storm.seconds, before)
+            else:
+                log.error("%s; starting a new one%s", what, before)
+        return slow
 
 
 class Supervisor:
@@ -135,7 +141,7 @@ class Supervisor:
         self.deaths = _Deaths()
         #: Workers of the serving set whose fork failed (EAGAIN, ENOMEM): tried again every second.
         self.unstarted: set[int] = set()
-        self._fork_failed = Every(_STORM_TELL_EVERY)  # _spawn's log line
+        self._fork_failed = Every(_FORK_TELL_EVERY)  # _spawn's log line
         self.pid = os.getpid()  # for the workers: os.getppid() there may already be another process
 
     def run(self, listener: Listener) -> None:
@@ -162,12 +168,14 @@ class Supervisor:
                 got = signal.sigtimedwait(self._waited, 1.0)
                 if got is not None and got.si_signo == signal.SIGUSR1:
                     self._on_reload()
+                tell_counts()  # (the deaths' counts, once their window is over)
         finally:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
             signal.pthread_sigmask(signal.SIG_SETMASK, mask)
             os.close(self.lifeline)
             os.close(self._lifeline_w)
+            tell_counts(ended_only=False)
         log.info("all workers stopped")
 
     def _reap(self) -> bool:
@@ -347,6 +355,7 @@ class Supervisor:
             log.exception("worker %d failed", number)
             code = 70
         finally:
+            tell_counts(ended_only=False)  # (serving tells its own as it stops, not when it failed)
             logging.shutdown()
             sys.stdout.flush()
             sys.stderr.flush()
