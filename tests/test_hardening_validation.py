@@ -485,3 +485,57 @@ def test_tcl_gets_a_catchable_error_for_an_action_not_granted_or_a_packet_too_bi
     assert r["caught"] == "addrcpt " + not_granted.format("ADDRCPT")
     assert r["big"] == "ERR addheader: a packet of 1000007 bytes of data, more than the 65535 the MTA accepts"
     assert final == [("h", b"X-Ok\0yes\0"), ("c", b"")], final
+
+
+#: The recipient picks what eom does: a script's runaway loop of header changes or of body
+#: chunks, or a legitimate new body of 40 MB with 1 000 headers.
+RUNAWAY = r"""
+package require TclMilter
+set ::chunk [string repeat x 4000000]
+proc rcpt {ctx to args} { $ctx setpriv to $to; return SMFIS_CONTINUE }
+proc eom {ctx} {
+    switch -- [$ctx getpriv to] {
+        <headers@example.org> { while 1 { $ctx addheader X-Loop [string repeat v 100] } }
+        <body@example.org> { while 1 { $ctx replacebody $::chunk } }
+        default {
+            for {set i 0} {$i < 1000} {incr i} { $ctx addheader X-N $i }
+            for {set i 0} {$i < 10} {incr i} { $ctx replacebody $::chunk }
+        }
+    }
+    return SMFIS_CONTINUE
+}
+milter register envrcpt rcpt
+milter register eom eom
+milter main
+"""
+
+
+def _eom_for(m, rcpt: str) -> list[tuple[str, bytes]]:
+    with m.mta() as mta:
+        mta.negotiate()
+        steps = mta.message(rcpts=[rcpt])
+        assert all(ok(r) for r in steps["rcpt"]), steps
+        return steps["eom"]
+
+
+@pytest.mark.parametrize(("rcpt", "error"), [
+    ("<headers@example.org>", r"addheader: this message has 100000 modifications already, the most one may have "
+                              r"\(a loop in the script\?\)"),
+    ("<body@example.org>", r"replacebody: this message's modifications would pass 1024 MiB, the most they may "
+                           r"hold \(1072000000 bytes queued already; a loop in the script\?\)"),
+])
+def test_a_scripts_runaway_modifications_fail_the_message_not_the_process(tclrun, rcpt: str, error: str) -> None:
+    """A loop of addheader (or replacebody) at eom queued 150 MB a second until -calltimeout
+    (60 s) stopped it: the process ran out of memory first, and every connection with it. Now
+    the call past the bound is a Tcl error: the message gets -onerror (tempfail) and no
+    modification, one line says why, and the next message with a legitimate 40 MB body is served."""
+    m = tclrun(RUNAWAY)
+    eom = _eom_for(m, rcpt)
+    assert [cmd for cmd, _ in eom] == ["t"], [cmd for cmd, _ in eom]
+    m.wait_for(rf"ERROR: conn#1: eom callback eom failed \({error}\), answering SMFIS_TEMPFAIL")
+    eom = _eom_for(m, "<fine@example.org>")
+    cmds = [cmd for cmd, _ in eom]
+    assert cmds.count("h") == 1000 and cmds[-1] == "c", cmds[-5:]
+    assert sum(len(data) for cmd, data in eom if cmd == "b") == 40_000_000
+    assert m.stop() == 0
+    assert m.text.count(" ERROR: ") == 1, m.text

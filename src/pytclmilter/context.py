@@ -51,6 +51,17 @@ MAX_REPLY_LINE: Final = 980
 MAX_REPLY_LINES: Final = 32
 
 
+#: What one message's modifications may queue until its end of message is answered. A script's
+#: loop (``while 1 {$ctx addheader X-A $v}``) queued 150 MB a second until -calltimeout (60 s by
+#: default) stopped it, and the process ran out of memory first; now the call that would pass a
+#: bound fails (a Tcl error, a MilterError), so the callback fails and the message gets
+#: -onerror (tempfail by default). Far above what real mail needs: a new body of 1 GiB (MTAs'
+#: message size limits are tens of MB: Postfix's is 10 MB by default), 100 000 header, recipient
+#: and sender changes (Sendmail keeps 32 KB of headers by default).
+MAX_CHANGES: Final = 100_000
+MAX_QUEUED: Final = 1 << 30
+
+
 def _glob_step(pattern: str, at: int, char: str) -> int | None:
     """Where Tcl's ``string match`` goes on in ``pattern`` after matching ``char`` at ``at`` (not
     a ``*``), or None where it fails: Tcl_StringCaseMatch's rules, followed to the letter."""
@@ -381,6 +392,7 @@ class Context:
         "reply_text",
         "actions",
         "body",
+        "queued",
         "symlists",
         "_progress",
         "host_data",
@@ -399,6 +411,7 @@ class Context:
         self.reply_text: str | None = None
         self.actions: list[ev.Reply] = []
         self.body: list[bytes] | None = None
+        self.queued = 0  # bytes of data in actions and body (MAX_QUEUED)
         self.symlists: dict[MacroStage, str] = {}
         self._progress = progress
         #: The host's own per-connection value, set by its context_created hook and read at
@@ -527,7 +540,18 @@ class Context:
     def _act(self, what: str, action: ev.Reply, flag: int, size: int) -> None:
         self._require("eom", what)
         self._granted(what, flag, size)
+        if len(self.actions) >= MAX_CHANGES:
+            raise MilterError(f"{what}: this message has {MAX_CHANGES} modifications already, the most one may "
+                              "have (a loop in the script?)")
+        self._queue(what, size)
         self.actions.append(action)
+
+    def _queue(self, what: str, size: int) -> None:
+        """Count ``size`` bytes more for this message's modifications, unless past MAX_QUEUED."""
+        if self.queued + size > MAX_QUEUED:
+            raise MilterError(f"{what}: this message's modifications would pass {MAX_QUEUED >> 20} MiB, the most "
+                              f"they may hold ({self.queued} bytes queued already; a loop in the script?)")
+        self.queued += size
 
     def addheader(self, name: str, value: str) -> None:
         value = check_header("addheader", name, value)
@@ -573,6 +597,7 @@ class Context:
             raw = bytes(data)
         else:  # bytes() of an int is that many NULs, of a list of ints those bytes: never a body
             raise TypeError(f"replacebody: bytes or str expected; got {type(data).__name__}")
+        self._queue("replacebody", len(raw))
         if self.body is None:
             self.body = []
         self.body.append(raw)
@@ -597,11 +622,13 @@ class Context:
             out.append(ev.ReplaceBody(b"".join(self.body)))
         self.actions = []
         self.body = None
+        self.queued = 0
         return out
 
     def drop_actions(self) -> None:
         self.actions = []
         self.body = None
+        self.queued = 0
 
     def detach(self) -> None:
         """The connection is over: progress() does nothing from now on. This also breaks the
