@@ -11,6 +11,7 @@ import re
 import shutil
 import signal
 import subprocess
+import tempfile
 from importlib.util import cache_from_source
 from pathlib import Path
 
@@ -381,7 +382,8 @@ def test_a_cached_module_in_another_users_pycache_is_not_run(tclrun, etc):
 
 def test_roots_own_files_pulled_in_are_run(tclrun, etc):
     """A file sourced, a package (TclMilter's own, Thread), a command autoloaded through a tclIndex,
-    a module beside the --python file: root's, also in an interpreter the script creates."""
+    a module beside the --python file: root's, also in an interpreter the script creates and in
+    Thread's threads."""
     (etc / "rules.tcl").write_text('puts "rules ran: [file tail [info script]]"\n')
     (etc / "rules.py").write_text('print("rules.py ran", flush=True)\n')
     (etc / "hooks.py").write_text(IMPORTING.format(where=str(etc)))
@@ -391,10 +393,15 @@ def test_roots_own_files_pulled_in_are_run(tclrun, etc):
     script = etc / "filter.tcl"
     script.write_text(pulling_in(f'source [file join [file dirname [info script]] rules.tcl]\n'
                                  f'puts "Thread [package require Thread]"; lappend auto_path {etc}; puts [autoloaded]\n'
-                                 f'interp create i; i eval {{source {etc}/rules.tcl; package require Thread}}'))
+                                 f'interp create i; i eval {{source {etc}/rules.tcl; package require Thread}}\n'
+                                 f'puts "thread: [thread::send [thread::create] {{source {etc}/auto.tcl; '
+                                 f'list [autoloaded] [package require TclMilter]}}]"\n'
+                                 f'set p [tpool::create -initcmd {{lappend auto_path {etc}}}]; set j [tpool::post $p '
+                                 f'{{autoloaded}}]; tpool::wait $p $j; puts "worker: [tpool::get $p $j]"'))
     m = tclrun(script, "--python", str(etc / "hooks.py"), connection=TCP)
     assert "rules.py ran" in m.text and m.text.count("rules ran: rules.tcl") == 2 and "Thread 2." in m.text
     assert "autoloaded ran" in m.text
+    assert "thread: {autoloaded ran} 1.0" in m.text and "worker: autoloaded ran" in m.text
     assert stamps(m) == [b"X-Stamp\0A\0"]
     assert m.stop() == 0
 
@@ -476,3 +483,98 @@ def test_source_as_root_reads_and_fails_as_tclshs(etc):
                           capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done
     assert done.stdout.split(f"{script.name}: loaded\n")[0] == under_tclsh.stdout
+
+
+# The Thread package's threads: each has its own interpreter, in another thread, with Tcl's own
+# `source` and `load` until the fix; another user's file ran as root. The script's thread is
+# often waiting for the thread meanwhile (a synchronous thread::send, thread::join, tpool::post
+# starting a worker), so the checks must be answered without it.
+
+needs_thread = pytest.mark.skipif(not THREAD.exists(), reason="needs Debian's tcl-thread")
+
+IN_THREADS = {
+    "thread::send": "set t [thread::create]; thread::send $t {{{pulling}}}",
+    "thread::send to a thread it creates": "thread::send [thread::create] {{thread::send [thread::create] {{{pulling}}}}}",
+    "tpool -initcmd": "tpool::post [tpool::create -initcmd {{{pulling}}}] {{set x 1}}",
+    "tpool::post": "set p [tpool::create]; set j [tpool::post $p {{{pulling}}}]; tpool::wait $p $j; tpool::get $p $j",
+    "interp create in a thread": "thread::send [thread::create] {{interp create i; i eval {{{pulling}}}}}",
+}
+
+
+@needs_thread
+@pytest.mark.parametrize("how", IN_THREADS)
+def test_a_file_a_thread_sources_is_refused(etc, theirs, how):
+    rules = theirs / "rules.tcl"
+    rules.write_text('puts "rules ran"\n')
+    check_refuses(etc, IN_THREADS[how].format(pulling=f"source {rules}"),
+                  f'refusing to source "{rules}" as root: {owned_by_nobody(theirs)}', "rules ran")
+
+
+@needs_thread
+def test_a_package_index_a_thread_finds_is_not_run(etc, theirs):
+    index = theirs / "foo" / "pkgIndex.tcl"
+    index.parent.mkdir()
+    index.write_text('puts "index ran"\npackage ifneeded Foo 1.0 {package provide Foo 1.0}\n')
+    script = etc / "filter.tcl"
+    script.write_text(pulling_in(f"thread::send [thread::create] {{lappend auto_path {theirs}; package require Foo}}"))
+    done = subprocess.run([*_pytclmilter_command(), "check", str(script)], env=child_env(),
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 1, done
+    assert (f'error reading package index file {index}: refusing to source "{index}" as root: '
+            f"{owned_by_nobody(theirs)}\n") in done.stderr
+    assert f"{script}:2: error: can't find package Foo\n" in done.stderr
+    assert "index ran" not in done.stdout
+
+
+@needs_thread
+def test_a_thread_the_script_joins_does_not_run_another_users_file(tclrun, etc, theirs):
+    """Its error is Thread's, on stderr, as under tclsh; the script goes on."""
+    marker = etc / "ran"
+    rules = theirs / "rules.tcl"
+    rules.write_text(f'close [open {marker} w]\n')
+    script = etc / "filter.tcl"
+    script.write_text(pulling_in(f"thread::join [thread::create -joinable {{source {rules}}}]"))
+    m = tclrun(script, connection=TCP)
+    assert f'refusing to source "{rules}" as root: {owned_by_nobody(theirs)}' in m.text
+    assert not marker.exists()
+    assert stamps(m) == [b"X-Stamp\0A\0"]
+    assert m.stop() == 0
+
+
+@needs_thread
+def test_a_library_a_thread_loads_is_refused(etc, theirs):
+    library = theirs / THREAD.name
+    shutil.copy(THREAD, library)
+    check_refuses(etc, f'thread::send [thread::create] {{load {library} Thread; puts "loaded"}}',
+                  f'refusing to load "{library}" as root: {owned_by_nobody(theirs)}', "loaded")
+
+
+THREADS_AFTER_DROP = r"""package require TclMilter
+proc eom {ctx} {
+    set t [thread::create]
+    $ctx addheader X-Thread [thread::send $t {source RULES}]
+    set p [tpool::create]
+    set j [tpool::post $p {source RULES}]
+    tpool::wait $p $j
+    $ctx addheader X-Pool [tpool::get $p $j]
+    return SMFIS_CONTINUE
+}
+milter register eom eom
+milter main
+"""
+
+
+@needs_thread
+def test_threads_after_privileges_are_dropped_are_plain_tcl(tclrun, etc):
+    """Once --user has dropped root, a thread sources what that user may read, as under tclsh."""
+    theirs = Path(tempfile.mkdtemp(dir="/tmp"))  # (where nobody may look: not below pytest's 0700 directory)
+    theirs.chmod(0o755)
+    os.chown(theirs, NOBODY, -1)
+    rules = theirs / "rules.tcl"
+    rules.write_text("return [exec id -u]\n")
+    os.chown(rules, NOBODY, -1)
+    script = etc / "filter.tcl"
+    script.write_text(THREADS_AFTER_DROP.replace("RULES", str(rules)))
+    m = tclrun(script, "--user", "nobody", connection=TCP)
+    assert stamps(m) == [b"X-Thread\0" + f"{NOBODY}".encode() + b"\0", b"X-Pool\0" + f"{NOBODY}".encode() + b"\0"]
+    assert m.stop() == 0
