@@ -94,6 +94,15 @@ def make_unsafe(etc: Path, kind: str) -> tuple[Path, Path, str]:
         os.chown(theirs, NOBODY, -1)
         return script, hooks, (f"{script} as root: {theirs} is owned by uid {NOBODY}, not root: that user "
                                f"could change what runs as root (chown root {theirs})")
+    if kind == "root's file linked into a sticky directory":  # by another user, fs.protected_hardlinks 0
+        sticky = etc / "tmp"
+        sticky.mkdir()
+        sticky.chmod(0o1777)
+        link = sticky / "filter.tcl"
+        os.link(script, link)
+        return link, hooks, (f"{link} as root: {link} has 2 links and is in a directory others may write, where "
+                             "another user may have linked any file of root's; refusing it (use the file from a "
+                             "directory only root may write)")
     assert kind == "another user's link in a sticky directory"
     sticky = etc / "tmp"
     sticky.mkdir()
@@ -107,7 +116,8 @@ def make_unsafe(etc: Path, kind: str) -> tuple[Path, Path, str]:
 
 UNSAFE = ["script owned by another user", "script writable by its group", "directory writable by others",
           "directory above owned by another user", "python file owned by another user",
-          "another user's directory in a sticky one", "another user's link in a sticky directory"]
+          "another user's directory in a sticky one", "another user's link in a sticky directory",
+          "root's file linked into a sticky directory"]
 
 
 @pytest.mark.parametrize("kind", UNSAFE)

@@ -55,7 +55,7 @@ def open_trusted(path: str) -> int:
         # From the root, as a reload names it: the walk from the current directory alone let a
         # start accept what each reload then refused (a directory above it another user's).
         path = os.path.join(os.getcwd(), path)
-    fd = _walk(path, _owned_by_us, _FILE)
+    fd = _walk(path, _owned_and_linked_once(), _FILE)
     try:
         mode = os.fstat(fd).st_mode
         if stat.S_ISDIR(mode):
@@ -81,6 +81,25 @@ def _owned_by_us(name: str, st: os.stat_result) -> None:
             writable, ("its group and others", "go"))
         raise Untrusted(errno.EPERM, f"{name} is writable by {who}, who could change what runs as "
                                      f"root (chmod {letters}-w {shlex.quote(name)})")
+
+
+def _owned_and_linked_once() -> Check:
+    """:func:`_owned_by_us`, and a file in a directory others may write (a sticky one, as others
+    are refused) must have no other link: where the kernel does not stop it (``fs.protected_hardlinks``
+    0), another user may link there any file of root's (a log holding their text) under the
+    name a script runs."""
+    parent: list[os.stat_result] = []
+
+    def check(name: str, st: os.stat_result) -> None:
+        _owned_by_us(name, st)
+        if stat.S_ISDIR(st.st_mode):
+            parent[:] = [st]
+        elif st.st_nlink > 1 and parent and parent[0].st_mode & _OTHERS_WRITE:
+            raise Untrusted(errno.EPERM, f"{name} has {st.st_nlink} links and is in a directory others may write, "
+                                         "where another user may have linked any file of root's; refusing it (use "
+                                         "the file from a directory only root may write)")
+
+    return check
 
 
 def _walk(path: str, check: Check | None = None, last: int = _DIR) -> int:
