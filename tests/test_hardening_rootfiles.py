@@ -11,6 +11,7 @@ import re
 import shutil
 import signal
 import subprocess
+import sys
 import tempfile
 from importlib.util import cache_from_source
 from pathlib import Path
@@ -588,3 +589,33 @@ def test_threads_after_privileges_are_dropped_are_plain_tcl(tclrun, etc):
     m = tclrun(script, "--user", "nobody", connection=TCP)
     assert stamps(m) == [b"X-Thread\0" + f"{NOBODY}".encode() + b"\0", b"X-Pool\0" + f"{NOBODY}".encode() + b"\0"]
     assert m.stop() == 0
+
+
+def python_m_check(cwd: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    """``python3 -m pytclmilter.cli check ...`` run in ``cwd``, as root."""
+    return subprocess.run([sys.executable, "-m", "pytclmilter.cli", "check", *args], cwd=cwd, env=child_env(),
+                          capture_output=True, text=True, timeout=60)
+
+
+def test_python_m_as_root_imports_nothing_from_a_current_directory_others_may_write(etc):
+    """``python3 -m`` puts the current directory first on sys.path: another user's logging.py in
+    /tmp ran as root before any check. The console script has its own directory there."""
+    cwd = sticky_tmp(etc)
+    marker = etc / "ran"
+    (cwd / "logging.py").write_text(f"open({str(marker)!r}, 'w').close()\n")
+    os.chown(cwd / "logging.py", NOBODY, -1)
+    done = python_m_check(cwd, str(etc / "filter.tcl"))
+    assert done.returncode == 0, done
+    assert not marker.exists()
+    assert done.stderr.startswith(f"pytclmilter: as root, not importing modules from the current directory {cwd}, "
+                                  "which was first on sys.path (python3 -m or -c puts it there): others may add "
+                                  "files to it or a directory above (use the pytclmilter command, or python3 -P)\n")
+
+
+def test_python_m_as_root_imports_from_roots_own_current_directory(etc):
+    """There only root could have put the module: the --python file's import beside it works."""
+    (etc / "rules.py").write_text('print("rules.py ran", flush=True)\n')
+    (etc / "hooks.py").write_text("import rules\n\ndef setup(milter):\n    pass\n")
+    done = python_m_check(etc, "filter.tcl", "--python", "hooks.py")
+    assert done.returncode == 0, done
+    assert "rules.py ran" in done.stdout and done.stderr == ""

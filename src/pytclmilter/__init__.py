@@ -1,5 +1,9 @@
 """pytclmilter: a milter engine in Python that runs TclMilter scripts and Python callbacks."""
 
+from . import cwdguard
+
+cwdguard.guard()  # before any other import: see cwdguard
+
 from .context import Context, MilterError
 from .hooks import Hooks
 from .milter import Milter, ReloadError

@@ -158,6 +158,20 @@ def _trusted_link(directory: os.stat_result, link: os.stat_result) -> bool:
     return bool(directory.st_mode & stat.S_ISVTX) and link.st_uid in (*ours, directory.st_uid)
 
 
+def only_root_adds_to(path: str) -> bool:
+    """Only root could add a name to the directory ``path`` (a module on ``sys.path``): it and
+    every directory on the way pass :func:`_owned_by_us`, and it is writable by no group or
+    others, sticky or not (anyone may add a name to a sticky directory)."""
+    try:
+        fd = _walk(path, _owned_by_us)
+    except OSError:
+        return False
+    try:
+        return not os.fstat(fd).st_mode & _OTHERS_WRITE
+    finally:
+        os.close(fd)
+
+
 def read_trusted(path: str) -> bytes:
     """The content of the file ``path``, read from the descriptor :func:`open_trusted` checked."""
     with open(open_trusted(path), "rb") as f:
