@@ -37,6 +37,9 @@ HOOKS = 'print("hooks ran", flush=True)\n\ndef setup(milter):\n    pass\n'
 
 TCP = "inet:0@127.0.0.1"
 
+THREAD = Path("/usr/lib/tcltk/x86_64-linux-gnu/thread2.8.8/libthread2.8.8.so")
+needs_thread = pytest.mark.skipif(not THREAD.exists(), reason="needs Debian's tcl-thread")
+
 
 def stamping(stamp: str) -> str:
     return STAMP.replace("{STAMP}", stamp)
@@ -313,14 +316,16 @@ def test_a_file_the_script_sources_is_refused_at_start_and_check_says_where(tclr
     assert "rules ran" not in done.stdout
 
 
-def test_a_package_index_in_another_users_directory_is_not_run(etc, theirs):
+@pytest.mark.parametrize("where", ["script", pytest.param("thread", marks=needs_thread)])
+def test_a_package_index_in_another_users_directory_is_not_run(etc, theirs, where):
     """`package require` sources every pkgIndex.tcl below the auto_path: Tcl's scan says which
-    one it could not read, and why, and the package is not found."""
+    one it could not read, and why, and the package is not found; in a thread too."""
     index = theirs / "foo" / "pkgIndex.tcl"
     index.parent.mkdir()
     index.write_text('puts "index ran"\npackage ifneeded Foo 1.0 {package provide Foo 1.0}\n')
+    requiring = f"lappend auto_path {theirs}; package require Foo"
     script = etc / "filter.tcl"
-    script.write_text(pulling_in(f"lappend auto_path {theirs}; package require Foo"))
+    script.write_text(pulling_in(f"thread::send [thread::create] {{{requiring}}}" if where == "thread" else requiring))
     done = subprocess.run([*_pytclmilter_command(), "check", str(script)], env=child_env(),
                           capture_output=True, text=True, timeout=60)
     assert done.returncode == 1, done
@@ -329,10 +334,7 @@ def test_a_package_index_in_another_users_directory_is_not_run(etc, theirs):
     assert "index ran" not in done.stdout
 
 
-THREAD = Path("/usr/lib/tcltk/x86_64-linux-gnu/thread2.8.8/libthread2.8.8.so")
-
-
-@pytest.mark.skipif(not THREAD.exists(), reason="needs Debian's tcl-thread")
+@needs_thread
 def test_a_library_in_another_users_directory_is_not_loaded(tclrun, etc, theirs):
     library = theirs / THREAD.name
     shutil.copy(THREAD, library)
@@ -501,8 +503,6 @@ def test_source_as_root_reads_and_fails_as_tclshs(etc):
 # often waiting for the thread meanwhile (a synchronous thread::send, thread::join, tpool::post
 # starting a worker), so the checks must be answered without it.
 
-needs_thread = pytest.mark.skipif(not THREAD.exists(), reason="needs Debian's tcl-thread")
-
 IN_THREADS = {
     "thread::send": "set t [thread::create]; thread::send $t {{{pulling}}}",
     "thread::send to a thread it creates": "thread::send [thread::create] {{thread::send [thread::create] {{{pulling}}}}}",
@@ -519,22 +519,6 @@ def test_a_file_a_thread_sources_is_refused(etc, theirs, how):
     rules.write_text('puts "rules ran"\n')
     check_refuses(etc, IN_THREADS[how].format(pulling=f"source {rules}"),
                   f'refusing to source "{rules}" as root: {owned_by_nobody(theirs)}', "rules ran")
-
-
-@needs_thread
-def test_a_package_index_a_thread_finds_is_not_run(etc, theirs):
-    index = theirs / "foo" / "pkgIndex.tcl"
-    index.parent.mkdir()
-    index.write_text('puts "index ran"\npackage ifneeded Foo 1.0 {package provide Foo 1.0}\n')
-    script = etc / "filter.tcl"
-    script.write_text(pulling_in(f"thread::send [thread::create] {{lappend auto_path {theirs}; package require Foo}}"))
-    done = subprocess.run([*_pytclmilter_command(), "check", str(script)], env=child_env(),
-                          capture_output=True, text=True, timeout=60)
-    assert done.returncode == 1, done
-    assert (f'error reading package index file {index}: refusing to source "{index}" as root: '
-            f"{owned_by_nobody(theirs)}\n") in done.stderr
-    assert f"{script}:2: error: can't find package Foo\n" in done.stderr
-    assert "index ran" not in done.stdout
 
 
 @needs_thread
