@@ -779,6 +779,46 @@ def test_a_stop_holds_the_running_sync_python_callback_to_the_grace(tclrun, rcpt
                r"grace was over \(call_timeout is 120 s\)\)", since=0)
 
 
+HOOKS_CHAIN = """
+import time
+
+def setup(milter):
+    @milter.register("envrcpt")
+    def first(ctx, args):
+        print("first runs", flush=True)
+        time.sleep(1.5)
+        return "SMFIS_CONTINUE"
+
+    @milter.register("envrcpt")
+    def second(ctx, args):
+        time.sleep(60)
+        return "SMFIS_CONTINUE"
+"""
+
+
+def test_a_later_callback_of_a_chain_is_held_to_the_stops_grace(tclrun):
+    """SIGTERM while the first of two Python callbacks of an event runs: the second, which starts
+    in the 3 s grace, gets what is left of it, not the 120 s -calltimeout the chain started with
+    (the limit was read once per chain), so the process exits within --grace + 3 s. Before, the
+    second ran its 60 s sleep past the grace: the stop took a minute."""
+    m = tclrun(TCL_WITH_HOOKS.replace("-calltimeout 1", "-calltimeout 120"), "--grace", "3",
+               python=[HOOKS_CHAIN])
+    with m.mta() as mta:
+        mta.negotiate()
+        assert ok(mta.connect())
+        assert ok(mta.mail("<a@example.org>"))
+        mta.send_raw("R", b"<b@example.com>\0")
+        m.wait_for(r"first runs")
+        t0 = time.monotonic()
+        status = m.stop(timeout=90)
+        took = time.monotonic() - t0
+        assert mta.reply_raw() == ("t", b"")
+    assert status == 0
+    assert took <= 3 + 3 + 3, took  # the documented bound, and 3 s for a loaded machine
+    m.wait_for(r"envrcpt callback setup\.<locals>\.second failed \(callback stopped after \d\.\d s: the stop's 3 s "
+               r"grace was over \(call_timeout is 120 s\)\)", since=0)
+
+
 TCL_ASYNC_HOOKS = r"""
 package require TclMilter
 milter configure -calltimeout 120

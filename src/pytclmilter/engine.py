@@ -694,24 +694,25 @@ class ConnectionEngine:
         """The event's callbacks in order, up to the first answer other than continue."""
         chain = self.registry.chain(name)
         call_args = (self.ctx,) + args  # compiled, (ctx, *args) is built through a list
-        # read per event: `milter configure -calltimeout` (and a stop's grace) apply at once
-        limit = self.shared.call_limit()
+        # read per callback: `milter configure -calltimeout`, and a stop's grace, apply at once (a
+        # later callback given what the chain's start had left ran past the grace, until its cut)
         for i, cb in enumerate(chain):
+            limit = self.shared.call_limit()
             status = self._call(name, cb, call_args, limit, False)
             if not isinstance(status, Status):
-                return self._chain_async(name, call_args, chain, i, status, limit)
+                return self._chain_async(name, call_args, chain, i, status)
             if status is not Status.CONTINUE:
                 return status
         return Status.CONTINUE
 
     async def _chain_async(self, name: str, call_args: tuple[Any, ...], chain: list[Callback], i: int,
-                           pending: Awaitable[Status], limit: float) -> Status:
+                           pending: Awaitable[Status]) -> Status:
         """The rest of a chain once callback ``i`` turned out async (``pending``)."""
         status = await pending
         for j in range(i + 1, len(chain)):
             if status is not Status.CONTINUE or not await self._settle():
                 break
-            result = self._call(name, chain[j], call_args, limit, False)
+            result = self._call(name, chain[j], call_args, self.shared.call_limit(), False)
             status = result if isinstance(result, Status) else await result
         return status
 
@@ -753,10 +754,9 @@ class ConnectionEngine:
         """Run the event's callbacks; the awaitables of the async ones, not awaited yet."""
         self.ctx.stage = name
         call_args = (self.ctx,)
-        limit = self.shared.call_limit()
         pending = []
         for cb in self.registry.chain(name):
-            result = self._call(name, cb, call_args, limit, True)
+            result = self._call(name, cb, call_args, self.shared.call_limit(), True)
             if not isinstance(result, Status):
                 pending.append(result)
         self.ctx.stage = ""
@@ -785,7 +785,7 @@ class ConnectionEngine:
         Returns its status (``on_error`` if it raised or was stopped; continue for a result
         that is no status, with a warning, or for any result with ``ignore``), or, for an
         async callback, an awaitable giving that status. Tcl callbacks return a Status, which
-        is taken as it is. With a limit (``limit`` seconds, read by the caller once per chain),
+        is taken as it is. With a limit (``limit`` seconds, read by the caller for each callback),
         ``cb.limit`` holds the callback to it (limits.py) and says whether it overran: a
         callback that comes back after its limit, from code the limit cannot interrupt, is
         logged with its time. Without one the clock is not read at all.
