@@ -474,6 +474,35 @@ def test_a_script_that_hangs_while_loading_is_stopped_and_the_old_one_serves_on(
     assert run.stop() == 0
 
 
+@pytest.mark.parametrize("workers", ["1", "2"])
+@pytest.mark.parametrize("hang, calltimeout", [("while 1 {}", "0"), ("after 60000", "60"),
+                                               ("python", "0")])
+def test_a_stop_while_a_reload_loads_abandons_the_load(tclrun, tmp_path: Path, hang: str, calltimeout: str,
+                                                       workers: str) -> None:
+    """SIGTERM while a reload loads a script (or a --python file) that loops or sleeps: the load
+    runs on the thread that serves, and the stop waited for it, up to the serving -calltimeout
+    (60 s), or for ever with -calltimeout 0. Now the load is abandoned at once, the log says so,
+    and the process stops as a stop does (exit 0, within the --grace of 2 s and a few moments)."""
+    script = tmp_path / "stamp.tcl"
+    script.write_text(f"milter configure -calltimeout {calltimeout}\n" + stamping("A"))
+    python = tmp_path / "hooks0.py"
+    run = tclrun(script, "--grace", "2", "--workers", workers, python=["def setup(milter):\n    pass\n"])
+    if hang == "python":
+        python.write_text("import time\n\ndef setup(milter):\n    print('loading', flush=True)\n    time.sleep(600)\n")
+    else:
+        script.write_text(f"puts loading; flush stdout\n{hang}\n" + stamping("B"))
+    run.child.kill(signal.SIGUSR1)
+    run.wait_for(r"INFO: reload: loading generation 2")
+    run.wait_for(r"\nloading\r*\n")
+    t0 = time.monotonic()
+    run.child.kill(signal.SIGTERM)
+    assert run.wait_exit(timeout=90) == 0
+    assert time.monotonic() - t0 <= 2 + 3 + 5  # the grace, a beat, and 5 s for a loaded machine
+    run.wait_for(r"WARNING: reload: generation 2 abandoned: received SIGTERM while it loaded; stopping", since=0)
+    run.wait_for(r"received SIGTERM: stopping", since=0)
+    assert "not loaded" not in run.text
+
+
 def test_a_python_command_that_hangs_while_the_script_loads_is_stopped(tclrun, tmp_path: Path) -> None:
     """A command written in Python runs under the time Tcl's limit leaves it: at a reload's load,
     after the script lifted its own -calltimeout, that was none."""

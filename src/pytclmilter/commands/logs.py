@@ -52,6 +52,13 @@ def _forked() -> None:
 os.register_at_fork(before=_before_fork, after_in_child=_forked)  # --workers: each logs its own pid
 
 
+def flush_log() -> None:
+    """Write the lines waiting for the loop's turn (CoalescingStreamHandler) now: before work
+    that holds the loop, so that the log says what is under way."""
+    for handler in logging.getLogger().handlers:
+        handler.flush()
+
+
 def setup_logging(level: str, syslog: bool = False, daemon: bool = False) -> bool:
     """Log to stderr, or with ``syslog`` to syslog; whether it is syslog. With stderr closed
     (``2>&-``: Python's sys.stderr is None), a ``daemon`` (run) logs to syslog, as a milter such

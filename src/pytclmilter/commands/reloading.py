@@ -15,18 +15,23 @@ import asyncio
 import functools
 import gc
 import logging
+import signal
+import threading
 import time
 import tkinter
 import traceback
 import weakref
-from typing import Callable
+from types import FrameType
+from typing import Any, Callable, Final
 
 from ..limits import PYTHON_LIMIT
 from ..logline import escape, escape_lines
 from ..milter import RESTART_ONLY, ReloadError
+from ..server import STOP_SIGNALS
 from ..tcl.interp import TclHost
 from .check import NO_MAIN, callback_errors, script_error
 from .common import HooksFailed, ScriptExit, UsageError
+from .logs import flush_log
 from . import sigmask
 
 log = logging.getLogger("pytclmilter")
@@ -34,6 +39,52 @@ log = logging.getLogger("pytclmilter")
 #: Makes the interpreter of a generation as at start (make_host, run's options, argv), with
 #: ``on_exit`` for Tcl's exit while it loads (None: the process's).
 Load = Callable[["Callable[[int], None] | None"], TclHost]
+
+
+#: The limit of a load when the serving generation has none (-calltimeout 0): beats of Tcl's
+#: limit all the same (tcl/limit.py), at which Python takes a stop's signal and abandons the load.
+_UNLIMITED: Final = 1e9
+
+
+class Abandoned(Exception):
+    """A stop signal came while the new generation loaded: it is not loaded, the stop goes on."""
+
+
+class _AbandonedAtStop:
+    """While a generation loads: a stop signal abandons the load at once, not at its limit.
+
+    The load runs on the thread that serves, so the server's own stop (its loop's handler)
+    waited for the load to end: up to -calltimeout (60 s), for ever with -calltimeout 0.
+    Python runs this handler at the beats of Tcl's limit and between a --python file's
+    statements; it runs the handler it replaced first (the server's: the grace starts then)."""
+
+    def __init__(self) -> None:
+        self.signal: signal.Signals | None = None
+        self.host: TclHost | None = None  # the interpreter loading, once made
+        self._previous: dict[signal.Signals, Any] = {}
+
+    def __enter__(self) -> "_AbandonedAtStop":
+        if threading.current_thread() is threading.main_thread():  # (only it may set a handler)
+            self._previous = {sig: signal.signal(sig, self._taken) for sig in STOP_SIGNALS}
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+    def _taken(self, signum: int, frame: FrameType | None) -> None:
+        handler = self._previous.get(signal.Signals(signum))
+        if callable(handler):
+            handler(signum, frame)
+        self.signal = signal.Signals(signum)
+        PYTHON_LIMIT.hold_to(time.monotonic(), "the stop")  # a --python file's setup: stopped now
+        if self.host is not None:
+            self.host.limit.expire()  # Tcl's next check stops the script where it is
+
+    def check(self) -> None:
+        """Abandoned, if a stop signal came."""
+        if self.signal is not None:
+            raise Abandoned(self.signal.name)
 
 
 class LoadFailed(Exception):
@@ -71,9 +122,16 @@ class Generations:
         current = self.current
         number = current.milter.generation + 1
         log.info("reload: loading generation %d from %s", number, escape(self.script))
+        flush_log()  # (now, not once the loop turns: a load may take a while)
         try:
             _check_replaceable(current)
-            host = self._start()
+            with _AbandonedAtStop() as watch:
+                host = self._start(watch)
+        except Abandoned as exc:
+            current.milter.stats.reloads_failed += 1
+            log.warning("reload: generation %d abandoned: received %s while it loaded; stopping", number, exc)
+            _collect()
+            return False
         except Exception as exc:  # noqa: BLE001 - whatever failed, the running script serves on
             self._failed(current, number, exc)
             return False
@@ -88,16 +146,18 @@ class Generations:
             return False
         return True
 
-    def _start(self) -> TclHost:
-        """The new generation's interpreter, its script waiting in `milter main`."""
+    def _start(self, watch: _AbandonedAtStop) -> TclHost:
+        """The new generation's interpreter, its script waiting in `milter main`; Abandoned when
+        a stop signal comes meanwhile (``watch``)."""
         exited = ScriptExit()
         # The load runs on the thread that serves: while it runs, no connection is answered.
         within = self.current.milter.call_timeout
         stopped = _stopped(within, self.current.milter.generation)
-        held = PYTHON_LIMIT.begin(within, time.monotonic())  # the --python files' import and setup
+        held = PYTHON_LIMIT.begin(within or _UNLIMITED, time.monotonic())  # the --python files' import and setup
         try:
             host = self._load(exited)
         except HooksFailed as exc:
+            watch.check()
             if exc.stopped:
                 raise LoadFailed(f"--python {exc.path}: {stopped}", exc.detail) from None
             raise
@@ -105,9 +165,12 @@ class Generations:
             if held:
                 PYTHON_LIMIT.stop()
         host.loading = True
+        watch.host = host
         try:
+            watch.check()
             with sigmask.children_reapable():  # under --workers, in the supervisor
-                started = host.start(self.script, within)
+                started = host.start(self.script, within or _UNLIMITED)
+            watch.check()
             if not started:
                 raise LoadFailed(f"{self.script}: error: {NO_MAIN}")
             errors = callback_errors(self.script, host)
@@ -117,6 +180,7 @@ class Generations:
             info = host.error_info()
             exceeded = host.limit.exceeded
             host.close()
+            watch.check()
             if exited.code is not None:
                 raise LoadFailed(f"{self.script}: error: the script called exit {exited.code} while loading") from None
             if exceeded:
