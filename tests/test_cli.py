@@ -41,7 +41,7 @@ from pytclmilter.client.load import LoadResult
 from pytclmilter.client.message import Message
 from support.engine import frame, parse_frames
 from support.postfix import free_port
-from support.tclrun import TclRun, _pytclmilter_command, child_env
+from support.tclrun import TclRun, _pytclmilter_command, child_env, children_of
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "tclmilter" / "examples"
@@ -1388,6 +1388,30 @@ def test_run_a_stop_signal_after_milter_main_returned_is_logged_and_the_pidfile_
         assert re.search(rf"WARNING: stopped by SIGTERM while running {re.escape(str(script))} after its milter "
                          r"main\n", m.text), m.text
         assert not pidfile.exists()
+    finally:
+        m.kill()
+
+
+@pytest.mark.skipif(shutil.which("strace") is None, reason="needs strace (to hold bind() for a while)")
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_run_a_stop_signal_between_the_load_and_serving_is_a_stop(tmp_path: Path, workers: str) -> None:
+    """Between the end of the load and the server's handlers (the socket being bound) a stop
+    signal had its default action: the process ended with status 143 and not a word in the log.
+    strace holds bind() for 3 s, so that the SIGTERM lands there: now it is logged and the milter
+    stops as a stop does (exit 0)."""
+    script = tmp_path / "ready.tcl"
+    script.write_text("package require TclMilter\nputs ready; flush stdout\nmilter main\n")
+    m = TclRun(["strace", "-f", "-qq", "-o", os.devnull, "-e", "trace=bind", "-e",
+                "inject=bind:delay_exit=3000000", *PYTCLMILTER, "run", str(script),
+                "--connection", f"unix:{tmp_path / 'milter.sock'}", "--workers", workers], cwd=str(tmp_path))
+    try:
+        m.wait_for(r"\nready\r*\n")
+        time.sleep(0.5)  # (into the bind, 3 s long)
+        (milter,) = children_of(m.child.pid)
+        os.kill(milter, signal.SIGTERM)
+        assert m.wait_exit(timeout=20) == 0, m.text
+        assert "INFO: received SIGTERM: stopping" in m.text, m.text
+        assert not (tmp_path / "milter.sock").exists()
     finally:
         m.kill()
 

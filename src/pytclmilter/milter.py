@@ -340,6 +340,8 @@ class Milter:
             supervisor = Supervisor(settings.workers, self.hooks, self._serve_worker)
             with self._metrics_of_workers(supervisor):
                 self._stop_others, self._supervisor = supervisor.stop, supervisor
+                if self._server.stop_asked():  # (a stop signal before: commands/sigmask.py)
+                    supervisor.stop()
                 try:
                     run_workers(settings, supervisor)
                 finally:

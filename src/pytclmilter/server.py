@@ -260,6 +260,9 @@ class MilterServer:
         #: SIGUSR1 calls hooks.reload (if given); a --workers worker leaves reloading to its supervisor.
         self.reloadable = True
         self._reload_disposition: Any = signal.SIG_DFL
+        #: The stop signals' handlers before serve() (run's, or Python's default): put back after
+        #: it, where the loop leaves the default action, which ended the process without a word.
+        self._stop_dispositions: dict[signal.Signals, Any] = {}
         #: The stop signal that stopped serving, if one did (a --workers worker's exit status says it).
         self.stopped_by: signal.Signals | None = None
         #: Why serving ends, as the log and the metrics say it: a stop, or (a worker) a reload.
@@ -291,6 +294,13 @@ class MilterServer:
                 loop.call_soon_threadsafe(ev.set)
         except RuntimeError:
             pass  # the loop already closed: nothing left to stop
+
+    def stop_asked(self) -> bool:
+        """Whether stop() came before serving (taken: asked once more, False): the --workers
+        supervisor, which serves without serve(), stops at once too."""
+        with self._lock:
+            asked, self._stop_requested = self._stop_requested, False
+        return asked
 
     def abort(self) -> None:
         """Stop at once, synchronously (Tcl's ``exit``): listener closed, socket file removed, peers
@@ -517,6 +527,7 @@ class MilterServer:
                     forget_early_reload()
                     signal.pthread_sigmask(signal.SIG_UNBLOCK, (sig,))
                 else:
+                    self._stop_dispositions[sig] = signal.getsignal(sig)
                     loop.add_signal_handler(sig, self._on_signal, sig)
                     signal.signal(sig, self._grace_starts)  # (the loop still gets it, by its wakeup fd)
                 installed.append(sig)
@@ -579,3 +590,5 @@ class MilterServer:
                 signal.signal(sig, self._reload_disposition)
             elif sig == REPLACED:  # (the same: a late one must not kill the worker)
                 signal.signal(sig, signal.SIG_IGN)
+            elif sig in self._stop_dispositions:
+                signal.signal(sig, self._stop_dispositions.pop(sig))

@@ -159,7 +159,8 @@ class Supervisor:
             for number in range(1, self.count + 1):
                 if not self.stopping:
                     self._spawn(number)
-            log.info("%d workers serving %s", self.count, escape(str(self.listener.spec)))  # the script's text
+            if not self.stopping:  # (a stop signal may have come before: none was started)
+                log.info("%d workers serving %s", self.count, escape(str(self.listener.spec)))  # the script's text
             while self._reap() or (self.unstarted and not self.stopping):
                 # A stop signal's handler interrupts the wait and kills the workers: SIGCHLD follows.
                 # A second at most: _reap tries the unstarted again, and reaps a worker whose

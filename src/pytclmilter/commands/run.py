@@ -107,9 +107,7 @@ class Daemon:
 
     def signal(self, sig: signal.Signals) -> None:
         """A stop signal (server.py and workers.py call this for those alone)."""
-        self.notify.stopping()
-        if sig == signal.SIGINT and sys.stdin is not None and sys.stdin.isatty():
-            print("\npytclmilter: interrupted, stopping", file=sys.stderr, flush=True)
+        _stopped_by(self.notify, sig)
 
     def reload(self, scripts: Generations) -> None:
         """SIGUSR1: systemd sees the reload begin and end, and whether it loaded."""
@@ -128,6 +126,19 @@ class Daemon:
         if self.pidfile is not None:
             self.pidfile.release()
         self.notify.close()
+
+
+def _stopped_by(notify: Notifier, sig: signal.Signals) -> None:
+    """A stop signal came: systemd is told, and Ctrl-C at a terminal is answered."""
+    notify.stopping()
+    if sig == signal.SIGINT and sys.stdin is not None and sys.stdin.isatty():
+        print("\npytclmilter: interrupted, stopping", file=sys.stderr, flush=True)
+
+
+def _stopping(notify: Notifier, sig: signal.Signals) -> None:
+    """A stop signal while neither the server nor the script's watch has it (sigmask.StopsBetween)."""
+    log.info("received %s: stopping", sig.name)
+    _stopped_by(notify, sig)
 
 
 class Ids(NamedTuple):
@@ -387,10 +398,13 @@ def _serve(opts: argparse.Namespace) -> int:
         host.exit_process(code)
 
     # A stop signal while the script's own code runs (loading it, or after its `milter main`):
-    # logged and exit 0, as a stop while serving (sigmask.py).
+    # logged and exit 0, as a stop while serving (sigmask.py); in between, a stop as soon as it can.
+    between = sigmask.StopsBetween(lambda sig: _stopping(notify, sig))
+    between.install()
     loading = f"loading {opts.script}"
     with sigmask.stops_meanwhile(loading, notify.stopping):
         scripts = Generations(reread[0], load, exit_process)
+    between.serves(scripts.current.milter.stop)  # (each generation's milter stops the one server)
     daemon = Daemon(scripts.current.milter, opts, notify)
     try:
         with sigmask.stops_meanwhile(loading, daemon.stopped), sigmask.children_reapable():

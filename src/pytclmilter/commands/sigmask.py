@@ -101,6 +101,37 @@ def stops_meanwhile(doing: str, before_exit: Callable[[], None]) -> Iterator[Non
         os.close(write_end)
 
 
+class StopsBetween:
+    """The stop signals' handler between the stretches that have their own: the loads and the
+    code after `milter main` (:func:`stops_meanwhile`), and serving (server.py, workers.py).
+    In between (the socket being bound, the loop made or closed) the default action ended the
+    process without a word: exit status 143, no log line, the socket file or the pid file left
+    behind. Here a stop signal is the stop it asks for: ``stopping`` (the log line, systemd's
+    STOPPING=1), then the milter stops, or does not start serving, as soon as it can."""
+
+    def __init__(self, stopping: Callable[[signal.Signals], None]) -> None:
+        self._stopping = stopping
+        self._stop: Callable[[], None] | None = None
+        self._asked = False
+
+    def install(self) -> None:
+        for sig in STOP_SIGNALS:
+            signal.signal(sig, self._taken)
+
+    def serves(self, stop: Callable[[], None]) -> None:
+        """What stops the milter, once loaded (Milter.stop: before serving, it serves nothing)."""
+        self._stop = stop
+        if self._asked:
+            stop()
+
+    def _taken(self, signum: int, frame: FrameType | None) -> None:
+        self._stopping(signal.Signals(signum))
+        if self._stop is None:
+            self._asked = True
+        else:
+            self._stop()
+
+
 def _taken_by_the_watcher(signum: int, frame: FrameType | None) -> None:
     """Nothing: the stop is :func:`_stop_on_signal`'s (Python would run this only once Tcl returns)."""
 
