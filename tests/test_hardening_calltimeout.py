@@ -718,6 +718,35 @@ def test_a_context_hook_that_hangs_is_stopped_at_call_timeout(tmp_path):
                      r"\(call_timeout\)\)", err), err
 
 
+TCL_TRACED_CONTEXT = r"""
+package require TclMilter
+milter configure -calltimeout 2
+proc from {ctx list} {
+    trace add command $ctx delete {apply {args {while 1 {}}}}
+    return SMFIS_CONTINUE
+}
+milter register envfrom from
+milter main
+"""
+
+
+def test_a_trace_on_the_context_command_is_held_to_call_timeout(tclrun):
+    """A callback's `trace add command $ctx delete ...` runs the script's Tcl when the context
+    command is deleted, at the connection's end, in the host's context hook: outside any
+    callback, so outside Tcl's limit. A loop there froze the milter for good, SIGTERM included.
+    Now it is held to -calltimeout, the hook is logged as stopped, and the milter serves on."""
+    m = tclrun(TCL_TRACED_CONTEXT, "--grace", "1")
+    with m.mta() as mta:
+        mta.negotiate()
+        assert ok(mta.mail("<a@example.org>"))
+    m.wait_for(r"ERROR: conn#1: the context_closed hook \S+ failed \(callback stopped after 2 s \(call_timeout\), "
+               r"in the script's Tcl code that the context's making or deleting ran \(a trace\)\)", timeout=20)
+    with m.mta() as mta:
+        mta.negotiate()
+        assert ok(mta.mail("<b@example.org>"))  # (its own trace runs at its end, held as well)
+    assert m.stop(timeout=20) == 0
+
+
 TCL_STUCK_LONG = r"""
 package require TclMilter
 milter configure -calltimeout 120

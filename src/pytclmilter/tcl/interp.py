@@ -26,6 +26,7 @@ import _tkinter
 from ..context import Context, MilterError
 from ..engine import CallbackError
 from ..hooks import Hooks
+from ..limits import PYTHON_LIMIT, CallbackTimeout
 from ..logline import SHOWN, Repeated, clip, escape, escape_lines, place_of, tell_counts
 from ..milter import Milter
 from ..protocol.codec import text
@@ -482,7 +483,8 @@ class TclHost:
 
     def _context_created(self, ctx: Context) -> None:
         name = f"::tclmilter::ctx{ctx.id}"
-        self.tk.call("interp", "alias", self.CHILD, name, self.CHILD, "::tclmilter::context", ctx.id)
+        self._limited(lambda: self.tk.call("interp", "alias", self.CHILD, name, self.CHILD, "::tclmilter::context",
+                                           ctx.id))
         ctx.host_data = name  # the context command: the first argument of every callback
         ctx.script_priv = self.private
         ctx.script = self.pycommands
@@ -490,10 +492,37 @@ class TclHost:
 
     def _context_closed(self, ctx: Context) -> None:
         self.contexts.pop(ctx.id, None)
-        self.private.forget(ctx.id)
-        if ctx.host_data:
-            self.tk.call("interp", "alias", self.CHILD, ctx.host_data, "")
-            ctx.host_data = None
+        name, ctx.host_data = ctx.host_data, None
+        self._limited(lambda: self._forget_context(ctx.id, name))
+
+    def _forget_context(self, conn_id: int, name: str | None) -> None:
+        self.private.forget(conn_id)
+        if name:
+            self.tk.call("interp", "alias", self.CHILD, name, "")
+
+    def _limited(self, run: Callable[[], object]) -> None:
+        """Tcl a context hook runs (the context command made or deleted, its private data unset)
+        runs the script's traces on them (`trace add command $ctx delete ...`): held to what the
+        hook has left, as Tcl that Python code runs is (pycommands). The engine holds the hook to
+        -calltimeout with the Python limit, which cannot stop Tcl: a trace that looped froze the
+        milter for good, its stop included. Stopped, the hook fails with CallbackTimeout."""
+        left = PYTHON_LIMIT.remaining()
+        if left is None:  # (no limit: -calltimeout 0)
+            run()
+            return
+        now = time.monotonic()
+        self.limit.begin_within(now + left, now)
+        try:
+            run()
+        except tkinter.TclError:
+            if not self.limit.exceeded:
+                raise
+        finally:
+            self.limit.done()
+        if self.limit.exceeded:
+            self.limit.reset()
+            raise CallbackTimeout(f"callback stopped after {self.milter.call_timeout:g} s (call_timeout), in "
+                                  "the script's Tcl code that the context's making or deleting ran (a trace)")
 
     def callback(self, script: str, event: str = "") -> Callable[..., Any]:
         """A Python callable that runs a Tcl command prefix with the context and event arguments;
