@@ -24,7 +24,7 @@ import pytest
 
 from pytclmilter import CONTINUE, REJECT, Milter
 from support.engine import MilterThread, RawMTA, frame, make_milter, serving, z
-from support.tclrun import TCL_HELPERS, ok, tclrun_factory
+from support.tclrun import TCL_HELPERS, Mta, ok, tclrun_factory
 
 tclrun = pytest.fixture(tclrun_factory, name="tclrun")
 
@@ -784,6 +784,22 @@ def test_a_stop_holds_the_running_tcl_callback_to_the_grace(tclrun, stuck):
     assert "stopped after 120 s" not in m.text, m.text
 
 
+def stopped_at_rcpt(m, rcpt: str, running) -> tuple[int, float]:
+    """SIGTERM once ``running`` returns, while the callbacks of RCPT ``rcpt`` run: the exit status
+    and the seconds the stop took; the MTA got the -onerror answer (tempfail)."""
+    with m.mta() as mta:
+        mta.negotiate()
+        assert ok(mta.connect())
+        assert ok(mta.mail("<a@example.org>"))
+        mta.send_raw("R", f"{rcpt}\0".encode())
+        running()
+        t0 = time.monotonic()
+        status = m.stop(timeout=90)
+        took = time.monotonic() - t0
+        assert mta.reply_raw() == ("t", b"")
+    return status, took
+
+
 @pytest.mark.parametrize("rcpt", ["loop", "sleep"])
 def test_a_stop_holds_the_running_sync_python_callback_to_the_grace(tclrun, rcpt):
     """SIGTERM while a plain Python callback is stuck (a loop, time.sleep) with a -calltimeout of
@@ -792,20 +808,37 @@ def test_a_stop_holds_the_running_sync_python_callback_to_the_grace(tclrun, rcpt
     --grace + 3 s; the log says the grace stopped it. Before, the exit came 120 s later."""
     m = tclrun(TCL_WITH_HOOKS.replace("-calltimeout 1", "-calltimeout 120"), "--grace", "1",
                python=[HOOKS_LOOP.replace("time.sleep(30)", "time.sleep(60)")])
-    with m.mta() as mta:
-        mta.negotiate()
-        assert ok(mta.connect())
-        assert ok(mta.mail("<a@example.org>"))
-        mta.send_raw("R", f"<{rcpt}@example.com>\0".encode())
-        time.sleep(0.5)
-        t0 = time.monotonic()
-        status = m.stop(timeout=60)
-        took = time.monotonic() - t0
-        assert mta.reply_raw() == ("t", b"")
+    status, took = stopped_at_rcpt(m, f"<{rcpt}@example.com>", lambda: time.sleep(0.5))
     assert status == 0
     assert took <= 1 + 3 + 3, took  # the documented bound, and 3 s for a loaded machine
     m.wait_for(r"envrcpt callback setup\.<locals>\.rcpt failed \(callback stopped after \d\.\d s: the stop's 1 s "
                r"grace was over \(call_timeout is 120 s\)\)", since=0)
+
+
+@pytest.mark.parametrize("stuck, calltimeout", [("exec sleep 30", "120"), ("while 1 {}", "0")])
+def test_a_stop_ends_the_process_when_a_callback_holds_it_past_the_grace(tclrun, tmp_path, stuck, calltimeout):
+    """SIGTERM while a Tcl callback is held where the grace cannot stop it: a command in C (`exec
+    sleep`), or a loop under -calltimeout 0, which has no limit to check. The stop waited for it
+    (30 s here; for ever for the loop). Now the process ends once the 1 s grace and 3 s are over
+    and the serving thread has not turned for 1 s more: one line names the callback, the socket
+    file and the pid file are removed, and the exit status, 1, says the stop was not clean."""
+    sock, pidfile = tmp_path / "milter.sock", tmp_path / "milter.pid"
+    m = tclrun(TCL_STUCK_LONG.replace("STUCK", stuck).replace("120", calltimeout), "--grace", "1",
+               "--pidfile", str(pidfile), connection=f"unix:{sock}")
+    with Mta(str(sock)) as mta:
+        mta.negotiate()
+        assert ok(mta.connect())
+        mta.send_raw("M", b"<a@example.org>\0")
+        time.sleep(0.5)
+        t0 = time.monotonic()
+        status = m.stop(timeout=60)
+        took = time.monotonic() - t0
+    assert status == 1, m.text
+    assert took <= 1 + 3 + 1 + 5, took  # grace, margin, patience, and 5 s for a loaded machine
+    m.wait_for(r"ERROR: stopping: conn#1's envfrom callback from still held the milter \d+\.\d s after the "
+               r"stop signal, past the 1 s grace, in code the grace cannot stop .*: exiting without it, exit "
+               r"status 1", since=0)
+    assert not sock.exists() and not pidfile.exists()
 
 
 HOOKS_CHAIN = """
@@ -832,16 +865,7 @@ def test_a_later_callback_of_a_chain_is_held_to_the_stops_grace(tclrun):
     second ran its 60 s sleep past the grace: the stop took a minute."""
     m = tclrun(TCL_WITH_HOOKS.replace("-calltimeout 1", "-calltimeout 120"), "--grace", "3",
                python=[HOOKS_CHAIN])
-    with m.mta() as mta:
-        mta.negotiate()
-        assert ok(mta.connect())
-        assert ok(mta.mail("<a@example.org>"))
-        mta.send_raw("R", b"<b@example.com>\0")
-        m.wait_for(r"first runs")
-        t0 = time.monotonic()
-        status = m.stop(timeout=90)
-        took = time.monotonic() - t0
-        assert mta.reply_raw() == ("t", b"")
+    status, took = stopped_at_rcpt(m, "<b@example.com>", lambda: m.wait_for(r"first runs"))
     assert status == 0
     assert took <= 3 + 3 + 3, took  # the documented bound, and 3 s for a loaded machine
     m.wait_for(r"envrcpt callback setup\.<locals>\.second failed \(callback stopped after \d\.\d s: the stop's 3 s "

@@ -474,6 +474,40 @@ def test_a_script_that_hangs_while_loading_is_stopped_and_the_old_one_serves_on(
     assert run.stop() == 0
 
 
+SLOW_SENDER = STAMPING.replace("milter register eom eom", """milter register eom eom
+milter configure -calltimeout 20
+proc from {ctx list} { after 4000; return SMFIS_CONTINUE }
+milter register envfrom from""")
+
+
+def test_a_reload_asked_during_a_long_callback_is_told_at_once_and_done_after_it(tclrun, tmp_path: Path) -> None:
+    """Serving alone, the reload runs on the thread that runs the callbacks: SIGUSR1 during a 4 s
+    callback waits for it. It was not lost, but the log said nothing until the callback was over
+    (up to -calltimeout). Now one warning says so at once, however many SIGUSR1 come meanwhile,
+    and the reload follows the callback: the next message gets the new script."""
+    script = tmp_path / "stamp.tcl"
+    script.write_text(SLOW_SENDER.replace("{STAMP}", "A"))
+    run = tclrun(script)
+    script.write_text(SLOW_SENDER.replace("{STAMP}", "B"))
+    with run.mta() as mta:
+        mta.negotiate()
+        mta.send_raw("M", b"<a@example.org>\0")
+        time.sleep(0.5)
+        run.child.kill(signal.SIGUSR1)
+        run.wait_for(r"WARNING: received SIGUSR1 while conn#1's envfrom callback from runs: the reload waits until "
+                     r"it returns \(within -calltimeout, 20 s\)", timeout=2.5)
+        run.child.kill(signal.SIGUSR1)
+        mta.sock.settimeout(20)
+        assert mta.reply_raw() == ("c", b"")
+    run.wait_for(GONE)
+    assert run.text.count("received SIGUSR1") == 1, run.text
+    with run.mta() as mta:
+        mta.negotiate()
+        msg = mta.message()
+        assert [p for p in msg["eom"] if p[0] == "h"] == [("h", b"X-Stamp\0B\0")]
+    assert run.stop() == 0
+
+
 @pytest.mark.parametrize("workers", ["1", "2"])
 @pytest.mark.parametrize("hang, calltimeout", [("while 1 {}", "0"), ("after 60000", "60"),
                                                ("python", "0")])

@@ -396,7 +396,7 @@ class ConnectionEngine:
 
     __slots__ = ("shared", "registry", "session", "ctx", "name", "link", "_out", "_busy", "_pending", "_decided",
                  "_deferred", "_deferred_stage", "_quiet", "_queued", "_held", "_unwinding", "_abandoned", "closed", "client", "sender", "debug", "meter",
-                 "_counted", "_due", "_cut", "_mail_macros")
+                 "_counted", "_due", "_cut", "_mail_macros", "calling")
 
     def __init__(self, shared: Shared, conn_id: int, link: "Link") -> None:
         self.shared = shared
@@ -417,6 +417,8 @@ class ConnectionEngine:
         self._counted = False  # no closed line: its fault was counted, not logged (fault_due), or a PROXY line said it
         self._due = _FOREVER  # when the async callback awaited now reaches its own limit (see due)
         self._cut = ""  # the stage of the async callback the connection's end cancelled (_finish)
+        #: The callback running now, until it returns (what holds a stop past its grace: overdue.py).
+        self.calling: Callback | None = None
         self._decided = _OPEN
         self._deferred = Status.CONTINUE  # with _DEFERRED: the verdict waiting for a reply
         self._deferred_stage = ""
@@ -795,10 +797,12 @@ class ConnectionEngine:
         held = limiter.begin(limit, started)
         late = False
         func = cb.func  # compiled, cb.func(*args) would be a getattr by name, as for a method
+        self.calling = cb
         try:
             try:
                 result = func(*call_args)
             finally:
+                self.calling = None
                 if held:
                     late = limiter.stop()  # before anything else: the failure's log line is not limited
         # A filter bug must not take the milter down: a sys.exit() in a callback included (the

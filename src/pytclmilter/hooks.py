@@ -44,6 +44,10 @@ class Hooks:
     #: write out what the host buffers, as stdio's buffers are flushed then, so that nothing is
     #: written by parent and child alike, or never. True: wait for no reader.
     flush: Callable[[bool], None] = _ignore
+    #: The process ends at once, from another thread: a stop's grace is long over and the serving
+    #: thread is held in code no limit stops (overdue.py). Remove what must not outlive it (a pid
+    #: file); run no Tcl nor anything the held thread may hold. Not in a --workers worker.
+    exiting: Callable[[], None] = _ignore
     #: Called every ``tick_interval`` seconds while serving, if given.
     tick: Callable[[], None] | None = None
 

@@ -19,9 +19,10 @@ from .accept import Acceptor, check_fd_limit
 from .connspec import ConnSpec, parse
 from .hooks import forget_early_reload, signalled
 from .listener import Listener, bind
-from .logline import Every, tell_counts
+from .logline import Every, escape, tell_counts
 from .engine import LAST_WORDS, UNWIND, ConnectionEngine, Shared
 from .limits import PYTHON_LIMIT
+from .overdue import StopDeadline
 
 _FOREVER: Final = float("inf")
 
@@ -268,6 +269,8 @@ class MilterServer:
         #: Why serving ends, as the log and the metrics say it: a stop, or (a worker) a reload.
         self._ending = _STOPPED
         self._aborted = False  # abort(): serve() ends without the grace
+        self._holding = ""  # what the loop's thread does other than callbacks, for overdue.py
+        self._reload_told = False  # the SIGUSR1 waiting for a callback was logged (_seen)
 
     def next_id(self) -> int:
         self._ids += 1
@@ -348,6 +351,7 @@ class MilterServer:
         self._listener, self.acceptor, spec = listener, acceptor, listener.spec
         self.listening = spec
         signals = self._install_signals(loop)
+        deadline = self._stop_deadline(loop) if signals else None
         sweeper = asyncio.ensure_future(self._sweep(loop))
         self._start_ticker()
         try:
@@ -368,6 +372,8 @@ class MilterServer:
             if self._ticker is not None:
                 self._ticker.cancel()
                 self._ticker = None
+            if deadline is not None:
+                deadline.end()
             self._remove_signals(loop, signals)
             self.acceptor = None
             self.listening = None
@@ -540,6 +546,43 @@ class MilterServer:
                             exc or type(exc).__name__)
         return installed
 
+    def _stop_deadline(self, loop: asyncio.AbstractEventLoop) -> StopDeadline:
+        """The process ends when a stop's grace is long over and this thread is still held (overdue.py)."""
+        stops = STOP_SIGNALS if self.reloadable else STOP_SIGNALS + (REPLACED,)
+        return StopDeadline(loop, stops, lambda: 0.0 if self._aborted else self.shared.settings.grace,
+                            self._held_by, self._exiting, self._seen)
+
+    def _seen(self, number: int) -> None:
+        """A signal came (overdue.py's thread): a reload that must wait for the callback running
+        now is told now, once; the loop runs it when the callback returns (_on_reload)."""
+        if number != _RELOAD or not self.reloadable or self._reload_told:
+            return
+        held = self._held_by()
+        if held.startswith("conn#"):
+            self._reload_told = True
+            log.warning("received SIGUSR1 while %s runs: the reload waits until it returns (within -calltimeout, "
+                        "%g s)", held, self.shared.settings.call_timeout)
+
+    def _held_by(self) -> str:
+        """What holds the serving thread, for the line of overdue.py (from its thread)."""
+        try:
+            engines = [c.engine for c in list(self.connections) if c.engine is not None]
+        except RuntimeError:  # (changed meanwhile: the thread is not held after all)
+            engines = []
+        for engine in engines:
+            cb = engine.calling
+            if cb is not None:
+                return f"{engine.name}'s {escape(engine.ctx.stage)} callback {escape(cb.name or repr(cb.func))}"
+        return self._holding or "the serving thread"
+
+    def _exiting(self) -> None:
+        """The process ends now (overdue.py): the socket's file goes, and the host's own (the pid
+        file: not a worker's to remove)."""
+        if self._listener is not None:
+            self._listener.remove_unix()
+        if self.reloadable:
+            self.shared.hooks.exiting()
+
     def _grace_starts(self, signum: int, frame: object) -> None:
         """Python's own handler of the stop signals (the loop's, :meth:`_on_signal`, comes when the
         loop next turns): the grace starts at the signal. Python runs it even while a Tcl callback
@@ -571,6 +614,7 @@ class MilterServer:
                     os.getppid())
 
     def _on_reload(self) -> None:
+        self._reload_told = False
         if self._stop is not None and self._stop.is_set():
             log.warning("received SIGUSR1 while stopping: no reload")
             return
@@ -578,10 +622,13 @@ class MilterServer:
         if reload is None:  # (a reload replaced the milter by one without the hook)
             log.warning("received SIGUSR1: this milter has no reload (Hooks.reload); ignored")
             return
+        self._holding = "a reload's load of the script"
         try:
             reload()
         except Exception:  # noqa: BLE001 - a failed reload must not stop serving
             log.exception("reload failed; the milter serves on unchanged")
+        finally:
+            self._holding = ""
 
     def _remove_signals(self, loop: asyncio.AbstractEventLoop, sigs: list[signal.Signals]) -> None:
         for sig in sigs:

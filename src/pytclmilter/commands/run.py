@@ -372,7 +372,7 @@ def _serve(opts: argparse.Namespace) -> int:
     # The daemon is made below, once the script's options are known to be valid; its hooks run
     # only when the milter serves.
     hooks = Hooks(listening=lambda spec: daemon.listening(spec), signal=lambda sig: daemon.signal(sig),
-                  reload=lambda: daemon.reload(scripts))
+                  reload=lambda: daemon.reload(scripts), exiting=lambda: daemon.cleanup())
 
     # A reload reads the files the start read, whatever directory the script has changed to since
     # (Tcl's cd, a daemon's `cd /`): by their absolute paths, taken before any of its code runs.

@@ -1,0 +1,120 @@
+"""The last resort of a stop: serving that its own thread cannot end, ended from another.
+
+The stop's grace holds every callback (server.py, tcl/limit.py, limits.py), but only where
+Python or Tcl get a turn: a Tcl command in C (``exec sleep 600``, a blocking ``gets``), a
+Python call in C, a reload's load held there, or Tcl code that nothing limits, keep the serving
+thread for as long as they take, and the process with it (until systemd's SIGKILL, which
+leaves the socket file and the pid file behind and logs nothing). Nor does Python run the stop
+signal's handler meanwhile: it runs handlers in that thread alone, between its statements.
+
+What does run is CPython's C-level handler, which writes the signal's number to the wakeup fd,
+the loop's. While serving, the wakeup fd is this module's pipe instead: a thread reads it and
+passes every byte on to the loop's, which sees the signals as before, and a stop signal starts
+the clock (and any signal is told at once: ``seen``). When the grace and :data:`MARGIN` are over and the loop does not turn within
+:data:`PATIENCE` (it turns between the sessions it cuts, however many), the serving thread is
+held: one line names what holds it, ``ending`` removes what must not outlive the process, and
+the process exits with :data:`EXIT`, without waiting for it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import threading
+import time
+from typing import Callable, Final
+
+log: Final = logging.getLogger("pytclmilter")
+
+#: After the grace: the cut of the sessions still open (UNWIND for async callbacks, a beat).
+MARGIN: Final = 3.0
+#: How long the loop may take to turn once the margin is over, before the thread counts as held.
+PATIENCE: Final = 1.0
+#: The exit status then: a stop, but not a clean one (a service manager shows it failed).
+EXIT: Final = 1
+
+
+class StopDeadline:
+    """Ends the process when a stop's grace is long over and the serving thread is still held."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, stops: tuple[signal.Signals, ...],
+                 grace: Callable[[], float], held_by: Callable[[], str], ending: Callable[[], None],
+                 seen: Callable[[int], None]) -> None:
+        self._loop = loop
+        self._seen = seen  # each signal, in the relay's thread: at once, however held the loop is
+        self._stops = {int(sig) for sig in stops}
+        self._grace = grace  # read at the signal: a reload may have changed it
+        self._held_by = held_by
+        self._ending = ending
+        self._over = threading.Event()
+        self._clock: threading.Thread | None = None
+        self._read_end, self._write_end = os.pipe()
+        os.set_blocking(self._write_end, False)  # (set_wakeup_fd's requirement)
+        self._loops = signal.set_wakeup_fd(self._write_end, warn_on_full_buffer=False)
+        # The threads start with the signals blocked: they are no one's to take here.
+        mask = signal.pthread_sigmask(signal.SIG_BLOCK, signal.valid_signals())
+        try:
+            self._relay = threading.Thread(target=self._pass_on, name="stop-deadline", daemon=True)
+            self._relay.start()
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+
+    def end(self) -> None:
+        """Serving is over (from the thread that serves, before the loop's handlers go)."""
+        self._over.set()
+        signal.set_wakeup_fd(self._loops, warn_on_full_buffer=False)
+        os.write(self._write_end, b"\0")
+        self._relay.join()
+        os.close(self._read_end)
+        os.close(self._write_end)
+
+    def _pass_on(self) -> None:
+        while True:
+            data = os.read(self._read_end, 64)
+            ended = 0 in data
+            data = data.replace(b"\0", b"")
+            if data and self._loops >= 0:
+                try:
+                    os.write(self._loops, data)
+                except OSError:  # full, or gone: as CPython does, the loop misses it
+                    pass
+            for number in data:
+                self._seen(number)
+            if self._clock is None and any(number in self._stops for number in data):
+                self._clock = threading.Thread(target=self._watch, args=(time.monotonic(),),
+                                               name="stop-deadline-clock", daemon=True)
+                self._clock.start()
+            if ended:
+                return
+
+    def _watch(self, since: float) -> None:
+        grace = self._grace()
+        if self._over.wait(grace + MARGIN):
+            return
+        while self._turns():  # the loop still works through the stop: let it
+            if self._over.wait(PATIENCE):
+                return
+        if not self._over.is_set():
+            self._give_up(since, grace)
+
+    def _turns(self) -> bool:
+        """Whether the loop turns within PATIENCE."""
+        turned = threading.Event()
+        try:
+            self._loop.call_soon_threadsafe(turned.set)
+        except RuntimeError:  # closed: serving is over (end() came first)
+            return False
+        return turned.wait(PATIENCE)
+
+    def _give_up(self, since: float, grace: float) -> None:
+        log.error("stopping: %s still held the milter %.1f s after the stop signal, past the %g s grace, in code "
+                  "the grace cannot stop (a command in C such as exec or a blocking read, or code under "
+                  "-calltimeout 0): exiting without it, exit status %d", self._held_by(), time.monotonic() - since,
+                  grace, EXIT)
+        try:
+            self._ending()
+        finally:
+            logging.shutdown()
+            os._exit(EXIT)
