@@ -603,3 +603,15 @@ def test_python_m_as_root_imports_from_roots_own_current_directory(etc):
     done = python_m_check(etc, "filter.tcl", "--python", "hooks.py")
     assert done.returncode == 0, done
     assert "rules.py ran" in done.stdout and done.stderr == ""
+
+
+def test_a_program_run_from_its_own_directory_keeps_its_modules(theirs):
+    """A program (not -m, not -c) has its own directory first on sys.path, wherever it is run
+    from: run from that very directory as root, importing pytclmilter as a library took it off,
+    and the program's next import of a module beside it failed (as it did not from elsewhere)."""
+    (theirs / "program.py").write_text("import pytclmilter\nimport helper\nprint(helper.X)\n")
+    (theirs / "helper.py").write_text("X = 'helper imported'\n")
+    for cwd in (theirs, Path("/")):
+        done = subprocess.run([sys.executable, str(theirs / "program.py")], cwd=cwd, env=child_env(),
+                              capture_output=True, text=True, timeout=60)
+        assert (done.returncode, done.stdout, done.stderr) == (0, "helper imported\n", ""), (cwd, done)
