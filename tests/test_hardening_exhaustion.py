@@ -228,3 +228,59 @@ def test_connections_past_the_limit_are_closed_at_once_with_one_warning(tclrun):
     assert text.count("below the connection limit again") == 1, text
     assert "WARNING: 1 connection closed at the connection limit since the last line about it\n" in text, text
     assert "protocol error" not in text and "ERROR" not in text, text
+
+
+#: The connection limit's window cut to 3 s (60 s in production), so that its end comes within the test.
+SHORT_LIMIT_WINDOW = """
+from pytclmilter import accept
+
+
+def setup(milter):
+    accept.LIMIT_REPEAT = 3.0
+"""
+
+
+def _quit(mta) -> None:
+    """End a session as the MTA does, and wait until the milter has closed it: a connection opened
+    next is not at the limit (the milter's count goes down before the socket closes)."""
+    mta.quit()
+    assert mta.eof()
+    mta.close()
+
+
+def test_connections_closed_at_the_limit_between_warnings_are_told_when_the_window_ends(tclrun):
+    """Connections closed at the limit within the minute after its last warning were told only by
+    the next warning, maybe hours later, or at stop. Now their count is told once the window is
+    over: in a line of its own if the limit is no longer reached, else in the warning that it is."""
+    m = tclrun(NULL, "--max-connections", "1", python=[SHORT_LIMIT_WINDOW])
+
+    def cross(*, stay: bool = False):
+        """At the limit (one connection closed at it) and, unless ``stay``, below it again."""
+        held = m.mta()
+        held.negotiate()
+        with m.mta() as past:
+            assert past.eof(), "a connection past the limit was not closed"
+        if not stay:
+            _quit(held)
+        return held
+
+    cross()
+    m.wait_for(r"WARNING: below the connection limit again: 0 connections open \(--max-connections 1\); 1 "
+               r"connection closed at the limit in \d+\.\d s\r?\n")
+    cross()  # within the window: counted, no line
+    m.wait_for(r"WARNING: 1 connection closed at the connection limit since the last line about it\r?\n", timeout=10)
+    cross()  # a window later: the pair again
+    held = cross(stay=True)  # within its window, and at the limit when it ends
+    m.wait_for(r"WARNING: connection limit reached: 1 connection open \(--max-connections 1\); new connections are "
+               r"closed at once, and the MTA applies its default action to them \(Postfix: milter_default_action\), "
+               r"until one closes; 1 more was closed at it since the last line about it\r?\n", timeout=10)
+    with m.mta() as past:
+        assert past.eof()
+    _quit(held)
+    m.wait_for(r"WARNING: below the connection limit again: 0 connections open \(--max-connections 1\); 1 "
+               r"connection closed at the limit in \d+\.\d s\r?\n")
+    assert m.stop() == 0
+    text = m.text
+    assert text.count("connection limit reached") == 3, text
+    assert text.count("below the connection limit again") == 3, text
+    assert text.count("closed at the connection limit since the last line about it") == 1, text

@@ -18,8 +18,10 @@ once, unanswered: the MTA applies its default action to that session now (Postfi
 waited in the listen queue, holding an smtpd process meanwhile; the limit is set so that no
 real MTA reaches it. One WARNING says the limit is reached, one more says when a connection
 closed below it again, with how many were closed at it; while a peer keeps crossing the limit
-back and forth, that pair comes at most every LIMIT_REPEAT seconds, and the counts between go
-with the next line (or the end of serving).
+back and forth, that pair comes at most every LIMIT_REPEAT seconds, and the connections closed
+at the limit between are told once those seconds are over (a timer: the next warning may be
+hours away): in the warning that the limit is reached if it still is, else in a line of their
+own (or at the end of serving).
 """
 
 from __future__ import annotations
@@ -83,6 +85,7 @@ class Acceptor:
         self._told = False  # the warning of this time at the limit went out: say when it is over
         self._limit_warned: float | None = None  # loop time of the last warning of the limit
         self._refused = 0  # connections closed at the limit that no line has counted yet
+        self._window_end: asyncio.TimerHandle | None = None  # tells the count once LIMIT_REPEAT is over
 
     def start(self) -> None:
         if not self._reading and self.sock.fileno() >= 0:
@@ -94,9 +97,7 @@ class Acceptor:
         (once every process that shares the socket has closed it)."""
         self._pause()
         self.sock.close()
-        if self._refused:
-            log.warning("%s closed at the connection limit since the last line about it", _connections(self._refused))
-            self._refused = 0
+        self._tell_refused()
 
     def connection_closed(self) -> None:
         """A connection's transport closed: its descriptor is free, so accept again at once if we
@@ -150,22 +151,56 @@ class Acceptor:
 
     def _at_limit(self, limit: int) -> None:
         """A connection was closed at once, ``limit`` being open: warn as the limit is reached
-        (unless a warning went out less than LIMIT_REPEAT seconds ago), count it either way."""
+        (unless a warning went out less than LIMIT_REPEAT seconds ago), count it either way; a
+        count no warning told is told when those seconds are over (_window_over)."""
         self._refused += 1
         self.on_refused()
-        if self._capped:
-            return
-        self._capped = True
-        now = self.loop.time()
-        self._told = self._limit_warned is None or now - self._limit_warned >= LIMIT_REPEAT
-        if not self._told:
-            return
-        earlier = self._refused - 1
-        since = f"; {earlier} more were closed at it since the last line about it" if earlier else ""
+        if not self._capped:
+            self._capped = True
+            now = self.loop.time()
+            self._told = self._limit_warned is None or now - self._limit_warned >= LIMIT_REPEAT
+            if self._told:
+                self._warn_limit(limit, self._refused - 1)
+                self._refused = 1  # (the line of its end counts this one)
+                return
+        if not self._told and self._window_end is None and self._limit_warned is not None:
+            delay = max(self._limit_warned + LIMIT_REPEAT - self.loop.time(), 0.0)
+            self._window_end = self.loop.call_later(delay, self._window_over)
+
+    def _warn_limit(self, limit: int, earlier: int) -> None:
+        """The warning that the limit is reached, with the ``earlier`` connections closed at it
+        that no line has counted."""
+        self._end_window()
+        were = "was" if earlier == 1 else "were"
+        since = f"; {earlier} more {were} closed at it since the last line about it" if earlier else ""
         log.warning("connection limit reached: %s open (--max-connections %d); new connections are closed at once, "
                     "and the MTA applies its default action to them (Postfix: milter_default_action), until one "
                     "closes%s", _connections(self.open), limit, since)
-        self._limit_warned, self._refused = now, 1
+        self._limit_warned = self.loop.time()
+
+    def _window_over(self) -> None:
+        """LIMIT_REPEAT seconds since the last warning: tell the connections closed at the limit
+        since, in the warning that it is reached if it still is (its end is then told as ever)."""
+        self._window_end = None
+        limit = self.limit()
+        if self._capped and not self._told and limit:
+            self._told = True
+            self._warn_limit(limit, self._refused)
+            self._refused = 0
+        elif not (self._capped and self._told):  # (else the line of its end counts them)
+            self._tell_refused()
+
+    def _end_window(self) -> None:
+        if self._window_end is not None:
+            self._window_end.cancel()
+            self._window_end = None
+
+    def _tell_refused(self) -> None:
+        """A line with the count of connections closed at the limit that no line has told."""
+        self._end_window()
+        if self._refused:
+            log.warning("%s closed at the connection limit since the last line about it", _connections(self._refused))
+            self._refused = 0
 
     def _released(self) -> None:
         """A connection is over: if it was at the limit, the limit is no longer reached (said once
