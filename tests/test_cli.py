@@ -191,7 +191,7 @@ def test_the_synopses_in_the_docs_list_every_option_the_help_does(command: str) 
     assert status == 0, out
     usage = out.split("\n\n")[0]
     options = set(re.findall(r"(?<![\w-])--[a-z][a-z-]+", usage))
-    assert "--log-level" in options and "--help" not in options, usage
+    assert ("--log-level" in options) == (command != "send") and "--help" not in options, usage
     assert synopsis_options((ROOT / "docs" / "cli.md").read_text(), command) == options
     if command == "run":
         assert synopsis_options((ROOT / "README.md").read_text(), command) == options
@@ -1610,6 +1610,11 @@ def test_send_usage_errors() -> None:
     # (0 timed out every wait at once, and said "cannot connect to ...:" with no reason)
     status, out = cli("send", "--connection", "inet:25@127.0.0.1", str(DATA / "plain.eml"), "--timeout", "0")
     assert status == 64 and "--timeout 0: must be more than 0 seconds" in out, out
+    # (it was accepted, and changed nothing: send has no log of its own)
+    status, out = cli("send", "--connection", "inet:25@127.0.0.1", str(DATA / "plain.eml"), "--log-level", "debug")
+    assert status == 64 and out == ("pytclmilter send: --log-level: send has no log lines to choose from (the "
+                                    "milter it talks to logs in its own log; the report shows the conversation): "
+                                    "it is an option of run, try and check\n"), out
 
 
 def test_send_to_a_filter_that_never_answers_says_where_it_waited() -> None:

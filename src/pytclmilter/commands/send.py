@@ -23,12 +23,17 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> argp
                    help="send N messages (load generator) and print a summary (with --json: as JSON)")
     p.add_argument("--concurrency", type=int, default=1, metavar="C", help="parallel connections with --count")
     p.add_argument("--timeout", type=float, default=30.0, metavar="SECONDS", help="wait at most this long to connect and for each reply (default: %(default)s)")
-    p.add_argument("--log-level", default="warning", choices=["debug", "info", "warning", "error"])
+    # Not an option of send (there is no milter here to log: the report is the conversation); kept
+    # only to say so, where argparse would say "unrecognized arguments".
+    p.add_argument("--log-level", help=argparse.SUPPRESS)
     return p
 
 
 def cmd_send(opts: argparse.Namespace) -> int:
-    setup_logging(opts.log_level)
+    if opts.log_level is not None:
+        raise UsageError("--log-level: send has no log lines to choose from (the milter it talks to logs in its "
+                         "own log; the report shows the conversation): it is an option of run, try and check")
+    setup_logging("warning")
     reports_print_anywhere()
     try:
         spec = parse(opts.connection)
