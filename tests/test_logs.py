@@ -1037,3 +1037,32 @@ def test_faults_of_one_kind_differ_only_in_the_mtas_bytes_and_numbers() -> None:
         "connect: '...' is not an INET6 address"
     assert logline.fault_kind("packet of 9999999 bytes exceeds the limit of 65535") == \
         "packet of N bytes exceeds the limit of N"
+
+
+#: A negotiate callback that asks for a macro list (whose names reach the debug line).
+NEGOTIATING_TCL = r"""
+package require TclMilter
+proc negotiate {ctx version actions protocol} {
+    $ctx setsymlist envfrom "{auth_authen} i"
+    return SMFIS_CONTINUE
+}
+milter register negotiate negotiate
+milter register envrcpt {apply {{ctx argv} { return SMFIS_CONTINUE }}}
+milter main
+"""
+
+
+def test_the_debug_line_of_the_negotiation_names_the_flags_it_answered(tclrun) -> None:
+    """--log-level debug's line of each connection's option negotiation ended in a Python repr,
+    "answered OptionNegotiationReply(version=6, actions=511, protocol=...)", the flags as decimal
+    numbers nothing in the manual uses. Now they are named as docs/protocol.md names them."""
+    m = tclrun(NEGOTIATING_TCL, "--log-level", "debug")
+    with m.mta() as mta:
+        mta.negotiate_raw()
+        assert mta.rcpt("<b@example.org>") == ("c", {})
+    line = m.wait_for(r"DEBUG: conn#1: offered [^\n]*?\r?\n").group()
+    assert line.rstrip().endswith(
+        "DEBUG: conn#1: offered v6 actions 0x1ff protocol 0x1fffff; answered v6 actions ADDHDRS|CHGBODY|ADDRCPT|"
+        "DELRCPT|CHGHDRS|QUARANTINE|CHGFROM|ADDRCPT_PAR|SETSYMLIST (0x1ff) protocol NOCONNECT|NOHELO|NOMAIL|"
+        'NOBODY|NOHDRS|NOEOH|NOUNKNOWN|NODATA|SKIP (0x777) macro lists envfrom="{auth_authen} i"'), line
+    assert m.stop() == 0

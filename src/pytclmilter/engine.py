@@ -28,9 +28,10 @@ from .meter import Meter
 # Imported by name, not as a module: compiled, `events.Name` is a module attribute look-up per use.
 from .protocol.events import (
     Abort, Accept, Body, Closed, Connect, Continue, Discard, EndOfMessage, EnvFrom, EnvRcpt, Event, Header,
-    Helo, Macro, OptionNegotiation, Progress, Reject, Reply, ReplyCode, Skip, Tempfail, Unknown,
+    Helo, Macro, OptionNegotiation, OptionNegotiationReply, Progress, Reject, Reply, ReplyCode, Skip, Tempfail,
+    Unknown,
 )
-from .protocol.constants import Family, Proto
+from .protocol.constants import Action, Family, MacroStage, Proto, flag_names
 from .protocol.errors import LocalProtocolError, RemoteProtocolError
 from .protocol.negotiation import Negotiated, negotiate
 from .protocol.session import FilterSession, NeedData
@@ -207,6 +208,16 @@ class Stats:
     def summary(self) -> str:
         parts = [f"{k}={v}" for k, v in sorted(self.verdicts.items())]
         return ", ".join(parts + [f"callback errors={self.errors}"])
+
+
+def _answer_text(reply: OptionNegotiationReply) -> str:
+    """The option negotiation's answer in the debug line: its flags by name (docs/protocol.md
+    §4.2-§4.3), each number in hex too; the macro lists of a negotiate callback's setsymlist."""
+    actions, protocol = Action(reply.actions), Proto(reply.protocol)
+    text = (f"v{reply.version} actions {'|'.join(flag_names(actions)) or 'none'} (0x{reply.actions:x}) "
+            f"protocol {'|'.join(flag_names(protocol)) or 'none'} (0x{reply.protocol:x})")
+    lists = [f"{MacroStage(stage).name.lower()}={as_field(names)}" for stage, names in reply.macros.items()]
+    return " ".join([text, "macro lists", *lists]) if lists else text
 
 
 def _faults_told(faults: Repeated, kind: str, count: int) -> None:
@@ -666,7 +677,7 @@ class ConnectionEngine:
             return
         if self.debug:
             log.debug("%s: offered v%d actions 0x%x protocol 0x%x; answered %s", self.name,
-                      offer.version, offer.actions, offer.protocol, negotiated.reply)
+                      offer.version, offer.actions, offer.protocol, _answer_text(negotiated.reply))
         self._out.append(self.session.accept_negotiation(negotiated))
 
     def _negotiated(self, offer: OptionNegotiation) -> Negotiated:

@@ -16,7 +16,7 @@ import tkinter
 from typing import Any, Final
 
 from ..callbacks import EVENT_ARGS, Callback, not_accepted
-from ..protocol.constants import Action, Proto
+from ..protocol.constants import Action, Proto, flag_names
 from ..protocol.events import OptionNegotiation
 from ..protocol.negotiation import negotiate
 from ..tcl.interp import TclHost
@@ -125,10 +125,10 @@ def callback_errors(script: str, host: TclHost) -> list[str]:
 
 def describe_negotiation(host: TclHost) -> list[str]:
     result = negotiate(OptionNegotiation(6, 0x1FF, 0x1FFFFF), host.milter.registry.wants())
-    proto = Proto(result.protocol)
-    skipped = [f.name.lower() for f in Proto if f.name and f.name.startswith("NO") and f in proto]
-    silent = [f.name for f in Proto if f.name and f.name.startswith("NR_") and f in proto]
-    actions = [f.name for f in Action if f.name and f in Action(result.actions)]
+    protocol = flag_names(Proto(result.protocol))
+    skipped = [name.lower() for name in protocol if name.startswith("NO")]
+    silent = [name for name in protocol if name.startswith("NR_")]
+    actions = flag_names(Action(result.actions))
     return [
         f"version {result.version}, actions 0x{result.actions:x}, protocol 0x{result.protocol:x}",
         "  skipped stages: " + (", ".join(skipped) or "none"),

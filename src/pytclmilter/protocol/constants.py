@@ -83,6 +83,15 @@ V1_PROTO = Proto(0x3F)
 ALL_PROTO = Proto(0x1FFFFF)
 
 
+def flag_names(flags: Action | Proto) -> list[str]:
+    """The names of ``flags``' bits, as docs/protocol.md §4.2-§4.3 gives them, lowest bit first;
+    bits that have none as one hex number last (a log line says what was asked, in words)."""
+    kind = type(flags)
+    names = [f.name for f in kind if f.value and f.name and f in flags]
+    rest = int(flags) & ~sum(f.value for f in kind)
+    return names + [f"0x{rest:x}"] if rest else names
+
+
 class MacroStage(enum.IntEnum):
     """Stage numbers of macro lists in the OPTNEG reply (SMFIM_*), not in protocol order."""
 
