@@ -938,6 +938,13 @@ def _greylist_entry(store: Path) -> tuple[Any, ...]:
     return rows[0]
 
 
+def test_try_greylist_says_1_second_not_1_seconds(tmp_path: Path) -> None:
+    """-delay 1 (or a retry a second before the delay ends) said "try again in 1 seconds"."""
+    env = {"GREYLIST_STORE": f"sqlite:{tmp_path / 'greylist.sqlite'}", "GREYLIST_DELAY": "1"}
+    status, out = cli("try", str(GREYLIST), str(DATA / "plain.eml"), *GREYLIST_STORE, env=env)
+    assert status == 2 and '-> tempfail "451 4.7.1 Greylisted, please try again in 1 second"\n' in out, out
+
+
 def test_try_greylist_tempfails_first_then_accepts_once_the_delay_passed(tmp_path: Path) -> None:
     store = tmp_path / "greylist.sqlite"
     env = {"GREYLIST_STORE": f"sqlite:{store}", "GREYLIST_DELAY": "3600"}

@@ -40,7 +40,7 @@ STORE_PY = EXAMPLES / "greylist_store.py"
 
 tclrun = pytest.fixture(tclrun_factory, name="tclrun")
 
-GREYLISTED = re.compile(r"4\.7\.1 Greylisted, please try again in (\d+) seconds")
+GREYLISTED = re.compile(r"4\.7\.1 Greylisted, please try again in (\d+) seconds?")
 UNAVAILABLE = "4.3.0 Greylisting temporarily unavailable, please try again later"
 
 

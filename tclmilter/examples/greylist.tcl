@@ -138,7 +138,9 @@ proc gl_envrcpt { context rcptList } {
             return SMFIS_CONTINUE
         }
         wait {
-            $context setreply 451 4.7.1 "Greylisted, please try again in [lindex $answer 1] seconds"
+            set wait [lindex $answer 1]
+            set unit [expr {$wait == 1 ? "second" : "seconds"}]
+            $context setreply 451 4.7.1 "Greylisted, please try again in $wait $unit"
             return SMFIS_TEMPFAIL
         }
         default {
