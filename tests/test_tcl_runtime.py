@@ -617,6 +617,32 @@ def test_onerror_chooses_the_answer_to_a_failed_callback(tclrun):
     assert m.text.count("failing on purpose") >= 2
 
 
+def test_modifications_made_before_an_eom_error_go_with_an_onerror_that_keeps_the_message(tclrun):
+    """docs/tcl-reference.md: the modifications an eom callback made before its Tcl error are sent
+    when -onerror is continue or accept (libmilter sends each as it is made), dropped with tempfail."""
+    m = tclrun(r"""
+        package require TclMilter
+        proc eom {ctx} {
+            $ctx addheader X-Before-Error yes
+            milter configure -onerror [$ctx getpriv onerror]
+            error "failing on purpose"
+        }
+        proc from {ctx argv} { $ctx setpriv onerror [string trim [lindex $argv 0] <>]; return SMFIS_CONTINUE }
+        milter register envfrom from
+        milter register eom eom
+        milter main
+    """)
+    header = ("h", b"X-Before-Error\0yes\0")
+    for onerror, replies in (("SMFIS_CONTINUE", [header, ("c", b"")]), ("SMFIS_ACCEPT", [header, ("a", b"")]),
+                             ("SMFIS_TEMPFAIL", [("t", b"")])):
+        with m.mta() as mta:
+            mta.negotiate()
+            assert mta.mail(f"<{onerror}>") == ("c", {})
+            assert mta.eom() == replies, onerror
+    assert m.stop() == 0
+    assert m.text.count("eom callback eom failed (failing on purpose)") == 3, m.text
+
+
 def test_uncaught_script_error_exits_1_with_errorinfo(tclrun):
     m = tclrun(r"""
         package require TclMilter
