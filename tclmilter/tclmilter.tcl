@@ -197,6 +197,19 @@ if {[llength [info commands ::tclmilter::py::milter]]} {
         }
         ::tclmilter::trace_threads remove
         tsv::set ::tclmilter main [thread::id]
+        # An error with no caller to return it to (an -async send's, a thread's own script's) is
+        # logged, escaped, where Thread wrote it raw on stderr; unless the script has its own
+        # errorproc (Thread has one for the process: the script's, set after this, wins).
+        if {[thread::errorproc] eq ""} {
+            thread::errorproc ::tclmilter::thread_error
+        }
+    }
+
+    # Thread's errorproc: runs in this interpreter when its thread runs Tcl's event loop. It must
+    # not fail: Thread would report its error to it again, for ever.
+    proc ::tclmilter::thread_error {thread info} {
+        catch {::tclmilter::py::thread_error $thread $info}
+        return
     }
 
     proc ::tclmilter::trace_threads {op} {

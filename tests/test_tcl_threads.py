@@ -59,7 +59,7 @@ def _both(tmp_path: Path, script: str) -> tuple[dict[str, str], dict[str, str], 
 
 def test_async_send_from_a_worker_ends_the_scripts_vwait_before_main(tmp_path):
     """A worker's `thread::send -async $main {set ::flag done}` sets the script's variable, so
-    `vwait ::flag` returns; an error in an async script is printed on stderr, as tclsh does."""
+    `vwait ::flag` returns; an error in an async script is logged, where tclsh prints it raw."""
     script = REPORT + r"""
         package require Thread
         set main [thread::id]
@@ -70,14 +70,60 @@ def test_async_send_from_a_worker_ends_the_scripts_vwait_before_main(tmp_path):
         after 5000 {set ::flag "timed out"}
         vwait ::flag
         R flag $::flag
+        update  ;# (the error, reported to the script's thread, is logged when its event loop runs)
         exit 0
     """
     ref, ours, tclsh, run = _both(tmp_path, script)
     assert ref == {"flag": "done"}
     assert ours == ref
-    for out in (tclsh.stderr, run.text):
-        assert re.search(r'Error from thread tid0x[0-9a-f]+\nasync boom\n    while executing\n"error "async boom""',
-                         out), out
+    assert re.search(r'Error from thread tid0x[0-9a-f]+\nasync boom\n    while executing\n"error "async boom""',
+                     tclsh.stderr), tclsh.stderr
+    assert re.search(r'ERROR: error in thread tid0x[0-9a-f]+ \(thread::send -async, or the thread\'s own script\): '
+                     r'async boom\n  async boom\n    while executing\n  "error "async boom""', run.text), run.text
+
+
+THREAD_ERRORS = r"""
+    package require TclMilter
+    package require Thread
+    set main [thread::id]
+    thread::create [list apply {{main} {
+        thread::send -async $main [list error "from <a\x1b\[2J@b>\nERROR: forged line"]
+        for {set i 0} {$i < 300} {incr i} {
+            thread::send -async $main "set ::x {boom $i} \[nosuch\]"
+        }
+        thread::send -async $main {set ::sent 1}
+    }} $main]
+    vwait ::sent
+    set t [thread::create -joinable {expr {"the thread's own script" / 0}}]
+    thread::join $t
+    after 100 {milter stop}
+    milter main
+"""
+
+
+def test_errors_in_threads_are_logged_escaped_and_a_flood_counted(tmp_path):
+    """Errors no caller gets back (an -async send's, a thread's own script's): Thread printed
+    each on stderr as `Error from thread tid0x...` and the raw errorInfo, so an MTA's text in
+    the message forged a journal line and 300 failures printed 1200 lines. Now each is logged
+    as an event handler's error is: escaped, one line and its errorInfo indented, the same
+    failure again counted, its count told at stop."""
+    run = spawn(tmp_path, THREAD_ERRORS, wait=False)
+    try:
+        assert run.wait_exit(30) == 0, run.output
+    finally:
+        run.kill()
+    text = run.text
+    what = r"ERROR: error in thread tid0x[0-9a-f]+ \(thread::send -async, or the thread's own script\): "
+    assert re.search(what + r"from <a\\x1b\[2J@b>\\nERROR: forged line\n  from <a\\x1b\[2J@b>\n"
+                     r"  ERROR: forged line\n    while executing\n", text), text
+    assert "\x1b" not in text and "\nERROR: forged" not in text and "Error from thread" not in text, text
+    assert re.search(what + 'invalid command name "nosuch"\n  invalid command name "nosuch"\n    while executing\n'
+                     '  "nosuch"\n    invoked from within\n  "set ::x {boom 0} \\[nosuch\\]"\n', text), text
+    assert re.search(what + 'invalid command name "nosuch" \\(repeated 299 times since its last line with the '
+                     'trace; logged once a minute\\)\n', text), text
+    assert re.search(what + r'can\'t use non-numeric string as operand of "/"\n  can\'t use non-numeric string as '
+                     r'operand of "/"\n    while executing\n  "expr \{"the thread\'s own script" / 0\}"\n', text), text
+    assert text.count("invalid command name") == 3, text  # (the first line, its errorInfo's, the count's)
 
 
 def test_sync_send_to_the_main_thread_returns_its_result_from_the_scripts_interpreter(tmp_path):

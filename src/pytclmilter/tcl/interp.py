@@ -278,11 +278,45 @@ def _tclsh(version: str) -> str | None:
     return None
 
 
-def _bgerrors_told(_bgerrors: Repeated, message: str, count: int) -> None:
-    """The count of an event handler's error (``message``, escaped) logged once a minute: with
-    the next such error, or alone once the minute is over (logline.tell_counts)."""
-    log.error("error in an event handler of the script (after, fileevent): %s (repeated %d times since its last "
-              "line with the trace; logged once a minute)", message, count)
+#: What the log calls an error of an `after` or `fileevent` handler of the script.
+_HANDLER_ERROR: Final = "error in an event handler of the script (after, fileevent)"
+
+
+def _unanswered_told(_repeated: Repeated, label: str, count: int) -> None:
+    """The count of an error no caller answers (``label``: what it is and its escaped message)
+    logged once a minute: with the next such error, or alone once the minute is over
+    (logline.tell_counts)."""
+    log.error("%s (repeated %d times since its last line with the trace; logged once a minute)", label, count)
+
+
+def _log_unanswered(repeated: Repeated, what: str, message: str, info: str, place: str) -> None:
+    """An error that no caller gets (a background error, a thread's): ``what`` it is and its
+    ``message``, escaped, then its errorInfo ``info``; the same error again at the same ``place``
+    within a minute only counted (logline.Repeated), so a failing loop logs no flood."""
+    label = f"{what}: {escape(message)}"
+    due = repeated.due(place, label)
+    if due is None:
+        return
+    if due:
+        _unanswered_told(repeated, label, due)
+        return
+    log.error("%s%s", label, "\n" + escape_lines(info) if info else "")
+
+
+def _thread_place(info: str, message: str) -> str:
+    """Where a thread's error happened, without the data it was given: place_of, which leaves
+    out the last frame (the script Thread ran: a send's words), and that frame's command (else
+    every one-command script, `error ...` or `set x [...]`, would be one place)."""
+    start = max(info.rfind(_CALLED_FROM), info.rfind(_EXECUTING))
+    lines = info[start:].split("\n", 3) if start >= 0 else []
+    words = lines[2].split(maxsplit=1) if len(lines) > 2 else []
+    return f"{place_of(info, message)}\n{words[0] if words else ''}"
+
+
+def _message_of(info: str) -> str:
+    """The error message an errorInfo begins with: up to its first frame, else its first line."""
+    frames = [cut for cut in (info.find(_EXECUTING), info.find(_CALLED_FROM)) if cut >= 0]
+    return info[:min(frames)] if frames else info.split("\n", 1)[0]
 
 
 class TclHost:
@@ -314,7 +348,9 @@ class TclHost:
         #: A reload loads this script: its `milter main` must suspend it, never serve.
         self.loading = False
         #: The background errors logged lately: a failing `after` loop logs once a minute.
-        self.bgerrors = Repeated(tell=_bgerrors_told)
+        self.bgerrors = Repeated(tell=_unanswered_told)
+        #: The errors of threads' scripts that no caller got (Thread's errorproc), as bgerrors.
+        self.thread_errors = Repeated(tell=_unanswered_told)
         #: A handler was stopped by the limit since the background errors were last reported.
         self._handler_stopped = False
         self.command = MilterCommand(self, self.milter)
@@ -325,6 +361,7 @@ class TclHost:
         self._register("::tclmilter::py::exit", self._exit)
         self._register("::tclmilter::py::threads", self._threads)
         self._register("::tclmilter::py::bgerror", self._bgerror)
+        self._register("::tclmilter::py::thread_error", self._thread_error)
         self._create("::tclmilter::py::serve", self._serve_inside)
         self.tk.call("eval", _PRELUDE)
         self._make_child(libdir)
@@ -357,7 +394,7 @@ class TclHost:
         for name in ("::tclmilter::py::milter", "::tclmilter::py::context", "::tclmilter::py::replacebody",
                      "::tclmilter::py::privstarted", "::tclmilter::py::exit", "::tclmilter::py::poll_next",
                      "::tclmilter::py::serve", "::tclmilter::py::threads", "::tclmilter::py::bgerror",
-                     "::tclmilter::py::watched", "::tclmilter::py::interp_made"):
+                     "::tclmilter::py::thread_error", "::tclmilter::py::watched", "::tclmilter::py::interp_made"):
             call("interp", "alias", child, name, "", name)
         call("interp", "alias", child, "exit", "", "exit")
         rootfiles.install(self._register, call, child)
@@ -434,14 +471,17 @@ class TclHost:
             message = self.limit.stopped()
             if self.pycommands.stopped:  # a Python command was running: where it was, too
                 info, self.pycommands.stopped = f"{info}\n{self.pycommands.stopped}", ""
-        due = self.bgerrors.due(place_of(info, message) if info else message, escape(message))
-        if due is None:
-            return
-        if due:
-            _bgerrors_told(self.bgerrors, escape(message), due)
-            return
-        log.error("error in an event handler of the script (after, fileevent): %s%s", escape(message),
-                  "\n" + escape_lines(info) if info else "")
+        _log_unanswered(self.bgerrors, _HANDLER_ERROR, message, info, place_of(info, message) if info else message)
+
+    def _thread_error(self, args: Sequence[str]) -> None:
+        """An error in a script that Thread ran with no caller to return it to (an `-async`
+        `thread::send`, a thread's own script): tclmilter.tcl's thread_error, Thread's errorproc.
+        Thread wrote it on stderr (``Error from thread tid0x...`` and the errorInfo, raw: an MTA's
+        text in the message went to the journal as it was, and a failing loop flooded it)."""
+        thread, info = (list(args) + ["", ""])[:2]
+        what = f"error in thread {escape(thread)} (thread::send -async, or the thread's own script)"
+        message = _message_of(info)
+        _log_unanswered(self.thread_errors, what, message, info, _thread_place(info, message))
 
     def _threads(self, args: Sequence[str]) -> None:
         """The script's first thread:: command: this interpreter becomes the one Thread sends this
