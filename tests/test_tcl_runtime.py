@@ -837,3 +837,34 @@ def test_errors_of_timers_go_to_the_log_or_to_the_scripts_bgerror(tclrun):
     assert "error in an event handler of the script (after, fileevent): bgerror failed to handle a background " \
            "error: bgerror broke (the error: unhandled)\n  bgerror broke\n" in text, text
 
+
+
+CHILD_BACKGROUND_ERRORS = r"""
+package require TclMilter
+interp create kid
+kid eval {after 0 [list error "from <a\x1b\[2J@b>\nERROR: forged line"]}
+kid eval {
+    interp create grandchild
+    grandchild eval {after 0 {error "in the grandchild"}}
+    interp create own
+    own eval {proc bgerror {message} { puts "own bgerror: $message" }; after 0 {error "handled"}}
+}
+interp create -safe safe
+safe eval {after 0 {error "a safe interpreter's, dropped by Tcl"}}
+after 300 {milter stop}
+milter main
+"""
+
+
+def test_errors_of_timers_in_the_scripts_own_interpreters_are_logged(tclrun):
+    """An `after` handler's error in an interpreter the script created (`interp create`, and in
+    those) was printed by Tcl raw on stderr: an MTA's text in it forged a journal line. Now it
+    is logged as the script's own handlers' errors are, after the interpreter's own bgerror."""
+    m = tclrun(CHILD_BACKGROUND_ERRORS)
+    assert m.wait_exit(15) == 0, m.output
+    text = m.text
+    what = "ERROR: error in an event handler of the script (after, fileevent): "
+    assert what + "from <a\\x1b[2J@b>\\nERROR: forged line\n  from <a\\x1b[2J@b>\n  ERROR: forged line\n" in text, text
+    assert "\x1b" not in text and "\nERROR: forged" not in text, text
+    assert what + "in the grandchild\n  in the grandchild\n    while executing\n" in text, text
+    assert "own bgerror: handled" in text and "safe interpreter" not in text, text

@@ -111,6 +111,23 @@ proc ::tclmilter::py::interp_made {command code result op} {
     if {$code == 0 && [string match "cr*" [lindex $command 1]]} { ::tclmilter::py::limit_sync }
 }
 
+# An interpreter the script creates (`interp create`, in those too; traced) reports its `after` and
+# `fileevent` errors as the script's does (its own ::bgerror first, then the log) where Tcl would
+# print them raw on stderr; a safe one's Tcl drops, and still does.
+# It returns the command's result: Tcl gives that of a leave trace to the next one (rootfiles.py's).
+proc ::tclmilter::py::bg_made {parent command code result op} {
+    if {$code != 0 || ![string match "cr*" [lindex $command 1]]} { return $result }
+    set path [list {*}$parent {*}$result]
+    if {[interp issafe $path]} { return $result }
+    interp alias $path ::tclmilter::py::bgerror {} ::tclmilter::py::bgerror
+    interp alias $path ::tclmilter::py::bg_made {} ::tclmilter::py::bg_made $path
+    set body [interp eval [lindex $path 0] [list info body ::tclmilter::bgerror]]
+    interp eval $path [list namespace eval ::tclmilter [list proc bgerror {message options} $body]]
+    interp eval $path [list trace add execution ::interp leave ::tclmilter::py::bg_made]
+    interp bgerror $path ::tclmilter::bgerror
+    return $result
+}
+
 # Tcl's exit writes what every channel buffers before the process ends (Tcl_Finalize); the milter
 # ends by other ways (a worker's os._exit, the end of `run`), so this does it: a script's log file
 # keeps its last lines. `ending`: the process or the interpreter goes, so every channel but the
@@ -397,6 +414,9 @@ class TclHost:
                      "::tclmilter::py::thread_error", "::tclmilter::py::watched", "::tclmilter::py::interp_made"):
             call("interp", "alias", child, name, "", name)
         call("interp", "alias", child, "exit", "", "exit")
+        call("interp", "alias", child, "::tclmilter::py::bg_made", "", "::tclmilter::py::bg_made", child)
+        # The first trace: Tcl gives each leave trace the previous one's result as the command's.
+        self.child_call("trace", "add", "execution", "::interp", "leave", "::tclmilter::py::bg_made")
         rootfiles.install(self._register, call, child)
         self.child_call("lappend", "auto_path", libdir)
         self.child_call("package", "require", "TclMilter")
