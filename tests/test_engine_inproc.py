@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 
 from pytclmilter import ACCEPT, CONTINUE, DISCARD, NOREPLY, REJECT, SKIP, TEMPFAIL
-from support.engine import ALL_PROTO, P_NOCONNECT, P_NR_HDR, P_SKIP, InProcessMTA, RawMTA, frame, make_milter, z
+from support.engine import ALL_ACTIONS, ALL_PROTO, P_NOCONNECT, P_NR_HDR, P_SKIP, InProcessMTA, RawMTA, frame, make_milter, z
 
 LOG = "pytclmilter"
 C = [(b"c", b"")]  # continue
@@ -122,6 +122,31 @@ def test_an_unregistered_callback_is_no_longer_negotiated():
     assert not InProcessMTA(m).optneg() & P_NOCONNECT
     assert m.unregister("connect", connect)
     assert InProcessMTA(m, 2).optneg() & P_NOCONNECT
+
+
+def test_offers_varied_by_a_peer_do_not_grow_what_the_process_keeps():
+    """The negotiation is cached by the MTA's offer, whose words a peer chooses freely (bits no
+    action has): 5 000 connections each offering other ones kept 2.3 MB after they closed, and
+    a peer could go on as long as it liked. The cache is bounded (256 offers)."""
+    import gc
+    import tracemalloc
+
+    m = make_milter()
+    m.register("eom", lambda ctx: CONTINUE)
+    InProcessMTA(m).optneg()
+    gc.collect()
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        for i in range(5000):
+            mta = InProcessMTA(m, i + 2)
+            assert mta.optneg(actions=ALL_ACTIONS | (i + 1) << 12) & P_SKIP
+            mta.send(b"Q")
+        gc.collect()
+        kept = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    assert kept < 500_000, kept
 
 
 def test_a_reject_at_connect_decides_the_whole_connection(caplog):

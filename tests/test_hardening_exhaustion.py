@@ -23,7 +23,7 @@ MACROS = r"""
 package require TclMilter
 proc from {ctx args} {
     $ctx getsymval {{nosuch}}
-    set got [$ctx getsymval {{target}}]
+    set got [$ctx getsymval NAME]
     if {$got eq "found"} { return SMFIS_CONTINUE }
     $ctx setreply 550 5.7.1 "got <$got>"
     return SMFIS_REJECT
@@ -33,17 +33,27 @@ milter main
 """
 
 
-def _big_macros(stage: bytes, seed: int) -> bytes:
-    """A 64 KiB macro packet of 3-byte pairs ({target} as a value on the way), {target} last."""
-    pairs = [b"x\0{target}\0"]
-    size = len(stage) + len(pairs[0]) + len(z("{target}", "found"))
+#: The name read, and a packet's pairs before and after its 3-byte ones: {target} as a value on
+#: the way, then last; or a one-letter name in both its forms, the first one's value the answer
+#: (which the pairs are walked in order to tell).
+BIG_PACKETS = {
+    "{target}": ([b"x\0{target}\0"], [z("{target}", "found")]),
+    "t": ([b"x\0t\0", z("{t}", "found")], [z("t", "second")]),
+}
+
+
+def _big_macros(stage: bytes, seed: int, name: str = "{target}") -> bytes:
+    """A 64 KiB macro packet of 3-byte pairs (BIG_PACKETS)."""
+    first, last = BIG_PACKETS[name]
+    pairs = list(first)
+    size = len(stage) + sum(map(len, first + last))
     i = 0
     while size + 8 < 65000:
         pair = b"%x\0\0" % (seed * 100000 + i)
         pairs.append(pair)
         size += len(pair)
         i += 1
-    pairs.append(z("{target}", "found"))
+    pairs.extend(last)
     return frame("D", stage + b"".join(pairs))
 
 
@@ -63,10 +73,12 @@ def _rss_kb(pid: int) -> int:
         return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:"))
 
 
-def test_big_macro_packets_are_kept_as_they_came_not_decoded(tclrun):
+@pytest.mark.parametrize("name", BIG_PACKETS)
+def test_big_macro_packets_are_kept_as_they_came_not_decoded(tclrun, name):
     """40 peers, each 64 KiB of macro pairs for connect, HELO and MAIL, read by getsymval: before,
-    each packet was kept as a dict of 8 000 strings (some 2.4 MB a connection, 100 MB in all)."""
-    m = tclrun(MACROS)
+    each packet was kept as a dict of 8 000 strings (some 2.4 MB a connection, 100 MB in all).
+    A one-letter name has its pairs walked in order, which decodes the packet: not kept either."""
+    m = tclrun(MACROS.replace("NAME", "{" + name + "}"))
     pid = m.child.pid
     before = _rss_kb(pid)
     peers = []
@@ -75,11 +87,11 @@ def test_big_macro_packets_are_kept_as_they_came_not_decoded(tclrun):
         peers.append(sock)
         sock.sendall(OPTNEG)
         assert _reply(sock)[:1] == b"O"
-        sock.sendall(_big_macros(b"C", n) + frame("C", z("client.example") + b"4" + struct.pack("!H", 25) + z("192.0.2.1")))
+        sock.sendall(_big_macros(b"C", n, name) + frame("C", z("client.example") + b"4" + struct.pack("!H", 25) + z("192.0.2.1")))
         assert _reply(sock) == b"c"
-        sock.sendall(_big_macros(b"H", n) + frame("H", z("helo.example")))
+        sock.sendall(_big_macros(b"H", n, name) + frame("H", z("helo.example")))
         assert _reply(sock) == b"c"
-        sock.sendall(_big_macros(b"M", n) + frame("M", z("<a@example.org>")))
+        sock.sendall(_big_macros(b"M", n, name) + frame("M", z("<a@example.org>")))
         assert _reply(sock) == b"c", "getsymval found the wrong value"
     grown = _rss_kb(pid) - before
     for sock in peers:
@@ -170,6 +182,16 @@ def test_a_burst_of_bad_connections_logs_ten_lines_of_each_kind_and_a_count(tclr
            "are): protocol error: unknown command '...'\n" in text, text
     assert "WARNING: 20 more connections closed for the same reason, not logged one by one (the first 10 in 4 s " \
            "are): closed (error: [Errno N] Connection reset by peer)\n" in text, text
+
+
+def test_one_connection_past_the_ten_is_told_as_one(tclrun):
+    """The count's line reads right for one: one more connection, not "1 more connections"."""
+    m = tclrun(NULL, python=[SHORT_WINDOW])
+    _bad_connections(m.port, 11)
+    m.wait_for(r"WARNING: 1 more connection closed for the same reason, not logged one by one \(the first 10 in 4 s "
+               r"are\): protocol error: unknown command '\.\.\.'\r?\n", timeout=15)
+    assert m.stop() == 0
+    assert m.text.count("closing the connection: unknown command '\\x1b'\n") == 10, m.text
 
 
 def _served(mta) -> None:

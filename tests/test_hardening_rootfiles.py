@@ -509,6 +509,8 @@ IN_THREADS = {
     "tpool -initcmd": "tpool::post [tpool::create -initcmd {{{pulling}}}] {{set x 1}}",
     "tpool::post": "set p [tpool::create]; set j [tpool::post $p {{{pulling}}}]; tpool::wait $p $j; tpool::get $p $j",
     "interp create in a thread": "thread::send [thread::create] {{interp create i; i eval {{{pulling}}}}}",
+    "Thread loaded into an interpreter by its creator": "package require Thread; interp create i; load {{}} Thread i; "
+                                                        "i eval {{thread::send [thread::create] {{{pulling}}}}}",
 }
 
 
@@ -522,14 +524,16 @@ def test_a_file_a_thread_sources_is_refused(etc, theirs, how):
 
 
 @needs_thread
-def test_a_thread_the_script_joins_does_not_run_another_users_file(tclrun, etc, theirs):
+@pytest.mark.parametrize("options", ["-joinable", "-preserved -joinable"])
+def test_a_thread_the_script_joins_does_not_run_another_users_file(tclrun, etc, theirs, options):
     """Its error is logged (Thread's errorproc: when the script's thread next runs its event
-    loop, here once it serves); the script goes on."""
+    loop, here once it serves); the script goes on. The script is found after any of
+    thread::create's options."""
     marker = etc / "ran"
     rules = theirs / "rules.tcl"
     rules.write_text(f'close [open {marker} w]\n')
     script = etc / "filter.tcl"
-    script.write_text(pulling_in(f"thread::join [thread::create -joinable {{source {rules}}}]"))
+    script.write_text(pulling_in(f"thread::join [thread::create {options} {{source {rules}}}]"))
     m = tclrun(script, connection=TCP)
     m.wait_for(re.escape(f'ERROR: error in thread tid0x') + r"[0-9a-f]+ " + re.escape(
         f'(thread::send -async, or the thread\'s own script): refusing to source "{rules}" as root: '
@@ -545,6 +549,18 @@ def test_a_library_a_thread_loads_is_refused(etc, theirs):
     shutil.copy(THREAD, library)
     check_refuses(etc, f'thread::send [thread::create] {{load {library} Thread; puts "loaded"}}',
                   f'refusing to load "{library}" as root: {owned_by_nobody(theirs)}', "loaded")
+
+
+@needs_thread
+@pytest.mark.parametrize(("call", "usage"), [
+    ("thread::create -joinable a b", "thread::create ?-joinable? ?script?"),
+    ("tpool::create -minworkers", "tpool::create ?-minworkers count? ?-maxworkers count? ?-initcmd script? "
+                                  "?-exitcmd script? ?-idletime seconds?"),
+])
+def test_thread_commands_as_root_misused_say_so_by_their_own_name(etc, call, usage):
+    """As root thread::create and tpool::create are procs calling Thread's, renamed: its usage
+    error names the command the script called, as under tclsh, not the renamed one."""
+    check_refuses(etc, f"package require Thread; {call}", f'wrong # args: should be "{usage}"', "never")
 
 
 THREADS_AFTER_DROP = r"""package require TclMilter
@@ -618,3 +634,13 @@ def test_a_program_run_from_its_own_directory_keeps_its_modules(theirs):
         done = subprocess.run([sys.executable, str(theirs / "program.py")], cwd=cwd, env=child_env(),
                               capture_output=True, text=True, timeout=60)
         assert (done.returncode, done.stdout, done.stderr) == (0, "helper imported\n", ""), (cwd, done)
+
+
+def test_the_pytclmilter_command_as_root_in_a_directory_others_may_write_says_nothing_of_it(etc):
+    """The console script puts its own directory first on sys.path, not the current one: nothing
+    to drop, nothing to say."""
+    done = subprocess.run([*_pytclmilter_command(), "check", str(etc / "filter.tcl")], cwd=sticky_tmp(etc),
+                          env=child_env(), capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done
+    assert done.stderr == "", done.stderr
+
