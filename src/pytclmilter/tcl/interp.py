@@ -543,8 +543,8 @@ class TclHost:
 
     def _context_created(self, ctx: Context) -> None:
         name = f"::tclmilter::ctx{ctx.id}"
-        self._limited(lambda: self.tk.call("interp", "alias", self.CHILD, name, self.CHILD, "::tclmilter::context",
-                                           ctx.id))
+        # (No limit needed: making a command runs no trace, and the alias is made from the host.)
+        self.tk.call("interp", "alias", self.CHILD, name, self.CHILD, "::tclmilter::context", ctx.id)
         ctx.host_data = name  # the context command: the first argument of every callback
         ctx.script_priv = self.private
         ctx.script = self.pycommands
@@ -561,8 +561,8 @@ class TclHost:
             self.tk.call("interp", "alias", self.CHILD, name, "")
 
     def _limited(self, run: Callable[[], object]) -> None:
-        """Tcl a context hook runs (the context command made or deleted, its private data unset)
-        runs the script's traces on them (`trace add command $ctx delete ...`): held to what the
+        """The Tcl a context hook runs (the context command deleted, its private data unset) runs
+        the script's traces on them (`trace add command $ctx delete ...`): held to what the
         hook has left, as Tcl that Python code runs is (pycommands). The engine holds the hook to
         -calltimeout with the Python limit, which cannot stop Tcl: a trace that looped froze the
         milter for good, its stop included. Stopped, the hook fails with CallbackTimeout."""

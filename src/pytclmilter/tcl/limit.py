@@ -105,9 +105,13 @@ class CallLimit(Limit):
         self._running = False
 
     def begin_within(self, deadline: float, now: float) -> None:
-        """Python code held to ``deadline`` (monotonic) runs Tcl now: Tcl stops at the same end."""
+        """Python code held to ``deadline`` (monotonic) runs Tcl now: Tcl stops at the same end.
+        A deadline Tcl holds that is still ahead and not past that end stays (as in :meth:`begin`):
+        its handler extends it towards the end; re-arming would cost a Tcl call (a context's
+        deletion, once a connection, runs here)."""
         self._started, self._seconds, self._cap, self._running = now, max(deadline - now, 0.0), deadline, True
-        self._set(deadline)
+        if not now < self._armed_until <= deadline:
+            self._set(deadline)
 
     @property
     def running(self) -> bool:
