@@ -2201,3 +2201,48 @@ def test_a_count_of_failures_not_logged_one_by_one_is_told_when_the_command_ends
     told = re.search(r"ERROR: error in an event handler of the script \(after, fileevent\): boom (\d+) \(repeated "
                      r"(\d+) times since its last line with the trace; logged once a minute\)\n", out)
     assert told and int(told.group(2)) == int(told.group(1)) - 1 > 10, out
+
+
+#: 300 failures carrying data: a timer rescheduled with the number in its script, and a thread
+#: sending `error` with an address and a long text in its message.
+ERRORS_WITH_DATA = r"""
+package require TclMilter
+package require Thread
+set main [thread::id]
+thread::create [list apply {{main} {
+    for {set i 0} {$i < 300} {incr i} {
+        thread::send -async $main [list error "no such user <u$i@example.org>\n[string repeat x 200]"]
+    }
+    thread::send -async $main {set ::sent 1}
+}} $main]
+vwait ::sent
+proc tick {} {
+    if {[incr ::n] > 300} { set ::done 1; return }
+    after 0 [list expr "$::n/0"]
+    after 0 tick
+}
+after 0 tick
+vwait ::done
+update
+exit 0
+"""
+
+
+def test_errors_no_caller_gets_are_bounded_whatever_data_they_carry(tmp_path: Path) -> None:
+    """Each failure was a place of its own, logged whole with its trace: the errorInfo's command
+    quotes the data (`after 0 [list expr $n/0]`; an `error` given a long message, which the
+    frame cuts at 150 characters): 300 of each. Now the timer's are one place, one line and a
+    count; the thread's, whose messages differ, ten lines a minute and a count."""
+    script = tmp_path / "data.tcl"
+    script.write_text(ERRORS_WITH_DATA)
+    got, out = cli("run", str(script))
+    assert got == 0, out
+    timer = "ERROR: error in an event handler of the script (after, fileevent): divide by zero"
+    assert out.count(timer) == 2, out
+    assert f"{timer} (repeated 299 times since its last line with the trace; logged once a minute)\n" in out, out
+    thread = re.compile(r"ERROR: error in thread tid0x[0-9a-f]+ \(thread::send -async, or the thread's own script\): "
+                        r"no such user <u(\d+)@example.org>\\nx{200}(.*)\n")
+    lines = thread.findall(out)
+    assert lines[:10] == [(str(i), "") for i in range(10)], out
+    assert lines[10:] == [("299", " (the last of 290 errors not logged: at most 10 a minute are logged with their "
+                                  "trace)")], out

@@ -460,11 +460,12 @@ def test_a_library_named_without_a_path_is_refused_saying_why(etc):
 TCLSH = shutil.which("tclsh8.6") or shutil.which("tclsh")
 
 # Each case's result and errorInfo, printed by the script itself (with a byte order mark, as an
-# editor may leave): under tclsh and, as root, through the checking `source`.
+# editor may leave): under tclsh and, as root, through the checking `source`. The errorInfo's
+# lines on one (pytclmilter indents the lines after a newline inside one `puts`).
 SOURCING = "\ufeff" + r"""proc T {label script} {
     set code [catch {uplevel 1 $script} m o]
     puts "$label: $code <$m>"
-    if {$code == 1} { puts "  <[dict get $o -errorcode]> <[dict get $o -errorinfo]>" }
+    if {$code == 1} { puts "  <[dict get $o -errorcode]> <[string map {\n |} [dict get $o -errorinfo]]>" }
 }
 T bom {source bom.tcl}
 T option {source -nocomplain x y}

@@ -353,6 +353,53 @@ def test_mta_and_script_text_is_escaped_on_stderr(tclrun) -> None:
                              "callback errors=1") for line in lines), text
 
 
+PUTS_TCL = r"""
+package require TclMilter
+set child [interp create]
+proc header {ctx name value} {
+    puts stderr "header $name: $value"
+    puts -nonewline "cols:\t"; puts -nonewline "[string length $value]\t"; puts "\u00e9\u2713 C:\\dir"
+    puts -nonewline "built: "; puts -nonewline $value; puts " (end)"
+    chan puts stdout "chan: $value"
+    interp eval $::child [list puts "child: $value"]
+    set f [open [lindex $::argv 0] a]; puts $f "file: $value"; close $f
+    return SMFIS_CONTINUE
+}
+milter register header header
+milter main
+"""
+
+
+def test_a_scripts_puts_of_mta_text_cannot_forge_a_line_or_reach_the_terminal(tclrun, tmp_path) -> None:
+    """A script's `puts` to stdout and stderr (the journal under systemd) of a header value with
+    CR LF, a forged line, ESC, DEL and SOH: each control escaped, the line after the LF
+    indented, in `puts`, `chan puts`, a line built by `puts -nonewline` and a child
+    interpreter's `puts`; tabs, backslashes and UTF-8 as written; a file gets the value raw."""
+    raw = tmp_path / "raw.txt"
+    m = tclrun(PUTS_TCL, args=[str(raw)])
+    with m.mta() as mta:
+        mta.negotiate()
+        mta.connect()
+        mta.mail("<a@example.org>")
+        mta.rcpt("<r@example.com>")
+        assert mta.header("X-Bad", VALUE) in ("noreply", ("c", {}))
+        mta.eom()
+    m.wait_for("verdict accept at eom")
+    assert m.stop() == 0
+    text = m.text
+    assert not re.search(r"[\x00-\x08\x0b-\x1f\x7f]", text), [c for c in text if ord(c) < 32 and c != "\n"]
+    lines = text.splitlines()
+    for line in lines:
+        assert STDERR_LINE.match(line) or line.startswith((" ", "pytclmilter: ", "header X-Bad: ", "cols:",
+                                                           "built: ", "chan: ", "child: ")), line
+    value = [r"v\r", "  " + FORGED_SHOWN[4:] + "\\x1b[31m\\x7f\\x01\\"]
+    for start, end in (("header X-Bad: ", ""), ("built: ", " (end)"), ("chan: ", ""), ("child: ", "")):
+        at = lines.index(start + value[0])
+        assert lines[at + 1] == value[1] + end, lines[at:at + 2]
+    assert f"cols:\t{len(VALUE)}\t\u00e9\u2713 C:\\dir" in lines, text
+    assert raw.read_bytes() == f"file: {VALUE}\n".encode()
+
+
 @pytest.fixture
 def syslog_socket(tmp_path, monkeypatch):
     """`pytclmilter run --syslog`'s logging set-up, with a datagram socket of the test's own as

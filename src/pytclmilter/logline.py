@@ -283,6 +283,16 @@ def controls_escaped(text: str) -> str:
     return "\n".join([_controls_escaped(line) for line in text.split("\n")])
 
 
+def as_output(text: str) -> str:
+    """What a script's `puts` writes to stdout or stderr (the journal, under systemd): each line's
+    controls escaped as :func:`guard` escapes them but tabs (a script's columns), backslashes
+    kept, so that a printable line reads as written; each line after a newline inside the text
+    indented as a continuation line, a newline at its end left to end it."""
+    body, end = (text[:-1], "\n") if text.endswith("\n") else (text, "")
+    lines = ["\t".join([_controls_escaped(part) for part in line.split("\t")]) for line in body.split("\n")]
+    return _continued(lines, 1) + end
+
+
 def guard(text: str) -> str:
     """A formatted record as one log line and its continuation lines: controls escaped (not
     backslashes: see the module docstring), continuation lines indented, the whole bounded."""

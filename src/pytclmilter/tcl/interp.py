@@ -27,16 +27,17 @@ from ..context import Context, MilterError
 from ..engine import CallbackError
 from ..hooks import Hooks
 from ..limits import PYTHON_LIMIT, CallbackTimeout
-from ..logline import SHOWN, Repeated, clip, escape, escape_lines, place_of, tell_counts
+from ..logline import SHOWN, clip, escape, tell_counts
 from ..milter import Milter
 from ..protocol.codec import text
 from ..status import Status
-from . import context_cmd, rootfiles
+from . import context_cmd, output, rootfiles
 from .limit import CallLimit, is_limit_error
 from .milter_cmd import MilterCommand, SuspendAtMain
 from .priv import TclPrivate
 from .pycommands import PythonCommands
 from .strings import ascii_text, deep_to_tcl, from_tcl, tcl_to_wire, to_tcl, wire_to_tcl
+from .unanswered import Unanswered, message_of
 from .usage import NONE, Answer, TclUsageError, integer
 
 log: Final = logging.getLogger("pytclmilter")
@@ -115,9 +116,12 @@ proc ::tclmilter::py::interp_made {command code result op} {
 # `fileevent` errors as the script's does (its own ::bgerror first, then the log) where Tcl would
 # print them raw on stderr; a safe one's Tcl drops, and still does.
 # It returns the command's result: Tcl gives that of a leave trace to the next one (rootfiles.py's).
+# Its `puts` to stdout and stderr is escaped as the script's is (tcl/output.py), a safe one's too.
 proc ::tclmilter::py::bg_made {parent command code result op} {
     if {$code != 0 || ![string match "cr*" [lindex $command 1]]} { return $result }
     set path [list {*}$parent {*}$result]
+    interp alias $path ::tclmilter::py::output {} ::tclmilter::py::output
+    interp eval $path $::tclmilter::py::outputprelude
     if {[interp issafe $path]} { return $result }
     interp alias $path ::tclmilter::py::bgerror {} ::tclmilter::py::bgerror
     interp alias $path ::tclmilter::py::bg_made {} ::tclmilter::py::bg_made $path
@@ -299,43 +303,6 @@ def _tclsh(version: str) -> str | None:
 _HANDLER_ERROR: Final = "error in an event handler of the script (after, fileevent)"
 
 
-def _unanswered_told(_repeated: Repeated, label: str, count: int) -> None:
-    """The count of an error no caller answers (``label``: what it is and its escaped message)
-    logged once a minute: with the next such error, or alone once the minute is over
-    (logline.tell_counts)."""
-    log.error("%s (repeated %d times since its last line with the trace; logged once a minute)", label, count)
-
-
-def _log_unanswered(repeated: Repeated, what: str, message: str, info: str, place: str) -> None:
-    """An error that no caller gets (a background error, a thread's): ``what`` it is and its
-    ``message``, escaped, then its errorInfo ``info``; the same error again at the same ``place``
-    within a minute only counted (logline.Repeated), so a failing loop logs no flood."""
-    label = f"{what}: {escape(message)}"
-    due = repeated.due(place, label)
-    if due is None:
-        return
-    if due:
-        _unanswered_told(repeated, label, due)
-        return
-    log.error("%s%s", label, "\n" + escape_lines(info) if info else "")
-
-
-def _thread_place(info: str, message: str) -> str:
-    """Where a thread's error happened, without the data it was given: place_of, which leaves
-    out the last frame (the script Thread ran: a send's words), and that frame's command (else
-    every one-command script, `error ...` or `set x [...]`, would be one place)."""
-    start = max(info.rfind(_CALLED_FROM), info.rfind(_EXECUTING))
-    lines = info[start:].split("\n", 3) if start >= 0 else []
-    words = lines[2].split(maxsplit=1) if len(lines) > 2 else []
-    return f"{place_of(info, message)}\n{words[0] if words else ''}"
-
-
-def _message_of(info: str) -> str:
-    """The error message an errorInfo begins with: up to its first frame, else its first line."""
-    frames = [cut for cut in (info.find(_EXECUTING), info.find(_CALLED_FROM)) if cut >= 0]
-    return info[:min(frames)] if frames else info.split("\n", 1)[0]
-
-
 class TclHost:
     """One interpreter hosting TclMilter for one :class:`Milter`."""
 
@@ -365,9 +332,9 @@ class TclHost:
         #: A reload loads this script: its `milter main` must suspend it, never serve.
         self.loading = False
         #: The background errors logged lately: a failing `after` loop logs once a minute.
-        self.bgerrors = Repeated(tell=_unanswered_told)
+        self.bgerrors = Unanswered()
         #: The errors of threads' scripts that no caller got (Thread's errorproc), as bgerrors.
-        self.thread_errors = Repeated(tell=_unanswered_told)
+        self.thread_errors = Unanswered()
         #: A handler was stopped by the limit since the background errors were last reported.
         self._handler_stopped = False
         self.command = MilterCommand(self, self.milter)
@@ -417,6 +384,7 @@ class TclHost:
         call("interp", "alias", child, "::tclmilter::py::bg_made", "", "::tclmilter::py::bg_made", child)
         # The first trace: Tcl gives each leave trace the previous one's result as the command's.
         self.child_call("trace", "add", "execution", "::interp", "leave", "::tclmilter::py::bg_made")
+        output.install(self._register, call, child)
         rootfiles.install(self._register, call, child)
         self.child_call("lappend", "auto_path", libdir)
         self.child_call("package", "require", "TclMilter")
@@ -491,7 +459,7 @@ class TclHost:
             message = self.limit.stopped()
             if self.pycommands.stopped:  # a Python command was running: where it was, too
                 info, self.pycommands.stopped = f"{info}\n{self.pycommands.stopped}", ""
-        _log_unanswered(self.bgerrors, _HANDLER_ERROR, message, info, place_of(info, message) if info else message)
+        self.bgerrors.log(_HANDLER_ERROR, message, info)
 
     def _thread_error(self, args: Sequence[str]) -> None:
         """An error in a script that Thread ran with no caller to return it to (an `-async`
@@ -500,8 +468,7 @@ class TclHost:
         text in the message went to the journal as it was, and a failing loop flooded it)."""
         thread, info = (list(args) + ["", ""])[:2]
         what = f"error in thread {escape(thread)} (thread::send -async, or the thread's own script)"
-        message = _message_of(info)
-        _log_unanswered(self.thread_errors, what, message, info, _thread_place(info, message))
+        self.thread_errors.log(what, message_of(info), info)
 
     def _threads(self, args: Sequence[str]) -> None:
         """The script's first thread:: command: this interpreter becomes the one Thread sends this
