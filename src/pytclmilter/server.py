@@ -191,7 +191,12 @@ async def _cut(conns: list["_Connection"], reason: str) -> None:
     engines = [c.engine for c in conns if c.engine is not None]
     await _due_first(engines)
     for conn in conns:
+        conn.pause_reading()  # (no command more for the sessions still waiting for their turn)
+    for conn in conns:
         conn.expire(reason)
+        # The loop turns between sessions: hundreds of close callbacks in one turn took overdue.py's
+        # patience, and a stop's orderly cut was taken for a held thread and ended halfway.
+        await asyncio.sleep(0)
     ending = [f for f in (e.ending for e in engines) if f is not None and not f.done()]
     if ending:
         await asyncio.wait(ending, timeout=2 * UNWIND)  # (each abandons its callback after UNWIND)
