@@ -2246,3 +2246,30 @@ def test_errors_no_caller_gets_are_bounded_whatever_data_they_carry(tmp_path: Pa
     assert lines[:10] == [(str(i), "") for i in range(10)], out
     assert lines[10:] == [("299", " (the last of 290 errors not logged: at most 10 a minute are logged with their "
                                   "trace)")], out
+
+
+ELEVEN_PLACES = r"""
+for {set i 1} {$i <= 11} {incr i} { proc p$i {} { error boom }; after 0 p$i }
+after 0 p11
+after 0 p11
+after 0 p11
+after 10 {set ::done 1}
+vwait ::done
+exit 0
+"""
+
+
+def test_an_error_never_logged_with_its_trace_is_not_told_as_repeated_since_it(tmp_path: Path) -> None:
+    """Eleven timers fail at eleven places within the minute; the eleventh, over the ten logged
+    with their trace, fails three more times. Its first failure was not logged (the cap), yet
+    its place counted it as logged: the end said it was "repeated 3 times since its last line
+    with the trace", a line that never came, and "the last of 1 errors not logged" for four.
+    Now its failures are all the cap's count: four not logged, told in one line."""
+    script = tmp_path / "eleven.tcl"
+    script.write_text(ELEVEN_PLACES)
+    got, out = cli("run", str(script))
+    assert got == 0, out
+    assert out.count('(procedure "p') == 10, out  # ten traces, p1 to p10
+    assert "since its last line with the trace" not in out, out
+    assert out.endswith("ERROR: error in an event handler of the script (after, fileevent): boom (the last of 4 errors "
+                        "not logged: at most 10 a minute are logged with their trace)\n"), out

@@ -165,6 +165,12 @@ class Repeated:
             self._places[place] = (now, 1, 0, label)
             return 0 if seen is None else seen[2]
 
+    def forget(self, place: str) -> None:
+        """``place`` was due but not logged after all (another bound held it back): its next
+        failure is its first again, not a repeat of a line that never came."""
+        with _LOCK:
+            self._places.pop(place, None)
+
     def overdue(self, ended_only: bool = True) -> list[tuple[str, int]]:
         """The places with failures counted and not told, whose window is over (all of them if
         not ``ended_only``: at the end), by label, with their counts, which are told from now on:

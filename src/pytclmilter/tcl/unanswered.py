@@ -53,14 +53,15 @@ class Unanswered:
 
     def log(self, what: str, message: str, info: str) -> None:
         """Log the error ``message`` with its errorInfo ``info`` (``what``: escaped), or count it."""
-        label = f"{what}: {escape(message)}"
-        due = self.places.due(place(info, message), label)
+        label, where = f"{what}: {escape(message)}", place(info, message)
+        due = self.places.due(where, label)
         if due:
             _told(self.places, label, due)
         if due != 0:
             return
         missed = self.others.due("", label)
-        if missed is None:
+        if missed is None:  # the cap's to count, this and its repeats: none was logged whole
+            self.places.forget(where)
             return
         if missed:
             _others_told(self.others, label, missed)
