@@ -474,3 +474,21 @@ def test_a_reload_starts_a_whole_set_and_forgets_the_worker_whose_fork_failed(tc
     assert len(children_of(supervisor)) == 2, m.text
     assert "after its fork had failed" not in m.text, m.text
     assert m.stop() == 0
+
+
+def test_sigusr1_sent_to_a_worker_again_and_again_is_one_line_and_a_count(tclrun, tmp_path: Path) -> None:
+    """SIGUSR1 sent to a worker, not the supervisor (a script's `pkill -USR1 -f`, repeated): each
+    was one warning, 50 signals up to 50 lines. Now one line, the others counted and told in one
+    more (here at the stop, else once the minute is over)."""
+    sock = str(tmp_path / "w.sock")
+    m = tclrun(SCRIPT, "--workers", "2", connection=f"unix:{sock}")
+    worker = reply_pid(sock)  # (serving: its handler is in place)
+    for _ in range(50):
+        os.kill(worker, signal.SIGUSR1)
+        time.sleep(0.01)
+    m.wait_for(r"received SIGUSR1 in a worker")
+    time.sleep(0.5)
+    assert m.stop() == 0
+    lines = [line for line in m.text.splitlines() if "received SIGUSR1 in a worker" in line]
+    assert len(lines) == 2, lines
+    assert re.search(r"\(pid \d+\); ignored \(\d+ more within the minute\)$", lines[1]), lines

@@ -19,7 +19,7 @@ from .accept import Acceptor, check_fd_limit
 from .connspec import ConnSpec, parse
 from .hooks import forget_early_reload, signalled
 from .listener import Listener, bind
-from .logline import Every, escape, tell_counts
+from .logline import Every, Repeated, escape, tell_counts
 from .engine import LAST_WORDS, UNWIND, ConnectionEngine, Shared
 from .limits import PYTHON_LIMIT
 from .overdue import StopDeadline
@@ -220,6 +220,11 @@ def _peer_text(peer: object) -> str:
     return str(peer) or "unix socket"
 
 
+def _reloads_told(_repeated: Repeated, label: str, count: int) -> None:
+    """The count of the SIGUSR1 not logged after ``label``, the line of the first (_reload_refused)."""
+    log.warning("%s (%d more within the minute)", label, count)
+
+
 def already_serving(name: str) -> str:
     return f"milter {name!r} is already serving: serve() and run() may be called again once they have returned"
 
@@ -263,6 +268,7 @@ class MilterServer:
         self._retirements: set[asyncio.Future[None]] = set()
         self._ticker: asyncio.Future[None] | None = None
         self._tick_failed = Every(60.0)  # _run_tick's log line
+        self._refused_reloads = Repeated(60.0, tell=_reloads_told)  # SIGUSR1 that cannot reload, by line
         #: SIGUSR1 calls hooks.reload (if given); a --workers worker leaves reloading to its supervisor.
         self.reloadable = True
         self._reload_disposition: Any = signal.SIG_DFL
@@ -615,17 +621,26 @@ class MilterServer:
             self._stop.set()
 
     def _reload_elsewhere(self) -> None:
-        log.warning("received SIGUSR1 in a worker: reloading is the supervisor's (pid %d); ignored",
-                    os.getppid())
+        self._reload_refused(f"received SIGUSR1 in a worker: reloading is the supervisor's (pid {os.getppid()}); "
+                             "ignored")
+
+    def _reload_refused(self, line: str) -> None:
+        """Log why a SIGUSR1 does not reload: once a minute, the others counted (a `kill -USR1`
+        in a loop, a storm of them, made as many lines)."""
+        missed = self._refused_reloads.due(line, line)
+        if missed:
+            _reloads_told(self._refused_reloads, line, missed)
+        if missed is not None:
+            log.warning("%s", line)
 
     def _on_reload(self) -> None:
         self._reload_told = False
         if self._stop is not None and self._stop.is_set():
-            log.warning("received SIGUSR1 while stopping: no reload")
+            self._reload_refused("received SIGUSR1 while stopping: no reload")
             return
         reload = self.shared.hooks.reload
         if reload is None:  # (a reload replaced the milter by one without the hook)
-            log.warning("received SIGUSR1: this milter has no reload (Hooks.reload); ignored")
+            self._reload_refused("received SIGUSR1: this milter has no reload (Hooks.reload); ignored")
             return
         self._holding = "a reload's load of the script"
         try:
