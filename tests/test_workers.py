@@ -492,3 +492,31 @@ def test_sigusr1_sent_to_a_worker_again_and_again_is_one_line_and_a_count(tclrun
     lines = [line for line in m.text.splitlines() if "received SIGUSR1 in a worker" in line]
     assert len(lines) == 2, lines
     assert re.search(r"\(pid \d+\); ignored \(\d+ more within the minute\)$", lines[1]), lines
+
+
+HELD = r"""
+package require TclMilter 1.0
+milter configure -calltimeout 60
+proc from {ctx args} { exec sleep 8; return SMFIS_CONTINUE }
+milter register envfrom from
+milter main
+"""
+
+
+def test_a_worker_a_reload_replaced_and_a_callback_holds_is_not_said_to_stop(tclrun, tmp_path: Path) -> None:
+    """A reload replaces the workers while a callback of one is held in C (`exec sleep`) past the
+    1 s grace: that worker ends 1 + 4 s later (overdue.py), and its line said "stopping: ...
+    after the stop signal" when nothing was stopping: the milter serves on with the new set."""
+    sock = str(tmp_path / "w.sock")
+    m = tclrun(HELD, "--workers", "2", "--grace", "1", connection=f"unix:{sock}")
+    with Mta(sock) as mta:
+        mta.negotiate()
+        assert ok(mta.connect())
+        mta.send_raw("M", b"<a@example.org>\0")
+        time.sleep(0.5)
+        os.kill(m.child.pid, signal.SIGUSR1)
+        m.wait_for(r"ERROR: replaced by a reload: conn#1's envfrom callback from still held the milter \d+\.\d s after "
+                   r"the reload, past the 1 s grace, in code the grace cannot stop .*: exiting without it, exit status 1",
+                   timeout=20)
+    assert "stopping:" not in m.text, m.text
+    assert m.stop() == 0

@@ -41,8 +41,9 @@ class StopDeadline:
 
     def __init__(self, loop: asyncio.AbstractEventLoop, stops: tuple[signal.Signals, ...],
                  grace: Callable[[], float], held_by: Callable[[], str], ending: Callable[[], None],
-                 seen: Callable[[int], None]) -> None:
+                 seen: Callable[[int], None], replaced: int = 0) -> None:
         self._loop = loop
+        self._replaced = replaced  # a --workers worker's: the signal of a reload that replaced it, not a stop
         self._seen = seen  # each signal, in the relay's thread: at once, however held the loop is
         self._stops = {int(sig) for sig in stops}
         self._grace = grace  # read at the signal: a reload may have changed it
@@ -83,13 +84,14 @@ class StopDeadline:
             for number in data:
                 self._seen(number)
             if self._clock is None and any(number in self._stops for number in data):
-                self._clock = threading.Thread(target=self._watch, args=(time.monotonic(),),
+                first = next(number for number in data if number in self._stops)
+                self._clock = threading.Thread(target=self._watch, args=(time.monotonic(), first),
                                                name="stop-deadline-clock", daemon=True)
                 self._clock.start()
             if ended:
                 return
 
-    def _watch(self, since: float) -> None:
+    def _watch(self, since: float, number: int) -> None:
         grace = self._grace()
         if self._over.wait(grace + MARGIN):
             return
@@ -97,7 +99,7 @@ class StopDeadline:
             if self._over.wait(PATIENCE):
                 return
         if not self._over.is_set():
-            self._give_up(since, grace)
+            self._give_up(since, grace, number == self._replaced)
 
     def _turns(self) -> bool:
         """Whether the loop turns within PATIENCE."""
@@ -108,11 +110,13 @@ class StopDeadline:
             return False
         return turned.wait(PATIENCE)
 
-    def _give_up(self, since: float, grace: float) -> None:
-        log.error("stopping: %s still held the milter %.1f s after the stop signal, past the %g s grace, in code "
-                  "the grace cannot stop (a command in C such as exec or a blocking read, or code under "
-                  "-calltimeout 0): exiting without it, exit status %d", self._held_by(), time.monotonic() - since,
-                  grace, EXIT)
+    def _give_up(self, since: float, grace: float, replaced: bool) -> None:
+        # (A worker a reload replaced is not stopping: "stopping" and "the stop signal" misled.)
+        ending, signalled = ("replaced by a reload", "the reload") if replaced else ("stopping", "the stop signal")
+        log.error("%s: %s still held the milter %.1f s after %s, past the %g s grace, in code the grace cannot "
+                  "stop (a command in C such as exec or a blocking read, or code under -calltimeout 0): exiting "
+                  "without it, exit status %d", ending, self._held_by(), time.monotonic() - since, signalled, grace,
+                  EXIT)
         try:
             self._ending()
         finally:

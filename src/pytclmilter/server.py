@@ -561,7 +561,7 @@ class MilterServer:
         """The process ends when a stop's grace is long over and this thread is still held (overdue.py)."""
         stops = STOP_SIGNALS if self.reloadable else STOP_SIGNALS + (REPLACED,)
         return StopDeadline(loop, stops, lambda: 0.0 if self._aborted else self.shared.settings.grace,
-                            self._held_by, self._exiting, self._seen)
+                            self._held_by, self._exiting, self._seen, 0 if self.reloadable else REPLACED)
 
     def _seen(self, number: int) -> None:
         """A signal came (overdue.py's thread): a reload that must wait for the callback running
