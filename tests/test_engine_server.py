@@ -365,6 +365,28 @@ def test_stop_before_run_makes_run_return_at_once():
     assert heard == []
 
 
+def test_a_stop_signal_handled_while_the_server_holds_its_lock_stops_it():
+    """`run` turns a stop signal into Milter.stop() in a Python handler, which Python runs on the
+    main thread between two steps of whatever it was doing: if that was serve() or stop_asked()
+    holding the server's lock, a plain lock hung the process for good. Here the handler's case
+    is made by hand (stop() while this thread holds the lock); then run() returns at once."""
+    m = make_milter()
+    done = threading.Event()
+
+    def handler_while_locked() -> None:
+        with m._server._lock:
+            m.stop()
+        done.set()
+
+    t = threading.Thread(target=handler_while_locked, daemon=True)
+    t.start()
+    assert done.wait(5), "stop() hung on the lock its own thread held"
+    runner = threading.Thread(target=m.run, daemon=True)
+    runner.start()
+    runner.join(5)
+    assert not runner.is_alive(), "the stop was lost"
+
+
 def test_stop_from_inside_a_callback():
     m = make_milter(grace=10)
 

@@ -257,7 +257,9 @@ class MilterServer:
         self._ids = 0
         self._stop: asyncio.Event | None = None
         self._stop_requested = False
-        self._lock = threading.Lock()
+        # Reentrant: stop() runs in signal handlers (run's, between the load and serving), which
+        # Python may run on the main thread while it holds this lock in serve() or stop_asked().
+        self._lock = threading.RLock()
         self.listening: ConnSpec | None = None
         self.tcp = False  # the listener is TCP (inet/inet6), not a unix socket
         self._listener: Listener | None = None
@@ -346,11 +348,14 @@ class MilterServer:
             # stopped only one of the two, and the other served on for ever.
             if self._stop is not None:
                 raise RuntimeError(already_serving(self.shared.settings.name))
-            if self._stop_requested:  # stop() before serve(): return at once, bound to nothing
-                self._stop_requested = False
-                return
             self.loop, self._loop_thread = loop, threading.get_ident()
             self._stop = stop = asyncio.Event()
+            # Checked once _stop is set: a stop() that came before serve(), or in a signal handler
+            # anywhere in this block, is either seen here or sets the event.
+            if self._stop_requested:  # return at once, bound to nothing
+                self._stop_requested = False
+                self._stop = None
+                return
         self.stopped_by, self._ending, self._aborted = None, _STOPPED, False
         self.tcp = spec.family != "unix"  # before listening: the first connection may come at once
         try:
