@@ -8,7 +8,7 @@ leaves the socket file and the pid file behind and logs nothing). Nor does Pytho
 signal's handler meanwhile: it runs handlers in that thread alone, between its statements.
 
 What does run is CPython's C-level handler, which writes the signal's number to the wakeup fd,
-the loop's. While serving, the wakeup fd is this module's pipe instead: a thread reads it and
+the loop's. While serving, the wakeup fd is a SignalPipe (signalpipe.py) instead: a thread reads it and
 passes every byte on to the loop's, which sees the signals as before, and a stop signal starts
 the clock (and any signal is told at once: ``seen``). When the grace and :data:`MARGIN` are over and the loop does not turn within
 :data:`PATIENCE` (it turns between the sessions it cuts, however many), the serving thread is
@@ -25,6 +25,8 @@ import signal
 import threading
 import time
 from typing import Callable, Final
+
+from .signalpipe import SignalPipe
 
 log: Final = logging.getLogger("pytclmilter")
 
@@ -51,45 +53,29 @@ class StopDeadline:
         self._ending = ending
         self._over = threading.Event()
         self._clock: threading.Thread | None = None
-        self._read_end, self._write_end = os.pipe()
-        os.set_blocking(self._write_end, False)  # (set_wakeup_fd's requirement)
-        self._loops = signal.set_wakeup_fd(self._write_end, warn_on_full_buffer=False)
-        # The threads start with the signals blocked: they are no one's to take here.
-        mask = signal.pthread_sigmask(signal.SIG_BLOCK, signal.valid_signals())
-        try:
-            self._relay = threading.Thread(target=self._pass_on, name="stop-deadline", daemon=True)
-            self._relay.start()
-        finally:
-            signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+        self._pipe = SignalPipe(self._pass_on, "stop-deadline")
+        self._pipe.start()
 
     def end(self) -> None:
         """Serving is over (from the thread that serves, before the loop's handlers go)."""
         self._over.set()
-        signal.set_wakeup_fd(self._loops, warn_on_full_buffer=False)
-        os.write(self._write_end, b"\0")
-        self._relay.join()
-        os.close(self._read_end)
-        os.close(self._write_end)
+        self._pipe.close()
 
-    def _pass_on(self) -> None:
-        while True:
-            data = os.read(self._read_end, 64)
-            ended = 0 in data
-            data = data.replace(b"\0", b"")
-            if data and self._loops >= 0:
-                try:
-                    os.write(self._loops, data)
-                except OSError:  # full, or gone: as CPython does, the loop misses it
-                    pass
-            for number in data:
-                self._seen(number)
-            if self._clock is None and any(number in self._stops for number in data):
-                first = next(number for number in data if number in self._stops)
-                self._clock = threading.Thread(target=self._watch, args=(time.monotonic(), first),
-                                               name="stop-deadline-clock", daemon=True)
-                self._clock.start()
-            if ended:
-                return
+    def _pass_on(self, data: bytes) -> None:
+        """The signals, passed on to the loop's wakeup fd (it sees them as before); a stop's
+        starts the clock."""
+        if self._pipe.previous >= 0:
+            try:
+                os.write(self._pipe.previous, data)
+            except OSError:  # full, or gone: as CPython does, the loop misses it
+                pass
+        for number in data:
+            self._seen(number)
+        if self._clock is None and any(number in self._stops for number in data):
+            first = next(number for number in data if number in self._stops)
+            self._clock = threading.Thread(target=self._watch, args=(time.monotonic(), first),
+                                           name="stop-deadline-clock", daemon=True)
+            self._clock.start()
 
     def _watch(self, since: float, number: int) -> None:
         grace = self._grace()

@@ -36,6 +36,7 @@ from typing import Callable, Iterator
 
 from ..logline import escape
 from ..server import STOP_SIGNALS
+from ..signalpipe import SignalPipe
 
 log = logging.getLogger("pytclmilter")
 
@@ -78,27 +79,28 @@ def stops_meanwhile(doing: str, before_exit: Callable[[], None]) -> Iterator[Non
     ends the process with status 0 (a stop, docs/cli.md). Python runs its signal handlers only
     between bytecodes, never while Tcl evaluates (an `after 5000`, a loop), and the main thread
     cannot be unwound out of Tcl: so Python's C-level handler writes the signal's number to a
-    pipe (its wakeup fd), and a thread reading the pipe does the stop. Enter it before
-    :func:`children_reapable`: the thread must start with SIGCHLD blocked."""
-    read_end, write_end = os.pipe()
-    os.set_blocking(write_end, False)  # (set_wakeup_fd's requirement)
-    watcher = threading.Thread(target=_stop_on_signal, args=(read_end, doing, before_exit),
-                               name="stop-while-loading", daemon=True)
-    watcher.start()
+    pipe (its wakeup fd, signalpipe.py), and the pipe's thread does the stop."""
+
+    def take(numbers: bytes) -> None:
+        for number in numbers:
+            if number in stops:
+                log.warning("stopped by %s while %s", signal.Signals(number).name, escape(doing))
+                before_exit()
+                logging.shutdown()  # (os._exit below flushes nothing)
+                os._exit(0)
+
+    stops = {int(sig) for sig in STOP_SIGNALS}
+    pipe = SignalPipe(take, "stop-while-loading")
+    pipe.start()
     previous = {sig: signal.signal(sig, _taken_by_the_watcher) for sig in STOP_SIGNALS}
-    wakeup = signal.set_wakeup_fd(write_end, warn_on_full_buffer=False)
     try:
         yield
     finally:
         # The handlers first: a signal that finds ours still in place writes to our pipe, before
-        # the end's byte, so the watcher sees it.
+        # the end's byte, so the pipe's thread sees it.
         for sig, handler in previous.items():
             signal.signal(sig, handler)
-        signal.set_wakeup_fd(wakeup)
-        os.write(write_end, b"\0")
-        watcher.join()
-        os.close(read_end)
-        os.close(write_end)
+        pipe.close()
 
 
 class StopsBetween:
@@ -133,21 +135,7 @@ class StopsBetween:
 
 
 def _taken_by_the_watcher(signum: int, frame: FrameType | None) -> None:
-    """Nothing: the stop is :func:`_stop_on_signal`'s (Python would run this only once Tcl returns)."""
-
-
-def _stop_on_signal(read_end: int, doing: str, before_exit: Callable[[], None]) -> None:
-    """:func:`stops_meanwhile`'s thread: read signal numbers until the end's 0."""
-    stops = {int(sig) for sig in STOP_SIGNALS}
-    while True:
-        for number in os.read(read_end, 64):
-            if number == 0:
-                return
-            if number in stops:
-                log.warning("stopped by %s while %s", signal.Signals(number).name, escape(doing))
-                before_exit()
-                logging.shutdown()  # (os._exit below flushes nothing)
-                os._exit(0)
+    """Nothing: the stop is :func:`stops_meanwhile`'s pipe's (Python would run this only once Tcl returns)."""
 
 
 def file_size_signal_caught() -> None:
