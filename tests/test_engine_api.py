@@ -206,6 +206,35 @@ def test_version_1_mta_is_refused_and_close_runs_once():
     assert len(closed) == 1
 
 
+@pytest.mark.parametrize("version", [0, 1, 2**31, 2**32 - 1])
+def test_a_version_libmilter_refuses_fails_before_the_negotiate_callback(caplog, version):
+    """libmilter refuses a version below 2, and one of 2**31 and above, which it reads as a
+    negative signed number, before it calls xxfi_negotiate (docs/protocol.md §4.4 step 1).
+    Before, the negotiate callbacks ran for such an offer (and 2**31 and above was served as 6)."""
+    caplog.set_level(logging.WARNING, logger=LOG)
+    m = make_milter()
+    calls: list[str] = []
+    m.register("negotiate", lambda ctx, v, a, p: calls.append("negotiate") or CONTINUE)
+    m.register("close", lambda ctx: calls.append("close"))
+    with serving(m) as srv, srv.raw(negotiate=False) as mta:
+        mta.send(b"O", struct.pack("!III", version, ALL_ACTIONS, ALL_PROTO))
+        mta.expect_eof()
+        wait_for(lambda: calls)
+    assert calls == ["close"]
+    warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(warnings) == 1 and warnings[0].endswith(
+        f"failed: MTA offers protocol version {version}; 2 to 2147483647 is needed"), warnings
+
+
+def test_the_largest_version_libmilter_reads_is_answered_with_6():
+    m = make_milter()
+    offers: list[int] = []
+    m.register("negotiate", lambda ctx, v, a, p: offers.append(v) or CONTINUE)
+    with serving(m) as srv, srv.raw(negotiate=False) as mta:
+        version, _, _, _ = mta.optneg(2**31 - 1, ALL_ACTIONS, ALL_PROTO)
+    assert version == 6 and offers == [2**31 - 1]
+
+
 def test_setsymlist_in_negotiate_rides_in_the_optneg_reply():
     m = make_milter()
 

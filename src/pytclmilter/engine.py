@@ -33,7 +33,7 @@ from .protocol.events import (
 )
 from .protocol.constants import Action, Family, MacroStage, Proto, flag_names
 from .protocol.errors import LocalProtocolError, RemoteProtocolError
-from .protocol.negotiation import Negotiated, negotiate
+from .protocol.negotiation import Negotiated, check_offer, negotiate
 from .protocol.session import FilterSession, NeedData
 from .protocol.table import COMMANDS
 from .settings import Settings
@@ -660,12 +660,13 @@ class ConnectionEngine:
         self.client = ""  # (a session after QUIT_NC whose CONNECT is skipped has no name of its own)
 
     def _negotiate(self, offer: OptionNegotiation) -> None:
-        status = Status.CONTINUE
-        if self.registry.chain("negotiate"):
-            self.ctx.stage = "negotiate"
-            status = self._run_sync("negotiate", (offer.version, offer.actions, offer.protocol))
-            self.ctx.stage = ""
         try:
+            check_offer(offer)  # before the callbacks, which have nothing to say to such an MTA
+            status = Status.CONTINUE
+            if self.registry.chain("negotiate"):
+                self.ctx.stage = "negotiate"
+                status = self._run_sync("negotiate", (offer.version, offer.actions, offer.protocol))
+                self.ctx.stage = ""
             if status not in (Status.CONTINUE, Status.ACCEPT):
                 raise RemoteProtocolError(f"the negotiate callback answered {status.smfis}")
             negotiated = self._negotiated(offer)

@@ -11,6 +11,8 @@ import enum
 
 PROTOCOL_VERSION = 6
 MIN_MTA_VERSION = 2
+#: libmilter reads the version as a signed 32-bit number: above this it is negative, so too old.
+MAX_MTA_VERSION = 0x7FFFFFFF
 
 LEN_BYTES = 4
 OPTLEN = 12

@@ -23,6 +23,7 @@ from .constants import (
     V1_ACTIONS,
     V1_PROTO,
     MIN_MTA_VERSION,
+    MAX_MTA_VERSION,
 )
 from .errors import RemoteProtocolError
 from .events import OptionNegotiation, OptionNegotiationReply
@@ -60,10 +61,18 @@ class Negotiated:
 DEFAULT: Final = Negotiated(OptionNegotiationReply(PROTOCOL_VERSION, 0, 0), PROTOCOL_VERSION, Action(0), Proto(0), MAX_DATA_SIZE)
 
 
+def check_offer(offer: OptionNegotiation) -> None:
+    """Raise RemoteProtocolError for a version libmilter refuses: below 2, or 2**31 and above,
+    which its signed reading makes negative (docs/protocol.md §4.4 step 1). Checked before the
+    negotiate callbacks run, as libmilter checks before xxfi_negotiate."""
+    if not MIN_MTA_VERSION <= offer.version <= MAX_MTA_VERSION:
+        raise RemoteProtocolError(
+            f"MTA offers protocol version {offer.version}; 2 to {MAX_MTA_VERSION} is needed")
+
+
 def negotiate(offer: OptionNegotiation, wants: Wants) -> Negotiated:
-    """Compute our OPTNEG reply. Raises RemoteProtocolError for an MTA older than version 2."""
-    if offer.version < MIN_MTA_VERSION:
-        raise RemoteProtocolError(f"MTA offers protocol version {offer.version}; at least 2 is needed")
+    """Compute our OPTNEG reply. Raises RemoteProtocolError for a version check_offer refuses."""
+    check_offer(offer)
     version = min(PROTOCOL_VERSION, offer.version)
     offered_actions = Action(offer.actions & ALL_ACTIONS) if offer.actions else V1_ACTIONS
     offered_proto = Proto(offer.protocol) if offer.protocol else V1_PROTO
