@@ -1075,6 +1075,19 @@ def test_getsymval_with_libmilter_semantics():
     assert s["j"] == "mx.example", "connection macros persist"
 
 
+def test_macros_sent_before_option_negotiation_are_dropped_by_it():
+    """libmilter's OPTNEG clears every macro slot (docs/protocol.md §5.3); before, macros a peer
+    sent ahead of it stayed visible to the session's callbacks."""
+    m = make_milter()
+    seen: list[str | None] = []
+    m.register("connect", lambda ctx, host, info: seen.append(ctx.getsymval("j")))
+    with serving(m) as srv, srv.raw(negotiate=False) as mta:
+        mta.macro("C", {"j": "early.example"})
+        mta.optneg()
+        assert mta.connect()[0] == b"c"  # (no macros of its own: none sent, or none with a value)
+    assert seen == [None]
+
+
 # ====================================================================== private data
 
 

@@ -121,7 +121,7 @@ class CommandSpec:
 
 COMMANDS: Final[tuple[CommandSpec, ...]] = (
     CommandSpec(b"O", "OPTNEG", OptionNegotiation, S.OPTS, decode_optneg, encode_optneg,
-                callback="negotiate", args=("version", "actions", "protocol")),
+                callback="negotiate", args=("version", "actions", "protocol"), clears=Clears.ALL),
     CommandSpec(b"D", "MACRO", Macro, None, decode_macro, encode_macro, replied=False),
     CommandSpec(b"C", "CONNECT", Connect, S.CONN, decode_connect, encode_connect, Proto.NOCONNECT, Proto.NR_CONN,
                 callback="connect", args=("hostname", "addrInfo"), macros=MacroStage.CONNECT, clears=Clears.LATER),
