@@ -121,9 +121,9 @@ class FilterSession:
         self._clear_on_delivery = b""
         #: The state an UNKNOWN command interrupted: what may follow the unknown command.
         self._before_unknown = _INIT
-        #: How many out-of-order commands that are not answered (ABORT, QUIT, QUIT_NC, macros, and
-        #: those under a negotiated no-reply bit) were ignored, as libmilter ignores them (Postfix
-        #: sends an ABORT after each finished message).
+        #: How many out-of-order commands that are not answered (ABORT, QUIT_NC, and those under a
+        #: negotiated no-reply bit) were ignored, as libmilter ignores them (Postfix sends an ABORT
+        #: after each finished message). QUIT is never out of order: it ends the session anywhere.
         self.ignored = 0
         #: Why the connection ended (teardown's reason), None while it lasts. After QUIT_NC the
         #: close event was already given, so a QUIT or EOF then ends it with no event: the
