@@ -400,6 +400,64 @@ def test_a_scripts_puts_of_mta_text_cannot_forge_a_line_or_reach_the_terminal(tc
     assert raw.read_bytes() == f"file: {VALUE}\n".encode()
 
 
+THREADS_PUTS_TCL = r"""
+package require TclMilter
+package require Thread
+proc header {ctx name value} {
+    thread::join [thread::create -joinable [list puts stderr "thread: $value"]]
+    set p [tpool::create -initcmd [list puts stderr "init: $value"]]
+    tpool::wait $p [tpool::post $p [list puts "job: $value"]]
+    tpool::release $p
+    set nested [list thread::join [thread::create -joinable [list chan puts stderr "nested: $value"]]]
+    thread::join [thread::create -joinable $nested]
+    set t [thread::create]
+    thread::send $t [list interp create i]
+    thread::send $t [list i eval [list puts stderr "interp: $value"]]
+    set usage [thread::send $t {list [catch {puts nosuch x} e] $e [catch {puts a b c d} e] $e}]
+    thread::release $t
+    interp create c
+    load {} Thread c
+    c eval {thread::join [thread::create -joinable {puts -nonewline stderr "cols:\t"; puts stderr "\u00e9 C:\\dir"}]}
+    puts stderr "usage: $usage"
+    return SMFIS_CONTINUE
+}
+milter register header header
+milter main
+"""
+
+
+@pytest.mark.skipif(not Path("/usr/lib/tcltk/x86_64-linux-gnu/thread2.8.8").exists(), reason="needs tcl-thread")
+@pytest.mark.parametrize("options", [(), ("--user", "nobody")], ids=["root", "user"])
+def test_a_threads_puts_is_escaped_as_the_scripts(tclrun, options) -> None:
+    """Each thread of the Thread package has its own standard channels and its own `puts`: the
+    header value with CR LF, a forged line and ESC, written by a thread, a pool's -initcmd and
+    job, a thread's thread, an interpreter in a thread and a thread of a child interpreter,
+    reaches stderr escaped and indented as the script's own `puts` does, as root and once
+    --user has dropped privileges; Tcl's errors, tabs, UTF-8 and backslashes as under tclsh."""
+    m = tclrun(THREADS_PUTS_TCL, *options)
+    with m.mta() as mta:
+        mta.negotiate()
+        mta.connect()
+        mta.mail("<a@example.org>")
+        mta.rcpt("<r@example.com>")
+        assert mta.header("X-Bad", VALUE) in ("noreply", ("c", {}))
+        mta.eom()
+    m.wait_for("verdict accept at eom")
+    assert m.stop() == 0
+    text = m.text
+    assert not re.search(r"[\x00-\x08\x0b-\x1f\x7f]", text), [c for c in text if ord(c) < 32 and c != "\n"]
+    lines = text.splitlines()
+    starts = ("thread: ", "init: ", "job: ", "nested: ", "interp: ")
+    for line in lines:
+        assert STDERR_LINE.match(line) or line.startswith((" ", "pytclmilter: ", "cols:", "usage: ", *starts)), line
+    for start in starts:
+        at = lines.index(start + r"v\r")
+        assert lines[at + 1] == "  " + FORGED_SHOWN[4:] + "\\x1b[31m\\x7f\\x01\\", lines[at:at + 2]
+    assert "cols:\t\u00e9 C:\\dir" in lines, text
+    assert 'usage: 1 {can not find channel named "nosuch"} 1 {wrong # args: should be ' \
+           '"puts ?-nonewline? ?channelId? string"}' in lines, text
+
+
 @pytest.fixture
 def syslog_socket(tmp_path, monkeypatch):
     """`pytclmilter run --syslog`'s logging set-up, with a datagram socket of the test's own as

@@ -31,7 +31,7 @@ from ..logline import SHOWN, clip, escape, tell_counts
 from ..milter import Milter
 from ..protocol.codec import text
 from ..status import Status
-from . import context_cmd, output, rootfiles
+from . import context_cmd, output, rootfiles, threads
 from .limit import CallLimit, is_limit_error
 from .milter_cmd import MilterCommand, SuspendAtMain
 from .priv import TclPrivate
@@ -116,13 +116,15 @@ proc ::tclmilter::py::interp_made {command code result op} {
 # `fileevent` errors as the script's does (its own ::bgerror first, then the log) where Tcl would
 # print them raw on stderr; a safe one's Tcl drops, and still does.
 # It returns the command's result: Tcl gives that of a leave trace to the next one (rootfiles.py's).
-# Its `puts` to stdout and stderr is escaped as the script's is (tcl/output.py), a safe one's too.
+# Its `puts` to stdout and stderr is escaped as the script's is (tcl/output.py), a safe one's too;
+# one not safe gets threads.py's `thread::create` and `tpool::create` too.
 proc ::tclmilter::py::bg_made {parent command code result op} {
     if {$code != 0 || ![string match "cr*" [lindex $command 1]]} { return $result }
     set path [list {*}$parent {*}$result]
     interp alias $path ::tclmilter::py::output {} ::tclmilter::py::output
     interp eval $path $::tclmilter::py::outputprelude
     if {[interp issafe $path]} { return $result }
+    interp eval $path $::tclmilter::py::threadsprelude
     interp alias $path ::tclmilter::py::bgerror {} ::tclmilter::py::bgerror
     interp alias $path ::tclmilter::py::bg_made {} ::tclmilter::py::bg_made $path
     set body [interp eval [lindex $path 0] [list info body ::tclmilter::bgerror]]
@@ -385,6 +387,7 @@ class TclHost:
         # The first trace: Tcl gives each leave trace the previous one's result as the command's.
         self.child_call("trace", "add", "execution", "::interp", "leave", "::tclmilter::py::bg_made")
         output.install(self._register, call, child)
+        threads.install(call, child)
         rootfiles.install(self._register, call, child)
         self.child_call("lappend", "auto_path", libdir)
         self.child_call("package", "require", "TclMilter")

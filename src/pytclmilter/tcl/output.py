@@ -12,14 +12,17 @@ Why not the channels themselves: a transform (`chan push`) or a reflected channe
 stdout (`chan create`) sees the buffer Tcl flushes, not `puts` calls, so it cannot tell the
 newline one `puts` ends with from one inside its text; and `exec ... 2>@stderr` needs a channel
 with a descriptor, which a reflected one has not. Neither would reach Thread's threads either:
-Tcl's standard channels are per thread.
+Tcl's standard channels are per thread. A thread's interpreters get the same procs, and the
+command as a ctypes callback run in that thread, from threads.py's static package.
 """
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any, Callable, Final, Sequence
 
 from ..logline import as_output
+from . import threads
 
 #: The command :func:`as_output` is in the host's interpreter, aliased into each script interpreter.
 COMMAND: Final = "::tclmilter::py::output"
@@ -61,8 +64,15 @@ def install(register: Callable[[str, Callable[[Sequence[str]], Any]], None], cal
             child: str) -> None:
     """The escaping `puts` in the script's interpreter ``child`` (``call``: the host's
     interpreter; ``register`` makes a Python function a command of it). bg_made gives it to
-    the interpreters the script creates."""
-    register(COMMAND, lambda args: as_output(args[0]))
+    the interpreters the script creates, threads.py to those of the threads it creates (where
+    this Tcl cannot be given a package, a thread's `puts` stays Tcl's own)."""
+    register(COMMAND, _output)
     call("set", "::tclmilter::py::outputprelude", PRELUDE)
     call("interp", "alias", child, COMMAND, "", COMMAND)
     call("interp", "eval", child, PRELUDE)
+    with contextlib.suppress(OSError, AttributeError):
+        threads.give(threads.SAFE, {COMMAND: _output}, PRELUDE)
+
+
+def _output(args: Sequence[str]) -> str:
+    return as_output(args[0])

@@ -12,7 +12,7 @@ way is one another user could change once checked. The autoloader's `auto_load_i
 evaluates each `tclIndex` as it reads it (init.tcl's ``eval [read $f]``), `source`s it instead.
 An interpreter the script creates (`interp create`, in those too) gets all this, a safe one
 excepted (it has neither command); so does each thread of the Thread package, through the
-static package of rootthreads.py that `thread::create` and `tpool::create` have it load first.
+static package of threads.py that `thread::create` and `tpool::create` have it load first.
 Installed when the script's interpreter is made as root; as any other user the commands read
 and load as Tcl's own do.
 """
@@ -24,7 +24,7 @@ import os
 from typing import Any, Callable, Final, Sequence, TypeVar
 
 from ..safepath import Untrusted, open_trusted, os_reason, read_trusted
-from . import rootthreads
+from . import threads
 from .usage import TclUsageError
 
 #: The errorCode of a refused file: as Tcl's for a file it may not open (not EACCES, which
@@ -89,56 +89,8 @@ proc ::load {args} {
     if {[catch {uplevel 1 [list ::tclmilter::py::load {*}$args]} result options]} {
         return -code error -errorcode [dict get $options -errorcode] $result
     }
-    ::tclmilter::py::rootthreads
-    if {[llength $args] > $i + 2} {
-        catch {interp eval [lindex $args $i+2] ::tclmilter::py::rootthreads}
-    }
     return $result
 }
-
-# The Thread package's `thread::create` and `tpool::create`, once loaded here (or where Thread
-# made this interpreter), are procs: each thread's script and each worker's -initcmd begins with
-# $threadstart, which as root gives its interpreter what this one has (tcl/rootthreads.py).
-proc ::tclmilter::py::rootthreads {} {
-    if {[llength [info commands ::thread::create]] && ![llength [info procs ::thread::create]]} {
-        rename ::thread::create ::tclmilter::py::thread_create
-        proc ::thread::create {args} {
-            # As Thread reads them: ?-joinable? ?-preserved? ?--? ?script? (thread::wait if none).
-            for {set i 0} {[lindex $args $i] in {-joinable -preserved}} {incr i} {}
-            if {[lindex $args $i] eq "--"} { incr i }
-            if {$i == [llength $args] && [lindex $args end] ne "--"} { lappend args ::thread::wait }
-            if {$i == [llength $args] - 1} {
-                lset args $i "$::tclmilter::py::threadstart;[lindex $args $i]"
-            }
-            ::tclmilter::py::rootcall ::tclmilter::py::thread_create thread::create $args
-        }
-    }
-    if {[llength [info commands ::tpool::create]] && ![llength [info procs ::tpool::create]]} {
-        rename ::tpool::create ::tclmilter::py::tpool_create
-        proc ::tpool::create {args} {
-            if {[llength $args] % 2 == 0} {
-                set init 0
-                foreach i [lsearch -all -exact $args -initcmd] {
-                    if {$i % 2 == 0} {
-                        set script [lindex $args $i+1]
-                        lset args [expr {$i + 1}] "$::tclmilter::py::threadstart;$script"
-                        set init 1
-                    }
-                }
-                if {!$init} { lappend args -initcmd $::tclmilter::py::threadstart }
-            }
-            ::tclmilter::py::rootcall ::tclmilter::py::tpool_create tpool::create $args
-        }
-    }
-}
-# Tcl's command under the proc's name, as in its usage errors.
-proc ::tclmilter::py::rootcall {command name arguments} {
-    if {[catch {$command {*}$arguments} result options]} {
-        return -code error -errorcode [dict get $options -errorcode] [string map [list $command $name] $result]
-    }
-    return $result
-}
-::tclmilter::py::rootthreads
 
 # The autoloader evaluates each tclIndex (version 2.0: a script) as it reads it by name: through
 # the `source` above instead, in the same frame (where $dir is its directory).
@@ -172,18 +124,6 @@ proc ::tclmilter::py::rootinstall {path} {
 """
 
 
-#: In a thread's interpreter (rootthreads.py), after the prelude: an interpreter created in it
-#: gets the same, a safe one excepted.
-_THREADED: Final = r"""
-proc ::tclmilter::py::rootmade {command code result op} {
-    if {$code == 0 && [string match "cr*" [lindex $command 1]] && ![interp issafe $result]} {
-        ::tclmilter::py::load {} Tclmilterroot $result
-    }
-}
-trace add execution ::interp leave ::tclmilter::py::rootmade
-"""
-
-
 def install(register: Callable[[str, Callable[[Sequence[str]], Any]], None], call: Callable[..., Any],
             child: str) -> None:
     """As root, the checking `source` and `load` in the script's interpreter ``child``, in those
@@ -195,27 +135,13 @@ def install(register: Callable[[str, Callable[[Sequence[str]], Any]], None], cal
                                                            "::tclmilter::py::rootcheck": _check}
     for name, func in commands.items():
         register(name, func)
-    prelude = f"set ::tclmilter::py::threadstart {{{_thread_start(commands)}}}\n{_PRELUDE}"
-    call("set", "::tclmilter::py::rootprelude", prelude)
+    call("set", "::tclmilter::py::rootprelude", _PRELUDE)
     call("eval", _HOST)
     call("::tclmilter::py::rootinstall", child)
-
-
-def _thread_start(commands: dict[str, Callable[[Sequence[str]], Any]]) -> str:
-    """What begins a thread's script as root: the static package that gives its interpreter the
-    checks; where this Tcl cannot be given one, an error as root (`file owned /`: euid 0)."""
-    prelude = f"set ::tclmilter::py::threadstart {{{_START}}}\n{_PRELUDE}{_THREADED}"
     try:
-        rootthreads.register(commands, prelude)
-    except (OSError, AttributeError) as exc:
-        reason = str(exc).translate({ord(c): " " for c in "{}[]$\\\""})
-        return (f'if {{[file owned /]}} {{error "refusing to start a thread as root: what it sources and loads '
-                f'could not be checked ({reason}); start threads after milter main has dropped privileges '
-                f'(--user)"}}')
-    return _START
-
-
-_START: Final = f"::load {{}} {rootthreads.PACKAGE}"
+        threads.give(threads.ROOT, commands, _PRELUDE)
+    except (OSError, AttributeError):
+        pass  # (threads.install has root refuse to start threads)
 
 
 def _read(args: Sequence[str]) -> bytes:

@@ -1,0 +1,232 @@
+"""What every thread of the Thread package that the script creates gets: the escaping `puts` of
+output.py (any user) and, while the process is root, the checking `source` and `load` of
+rootfiles.py.
+
+A thread's interpreter is made by Thread in another thread, with its own standard channels and
+Tcl's own commands, where tkinter's commands cannot be called; and the script's thread may be
+waiting for it in C (a synchronous `thread::send`, `thread::join`, a `tpool::post` waiting for a
+worker's ``-initcmd``): a command answered by that thread would never be answered. So what a
+thread gets is a Tcl static package, ``Tclmilterthread``, whose commands are ctypes callbacks:
+Python runs them in the calling thread, taking the GIL, which the script's thread does not hold
+while it waits in Tcl. `thread::create` and `tpool::create` are procs (:data:`WRAP`, in every
+interpreter of the script's that is not safe, and in each thread's) that begin each thread's
+script and each worker's ``-initcmd`` with ``::load {} Tclmilterthread``. Its init evaluates
+what output.py and rootfiles.py gave (:func:`give`): a safe interpreter (created in a thread)
+gets the escaping `puts` only; as any other user than root, the root checks are left out.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import os
+from typing import Any, Callable, Final, Sequence
+
+import _tkinter
+
+from .strings import tcl_to_wire, wire_to_tcl
+from .usage import NONE, Answer, TclUsageError
+
+log = logging.getLogger(__name__)
+
+PACKAGE: Final = "Tclmilterthread"
+#: What begins each thread's script: its interpreter gets what was given.
+START: Final = f"::load {{}} {PACKAGE}"
+#: What :func:`give`'s kinds reach, in the order their scripts run: every interpreter, a safe one
+#: too (the escaping `puts`); one that is not safe; one that is not safe, while the process is root.
+SAFE: Final = 0
+TRUSTED: Final = 1
+ROOT: Final = 2
+_OK: Final = 0
+_EVAL_GLOBAL: Final = 0x20000  # TCL_EVAL_GLOBAL
+_p = ctypes.c_void_p
+_OBJ_COMMAND: Final = ctypes.CFUNCTYPE(ctypes.c_int, _p, _p, ctypes.c_int, ctypes.POINTER(_p))
+_INIT: Final = ctypes.CFUNCTYPE(ctypes.c_int, _p)
+#: The Tcl functions used, with their (result, arguments) types.
+_SIGNATURES: Final[dict[str, tuple[Any, list[Any]]]] = {
+    "Tcl_StaticPackage": (None, [_p, ctypes.c_char_p, _INIT, _INIT]),
+    "Tcl_CreateObjCommand": (_p, [_p, ctypes.c_char_p, _OBJ_COMMAND, _p, _p]),
+    "Tcl_GetStringFromObj": (_p, [_p, ctypes.POINTER(ctypes.c_int)]),
+    "Tcl_NewStringObj": (_p, [ctypes.c_char_p, ctypes.c_int]),
+    "Tcl_NewByteArrayObj": (_p, [ctypes.c_char_p, ctypes.c_int]),
+    "Tcl_NewListObj": (_p, [ctypes.c_int, ctypes.POINTER(_p)]),
+    "Tcl_SetObjResult": (None, [_p, _p]),
+    "Tcl_EvalEx": (ctypes.c_int, [_p, ctypes.c_char_p, ctypes.c_int, ctypes.c_int]),
+}
+#: kind -> its commands (name, the callback handed to Tcl) and its script.
+_GIVEN: dict[int, tuple[list[tuple[bytes, Any]], bytes]] = {}
+#: The Tcl library and the init callbacks handed to it: kept for the process's life, as Tcl
+#: keeps their addresses.
+_KEPT: list[Any] = []
+
+
+#: In every interpreter of the script's that is not safe, in any thread: the Thread package's
+#: `thread::create` and `tpool::create`, once loaded here (now, or later by `load`, into this
+#: interpreter or one it names), are procs that begin each thread's script and each worker's
+#: -initcmd with $threadstart (see the module docstring).
+WRAP: Final = r"""
+proc ::tclmilter::py::wrapthreads {} {
+    if {[llength [info commands ::thread::create]] && ![llength [info procs ::thread::create]]} {
+        rename ::thread::create ::tclmilter::py::thread_create
+        proc ::thread::create {args} {
+            # As Thread reads them: ?-joinable? ?-preserved? ?--? ?script? (thread::wait if none).
+            for {set i 0} {[lindex $args $i] in {-joinable -preserved}} {incr i} {}
+            if {[lindex $args $i] eq "--"} { incr i }
+            if {$i == [llength $args] && [lindex $args end] ne "--"} { lappend args ::thread::wait }
+            if {$i == [llength $args] - 1} {
+                lset args $i "$::tclmilter::py::threadstart;[lindex $args $i]"
+            }
+            ::tclmilter::py::threadcall ::tclmilter::py::thread_create thread::create $args
+        }
+    }
+    if {[llength [info commands ::tpool::create]] && ![llength [info procs ::tpool::create]]} {
+        rename ::tpool::create ::tclmilter::py::tpool_create
+        proc ::tpool::create {args} {
+            if {[llength $args] % 2 == 0} {
+                set init 0
+                foreach i [lsearch -all -exact $args -initcmd] {
+                    if {$i % 2 == 0} {
+                        set script [lindex $args $i+1]
+                        lset args [expr {$i + 1}] "$::tclmilter::py::threadstart;$script"
+                        set init 1
+                    }
+                }
+                if {!$init} { lappend args -initcmd $::tclmilter::py::threadstart }
+            }
+            ::tclmilter::py::threadcall ::tclmilter::py::tpool_create tpool::create $args
+        }
+    }
+}
+# Tcl's command under the proc's name, as in its usage errors.
+proc ::tclmilter::py::threadcall {command name arguments} {
+    if {[catch {$command {*}$arguments} result options]} {
+        return -code error -errorcode [dict get $options -errorcode] [string map [list $command $name] $result]
+    }
+    return $result
+}
+# Tcl's `load` (rootfiles.py's proc renames it as root: the trace goes with it), as Tcl's `load`
+# reads its words: ?-global? ?-lazy? ?--? fileName ?prefix? ?interp?.
+proc ::tclmilter::py::loaded {command code result op} {
+    if {$code == 0} {
+        ::tclmilter::py::wrapthreads
+        set words [lrange $command 1 end]
+        for {set i 0} {[string match -* [lindex $words $i]]} {incr i} {
+            if {[lindex $words $i] eq "--"} { incr i; break }
+        }
+        if {[llength $words] > $i + 2} {
+            catch {interp eval [lindex $words $i+2] ::tclmilter::py::wrapthreads}
+        }
+    }
+    return $result
+}
+trace add execution ::load leave ::tclmilter::py::loaded
+::tclmilter::py::wrapthreads
+"""
+
+#: In a thread's interpreter, after WRAP: an interpreter created in it gets the package too (a
+#: safe one its safe part).
+_CREATED: Final = r"""
+proc ::tclmilter::py::threadmade {command code result op} {
+    if {$code == 0 && [string match "cr*" [lindex $command 1]]} {
+        ::load {} Tclmilterthread $result
+    }
+    return $result
+}
+trace add execution ::interp leave ::tclmilter::py::threadmade
+"""
+
+
+def install(call: Callable[..., Any], child: str) -> None:
+    """`thread::create` and `tpool::create` as procs in the script's interpreter ``child``
+    (``call``: the host's interpreter; interp.py's bg_made gives the prelude to those the script
+    creates), and the package's TRUSTED part, for any user."""
+    try:
+        give(TRUSTED, {}, f"set ::tclmilter::py::threadstart {{{START}}}\n{WRAP}{_CREATED}")
+        start = START
+    except (OSError, AttributeError) as exc:
+        reason = str(exc).translate({ord(c): " " for c in "{}[]$\\\""})
+        # (`file owned /`: euid 0)
+        start = (f'if {{[file owned /]}} {{error "refusing to start a thread as root: what it sources and loads '
+                 f'could not be checked ({reason}); start threads after milter main has dropped privileges '
+                 f'(--user)"}}')
+    prelude = f"set ::tclmilter::py::threadstart {{{start}}}\n{WRAP}"
+    call("set", "::tclmilter::py::threadsprelude", prelude)
+    call("interp", "eval", child, prelude)
+
+
+def give(kind: int, commands: dict[str, Callable[[Sequence[str]], Any]], script: str) -> None:
+    """Make ``load {} Tclmilterthread`` give an interpreter, of any thread, these commands (each
+    answers as TclHost's: {ok value} or {error message errorCode}) and then evaluate ``script``
+    in it, where ``kind`` reaches it; once a process for each kind (every host's are the same).
+    OSError or AttributeError where this Tcl cannot be reached."""
+    tcl = _library()
+    if kind not in _GIVEN:
+        _GIVEN[kind] = ([(name.encode(), _OBJ_COMMAND(_command(tcl, name, func))) for name, func in commands.items()],
+                        script.encode())
+
+
+def _library() -> Any:
+    """libtcl's functions (as tkinter calls them), the static package registered at the first call."""
+    if _KEPT:
+        return _KEPT[0]
+    tcl = ctypes.CDLL(_tkinter.__file__)
+    for name, (result, arguments) in _SIGNATURES.items():
+        function = getattr(tcl, name)
+        function.restype, function.argtypes = result, arguments
+    init = _INIT(lambda interp: _init(tcl, interp, ROOT))
+    safe_init = _INIT(lambda interp: _init(tcl, interp, SAFE))
+    _KEPT.extend([tcl, init, safe_init])
+    tcl.Tcl_StaticPackage(None, PACKAGE.encode(), init, safe_init)
+    return tcl
+
+
+def _init(tcl: Any, interp: int, upto: int) -> int:
+    """The package's init: what was given for kinds up to ``upto``, ROOT's only while root."""
+    if upto == ROOT and os.geteuid() != 0:
+        upto = TRUSTED
+    for kind in sorted(_GIVEN):
+        if kind > upto:
+            break
+        made, text = _GIVEN[kind]
+        for name, command in made:
+            tcl.Tcl_CreateObjCommand(interp, name, command, None, None)
+        code = int(tcl.Tcl_EvalEx(interp, text, len(text), _EVAL_GLOBAL))
+        if code != _OK:
+            return code
+    return _OK
+
+
+def _command(tcl: Any, name: str, func: Callable[[Sequence[str]], Any]) -> Callable[..., int]:
+    """A Tcl command's C function calling ``func`` with its arguments; never raises (ctypes would
+    print the exception and return TCL_OK)."""
+
+    def command(_data: int, interp: int, objc: int, objv: Any) -> int:
+        try:
+            args = [_text(tcl, objv[i]) for i in range(1, objc)]
+            answer: Answer = ("ok", func(args))
+        except TclUsageError as usage:
+            answer = ("error", str(usage), usage.code)
+        except Exception as exc:  # noqa: BLE001 - report, never crash the thread
+            log.exception("internal error in %s", name)
+            answer = ("error", f"internal error: {exc}", NONE)
+        tcl.Tcl_SetObjResult(interp, _obj(tcl, answer))
+        return _OK
+
+    return command
+
+
+def _text(tcl: Any, obj: int) -> str:
+    size = ctypes.c_int()
+    data = ctypes.string_at(tcl.Tcl_GetStringFromObj(obj, ctypes.byref(size)), size.value)
+    return tcl_to_wire(data).decode("utf-8", "surrogateescape")
+
+
+def _obj(tcl: Any, value: Any) -> int:
+    """A new Tcl object of a result: bytes a byte array, a tuple a list, None "", else text."""
+    if isinstance(value, tuple):
+        items = (_p * len(value))(*(_obj(tcl, item) for item in value))
+        return int(tcl.Tcl_NewListObj(len(value), items))
+    if isinstance(value, bytes):
+        return int(tcl.Tcl_NewByteArrayObj(value, len(value)))
+    data = wire_to_tcl(str("" if value is None else value).encode("utf-8", "surrogateescape"))
+    return int(tcl.Tcl_NewStringObj(data, len(data)))
