@@ -282,6 +282,8 @@ SENDER_SHOWN = r"<reject" + FORGED_SHOWN + r"\x1b]0;t\x07\x7f\x01@example.org>"
 VALUE = "v" + FORGED + "\x1b[31m\x7f\x01\\"
 VALUE_SHOWN = r"v" + FORGED_SHOWN + r"\x1b[31m\x7f\x01\\"
 REPLY_SHOWN = r'reply="550 5.7.1 no\x1b[31m\x7f\x01\\ thanks"'  # CR, LF and NUL: refused by setreply
+needs_thread = pytest.mark.skipif(not Path("/usr/lib/tcltk/x86_64-linux-gnu/thread2.8.8").exists(),
+                                  reason="needs Debian's tcl-thread")
 STDERR_LINE = re.compile(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} pytclmilter\[\d+\] (DEBUG|INFO|WARNING|ERROR): ")
 
 LOGGING_TCL = r"""
@@ -426,7 +428,7 @@ milter main
 """
 
 
-@pytest.mark.skipif(not Path("/usr/lib/tcltk/x86_64-linux-gnu/thread2.8.8").exists(), reason="needs tcl-thread")
+@needs_thread
 @pytest.mark.parametrize("options", [(), ("--user", "nobody")], ids=["root", "user"])
 def test_a_threads_puts_is_escaped_as_the_scripts(tclrun, options) -> None:
     """Each thread of the Thread package has its own standard channels and its own `puts`: the
@@ -456,6 +458,48 @@ def test_a_threads_puts_is_escaped_as_the_scripts(tclrun, options) -> None:
     assert "cols:\t\u00e9 C:\\dir" in lines, text
     assert 'usage: 1 {can not find channel named "nosuch"} 1 {wrong # args: should be ' \
            '"puts ?-nonewline? ?channelId? string"}' in lines, text
+
+
+LONG_PUTS_TCL = r"""
+package require TclMilter
+proc header {ctx name value} {
+    puts stderr "whole: $value"
+    foreach word [split $value] { puts -nonewline stderr "$word " }
+    puts stderr "(pieces)"
+    thread::join [thread::create -joinable [list puts "thread: $value\x01"]]
+    return SMFIS_CONTINUE
+}
+package require Thread
+milter register header header
+milter main
+"""
+
+
+@needs_thread
+def test_a_puts_longer_than_a_journal_line_is_folded_keeping_its_text(tclrun) -> None:
+    """journald cuts a line at its LineMax (48 KiB by default) and starts an entry with the
+    rest: a header value of 60 000 characters ending in a forged line, written by one `puts`,
+    by `puts -nonewline` word by word and by a thread, comes out in lines of at most 4 096
+    characters, those after the first indented, which joined give the text back."""
+    value = " ".join(["a" * 999] * 60) + "ERROR: forged"
+    m = tclrun(LONG_PUTS_TCL)
+    with m.mta() as mta:
+        mta.negotiate()
+        mta.connect()
+        mta.mail("<a@example.org>")
+        mta.rcpt("<r@example.com>")
+        assert mta.header("X-Long", value) in ("noreply", ("c", {}))
+        mta.eom()
+    m.wait_for("verdict accept at eom")
+    assert m.stop() == 0
+    lines = m.text.splitlines()
+    assert max(len(line) for line in lines) == 4096, [len(line) for line in lines]
+    for start, end in (("whole: ", ""), ("", "(pieces)"), ("thread: ", r"\x01")):
+        at = next(i for i, line in enumerate(lines) if line.startswith(start + "a" * 999))
+        after = next(i for i in range(at + 1, len(lines)) if not lines[i].startswith("  "))
+        assert all(len(line) == 4096 for line in lines[at:after - 1]), lines[at:after]
+        joined = lines[at] + "".join(line[2:] for line in lines[at + 1:after])
+        assert joined == start + (value + " " if end == "(pieces)" else value) + end, (start, joined[-40:])
 
 
 @pytest.fixture

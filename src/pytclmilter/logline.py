@@ -69,6 +69,11 @@ LINE_KEPT: Final = (600, 200)
 LINES_KEPT: Final = (40, 10)
 #: The longest line a record keeps whole.
 LONGEST: Final = LINE_KEPT[0] + LINE_KEPT[1]
+#: The longest line a script's `puts` writes to stdout or stderr (characters), the rest of a longer
+#: one on continuation lines (:func:`as_output`): journald cuts a line at its LineMax (48 KiB by
+#: default) and makes the rest an entry of its own, which starts where the script's caller chose.
+#: 4 096 characters (an escape is ASCII, any other character at most 4 bytes) stay under 16 KiB.
+OUTPUT_LINE: Final = 4096
 
 
 class Every:
@@ -289,14 +294,35 @@ def controls_escaped(text: str) -> str:
     return "\n".join([_controls_escaped(line) for line in text.split("\n")])
 
 
-def as_output(text: str) -> str:
-    """What a script's `puts` writes to stdout or stderr (the journal, under systemd): each line's
-    controls escaped as :func:`guard` escapes them but tabs (a script's columns), backslashes
-    kept, so that a printable line reads as written; each line after a newline inside the text
-    indented as a continuation line, a newline at its end left to end it."""
+def as_output(text: str, column: int = 0) -> tuple[str, int]:
+    """What a script's `puts` writes to stdout or stderr (the journal, under systemd), and the
+    column it leaves the line at (0 after a newline): each line's controls escaped as
+    :func:`guard` escapes them but tabs (a script's columns), backslashes kept, so that a
+    printable line reads as written; each line after a newline inside the text indented as a
+    continuation line, a newline at its end left to end it; a line longer than
+    :data:`OUTPUT_LINE`, counting the ``column`` characters already on it (`puts -nonewline`),
+    folded into continuation lines."""
     body, end = (text[:-1], "\n") if text.endswith("\n") else (text, "")
     lines = ["\t".join([_controls_escaped(part) for part in line.split("\t")]) for line in body.split("\n")]
-    return _continued(lines, 1) + end
+    if column + sum(map(len, lines)) > OUTPUT_LINE - len(INDENT):  # (a line this long or longer)
+        lines = _folded(lines, column)
+    written = _continued(lines, 1)
+    if end:
+        return written + end, 0
+    last = written.rfind("\n")
+    return written, column + len(written) if last < 0 else len(written) - last - 1
+
+
+def _folded(lines: list[str], column: int) -> list[str]:
+    """``lines`` cut so that none, once a continuation line's indent is added, is longer than
+    OUTPUT_LINE; the first begins at ``column``."""
+    folded = []
+    for n, line in enumerate(lines):
+        room = max(OUTPUT_LINE - column, 0) if n == 0 else OUTPUT_LINE - len(INDENT)
+        folded.append(line[:room])
+        step = OUTPUT_LINE - len(INDENT)
+        folded.extend(line[at:at + step] for at in range(room, len(line), step))
+    return folded
 
 
 def guard(text: str) -> str:

@@ -4,9 +4,10 @@ Legacy scripts `puts` what the MTA sent (senders, headers) to debug: raw, an SMT
 reached a terminal and its LF started a journal line of its own (``ERROR: forged``). So in the
 script's interpreter, and in each interpreter it creates, `puts` and `chan puts` are procs that
 hand text for stdout or stderr to :func:`logline.as_output` (controls escaped, tabs and
-backslashes kept, a newline inside one `puts` indenting the line after it) and then call Tcl's
-own, renamed. Text for any other channel, and plain printable ASCII (the usual debug line), goes
-to Tcl's own command untouched, without a call into Python.
+backslashes kept, a newline inside one `puts` indenting the line after it, a line longer than
+logline.OUTPUT_LINE folded, journald's LineMax in mind) and then call Tcl's own, renamed. Text
+for any other channel, and plain printable ASCII that keeps the line short (the usual debug
+line), goes to Tcl's own command untouched, without a call into Python.
 
 Why not the channels themselves: a transform (`chan push`) or a reflected channel in place of
 stdout (`chan create`) sees the buffer Tcl flushes, not `puts` calls, so it cannot tell the
@@ -21,7 +22,7 @@ from __future__ import annotations
 import contextlib
 from typing import Any, Callable, Final, Sequence
 
-from ..logline import as_output
+from ..logline import OUTPUT_LINE, as_output
 from . import threads
 
 #: The command :func:`as_output` is in the host's interpreter, aliased into each script interpreter.
@@ -50,14 +51,25 @@ proc ::tclmilter::py::escaped {command name args} {
         set channel [lindex $words 0]
     }
     set i [expr {$n == 3 && [lindex $words 0] ne "-nonewline" ? 1 : $n - 1}]
-    if {$channel in {stdout stderr} && $n <= 3 && ![regexp {^[\t -~]*$} [lindex $words $i]]} {
-        lset words $i [lindex [::tclmilter::py::output [lindex $words $i]] 1]
+    if {$channel in {stdout stderr} && $n <= 3} {
+        # The characters on the channel's open line: from this interpreter's `puts -nonewline`
+        # (and the old `puts channelId string nonewline`), where a line may be built in pieces.
+        set open [expr {$n == 3 || $n == 2 && [lindex $words 0] eq "-nonewline"}]
+        set text [lindex $words $i]
+        set column [expr {[info exists ::tclmilter::py::column($channel)] ? $::tclmilter::py::column($channel) : 0}]
+        if {[regexp {^[\t -~]*$} $text] && $column + [string length $text] <= @LINE@} {
+            set left [expr {$column + [string length $text]}]
+        } else {
+            lassign [lindex [::tclmilter::py::output $text $column] 1] text left
+            lset words $i $text
+        }
     }
     if {[catch {$command {*}$words} result options]} {
         return -code error -errorcode [dict get $options -errorcode] [string map [list $command $name] $result]
     }
+    if {[info exists left]} { set ::tclmilter::py::column($channel) [expr {$open ? $left : 0}] }
 }
-"""
+""".replace("@LINE@", str(OUTPUT_LINE))
 
 
 def install(register: Callable[[str, Callable[[Sequence[str]], Any]], None], call: Callable[..., Any],
@@ -74,5 +86,6 @@ def install(register: Callable[[str, Callable[[Sequence[str]], Any]], None], cal
         threads.give(threads.SAFE, {COMMAND: _output}, PRELUDE)
 
 
-def _output(args: Sequence[str]) -> str:
-    return as_output(args[0])
+def _output(args: Sequence[str]) -> tuple[str, int]:
+    """{text column}: as_output of the text, on a line ``column`` characters long so far."""
+    return as_output(args[0], int(args[1]))
