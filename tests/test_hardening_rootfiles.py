@@ -564,6 +564,39 @@ def test_thread_commands_as_root_misused_say_so_by_their_own_name(etc, call, usa
     check_refuses(etc, f"package require Thread; {call}", f'wrong # args: should be "{usage}"', "never")
 
 
+# The safe base (`::safe::interpCreate`) loads a library for its safe interpreter with that
+# interpreter's hidden, Tcl's own `load` (`interp invokehidden`), from the master's auto_path: one
+# of another user's ran its constructor as root at dlopen, before Tcl even asked for the safe
+# init it may not have (as Thread has not). (The safe base reads what the safe interpreter
+# sources, a package index among them, with `open` itself: that runs in the safe interpreter.)
+
+
+@pytest.mark.skipif(shutil.which("gcc") is None, reason="needs gcc")
+@pytest.mark.parametrize("index", ["theirs", "roots"])
+def test_the_safe_base_loads_no_library_of_another_users_as_root(etc, theirs, index):
+    marker = etc / "constructor ran"
+    source = etc / "evil.c"
+    source.write_text('#include <stdio.h>\n__attribute__((constructor)) static void ran(void) '
+                      f'{{ FILE *f = fopen("{marker}", "w"); if (f) fclose(f); }}\n')
+    library = theirs / "evil.so"
+    subprocess.run(["gcc", "-shared", "-fPIC", "-o", str(library), str(source)], check=True)
+    directory = theirs if index == "theirs" else etc / "lib"
+    directory.mkdir(exist_ok=True)
+    (directory / "pkgIndex.tcl").write_text(f"package ifneeded Evil 1 [list load {library} Evil]\n")
+    script = etc / "filter.tcl"
+    script.write_text(pulling_in(f"lappend auto_path {theirs} {directory}; ::safe::interpCreate s; "
+                                 "puts \"safe: [catch {s eval {package require Evil}} e] $e\"; "
+                                 f"puts \"hidden: [catch {{interp invokehidden s load {library} Evil}} e] $e\"; "
+                                 f"puts \"own: [catch {{s invokehidden load {library} Evil}} e] $e\""))
+    done = subprocess.run([*_pytclmilter_command(), "check", str(script)], env=child_env(),
+                          capture_output=True, text=True, timeout=60)
+    assert not marker.exists()
+    refused = f'refusing to load "{library}" as root: {owned_by_nobody(theirs)}'
+    assert f"safe: 1 load of binary library for package Evil failed: {refused}\n" in done.stdout, done
+    assert f"hidden: 1 {refused}\nown: 1 {refused}\n" in done.stdout, done
+    assert done.returncode == 0, done
+
+
 THREADS_AFTER_DROP = r"""package require TclMilter
 proc eom {ctx} {
     set t [thread::create]

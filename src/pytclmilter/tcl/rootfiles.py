@@ -92,6 +92,43 @@ proc ::load {args} {
     return $result
 }
 
+# The safe base (::safe::interpCreate) sources and loads for a safe interpreter with its hidden,
+# Tcl's own `source` and `load` (`interp invokehidden`, from the master's auto_path): the file is
+# checked first, for the `interp` command (words from 3) and a safe interpreter's own (from 2).
+proc ::tclmilter::py::hidden {at command op} {
+    set sub [lindex $command 1]
+    if {![string match inv* $sub] || [string first $sub invokehidden] != 0} { return }
+    while {[lindex $command $at] in {-global -namespace}} {
+        incr at [expr {[lindex $command $at] eq "-global" ? 1 : 2}]
+    }
+    if {[lindex $command $at] eq "--"} { incr at }
+    set hidden [lindex $command $at]
+    if {$hidden eq "source"} {
+        set file [lindex $command end]
+    } elseif {$hidden eq "load"} {
+        for {incr at} {[string match -* [lindex $command $at]]} {incr at} {
+            if {[lindex $command $at] eq "--"} { incr at; break }
+        }
+        set file [lindex $command $at]
+    } else {
+        return
+    }
+    if {$file ne ""} {
+        set r [::tclmilter::py::rootcheck $file $hidden]
+        if {[lindex $r 0] eq "error"} {
+            return -code error -errorcode [lindex $r 2] [lindex $r 1]
+        }
+    }
+}
+proc ::tclmilter::py::safemade {command code result op} {
+    if {$code == 0 && [string match "cr*" [lindex $command 1]] && [interp issafe $result]} {
+        catch {trace add execution [lindex $result end] enter {::tclmilter::py::hidden 2}}
+    }
+    return $result
+}
+trace add execution ::interp enter {::tclmilter::py::hidden 3}
+trace add execution ::interp leave ::tclmilter::py::safemade
+
 # The autoloader evaluates each tclIndex (version 2.0: a script) as it reads it by name: through
 # the `source` above instead, in the same frame (where $dir is its directory).
 apply {{} {
@@ -152,9 +189,13 @@ def _read(args: Sequence[str]) -> bytes:
 
 
 def _check(args: Sequence[str]) -> None:
-    """`load`'s library, checked while root runs it."""
+    """`load`'s library (or, given ``source``, a file to source by name: the safe base's), checked
+    while root runs it."""
     if os.geteuid() == 0:
-        os.close(_opened(args[0], "load", _library, "load"))
+        if args[1:] == ["source"]:
+            os.close(_opened(args[0], "source", open_trusted, "read"))
+        else:
+            os.close(_opened(args[0], "load", _library, "load"))
 
 
 def _library(path: str) -> int:
