@@ -372,6 +372,23 @@ milter main
 """
 
 
+def header_output(m, name: str, value: str) -> str:
+    """What the running filter ``m`` wrote for one message with the header ``name: value``, once
+    stopped: no control character but LF in it."""
+    with m.mta() as mta:
+        mta.negotiate()
+        mta.connect()
+        mta.mail("<a@example.org>")
+        mta.rcpt("<r@example.com>")
+        assert mta.header(name, value) in ("noreply", ("c", {}))
+        mta.eom()
+    m.wait_for("verdict accept at eom")
+    assert m.stop() == 0
+    text = m.text
+    assert not re.search(r"[\x00-\x08\x0b-\x1f\x7f]", text), [c for c in text if ord(c) < 32 and c != "\n"]
+    return text
+
+
 def test_a_scripts_puts_of_mta_text_cannot_forge_a_line_or_reach_the_terminal(tclrun, tmp_path) -> None:
     """A script's `puts` to stdout and stderr (the journal under systemd) of a header value with
     CR LF, a forged line, ESC, DEL and SOH: each control escaped, the line after the LF
@@ -379,17 +396,7 @@ def test_a_scripts_puts_of_mta_text_cannot_forge_a_line_or_reach_the_terminal(tc
     interpreter's `puts`; tabs, backslashes and UTF-8 as written; a file gets the value raw."""
     raw = tmp_path / "raw.txt"
     m = tclrun(PUTS_TCL, args=[str(raw)])
-    with m.mta() as mta:
-        mta.negotiate()
-        mta.connect()
-        mta.mail("<a@example.org>")
-        mta.rcpt("<r@example.com>")
-        assert mta.header("X-Bad", VALUE) in ("noreply", ("c", {}))
-        mta.eom()
-    m.wait_for("verdict accept at eom")
-    assert m.stop() == 0
-    text = m.text
-    assert not re.search(r"[\x00-\x08\x0b-\x1f\x7f]", text), [c for c in text if ord(c) < 32 and c != "\n"]
+    text = header_output(m, "X-Bad", VALUE)
     lines = text.splitlines()
     for line in lines:
         assert STDERR_LINE.match(line) or line.startswith((" ", "pytclmilter: ", "header X-Bad: ", "cols:",
@@ -437,17 +444,7 @@ def test_a_threads_puts_is_escaped_as_the_scripts(tclrun, options) -> None:
     reaches stderr escaped and indented as the script's own `puts` does, as root and once
     --user has dropped privileges; Tcl's errors, tabs, UTF-8 and backslashes as under tclsh."""
     m = tclrun(THREADS_PUTS_TCL, *options)
-    with m.mta() as mta:
-        mta.negotiate()
-        mta.connect()
-        mta.mail("<a@example.org>")
-        mta.rcpt("<r@example.com>")
-        assert mta.header("X-Bad", VALUE) in ("noreply", ("c", {}))
-        mta.eom()
-    m.wait_for("verdict accept at eom")
-    assert m.stop() == 0
-    text = m.text
-    assert not re.search(r"[\x00-\x08\x0b-\x1f\x7f]", text), [c for c in text if ord(c) < 32 and c != "\n"]
+    text = header_output(m, "X-Bad", VALUE)
     lines = text.splitlines()
     starts = ("thread: ", "init: ", "job: ", "nested: ", "interp: ")
     for line in lines:
@@ -483,16 +480,7 @@ def test_a_puts_longer_than_a_journal_line_is_folded_keeping_its_text(tclrun) ->
     characters, those after the first indented, which joined give the text back."""
     value = " ".join(["a" * 999] * 60) + "ERROR: forged"
     m = tclrun(LONG_PUTS_TCL)
-    with m.mta() as mta:
-        mta.negotiate()
-        mta.connect()
-        mta.mail("<a@example.org>")
-        mta.rcpt("<r@example.com>")
-        assert mta.header("X-Long", value) in ("noreply", ("c", {}))
-        mta.eom()
-    m.wait_for("verdict accept at eom")
-    assert m.stop() == 0
-    lines = m.text.splitlines()
+    lines = header_output(m, "X-Long", value).splitlines()
     assert max(len(line) for line in lines) == 4096, [len(line) for line in lines]
     for start, end in (("whole: ", ""), ("", "(pieces)"), ("thread: ", r"\x01")):
         at = next(i for i, line in enumerate(lines) if line.startswith(start + "a" * 999))
