@@ -529,12 +529,17 @@ def test_a_file_a_thread_sources_is_refused(etc, theirs, how):
 def test_a_thread_the_script_joins_does_not_run_another_users_file(tclrun, etc, theirs, options):
     """Its error is logged (Thread's errorproc: when the script's thread next runs its event
     loop, here once it serves); the script goes on. The script is found after any of
-    thread::create's options."""
+    thread::create's options. The thread waits for a gate the script opens once thread::create
+    has returned: Thread's own `-preserved` reserves the thread after starting it, and fails
+    with 'thread "tid..." does not exist' if its script has already ended (under tclsh too)."""
     marker = etc / "ran"
     rules = theirs / "rules.tcl"
     rules.write_text(f'close [open {marker} w]\n')
     script = etc / "filter.tcl"
-    script.write_text(pulling_in(f"thread::join [thread::create {options} {{source {rules}}}]"))
+    script.write_text(pulling_in(
+        f"tsv::set gate open 0; "
+        f"set t [thread::create {options} {{while {{![tsv::get gate open]}} {{after 10}}; source {rules}}}]; "
+        f"tsv::set gate open 1; thread::join $t"))
     m = tclrun(script, connection=TCP)
     m.wait_for(re.escape(f'ERROR: error in thread tid0x') + r"[0-9a-f]+ " + re.escape(
         f'(thread::send -async, or the thread\'s own script): refusing to source "{rules}" as root: '
