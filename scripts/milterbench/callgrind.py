@@ -9,6 +9,13 @@ clock (the Tcl event tick every 20 ms) is shown apart: under valgrind a message 
 times longer, so its share here is a hundred times its share at full speed. Only user-space
 instructions are counted: the kernel's part of accept, read, write and close is the filter's
 system time in engine mode (`sys us`).
+
+`--per-conn 1,100` measures both in one run of the server and then what a connection costs
+beyond its messages: (per message at 1 - per message at 100) / (1 - 1/100), by part, by whose
+code it is and function by function (each function's own instructions). The tick, which runs by
+the clock and so costs more per message the longer a message takes under valgrind, is taken out
+of those: its part as counted, its share of each owner's and function's instructions as the
+server's own split while idle (counted for a few seconds after the load), which is all tick.
 """
 
 from __future__ import annotations
@@ -19,11 +26,14 @@ import shutil
 import subprocess
 import time
 from pathlib import Path
+from typing import Final, NamedTuple
 
 from milterbench import BUILD, ROOT, say
 from milterbench.build import loadgen_path
 from milterbench.rigs import make_filters
 
+#: The function of the tick, which runs by the clock (every 20 ms), not per message.
+TICK: Final = "CPyDef_interp___TclHost___service_events"
 # (what, the function whose inclusive count it is, or several: "a|b", their sum); indented parts
 # are within the part above. PyGen_am_send is the connect task's coroutine while accept.py runs
 # uncompiled: the only Python generator the served process resumes per connection.
@@ -43,7 +53,7 @@ PARTS = [
     ("  of it: closing the engine at QUIT", "CPyDef_engine___ConnectionEngine____finish"),
     ("    of it: the Tcl context command deleted", "CPyDef_interp___TclHost____context_closed"),
     ("close (uvloop's connection_lost)", "__pyx_f_6uvloop_4loop_15UVBaseTransport__call_connection_lost"),
-    ("by the clock: the Tcl event tick (not per message)", "CPyDef_interp___TclHost___service_events"),
+    ("by the clock: the Tcl event tick (not per message)", TICK),
 ]
 
 
@@ -73,20 +83,24 @@ OWNERS = [
 ]
 
 
-def self_by_object(dump: Path) -> tuple[int, dict[str, int]]:
-    """Each shared object's own (exclusive) instructions, read from the dump itself.
+def self_by_function(dump: Path) -> tuple[int, dict[tuple[str, str], int]]:
+    """Each function's own (exclusive) instructions, keyed by (shared object, function).
 
-    A cost line counts for the object of the function it is in, except the line after
-    ``calls=``: that is the callee's inclusive cost, counted where the callee is."""
-    names: dict[str, str] = {}
-    counts: dict[str, int] = {}
-    obj, after_call, total = "???", False, 0
+    A cost line counts for the function it is in, except the line after ``calls=``: that is the
+    callee's inclusive cost, counted where the callee is. Names are given once, then by number."""
+    names: dict[str, dict[str, str]] = {"ob": {}, "fn": {}}
+    counts: dict[tuple[str, str], int] = {}
+    obj, fn, after_call, total = "???", "???", False, 0
     for line in dump.read_text().splitlines():
-        if line.startswith(("ob=", "cob=")):
-            ident, _, name = line.partition("=")[2].partition(" ")
-            names[ident] = name or names.get(ident, ident)
-            if line.startswith("ob="):
-                obj = names[ident]
+        key, eq, rest = line.partition("=")
+        if eq and key in ("ob", "cob", "fn", "cfn"):
+            table = names[key[-2:]]
+            ident, _, name = rest.partition(" ")
+            table[ident] = name or table.get(ident, ident)
+            if key == "ob":
+                obj = table[ident]
+            elif key == "fn":
+                fn = table[ident]
         elif line.startswith("calls="):
             after_call = True
         elif line[:1].isdigit() or line[:1] in ("+", "-", "*"):  # a position and its cost
@@ -94,18 +108,45 @@ def self_by_object(dump: Path) -> tuple[int, dict[str, int]]:
                 after_call = False
                 continue
             cost = int(line.split()[-1])
-            counts[obj] = counts.get(obj, 0) + cost
+            counts[obj, fn] = counts.get((obj, fn), 0) + cost
             total += cost
     return total, counts
 
 
-def owners(counts: dict[str, int]) -> dict[str, int]:
-    """``self_by_object``'s counts summed by whose code the objects are (OWNERS; else "other")."""
-    summed: dict[str, int] = {}
-    for obj, count in counts.items():
-        owner = next((who for who, rx in OWNERS if re.search(rx, obj)), "other")
-        summed[owner] = summed.get(owner, 0) + count
+def owner(obj: str) -> str:
+    """Whose code a shared object is (OWNERS; else "other")."""
+    return next((who for who, rx in OWNERS if re.search(rx, obj)), "other")
+
+
+def owner_sums(own: dict[tuple[str, str], float]) -> dict[str, float]:
+    """Own counts summed by whose code the objects are."""
+    summed: dict[str, float] = {}
+    for (obj, _), count in own.items():
+        summed[owner(obj)] = summed.get(owner(obj), 0.0) + count
     return summed
+
+
+#: Seconds the server is counted idle after the load (--per-conn A,B): its tick's own split.
+IDLE: Final = 5.0
+
+
+class Profile(NamedTuple):
+    """One measured load: per message, inclusive counts of the parts' functions, and own counts."""
+
+    messages: int
+    total: float  # the whole process, per message
+    parts: dict[str, float]  # function -> inclusive count per message
+    own: dict[tuple[str, str], float]  # (object, function) -> own count per message
+
+    def tick(self) -> float:
+        return self.parts.get(TICK, 0.0)
+
+
+def read_dump(dump: Path, messages: int) -> Profile:
+    total, counts = inclusive(dump)
+    _, own = self_by_function(dump)
+    return Profile(messages, total / messages, {k: v / messages for k, v in counts.items()},
+                   {k: v / messages for k, v in own.items()})
 
 
 def cmd_callgrind(opts: argparse.Namespace) -> int:
@@ -114,6 +155,9 @@ def cmd_callgrind(opts: argparse.Namespace) -> int:
             raise SystemExit("bench: --tool callgrind needs valgrind (apt-get install valgrind)")
     if opts.filter != "tcl":
         raise SystemExit("bench: --tool callgrind profiles the compiled tcl filter (--filter tcl)")
+    per_conns = [int(x) for x in str(opts.per_conn).split(",")]
+    if len(per_conns) > 2 or min(per_conns) < 1 or (len(per_conns) == 2 and per_conns[0] >= per_conns[1]):
+        raise SystemExit("bench: --per-conn with --tool callgrind: N, or A,B with A < B (e.g. 1,100)")
     (flt,) = make_filters(["tcl"], opts.log_level, False)
     out_dir = BUILD / "profile"
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -124,35 +168,83 @@ def cmd_callgrind(opts: argparse.Namespace) -> int:
     flt.cmd = ["valgrind", "--tool=callgrind", f"--callgrind-out-file={base}", *flt.cmd]  # rigs.py's command
     flt.env["PYTHONHASHSEED"] = "0"  # as bench_inproc.py --callgrind: dict probing the same in every run
     loadgen = str(loadgen_path())
+    profiles: list[Profile] = []
     flt.start(timeout=1200)  # valgrind starts Python and Tcl slowly, slower still on a busy machine
     try:
-        def load(n: int) -> None:
-            subprocess.run([loadgen, "-q", "-c", str(opts.conns), "-n", str(n), "-m", str(opts.per_conn), spec],
+        def control(*args: str) -> None:
+            subprocess.run(["callgrind_control", *args, str(flt.pid)], check=True, capture_output=True)
+
+        def load(n: int, per_conn: int) -> None:
+            subprocess.run([loadgen, "-q", "-c", str(opts.conns), "-n", str(n), "-m", str(per_conn), spec],
                            check=True, capture_output=True, text=True, timeout=3600)
 
-        load(max(opts.conns * opts.per_conn, 64))  # warm-up: first-use costs out of the count
-        subprocess.run(["callgrind_control", "-z", str(flt.pid)], check=True, capture_output=True)
-        t0 = time.monotonic()
-        load(opts.messages)
-        seconds = time.monotonic() - t0
-        subprocess.run(["callgrind_control", "-d", str(flt.pid)], check=True, capture_output=True)
+        def dumped() -> Path:  # callgrind_control -d writes the next numbered part
+            return max(out_dir.glob("tcl.callgrind.*"), key=lambda p: int(p.name.rpartition(".")[2]))
+
+        for per_conn in per_conns:
+            n = max(opts.messages, opts.conns * per_conn)  # (1,100: 300 and 3,200 messages)
+            load(max(opts.conns * per_conn, 64), per_conn)  # warm-up: first-use costs out of the count
+            control("-z")
+            t0 = time.monotonic()
+            load(n, per_conn)
+            seconds = time.monotonic() - t0
+            control("-d")
+            profiles.append(read_dump(dumped(), n))
+            show(profiles[-1], per_conn, opts.conns, seconds, dumped())
+        idle = None
+        if len(per_conns) == 2:  # the server idle: all it does is the tick
+            control("-z")
+            time.sleep(IDLE)
+            control("-d")
+            idle = read_dump(dumped(), 1)
     finally:
         flt.stop()
-    dump = next(iter(sorted(out_dir.glob("tcl.callgrind.*"))), None)
-    if dump is None:
-        raise SystemExit(f"bench: no callgrind dump in {out_dir}")
-    total, counts = inclusive(dump)
-    n = opts.messages
-    tick = counts.get("CPyDef_interp___TclHost___service_events", 0)
-    say(f"tcl (compiled), {opts.per_conn} message(s) per connection, {opts.conns} connections, {n} messages in"
-        f" {seconds:.0f} s under valgrind; instructions per message (inclusive; {dump.relative_to(ROOT)}):")
-    say(f"  {total / n:11,.0f}  the whole process")
-    say(f"  {(total - tick) / n:11,.0f}  without the clock's work (the tick)")
-    for what, func in PARTS:
-        count = sum(counts.get(name, 0) for name in func.split("|"))
-        say(f"  {count / n:11,.0f}  {what}")
-    own_total, by_object = self_by_object(dump)
-    say("by whose code the instructions are (each object's own, the tick included):")
-    for who, count in sorted(owners(by_object).items(), key=lambda item: -item[1]):
-        say(f"  {count / n:11,.0f}  {100 * count / own_total:5.1f} %  {who}")
+    if idle is not None:
+        per_connection(profiles[0], profiles[1], per_conns, idle, opts.top)
     return 0
+
+
+def show(p: Profile, per_conn: int, conns: int, seconds: float, dump: Path) -> None:
+    say(f"tcl (compiled), {per_conn} message(s) per connection, {conns} connections, {p.messages} messages in"
+        f" {seconds:.0f} s under valgrind; instructions per message (inclusive; {dump.relative_to(ROOT)}):")
+    say(f"  {p.total:11,.0f}  the whole process")
+    say(f"  {p.total - p.tick():11,.0f}  without the clock's work (the tick)")
+    for what, func in PARTS:
+        say(f"  {sum(p.parts.get(name, 0.0) for name in func.split('|')):11,.0f}  {what}")
+    say("by whose code the instructions are (each object's own, the tick included):")
+    by_owner = owner_sums(p.own)
+    whole = sum(by_owner.values())
+    for who, count in sorted(by_owner.items(), key=lambda item: -item[1]):
+        say(f"  {count:11,.0f}  {100 * count / whole:5.1f} %  {who}")
+
+
+def per_connection(few: Profile, many: Profile, per_conns: list[int], idle: Profile, top: int) -> None:
+    """What a connection costs beyond its messages: the two loads' difference per message,
+    scaled to one connection, the tick taken out (see the module's docstring)."""
+    a, b = per_conns
+    scale = 1 / (1 / a - 1 / b)
+    idle_tick = idle.tick()
+    if not idle_tick:
+        raise SystemExit("bench: no tick counted while idle: cannot take the tick out")
+
+    def own_without_tick(p: Profile) -> dict[tuple[str, str], float]:
+        share = p.tick() / idle_tick  # the run's tick, in units of the idle window's
+        return {k: p.own.get(k, 0.0) - share * idle.own.get(k, 0.0) for k in set(p.own) | set(idle.own)}
+
+    own_few, own_many = own_without_tick(few), own_without_tick(many)
+    diff = {k: (own_few.get(k, 0.0) - own_many.get(k, 0.0)) * scale for k in set(own_few) | set(own_many)}
+    whole = ((few.total - few.tick()) - (many.total - many.tick())) * scale
+    say(f"per connection, beyond its messages ({a} against {b} a connection; the tick taken out):")
+    say(f"  {whole:11,.0f}  the whole process: {100 * whole / a / (few.total - few.tick()):.1f} % of a message at"
+        f" {a} a connection")
+    for what, func in PARTS[:-1]:
+        count = sum(few.parts.get(n, 0.0) - many.parts.get(n, 0.0) for n in func.split("|")) * scale
+        say(f"  {count:11,.0f}  {what}")
+    by_owner = owner_sums(diff)
+    say(f"  by whose code (each object's own; they sum to {sum(by_owner.values()):,.0f}, the tick taken out by"
+        " its idle split):")
+    for who, count in sorted(by_owner.items(), key=lambda item: -item[1]):
+        say(f"  {count:11,.0f}  {100 * count / sum(by_owner.values()):5.1f} %  {who}")
+    say(f"  the {top} functions with the most own instructions:")
+    for (obj, fn), count in sorted(diff.items(), key=lambda item: -item[1])[:top]:
+        say(f"  {count:11,.0f}  {fn.rpartition(':')[2]}  ({owner(obj).partition(' ')[0]})")

@@ -82,7 +82,9 @@ def parser(doc: str) -> argparse.ArgumentParser:
     pr.add_argument("--rate", type=int, default=200, help="py-spy samples per second")
     pr.add_argument("--native", action="store_true", help="py-spy --native (C frames: Tcl, the interpreter)")
     pr.add_argument("--messages", type=int, default=300, help="callgrind: messages measured (default 300)")
-    pr.add_argument("--per-conn", type=int, default=1, help="callgrind: messages per connection (default 1)")
+    pr.add_argument("--per-conn", default="1",
+                    help="callgrind: messages per connection (default 1); A,B (e.g. 1,100): both, and what a"
+                         " connection costs beyond its messages")
     pr.add_argument("--top", type=int, default=30)
     add_log_level(pr)
 
