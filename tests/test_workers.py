@@ -520,3 +520,44 @@ def test_a_worker_a_reload_replaced_and_a_callback_holds_is_not_said_to_stop(tcl
                    timeout=20)
     assert "stopping:" not in m.text, m.text
     assert m.stop() == 0
+
+
+HELD_AT_STOP = r"""
+package require TclMilter 1.0
+milter configure -calltimeout 60
+proc from {ctx args} { exec sleep 30; return SMFIS_CONTINUE }
+milter register envfrom from
+milter main
+puts "main returned"
+"""
+
+
+@pytest.mark.parametrize("ending", ["", "exit 0"])
+def test_a_worker_stop_that_was_not_clean_fails_the_supervisor(tclrun, tmp_path: Path, ending: str) -> None:
+    """SIGTERM while a worker's callback is held in C (`exec sleep 30`) past the 1 s grace: the
+    worker ends with exit status 1 (overdue.py), but the supervisor exited 0, so systemd saw a
+    clean stop. Now the supervisor names the worker and exits 1 once the script has gone on after
+    its `milter main` (an `exit 0` there too: the stop failed)."""
+    sock = str(tmp_path / "w.sock")
+    m = tclrun(HELD_AT_STOP + ending, "--workers", "2", "--grace", "1", connection=f"unix:{sock}")
+    with Mta(sock) as mta:
+        mta.negotiate()
+        assert ok(mta.connect())
+        mta.send_raw("M", b"<a@example.org>\0")
+        time.sleep(0.5)
+        assert m.stop(timeout=20) == 1, m.text
+    m.wait_for(r"ERROR: all workers stopped, 1 not cleanly: worker \d \(pid \d+\) exit status 1\r?\n", since=0)
+    m.wait_for(r"main returned", since=0)
+
+
+def test_a_clean_stop_of_the_workers_exits_0(tclrun, tmp_path: Path) -> None:
+    """The stop's other half: sessions that finish within the grace leave exit status 0."""
+    sock = str(tmp_path / "w.sock")
+    m = tclrun(HELD_AT_STOP.replace("exec sleep 30", "after 500"), "--workers", "2", "--grace", "5",
+               connection=f"unix:{sock}")
+    with Mta(sock) as mta:
+        mta.negotiate()
+        assert ok(mta.connect())
+        mta.send_raw("M", b"<a@example.org>\0")
+        assert m.stop(timeout=20) == 0, m.text
+    m.wait_for(r"INFO: all workers stopped\r?\n", since=0)

@@ -346,6 +346,7 @@ class Milter:
                     run_workers(settings, supervisor)
                 finally:
                     self._stop_others = self._supervisor = None
+                    self.stats.workers_unclean += len(supervisor.unclean)
             return
         with self._metrics_here():
             self._run_here(None, None)

@@ -53,6 +53,8 @@ log = logging.getLogger("pytclmilter")
 #: is replaced (the supervisor stops its workers with SIGTERM too, and then replaces none). Exit
 #: status 0 is `milter stop`, which stops all.
 STOPPED_BY = 128
+#: How a worker ends a stop cleanly: by a stop signal (the supervisor's SIGTERM), or its `milter stop`.
+_CLEAN = frozenset({0, *(STOPPED_BY + sig for sig in STOP_SIGNALS)})
 _RESPAWN_WINDOW = 10.0  # seconds
 _RESPAWN_BURST = 5  # deaths within the window before respawning slows down
 _DEATHS_WINDOW = 60.0  # seconds in which deaths are logged _RESPAWN_BURST times, or once when faster (_Deaths)
@@ -76,6 +78,11 @@ def run_workers(settings: Settings, supervisor: "Supervisor") -> None:
     finally:
         listener.remove_unix()
         listener.sock.close()
+
+
+def _how(code: int) -> str:
+    """How a worker ended, from os.waitstatus_to_exitcode: a signal's number is negative."""
+    return f"signal {-code}" if code < 0 else f"exit status {code}"
 
 
 def _deaths_told(deaths: Repeated, _label: str, count: int) -> None:
@@ -138,6 +145,9 @@ class Supervisor:
         # Taken with sigtimedwait in the parent; SIGUSR1 only when the milter can reload (Hooks.reload).
         self._waited = (signal.SIGCHLD,) + ((signal.SIGUSR1,) if hooks.reload is not None else ())
         self.stopping = False
+        #: The workers whose stop was not clean (killed, or ended by overdue.py past the grace):
+        #: how each ended. The stop then fails, for systemd too (Milter.run, commands/run.py).
+        self.unclean: list[str] = []
         self.deaths = _Deaths()
         #: Workers of the serving set whose fork failed (EAGAIN, ENOMEM): tried again every second.
         self.unstarted: set[int] = set()
@@ -177,7 +187,10 @@ class Supervisor:
             os.close(self.lifeline)
             os.close(self._lifeline_w)
             tell_counts(ended_only=False)
-        log.info("all workers stopped")
+        if self.unclean:
+            log.error("all workers stopped, %d not cleanly: %s", len(self.unclean), "; ".join(self.unclean))
+        else:
+            log.info("all workers stopped")
 
     def _reap(self) -> bool:
         """Handle the workers that ended; False when none is left."""
@@ -204,10 +217,10 @@ class Supervisor:
     def _replaced_ended(self, pid: int, number: int, generation: int, status: int) -> None:
         """A worker of a generation a reload replaced ended (it was told to stop)."""
         code = os.waitstatus_to_exitcode(status)
-        if code not in (0, STOPPED_BY + signal.SIGTERM):  # (a stop came while it finished)
-            how = f"signal {-code}" if code < 0 else f"exit status {code}"
+        if code not in _CLEAN:  # (a stop came while it finished)
             log.warning("worker %d (pid %d) of generation %d ended with %s while finishing", number, pid,
-                        generation, how)
+                        generation, _how(code))
+            self._ended_at_stop(pid, number, code)
         if not any(g == generation for _, g in self.children.values()):
             gone = self._gone.pop(generation, None)
             if gone is not None:
@@ -250,6 +263,7 @@ class Supervisor:
     def _reaped(self, pid: int, number: int, status: int) -> None:
         code = os.waitstatus_to_exitcode(status)
         if self.stopping:
+            self._ended_at_stop(pid, number, code)
             return
         if code == 0:
             log.info("worker %d (pid %d) stopped the milter: stopping all workers", number, pid)
@@ -261,11 +275,15 @@ class Supervisor:
                         self.pid)
             self._spawn(number)
             return
-        how = f"signal {-code}" if code < 0 else f"exit status {code}"
-        if self.deaths.died(f"worker {number} (pid {pid}) died ({how})"):
+        if self.deaths.died(f"worker {number} (pid {pid}) died ({_how(code)})"):
             time.sleep(1.0)  # a worker that dies at once must not turn into a fork loop
         if not self.stopping:
             self._spawn(number)
+
+    def _ended_at_stop(self, pid: int, number: int, code: int) -> None:
+        """A worker ended: one that did not end as a stop ends it, while all stop, is unclean."""
+        if self.stopping and code not in _CLEAN:
+            self.unclean.append(f"worker {number} (pid {pid}) {_how(code)}")
 
     def _on_signal(self, signum: int, frame: object) -> None:
         log.info("received %s: stopping %d workers", signal.Signals(signum).name, len(self.children))

@@ -24,6 +24,7 @@ from ..connspec import ConnSpec
 from ..hooks import Hooks
 from ..logline import controls_escaped, escape, escape_lines
 from ..milter import Milter
+from ..overdue import EXIT
 from ..tcl.interp import TclHost
 from ..tcl.usage import Answer
 from .check import NO_MAIN, callback_errors
@@ -393,9 +394,10 @@ def _serve(opts: argparse.Namespace) -> int:
         return host
 
     def exit_process(host: TclHost, code: int) -> None:
-        """Tcl's exit: the pid file goes first (the process ends without unwinding to cleanup)."""
+        """Tcl's exit: the pid file goes first (the process ends without unwinding to cleanup);
+        ``exit 0`` after a stop some worker did not end cleanly is that stop's failure."""
         daemon.cleanup()
-        host.exit_process(code)
+        host.exit_process(code or _stop_status(host.milter))
 
     # A stop signal while the script's own code runs (loading it, or after its `milter main`):
     # logged and exit 0, as a stop while serving (sigmask.py); in between, a stop as soon as it can.
@@ -427,4 +429,10 @@ def _serve(opts: argparse.Namespace) -> int:
     finally:
         scripts.current.flush_channels(ending=True)  # as Tcl's exit would
         daemon.cleanup()
-    return 0
+    return _stop_status(scripts.current.milter)
+
+
+def _stop_status(milter: Milter) -> int:
+    """0, or overdue.EXIT when a --workers worker's stop was not clean (workers.py): the
+    supervisor's status says so, as one process's would (systemd shows the stop failed)."""
+    return EXIT if milter.stats.workers_unclean else 0
