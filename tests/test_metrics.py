@@ -510,3 +510,27 @@ def test_a_request_line_without_a_version_is_refused_at_once(tclrun) -> None:
         assert b"GET /metrics HTTP/1.0" in answer, answer
     assert value(scrape(url), "pytclmilter_generation") == 1
     assert m.stop() == 0
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_a_reload_a_stop_abandoned_is_not_counted_as_failed(tclrun, tmp_path, workers: int) -> None:
+    """SIGTERM while a reload loads: the load is abandoned and the milter stops. It was counted as
+    reloads_total{result="failed"}, which an alert on failed reloads took for a broken script.
+    Now it has its own result, scraped here while an open session holds the stop's grace."""
+    script = tmp_path / "filter.tcl"
+    script.write_text(SCRIPT.replace("-calltimeout 0.5", "-calltimeout 0"))
+    m = tclrun(script, "--workers", str(workers), "--grace", "20", "--metrics", "inet:0@127.0.0.1")
+    url = m.wait_for(METRICS, since=0).group(1)
+    with m.mta() as mta:
+        mta.negotiate()
+        assert ok(mta.connect())
+        script.write_text("puts loading; flush stdout\nwhile 1 {}\n" + SCRIPT)
+        m.child.kill(signal.SIGUSR1)
+        m.wait_for(r"\nloading\r*\n")
+        m.child.kill(signal.SIGTERM)
+        m.wait_for(r"WARNING: reload: generation 2 abandoned: received SIGTERM while it loaded; stopping")
+        s = scrape(url)
+        assert value(s, "pytclmilter_reloads_total", result="abandoned") == 1
+        assert value(s, "pytclmilter_reloads_total", result="failed") == 0
+        assert value(s, "pytclmilter_reloads_total", result="ok") == 0
+    assert m.wait_exit(timeout=30) == 0, m.text

@@ -202,6 +202,8 @@ class Stats:
     errors: int = 0
     reloads_ok: int = 0
     reloads_failed: int = 0
+    #: Reloads a stop signal abandoned while they loaded (commands/reloading.py): no failure of the script.
+    reloads_abandoned: int = 0
     #: --workers: the workers whose stop was not clean (workers.Supervisor.unclean): ``run`` exits 1.
     workers_unclean: int = 0
     #: Of the script serving new connections: 1 at start, one more at every reload that loads.

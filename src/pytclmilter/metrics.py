@@ -139,6 +139,7 @@ class Collector(_CollectorBase):
         reloads = CounterMetricFamily("pytclmilter_reloads", "Script reloads, by result", labels=["result"])
         reloads.add_metric(["ok"], stats.reloads_ok)
         reloads.add_metric(["failed"], stats.reloads_failed)
+        reloads.add_metric(["abandoned"], stats.reloads_abandoned)
         yield reloads
         yield GaugeMetricFamily("pytclmilter_generation", "Generation of the script serving new connections "
                                 "(1 at start, one more at each reload)", value=stats.generation)

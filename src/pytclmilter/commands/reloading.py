@@ -128,7 +128,7 @@ class Generations:
             with _AbandonedAtStop() as watch:
                 host = self._start(watch)
         except Abandoned as exc:
-            current.milter.stats.reloads_failed += 1
+            current.milter.stats.reloads_abandoned += 1
             log.warning("reload: generation %d abandoned: received %s while it loaded; stopping", number, exc)
             _collect()
             return False
