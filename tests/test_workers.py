@@ -561,3 +561,18 @@ def test_a_clean_stop_of_the_workers_exits_0(tclrun, tmp_path: Path) -> None:
         mta.send_raw("M", b"<a@example.org>\0")
         assert m.stop(timeout=20) == 0, m.text
     m.wait_for(r"INFO: all workers stopped\r?\n", since=0)
+
+
+def test_the_supervisor_forks_from_one_thread_after_a_reload(tclrun, tmp_path: Path) -> None:
+    """A reload loads the new script in the supervisor under the Python limit, whose watchdog
+    thread then stayed for the supervisor's life, waking ten times a second, and every later
+    worker was forked from a process with two threads. Now the supervisor ends it before it forks."""
+    sock = str(tmp_path / "w.sock")
+    m = tclrun(SCRIPT, "--workers", "2", connection=f"unix:{sock}")
+    supervisor = m.child.pid
+    assert os.listdir(f"/proc/{supervisor}/task") == [str(supervisor)]
+    m.child.kill(signal.SIGUSR1)
+    m.wait_for(r"reload: generation 1 is gone \(its last session is over\); generation 2 serves")
+    assert os.listdir(f"/proc/{supervisor}/task") == [str(supervisor)]
+    assert len(answering(sock)) == 2  # the new set serves
+    assert m.stop() == 0

@@ -57,6 +57,7 @@ class PythonLimit(Limit):
         self._late = False  # the watchdog saw the callback running now overrun
         self._why = ""  # a stop's grace ended the allowance before call_timeout: which (hold_to)
         self._watchdog: threading.Thread | None = None
+        self._ended = threading.Event()  # set: the watchdog thread returns (end_watchdog)
         self._main = threading.main_thread().ident
         # A forked worker has no watchdog thread (threads do not survive fork): start a new one.
         os.register_at_fork(after_in_child=self._forget_watchdog)
@@ -95,18 +96,27 @@ class PythonLimit(Limit):
             return None
         return self._started + self._seconds - _monotonic()
 
+    def end_watchdog(self) -> None:
+        """No watchdog thread until the next :meth:`begin`: a --workers supervisor runs no
+        callback, and forks its workers from a process with no thread of its own (workers.py)."""
+        watchdog, self._watchdog = self._watchdog, None
+        if watchdog is not None:
+            self._ended.set()
+            watchdog.join()
+
     def _start(self) -> None:
         signal.signal(signal.SIGALRM, self._expired)
         main = threading.main_thread().ident
-        self._watchdog = threading.Thread(target=self._watch, args=(main,), name="callback-watchdog", daemon=True)
+        self._ended = threading.Event()
+        self._watchdog = threading.Thread(target=self._watch, args=(main, self._ended), name="callback-watchdog",
+                                          daemon=True)
         self._watchdog.start()
 
     def _overrun(self) -> bool:
         return self._active and _monotonic() - self._started > self._seconds
 
-    def _watch(self, main: int) -> None:
-        while True:
-            time.sleep(min(0.1, max(self._seconds / 4, 0.01)))
+    def _watch(self, main: int, ended: threading.Event) -> None:
+        while not ended.wait(min(0.1, max(self._seconds / 4, 0.01))):
             if self._overrun():
                 self._late = True
                 signal.pthread_kill(main, signal.SIGALRM)

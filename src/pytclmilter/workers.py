@@ -42,6 +42,7 @@ from typing import Callable
 from .accept import check_fd_limit
 from .connspec import parse
 from .hooks import Hooks, forget_early_reload, signalled
+from .limits import PYTHON_LIMIT
 from .listener import Listener, bind
 from .server import REPLACED, STOP_SIGNALS
 from .logline import Every, Repeated, escape, tell_counts
@@ -325,6 +326,9 @@ class Supervisor:
     def _fork(self, number: int) -> None:
         sys.stdout.flush()
         sys.stderr.flush()
+        # A load (a reload's, or a Python command the script ran) started it, and this process
+        # runs no callback: fork from a process with no thread of ours (docs/deployment.md).
+        PYTHON_LIMIT.end_watchdog()
         # A stop signal waits until the new worker is in self.children (a stop in between would
         # miss it and leave it serving) and, in the worker, until our handlers are gone.
         slot = self._free_slot()
