@@ -24,7 +24,7 @@ import pytest
 
 from pytclmilter import CONTINUE, REJECT, Milter
 from support.engine import MilterThread, RawMTA, frame, make_milter, serving, z
-from support.tclrun import TCL_HELPERS, Mta, ok, tclrun_factory
+from support.tclrun import TCL_HELPERS, Mta, child_env, ok, tclrun_factory
 
 tclrun = pytest.fixture(tclrun_factory, name="tclrun")
 
@@ -839,6 +839,58 @@ def test_a_stop_ends_the_process_when_a_callback_holds_it_past_the_grace(tclrun,
                r"stop signal, past the 1 s grace, in code the grace cannot stop .*: exiting without it, exit "
                r"status 1", since=0)
     assert not sock.exists() and not pidfile.exists()
+
+
+TCL_TAKES_THE_WAKEUP_FD = r"""
+package require TclMilter
+milter configure -calltimeout 120
+proc hello {ctx args} { take_wakeup_fd; return SMFIS_CONTINUE }
+proc from {ctx list} { exec sleep 30; return SMFIS_CONTINUE }
+milter register connect hello
+milter register envfrom from
+milter main
+"""
+
+HOOKS_TAKE_THE_WAKEUP_FD = """
+import asyncio, signal
+
+def setup(milter):
+    def take():
+        TAKE
+    milter.tcl_command("take_wakeup_fd", take)
+"""
+
+
+@pytest.mark.parametrize("loop, take, line", [
+    ("asyncio", "asyncio.get_running_loop().add_signal_handler(signal.SIGWINCH, lambda: None)",
+     r"INFO: the signal wakeup fd was set to the event loop's while serving \(a --python file's "
+     r"loop.add_signal_handler\): taken back"),
+    ("uvloop", "signal.set_wakeup_fd(-1)",
+     r"WARNING: the signal wakeup fd was set to none \(-1\) while serving \(a --python file's "
+     r"signal.set_wakeup_fd\): taken back, .* not to that fd"),
+])
+def test_a_hook_that_sets_the_wakeup_fd_does_not_switch_the_stop_deadline_off(tclrun, tmp_path, loop, take, line):
+    """A --python command that, while serving, sets the signal wakeup fd (asyncio's
+    add_signal_handler sets the loop's; a hook may set any): the stop deadline's relay no longer
+    saw the signals, and a stop held in C (`exec sleep 30`) past the 1 s grace waited the 30 s,
+    then exited 0. Now the loop takes the fd back within a second, says so once, and the stop
+    ends the process as without the hook: exit 1 once the grace, 3 s and 1 s are over."""
+    sock = tmp_path / "milter.sock"
+    m = tclrun(TCL_TAKES_THE_WAKEUP_FD, "--grace", "1", connection=f"unix:{sock}",
+               python=[HOOKS_TAKE_THE_WAKEUP_FD.replace("TAKE", take)], env=child_env({"PYTCLMILTER_LOOP": loop}))
+    with Mta(str(sock)) as mta:
+        mta.negotiate()
+        assert ok(mta.connect())
+        m.wait_for(line)
+        mta.send_raw("M", b"<a@example.org>\0")
+        time.sleep(0.5)
+        t0 = time.monotonic()
+        status = m.stop(timeout=60)
+        took = time.monotonic() - t0
+    assert status == 1, m.text
+    assert took <= 1 + 3 + 1 + 5, took  # grace, margin, patience, and 5 s for a loaded machine
+    m.wait_for(r"ERROR: stopping: conn#1's envfrom callback from still held the milter", since=0)
+    assert len(re.findall(line, m.text)) == 1, m.text
 
 
 TCL_SLOW_CLOSE = r"""

@@ -14,6 +14,10 @@ the clock (and any signal is told at once: ``seen``). When the grace and :data:`
 :data:`PATIENCE` (it turns between the sessions it cuts, however many), the serving thread is
 held: one line names what holds it, ``ending`` removes what must not outlive the process, and
 the process exits with :data:`EXIT`, without waiting for it.
+
+Python keeps one wakeup fd per process, and code that sets another while serving (asyncio's
+``loop.add_signal_handler`` sets the loop's; uvloop's leaves it) silently switched the relay, and
+the deadline with it, off: the loop takes it back every :data:`KEEP_EVERY` seconds, and says so once.
 """
 
 from __future__ import annotations
@@ -36,6 +40,8 @@ MARGIN: Final = 3.0
 PATIENCE: Final = 1.0
 #: The exit status then: a stop, but not a clean one (a service manager shows it failed).
 EXIT: Final = 1
+#: Seconds between the loop's checks that the wakeup fd is still the relay's (:meth:`StopDeadline._keep`).
+KEEP_EVERY: Final = 1.0
 
 
 class StopDeadline:
@@ -55,11 +61,37 @@ class StopDeadline:
         self._clock: threading.Thread | None = None
         self._pipe = SignalPipe(self._pass_on, "stop-deadline")
         self._pipe.start()
+        self._told: set[bool] = set()  # _taken_back's lines, once each: by the loop, by another
+        self._keeper = loop.call_later(KEEP_EVERY, self._keep)
 
     def end(self) -> None:
         """Serving is over (from the thread that serves, before the loop's handlers go)."""
+        self._keeper.cancel()
         self._over.set()
         self._pipe.close()
+
+    def _keep(self) -> None:
+        """On the loop, every KEEP_EVERY s: the wakeup fd the relay's again. Code that set
+        another while serving (asyncio's add_signal_handler, a hook's set_wakeup_fd) switched
+        the deadline off: the stop signals no longer reached the relay, only the loop."""
+        found = self._pipe.reclaim()
+        if found is not None:
+            self._taken_back(found)
+        self._keeper = self._loop.call_later(KEEP_EVERY, self._keep)
+
+    def _taken_back(self, found: int) -> None:
+        by_the_loop = found == self._pipe.previous
+        if by_the_loop in self._told:
+            return
+        self._told.add(by_the_loop)
+        if by_the_loop:  # (the loop gets every signal through the relay as before: nothing lost)
+            log.info("the signal wakeup fd was set to the event loop's while serving (a --python file's "
+                     "loop.add_signal_handler): taken back, so that a stop held past its grace still ends the "
+                     "process; the loop gets the signals as before")
+            return
+        log.warning("the signal wakeup fd was set to %s while serving (a --python file's signal.set_wakeup_fd): "
+                    "taken back, so that a stop held past its grace still ends the process; the signals go to "
+                    "the event loop, not to that fd", "none (-1)" if found < 0 else f"fd {found}")
 
     def _pass_on(self, data: bytes) -> None:
         """The signals, passed on to the loop's wakeup fd (it sees them as before); a stop's

@@ -36,6 +36,14 @@ class SignalPipe:
         finally:
             signal.pthread_sigmask(signal.SIG_SETMASK, mask)
 
+    def reclaim(self) -> int | None:
+        """The wakeup fd made this pipe again (main thread only): the fd that had replaced it
+        (asyncio's ``loop.add_signal_handler`` sets the loop's, a ``--python`` file may set any
+        with ``signal.set_wakeup_fd``), or None when it was still this pipe. Python keeps one
+        wakeup fd per process, and it cannot be read without being set."""
+        found = signal.set_wakeup_fd(self._write_end, warn_on_full_buffer=False)
+        return None if found == self._write_end else found
+
     def close(self) -> None:
         """The wakeup fd it replaced back; the thread ended (by a 0: no signal has that number)."""
         signal.set_wakeup_fd(self.previous, warn_on_full_buffer=False)
