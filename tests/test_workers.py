@@ -332,7 +332,8 @@ def test_workers_that_keep_dying_are_respawned_slowly_and_logged_once(tclrun) ->
     assert len(died) <= 6, m.text  # the burst of 5 one by one, then one line for the rest
     assert "worker deaths within 10 s: starting one a second at most, the deaths logged once in " \
            "60 s" in died[-1], m.text
-    assert m.stop() == 0
+    # (a worker that happens to die as the stop comes does not end as a stop ends: the stop failed)
+    assert m.stop() == 0 or re.search(r"not cleanly: worker \d \(pid \d+\) exit status 3\r?\n", m.text), m.text
 
 
 

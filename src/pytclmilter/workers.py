@@ -54,8 +54,9 @@ log = logging.getLogger("pytclmilter")
 #: is replaced (the supervisor stops its workers with SIGTERM too, and then replaces none). Exit
 #: status 0 is `milter stop`, which stops all.
 STOPPED_BY = 128
-#: How a worker ends a stop cleanly: by a stop signal (the supervisor's SIGTERM), or its `milter stop`.
-_CLEAN = frozenset({0, *(STOPPED_BY + sig for sig in STOP_SIGNALS)})
+#: How a worker ends a stop cleanly: by a stop signal (the supervisor's SIGTERM), handled or, before
+#: it serves, by the default action (os.waitstatus_to_exitcode: minus the signal); or its `milter stop`.
+_CLEAN = frozenset({0, *(STOPPED_BY + sig for sig in STOP_SIGNALS), *(-sig for sig in STOP_SIGNALS)})
 _RESPAWN_WINDOW = 10.0  # seconds
 _RESPAWN_BURST = 5  # deaths within the window before respawning slows down
 _DEATHS_WINDOW = 60.0  # seconds in which deaths are logged _RESPAWN_BURST times, or once when faster (_Deaths)
@@ -146,8 +147,9 @@ class Supervisor:
         # Taken with sigtimedwait in the parent; SIGUSR1 only when the milter can reload (Hooks.reload).
         self._waited = (signal.SIGCHLD,) + ((signal.SIGUSR1,) if hooks.reload is not None else ())
         self.stopping = False
-        #: The workers whose stop was not clean (killed, or ended by overdue.py past the grace):
-        #: how each ended. The stop then fails, for systemd too (Milter.run, commands/run.py).
+        #: The workers of the serving set whose stop was not clean (killed, failed, or ended by
+        #: overdue.py past the grace): how each ended. The stop then fails, for systemd too
+        #: (Milter.run, commands/run.py).
         self.unclean: list[str] = []
         self.deaths = _Deaths()
         #: Workers of the serving set whose fork failed (EAGAIN, ENOMEM): tried again every second.
@@ -218,10 +220,11 @@ class Supervisor:
     def _replaced_ended(self, pid: int, number: int, generation: int, status: int) -> None:
         """A worker of a generation a reload replaced ended (it was told to stop)."""
         code = os.waitstatus_to_exitcode(status)
-        if code not in _CLEAN:  # (a stop came while it finished)
+        # (A stop may have come while it finished. Its end is the reload's, not counted as the
+        # stop's: one held past the reload's grace may end before the stop and be reaped after.)
+        if code not in _CLEAN:
             log.warning("worker %d (pid %d) of generation %d ended with %s while finishing", number, pid,
                         generation, _how(code))
-            self._ended_at_stop(pid, number, code)
         if not any(g == generation for _, g in self.children.values()):
             gone = self._gone.pop(generation, None)
             if gone is not None:
@@ -282,8 +285,8 @@ class Supervisor:
             self._spawn(number)
 
     def _ended_at_stop(self, pid: int, number: int, code: int) -> None:
-        """A worker ended: one that did not end as a stop ends it, while all stop, is unclean."""
-        if self.stopping and code not in _CLEAN:
+        """A worker of the serving set ended while all stop: unclean, unless as a stop ends it."""
+        if code not in _CLEAN:
             self.unclean.append(f"worker {number} (pid {pid}) {_how(code)}")
 
     def _on_signal(self, signum: int, frame: object) -> None:
