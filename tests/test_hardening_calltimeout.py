@@ -815,6 +815,20 @@ def test_a_stop_holds_the_running_sync_python_callback_to_the_grace(tclrun, rcpt
                r"grace was over \(call_timeout is 120 s\)\)", since=0)
 
 
+def stopped_held_in_envfrom(m, sock, connected=lambda: None) -> tuple[int, float]:
+    """SIGTERM half a second into the MAIL FROM callback (once ``connected`` returns after the
+    connect): the exit status and the seconds the stop took."""
+    with Mta(str(sock)) as mta:
+        mta.negotiate()
+        assert ok(mta.connect())
+        connected()
+        mta.send_raw("M", b"<a@example.org>\0")
+        time.sleep(0.5)
+        t0 = time.monotonic()
+        status = m.stop(timeout=60)
+        return status, time.monotonic() - t0
+
+
 @pytest.mark.parametrize("stuck, calltimeout", [("exec sleep 30", "120"), ("while 1 {}", "0")])
 def test_a_stop_ends_the_process_when_a_callback_holds_it_past_the_grace(tclrun, tmp_path, stuck, calltimeout):
     """SIGTERM while a Tcl callback is held where the grace cannot stop it: a command in C (`exec
@@ -825,14 +839,7 @@ def test_a_stop_ends_the_process_when_a_callback_holds_it_past_the_grace(tclrun,
     sock, pidfile = tmp_path / "milter.sock", tmp_path / "milter.pid"
     m = tclrun(TCL_STUCK_LONG.replace("STUCK", stuck).replace("120", calltimeout), "--grace", "1",
                "--pidfile", str(pidfile), connection=f"unix:{sock}")
-    with Mta(str(sock)) as mta:
-        mta.negotiate()
-        assert ok(mta.connect())
-        mta.send_raw("M", b"<a@example.org>\0")
-        time.sleep(0.5)
-        t0 = time.monotonic()
-        status = m.stop(timeout=60)
-        took = time.monotonic() - t0
+    status, took = stopped_held_in_envfrom(m, sock)
     assert status == 1, m.text
     assert took <= 1 + 3 + 1 + 5, took  # grace, margin, patience, and 5 s for a loaded machine
     m.wait_for(r"ERROR: stopping: conn#1's envfrom callback from still held the milter \d+\.\d s after the "
@@ -878,15 +885,7 @@ def test_a_hook_that_sets_the_wakeup_fd_does_not_switch_the_stop_deadline_off(tc
     sock = tmp_path / "milter.sock"
     m = tclrun(TCL_TAKES_THE_WAKEUP_FD, "--grace", "1", connection=f"unix:{sock}",
                python=[HOOKS_TAKE_THE_WAKEUP_FD.replace("TAKE", take)], env=child_env({"PYTCLMILTER_LOOP": loop}))
-    with Mta(str(sock)) as mta:
-        mta.negotiate()
-        assert ok(mta.connect())
-        m.wait_for(line)
-        mta.send_raw("M", b"<a@example.org>\0")
-        time.sleep(0.5)
-        t0 = time.monotonic()
-        status = m.stop(timeout=60)
-        took = time.monotonic() - t0
+    status, took = stopped_held_in_envfrom(m, sock, lambda: m.wait_for(line))
     assert status == 1, m.text
     assert took <= 1 + 3 + 1 + 5, took  # grace, margin, patience, and 5 s for a loaded machine
     m.wait_for(r"ERROR: stopping: conn#1's envfrom callback from still held the milter", since=0)

@@ -523,14 +523,7 @@ def test_a_worker_a_reload_replaced_and_a_callback_holds_is_not_said_to_stop(tcl
     assert m.stop() == 0
 
 
-HELD_AT_STOP = r"""
-package require TclMilter 1.0
-milter configure -calltimeout 60
-proc from {ctx args} { exec sleep 30; return SMFIS_CONTINUE }
-milter register envfrom from
-milter main
-puts "main returned"
-"""
+HELD_AT_STOP = HELD.replace("exec sleep 8", "exec sleep 30") + 'puts "main returned"\n'
 
 
 @pytest.mark.parametrize("ending", ["", "exit 0"])
