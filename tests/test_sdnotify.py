@@ -153,3 +153,30 @@ def test_a_notify_socket_that_is_no_unix_address_is_a_warning_and_the_milter_ser
         mta.negotiate()
         assert ("h", b"X-Stamp\0A\0") in mta.message()["eom"]
     assert run.stop() == 0
+
+
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_a_reload_a_stop_abandons_is_not_told_as_ready_and_failed(tclrun: Callable[..., TclRun], tmp_path: Path,
+                                                                  workers: str) -> None:
+    """SIGTERM while a reload loads: systemd heard STOPPING=1, then READY=1 with "the last reload
+    failed (see the log)", as if the filter served on after a broken script. Now the stop is the
+    last word: the load was abandoned, not failed, and nothing serves on."""
+    manager = Manager(str(tmp_path / "notify"))
+    try:
+        script = tmp_path / "stamp.tcl"
+        script.write_text(SCRIPT)
+        run = tclrun(script, "--workers", workers, env={"NOTIFY_SOCKET": str(tmp_path / "notify")})
+        assert manager.receive()[1]["READY"] == "1"
+        script.write_text("puts loading; flush stdout\nwhile 1 {}\n" + SCRIPT)
+        run.child.kill(signal.SIGUSR1)
+        assert manager.receive()[1]["RELOADING"] == "1"
+        run.wait_for(r"\nloading\r*\n")
+        run.child.kill(signal.SIGTERM)
+        assert manager.receive()[1] == {"STOPPING": "1", "STATUS": "stopping"}
+        assert run.wait_exit(10) == 0
+        run.wait_for(r"reload: generation 2 abandoned", since=0)
+        with pytest.raises(socket.timeout):
+            pid, fields = manager.receive(timeout=1.0)
+            raise AssertionError(fields)
+    finally:
+        manager.close()

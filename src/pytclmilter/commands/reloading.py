@@ -118,7 +118,8 @@ class Generations:
         return host
 
     def reload(self) -> bool:
-        """Load the next generation and serve new connections with it (True), or log why not."""
+        """Load the next generation and serve new connections with it (True), or log why not;
+        Abandoned, once logged, when a stop signal came while it loaded (the stop goes on)."""
         current = self.current
         number = current.milter.generation + 1
         log.info("reload: loading generation %d from %s", number, escape(self.script))
@@ -131,7 +132,7 @@ class Generations:
             current.milter.stats.reloads_abandoned += 1
             log.warning("reload: generation %d abandoned: received %s while it loaded; stopping", number, exc)
             _collect()
-            return False
+            raise
         except Exception as exc:  # noqa: BLE001 - whatever failed, the running script serves on
             self._failed(current, number, exc)
             return False

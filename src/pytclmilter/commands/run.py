@@ -32,7 +32,7 @@ from .common import HooksFailed, UsageError, add_script_options, make_host, repo
 from .logs import setup_logging
 from .pidfile import PidFile
 from . import sigmask
-from .reloading import Generations
+from .reloading import Abandoned, Generations
 from .sdnotify import Notifier
 
 log = logging.getLogger("pytclmilter")
@@ -113,7 +113,10 @@ class Daemon:
     def reload(self, scripts: Generations) -> None:
         """SIGUSR1: systemd sees the reload begin and end, and whether it loaded."""
         self.notify.reloading()
-        loaded = scripts.reload()
+        try:
+            loaded = scripts.reload()
+        except Abandoned:  # the stop is the last word: no READY=1, and the script did not fail
+            return
         outcome = "" if loaded else "; the last reload failed (see the log)"
         serving = scripts.current.milter  # its -name: a reload may change it
         self.notify.ready(f"{serving.name} {self.serving}; generation {serving.generation}{outcome}")
