@@ -235,6 +235,18 @@ def test_run_socket_mode_must_be_an_octal_file_mode(mode: str) -> None:
     assert f'--socket-mode: "{mode}" is not an octal mode (0 to 0777)' in out, out
 
 
+@pytest.mark.parametrize("spec, ours", [("inet:127.0.0.1:8891", "inet:8891@127.0.0.1"),
+                                         ("inet:[::1]:8891", "inet6:8891@[::1]")])
+def test_run_refuses_postfixs_host_port_syntax_and_says_the_milters(spec: str, ours: str) -> None:
+    """Postfix's inet:127.0.0.1:8891 was read as libmilter's atoi reads it: port 127 on every
+    address, the unauthenticated milter open to the network while Postfix found nothing on 8891."""
+    status, out = cli("run", str(STAMP), "--connection", spec)
+    assert status == 64, out
+    assert (f'pytclmilter run: connection "{spec}": ' in out
+            and f"(inet:HOST:PORT is Postfix's syntax; the milter's is {ours})" in out), out
+    assert "listening" not in out
+
+
 @pytest.mark.parametrize("name", ["", "  "])
 def test_run_refuses_an_empty_name(name: str) -> None:
     """An empty --name was taken: log lines and the listening line named no milter."""

@@ -717,7 +717,7 @@ def test_port_in_use_is_a_clear_error():
         ("inet:8899@[127.0.0.1]", ConnSpec("inet", host="127.0.0.1", port=8899)),
         ("inet:8899@localhost", ConnSpec("inet", host="127.0.0.1", port=8899)),
         ("inet:8899@0.0.0.0", ConnSpec("inet", host="0.0.0.0", port=8899)),
-        ("INET:25abc@[10.1.2.3]", ConnSpec("inet", host="10.1.2.3", port=25)),  # atoi: leading digits
+        ("INET:25@[10.1.2.3]", ConnSpec("inet", host="10.1.2.3", port=25)),
         ("inet:smtp@127.0.0.1", ConnSpec("inet", host="127.0.0.1", port=25)),  # service name
         ("inet6:8899", ConnSpec("inet6", host=None, port=8899)),
         ("inet6:8899@[::1]", ConnSpec("inet6", host="::1", port=8899)),
@@ -745,6 +745,7 @@ def test_connection_spec_parsing(spec, expected):
         ("inet:25@[not-an-address]", "not-an-address"),
         ("inet:25@no-such-host.invalid", "no-such-host.invalid"),
         ("inet:70000", "70000"),
+        ("inet:25abc@[10.1.2.3]", 'port "25abc" is not a number'),  # libmilter's atoi: 25
     ],
 )
 def test_connection_spec_errors(spec, words):

@@ -2,8 +2,9 @@
 
 Parsing follows smfi_setconn/smfi_opensocket (docs/protocol.md §9.1): a
 bare path is a Unix socket, the protocol name is case-insensitive, a port
-that starts with a digit is read like ``atoi`` and otherwise looked up as a
-service, ``inet:PORT`` alone means every address.
+is a number or else looked up as a service, ``inet:PORT`` alone means every
+address. Unlike libmilter's ``atoi``, a number followed by anything is refused:
+Postfix's ``inet:127.0.0.1:8891`` would be port 127 on every address.
 """
 
 from __future__ import annotations
@@ -81,16 +82,28 @@ def parse_metrics(text: str) -> ConnSpec:
 def _port(text: str, spec: str, what: str) -> int:
     if not text:
         raise ConnSpecError(f'{what} "{spec}": missing port')
-    if text[0].isdigit():
-        port = int(re.split(r"\D", text, maxsplit=1)[0])  # the leading digits
+    if text[0] in "0123456789":
+        if not re.fullmatch(r"[0-9]+", text):  # atoi would take the leading digits: 127 of 127.0.0.1:8891
+            raise ConnSpecError(f'{what} "{spec}": port "{text}" is not a number{_postfix_hint(spec)}')
+        port = int(text)
     else:
         try:
             port = socket.getservbyname(text, "tcp")
         except OSError:
-            raise ConnSpecError(f'{what} "{spec}": unknown service "{text}"') from None
+            raise ConnSpecError(f'{what} "{spec}": unknown service "{text}"{_postfix_hint(spec)}') from None
     if not 0 <= port <= 65535:
         raise ConnSpecError(f'{what} "{spec}": port {port} out of range')
     return port
+
+
+def _postfix_hint(spec: str) -> str:
+    """What to write instead of Postfix's ``inet:HOST:PORT``, when that is what the spec looks like."""
+    found = re.fullmatch(r"inet6?:(\[[^]@]*\]|[^@]*):([0-9]+)", spec, re.IGNORECASE)
+    if not found:
+        return ""
+    host, port = found.groups()
+    ours = f"inet6:{port}@{host}" if ":" in host else f"inet:{port}@{host}"
+    return f" (inet:HOST:PORT is Postfix's syntax; the milter's is {ours})"
 
 
 def _host(host: str, proto: str, spec: str, what: str) -> str:
