@@ -1979,6 +1979,28 @@ def test_check_reports_a_syntax_error_with_file_and_line(tmp_path: Path) -> None
     assert f"{script}:3: error: missing close-brace" in out
 
 
+def test_check_reports_a_command_after_milter_main_that_never_ends(tmp_path: Path) -> None:
+    """Tcl reads a file a command at a time: a missing close-brace after `milter main` (the tail
+    that deletes the socket, edited) loaded and served, check said "loaded", exit 0, and the script
+    failed at the stop, exit 1 (systemd's Restart=on-failure restarted a filter told to stop)."""
+    script = tmp_path / "tail.tcl"
+    script.write_text(
+        "package require TclMilter 1.0\n"
+        "proc eom_cb { context } { return SMFIS_CONTINUE }  ;# a {brace} in a comment is no command\n"
+        "milter register eom eom_cb\n"
+        "milter main\n"
+        "if {[regexp {^unix:(.+)$} [milter configure -connection] -> path]} {\n"
+        "    file delete $path\n"  # the if's closing brace is missing
+    )
+    status, out = cli("check", str(script))
+    assert status == 1, out
+    assert out.endswith(f"{script}:5: error: this command never ends (a missing close-brace, bracket or quote): "
+                        "the script fails there when milter main returns, at stop\n"), out
+    script.write_text(script.read_text() + "}\n")
+    status, out = cli("check", str(script))
+    assert status == 0, out
+
+
 def test_check_reports_a_callback_with_the_wrong_number_of_arguments(tmp_path: Path) -> None:
     script = tmp_path / "arity.tcl"
     script.write_text(

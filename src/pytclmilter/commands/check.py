@@ -20,6 +20,8 @@ from ..protocol.constants import Action, Proto, flag_names
 from ..protocol.events import OptionNegotiation
 from ..protocol.negotiation import negotiate
 from ..tcl.interp import TclHost
+from ..tcl.rootfiles import read_source
+from ..tcl.usage import TclUsageError
 from .common import ScriptExit, add_script_options, make_host
 from .logs import setup_logging
 from . import sigmask
@@ -123,6 +125,30 @@ def callback_errors(script: str, host: TclHost) -> list[str]:
     return [f"{script}: error: {problem}" for problem in check_callbacks(host)]
 
 
+def unfinished_command(host: TclHost, text: str) -> int | None:
+    """The line where a command starts that the file never ends (a missing close-brace, bracket
+    or quote), or None. Tcl reads a file one command at a time, so one after `milter main` fails
+    only when `milter main` returns, at the stop: the load up to it went well."""
+    start, chunk = 1, ""
+    for number, line in enumerate(text.split("\n"), 1):
+        chunk += line + "\n"
+        if host.tk.getboolean(host.tk.call("info", "complete", chunk)):
+            start, chunk = number + 1, ""
+    return start if chunk.strip() else None
+
+
+def _unfinished_after_main(script: str, host: TclHost) -> list[str]:
+    """check's line for a command after `milter main` that never ends (none when unreadable:
+    the load read it, so that is a change since, which the next load reports)."""
+    try:
+        text = read_source(script).split(b"\x1a", 1)[0].decode("utf-8", "replace")  # (^Z: source's end)
+    except TclUsageError:
+        return []
+    line = unfinished_command(host, text)
+    return [] if line is None else [f"{script}:{line}: error: this command never ends (a missing close-brace, "
+                                    "bracket or quote): the script fails there when milter main returns, at stop"]
+
+
 def describe_negotiation(host: TclHost) -> list[str]:
     result = negotiate(OptionNegotiation(6, 0x1FF, 0x1FFFFF), host.milter.registry.wants())
     protocol = flag_names(Proto(result.protocol))
@@ -168,9 +194,12 @@ def cmd_check(opts: argparse.Namespace) -> int:
     problems = check_callbacks(host)
     if host.command.main_calls == 0:
         problems.append(NO_MAIN)
+    unfinished = _unfinished_after_main(opts.script, host)
     out.append("negotiation (to an MTA offering everything):")
     out += ["  " + line for line in describe_negotiation(host)]
     print("\n".join(out))
     for problem in problems:
         print(f"{opts.script}: error: {problem}", file=sys.stderr)
-    return 1 if problems else 0
+    for line in unfinished:
+        print(line, file=sys.stderr)
+    return 1 if problems or unfinished else 0

@@ -183,9 +183,14 @@ def install(register: Callable[[str, Callable[[Sequence[str]], Any]], None], cal
 
 def _read(args: Sequence[str]) -> bytes:
     """`source`'s file, read from the descriptor checked while root runs it."""
+    return read_source(args[0])
+
+
+def read_source(path: str) -> bytes:
+    """A Tcl file as `source` reads it (checked as root): TclUsageError with Tcl's words if not."""
     if os.geteuid() != 0:  # (a host made as root, its callbacks run as the --user)
-        return _opened(args[0], "source", _plain, "read")
-    return _opened(args[0], "source", read_trusted, "read")
+        return _opened(path, "source", _plain, "read")
+    return _opened(path, "source", read_trusted, "read")
 
 
 def _check(args: Sequence[str]) -> None:
