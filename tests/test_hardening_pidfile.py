@@ -247,3 +247,21 @@ def test_a_directory_link_of_roots_in_tmp_is_followed(tclrun, tmp_path, piddir):
     assert (home / "m.pid").read_text() == f"{m.child.pid}\n"
     assert stat.S_ISSOCK(os.lstat(home / "m.sock").st_mode)
     assert m.stop() == 0
+
+
+@ROOT_ONLY
+def test_a_pid_file_the_user_cannot_remove_is_left_with_why_and_replaced_at_the_next_start(tclrun, tmp_path):
+    """In root's own directory (the safe place: the --user user cannot swap the file there) the
+    stop, by then as that user, cannot remove it: the warning said only "Permission denied",
+    not why nor whether the next start would cope."""
+    pidfile = tmp_path / "m.pid"
+    nobody = pwd.getpwnam("nobody").pw_uid
+    m = tclrun(STAMP, "--pidfile", str(pidfile), "--user", "nobody", connection=TCP)
+    assert m.stop() == 0
+    assert (f"WARNING: cannot remove pid file {pidfile}: Permission denied (uid {nobody} may not write its "
+            "directory: left behind, as a stale pid file the next start replaces)") in m.text, m.text
+    assert pidfile.read_text() == f"{m.child.pid}\n"
+    again = tclrun(STAMP, "--pidfile", str(pidfile), "--user", "nobody", connection=TCP)
+    assert f"removed stale pid file {pidfile} (" in again.text, again.text
+    assert pidfile.read_text() == f"{again.child.pid}\n"
+    assert again.stop() == 0

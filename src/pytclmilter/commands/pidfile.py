@@ -75,8 +75,11 @@ class PidFile:
         try:
             if not remove_if(dirfd, name, stat.S_ISREG, self._ident):
                 log.warning("pid file %s is not the one we wrote any more; leaving it", self.path)
-        except OSError as exc:
-            log.warning("cannot remove pid file %s: %s", self.path, exc.strerror)
+        except OSError as exc:  # (after --user, in root's directory: the file of a stopped process)
+            why = (f"uid {os.geteuid()} may not write its directory: " if exc.errno in (errno.EACCES, errno.EPERM)
+                   else "")
+            log.warning("cannot remove pid file %s: %s (%sleft behind, as a stale pid file the next start "
+                        "replaces)", self.path, exc.strerror, why)
         finally:
             os.close(dirfd)
 
