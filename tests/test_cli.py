@@ -247,6 +247,19 @@ def test_run_refuses_postfixs_host_port_syntax_and_says_the_milters(spec: str, o
     assert "listening" not in out
 
 
+def test_run_warns_when_it_listens_on_every_address(serve: Callable[..., TclRun]) -> None:
+    """libmilter's inet:PORT (a legacy script's -connection, or a host left out) listened on every
+    interface without a word, though anyone who reaches the port can feed the filter mail."""
+    m = serve(STAMP, "--connection", "inet:0")
+    assert (f"WARNING: listening on every address (inet:{m.port}@0.0.0.0): the milter protocol has no "
+            f"authentication, so anyone who reaches port {m.port} can feed this filter mail; "
+            f"inet:{m.port}@127.0.0.1 listens on the loopback address only") in m.text, m.text
+    assert m.stop() == 0
+    m = serve(STAMP, "--connection", "inet:0@127.0.0.1")
+    assert m.stop() == 0
+    assert "every address" not in m.text, m.text
+
+
 @pytest.mark.parametrize("name", ["", "  "])
 def test_run_refuses_an_empty_name(name: str) -> None:
     """An empty --name was taken: log lines and the listening line named no milter."""

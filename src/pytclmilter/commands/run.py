@@ -97,6 +97,11 @@ class Daemon:
         if self.socket_mode is not None and spec.family != "unix":
             log.warning("--socket-mode %s applies to a unix socket's file: %s has none (ignored)",
                         self.socket_mode, escape(str(spec)))
+        if spec.family != "unix" and spec.host is None:  # libmilter's inet:PORT: the whole network's
+            log.warning("listening on every address (%s): the milter protocol has no authentication, so "
+                        "anyone who reaches port %d can feed this filter mail; %s:%d@%s listens on the "
+                        "loopback address only", spec, spec.port, spec.family, spec.port,
+                        "127.0.0.1" if spec.family == "inet" else "[::1]")
         # (-name and -connection are the script's text: escaped as in the log)
         try:
             print(f"pytclmilter: {escape(self.milter.name)} listening on {escape(str(spec))}", flush=True)
