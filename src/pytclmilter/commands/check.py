@@ -129,6 +129,8 @@ def unfinished_command(host: TclHost, text: str) -> int | None:
     """The line where a command starts that the file never ends (a missing close-brace, bracket
     or quote), or None. Tcl reads a file one command at a time, so one after `milter main` fails
     only when `milter main` returns, at the stop: the load up to it went well."""
+    if host.tk.getboolean(host.tk.call("info", "complete", text)):
+        return None  # (the usual case, in one pass: the scan below grows with a proc's length squared)
     start, chunk = 1, ""
     for number, line in enumerate(text.split("\n"), 1):
         chunk += line + "\n"
