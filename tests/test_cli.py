@@ -605,6 +605,10 @@ def test_run_names_the_socket_it_cannot_create() -> None:
     assert status == 1
     assert "milter main:" in out
     assert "/nonexistent-dir/stamp.sock" in out.split("milter main:", 1)[1].splitlines()[0], out
+    # and says what is missing and what to do (it said "No such file or directory": the socket's?)
+    assert ("milter main: cannot listen on unix:/nonexistent-dir/stamp.sock: its directory /nonexistent-dir "
+            "does not exist: make it first (owned by the --user user, if any: install -d -o USER -m 0750 "
+            "/nonexistent-dir)\n") in out, out
 
 
 def test_run_passes_arguments_after_double_dash_to_the_script(serve: Callable[..., TclRun]) -> None:

@@ -91,6 +91,10 @@ def bind_unix(path: str, backlog: int, mode: int | None,
         raise ConnSpecError(f"socket mode {mode:#o} of unix:{path} is no file mode (0 to 0777)")
     try:
         dirfd, name = open_dir(path)
+    except FileNotFoundError:  # (a /run directory after a reboot, a unit without its ExecStartPre)
+        where = os.path.dirname(path) or "."
+        raise ConnSpecError(f"cannot listen on unix:{path}: its directory {where} does not exist: make it first "
+                            f"(owned by the --user user, if any: install -d -o USER -m 0750 {where})") from None
     except OSError as exc:
         raise ConnSpecError(f"cannot listen on unix:{path}: {exc.strerror}") from None
     try:
