@@ -8,6 +8,7 @@ process alone).
 from __future__ import annotations
 
 import os
+import pwd
 import signal
 import socket
 import struct
@@ -138,6 +139,26 @@ def test_without_notify_socket_nothing_is_sent_and_a_bad_one_is_one_warning(tclr
     run.wait_for(r"reload: generation 1 is gone")
     assert run.stop() == 0
     assert run.text.count("cannot notify systemd") == 1
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="--user needs root")
+def test_a_notify_socket_the_user_cannot_write_says_who_and_what_follows(tclrun: Callable[..., TclRun],
+                                                                        tmp_path: Path) -> None:
+    """READY=1 goes out after the switch to --user: a manager's socket only root may write took
+    it as a bare "Permission denied", and the unit failed its start later, unexplained."""
+    path = tmp_path / "notify"
+    manager = Manager(str(path))
+    try:
+        path.chmod(0o755)
+        nobody = pwd.getpwnam("nobody").pw_uid
+        run = tclrun(SCRIPT, "--user", "nobody", env={"NOTIFY_SOCKET": str(path)})
+        run.wait_for(r"cannot notify systemd")
+        assert run.stop() == 0
+        assert (f"WARNING: cannot notify systemd (NOTIFY_SOCKET): Permission denied (as uid {nobody}): the "
+                "service manager is not told that the milter serves, and a Type=notify unit fails its start "
+                "at TimeoutStartSec") in run.text, run.text
+    finally:
+        manager.close()
 
 
 def test_a_notify_socket_that_is_no_unix_address_is_a_warning_and_the_milter_serves(

@@ -36,6 +36,7 @@ class Notifier:
         self._address: str | bytes | None = None
         self._sock: socket.socket | None = None
         self._failed = False
+        self._ready = False
         self._pid = os.getpid()
         if not address:
             return
@@ -72,9 +73,15 @@ class Notifier:
         except OSError as exc:
             if not self._failed:  # once: the manager is gone or never was, and will not come back
                 self._failed = True
-                log.warning("cannot notify systemd (NOTIFY_SOCKET): %s", exc.strerror or exc)
+                log.warning("cannot notify systemd (NOTIFY_SOCKET): %s%s", exc.strerror or exc,
+                            "" if self._ready or not message.startswith("READY=1") else
+                            f" (as uid {os.geteuid()}): the service manager is not told that the milter "
+                            "serves, and a Type=notify unit fails its start at TimeoutStartSec")
+            return
+        self._ready = self._ready or message.startswith("READY=1")  # (the start was heard)
 
     def close(self) -> None:
         if self._sock is not None:
             self._sock.close()
             self._sock = None
+
