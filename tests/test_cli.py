@@ -354,6 +354,34 @@ def test_an_example_stops_cleanly_where_its_user_cannot_remove_the_socket(serve:
     assert "error deleting" not in m.text, m.text
 
 
+@pytest.mark.skipif(os.geteuid() != 0, reason="dropping privileges needs root")
+def test_run_warns_at_start_when_its_user_cannot_read_what_a_reload_reads(serve: Callable[..., TclRun],
+                                                                         tmp_path: Path) -> None:
+    """The start reads the script as root, a reload as --user: a script in a directory of root's
+    alone (0700) served, and only the first reload, perhaps months later, said "permission denied"."""
+    private = tmp_path / "private"
+    private.mkdir(mode=0o700)
+    script = private / "stamp.tcl"
+    shutil.copy(STAMP, script)
+    nobody = pwd.getpwnam("nobody").pw_uid
+    m = serve(script, "--connection", "inet:0@127.0.0.1", "--user", "nobody")
+    m.wait_for(f"running as uid {nobody}", since=0)
+    assert (f"WARNING: uid {nobody} cannot read {script} (Permission denied): a reload (SIGUSR1) reads it as "
+            "this user and would fail; let it read the file and its directories") in m.text, m.text
+    m.child.kill(signal.SIGUSR1)
+    m.wait_for("generation 1 serves on unchanged")  # as foretold
+    assert m.stop() == 0
+    public = Path(tempfile.mkdtemp(prefix="pytclmilter-cli-"))  # (the tree may sit in root's home)
+    try:
+        public.chmod(0o755)
+        shutil.copy(STAMP, public / "stamp.tcl")
+        m = serve(public / "stamp.tcl", "--connection", "inet:0@127.0.0.1", "--user", "nobody")
+        assert m.stop() == 0  # readable: not a word
+        assert "cannot read" not in m.text, m.text
+    finally:
+        shutil.rmtree(public, ignore_errors=True)
+
+
 # Run as nobody, with no capability to change ids (as under a unit's User=nobody), but with
 # CAP_DAC_OVERRIDE so that nobody may run this venv's Python (it may sit in root's home).
 AS_NOBODY = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
