@@ -84,4 +84,3 @@ class Notifier:
         if self._sock is not None:
             self._sock.close()
             self._sock = None
-
