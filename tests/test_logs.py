@@ -490,6 +490,51 @@ def test_a_puts_longer_than_a_journal_line_is_folded_keeping_its_text(tclrun) ->
         assert joined == start + (value + " " if end == "(pieces)" else value) + end, (start, joined[-40:])
 
 
+EDGE_PUTS_TCL = r"""
+package require TclMilter
+proc header {ctx name value} {
+    puts stderr "edge: $value"
+    puts stderr "[string range "exact: $value" 0 4095]\nafter"
+    thread::join [thread::create -joinable [list puts stderr "thread: $value"]]
+    return SMFIS_CONTINUE
+}
+package require Thread
+milter register header header
+milter main
+"""
+
+
+def unfolded(lines: list[str]) -> list[str]:
+    """``lines`` as a reader joins folded ones: a line of 4 096 characters goes on in the next,
+    past its two-space indent."""
+    joined: list[str] = []
+    folded = False
+    for line in lines:
+        if folded:
+            joined[-1] += line[2:]
+        else:
+            joined.append(line)
+        folded = len(line) == 4096
+    return joined
+
+
+@needs_thread
+def test_a_folded_line_joined_gives_its_text_back_a_space_at_a_cut_or_a_line_4096_long(tclrun) -> None:
+    """A fold that cuts before spaces, a line exactly 4 096 characters long and a multi-byte
+    character, a tab and a control character folded, by the script and by a thread: a line of
+    4 096 characters goes on in the next, no other does, and joining them gives the text back
+    character for character (before: the piece starting with spaces was not indented, and a
+    line of exactly 4 096 characters before a newline read as one folded into the next)."""
+    value = "a" * 4090 + "  ERROR: forged " + "\u00e9\t\x01" * 3000
+    shown = value.replace("\x01", r"\x01")
+    lines = header_output(tclrun(EDGE_PUTS_TCL), "X-Edge", value).splitlines()
+    assert max(len(line) for line in lines) == 4096, [len(line) for line in lines]
+    joined = unfolded(lines)
+    for line in ("edge: " + shown, ("exact: " + shown)[:4096], "  after", "thread: " + shown):
+        assert line in joined, (line[4080:4110], [j[4080:4110] for j in joined if j.startswith(line[:6])])
+    assert joined[joined.index(("exact: " + shown)[:4096]) + 1] == "  after"
+
+
 @pytest.fixture
 def syslog_socket(tmp_path, monkeypatch):
     """`pytclmilter run --syslog`'s logging set-up, with a datagram socket of the test's own as

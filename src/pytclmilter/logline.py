@@ -69,7 +69,7 @@ LINE_KEPT: Final = (600, 200)
 LINES_KEPT: Final = (40, 10)
 #: The longest line a record keeps whole.
 LONGEST: Final = LINE_KEPT[0] + LINE_KEPT[1]
-#: The longest line a script's `puts` writes to stdout or stderr (characters), the rest of a longer
+#: The longest line a script's `puts` writes to stdout or stderr (characters), the rest of as long a
 #: one on continuation lines (:func:`as_output`): journald cuts a line at its LineMax (48 KiB by
 #: default) and makes the rest an entry of its own, which starts where the script's caller chose.
 #: 4 096 characters (an escape is ASCII, any other character at most 4 bytes) stay under 16 KiB.
@@ -299,14 +299,14 @@ def as_output(text: str, column: int = 0) -> tuple[str, int]:
     column it leaves the line at (0 after a newline): each line's controls escaped as
     :func:`guard` escapes them but tabs (a script's columns), backslashes kept, so that a
     printable line reads as written; each line after a newline inside the text indented as a
-    continuation line, a newline at its end left to end it; a line longer than
-    :data:`OUTPUT_LINE`, counting the ``column`` characters already on it (`puts -nonewline`),
-    folded into continuation lines."""
+    continuation line, a newline at its end left to end it; a line of :data:`OUTPUT_LINE`
+    characters or more, counting the ``column`` characters already on it (`puts -nonewline`),
+    folded (:func:`_folded`)."""
     body, end = (text[:-1], "\n") if text.endswith("\n") else (text, "")
     lines = ["\t".join([_controls_escaped(part) for part in line.split("\t")]) for line in body.split("\n")]
-    if column + sum(map(len, lines)) > OUTPUT_LINE - len(INDENT):  # (a line this long or longer)
-        lines = _folded(lines, column)
     written = _continued(lines, 1)
+    if column + len(written) >= OUTPUT_LINE:  # (a line this long, or several lines)
+        written = "\n".join(_folded(written.split("\n"), column))
     if end:
         return written + end, 0
     last = written.rfind("\n")
@@ -314,14 +314,20 @@ def as_output(text: str, column: int = 0) -> tuple[str, int]:
 
 
 def _folded(lines: list[str], column: int) -> list[str]:
-    """``lines`` cut so that none, once a continuation line's indent is added, is longer than
-    OUTPUT_LINE; the first begins at ``column``."""
+    """``lines`` (the first begins at ``column``) with each one of OUTPUT_LINE characters or more
+    cut into lines of exactly OUTPUT_LINE, each after the first indented whatever it starts
+    with, and a last one shorter (the indent alone, if nothing is left): a line of OUTPUT_LINE
+    characters goes on in the next past its indent, and no other does, so that joining them
+    gives the text back, a space at a cut or a line exactly that long too."""
     folded = []
-    for n, line in enumerate(lines):
-        room = max(OUTPUT_LINE - column, 0) if n == 0 else OUTPUT_LINE - len(INDENT)
+    step = OUTPUT_LINE - len(INDENT)
+    for line in lines:
+        room, column = max(OUTPUT_LINE - column, 0), 0
+        if len(line) < room:
+            folded.append(line)
+            continue
         folded.append(line[:room])
-        step = OUTPUT_LINE - len(INDENT)
-        folded.extend(line[at:at + step] for at in range(room, len(line), step))
+        folded.extend(INDENT + line[at:at + step] for at in range(room, len(line) + 1, step))
     return folded
 
 

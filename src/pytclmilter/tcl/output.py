@@ -4,8 +4,9 @@ Legacy scripts `puts` what the MTA sent (senders, headers) to debug: raw, an SMT
 reached a terminal and its LF started a journal line of its own (``ERROR: forged``). So in the
 script's interpreter, and in each interpreter it creates, `puts` and `chan puts` are procs that
 hand text for stdout or stderr to :func:`logline.as_output` (controls escaped, tabs and
-backslashes kept, a newline inside one `puts` indenting the line after it, a line longer than
-logline.OUTPUT_LINE folded, journald's LineMax in mind) and then call Tcl's own, renamed. Text
+backslashes kept, a newline inside one `puts` indenting the line after it, a line of
+logline.OUTPUT_LINE characters or more folded, journald's LineMax in mind) and then call Tcl's
+own, renamed. Text
 for any other channel, and plain printable ASCII that keeps the line short (the usual debug
 line), goes to Tcl's own command untouched, without a call into Python.
 
@@ -57,7 +58,7 @@ proc ::tclmilter::py::escaped {command name args} {
         set open [expr {$n == 3 || $n == 2 && [lindex $words 0] eq "-nonewline"}]
         set text [lindex $words $i]
         set column [expr {[info exists ::tclmilter::py::column($channel)] ? $::tclmilter::py::column($channel) : 0}]
-        if {[regexp {^[\t -~]*$} $text] && $column + [string length $text] <= @LINE@} {
+        if {[regexp {^[\t -~]*$} $text] && $column + [string length $text] < @LINE@} {
             set left [expr {$column + [string length $text]}]
         } else {
             lassign [lindex [::tclmilter::py::output $text $column] 1] text left
