@@ -576,15 +576,21 @@ def test_thread_commands_as_root_misused_say_so_by_their_own_name(etc, call, usa
 # sources, a package index among them, with `open` itself: that runs in the safe interpreter.)
 
 
-@pytest.mark.skipif(shutil.which("gcc") is None, reason="needs gcc")
-@pytest.mark.parametrize("index", ["theirs", "roots"])
-def test_the_safe_base_loads_no_library_of_another_users_as_root(etc, theirs, index):
+def evil_library(etc: Path, theirs: Path) -> tuple[Path, Path]:
+    """A library in ``theirs`` whose constructor, run at dlopen, makes the file returned second."""
     marker = etc / "constructor ran"
     source = etc / "evil.c"
     source.write_text('#include <stdio.h>\n__attribute__((constructor)) static void ran(void) '
                       f'{{ FILE *f = fopen("{marker}", "w"); if (f) fclose(f); }}\n')
     library = theirs / "evil.so"
     subprocess.run(["gcc", "-shared", "-fPIC", "-o", str(library), str(source)], check=True)
+    return library, marker
+
+
+@pytest.mark.skipif(shutil.which("gcc") is None, reason="needs gcc")
+@pytest.mark.parametrize("index", ["theirs", "roots"])
+def test_the_safe_base_loads_no_library_of_another_users_as_root(etc, theirs, index):
+    library, marker = evil_library(etc, theirs)
     directory = theirs if index == "theirs" else etc / "lib"
     directory.mkdir(exist_ok=True)
     (directory / "pkgIndex.tcl").write_text(f"package ifneeded Evil 1 [list load {library} Evil]\n")
@@ -599,6 +605,35 @@ def test_the_safe_base_loads_no_library_of_another_users_as_root(etc, theirs, in
     refused = f'refusing to load "{library}" as root: {owned_by_nobody(theirs)}'
     assert f"safe: 1 load of binary library for package Evil failed: {refused}\n" in done.stdout, done
     assert f"hidden: 1 {refused}\nown: 1 {refused}\n" in done.stdout, done
+    assert done.returncode == 0, done
+
+
+EXPOSED = "refusing to expose load as root: Tcl's own, which the interpreter hides, would not be checked"
+MARKED = "refusing to mark an interpreter trusted as root: its hidden source and load, Tcl's own, would not be checked"
+
+
+@pytest.mark.skipif(shutil.which("gcc") is None, reason="needs gcc")
+@pytest.mark.parametrize(("way", "refused"), [
+    ("interp expose s load; s eval {load LIB Evil}", EXPOSED),
+    ("s expose load l; s eval {l LIB Evil}", EXPOSED),
+    ("interp marktrusted s; s eval {interp create c; c eval {load LIB Evil}}", MARKED),
+    ("s marktrusted; s eval {interp create -safe c; interp invokehidden c load LIB Evil}", MARKED),
+    pytest.param("package require Thread; thread::send [thread::create] "
+                 "{interp create -safe s; interp expose s load; s eval {load LIB Evil}}", EXPOSED, marks=needs_thread),
+], ids=["expose", "own expose", "marktrusted", "own marktrusted", "thread"])
+def test_a_safe_interpreter_exposed_or_marked_trusted_loads_no_library_of_another_users_as_root(
+        etc, theirs, way, refused):
+    """A safe interpreter's hidden `load` is Tcl's own: exposed (before: called unchecked), or the
+    interpreter marked trusted (before: an interpreter it created had Tcl's own `load`, and it
+    could invoke its children's hidden one), another user's library ran its constructor as root."""
+    library, marker = evil_library(etc, theirs)
+    script = etc / "filter.tcl"
+    script.write_text(pulling_in("interp create -safe s; "
+                                 f"puts \"way: [catch {{{way.replace('LIB', str(library))}}} e] $e\""))
+    done = subprocess.run([*_pytclmilter_command(), "check", str(script)], env=child_env(),
+                          capture_output=True, text=True, timeout=60)
+    assert not marker.exists()
+    assert f"way: 1 {refused}\n" in done.stdout, done
     assert done.returncode == 0, done
 
 

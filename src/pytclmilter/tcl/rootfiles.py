@@ -95,8 +95,18 @@ proc ::load {args} {
 # The safe base (::safe::interpCreate) sources and loads for a safe interpreter with its hidden,
 # Tcl's own `source` and `load` (`interp invokehidden`, from the master's auto_path): the file is
 # checked first, for the `interp` command (words from 3) and a safe interpreter's own (from 2).
+# Exposed, they would be called unchecked; marked trusted, a safe interpreter could invoke its own
+# children's, and create interpreters with Tcl's own: both are refused.
 proc ::tclmilter::py::hidden {at command op} {
     set sub [lindex $command 1]
+    if {$sub ne "" && [string first $sub marktrusted] == 0} {
+        return -code error -errorcode {POSIX EPERM {operation not permitted}} "refusing to mark an\
+            interpreter trusted as root: its hidden source and load, Tcl's own, would not be checked"
+    }
+    if {[string match exp* $sub] && [string first $sub expose] == 0 && [lindex $command $at] in {source load}} {
+        return -code error -errorcode {POSIX EPERM {operation not permitted}} "refusing to expose\
+            [lindex $command $at] as root: Tcl's own, which the interpreter hides, would not be checked"
+    }
     if {![string match inv* $sub] || [string first $sub invokehidden] != 0} { return }
     while {[lindex $command $at] in {-global -namespace}} {
         incr at [expr {[lindex $command $at] eq "-global" ? 1 : 2}]
