@@ -422,11 +422,18 @@ proc header {ctx name value} {
     set t [thread::create]
     thread::send $t [list interp create i]
     thread::send $t [list i eval [list puts stderr "interp: $value"]]
+    thread::send $t {interp create -safe s; interp share {} stderr s; s eval {interp create x; interp share {} stderr x}}
+    thread::send $t [list s eval [list x eval [list puts stderr "threadsafe: $value"]]]
     set usage [thread::send $t {list [catch {puts nosuch x} e] $e [catch {puts a b c d} e] $e}]
     thread::release $t
     interp create c
     load {} Thread c
     c eval {thread::join [thread::create -joinable {puts -nonewline stderr "cols:\t"; puts stderr "\u00e9 C:\\dir"}]}
+    interp create -safe s
+    interp share {} stderr s
+    s eval {interp create x; interp share {} stderr x}
+    s eval [list x eval [list puts stderr "safe: $value"]]
+    interp delete s
     puts stderr "usage: $usage"
     return SMFIS_CONTINUE
 }
@@ -441,12 +448,14 @@ def test_a_threads_puts_is_escaped_as_the_scripts(tclrun, options) -> None:
     """Each thread of the Thread package has its own standard channels and its own `puts`: the
     header value with CR LF, a forged line and ESC, written by a thread, a pool's -initcmd and
     job, a thread's thread, an interpreter in a thread and a thread of a child interpreter,
-    reaches stderr escaped and indented as the script's own `puts` does, as root and once
+    reaches stderr escaped and indented as the script's own `puts` does, and so does an
+    interpreter a safe one creates, in the script's thread and in a thread (before: Tcl's own
+    `puts`, raw, once the safe ones shared stderr), as root and once
     --user has dropped privileges; Tcl's errors, tabs, UTF-8 and backslashes as under tclsh."""
     m = tclrun(THREADS_PUTS_TCL, *options)
     text = header_output(m, "X-Bad", VALUE)
     lines = text.splitlines()
-    starts = ("thread: ", "init: ", "job: ", "nested: ", "interp: ")
+    starts = ("thread: ", "init: ", "job: ", "nested: ", "interp: ", "threadsafe: ", "safe: ")
     for line in lines:
         assert STDERR_LINE.match(line) or line.startswith((" ", "pytclmilter: ", "cols:", "usage: ", *starts)), line
     for start in starts:

@@ -116,20 +116,21 @@ proc ::tclmilter::py::interp_made {command code result op} {
 # `fileevent` errors as the script's does (its own ::bgerror first, then the log) where Tcl would
 # print them raw on stderr; a safe one's Tcl drops, and still does.
 # It returns the command's result: Tcl gives that of a leave trace to the next one (rootfiles.py's).
-# Its `puts` to stdout and stderr is escaped as the script's is (tcl/output.py), a safe one's too;
-# one not safe gets threads.py's `thread::create` and `tpool::create` too.
+# Its `puts` to stdout and stderr is escaped as the script's is (tcl/output.py), a safe one's too,
+# and so are those it creates (a safe one's, with a channel shared, or once marked trusted); one
+# not safe gets threads.py's `thread::create` and `tpool::create` too.
 proc ::tclmilter::py::bg_made {parent command code result op} {
     if {$code != 0 || ![string match "cr*" [lindex $command 1]]} { return $result }
     set path [list {*}$parent {*}$result]
     interp alias $path ::tclmilter::py::output {} ::tclmilter::py::output
     interp eval $path $::tclmilter::py::outputprelude
+    interp alias $path ::tclmilter::py::bg_made {} ::tclmilter::py::bg_made $path
+    interp eval $path [list trace add execution ::interp leave ::tclmilter::py::bg_made]
     if {[interp issafe $path]} { return $result }
     interp eval $path $::tclmilter::py::threadsprelude
     interp alias $path ::tclmilter::py::bgerror {} ::tclmilter::py::bgerror
-    interp alias $path ::tclmilter::py::bg_made {} ::tclmilter::py::bg_made $path
     set body [interp eval [lindex $path 0] [list info body ::tclmilter::bgerror]]
     interp eval $path [list namespace eval ::tclmilter [list proc bgerror {message options} $body]]
-    interp eval $path [list trace add execution ::interp leave ::tclmilter::py::bg_made]
     interp bgerror $path ::tclmilter::bgerror
     return $result
 }

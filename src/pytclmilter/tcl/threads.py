@@ -124,15 +124,21 @@ trace add execution ::load leave ::tclmilter::py::loaded
 """
 
 #: In a thread's interpreter, after WRAP: an interpreter created in it gets the package too (a
-#: safe one its safe part).
+#: safe one its safe part, and this trace through an alias: it has no `load`, and those it
+#: creates need the package as much).
 _CREATED: Final = r"""
-proc ::tclmilter::py::threadmade {command code result op} {
+proc ::tclmilter::py::threadmade {parent command code result op} {
     if {$code == 0 && [string match "cr*" [lindex $command 1]]} {
-        ::load {} Tclmilterthread $result
+        set path [list {*}$parent {*}$result]
+        ::load {} Tclmilterthread $path
+        if {[interp issafe $path]} {
+            interp alias $path ::tclmilter::py::threadmade {} ::tclmilter::py::threadmade $path
+            interp eval $path {trace add execution ::interp leave ::tclmilter::py::threadmade}
+        }
     }
     return $result
 }
-trace add execution ::interp leave ::tclmilter::py::threadmade
+trace add execution ::interp leave {::tclmilter::py::threadmade {}}
 """
 
 
