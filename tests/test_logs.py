@@ -425,6 +425,8 @@ proc header {ctx name value} {
     thread::send $t {interp create -safe s; interp share {} stderr s; s eval {interp create x; interp share {} stderr x}}
     thread::send $t [list s eval [list x eval [list puts stderr "threadsafe: $value"]]]
     set usage [thread::send $t {list [catch {puts nosuch x} e] $e [catch {puts a b c d} e] $e}]
+    thread::send $t [list after 0 [list error "bgerror: $value"]]
+    thread::send $t update
     thread::release $t
     interp create c
     load {} Thread c
@@ -450,12 +452,13 @@ def test_a_threads_puts_is_escaped_as_the_scripts(tclrun, options) -> None:
     job, a thread's thread, an interpreter in a thread and a thread of a child interpreter,
     reaches stderr escaped and indented as the script's own `puts` does, and so does an
     interpreter a safe one creates, in the script's thread and in a thread (before: Tcl's own
-    `puts`, raw, once the safe ones shared stderr), as root and once
+    `puts`, raw, once the safe ones shared stderr), and Tcl's report of an error in a thread's
+    `after` handler (before: raw), as root and once
     --user has dropped privileges; Tcl's errors, tabs, UTF-8 and backslashes as under tclsh."""
     m = tclrun(THREADS_PUTS_TCL, *options)
     text = header_output(m, "X-Bad", VALUE)
     lines = text.splitlines()
-    starts = ("thread: ", "init: ", "job: ", "nested: ", "interp: ", "threadsafe: ", "safe: ")
+    starts = ("thread: ", "init: ", "job: ", "nested: ", "interp: ", "threadsafe: ", "safe: ", "bgerror: ")
     for line in lines:
         assert STDERR_LINE.match(line) or line.startswith((" ", "pytclmilter: ", "cols:", "usage: ", *starts)), line
     for start in starts:

@@ -73,6 +73,19 @@ proc ::tclmilter::py::escaped {command name args} {
 """.replace("@LINE@", str(OUTPUT_LINE))
 
 
+#: In each interpreter of a thread (threads.py), after PRELUDE: no host logs an error of its
+#: `after` or `fileevent` handlers, which Tcl's own handler wrote raw on stderr; one that no
+#: `bgerror` proc takes is written as Tcl's handler lays it out, through the escaping `puts`
+#: (``::puts``: in this namespace, `puts` is Tcl's). A safe interpreter's Tcl drops, and still does.
+THREAD_BGERROR: Final = r"""
+proc ::tclmilter::py::threadbgerror {message options} {
+    if {[llength [info commands ::bgerror]]} { tailcall ::tcl::Bgerror $message $options }
+    ::puts stderr [dict get $options -errorinfo]
+}
+if {![interp issafe]} { interp bgerror {} ::tclmilter::py::threadbgerror }
+"""
+
+
 def install(register: Callable[[str, Callable[[Sequence[str]], Any]], None], call: Callable[..., Any],
             child: str) -> None:
     """The escaping `puts` in the script's interpreter ``child`` (``call``: the host's
@@ -84,7 +97,7 @@ def install(register: Callable[[str, Callable[[Sequence[str]], Any]], None], cal
     call("interp", "alias", child, COMMAND, "", COMMAND)
     call("interp", "eval", child, PRELUDE)
     with contextlib.suppress(OSError, AttributeError):
-        threads.give(threads.SAFE, {COMMAND: _output}, PRELUDE)
+        threads.give(threads.SAFE, {COMMAND: _output}, PRELUDE + THREAD_BGERROR)
 
 
 def _output(args: Sequence[str]) -> tuple[str, int]:
