@@ -996,8 +996,10 @@ def test_with_syslog_the_reason_run_ends_is_in_the_log_too(tmp_path, why) -> Non
                             r'"no_such_proc": invalid command name "no_such_proc"', failed), failed
         return
     lines = failed.split("\n")
+    missing = re.escape(os.path.dirname(where))
     assert re.fullmatch(rf"<19>{pid}: ERROR: exiting: milter main: cannot listen on unix:{re.escape(where)}: "
-                        "No such file or directory", lines[0]), lines
+                        rf"its directory {missing} does not exist: make it first \(owned by the --user user, "
+                        rf"if any: install -d -o USER -m 0750 {missing}\)", lines[0]), lines
     assert lines[1:3] == ["    while executing", '  "milter main"'], lines  # errorInfo, indented
 
 
