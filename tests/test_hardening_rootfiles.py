@@ -471,6 +471,10 @@ T bom {source bom.tcl}
 T option {source -nocomplain x y}
 T directory {source lib}
 T home {source ~/no-such-file.tcl}
+T nouser {source ~nosuchuser/x.tcl}
+T load-home {load ~/no-such-library.so}
+T load-nouser {load ~nosuchuser/x.so}
+T package {lappend auto_path ~nosuchuser/lib; package require NoSuchPackage}
 T encoding {source -encoding no-such-encoding bom.tcl}
 T break {foreach i {1 2} { source break.tcl; puts "not reached" }}
 namespace eval ns { T namespace {source ns.tcl} }
@@ -479,9 +483,11 @@ if {![catch {package require TclMilter}]} { milter main }
 
 
 @pytest.mark.skipif(TCLSH is None, reason="needs tclsh to compare with")
-def test_source_as_root_reads_and_fails_as_tclshs(etc):
+@pytest.mark.parametrize("home", ["set", "unset"])
+def test_source_as_root_reads_and_fails_as_tclshs(etc, home):
     """A byte order mark first stopped the script (and a file it sourced) at line 1 as root;
-    some errors were worded otherwise, or had the proc's frames in errorInfo."""
+    some errors were worded otherwise, or had the proc's frames in errorInfo; `~nosuchuser/x`
+    (and `~/x` with HOME unset, as under systemd) was "no such file" where Tcl says why."""
     (etc / "bom.tcl").write_text('\ufeffputs "bom.tcl ran"\nreturn 42\n')
     (etc / "break.tcl").write_text("break\n")
     (etc / "ns.tcl").write_text("namespace current\n")
@@ -490,10 +496,12 @@ def test_source_as_root_reads_and_fails_as_tclshs(etc):
     script.write_text(SOURCING)
     # Plain tclsh, without the TCLLIBPATH an in-process TclHost of an earlier test put in our
     # environment (it would find TclMilter, whose `milter main` works only under pytclmilter).
-    plain = {k: v for k, v in os.environ.items() if k != "TCLLIBPATH"}
+    dropped = {"TCLLIBPATH"} | ({"HOME"} if home == "unset" else set())
+    plain = {k: v for k, v in os.environ.items() if k not in dropped}
     under_tclsh = subprocess.run([TCLSH, script.name], cwd=etc, env=plain, capture_output=True, text=True, timeout=60)
     assert under_tclsh.returncode == 0 and "bom.tcl ran" in under_tclsh.stdout, under_tclsh
-    done = subprocess.run([*_pytclmilter_command(), "check", script.name], cwd=etc, env=child_env(),
+    ours = {k: v for k, v in child_env().items() if k != "HOME" or home == "set"}
+    done = subprocess.run([*_pytclmilter_command(), "check", script.name], cwd=etc, env=ours,
                           capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done
     assert done.stdout.split(f"{script.name}: loaded\n")[0] == under_tclsh.stdout

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import errno
 import os
+import pwd
 from typing import Any, Callable, Final, Sequence, TypeVar
 
 from ..safepath import Untrusted, open_trusted, os_reason, read_trusted
@@ -226,18 +227,38 @@ def _library(path: str) -> int:
 
 
 def _opened(name: str, verb: str, opener: Callable[[str], _T], tcl_verb: str) -> _T:
-    """``opener`` of the file Tcl names ``name`` (``~`` and ``~user`` at its start are home
-    directories, as in Tcl 8.6); the TclUsageError a refusal, or Tcl's own ``couldn't TCL_VERB
-    file``, both naming the file as Tcl got it."""
+    """``opener`` of the file Tcl names ``name``; the TclUsageError a refusal, or Tcl's own error
+    for a file it could not read or load, both naming the file as Tcl got it."""
     try:
-        return opener(os.path.expanduser(name) if name.startswith("~") else name)
+        return opener(_tilde(name))
     except Untrusted as exc:
         raise TclUsageError(f'refusing to {verb} "{name}" as root: {exc.strerror}', _REFUSED) from None
     except OSError as exc:
         code = exc.errno or errno.EIO
+        if tcl_verb == "load":  # Tcl's words: dlopen's, of the name it was given
+            raise TclUsageError(f'couldn\'t load file "{name}": {name}: cannot open shared object file: '
+                                f'{os.strerror(code)}') from None
         reason = "illegal operation on a directory" if code == errno.EISDIR else os_reason(exc)  # (Tcl's words)
         raise TclUsageError(f'couldn\'t {tcl_verb} file "{name}": {reason}',
                             ("POSIX", errno.errorcode.get(code, "EIO"), reason)) from None
+
+
+def _tilde(name: str) -> str:
+    """``name`` with ``~`` or ``~user`` first as Tcl 8.6 reads them: $HOME (not the password
+    file's entry when HOME is unset, as Python's expanduser falls back to), the user's home;
+    Tcl's error when there is none."""
+    if not name.startswith("~"):
+        return name
+    user = name[1:].split("/", 1)[0]
+    if not user and "HOME" not in os.environ:
+        raise TclUsageError("couldn't find HOME environment variable to expand path",
+                            ("TCL", "VALUE", "PATH", "HOMELESS"))
+    if user:
+        try:
+            pwd.getpwnam(user)
+        except KeyError:
+            raise TclUsageError(f'user "{user}" doesn\'t exist', ("TCL", "VALUE", "PATH", "NOUSER")) from None
+    return os.path.expanduser(name)
 
 
 def _plain(path: str) -> bytes:
