@@ -5,6 +5,7 @@ socket against a separate process, whose memory is read from /proc (docs/hardeni
 from __future__ import annotations
 
 import re
+import signal
 import socket
 import struct
 import urllib.request
@@ -306,3 +307,24 @@ def test_connections_closed_at_the_limit_between_warnings_are_told_when_the_wind
     assert text.count("connection limit reached") == 3, text
     assert text.count("below the connection limit again") == 3, text
     assert text.count("closed at the connection limit since the last line about it") == 1, text
+
+
+def test_the_limit_lifted_at_a_reload_while_it_is_reached_is_said_so(tclrun, tmp_path):
+    """`-maxconnections 0` (no limit) by a reload while the limit was reached: the line at the
+    next close said "below the connection limit again ... (--max-connections 0)", a limit of 0."""
+    script = tmp_path / "limit.tcl"
+    script.write_text("milter configure -maxconnections 1\n" + NULL)
+    m = tclrun(script)
+    held = m.mta()
+    held.negotiate()
+    with m.mta() as past:
+        assert past.eof(), "a connection past the limit was not closed"
+    m.wait_for(r"WARNING: connection limit reached: 1 connection open \(--max-connections 1\)")
+    script.write_text("milter configure -maxconnections 0\n" + NULL)
+    m.child.kill(signal.SIGUSR1)
+    m.wait_for(r"reload: loading generation 2")
+    _quit(held)
+    m.wait_for(r"WARNING: connection limit lifted: 0 connections open \(--max-connections 0: no limit\); 1 "
+               r"connection closed at the limit in \d+\.\d s\r?\n")
+    assert m.stop() == 0
+    assert "below the connection limit" not in m.text and "--max-connections 0)" not in m.text, m.text

@@ -215,8 +215,10 @@ class Acceptor:
             return
         self._capped = False
         if self._told and self._limit_warned is not None:
-            log.warning("below the connection limit again: %s open (--max-connections %d); %s closed at the limit "
-                        "in %.1f s", _connections(self.open), limit, _connections(self._refused),
+            open_ = _connections(self.open)
+            now = (f"below the connection limit again: {open_} open (--max-connections {limit})" if limit
+                   else f"connection limit lifted: {open_} open (--max-connections 0: no limit)")  # (a reload, say)
+            log.warning("%s; %s closed at the limit in %.1f s", now, _connections(self._refused),
                         self.loop.time() - self._limit_warned)
             self._refused = 0
 
