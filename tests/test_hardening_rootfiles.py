@@ -378,6 +378,31 @@ def test_a_module_the_python_file_imports_is_refused(tclrun, etc, theirs, kind):
     assert (f"pytclmilter run: --python {hooks}: UnsafeModule: refusing to import rules from {module} as "
             f"root: {why}") in m.text
     assert "rules ran" not in m.text and "script ran" not in m.text and "listening on" not in m.text
+    # The traceback: the file's import line, then the reason; none of pytclmilter's frames.
+    trace = m.text[m.text.index("Traceback (most recent call last):"):].replace("\r\n", "\n")
+    assert trace.startswith(f'Traceback (most recent call last):\n  File "{hooks}", line 3, in <module>\n'
+                            f'    import rules\npytclmilter.rootimports.UnsafeModule: refusing to import rules'), trace
+
+
+def test_an_extension_module_refused_shows_the_import_line_and_the_reason(tclrun, etc, theirs):
+    """The extension loader's check raised in pytclmilter's frames, which the traceback showed."""
+    module = theirs / "fast.cpython-311-x86_64-linux-gnu.so"
+    shutil.copy(_any_extension(), module)
+    hooks = etc / "hooks.py"
+    hooks.write_text(IMPORTING.format(where=str(theirs)).replace("import rules", "import fast"))
+    m = tclrun(etc / "filter.tcl", "--python", str(hooks), connection=TCP, wait=False)
+    assert m.wait_exit(15) == 1, m.text
+    trace = m.text[m.text.index("Traceback (most recent call last):"):].replace("\r\n", "\n")
+    assert trace.startswith(f'Traceback (most recent call last):\n  File "{hooks}", line 3, in <module>\n'
+                            f'    import fast\npytclmilter.rootimports.UnsafeModule: refusing to import fast from '
+                            f'{module} as root: {owned_by_nobody(theirs)}'), trace
+
+
+def _any_extension() -> str:
+    """An extension module's file of this Python's (its name does not matter: it is refused
+    before it is opened)."""
+    import _json
+    return str(_json.__file__)
 
 
 def test_a_cached_module_in_another_users_pycache_is_not_run(tclrun, etc):

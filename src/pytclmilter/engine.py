@@ -21,7 +21,7 @@ from typing import Any, Awaitable, Callable, Final, Protocol
 from .callbacks import Callback, Registry
 from .context import Context
 from .hooks import Hooks
-from .limits import PYTHON_LIMIT, CallbackTimeout, handler_dropped
+from .limits import PYTHON_LIMIT, CallbackTimeout, internals_dropped
 from .logline import SHOWN, Repeated, SameTrace, as_field, clip, escape, escape_lines, fault_kind, place_of, quoted
 from .logline import info as log_info
 from .meter import Meter
@@ -1234,4 +1234,4 @@ def _failure_text(exc: BaseException) -> str:
 def _traceback(exc: BaseException) -> str:
     import traceback
 
-    return "".join(traceback.format_exception(type(exc), exc, handler_dropped(exc, exc.__traceback__))).rstrip()
+    return "".join(traceback.format_exception(type(exc), exc, internals_dropped(exc, exc.__traceback__))).rstrip()

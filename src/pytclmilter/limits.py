@@ -22,6 +22,8 @@ import time
 from types import TracebackType
 from typing import Final
 
+from .rootimports import UnsafeModule
+
 
 _monotonic: Final = time.monotonic  # compiled, a module attribute is a look-up per use
 _get_ident: Final = threading.get_ident
@@ -129,26 +131,32 @@ class PythonLimit(Limit):
             raise CallbackTimeout(f"callback stopped after {self._seconds:g} s (call_timeout)")
 
 
-def handler_dropped(exc: BaseException, tb: TracebackType | None) -> TracebackType | None:
-    """``tb`` without its last entry when that is the watchdog's signal handler raising ``exc``:
-    the entry above it is where the code was when its time ran out, and the handler is no code
-    that code called (a trace that ended in it sent a Python author looking at pytclmilter)."""
+def internals_dropped(exc: BaseException, tb: TracebackType | None) -> TracebackType | None:
+    """``tb`` without its last entries when they are pytclmilter's code raising ``exc`` for the
+    code above: the watchdog's signal handler (that entry is where the code was when its time
+    ran out), the root import check's loader (the entry is the ``import`` refused). A trace that
+    ended in them sent a Python author looking at pytclmilter."""
     entries = []
     while tb is not None:
         entries.append(tb)
         tb = tb.tb_next
-    if not (isinstance(exc, CallbackTimeout) and len(entries) > 1 and _is_the_handler(entries[-1])):
+    kept_entries = len(entries)
+    while kept_entries > 1 and _raises_for_its_caller(exc, entries[kept_entries - 1]):
+        kept_entries -= 1
+    if kept_entries == len(entries):
         return entries[0] if entries else None
     kept = None
-    for entry in reversed(entries[:-1]):
+    for entry in reversed(entries[:kept_entries]):
         kept = TracebackType(kept, entry.tb_frame, entry.tb_lasti, entry.tb_lineno)
     return kept
 
 
-def _is_the_handler(entry: TracebackType) -> bool:
+def _raises_for_its_caller(exc: BaseException, entry: TracebackType) -> bool:
     """Compiled, the entry is mypyc's, named by the source path at build time."""
     code = entry.tb_frame.f_code
-    return code.co_name == "_expired" and os.path.basename(code.co_filename) == "limits.py"
+    if isinstance(exc, CallbackTimeout):
+        return code.co_name == "_expired" and os.path.basename(code.co_filename) == "limits.py"
+    return isinstance(exc, UnsafeModule) and os.path.basename(code.co_filename) == "rootimports.py"
 
 
 #: The limit of every Python callback (one watchdog for the process).

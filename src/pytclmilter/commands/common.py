@@ -19,7 +19,7 @@ from typing import Any, Callable, Mapping
 from ..client.archive import MAX_SIZE, TooLarge, read_at_most
 from ..client.message import Envelope, Message
 from ..hooks import Hooks
-from ..limits import CallbackTimeout, handler_dropped
+from ..limits import CallbackTimeout, internals_dropped
 from ..milter import Milter
 from .. import rootimports
 from ..safepath import Untrusted, open_trusted, os_reason
@@ -58,7 +58,7 @@ class HooksFailed(Exception):
         self.path = path
         #: The time limit of a reload's load stopped it (reloading.Generations._start).
         self.stopped = isinstance(exc, CallbackTimeout)
-        tb = _from_file(handler_dropped(exc, exc.__traceback__), path)
+        tb = _from_file(internals_dropped(exc, exc.__traceback__), path)
         self.detail = "".join(traceback.format_exception(type(exc), exc, tb)).rstrip("\n")
 
 

@@ -37,7 +37,7 @@ from types import TracebackType
 from typing import Any, Callable, Final, Sequence
 
 from ..context import Context
-from ..limits import PYTHON_LIMIT, CallbackTimeout, handler_dropped
+from ..limits import PYTHON_LIMIT, CallbackTimeout, internals_dropped
 from ..milter import Milter
 from ..protocol.codec import text
 from ..scripting import TclCommand, TclCommands, TclError
@@ -298,7 +298,7 @@ class PythonCommands:
         message = str(exc) or type(exc).__name__
         if isinstance(exc, (SystemExit, KeyboardInterrupt)):  # "3" would say nothing
             message = f"{type(exc).__name__}({exc})"
-        trace = "".join(traceback.format_exception(type(exc), exc, handler_dropped(exc, tb))).rstrip("\n")
+        trace = "".join(traceback.format_exception(type(exc), exc, internals_dropped(exc, tb))).rstrip("\n")
         return ("error", to_tcl(message), ("PYTHON", type(exc).__name__, to_tcl(message)),
                 to_tcl(f"{message}\n{trace}"))
 
@@ -306,4 +306,4 @@ class PythonCommands:
 def _where(exc: BaseException) -> str:
     """Where a stopped command was: its frames, without the exception line (whose seconds are
     the time that was left, not the limit)."""
-    return "".join(traceback.format_tb(_own_frames_dropped(handler_dropped(exc, exc.__traceback__)))).rstrip("\n")
+    return "".join(traceback.format_tb(_own_frames_dropped(internals_dropped(exc, exc.__traceback__)))).rstrip("\n")
