@@ -616,6 +616,11 @@ def test_a_python_file_that_fails_to_load_is_reported_by_file_with_its_traceback
         # sys.exit(3) ended the command silently with 3, which try reports as "discarded"
         "exits.py": ("import sys\ndef setup(milter):\n    sys.exit(3)\n", _EXITED.format(3), "line 3, in setup"),
         "exits_at_import.py": ("import sys\nsys.exit()\n", _EXITED.format(None), "line 2, in <module>"),
+        # neither an Exception nor sys.exit(): "unexpected error", pytclmilter's frames first
+        "base.py": ("class Stop(BaseException):\n    pass\ndef setup(milter):\n    raise Stop('no store')\n",
+                    "Stop: no store", "line 4, in setup"),
+        "generator_exit.py": ("raise GeneratorExit\ndef setup(milter):\n    pass\n", "GeneratorExit: ",
+                              "line 1, in <module>"),
     }
     for name, (source, message, where) in broken.items():
         hooks = tmp_path / name

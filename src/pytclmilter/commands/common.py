@@ -78,9 +78,17 @@ def _from_file(tb: TracebackType | None, path: str) -> TracebackType | None:
     return tb
 
 
-#: What a --python file's import or setup may raise that fails its load: sys.exit() too, which
-#: would otherwise end the command silently with the file's status as if it were the command's.
-_FAILURES = (Exception, CallbackTimeout, SystemExit)
+def _as_the_files(path: str, call: Callable[[], object]) -> None:
+    """``call`` (the --python file's import or setup); whatever it raises fails the load, as the
+    file's (HooksFailed): sys.exit() too, which would otherwise end the command with the file's
+    status as if it were the command's, and any other BaseException, which was an "unexpected
+    error" of pytclmilter's. KeyboardInterrupt alone goes on: it is a stop (Ctrl-C)."""
+    try:
+        call()
+    except KeyboardInterrupt:
+        raise
+    except BaseException as exc:  # noqa: BLE001 - any error of the file's: reported as the file's
+        raise HooksFailed(path, exc) from None
 
 
 def read_hooks(path: str) -> bytes:
@@ -135,24 +143,19 @@ def load_hooks(path: str, source: bytes, milter: Milter) -> None:
         raise UsageError(f"--python {path}: cannot be imported")
     spec = importlib.util.spec_from_file_location(name, path, loader=_CheckedSource(name, path, source))
     assert spec is not None and spec.loader is not None  # (given a loader, it makes a spec)
+    loader = spec.loader
     module = importlib.util.module_from_spec(spec)
     # Registered as an import would be: @dataclass and pickling look the module up by name. A
     # reload's import replaces the entry; the old generation keeps its module through its callbacks.
     sys.modules[spec.name] = module
-    try:
-        spec.loader.exec_module(module)
-    except _FAILURES as exc:  # noqa: BLE001 - any error of the file's: reported as the file's
-        raise HooksFailed(path, exc) from None
+    _as_the_files(path, lambda: loader.exec_module(module))
     setup = getattr(module, "setup", None)
     if not callable(setup):
         raise UsageError(f"--python {path}: has no setup(milter) function")
     if is_async(setup):  # (its coroutine would never run: no callback registered, and no error)
         raise UsageError(f"--python {path}: setup(milter) must be a plain function, not async: it runs "
                          "once, while the script loads")
-    try:
-        setup(milter)
-    except _FAILURES as exc:  # noqa: BLE001
-        raise HooksFailed(path, exc) from None
+    _as_the_files(path, lambda: setup(milter))
 
 
 def add_script_options(p: argparse.ArgumentParser) -> None:
