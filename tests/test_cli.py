@@ -12,9 +12,11 @@ Exit statuses (docs/cli.md): try/send 0 accepted, 1 rejected, 2 tempfail,
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import functools
 import grp
+import importlib.util
 import json
 import os
 import pwd
@@ -1565,6 +1567,39 @@ def test_send_to_a_running_filter_gives_the_same_report_as_try(serve: Callable[.
     assert status == 0 and json_of(out)["verdict"] == "accept"
     m.wait_for(r"conn#\d+: verdict accept at eom client=mail.example.net\[192.0.2.7\] from=")
     assert m.stop() == 0
+
+
+@pytest.mark.skipif(importlib.util.find_spec("uvloop") is None, reason="uvloop is not installed")
+def test_a_conversation_cut_before_its_first_packet_is_a_failed_outcome_on_uvloop(tmp_path: Path) -> None:
+    """`try` converses on the milter's loop, uvloop's when installed. A Ctrl-C that stopped the
+    milter between the client's connect and the accept reset the connection, and uvloop's
+    closed transport raised RuntimeError at the first write: a traceback and exit 1. The
+    conversation now fails as on any broken connection (tempfail, "the filter closed ...")."""
+    import uvloop
+
+    from pytclmilter.client.conversation import converse
+    from pytclmilter.client.load import connect
+    from pytclmilter.client.message import Envelope
+    from pytclmilter.connspec import parse
+
+    path = tmp_path / "m.sock"
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(str(path))
+    listener.listen(1)
+
+    async def cut() -> Any:
+        reader, writer = await connect(parse(f"unix:{path}"))  # queued, never accepted
+        listener.close()  # as the milter's stop closes its socket: the connection is reset
+        for _ in range(1000):  # (uvloop closes the transport when it reads the reset)
+            if writer.is_closing():
+                break
+            await asyncio.sleep(0.01)
+        assert writer.is_closing()
+        return await converse(reader, writer, Envelope("<a@example.org>", ["<b@example.org>"]),
+                              Message.parse(b"Subject: x\r\n\r\nhi\r\n"))
+
+    outcome = uvloop.run(cut())
+    assert (outcome.verdict, outcome.error) == ("tempfail", "the filter closed the connection"), outcome
 
 
 def test_run_logs_the_sender_of_a_verdict_when_the_script_has_no_envfrom_callback(

@@ -80,7 +80,10 @@ class Conversation:
     # ------------------------------------------------------------ wire
 
     def _send(self, *events: ev.Event) -> None:
-        self.writer.write(b"".join(encode_command(e) for e in events))
+        try:
+            self.writer.write(b"".join(encode_command(e) for e in events))
+        except RuntimeError:  # uvloop's, on a transport closed by a reset (asyncio's drops the bytes)
+            raise ConversationError("the filter closed the connection") from None
 
     async def _recv(self) -> ev.Reply:
         while True:

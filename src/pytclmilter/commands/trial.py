@@ -28,7 +28,7 @@ from ..client.archive import MBOX_MAGIC, Item, Listing, TooLarge, copy_stream, o
 from ..client.batch import Tally, Verdict, about, comparison, comparison_summary, error_line, line
 from ..client.conversation import Outcome, converse
 from ..client.load import connect, one
-from ..client.message import Message
+from ..client.message import Envelope, Message
 from ..client.report import EXIT_CODES, as_text, to_json
 from ..client.streamed import StreamedMbox
 from ..connspec import ConnSpec
@@ -153,6 +153,7 @@ def _serve(opts: argparse.Namespace, script: str, socket: str,
     listened: list[bool] = []
     done: list[bool] = []
     failed: list[Exception] = []
+    stops: list[signal.Signals] = []
 
     async def converse(spec: ConnSpec) -> None:
         listened.append(True)
@@ -169,6 +170,7 @@ def _serve(opts: argparse.Namespace, script: str, socket: str,
         asyncio.ensure_future(converse(spec))
 
     def on_signal(sig: signal.Signals) -> None:
+        stops.append(sig)
         if signalled is not None:
             signalled(sig)
 
@@ -195,6 +197,8 @@ def _serve(opts: argparse.Namespace, script: str, socket: str,
             if exited.code is None and not host.command.ended_at_main:
                 print(host.error_info(), file=sys.stderr)
                 return EX_SOFTWARE
+        if stops and not done:
+            return _interrupted(stops[0], "before every message was tried")
         if failed:
             raise failed[0]
         if not listened:
@@ -208,19 +212,29 @@ def _serve(opts: argparse.Namespace, script: str, socket: str,
         host.flush_channels(ending=True)  # what the script wrote (as Tcl's exit)
 
 
+def _interrupted(sig: signal.Signals, what: str) -> int:
+    """A stop signal (Ctrl-C) came while the milter served, and cut what it was doing: said, and
+    the status of a process that signal ended (130 for SIGINT), as before serving."""
+    print(f"pytclmilter: interrupted ({sig.name}) {what}", file=sys.stderr)
+    return 128 + sig
+
+
 def _single(opts: argparse.Namespace, path: str, workdir: str) -> int:
     """One message: the stage-by-stage report, the exit status of its verdict."""
     opts.message = path
     msg, env = read_message(opts)
     outcomes: list[Outcome] = []
+    stops: list[signal.Signals] = []
 
     async def work(spec: ConnSpec, wait: float | None) -> None:
         outcomes.append(await one(spec, env, msg, wait))
 
-    failure = _serve(opts, opts.script, os.path.join(workdir, _TRY_SOCKET), work)
+    failure = _serve(opts, opts.script, os.path.join(workdir, _TRY_SOCKET), work, stops.append)
     if failure is not None:
         return failure
     outcome = outcomes[0]
+    if stops and outcome.error:  # (not cut: the stop's grace let it finish, and it is reported)
+        return _interrupted(stops[0], "before the message was answered")
     result = delivered(outcome, msg, env)
     print(to_json(outcome, result) if opts.json else as_text(outcome, result))
     return EXIT_CODES.get(outcome.verdict, 2)
@@ -248,20 +262,33 @@ def _run_all(opts: argparse.Namespace, script: str, listing: Listing | StreamedM
                 continue
             msg = Message.parse(item.raw)
             env = envelope_of(opts, msg, f"4TRY{n:07d}")
-            try:
-                if signalled:
-                    stopped = note = f"interrupted ({signalled[0].name})"
-                else:
-                    reader, writer = await connect(spec)
-            except OSError as exc:
-                stopped, note = "the filter stopped serving", f"{escape(script)} no longer serves ({escape(str(exc))})"
-            if stopped:
+            outcome, stopped, note = await attempt(spec, env, msg, wait)
+            if outcome is None:
                 _say_not_tried(note, item)
                 if isinstance(listing, StreamedMbox):
                     listing.interrupt()
                 each(n, replace(item, error=f"not tried: {stopped}"), "", None)
                 continue
-            each(n, item, about(env, msg), Verdict.of(await converse(reader, writer, env, msg, wait)))
+            each(n, item, about(env, msg), Verdict.of(outcome))
+
+    async def attempt(spec: ConnSpec, env: Envelope, msg: Message, wait: float | None) -> tuple[Outcome | None, str, str]:
+        """The message's outcome; else why it was not tried, and the note on stderr saying so:
+        the filter no longer serves, or a stop signal (Ctrl-C) came before its reply, which
+        either cut the connection or ended the loop first (its task cancelled)."""
+        if not signalled:
+            outcome: Outcome | None = None
+            try:
+                reader, writer = await connect(spec)
+                outcome = await converse(reader, writer, env, msg, wait)  # (it raises no OSError)
+            except OSError as exc:
+                return None, "the filter stopped serving", f"{escape(script)} no longer serves ({escape(str(exc))})"
+            except asyncio.CancelledError:
+                if not signalled:
+                    raise
+            if not signalled or (outcome is not None and not outcome.error):
+                return outcome, "", ""
+        why = f"interrupted ({signalled[0].name})"
+        return None, why, why
 
     return _serve(opts, script, socket, work, stop_signal)
 
