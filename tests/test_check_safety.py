@@ -23,7 +23,7 @@ def test_check_does_not_run_the_code_after_milter_main(tmp_path: Path) -> None:
         f"file delete {victim}\n"
     )
     out, status = pexpect.run(f"{sys.executable} -m pytclmilter.cli check {script}", withexitstatus=True,
-                              encoding="utf-8", timeout=30)
+                              encoding="utf-8", timeout=30, use_poll=True)
     assert status == 0, out
     assert "envfrom   tcl    from" in out
     assert victim.exists(), "check ran the script's code after milter main"
@@ -34,7 +34,7 @@ PLAIN = Path(__file__).parent / "data" / "plain.eml"
 
 def _cli(*args: str) -> tuple[int, str]:
     command = shlex.join([sys.executable, "-m", "pytclmilter.cli", *args])
-    out, status = pexpect.run(command, withexitstatus=True, encoding="utf-8", timeout=60)
+    out, status = pexpect.run(command, withexitstatus=True, encoding="utf-8", timeout=60, use_poll=True)
     return status, out
 
 

@@ -65,11 +65,41 @@ def cli(*args: str, env: dict[str, str] | None = None, timeout: float = 30) -> t
     """Run ``pytclmilter ARGS`` on a pty until it ends; (exit status, output with LF line ends)."""
     full_env = child_env(env)
     child = pexpect.spawn(PYTCLMILTER[0], [*PYTCLMILTER[1:], *map(str, args)], env=full_env, cwd=str(ROOT),
-                          encoding="utf-8", codec_errors="replace", timeout=timeout, echo=False)
+                          encoding="utf-8", codec_errors="replace", timeout=timeout, echo=False, use_poll=True)
     out = child.read()  # everything, until the command exits
     child.close()
     status = child.exitstatus if child.exitstatus is not None else -(child.signalstatus or 0)
     return status, out.replace("\r\n", "\n")
+
+
+@contextlib.contextmanager
+def descriptors_past_1023() -> Iterator[None]:
+    """This process holding descriptors up to past 1023 meanwhile, as a test with a thousand
+    clients open does: what it opens next gets a number select() cannot watch."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < 1200:
+        if hard != resource.RLIM_INFINITY and hard < 1200:
+            pytest.skip(f"RLIMIT_NOFILE hard limit {hard} < 1200")
+        resource.setrlimit(resource.RLIMIT_NOFILE, (1200, hard))
+    held = [os.open(os.devnull, os.O_RDONLY)]
+    while held[-1] < 1100:
+        held.append(os.open(os.devnull, os.O_RDONLY))
+    try:
+        yield
+    finally:
+        for fd in held:
+            os.close(fd)
+
+
+def test_the_tests_read_a_command_they_start_past_descriptor_1023(serve: Callable[..., TclRun]) -> None:
+    """pexpect reads with select() unless told to poll, and so did the reader of a `run` under
+    test: past descriptor 1023 each failed ("filedescriptor out of range in select()"), the
+    reader saw the process as ended, in a test holding a thousand clients open."""
+    with descriptors_past_1023():
+        status, out = cli("check", str(STAMP))
+        assert status == 0 and f"{STAMP}: loaded" in out, out
+        m = serve(STAMP, "--connection", "inet:0@127.0.0.1")
+        assert m.stop() == 0
 
 
 def json_of(output: str) -> dict[str, Any]:
@@ -1413,7 +1443,7 @@ def test_ctrl_c_stops_a_script_that_loops_while_loading_as_tclsh_does(command: s
     extra = ["--connection", "inet:0@127.0.0.1"] if command == "run" else []
     message = [str(DATA / "plain.eml")] if command == "try" else []
     child = pexpect.spawn(PYTCLMILTER[0], [*PYTCLMILTER[1:], command, str(script), *message, *extra],
-                          env=child_env(), encoding="utf-8", timeout=10)
+                          env=child_env(), encoding="utf-8", timeout=10, use_poll=True)
     try:
         child.expect("looping")
         time.sleep(0.3)
@@ -2026,7 +2056,8 @@ def sample_milter_binary(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def sample_milter(sample_milter_binary: Path) -> Iterator[str]:
     """The libmilter filter serving on a free port; its connection spec."""
     spec = f"inet:{free_port()}@127.0.0.1"
-    child = pexpect.spawn(str(sample_milter_binary), [spec, "spammer@spamdomain.com"], encoding="utf-8", timeout=10)
+    child = pexpect.spawn(str(sample_milter_binary), [spec, "spammer@spamdomain.com"], encoding="utf-8", timeout=10,
+                          use_poll=True)
     try:
         child.expect(r"sample_milter: listening on \S+")
         yield spec

@@ -354,7 +354,7 @@ def test_try_mbox_from_standard_input(tmp_path: Path) -> None:
     box = write_mbox(tmp_path / "archive.mbox", (DATA / "plain.eml").read_bytes(),
                      (DATA / "blacklisted.eml").read_bytes())
     child = pexpect.spawn("/bin/sh", ["-c", f'exec "$@" < {box}', "sh", *PYTCLMILTER, "try", str(BLACKLIST), "-"],
-                          env=child_env(None), cwd=str(ROOT), encoding="utf-8", timeout=30, echo=False)
+                          env=child_env(None), cwd=str(ROOT), encoding="utf-8", timeout=30, echo=False, use_poll=True)
     out = child.read().replace("\r\n", "\n")
     child.close()
     assert output_lines(out)[-1] == "summary: 2 messages: 1 accept, 1 reject", out
@@ -449,7 +449,7 @@ def test_try_an_mbox_from_a_stream_is_cut_into_messages_as_from_its_file(tmp_pat
 def spawn_in_bash(command: str, *args: str, env: dict[str, str] | None = None) -> pexpect.spawn:
     """``pytclmilter ARGS`` run by bash as ``"$@" COMMAND``: COMMAND may use process substitution."""
     return pexpect.spawn("bash", ["-c", f'"$@" {command}', "bash", *PYTCLMILTER, *args], env=child_env(env),
-                         cwd=str(ROOT), encoding="utf-8", timeout=30, echo=False)
+                         cwd=str(ROOT), encoding="utf-8", timeout=30, echo=False, use_poll=True)
 
 
 def run_in_bash(command: str, *args: str, env: dict[str, str] | None = None) -> tuple[int, str]:
@@ -666,7 +666,7 @@ def test_ctrl_c_during_a_batch_counts_every_message_once(tmp_path: Path, compare
     box = write_mbox(tmp_path / "archive.mbox", plain, plain, plain, plain)
     other = ["--compare", str(nothing)] if compare else []
     child = pexpect.spawn(PYTCLMILTER[0], [*PYTCLMILTER[1:], "try", str(script), str(box), *other],
-                          env=child_env(), encoding="utf-8", timeout=30, echo=False)
+                          env=child_env(), encoding="utf-8", timeout=30, echo=False, use_poll=True)
     child.expect("busy")
     child.sendintr()
     out = child.read().replace("\r\n", "\n")

@@ -791,7 +791,7 @@ def test_signals_stop_the_milter_cleanly(sockdir, sig):
     with open(script, "w") as f:
         f.write(SCRIPT)
     path = os.path.join(sockdir, "sig.sock")
-    child = pexpect.spawn(sys.executable, [script, path, "5"], timeout=10, encoding="utf-8")
+    child = pexpect.spawn(sys.executable, [script, path, "5"], timeout=10, encoding="utf-8", use_poll=True)
     try:
         child.expect("LISTENING unix:" + path)
         assert os.path.exists(path)
@@ -841,7 +841,8 @@ def test_a_signal_hook_that_fails_is_logged_and_the_milter_stops_all_the_same(so
     with open(script, "w") as f:
         f.write(FAILING_SIGNAL_HOOK)
     path = os.path.join(sockdir, "hook.sock")
-    child = pexpect.spawn(sys.executable, [script, path, str(workers), failure], timeout=15, encoding="utf-8")
+    child = pexpect.spawn(sys.executable, [script, path, str(workers), failure], timeout=15, encoding="utf-8",
+                          use_poll=True)
     try:
         child.expect("LISTENING unix:" + path)
         child.kill(signal.SIGTERM)

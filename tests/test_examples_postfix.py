@@ -35,7 +35,7 @@ def example(tmp_path: Path) -> Iterator[Callable[..., str]]:
     def start(script: str, *options: str, args: tuple[str, ...] = ()) -> str:
         argv = ["-m", "pytclmilter.cli", "run", str(EXAMPLES / script), "--connection", "inet:0@127.0.0.1",
                 *options, *(("--", *args) if args else ())]
-        child = pexpect.spawn(sys.executable, argv, cwd=str(tmp_path), encoding="utf-8", timeout=20)
+        child = pexpect.spawn(sys.executable, argv, cwd=str(tmp_path), encoding="utf-8", timeout=20, use_poll=True)
         children.append(child)
         child.expect(r"listening on inet:(\d+)@127\.0\.0\.1")
         return f"inet:127.0.0.1:{child.match.group(1)}"

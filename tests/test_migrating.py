@@ -44,7 +44,7 @@ def report(args: list[str]) -> dict[str, Any]:
     command = _pytclmilter_command()
     args = [*command[1:], *args]
     child = pexpect.spawn(command[0], args, env=child_env(), cwd=str(ROOT), encoding="utf-8", timeout=30,
-                          echo=False)
+                          echo=False, use_poll=True)
     out = child.read().replace("\r\n", "\n")
     child.close()
     start = re.search(r"^\{$", out, re.M)

@@ -27,7 +27,7 @@ def auth_policy(tmp_path: Path) -> Iterator[str]:
     child = pexpect.spawn(
         sys.executable,
         ["-m", "pytclmilter.cli", "run", str(POLICY), "--connection", "inet:0@127.0.0.1"],
-        cwd=str(tmp_path), encoding="utf-8", timeout=20,
+        cwd=str(tmp_path), encoding="utf-8", timeout=20, use_poll=True
     )
     child.expect(r"AuthPolicy listening on inet:(\d+)@127\.0\.0\.1")
     yield f"inet:127.0.0.1:{child.match.group(1)}"

@@ -128,7 +128,7 @@ def blacklist_milter(tmp_path: Path) -> Iterator[str]:
     child = pexpect.spawn(
         sys.executable,
         ["-m", "pytclmilter.cli", "run", str(BLACKLIST), "--connection", "inet:0@127.0.0.1"],
-        cwd=str(tmp_path), encoding="utf-8", timeout=20,
+        cwd=str(tmp_path), encoding="utf-8", timeout=20, use_poll=True
     )
     child.expect(r"Blacklist listening on inet:(\d+)@127\.0\.0\.1")
     port = int(child.match.group(1))

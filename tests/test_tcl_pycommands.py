@@ -29,7 +29,7 @@ def cli(*args: str, timeout: float = 30) -> tuple[int, str]:
     """``pytclmilter ARGS`` on a pty until it ends: (exit status, output with LF line ends)."""
     command = _pytclmilter_command()
     child = pexpect.spawn(command[0], [*command[1:], *args], env=child_env(), cwd=str(ROOT), encoding="utf-8",
-                          codec_errors="replace", timeout=timeout, echo=False)
+                          codec_errors="replace", timeout=timeout, echo=False, use_poll=True)
     out = child.read()
     child.close()
     return child.exitstatus if child.exitstatus is not None else -(child.signalstatus or 0), out.replace("\r\n", "\n")

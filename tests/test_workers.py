@@ -55,7 +55,7 @@ def two_workers(tmp_path: Path) -> tuple[pexpect.spawn, str]:
     script.write_text(SCRIPT)
     sock = str(tmp_path / "w.sock")
     child = pexpect.spawn(sys.executable, ["-m", "pytclmilter.cli", "run", str(script), "--workers", "2",
-                                           "--connection", f"unix:{sock}"], encoding="utf-8", timeout=20)
+                                           "--connection", f"unix:{sock}"], encoding="utf-8", timeout=20, use_poll=True)
     child.expect("listening on unix:")
     child.expect("2 workers serving")
     return child, sock
@@ -143,7 +143,8 @@ def test_a_stop_right_after_the_listening_line_stops_every_worker(tmp_path: Path
     for attempt in range(5):
         sock = str(tmp_path / f"w{attempt}.sock")
         child = pexpect.spawn(sys.executable, ["-m", "pytclmilter.cli", "run", str(script), "--workers", "3",
-                                               "--connection", f"unix:{sock}"], encoding="utf-8", timeout=15)
+                                               "--connection", f"unix:{sock}"], encoding="utf-8", timeout=15,
+                              use_poll=True)
         try:
             child.expect("listening on unix:")
             child.kill(signal.SIGTERM)
@@ -300,7 +301,7 @@ def test_the_workers_line_escapes_the_scripts_socket_path(tmp_path: Path) -> Non
     script.write_text(SCRIPT)
     sock = str(tmp_path / "w\x1b\nFAKE.sock")
     child = pexpect.spawn(sys.executable, ["-m", "pytclmilter.cli", "run", str(script), "--workers", "2",
-                                           "--connection", f"unix:{sock}"], encoding="utf-8", timeout=20)
+                                           "--connection", f"unix:{sock}"], encoding="utf-8", timeout=20, use_poll=True)
     try:
         child.expect(r"2 workers serving (\S+)\r?\n")
         assert child.match.group(1) == f"unix:{tmp_path}/w\\x1b\\nFAKE.sock"

@@ -123,7 +123,7 @@ class TclRun:
         full_env = child_env(env)
         self.child = pexpect.spawn(
             self.argv[0], self.argv[1:], env=full_env, cwd=cwd, encoding="utf-8",
-            codec_errors="replace", timeout=None, echo=False, preexec_fn=preexec_fn,
+            codec_errors="replace", timeout=None, echo=False, preexec_fn=preexec_fn, use_poll=True,
         )
         self._fd = os.dup(self.child.child_fd)  # the reader's own: close() cannot give its number to another file
         self._reader = threading.Thread(target=self._read, name=f"tclrun-{self.child.pid}", daemon=True)
@@ -144,11 +144,12 @@ class TclRun:
         """
         decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         fd = self._fd
+        ready = select.poll()  # (select() fails past descriptor 1023: a test holding many clients)
+        ready.register(fd, select.POLLIN)
         try:
             while not self._stop.is_set():
                 try:
-                    ready, _, _ = select.select([fd], [], [], 0.2)
-                    if not ready:
+                    if not ready.poll(200):
                         continue
                     data = os.read(fd, 65536)
                 except (OSError, ValueError):  # EIO: the pty's last holder closed it; EBADF: close()
