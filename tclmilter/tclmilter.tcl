@@ -218,8 +218,20 @@ if {[llength [info commands ::tclmilter::py::milter]]} {
         }
     }
 
-    if {![catch {package require Thread}] && [llength [info commands ::tclmilter::py::threads]]} {
-        ::tclmilter::trace_threads add
+    # The traces, once Thread's commands are here: in this interpreter now, and in one the
+    # script creates when it loads Thread (threads.py's `load` trace calls this). Once only:
+    # threads_used removes them at the first use.
+    proc ::tclmilter::watch_threads {} {
+        variable threads_watched
+        if {![info exists threads_watched] && [llength [info commands ::thread::id]]
+                && [llength [info commands ::tclmilter::py::threads]]} {
+            set threads_watched 1
+            ::tclmilter::trace_threads add
+        }
+    }
+
+    if {![catch {package require Thread}]} {
+        ::tclmilter::watch_threads
     }
 } else {
     # A secondary thread or a foreign interpreter: only `milter stop` works here.

@@ -374,3 +374,33 @@ def test_a_script_that_used_threads_is_kept_and_a_later_one_cannot_use_them(tclr
     run.wait_for(r"ERROR: reload: generation 2 not loaded, generation 1 serves on unchanged: the serving script "
                  r"has used the Thread package, .* restart instead")
     assert run.stop() == 0
+
+
+CHILD_USES_THREADS = r"""
+package require TclMilter 1.0
+interp create c
+c eval {
+    package require Thread
+    thread::join [thread::create -joinable {error "from <a\x1b\[2J@b>\nERROR: forged line"}]
+}
+milter main
+"""
+
+
+def test_threads_used_only_by_an_interpreter_the_script_created_are_the_scripts(tclrun, tmp_path):
+    """Where only an interpreter the script created ran thread:: commands, the script's first
+    thread:: command was never seen: a thread's error went to stderr raw (``Error from thread``,
+    an ESC, a forged line), and a reload replaced the script, deleting the interpreter Thread
+    sends this thread's scripts to. Now the error is logged escaped and the script is kept."""
+    script = tmp_path / "child.tcl"
+    script.write_text(CHILD_USES_THREADS)
+    run = tclrun(script)
+    what = r"ERROR: error in thread tid0x[0-9a-f]+ \(thread::send -async, or the thread's own script\): "
+    run.wait_for(what)
+    run.child.kill(signal.SIGUSR1)
+    run.wait_for(r"ERROR: reload: generation 2 not loaded, generation 1 serves on unchanged: the serving script "
+                 r"has used the Thread package, .* restart instead")
+    assert run.stop() == 0
+    assert re.search(what + r"from <a\\x1b\[2J@b>\\nERROR: forged line\n  from <a\\x1b\[2J@b>\n"
+                     r"  ERROR: forged line\n    while executing\n", run.text), run.text
+    assert "\x1b" not in run.text and "Error from thread" not in run.text, run.text

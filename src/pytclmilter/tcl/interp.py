@@ -114,7 +114,10 @@ proc ::tclmilter::py::interp_made {command code result op} {
 
 # An interpreter the script creates (`interp create`, in those too; traced) reports its `after` and
 # `fileevent` errors as the script's does (its own ::bgerror first, then the log) where Tcl would
-# print them raw on stderr; a safe one's Tcl drops, and still does.
+# print them raw on stderr; a safe one's Tcl drops, and still does. Its first thread:: command,
+# too, does what the script's does (tclmilter.tcl's threads_used): where it is the process's
+# first, this host keeps the script (TclHost.thread_home) and Thread's errorproc logs a thread's
+# error, which Thread wrote raw on stderr.
 # It returns the command's result: Tcl gives that of a leave trace to the next one (rootfiles.py's).
 # Its `puts` to stdout and stderr is escaped as the script's is (tcl/output.py), a safe one's too,
 # and so are those it creates (a safe one's, with a channel shared, or once marked trusted); one
@@ -128,9 +131,15 @@ proc ::tclmilter::py::bg_made {parent command code result op} {
     interp eval $path [list trace add execution ::interp leave ::tclmilter::py::bg_made]
     if {[interp issafe $path]} { return $result }
     interp eval $path $::tclmilter::py::threadsprelude
-    interp alias $path ::tclmilter::py::bgerror {} ::tclmilter::py::bgerror
-    set body [interp eval [lindex $path 0] [list info body ::tclmilter::bgerror]]
-    interp eval $path [list namespace eval ::tclmilter [list proc bgerror {message options} $body]]
+    foreach name {bgerror threads thread_error poll_next} {
+        interp alias $path ::tclmilter::py::$name {} ::tclmilter::py::$name
+    }
+    foreach name {bgerror threads_used thread_error trace_threads watch_threads} {
+        set from [list interp eval [lindex $path 0]]
+        set procedure [list proc $name [{*}$from [list info args ::tclmilter::$name]] \
+            [{*}$from [list info body ::tclmilter::$name]]]
+        interp eval $path [list namespace eval ::tclmilter $procedure]
+    }
     interp bgerror $path ::tclmilter::bgerror
     return $result
 }
@@ -392,9 +401,6 @@ class TclHost:
         rootfiles.install(self._register, call, child)
         self.child_call("lappend", "auto_path", libdir)
         self.child_call("package", "require", "TclMilter")
-        for name in ("::thread::create", "::tpool::create", "::tpool::post"):  # see `quiet`
-            if self.child_call("info", "commands", name):
-                self.child_call("trace", "add", "execution", name, "enter", "::tclmilter::py::poll_next")
         for name in ("::fileevent", "::tcl::chan::event"):  # (`chan event` is not `fileevent`)
             self.child_call("trace", "add", "execution", name, "enter", "::tclmilter::py::watched")
         self.child_call("trace", "add", "execution", "::interp", "leave", "::tclmilter::py::interp_made")

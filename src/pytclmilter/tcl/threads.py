@@ -78,6 +78,7 @@ proc ::tclmilter::py::wrapthreads {} {
             }
             ::tclmilter::py::threadcall ::tclmilter::py::thread_create thread::create $args
         }
+        ::tclmilter::py::polled ::thread::create
     }
     if {[llength [info commands ::tpool::create]] && ![llength [info procs ::tpool::create]]} {
         rename ::tpool::create ::tclmilter::py::tpool_create
@@ -95,6 +96,16 @@ proc ::tclmilter::py::wrapthreads {} {
             }
             ::tclmilter::py::threadcall ::tclmilter::py::tpool_create tpool::create $args
         }
+        ::tclmilter::py::polled ::tpool::create ::tpool::post
+    }
+    # (an interpreter of the script's thread: tclmilter.tcl's traces of the first thread:: command)
+    if {[llength [info procs ::tclmilter::watch_threads]]} { ::tclmilter::watch_threads }
+}
+# In an interpreter of the script's thread: its commands that start threads make the host look
+# for what a short-lived thread sent (interp.py's `quiet`).
+proc ::tclmilter::py::polled {args} {
+    if {[llength [info commands ::tclmilter::py::poll_next]]} {
+        foreach name $args { trace add execution $name enter ::tclmilter::py::poll_next }
     }
 }
 # Tcl's command under the proc's name, as in its usage errors.
