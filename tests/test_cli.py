@@ -1576,6 +1576,83 @@ def test_run_prints_the_error_that_ends_its_start_with_controls_escaped(tmp_path
     assert "bad\\x1b[2Jname\\rERROR: forged\n    while executing\n" in out, out
 
 
+@pytest.mark.parametrize("command", ["check", "try"])
+def test_check_and_try_print_a_script_error_with_controls_escaped(command: str, tmp_path: Path) -> None:
+    """check and try printed a script error's message and errorInfo as they were: an escape
+    sequence reached the terminal, a CR wrote over the line. Now as run prints them."""
+    script = tmp_path / "esc.tcl"
+    script.write_text('package require TclMilter\nerror "bad\\x1b\\[2Jname\\rERROR: forged"\nmilter main\n')
+    status, out = cli(command, str(script), *([str(DATA / "plain.eml")] if command == "try" else []))
+    assert status in (1, 70), out
+    assert "\x1b" not in out and "\r" not in out, repr(out)
+    assert "bad\\x1b[2Jname\\rERROR: forged\n    while executing\n" in out, out
+    if command == "check":
+        assert out.startswith(f"{script}:2: error: bad\\x1b[2Jname\\rERROR: forged\n"), out
+
+
+def test_check_lists_a_callbacks_name_with_controls_escaped(tmp_path: Path) -> None:
+    """check listed a callback by its name as the script registered it, and its problem too:
+    raw, an ESC in the name reached the terminal."""
+    script = tmp_path / "name.tcl"
+    script.write_text('package require TclMilter\nmilter register eom "no\\x1b\\[2Jproc"\nmilter main\n')
+    status, out = cli("check", str(script))
+    assert status == 1 and "\x1b" not in out, repr(out)
+    assert "  eom       tcl    no\\x1b[2Jproc\n" in out, out
+    assert f'{script}: error: eom callback "no\\x1b[2Jproc": invalid command name "no\\x1b[2Jproc"' in out, out
+
+
+@pytest.mark.parametrize("command", ["run", "check", "try"])
+def test_a_huge_script_error_is_printed_bounded(command: str, tmp_path: Path) -> None:
+    """A script failing at its start with a 10 MB message, 300 procedures deep, had its errorInfo
+    printed whole (20 MB and 900 lines, the message twice). Now as a log record is bounded: each
+    line's two ends, the first 40 and the last 10 lines, each cut saying what it left out."""
+    script = tmp_path / "huge.tcl"
+    script.write_text("package require TclMilter\n"
+                      "proc p {n} { if {$n} { p [expr {$n - 1}] } else { error [string repeat x 10000000] } }\n"
+                      "p 300\nmilter main\n")
+    args = {"run": ["--connection", "inet:0@127.0.0.1"], "check": [], "try": [str(DATA / "plain.eml")]}[command]
+    status, out = cli(command, str(script), *args, timeout=120)
+    assert status in (1, 70), out[-2000:]
+    assert len(out) < 20_000, len(out)
+    assert f"x ... ({10_000_000 - 800} characters left out) ... x" in out, out
+    assert re.search(r"\n\.\.\. \(\d+ lines left out\) \.\.\.\n", out), out
+    assert out.rstrip().endswith(f'    (file "{script}" line 3)'), out
+
+
+@pytest.mark.parametrize("command", ["run", "check"])
+def test_a_huge_callback_name_is_printed_bounded(command: str, tmp_path: Path) -> None:
+    """A callback registered by a name of a megabyte that names no command: the line saying
+    so was printed whole (twice the name, and by check in the callbacks' list too)."""
+    script = tmp_path / "name.tcl"
+    script.write_text("package require TclMilter\nmilter register eom [string repeat x 1000000]\n"
+                      "milter configure -connection inet:0@127.0.0.1\nmilter main\n")
+    status, out = cli(command, str(script))
+    assert status == 1 and len(out) < 20_000, len(out)
+    assert re.search(r"^\S+name.tcl: error: eom callback \"x+ \.\.\. \(\d+ characters left out\) \.\.\. x+\"$",
+                     out, re.M), out
+
+
+def test_a_python_files_failure_is_printed_with_controls_escaped(tmp_path: Path) -> None:
+    """The traceback of a --python file's failing setup() (its exception quoting what it read)
+    was printed raw below its escaped first line: an ESC reached the terminal."""
+    script = tmp_path / "ok.tcl"
+    script.write_text("package require TclMilter\nmilter main\n")
+    hooks = tmp_path / "hooks.py"
+    hooks.write_text("def setup(milter):\n    raise ValueError('bad\\x1b[2J entry')\n")
+    status, out = cli("check", str(script), "--python", str(hooks))
+    assert status == 1 and "\x1b" not in out, repr(out)
+    assert "\nValueError: bad\\x1b[2J entry\n" in out, out
+
+
+def test_a_usage_error_prints_a_file_name_with_controls_escaped(tmp_path: Path) -> None:
+    """A message file's name (as a shell's glob gave it) was printed raw in the usage error."""
+    script = tmp_path / "ok.tcl"
+    script.write_text("package require TclMilter\nmilter main\n")
+    status, out = cli("try", str(script), str(tmp_path / "no\x1b[2J.eml"))
+    assert status == 66 and "\x1b" not in out, repr(out)
+    assert f"pytclmilter try: {tmp_path}/no\\x1b[2J.eml: No such file or directory\n" in out, out
+
+
 @pytest.mark.parametrize("command", ["run", "check"])
 def test_without_a_script_usage_names_the_script_alone(command: str) -> None:
     """The script's arguments are optional; the usage error listed them as required too."""

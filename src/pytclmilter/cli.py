@@ -9,7 +9,7 @@ from typing import Callable, NoReturn, Sequence
 from . import __version__
 from .commands import check, run, send, sigmask, trial
 from .commands.common import EX_SOFTWARE, EX_USAGE, HooksFailed, UnsafeFile, UsageError
-from .logline import escape, tell_counts
+from .logline import controls_escaped, escape, tell_counts
 
 _COMMANDS: dict[str, tuple[Callable[..., argparse.ArgumentParser], Callable[[argparse.Namespace], int]]] = {
     "run": (run.add_parser, run.cmd_run),
@@ -66,12 +66,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return _COMMANDS[argv[0]][1](opts)
     except UsageError as exc:
-        print(f"pytclmilter {argv[0]}: {exc}", file=sys.stderr)
+        print(f"pytclmilter {argv[0]}: {controls_escaped(str(exc))}", file=sys.stderr)  # (a file's name, Tcl's reason)
         if isinstance(exc, UnsafeFile) and argv[0] == "try":  # (1 would read as "rejected")
             return EX_SOFTWARE
         return exc.status
     except HooksFailed as exc:  # the traceback from the file's frames, not from ours
-        print(f"pytclmilter {argv[0]}: {escape(str(exc))}\n{exc.detail}", file=sys.stderr)  # one line, then it
+        # one line, then its traceback (a --python file's exception may quote what it read)
+        print(f"pytclmilter {argv[0]}: {escape(str(exc))}\n{controls_escaped(exc.detail)}", file=sys.stderr)
         return EX_SOFTWARE if argv[0] == "try" else 1
     except KeyboardInterrupt:
         print("pytclmilter: interrupted", file=sys.stderr)

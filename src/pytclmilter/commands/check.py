@@ -16,6 +16,7 @@ import tkinter
 from typing import Any, Final
 
 from ..callbacks import EVENT_ARGS, Callback, not_accepted
+from ..logline import controls_escaped, escape, one_line
 from ..protocol.constants import Action, Proto, flag_names
 from ..protocol.events import OptionNegotiation
 from ..protocol.negotiation import negotiate
@@ -178,21 +179,22 @@ def cmd_check(opts: argparse.Namespace) -> int:
     except tkinter.TclError as exc:
         if exited.code is None and not host.command.ended_at_main:
             info = host.error_info()
-            print(script_error(opts.script, exc, info), file=sys.stderr)
-            print(info, file=sys.stderr)
+            # (the script's text: controls escaped and bounded, as run prints it)
+            print(one_line(script_error(opts.script, exc, info)), file=sys.stderr)
+            print(controls_escaped(info), file=sys.stderr)
             return 1
     finally:
         host.flush_channels(ending=True)  # what the script wrote, before the report (as Tcl's exit)
-    out: list[str] = [f"{opts.script}: loaded"]
+    out: list[str] = [f"{escape(opts.script)}: loaded"]
     registered: dict[str, Any] = host.milter.registry.registered()
     out.append("callbacks:" if registered else "callbacks: none registered")
     for event, chain in registered.items():
         for cb in chain:
-            out.append(f"  {event:9} {cb.origin:6} {cb.name}")
+            out.append(f"  {event:9} {cb.origin:6} {one_line(cb.name)}")
     commands = list(host.milter.tcl_commands)
     if commands:  # (what a --python file defined for the script; load-time calls have run)
         out.append("python commands:")
-        out += [f"  {c.name} {c.usage}".rstrip() for c in commands]
+        out += [one_line(f"  {c.name} {c.usage}".rstrip()) for c in commands]
     problems = check_callbacks(host)
     if host.command.main_calls == 0:
         problems.append(NO_MAIN)
@@ -201,7 +203,7 @@ def cmd_check(opts: argparse.Namespace) -> int:
     out += ["  " + line for line in describe_negotiation(host)]
     print("\n".join(out))
     for problem in problems:
-        print(f"{opts.script}: error: {problem}", file=sys.stderr)
+        print(one_line(f"{opts.script}: error: {problem}"), file=sys.stderr)
     for line in unfinished:
-        print(line, file=sys.stderr)
+        print(one_line(line), file=sys.stderr)
     return 1 if problems or unfinished else 0

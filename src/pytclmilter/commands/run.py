@@ -22,7 +22,7 @@ from typing import Callable, NamedTuple
 from ..compiled import describe
 from ..connspec import ConnSpec
 from ..hooks import Hooks
-from ..logline import controls_escaped, escape, escape_lines
+from ..logline import controls_escaped, escape, escape_lines, one_line
 from ..milter import Milter
 from ..overdue import EXIT
 from ..tcl.interp import TclHost
@@ -351,7 +351,7 @@ def _refused(opts: argparse.Namespace, host: TclHost) -> bool:
     message (all mail answered -onerror): say so as check does, and serve nothing, as a reload does."""
     errors = callback_errors(opts.script, host)
     for line in errors:
-        print(escape(line), file=sys.stderr)
+        print(one_line(line), file=sys.stderr)
     if errors and opts.syslog:
         _log_failure(errors[0], "\n".join(errors[1:]))
     return bool(errors)

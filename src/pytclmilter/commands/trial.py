@@ -33,7 +33,7 @@ from ..client.report import EXIT_CODES, as_text, to_json
 from ..client.streamed import StreamedMbox
 from ..connspec import ConnSpec
 from ..hooks import Hooks
-from ..logline import escape
+from ..logline import controls_escaped, escape, one_line
 from .common import (EX_NOINPUT, EX_SOFTWARE, ScriptExit, UsageError, add_envelope_options, add_script_options,
                      check_script, envelope_of, macros_of, make_host, read_message, reports_print_anywhere)
 from .logs import setup_logging
@@ -189,23 +189,23 @@ def _serve(opts: argparse.Namespace, script: str, socket: str,
             if waiting:
                 served = host.command.serve()
                 if served[0] == "error":
-                    print(f"pytclmilter: {escape(script)}: {escape(served[1])}", file=sys.stderr)
+                    print(f"pytclmilter: {escape(script)}: {one_line(served[1])}", file=sys.stderr)
                     return EX_SOFTWARE
         except tkinter.TclError:
             if failed:
                 raise failed[0]
             if exited.code is None and not host.command.ended_at_main:
-                print(host.error_info(), file=sys.stderr)
+                print(controls_escaped(host.error_info()), file=sys.stderr)  # (as run prints it)
                 return EX_SOFTWARE
         if stops and not done:
             return _interrupted(stops[0], "before every message was tried")
         if failed:
             raise failed[0]
         if not listened:
-            print(f"pytclmilter: {script} never called milter main", file=sys.stderr)
+            print(f"pytclmilter: {escape(script)} never called milter main", file=sys.stderr)
             return EX_SOFTWARE
         if not done:  # `milter main` returned (`milter stop` in a callback) while a conversation was on
-            print(f"pytclmilter: {script} stopped serving before every message was tried", file=sys.stderr)
+            print(f"pytclmilter: {escape(script)} stopped serving before every message was tried", file=sys.stderr)
             return EX_SOFTWARE
         return None
     finally:
