@@ -571,3 +571,21 @@ def test_the_supervisor_forks_from_one_thread_after_a_reload(tclrun, tmp_path: P
     assert os.listdir(f"/proc/{supervisor}/task") == [str(supervisor)]
     assert len(answering(sock)) == 2  # the new set serves
     assert m.stop() == 0
+
+
+def test_a_second_stop_signal_after_an_unclean_stop_keeps_its_failure(tclrun, tmp_path: Path) -> None:
+    """After a stop some worker did not end cleanly, the script goes on after its `milter main`
+    (a cleanup that takes a while); a second SIGTERM meanwhile ended the process with exit
+    status 0, where the script's own end exits 1: the failed stop was lost to systemd."""
+    sock = str(tmp_path / "w.sock")
+    m = tclrun(HELD_AT_STOP + "after 30000\n", "--workers", "2", "--grace", "1", connection=f"unix:{sock}")
+    with Mta(sock) as mta:
+        mta.negotiate()
+        assert ok(mta.connect())
+        mta.send_raw("M", b"<a@example.org>\0")
+        time.sleep(0.5)
+        m.child.kill(signal.SIGTERM)
+        m.wait_for(r"ERROR: all workers stopped, 1 not cleanly", timeout=20)
+        m.wait_for(r"main returned")
+    assert m.stop() == 1, m.text
+    m.wait_for(r"WARNING: stopped by SIGTERM while running .* after its milter main", since=0)

@@ -438,7 +438,8 @@ def _serve(opts: argparse.Namespace) -> int:
             return _never_served(opts)
         while waiting:  # the script waits in `milter main`: serve, then let it go on
             result = _serve_once(scripts.current)
-            with (sigmask.stops_meanwhile(f"running {opts.script} after its milter main", daemon.stopped),
+            with (sigmask.stops_meanwhile(f"running {opts.script} after its milter main", daemon.stopped,
+                                          lambda: _stop_status(scripts.current.milter)),
                   sigmask.children_reapable()):
                 waiting = scripts.current.resume(result)  # a reload may have replaced the script meanwhile
     except tkinter.TclError:

@@ -74,20 +74,23 @@ def interruptible() -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def stops_meanwhile(doing: str, before_exit: Callable[[], None]) -> Iterator[None]:
+def stops_meanwhile(doing: str, before_exit: Callable[[], None],
+                    status: Callable[[], int] = lambda: 0) -> Iterator[None]:
     """A stop signal meanwhile logs ``stopped by SIGTERM while DOING``, calls ``before_exit`` and
-    ends the process with status 0 (a stop, docs/cli.md). Python runs its signal handlers only
-    between bytecodes, never while Tcl evaluates (an `after 5000`, a loop), and the main thread
-    cannot be unwound out of Tcl: so Python's C-level handler writes the signal's number to a
-    pipe (its wakeup fd, signalpipe.py), and the pipe's thread does the stop."""
+    ends the process with ``status()``: 0 (a stop, docs/cli.md), unless a stop before this one
+    failed (after `milter main`: a --workers stop that was not clean). Python runs its signal
+    handlers only between bytecodes, never while Tcl evaluates (an `after 5000`, a loop), and the
+    main thread cannot be unwound out of Tcl: so Python's C-level handler writes the signal's
+    number to a pipe (its wakeup fd, signalpipe.py), and the pipe's thread does the stop."""
 
     def take(numbers: bytes) -> None:
         for number in numbers:
             if number in stops:
                 log.warning("stopped by %s while %s", signal.Signals(number).name, escape(doing))
                 before_exit()
+                code = status()
                 logging.shutdown()  # (os._exit below flushes nothing)
-                os._exit(0)
+                os._exit(code)
 
     stops = {int(sig) for sig in STOP_SIGNALS}
     pipe = SignalPipe(take, "stop-while-loading")
