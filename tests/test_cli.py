@@ -414,6 +414,33 @@ def test_run_warns_at_start_when_its_user_cannot_read_what_a_reload_reads(serve:
         shutil.rmtree(public, ignore_errors=True)
 
 
+@pytest.mark.skipif(os.geteuid() != 0, reason="dropping privileges needs root")
+def test_run_warns_at_start_when_its_user_cannot_read_a_file_the_script_sources(serve: Callable[..., TclRun]) -> None:
+    """The script readable by --user, but a file it sources not (lists kept in a directory of
+    root's alone): the start said nothing, and the first reload failed on that file. Its name is
+    the script's text: escaped in the log line."""
+    public = Path(tempfile.mkdtemp(prefix="pytclmilter-cli-"))  # (the tree may sit in root's home)
+    try:
+        public.chmod(0o755)
+        private = public / "private"
+        private.mkdir(mode=0o700)
+        lists = private / "li\nsts.tcl"
+        lists.write_text("set lists {}\n")
+        script = public / "stamp.tcl"
+        script.write_text(STAMP.read_text().replace("milter main", f"source {{{lists}}}\nmilter main", 1))
+        nobody = pwd.getpwnam("nobody").pw_uid
+        m = serve(script, "--connection", "inet:0@127.0.0.1", "--user", "nobody")
+        m.wait_for(f"running as uid {nobody}", since=0)
+        assert (f"WARNING: uid {nobody} cannot read {private}/li\\nsts.tcl (Permission denied): a reload (SIGUSR1) "
+                "reads it as this user and would fail; let it read the file and its directories") in m.text, m.text
+        assert f"cannot read {script}" not in m.text, m.text
+        m.child.kill(signal.SIGUSR1)
+        m.wait_for("generation 1 serves on unchanged")  # as foretold
+        assert m.stop() == 0
+    finally:
+        shutil.rmtree(public, ignore_errors=True)
+
+
 # Run as nobody, with no capability to change ids (as under a unit's User=nobody), but with
 # CAP_DAC_OVERRIDE so that nobody may run this venv's Python (it may sit in root's home).
 AS_NOBODY = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",

@@ -76,9 +76,10 @@ class Daemon:
     """Privilege drop, pid file and the listening line, done once the socket is bound; what
     systemd is told (sdnotify.py)."""
 
-    def __init__(self, milter: Milter, opts: argparse.Namespace, notify: Notifier, files: list[str]) -> None:
+    def __init__(self, milter: Milter, opts: argparse.Namespace, notify: Notifier,
+                 files: Callable[[], list[str]]) -> None:
         self.milter = milter
-        self.files = files  # what a reload reads, by then as --user
+        self.files = files  # what a reload reads, by then as --user (what the start read, by milter main)
         self.ids = _ids(opts.user, opts.group)
         # (made before the script runs: a relative path is the caller's, not where its `cd` leads)
         self.pidfile = PidFile(os.path.abspath(opts.pidfile)) if opts.pidfile else None
@@ -95,7 +96,7 @@ class Daemon:
                 self.ids.switch()
             self.dropped = True
             log.info("running as uid %d gid %d", os.getuid(), os.getgid())
-            _tell_unreadable(self.files)
+            _tell_unreadable(self.files())
         if self.socket_mode is not None and spec.family != "unix":
             log.warning("--socket-mode %s applies to a unix socket's file: %s has none (ignored)",
                         self.socket_mode, escape(str(spec)))
@@ -171,12 +172,12 @@ class Ids(NamedTuple):
 def _tell_unreadable(files: list[str]) -> None:
     """A file the start read as root that the --user cannot: every reload would fail on it, the
     first one perhaps months later. Said now, while the admin is looking."""
-    for path in files:
+    for path in dict.fromkeys(files):  # (a file sourced twice is said once)
         try:
             os.close(os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC))
         except OSError as exc:
             log.warning("uid %d cannot read %s (%s): a reload (SIGUSR1) reads it as this user and would fail; "
-                        "let it read the file and its directories", os.geteuid(), path, exc.strerror or exc)
+                        "let it read the file and its directories", os.geteuid(), escape(path), exc.strerror or exc)
 
 
 def _ids(user: str | None, group: str | None) -> Ids | None:
@@ -428,7 +429,7 @@ def _serve(opts: argparse.Namespace) -> int:
     with sigmask.stops_meanwhile(loading, notify.stopping):
         scripts = Generations(reread[0], load, exit_process)
     between.serves(scripts.current.milter.stop)  # (each generation's milter stops the one server)
-    daemon = Daemon(scripts.current.milter, opts, notify, [reread[0], *reread[1]])
+    daemon = Daemon(scripts.current.milter, opts, notify, lambda: [reread[0], *reread[1], *scripts.current.sourced])
     try:
         with sigmask.stops_meanwhile(loading, daemon.stopped), sigmask.children_reapable():
             waiting = scripts.current.start(opts.script)

@@ -339,6 +339,8 @@ class TclHost:
         self.tk.call("encoding", "system", "utf-8")  # scripts are UTF-8 whatever the locale
         self.contexts: dict[int, Context] = {}
         self._commands: list[str] = []  # the Python commands, deleted by close()
+        #: The files the script's interpreters `source`d as root (absolute paths; tcl/rootfiles.py).
+        self.sourced: list[str] = []
         #: `milter main` served inside the script's call (where Tcl could not suspend it).
         self.served_inside = False
         #: A reload loads this script: its `milter main` must suspend it, never serve.
@@ -398,7 +400,7 @@ class TclHost:
         self.child_call("trace", "add", "execution", "::interp", "leave", "::tclmilter::py::bg_made")
         output.install(self._register, call, child)
         threads.install(call, child)
-        rootfiles.install(self._register, call, child)
+        rootfiles.install(self._register, call, child, self.sourced)
         self.child_call("lappend", "auto_path", libdir)
         self.child_call("package", "require", "TclMilter")
         for name in ("::fileevent", "::tcl::chan::event"):  # (`chan event` is not `fileevent`)
