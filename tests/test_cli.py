@@ -2234,6 +2234,28 @@ def test_check_reports_a_command_after_milter_main_that_never_ends(tmp_path: Pat
     assert status == 0, out
 
 
+def test_check_reports_a_command_that_never_ends_after_milter_main_in_a_sourced_file(tmp_path: Path) -> None:
+    """`milter main` called by a file the script sources (a shared library of the site's): that
+    file's rest runs when it returns, and a missing close-brace there failed at the stop, exit 1,
+    while check said "loaded", exit 0 (it read the script alone). And a file with CR line ends
+    (old Mac), which `source` reads as LF, had its unfinished command put on line 1."""
+    lib = tmp_path / "serve.tcl"
+    lib.write_text("milter main\nif {[info exists cleanup]} {\n    eval $cleanup\n")
+    script = tmp_path / "main.tcl"
+    script.write_text("package require TclMilter 1.0\nproc eom_cb { context } { return SMFIS_CONTINUE }\n"
+                      "milter register eom eom_cb\nsource [file join [file dirname [info script]] serve.tcl]\n")
+    status, out = cli("check", str(script))
+    assert status == 1, out
+    assert out.endswith(f"{lib}:2: error: this command never ends (a missing close-brace, bracket or quote): "
+                        "the script fails there when milter main returns, at stop\n"), out
+    lib.write_text(lib.read_text() + "}\n")
+    assert cli("check", str(script))[0] == 0
+    script.write_bytes(b"package require TclMilter 1.0\rmilter main\rif {1} {\r    puts done\r")
+    status, out = cli("check", str(script))
+    assert status == 1, out
+    assert f"{script}:3: error: this command never ends" in out, out
+
+
 def test_check_reports_a_callback_with_the_wrong_number_of_arguments(tmp_path: Path) -> None:
     script = tmp_path / "arity.tcl"
     script.write_text(

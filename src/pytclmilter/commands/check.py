@@ -10,6 +10,7 @@ the engine would answer to an MTA offering everything.
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import sys
 import tkinter
@@ -140,16 +141,23 @@ def unfinished_command(host: TclHost, text: str) -> int | None:
     return start if chunk.strip() else None
 
 
-def _unfinished_after_main(script: str, host: TclHost) -> list[str]:
-    """check's line for a command after `milter main` that never ends (none when unreadable:
-    the load read it, so that is a change since, which the next load reports)."""
-    try:
-        text = read_source(script).split(b"\x1a", 1)[0].decode("utf-8", "replace")  # (^Z: source's end)
-    except TclUsageError:
-        return []
-    line = unfinished_command(host, text)
-    return [] if line is None else [f"{script}:{line}: error: this command never ends (a missing close-brace, "
-                                    "bracket or quote): the script fails there when milter main returns, at stop"]
+def _unfinished_after_main(script: str, path: str, host: TclHost) -> list[str]:
+    """check's lines for a command after `milter main` that never ends, in the script (``path``:
+    its absolute path, taken before it ran) and in the file that called `milter main`, if the
+    script sourced it (none for a file now unreadable: the load read it, so that is a change
+    since, which the next load reports)."""
+    lines = []
+    for file in dict.fromkeys(f for f in (path, host.command.main_file) if f):
+        try:
+            data = read_source(file).split(b"\x1a", 1)[0]  # (^Z: source's end)
+        except TclUsageError:
+            continue
+        text = data.decode("utf-8", "replace").replace("\r\n", "\n").replace("\r", "\n")  # (as source reads it)
+        line = unfinished_command(host, text)
+        if line is not None:
+            lines.append(f"{script if file == path else file}:{line}: error: this command never ends (a missing "
+                         "close-brace, bracket or quote): the script fails there when milter main returns, at stop")
+    return lines
 
 
 def describe_negotiation(host: TclHost) -> list[str]:
@@ -169,6 +177,7 @@ def describe_negotiation(host: TclHost) -> list[str]:
 def cmd_check(opts: argparse.Namespace) -> int:
     setup_logging(opts.log_level)
     exited = ScriptExit()
+    path = os.path.abspath(opts.script)  # (the script may `cd`)
     host = make_host(opts.script, opts.python, {}, on_exit=exited)
     host.command.main_hook = lambda: None  # `milter main` serves nothing
     host.command.end_script_at_main = True  # and nothing after it runs (it may delete sockets)
@@ -198,7 +207,7 @@ def cmd_check(opts: argparse.Namespace) -> int:
     problems = check_callbacks(host)
     if host.command.main_calls == 0:
         problems.append(NO_MAIN)
-    unfinished = _unfinished_after_main(opts.script, host)
+    unfinished = _unfinished_after_main(opts.script, path, host)
     out.append("negotiation (to an MTA offering everything):")
     out += ["  " + line for line in describe_negotiation(host)]
     print("\n".join(out))

@@ -128,6 +128,9 @@ class MilterCommand:
         #: Replaces serving in `milter main` (check mode returns at once); None serves.
         self.main_hook: Callable[[], None] | None = None
         self.main_calls = 0
+        #: The file that called `milter main` (`info script`, normalized then: a `cd` may follow):
+        #: its rest runs when `milter main` returns, as does the script's, which may source it.
+        self.main_file = ""
         #: check/try: end the script when `milter main` returns, so that what follows it (such as
         #: the manual's `file delete` of the production socket) never runs outside production.
         self.end_script_at_main = False
@@ -195,6 +198,7 @@ class MilterCommand:
                                 f"keeps no thread, so the script's {threads} other thread(s) would not be in them: "
                                 "start threads in callbacks, or serve with -workers 1")
         self.main_calls += 1
+        self.main_file = str(self.host.child_call("file", "normalize", self.host.child_call("info", "script")))
         if self.suspend_at_main:
             raise SuspendAtMain
         if self.main_hook is not None:
