@@ -2238,7 +2238,8 @@ def test_check_reports_a_command_that_never_ends_after_milter_main_in_a_sourced_
     """`milter main` called by a file the script sources (a shared library of the site's): that
     file's rest runs when it returns, and a missing close-brace there failed at the stop, exit 1,
     while check said "loaded", exit 0 (it read the script alone). And a file with CR line ends
-    (old Mac), which `source` reads as LF, had its unfinished command put on line 1."""
+    (old Mac), which `source` reads as LF, had its unfinished command put on line 1; a script run
+    by a relative name that did `cd` before its `milter main` was not scanned at all."""
     lib = tmp_path / "serve.tcl"
     lib.write_text("milter main\nif {[info exists cleanup]} {\n    eval $cleanup\n")
     script = tmp_path / "main.tcl"
@@ -2254,6 +2255,9 @@ def test_check_reports_a_command_that_never_ends_after_milter_main_in_a_sourced_
     status, out = cli("check", str(script))
     assert status == 1, out
     assert f"{script}:3: error: this command never ends" in out, out
+    script.write_text("package require TclMilter 1.0\ncd /\nmilter main\nif {1} {\n")  # (by a relative name)
+    status, out = cli("check", os.path.relpath(script, ROOT))
+    assert status == 1 and ":4: error: this command never ends" in out, out
 
 
 def test_check_reports_a_callback_with_the_wrong_number_of_arguments(tmp_path: Path) -> None:
