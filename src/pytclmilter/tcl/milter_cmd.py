@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import socket
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, Callable, Sequence, TypeVar
@@ -128,7 +129,7 @@ class MilterCommand:
         #: Replaces serving in `milter main` (check mode returns at once); None serves.
         self.main_hook: Callable[[], None] | None = None
         self.main_calls = 0
-        #: The file that called `milter main` (`info script`, normalized then: a `cd` may follow):
+        #: The file that called `milter main` (`info script`, made absolute then: a `cd` may follow):
         #: its rest runs when `milter main` returns, as does the script's, which may source it.
         self.main_file = ""
         #: check/try: end the script when `milter main` returns, so that what follows it (such as
@@ -198,7 +199,9 @@ class MilterCommand:
                                 f"keeps no thread, so the script's {threads} other thread(s) would not be in them: "
                                 "start threads in callbacks, or serve with -workers 1")
         self.main_calls += 1
-        self.main_file = str(self.host.child_call("file", "normalize", self.host.child_call("info", "script")))
+        # (Tcl's own `info script`, whatever the script made of `info`; Tcl's cwd is the process's)
+        script = str(self.host.child_call("::tcl::info::script"))
+        self.main_file = os.path.abspath(script) if script else ""
         if self.suspend_at_main:
             raise SuspendAtMain
         if self.main_hook is not None:
