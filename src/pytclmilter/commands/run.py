@@ -172,7 +172,7 @@ class Ids(NamedTuple):
 def _tell_unreadable(files: list[str]) -> None:
     """A file the start read as root that the --user cannot: every reload would fail on it, the
     first one perhaps months later. Said now, while the admin is looking."""
-    for path in dict.fromkeys(files):  # (a file sourced twice is said once)
+    for path in dict.fromkeys(files):  # (the script, sourced too, is said once)
         try:
             os.close(os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC))
         except OSError as exc:

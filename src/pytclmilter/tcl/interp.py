@@ -339,8 +339,10 @@ class TclHost:
         self.tk.call("encoding", "system", "utf-8")  # scripts are UTF-8 whatever the locale
         self.contexts: dict[int, Context] = {}
         self._commands: list[str] = []  # the Python commands, deleted by close()
-        #: The files the script's interpreters `source`d as root (absolute paths; tcl/rootfiles.py).
-        self.sourced: list[str] = []
+        #: The files the script's interpreters `source`d as root until its `milter main` (absolute
+        #: paths, each once; tcl/rootfiles.py): what a reload reads again. (Not after: a callback
+        #: that sources a file per message would grow it for ever.)
+        self.sourced: dict[str, None] = {}
         #: `milter main` served inside the script's call (where Tcl could not suspend it).
         self.served_inside = False
         #: A reload loads this script: its `milter main` must suspend it, never serve.
@@ -400,7 +402,7 @@ class TclHost:
         self.child_call("trace", "add", "execution", "::interp", "leave", "::tclmilter::py::bg_made")
         output.install(self._register, call, child)
         threads.install(call, child)
-        rootfiles.install(self._register, call, child, self.sourced)
+        rootfiles.install(self._register, call, child, self._sourced)
         self.child_call("lappend", "auto_path", libdir)
         self.child_call("package", "require", "TclMilter")
         for name in ("::fileevent", "::tcl::chan::event"):  # (`chan event` is not `fileevent`)
@@ -412,6 +414,10 @@ class TclHost:
         if not _THREAD_HOME or not self.tk.call("info", "commands", "::thread::names"):
             return 1  # (before any script ran a thread:: command, none can have made a thread)
         return len(self.tk.splitlist(self.tk.call("thread::names")))
+
+    def _sourced(self, path: str) -> None:
+        if not self.command.main_calls:
+            self.sourced[path] = None
 
     def child_call(self, *words: Any) -> Any:
         """Invoke a command in the script's interpreter (a pure list: no parsing of source text)."""

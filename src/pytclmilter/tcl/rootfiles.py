@@ -173,18 +173,18 @@ proc ::tclmilter::py::rootinstall {path} {
 
 
 def install(register: Callable[[str, Callable[[Sequence[str]], Any]], None], call: Callable[..., Any],
-            child: str, sourced: list[str]) -> None:
+            child: str, note: Callable[[str], None]) -> None:
     """As root, the checking `source` and `load` in the script's interpreter ``child``, in those
     it creates and in the Thread package's threads (``call``: the host's interpreter;
     ``register`` makes a Python function a command of it); as any other user, Tcl's own stay.
-    The absolute path of each file the interpreters `source` is added to ``sourced``: a reload
-    reads them again, perhaps as --user by then (commands/run.py warns of those it cannot)."""
+    ``note`` gets the absolute path of each file the interpreters `source`: a reload reads
+    them again, perhaps as --user by then (commands/run.py warns of those it cannot)."""
     if os.geteuid() != 0:
         return
 
     def read(args: Sequence[str]) -> bytes:
         data = _read(args)
-        sourced.append(os.path.abspath(os.path.expanduser(args[0])))  # (relative: to the cwd of now)
+        note(os.path.abspath(os.path.expanduser(args[0])))  # (relative: to the cwd of now)
         return data
 
     commands: dict[str, Callable[[Sequence[str]], Any]] = {"::tclmilter::py::rootread": _read,
