@@ -888,8 +888,8 @@ def test_a_journal_socket_holds_back_a_bounded_backlog_and_counts_the_lines_lost
     assert lost and int(lost.group(1)) == 2000 - len(numbers), (lost, len(numbers))
 
 
-def _run_with_syslog(tmp_path: Path, *args: str, stderr: str = "pipe",
-                     option: bool = True) -> tuple[subprocess.CompletedProcess[str], list[str]]:
+def _run_with_syslog(tmp_path: Path, *args: str, stderr: str = "pipe", option: bool = True,
+                     env: dict[str, str] | None = None) -> tuple[subprocess.CompletedProcess[str], list[str]]:
     """``pytclmilter run ARGS --syslog`` (without the option if not ``option``) to its end, with
     /dev/log a socket of the test's own: the process and the records syslog got (without their
     NUL). ``stderr``: "pipe" (read into the process's stderr), "null" (/dev/null) or "closed"."""
@@ -898,7 +898,7 @@ def _run_with_syslog(tmp_path: Path, *args: str, stderr: str = "pipe",
         sock.bind(str(log_path))
         proc = subprocess.run([sys.executable, "-c", RUN_WITH_SYSLOG_AT, str(log_path), "run", *args,
                                *["--syslog"] * option],
-                              env=child_env(), stdout=subprocess.PIPE, text=True, timeout=60,
+                              env=child_env(env), stdout=subprocess.PIPE, text=True, timeout=60,
                               stderr=subprocess.DEVNULL if stderr == "null" else subprocess.PIPE,
                               preexec_fn=(lambda: os.close(2)) if stderr == "closed" else None)
         sock.setblocking(False)
@@ -1004,24 +1004,44 @@ def test_with_syslog_the_reason_run_ends_is_in_the_log_too(tmp_path, why) -> Non
 
 
 #: A --python file's bug that nothing in pytclmilter catches: a BaseException of its own (not an
-#: Exception, not sys.exit), its message with an ESC and a line break.
-UNCAUGHT = """class Fault(BaseException):
+#: Exception, not sys.exit), its message with an ESC and a line break, raised by its signal
+#: handler while the loop serves (asyncio's loop lets it out of run_forever; uvloop logs it and
+#: serves on). Raised by its import or setup it fails the load, by a callback it closes that
+#: connection.
+UNCAUGHT = """import os
+import signal
+import threading
+
+
+class Fault(BaseException):
     pass
 
 
-def setup(milter):
+def fault(signum, frame):
     raise Fault("store\\x1b[31m\\ngone")
+
+
+def setup(milter):
+    signal.signal(signal.SIGUSR2, fault)
+
+    def when_serving():
+        if milter.running:
+            os.kill(os.getpid(), signal.SIGUSR2)
+        else:
+            threading.Timer(0.05, when_serving).start()
+
+    when_serving()
 """
 
 
-def _logged_by_a_python_file(tmp_path: Path, script: str, hooks: str, status: int,
-                             marker: str) -> tuple[list[str], str, list[str]]:
+def _logged_by_a_python_file(tmp_path: Path, script: str, hooks: str, status: int, marker: str,
+                             env: dict[str, str] | None = None) -> tuple[list[str], str, list[str]]:
     """run --syslog of ``script`` with ``hooks`` as its --python file, ending with ``status``: the
     lines of the record that holds ``marker``, stderr, and every record."""
     (tmp_path / "s.tcl").write_text(script)
     (tmp_path / "hooks.py").write_text(hooks)
     proc, records = _run_with_syslog(tmp_path, str(tmp_path / "s.tcl"), "--python", str(tmp_path / "hooks.py"),
-                                     "--connection", "inet:0@127.0.0.1")
+                                     "--connection", "inet:0@127.0.0.1", env=env)
     assert proc.returncode == status, proc.stderr
     record = next((r for r in records if marker in r), None)
     assert record is not None, records
@@ -1033,11 +1053,12 @@ def test_with_syslog_an_unexpected_error_that_ends_run_is_logged_with_its_traceb
     text unescaped): under an init script's daemon, stderr goes nowhere, and the mail log stopped
     at the "hot path" line. Now syslog gets it, escaped, its traceback indented; stderr still
     has it, and the status is still 1."""
-    lines, stderr, _ = _logged_by_a_python_file(tmp_path, "milter main\n", UNCAUGHT, 1, "unexpected error")
+    lines, stderr, _ = _logged_by_a_python_file(tmp_path, "milter main\n", UNCAUGHT, 1, "unexpected error",
+                                                env={"PYTCLMILTER_LOOP": "asyncio"})
     hooks = tmp_path / "hooks.py"
     assert re.fullmatch(r"<19>pytclmilter\[\d+\]: ERROR: exiting: unexpected error: Fault: store\\x1b\[31m\\ngone", lines[0]), lines
     assert lines[1] == "  Traceback (most recent call last):", lines
-    assert f'  File "{hooks}", line 6, in setup' in lines, lines
+    assert f'  File "{hooks}", line 11, in fault' in lines, lines
     assert lines[-2:] == [r"  pytclmilter_hooks_hooks.Fault: store\x1b[31m", "  gone"], lines
     assert all(line.startswith(" ") and "\x1b" not in line for line in lines[1:]), lines
     assert stderr.startswith("pytclmilter run: unexpected error\nTraceback (most recent call last):\n"), stderr
