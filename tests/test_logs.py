@@ -488,16 +488,17 @@ milter main
 def test_a_puts_longer_than_a_journal_line_is_folded_keeping_its_text(tclrun) -> None:
     """journald cuts a line at its LineMax (48 KiB by default) and starts an entry with the
     rest: a header value of 60 000 characters ending in a forged line, written by one `puts`,
-    by `puts -nonewline` word by word and by a thread, comes out in lines of at most 4 096
-    characters, those after the first indented, which joined give the text back."""
+    by `puts -nonewline` word by word and by a thread, comes out in lines of at most 4 095
+    bytes (4 096 with the LF: one write), those after the first indented, which joined give
+    the text back."""
     value = " ".join(["a" * 999] * 60) + "ERROR: forged"
     m = tclrun(LONG_PUTS_TCL)
     lines = header_output(m, "X-Long", value).splitlines()
-    assert max(len(line) for line in lines) == 4096, [len(line) for line in lines]
+    assert max(len(line) for line in lines) == 4095, [len(line) for line in lines]
     for start, end in (("whole: ", ""), ("", "(pieces)"), ("thread: ", r"\x01")):
         at = next(i for i, line in enumerate(lines) if line.startswith(start + "a" * 999))
         after = next(i for i in range(at + 1, len(lines)) if not lines[i].startswith("  "))
-        assert all(len(line) == 4096 for line in lines[at:after - 1]), lines[at:after]
+        assert all(len(line) == 4095 for line in lines[at:after - 1]), lines[at:after]
         joined = lines[at] + "".join(line[2:] for line in lines[at + 1:after])
         assert joined == start + (value + " " if end == "(pieces)" else value) + end, (start, joined[-40:])
 
@@ -506,7 +507,7 @@ EDGE_PUTS_TCL = r"""
 package require TclMilter
 proc header {ctx name value} {
     puts stderr "edge: $value"
-    puts stderr "[string range "exact: $value" 0 4095]\nafter"
+    puts stderr "[string range "exact: $value" 0 4091]\nafter"
     thread::join [thread::create -joinable [list puts stderr "thread: $value"]]
     return SMFIS_CONTINUE
 }
@@ -517,8 +518,8 @@ milter main
 
 
 def unfolded(lines: list[str]) -> list[str]:
-    """``lines`` as a reader joins folded ones: a line of 4 096 characters goes on in the next,
-    past its two-space indent."""
+    """``lines`` as a reader joins folded ones: a line of 4 092 bytes or more (4 096 less the LF
+    and the longest UTF-8 character) goes on in the next, past its two-space indent."""
     joined: list[str] = []
     folded = False
     for line in lines:
@@ -526,25 +527,96 @@ def unfolded(lines: list[str]) -> list[str]:
             joined[-1] += line[2:]
         else:
             joined.append(line)
-        folded = len(line) == 4096
+        folded = len(line.encode()) >= 4092
     return joined
 
 
 @needs_thread
-def test_a_folded_line_joined_gives_its_text_back_a_space_at_a_cut_or_a_line_4096_long(tclrun) -> None:
-    """A fold that cuts before spaces, a line exactly 4 096 characters long and a multi-byte
-    character, a tab and a control character folded, by the script and by a thread: a line of
-    4 096 characters goes on in the next, no other does, and joining them gives the text back
-    character for character (before: the piece starting with spaces was not indented, and a
-    line of exactly 4 096 characters before a newline read as one folded into the next)."""
+def test_a_folded_line_joined_gives_its_text_back_a_space_at_a_cut_or_a_line_4092_bytes_long(tclrun) -> None:
+    """A fold that cuts before spaces, a line exactly 4 092 bytes long and 2-byte characters, a
+    tab and a control character folded, by the script and by a thread: no line over 4 095
+    bytes, none cut inside a character, a line of 4 092 bytes or more goes on in the next, no
+    other does, and joining them gives the text back character for character."""
     value = "a" * 4090 + "  ERROR: forged " + "\u00e9\t\x01" * 3000
     shown = value.replace("\x01", r"\x01")
     lines = header_output(tclrun(EDGE_PUTS_TCL), "X-Edge", value).splitlines()
-    assert max(len(line) for line in lines) == 4096, [len(line) for line in lines]
+    assert max(len(line.encode()) for line in lines) == 4095, [len(line.encode()) for line in lines]
     joined = unfolded(lines)
-    for line in ("edge: " + shown, ("exact: " + shown)[:4096], "  after", "thread: " + shown):
+    for line in ("edge: " + shown, ("exact: " + shown)[:4092], "  after", "thread: " + shown):
         assert line in joined, (line[4080:4110], [j[4080:4110] for j in joined if j.startswith(line[:6])])
-    assert joined[joined.index(("exact: " + shown)[:4096]) + 1] == "  after"
+    assert joined[joined.index(("exact: " + shown)[:4092]) + 1] == "  after"
+
+
+SHARED_PUTS_TCL = r"""
+package require TclMilter
+package require Thread
+lassign $argv sender ending
+# Another writer on the same descriptors: whole lines, as fast as it can.
+set writer [thread::create -joinable {
+    proc loop {} { for {set i 0} {$i < 20000} {incr i} { puts stderr b; puts b } }
+    thread::wait
+}]
+thread::send -async $writer {loop; thread::exit}
+fconfigure stdout -buffersize 64
+for {set i 0} {$i < 200} {incr i} {
+    puts stderr "from: $sender"
+    puts "to: $sender"
+    puts "ascii: [string repeat x 249]ERROR: forged"
+    puts -nonewline stderr "built: "; puts -nonewline stderr $sender; puts stderr ""
+}
+thread::join $writer
+puts -nonewline stderr "held: $sender"
+if {$ending eq "exit"} { exit 0 }
+proc connect {args} { return SMFIS_CONTINUE }
+milter register connect connect
+milter main
+"""
+
+
+def joined_output(data: bytes, other: bytes) -> list[str]:
+    """Output read from a pipe as its reader joins folded lines, the ``other`` writer's lines
+    left out (journald tells writers apart by their _PID; here, by their text): one of 4 092
+    bytes or more (4 short of a 4 096-byte write, the longest UTF-8 character) goes on in the
+    next, past its two spaces."""
+    joined: list[str] = []
+    folded = False
+    for line in data.split(b"\n"):
+        if line == other:
+            continue
+        text = line.decode()
+        if folded:
+            joined[-1] += text[2:]
+        else:
+            joined.append(text)
+        folded = len(line) >= 4092
+    return joined
+
+
+@needs_thread
+@pytest.mark.parametrize("ending", ["main", "exit"])
+def test_puts_with_another_writer_on_the_descriptor_cannot_start_a_line_with_its_text(tmp_path, ending) -> None:
+    """journald reads a stream shared by every thread and worker: a thread writes whole lines
+    to stdout and stderr while the script writes a sender of 2-byte characters ending in a
+    forged line, by one `puts` to each and by `puts -nonewline` pieces, and a line of ASCII on
+    a stdout whose buffer is 64 bytes, into pipes. No line read starts with the sender's text
+    (before: Tcl wrote each 4 096 bytes, and stderr's newline, in a write() of its own, and the
+    thread's lines came between: dozens of lines began with `ERROR: forged`), and joining
+    folded lines gives each line back whole; a piece left open at the end, or at `exit`, is
+    still written."""
+    script = tmp_path / "shared.tcl"
+    script.write_text(SHARED_PUTS_TCL)
+    sender = "\u00e9" * 2045 + "ERROR: forged"
+    done = subprocess.run([*PYTCLMILTER, "check", str(script), "--", sender, ending], env=child_env(),
+                          capture_output=True, timeout=120)
+    out, err = joined_output(done.stdout, b"b"), joined_output(done.stderr, b"b")
+    for line in out + err:
+        assert not line.startswith(("ERROR: forged", "\u00e9")), line[:40]
+    assert out.count("to: " + sender) == 200, [line[:40] for line in out][:10]
+    assert out.count("ascii: " + "x" * 249 + "ERROR: forged") == 200, [line[:40] for line in out][:10]
+    assert err.count("from: " + sender) == 200, [line[:40] for line in err][:10]
+    assert err.count("built: " + sender) == 200, [line[:40] for line in err][:10]
+    assert done.stdout.split(b"\n").count(b"b") == done.stderr.split(b"\n").count(b"b") == 20000
+    assert "held: " + sender in err, err[-3:]
 
 
 @pytest.fixture

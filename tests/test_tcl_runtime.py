@@ -254,7 +254,8 @@ LOGS_TO_ITS_FILE = r"""
 @pytest.mark.parametrize("how", ["sigterm", "exit", "workers"])
 def test_what_the_script_wrote_to_its_channels_is_written_when_the_milter_ends(tclrun, tmp_path, how):
     """Tcl's exit flushes every channel; the milter ended without it, so a script's log file lost
-    its buffered lines (all of them, for a quiet day), and `puts -nonewline` to stdout was lost.
+    its buffered lines (all of them, for a quiet day), and `puts -nonewline` to stdout was lost
+    (now it is written, and its line ended).
     With --workers, what was written before the fork is written once, not by every worker."""
     log = tmp_path / "filter.log"
     m = tclrun(LOGS_TO_ITS_FILE, *(["--workers", "2"] if how == "workers" else []), args=[str(log)])
@@ -271,7 +272,7 @@ def test_what_the_script_wrote_to_its_channels_is_written_when_the_milter_ends(t
         assert m.wait_exit() == 3
     else:
         assert m.stop() == 0
-        assert m.text.endswith("main returned"), m.text[-300:]
+        assert m.text.endswith("main returned\n"), m.text[-300:]  # (the open line ended: output.py)
     lines = log.read_text().splitlines()
     assert len([line for line in lines if line.startswith("started ")]) == 1, lines
     expected = ["<s0@example.org>", "<s1@example.org>", "<exit@example.org>" if how == "exit" else "<s2@example.org>"]

@@ -69,11 +69,15 @@ LINE_KEPT: Final = (600, 200)
 LINES_KEPT: Final = (40, 10)
 #: The longest line a record keeps whole.
 LONGEST: Final = LINE_KEPT[0] + LINE_KEPT[1]
-#: The longest line a script's `puts` writes to stdout or stderr (characters), the rest of as long a
-#: one on continuation lines (:func:`as_output`): journald cuts a line at its LineMax (48 KiB by
-#: default) and makes the rest an entry of its own, which starts where the script's caller chose.
-#: 4 096 characters (an escape is ASCII, any other character at most 4 bytes) stay under 16 KiB.
+#: The bytes of one line a script's `puts` writes to stdout or stderr, its LF included, in one
+#: write() (:func:`as_output`): PIPE_BUF, so that on a pipe no other writer's bytes come inside it,
+#: and journald's stream socket keeps it whole; and journald, which cuts a line at its LineMax (48
+#: KiB by default), never cuts it. A longer line is folded (by bytes: an escape is 4 to 10, any
+#: other character 1 to 4).
 OUTPUT_LINE: Final = 4096
+#: A written line this long or longer goes on in the next: OUTPUT_LINE less the LF and what a cut
+#: before a character of 4 bytes can leave out.
+OUTPUT_FOLDED: Final = OUTPUT_LINE - 4
 
 
 class Every:
@@ -301,41 +305,46 @@ def one_line(text: str) -> str:
     return _shorter(escape(text))
 
 
-def as_output(text: str, column: int = 0) -> tuple[str, int]:
-    """What a script's `puts` writes to stdout or stderr (the journal, under systemd), and the
-    column it leaves the line at (0 after a newline): each line's controls escaped as
-    :func:`guard` escapes them but tabs (a script's columns), backslashes kept, so that a
-    printable line reads as written; each line after a newline inside the text indented as a
-    continuation line, a newline at its end left to end it; a line of :data:`OUTPUT_LINE`
-    characters or more, counting the ``column`` characters already on it (`puts -nonewline`),
-    folded (:func:`_folded`)."""
-    body, end = (text[:-1], "\n") if text.endswith("\n") else (text, "")
-    lines = ["\t".join([_controls_escaped(part) for part in line.split("\t")]) for line in body.split("\n")]
-    written = _continued(lines, 1)
-    if column + len(written) >= OUTPUT_LINE:  # (a line this long, or several lines)
-        written = "\n".join(_folded(written.split("\n"), column))
-    if end:
-        return written + end, 0
-    last = written.rfind("\n")
-    return written, column + len(written) if last < 0 else len(written) - last - 1
+def as_output(text: str, ends: bool, line: bytes = b"", done: int = 0) -> tuple[list[bytes], bytes]:
+    """What a script's `puts` of ``text`` writes to stdout or stderr (the journal, under systemd):
+    the whole lines, each to go out with its LF in one write() of at most :data:`OUTPUT_LINE`
+    bytes, and the open line it leaves (b"" after a newline). ``line``: the open line's bytes
+    held so far (`puts -nonewline`), after ``done`` bytes of it already written (a terminal's);
+    ``ends``: the `puts` ends the line. Each line's controls escaped as :func:`guard` escapes
+    them but tabs (a script's columns), backslashes kept, so that a printable line reads as
+    written; each line after a newline inside the text indented as a continuation line, a
+    newline at its end left to end it; a line too long folded (:func:`_folded`)."""
+    parts = text.split("\n")
+    lines = [("\t".join([_controls_escaped(piece) for piece in part.split("\t")])).encode() for part in parts]
+    for i in range(1, len(lines)):
+        if not lines[i].startswith(b" ") and (lines[i] or i < len(lines) - 1):  # (not the line a final LF opens)
+            lines[i] = INDENT.encode() + lines[i]
+    lines[0] = line + lines[0]
+    whole: list[bytes] = []
+    for i, data in enumerate(lines):
+        pieces, rest = _folded(data, done if i == 0 else 0)
+        whole.extend(pieces)
+        if i < len(lines) - 1 or ends:
+            whole.append(rest)
+    return whole, b"" if ends else rest
 
 
-def _folded(lines: list[str], column: int) -> list[str]:
-    """``lines`` (the first begins at ``column``) with each one of OUTPUT_LINE characters or more
-    cut into lines of exactly OUTPUT_LINE, each after the first indented whatever it starts
-    with, and a last one shorter (the indent alone, if nothing is left): a line of OUTPUT_LINE
-    characters goes on in the next past its indent, and no other does, so that joining them
-    gives the text back, a space at a cut or a line exactly that long too."""
-    folded = []
-    step = OUTPUT_LINE - len(INDENT)
-    for line in lines:
-        room, column = max(OUTPUT_LINE - column, 0), 0
-        if len(line) < room:
-            folded.append(line)
-            continue
-        folded.append(line[:room])
-        folded.extend(INDENT + line[at:at + step] for at in range(room, len(line) + 1, step))
-    return folded
+def _folded(data: bytes, done: int) -> tuple[list[bytes], bytes]:
+    """The pieces of a line's ``data`` (after ``done`` bytes already written on it) that fill
+    whole lines, and the rest. A line of OUTPUT_FOLDED bytes or more is cut, at a character, into
+    lines of OUTPUT_FOLDED to OUTPUT_LINE - 1 bytes, each after the first indented whatever it
+    starts with, and the rest shorter (the indent alone, if nothing is left): so such a line
+    goes on in the next past its indent, and no other does, and joining them gives the text
+    back, a space at a cut or a line just that long too."""
+    pieces = []
+    start, width, indent = 0, done, b""
+    while width + len(data) - start >= OUTPUT_FOLDED:
+        end = min(start + OUTPUT_LINE - 1 - width, len(data))
+        while end < len(data) and data[end] & 0xC0 == 0x80:  # (not inside a character)
+            end -= 1
+        pieces.append(indent + data[start:end])
+        start, width, indent = end, len(INDENT), INDENT.encode()
+    return pieces, indent + data[start:]
 
 
 def guard(text: str) -> str:

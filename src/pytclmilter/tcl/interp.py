@@ -811,8 +811,14 @@ class TclHost:
         self.tk.call("interp", "cancel", "-unwind", "--", self.CHILD, message)
 
     def flush_channels(self, ending: bool) -> None:
-        """Write what the script's channels buffer, as Tcl's exit does; ``ending``: the process or
-        the interpreter goes, so wait for no reader and no program (``flush_all`` in _PRELUDE)."""
+        """Write what the script's channels buffer, as Tcl's exit does; ``ending``: the process
+        goes, so wait for no reader and no program (``flush_all`` in _PRELUDE), and write the
+        lines `puts -nonewline` began and holds (output.py)."""
+        self._flush_tcl(ending)
+        if ending:  # (every call but close's: the process ends)
+            output.write_held()
+
+    def _flush_tcl(self, ending: bool) -> None:
         if ending:
             self.limit.clear()  # (a stopped callback's limit would refuse every command)
         with contextlib.suppress(tkinter.TclError):  # (an interpreter deleted already)
@@ -824,7 +830,7 @@ class TclHost:
         the interpreter alive; the interpreter itself goes with the last reference to the host.
         The thread_home's interpreter stays, script and all, with the process (_THREAD_HOME)."""
         if not self.thread_home:
-            self.flush_channels(ending=True)  # its channels are closed with it: without waiting
+            self._flush_tcl(ending=True)  # its channels are closed with it: without waiting
             self.tk.call("interp", "delete", self.CHILD)
         for name in self._commands:
             self.tk.deletecommand(name)

@@ -1,14 +1,21 @@
-"""The script's `puts` to stdout and stderr, which under systemd are the journal, escaped.
+"""The script's `puts` to stdout and stderr, which under systemd are the journal: escaped, and
+written a whole line in one write().
 
 Legacy scripts `puts` what the MTA sent (senders, headers) to debug: raw, an SMTP client's ESC
 reached a terminal and its LF started a journal line of its own (``ERROR: forged``). So in the
 script's interpreter, and in each interpreter it creates, `puts` and `chan puts` are procs that
 hand text for stdout or stderr to :func:`logline.as_output` (controls escaped, tabs and
-backslashes kept, a newline inside one `puts` indenting the line after it, a line of
-logline.OUTPUT_LINE characters or more folded, journald's LineMax in mind) and then call Tcl's
-own, renamed. Text
-for any other channel, and plain printable ASCII that keeps the line short (the usual debug
-line), goes to Tcl's own command untouched, without a call into Python.
+backslashes kept, a newline inside one `puts` indenting the line after it, a line too long for
+one write folded). Text for any other channel goes to Tcl's own, renamed, untouched.
+
+Every thread and every --workers process writes on the same descriptors (one journal stream),
+and Tcl writes a `puts` in 4096-byte write()s (stderr's newline in one of its own), a buffered
+stdout wherever its buffer fills: another writer's line came between, and the tail of a line
+began one (``ERROR: forged``). So each line goes out in one write() of at most
+logline.OUTPUT_LINE bytes (PIPE_BUF), by :func:`_output` to the descriptor; the pieces of a line
+a thread builds by `puts -nonewline` are held until it ends (or the process does: a terminal has
+no journal, and gets them at once). A whole line of printable ASCII short enough, the usual
+debug line, is handed to Tcl's own `puts` in one piece and flushed, without a call into Python.
 
 Why not the channels themselves: a transform (`chan push`) or a reflected channel in place of
 stdout (`chan create`) sees the buffer Tcl flushes, not `puts` calls, so it cannot tell the
@@ -21,13 +28,24 @@ command as a ctypes callback run in that thread, from threads.py's static packag
 from __future__ import annotations
 
 import contextlib
+import errno
+import logging
+import os
+import select
+import threading
 from typing import Any, Callable, Final, Sequence
 
-from ..logline import OUTPUT_LINE, as_output
+from ..logline import OUTPUT_FOLDED, as_output
 from . import threads
+from .usage import TclUsageError
 
-#: The command :func:`as_output` is in the host's interpreter, aliased into each script interpreter.
+log = logging.getLogger(__name__)
+
+#: The command :func:`_output` is in the host's interpreter, aliased into each script interpreter.
 COMMAND: Final = "::tclmilter::py::output"
+#: The open lines held at most (a thread and a descriptor each): threads that end with a piece
+#: held would leave theirs for the process's life. Past it, the oldest is written as it is.
+KEPT_OPEN: Final = 256
 
 #: Evaluated in the script's interpreter and in each it creates (interp.py's bg_made).
 PRELUDE: Final = r"""
@@ -37,9 +55,9 @@ rename ::tcl::chan::puts ::tclmilter::py::chanputs
 # Aliases, not procs: an error's errorInfo shows the script's `puts ...` alone, as Tcl's.
 interp alias {} ::puts {} ::tclmilter::py::escaped ::tclmilter::py::puts puts
 interp alias {} ::tcl::chan::puts {} ::tclmilter::py::escaped ::tclmilter::py::chanputs {chan puts}
-# Tcl's puts, its text escaped when it goes to stdout or stderr; its errors as Tcl's own, named
-# as the script called it. The words as Tcl's puts reads them: ?-nonewline? ?channelId? string,
-# or the old `puts channelId string nonewline`.
+# Tcl's puts, its text escaped and written a whole line in one write() when it goes to stdout or
+# stderr; its errors as Tcl's own, named as the script called it. The words as Tcl's puts reads
+# them: ?-nonewline? ?channelId? string, or the old `puts channelId string nonewline`.
 proc ::tclmilter::py::escaped {command name args} {
     set words $args
     set n [llength $words]
@@ -52,25 +70,36 @@ proc ::tclmilter::py::escaped {command name args} {
         set channel [lindex $words 0]
     }
     set i [expr {$n == 3 && [lindex $words 0] ne "-nonewline" ? 1 : $n - 1}]
+    set whole 0
     if {$channel in {stdout stderr} && $n <= 3} {
-        # The characters on the channel's open line: from this interpreter's `puts -nonewline`
-        # (and the old `puts channelId string nonewline`), where a line may be built in pieces.
         set open [expr {$n == 3 || $n == 2 && [lindex $words 0] eq "-nonewline"}]
         set text [lindex $words $i]
-        set column [expr {[info exists ::tclmilter::py::column($channel)] ? $::tclmilter::py::column($channel) : 0}]
-        if {[regexp {^[\t -~]*$} $text] && $column + [string length $text] < @LINE@} {
-            set left [expr {$column + [string length $text]}]
+        # A whole line that Tcl writes in one write(): short enough for the line, and for the
+        # channel's buffer (which a safe interpreter cannot read), its translation's CR too.
+        # (open: a line this interpreter began by `puts -nonewline`, which Python holds.)
+        if {!$open && ![info exists ::tclmilter::py::open($channel)] && [string length $text] < @FOLDED@
+                && [regexp {^[\t -~]*$} $text] && ![catch {::fconfigure $channel -buffersize} size]
+                && [string length $text] < $size - 1} {
+            set words [list -nonewline $channel $text\n]
+            set whole 1
         } else {
-            lassign [lindex [::tclmilter::py::output $text $column] 1] text left
-            lset words $i $text
+            # Tcl's checks, and errors, for the channel: it writes nothing.
+            lset words $i {}
+            if {!$open} { set words [linsert $words 0 -nonewline] }
         }
     }
     if {[catch {$command {*}$words} result options]} {
         return -code error -errorcode [dict get $options -errorcode] [string map [list $command $name] $result]
     }
-    if {[info exists left]} { set ::tclmilter::py::column($channel) [expr {$open ? $left : 0}] }
+    if {$whole} {
+        ::tcl::chan::flush $channel
+    } elseif {[info exists text]} {
+        lassign [::tclmilter::py::output $channel $text $open] status result code
+        if {$status ne "ok"} { return -code error -errorcode $code $result }
+        if {$result} { set ::tclmilter::py::open($channel) 1 } else { unset -nocomplain ::tclmilter::py::open($channel) }
+    }
 }
-""".replace("@LINE@", str(OUTPUT_LINE))
+""".replace("@FOLDED@", str(OUTPUT_FOLDED))
 
 
 #: In each interpreter of a thread (threads.py), after PRELUDE: no host logs an error of its
@@ -100,6 +129,82 @@ def install(register: Callable[[str, Callable[[Sequence[str]], Any]], None], cal
         threads.give(threads.SAFE, {COMMAND: _output}, PRELUDE + THREAD_BGERROR)
 
 
-def _output(args: Sequence[str]) -> tuple[str, int]:
-    """{text column}: as_output of the text, on a line ``column`` characters long so far."""
-    return as_output(args[0], int(args[1]))
+#: (thread, descriptor) -> the bytes of its open line held, and those written already (a terminal's).
+_open: dict[tuple[int, int], tuple[bytes, int]] = {}
+_LOCK: Final = threading.Lock()
+_full: list[bool] = []  # (KEPT_OPEN reached, logged once)
+
+
+def _output(args: Sequence[str]) -> int:
+    """{channel text open}: the text of a `puts` to stdout or stderr escaped and written, whole
+    lines only, each in one write(), the open line's rest held (1: a line is left open)."""
+    channel, text, ends = args[0], args[1], args[2] == "0"
+    fd = 1 if channel == "stdout" else 2
+    key = (threading.get_ident(), fd)
+    with _LOCK:
+        held, done = _open.pop(key, (b"", 0))
+    whole, held = as_output(text, ends, held, done)
+    lines = [line + b"\n" for line in whole]
+    done = done if not whole else 0
+    if held and os.isatty(fd):  # (no journal there, maybe a prompt: at once, as Tcl's)
+        lines.append(held)
+        done, held = done + len(held), b""
+    for line in lines:
+        _write(channel, fd, line)
+    if held or done:
+        _keep(key, held, done)
+        return 1
+    return 0
+
+
+def _keep(key: tuple[int, int], held: bytes, done: int) -> None:
+    """Hold ``key``'s open line; past KEPT_OPEN lines, end the one left open longest (a warning,
+    once: a thread that then goes on with it starts a line)."""
+    with _LOCK:
+        oldest = next(iter(_open)) if len(_open) >= KEPT_OPEN else None
+        ended = [(oldest, _open.pop(oldest))] if oldest is not None else []
+        _open[key] = (held, done)
+    if ended and not _full:
+        _full.append(True)
+        log.warning("%d threads hold a line begun by puts -nonewline: the oldest is ended before its end, "
+                    "and so on while there are", KEPT_OPEN)
+    _end(ended)
+
+
+def write_held() -> None:
+    """At the process's end: every line begun by `puts -nonewline` and held, or written on a
+    terminal, ended (so that the next line, our own log's or another writer's, starts one of its
+    own)."""
+    with _LOCK:
+        held = list(_open.items())
+        _open.clear()
+    _end(held)
+
+
+def _end(lines: list[tuple[tuple[int, int], tuple[bytes, int]]]) -> None:
+    """Write each open line's held bytes and a LF; a write that fails loses only its own."""
+    for (_, fd), (data, _) in lines:
+        with contextlib.suppress(TclUsageError):
+            _write("stdout" if fd == 1 else "stderr", fd, data + b"\n")
+
+
+def _write(channel: str, fd: int, data: bytes) -> None:
+    """``data`` on ``fd`` in one write() (whole, on a pipe, up to PIPE_BUF); Tcl's error if not."""
+    while data:
+        try:
+            data = data[os.write(fd, data):]
+        except BlockingIOError:  # (the script's `fconfigure stdout -blocking 0`)
+            select.select([], [fd], [])
+        except OSError as exc:
+            reason = os.strerror(exc.errno or 0).lower() if exc.errno else str(exc)
+            raise TclUsageError(f'error writing "{channel}": {reason}',
+                                ("POSIX", errno.errorcode.get(exc.errno or 0, "EIO"), reason)) from None
+
+
+def _forked() -> None:
+    """In a --workers worker: the lines held are the parent's, which writes them."""
+    _open.clear()
+    _LOCK.release()
+
+
+os.register_at_fork(before=_LOCK.acquire, after_in_parent=_LOCK.release, after_in_child=_forked)
