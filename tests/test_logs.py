@@ -619,6 +619,61 @@ def test_puts_with_another_writer_on_the_descriptor_cannot_start_a_line_with_its
     assert "held: " + sender in err, err[-3:]
 
 
+WORKERS_PUTS_TCL = r"""
+package require TclMilter
+proc from {ctx argv} {
+    set sender [lindex $argv 0]
+    puts stderr "from: $sender"
+    puts -nonewline stderr "built: "; puts -nonewline stderr $sender; puts stderr ""
+    if {![info exists ::held]} { set ::held 1; puts -nonewline "held by [pid]" }
+    return SMFIS_CONTINUE
+}
+milter register envfrom from
+milter main
+"""
+
+
+def test_puts_of_two_workers_on_one_pipe_cannot_start_a_line_with_the_senders_text(tmp_path) -> None:
+    """--workers 2 on one stderr pipe, as under systemd, 200 messages four at a time from a
+    sender of 2 000 `é` ending in `ERROR: forged`, printed by a `puts` and by `puts -nonewline`
+    pieces: every line read is one of ours or starts with the script's own text, whole (before:
+    the other worker's line came between two writes of one: `built: ` alone on a line, or twice
+    on one, and lines that began with the sender, `<ééé`); and the line
+    each worker left open on stdout is written at the stop, ended (before: the two on one
+    line)."""
+    script = tmp_path / "workers.tcl"
+    script.write_text(WORKERS_PUTS_TCL)
+    sender = "<" + "\u00e9" * 2000 + "ERROR: forged@example.org>"  # (a line in one write: no fold)
+    port = free_port()
+    proc = subprocess.Popen([*PYTCLMILTER, "run", str(script), "--workers", "2", "--connection",
+                             f"inet:{port}@127.0.0.1"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            env=child_env())
+    read: dict[str, bytes] = {}
+    reading = threading.Thread(target=lambda: read.update(zip(("out", "err"), proc.communicate(timeout=90))))
+    reading.start()  # (the pipes drained all along: a full one would hold the workers)
+    try:
+        deadline = time.monotonic() + 30
+        while True:  # listening
+            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=1):
+                break
+            assert time.monotonic() < deadline and proc.poll() is None
+            time.sleep(0.1)
+        sent = subprocess.run([*PYTCLMILTER, "send", "-c", f"inet:{port}@127.0.0.1", "--from", sender, "--count",
+                               "200", "--concurrency", "4", str(DATA / "plain.eml")],
+                              capture_output=True, text=True, timeout=60, env=child_env())
+        assert "verdicts: accept=200" in sent.stdout, sent.stdout + sent.stderr
+    finally:
+        proc.terminate()
+        reading.join(60)
+    out, err = read["out"], read["err"]
+    lines = err.decode().split("\n")
+    for line in lines:
+        assert not line or STDERR_LINE.match(line) or line.startswith(("from: <", "built: <")), line[:40]
+    assert lines.count("from: " + sender) == lines.count("built: " + sender) == 200, [line[:40] for line in lines]
+    held = out.decode().splitlines()[1:]  # (after the listening line)
+    assert 1 <= len(held) <= 2 and all(re.fullmatch(r"held by \d+", line) for line in held), held
+
+
 @pytest.fixture
 def syslog_socket(tmp_path, monkeypatch):
     """`pytclmilter run --syslog`'s logging set-up, with a datagram socket of the test's own as
