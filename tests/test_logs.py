@@ -633,6 +633,16 @@ milter main
 """
 
 
+def wait_listening(proc: subprocess.Popen, port: int) -> None:
+    """Until ``proc``, a `pytclmilter run` on 127.0.0.1:``port``, takes connections."""
+    deadline = time.monotonic() + 30
+    while True:
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=1):
+            return
+        assert time.monotonic() < deadline and proc.poll() is None
+        time.sleep(0.1)
+
+
 def test_puts_of_two_workers_on_one_pipe_cannot_start_a_line_with_the_senders_text(tmp_path) -> None:
     """--workers 2 on one stderr pipe, as under systemd, 200 messages four at a time from a
     sender of 2 000 `é` ending in `ERROR: forged`, printed by a `puts` and by `puts -nonewline`
@@ -652,12 +662,7 @@ def test_puts_of_two_workers_on_one_pipe_cannot_start_a_line_with_the_senders_te
     reading = threading.Thread(target=lambda: read.update(zip(("out", "err"), proc.communicate(timeout=90))))
     reading.start()  # (the pipes drained all along: a full one would hold the workers)
     try:
-        deadline = time.monotonic() + 30
-        while True:  # listening
-            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=1):
-                break
-            assert time.monotonic() < deadline and proc.poll() is None
-            time.sleep(0.1)
+        wait_listening(proc, port)
         sent = subprocess.run([*PYTCLMILTER, "send", "-c", f"inet:{port}@127.0.0.1", "--from", sender, "--count",
                                "200", "--concurrency", "4", str(DATA / "plain.eml")],
                               capture_output=True, text=True, timeout=60, env=child_env())
@@ -956,12 +961,7 @@ def test_a_journal_that_takes_no_more_lines_never_blocks_the_milter(tmp_path, ki
 
     got = b""
     try:
-        deadline = time.monotonic() + 30
-        while True:  # listening
-            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=1):
-                break
-            assert time.monotonic() < deadline and proc.poll() is None
-            time.sleep(0.1)
+        wait_listening(proc, port)
         assert "verdicts: accept=3000" in send(3000)  # the reader reads nothing meanwhile
         deadline = time.monotonic() + 30
         while b"conn#3001: verdict" not in got and time.monotonic() < deadline:  # it reads again
