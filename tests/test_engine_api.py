@@ -1385,14 +1385,20 @@ def test_abort_from_a_callback_ends_run_at_once_and_cuts_the_open_sessions():
     assert not m.running
 
 
-def test_a_context_hook_that_raises_is_logged_and_the_connection_is_served(caplog):
+class _Fault(BaseException):
+    """A library's own root class, beside Exception."""
+
+
+@pytest.mark.parametrize("error", [RuntimeError, _Fault])
+def test_a_context_hook_that_raises_is_logged_and_the_connection_is_served(caplog, error):
     """Bug: a context_created hook that raised left the MTA waiting for its negotiation reply with
     the socket open; one in context_closed left the connection half torn down. Both reached only
-    asyncio's own log, unescaped."""
+    asyncio's own log, unescaped. (A BaseException that is no Exception did, until it was
+    caught as the others.)"""
     caplog.set_level(logging.INFO, logger=LOG)
 
     def created(ctx):
-        raise RuntimeError("no db\nhandle")
+        raise error("no db\nhandle")
 
     closed = []
 

@@ -817,10 +817,12 @@ FAILING_SIGNAL_HOOK = textwrap.dedent(
     import logging, sys
     from pytclmilter import Hooks, Milter
     logging.basicConfig(level=logging.INFO, stream=sys.stdout, format="%(levelname)s %(message)s")
+    class Fault(BaseException):
+        pass
     def hook(sig):
         if sys.argv[3] == "exit":
             sys.exit(3)
-        raise RuntimeError("the hook broke")
+        raise (Fault if sys.argv[3] == "fault" else RuntimeError)("the hook broke")
     m = Milter(connection="unix:" + sys.argv[1], grace=1.0,
                hooks=Hooks(signal=hook, listening=lambda spec: print("LISTENING", spec, flush=True)))
     m.workers = int(sys.argv[2])
@@ -832,7 +834,7 @@ FAILING_SIGNAL_HOOK = textwrap.dedent(
 
 
 @pytest.mark.parametrize("workers", [1, 2])
-@pytest.mark.parametrize("failure", ["raise", "exit"])
+@pytest.mark.parametrize("failure", ["raise", "exit", "fault"])
 def test_a_signal_hook_that_fails_is_logged_and_the_milter_stops_all_the_same(sockdir, workers, failure):
     """Hooks.signal is called "before the milter stops": one that raised swallowed the SIGTERM
     (asyncio logged "Exception in callback" and the milter served on, to be SIGKILLed by systemd)

@@ -342,6 +342,68 @@ def test_an_uncaught_python_exception_in_a_callback_is_logged_and_answered_with_
     assert "\nFAKE: line" not in m.text
 
 
+FAULT_HOOKS = r'''
+import asyncio
+
+
+class Fault(BaseException):
+    """Not an Exception: a library's own root class, as GeneratorExit is Python's."""
+
+
+def setup(milter):
+    @milter.tcl_command("fault")
+    def fault(message):
+        raise Fault(message)
+
+    @milter.register("connect")
+    def connect(ctx, hostname, addr):
+        if hostname == "bad.example.net":
+            raise Fault("sync \x1b[1m fault")
+
+    @milter.register("envfrom")
+    async def envfrom(ctx, args):
+        await asyncio.sleep(0)
+        if args[0] == "<async@example.org>":
+            raise Fault("async fault")
+'''
+
+
+def test_a_base_exception_that_is_no_exception_fails_as_an_exception_does(tclrun):
+    """A callback or a Python command raising a BaseException of its own (not an Exception)
+    failed as any other: logged with its traceback, counted, answered with -onerror; a command's
+    a Tcl error with its message. Before, a sync callback's broke the connection ("Fatal error on
+    transport", no answer, callback errors=0), an async one's was never answered, and a command's
+    was a Tcl error with an empty message."""
+    m = tclrun(TCL_HELPERS + r"""
+        package require TclMilter
+        milter configure -onerror SMFIS_REJECT
+        T caught {catch {fault "no way"} m o; list $m [dict get $o -errorcode]}
+        proc rcpt {ctx list} { fault "from Tcl" }
+        milter register envrcpt rcpt
+        milter main
+    """, python=[FAULT_HOOKS])
+    with m.mta() as mta:
+        mta.negotiate()
+        assert mta.connect(hostname="bad.example.net") == ("r", {})
+    logged(m, r"ERROR: conn#1: connect callback setup\.<locals>\.connect failed \(sync \\x1b\[1m fault\), answering SMFIS_REJECT:\n"
+              r"  Traceback \(most recent call last\):\n(  .*\n)*?"
+              r'    raise Fault\("sync \\\\x1b\[1m fault"\)\n  \S+\.Fault: sync \\x1b\[1m fault\n')
+    with m.mta() as mta:
+        mta.negotiate()
+        assert ok(mta.connect())
+        assert mta.mail("<async@example.org>") == ("r", {})
+        logged(m, r"ERROR: conn#2: envfrom callback setup\.<locals>\.envfrom failed \(async fault\), answering SMFIS_REJECT:\n"
+                  r"(  .*\n)*?  \S+\.Fault: async fault\n")
+        assert ok(mta.mail("<a@example.org>"))  # the connection goes on
+        assert mta.rcpt("<b@example.org>") == ("r", {})
+        logged(m, r"ERROR: conn#2: envrcpt callback rcpt failed \(from Tcl\), answering SMFIS_REJECT:\n"
+                  r"  from Tcl\n  Traceback \(most recent call last\):\n(  .*\n)*?  \S+\.Fault: from Tcl\n")
+    assert m.stop() == 0
+    assert m.results()["caught"] == "OK {no way} {PYTHON Fault {no way}}"
+    assert "callback errors=3" in m.text
+    assert "Fatal error" not in m.text and "never retrieved" not in m.text
+
+
 ARITY_HOOKS = r'''
 def setup(milter):
     milter.tcl_command("two", lambda a, b: a + b)

@@ -465,8 +465,9 @@ class ConnectionEngine:
             finally:
                 if held:
                     PYTHON_LIMIT.stop()
-        # A host's bug must not hang or leak the connection, nor end the milter with a sys.exit().
-        except (Exception, CallbackTimeout, SystemExit, KeyboardInterrupt) as exc:  # noqa: BLE001
+        # A host's bug must not hang or leak the connection, nor end the milter with a sys.exit()
+        # or any BaseException (CallbackTimeout, a library's own class beside Exception).
+        except BaseException as exc:  # noqa: BLE001
             log.error("%s: the %s hook %s failed (%s):\n%s", self.name, name,
                       escape(getattr(hook, "__qualname__", repr(hook))), escape(_failure_text(exc)),
                       escape_lines(_traceback(exc)))
@@ -821,9 +822,10 @@ class ConnectionEngine:
                 self.calling = None
                 if held:
                     late = limiter.stop()  # before anything else: the failure's log line is not limited
-        # A filter bug must not take the milter down: a sys.exit() in a callback included (the
-        # Tcl `exit` ends the process, as the manual has it; Python's is a failure like any other).
-        except (Exception, CallbackTimeout, SystemExit, KeyboardInterrupt) as exc:  # noqa: BLE001
+        # A filter bug must not take the milter down: any BaseException, sys.exit() included (the
+        # Tcl `exit` ends the process, as the manual has it; Python's is a failure like any other),
+        # and a library's own class beside Exception. (A stop signal is the loop's: no KeyboardInterrupt.)
+        except BaseException as exc:  # noqa: BLE001
             status = self._callback_failed(name, cb, self._grace_named(exc, started), ignore)
             if limit:
                 self._check_time(name, cb, started, limit, _LATE_STOP)
@@ -880,8 +882,9 @@ class ConnectionEngine:
             status = self._callback_failed(name, cb, exc, ignore)
             self._timed(name, cb, started)
             return status
-        # CallbackTimeout (no Exception): the time limit of Tcl code the callback ran (ctx.tcl)
-        except (Exception, CallbackTimeout) as exc:  # noqa: BLE001
+        # Any BaseException, as in _call: CallbackTimeout (the time limit of Tcl code the callback
+        # ran, ctx.tcl), a library's own class beside Exception.
+        except BaseException as exc:  # noqa: BLE001
             status = self._callback_failed(name, cb, exc.original if isinstance(exc, _Exited) else exc, ignore)
             if limit:
                 self._check_time(name, cb, started, limit, _LATE_STOP)

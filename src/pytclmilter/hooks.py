@@ -67,7 +67,7 @@ def signalled(hooks: Hooks, sig: signal.Signals) -> None:
     the milter served on, until systemd's SIGKILL) or, with workers, ended run() in a traceback."""
     try:
         hooks.signal(sig)
-    except (Exception, SystemExit, KeyboardInterrupt) as exc:  # noqa: BLE001 - a host's bug
+    except BaseException as exc:  # noqa: BLE001 - a host's bug, whatever its class
         what = f"{type(exc).__name__}({exc})" if isinstance(exc, (SystemExit, KeyboardInterrupt)) else str(exc)
         log.error("the signal hook %s failed (%s); stopping all the same:\n%s",
                   escape(getattr(hooks.signal, "__qualname__", repr(hooks.signal))),

@@ -193,8 +193,9 @@ class PythonCommands:
                 self.limit.expire()
                 return ("limit",)
             # The script gets it as a Tcl error: a sys.exit() too, which would otherwise pass
-            # through Tcl uncatchable and fail the callback, or end the load, from outside it.
-            except (Exception, SystemExit, KeyboardInterrupt) as exc:  # noqa: BLE001
+            # through Tcl uncatchable and fail the callback, or end the load, from outside it,
+            # and any BaseException (a library's own class), of which tkinter gave Tcl an empty message.
+            except BaseException as exc:  # noqa: BLE001
                 return self._error(exc, _own_frames_dropped(exc.__traceback__))
             finally:
                 self._depth -= 1
