@@ -619,6 +619,35 @@ def test_puts_with_another_writer_on_the_descriptor_cannot_start_a_line_with_its
     assert "held: " + sender in err, err[-3:]
 
 
+ENDED_THREADS_TCL = r"""
+package require TclMilter
+package require Thread
+for {set i 0} {$i < 3} {incr i} {
+    thread::join [thread::create -joinable "puts -nonewline {thread $i began: }"]
+    puts stderr "thread $i ended"
+}
+thread::join [thread::create -joinable {puts "ERROR: forged \u00e9"}]
+milter main
+"""
+
+
+@needs_thread
+def test_a_line_a_thread_leaves_open_is_written_when_the_thread_ends(tmp_path) -> None:
+    """Threads that each `puts -nonewline` a piece and end, one after the other, then a thread
+    that `puts` a line: each piece is written, its line ended, as its thread ends, as Tcl's own
+    channels were flushed then (before: all held until the process ended, a day later under
+    systemd or never after a SIGKILL, and run together with the next thread's line on one,
+    `thread 0 began: thread 1 began: thread 2 began: ERROR: forged é`, threads taking the ids
+    of those that ended)."""
+    script = tmp_path / "ended.tcl"
+    script.write_text(ENDED_THREADS_TCL)
+    done = subprocess.run([*PYTCLMILTER, "check", str(script)], env=child_env(), stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True, timeout=60)
+    assert done.stdout.splitlines()[:7] == [
+        "thread 0 began: ", "thread 0 ended", "thread 1 began: ", "thread 1 ended", "thread 2 began: ",
+        "thread 2 ended", "ERROR: forged \u00e9"], done.stdout
+
+
 WORKERS_PUTS_TCL = r"""
 package require TclMilter
 proc from {ctx argv} {

@@ -13,8 +13,8 @@ and Tcl writes a `puts` in 4096-byte write()s (stderr's newline in one of its ow
 stdout wherever its buffer fills: another writer's line came between, and the tail of a line
 began one (``ERROR: forged``). So each line goes out in one write() of at most
 logline.OUTPUT_LINE bytes (PIPE_BUF), by :func:`_output` to the descriptor; the pieces of a line
-a thread builds by `puts -nonewline` are held until it ends (or the process does: a terminal has
-no journal, and gets them at once). A whole line of printable ASCII short enough, the usual
+a thread builds by `puts -nonewline` are held until it ends (or the thread, or the process does: a
+terminal has no journal, and gets them at once). A whole line of printable ASCII short enough, the usual
 debug line, is handed to Tcl's own `puts` in one piece and flushed, without a call into Python.
 
 Why not the channels themselves: a transform (`chan push`) or a reflected channel in place of
@@ -127,6 +127,7 @@ def install(register: Callable[[str, Callable[[Sequence[str]], Any]], None], cal
     call("interp", "eval", child, PRELUDE)
     with contextlib.suppress(OSError, AttributeError):
         threads.give(threads.SAFE, {COMMAND: _output}, PRELUDE + THREAD_BGERROR)
+        threads.at_end(_thread_ends)
 
 
 #: (thread, descriptor) -> the bytes of its open line held, and those written already (a terminal's).
@@ -179,6 +180,16 @@ def write_held() -> None:
         held = list(_open.items())
         _open.clear()
     _end(held)
+
+
+def _thread_ends() -> None:
+    """A thread of the Thread package ends: its open lines written, ended, as Tcl flushed its
+    own channels then (held, they would wait for the process's end, and go on with the text of
+    a thread that gets its id)."""
+    me = threading.get_ident()
+    with _LOCK:
+        ended = [(key, _open.pop(key)) for key in list(_open) if key[0] == me]
+    _end(ended)
 
 
 def _end(lines: list[tuple[tuple[int, int], tuple[bytes, int]]]) -> None:

@@ -20,6 +20,7 @@ from __future__ import annotations
 import ctypes
 import logging
 import os
+import threading
 from typing import Any, Callable, Final, Sequence
 
 import _tkinter
@@ -42,6 +43,7 @@ _EVAL_GLOBAL: Final = 0x20000  # TCL_EVAL_GLOBAL
 _p = ctypes.c_void_p
 _OBJ_COMMAND: Final = ctypes.CFUNCTYPE(ctypes.c_int, _p, _p, ctypes.c_int, ctypes.POINTER(_p))
 _INIT: Final = ctypes.CFUNCTYPE(ctypes.c_int, _p)
+_THREAD_EXIT: Final = ctypes.CFUNCTYPE(None, _p)
 #: The Tcl functions used, with their (result, arguments) types.
 _SIGNATURES: Final[dict[str, tuple[Any, list[Any]]]] = {
     "Tcl_StaticPackage": (None, [_p, ctypes.c_char_p, _INIT, _INIT]),
@@ -52,12 +54,17 @@ _SIGNATURES: Final[dict[str, tuple[Any, list[Any]]]] = {
     "Tcl_NewListObj": (_p, [ctypes.c_int, ctypes.POINTER(_p)]),
     "Tcl_SetObjResult": (None, [_p, _p]),
     "Tcl_EvalEx": (ctypes.c_int, [_p, ctypes.c_char_p, ctypes.c_int, ctypes.c_int]),
+    "Tcl_CreateThreadExitHandler": (None, [_THREAD_EXIT, _p]),
 }
 #: kind -> its commands (name, the callback handed to Tcl) and its script.
 _GIVEN: dict[int, tuple[list[tuple[bytes, Any]], bytes]] = {}
 #: The Tcl library and the init callbacks handed to it: kept for the process's life, as Tcl
 #: keeps their addresses.
 _KEPT: list[Any] = []
+#: What :func:`at_end` asked to run in each thread as it ends.
+_AT_END: list[Callable[[], None]] = []
+#: The threads whose end runs them (their ids: a new thread may get the id of one that ended).
+_WATCHED: set[int] = set()
 
 
 #: In every interpreter of the script's that is not safe, in any thread: the Thread package's
@@ -182,6 +189,27 @@ def give(kind: int, commands: dict[str, Callable[[Sequence[str]], Any]], script:
                         script.encode())
 
 
+def at_end(func: Callable[[], None]) -> None:
+    """Run ``func`` in each thread that loaded the package, as it ends (Tcl_FinalizeThread, as
+    Tcl flushes the thread's own channels); once a process."""
+    if func not in _AT_END:
+        _AT_END.append(func)
+
+
+def _thread_ends(_data: int) -> None:
+    """A thread's exit handler: never raises (ctypes would print the exception)."""
+    _WATCHED.discard(threading.get_ident())
+    for func in _AT_END:
+        try:
+            func()
+        except Exception:  # noqa: BLE001 - report, never crash the thread
+            log.exception("internal error as a thread ended")
+
+
+#: The exit handler handed to Tcl: kept for the process's life, as Tcl keeps its address.
+_ENDS: Final = _THREAD_EXIT(_thread_ends)
+
+
 def _library() -> Any:
     """libtcl's functions (as tkinter calls them), the static package registered at the first call."""
     if _KEPT:
@@ -201,6 +229,9 @@ def _init(tcl: Any, interp: int, upto: int) -> int:
     """The package's init: what was given for kinds up to ``upto``, ROOT's only while root."""
     if upto == ROOT and os.geteuid() != 0:
         upto = TRUSTED
+    if _AT_END and threading.get_ident() not in _WATCHED:  # (a thread's first interpreter)
+        _WATCHED.add(threading.get_ident())
+        tcl.Tcl_CreateThreadExitHandler(_ENDS, None)
     for kind in sorted(_GIVEN):
         if kind > upto:
             break
