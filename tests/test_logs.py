@@ -9,6 +9,7 @@ import io
 import logging
 import os
 import re
+import select
 import signal
 import socket
 import subprocess
@@ -646,6 +647,51 @@ def test_a_line_a_thread_leaves_open_is_written_when_the_thread_ends(tmp_path) -
     assert done.stdout.splitlines()[:7] == [
         "thread 0 began: ", "thread 0 ended", "thread 1 began: ", "thread 1 ended", "thread 2 began: ",
         "thread 2 ended", "ERROR: forged \u00e9"], done.stdout
+
+
+NONBLOCKING_TCL = r"""
+package require TclMilter
+fconfigure stdout -blocking 0
+for {set i 0} {$i < 2000} {incr i} { puts "line $i \u00e9 [string repeat x 100]" }
+puts stderr "printed all"
+gets stdin
+puts "again \u00e9"
+milter main
+"""
+
+
+def test_puts_to_a_non_blocking_stdout_its_reader_stuck_loses_lines_counted_never_waits(tmp_path) -> None:
+    """A script that made stdout non-blocking (`fconfigure stdout -blocking 0`, so as never to
+    wait for its reader) `puts` 2 000 lines of 110 bytes into a pipe nobody reads: the script
+    goes on (before: pytclmilter waited in select() for the reader, for ever, the milter held);
+    the lines the pipe had no room for are lost, with a warning, and once the reader drained
+    it, the next line is written and the count of those lost logged."""
+    script = tmp_path / "nonblocking.tcl"
+    script.write_text(NONBLOCKING_TCL)
+    proc = subprocess.Popen([*PYTCLMILTER, "check", str(script)], env=child_env(), stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert proc.stdout is not None and proc.stderr is not None and proc.stdin is not None
+    try:
+        ready, _, _ = select.select([proc.stderr], [], [], 30)
+        first = proc.stderr.readline().decode() if ready else ""
+        while ready and first.startswith("20"):  # (a log line of ours: the warning)
+            first = proc.stderr.readline().decode()
+        assert first == "printed all\n", first
+        os.set_blocking(proc.stdout.fileno(), False)
+        read = b""
+        with contextlib.suppress(BlockingIOError):
+            while chunk := os.read(proc.stdout.fileno(), 65536):
+                read += chunk
+        os.set_blocking(proc.stdout.fileno(), True)
+        proc.stdin.write(b"go\n")
+        out, err = proc.communicate(timeout=30)
+    finally:
+        proc.kill()
+    printed = (read + out).decode().splitlines()
+    shown = [line for line in printed if line.startswith("line ")]
+    assert 0 < len(shown) < 2000 and printed[len(shown)] == "again \u00e9", printed[len(shown) - 1:][:3]
+    lost = re.search(r"WARNING: (\d+) lines of the script's puts to stdout were lost", err.decode())
+    assert lost and int(lost[1]) == 2000 - len(shown), err.decode()[-800:]
 
 
 WORKERS_PUTS_TCL = r"""

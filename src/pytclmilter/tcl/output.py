@@ -134,6 +134,8 @@ def install(register: Callable[[str, Callable[[Sequence[str]], Any]], None], cal
 _open: dict[tuple[int, int], tuple[bytes, int]] = {}
 _LOCK: Final = threading.Lock()
 _full: list[bool] = []  # (KEPT_OPEN reached, logged once)
+#: descriptor -> the lines lost on it since the last one written (:func:`_lose`).
+_lost: dict[int, int] = {}
 
 
 def _output(args: Sequence[str]) -> int:
@@ -200,16 +202,45 @@ def _end(lines: list[tuple[tuple[int, int], tuple[bytes, int]]]) -> None:
 
 
 def _write(channel: str, fd: int, data: bytes) -> None:
-    """``data`` on ``fd`` in one write() (whole, on a pipe, up to PIPE_BUF); Tcl's error if not."""
+    """``data`` on ``fd`` in one write() (whole, on a pipe, up to PIPE_BUF); Tcl's error if not.
+    A descriptor the script made non-blocking (`fconfigure stdout -blocking 0`: not to wait for
+    its reader) that takes none of it loses it, counted (:func:`_lose`); only the rest of a line
+    begun is waited for, as another writer's must not go on with it."""
+    begun = False
     while data:
         try:
             data = data[os.write(fd, data):]
-        except BlockingIOError:  # (the script's `fconfigure stdout -blocking 0`)
+        except BlockingIOError:
+            if not begun:
+                _lose(channel, fd)
+                return
             select.select([], [fd], [])
         except OSError as exc:
             reason = os.strerror(exc.errno or 0).lower() if exc.errno else str(exc)
             raise TclUsageError(f'error writing "{channel}": {reason}',
                                 ("POSIX", errno.errorcode.get(exc.errno or 0, "EIO"), reason)) from None
+        begun = True
+    if _lost:
+        _lost_told(channel, fd)
+
+
+def _lose(channel: str, fd: int) -> None:
+    """A line a non-blocking ``fd`` had no room for: counted, a warning at the first."""
+    with _LOCK:
+        _lost[fd] = _lost.get(fd, 0) + 1
+        first = _lost[fd] == 1
+    if first:
+        log.warning("%s is non-blocking (fconfigure %s -blocking 0) and its reader takes no more: the lines of the "
+                    "script's puts to it are lost, and counted, until it does", channel, channel)
+
+
+def _lost_told(channel: str, fd: int) -> None:
+    """A line got through ``fd`` again: how many did not, logged."""
+    with _LOCK:
+        lost = _lost.pop(fd, 0)
+    if lost:
+        log.warning("%d lines of the script's puts to %s were lost: it is non-blocking, and its reader took no "
+                    "more", lost, channel)
 
 
 def _forked() -> None:
