@@ -649,6 +649,20 @@ def test_a_line_a_thread_leaves_open_is_written_when_the_thread_ends(tmp_path) -
         "thread 2 ended", "ERROR: forged \u00e9"], done.stdout
 
 
+def test_puts_returns_nothing_as_tcls_own(tmp_path) -> None:
+    """`puts` returns an empty string, as Tcl's (before: `1` for a `puts -nonewline` of a
+    line held, `0` or the open line's length before that)."""
+    script = tmp_path / "result.tcl"
+    script.write_text("package require TclMilter\n"
+                      'foreach words {{-nonewline \u00e9} {-nonewline x} {\u00e9} {x} {stderr x}} {\n'
+                      '    lappend results <[puts {*}$words]>\n'
+                      '}\n'
+                      'puts stderr "results: $results"\nmilter main\n')
+    done = subprocess.run([*PYTCLMILTER, "check", str(script)], env=child_env(), capture_output=True, text=True,
+                          timeout=60)
+    assert "results: <> <> <> <> <>\n" in done.stderr, done.stderr
+
+
 NONBLOCKING_TCL = r"""
 package require TclMilter
 fconfigure stdout -blocking 0

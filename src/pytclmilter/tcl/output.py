@@ -98,6 +98,7 @@ proc ::tclmilter::py::escaped {command name args} {
         if {$status ne "ok"} { return -code error -errorcode $code $result }
         if {$result} { set ::tclmilter::py::open($channel) 1 } else { unset -nocomplain ::tclmilter::py::open($channel) }
     }
+    return
 }
 """.replace("@FOLDED@", str(OUTPUT_FOLDED))
 
