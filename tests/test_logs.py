@@ -649,6 +649,19 @@ def test_a_line_a_thread_leaves_open_is_written_when_the_thread_ends(tmp_path) -
         "thread 2 ended", "ERROR: forged \u00e9"], done.stdout
 
 
+@needs_thread
+def test_a_line_a_thread_leaves_open_is_written_at_its_exit(tmp_path) -> None:
+    """A thread that `puts -nonewline` a piece and calls `exit 5`: the process ends with 5, the
+    piece written, its line ended (before: lost, held in memory the exit never looked at)."""
+    script = tmp_path / "exit.tcl"
+    script.write_text("package require TclMilter\npackage require Thread\n"
+                      'thread::create {puts -nonewline "thread held \\u00e9"; exit 5}\n'
+                      "after 30000\nmilter main\n")
+    done = subprocess.run([*PYTCLMILTER, "check", str(script)], env=child_env(), capture_output=True, text=True,
+                          timeout=60)
+    assert (done.returncode, done.stdout) == (5, "thread held \u00e9\n"), (done, done.stderr)
+
+
 def test_puts_returns_nothing_as_tcls_own(tmp_path) -> None:
     """`puts` returns an empty string, as Tcl's (before: `1` for a `puts -nonewline` of a
     line held, `0` or the open line's length before that)."""
