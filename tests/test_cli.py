@@ -1586,8 +1586,9 @@ def test_a_script_error_ends_its_trace_at_the_script_as_tclsh_does(command: str,
     message = [str(DATA / "plain.eml")] if command == "try" else []
     status, out = cli(command, str(script), *message)
     line = 4 if where == "loading" else 7
+    quoted = "  " if command == "run" else ""  # (run's stderr is its log: continuation lines indented)
     assert status in (1, 70) and out.rstrip().endswith(
-        f'"error "no such list""\n    (procedure "p" line 1)\n    invoked from within\n"p"\n'
+        f'{quoted}"error "no such list""\n    (procedure "p" line 1)\n    invoked from within\n{quoted}"p"\n'
         f'    (file "{script}" line {line})'), out
 
 
@@ -1601,6 +1602,39 @@ def test_run_prints_the_error_that_ends_its_start_with_controls_escaped(tmp_path
     assert status == 1, out
     assert "\x1b" not in out and "\r" not in out, repr(out)
     assert "bad\\x1b[2Jname\\rERROR: forged\n    while executing\n" in out, out
+
+
+@pytest.mark.parametrize("command", ["run", "check"])
+def test_run_indents_the_lines_of_an_error_that_could_pass_for_log_lines(command: str, tmp_path: Path) -> None:
+    """A script error at start, its message with a newline, was printed by run in tclsh's layout:
+    its second line `ERROR: forged"` began a line of stderr, which is run's log (the journal
+    shows it as a line of its own). Now run indents every line after the first that does not
+    start with a space, as the log's continuation lines; check, a terminal's tool, keeps tclsh's."""
+    script = tmp_path / "nl.tcl"
+    script.write_text('package require TclMilter\nmilter configure -connection "inet:x\\nERROR: forged"\n'
+                      "milter main\n")
+    status, out = cli(command, str(script))
+    assert status == 1, out
+    info = out[out.index('connection "inet:x\n'):].rstrip("\n").split("\n")
+    tclsh = ['connection "inet:x', 'ERROR: forged": unknown service "x', 'ERROR: forged"', "    while executing",
+             '"milter configure -connection "inet:x\\nERROR: forged""', f'    (file "{script}" line 2)']
+    if command == "check":
+        assert info == tclsh, info
+    else:
+        assert info == [tclsh[0]] + [line if line.startswith(" ") else "  " + line for line in tclsh[1:]], info
+
+
+def test_run_indents_a_python_files_traceback(tmp_path: Path) -> None:
+    """A --python file's failure was printed by run as Python prints a traceback: its
+    exception's message, quoting what the file read, could start a line of run's log."""
+    script = tmp_path / "ok.tcl"
+    script.write_text("package require TclMilter\nmilter main\n")
+    hooks = tmp_path / "hooks.py"
+    hooks.write_text("def setup(milter):\n    raise ValueError('bad\\nERROR: forged')\n")
+    status, out = cli("run", str(script), "--python", str(hooks), "--connection", "inet:0@127.0.0.1")
+    assert status == 1, out
+    assert f"pytclmilter run: --python {hooks}: ValueError: bad\\nERROR: forged\n  Traceback" in out, out
+    assert "\n  ValueError: bad\n  ERROR: forged\n" in out, out
 
 
 @pytest.mark.parametrize("command", ["check", "try"])
@@ -1642,7 +1676,8 @@ def test_a_huge_script_error_is_printed_bounded(command: str, tmp_path: Path) ->
     assert status in (1, 70), out[-2000:]
     assert len(out) < 20_000, len(out)
     assert f"x ... ({10_000_000 - 800} characters left out) ... x" in out, out
-    assert re.search(r"\n\.\.\. \(\d+ lines left out\) \.\.\.\n", out), out
+    indent = "  " if command == "run" else ""  # (run's stderr is its log: continuation lines)
+    assert re.search(rf"\n{indent}\.\.\. \(\d+ lines left out\) \.\.\.\n", out), out
     assert out.rstrip().endswith(f'    (file "{script}" line 3)'), out
 
 

@@ -378,10 +378,11 @@ def test_a_module_the_python_file_imports_is_refused(tclrun, etc, theirs, kind):
     assert (f"pytclmilter run: --python {hooks}: UnsafeModule: refusing to import rules from {module} as "
             f"root: {why}") in m.text
     assert "rules ran" not in m.text and "script ran" not in m.text and "listening on" not in m.text
-    # The traceback: the file's import line, then the reason; none of pytclmilter's frames.
+    # The traceback: the file's import line, then the reason; none of pytclmilter's frames (its
+    # lines indented, run's stderr being its log)
     trace = m.text[m.text.index("Traceback (most recent call last):"):].replace("\r\n", "\n")
     assert trace.startswith(f'Traceback (most recent call last):\n  File "{hooks}", line 3, in <module>\n'
-                            f'    import rules\npytclmilter.rootimports.UnsafeModule: refusing to import rules'), trace
+                            f'    import rules\n  pytclmilter.rootimports.UnsafeModule: refusing to import rules'), trace
 
 
 def test_an_extension_module_refused_shows_the_import_line_and_the_reason(tclrun, etc, theirs):
@@ -394,7 +395,7 @@ def test_an_extension_module_refused_shows_the_import_line_and_the_reason(tclrun
     assert m.wait_exit(15) == 1, m.text
     trace = m.text[m.text.index("Traceback (most recent call last):"):].replace("\r\n", "\n")
     assert trace.startswith(f'Traceback (most recent call last):\n  File "{hooks}", line 3, in <module>\n'
-                            f'    import fast\npytclmilter.rootimports.UnsafeModule: refusing to import fast from '
+                            f'    import fast\n  pytclmilter.rootimports.UnsafeModule: refusing to import fast from '
                             f'{module} as root: {owned_by_nobody(theirs)}'), trace
 
 

@@ -1290,8 +1290,9 @@ def test_with_syslog_an_unexpected_error_that_ends_run_is_logged_with_its_traceb
     assert f'  File "{hooks}", line 11, in fault' in lines, lines
     assert lines[-2:] == [r"  pytclmilter_hooks_hooks.Fault: store\x1b[31m", "  gone"], lines
     assert all(line.startswith(" ") and "\x1b" not in line for line in lines[1:]), lines
-    assert stderr.startswith("pytclmilter run: unexpected error\nTraceback (most recent call last):\n"), stderr
-    assert stderr.endswith("pytclmilter_hooks_hooks.Fault: store\\x1b[31m\ngone\n"), stderr
+    # (stderr too is a log, the journal's: its lines after the first indented as continuation lines)
+    assert stderr.startswith("pytclmilter run: unexpected error\n  Traceback (most recent call last):\n"), stderr
+    assert stderr.endswith("  pytclmilter_hooks_hooks.Fault: store\\x1b[31m\n  gone\n"), stderr
 
 
 THREAD_DIES = ("import threading\n\n\ndef poll():\n    raise ValueError('redis\\x1b[2J down')\n\n\n"

@@ -9,7 +9,7 @@ from typing import Callable, NoReturn, Sequence
 from . import __version__
 from .commands import check, run, send, sigmask, trial
 from .commands.common import EX_SOFTWARE, EX_USAGE, HooksFailed, UnsafeFile, UsageError
-from .logline import controls_escaped, escape, tell_counts
+from .logline import controls_escaped, escape, guard, tell_counts
 
 _COMMANDS: dict[str, tuple[Callable[..., argparse.ArgumentParser], Callable[[argparse.Namespace], int]]] = {
     "run": (run.add_parser, run.cmd_run),
@@ -43,6 +43,13 @@ def _parsers() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentPars
     return top, {name: add(sub) for name, (add, _) in _COMMANDS.items()}
 
 
+def _printed(command: str, text: str) -> str:
+    """What ends a command, for stderr: run's stderr is its log (the journal under systemd), where a
+    line after the first must not pass for a log line (logline.guard indents it); the others' is a
+    terminal's, which gets the layout tclsh and Python print (controls escaped all the same)."""
+    return guard(text) if command == "run" else controls_escaped(text)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     rest: list[str] = []
@@ -66,13 +73,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return _COMMANDS[argv[0]][1](opts)
     except UsageError as exc:
-        print(f"pytclmilter {argv[0]}: {controls_escaped(str(exc))}", file=sys.stderr)  # (a file's name, Tcl's reason)
+        print(_printed(argv[0], f"pytclmilter {argv[0]}: {exc}"), file=sys.stderr)  # (a file's name, Tcl's reason)
         if isinstance(exc, UnsafeFile) and argv[0] == "try":  # (1 would read as "rejected")
             return EX_SOFTWARE
         return exc.status
     except HooksFailed as exc:  # the traceback from the file's frames, not from ours
         # one line, then its traceback (a --python file's exception may quote what it read)
-        print(f"pytclmilter {argv[0]}: {escape(str(exc))}\n{controls_escaped(exc.detail)}", file=sys.stderr)
+        print(_printed(argv[0], f"pytclmilter {argv[0]}: {escape(str(exc))}\n{exc.detail}"), file=sys.stderr)
         return EX_SOFTWARE if argv[0] == "try" else 1
     except KeyboardInterrupt:
         print("pytclmilter: interrupted", file=sys.stderr)

@@ -22,7 +22,7 @@ from typing import Callable, NamedTuple
 from ..compiled import describe
 from ..connspec import ConnSpec
 from ..hooks import Hooks
-from ..logline import controls_escaped, escape, escape_lines, one_line
+from ..logline import escape, escape_lines, guard, one_line
 from ..milter import Milter
 from ..overdue import EXIT
 from ..tcl.interp import TclHost
@@ -262,7 +262,7 @@ def _unexpected(opts: argparse.Namespace, exc: BaseException) -> int:
     alone, unescaped, which an init script's daemon sends nowhere: the mail log just stopped."""
     trace = "".join(traceback.format_exception(exc)).rstrip()
     if opts.syslog:
-        print(f"pytclmilter run: unexpected error\n{controls_escaped(trace)}", file=sys.stderr)
+        print(guard(f"pytclmilter run: unexpected error\n{trace}"), file=sys.stderr)
     _log_failure(f"unexpected error: {type(exc).__name__}: {exc}", trace)
     return 1
 
@@ -445,7 +445,8 @@ def _serve(opts: argparse.Namespace) -> int:
                 waiting = scripts.current.resume(result)  # a reload may have replaced the script meanwhile
     except tkinter.TclError:
         info = scripts.current.error_info()
-        print(controls_escaped(info), file=sys.stderr)  # (tclsh's layout; the script's text)
+        # tclsh's layout, but stderr is the log (the journal): no line after the first can pass for one
+        print(guard(info), file=sys.stderr)
         if opts.syslog:
             _log_failure(info)
         return 1
