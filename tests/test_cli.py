@@ -1310,16 +1310,18 @@ def test_try_and_check_a_script_that_ends_with_exit(tmp_path: Path) -> None:
 
 
 def test_try_and_check_a_script_that_exits_before_milter_main(tmp_path: Path) -> None:
-    """docs/cli.md: an `exit` before `milter main` means "never called milter main": try exits
-    70, check reports it as an error (exit 1), not the exit as a script error."""
+    """A script whose top level calls `exit 3` before `milter main`: run ends there with status 3,
+    as tclsh. check said "loaded", listed the callbacks and added "the script never calls milter
+    main", try "never called milter main": as if the file had been cut short. Now both say where
+    it calls exit and what run does then; check exits 1 (errors found), try 70."""
     script = tmp_path / "exits-early.tcl"
-    script.write_text("package require TclMilter 1.0\nexit 3\nmilter main\n")
+    script.write_text("package require TclMilter 1.0\nproc bye {} { exit 3 }\nbye\nmilter main\n")
+    said = "the script calls exit 3 before milter main (run ends there, status 3, serving nothing)"
+    status, out = cli("run", str(script))
+    assert status == 3 and "error" not in out, out
     status, out = cli("try", str(script), str(DATA / "plain.eml"))
-    assert (status, out) == (70, f"pytclmilter: {script} never called milter main\n"), out
-    status, out = cli("check", str(script))
-    assert status == 1, out
-    assert out.startswith(f"{script}: loaded\ncallbacks: none registered\n"), out
-    assert out.endswith(f"{script}: error: the script never calls milter main\n"), out
+    assert (status, out) == (70, f"pytclmilter: {script}: {said}\n"), out
+    assert cli("check", str(script)) == (1, f"{script}:3: error: {said}\n")
 
 
 @pytest.mark.parametrize("text", ["", "package require TclMilter\nproc eom {ctx} {\n    return SMFIS_CONTINUE\n}\n"])

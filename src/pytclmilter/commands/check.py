@@ -31,8 +31,6 @@ from . import sigmask
 #: What check, run and a reload say of a script that ends without `milter main`.
 NO_MAIN: Final = "the script never calls milter main"
 
-#: Arguments each event passes after the context, as the manual names them.
-
 
 def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> argparse.ArgumentParser:
     p = sub.add_parser("check", help="load a script without serving; report errors, callbacks, negotiation")
@@ -186,7 +184,11 @@ def cmd_check(opts: argparse.Namespace) -> int:
         with sigmask.interruptible():
             host.start(opts.script)  # the script waits in `milter main` and is never resumed
     except tkinter.TclError as exc:
-        if exited.code is None and not host.command.ended_at_main:
+        if exited.code is not None:  # (1, not N: check's status is its verdict; N may read as 64 or 66's)
+            where = error_location(host.error_info()) or opts.script
+            print(one_line(f"{where}: error: {exited.before_main()}"), file=sys.stderr)
+            return 1
+        if not host.command.ended_at_main:
             info = host.error_info()
             # (the script's text: controls escaped and bounded, as run prints it)
             print(one_line(script_error(opts.script, exc, info)), file=sys.stderr)

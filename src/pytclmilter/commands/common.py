@@ -230,6 +230,12 @@ class ScriptExit:
         self.code = code
         raise TclUsageError(f"exit {code}")
 
+    def before_main(self) -> str:
+        """What check and try say of a script that calls `exit` before its `milter main`: that run,
+        as tclsh, ends there with its status, serving nothing (not that it "never calls" it)."""
+        code = self.code
+        return f"the script calls exit {code} before milter main (run ends there, status {code}, serving nothing)"
+
 
 def add_envelope_options(p: argparse.ArgumentParser, message_help: str = "the message file") -> None:
     p.add_argument("message", metavar="MESSAGE.eml", help=message_help)

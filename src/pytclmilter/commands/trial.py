@@ -201,6 +201,9 @@ def _serve(opts: argparse.Namespace, script: str, socket: str,
             return _interrupted(stops[0], "before every message was tried")
         if failed:
             raise failed[0]
+        if not listened and exited.code is not None:
+            print(f"pytclmilter: {escape(script)}: {exited.before_main()}", file=sys.stderr)
+            return EX_SOFTWARE
         if not listened:
             print(f"pytclmilter: {escape(script)} never called milter main", file=sys.stderr)
             return EX_SOFTWARE
