@@ -1485,6 +1485,31 @@ def test_ctrl_c_stops_a_script_that_loops_while_loading_as_tclsh_does(command: s
             child.terminate(force=True)
 
 
+@pytest.mark.parametrize("command", ["check", "try"])
+def test_ctrl_c_while_the_interpreter_is_made_ends_the_process_as_tclsh_does(command: str, tmp_path: Path) -> None:
+    """Making the interpreter (`package require TclMilter`) reads every pkgIndex.tcl on auto_path
+    (TCLLIBPATH: tcllib's, a site's). A Ctrl-C meanwhile reached Python's handler, whose
+    KeyboardInterrupt came out of the next Python command Tcl called: an error that Tcl's
+    package scan ignored (the process went on and said "loaded", exit 0), or an empty TclError's
+    traceback, exit 1. Now it ends the process, as a Ctrl-C while the script loads does."""
+    slow = tmp_path / "lib"
+    slow.mkdir()
+    (slow / "pkgIndex.tcl").write_text("puts stderr scanned\nflush stderr\ngets stdin\n")  # (waits for EOF)
+    script = tmp_path / "ok.tcl"
+    script.write_text("package require TclMilter\nmilter main\n")
+    message = [str(DATA / "plain.eml")] if command == "try" else []
+    with subprocess.Popen([*PYTCLMILTER, command, str(script), *message], env=child_env({"TCLLIBPATH": str(slow)}),
+                          stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) as proc:
+        try:
+            assert proc.stderr is not None and proc.stderr.readline() == "scanned\n"
+            proc.send_signal(signal.SIGINT)  # (while Tcl waits in the gets: stdin is still open)
+            out, err = proc.communicate(timeout=30)
+        finally:
+            proc.kill()
+    assert proc.returncode == -signal.SIGINT, (proc.returncode, out, err)
+    assert "Traceback" not in err and "loaded" not in out, (out, err)
+
+
 STOP_WHILE_LOADING = {
     "after": "package require TclMilter\nputs loading\nafter 20000\nmilter main\n",
     "loop": "package require TclMilter\nputs loading\nwhile 1 {}\nmilter main\n",

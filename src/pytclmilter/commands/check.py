@@ -176,7 +176,8 @@ def cmd_check(opts: argparse.Namespace) -> int:
     setup_logging(opts.log_level)
     exited = ScriptExit()
     path = os.path.abspath(opts.script)  # (the script may `cd`)
-    host = make_host(opts.script, opts.python, {}, on_exit=exited)
+    with sigmask.interruptible():  # (making it runs Tcl too: every pkgIndex.tcl on auto_path)
+        host = make_host(opts.script, opts.python, {}, on_exit=exited)
     host.command.main_hook = lambda: None  # `milter main` serves nothing
     host.command.end_script_at_main = True  # and nothing after it runs (it may delete sockets)
     host.set_argv(opts.script, list(opts.args) + list(getattr(opts, "rest", [])))

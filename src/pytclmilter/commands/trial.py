@@ -175,8 +175,9 @@ def _serve(opts: argparse.Namespace, script: str, socket: str,
             signalled(sig)
 
     hooks = Hooks(listening=listening, signal=on_signal)
-    host = make_host(script, opts.python, TRY_OVERRIDES | {"-connection": f"unix:{socket}"},
-                     on_exit=exited, milter_hooks=hooks)
+    with sigmask.interruptible():  # (making it runs Tcl too: every pkgIndex.tcl on auto_path)
+        host = make_host(script, opts.python, TRY_OVERRIDES | {"-connection": f"unix:{socket}"},
+                         on_exit=exited, milter_hooks=hooks)
     try:
         host.set_argv(script, list(getattr(opts, "rest", [])))
         # The script serves as under run, from the `milter main` it waits in, and is never resumed:
