@@ -1678,6 +1678,22 @@ def test_check_and_try_print_a_script_error_with_controls_escaped(command: str, 
         assert out.startswith(f"{script}:2: error: bad\\x1b[2Jname\\rERROR: forged\n"), out
 
 
+@pytest.mark.parametrize(("command", "end"), [("run", "error boom"), ("check", "error boom"), ("check", "exit 3"),
+                                             ("try", "error boom"), ("try", "exit 3")])
+def test_a_failed_load_prints_what_the_script_wrote_first(command: str, end: str, tmp_path: Path) -> None:
+    """A line the script left open (`puts -nonewline`) before failing was written after the
+    error and its errorInfo, as if written once run, check or try had reported; and after an
+    `exit`, check's or try's line ran on into it. What the script wrote comes first, then what
+    is said of it."""
+    script = tmp_path / "held.tcl"
+    script.write_text(f"package require TclMilter\nputs -nonewline stderr held\n{end}\nmilter main\n")
+    status, out = cli(command, str(script), *([str(DATA / "plain.eml")] if command == "try" else []))
+    said = {"check": f"{script}:3: error: ", "run": "boom\n",
+            "try": "boom\n" if end == "error boom" else f"pytclmilter: {script}: "}[command]
+    out = out.split("\n", 1)[1] if command == "run" else out  # (after the hot path line)
+    assert status in (1, 70) and out.startswith(f"held\n{said}"), out
+
+
 def test_check_lists_a_callbacks_name_with_controls_escaped(tmp_path: Path) -> None:
     """check listed a callback by its name as the script registered it, and its problem too:
     raw, an ESC in the name reached the terminal."""

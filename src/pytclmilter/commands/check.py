@@ -172,6 +172,19 @@ def describe_negotiation(host: TclHost) -> list[str]:
     ]
 
 
+def _load_failure(script: str, host: TclHost, exc: tkinter.TclError, exited: ScriptExit) -> list[str]:
+    """check's lines for a load that ended before `milter main` (none if it ended there): a Tcl
+    error with its errorInfo (controls escaped and bounded, as run prints it), or an `exit`. The
+    status is 1 either way: check's is its verdict, and an `exit 66` would read as a missing file."""
+    if exited.code is not None:
+        where = error_location(host.error_info()) or script
+        return [one_line(f"{where}: error: {exited.before_main()}")]
+    if host.command.ended_at_main:
+        return []
+    info = host.error_info()
+    return [one_line(script_error(script, exc, info)), controls_escaped(info)]
+
+
 def cmd_check(opts: argparse.Namespace) -> int:
     setup_logging(opts.log_level)
     exited = ScriptExit()
@@ -181,22 +194,17 @@ def cmd_check(opts: argparse.Namespace) -> int:
     host.command.main_hook = lambda: None  # `milter main` serves nothing
     host.command.end_script_at_main = True  # and nothing after it runs (it may delete sockets)
     host.set_argv(opts.script, list(opts.args) + list(getattr(opts, "rest", [])))
+    failure: list[str] = []
     try:
         with sigmask.interruptible():
             host.start(opts.script)  # the script waits in `milter main` and is never resumed
     except tkinter.TclError as exc:
-        if exited.code is not None:  # (1, not N: check's status is its verdict; N may read as 64 or 66's)
-            where = error_location(host.error_info()) or opts.script
-            print(one_line(f"{where}: error: {exited.before_main()}"), file=sys.stderr)
-            return 1
-        if not host.command.ended_at_main:
-            info = host.error_info()
-            # (the script's text: controls escaped and bounded, as run prints it)
-            print(one_line(script_error(opts.script, exc, info)), file=sys.stderr)
-            print(controls_escaped(info), file=sys.stderr)
-            return 1
+        failure = _load_failure(opts.script, host, exc, exited)
     finally:
         host.flush_channels(ending=True)  # what the script wrote, before the report (as Tcl's exit)
+    if failure:
+        print("\n".join(failure), file=sys.stderr)
+        return 1
     out: list[str] = [f"{escape(opts.script)}: loaded"]
     registered: dict[str, Any] = host.milter.registry.registered()
     out.append("callbacks:" if registered else "callbacks: none registered")

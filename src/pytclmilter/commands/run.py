@@ -444,7 +444,8 @@ def _serve(opts: argparse.Namespace) -> int:
                   sigmask.children_reapable()):
                 waiting = scripts.current.resume(result)  # a reload may have replaced the script meanwhile
     except tkinter.TclError:
-        info = scripts.current.error_info()
+        info = scripts.current.error_info()  # (before the flush: the errors it catches are recorded there too)
+        scripts.current.flush_channels(ending=True)  # what the script wrote, before why it ended
         # tclsh's layout, but stderr is the log (the journal): no line after the first can pass for one
         print(guard(info), file=sys.stderr)
         if opts.syslog:

@@ -193,10 +193,12 @@ def _serve(opts: argparse.Namespace, script: str, socket: str,
                     print(f"pytclmilter: {escape(script)}: {one_line(served[1])}", file=sys.stderr)
                     return EX_SOFTWARE
         except tkinter.TclError:
+            info = host.error_info()  # (before the flush: the errors it catches are recorded there too)
+            host.flush_channels(ending=True)  # what the script wrote, before what try says of its end
             if failed:
                 raise failed[0]
             if exited.code is None and not host.command.ended_at_main:
-                print(controls_escaped(host.error_info()), file=sys.stderr)  # (as run prints it)
+                print(controls_escaped(info), file=sys.stderr)  # (as run prints it)
                 return EX_SOFTWARE
         if stops and not done:
             return _interrupted(stops[0], "before every message was tried")
