@@ -10,6 +10,7 @@ from . import __version__
 from .commands import check, run, send, sigmask, trial
 from .commands.common import EX_SOFTWARE, EX_USAGE, HooksFailed, UnsafeFile, UsageError
 from .logline import controls_escaped, escape, guard, tell_counts
+from .tcl import threads
 
 _COMMANDS: dict[str, tuple[Callable[..., argparse.ArgumentParser], Callable[[argparse.Namespace], int]]] = {
     "run": (run.add_parser, run.cmd_run),
@@ -94,5 +95,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         tell_counts(ended_only=False)
 
 
+def entry() -> int:
+    """The ``pytclmilter`` program: :func:`main`, and the process's end (threads.end_process: a
+    thread of the script's that calls in as Python finalizes would crash it)."""
+    code = main()
+    threads.end_process(code)
+    return code
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(entry())

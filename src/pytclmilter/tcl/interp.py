@@ -492,6 +492,7 @@ class TclHost:
         """The script's first thread:: command: this interpreter becomes the one Thread sends this
         thread's scripts to, unless another holds that place (an error then, never a send that
         reaches the wrong script or freed memory)."""
+        threads.started()
         if not _THREAD_HOME:
             _THREAD_HOME.append(self)
         elif _THREAD_HOME[0] is not self:

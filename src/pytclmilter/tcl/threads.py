@@ -17,9 +17,12 @@ gets the escaping `puts` only; as any other user than root, the root checks are 
 
 from __future__ import annotations
 
+import atexit
+import contextlib
 import ctypes
 import logging
 import os
+import sys
 import threading
 from typing import Any, Callable, Final, Sequence
 
@@ -65,6 +68,8 @@ _KEPT: list[Any] = []
 _AT_END: list[Callable[[], None]] = []
 #: The threads whose end runs them (their ids: a new thread may get the id of one that ended).
 _WATCHED: set[int] = set()
+#: Set once a thread of the script's may call this process's Python (:func:`end_process`).
+_STARTED: list[bool] = []
 
 
 #: In every interpreter of the script's that is not safe, in any thread: the Thread package's
@@ -206,6 +211,32 @@ def _thread_ends(_data: int) -> None:
             log.exception("internal error as a thread ended")
 
 
+def started() -> None:
+    """The script ran a thread:: command (interp.py): threads may call this process's Python from
+    now on, as they `puts` and as they end, until the process ends (:func:`end_process`)."""
+    if not _STARTED:
+        _STARTED.append(True)
+
+
+def end_process(code: int) -> None:
+    """Once a thread of the script's may call this process's Python, end the process with
+    ``code`` here, without Python's finalization: a thread that calls in while Python finalizes
+    (a `puts`, its end) makes ctypes take the GIL of an interpreter being freed, and the process
+    died of SIGSEGV, SIGBUS or SIGILL (14 `check` runs in 15, 150 threads ending 3 ms apart).
+    What finalization does that a user sees is done first: Python's threads waited for, atexit's
+    functions (logging's last lines), the standard streams flushed. Else it returns."""
+    if not _STARTED:
+        return
+    shutdown = getattr(threading, "_shutdown", None)  # (as finalization: non-daemon threads joined)
+    if callable(shutdown):
+        shutdown()
+    atexit._run_exitfuncs()
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(OSError, ValueError, AttributeError):  # (closed, or None)
+            stream.flush()
+    os._exit(code)
+
+
 #: The exit handler handed to Tcl: kept for the process's life, as Tcl keeps its address.
 _ENDS: Final = _THREAD_EXIT(_thread_ends)
 
@@ -229,6 +260,8 @@ def _init(tcl: Any, interp: int, upto: int) -> int:
     """The package's init: what was given for kinds up to ``upto``, ROOT's only while root."""
     if upto == ROOT and os.geteuid() != 0:
         upto = TRUSTED
+    if threading.get_ident() != threading.main_thread().ident:
+        started()  # (a thread the script made some other way than by a thread:: command traced)
     if _AT_END and threading.get_ident() not in _WATCHED:  # (a thread's first interpreter)
         _WATCHED.add(threading.get_ident())
         tcl.Tcl_CreateThreadExitHandler(_ENDS, None)
