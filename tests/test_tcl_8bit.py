@@ -251,6 +251,19 @@ def test_a_body_callback_is_called_alike_for_ascii_and_8bit_blocks(tclrun):
     assert 'invoked from within\n  "unsetpriv ::tclmilter::ctx1 {caf' in m.text
 
 
+# Callbacks that end in `break` and `continue`: errors, as in TclMilter 1.0 (Tcl's outside a loop).
+_BREAKING = r"""
+        proc bd {tag ctx block} { return -code continue }
+        proc first {ctx host} { return -code break SMFIS_REJECT }
+        milter register helo first
+"""
+_BROKEN = ['helo callback first failed (invoked "break" outside of a loop), answering SMFIS_TEMPFAIL:\n'
+           '  invoked "break" outside of a loop\n    while executing\n'
+           '  "first ::tclmilter::ctx1 mx.example"\n',
+           'body callback bd mytag failed (invoked "continue" outside of a loop), answering SMFIS_TEMPFAIL:\n'
+           '  invoked "continue" outside of a loop\n    while executing\n'
+           '  "bd mytag ::tclmilter::ctx2 {caf\\xe9 au lait}"\n']
+
 # How the two callbacks fail, and the frames their failures must show (each as registered).
 # (`run` refuses to serve a callback missing at `milter main`: this one goes once it serves.)
 FAILING = {
@@ -267,16 +280,16 @@ FAILING = {
           '  "bd mytag ::tclmilter::ctx2 {caf\\xe9 au lait}"\n']),
     # no frame of their own: Tcl's error names the command that was called (the alias, and for an
     # 8-bit block its bytes)
-    "break": (r"""
-        proc bd {tag ctx block} { return -code continue }
-        proc first {ctx host} { return -code break SMFIS_REJECT }
-        milter register helo first
-    """, ['helo callback first failed (invoked "break" outside of a loop), answering SMFIS_TEMPFAIL:\n'
-          '  invoked "break" outside of a loop\n    while executing\n'
-          '  "first ::tclmilter::ctx1 mx.example"\n',
-          'body callback bd mytag failed (invoked "continue" outside of a loop), answering SMFIS_TEMPFAIL:\n'
-          '  invoked "continue" outside of a loop\n    while executing\n'
-          '  "bd mytag ::tclmilter::ctx2 {caf\\xe9 au lait}"\n']),
+    "break": (_BREAKING, _BROKEN),
+    # the same once the host polled Tcl's events (for the `after`), and after a callback that ran
+    # `interp eval` of a list (`from`): the poll left break and continue taken as a normal return
+    # ('r', 'c') when the callback's interpreter had run that, logged with the frame "invoked from
+    # within" when it had not
+    "break after a poll": (_BREAKING + """
+        proc from {ctx args} { interp eval {} [list set sender [lindex $args 0]] }
+        milter register envfrom from
+        after idle {puts gone; flush stdout}
+    """, _BROKEN),
 }
 
 

@@ -12,6 +12,7 @@ import contextlib
 import functools
 import logging
 import os
+import re
 import shutil
 import sys
 import time
@@ -80,13 +81,14 @@ proc ::tclmilter::py::quiet {child threads} {
     variable poll
     variable std_events
     if {$std_events} { return 0 }
-    foreach i [list {} $child] {
-        # [list ...] is evaluated as a pure list, without compiling: a braced literal evaluated
-        # in the two interpreters in turn would be recompiled on every tick.
-        if {[llength [interp eval $i [list after info]]]} { return 0 }
-        foreach channel [interp eval $i [list chan names]] {
-            if {$channel ni {stdin stdout stderr}} { return 0 }
-        }
+    # This interpreter's own directly: `interp eval` allows break and continue in the interpreter
+    # it evaluates in, and of a pure list Tcl never clears that, so here the next callback's break
+    # came back to Python as a normal return (the child lets it through to here: it is this
+    # interpreter that makes it Tcl's error). The child's as a pure list, not compiled: a braced
+    # literal would be recompiled on every tick.
+    if {[llength [after info]] || [llength [interp eval $child [list after info]]]} { return 0 }
+    foreach channel [concat [chan names] [interp eval $child [list chan names]]] {
+        if {$channel ni {stdin stdout stderr}} { return 0 }
     }
     set was $poll
     set poll [expr {$threads && [llength [thread::names]] > 1}]
@@ -173,6 +175,8 @@ _CALLED_FROM: Final = "\n    invoked from within\n"
 _NO_COROUTINE: Final = "yield can only be called in a coroutine"
 #: How errorInfo introduces its first frame.
 _EXECUTING: Final = "\n    while executing\n"
+#: Tcl's error for a command that ended in break, continue or another code where none is allowed.
+_UNEXPECTED_CODE: Final = re.compile(r'invoked "(?:break|continue)" outside of a loop|command returned bad code: -?\d+')
 _BODY_LAMBDA: Final = "{prefix context bytes} {tailcall {*}$prefix $context [encoding convertfrom identity $bytes]} ::"
 
 
@@ -264,15 +268,18 @@ def _as_registered(info: str, alias: str, script: str) -> str:
     alias it is called through is in no script, and an 8-bit block's second alias is given the
     bytes Tcl keeps the block's text in, shown as other characters (the frame above it, the
     callback's own, shows the block's text). A callback that ends in `break`, `continue` or
-    another code has no frame of its own: its error is Tcl's, `while executing` the alias."""
+    another code has no frame of its own: its error is Tcl's, `while executing` the alias. (When
+    the script's interpreter made that error rather than ours, which depends on what ran there
+    before, Tcl writes "invoked from within" instead: shown alike.)"""
     frame = info.rfind(f'{_CALLED_FROM}"{alias}_8bit ')
     if frame >= 0:
         return info[:frame]
     for intro in (_CALLED_FROM, _EXECUTING):
         frame = info.rfind(f'{intro}"{alias} ')
         if frame >= 0:
-            name = frame + len(intro) + 1
-            return f"{info[:name]}{script}{info[name + len(alias):]}"
+            rest = info[frame + len(intro) + 1 + len(alias):]
+            shown = _EXECUTING if _UNEXPECTED_CODE.fullmatch(info[:frame]) else intro
+            return f'{info[:frame]}{shown}"{script}{rest}'
     frame = info.rfind(f'{_EXECUTING}"{alias}_8bit ')
     if frame < 0:
         return info
