@@ -1341,14 +1341,48 @@ DEL_RAISES = ("class Handle:\n    def __del__(self):\n        raise OSError('soc
 def test_with_syslog_an_error_nothing_can_raise_is_logged_with_its_traceback(tmp_path, hooks, marker, first, last,
                                                                             printed) -> None:
     """A thread of a --python file that dies of an exception, an exception in a __del__ (Python
-    cannot raise it): Python's report went to stderr alone. Now syslog gets it too, escaped, and
-    run serves on."""
+    cannot raise it): Python's report went to stderr alone. Now syslog gets it, escaped, and
+    run serves on; Python's own report, raw (the ESC as it was), is no longer printed on stderr."""
     lines, stderr, records = _logged_by_a_python_file(tmp_path, "after 300 {milter stop}\nmilter main\n", hooks, 0,
                                                       marker)
     assert re.fullmatch(r"<19>pytclmilter\[\d+\]: ERROR: " + first, lines[0]), lines
     assert lines[1] == "  Traceback (most recent call last):" and lines[-1] == last, lines
     assert any("stopped; verdicts" in r for r in records), records  # it served on, and stopped
-    assert printed in stderr and last.strip().split("\\")[0] in stderr, stderr
+    assert printed not in stderr and "Traceback" not in stderr and "\x1b" not in stderr, stderr
+
+
+REPEATS = ("import gc\nimport threading\n\n\ndef poll(i):\n    raise ValueError(f'redis\\x1b[2J down {i}')\n\n\n"
+           "class Handle:\n    def __init__(self, i):\n        self.i = i\n\n    def __del__(self):\n"
+           "        raise OSError(f'socket\\x1b[2J gone {self.i}')\n\n\n"
+           "def setup(milter):\n    for i in range(5):\n"
+           "        t = threading.Thread(target=poll, args=(i,), name=f'poller-{i}')\n        t.start()\n        t.join()\n"
+           "        Handle(i)\n        gc.collect()\n")
+
+
+@pytest.mark.parametrize("syslog", [True, False], ids=["syslog", "stderr"])
+def test_an_error_nothing_can_raise_that_repeats_is_logged_whole_once_then_counted(tmp_path, syslog) -> None:
+    """A --python file's thread started per message, or an object made per message whose __del__
+    raises, fails again and again: each failure was a traceback of its own (and with --syslog,
+    Python's raw report on stderr too). Now the first is logged whole, escaped, the repeats
+    counted and told in one line; stderr, if not the log, gets nothing."""
+    (tmp_path / "s.tcl").write_text("after 300 {milter stop}\nmilter main\n")
+    (tmp_path / "hooks.py").write_text(REPEATS)
+    proc, records = _run_with_syslog(tmp_path, str(tmp_path / "s.tcl"), "--python", str(tmp_path / "hooks.py"),
+                                     "--connection", "inet:0@127.0.0.1", option=syslog)
+    assert proc.returncode == 0, proc.stderr
+    if syslog:
+        assert "Traceback" not in proc.stderr and "\x1b" not in proc.stderr, proc.stderr
+    else:
+        assert "\x1b" not in proc.stderr, proc.stderr
+        records = re.split(r"\n(?=\d{4}-)", proc.stderr.rstrip("\n"))
+    for what, error in ((" in thread poller", r"ValueError: redis\\x1b\[2J down"),
+                        (", ignored: Exception ignored in: <function Handle.__del__", r"OSError: socket\\x1b\[2J gone")):
+        mine = [r for r in records if f"unexpected error{what}" in r]
+        assert len(mine) == 2, records
+        assert re.search(r"ERROR: unexpected error" + re.escape(what) + r".*: " + error + r" 0\n  Traceback", mine[0]), mine
+        assert all(line.startswith("  ") for line in mine[0].split("\n")[1:]), mine[0]
+        assert re.search(error + r" 4 \(repeated 4 times since its last line with the trace; logged once a minute\)$",
+                         mine[1]), mine[1]
 
 
 @pytest.mark.parametrize("stderr", ["open", "closed"])

@@ -17,15 +17,16 @@ import threading
 import tkinter
 import traceback
 from types import TracebackType
-from typing import Callable, NamedTuple
+from typing import Callable, Final, NamedTuple
 
 from ..compiled import describe
 from ..connspec import ConnSpec
 from ..hooks import Hooks
-from ..logline import escape, escape_lines, guard, one_line
+from ..logline import clip, escape, escape_lines, fault_kind, guard, one_line, place_of
 from ..milter import Milter
 from ..overdue import EXIT
 from ..tcl.interp import TclHost
+from ..tcl.unanswered import Unanswered
 from ..tcl.usage import Answer
 from .check import NO_MAIN, callback_errors
 from .common import HooksFailed, UsageError, add_script_options, make_host, reports_print_anywhere
@@ -235,8 +236,8 @@ def raise_fd_limit() -> None:
 def cmd_run(opts: argparse.Namespace) -> int:
     opts.syslog = setup_logging(opts.log_level, opts.syslog, daemon=True)  # (stderr closed: syslog)
     report_crashes()
-    threading.excepthook = _thread_failed_logger(opts.syslog)
-    sys.unraisablehook = _unraisable_logger(opts.syslog)
+    threading.excepthook = _thread_failed_logger()
+    sys.unraisablehook = _unraisable_logger()
     # The listening line quotes the name and the socket's path: one that stdout's encoding lacks
     # (Café under PYTHONIOENCODING=ascii) ended the start in a traceback, nothing served.
     reports_print_anywhere()
@@ -267,45 +268,55 @@ def _unexpected(opts: argparse.Namespace, exc: BaseException) -> int:
     return 1
 
 
-def _thread_failed_logger(syslog: bool) -> Callable[[threading.ExceptHookArgs], None]:
+def _thread_failed_logger() -> Callable[[threading.ExceptHookArgs], None]:
     """threading.excepthook for ``run``: an exception that ends a thread (one a --python file
-    started, say) is logged, escaped, with its traceback, and with --syslog also printed on
-    stderr as Python prints it; it went to stderr alone, unescaped."""
-    printed = threading.__excepthook__
+    started, say) is logged, escaped, with its traceback (:func:`_log_unexpected`). Python
+    printed it raw on stderr (with --syslog as well as in the log), once a thread."""
 
     def failed(args: threading.ExceptHookArgs) -> None:
         if args.exc_type is SystemExit:  # (as Python's own hook: a thread's sys.exit() is no error)
             return
         name = args.thread.name if args.thread is not None else "?"
         _log_unexpected(f" in thread {name}", args.exc_type, args.exc_value, args.exc_traceback)
-        if syslog:
-            printed(args)
 
     return failed
 
 
-def _unraisable_logger(syslog: bool) -> Callable[[sys.UnraisableHookArgs], None]:
+def _unraisable_logger() -> Callable[[sys.UnraisableHookArgs], None]:
     """sys.unraisablehook for ``run``: an exception Python cannot raise (one in a ``__del__`` or
-    a weakref callback of a --python file) is logged, escaped, with its traceback, as a thread's
-    death is (:func:`_thread_failed_logger`); Python printed it on stderr alone, unescaped."""
-    printed = sys.__unraisablehook__
+    a weakref callback of a --python file) is logged as a thread's death is
+    (:func:`_thread_failed_logger`); Python printed it raw on stderr."""
 
     def ignored(args: sys.UnraisableHookArgs) -> None:
         where = args.err_msg or "Exception ignored in"
-        what = f"{where}: {args.object!r}" if args.object is not None else where
+        what = f"{where}: {_shown(args.object)}" if args.object is not None else where
         _log_unexpected(f", ignored: {what}", args.exc_type, args.exc_value, args.exc_traceback)
-        if syslog:
-            printed(args)
 
     return ignored
 
 
+def _shown(thing: object) -> str:
+    """``repr(thing)``, or what Python's own hook says when that raises too."""
+    try:
+        return repr(thing)
+    except Exception:  # noqa: BLE001 - a broken __repr__ must not lose the report
+        return "<object repr() failed>"
+
+
+#: The unexpected errors of threads and of code Python cannot raise in: a --python file's thread
+#: started per message, or a __del__ of an object made per message, may fail for every message;
+#: each place's error is logged whole once a minute, its repeats counted (logline.Repeated).
+_UNEXPECTED: Final = Unanswered()
+
+
 def _log_unexpected(where: str, exc_type: type[BaseException], exc: BaseException | None,
                     tb: TracebackType | None) -> None:
-    """``ERROR: unexpected error WHERE: TYPE: message`` and the traceback below it, all escaped."""
+    """``ERROR: unexpected error WHERE: TYPE: message`` and the traceback below it, all escaped;
+    its repeats at the same place counted (tcl/unanswered.py)."""
     trace = "".join(traceback.format_exception(exc_type, exc, tb)).rstrip()
-    log.error("unexpected error%s: %s\n%s", escape(where), escape(f"{exc_type.__name__}: {exc}"),
-              escape_lines(trace))
+    message = f"{exc_type.__name__}: {exc}"
+    _UNEXPECTED.log(f"unexpected error{escape(where)}", message, trace,
+                    f"{fault_kind(clip(message))}\n{place_of(trace, str(exc))}")
 
 
 def report_crashes() -> None:

@@ -51,9 +51,11 @@ class Unanswered:
         self.places = Repeated(tell=_told)
         self.others = Repeated(whole=PLACES, tell=_others_told)
 
-    def log(self, what: str, message: str, info: str) -> None:
-        """Log the error ``message`` with its errorInfo ``info`` (``what``: escaped), or count it."""
-        label, where = f"{what}: {escape(message)}", place(info, message)
+    def log(self, what: str, message: str, info: str, where: str | None = None) -> None:
+        """Log the error ``message`` with its errorInfo ``info`` (``what``: escaped), or count it.
+        ``where``: its place, when ``info`` is no errorInfo (a Python traceback)."""
+        label = f"{what}: {escape(message)}"
+        where = place(info, message) if where is None else where
         due = self.places.due(where, label)
         if due:
             _told(self.places, label, due)
