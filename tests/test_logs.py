@@ -1578,3 +1578,62 @@ def test_the_debug_line_of_the_negotiation_names_the_flags_it_answered(tclrun) -
         "DELRCPT|CHGHDRS|QUARANTINE|CHGFROM|ADDRCPT_PAR|SETSYMLIST (0x1ff) protocol NOCONNECT|NOHELO|NOMAIL|"
         'NOBODY|NOHDRS|NOEOH|NOUNKNOWN|NODATA|SKIP (0x777) macro lists envfrom="{auth_authen} i"'), line
     assert m.stop() == 0
+
+
+def _datagrams(sock: socket.socket) -> list[bytes]:
+    """What was written to the other end of a datagram socket, one write a datagram."""
+    sock.setblocking(False)
+    got = []
+    with contextlib.suppress(BlockingIOError):
+        while True:
+            got.append(sock.recv(1 << 20))
+    return got
+
+
+def test_a_record_longer_than_pipe_buf_reaches_stderr_in_writes_of_whole_lines(tmp_path) -> None:
+    """stderr a socket whose every write is a datagram, to see the writes: a background error
+    with a long errorInfo (some 9 KB) was one write, past PIPE_BUF (4 096), inside which another
+    writer's line (a thread's puts, another --workers process's log) could land on a pipe. Now
+    every write is of whole lines and at most 4 096 bytes, and the lines are the record's."""
+    script = tmp_path / "s.tcl"
+    script.write_text('after 0 {error [string repeat "[string repeat x 700]\\n" 10]}\n'
+                      "after 300 {milter stop}\nmilter main\n")
+    reader, writer = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+    with reader, writer:
+        writer.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 1 << 20)
+        reader.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
+        proc = subprocess.run([*PYTCLMILTER, "run", str(script), "--connection", "inet:0@127.0.0.1"],
+                              stderr=writer.fileno(), stdout=subprocess.PIPE, env=child_env(), timeout=60)
+        writes = _datagrams(reader)
+    assert proc.returncode == 0, writes
+    assert all(len(w) <= 4096 and w.endswith(b"\n") for w in writes), [len(w) for w in writes]
+    lines = b"".join(writes).decode().splitlines()
+    start = next(i for i, line in enumerate(lines) if "ERROR: error in an event handler" in line)
+    assert lines[start + 1:start + 11] == ["  " + "x" * 700] * 10, lines[start:start + 12]
+
+
+@pytest.mark.parametrize("to", ["socket", "file"])
+def test_a_line_longer_than_pipe_buf_is_folded_at_a_character(tmp_path, to) -> None:
+    """A record's line can be longer than PIPE_BUF once escaped (780 C1 controls: 4 680 bytes;
+    with 2-byte characters at a cut): it went out whole, in one write. Now it is folded as a
+    script's `puts` is, on a socket or pipe each piece in a write of whole lines of at most
+    4 096 bytes (a file too is folded: the same log wherever it goes), none cut inside a
+    character, and joined again it gives the line back."""
+    reader, writer = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+    target = os.dup(writer.fileno()) if to == "socket" else os.open(tmp_path / "err", os.O_WRONLY | os.O_CREAT)
+    with reader, writer, os.fdopen(target, "w", encoding="utf-8") as stream:
+        handler = CoalescingStreamHandler(stream)
+        handler.setFormatter(LineFormatter("%(levelname)s: %(message)s"))
+        log = logging.getLogger("test-fold")
+        log.propagate = False
+        log.addHandler(handler)
+        try:
+            log.error("%s", "x" + "\x85" * 680 + "é" * 10 + "\x85" * 100)
+        finally:
+            log.removeHandler(handler)
+        writes = _datagrams(reader) if to == "socket" else [(tmp_path / "err").read_bytes()]
+    if to == "socket":
+        assert all(len(w) <= 4096 and w.endswith(b"\n") for w in writes), [len(w) for w in writes]
+    lines = b"".join(writes).decode().splitlines()  # (a cut inside a character would not decode)
+    assert len(lines) > 1 and all(line.startswith("  ") for line in lines[1:]), lines
+    assert unfolded(lines) == ["ERROR: x" + "\\u0085" * 680 + "é" * 10 + "\\u0085" * 100], unfolded(lines)

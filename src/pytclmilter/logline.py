@@ -347,6 +347,37 @@ def _folded(data: bytes, done: int) -> tuple[list[bytes], bytes]:
     return pieces, indent + data[start:]
 
 
+def folded_lines(data: bytes) -> bytes:
+    """Whole lines (a log record's, LF-ended) with each line of OUTPUT_FOLDED bytes or more
+    folded as a script's output is (:func:`_folded`): so that each, its LF included, fits one
+    write() of at most OUTPUT_LINE bytes (:func:`write_end`). A line of a record can be longer
+    (800 characters of escapes of up to 10 bytes)."""
+    if len(data) < OUTPUT_FOLDED:  # (nearly always: no line can be that long)
+        return data
+    lines = data.split(b"\n")
+    if max(map(len, lines)) < OUTPUT_FOLDED:
+        return data
+    out: list[bytes] = []
+    for line in lines:
+        if len(line) < OUTPUT_FOLDED:
+            out.append(line)
+            continue
+        pieces, rest = _folded(line, 0)
+        out.extend(pieces)
+        out.append(rest)
+    return b"\n".join(out)
+
+
+def write_end(data: bytes, start: int) -> int:
+    """Where the write() of ``data`` from ``start`` ends: after as many whole lines as fit in
+    OUTPUT_LINE bytes (PIPE_BUF: on a pipe, no other writer's bytes come inside them), or all of
+    it; lines folded by :func:`folded_lines` always fit (a longer one is cut at OUTPUT_LINE)."""
+    if len(data) - start <= OUTPUT_LINE:
+        return len(data)
+    end = data.rfind(b"\n", start, start + OUTPUT_LINE) + 1
+    return end if end > start else start + OUTPUT_LINE
+
+
 def guard(text: str) -> str:
     """A formatted record as one log line and its continuation lines: controls escaped (not
     backslashes: see the module docstring), continuation lines indented, the whole bounded."""

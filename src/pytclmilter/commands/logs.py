@@ -8,7 +8,8 @@ less than checking the whole line again.
 ``pytclmilter run`` logs one line per message (its verdict), so the cost of a line is part of
 the cost of a message: the time is formatted once per second, the pid is known rather than
 asked for, no caller frame is looked up, and lines logged while the event loop handles one batch
-of ready sockets reach stderr in one write (warnings and errors at once).
+of ready sockets reach stderr together (warnings and errors at once), in writes of whole lines of
+at most logline.OUTPUT_LINE bytes (PIPE_BUF), a longer line folded as a script's output is.
 """
 
 from __future__ import annotations
@@ -248,7 +249,8 @@ class CoalescingStreamHandler(logging.StreamHandler[TextIO]):
     the filter's CPU. Here a line logged inside the running loop waits in memory until the
     loop's current batch of callbacks is done (``call_soon``), so a line is late by at most one
     iteration. A warning or error, a line from another thread or from outside the loop, a flush,
-    a fork and logging.shutdown() write everything pending at once, in order.
+    a fork and logging.shutdown() write everything pending at once, in order: in writes of whole
+    lines of at most PIPE_BUF bytes, so that another writer's line cannot land inside one of ours.
     """
 
     lock: threading.RLock  # made by Handler.__init__ (createLock), never None here
@@ -343,10 +345,27 @@ class CoalescingStreamHandler(logging.StreamHandler[TextIO]):
             self._send(data)
             return
         try:
-            self.stream.write(data)
-            self.stream.flush()
+            self._write_stream(data)
         except (OSError, ValueError):  # stderr closed or gone: nothing better to do with the lines
             pass
+
+    def _write_stream(self, data: str) -> None:
+        """A terminal's or a file's: in writes of whole lines of at most OUTPUT_LINE bytes, long
+        lines folded, as a pipe's (NoWaitStderr), when the stream's bytes can be had."""
+        stream = self.stream
+        binary = getattr(stream, "buffer", None)
+        if binary is None or len(data) < logline.OUTPUT_FOLDED:
+            stream.write(data)
+            stream.flush()
+            return
+        stream.flush()
+        lines = logline.folded_lines(data.encode(stream.encoding, stream.errors or "strict"))
+        start = 0
+        while start < len(lines):
+            end = logline.write_end(lines, start)
+            binary.write(lines[start:end])
+            binary.flush()
+            start = end
 
     def _send(self, data: str) -> None:
         """To stderr (NoWaitStderr), as far as it takes it now; then the count of lines it lost, once
@@ -436,11 +455,9 @@ class NoWaitStderr:
     def send(self, text: str) -> int:
         """Write what was held back and ``text``, as far as the reader takes them now; the
         number of lines lost, once all held back has gone (0 until then)."""
-        data = self._backlog + text.encode(self._encoding, self._errors)
+        data = self._backlog + logline.folded_lines(text.encode(self._encoding, self._errors))
         try:
-            sent = self._write_now(data) if data else 0
-        except BlockingIOError:
-            sent = 0
+            sent = self._write_lines(data)
         except OSError:  # the reader is gone: nothing better to do with the lines
             self._backlog = b""
             return 0
@@ -450,7 +467,25 @@ class NoWaitStderr:
         lost, self._lost = self._lost, 0
         return lost
 
-    def _write_now(self, data: bytes) -> int:
+    def _write_lines(self, data: bytes) -> int:
+        """Write ``data`` (folded lines) in writes of whole lines of at most OUTPUT_LINE bytes
+        (logline.write_end), as far as the reader takes them now: the bytes written. One write
+        of a whole batch could let another writer's line (a thread's `puts`, another --workers
+        process's log) land inside one of ours, past PIPE_BUF."""
+        sent = 0
+        view = memoryview(data)
+        while sent < len(data):
+            end = logline.write_end(data, sent)
+            try:
+                done = self._write_now(view[sent:end])
+            except BlockingIOError:
+                break
+            sent += done
+            if sent < end:  # (a socket's partial send: the rest waits)
+                break
+        return sent
+
+    def _write_now(self, data: bytes | memoryview) -> int:
         if self._sock is not None:
             return self._sock.send(data, socket.MSG_DONTWAIT)
         if self._rwf_nowait:
