@@ -1912,6 +1912,21 @@ def test_send_load_summary_percentiles_and_most_frequent_errors() -> None:
     assert (doc["messages_per_second"], doc["seconds"]) == (3.3, 3.0)
 
 
+def test_send_load_summary_errors_cannot_forge_a_line_or_reach_the_terminal() -> None:
+    """The summary's error texts were printed as they were, while send's other lines escape what
+    they quote: a --connection with a newline and an ESC (or an error quoting a peer's reply
+    text) printed an ESC sequence and a line "messages: 999 ..." of its own."""
+    forged = "unix:/nonexistent/x\x1b[7m\nmessages: 999 in 0.00 s"
+    status, out = cli("send", "--connection", forged, str(DATA / "plain.eml"), "--count", "2")
+    assert status == 1 and "\x1b" not in out, out
+    lines = [line for line in out.splitlines() if line.startswith(("messages:", "errors:"))]
+    assert len(lines) == 2 and lines[0].startswith("messages: 2 in "), out
+    assert lines[1].startswith("errors: 2x cannot connect to unix:/nonexistent/x\\x1b[7m\\nmessages: 999 in 0.00 s: "), out
+    result = LoadResult(1, 1.0, latencies=[0.001], verdicts=Counter({"tempfail": 1}),
+                        errors=Counter({"reply text 'no\x1b[2J'\r\nverdicts: accept=1": 1}))
+    assert result.summary().splitlines()[3:] == ["errors: 1x reply text 'no\\x1b[2J'\\r\\nverdicts: accept=1"]
+
+
 def test_send_to_nothing_is_a_tempfail_with_the_reason() -> None:
     port = free_port()
     status, out = cli("send", "--connection", f"inet:{port}@127.0.0.1", str(DATA / "plain.eml"))

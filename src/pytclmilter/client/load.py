@@ -13,6 +13,7 @@ from typing import Any, TextIO
 from ..connspec import ConnSpec
 from .conversation import Outcome, converse
 from .message import Envelope, Message
+from .report import shown
 
 
 async def connect(spec: ConnSpec) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
@@ -81,7 +82,8 @@ class LoadResult:
             "verdicts: " + ", ".join(f"{k}={v}" for k, v in sorted(self.verdicts.items())),
         ]
         if self.errors:
-            lines.append("errors: " + "; ".join(f"{v}x {k}" for k, v in self.errors.most_common(5)))
+            # (escaped as send's other lines: a spec or an error may carry a newline or an ESC)
+            lines.append("errors: " + "; ".join(f"{v}x {shown(k)}" for k, v in self.errors.most_common(5)))
         return "\n".join(lines)
 
 
