@@ -135,7 +135,12 @@ if {[llength [info commands ::tclmilter::py::milter]]} {
     # of this proc with its Python half, which answers {ok value}, {error message errorCode
     # errorInfo} or {limit} (tcl/pycommands.py).
     proc ::tclmilter::pycommand {command args} {
-        set r [$command {*}$args]
+        if {[catch {$command {*}$args} r options]} {
+            # Python raised as it entered the command (tkinter gives Tcl an empty error): if the
+            # callback's time ran out, that was its limit, which no catch may take (below).
+            if {[::tclmilter::py::ranout]} { while 1 {} }
+            return -options $options $r
+        }
         switch -exact -- [lindex $r 0] {
             ok {
                 return [lindex $r 1]

@@ -943,3 +943,44 @@ def test_the_article_of_a_type_name_is_the_one_it_is_read_with(name, shown):
     from pytclmilter.tcl.usage import with_article
 
     assert with_article(name) == shown
+
+
+LATE_HOOKS = r'''
+def setup(milter):
+    milter.tcl_command("mark", lambda *words: print("MARK", len(words), flush=True))
+
+    @milter.register("envfrom")
+    def late(ctx, args):
+        if args[0] == "<late@example.org>":
+            ctx.tcl("late")  # Python -> Tcl -> Python: the Python limit holds the Python command
+'''
+
+
+def test_a_python_command_entered_after_the_time_ran_out_cannot_be_caught(tclrun):
+    """Python's limit stops the command by an exception raised where Python runs next: when the
+    time ran out in Tcl's C code (`exec`; a long argument being converted), that is the command's
+    runner, outside the command, and its CallbackTimeout became a Tcl error (an empty one) that
+    the script's `catch` took, running on past -calltimeout. Now the callback ends at the limit
+    as for any callback over it: no catch can keep it going."""
+    m = tclrun(r"""
+        package require TclMilter
+        milter configure -calltimeout 1 -onerror SMFIS_REJECT
+        proc late {} {
+            exec sleep 1.3
+            foreach i {1 2 3 4 5 6 7 8 9 10 11 12} { catch { mark [string repeat x 100000] $i } ::caught($i) }
+        }
+        proc from {ctx list} {
+            # (a catch sets its variable without running a command: Tcl's limit cannot come first)
+            if {[info exists ::caught]} { puts "[string toupper caught] [array get ::caught]" }
+            return SMFIS_CONTINUE
+        }
+        milter register envfrom from
+        milter main
+    """, python=[LATE_HOOKS])
+    with m.mta() as mta:
+        mta.negotiate()
+        assert mta.mail("<late@example.org>") == ("r", {})  # -onerror SMFIS_REJECT
+        logged(m, r"envfrom callback setup\.<locals>\.late failed \(callback stopped after 1 s \(call_timeout\)")
+        assert mta.mail("<ok@example.org>") == ("c", {})
+    assert m.stop() == 0
+    assert "CAUGHT" not in m.text and "MARK" not in m.text, m.text

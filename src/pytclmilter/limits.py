@@ -58,6 +58,7 @@ class PythonLimit(Limit):
         self._active = False
         self._late = False  # the watchdog saw the callback running now overrun
         self._why = ""  # a stop's grace ended the allowance before call_timeout: which (hold_to)
+        self._raised = False  # the callback held now was stopped by the exception (ran_out)
         self._watchdog: threading.Thread | None = None
         self._ended = threading.Event()  # set: the watchdog thread returns (end_watchdog)
         self._main = threading.main_thread().ident
@@ -75,6 +76,7 @@ class PythonLimit(Limit):
         if self._watchdog is None:
             self._start()
         self._seconds, self._started, self._active, self._late, self._why = seconds, now, True, False, ""
+        self._raised = False
         return True
 
     def hold_to(self, by: float, why: str) -> None:
@@ -89,7 +91,14 @@ class PythonLimit(Limit):
         """True if the watchdog saw the callback overrun (it looks every 0.1 s at most). One that
         returns anyway was in C code, which runs the signal handler only when it is done."""
         self._active = False
+        self._raised = False
         return self._late
+
+    @property
+    def ran_out(self) -> bool:
+        """The callback running now was stopped: its CallbackTimeout was raised, wherever that
+        was (a Python command's runner as it was entered: tcl/pycommands.py), and it is not back."""
+        return self._raised
 
     def remaining(self) -> float | None:
         """Seconds the callback running now may still run; None when none is held here (code
@@ -125,7 +134,7 @@ class PythonLimit(Limit):
 
     def _expired(self, signum: int, frame: object) -> None:
         if self._overrun():
-            self._active = False
+            self._active, self._raised = False, True
             if self._why:
                 raise CallbackTimeout(f"callback stopped after {_monotonic() - self._started:.1f} s: {self._why}")
             raise CallbackTimeout(f"callback stopped after {self._seconds:g} s (call_timeout)")

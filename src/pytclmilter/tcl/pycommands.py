@@ -50,6 +50,8 @@ from .usage import count_ok, with_article, wrong_args
 _WRAPPER: Final = "::tclmilter::pycommand"
 _CALL: Final = "::tclmilter::call"
 _CALL_LIST: Final = "::tclmilter::calllist"
+#: Asked by the wrapper when a Python command failed as Python entered it (:meth:`PythonCommands._ran_out`).
+_RAN_OUT: Final = "::tclmilter::py::ranout"
 #: Where our ::tclmilter::call frames start in errorInfo: what follows is ours, not the script's.
 _OUR_FRAMES: Final = '\n    ("uplevel" body line 1)\n    invoked from within\n"uplevel #0 $args"'
 
@@ -156,7 +158,20 @@ class PythonCommands:
 
     def attach(self, commands: TclCommands) -> None:
         """Create the commands defined so far, and each one defined later at once."""
+        self._create(_RAN_OUT, self._ran_out)
+        self._call("interp", "alias", self._child, _RAN_OUT, "", _RAN_OUT)
         commands.watch(self.create)
+
+    def _ran_out(self) -> int:
+        """1 if the callback's time ran out (the wrapper then waits for Tcl's limit, as for a
+        {limit} answer). Asked when a runner raised before its first line could catch anything:
+        the watchdog's signal came in Tcl's C code (`exec`, a long argument converted), and its
+        handler ran as Python entered the runner; tkinter keeps such an exception to itself and
+        gave Tcl an empty error, which the script could `catch`, running on past -calltimeout."""
+        if not PYTHON_LIMIT.ran_out:
+            return 0
+        self.limit.expire()
+        return 1
 
     def create(self, command: TclCommand) -> None:
         """The command in the script's interpreter; ValueError if the name is taken there (a
@@ -180,6 +195,8 @@ class PythonCommands:
                 return attempt(*args)
             except RecursionError:  # (in _error: no stack left to report it; tkinter would drop it)
                 return _RECURSION_ANSWER
+            except CallbackTimeout as exc:  # outside the function (converting its words or result)
+                return self._stopped_in(command.name, _where(exc))
 
         def attempt(*args: str) -> tuple[Any, ...]:
             if not count_ok(len(args), low, high):
@@ -189,9 +206,9 @@ class PythonCommands:
             try:
                 result = self._limited(func, [from_tcl(a) for a in args])
             except _Stopped as stopped:
-                self.stopped = f"Python command {command.name} stopped at the time limit in:\n{stopped.where}"
-                self.limit.expire()
-                return ("limit",)
+                return self._stopped_in(command.name, stopped.where)
+            except CallbackTimeout:  # (not the function's: _limited made that _Stopped) a limit all the same
+                raise
             # The script gets it as a Tcl error: a sys.exit() too, which would otherwise pass
             # through Tcl uncatchable and fail the callback, or end the load, from outside it,
             # and any BaseException (a library's own class), of which tkinter gave Tcl an empty message.
@@ -206,6 +223,13 @@ class PythonCommands:
                 return ("error", message, ("PYTHON", type(exc).__name__, message), message)
 
         return run
+
+    def _stopped_in(self, name: str, where: str) -> tuple[Any, ...]:
+        """The {limit} answer: the callback's time ran out while the command ``name`` ran (its
+        traceback ``where``, for the callback's log line); Tcl's limit ends the callback now."""
+        self.stopped = f"Python command {name} stopped at the time limit in:\n{where}"
+        self.limit.expire()
+        return ("limit",)
 
     def _limited(self, func: Callable[..., Any], words: Sequence[str]) -> Any:
         """``func(*words)`` within the time the Tcl code running now has left (none at load time)."""
