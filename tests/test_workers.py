@@ -589,3 +589,20 @@ def test_a_second_stop_signal_after_an_unclean_stop_keeps_its_failure(tclrun, tm
         m.wait_for(r"main returned")
     assert m.stop() == 1, m.text
     m.wait_for(r"WARNING: stopped by SIGTERM while running .* after its milter main", since=0)
+
+
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_a_stop_before_milter_main_makes_it_return_bound_to_nothing(tmp_path: Path, workers: str) -> None:
+    """`milter stop` before `milter main`: main returns at once, without binding or the listening
+    line, with --workers 2 as with one process. Before, the supervisor bound the socket, printed
+    the line (systemd heard READY=1, the pid file was written, --user took effect), forked no
+    worker and returned."""
+    script = tmp_path / "s.tcl"
+    script.write_text("package require TclMilter 1.0\nmilter stop\nmilter main\nputs returned\n")
+    pidfile = tmp_path / "s.pid"
+    done = subprocess.run([*_pytclmilter_command(), "run", str(script), "--workers", workers, "--pidfile",
+                           str(pidfile), "--connection", f"unix:{tmp_path / 's.sock'}"],
+                          capture_output=True, text=True, timeout=60, env=child_env())
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == "returned\n", done.stdout
+    assert "stopped; verdicts:" in done.stderr and not pidfile.exists()

@@ -326,6 +326,9 @@ class Milter:
             if publish is not None and publisher is not None:
                 publisher.cancel()
                 publish()
+        self._tell_stopped()
+
+    def _tell_stopped(self) -> None:
         # (after reloads, the name of the milter that serves last)
         log.info("%s stopped; verdicts: %s", escape(self._server.shared.settings.name), self.stats.summary())
 
@@ -336,11 +339,14 @@ class Milter:
         if settings.workers > 1:
             from .workers import Supervisor, run_workers
 
+            if self._server.stop_asked():  # (`milter stop`, a stop signal: commands/sigmask.py)
+                self._tell_stopped()  # bound to nothing, as serve() returns then: no socket, no READY=1
+                return
             self.hooks.flush(False)  # before the workers are forked
             supervisor = Supervisor(settings.workers, self.hooks, self._serve_worker)
             with self._metrics_of_workers(supervisor):
                 self._stop_others, self._supervisor = supervisor.stop, supervisor
-                if self._server.stop_asked():  # (a stop signal before: commands/sigmask.py)
+                if self._server.stop_asked():  # (one that came since: stopped at once, once bound)
                     supervisor.stop()
                 try:
                     run_workers(settings, supervisor)
