@@ -606,3 +606,20 @@ def test_a_stop_before_milter_main_makes_it_return_bound_to_nothing(tmp_path: Pa
     assert done.returncode == 0, done.stderr
     assert done.stdout == "returned\n", done.stdout
     assert "stopped; verdicts:" in done.stderr and not pidfile.exists()
+
+
+def test_a_workers_milter_stop_is_logged_as_its_own_not_as_a_sigterm(tclrun) -> None:
+    """A worker's `milter stop` reaches the supervisor as a SIGTERM, which the supervisor logged as
+    `received SIGTERM: stopping 2 workers`: an admin looked for who sent it (systemd? a kill?)."""
+    script = SCRIPT.replace("incr ::count", "milter stop")
+    m = tclrun(script, "--workers", "2")
+    m.wait_for("2 workers serving")
+    with m.mta() as mta:
+        mta.negotiate()
+        assert ok(mta.connect())
+        mta.mail("<a@example.org>")
+        assert mta.rcpt("<b@example.org>")[0] == "y"
+    assert m.wait_exit(20) == 0
+    m.wait_for(r"INFO: worker \d \(pid \d+\) called milter stop: stopping 2 workers\r?\n", since=0)
+    assert "received SIGTERM: stopping 2 workers" not in m.text
+    m.wait_for("main returned", since=0)

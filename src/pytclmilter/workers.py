@@ -161,6 +161,10 @@ class Supervisor:
         self.listener = listener
         # The workers watch the read end; the write end closes when this process dies.
         self.lifeline, self._lifeline_w = os.pipe()
+        # A worker's `milter stop` writes its name here before its SIGTERM: the log names it.
+        self._asked_r, self._asked_w = os.pipe()
+        for fd in (self._asked_r, self._asked_w):  # (no worker waits on a full one)
+            os.set_blocking(fd, False)
         previous = {sig: signal.signal(sig, self._on_signal) for sig in STOP_SIGNALS}
         mask = signal.pthread_sigmask(signal.SIG_BLOCK, self._waited)
         if signal.SIGUSR1 in self._waited:
@@ -187,8 +191,8 @@ class Supervisor:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
             signal.pthread_sigmask(signal.SIG_SETMASK, mask)
-            os.close(self.lifeline)
-            os.close(self._lifeline_w)
+            for fd in (self.lifeline, self._lifeline_w, self._asked_r, self._asked_w):
+                os.close(fd)
             tell_counts(ended_only=False)
         if self.unclean:
             log.error("all workers stopped, %d not cleanly: %s", len(self.unclean), "; ".join(self.unclean))
@@ -290,7 +294,11 @@ class Supervisor:
             self.unclean.append(f"worker {number} (pid {pid}) {_how(code)}")
 
     def _on_signal(self, signum: int, frame: object) -> None:
-        log.info("received %s: stopping %d workers", signal.Signals(signum).name, len(self.children))
+        asker = self._asker() if signum == signal.SIGTERM else ""
+        if asker:
+            log.info("%s called milter stop: stopping %d workers", asker, len(self.children))
+        else:
+            log.info("received %s: stopping %d workers", signal.Signals(signum).name, len(self.children))
         signalled(self.hooks, signal.Signals(signum))
         self.stop()
 
@@ -366,6 +374,7 @@ class Supervisor:
             signal.signal(signal.SIGUSR1, signal.SIG_IGN)  # a reload is the supervisor's
         signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS + self._waited)
         os.close(self._lifeline_w)  # else the pipe would never reach EOF
+        os.close(self._asked_r)
         parent = self.pid
         assert self.listener is not None  # forked from run()
         code = 0
@@ -374,7 +383,7 @@ class Supervisor:
             listener = Listener(self.listener.sock, self.listener.spec)  # the parent removes the file
             if self.forked is not None:
                 self.forked(slot)
-            stopped_by = self.serve(listener, lambda: os.kill(parent, signal.SIGTERM),
+            stopped_by = self.serve(listener, lambda: self._ask_stop(number, parent),
                                     lambda stop: self._watch_parent(number, parent, stop))
             code = 0 if stopped_by is None else STOPPED_BY + stopped_by
         except BaseException:  # noqa: BLE001 - a worker must end here, whatever happened
@@ -386,6 +395,23 @@ class Supervisor:
             sys.stdout.flush()
             sys.stderr.flush()
             os._exit(code)
+
+    def _ask_stop(self, number: int, parent: int) -> None:
+        """In a worker: `milter stop` stops all, by the parent's SIGTERM, which the log then
+        blames on this worker, not on a SIGTERM from outside (systemd, an admin)."""
+        try:
+            os.write(self._asked_w, f"worker {number} (pid {os.getpid()})\n".encode())
+        except OSError:  # (full: 64 KiB of stops not read yet; the line says SIGTERM then)
+            pass
+        os.kill(parent, signal.SIGTERM)
+
+    def _asker(self) -> str:
+        """Which worker asked for the stop being handled (_ask_stop), "" if none did."""
+        try:
+            asked = os.read(self._asked_r, 65536).decode()
+        except OSError:  # (nothing there: BlockingIOError)
+            return ""
+        return asked.split("\n", 1)[0]
 
     def _watch_parent(self, number: int, parent: int, stop: Callable[[], None]) -> None:
         """In a worker, once its server listens (on its loop): stop gracefully when the parent dies.
