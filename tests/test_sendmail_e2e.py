@@ -262,6 +262,20 @@ def test_recipients_with_esmtp_arguments_and_the_body(sendmail, milter, socket_p
     assert msg.body.rstrip(b"\n") == b"line one\nline two"
 
 
+@pytest.mark.parametrize("args", ["NOTIFY=BOGUS", "X-UNKNOWN=1"])
+def test_addrcpt_with_an_argument_sendmail_refuses_loses_the_recipient_and_garbles_the_session(
+        sendmail, milter, socket_path: Path, args: str) -> None:
+    """Sendmail parses addrcpt's ESMTP arguments as it parses RCPT's: one it refuses (a keyword it
+    does not know, a bad NOTIFY) drops that recipient without a word to the filter, and writes a
+    stray line (`...olderrors=0, Errors=1`) to the SMTP client ahead of its reply to the message,
+    which a client then reads as that reply (docs/tcl-reference.md, "Where Postfix and Sendmail
+    differ"). Postfix ignores what it does not honour and adds the recipient."""
+    sm, result = edited(sendmail, milter, socket_path, [f"addrcpt <new@example.com> {args}"])
+    assert result.data is not None and result.data.code == -1 and "Errors=1" in result.data.text, result
+    (msg,) = sm.wait_for_sink(1)
+    assert msg.recipients == ["b@example.com"]
+
+
 def test_chgfrom_with_empty_esmtp_arguments_keeps_the_mail_parameters(sendmail, milter, socket_path: Path) -> None:
     """An empty argument field made Sendmail reset the MAIL parameters and relay an empty AUTH=."""
     sm, result = edited(sendmail, milter, socket_path, ["chgfrom <new@example.org> {}"])
