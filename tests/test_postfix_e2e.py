@@ -264,13 +264,14 @@ def state_milter() -> Iterator[tuple[Milter, list[str]]]:
 def test_an_unknown_command_and_a_headerless_message_are_filtered_behind_postfix(postfix, state_milter) -> None:
     """Postfix passes a client's unknown command between RCPT and DATA on, and sends no header
     for a message without one (it hides its own Received:): both used to end the filter's
-    session as a protocol error, and Postfix tempfailed the mail."""
+    session as a protocol error, and Postfix tempfailed the mail. Postfix passes the command's
+    first word only (docs/tcl-reference.md; Sendmail, the whole line)."""
     milter, calls = state_milter
     pf = postfix(milter=milter.listening.postfix())
     with pf.smtp_session() as smtp:
         smtp.ehlo("client.example")
         assert smtp.mail("a@example.org")[0] == 250 and smtp.rcpt("b@example.com")[0] == 250
-        assert smtp.docmd("XFOO")[0] == 500
+        assert smtp.docmd("XFOO some {args}")[0] == 500
         assert smtp.data(message("a@example.org", "after an unknown command"))[0] == 250
         assert smtp.mail("a@example.org")[0] == 250 and smtp.rcpt("b@example.com")[0] == 250
         assert smtp.data(b"\r\nNo header at all.\r\n")[0] == 250
