@@ -1207,3 +1207,25 @@ def test_an_async_callback_due_at_the_grace_end_is_stopped_and_logged_before_the
     m.wait_for(r"conn#2: envfrom callback setup\.<locals>\.envfrom failed \(callback stopped after \d\.\d s: the "
                r"stop's 2 s grace was over \(call_timeout is 120 s\)\), answering SMFIS_TEMPFAIL", since=0)
     assert m.wait_exit() == 0
+
+
+@pytest.mark.parametrize("grace", ["inf", "1e10"])
+def test_a_grace_past_what_a_thread_can_wait_lets_the_session_finish_without_a_traceback(tclrun, grace):
+    """`--grace inf` (or 1e10 s, past the 292 years a Python thread can wait): the stop waits for
+    the open session, which finishes, and the process exits 0. Before, the thread that bounds
+    the stop died at the signal, `ERROR: unexpected error in thread stop-deadline-clock:
+    OverflowError: timestamp out of range for platform time_t` and a traceback, at every stop
+    (and every reload with --workers)."""
+    m = tclrun(TCL_HELPERS + "proc eom {ctx} { return SMFIS_CONTINUE }\nmilter register eom eom\nmilter main\n",
+               "--grace", grace)
+    with m.mta() as mta:
+        mta.negotiate()
+        assert ok(mta.connect())
+        m.child.kill(signal.SIGTERM)
+        m.wait_for(r"stopping: no new connections; 1 open")
+        time.sleep(0.5)  # (the stop's thread has started its wait by now)
+        assert ok(mta.mail("<a@example.org>")) and ok(mta.rcpt("<b@example.org>"))
+        assert mta.eom()[-1][0] == "c"
+        mta.quit()
+    assert m.wait_exit(20) == 0
+    assert "Error" not in m.text and "Traceback" not in m.text, m.text

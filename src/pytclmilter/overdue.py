@@ -111,7 +111,8 @@ class StopDeadline:
 
     def _watch(self, since: float, number: int) -> None:
         grace = self._grace()
-        if self._over.wait(grace + MARGIN):
+        # (a grace of inf, or past the 292 years a thread's wait takes, is for ever: OverflowError)
+        if self._over.wait(min(grace + MARGIN, threading.TIMEOUT_MAX)):
             return
         while self._turns():  # the loop still works through the stop: let it
             if self._over.wait(PATIENCE):
