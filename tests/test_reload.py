@@ -348,6 +348,24 @@ def test_a_script_that_exits_or_never_serves_while_loading_is_not_loaded(tclrun,
     old_serves_then_a_good_one_loads(run, script)
 
 
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_a_script_that_calls_milter_stop_before_its_main_is_not_loaded(tclrun, tmp_path: Path, workers: str) -> None:
+    """`milter stop` before `milter main` makes that main return at once: at start, the script
+    serves nothing. In a reloaded script it was dropped with one process (generation 2 served
+    on, its stop forgotten) and, with --workers 2, each new worker returned at once, exit 0,
+    which the supervisor took for a stop of the whole milter: mail went unfiltered (Postfix:
+    milter_default_action) until a restart. Now the reload fails and the old script serves on."""
+    script = tmp_path / "stamp.tcl"
+    script.write_text(stamping("A"))
+    run = tclrun(script, "--workers", workers)
+    script.write_text(stamping("B").replace("milter main", "milter stop\nmilter main"))
+    run.child.kill(signal.SIGUSR1)
+    run.wait_for(r"ERROR: reload: generation 2 not loaded, generation 1 serves on unchanged: "
+                 r"the new milter was stopped before it served \(its script called `milter stop` before "
+                 r"`milter main`\)\r?\n")
+    old_serves_then_a_good_one_loads(run, script)
+
+
 @pytest.mark.parametrize("main", ["interp eval {} {milter main}", "coroutine serving milter main"])
 def test_a_script_serving_where_tcl_cannot_suspend_it_is_not_replaced(tclrun, tmp_path: Path, main: str) -> None:
     """`milter main` called from a command implemented in C (or a coroutine of the script's own)

@@ -450,12 +450,15 @@ class Milter:
         accepting and finishes. ``new`` continues the verdict counts and is one generation later.
 
         ReloadError, with nothing changed, if ``new`` differs in a setting that only a restart can
-        change (RESTART_ONLY) or this milter does not serve."""
+        change (RESTART_ONLY), was stopped before it served, or this milter does not serve."""
         changed = tuple(attr for attr in RESTART_ONLY if getattr(new.settings, attr) != getattr(self.settings, attr))
         if changed:
             values = ", ".join(f"{attr} (serving {getattr(self.settings, attr)!r}, new {getattr(new.settings, attr)!r})"
                                for attr in changed)
             raise ReloadError(f"only a restart can change {values}", changed)
+        if new._server.stop_asked():  # (its serve() would return at once: with workers, a stop of all)
+            raise ReloadError("the new milter was stopped before it served (its script called `milter stop` "
+                              "before `milter main`)")
         if not self.running and self._supervisor is None:
             raise ReloadError("the milter is not serving")
         new.stats = new.shared.stats = self.stats
