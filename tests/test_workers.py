@@ -623,3 +623,25 @@ def test_a_workers_milter_stop_is_logged_as_its_own_not_as_a_sigterm(tclrun) -> 
     m.wait_for(r"INFO: worker \d \(pid \d+\) called milter stop: stopping 2 workers\r?\n", since=0)
     assert "received SIGTERM: stopping 2 workers" not in m.text
     m.wait_for("main returned", since=0)
+
+
+@pytest.mark.parametrize("code", ["0", "3"])
+def test_a_workers_exit_stops_all_with_0_and_is_replaced_otherwise(tclrun, code: str) -> None:
+    """`exit 0` in a worker's callback stops the whole milter, as `milter stop`, and says so (the
+    line said `stopped the milter`, as if the script had called `milter stop`); `exit 3` is a
+    death, logged, and the worker replaced (docs/tcl-reference.md, `exit`)."""
+    m = tclrun(SCRIPT.replace("incr ::count", f"exit {code}"), "--workers", "2")
+    m.wait_for("2 workers serving")
+    with m.mta() as mta:
+        mta.negotiate()
+        assert ok(mta.connect())
+        mta.mail("<a@example.org>")
+        mta.send_raw("R", b"<b@example.org>\0")
+    if code == "0":
+        assert m.wait_exit(20) == 0
+        m.wait_for(r"INFO: worker \d \(pid \d+\) ended with exit status 0 \(the script's exit 0\): stopping all "
+                   r"workers\r?\n", since=0)
+        m.wait_for("main returned", since=0)
+    else:
+        m.wait_for(r"ERROR: worker \d \(pid \d+\) died \(exit status 3\); starting a new one\r?\n", since=0)
+        assert m.stop() == 0

@@ -274,7 +274,9 @@ class Supervisor:
             self._ended_at_stop(pid, number, code)
             return
         if code == 0:
-            log.info("worker %d (pid %d) stopped the milter: stopping all workers", number, pid)
+            # (`milter stop` tells first, _ask_stop: this is the script's `exit 0` in a worker)
+            log.info("worker %d (pid %d) ended with exit status 0 (the script's exit 0): stopping all workers",
+                     number, pid)
             self.stop()
             return
         if code - STOPPED_BY in STOP_SIGNALS:  # sent to it alone (an admin's kill, a pkill -f)
