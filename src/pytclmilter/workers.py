@@ -408,12 +408,13 @@ class Supervisor:
         os.kill(parent, signal.SIGTERM)
 
     def _asker(self) -> str:
-        """Which worker asked for the stop being handled (_ask_stop), "" if none did."""
+        """Which workers asked for the stop being handled (_ask_stop), "" if none did (one
+        handler may run for two workers' signals)."""
         try:
             asked = os.read(self._asked_r, 65536).decode()
         except OSError:  # (nothing there: BlockingIOError)
             return ""
-        return asked.split("\n", 1)[0]
+        return ", ".join(asked.split("\n")[:-1])
 
     def _watch_parent(self, number: int, parent: int, stop: Callable[[], None]) -> None:
         """In a worker, once its server listens (on its loop): stop gracefully when the parent dies.
