@@ -16,7 +16,7 @@ import textwrap
 
 import pytest
 
-from support.tclrun import TCL_HELPERS, tclrun_factory
+from support.tclrun import TCL_HELPERS, TclRun, tclrun_factory
 
 tclrun = pytest.fixture(tclrun_factory, name="tclrun")
 
@@ -303,6 +303,15 @@ def test_a_failed_callback_is_logged_as_the_script_registered_it_with_the_bytes_
                "milter register body [list bd mytag]\nmilter main\n")
     if "puts gone" in procs:
         m.wait_for(r"gone")
+    out = _failing_helo_and_body(m)
+    assert "::tclmilter::cb" not in out and "\\xed\\xb3" not in out, out
+    for text in expected:
+        assert text in out, (text, out)
+
+
+def _failing_helo_and_body(m: TclRun) -> str:
+    """The log of a run whose helo callback and body callback (an 8-bit block) fail, each on a
+    connection of its own, to its stop."""
     with m.mta() as mta:
         mta.negotiate()
         assert mta.helo("mx.example") == ("t", {})
@@ -311,7 +320,18 @@ def test_a_failed_callback_is_logged_as_the_script_registered_it_with_the_bytes_
         mta.mail("<a@example.org>")
         assert mta.body(b"caf\xe9 au lait") == [("t", b"")]
     assert m.stop() == 0
-    out = m.text
-    assert "::tclmilter::cb" not in out and "\\xed\\xb3" not in out, out
-    for text in expected:
+    return m.text
+
+
+@pytest.mark.parametrize("main", ["time {milter main}", "if 1 {time {milter main}}", "interp eval {} {milter main}",
+                                  "lsort -command {apply {{a b} {milter main; return 0}}} {1 2}"])
+def test_a_callback_break_is_an_error_wherever_the_script_called_milter_main(tclrun, main):
+    """`milter main` called inside a command implemented in C (`time`, `lsort -command`) serves in
+    that call, so Tcl runs the callbacks below the top level of both interpreters, where it lets
+    break and continue through: a helo callback's `return -code break SMFIS_REJECT` was answered
+    'r', a body callback's `return -code continue` 'c'. Now as at the top level, log lines too."""
+    m = tclrun("package require TclMilter\n" + textwrap.dedent(_BREAKING) +
+               f"milter register body [list bd mytag]\n{main}\n")
+    out = _failing_helo_and_body(m)
+    for text in _BROKEN:
         assert text in out, (text, out)

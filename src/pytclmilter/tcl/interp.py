@@ -146,6 +146,34 @@ proc ::tclmilter::py::bg_made {parent command code result op} {
     return $result
 }
 
+# What a callback's code other than ok and error (TclHost._checked caught it) makes where Tcl's top
+# level ends it, as there: a `return` returns (with its own -code at its last level), break,
+# continue and any other code are errors, in Tcl's words and errorCode, with the one frame Tcl writes
+# (the command's first 150 bytes, in whole characters, and "..."). {0 result} or {1 message}, with
+# ::errorInfo and ::errorCode set.
+proc ::tclmilter::py::unexpected {code result options command} {
+    if {$code == 2 && [dict get $options -level] == 1} {
+        set code [dict get $options -code]
+        if {$code == 0} { return [list 0 $result] }
+    }
+    set ::errorCode NONE
+    if {[dict exists $options -errorcode]} { set ::errorCode [dict get $options -errorcode] }
+    if {$code == 3 || $code == 4} {
+        set result "invoked \"[lindex {- - - break continue} $code]\" outside of a loop"
+    } elseif {$code != 1} {
+        set result "command returned bad code: $code"
+    }
+    if {$code != 1} { set ::errorCode [list TCL UNEXPECTED_RESULT_CODE $code] }
+    set shown $command
+    if {[string bytelength $command] > 150} {
+        set end 150
+        while {[string bytelength [string range $command 0 $end-1]] > 150} { incr end -1 }
+        set shown "[string range $command 0 $end-1]..."
+    }
+    set ::errorInfo "$result\n    while executing\n\"$shown\""
+    list 1 $result
+}
+
 # Tcl's exit writes what every channel buffers before the process ends (Tcl_Finalize); the milter
 # ends by other ways (a worker's os._exit, the end of `run`), so this does it: a script's log file
 # keeps its last lines. `ending`: the process or the interpreter goes, so every channel but the
@@ -352,6 +380,10 @@ class TclHost:
         self.sourced: dict[str, None] = {}
         #: `milter main` served inside the script's call (where Tcl could not suspend it).
         self.served_inside = False
+        #: `milter main` serves inside a Tcl command (MilterCommand._serve): the callbacks are then
+        #: called below the main interpreter's top level, where Tcl lets break and continue through
+        #: as a normal result, so their code is checked (_checked).
+        self.inside = 0
         #: A reload loads this script: its `milter main` must suspend it, never serve.
         self.loading = False
         #: The background errors logged lately: a failing `after` loop logs once a minute.
@@ -612,10 +644,12 @@ class TclHost:
 
         def run_header(ctx: Context, name: str, value: str) -> Any:
             """run() for the most frequent callback: its two strings converted without a call each."""
+            name = name if name.isascii() and "\x00" not in name else to_tcl(name)
+            value = value if value.isascii() and "\x00" not in value else to_tcl(value)
+            if self.inside:
+                return self._checked(command, script, (alias, ctx.host_data, name, value))
             try:
-                result = call(alias, ctx.host_data,
-                              name if name.isascii() and "\x00" not in name else to_tcl(name),
-                              value if value.isascii() and "\x00" not in value else to_tcl(value))
+                result = call(alias, ctx.host_data, name, value)
             except tcl_error as exc:
                 raise failure(exc) from None
             return tcl_status(result)
@@ -624,9 +658,11 @@ class TclHost:
             return run_header
 
         if event == "body":
-            return self._body_callback(command, words, alias, failure)
+            return self._body_callback(command, words, alias, script)
 
         def run(ctx: Context, *args: Any) -> Any:
+            if self.inside:
+                return self._checked(command, script, (alias, ctx.host_data, *[_to_tcl(a) for a in args]))
             try:
                 result = call(alias, ctx.host_data, *[_to_tcl(a) for a in args])
             except tcl_error as exc:
@@ -635,6 +671,22 @@ class TclHost:
 
         return run
 
+    def _checked(self, command: str, script: str, words: tuple[Any, ...]) -> Status | NotAStatus:
+        """A callback's call, its code checked: below the main interpreter's top level (``inside``)
+        Tcl takes a break or continue for a normal result, which would answer the MTA. Caught, a
+        code other than ok and error becomes what Tcl's top level makes of it (`unexpected` in
+        _PRELUDE). (At the top level Tcl does this itself, at no cost per call.)"""
+        code = int(self.tk.call("catch", words, "::tclmilter::py::result", "::tclmilter::py::options"))
+        result = self.tk.call("set", "::tclmilter::py::result")
+        if code != 0 and code != 1:
+            code, result = self.tk.splitlist(self.tk.call(
+                "::tclmilter::py::unexpected", code, result, self.tk.call("set", "::tclmilter::py::options"),
+                self.tk.call("format", "%s", words)))
+            code = int(code)
+        if code == 1:
+            raise self._failure(tkinter.TclError(str(result)), command, script)
+        return tcl_status(result)
+
     def words(self, script: str) -> tuple[str, ...]:
         """A command prefix as its words; TclUsageError with Tcl's message if it is no list."""
         try:
@@ -642,8 +694,7 @@ class TclHost:
         except tkinter.TclError as exc:
             raise TclUsageError(str(exc)) from None
 
-    def _body_callback(self, command: str, words: Sequence[str], alias: Any,
-                       failure: Callable[[tkinter.TclError], CallbackError]) -> Callable[..., Any]:
+    def _body_callback(self, command: str, words: Sequence[str], alias: Any, script: str) -> Callable[..., Any]:
         """callback()'s run() for body blocks: ASCII as it is, others as the bytes Tcl keeps their
         text in, through a second alias that runs _BODY_LAMBDA."""
         self.tk.call("interp", "alias", "", f"{command}_8bit", self.CHILD, "apply", _BODY_LAMBDA, tuple(words))
@@ -653,13 +704,17 @@ class TclHost:
 
         def run_body(ctx: Context, block: bytes) -> Any:
             text = ascii_text(block)  # one pass over a block the cache no longer holds
+            if self.inside:
+                words = (alias, ctx.host_data, text) if text is not None else (alias_8bit, ctx.host_data,
+                                                                                wire_to_tcl(block))
+                return self._checked(command, script, words)
             try:
                 if text is not None:
                     result = call(alias, ctx.host_data, text)
                 else:
                     result = call(alias_8bit, ctx.host_data, wire_to_tcl(block))
             except tcl_error as exc:
-                raise failure(exc) from None
+                raise self._failure(exc, command, script) from None
             return tcl_status(result)
 
         return run_body

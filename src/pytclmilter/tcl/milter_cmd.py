@@ -208,18 +208,18 @@ class MilterCommand:
             self.main_hook()
             return self._after_main()
         try:
-            self._serve()
+            self._serve(inside=True)
         finally:
             self.host.limit.clear()
         if self.end_script_at_main:
             return self._after_main()
         return ""
 
-    def serve(self) -> Answer:
+    def serve(self, inside: bool = False) -> Answer:
         """Serve until the milter stops, for a script waiting in `milter main`: what that returns,
-        ``("ok", "")`` or ``("error", message, errorCode)``."""
+        ``("ok", "")`` or ``("error", message, errorCode)``. ``inside``: in a Tcl command (_serve)."""
         try:
-            self._serve()
+            self._serve(inside)
         except TclUsageError as exc:
             return ("error", str(exc), exc.code)
         return ("ok", "")
@@ -231,20 +231,25 @@ class MilterCommand:
             self.main_hook()
             result = ("ok", "")
         else:
-            result = self.serve()
+            result = self.serve(inside=True)
         if result[0] == "ok" and self.end_script_at_main:
             self.ended_at_main = True
             self.host.cancel_script(_ENDS_HERE)  # past any `catch` around `milter main`
             return ("error", _ENDS_HERE, NONE)
         return result
 
-    def _serve(self) -> None:
+    def _serve(self, inside: bool) -> None:
+        """``inside``: in a Tcl command of the script, so below the main interpreter's top level,
+        where the callbacks' codes need checking (TclHost.inside)."""
+        self.host.inside += inside
         try:
             self.milter.run()
         except ConnSpecError as exc:
             raise TclUsageError(f"milter main: {exc}") from None
         except OSError as exc:
             raise TclUsageError(f"milter main: {exc.strerror or exc}") from None
+        finally:
+            self.host.inside -= inside
 
     def _after_main(self) -> str:
         if self.end_script_at_main:
