@@ -2353,6 +2353,37 @@ def test_check_reports_a_command_that_never_ends_after_milter_main_in_a_sourced_
     assert status == 1 and ":4: error: this command never ends" in out, out
 
 
+@pytest.mark.parametrize("tail", ["milter main\nreturn\n\nUsage: {the draft of a text\n",
+                                  "milter main; exit 0\nif {1} {\n",
+                                  "milter main\n  ::return -code ok ;# the end\nproc x {} {\n",
+                                  "return\nmilter main\nif {1} {\n"])
+def test_check_reads_no_further_than_a_top_level_return_or_exit(tmp_path: Path, tail: str) -> None:
+    """Tcl's `source` stops at a top-level `return` and `exit` ends the process: what follows (a
+    script's notes, a draft) is never read, and the script runs and stops well. Check reported its
+    first unfinished command as one that "never ends", exit 1 (and so a reload refused it)."""
+    script = tmp_path / "ends.tcl"
+    script.write_text("package require TclMilter 1.0\nproc eom_cb { context } { return SMFIS_CONTINUE }\n"
+                      f"milter register eom eom_cb\n{tail}")
+    status, out = cli("check", str(script))
+    assert "never ends" not in out, out
+    if tail.startswith("return"):  # (before milter main: that, and that alone, is reported)
+        assert status == 1 and out.endswith(f"{script}: error: the script never calls milter main\n"), out
+    else:
+        assert status == 0 and "ends.tcl: loaded" in out, out
+
+
+@pytest.mark.parametrize("tail", ["if {0} { return }\n", "# return\n", "set x {return}; puts return\n",
+                                  "puts \"a;return\"\n"])
+def test_check_still_reports_what_never_ends_after_a_return_that_is_not_the_files(tmp_path: Path,
+                                                                                    tail: str) -> None:
+    """A `return` in a body, a comment or a word does not end the file: what never ends after it
+    is still reported."""
+    script = tmp_path / "ends.tcl"
+    script.write_text(f"package require TclMilter 1.0\nmilter main\n{tail}if {{1}} {{\n")
+    status, out = cli("check", str(script))
+    assert status == 1 and f"{script}:{3 + tail.count(chr(10))}: error: this command never ends" in out, out
+
+
 def test_check_reports_a_callback_with_the_wrong_number_of_arguments(tmp_path: Path) -> None:
     script = tmp_path / "arity.tcl"
     script.write_text(

@@ -125,18 +125,45 @@ def callback_errors(script: str, host: TclHost) -> list[str]:
     return [f"{script}: error: {problem}" for problem in check_callbacks(host)]
 
 
+#: The commands after which Tcl reads no more of a file, at its top level (`source` returns, or
+#: the process ends): what follows them may be anything, text that is no Tcl included.
+_LAST_COMMANDS: Final = frozenset({"return", "::return", "exit", "::exit"})
+
+
 def unfinished_command(host: TclHost, text: str) -> int | None:
     """The line where a command starts that the file never ends (a missing close-brace, bracket
     or quote), or None. Tcl reads a file one command at a time, so one after `milter main` fails
-    only when `milter main` returns, at the stop: the load up to it went well."""
+    only when `milter main` returns, at the stop: the load up to it went well. And it stops at a
+    top-level `return` or `exit`: what follows that is never read."""
     if host.tk.getboolean(host.tk.call("info", "complete", text)):
         return None  # (the usual case, in one pass: the scan below grows with a proc's length squared)
     start, chunk = 1, ""
     for number, line in enumerate(text.split("\n"), 1):
         chunk += line + "\n"
         if host.tk.getboolean(host.tk.call("info", "complete", chunk)):
+            if any(_first_word(command) in _LAST_COMMANDS for command in _commands(host, chunk)):
+                return None
             start, chunk = number + 1, ""
     return start if chunk.strip() else None
+
+
+def _commands(host: TclHost, chunk: str) -> list[str]:
+    """The commands of lines that Tcl reads as complete, split at the semicolons between them (one
+    in braces, quotes or a comment, or escaped, is no end: what precedes it is incomplete)."""
+    commands, begin = [], 0
+    for at, char in enumerate(chunk):
+        if char == ";" and host.tk.getboolean(host.tk.call("info", "complete", chunk[begin:at])):
+            escaped = len(chunk[begin:at]) - len(chunk[begin:at].rstrip("\\"))
+            if escaped % 2 == 0 and not chunk[begin:at].lstrip().startswith("#"):
+                commands.append(chunk[begin:at])
+                begin = at + 1
+    return [*commands, chunk[begin:]]
+
+
+def _first_word(command: str) -> str:
+    """A command's first word as written, bare (a quoted or braced one is not looked into)."""
+    words = command.split(None, 1)
+    return words[0] if words else ""
 
 
 def _unfinished_after_main(script: str, path: str, host: TclHost) -> list[str]:
