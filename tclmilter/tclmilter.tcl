@@ -7,11 +7,11 @@
 # Tcl result or error (with the errorCode Tcl's C API sets, e.g. TCL WRONGARGS),
 # because tkinter drops the message of an error raised inside a Python command.
 
-namespace eval ::tclmilter {
+::tcl::namespace::eval ::tclmilter {
     variable version 1.0
 }
 
-if {[llength [info commands ::tclmilter::py::milter]]} {
+if {[llength [::tcl::info::commands ::tclmilter::py::milter]]} {
     proc ::milter {args} {
         set r [::tclmilter::py::milter {*}$args]
         if {[lindex $r 0] eq "suspend"} {
@@ -21,7 +21,7 @@ if {[llength [info commands ::tclmilter::py::milter]]} {
             # `milter main` never runs. Called where Tcl cannot suspend the script (from a command
             # implemented in C), the milter serves inside this call instead; so it does in a
             # coroutine of the script's own, whose yield would return to the script, not the host.
-            if {[info coroutine] ne "::tclmilter::py::script" || [catch {yield main} r]} {
+            if {[::tcl::info::coroutine] ne "::tclmilter::py::script" || [catch {yield main} r]} {
                 set r [::tclmilter::py::serve]
             }
         }
@@ -36,9 +36,9 @@ if {[llength [info commands ::tclmilter::py::milter]]} {
     # and back. What a Python callback sets lives in Python (tcl/priv.py): a name missing here
     # is looked up there, and Python removes a name from here when it sets it. Python is told
     # when priv($id) is made, so that it asks here only about connections that have one.
-    namespace eval ::tclmilter {
+    ::tcl::namespace::eval ::tclmilter {
         variable priv
-        array set priv {}
+        ::tcl::array::set priv {}
     }
 
     # Every context command is an alias of this proc with the connection id.
@@ -48,22 +48,22 @@ if {[llength [info commands ::tclmilter::py::milter]]} {
                 variable priv
                 set n [llength $args]
                 if {$n == 3 && [lindex $args 0] eq "setpriv"} {
-                    if {![info exists priv($id)]} {
+                    if {![::tcl::info::exists priv($id)]} {
                         ::tclmilter::py::privstarted $id
                     }
-                    dict set priv($id) [lindex $args 1] [lindex $args 2]
+                    ::tcl::dict::set priv($id) [lindex $args 1] [lindex $args 2]
                     return [lindex $args 2]
                 }
-                if {$n == 2 && [info exists priv($id)] && [dict exists $priv($id) [lindex $args 1]]} {
-                    return [dict get $priv($id) [lindex $args 1]]
+                if {$n == 2 && [::tcl::info::exists priv($id)] && [::tcl::dict::exists $priv($id) [lindex $args 1]]} {
+                    return [::tcl::dict::get $priv($id) [lindex $args 1]]
                 }
                 if {$n == 1 && [lindex $args 0] eq "getpriv"} {
                     set r [::tclmilter::py::context $id getpriv]
                     if {[lindex $r 0] eq "error"} {
                         return -code error -errorcode [lindex $r 2] [lindex $r 1]
                     }
-                    if {[info exists priv($id)]} {
-                        return [dict merge [lindex $r 1] $priv($id)]
+                    if {[::tcl::info::exists priv($id)]} {
+                        return [::tcl::dict::merge [lindex $r 1] $priv($id)]
                     }
                     return [lindex $r 1]
                 }
@@ -77,7 +77,7 @@ if {[llength [info commands ::tclmilter::py::milter]]} {
                 if {[llength $args] == 2} {
                     # Python fetches the bytes Tcl keeps the text in (tcl/strings.py makes wire
                     # bytes of them); as an argument they would be converted to text and back.
-                    variable outgoing [encoding convertto identity [lindex $args 1]]
+                    variable outgoing [::tcl::encoding::convertto identity [lindex $args 1]]
                     set r [::tclmilter::py::replacebody $id]
                     unset outgoing
                     if {[lindex $r 0] eq "error"} {
@@ -98,9 +98,9 @@ if {[llength [info commands ::tclmilter::py::milter]]} {
     # Python's part is removed by the caller, through ::tclmilter::py::context.
     proc ::tclmilter::unsetpriv {id {pattern *}} {
         variable priv
-        if {[info exists priv($id)]} {
-            foreach name [dict keys $priv($id) $pattern] {
-                dict unset priv($id) $name
+        if {[::tcl::info::exists priv($id)]} {
+            foreach name [::tcl::dict::keys $priv($id) $pattern] {
+                ::tcl::dict::unset priv($id) $name
             }
         }
     }
@@ -108,15 +108,15 @@ if {[llength [info commands ::tclmilter::py::milter]]} {
     # For Python (tcl/priv.py): the private data set here, as the bytes Tcl keeps its text in.
     proc ::tclmilter::privbytes {id name} {
         variable priv
-        encoding convertto identity [dict get $priv($id) $name]
+        ::tcl::encoding::convertto identity [::tcl::dict::get $priv($id) $name]
     }
 
     proc ::tclmilter::allprivbytes {id} {
         variable priv
         set all {}
-        if {[info exists priv($id)]} {
-            dict for {name value} $priv($id) {
-                lappend all [encoding convertto identity $name] [encoding convertto identity $value]
+        if {[::tcl::info::exists priv($id)]} {
+            ::tcl::dict::for {name value} $priv($id) {
+                lappend all [::tcl::encoding::convertto identity $name] [::tcl::encoding::convertto identity $value]
             }
         }
         return $all
@@ -124,10 +124,10 @@ if {[llength [info commands ::tclmilter::py::milter]]} {
 
     proc ::tclmilter::forgetpriv {id {name ""}} {
         variable priv
-        if {[llength [info level 0]] == 2} {
+        if {[llength [::tcl::info::level 0]] == 2} {
             unset -nocomplain priv($id)
-        } elseif {[info exists priv($id)]} {
-            dict unset priv($id) $name
+        } elseif {[::tcl::info::exists priv($id)]} {
+            ::tcl::dict::unset priv($id) $name
         }
     }
 
@@ -157,21 +157,21 @@ if {[llength [info commands ::tclmilter::py::milter]]} {
     # ctx.tcl and milter.tcl from Python (tcl/pycommands.py): the command at the global level, as
     # a callback runs, and its result as the bytes Tcl keeps its text in (or each element's).
     proc ::tclmilter::call {args} {
-        encoding convertto identity [uplevel #0 $args]
+        ::tcl::encoding::convertto identity [uplevel #0 $args]
     }
 
     proc ::tclmilter::calllist {args} {
-        lmap element [uplevel #0 $args] { encoding convertto identity $element }
+        lmap element [uplevel #0 $args] { ::tcl::encoding::convertto identity $element }
     }
 
     # Errors of `after` and `fileevent` handlers, as Tcl's own handler treats them: the script's
     # bgerror proc if it has one (its break drops the errors queued after, as in Tcl); but what
     # Tcl would print raw on stderr goes to the log, escaped and with its errorInfo.
     proc ::tclmilter::bgerror {message options} {
-        set info [dict get $options -errorinfo]
-        if {[llength [info commands ::bgerror]]} {
+        set info [::tcl::dict::get $options -errorinfo]
+        if {[llength [::tcl::info::commands ::bgerror]]} {
             set ::errorInfo $info
-            set ::errorCode [dict get $options -errorcode]
+            set ::errorCode [::tcl::dict::get $options -errorcode]
             set code [catch {uplevel #0 [list ::bgerror $message]} result ropts]
             if {$code == 3} {
                 return -code break
@@ -180,12 +180,12 @@ if {[llength [info commands ::tclmilter::py::milter]]} {
                 return
             }
             set message "bgerror failed to handle a background error: $result (the error: $message)"
-            set info [dict get $ropts -errorinfo]
+            set info [::tcl::dict::get $ropts -errorinfo]
         }
         ::tclmilter::py::bgerror $message $info
         return
     }
-    if {[llength [info commands ::tclmilter::py::bgerror]]} {
+    if {[llength [::tcl::info::commands ::tclmilter::py::bgerror]]} {
         interp bgerror {} ::tclmilter::bgerror
     }
 
@@ -218,7 +218,7 @@ if {[llength [info commands ::tclmilter::py::milter]]} {
     }
 
     proc ::tclmilter::trace_threads {op} {
-        foreach cmd [concat [info commands ::thread::*] [info commands ::tpool::*]] {
+        foreach cmd [concat [::tcl::info::commands ::thread::*] [::tcl::info::commands ::tpool::*]] {
             trace $op execution $cmd enter ::tclmilter::threads_used
         }
     }
@@ -228,8 +228,8 @@ if {[llength [info commands ::tclmilter::py::milter]]} {
     # threads_used removes them at the first use.
     proc ::tclmilter::watch_threads {} {
         variable threads_watched
-        if {![info exists threads_watched] && [llength [info commands ::thread::id]]
-                && [llength [info commands ::tclmilter::py::threads]]} {
+        if {![::tcl::info::exists threads_watched] && [llength [::tcl::info::commands ::thread::id]]
+                && [llength [::tcl::info::commands ::tclmilter::py::threads]]} {
             set threads_watched 1
             ::tclmilter::trace_threads add
         }

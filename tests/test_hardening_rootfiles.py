@@ -170,6 +170,55 @@ def sticky_tmp(etc: Path) -> Path:
     return sticky
 
 
+# A script with its own `info`, `string`, `dict`, `encoding` and `chan` (a tracing wrapper, an old
+# compatibility layer; here ones that refuse): the Tcl of ours that runs in its interpreter (the
+# checking `source`, the context command, private data, `puts`, 8-bit body blocks) must not call them.
+OWN_CORE = r"""package require TclMilter
+foreach command {info string dict encoding chan} {
+    rename $command ::_$command
+    proc ::$command {args} [list error "the script's own $command"]
+}
+source {LIB}
+puts "sourced"
+milter register helo helo
+milter register body body
+milter register eom eom
+milter main
+"""
+OWN_CORE_LIB = r"""
+proc helo {ctx host} { $ctx setpriv host $host; return SMFIS_CONTINUE }
+proc body {ctx block} { $ctx setpriv block $block; return SMFIS_CONTINUE }
+proc eom {ctx} {
+    puts "eom from [$ctx getpriv host]"
+    $ctx addheader X-Seen "[$ctx getpriv host] [$ctx getpriv block]"
+    return SMFIS_CONTINUE
+}
+"""
+
+
+def test_a_script_that_replaces_core_commands_sources_and_serves_as_root(tclrun, etc):
+    """`rename info _info; proc info args {...}` (or `string`, `dict`, `encoding`, `chan`) made the
+    checking `source` fail ("the script's own info"), then every context command and callback that
+    reached our Tcl: the script did not load as root, nor did check pass it."""
+    (etc / "lib.tcl").write_text(OWN_CORE_LIB)
+    script = etc / "own.tcl"
+    script.write_text(OWN_CORE.replace("{LIB}", str(etc / "lib.tcl")))
+    done = subprocess.run([*_pytclmilter_command(), "check", str(script)], env=child_env(),
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0 and "own.tcl: loaded" in done.stdout, done
+    m = tclrun(script, connection=TCP)
+    assert "sourced" in m.text
+    with m.mta() as mta:
+        mta.negotiate()
+        assert mta.helo("mx.example") == ("c", {})
+        mta.mail("<a@example.org>")
+        assert mta.body(b"caf\xe9 au lait") == [("c", b"")]
+        headers = [p for code, p in mta.eom() if code == "h"]
+    assert headers == [b"X-Seen\0mx.example caf\xe9 au lait\0"]
+    assert m.stop() == 0
+    assert "eom from mx.example" in m.text and "the script's own" not in m.text, m.text
+
+
 @pytest.mark.parametrize("where", ["root's directory", "root's file in a sticky directory",
                                    "root's link in a sticky directory", "relative to the current directory"])
 def test_roots_own_files_are_run(tclrun, etc, where):

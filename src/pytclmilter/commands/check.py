@@ -57,14 +57,14 @@ def _arity(host: TclHost, words: tuple[str, ...]) -> tuple[int, int | None] | No
     """How many arguments a command prefix accepts, if it is a proc (None: not a proc)."""
     tk, call = host.tk, host.child_call
     proc = words[0]
-    if not call("info", "procs", proc if proc.startswith("::") else "::" + proc):
+    if not call("::tcl::info::procs", proc if proc.startswith("::") else "::" + proc):
         return None
-    params = tk.splitlist(call("info", "args", proc))
+    params = tk.splitlist(call("::tcl::info::args", proc))
     required = 0
     for p in params:
         if p == "args":
             return max(0, required - (len(words) - 1)), None
-        has_default = bool(tk.getboolean(call("info", "default", proc, p, "::tclmilter::_d")))
+        has_default = bool(tk.getboolean(call("::tcl::info::default", proc, p, "::tclmilter::_d")))
         required += 0 if has_default else 1
     total = len(params) - (len(words) - 1)
     return max(0, required - (len(words) - 1)), total
@@ -79,23 +79,24 @@ def _autoloads(host: TclHost, command: str) -> bool:
         host.child_call("auto_load_index")
     except tkinter.TclError:  # a broken tclIndex: the call would fail on it too
         return False
-    return any(host.tk.getboolean(host.child_call("info", "exists", f"::auto_index({n})"))
+    return any(host.tk.getboolean(host.child_call("::tcl::info::exists", f"::auto_index({n})"))
                for n in (name, f"::{name}"))
 
 
 def _own_unknown(host: TclHost) -> bool:
     """Whether the script handles unknown commands itself (its own `unknown` proc, or `namespace
     unknown`): then a command that does not exist yet may well be served by it."""
-    if not host.tk.getboolean(host.child_call("expr", "[namespace eval :: {namespace unknown}] in {{} ::unknown}")):
+    if not host.tk.getboolean(host.child_call("::tcl::namespace::eval", "::",
+                                              "expr {[::tcl::namespace::unknown] in {{} ::unknown}}")):
         return True
-    if not host.child_call("info", "procs", "::unknown"):
-        return bool(host.child_call("info", "commands", "::unknown"))  # a command of its own
-    return str(host.child_call("info", "body", "::unknown")) != str(host.tk.call("info", "body", "::unknown"))
+    if not host.child_call("::tcl::info::procs", "::unknown"):
+        return bool(host.child_call("::tcl::info::commands", "::unknown"))  # a command of its own
+    return str(host.child_call("::tcl::info::body", "::unknown")) != str(host.tk.call("info", "body", "::unknown"))
 
 
 def _tcl_problem(host: TclHost, event: str, cb: Callback) -> str | None:
     words = tuple(host.tk.splitlist(cb.name))
-    if not host.child_call("info", "commands", words[0]):
+    if not host.child_call("::tcl::info::commands", words[0]):
         if _autoloads(host, words[0]) or _own_unknown(host):
             return None
         return f'{event} callback "{cb.name}": invalid command name "{words[0]}"'

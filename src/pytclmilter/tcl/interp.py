@@ -87,7 +87,7 @@ proc ::tclmilter::py::quiet {child threads} {
     # interpreter that makes it Tcl's error). The child's as a pure list, not compiled: a braced
     # literal would be recompiled on every tick.
     if {[llength [after info]] || [llength [interp eval $child [list after info]]]} { return 0 }
-    foreach channel [concat [chan names] [interp eval $child [list chan names]]] {
+    foreach channel [concat [chan names] [interp eval $child [list ::tcl::chan::names]]] {
         if {$channel ni {stdin stdout stderr}} { return 0 }
     }
     set was $poll
@@ -138,9 +138,9 @@ proc ::tclmilter::py::bg_made {parent command code result op} {
     }
     foreach name {bgerror threads_used thread_error trace_threads watch_threads} {
         set from [list interp eval [lindex $path 0]]
-        set procedure [list proc $name [{*}$from [list info args ::tclmilter::$name]] \
-            [{*}$from [list info body ::tclmilter::$name]]]
-        interp eval $path [list namespace eval ::tclmilter $procedure]
+        set procedure [list proc $name [{*}$from [list ::tcl::info::args ::tclmilter::$name]] \
+            [{*}$from [list ::tcl::info::body ::tclmilter::$name]]]
+        interp eval $path [list ::tcl::namespace::eval ::tclmilter $procedure]
     }
     interp bgerror $path ::tclmilter::bgerror
     return $result
@@ -183,11 +183,11 @@ proc ::tclmilter::py::unexpected {code result options command} {
 # Tcl writes what can go now and detaches the programs. The standard channels stay blocking:
 # their descriptors are shared with the process that started the milter.
 proc ::tclmilter::py::flush_all {child ending} {
-    foreach c [interp eval $child [list chan names]] {
+    foreach c [interp eval $child [list ::tcl::chan::names]] {
         if {$ending && $c ni {stdin stdout stderr}} {
-            catch {interp eval $child [list chan configure $c -blocking 0]}
+            catch {interp eval $child [list ::fconfigure $c -blocking 0]}
         }
-        catch {interp eval $child [list flush $c]}
+        catch {interp eval $child [list ::tcl::chan::flush $c]}
     }
 }
 """
@@ -205,7 +205,7 @@ _NO_COROUTINE: Final = "yield can only be called in a coroutine"
 _EXECUTING: Final = "\n    while executing\n"
 #: Tcl's error for a command that ended in break, continue or another code where none is allowed.
 _UNEXPECTED_CODE: Final = re.compile(r'invoked "(?:break|continue)" outside of a loop|command returned bad code: -?\d+')
-_BODY_LAMBDA: Final = "{prefix context bytes} {tailcall {*}$prefix $context [encoding convertfrom identity $bytes]} ::"
+_BODY_LAMBDA: Final = "{prefix context bytes} {tailcall {*}$prefix $context [::tcl::encoding::convertfrom identity $bytes]} ::"
 
 
 #: The host whose script's interpreter Thread evaluates what threads send to this thread in: the
@@ -837,7 +837,7 @@ class TclHost:
     @property
     def waiting(self) -> bool:
         """The script waits in `milter main` (start)."""
-        return bool(self.child_call("info", "commands", self.SCRIPT))
+        return bool(self.child_call("::tcl::info::commands", self.SCRIPT))
 
     def resume(self, result: Answer) -> bool:
         """The milter stopped: `milter main` returns ``result`` (MilterCommand.serve) and the script

@@ -49,7 +49,7 @@ KEPT_OPEN: Final = 256
 
 #: Evaluated in the script's interpreter and in each it creates (interp.py's bg_made).
 PRELUDE: Final = r"""
-namespace eval ::tclmilter::py {}
+::tcl::namespace::eval ::tclmilter::py {}
 rename ::puts ::tclmilter::py::puts
 rename ::tcl::chan::puts ::tclmilter::py::chanputs
 # Aliases, not procs: an error's errorInfo shows the script's `puts ...` alone, as Tcl's.
@@ -77,9 +77,9 @@ proc ::tclmilter::py::escaped {command name args} {
         # A whole line that Tcl writes in one write(): short enough for the line, and for the
         # channel's buffer (which a safe interpreter cannot read), its translation's CR too.
         # (open: a line this interpreter began by `puts -nonewline`, which Python holds.)
-        if {!$open && ![info exists ::tclmilter::py::open($channel)] && [string length $text] < @FOLDED@
+        if {!$open && ![::tcl::info::exists ::tclmilter::py::open($channel)] && [::tcl::string::length $text] < @FOLDED@
                 && [regexp {^[\t -~]*$} $text] && ![catch {::fconfigure $channel -buffersize} size]
-                && [string length $text] < $size - 1} {
+                && [::tcl::string::length $text] < $size - 1} {
             set words [list -nonewline $channel $text\n]
             set whole 1
         } else {
@@ -89,11 +89,11 @@ proc ::tclmilter::py::escaped {command name args} {
         }
     }
     if {[catch {$command {*}$words} result options]} {
-        return -code error -errorcode [dict get $options -errorcode] [string map [list $command $name] $result]
+        return -code error -errorcode [::tcl::dict::get $options -errorcode] [::tcl::string::map [list $command $name] $result]
     }
     if {$whole} {
         ::tcl::chan::flush $channel
-    } elseif {[info exists text]} {
+    } elseif {[::tcl::info::exists text]} {
         lassign [::tclmilter::py::output $channel $text $open] status result code
         if {$status ne "ok"} { return -code error -errorcode $code $result }
         if {$result} { set ::tclmilter::py::open($channel) 1 } else { unset -nocomplain ::tclmilter::py::open($channel) }
@@ -109,8 +109,8 @@ proc ::tclmilter::py::escaped {command name args} {
 #: (``::puts``: in this namespace, `puts` is Tcl's). A safe interpreter's Tcl drops, and still does.
 THREAD_BGERROR: Final = r"""
 proc ::tclmilter::py::threadbgerror {message options} {
-    if {[llength [info commands ::bgerror]]} { tailcall ::tcl::Bgerror $message $options }
-    ::puts stderr [dict get $options -errorinfo]
+    if {[llength [::tcl::info::commands ::bgerror]]} { tailcall ::tcl::Bgerror $message $options }
+    ::puts stderr [::tcl::dict::get $options -errorinfo]
 }
 if {![interp issafe]} { interp bgerror {} ::tclmilter::py::threadbgerror }
 """

@@ -176,7 +176,7 @@ class PythonCommands:
     def create(self, command: TclCommand) -> None:
         """The command in the script's interpreter; ValueError if the name is taken there (a
         Python command must not replace ``set`` or a package's command and break the script)."""
-        if self._child_call("info", "commands", to_tcl(command.name)):
+        if self._child_call("::tcl::info::commands", to_tcl(command.name)):
             raise ValueError(f'tcl_command: "{command.name}" is already a Tcl command')
         own = f"::tclmilter::py::command{next(self._ids)}"
         self._create(own, self._runner(command))

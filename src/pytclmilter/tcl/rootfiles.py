@@ -36,7 +36,7 @@ _T = TypeVar("_T")
 _PRELUDE: Final = r"""
 proc ::source {args} {
     if {[llength $args] == 1} {
-        set encoding [encoding system]
+        set encoding [::tcl::encoding::system]
     } elseif {[llength $args] != 3} {
         return -code error -errorcode {TCL WRONGARGS} {wrong # args: should be "source ?-encoding name? fileName"}
     } elseif {[lindex $args 0] ne "-encoding"} {
@@ -50,27 +50,27 @@ proc ::source {args} {
     if {[lindex $r 0] eq "error"} {
         return -code error -errorcode [lindex $r 2] [lindex $r 1]
     }
-    if {[catch {encoding convertfrom $encoding [lindex $r 1]} text options]} {
-        return -code error -errorcode [dict get $options -errorcode] $text
+    if {[catch {::tcl::encoding::convertfrom $encoding [lindex $r 1]} text options]} {
+        return -code error -errorcode [::tcl::dict::get $options -errorcode] $text
     }
     # As Tcl's channel reads a script: CRLF and CR as LF, nothing from ^Z on; and as its
     # `source`, a byte order mark first is skipped.
-    set text [string map {\r\n \n \r \n} $text]
-    set eof [string first \x1a $text]
-    if {$eof >= 0} { set text [string range $text 0 $eof-1] }
-    if {[string index $text 0] eq "\ufeff"} { set text [string range $text 1 end] }
-    set outer [info script]
-    info script $file
+    set text [::tcl::string::map {\r\n \n \r \n} $text]
+    set eof [::tcl::string::first \x1a $text]
+    if {$eof >= 0} { set text [::tcl::string::range $text 0 $eof-1] }
+    if {[::tcl::string::index $text 0] eq "\ufeff"} { set text [::tcl::string::range $text 1 end] }
+    set outer [::tcl::info::script]
+    ::tcl::info::script $file
     set code [catch {uplevel 1 $text} result options]
-    info script $outer
+    ::tcl::info::script $outer
     if {$code == 1} {
         # Where Tcl's `source` says which line of the file failed, `uplevel` says which of its body.
-        set info [dict get $options -errorinfo]
-        set frame [string last "\n    (\"uplevel\" body line " $info]
+        set info [::tcl::dict::get $options -errorinfo]
+        set frame [::tcl::string::last "\n    (\"uplevel\" body line " $info]
         if {$frame >= 0 && [regexp -start $frame {line (\d+)\)} $info - line]} {
-            set info "[string range $info 0 $frame-1]\n    (file \"$file\" line $line)"
+            set info "[::tcl::string::range $info 0 $frame-1]\n    (file \"$file\" line $line)"
         }
-        return -code error -errorcode [dict get $options -errorcode] -errorinfo $info $result
+        return -code error -errorcode [::tcl::dict::get $options -errorcode] -errorinfo $info $result
     }
     if {$code == 2} { return -options $options $result }
     return -code $code $result
@@ -78,7 +78,7 @@ proc ::source {args} {
 
 rename ::load ::tclmilter::py::load
 proc ::load {args} {
-    for {set i 0} {[string match -* [lindex $args $i]]} {incr i} {
+    for {set i 0} {[::tcl::string::match -* [lindex $args $i]]} {incr i} {
         if {[lindex $args $i] eq "--"} { incr i; break }
     }
     if {[lindex $args $i] ne ""} {
@@ -88,7 +88,7 @@ proc ::load {args} {
         }
     }
     if {[catch {uplevel 1 [list ::tclmilter::py::load {*}$args]} result options]} {
-        return -code error -errorcode [dict get $options -errorcode] $result
+        return -code error -errorcode [::tcl::dict::get $options -errorcode] $result
     }
     return $result
 }
@@ -100,15 +100,15 @@ proc ::load {args} {
 # children's, and create interpreters with Tcl's own: both are refused.
 proc ::tclmilter::py::hidden {at command op} {
     set sub [lindex $command 1]
-    if {$sub ne "" && [string first $sub marktrusted] == 0} {
+    if {$sub ne "" && [::tcl::string::first $sub marktrusted] == 0} {
         return -code error -errorcode {POSIX EPERM {operation not permitted}} "refusing to mark an\
             interpreter trusted as root: its hidden source and load, Tcl's own, would not be checked"
     }
-    if {[string match exp* $sub] && [string first $sub expose] == 0 && [lindex $command $at] in {source load}} {
+    if {[::tcl::string::match exp* $sub] && [::tcl::string::first $sub expose] == 0 && [lindex $command $at] in {source load}} {
         return -code error -errorcode {POSIX EPERM {operation not permitted}} "refusing to expose\
             [lindex $command $at] as root: Tcl's own, which the interpreter hides, would not be checked"
     }
-    if {![string match inv* $sub] || [string first $sub invokehidden] != 0} { return }
+    if {![::tcl::string::match inv* $sub] || [::tcl::string::first $sub invokehidden] != 0} { return }
     while {[lindex $command $at] in {-global -namespace}} {
         incr at [expr {[lindex $command $at] eq "-global" ? 1 : 2}]
     }
@@ -117,7 +117,7 @@ proc ::tclmilter::py::hidden {at command op} {
     if {$hidden eq "source"} {
         set file [lindex $command end]
     } elseif {$hidden eq "load"} {
-        for {incr at} {[string match -* [lindex $command $at]]} {incr at} {
+        for {incr at} {[::tcl::string::match -* [lindex $command $at]]} {incr at} {
             if {[lindex $command $at] eq "--"} { incr at; break }
         }
         set file [lindex $command $at]
@@ -132,7 +132,7 @@ proc ::tclmilter::py::hidden {at command op} {
     }
 }
 proc ::tclmilter::py::safemade {command code result op} {
-    if {$code == 0 && [string match "cr*" [lindex $command 1]] && [interp issafe $result]} {
+    if {$code == 0 && [::tcl::string::match "cr*" [lindex $command 1]] && [interp issafe $result]} {
         catch {trace add execution [lindex $result end] enter {::tclmilter::py::hidden 2}}
     }
     return $result
@@ -143,8 +143,8 @@ trace add execution ::interp leave ::tclmilter::py::safemade
 # The autoloader evaluates each tclIndex (version 2.0: a script) as it reads it by name: through
 # the `source` above instead, in the same frame (where $dir is its directory).
 apply {{} {
-    set body [info body ::auto_load_index]
-    set checked [string map {{eval [read $f]} {source [file join $dir tclIndex]}} $body]
+    set body [::tcl::info::body ::auto_load_index]
+    set checked [::tcl::string::map {{eval [read $f]} {source [::tcl::file::join $dir tclIndex]}} $body]
     if {$checked eq $body} {
         error "this Tcl's auto_load_index reads tclIndex files in a way that cannot be checked as root"
     }
@@ -156,7 +156,7 @@ apply {{} {
 #: prelude and the trace, unless it is a safe one, which has neither `source` nor `load`.
 _HOST: Final = r"""
 proc ::tclmilter::py::rootmade {creator command code result op} {
-    if {$code == 0 && [string match "cr*" [lindex $command 1]]} {
+    if {$code == 0 && [::tcl::string::match "cr*" [lindex $command 1]]} {
         set path [list {*}$creator {*}$result]
         if {![interp issafe $path]} { ::tclmilter::py::rootinstall $path }
     }

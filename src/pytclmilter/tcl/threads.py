@@ -78,7 +78,7 @@ _STARTED: list[bool] = []
 #: -initcmd with $threadstart (see the module docstring).
 WRAP: Final = r"""
 proc ::tclmilter::py::wrapthreads {} {
-    if {[llength [info commands ::thread::create]] && ![llength [info procs ::thread::create]]} {
+    if {[llength [::tcl::info::commands ::thread::create]] && ![llength [::tcl::info::procs ::thread::create]]} {
         rename ::thread::create ::tclmilter::py::thread_create
         proc ::thread::create {args} {
             # As Thread reads them: ?-joinable? ?-preserved? ?--? ?script? (thread::wait if none).
@@ -92,7 +92,7 @@ proc ::tclmilter::py::wrapthreads {} {
         }
         ::tclmilter::py::polled ::thread::create
     }
-    if {[llength [info commands ::tpool::create]] && ![llength [info procs ::tpool::create]]} {
+    if {[llength [::tcl::info::commands ::tpool::create]] && ![llength [::tcl::info::procs ::tpool::create]]} {
         rename ::tpool::create ::tclmilter::py::tpool_create
         proc ::tpool::create {args} {
             if {[llength $args] % 2 == 0} {
@@ -111,19 +111,19 @@ proc ::tclmilter::py::wrapthreads {} {
         ::tclmilter::py::polled ::tpool::create ::tpool::post
     }
     # (an interpreter of the script's thread: tclmilter.tcl's traces of the first thread:: command)
-    if {[llength [info procs ::tclmilter::watch_threads]]} { ::tclmilter::watch_threads }
+    if {[llength [::tcl::info::procs ::tclmilter::watch_threads]]} { ::tclmilter::watch_threads }
 }
 # In an interpreter of the script's thread: its commands that start threads make the host look
 # for what a short-lived thread sent (interp.py's `quiet`).
 proc ::tclmilter::py::polled {args} {
-    if {[llength [info commands ::tclmilter::py::poll_next]]} {
+    if {[llength [::tcl::info::commands ::tclmilter::py::poll_next]]} {
         foreach name $args { trace add execution $name enter ::tclmilter::py::poll_next }
     }
 }
 # Tcl's command under the proc's name, as in its usage errors.
 proc ::tclmilter::py::threadcall {command name arguments} {
     if {[catch {$command {*}$arguments} result options]} {
-        return -code error -errorcode [dict get $options -errorcode] [string map [list $command $name] $result]
+        return -code error -errorcode [::tcl::dict::get $options -errorcode] [::tcl::string::map [list $command $name] $result]
     }
     return $result
 }
@@ -133,7 +133,7 @@ proc ::tclmilter::py::loaded {command code result op} {
     if {$code == 0} {
         ::tclmilter::py::wrapthreads
         set words [lrange $command 1 end]
-        for {set i 0} {[string match -* [lindex $words $i]]} {incr i} {
+        for {set i 0} {[::tcl::string::match -* [lindex $words $i]]} {incr i} {
             if {[lindex $words $i] eq "--"} { incr i; break }
         }
         if {[llength $words] > $i + 2} {
@@ -151,7 +151,7 @@ trace add execution ::load leave ::tclmilter::py::loaded
 #: creates need the package as much).
 _CREATED: Final = r"""
 proc ::tclmilter::py::threadmade {parent command code result op} {
-    if {$code == 0 && [string match "cr*" [lindex $command 1]]} {
+    if {$code == 0 && [::tcl::string::match "cr*" [lindex $command 1]]} {
         set path [list {*}$parent {*}$result]
         ::load {} Tclmilterthread $path
         if {[interp issafe $path]} {
