@@ -680,6 +680,24 @@ def test_run_user_with_pidfile_in_a_root_owned_directory(serve: Callable[..., Tc
         shutil.rmtree(piddir, ignore_errors=True)
 
 
+ROOT_WARNING = "WARNING: serving as root without --user: "
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root")
+def test_serving_as_root_without_user_is_one_warning_naming_the_option(serve: Callable[..., TclRun]) -> None:
+    """Root without --user served in silence: every callback, and every program the script
+    starts, parsing strangers' mail as root. Now one warning at start says so and names --user;
+    with --user, nothing."""
+    m = serve(STAMP, "--connection", "inet:0@127.0.0.1")
+    assert m.stop() == 0
+    assert m.text.count(ROOT_WARNING) == 1, m.text
+    assert re.search(r"WARNING: serving as root without --user: every callback, and every program the script "
+                     r"starts \(exec, open \|cmd\), runs as root, .* start with --user USER", m.text), m.text
+    dropped = serve(STAMP, "--connection", "inet:0@127.0.0.1", "--user", "nobody")
+    assert dropped.stop() == 0
+    assert "as root" not in dropped.text, dropped.text
+
+
 @pytest.mark.skipif(shutil.which("prlimit") is None, reason="needs util-linux's prlimit")
 def test_run_lifts_its_open_file_soft_limit_to_the_hard_limit(tmp_path: Path) -> None:
     """Started with systemd's usual soft limit, the filter would refuse connections long before

@@ -202,6 +202,16 @@ def _ids(user: str | None, group: str | None) -> Ids | None:
     return Ids(pw.pw_uid, gid, pw.pw_name)
 
 
+def _warn_root() -> None:
+    """Serving as root is allowed (a test box, a container that is its own sandbox), as libmilter
+    and OpenDKIM allow it (its UserID is optional), but said once at start: every callback, and
+    every program the script starts, would parse what strangers mail with root's privileges."""
+    log.warning("serving as root without --user: every callback, and every program the script starts "
+                "(exec, open |cmd), runs as root, so a flaw in the script, or in what it does with a "
+                "message, gives root to whoever sends the mail; start with --user USER (the socket is "
+                "bound and the pid file written as root first; docs/deployment.md)")
+
+
 def _check_unprivileged(uid: int, gid: int) -> None:
     """Without root the process can only stay what it is: --user naming itself (a unit with
     ``User=`` that keeps ``--user``) is fine; another user or group is a usage error now, not
@@ -402,6 +412,8 @@ def _serve(opts: argparse.Namespace) -> int:
             raise UsageError(f'--socket-mode: "{opts.socket_mode}" is not an octal mode (0 to 0777)')
         socket_mode = int(opts.socket_mode, 8)
     ids = _ids(opts.user, opts.group)
+    if ids is None and os.geteuid() == 0:
+        _warn_root()
     argv = list(opts.args) + list(getattr(opts, "rest", []))
     # The daemon is made below, once the script's options are known to be valid; its hooks run
     # only when the milter serves.
