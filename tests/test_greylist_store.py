@@ -384,6 +384,32 @@ def test_with_user_the_file_is_opened_after_the_privilege_drop(tclrun: Callable[
         shutil.rmtree(base)
 
 
+def test_the_file_and_its_wal_and_shm_are_made_private_and_an_old_readable_one_is_told(
+        tclrun: Callable[..., TclRun], tmp_path: Path) -> None:
+    """SQLite made the store 0644 under the usual umask 022, and its -wal and -shm alike: who
+    mails whom, readable by every local user. Now 0600, all three; a file made before (0644) is
+    left as it is, and said once."""
+    old = os.umask(0o022)  # (what the milter inherits: a daemon's usual umask)
+    try:
+        m = greylist(tclrun, f"sqlite:{tmp_path}/greylist.sqlite")
+        kept = greylist(tclrun, f"sqlite:{tmp_path}/kept.sqlite")
+    finally:
+        os.umask(old)
+    (tmp_path / "kept.sqlite").touch(mode=0o644)
+    (tmp_path / "kept.sqlite").chmod(0o644)
+    assert greylisted(rcpt_reply(m, 1)) == 300
+    modes = {name: oct((tmp_path / f"greylist.sqlite{name}").stat().st_mode & 0o777) for name in ("", "-wal", "-shm")}
+    assert modes == {"": "0o600", "-wal": "0o600", "-shm": "0o600"}, modes
+    assert m.stop() == 0
+    assert "readable by others" not in m.text, m.text
+    assert greylisted(rcpt_reply(kept, 1)) == 300 and greylisted(rcpt_reply(kept, 2)) == 300
+    assert kept.stop() == 0
+    assert kept.text.count(f"WARNING: greylist store sqlite:{tmp_path}/kept.sqlite is readable by others (mode "
+                           "0644): the addresses in it are theirs to read; chmod 0600 it and its -wal and -shm") == 1, \
+        kept.text
+    assert (tmp_path / "kept.sqlite").stat().st_mode & 0o777 == 0o644
+
+
 # ---------------------------------------------------------------------------- set up again (a reload)
 
 

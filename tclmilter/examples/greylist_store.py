@@ -13,7 +13,7 @@ reached, and the two back ends, chosen by -store:
 * ``sqlite:PATH`` (the default, ``sqlite:/var/lib/greylist/greylist.sqlite``): Python's own
   sqlite3, a file on this host shared by any number of ``--workers`` (WAL mode, so readers never
   wait for the writer; one atomic upsert per check, so two workers seeing the same triplet at
-  once agree on its first sight);
+  once agree on its first sight); made 0600, and its -wal and -shm with it;
 * ``redis://HOST:PORT/DB`` (or ``rediss://``, or ``unix://SOCKET?db=DB``): a Redis server shared by several hosts; one key
   per triplet whose time to live is -maxage, updated by one Lua script (atomic in Redis). Needs
   the ``redis`` package (``pip install redis``), imported only when Redis is chosen.
@@ -225,12 +225,14 @@ class SqliteStore:
         self.where = f"sqlite:{path}"
         self._db: sqlite3.Connection | None = None
         self._pid = 0
+        self._told = False  # that the file is readable by others
 
     def _conn(self) -> sqlite3.Connection:
         if self._db is not None and self._pid == os.getpid():
             return self._db
         # (a connection from before a fork is the parent's: SQLite forbids using it; left alone)
         _refuse_unsafe_as_root(self.path)
+        self._tell_others_read(_create_private(self.path))
         db = sqlite3.connect(self.path, timeout=SQLITE_BUSY_TIMEOUT, isolation_level=None)
         try:
             _wal_mode(db)
@@ -241,6 +243,14 @@ class SqliteStore:
             raise
         self._db, self._pid = db, os.getpid()
         return db
+
+    def _tell_others_read(self, mode: int | None) -> None:
+        """A file made before the store made it private (0644, SQLite's default): said once, not
+        changed (its mode is the admin's)."""
+        if mode is not None and mode & (stat.S_IROTH | stat.S_IWOTH) and not self._told:
+            self._told = True
+            log.warning("greylist store %s is readable by others (mode %04o): the addresses in it are "
+                        "theirs to read; chmod 0600 it and its -wal and -shm", escape(self.where), mode)
 
     def see(self, triplet: tuple[str, str, str], now: float, max_age: float) -> tuple[float, int]:
         oldest = now - max_age
@@ -280,6 +290,21 @@ def _wal_mode(db: sqlite3.Connection) -> None:
             if exc.sqlite_errorcode != sqlite3.SQLITE_BUSY or time.monotonic() >= deadline:
                 raise
             time.sleep(0.005)
+
+
+def _create_private(path: str) -> int | None:
+    """Make the database file, 0600, if it is not there; the mode of the one that was (None: made now).
+
+    SQLite makes it 0644 (less the umask): a list of who mails whom, readable by every local
+    user. Its -wal, -shm and -journal take the database file's mode (SQLite's rule, os_unix.c),
+    so they are private too. O_EXCL: a name that exists, a link too, is never opened here, and
+    never replaced; SQLite opens what is there (as root, no link: _refuse_unsafe_as_root).
+    """
+    try:
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600))
+        return None
+    except FileExistsError:
+        return stat.S_IMODE(os.stat(path).st_mode)
 
 
 def _refuse_unsafe_as_root(path: str) -> None:
