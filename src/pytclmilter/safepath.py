@@ -20,6 +20,7 @@ from __future__ import annotations
 import errno
 import os
 import shlex
+import socket
 import stat
 from typing import Callable
 
@@ -193,6 +194,24 @@ def lstat_at(dirfd: int, name: str) -> os.stat_result | None:
 
 def ident(st: os.stat_result) -> tuple[int, int]:
     return st.st_dev, st.st_ino
+
+
+class Changed(OSError):
+    """The name holds another file than the one examined."""
+
+
+def connect_at(sock: socket.socket, dirfd: int, name: str, st: os.stat_result) -> None:
+    """Connect to the very socket ``st`` describes, through a descriptor of it: by its path,
+    a symlink swapped in after the lstat would be followed, and root would connect to whatever
+    socket it names. Changed when the name holds something else by now (OSError ENOENT when it
+    holds nothing: gone meanwhile)."""
+    fd = os.open(name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dirfd)
+    try:
+        if ident(os.fstat(fd)) != ident(st):
+            raise Changed(errno.ESTALE, "changed meanwhile")
+        sock.connect(f"/proc/self/fd/{fd}")
+    finally:
+        os.close(fd)
 
 
 def remove_if(dirfd: int, name: str, kind: Callable[[int], bool], expected: tuple[int, int] | None) -> bool:

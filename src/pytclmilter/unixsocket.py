@@ -35,7 +35,7 @@ from dataclasses import dataclass
 
 from .connspec import ConnSpecError
 from .logline import escape
-from .safepath import ident, lstat_at, open_dir, remove_if
+from .safepath import Changed, connect_at, ident, lstat_at, open_dir, remove_if
 
 log = logging.getLogger("pytclmilter")
 
@@ -135,17 +135,11 @@ def _clear_stale(dirfd: int, name: str, path: str) -> None:
 
 
 def _connect_to(probe: socket.socket, dirfd: int, name: str, st: os.stat_result, path: str) -> None:
-    """Connect to the very socket ``st`` describes, through a descriptor of it: by its path,
-    a symlink swapped in after the lstat would be followed, and root would connect to whatever
-    socket it names. ConnSpecError when the name holds something else by now (OSError ENOENT
-    when it holds nothing: gone meanwhile)."""
-    fd = os.open(name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dirfd)
+    """safepath.connect_at; ConnSpecError when the name holds something else by now."""
     try:
-        if ident(os.fstat(fd)) != ident(st):
-            raise ConnSpecError(f"{path} changed while starting; refusing to replace it")
-        probe.connect(f"/proc/self/fd/{fd}")
-    finally:
-        os.close(fd)
+        connect_at(probe, dirfd, name, st)
+    except Changed:
+        raise ConnSpecError(f"{path} changed while starting; refusing to replace it") from None
 
 
 def _bind_private(dirfd: int, name: str, path: str, backlog: int, mode: int | None,

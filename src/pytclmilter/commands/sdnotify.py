@@ -10,8 +10,14 @@ serves, and whether the last reload loaded. ``RELOADING=1`` ... ``READY=1`` brac
 
 The address comes from ``NOTIFY_SOCKET`` (a path, or ``@name`` in the abstract namespace), which
 is removed from the environment at once, so that no program the script starts speaks for this
-process. The socket is made while still root; messages are sent to the manager's address, which
-systemd keeps writable for every user (the process may have dropped to ``--user`` by then).
+process. The socket is connected at start, while still root and before any of the script runs,
+and every message goes to that connected peer: the path is looked up once, never again after
+``--user`` (a manager's socket only root may write still hears READY=1), and what the name holds
+later does not matter. As root the path is walked as safepath walks the socket's (no link
+another user could have made), and refused in a directory others may write where the socket
+is not root's: another user could have put any socket of root's under that name (the journal's,
+a daemon's control socket) for root to write to. systemd's own (``/run/systemd/notify``) is in a
+directory of root's; libsystemd's sd_notify connects by path at each call, as whoever calls it.
 Only the process that read the address speaks (the ``--workers`` supervisor, not its workers,
 as systemd's default ``NotifyAccess=main`` wants). A message that cannot be sent is logged once;
 the milter serves on.
@@ -19,12 +25,15 @@ the milter serves on.
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import socket
+import stat
 import time
 
 from ..logline import escape
+from ..safepath import Untrusted, connect_at, lstat_at, open_dir
 
 log = logging.getLogger("pytclmilter")
 
@@ -33,22 +42,32 @@ class Notifier:
     """The service manager's socket, if there is one: :meth:`send` does nothing without it."""
 
     def __init__(self, address: str | None) -> None:
-        self._address: str | bytes | None = None
         self._sock: socket.socket | None = None
         self._failed = False
         self._ready = False
         self._pid = os.getpid()
         if not address:
             return
-        if address.startswith("@"):  # the abstract namespace: a NUL where the path would start
-            self._address = b"\0" + address[1:].encode()
-        elif address.startswith("/"):
-            self._address = address
-        else:
+        if not address.startswith(("@", "/")):
             log.warning("NOTIFY_SOCKET %s: not a unix socket address; systemd will not be told when the milter is "
                         "ready", escape(address))
             return
-        self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        try:
+            if address.startswith("@"):  # the abstract namespace: a NUL where the path would start
+                sock.connect(b"\0" + address[1:].encode())
+            else:
+                _connect_path(sock, address)
+        except Untrusted as exc:
+            sock.close()
+            log.warning("NOTIFY_SOCKET %s: refusing it: %s; systemd will not be told when the milter is "
+                        "ready", escape(address), escape(exc.strerror or str(exc)))
+            return
+        except OSError as exc:
+            sock.close()
+            self._tell_failed(exc, "READY=1")
+            return
+        self._sock = sock
 
     @classmethod
     def from_environment(cls) -> "Notifier":
@@ -66,21 +85,56 @@ class Notifier:
         self.send("STOPPING=1\nSTATUS=stopping")
 
     def send(self, message: str) -> None:
-        if self._sock is None or self._address is None or os.getpid() != self._pid:
+        if self._sock is None or os.getpid() != self._pid:
             return  # (a --workers worker: systemd hears the main process alone, NotifyAccess=main)
         try:
-            self._sock.sendto(message.encode(), self._address)
+            self._sock.send(message.encode())
         except OSError as exc:
-            if not self._failed:  # once: the manager is gone or never was, and will not come back
-                self._failed = True
-                log.warning("cannot notify systemd (NOTIFY_SOCKET): %s%s", exc.strerror or exc,
-                            "" if self._ready or not message.startswith("READY=1") else
-                            f" (as uid {os.geteuid()}): the service manager is not told that the milter "
-                            "serves, and a Type=notify unit fails its start at TimeoutStartSec")
+            self._tell_failed(exc, message)
             return
         self._ready = self._ready or message.startswith("READY=1")  # (the start was heard)
+
+    def _tell_failed(self, exc: OSError, message: str) -> None:
+        if not self._failed:  # once: the manager is gone or never was, and will not come back
+            self._failed = True
+            log.warning("cannot notify systemd (NOTIFY_SOCKET): %s%s", exc.strerror or exc,
+                        "" if self._ready or not message.startswith("READY=1") else
+                        f" (as uid {os.geteuid()}): the service manager is not told that the milter "
+                        "serves, and a Type=notify unit fails its start at TimeoutStartSec")
 
     def close(self) -> None:
         if self._sock is not None:
             self._sock.close()
             self._sock = None
+
+
+def _connect_path(sock: socket.socket, path: str) -> None:
+    """Connect to the socket at ``path`` as safepath opens a directory (a link followed only where
+    no one else could have made it), to the very socket examined; as root, Untrusted when another
+    user could have put it there."""
+    dirfd, name = open_dir(path)
+    try:
+        st = lstat_at(dirfd, name)
+        if st is None:
+            raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT))
+        if not stat.S_ISSOCK(st.st_mode):
+            raise OSError(errno.ECONNREFUSED, "not a socket" if not stat.S_ISLNK(st.st_mode) else
+                          "a symbolic link, not a socket")
+        if os.geteuid() == 0:
+            _only_root_put(os.fstat(dirfd), st, os.path.dirname(path) or ".")
+        connect_at(sock, dirfd, name, st)
+    finally:
+        os.close(dirfd)
+
+
+def _only_root_put(directory: os.stat_result, entry: os.stat_result, where: str) -> None:
+    """Untrusted unless no one but root could have put the socket under its name: a directory of
+    root's that no group or others may write, or a sticky one of root's (``/tmp``) where the socket
+    is root's (a directory's owner may rename any entry in it, a sticky one's too)."""
+    writable = directory.st_mode & (stat.S_IWGRP | stat.S_IWOTH)
+    sticky_and_roots = directory.st_mode & stat.S_ISVTX and entry.st_uid == 0
+    if directory.st_uid == 0 and (not writable or sticky_and_roots):
+        return
+    why = f"owned by uid {directory.st_uid}" if directory.st_uid != 0 else "writable by others"
+    raise Untrusted(errno.EPERM, f"{where} is {why}, who could put another socket under that name "
+                                 "(use a directory only root may write, as systemd's /run/systemd)")
