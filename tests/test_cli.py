@@ -718,6 +718,34 @@ def test_run_lifts_its_open_file_soft_limit_to_the_hard_limit(tmp_path: Path) ->
             m.stop(signal.SIGKILL)
 
 
+@pytest.mark.skipif(shutil.which("prlimit") is None, reason="needs util-linux's prlimit")
+def test_the_programs_a_script_starts_inherit_the_lifted_limit_and_the_documented_commands_set_it_back(
+        tmp_path: Path) -> None:
+    """docs/deployment.md, LimitNOFILE: a program the script starts inherits the lifted soft limit
+    (nothing of pytclmilter's runs between Tcl's fork and exec); the two commands given there
+    start it with 1024 again."""
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    if hard != resource.RLIM_INFINITY and hard <= 1024:
+        pytest.skip(f"the hard limit ({hard}) leaves nothing to lift")
+    script = tmp_path / "children.tcl"
+    script.write_text('package require TclMilter\n'
+                      'puts "plain [exec sh -c {ulimit -Sn}]"\n'
+                      'puts "prlimit [exec prlimit --nofile=1024: -- sh -c {ulimit -Sn}]"\n'
+                      'puts "ulimit [exec sh -c {ulimit -Sn 1024; exec "$@"} sh sh -c {ulimit -Sn}]"\n'
+                      'milter main\n')
+    m = TclRun(["prlimit", "--nofile=1024:", "--", *PYTCLMILTER, "run", str(script),
+                "--connection", "inet:0@127.0.0.1"], cwd=str(tmp_path))
+    try:
+        m.wait_listening()
+        lifted = "unlimited" if hard == resource.RLIM_INFINITY else str(hard)
+        for line in (f"plain {lifted}", "prlimit 1024", "ulimit 1024"):
+            assert re.search(rf"^{line}\r?$", m.text, re.M), (line, m.text)
+        assert m.stop() == 0
+    finally:
+        if m.alive():
+            m.stop(signal.SIGKILL)
+
+
 def test_run_names_the_socket_it_cannot_create() -> None:
     """BUG: a unix socket in a missing directory fails with a bare "No such file or directory".
 

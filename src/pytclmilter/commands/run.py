@@ -234,7 +234,8 @@ def _serve_once(host: TclHost) -> Answer:
 
 def raise_fd_limit() -> None:
     """Every connection is a file descriptor: lift the soft limit to the hard one (systemd's soft
-    default of 1024 would refuse connections well before the machine runs out)."""
+    default of 1024 would refuse connections well before the machine runs out). The programs the
+    script starts inherit it: Tcl forks in C, where nothing of ours runs (docs/deployment.md)."""
     try:
         soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
         if soft != hard:
