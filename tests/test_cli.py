@@ -279,6 +279,52 @@ def test_run_refuses_postfixs_host_port_syntax_and_says_the_milters(spec: str, o
     assert "listening" not in out
 
 
+@pytest.mark.parametrize("spec", ["inet:0@[127.1]", "inet:0@[0x7f.0.0.1]", "inet:0@[2130706433]"])
+def test_run_takes_libmilters_short_ipv4_forms_in_brackets_and_names_the_address(serve: Callable[..., TclRun],
+                                                                                spec: str) -> None:
+    """libmilter reads a bracketed IPv4 address with inet_addr (`[127.1]` is 127.0.0.1, as a host
+    name of digits is to getaddrinfo too); it was refused, `"127.1" is not an inet address`."""
+    m = serve(STAMP, "--connection", spec)
+    assert m.spec == f"inet:{m.port}@127.0.0.1", m.text
+    with m.mta() as mta:
+        mta.negotiate()
+        mta.connect()
+        eom = mta.message()["eom"]
+        assert any(b"X-Filtered-By" in data for _, data in eom if isinstance(data, bytes)), eom
+    assert m.stop() == 0
+
+
+@pytest.mark.parametrize("spec, said", [
+    ("inet:8891@[127.0.0.1]:8891", '":8891" after "]" (inet:HOST:PORT is Postfix\'s syntax; the milter\'s is '
+                                   'inet:8891@[127.0.0.1])'),
+    ("inet:8891@[127.0.0.1]x", '"x" after "]"'),
+    ("inet:8891@[::1]", '"::1" is not an inet address (IPv6: inet6:...@[::1])'),
+    ("inet:8891@[127.0.0.1 x]", '"127.0.0.1 x" is not an inet address'),
+])
+def test_run_refuses_what_follows_a_bracketed_address_and_says_why(spec: str, said: str) -> None:
+    """libmilter ignores what follows "]": `inet:8891@[127.0.0.1]:8891` listened on 8891 by
+    chance, `[127.0.0.1]:25` on 8891 though 25 was meant. It was refused, but as `missing "]"`."""
+    status, out = cli("run", str(STAMP), "--connection", spec)
+    assert status == 64, out
+    assert f'pytclmilter run: connection "{spec}": {said}\n' in out, out
+
+
+def test_run_binds_a_relative_unix_path_where_libmilter_would_and_names_it(serve: Callable[..., TclRun],
+                                                                          tmp_path: Path) -> None:
+    """A spec with no colon is a unix socket's path (libmilter's rule), relative to the current
+    directory when `milter main` binds it: the script's, after its `cd`. The listening line said
+    `unix:stamp.sock`, not where that was; it names the absolute path now."""
+    there = tmp_path / "there"
+    there.mkdir()
+    script = tmp_path / "cd.tcl"
+    script.write_text(f"cd {there}\n" + STAMP.read_text())
+    m = serve(script, "--connection", "stamp.sock")
+    assert m.spec == f"unix:{there}/stamp.sock", m.text
+    assert stat.S_ISSOCK((there / "stamp.sock").lstat().st_mode)
+    assert m.stop() == 0
+    assert not (there / "stamp.sock").exists()
+
+
 def test_run_warns_when_it_listens_on_every_address(serve: Callable[..., TclRun]) -> None:
     """libmilter's inet:PORT (a legacy script's -connection, or a host left out) listened on every
     interface without a word, though anyone who reaches the port can feed the filter mail."""

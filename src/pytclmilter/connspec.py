@@ -3,8 +3,10 @@
 Parsing follows smfi_setconn/smfi_opensocket (docs/protocol.md §9.1): a
 bare path is a Unix socket, the protocol name is case-insensitive, a port
 is a number or else looked up as a service, ``inet:PORT`` alone means every
-address. Unlike libmilter's ``atoi``, a number followed by anything is refused:
-Postfix's ``inet:127.0.0.1:8891`` would be port 127 on every address.
+address, a bracketed IPv4 address is read as ``inet_addr`` reads it (``[127.1]``). Unlike
+libmilter's ``atoi``, a number followed by anything is refused: Postfix's
+``inet:127.0.0.1:8891`` would be port 127 on every address; so is text after ``]``, which
+libmilter ignores.
 """
 
 from __future__ import annotations
@@ -68,6 +70,22 @@ def parse(spec: str, what: str = "connection") -> ConnSpec:
     return ConnSpec(proto, host=_host(host, proto, spec, what) if host else None, port=port)
 
 
+def _numeric(addr: str, family: int, proto: str, spec: str, what: str) -> str:
+    """A bracketed address, as libmilter reads it: IPv6 as inet_pton does, IPv4 as inet_addr
+    (``[127.1]``, ``[0x7f.1]``: what a host name of digits means to getaddrinfo too), written
+    back in dotted quads, so that the listening line says which address that is."""
+    try:
+        if family == socket.AF_INET6:
+            socket.inet_pton(family, addr)
+            return addr
+        if re.fullmatch(r"[0-9a-fA-FxX.]+", addr):  # (inet_aton takes "1.2.3.4 anything")
+            return socket.inet_ntoa(socket.inet_aton(addr))
+    except OSError:
+        pass
+    hint = f" (IPv6: inet6:...@[{addr}])" if proto == "inet" and ":" in addr else ""
+    raise ConnSpecError(f'{what} "{spec}": "{addr}" is not an {proto} address{hint}')
+
+
 def parse_metrics(text: str) -> ConnSpec:
     """Where to serve the metrics (HTTP): ``inet:PORT@HOST`` or ``inet6:PORT@HOST``, with the host
     given: the metrics are for whom the admin chooses, not every address by default."""
@@ -97,8 +115,10 @@ def _port(text: str, spec: str, what: str) -> int:
 
 
 def _postfix_hint(spec: str) -> str:
-    """What to write instead of Postfix's ``inet:HOST:PORT``, when that is what the spec looks like."""
-    found = re.fullmatch(r"inet6?:(\[[^]@]*\]|[^@]*):([0-9]+)", spec, re.IGNORECASE)
+    """What to write instead of Postfix's ``inet:HOST:PORT`` (or ``inet:PORT@[HOST]:PORT``), when
+    that is what the spec looks like."""
+    found = (re.fullmatch(r"inet6?:(\[[^]@]*\]|[^@]*):([0-9]+)", spec, re.IGNORECASE)
+             or re.fullmatch(r"inet6?:[^@]*@(\[[^]]*\]):([0-9]+)", spec, re.IGNORECASE))
     if not found:
         return ""
     host, port = found.groups()
@@ -109,14 +129,12 @@ def _postfix_hint(spec: str) -> str:
 def _host(host: str, proto: str, spec: str, what: str) -> str:
     family = socket.AF_INET if proto == "inet" else socket.AF_INET6
     if host.startswith("["):
-        if not host.endswith("]"):
+        addr, bracket, rest = host[1:].partition("]")
+        if not bracket:
             raise ConnSpecError(f'{what} "{spec}": missing "]"')
-        addr = host[1:-1]
-        try:
-            socket.inet_pton(family, addr)
-        except OSError:
-            raise ConnSpecError(f'{what} "{spec}": "{addr}" is not an {proto} address') from None
-        return addr
+        if rest:  # libmilter ignores it: a typo, or a port meant (Postfix's [HOST]:PORT)
+            raise ConnSpecError(f'{what} "{spec}": "{rest}" after "]"{_postfix_hint(spec)}')
+        return _numeric(addr, family, proto, spec, what)
     try:
         infos = socket.getaddrinfo(host, None, family, socket.SOCK_STREAM)
     except socket.gaierror as exc:

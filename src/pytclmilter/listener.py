@@ -8,6 +8,7 @@ holds that very socket.
 
 from __future__ import annotations
 
+import os
 import socket
 from dataclasses import dataclass
 
@@ -36,6 +37,8 @@ def bind(spec: ConnSpec, backlog: int | None, socket_mode: int | None,
     """
     backlog = backlog or max(socket.SOMAXCONN, 20)
     if spec.family == "unix":
+        if not spec.path.startswith("/"):  # libmilter's: the current directory's now (the script's,
+            spec = ConnSpec("unix", path=os.path.abspath(spec.path))  # after a cd): the line says which
         sock, unix_file = bind_unix(spec.path, backlog, socket_mode, socket_owner)
         sock.setblocking(False)
         return Listener(sock, spec, unix_file)
