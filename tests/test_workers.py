@@ -101,6 +101,34 @@ def test_workers_share_the_socket_replace_the_dead_and_stop_together(tmp_path: P
             child.kill(signal.SIGKILL)
 
 
+def test_a_worker_stopped_by_a_signal_sent_to_it_finishes_its_open_session(tmp_path: Path) -> None:
+    """docs/deployment.md: a `kill` of a worker's pid loses no mail: its open session is served to
+    its end (the grace of a stop), then the worker is replaced."""
+    child, sock = two_workers(tmp_path)
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+            s.settimeout(10)
+            s.connect(sock)
+            conn = miltertest.MilterConnection(s)
+            conn.optneg_mta()
+            conn.send_ar("M", args=["<a@example.org>"])
+            cmd, data = conn.send_ar("R", args=["<b@example.org>"])
+            victim = int(re.search(r"pid (\d+)", data["text"]).group(1))
+            os.kill(victim, signal.SIGTERM)
+            child.expect(rf"stopping: no new connections; 1 open")
+            cmd, data = conn.send_ar("R", args=["<c@example.org>"])  # the open session is still served
+            assert cmd == "y" and f"pid {victim}" in data["text"], (cmd, data)
+        child.expect(rf"WARNING: worker \d \(pid {victim}\) was stopped by SIGTERM sent to it; starting a new one")
+        child.kill(signal.SIGTERM)
+        child.expect("all workers stopped")
+        child.expect(pexpect.EOF)
+        child.wait()
+        assert child.exitstatus == 0
+    finally:
+        if child.isalive():
+            child.kill(signal.SIGKILL)
+
+
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP])
 def test_a_stop_signal_sent_to_one_worker_replaces_it_and_the_milter_serves_on(tmp_path: Path, sig: int) -> None:
     """`kill` of a worker's pid (or a `pkill -f` that matches the workers too) stopped the whole
