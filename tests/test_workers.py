@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import re
@@ -11,6 +12,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Iterator
 
 import miltertest
 import pexpect
@@ -35,18 +37,39 @@ puts "main returned"
 """
 
 
-def reply_pid(path: str) -> int:
-    """One SMTP session's worth: a rejected recipient whose reply names the worker's pid."""
+@contextlib.contextmanager
+def session(path: str) -> Iterator[miltertest.MilterConnection]:
+    """An MTA connection, negotiated, its sender given."""
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
         s.settimeout(10)
         s.connect(path)
         conn = miltertest.MilterConnection(s)
         conn.optneg_mta()
         conn.send_ar("M", args=["<a@example.org>"])
-        cmd, data = conn.send_ar("R", args=["<b@example.org>"])
-        assert cmd == "y", (cmd, data)
-        text = data["space"] + data["text"] if "text" in data else str(data)
-        return int(re.search(r"pid (\d+)", text).group(1))
+        yield conn
+
+
+def reply_pid(path: str) -> int:
+    """One SMTP session's worth: a rejected recipient whose reply names the worker's pid."""
+    with session(path) as conn:
+        return rejected_by(conn, "<b@example.org>")
+
+
+def rejected_by(conn: miltertest.MilterConnection, rcpt: str) -> int:
+    """The pid of the worker that rejected the recipient (the script's reply names it)."""
+    cmd, data = conn.send_ar("R", args=[rcpt])
+    assert cmd == "y", (cmd, data)
+    text = data["space"] + data["text"] if "text" in data else str(data)
+    return int(re.search(r"pid (\d+)", text).group(1))
+
+
+def stop_all(child: pexpect.spawn) -> None:
+    """SIGTERM to the supervisor: every worker stops, exit status 0."""
+    child.kill(signal.SIGTERM)
+    child.expect("all workers stopped")
+    child.expect(pexpect.EOF)
+    child.wait()
+    assert child.exitstatus == 0
 
 
 def two_workers(tmp_path: Path) -> tuple[pexpect.spawn, str]:
@@ -106,24 +129,13 @@ def test_a_worker_stopped_by_a_signal_sent_to_it_finishes_its_open_session(tmp_p
     its end (the grace of a stop), then the worker is replaced."""
     child, sock = two_workers(tmp_path)
     try:
-        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
-            s.settimeout(10)
-            s.connect(sock)
-            conn = miltertest.MilterConnection(s)
-            conn.optneg_mta()
-            conn.send_ar("M", args=["<a@example.org>"])
-            cmd, data = conn.send_ar("R", args=["<b@example.org>"])
-            victim = int(re.search(r"pid (\d+)", data["text"]).group(1))
+        with session(sock) as conn:
+            victim = rejected_by(conn, "<b@example.org>")
             os.kill(victim, signal.SIGTERM)
-            child.expect(rf"stopping: no new connections; 1 open")
-            cmd, data = conn.send_ar("R", args=["<c@example.org>"])  # the open session is still served
-            assert cmd == "y" and f"pid {victim}" in data["text"], (cmd, data)
+            child.expect(r"stopping: no new connections; 1 open")
+            assert rejected_by(conn, "<c@example.org>") == victim  # the open session is still served
         child.expect(rf"WARNING: worker \d \(pid {victim}\) was stopped by SIGTERM sent to it; starting a new one")
-        child.kill(signal.SIGTERM)
-        child.expect("all workers stopped")
-        child.expect(pexpect.EOF)
-        child.wait()
-        assert child.exitstatus == 0
+        stop_all(child)
     finally:
         if child.isalive():
             child.kill(signal.SIGKILL)
@@ -152,11 +164,7 @@ def test_a_stop_signal_sent_to_one_worker_replaces_it_and_the_milter_serves_on(t
         child.expect(rf"WARNING: received SIGUSR1 in a worker: reloading is the supervisor's \(pid {child.pid}\); "
                      "ignored")
         assert other in children_of(child.pid)
-        child.kill(signal.SIGTERM)
-        child.expect("all workers stopped")
-        child.expect(pexpect.EOF)
-        child.wait()
-        assert child.exitstatus == 0
+        stop_all(child)
     finally:
         if child.isalive():
             child.kill(signal.SIGKILL)
