@@ -52,22 +52,13 @@ class Notifier:
             log.warning("NOTIFY_SOCKET %s: not a unix socket address; systemd will not be told when the milter is "
                         "ready", escape(address))
             return
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         try:
-            if address.startswith("@"):  # the abstract namespace: a NUL where the path would start
-                sock.connect(b"\0" + address[1:].encode())
-            else:
-                _connect_path(sock, address)
+            self._sock = _connected(address)
         except Untrusted as exc:
-            sock.close()
             log.warning("NOTIFY_SOCKET %s: refusing it: %s; systemd will not be told when the milter is "
                         "ready", escape(address), escape(exc.strerror or str(exc)))
-            return
         except OSError as exc:
-            sock.close()
             self._tell_failed(exc, "READY=1")
-            return
-        self._sock = sock
 
     @classmethod
     def from_environment(cls) -> "Notifier":
@@ -106,6 +97,20 @@ class Notifier:
         if self._sock is not None:
             self._sock.close()
             self._sock = None
+
+
+def _connected(address: str) -> socket.socket:
+    """A datagram socket connected to the manager's (module docstring); OSError, Untrusted."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    try:
+        if address.startswith("@"):  # the abstract namespace: a NUL where the path would start
+            sock.connect(b"\0" + address[1:].encode())
+        else:
+            _connect_path(sock, address)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
 
 
 def _connect_path(sock: socket.socket, path: str) -> None:
