@@ -43,7 +43,7 @@ from pytclmilter.client.load import LoadResult
 from pytclmilter.client.message import Message
 from support.engine import frame, parse_frames
 from support.postfix import free_port
-from support.tclrun import TclRun, _pytclmilter_command, child_env, children_of
+from support.tclrun import ROOT_WARNING, TclRun, _pytclmilter_command, child_env, children_of
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "tclmilter" / "examples"
@@ -724,9 +724,6 @@ def test_run_user_with_pidfile_in_a_root_owned_directory(serve: Callable[..., Tc
     finally:
         shutil.rmtree(sockdir, ignore_errors=True)
         shutil.rmtree(piddir, ignore_errors=True)
-
-
-ROOT_WARNING = "WARNING: serving as root without --user: "
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root")

@@ -22,7 +22,7 @@ import time
 import pytest
 
 from pytclmilter.accept import MARGIN, Acceptor
-from support.tclrun import TclRun, ok, tclrun_factory
+from support.tclrun import TclRun, ok, tclrun_factory, warnings
 
 tclrun = pytest.fixture(tclrun_factory, name="tclrun")
 
@@ -140,7 +140,7 @@ def test_out_of_descriptors_is_one_warning_and_accepting_resumes_by_itself(tclru
             elapsed = time.monotonic() - t0
             assert spent < 0.25 * elapsed, f"{spent:.2f} s of CPU in {elapsed:.1f} s: accepting spins"
             text = m.text
-            assert len(re.findall(r" WARNING: ", text)) == 1, text[-3000:]
+            assert len(warnings(text)) == 1, text[-3000:]
             assert "Traceback" not in text and " ERROR: " not in text, text[-3000:]
         finally:
             for s in clients:
@@ -151,7 +151,7 @@ def test_out_of_descriptors_is_one_warning_and_accepting_resumes_by_itself(tclru
         assert ok(late.connect())
         served(late)
     assert m.stop() == 0
-    assert len(re.findall(r" WARNING: ", m.text)) == 1
+    assert len(warnings(m.text)) == 1
 
 
 def test_an_open_files_limit_below_the_listen_queue_is_a_warning_at_start(tclrun):

@@ -25,7 +25,7 @@ import pytest
 from pytclmilter import logline
 from pytclmilter.commands.logs import STDERR_FORMAT, CoalescingStreamHandler, LeanLogRecord, LineFormatter
 from support.postfix import free_port
-from support.tclrun import _pytclmilter_command, child_env, tclrun_factory
+from support.tclrun import ROOT_WARNING, _pytclmilter_command, child_env, tclrun_factory
 
 PYTCLMILTER = _pytclmilter_command()
 DATA = Path(__file__).parent / "data"
@@ -1180,7 +1180,7 @@ def test_with_syslog_a_stderr_that_cannot_take_a_crash_dump_is_said_once(tmp_pat
     assert proc.returncode == 0, (proc.stdout, records)
     why = "stderr cannot take it (sys.stderr is None); start pytclmilter with stderr open, to the journal or a file" \
         if stderr == "closed" else "stderr is /dev/null; send it to the journal or a file (2>>/var/log/pytclmilter.err)"
-    warnings = [r for r in records if "WARNING" in r and "serving as root without --user" not in r]
+    warnings = [r for r in records if "WARNING" in r and ROOT_WARNING not in r]
     assert len(warnings) == 1 and warnings[0].endswith("WARNING: a crash (SIGSEGV, SIGABRT, ...) would leave no dump "
                                                        f"of where each thread was: {why}"), records
     assert "listening on" in proc.stdout

@@ -66,6 +66,16 @@ proc T {key script} {
 }
 """
 
+#: What `run` logs at start as root without --user (tests run as root): not one of the warnings
+#: a test counts.
+ROOT_WARNING = "WARNING: serving as root without --user: "
+
+
+def warnings(text: str) -> list[str]:
+    """The WARNING lines of a run's output, but the root one of its start."""
+    return [line for line in re.findall(r"^.* WARNING: .*$", text, re.M) if ROOT_WARNING not in line]
+
+
 SKIPPED = "skipped"  # the filter asked the MTA not to send this event
 NOREPLY = "noreply"  # the filter asked the MTA not to wait for a reply
 
