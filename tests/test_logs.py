@@ -1330,6 +1330,9 @@ THREAD_DIES = ("import threading\n\n\ndef poll():\n    raise ValueError('redis\\
                "def setup(milter):\n    t = threading.Thread(target=poll, name='poller')\n    t.start()\n    t.join()\n")
 DEL_RAISES = ("class Handle:\n    def __del__(self):\n        raise OSError('socket\\x1b[2J gone')\n\n\n"
               "def setup(milter):\n    Handle()\n")
+STR_RAISES = ("import threading\n\n\nclass Fault(Exception):\n    def __str__(self):\n"
+              "        raise RuntimeError('no text')\n\n\ndef poll():\n    raise Fault()\n\n\n"
+              "def setup(milter):\n    t = threading.Thread(target=poll, name='poller')\n    t.start()\n    t.join()\n")
 
 
 @pytest.mark.parametrize("hooks, marker, first, last, printed", [
@@ -1337,7 +1340,9 @@ DEL_RAISES = ("class Handle:\n    def __del__(self):\n        raise OSError('soc
      r"  ValueError: redis\x1b[2J down", "Exception in thread poller:"),
     (DEL_RAISES, "ignored", r"unexpected error, ignored: Exception ignored in: <function Handle.__del__ at "
      r"0x[0-9a-f]+>: OSError: socket\\x1b\[2J gone", r"  OSError: socket\x1b[2J gone", "Exception ignored in"),
-], ids=["a thread dies", "an exception Python cannot raise"])
+    (STR_RAISES, "in thread", r"unexpected error in thread poller: Fault: <exception str\(\) failed>",
+     "  pytclmilter_hooks_hooks.Fault: <exception str() failed>", "Exception in threading.excepthook"),
+], ids=["a thread dies", "an exception Python cannot raise", "its exception's __str__ raises"])
 def test_with_syslog_an_error_nothing_can_raise_is_logged_with_its_traceback(tmp_path, hooks, marker, first, last,
                                                                             printed) -> None:
     """A thread of a --python file that dies of an exception, an exception in a __del__ (Python

@@ -275,7 +275,7 @@ def _unexpected(opts: argparse.Namespace, exc: BaseException) -> int:
     trace = "".join(traceback.format_exception(exc)).rstrip()
     if opts.syslog:
         print(guard(f"pytclmilter run: unexpected error\n{trace}"), file=sys.stderr)
-    _log_failure(f"unexpected error: {type(exc).__name__}: {exc}", trace)
+    _log_failure(f"unexpected error: {type(exc).__name__}: {_shown(exc, str)}", trace)
     return 1
 
 
@@ -306,12 +306,15 @@ def _unraisable_logger() -> Callable[[sys.UnraisableHookArgs], None]:
     return ignored
 
 
-def _shown(thing: object) -> str:
-    """``repr(thing)``, or what Python's own hook says when that raises too."""
+def _shown(thing: object, text: Callable[[object], str] = repr) -> str:
+    """``repr(thing)`` (or ``str``), or what Python's own reports say when that raises too: a
+    --python file's broken ``__repr__`` or exception ``__str__`` must not lose the report (it
+    raised in the hook, and Python printed that raw on stderr instead)."""
     try:
-        return repr(thing)
-    except Exception:  # noqa: BLE001 - a broken __repr__ must not lose the report
-        return "<object repr() failed>"
+        return text(thing)
+    except Exception:  # noqa: BLE001
+        kind = "exception" if isinstance(thing, BaseException) else "object"
+        return f"<{kind} {text.__name__}() failed>"
 
 
 #: The unexpected errors of threads and of code Python cannot raise in: a --python file's thread
@@ -325,9 +328,10 @@ def _log_unexpected(where: str, exc_type: type[BaseException], exc: BaseExceptio
     """``ERROR: unexpected error WHERE: TYPE: message`` and the traceback below it, all escaped;
     its repeats at the same place counted (tcl/unanswered.py)."""
     trace = "".join(traceback.format_exception(exc_type, exc, tb)).rstrip()
-    message = f"{exc_type.__name__}: {exc}"
+    said = _shown(exc, str)
+    message = f"{exc_type.__name__}: {said}"
     _UNEXPECTED.log(f"unexpected error{escape(where)}", message, trace,
-                    f"{fault_kind(clip(message))}\n{place_of(trace, str(exc))}")
+                    f"{fault_kind(clip(message))}\n{place_of(trace, said)}")
 
 
 def report_crashes() -> None:
