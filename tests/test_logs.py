@@ -1364,6 +1364,32 @@ REPEATS = ("import gc\nimport threading\n\n\ndef poll(i):\n    raise ValueError(
            "        Handle(i)\n        gc.collect()\n")
 
 
+# A collection that starts while the repeat counts' lock is held (the sweep's tell_counts takes
+# it every second) finds a cycle whose __del__ raises: as a --python file's object made per
+# message may be, whenever the collector happens to run there. (The lock is looked at only to
+# make that moment come at once.)
+DEL_IN_THE_LOCK = ("import gc\n\nfrom pytclmilter import logline\n\n\nclass Handle:\n    def __init__(self):\n"
+                   "        self.me = self\n\n    def __del__(self):\n        raise OSError('socket gone')\n\n\n"
+                   "made = []\nlock = logline._LOCK\nheld = getattr(lock, 'locked', None) or lock._is_owned  # (Lock, RLock)\n"
+                   "\n\ndef garbage(phase, info):\n"
+                   "    if phase == 'start' and not made and held():\n"
+                   "        made.append(1)\n        Handle()\n\n\n"
+                   "def setup(milter):\n    gc.callbacks.append(garbage)\n    gc.set_threshold(1)\n")
+
+
+def test_an_error_nothing_can_raise_while_repeats_are_counted_is_logged_not_a_hang(tmp_path) -> None:
+    """A __del__ that raises while the collector runs inside the repeat counts' lock: the hook
+    counts it under that lock, and the serving thread waited on itself for ever (no verdict,
+    no stop but SIGKILL or the overdue watch). Now it is logged and run stops as asked."""
+    (tmp_path / "s.tcl").write_text("after 1500 {milter stop}\nmilter main\n")
+    (tmp_path / "hooks.py").write_text(DEL_IN_THE_LOCK)
+    proc, _ = _run_with_syslog(tmp_path, str(tmp_path / "s.tcl"), "--python", str(tmp_path / "hooks.py"),
+                               "--connection", "inet:0@127.0.0.1", option=False)
+    assert proc.returncode == 0, proc.stderr
+    assert "ERROR: unexpected error, ignored: Exception ignored in: <function Handle.__del__" in proc.stderr
+    assert "OSError: socket gone" in proc.stderr and "TclMilter stopped" in proc.stderr, proc.stderr
+
+
 @pytest.mark.parametrize("syslog", [True, False], ids=["syslog", "stderr"])
 def test_an_error_nothing_can_raise_that_repeats_is_logged_whole_once_then_counted(tmp_path, syslog) -> None:
     """A --python file's thread started per message, or an object made per message whose __del__

@@ -202,7 +202,11 @@ class Repeated:
                 del self._places[next(iter(self._places))]
 
 
-_LOCK: Final = threading.Lock()
+#: Re-entrant: the collector may run a __del__ that raises while this thread holds it (any
+#: allocation can start a collection), and run's unraisable hook counts that failure here too
+#: (commands/run.py); with a plain Lock the thread waited on itself for ever. A nested count
+#: may then be overwritten by the one it interrupted: a count off by one, not a hang.
+_LOCK: Final = threading.RLock()
 #: The Repeated with a ``tell`` that hold counts not told yet: only those, so that one dropped
 #: (a reload's interpreter) is forgotten here once its counts are told.
 _untold: Final[set[Repeated]] = set()
