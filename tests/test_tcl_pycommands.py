@@ -404,6 +404,44 @@ def test_a_base_exception_that_is_no_exception_fails_as_an_exception_does(tclrun
     assert "Fatal error" not in m.text and "never retrieved" not in m.text
 
 
+NO_TEXT_HOOKS = r'''
+class Fault(Exception):
+    def __str__(self):
+        raise RuntimeError("no text")
+
+
+def setup(milter):
+    @milter.tcl_command("fault")
+    def fault():
+        raise Fault()
+
+    @milter.register("connect")
+    def connect(ctx, hostname, addr):
+        raise Fault()
+'''
+
+
+def test_an_exception_whose_str_raises_fails_as_any_other(tclrun):
+    """A --python file's exception whose __str__ raises: a callback's cut the connection with no
+    answer ("Fatal error on transport", callback errors=0: the MTA's default action), and a
+    Python command's was a Tcl error with an empty message. Now they fail as any other, with
+    Python's own words for the text."""
+    m = tclrun(TCL_HELPERS + r"""
+        package require TclMilter
+        milter configure -onerror SMFIS_REJECT
+        T caught {catch {fault} m o; list $m [dict get $o -errorcode]}
+        milter main
+    """, python=[NO_TEXT_HOOKS])
+    with m.mta() as mta:
+        mta.negotiate()
+        assert mta.connect() == ("r", {})
+    logged(m, r"ERROR: conn#1: connect callback setup\.<locals>\.connect failed \(<exception str\(\) failed>\), "
+              r"answering SMFIS_REJECT:\n")
+    assert m.stop() == 0
+    assert m.results()["caught"] == "OK {<exception str() failed>} {PYTHON Fault {<exception str() failed>}}"
+    assert "callback errors=1" in m.text and "Fatal error" not in m.text
+
+
 ARITY_HOOKS = r'''
 def setup(milter):
     milter.tcl_command("two", lambda a, b: a + b)

@@ -22,7 +22,8 @@ from .callbacks import Callback, Registry
 from .context import Context
 from .hooks import Hooks
 from .limits import PYTHON_LIMIT, CallbackTimeout, internals_dropped
-from .logline import SHOWN, Repeated, SameTrace, as_field, clip, escape, escape_lines, fault_kind, place_of, quoted
+from .logline import (SHOWN, Repeated, SameTrace, as_field, clip, escape, escape_lines, failure_text, fault_kind,
+                      place_of, quoted, said)
 from .logline import info as log_info
 from .meter import Meter
 # Imported by name, not as a module: compiled, `events.Name` is a module attribute look-up per use.
@@ -469,7 +470,7 @@ class ConnectionEngine:
         # or any BaseException (CallbackTimeout, a library's own class beside Exception).
         except BaseException as exc:  # noqa: BLE001
             log.error("%s: the %s hook %s failed (%s):\n%s", self.name, name,
-                      escape(getattr(hook, "__qualname__", repr(hook))), escape(_failure_text(exc)),
+                      escape(getattr(hook, "__qualname__", repr(hook))), escape(failure_text(exc)),
                       escape_lines(_traceback(exc)))
 
     @property
@@ -988,8 +989,8 @@ class ConnectionEngine:
         # The script's or the MTA's text in every part (a callback name is a Tcl script, an error
         # message may quote a header): escaped, and errorInfo's lines indented (logline).
         who = "chain" if cb is None else cb.name or repr(cb.func)
-        text = str(exc)
-        message = _failure_text(exc)
+        text = said(exc)
+        message = failure_text(exc)
         seen = self.shared.traces.logged_as(f"{name} {who}\n{place_of(detail, text)}", self.name) if detail else None
         answer = f"no answer ({name} takes none)" if ignore else f"answering {status.smfis}"
         if seen is None:
@@ -1224,14 +1225,6 @@ def _cancelling() -> bool:
     by something it awaited)."""
     task = asyncio.current_task()
     return task is not None and task.cancelling() > 0
-
-
-def _failure_text(exc: BaseException) -> str:
-    """What a log line says a failure was: its message, else its type's name; a SystemExit or
-    KeyboardInterrupt with both ("failed (3)" would say nothing)."""
-    if isinstance(exc, (SystemExit, KeyboardInterrupt)):
-        return f"{type(exc).__name__}({exc})"
-    return str(exc) or type(exc).__name__
 
 
 def _traceback(exc: BaseException) -> str:

@@ -14,7 +14,7 @@ from typing import Callable
 
 from .connspec import ConnSpec
 from .context import Context
-from .logline import escape, escape_lines
+from .logline import escape, escape_lines, failure_text
 
 log = logging.getLogger("pytclmilter")
 
@@ -68,7 +68,6 @@ def signalled(hooks: Hooks, sig: signal.Signals) -> None:
     try:
         hooks.signal(sig)
     except BaseException as exc:  # noqa: BLE001 - a host's bug, whatever its class
-        what = f"{type(exc).__name__}({exc})" if isinstance(exc, (SystemExit, KeyboardInterrupt)) else str(exc)
         log.error("the signal hook %s failed (%s); stopping all the same:\n%s",
                   escape(getattr(hooks.signal, "__qualname__", repr(hooks.signal))),
-                  escape(what or type(exc).__name__), escape_lines("".join(traceback.format_exception(exc)).rstrip()))
+                  escape(failure_text(exc)), escape_lines("".join(traceback.format_exception(exc)).rstrip()))

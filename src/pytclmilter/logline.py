@@ -262,6 +262,26 @@ def place_of(trace: str, message: str) -> str:
     return trace[:cut if cut >= 0 else max(trace.rfind("\n"), 0)]
 
 
+def said(thing: object, text: Callable[[object], str] = str) -> str:
+    """``str(thing)`` (or ``repr``), or Python's own words when that raises: a --python file's
+    exception whose ``__str__`` raises, or an object whose ``__repr__`` does, must not lose the
+    report that quotes it (the report raised instead: a connection cut unanswered, a hook's
+    traceback raw on stderr, a Python command's empty Tcl error)."""
+    try:
+        return text(thing)
+    except Exception:  # noqa: BLE001
+        kind = "exception" if isinstance(thing, BaseException) else "object"
+        return f"<{kind} {text.__name__}() failed>"
+
+
+def failure_text(exc: BaseException) -> str:
+    """What a log line or a Tcl error says a failure was: its message, else its type's name; a
+    SystemExit or KeyboardInterrupt with both ("failed (3)" would say nothing)."""
+    if isinstance(exc, (SystemExit, KeyboardInterrupt)):
+        return f"{type(exc).__name__}({said(exc)})"
+    return said(exc) or type(exc).__name__
+
+
 def clip(text: str) -> str:
     """``text`` as a message quotes it: whole, or its first SHOWN characters and "..."."""
     return text if len(text) <= SHOWN else text[:SHOWN] + "..."

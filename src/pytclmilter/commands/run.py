@@ -22,7 +22,7 @@ from typing import Callable, Final, NamedTuple
 from ..compiled import describe
 from ..connspec import ConnSpec
 from ..hooks import Hooks
-from ..logline import clip, escape, escape_lines, fault_kind, guard, one_line, place_of
+from ..logline import clip, escape, escape_lines, fault_kind, guard, one_line, place_of, said
 from ..milter import Milter
 from ..overdue import EXIT
 from ..tcl.interp import TclHost
@@ -275,7 +275,7 @@ def _unexpected(opts: argparse.Namespace, exc: BaseException) -> int:
     trace = "".join(traceback.format_exception(exc)).rstrip()
     if opts.syslog:
         print(guard(f"pytclmilter run: unexpected error\n{trace}"), file=sys.stderr)
-    _log_failure(f"unexpected error: {type(exc).__name__}: {_shown(exc, str)}", trace)
+    _log_failure(f"unexpected error: {type(exc).__name__}: {said(exc)}", trace)
     return 1
 
 
@@ -300,21 +300,10 @@ def _unraisable_logger() -> Callable[[sys.UnraisableHookArgs], None]:
 
     def ignored(args: sys.UnraisableHookArgs) -> None:
         where = args.err_msg or "Exception ignored in"
-        what = f"{where}: {_shown(args.object)}" if args.object is not None else where
+        what = f"{where}: {said(args.object, repr)}" if args.object is not None else where
         _log_unexpected(f", ignored: {what}", args.exc_type, args.exc_value, args.exc_traceback)
 
     return ignored
-
-
-def _shown(thing: object, text: Callable[[object], str] = repr) -> str:
-    """``repr(thing)`` (or ``str``), or what Python's own reports say when that raises too: a
-    --python file's broken ``__repr__`` or exception ``__str__`` must not lose the report (it
-    raised in the hook, and Python printed that raw on stderr instead)."""
-    try:
-        return text(thing)
-    except Exception:  # noqa: BLE001
-        kind = "exception" if isinstance(thing, BaseException) else "object"
-        return f"<{kind} {text.__name__}() failed>"
 
 
 #: The unexpected errors of threads and of code Python cannot raise in: a --python file's thread
@@ -328,10 +317,10 @@ def _log_unexpected(where: str, exc_type: type[BaseException], exc: BaseExceptio
     """``ERROR: unexpected error WHERE: TYPE: message`` and the traceback below it, all escaped;
     its repeats at the same place counted (tcl/unanswered.py)."""
     trace = "".join(traceback.format_exception(exc_type, exc, tb)).rstrip()
-    said = _shown(exc, str)
-    message = f"{exc_type.__name__}: {said}"
+    text = said(exc)
+    message = f"{exc_type.__name__}: {text}"
     _UNEXPECTED.log(f"unexpected error{escape(where)}", message, trace,
-                    f"{fault_kind(clip(message))}\n{place_of(trace, said)}")
+                    f"{fault_kind(clip(message))}\n{place_of(trace, text)}")
 
 
 def report_crashes() -> None:

@@ -38,6 +38,7 @@ from typing import Any, Callable, Final, Sequence
 
 from ..context import Context
 from ..limits import PYTHON_LIMIT, CallbackTimeout, internals_dropped
+from ..logline import failure_text
 from ..milter import Milter
 from ..protocol.codec import text
 from ..scripting import TclCommand, TclCommands, TclError
@@ -320,9 +321,7 @@ class PythonCommands:
 
     @staticmethod
     def _error(exc: BaseException, tb: TracebackType | None) -> tuple[Any, ...]:
-        message = str(exc) or type(exc).__name__
-        if isinstance(exc, (SystemExit, KeyboardInterrupt)):  # "3" would say nothing
-            message = f"{type(exc).__name__}({exc})"
+        message = failure_text(exc)  # ("3" would say nothing: SystemExit(3))
         trace = "".join(traceback.format_exception(type(exc), exc, internals_dropped(exc, tb))).rstrip("\n")
         return ("error", to_tcl(message), ("PYTHON", type(exc).__name__, to_tcl(message)),
                 to_tcl(f"{message}\n{trace}"))
