@@ -131,45 +131,47 @@ def install(register: Callable[[str, Callable[[Sequence[str]], Any]], None], cal
         threads.at_end(_thread_ends)
 
 
-#: (thread, descriptor) -> the bytes of its open line held, and those written already (a terminal's).
-_open: dict[tuple[int, int], tuple[bytes, int]] = {}
+#: The channels whose `puts` is written here, and their descriptors.
+_FD: Final = {"stdout": 1, "stderr": 2}
+#: (thread, channel) -> the bytes of its open line held, and those written already (a terminal's).
+_open: dict[tuple[int, str], tuple[bytes, int]] = {}
 _LOCK: Final = threading.Lock()
-_full: list[bool] = []  # (KEPT_OPEN reached, logged once)
-#: descriptor -> the lines lost on it since the last one written (:func:`_lose`).
-_lost: dict[int, int] = {}
+_full_told = False  # (KEPT_OPEN reached, logged once)
+#: channel -> the lines lost on it since the last one written (:func:`_lose`).
+_lost: dict[str, int] = {}
 
 
 def _output(args: Sequence[str]) -> int:
     """{channel text open}: the text of a `puts` to stdout or stderr escaped and written, whole
     lines only, each in one write(), the open line's rest held (1: a line is left open)."""
     channel, text, ends = args[0], args[1], args[2] == "0"
-    fd = 1 if channel == "stdout" else 2
-    key = (threading.get_ident(), fd)
+    key = (threading.get_ident(), channel)
     with _LOCK:
         held, done = _open.pop(key, (b"", 0))
     whole, held = as_output(text, ends, held, done)
     lines = [line + b"\n" for line in whole]
     done = done if not whole else 0
-    if held and os.isatty(fd):  # (no journal there, maybe a prompt: at once, as Tcl's)
+    if held and os.isatty(_FD[channel]):  # (no journal there, maybe a prompt: at once, as Tcl's)
         lines.append(held)
         done, held = done + len(held), b""
     for line in lines:
-        _write(channel, fd, line)
+        _write(channel, line)
     if held or done:
         _keep(key, held, done)
         return 1
     return 0
 
 
-def _keep(key: tuple[int, int], held: bytes, done: int) -> None:
+def _keep(key: tuple[int, str], held: bytes, done: int) -> None:
     """Hold ``key``'s open line; past KEPT_OPEN lines, end the one left open longest (a warning,
     once: a thread that then goes on with it starts a line)."""
+    global _full_told
     with _LOCK:
         oldest = next(iter(_open)) if len(_open) >= KEPT_OPEN else None
         ended = [(oldest, _open.pop(oldest))] if oldest is not None else []
         _open[key] = (held, done)
-    if ended and not _full:
-        _full.append(True)
+    if ended and not _full_told:
+        _full_told = True
         log.warning("%d threads hold a line begun by puts -nonewline: the oldest is ended before its end, "
                     "and so on while there are", KEPT_OPEN)
     _end(ended)
@@ -195,25 +197,26 @@ def _thread_ends() -> None:
     _end(ended)
 
 
-def _end(lines: list[tuple[tuple[int, int], tuple[bytes, int]]]) -> None:
+def _end(lines: list[tuple[tuple[int, str], tuple[bytes, int]]]) -> None:
     """Write each open line's held bytes and a LF; a write that fails loses only its own."""
-    for (_, fd), (data, _) in lines:
+    for (_, channel), (data, _) in lines:
         with contextlib.suppress(TclUsageError):
-            _write("stdout" if fd == 1 else "stderr", fd, data + b"\n")
+            _write(channel, data + b"\n")
 
 
-def _write(channel: str, fd: int, data: bytes) -> None:
-    """``data`` on ``fd`` in one write() (whole, on a pipe, up to PIPE_BUF); Tcl's error if not.
-    A descriptor the script made non-blocking (`fconfigure stdout -blocking 0`: not to wait for
+def _write(channel: str, data: bytes) -> None:
+    """``data`` on ``channel``'s descriptor in one write() (whole, on a pipe, up to PIPE_BUF);
+    Tcl's error if not. A descriptor the script made non-blocking (`fconfigure stdout -blocking 0`: not to wait for
     its reader) that takes none of it loses it, counted (:func:`_lose`); only the rest of a line
     begun is waited for, as another writer's must not go on with it."""
+    fd = _FD[channel]
     begun = False
     while data:
         try:
             data = data[os.write(fd, data):]
         except BlockingIOError:
             if not begun:
-                _lose(channel, fd)
+                _lose(channel)
                 return
             select.select([], [fd], [])
         except OSError as exc:
@@ -222,23 +225,23 @@ def _write(channel: str, fd: int, data: bytes) -> None:
                                 ("POSIX", errno.errorcode.get(exc.errno or 0, "EIO"), reason)) from None
         begun = True
     if _lost:
-        _lost_told(channel, fd)
+        _lost_told(channel)
 
 
-def _lose(channel: str, fd: int) -> None:
-    """A line a non-blocking ``fd`` had no room for: counted, a warning at the first."""
+def _lose(channel: str) -> None:
+    """A line a non-blocking ``channel`` had no room for: counted, a warning at the first."""
     with _LOCK:
-        _lost[fd] = _lost.get(fd, 0) + 1
-        first = _lost[fd] == 1
+        _lost[channel] = _lost.get(channel, 0) + 1
+        first = _lost[channel] == 1
     if first:
         log.warning("%s is non-blocking (fconfigure %s -blocking 0) and its reader takes no more: the lines of the "
                     "script's puts to it are lost, and counted, until it does", channel, channel)
 
 
-def _lost_told(channel: str, fd: int) -> None:
-    """A line got through ``fd`` again: how many did not, logged."""
+def _lost_told(channel: str) -> None:
+    """A line got through ``channel`` again: how many did not, logged."""
     with _LOCK:
-        lost = _lost.pop(fd, 0)
+        lost = _lost.pop(channel, 0)
     if lost:
         log.warning("%d lines of the script's puts to %s were lost: it is non-blocking, and its reader took no "
                     "more", lost, channel)

@@ -69,7 +69,7 @@ _AT_END: list[Callable[[], None]] = []
 #: The threads whose end runs them (their ids: a new thread may get the id of one that ended).
 _WATCHED: set[int] = set()
 #: Set once a thread of the script's may call this process's Python (:func:`end_process`).
-_STARTED: list[bool] = []
+_started = False
 
 
 #: In every interpreter of the script's that is not safe, in any thread: the Thread package's
@@ -214,8 +214,8 @@ def _thread_ends(_data: int) -> None:
 def started() -> None:
     """The script ran a thread:: command (interp.py): threads may call this process's Python from
     now on, as they `puts` and as they end, until the process ends (:func:`end_process`)."""
-    if not _STARTED:
-        _STARTED.append(True)
+    global _started
+    _started = True
 
 
 def end_process(code: int) -> None:
@@ -225,7 +225,7 @@ def end_process(code: int) -> None:
     died of SIGSEGV, SIGBUS or SIGILL (14 `check` runs in 15, 150 threads ending 3 ms apart).
     What finalization does that a user sees is done first: Python's threads waited for, atexit's
     functions (logging's last lines), the standard streams flushed. Else it returns."""
-    if not _STARTED:
+    if not _started:
         return
     shutdown = getattr(threading, "_shutdown", None)  # (as finalization: non-daemon threads joined)
     if callable(shutdown):
