@@ -662,6 +662,42 @@ def test_a_line_a_thread_leaves_open_is_written_at_its_exit(tmp_path) -> None:
     assert (done.returncode, done.stdout) == (5, "thread held \u00e9\n"), (done, done.stderr)
 
 
+CLOSED_IN_A_THREAD_TCL = r"""
+package require TclMilter
+package require Thread
+thread::join [thread::create -joinable {close stdout; close stderr; close stdin}]
+set t [thread::create {close stdout; interp create c; thread::wait}]
+puts stderr "in the thread: [thread::send $t {catch {puts x} e; set e}]"
+puts stderr "its interpreter: [thread::send $t {c eval {puts -nonewline {}}; c eval {fconfigure stdout -blocking}}]"
+thread::release $t
+set f [open [lindex $argv 0] w]
+puts $f "to the file"
+close $f
+puts "stdout still written \u00e9"
+milter main
+"""
+
+
+@needs_thread
+def test_a_thread_that_closes_stdout_closes_its_channel_not_the_descriptor(tmp_path) -> None:
+    """A thread that closes its stdout, stderr and stdin, then a file the script opens: the
+    process goes on, the thread's interpreter has no stdout any more (as after `close stdout`
+    in tclsh), another interpreter of that thread and the script's thread still write on
+    descriptor 1 (before: Tcl closed the process's descriptors; after `close stdout` alone the
+    file opened got descriptor 1, was named `file1` as the script's stdout is, and Tcl aborted,
+    `Tcl_RegisterChannel: duplicate channel names`; after all three, status 1 and nothing
+    written, not even the log)."""
+    script = tmp_path / "closed.tcl"
+    script.write_text(CLOSED_IN_A_THREAD_TCL)
+    written = tmp_path / "file.txt"
+    done = subprocess.run([*PYTCLMILTER, "check", str(script), "--", str(written)], env=child_env(),
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, (done.returncode, done.stderr[-2000:])
+    assert 'in the thread: can not find channel named "stdout"\nits interpreter: 1\n' in done.stderr, done.stderr
+    assert done.stdout.startswith("stdout still written \u00e9\n"), done.stdout
+    assert written.read_text() == "to the file\n"
+
+
 ENDING_AS_PYTHON_ENDS_TCL = r"""
 package require TclMilter
 package require Thread

@@ -58,7 +58,11 @@ _SIGNATURES: Final[dict[str, tuple[Any, list[Any]]]] = {
     "Tcl_SetObjResult": (None, [_p, _p]),
     "Tcl_EvalEx": (ctypes.c_int, [_p, ctypes.c_char_p, ctypes.c_int, ctypes.c_int]),
     "Tcl_CreateThreadExitHandler": (None, [_THREAD_EXIT, _p]),
+    "Tcl_GetStdChannel": (_p, [ctypes.c_int]),
+    "Tcl_RegisterChannel": (None, [_p, _p]),
 }
+#: TCL_STDIN, TCL_STDOUT, TCL_STDERR.
+_STD_CHANNELS: Final = (1 << 1, 1 << 2, 1 << 3)
 #: kind -> its commands (name, the callback handed to Tcl) and its script.
 _GIVEN: dict[int, tuple[list[tuple[bytes, Any]], bytes]] = {}
 #: The Tcl library and the init callbacks handed to it: kept for the process's life, as Tcl
@@ -262,9 +266,8 @@ def _init(tcl: Any, interp: int, upto: int) -> int:
         upto = TRUSTED
     if threading.get_ident() != threading.main_thread().ident:
         started()  # (a thread the script made some other way than by a thread:: command traced)
-    if _AT_END and threading.get_ident() not in _WATCHED:  # (a thread's first interpreter)
-        _WATCHED.add(threading.get_ident())
-        tcl.Tcl_CreateThreadExitHandler(_ENDS, None)
+    if threading.get_ident() not in _WATCHED:  # (a thread's first interpreter)
+        _watch(tcl)
     for kind in sorted(_GIVEN):
         if kind > upto:
             break
@@ -275,6 +278,21 @@ def _init(tcl: Any, interp: int, upto: int) -> int:
         if code != _OK:
             return code
     return _OK
+
+
+def _watch(tcl: Any) -> None:
+    """This thread's end runs at_end's functions; and its standard channels get a reference of
+    the package's, so that a script's `close stdout` (stdin, stderr) there closes the channel in
+    that interpreter only, as in the script's thread, where the host's holds one. Tcl closed the
+    descriptor itself, the process's: the next channel opened got descriptor 1, was named
+    ``file1`` as the script's thread's stdout is, and Tcl aborted the process (``Tcl_RegisterChannel:
+    duplicate channel names``). The thread's end closes them, leaving 0 to 2 open as ever."""
+    _WATCHED.add(threading.get_ident())
+    tcl.Tcl_CreateThreadExitHandler(_ENDS, None)
+    for kind in _STD_CHANNELS:
+        channel = tcl.Tcl_GetStdChannel(kind)
+        if channel:  # (none where the descriptor was closed when the thread began)
+            tcl.Tcl_RegisterChannel(None, channel)
 
 
 def _command(tcl: Any, name: str, func: Callable[[Sequence[str]], Any]) -> Callable[..., int]:
