@@ -662,6 +662,63 @@ def test_a_line_a_thread_leaves_open_is_written_at_its_exit(tmp_path) -> None:
     assert (done.returncode, done.stdout) == (5, "thread held \u00e9\n"), (done, done.stderr)
 
 
+@needs_thread
+def test_a_threads_exit_writes_the_line_the_scripts_thread_left_open(tmp_path) -> None:
+    """The script's thread `puts -nonewline` a piece, then a thread calls `exit 3`: the process
+    ends with 3, the piece written, its line ended (before: lost; Tcl's exit in a thread ran
+    that thread's end alone)."""
+    script = tmp_path / "exit.tcl"
+    script.write_text("package require TclMilter\npackage require Thread\n"
+                      'puts -nonewline "main held \\u00e9"\n'
+                      "thread::join [thread::create -joinable {exit 3}]\nmilter main\n")
+    done = subprocess.run([*PYTCLMILTER, "check", str(script)], env=child_env(), capture_output=True, text=True,
+                          timeout=60)
+    assert (done.returncode, done.stdout) == (3, "main held \u00e9\n"), (done, done.stderr)
+
+
+HELD_AT_A_STOP_TCL = r"""
+package require TclMilter
+puts -nonewline "held while loading \u00e9"
+puts stderr "loading"
+after 500
+puts " (loaded)"
+proc from {ctx argv} { puts -nonewline "held in a callback \u00e9"; puts stderr "in the callback"; exec sleep 30 }
+milter register envfrom from
+if {[lindex $argv 0] eq "loading"} { after 30000 }
+milter main
+"""
+
+
+@pytest.mark.parametrize("stopped", ["loading", "serving"])
+def test_a_stop_that_ends_the_process_at_once_writes_the_line_the_script_left_open(tmp_path, stopped) -> None:
+    """SIGTERM while the script loads (`after 30000` before `milter main`: the process ends
+    there, status 0), or while a callback is held in `exec sleep 30` past `--grace 1` (it ends
+    5 s later, status 1): the piece the script began by `puts -nonewline` is written, its line
+    ended (before: lost, the process ending by os._exit from another thread)."""
+    script = tmp_path / "stop.tcl"
+    script.write_text(HELD_AT_A_STOP_TCL)
+    port = free_port()
+    proc = subprocess.Popen([*PYTCLMILTER, "run", str(script), "--grace", "1", "--connection",
+                             f"inet:{port}@127.0.0.1", "--", stopped], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, env=child_env())
+    assert proc.stderr is not None
+    sending = [*PYTCLMILTER, "send", "-c", f"inet:{port}@127.0.0.1", str(DATA / "plain.eml")]
+    held = b"in the callback\n" if stopped == "serving" else b"loading\n"
+    try:
+        if stopped == "serving":
+            wait_listening(proc, port)
+            subprocess.Popen(sending, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=child_env())
+        for line in iter(proc.stderr.readline, b""):  # (until the script is held where it is)
+            if line == held:
+                break
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=30)
+    finally:
+        proc.kill()
+    assert proc.returncode == (1 if stopped == "serving" else 0), err.decode()[-1000:]
+    assert out.decode().endswith(f"held {'in a callback' if stopped == 'serving' else 'while loading'} \u00e9\n"), out
+
+
 CLOSED_IN_A_THREAD_TCL = r"""
 package require TclMilter
 package require Thread

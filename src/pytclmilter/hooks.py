@@ -48,6 +48,9 @@ class Hooks:
     #: thread is held in code no limit stops (overdue.py). Remove what must not outlive it (a pid
     #: file); run no Tcl nor anything the held thread may hold. Not in a --workers worker.
     exiting: Callable[[], None] = _ignore
+    #: Then, in any process (a --workers worker too): write what the host holds for stdout and
+    #: stderr (the lines a script began), waiting for no reader and running no Tcl.
+    write_held: Callable[[], None] = _ignore
     #: Called every ``tick_interval`` seconds while serving, if given.
     tick: Callable[[], None] | None = None
 

@@ -593,11 +593,12 @@ class MilterServer:
 
     def _exiting(self) -> None:
         """The process ends now (overdue.py): the socket's file goes, and the host's own (the pid
-        file: not a worker's to remove)."""
+        file: not a worker's to remove); what the host holds to write is written."""
         if self._listener is not None:
             self._listener.remove_unix()
         if self.reloadable:
             self.shared.hooks.exiting()
+        self.shared.hooks.write_held()
 
     def _grace_starts(self, signum: int, frame: object) -> None:
         """Python's own handler of the stop signals (the loop's, :meth:`_on_signal`, comes when the

@@ -37,6 +37,7 @@ from typing import Callable, Iterator
 from ..logline import escape
 from ..server import STOP_SIGNALS
 from ..signalpipe import SignalPipe
+from ..tcl.output import write_held_now
 
 log = logging.getLogger("pytclmilter")
 
@@ -87,6 +88,7 @@ def stops_meanwhile(doing: str, before_exit: Callable[[], None],
         for number in numbers:
             if number in stops:
                 log.warning("stopped by %s while %s", signal.Signals(number).name, escape(doing))
+                write_held_now()  # (the lines the script began: Tcl's exit would flush them)
                 before_exit()
                 code = status()
                 logging.shutdown()  # (os._exit below flushes nothing)

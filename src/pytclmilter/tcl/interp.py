@@ -361,7 +361,7 @@ class TclHost:
     def __init__(self, hooks: Hooks | None = None, on_exit: Callable[[int], None] | None = None) -> None:
         """``hooks``: the program's own (listening, signal); the interpreter adds its context and tick hooks."""
         own = replace(hooks or Hooks(), context_created=self._context_created, context_closed=self._context_closed,
-                      tick=self.service_events, flush=self.flush_channels)
+                      tick=self.service_events, flush=self.flush_channels, write_held=output.write_held_now)
         self.milter = Milter(name="TclMilter", hooks=own)
         self.on_exit = on_exit or self.exit_process
         libdir = str(tcl_library_dir())

@@ -128,7 +128,7 @@ def install(register: Callable[[str, Callable[[Sequence[str]], Any]], None], cal
     call("interp", "eval", child, PRELUDE)
     with contextlib.suppress(OSError, AttributeError):
         threads.give(threads.SAFE, {COMMAND: _output}, PRELUDE + THREAD_BGERROR)
-        threads.at_end(_thread_ends)
+        threads.at_end(_thread_ends, write_held_now)
 
 
 #: The channels whose `puts` is written here, and their descriptors.
@@ -177,14 +177,21 @@ def _keep(key: tuple[int, str], held: bytes, done: int) -> None:
     _end(ended)
 
 
-def write_held() -> None:
+def write_held(wait: bool = True) -> None:
     """At the process's end: every line begun by `puts -nonewline` and held, or written on a
     terminal, ended (so that the next line, our own log's or another writer's, starts one of its
-    own)."""
+    own). ``wait`` False: a descriptor with no room at once (its reader stuck) loses its line."""
     with _LOCK:
         held = list(_open.items())
         _open.clear()
-    _end(held)
+    _end(held, wait)
+
+
+def write_held_now() -> None:
+    """The process ends at once, from a thread other than the script's, which may be held (a
+    stop signal while the script runs, a stop held past its grace, a thread's `exit`): every
+    thread's lines held, as :func:`write_held`, waiting for no reader."""
+    write_held(wait=False)
 
 
 def _thread_ends() -> None:
@@ -197,18 +204,27 @@ def _thread_ends() -> None:
     _end(ended)
 
 
-def _end(lines: list[tuple[tuple[int, str], tuple[bytes, int]]]) -> None:
-    """Write each open line's held bytes and a LF; a write that fails loses only its own."""
+def _end(lines: list[tuple[tuple[int, str], tuple[bytes, int]]], wait: bool = True) -> None:
+    """Write each open line's held bytes and a LF; a write that fails loses only its own. Not
+    ``wait``ing, a descriptor that does not poll writable loses it, counted (one that does takes
+    a line of PIPE_BUF bytes: a pipe has a page free)."""
+    lost = 0
     for (_, channel), (data, _) in lines:
+        if not wait and not _room(_FD[channel]):
+            lost += 1
+            continue
         with contextlib.suppress(TclUsageError):
             _write(channel, data + b"\n")
+    if lost:
+        log.warning("%d lines begun by the script's puts -nonewline are lost as the process ends: their "
+                    "descriptor's reader takes no more", lost)
 
 
 def _write(channel: str, data: bytes) -> None:
     """``data`` on ``channel``'s descriptor in one write() (whole, on a pipe, up to PIPE_BUF);
-    Tcl's error if not. A descriptor the script made non-blocking (`fconfigure stdout -blocking 0`: not to wait for
-    its reader) that takes none of it loses it, counted (:func:`_lose`); only the rest of a line
-    begun is waited for, as another writer's must not go on with it."""
+    Tcl's error if not. A descriptor the script made non-blocking (`fconfigure stdout -blocking
+    0`: not to wait for its reader) that takes none of it loses it, counted (:func:`_lose`); only
+    the rest of a line begun is waited for, as another writer's must not go on with it."""
     fd = _FD[channel]
     begun = False
     while data:
@@ -226,6 +242,14 @@ def _write(channel: str, data: bytes) -> None:
         begun = True
     if _lost:
         _lost_told(channel)
+
+
+def _room(fd: int) -> bool:
+    """Whether ``fd`` takes a line now (a closed one: its write says why not)."""
+    try:
+        return bool(select.select([], [fd], [], 0)[1])
+    except (OSError, ValueError):
+        return True
 
 
 def _lose(channel: str) -> None:

@@ -58,6 +58,7 @@ _SIGNATURES: Final[dict[str, tuple[Any, list[Any]]]] = {
     "Tcl_SetObjResult": (None, [_p, _p]),
     "Tcl_EvalEx": (ctypes.c_int, [_p, ctypes.c_char_p, ctypes.c_int, ctypes.c_int]),
     "Tcl_CreateThreadExitHandler": (None, [_THREAD_EXIT, _p]),
+    "Tcl_CreateExitHandler": (None, [_THREAD_EXIT, _p]),
     "Tcl_GetStdChannel": (_p, [ctypes.c_int]),
     "Tcl_RegisterChannel": (None, [_p, _p]),
 }
@@ -68,8 +69,9 @@ _GIVEN: dict[int, tuple[list[tuple[bytes, Any]], bytes]] = {}
 #: The Tcl library and the init callbacks handed to it: kept for the process's life, as Tcl
 #: keeps their addresses.
 _KEPT: list[Any] = []
-#: What :func:`at_end` asked to run in each thread as it ends.
+#: What :func:`at_end` asked to run in each thread as it ends, and as a thread ends the process.
 _AT_END: list[Callable[[], None]] = []
+_AT_EXIT: list[Callable[[], None]] = []
 #: The threads whose end runs them (their ids: a new thread may get the id of one that ended).
 _WATCHED: set[int] = set()
 #: Set once a thread of the script's may call this process's Python (:func:`end_process`).
@@ -198,21 +200,35 @@ def give(kind: int, commands: dict[str, Callable[[Sequence[str]], Any]], script:
                         script.encode())
 
 
-def at_end(func: Callable[[], None]) -> None:
-    """Run ``func`` in each thread that loaded the package, as it ends (Tcl_FinalizeThread, as
-    Tcl flushes the thread's own channels); once a process."""
-    if func not in _AT_END:
-        _AT_END.append(func)
+def at_end(thread: Callable[[], None], process: Callable[[], None]) -> None:
+    """Run ``thread`` in each thread that loaded the package, as it ends (Tcl_FinalizeThread, as
+    Tcl flushes the thread's own channels), and ``process`` as such a thread ends the process
+    (Tcl's own `exit` there: Tcl_Exit, which flushes no other thread's channels); once a process.
+    OSError or AttributeError where this Tcl cannot be reached."""
+    if not _AT_EXIT:
+        _library().Tcl_CreateExitHandler(_EXITS, None)
+    if thread not in _AT_END:
+        _AT_END.append(thread)
+        _AT_EXIT.append(process)
 
 
 def _thread_ends(_data: int) -> None:
     """A thread's exit handler: never raises (ctypes would print the exception)."""
     _WATCHED.discard(threading.get_ident())
-    for func in _AT_END:
+    _run(_AT_END, "as a thread ended")
+
+
+def _process_exits(_data: int) -> None:
+    """Tcl's exit handler (a thread's `exit`): never raises."""
+    _run(_AT_EXIT, "as a thread ended the process")
+
+
+def _run(funcs: list[Callable[[], None]], when: str) -> None:
+    for func in funcs:
         try:
             func()
         except Exception:  # noqa: BLE001 - report, never crash the thread
-            log.exception("internal error as a thread ended")
+            log.exception("internal error %s", when)
 
 
 def started() -> None:
@@ -241,8 +257,9 @@ def end_process(code: int) -> None:
     os._exit(code)
 
 
-#: The exit handler handed to Tcl: kept for the process's life, as Tcl keeps its address.
+#: The exit handlers handed to Tcl: kept for the process's life, as Tcl keeps its address.
 _ENDS: Final = _THREAD_EXIT(_thread_ends)
+_EXITS: Final = _THREAD_EXIT(_process_exits)
 
 
 def _library() -> Any:
