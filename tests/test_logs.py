@@ -10,6 +10,7 @@ import logging
 import os
 import re
 import select
+import shutil
 import signal
 import socket
 import subprocess
@@ -468,6 +469,45 @@ def test_a_threads_puts_is_escaped_as_the_scripts(tclrun, options) -> None:
     assert "cols:\t\u00e9 C:\\dir" in lines, text
     assert 'usage: 1 {can not find channel named "nosuch"} 1 {wrong # args: should be ' \
            '"puts ?-nonewline? ?channelId? string"}' in lines, text
+
+
+THREAD_BGERROR_TCL = r"""
+package require Thread
+set t [thread::create]
+thread::send $t {
+    proc bgerror {m} {
+        puts stderr "bgerror <$m> <$::errorCode> <[lindex [split $::errorInfo \n] 0]>"
+        if {[incr ::n] == 2} { return -code break }
+        error "failed on [string range $m 0 2]\x1b\[2J\nERROR: forged"
+    }
+}
+thread::send $t {after 0 {error "one\nERROR: forged one" info CODE}; after 0 {error two}; after 0 break}
+thread::send $t update
+thread::send $t {after 0 break; after 0 {return -code 7}}
+thread::send $t update
+thread::release $t
+puts stderr done
+"""
+
+
+@needs_thread
+def test_a_threads_bgerror_proc_that_fails_is_reported_escaped_as_by_tcl(tmp_path) -> None:
+    """A thread's own `bgerror` proc that fails, breaks (dropping the error queued after), and
+    gets a `break` and a `return -code 7` of an `after` handler: it is called with the message,
+    errorCode and errorInfo tclsh gives it, and Tcl's report of its failure (`bgerror failed to
+    handle background error.`, the two errors) is tclsh's, escaped and indented (before: Tcl's
+    own handler wrote it raw, the ESC and a forged line `ERROR: forged`)."""
+    script = tmp_path / "bgerror.tcl"
+    script.write_text("package require TclMilter\n" + THREAD_BGERROR_TCL + "milter main\n")
+    reference = tmp_path / "reference.tcl"
+    reference.write_text(THREAD_BGERROR_TCL)
+    tclsh = shutil.which("tclsh8.6") or pytest.skip("no tclsh8.6")
+    ref = subprocess.run([tclsh, str(reference)], capture_output=True, text=True, timeout=60)
+    done = subprocess.run([*PYTCLMILTER, "check", str(script)], env=child_env(), capture_output=True, text=True,
+                          timeout=60)
+    ours = [line for line in done.stderr.splitlines() if not STDERR_LINE.match(line)]
+    expected = [re.sub(r"^ERROR", "  ERROR", line.replace("\x1b", "\\x1b")) for line in ref.stderr.splitlines()]
+    assert len(expected) == 19 and ours == expected, (ours, expected)
 
 
 LONG_PUTS_TCL = r"""

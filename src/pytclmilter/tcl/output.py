@@ -106,11 +106,32 @@ proc ::tclmilter::py::escaped {command name args} {
 #: In each interpreter of a thread (threads.py), after PRELUDE: no host logs an error of its
 #: `after` or `fileevent` handlers, which Tcl's own handler wrote raw on stderr; one that no
 #: `bgerror` proc takes is written as Tcl's handler lays it out, through the escaping `puts`
-#: (``::puts``: in this namespace, `puts` is Tcl's). A safe interpreter's Tcl drops, and still does.
+#: (``::puts``: in this namespace, `puts` is Tcl's). A `bgerror` proc of the script's is called
+#: as Tcl's handler calls it (errorInfo and errorCode set, its `break` dropping the errors queued
+#: after), here, since Tcl's wrote its report of one that fails raw too (``bgerror failed to
+#: handle background error``). A safe interpreter's Tcl drops, and still does.
 THREAD_BGERROR: Final = r"""
 proc ::tclmilter::py::threadbgerror {message options} {
-    if {[llength [::tcl::info::commands ::bgerror]]} { tailcall ::tcl::Bgerror $message $options }
-    ::puts stderr [::tcl::dict::get $options -errorinfo]
+    set code [expr {[::tcl::dict::get $options -level] ? 2 : [::tcl::dict::get $options -code]}]
+    set info [expr {[::tcl::dict::exists $options -errorinfo] ? [::tcl::dict::get $options -errorinfo] : ""}]
+    if {$code == 0} { return }
+    if {![llength [::tcl::info::commands ::bgerror]]} {
+        ::puts stderr $info
+        return
+    }
+    switch -- $code {
+        1 {}
+        3 { set message {invoked "break" outside of a loop} }
+        4 { set message {invoked "continue" outside of a loop} }
+        default { set message "command returned bad code: $code" }
+    }
+    set ::errorInfo [expr {$code == 1 ? $info : $message}]
+    set ::errorCode [expr {[::tcl::dict::exists $options -errorcode] ? [::tcl::dict::get $options -errorcode] : "NONE"}]
+    set code [catch {uplevel #0 [list ::bgerror $message]} result]
+    if {$code == 1} {
+        ::puts stderr "bgerror failed to handle background error.\n    Original error: $message\n    Error in bgerror: $result"
+    }
+    if {$code == 3} { return -code break }
 }
 if {![interp issafe]} { interp bgerror {} ::tclmilter::py::threadbgerror }
 """
