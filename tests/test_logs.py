@@ -660,6 +660,39 @@ def test_puts_with_another_writer_on_the_descriptor_cannot_start_a_line_with_its
     assert "held: " + sender in err, err[-3:]
 
 
+WIDE_ENCODING_TCL = r"""
+package require TclMilter
+package require Thread
+tsv::set s stop 0
+set t [thread::create -joinable {
+    puts b
+    tsv::set s started 1
+    while {![tsv::get s stop]} { puts b }
+}]
+while {![tsv::exists s started]} { after 1 }
+fconfigure stdout -encoding unicode
+for {set i 0} {$i < 1000} {incr i} { puts [string repeat ab 1500] }
+tsv::set s stop 1
+thread::join $t
+milter main
+"""
+
+
+@needs_thread
+def test_a_line_of_ascii_on_a_two_byte_encoding_is_written_whole(tmp_path) -> None:
+    """A stdout whose -encoding takes 2 bytes a character (`unicode`), 1 000 lines of 3 000
+    ASCII characters while a thread writes lines on the same pipe: every line is read whole
+    (before: Tcl's own `puts` took it, counting characters, and wrote its 6 002 bytes in two
+    write()s, the thread's lines between: 8 to 363 of 1 000 cut in 5 runs). Such a line now
+    goes through Python, in UTF-8 as every line it writes."""
+    script = tmp_path / "wide.tcl"
+    script.write_text(WIDE_ENCODING_TCL)
+    done = subprocess.run([*PYTCLMILTER, "check", str(script)], env=child_env(), capture_output=True, timeout=120)
+    line = "ab" * 1500 + "\n"
+    whole = done.stdout.count(line.encode("utf-16-le")) + done.stdout.count(line.encode())
+    assert (done.returncode, whole) == (0, 1000), done.stderr[-1000:]
+
+
 ENDED_THREADS_TCL = r"""
 package require TclMilter
 package require Thread
@@ -883,6 +916,33 @@ def test_puts_to_a_non_blocking_stdout_its_reader_stuck_loses_lines_counted_neve
     assert 0 < len(shown) < 2000 and printed[len(shown)] == "again \u00e9", printed[len(shown) - 1:][:3]
     lost = re.search(r"WARNING: (\d+) lines of the script's puts to stdout were lost", err.decode())
     assert lost and int(lost[1]) == 2000 - len(shown), err.decode()[-800:]
+
+
+NONBLOCKING_ASCII_TCL = r"""
+package require TclMilter
+fconfigure stdout -blocking 0
+for {set i 0} {$i < 20000} {incr i} { puts "line $i [string repeat x 1000]" }
+puts stderr "pending: [chan pending output stdout]"
+milter main
+"""
+
+
+def test_ascii_puts_to_a_non_blocking_stdout_its_reader_stuck_keeps_one_line_at_most(tmp_path) -> None:
+    """20 000 lines of printable ASCII (the lines Tcl's own `puts` writes) to a non-blocking
+    stdout, a pipe nobody reads: Tcl's channel keeps one line at most, the others are lost,
+    counted (before: Tcl kept every line the pipe had no room for, 20 MB, without a bound)."""
+    script = tmp_path / "nonblocking.tcl"
+    script.write_text(NONBLOCKING_ASCII_TCL)
+    read, write = os.pipe()
+    try:
+        done = subprocess.run([*PYTCLMILTER, "check", str(script)], env=child_env(), stdout=write,
+                              stderr=subprocess.PIPE, text=True, timeout=120)
+    finally:
+        os.close(read)
+        os.close(write)
+    pending = re.search(r"^pending: (\d+)$", done.stderr, re.M)
+    assert pending and int(pending[1]) < 4096, done.stderr[-1000:]
+    assert "WARNING: stdout is non-blocking (fconfigure stdout -blocking 0)" in done.stderr, done.stderr[-1000:]
 
 
 WORKERS_PUTS_TCL = r"""

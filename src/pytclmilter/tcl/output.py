@@ -35,7 +35,7 @@ import select
 import threading
 from typing import Any, Callable, Final, Sequence
 
-from ..logline import OUTPUT_FOLDED, as_output
+from ..logline import OUTPUT_LINE, as_output
 from . import threads
 from .usage import TclUsageError
 
@@ -75,14 +75,21 @@ proc ::tclmilter::py::escaped {command name args} {
         set open [expr {$n == 3 || $n == 2 && [lindex $words 0] eq "-nonewline"}]
         set text [lindex $words $i]
         # A whole line that Tcl writes in one write(): short enough for the line, and for the
-        # channel's buffer (which a safe interpreter cannot read), its translation's CR too.
-        # (open: a line this interpreter began by `puts -nonewline`, which Python holds.)
-        if {!$open && ![::tcl::info::exists ::tclmilter::py::open($channel)] && [::tcl::string::length $text] < @FOLDED@
+        # channel's buffer (which a safe interpreter cannot read), in any -encoding (2 bytes a
+        # character at most: unicode) and its -translation's CR too; and none before it still
+        # in the buffer (a non-blocking channel whose reader is stuck: Tcl would keep every line
+        # after it, without a bound; here a line through Python is lost, counted, and Tcl's
+        # tried first). (open: a line this interpreter began by `puts -nonewline`, Python's.)
+        set bytes [expr {2 * [::tcl::string::length $text] + 4}]
+        if {!$open && ![::tcl::info::exists ::tclmilter::py::open($channel)] && $bytes <= @LINE@
                 && [regexp {^[\t -~]*$} $text] && ![catch {::fconfigure $channel -buffersize} size]
-                && [::tcl::string::length $text] < $size - 1} {
+                && $bytes <= $size && ![::tcl::chan::pending output $channel]} {
             set words [list -nonewline $channel $text\n]
             set whole 1
         } else {
+            if {![catch {::tcl::chan::pending output $channel} pending] && $pending} {
+                catch {::tcl::chan::flush $channel}
+            }
             # Tcl's checks, and errors, for the channel: it writes nothing.
             lset words $i {}
             if {!$open} { set words [linsert $words 0 -nonewline] }
@@ -100,7 +107,7 @@ proc ::tclmilter::py::escaped {command name args} {
     }
     return
 }
-""".replace("@FOLDED@", str(OUTPUT_FOLDED))
+""".replace("@LINE@", str(OUTPUT_LINE))
 
 
 #: In each interpreter of a thread (threads.py), after PRELUDE: no host logs an error of its
