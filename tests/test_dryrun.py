@@ -111,3 +111,20 @@ def test_dryrun_takes_the_booleans_tcl_takes(tcl_host):
         except tkinter.TclError as exc:
             got = str(exc)
         assert str(got) == expected, form
+
+
+def test_dry_run_failure_line_says_continue_went_to_the_mta(tclrun) -> None:
+    """A failing callback under -dryrun: the MTA gets continue, and the error line says so (it
+    used to say "answering SMFIS_REJECT", the -onerror answer that was never sent)."""
+    script = SCRIPT.replace("package require TclMilter 1.0",
+                            "package require TclMilter 1.0\nmilter configure -dryrun 1 -onerror SMFIS_REJECT")
+    script = script.replace("if {[string match", "if {[string match *boom@* [lindex $list 0]]} {error kaboom}\n"
+                                                  "    if {[string match")
+    m = tclrun(script)
+    with m.mta() as mta:
+        mta.negotiate()
+        assert ok(mta.connect()) and ok(mta.helo()) and ok(mta.mail("<boom@example.org>"))
+    m.wait_for(r"conn#1: verdict would reject at envfrom ")
+    line = next(s for s in m.text.splitlines() if "envfrom callback ef failed" in s)
+    assert line.endswith("(kaboom), would answer SMFIS_REJECT; answering continue:")
+    assert m.stop() == 0

@@ -992,7 +992,7 @@ class ConnectionEngine:
         text = said(exc)
         message = failure_text(exc)
         seen = self.shared.traces.logged_as(f"{name} {who}\n{place_of(detail, text)}", self.name) if detail else None
-        answer = f"no answer ({name} takes none)" if ignore else f"answering {status.smfis}"
+        answer = _failure_answer(name, status, ignore, self.shared.settings.dry_run)
         if seen is None:
             log.error("%s: %s callback %s failed (%s), %s:\n%s", self.name, name,
                       escape(who), escape(message), answer, escape_lines(detail))
@@ -1208,6 +1208,15 @@ class ConnectionEngine:
         callback, an async abort or close callback included (a done callback then)."""
         self._hook("context_closed", self.shared.hooks.context_closed)
         self.ctx.detach()
+
+
+def _failure_answer(name: str, status: Status, ignore: bool, dry: bool) -> str:
+    """What a failure line says went to the MTA: under --dry-run continue, not ``on_error``."""
+    if ignore:
+        return f"no answer ({name} takes none)"
+    if dry and status is not Status.CONTINUE:
+        return f"would answer {status.smfis}; answering continue"
+    return f"answering {status.smfis}"
 
 
 def _result_shown(result: Any) -> str:
