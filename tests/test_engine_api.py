@@ -1699,3 +1699,16 @@ def test_a_session_cut_while_an_async_callback_runs_ends_it_before_its_close_cal
         mta.expect_eof()
         srv.join()
     assert seen == ["eom", "eom cancelled", "close", "context ended"]
+
+
+def test_workers_beyond_the_cap_are_refused() -> None:
+    """Milter(workers=...) is bounded as `-workers` is: each worker is a process of its own."""
+    from pytclmilter import Milter
+
+    m = Milter()
+    with pytest.raises(ValueError, match="workers 100000: must be at most 1024"):
+        m.workers = 100000
+    m.workers = 1024
+    with pytest.raises(ValueError, match="workers 1025: must be at most 1024"):
+        m.workers = 1025
+    assert m.workers == 1024

@@ -991,3 +991,19 @@ def test_a_failing_abort_or_close_callback_is_logged_without_an_answer(tclrun):
     assert failed["envrcpt"].endswith("envrcpt callback to failed (envrcpt went wrong), answering SMFIS_TEMPFAIL:")
     assert failed["abort"].endswith("abort callback drop failed (abort went wrong), no answer (abort takes none):")
     assert failed["close"].endswith("close callback bye failed (close went wrong), no answer (close takes none):")
+
+
+def test_workers_beyond_the_cap_are_refused_naming_it(tclrun):
+    """-workers 100000 was taken, and `milter main` set out to fork a hundred thousand processes,
+    each with its own interpreter: now the limit (1024) is named, in Tcl and on the command line."""
+    m = tclrun(TCL_HELPERS + r"""
+        package require TclMilter
+        T big {milter configure -workers 100000}
+        T max {milter configure -workers 1024}
+        exit 0
+    """, connection=None, wait=False)
+    assert m.wait_exit() == 0, m.output
+    assert m.results() == {"big": 'ERR expected positive integer up to 1024 but got "100000"', "max": "OK "}
+    m = tclrun("package require TclMilter\nmilter main\n", "--workers", "1025", wait=False)
+    assert m.wait_exit() == 64, m.output
+    assert 'pytclmilter run: expected positive integer up to 1024 but got "1025"' in m.output, m.output

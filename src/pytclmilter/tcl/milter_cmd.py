@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import os
 import socket
 from dataclasses import dataclass, replace
@@ -12,6 +13,7 @@ from ..callbacks import EVENTS, Callback
 from ..connspec import ConnSpecError, parse, parse_metrics
 from ..logline import escape
 from ..milter import Milter
+from ..settings import MAX_WORKERS
 from ..status import parse_status, status_names
 from .usage import NONE, VALUE_NUMBER, Answer, TclUsageError, boolean, check_count, integer, number, one_of, wrong_args
 
@@ -36,11 +38,12 @@ class Option:
 _N = TypeVar("_N", int, float)
 
 
-def _at_least(low: int, convert: Callable[[str], _N], expected: str) -> Callable[[str], _N]:
-    """An option's parser: the value ``convert``ed, refused below ``low`` (or NaN) in Tcl's words."""
+def _at_least(low: int, convert: Callable[[str], _N], expected: str, most: float = math.inf) -> Callable[[str], _N]:
+    """An option's parser: the value ``convert``ed, refused below ``low`` (or NaN) or above
+    ``most`` in Tcl's words."""
     def parse_value(value: str) -> _N:
         n = convert(value)
-        if not n >= low:  # NaN compares false both ways: `-grace nan` would be no grace at all
+        if not low <= n <= most:  # NaN compares false both ways: `-grace nan` would be no grace at all
             raise TclUsageError(f'expected {expected} but got "{value}"', VALUE_NUMBER)
         return n
     return parse_value
@@ -107,7 +110,7 @@ OPTIONS: dict[str, Option] = {
     "-onerror": Option("on_error", False, _status, lambda v: v.smfis),
     "-grace": Option("grace", False, _seconds),
     "-calltimeout": Option("call_timeout", False, _seconds),
-    "-workers": Option("workers", True, _positive),
+    "-workers": Option("workers", True, _at_least(1, integer, f"positive integer up to {MAX_WORKERS}", MAX_WORKERS)),
     "-metrics": Option("metrics", True, _metrics),
     "-dryrun": Option("dry_run", False, boolean, int),
     "-maxconnections": Option("max_connections", False, _non_negative),
