@@ -244,8 +244,14 @@ if {[llength [::tcl::info::commands ::tclmilter::py::milter]]} {
         if {[llength $args] == 0} {
             return -code error -errorcode {TCL WRONGARGS} "wrong # args: should be \"milter option ?arg ...?\""
         }
-        if {[lindex $args 0] ne "stop"} {
-            return -code error "milter [lindex $args 0]: only \"milter stop\" works outside the main interpreter"
+        set sub [lindex $args 0]
+        if {$sub ni {configure main register stop}} {
+            # Tcl's own answer to an unknown subcommand first, as in the script's interpreter
+            return -code error -errorcode [list TCL LOOKUP INDEX option $sub] \
+                "bad option \"$sub\": must be configure, main, register, or stop"
+        }
+        if {$sub ne "stop"} {
+            return -code error "milter $sub: only \"milter stop\" works outside the main interpreter"
         }
         if {[llength $args] != 1} {
             return -code error -errorcode {TCL WRONGARGS} "wrong # args: should be \"milter stop\""

@@ -404,3 +404,29 @@ def test_threads_used_only_by_an_interpreter_the_script_created_are_the_scripts(
     assert re.search(what + r"from <a\\x1b\[2J@b>\\nERROR: forged line\n  from <a\\x1b\[2J@b>\n"
                      r"  ERROR: forged line\n    while executing\n", run.text), run.text
     assert "\x1b" not in run.text and "Error from thread" not in run.text, run.text
+
+
+def test_an_unknown_milter_subcommand_in_a_thread_is_a_bad_option(tmp_path):
+    """In a thread `milter bogus` said only `milter stop` works there; Tcl's bad-option message
+    comes first, as in the script's interpreter, and the thread restriction is for a real
+    subcommand (`milter configure`) that cannot run there."""
+    script = REPORT + r"""
+        package require Thread
+        set r [thread::send [thread::create] {
+            package require TclMilter
+            set r {}
+            foreach cmd {{milter bogus} {milter configure} {milter}} {
+                lappend r [catch $cmd m] $m $::errorCode
+            }
+            set r
+        }]
+        foreach {code m ec} $r cmd {bogus configure none} { R $cmd "$code $m | $ec" }
+        exit 0
+    """
+    run = spawn(tmp_path, script, wait=False)
+    assert run.wait_exit(30) == 0, run.output
+    r = _results(run.output)
+    assert r["bogus"] == ('1 bad option "bogus": must be configure, main, register, or stop '
+                          "| TCL LOOKUP INDEX option bogus"), run.output
+    assert r["configure"].startswith('1 milter configure: only "milter stop" works outside the main interpreter'), r
+    assert r["none"] == '1 wrong # args: should be "milter option ?arg ...?" | TCL WRONGARGS', r
