@@ -1229,3 +1229,67 @@ def test_a_grace_past_what_a_thread_can_wait_lets_the_session_finish_without_a_t
         mta.quit()
     assert m.wait_exit(20) == 0
     assert "Error" not in m.text and "Traceback" not in m.text, m.text
+
+
+TCL_TRACE_PAST_ITS_TIME_IN_C = r"""
+package require TclMilter
+milter configure -calltimeout 1
+proc from {ctx list} {
+    trace add command $ctx delete {apply {args {exec sleep 1.3; while 1 {catch {catch {incr ::k}}}}}}
+    return SMFIS_CONTINUE
+}
+milter register envfrom from
+milter main
+"""
+
+
+def test_a_trace_whose_time_ran_out_in_c_code_is_logged_as_stopped(tclrun):
+    """The hook's time ran out while its Tcl was in `exec`: the Python limit's signal was pending
+    when Tcl next called the deadline handler, and its CallbackTimeout was raised there, where
+    tkinter keeps it and gives Tcl an empty error. The hook was not logged as stopped, and the
+    next tick failed with an empty TclError. Now the handler's failure stops the Tcl code as its
+    deadline does, and the hook is logged as stopped."""
+    m = tclrun(TCL_TRACE_PAST_ITS_TIME_IN_C, "--grace", "1")
+    with m.mta() as mta:
+        mta.negotiate()
+        assert ok(mta.mail("<a@example.org>"))
+    m.wait_for(r"ERROR: conn#1: the context_closed hook \S+ failed \(callback stopped after 1 s \(call_timeout\), "
+               r"in the script's Tcl code that the context's making or deleting ran \(a trace\)\)", timeout=20)
+    with m.mta() as mta:
+        mta.negotiate()
+        assert ok(mta.mail("<b@example.org>"))
+    assert m.stop(timeout=20) == 0
+    assert "tick failed" not in m.text and "TclError" not in m.text, m.text
+
+
+CTX_TCL_PAST_ITS_TIME_IN_C = r'''
+def setup(milter):
+    @milter.register("envfrom")
+    def late(ctx, args):
+        if args[0] != "<late@example.org>":
+            return
+        try:
+            ctx.tcl("late")
+        except Exception as exc:  # (CallbackTimeout is no Exception: the limit passes through)
+            print("CAUGHT", type(exc).__name__, flush=True)
+'''
+
+
+def test_python_callbacks_tcl_whose_time_ran_out_in_c_code_is_stopped(tclrun):
+    """The same for a Python callback's ctx.tcl, whose Tcl catches everything: the limit's
+    signal, pending when Tcl next calls the deadline handler, stops the Tcl code there, and the
+    callback fails with CallbackTimeout, which neither the script nor the callback can catch."""
+    m = tclrun(r"""
+        package require TclMilter
+        milter configure -calltimeout 1 -onerror SMFIS_REJECT
+        proc late {} { exec sleep 1.3; while 1 {catch {catch {incr ::k}}} }
+        milter main
+    """, python=[CTX_TCL_PAST_ITS_TIME_IN_C])
+    with m.mta() as mta:
+        mta.negotiate()
+        assert mta.mail("<late@example.org>") == ("r", {})  # -onerror SMFIS_REJECT
+        m.wait_for(r"envfrom callback setup\.<locals>\.late failed \(callback stopped after 1 s \(call_timeout\), "
+                   r"in Tcl code\)")
+        assert ok(mta.mail("<ok@example.org>"))
+    assert m.stop(timeout=20) == 0
+    assert "CAUGHT" not in m.text and "tick failed" not in m.text, m.text

@@ -30,9 +30,16 @@ import time
 from typing import Callable, Final, Sequence
 
 from ..engine import Shared
-from ..limits import Limit
+from ..limits import PYTHON_LIMIT, Limit
 
 _HANDLER: Final = "::tclmilter::py::limit"
+#: The Python halves of _HANDLER, a Tcl proc: the deadline's decision, and the same after it failed.
+_DECIDE: Final = "::tclmilter::py::limit_decide"
+_FAILED: Final = "::tclmilter::py::limit_failed"
+#: A Python command that raises gives Tcl an empty error and tkinter keeps the exception to
+#: itself: the Python limit's CallbackTimeout does so when its signal was pending as Tcl called
+#: the handler (the time ran out in `exec`), and the hook or callback was never told (_failed).
+_HANDLER_BODY: Final = f"if {{[catch {_DECIDE}]}} {_FAILED}"
 #: Sets the limit on the script's interpreter and on each interpreter it made (interp.py's _PRELUDE).
 _LIMIT_TIME: Final = "::tclmilter::py::limit_time"
 _monotonic: Final = time.monotonic  # compiled, `time.monotonic` is two look-ups per call
@@ -78,7 +85,9 @@ class CallLimit(Limit):
         #: Tcl stopped an evaluation at the deadline, and runs nothing more in the interpreter
         #: until the limit is set again (any _set).
         self.exceeded = False
-        create(_HANDLER, self._on_deadline)
+        create(_DECIDE, self._on_deadline)
+        create(_FAILED, self._failed)
+        call("proc", _HANDLER, "args", _HANDLER_BODY)
         create("::tclmilter::py::limit_sync", self._sync)
 
     def begin(self, seconds: float, now: float) -> bool:
@@ -172,6 +181,15 @@ class CallLimit(Limit):
             self._set(end)  # the callback running now still has time: extend towards its end
         else:
             self.exceeded = True
+
+    def _failed(self, *args: object) -> None:
+        """The deadline's handler raised (its signal, already taken, does not come again): when
+        that was the Python limit's CallbackTimeout, the Python code running this Tcl is out of
+        time, and so is its Tcl, stopped now as at its end (tcl/pycommands.py's ranout, for a
+        Python command's runner)."""
+        if self._running and PYTHON_LIMIT.ran_out:
+            self._cap = _monotonic()
+        self._on_deadline()
 
     def _sync(self, *args: object) -> None:
         """The script made an interpreter: it gets the deadline armed now, with its handler."""
