@@ -730,21 +730,33 @@ milter main
 """
 
 
-def test_a_trace_on_the_context_command_is_held_to_call_timeout(tclrun):
+#: The trace's time runs out in C code (`exec`): the Python limit's signal is pending when Tcl
+#: next calls the deadline handler, and its CallbackTimeout is raised there, where tkinter kept
+#: it and gave Tcl an empty error: the hook was not logged as stopped, and the next tick failed
+#: with an empty TclError. The catches cannot keep the trace going either.
+TCL_TRACE_PAST_ITS_TIME_IN_C = TCL_TRACED_CONTEXT.replace("-calltimeout 2", "-calltimeout 1").replace(
+    "{while 1 {}}", "{exec sleep 1.3; while 1 {catch {catch {incr ::k}}}}")
+
+
+@pytest.mark.parametrize("script, seconds", [(TCL_TRACED_CONTEXT, 2), (TCL_TRACE_PAST_ITS_TIME_IN_C, 1)],
+                         ids=["loop", "past-its-time-in-exec"])
+def test_a_trace_on_the_context_command_is_held_to_call_timeout(tclrun, script, seconds):
     """A callback's `trace add command $ctx delete ...` runs the script's Tcl when the context
     command is deleted, at the connection's end, in the host's context hook: outside any
     callback, so outside Tcl's limit. A loop there froze the milter for good, SIGTERM included.
     Now it is held to -calltimeout, the hook is logged as stopped, and the milter serves on."""
-    m = tclrun(TCL_TRACED_CONTEXT, "--grace", "1")
+    m = tclrun(script, "--grace", "1")
     with m.mta() as mta:
         mta.negotiate()
         assert ok(mta.mail("<a@example.org>"))
-    m.wait_for(r"ERROR: conn#1: the context_closed hook \S+ failed \(callback stopped after 2 s \(call_timeout\), "
-               r"in the script's Tcl code that the context's making or deleting ran \(a trace\)\)", timeout=20)
+    m.wait_for(rf"ERROR: conn#1: the context_closed hook \S+ failed \(callback stopped after {seconds} s "
+               r"\(call_timeout\), in the script's Tcl code that the context's making or deleting ran \(a trace\)\)",
+               timeout=20)
     with m.mta() as mta:
         mta.negotiate()
         assert ok(mta.mail("<b@example.org>"))  # (its own trace runs at its end, held as well)
     assert m.stop(timeout=20) == 0
+    assert "tick failed" not in m.text and "TclError" not in m.text, m.text
 
 
 TCL_STUCK_LONG = r"""
@@ -1229,37 +1241,6 @@ def test_a_grace_past_what_a_thread_can_wait_lets_the_session_finish_without_a_t
         mta.quit()
     assert m.wait_exit(20) == 0
     assert "Error" not in m.text and "Traceback" not in m.text, m.text
-
-
-TCL_TRACE_PAST_ITS_TIME_IN_C = r"""
-package require TclMilter
-milter configure -calltimeout 1
-proc from {ctx list} {
-    trace add command $ctx delete {apply {args {exec sleep 1.3; while 1 {catch {catch {incr ::k}}}}}}
-    return SMFIS_CONTINUE
-}
-milter register envfrom from
-milter main
-"""
-
-
-def test_a_trace_whose_time_ran_out_in_c_code_is_logged_as_stopped(tclrun):
-    """The hook's time ran out while its Tcl was in `exec`: the Python limit's signal was pending
-    when Tcl next called the deadline handler, and its CallbackTimeout was raised there, where
-    tkinter keeps it and gives Tcl an empty error. The hook was not logged as stopped, and the
-    next tick failed with an empty TclError. Now the handler's failure stops the Tcl code as its
-    deadline does, and the hook is logged as stopped."""
-    m = tclrun(TCL_TRACE_PAST_ITS_TIME_IN_C, "--grace", "1")
-    with m.mta() as mta:
-        mta.negotiate()
-        assert ok(mta.mail("<a@example.org>"))
-    m.wait_for(r"ERROR: conn#1: the context_closed hook \S+ failed \(callback stopped after 1 s \(call_timeout\), "
-               r"in the script's Tcl code that the context's making or deleting ran \(a trace\)\)", timeout=20)
-    with m.mta() as mta:
-        mta.negotiate()
-        assert ok(mta.mail("<b@example.org>"))
-    assert m.stop(timeout=20) == 0
-    assert "tick failed" not in m.text and "TclError" not in m.text, m.text
 
 
 CTX_TCL_PAST_ITS_TIME_IN_C = r'''

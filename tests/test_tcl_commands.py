@@ -150,20 +150,25 @@ def test_command_line_overrides_script_settings(tclrun):
     assert cfg["-connection"].startswith("inet:")
 
 
-def test_a_backlog_no_c_int_holds_is_refused_when_set(tclrun):
+@pytest.mark.parametrize("option, big, most, refused", [
+    ("backlog", "2147483648", "2147483647", "integer value too large to represent"),
+    ("workers", "100000", "1024", 'expected positive integer up to 1024 but got "100000"'),
+])
+def test_an_option_value_above_its_cap_is_refused_when_set(tclrun, option, big, most, refused):
     """listen() takes a C int: -backlog 2147483648 was accepted and `milter main` died with a
-    Python traceback (OverflowError); from the command line too."""
-    m = tclrun(TCL_HELPERS + r"""
+    Python traceback (OverflowError). -workers 100000 was taken, and `milter main` set out to fork
+    a hundred thousand processes, each with its own interpreter. From the command line too."""
+    m = tclrun(TCL_HELPERS + f"""
         package require TclMilter
-        T big {milter configure -backlog 2147483648}
-        T max {milter configure -backlog 2147483647}
+        T big {{milter configure -{option} {big}}}
+        T max {{milter configure -{option} {most}}}
         exit 0
     """, connection=None, wait=False)
     assert m.wait_exit() == 0, m.output
-    assert m.results() == {"big": "ERR integer value too large to represent", "max": "OK "}
-    m = tclrun("package require TclMilter\nmilter main\n", "--backlog", "99999999999999999999", wait=False)
+    assert m.results() == {"big": f"ERR {refused}", "max": "OK "}
+    m = tclrun("package require TclMilter\nmilter main\n", f"--{option}", big, wait=False)
     assert m.wait_exit() == 64, m.output
-    assert "integer value too large to represent" in m.output and "Traceback" not in m.output, m.output
+    assert f"pytclmilter run: {refused}" in m.output and "Traceback" not in m.output, m.output
 
 
 def test_a_socket_path_that_is_not_utf8_is_taken(tmp_path):
@@ -992,18 +997,3 @@ def test_a_failing_abort_or_close_callback_is_logged_without_an_answer(tclrun):
     assert failed["abort"].endswith("abort callback drop failed (abort went wrong), no answer (abort takes none):")
     assert failed["close"].endswith("close callback bye failed (close went wrong), no answer (close takes none):")
 
-
-def test_workers_beyond_the_cap_are_refused_naming_it(tclrun):
-    """-workers 100000 was taken, and `milter main` set out to fork a hundred thousand processes,
-    each with its own interpreter: now the limit (1024) is named, in Tcl and on the command line."""
-    m = tclrun(TCL_HELPERS + r"""
-        package require TclMilter
-        T big {milter configure -workers 100000}
-        T max {milter configure -workers 1024}
-        exit 0
-    """, connection=None, wait=False)
-    assert m.wait_exit() == 0, m.output
-    assert m.results() == {"big": 'ERR expected positive integer up to 1024 but got "100000"', "max": "OK "}
-    m = tclrun("package require TclMilter\nmilter main\n", "--workers", "1025", wait=False)
-    assert m.wait_exit() == 64, m.output
-    assert 'pytclmilter run: expected positive integer up to 1024 but got "1025"' in m.output, m.output
