@@ -1261,6 +1261,65 @@ def test_a_failing_callback_is_logged_with_traceback_and_answered_tempfail(caplo
     assert m.stats.errors == 2
 
 
+class _EqualsNothing:
+    """A result such as a pandas Series: comparing it raises."""
+
+    def __eq__(self, other):
+        raise ValueError("The truth value of a Series is ambiguous")
+
+    __hash__ = object.__hash__
+
+
+class _NoRepr:
+    def __repr__(self):
+        raise RuntimeError("repr exploded")
+
+
+class _NoStr(Exception):
+    def __str__(self):
+        raise RuntimeError("str exploded")
+
+
+@pytest.mark.parametrize("is_async", [False, True])
+def test_a_result_or_exception_that_cannot_be_shown_is_answered_not_a_dropped_connection(caplog, is_async):
+    """Bug: a callback result whose == raises (a pandas Series), or whose repr raises, or an
+    exception whose str() raises, escaped the engine: asyncio's "Fatal error on transport", the
+    connection closed unanswered. Now the result is no status (continue, with the warning) and
+    the exception a failure answered with on_error, each logged by its type."""
+    caplog.set_level(logging.INFO, logger=LOG)
+    m = make_milter()
+
+    def envfrom(ctx, args):
+        return _NoRepr()
+
+    def envrcpt(ctx, args):
+        if args[0] == "<str@example.com>":
+            raise _NoStr()
+        return _EqualsNothing()
+
+    def run_async(func):
+        async def wrapper(ctx, args):
+            await asyncio.sleep(0)
+            return func(ctx, args)
+        return wrapper
+
+    m.register("envfrom", run_async(envfrom) if is_async else envfrom)
+    m.register("envrcpt", run_async(envrcpt) if is_async else envrcpt)
+    with serving(m) as srv, srv.raw() as mta:
+        assert mta.mail() == (b"c", b"")
+        assert mta.rcpt("<eq@example.com>") == (b"c", b"")
+        assert mta.rcpt("<str@example.com>") == (b"t", b"")
+        assert mta.rcpt("<eq@example.com>") == (b"c", b""), "the connection goes on"
+    lines = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert not any("Fatal error" in t for t in lines), lines
+    assert any("_EqualsNothing object at 0x" in t and "not a status" in t for t in lines), lines
+    assert any("returned <object repr() failed>, not a status" in t
+               for t in lines), lines
+    failed = [t for t in lines if "failed (<exception str() failed>), answering "
+              "SMFIS_TEMPFAIL" in t]
+    assert len(failed) == 1 and "raise _NoStr()" in failed[0], lines
+
+
 @pytest.mark.parametrize("call_timeout", [0, 30.0])
 def test_an_async_callback_whose_await_is_cancelled_fails_and_the_connection_goes_on(caplog, call_timeout):
     """Bug: a CancelledError out of an async callback (it awaited a task that something else

@@ -252,6 +252,57 @@ def test_a_python_exception_is_a_tcl_error_the_script_can_catch(tclrun):
                          "    invoked from within", '"p"']
 
 
+UNSHOWABLE_HOOKS = '''
+class Unshowable(Exception):
+    def __str__(self):
+        raise RuntimeError("str exploded")
+
+
+class Opaque:
+    def __str__(self):
+        raise RuntimeError("objstr exploded")
+
+
+def setup(milter):
+    @milter.tcl_command("boom")
+    def boom():
+        raise Unshowable()
+
+    @milter.register("connect")
+    def connect(ctx, hostname, addrinfo):
+        ctx.setpriv("opaque", Opaque())
+'''
+
+
+def test_an_exception_or_private_data_whose_str_raises_is_a_tcl_error_that_says_so(tclrun):
+    """Bug: a Python command raising an exception whose __str__ raises gave the script an empty
+    error, errorCode NONE and no traceback (tkinter kept the second exception to itself); private
+    data whose __str__ raises was an "internal error" logged with pytclmilter's frames."""
+    m = tclrun(TCL_HELPERS + r"""
+        package require TclMilter
+        T code  {catch {boom} m o; list $m [dict get $o -errorcode]}
+        T info  {catch {boom} m o; string match "*raise Unshowable()*" [dict get $o -errorinfo]}
+        proc helo {ctx name} {
+            T opaque {$ctx getpriv opaque}
+            return SMFIS_CONTINUE
+        }
+        milter register helo helo
+        milter main
+    """, python=[UNSHOWABLE_HOOKS])
+    with m.mta() as mta:
+        mta.negotiate()
+        assert mta.connect() == ("c", {})
+        assert mta.helo() == ("c", {})
+    assert m.stop() == 0
+    r = m.results()
+    why = "<exception str() failed>"
+    assert r["code"] == f"OK {{{why}}} {{PYTHON Unshowable {{{why}}}}}"
+    assert r["info"] == "OK 1"
+    assert r["opaque"] == ('ERR private data "opaque": an Opaque whose str() failed (RuntimeError: objstr '
+                           'exploded)')
+    assert "internal error" not in m.text and "Traceback" not in m.text
+
+
 NESTING_HOOKS = '''
 def setup(milter):
     @milter.tcl_command("nested")

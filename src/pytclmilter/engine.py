@@ -1222,7 +1222,7 @@ def _failure_answer(name: str, status: Status, ignore: bool, dry: bool) -> str:
 def _result_shown(result: Any) -> str:
     """A result that is no status as its warning quotes it: a long text, bytes or collection by the
     start of its repr and its length (a Tcl callback's result comes quoted and cut already)."""
-    shown = repr(result)
+    shown = said(result, repr)
     if len(shown) <= SHOWN or not isinstance(result, (str, bytes, bytearray, list, tuple, dict)):
         return shown
     unit = "bytes" if isinstance(result, (bytes, bytearray)) else "characters" if isinstance(result, str) else "items"

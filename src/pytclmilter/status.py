@@ -29,6 +29,7 @@ NOREPLY = Status.NOREPLY
 SKIP = Status.SKIP
 
 _BY_NAME: Final = {s.name: s for s in Status} | {s.smfis: s for s in Status}
+_BY_VALUE: Final = {int(s): s for s in Status}
 
 #: What a failing callback may answer (on_error, -onerror): SKIP and NOREPLY are answers to one
 #: stage only (a body chunk; an event the MTA expects no reply to), not to any failure.
@@ -39,19 +40,18 @@ def parse_status(value: object) -> Status | None:
     """A callback's result as a Status; ``None`` and ``""`` mean continue; unknown -> None.
 
     Accepts Status members, their integer values, and the names ``CONTINUE`` or
-    ``SMFIS_CONTINUE`` (any case).
+    ``SMFIS_CONTINUE`` (any case). Only ints and strs are compared, by their base class's
+    methods: a result whose ``==`` raises (a pandas Series) is no status, not a failure.
     """
-    if value is None or value == "":
+    if value is None:
         return CONTINUE
     if isinstance(value, Status):
         return value
     if isinstance(value, int) and not isinstance(value, bool):
-        try:
-            return Status(value)
-        except ValueError:
-            return None
+        return _BY_VALUE.get(int.__index__(value))
     if isinstance(value, str):
-        return _BY_NAME.get(value.strip().upper())
+        text = str.__str__(value)
+        return CONTINUE if not text else _BY_NAME.get(text.strip().upper())
     return None
 
 

@@ -11,9 +11,9 @@ import logging
 from typing import Any, Callable, Final, Sequence
 
 from ..context import Context, unset_matching
-from ..logline import Repeated, escape
+from ..logline import Repeated, escape, said
 from .pycommands import tcl_form
-from .usage import TclUsageError, bad_choice, count_ok, integer, wrong_args
+from .usage import TclUsageError, bad_choice, count_ok, integer, with_article, wrong_args
 
 # Private data: ::tclmilter::context (tclmilter.tcl) answers from the script's own values and
 # comes here only for what Python callbacks set (ctx.priv), or with an error to report.
@@ -30,7 +30,16 @@ def priv_value(value: Any) -> Any:
     left as they are (the command's result goes through deep_to_tcl) and any other type as its
     string form. Bytes are text under the bytes rule (tkinter would make a byte array of them,
     one character per byte: UTF-8 text read as Latin-1, and the bytes that reach the MTA altered)."""
-    return tcl_form(value, _same, str)
+    return tcl_form(value, _same, _string_form)
+
+
+def _string_form(value: object) -> str:
+    """``str(value)``; one that raises (a host's class) is a ValueError, the script's error as a
+    nesting too deep is, not an "internal error" with pytclmilter's frames."""
+    try:
+        return str(value)
+    except Exception as exc:  # noqa: BLE001 - any error of the host's code
+        raise ValueError(f"{with_article(type(value).__name__)} whose str() failed ({type(exc).__name__}: {said(exc)})") from None
 
 
 def _same(value: str) -> str:
@@ -47,7 +56,8 @@ def _read(ctx: Context, name: str) -> Any:
 
 
 def _readable(name: str, value: Any) -> Any:
-    """priv_value, its ValueError (a value a Python callback nested too deep) the script's error."""
+    """priv_value, its ValueError (a value a Python callback nested too deep, or whose str()
+    raises) the script's error."""
     try:
         return priv_value(value)
     except ValueError as exc:
