@@ -1936,6 +1936,26 @@ def test_send_keeps_8bit_bytes_through_replacebody(serve: Callable[..., TclRun])
     assert m.stop() == 0
 
 
+def test_send_reads_the_message_from_standard_input_given_as_dash(serve: Callable[..., TclRun]) -> None:
+    """Bug: `try` reads `-` as standard input, `send` (whose MESSAGE is "that of try") said `-: No
+    such file or directory`, exit 66, to `pytclmilter send -c SPEC - < mail.eml`; and with
+    standard input closed `try -` read whatever file had descriptor 0 since."""
+    m = serve(STAMP, "--connection", "inet:0@127.0.0.1")
+    piped = subprocess.run([*PYTCLMILTER, "send", "--connection", m.spec, "-", *CLIENT],
+                           input=(DATA / "plain.eml").read_bytes(), capture_output=True, timeout=30, env=child_env())
+    status, out = cli("send", "--connection", m.spec, str(DATA / "plain.eml"), *CLIENT)
+    assert (piped.returncode, piped.stdout.decode().replace("\r\n", "\n")) == (0, out), piped.stderr
+    assert STAMP_HEADER in out
+    # Standard input closed at start: descriptor 0 may since be one of pytclmilter's files, whose
+    # bytes `try` took for the message (an empty one, accepted, exit 0).
+    for command in (["send", "--connection", m.spec], ["try", str(STAMP)]):
+        closed = subprocess.run([*PYTCLMILTER, *command, "-"], preexec_fn=lambda: os.close(0),
+                                capture_output=True, text=True, timeout=30, env=child_env())
+        assert (closed.returncode, closed.stdout) == (66, ""), (command, closed)
+        assert closed.stderr == f"pytclmilter {command[0]}: -: standard input is closed\n"
+    assert m.stop() == 0
+
+
 def test_send_rejected_sender_against_a_running_filter(serve: Callable[..., TclRun]) -> None:
     m = serve(BLACKLIST, "--connection", "inet:0@127.0.0.1")
     status, out = cli("send", "--connection", m.spec, str(DATA / "blacklisted.eml"))

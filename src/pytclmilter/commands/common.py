@@ -272,11 +272,22 @@ def reports_print_anywhere() -> None:
         sys.stdout.reconfigure(errors="backslashreplace")
 
 
+def stdin_fd() -> int:
+    """Descriptor 0, for a MESSAGE given as ``-``; a UsageError (EX_NOINPUT) if standard input was
+    closed at start (sys.stdin is then None): descriptor 0 may since be a file of pytclmilter's,
+    whose bytes were read as the message."""
+    if sys.stdin is None:
+        raise UsageError("-: standard input is closed", EX_NOINPUT)
+    return 0
+
+
 def read_message(opts: argparse.Namespace) -> tuple[Message, Envelope]:
-    """The message file and its envelope; a UsageError (EX_NOINPUT) when it cannot be read or is
-    larger than --max-size (a device or a file that grows is read no further)."""
+    """The message file (``-``: standard input, as for try) and its envelope; a UsageError
+    (EX_NOINPUT) when it cannot be read or is larger than --max-size (a device or a file that
+    grows is read no further)."""
+    stdin = opts.message == "-"
     try:
-        with open(opts.message, "rb") as f:
+        with open(stdin_fd() if stdin else opts.message, "rb", closefd=not stdin) as f:
             raw = read_at_most(f, opts.max_size)
     except OSError as exc:
         raise UsageError(f"{opts.message}: {exc.strerror}", EX_NOINPUT) from None

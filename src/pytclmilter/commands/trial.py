@@ -35,7 +35,8 @@ from ..connspec import ConnSpec
 from ..hooks import Hooks
 from ..logline import controls_escaped, escape, one_line
 from .common import (EX_NOINPUT, EX_SOFTWARE, ScriptExit, UsageError, add_envelope_options, add_script_options,
-                     check_script, envelope_of, macros_of, make_host, read_message, reports_print_anywhere)
+                     check_script, envelope_of, macros_of, make_host, read_message, reports_print_anywhere,
+                     stdin_fd)
 from .logs import setup_logging
 from .workdir import private_workdir
 from . import sigmask
@@ -98,7 +99,7 @@ def _input(opts: argparse.Namespace, workdir: str) -> Listing | StreamedMbox:
     try:
         if opts.message != "-" and not _is_stream(opts.message):
             return open_input(opts.message, opts.message, opts.max_size)
-        fd = 0 if opts.message == "-" else os.open(opts.message, os.O_RDONLY | os.O_CLOEXEC)
+        fd = stdin_fd() if opts.message == "-" else os.open(opts.message, os.O_RDONLY | os.O_CLOEXEC)
         first = _first_bytes(fd)
         if first == MBOX_MAGIC and not opts.compare:
             return StreamedMbox(fd, first, opts.message, opts.max_size)
