@@ -2081,6 +2081,35 @@ def test_send_to_a_filter_that_never_answers_says_where_it_waited() -> None:
     assert "error: no reply from the filter within 0.5 s (waiting at option negotiation)" in out, out
 
 
+def test_send_gives_a_filter_that_trickles_its_reply_the_timeout_for_the_whole_reply() -> None:
+    """Bug: --timeout bounded each read, not each reply: a filter sending its reply a byte at a
+    time, each within the timeout, held `send --timeout 1` for as long as it liked (a 17-byte
+    reply over 5 s was taken, and a session of such replies took 48 s)."""
+    reply = struct.pack(">I", 13) + b"O" + struct.pack(">III", 6, 0, 0)
+
+    def trickle(listener: socket.socket) -> None:
+        conn, _ = listener.accept()
+        with conn:
+            conn.recv(1024)
+            try:
+                for byte in reply:
+                    conn.sendall(bytes([byte]))
+                    time.sleep(0.3)
+            except OSError:  # send gave up and closed
+                pass
+
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        filter_thread = threading.Thread(target=trickle, args=(listener,), daemon=True)
+        filter_thread.start()
+        port = listener.getsockname()[1]
+        status, out = cli("send", "--connection", f"inet:{port}@127.0.0.1", "--timeout", "1", str(DATA / "plain.eml"))
+        filter_thread.join(10)
+    assert status == 2
+    assert "error: no reply from the filter within 1 s (waiting at option negotiation)" in out, out
+
+
 def test_send_to_an_inet6_spec_without_a_host_connects_to_the_ipv6_loopback() -> None:
     """`inet6:PORT` without a host is the IPv6 loopback, ::1 (as `inet:PORT` is 127.0.0.1)."""
     with socket.create_server(("::1", 0), family=socket.AF_INET6) as silent:  # queues, never answers

@@ -86,12 +86,17 @@ class Conversation:
             raise ConversationError("the filter closed the connection") from None
 
     async def _recv(self) -> ev.Reply:
+        """The next reply, within ``timeout`` for the whole of it: a filter that trickles it a byte
+        at a time, each within the timeout, held the conversation for as long as it liked."""
+        loop = asyncio.get_running_loop()
+        deadline = None if self.timeout is None else loop.time() + self.timeout
         while True:
             frame = self.frames.next_frame()
             if frame is not None:
                 return decode_reply(*frame)
             try:
-                data = await asyncio.wait_for(self.reader.read(65536), self.timeout)
+                left = None if deadline is None else max(deadline - loop.time(), 0.0)
+                data = await asyncio.wait_for(self.reader.read(65536), left)
             except asyncio.TimeoutError:
                 where = self.out.stages[-1].name if self.out.stages else "option negotiation"
                 raise ConversationError(f"no reply from the filter within {self.timeout:g} s "
