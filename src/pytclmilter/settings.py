@@ -28,6 +28,8 @@ DEFAULT_MAX_CONNECTIONS: Final = 1000
 #: that wait) are 2048 tasks, within the 4096 of a common RLIMIT_NPROC (which counts threads),
 #: and 6.5 GB; a typo such as 100000 forked until that limit or memory ran out.
 MAX_WORKERS: Final = 1024
+#: listen()'s argument is a C int.
+_BACKLOG_MAX: Final = 0x7FFFFFFF
 
 
 @dataclass(frozen=True)
@@ -73,6 +75,9 @@ class Settings:
             raise ValueError(f"workers {self.workers!r}: must be at most {MAX_WORKERS} (each is a process)")
         if self.workers < 1 or (self.backlog is not None and self.backlog < 1):
             raise ValueError(f"workers {self.workers!r} and backlog {self.backlog!r}: must be 1 or more")
+        if self.backlog is not None and self.backlog > _BACKLOG_MAX:  # (run() ended in an OverflowError)
+            raise ValueError(f"backlog {self.backlog!r}: more than {_BACKLOG_MAX}, the most listen() takes (the "
+                             "kernel caps it at net.core.somaxconn)")
         if self.on_error not in ERROR_ANSWERS:
             raise ValueError(f"on_error {self.on_error.smfis}: must be one of "
                              f"{', '.join(s.smfis for s in ERROR_ANSWERS)}")
