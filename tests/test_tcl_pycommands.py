@@ -13,6 +13,7 @@ import re
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import pexpect
 import pytest
@@ -252,6 +253,19 @@ def test_a_python_exception_is_a_tcl_error_the_script_can_catch(tclrun):
                          "    invoked from within", '"p"']
 
 
+def results_to_helo(tclrun, hooks: str, at_load: str, at_helo: str) -> tuple[Any, dict[str, str]]:
+    """Run ``at_load`` as the script loads and ``at_helo`` in its helo callback (``T`` lines, see
+    TCL_HELPERS), with the hooks file; one session up to HELO, a stop; the run and its results."""
+    m = tclrun(TCL_HELPERS + "package require TclMilter\n" + at_load + "\nproc helo {ctx name} {\n" + at_helo
+               + "\nreturn SMFIS_CONTINUE\n}\nmilter register helo helo\nmilter main\n", python=[hooks])
+    with m.mta() as mta:
+        mta.negotiate()
+        assert mta.connect() == ("c", {})
+        assert mta.helo() == ("c", {})
+    assert m.stop() == 0
+    return m, m.results()
+
+
 UNSHOWABLE_HOOKS = '''
 class Unshowable(Exception):
     def __str__(self):
@@ -278,23 +292,10 @@ def test_an_exception_or_private_data_whose_str_raises_is_a_tcl_error_that_says_
     """Bug: a Python command raising an exception whose __str__ raises gave the script an empty
     error, errorCode NONE and no traceback (tkinter kept the second exception to itself); private
     data whose __str__ raises was an "internal error" logged with pytclmilter's frames."""
-    m = tclrun(TCL_HELPERS + r"""
-        package require TclMilter
+    m, r = results_to_helo(tclrun, UNSHOWABLE_HOOKS, r"""
         T code  {catch {boom} m o; list $m [dict get $o -errorcode]}
         T info  {catch {boom} m o; string match "*raise Unshowable()*" [dict get $o -errorinfo]}
-        proc helo {ctx name} {
-            T opaque {$ctx getpriv opaque}
-            return SMFIS_CONTINUE
-        }
-        milter register helo helo
-        milter main
-    """, python=[UNSHOWABLE_HOOKS])
-    with m.mta() as mta:
-        mta.negotiate()
-        assert mta.connect() == ("c", {})
-        assert mta.helo() == ("c", {})
-    assert m.stop() == 0
-    r = m.results()
+    """, "T opaque {$ctx getpriv opaque}")
     why = "<exception str() failed>"
     assert r["code"] == f"OK {{{why}}} {{PYTHON Unshowable {{{why}}}}}"
     assert r["info"] == "OK 1"
@@ -336,27 +337,14 @@ def test_a_result_nested_too_deep_or_without_end_is_a_tcl_error_that_says_so(tcl
     tkinter keeps such an exception to itself, and the script got an empty error, errorCode
     NONE; a command calling itself through milter.tcl ended in a bare "TclError". Read with
     getpriv, such private data was an "internal error" with a traceback of a thousand lines."""
-    m = tclrun(TCL_HELPERS + r"""
-        package require TclMilter
+    m, r = results_to_helo(tclrun, NESTING_HOOKS, r"""
         T list100  {string length [nested 100]}
         T dict100  {dict size [nested 100 dict]}
         T list101  {nested 101}
         T code     {catch {nested 500} m o; dict get $o -errorcode}
         T itself   {itself}
         T again    {again}
-        proc helo {ctx name} {
-            T loop {$ctx getpriv loop}
-            return SMFIS_CONTINUE
-        }
-        milter register helo helo
-        milter main
-    """, python=[NESTING_HOOKS])
-    with m.mta() as mta:
-        mta.negotiate()
-        assert mta.connect() == ("c", {})
-        assert mta.helo() == ("c", {})
-    assert m.stop() == 0
-    r = m.results()
+    """, "T loop {$ctx getpriv loop}")
     deep = "a list nested deeper than 100 levels (or one that contains itself) has no Tcl form"
     assert r["list100"] == "OK 1"
     assert r["dict100"] == "OK 1"
