@@ -41,6 +41,7 @@ import pytest
 
 from pytclmilter.client.load import LoadResult
 from pytclmilter.client.message import Message
+from pytclmilter.protocol.codec import FrameReader
 from support.engine import frame, parse_frames
 from support.postfix import free_port
 from support.tclrun import ROOT_WARNING, TclRun, _pytclmilter_command, child_env, children_of
@@ -2108,6 +2109,50 @@ def test_send_gives_a_filter_that_trickles_its_reply_the_timeout_for_the_whole_r
         filter_thread.join(10)
     assert status == 2
     assert "error: no reply from the filter within 1 s (waiting at option negotiation)" in out, out
+
+
+def test_send_to_a_filter_that_sends_modifications_without_end_stops_at_a_bound() -> None:
+    """Bug: `send` kept every action a filter sent at end of message: one that sent addheader
+    without end, each at once (no timeout fires), grew send's memory without end (600 MB in 15 s)
+    and the conversation never ended. Now past what a message may hold (the milter's own bound,
+    100 000 modifications) it fails, tempfail, as a broken filter does."""
+    def frame(code: bytes, data: bytes = b"") -> bytes:
+        return struct.pack(">I", len(data) + 1) + code + data
+
+    flood = frame(b"h", b"X-Flood\0" + b"v" * 100 + b"\0") * 1000
+
+    def endless(listener: socket.socket) -> None:
+        conn, _ = listener.accept()
+        frames = FrameReader(frozenset(bytes([c]) for c in range(256)), 65535)
+        with conn:
+            try:
+                while data := conn.recv(65536):
+                    frames.feed(data)
+                    while (got := frames.next_frame()) is not None:
+                        code = got[0]
+                        if code == b"O":
+                            conn.sendall(frame(b"O", struct.pack(">III", 6, 0x1FF, 0)))
+                        elif code == b"E":
+                            while True:
+                                conn.sendall(flood)
+                        elif code not in (b"D", b"A", b"Q"):
+                            conn.sendall(frame(b"c"))
+            except OSError:  # send gave up and closed
+                pass
+
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        filter_thread = threading.Thread(target=endless, args=(listener,), daemon=True)
+        filter_thread.start()
+        port = listener.getsockname()[1]
+        sent = subprocess.run([*PYTCLMILTER, "send", "--connection", f"inet:{port}@127.0.0.1", str(DATA / "plain.eml")],
+                              capture_output=True, text=True, timeout=60, env=child_env())  # (100 000 lines: no pty)
+        filter_thread.join(10)
+    status, out = sent.returncode, sent.stdout
+    assert status == 2, out[-2000:]
+    assert ("error: the filter sent more than 100000 modifications at end of message, more than a message may "
+            "have (a loop in the filter?)") in out, out[-2000:]
 
 
 def test_send_to_an_inet6_spec_without_a_host_connects_to_the_ipv6_loopback() -> None:

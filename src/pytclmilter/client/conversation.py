@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 from dataclasses import dataclass, field
 
+from ..context import MAX_CHANGES, MAX_QUEUED
 from ..protocol import events as ev
 from ..protocol.codec import FrameReader, split_body
 from ..protocol.constants import ALL_ACTIONS, ALL_PROTO, MDS_1M, Family
@@ -76,6 +77,9 @@ class Conversation:
         self.protocol = 0
         self.out = Outcome()
         self.skipping: type | None = None  # the kind of event the filter answered SKIP to, while they last
+        self.frame_size = 0  # the data bytes of the last reply
+        self.changes = 0  # the modifications kept, and their bytes (_hold)
+        self.held = 0
 
     # ------------------------------------------------------------ wire
 
@@ -93,6 +97,7 @@ class Conversation:
         while True:
             frame = self.frames.next_frame()
             if frame is not None:
+                self.frame_size = len(frame[1])
                 return decode_reply(*frame)
             try:
                 left = None if deadline is None else max(deadline - loop.time(), 0.0)
@@ -146,7 +151,24 @@ class Conversation:
                                         "nor an action")
             if not eom and not isinstance(reply, ev.Quarantine):
                 raise ConversationError(f"{type(reply).__name__} sent at {stage.name}, outside end of message")
-            stage.actions.append(reply)
+            self._hold(stage, reply)
+
+    def _hold(self, stage: Stage, action: ev.Reply) -> None:
+        """Keep an action, within what the milter itself lets one message have (context.py): a
+        filter that sent them without end, each at once, grew the memory without end and the
+        conversation never ended."""
+        self.held += self.frame_size
+        if isinstance(action, ev.ReplaceBody):
+            pass
+        elif self.changes >= MAX_CHANGES:
+            raise ConversationError(f"the filter sent more than {MAX_CHANGES} modifications at end of message, more "
+                                    "than a message may have (a loop in the filter?)")
+        else:
+            self.changes += 1
+        if self.held > MAX_QUEUED:
+            raise ConversationError(f"the filter sent more than {MAX_QUEUED >> 20} MiB of modifications at end of "
+                                    "message, more than a message may hold (a loop in the filter?)")
+        stage.actions.append(action)
 
     # ------------------------------------------------------------ the session
 
