@@ -1983,6 +1983,17 @@ def test_send_count_and_concurrency_print_a_load_summary(serve: Callable[..., Tc
     assert "verdicts: accept=200, callback errors=0" in m.text
 
 
+def test_send_concurrency_above_the_count_costs_nothing_more(serve: Callable[..., TclRun]) -> None:
+    """Bug: --concurrency made that many workers whatever --count: `--count 2 --concurrency
+    3000000` held 3 GB and took 60 s to send two messages."""
+    m = serve(STAMP, "--connection", "inet:0@127.0.0.1")
+    status, out = cli("send", "--connection", m.spec, str(DATA / "plain.eml"), "--count", "2",
+                      "--concurrency", "1000000", timeout=15)
+    assert status == 0, out
+    assert re.search(r"^verdicts: accept=2$", out, re.M), out
+    assert m.stop() == 0
+
+
 def test_send_count_with_json_prints_the_load_summary_as_json(serve: Callable[..., TclRun]) -> None:
     """--json with --count printed the text summary: a script reading it got no JSON."""
     m = serve(STAMP, "--connection", "inet:0@127.0.0.1")

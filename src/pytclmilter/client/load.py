@@ -114,7 +114,8 @@ async def load(spec: ConnSpec, env: Envelope, msg: Message, count: int, concurre
 
     ticker = asyncio.ensure_future(reporter())
     try:
-        await asyncio.gather(*(worker() for _ in range(max(1, concurrency))))
+        # (no more workers than messages: --concurrency 3000000 made 3 GB of them for two messages)
+        await asyncio.gather(*(worker() for _ in range(max(1, min(concurrency, count)))))
     finally:
         ticker.cancel()
     result.seconds = time.perf_counter() - start
