@@ -1705,6 +1705,11 @@ def test_reload_error_is_exported_and_names_the_python_settings():
         m.reload(new)
     assert str(raised.value) == "only a restart can change workers (serving 1, new 2)"
     assert raised.value.settings == ("workers",)
+    # Not a Milter (a Hooks.reload that passes what it built around one): it said
+    # "AttributeError: 'Settings' object has no attribute 'settings'"
+    with pytest.raises(TypeError) as wrong:
+        m.reload(new.settings)
+    assert str(wrong.value) == "reload: a pytclmilter.Milter expected; got Settings"
 
 
 @pytest.mark.parametrize("end", ["eof", "quit"])

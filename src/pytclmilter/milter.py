@@ -451,6 +451,8 @@ class Milter:
 
         ReloadError, with nothing changed, if ``new`` differs in a setting that only a restart can
         change (RESTART_ONLY), was stopped before it served, or this milter does not serve."""
+        if not isinstance(new, Milter):  # (else an AttributeError on the settings it lacks)
+            raise TypeError(f"reload: a pytclmilter.Milter expected; got {type(new).__name__}")
         changed = tuple(attr for attr in RESTART_ONLY if getattr(new.settings, attr) != getattr(self.settings, attr))
         if changed:
             values = ", ".join(f"{attr} (serving {getattr(self.settings, attr)!r}, new {getattr(new.settings, attr)!r})"
