@@ -1417,6 +1417,17 @@ def test_workers_backlog_and_tick_interval_below_their_least_are_refused():
     assert m.socket_mode == 0
 
 
+@pytest.mark.parametrize("field, value", [("listening", 5), ("context_created", "log"), ("tick", 0.5),
+                                          ("listening", None)])
+def test_a_hook_that_is_not_callable_is_refused_when_given(field, value):
+    """Bug: Hooks took anything: listening=5 ended run() in a traceback ("'int' object is not
+    callable"), context_created="log" failed every connection, tick=0.5 was never called."""
+    with pytest.raises(TypeError) as raised:
+        Hooks(**{field: value})
+    assert str(raised.value) == f"Hooks {field} must be callable (or left out), not {value!r}"
+    assert Hooks(reload=None, tick=None).tick is None  # (their defaults: no reload, no tick)
+
+
 def test_hooks_given_at_construction_are_called_by_the_server_and_the_connection():
     seen: list[tuple[str, str]] = []
     hooks = Hooks(listening=lambda spec: seen.append(("listening", str(spec))),

@@ -54,6 +54,14 @@ class Hooks:
     #: Called every ``tick_interval`` seconds while serving, if given.
     tick: Callable[[], None] | None = None
 
+    def __post_init__(self) -> None:
+        """A hook that is not callable is refused when given, naming it: it failed when called,
+        at run() (listening: its traceback), at every connection, or never (tick)."""
+        for name, spec in self.__dataclass_fields__.items():
+            value = getattr(self, name)
+            if not callable(value) and not (value is None and spec.default is None):
+                raise TypeError(f"Hooks {name} must be callable (or left out), not {value!r}")
+
 
 def forget_early_reload() -> None:
     """Take a SIGUSR1 that came while the milter was not serving yet (blocked until then, so it
