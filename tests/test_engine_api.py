@@ -1664,6 +1664,19 @@ def test_a_socket_owner_that_is_not_a_uid_and_gid_is_named_when_set(owner):
     assert m.socket_owner == (0, 0)
 
 
+@pytest.mark.parametrize("owner", [(-5, 0), (0, 2**32 - 1), (2**40, 0)])
+def test_a_socket_owner_no_system_has_is_refused_when_set(owner, tmp_path):
+    """Any pair of ints was taken, and run() ended in a traceback once it had bound the socket:
+    "OverflowError: uid is less than minimum" from the chown."""
+    m = make_milter(connection=f"unix:{tmp_path}/m.sock")
+    with pytest.raises(ValueError) as raised:
+        m.socket_owner = owner
+    assert str(raised.value) == (f"socket_owner {owner!r}: each id must be -1 (kept as it is) or from 0 to "
+                                 "4294967294")
+    m.socket_owner = (-1, 0)
+    assert m.socket_owner == (-1, 0)
+
+
 @pytest.mark.parametrize("spec, message", [
     ("bogus", 'metrics "bogus": must be inet:PORT@HOST or inet6:PORT@HOST (HTTP over TCP)'),
     ("inet:9101", 'metrics "inet:9101": needs the address to listen on, such as inet:9101@127.0.0.1'),

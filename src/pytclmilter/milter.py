@@ -9,7 +9,7 @@ import logging
 import os
 import signal
 from dataclasses import replace
-from typing import TYPE_CHECKING, Any, Callable, Generic, Iterator, TypeVar, overload
+from typing import TYPE_CHECKING, Any, Callable, Final, Generic, Iterator, TypeVar, cast, overload
 
 from .callbacks import EVENTS, Callback, Registry, accepts, not_accepted
 from .connspec import ConnSpec, parse, parse_metrics
@@ -86,11 +86,18 @@ def _checked(name: str, value: T) -> T:
         parse_metrics(str(value))  # ConnSpecError (a ValueError): 'metrics "x": must be ...'
     elif name == "connection":
         parse(str(value))  # ConnSpecError: 'connection "x": unknown socket type ...'
-    elif name == "socket_owner" and value is not None and not _is_owner(value):
-        raise TypeError(f"{name} must be {what}, not {value!r}")
+    elif name == "socket_owner" and value is not None:
+        if not _is_owner(value):
+            raise TypeError(f"{name} must be {what}, not {value!r}")
+        if not all(-1 <= i < _NO_ID for i in cast(tuple[int, int], value)):  # (run() died in the chown)
+            raise ValueError(f"{name} {value!r}: each id must be -1 (kept as it is) or from 0 to {_NO_ID - 1}")
     elif name == "name" and not str(value).strip():  # the listening line and every log line show it
         raise ValueError(f"name must not be empty, not {value!r}")
     return value
+
+
+#: uid_t and gid_t: (uid_t)-1, 4294967295, is chown's "leave it as it is", no id.
+_NO_ID: Final = 0xFFFFFFFF
 
 
 def _is_owner(value: object) -> bool:
