@@ -145,6 +145,33 @@ def test_registering_what_cannot_be_called_is_refused_at_once_not_at_every_messa
     assert m.registry.registered() == {}
 
 
+def test_an_async_negotiate_callback_is_refused_at_once_and_an_awaitable_logged_once(caplog):
+    """Bug: an `async def` negotiate callback was taken (check listed it), then every connection
+    logged "the negotiate callback must not be async" as an ERROR: a line per connection, for
+    ever. Now register refuses it; a plain function that returns an awaitable there (which only
+    a call can tell) is said once a minute, as a result that is no status is."""
+    caplog.set_level(logging.INFO, logger=LOG)
+    here = "test_an_async_negotiate_callback_is_refused_at_once_and_an_awaitable_logged_once"
+    m = make_milter()
+
+    async def neg(ctx, version, actions, protocol):
+        return CONTINUE
+
+    with pytest.raises(TypeError) as raised:
+        m.register("negotiate", neg)
+    assert str(raised.value) == ('register negotiate: "' + neg.__qualname__ + '" is async, and the option '
+                                 "negotiation is answered at once: make it a plain function")
+    m.register("negotiate", lambda ctx, version, actions, protocol: neg(ctx, version, actions, protocol))
+    with serving(m) as srv:
+        for _ in range(3):
+            with srv.raw() as mta:
+                assert mta.mail()[0] == b"c"
+    lines = [r.getMessage() for r in caplog.records if "must not be async" in r.getMessage()]
+    assert [line.replace(f"{here}.<locals>.", "") for line in lines] == [
+        "conn#1: the negotiate callback <lambda> must not be async; treated as continue (said once "
+                     "a minute for this callback)"], lines
+
+
 def test_registering_for_an_event_that_does_not_exist_names_the_events():
     """A misspelt event (the decorator form too) is refused with the list to choose from, as
     Tcl's ``milter register`` refuses it, not with a KeyError from inside the registry."""
@@ -1552,7 +1579,7 @@ def test_an_async_negotiate_callback_is_refused_and_closed_without_a_warning(cap
     async def negotiate(ctx, version, actions, protocol):
         return CONTINUE
 
-    m.register("negotiate", negotiate)
+    m.register("negotiate", lambda ctx, *offer: negotiate(ctx, *offer))  # (an async def is refused: test above)
     m.register("envfrom", lambda ctx, args: CONTINUE)
     with warnings.catch_warnings(record=True) as seen:
         warnings.simplefilter("always")
@@ -1560,7 +1587,7 @@ def test_an_async_negotiate_callback_is_refused_and_closed_without_a_warning(cap
             assert mta.command(b"M", z("<a@example.org>")) == (b"c", b"")
         gc.collect()
     assert [str(w.message) for w in seen if issubclass(w.category, RuntimeWarning)] == []
-    assert "the negotiate callback must not be async; treated as continue" in caplog.text
+    assert "must not be async; treated as continue" in caplog.text
 
 
 @pytest.mark.parametrize("setting, value", [("on_error", None), ("on_error", ""), ("call_timeout", -1),

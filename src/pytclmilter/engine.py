@@ -743,13 +743,18 @@ class ConnectionEngine:
             raise TypeError(f"the {name} chain gave an awaitable")  # (_call's refusal makes this impossible)
         return result
 
-    def _not_awaitable(self, name: str, awaitable: Awaitable[Any]) -> Status:
+    def _not_awaitable(self, name: str, cb: Callback, awaitable: Awaitable[Any]) -> Status:
         """An async callback where the answer must be given at once: closed unstarted (a coroutine
-        merely dropped makes Python warn "never awaited" on stderr), logged, taken as continue."""
+        merely dropped makes Python warn "never awaited" on stderr), logged (once a minute per
+        callback, as a result that is no status: it is so at every connection), taken as continue.
+        (An ``async def`` is refused by register: this is a plain function returning one.)"""
         close = getattr(awaitable, "close", None)
         if close:
             close()
-        log.error("%s: the %s callback must not be async; treated as continue", self.name, name)
+        who = cb.name or said(cb.func, repr)
+        if self.shared.traces.logged_as(f"{name} {who} is async", self.name) is None:
+            log.error("%s: the %s callback %s must not be async; treated as continue (said once a minute for this "
+                      "callback)", self.name, name, escape(who))
         return Status.CONTINUE
 
     def _run_quiet(self, name: str) -> None:
@@ -839,7 +844,7 @@ class ConnectionEngine:
             return result
         if type(result) not in _PLAIN and inspect.isawaitable(result):
             if name == "negotiate":
-                return self._not_awaitable(name, result)
+                return self._not_awaitable(name, cb, result)
             return self._awaited(name, cb, result, limit, started, ignore)  # timed when it completes
         self._timed(name, cb, started)
         return Status.CONTINUE if ignore else self._status(name, cb, result)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gc
+import inspect
 import logging
 import os
 import signal
@@ -260,6 +261,9 @@ class Milter:
         name = getattr(func, "__qualname__", repr(func))
         if not accepts(func, event):  # the same: refused now, not failed at every message
             raise TypeError(f'register {event}: "{escape(name)}" {not_accepted(event)}')
+        if event == "negotiate" and inspect.iscoroutinefunction(func):  # the same: logged at every connection
+            raise TypeError(f'register negotiate: "{escape(name)}" is async, and the option negotiation is '
+                            "answered at once: make it a plain function")
         self.registry.add(event, Callback(func, "python", name))
         return func
 
