@@ -766,6 +766,10 @@ def test_a_python_file_that_fails_to_load_is_reported_by_file_with_its_traceback
                     "Stop: no store", "line 4, in setup"),
         "generator_exit.py": ("raise GeneratorExit\ndef setup(milter):\n    pass\n", "GeneratorExit: ",
                               "line 1, in <module>"),
+        # an exception whose __str__ raises: "unexpected error: RuntimeError", pytclmilter's frames
+        "unshowable.py": ("class Unshowable(Exception):\n    def __str__(self):\n        raise RuntimeError('no')\n"
+                          "def setup(milter):\n    raise Unshowable()\n",
+                          "Unshowable: <exception str() failed>", "line 5, in setup"),
     }
     for name, (source, message, where) in broken.items():
         hooks = tmp_path / name

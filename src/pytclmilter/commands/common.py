@@ -20,6 +20,7 @@ from ..client.archive import MAX_SIZE, TooLarge, read_at_most
 from ..client.message import Envelope, Message
 from ..hooks import Hooks
 from ..limits import CallbackTimeout, internals_dropped
+from ..logline import said
 from ..milter import Milter
 from .. import rootimports
 from ..safepath import Untrusted, open_trusted, os_reason
@@ -66,7 +67,7 @@ def _failure(exc: BaseException) -> str:
     if isinstance(exc, SystemExit):  # its status would be taken for the command's (try: 3, "discarded")
         return (f"called sys.exit({exc.code!r}) while loading; a --python file cannot end pytclmilter "
                 "(raise an exception to fail the load)")
-    return f"{type(exc).__name__}: {exc}"
+    return f"{type(exc).__name__}: {said(exc)}"  # (its __str__ may raise: that was an "unexpected error" of ours)
 
 
 def _from_file(tb: TracebackType | None, path: str) -> TracebackType | None:
