@@ -2093,31 +2093,41 @@ def test_send_to_a_filter_that_never_answers_says_where_it_waited() -> None:
     assert "error: no reply from the filter within 0.5 s (waiting at option negotiation)" in out, out
 
 
+@contextlib.contextmanager
+def fake_filter(serve: Callable[[socket.socket], None]) -> Iterator[int]:
+    """A filter on a loopback port (yielded) that serves one connection with ``serve``, in a
+    thread, until send gives up and closes (OSError)."""
+    def accept(listener: socket.socket) -> None:
+        conn, _ = listener.accept()
+        with conn:
+            try:
+                serve(conn)
+            except OSError:
+                pass
+
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        thread = threading.Thread(target=accept, args=(listener,), daemon=True)
+        thread.start()
+        yield listener.getsockname()[1]
+        thread.join(10)
+
+
 def test_send_gives_a_filter_that_trickles_its_reply_the_timeout_for_the_whole_reply() -> None:
     """Bug: --timeout bounded each read, not each reply: a filter sending its reply a byte at a
     time, each within the timeout, held `send --timeout 1` for as long as it liked (a 17-byte
     reply over 5 s was taken, and a session of such replies took 48 s)."""
     reply = struct.pack(">I", 13) + b"O" + struct.pack(">III", 6, 0, 0)
 
-    def trickle(listener: socket.socket) -> None:
-        conn, _ = listener.accept()
-        with conn:
-            conn.recv(1024)
-            try:
-                for byte in reply:
-                    conn.sendall(bytes([byte]))
-                    time.sleep(0.3)
-            except OSError:  # send gave up and closed
-                pass
+    def trickle(conn: socket.socket) -> None:
+        conn.recv(1024)
+        for byte in reply:
+            conn.sendall(bytes([byte]))
+            time.sleep(0.3)
 
-    with socket.socket() as listener:
-        listener.bind(("127.0.0.1", 0))
-        listener.listen()
-        filter_thread = threading.Thread(target=trickle, args=(listener,), daemon=True)
-        filter_thread.start()
-        port = listener.getsockname()[1]
+    with fake_filter(trickle) as port:
         status, out = cli("send", "--connection", f"inet:{port}@127.0.0.1", "--timeout", "1", str(DATA / "plain.eml"))
-        filter_thread.join(10)
     assert status == 2
     assert "error: no reply from the filter within 1 s (waiting at option negotiation)" in out, out
 
@@ -2132,34 +2142,23 @@ def test_send_to_a_filter_that_sends_modifications_without_end_stops_at_a_bound(
 
     flood = frame(b"h", b"X-Flood\0" + b"v" * 100 + b"\0") * 1000
 
-    def endless(listener: socket.socket) -> None:
-        conn, _ = listener.accept()
+    def endless(conn: socket.socket) -> None:
         frames = FrameReader(frozenset(bytes([c]) for c in range(256)), 65535)
-        with conn:
-            try:
-                while data := conn.recv(65536):
-                    frames.feed(data)
-                    while (got := frames.next_frame()) is not None:
-                        code = got[0]
-                        if code == b"O":
-                            conn.sendall(frame(b"O", struct.pack(">III", 6, 0x1FF, 0)))
-                        elif code == b"E":
-                            while True:
-                                conn.sendall(flood)
-                        elif code not in (b"D", b"A", b"Q"):
-                            conn.sendall(frame(b"c"))
-            except OSError:  # send gave up and closed
-                pass
+        while data := conn.recv(65536):
+            frames.feed(data)
+            while (got := frames.next_frame()) is not None:
+                code = got[0]
+                if code == b"O":
+                    conn.sendall(frame(b"O", struct.pack(">III", 6, 0x1FF, 0)))
+                elif code == b"E":
+                    while True:
+                        conn.sendall(flood)
+                elif code not in (b"D", b"A", b"Q"):
+                    conn.sendall(frame(b"c"))
 
-    with socket.socket() as listener:
-        listener.bind(("127.0.0.1", 0))
-        listener.listen()
-        filter_thread = threading.Thread(target=endless, args=(listener,), daemon=True)
-        filter_thread.start()
-        port = listener.getsockname()[1]
+    with fake_filter(endless) as port:
         sent = subprocess.run([*PYTCLMILTER, "send", "--connection", f"inet:{port}@127.0.0.1", str(DATA / "plain.eml")],
                               capture_output=True, text=True, timeout=60, env=child_env())  # (100 000 lines: no pty)
-        filter_thread.join(10)
     status, out = sent.returncode, sent.stdout
     assert status == 2, out[-2000:]
     assert ("error: the filter sent more than 100000 modifications at end of message, more than a message may "
