@@ -1848,3 +1848,31 @@ def test_a_line_longer_than_pipe_buf_is_folded_at_a_character(tmp_path, to) -> N
     lines = b"".join(writes).decode().splitlines()  # (a cut inside a character would not decode)
     assert len(lines) > 1 and all(line.startswith("  ") for line in lines[1:]), lines
     assert unfolded(lines) == ["ERROR: x" + "\\u0085" * 680 + "é" * 10 + "\\u0085" * 100], unfolded(lines)
+
+
+THREAD_NO_BGERROR_TCL = r"""
+package require Thread
+set t [thread::create]
+thread::send $t {after 0 break; after 0 continue; after 0 {return -code 7 x}}
+thread::send $t update
+thread::release $t
+puts stderr done
+"""
+
+
+@needs_thread
+def test_a_threads_after_break_without_bgerror_is_reported_as_by_tcl(tmp_path) -> None:
+    """A thread's `after` handlers ending in break, continue or another code, without a
+    `bgerror` proc: Tcl's report names the code (`invoked "break" outside of a loop`, `command
+    returned bad code: 2`) above the handler's frame, as under tclsh (before: an empty line)."""
+    script = tmp_path / "nobgerror.tcl"
+    script.write_text("package require TclMilter\n" + THREAD_NO_BGERROR_TCL + "milter main\n")
+    reference = tmp_path / "reference.tcl"
+    reference.write_text(THREAD_NO_BGERROR_TCL)
+    tclsh = shutil.which("tclsh8.6") or pytest.skip("no tclsh8.6")
+    ref = subprocess.run([tclsh, str(reference)], capture_output=True, text=True, timeout=60)
+    done = subprocess.run([*PYTCLMILTER, "check", str(script)], env=child_env(), capture_output=True, text=True,
+                          timeout=60)
+    ours = [line for line in done.stderr.splitlines() if not STDERR_LINE.match(line)]
+    expected = ref.stderr.splitlines()
+    assert len(expected) == 7 and ours == expected, (ours, expected)

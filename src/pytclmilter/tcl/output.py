@@ -122,17 +122,19 @@ proc ::tclmilter::py::threadbgerror {message options} {
     set code [expr {[::tcl::dict::get $options -level] ? 2 : [::tcl::dict::get $options -code]}]
     set info [expr {[::tcl::dict::exists $options -errorinfo] ? [::tcl::dict::get $options -errorinfo] : ""}]
     if {$code == 0} { return }
-    if {![llength [::tcl::info::commands ::bgerror]]} {
-        ::puts stderr $info
-        return
-    }
     switch -- $code {
         1 {}
         3 { set message {invoked "break" outside of a loop} }
         4 { set message {invoked "continue" outside of a loop} }
         default { set message "command returned bad code: $code" }
     }
-    set ::errorInfo [expr {$code == 1 ? $info : $message}]
+    # (As Tcl's: another code's errorInfo is its message, then the handler's frame.)
+    if {$code != 1} { set info $message$info }
+    if {![llength [::tcl::info::commands ::bgerror]]} {
+        ::puts stderr $info
+        return
+    }
+    set ::errorInfo $info
     set ::errorCode [expr {[::tcl::dict::exists $options -errorcode] ? [::tcl::dict::get $options -errorcode] : "NONE"}]
     set code [catch {uplevel #0 [list ::bgerror $message]} result]
     if {$code == 1} {
