@@ -168,21 +168,15 @@ if {[llength [::tcl::info::commands ::tclmilter::py::milter]]} {
     # bgerror proc if it has one (its break drops the errors queued after, as in Tcl); but what
     # Tcl would print raw on stderr goes to the log, escaped and with its errorInfo.
     proc ::tclmilter::bgerror {message options} {
-        set info [::tcl::dict::get $options -errorinfo]
-        if {[llength [::tcl::info::commands ::bgerror]]} {
-            set ::errorInfo $info
-            set ::errorCode [::tcl::dict::get $options -errorcode]
-            set code [catch {uplevel #0 [list ::bgerror $message]} result ropts]
-            if {$code == 3} {
-                return -code break
+        lassign [::tclmilter::py::background $message $options] what message info result resultinfo
+        switch -- $what {
+            break { return -code break }
+            unhandled { ::tclmilter::py::bgerror $message $info }
+            failed {
+                ::tclmilter::py::bgerror "bgerror failed to handle a background error: $result (the error:\
+                    $message)" $resultinfo
             }
-            if {$code != 1} {
-                return
-            }
-            set message "bgerror failed to handle a background error: $result (the error: $message)"
-            set info [::tcl::dict::get $ropts -errorinfo]
         }
-        ::tclmilter::py::bgerror $message $info
         return
     }
     if {[llength [::tcl::info::commands ::tclmilter::py::bgerror]]} {

@@ -2883,3 +2883,29 @@ def test_an_error_never_logged_with_its_trace_is_not_told_as_repeated_since_it(t
     assert "since its last line with the trace" not in out, out
     assert out.endswith("ERROR: error in an event handler of the script (after, fileevent): boom (the last of 4 errors "
                         "not logged: at most 10 a minute are logged with their trace)\n"), out
+
+
+BREAKING_HANDLERS = r"""
+package require TclMilter
+after 0 break
+after 0 {return -code 7}
+update
+proc bgerror {message} { puts stderr "bgerror <$message> <[lindex [split $::errorInfo \n] 0]>" }
+after 0 continue
+update
+milter main
+"""
+
+
+def test_an_event_handlers_break_is_named_as_tcl_names_it(tmp_path: Path) -> None:
+    """An `after` handler's break, continue or `return -code 7`: the log, and a bgerror proc,
+    get Tcl's `invoked "break" outside of a loop` (tclsh's words) where they got an empty
+    message ("event handler of the script (after, fileevent): ", a bgerror proc's `<>`)."""
+    script = tmp_path / "breaking.tcl"
+    script.write_text(BREAKING_HANDLERS)
+    got, out = cli("check", str(script))
+    assert got == 0, out
+    prefix = "ERROR: error in an event handler of the script (after, fileevent): "
+    assert f'{prefix}invoked "break" outside of a loop\n' in out, out
+    assert f"{prefix}command returned bad code: 2\n" in out, out
+    assert 'bgerror <invoked "continue" outside of a loop> <invoked "continue" outside of a loop>' in out, out

@@ -58,6 +58,29 @@ interp alias {} ::tcl::chan::puts {} ::tclmilter::py::escaped ::tclmilter::py::c
 # Tcl's puts, its text escaped and written a whole line in one write() when it goes to stdout or
 # stderr; its errors as Tcl's own, named as the script called it. The words as Tcl's puts reads
 # them: ?-nonewline? ?channelId? string, or the old `puts channelId string nonewline`.
+# A background error (`interp bgerror`'s message and options) as Tcl's own handler treats it: a
+# code other than error named (`invoked "break" outside of a loop`) above the handler's frame;
+# the script's `bgerror` proc called with errorInfo and errorCode set. What is left to its
+# caller: {} (nothing), break (drop the errors queued after), {unhandled message errorInfo} (no
+# bgerror proc), {failed message errorInfo bgerror's-error its-errorInfo}.
+proc ::tclmilter::py::background {message options} {
+    set code [expr {[::tcl::dict::get $options -level] ? 2 : [::tcl::dict::get $options -code]}]
+    set info [expr {[::tcl::dict::exists $options -errorinfo] ? [::tcl::dict::get $options -errorinfo] : ""}]
+    switch -- $code {
+        0 { return }
+        1 {}
+        3 { set message {invoked "break" outside of a loop} }
+        4 { set message {invoked "continue" outside of a loop} }
+        default { set message "command returned bad code: $code" }
+    }
+    if {$code != 1} { set info $message$info }
+    if {![llength [::tcl::info::commands ::bgerror]]} { return [list unhandled $message $info] }
+    set ::errorInfo $info
+    set ::errorCode [expr {[::tcl::dict::exists $options -errorcode] ? [::tcl::dict::get $options -errorcode] : "NONE"}]
+    set code [catch {uplevel #0 [list ::bgerror $message]} result ropts]
+    if {$code == 3} { return break }
+    if {$code == 1} { return [list failed $message $info $result [::tcl::dict::get $ropts -errorinfo]] }
+}
 proc ::tclmilter::py::escaped {command name args} {
     set words $args
     set n [llength $words]
@@ -119,28 +142,14 @@ proc ::tclmilter::py::escaped {command name args} {
 #: handle background error``). A safe interpreter's Tcl drops, and still does.
 THREAD_BGERROR: Final = r"""
 proc ::tclmilter::py::threadbgerror {message options} {
-    set code [expr {[::tcl::dict::get $options -level] ? 2 : [::tcl::dict::get $options -code]}]
-    set info [expr {[::tcl::dict::exists $options -errorinfo] ? [::tcl::dict::get $options -errorinfo] : ""}]
-    if {$code == 0} { return }
-    switch -- $code {
-        1 {}
-        3 { set message {invoked "break" outside of a loop} }
-        4 { set message {invoked "continue" outside of a loop} }
-        default { set message "command returned bad code: $code" }
+    lassign [::tclmilter::py::background $message $options] what message info result
+    switch -- $what {
+        break { return -code break }
+        unhandled { ::puts stderr $info }
+        failed {
+            ::puts stderr "bgerror failed to handle background error.\n    Original error: $message\n    Error in bgerror: $result"
+        }
     }
-    # (As Tcl's: another code's errorInfo is its message, then the handler's frame.)
-    if {$code != 1} { set info $message$info }
-    if {![llength [::tcl::info::commands ::bgerror]]} {
-        ::puts stderr $info
-        return
-    }
-    set ::errorInfo $info
-    set ::errorCode [expr {[::tcl::dict::exists $options -errorcode] ? [::tcl::dict::get $options -errorcode] : "NONE"}]
-    set code [catch {uplevel #0 [list ::bgerror $message]} result]
-    if {$code == 1} {
-        ::puts stderr "bgerror failed to handle background error.\n    Original error: $message\n    Error in bgerror: $result"
-    }
-    if {$code == 3} { return -code break }
 }
 if {![interp issafe]} { interp bgerror {} ::tclmilter::py::threadbgerror }
 """
