@@ -490,6 +490,20 @@ puts stderr done
 """
 
 
+def _stderr_here_and_under_tclsh(tmp_path: Path, tcl: str) -> tuple[list[str], list[str]]:
+    """The lines of stderr (but our log lines) of `check` on this Tcl then `milter main`, and
+    those of tclsh8.6 running it alone."""
+    script = tmp_path / "script.tcl"
+    script.write_text("package require TclMilter\n" + tcl + "milter main\n")
+    reference = tmp_path / "reference.tcl"
+    reference.write_text(tcl)
+    tclsh = shutil.which("tclsh8.6") or pytest.skip("no tclsh8.6")
+    ref = subprocess.run([tclsh, str(reference)], capture_output=True, text=True, timeout=60)
+    done = subprocess.run([*PYTCLMILTER, "check", str(script)], env=child_env(), capture_output=True, text=True,
+                          timeout=60)
+    return [line for line in done.stderr.splitlines() if not STDERR_LINE.match(line)], ref.stderr.splitlines()
+
+
 @needs_thread
 def test_a_threads_bgerror_proc_that_fails_is_reported_escaped_as_by_tcl(tmp_path) -> None:
     """A thread's own `bgerror` proc that fails, breaks (dropping the error queued after), and
@@ -497,16 +511,8 @@ def test_a_threads_bgerror_proc_that_fails_is_reported_escaped_as_by_tcl(tmp_pat
     errorCode and errorInfo tclsh gives it, and Tcl's report of its failure (`bgerror failed to
     handle background error.`, the two errors) is tclsh's, escaped and indented (before: Tcl's
     own handler wrote it raw, the ESC and a forged line `ERROR: forged`)."""
-    script = tmp_path / "bgerror.tcl"
-    script.write_text("package require TclMilter\n" + THREAD_BGERROR_TCL + "milter main\n")
-    reference = tmp_path / "reference.tcl"
-    reference.write_text(THREAD_BGERROR_TCL)
-    tclsh = shutil.which("tclsh8.6") or pytest.skip("no tclsh8.6")
-    ref = subprocess.run([tclsh, str(reference)], capture_output=True, text=True, timeout=60)
-    done = subprocess.run([*PYTCLMILTER, "check", str(script)], env=child_env(), capture_output=True, text=True,
-                          timeout=60)
-    ours = [line for line in done.stderr.splitlines() if not STDERR_LINE.match(line)]
-    expected = [re.sub(r"^ERROR", "  ERROR", line.replace("\x1b", "\\x1b")) for line in ref.stderr.splitlines()]
+    ours, tclsh = _stderr_here_and_under_tclsh(tmp_path, THREAD_BGERROR_TCL)
+    expected = [re.sub(r"^ERROR", "  ERROR", line.replace("\x1b", "\\x1b")) for line in tclsh]
     assert len(expected) == 19 and ours == expected, (ours, expected)
 
 
@@ -1865,14 +1871,5 @@ def test_a_threads_after_break_without_bgerror_is_reported_as_by_tcl(tmp_path) -
     """A thread's `after` handlers ending in break, continue or another code, without a
     `bgerror` proc: Tcl's report names the code (`invoked "break" outside of a loop`, `command
     returned bad code: 2`) above the handler's frame, as under tclsh (before: an empty line)."""
-    script = tmp_path / "nobgerror.tcl"
-    script.write_text("package require TclMilter\n" + THREAD_NO_BGERROR_TCL + "milter main\n")
-    reference = tmp_path / "reference.tcl"
-    reference.write_text(THREAD_NO_BGERROR_TCL)
-    tclsh = shutil.which("tclsh8.6") or pytest.skip("no tclsh8.6")
-    ref = subprocess.run([tclsh, str(reference)], capture_output=True, text=True, timeout=60)
-    done = subprocess.run([*PYTCLMILTER, "check", str(script)], env=child_env(), capture_output=True, text=True,
-                          timeout=60)
-    ours = [line for line in done.stderr.splitlines() if not STDERR_LINE.match(line)]
-    expected = ref.stderr.splitlines()
+    ours, expected = _stderr_here_and_under_tclsh(tmp_path, THREAD_NO_BGERROR_TCL)
     assert len(expected) == 7 and ours == expected, (ours, expected)
