@@ -206,6 +206,23 @@ def test_as_root_a_notify_socket_another_user_could_have_put_there_is_refused(
             manager.close()
 
 
+def test_a_notify_socket_named_by_a_link_of_ours_is_heard(tclrun: Callable[..., TclRun], tmp_path: Path) -> None:
+    """NOTIFY_SOCKET naming a link to the manager's socket was heard (sendto() follows it); the
+    connect at start refused it as "a symbolic link, not a socket". A link no one else could
+    have made (in a directory of ours) is followed, as the links on the way are."""
+    (tmp_path / "real").mkdir()
+    manager = Manager(str(tmp_path / "real" / "notify"))
+    try:
+        (tmp_path / "notify").symlink_to("real/notify")
+        run = tclrun(SCRIPT, env={"NOTIFY_SOCKET": str(tmp_path / "notify")})
+        pid, fields = manager.receive()
+        assert pid == run.child.pid and fields["READY"] == "1", fields
+        assert run.stop() == 0
+        assert "WARNING: NOTIFY_SOCKET" not in run.text and "cannot notify" not in run.text, run.text
+    finally:
+        manager.close()
+
+
 def test_a_notify_socket_that_is_no_unix_address_is_a_warning_and_the_milter_serves(
         tclrun: Callable[..., TclRun]) -> None:
     """systemd 254 may hand a VSOCK address (``vsock:CID:PORT``), which is not spoken here: the

@@ -47,6 +47,24 @@ def open_dir(path: str) -> tuple[int, str]:
     return _walk(head or "."), name
 
 
+def open_entry(path: str) -> tuple[int, str, str]:
+    """:func:`open_dir` for a name to use, not replace (a socket to connect to): a link at the
+    name is followed where one on the way would be (:func:`_trusted_link`), as the kernel's walk
+    follows it. The directory's descriptor (close it), the name in it and the path reached."""
+    for _ in range(_MAX_LINKS + 1):
+        dirfd, name = open_dir(path)
+        try:
+            st = lstat_at(dirfd, name)
+            if st is None or not stat.S_ISLNK(st.st_mode) or not _trusted_link(os.fstat(dirfd), st):
+                return dirfd, name, path
+            path = os.path.join(os.path.dirname(path), os.readlink(name, dir_fd=dirfd))
+        except BaseException:
+            os.close(dirfd)
+            raise
+        os.close(dirfd)
+    raise OSError(errno.ELOOP, os.strerror(errno.ELOOP))
+
+
 def open_trusted(path: str) -> int:
     """A descriptor to read the file ``path`` from (close it), opened by the walk of
     :func:`open_dir` (a link followed only where no one else could have made it) with each

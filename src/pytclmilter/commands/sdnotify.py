@@ -13,11 +13,11 @@ is removed from the environment at once, so that no program the script starts sp
 process. The socket is connected at start, while still root and before any of the script runs,
 and every message goes to that connected peer: the path is looked up once, never again after
 ``--user`` (a manager's socket only root may write still hears READY=1), and what the name holds
-later does not matter. As root the path is walked as safepath walks the socket's (no link
-another user could have made), and refused in a directory others may write where the socket
-is not root's: another user could have put any socket of root's under that name (the journal's,
-a daemon's control socket) for root to write to. systemd's own (``/run/systemd/notify``) is in a
-directory of root's; libsystemd's sd_notify connects by path at each call, as whoever calls it.
+later does not matter. The path is walked as safepath walks the socket's (no link another user
+could have made, at the name neither), and as root refused in a directory others may write
+where the socket is not root's: another user could have put any socket of root's under that
+name (the journal's, a daemon's control socket) for root to write to.
+systemd's own (``/run/systemd/notify``) is in a directory of root's; libsystemd's sd_notify connects by path at each call, as whoever calls it.
 Only the process that read the address speaks (the ``--workers`` supervisor, not its workers,
 as systemd's default ``NotifyAccess=main`` wants). A message that cannot be sent is logged once;
 the milter serves on.
@@ -33,7 +33,7 @@ import stat
 import time
 
 from ..logline import escape
-from ..safepath import Untrusted, connect_at, lstat_at, open_dir
+from ..safepath import Untrusted, connect_at, lstat_at, open_entry
 
 log = logging.getLogger("pytclmilter")
 
@@ -117,25 +117,26 @@ def _connect_path(sock: socket.socket, path: str) -> None:
     """Connect to the socket at ``path`` as safepath opens a directory (a link followed only where
     no one else could have made it), to the very socket examined; as root, Untrusted when another
     user could have put it there."""
-    dirfd, name = open_dir(path)
+    dirfd, name, path = open_entry(path)
     try:
         st = lstat_at(dirfd, name)
         if st is None:
             raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT))
         if not stat.S_ISSOCK(st.st_mode):
             raise OSError(errno.ECONNREFUSED, "not a socket" if not stat.S_ISLNK(st.st_mode) else
-                          "a symbolic link, not a socket")
+                          "a symbolic link another user could have made, not a socket")
         if os.geteuid() == 0:
-            _only_root_put(os.fstat(dirfd), st, os.path.dirname(path) or ".")
+            _only_root_put(os.fstat(dirfd), st, path)
         connect_at(sock, dirfd, name, st)
     finally:
         os.close(dirfd)
 
 
-def _only_root_put(directory: os.stat_result, entry: os.stat_result, where: str) -> None:
+def _only_root_put(directory: os.stat_result, entry: os.stat_result, path: str) -> None:
     """Untrusted unless no one but root could have put the socket under its name: a directory of
     root's that no group or others may write, or a sticky one of root's (``/tmp``) where the socket
     is root's (a directory's owner may rename any entry in it, a sticky one's too)."""
+    where = os.path.dirname(path) or "."
     writable = directory.st_mode & (stat.S_IWGRP | stat.S_IWOTH)
     sticky_and_roots = directory.st_mode & stat.S_ISVTX and entry.st_uid == 0
     if directory.st_uid == 0 and (not writable or sticky_and_roots):
