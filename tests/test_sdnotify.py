@@ -206,6 +206,30 @@ def test_as_root_a_notify_socket_another_user_could_have_put_there_is_refused(
             manager.close()
 
 
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root")
+def test_as_root_a_link_of_roots_socket_in_a_sticky_directory_is_refused(
+        tclrun: Callable[..., TclRun], tmp_path: Path) -> None:
+    """In a sticky directory (/tmp) a socket of root's passes: no one else may rename it. But where
+    the kernel does not stop it (fs.protected_hardlinks 0) another user may link any socket of
+    root's (the journal's) there, under a name a stale NOTIFY_SOCKET gives, for root to write to:
+    a socket with another link is refused there, as a script with one is."""
+    sticky = tmp_path / "sticky"
+    sticky.mkdir()
+    sticky.chmod(0o1777)
+    manager = Manager(str(tmp_path / "roots"))  # root's own socket, elsewhere
+    try:
+        os.link(tmp_path / "roots", sticky / "notify")  # (as the other user would)
+        run = tclrun(SCRIPT, env={"NOTIFY_SOCKET": str(sticky / "notify")})
+        assert run.stop() == 0
+        assert run.text.count(f"WARNING: NOTIFY_SOCKET {sticky}/notify: refusing it: {sticky}/notify has 2 links "
+                              "and is in a directory others may write") == 1, run.text
+        with pytest.raises(socket.timeout):
+            pid, fields = manager.receive(timeout=0.5)
+            raise AssertionError(fields)
+    finally:
+        manager.close()
+
+
 def test_a_notify_socket_named_by_a_link_of_ours_is_heard(tclrun: Callable[..., TclRun], tmp_path: Path) -> None:
     """NOTIFY_SOCKET naming a link to the manager's socket was heard (sendto() follows it); the
     connect at start refused it as "a symbolic link, not a socket". A link no one else could

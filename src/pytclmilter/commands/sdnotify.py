@@ -15,9 +15,10 @@ and every message goes to that connected peer: the path is looked up once, never
 ``--user`` (a manager's socket only root may write still hears READY=1), and what the name holds
 later does not matter. The path is walked as safepath walks the socket's (no link another user
 could have made, at the name neither), and as root refused in a directory others may write
-where the socket is not root's: another user could have put any socket of root's under that
-name (the journal's, a daemon's control socket) for root to write to.
-systemd's own (``/run/systemd/notify``) is in a directory of root's; libsystemd's sd_notify connects by path at each call, as whoever calls it.
+where the socket is not root's, or has another link: another user could have put any socket
+of root's under that name (the journal's, a daemon's control socket) for root to write to.
+systemd's own (``/run/systemd/notify``) is in a directory of root's; libsystemd's sd_notify
+connects by path at each call, as whoever calls it.
 Only the process that read the address speaks (the ``--workers`` supervisor, not its workers,
 as systemd's default ``NotifyAccess=main`` wants). A message that cannot be sent is logged once;
 the milter serves on.
@@ -135,12 +136,17 @@ def _connect_path(sock: socket.socket, path: str) -> None:
 def _only_root_put(directory: os.stat_result, entry: os.stat_result, path: str) -> None:
     """Untrusted unless no one but root could have put the socket under its name: a directory of
     root's that no group or others may write, or a sticky one of root's (``/tmp``) where the socket
-    is root's (a directory's owner may rename any entry in it, a sticky one's too)."""
+    is root's (a directory's owner may rename any entry in it, a sticky one's too) and has no other
+    link (where fs.protected_hardlinks is 0, anyone may link there any socket of root's)."""
     where = os.path.dirname(path) or "."
     writable = directory.st_mode & (stat.S_IWGRP | stat.S_IWOTH)
     sticky_and_roots = directory.st_mode & stat.S_ISVTX and entry.st_uid == 0
-    if directory.st_uid == 0 and (not writable or sticky_and_roots):
+    if directory.st_uid == 0 and (not writable or sticky_and_roots and entry.st_nlink == 1):
         return
+    if directory.st_uid == 0 and sticky_and_roots:
+        raise Untrusted(errno.EPERM, f"{path} has {entry.st_nlink} links and is in a directory others may write, "
+                                     "where another user may have linked any socket of root's (use a directory "
+                                     "only root may write, as systemd's /run/systemd)")
     why = f"owned by uid {directory.st_uid}" if directory.st_uid != 0 else "writable by others"
     raise Untrusted(errno.EPERM, f"{where} is {why}, who could put another socket under that name "
                                  "(use a directory only root may write, as systemd's /run/systemd)")
