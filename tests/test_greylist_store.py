@@ -384,6 +384,30 @@ def test_with_user_the_file_is_opened_after_the_privilege_drop(tclrun: Callable[
         shutil.rmtree(base)
 
 
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root (to drop privileges)")
+def test_with_user_a_link_to_a_file_not_made_yet_is_made_private_there(tclrun: Callable[..., TclRun]) -> None:
+    """A store named by a link to where the file is to be (-store sqlite:/var/lib/greylist/g.sqlite,
+    a link to another disk), as the --user: SQLite made the file there. The private creation
+    (O_EXCL, the name exists) then read the mode through the link, found nothing, and the store
+    was "unavailable (No such file or directory)" for good. The file is made there, 0600."""
+    nobody = pwd.getpwnam("nobody")
+    base = Path(tempfile.mkdtemp(prefix="greylist-store-"))
+    try:
+        base.chmod(0o755)
+        directory = base / "greylist"
+        (directory / "data").mkdir(mode=0o700, parents=True)
+        (directory / "greylist.sqlite").symlink_to("data/greylist.sqlite")
+        for path in (directory, directory / "data"):
+            os.chown(path, nobody.pw_uid, nobody.pw_gid)
+        m = greylist(tclrun, f"sqlite:{directory}/greylist.sqlite", "--user", "nobody")
+        assert greylisted(rcpt_reply(m, 1)) == 300
+        assert m.stop() == 0
+        assert "unavailable" not in m.text, m.text
+        assert (directory / "data" / "greylist.sqlite").stat().st_mode & 0o777 == 0o600
+    finally:
+        shutil.rmtree(base)
+
+
 def test_the_file_and_its_wal_and_shm_are_made_private_and_an_old_readable_one_is_told(
         tclrun: Callable[..., TclRun], tmp_path: Path) -> None:
     """SQLite made the store 0644 under the usual umask 022, and its -wal and -shm alike: who

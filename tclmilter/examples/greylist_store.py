@@ -298,13 +298,20 @@ def _create_private(path: str) -> int | None:
     SQLite makes it 0644 (less the umask): a list of who mails whom, readable by every local
     user. Its -wal, -shm and -journal take the database file's mode (SQLite's rule, os_unix.c),
     so they are private too. O_EXCL: a name that exists, a link too, is never opened here, and
-    never replaced; SQLite opens what is there (as root, no link: _refuse_unsafe_as_root).
+    never replaced; SQLite opens what is there (as root, no link: _refuse_unsafe_as_root). A
+    link to where the file is to be (the --user's: it reaches what that user may write) is
+    followed to make it there, as SQLite would.
     """
     try:
         os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600))
         return None
     except FileExistsError:
+        pass
+    try:
         return stat.S_IMODE(os.stat(path).st_mode)
+    except FileNotFoundError:  # a link to no file yet
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600))
+        return None
 
 
 def _refuse_unsafe_as_root(path: str) -> None:
