@@ -301,6 +301,7 @@ def test_run_takes_libmilters_short_ipv4_forms_in_brackets_and_names_the_address
     ("inet:8891@[127.0.0.1]x", '"x" after "]"'),
     ("inet:8891@[::1]", '"::1" is not an inet address (IPv6: inet6:...@[::1])'),
     ("inet:8891@[127.0.0.1 x]", '"127.0.0.1 x" is not an inet address'),
+    ("inet:8891@[localhost:8891]", '"localhost:8891" is not an inet address'),  # (no IPv6 address)
 ])
 def test_run_refuses_what_follows_a_bracketed_address_and_says_why(spec: str, said: str) -> None:
     """libmilter ignores what follows "]": `inet:8891@[127.0.0.1]:8891` listened on 8891 by

@@ -74,16 +74,25 @@ def _numeric(addr: str, family: int, proto: str, spec: str, what: str) -> str:
     """A bracketed address, as libmilter reads it: IPv6 as inet_pton does, IPv4 as inet_addr
     (``[127.1]``, ``[0x7f.1]``: what a host name of digits means to getaddrinfo too), written
     back in dotted quads, so that the listening line says which address that is."""
-    try:
-        if family == socket.AF_INET6:
-            socket.inet_pton(family, addr)
+    if family == socket.AF_INET6:
+        if _is_ipv6(addr):
             return addr
-        if re.fullmatch(r"[0-9a-fA-FxX.]+", addr):  # (inet_aton takes "1.2.3.4 anything")
+    elif re.fullmatch(r"[0-9a-fA-FxX.]+", addr):  # (inet_aton takes "1.2.3.4 anything")
+        try:
             return socket.inet_ntoa(socket.inet_aton(addr))
-    except OSError:
-        pass
-    hint = f" (IPv6: inet6:...@[{addr}])" if proto == "inet" and ":" in addr else ""
+        except OSError:
+            pass
+    hint = f" (IPv6: inet6:...@[{addr}])" if proto == "inet" and _is_ipv6(addr) else ""
     raise ConnSpecError(f'{what} "{spec}": "{addr}" is not an {proto} address{hint}')
+
+
+def _is_ipv6(addr: str) -> bool:
+    """An IPv6 address as inet_pton reads it (libmilter's), not a name."""
+    try:
+        socket.inet_pton(socket.AF_INET6, addr)
+    except OSError:
+        return False
+    return True
 
 
 def parse_metrics(text: str) -> ConnSpec:
