@@ -1470,6 +1470,18 @@ def test_try_help_shows_script_arguments_and_the_envelope_defaults() -> None:
     assert "ARGS: arguments for the script (its argv), after --" in out
 
 
+@pytest.mark.parametrize("command,default", [("run", "info"), ("try", "warning"), ("check", "warning")])
+def test_every_help_says_its_log_level_default_and_send_takes_standard_input(command: str, default: str) -> None:
+    """`run --help` and `check --help` printed --log-level bare, whose defaults differ (cli.md's
+    tables); `send --help` called MESSAGE "the message file", though `-` reads standard input."""
+    status, out = cli(command, "--help", env={"COLUMNS": "100"})
+    assert status == 0, out
+    level = re.search(r"^  --log-level \{[a-z,]+\}\n((?: {20,}.*\n)+)", out, re.M)
+    assert level and " ".join(level.group(1).split()).endswith(f"(default: {default})"), out
+    status, out = cli("send", "--help", env={"COLUMNS": "100"})
+    assert re.search(r"^  MESSAGE.eml +the message file, or - for standard input$", out, re.M), out
+
+
 def test_try_usage_errors() -> None:
     status, out = cli("try", str(STAMP), str(DATA / "no-such.eml"))
     assert status == 66 and "no-such.eml: No such file or directory" in out

@@ -24,7 +24,7 @@ from ..protocol.negotiation import negotiate
 from ..tcl.interp import TclHost
 from ..tcl.rootfiles import read_source
 from ..tcl.usage import TclUsageError
-from .common import ScriptExit, add_script_options, make_host
+from .common import ScriptExit, add_log_level, add_script_options, make_host
 from .logs import setup_logging
 from . import sigmask
 
@@ -36,7 +36,7 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> argp
     p = sub.add_parser("check", help="load a script without serving; report errors, callbacks, negotiation")
     p.add_argument("script", help="the TclMilter script (.tcl)")
     add_script_options(p)
-    p.add_argument("--log-level", default="warning", choices=["debug", "info", "warning", "error"])
+    add_log_level(p, "warning", "the log lines of the load (a --python file's, the script's timers') on stderr")
     p.add_argument("args", nargs="*", default=[], help="arguments for the script (argv); put them after -- if they start with -")
     return p
 

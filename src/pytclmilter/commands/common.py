@@ -238,7 +238,14 @@ class ScriptExit:
         return f"the script calls exit {code} before milter main (run ends there, status {code}, serving nothing)"
 
 
-def add_envelope_options(p: argparse.ArgumentParser, message_help: str = "the message file") -> None:
+def add_log_level(p: argparse.ArgumentParser, default: str, lines: str) -> None:
+    """``--log-level`` of run, try and check, whose defaults differ: the help says which."""
+    p.add_argument("--log-level", default=default, choices=["debug", "info", "warning", "error"],
+                   help=f"{lines} from this level on (default: %(default)s)")
+
+
+def add_envelope_options(p: argparse.ArgumentParser,
+                         message_help: str = "the message file, or - for standard input") -> None:
     p.add_argument("message", metavar="MESSAGE.eml", help=message_help)
     p.add_argument("--from", dest="sender", metavar="ADDR", help="envelope sender (default: Return-Path or From)")
     p.add_argument("--rcpt", action="append", default=[], metavar="ADDR",

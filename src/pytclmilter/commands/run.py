@@ -29,7 +29,7 @@ from ..tcl.interp import TclHost
 from ..tcl.unanswered import Unanswered
 from ..tcl.usage import Answer
 from .check import NO_MAIN, callback_errors
-from .common import HooksFailed, UsageError, add_script_options, make_host, reports_print_anywhere
+from .common import HooksFailed, UsageError, add_log_level, add_script_options, make_host, reports_print_anywhere
 from .logs import setup_logging
 from .pidfile import PidFile
 from . import sigmask
@@ -67,7 +67,7 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> argp
     run.add_argument("--group", help="drop privileges to this group after binding (default: the user's group)")
     run.add_argument("--socket-mode", metavar="MODE", help="mode of the unix socket file, octal (e.g. 0660)")
     run.add_argument("--pidfile", metavar="PATH", help="write the process id here while serving")
-    run.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    add_log_level(run, "info", "log lines (stderr, or syslog)")
     run.add_argument("--syslog", action="store_true", help="log to syslog (facility mail) instead of stderr")
     run.add_argument("args", nargs="*", default=[], help="arguments for the script (argv); put them after -- if they start with -")
     return run

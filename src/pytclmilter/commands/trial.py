@@ -34,9 +34,9 @@ from ..client.streamed import StreamedMbox
 from ..connspec import ConnSpec
 from ..hooks import Hooks
 from ..logline import controls_escaped, escape, one_line
-from .common import (EX_NOINPUT, EX_SOFTWARE, ScriptExit, UsageError, add_envelope_options, add_script_options,
-                     check_script, envelope_of, macros_of, make_host, read_message, reports_print_anywhere,
-                     stdin_fd)
+from .common import (EX_NOINPUT, EX_SOFTWARE, ScriptExit, UsageError, add_envelope_options, add_log_level,
+                     add_script_options, check_script, envelope_of, macros_of, make_host, read_message,
+                     reports_print_anywhere, stdin_fd)
 from .logs import setup_logging
 from .workdir import private_workdir
 from . import sigmask
@@ -62,8 +62,7 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> argp
     p.add_argument("--compare", metavar="OTHER.tcl",
                    help="run OTHER.tcl too and list only the messages whose verdict or modifications differ")
     add_script_options(p)
-    p.add_argument("--log-level", default="warning", choices=["debug", "info", "warning", "error"],
-                   help="the milter's log lines on stderr from this level on (default: %(default)s)")
+    add_log_level(p, "warning", "the milter's log lines on stderr")
     # MESSAGE takes the place run gives the script's arguments: they come after --, which main()
     # cuts off before argparse sees it; the usage says so, as docs/cli.md does.
     p.usage = p.format_usage().removeprefix("usage: ").rstrip() + " [-- ARGS...]"
