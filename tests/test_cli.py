@@ -743,6 +743,16 @@ def test_serving_as_root_without_user_is_one_warning_naming_the_option(serve: Ca
     assert "as root" not in dropped.text, dropped.text
 
 
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root")
+@pytest.mark.parametrize("option", [("--timeout", "abc"), ("--connection", "tcp:1"), ("--workers", "100000")])
+def test_a_usage_error_as_root_is_not_preceded_by_the_serving_as_root_warning(option: tuple[str, str]) -> None:
+    """`run --timeout abc` as root logged "serving as root without --user" and then exited 64,
+    having served nothing: the warning now comes once the options are known to be valid."""
+    status, out = cli("run", str(STAMP), *option)
+    assert status == 64, out
+    assert ROOT_WARNING not in out and out.rstrip().splitlines()[-1].startswith("pytclmilter run: "), out
+
+
 @pytest.mark.skipif(shutil.which("prlimit") is None, reason="needs util-linux's prlimit")
 def test_run_lifts_its_open_file_soft_limit_to_the_hard_limit(tmp_path: Path) -> None:
     """Started with systemd's usual soft limit, the filter would refuse connections long before

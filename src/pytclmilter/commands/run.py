@@ -406,8 +406,6 @@ def _serve(opts: argparse.Namespace) -> int:
             raise UsageError(f'--socket-mode: "{opts.socket_mode}" is not an octal mode (0 to 0777)')
         socket_mode = int(opts.socket_mode, 8)
     ids = _ids(opts.user, opts.group)
-    if ids is None and os.geteuid() == 0:
-        _warn_root()
     argv = list(opts.args) + list(getattr(opts, "rest", []))
     # The daemon is made below, once the script's options are known to be valid; its hooks run
     # only when the milter serves.
@@ -445,6 +443,8 @@ def _serve(opts: argparse.Namespace) -> int:
     loading = f"loading {opts.script}"
     with sigmask.stops_meanwhile(loading, notify.stopping):
         scripts = Generations(reread[0], load, exit_process)
+    if ids is None and os.geteuid() == 0:  # (after the options' check: a usage error serves nothing)
+        _warn_root()
     between.serves(scripts.current.milter.stop)  # (each generation's milter stops the one server)
     daemon = Daemon(scripts.current.milter, opts, notify, lambda: [reread[0], *reread[1], *scripts.current.sourced])
     try:
