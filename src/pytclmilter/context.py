@@ -60,6 +60,10 @@ MAX_REPLY_LINES: Final = 32
 #: and sender changes (Sendmail keeps 32 KB of headers by default).
 MAX_CHANGES: Final = 100_000
 MAX_QUEUED: Final = 1 << 30
+#: The header names outside RFC 5322 (8-bit bytes, as Postfix and Sendmail pass them) that one
+#: message's chgheader may name, as the MTA sent them: the first this many distinct ones. Only such
+#: names are kept, so an ordinary message keeps none; a message of more has no use but an attack.
+MAX_ODD_NAMES: Final = 1000
 
 
 def _glob_step(pattern: str, at: int, char: str) -> int | None:
@@ -181,15 +185,25 @@ def hosted(script: ScriptCalls | None) -> ScriptCalls:
     return script
 
 
-def check_header(what: str, name: str, value: str) -> str:
+def odd_name(name: str) -> bytes | None:
+    """A header name outside RFC 5322's field-name, as the MTAs compare names (bytes, ASCII letters
+    in either case); None for an RFC 5322 one."""
+    return None if _HEADER_NAME.match(name) else wire(name).lower()
+
+
+def check_header(what: str, name: str, value: str, sent: set[bytes] | None = None) -> str:
     """Validate a header for the method ``what``; returns the value with folding normalised to
-    bare LF. A name or value that is no str failed in the pure source with "descriptor
-    'isprintable' for 'str' objects doesn't apply to a 'int' object" (one isinstance each, inline:
-    once a message; the compiled build refuses it at the call, in mypyc's words)."""
+    bare LF. A name outside RFC 5322 passes only if in ``sent`` (chgheader: the MTA sent it). A
+    name or value that is no str failed in the pure source with "descriptor 'isprintable' for
+    'str' objects doesn't apply to a 'int' object" (one isinstance each, inline: once a message;
+    the compiled build refuses it at the call, in mypyc's words)."""
     if not (isinstance(name, str) and isinstance(value, str)):
         _check_name(what, name, value)
-    if not _HEADER_NAME.match(name):
-        raise MilterError(f'invalid header name "{shown(name)}": must be printable ASCII, without colon or space')
+    odd = odd_name(name)
+    if odd is not None and (sent is None or odd not in sent):
+        also = "" if sent is None else " (or the name of a header the MTA sent in this message)"
+        raise MilterError(f'invalid header name "{shown(name)}": must be printable ASCII, without colon or space'
+                          + also)
     if isprintable(value) or _VALUE_CONTROL.search(value) is None:  # nearly always (isprintable: no regex call)
         return value
     value = _FOLD.sub("\n", value)
@@ -326,8 +340,8 @@ _QUARANTINE: Final = int(Action.QUARANTINE)
 
 
 def _header_size(name: str, value: str, index: int) -> int:
-    """Data bytes of a header packet: [u32 index,] name NUL value NUL (the name is ASCII)."""
-    return index + len(name) + wire_size(value) + 2
+    """Data bytes of a header packet: [u32 index,] name NUL value NUL."""
+    return index + wire_size(name) + wire_size(value) + 2
 
 
 def _strings_size(first: str, second: str | None = None) -> int:
@@ -399,6 +413,7 @@ class Context:
         "session",
         "script_priv",
         "script",
+        "odd_names",
     )
 
     def __init__(self, conn_id: int, macros: MacroStore, progress: Callable[[], None] | None = None,
@@ -423,6 +438,8 @@ class Context:
         self.script_priv: ScriptPrivate | None = None
         #: The script's procs, when a host runs one (set by the Tcl bridge): ctx.tcl.
         self.script: ScriptCalls | None = None
+        #: This message's header names outside RFC 5322 (odd_name), which chgheader may name.
+        self.odd_names: set[bytes] = set()
 
     def __repr__(self) -> str:
         return f"<Context {self.name} stage={self.stage or '-'}>"
@@ -559,7 +576,7 @@ class Context:
 
     def chgheader(self, name: str, value: str, index: int = 1) -> None:
         """Change the index-th header of that name; an empty value deletes it."""
-        value = check_header("chgheader", name, value)
+        value = check_header("chgheader", name, value, self.odd_names)
         self._act("chgheader", ev.ChangeHeader(check_index(index), name, value), _CHGHDRS,
                   _header_size(name, value, 4))
 
@@ -615,6 +632,12 @@ class Context:
 
     # ------------------------------------------------------------ engine side
 
+    def saw_header(self, name: str) -> None:
+        """The MTA sent a header of this name: one outside RFC 5322 may be changed (MAX_ODD_NAMES)."""
+        odd = odd_name(name)
+        if odd is not None and len(self.odd_names) < MAX_ODD_NAMES:
+            self.odd_names.add(odd)
+
     def take_actions(self) -> list[ev.Reply]:
         """Modifications in order, the new body (one contiguous run, as Postfix requires) last."""
         out = self.actions
@@ -626,9 +649,12 @@ class Context:
         return out
 
     def drop_actions(self) -> None:
+        """The message is over: its modifications and the header names it sent are forgotten."""
         self.actions = []
         self.body = None
         self.queued = 0
+        if self.odd_names:
+            self.odd_names = set()
 
     def detach(self) -> None:
         """The connection is over: progress() does nothing from now on. This also breaks the
