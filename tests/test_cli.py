@@ -275,7 +275,7 @@ def test_run_refuses_postfixs_host_port_syntax_and_says_the_milters(spec: str, o
     address, the unauthenticated milter open to the network while Postfix found nothing on 8891."""
     status, out = cli("run", str(STAMP), "--connection", spec)
     assert status == 64, out
-    assert (f'pytclmilter run: connection "{spec}": ' in out
+    assert (f'pytclmilter run: --connection "{spec}": ' in out
             and f"(inet:HOST:PORT is Postfix's syntax; the milter's is {ours})" in out), out
     assert "listening" not in out
 
@@ -308,7 +308,7 @@ def test_run_refuses_what_follows_a_bracketed_address_and_says_why(spec: str, sa
     chance, `[127.0.0.1]:25` on 8891 though 25 was meant. It was refused, but as `missing "]"`."""
     status, out = cli("run", str(STAMP), "--connection", spec)
     assert status == 64, out
-    assert f'pytclmilter run: connection "{spec}": {said}\n' in out, out
+    assert f'pytclmilter run: --connection "{spec}": {said}\n' in out, out
 
 
 def test_run_binds_a_relative_unix_path_where_libmilter_would_and_names_it(serve: Callable[..., TclRun],
@@ -338,6 +338,21 @@ def test_run_warns_when_it_listens_on_every_address(serve: Callable[..., TclRun]
     m = serve(STAMP, "--connection", "inet:0@127.0.0.1")
     assert m.stop() == 0
     assert "every address" not in m.text, m.text
+
+
+@pytest.mark.parametrize("option, value, said", [
+    ("--workers", "1025", 'expected positive integer up to 1024 but got "1025"'),
+    ("--timeout", "abc", 'expected integer but got "abc"'),
+    ("--on-error", "bogus", 'bad status "bogus": must be SMFIS_ACCEPT'),
+    ("--max-connections", "x", 'expected integer but got "x"'),
+])
+def test_run_names_the_flag_whose_value_it_refuses(option: str, value: str, said: str) -> None:
+    """The option's own words did not say which of the command line's values was wrong:
+    `pytclmilter run: expected positive integer up to 1024 but got "1025"`."""
+    status, out = cli("run", str(STAMP), option, value, "--connection", "inet:0@127.0.0.1")
+    assert status == 64
+    assert f"pytclmilter run: {option}: {said}" in out, out
+    assert "listening" not in out
 
 
 @pytest.mark.parametrize("name", ["", "  "])
@@ -563,7 +578,7 @@ def test_run_refuses_an_empty_host_rather_than_listen_on_every_address(tmp_path:
         m.wait_for(r"listening on|pytclmilter run:", 15, advance=False)
         assert "listening on" not in m.text, m.text
         assert m.wait_exit() == 64
-        assert 'pytclmilter run: connection "inet:0@": missing host after "@" (inet:PORT alone listens ' \
+        assert 'pytclmilter run: --connection "inet:0@": missing host after "@" (inet:PORT alone listens ' \
                "on every address)" in m.text, m.text
     finally:
         if m.alive():
@@ -2261,7 +2276,7 @@ def test_send_count_prints_its_progress_on_stderr_and_the_summary_alone_on_stdou
 def test_run_names_the_metrics_option_in_its_errors() -> None:
     """A bad --metrics spec was reported as `connection "inet:abc@127.0.0.1": ...`."""
     status, out = cli("run", str(STAMP), "--connection", "inet:0@127.0.0.1", "--metrics", "inet:abc@127.0.0.1")
-    assert status == 64 and 'metrics "inet:abc@127.0.0.1": unknown service "abc"' in out, out
+    assert status == 64 and 'pytclmilter run: --metrics "inet:abc@127.0.0.1": unknown service "abc"' in out, out
 
 
 @contextlib.contextmanager

@@ -168,7 +168,7 @@ def test_an_option_value_above_its_cap_is_refused_when_set(tclrun, option, big, 
     assert m.results() == {"big": f"ERR {refused}", "max": "OK "}
     m = tclrun("package require TclMilter\nmilter main\n", f"--{option}", big, wait=False)
     assert m.wait_exit() == 64, m.output
-    assert f"pytclmilter run: {refused}" in m.output and "Traceback" not in m.output, m.output
+    assert f"pytclmilter run: --{option}: {refused}" in m.output and "Traceback" not in m.output, m.output
 
 
 def test_a_socket_path_that_is_not_utf8_is_taken(tmp_path):

@@ -118,6 +118,13 @@ OPTIONS: dict[str, Option] = {
 
 SUBCOMMANDS = ("configure", "main", "register", "stop")
 
+
+def _flagged(flag: str, name: str, message: str) -> str:
+    """An option's error as the command line's: ``connection "x": ...`` becomes ``--connection
+    "x": ...``, and one that does not open with the option's word gets the flag in front."""
+    word = name[1:] + " "
+    return flag + message[len(word) - 1:] if message.startswith(word) else f"{flag}: {message}"
+
 _ENDS_HERE = "milter main: the script ends here under check and try"
 
 
@@ -184,8 +191,13 @@ class MilterCommand:
         self.milter.settings = replace(self.milter.settings, **change)
 
     def lock(self, name: str, raw: str, flag: str) -> None:
-        """Set an option from the command line; the script cannot change it afterwards."""
-        self.set(name, raw)
+        """Set an option from the command line; the script cannot change it afterwards. Its error
+        names the flag: the option's own words (``expected integer but got "x"``) do not say which
+        of the command line's values it was."""
+        try:
+            self.set(name, raw)
+        except TclUsageError as exc:
+            raise TclUsageError(_flagged(flag, name, str(exc))) from None
         self.locked[name] = flag
 
     # ------------------------------------------------------------ main / stop
