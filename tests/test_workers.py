@@ -661,6 +661,51 @@ def test_a_workers_milter_stop_is_logged_as_its_own_not_as_a_sigterm(tclrun) -> 
     m.wait_for("main returned", since=0)
 
 
+# A worker's callback that writes bytes of its own to the stop pipe (the one write-only pipe of the
+# worker whose other end it does not hold), then calls `milter stop`.
+JUNK_ON_STOP_PIPE = r"""
+package require TclMilter 1.0
+proc rc {ctx l} {
+    foreach f [glob /proc/self/fd/*] {
+        if {[catch {file readlink $f} link] || ![string match pipe:* $link]} continue
+        set fh [open /proc/self/fdinfo/[file tail $f]]; regexp {flags:\s+0*(\d+)} [read $fh] -> flags; close $fh
+        lappend ends($link) [file tail $f] $flags
+    }
+    foreach {link fds} [array get ends] {
+        lassign $fds fd flags
+        if {[llength $fds] == 2 && $flags % 10 == 1} { set stop $fd }
+    }
+    set out [open /proc/self/fd/$stop WRONLY]
+    fconfigure $out -translation binary
+    puts -nonewline $out "\xff\xfe\x1b\[31mforged\nworker 9 (pid 1) \xff\n"
+    close $out
+    milter stop
+    return SMFIS_REJECT
+}
+milter register envrcpt rc
+milter main
+puts "main returned"
+"""
+
+
+def test_bytes_a_script_writes_to_the_stop_pipe_do_not_break_the_stop(tclrun) -> None:
+    """The supervisor decoded the stop pipe as UTF-8 in its SIGTERM handler: a script's non-UTF-8
+    bytes there raised UnicodeDecodeError in it. What no worker's `milter stop` wrote is not
+    taken as a worker's name (nor its control characters written to the log)."""
+    m = tclrun(JUNK_ON_STOP_PIPE, "--workers", "2")
+    m.wait_for("2 workers serving")
+    with m.mta() as mta:
+        mta.negotiate()
+        assert ok(mta.connect())
+        mta.mail("<a@example.org>")
+        assert mta.rcpt("<b@example.org>")[0] == "r"
+    assert m.wait_exit(20) == 0, m.text
+    m.wait_for(r"INFO: worker \d \(pid \d+\) called milter stop \(and 33 bytes on the stop pipe that are no worker's "
+               r"name, ignored\): stopping 2 workers\r?\n", since=0)
+    assert "Traceback" not in m.text and "forged" not in m.text and "\x1b" not in m.text, m.text
+    m.wait_for("main returned", since=0)
+
+
 @pytest.mark.parametrize("code", ["0", "3"])
 def test_a_workers_exit_stops_all_with_0_and_is_replaced_otherwise(tclrun, code: str) -> None:
     """`exit 0` in a worker's callback stops the whole milter, as `milter stop`, and says so (the

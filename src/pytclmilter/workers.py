@@ -34,6 +34,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import re
 import signal
 import sys
 import time
@@ -61,6 +62,11 @@ _RESPAWN_WINDOW = 10.0  # seconds
 _RESPAWN_BURST = 5  # deaths within the window before respawning slows down
 _DEATHS_WINDOW = 60.0  # seconds in which deaths are logged _RESPAWN_BURST times, or once when faster (_Deaths)
 _FORK_TELL_EVERY = 60.0  # seconds between the lines of failed forks
+#: A line a worker's `milter stop` writes on the stop pipe (_ask_stop). A script can write there too
+#: (/proc/self/fd): what is no such line names no worker, and is only counted.
+_ASKER = re.compile(rb"worker [0-9]{1,4} \(pid [0-9]{1,10}\)")
+#: Bytes of the stop pipe read at one stop signal (its default capacity): what is left waits for the next.
+_ASKED_MAX = 65536
 _SLOT_SETS = 4  # metrics slots per worker: the set serving, and up to three reloads finishing
 
 
@@ -296,11 +302,11 @@ class Supervisor:
             self.unclean.append(f"worker {number} (pid {pid}) {_how(code)}")
 
     def _on_signal(self, signum: int, frame: object) -> None:
-        asker = self._asker() if signum == signal.SIGTERM else ""
-        if asker:
-            log.info("%s called milter stop: stopping %d workers", asker, len(self.children))
-        else:
-            log.info("received %s: stopping %d workers", signal.Signals(signum).name, len(self.children))
+        askers, junk = self._askers() if signum == signal.SIGTERM else ([], 0)
+        why = f"{', '.join(askers)} called milter stop" if askers else f"received {signal.Signals(signum).name}"
+        if junk:
+            why += f" (and {junk} bytes on the stop pipe that are no worker's name, ignored)"
+        log.info("%s: stopping %d workers", why, len(self.children))
         signalled(self.hooks, signal.Signals(signum))
         self.stop()
 
@@ -407,14 +413,16 @@ class Supervisor:
             pass
         os.kill(parent, signal.SIGTERM)
 
-    def _asker(self) -> str:
-        """Which workers asked for the stop being handled (_ask_stop), "" if none did (one
-        handler may run for two workers' signals)."""
+    def _askers(self) -> tuple[list[str], int]:
+        """Which workers asked for the stop being handled (_ask_stop; one handler may run for two
+        workers' signals), and the count of the other bytes read from the pipe (_ASKER)."""
         try:
-            asked = os.read(self._asked_r, 65536).decode()
+            asked = os.read(self._asked_r, _ASKED_MAX)
         except OSError:  # (nothing there: BlockingIOError)
-            return ""
-        return ", ".join(asked.split("\n")[:-1])
+            return [], 0
+        lines = asked.split(b"\n")[:-1]
+        askers = [line.decode("ascii") for line in lines if _ASKER.fullmatch(line)]
+        return askers, len(asked) - sum(len(name) + 1 for name in askers)
 
     def _watch_parent(self, number: int, parent: int, stop: Callable[[], None]) -> None:
         """In a worker, once its server listens (on its loop): stop gracefully when the parent dies.
