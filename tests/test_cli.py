@@ -1792,6 +1792,20 @@ def test_run_indents_a_python_files_traceback(tmp_path: Path) -> None:
     assert "\n  ValueError: bad\n  ERROR: forged\n" in out, out
 
 
+def test_run_reports_a_python_files_sys_exit_of_a_value_whose_repr_raises(tmp_path: Path) -> None:
+    """setup() calling sys.exit(value) is reported with the value's repr, which raised: the
+    report itself failed, and run printed an unexpected error of its own instead."""
+    script = tmp_path / "ok.tcl"
+    script.write_text("package require TclMilter\nmilter main\n")
+    hooks = tmp_path / "hooks.py"
+    hooks.write_text("import sys\n\nclass Code:\n    def __repr__(self):\n        raise RuntimeError\n\n"
+                     "def setup(milter):\n    sys.exit(Code())\n")
+    status, out = cli("run", str(script), "--python", str(hooks), "--connection", "inet:0@127.0.0.1")
+    assert status == 1, out
+    assert (f"pytclmilter run: --python {hooks}: called sys.exit(<object repr() failed>) while loading; "
+            "a --python file cannot end pytclmilter") in out, out
+
+
 @pytest.mark.parametrize("command", ["check", "try"])
 def test_check_and_try_print_a_script_error_with_controls_escaped(command: str, tmp_path: Path) -> None:
     """check and try printed a script error's message and errorInfo as they were: an escape

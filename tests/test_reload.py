@@ -573,6 +573,25 @@ def test_a_python_command_that_hangs_while_the_script_loads_is_stopped(tclrun, t
     assert run.stop() == 0
 
 
+def test_a_python_files_error_whose_str_raises_at_a_reload_is_logged_and_the_old_one_serves_on(
+        tclrun, tmp_path: Path) -> None:
+    """A --python file whose module __getattr__ raises when setup is looked up: the error reached
+    the reload's log line, whose f-string called its __str__, which raised, and the reload failed
+    with no line saying why."""
+    script = tmp_path / "stamp.tcl"
+    script.write_text(stamping("A"))
+    run = tclrun(script, python=["def setup(milter):\n    pass\n"])
+    (tmp_path / "hooks0.py").write_text("class Weird(Exception):\n    def __str__(self):\n        raise RuntimeError\n\n"
+                                        "def __getattr__(name):\n    raise Weird()\n")
+    run.child.kill(signal.SIGUSR1)
+    m = run.wait_for(r"ERROR: reload: generation 2 not loaded, generation 1 serves on unchanged: (.*?)\r?\n")
+    assert m.group(1) == "Weird: <exception str() failed>", run.text
+    with run.mta() as mta:
+        mta.negotiate()
+        assert [p for p in mta.message()["eom"] if p[0] == "h"] == [("h", b"X-Stamp\0A\0")]
+    assert run.stop() == 0
+
+
 @pytest.mark.parametrize("hang", ["time.sleep(600)", "while True:\n        pass"])
 def test_a_python_file_that_hangs_while_loading_is_stopped_and_the_old_one_serves_on(tclrun, tmp_path: Path,
                                                                                     hang: str) -> None:

@@ -679,8 +679,8 @@ class ConnectionEngine:
                 raise RemoteProtocolError(f"the negotiate callback answered {status.smfis}")
             negotiated = self._negotiated(offer)
         except RemoteProtocolError as exc:
-            if self.fault_due(f"negotiation failed: {exc}"):
-                log.warning("%s: negotiation with %s failed: %s", self.name, self.link.peer, exc)
+            if self.fault_due(f"negotiation failed: {said(exc)}"):
+                log.warning("%s: negotiation with %s failed: %s", self.name, self.link.peer, said(exc))
             for event in self.session.fail_negotiation():
                 self._handle(event)
             return

@@ -19,7 +19,7 @@ from .accept import Acceptor, check_fd_limit
 from .connspec import ConnSpec, parse
 from .hooks import forget_early_reload, signalled
 from .listener import Listener, bind
-from .logline import Every, Repeated, escape, tell_counts
+from .logline import Every, Repeated, escape, said, tell_counts
 from .engine import LAST_WORDS, UNWIND, ConnectionEngine, Shared
 from .limits import PYTHON_LIMIT
 from .overdue import StopDeadline
@@ -148,7 +148,7 @@ class _Connection(asyncio.Protocol):
         # reference counting free the connection now, not the cycle collector some time later.
         engine, self.engine = self.engine, None
         if engine is not None and not engine.closed:
-            engine.connection_lost("eof" if exc is None else f"error: {exc}")
+            engine.connection_lost("eof" if exc is None else f"error: {said(exc)}")
         if server.retiring and engine is not None:
             server.session_over(engine.shared)
 

@@ -65,7 +65,7 @@ class HooksFailed(Exception):
 
 def _failure(exc: BaseException) -> str:
     if isinstance(exc, SystemExit):  # its status would be taken for the command's (try: 3, "discarded")
-        return (f"called sys.exit({exc.code!r}) while loading; a --python file cannot end pytclmilter "
+        return (f"called sys.exit({said(exc.code, repr)}) while loading; a --python file cannot end pytclmilter "
                 "(raise an exception to fail the load)")
     return f"{type(exc).__name__}: {said(exc)}"  # (its __str__ may raise: that was an "unexpected error" of ours)
 

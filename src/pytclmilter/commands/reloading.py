@@ -25,7 +25,7 @@ from types import FrameType
 from typing import Any, Callable, Final
 
 from ..limits import PYTHON_LIMIT
-from ..logline import escape, escape_lines
+from ..logline import escape, escape_lines, said
 from ..milter import RESTART_ONLY, ReloadError
 from ..server import STOP_SIGNALS
 from ..tcl.interp import TclHost
@@ -202,7 +202,7 @@ class Generations:
         elif isinstance(exc, (UsageError, ReloadError)):
             message, detail = str(exc), ""
         else:  # a --python file's error
-            message, detail = f"{type(exc).__name__}: {exc}", "".join(traceback.format_exception(exc)).rstrip()
+            message, detail = f"{type(exc).__name__}: {said(exc)}", "".join(traceback.format_exception(exc)).rstrip()
         log.error("reload: generation %d not loaded, generation %d serves on unchanged: %s%s", number,
                   current.milter.generation, escape(message), "\n" + escape_lines(detail) if detail else "")
         _collect()

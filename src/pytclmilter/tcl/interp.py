@@ -28,7 +28,7 @@ from ..context import Context, MilterError
 from ..engine import CallbackError
 from ..hooks import Hooks
 from ..limits import PYTHON_LIMIT, CallbackTimeout
-from ..logline import SHOWN, clip, escape, tell_counts
+from ..logline import SHOWN, clip, escape, failure_text, tell_counts
 from ..milter import Milter
 from ..protocol.codec import text
 from ..status import Status
@@ -478,7 +478,7 @@ class TclHost:
                 return ("error", str(refused), NONE)
             except Exception as exc:  # noqa: BLE001 - report, never crash the interpreter
                 log.exception("internal error in %s", name)
-                return ("error", f"internal error: {exc}", NONE)
+                return ("error", f"internal error: {failure_text(exc)}", NONE)
             return ("ok", "" if result is None else deep_to_tcl(result))
 
         self._create(name, command)

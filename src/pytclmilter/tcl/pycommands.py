@@ -220,7 +220,7 @@ class PythonCommands:
             try:
                 return ("ok", tcl_value(result))
             except (TypeError, ValueError) as exc:
-                message = to_tcl(f"{command.name}: {exc}")
+                message = to_tcl(f"{command.name}: {failure_text(exc)}")
                 return ("error", message, ("PYTHON", type(exc).__name__, message), message)
 
         return run

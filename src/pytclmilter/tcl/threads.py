@@ -28,6 +28,7 @@ from typing import Any, Callable, Final, Sequence
 
 import _tkinter
 
+from ..logline import failure_text
 from .strings import tcl_to_wire, wire_to_tcl
 from .usage import NONE, Answer, TclUsageError
 
@@ -336,7 +337,7 @@ def _command(tcl: Any, name: str, func: Callable[[Sequence[str]], Any]) -> Calla
             answer = ("error", str(usage), usage.code)
         except Exception as exc:  # noqa: BLE001 - report, never crash the thread
             log.exception("internal error in %s", name)
-            answer = ("error", f"internal error: {exc}", NONE)
+            answer = ("error", f"internal error: {failure_text(exc)}", NONE)
         tcl.Tcl_SetObjResult(interp, _obj(tcl, answer))
         return _OK
 
