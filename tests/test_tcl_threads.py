@@ -7,6 +7,7 @@ the milter parts, as the reference: the ``R`` lines both print must be the same.
 
 from __future__ import annotations
 
+import contextlib
 import re
 import shutil
 import signal
@@ -430,3 +431,32 @@ def test_an_unknown_milter_subcommand_in_a_thread_is_a_bad_option(tmp_path):
                           "| TCL LOOKUP INDEX option bogus"), run.output
     assert r["configure"].startswith('1 milter configure: only "milter stop" works outside the main interpreter'), r
     assert r["none"] == '1 wrong # args: should be "milter option ?arg ...?" | TCL WRONGARGS', r
+
+
+EXIT_IN_A_THREAD = r"""
+package require TclMilter 1.0
+package require Thread
+proc rc {ctx l} {
+    milter configure -onerror SMFIS_REJECT
+    thread::create {exit 3}
+    after 2000
+    return SMFIS_REJECT
+}
+milter register envrcpt rc
+milter main
+"""
+
+
+def test_a_threads_exit_writes_the_log_lines_a_callback_left_pending(tclrun):
+    """A thread's `exit` ends the process through C's exit(), which skips Python's finalization:
+    the line the callback had logged, waiting in the log handler for the loop's turn, was lost."""
+    run = tclrun(EXIT_IN_A_THREAD, "--on-error", "tempfail")
+    with run.mta() as mta:
+        mta.negotiate()
+        mta.connect()
+        mta.mail("<a@example.org>")
+        with contextlib.suppress(Exception):  # (the connection ends with the process)
+            mta.rcpt("<b@example.org>")
+    assert run.wait_exit(15) == 3, run.output
+    assert "INFO: milter configure -onerror SMFIS_REJECT ignored: --on-error given on the command line" in run.text, \
+        run.output

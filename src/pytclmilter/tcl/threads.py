@@ -220,8 +220,32 @@ def _thread_ends(_data: int) -> None:
 
 
 def _process_exits(_data: int) -> None:
-    """Tcl's exit handler (a thread's `exit`): never raises."""
-    _run(_AT_EXIT, "as a thread ended the process")
+    """Tcl's exit handler (a thread's `exit`): never raises. Tcl then calls C's exit(), which
+    skips Python's finalization: the log lines still pending (logs.py holds a loop iteration's
+    until its end) and the standard streams' buffers are written here, as the script's own
+    `exit` writes them (TclHost.exit_process)."""
+    _run([*_AT_EXIT, _logs_written], "as a thread ended the process")
+
+
+#: Seconds a thread's `exit` waits for a log handler another thread is writing with (a stuck
+#: terminal would hold it for ever): past them the handler's pending lines are lost.
+_LOG_WAIT: Final = 2.0
+
+
+def _logs_written() -> None:
+    """What logging.shutdown() writes: every handler's pending lines (a handler's close() waits a
+    while for a stuck reader, logs.py); the standard streams flushed."""
+    for handler in logging.getLogger().handlers:
+        lock = handler.lock
+        if lock is not None and not lock.acquire(timeout=_LOG_WAIT):
+            continue
+        try:
+            handler.flush()
+            handler.close()
+        finally:
+            if lock is not None:
+                lock.release()
+    _streams_flushed()
 
 
 def _run(funcs: list[Callable[[], None]], when: str) -> None:
@@ -264,10 +288,14 @@ def end_process(code: int) -> None:
     if callable(shutdown):
         shutdown()
     atexit._run_exitfuncs()
+    _streams_flushed()
+    os._exit(code)
+
+
+def _streams_flushed() -> None:
     for stream in (sys.stdout, sys.stderr):
         with contextlib.suppress(OSError, ValueError, AttributeError):  # (closed, or None)
             stream.flush()
-    os._exit(code)
 
 
 #: The exit handlers handed to Tcl: kept for the process's life, as Tcl keeps its address.
