@@ -44,7 +44,7 @@ from pytclmilter.client.message import Message
 from pytclmilter.protocol.codec import FrameReader
 from support.engine import frame, parse_frames
 from support.postfix import free_port
-from support.tclrun import ROOT_WARNING, TclRun, _pytclmilter_command, child_env, children_of
+from support.tclrun import ROOT_WARNING, TclRun, _pytclmilter_command, child_env, children_of, warnings
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "tclmilter" / "examples"
@@ -278,6 +278,28 @@ def test_run_refuses_postfixs_host_port_syntax_and_says_the_milters(spec: str, o
     assert (f'pytclmilter run: --connection "{spec}": ' in out
             and f"(inet:HOST:PORT is Postfix's syntax; the milter's is {ours})" in out), out
     assert "listening" not in out
+
+
+@pytest.mark.parametrize("spec, ours", [("8891", "inet:8891@127.0.0.1"), ("8891@localhost", "inet:8891@localhost"),
+                                         ("unix:localhost:8891", "inet:8891@localhost")])
+def test_run_warns_of_a_unix_socket_named_like_a_port(serve: Callable[..., TclRun], tmp_path: Path, spec: str,
+                                                    ours: str) -> None:
+    """`--connection 8891` (inet: forgotten) quietly made a socket file named 8891 in the current
+    directory, libmilter's rule (kept), while the MTA found nothing on port 8891."""
+    m = serve(STAMP, "--connection", spec)
+    path = spec.removeprefix("unix:")
+    assert m.spec == f"unix:{tmp_path / path}", m.text
+    m.wait_for(rf'WARNING: connection "{re.escape(path)}" is a unix socket of that name \(without inet: or inet6: '
+               rf"in front, a connection is one, as in libmilter\); for TCP port 8891 write {re.escape(ours)}\r?\n",
+               since=0)
+    assert m.stop() == 0
+    assert len([w for w in warnings(m.text) if "unix socket" in w]) == 1, m.text
+
+
+def test_run_says_nothing_of_a_unix_socket_with_a_path(serve: Callable[..., TclRun], tmp_path: Path) -> None:
+    m = serve(STAMP, "--connection", f"unix:{tmp_path / 'milter.sock'}")
+    assert m.stop() == 0
+    assert warnings(m.text) == [], m.text
 
 
 @pytest.mark.parametrize("spec", ["inet:0@[127.1]", "inet:0@[0x7f.0.0.1]", "inet:0@[2130706433]"])

@@ -8,12 +8,22 @@ holds that very socket.
 
 from __future__ import annotations
 
+import logging
 import os
+import re
 import socket
 from dataclasses import dataclass
+from typing import Final
 
 from .connspec import ConnSpec, ConnSpecError
+from .logline import escape
 from .unixsocket import SocketFile, bind_unix
+
+log = logging.getLogger(__name__)
+
+#: A unix socket's path that is a TCP port with a forgotten ``inet:``: ``8891``, ``8891@host``
+#: (the milter's form), ``host:8891`` (Postfix's form); the port and the host, if any.
+_PORT_LIKE: Final = (re.compile(r"([0-9]+)(?:@(.+))?\Z"), re.compile(r"(?P<host>[^/:@]+):(?P<port>[0-9]+)\Z"))
 
 
 @dataclass
@@ -37,6 +47,7 @@ def bind(spec: ConnSpec, backlog: int | None, socket_mode: int | None,
     """
     backlog = backlog or max(socket.SOMAXCONN, 20)
     if spec.family == "unix":
+        _warn_port_like(spec.path)
         if not spec.path.startswith("/"):  # libmilter's: the current directory's now (the script's,
             spec = ConnSpec("unix", path=os.path.abspath(spec.path))  # after a cd): the line says which
         sock, unix_file = bind_unix(spec.path, backlog, socket_mode, socket_owner)
@@ -62,3 +73,17 @@ def bind(spec: ConnSpec, backlog: int | None, socket_mode: int | None,
         spec = ConnSpec(spec.family, host=spec.host, port=sock.getsockname()[1])
     return Listener(sock, spec)
 
+
+
+def _warn_port_like(path: str) -> None:
+    """``--connection 8891``: libmilter's rule (no type is a unix socket, kept) quietly makes a
+    socket file named 8891 in the current directory, where a TCP port was meant; said once, at bind."""
+    digits, postfix = _PORT_LIKE[0].match(path), _PORT_LIKE[1].match(path)
+    if digits is not None:
+        port, host = digits.group(1), digits.group(2) or "127.0.0.1"
+    elif postfix is not None:
+        port, host = postfix.group("port"), postfix.group("host")
+    else:
+        return
+    log.warning('connection "%s" is a unix socket of that name (without inet: or inet6: in front, a connection '
+                "is one, as in libmilter); for TCP port %s write inet:%s@%s", escape(path), port, port, escape(host))
