@@ -1639,21 +1639,22 @@ def test_settings_the_command_line_refuses_are_refused_by_the_api_too(setting, v
         setattr(m, setting, value)
 
 
+def _leave(kind: str) -> None:
+    """sys.exit(3), or a KeyboardInterrupt."""
+    if kind == "exit":
+        sys.exit(3)
+    raise KeyboardInterrupt
+
+
 def _exits(kind: str, how: str):
     """A callback that ends in sys.exit(3) or KeyboardInterrupt, sync or async."""
-
-    def leave() -> None:
-        if kind == "exit":
-            sys.exit(3)
-        raise KeyboardInterrupt
-
     if how == "sync":
-        return lambda ctx, args: leave() if args[0] == "<bye@example.org>" else CONTINUE
+        return lambda ctx, args: _leave(kind) if args[0] == "<bye@example.org>" else CONTINUE
 
     async def envfrom(ctx, args):
         await asyncio.sleep(0)
         if args[0] == "<bye@example.org>":
-            leave()
+            _leave(kind)
         return CONTINUE
 
     return envfrom
@@ -1681,7 +1682,29 @@ def test_sys_exit_in_a_python_callback_is_a_failure_not_the_milters_end(caplog, 
     shown = "SystemExit(3)" if kind == "exit" else "KeyboardInterrupt()"
     assert len(errors) == 1 and "envfrom callback" in errors[0], errors
     assert f"failed ({shown}), answering SMFIS_TEMPFAIL" in errors[0], errors
-    assert "leave" in errors[0]  # the traceback, down to where it was raised
+    assert "_leave" in errors[0]  # the traceback, down to where it was raised
+
+
+@pytest.mark.parametrize("kind", ["exit", "interrupt"])
+def test_sys_exit_in_the_tick_hook_is_a_failure_not_the_milters_end(caplog, kind):
+    """A tick hook that runs sys.exit() ended run() (SystemExit out of the serving loop) where the
+    other hooks' failures are logged and serving goes on: now the tick's are too."""
+    caplog.set_level(logging.INFO, logger="pytclmilter")
+    ticks: list[int] = []
+
+    def tick() -> None:
+        ticks.append(1)
+        if len(ticks) == 1:
+            _leave(kind)
+
+    m = make_milter(hooks=Hooks(tick=tick))
+    with serving(m) as srv:
+        wait_for(lambda: len(ticks) >= 3)
+        with srv.raw() as mta:
+            assert mta.connect() == (b"c", b"")
+    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert len(errors) == 1 and "the host's event tick failed" in errors[0], errors
+    assert any("_leave" in (r.exc_text or "") for r in caplog.records), "its traceback"
 
 
 @pytest.mark.parametrize("option, value, error, message", [

@@ -522,10 +522,11 @@ class MilterServer:
 
     def _run_tick(self, tick: Callable[[], None]) -> None:
         """One tick; one that fails is logged (at most once a minute) and the next comes as usual:
-        an escaping error ended this task, and with it every later timer and file event."""
+        an escaping error ended this task, and with it every later timer and file event; a
+        sys.exit() (or KeyboardInterrupt) ended run() itself, where the other hooks' is logged."""
         try:
             tick()
-        except Exception:  # noqa: BLE001 - log, and keep ticking
+        except BaseException:  # noqa: BLE001 - log, and keep ticking
             if self._tick_failed.due():
                 log.exception("the host's event tick failed (logged at most once a minute)")
 
