@@ -447,10 +447,13 @@ milter main
 """
 
 
-def test_a_threads_exit_writes_the_log_lines_a_callback_left_pending(tclrun):
+def test_a_threads_exit_writes_pending_log_lines_and_removes_the_pid_file(tclrun, tmp_path):
     """A thread's `exit` ends the process through C's exit(), which skips Python's finalization:
-    the line the callback had logged, waiting in the log handler for the loop's turn, was lost."""
-    run = tclrun(EXIT_IN_A_THREAD, "--on-error", "tempfail")
+    the line the callback had logged, waiting in the log handler for the loop's turn, was lost,
+    and the pid file was left behind; the script's own `exit` writes the one, removes the other."""
+    pidfile = tmp_path / "milter.pid"
+    run = tclrun(EXIT_IN_A_THREAD, "--on-error", "tempfail", "--pidfile", str(pidfile))
+    assert pidfile.exists()
     with run.mta() as mta:
         mta.negotiate()
         mta.connect()
@@ -460,3 +463,4 @@ def test_a_threads_exit_writes_the_log_lines_a_callback_left_pending(tclrun):
     assert run.wait_exit(15) == 3, run.output
     assert "INFO: milter configure -onerror SMFIS_REJECT ignored: --on-error given on the command line" in run.text, \
         run.output
+    assert not pidfile.exists()

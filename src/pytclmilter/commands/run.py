@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import faulthandler
 import grp
 import logging
@@ -25,6 +26,7 @@ from ..hooks import Hooks
 from ..logline import clip, escape, escape_lines, fault_kind, guard, one_line, place_of, said
 from ..milter import Milter
 from ..overdue import EXIT
+from ..tcl import threads
 from ..tcl.interp import TclHost
 from ..tcl.unanswered import Unanswered
 from ..tcl.usage import Answer
@@ -447,6 +449,8 @@ def _serve(opts: argparse.Namespace) -> int:
         _warn_root()
     between.serves(scripts.current.milter.stop)  # (each generation's milter stops the one server)
     daemon = Daemon(scripts.current.milter, opts, notify, lambda: [reread[0], *reread[1], *scripts.current.sourced])
+    with contextlib.suppress(OSError, AttributeError):  # (a Tcl without the Thread package's way in)
+        threads.at_process_exit(daemon.cleanup)  # a thread's `exit` removes the pid file, as the script's
     try:
         with sigmask.stops_meanwhile(loading, daemon.stopped), sigmask.children_reapable():
             waiting = scripts.current.start(opts.script)

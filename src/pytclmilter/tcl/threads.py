@@ -206,10 +206,18 @@ def at_end(thread: Callable[[], None], process: Callable[[], None]) -> None:
     Tcl flushes the thread's own channels), and ``process`` as such a thread ends the process
     (Tcl's own `exit` there: Tcl_Exit, which flushes no other thread's channels); once a process.
     OSError or AttributeError where this Tcl cannot be reached."""
+    if thread not in _AT_END:
+        at_process_exit(process)
+        _AT_END.append(thread)
+
+
+def at_process_exit(process: Callable[[], None]) -> None:
+    """Run ``process`` as a thread's `exit` ends the process (at_end), once however often given:
+    run's removal of its pid file, which the script's own `exit` does. OSError or AttributeError
+    where this Tcl cannot be reached."""
     if not _AT_EXIT:
         _library().Tcl_CreateExitHandler(_EXITS, None)
-    if thread not in _AT_END:
-        _AT_END.append(thread)
+    if process not in _AT_EXIT:
         _AT_EXIT.append(process)
 
 
