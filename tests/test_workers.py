@@ -644,18 +644,24 @@ def test_a_stop_before_milter_main_makes_it_return_bound_to_nothing(tmp_path: Pa
     assert "stopped; verdicts:" in done.stderr and not pidfile.exists()
 
 
-def test_a_workers_milter_stop_is_logged_as_its_own_not_as_a_sigterm(tclrun) -> None:
-    """A worker's `milter stop` reaches the supervisor as a SIGTERM, which the supervisor logged as
-    `received SIGTERM: stopping 2 workers`: an admin looked for who sent it (systemd? a kill?)."""
-    script = SCRIPT.replace("incr ::count", "milter stop")
-    m = tclrun(script, "--workers", "2")
+def stopped_at_a_recipient(m, reply: str) -> None:
+    """Once 2 workers serve, a message whose recipient gets ``reply`` from a callback that calls
+    `milter stop`; the milter then ends, status 0."""
     m.wait_for("2 workers serving")
     with m.mta() as mta:
         mta.negotiate()
         assert ok(mta.connect())
         mta.mail("<a@example.org>")
-        assert mta.rcpt("<b@example.org>")[0] == "y"
-    assert m.wait_exit(20) == 0
+        assert mta.rcpt("<b@example.org>")[0] == reply
+    assert m.wait_exit(20) == 0, m.text
+
+
+def test_a_workers_milter_stop_is_logged_as_its_own_not_as_a_sigterm(tclrun) -> None:
+    """A worker's `milter stop` reaches the supervisor as a SIGTERM, which the supervisor logged as
+    `received SIGTERM: stopping 2 workers`: an admin looked for who sent it (systemd? a kill?)."""
+    script = SCRIPT.replace("incr ::count", "milter stop")
+    m = tclrun(script, "--workers", "2")
+    stopped_at_a_recipient(m, "y")
     m.wait_for(r"INFO: worker \d \(pid \d+\) called milter stop: stopping 2 workers\r?\n", since=0)
     assert "received SIGTERM: stopping 2 workers" not in m.text
     m.wait_for("main returned", since=0)
@@ -693,13 +699,7 @@ def test_bytes_a_script_writes_to_the_stop_pipe_do_not_break_the_stop(tclrun) ->
     bytes there raised UnicodeDecodeError in it. What no worker's `milter stop` wrote is not
     taken as a worker's name (nor its control characters written to the log)."""
     m = tclrun(JUNK_ON_STOP_PIPE, "--workers", "2")
-    m.wait_for("2 workers serving")
-    with m.mta() as mta:
-        mta.negotiate()
-        assert ok(mta.connect())
-        mta.mail("<a@example.org>")
-        assert mta.rcpt("<b@example.org>")[0] == "r"
-    assert m.wait_exit(20) == 0, m.text
+    stopped_at_a_recipient(m, "r")
     m.wait_for(r"INFO: worker \d \(pid \d+\) called milter stop \(and 33 bytes on the stop pipe that are no worker's "
                r"name, ignored\): stopping 2 workers\r?\n", since=0)
     assert "Traceback" not in m.text and "forged" not in m.text and "\x1b" not in m.text, m.text
