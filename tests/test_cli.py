@@ -237,6 +237,21 @@ def test_run_reports_the_command_line_override_of_the_scripts_connection(serve: 
     assert m.stop() == 0
 
 
+def test_try_says_it_set_the_options_a_scripts_configure_cannot_change_there(tmp_path: Path) -> None:
+    """try fixes -workers, -grace, -metrics and -connection itself: a script's configure of them was
+    logged as "--workers given on the command line", a flag try has not, which nobody gave."""
+    script = tmp_path / "w.tcl"
+    script.write_text("package require TclMilter\nmilter configure -workers 4 -grace 9\n"
+                      "proc eom {ctx} { return SMFIS_CONTINUE }\nmilter register eom eom\nmilter main\n")
+    message = tmp_path / "m.eml"
+    message.write_text("From: a@b\nSubject: x\n\nhi\n")
+    status, out = cli("try", "--log-level", "info", str(script), str(message))
+    assert status == 0, out
+    assert "INFO: milter configure -workers 4 ignored: try sets -workers 1" in out, out
+    assert "INFO: milter configure -grace 9 ignored: try sets -grace 5" in out, out
+    assert "given on the command line" not in out, out
+
+
 def test_run_logs_whether_its_hot_path_is_compiled(serve: Callable[..., TclRun]) -> None:
     from pytclmilter.compiled import describe  # the same install as the command under test
 

@@ -196,10 +196,12 @@ def _not_readable(path: str, directory: str) -> str:
 
 
 def make_host(script: str, hooks: list[str], overrides: dict[str, str | None],
-              on_exit: Callable[[int], None] | None = None, milter_hooks: Hooks | None = None) -> TclHost:
+              on_exit: Callable[[int], None] | None = None, milter_hooks: Hooks | None = None,
+              by: str = "") -> TclHost:
     """An interpreter with the milter command, command-line overrides locked, Python hooks loaded;
-    ``milter_hooks``: the command's own (listening, signal). Every file is checked, as root, before
-    any of them runs."""
+    ``milter_hooks``: the command's own (listening, signal); ``by``: the command that fixes the
+    overrides itself (try), which the script's ignored configure then names, not a flag nobody
+    gave. Every file is checked, as root, before any of them runs."""
     check_script(script)
     sources = [(path, read_hooks(path)) for path in hooks]
     if os.geteuid() == 0:
@@ -208,7 +210,8 @@ def make_host(script: str, hooks: list[str], overrides: dict[str, str | None],
     try:
         for option, value in overrides.items():
             if value is not None:
-                host.command.lock(option, value, _FLAGS.get(option, "--" + option[1:]))
+                why = f"{by} sets {option} {value or '{}'}" if by else ""
+                host.command.lock(option, value, _FLAGS.get(option, "--" + option[1:]), why)
     except TclUsageError as exc:
         host.close()
         raise UsageError(str(exc)) from None

@@ -177,7 +177,7 @@ def _serve(opts: argparse.Namespace, script: str, socket: str,
     hooks = Hooks(listening=listening, signal=on_signal)
     with sigmask.interruptible():  # (making it runs Tcl too: every pkgIndex.tcl on auto_path)
         host = make_host(script, opts.python, TRY_OVERRIDES | {"-connection": f"unix:{socket}"},
-                         on_exit=exited, milter_hooks=hooks)
+                         on_exit=exited, milter_hooks=hooks, by="try")
     try:
         host.set_argv(script, list(getattr(opts, "rest", [])))
         # The script serves as under run, from the `milter main` it waits in, and is never resumed:

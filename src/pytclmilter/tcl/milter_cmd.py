@@ -134,7 +134,7 @@ class MilterCommand:
     def __init__(self, host: "TclHost", milter: Milter) -> None:
         self.host = host
         self.milter = milter
-        self.locked: dict[str, str] = {}  # options fixed on the command line
+        self.locked: dict[str, str] = {}  # options fixed on the command line: why (lock)
         self.debuglevel = 0
         #: Replaces serving in `milter main` (check mode returns at once); None serves.
         self.main_hook: Callable[[], None] | None = None
@@ -180,8 +180,7 @@ class MilterCommand:
         if opt.before_main and self.milter.running:
             raise TclUsageError(f'option "{name}" can only be changed before milter main')
         if from_script and name in self.locked:
-            log.info("milter configure %s %s ignored: %s given on the command line", name, escape(raw),
-                     self.locked[name])
+            log.info("milter configure %s %s ignored: %s", name, escape(raw), escape(self.locked[name]))
             return
         if name == "-debuglevel":
             self.debuglevel = value
@@ -190,15 +189,16 @@ class MilterCommand:
         change: dict[str, Any] = {opt.attr: value}
         self.milter.settings = replace(self.milter.settings, **change)
 
-    def lock(self, name: str, raw: str, flag: str) -> None:
+    def lock(self, name: str, raw: str, flag: str, why: str = "") -> None:
         """Set an option from the command line; the script cannot change it afterwards. Its error
         names the flag: the option's own words (``expected integer but got "x"``) do not say which
-        of the command line's values it was."""
+        of the command line's values it was. ``why`` the script's configure is ignored, where no
+        flag gave the value (try's own): by default ``--workers given on the command line``."""
         try:
             self.set(name, raw)
         except TclUsageError as exc:
             raise TclUsageError(_flagged(flag, name, str(exc))) from None
-        self.locked[name] = flag
+        self.locked[name] = why or f"{flag} given on the command line"
 
     # ------------------------------------------------------------ main / stop
 
