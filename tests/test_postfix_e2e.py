@@ -289,3 +289,23 @@ def test_an_ehlo_after_a_rejected_mail_is_checked_behind_postfix(postfix, state_
         assert smtp.ehlo("bad.example")[0] == 250  # Postfix answers a rejected EHLO at MAIL (protocol.md 10.6)
         assert smtp.mail("a@example.org")[0] == 550
     assert calls == ["helo client.example", "envfrom <spam@example.org>", "helo bad.example"]
+
+
+def test_a_header_line_with_an_8bit_name_ends_the_header_section(postfix) -> None:
+    """Why chgheader takes only RFC 5322 names (docs/python-api.md): Postfix 3.7's is_header()
+    refuses 8-bit bytes, so such a line opens the body; the filter sees the headers before it
+    only, and the line is delivered as the body's first, unchanged."""
+    milter = Milter(name="e2e", connection="inet:0@127.0.0.1", grace=1)
+    names: list[str] = []
+    milter.register("header", lambda ctx, name, value: names.append(name) or CONTINUE)
+    thread = run_in_thread(milter)
+    try:
+        pf = postfix(milter=milter.listening.postfix())
+        raw = b"From: a@example.org\r\nX-\xe9t\xe9: one\r\nSubject: s\r\n\r\nbody\r\n"
+        assert pf.send("a@example.org", ["rcpt@example.com"], raw).accepted
+        (msg,) = pf.wait_for_sink(1)
+    finally:
+        milter.stop()
+        thread.join(10)
+    assert names == ["From"], names
+    assert msg.body.startswith(b"X-\xe9t\xe9: one\nSubject: s\n\nbody"), msg.raw

@@ -412,3 +412,21 @@ def test_two_workers_on_an_inet_socket_serve_sendmail(sendmail, milter) -> None:
     msgs = sm.wait_for_sink(6)
     assert all(m.headers("X-Filtered-By") for m in msgs)
     assert run.stop() == 0
+
+
+def test_a_header_line_with_an_8bit_name_ends_the_header_section(sendmail, milter, socket_path: Path) -> None:
+    """Why chgheader takes only RFC 5322 names (docs/tcl-reference.md): Sendmail 8.17 ends the
+    header section at such a line, which opens the body; the filter sees the headers before it
+    only."""
+    m = milter("""
+        package require TclMilter 1.0
+        proc header {ctx name value} { puts stderr "HEADER <$name>"; return SMFIS_CONTINUE }
+        milter register header header
+        milter main
+    """, connection=f"unix:{socket_path}")
+    sm = sendmail(f"unix:{socket_path}").start()
+    raw = b"From: a@client.test\r\nX-\xe9t\xe9: one\r\nSubject: s\r\n\r\nbody\r\n"
+    assert sm.send("a@client.test", ["b@example.com"], raw).accepted
+    (msg,) = sm.wait_for_sink(1)
+    assert re.findall(r"HEADER <[^>]*>", m.output) == ["HEADER <From>"], m.output
+    assert msg.body.startswith(b"X-\xe9t\xe9: one\nSubject: s\n\nbody"), msg.raw

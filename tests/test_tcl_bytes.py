@@ -194,39 +194,6 @@ def test_header_and_address_bytes_tcl_would_misread_survive(tclrun):
     assert ("e", sender + b"\0SIZE=1\0") in eom, eom
 
 
-DELETE_8BIT_NAMES = TCL_HELPERS + r"""
-package require TclMilter
-proc header {ctx name value} { lappend ::names($ctx) $name; return SMFIS_CONTINUE }
-proc eom {ctx} {
-    foreach name $::names($ctx) { $ctx chgheader $name 1 "" }
-    T add {$ctx addheader [lindex $::names($ctx) 0] v}
-    T never {$ctx chgheader X-N\u00e4me-Never ""}
-    unset ::names($ctx)
-    return SMFIS_CONTINUE
-}
-milter register header header
-milter register eom eom
-milter main
-"""
-
-
-def test_a_script_deletes_headers_whose_names_have_8bit_bytes_as_the_mta_sent_them(tclrun):
-    """Postfix and Sendmail pass header names with 8-bit bytes; ``$ctx chgheader`` refused them as not
-    RFC 5322, so a cleaning filter could not delete them. A name the MTA sent in the message goes
-    back byte for byte (Latin-1, UTF-8, C0 80 that Tcl would misread); addheader still refuses it."""
-    names = [b"X-\xe9t\xe9", "X-Bl\u00fcte".encode(), b"X-\xc0\x80z"]
-    m = tclrun(DELETE_8BIT_NAMES)
-    with m.mta() as mta:
-        mta.negotiate()
-        for name in names:
-            assert mta.event_raw("L", z(name, b"v")) in (("c", b""), NOREPLY)
-        eom = mta.eom()
-    assert m.stop() == 0
-    assert eom == [*(("m", b"\0\0\0\x01" + name + b"\0\0") for name in names), ("c", b"")], m.output
-    r = m.results()
-    assert r["add"].startswith("ERR invalid header name") and r["never"].startswith("ERR invalid header name"), r
-
-
 NON_ASCII = r"""
 package require TclMilter
 proc rcpt {ctx list} {

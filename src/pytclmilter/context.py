@@ -60,12 +60,6 @@ MAX_REPLY_LINES: Final = 32
 #: and sender changes (Sendmail keeps 32 KB of headers by default).
 MAX_CHANGES: Final = 100_000
 MAX_QUEUED: Final = 1 << 30
-#: The header names one message's chgheader may name outside RFC 5322 (8-bit bytes, as Postfix and
-#: Sendmail pass them) are among its first this many headers; a message of more has no use but an
-#: attack. The names are kept as they came and looked at only for such a chgheader: a test of
-#: each name as it came cost 1,100 to 2,300 instructions a header (5-10 % of a message of ten
-#: headers, compiled), the append about 270.
-MAX_SENT_NAMES: Final = 1000
 
 
 def _glob_step(pattern: str, at: int, char: str) -> int | None:
@@ -187,25 +181,15 @@ def hosted(script: ScriptCalls | None) -> ScriptCalls:
     return script
 
 
-def odd_name(name: str) -> bytes | None:
-    """A header name outside RFC 5322's field-name, as the MTAs compare names (bytes, ASCII letters
-    in either case); None for an RFC 5322 one."""
-    return None if _HEADER_NAME.match(name) else wire(name).lower()
-
-
-def check_header(what: str, name: str, value: str, sent: Sequence[str] | None = None) -> str:
+def check_header(what: str, name: str, value: str) -> str:
     """Validate a header for the method ``what``; returns the value with folding normalised to
-    bare LF. A name outside RFC 5322 passes only as one of ``sent`` (chgheader: the MTA sent it). A
-    name or value that is no str failed in the pure source with "descriptor 'isprintable' for
-    'str' objects doesn't apply to a 'int' object" (one isinstance each, inline: once a message;
-    the compiled build refuses it at the call, in mypyc's words)."""
+    bare LF. A name or value that is no str failed in the pure source with "descriptor
+    'isprintable' for 'str' objects doesn't apply to a 'int' object" (one isinstance each, inline:
+    once a message; the compiled build refuses it at the call, in mypyc's words)."""
     if not (isinstance(name, str) and isinstance(value, str)):
         _check_name(what, name, value)
-    odd = odd_name(name)
-    if odd is not None and (sent is None or all(odd_name(n) != odd for n in sent)):
-        also = "" if sent is None else " (or the name of a header the MTA sent in this message)"
-        raise MilterError(f'invalid header name "{shown(name)}": must be printable ASCII, without colon or space'
-                          + also)
+    if not _HEADER_NAME.match(name):
+        raise MilterError(f'invalid header name "{shown(name)}": must be printable ASCII, without colon or space')
     if isprintable(value) or _VALUE_CONTROL.search(value) is None:  # nearly always (isprintable: no regex call)
         return value
     value = _FOLD.sub("\n", value)
@@ -342,8 +326,8 @@ _QUARANTINE: Final = int(Action.QUARANTINE)
 
 
 def _header_size(name: str, value: str, index: int) -> int:
-    """Data bytes of a header packet: [u32 index,] name NUL value NUL."""
-    return index + wire_size(name) + wire_size(value) + 2
+    """Data bytes of a header packet: [u32 index,] name NUL value NUL (the name is ASCII)."""
+    return index + len(name) + wire_size(value) + 2
 
 
 def _strings_size(first: str, second: str | None = None) -> int:
@@ -415,7 +399,6 @@ class Context:
         "session",
         "script_priv",
         "script",
-        "sent_names",
     )
 
     def __init__(self, conn_id: int, macros: MacroStore, progress: Callable[[], None] | None = None,
@@ -440,8 +423,6 @@ class Context:
         self.script_priv: ScriptPrivate | None = None
         #: The script's procs, when a host runs one (set by the Tcl bridge): ctx.tcl.
         self.script: ScriptCalls | None = None
-        #: The names of this message's headers, as the MTA sent them (chgheader, MAX_SENT_NAMES).
-        self.sent_names: list[str] = []
 
     def __repr__(self) -> str:
         return f"<Context {self.name} stage={self.stage or '-'}>"
@@ -578,7 +559,7 @@ class Context:
 
     def chgheader(self, name: str, value: str, index: int = 1) -> None:
         """Change the index-th header of that name; an empty value deletes it."""
-        value = check_header("chgheader", name, value, self.sent_names)
+        value = check_header("chgheader", name, value)
         self._act("chgheader", ev.ChangeHeader(check_index(index), name, value), _CHGHDRS,
                   _header_size(name, value, 4))
 
@@ -634,11 +615,6 @@ class Context:
 
     # ------------------------------------------------------------ engine side
 
-    def saw_header(self, name: str) -> None:
-        """The MTA sent a header of this name: one outside RFC 5322 may be changed (MAX_SENT_NAMES)."""
-        if len(self.sent_names) < MAX_SENT_NAMES:
-            self.sent_names.append(name)
-
     def take_actions(self) -> list[ev.Reply]:
         """Modifications in order, the new body (one contiguous run, as Postfix requires) last."""
         out = self.actions
@@ -650,12 +626,9 @@ class Context:
         return out
 
     def drop_actions(self) -> None:
-        """The message is over: its modifications and the header names it sent are forgotten."""
         self.actions = []
         self.body = None
         self.queued = 0
-        if self.sent_names:
-            self.sent_names = []
 
     def detach(self) -> None:
         """The connection is over: progress() does nothing from now on. This also breaks the

@@ -587,8 +587,6 @@ class ConnectionEngine:
         elif type(event) is Connect:
             self._new_session()
             self.client = f"{event.hostname}[{event.address}]"
-        elif type(event) is Header:
-            self.ctx.saw_header(event.name)
         if not event.needs_reply:
             self._no_reply_event(name, event, args_of)
             return
