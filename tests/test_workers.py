@@ -706,6 +706,21 @@ def test_bytes_a_script_writes_to_the_stop_pipe_do_not_break_the_stop(tclrun) ->
     m.wait_for("main returned", since=0)
 
 
+def test_a_flood_of_worker_names_on_the_stop_pipe_names_a_few_once(tclrun) -> None:
+    """A script writing well-formed names on the stop pipe made one log line of every name it
+    wrote (64 KiB: 3,600 names): each is named once, four at most, and the rest counted."""
+    flood = 'puts -nonewline $out [string repeat "worker 7 (pid 7)\\n" 500]\n' + \
+        '    for {set i 10} {$i < 60} {incr i} { puts -nonewline $out "worker $i (pid $i)\\n" }'
+    script = JUNK_ON_STOP_PIPE.replace('puts -nonewline $out "\\xff\\xfe\\x1b\\[31mforged\\nworker 9 (pid 1) \\xff\\n"',
+                                       flood)
+    assert script != JUNK_ON_STOP_PIPE
+    m = tclrun(script, "--workers", "2")
+    stopped_at_a_recipient(m, "r")
+    m.wait_for(r"INFO: worker 7 \(pid 7\), worker 10 \(pid 10\), worker 11 \(pid 11\), worker 12 \(pid 12\) "
+               r"and 48 more called milter stop: stopping 2 workers\r?\n", since=0)
+    m.wait_for("main returned", since=0)
+
+
 @pytest.mark.parametrize("code", ["0", "3"])
 def test_a_workers_exit_stops_all_with_0_and_is_replaced_otherwise(tclrun, code: str) -> None:
     """`exit 0` in a worker's callback stops the whole milter, as `milter stop`, and says so (the

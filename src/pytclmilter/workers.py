@@ -67,6 +67,8 @@ _FORK_TELL_EVERY = 60.0  # seconds between the lines of failed forks
 _ASKER = re.compile(rb"worker [0-9]{1,4} \(pid [0-9]{1,10}\)")
 #: Bytes of the stop pipe read at one stop signal (its default capacity): what is left waits for the next.
 _ASKED_MAX = 65536
+#: Workers named in the line of one stop (_named): as many as one handler ever takes for real.
+_ASKERS_SHOWN = 4
 _SLOT_SETS = 4  # metrics slots per worker: the set serving, and up to three reloads finishing
 
 
@@ -127,6 +129,15 @@ class _Deaths:
             else:
                 log.error("%s; starting a new one%s", what, before)
         return slow
+
+
+def _named(askers: list[str]) -> str:
+    """The workers that asked for a stop, each once and at most _ASKERS_SHOWN of them: a script can
+    write well-formed lines to the stop pipe too (64 KiB of them were one line of 3,600 names)."""
+    unique = list(dict.fromkeys(askers))
+    shown = ", ".join(unique[:_ASKERS_SHOWN])
+    more = len(unique) - _ASKERS_SHOWN
+    return f"{shown} and {more} more" if more > 0 else shown
 
 
 class Supervisor:
@@ -303,7 +314,7 @@ class Supervisor:
 
     def _on_signal(self, signum: int, frame: object) -> None:
         askers, junk = self._askers() if signum == signal.SIGTERM else ([], 0)
-        why = f"{', '.join(askers)} called milter stop" if askers else f"received {signal.Signals(signum).name}"
+        why = f"{_named(askers)} called milter stop" if askers else f"received {signal.Signals(signum).name}"
         if junk:
             why += f" (and {junk} bytes on the stop pipe that are no worker's name, ignored)"
         log.info("%s: stopping %d workers", why, len(self.children))
