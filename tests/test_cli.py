@@ -796,6 +796,20 @@ def test_serving_as_root_without_user_is_one_warning_naming_the_option(serve: Ca
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root")
+@pytest.mark.parametrize("user", ["root", "0"])
+def test_serving_as_root_with_a_user_of_uid_0_is_warned_of_too(serve: Callable[..., TclRun], user: str) -> None:
+    """`--user root` (or `--user 0`) served as root in silence, as if it had dropped privileges:
+    the warning came only without --user, though the risk is the same. It now says which --user
+    is uid 0 and asks for another user."""
+    m = serve(STAMP, "--connection", "inet:0@127.0.0.1", "--user", user)
+    assert m.stop() == 0
+    assert m.text.count("WARNING: serving as root") == 1, m.text
+    assert re.search(rf"WARNING: serving as root \(--user {user} is uid 0\): every callback, and every program "
+                     r"the script starts \(exec, open \|cmd\), runs as root, .* start with --user USER, a user "
+                     r"other than root", m.text), m.text
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root")
 @pytest.mark.parametrize("option", [("--timeout", "abc"), ("--connection", "tcp:1"), ("--workers", "100000")])
 def test_a_usage_error_as_root_is_not_preceded_by_the_serving_as_root_warning(option: tuple[str, str]) -> None:
     """`run --timeout abc` as root logged "serving as root without --user" and then exited 64,

@@ -204,14 +204,16 @@ def _ids(user: str | None, group: str | None) -> Ids | None:
     return Ids(pw.pw_uid, gid, pw.pw_name)
 
 
-def _warn_root() -> None:
+def _warn_root(user: str | None) -> None:
     """Serving as root is allowed (a test box, a container that is its own sandbox), as libmilter
     and OpenDKIM allow it (its UserID is optional), but said once at start: every callback, and
-    every program the script starts, would parse what strangers mail with root's privileges."""
-    log.warning("serving as root without --user: every callback, and every program the script starts "
+    every program the script starts, would parse what strangers mail with root's privileges,
+    whether --user is left out or names uid 0 (``--user root``, ``--user 0``, a ``toor``)."""
+    how = "without --user" if user is None else f"(--user {escape(user)} is uid 0)"
+    log.warning("serving as root %s: every callback, and every program the script starts "
                 "(exec, open |cmd), runs as root, so a flaw in the script, or in what it does with a "
-                "message, gives root to whoever sends the mail; start with --user USER (the socket is "
-                "bound and the pid file written as root first; docs/deployment.md)")
+                "message, gives root to whoever sends the mail; start with --user USER, a user other "
+                "than root (the socket is bound and the pid file written as root first; docs/deployment.md)", how)
 
 
 def _check_unprivileged(uid: int, gid: int) -> None:
@@ -445,8 +447,8 @@ def _serve(opts: argparse.Namespace) -> int:
     loading = f"loading {opts.script}"
     with sigmask.stops_meanwhile(loading, notify.stopping):
         scripts = Generations(reread[0], load, exit_process)
-    if ids is None and os.geteuid() == 0:  # (after the options' check: a usage error serves nothing)
-        _warn_root()
+    if os.geteuid() == 0 and (ids is None or ids.uid == 0):  # (after the options' check: a usage error serves nothing)
+        _warn_root(opts.user)
     between.serves(scripts.current.milter.stop)  # (each generation's milter stops the one server)
     daemon = Daemon(scripts.current.milter, opts, notify, lambda: [reread[0], *reread[1], *scripts.current.sourced])
     with contextlib.suppress(OSError, AttributeError):  # (a Tcl without the Thread package's way in)
