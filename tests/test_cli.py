@@ -348,6 +348,24 @@ def test_run_refuses_what_follows_a_bracketed_address_and_says_why(spec: str, sa
     assert f'pytclmilter run: --connection "{spec}": {said}\n' in out, out
 
 
+@pytest.mark.parametrize("spec, said", [
+    ("inet:0@[255.255.255.255]", '"255.255.255.255" is the broadcast address'),
+    ("inet:0@[0xffffffff]", '"0xffffffff" (255.255.255.255) is the broadcast address'),
+    ("inet:0@255.255.255.255", '"255.255.255.255" is the broadcast address'),
+    ("inet:0@4294967295", '"4294967295" (255.255.255.255) is the broadcast address'),
+])
+def test_run_refuses_the_broadcast_address_as_libmilter_does(serve: Callable[..., TclRun], spec: str,
+                                                             said: str) -> None:
+    """`inet:8891@[255.255.255.255]`, which libmilter refuses (inet_addr's error value, INADDR_NONE),
+    was served: Linux binds it, and no MTA can connect there. Refused at start, as a usage error."""
+    m = serve(STAMP, "--connection", spec, wait=False)
+    m.wait_for(r"listening on|pytclmilter run: ", 15)
+    assert m.wait_exit() == 64, m.text
+    assert (f'pytclmilter run: --connection "{spec}": {said}: no MTA can connect to it (libmilter '
+            "refuses [255.255.255.255]: inet_addr's error value, INADDR_NONE)") in m.text, m.text
+    assert "listening on" not in m.text
+
+
 def test_run_binds_a_relative_unix_path_where_libmilter_would_and_names_it(serve: Callable[..., TclRun],
                                                                           tmp_path: Path) -> None:
     """A spec with no colon is a unix socket's path (libmilter's rule), relative to the current

@@ -6,7 +6,9 @@ is a number or else looked up as a service, ``inet:PORT`` alone means every
 address, a bracketed IPv4 address is read as ``inet_addr`` reads it (``[127.1]``). Unlike
 libmilter's ``atoi``, a number followed by anything is refused: Postfix's
 ``inet:127.0.0.1:8891`` would be port 127 on every address; so is text after ``]``, which
-libmilter ignores.
+libmilter ignores. The broadcast address 255.255.255.255 is refused however written: libmilter
+refuses ``[255.255.255.255]`` (inet_addr's error value, INADDR_NONE), and Linux would bind it
+where no MTA can connect.
 """
 
 from __future__ import annotations
@@ -42,6 +44,8 @@ class ConnSpec:
         return f"inet:{'[' + host + ']' if ':' in host else host}:{self.port}"
 
 
+#: inet_addr's INADDR_NONE, its error and this address alike: libmilter refuses it.
+_BROADCAST = "255.255.255.255"
 MAX_UNIX_PATH = 108  # sizeof(sun_path) on Linux, NUL included
 
 
@@ -138,14 +142,20 @@ def _postfix_hint(spec: str) -> str:
 def _host(host: str, proto: str, spec: str, what: str) -> str:
     family = socket.AF_INET if proto == "inet" else socket.AF_INET6
     if host.startswith("["):
-        addr, bracket, rest = host[1:].partition("]")
+        written, bracket, rest = host[1:].partition("]")
         if not bracket:
             raise ConnSpecError(f'{what} "{spec}": missing "]"')
         if rest:  # libmilter ignores it: a typo, or a port meant (Postfix's [HOST]:PORT)
             raise ConnSpecError(f'{what} "{spec}": "{rest}" after "]"{_postfix_hint(spec)}')
-        return _numeric(addr, family, proto, spec, what)
-    try:
-        infos = socket.getaddrinfo(host, None, family, socket.SOCK_STREAM)
-    except socket.gaierror as exc:
-        raise ConnSpecError(f'{what} "{spec}": cannot resolve "{host}" for {proto}: {exc.strerror}') from None
-    return str(infos[0][4][0])
+        addr = _numeric(written, family, proto, spec, what)
+    else:
+        try:
+            infos = socket.getaddrinfo(host, None, family, socket.SOCK_STREAM)
+        except socket.gaierror as exc:
+            raise ConnSpecError(f'{what} "{spec}": cannot resolve "{host}" for {proto}: {exc.strerror}') from None
+        written, addr = host, str(infos[0][4][0])
+    if addr == _BROADCAST:
+        which = "" if written == addr else f" ({addr})"
+        raise ConnSpecError(f'{what} "{spec}": "{written}"{which} is the broadcast address: no MTA can connect to '
+                            f"it (libmilter refuses [{_BROADCAST}]: inet_addr's error value, INADDR_NONE)")
+    return addr
