@@ -295,19 +295,36 @@ def test_run_refuses_postfixs_host_port_syntax_and_says_the_milters(spec: str, o
     assert "listening" not in out
 
 
-@pytest.mark.parametrize("spec, ours", [("8891", "inet:8891@127.0.0.1"), ("8891@localhost", "inet:8891@localhost"),
-                                         ("unix:localhost:8891", "inet:8891@localhost")])
+@pytest.mark.parametrize("spec, ours", [("8891", "inet:8891@127.0.0.1"), ("8891@localhost", "inet:8891@localhost")])
 def test_run_warns_of_a_unix_socket_named_like_a_port(serve: Callable[..., TclRun], tmp_path: Path, spec: str,
                                                     ours: str) -> None:
     """`--connection 8891` (inet: forgotten) quietly made a socket file named 8891 in the current
     directory, libmilter's rule (kept), while the MTA found nothing on port 8891."""
     m = serve(STAMP, "--connection", spec)
-    path = spec.removeprefix("unix:")
-    assert m.spec == f"unix:{tmp_path / path}", m.text
-    m.wait_for(rf'WARNING: connection "{re.escape(path)}" is a unix socket of that name \(without inet: or inet6: '
+    assert m.spec == f"unix:{tmp_path / spec}", m.text
+    m.wait_for(rf'WARNING: connection "{re.escape(spec)}" is a unix socket of that name \(without inet: or inet6: '
                rf"in front, a connection is one, as in libmilter\); for TCP port 8891 write {re.escape(ours)}\r?\n",
                since=0)
     assert m.stop() == 0
+    assert len([w for w in warnings(m.text) if "unix socket" in w]) == 1, m.text
+
+
+@pytest.mark.parametrize("spec, ours", [("unix:8891", "inet:8891@127.0.0.1"),
+                                         ("unix:localhost:8891", "inet:8891@localhost"),
+                                         ("LOCAL:8891@localhost", "inet:8891@localhost")])
+def test_run_warns_of_a_typed_unix_socket_named_like_a_port_without_blaming_a_missing_type(
+        serve: Callable[..., TclRun], tmp_path: Path, spec: str, ours: str) -> None:
+    """`--connection unix:8891` was told its spec had no inet: or inet6: "in front", as if the
+    type had been left out, and its "unix:" was not shown: the warning now quotes the spec as
+    written and says where the socket file went."""
+    m = serve(STAMP, "--connection", spec)
+    kind, path = spec.split(":", 1)
+    assert m.spec == f"unix:{tmp_path / path}", m.text
+    m.wait_for(rf'WARNING: connection "{re.escape(spec)}" is a unix socket \(the type {kind}: makes it one\), its '
+               rf"file {re.escape(path)} in the current directory, not a TCP port; for TCP port 8891 write "
+               rf"{re.escape(ours)}\r?\n", since=0)
+    assert m.stop() == 0
+    assert "in front" not in m.text, m.text
     assert len([w for w in warnings(m.text) if "unix socket" in w]) == 1, m.text
 
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 import os
 import re
 import socket
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 
 class ConnSpecError(ValueError):
@@ -29,6 +29,9 @@ class ConnSpec:
     path: str = ""
     host: str | None = None  # None: every address
     port: int = 0
+    #: A unix socket's type as written ("unix", "LOCAL"); "" for a bare path, libmilter's default
+    #: type (listener.py's warning of a name like a port says which it was).
+    written_type: str = field(default="", compare=False)
 
     def __str__(self) -> str:
         if self.family == "unix":
@@ -55,16 +58,16 @@ def parse(spec: str, what: str = "connection") -> ConnSpec:
     if not spec:
         raise ConnSpecError("empty connection spec")
     if ":" not in spec:
-        proto, rest = "unix", spec
+        written, rest = "", spec
     else:
-        proto, rest = spec.split(":", 1)
-        proto = proto.lower() or "unix"
+        written, rest = spec.split(":", 1)
+    proto = written.lower() or "unix"
     if proto in ("unix", "local"):
         if not rest:
             raise ConnSpecError(f'{what} "{spec}": missing socket path')
         if len(os.fsencode(rest)) + 1 >= MAX_UNIX_PATH:  # libmilter: strlen + 1 < sizeof(sun_path)
             raise ConnSpecError(f'{what} "{spec}": socket path longer than {MAX_UNIX_PATH - 2} bytes')
-        return ConnSpec("unix", path=rest)
+        return ConnSpec("unix", path=rest, written_type=written)
     if proto not in ("inet", "inet6"):
         raise ConnSpecError(f'{what} "{spec}": unknown socket type "{proto}": must be unix, local, inet or inet6')
     port_text, at, host = rest.partition("@")

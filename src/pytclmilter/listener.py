@@ -47,7 +47,7 @@ def bind(spec: ConnSpec, backlog: int | None, socket_mode: int | None,
     """
     backlog = backlog or max(socket.SOMAXCONN, 20)
     if spec.family == "unix":
-        _warn_port_like(spec.path)
+        _warn_port_like(spec)
         if not spec.path.startswith("/"):  # libmilter's: the current directory's now (the script's,
             spec = ConnSpec("unix", path=os.path.abspath(spec.path))  # after a cd): the line says which
         sock, unix_file = bind_unix(spec.path, backlog, socket_mode, socket_owner)
@@ -75,9 +75,11 @@ def bind(spec: ConnSpec, backlog: int | None, socket_mode: int | None,
 
 
 
-def _warn_port_like(path: str) -> None:
-    """``--connection 8891``: libmilter's rule (no type is a unix socket, kept) quietly makes a
-    socket file named 8891 in the current directory, where a TCP port was meant; said once, at bind."""
+def _warn_port_like(spec: ConnSpec) -> None:
+    """``--connection 8891`` (or ``unix:8891``): libmilter's rule (no type is a unix socket, kept)
+    quietly makes a socket file named 8891 in the current directory, where a TCP port was meant;
+    said once, at bind, in the words that fit what was written."""
+    path = spec.path
     digits, postfix = _PORT_LIKE[0].match(path), _PORT_LIKE[1].match(path)
     if digits is not None:
         port, host = digits.group(1), digits.group(2) or "127.0.0.1"
@@ -85,5 +87,12 @@ def _warn_port_like(path: str) -> None:
         port, host = postfix.group("port"), postfix.group("host")
     else:
         return
-    log.warning('connection "%s" is a unix socket of that name (without inet: or inet6: in front, a connection '
-                "is one, as in libmilter); for TCP port %s write inet:%s@%s", escape(path), port, port, escape(host))
+    if not spec.written_type:
+        log.warning('connection "%s" is a unix socket of that name (without inet: or inet6: in front, a connection '
+                    "is one, as in libmilter); for TCP port %s write inet:%s@%s", escape(path), port, port,
+                    escape(host))
+        return
+    kind = escape(spec.written_type)
+    log.warning('connection "%s:%s" is a unix socket (the type %s: makes it one), its file %s in the current '
+                "directory, not a TCP port; for TCP port %s write inet:%s@%s", kind, escape(path), kind,
+                escape(path), port, port, escape(host))
