@@ -11,13 +11,14 @@ import contextlib
 import re
 import shutil
 import signal
+import stat
 import subprocess
 import textwrap
 from pathlib import Path
 
 import pytest
 
-from support.tclrun import TclRun, spawn, tclrun_factory
+from support.tclrun import Mta, TclRun, spawn, tclrun_factory
 
 tclrun = pytest.fixture(tclrun_factory, name="tclrun")
 
@@ -464,3 +465,39 @@ def test_a_threads_exit_writes_pending_log_lines_and_removes_the_pid_file(tclrun
     assert "INFO: milter configure -onerror SMFIS_REJECT ignored: --on-error given on the command line" in run.text, \
         run.output
     assert not pidfile.exists()
+
+
+def _rcpt_to_a_thread_exit(sock: Path) -> None:
+    """A message to EXIT_IN_A_THREAD over its unix socket, up to the RCPT whose callback ends it."""
+    with Mta(str(sock)) as mta:
+        mta.negotiate()
+        mta.connect()
+        mta.mail("<a@example.org>")
+        with contextlib.suppress(Exception):  # (the connection ends with the process)
+            mta.rcpt("<b@example.org>")
+
+
+def test_a_threads_exit_removes_the_unix_socket_file(tclrun, tmp_path):
+    """A thread's `exit` ends the process through C's exit(): the pid file went, as at the script's
+    own `exit`, but the socket file was left behind, a stale socket the MTA kept connecting to
+    (refused) until the next start replaced it."""
+    sock = tmp_path / "milter.sock"
+    run = tclrun(EXIT_IN_A_THREAD, "--pidfile", str(tmp_path / "milter.pid"), connection=f"unix:{sock}")
+    assert stat.S_ISSOCK(sock.lstat().st_mode)
+    _rcpt_to_a_thread_exit(sock)
+    assert run.wait_exit(15) == 3, run.output
+    assert not sock.exists() and not (tmp_path / "milter.pid").exists(), run.output
+
+
+def test_a_threads_exit_in_a_worker_leaves_the_socket_file_the_supervisor_serves(tclrun, tmp_path):
+    """With --workers a thread's `exit` ends that worker alone: the socket file is the
+    supervisor's, which goes on serving on it with a new worker; it goes at the stop."""
+    sock = tmp_path / "milter.sock"
+    run = tclrun(EXIT_IN_A_THREAD, "--workers", "2", connection=f"unix:{sock}")
+    _rcpt_to_a_thread_exit(sock)
+    run.wait_for(r"worker \d .*exited with status 3|worker \d .*status 3", 15)
+    assert stat.S_ISSOCK(sock.lstat().st_mode), run.output
+    with Mta(str(sock)) as mta:  # still served
+        mta.negotiate()
+    assert run.stop() == 0, run.output
+    assert not sock.exists(), run.output

@@ -495,6 +495,15 @@ class Milter:
         """Stop at once from the loop's thread, without grace (used by Tcl's ``exit``)."""
         self._server.abort()
 
+    def remove_socket_file(self) -> None:
+        """From any thread, as the process ends at once without unwinding (a Thread-package
+        thread's `exit`): the unix socket's file goes, only if this process bound it (with
+        --workers, the supervisor) and its name still holds that socket (listener.py)."""
+        self._server.remove_socket_file()
+        supervisor = self._supervisor
+        if supervisor is not None and supervisor.listener is not None:
+            supervisor.listener.remove_unix()
+
     def stop(self) -> None:
         """Stop serving: from any thread, from a callback, before or during :meth:`run`."""
         self._server.stop()

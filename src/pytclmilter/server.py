@@ -592,11 +592,16 @@ class MilterServer:
                 return f"{engine.name}'s {escape(engine.ctx.stage)} callback {escape(cb.name or repr(cb.func))}"
         return self._holding or "the serving thread"
 
+    def remove_socket_file(self) -> None:
+        """The unix socket's file, if this process bound it and its name still holds it (from any
+        thread, as the process ends at once)."""
+        if self._listener is not None:
+            self._listener.remove_unix()
+
     def _exiting(self) -> None:
         """The process ends now (overdue.py): the socket's file goes, and the host's own (the pid
         file: not a worker's to remove); what the host holds to write is written."""
-        if self._listener is not None:
-            self._listener.remove_unix()
+        self.remove_socket_file()
         if self.reloadable:
             self.shared.hooks.exiting()
         self.shared.hooks.write_held()

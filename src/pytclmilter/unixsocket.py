@@ -31,7 +31,7 @@ import os
 import secrets
 import socket
 import stat
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from .connspec import ConnSpecError
 from .logline import escape
@@ -50,9 +50,14 @@ class SocketFile:
     name: str
     ident: tuple[int, int]
     path: str
+    #: The process that bound it: a --workers worker's copy (the supervisor's Listener, forked) is
+    #: not its to remove, whatever ends the worker (a thread's `exit` runs run.py's removal there).
+    pid: int = field(default_factory=os.getpid)
 
     def remove(self) -> None:
         """Remove the name if it still holds our socket; close the directory's descriptor."""
+        if os.getpid() != self.pid:
+            return
         try:
             if not remove_if(self.dirfd, self.name, stat.S_ISSOCK, self.ident):
                 self._tell_replaced()

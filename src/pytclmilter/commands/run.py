@@ -451,8 +451,15 @@ def _serve(opts: argparse.Namespace) -> int:
         _warn_root(opts.user)
     between.serves(scripts.current.milter.stop)  # (each generation's milter stops the one server)
     daemon = Daemon(scripts.current.milter, opts, notify, lambda: [reread[0], *reread[1], *scripts.current.sourced])
+
+    def thread_exits() -> None:
+        """A thread's `exit` (C's exit(): nothing unwinds) removes the socket file and the pid
+        file, as the script's own `exit` does."""
+        scripts.current.milter.remove_socket_file()
+        daemon.cleanup()
+
     with contextlib.suppress(OSError, AttributeError):  # (a Tcl without the Thread package's way in)
-        threads.at_process_exit(daemon.cleanup)  # a thread's `exit` removes the pid file, as the script's
+        threads.at_process_exit(thread_exits)
     try:
         with sigmask.stops_meanwhile(loading, daemon.stopped), sigmask.children_reapable():
             waiting = scripts.current.start(opts.script)
