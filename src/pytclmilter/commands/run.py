@@ -390,101 +390,157 @@ def _never_served(opts: argparse.Namespace) -> int:
 
 def _serve(opts: argparse.Namespace) -> int:
     """``run`` once logging is set up: load the script, serve, carry on after `milter main`."""
+    notify = _set_up_process()
+    run = _Run(opts, notify, _overrides(opts), _socket_mode(opts), _ids(opts.user, opts.group))
+    run.load()
+    run.make_daemon()
+    return run.serve()
+
+
+def _set_up_process() -> Notifier:
+    """What the process needs before any code of the script's runs: systemd's notifier
+    (sdnotify.py), the descriptor limit, the signals a reload and the waiters take."""
     log.info("%s", describe())
-    notify = Notifier.from_environment()  # before any code of the script's runs (sdnotify.py)
+    notify = Notifier.from_environment()
     raise_fd_limit()
     # A reload (SIGUSR1) before the milter serves has nothing to replace: not the end of the process.
     signal.signal(signal.SIGUSR1, signal.SIG_IGN)
     sigmask.block_for_the_waiters()  # (the why: sigmask.py)
+    return notify
+
+
+def _overrides(opts: argparse.Namespace) -> dict[str, str | None]:
+    """The command line's settings, which the script's `milter configure` cannot change."""
     overrides = {"-connection": opts.connection, "-timeout": opts.timeout, "-backlog": opts.backlog,
                  "-name": opts.name, "-onerror": opts.on_error, "-grace": opts.grace,
                  "-calltimeout": opts.call_timeout, "-workers": opts.workers, "-metrics": opts.metrics,
                  "-dryrun": "1" if opts.dry_run else None, "-maxconnections": opts.max_connections}
     if opts.name is not None and not opts.name.strip():  # (a log line's name, the listening line's)
         raise UsageError(f"--name {opts.name!r}: must not be empty")
-    socket_mode = None
-    if opts.socket_mode is not None:
-        # three octal digits, as chmod's: int() alone took "-1" and "77777", and chmod made the
-        # socket 07777, writable by anyone
-        if not re.fullmatch(r"0?[0-7]{1,3}", opts.socket_mode):
-            raise UsageError(f'--socket-mode: "{opts.socket_mode}" is not an octal mode (0 to 0777)')
-        socket_mode = int(opts.socket_mode, 8)
-    ids = _ids(opts.user, opts.group)
-    argv = list(opts.args) + list(getattr(opts, "rest", []))
-    # The daemon is made below, once the script's options are known to be valid; its hooks run
-    # only when the milter serves.
-    hooks = Hooks(listening=lambda spec: daemon.listening(spec), signal=lambda sig: daemon.signal(sig),
-                  reload=lambda: daemon.reload(scripts), exiting=lambda: daemon.cleanup())
+    return overrides
 
-    # A reload reads the files the start read, whatever directory the script has changed to since
-    # (Tcl's cd, a daemon's `cd /`): by their absolute paths, taken before any of its code runs.
-    reread = os.path.abspath(opts.script), [os.path.abspath(path) for path in opts.python]
-    loads = 0
 
-    def load(on_exit: Callable[[int], None] | None) -> TclHost:
+def _socket_mode(opts: argparse.Namespace) -> int | None:
+    """--socket-mode as three octal digits, as chmod's: int() alone took "-1" and "77777", and
+    chmod made the socket 07777, writable by anyone."""
+    if opts.socket_mode is None:
+        return None
+    if not re.fullmatch(r"0?[0-7]{1,3}", opts.socket_mode):
+        raise UsageError(f'--socket-mode: "{opts.socket_mode}" is not an octal mode (0 to 0777)')
+    return int(opts.socket_mode, 8)
+
+
+class _Run:
+    """One `run`: the script's generations and the daemon around its milter. The milter's hooks,
+    Tcl's `exit` and a thread's reach both, though the first load needs the hooks before either
+    is made (the hooks run only once the milter serves)."""
+
+    scripts: Generations
+    daemon: Daemon
+    between: sigmask.StopsBetween
+
+    def __init__(self, opts: argparse.Namespace, notify: Notifier, overrides: dict[str, str | None],
+                 socket_mode: int | None, ids: Ids | None) -> None:
+        self.opts, self.notify, self.overrides, self.socket_mode, self.ids = opts, notify, overrides, socket_mode, ids
+        self.argv = list(opts.args) + list(getattr(opts, "rest", []))
+        self.hooks = Hooks(listening=lambda spec: self.daemon.listening(spec),
+                           signal=lambda sig: self.daemon.signal(sig),
+                           reload=lambda: self.daemon.reload(self.scripts), exiting=lambda: self.daemon.cleanup())
+        # A reload reads the files the start read, whatever directory the script has changed to since
+        # (Tcl's cd, a daemon's `cd /`): by their absolute paths, taken before any of its code runs.
+        self.reread = os.path.abspath(opts.script), [os.path.abspath(path) for path in opts.python]
+        self.loads = 0
+        self.loading = f"loading {opts.script}"
+
+    def load(self) -> None:
+        """Load the script as root. A stop signal while the script's own code runs (loading it,
+        or after its `milter main`) is logged and exits 0, as a stop while serving (sigmask.py);
+        in between, a stop as soon as it can."""
+        self.between = sigmask.StopsBetween(lambda sig: _stopping(self.notify, sig))
+        self.between.install()
+        with sigmask.stops_meanwhile(self.loading, self.notify.stopping):
+            self.scripts = Generations(self.reread[0], self._generation, self._exit_process)
+        # (after the options' check: a usage error serves nothing)
+        if os.geteuid() == 0 and (self.ids is None or self.ids.uid == 0):
+            _warn_root(self.opts.user)
+
+    def make_daemon(self) -> None:
+        """The daemon (privilege drop, pid file: at the listening hook) around the loaded milter,
+        and what ends the process otherwise cleans up after it."""
+        self.between.serves(self.scripts.current.milter.stop)  # (each generation's milter stops the one server)
+        self.daemon = Daemon(self.scripts.current.milter, self.opts, self.notify,
+                             lambda: [self.reread[0], *self.reread[1], *self.scripts.current.sourced])
+        with contextlib.suppress(OSError, AttributeError):  # (a Tcl without the Thread package's way in)
+            threads.at_process_exit(self._thread_exits)
+
+    def _generation(self, on_exit: Callable[[int], None] | None) -> TclHost:
         """One generation's interpreter, made the same way at start and at every reload."""
-        nonlocal loads
-        script, python = (opts.script, opts.python) if not loads else reread
-        loads += 1
-        host = make_host(script, python, overrides, on_exit=on_exit, milter_hooks=hooks)
-        if socket_mode is not None:
-            host.milter.socket_mode = socket_mode
-        if ids is not None:  # the socket's file is made with this owner (unixsocket.py)
-            host.milter.socket_owner = (ids.uid, ids.gid)
-        host.set_argv(opts.script, argv)
+        opts = self.opts
+        script, python = (opts.script, opts.python) if not self.loads else self.reread
+        self.loads += 1
+        host = make_host(script, python, self.overrides, on_exit=on_exit, milter_hooks=self.hooks)
+        if self.socket_mode is not None:
+            host.milter.socket_mode = self.socket_mode
+        if self.ids is not None:  # the socket's file is made with this owner (unixsocket.py)
+            host.milter.socket_owner = (self.ids.uid, self.ids.gid)
+        host.set_argv(opts.script, self.argv)
         return host
 
-    def exit_process(host: TclHost, code: int) -> None:
+    def _exit_process(self, host: TclHost, code: int) -> None:
         """Tcl's exit: the pid file goes first (the process ends without unwinding to cleanup);
         ``exit 0`` after a stop some worker did not end cleanly is that stop's failure."""
-        daemon.cleanup()
+        self.daemon.cleanup()
         host.exit_process(code or _stop_status(host.milter))
 
-    # A stop signal while the script's own code runs (loading it, or after its `milter main`):
-    # logged and exit 0, as a stop while serving (sigmask.py); in between, a stop as soon as it can.
-    between = sigmask.StopsBetween(lambda sig: _stopping(notify, sig))
-    between.install()
-    loading = f"loading {opts.script}"
-    with sigmask.stops_meanwhile(loading, notify.stopping):
-        scripts = Generations(reread[0], load, exit_process)
-    if os.geteuid() == 0 and (ids is None or ids.uid == 0):  # (after the options' check: a usage error serves nothing)
-        _warn_root(opts.user)
-    between.serves(scripts.current.milter.stop)  # (each generation's milter stops the one server)
-    daemon = Daemon(scripts.current.milter, opts, notify, lambda: [reread[0], *reread[1], *scripts.current.sourced])
-
-    def thread_exits() -> None:
+    def _thread_exits(self) -> None:
         """A thread's `exit` (C's exit(): nothing unwinds) removes the socket file and the pid
         file, as the script's own `exit` does."""
-        scripts.current.milter.remove_socket_file()
-        daemon.cleanup()
+        self.scripts.current.milter.remove_socket_file()
+        self.daemon.cleanup()
 
-    with contextlib.suppress(OSError, AttributeError):  # (a Tcl without the Thread package's way in)
-        threads.at_process_exit(thread_exits)
-    try:
-        with sigmask.stops_meanwhile(loading, daemon.stopped), sigmask.children_reapable():
-            waiting = scripts.current.start(opts.script)
-        if waiting and _refused(opts, scripts.current):
+    def serve(self) -> int:
+        """Start the script and serve while it waits in `milter main`; a Tcl error ends it, with
+        its errorInfo, status 1."""
+        try:
+            status = self._start()
+        except tkinter.TclError:
+            status = self._failed()
+        finally:
+            self.scripts.current.flush_channels(ending=True)  # as Tcl's exit would
+            self.daemon.cleanup()
+        return status if status is not None else _stop_status(self.scripts.current.milter)
+
+    def _start(self) -> int | None:
+        """Run the script, serving each time it waits in `milter main`: None once it has ended,
+        a status where it never served."""
+        with sigmask.stops_meanwhile(self.loading, self.daemon.stopped), sigmask.children_reapable():
+            waiting = self.scripts.current.start(self.opts.script)
+        if waiting and _refused(self.opts, self.scripts.current):
             return 1
-        if not waiting and not scripts.current.command.main_calls:
-            return _never_served(opts)
+        if not waiting and not self.scripts.current.command.main_calls:
+            return _never_served(self.opts)
         while waiting:  # the script waits in `milter main`: serve, then let it go on
-            result = _serve_once(scripts.current)
-            with (sigmask.stops_meanwhile(f"running {opts.script} after its milter main", daemon.stopped,
-                                          lambda: _stop_status(scripts.current.milter)),
-                  sigmask.children_reapable()):
-                waiting = scripts.current.resume(result)  # a reload may have replaced the script meanwhile
-    except tkinter.TclError:
-        info = scripts.current.error_info()  # (before the flush: the errors it catches are recorded there too)
-        scripts.current.flush_channels(ending=True)  # what the script wrote, before why it ended
+            waiting = self._serve_then_resume()
+        return None
+
+    def _serve_then_resume(self) -> bool:
+        """Serve until the stop, then run the script's code after its `milter main` (a reload may
+        have replaced the script meanwhile): True while it waits in a `milter main` again."""
+        result = _serve_once(self.scripts.current)
+        with (sigmask.stops_meanwhile(f"running {self.opts.script} after its milter main", self.daemon.stopped,
+                                      lambda: _stop_status(self.scripts.current.milter)),
+              sigmask.children_reapable()):
+            return self.scripts.current.resume(result)
+
+    def _failed(self) -> int:
+        """A Tcl error ended the script: what it wrote, then its errorInfo in tclsh's layout."""
+        info = self.scripts.current.error_info()  # (before the flush: the errors it catches are recorded there too)
+        self.scripts.current.flush_channels(ending=True)  # what the script wrote, before why it ended
         # tclsh's layout, but stderr is the log (the journal): no line after the first can pass for one
         print(guard(info), file=sys.stderr)
-        if opts.syslog:
+        if self.opts.syslog:
             _log_failure(info)
         return 1
-    finally:
-        scripts.current.flush_channels(ending=True)  # as Tcl's exit would
-        daemon.cleanup()
-    return _stop_status(scripts.current.milter)
 
 
 def _stop_status(milter: Milter) -> int:
