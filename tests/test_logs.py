@@ -516,6 +516,39 @@ def test_a_threads_bgerror_proc_that_fails_is_reported_escaped_as_by_tcl(tmp_pat
     assert len(expected) == 19 and ours == expected, (ours, expected)
 
 
+THREAD_ERROR_STORM_TCL = r"""
+package require TclMilter
+package require Thread
+thread::join [thread::create -joinable {
+    proc tick {n} {
+        if {$n} { after 1 [list tick [expr {$n - 1}]] } else { after 20 {set ::done 1} }
+        error "boom $n\x1b"
+    }
+    after 0 {tick 300}
+    vwait ::done
+}]
+puts stderr done
+milter main
+"""
+
+
+@needs_thread
+def test_a_threads_after_handler_failing_in_a_loop_is_reported_once_then_counted(tmp_path) -> None:
+    """A thread's `after` handler that fails and reschedules itself, 301 times, without a
+    `bgerror` proc: its report (Tcl's layout, escaped) is written once, and the repeats are
+    counted in one log line, as the script's own thread's (before: 301 reports of 7 lines each,
+    800 lines a second for a handler failing every millisecond, a flood of the journal)."""
+    script = tmp_path / "storm.tcl"
+    script.write_text(THREAD_ERROR_STORM_TCL)
+    done = subprocess.run([*PYTCLMILTER, "check", str(script)], env=child_env(), capture_output=True, text=True,
+                          timeout=60)
+    lines = done.stderr.splitlines()
+    assert [line for line in lines if line.startswith("boom")] == ["boom 300\\x1b"], lines[:20]
+    counts = [line for line in lines if "(repeated 300 times" in line]
+    assert len(counts) == 1 and STDERR_LINE.match(counts[0]), lines[-5:]
+    assert "error in a thread's after or fileevent handler, reported on stderr: boom " in counts[0], counts
+
+
 LONG_PUTS_TCL = r"""
 package require TclMilter
 proc header {ctx name value} {

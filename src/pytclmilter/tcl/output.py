@@ -35,14 +35,17 @@ import select
 import threading
 from typing import Any, Callable, Final, Sequence
 
-from ..logline import OUTPUT_LINE, as_output
+from ..logline import OUTPUT_LINE, as_output, clip, escape
 from . import threads
+from .unanswered import Unanswered, place
 from .usage import TclUsageError
 
 log = logging.getLogger(__name__)
 
 #: The command :func:`_output` is in the host's interpreter, aliased into each script interpreter.
 COMMAND: Final = "::tclmilter::py::output"
+#: In a thread's interpreter: whether its background error's report is due (:func:`_reported`).
+REPORTED: Final = "::tclmilter::py::bgreported"
 #: The open lines held at most (a thread and a descriptor each): threads that end with a piece
 #: held would leave theirs for the process's life. Past it, the oldest is written as it is.
 KEPT_OPEN: Final = 256
@@ -139,17 +142,29 @@ proc ::tclmilter::py::escaped {command name args} {
 #: (``::puts``: in this namespace, `puts` is Tcl's). A `bgerror` proc of the script's is called
 #: as Tcl's handler calls it (errorInfo and errorCode set, its `break` dropping the errors queued
 #: after), here, since Tcl's wrote its report of one that fails raw too (``bgerror failed to
-#: handle background error``). A safe interpreter's Tcl drops, and still does.
+#: handle background error``). A safe interpreter's Tcl drops, and still does. A report is
+#: written once a minute at its place, its repeats counted, as the script's thread's background
+#: errors are logged: an `after` handler failing every millisecond wrote 800 lines a second.
 THREAD_BGERROR: Final = r"""
 proc ::tclmilter::py::threadbgerror {message options} {
     lassign [::tclmilter::py::background $message $options] what message info result
     switch -- $what {
         break { return -code break }
-        unhandled { ::puts stderr $info }
+        unhandled {
+            if {[::tclmilter::py::reportdue $what $message $info]} { ::puts stderr $info }
+        }
         failed {
-            ::puts stderr "bgerror failed to handle background error.\n    Original error: $message\n    Error in bgerror: $result"
+            if {[::tclmilter::py::reportdue $what $message $info]} {
+                ::puts stderr "bgerror failed to handle background error.\n    Original error: $message\n    Error in bgerror: $result"
+            }
         }
     }
+}
+# Whether to write the report: once a minute at its place, the repeats counted (Python's count,
+# told in the log); written, if that cannot be asked.
+proc ::tclmilter::py::reportdue {what message info} {
+    lassign [::tclmilter::py::bgreported $what $message $info] status due
+    expr {$status ne "ok" || $due}
 }
 if {![interp issafe]} { interp bgerror {} ::tclmilter::py::threadbgerror }
 """
@@ -166,7 +181,7 @@ def install(register: Callable[[str, Callable[[Sequence[str]], Any]], None], cal
     call("interp", "alias", child, COMMAND, "", COMMAND)
     call("interp", "eval", child, PRELUDE)
     with contextlib.suppress(OSError, AttributeError):
-        threads.give(threads.SAFE, {COMMAND: _output}, PRELUDE + THREAD_BGERROR)
+        threads.give(threads.SAFE, {COMMAND: _output, REPORTED: _reported}, PRELUDE + THREAD_BGERROR)
         threads.at_end(_thread_ends, write_held_now)
 
 
@@ -199,6 +214,23 @@ def _output(args: Sequence[str]) -> int:
         _keep(key, held, done)
         return 1
     return 0
+
+
+#: The background errors that threads' interpreters report on stderr (THREAD_BGERROR).
+_REPORTS: Final = Unanswered()
+
+
+def _reported(args: Sequence[str]) -> int:
+    """{what message errorInfo} of a thread's background error no `bgerror` proc took (what:
+    unhandled), or that its `bgerror` failed on (failed): 1 to write its report now, else 0,
+    counted (its count logged later, unanswered.py). A report whose errorInfo has no frame (a
+    `break` of the handler: ``invoked "break" outside of a loop``) is placed by its whole message,
+    as its quoted words are no data."""
+    what, message, info = args[0], args[1], args[2]
+    how = "failed in its bgerror proc" if what == "failed" else "reported on stderr"
+    label = f"error in a thread's after or fileevent handler, {how}: {escape(clip(message))}"
+    where = place(info, message)
+    return int(_REPORTS.due(label, message, info, f"{what}\n{where}" if "\n" in where else f"{what}\n{message}"))
 
 
 def _keep(key: tuple[int, str], held: bytes, done: int) -> None:

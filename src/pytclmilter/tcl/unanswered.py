@@ -55,19 +55,26 @@ class Unanswered:
         """Log the error ``message`` with its errorInfo ``info`` (``what``: escaped), or count it.
         ``where``: its place, when ``info`` is no errorInfo (a Python traceback)."""
         label = f"{what}: {escape(message)}"
+        if self.due(label, message, info, where):
+            log.error("%s%s", label, "\n" + escape_lines(info) if info else "")
+
+    def due(self, label: str, message: str, info: str, where: str | None = None) -> bool:
+        """Whether to report this error whole now (``label``: its escaped first line); else it is
+        counted, and the count told in a line of ``label`` later. Also the counts held back by
+        the last reports, told now."""
         where = place(info, message) if where is None else where
         due = self.places.due(where, label)
         if due:
             _told(self.places, label, due)
         if due != 0:
-            return
+            return False
         missed = self.others.due("", label)
         if missed is None:  # the cap's to count, this and its repeats: none was logged whole
             self.places.forget(where)
-            return
+            return False
         if missed:
             _others_told(self.others, label, missed)
-        log.error("%s%s", label, "\n" + escape_lines(info) if info else "")
+        return True
 
 
 def place(info: str, message: str) -> str:
