@@ -1347,6 +1347,31 @@ def test_a_result_or_exception_that_cannot_be_shown_is_answered_not_a_dropped_co
     assert len(failed) == 1 and "raise _NoStr()" in failed[0], lines
 
 
+class _StrExits(Exception):
+    def __str__(self):
+        raise SystemExit("str exits")
+
+
+def test_an_exception_whose_str_raises_system_exit_is_answered_not_a_dropped_connection(caplog):
+    """Bug: an exception whose __str__ raised SystemExit (a BaseException: logline.said caught
+    Exception only) escaped the engine's report of the failure: the connection closed unanswered
+    (`closed (error: str exits)`). Python's own traceback module names any such failure; now the
+    failure is answered with on_error, its text Python's words, and the connection goes on."""
+    caplog.set_level(logging.INFO, logger=LOG)
+    m = make_milter()
+
+    def envrcpt(ctx, args):
+        raise _StrExits()
+
+    m.register("envrcpt", envrcpt)
+    with serving(m) as srv, srv.raw() as mta:
+        assert mta.mail() == (b"c", b"")
+        assert mta.rcpt("<one@example.com>") == (b"t", b"")
+        assert mta.rcpt("<two@example.com>") == (b"t", b""), "the connection goes on"
+    lines = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert sum("failed (<exception str() failed>), answering SMFIS_TEMPFAIL" in t for t in lines) == 2, lines
+
+
 @pytest.mark.parametrize("call_timeout", [0, 30.0])
 def test_an_async_callback_whose_await_is_cancelled_fails_and_the_connection_goes_on(caplog, call_timeout):
     """Bug: a CancelledError out of an async callback (it awaited a task that something else

@@ -266,10 +266,12 @@ def said(thing: object, text: Callable[[object], str] = str) -> str:
     """``str(thing)`` (or ``repr``), or Python's own words when that raises: a --python file's
     exception whose ``__str__`` raises, or an object whose ``__repr__`` does, must not lose the
     report that quotes it (the report raised instead: a connection cut unanswered, a hook's
-    traceback raw on stderr, a Python command's empty Tcl error)."""
+    traceback raw on stderr, a Python command's empty Tcl error). Any exception, as Python's
+    traceback module does: a ``__str__`` that calls sys.exit() left the report by SystemExit (the
+    MTA's connection dropped unanswered); a Ctrl-C landing just inside it is taken here too."""
     try:
         return text(thing)
-    except Exception:  # noqa: BLE001
+    except BaseException:  # noqa: BLE001
         kind = "exception" if isinstance(thing, BaseException) else "object"
         return f"<{kind} {text.__name__}() failed>"
 
