@@ -821,6 +821,47 @@ def test_a_stop_that_ends_the_process_at_once_writes_the_line_the_script_left_op
     assert out.decode().endswith(f"held {'in a callback' if stopped == 'serving' else 'while loading'} \u00e9\n"), out
 
 
+COUNTED_AT_AN_END_TCL = r"""
+package require TclMilter
+package require Thread
+proc tick {n} { if {$n} { after 1 [list tick [expr {$n - 1}]] } else { set ::done 1 }; error "boom $n" }
+after 0 {tick 50}
+vwait ::done
+update
+puts stderr ready
+if {[lindex $argv 0] eq "exit"} { thread::create {exit 4} }
+after 30000
+milter main
+"""
+
+
+@needs_thread
+@pytest.mark.parametrize("ended", ["exit", "stop"], ids=["a threads exit", "a stop while loading"])
+def test_counts_not_told_yet_are_told_when_the_process_ends_at_once(tmp_path, ended) -> None:
+    """A failing `after` loop (51 errors: one logged whole, 50 counted), then a thread's `exit 4`
+    or SIGTERM while the script loads: the count is told, as the script's own `exit` and a stop
+    while serving tell it (before: lost, the process ending by Tcl's exit or os._exit from
+    another thread with the count still held)."""
+    script = tmp_path / "counted.tcl"
+    script.write_text(COUNTED_AT_AN_END_TCL)
+    proc = subprocess.Popen([*PYTCLMILTER, "run", str(script), "--connection", "inet:0@127.0.0.1", "--", ended],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=child_env())
+    assert proc.stderr is not None
+    err = b""
+    try:
+        for line in iter(proc.stderr.readline, b""):
+            err += line
+            if line == b"ready\n":
+                break
+        if ended == "stop":
+            proc.send_signal(signal.SIGTERM)
+        err += proc.communicate(timeout=30)[1]
+    finally:
+        proc.kill()
+    assert proc.returncode == (4 if ended == "exit" else 0), err.decode()[-1000:]
+    assert b"boom 0 (repeated 50 times since its last line with the trace" in err, err.decode()[-1000:]
+
+
 CLOSED_IN_A_THREAD_TCL = r"""
 package require TclMilter
 package require Thread

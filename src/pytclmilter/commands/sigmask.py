@@ -34,7 +34,7 @@ import threading
 from types import FrameType
 from typing import Callable, Iterator
 
-from ..logline import escape
+from ..logline import escape, tell_counts
 from ..server import STOP_SIGNALS
 from ..signalpipe import SignalPipe
 from ..tcl.output import write_held_now
@@ -91,6 +91,7 @@ def stops_meanwhile(doing: str, before_exit: Callable[[], None],
                 write_held_now()  # (the lines the script began: Tcl's exit would flush them)
                 before_exit()
                 code = status()
+                tell_counts(ended_only=False)  # (failures counted, not told yet: a stop while serving tells them)
                 logging.shutdown()  # (os._exit below flushes nothing)
                 os._exit(code)
 

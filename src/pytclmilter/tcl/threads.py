@@ -28,7 +28,7 @@ from typing import Any, Callable, Final, Sequence
 
 import _tkinter
 
-from ..logline import failure_text
+from ..logline import failure_text, tell_counts
 from .strings import tcl_to_wire, wire_to_tcl
 from .usage import NONE, Answer, TclUsageError
 
@@ -231,8 +231,13 @@ def _process_exits(_data: int) -> None:
     """Tcl's exit handler (a thread's `exit`): never raises. Tcl then calls C's exit(), which
     skips Python's finalization: the log lines still pending (logs.py holds a loop iteration's
     until its end) and the standard streams' buffers are written here, as the script's own
-    `exit` writes them (TclHost.exit_process)."""
-    _run([*_AT_EXIT, _logs_written], "as a thread ended the process")
+    `exit` writes them (TclHost.exit_process), after the failures counted and not told yet
+    (logline.tell_counts: a failing `after` loop's count was lost)."""
+    _run([*_AT_EXIT, _counts_told, _logs_written], "as a thread ended the process")
+
+
+def _counts_told() -> None:
+    tell_counts(ended_only=False)
 
 
 #: Seconds a thread's `exit` waits for a log handler another thread is writing with (a stuck
