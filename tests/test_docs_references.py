@@ -128,3 +128,17 @@ def test_the_patterns_find_what_the_tests_above_check() -> None:
     found = [(page.name, command) for page in PAGES for command, _ in command_lines(page)]
     assert {command for _, command in found} == {"run", "try", "send", "check"}
     assert len(found) > 100, len(found)
+
+
+@pytest.mark.parametrize("page", PAGES, ids=page_id)
+def test_every_test_a_page_cites_exists(page: Path) -> None:
+    """`test_workers.py::test_a_stop_...` (or a prefix ending in *) names a test the reader can run."""
+    cited = re.findall(r"(test_\w+\.py)::(test_\w+)(\*?)", page.read_text())
+    missing = []
+    for file, name, glob in cited:
+        source = ROOT / "tests" / file
+        end = "" if glob else r"\b"
+        pattern = rf"^(?:async )?def {name}{end}"
+        if not source.exists() or not re.search(pattern, source.read_text(), re.M):
+            missing.append(f"{file}::{name}{glob}")
+    assert not missing, missing
