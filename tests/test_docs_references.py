@@ -8,6 +8,7 @@ A renamed file, heading or option leaves the pages pointing at nothing; these ca
 
 from __future__ import annotations
 
+import ast
 import re
 import subprocess
 from functools import cache
@@ -142,3 +143,21 @@ def test_every_test_a_page_cites_exists(page: Path) -> None:
         if not source.exists() or not re.search(pattern, source.read_text(), re.M):
             missing.append(f"{file}::{name}{glob}")
     assert not missing, missing
+
+
+def setup_list_length(name: str) -> int:
+    """How many entries setup.py's HOT (or C_EXT) has: what a compiled install compiles."""
+    for node in ast.parse((ROOT / "setup.py").read_text()).body:
+        if isinstance(node, ast.Assign) and getattr(node.targets[0], "id", "") == name:
+            return len(ast.literal_eval(node.value))
+    raise AssertionError(f"setup.py has no {name}")
+
+
+def test_the_hot_path_line_the_pages_quote_counts_what_setup_compiles() -> None:
+    """deployment.md and troubleshooting.md quote the compiled build's first log line; a module
+    added to setup.py's HOT list changes its count."""
+    line = f"hot path: compiled with mypyc ({setup_list_length('HOT')} modules) and C ({setup_list_length('C_EXT')})"
+    quoted = {page.name: re.findall(r"hot path: compiled with mypyc \(\d+ modules\) and C \(\d+\)", page.read_text())
+              for page in PAGES}
+    assert {name for name, lines in quoted.items() if lines} == {"deployment.md", "troubleshooting.md"}
+    assert all(found == line for lines in quoted.values() for found in lines), (line, quoted)
