@@ -161,3 +161,31 @@ def test_the_hot_path_line_the_pages_quote_counts_what_setup_compiles() -> None:
               for page in PAGES}
     assert {name for name, lines in quoted.items() if lines} == {"deployment.md", "troubleshooting.md"}
     assert all(found == line for lines in quoted.values() for found in lines), (line, quoted)
+
+
+
+def first_table_after(text: str, heading: str) -> dict[str, list[str]]:
+    """The first table below ``heading``: its first column's text (up to a comma or a
+    parenthesis) -> the row's other cells; header and rule rows left out."""
+    rest = text[text.index(heading):]
+    rows = re.search(r"^\|.*?(?=^[^|])", rest, re.S | re.M)
+    assert rows, heading
+    cells = [[c.strip() for c in row.strip().strip("|").split("|")] for row in rows.group(0).splitlines()[2:]]
+    return {re.split(r"[,(]", row[0])[0].strip(): row[1:] for row in cells}
+
+
+def test_the_readmes_speed_table_gives_benchmarks_current_figures() -> None:
+    """README's messages a second are docs/benchmarks.md's "Current figures", and its ratios
+    those figures' quotients (to 0.01: benchmarks.md's ratios are medians of each round's)."""
+    readme = first_table_after((ROOT / "README.md").read_text(), "## Speed")
+    current = first_table_after((ROOT / "docs" / "benchmarks.md").read_text(), "## Current figures")
+    figures = {}
+    for name in ("null milter", "libmilter", "pymilter", "pytclmilter"):
+        one, hundred = (int(cell.split()[0]) for cell in readme[name])
+        assert (one, hundred) == (int(current[name][0]), int(current[name][2])), (name, readme[name], current[name])
+        figures[name.split()[0]] = (one, hundred)
+    for column, cell in enumerate(readme["pytclmilter"]):
+        ratios = re.findall(r"([\d.]+) × (null|pymilter|libmilter)", cell)
+        assert ratios, cell
+        for ratio, other in ratios:
+            assert abs(float(ratio) - figures["pytclmilter"][column] / figures[other][column]) < 0.011, (cell, other)
