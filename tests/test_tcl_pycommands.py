@@ -183,6 +183,49 @@ def test_8bit_bytes_round_trip_through_a_python_command(tclrun):
                      ("h", z("X-Length", str(len(expected)))), ("c", b"")]
 
 
+LONE_HOOKS = r"""
+import json
+
+
+def setup(milter):
+    lone = json.loads('"x\\ud800"')  # half a surrogate pair, as JSON may hold one
+    milter.tcl_command("pylone", lambda: lone)
+    milter.tcl_command("pylonelist", lambda: ["a", lone])
+
+    @milter.tcl_command("pylonerror")
+    def pylonerror():
+        raise ValueError(lone)
+"""
+
+
+LONE_SCRIPT = r"""
+    package require TclMilter
+    proc eom {ctx} {
+        catch {pylonerror} err
+        set lengths "[string length [pylone]] [string length [lindex [pylonelist] 1]] [string length $err]"
+        $ctx addheader X-Lengths $lengths
+        return SMFIS_CONTINUE
+    }
+    milter register eom eom
+    milter main
+"""
+
+
+def test_a_lone_surrogate_in_a_python_commands_result_is_one_tcl_character(tclrun):
+    """A str with a surrogate outside the bytes rule's U+DC80..U+DCFF (JSON's "\\ud800", a lone
+    half of a pair) went to tkinter as it was: its UTF-8 encoding failed inside the answer's
+    tuple, which tkinter does not check, and the milter died of a segmentation fault. Tcl 8.6
+    keeps such a character as its CESU-8 bytes: it is sent so, one character, in a result, in a
+    list and in an error's message alike."""
+    m = tclrun(LONE_SCRIPT, python=[LONE_HOOKS])
+    with m.mta() as mta:
+        mta.negotiate()
+        assert ok(mta.mail("<a@example.org>"))
+        reply = mta.eom()
+    assert reply == [("h", z("X-Lengths", "2 2 2")), ("c", b"")]
+    assert m.stop() == 0
+
+
 # ---------------------------------------------------------------------------- errors
 
 

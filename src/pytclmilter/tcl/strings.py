@@ -32,7 +32,7 @@ from ..protocol.codec import wire
 
 # Surrogates are written with chr(): mypyc refuses them in string literals (tcl/ is compiled).
 _ED = chr(0xDCED)  # the escaped byte ED that starts a CESU-8 surrogate
-_TO_TCL = re.compile(f"[\x00{chr(0xDC80)}-{chr(0xDCFF)}]")
+_TO_TCL = re.compile(f"[\x00{chr(0xD800)}-{chr(0xDFFF)}]")
 _FROM_TCL = re.compile(f"{_ED}([{chr(0xDCB2)}{chr(0xDCB3)}])([{chr(0xDC80)}-{chr(0xDCBF)}])")
 _CESU_PAIR = re.compile(f"{_ED}([{chr(0xDCA0)}-{chr(0xDCAF)}])([{chr(0xDC80)}-{chr(0xDCBF)}])"
                         f"{_ED}([{chr(0xDCB0)}-{chr(0xDCBF)}])([{chr(0xDC80)}-{chr(0xDCBF)}])")
@@ -63,7 +63,9 @@ def to_tcl(value: str) -> str:
 
     ``surrogatepass`` writes each U+DC80..U+DCFF as its CESU-8 bytes, which ``surrogateescape``
     then reads back as three escapes, each of which tkinter sends as that byte: C loops only.
-    A character beyond U+FFFF goes as its surrogate pair, in CESU-8 too, as Tcl itself keeps it.
+    A character beyond U+FFFF goes as its surrogate pair, in CESU-8 too, as Tcl itself keeps it,
+    and so does any other surrogate (JSON's lone "\ud800"): tkinter cannot encode one, and
+    where it fails inside a tuple (an answer's) it does not check, and the process crashes.
     """
     if value.isascii() and "\x00" not in value:
         return value
