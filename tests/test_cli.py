@@ -2303,6 +2303,43 @@ def test_send_to_a_filter_that_sends_modifications_without_end_stops_at_a_bound(
             "have (a loop in the filter?)") in out, out[-2000:]
 
 
+def test_send_gives_up_on_a_filter_that_takes_no_more_data_within_the_timeout(tmp_path: Path) -> None:
+    """Bug: --timeout bounded the replies only. A filter that asked for no replies to body chunks
+    (SMFIP_NR_BODY) and then read nothing more held `send --timeout 1` for ever once the socket's
+    buffers were full (a 5 MB body), as a stuck filter behind Postfix is cut by
+    milter_command_timeout, which counts the sending too."""
+    big = tmp_path / "big.eml"
+    big.write_bytes(b"From: a@example.org\nTo: b@example.org\nSubject: big\n\n" + b"x" * 998 + b"\n" * 5000
+                    + (b"y" * 998 + b"\n") * 5000)
+    done = threading.Event()
+
+    def stops_reading(listener: socket.socket) -> None:
+        conn, _ = listener.accept()
+        with conn:
+            def packet() -> bytes:
+                size = struct.unpack(">I", conn.recv(4, socket.MSG_WAITALL))[0]
+                return conn.recv(size, socket.MSG_WAITALL)
+
+            packet()  # option negotiation: no replies to body chunks
+            conn.sendall(struct.pack(">I", 13) + b"O" + struct.pack(">III", 6, 0x1FF, 0x80000))
+            while (command := packet()[:1]) != b"B":
+                if command != b"D":  # (macros have no reply)
+                    conn.sendall(struct.pack(">I", 1) + b"c")
+            done.wait(30)  # reads nothing more
+
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        threading.Thread(target=stops_reading, args=(listener,), daemon=True).start()
+        port = listener.getsockname()[1]
+        started = time.monotonic()
+        status, out = cli("send", "--connection", f"inet:{port}@127.0.0.1", "--timeout", "1", str(big), timeout=20)
+        done.set()
+    assert status == 2, out
+    assert "error: the filter took no more data within 1 s (sending at body)" in out, out
+    assert time.monotonic() - started < 10
+
+
 def test_send_to_an_inet6_spec_without_a_host_connects_to_the_ipv6_loopback() -> None:
     """`inet6:PORT` without a host is the IPv6 loopback, ::1 (as `inet:PORT` is 127.0.0.1)."""
     with socket.create_server(("::1", 0), family=socket.AF_INET6) as silent:  # queues, never answers

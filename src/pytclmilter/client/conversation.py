@@ -89,6 +89,17 @@ class Conversation:
         except RuntimeError:  # uvloop's, on a transport closed by a reset (asyncio's drops the bytes)
             raise ConversationError("the filter closed the connection") from None
 
+    async def _drain(self) -> None:
+        """Wait until the filter took what was sent, within ``timeout``: one that read no more (a
+        body it takes without replies, SMFIP_NR_BODY, then stuck) held send for ever once the
+        socket's buffers were full, as Postfix's milter_command_timeout counts the sending too."""
+        try:
+            await asyncio.wait_for(self.writer.drain(), self.timeout)
+        except asyncio.TimeoutError:
+            where = self.out.stages[-1].name if self.out.stages else "option negotiation"
+            raise ConversationError(f"the filter took no more data within {self.timeout:g} s "
+                                    f"(sending at {where})") from None
+
     async def _recv(self) -> ev.Reply:
         """The next reply, within ``timeout`` for the whole of it: a filter that trickles it a byte
         at a time, each within the timeout, held the conversation for as long as it liked."""
@@ -124,9 +135,9 @@ class Conversation:
         self._send(macro, event)
         self.out.stages.append(stage)
         if self.protocol & spec.no_reply:
-            await self.writer.drain()
+            await self._drain()
             return stage
-        await self.writer.drain()
+        await self._drain()
         await self._reply(stage, eom=isinstance(event, ev.EndOfMessage))
         if stage.reply == "skip":
             self.skipping = type(event)
@@ -197,7 +208,7 @@ class Conversation:
 
     async def _session(self, env: Envelope, msg: Message) -> None:
         self._send(ev.OptionNegotiation(6, int(ALL_ACTIONS), int(ALL_PROTO)))
-        await self.writer.drain()
+        await self._drain()
         answer = await self._recv()
         if not isinstance(answer, ev.OptionNegotiationReply):
             raise ConversationError(f"expected the option negotiation reply, got {type(answer).__name__}")
@@ -220,7 +231,7 @@ class Conversation:
                 return self._verdict(done, connection=True)
         await self._transaction(env, msg)
         self._send(ev.Quit())
-        await self.writer.drain()
+        await self._drain()
 
     async def _transaction(self, env: Envelope, msg: Message) -> None:
         mail = await self._event(Stage("envfrom", angle(env.sender)), {"{mail_addr}": bare(env.sender)},
