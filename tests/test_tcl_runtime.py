@@ -236,6 +236,26 @@ def test_a_yield_at_the_top_level_of_the_script_is_refused_as_under_tclsh(tclrun
     assert m.text.count("listening on") == (1 if where == "after main" else 0), m.text
 
 
+@pytest.mark.parametrize("where", ["before main", "after main"])
+@pytest.mark.parametrize("ending, message", [("return -code break", 'invoked "break" outside of a loop'),
+                                             ("continue", 'invoked "continue" outside of a loop'),
+                                             ("return -code 7 x", "command returned bad code: 7")])
+def test_a_break_at_the_top_level_of_the_script_names_the_script_not_the_host(tclrun, where, ending, message):
+    """tclsh makes a break, continue or other code at a file's top level an error; under run and
+    check its only frame was the host's own call, `interp eval filter {coroutine
+    ::tclmilter::py::script source top.tcl}` (after `milter main`: `{::tclmilter::py::script {ok
+    {}}}`), which no script author wrote. Now it is the script's file, as for an error there."""
+    m = tclrun(r"""
+        package require TclMilter
+        if {"%s" eq "after main"} { after 100 {milter stop}; milter main }
+        %s
+        milter main
+    """ % (where, ending), wait=False)
+    assert m.wait_exit() == 1
+    assert f'{message}\n    while executing\n  "source ' in m.text, m.text
+    assert "tclmilter::py" not in m.text and "interp eval" not in m.text, m.text
+
+
 LOGS_TO_ITS_FILE = r"""
     package require TclMilter
     set log [open [lindex $argv 0] a]

@@ -378,6 +378,8 @@ class TclHost:
         #: paths, each once; tcl/rootfiles.py): what a reload reads again. (Not after: a callback
         #: that sources a file per message would grow it for ever.)
         self.sourced: dict[str, None] = {}
+        #: How start() sources the script, for error_info: `source top.tcl`.
+        self._source_word = ""
         #: `milter main` served inside the script's call (where Tcl could not suspend it).
         self.served_inside = False
         #: `milter main` serves inside a Tcl command (MilterCommand._serve): the callbacks are then
@@ -752,11 +754,17 @@ class TclHost:
 
     def error_info(self) -> str:
         """Tcl's errorInfo as tclsh would show it: ending at the script's file, without the frames
-        of how start() and resume() run it (`source` in a coroutine, in the child interpreter)."""
+        of how start() and resume() run it (`source` in a coroutine, in the child interpreter). A
+        break, continue or other code at the script's top level is made an error only where our
+        call returns it, with that call as its one frame: the script's `source` is named instead
+        (tclsh names the command and line, which no longer exist by then)."""
         try:
             info = str(self.tk.call("set", "::errorInfo"))
         except tkinter.TclError:
             return ""
+        made = info.find(f'\n    while executing\n"interp eval {self.CHILD} ')
+        if made >= 0 and self._source_word and info.count("\n", made) == 2:
+            return f'{info[:made]}\n    while executing\n"{self._source_word}"'
         ours = max(info.rfind(f'{_CALLED_FROM}"coroutine {self.SCRIPT} '), info.rfind(f'{_CALLED_FROM}"{self.SCRIPT} '))
         if ours < 0:
             return info
@@ -826,6 +834,7 @@ class TclHost:
         Tcl's `interp limit` whatever the script sets -calltimeout to; past them the TclError
         comes with ``self.limit.exceeded`` set."""
         self.command.suspend_at_main = True
+        self._source_word = str(self.tk.call("format", "%s", ("source", path)))  # (a list: as Tcl shows it)
         if within:
             now = time.monotonic()
             self.limit.begin_within(now + within, now)
