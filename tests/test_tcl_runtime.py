@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 
+import signal
 import socket
 import time
 
@@ -254,6 +255,22 @@ def test_a_break_at_the_top_level_of_the_script_names_the_script_not_the_host(tc
     assert m.wait_exit() == 1
     assert f'{message}\n    while executing\n  "source ' in m.text, m.text
     assert "tclmilter::py" not in m.text and "interp eval" not in m.text, m.text
+
+
+def test_a_stop_after_a_milter_main_served_inside_says_the_script_runs_after_it(tclrun):
+    """`milter main` in an `after` handler (the script then in `vwait`) serves inside that call,
+    and the script goes on after it within the load: a stop signal then was logged as `while
+    loading` a script whose `milter main` had served and returned."""
+    m = tclrun(r"""
+        package require TclMilter
+        after 0 {milter main; puts "main returned"; flush stdout}
+        vwait forever
+    """)
+    m.child.kill(signal.SIGTERM)
+    m.wait_for(r"main returned")
+    assert m.stop() == 0
+    assert re.search(r"WARNING: stopped by SIGTERM while running \S+ after its milter main", m.text), m.text
+    assert "while loading" not in m.text, m.text
 
 
 LOGS_TO_ITS_FILE = r"""

@@ -451,6 +451,7 @@ class _Run:
         self.reread = os.path.abspath(opts.script), [os.path.abspath(path) for path in opts.python]
         self.loads = 0
         self.loading = f"loading {opts.script}"
+        self.after_main = f"running {opts.script} after its milter main"
 
     def load(self) -> None:
         """Load the script as root. A stop signal while the script's own code runs (loading it,
@@ -513,7 +514,9 @@ class _Run:
     def _start(self) -> int | None:
         """Run the script, serving each time it waits in `milter main`: None once it has ended,
         a status where it never served."""
-        with sigmask.stops_meanwhile(self.loading, self.daemon.stopped), sigmask.children_reapable():
+        with (sigmask.stops_meanwhile(self._starting, self.daemon.stopped,
+                                      lambda: _stop_status(self.scripts.current.milter)),
+              sigmask.children_reapable()):
             waiting = self.scripts.current.start(self.opts.script)
         if waiting and _refused(self.opts, self.scripts.current):
             return 1
@@ -523,11 +526,16 @@ class _Run:
             waiting = self._serve_then_resume()
         return None
 
+    def _starting(self) -> str:
+        """What the script does while start() runs: loading, unless its `milter main` served
+        inside a Tcl command and returned (an `after` handler's, from a `vwait`)."""
+        return self.after_main if self.scripts.current.served_inside else self.loading
+
     def _serve_then_resume(self) -> bool:
         """Serve until the stop, then run the script's code after its `milter main` (a reload may
         have replaced the script meanwhile): True while it waits in a `milter main` again."""
         result = _serve_once(self.scripts.current)
-        with (sigmask.stops_meanwhile(f"running {self.opts.script} after its milter main", self.daemon.stopped,
+        with (sigmask.stops_meanwhile(self.after_main, self.daemon.stopped,
                                       lambda: _stop_status(self.scripts.current.milter)),
               sigmask.children_reapable()):
             return self.scripts.current.resume(result)

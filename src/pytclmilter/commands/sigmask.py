@@ -75,7 +75,7 @@ def interruptible() -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def stops_meanwhile(doing: str, before_exit: Callable[[], None],
+def stops_meanwhile(doing: str | Callable[[], str], before_exit: Callable[[], None],
                     status: Callable[[], int] = lambda: 0) -> Iterator[None]:
     """A stop signal meanwhile logs ``stopped by SIGTERM while DOING``, calls ``before_exit`` and
     ends the process with ``status()``: 0 (a stop, docs/cli.md), unless a stop before this one
@@ -87,7 +87,8 @@ def stops_meanwhile(doing: str, before_exit: Callable[[], None],
     def take(numbers: bytes) -> None:
         for number in numbers:
             if number in stops:
-                log.warning("stopped by %s while %s", signal.Signals(number).name, escape(doing))
+                log.warning("stopped by %s while %s", signal.Signals(number).name,
+                            escape(doing if isinstance(doing, str) else doing()))
                 write_held_now()  # (the lines the script began: Tcl's exit would flush them)
                 before_exit()
                 code = status()
