@@ -1480,6 +1480,19 @@ def test_a_hook_that_is_not_callable_is_refused_when_given(field, value):
     assert Hooks(reload=None, tick=None).tick is None  # (their defaults: no reload, no tick)
 
 
+def test_a_hook_whose_repr_raises_is_refused_as_any_other():
+    """The refusal quoted the value with repr(): an object whose __repr__ raises (a proxy, a
+    half-made object) raised that instead of the TypeError that names the field."""
+
+    class Unshowable:
+        def __repr__(self) -> str:
+            raise RuntimeError("no repr")
+
+    with pytest.raises(TypeError) as raised:
+        Hooks(tick=Unshowable())
+    assert str(raised.value) == "Hooks tick must be callable (or left out), not <object repr() failed>"
+
+
 def test_hooks_given_at_construction_are_called_by_the_server_and_the_connection():
     seen: list[tuple[str, str]] = []
     hooks = Hooks(listening=lambda spec: seen.append(("listening", str(spec))),

@@ -14,7 +14,7 @@ from typing import Callable
 
 from .connspec import ConnSpec
 from .context import Context
-from .logline import escape, escape_lines, failure_text
+from .logline import escape, escape_lines, failure_text, said
 
 log = logging.getLogger("pytclmilter")
 
@@ -56,11 +56,12 @@ class Hooks:
 
     def __post_init__(self) -> None:
         """A hook that is not callable is refused when given, naming it: it failed when called,
-        at run() (listening: its traceback), at every connection, or never (tick)."""
+        at run() (listening: its traceback), at every connection, or never (tick). (Quoted by
+        said(): a value whose repr() raises must not raise that instead.)"""
         for name, spec in self.__dataclass_fields__.items():
             value = getattr(self, name)
             if not callable(value) and not (value is None and spec.default is None):
-                raise TypeError(f"Hooks {name} must be callable (or left out), not {value!r}")
+                raise TypeError(f"Hooks {name} must be callable (or left out), not {said(value, repr)}")
 
 
 def forget_early_reload() -> None:
