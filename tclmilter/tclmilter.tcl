@@ -157,11 +157,39 @@ if {[llength [::tcl::info::commands ::tclmilter::py::milter]]} {
     # ctx.tcl and milter.tcl from Python (tcl/pycommands.py): the command at the global level, as
     # a callback runs, and its result as the bytes Tcl keeps its text in (or each element's).
     proc ::tclmilter::call {args} {
-        ::tcl::encoding::convertto identity [uplevel #0 $args]
+        if {[set code [catch {uplevel #0 $args} result options]]} {
+            set result [::tclmilter::toplevel $code $result $options $args]
+        }
+        ::tcl::encoding::convertto identity $result
     }
 
     proc ::tclmilter::calllist {args} {
-        lmap element [uplevel #0 $args] { ::tcl::encoding::convertto identity $element }
+        if {[set code [catch {uplevel #0 $args} result options]]} {
+            set result [::tclmilter::toplevel $code $result $options $args]
+        }
+        lmap element $result { ::tcl::encoding::convertto identity $element }
+    }
+
+    # A code other than ok, as Tcl's top level makes it: an error but for a `return` that ends at
+    # this level. From a Python callback the host's call is at the top level, where Tcl does this
+    # itself; from a Python command, inside a callback, it is not, and a `return -code break X`
+    # came back as the result X. The errorInfo ends with the frames pycommands.py cuts off there.
+    proc ::tclmilter::toplevel {code result options command} {
+        if {$code == 2} {
+            if {[::tcl::dict::get $options -level] == 1} { set code [::tcl::dict::get $options -code] }
+            if {$code == 0 || $code == 2} { return $result }  ;# (a return's return: as from a callback)
+            ::tcl::dict::set options -level 0
+            ::tcl::dict::set options -code $code
+        }
+        if {$code == 1} { return -options $options $result }
+        if {$code == 3 || $code == 4} {
+            set result "invoked \"[lindex {- - - break continue} $code]\" outside of a loop"
+        } else {
+            set result "command returned bad code: $code"
+        }
+        return -code error -errorcode [list TCL UNEXPECTED_RESULT_CODE $code] -errorinfo \
+            "$result\n    while executing\n\"$command\"\n    (\"uplevel\" body line 1)\n    invoked from within\n\"uplevel #0 \$args\"" \
+            $result
     }
 
     # Errors of `after` and `fileevent` handlers, as Tcl's own handler treats them: the script's

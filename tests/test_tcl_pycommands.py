@@ -932,6 +932,67 @@ def setup(milter):
 '''
 
 
+CODES_HOOKS = r"""
+from pytclmilter import CONTINUE, TclError
+
+CALLS = {"proc break": ("breaks",), "proc continue": ("continues",), "proc code 6": ("code6",),
+         "proc return": ("returns",), "proc error": ("errs",), "break": ("return", "-code", "break", "X"),
+         "code 6": ("return", "-code", "6", "Y"), "return": ("return", "-code", "return", "Z")}
+
+
+def setup(milter):
+    def said(where, call):
+        for name, words in CALLS.items():
+            try:
+                result = f"ok {call(*words)!r}"
+            except TclError as exc:
+                result = f"error {exc.message} / {' '.join(exc.error_code)}"
+            print(f"CODE {where} {name}: {result}", flush=True)
+
+    @milter.register("envfrom")
+    def envfrom(ctx, args):
+        said("callback", ctx.tcl)
+        said("callback-list", ctx.tcl_list)
+        return CONTINUE
+
+    @milter.tcl_command("pysaid")
+    def pysaid():
+        said("command", milter.tcl)
+        said("command-list", milter.tcl_list)
+"""
+
+
+def test_a_break_from_milter_tcl_in_a_python_command_is_an_error_as_from_a_callback(tclrun):
+    """ctx.tcl and milter.tcl run the command at the script's global level, as a callback runs,
+    where Tcl makes a break, continue or other code an error: so it did from a Python callback,
+    but from a Python command, called inside a Tcl callback, `return -code break X` came back as
+    the result "X", and a proc's `return -code 6 Y` as "Y": no error, the code went on."""
+    m = tclrun(r"""
+        package require TclMilter
+        proc breaks {} { return -code break X }
+        proc continues {} { continue }
+        proc code6 {} { return -code 6 Y }
+        proc returns {} { return -code return Z }
+        proc errs {} { return -code error -errorcode {MY CODE} oops }
+        proc helo {ctx host} { pysaid; return SMFIS_CONTINUE }
+        milter register helo helo
+        milter main
+    """, python=[CODES_HOOKS])
+    with m.mta() as mta:
+        mta.negotiate()
+        assert ok(mta.helo("mx.example"))
+        assert ok(mta.mail("<a@example.org>"))
+    assert m.stop() == 0
+    said = dict(re.findall(r"CODE (\S+ [^:]+): (.*)", m.text))
+    for kind in ("", "-list"):
+        for name in ("proc break", "proc continue", "proc code 6", "proc return", "proc error", "break", "code 6",
+                     "return"):
+            assert said[f"command{kind} {name}"] == said[f"callback{kind} {name}"], (kind, name, said)
+    assert said["command break"].startswith('error invoked "break" outside of a loop'), said
+    assert said["command proc code 6"].startswith("error command returned bad code: 6"), said
+    assert said["command return"] == "ok 'Z'" and said["command-list return"] == "ok ['Z']", said
+
+
 def test_python_callbacks_call_the_scripts_procs(tclrun):
     m = tclrun(CALLS_SCRIPT, python=[CALLS_HOOKS])
     with m.mta() as mta:
