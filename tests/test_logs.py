@@ -1409,7 +1409,8 @@ def test_a_journal_socket_holds_back_a_bounded_backlog_and_counts_the_lines_lost
 
 
 def _run_with_syslog(tmp_path: Path, *args: str, stderr: str = "pipe", option: bool = True,
-                     env: dict[str, str] | None = None) -> tuple[subprocess.CompletedProcess[str], list[str]]:
+                     env: dict[str, str] | None = None,
+                     timeout: float = 60) -> tuple[subprocess.CompletedProcess[str], list[str]]:
     """``pytclmilter run ARGS --syslog`` (without the option if not ``option``) to its end, with
     /dev/log a socket of the test's own: the process and the records syslog got (without their
     NUL). ``stderr``: "pipe" (read into the process's stderr), "null" (/dev/null) or "closed"."""
@@ -1418,7 +1419,7 @@ def _run_with_syslog(tmp_path: Path, *args: str, stderr: str = "pipe", option: b
         sock.bind(str(log_path))
         proc = subprocess.run([sys.executable, "-c", RUN_WITH_SYSLOG_AT, str(log_path), "run", *args,
                                *["--syslog"] * option],
-                              env=child_env(env), stdout=subprocess.PIPE, text=True, timeout=60,
+                              env=child_env(env), stdout=subprocess.PIPE, text=True, timeout=timeout,
                               stderr=subprocess.DEVNULL if stderr == "null" else subprocess.PIPE,
                               preexec_fn=(lambda: os.close(2)) if stderr == "closed" else None)
         sock.setblocking(False)
@@ -1947,3 +1948,33 @@ def test_a_threads_after_break_without_bgerror_is_reported_as_by_tcl(tmp_path) -
     returned bad code: 2`) above the handler's frame, as under tclsh (before: an empty line)."""
     ours, expected = _stderr_here_and_under_tclsh(tmp_path, THREAD_NO_BGERROR_TCL)
     assert len(expected) == 7 and ours == expected, (ours, expected)
+
+
+# A collection that starts while output's lock is held (a `puts -nonewline` keeps its piece under
+# it) finds a cycle whose __del__ writes with the script's `puts`, as a --python file's object that
+# says goodbye may. (The lock is looked at only to make that moment come at once.)
+PUTS_IN_THE_LOCK = ("import gc\n\nfrom pytclmilter.tcl import output\n\nmade = []\nfound = {}\n\n\n"
+                    "class Handle:\n    def __init__(self):\n        self.me = self\n\n"
+                    "    def __del__(self):\n        found['milter'].tcl('puts', 'goodbye \\u00e9')\n\n\n"
+                    "lock = output._LOCK\nheld = getattr(lock, 'locked', None) or lock._is_owned  # (Lock, RLock)\n"
+                    "\n\ndef garbage(phase, info):\n"
+                    "    if phase == 'start' and not made and held():\n"
+                    "        made.append(1)\n        Handle()\n\n\n"
+                    "def setup(milter):\n    found['milter'] = milter\n    gc.callbacks.append(garbage)\n"
+                    "    gc.set_threshold(1)\n")
+
+
+def test_a_puts_from_a_del_while_output_holds_its_lock_is_written_not_a_hang(tmp_path) -> None:
+    """A __del__ that `puts` while the collector runs inside output's lock (any allocation there
+    can start a collection): the nested `puts` took the same plain Lock in the same thread, which
+    waited on itself for ever. Now both lines are written and run stops as asked."""
+    (tmp_path / "s.tcl").write_text('after 200 {puts -nonewline "piece "; puts "end"}\n'
+                                    "after 1500 {milter stop}\nmilter main\n")
+    (tmp_path / "hooks.py").write_text(PUTS_IN_THE_LOCK)
+    try:
+        proc, _ = _run_with_syslog(tmp_path, str(tmp_path / "s.tcl"), "--python", str(tmp_path / "hooks.py"),
+                                   "--connection", "inet:0@127.0.0.1", option=False, timeout=20)
+    except subprocess.TimeoutExpired as hung:
+        pytest.fail(f"run hung: {hung.stdout!r}")
+    assert proc.returncode == 0, proc.stderr
+    assert "goodbye é\n" in proc.stdout and "piece end\n" in proc.stdout, proc.stdout
