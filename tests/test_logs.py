@@ -1978,3 +1978,19 @@ def test_a_puts_from_a_del_while_output_holds_its_lock_is_written_not_a_hang(tmp
         pytest.fail(f"run hung: {hung.stdout!r}")
     assert proc.returncode == 0, proc.stderr
     assert "goodbye é\n" in proc.stdout and "piece end\n" in proc.stdout, proc.stdout
+
+
+def test_the_errors_kept_for_their_counts_are_bounded_by_size_not_only_by_number(tcl_host) -> None:
+    """Each place of an `after` handler's error keeps a label for its count's line, up to 100
+    places: the label quoted the whole message, so a script's 1 MB error strings kept 100 MB.
+    Now the label's message is clipped, as a thread's handler's is: what is kept is bounded."""
+    host = tcl_host
+    host.child_call("eval", "for {set i 0} {$i < 30} {incr i} {\n"
+                            "    proc p$i {} {error \"[string repeat x 100000] \\033\"}\n"
+                            "    after 0 p$i; after 0 p$i\n}")
+    for _ in range(5):
+        host.service_events()
+    kept = [(place, label) for repeated in (host.bgerrors.places, host.bgerrors.others)
+            for place, (_, _, _, label) in repeated._places.items()]
+    assert len(kept) > 10, kept  # (the places logged whole, and the cap's)
+    assert sum(len(place) + len(label) for place, label in kept) < 500 * len(kept), [len(label) for _, label in kept]

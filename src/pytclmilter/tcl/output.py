@@ -227,13 +227,13 @@ def _reported(args: Sequence[str]) -> int:
     """{what message errorInfo} of a thread's background error no `bgerror` proc took (what:
     unhandled), or that its `bgerror` failed on (failed): 1 to write its report now, else 0,
     counted (its count logged later, unanswered.py). A report whose errorInfo has no frame (a
-    `break` of the handler: ``invoked "break" outside of a loop``) is placed by its whole message,
-    as its quoted words are no data."""
+    `break` of the handler: ``invoked "break" outside of a loop``) is placed by its message
+    (clipped, as each place is kept), as its quoted words are no data."""
     what, message, info = args[0], args[1], args[2]
     how = "failed in its bgerror proc" if what == "failed" else "reported on stderr"
     label = f"error in a thread's after or fileevent handler, {how}: {escape(clip(message))}"
     where = place(info, message)
-    return int(_REPORTS.due(label, message, info, f"{what}\n{where}" if "\n" in where else f"{what}\n{message}"))
+    return int(_REPORTS.due(label, message, info, f"{what}\n{where}" if "\n" in where else f"{what}\n{clip(message)}"))
 
 
 def _keep(key: tuple[int, str], held: bytes, done: int) -> None:

@@ -53,10 +53,11 @@ class Unanswered:
 
     def log(self, what: str, message: str, info: str, where: str | None = None) -> None:
         """Log the error ``message`` with its errorInfo ``info`` (``what``: escaped), or count it.
-        ``where``: its place, when ``info`` is no errorInfo (a Python traceback)."""
-        label = f"{what}: {escape(message)}"
-        if self.due(label, message, info, where):
-            log.error("%s%s", label, "\n" + escape_lines(info) if info else "")
+        ``where``: its place, when ``info`` is no errorInfo (a Python traceback). The line logged
+        now quotes the message whole; the label kept for the count's line, clipped: up to 100
+        places are kept, and a script's 1 MB messages kept 100 MB."""
+        if self.due(f"{what}: {escape(clip(message))}", message, info, where):
+            log.error("%s: %s%s", what, escape(message), "\n" + escape_lines(info) if info else "")
 
     def due(self, label: str, message: str, info: str, where: str | None = None) -> bool:
         """Whether to report this error whole now (``label``: its escaped first line); else it is
