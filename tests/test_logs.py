@@ -988,6 +988,29 @@ def test_puts_to_a_non_blocking_stdout_its_reader_stuck_loses_lines_counted_neve
     assert lost and int(lost[1]) == 2000 - len(shown), err.decode()[-800:]
 
 
+def test_lines_a_non_blocking_stdout_lost_are_told_at_the_end_if_none_got_through_after(tmp_path) -> None:
+    """The lines lost on a non-blocking stdout were counted, and the count logged when a line
+    got through again: a script that wrote no more after its reader drained the pipe ended with
+    the warning of the first loss alone, its count never told. Now the process's end tells it."""
+    script = tmp_path / "nonblocking.tcl"
+    script.write_text(NONBLOCKING_TCL.replace('puts "again \\u00e9"\n', ""))
+    proc = subprocess.Popen([*PYTCLMILTER, "check", str(script)], env=child_env(), stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert proc.stdout is not None and proc.stderr is not None and proc.stdin is not None
+    try:
+        began = b""
+        while b"printed all" not in began and select.select([proc.stderr], [], [], 30)[0]:
+            began += proc.stderr.read1(65536) or b"(the end)"
+        assert b"printed all" in began, began
+        out, err = proc.communicate(b"go\n", timeout=30)
+    finally:
+        proc.kill()
+    shown = [line for line in out.decode().splitlines() if line.startswith("line ")]
+    assert 0 < len(shown) < 2000, len(shown)
+    lost = re.findall(r"WARNING: (\d+) lines of the script's puts to stdout were lost", err.decode())
+    assert lost == [str(2000 - len(shown))], err.decode()[-800:]
+
+
 #: 20 000 lines of printable ASCII, and what Tcl's channel holds then.
 NONBLOCKING_ASCII_TCL = NONBLOCKING_TCL.replace("2000", "20000").replace(
     r" \u00e9 [string repeat x 100]", " [string repeat x 1000]").replace(

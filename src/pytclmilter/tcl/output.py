@@ -254,11 +254,15 @@ def _keep(key: tuple[int, str], held: bytes, done: int) -> None:
 def write_held(wait: bool = True) -> None:
     """At the process's end: every line begun by `puts -nonewline` and held, or written on a
     terminal, ended (so that the next line, our own log's or another writer's, starts one of its
-    own). ``wait`` False: a descriptor with no room at once (its reader stuck) loses its line."""
+    own). ``wait`` False: a descriptor with no room at once (its reader stuck) loses its line.
+    The lines a non-blocking descriptor lost since its last written are told now: no line may
+    get through again to tell them."""
     with _LOCK:
         held = list(_open.items())
         _open.clear()
     _end(held, wait)
+    for channel in list(_lost):
+        _lost_told(channel)
 
 
 def write_held_now() -> None:
