@@ -549,6 +549,23 @@ def test_a_threads_after_handler_failing_in_a_loop_is_reported_once_then_counted
     assert "error in a thread's after or fileevent handler, reported on stderr: boom " in counts[0], counts
 
 
+@needs_thread
+def test_a_threads_call_of_the_report_counter_with_wrong_args_is_a_tcl_error_not_a_traceback(tmp_path) -> None:
+    """::tclmilter::py::bgreported, which a thread's background error handler calls, is a
+    command the thread's script can call too: with too few words each call was an internal
+    error, a Python traceback in the log. Now its answer is Tcl's `wrong # args` (as {error
+    message errorCode}: the commands of threads.py answer so), logged nowhere."""
+    script = tmp_path / "s.tcl"
+    script.write_text("package require TclMilter\npackage require Thread\nset t [thread::create]\n"
+                      "puts stderr \"said: [thread::send $t {catch {::tclmilter::py::bgreported x} m; set m}]\"\n"
+                      "milter main\n")
+    done = subprocess.run([*PYTCLMILTER, "check", str(script)], env=child_env(), capture_output=True, text=True,
+                          timeout=60)
+    assert ('said: error {wrong # args: should be "::tclmilter::py::bgreported what message errorInfo"} '
+            "{TCL WRONGARGS}\n") in done.stderr, done.stderr
+    assert "internal error" not in done.stderr and "Traceback" not in done.stderr, done.stderr
+
+
 LONG_PUTS_TCL = r"""
 package require TclMilter
 proc header {ctx name value} {

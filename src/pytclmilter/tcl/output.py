@@ -38,7 +38,7 @@ from typing import Any, Callable, Final, Sequence
 from ..logline import OUTPUT_LINE, as_output, clip, escape
 from . import threads
 from .unanswered import Unanswered, place
-from .usage import TclUsageError
+from .usage import WRONGARGS, TclUsageError
 
 log = logging.getLogger(__name__)
 
@@ -229,7 +229,9 @@ def _reported(args: Sequence[str]) -> int:
     counted (its count logged later, unanswered.py). A report whose errorInfo has no frame (a
     `break` of the handler: ``invoked "break" outside of a loop``) is placed by its message
     (clipped, as each place is kept), as its quoted words are no data."""
-    what, message, info = args[0], args[1], args[2]
+    if len(args) != 3:  # (a script's call: each was an internal error, its traceback logged)
+        raise TclUsageError(f'wrong # args: should be "{REPORTED} what message errorInfo"', WRONGARGS)
+    what, message, info = args
     how = "failed in its bgerror proc" if what == "failed" else "reported on stderr"
     label = f"error in a thread's after or fileevent handler, {how}: {escape(clip(message))}"
     where = place(info, message)
