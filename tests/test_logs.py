@@ -566,6 +566,44 @@ def test_a_threads_call_of_the_report_counter_with_wrong_args_is_a_tcl_error_not
     assert "internal error" not in done.stderr and "Traceback" not in done.stderr, done.stderr
 
 
+# A log handler another thread holds for ever (a terminal that takes no more: its writer waits
+# with the handler's lock), taken from Tcl once the thread's first error has been reported.
+HOLD_THE_LOG_PY = ("import logging\nimport threading\n\n\ndef setup(milter):\n"
+                   "    @milter.tcl_command('holdlog')\n    def hold(_):\n        held = threading.Event()\n\n"
+                   "        def stuck():\n            for handler in logging.getLogger().handlers:\n"
+                   "                handler.acquire()\n            held.set()\n            threading.Event().wait()\n\n"
+                   "        threading.Thread(target=stuck, daemon=True).start()\n        held.wait()\n")
+HOLD_THE_LOG_TCL = r"""
+package require TclMilter
+package require Thread
+thread::create {
+    after 0 {error boom}
+    after 5 {error boom}
+    after 300 {exit 3}
+    vwait forever
+}
+after 100 {holdlog x}
+vwait forever
+"""
+
+
+@needs_thread
+def test_a_threads_exit_with_a_count_untold_and_the_log_held_still_ends_the_process(tmp_path) -> None:
+    """A thread's `exit` with a failure counted and not told (its handler's second error) while
+    another thread holds the log's handler: telling the count waited for that handler for ever,
+    and the process never ended, where a thread's `exit` gives a held handler 2 s. Now the
+    count is told only if every handler is had within those 2 s, and the process ends."""
+    (tmp_path / "s.tcl").write_text(HOLD_THE_LOG_TCL)
+    (tmp_path / "hold.py").write_text(HOLD_THE_LOG_PY)
+    try:
+        done = subprocess.run([*PYTCLMILTER, "check", "--python", str(tmp_path / "hold.py"), str(tmp_path / "s.tcl")],
+                              env=child_env(), capture_output=True, text=True, timeout=20)
+    except subprocess.TimeoutExpired as hung:
+        pytest.fail(f"the thread's exit hung: {hung.stderr!r}")
+    assert done.returncode == 3, done.stderr
+    assert [line for line in done.stderr.splitlines() if line.startswith("boom")] == ["boom"], done.stderr
+
+
 LONG_PUTS_TCL = r"""
 package require TclMilter
 proc header {ctx name value} {

@@ -233,11 +233,7 @@ def _process_exits(_data: int) -> None:
     until its end) and the standard streams' buffers are written here, as the script's own
     `exit` writes them (TclHost.exit_process), after the failures counted and not told yet
     (logline.tell_counts: a failing `after` loop's count was lost)."""
-    _run([*_AT_EXIT, _counts_told, _logs_written], "as a thread ended the process")
-
-
-def _counts_told() -> None:
-    tell_counts(ended_only=False)
+    _run([*_AT_EXIT, _logs_written], "as a thread ended the process")
 
 
 #: Seconds a thread's `exit` waits for a log handler another thread is writing with (a stuck
@@ -247,17 +243,22 @@ _LOG_WAIT: Final = 2.0
 
 def _logs_written() -> None:
     """What logging.shutdown() writes: every handler's pending lines (a handler's close() waits a
-    while for a stuck reader, logs.py); the standard streams flushed."""
-    for handler in logging.getLogger().handlers:
-        lock = handler.lock
-        if lock is not None and not lock.acquire(timeout=_LOG_WAIT):
-            continue
-        try:
+    while for a stuck reader, logs.py); the standard streams flushed. First the failures counted
+    and not told yet (logline.tell_counts), while every handler is held here: told with a handler
+    another thread holds past _LOG_WAIT, they waited for it for ever (the process never ended),
+    so then they are not told, as that handler's pending lines are lost."""
+    handlers = logging.getLogger().handlers
+    held = [handler for handler in handlers if handler.lock is None or handler.lock.acquire(timeout=_LOG_WAIT)]
+    try:
+        if len(held) == len(handlers):
+            tell_counts(ended_only=False)
+        for handler in held:
             handler.flush()
             handler.close()
-        finally:
-            if lock is not None:
-                lock.release()
+    finally:
+        for handler in held:
+            if handler.lock is not None:
+                handler.lock.release()
     _streams_flushed()
 
 
