@@ -289,3 +289,23 @@ def test_a_reload_a_stop_abandons_is_not_told_as_ready_and_failed(tclrun: Callab
             raise AssertionError(fields)
     finally:
         manager.close()
+
+
+def test_an_abstract_notify_socket_of_bytes_not_utf8_is_heard(
+        tclrun: Callable[..., TclRun]) -> None:
+    """NOTIFY_SOCKET is bytes: an abstract name that is not UTF-8 (``@`` and the byte 0xff) came
+    into Python as a surrogate escape, which str.encode() refused: a UnicodeEncodeError traceback,
+    and no milter. The name is the environment's bytes again, and the manager bound to them hears
+    READY=1."""
+    manager = Manager(b"\0pytclmilter-\xff-" + str(os.getpid()).encode())
+    try:
+        run = tclrun(SCRIPT, env={"NOTIFY_SOCKET": f"@pytclmilter-\udcff-{os.getpid()}"})
+        pid, fields = manager.receive()
+        assert pid == run.child.pid and fields["READY"] == "1", fields
+        with run.mta() as mta:
+            mta.negotiate()
+            assert ("h", b"X-Stamp\0A\0") in mta.message()["eom"]
+        assert run.stop() == 0
+        assert "Traceback" not in run.text and "cannot notify" not in run.text, run.text
+    finally:
+        manager.close()

@@ -104,8 +104,8 @@ def _connected(address: str) -> socket.socket:
     """A datagram socket connected to the manager's (module docstring); OSError, Untrusted."""
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
     try:
-        if address.startswith("@"):  # the abstract namespace: a NUL where the path would start
-            sock.connect(b"\0" + address[1:].encode())
+        if address.startswith("@"):  # the abstract namespace: a NUL where the path would start; the
+            sock.connect(b"\0" + os.fsencode(address[1:]))  # environment's bytes, UTF-8 or not
         else:
             _connect_path(sock, address)
     except BaseException:
