@@ -366,6 +366,40 @@ def test_as_root_the_file_opens_only_in_roots_own_directory_and_never_through_a_
     assert not (tmp_path / "victim").exists() and not (own / "greylist.sqlite").exists()
 
 
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root (the milter starts as root)")
+@pytest.mark.parametrize("theirs", ["writable by others", "another user's"])
+def test_as_root_the_file_opens_only_below_directories_no_other_user_may_change(
+        tclrun: Callable[..., TclRun], theirs: str) -> None:
+    """Root's own directory in one another user may change was taken: only the last directory
+    was checked, and SQLite opens the file again by its path (and its -wal and -shm). That user
+    renamed the directory and put a link to any other in its place between the check and
+    SQLite's open (a loop of four renames won the race in 0.08 s): root made and wrote the
+    database there. Now every directory on the way must be root's, as for the script."""
+    nobody = pwd.getpwnam("nobody")
+    base = Path(tempfile.mkdtemp(prefix="greylist-store-"))
+    try:
+        base.chmod(0o755)
+        middle = base / "middle"
+        middle.mkdir(mode=0o777 if theirs == "writable by others" else 0o755)
+        middle.chmod(0o777 if theirs == "writable by others" else 0o755)
+        if theirs == "another user's":
+            os.chown(middle, nobody.pw_uid, nobody.pw_gid)
+        directory = middle / "greylist"
+        directory.mkdir(mode=0o755)
+        m = greylist(tclrun, f"sqlite:{directory}/greylist.sqlite")
+        assert unavailable(rcpt_reply(m, 1))
+        why = (f"{middle} is writable by its group and others, who could change what runs as root "
+               f"(chmod go-w {middle})"
+               if theirs == "writable by others" else
+               f"{middle} is owned by uid {nobody.pw_uid}, not root: that user could change what runs as root "
+               f"(chown root {middle})")
+        m.wait_for(re.escape(f"unavailable (StoreError: refusing to open it as root in {directory}: {why})"))
+        assert list(directory.iterdir()) == []
+        assert m.stop() == 0
+    finally:
+        shutil.rmtree(base)
+
+
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root (to drop privileges)")
 def test_with_user_the_file_is_opened_after_the_privilege_drop(tclrun: Callable[..., TclRun]) -> None:
     nobody = pwd.getpwnam("nobody")

@@ -182,13 +182,21 @@ def only_root_adds_to(path: str) -> bool:
     every directory on the way pass :func:`_owned_by_us`, and it is writable by no group or
     others, sticky or not (anyone may add a name to a sticky directory)."""
     try:
-        fd = _walk(path, _owned_by_us)
+        fd = open_roots_dir(path)
     except OSError:
         return False
     try:
         return not os.fstat(fd).st_mode & _OTHERS_WRITE
     finally:
         os.close(fd)
+
+
+def open_roots_dir(path: str) -> int:
+    """A descriptor of the directory ``path`` (close it), which no one but root could change, nor
+    any directory on the way (:func:`_owned_by_us`; the last may be sticky): a name in it that a
+    library opens again by path (SQLite, its -wal) reaches this very directory. Untrusted naming
+    the first that another user could change (rename, or replace by a link)."""
+    return _walk(path, _owned_by_us)
 
 
 def read_trusted(path: str) -> bytes:

@@ -64,7 +64,7 @@ from urllib.parse import SplitResult, parse_qsl, urlencode, urlsplit, urlunsplit
 
 try:
     from pytclmilter.logline import escape
-    from pytclmilter.safepath import lstat_at, open_dir
+    from pytclmilter.safepath import Untrusted, lstat_at, open_roots_dir
 except ImportError as exc:  # `import` run by a python3 other than pytclmilter's: say which one, not a traceback
     if __name__ != "__main__":
         raise
@@ -319,18 +319,24 @@ def _refuse_unsafe_as_root(path: str) -> None:
 
     SQLite follows links and creates PATH-wal and PATH-shm beside PATH: in a directory others may
     write, they could point one of those names at any file root may write. The directory itself
-    is the admin's choice (a link on the way to it is followed only where no one else could have
-    made it: safepath.open_dir, as for the socket's directory).
+    is the admin's choice, but it and every directory on the way must be root's (a sticky one, as
+    /tmp, allowed on the way; a link followed only where no one else could have made it):
+    SQLite opens the file again by its path, as it makes the -wal and -shm, and one directory on
+    the way that another user may rename (theirs, or writable by others) could be a link to any
+    directory by then, where root would make and write the database.
     After ``run --user`` dropped privileges none of this applies: a link then reaches only what
     that user may write anyway.
     """
     if os.geteuid() != 0:
         return
-    dirfd, name = open_dir(os.path.abspath(path))  # the project's root-time helpers (safepath)
+    where, name = os.path.split(os.path.abspath(path))
     try:
-        st = os.fstat(dirfd)
-        if st.st_uid != 0 or st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
-            raise StoreError(f"refusing to open it as root in {os.path.dirname(os.path.abspath(path))}, "
+        dirfd = open_roots_dir(where)  # the project's root-time helpers (safepath)
+    except Untrusted as exc:
+        raise StoreError(f"refusing to open it as root in {where}: {exc.strerror}") from None
+    try:
+        if os.fstat(dirfd).st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+            raise StoreError(f"refusing to open it as root in {where}, "
                              "which others may write (run with --user, or give root the directory)")
         for entry in (name, name + "-wal", name + "-shm", name + "-journal"):
             found = lstat_at(dirfd, entry)
