@@ -592,6 +592,26 @@ def test_a_python_files_error_whose_str_raises_at_a_reload_is_logged_and_the_old
     assert run.stop() == 0
 
 
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_a_python_file_raising_keyboardinterrupt_at_a_reload_fails_it_and_the_old_one_serves_on(
+        tclrun, tmp_path: Path, workers: str) -> None:
+    """KeyboardInterrupt out of a --python file was taken for Ctrl-C at a reload too: the milter
+    (with --workers, the supervisor and all its workers) ended with status 130, and the log's
+    last line was "reload: loading generation 2". While a reload loads, no signal raises it
+    (a stop signal abandons the load: _AbandonedAtStop): it is the file's error."""
+    script = tmp_path / "stamp.tcl"
+    script.write_text(stamping("A"))
+    run = tclrun(script, "--workers", workers, python=["def setup(milter):\n    pass\n"])
+    (tmp_path / "hooks0.py").write_text("def setup(milter):\n    raise KeyboardInterrupt\n")
+    run.child.kill(signal.SIGUSR1)
+    m = run.wait_for(r"ERROR: reload: generation 2 not loaded, generation 1 serves on unchanged: (.*?)\r?\n")
+    assert m.group(1) == f"--python {tmp_path / 'hooks0.py'}: KeyboardInterrupt: ", run.text
+    with run.mta() as mta:
+        mta.negotiate()
+        assert [p for p in mta.message()["eom"] if p[0] == "h"] == [("h", b"X-Stamp\0A\0")]
+    assert run.stop() == 0
+
+
 @pytest.mark.parametrize("hang", ["time.sleep(600)", "while True:\n        pass"])
 def test_a_python_file_that_hangs_while_loading_is_stopped_and_the_old_one_serves_on(tclrun, tmp_path: Path,
                                                                                     hang: str) -> None:

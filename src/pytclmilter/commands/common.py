@@ -8,6 +8,7 @@ import importlib.util
 import io
 import ipaddress
 import os
+import signal
 import stat
 import sys
 import time
@@ -83,11 +84,15 @@ def _as_the_files(path: str, call: Callable[[], object]) -> None:
     """``call`` (the --python file's import or setup); whatever it raises fails the load, as the
     file's (HooksFailed): sys.exit() too, which would otherwise end the command with the file's
     status as if it were the command's, and any other BaseException, which was an "unexpected
-    error" of pytclmilter's. KeyboardInterrupt alone goes on: it is a stop (Ctrl-C)."""
+    error" of pytclmilter's. KeyboardInterrupt alone goes on while SIGINT raises it: a stop
+    (Ctrl-C); a reload's load takes SIGINT itself (reloading._AbandonedAtStop), and then it is
+    the file's own, which ended the milter, unlogged, with status 130."""
     try:
         call()
-    except KeyboardInterrupt:
-        raise
+    except KeyboardInterrupt as exc:
+        if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+            raise
+        raise HooksFailed(path, exc) from None
     except BaseException as exc:  # noqa: BLE001 - any error of the file's: reported as the file's
         raise HooksFailed(path, exc) from None
 
