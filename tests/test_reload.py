@@ -555,6 +555,32 @@ def test_a_stop_while_a_reload_loads_abandons_the_load(tclrun, tmp_path: Path, h
     assert "not loaded" not in run.text
 
 
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_a_reload_asked_before_the_stop_that_abandoned_a_load_is_not_loaded(tclrun, tmp_path: Path,
+                                                                             workers: str) -> None:
+    """SIGUSR1 then SIGTERM while a reload loads (`systemctl reload` twice, then stop): the stop
+    abandoned the load, and then the loop took the signals in their order: the second SIGUSR1
+    loaded the script again, to its end (generation 2 "serves" while stopping), and the stop
+    waited for it: up to -calltimeout, 60 s by default, for ever with 0. Now that SIGUSR1 is
+    refused as any that comes while stopping."""
+    script = tmp_path / "stamp.tcl"
+    script.write_text("milter configure -calltimeout 0\n" + stamping("A"))
+    run = tclrun(script, "--grace", "2", "--workers", workers)
+    script.write_text("puts loading; flush stdout\nafter 4000\n" + stamping("B"))
+    run.child.kill(signal.SIGUSR1)
+    run.wait_for(r"INFO: reload: loading generation 2")
+    run.wait_for(r"\nloading\r*\n")
+    t0 = time.monotonic()
+    run.child.kill(signal.SIGUSR1)
+    time.sleep(0.05)  # (in this order)
+    run.child.kill(signal.SIGTERM)
+    assert run.wait_exit(timeout=30) == 0
+    assert time.monotonic() - t0 < 4  # not a second load's 4 s
+    run.wait_for(r"WARNING: reload: generation 2 abandoned: received SIGTERM while it loaded; stopping", since=0)
+    assert run.text.count("reload: loading generation") == 1, run.text
+    assert "generation 2 serves" not in run.text, run.text
+
+
 def test_a_python_command_that_hangs_while_the_script_loads_is_stopped(tclrun, tmp_path: Path) -> None:
     """A command written in Python runs under the time Tcl's limit leaves it: at a reload's load,
     after the script lifted its own -calltimeout, that was none."""
