@@ -309,3 +309,31 @@ def test_an_abstract_notify_socket_of_bytes_not_utf8_is_heard(
         assert "Traceback" not in run.text and "cannot notify" not in run.text, run.text
     finally:
         manager.close()
+
+
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_a_manager_whose_queue_is_full_holds_the_milter_at_most_a_moment(tclrun: Callable[..., TclRun],
+                                                                        tmp_path: Path, workers: str) -> None:
+    """A manager that does not read (PID 1 stuck; net.unix.max_dgram_qlen is 10 where systemd's
+    sysctl.d does not raise it to 512): each message was a blocking send, and the one that found
+    the queue full held the process for ever, READY=1 before the first connection was served.
+    Now a send waits a moment, then is given up, said once; the milter serves."""
+    manager = Manager(str(tmp_path / "notify"))
+    filler = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    try:
+        filler.connect(str(tmp_path / "notify"))
+        filler.setblocking(False)
+        with pytest.raises(BlockingIOError):
+            for _ in range(100000):
+                filler.send(b"X=1")
+        run = tclrun(SCRIPT, "--workers", workers, env={"NOTIFY_SOCKET": str(tmp_path / "notify")})
+        run.wait_for(r"WARNING: cannot notify systemd \(NOTIFY_SOCKET\): its queue stayed full for 1 s \(the service "
+                     r"manager does not read it\)", since=0)
+        with run.mta() as mta:
+            mta.negotiate()
+            assert ("h", b"X-Stamp\0A\0") in mta.message()["eom"]
+        assert run.stop() == 0
+        assert run.text.count("cannot notify systemd") == 1, run.text
+    finally:
+        filler.close()
+        manager.close()

@@ -20,8 +20,8 @@ of root's under that name (the journal's, a daemon's control socket) for root to
 systemd's own (``/run/systemd/notify``) is in a directory of root's; libsystemd's sd_notify
 connects by path at each call, as whoever calls it.
 Only the process that read the address speaks (the ``--workers`` supervisor, not its workers,
-as systemd's default ``NotifyAccess=main`` wants). A message that cannot be sent is logged once;
-the milter serves on.
+as systemd's default ``NotifyAccess=main`` wants). A message that cannot be sent, or that finds
+the manager's queue full for SEND_WAIT seconds, is logged once; the milter serves on.
 """
 
 from __future__ import annotations
@@ -37,6 +37,10 @@ from ..logline import escape
 from ..safepath import Untrusted, connect_at, lstat_at, open_entry
 
 log = logging.getLogger("pytclmilter")
+
+#: Seconds a message waits for room in the manager's queue (a busy PID 1): a send blocked for
+#: ever where the manager did not read, READY=1 included, before the first connection was served.
+SEND_WAIT = 1.0
 
 
 class Notifier:
@@ -81,6 +85,10 @@ class Notifier:
             return  # (a --workers worker: systemd hears the main process alone, NotifyAccess=main)
         try:
             self._sock.send(message.encode())
+        except TimeoutError:
+            self._tell_failed(TimeoutError(f"its queue stayed full for {SEND_WAIT:g} s (the service manager does "
+                                           "not read it)"), message)
+            return
         except OSError as exc:
             self._tell_failed(exc, message)
             return
@@ -111,6 +119,7 @@ def _connected(address: str) -> socket.socket:
     except BaseException:
         sock.close()
         raise
+    sock.settimeout(SEND_WAIT)
     return sock
 
 
