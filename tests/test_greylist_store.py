@@ -366,6 +366,24 @@ def test_as_root_the_file_opens_only_in_roots_own_directory_and_never_through_a_
     assert not (tmp_path / "victim").exists() and not (own / "greylist.sqlite").exists()
 
 
+@pytest.mark.parametrize("kind", ["a directory", "a FIFO"])
+def test_a_store_path_that_is_no_file_is_unavailable_saying_what_it_is(tclrun: Callable[..., TclRun],
+                                                                       tmp_path: Path, kind: str) -> None:
+    """-store sqlite:PATH naming a directory or a FIFO (a typo, a path meant for something else)
+    was "readable by others (mode 0755): chmod 0600 it", then SQLite's "unable to open database
+    file" or "disk I/O error". The outage line now says what the path is."""
+    path = tmp_path / "store"
+    if kind == "a directory":
+        path.mkdir(mode=0o755)
+    else:
+        os.mkfifo(path, 0o644)
+    m = greylist(tclrun, f"sqlite:{path}")
+    assert unavailable(rcpt_reply(m, 1))
+    m.wait_for(re.escape(f"unavailable (StoreError: {path} is {kind}, not a database file)"))
+    assert "readable by others" not in m.text, m.text
+    assert m.stop() == 0
+
+
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root (the milter starts as root)")
 @pytest.mark.parametrize("theirs", ["writable by others", "another user's"])
 def test_as_root_the_file_opens_only_below_directories_no_other_user_may_change(

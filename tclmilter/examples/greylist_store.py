@@ -308,10 +308,22 @@ def _create_private(path: str) -> int | None:
     except FileExistsError:
         pass
     try:
-        return stat.S_IMODE(os.stat(path).st_mode)
+        mode = os.stat(path).st_mode
     except FileNotFoundError:  # a link to no file yet
         os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600))
         return None
+    if not stat.S_ISREG(mode):  # (SQLite's words: "unable to open database file", "disk I/O error")
+        raise StoreError(f"{path} is {_kind(mode)}, not a database file")
+    return stat.S_IMODE(mode)
+
+
+def _kind(mode: int) -> str:
+    """What a file that is not a regular one is, in a word or two."""
+    for test, name in ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"),
+                       (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device")):
+        if test(mode):
+            return name
+    return "a special file"
 
 
 def _refuse_unsafe_as_root(path: str) -> None:
