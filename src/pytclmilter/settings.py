@@ -73,8 +73,9 @@ class Settings:
             raise ValueError(f"max_connections {self.max_connections!r}: must be 0 (no limit) or more")
         if self.workers > MAX_WORKERS:
             raise ValueError(f"workers {self.workers!r}: must be at most {MAX_WORKERS} (each is a process)")
-        if self.workers < 1 or (self.backlog is not None and self.backlog < 1):
-            raise ValueError(f"workers {self.workers!r} and backlog {self.backlog!r}: must be 1 or more")
+        for name, least in (("workers", self.workers), ("backlog", self.backlog)):
+            if least is not None and least < 1:
+                raise ValueError(f"{name} {least!r}: must be 1 or more")
         if self.backlog is not None and self.backlog > _BACKLOG_MAX:  # (run() ended in an OverflowError)
             raise ValueError(f"backlog {self.backlog!r}: more than {_BACKLOG_MAX}, the most listen() takes (the "
                              "kernel caps it at net.core.somaxconn)")
