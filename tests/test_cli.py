@@ -349,6 +349,20 @@ def test_run_takes_libmilters_short_ipv4_forms_in_brackets_and_names_the_address
     assert m.stop() == 0
 
 
+@pytest.mark.parametrize("form", ["unix:{}/milter.sock ", "unix:{}/milter.sock\n", " {}/milter.sock",
+                                  "local:{}/milter\tsock"])
+def test_run_refuses_a_unix_path_with_white_space_at_an_end_or_a_control_character(form: str, tmp_path: Path) -> None:
+    """A unix path is taken as written (libmilter's rule): `-connection [read $f]` (its newline)
+    or a trailing space in a unit file made a socket named `milter.sock\n`, the listening line
+    showed it as the path the MTA was given, and the MTA found nothing there. No one means such
+    a name: it is refused, saying why."""
+    status, out = cli("run", str(STAMP), "--connection", form.format(tmp_path), timeout=10)
+    assert status == 64, out
+    assert ("socket path with white space at an end or a control character: no MTA is told that name "
+            "(libmilter would make it)\n") in out, out
+    assert list(tmp_path.iterdir()) == []
+
+
 @pytest.mark.parametrize("spec, said", [
     ("inet:8891@[127.0.0.1]:8891", '":8891" after "]" (inet:HOST:PORT is Postfix\'s syntax; the milter\'s is '
                                    'inet:8891@[127.0.0.1])'),

@@ -50,6 +50,7 @@ class ConnSpec:
 #: inet_addr's INADDR_NONE, its error and this address alike: libmilter refuses it.
 _BROADCAST = "255.255.255.255"
 MAX_UNIX_PATH = 108  # sizeof(sun_path) on Linux, NUL included
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")  # in a unix path: never meant
 
 
 def parse(spec: str, what: str = "connection") -> ConnSpec:
@@ -67,6 +68,10 @@ def parse(spec: str, what: str = "connection") -> ConnSpec:
             raise ConnSpecError(f'{what} "{spec}": missing socket path')
         if len(os.fsencode(rest)) + 1 >= MAX_UNIX_PATH:  # libmilter: strlen + 1 < sizeof(sun_path)
             raise ConnSpecError(f'{what} "{spec}": socket path longer than {MAX_UNIX_PATH - 2} bytes')
+        if rest != rest.strip() or _CONTROL.search(rest):
+            # ([read $f]'s newline, a unit file's trailing space: a socket no MTA was told of)
+            raise ConnSpecError(f'{what} "{spec}": socket path with white space at an end or a control '
+                                "character: no MTA is told that name (libmilter would make it)")
         return ConnSpec("unix", path=rest, written_type=written)
     if proto not in ("inet", "inet6"):
         raise ConnSpecError(f'{what} "{spec}": unknown socket type "{proto}": must be unix, local, inet or inet6')
