@@ -59,6 +59,14 @@ class Manager:
         self.sock.close()
 
 
+def stamps_and_stops(run: TclRun) -> None:
+    """The milter serves (the script's header on a message), then stops cleanly."""
+    with run.mta() as mta:
+        mta.negotiate()
+        assert ("h", b"X-Stamp\0A\0") in mta.message()["eom"]
+    assert run.stop() == 0
+
+
 @pytest.mark.parametrize("workers, where", [("1", "path"), ("2", "abstract")])
 def test_systemd_hears_ready_reloads_and_stop_from_the_main_process(tclrun: Callable[..., TclRun], tmp_path: Path,
                                                                    workers: str, where: str) -> None:
@@ -258,10 +266,7 @@ def test_a_notify_socket_that_is_no_unix_address_is_a_warning_and_the_milter_ser
     run.wait_for(r"script sees NOTIFY_SOCKET: 0", since=0)
     run.wait_for(r"WARNING: NOTIFY_SOCKET vsock:2:1234: not a unix socket address; systemd will not be told when "
                  r"the milter is ready", since=0)
-    with run.mta() as mta:
-        mta.negotiate()
-        assert ("h", b"X-Stamp\0A\0") in mta.message()["eom"]
-    assert run.stop() == 0
+    stamps_and_stops(run)
 
 
 @pytest.mark.parametrize("workers", ["1", "2"])
@@ -302,10 +307,7 @@ def test_an_abstract_notify_socket_of_bytes_not_utf8_is_heard(
         run = tclrun(SCRIPT, env={"NOTIFY_SOCKET": f"@pytclmilter-\udcff-{os.getpid()}"})
         pid, fields = manager.receive()
         assert pid == run.child.pid and fields["READY"] == "1", fields
-        with run.mta() as mta:
-            mta.negotiate()
-            assert ("h", b"X-Stamp\0A\0") in mta.message()["eom"]
-        assert run.stop() == 0
+        stamps_and_stops(run)
         assert "Traceback" not in run.text and "cannot notify" not in run.text, run.text
     finally:
         manager.close()
@@ -329,10 +331,7 @@ def test_a_manager_whose_queue_is_full_holds_the_milter_at_most_a_moment(tclrun:
         run = tclrun(SCRIPT, "--workers", workers, env={"NOTIFY_SOCKET": str(tmp_path / "notify")})
         run.wait_for(r"WARNING: cannot notify systemd \(NOTIFY_SOCKET\): its queue stayed full for 1 s \(the service "
                      r"manager does not read it\)", since=0)
-        with run.mta() as mta:
-            mta.negotiate()
-            assert ("h", b"X-Stamp\0A\0") in mta.message()["eom"]
-        assert run.stop() == 0
+        stamps_and_stops(run)
         assert run.text.count("cannot notify systemd") == 1, run.text
     finally:
         filler.close()
