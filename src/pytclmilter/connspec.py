@@ -13,6 +13,7 @@ where no MTA can connect.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import socket
@@ -161,9 +162,18 @@ def _host(host: str, proto: str, spec: str, what: str) -> str:
             infos = socket.getaddrinfo(host, None, family, socket.SOCK_STREAM)
         except socket.gaierror as exc:
             raise ConnSpecError(f'{what} "{spec}": cannot resolve "{host}" for {proto}: {exc.strerror}') from None
-        written, addr = host, str(infos[0][4][0])
+        written, addr = host, _with_zone(infos[0][4])
     if addr == _BROADCAST:
         which = "" if written == addr else f" ({addr})"
         raise ConnSpecError(f'{what} "{spec}": "{written}"{which} is the broadcast address: no MTA can connect to '
                             f"it (libmilter refuses [{_BROADCAST}]: inet_addr's error value, INADDR_NONE)")
     return addr
+
+
+def _with_zone(sockaddr: tuple[str, int] | tuple[str, int, int, int] | tuple[int, bytes]) -> str:
+    """The address getaddrinfo gave, with its interface when it has one (``fe80::1%eth0``, as
+    given): the zone comes apart, in scope_id, and a link-local address without it binds nowhere."""
+    if len(sockaddr) == 4 and sockaddr[3]:
+        with contextlib.suppress(OSError):
+            return f"{sockaddr[0]}%{socket.if_indextoname(sockaddr[3])}"
+    return str(sockaddr[0])
