@@ -539,3 +539,63 @@ def test_a_scripts_runaway_modifications_fail_the_message_not_the_process(tclrun
     assert sum(len(data) for cmd, data in eom if cmd == "b") == 40_000_000
     assert m.stop() == 0
     assert m.text.count(" ERROR: ") == 1, m.text
+
+
+# ---------------------------------------------------------------- surrogates that are no byte
+
+#: A lone surrogate that is not one of the bytes rule's U+DC80..U+DCFF (JSON's "\ud800", half of a
+#: pair): it has no UTF-8, so it cannot be sent as the character it is.
+LONE = "a\ud800b"
+LONE_CALLS = {
+    "addheader": lambda c: c.addheader("X-A", LONE),
+    "chgheader": lambda c: c.chgheader("X-A", LONE, 1),
+    "insheader": lambda c: c.insheader("X-A", LONE, 0),
+    "addrcpt": lambda c: c.addrcpt(f"<{LONE}@example.com>"),
+    "addrcpt_par": lambda c: c.addrcpt("<a@example.com>", f"X={LONE}"),
+    "delrcpt": lambda c: c.delrcpt(f"<{LONE}@example.com>"),
+    "chgfrom": lambda c: c.chgfrom(f"<{LONE}@example.org>"),
+    "chgfrom-args": lambda c: c.chgfrom("<a@example.org>", f"X={LONE}"),
+    "quarantine": lambda c: c.quarantine(LONE),
+    "replacebody": lambda c: c.replacebody(LONE),
+    "setreply": lambda c: c.setreply("550", "5.7.1", LONE),
+    "setmlreply": lambda c: c.setmlreply("550", "5.7.1", "ok", LONE),
+    "low-surrogate": lambda c: c.addheader("X-A", "\udfff"),
+    "pair-as-two": lambda c: c.addheader("X-A", "\ud83d\ude00"),  # a Python str holds the character, not a pair
+}
+
+
+def test_python_modifications_with_a_lone_surrogate_are_refused_and_nothing_is_sent():
+    """Such a character was sent as U+FFFD (codec.wire's fallback): the mail silently altered.
+    Now each call is a MilterError naming it, as an oversize packet is, and nothing goes out; an
+    escaped byte (U+DCFF) beside it is still its byte."""
+    m = make_milter()
+    errors: dict[str, str] = {}
+
+    def negotiate(ctx, version, actions, protocol):
+        try:
+            ctx.setsymlist("connect", f"j {{{LONE}}}")
+        except MilterError as exc:
+            errors["setsymlist"] = str(exc)
+        return CONTINUE
+
+    @m.register("eom")
+    def eom(ctx):
+        for name, call in LONE_CALLS.items():
+            try:
+                call(ctx)
+            except MilterError as exc:
+                errors[name] = str(exc)
+        ctx.addheader("X-Ok", "\udcff")
+        return CONTINUE
+
+    m.register("negotiate", negotiate)
+    with serving(m) as srv, srv.raw(negotiate=False) as mta:
+        _, _, _, macros = mta.optneg(6, None, ALL_PROTO)
+        mta.envelope()
+        final = mta.eom()
+    assert macros == {}
+    assert final == [(b"h", b"X-Ok\0\xff\0"), (b"c", b"")], final
+    assert set(errors) == {*LONE_CALLS, "setsymlist"}, errors
+    for name, message in errors.items():
+        assert "U+D" in message and "surrogate" in message, (name, message)
+    assert r'"a\ud800b"' in errors["addheader"], errors["addheader"]

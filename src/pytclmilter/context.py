@@ -16,7 +16,6 @@ from typing import Any, Callable, Final, Protocol, Sequence
 
 from .logline import clip, escape, isprintable
 from .protocol import events as ev
-from .protocol.codec import wire
 from .protocol.constants import MAX_DATA_SIZE, Action, MacroStage
 from .protocol.macros import MacroStore
 from .protocol.session import FilterSession
@@ -129,8 +128,19 @@ def shown(text: str) -> str:
 
 
 def wire_size(text: str) -> int:
-    """Bytes of ``text`` on the wire (see codec.wire)."""
-    return len(text) if text.isascii() else len(wire(text))
+    """Bytes of ``text`` on the wire; a MilterError where it cannot be sent (:func:`sendable`)."""
+    return len(text) if text.isascii() else len(sendable(text))
+
+
+def sendable(text: str) -> bytes:
+    """``text`` as wire bytes (codec.wire), or a MilterError for a surrogate that is no escaped
+    byte (U+DC80..U+DCFF): it has no UTF-8, and codec.wire would send U+FFFD in its place, the
+    mail silently altered. Every modification's text is measured, so this is the one check."""
+    try:
+        return text.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError as exc:
+        raise MilterError(f'"{shown(text)}" holds U+{ord(text[exc.start]):04X}, a surrogate that is no byte '
+                          "(those are U+DC80..U+DCFF): it has no UTF-8 to send") from None
 
 
 def unset_matching(priv: dict[str, Any], pattern: str | None) -> None:
@@ -592,7 +602,7 @@ class Context:
         self._require("eom", "replacebody")
         self._granted("replacebody", _CHGBODY)
         if isinstance(data, str):
-            raw = wire(data)
+            raw = sendable(data)
         elif isinstance(data, (bytes, bytearray, memoryview)):
             raw = bytes(data)
         else:  # bytes() of an int is that many NULs, of a list of ints those bytes: never a body
