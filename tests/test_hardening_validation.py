@@ -599,3 +599,49 @@ def test_python_modifications_with_a_lone_surrogate_are_refused_and_nothing_is_s
     for name, message in errors.items():
         assert "U+D" in message and "surrogate" in message, (name, message)
     assert r'"a\ud800b"' in errors["addheader"], errors["addheader"]
+
+
+TCL_LONE = TCL_HELPERS + r"""
+package require TclMilter
+proc eom {ctx} {
+    set lone a[format %c 0xD800]b
+    T addheader {$ctx addheader X-A $lone}
+    T escape {$ctx addheader X-A "a\ud800b"}
+    T low {$ctx insheader X-A 0 [format %c 0xDFFF]}
+    T chgheader {$ctx chgheader X-A 1 $lone}
+    T addrcpt {$ctx addrcpt <$lone@example.com>}
+    T addrcpt_par {$ctx addrcpt <a@example.com> X=$lone}
+    T delrcpt {$ctx delrcpt <$lone@example.com>}
+    T chgfrom {$ctx chgfrom <$lone@example.org>}
+    T quarantine {$ctx quarantine $lone}
+    T setreply {$ctx setreply 550 5.7.1 $lone}
+    T setmlreply {$ctx setmlreply 550 5.7.1 ok $lone}
+    T replacebody {$ctx replacebody "body $lone"}
+    T replacebody-big {$ctx replacebody "[string repeat x 70000]$lone"}
+    $ctx addheader X-Pair [format %c 0xD83D][format %c 0xDE00]
+    $ctx addheader X-Byte [encoding convertfrom identity \xed\xb3\xbf]
+    return SMFIS_CONTINUE
+}
+milter register eom eom
+milter main
+"""
+
+
+def test_tcl_modifications_with_a_lone_surrogate_are_refused_and_a_pair_is_its_character(tclrun):
+    """Tcl keeps a surrogate as its CESU-8 bytes (ED A0 80 for U+D800), which went to the MTA as
+    they were: not UTF-8, and read back as three bytes, not the script's one character. Now it
+    is a Tcl error at the call; a surrogate pair is the character beyond U+FFFF, sent as its
+    4-byte UTF-8, and an escaped byte (U+DCFF) as that byte."""
+    m = tclrun(TCL_LONE)
+    with m.mta() as mta:
+        mta.negotiate()
+        final = mta.message()["eom"]
+    assert m.stop() == 0
+    r = m.results()
+    assert final == [("h", z("X-Pair", "\U0001f600")), ("h", b"X-Byte\0\xff\0"), ("c", b"")], final
+    for key in ("addheader", "escape", "low", "chgheader", "addrcpt", "addrcpt_par", "delrcpt", "chgfrom",
+                "quarantine", "setreply", "setmlreply", "replacebody", "replacebody-big"):
+        assert r[key].startswith("ERR ") and "surrogate" in r[key], (key, r[key])
+    assert r["addheader"] == (r'ERR "a\ud800b" holds U+D800, a surrogate that is no byte (those are '
+                              "U+DC80..U+DCFF): it has no UTF-8 to send"), r["addheader"]
+    assert "U+DFFF" in r["low"], r["low"]

@@ -37,7 +37,7 @@ from .limit import CallLimit, is_limit_error
 from .milter_cmd import MilterCommand, SuspendAtMain
 from .priv import TclPrivate
 from .pycommands import PythonCommands
-from .strings import ascii_text, deep_to_tcl, from_tcl, tcl_to_wire, to_tcl, wire_to_tcl
+from .strings import ascii_text, deep_to_tcl, from_tcl, tcl_body_to_wire, tcl_to_wire, to_tcl, wire_to_tcl
 from .unanswered import Unanswered, message_of
 from .usage import NONE, Answer, TclUsageError, integer
 
@@ -506,7 +506,7 @@ class TclHost:
         """
         ctx = self._open_context(args)
         data = self.tk.call(self._outgoing)
-        ctx.replacebody(tcl_to_wire(data) if isinstance(data, bytes) else from_tcl(str(data)))
+        ctx.replacebody(tcl_body_to_wire(data) if isinstance(data, bytes) else from_tcl(str(data)))
 
     def _bgerror(self, args: Sequence[str]) -> None:
         """An error of an `after` or `fileevent` handler (tclmilter.tcl's bgerror): logged as a

@@ -28,12 +28,16 @@ from __future__ import annotations
 import re
 from typing import Any, Callable, Final
 
+from ..context import MilterError
 from ..protocol.codec import wire
 
 # Surrogates are written with chr(): mypyc refuses them in string literals (tcl/ is compiled).
 _ED = chr(0xDCED)  # the escaped byte ED that starts a CESU-8 surrogate
 _TO_TCL = re.compile(f"[\x00{chr(0xD800)}-{chr(0xDFFF)}]")
-_FROM_TCL = re.compile(f"{_ED}([{chr(0xDCB2)}{chr(0xDCB3)}])([{chr(0xDC80)}-{chr(0xDCBF)}])")
+# Any surrogate Tcl keeps (ED A0..BF xx): the bytes rule's escapes (ED B2|B3 xx) and the others,
+# which must reach Python as the character they are in Tcl, so that sending one is refused.
+_FROM_TCL = re.compile(f"{_ED}([{chr(0xDCA0)}-{chr(0xDCBF)}])([{chr(0xDC80)}-{chr(0xDCBF)}])")
+_BYTE_ESCAPE = re.compile(f"{_ED}([{chr(0xDCB2)}{chr(0xDCB3)}])([{chr(0xDC80)}-{chr(0xDCBF)}])")  # escapes only
 _CESU_PAIR = re.compile(f"{_ED}([{chr(0xDCA0)}-{chr(0xDCAF)}])([{chr(0xDC80)}-{chr(0xDCBF)}])"
                         f"{_ED}([{chr(0xDCB0)}-{chr(0xDCBF)}])([{chr(0xDC80)}-{chr(0xDCBF)}])")
 _TCL_NUL: Final = b"\xc0\x80"
@@ -42,6 +46,10 @@ _TCL_NUL: Final = b"\xc0\x80"
 _ASTRAL = re.compile(f"[{chr(0x10000)}-{chr(0x10FFFF)}]")
 _FOUR_BYTES: Final = re.compile(b"[\xf0-\xf4][\x80-\xbf]{3}")
 _HIGH_SURROGATE: Final = re.compile(b"\xed[\xa0-\xaf]")  # how Tcl begins a CESU-8 surrogate pair
+# A surrogate Tcl keeps that is no escape (ED B2|B3 xx), then one that is not in a pair either.
+_NOT_ESCAPE: Final = re.compile(b"\xed[\xa0-\xb1\xb4-\xbf]")
+_LONE_CESU: Final = re.compile(b"\xed[\xa0-\xaf][\x80-\xbf](?!\xed[\xb0-\xbf])"
+                               b"|(?<!\xed[\xa0-\xaf][\x80-\xbf])\xed[\xb0\xb1\xb4-\xbf][\x80-\xbf]")
 # An escaped byte ED B2|B3 xx after every byte was written as its Latin-1 character in UTF-8:
 # ED -> C3 AD, B2 -> C2 B2, xx (80..BF) -> C2 xx. What replaces it is the lead byte that, with
 # the xx left behind, is the UTF-8 of the character whose Latin-1 byte is the escaped byte.
@@ -86,7 +94,9 @@ def _pair_bytes(m: re.Match[bytes]) -> bytes:
 
 
 def from_tcl(value: str) -> str:
-    """A str tkinter gave us from Tcl, with our escaped bytes restored."""
+    """A str tkinter gave us from Tcl, with our escaped bytes restored, and any other surrogate
+    (``[format %c 0xD800]``, left by tkinter as the escapes of its CESU-8) the one character it
+    is in Tcl: sent to the MTA, its bytes would be no UTF-8, and context refuses it instead."""
     if value.isascii() or _ED not in value:
         return value
     return _FROM_TCL.sub(_join, value)
@@ -141,8 +151,9 @@ def _escaped(data: bytes) -> bytes:
 def tcl_to_wire_python(data: bytes) -> bytes:
     """Wire bytes for the text Tcl keeps in these bytes (``encoding convertto identity``).
 
-    The inverse of :func:`wire_to_tcl_python`, and for any Tcl string the same bytes as
-    ``wire(from_tcl(...))`` of what tkinter makes of it: C0 80 is NUL, each escaped byte
+    The inverse of :func:`wire_to_tcl_python`, and for any Tcl string without a lone surrogate
+    (:func:`tcl_body_to_wire` refuses one; this keeps its CESU-8, as the C function does) the same
+    bytes as ``wire(from_tcl(...))`` of what tkinter makes of it: C0 80 is NUL, each escaped byte
     (ED B2|B3 xx) becomes that byte, everything else is kept.
     """
     if b"\xc0" in data:  # (memchr: searching for both bytes at once is fifty times slower)
@@ -165,7 +176,21 @@ def tcl_to_wire_python(data: bytes) -> bytes:
         return data.decode("utf-8").encode("latin-1")
     # A character beyond U+FFFF that Tcl rewrote as a surrogate pair: tkinter joins those pairs,
     # so this follows tkinter's way exactly (one regex call per pair and escaped byte).
-    return wire(from_tcl(_CESU_PAIR.sub(_join_pair, data.decode("utf-8", "surrogateescape"))))
+    # (Only the escapes joined: a lone surrogate stays its CESU-8 bytes, as the C function keeps it.)
+    return wire(_BYTE_ESCAPE.sub(_join, _CESU_PAIR.sub(_join_pair, data.decode("utf-8", "surrogateescape"))))
+
+
+def tcl_body_to_wire(data: bytes) -> bytes:
+    """:func:`tcl_to_wire` of a new body, refused (MilterError) where it holds a surrogate that
+    is neither an escaped byte nor half of a pair: tcl_to_wire would send its CESU-8 bytes, no
+    UTF-8, as context refuses it in text. One memchr for a body without ED, one search else."""
+    if b"\xed" in data and _NOT_ESCAPE.search(data) is not None:
+        lone = _LONE_CESU.search(data)
+        if lone is not None:
+            code = 0xD000 | ((lone[0][1] & 0x3F) << 6) | (lone[0][2] & 0x3F)
+            raise MilterError(f"replacebody: the new body holds U+{code:04X}, a surrogate that is no byte "
+                              "(those are U+DC80..U+DCFF): it has no UTF-8 to send")
+    return tcl_to_wire(data)
 
 
 def _unescape(parts: list[bytes]) -> bytes | None:
