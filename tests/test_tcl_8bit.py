@@ -335,3 +335,24 @@ def test_a_callback_break_is_an_error_wherever_the_script_called_milter_main(tcl
     out = _failing_helo_and_body(m)
     for text in _BROKEN:
         assert text in out, (text, out)
+
+
+@pytest.mark.parametrize("main, answer", [("milter main", "r"), ("time {milter main}", "t")])
+def test_a_return_from_more_levels_than_the_callback_is_as_the_docs_say(tclrun, main, answer):
+    """docs/tcl-reference.md: `return -code return -level 2 X` is tclsh's "command returned bad
+    code: 2" where the script serves inside a command, and returns X where `milter main` is at
+    the script's top level (Tcl takes a level off in each interpreter of the alias); a plain
+    `return -code return X` returns X on both."""
+    m = tclrun("package require TclMilter\n"
+               "proc first {ctx host} { return -code return -level 2 SMFIS_REJECT }\n"
+               "proc from {ctx args} { return -code return SMFIS_REJECT }\n"
+               f"milter register helo first\nmilter register envfrom from\n{main}\n")
+    with m.mta() as mta:
+        mta.negotiate()
+        assert mta.helo("mx.example") == (answer, {})
+    with m.mta() as mta:
+        mta.negotiate()
+        assert mta.mail("<a@example.org>") == ("r", {})
+    assert m.stop() == 0
+    failed = "helo callback first failed (command returned bad code: 2), answering SMFIS_TEMPFAIL"
+    assert (failed in m.text) == (answer == "t"), m.text
