@@ -72,7 +72,7 @@ def to_tcl(value: str) -> str:
     ``surrogatepass`` writes each U+DC80..U+DCFF as its CESU-8 bytes, which ``surrogateescape``
     then reads back as three escapes, each of which tkinter sends as that byte: C loops only.
     A character beyond U+FFFF goes as its surrogate pair, in CESU-8 too, as Tcl itself keeps it,
-    and so does any other surrogate (JSON's lone "\ud800"): tkinter cannot encode one, and
+    and so does any other surrogate (JSON's lone "\\ud800"): tkinter cannot encode one, and
     where it fails inside a tuple (an answer's) it does not check, and the process crashes.
     """
     if value.isascii() and "\x00" not in value:
