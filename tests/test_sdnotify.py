@@ -124,14 +124,15 @@ def test_status_quotes_the_scripts_name_and_socket_escaped_so_they_add_no_field(
     stopping (or ``READY=1``, ``MAINPID=``...), and an escape sequence reached the terminal of
     ``systemctl status``. They are escaped as in the log (logline.escape), at the start and after a reload."""
     name = "Evil\\nSTOPPING=1\\x1b\\[31mé"  # (Tcl's backslash escapes: a newline, an ESC)
-    sock = tmp_path / "a\nMAINPID=1\tb.sock"
+    # (a newline or tab in a unix path is refused, connspec.py: a C1 control and U+2028 are not)
+    sock = tmp_path / "a\u0085MAINPID=1\u2028b\u009b31m.sock"
     address = str(tmp_path / "notify")
     manager = Manager(address)
     try:
         script = tmp_path / "named.tcl"
         script.write_text(f'package require TclMilter\nmilter configure -name "{name}"\nmilter main\n')
         run = tclrun(script, "--connection", f"unix:{sock}", env={"NOTIFY_SOCKET": address})
-        shown = f"Evil\\nSTOPPING=1\\x1b[31mé listening on unix:{tmp_path}/a\\nMAINPID=1\\tb.sock"
+        shown = f"Evil\\nSTOPPING=1\\x1b[31mé listening on unix:{tmp_path}/a\\u0085MAINPID=1\\u2028b\\u009b31m.sock"
         fields = manager.receive()[1]
         assert manager.last == f"READY=1\nSTATUS={shown}".encode()
         assert fields == {"READY": "1", "STATUS": shown}
