@@ -335,12 +335,12 @@ def test_the_workers_line_escapes_the_scripts_socket_path(tmp_path: Path) -> Non
     as the listening line does, so that a control character in it cannot start a line of its own."""
     script = tmp_path / "w.tcl"
     script.write_text(SCRIPT)
-    sock = str(tmp_path / "w\x1b\nFAKE.sock")
+    sock = str(tmp_path / "w\u009b\u0085FAKE.sock")  # (C0 controls are refused in a path: connspec.py)
     child = pexpect.spawn(sys.executable, ["-m", "pytclmilter.cli", "run", str(script), "--workers", "2",
                                            "--connection", f"unix:{sock}"], encoding="utf-8", timeout=20, use_poll=True)
     try:
         child.expect(r"2 workers serving (\S+)\r?\n")
-        assert child.match.group(1) == f"unix:{tmp_path}/w\\x1b\\nFAKE.sock"
+        assert child.match.group(1) == f"unix:{tmp_path}/w\\u009b\\u0085FAKE.sock"
     finally:
         child.kill(signal.SIGTERM)
         child.expect(pexpect.EOF)
