@@ -245,6 +245,27 @@ def test_with_workers_the_old_generation_is_gone_when_its_last_worker_ended(tclr
     assert run.text.count("while finishing") == 1, run.text  # (the other ended as told: no line)
 
 
+def test_a_worker_replaced_while_it_starts_finishes_not_killed_by_the_signal(tclrun, tmp_path: Path) -> None:
+    """The supervisor tells a replaced worker with SIGUSR2, whose default action ends a process:
+    one forked so shortly before that its server had not taken the signal yet died of it
+    ("ended with signal 12 while finishing"). Reloads in quick succession replace workers still
+    starting; none may die of the signal, and the last script serves."""
+    script = tmp_path / "stamp.tcl"
+    script.write_text(stamping("A"))
+    run = tclrun(script, "--workers", "2")
+    run.wait_for("2 workers serving")
+    for generation in range(2, 13):
+        script.write_text(stamping(chr(ord("A") + generation - 1)))
+        run.child.kill(signal.SIGUSR1)
+        run.wait_for(rf"reload: loading generation {generation}\b")
+    run.wait_for(r"reload: generation 11 is gone .*; generation 12 serves", timeout=20)
+    with run.mta() as mta:
+        mta.negotiate()
+        assert [p for p in mta.message()["eom"] if p[0] == "h"] == [("h", b"X-Stamp\0L\0")]
+    assert run.stop() == 0
+    assert "signal 12" not in run.text and "SIGUSR2" not in run.text, run.text
+
+
 @pytest.mark.parametrize("workers", ["1", "2"])
 def test_a_reload_asked_before_the_milter_serves_is_ignored_as_documented(tclrun, tmp_path: Path, workers: str) -> None:
     """SIGUSR1 is blocked until the milter serves: one sent while the script loaded waited, and

@@ -549,6 +549,8 @@ class MilterServer:
                         loop.add_signal_handler(REPLACED, self._on_replaced)
                         signal.signal(REPLACED, self._grace_starts)
                         installed.append(REPLACED)
+                        # (blocked since the fork, workers.py: one sent meanwhile is taken now)
+                        signal.pthread_sigmask(signal.SIG_UNBLOCK, (REPLACED,))
                     # `run` blocks it in every thread but the one that serves (commands/run.py)
                     forget_early_reload()
                     signal.pthread_sigmask(signal.SIG_UNBLOCK, (sig,))

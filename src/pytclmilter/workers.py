@@ -360,9 +360,11 @@ class Supervisor:
         # runs no callback: fork from a process with no thread of ours (docs/deployment.md).
         PYTHON_LIMIT.end_watchdog()
         # A stop signal waits until the new worker is in self.children (a stop in between would
-        # miss it and leave it serving) and, in the worker, until our handlers are gone.
+        # miss it and leave it serving) and, in the worker, until our handlers are gone. REPLACED
+        # waits in the worker until its server takes it (server.py): a reload right after this
+        # fork tells the worker before then, and the signal's default action ended it.
         slot = self._free_slot()
-        signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+        mask = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS + (REPLACED,))
         try:
             pid = os.fork()
             if pid == 0:
@@ -373,7 +375,7 @@ class Supervisor:
             if self.stopping:  # a stop came before the fork: this one was not told
                 os.kill(pid, signal.SIGTERM)
         finally:
-            signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
+            signal.pthread_sigmask(signal.SIG_SETMASK, mask - set(STOP_SIGNALS))
 
     def _free_slot(self) -> int | None:
         free = sorted(set(range(self.slots)) - set(self._slot_of.values()))
