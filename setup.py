@@ -59,6 +59,8 @@ HOT = [
     "callbacks.py",
     "meter.py",
     "context.py",
+    "shared.py",
+    "calling.py",
     "engine.py",
     "tcl/limit.py",
     "tcl/context_cmd.py",

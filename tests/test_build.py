@@ -94,7 +94,7 @@ def test_the_package_type_checks(tmp_path: Path) -> None:
 def test_no_compiled_module_reraises_after_an_await_in_an_except_clause() -> None:
     """Compiled with mypyc, a bare ``raise`` after an ``await`` in the same except clause
     re-raised an exception already freed: the process crashed when asyncio logged it
-    (engine._awaited, at a stop with a callback that ignored its cancellation). Bind the
+    (calling.Caller._awaited, at a stop with a callback that ignored its cancellation). Bind the
     exception, and await and raise it after the clause."""
     paths = setup_constant("HOT")
     assert isinstance(paths, list)

@@ -1,4 +1,5 @@
-"""The callback chain: per event, an ordered list shared by Python and Tcl callbacks.
+"""The callback chain: per event, an ordered list shared by Python and Tcl callbacks; the
+arguments each event's callbacks are called with (ARGUMENTS); how a failed one is told (CallbackError).
 
 Several callbacks may listen to one event; they run in registration order and
 the first status other than continue answers the MTA. Tcl's ``milter register``
@@ -14,6 +15,9 @@ from dataclasses import dataclass
 from typing import Any, Callable, Final
 
 from .limits import PYTHON_LIMIT, Limit
+from .protocol.constants import Family
+# Imported by name, not as a module: compiled, `events.Name` is a module attribute look-up per use.
+from .protocol.events import Body, Connect, EnvFrom, EnvRcpt, Event, Header, Helo, Unknown
 from .protocol.negotiation import EVENT_FLAGS, Wants
 from .protocol.table import COMMANDS
 
@@ -130,3 +134,81 @@ class Registry:
             events |= {"envfrom"}
             no_reply |= {"envfrom"}
         return Wants(events=events, no_reply=no_reply)
+
+
+class CallbackError(Exception):
+    """A callback failed; ``detail`` is what to log (a traceback or Tcl's errorInfo)."""
+
+    def __init__(self, message: str, detail: str) -> None:
+        super().__init__(message)
+        self.detail = detail
+
+
+# The callback arguments of each event: typed functions, not lambdas (compiled, a lambda's
+# parameter is untyped and every e.name a getattr by name; typed, it is a slot read).
+def _no_args(e: Event) -> tuple[Any, ...]:
+    return ()
+
+
+def _connect_args(e: Connect) -> tuple[Any, ...]:
+    return (e.hostname, address_info(e))
+
+
+def _helo_args(e: Helo) -> tuple[Any, ...]:
+    return (e.name,)
+
+
+def _envelope_args(e: EnvFrom | EnvRcpt) -> tuple[Any, ...]:
+    return (e.args,)
+
+
+def _unknown_args(e: Unknown) -> tuple[Any, ...]:
+    return (e.line,)
+
+
+def _header_args(e: Header) -> tuple[Any, ...]:
+    return (e.name, e.value)
+
+
+def _body_args(e: Body) -> tuple[Any, ...]:
+    return (e.chunk,)
+
+
+#: Callback event name -> function of the event giving the callback arguments, for the events
+#: whose callbacks answer the MTA (negotiate, abort and close are _handle_control's).
+_ARG_FUNCS: Final[dict[str, Callable[[Any], tuple[Any, ...]]]] = {
+    "connect": _connect_args,
+    "helo": _helo_args,
+    "envfrom": _envelope_args,
+    "envrcpt": _envelope_args,
+    "data": _no_args,
+    "unknown": _unknown_args,
+    "header": _header_args,
+    "eoh": _no_args,
+    "body": _body_args,
+    "eom": _no_args,
+}
+#: Event type -> (callback event name, argument function), by the command table.
+ARGUMENTS: Final[dict[type, tuple[str, Callable[[Any], tuple[Any, ...]]]]] = {
+    c.event: (c.callback, _ARG_FUNCS[c.callback]) for c in COMMANDS if c.callback in _ARG_FUNCS
+}
+
+
+def address_info(e: Connect) -> dict[str, Any]:
+    """The client address as TclMilter's addrInfo dict: family, address, port.
+
+    A unix socket's address has no port (libmilter hands its filters a sockaddr_un), so its port
+    is 0 whatever the CONNECT carried."""
+    port = e.port if e.family is Family.INET or e.family is Family.INET6 else 0
+    return {"family": _family_name(e.family), "address": e.address, "port": port}
+
+
+def _family_name(family: Family) -> str:
+    # Compared by identity: an enum member's .value and hash() are Python-level code.
+    if family is Family.INET:
+        return "inet"
+    if family is Family.INET6:
+        return "inet6"
+    if family is Family.UNIX:
+        return "unix"
+    return "unknown"

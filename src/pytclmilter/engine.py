@@ -6,71 +6,52 @@ functions (every Tcl callback) run synchronously inside ``data_received``, so
 a whole pipelined batch of packets is answered with one write; a callback
 that returns an awaitable pauses this connection only, and the rest of the
 batch is handled when it completes.
+
+Calling one callback (its time limit, awaitable and failure) is calling.py's ``Caller``, this
+class's base; what every connection of a milter reads is shared.py's ``Shared``.
 """
 
 from __future__ import annotations
 
 import asyncio
-import inspect
 import logging
 import time
-from collections import Counter
-from dataclasses import dataclass, field
 from typing import Any, Awaitable, Callable, Final, Protocol
 
-from .callbacks import Callback, Registry
+from .callbacks import ARGUMENTS, Callback, Registry
+from .calling import Caller, traceback_text
 from .context import Context
 from .hooks import Hooks
-from .limits import PYTHON_LIMIT, CallbackTimeout, internals_dropped
-from .logline import (SHOWN, Repeated, SameTrace, as_field, clip, escape, escape_lines, failure_text, fault_kind,
-                      place_of, quoted, said)
+from .limits import PYTHON_LIMIT
+from .logline import as_field, escape, escape_lines, failure_text, fault_kind, quoted, said
 from .logline import info as log_info
-from .meter import Meter
 # Imported by name, not as a module: compiled, `events.Name` is a module attribute look-up per use.
 from .protocol.events import (
-    Abort, Accept, Body, Closed, Connect, Continue, Discard, EndOfMessage, EnvFrom, EnvRcpt, Event, Header,
-    Helo, Macro, OptionNegotiation, OptionNegotiationReply, Progress, Reject, Reply, ReplyCode, Skip, Tempfail,
-    Unknown,
+    Abort, Accept, Body, Closed, Connect, Continue, Discard, EndOfMessage, EnvFrom, EnvRcpt, Event, Helo, Macro,
+    OptionNegotiation, OptionNegotiationReply, Progress, Reject, Reply, ReplyCode, Skip, Tempfail, Unknown,
 )
-from .protocol.constants import Action, Family, MacroStage, Proto, flag_names
+from .protocol.constants import Action, MacroStage, Proto, flag_names
 from .protocol.errors import LocalProtocolError, RemoteProtocolError
 from .protocol.negotiation import Negotiated, check_offer, negotiate
 from .protocol.session import FilterSession, NeedData
 from .protocol.table import COMMANDS
-from .settings import Settings
-from .status import Status, parse_status
+from .shared import Shared
+from .status import Status
 
 log: Final = logging.getLogger("pytclmilter")
 _NO_HOOK: Final = Hooks().context_created  # (no limit, nor its watchdog, for the hook nobody gave)
 
 _monotonic: Final = time.monotonic  # compiled, `time.monotonic` is two look-ups per call
-#: Result types that are certainly not awaitable (skips inspect.isawaitable on the hot path).
-_PLAIN: Final = frozenset({type(None), str, int, Status})
-#: A callback stopped by its limit comes back within 0.1 s of it (the Python watchdog's interval;
-#: Tcl's deadline and asyncio's are exact). One that fails later than this past its limit was in
-#: code the limit cannot interrupt, and its real time is logged too.
-_LATE_STOP: Final = 0.5
 #: Abort and close runs that may wait behind a running async abort or close callback: a peer
 #: sending MAIL and ABORT in a loop queued one more each (memory without bound, and a chain of
 #: tasks whose cancellation at stop overflowed the stack). At this many, the connection's further
 #: commands wait until one has run.
 _QUIET_QUEUE: Final = 8
-#: Seconds an async callback cancelled by its limit (or by its connection's end) may take to end
-#: (its ``finally`` clauses) before it is abandoned: one that swallows CancelledError would
-#: otherwise hold its connection, or the milter's stop, as long as it likes.
-UNWIND: Final = 1.0
-_FOREVER: Final = float("inf")
-#: Seconds each callback gets once a stop's grace is over (the abort and close callbacks of the
-#: sessions it cuts), whatever call_timeout says.
-LAST_WORDS: Final = 0.05
 #: Bytes of the MTA's that may wait unhandled while an async callback runs before its connection
 #: is no longer read (one read more at most): reading on notices at once an MTA that closes or
 #: resets the connection meanwhile (one that gave up waiting), and an MTA waiting for the reply
 #: sends nothing more.
 _WATCHED: Final = 4096
-#: Abandoned callbacks still running (one that ignored GeneratorExit too): held here so that they
-#: are counted, and dropped as each ends. Each keeps its memory until then.
-ABANDONED: Final[set["asyncio.Task[Any]"]] = set()
 #: Why the connection of an abandoned callback was closed (its log line and metrics).
 ABANDONED_END: Final = "callback ignored its cancellation"
 
@@ -93,54 +74,6 @@ _FINAL_OF: Final = {
     Status.SKIP: Skip(),
 }
 
-# The callback arguments of each event: typed functions, not lambdas (compiled, a lambda's
-# parameter is untyped and every e.name a getattr by name; typed, it is a slot read).
-def _no_args(e: Event) -> tuple[Any, ...]:
-    return ()
-
-
-def _connect_args(e: Connect) -> tuple[Any, ...]:
-    return (e.hostname, address_info(e))
-
-
-def _helo_args(e: Helo) -> tuple[Any, ...]:
-    return (e.name,)
-
-
-def _envelope_args(e: EnvFrom | EnvRcpt) -> tuple[Any, ...]:
-    return (e.args,)
-
-
-def _unknown_args(e: Unknown) -> tuple[Any, ...]:
-    return (e.line,)
-
-
-def _header_args(e: Header) -> tuple[Any, ...]:
-    return (e.name, e.value)
-
-
-def _body_args(e: Body) -> tuple[Any, ...]:
-    return (e.chunk,)
-
-
-#: Callback event name -> function of the event giving the callback arguments, for the events
-#: whose callbacks answer the MTA (negotiate, abort and close are _handle_control's).
-_ARG_FUNCS: Final[dict[str, Callable[[Any], tuple[Any, ...]]]] = {
-    "connect": _connect_args,
-    "helo": _helo_args,
-    "envfrom": _envelope_args,
-    "envrcpt": _envelope_args,
-    "data": _no_args,
-    "unknown": _unknown_args,
-    "header": _header_args,
-    "eoh": _no_args,
-    "body": _body_args,
-    "eom": _no_args,
-}
-#: Event type -> (callback event name, argument function), by the command table.
-_ARGS: Final[dict[type, tuple[str, Callable[[Any], tuple[Any, ...]]]]] = {
-    c.event: (c.callback, _ARG_FUNCS[c.callback]) for c in COMMANDS if c.callback in _ARG_FUNCS
-}
 #: negotiate() results by (registry generation, offer, size limit, macro lists): see _negotiated.
 _NEGOTIATED: Final[dict[tuple[Any, ...], Negotiated]] = {}
 
@@ -149,32 +82,6 @@ _SKIP: Final = int(Proto.SKIP)
 
 #: How sessions normally end; other reasons (timeout, protocol error, stop) are worth an info line.
 _ROUTINE_ENDS: Final = frozenset({"eof", "quit"})
-#: Of the lines for faults that end a connection (a garbled or truncated packet, a reset), the
-#: first FAULT_LINES of each kind in FAULT_WINDOW seconds are logged; the others are counted, and
-#: the count told in one line: whoever can reach the socket can open thousands a second.
-FAULT_LINES: Final = 10
-FAULT_WINDOW: Final = 60.0
-
-
-
-def address_info(e: Connect) -> dict[str, Any]:
-    """The client address as TclMilter's addrInfo dict: family, address, port.
-
-    A unix socket's address has no port (libmilter hands its filters a sockaddr_un), so its port
-    is 0 whatever the CONNECT carried."""
-    port = e.port if e.family is Family.INET or e.family is Family.INET6 else 0
-    return {"family": _family_name(e.family), "address": e.address, "port": port}
-
-
-def _family_name(family: Family) -> str:
-    # Compared by identity: an enum member's .value and hash() are Python-level code.
-    if family is Family.INET:
-        return "inet"
-    if family is Family.INET6:
-        return "inet6"
-    if family is Family.UNIX:
-        return "unix"
-    return "unknown"
 
 
 class Link(Protocol):
@@ -195,26 +102,6 @@ class Link(Protocol):
         """The connection began with a PROXY protocol header (HAProxy's send-proxy)."""
 
 
-@dataclass
-class Stats:
-    """Verdict counts since start, for the log summary; reloads (with --workers, the supervisor's)."""
-
-    verdicts: Counter[str] = field(default_factory=Counter)
-    errors: int = 0
-    reloads_ok: int = 0
-    reloads_failed: int = 0
-    #: Reloads a stop signal abandoned while they loaded (commands/reloading.py): no failure of the script.
-    reloads_abandoned: int = 0
-    #: --workers: the workers whose stop was not clean (workers.Supervisor.unclean): ``run`` exits 1.
-    workers_unclean: int = 0
-    #: Of the script serving new connections: 1 at start, one more at every reload that loads.
-    generation: int = 1
-
-    def summary(self) -> str:
-        parts = [f"{k}={v}" for k, v in sorted(self.verdicts.items())]
-        return ", ".join(parts + [f"callback errors={self.errors}"])
-
-
 def _answer_text(reply: OptionNegotiationReply) -> str:
     """The option negotiation's answer in the debug line: its flags by name (docs/protocol.md
     §4.2-§4.3), each number in hex too; the macro lists of a negotiate callback's setsymlist."""
@@ -225,163 +112,13 @@ def _answer_text(reply: OptionNegotiationReply) -> str:
     return " ".join([text, "macro lists", *lists]) if lists else text
 
 
-def _faults_told(faults: Repeated, kind: str, count: int) -> None:
-    log.warning("%d more connection%s closed for the same reason, not logged one by one (the first %d in %g s "
-                "are): %s", count, "" if count == 1 else "s", faults.whole, faults.seconds, escape(kind))
-
-
-def _proxied_told(_proxied: Repeated, _label: str, count: int) -> None:
-    """The count of a minute's PROXY-header connections, when none came after it to carry it
-    (HAProxy's send-proxy fixed): else the last minute's were never told."""
-    log.warning("%d more connection%s that began with a PROXY header closed with a protocol error since the last "
-                "such line (said at most once a minute)", count, "" if count == 1 else "s")
-
-
-class Shared:
-    """What every connection of one milter reads: its settings, callbacks, hooks and counts.
-
-    ``settings`` is replaced whole when an option changes (the value itself never changes), and
-    each connection reads it here at every use: an option set while serving (``milter configure
-    -onerror`` in a callback) applies at once, to the connections already open too.
-
-    A reload makes a new one (another milter's) for the connections accepted from then on; those
-    open keep theirs. ``generation`` tells them apart in the verdict lines.
-
-    ``meter`` counts for ``--metrics`` (meter.py); None without, and each connection reads it once.
-    ``traces``: the failed callbacks' traces logged lately, so that the same one is logged once.
-    ``faults``: the lines of connections ended by a fault, by kind (:meth:`fault_due`); a reload
-    hands it on, as the meter. ``proxied``: the line of those that began with a PROXY header.
-    ``stop_by``: once a stop is under way, or a reload replaced this generation, when the grace of
-    its open sessions ends (``time.monotonic()``): no callback runs past it (:meth:`call_limit`);
-    infinity while serving. ``stop_why`` says, for a log line, which grace that is.
-    """
-
-    __slots__ = ("settings", "registry", "hooks", "stats", "generation", "meter", "traces", "faults", "proxied",
-                 "stop_by", "stop_why")
-
-    def __init__(self, settings: Settings, registry: Registry, hooks: Hooks, stats: Stats) -> None:
-        self.settings = settings
-        self.registry = registry
-        self.hooks = hooks
-        self.stats = stats
-        self.generation = 1
-        self.meter: Meter | None = None
-        self.traces = SameTrace()
-        self.faults = Repeated(FAULT_WINDOW, whole=FAULT_LINES, tell=_faults_told)
-        self.proxied = Repeated(FAULT_WINDOW, tell=_proxied_told)  # the connections that began with a PROXY header
-        self.stop_by = _FOREVER
-        self.stop_why = ""
-
-    def fault_due(self, kind: str) -> bool:
-        """Whether to log the line of a connection ended by a fault of ``kind`` (fault_kind of its
-        message): not when FAULT_LINES of that kind were logged in the last FAULT_WINDOW seconds;
-        it is counted then, told by logline.tell_counts once the window is over (or by this method,
-        when the next one comes first). A peer opening bad connections as fast as it can must not
-        decide the log's size."""
-        faults = self.faults
-        missed = faults.due(kind)
-        if missed:
-            _faults_told(faults, kind, missed)
-        return missed is not None
-
-    def hold_to(self, by: float, why: str) -> None:
-        """No callback runs past ``by`` (monotonic), the end of the grace ``why`` names ("the
-        stop's 30 s grace"); an earlier end given before holds."""
-        if by < self.stop_by:
-            self.stop_by, self.stop_why = by, why
-
-    def graced(self, started: float) -> bool:
-        """Whether the end of a stop's or reload's grace, not call_timeout, is what limited a
-        callback started at ``started``."""
-        limit = self.settings.call_timeout
-        return self.stop_by != _FOREVER and not (limit and started + limit <= self.stop_by)
-
-    def overrun(self, started: float, now: float, what: str) -> str:
-        """Why a callback started at ``started`` was stopped ``now``, for its log line: ``what``
-        (the limit's name), or the end of a stop's or reload's grace when that came first."""
-        limit = self.settings.call_timeout
-        if not self.graced(started):
-            return f"stopped after {limit:g} s ({what})"
-        allowed = f"{what} is {limit:g} s" if limit else f"no {what}"
-        return f"stopped after {now - started:.1f} s: {self.stop_why} was over ({allowed})"
-
-    def call_limit(self, now: float = -1.0) -> float:
-        """How long a callback starting ``now`` (-1: now) may run (0: no limit): call_timeout, and
-        once a stop is under way (or a reload replaced this generation) no longer than its grace,
-        then LAST_WORDS (the abort and close callbacks of the sessions it cuts): an answer after
-        that reaches no MTA, and a stuck callback would hold the stop by as much as call_timeout
-        again, per callback. The clock is read only then: the per-event path reads none."""
-        limit = self.settings.call_timeout
-        if self.stop_by == _FOREVER:
-            return limit
-        left = max(self.stop_by - (_monotonic() if now < 0 else now), LAST_WORDS)
-        return min(limit, left) if limit else left
-
-
-class CallbackError(Exception):
-    """A callback failed; ``detail`` is what to log (a traceback or Tcl's errorInfo)."""
-
-    def __init__(self, message: str, detail: str) -> None:
-        super().__init__(message)
-        self.detail = detail
-
-
-class _Exited(Exception):
-    """SystemExit or KeyboardInterrupt raised in an async callback, carried as an Exception: asyncio
-    re-raises those two out of the event loop from the task they end, which would end the milter
-    for one callback's ``sys.exit()`` (or a library's)."""
-
-    def __init__(self, original: SystemExit | KeyboardInterrupt) -> None:
-        super().__init__(str(original))
-        self.original = original
-
-
 async def _in_turn(awaitables: list[Awaitable[Status]]) -> None:
     """Await each in turn (abort and close callbacks: their failures are logged by _awaited)."""
     for awaitable in awaitables:
         await awaitable
 
 
-def abandon(task: "asyncio.Task[Any]", awaitable: Awaitable[Any]) -> None:
-    """Let go of a cancelled callback that goes on: the coroutine it returned is closed
-    (GeneratorExit at its await: its ``finally`` clauses run, and an ``except CancelledError``
-    does not catch it), and the task cancelled once more, which ends on a closed one. One that
-    survives even that is kept in ABANDONED, counted, until it ends. (The callback's coroutine,
-    not the task's: that one is compiled by mypyc, and a Task stepping a compiled coroutine
-    closed under it crashed the process.)"""
-    close = getattr(awaitable, "close", None)
-    survives = close is None
-    if close is not None:
-        try:
-            close()
-        except RuntimeError:  # "coroutine ignored GeneratorExit": it awaits on
-            survives = True
-    task.cancel()
-    if survives:
-        ABANDONED.add(task)
-    task.add_done_callback(_forget)
-
-
-def _forget(task: "asyncio.Task[Any]") -> None:
-    ABANDONED.discard(task)
-    _consume(task)
-
-
-def _consume(task: "asyncio.Task[Any]") -> None:
-    """Read a finished callback task's outcome, which nobody answers with any more (asyncio would
-    log an exception never retrieved)."""
-    if not task.cancelled():
-        task.exception()
-
-
-async def _contained(awaitable: Awaitable[Any]) -> Any:
-    try:
-        return await awaitable
-    except (SystemExit, KeyboardInterrupt) as exc:
-        raise _Exited(exc) from None
-
-
-class ConnectionEngine:
+class ConnectionEngine(Caller):
     """Drives one FilterSession with the milter's callbacks.
 
     What the callbacks have decided so far is one value, ``_decided``:
@@ -407,19 +144,18 @@ class ConnectionEngine:
     Besides: ``_busy`` (an async callback runs, or ``_held``: _QUIET_QUEUE abort or close runs
     wait behind an async one; this connection's further events wait, its socket is not read)
     and ``closed`` (the connection is over: nothing more is done).
-    Callbacks are called in one place, :meth:`_call`.
+    Callbacks are called in one place, :meth:`_call` (calling.Caller).
     """
 
-    __slots__ = ("shared", "registry", "session", "ctx", "name", "link", "_out", "_busy", "_pending", "_decided",
-                 "_deferred", "_deferred_stage", "_quiet", "_queued", "_held", "_unwinding", "_abandoned", "closed", "client", "sender", "debug", "meter",
-                 "_counted", "_due", "_cut", "_mail_macros", "calling")
+    __slots__ = ("registry", "session", "ctx", "link", "_out", "_busy", "_pending", "_decided", "_deferred",
+                 "_deferred_stage", "_quiet", "_queued", "_held", "closed", "client", "sender", "debug", "_counted",
+                 "_cut", "_mail_macros")
 
     def __init__(self, shared: Shared, conn_id: int, link: "Link") -> None:
-        self.shared = shared
         self.registry: Registry = shared.registry
         self.session = FilterSession(emit_macros=False)
         self.ctx = Context(conn_id, self.session.macros, self._progress, self.session)
-        self.name = self.ctx.name
+        super().__init__(shared, self.ctx.name)
         self.link = link
         self._out: list[bytes] = []
         self._busy = False
@@ -427,14 +163,8 @@ class ConnectionEngine:
         self._quiet: asyncio.Future[None] | None = None  # async abort or close callbacks still running
         self._queued = 0  # abort and close runs waiting behind _quiet (_QUIET_QUEUE)
         self._held = False  # _busy because _queued reached _QUIET_QUEUE
-        #: An async callback stopped by its limit and answered, still ending (_settle).
-        self._unwinding: tuple[str, Callback, asyncio.Task[Any], Awaitable[Any], str] | None = None
-        self._abandoned = False  # a callback of this connection ignored its cancellation: it closes
         self._counted = False  # no closed line: its fault was counted, not logged (fault_due), or a PROXY line said it
-        self._due = _FOREVER  # when the async callback awaited now reaches its own limit (see due)
         self._cut = ""  # the stage of the async callback the connection's end cancelled (_finish)
-        #: The callback running now, until it returns (what holds a stop past its grace: overdue.py).
-        self.calling: Callback | None = None
         self._decided = _OPEN
         self._deferred = Status.CONTINUE  # with _DEFERRED: the verdict waiting for a reply
         self._deferred_stage = ""
@@ -445,7 +175,7 @@ class ConnectionEngine:
         # Asked once: a connection lasts one SMTP session, and each isEnabledFor is an
         # interpreted call; a level set meanwhile applies from the next connection.
         self.debug = log.isEnabledFor(logging.DEBUG)
-        self.meter = meter = shared.meter
+        meter = self.meter
         if meter is not None:
             meter.opened()
         self._hook("context_created", shared.hooks.context_created)
@@ -471,7 +201,7 @@ class ConnectionEngine:
         except BaseException as exc:  # noqa: BLE001
             log.error("%s: the %s hook %s failed (%s):\n%s", self.name, name,
                       escape(getattr(hook, "__qualname__", repr(hook))), escape(failure_text(exc)),
-                      escape_lines(_traceback(exc)))
+                      escape_lines(traceback_text(exc)))
 
     @property
     def busy(self) -> bool:
@@ -569,7 +299,7 @@ class ConnectionEngine:
             self._mail_macros = self.session.mail_macros
             self._new_message()
         t = type(event)
-        spec = _ARGS.get(t)
+        spec = ARGUMENTS.get(t)
         if spec is None:
             self._handle_control(event)
             return
@@ -743,19 +473,6 @@ class ConnectionEngine:
             raise TypeError(f"the {name} chain gave an awaitable")  # (_call's refusal makes this impossible)
         return result
 
-    def _not_awaitable(self, name: str, cb: Callback, awaitable: Awaitable[Any]) -> Status:
-        """An async callback where the answer must be given at once: closed unstarted (a coroutine
-        merely dropped makes Python warn "never awaited" on stderr), logged (once a minute per
-        callback, as a result that is no status: it is so at every connection), taken as continue.
-        (An ``async def`` is refused by register: this is a plain function returning one.)"""
-        close = getattr(awaitable, "close", None)
-        if close:
-            close()
-        who = cb.name or said(cb.func, repr)
-        if self.shared.traces.logged_as(f"{name} {who} is async", self.name) is None:
-            log.error("%s: the %s callback %s must not be async; treated as continue (said once a minute for this "
-                      "callback)", self.name, name, escape(who))
-        return Status.CONTINUE
 
     def _run_quiet(self, name: str) -> None:
         """abort and close: every callback runs, results are ignored (libmilter ignores them too).
@@ -803,211 +520,12 @@ class ConnectionEngine:
             if not self.closed:
                 self._go_on()
 
-    def _call(self, name: str, cb: Callback, call_args: tuple[Any, ...], limit: float,
-              ignore: bool) -> Status | Awaitable[Status]:
-        """Call one callback: the one place for the time limit, failures, and reading the result.
-
-        Returns its status (``on_error`` if it raised or was stopped; continue for a result
-        that is no status, with a warning, or for any result with ``ignore``), or, for an
-        async callback, an awaitable giving that status. Tcl callbacks return a Status, which
-        is taken as it is. With a limit (``limit`` seconds, read by the caller for each callback),
-        ``cb.limit`` holds the callback to it (limits.py) and says whether it overran: a
-        callback that comes back after its limit, from code the limit cannot interrupt, is
-        logged with its time. Without one the clock is not read at all.
-        """
-        started = _monotonic() if limit or self.meter is not None else 0.0
-        limiter = cb.limit
-        held = limiter.begin(limit, started)
-        late = False
-        func = cb.func  # compiled, cb.func(*args) would be a getattr by name, as for a method
-        self.calling = cb
-        try:
-            try:
-                result = func(*call_args)
-            finally:
-                self.calling = None
-                if held:
-                    late = limiter.stop()  # before anything else: the failure's log line is not limited
-        # A filter bug must not take the milter down: any BaseException, sys.exit() included (the
-        # Tcl `exit` ends the process, as the manual has it; Python's is a failure like any other),
-        # and a library's own class beside Exception. (A stop signal is the loop's: no KeyboardInterrupt.)
-        except BaseException as exc:  # noqa: BLE001
-            status = self._callback_failed(name, cb, self._grace_named(exc, started), ignore)
-            if limit:
-                self._check_time(name, cb, started, limit, _LATE_STOP)
-            self._timed(name, cb, started)
-            return status
-        if late or (limit and not held):  # a sync Python callback off the main thread is timed here
-            self._check_time(name, cb, started, limit, 0.0)
-        if isinstance(result, Status):  # Tcl callbacks and well-behaved Python ones: no parsing
-            self._timed(name, cb, started)
-            return result
-        if type(result) not in _PLAIN and inspect.isawaitable(result):
-            if name == "negotiate":
-                return self._not_awaitable(name, cb, result)
-            return self._awaited(name, cb, result, limit, started, ignore)  # timed when it completes
-        self._timed(name, cb, started)
-        return Status.CONTINUE if ignore else self._status(name, cb, result)
-
-    def _grace_named(self, exc: BaseException, started: float) -> BaseException:
-        """A plain Python callback that started in a stop's or reload's grace was held to what was
-        left of it, which the Python limit calls call_timeout (it knows no grace): its line names
-        the grace, as a Tcl or an async callback's does."""
-        if type(exc) is CallbackTimeout and str(exc).endswith("(call_timeout)") and self.shared.graced(started):
-            exc.args = (f"callback {self.shared.overrun(started, _monotonic(), 'call_timeout')}",)
-        return exc
-
-    async def _awaited(self, name: str, cb: Callback, awaitable: Awaitable[Any], limit: float, started: float,
-                       ignore: bool) -> Status:
-        """:meth:`_call` for an async callback, once it returned its awaitable.
-
-        Run as a task of its own, so that the limit answers the MTA at its time whatever the
-        callback does with its cancellation (asyncio.wait_for waited until it let go: one that
-        swallowed CancelledError held the MTA as long as it liked)."""
-        task = asyncio.ensure_future(_contained(awaitable))
-        cut: asyncio.CancelledError | None = None
-        if not ignore:
-            self._due = started + limit if limit else _FOREVER
-        try:
-            done, _ = await asyncio.wait((task,), timeout=limit or None)
-        except asyncio.CancelledError as exc:  # the connection is cut, or the loop ends: the callback too
-            cut = exc
-        if not ignore:
-            self._due = _FOREVER
-        if cut is not None:  # (awaited outside the except clause: compiled, a bare raise after an
-            task.cancel()    # await there re-raised an exception already freed, and crashed)
-            await self._unwound(name, cb, task, awaitable, "as its connection was cut")
-            raise cut
-        if not done:
-            return await self._stopped(name, cb, task, awaitable, limit, started, ignore)
-        try:
-            result = task.result()
-        except asyncio.CancelledError as exc:
-            # From inside the callback: it awaited a task or future that was cancelled. Left to
-            # propagate, the connection would wait for ever, paused, with nothing logged.
-            status = self._callback_failed(name, cb, exc, ignore)
-            self._timed(name, cb, started)
-            return status
-        # Any BaseException, as in _call: CallbackTimeout (the time limit of Tcl code the callback
-        # ran, ctx.tcl), a library's own class beside Exception.
-        except BaseException as exc:  # noqa: BLE001
-            status = self._callback_failed(name, cb, exc.original if isinstance(exc, _Exited) else exc, ignore)
-            if limit:
-                self._check_time(name, cb, started, limit, _LATE_STOP)
-            self._timed(name, cb, started)
-            return status
-        if limit:
-            self._check_time(name, cb, started, limit, 0.0)
-        self._timed(name, cb, started)
-        return Status.CONTINUE if ignore else self._status(name, cb, result)
-
-    async def _stopped(self, name: str, cb: Callback, task: "asyncio.Task[Any]", awaitable: Awaitable[Any],
-                       limit: float, started: float, ignore: bool) -> Status:
-        """An async callback ran out of time: cancelled, and answered with ``on_error`` now. It
-        gets UNWIND seconds to end before anything more of this connection runs (its ``finally``
-        clauses use the context); :meth:`_settle` waits for it there."""
-        task.cancel()
-        shared = self.shared  # a stop's grace may have cut the limit short: the line names it, as for Tcl
-        why = shared.overrun(started, _monotonic(), "call_timeout")
-        status = self._callback_failed(name, cb, CallbackTimeout(f"callback {why}"), ignore)
-        self._check_time(name, cb, started, limit, _LATE_STOP)
-        self._timed(name, cb, started)
-        when = f"when {shared.stop_why} was over" if shared.graced(started) else f"at the {limit:g} s call timeout"
-        self._unwinding = (name, cb, task, awaitable, when)
-        if ignore and not await self._settle():  # abort, close: no answer to give first
-            self._cut_loose()
-        return status
-
-    async def _settle(self) -> bool:
-        """Wait (UNWIND seconds at most) for a callback stopped by its limit to end; False if it
-        did not, and was abandoned."""
-        unwinding, self._unwinding = self._unwinding, None
-        if unwinding is not None:
-            await self._unwound(*unwinding)
-        return not self._abandoned
-
-    async def _unwound(self, name: str, cb: Callback, task: "asyncio.Task[Any]", awaitable: Awaitable[Any],
-                       when: str) -> None:
-        """Give a cancelled callback UNWIND seconds to end; abandon it (logged) if it does not."""
-        if not task.done():
-            try:
-                await asyncio.wait((task,), timeout=UNWIND)
-            finally:
-                if not task.done():
-                    abandon(task, awaitable)
-                    self._abandoned = True
-                    log.error("%s: %s callback %s ignored its cancellation %s and is abandoned; its "
-                              "connection is closed (abandoned callbacks still running: %d)", self.name, name,
-                              escape(cb.name or repr(cb.func)), when, len(ABANDONED))
-        if task.done():
-            _consume(task)
-
     def _cut_loose(self) -> None:
         """Close the connection of an abandoned callback: it may still use the context."""
         if not self.closed:
             self._flush()
             self.connection_lost(ABANDONED_END)
 
-    def _timed(self, name: str, cb: Callback, started: float) -> None:
-        """Count a callback's time for --metrics (without metrics the clock was not read)."""
-        if self.meter is not None:
-            self.meter.callback(name, cb.origin, _monotonic() - started)
-
-    def _check_time(self, name: str, cb: Callback, started: float, limit: float, grace: float) -> None:
-        """Count a callback that took longer than ``limit`` (stopped by it, or back late); log one
-        that took longer than ``limit`` + ``grace`` seconds."""
-        elapsed = _monotonic() - started
-        shared = self.shared
-        if shared.stop_by != _FOREVER:  # a stop's or reload's grace: its end holds it too (call_limit)
-            limit = min(limit, shared.call_limit(started))
-        if elapsed > limit and self.meter is not None:
-            self.meter.overran(name, cb.origin)
-        if elapsed > limit + grace:
-            self._overran(name, cb, elapsed, limit, started)
-
-    def _overran(self, name: str, cb: Callback, elapsed: float, limit: float, started: float) -> None:
-        """A callback came back after its limit: it was in code the limit cannot interrupt (C code,
-        a sync callback off the main thread, an async one blocking the event loop). The limit is
-        named as the failure line names it: call_timeout, or the grace that ended first."""
-        shared = self.shared
-        over = f"past the end of {shared.stop_why}" if shared.graced(started) else f"over the {limit:g} s call timeout"
-        log.warning("%s: %s callback %s took %.1f s, %s, which could not stop it sooner",
-                    self.name, name, escape(cb.name or repr(cb.func)), elapsed, over)
-
-    def _status(self, name: str, cb: Callback, result: Any) -> Status:
-        status = parse_status(result)
-        if status is None:
-            # A proc that ends in `set` returns what it set, for every header of every message:
-            # said once a minute per callback (the same place, as for a failure's trace).
-            who = cb.name or repr(cb.func)
-            if self.shared.traces.logged_as(f"{name} {who} returns no status", self.name) is None:
-                log.warning("%s: %s callback %s returned %s, not a status; treated as continue (said once a "
-                            "minute for this callback)", self.name, name, escape(who), escape(_result_shown(result)))
-            return Status.CONTINUE
-        return status
-
-    def _callback_failed(self, name: str, cb: Callback | None, exc: BaseException, ignore: bool = False) -> Status:
-        """Log a failure (``cb`` None: the engine's own, around an async chain); ``on_error``.
-        With ``ignore`` (abort, close) the line says no answer goes: those events take none."""
-        detail = exc.detail if isinstance(exc, CallbackError) else _traceback(exc)
-        status = self.shared.settings.on_error
-        # The script's or the MTA's text in every part (a callback name is a Tcl script, an error
-        # message may quote a header): escaped, and errorInfo's lines indented (logline).
-        who = "chain" if cb is None else cb.name or repr(cb.func)
-        text = said(exc)
-        message = failure_text(exc)
-        seen = self.shared.traces.logged_as(f"{name} {who}\n{place_of(detail, text)}", self.name) if detail else None
-        answer = _failure_answer(name, status, ignore, self.shared.settings.dry_run)
-        if seen is None:
-            log.error("%s: %s callback %s failed (%s), %s:\n%s", self.name, name,
-                      escape(who), escape(message), answer, escape_lines(detail))
-        else:
-            log.error("%s: %s callback %s failed (%s), %s (the same trace as %s)", self.name, name,
-                      escape(who), escape(message), answer, seen)
-        self.shared.stats.errors += 1
-        if self.meter is not None:
-            self.meter.failed(name, "python" if cb is None else cb.origin)
-        return status
 
     def _await(self, name: str, event: Event, pending: Awaitable[Status]) -> None:
         """An async callback runs: hold this connection's events until its chain completes."""
@@ -1215,33 +733,8 @@ class ConnectionEngine:
         self.ctx.detach()
 
 
-def _failure_answer(name: str, status: Status, ignore: bool, dry: bool) -> str:
-    """What a failure line says went to the MTA: under --dry-run continue, not ``on_error``."""
-    if ignore:
-        return f"no answer ({name} takes none)"
-    if dry and status is not Status.CONTINUE:
-        return f"would answer {status.smfis}; answering continue"
-    return f"answering {status.smfis}"
-
-
-def _result_shown(result: Any) -> str:
-    """A result that is no status as its warning quotes it: a long text, bytes or collection by the
-    start of its repr and its length (a Tcl callback's result comes quoted and cut already)."""
-    shown = said(result, repr)
-    if len(shown) <= SHOWN or not isinstance(result, (str, bytes, bytearray, list, tuple, dict)):
-        return shown
-    unit = "bytes" if isinstance(result, (bytes, bytearray)) else "characters" if isinstance(result, str) else "items"
-    return f"{clip(shown)} ({len(result)} {unit})"
-
-
 def _cancelling() -> bool:
     """Whether the running task itself is being cancelled (not merely given a CancelledError
     by something it awaited)."""
     task = asyncio.current_task()
     return task is not None and task.cancelling() > 0
-
-
-def _traceback(exc: BaseException) -> str:
-    import traceback
-
-    return "".join(traceback.format_exception(type(exc), exc, internals_dropped(exc, exc.__traceback__))).rstrip()

@@ -1,6 +1,6 @@
 """Time limits for callbacks: the engine's one interface to them, and the one for Python.
 
-The engine calls every callback (engine.ConnectionEngine._call) between ``begin`` and ``stop``
+The engine calls every callback (calling.Caller._call) between ``begin`` and ``stop``
 of its callback's :class:`Limit`: :data:`PYTHON_LIMIT` for Python callbacks, Tcl's
 ``interp limit`` (tcl/limit.py) for Tcl ones. The engine reads the clock once before the
 call and hands that time to ``begin``, so a limit does not read it again.

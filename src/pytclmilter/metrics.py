@@ -47,7 +47,7 @@ from . import meter as m
 from .accept import limit_text
 from .callbacks import EVENTS
 from .connspec import ConnSpec, ConnSpecError, parse_metrics
-from .engine import Stats
+from .shared import Stats
 from .logline import Repeated, escape, tell_counts
 
 log = logging.getLogger("pytclmilter")

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any, Callable, Final, Generic, Iterator, TypeV
 from .callbacks import EVENTS, Callback, Registry, accepts, not_accepted
 from .connspec import ConnSpec, parse, parse_metrics
 from .context import ScriptCalls, hosted
-from .engine import Shared, Stats
+from .shared import Shared, Stats
 from .hooks import Hooks
 from .logline import escape
 from .meter import Meter, WorkerCounts

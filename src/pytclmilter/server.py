@@ -16,13 +16,15 @@ import time
 from typing import Any, Callable, Final, cast
 
 from .accept import Acceptor, check_fd_limit
+from .calling import UNWIND
 from .connspec import ConnSpec, parse
+from .engine import ConnectionEngine
 from .hooks import forget_early_reload, signalled
 from .listener import Listener, bind
 from .logline import Every, Repeated, escape, said, tell_counts
-from .engine import LAST_WORDS, UNWIND, ConnectionEngine, Shared
 from .limits import PYTHON_LIMIT
 from .overdue import StopDeadline
+from .shared import LAST_WORDS, Shared
 
 _FOREVER: Final = float("inf")
 

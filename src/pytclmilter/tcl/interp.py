@@ -24,8 +24,8 @@ from typing import Any, Callable, Final, Sequence
 
 import _tkinter
 
+from ..callbacks import CallbackError
 from ..context import Context, MilterError
-from ..engine import CallbackError
 from ..hooks import Hooks
 from ..limits import PYTHON_LIMIT, CallbackTimeout
 from ..logline import SHOWN, clip, escape, failure_text, tell_counts

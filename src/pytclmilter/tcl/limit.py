@@ -29,7 +29,7 @@ import signal
 import time
 from typing import Callable, Final, Sequence
 
-from ..engine import Shared
+from ..shared import Shared
 from ..limits import PYTHON_LIMIT, Limit
 
 _HANDLER: Final = "::tclmilter::py::limit"
