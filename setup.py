@@ -65,6 +65,7 @@ HOT = [
     "tcl/limit.py",
     "tcl/context_cmd.py",
     "tcl/interp.py",
+    "tcl/callbacks.py",
     "tcl/strings.py",
     "tcl/usage.py",
     "server.py",

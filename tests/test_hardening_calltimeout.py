@@ -367,7 +367,7 @@ def test_a_sync_python_callback_that_swallows_exceptions_is_still_stopped(tclrun
 
 def test_the_log_of_a_tcl_callback_stopped_inside_vwait_names_the_limit(tclrun):
     """Inside ``vwait`` Tcl reports the time limit as "limit exceeded" with errorCode
-    {TCL EVENT LIMIT}, which TclHost._failure does not recognise ({TCL LIMIT TIME} only): the log
+    {TCL EVENT LIMIT}, which TclCallbacks._failure does not recognise ({TCL LIMIT TIME} only): the log
     says "failed (limit exceeded)" instead of naming -calltimeout, and the limit is not reset
     (harmless: the next callback re-arms it). FAILS until {TCL EVENT LIMIT} is recognised too."""
     m = tclrun(TCL_STUCK)

@@ -800,11 +800,13 @@ def test_tcl_event_loop_runs_during_main(tclrun):
 def test_callback_commands_are_called_through_a_resolved_tcl_object(tcl_host) -> None:
     """A Tcl callback is invoked through a Tcl object that caches its command look-up (Tcl's
     cmdName type): tkinter passes it on as it is instead of making a string object per call."""
+    from pytclmilter.tcl.callbacks import command_object
+
     host = tcl_host
-    obj = host._command_object("::set")
+    obj = command_object(host.tk, "::set")
     assert getattr(obj, "typename", None) == "cmdName" and str(obj) == "::set"
     assert host.tk.call(obj, "::x", "42") == "42"  # and it calls the command
-    assert host._command_object("::no_such_command") == "::no_such_command"  # unresolvable: the name
+    assert command_object(host.tk, "::no_such_command") == "::no_such_command"  # unresolvable: the name
     assert not host.tk.call("info", "exists", "::tclmilter::py::cmdobj")  # no variable left behind
 
 

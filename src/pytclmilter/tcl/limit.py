@@ -40,7 +40,7 @@ _FAILED: Final = "::tclmilter::py::limit_failed"
 #: itself: the Python limit's CallbackTimeout does so when its signal was pending as Tcl called
 #: the handler (the time ran out in `exec`), and the hook or callback was never told (_failed).
 _HANDLER_BODY: Final = f"if {{[catch {_DECIDE}]}} {_FAILED}"
-#: Sets the limit on the script's interpreter and on each interpreter it made (interp.py's _PRELUDE).
+#: Sets the limit on the script's interpreter and on each interpreter it made (prelude.py).
 _LIMIT_TIME: Final = "::tclmilter::py::limit_time"
 _monotonic: Final = time.monotonic  # compiled, `time.monotonic` is two look-ups per call
 _NEVER: Final = float("inf")

@@ -255,8 +255,8 @@ class MilterCommand:
 
     def _serve(self, inside: bool) -> None:
         """``inside``: in a Tcl command of the script, so below the main interpreter's top level,
-        where the callbacks' codes need checking (TclHost.inside)."""
-        self.host.inside += inside
+        where the callbacks' codes need checking (TclCallbacks.inside)."""
+        self.host.callbacks.inside += inside
         try:
             self.milter.run()
         except ConnSpecError as exc:
@@ -264,7 +264,7 @@ class MilterCommand:
         except OSError as exc:
             raise TclUsageError(f"milter main: {exc.strerror or exc}") from None
         finally:
-            self.host.inside -= inside
+            self.host.callbacks.inside -= inside
 
     def _after_main(self) -> str:
         if self.end_script_at_main:
@@ -287,11 +287,12 @@ class MilterCommand:
             current = registry.tcl_callback(event)
             return current.name if current else ""
         script = args[1]
-        if script == "" or not self.host.words(script):  # {} or " ": no command to call
+        if script == "" or not self.host.callbacks.words(script):  # {} or " ": no command to call
             registry.replace_tcl(event, None)
-            self.host.forget_callback(event)
+            self.host.callbacks.forget_callback(event)
         else:
-            registry.replace_tcl(event, Callback(self.host.callback(script, event), "tcl", script, self.host.limit))
+            run = self.host.callbacks.callback(script, event)
+            registry.replace_tcl(event, Callback(run, "tcl", script, self.host.limit))
         return ""
 
 

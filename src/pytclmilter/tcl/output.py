@@ -50,7 +50,7 @@ REPORTED: Final = "::tclmilter::py::bgreported"
 #: held would leave theirs for the process's life. Past it, the oldest is written as it is.
 KEPT_OPEN: Final = 256
 
-#: Evaluated in the script's interpreter and in each it creates (interp.py's bg_made).
+#: Evaluated in the script's interpreter and in each it creates (prelude.py's bg_made).
 PRELUDE: Final = r"""
 ::tcl::namespace::eval ::tclmilter::py {}
 rename ::puts ::tclmilter::py::puts

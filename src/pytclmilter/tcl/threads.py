@@ -121,7 +121,7 @@ proc ::tclmilter::py::wrapthreads {} {
     if {[llength [::tcl::info::procs ::tclmilter::watch_threads]]} { ::tclmilter::watch_threads }
 }
 # In an interpreter of the script's thread: its commands that start threads make the host look
-# for what a short-lived thread sent (interp.py's `quiet`).
+# for what a short-lived thread sent (prelude.py's `quiet`).
 proc ::tclmilter::py::polled {args} {
     if {[llength [::tcl::info::commands ::tclmilter::py::poll_next]]} {
         foreach name $args { trace add execution $name enter ::tclmilter::py::poll_next }
@@ -174,7 +174,7 @@ trace add execution ::interp leave {::tclmilter::py::threadmade {}}
 
 def install(call: Callable[..., Any], child: str) -> None:
     """`thread::create` and `tpool::create` as procs in the script's interpreter ``child``
-    (``call``: the host's interpreter; interp.py's bg_made gives the prelude to those the script
+    (``call``: the host's interpreter; prelude.py's bg_made gives the prelude to those the script
     creates), and the package's TRUSTED part, for any user."""
     try:
         give(TRUSTED, {}, f"set ::tclmilter::py::threadstart {{{START}}}\n{WRAP}{_CREATED}")

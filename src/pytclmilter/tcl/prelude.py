@@ -1,0 +1,150 @@
+"""The Tcl procedures the host's own interpreter defines for itself, evaluated once at its start.
+
+They serve the script's interpreter and every one it creates: Tcl's `exit`, whether any event
+can be pending (the event loop's poll), the callbacks' time limit on each interpreter, the
+script's own made interpreters' error reports and output, a callback's code other than ok and
+error, and the channels flushed as Tcl's exit does.
+"""
+
+from __future__ import annotations
+
+from typing import Final
+
+PRELUDE: Final = r"""
+proc exit {{returnCode 0}} {
+    set r [::tclmilter::py::exit $returnCode]
+    return -code [lindex $r 0] [lindex $r 1]
+}
+
+# 1 when no Tcl event can be pending: no `after` timer in either interpreter, no channel but the
+# standard three and no file event handler on these (`watched`), no second thread (so no
+# thread::send). See TclHost.service_events. (Counting channels was not enough: a daemon's `close stdin`
+# left a script's server socket the third channel, and its connections were never accepted.)
+# `threads`: 1 once a script's interpreter has run a thread:: command (TclHost.thread_home);
+# before, thread::names here would make this interpreter the one Thread sends this thread's
+# scripts to.
+# A thread's thread::send events stay queued after it ended, so the poll after the last thread is
+# gone still happens: `poll` is 1 while threads exist, from the script's thread::create (traced:
+# a worker may send and end between two checks), and when service_events left events queued.
+namespace eval ::tclmilter::py { variable poll 0; variable std_events 0 }
+proc ::tclmilter::py::poll_next {args} { variable poll 1 }
+# The script's `fileevent` and `chan event` (traced): a handler on a standard channel is polled for
+# from then on (`fileevent stdin readable ...`).
+proc ::tclmilter::py::watched {command op} {
+    lassign $command - channel - script
+    if {$channel in {stdin stdout stderr} && $script ne ""} { variable std_events 1 }
+}
+proc ::tclmilter::py::quiet {child threads} {
+    variable poll
+    variable std_events
+    if {$std_events} { return 0 }
+    # This interpreter's own directly: `interp eval` allows break and continue in the interpreter
+    # it evaluates in, and of a pure list Tcl never clears that, so here the next callback's break
+    # came back to Python as a normal return (the child lets it through to here: it is this
+    # interpreter that makes it Tcl's error). The child's as a pure list, not compiled: a braced
+    # literal would be recompiled on every tick.
+    if {[llength [after info]] || [llength [interp eval $child [list after info]]]} { return 0 }
+    foreach channel [concat [chan names] [interp eval $child [list ::tcl::chan::names]]] {
+        if {$channel ni {stdin stdout stderr}} { return 0 }
+    }
+    set was $poll
+    set poll [expr {$threads && [llength [thread::names]] > 1}]
+    expr {!$was && !$poll}
+}
+
+# The callbacks' time limit (tcl/limit.py) on the script's interpreter and on every interpreter the
+# script made (`interp create`, also inside those): Tcl checks an interpreter's own limit only,
+# so code running in a child would otherwise never be stopped, and a child made in a callback
+# keeps the deadline it inherited there, past which it refuses every command for ever.
+proc ::tclmilter::py::limit_time {child args} {
+    set paths [list $child]
+    for {set i 0} {$i < [llength $paths]} {incr i} {
+        foreach name [interp slaves [lindex $paths $i]] {
+            lappend paths [list {*}[lindex $paths $i] $name]
+        }
+    }
+    foreach path $paths { interp limit $path time {*}$args }
+}
+# The script's `interp create` (traced): the new interpreter gets the limit in force now, and with
+# it the handler that gives a callback with time left its full time (Tcl copies the time alone).
+proc ::tclmilter::py::interp_made {command code result op} {
+    if {$code == 0 && [string match "cr*" [lindex $command 1]]} { ::tclmilter::py::limit_sync }
+}
+
+# An interpreter the script creates (`interp create`, in those too; traced) reports its `after` and
+# `fileevent` errors as the script's does (its own ::bgerror first, then the log) where Tcl would
+# print them raw on stderr; a safe one's Tcl drops, and still does. Its first thread:: command,
+# too, does what the script's does (tclmilter.tcl's threads_used): where it is the process's
+# first, this host keeps the script (TclHost.thread_home) and Thread's errorproc logs a thread's
+# error, which Thread wrote raw on stderr.
+# It returns the command's result: Tcl gives that of a leave trace to the next one (rootfiles.py's).
+# Its `puts` to stdout and stderr is escaped as the script's is (tcl/output.py), a safe one's too,
+# and so are those it creates (a safe one's, with a channel shared, or once marked trusted); one
+# not safe gets threads.py's `thread::create` and `tpool::create` too.
+proc ::tclmilter::py::bg_made {parent command code result op} {
+    if {$code != 0 || ![string match "cr*" [lindex $command 1]]} { return $result }
+    set path [list {*}$parent {*}$result]
+    interp alias $path ::tclmilter::py::output {} ::tclmilter::py::output
+    interp eval $path $::tclmilter::py::outputprelude
+    interp alias $path ::tclmilter::py::bg_made {} ::tclmilter::py::bg_made $path
+    interp eval $path [list trace add execution ::interp leave ::tclmilter::py::bg_made]
+    if {[interp issafe $path]} { return $result }
+    interp eval $path $::tclmilter::py::threadsprelude
+    foreach name {bgerror threads thread_error poll_next} {
+        interp alias $path ::tclmilter::py::$name {} ::tclmilter::py::$name
+    }
+    foreach name {bgerror threads_used thread_error trace_threads watch_threads} {
+        set from [list interp eval [lindex $path 0]]
+        set procedure [list proc $name [{*}$from [list ::tcl::info::args ::tclmilter::$name]] \
+            [{*}$from [list ::tcl::info::body ::tclmilter::$name]]]
+        interp eval $path [list ::tcl::namespace::eval ::tclmilter $procedure]
+    }
+    interp bgerror $path ::tclmilter::bgerror
+    return $result
+}
+
+# What a callback's code other than ok and error (callbacks.py's _checked caught it) makes where Tcl's top
+# level ends it, as there: a `return` returns (with its own -code at its last level), break,
+# continue and any other code are errors, in Tcl's words and errorCode, with the one frame Tcl writes
+# (the command's first 150 bytes, in whole characters, and "..."). {0 result} or {1 message}, with
+# ::errorInfo and ::errorCode set.
+proc ::tclmilter::py::unexpected {code result options command} {
+    if {$code == 2 && [dict get $options -level] == 1} {
+        set code [dict get $options -code]
+        if {$code == 0} { return [list 0 $result] }
+    }
+    set ::errorCode NONE
+    if {[dict exists $options -errorcode]} { set ::errorCode [dict get $options -errorcode] }
+    if {$code == 3 || $code == 4} {
+        set result "invoked \"[lindex {- - - break continue} $code]\" outside of a loop"
+    } elseif {$code != 1} {
+        set result "command returned bad code: $code"
+    }
+    if {$code != 1} { set ::errorCode [list TCL UNEXPECTED_RESULT_CODE $code] }
+    set shown $command
+    if {[string bytelength $command] > 150} {
+        set end 150
+        while {[string bytelength [string range $command 0 $end-1]] > 150} { incr end -1 }
+        set shown "[string range $command 0 $end-1]..."
+    }
+    set ::errorInfo "$result\n    while executing\n\"$shown\""
+    list 1 $result
+}
+
+# Tcl's exit writes what every channel buffers before the process ends (Tcl_Finalize); the milter
+# ends by other ways (a worker's os._exit, the end of `run`), so this does it: a script's log file
+# keeps its last lines. `ending`: the process or the interpreter goes, so every channel but the
+# standard three is made non-blocking first. A flush of a blocking socket waits until a stuck
+# peer reads; deleting an interpreter closes its channels, and closing a blocking pipeline waits
+# for its programs to end (`open "|tail -f log"`: for ever, and the milter with it). Non-blocking,
+# Tcl writes what can go now and detaches the programs. The standard channels stay blocking:
+# their descriptors are shared with the process that started the milter.
+proc ::tclmilter::py::flush_all {child ending} {
+    foreach c [interp eval $child [list ::tcl::chan::names]] {
+        if {$ending && $c ni {stdin stdout stderr}} {
+            catch {interp eval $child [list ::fconfigure $c -blocking 0]}
+        }
+        catch {interp eval $child [list ::tcl::chan::flush $c]}
+    }
+}
+"""

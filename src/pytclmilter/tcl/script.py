@@ -1,0 +1,131 @@
+"""The script's run in its interpreter: sourced in a coroutine that `milter main` suspends,
+resumed when the milter stops, its errorInfo as tclsh would show it, its evaluation cancelled,
+and its channels flushed as Tcl's exit does.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+import tkinter
+from typing import Any, Final, Sequence
+
+from . import output
+from .callbacks import CALLED_FROM
+from .limit import CallLimit
+from .milter_cmd import MilterCommand
+from .strings import to_tcl
+from .usage import Answer
+
+#: The coroutine that runs the script under start(): it exists while the script waits in `milter main`.
+COROUTINE: Final = "::tclmilter::py::script"
+#: Tcl's error for a `yield` outside a coroutine.
+_NO_COROUTINE: Final = "yield can only be called in a coroutine"
+
+
+class TclScript:
+    """The script of one host (TclHost), run in the interpreter ``child`` of the host's ``tk``."""
+
+    def __init__(self, tk: Any, child: str, limit: CallLimit, command: MilterCommand) -> None:
+        self.tk = tk
+        self.child = child
+        self.limit = limit
+        self.command = command
+        #: How start() sources the script, for error_info: `source top.tcl`.
+        self.source_word = ""
+
+    def _call(self, *words: Any) -> Any:
+        """Invoke a command in the script's interpreter (a pure list: no parsing of source text)."""
+        return self.tk.call("interp", "eval", self.child, words)
+
+    def error_info(self) -> str:
+        """Tcl's errorInfo as tclsh would show it: ending at the script's file, without the frames
+        of how start() and resume() run it (`source` in a coroutine, in the child interpreter). A
+        break, continue or other code at the script's top level is made an error only where our
+        call returns it, with that call as its one frame: the script's `source` is named instead
+        (tclsh names the command and line, which no longer exist by then)."""
+        try:
+            info = str(self.tk.call("set", "::errorInfo"))
+        except tkinter.TclError:
+            return ""
+        made = info.find(f'\n    while executing\n"interp eval {self.child} ')
+        if made >= 0 and self.source_word and info.count("\n", made) == 2:
+            return f'{info[:made]}\n    while executing\n"{self.source_word}"'
+        ours = max(info.rfind(f'{CALLED_FROM}"coroutine {COROUTINE} '), info.rfind(f'{CALLED_FROM}"{COROUTINE} '))
+        if ours < 0:
+            return info
+        source = info.rfind(f'{CALLED_FROM}"source ', 0, ours)
+        adjacent = source >= 0 and info.find(CALLED_FROM, source + 1) == ours
+        return info[:source if adjacent else ours]
+
+    def set_argv(self, script: str, argv: Sequence[str]) -> None:
+        """argv0, argv and argc as tclsh sets them for ``script`` run with ``argv``."""
+        self._call("set", "argv0", script)
+        self._call("set", "argv", tuple(to_tcl(a) for a in argv))
+        self._call("set", "argc", len(argv))
+        self._call("set", "tcl_interactive", 0)
+
+    def source(self, path: str) -> None:
+        """Evaluate a script file in the script's interpreter; TclError carries errorInfo in ``error_info()``."""
+        self._call("source", path)
+
+    def start(self, path: str, within: float = 0.0) -> bool:
+        """Source a script whose `milter main` suspends it instead of serving (tclmilter.tcl), so that
+        the milter serves outside the script's stack and a reload can replace the script without
+        running the code after its `milter main`. True: it waits in `milter main` (serve, then
+        resume); False: it ended, or it served inside (where Tcl could not suspend it). TclError
+        as source(). ``within``: seconds the script may take to get there (0: no limit), held by
+        Tcl's `interp limit` whatever the script sets -calltimeout to; past them the TclError
+        comes with ``self.limit.exceeded`` set."""
+        self.command.suspend_at_main = True
+        self.source_word = str(self.tk.call("format", "%s", ("source", path)))  # (a list: as Tcl shows it)
+        if within:
+            now = time.monotonic()
+            self.limit.begin_within(now + within, now)
+        yielded = self._call("coroutine", COROUTINE, "source", path)
+        if within:
+            self.limit.clear()
+        return self._at_main(yielded)
+
+    @property
+    def waiting(self) -> bool:
+        """The script waits in `milter main` (start)."""
+        return bool(self._call("::tcl::info::commands", COROUTINE))
+
+    def resume(self, result: Answer) -> bool:
+        """The milter stopped: `milter main` returns ``result`` (MilterCommand.serve) and the script
+        goes on; True if it waits in `milter main` again. TclError as source()."""
+        self.limit.clear()  # the code after `milter main` runs without the callbacks' limit
+        return self._at_main(self._call(COROUTINE, result))
+
+    def _at_main(self, yielded: Any) -> bool:
+        """Whether the script waits in `milter main`, which yields "main" (tclmilter.tcl). A `yield`
+        of the script's own at its top level, where tclsh has no coroutine, is refused as tclsh
+        refuses it (TclError); it suspended the script, and the milter served."""
+        if not self.waiting:
+            return False
+        if str(yielded) == "main":
+            return True
+        self._call("rename", COROUTINE, "")  # (unwinds the script)
+        self.tk.call("set", "::errorInfo", _NO_COROUTINE)  # (what error_info reads)
+        raise tkinter.TclError(_NO_COROUTINE)
+
+    def cancel(self, message: str) -> None:
+        """Unwind the script's evaluation where it is, through any `catch` (Tcl's `interp cancel
+        -unwind`): the ``message`` is the error its evaluation ends with."""
+        self.tk.call("interp", "cancel", "-unwind", "--", self.child, message)
+
+    def flush(self, ending: bool) -> None:
+        """Write what the script's channels buffer, as Tcl's exit does; ``ending``: the process
+        goes, so wait for no reader and no program (``flush_all`` in prelude.py), and write the
+        lines `puts -nonewline` began and holds (output.py)."""
+        self.flush_tcl(ending)
+        if ending:  # (every call but close's: the process ends)
+            output.write_held()
+
+    def flush_tcl(self, ending: bool) -> None:
+        """flush() without the held lines: the interpreter's own channels only."""
+        if ending:
+            self.limit.clear()  # (a stopped callback's limit would refuse every command)
+        with contextlib.suppress(tkinter.TclError):  # (an interpreter deleted already)
+            self.tk.call("::tclmilter::py::flush_all", self.child, 1 if ending else 0)
