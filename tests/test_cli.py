@@ -2214,12 +2214,17 @@ def test_send_load_summary_errors_cannot_forge_a_line_or_reach_the_terminal() ->
     """The summary's error texts were printed as they were, while send's other lines escape what
     they quote: a --connection with a newline and an ESC (or an error quoting a peer's reply
     text) printed an ESC sequence and a line "messages: 999 ..." of its own."""
-    forged = "unix:/nonexistent/x\x1b[7m\nmessages: 999 in 0.00 s"
+    forged = "unix:/nonexistent/x\u009b7m\u0085messages: 999 in 0.00 s"  # (C0 controls: refused, below)
     status, out = cli("send", "--connection", forged, str(DATA / "plain.eml"), "--count", "2")
-    assert status == 1 and "\x1b" not in out, out
+    assert status == 1 and "\u009b" not in out and "\u0085" not in out, out
     lines = [line for line in out.splitlines() if line.startswith(("messages:", "errors:"))]
     assert len(lines) == 2 and lines[0].startswith("messages: 2 in "), out
-    assert lines[1].startswith("errors: 2x cannot connect to unix:/nonexistent/x\\x1b[7m\\nmessages: 999 in 0.00 s: "), out
+    assert lines[1].startswith("errors: 2x cannot connect to unix:/nonexistent/x\\u009b7m\\u0085messages: 999 in 0.00 s: "), out
+    # A path with a newline or ESC is refused (connspec.py), in a line that quotes it escaped.
+    status, out = cli("send", "--connection", "unix:/nonexistent/x\x1b[7m\nmessages: 999 in 0.00 s",
+                      str(DATA / "plain.eml"), "--count", "2")
+    assert status == 64 and "\x1b" not in out and len(out.strip().splitlines()) == 1, out
+    assert 'connection "unix:/nonexistent/x\\x1b[7m\\nmessages: 999 in 0.00 s": socket path with' in out, out
     result = LoadResult(1, 1.0, latencies=[0.001], verdicts=Counter({"tempfail": 1}),
                         errors=Counter({"reply text 'no\x1b[2J'\r\nverdicts: accept=1": 1}))
     assert result.summary().splitlines()[3:] == ["errors: 1x reply text 'no\\x1b[2J'\\r\\nverdicts: accept=1"]
