@@ -92,7 +92,13 @@ class Conversation:
     async def _drain(self) -> None:
         """Wait until the filter took what was sent, within ``timeout``: one that read no more (a
         body it takes without replies, SMFIP_NR_BODY, then stuck) held send for ever once the
-        socket's buffers were full, as Postfix's milter_command_timeout counts the sending too."""
+        socket's buffers were full, as Postfix's milter_command_timeout counts the sending too.
+        With nothing left in our buffer there is nothing to wait for: drain() at once, in this
+        task, as before that limit (wait_for's task lets the loop first take a reset the filter
+        sent after its last reply: `try` then called a stop after the verdict a failure)."""
+        if not self.writer.transport.get_write_buffer_size():
+            await self.writer.drain()
+            return
         try:
             await asyncio.wait_for(self.writer.drain(), self.timeout)
         except asyncio.TimeoutError:
