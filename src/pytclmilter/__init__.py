@@ -4,6 +4,10 @@ from . import cwdguard
 
 cwdguard.guard()  # before any other import: see cwdguard
 
+from . import earlyreload
+
+earlyreload.hold()  # before the imports that take most of run's start: see earlyreload
+
 from .context import Context, MilterError
 from .hooks import Hooks
 from .milter import Milter, ReloadError

@@ -22,7 +22,7 @@ from typing import Callable, Final, NamedTuple
 
 from ..compiled import describe
 from ..connspec import ConnSpec
-from ..hooks import Hooks
+from ..hooks import Hooks, forget_early_reload
 from ..logline import clip, escape, escape_lines, fault_kind, guard, one_line, place_of, said
 from ..milter import Milter
 from ..overdue import EXIT
@@ -404,6 +404,8 @@ def _set_up_process() -> Notifier:
     notify = Notifier.from_environment()
     raise_fd_limit()
     # A reload (SIGUSR1) before the milter serves has nothing to replace: not the end of the process.
+    # One held since the start (earlyreload.py) is taken first: ignoring it would discard it unlogged.
+    forget_early_reload()
     signal.signal(signal.SIGUSR1, signal.SIG_IGN)
     sigmask.block_for_the_waiters()  # (the why: sigmask.py)
     return notify
