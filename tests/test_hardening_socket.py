@@ -457,3 +457,17 @@ def test_the_probe_of_a_stale_socket_never_connects_through_a_symlink_swapped_in
         os.close(dirfd)
         live.close()
     assert reached == 0, f"{reached} probes connected to the live socket a symlink named"
+
+
+def test_a_relative_socket_path_too_long_from_the_current_directory_is_refused(tclrun, tmp_path):
+    """`--connection unix:sub/m.sock` whose absolute form passes 106 bytes: it served on a socket
+    no MTA can connect to (sun_path holds no more), where the same path written whole is refused."""
+    relative = "d" * max(1, 107 - len(str(tmp_path)) - len("/m.sock")) + "/m.sock"
+    (tmp_path / relative).parent.mkdir()
+    absolute = f"{tmp_path}/{relative}"
+    assert len(absolute) > 106 and len(relative) < 106
+    run = tclrun("milter main", connection=f"unix:{relative}", wait=False)
+    assert run.wait_exit() == 1, run.text  # (as a socket that cannot be bound: exit 64 is the command line's)
+    assert (f'connection "unix:{relative}": socket path longer than 106 bytes '
+            f"from the current directory: {absolute}") in run.text
+    assert not (tmp_path / relative).exists()

@@ -67,8 +67,7 @@ def parse(spec: str, what: str = "connection") -> ConnSpec:
     if proto in ("unix", "local"):
         if not rest:
             raise ConnSpecError(f'{what} "{spec}": missing socket path')
-        if len(os.fsencode(rest)) + 1 >= MAX_UNIX_PATH:  # libmilter: strlen + 1 < sizeof(sun_path)
-            raise ConnSpecError(f'{what} "{spec}": socket path longer than {MAX_UNIX_PATH - 2} bytes')
+        refuse_long_path(rest, f'{what} "{spec}"')
         if rest != rest.strip() or _CONTROL.search(rest):
             # ([read $f]'s newline, a unit file's trailing space: a socket no MTA was told of)
             raise ConnSpecError(f'{what} "{spec}": socket path with white space at an end or a control '
@@ -81,6 +80,14 @@ def parse(spec: str, what: str = "connection") -> ConnSpec:
     if at and not host:  # libmilter: an unknown host name. Not every address: a typo or an empty $HOST
         raise ConnSpecError(f'{what} "{spec}": missing host after "@" (inet:PORT alone listens on every address)')
     return ConnSpec(proto, host=_host(host, proto, spec, what) if host else None, port=port)
+
+
+def refuse_long_path(path: str, named: str, absolute: str | None = None) -> None:
+    """ConnSpecError if the socket's path, ``absolute`` when given (a relative one's, which is what
+    the MTA must be told), does not fit sun_path. libmilter: strlen + 1 < sizeof(sun_path)."""
+    if len(os.fsencode(absolute or path)) + 1 >= MAX_UNIX_PATH:
+        whole = f" from the current directory: {absolute}" if absolute else ""
+        raise ConnSpecError(f"{named}: socket path longer than {MAX_UNIX_PATH - 2} bytes{whole}")
 
 
 def _numeric(addr: str, family: int, proto: str, spec: str, what: str) -> str:

@@ -15,7 +15,7 @@ import socket
 from dataclasses import dataclass
 from typing import Final
 
-from .connspec import ConnSpec, ConnSpecError
+from .connspec import ConnSpec, ConnSpecError, refuse_long_path
 from .logline import escape
 from .unixsocket import SocketFile, bind_unix
 
@@ -49,7 +49,10 @@ def bind(spec: ConnSpec, backlog: int | None, socket_mode: int | None,
     if spec.family == "unix":
         _warn_port_like(spec)
         if not spec.path.startswith("/"):  # libmilter's: the current directory's now (the script's,
-            spec = ConnSpec("unix", path=os.path.abspath(spec.path))  # after a cd): the line says which
+            absolute = os.path.abspath(spec.path)  # after a cd): the line says which
+            # (the MTA is told the whole path: parse() saw only the relative one)
+            refuse_long_path(spec.path, f'connection "{spec}"', absolute)
+            spec = ConnSpec("unix", path=absolute)
         sock, unix_file = bind_unix(spec.path, backlog, socket_mode, socket_owner)
         sock.setblocking(False)
         return Listener(sock, spec, unix_file)
