@@ -466,6 +466,30 @@ def test_run_names_the_flag_whose_value_it_refuses(option: str, value: str, said
     assert "listening" not in out
 
 
+@pytest.mark.parametrize("option, value", [("--workers", "0x10"), ("--timeout", "0o10"), ("--backlog", "0b10"),
+                                           ("--max-connections", " 0X1f"), ("--grace", "0x10"),
+                                           ("--call-timeout", "+0x10")])
+def test_run_reads_a_numeric_flag_in_decimal_and_refuses_a_radix_prefix(option: str, value: str) -> None:
+    """`--workers 0x10` served with 16 workers: the flag was read by Tcl's rules for integers,
+    which a command line's user does not expect (`head -n 0x10` is an error)."""
+    status, out = cli("run", str(STAMP), option, value, "--connection", "inet:0@127.0.0.1", timeout=10)
+    assert status == 64, out
+    assert (f'pytclmilter run: {option}: expected decimal number but got "{value}" '
+            "(a command-line flag is read in decimal; the script's milter configure reads Tcl's forms)") in out, out
+    assert "listening" not in out
+
+
+def test_run_reads_a_leading_zero_in_decimal(serve: Callable[..., TclRun]) -> None:
+    """`--workers 010` served with 8 workers (Tcl reads a leading 0 as octal), `--workers 08` was
+    refused as a bad octal number: on a command line, 010 is ten."""
+    m = serve(STAMP, "--connection", "inet:0@127.0.0.1", "--workers", "010")
+    m.wait_for(r"INFO: 10 workers serving inet:\d+@127\.0\.0\.1")
+    assert m.stop() == 0
+    m = serve(STAMP, "--connection", "inet:0@127.0.0.1", "--workers", "08")
+    m.wait_for(r"INFO: 8 workers serving inet:\d+@127\.0\.0\.1")
+    assert m.stop() == 0
+
+
 @pytest.mark.parametrize("name", ["", "  "])
 def test_run_refuses_an_empty_name(name: str) -> None:
     """An empty --name was taken: log lines and the listening line named no milter."""

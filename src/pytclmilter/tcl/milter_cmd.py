@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import re
 import socket
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, Callable, Sequence, TypeVar
@@ -118,6 +119,23 @@ OPTIONS: dict[str, Option] = {
 
 SUBCOMMANDS = ("configure", "main", "register", "stop")
 
+#: The options whose values are numbers: Tcl's forms in a script, decimal on the command line.
+_NUMERIC = frozenset(("-timeout", "-backlog", "-workers", "-maxconnections", "-grace", "-calltimeout"))
+_DIGITS = re.compile(r"\s*[+-]?[0-9]+\s*", re.ASCII)
+_RADIX = re.compile(r"\s*[+-]?0[xXoObB]", re.ASCII)
+
+
+def _decimal(raw: str) -> str:
+    """A command-line flag's number read in decimal, as a command line's user means it: Tcl's
+    rules made `--workers 010` eight workers, `0x10` sixteen and `08` an error. Digits lose their
+    leading zeros; a radix prefix is refused; anything else is left to the option's own check."""
+    if _DIGITS.fullmatch(raw):
+        return str(int(raw))
+    if _RADIX.match(raw):
+        raise TclUsageError(f'expected decimal number but got "{raw}" (a command-line flag is read in decimal; '
+                            "the script's milter configure reads Tcl's forms)", VALUE_NUMBER)
+    return raw
+
 
 def _flagged(flag: str, name: str, message: str) -> str:
     """An option's error as the command line's: ``connection "x": ...`` becomes ``--connection
@@ -195,7 +213,7 @@ class MilterCommand:
         of the command line's values it was. ``why`` the script's configure is ignored, where no
         flag gave the value (try's own): by default ``--workers given on the command line``."""
         try:
-            self.set(name, raw)
+            self.set(name, _decimal(raw) if name in _NUMERIC else raw)
         except TclUsageError as exc:
             raise TclUsageError(_flagged(flag, name, str(exc))) from None
         self.locked[name] = why or f"{flag} given on the command line"
