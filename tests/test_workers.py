@@ -10,6 +10,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Iterator
@@ -741,3 +742,62 @@ def test_a_workers_exit_stops_all_with_0_and_is_replaced_otherwise(tclrun, code:
     else:
         m.wait_for(r"ERROR: worker \d \(pid \d+\) died \(exit status 3\); starting a new one\r?\n", since=0)
         assert m.stop() == 0
+
+
+def _process_with_pid(pid: int) -> subprocess.Popen[bytes] | None:
+    """A `sleep` given ``pid`` (free again), by the kernel's next pid (root only); None if another
+    process took it first."""
+    for _ in range(20):
+        Path("/proc/sys/kernel/ns_last_pid").write_text(str(pid - 1))
+        decoy = subprocess.Popen(["sleep", "60"])
+        if decoy.pid == pid:
+            return decoy
+        decoy.kill()
+        decoy.wait()
+    return None
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="giving a process a chosen pid (ns_last_pid) needs root")
+def test_a_workers_milter_stop_after_its_supervisor_died_signals_no_other_process(tmp_path: Path) -> None:
+    """A callback that calls `milter stop` while the supervisor was SIGKILLed (the lifeline is read
+    on the loop the callback holds): the worker sent SIGTERM to the supervisor's pid, by then
+    another process's. It stops itself alone instead, and says so."""
+    script = tmp_path / "w.tcl"
+    script.write_text(EOM_SCRIPT.replace("proc eom {ctx} {", "proc eom {ctx} {\n"
+                                         "    puts stderr {in eom}; after 2000; milter stop\n"))
+    argv = _pytclmilter_command() + ["run", str(script), "--workers", "2", "--grace", "1",
+                                     "--connection", f"unix:{tmp_path}/w.sock"]
+    log = tmp_path / "run.log"
+    # In the test's process group: a supervisor that leads its own (systemd's setsid) keeps its
+    # pid from reuse while its workers live in that group, so the fault needs a start without one.
+    with open(log, "wb") as out:
+        supervisor = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+                                      env=child_env())
+    decoy, workers = None, set()
+    try:
+        wait_log(log, "2 workers serving")
+        workers = children_of(supervisor.pid)
+        mta = Mta(str(tmp_path / "w.sock"))
+        mid_message(mta)
+        answer = threading.Thread(target=lambda: mta.eom(), daemon=True)
+        answer.start()
+        wait_log(log, "in eom")
+        supervisor.kill()
+        supervisor.wait()
+        decoy = _process_with_pid(supervisor.pid)
+        assert decoy is not None, "the supervisor's pid was taken by another process first"
+        deadline = time.monotonic() + 10
+        while any(alive(pid) for pid in workers):
+            assert time.monotonic() < deadline, log.read_text()
+            time.sleep(0.05)
+        assert decoy.poll() is None, f"the worker's milter stop signalled the process that took the pid:\n{log.read_text()}"
+        wait_log(log, rf"WARNING: worker \d called milter stop, but the supervisor \(pid {supervisor.pid}\) "
+                      r"died: stopping this worker alone")
+    finally:
+        for proc in (supervisor, decoy):
+            if proc is not None and proc.poll() is None:
+                proc.kill()
+                proc.wait()
+        for pid in workers:
+            if alive(pid):
+                os.kill(pid, signal.SIGKILL)

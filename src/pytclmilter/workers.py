@@ -173,6 +173,8 @@ class Supervisor:
         self.unstarted: set[int] = set()
         self._fork_failed = Every(_FORK_TELL_EVERY)  # _spawn's log line
         self.pid = os.getpid()  # for the workers: os.getppid() there may already be another process
+        #: In a worker that listens: stops it alone, from any thread (_watch_parent).
+        self._stop_alone: Callable[[], object] | None = None
 
     def run(self, listener: Listener) -> None:
         self.listener = listener
@@ -419,7 +421,16 @@ class Supervisor:
 
     def _ask_stop(self, number: int, parent: int) -> None:
         """In a worker: `milter stop` stops all, by the parent's SIGTERM, which the log then
-        blames on this worker, not on a SIGTERM from outside (systemd, an admin)."""
+        blames on this worker, not on a SIGTERM from outside (systemd, an admin). Once the parent
+        died (this worker is init's or a subreaper's child now), its pid may be another process's,
+        which must not get the SIGTERM: this worker stops alone, as the lifeline would stop it
+        (a callback that calls `milter stop` holds the loop that reads the lifeline)."""
+        if os.getppid() != parent:
+            log.warning("worker %d called milter stop, but the supervisor (pid %d) died: stopping this worker alone",
+                        number, parent)
+            if self._stop_alone is not None:  # (None before it listens: the lifeline stops it then)
+                self._stop_alone()
+            return
         try:
             os.write(self._asked_w, f"worker {number} (pid {os.getpid()})\n".encode())
         except OSError:  # (full: 64 KiB of stops not read yet; the line says SIGTERM then)
@@ -442,6 +453,7 @@ class Supervisor:
 
         ``stop`` stops this worker alone: the parent's pid may be another process's by now."""
         loop = asyncio.get_running_loop()
+        self._stop_alone = lambda: loop.call_soon_threadsafe(stop)  # (_ask_stop: from the script's thread too)
 
         def gone() -> None:
             loop.remove_reader(self.lifeline)
