@@ -777,3 +777,44 @@ def test_the_module_docstring_shows_the_import_usage_the_command_prints() -> Non
     usage = done.stderr.splitlines()[0].removeprefix("usage: ")
     docstring = ast.get_docstring(ast.parse(STORE_PY.read_text()))
     assert docstring and f"python3 {usage}\n" in docstring, (usage, docstring)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="the checks are root's")
+@pytest.mark.parametrize("directory", ["others may write", "the socket owner's"])
+def test_as_root_a_redis_unix_socket_is_reached_only_where_no_other_user_could_swap_it(
+        tclrun: Callable[..., TclRun], directory: str) -> None:
+    """The SQLite store checks the directories of its file as root; the Redis store connected to
+    a unix:// socket by its path with no check: in a directory others may write, any user could
+    put their own socket there, a fake Redis that greylists nothing. The socket's directory may
+    be the Redis user's (/run/redis): that user runs the server anyway."""
+    nobody = pwd.getpwnam("nobody")
+    base = Path(tempfile.mkdtemp(prefix="greylist-redis-"))
+    server = None
+    try:
+        base.chmod(0o755)
+        where = base / "redis"
+        where.mkdir()
+        where.chmod(0o777 if directory == "others may write" else 0o755)
+        os.chown(where, nobody.pw_uid, nobody.pw_gid)
+        sock = where / "redis.sock"
+        server = subprocess.Popen([shutil.which("redis-server") or "/usr/bin/redis-server", "--port", "0",
+                                   "--unixsocket", str(sock), "--unixsocketperm", "777", "--save", "",
+                                   "--appendonly", "no", "--dir", str(where)], user=nobody.pw_uid,
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 10
+        while not sock.exists():
+            assert server.poll() is None and time.monotonic() < deadline, "redis-server did not start"
+            time.sleep(0.05)
+        m = greylist(tclrun, f"unix://{sock}?db=0")
+        if directory == "others may write":
+            assert unavailable(rcpt_reply(m, 1))
+            m.wait_for(re.escape(f"unavailable (StoreError: refusing to connect to it as root in {where}, which "
+                                 f"others may write (chmod go-w {where}, or run with --user))"))
+        else:
+            assert greylisted(rcpt_reply(m, 1)) == 300  # the store answered: a first sighting
+        assert m.stop() == 0
+    finally:
+        if server is not None:
+            server.kill()
+            server.wait(10)
+        shutil.rmtree(base)

@@ -359,6 +359,43 @@ def _refuse_unsafe_as_root(path: str) -> None:
         os.close(dirfd)
 
 
+def _refuse_unsafe_socket_as_root(path: str) -> None:
+    """As root, connect to Redis's unix socket only where no one but root and Redis could have put it.
+
+    redis-py connects by the path: a name another user could change (a directory of theirs on
+    the way, or one others may write) could be their own socket by then, a fake Redis that
+    greylists nothing. So every directory above the socket's must be root's, as for the SQLite
+    file (_refuse_unsafe_as_root); the socket's own directory may be its owner's too (/run/redis
+    is redis's), the one who runs the server anyway, but writable by no group or others.
+    After ``run --user`` dropped privileges none of this applies."""
+    if os.geteuid() != 0:
+        return
+    where, name = os.path.split(os.path.abspath(path))
+    above, last = os.path.split(where)
+    try:
+        fd = open_roots_dir(above)
+        try:
+            flags = os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+            dirfd = os.open(last, flags, dir_fd=fd) if last else os.dup(fd)
+        finally:
+            os.close(fd)
+    except Untrusted as exc:
+        raise StoreError(f"refusing to connect to it as root in {where}: {exc.strerror}") from None
+    except OSError as exc:
+        raise StoreError(f"cannot reach its directory {where}: {exc.strerror}") from None
+    try:
+        directory, sock = os.fstat(dirfd), lstat_at(dirfd, name)
+    finally:
+        os.close(dirfd)
+    if directory.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+        raise StoreError(f"refusing to connect to it as root in {where}, which others may write "
+                         f"(chmod go-w {where}, or run with --user)")
+    if directory.st_uid not in (0, None if sock is None else sock.st_uid):  # (none there: anyone's to make)
+        owner = "no socket there yet" if sock is None else f"the socket's owner is uid {sock.st_uid}"
+        raise StoreError(f"refusing to connect to it as root in {where}, owned by uid {directory.st_uid}, "
+                         f"not root ({owner})")
+
+
 # The sighting, in Redis: one script runs atomically, so two hosts recording the same new triplet
 # at once get one first sighting and one second. A key not seen for max_age has expired (TTL).
 # (first and last stay strings: a Lua number would come back truncated to an integer.)
@@ -522,6 +559,8 @@ def _bounded_connection(base: Any, deadline: _Deadline) -> type:
     """redis-py's connection class ``base`` (TCP, TLS or unix socket) with its socket bounded by ``deadline``."""
 
     def _connect(self: Any) -> _BoundedSocket:
+        if isinstance(getattr(self, "path", None), str):  # (a unix socket's connection)
+            _refuse_unsafe_socket_as_root(self.path)
         return _BoundedSocket(base._connect(self), deadline)
 
     return type(f"Bounded{base.__name__}", (base,), {"_connect": _connect})
