@@ -69,11 +69,13 @@ proc T {key script} {
 #: What `run` logs at start as root without --user (tests run as root): not one of the warnings
 #: a test counts.
 ROOT_WARNING = "WARNING: serving as root without --user: "
+#: Either wording of that warning: without --user, or with a --user of uid 0 ("--user root").
+_ROOT_WARNINGS = re.compile(r"WARNING: serving as root (without --user|\(--user .* is uid 0\)): ")
 
 
 def warnings(text: str) -> list[str]:
     """The WARNING lines of a run's output, but the root one of its start."""
-    return [line for line in re.findall(r"^.* WARNING: .*$", text, re.M) if ROOT_WARNING not in line]
+    return [line for line in re.findall(r"^.* WARNING: .*$", text, re.M) if not _ROOT_WARNINGS.search(line)]
 
 
 SKIPPED = "skipped"  # the filter asked the MTA not to send this event
