@@ -409,11 +409,14 @@ def test_run_refuses_what_follows_a_bracketed_address_and_says_why(spec: str, sa
     ("inet:0@[0xffffffff]", '"0xffffffff" (255.255.255.255) is the broadcast address'),
     ("inet:0@255.255.255.255", '"255.255.255.255" is the broadcast address'),
     ("inet:0@4294967295", '"4294967295" (255.255.255.255) is the broadcast address'),
+    ("inet6:0@[::ffff:255.255.255.255]", '"::ffff:255.255.255.255" (255.255.255.255) is the broadcast address'),
+    ("inet6:0@[::ffff:ffff:ffff]", '"::ffff:ffff:ffff" (255.255.255.255) is the broadcast address'),
 ])
 def test_run_refuses_the_broadcast_address_as_libmilter_does(serve: Callable[..., TclRun], spec: str,
                                                              said: str) -> None:
     """`inet:8891@[255.255.255.255]`, which libmilter refuses (inet_addr's error value, INADDR_NONE),
-    was served: Linux binds it, and no MTA can connect there. Refused at start, as a usage error."""
+    was served: Linux binds it, and no MTA can connect there. Refused at start, as a usage error.
+    Its IPv4-mapped IPv6 form failed only at bind, "Invalid argument": refused the same way."""
     m = serve(STAMP, "--connection", spec, wait=False)
     m.wait_for(r"listening on|pytclmilter run: ", 15)
     assert m.wait_exit() == 64, m.text

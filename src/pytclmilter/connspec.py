@@ -8,12 +8,13 @@ libmilter's ``atoi``, a number followed by anything is refused: Postfix's
 ``inet:127.0.0.1:8891`` would be port 127 on every address; so is text after ``]``, which
 libmilter ignores. The broadcast address 255.255.255.255 is refused however written: libmilter
 refuses ``[255.255.255.255]`` (inet_addr's error value, INADDR_NONE), and Linux would bind it
-where no MTA can connect.
+where no MTA can connect; so is its IPv4-mapped form (``inet6:...@[::ffff:255.255.255.255]``).
 """
 
 from __future__ import annotations
 
 import contextlib
+import ipaddress
 import os
 import re
 import socket
@@ -170,10 +171,20 @@ def _host(host: str, proto: str, spec: str, what: str) -> str:
         except socket.gaierror as exc:
             raise ConnSpecError(f'{what} "{spec}": cannot resolve "{host}" for {proto}: {exc.strerror}') from None
         written, addr = host, _with_zone(infos[0][4])
-    if addr == _BROADCAST:
-        which = "" if written == addr else f" ({addr})"
+    if _ipv4(addr) == _BROADCAST:
+        which = "" if written == _BROADCAST else f" ({_BROADCAST})"
         raise ConnSpecError(f'{what} "{spec}": "{written}"{which} is the broadcast address: no MTA can connect to '
                             f"it (libmilter refuses [{_BROADCAST}]: inet_addr's error value, INADDR_NONE)")
+    return addr
+
+
+def _ipv4(addr: str) -> str:
+    """An IPv4-mapped IPv6 address (``::ffff:255.255.255.255``) as the IPv4 address it names,
+    any other as it is: the broadcast address so written failed only at bind (Invalid argument)."""
+    with contextlib.suppress(ValueError):
+        mapped = ipaddress.IPv6Address(addr).ipv4_mapped
+        if mapped is not None:
+            return str(mapped)
     return addr
 
 
