@@ -44,7 +44,8 @@ from pytclmilter.client.message import Message
 from pytclmilter.protocol.codec import FrameReader
 from support.engine import frame, parse_frames
 from support.postfix import free_port
-from support.tclrun import ROOT_WARNING, TclRun, _pytclmilter_command, child_env, children_of, warnings
+from support.tclrun import (ROOT_WARNING, TclRun, _pytclmilter_command, child_env, children_of, link_local,
+                            warnings)
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "tclmilter" / "examples"
@@ -349,22 +350,12 @@ def test_run_takes_libmilters_short_ipv4_forms_in_brackets_and_names_the_address
     assert m.stop() == 0
 
 
-def _link_local() -> tuple[str, str] | None:
-    """An IPv6 link-local address of this host and its interface's name, if it has one."""
-    with contextlib.suppress(OSError), open("/proc/net/if_inet6", encoding="ascii") as f:
-        for line in f:
-            hexaddr, _, _, scope, _, name = line.split()
-            if scope == "20":  # IPV6_ADDR_LINKLOCAL
-                return socket.inet_ntop(socket.AF_INET6, bytes.fromhex(hexaddr)), name
-    return None
-
-
-@pytest.mark.skipif(_link_local() is None, reason="no IPv6 link-local address here")
+@pytest.mark.skipif(link_local() is None, reason="no IPv6 link-local address here")
 def test_run_listens_on_a_link_local_address_with_its_interface(serve: Callable[..., TclRun]) -> None:
     """inet6:PORT@fe80::...%eth0 was taken, its %eth0 dropped where the name was resolved, and
     the bind failed: 'cannot listen on inet6:8891@fe80::...: Invalid argument', a link-local
     address meaning nothing without its interface. The interface is kept."""
-    found = _link_local()
+    found = link_local()
     assert found is not None
     addr, interface = found
     m = serve(STAMP, "--connection", f"inet6:0@{addr}%{interface}")

@@ -9,6 +9,7 @@ from __future__ import annotations
 import http.client
 import os
 import re
+import socket
 import signal
 import time
 import urllib.error
@@ -21,7 +22,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from pytclmilter.metrics import PUBLISH_EVERY
 from support.postfix import tcp_listeners
-from support.tclrun import NOREPLY, Mta, TclRun, ok, tclrun_factory
+from support.tclrun import NOREPLY, Mta, TclRun, link_local, ok, tclrun_factory
 
 tclrun = pytest.fixture(tclrun_factory, name="tclrun")
 
@@ -534,3 +535,28 @@ def test_a_reload_a_stop_abandoned_is_not_counted_as_failed(tclrun, tmp_path, wo
         assert value(s, "pytclmilter_reloads_total", result="failed") == 0
         assert value(s, "pytclmilter_reloads_total", result="ok") == 0
     assert m.wait_exit(timeout=30) == 0, m.text
+
+
+@pytest.mark.skipif(link_local() is None, reason="no IPv6 link-local address here")
+@pytest.mark.parametrize("how", ["option", "script"])
+def test_metrics_listen_on_a_link_local_address_with_its_interface(tclrun, how: str) -> None:
+    """`--metrics inet6:PORT@fe80::...%eth0` (or the script's -metrics) bound without the
+    interface, as the milter's own listener did before it kept it: 'cannot listen: Invalid
+    argument'. The interface is kept, and the logged URL is one a browser takes (RFC 6874:
+    the zone's % written %25)."""
+    found = link_local()
+    assert found is not None
+    addr, interface = found
+    where = f"inet6:0@{addr}%{interface}"
+    if how == "option":
+        m = tclrun(SCRIPT, "--metrics", where)
+    else:
+        m = tclrun(SCRIPT.replace("-calltimeout 0.5", f"-calltimeout 0.5 -metrics {where}"))
+    said = m.wait_for(r"metrics at (http://\S+)|cannot listen.*", since=0)
+    assert said.group(1) is not None, m.text
+    url = re.fullmatch(rf"http://\[{re.escape(addr)}%25{re.escape(interface)}\]:(\d+)/metrics", said.group(1))
+    assert url is not None, said.group(1)
+    with socket.create_connection((f"{addr}%{interface}", int(url.group(1))), timeout=10) as sock:
+        sock.sendall(b"GET /metrics HTTP/1.0\r\n\r\n")
+        answer = b"".join(iter(lambda: sock.recv(65536), b""))
+    assert answer.startswith(b"HTTP/1.0 200 ") and b"pytclmilter_connections_total 0.0" in answer, answer[:300]

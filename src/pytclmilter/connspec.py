@@ -195,3 +195,14 @@ def _with_zone(sockaddr: tuple[str, int] | tuple[str, int, int, int] | tuple[int
         with contextlib.suppress(OSError):
             return f"{sockaddr[0]}%{socket.if_indextoname(sockaddr[3])}"
     return str(sockaddr[0])
+
+
+def sockaddr(family: int, host: str, port: int) -> tuple[str, int] | tuple[str, int, int, int]:
+    """What bind() takes: for IPv6 the zone of ``fe80::1%eth0`` as its scope_id, which a
+    2-tuple leaves 0 (the bind of a link-local address then fails: Invalid argument)."""
+    if family != socket.AF_INET6:
+        return host, port
+    found = socket.getaddrinfo(host, port, family, socket.SOCK_STREAM, 0, socket.AI_NUMERICHOST)[0][4]
+    if len(found) != 4:  # (an IPv6 one is always 4: for the type checker)
+        return host, port
+    return found

@@ -15,7 +15,7 @@ import socket
 from dataclasses import dataclass
 from typing import Final
 
-from .connspec import ConnSpec, ConnSpecError, refuse_long_path
+from .connspec import ConnSpec, ConnSpecError, refuse_long_path, sockaddr
 from .logline import escape
 from .unixsocket import SocketFile, bind_unix
 
@@ -66,7 +66,7 @@ def bind(spec: ConnSpec, backlog: int | None, socket_mode: int | None,
         if family == socket.AF_INET6:
             sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
         host = spec.host if spec.host is not None else ("0.0.0.0" if family == socket.AF_INET else "::")
-        sock.bind(_sockaddr(family, host, spec.port))
+        sock.bind(sockaddr(family, host, spec.port))
         sock.listen(backlog)
     except OSError as exc:
         sock.close()
@@ -75,18 +75,6 @@ def bind(spec: ConnSpec, backlog: int | None, socket_mode: int | None,
     if spec.port == 0:
         spec = ConnSpec(spec.family, host=spec.host, port=sock.getsockname()[1])
     return Listener(sock, spec)
-
-
-
-def _sockaddr(family: int, host: str, port: int) -> tuple[str, int] | tuple[str, int, int, int]:
-    """What bind() takes: for IPv6 the zone of ``fe80::1%eth0`` as its scope_id, which a
-    2-tuple leaves 0 (the bind of a link-local address then fails: Invalid argument)."""
-    if family != socket.AF_INET6:
-        return host, port
-    sockaddr = socket.getaddrinfo(host, port, family, socket.SOCK_STREAM, 0, socket.AI_NUMERICHOST)[0][4]
-    if len(sockaddr) != 4:  # (an IPv6 one is always 4: for the type checker)
-        return host, port
-    return sockaddr
 
 
 def _warn_port_like(spec: ConnSpec) -> None:

@@ -37,6 +37,7 @@ import threading
 from http import HTTPStatus
 from socketserver import TCPServer, ThreadingMixIn
 from typing import Any, Callable, Iterable, Iterator
+from urllib.parse import quote
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer
 
 from prometheus_client import CollectorRegistry, make_wsgi_app
@@ -46,7 +47,7 @@ from prometheus_client.registry import Collector as _CollectorBase
 from . import meter as m
 from .accept import limit_text
 from .callbacks import EVENTS
-from .connspec import ConnSpec, ConnSpecError, parse_metrics
+from .connspec import ConnSpec, ConnSpecError, parse_metrics, sockaddr
 from .shared import Stats
 from .logline import Repeated, escape, tell_counts
 
@@ -228,7 +229,8 @@ class _Server(ThreadingMixIn, WSGIServer):
         self._exhausted = Repeated(_WARN_EVERY, tell=_exhausted_told)  # accepts that failed for want of descriptors
         self._failed = Repeated(_WARN_EVERY, tell=_failed_told)  # scrapes whose handler raised, by the exception's type
         self._pause = threading.Event().wait  # (a test counts the waits)
-        super().__init__((spec.host or "", spec.port), _Handler)
+        # (4-tuple for IPv6: a link-local address's interface, fe80::1%eth0, kept: listener.py's bind)
+        super().__init__(sockaddr(self.address_family, spec.host or "", spec.port), _Handler)
 
     def server_bind(self) -> None:
         # HTTPServer.server_bind asks DNS for the host's name (getfqdn): not needed, and slow when DNS is.
@@ -324,6 +326,15 @@ def _cut(request: socket.socket) -> None:
         pass  # closed meanwhile: the scrape was done
 
 
+def _url(host: str, port: int) -> str:
+    """The endpoint's URL; an IPv6 zone (``fe80::1%eth0``, which getsockname leaves out) written
+    as RFC 6874 has it, ``[fe80::1%25eth0]``: a bare ``%`` makes the URL invalid."""
+    addr, percent, zone = host.partition("%")
+    if ":" in addr:
+        addr = f"[{addr}%25{quote(zone, safe='')}]" if percent else f"[{addr}]"
+    return f"http://{addr}:{port}/metrics"
+
+
 def _app(registry: CollectorRegistry) -> Callable[..., Iterable[bytes]]:
     metrics = make_wsgi_app(registry)
 
@@ -350,8 +361,7 @@ class Exporter:
         except OSError as exc:
             raise ConnSpecError(f'metrics "{text}": cannot listen: {exc.strerror or exc}') from None
         self._server.set_app(_app(registry))
-        host, port = self._server.server_name, self._server.server_port
-        self.url = f"http://{'[' + host + ']' if ':' in host else host}:{port}/metrics"
+        self.url = _url(spec.host or "", self._server.server_port)
         self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.5},
                                         name="metrics", daemon=True)
         self._thread.start()

@@ -37,6 +37,7 @@ This module does not import pytest; register the factory in a test module::
 from __future__ import annotations
 
 import codecs
+import contextlib
 import importlib.util
 import os
 import re
@@ -76,6 +77,16 @@ _ROOT_WARNINGS = re.compile(r"WARNING: serving as root (without --user|\(--user 
 def warnings(text: str) -> list[str]:
     """The WARNING lines of a run's output, but the root one of its start."""
     return [line for line in re.findall(r"^.* WARNING: .*$", text, re.M) if not _ROOT_WARNINGS.search(line)]
+
+
+def link_local() -> tuple[str, str] | None:
+    """An IPv6 link-local address of this host and its interface's name, if it has one."""
+    with contextlib.suppress(OSError), open("/proc/net/if_inet6", encoding="ascii") as f:
+        for line in f:
+            hexaddr, _, _, scope, _, name = line.split()
+            if scope == "20":  # IPV6_ADDR_LINKLOCAL
+                return socket.inet_ntop(socket.AF_INET6, bytes.fromhex(hexaddr)), name
+    return None
 
 
 SKIPPED = "skipped"  # the filter asked the MTA not to send this event
