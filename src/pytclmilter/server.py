@@ -24,9 +24,7 @@ from .listener import Listener, bind
 from .logline import Every, Repeated, escape, said, tell_counts
 from .limits import PYTHON_LIMIT
 from .overdue import StopDeadline
-from .shared import LAST_WORDS, Shared
-
-_FOREVER: Final = float("inf")
+from .shared import FOREVER, LAST_WORDS, Shared
 
 log: Final = logging.getLogger("pytclmilter")
 
@@ -387,7 +385,7 @@ class MilterServer:
             listener.remove_unix()
             await self._drain(loop, 0.0 if self._aborted else self.shared.settings.grace)
             tell_counts(ended_only=False)  # (the faults' counts, and any other Repeated's)
-            self.shared.stop_by, self.shared.stop_why = _FOREVER, ""  # (serve() may be called again)
+            self.shared.stop_by, self.shared.stop_why = FOREVER, ""  # (serve() may be called again)
             await self._end_retirements()
             sweeper.cancel()
             if self._ticker is not None:
