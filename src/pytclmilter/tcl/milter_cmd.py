@@ -34,6 +34,7 @@ class Option:
     before_main: bool  # "may only be changed prior to milter main"
     parse: Callable[[str], Any]
     show: Callable[[Any], Any] = lambda v: v
+    numeric: bool = False  # a number: Tcl's forms in a script, decimal from a command-line flag
 
 
 _N = TypeVar("_N", int, float)
@@ -104,23 +105,22 @@ def _status(value: str) -> Any:
 OPTIONS: dict[str, Option] = {
     "-name": Option("name", True, _name),
     "-connection": Option("connection", True, _connection),
-    "-timeout": Option("timeout", True, _non_negative),
-    "-backlog": Option("backlog", True, _c_int(_positive), lambda v: v or max(socket.SOMAXCONN, 20)),
-    "-debuglevel": Option("debuglevel", False, _non_negative),
+    "-timeout": Option("timeout", True, _non_negative, numeric=True),
+    "-backlog": Option("backlog", True, _c_int(_positive), lambda v: v or max(socket.SOMAXCONN, 20), numeric=True),
+    "-debuglevel": Option("debuglevel", False, _non_negative, numeric=True),
     # New in pytclmilter:
     "-onerror": Option("on_error", False, _status, lambda v: v.smfis),
-    "-grace": Option("grace", False, _seconds),
-    "-calltimeout": Option("call_timeout", False, _seconds),
-    "-workers": Option("workers", True, _at_least(1, integer, f"positive integer up to {MAX_WORKERS}", MAX_WORKERS)),
+    "-grace": Option("grace", False, _seconds, numeric=True),
+    "-calltimeout": Option("call_timeout", False, _seconds, numeric=True),
+    "-workers": Option("workers", True, _at_least(1, integer, f"positive integer up to {MAX_WORKERS}", MAX_WORKERS),
+                       numeric=True),
     "-metrics": Option("metrics", True, _metrics),
     "-dryrun": Option("dry_run", False, boolean, int),
-    "-maxconnections": Option("max_connections", False, _non_negative),
+    "-maxconnections": Option("max_connections", False, _non_negative, numeric=True),
 }
 
 SUBCOMMANDS = ("configure", "main", "register", "stop")
 
-#: The options whose values are numbers: Tcl's forms in a script, decimal on the command line.
-_NUMERIC = frozenset(("-timeout", "-backlog", "-workers", "-maxconnections", "-grace", "-calltimeout"))
 _DIGITS = re.compile(r"\s*[+-]?[0-9]+\s*", re.ASCII)
 _RADIX = re.compile(r"\s*[+-]?0[xXoObB]", re.ASCII)
 
@@ -213,7 +213,8 @@ class MilterCommand:
         of the command line's values it was. ``why`` the script's configure is ignored, where no
         flag gave the value (try's own): by default ``--workers given on the command line``."""
         try:
-            self.set(name, _decimal(raw) if name in _NUMERIC else raw)
+            option = OPTIONS.get(name)  # (an unknown one: set's bad option error)
+            self.set(name, _decimal(raw) if option is not None and option.numeric else raw)
         except TclUsageError as exc:
             raise TclUsageError(_flagged(flag, name, str(exc))) from None
         self.locked[name] = why or f"{flag} given on the command line"
