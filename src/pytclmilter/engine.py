@@ -155,7 +155,7 @@ class ConnectionEngine(Caller):
         self.registry: Registry = shared.registry
         self.session = FilterSession(emit_macros=False)
         self.ctx = Context(conn_id, self.session.macros, self._progress, self.session)
-        super().__init__(shared, self.ctx.name, self._close_abandoned)
+        super().__init__(shared, self.ctx.name)
         self.link = link
         self._out: list[bytes] = []
         self._busy = False
@@ -520,7 +520,7 @@ class ConnectionEngine(Caller):
             if not self.closed:
                 self._go_on()
 
-    def _close_abandoned(self) -> None:
+    def _cut_loose(self) -> None:
         """Close the connection of an abandoned callback: it may still use the context."""
         if not self.closed:
             self._flush()
@@ -548,7 +548,7 @@ class ConnectionEngine(Caller):
         self._flush()  # the answer goes out at the limit, before the stopped callback has ended
         if not await self._settle():
             self._busy = False
-            self._close_abandoned()
+            self._cut_loose()
             return
         self._busy = False
         self._go_on()
