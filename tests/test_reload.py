@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from support.tclrun import TclRun, _pytclmilter_command, children_of, ok, tclrun_factory
+from support.tclrun import Mta, TclRun, _pytclmilter_command, children_of, ok, tclrun_factory
 
 tclrun = pytest.fixture(tclrun_factory, name="tclrun")
 
@@ -372,6 +372,27 @@ def test_a_script_that_changes_its_metrics_address_is_not_loaded_as_the_docs_lis
     listed = re.search(r"a changed option that\s+only a restart can apply.*?Everything else", docs, re.S)
     assert listed and "`-metrics`" in listed.group(0), listed
     old_serves_then_a_good_one_loads(run, script)
+
+
+def test_the_same_socket_written_another_way_reloads_and_a_real_change_is_refused(tclrun, tmp_path: Path) -> None:
+    """`-connection unix:/x` and then `local:/x` (or the bare path) name the same socket: the
+    reload compared the text and refused it as a change that needs a restart. A socket that is
+    another still is refused, in the words it had."""
+    script, sock = tmp_path / "stamp.tcl", tmp_path / "m.sock"
+    script.write_text(f"milter configure -connection unix:{sock}\n" + stamping("A"))
+    run = tclrun(script, connection=None)
+    for written in (f"local:{sock}", f"LOCAL:{sock}", str(sock)):
+        script.write_text(f"milter configure -connection {written}\n" + stamping("B"))
+        run.child.kill(signal.SIGUSR1)
+        run.wait_for(r"generation \d+ is gone \(its last session is over\); generation \d+ serves\r?\n")
+        with Mta(str(sock)) as mta:
+            mta.negotiate()
+            assert [p for p in mta.message()["eom"] if p[0] == "h"] == [("h", b"X-Stamp\0B\0")]
+    script.write_text(f"milter configure -connection unix:{tmp_path / 'other.sock'}\n" + stamping("A"))
+    run.child.kill(signal.SIGUSR1)
+    run.wait_for(r"serves on unchanged: -connection cannot change without a restart\r?\n")
+    assert run.stop() == 0
+    assert not sock.exists()
 
 
 def test_a_script_that_exits_or_never_serves_while_loading_is_not_loaded(tclrun, tmp_path: Path) -> None:

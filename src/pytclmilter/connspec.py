@@ -83,6 +83,15 @@ def parse(spec: str, what: str = "connection") -> ConnSpec:
     return ConnSpec(proto, host=_host(host, proto, spec, what) if host else None, port=port)
 
 
+def same(one: str, other: str) -> bool:
+    """Whether two specs name the same socket (``unix:/x``, ``local:/x`` and ``/x`` do): a reload
+    compares what is served, not how it is written. Text that does not parse is compared as text."""
+    try:
+        return parse(one) == parse(other)
+    except ConnSpecError:
+        return one == other
+
+
 def refuse_long_path(path: str, named: str, absolute: str | None = None) -> None:
     """ConnSpecError if the socket's path, ``absolute`` when given (a relative one's, which is what
     the MTA must be told), does not fit sun_path. libmilter: strlen + 1 < sizeof(sun_path)."""

@@ -13,7 +13,7 @@ from dataclasses import replace
 from typing import TYPE_CHECKING, Any, Callable, Final, Generic, Iterator, TypeVar, cast, overload
 
 from .callbacks import EVENTS, Callback, Registry, accepts, not_accepted
-from .connspec import ConnSpec, parse, parse_metrics
+from .connspec import ConnSpec, parse, parse_metrics, same
 from .context import ScriptCalls, hosted
 from .shared import Shared, Stats
 from .hooks import Hooks
@@ -74,6 +74,15 @@ _KINDS: dict[str, tuple[tuple[type, ...], str]] = {
     "dry_run": ((bool,), "True or False"),
     "max_connections": ((int,), "an integer, 0 (no limit) or more"),
 }
+
+
+def _same_setting(attr: str, new: Settings, old: Settings) -> bool:
+    """Whether a reload leaves ``attr`` as it is: a socket's spec by what it names
+    (``unix:/x`` and ``local:/x`` are one socket), the rest by value."""
+    ours, theirs = getattr(new, attr), getattr(old, attr)
+    if attr in ("connection", "metrics"):
+        return same(ours, theirs)
+    return bool(ours == theirs)
 
 
 def _checked(name: str, value: T) -> T:
@@ -464,7 +473,7 @@ class Milter:
         change (RESTART_ONLY), was stopped before it served, or this milter does not serve."""
         if not isinstance(new, Milter):  # (else an AttributeError on the settings it lacks)
             raise TypeError(f"reload: a pytclmilter.Milter expected; got {type(new).__name__}")
-        changed = tuple(attr for attr in RESTART_ONLY if getattr(new.settings, attr) != getattr(self.settings, attr))
+        changed = tuple(attr for attr in RESTART_ONLY if not _same_setting(attr, new.settings, self.settings))
         if changed:
             values = ", ".join(f"{attr} (serving {getattr(self.settings, attr)!r}, new {getattr(new.settings, attr)!r})"
                                for attr in changed)
