@@ -501,3 +501,48 @@ def test_a_threads_exit_in_a_worker_leaves_the_socket_file_the_supervisor_serves
         mta.negotiate()
     assert run.stop() == 0, run.output
     assert not sock.exists(), run.output
+
+
+# A thread that ends the process as soon as the marker file (argv 0) appears.
+EXIT_AT_THE_MARKER = r"""
+package require TclMilter 1.0
+package require Thread
+thread::create [string map [list @MARKER@ [list [lindex $argv 0]]] {
+    while {![file exists @MARKER@]} { after 5 }
+    exit 3
+}]
+milter main
+"""
+
+# Holds the window between the socket file's making and its listener's recording open: the
+# instant in which a thread's `exit` can land cannot be hit otherwise (listener.bind_unix is what
+# bind() makes the file with; the sleep lets the thread's exit run meanwhile).
+HOLD_AFTER_THE_FILE = """
+import time
+import pytclmilter.listener as listener
+
+made = listener.bind_unix
+
+def holding(*args):
+    bound = made(*args)
+    open({marker!r}, "w").close()
+    time.sleep(3)
+    return bound
+
+
+def setup(milter):
+    listener.bind_unix = holding
+"""
+
+
+def test_a_threads_exit_as_the_socket_is_made_removes_its_file(tclrun, tmp_path):
+    """A thread's `exit` after the socket's file was made but before its listener was recorded
+    (the instant between bind and serving) left the file behind: the exit handler looked for
+    the listener the milter had, which it did not have yet. Now what bind made is recorded as it
+    is made, and the exit removes it (under the normal stop's rule: only our socket)."""
+    sock, marker = tmp_path / "milter.sock", tmp_path / "bound"
+    run = tclrun(EXIT_AT_THE_MARKER, connection=f"unix:{sock}", args=[str(marker)], wait=False,
+                 python=[HOLD_AFTER_THE_FILE.format(marker=str(marker))])
+    assert run.wait_exit(20) == 3, run.output
+    assert marker.exists(), run.output  # (the window was reached)
+    assert not sock.exists() and not sock.is_symlink(), run.output

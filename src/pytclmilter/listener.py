@@ -3,7 +3,9 @@
 Unix sockets: unixsocket.py makes the file (a stale socket removed, a live one or
 any other file refused and left alone) with its mode and owner from the start;
 only the process that bound it removes it at exit, and only if the name still
-holds that very socket.
+holds that very socket. Each file is recorded as it is made, so that a thread's
+`exit` (C's exit(), at any instant of the main thread's) removes it too
+(:func:`remove_made`), before the server or the supervisor has its listener.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import logging
 import os
 import re
 import socket
+import threading
 from dataclasses import dataclass
 from typing import Final
 
@@ -26,6 +29,14 @@ log = logging.getLogger(__name__)
 _PORT_LIKE: Final = (re.compile(r"([0-9]+)(?:@(.+))?\Z"), re.compile(r"(?P<host>[^/:@]+):(?P<port>[0-9]+)\Z"))
 
 
+#: The unix socket files this process made and has not removed (by id: each is removed once),
+#: and the lock held while one is made and recorded: remove_made() takes it and keeps it.
+_MADE: Final[dict[int, SocketFile]] = {}
+_MAKING: Final = threading.Lock()
+#: Seconds a thread's `exit` waits for a socket being made (a stale one's probe takes up to 1 s).
+_MAKING_WAIT: Final = 5.0
+
+
 @dataclass
 class Listener:
     sock: socket.socket
@@ -36,7 +47,22 @@ class Listener:
         """Remove our socket file, only if it is still the one we created (once)."""
         unix_file, self.unix_file = self.unix_file, None
         if unix_file is not None:
-            unix_file.remove()
+            _remove(unix_file)
+
+
+def _remove(unix_file: SocketFile) -> None:
+    """Remove a recorded file once, whichever thread comes first (the stop, a thread's `exit`)."""
+    if _MADE.pop(id(unix_file), None) is not None:
+        unix_file.remove()
+
+
+def remove_made() -> None:
+    """The process ends at once (a thread's `exit`, on that thread): every socket file it made and
+    still has goes, as at a stop (only if its name still holds our socket), one being made too;
+    the lock stays held, so none is made after (the process is ending)."""
+    _MAKING.acquire(timeout=_MAKING_WAIT)  # (past it: what is recorded goes all the same)
+    for unix_file in list(_MADE.values()):
+        _remove(unix_file)
 
 
 def bind(spec: ConnSpec, backlog: int | None, socket_mode: int | None,
@@ -53,7 +79,9 @@ def bind(spec: ConnSpec, backlog: int | None, socket_mode: int | None,
             # (the MTA is told the whole path: parse() saw only the relative one)
             refuse_long_path(spec.path, f'connection "{spec}"', absolute)
             spec = ConnSpec("unix", path=absolute)
-        sock, unix_file = bind_unix(spec.path, backlog, socket_mode, socket_owner)
+        with _MAKING:
+            sock, unix_file = bind_unix(spec.path, backlog, socket_mode, socket_owner)
+            _MADE[id(unix_file)] = unix_file
         sock.setblocking(False)
         return Listener(sock, spec, unix_file)
     family = socket.AF_INET if spec.family == "inet" else socket.AF_INET6

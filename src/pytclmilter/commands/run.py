@@ -23,6 +23,7 @@ from typing import Callable, Final, NamedTuple
 from ..compiled import describe
 from ..connspec import ConnSpec
 from ..hooks import Hooks, forget_early_reload
+from ..listener import remove_made
 from ..logline import clip, escape, escape_lines, fault_kind, guard, one_line, place_of, said
 from ..milter import Milter
 from ..overdue import EXIT
@@ -497,8 +498,10 @@ class _Run:
 
     def _thread_exits(self) -> None:
         """A thread's `exit` (C's exit(): nothing unwinds) removes the socket file and the pid
-        file, as the script's own `exit` does."""
+        file, as the script's own `exit` does; the file too that bind has made and the milter
+        does not have yet (listener.remove_made)."""
         self.scripts.current.milter.remove_socket_file()
+        remove_made()
         self.daemon.cleanup()
 
     def serve(self) -> int:
