@@ -351,17 +351,34 @@ def test_run_takes_libmilters_short_ipv4_forms_in_brackets_and_names_the_address
 
 
 @pytest.mark.skipif(link_local() is None, reason="no IPv6 link-local address here")
-def test_run_listens_on_a_link_local_address_with_its_interface(serve: Callable[..., TclRun]) -> None:
+@pytest.mark.parametrize("written", ["{}", "[{}]"])
+def test_run_listens_on_a_link_local_address_with_its_interface(serve: Callable[..., TclRun], written: str) -> None:
     """inet6:PORT@fe80::...%eth0 was taken, its %eth0 dropped where the name was resolved, and
     the bind failed: 'cannot listen on inet6:8891@fe80::...: Invalid argument', a link-local
-    address meaning nothing without its interface. The interface is kept."""
+    address meaning nothing without its interface. The interface is kept. In brackets the same
+    address was refused, '"fe80::...%eth0" is not an inet6 address': taken the same way."""
     found = link_local()
     assert found is not None
     addr, interface = found
-    m = serve(STAMP, "--connection", f"inet6:0@{addr}%{interface}")
+    m = serve(STAMP, "--connection", "inet6:0@" + written.format(f"{addr}%{interface}"))
     assert m.spec == f"inet6:{m.port}@{addr}%{interface}", m.text
     with socket.create_connection((f"{addr}%{interface}", m.port), timeout=5):
         pass
+    assert m.stop() == 0
+
+
+@pytest.mark.parametrize("spec", ["inet6:0@[::ffff:127.0.0.1]", "inet6:0@::ffff:127.0.0.1"])
+def test_run_serves_an_ipv4_mapped_address_as_libmilter_does(serve: Callable[..., TclRun], spec: str) -> None:
+    """`inet6:8891@[::ffff:127.0.0.1]` failed at bind, "Invalid argument": the IPv6 socket was
+    IPv6-only, which can never bind IPv4 traffic's address. libmilter leaves the socket as Linux
+    makes it and serves IPv4 connections to 127.0.0.1 there; so does run now."""
+    m = serve(STAMP, "--connection", spec)
+    assert m.spec == f"inet6:{m.port}@::ffff:127.0.0.1", m.text
+    with m.mta() as mta:  # over IPv4, to 127.0.0.1
+        mta.negotiate()
+        mta.connect()
+        eom = mta.message()["eom"]
+        assert any(b"X-Filtered-By" in data for _, data in eom if isinstance(data, bytes)), eom
     assert m.stop() == 0
 
 

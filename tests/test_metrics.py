@@ -538,7 +538,7 @@ def test_a_reload_a_stop_abandoned_is_not_counted_as_failed(tclrun, tmp_path, wo
 
 
 @pytest.mark.skipif(link_local() is None, reason="no IPv6 link-local address here")
-@pytest.mark.parametrize("how", ["option", "script"])
+@pytest.mark.parametrize("how", ["option", "script", "bracketed"])
 def test_metrics_listen_on_a_link_local_address_with_its_interface(tclrun, how: str) -> None:
     """`--metrics inet6:PORT@fe80::...%eth0` (or the script's -metrics) bound without the
     interface, as the milter's own listener did before it kept it: 'cannot listen: Invalid
@@ -547,8 +547,8 @@ def test_metrics_listen_on_a_link_local_address_with_its_interface(tclrun, how: 
     found = link_local()
     assert found is not None
     addr, interface = found
-    where = f"inet6:0@{addr}%{interface}"
-    if how == "option":
+    where = f"inet6:0@[{addr}%{interface}]" if how == "bracketed" else f"inet6:0@{addr}%{interface}"
+    if how != "script":
         m = tclrun(SCRIPT, "--metrics", where)
     else:
         m = tclrun(SCRIPT.replace("-calltimeout 0.5", f"-calltimeout 0.5 -metrics {where}"))

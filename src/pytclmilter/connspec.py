@@ -9,6 +9,8 @@ libmilter's ``atoi``, a number followed by anything is refused: Postfix's
 libmilter ignores. The broadcast address 255.255.255.255 is refused however written: libmilter
 refuses ``[255.255.255.255]`` (inet_addr's error value, INADDR_NONE), and Linux would bind it
 where no MTA can connect; so is its IPv4-mapped form (``inet6:...@[::ffff:255.255.255.255]``).
+Any other IPv4-mapped address is served as libmilter serves it: IPv4 connections to that address.
+A bracketed address may have a zone (``[fe80::1%eth0]``), as the unbracketed one may.
 """
 
 from __future__ import annotations
@@ -107,6 +109,10 @@ def _numeric(addr: str, family: int, proto: str, spec: str, what: str) -> str:
     if family == socket.AF_INET6:
         if _is_ipv6(addr):
             return addr
+        if "%" in addr:  # a zone, as the unbracketed form takes it (inet_pton, libmilter's, refuses one)
+            with contextlib.suppress(OSError):
+                found = socket.getaddrinfo(addr, None, family, socket.SOCK_STREAM, 0, socket.AI_NUMERICHOST)
+                return _with_zone(found[0][4])
     elif re.fullmatch(r"[0-9a-fA-FxX.]+", addr):  # (inet_aton takes "1.2.3.4 anything")
         try:
             return socket.inet_ntoa(socket.inet_aton(addr))
@@ -185,6 +191,11 @@ def _host(host: str, proto: str, spec: str, what: str) -> str:
         raise ConnSpecError(f'{what} "{spec}": "{written}"{which} is the broadcast address: no MTA can connect to '
                             f"it (libmilter refuses [{_BROADCAST}]: inet_addr's error value, INADDR_NONE)")
     return addr
+
+
+def ipv4_mapped(addr: str) -> bool:
+    """``::ffff:127.0.0.1``: IPv4 traffic, which an IPv6-only socket can never bind to."""
+    return _ipv4(addr) != addr
 
 
 def _ipv4(addr: str) -> str:

@@ -18,7 +18,7 @@ import threading
 from dataclasses import dataclass
 from typing import Final
 
-from .connspec import ConnSpec, ConnSpecError, refuse_long_path, sockaddr
+from .connspec import ConnSpec, ConnSpecError, ipv4_mapped, refuse_long_path, sockaddr
 from .logline import escape
 from .unixsocket import SocketFile, bind_unix
 
@@ -91,9 +91,10 @@ def bind(spec: ConnSpec, backlog: int | None, socket_mode: int | None,
         # Inherited by every accepted socket (Linux): replies go out at once, dead peers are noticed.
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
-        if family == socket.AF_INET6:
-            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
         host = spec.host if spec.host is not None else ("0.0.0.0" if family == socket.AF_INET else "::")
+        if family == socket.AF_INET6:  # inet6:PORT is IPv6's every address, not IPv4's too; an
+            # IPv4-mapped address is IPv4's (libmilter leaves the option at Linux's default, off)
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0 if ipv4_mapped(host) else 1)
         sock.bind(sockaddr(family, host, spec.port))
         sock.listen(backlog)
     except OSError as exc:
