@@ -168,6 +168,8 @@ class Supervisor:
         #: overdue.py past the grace): how each ended. The stop then fails, for systemd too
         #: (Milter.run, commands/run.py).
         self.unclean: list[str] = []
+        #: The workers already dead, not yet reaped, as the stop began (_dead_now).
+        self._dead_at_stop: set[int] = set()
         self.deaths = _Deaths()
         #: Workers of the serving set whose fork failed (EAGAIN, ENOMEM): tried again every second.
         self.unstarted: set[int] = set()
@@ -310,9 +312,27 @@ class Supervisor:
             self._spawn(number)
 
     def _ended_at_stop(self, pid: int, number: int, code: int) -> None:
-        """A worker of the serving set ended while all stop: unclean, unless as a stop ends it."""
-        if code not in _CLEAN:
-            self.unclean.append(f"worker {number} (pid {pid}) {_how(code)}")
+        """A worker of the serving set ended while all stop: unclean, unless as a stop ends it;
+        one dead before the stop began died while serving, a death as any other (logged)."""
+        if code in _CLEAN:
+            return
+        if pid in self._dead_at_stop:
+            log.error("worker %d (pid %d) died (%s) before the stop; not replaced", number, pid, _how(code))
+            return
+        self.unclean.append(f"worker {number} (pid {pid}) {_how(code)}")
+
+    def _dead_now(self) -> set[int]:
+        """The workers that have ended and are not reaped yet (looked at, left to _reap): deaths
+        while serving. The supervisor reaps nothing while it loads a reload, so a death then
+        was reaped only once a stop had begun, and failed the stop (exit 1) by its timing alone."""
+        dead = set()
+        for pid in self.children:
+            try:
+                if os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None:
+                    dead.add(pid)
+            except ChildProcessError:  # (reaped by a thread of the script's: _reap forgets it)
+                continue
+        return dead
 
     def _on_signal(self, signum: int, frame: object) -> None:
         askers, junk = self._askers() if signum == signal.SIGTERM else ([], 0)
@@ -325,6 +345,7 @@ class Supervisor:
 
     def stop(self) -> None:
         if not self.stopping:
+            self._dead_at_stop = self._dead_now()
             self.stopping = True
             # Our copy of the listening socket first: the workers close theirs as they stop.
             if self.listener is not None:
