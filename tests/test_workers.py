@@ -668,6 +668,35 @@ def test_a_workers_milter_stop_is_logged_as_its_own_not_as_a_sigterm(tclrun) -> 
     m.wait_for("main returned", since=0)
 
 
+def _pidfds_of(pid: int) -> list[int]:
+    """The processes that ``pid``'s pidfds name (their fdinfo's ``Pid:`` line)."""
+    named = []
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        with contextlib.suppress(OSError):
+            if os.readlink(fd) == "anon_inode:[pidfd]":
+                info = (Path(f"/proc/{pid}/fdinfo") / fd.name).read_text()
+                named += [int(m) for m in re.findall(r"^Pid:\s+(-?\d+)$", info, re.M)]
+    return named
+
+
+@pytest.mark.skipif(not hasattr(os, "pidfd_open"), reason="no pidfds here")
+def test_a_workers_milter_stop_reaches_its_supervisor_through_a_pidfd(tclrun) -> None:
+    """A worker's `milter stop` checked that its parent was still the supervisor, then sent
+    SIGTERM to that pid: a supervisor dying in between left its pid to be reused, and the signal
+    could reach another process. Each worker now holds a pidfd of the supervisor, taken at its
+    fork, and signals through it; the stop still reaches the supervisor and stops all."""
+    m = tclrun(SCRIPT.replace("incr ::count", "milter stop"), "--workers", "2")
+    m.wait_for("2 workers serving", advance=False)
+    workers = children_of(m.child.pid)
+    deadline = time.monotonic() + 10  # (each opens it as it starts)
+    while not (len(workers) == 2 and all(_pidfds_of(pid) == [m.child.pid] for pid in workers)):
+        assert time.monotonic() < deadline, {pid: _pidfds_of(pid) for pid in workers}
+        time.sleep(0.05)
+    stopped_at_a_recipient(m, "y")
+    m.wait_for(r"INFO: worker \d \(pid \d+\) called milter stop: stopping 2 workers\r?\n", since=0)
+    m.wait_for("main returned", since=0)
+
+
 # A worker's callback that writes bytes of its own to the stop pipe (the one write-only pipe of the
 # worker whose other end it does not hold), then calls `milter stop`.
 JUNK_ON_STOP_PIPE = r"""

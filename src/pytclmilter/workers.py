@@ -90,6 +90,22 @@ def run_workers(settings: Settings, supervisor: "Supervisor") -> None:
         listener.sock.close()
 
 
+def _pidfd_of(parent: int) -> int | None:
+    """In a worker, right after the fork: a pidfd of the supervisor, so that `milter stop`'s
+    SIGTERM reaches it or nothing, never a process that took its pid after it died (the
+    getppid() check and the kill are two steps). Opened by pid, it is the supervisor's only if
+    that is still the parent after the open. None where there are none (Linux before 5.3, another
+    Unix): the pid is signalled then, as before."""
+    try:
+        fd = os.pidfd_open(parent)  # (close-on-exec: a program the script starts gets none)
+    except (AttributeError, OSError):
+        return None
+    if os.getppid() != parent:  # died already: the lifeline stops this worker
+        os.close(fd)
+        return None
+    return fd
+
+
 def _how(code: int) -> str:
     """How a worker ended, from os.waitstatus_to_exitcode: a signal's number is negative."""
     return f"signal {-code}" if code < 0 else f"exit status {code}"
@@ -177,6 +193,8 @@ class Supervisor:
         self.pid = os.getpid()  # for the workers: os.getppid() there may already be another process
         #: In a worker that listens: stops it alone, from any thread (_watch_parent).
         self._stop_alone: Callable[[], object] | None = None
+        #: In a worker: a pidfd of the supervisor (_pidfd_of), where the system has them.
+        self._parent_fd: int | None = None
 
     def run(self, listener: Listener) -> None:
         self.listener = listener
@@ -420,6 +438,7 @@ class Supervisor:
         os.close(self._lifeline_w)  # else the pipe would never reach EOF
         os.close(self._asked_r)
         parent = self.pid
+        self._parent_fd = _pidfd_of(parent)
         assert self.listener is not None  # forked from run()
         code = 0
         try:
@@ -447,16 +466,26 @@ class Supervisor:
         which must not get the SIGTERM: this worker stops alone, as the lifeline would stop it
         (a callback that calls `milter stop` holds the loop that reads the lifeline)."""
         if os.getppid() != parent:
-            log.warning("worker %d called milter stop, but the supervisor (pid %d) died: stopping this worker alone",
-                        number, parent)
-            if self._stop_alone is not None:  # (None before it listens: the lifeline stops it then)
-                self._stop_alone()
+            self._alone(number, parent)
             return
         try:
             os.write(self._asked_w, f"worker {number} (pid {os.getpid()})\n".encode())
         except OSError:  # (full: 64 KiB of stops not read yet; the line says SIGTERM then)
             pass
-        os.kill(parent, signal.SIGTERM)
+        try:
+            if self._parent_fd is not None:  # the supervisor itself, not whoever has its pid by now
+                signal.pidfd_send_signal(self._parent_fd, signal.SIGTERM)
+            else:
+                os.kill(parent, signal.SIGTERM)
+        except ProcessLookupError:  # it died since the check
+            self._alone(number, parent)
+
+    def _alone(self, number: int, parent: int) -> None:
+        """In a worker whose supervisor died: its `milter stop` stops this worker alone."""
+        log.warning("worker %d called milter stop, but the supervisor (pid %d) died: stopping this worker alone",
+                    number, parent)
+        if self._stop_alone is not None:  # (None before it listens: the lifeline stops it then)
+            self._stop_alone()
 
     def _askers(self) -> tuple[list[str], int]:
         """Which workers asked for the stop being handled (_ask_stop; one handler may run for two
