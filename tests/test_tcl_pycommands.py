@@ -153,6 +153,19 @@ def setup(milter):
 RAW = b"caf\xc3\xa9 \xe9\xff \xed\xb2\x80 \xc0\x80 end"  # UTF-8, Latin-1, a CESU-8 look-alike, overlong NUL
 
 
+def raw_header_then_eom(m, raw: bytes) -> list[tuple[str, bytes]]:
+    """A message whose header X-Raw is these bytes: the end of message's reply, once the milter
+    has stopped cleanly."""
+    with m.mta() as mta:
+        mta.negotiate()
+        assert ok(mta.mail("<a@example.org>"))
+        assert ok(mta.event_raw("L", z("X-Raw", raw)))
+        assert ok(mta.eoh())
+        reply = mta.eom()
+    assert m.stop() == 0
+    return reply
+
+
 def test_8bit_bytes_round_trip_through_a_python_command(tclrun):
     m = tclrun(r"""
         package require TclMilter
@@ -170,13 +183,7 @@ def test_8bit_bytes_round_trip_through_a_python_command(tclrun):
         milter register eom eom
         milter main
     """, python=[ECHO_HOOKS])
-    with m.mta() as mta:
-        mta.negotiate()
-        assert ok(mta.mail("<a@example.org>"))
-        assert ok(mta.event_raw("L", z("X-Raw", RAW)))
-        assert ok(mta.eoh())
-        reply = mta.eom()
-    assert m.stop() == 0
+    reply = raw_header_then_eom(m, RAW)
     expected = RAW.decode("utf-8", "surrogateescape")
     assert f"PYECHO {ascii(expected)}" in m.text  # the function sees the bytes rule's str
     assert reply == [("h", z("X-Echo", RAW)), ("h", z("X-Bytes", RAW)),
@@ -224,6 +231,49 @@ def test_a_lone_surrogate_in_a_python_commands_result_is_one_tcl_character(tclru
         reply = mta.eom()
     assert reply == [("h", z("X-Lengths", "2 2 2")), ("c", b"")]
     assert m.stop() == 0
+
+
+LONE_ARGS_HOOKS = r"""
+def setup(milter):
+    @milter.register("eom")
+    def eom(ctx):
+        print("PRIV", ascii(ctx.getpriv("lone")), ascii(ctx.getpriv("raw")), flush=True)
+        print("PRIVS", ascii(sorted(ctx.getpriv().items())), flush=True)
+        print("TCL", ascii(ctx.tcl("format", "a%cb", 0xD800)), flush=True)
+"""
+
+#: The wire's bytes ED A0 80: not UTF-8 (the encoding of U+D800 that UTF-8 forbids), three bytes.
+RAW_SURROGATE = b"a\xed\xa0\x80b"
+
+
+def test_a_lone_surrogate_of_the_scripts_reaches_python_as_one_character_every_way(tclrun):
+    """The script's `[format %c 0xD800]` is one character: a Python command got it as "\\ud800",
+    as documented, but the same text read from Python as private data (getpriv, whole or one
+    name) or as ctx.tcl's result came as "\\udced\\udca0\\udc80", three bytes the wire never had.
+    The wire's own bytes ED A0 80 stay three escaped bytes every way, and go out as they came."""
+    m = tclrun(r"""
+        package require TclMilter
+        proc hdr {ctx name value} {
+            $ctx setpriv raw [pyecho $value]
+            $ctx setpriv lone [pyecho "a[format %c 0xD800]b"]
+            return SMFIS_CONTINUE
+        }
+        proc eom {ctx} {
+            $ctx addheader X-Length [string length [$ctx getpriv lone]]
+            $ctx addheader X-Raw [$ctx getpriv raw]
+            return SMFIS_CONTINUE
+        }
+        milter register header hdr
+        milter register eom eom
+        milter main
+    """, python=[ECHO_HOOKS, LONE_ARGS_HOOKS])
+    reply = raw_header_then_eom(m, RAW_SURROGATE)
+    lone, raw = "a\ud800b", RAW_SURROGATE.decode("utf-8", "surrogateescape")
+    assert f"PYECHO {ascii(lone)}" in m.text and f"PYECHO {ascii(raw)}" in m.text, m.text
+    assert f"PRIV {ascii(lone)} {ascii(raw)}" in m.text
+    assert f"PRIVS {ascii(sorted({'lone': lone, 'raw': raw}.items()))}" in m.text
+    assert f"TCL {ascii(lone)}" in m.text
+    assert reply == [("h", z("X-Length", "3")), ("h", z("X-Raw", RAW_SURROGATE)), ("c", b"")]
 
 
 # ---------------------------------------------------------------------------- errors

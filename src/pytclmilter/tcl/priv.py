@@ -12,14 +12,13 @@ from __future__ import annotations
 import tkinter
 from typing import Any, Callable
 
-from ..protocol.codec import text
-from .strings import from_tcl, tcl_to_wire, to_tcl
+from .strings import from_tcl, tcl_to_text, to_tcl
 
 
 def identity_text(data: Any) -> str:
     """A value ``encoding convertto identity`` produced, as Python's text."""
     if isinstance(data, bytes):
-        return text(tcl_to_wire(data))
+        return tcl_to_text(data)
     return from_tcl(str(data))  # not a byte array after all: tkinter made text of it
 
 

@@ -29,7 +29,7 @@ import re
 from typing import Any, Callable, Final
 
 from ..context import MilterError
-from ..protocol.codec import wire
+from ..protocol.codec import text, wire
 
 # Surrogates are written with chr(): mypyc refuses them in string literals (tcl/ is compiled).
 _ED = chr(0xDCED)  # the escaped byte ED that starts a CESU-8 surrogate
@@ -191,6 +191,18 @@ def tcl_body_to_wire(data: bytes) -> bytes:
             raise MilterError(f"replacebody: the new body holds U+{code:04X}, a surrogate that is no byte "
                               "(those are U+DC80..U+DCFF): it has no UTF-8 to send")
     return tcl_to_wire(data)
+
+
+def tcl_to_text(data: bytes) -> str:
+    """The ``str`` of the text Tcl keeps in these bytes (``encoding convertto identity``), as
+    :func:`from_tcl` gives it of what tkinter makes of the same text: ``text(tcl_to_wire(data))``,
+    but for a surrogate that is neither an escaped byte nor half of a pair (``[format %c
+    0xD800]``), which is that one character, not the three escaped bytes of its CESU-8 (wire
+    bytes ED A0 80 that no MTA sent, and that context would send). One memchr without ED."""
+    if b"\xed" not in data or _NOT_ESCAPE.search(data) is None or _LONE_CESU.search(data) is None:
+        return text(tcl_to_wire(data))
+    escaped = data.replace(_TCL_NUL, b"\0").decode("utf-8", "surrogateescape")
+    return _FROM_TCL.sub(_join, _CESU_PAIR.sub(_join_pair, escaped))
 
 
 def _unescape(parts: list[bytes]) -> bytes | None:
