@@ -787,6 +787,35 @@ def test_a_line_of_ascii_on_a_two_byte_encoding_is_written_whole(tmp_path) -> No
     assert (done.returncode, whole) == (0, 1000), done.stderr[-1000:]
 
 
+LONE_SURROGATE_PUTS_TCL = r"""
+package require TclMilter
+package require Thread
+set text "a[format %c 0xD800]b[format %c 0xDCE9]c"
+puts "out: $text"
+puts stderr "err: $text"
+thread::join [thread::create -joinable [list puts "thread out: $text"]]
+thread::join [thread::create -joinable [list puts stderr "thread err: $text"]]
+milter main
+"""
+
+
+@needs_thread
+def test_a_lone_surrogates_puts_is_escaped_as_the_log_escapes_it(tmp_path) -> None:
+    """`puts [format %c 0xD800]`, a character with no UTF-8, beside the bytes rule's U+DCE9 (the
+    byte E9): to stdout and stderr, from the script's thread and from a thread, each is written
+    as our log writes it, `\\ud800` and `\\xe9` (before: a thread wrote `\\xed\\xa0\\x80`, three
+    bytes no one sent, where the script's thread wrote `\\ud800`)."""
+    script = tmp_path / "lone.tcl"
+    script.write_text(LONE_SURROGATE_PUTS_TCL)
+    done = subprocess.run([*PYTCLMILTER, "check", str(script)], env=child_env(), capture_output=True, text=True,
+                          timeout=60)
+    assert done.returncode == 0, done.stderr
+    shown = r"a\ud800b\xe9c"
+    assert done.stdout.splitlines()[:2] == [f"out: {shown}", f"thread out: {shown}"], done.stdout
+    err = [line for line in done.stderr.splitlines() if not STDERR_LINE.match(line)]
+    assert err == [f"err: {shown}", f"thread err: {shown}"], done.stderr
+
+
 ENDED_THREADS_TCL = r"""
 package require TclMilter
 package require Thread

@@ -29,7 +29,7 @@ from typing import Any, Callable, Final, Sequence
 import _tkinter
 
 from ..logline import failure_text, tell_counts
-from .strings import tcl_to_wire, wire_to_tcl
+from .strings import tcl_to_text, wire_to_tcl
 from .usage import NONE, Answer, TclUsageError
 
 log = logging.getLogger(__name__)
@@ -389,7 +389,7 @@ def _command(tcl: Any, name: str, func: Callable[[Sequence[str]], Any]) -> Calla
 def _text(tcl: Any, obj: int) -> str:
     size = ctypes.c_int()
     data = ctypes.string_at(tcl.Tcl_GetStringFromObj(obj, ctypes.byref(size)), size.value)
-    return tcl_to_wire(data).decode("utf-8", "surrogateescape")
+    return tcl_to_text(data)  # (a lone surrogate one character, as the script's thread has it)
 
 
 def _obj(tcl: Any, value: Any) -> int:
