@@ -787,6 +787,32 @@ def test_a_line_of_ascii_on_a_two_byte_encoding_is_written_whole(tmp_path) -> No
     assert (done.returncode, whole) == (0, 1000), done.stderr[-1000:]
 
 
+CR_TRANSLATION_TCL = r"""
+package require TclMilter
+fconfigure stdout -translation cr
+fconfigure stderr -translation crlf
+puts "one"
+puts stderr "two"
+puts "caf\u00e9"
+puts -nonewline "th"
+puts "ree"
+milter main
+"""
+
+
+def test_puts_ends_its_lines_with_lf_whatever_the_channels_translation(tmp_path) -> None:
+    """`fconfigure stdout -translation cr` (or crlf on stderr): every line of the script's `puts`
+    ends with LF, as the lines through Python always did, so the next line, ours or another
+    writer's, starts one of its own (before: the usual ASCII line, which Tcl's own `puts` writes,
+    ended with a bare CR, which ends no journal line: `one\\rcafé\\n`)."""
+    script = tmp_path / "cr.tcl"
+    script.write_text(CR_TRANSLATION_TCL)
+    done = subprocess.run([*PYTCLMILTER, "check", str(script)], env=child_env(), capture_output=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith("one\ncaf\u00e9\nthree\n".encode()), done.stdout
+    assert b"\r" not in done.stderr and b"two\n" in done.stderr, done.stderr
+
+
 LONE_SURROGATE_PUTS_TCL = r"""
 package require TclMilter
 package require Thread

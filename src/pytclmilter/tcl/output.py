@@ -106,10 +106,13 @@ proc ::tclmilter::py::escaped {command name args} {
         # in the buffer (a non-blocking channel whose reader is stuck: Tcl would keep every line
         # after it, without a bound; here a line through Python is lost, counted, and Tcl's
         # tried first). (open: a line this interpreter began by `puts -nonewline`, Python's.)
+        # Only where the channel ends the line with LF, as Python's lines: a -translation cr
+        # line ended with a bare CR, which ends no journal line (the next writer's went on in it).
         set bytes [expr {2 * [::tcl::string::length $text] + 4}]
         if {!$open && ![::tcl::info::exists ::tclmilter::py::open($channel)] && $bytes <= @LINE@
                 && [regexp {^[\t -~]*$} $text] && ![catch {::fconfigure $channel -buffersize} size]
-                && $bytes <= $size && ![::tcl::chan::pending output $channel]} {
+                && $bytes <= $size && [::fconfigure $channel -translation] eq "lf"
+                && ![::tcl::chan::pending output $channel]} {
             set words [list -nonewline $channel $text\n]
             set whole 1
         } else {
