@@ -860,6 +860,33 @@ def test_a_stop_ends_the_process_when_a_callback_holds_it_past_the_grace(tclrun,
     assert not sock.exists() and not pidfile.exists()
 
 
+TCL_COUNTED_THEN_STUCK = r"""
+package require TclMilter
+milter configure -calltimeout 120
+proc tick {n} { if {$n} { after 1 [list tick [expr {$n - 1}]] } else { set ::done 1 }; error "boom $n" }
+after 0 {tick 50}
+vwait ::done
+update
+proc from {ctx list} { exec sleep 30; return SMFIS_CONTINUE }
+milter register envfrom from
+milter main
+"""
+
+
+def test_a_stop_that_ends_the_process_held_tells_the_counts_not_told_yet(tclrun, tmp_path):
+    """A failing `after` loop (51 errors: one logged whole, 50 counted, to be told once its minute
+    is over or as serving stops), then a stop while a callback is held past the grace: the
+    process ends, and the count is told first (before: lost, the loop that tells it as it stops
+    never turned again)."""
+    sock = tmp_path / "milter.sock"
+    m = tclrun(TCL_COUNTED_THEN_STUCK, "--grace", "1", connection=f"unix:{sock}")
+    status, _ = stopped_held_in_envfrom(m, sock)
+    assert status == 1, m.text
+    m.wait_for(r"boom 0 \(repeated 50 times since its last line with the trace", since=0)
+    m.wait_for(r"exiting without it, exit status 1", since=0)
+    assert m.text.index("repeated 50 times") < m.text.index("exiting without it"), m.text
+
+
 TCL_TAKES_THE_WAKEUP_FD = r"""
 package require TclMilter
 milter configure -calltimeout 120

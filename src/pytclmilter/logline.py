@@ -242,6 +242,24 @@ def tell_counts(ended_only: bool = True) -> None:
                 tell(repeated, label, count)
 
 
+def tell_counts_unlocked() -> None:
+    """Every count not told yet, told without taking the lock: the process ends at once from
+    another thread (overdue.py) while the serving thread, held, may hold it for ever (a __del__
+    run under it). A snapshot: a count changing meanwhile may be told one short."""
+    for _ in range(3):
+        try:  # (a set or dict another thread changes while it is read: read again)
+            counts = [(repeated, label or place, counted) for repeated in list(_untold)
+                      for place, (_, _, counted, label) in list(repeated._places.items()) if counted]
+            break
+        except RuntimeError:
+            continue
+    else:
+        return
+    for repeated, label, count in counts:
+        if repeated.tell is not None:
+            repeated.tell(repeated, label, count)
+
+
 def fault_kind(message: str) -> str:
     """What faults of one kind share: ``message`` with its numbers and quoted data (how an error
     of the protocol gives the MTA's bytes: ``repr``) as N and '...', so that a peer varying its

@@ -30,6 +30,7 @@ import threading
 import time
 from typing import Callable, Final
 
+from .logline import tell_counts_unlocked
 from .signalpipe import SignalPipe
 
 log: Final = logging.getLogger("pytclmilter")
@@ -132,6 +133,9 @@ class StopDeadline:
     def _give_up(self, since: float, grace: float, replaced: bool) -> None:
         # (A worker a reload replaced is not stopping: "stopping" and "the stop signal" misled.)
         ending, signalled = ("replaced by a reload", "the reload") if replaced else ("stopping", "the stop signal")
+        # The failures counted and not told (a failing `after` loop's): the loop that tells them
+        # as it stops never will. Without the lock, which the held thread may hold.
+        tell_counts_unlocked()
         log.error("%s: %s still held the milter %.1f s after %s, past the %g s grace, in code the grace cannot "
                   "stop (a command in C such as exec or a blocking read, or code under -calltimeout 0): exiting "
                   "without it, exit status %d", ending, self._held_by(), time.monotonic() - since, signalled, grace,
