@@ -182,12 +182,8 @@ if {[llength [::tcl::info::commands ::tclmilter::py::milter]]} {
             ::tcl::dict::set options -code $code
         }
         if {$code == 1} { return -options $options $result }
-        if {$code == 3 || $code == 4} {
-            set result "invoked \"[lindex {- - - break continue} $code]\" outside of a loop"
-        } else {
-            set result "command returned bad code: $code"
-        }
-        return -code error -errorcode [list TCL UNEXPECTED_RESULT_CODE $code] -errorinfo \
+        lassign [::tclmilter::py::badcode $code] result errorcode
+        return -code error -errorcode $errorcode -errorinfo \
             "$result\n    while executing\n\"$command\"\n    (\"uplevel\" body line 1)\n    invoked from within\n\"uplevel #0 \$args\"" \
             $result
     }

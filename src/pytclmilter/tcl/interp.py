@@ -179,7 +179,8 @@ class TclHost:
         for name in ("::tclmilter::py::milter", "::tclmilter::py::context", "::tclmilter::py::replacebody",
                      "::tclmilter::py::privstarted", "::tclmilter::py::exit", "::tclmilter::py::poll_next",
                      "::tclmilter::py::serve", "::tclmilter::py::threads", "::tclmilter::py::bgerror",
-                     "::tclmilter::py::thread_error", "::tclmilter::py::watched", "::tclmilter::py::interp_made"):
+                     "::tclmilter::py::thread_error", "::tclmilter::py::watched", "::tclmilter::py::interp_made",
+                     "::tclmilter::py::badcode"):
             call("interp", "alias", child, name, "", name)
         call("interp", "alias", child, "exit", "", "exit")
         call("interp", "alias", child, "::tclmilter::py::bg_made", "", "::tclmilter::py::bg_made", child)

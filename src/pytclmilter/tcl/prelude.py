@@ -103,6 +103,18 @@ proc ::tclmilter::py::bg_made {parent command code result op} {
     return $result
 }
 
+# A code other than ok and error where Tcl's top level ends it, in Tcl's words: {message errorCode}.
+# The one definition of them: the script's interpreter has it too (an alias), for the code a
+# command run by ctx.tcl ends with (tclmilter.tcl's ::tclmilter::toplevel).
+proc ::tclmilter::py::badcode {code} {
+    if {$code == 3 || $code == 4} {
+        set message "invoked \"[lindex {- - - break continue} $code]\" outside of a loop"
+    } else {
+        set message "command returned bad code: $code"
+    }
+    list $message [list TCL UNEXPECTED_RESULT_CODE $code]
+}
+
 # What a callback's code other than ok and error (callbacks.py's _checked caught it) makes where Tcl's top
 # level ends it, as there: a `return` returns (with its own -code at its last level), break,
 # continue and any other code are errors, in Tcl's words and errorCode, with the one frame Tcl writes
@@ -115,12 +127,7 @@ proc ::tclmilter::py::unexpected {code result options command} {
     }
     set ::errorCode NONE
     if {[dict exists $options -errorcode]} { set ::errorCode [dict get $options -errorcode] }
-    if {$code == 3 || $code == 4} {
-        set result "invoked \"[lindex {- - - break continue} $code]\" outside of a loop"
-    } elseif {$code != 1} {
-        set result "command returned bad code: $code"
-    }
-    if {$code != 1} { set ::errorCode [list TCL UNEXPECTED_RESULT_CODE $code] }
+    if {$code != 1} { lassign [::tclmilter::py::badcode $code] result ::errorCode }
     set shown $command
     if {[string bytelength $command] > 150} {
         set end 150
