@@ -2,8 +2,8 @@
 the line and answer of one that fails.
 
 ``Caller`` is the engine's base (engine.ConnectionEngine): the one place callbacks are called
-(:meth:`Caller._call`), knowing nothing of the connection but how to close it
-(:meth:`Caller._cut_loose`, the engine's). Compiled with the hot path (setup.py).
+(:meth:`Caller._call`), knowing nothing of the connection: where a callback is abandoned
+(``_abandoned``, :meth:`Caller._settle`), the engine closes it. Compiled with the hot path (setup.py).
 """
 
 from __future__ import annotations
@@ -107,12 +107,6 @@ class Caller:
         #: An async callback stopped by its limit and answered, still ending (_settle).
         self._unwinding: tuple[str, Callback, asyncio.Task[Any], Awaitable[Any], str] | None = None
         self._abandoned = False  # a callback of this connection ignored its cancellation: it closes
-
-    def _cut_loose(self) -> None:
-        """Close the connection of an abandoned callback: it may still use the context. The
-        engine's override (ConnectionEngine._cut_loose) does it; a bound method handed in at
-        construction instead was a reference cycle per connection, +1.8 % a message."""
-        raise NotImplementedError
 
     def _not_awaitable(self, name: str, cb: Callback, awaitable: Awaitable[Any]) -> Status:
         """An async callback where the answer must be given at once: closed unstarted (a coroutine
@@ -239,8 +233,8 @@ class Caller:
         self._timed(name, cb, started)
         when = f"when {shared.stop_why} was over" if shared.graced(started) else f"at the {limit:g} s call timeout"
         self._unwinding = (name, cb, task, awaitable, when)
-        if ignore and not await self._settle():  # abort, close: no answer to give first
-            self._cut_loose()
+        if ignore:  # abort, close: no answer to give first (abandoned, the engine closes the connection)
+            await self._settle()
         return status
 
     async def _settle(self) -> bool:

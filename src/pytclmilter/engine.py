@@ -112,12 +112,6 @@ def _answer_text(reply: OptionNegotiationReply) -> str:
     return " ".join([text, "macro lists", *lists]) if lists else text
 
 
-async def _in_turn(awaitables: list[Awaitable[Status]]) -> None:
-    """Await each in turn (abort and close callbacks: their failures are logged by _awaited)."""
-    for awaitable in awaitables:
-        await awaitable
-
-
 class ConnectionEngine(Caller):
     """Drives one FilterSession with the milter's callbacks.
 
@@ -490,7 +484,7 @@ class ConnectionEngine(Caller):
             return
         pending = self._quiet_chain(name)
         if pending:
-            self._quiet = asyncio.ensure_future(_in_turn(pending))
+            self._quiet = asyncio.ensure_future(self._in_turn(pending))
 
     def _quiet_chain(self, name: str) -> list[Awaitable[Status]]:
         """Run the event's callbacks; the awaitables of the async ones, not awaited yet."""
@@ -512,13 +506,21 @@ class ConnectionEngine(Caller):
                 raise
             # (before: a callback cancelled as its connection was cut, see connection_lost)
         try:
-            await _in_turn(self._quiet_chain(name))
+            await self._in_turn(self._quiet_chain(name))
         finally:
             self._queued -= 1
         if self._held and self._queued < _QUIET_QUEUE:
             self._held = self._busy = False
             if not self.closed:
                 self._go_on()
+
+    async def _in_turn(self, awaitables: list[Awaitable[Status]]) -> None:
+        """Await each in turn (abort and close callbacks: their failures are logged by _awaited);
+        after one abandoned (it ignored its cancellation), the connection is closed."""
+        for awaitable in awaitables:
+            await awaitable
+            if self._abandoned:
+                self._cut_loose()
 
     def _cut_loose(self) -> None:
         """Close the connection of an abandoned callback: it may still use the context."""
