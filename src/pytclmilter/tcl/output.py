@@ -102,7 +102,7 @@ proc ::tclmilter::py::escaped {command name args} {
         set text [lindex $words $i]
         # A whole line that Tcl writes in one write(): short enough for the line, and for the
         # channel's buffer (which a safe interpreter cannot read), in any -encoding (2 bytes a
-        # character at most: unicode) and its -translation's CR too; and none before it still
+        # character at most: unicode) and its newline, with room to spare; and none before it still
         # in the buffer (a non-blocking channel whose reader is stuck: Tcl would keep every line
         # after it, without a bound; here a line through Python is lost, counted, and Tcl's
         # tried first). (open: a line this interpreter began by `puts -nonewline`, Python's.)
