@@ -818,3 +818,63 @@ def test_as_root_a_redis_unix_socket_is_reached_only_where_no_other_user_could_s
             server.kill()
             server.wait(10)
         shutil.rmtree(base)
+
+
+def _way_back_through_their_link(base: Path) -> tuple[Path, Path, Path]:
+    """In a sticky directory of root's (/tmp's kind), root's directory ``roots`` and another user's
+    link ``link`` to a directory of theirs below one of theirs holding a ``roots`` of its own:
+    ``link/../roots`` names root's by its text, theirs to the kernel (and SQLite, redis-py).
+    The sticky directory, ``link`` and their ``roots``."""
+    nobody = pwd.getpwnam("nobody")
+    base.chmod(0o755)
+    sticky, theirs = base / "sticky", base / "theirs"
+    sticky.mkdir()
+    sticky.chmod(0o1777)
+    (sticky / "roots").mkdir(mode=0o755)
+    (theirs / "sub").mkdir(parents=True)
+    (theirs / "roots").mkdir()
+    for made in (theirs, theirs / "sub", theirs / "roots"):
+        os.chown(made, nobody.pw_uid, nobody.pw_gid)
+    link = sticky / "link"
+    link.symlink_to(theirs / "sub")
+    os.lchown(link, nobody.pw_uid, nobody.pw_gid)
+    return sticky, link, theirs / "roots"
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="the checks are root's")
+@pytest.mark.parametrize("store", ["sqlite", "redis"])
+def test_as_root_a_dot_dot_after_another_users_link_is_walked_as_the_kernel_walks_it(
+        tclrun: Callable[..., TclRun], store: str) -> None:
+    """The checks walked the path made absolute by os.path.abspath, which drops ``link/..`` as
+    text; SQLite and redis-py then open the path as written, and the kernel follows the link
+    first, its ``..`` the parent of where the link points: another user's link in /tmp sent
+    root's database (or its connection) into a directory of theirs, past checks of root's."""
+    base = Path(tempfile.mkdtemp(prefix="greylist-dotdot-"))
+    server = None
+    try:
+        sticky, link, their_roots = _way_back_through_their_link(base)
+        if store == "sqlite":
+            m = greylist(tclrun, f"sqlite:{link}/../roots/greylist.sqlite")
+        else:
+            sock = their_roots / "redis.sock"
+            server = subprocess.Popen([shutil.which("redis-server") or "/usr/bin/redis-server", "--port", "0",
+                                       "--unixsocket", str(sock), "--save", "", "--appendonly", "no",
+                                       "--dir", str(their_roots)], user="nobody",
+                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            deadline = time.monotonic() + 10
+            while not sock.exists():
+                assert server.poll() is None and time.monotonic() < deadline, "redis-server did not start"
+                time.sleep(0.05)
+            m = greylist(tclrun, f"unix://{link}/../roots/redis.sock?db=0")
+        assert unavailable(rcpt_reply(m, 1))
+        doing = "open it" if store == "sqlite" else "connect to it"
+        m.wait_for(re.escape(f"unavailable (StoreError: refusing to {doing} as root in {link}/../roots: the "
+                             f"symbolic link {link} is in a directory others may write; refusing to follow it)"))
+        if store == "sqlite":
+            assert list(their_roots.iterdir()) == []
+        assert m.stop() == 0
+    finally:
+        if server is not None:
+            server.kill()
+            server.wait(10)
+        shutil.rmtree(base)

@@ -341,7 +341,7 @@ def _refuse_unsafe_as_root(path: str) -> None:
     """
     if os.geteuid() != 0:
         return
-    where, name = os.path.split(os.path.abspath(path))
+    where, name = os.path.split(_as_the_kernel_walks(path))
     try:
         dirfd = open_roots_dir(where)  # the project's root-time helpers (safepath)
     except Untrusted as exc:
@@ -359,6 +359,14 @@ def _refuse_unsafe_as_root(path: str) -> None:
         os.close(dirfd)
 
 
+def _as_the_kernel_walks(path: str) -> str:
+    """``path`` from the root, its ``..`` left in: SQLite and redis-py open it as written, and
+    the kernel takes a ``..`` after a link from where the link points (os.path.abspath drops
+    ``link/..`` as text, and the checks walked another way than the open: past another user's
+    link in /tmp into a directory of theirs). The walk (safepath) takes ``..`` as the kernel does."""
+    return path if path.startswith("/") else os.path.join(os.getcwd(), path)
+
+
 def _refuse_unsafe_socket_as_root(path: str) -> None:
     """As root, connect to Redis's unix socket only where no one but root and Redis could have put it.
 
@@ -370,7 +378,7 @@ def _refuse_unsafe_socket_as_root(path: str) -> None:
     After ``run --user`` dropped privileges none of this applies."""
     if os.geteuid() != 0:
         return
-    where, name = os.path.split(os.path.abspath(path))
+    where, name = os.path.split(_as_the_kernel_walks(path))
     above, last = os.path.split(where)
     try:
         fd = open_roots_dir(above)
