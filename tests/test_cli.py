@@ -433,6 +433,22 @@ def test_run_refuses_the_broadcast_address_as_libmilter_does(serve: Callable[...
     assert "listening on" not in m.text
 
 
+@pytest.mark.parametrize("spec, said", [
+    ("inet:0@239.1.1.1", '"239.1.1.1"'),
+    ("inet:0@[0xe0000001]", '"0xe0000001" (224.0.0.1)'),
+    ("inet6:0@[::ffff:224.0.0.1]", '"::ffff:224.0.0.1"'),
+    ("inet6:0@[ff05::1]", '"ff05::1"'),
+])
+def test_run_refuses_a_multicast_address_where_no_mta_can_connect(spec: str, said: str) -> None:
+    """`inet:8891@239.1.1.1` was served: Linux binds an IPv4 multicast address for TCP and the
+    filter said it listened there, but an MTA's connect is refused (Network is unreachable), as at
+    the broadcast address. An IPv6 one failed at bind, "Invalid argument". Refused at start."""
+    status, out = cli("run", str(STAMP), "--connection", spec, timeout=10)
+    assert (status, "listening" in out) == (64, False), out
+    assert (f'pytclmilter run: --connection "{spec}": {said} is a multicast address: no MTA can connect to it '
+            "(TCP connects to one host's address)\n") in out, out
+
+
 def test_run_binds_a_relative_unix_path_where_libmilter_would_and_names_it(serve: Callable[..., TclRun],
                                                                           tmp_path: Path) -> None:
     """A spec with no colon is a unix socket's path (libmilter's rule), relative to the current

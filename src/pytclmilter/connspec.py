@@ -8,7 +8,8 @@ libmilter's ``atoi``, a number followed by anything is refused: Postfix's
 ``inet:127.0.0.1:8891`` would be port 127 on every address; so is text after ``]``, which
 libmilter ignores. The broadcast address 255.255.255.255 is refused however written: libmilter
 refuses ``[255.255.255.255]`` (inet_addr's error value, INADDR_NONE), and Linux would bind it
-where no MTA can connect; so is its IPv4-mapped form (``inet6:...@[::ffff:255.255.255.255]``).
+where no MTA can connect; so is its IPv4-mapped form (``inet6:...@[::ffff:255.255.255.255]``),
+and a multicast address (``224.0.0.1``, ``ff05::1``), bound where no MTA can connect too.
 Any other IPv4-mapped address is served as libmilter serves it: IPv4 connections to that address.
 A bracketed address may have a zone (``[fe80::1%eth0]``), as the unbracketed one may.
 """
@@ -190,12 +191,26 @@ def _host(host: str, proto: str, spec: str, what: str) -> str:
         which = "" if written == _BROADCAST else f" ({_BROADCAST})"
         raise ConnSpecError(f'{what} "{spec}": "{written}"{which} is the broadcast address: no MTA can connect to '
                             f"it (libmilter refuses [{_BROADCAST}]: inet_addr's error value, INADDR_NONE)")
+    if _multicast(addr):
+        which = "" if written == addr else f" ({addr})"
+        raise ConnSpecError(f'{what} "{spec}": "{written}"{which} is a multicast address: no MTA can connect to it '
+                            "(TCP connects to one host's address)")
     return addr
 
 
 def ipv4_mapped(addr: str) -> bool:
     """``::ffff:127.0.0.1``: IPv4 traffic, which an IPv6-only socket can never bind to."""
     return _ipv4(addr) != addr
+
+
+def _multicast(addr: str) -> bool:
+    """A multicast address, IPv4 (224.0.0.0/4), IPv6 (ff00::/8) or IPv4-mapped: Linux binds an
+    IPv4 one for TCP and the filter said it listened there, but a connect to it is refused
+    (Network is unreachable); an IPv6 one failed at bind, as "Invalid argument"."""
+    try:
+        return ipaddress.ip_address(_ipv4(addr)).is_multicast
+    except ValueError:
+        return False
 
 
 def _ipv4(addr: str) -> str:
