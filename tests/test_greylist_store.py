@@ -878,3 +878,20 @@ def test_as_root_a_dot_dot_after_another_users_link_is_walked_as_the_kernel_walk
             server.kill()
             server.wait(10)
         shutil.rmtree(base)
+
+
+@pytest.mark.parametrize(("spec", "host"), [("unix://run/redis/redis.sock?db=0", "run"),
+                                            ("unix://redis.sock?db=0", "redis.sock")])
+def test_a_unix_url_with_a_host_part_fails_the_load_saying_so(tclrun: Callable[..., TclRun], spec: str,
+                                                             host: str) -> None:
+    """redis-py reads a unix:// URL's path alone: unix://run/redis/redis.sock (two slashes, a path
+    written relative) loaded and connected to /redis/redis.sock, unix://redis.sock to no path at
+    all, the host part dropped in silence. Refused at load, and by the import, naming it."""
+    said = (f'-store {spec}: a unix:// URL names the socket by its absolute path, after three slashes '
+            f'(unix:///run/redis/redis-server.sock?db=0); "{host}" would be dropped')
+    m = tclrun(GREYLIST, "--python", str(STORE_PY), wait=False, args=("-store", spec))
+    assert m.wait_exit(timeout=20) == 1
+    assert said in m.text, m.text
+    assert "listening" not in m.text
+    bad = run_import("/nonexistent/greylist.db", spec)
+    assert bad.returncode == 64 and said in bad.stderr, bad.stderr

@@ -169,9 +169,21 @@ def check_spec(spec: str) -> str:
             raise ValueError("-store sqlite:PATH needs a path")
         return "sqlite"
     if re.match(r"(rediss?|unix)://.", spec):  # unix:///run/redis/redis-server.sock?db=0: Redis's socket
+        _refuse_unix_host(spec)
         _redis_module()
         return "redis"
     raise ValueError(f'-store must be sqlite:PATH or redis://HOST:PORT/DB (or unix://SOCKET?db=DB), not "{spec}"')
+
+
+def _refuse_unix_host(spec: str) -> None:
+    """ValueError for a unix:// URL with a host part: redis-py takes its path alone, so
+    unix://run/redis.sock connected to /redis.sock, "run" dropped in silence, and
+    unix://redis.sock to no path at all (a user before an "@" is redis-py's: kept)."""
+    parts = urlsplit(spec)
+    host = parts.netloc.rpartition("@")[2]
+    if parts.scheme == "unix" and host:
+        raise ValueError(f'-store {_redis_where(spec)}: a unix:// URL names the socket by its absolute path, after '
+                         f'three slashes (unix:///run/redis/redis-server.sock?db=0); "{host}" would be dropped')
 
 
 def open_store(spec: str) -> Store:
