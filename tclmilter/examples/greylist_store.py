@@ -407,6 +407,9 @@ def _refuse_unsafe_socket_as_root(path: str) -> None:
         directory, sock = os.fstat(dirfd), lstat_at(dirfd, name)
     finally:
         os.close(dirfd)
+    if sock is not None and stat.S_ISLNK(sock.st_mode):  # (redis-py would follow it, to a directory unchecked)
+        raise StoreError(f"refusing to connect to it as root through the symbolic link {os.path.join(where, name)} "
+                         "(name the socket itself, or run with --user)")
     if directory.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
         raise StoreError(f"refusing to connect to it as root in {where}, which others may write "
                          f"(chmod go-w {where}, or run with --user)")
