@@ -506,6 +506,18 @@ def test_run_reads_a_numeric_flag_in_decimal_and_refuses_a_radix_prefix(option: 
     assert "listening" not in out
 
 
+@pytest.mark.parametrize("option, value, said", [
+    ("--workers", "-05", "expected positive integer up to 1024"), ("--backlog", "000", "expected positive integer"),
+    ("--timeout", " -010", "expected non-negative integer")])
+def test_run_quotes_a_refused_decimal_flag_as_given(option: str, value: str, said: str) -> None:
+    """Read in decimal, the flag was refused as the number it became: `--workers -05` said
+    `got "-5"`, `--backlog 000` `got "0"`, a value the user never typed."""
+    status, out = cli("run", str(STAMP), option, value, "--connection", "inet:0@127.0.0.1", timeout=10)
+    assert status == 64, out
+    assert f'pytclmilter run: {option}: {said} but got "{value}"' in out, out
+    assert "listening" not in out
+
+
 def test_run_reads_a_leading_zero_in_decimal(serve: Callable[..., TclRun]) -> None:
     """`--workers 010` served with 8 workers (Tcl reads a leading 0 as octal), `--workers 08` was
     refused as a bad octal number: on a command line, 010 is ten."""

@@ -212,11 +212,15 @@ class MilterCommand:
         names the flag: the option's own words (``expected integer but got "x"``) do not say which
         of the command line's values it was. ``why`` the script's configure is ignored, where no
         flag gave the value (try's own): by default ``--workers given on the command line``."""
+        value = raw
         try:
             option = OPTIONS.get(name)  # (an unknown one: set's bad option error)
-            self.set(name, _decimal(raw) if option is not None and option.numeric else raw)
+            value = _decimal(raw) if option is not None and option.numeric else raw
+            self.set(name, value)
         except TclUsageError as exc:
-            raise TclUsageError(_flagged(flag, name, str(exc))) from None
+            # (the option's words quote what it was given: "-05" read as "-5" is quoted as typed)
+            said = str(exc).replace(f'got "{value}"', f'got "{raw}"') if value != raw else str(exc)
+            raise TclUsageError(_flagged(flag, name, said)) from None
         self.locked[name] = why or f"{flag} given on the command line"
 
     # ------------------------------------------------------------ main / stop
