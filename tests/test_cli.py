@@ -506,6 +506,16 @@ def test_run_reads_a_numeric_flag_in_decimal_and_refuses_a_radix_prefix(option: 
     assert "listening" not in out
 
 
+@pytest.mark.parametrize("spec", ["inet6:8891@[fe80::1]", "inet6:8891@fe80::1"])
+def test_run_refuses_a_link_local_address_without_its_interface_saying_so(spec: str) -> None:
+    """`inet6:8891@fe80::1` failed at `milter main` with `cannot listen on inet6:8891@fe80::1:
+    Invalid argument`, which does not say that a link-local address needs its interface."""
+    status, out = cli("run", str(STAMP), "--connection", spec, timeout=10)
+    assert (status, "listening" in out) == (64, False), out
+    assert (f'pytclmilter run: --connection "{spec}": "fe80::1" is a link-local address, which means nothing '
+            "without its interface: name it, as in inet6:8891@fe80::1%eth0 (Linux refuses the bind)\n") in out, out
+
+
 @pytest.mark.parametrize("option, value, said", [
     ("--workers", "-05", "expected positive integer up to 1024"), ("--backlog", "000", "expected positive integer"),
     ("--timeout", " -010", "expected non-negative integer")])

@@ -195,12 +195,28 @@ def _host(host: str, proto: str, spec: str, what: str) -> str:
         which = "" if written == addr else f" ({addr})"
         raise ConnSpecError(f'{what} "{spec}": "{written}"{which} is a multicast address: no MTA can connect to it '
                             "(TCP connects to one host's address)")
+    if _link_local_without_zone(addr):
+        raise ConnSpecError(f'{what} "{spec}": "{written}" is a link-local address, which means nothing without its '
+                            f"interface: name it, as in {proto}:{_port_of(spec)}@{addr}%eth0 (Linux refuses the bind)")
     return addr
 
 
 def ipv4_mapped(addr: str) -> bool:
     """``::ffff:127.0.0.1``: IPv4 traffic, which an IPv6-only socket can never bind to."""
     return _ipv4(addr) != addr
+
+
+def _link_local_without_zone(addr: str) -> bool:
+    """fe80::/10 with no interface: Linux refuses its bind, as "Invalid argument", which named no cause."""
+    try:
+        return "%" not in addr and ipaddress.IPv6Address(addr).is_link_local
+    except ValueError:
+        return False
+
+
+def _port_of(spec: str) -> str:
+    """The port as the spec wrote it, for an example that names the same one."""
+    return spec.split(":", 1)[1].partition("@")[0]
 
 
 def _multicast(addr: str) -> bool:
