@@ -898,19 +898,26 @@ def test_a_unix_url_with_a_host_part_fails_the_load_saying_so(tclrun: Callable[.
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="the checks are root's")
+@pytest.mark.parametrize("at", ["the socket's name", "its directory's name"])
 def test_as_root_a_redis_socket_is_not_reached_through_a_symbolic_link_at_its_name(
-        tclrun: Callable[..., TclRun], roots_dir: Path, nobodys_redis: Callable[[Path], None]) -> None:
+        tclrun: Callable[..., TclRun], roots_dir: Path, nobodys_redis: Callable[[Path], None], at: str) -> None:
     """The socket's directory was checked, but a link at the socket's name was left to redis-py to
     follow: one of root's to a socket in a directory others may write reached whatever socket was
     there, a fake Redis that greylists nothing. The SQLite store refuses a link at its name; so
-    does the Redis one now, as the docs said it did ("held to the same rule")."""
+    does the Redis one now, as the docs said it did ("held to the same rule"). A link at the
+    directory's name was refused, but as "cannot reach its directory ...: Not a directory"."""
     theirs = roots_dir / "anyones"
     theirs.mkdir()
     theirs.chmod(0o777)
     nobodys_redis(theirs / "redis.sock")
-    (roots_dir / "redis.sock").symlink_to(theirs / "redis.sock")
-    m = greylist(tclrun, f"unix://{roots_dir}/redis.sock?db=0")
+    if at == "the socket's name":
+        link = sock = roots_dir / "redis.sock"
+        link.symlink_to(theirs / "redis.sock")
+    else:
+        link, sock = roots_dir / "redis", roots_dir / "redis" / "redis.sock"
+        link.symlink_to(theirs)
+    m = greylist(tclrun, f"unix://{sock}?db=0")
     assert unavailable(rcpt_reply(m, 1))
     m.wait_for(re.escape(f"unavailable (StoreError: refusing to connect to it as root through the symbolic link "
-                         f"{roots_dir}/redis.sock (name the socket itself, or run with --user))"))
+                         f"{link} (name the socket itself, or run with --user))"))
     assert m.stop() == 0

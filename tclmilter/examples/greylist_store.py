@@ -395,6 +395,7 @@ def _refuse_unsafe_socket_as_root(path: str) -> None:
     try:
         fd = open_roots_dir(above)
         try:
+            _refuse_link(lstat_at(fd, last) if last else None, where)
             flags = os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
             dirfd = os.open(last, flags, dir_fd=fd) if last else os.dup(fd)
         finally:
@@ -407,9 +408,7 @@ def _refuse_unsafe_socket_as_root(path: str) -> None:
         directory, sock = os.fstat(dirfd), lstat_at(dirfd, name)
     finally:
         os.close(dirfd)
-    if sock is not None and stat.S_ISLNK(sock.st_mode):  # (redis-py would follow it, to a directory unchecked)
-        raise StoreError(f"refusing to connect to it as root through the symbolic link {os.path.join(where, name)} "
-                         "(name the socket itself, or run with --user)")
+    _refuse_link(sock, os.path.join(where, name))
     if directory.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
         raise StoreError(f"refusing to connect to it as root in {where}, which others may write "
                          f"(chmod go-w {where}, or run with --user)")
@@ -417,6 +416,14 @@ def _refuse_unsafe_socket_as_root(path: str) -> None:
         owner = "no socket there yet" if sock is None else f"the socket's owner is uid {sock.st_uid}"
         raise StoreError(f"refusing to connect to it as root in {where}, owned by uid {directory.st_uid}, "
                          f"not root ({owner})")
+
+
+def _refuse_link(found: os.stat_result | None, link: str) -> None:
+    """StoreError if ``found`` (an lstat) is a symbolic link: redis-py would follow it, into a
+    directory not checked (at the socket's directory's name, O_NOFOLLOW said "Not a directory")."""
+    if found is not None and stat.S_ISLNK(found.st_mode):
+        raise StoreError(f"refusing to connect to it as root through the symbolic link {link} "
+                         "(name the socket itself, or run with --user)")
 
 
 # The sighting, in Redis: one script runs atomically, so two hosts recording the same new triplet
