@@ -506,6 +506,22 @@ def test_run_reads_a_numeric_flag_in_decimal_and_refuses_a_radix_prefix(option: 
     assert "listening" not in out
 
 
+@pytest.mark.parametrize("ids, said", [
+    (("--user", "\u00b2"), '--user: no such user "\u00b2"'),
+    (("--user", "\u0660"), '--user: no such user "\u0660"'),
+    (("--user", "nobody", "--group", "\u0660"), '--group: no such group "\u0660"'),
+    (("--user", "nobody", "--group", "99999999999999999999"), '--group: no such group "99999999999999999999"'),
+])
+def test_run_reads_only_ascii_digits_of_user_and_group_as_ids(ids: tuple[str, ...], said: str) -> None:
+    """`--user \u00b2` ended in "unexpected error: ValueError" and a traceback (str.isdigit() is
+    true of it, int() refuses it), `--group 99999999999999999999` in an OverflowError, and
+    `--user \u0660` (ARABIC-INDIC DIGIT ZERO) served as uid 0: no user has such a name, and a
+    command line's user means digits 0-9 when naming an id."""
+    status, out = cli("run", str(STAMP), *ids, "--connection", "inet:0@127.0.0.1", timeout=10)
+    assert (status, "listening" in out, "Traceback" in out) == (64, False, False), out
+    assert f"pytclmilter run: {said}\n" in out, out
+
+
 @pytest.mark.parametrize("spec", ["inet6:8891@[fe80::1]", "inet6:8891@fe80::1"])
 def test_run_refuses_a_link_local_address_without_its_interface_saying_so(spec: str) -> None:
     """`inet6:8891@fe80::1` failed at `milter main` with `cannot listen on inet6:8891@fe80::1:

@@ -18,7 +18,7 @@ import threading
 import tkinter
 import traceback
 from types import TracebackType
-from typing import Callable, Final, NamedTuple
+from typing import Callable, Final, NamedTuple, TypeVar
 
 from ..compiled import describe
 from ..connspec import ConnSpec
@@ -39,6 +39,7 @@ from . import sigmask
 from .reloading import Abandoned, Generations
 from .sdnotify import Notifier
 
+_Entry = TypeVar("_Entry", pwd.struct_passwd, grp.struct_group)  # (_named: a user, or a group)
 log = logging.getLogger("pytclmilter")
 
 
@@ -191,18 +192,30 @@ def _ids(user: str | None, group: str | None) -> Ids | None:
             raise UsageError("--group needs --user")
         return None
     try:
-        pw = pwd.getpwnam(user) if not user.isdigit() else pwd.getpwuid(int(user))
+        pw = _named(user, pwd.getpwnam, pwd.getpwuid)
     except KeyError:
         raise UsageError(f'--user: no such user "{user}"') from None
     gid = pw.pw_gid
     if group is not None:
         try:
-            gid = (grp.getgrnam(group) if not group.isdigit() else grp.getgrgid(int(group))).gr_gid
+            gid = _named(group, grp.getgrnam, grp.getgrgid).gr_gid
         except KeyError:
             raise UsageError(f'--group: no such group "{group}"') from None
     if os.geteuid() != 0:
         _check_unprivileged(pw.pw_uid, gid)
     return Ids(pw.pw_uid, gid, pw.pw_name)
+
+
+def _named(text: str, by_name: Callable[[str], _Entry], by_id: Callable[[int], _Entry]) -> _Entry:
+    """The user or group ``text`` names, by its id when it is digits 0-9; KeyError when none.
+    str.isdigit() is true of "\u00b2", which int() refuses (a traceback), and of "\u0660", which
+    it reads as 0: root, for a name no user can have. An id past the C type's range is none."""
+    if text.isascii() and text.isdigit():
+        try:
+            return by_id(int(text))
+        except OverflowError:
+            raise KeyError(text) from None
+    return by_name(text)
 
 
 def _warn_root(user: str | None) -> None:
