@@ -106,6 +106,8 @@ class FrameReader:
         partial = self._partial
         if partial is not None:
             if len(partial) < self._need:
+                if self._need == 5 and len(partial) == 4:  # a length gathered from several reads
+                    self._check_length(int.from_bytes(partial, "big"))
                 return None
             self._buf, self._pos, self._partial = bytes(partial), 0, None
         buf, pos = self._buf, self._pos

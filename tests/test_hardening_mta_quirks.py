@@ -1,0 +1,53 @@
+"""A hostile or quirky MTA against the live server: what tests/test_hardening_malformed.py's
+sessions leave out (a frame's length written a byte at a time). Each bad connection is closed
+with one warning, and the connection beside it is served to its end."""
+
+from __future__ import annotations
+
+import logging
+import struct
+import time
+
+from support.engine import RawMTA, make_milter, serving, wait_for, z
+
+LOG = "pytclmilter"
+
+
+def warnings_of(caplog) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+
+
+def test_a_zero_length_written_a_byte_at_a_time_is_refused_at_once(caplog):
+    """The length alone tells a zero-length packet (codec.FrameReader): told at once whether its
+    four bytes come in one write or in several, not at the I/O timeout with nothing logged."""
+    caplog.set_level(logging.INFO, logger=LOG)
+    with serving(make_milter(timeout=30)) as srv:
+        good = srv.raw()
+        assert good.connect() == (b"c", b"")
+        bad = srv.raw()
+        assert bad.connect() == (b"c", b"")
+        for byte in b"\0\0\0\0":
+            bad.send_raw(bytes([byte]))
+            time.sleep(0.05)
+        assert bad.expect_eof(timeout=3) < 3
+        bad.close()
+        assert good.helo() == (b"c", b"")
+        good.quit()
+        good.expect_eof()
+    [line] = warnings_of(caplog)
+    assert line.endswith("closing the connection: zero-length packet"), line
+
+
+def test_an_oversize_length_written_in_two_writes_is_refused_at_once(caplog):
+    caplog.set_level(logging.INFO, logger=LOG)
+    with serving(make_milter(timeout=30)) as srv:
+        bad = srv.raw()
+        assert bad.connect() == (b"c", b"")
+        raw = struct.pack("!I", 65537)
+        bad.send_raw(raw[:2])
+        time.sleep(0.05)
+        bad.send_raw(raw[2:])
+        assert bad.expect_eof(timeout=3) < 3
+        bad.close()
+    [line] = warnings_of(caplog)
+    assert line.endswith("packet of 65536 bytes exceeds the limit of 65535"), line
