@@ -1,10 +1,12 @@
 """A hostile or quirky MTA against the live server: what tests/test_hardening_malformed.py's
-sessions leave out (a frame's length written a byte at a time). Each bad connection is closed
-with one warning, and the connection beside it is served to its end."""
+sessions leave out (a peer that names itself with a log line of its own, a frame's length
+written a byte at a time). Each bad connection is closed with one escaped warning, and the
+connection beside it is served to its end."""
 
 from __future__ import annotations
 
 import logging
+import socket
 import struct
 import time
 
@@ -15,6 +17,26 @@ LOG = "pytclmilter"
 
 def warnings_of(caplog) -> list[str]:
     return [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+
+
+def test_a_unix_peer_whose_socket_path_holds_a_newline_is_named_escaped(caplog, tmp_path):
+    """A local peer names its own end of a unix socket (bind): a path with a line break in it
+    made the warning two lines, the second the peer's own."""
+    caplog.set_level(logging.INFO, logger=LOG)
+    path = tmp_path / "m.sock"
+    with serving(make_milter(connection=f"unix:{path}", timeout=5)):
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(5)
+        sock.bind(str(tmp_path / "x\nconn#99: forged"))
+        sock.connect(str(path))
+        mta = RawMTA(sock)
+        mta.send(b"Z", b"garbage")
+        mta.expect_eof()
+        mta.close()
+        wait_for(lambda: warnings_of(caplog))
+    [line] = warnings_of(caplog)
+    assert "\n" not in line, line
+    assert "x\\nconn#99: forged" in line, line
 
 
 def test_a_zero_length_written_a_byte_at_a_time_is_refused_at_once(caplog):

@@ -215,9 +215,11 @@ async def _due_first(engines: list[ConnectionEngine]) -> None:
 
 
 def _peer_text(peer: object) -> str:
+    """The peer as log lines name it. A unix socket's peer names itself (the path it bound),
+    line breaks and all: escaped."""
     if isinstance(peer, tuple):
         return f"{peer[0]}:{peer[1]}"
-    return str(peer) or "unix socket"
+    return escape(str(peer)) or "unix socket"
 
 
 def _reloads_told(_repeated: Repeated, label: str, count: int) -> None:
