@@ -75,7 +75,9 @@ def negotiate(offer: OptionNegotiation, wants: Wants) -> Negotiated:
     check_offer(offer)
     version = min(PROTOCOL_VERSION, offer.version)
     offered_actions = Action(offer.actions & ALL_ACTIONS) if offer.actions else V1_ACTIONS
-    offered_proto = Proto(offer.protocol) if offer.protocol else V1_PROTO
+    # An int, not a Proto: Python keeps each flag value it makes for good, and the word is the
+    # peer's, a new one on each connection if it likes. What we ask is a subset of our own bits.
+    offered_proto = offer.protocol if offer.protocol else int(V1_PROTO)
 
     actions = offered_actions & wants.actions
     protocol = Proto(0)
@@ -86,10 +88,10 @@ def negotiate(offer: OptionNegotiation, wants: Wants) -> Negotiated:
             protocol |= nr
     protocol |= Proto.SKIP
     max_payload = MAX_DATA_SIZE
-    if wants.max_data_size >= MDS_1M and Proto.MDS_1M in offered_proto:
+    if wants.max_data_size >= MDS_1M and offered_proto & Proto.MDS_1M:
         protocol |= Proto.MDS_1M
         max_payload = MDS_1M
-    elif wants.max_data_size >= MDS_256K and Proto.MDS_256K in offered_proto:
+    elif wants.max_data_size >= MDS_256K and offered_proto & Proto.MDS_256K:
         protocol |= Proto.MDS_256K
         max_payload = MDS_256K
     protocol &= offered_proto
