@@ -58,6 +58,9 @@ _STATES: Final = tuple(State)
 
 #: _trans_ok's answers by (negotiated protocol flags, old state, new state) packed in one int.
 _TRANS_OK: Final[dict[int, bool]] = {}
+#: How many it keeps: an MTA's flags need a few dozen; a peer offering every mix of skip bits in
+#: turn made them grow to tens of megabytes, kept for the process's life.
+_TRANS_OK_MAX: Final = 1024
 
 _TRANSACTION: Final[frozenset[int]] = frozenset(int(s) for s in (S.MAIL, S.RCPT, S.DATA, S.HDRS, S.EOHS, S.BODY))
 #: What UNKNOWN's row allows that ends the message an unknown command interrupted (QUIT: teardown).
@@ -294,11 +297,14 @@ class FilterSession:
         """libmilter's trans_ok: a state the filter skips may be jumped over.
 
         The answer depends only on the two states and the negotiated flags, so it is computed
-        once per process for each combination (a handful: every MTA connection negotiates alike).
+        once per process for each combination (a handful: every MTA connection negotiates alike;
+        at most _TRANS_OK_MAX kept).
         """
         key = (self._proto << 8) | (old << 4) | new
         known = _TRANS_OK.get(key)
         if known is None:
+            if len(_TRANS_OK) >= _TRANS_OK_MAX:
+                _TRANS_OK.clear()
             known = _TRANS_OK[key] = self._trans_walk(old, new)
         return known
 
