@@ -10,6 +10,7 @@ import socket
 import struct
 import time
 
+from pytclmilter import CONTINUE
 from support.engine import RawMTA, make_milter, serving, wait_for, z
 
 LOG = "pytclmilter"
@@ -73,3 +74,27 @@ def test_an_oversize_length_written_in_two_writes_is_refused_at_once(caplog):
         bad.close()
     [line] = warnings_of(caplog)
     assert line.endswith("packet of 65536 bytes exceeds the limit of 65535"), line
+
+
+def test_a_macro_value_without_its_nul_is_no_value():
+    """libmilter reads a macro packet's strings up to each NUL and drops what follows the last
+    one: a last value without its NUL is no value. It was taken as one here, so a script saw a
+    macro a libmilter filter never sees."""
+    seen: list[tuple[str | None, str | None]] = []
+    m = make_milter(timeout=5)
+
+    def record(ctx, *args):
+        seen.append((ctx.getsymval("j"), ctx.getsymval("k")))
+        return CONTINUE
+
+    m.register("connect", record)
+    m.register("helo", record)
+    with serving(m) as srv:
+        mta = srv.raw()
+        mta.send(b"D", b"Cj\0mx.example\0k\0unterminated")
+        assert mta.connect() == (b"c", b"")
+        mta.send(b"D", b"Cj\0unterminated")  # no whole pair: dropped, the slot stays (docs/protocol.md §5.3)
+        assert mta.helo() == (b"c", b"")
+        mta.quit()
+        mta.expect_eof()
+    assert seen == [("mx.example", None), ("mx.example", None)]

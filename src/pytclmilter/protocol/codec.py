@@ -205,8 +205,7 @@ class LazyMacros(Mapping[str, str]):
         decoded = self._decoded
         if decoded is None:
             parts = self._raw.split(b"\0")
-            if parts and parts[-1] == b"":
-                parts.pop()
+            parts.pop()  # "" after the last NUL, or bytes without one: no string, as libmilter reads them
             # An odd name without a value is dropped, as libmilter's lookup stops there. Of two
             # pairs with one name the first counts, as libmilter's lookup finds it first.
             decoded = {}
@@ -218,9 +217,8 @@ class LazyMacros(Mapping[str, str]):
 
     @property
     def has_pairs(self) -> bool:
-        """At least one name/value pair, known without decoding: a NUL before the last byte."""
-        raw = self._raw
-        return len(raw) > 1 and 0 in raw[:-1]  # a NUL byte; faster than find() or a bytes needle
+        """At least one name/value pair, known without decoding: two NUL-terminated strings."""
+        return self._raw.count(0) >= 2  # an int needle: a bytes one goes through the buffer protocol
 
     def __getitem__(self, name: str) -> str:
         value = self.get(name)
@@ -274,7 +272,7 @@ def _find_pair(raw: bytes, name: str) -> bytes | None:
             if start >= len(data):  # a last name without its value: dropped, as when decoded
                 return None
             end = data.find(b"\0", start)
-            return data[start:] if end < 0 else data[start:end]
+            return None if end < 0 else data[start:end]  # (a last value without its NUL is none)
 
 
 def decode_macro(payload: bytes) -> ev.Macro:
