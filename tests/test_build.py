@@ -25,6 +25,7 @@ SRC = ROOT / "src"
 
 #: The core's own tests, and the ones that drive Tcl callbacks through the engine.
 CORE_TESTS = ["tests/test_protocol_session.py", "tests/test_protocol_codec.py", "tests/test_protocol_fuzz.py",
+              "tests/test_protocol_bounds.py",
               "tests/test_engine_api.py", "tests/test_hardening_fuzz.py", "tests/test_tcl_runtime.py"]
 
 
