@@ -1,7 +1,7 @@
 """A hostile or quirky MTA against the live server: what tests/test_hardening_malformed.py's
 sessions leave out (a peer that names itself with a log line of its own, a frame's length
-written a byte at a time). Each bad connection is closed with one escaped warning, and the
-connection beside it is served to its end."""
+written a byte at a time, a macro value without its NUL). Each bad connection is closed with
+one escaped warning, and the connection beside it is served to its end."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import struct
 import time
 
 from pytclmilter import CONTINUE
-from support.engine import RawMTA, make_milter, serving, wait_for, z
+from support.engine import RawMTA, make_milter, serving, wait_for
 
 LOG = "pytclmilter"
 
