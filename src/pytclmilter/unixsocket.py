@@ -63,7 +63,7 @@ class SocketFile:
                 self._tell_replaced()
         except OSError as exc:  # after --user, a root-owned directory, say
             log.warning("cannot remove socket file %s: %s (left as a stale socket: the next start replaces it)",
-                        self.path, exc.strerror or exc)
+                        escape(self.path), exc.strerror or exc)
         finally:
             os.close(self.dirfd)
 
@@ -130,7 +130,7 @@ def _clear_stale(dirfd: int, name: str, path: str) -> None:
             raise ConnSpecError(f"cannot check socket {path}: {exc.strerror}") from None
         try:  # nobody answers: a leftover from a process that died
             if remove_if(dirfd, name, stat.S_ISSOCK, ident(st)):
-                log.info("removed stale socket %s", path)
+                log.info("removed stale socket %s", escape(path))
         except OSError as err:
             raise ConnSpecError(f"cannot remove stale socket {path}: {err.strerror}") from None
         return
