@@ -405,10 +405,6 @@ class TclHost:
         """argv0, argv and argc as tclsh sets them (TclScript.set_argv)."""
         self.script.set_argv(script, argv)
 
-    def source(self, path: str) -> None:
-        """Evaluate a script file in the script's interpreter (TclScript.source)."""
-        self.script.source(path)
-
     # ------------------------------------------------------------ run's script, suspended in `milter main`
 
     def start(self, path: str, within: float = 0.0) -> bool:

@@ -65,18 +65,14 @@ class TclScript:
         self._call("set", "argc", len(argv))
         self._call("set", "tcl_interactive", 0)
 
-    def source(self, path: str) -> None:
-        """Evaluate a script file in the script's interpreter; TclError carries errorInfo in ``error_info()``."""
-        self._call("source", path)
-
     def start(self, path: str, within: float = 0.0) -> bool:
         """Source a script whose `milter main` suspends it instead of serving (tclmilter.tcl), so that
         the milter serves outside the script's stack and a reload can replace the script without
         running the code after its `milter main`. True: it waits in `milter main` (serve, then
-        resume); False: it ended, or it served inside (where Tcl could not suspend it). TclError
-        as source(). ``within``: seconds the script may take to get there (0: no limit), held by
-        Tcl's `interp limit` whatever the script sets -calltimeout to; past them the TclError
-        comes with ``self.limit.exceeded`` set."""
+        resume); False: it ended, or it served inside (where Tcl could not suspend it). A TclError
+        carries errorInfo in ``error_info()``. ``within``: seconds the script may take to get there
+        (0: no limit), held by Tcl's `interp limit` whatever the script sets -calltimeout to; past
+        them the TclError comes with ``self.limit.exceeded`` set."""
         self.command.suspend_at_main = True
         self.source_word = str(self.tk.call("format", "%s", ("source", path)))  # (a list: as Tcl shows it)
         if within:
@@ -94,7 +90,7 @@ class TclScript:
 
     def resume(self, result: Answer) -> bool:
         """The milter stopped: `milter main` returns ``result`` (MilterCommand.serve) and the script
-        goes on; True if it waits in `milter main` again. TclError as source()."""
+        goes on; True if it waits in `milter main` again. TclError as start()."""
         self.limit.clear()  # the code after `milter main` runs without the callbacks' limit
         return self._at_main(self._call(COROUTINE, result))
 
