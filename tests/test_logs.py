@@ -2127,3 +2127,26 @@ def test_the_errors_kept_for_their_counts_are_bounded_by_size_not_only_by_number
             for place, (_, _, _, label) in repeated._places.items()]
     assert len(kept) > 10, kept  # (the places logged whole, and the cap's)
     assert sum(len(place) + len(label) for place, label in kept) < 500 * len(kept), [len(label) for _, label in kept]
+
+
+def test_a_scripts_configure_of_an_option_the_command_line_set_is_said_once_an_hour(tclrun) -> None:
+    """Bug: each `milter configure` of an option the command line fixed logged its "ignored" line,
+    so a script that configures it per message, or in a loop, wrote a line to the daemon's log for
+    every call (500 here). Now the first is said, the others counted and the count told at stop,
+    as getsymval's hint is; another option has its own line."""
+    m = tclrun("""
+        package require TclMilter
+        for {set i 0} {$i < 500} {incr i} { milter configure -grace [expr {$i % 7 + 1}] }
+        milter configure -calltimeout 9
+        proc eom {ctx} { return SMFIS_CONTINUE }
+        milter register eom eom
+        milter main
+    """, "--grace", "5", "--call-timeout", "3")
+    assert m.stop() == 0
+    grace = [line for line in m.text.splitlines() if "milter configure -grace" in line]
+    assert len(grace) == 2, m.text[-3000:]
+    assert grace[0].endswith("INFO: milter configure -grace 1 ignored: --grace given on the command line "
+                             "(said once an hour for this option)"), grace
+    assert grace[1].endswith("INFO: milter configure -grace 3 ignored: --grace given on the command line "
+                             "(said once an hour for this option; 499 more since)"), grace
+    assert "INFO: milter configure -calltimeout 9 ignored: --call-timeout given on the command line " in m.text

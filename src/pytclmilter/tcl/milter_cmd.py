@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any, Callable, Sequence, TypeVar
 
 from ..callbacks import EVENTS, Callback
 from ..connspec import ConnSpecError, parse, parse_metrics
-from ..logline import escape
+from ..logline import Repeated, escape
 from ..milter import Milter
 from ..settings import MAX_WORKERS
 from ..status import parse_status, status_names
@@ -22,6 +22,14 @@ if TYPE_CHECKING:
     from .interp import TclHost
 
 log = logging.getLogger("pytclmilter")
+
+
+def _ignored_said(_options: Repeated, label: str, missed: int) -> None:
+    """The line of a script's configure of an option the command line fixed (``label``: the
+    option, the value given and why it is ignored, escaped), with how many such calls since the
+    last (as the next one says it, or alone once the hour is over: logline.tell_counts)."""
+    log.info("milter configure %s (said once an hour for this option%s)", label,
+             f"; {missed} more since" if missed else "")
 
 
 class SuspendAtMain(Exception):
@@ -166,6 +174,9 @@ class MilterCommand:
         self.ended_at_main = False
         #: run: `milter main` suspends the script and the host serves outside it (TclHost.start).
         self.suspend_at_main = False
+        #: A script's configure of an option in ``locked``: its line said an hour per option, the
+        #: rest counted (a configure per message, or in a loop, wrote a line each).
+        self.ignored = Repeated(3600.0, keep=len(OPTIONS), tell=_ignored_said)
 
     def __call__(self, args: Sequence[str]) -> Any:
         if not args:
@@ -198,7 +209,7 @@ class MilterCommand:
         if opt.before_main and self.milter.running:
             raise TclUsageError(f'option "{name}" can only be changed before milter main')
         if from_script and name in self.locked:
-            log.info("milter configure %s %s ignored: %s", name, escape(raw), escape(self.locked[name]))
+            self._say_ignored(name, raw)
             return
         if name == "-debuglevel":
             self.debuglevel = value
@@ -206,6 +217,13 @@ class MilterCommand:
             return
         change: dict[str, Any] = {opt.attr: value}
         self.milter.settings = replace(self.milter.settings, **change)
+
+    def _say_ignored(self, name: str, raw: str) -> None:
+        """Log that the script's configure of ``name`` is ignored, unless said this hour (counted then)."""
+        label = f"{name} {escape(raw)} ignored: {escape(self.locked[name])}"
+        missed = self.ignored.due(name, label)
+        if missed is not None:
+            _ignored_said(self.ignored, label, missed)
 
     def lock(self, name: str, raw: str, flag: str, why: str = "") -> None:
         """Set an option from the command line; the script cannot change it afterwards. Its error
