@@ -2150,3 +2150,27 @@ def test_a_scripts_configure_of_an_option_the_command_line_set_is_said_once_an_h
     assert grace[1].endswith("INFO: milter configure -grace 3 ignored: --grace given on the command line "
                              "(said once an hour for this option; 499 more since)"), grace
     assert "INFO: milter configure -calltimeout 9 ignored: --call-timeout given on the command line " in m.text
+
+
+def test_a_count_is_told_even_when_its_place_is_forgotten_for_a_new_one(tclrun) -> None:
+    """Bug: a Repeated remembers ``keep`` places, and the place it forgot to make room took its
+    count along, never told. getsymval's hint keeps 32 macro names for an hour: a script asking 33
+    names bare (each twice, the second counted) had the first name's count lost. Now a forgotten
+    place's count is told as its window's end would tell it (tell_counts: here at the stop)."""
+    names = [f"m{n}" for n in range(33)]
+    m = tclrun("""
+        package require TclMilter
+        proc helo {ctx name} {
+            foreach n {%s} { $ctx getsymval $n; $ctx getsymval $n }
+            return SMFIS_CONTINUE
+        }
+        milter register helo helo
+        milter main
+    """ % " ".join(names))
+    with m.mta() as mta:
+        mta.negotiate()
+        mta.macro("H", **{"{%s}" % n: "v" for n in names})
+        assert mta.helo() == ("c", {})
+    assert m.stop() == 0
+    counted = sorted(re.findall(r"getsymval (m\d+) found nothing.*; 1 more since\)", m.text), key=lambda n: int(n[1:]))
+    assert counted == names, m.text[-3000:]

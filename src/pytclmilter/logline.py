@@ -139,9 +139,10 @@ class Repeated:
     first line after that or, once the ``seconds`` are over, by ``tell`` (:func:`tell_counts`):
     a failure that stops (HAProxy fixed) had its last window's count never told. So a failure
     that lasts makes ``whole`` lines and a count a window. At most ``keep`` places are
-    remembered. Thread-safe: a scrape's thread counts, the event loop's tells."""
+    remembered; the count of one forgotten to make room is told all the same, by the next
+    :func:`tell_counts`. Thread-safe: a scrape's thread counts, the event loop's tells."""
 
-    __slots__ = ("seconds", "keep", "whole", "clock", "tell", "_places")
+    __slots__ = ("seconds", "keep", "whole", "clock", "tell", "_places", "_forgotten")
 
     def __init__(self, seconds: float = 60.0, keep: int = 100, clock: Callable[[], float] = time.monotonic,
                  whole: int = 1, tell: Tell | None = None) -> None:
@@ -152,6 +153,8 @@ class Repeated:
         self.tell = tell
         #: place -> (when its window started, lines logged in it, how many counted since, their label)
         self._places: dict[str, tuple[float, int, int, str]] = {}
+        #: The counts of places forgotten to make room, by label, to be told (overdue).
+        self._forgotten: dict[str, int] = {}
 
     def due(self, place: str, label: str = "") -> int | None:
         """None: count this one, log nothing; else log it, saying how many were not logged since
@@ -186,7 +189,8 @@ class Repeated:
         a summary line each, for a failure that may not come again to carry its count."""
         with _LOCK:
             now = self.clock()
-            told = []
+            told = list(self._forgotten.items())
+            self._forgotten.clear()
             for place, (start, logged, counted, label) in list(self._places.items()):
                 if counted and (not ended_only or now - start >= self.seconds):
                     told.append((label or place, counted))
@@ -197,9 +201,23 @@ class Repeated:
 
     def _make_room(self, now: float) -> None:
         if len(self._places) >= self.keep:
-            self._places = {k: v for k, v in self._places.items() if now - v[0] < self.seconds}
+            places = self._places
+            self._places = {k: v for k, v in places.items() if now - v[0] < self.seconds}
+            for place, seen in places.items():
+                if place not in self._places:
+                    self._forget_count(place, seen)
             while len(self._places) >= self.keep:
-                del self._places[next(iter(self._places))]
+                place = next(iter(self._places))
+                self._forget_count(place, self._places.pop(place))
+
+    def _forget_count(self, place: str, seen: tuple[float, int, int, str]) -> None:
+        """Keep the count of a place forgotten to make room, which its window's end would tell:
+        dropped with it, a script asking 33 macro names bare lost the first one's. At most one
+        entry per label, each for a line logged whole, and all told at the next tell_counts."""
+        counted, label = seen[2], seen[3] or place
+        if counted and self.tell is not None:
+            self._forgotten[label] = self._forgotten.get(label, 0) + counted
+            _untold.add(self)
 
 
 #: Re-entrant: the collector may run a __del__ that raises while this thread holds it (any
@@ -219,6 +237,7 @@ def _forked() -> None:
     for repeated in _untold:
         repeated._places = {place: (start, logged, 0, label)
                             for place, (start, logged, _, label) in repeated._places.items()}
+        repeated._forgotten = {}
     _untold.clear()
     _LOCK.release()
 
