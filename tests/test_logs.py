@@ -555,15 +555,21 @@ def test_a_threads_call_of_the_report_counter_with_wrong_args_is_a_tcl_error_not
     command the thread's script can call too: with too few words each call was an internal
     error, a Python traceback in the log. Now its answer is Tcl's `wrong # args` (as {error
     message errorCode}: the commands of threads.py answer so), logged nowhere."""
+    said = wrong_args_said(tmp_path, "package require Thread\nset t [thread::create]\n"
+                           "puts stderr \"said: [thread::send $t {catch {::tclmilter::py::bgreported x} m; set m}]\"\n")
+    assert said == ["::tclmilter::py::bgreported what message errorInfo"], said
+
+
+def wrong_args_said(tmp_path: Path, tcl: str) -> list[str]:
+    """What `pytclmilter check` of a script of ``tcl`` (then `milter main`) wrote on stderr as
+    ``said: ANSWER`` lines, each answer Tcl's `wrong # args` of a host command ({error ...
+    {TCL WRONGARGS}}): the usage it gives. Asserts that no internal error was logged."""
     script = tmp_path / "s.tcl"
-    script.write_text("package require TclMilter\npackage require Thread\nset t [thread::create]\n"
-                      "puts stderr \"said: [thread::send $t {catch {::tclmilter::py::bgreported x} m; set m}]\"\n"
-                      "milter main\n")
+    script.write_text(f"package require TclMilter\n{tcl}milter main\n")
     done = subprocess.run([*PYTCLMILTER, "check", str(script)], env=child_env(), capture_output=True, text=True,
                           timeout=60)
-    assert ('said: error {wrong # args: should be "::tclmilter::py::bgreported what message errorInfo"} '
-            "{TCL WRONGARGS}\n") in done.stderr, done.stderr
     assert "internal error" not in done.stderr and "Traceback" not in done.stderr, done.stderr
+    return re.findall(r'^said: error \{wrong # args: should be "([^"]*)"\} \{TCL WRONGARGS\}$', done.stderr, re.M)
 
 
 # A log handler another thread holds for ever (a terminal that takes no more: its writer waits
@@ -2174,3 +2180,13 @@ def test_a_count_is_told_even_when_its_place_is_forgotten_for_a_new_one(tclrun) 
     assert m.stop() == 0
     counted = sorted(re.findall(r"getsymval (m\d+) found nothing.*; 1 more since\)", m.text), key=lambda n: int(n[1:]))
     assert counted == names, m.text[-3000:]
+
+
+def test_a_scripts_call_of_privstarted_without_its_word_is_a_tcl_error_not_a_traceback(tmp_path) -> None:
+    """::tclmilter::py::privstarted, which tclmilter.tcl calls with a connection's id, is a command
+    the script can call too: without the id each call was an internal error (IndexError), a Python
+    traceback in the log, so a loop of such calls flooded it. Now its answer is Tcl's `wrong # args`
+    (as {error message errorCode}, as the host's commands answer), logged nowhere."""
+    said = wrong_args_said(tmp_path, "for {set i 0} {$i < 50} {incr i} { catch {::tclmilter::py::privstarted} m }\n"
+                                     "puts stderr \"said: $m\"\n")
+    assert said == ["::tclmilter::py::privstarted connection"], said

@@ -41,7 +41,7 @@ from .pycommands import PythonCommands
 from .script import TclScript
 from .strings import deep_to_tcl, from_tcl, tcl_body_to_wire
 from .unanswered import Unanswered, message_of
-from .usage import NONE, Answer, TclUsageError, integer
+from .usage import NONE, Answer, TclUsageError, check_count, integer
 
 log: Final = logging.getLogger("pytclmilter")
 
@@ -295,6 +295,8 @@ class TclHost:
         return bool(_THREAD_HOME) and _THREAD_HOME[0] is self
 
     def _priv_started(self, args: Sequence[str]) -> None:
+        # (the script can call it too: without its word, each call was an internal error, a traceback logged)
+        check_count(args, 1, 1, "::tclmilter::py::privstarted connection")
         self.private.started(integer(args[0]))
 
     def _exit(self, args: Sequence[str]) -> None:
