@@ -2190,3 +2190,19 @@ def test_a_scripts_call_of_privstarted_without_its_word_is_a_tcl_error_not_a_tra
     said = wrong_args_said(tmp_path, "for {set i 0} {$i < 50} {incr i} { catch {::tclmilter::py::privstarted} m }\n"
                                      "puts stderr \"said: $m\"\n")
     assert said == ["::tclmilter::py::privstarted connection"], said
+
+
+def test_a_scripts_call_of_the_root_file_checks_without_a_file_is_a_tcl_error_not_a_traceback(tmp_path) -> None:
+    """::tclmilter::py::rootread and rootcheck, which the checking `source` and `load` call as
+    root, are commands the script can call too: without a file each call was an internal error
+    (IndexError), a Python traceback in the log, and a loop of them flooded it. Now Tcl's `wrong #
+    args`, logged nowhere. (As root only: the tests run as root, as `run` starts.)"""
+    if os.geteuid() != 0:
+        pytest.skip("the checking source and load exist as root only")
+    said = wrong_args_said(tmp_path, "foreach cmd {rootread rootcheck} {\n"
+                                     "    for {set i 0} {$i < 20} {incr i} { set m [::tclmilter::py::$cmd] }\n"
+                                     "    puts stderr \"said: $m\"\n"
+                                     "}\n"
+                                     "puts stderr \"said: [::tclmilter::py::rootcheck a b c]\"\n")
+    assert said == ["::tclmilter::py::rootread fileName", "::tclmilter::py::rootcheck fileName ?source?",
+                    "::tclmilter::py::rootcheck fileName ?source?"], said

@@ -26,7 +26,7 @@ from typing import Any, Callable, Final, Sequence, TypeVar
 
 from ..safepath import Untrusted, open_trusted, os_reason, read_trusted
 from . import threads
-from .usage import TclUsageError
+from .usage import TclUsageError, check_count
 
 #: The errorCode of a refused file: as Tcl's for a file it may not open (not EACCES, which
 #: Tcl's package index scan ignores without a word).
@@ -201,7 +201,9 @@ def install(register: Callable[[str, Callable[[Sequence[str]], Any]], None], cal
 
 
 def _read(args: Sequence[str]) -> bytes:
-    """`source`'s file, read from the descriptor checked while root runs it."""
+    """`source`'s file, read from the descriptor checked while root runs it. (The script can call
+    it too: without its file each call was an internal error, a traceback logged.)"""
+    check_count(args, 1, 1, "::tclmilter::py::rootread fileName")
     return read_source(args[0])
 
 
@@ -215,6 +217,7 @@ def read_source(path: str) -> bytes:
 def _check(args: Sequence[str]) -> None:
     """`load`'s library (or, given ``source``, a file to source by name: the safe base's), checked
     while root runs it."""
+    check_count(args, 1, 2, "::tclmilter::py::rootcheck fileName ?source?")
     if os.geteuid() == 0:
         if args[1:] == ["source"]:
             os.close(_opened(args[0], "source", open_trusted, "read"))
