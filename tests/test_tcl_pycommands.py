@@ -1213,3 +1213,46 @@ def test_a_python_command_entered_after_the_time_ran_out_cannot_be_caught(tclrun
     """, python=[LATE_HOOKS])
     late_then_ok(m, r"envfrom callback setup\.<locals>\.late failed \(callback stopped after 1 s \(call_timeout\)")
     assert "CAUGHT" not in m.text and "MARK" not in m.text, m.text
+
+
+LONE_BACK_SCRIPT = r"""
+package require TclMilter
+proc lone {} { return a[format %c 0xD800]b }
+proc from {ctx args} { $ctx setpriv lone [lone]; $ctx setpriv byte [encoding convertfrom identity \xed\xb3\xbf]; return SMFIS_CONTINUE }
+milter register envfrom from
+milter main
+"""
+
+LONE_BACK_HOOKS = r"""
+from pytclmilter import CONTINUE, MilterError
+
+
+def setup(milter):
+    @milter.register("eom")
+    def eom(ctx):
+        for name, value in (("priv", ctx.getpriv("lone")), ("all", ctx.getpriv()["lone"]), ("tcl", ctx.tcl("lone")),
+                            ("list", ctx.tcl_list("list", ctx.tcl("lone"))[0]), ("byte", ctx.getpriv("byte"))):
+            try:
+                ctx.addheader("X-" + name, value)
+                print(f"LONE {name} sent {ascii(value)}", flush=True)
+            except MilterError as exc:
+                print(f"LONE {name} refused {ascii(value)}: {exc}", flush=True)
+        return CONTINUE
+"""
+
+
+def test_a_lone_surrogate_of_the_script_reaches_python_as_its_character_and_is_not_sent(tclrun):
+    """Bug: Tcl keeps [format %c 0xD800] as its CESU-8 bytes, and what Python read of the script's
+    text as bytes (private data, ctx.tcl and ctx.tcl_list results) made each of those three bytes
+    an escaped byte: ctx.addheader sent ED A0 80, no UTF-8 and not the script's character, where
+    the script's own addheader of it is refused (25294e9). Now Python gets "\\ud800", as a Python
+    command's argument does, and sending it is refused; an escaped byte (U+DCFF) is still its byte."""
+    m = tclrun(LONE_BACK_SCRIPT, python=[LONE_BACK_HOOKS])
+    with m.mta() as mta:
+        mta.negotiate()
+        assert ok(mta.mail("<a@example.org>"))
+        reply = mta.eom()
+    assert m.stop() == 0
+    assert reply == [("h", b"X-byte\0\xff\0"), ("c", b"")], (reply, m.text[-3000:])
+    for name in ("priv", "all", "tcl", "list"):
+        assert f"LONE {name} refused 'a\\ud800b': \"a\\ud800b\" holds U+D800, a surrogate" in m.text, m.text[-3000:]
