@@ -2206,3 +2206,24 @@ def test_a_scripts_call_of_the_root_file_checks_without_a_file_is_a_tcl_error_no
                                      "puts stderr \"said: [::tclmilter::py::rootcheck a b c]\"\n")
     assert said == ["::tclmilter::py::rootread fileName", "::tclmilter::py::rootcheck fileName ?source?",
                     "::tclmilter::py::rootcheck fileName ?source?"], said
+
+
+def test_the_places_kept_for_counts_are_bounded_whatever_errorinfo_the_script_gives(tcl_host) -> None:
+    """An error's place (what its count is kept by, up to 100 places) is its message's kind and
+    each errorInfo frame's command name and the lines Tcl writes after it. A script gives any
+    errorInfo it likes (`error msg $info`): one of 200 000 frames, or with 200 kB after a frame,
+    made a place of as many characters, kept for as long as the place is. Now a place keeps the
+    first and last frames only, each clipped, as its message is (a3fdfcb)."""
+    host = tcl_host
+    host.child_call("eval", "set long \"boom\\n    while executing\\n\\\"x\\\"\\n    ([string repeat y 200000])\"\n"
+                            "set deep boom[string repeat \"\\n    invoked from within\\n\\\"z\\\"\" 200000]\n"
+                            "for {set i 0} {$i < 6} {incr i} {\n"
+                            "    foreach how {long deep} {\n"
+                            "        proc $how$i {} [list error \"$how [string repeat k [expr {$i + 1}]]\" [set $how]]\n"
+                            "        after 0 $how$i; after 0 $how$i\n"
+                            "    }\n}")
+    for _ in range(5):
+        host.service_events()
+    kept = [place for place in host.bgerrors.places._places]
+    assert len(kept) >= 10, kept  # (the places logged whole)
+    assert max(len(place) for place in kept) < 2000, sorted(len(place) for place in kept)

@@ -28,6 +28,9 @@ PLACES: Final = 10
 _FRAME: Final = re.compile(r'\n    (?:while executing|invoked from within)\n"')
 #: Where the lines Tcl writes after a frame's command start (the last such in the frame).
 _WHERE: Final = '"\n    ('
+#: The frames a place keeps: the first (where it failed) and the last (the handler). An errorInfo
+#: is the script's to give (`error msg $info`), of any length: a place is kept while it counts.
+PLACE_FRAMES: Final = (10, 5)
 
 
 def _told(_repeated: Repeated, label: str, count: int) -> None:
@@ -81,16 +84,21 @@ class Unanswered:
 def place(info: str, message: str) -> str:
     """Where an error happened and what it is: the kind of its ``message`` (fault_kind: `error
     "boom $i"` one kind) and, from its errorInfo ``info``, each frame's command name and the
-    lines after it."""
-    return "\n".join([fault_kind(clip(message))] + [_frame_place(frame) for frame in _FRAME.split(info)[1:]])
+    lines after it, of the first and last PLACE_FRAMES frames (two errors alike there are one)."""
+    frames = _FRAME.split(info)[1:]
+    first, last = PLACE_FRAMES
+    if len(frames) > first + last:
+        frames = frames[:first] + frames[-last:]
+    return "\n".join([fault_kind(clip(message))] + [_frame_place(frame) for frame in frames])
 
 
 def _frame_place(frame: str) -> str:
     """A frame's command (up to its quote, the rest of the frame after) as its first word and the
-    lines Tcl wrote after it."""
+    lines Tcl wrote after it, both clipped: Tcl cuts its own (a proc's name at 60 characters), a
+    script's errorInfo need not."""
     where = frame.rfind(_WHERE)
     words = frame[:where if where >= 0 else len(frame)].split(maxsplit=1)
-    return f"{clip(words[0]) if words else ''}{frame[where + 1:] if where >= 0 else ''}"
+    return f"{clip(words[0]) if words else ''}{clip(frame[where + 1:]) if where >= 0 else ''}"
 
 
 def message_of(info: str) -> str:
