@@ -2227,3 +2227,33 @@ def test_the_places_kept_for_counts_are_bounded_whatever_errorinfo_the_script_gi
     kept = [place for place in host.bgerrors.places._places]
     assert len(kept) >= 10, kept  # (the places logged whole)
     assert max(len(place) for place in kept) < 2000, sorted(len(place) for place in kept)
+
+
+def test_the_traces_kept_to_refer_to_are_bounded_whatever_data_they_quote(caplog) -> None:
+    """A failing callback's trace is logged once a minute at its place, the others referring to
+    it (logline.SameTrace, up to 100 places). The place was the whole trace less the error's own
+    message: data a chained exception quotes (a sender's 60 kB header value here) made each
+    failure a place of its own, kept whole, so 100 failures kept 100 such traces. Now a place is
+    kept by a digest of it: the same places, a few bytes each."""
+    from support.engine import InProcessMTA, make_milter, z
+
+    m = make_milter()
+
+    def header(ctx, name, value):
+        try:
+            raise KeyError(value)
+        except KeyError:
+            raise RuntimeError("lookup failed")  # (the KeyError, with the value, in its trace)
+
+    m.register("header", header)
+    for n in range(20):
+        mta = InProcessMTA(m, conn_id=n + 1)
+        mta.optneg()
+        mta.connect()
+        assert mta.command(b"M", z("<a@example.org>")) == [(b"c", b"")]
+        mta.command(b"L", z("X-Data", f"{n}:" + "v" * 60_000))  # (its tempfail is answered at the end of headers)
+    kept = list(m.shared.traces._logged)
+    assert len(kept) == 20, len(kept)  # each a place of its own, as before
+    assert sum(len(place) for place in kept) < 20 * 100, sum(len(place) for place in kept)
+    traces = [r.getMessage() for r in caplog.records if "header callback" in r.getMessage()]
+    assert len(traces) == 20 and all("KeyError" in t for t in traces), traces[:1]

@@ -35,6 +35,7 @@ its line: its arguments must be escaped, as the engine's verdict line escapes th
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import re
@@ -102,28 +103,31 @@ class SameTrace:
     """The traces (errorInfo, tracebacks) logged in the last ``seconds``, by the place they show:
     a callback that fails for every message (its database is down) would log the same ten lines
     for each. Each failure keeps its own line; from the second, it refers to the first's trace.
-    At most ``keep`` places are remembered, so a script failing in ever new ways cannot grow it."""
+    At most ``keep`` places are remembered, so a script failing in ever new ways cannot grow it,
+    each by a digest: a place is a whole trace, which may quote data of any size (a chained
+    exception's message, an errorInfo the script gave)."""
 
     __slots__ = ("seconds", "keep", "_logged")
 
     def __init__(self, seconds: float = 60.0, keep: int = 100) -> None:
         self.seconds = seconds
         self.keep = keep
-        self._logged: dict[str, tuple[float, str]] = {}
+        self._logged: dict[bytes, tuple[float, str]] = {}
 
     def logged_as(self, place: str, who: str) -> str | None:
         """Whose trace of ``place`` was logged in the last ``seconds`` ("conn#1's at 15:18:22");
         None: log it now, as ``who``'s."""
+        key = hashlib.blake2b(place.encode("utf-8", "surrogatepass"), digest_size=16).digest()
         now = time.monotonic()
-        seen = self._logged.pop(place, None)
+        seen = self._logged.pop(key, None)
         if seen is not None and now - seen[0] < self.seconds:
-            self._logged[place] = seen
+            self._logged[key] = seen
             return seen[1]
         if len(self._logged) >= self.keep:
             self._logged = {k: v for k, v in self._logged.items() if now - v[0] < self.seconds}
             while len(self._logged) >= self.keep:
                 del self._logged[next(iter(self._logged))]
-        self._logged[place] = (now, f"{who}'s at {time.strftime('%H:%M:%S')}")
+        self._logged[key] = (now, f"{who}'s at {time.strftime('%H:%M:%S')}")
         return None
 
 
