@@ -233,6 +233,32 @@ def not_redis() -> Iterator[Callable[..., NotRedis]]:
         server.close()
 
 
+def triplet_key(n: int) -> str:
+    """The Redis key of triplet ``n`` of rcpt_reply."""
+    return f"greylist:192.0.2.{n % 250 + 1}\0s{n}@example.org\0r{n}@example.com"
+
+
+def test_a_triplet_key_holding_what_the_greylist_never_wrote_is_a_first_sight_not_an_outage(
+        tclrun: Callable[..., TclRun], redis_server: RedisServer) -> None:
+    """A key of the greylist's that holds something else (a string another program SET there,
+    a hash whose fields are no numbers): Redis answered the check's script with an error
+    (WRONGTYPE, "hash value is not an integer"), taken for an outage of the whole store: every
+    recipient tempfailed for -retry seconds, and two warnings each time the client retried that
+    triplet. Now such a key is that triplet's first sight, and nothing else notices."""
+    m = greylist(tclrun, redis_server.url, args=("-delay", "1", "-retry", "30"))
+    redis_server.command("SET", triplet_key(1), "junk")
+    redis_server.command("HSET", triplet_key(2), "first", "soon", "last", "x", "seen", "1")
+    redis_server.command("HSET", triplet_key(3), "first", "1", "last", "1", "seen", "many")
+    redis_server.command("HSET", triplet_key(4), "first", "inf", "last", "inf", "seen", "1")
+    assert [greylisted(rcpt_reply(m, n)) for n in range(1, 6)] == [1] * 5
+    time.sleep(1.1)
+    assert [rcpt_reply(m, n) for n in range(1, 6)] == [("c", {})] * 5
+    ttl = int(redis_server.command("TTL", triplet_key(1))[1:])
+    assert 3024000 - 5 <= ttl <= 3024000
+    assert "unavailable" not in m.text and "Traceback" not in m.text, m.text
+    assert m.stop() == 0
+
+
 @pytest.mark.parametrize("answer, mode", [(b"*2\r\n$3\r\nabc\r\n$3\r\nxyz\r\n", "tempfail"), (b":1\r\n", "accept")])
 def test_a_store_that_answers_what_no_redis_answers_is_an_outage_not_an_error_per_message(
         tclrun: Callable[..., TclRun], not_redis: Callable[..., NotRedis], answer: bytes, mode: str) -> None:

@@ -428,29 +428,45 @@ def _refuse_link(found: os.stat_result | None, link: str) -> None:
 
 # The sighting, in Redis: one script runs atomically, so two hosts recording the same new triplet
 # at once get one first sighting and one second. A key not seen for max_age has expired (TTL).
-# (first and last stay strings: a Lua number would come back truncated to an integer.)
-_REDIS_SEE = """
-local first = redis.call('HGET', KEYS[1], 'first')
-local seen = 1
+# (first and last stay strings: a Lua number would come back truncated to an integer.) A key of
+# ours holding what the script never writes (a string another program SET, a field that is no
+# number) is that triplet's first sight: Redis's error for it (WRONGTYPE) made an outage of the
+# whole store, every recipient tempfailed for -retry seconds, at each retry of that one triplet.
+_REDIS_NUMBER = """
+local function number(s)
+    local n = tonumber(s)
+    if n and n == n and n > -math.huge and n < math.huge then return n end
+end
+"""
+_REDIS_SEE = _REDIS_NUMBER + """
+local kind = redis.call('TYPE', KEYS[1])['ok']
+local first, seen
+if kind == 'hash' then
+    local old = redis.call('HMGET', KEYS[1], 'first', 'seen')
+    if number(old[1]) and number(old[2]) then
+        first, seen = string.format('%.17g', number(old[1])), math.floor(number(old[2])) + 1
+    end
+end
 if first then
-    seen = redis.call('HINCRBY', KEYS[1], 'seen', 1)
-    redis.call('HSET', KEYS[1], 'last', ARGV[1])
+    redis.call('HSET', KEYS[1], 'last', ARGV[1], 'seen', seen)
 else
-    first = ARGV[1]
+    if kind ~= 'none' then redis.call('DEL', KEYS[1]) end
+    first, seen = ARGV[1], 1
     redis.call('HSET', KEYS[1], 'first', first, 'last', first, 'seen', 1)
 end
 redis.call('EXPIRE', KEYS[1], ARGV[2])
 return {first, seen}
 """
-_REDIS_MERGE = """
+_REDIS_MERGE = _REDIS_NUMBER + """
+if redis.call('TYPE', KEYS[1])['ok'] ~= 'hash' then redis.call('DEL', KEYS[1]) end
 local old = redis.call('HMGET', KEYS[1], 'first', 'last')
 local first, last = ARGV[1], ARGV[2]
-if old[1] and tonumber(old[1]) < tonumber(first) then first = old[1] end
-if old[2] and tonumber(old[2]) > tonumber(last) then last = old[2] end
+if number(old[1]) and number(old[1]) < tonumber(first) then first = old[1] end
+if number(old[2]) and number(old[2]) > tonumber(last) then last = old[2] end
 local ttl = math.ceil(tonumber(last) + tonumber(ARGV[3]) - tonumber(ARGV[4]))
 if ttl > 0 then
     redis.call('HSET', KEYS[1], 'first', first, 'last', last)
-    redis.call('HSETNX', KEYS[1], 'seen', 1)
+    if not number(redis.call('HGET', KEYS[1], 'seen')) then redis.call('HSET', KEYS[1], 'seen', 1) end
     redis.call('EXPIRE', KEYS[1], ttl)
 end
 return ttl
