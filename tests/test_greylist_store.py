@@ -80,6 +80,15 @@ def greylisted(reply: Any) -> int | None:
     return None
 
 
+def load_store_module(name: str = "greylist_store") -> Any:
+    """greylist_store.py imported as its own module (it is a hooks file, not a package's)."""
+    spec = importlib.util.spec_from_file_location(name, STORE_PY)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def unavailable(reply: Any) -> bool:
     return isinstance(reply, tuple) and reply[0] == "y" and reply[1] == {
         "smtpcode": "451", "space": " ", "text": UNAVAILABLE}
@@ -257,6 +266,71 @@ def test_a_triplet_key_holding_what_the_greylist_never_wrote_is_a_first_sight_no
     assert 3024000 - 5 <= ttl <= 3024000
     assert "unavailable" not in m.text and "Traceback" not in m.text, m.text
     assert m.stop() == 0
+
+
+def test_a_store_failing_and_answering_by_turns_logs_one_outage_a_minute(
+        tclrun: Callable[..., TclRun], redis_server: RedisServer) -> None:
+    """Redis at its maxmemory refuses writes, answers again once keys expire, refuses again: each
+    outage made its "unavailable" and "is back" lines, two every -retry seconds per process, for
+    as long as it went on. Now the first outage is logged, the next ones of the minute counted;
+    every recipient still gets its answer, the store's or -unavailable's."""
+    m = greylist(tclrun, redis_server.url, args=("-delay", "60", "-retry", "0.1"))
+    replies = []
+    for n in range(5):
+        redis_server.command("CONFIG", "SET", "maxmemory", "1")  # noeviction: every write refused (OOM)
+        replies.append(rcpt_reply(m, n))
+        redis_server.command("CONFIG", "SET", "maxmemory", "0")
+        time.sleep(0.15)  # past -retry
+        replies.append(rcpt_reply(m, n))
+    assert [unavailable(r) for r in replies[::2]] == [True] * 5, replies
+    assert [greylisted(r) for r in replies[1::2]] == [60] * 5, replies
+    m.wait_for(r"greylist store \S+ unavailable \(OutOfMemoryError: .*\): answering tempfail, trying again every "
+               r"0\.1 s\r?\n")
+    m.wait_for(r"greylist store \S+ is back after [\d.]+ s; 1 recipients were answered tempfail meanwhile")
+    assert len(re.findall(r"greylist store \S+ unavailable", m.text)) == 1, m.text
+    assert len(re.findall(r"greylist store \S+ is back", m.text)) == 1, m.text
+    assert m.stop() == 0
+
+
+def test_the_outages_of_a_minute_not_logged_are_counted_in_the_next_line(redis_server: RedisServer,
+                                                                         caplog: Any) -> None:
+    """The count of the outages that had no line: told once their minute is over, by the first
+    check the store answers, or by the next outage line. (In-process: the minute is the clock's.)"""
+    store = load_store_module()
+    greylist = store.Greylist(store.Settings(store=redis_server.url, delay=0, retry=1))
+    now = [1000.0]
+    greylist.clock = lambda: now[0]
+
+    def check(n: int, down: bool) -> Any:
+        redis_server.command("CONFIG", "SET", "maxmemory", "1" if down else "0")
+        now[0] += 2  # past -retry
+        return greylist.check("192.0.2.1", f"s{n}@example.org", "r@example.com")
+
+    caplog.set_level("WARNING", logger="pytclmilter.greylist")
+    assert [check(n, down) for n in range(3) for down in (True, False)] == ["unavailable", ("wait", 0)] * 3
+    assert len(caplog.records) == 2  # the first outage's two lines
+    now[0] += store.OUTAGE_LINES_EVERY
+    assert check(3, False) == ("wait", 0)
+    assert caplog.records[-1].getMessage().endswith(
+        ": 2 more outages since the last line about it, 2 recipients answered tempfail in them "
+        "(logged at most once a minute)")
+    assert [check(4, True), check(5, False)] == ["unavailable", ("wait", 0)]
+    assert len(caplog.records) == 3  # (that line began a minute too)
+    now[0] += store.OUTAGE_LINES_EVERY
+    assert check(6, True) == "unavailable"
+    assert caplog.records[-1].getMessage().endswith(
+        "trying again every 1 s; 1 more outages since the last such line, 1 recipients answered tempfail in them "
+        "(logged at most once a minute)")
+    assert check(7, False) == ("wait", 0)
+    assert len(caplog.records) == 5  # and its end
+    assert check(8, True) == "unavailable"
+    now[0] += store.OUTAGE_LINES_EVERY
+    assert check(9, True) == "unavailable"  # a counted outage that lasts: logged once its minute is over
+    assert caplog.records[-1].getMessage().endswith("trying again every 1 s; down for 62.0 s")
+    assert check(10, False) == ("wait", 0)
+    assert "is back after 64.0 s; 2 recipients were answered tempfail" in caplog.records[-1].getMessage()
+    assert len(caplog.records) == 7
+    greylist.store.close()
 
 
 @pytest.mark.parametrize("answer, mode", [(b"*2\r\n$3\r\nabc\r\n$3\r\nxyz\r\n", "tempfail"), (b":1\r\n", "accept")])

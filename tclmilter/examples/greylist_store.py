@@ -24,10 +24,11 @@ dropped root's privileges and ``--workers`` have forked (each opens its own conn
 A store that cannot be reached (Redis down, the SQLite file locked past 0.5 s or unwritable)
 answers ``unavailable`` (-unavailable tempfail, the default: the script refuses the recipient
 with a 4xx and the client retries) or ``pass`` (-unavailable accept: mail flows ungreylisted),
-logs one warning when the outage starts and one when the store is back, and is tried again at
-most every -retry seconds (default 5): in between, checks answer at once, without touching the
-network. Callbacks run on the milter's only thread, so no call may block long: Redis gets 0.3 s
-to connect and for each read, 1 s in all for a check, and its host name is resolved once, when
+logs one warning when the outage starts and one when the store is back (the outages that start
+within a minute of the last one logged only counted), and is tried again at most every -retry
+seconds (default 5): in between, checks answer at once, without touching the network.
+Callbacks run on the milter's only thread, so no call may block long: Redis gets 0.3 s to
+connect and for each read, 1 s in all for a check, and its host name is resolved once, when
 the script loads (within 5 s, else the load fails), never while serving. A server that answers
 what no Redis answers (another service at that port) is an outage too, not an error per check.
 
@@ -80,6 +81,7 @@ REDIS_DEADLINE = 1.0  # seconds one check may spend with Redis in all (a reconne
 RESOLVE_TIMEOUT = 5.0  # seconds the host name of a redis:// store may take to resolve, at load
 REDIS_PREFIX = b"greylist:"
 DEFAULT_MAX_AGE = 3024000.0  # 35 days
+OUTAGE_LINES_EVERY = 60.0  # seconds: an outage that starts sooner after the last one logged is counted, not logged
 
 
 class StoreError(Exception):
@@ -691,6 +693,8 @@ class Greylist:
         self.down_since: float | None = None  # time.monotonic() when the outage began
         self._next_try = 0.0
         self.answered = 0  # checks answered without the store in this outage
+        self.clock = time.monotonic
+        self._flaps = _Flaps()
 
     def configure(self, words: Iterable[str]) -> None:
         settings = configured(self.settings, words)
@@ -698,7 +702,7 @@ class Greylist:
             self._finalizer()
             self.store = open_store(settings.store)
             self._finalizer = weakref.finalize(self, self.store.close)
-            self.down_since = None
+            self.down_since, self._flaps = None, _Flaps()
         self.settings = settings
 
     def check(self, ip: str, sender: str, rcpt: str) -> str | tuple[str, int]:
@@ -724,7 +728,7 @@ class Greylist:
     def _use(self, op: Any) -> Any:
         """``op(store)``; None when the store cannot be reached (an outage: logged when it starts
         and ends; the store is not tried again until -retry seconds have passed)."""
-        now = time.monotonic()
+        now = self.clock()
         if self.down_since is not None and now < self._next_try:
             return None
         try:
@@ -733,19 +737,63 @@ class Greylist:
             self._next_try = now + self.settings.retry
             if self.down_since is None:
                 self.down_since, self.answered = now, 0
-                # the spec comes from the script's arguments, the reason may quote what the store sent
-                log.warning("greylist store %s unavailable (%s): answering %s, trying again every %g s",
-                            escape(self.store.where), escape(_reason(exc)), self._answer(), self.settings.retry)
+                self._flaps.told = False
+            if not self._flaps.told and now >= self._flaps.quiet_until:
+                self._tell_down(now, exc)
             self.store.close()  # a fresh connection at the next try
             return None
         if self.down_since is not None:
-            log.warning("greylist store %s is back after %.1f s; %d recipients were answered %s meanwhile",
-                        escape(self.store.where), now - self.down_since, self.answered, self._answer())
-            self.down_since = None
+            self._tell_back(now, self.down_since)
+        elif self._flaps.outages and now >= self._flaps.quiet_until:
+            self._tell_flaps(now)
         return result
+
+    def _tell_down(self, now: float, exc: BaseException) -> None:
+        """The outage line. A store that fails and answers by turns (Redis at its maxmemory, a
+        lossy link) made two lines every -retry seconds, per process: at most one a minute now,
+        with the count of the outages since the last one logged."""
+        flaps = self._flaps
+        since = (f"; {flaps.outages} more outages since the last such line, {flaps.answered} recipients "
+                 f"answered {self._answer()} in them (logged at most once a minute)" if flaps.outages else "")
+        began = self.down_since if self.down_since is not None else now
+        already = f"; down for {now - began:.1f} s" if now > began else ""
+        # the spec comes from the script's arguments, the reason may quote what the store sent
+        log.warning("greylist store %s unavailable (%s): answering %s, trying again every %g s%s%s",
+                    escape(self.store.where), escape(_reason(exc)), self._answer(), self.settings.retry,
+                    already, since)
+        flaps.told, flaps.quiet_until, flaps.outages, flaps.answered = True, now + OUTAGE_LINES_EVERY, 0, 0
+
+    def _tell_back(self, now: float, since: float) -> None:
+        """The line of the end of the outage begun at ``since``, if its start had one; else it is counted."""
+        flaps = self._flaps
+        if flaps.told:
+            log.warning("greylist store %s is back after %.1f s; %d recipients were answered %s meanwhile",
+                        escape(self.store.where), now - since, self.answered, self._answer())
+        else:
+            flaps.outages += 1
+            flaps.answered += self.answered
+        self.down_since = None
+
+    def _tell_flaps(self, now: float) -> None:
+        """The count of the outages not logged, once their minute is over and the store answers."""
+        flaps = self._flaps
+        log.warning("greylist store %s: %d more outages since the last line about it, %d recipients answered "
+                    "%s in them (logged at most once a minute)",
+                    escape(self.store.where), flaps.outages, flaps.answered, self._answer())
+        flaps.quiet_until, flaps.outages, flaps.answered = now + OUTAGE_LINES_EVERY, 0, 0
 
     def _answer(self) -> str:
         return "tempfail" if self.settings.unavailable == "tempfail" else "accept (not greylisted)"
+
+
+class _Flaps:
+    """The outages of a store since its last outage line (Greylist._tell_down)."""
+
+    def __init__(self) -> None:
+        self.told = False  # the outage under way has had its line
+        self.quiet_until = -math.inf  # no outage line before this (clock())
+        self.outages = 0  # ended since the last line, each without a line of its own
+        self.answered = 0  # recipients answered without the store in those
 
 
 def _reason(exc: BaseException) -> str:
