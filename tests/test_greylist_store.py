@@ -466,6 +466,33 @@ def test_as_root_the_file_opens_only_in_roots_own_directory_and_never_through_a_
     assert not (tmp_path / "victim").exists() and not (own / "greylist.sqlite").exists()
 
 
+def test_a_store_slower_than_retry_is_still_left_alone_between_tries(tclrun: Callable[..., TclRun],
+                                                                      tmp_path: Path) -> None:
+    """The next try was due -retry seconds after the failed one began: a try that took longer
+    (SQLite waiting 0.5 s for a lock another process holds, Redis its 1 s) left none due
+    later, and every check waited the whole timeout again on the milter's only thread. Now
+    -retry counts from the failure: the checks in between answer at once."""
+    db = tmp_path / "greylist.sqlite"
+    m = greylist(tclrun, f"sqlite:{db}", args=("-delay", "0", "-retry", "0.4"))
+    assert greylisted(rcpt_reply(m, 1)) == 0
+    holder = sqlite3.connect(db, isolation_level=None)
+    holder.execute("BEGIN EXCLUSIVE")  # (an admin's sqlite3 session, a long import)
+    try:
+        took = []
+        for n in (2, 3, 4):
+            started = time.monotonic()
+            assert unavailable(rcpt_reply(m, n))
+            took.append(time.monotonic() - started)
+    finally:
+        holder.execute("ROLLBACK")
+        holder.close()
+    assert took[0] >= 0.45 and max(took[1:]) < 0.3, took
+    time.sleep(0.5)
+    assert greylisted(rcpt_reply(m, 2)) == 0  # the store answers again: triplet 2's first sight
+    m.wait_for(r"greylist store \S+ is back after")
+    assert m.stop() == 0
+
+
 @pytest.mark.parametrize("kind", ["a directory", "a FIFO"])
 def test_a_store_path_that_is_no_file_is_unavailable_saying_what_it_is(tclrun: Callable[..., TclRun],
                                                                        tmp_path: Path, kind: str) -> None:

@@ -734,7 +734,9 @@ class Greylist:
         try:
             result = op(self.store)
         except self.store.errors as exc:
-            self._next_try = now + self.settings.retry
+            # from the failure, not the try's start: a try that took longer than -retry (SQLite's
+            # lock wait, Redis's deadline) left every next check due to wait as long again
+            self._next_try = self.clock() + self.settings.retry
             if self.down_since is None:
                 self.down_since, self.answered = now, 0
                 self._flaps.told = False
