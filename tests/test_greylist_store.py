@@ -759,6 +759,28 @@ def test_the_outage_line_holds_no_redis_password(tclrun: Callable[..., TclRun], 
     assert "hunter2" not in m.text
 
 
+def test_a_redis_refusing_the_password_says_so_in_words_of_passwords(
+        tclrun: Callable[..., TclRun], redis_server: RedisServer) -> None:
+    """A Redis that wants a password, given none: redis-py 8 opens with RESP3's HELLO, and the
+    outage line read "HELLO must be called with the client already authenticated, otherwise the
+    HELLO AUTH <user> <pass> option can be used to authenticate the client and select the RESP
+    protocol version ...". The greylist speaks RESP2 now (all it sends is a script), and the line
+    says what is wrong; a wrong password as before. Every recipient gets -unavailable's answer."""
+    redis_server.command("CONFIG", "SET", "requirepass", "sekret")
+    host = f"127.0.0.1:{redis_server.port}/0"
+    for url, why in ((f"redis://{host}", "Authentication required."),
+                     (f"redis://:wrong@{host}", "invalid username-password pair or user is disabled.")):
+        m = greylist(tclrun, url)
+        assert [unavailable(rcpt_reply(m, n)) for n in (1, 2)] == [True, True]
+        line = m.wait_for(r"WARNING: greylist store \S+ unavailable \((.*)\): answering tempfail")
+        assert line.group(1) == f"AuthenticationError: {why}", line.group(1)
+        assert m.stop() == 0
+        assert len(re.findall(r"greylist store \S+ unavailable", m.text)) == 1 and "HELLO" not in m.text, m.text
+    m = greylist(tclrun, f"redis://:sekret@{host}", args=("-delay", "7"))
+    assert greylisted(rcpt_reply(m, 1)) == 7
+    assert m.stop() == 0
+
+
 def test_the_try_command_of_the_docs_greylists_also_as_root(tmp_path: Path) -> None:
     """docs/cli.md's example, run as written (an admin tries it as root): its store must be one
     root may open, not a file in the world-writable /tmp, which root refuses (-> "unavailable")."""

@@ -483,6 +483,15 @@ def _redis_module() -> Any:
     return redis
 
 
+def _no_setinfo(redis: Any) -> dict[str, None]:
+    """redis-py's arguments that keep it from sending CLIENT SETINFO: driver_info since 8.x,
+    lib_name and lib_version before (deprecated since)."""
+    import inspect
+
+    known = inspect.signature(redis.connection.AbstractConnection.__init__).parameters
+    return {"driver_info": None} if "driver_info" in known else {"lib_name": None, "lib_version": None}
+
+
 def _redis_where(url: str) -> str:
     """The URL for the log, without the user and password it may hold: before the host's "@" (the
     last one: redis-py reads an unencoded "@" in a password so) or as ?password= / ?username=."""
@@ -639,10 +648,14 @@ class RedisStore:
         kind = {"unix": redis.connection.UnixDomainSocketConnection, "rediss": redis.connection.SSLConnection}
         base = kind.get(urlsplit(url).scheme, redis.connection.Connection)
         # No retries: redis-py's default retries with back-off would hold the milter's thread for
-        # seconds. The greylist retries instead, at most every -retry seconds.
+        # seconds. The greylist retries instead, at most every -retry seconds. RESP2, as redis-py
+        # before 8 spoke: a script's answer needs nothing more, and 8's RESP3 opens with HELLO,
+        # whose refusal of a missing password ("HELLO must be called with the client already
+        # authenticated ...") was the outage line, and a server without it a warning per connect.
+        # No CLIENT SETINFO either: a connection's first command is the check's (or AUTH, SELECT).
         self._client = redis.Redis.from_url(
             pinned_url(url), socket_connect_timeout=REDIS_TIMEOUT, socket_timeout=REDIS_TIMEOUT,
-            retry=Retry(NoBackoff(), 0), health_check_interval=0,
+            retry=Retry(NoBackoff(), 0), health_check_interval=0, protocol=2, **_no_setinfo(redis),
             connection_class=_bounded_connection(base, self._deadline))
         self._see = self._client.register_script(_REDIS_SEE)
         self._merge = self._client.register_script(_REDIS_MERGE)
