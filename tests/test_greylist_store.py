@@ -917,6 +917,23 @@ def test_a_redis_host_name_that_does_not_resolve_fails_the_load_in_bounded_time(
     assert "listening" not in m.text
 
 
+@pytest.mark.parametrize("options, error", [
+    (("-maxage", "1e17"), '-maxage must be a number of seconds from 1 to 3153600000 (100 years), not "1e17"'),
+    (("-delay", "600", "-maxage", "300"), "-maxage (300 s) must be longer than -delay (600 s): a retry after the "
+                                          "delay would find its triplet forgotten, greylisted again for ever"),
+])
+def test_a_maxage_no_store_can_keep_fails_the_load_not_every_check(
+        tclrun: Callable[..., TclRun], redis_server: RedisServer, options: tuple[str, ...], error: str) -> None:
+    """-maxage beyond what Redis's EXPIRE takes loaded, and every check was then an outage
+    ("ResponseError: invalid expire time in 'expire' command") for as long as the filter ran;
+    one shorter than -delay greylisted every triplet for ever (forgotten before its retry could
+    pass), silently. Both are refused when the script loads."""
+    m = tclrun(GREYLIST, "--python", str(STORE_PY), wait=False, args=("-store", redis_server.url, *options))
+    assert m.wait_exit(timeout=20) == 1
+    assert error in m.text, m.text
+    assert "listening" not in m.text
+
+
 def test_the_module_docstring_shows_the_import_usage_the_command_prints() -> None:
     """The docstring showed `import OLDFILE [STORE]`, though the command takes MAXAGE too."""
     import ast

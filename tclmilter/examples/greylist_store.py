@@ -81,6 +81,8 @@ REDIS_DEADLINE = 1.0  # seconds one check may spend with Redis in all (a reconne
 RESOLVE_TIMEOUT = 5.0  # seconds the host name of a redis:// store may take to resolve, at load
 REDIS_PREFIX = b"greylist:"
 DEFAULT_MAX_AGE = 3024000.0  # 35 days
+#: The longest -maxage: Redis's EXPIRE refuses past about 9.2e15 s, at every check; none needs more.
+MAX_AGE_LIMIT = 3153600000.0  # 100 years
 OUTAGE_LINES_EVERY = 60.0  # seconds: an outage that starts sooner after the last one logged is counted, not logged
 
 
@@ -117,18 +119,30 @@ def configured(settings: Settings, words: Iterable[str]) -> Settings:
             if value not in ("tempfail", "accept"):
                 raise ValueError(f'-unavailable must be tempfail or accept, not "{value}"')
             changes[field] = value
+        elif field == "max_age":
+            changes[field] = _seconds(option, value, minimum=1, maximum=MAX_AGE_LIMIT)
         else:
-            changes[field] = _seconds(option, value, minimum=1 if field == "max_age" else 0)
-    return settings._replace(**changes)
+            changes[field] = _seconds(option, value, minimum=0)
+    return _consistent(settings._replace(**changes))
 
 
-def _seconds(option: str, value: str, minimum: float) -> float:
+def _consistent(settings: Settings) -> Settings:
+    """``settings``, unless -maxage would forget a triplet before its retry could pass."""
+    if settings.max_age <= settings.delay:
+        raise ValueError(f"-maxage ({settings.max_age:g} s) must be longer than -delay ({settings.delay:g} s): a "
+                         "retry after the delay would find its triplet forgotten, greylisted again for ever")
+    return settings
+
+
+def _seconds(option: str, value: str, minimum: float, maximum: float = math.inf) -> float:
     try:
         seconds = float(value)
     except ValueError:
         seconds = math.nan
-    if not seconds >= minimum or math.isinf(seconds):
-        raise ValueError(f'{option} must be a number of seconds >= {minimum:g}, not "{value}"')
+    if not minimum <= seconds <= maximum or math.isinf(seconds):
+        limits = (f"from {minimum:g} to {maximum:.0f} ({maximum / 31536000:g} years)" if maximum < math.inf
+                  else f">= {minimum:g}")
+        raise ValueError(f'{option} must be a number of seconds {limits}, not "{value}"')
     return seconds
 
 
@@ -889,7 +903,7 @@ def main(argv: list[str]) -> int:
         return 64
     store = argv[2] if len(argv) > 2 else os.environ.get("GREYLIST_STORE", DEFAULT_STORE)
     try:
-        max_age = _seconds("MAXAGE", argv[3], 1) if len(argv) > 3 else DEFAULT_MAX_AGE
+        max_age = _seconds("MAXAGE", argv[3], 1, MAX_AGE_LIMIT) if len(argv) > 3 else DEFAULT_MAX_AGE
         target = open_store(store)
     except ValueError as exc:
         print(f"import: {exc}", file=sys.stderr)
