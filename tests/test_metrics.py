@@ -491,6 +491,31 @@ def test_clients_that_go_away_or_send_garbage_leave_no_traceback_in_the_log(tclr
     assert "Traceback" not in m.text and "Exception occurred" not in m.text, m.text
 
 
+def test_a_scrape_prometheus_client_fails_on_is_a_warning_a_minute_not_a_traceback(tclrun) -> None:
+    """`Accept: application/openmetrics-text; version=abc`, which any client may send, makes
+    prometheus_client raise (it compares the version's "abc" with an int). wsgiref caught that
+    itself and printed a 15-line traceback on stderr for every such request, outside the log's
+    format and its once-a-minute limit. Now: 500 at once, the documented warning once a minute
+    (the others counted, told at stop), and scrapes go on."""
+    import socket
+    from urllib.parse import urlsplit
+
+    m = tclrun(SCRIPT, "--metrics", "inet:0@127.0.0.1")
+    url = m.wait_for(METRICS, since=0).group(1)
+    where = urlsplit(url)
+    request = b"GET /metrics HTTP/1.0\r\nAccept: application/openmetrics-text; version=abc\r\n\r\n"
+    for _ in range(3):
+        with socket.create_connection((where.hostname, where.port), timeout=5) as s:
+            s.sendall(request)
+            status = s.makefile("rb").readline()
+        assert status.startswith(b"HTTP/1.0 500 "), status
+    assert value(scrape(url), "pytclmilter_generation") == 1
+    m.wait_for(r"WARNING: metrics: a scrape from 127\.0\.0\.1 failed: TypeError: .* \(warned at most once a minute\)")
+    assert m.stop() == 0
+    assert "Traceback" not in m.text, m.text
+    assert "metrics: 2 more scrapes failed with TypeError since the last warning" in m.text, m.text
+
+
 def test_a_request_line_without_a_version_is_refused_at_once(tclrun) -> None:
     """`GET /metrics` alone (HTTP/0.9, or a person typing into nc): http.server read on for
     headers HTTP/0.9 has none of, and the client waited the whole SCRAPE_TIMEOUT (10 s) for a

@@ -289,13 +289,16 @@ class _Server(ThreadingMixIn, WSGIServer):
         each. A client gone is not the filter's failure: nothing; anything else, one warning a
         minute (the place is the exception's type: its text may quote the client)."""
         exc = sys.exc_info()[1]
-        if isinstance(exc, OSError):
-            return
+        if exc is not None and not isinstance(exc, OSError):
+            self.scrape_failed(str(client_address[0]), exc)
+
+    def scrape_failed(self, client: str, exc: BaseException) -> None:
+        """A scrape that failed, from ``client``: one warning a minute, by the exception's type."""
         missed = self._failed.due(type(exc).__name__)
         if missed is not None:
             since = f"; {missed} more since the last warning" if missed else ""
             log.warning("metrics: a scrape from %s failed: %s: %s%s (warned at most once a minute)",
-                        client_address[0], type(exc).__name__, escape(str(exc)), since)
+                        client, type(exc).__name__, escape(str(exc)), since)
 
     def _refuse(self) -> None:
         missed = self._refused.due("")
@@ -335,14 +338,24 @@ def _url(host: str, port: int) -> str:
     return f"http://{addr}:{port}/metrics"
 
 
-def _app(registry: CollectorRegistry) -> Callable[..., Iterable[bytes]]:
+def _app(registry: CollectorRegistry, failed: Callable[[str, BaseException], None]) -> Callable[..., Iterable[bytes]]:
+    """The WSGI app. What prometheus_client raises (``Accept: application/openmetrics-text;
+    version=abc`` makes it compare a str with an int) wsgiref caught itself and printed as a
+    traceback on stderr, outside the log and its once-a-minute limit, for each such request:
+    ``failed`` (the server's warning) and a 500 instead."""
     metrics = make_wsgi_app(registry)
 
     def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
         if environ.get("PATH_INFO") != "/metrics":
             start_response("404 Not Found", [("Content-Type", "text/plain; charset=utf-8")])
             return [b"the metrics are at /metrics\n"]
-        result: Iterable[bytes] = metrics(environ, start_response)
+        try:
+            result: Iterable[bytes] = metrics(environ, start_response)
+        except Exception as exc:
+            failed(str(environ.get("REMOTE_ADDR", "-")), exc)
+            start_response("500 Internal Server Error", [("Content-Type", "text/plain; charset=utf-8")],
+                           sys.exc_info())
+            return [b"the metrics could not be served for this request (the filter's log says why)\n"]
         return result
 
     return app
@@ -360,7 +373,7 @@ class Exporter:
             self._server = _Server(spec)
         except OSError as exc:
             raise ConnSpecError(f'metrics "{text}": cannot listen: {exc.strerror or exc}') from None
-        self._server.set_app(_app(registry))
+        self._server.set_app(_app(registry, self._server.scrape_failed))
         self.url = _url(spec.host or "", self._server.server_port)
         self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.5},
                                         name="metrics", daemon=True)
