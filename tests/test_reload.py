@@ -617,6 +617,67 @@ def test_a_stop_while_a_reload_loads_abandons_the_load(tclrun, tmp_path: Path, h
     assert "not loaded" not in run.text
 
 
+#: A --python file whose module __getattr__ gives setup: the engine's own code between the file's
+#: import and its setup (load_hooks) runs it, as it runs the Tcl interpreter's making before the files.
+SLOW_GETATTR = ("import time\n\ndef __getattr__(name):\n    if name == 'setup':\n"
+                "        print('loading', flush=True)\n        time.sleep({sleep})\n    raise AttributeError(name)\n")
+
+
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_a_stop_while_a_reload_runs_the_engines_part_of_a_load_abandons_it(tclrun, tmp_path: Path,
+                                                                            workers: str) -> None:
+    """SIGTERM while a reload's load ran the engine's own code, not a --python file's (making the
+    Tcl interpreter, at the very start, about 10 ms after the loading line): the stop held the
+    load's limit to now, its CallbackTimeout came there, outside the files' guard, and ended
+    `run` with "unexpected error: CallbackTimeout: callback stopped after 0.0 s: the stop was
+    over" and a traceback. A stop there abandons the load as anywhere else in it."""
+    script = tmp_path / "stamp.tcl"
+    script.write_text(stamping("A"))
+    run = tclrun(script, "--grace", "2", "--workers", workers, python=["def setup(milter):\n    pass\n"])
+    (tmp_path / "hooks0.py").write_text(SLOW_GETATTR.replace("{sleep}", "600"))
+    run.child.kill(signal.SIGUSR1)
+    run.wait_for(r"INFO: reload: loading generation 2")
+    run.wait_for(r"\nloading\r*\n")
+    run.child.kill(signal.SIGTERM)
+    assert run.wait_exit(timeout=20) == 0, run.text
+    run.wait_for(r"WARNING: reload: generation 2 abandoned: received SIGTERM while it loaded; stopping", since=0)
+    assert "unexpected error" not in run.text and "Traceback" not in run.text, run.text
+
+
+def test_a_stop_at_the_very_start_of_a_reload_abandons_it(tclrun, tmp_path: Path) -> None:
+    """The admin's case of the test above, by its timing: SIGTERM to a --workers supervisor as
+    it logs the loading line, while it makes the new interpreter. It ended `run` with the
+    CallbackTimeout (or, when it came in a Python command Tcl ran there, failed the load with an
+    empty TclError) in about half of the runs; ten runs."""
+    script = tmp_path / "stamp.tcl"
+    script.write_text(stamping("A"))
+    for _ in range(10):
+        run = tclrun(script, "--workers", "2", python=["def setup(milter):\n    pass\n"])
+        run.child.kill(signal.SIGUSR1)
+        run.wait_for(r"INFO: reload: loading generation 2")
+        run.child.kill(signal.SIGTERM)
+        assert run.wait_exit(timeout=20) == 0, run.text
+        assert "abandoned: received SIGTERM while it loaded" in run.text and "Traceback" not in run.text, run.text
+
+
+def test_a_load_whose_limit_ends_in_the_engines_part_fails_and_the_old_one_serves_on(tclrun,
+                                                                                    tmp_path: Path) -> None:
+    """The load's -calltimeout running out there, with no stop: the same CallbackTimeout ended
+    `run`. Now the load fails, as when it runs out in the file's own code, and the old one serves."""
+    script = tmp_path / "stamp.tcl"
+    script.write_text("milter configure -calltimeout 1\n" + stamping("A"))
+    run = tclrun(script, python=["def setup(milter):\n    pass\n"])
+    (tmp_path / "hooks0.py").write_text(SLOW_GETATTR.replace("{sleep}", "600"))
+    run.child.kill(signal.SIGUSR1)
+    m = run.wait_for(r"ERROR: reload: generation 2 not loaded, generation 1 serves on unchanged: (.*?)\r?\n", timeout=20)
+    assert m.group(1) == ("loading was stopped after 1 s (-calltimeout of generation 1): "
+                          "the milter serves nothing while a script loads"), run.text
+    with run.mta() as mta:
+        mta.negotiate()
+        assert [p for p in mta.message()["eom"] if p[0] == "h"] == [("h", b"X-Stamp\0A\0")]
+    assert run.stop() == 0
+
+
 @pytest.mark.parametrize("workers", ["1", "2"])
 def test_a_reload_asked_before_the_stop_that_abandoned_a_load_is_not_loaded(tclrun, tmp_path: Path,
                                                                              workers: str) -> None:

@@ -24,7 +24,7 @@ import weakref
 from types import FrameType
 from typing import Any, Callable, Final
 
-from ..limits import PYTHON_LIMIT
+from ..limits import PYTHON_LIMIT, CallbackTimeout, internals_dropped
 from ..logline import escape, escape_lines, said
 from ..milter import RESTART_ONLY, ReloadError
 from ..server import STOP_SIGNALS
@@ -154,17 +154,18 @@ class Generations:
         # The load runs on the thread that serves: while it runs, no connection is answered.
         within = self.current.milter.call_timeout
         stopped = _stopped(within, self.current.milter.generation)
-        held = PYTHON_LIMIT.begin(within or _UNLIMITED, time.monotonic())  # the --python files' import and setup
         try:
-            host = self._load(exited)
-        except HooksFailed as exc:
+            host = _held(self._load, exited, within or _UNLIMITED)
+        except (Exception, CallbackTimeout) as exc:
+            # A stop meanwhile abandons the load, whatever that made it raise: the limit's
+            # CallbackTimeout, or Tcl's error around it when it came in a Python command Tcl ran.
             watch.check()
-            if exc.stopped:
+            if isinstance(exc, HooksFailed) and exc.stopped:
                 raise LoadFailed(f"--python {exc.path}: {stopped}", exc.detail) from None
+            if isinstance(exc, CallbackTimeout):  # ran out in our part of the load, not a file's
+                tb = internals_dropped(exc, exc.__traceback__)
+                raise LoadFailed(stopped, "".join(traceback.format_exception(type(exc), exc, tb)).rstrip()) from None
             raise
-        finally:
-            if held:
-                PYTHON_LIMIT.stop()
         host.loading = True
         watch.host = host
         try:
@@ -216,6 +217,19 @@ class Generations:
         _collect_until_freed(old)
         log.info("reload: generation %d is gone (its last session is over); generation %d serves",
                  number, self.current.milter.generation)
+
+
+def _held(load: Load, exited: ScriptExit, seconds: float) -> TclHost:
+    """``load`` held to ``seconds`` by the Python limit (the --python files' import and setup).
+    Its CallbackTimeout comes wherever the load is: in a file's code as HooksFailed, in ours
+    (making the interpreter, the look-up of a file's setup) as it is. A stop holds the limit to
+    now (_AbandonedAtStop), so one at the very start of a load ends it in our part."""
+    held = PYTHON_LIMIT.begin(seconds, time.monotonic())
+    try:
+        return load(exited)
+    finally:
+        if held:
+            PYTHON_LIMIT.stop()
 
 
 def _stopped(seconds: float, generation: int) -> str:
