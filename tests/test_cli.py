@@ -367,11 +367,13 @@ def test_run_listens_on_a_link_local_address_with_its_interface(serve: Callable[
     assert m.stop() == 0
 
 
-@pytest.mark.parametrize("spec", ["inet6:0@[::ffff:127.0.0.1]", "inet6:0@::ffff:127.0.0.1"])
+@pytest.mark.parametrize("spec", ["inet6:0@[::ffff:127.0.0.1]", "inet6:0@::ffff:127.0.0.1", "inet6:0@[::ffff:7f00:1]",
+                                  "inet6:0@[::FFFF:127.0.0.1]"])
 def test_run_serves_an_ipv4_mapped_address_as_libmilter_does(serve: Callable[..., TclRun], spec: str) -> None:
     """`inet6:8891@[::ffff:127.0.0.1]` failed at bind, "Invalid argument": the IPv6 socket was
     IPv6-only, which can never bind IPv4 traffic's address. libmilter leaves the socket as Linux
-    makes it and serves IPv4 connections to 127.0.0.1 there; so does run now."""
+    makes it and serves IPv4 connections to 127.0.0.1 there; so does run now. However written,
+    the listening line names it one way (`[::ffff:7f00:1]` was shown as written)."""
     m = serve(STAMP, "--connection", spec)
     assert m.spec == f"inet6:{m.port}@::ffff:127.0.0.1", m.text
     with m.mta() as mta:  # over IPv4, to 127.0.0.1
@@ -379,6 +381,16 @@ def test_run_serves_an_ipv4_mapped_address_as_libmilter_does(serve: Callable[...
         mta.connect()
         eom = mta.message()["eom"]
         assert any(b"X-Filtered-By" in data for _, data in eom if isinstance(data, bytes)), eom
+    assert m.stop() == 0
+
+
+@pytest.mark.parametrize("spec", ["inet6:0@[0:0:0:0:0:0:0:1]", "inet6:0@[::0001]", "inet6:0@0::0:1"])
+def test_run_names_an_ipv6_address_in_one_form_however_written(serve: Callable[..., TclRun], spec: str) -> None:
+    """A bracketed IPv6 address was shown in the listening line as written, `inet6:8891@[0:0:0:0:0:0:0:1]`,
+    where a bracketed IPv4 one is written back in dotted quads: the admin compares that line with
+    the MTA's setting and with ss's output. Now in the compressed form, as an unbracketed one is."""
+    m = serve(STAMP, "--connection", spec)
+    assert m.spec == f"inet6:{m.port}@::1", m.text
     assert m.stop() == 0
 
 

@@ -11,7 +11,9 @@ refuses ``[255.255.255.255]`` (inet_addr's error value, INADDR_NONE), and Linux 
 where no MTA can connect; so is its IPv4-mapped form (``inet6:...@[::ffff:255.255.255.255]``),
 and a multicast address (``224.0.0.1``, ``ff05::1``), bound where no MTA can connect too.
 Any other IPv4-mapped address is served as libmilter serves it: IPv4 connections to that address.
-A bracketed address may have a zone (``[fe80::1%eth0]``), as the unbracketed one may.
+A bracketed address may have a zone (``[fe80::1%eth0]``), as the unbracketed one may. An IPv6
+address is kept in one form however written (``[::FFFF:7f00:1]`` is ``::ffff:127.0.0.1``), as a
+bracketed IPv4 one in dotted quads: the spec's text is what the listening line shows.
 """
 
 from __future__ import annotations
@@ -187,6 +189,8 @@ def _host(host: str, proto: str, spec: str, what: str) -> str:
         except socket.gaierror as exc:
             raise ConnSpecError(f'{what} "{spec}": cannot resolve "{host}" for {proto}: {exc.strerror}') from None
         written, addr = host, _with_zone(infos[0][4])
+    if family == socket.AF_INET6:
+        addr = _one_form(addr)
     if _ipv4(addr) == _BROADCAST:
         which = "" if written == _BROADCAST else f" ({_BROADCAST})"
         raise ConnSpecError(f'{what} "{spec}": "{written}"{which} is the broadcast address: no MTA can connect to '
@@ -199,6 +203,18 @@ def _host(host: str, proto: str, spec: str, what: str) -> str:
         raise ConnSpecError(f'{what} "{spec}": "{written}" is a link-local address, which means nothing without its '
                             f"interface: name it, as in {proto}:{_port_of(spec)}@{addr}%eth0 (Linux refuses the bind)")
     return addr
+
+
+def _one_form(addr: str) -> str:
+    """An IPv6 address however written (``[::FFFF:7f00:1]``, ``[0:0::1]``) in one form, as a
+    bracketed IPv4 one is written back in dotted quads: ipaddress's compressed form, zone kept,
+    an IPv4-mapped one as ``::ffff:127.0.0.1`` (Python 3.13's and inet_ntop's form; 3.11 writes
+    ``::ffff:7f00:1``). The listening line is what the admin compares with the MTA's setting."""
+    ip = ipaddress.IPv6Address(addr)
+    mapped = ip.ipv4_mapped
+    if mapped is None:
+        return ip.compressed
+    return f"::ffff:{mapped}" + (f"%{ip.scope_id}" if ip.scope_id else "")
 
 
 def ipv4_mapped(addr: str) -> bool:
