@@ -218,7 +218,10 @@ class LazyMacros(Mapping[str, str]):
     @property
     def has_pairs(self) -> bool:
         """At least one name/value pair, known without decoding: two NUL-terminated strings."""
-        return self._raw.count(0) >= 2  # an int needle: a bytes one goes through the buffer protocol
+        raw = self._raw
+        if raw and raw[-1] == 0:  # as every MTA sends it: a NUL before the last byte suffices
+            return 0 in raw[:-1]  # (faster than find() or count(): no arguments to parse, a memchr)
+        return raw.count(0) >= 2  # bytes after the last NUL are no string, as libmilter reads them
 
     def __getitem__(self, name: str) -> str:
         value = self.get(name)
