@@ -408,6 +408,25 @@ def test_run_refuses_a_unix_path_with_white_space_at_an_end_or_a_control_charact
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.parametrize("option", ["--connection", "--metrics"])
+def test_run_quotes_a_spec_with_a_newline_escaped_on_one_line(option: str) -> None:
+    """A newline in a --connection or --metrics was printed as it was: the usage error went on over
+    indented lines, where `send` (e806bda) quotes the same spec escaped, on one line."""
+    status, out = cli("run", str(STAMP), "--connection", "inet:0@127.0.0.1", option, "inet:88\n91@x", timeout=10)
+    assert (status, "listening" in out) == (64, False), out
+    assert f'\npytclmilter run: {option} "inet:88\\n91@x": port "88\\n91" is not a number\n' in "\n" + out, out
+
+
+def test_run_quotes_a_scripts_connection_with_a_newline_escaped_on_one_line(tmp_path: Path) -> None:
+    """A script's `milter configure -connection "inet:88\\n91"`: its error quoted the spec as it was,
+    over three lines of the script's error (Tcl's errorInfo), the spec's newline among them."""
+    script = tmp_path / "newline.tcl"
+    script.write_text('milter configure -connection "inet:88\\n91"\nmilter main\n')
+    status, out = cli("run", str(script), timeout=10)
+    assert (status, "listening" in out) == (1, False), out
+    assert '\nconnection "inet:88\\n91": port "88\\n91" is not a number\n    while executing\n' in "\n" + out, out
+
+
 @pytest.mark.parametrize("spec, said", [
     ("inet:8891@[127.0.0.1]:8891", '":8891" after "]" (inet:HOST:PORT is Postfix\'s syntax; the milter\'s is '
                                    'inet:8891@[127.0.0.1])'),
@@ -1993,13 +2012,12 @@ def test_run_indents_the_lines_of_an_error_that_could_pass_for_log_lines(command
     shows it as a line of its own). Now run indents every line after the first that does not
     start with a space, as the log's continuation lines; check, a terminal's tool, keeps tclsh's."""
     script = tmp_path / "nl.tcl"
-    script.write_text('package require TclMilter\nmilter configure -connection "inet:x\\nERROR: forged"\n'
-                      "milter main\n")
+    script.write_text('package require TclMilter\nerror "no file x\\nERROR: forged"\nmilter main\n')
     status, out = cli(command, str(script))
     assert status == 1, out
-    info = out[out.index('connection "inet:x\n'):].rstrip("\n").split("\n")
-    tclsh = ['connection "inet:x', 'ERROR: forged": unknown service "x', 'ERROR: forged"', "    while executing",
-             '"milter configure -connection "inet:x\\nERROR: forged""', f'    (file "{script}" line 2)']
+    info = out[out.index("no file x\n"):].rstrip("\n").split("\n")
+    tclsh = ["no file x", "ERROR: forged", "    while executing", '"error "no file x\\nERROR: forged""',
+             f'    (file "{script}" line 2)']
     if command == "check":
         assert info == tclsh, info
     else:

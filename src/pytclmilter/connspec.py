@@ -25,9 +25,12 @@ import re
 import socket
 from dataclasses import dataclass, field
 
+from .logline import escape
+
 
 class ConnSpecError(ValueError):
-    """The connection spec cannot be used."""
+    """The connection spec cannot be used. Its text quotes the spec escaped (logline.escape), so
+    that a newline in a --connection or a script's -connection cannot make a line of its own."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,7 +65,15 @@ _CONTROL = re.compile(r"[\x00-\x1f\x7f]")  # in a unix path: never meant
 
 def parse(spec: str, what: str = "connection") -> ConnSpec:
     """Parse a spec; raises ConnSpecError with a message a mail admin can act on, naming the
-    setting as ``what``."""
+    setting as ``what``, on one line: what it quotes of the spec escaped."""
+    try:
+        return _parse(spec, what)
+    except ConnSpecError as exc:  # (the message is ours but for what it quotes: escaped whole)
+        raise ConnSpecError(escape(str(exc))) from None
+
+
+def _parse(spec: str, what: str) -> ConnSpec:
+    """:func:`parse`, its messages quoting the spec as given."""
     if not spec:
         raise ConnSpecError("empty connection spec")
     if ":" not in spec:
@@ -138,10 +149,10 @@ def parse_metrics(text: str) -> ConnSpec:
     """Where to serve the metrics (HTTP): ``inet:PORT@HOST`` or ``inet6:PORT@HOST``, with the host
     given: the metrics are for whom the admin chooses, not every address by default."""
     spec = parse(text, "metrics")
-    if spec.family == "unix":
-        raise ConnSpecError(f'metrics "{text}": must be inet:PORT@HOST or inet6:PORT@HOST (HTTP over TCP)')
+    if spec.family == "unix":  # (a unix path may hold a C1 control: escaped as parse's messages)
+        raise ConnSpecError(f'metrics "{escape(text)}": must be inet:PORT@HOST or inet6:PORT@HOST (HTTP over TCP)')
     if spec.host is None:
-        raise ConnSpecError(f'metrics "{text}": needs the address to listen on, such as inet:{spec.port}@127.0.0.1')
+        raise ConnSpecError(f'metrics "{escape(text)}": needs the address to listen on, such as inet:{spec.port}@127.0.0.1')
     return spec
 
 

@@ -372,7 +372,7 @@ class Exporter:
         try:
             self._server = _Server(spec)
         except OSError as exc:
-            raise ConnSpecError(f'metrics "{text}": cannot listen: {exc.strerror or exc}') from None
+            raise ConnSpecError(f'metrics "{escape(text)}": cannot listen: {exc.strerror or exc}') from None
         self._server.set_app(_app(registry, self._server.scrape_failed))
         self.url = _url(spec.host or "", self._server.server_port)
         self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.5},

@@ -10,7 +10,6 @@ from ..client.apply import delivered
 from ..client.load import load, one
 from ..client.report import EXIT_CODES, as_text, to_json
 from ..connspec import ConnSpecError, parse
-from ..logline import escape
 from .common import UsageError, add_envelope_options, read_message, reports_print_anywhere
 from .logs import setup_logging
 
@@ -38,8 +37,8 @@ def cmd_send(opts: argparse.Namespace) -> int:
     reports_print_anywhere()
     try:
         spec = parse(opts.connection)
-    except ConnSpecError as exc:  # (it quotes the spec as given: one line, a newline in it escaped)
-        raise UsageError(escape(str(exc))) from None
+    except ConnSpecError as exc:  # (it quotes the spec escaped: one line)
+        raise UsageError(str(exc)) from None
     if opts.count < 1 or opts.concurrency < 1:
         raise UsageError("--count and --concurrency must be at least 1")
     if not opts.timeout > 0:  # (0 timed out every wait at once: "cannot connect ...:" and no reason)
