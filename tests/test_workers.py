@@ -533,6 +533,34 @@ def test_sigusr1_sent_to_a_worker_again_and_again_is_one_line_and_a_count(tclrun
     assert re.search(r"\(pid \d+\); ignored \(\d+ more within the minute\)$", lines[1]), lines
 
 
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_sigusr2_to_run_or_its_supervisor_is_ignored_with_one_line_and_a_count(tclrun, tmp_path: Path,
+                                                                              workers: str) -> None:
+    """SIGUSR2 is the supervisor's word to a worker a reload replaced. Sent to `run` serving alone
+    or to the supervisor (`systemctl kill -s USR2`), its default action ended the process, status
+    140, without a line (the workers then logged that the supervisor died). Now it is ignored, one
+    warning and a count; a reload still replaces the workers with it, as before."""
+    sock = str(tmp_path / "w.sock")
+    m = tclrun(SCRIPT, "--workers", workers, connection=f"unix:{sock}")
+    served = reply_pid(sock)  # (serving)
+    for _ in range(5):
+        os.kill(m.child.pid, signal.SIGUSR2)
+        time.sleep(0.05)
+    m.wait_for(r"WARNING: received SIGUSR2, which means nothing to this process \(pytclmilter sends it only to a "
+               r"--workers worker a reload replaced\); ignored")
+    time.sleep(0.3)
+    assert m.alive() and reply_pid(sock) > 0, m.text
+    if workers == "2":  # its workers still finish when a reload replaces them
+        assert served in children_of(m.child.pid)
+        os.kill(m.child.pid, signal.SIGUSR1)
+        m.wait_for(r"reload: generation 1 is gone \(its last session is over\); generation 2 serves")
+    assert m.stop() == 0
+    lines = [line for line in m.text.splitlines() if "received SIGUSR2" in line]
+    assert len(lines) == 2, m.text
+    assert re.search(r"; ignored \(\d+ more within the minute\)$", lines[1]), lines
+    assert "died" not in m.text, m.text
+
+
 HELD = r"""
 package require TclMilter 1.0
 milter configure -calltimeout 60

@@ -421,6 +421,7 @@ def _set_up_process() -> Notifier:
     # One held since the start (earlyreload.py) is taken first: ignoring it would discard it unlogged.
     forget_early_reload()
     signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+    sigmask.unused_signal_ignored()  # (SIGUSR2: a replaced worker's alone)
     sigmask.block_for_the_waiters()  # (the why: sigmask.py)
     return notify
 

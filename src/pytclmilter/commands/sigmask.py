@@ -22,6 +22,11 @@ exec, where Tcl's exec resets only the signals a handler catches. A program the 
 under a file size limit (`ulimit -f`) went on with EFBIG where under tclsh it is killed, as its
 caller expects. :func:`file_size_signal_caught` catches it instead: the milter's own writes still
 fail with EFBIG, and what it execs starts with the default action.
+
+And SIGUSR2: the --workers supervisor's word to a worker a reload replaced (workers.py, server.py).
+Sent to ``run`` serving alone or to the supervisor (``systemctl kill -s USR2``) its default action
+ended the process, status 140, without a line (its workers then logged that the supervisor
+died). :func:`unused_signal_ignored` catches it there, with one warning.
 """
 
 from __future__ import annotations
@@ -34,8 +39,8 @@ import threading
 from types import FrameType
 from typing import Callable, Iterator
 
-from ..logline import escape, tell_counts
-from ..server import STOP_SIGNALS
+from ..logline import Repeated, escape, tell_counts
+from ..server import REPLACED, STOP_SIGNALS
 from ..signalpipe import SignalPipe
 from ..tcl.output import write_held_now
 
@@ -154,3 +159,35 @@ def file_size_signal_caught() -> None:
 
 def _past_the_file_size_limit(signum: int, frame: FrameType | None) -> None:
     """Nothing: the write that went past the limit fails with EFBIG, and its caller reports that."""
+
+
+_UNUSED_LINE = ("received SIGUSR2, which means nothing to this process (pytclmilter sends it only to a --workers "
+                "worker a reload replaced); ignored")
+
+
+def _unused_told(_repeated: Repeated, label: str, count: int) -> None:
+    """The count of the SIGUSR2 not logged after ``label``, the line of the first."""
+    log.warning("%s (%d more within the minute)", label, count)
+
+
+#: The SIGUSR2 after the first: counted, told once a minute at most (a `kill -USR2` in a loop).
+_UNUSED = Repeated(60.0, tell=_unused_told)
+
+
+def unused_signal_ignored() -> None:
+    """SIGUSR2 caught and ignored with a warning (module docstring), by a handler rather than by
+    SIG_IGN: a worker forked later inherits the disposition, and an ignored signal is discarded,
+    though blocked, where its supervisor's SIGUSR2 must wait for its server's handler (768bbf9);
+    what the script execs starts with the default action. The handler never runs in a worker:
+    SIGUSR2 is blocked there until its server's own handler replaces this one (server.py)."""
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(REPLACED, _unused)
+
+
+def _unused(signum: int, frame: FrameType | None) -> None:
+    """The warning, the first of a minute whole, the others counted (:data:`_UNUSED`)."""
+    missed = _UNUSED.due(_UNUSED_LINE, _UNUSED_LINE)
+    if missed:
+        _unused_told(_UNUSED, _UNUSED_LINE, missed)
+    if missed is not None:
+        log.warning("%s", _UNUSED_LINE)
