@@ -444,6 +444,19 @@ def test_run_refuses_what_follows_a_bracketed_address_and_says_why(spec: str, sa
 
 
 @pytest.mark.parametrize("spec, said", [
+    ("inet:8891@[::1]", '"::1" is not an inet address (IPv6: inet6:...@[::1])'),
+    ("inet:8891@::1", 'cannot resolve "::1" for inet: Address family for hostname not supported (IPv6: '
+                      'inet6:...@::1)'),
+])
+def test_run_says_inet6_for_an_ipv6_address_given_to_inet_bracketed_or_not(spec: str, said: str) -> None:
+    """`inet:8891@::1` said only "Address family for hostname not supported", without the hint
+    the bracketed form gets: which type takes an IPv6 address."""
+    status, out = cli("run", str(STAMP), "--connection", spec, timeout=10)
+    assert (status, "listening" in out) == (64, False), out
+    assert f'pytclmilter run: --connection "{spec}": {said}\n' in out, out
+
+
+@pytest.mark.parametrize("spec, said", [
     ("inet:0@[255.255.255.255]", '"255.255.255.255" is the broadcast address'),
     ("inet:0@[0xffffffff]", '"0xffffffff" (255.255.255.255) is the broadcast address'),
     ("inet:0@255.255.255.255", '"255.255.255.255" is the broadcast address'),

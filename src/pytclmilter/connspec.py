@@ -132,8 +132,12 @@ def _numeric(addr: str, family: int, proto: str, spec: str, what: str) -> str:
             return socket.inet_ntoa(socket.inet_aton(addr))
         except OSError:
             pass
-    hint = f" (IPv6: inet6:...@[{addr}])" if proto == "inet" and _is_ipv6(addr) else ""
-    raise ConnSpecError(f'{what} "{spec}": "{addr}" is not an {proto} address{hint}')
+    raise ConnSpecError(f'{what} "{spec}": "{addr}" is not an {proto} address{_ipv6_hint(f"[{addr}]", proto)}')
+
+
+def _ipv6_hint(host: str, proto: str) -> str:
+    """What to write for an IPv6 address given to inet (``::1`` or ``[::1]``, as written)."""
+    return f" (IPv6: inet6:...@{host})" if proto == "inet" and _is_ipv6(host.strip("[]")) else ""
 
 
 def _is_ipv6(addr: str) -> bool:
@@ -197,8 +201,9 @@ def _host(host: str, proto: str, spec: str, what: str) -> str:
     else:
         try:
             infos = socket.getaddrinfo(host, None, family, socket.SOCK_STREAM)
-        except socket.gaierror as exc:
-            raise ConnSpecError(f'{what} "{spec}": cannot resolve "{host}" for {proto}: {exc.strerror}') from None
+        except socket.gaierror as exc:  # (an IPv6 address for inet: "Address family ... not supported")
+            raise ConnSpecError(f'{what} "{spec}": cannot resolve "{host}" for {proto}: {exc.strerror}'
+                                f"{_ipv6_hint(host, proto)}") from None
         written, addr = host, _with_zone(infos[0][4])
     if family == socket.AF_INET6:
         addr = _one_form(addr)
