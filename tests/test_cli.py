@@ -572,8 +572,26 @@ def test_run_refuses_a_link_local_address_without_its_interface_saying_so(spec: 
     Invalid argument`, which does not say that a link-local address needs its interface."""
     status, out = cli("run", str(STAMP), "--connection", spec, timeout=10)
     assert (status, "listening" in out) == (64, False), out
-    assert (f'pytclmilter run: --connection "{spec}": "fe80::1" is a link-local address, which means nothing '
-            "without its interface: name it, as in inet6:8891@fe80::1%eth0 (Linux refuses the bind)\n") in out, out
+    said = re.search(f'pytclmilter run: --connection "{re.escape(spec)}": "fe80::1" is a link-local address, which '
+                     r"means nothing without its interface: name it, as in inet6:8891@fe80::1%(\S+) \(Linux refuses "
+                     r"the bind\)\n", out)
+    assert said and said.group(1) in [name for _, name in socket.if_nameindex() if name != "lo"] + ["eth0"], out
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or shutil.which("unshare") is None or shutil.which("ip") is None,
+                    reason="a network namespace of its own needs root, unshare and ip")
+@pytest.mark.parametrize("interfaces, named", [(("mtabr0", "mtabr1"), "mtabr0"), ((), "eth0")])
+def test_run_names_an_interface_the_host_has_in_the_link_local_hint(interfaces: tuple[str, ...], named: str) -> None:
+    """The link-local hint said `%eth0` on a host that has no eth0 (ens3, enp0s25, a container's
+    veth): now the host's first interface but the loopback, eth0 only where it has none. Run in
+    a network namespace of its own, with bridges made for the occasion."""
+    made = "".join(f"ip link add {name} type bridge && " for name in interfaces)
+    got = subprocess.run(["unshare", "--net", "sh", "-c", made + 'exec "$@"', "sh", *PYTCLMILTER, "run", str(STAMP),
+                          "--connection", "inet6:8825@[fe80::7]"],
+                         capture_output=True, text=True, timeout=30, env=child_env(None), cwd=str(ROOT))
+    assert got.returncode == 64, got.stderr
+    assert ("is a link-local address, which means nothing without its interface: name it, as in "
+            f"inet6:8825@fe80::7%{named} (Linux refuses the bind)\n") in got.stderr, got.stderr
 
 
 @pytest.mark.parametrize("option, value, said", [

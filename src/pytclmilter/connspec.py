@@ -217,7 +217,8 @@ def _host(host: str, proto: str, spec: str, what: str) -> str:
                             "(TCP connects to one host's address)")
     if _link_local_without_zone(addr):
         raise ConnSpecError(f'{what} "{spec}": "{written}" is a link-local address, which means nothing without its '
-                            f"interface: name it, as in {proto}:{_port_of(spec)}@{addr}%eth0 (Linux refuses the bind)")
+                            f"interface: name it, as in {proto}:{_port_of(spec)}@{addr}%{_an_interface()} (Linux "
+                            "refuses the bind)")
     return addr
 
 
@@ -244,6 +245,16 @@ def _link_local_without_zone(addr: str) -> bool:
         return "%" not in addr and ipaddress.IPv6Address(addr).is_link_local
     except ValueError:
         return False
+
+
+def _an_interface() -> str:
+    """An interface this host has, for an example of a zone: its first but the loopback, which a
+    link-local address on it would not reach an MTA by; eth0 when it has none (or none is told)."""
+    with contextlib.suppress(OSError):
+        for _, name in socket.if_nameindex():
+            if name != "lo":
+                return name
+    return "eth0"
 
 
 def _port_of(spec: str) -> str:
