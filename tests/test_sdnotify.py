@@ -7,13 +7,15 @@ process alone).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pwd
 import signal
 import socket
 import struct
+import time
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import pytest
 
@@ -57,6 +59,23 @@ class Manager:
 
     def close(self) -> None:
         self.sock.close()
+
+
+@contextlib.contextmanager
+def full_queue(tmp_path: Path) -> Iterator[Manager]:
+    """A manager at tmp_path/notify that reads nothing, its queue filled up (a PID 1 stuck)."""
+    manager = Manager(str(tmp_path / "notify"))
+    filler = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    try:
+        filler.connect(str(tmp_path / "notify"))
+        filler.setblocking(False)
+        with pytest.raises(BlockingIOError):
+            for _ in range(100000):
+                filler.send(b"X=1")
+        yield manager
+    finally:
+        filler.close()
+        manager.close()
 
 
 def stamps_and_stops(run: TclRun) -> None:
@@ -321,19 +340,57 @@ def test_a_manager_whose_queue_is_full_holds_the_milter_at_most_a_moment(tclrun:
     sysctl.d does not raise it to 512): each message was a blocking send, and the one that found
     the queue full held the process for ever, READY=1 before the first connection was served.
     Now a send waits a moment, then is given up, said once; the milter serves."""
-    manager = Manager(str(tmp_path / "notify"))
-    filler = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-    try:
-        filler.connect(str(tmp_path / "notify"))
-        filler.setblocking(False)
-        with pytest.raises(BlockingIOError):
-            for _ in range(100000):
-                filler.send(b"X=1")
+    with full_queue(tmp_path) as manager:
         run = tclrun(SCRIPT, "--workers", workers, env={"NOTIFY_SOCKET": str(tmp_path / "notify")})
         run.wait_for(r"WARNING: cannot notify systemd \(NOTIFY_SOCKET\): its queue stayed full for 1 s \(the service "
                      r"manager does not read it\)", since=0)
         stamps_and_stops(run)
         assert run.text.count("cannot notify systemd") == 1, run.text
-    finally:
-        filler.close()
-        manager.close()
+
+
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_once_the_managers_queue_stayed_full_a_reload_and_a_stop_do_not_wait_for_it(
+        tclrun: Callable[..., TclRun], tmp_path: Path, workers: str) -> None:
+    """After a message timed out in a queue the manager never reads, each later one still waited
+    1 s: a reload (RELOADING=1, READY=1) held the milter 2 s, a stop 2.6 s. Now the later ones are
+    tried without waiting and dropped, counted in one line, until one goes through again."""
+    with full_queue(tmp_path) as manager:
+        run = tclrun(SCRIPT, "--workers", workers, env={"NOTIFY_SOCKET": str(tmp_path / "notify")})
+        run.wait_for(r"its queue stayed full for 1 s", since=0)
+        start = time.monotonic()
+        run.child.kill(signal.SIGUSR1)
+        run.wait_for(r"reload: generation 1 is gone")
+        with run.mta() as mta:  # answered once the loop is free again
+            mta.negotiate()
+            assert ("h", b"X-Stamp\0A\0") in mta.message()["eom"]
+        reload_took = time.monotonic() - start
+        start = time.monotonic()
+        assert run.stop() == 0
+        stop_took = time.monotonic() - start
+        assert (reload_took < 0.9, stop_took < 0.9) == (True, True), (reload_took, stop_took, run.text)
+        assert ("WARNING: 3 messages to systemd (NOTIFY_SOCKET) dropped: its queue stayed full to the end\n"
+                in run.text), run.text
+        assert run.text.count("cannot notify systemd") == 1, run.text
+
+
+def test_once_the_managers_queue_has_room_again_messages_are_heard_and_the_dropped_told(
+        tclrun: Callable[..., TclRun], tmp_path: Path) -> None:
+    """The other half of not waiting: a manager that reads again hears the next message (and the
+    ones after wait for room again, as before any timed out); the dropped are told in one line."""
+    with full_queue(tmp_path) as manager:
+        run = tclrun(SCRIPT, env={"NOTIFY_SOCKET": str(tmp_path / "notify")})
+        run.wait_for(r"its queue stayed full for 1 s", since=0)
+        run.child.kill(signal.SIGUSR1)  # RELOADING=1, READY=1: dropped
+        run.wait_for(r"reload: generation 1 is gone")
+        with pytest.raises(socket.timeout):  # the manager reads again
+            while True:
+                manager.receive(timeout=0.3)
+        run.child.kill(signal.SIGUSR1)
+        assert manager.receive()[1]["RELOADING"] == "1"
+        assert manager.receive()[1]["READY"] == "1"
+        run.wait_for(r"WARNING: 2 messages to systemd \(NOTIFY_SOCKET\) dropped: its queue stayed full before its "
+                     r"queue had room again\r?\n")
+        run.child.kill(signal.SIGTERM)
+        assert manager.receive()[1]["STOPPING"] == "1"
+        assert run.wait_exit() == 0
+        assert run.text.count("messages to systemd") == 1, run.text
