@@ -2257,3 +2257,17 @@ def test_the_traces_kept_to_refer_to_are_bounded_whatever_data_they_quote(caplog
     assert sum(len(place) for place in kept) < 20 * 100, sum(len(place) for place in kept)
     traces = [r.getMessage() for r in caplog.records if "header callback" in r.getMessage()]
     assert len(traces) == 20 and all("KeyError" in t for t in traces), traces[:1]
+
+
+
+def test_a_scripts_call_of_output_with_wrong_words_is_a_tcl_error_not_a_traceback(tmp_path) -> None:
+    """::tclmilter::py::output, which the escaping `puts` calls with a channel, its text and whether
+    a line is open, is a command the script (and a thread's) can call too: with fewer words, or a
+    channel other than stdout or stderr, each call was an internal error (IndexError, KeyError), a
+    Python traceback in the log. Now its answer is Tcl's error, logged nowhere."""
+    said = wrong_args_said(tmp_path, "package require Thread\nset t [thread::create]\n"
+                                     "for {set i 0} {$i < 20} {incr i} { catch {::tclmilter::py::output stdout x} m }\n"
+                                     "puts stderr \"said: $m\"\n"
+                                     "puts stderr \"said: [thread::send $t {catch {::tclmilter::py::output} m; set m}]\"\n"
+                                     "puts stderr \"channel: [::tclmilter::py::output stdin x 0]\"\n")
+    assert said == ["::tclmilter::py::output channel text open"] * 2, said

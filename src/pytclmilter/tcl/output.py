@@ -38,7 +38,7 @@ from typing import Any, Callable, Final, Sequence
 from ..logline import OUTPUT_LINE, as_output, clip, escape
 from . import threads
 from .unanswered import Unanswered, place
-from .usage import WRONGARGS, TclUsageError
+from .usage import WRONGARGS, TclUsageError, check_count, one_of
 
 log = logging.getLogger(__name__)
 
@@ -204,7 +204,10 @@ _lost: dict[str, int] = {}
 def _output(args: Sequence[str]) -> int:
     """{channel text open}: the text of a `puts` to stdout or stderr escaped and written, whole
     lines only, each in one write(), the open line's rest held (1: a line is left open)."""
-    channel, text, ends = args[0], args[1], args[2] == "0"
+    # (the script can call it too: with fewer words, or another channel, each call was an
+    # internal error, a traceback logged)
+    check_count(args, 3, 3, f"{COMMAND} channel text open")
+    channel, text, ends = one_of("channel", args[0], _FD), args[1], args[2] == "0"
     key = (threading.get_ident(), channel)
     with _LOCK:
         held, done = _open.pop(key, (b"", 0))
