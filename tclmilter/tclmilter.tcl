@@ -49,7 +49,11 @@ if {[llength [::tcl::info::commands ::tclmilter::py::milter]]} {
                 set n [llength $args]
                 if {$n == 3 && [lindex $args 0] eq "setpriv"} {
                     if {![::tcl::info::exists priv($id)]} {
-                        ::tclmilter::py::privstarted $id
+                        # (a live connection's only: an id the script made up is refused)
+                        set r [::tclmilter::py::privstarted $id]
+                        if {[lindex $r 0] eq "error"} {
+                            return -code error -errorcode [lindex $r 2] [lindex $r 1]
+                        }
                     }
                     ::tcl::dict::set priv($id) [lindex $args 1] [lindex $args 2]
                     return [lindex $args 2]

@@ -564,12 +564,19 @@ def wrong_args_said(tmp_path: Path, tcl: str) -> list[str]:
     """What `pytclmilter check` of a script of ``tcl`` (then `milter main`) wrote on stderr as
     ``said: ANSWER`` lines, each answer Tcl's `wrong # args` of a host command ({error ...
     {TCL WRONGARGS}}): the usage it gives. Asserts that no internal error was logged."""
+    return re.findall(r'^said: error \{wrong # args: should be "([^"]*)"\} \{TCL WRONGARGS\}$',
+                      checked_stderr(tmp_path, tcl), re.M)
+
+
+def checked_stderr(tmp_path: Path, tcl: str) -> str:
+    """What `pytclmilter check` of a script of ``tcl`` (then `milter main`) wrote on stderr,
+    asserting that no internal error was logged."""
     script = tmp_path / "s.tcl"
     script.write_text(f"package require TclMilter\n{tcl}milter main\n")
     done = subprocess.run([*PYTCLMILTER, "check", str(script)], env=child_env(), capture_output=True, text=True,
                           timeout=60)
     assert "internal error" not in done.stderr and "Traceback" not in done.stderr, done.stderr
-    return re.findall(r'^said: error \{wrong # args: should be "([^"]*)"\} \{TCL WRONGARGS\}$', done.stderr, re.M)
+    return done.stderr
 
 
 # A log handler another thread holds for ever (a terminal that takes no more: its writer waits
@@ -2192,6 +2199,19 @@ def test_a_scripts_call_of_privstarted_without_its_word_is_a_tcl_error_not_a_tra
     assert said == ["::tclmilter::py::privstarted connection"], said
 
 
+
+def test_private_data_is_started_only_for_a_live_connections_id(tmp_path) -> None:
+    """::tclmilter::py::privstarted (and the context proc's setpriv, which calls it) took any id:
+    a script calling either with ids no connection has kept each one for the process's life, in
+    Python's set and in Tcl's priv array, without a bound. Now such an id is refused as a gone
+    connection's context command is: `context no longer exists`, nothing kept."""
+    said = checked_stderr(tmp_path, "puts stderr \"said: [::tclmilter::py::privstarted 424242]\"\n"
+                                    "catch {::tclmilter::context 424243 setpriv a b} m\n"
+                                    "puts stderr \"setpriv: $m, kept: [info exists ::tclmilter::priv(424243)]\"\n")
+    assert "said: error {context no longer exists}" in said, said
+    assert "setpriv: context no longer exists, kept: 0\n" in said, said
+
+
 def test_a_scripts_call_of_the_root_file_checks_without_a_file_is_a_tcl_error_not_a_traceback(tmp_path) -> None:
     """::tclmilter::py::rootread and rootcheck, which the checking `source` and `load` call as
     root, are commands the script can call too: without a file each call was an internal error
@@ -2257,7 +2277,6 @@ def test_the_traces_kept_to_refer_to_are_bounded_whatever_data_they_quote(caplog
     assert sum(len(place) for place in kept) < 20 * 100, sum(len(place) for place in kept)
     traces = [r.getMessage() for r in caplog.records if "header callback" in r.getMessage()]
     assert len(traces) == 20 and all("KeyError" in t for t in traces), traces[:1]
-
 
 
 def test_a_scripts_call_of_output_with_wrong_words_is_a_tcl_error_not_a_traceback(tmp_path) -> None:

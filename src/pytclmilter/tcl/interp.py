@@ -297,7 +297,10 @@ class TclHost:
     def _priv_started(self, args: Sequence[str]) -> None:
         # (the script can call it too: without its word, each call was an internal error, a traceback logged)
         check_count(args, 1, 1, "::tclmilter::py::privstarted connection")
-        self.private.started(integer(args[0]))
+        conn_id = integer(args[0])
+        if conn_id not in self.contexts:  # (the script's own call: each id kept until the process ends)
+            raise TclUsageError("context no longer exists")
+        self.private.started(conn_id)
 
     def _exit(self, args: Sequence[str]) -> None:
         code = integer(args[0]) if args else 0
