@@ -58,6 +58,7 @@ class PythonLimit(Limit):
         self._active = False
         self._late = False  # the watchdog saw the callback running now overrun
         self._why = ""  # a stop's grace ended the allowance before call_timeout: which (hold_to)
+        self._held_by = ""  # the grace that limits the callback now, if one does (hold_to)
         self._raised = False  # the callback held now was stopped by the exception (ran_out)
         self._watchdog: threading.Thread | None = None
         self._ended = threading.Event()  # set: the watchdog thread returns (end_watchdog)
@@ -76,6 +77,7 @@ class PythonLimit(Limit):
         if self._watchdog is None:
             self._start()
         self._seconds, self._started, self._active, self._late, self._why = seconds, now, True, False, ""
+        self._held_by = ""
         self._raised = False
         return True
 
@@ -84,7 +86,9 @@ class PythonLimit(Limit):
         if its own limit comes later. From a stop signal's handler, which Python runs inside the
         callback (server.py): one that started before the signal has no other way to learn of it."""
         if self._active and by < self._started + self._seconds:
-            self._why = f"{why} was over (call_timeout is {self._seconds:g} s)"
+            # (held already, its limit is that grace's, not call_timeout: a stop during a load)
+            limit = f"its limit was {self._held_by}" if self._held_by else f"call_timeout is {self._seconds:g} s"
+            self._why, self._held_by = f"{why} was over ({limit})", why
             self._seconds = max(by - self._started, 0.0)
 
     def stop(self) -> bool:
