@@ -50,7 +50,9 @@ class ConnSpec:
         return f"{self.family}:{self.port}@{host}"
 
     def postfix(self) -> str:
-        """The same address in Postfix's smtpd_milters syntax."""
+        """The same address in Postfix's smtpd_milters syntax: for a Python milter's author, who
+        gets a ConnSpec from ``Milter.listening`` (the port asked as 0) and points Postfix at it,
+        as the end-to-end tests do; src/ itself needs none."""
         if self.family == "unix":
             return f"unix:{self.path}"
         host = self.host or ("127.0.0.1" if self.family == "inet" else "::1")
