@@ -410,6 +410,24 @@ def test_a_script_that_exits_or_never_serves_while_loading_is_not_loaded(tclrun,
     old_serves_then_a_good_one_loads(run, script)
 
 
+
+def test_a_python_files_getattr_failing_on_setup_fails_the_reload_naming_the_file(tclrun, tmp_path: Path) -> None:
+    """A --python file's setup is looked up after its import: a module __getattr__ of the file's
+    runs then, and what it raised was taken for an error of pytclmilter's, the reload's line
+    `... unchanged: ValueError: no setup` naming no file. Now it is the file's error, as one of
+    its import or setup is: `--python PATH: ValueError: ...`, its traceback from the file on."""
+    script = tmp_path / "stamp.tcl"
+    script.write_text(stamping("A"))
+    hooks = tmp_path / "hooks0.py"
+    run = tclrun(script, python=["def setup(milter):\n    pass\n"])
+    hooks.write_text("def __getattr__(name):\n    raise ValueError('no ' + name)\n")
+    run.child.kill(signal.SIGUSR1)
+    run.wait_for(r"ERROR: reload: generation 2 not loaded, generation 1 serves on unchanged: "
+                 + re.escape(f"--python {hooks}: ValueError: no setup") + r"\r?\n")
+    hooks.write_text("def setup(milter):\n    pass\n")
+    old_serves_then_a_good_one_loads(run, script)
+
+
 @pytest.mark.parametrize("workers", ["1", "2"])
 def test_a_script_that_calls_milter_stop_before_its_main_is_not_loaded(tclrun, tmp_path: Path, workers: str) -> None:
     """`milter stop` before `milter main` makes that main return at once: at start, the script
@@ -639,8 +657,8 @@ def test_a_load_a_stop_cuts_short_is_told_the_stops_grace_not_a_call_timeout(tcl
         "callback stopped after T s: the stop was over (its limit was the stop's 2 s grace)"], run.text
 
 
-#: A --python file whose module __getattr__ gives setup: the engine's own code between the file's
-#: import and its setup (load_hooks) runs it, as it runs the Tcl interpreter's making before the files.
+#: A --python file whose module __getattr__ gives setup: load_hooks's look-up of setup, between the
+#: file's import and its setup, runs it (held as the file's code: what it raises names the file).
 SLOW_GETATTR = ("import time\n\ndef __getattr__(name):\n    if name == 'setup':\n"
                 "        print('loading', flush=True)\n        time.sleep({sleep})\n    raise AttributeError(name)\n")
 
@@ -685,15 +703,17 @@ def test_a_stop_at_the_very_start_of_a_reload_abandons_it(tclrun, tmp_path: Path
 def test_a_load_whose_limit_ends_in_the_engines_part_fails_and_the_old_one_serves_on(tclrun,
                                                                                     tmp_path: Path) -> None:
     """The load's -calltimeout running out there, with no stop: the same CallbackTimeout ended
-    `run`. Now the load fails, as when it runs out in the file's own code, and the old one serves."""
+    `run`. Now the load fails, as when it runs out in the file's own code, and the old one serves.
+    (The look-up of setup is the file's own code since a module __getattr__ failing there is the
+    file's error: the line names the file.)"""
     script = tmp_path / "stamp.tcl"
     script.write_text("milter configure -calltimeout 1\n" + stamping("A"))
     run = tclrun(script, python=["def setup(milter):\n    pass\n"])
     (tmp_path / "hooks0.py").write_text(SLOW_GETATTR.replace("{sleep}", "600"))
     run.child.kill(signal.SIGUSR1)
     m = run.wait_for(r"ERROR: reload: generation 2 not loaded, generation 1 serves on unchanged: (.*?)\r?\n", timeout=20)
-    assert m.group(1) == ("loading was stopped after 1 s (-calltimeout of generation 1): "
-                          "the milter serves nothing while a script loads"), run.text
+    assert m.group(1) == (f"--python {tmp_path / 'hooks0.py'}: loading was stopped after 1 s (-calltimeout of "
+                          "generation 1): the milter serves nothing while a script loads"), run.text
     with run.mta() as mta:
         mta.negotiate()
         assert [p for p in mta.message()["eom"] if p[0] == "h"] == [("h", b"X-Stamp\0A\0")]

@@ -14,7 +14,7 @@ import sys
 import time
 import traceback
 from pathlib import Path
-from types import TracebackType
+from types import ModuleType, TracebackType
 from typing import Any, Callable, Mapping
 
 from ..client.archive import MAX_SIZE, TooLarge, read_at_most
@@ -141,6 +141,14 @@ class _CheckedSource(importlib.machinery.SourceFileLoader):
         raise OSError("no bytecode cache")  # get_code then compiles the source, and writes no .pyc
 
 
+def _setup_of(path: str, module: ModuleType) -> object:
+    """The file's setup, or None: looked up as the file's own code, since a module __getattr__
+    of the file's runs then, and what it raises fails the load naming the file (HooksFailed)."""
+    found: list[object] = []
+    _as_the_files(path, lambda: found.append(getattr(module, "setup", None)))
+    return found[0]
+
+
 def load_hooks(path: str, source: bytes, milter: Milter) -> None:
     """Import a --python file from its ``source`` (read_hooks) and call its setup(milter);
     HooksFailed if either raises."""
@@ -155,7 +163,7 @@ def load_hooks(path: str, source: bytes, milter: Milter) -> None:
     # reload's import replaces the entry; the old generation keeps its module through its callbacks.
     sys.modules[spec.name] = module
     _as_the_files(path, lambda: loader.exec_module(module))
-    setup = getattr(module, "setup", None)
+    setup = _setup_of(path, module)
     if not callable(setup):
         raise UsageError(f"--python {path}: has no setup(milter) function")
     if is_async(setup):  # (its coroutine would never run: no callback registered, and no error)
