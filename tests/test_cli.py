@@ -29,6 +29,7 @@ import sqlite3
 import stat
 import struct
 import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -2204,7 +2205,7 @@ def test_a_conversation_cut_before_its_first_packet_is_a_failed_outcome_on_uvloo
     """`try` converses on the milter's loop, uvloop's when installed. A Ctrl-C that stopped the
     milter between the client's connect and the accept reset the connection, and uvloop's
     closed transport raised RuntimeError at the first write: a traceback and exit 1. The
-    conversation now fails as on any broken connection (tempfail, "the filter closed ...")."""
+    conversation now fails as on any broken connection (tempfail, "the connection ... was lost")."""
     import uvloop
 
     from pytclmilter.client.conversation import converse
@@ -2229,7 +2230,8 @@ def test_a_conversation_cut_before_its_first_packet_is_a_failed_outcome_on_uvloo
                               Message.parse(b"Subject: x\r\n\r\nhi\r\n"))
 
     outcome = uvloop.run(cut())
-    assert (outcome.verdict, outcome.error) == ("tempfail", "the filter closed the connection"), outcome
+    assert (outcome.verdict, outcome.error) == (
+        "tempfail", "the connection to the filter was lost while sending (at option negotiation)"), outcome
 
 
 def test_run_logs_the_sender_of_a_verdict_when_the_script_has_no_envfrom_callback(
@@ -2533,6 +2535,51 @@ def test_send_gives_up_on_a_filter_that_takes_no_more_data_within_the_timeout(tm
     assert status == 2, out
     assert "error: the filter took no more data within 1 s (sending at body)" in out, out
     assert time.monotonic() - started < 10
+
+
+
+#: A filter process that asks for no headers and no DATA (so send writes their macros without
+#: waiting for a reply, as to any filter without such callbacks), answers up to RCPT, then dies.
+DIES_AFTER_RCPT = """
+import os, socket, struct, sys
+listener = socket.socket()
+listener.bind(("127.0.0.1", 0))
+listener.listen()
+print(listener.getsockname()[1], flush=True)
+conn, _ = listener.accept()
+def packet():
+    size = struct.unpack(">I", conn.recv(4, socket.MSG_WAITALL))[0]
+    return conn.recv(size, socket.MSG_WAITALL)
+packet()
+conn.sendall(struct.pack(">I", 13) + b"O" + struct.pack(">III", 6, 0x1FF, 0x220))
+while (command := packet()[:1]) != b"R":
+    if command != b"D":
+        conn.sendall(b"\\0\\0\\0\\1c")
+conn.sendall(b"\\0\\0\\0\\1c")
+os._exit(0)
+"""
+
+
+def test_send_to_a_filter_that_dies_while_it_sends_says_the_connection_was_lost(tmp_path: Path) -> None:
+    """A filter (or a HAProxy before it) that died while send wrote what needs no reply (a
+    message's headers to a filter that asked for none): asyncio dropped each write after the
+    first that failed, and from the fifth on printed "WARNING: socket.send() raised exception."
+    once per write, unexplained, hundreds of lines before the report. Now one error line says
+    the connection was lost, after what, the report shows what was answered, and the exit
+    status is 2, as for a filter that closes the connection."""
+    msg = tmp_path / "many.eml"
+    msg.write_bytes(b"From: a@example.org\nTo: b@example.org\nSubject: x\n"
+                    + b"".join(b"X-H%d: v\n" % i for i in range(200)) + b"\nhi\n")
+    with subprocess.Popen([sys.executable, "-c", DIES_AFTER_RCPT], stdout=subprocess.PIPE, text=True) as filt:
+        assert filt.stdout is not None
+        port = filt.stdout.readline().strip()
+        status, out = cli("send", "--connection", f"inet:{port}@127.0.0.1", str(msg))
+        assert filt.wait(10) == 0
+    assert status == 2, out
+    assert "socket.send()" not in out and "WARNING" not in out, out
+    assert "envrcpt  <b@example.org> -> continue\n" in out, out
+    assert re.findall(r"^error: .*", out, re.M) == [
+        "error: the connection to the filter was lost while sending (after envrcpt)"], out
 
 
 def test_send_to_an_inet6_spec_without_a_host_connects_to_the_ipv6_loopback() -> None:

@@ -84,6 +84,8 @@ class Conversation:
     # ------------------------------------------------------------ wire
 
     def _send(self, *events: ev.Event) -> None:
+        if self.writer.transport.is_closing():  # (asyncio drops it, and warns from the fifth on, unexplained)
+            raise self._lost()
         try:
             self.writer.write(b"".join(encode_command(e) for e in events))
         except RuntimeError:  # uvloop's, on a transport closed by a reset (asyncio's drops the bytes)
@@ -97,7 +99,10 @@ class Conversation:
         task, as before that limit (wait_for's task lets the loop first take a reset the filter
         sent after its last reply: `try` then called a stop after the verdict a failure)."""
         if not self.writer.transport.get_write_buffer_size():
-            await self.writer.drain()
+            try:
+                await self.writer.drain()
+            except ConnectionResetError as exc:  # (asyncio's own, a bare "Connection lost", when no errno)
+                raise (exc if exc.errno else self._lost()) from None
             return
         try:
             await asyncio.wait_for(self.writer.drain(), self.timeout)
@@ -105,6 +110,12 @@ class Conversation:
             where = self.out.stages[-1].name if self.out.stages else "option negotiation"
             raise ConversationError(f"the filter took no more data within {self.timeout:g} s "
                                     f"(sending at {where})") from None
+
+    def _lost(self) -> ConversationError:
+        """The connection broke while sending (the filter, or a balancer before it, died): said
+        once, with the last event sent, where asyncio dropped the writes after it unexplained."""
+        where = f"after {self.out.stages[-1].name}" if self.out.stages else "at option negotiation"
+        return ConversationError(f"the connection to the filter was lost while sending ({where})")
 
     async def _recv(self) -> ev.Reply:
         """The next reply, within ``timeout`` for the whole of it: a filter that trickles it a byte
