@@ -887,6 +887,40 @@ def test_a_stop_that_ends_the_process_held_tells_the_counts_not_told_yet(tclrun,
     assert m.text.index("repeated 50 times") < m.text.index("exiting without it"), m.text
 
 
+TCL_FORGOTTEN_THEN_STUCK = r"""
+package require TclMilter
+milter configure -calltimeout 120
+proc from {ctx args} {
+    foreach n {NAMES} { $ctx getsymval $n; $ctx getsymval $n }
+    exec sleep 30
+    return SMFIS_CONTINUE
+}
+milter register envfrom from
+milter main
+"""
+
+
+def test_a_stop_that_ends_the_process_held_tells_a_forgotten_places_count_too(tclrun, tmp_path):
+    """A callback asks 33 macro names bare, each twice (getsymval's hint keeps 32 names: the first
+    one's count is forgotten to make room, kept to be told), then is held past the grace: the
+    process ends from overdue's thread, and that count is told too (before: the give-up told the
+    places' counts only, m0's "1 more since" was lost)."""
+    sock = tmp_path / "milter.sock"
+    names = [f"m{n}" for n in range(33)]
+    m = tclrun(TCL_FORGOTTEN_THEN_STUCK.replace("NAMES", " ".join(names)), "--grace", "1",
+               connection=f"unix:{sock}")
+    with Mta(str(sock)) as mta:
+        mta.negotiate()
+        assert ok(mta.connect())
+        mta.macro("M", **{"{%s}" % n: "v" for n in names})
+        mta.send_raw("M", b"<a@example.org>\0")
+        time.sleep(0.5)
+        assert m.stop(timeout=60) == 1, m.text
+    m.wait_for(r"exiting without it, exit status 1", since=0)
+    counted = sorted(re.findall(r"getsymval (m\d+) found nothing.*; 1 more since\)", m.text), key=lambda n: int(n[1:]))
+    assert counted == names, m.text[-3000:]
+
+
 TCL_TAKES_THE_WAKEUP_FD = r"""
 package require TclMilter
 milter configure -calltimeout 120

@@ -268,11 +268,14 @@ def tell_counts(ended_only: bool = True) -> None:
 def tell_counts_unlocked() -> None:
     """Every count not told yet, told without taking the lock: the process ends at once from
     another thread (overdue.py) while the serving thread, held, may hold it for ever (a __del__
-    run under it). A snapshot: a count changing meanwhile may be told one short."""
+    run under it). A snapshot: a count changing meanwhile may be told one short. The counts of
+    places forgotten to make room (Repeated._forgotten) too: a stop tells them as well."""
     for _ in range(3):
         try:  # (a set or dict another thread changes while it is read: read again)
-            counts = [(repeated, label or place, counted) for repeated in list(_untold)
-                      for place, (_, _, counted, label) in list(repeated._places.items()) if counted]
+            counts = [(repeated, label, counted) for repeated in list(_untold)
+                      for label, counted in list(repeated._forgotten.items())]
+            counts += [(repeated, label or place, counted) for repeated in list(_untold)
+                       for place, (_, _, counted, label) in list(repeated._places.items()) if counted]
             break
         except RuntimeError:
             continue
