@@ -595,6 +595,23 @@ def test_run_names_an_interface_the_host_has_in_the_link_local_hint(interfaces: 
             f"inet6:8825@fe80::7%{named} (Linux refuses the bind)\n") in got.stderr, got.stderr
 
 
+@pytest.mark.parametrize("spec", ["inet6:8891@[fe80::1%nosuch9]", "inet6:8891@fe80::1%nosuch9",
+                                  "inet6:8891@[fe80::1%999]", "inet6:8891@fe80::1%999"])
+def test_run_refuses_a_link_local_address_on_an_interface_there_is_not_saying_so(spec: str) -> None:
+    """A zone naming no interface of the host (a typo, a renamed one): bracketed it was "not an
+    inet6 address", unbracketed "cannot resolve", and as a number "a link-local address ...
+    without its interface: name it", though it was named (the unknown index was dropped)."""
+    status, out = cli("run", str(STAMP), "--connection", spec, timeout=10)
+    assert (status, "listening" in out) == (64, False), out
+    zone = spec.rpartition("%")[2].rstrip("]")
+    assert (f'pytclmilter run: --connection "{spec}": "fe80::1%{zone}": no network interface "{zone}" on this '
+            "host (ip link lists them)\n") in out, out
+    postfix = f"{spec}:8891" if spec.endswith("]") else None  # (what follows "]" is said first)
+    if postfix is not None:
+        _, out = cli("run", str(STAMP), "--connection", postfix, timeout=10)
+        assert f'--connection "{postfix}": ":8891" after "]" (inet:HOST:PORT is Postfix\'s syntax' in out, out
+
+
 @pytest.mark.parametrize("option, value, said", [
     ("--workers", "-05", "expected positive integer up to 1024"), ("--backlog", "000", "expected positive integer"),
     ("--timeout", " -010", "expected non-negative integer")])

@@ -199,8 +199,10 @@ def _host(host: str, proto: str, spec: str, what: str) -> str:
             raise ConnSpecError(f'{what} "{spec}": missing "]"')
         if rest:  # libmilter ignores it: a typo, or a port meant (Postfix's [HOST]:PORT)
             raise ConnSpecError(f'{what} "{spec}": "{rest}" after "]"{_postfix_hint(spec)}')
+        _refuse_unknown_zone(written, family, spec, what)
         addr = _numeric(written, family, proto, spec, what)
     else:
+        _refuse_unknown_zone(host, family, spec, what)
         try:
             infos = socket.getaddrinfo(host, None, family, socket.SOCK_STREAM)
         except socket.gaierror as exc:  # (an IPv6 address for inet: "Address family ... not supported")
@@ -222,6 +224,23 @@ def _host(host: str, proto: str, spec: str, what: str) -> str:
                             f"interface: name it, as in {proto}:{_port_of(spec)}@{addr}%{_an_interface()} (Linux "
                             "refuses the bind)")
     return addr
+
+
+def _refuse_unknown_zone(host: str, family: int, spec: str, what: str) -> None:
+    """ConnSpecError for an IPv6 address whose zone names no interface of this host: a name was
+    "not an inet6 address" or "cannot resolve", a number dropped (if_indextoname), then said to
+    be missing ("name it"), though it was named."""
+    addr, percent, zone = host.partition("%")
+    if family != socket.AF_INET6 or not percent or not zone or not _is_ipv6(addr):
+        return
+    try:
+        if zone.isascii() and zone.isdigit():
+            socket.if_indextoname(int(zone))
+        else:
+            socket.if_nametoindex(zone)
+    except (OSError, OverflowError, ValueError):
+        raise ConnSpecError(f'{what} "{spec}": "{host}": no network interface "{zone}" on this host '
+                            "(ip link lists them)") from None
 
 
 def _one_form(addr: str) -> str:
