@@ -292,6 +292,23 @@ def test_a_store_failing_and_answering_by_turns_logs_one_outage_a_minute(
     assert m.stop() == 0
 
 
+def test_the_outages_counted_and_not_told_are_told_at_the_stop(tclrun: Callable[..., TclRun],
+                                                               redis_server: RedisServer) -> None:
+    """A store failing by turns, then a stop within the minute: the outages counted since the
+    last line were told by the next line or check, which never came, so lost (3 outages, 3
+    recipients answered without the store, said nowhere). Now the store's closing tells them."""
+    m = greylist(tclrun, redis_server.url, args=("-delay", "60", "-retry", "0.1"))
+    for n in range(4):
+        redis_server.command("CONFIG", "SET", "maxmemory", "1")  # noeviction: every write refused (OOM)
+        assert unavailable(rcpt_reply(m, n))
+        redis_server.command("CONFIG", "SET", "maxmemory", "0")
+        time.sleep(0.15)  # past -retry
+        assert greylisted(rcpt_reply(m, n)) == 60
+    assert m.stop() == 0
+    assert re.search(r"WARNING: greylist store \S+: 3 more outages since the last line about it, 3 recipients "
+                     r"answered tempfail in them \(told as the store is closed\)", m.text), m.text
+
+
 def test_the_outages_of_a_minute_not_logged_are_counted_in_the_next_line(redis_server: RedisServer,
                                                                          caplog: Any) -> None:
     """The count of the outages that had no line: told once their minute is over, by the first

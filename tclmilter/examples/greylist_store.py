@@ -716,20 +716,21 @@ class Greylist:
     def __init__(self, settings: Settings = Settings()) -> None:
         self.settings = settings
         self.store = open_store(settings.store)
-        self._finalizer = weakref.finalize(self, self.store.close)
+        self._flaps = _Flaps()
+        # (closed when dropped, a reload's, or at exit: its outages counted and not told are told)
+        self._finalizer = weakref.finalize(self, _closed, self.store, self._flaps)
         self.down_since: float | None = None  # time.monotonic() when the outage began
         self._next_try = 0.0
         self.answered = 0  # checks answered without the store in this outage
         self.clock = time.monotonic
-        self._flaps = _Flaps()
 
     def configure(self, words: Iterable[str]) -> None:
         settings = configured(self.settings, words)
         if settings.store != self.settings.store:
             self._finalizer()
             self.store = open_store(settings.store)
-            self._finalizer = weakref.finalize(self, self.store.close)
             self.down_since, self._flaps = None, _Flaps()
+            self._finalizer = weakref.finalize(self, _closed, self.store, self._flaps)
         self.settings = settings
 
     def check(self, ip: str, sender: str, rcpt: str) -> str | tuple[str, int]:
@@ -801,6 +802,7 @@ class Greylist:
         else:
             flaps.outages += 1
             flaps.answered += self.answered
+            flaps.answer = self._answer()
         self.down_since = None
 
     def _tell_flaps(self, now: float) -> None:
@@ -823,6 +825,19 @@ class _Flaps:
         self.quiet_until = -math.inf  # no outage line before this (clock())
         self.outages = 0  # ended since the last line, each without a line of its own
         self.answered = 0  # recipients answered without the store in those
+        self.answer = "tempfail"  # how (Greylist._answer), for the line told as the store is closed
+
+
+def _closed(store: Store, flaps: _Flaps) -> None:
+    """Close a store no longer used (a reload dropped it, -store changed, the process ends),
+    telling the outages counted since its last outage line: the next line or check that would
+    have told them never comes."""
+    if flaps.outages:
+        log.warning("greylist store %s: %d more outages since the last line about it, %d recipients answered %s "
+                    "in them (told as the store is closed)", escape(store.where), flaps.outages, flaps.answered,
+                    flaps.answer)
+        flaps.outages = 0
+    store.close()
 
 
 def _reason(exc: BaseException) -> str:
