@@ -567,6 +567,18 @@ def test_run_reads_only_ascii_digits_of_user_and_group_as_ids(ids: tuple[str, ..
     assert f"pytclmilter run: {said}\n" in out, out
 
 
+@pytest.mark.parametrize("ids, said", [
+    (("--user", "no\nERROR: forged"), '--user: no such user "no\\nERROR: forged"'),
+    (("--user", "nobody", "--group", "no\nERROR: forged"), '--group: no such group "no\\nERROR: forged"'),
+])
+def test_run_quotes_a_user_or_group_with_a_newline_escaped_on_one_line(ids: tuple[str, ...], said: str) -> None:
+    """`--user "no\\nERROR: forged"`: the usage error quoted the name as given, so its newline
+    went on over an indented line, where a --connection's is quoted escaped (d29fb99)."""
+    status, out = cli("run", str(STAMP), *ids, "--connection", "inet:0@127.0.0.1", timeout=10)
+    assert (status, "listening" in out) == (64, False), out
+    assert f"\npytclmilter run: {said}\n" in "\n" + out, out
+
+
 @pytest.mark.parametrize("spec", ["inet6:8891@[fe80::1]", "inet6:8891@fe80::1"])
 def test_run_refuses_a_link_local_address_without_its_interface_saying_so(spec: str) -> None:
     """`inet6:8891@fe80::1` failed at `milter main` with `cannot listen on inet6:8891@fe80::1:

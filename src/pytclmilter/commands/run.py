@@ -186,7 +186,8 @@ def _tell_unreadable(files: list[str]) -> None:
 
 
 def _ids(user: str | None, group: str | None) -> Ids | None:
-    """The ids of --user and --group (None without --user); UsageError when they cannot be had."""
+    """The ids of --user and --group (None without --user); UsageError when they cannot be had,
+    quoting the name escaped (logline.escape): a newline in it cannot start a line of its own."""
     if user is None:
         if group is not None:
             raise UsageError("--group needs --user")
@@ -194,13 +195,13 @@ def _ids(user: str | None, group: str | None) -> Ids | None:
     try:
         pw = _named(user, pwd.getpwnam, pwd.getpwuid)
     except KeyError:
-        raise UsageError(f'--user: no such user "{user}"') from None
+        raise UsageError(f'--user: no such user "{escape(user)}"') from None
     gid = pw.pw_gid
     if group is not None:
         try:
             gid = _named(group, grp.getgrnam, grp.getgrgid).gr_gid
         except KeyError:
-            raise UsageError(f'--group: no such group "{group}"') from None
+            raise UsageError(f'--group: no such group "{escape(group)}"') from None
     if os.geteuid() != 0:
         _check_unprivileged(pw.pw_uid, gid)
     return Ids(pw.pw_uid, gid, pw.pw_name)
