@@ -2567,9 +2567,9 @@ def test_send_gives_up_on_a_filter_that_takes_no_more_data_within_the_timeout(tm
 
 
 
-#: A filter process that asks for no headers and no DATA (so send writes their macros without
-#: waiting for a reply, as to any filter without such callbacks), answers up to RCPT, then dies.
-DIES_AFTER_RCPT = """
+#: A filter process: it prints its port, asks for the protocol flags PROTO and answers continue to
+#: every command before RCPT (no macros: they need no reply); what it does at RCPT follows.
+UP_TO_RCPT = """
 import os, socket, struct, sys
 listener = socket.socket()
 listener.bind(("127.0.0.1", 0))
@@ -2580,10 +2580,15 @@ def packet():
     size = struct.unpack(">I", conn.recv(4, socket.MSG_WAITALL))[0]
     return conn.recv(size, socket.MSG_WAITALL)
 packet()
-conn.sendall(struct.pack(">I", 13) + b"O" + struct.pack(">III", 6, 0x1FF, 0x220))
+conn.sendall(struct.pack(">I", 13) + b"O" + struct.pack(">III", 6, 0x1FF, PROTO))
 while (command := packet()[:1]) != b"R":
     if command != b"D":
         conn.sendall(b"\\0\\0\\0\\1c")
+"""
+
+#: One that asks for no headers and no DATA (so send writes their macros without waiting for a
+#: reply, as to any filter without such callbacks), answers up to RCPT, then dies.
+DIES_AFTER_RCPT = UP_TO_RCPT.replace("PROTO", "0x220") + """
 conn.sendall(b"\\0\\0\\0\\1c")
 os._exit(0)
 """
@@ -2609,6 +2614,31 @@ def test_send_to_a_filter_that_dies_while_it_sends_says_the_connection_was_lost(
     assert "envrcpt  <b@example.org> -> continue\n" in out, out
     assert re.findall(r"^error: .*", out, re.M) == [
         "error: the connection to the filter was lost while sending (after envrcpt)"], out
+
+
+#: One that, at RCPT, sends the first bytes of a reply and resets the connection (SO_LINGER 0: a
+#: close sends an RST), as a filter killed mid-answer can.
+RESETS_AT_RCPT = UP_TO_RCPT.replace("PROTO", "0") + """
+conn.sendall(b"\\0\\0")
+conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+conn.close()
+"""
+
+
+def test_send_to_a_filter_that_resets_mid_answer_says_the_connection_was_lost(tmp_path: Path) -> None:
+    """A filter that reset the connection while send waited for its reply: the error was the
+    OS's words, `[Errno 104] Connection reset by peer`, where the same loss while sending says
+    "the connection to the filter was lost while sending (after STAGE)" (952a0ec). It now says
+    so in the same form, after the last event sent."""
+    with subprocess.Popen([sys.executable, "-c", RESETS_AT_RCPT], stdout=subprocess.PIPE, text=True) as filt:
+        assert filt.stdout is not None
+        port = filt.stdout.readline().strip()
+        status, out = cli("send", "--connection", f"inet:{port}@127.0.0.1", str(DATA / "plain.eml"))
+        assert filt.wait(10) == 0
+    assert status == 2, out
+    assert "envfrom  <" in out and "-> continue\n" in out, out
+    assert re.findall(r"^error: .*", out, re.M) == [
+        "error: the connection to the filter was lost while reading its reply (after envrcpt)"], out
 
 
 def test_send_to_an_inet6_spec_without_a_host_connects_to_the_ipv6_loopback() -> None:

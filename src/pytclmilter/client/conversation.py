@@ -101,8 +101,8 @@ class Conversation:
         if not self.writer.transport.get_write_buffer_size():
             try:
                 await self.writer.drain()
-            except ConnectionResetError as exc:  # (asyncio's own, a bare "Connection lost", when no errno)
-                raise (exc if exc.errno else self._lost()) from None
+            except ConnectionResetError:  # (asyncio's own, a bare "Connection lost"; or the socket's)
+                raise self._lost() from None
             return
         try:
             await asyncio.wait_for(self.writer.drain(), self.timeout)
@@ -111,11 +111,12 @@ class Conversation:
             raise ConversationError(f"the filter took no more data within {self.timeout:g} s "
                                     f"(sending at {where})") from None
 
-    def _lost(self) -> ConversationError:
-        """The connection broke while sending (the filter, or a balancer before it, died): said
-        once, with the last event sent, where asyncio dropped the writes after it unexplained."""
+    def _lost(self, doing: str = "sending") -> ConversationError:
+        """The connection broke while ``doing`` (the filter, or a balancer before it, died): said
+        once, with the last event sent, where asyncio dropped the writes after it unexplained and
+        a reset read gave the OS's words (`[Errno 104] Connection reset by peer`)."""
         where = f"after {self.out.stages[-1].name}" if self.out.stages else "at option negotiation"
-        return ConversationError(f"the connection to the filter was lost while sending ({where})")
+        return ConversationError(f"the connection to the filter was lost while {doing} ({where})")
 
     async def _recv(self) -> ev.Reply:
         """The next reply, within ``timeout`` for the whole of it: a filter that trickles it a byte
@@ -134,6 +135,8 @@ class Conversation:
                 where = self.out.stages[-1].name if self.out.stages else "option negotiation"
                 raise ConversationError(f"no reply from the filter within {self.timeout:g} s "
                                         f"(waiting at {where})") from None
+            except ConnectionResetError:  # (a filter killed mid-answer, SO_LINGER 0: an RST)
+                raise self._lost("reading its reply") from None
             if not data:
                 raise ConversationError("the filter closed the connection")
             self.frames.feed(data)
