@@ -636,15 +636,22 @@ def test_a_stop_while_a_reload_loads_abandons_the_load(tclrun, tmp_path: Path, h
 
 
 
-def test_a_load_a_stop_cuts_short_is_told_the_stops_grace_not_a_call_timeout(tclrun, tmp_path: Path) -> None:
+@pytest.mark.parametrize("calltimeout, grace, said", [
+    ("20", "2", "the stop was over (its limit was the stop's 2 s grace)"),
+    ("0", "0", "the stop's 0 s grace was over (no call_timeout)"),
+])
+def test_a_load_a_stop_cuts_short_is_told_the_stops_grace_not_a_call_timeout(
+        tclrun, tmp_path: Path, calltimeout: str, grace: str, said: str) -> None:
     """A stop while a reload loads holds the load to the stop's grace (the server's handler),
     then to now (the reload's): the second said "the stop was over (call_timeout is 2.00012 s)",
     the number what was left of the grace, no call timeout anyone set. What a --python file's
-    setup that looks at its stop sees now names the grace."""
+    setup that looks at its stop sees now names the grace. With -calltimeout 0 the load is held
+    to a limit that is none (UNLIMITED, so that Tcl's limit beats all the same): a stop with no
+    grace said "(call_timeout is 1e+09 s)", a number nobody set; it says there is none."""
     script = tmp_path / "stamp.tcl"
-    script.write_text("milter configure -calltimeout 20\n" + stamping("A"))
+    script.write_text(f"milter configure -calltimeout {calltimeout}\n" + stamping("A"))
     python = tmp_path / "hooks0.py"
-    run = tclrun(script, "--grace", "2", python=["def setup(milter):\n    pass\n"])
+    run = tclrun(script, "--grace", grace, python=["def setup(milter):\n    pass\n"])
     python.write_text("import time\n\ndef setup(milter):\n    print('loading', flush=True)\n    try:\n"
                       "        time.sleep(600)\n    except BaseException as exc:\n"
                       "        print('stopped:', exc, flush=True)\n        raise\n")
@@ -652,9 +659,9 @@ def test_a_load_a_stop_cuts_short_is_told_the_stops_grace_not_a_call_timeout(tcl
     run.wait_for(r"\nloading\r*\n")
     run.child.kill(signal.SIGTERM)
     assert run.wait_exit(timeout=20) == 0, run.text
-    said = re.findall(r"stopped: (.*?)\r*\n", run.text)
-    assert [re.sub(r"after [\d.]+ s", "after T s", line) for line in said] == [
-        "callback stopped after T s: the stop was over (its limit was the stop's 2 s grace)"], run.text
+    told = re.findall(r"stopped: (.*?)\r*\n", run.text)
+    assert [re.sub(r"after [\d.]+ s", "after T s", line) for line in told] == [
+        f"callback stopped after T s: {said}"], run.text
 
 
 #: A --python file whose module __getattr__ gives setup: load_hooks's look-up of setup, between the

@@ -28,6 +28,10 @@ from .rootimports import UnsafeModule
 _monotonic: Final = time.monotonic  # compiled, a module attribute is a look-up per use
 _get_ident: Final = threading.get_ident
 
+#: The limit of what must have one though -calltimeout is 0 (a load: commands/reloading.py), so
+#: that Tcl's limit beats all the same: no limit, and told as none, not as 1e+09 s.
+UNLIMITED: Final = 1e9
+
 
 class CallbackTimeout(BaseException):
     """A callback ran longer than the milter's ``call_timeout``.
@@ -87,7 +91,7 @@ class PythonLimit(Limit):
         callback (server.py): one that started before the signal has no other way to learn of it."""
         if self._active and by < self._started + self._seconds:
             # (held already, its limit is that grace's, not call_timeout: a stop during a load)
-            limit = f"its limit was {self._held_by}" if self._held_by else f"call_timeout is {self._seconds:g} s"
+            limit = f"its limit was {self._held_by}" if self._held_by else _allowance(self._seconds)
             self._why, self._held_by = f"{why} was over ({limit})", why
             self._seconds = max(by - self._started, 0.0)
 
@@ -142,6 +146,11 @@ class PythonLimit(Limit):
             if self._why:
                 raise CallbackTimeout(f"callback stopped after {_monotonic() - self._started:.1f} s: {self._why}")
             raise CallbackTimeout(f"callback stopped after {self._seconds:g} s (call_timeout)")
+
+
+def _allowance(seconds: float) -> str:
+    """What call_timeout allowed a callback a stop's grace cut short (UNLIMITED: nothing)."""
+    return "no call_timeout" if seconds >= UNLIMITED else f"call_timeout is {seconds:g} s"
 
 
 def internals_dropped(exc: BaseException, tb: TracebackType | None) -> TracebackType | None:

@@ -22,9 +22,9 @@ import tkinter
 import traceback
 import weakref
 from types import FrameType
-from typing import Any, Callable, Final
+from typing import Any, Callable
 
-from ..limits import PYTHON_LIMIT, CallbackTimeout, internals_dropped
+from ..limits import PYTHON_LIMIT, UNLIMITED, CallbackTimeout, internals_dropped
 from ..logline import escape, escape_lines, said
 from ..milter import RESTART_ONLY, ReloadError
 from ..server import STOP_SIGNALS
@@ -39,11 +39,6 @@ log = logging.getLogger("pytclmilter")
 #: Makes the interpreter of a generation as at start (make_host, run's options, argv), with
 #: ``on_exit`` for Tcl's exit while it loads (None: the process's).
 Load = Callable[["Callable[[int], None] | None"], TclHost]
-
-
-#: The limit of a load when the serving generation has none (-calltimeout 0): beats of Tcl's
-#: limit all the same (tcl/limit.py), at which Python takes a stop's signal and abandons the load.
-_UNLIMITED: Final = 1e9
 
 
 class Abandoned(Exception):
@@ -152,10 +147,12 @@ class Generations:
         a stop signal comes meanwhile (``watch``)."""
         exited = ScriptExit()
         # The load runs on the thread that serves: while it runs, no connection is answered.
+        # Without -calltimeout, UNLIMITED: Tcl's limit beats all the same, and a stop's signal
+        # is taken at its beats and abandons the load.
         within = self.current.milter.call_timeout
         stopped = _stopped(within, self.current.milter.generation)
         try:
-            host = _held(self._load, exited, within or _UNLIMITED)
+            host = _held(self._load, exited, within or UNLIMITED)
         except (Exception, CallbackTimeout) as exc:
             # A stop meanwhile abandons the load, whatever that made it raise: the limit's
             # CallbackTimeout, or Tcl's error around it when it came in a Python command Tcl ran.
@@ -171,7 +168,7 @@ class Generations:
         try:
             watch.check()
             with sigmask.children_reapable():  # under --workers, in the supervisor
-                started = host.start(self.script, within or _UNLIMITED)
+                started = host.start(self.script, within or UNLIMITED)
             watch.check()
             if not started:
                 raise LoadFailed(f"{self.script}: error: {NO_MAIN}")
