@@ -607,6 +607,36 @@ def test_run_names_an_interface_the_host_has_in_the_link_local_hint(interfaces: 
             f"inet6:8825@fe80::7%{named} (Linux refuses the bind)\n") in got.stderr, got.stderr
 
 
+#: A Python that reads an IPv4-mapped address as its IPv4 form in IPv6Address.is_link_local, as a
+#: later one may (CPython has begun to for other such properties): none here does, so a
+#: sitecustomize makes one.
+MAPPED_AS_IPV4 = """
+import ipaddress
+_plain = ipaddress.IPv6Address.is_link_local
+def _is_link_local(self):
+    mapped = self.ipv4_mapped
+    return mapped.is_link_local if mapped is not None else _plain.fget(self)
+ipaddress.IPv6Address.is_link_local = property(_is_link_local)
+"""
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or shutil.which("unshare") is None or shutil.which("ip") is None,
+                    reason="a network namespace of its own needs root, unshare and ip")
+def test_run_serves_an_ipv4_mapped_169_254_address_as_libmilter_does(tmp_path: Path) -> None:
+    """`inet6:8891@[::ffff:169.254.1.1]` is IPv4 traffic to an address of the host, which
+    libmilter binds; the link-local check asked IPv6Address.is_link_local, which a Python that
+    reads the mapped form as its IPv4 one answers true for: refused, "a link-local address, which
+    means nothing without its interface". Served in a network namespace with that address on lo."""
+    (tmp_path / "sitecustomize.py").write_text(MAPPED_AS_IPV4)
+    env = child_env({"PYTHONPATH": os.pathsep.join(filter(None, [str(tmp_path), os.environ.get("PYTHONPATH")]))})
+    setup = "ip link set lo up && ip addr add 169.254.1.1/16 dev lo && "
+    got = subprocess.run(["unshare", "--net", "sh", "-c", setup + 'exec timeout -s TERM 3 "$@"', "sh", *PYTCLMILTER,
+                          "run", str(STAMP), "--connection", "inet6:0@[::ffff:169.254.1.1]"],
+                         capture_output=True, text=True, timeout=30, env=env, cwd=str(ROOT))
+    assert "link-local" not in got.stderr, got.stderr
+    assert re.search(r"listening on inet6:\d+@::ffff:169\.254\.1\.1\n", got.stdout + got.stderr), got.stderr
+
+
 @pytest.mark.parametrize("spec", ["inet6:8891@[fe80::1%nosuch9]", "inet6:8891@fe80::1%nosuch9",
                                   "inet6:8891@[fe80::1%999]", "inet6:8891@fe80::1%999"])
 def test_run_refuses_a_link_local_address_on_an_interface_there_is_not_saying_so(spec: str) -> None:

@@ -24,6 +24,7 @@ import os
 import re
 import socket
 from dataclasses import dataclass, field
+from typing import Final
 
 from .logline import escape
 
@@ -260,10 +261,15 @@ def ipv4_mapped(addr: str) -> bool:
     return _ipv4(addr) != addr
 
 
+#: IPv6's link-local addresses. Not IPv6Address.is_link_local: a Python that reads an IPv4-mapped
+#: address as its IPv4 form there would call ::ffff:169.254.1.1 one, IPv4 traffic libmilter binds.
+_LINK_LOCAL: Final = ipaddress.IPv6Network("fe80::/10")
+
+
 def _link_local_without_zone(addr: str) -> bool:
     """fe80::/10 with no interface: Linux refuses its bind, as "Invalid argument", which named no cause."""
     try:
-        return "%" not in addr and ipaddress.IPv6Address(addr).is_link_local
+        return "%" not in addr and ipaddress.IPv6Address(addr) in _LINK_LOCAL
     except ValueError:
         return False
 
