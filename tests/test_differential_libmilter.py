@@ -29,11 +29,13 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable, Iterator
 
 import pytest
 
-from support.differential import CFilter, Command, Run, Step, TclFilter, answered, build_difffilter, converse, replay
+from support.differential import (CFilter, Command, Run, Step, TclFilter, answered, build_difffilter, converse, offer,
+                                  replay)
 from support.mta_model import INVALID, OFFERS, P_SKIP, VERDICTS, Scenario
 
 SEED = 20261207
@@ -392,6 +394,33 @@ def test_pytclmilter_answers_and_calls_back_as_libmilter_does(filters: dict[str,
     assert not mismatches, f"{len(mismatches)} conversations differ; the first:\n\n" + "\n\n".join(mismatches[:3])
     assert needed == {d.__name__ for d in DEVIATIONS + INSTRUCTION_DEVIATIONS}, "a deviation no conversation needed"
     assert slipped_in == set(INVALID), "an invalid command no conversation had"
+
+
+#: Offers no MTA of the generator makes: no flags (an old MTA's), the internal bits (data sizes and
+#: the reserved one) set, a bit no version defines. (Not bit 31, SMFIP_TEST: libmilter reads the
+#: word signed and shows it sign-extended, 0xffffffff80000000 where unsigned long is 64 bits.)
+ODD_OFFERS = [(6, 0, 0), (2, 0, 0), (6, 0x1FF, 0x1FFFFF | 0x70000000), (6, 0x1FF, 0x1FFFFF | 0x00400000)]
+
+
+def test_the_negotiate_callback_is_shown_an_odd_offer_as_libmilter_shows_it(tmp_path: Path) -> None:
+    """The negotiate callback got the MTA's numbers as sent: 0x0 0x0 for an offer of no flags,
+    where libmilter's xxfi_negotiate gets the version-1 masks (0xf 0x3f) both negotiate by, and
+    the internal bits libmilter keeps to itself. Each filter logs what its callback got."""
+    exe = build_difffilter(tmp_path)
+    libmilter = CFilter(exe, tmp_path / "libmilter")
+    try:
+        tcl = TclFilter(tmp_path / "pytclmilter")
+        try:
+            for version, actions, protocol in ODD_OFFERS:
+                sent = [offer(version, actions, protocol)]
+                want = replay(libmilter, sent, [True]).steps[0].lines
+                got = replay(tcl, sent, [True]).steps[0].lines
+                assert want[:1] and want[0].startswith("negotiate "), want
+                assert got == want, (hex(actions), hex(protocol))
+        finally:
+            tcl.close()
+    finally:
+        libmilter.close()
 
 
 def describe(scenario: Scenario, commands: list[Command], want: list[Step], actual: list[Step]) -> str:

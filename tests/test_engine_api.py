@@ -262,6 +262,27 @@ def test_the_largest_version_libmilter_reads_is_answered_with_6():
     assert version == 6 and offers == [2**31 - 1]
 
 
+@pytest.mark.parametrize("max_data_size, offer, shown", [
+    (65535, (6, 0, 0), (6, 0x0F, 0x3F)),  # no flags: the version-1 masks, as negotiated
+    (65535, (6, 0x1FF, 0x301FFFFF), (6, 0x1FF, 0x1FFFFF)),  # MDS bits offered, none used: neither
+    (65535, (6, 0x1FF, 0xC04FFFFF), (6, 0x1FF, 0x804FFFFF)),  # SMFIP_TEST and an unknown bit kept
+    (1048575, (6, 0x1FF, 0x301FFFFF), (6, 0x1FF, 0x201FFFFF)),  # the size that will be used: 1M
+    (262143, (6, 0x1FF, 0x301FFFFF), (6, 0x1FF, 0x101FFFFF)),
+])
+def test_the_negotiate_callback_is_shown_the_offer_as_libmilter_shows_it(max_data_size, offer, shown):
+    """The callback got the MTA's three numbers as sent: 0 for an offer of no flags, where
+    libmilter's st_optionneg shows xxfi_negotiate the version-1 masks (0x0F, 0x3F) that both
+    negotiate by, and its internal bits (0x70000000) whatever the MTA set there, where libmilter
+    shows only the data-size bit of the size that will be used (none of a filter that asks for
+    none). Not shown, as before: the no-reply bits libmilter adds (docs/protocol.md §4.4)."""
+    m = make_milter(max_data_size=max_data_size)
+    offers: list[tuple[int, int, int]] = []
+    m.register("negotiate", lambda ctx, v, a, p: offers.append((v, a, p)) or CONTINUE)
+    with serving(m) as srv, srv.raw(negotiate=False) as mta:
+        mta.optneg(*offer)
+    assert offers == [shown]
+
+
 def test_setsymlist_in_negotiate_rides_in_the_optneg_reply():
     m = make_milter()
 

@@ -32,7 +32,7 @@ from .protocol.events import (
 )
 from .protocol.constants import Action, MacroStage, Proto, flag_names
 from .protocol.errors import LocalProtocolError, RemoteProtocolError
-from .protocol.negotiation import Negotiated, check_offer, negotiate
+from .protocol.negotiation import Negotiated, check_offer, negotiate, shown
 from .protocol.session import FilterSession, NeedData
 from .protocol.table import COMMANDS
 from .shared import Shared
@@ -395,7 +395,7 @@ class ConnectionEngine(Caller):
             status = Status.CONTINUE
             if self.registry.chain("negotiate"):
                 self.ctx.stage = "negotiate"
-                status = self._run_sync("negotiate", (offer.version, offer.actions, offer.protocol))
+                status = self._run_sync("negotiate", shown(offer, self.shared.settings.max_data_size))
                 self.ctx.stage = ""
             if status not in (Status.CONTINUE, Status.ACCEPT):
                 raise RemoteProtocolError(f"the negotiate callback answered {status.smfis}")

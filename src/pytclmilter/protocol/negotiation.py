@@ -70,6 +70,31 @@ def check_offer(offer: OptionNegotiation) -> None:
             f"MTA offers protocol version {offer.version}; 2 to {MAX_MTA_VERSION} is needed")
 
 
+#: The protocol bits libmilter keeps to itself (mfdef.h's SMFI_INTERNAL): the data sizes, and one
+#: reserved. Its xxfi_negotiate sees only the size bit it will use, whatever the MTA set.
+_INTERNAL: Final = 0x70000000
+
+
+def _data_size(offered_proto: int, max_data_size: int) -> tuple[Proto, int]:
+    """The data-size bit to ask for (0: none) and the largest payload it allows."""
+    if max_data_size >= MDS_1M and offered_proto & Proto.MDS_1M:
+        return Proto.MDS_1M, MDS_1M
+    if max_data_size >= MDS_256K and offered_proto & Proto.MDS_256K:
+        return Proto.MDS_256K, MDS_256K
+    return Proto(0), MAX_DATA_SIZE
+
+
+def shown(offer: OptionNegotiation, max_data_size: int) -> tuple[int, int, int]:
+    """The offer as the negotiate callbacks get it: as libmilter's st_optionneg shows it to
+    xxfi_negotiate (but for the no-reply bits it adds, docs/protocol.md §4.4), so that a
+    callback ported from C reads the same numbers: no flags are the version-1 masks both
+    negotiate by, and of the internal bits only the data size that will be used."""
+    actions = offer.actions if offer.actions else int(V1_ACTIONS)
+    protocol = offer.protocol if offer.protocol else int(V1_PROTO)
+    size_bit, _ = _data_size(protocol, max_data_size)
+    return offer.version, actions, (protocol & ~_INTERNAL) | int(size_bit)
+
+
 def negotiate(offer: OptionNegotiation, wants: Wants) -> Negotiated:
     """Compute our OPTNEG reply. Raises RemoteProtocolError for a version check_offer refuses."""
     check_offer(offer)
@@ -87,13 +112,8 @@ def negotiate(offer: OptionNegotiation, wants: Wants) -> Negotiated:
         elif name in wants.no_reply:
             protocol |= nr
     protocol |= Proto.SKIP
-    max_payload = MAX_DATA_SIZE
-    if wants.max_data_size >= MDS_1M and offered_proto & Proto.MDS_1M:
-        protocol |= Proto.MDS_1M
-        max_payload = MDS_1M
-    elif wants.max_data_size >= MDS_256K and offered_proto & Proto.MDS_256K:
-        protocol |= Proto.MDS_256K
-        max_payload = MDS_256K
+    size_bit, max_payload = _data_size(offered_proto, wants.max_data_size)
+    protocol |= size_bit
     protocol &= offered_proto
 
     macros: dict[MacroStage, str] = {}
