@@ -64,7 +64,7 @@ from typing import Any, Iterable, Iterator, NamedTuple, Protocol
 from urllib.parse import SplitResult, parse_qsl, urlencode, urlsplit, urlunsplit
 
 try:
-    from pytclmilter.logline import escape
+    from pytclmilter.logline import Repeated, escape
     from pytclmilter.safepath import Untrusted, lstat_at, open_roots_dir
 except ImportError as exc:  # `import` run by a python3 other than pytclmilter's: say which one, not a traceback
     if __name__ != "__main__":
@@ -716,7 +716,7 @@ class Greylist:
     def __init__(self, settings: Settings = Settings()) -> None:
         self.settings = settings
         self.store = open_store(settings.store)
-        self._flaps = _Flaps()
+        self._flaps = _Flaps(self.store.where)
         # (closed when dropped, a reload's, or at exit: its outages counted and not told are told)
         self._finalizer = weakref.finalize(self, _closed, self.store, self._flaps)
         self.down_since: float | None = None  # time.monotonic() when the outage began
@@ -729,7 +729,7 @@ class Greylist:
         if settings.store != self.settings.store:
             self._finalizer()
             self.store = open_store(settings.store)
-            self.down_since, self._flaps = None, _Flaps()
+            self.down_since, self._flaps = None, _Flaps(self.store.where)
             self._finalizer = weakref.finalize(self, _closed, self.store, self._flaps)
         self.settings = settings
 
@@ -791,7 +791,8 @@ class Greylist:
         log.warning("greylist store %s unavailable (%s): answering %s, trying again every %g s%s%s",
                     escape(self.store.where), escape(_reason(exc)), self._answer(), self.settings.retry,
                     already, since)
-        flaps.told, flaps.quiet_until, flaps.outages, flaps.answered = True, now + OUTAGE_LINES_EVERY, 0, 0
+        flaps.told, flaps.quiet_until = True, now + OUTAGE_LINES_EVERY
+        flaps.told_all()
 
     def _tell_back(self, now: float, since: float) -> None:
         """The line of the end of the outage begun at ``since``, if its start had one; else it is counted."""
@@ -800,9 +801,7 @@ class Greylist:
             log.warning("greylist store %s is back after %.1f s; %d recipients were answered %s meanwhile",
                         escape(self.store.where), now - since, self.answered, self._answer())
         else:
-            flaps.outages += 1
-            flaps.answered += self.answered
-            flaps.answer = self._answer()
+            flaps.count(self.answered, self._answer())
         self.down_since = None
 
     def _tell_flaps(self, now: float) -> None:
@@ -811,7 +810,8 @@ class Greylist:
         log.warning("greylist store %s: %d more outages since the last line about it, %d recipients answered "
                     "%s in them (logged at most once a minute)",
                     escape(self.store.where), flaps.outages, flaps.answered, self._answer())
-        flaps.quiet_until, flaps.outages, flaps.answered = now + OUTAGE_LINES_EVERY, 0, 0
+        flaps.quiet_until = now + OUTAGE_LINES_EVERY
+        flaps.told_all()
 
     def _answer(self) -> str:
         return "tempfail" if self.settings.unavailable == "tempfail" else "accept (not greylisted)"
@@ -820,12 +820,37 @@ class Greylist:
 class _Flaps:
     """The outages of a store since its last outage line (Greylist._tell_down)."""
 
-    def __init__(self) -> None:
+    def __init__(self, where: str) -> None:
+        self.where = where  # the store's spec, for the line
         self.told = False  # the outage under way has had its line
         self.quiet_until = -math.inf  # no outage line before this (clock())
         self.outages = 0  # ended since the last line, each without a line of its own
         self.answered = 0  # recipients answered without the store in those
         self.answer = "tempfail"  # how (Greylist._answer), for the line told as the store is closed
+        # The count held where logline tells counts as the process ends, atexit or not (a stop,
+        # overdue's give-up, a worker's os._exit, which the finalizer misses): its window never
+        # ends, so nothing but an end tells it.
+        self._held = Repeated(seconds=math.inf, tell=self._told_at_end)
+
+    def count(self, answered: int, answer: str) -> None:
+        """One more outage without a line of its own, ``answered`` recipients answered ``answer``."""
+        self.outages += 1
+        self.answered += answered
+        self.answer = answer
+        if self._held.due(self.where) is not None:  # (a place's first is logged, not counted: again)
+            self._held.due(self.where)
+
+    def told_all(self) -> None:
+        """The count was told by a line: nothing to tell at the end."""
+        self.outages = self.answered = 0
+        self._held.forget(self.where)
+
+    def _told_at_end(self, held: Repeated, where: str, count: int) -> None:
+        if self.outages:
+            log.warning("greylist store %s: %d more outages since the last line about it, %d recipients answered "
+                        "%s in them (told as the milter stops)", escape(self.where), self.outages, self.answered,
+                        self.answer)
+            self.outages = self.answered = 0
 
 
 def _closed(store: Store, flaps: _Flaps) -> None:
@@ -836,7 +861,7 @@ def _closed(store: Store, flaps: _Flaps) -> None:
         log.warning("greylist store %s: %d more outages since the last line about it, %d recipients answered %s "
                     "in them (told as the store is closed)", escape(store.where), flaps.outages, flaps.answered,
                     flaps.answer)
-        flaps.outages = 0
+        flaps.told_all()
     store.close()
 
 
