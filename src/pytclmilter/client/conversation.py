@@ -85,6 +85,8 @@ class Conversation:
 
     def _send(self, *events: ev.Event) -> None:
         if self.writer.transport.is_closing():  # (asyncio drops it, and warns from the fifth on, unexplained)
+            if all(isinstance(event, (ev.Abort, ev.Quit)) for event in events):
+                return  # the end of a message or session, no reply awaited: a filter may close first
             raise self._lost()
         try:
             self.writer.write(b"".join(encode_command(e) for e in events))
