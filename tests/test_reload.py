@@ -783,7 +783,7 @@ def test_a_python_files_error_whose_str_raises_at_a_reload_is_logged_and_the_old
                                         "def __getattr__(name):\n    raise Weird()\n")
     run.child.kill(signal.SIGUSR1)
     m = run.wait_for(r"ERROR: reload: generation 2 not loaded, generation 1 serves on unchanged: (.*?)\r?\n")
-    assert m.group(1) == "Weird: <exception str() failed>", run.text
+    assert m.group(1) == f"--python {tmp_path / 'hooks0.py'}: Weird: <exception str() failed>", run.text
     with run.mta() as mta:
         mta.negotiate()
         assert [p for p in mta.message()["eom"] if p[0] == "h"] == [("h", b"X-Stamp\0A\0")]
