@@ -553,6 +553,36 @@ def test_a_store_slower_than_retry_is_still_left_alone_between_tries(tclrun: Cal
     assert m.stop() == 0
 
 
+def test_the_housekeeping_timer_forgets_every_expired_triplet_not_a_batch_a_tick(
+        tclrun: Callable[..., TclRun], tmp_path: Path) -> None:
+    """`greydb expire` removed at most one batch of 1000 rows (so as not to hold SQLite's write
+    lock long), and the timer runs it once every -interval (60 s): past 16 new triplets a second
+    (a busy site, or a spammer's random senders) the file grew on disk for ever. Now a tick removes
+    batch after batch until none is left (or its time is up): 20 000 expired rows go at the first
+    one, the triplet seen within -maxage stays."""
+    db = tmp_path / "greylist.sqlite"
+    with sqlite3.connect(db, isolation_level=None) as setup:
+        setup.executescript(load_store_module().SqliteStore._SCHEMA)
+        setup.execute("BEGIN")
+        setup.executemany("INSERT INTO triplets VALUES (?, 'old@example.org', 'r@example.com', 1, 1, 1)",
+                          ((f"192.0.{n >> 8}.{n & 255}",) for n in range(20_000)))
+        setup.execute("INSERT INTO triplets VALUES ('192.0.2.1', 'new@example.org', 'r@example.com', ?, ?, 1)",
+                      (time.time(), time.time()))
+        setup.execute("COMMIT")
+    setup.close()
+    m = greylist(tclrun, f"sqlite:{db}", args=("-interval", "1"))
+    left = None
+    for _ in range(40):  # the first tick comes after 1 s; four seconds allow four ticks
+        time.sleep(0.1)
+        with sqlite3.connect(db) as reader:
+            left = reader.execute("SELECT sender, count(*) FROM triplets GROUP BY sender ORDER BY sender").fetchall()
+        reader.close()
+        if left == [("new@example.org", 1)]:
+            break
+    assert left == [("new@example.org", 1)], left
+    assert m.stop() == 0
+
+
 @pytest.mark.parametrize("kind", ["a directory", "a FIFO"])
 def test_a_store_path_that_is_no_file_is_unavailable_saying_what_it_is(tclrun: Callable[..., TclRun],
                                                                        tmp_path: Path, kind: str) -> None:

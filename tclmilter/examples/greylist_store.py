@@ -76,6 +76,9 @@ log = logging.getLogger("pytclmilter.greylist")
 
 DEFAULT_STORE = "sqlite:/var/lib/greylist/greylist.sqlite"
 SQLITE_BUSY_TIMEOUT = 0.5  # seconds a write waits for another worker's
+#: Seconds one `greydb expire` may take (batch after batch): the milter serves nothing meanwhile,
+#: and some 100 000 rows go in that time, far more than the new triplets of a minute (-interval).
+EXPIRE_TIME = 0.2
 REDIS_TIMEOUT = 0.3  # seconds to connect, and for each read of an answer
 REDIS_DEADLINE = 1.0  # seconds one check may spend with Redis in all (a reconnect's handshake included)
 RESOLVE_TIMEOUT = 5.0  # seconds the host name of a redis:// store may take to resolve, at load
@@ -287,10 +290,17 @@ class SqliteStore:
         return float(first), int(seen)
 
     def expire(self, before: float) -> int:
-        cur = self._conn().execute(
-            "DELETE FROM triplets WHERE rowid IN (SELECT rowid FROM triplets WHERE last_seen < ? LIMIT ?)",
-            (before, self._EXPIRE_BATCH))
-        return cur.rowcount
+        """Batch after batch, each its own transaction (the write lock is free between them), until
+        none is left or EXPIRE_TIME is up. One batch a call, and the timer's call a minute, forgot
+        1000 triplets a minute: more new ones than that, and the file grew for ever."""
+        db, removed, ends = self._conn(), 0, time.monotonic() + EXPIRE_TIME
+        while True:
+            cur = db.execute(
+                "DELETE FROM triplets WHERE rowid IN (SELECT rowid FROM triplets WHERE last_seen < ? LIMIT ?)",
+                (before, self._EXPIRE_BATCH))
+            removed += cur.rowcount
+            if cur.rowcount < self._EXPIRE_BATCH or time.monotonic() >= ends:
+                return removed
 
     def merge(self, triplet: tuple[str, str, str], first: float, last: float, now: float, max_age: float) -> None:
         if last >= now - max_age:
