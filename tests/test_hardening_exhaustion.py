@@ -135,6 +135,50 @@ def test_a_peer_that_reads_no_replies_is_closed_with_one_line_that_says_so(tclru
     assert m.stop() == 0
 
 
+PROGRESS = r"""
+package require TclMilter
+proc eom {ctx} {
+    for {set i 0} {$i < 2000000} {incr i} { $ctx progress }
+    puts stderr "progress sent $i times"
+    return SMFIS_CONTINUE
+}
+milter register eom eom
+milter main
+"""
+
+
+def test_progress_in_a_loop_to_a_peer_that_reads_nothing_queues_no_more_than_it_has_room_for(tclrun):
+    """A progress packet was queued for the peer at each call: a script's loop around `progress`
+    (or its call per body line) held 1.5 MB a second more for an MTA that did not read, until
+    -calltimeout (60 s by default; never with 0), and uvloop cut the connection with EINVAL once
+    a million writes waited: the MTA never got its answer. Now a progress is not queued while
+    replies wait unread (the MTA has one to read already): memory stays flat, the MTA gets
+    progress and then the answer."""
+    m = tclrun(PROGRESS, "--call-timeout", "60")
+    pid = m.child.pid
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.connect(("127.0.0.1", m.port))
+    sock.sendall(OPTNEG)
+    assert _reply(sock)[:1] == b"O"
+    before = _rss_kb(pid)
+    sock.sendall(frame("E"))
+    m.wait_for(r"progress sent 2000000 times", timeout=60)
+    grown = _rss_kb(pid) - before
+    progress, answer = frame("p"), frame("c")
+    sock.settimeout(30)
+    received = bytearray()
+    while not received.endswith(answer):
+        chunk = sock.recv(1 << 20)
+        if not chunk:  # (uvloop cut the connection at a queue of a million writes: EINVAL)
+            break
+        received += chunk
+    assert received == progress * (len(received) // len(progress) - 1) + answer, received[-20:]
+    assert grown < 3_000, f"RSS grew by {grown} kB for 2 000 000 progress calls the peer did not read"
+    sock.close()
+    assert m.stop() == 0
+
+
 #: "unknown command '\x1b'": a packet no MTA sends (ESC, which the line must show escaped).
 GARBLED = frame("\x1b")
 #: The window of the fault lines cut to 4 s (60 s in production), through the one object that

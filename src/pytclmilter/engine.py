@@ -673,7 +673,12 @@ class ConnectionEngine(Caller):
             log_info(log, "%s: would %s", self.name, escape(what))
 
     def _progress(self) -> None:
+        """Not queued while the peer leaves replies unread (it has progress to read already):
+        a script's loop around `progress` queued 5 bytes a call, megabytes a second, for an MTA
+        that read none, until -calltimeout (never, with 0)."""
         self.link.touch()
+        if self.link.blocked:
+            return
         data = self.session.send(Progress())
         if data:
             self._flush()
