@@ -448,6 +448,10 @@ def test_run_refuses_what_follows_a_bracketed_address_and_says_why(spec: str, sa
     ("inet:8891@[::1]", '"::1" is not an inet address (IPv6: inet6:...@[::1])'),
     ("inet:8891@::1", 'cannot resolve "::1" for inet: Address family for hostname not supported (IPv6: '
                       'inet6:...@::1)'),
+    # (with its interface: inet_pton, which told an IPv6 address, refuses a zone)
+    ("inet:8891@fe80::1%lo", 'cannot resolve "fe80::1%lo" for inet: Address family for hostname not supported '
+                             '(IPv6: inet6:...@fe80::1%lo)'),
+    ("inet:8891@[fe80::1%lo]", '"fe80::1%lo" is not an inet address (IPv6: inet6:...@[fe80::1%lo])'),
 ])
 def test_run_says_inet6_for_an_ipv6_address_given_to_inet_bracketed_or_not(spec: str, said: str) -> None:
     """`inet:8891@::1` said only "Address family for hostname not supported", without the hint

@@ -139,8 +139,9 @@ def _numeric(addr: str, family: int, proto: str, spec: str, what: str) -> str:
 
 
 def _ipv6_hint(host: str, proto: str) -> str:
-    """What to write for an IPv6 address given to inet (``::1`` or ``[::1]``, as written)."""
-    return f" (IPv6: inet6:...@{host})" if proto == "inet" and _is_ipv6(host.strip("[]")) else ""
+    """What to write for an IPv6 address given to inet (``::1`` or ``[::1]``, as written; with
+    its interface too, ``fe80::1%eth0``, which inet_pton refuses)."""
+    return f" (IPv6: inet6:...@{host})" if proto == "inet" and _is_ipv6(host.strip("[]").partition("%")[0]) else ""
 
 
 def _is_ipv6(addr: str) -> bool:
