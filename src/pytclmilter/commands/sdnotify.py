@@ -24,7 +24,8 @@ as systemd's default ``NotifyAccess=main`` wants). A message that cannot be sent
 the manager's queue full for SEND_WAIT seconds, is logged once; the milter serves on. Once one
 found it full so long, the next ones do not wait (each waiting held a reload 2 s, a stop 2.6 s):
 one that finds no room is dropped and counted, until one goes through again; the count is told
-in one line then, or at the end.
+in one line then, or at the end (with a message that waited in vain after the first, whose line
+is said once).
 """
 
 from __future__ import annotations
@@ -92,6 +93,8 @@ class Notifier:
             self._sock.send(message.encode())
         except TimeoutError:
             self._sock.settimeout(0.0)  # (the next ones: dropped at once while the queue is full)
+            if self._failed:  # (the line is said once: one that waits in vain later is counted, as dropped)
+                self._dropped += 1
             self._tell_failed(TimeoutError(f"its queue stayed full for {SEND_WAIT:g} s (the service manager does "
                                            "not read it); the next messages do not wait for it"), message)
             return
