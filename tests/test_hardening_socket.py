@@ -459,6 +459,19 @@ def test_the_probe_of_a_stale_socket_never_connects_through_a_symlink_swapped_in
     assert reached == 0, f"{reached} probes connected to the live socket a symlink named"
 
 
+def test_a_relative_socket_path_that_fits_is_not_measured_escaped(tclrun, tmp_path):
+    """The length of a relative path's absolute form was measured escaped, as the message quotes
+    it: a name with backslashes (each one two, escaped) that fits sun_path was refused as longer
+    than 106 bytes, a socket the MTA could reach never served."""
+    relative = "m" + "\\" * (100 - len(str(tmp_path)) - len("/m.sock")) + ".sock"
+    absolute = f"{tmp_path}/{relative}"
+    assert len(absolute) == 100 and len(absolute.replace("\\", "\\\\")) > 106
+    run = tclrun("milter main", connection=f"unix:{relative}")
+    assert (tmp_path / relative).is_socket(), run.text
+    assert "longer than" not in run.text, run.text
+    assert run.stop() == 0
+
+
 def test_a_relative_socket_path_too_long_from_the_current_directory_is_refused(tclrun, tmp_path):
     """`--connection unix:sub/m.sock` whose absolute form passes 106 bytes: it served on a socket
     no MTA can connect to (sun_path holds no more), where the same path written whole is refused."""

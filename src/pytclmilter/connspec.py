@@ -113,9 +113,11 @@ def same(one: str, other: str) -> bool:
 
 def refuse_long_path(path: str, named: str, absolute: str | None = None) -> None:
     """ConnSpecError if the socket's path, ``absolute`` when given (a relative one's, which is what
-    the MTA must be told), does not fit sun_path. libmilter: strlen + 1 < sizeof(sun_path)."""
+    the MTA must be told), does not fit sun_path. libmilter: strlen + 1 < sizeof(sun_path).
+    ``named`` is quoted as given (escaped by the caller); ``absolute`` is measured as it is and
+    quoted escaped (measured escaped, a path of backslashes that fits was refused)."""
     if len(os.fsencode(absolute or path)) + 1 >= MAX_UNIX_PATH:
-        whole = f" from the current directory: {absolute}" if absolute else ""
+        whole = f" from the current directory: {escape(absolute)}" if absolute else ""
         raise ConnSpecError(f"{named}: socket path longer than {MAX_UNIX_PATH - 2} bytes{whole}")
 
 

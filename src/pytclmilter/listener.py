@@ -77,7 +77,7 @@ def bind(spec: ConnSpec, backlog: int | None, socket_mode: int | None,
         if not spec.path.startswith("/"):  # libmilter's: the current directory's now (the script's,
             absolute = os.path.abspath(spec.path)  # after a cd): the line says which
             # (the MTA is told the whole path: parse() saw only the relative one)
-            refuse_long_path(spec.path, f'connection "{escape(str(spec))}"', escape(absolute))
+            refuse_long_path(spec.path, f'connection "{escape(str(spec))}"', absolute)
             spec = ConnSpec("unix", path=absolute)
         with _MAKING:
             sock, unix_file = bind_unix(spec.path, backlog, socket_mode, socket_owner)
