@@ -2199,8 +2199,7 @@ def test_a_scripts_call_of_privstarted_without_its_word_is_a_tcl_error_not_a_tra
     assert said == ["::tclmilter::py::privstarted connection"], said
 
 
-
-def test_private_data_is_started_only_for_a_live_connections_id(tmp_path) -> None:
+def test_private_data_is_started_only_for_a_live_connections_id(tmp_path: Path) -> None:
     """::tclmilter::py::privstarted (and the context proc's setpriv, which calls it) took any id:
     a script calling either with ids no connection has kept each one for the process's life, in
     Python's set and in Tcl's priv array, without a bound. Now such an id is refused as a gone
@@ -2279,7 +2278,8 @@ def test_the_traces_kept_to_refer_to_are_bounded_whatever_data_they_quote(caplog
     assert len(traces) == 20 and all("KeyError" in t for t in traces), traces[:1]
 
 
-def test_a_scripts_call_of_output_with_wrong_words_is_a_tcl_error_not_a_traceback(tmp_path) -> None:
+@needs_thread
+def test_a_scripts_call_of_output_with_wrong_words_is_a_tcl_error_not_a_traceback(tmp_path: Path) -> None:
     """::tclmilter::py::output, which the escaping `puts` calls with a channel, its text and whether
     a line is open, is a command the script (and a thread's) can call too: with fewer words, or a
     channel other than stdout or stderr, each call was an internal error (IndexError, KeyError), a
