@@ -218,9 +218,9 @@ class Generations:
 
 def _held(load: Load, exited: ScriptExit, seconds: float) -> TclHost:
     """``load`` held to ``seconds`` by the Python limit (the --python files' import and setup).
-    Its CallbackTimeout comes wherever the load is: in a file's code as HooksFailed, in ours
-    (making the interpreter, the look-up of a file's setup) as it is. A stop holds the limit to
-    now (_AbandonedAtStop), so one at the very start of a load ends it in our part."""
+    Its CallbackTimeout comes wherever the load is: in a file's code (its import, the look-up of
+    its setup, its setup) as HooksFailed, in ours (making the interpreter) as it is. A stop holds
+    the limit to now (_AbandonedAtStop), so one at the very start of a load ends it in our part."""
     held = PYTHON_LIMIT.begin(seconds, time.monotonic())
     try:
         return load(exited)
