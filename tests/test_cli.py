@@ -2628,6 +2628,17 @@ os._exit(0)
 """
 
 
+def sent_to(filter_source: str, msg: Path) -> tuple[int, str]:
+    """`send` of ``msg`` to a filter process running ``filter_source`` (which prints its port),
+    which must end with status 0: send's status and output."""
+    with subprocess.Popen([sys.executable, "-c", filter_source], stdout=subprocess.PIPE, text=True) as filt:
+        assert filt.stdout is not None
+        port = filt.stdout.readline().strip()
+        status, out = cli("send", "--connection", f"inet:{port}@127.0.0.1", str(msg))
+        assert filt.wait(10) == 0
+    return status, out
+
+
 def test_send_to_a_filter_that_dies_while_it_sends_says_the_connection_was_lost(tmp_path: Path) -> None:
     """A filter (or a HAProxy before it) that died while send wrote what needs no reply (a
     message's headers to a filter that asked for none): asyncio dropped each write after the
@@ -2638,11 +2649,7 @@ def test_send_to_a_filter_that_dies_while_it_sends_says_the_connection_was_lost(
     msg = tmp_path / "many.eml"
     msg.write_bytes(b"From: a@example.org\nTo: b@example.org\nSubject: x\n"
                     + b"".join(b"X-H%d: v\n" % i for i in range(200)) + b"\nhi\n")
-    with subprocess.Popen([sys.executable, "-c", DIES_AFTER_RCPT], stdout=subprocess.PIPE, text=True) as filt:
-        assert filt.stdout is not None
-        port = filt.stdout.readline().strip()
-        status, out = cli("send", "--connection", f"inet:{port}@127.0.0.1", str(msg))
-        assert filt.wait(10) == 0
+    status, out = sent_to(DIES_AFTER_RCPT, msg)
     assert status == 2, out
     assert "socket.send()" not in out and "WARNING" not in out, out
     assert "envrcpt  <b@example.org> -> continue\n" in out, out
@@ -2673,6 +2680,28 @@ def test_send_to_a_filter_that_resets_mid_answer_says_the_connection_was_lost(tm
     assert "envfrom  <" in out and "-> continue\n" in out, out
     assert re.findall(r"^error: .*", out, re.M) == [
         "error: the connection to the filter was lost while reading its reply (after envrcpt)"], out
+
+
+#: The same, asking no reply to end of headers and body chunks either (SMFIP_NR_EOH, NR_BODY),
+#: its receive buffer small: it dies a moment after RCPT, while send still writes a large body,
+#: left unread, so its end resets the connection where the other's closed it.
+RESETS_WHILE_SENT = (DIES_AFTER_RCPT.replace("0x220", "0xC0220")
+                     .replace("listener.listen()", "listener.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, "
+                              "4096)\nlistener.listen()")
+                     .replace("os._exit(0)", "import time\ntime.sleep(0.5)\nos._exit(0)"))
+
+
+def test_send_to_a_filter_that_resets_while_it_sends_says_the_connection_was_lost(tmp_path: Path) -> None:
+    """A filter that died while send wrote a body too large for the socket's buffers, its data
+    unread (a reset, with its errno): the error was Python's bare "[Errno 104] Connection reset
+    by peer", naming no stage, where one that died with the buffers empty was "lost while
+    sending (after envrcpt)". Now both are that line, the reset's reason after it."""
+    msg = tmp_path / "large.eml"
+    msg.write_bytes(b"From: a@example.org\nTo: b@example.org\nSubject: x\n\n" + b"x" * 75 * 100_000 + b"\n")
+    status, out = sent_to(RESETS_WHILE_SENT, msg)
+    assert status == 2, out
+    assert re.findall(r"^error: .*", out, re.M) == [
+        "error: the connection to the filter was lost while sending (after body): Connection reset by peer"], out
 
 
 def test_send_to_an_inet6_spec_without_a_host_connects_to_the_ipv6_loopback() -> None:

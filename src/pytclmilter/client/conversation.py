@@ -100,25 +100,26 @@ class Conversation:
         With nothing left in our buffer there is nothing to wait for: drain() at once, in this
         task, as before that limit (wait_for's task lets the loop first take a reset the filter
         sent after its last reply: `try` then called a stop after the verdict a failure)."""
-        if not self.writer.transport.get_write_buffer_size():
-            try:
-                await self.writer.drain()
-            except ConnectionResetError:  # (asyncio's own, a bare "Connection lost"; or the socket's)
-                raise self._lost() from None
-            return
         try:
+            if not self.writer.transport.get_write_buffer_size():
+                await self.writer.drain()
+                return
             await asyncio.wait_for(self.writer.drain(), self.timeout)
         except asyncio.TimeoutError:
             where = self.out.stages[-1].name if self.out.stages else "option negotiation"
             raise ConversationError(f"the filter took no more data within {self.timeout:g} s "
                                     f"(sending at {where})") from None
+        except ConnectionError as exc:  # (a reset, a broken pipe; asyncio's own "Connection lost" has no errno)
+            raise self._lost(exc=exc) from None
 
-    def _lost(self, doing: str = "sending") -> ConversationError:
+    def _lost(self, doing: str = "sending", exc: OSError | None = None) -> ConversationError:
         """The connection broke while ``doing`` (the filter, or a balancer before it, died): said
         once, with the last event sent, where asyncio dropped the writes after it unexplained and
-        a reset read gave the OS's words (`[Errno 104] Connection reset by peer`)."""
+        a reset gave only the OS's words; the system's reason after it if it gave one (a reset
+        while sending: the filter left what was sent unread)."""
         where = f"after {self.out.stages[-1].name}" if self.out.stages else "at option negotiation"
-        return ConversationError(f"the connection to the filter was lost while {doing} ({where})")
+        why = f": {exc.strerror}" if exc is not None and exc.errno and exc.strerror else ""
+        return ConversationError(f"the connection to the filter was lost while {doing} ({where}){why}")
 
     async def _recv(self) -> ev.Reply:
         """The next reply, within ``timeout`` for the whole of it: a filter that trickles it a byte
