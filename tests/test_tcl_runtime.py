@@ -908,3 +908,45 @@ def test_errors_of_timers_in_the_scripts_own_interpreters_are_logged(tclrun):
     assert "\x1b" not in text and "\nERROR: forged" not in text, text
     assert what + "in the grandchild\n  in the grandchild\n    while executing\n" in text, text
     assert "own bgerror: handled" in text and "safe interpreter" not in text, text
+
+
+#: The growth's thresholds lowered and its counts made every 0.05 s (5 s in production).
+LOW_GROWTH_THRESHOLDS = """
+from pytclmilter.tcl import growth
+
+
+def setup(milter):
+    growth.AFTER_EVENTS, growth.THREADS, growth.CHECK_EVERY = 10, 3, 0.05
+"""
+
+
+def _connections(m, count: int) -> None:
+    """``count`` MTA connections, one after the other, each through its connect callback."""
+    for _ in range(count):
+        with m.mta() as mta:
+            mta.negotiate()
+            assert mta.connect() == ("c", {})
+
+
+def test_after_events_that_keep_growing_are_told_once_then_when_they_double(tclrun):
+    """A timer set at every connection and never cancelled grew without a word until memory ran
+    out. Now one warning when their number reaches the threshold (10 here, 1000 by default),
+    not one a connection nor one a count, and the next only when it has doubled."""
+    m = tclrun(r"""
+        package require TclMilter
+        proc connect {ctx host addr} { after 3600000 {set ::late 1}; after 3600000 {set ::late 2}; return SMFIS_CONTINUE }
+        milter register connect connect
+        milter main
+    """, python=[LOW_GROWTH_THRESHOLDS])
+    told = r"WARNING: the script has (\d+) pending `after` events: a timer set at every connection or message"
+    _connections(m, 8)  # 16 events: told once, and no more until 2 x what was told (20 or more)
+    first = int(m.wait_for(told).group(1))
+    assert 10 <= first <= 16
+    time.sleep(0.15)  # three counts more
+    _connections(m, 12)  # 40 events
+    second = int(m.wait_for(told).group(1))  # (the cursor is past the first)
+    assert 2 * first <= second <= 40
+    time.sleep(0.15)
+    assert m.stop() == 0
+    assert len(re.findall(told, m.text)) == 2, m.text
+    assert "`after cancel`" in m.text and "threads of the Thread package" not in m.text, m.text

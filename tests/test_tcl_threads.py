@@ -14,11 +14,13 @@ import signal
 import stat
 import subprocess
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
 
 from support.tclrun import Mta, TclRun, spawn, tclrun_factory
+from test_tcl_runtime import LOW_GROWTH_THRESHOLDS, _connections
 
 tclrun = pytest.fixture(tclrun_factory, name="tclrun")
 
@@ -292,6 +294,26 @@ def test_threads_started_before_main_with_workers_fail_loudly(tclrun):
     assert ("milter main: -workers 2 forks the serving processes and a fork keeps no thread, so the script's "
             "1 other thread(s) would not be in them: start threads in callbacks, or serve with -workers 1") in m.text
     assert "listening on" not in m.text
+
+
+def test_threads_made_at_every_connection_are_told_once_past_the_threshold(tclrun):
+    """A thread made at every connection and never ended (304 threads after 300 connections)
+    grew without a word until memory or descriptors ran out. Now one warning when they reach the
+    threshold (3 here, 64 by default), then none until their number doubles."""
+    m = tclrun(r"""
+        package require TclMilter
+        package require Thread
+        proc connect {ctx host addr} { thread::create {thread::wait}; return SMFIS_CONTINUE }
+        milter register connect connect
+        milter main
+    """, python=[LOW_GROWTH_THRESHOLDS])
+    told = r"WARNING: the script runs (\d+) threads of the Thread package besides its own: a thread made at every"
+    _connections(m, 5)  # told at 3 to 5, and again at 6 to 10 at the earliest
+    assert 3 <= int(m.wait_for(told).group(1)) <= 5
+    time.sleep(0.15)  # three counts more
+    assert m.stop() == 0
+    assert len(re.findall(told, m.text)) == 1, m.text
+    assert "`thread::release`" in m.text and "`after` events" not in m.text, m.text
 
 
 # ---------------------------------------------------------------------------- threads and reloads

@@ -31,7 +31,7 @@ from ..hooks import Hooks
 from ..limits import PYTHON_LIMIT, CallbackTimeout
 from ..logline import escape, failure_text, tell_counts
 from ..milter import Milter
-from . import context_cmd, output, rootfiles, threads
+from . import context_cmd, growth, output, rootfiles, threads
 from .callbacks import TclCallbacks, command_object
 from .limit import CallLimit, is_limit_error
 from .milter_cmd import MilterCommand, SuspendAtMain
@@ -138,6 +138,8 @@ class TclHost:
         self.thread_errors = Unanswered()
         #: A handler was stopped by the limit since the background errors were last reported.
         self._handler_stopped = False
+        #: The script's pending `after` events and threads, told when they grow past any need.
+        self.growth = growth.Growth()
         self.command = MilterCommand(self, self.milter)
         self._register("::tclmilter::py::milter", self.command)
         self._register("::tclmilter::py::context", self._context)
@@ -379,6 +381,8 @@ class TclHost:
             self._report_errors()
         if self.tk.call("::tclmilter::py::quiet", self.CHILD, 1 if _THREAD_HOME else 0) in (1, "1"):
             return
+        if self.growth.due():  # (quiet: no `after` event, no other thread, nothing to count)
+            self.growth.counted(int(self.tk.call("::tclmilter::py::after_count", self.CHILD)), self.thread_count() - 1)
         self.limit.begin_handlers()
         try:
             for _ in range(1000):

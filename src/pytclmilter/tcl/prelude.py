@@ -51,6 +51,9 @@ proc ::tclmilter::py::quiet {child threads} {
     set poll [expr {$threads && [llength [thread::names]] > 1}]
     expr {!$was && !$poll}
 }
+# The script's pending `after` events, counted here: the list `after info` makes stays in Tcl
+# (tcl/growth.py counts them every few seconds, not on every tick).
+proc ::tclmilter::py::after_count {child} { llength [interp eval $child [list after info]] }
 
 # The callbacks' time limit (tcl/limit.py) on the script's interpreter and on every interpreter the
 # script made (`interp create`, also inside those): Tcl checks an interpreter's own limit only,
