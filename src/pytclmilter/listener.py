@@ -18,7 +18,8 @@ import threading
 from dataclasses import dataclass
 from typing import Final
 
-from .connspec import ConnSpec, ConnSpecError, ipv4_mapped, refuse_long_path, sockaddr
+from .connspec import ConnSpec, ConnSpecError, refuse_long_path
+from .inetaddr import ipv4_mapped, sockaddr
 from .logline import escape
 from .unixsocket import SocketFile, bind_unix
 

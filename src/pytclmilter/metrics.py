@@ -47,7 +47,8 @@ from prometheus_client.registry import Collector as _CollectorBase
 from . import meter as m
 from .accept import limit_text
 from .callbacks import EVENTS
-from .connspec import ConnSpec, ConnSpecError, parse_metrics, sockaddr
+from .connspec import ConnSpec, ConnSpecError, parse_metrics
+from .inetaddr import sockaddr
 from .shared import Stats
 from .logline import Repeated, escape, tell_counts
 
