@@ -754,6 +754,23 @@ def test_connection_spec_errors(spec, words):
     assert words in str(info.value)
 
 
+@pytest.mark.parametrize("host, addr", [("::1%lo", "::1"), ("[::1%lo]", "::1"), ("::1%{index}", "::1"),
+                                        ("[2001:db8::1%lo]", "2001:db8::1"),
+                                        ("[::ffff:127.0.0.1%lo]", "::ffff:127.0.0.1")])
+def test_a_zone_on_an_address_that_is_not_link_local_is_refused_saying_why(host, addr):
+    """`inet6:8891@::1%lo` said `cannot resolve "::1%lo"` (bracketed: "not an inet6 address"),
+    which tells the admin nothing; `::1%1` failed at `milter main`, `cannot listen on
+    inet6:8891@::1%lo: Name or service not known`. libmilter takes no zone at all; Linux ignores
+    one on an address that is not link-local, so it limits nothing."""
+    host = host.format(index=socket.if_nametoindex("lo"))
+    written = host.strip("[]")
+    with pytest.raises(ConnSpecError) as info:
+        parse(f"inet6:8891@{host}")
+    assert str(info.value) == (f'connection "inet6:8891@{host}": "{written}": a zone (%{written.partition("%")[2]}) '
+                               "is only meaningful on a link-local address (fe80::/10); Linux ignores it on "
+                               f"{addr}, so it would not limit the socket to that interface: write inet6:8891@{addr}")
+
+
 def test_unix_path_length_limit_is_libmilters():
     """libmilter: strlen(path) + 1 < sizeof(sun_path) = 108 on Linux, so 106 bytes fit (docs/protocol.md §9.1)."""
     path = "/" + "p" * 105  # 106 bytes

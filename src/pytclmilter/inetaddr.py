@@ -9,7 +9,8 @@ quads: the spec's text is what the listening line shows. Refused at start, sayin
 broadcast address 255.255.255.255 however written (libmilter refuses ``[255.255.255.255]``,
 inet_addr's error value, INADDR_NONE, and Linux would bind it where no MTA can connect), its
 IPv4-mapped form, a multicast address (``224.0.0.1``, ``ff05::1``), a link-local address without
-its zone, and a zone naming no interface of this host. Any other IPv4-mapped address is served as
+its zone, a zone on any other address (Linux ignores it there), and a zone naming no interface
+of this host. Any other IPv4-mapped address is served as
 libmilter serves it: IPv4 connections to that address. Also what bind() takes for an address.
 """
 
@@ -36,6 +37,7 @@ def address(written: str, proto: str, port: str, *, bracketed: bool) -> str:
     ``proto`` ("inet" or "inet6"); ``port`` as the spec wrote it, for an example in a message.
     Raises AddressError saying why no MTA could connect there."""
     family = socket.AF_INET if proto == "inet" else socket.AF_INET6
+    _refuse_zone_off_link(written, family, proto, port)
     _refuse_unknown_zone(written, family)
     addr = _numeric(written, family, proto) if bracketed else _resolved(written, family, proto)
     if family == socket.AF_INET6:
@@ -96,6 +98,22 @@ def _is_ipv6(addr: str) -> bool:
     except OSError:
         return False
     return True
+
+
+def _refuse_zone_off_link(host: str, family: int, proto: str, port: str) -> None:
+    """AddressError for a zone on an IPv6 address that is not link-local (``::1%lo``): it was
+    "cannot resolve" (getaddrinfo takes an interface's name on fe80::/10 only) or "not an inet6
+    address", and a number (``::1%1``) was taken though Linux ignores it there, tying the socket
+    to no interface. libmilter takes no zone at all. A multicast one is refused as multicast."""
+    addr, percent, zone = host.partition("%")
+    if family != socket.AF_INET6 or not percent or not zone or not _is_ipv6(addr):
+        return
+    if ipaddress.IPv6Address(addr) in _LINK_LOCAL or _multicast(addr):
+        return
+    plain = _one_form(addr)
+    raise AddressError(f'"{host}": a zone (%{zone}) is only meaningful on a link-local address (fe80::/10); Linux '
+                       f"ignores it on {plain}, so it would not limit the socket to that interface: write "
+                       f"{proto}:{port}@{plain}")
 
 
 def _refuse_unknown_zone(host: str, family: int) -> None:
