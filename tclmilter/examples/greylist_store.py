@@ -725,22 +725,21 @@ class Greylist:
 
     def __init__(self, settings: Settings = Settings()) -> None:
         self.settings = settings
-        self.store = open_store(settings.store)
-        self._flaps = _Flaps(self.store.where)
-        # (closed when dropped, a reload's, or at exit: its outages counted and not told are told)
-        self._finalizer = weakref.finalize(self, _closed, self.store, self._flaps)
-        self.down_since: float | None = None  # time.monotonic() when the outage began
         self._next_try = 0.0
-        self.answered = 0  # checks answered without the store in this outage
         self.clock = time.monotonic
+        self._open(settings.store)
+
+    def _open(self, spec: str) -> None:
+        self.store = open_store(spec)
+        self.outages = _Outages(self.store.where)
+        # (closed when dropped, a reload's, or at exit: what its outage lines did not tell is told)
+        self._finalizer = weakref.finalize(self, _closed, self.store, self.outages)
 
     def configure(self, words: Iterable[str]) -> None:
         settings = configured(self.settings, words)
         if settings.store != self.settings.store:
             self._finalizer()
-            self.store = open_store(settings.store)
-            self.down_since, self._flaps = None, _Flaps(self.store.where)
-            self._finalizer = weakref.finalize(self, _closed, self.store, self._flaps)
+            self._open(settings.store)
         self.settings = settings
 
     def check(self, ip: str, sender: str, rcpt: str) -> str | tuple[str, int]:
@@ -749,7 +748,7 @@ class Greylist:
         now = time.time()
         seen = self._use(lambda store: store.see((ip, sender, rcpt), now, self.settings.max_age))
         if seen is None:
-            self.answered += 1
+            self.outages.answered += 1
             return "pass" if self.settings.unavailable == "accept" else "unavailable"
         first, count = seen
         if count == 1:  # first sight: a retry after the delay is what real mail servers do
@@ -764,10 +763,10 @@ class Greylist:
         return removed or 0
 
     def _use(self, op: Any) -> Any:
-        """``op(store)``; None when the store cannot be reached (an outage: logged when it starts
-        and ends; the store is not tried again until -retry seconds have passed)."""
+        """``op(store)``; None when the store cannot be reached (an outage, see _Outages; the
+        store is not tried again until -retry seconds have passed)."""
         now = self.clock()
-        if self.down_since is not None and now < self._next_try:
+        if self.outages.since is not None and now < self._next_try:
             return None
         try:
             result = op(self.store)
@@ -775,103 +774,99 @@ class Greylist:
             # from the failure, not the try's start: a try that took longer than -retry (SQLite's
             # lock wait, Redis's deadline) left every next check due to wait as long again
             self._next_try = self.clock() + self.settings.retry
-            if self.down_since is None:
-                self.down_since, self.answered = now, 0
-                self._flaps.told = False
-            if not self._flaps.told and now >= self._flaps.quiet_until:
-                self._tell_down(now, exc)
+            self.outages.failed(now, _reason(exc), self._answer(), self.settings.retry)
             self.store.close()  # a fresh connection at the next try
             return None
-        if self.down_since is not None:
-            self._tell_back(now, self.down_since)
-        elif self._flaps.outages and now >= self._flaps.quiet_until:
-            self._tell_flaps(now)
+        self.outages.answering(now)
         return result
-
-    def _tell_down(self, now: float, exc: BaseException) -> None:
-        """The outage line. A store that fails and answers by turns (Redis at its maxmemory, a
-        lossy link) made two lines every -retry seconds, per process: at most one a minute now,
-        with the count of the outages since the last one logged."""
-        flaps = self._flaps
-        since = (f"; {flaps.outages} more outages since the last such line, {flaps.answered} recipients "
-                 f"answered {self._answer()} in them (logged at most once a minute)" if flaps.outages else "")
-        began = self.down_since if self.down_since is not None else now
-        already = f"; down for {now - began:.1f} s" if now > began else ""
-        # the spec comes from the script's arguments, the reason may quote what the store sent
-        log.warning("greylist store %s unavailable (%s): answering %s, trying again every %g s%s%s",
-                    escape(self.store.where), escape(_reason(exc)), self._answer(), self.settings.retry,
-                    already, since)
-        flaps.told, flaps.quiet_until = True, now + OUTAGE_LINES_EVERY
-        flaps.told_all()
-
-    def _tell_back(self, now: float, since: float) -> None:
-        """The line of the end of the outage begun at ``since``, if its start had one; else it is counted."""
-        flaps = self._flaps
-        if flaps.told:
-            log.warning("greylist store %s is back after %.1f s; %d recipients were answered %s meanwhile",
-                        escape(self.store.where), now - since, self.answered, self._answer())
-        else:
-            flaps.count(self.answered, self._answer())
-        self.down_since = None
-
-    def _tell_flaps(self, now: float) -> None:
-        """The count of the outages not logged, once their minute is over and the store answers."""
-        flaps = self._flaps
-        log.warning("greylist store %s: %d more outages since the last line about it, %d recipients answered "
-                    "%s in them (logged at most once a minute)",
-                    escape(self.store.where), flaps.outages, flaps.answered, self._answer())
-        flaps.quiet_until = now + OUTAGE_LINES_EVERY
-        flaps.told_all()
 
     def _answer(self) -> str:
         return "tempfail" if self.settings.unavailable == "tempfail" else "accept (not greylisted)"
 
 
-class _Flaps:
-    """The outages of a store since its last outage line (Greylist._tell_down)."""
+class _Outages:
+    """A store's outages and their lines: one when an outage starts, one when it ends.
+
+    A store that fails and answers by turns (Redis at its maxmemory, a lossy link) made two
+    lines every -retry seconds, per process: an outage that starts within OUTAGE_LINES_EVERY of
+    the last line is counted instead, both its lines, and the count told by the next line, or
+    the first check the store answers once the minute is over, or as the store is closed, or at
+    an end with no atexit. A counted one that lasts past the minute gets its line then. Holds nothing of the Greylist, which the
+    finalizer and logline's end hook outlive.
+    """
 
     def __init__(self, where: str) -> None:
-        self.where = where  # the store's spec, for the line
-        self.told = False  # the outage under way has had its line
-        self.quiet_until = -math.inf  # no outage line before this (clock())
-        self.outages = 0  # ended since the last line, each without a line of its own
-        self.answered = 0  # recipients answered without the store in those
-        self.answer = "tempfail"  # how (Greylist._answer), for the line told as the store is closed
-        # The count held where logline tells counts as the process ends, atexit or not (a stop,
-        # overdue's give-up, a worker's os._exit, which the finalizer misses): its window never
-        # ends, so nothing but an end tells it.
-        self._held = Repeated(seconds=math.inf, tell=self._told_at_end)
+        self.where = where  # the store's spec, for the lines
+        self.since: float | None = None  # clock() when the outage under way began
+        self.answered = 0  # recipients answered without the store in it
+        self.told = False  # it has had its line
+        self.answer = "tempfail"  # how they were answered (Greylist._answer)
+        self.untold = self.untold_answered = 0  # outages ended without a line since the last one, their recipients
+        self.quiet_until = -math.inf  # no line before this (clock())
+        # logline tells a Repeated's counts at every end, atexit or not (a stop, overdue's give-up, a
+        # worker's os._exit, which the finalizer misses). Its window never ends, so nothing but an
+        # end tells it; its first due() is "log it", made here so that each later one is counted.
+        self._at_end = Repeated(math.inf, tell=lambda *_: self.tell("told as the milter stops"))
+        self._at_end.due(where)
 
-    def count(self, answered: int, answer: str) -> None:
-        """One more outage without a line of its own, ``answered`` recipients answered ``answer``."""
-        self.outages += 1
-        self.answered += answered
+    def failed(self, now: float, reason: str, answer: str, retry: float) -> None:
+        """A try failed: an outage starts or goes on; its line, unless one came within the minute."""
+        if self.since is None:
+            self.since, self.answered, self.told = now, 0, False
         self.answer = answer
-        if self._held.due(self.where) is not None:  # (a place's first is logged, not counted: again)
-            self._held.due(self.where)
+        if self.told:
+            return
+        if now < self.quiet_until:
+            self._at_end.due(self.where)  # (counted: an end tells it)
+            return
+        since = (f"; {self.untold} more outages since the last such line, {self.untold_answered} recipients "
+                 f"answered {answer} in them (logged at most once a minute)" if self.untold else "")
+        already = f"; down for {now - self.since:.1f} s" if now > self.since else ""
+        # the spec comes from the script's arguments, the reason may quote what the store sent
+        log.warning("greylist store %s unavailable (%s): answering %s, trying again every %g s%s%s",
+                    escape(self.where), escape(reason), answer, retry, already, since)
+        self.told = True
+        self._said(now)
 
-    def told_all(self) -> None:
-        """The count was told by a line: nothing to tell at the end."""
-        self.outages = self.answered = 0
-        self._held.forget(self.where)
+    def answering(self, now: float) -> None:
+        """A try the store answered: the end of the outage under way (its line, or counted), or
+        the count's line once the minute is over."""
+        if self.since is None:
+            if self.untold and now >= self.quiet_until:
+                self.tell("logged at most once a minute")
+                self._said(now)
+            return
+        if self.told:
+            log.warning("greylist store %s is back after %.1f s; %d recipients were answered %s meanwhile",
+                        escape(self.where), now - self.since, self.answered, self.answer)
+        else:
+            self.untold += 1
+            self.untold_answered += self.answered
+        self.since = None
 
-    def _told_at_end(self, held: Repeated, where: str, count: int) -> None:
-        if self.outages:
+    def tell(self, why: str) -> None:
+        """The line of the outages no line told (``why``: when)."""
+        if self.untold:
             log.warning("greylist store %s: %d more outages since the last line about it, %d recipients answered "
-                        "%s in them (told as the milter stops)", escape(self.where), self.outages, self.answered,
-                        self.answer)
-            self.outages = self.answered = 0
+                        "%s in them (%s)", escape(self.where), self.untold, self.untold_answered, self.answer, why)
+        self.untold = self.untold_answered = 0
+
+    def closing(self) -> None:
+        """The store is closed: what no line told is told now, and nothing is left for an end."""
+        self.tell("told as the store is closed")
+        self._at_end.overdue(ended_only=False)
+
+    def _said(self, now: float) -> None:
+        """A line told all there was: none before a minute, nothing left for an end to tell."""
+        self.untold = self.untold_answered = 0
+        self.quiet_until = now + OUTAGE_LINES_EVERY
+        self._at_end.overdue(ended_only=False)
 
 
-def _closed(store: Store, flaps: _Flaps) -> None:
+def _closed(store: Store, outages: _Outages) -> None:
     """Close a store no longer used (a reload dropped it, -store changed, the process ends),
-    telling the outages counted since its last outage line: the next line or check that would
-    have told them never comes."""
-    if flaps.outages:
-        log.warning("greylist store %s: %d more outages since the last line about it, %d recipients answered %s "
-                    "in them (told as the store is closed)", escape(store.where), flaps.outages, flaps.answered,
-                    flaps.answer)
-        flaps.told_all()
+    telling what its outage lines did not: the next line that would have never comes."""
+    outages.closing()
     store.close()
 
 
