@@ -307,13 +307,17 @@ def test_the_outages_counted_and_not_told_are_told_at_the_stop(tclrun: Callable[
                                                                redis_server: RedisServer) -> None:
     """A store failing by turns, then a stop within the minute: the outages counted since the
     last line were told by the next line or check, which never came, so lost (3 outages, 3
-    recipients answered without the store, said nowhere). Now the stop tells them, once."""
+    recipients answered without the store, said nowhere). Now the stop tells them, once; and
+    the outage still under way then, without a line of its own, with them (it was left out:
+    counted only as it ended, which it never did)."""
     m = greylist(tclrun, redis_server.url, args=("-delay", "60", "-retry", "0.1"))
     four_outages(m, redis_server)
+    redis_server.command("CONFIG", "SET", "maxmemory", "1")  # a fifth outage, under way at the stop
+    assert [unavailable(rcpt_reply(m, n)) for n in (4, 5)] == [True, True]
     assert m.stop() == 0
-    told = re.findall(r"WARNING: greylist store \S+: 3 more outages since the last line about it, 3 recipients "
-                      r"answered tempfail in them \((.*?)\)", m.text)
-    assert told == ["told as the milter stops"], m.text  # (once: the store's closing has nothing left)
+    told = re.findall(r"WARNING: greylist store \S+: (\d+) more outages since the last line about it, (\d+) "
+                      r"recipients answered tempfail in them(.*?) \((.*?)\)", m.text)
+    assert told == [("4", "5", ", the last one still under way", "told as the milter stops")], m.text  # (once)
 
 
 #: A --python file whose helo callback, for `HELO hold`, is held in C code no grace can stop.
@@ -391,6 +395,29 @@ def test_the_outages_of_a_minute_not_logged_are_counted_in_the_next_line(redis_s
     assert "is back after 64.0 s; 2 recipients were answered tempfail" in caplog.records[-1].getMessage()
     assert len(caplog.records) == 7
     greylist.store.close()
+
+
+def test_an_outage_under_way_without_a_line_is_told_as_the_store_is_closed(redis_server: RedisServer,
+                                                                           caplog: Any) -> None:
+    """A reload (or another -store) drops the Greylist while an outage counted, not logged,
+    is under way: the closing count left it out (it was counted only as it ended), so its
+    recipients answered without the store were said nowhere."""
+    store = load_store_module()
+    greylist = store.Greylist(store.Settings(store=redis_server.url, delay=0, retry=0))
+
+    def check(n: int, down: bool) -> Any:
+        redis_server.command("CONFIG", "SET", "maxmemory", "1" if down else "0")
+        return greylist.check("192.0.2.1", f"s{n}@example.org", "r@example.com")
+
+    caplog.set_level("WARNING", logger="pytclmilter.greylist")
+    assert [check(0, True), check(1, False)] == ["unavailable", ("wait", 0)]  # logged: its two lines
+    assert [check(2, True), check(3, True)] == ["unavailable"] * 2  # within the minute: counted
+    assert len(caplog.records) == 2
+    del greylist
+    gc.collect()
+    assert [r.getMessage().partition(": ")[2] for r in caplog.records[2:]] == [
+        "1 more outages since the last line about it, 2 recipients answered tempfail in them, the last one "
+        "still under way (told as the store is closed)"]
 
 
 @pytest.mark.parametrize("answer, mode", [(b"*2\r\n$3\r\nabc\r\n$3\r\nxyz\r\n", "tempfail"), (b":1\r\n", "accept")])

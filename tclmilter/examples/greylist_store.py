@@ -791,7 +791,8 @@ class _Outages:
     lines every -retry seconds, per process: an outage that starts within OUTAGE_LINES_EVERY of
     the last line is counted instead, both its lines, and the count told by the next line, or
     the first check the store answers once the minute is over, or as the store is closed, or at
-    an end with no atexit. A counted one that lasts past the minute gets its line then. Holds nothing of the Greylist, which the
+    an end with no atexit; an outage under way without a line is in the count. A counted one
+    that lasts past the minute gets its line then. Holds nothing of the Greylist, which the
     finalizer and logline's end hook outlive.
     """
 
@@ -845,11 +846,15 @@ class _Outages:
         self.since = None
 
     def tell(self, why: str) -> None:
-        """The line of the outages no line told (``why``: when)."""
-        if self.untold:
+        """The line of the outages no line told, the one under way included (``why``: when)."""
+        under_way = self.since is not None and not self.told
+        if self.untold or under_way:
             log.warning("greylist store %s: %d more outages since the last line about it, %d recipients answered "
-                        "%s in them (%s)", escape(self.where), self.untold, self.untold_answered, self.answer, why)
+                        "%s in them%s (%s)", escape(self.where), self.untold + under_way,
+                        self.untold_answered + (self.answered if under_way else 0), self.answer,
+                        ", the last one still under way" if under_way else "", why)
         self.untold = self.untold_answered = 0
+        self.told = self.since is not None  # (the end of the one under way: its own line)
 
     def closing(self) -> None:
         """The store is closed: what no line told is told now, and nothing is left for an end."""
