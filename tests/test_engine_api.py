@@ -688,13 +688,14 @@ def test_setmlreply_multi_line():
         lambda ctx: ctx.setreply("550", "5.7.1 x", "bad xcode"),
         lambda ctx: ctx.setreply("550", "5.7.1", "line\r\nbreak"),
         lambda ctx: ctx.setreply("550", "5.7.1", "bare\nLF"),
+        lambda ctx: ctx.setreply("550", "5.7.1", "an \x1b[2J escape"),
         lambda ctx: ctx.setreply("550", "5.7.1", "x" * 981),
         lambda ctx: ctx.setmlreply("550", "5.7.1", *["l"] * 33),
         lambda ctx: ctx.setmlreply("550", "5.7.1"),
         lambda ctx: ctx.setmlreply("550", "5.7.1", "ok", "bad\rline"),
         lambda ctx: ctx.setmlreply("650", None, "ok"),
     ],
-    ids=["rcode-2xx", "rcode-short", "rcode-long", "xcode-short", "xcode-trailing", "crlf", "lf", "too-long",
+    ids=["rcode-2xx", "rcode-short", "rcode-long", "xcode-short", "xcode-trailing", "crlf", "lf", "esc", "too-long",
          "33-lines", "no-lines", "ml-cr", "ml-rcode"],
 )
 def test_reply_validation_errors_are_raised_in_the_callback(call):

@@ -139,6 +139,9 @@ INVALID = {
                                        ["opens with the extended code 5.1.1", "the reply's is 5.7.1"]),
     "ml-first-line-xcode-class": (lambda c: c.setmlreply("550", None, "4.7.1 later"),
                                   ['extended code "4.7.1" does not match reply code "550"']),
+    # libmilter sends these; Postfix and Sendmail pass them on to the SMTP client as they are
+    "escape-in-reply": (lambda c: c.setreply("550", None, "a\x1bb"), ["other control characters (\\x1b)"]),
+    "del-in-ml-reply": (lambda c: c.setmlreply("550", None, "ok", "b\x7f"), ["other control characters (\\x7f)"]),
 }
 
 VALID = {
@@ -151,7 +154,7 @@ VALID = {
                     "\r\n".join(f"550{'-' if i < 31 else ' '}5.7.1 l{i}" for i in range(32))),
     "ml-percent": (lambda c: c.setmlreply("450", None, "a %% b"), "450 4.0.0 a %% b"),
     "980-bytes-of-utf8": (lambda c: c.setreply("550", "5.7.1", "€" * 326 + "xx"), "550 5.7.1 " + "€" * 326 + "xx"),
-    "escape-and-del-in-reply": (lambda c: c.setreply("550", None, "a\x1bb\x7f"), "550 a\x1bb\x7f"),  # as libmilter
+    "tab-in-reply": (lambda c: c.setreply("550", None, "a\tb"), "550 a\tb"),  # RFC 5321's reply text allows it
     # after an extended code the text is free; a text may open with the extended code itself
     "digit-after-xcode": (lambda c: c.setreply("550", "5.7.1", "4 apples left"), "550 5.7.1 4 apples left"),
     "xcode-in-text": (lambda c: c.setreply("550", None, "5.7.1 go away"), "550 5.7.1 go away"),

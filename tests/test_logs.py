@@ -283,7 +283,7 @@ SENDER = "<reject" + FORGED + "\x1b]0;t\x07\x7f\x01@example.org>"
 SENDER_SHOWN = r"<reject" + FORGED_SHOWN + r"\x1b]0;t\x07\x7f\x01@example.org>"
 VALUE = "v" + FORGED + "\x1b[31m\x7f\x01\\"
 VALUE_SHOWN = r"v" + FORGED_SHOWN + r"\x1b[31m\x7f\x01\\"
-REPLY_SHOWN = r'reply="550 5.7.1 no\x1b[31m\x7f\x01\\ thanks"'  # CR, LF and NUL: refused by setreply
+REPLY_SHOWN = r'reply="550 5.7.1 no\t\\ thanks"'  # other controls: refused by setreply
 needs_thread = pytest.mark.skipif(not Path("/usr/lib/tcltk/x86_64-linux-gnu/thread2.8.8").exists(),
                                   reason="needs Debian's tcl-thread")
 STDERR_LINE = re.compile(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} pytclmilter\[\d+\] (DEBUG|INFO|WARNING|ERROR): ")
@@ -293,7 +293,7 @@ package require TclMilter
 milter configure -name "Evil\x1b\[2J\x7fName"
 proc from {ctx argv} {
     if {[string match <reject* [lindex $argv 0]]} {
-        $ctx setreply 550 5.7.1 "no\x1b\[31m\x7f\x01\\ thanks"
+        $ctx setreply 550 5.7.1 "no\t\\ thanks"
         return SMFIS_REJECT
     }
     return SMFIS_CONTINUE
@@ -312,8 +312,9 @@ milter main
 
 def test_mta_and_script_text_is_escaped_on_stderr(tclrun) -> None:
     """`pytclmilter run` to stderr: CR, LF, ESC, BEL, DEL and SOH in a client host name, a sender,
-    a setreply text, a header value quoted by a Tcl error (with a NUL), a callback's result, a
-    callback name and -name reach the log as backslash escapes; Tcl's errorInfo keeps its lines,
+    a header value quoted by a Tcl error (with a NUL), a callback's result, a callback name and
+    -name, and a tab in a setreply text (which refuses the others), reach the log as backslash
+    escapes; Tcl's errorInfo keeps its lines,
     indented; no line of the log is anything but a line of ours or an indented continuation."""
     m = tclrun(LOGGING_TCL)
     assert m.name == r"Evil\x1b[2J\x7fName"  # the listening line (stdout)
@@ -1255,7 +1256,7 @@ def test_mta_and_script_text_is_escaped_through_syslog(syslog_socket) -> None:
     @m.register("envfrom")
     def envfrom(ctx, args):
         if args[0].startswith("<reject"):
-            ctx.setreply("550", "5.7.1", "no\x1b[31m\x7f\x01\\ thanks")
+            ctx.setreply("550", "5.7.1", "no\t\\ thanks")
             return REJECT
         return CONTINUE
 

@@ -568,6 +568,7 @@ def test_setreply_and_setmlreply_forms(tclrun):
                 message  { $ctx setreply 550 "two args: the second is the message" }
                 xcode    { $ctx setreply 550 5.7.1 }
                 full     { $ctx setreply 550 5.7.1 "all three" }
+                tab      { $ctx setreply 550 5.7.1 "a\tb" }
                 emptyx   { $ctx setreply 550 {} "no xcode" }
                 temp     { $ctx setreply 451 4.7.1 "later"; return SMFIS_TEMPFAIL }
                 multi    { $ctx setmlreply 550 5.7.1 "first line" "second line" "third line" }
@@ -579,6 +580,8 @@ def test_setreply_and_setmlreply_forms(tclrun):
                     T badx     {$ctx setreply 550 9.9 "x"}
                     T mismatch {$ctx setreply 550 4.7.1 "x"}
                     T crlf     {$ctx setreply 550 5.7.1 "a\r\nb"}
+                    T esc      {$ctx setreply 550 5.7.1 "a\x1b\[31mred"}
+                    T mldel    {$ctx setmlreply 550 5.7.1 ok "a\x7f"}
                     T noargs   {$ctx setreply}
                     T toomany  {$ctx setreply 550 5.7.1 a b}
                     T mlfew    {$ctx setmlreply 550 5.7.1}
@@ -593,7 +596,7 @@ def test_setreply_and_setmlreply_forms(tclrun):
     with m.mta() as mta:
         mta.negotiate()
         got = {}
-        for form in ["code", "message", "xcode", "full", "emptyx", "temp", "multi", "keep", "later", "errors"]:
+        for form in ["code", "message", "xcode", "full", "tab", "emptyx", "temp", "multi", "keep", "later", "errors"]:
             reply = mta.event_raw("R", f"<{form}>\0".encode())
             got[form] = reply if reply[0] != "y" else ("y", reply[1].rstrip(b"\0").decode())
     assert m.stop() == 0
@@ -601,6 +604,7 @@ def test_setreply_and_setmlreply_forms(tclrun):
     assert got["message"] == ("y", "550 two args: the second is the message")
     assert got["xcode"] == ("y", "550 5.7.1")
     assert got["full"] == ("y", "550 5.7.1 all three")
+    assert got["tab"] == ("y", "550 5.7.1 a\tb")  # RFC 5321's reply text allows a tab
     assert got["emptyx"] == ("y", "550 no xcode")
     assert got["temp"] == ("y", "451 4.7.1 later")
     assert got["multi"] == ("y", "550-5.7.1 first line\r\n550-5.7.1 second line\r\n550 5.7.1 third line")
@@ -610,6 +614,9 @@ def test_setreply_and_setmlreply_forms(tclrun):
     r = m.results()
     for key in ["badcode", "badx", "mismatch", "crlf"]:
         assert r[key].startswith("ERR "), (key, r[key])
+    # Postfix 3.7 and Sendmail 8.17 pass these on to the SMTP client as they are
+    assert r["esc"] == r"ERR reply text must not contain CR, LF, NUL or other control characters (\x1b)"
+    assert r["mldel"] == r"ERR reply text must not contain CR, LF, NUL or other control characters (\x7f)"
     assert "250" in r["badcode"]
     usage = f'ERR wrong # args: should be "{r["ctx"]} setreply rcode ??xcode? message?"'
     assert r["noargs"] == usage and r["toomany"] == usage
