@@ -86,7 +86,8 @@ def _data_size(offered_proto: int, max_data_size: int) -> tuple[Proto, int]:
 
 def shown(offer: OptionNegotiation, max_data_size: int) -> tuple[int, int, int]:
     """The offer as the negotiate callbacks get it: as libmilter's st_optionneg shows it to
-    xxfi_negotiate (but for the no-reply bits it adds, docs/protocol.md §4.4), so that a
+    xxfi_negotiate (but for the no-reply bits it adds and bit 31, which it sign-extends:
+    docs/protocol.md §4.4), so that a
     callback ported from C reads the same numbers: no flags are the version-1 masks both
     negotiate by, and of the internal bits only the data size that will be used."""
     actions = offer.actions if offer.actions else int(V1_ACTIONS)
