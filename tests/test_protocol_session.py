@@ -470,6 +470,17 @@ def test_quit_nc_not_allowed_is_dropped_silently_and_the_next_connect_is_refused
         s.next_event()
 
 
+def test_quit_nc_inside_a_message_aborts_it_and_is_dropped_as_libmilter_does() -> None:
+    # Debian's libmilter, checked with tests/support/difffilter.c: the abort callback at the K, no
+    # close callback, the K and the C after it dropped (the MTA waits on the C until its timeout).
+    s = in_message()
+    events, out = run(s, cmds(HEADER, ev.QuitNewConnection()))
+    assert events == [HEADER, ev.Abort()] and out == b"\x00\x00\x00\x01c" and s.ignored == 1
+    s.receive_data(cmds(CONNECT))
+    with pytest.raises(RemoteProtocolError, match="not allowed after HELO"):  # we end the connection
+        s.next_event()
+
+
 def test_abort_inside_a_message_is_delivered_and_a_new_message_follows() -> None:
     s = in_message()
     events, out = run(s, cmds(ev.Abort(), MAIL, RCPT, EOM, ev.Abort()))
