@@ -22,7 +22,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from pytclmilter.metrics import PUBLISH_EVERY
 from support.postfix import tcp_listeners
-from support.tclrun import NOREPLY, Mta, TclRun, link_local, ok, tclrun_factory
+from support.tclrun import NOREPLY, Mta, TclRun, children_of, link_local, ok, tclrun_factory
 
 tclrun = pytest.fixture(tclrun_factory, name="tclrun")
 
@@ -316,6 +316,54 @@ def test_a_worker_past_the_metrics_slots_is_logged_and_holds_no_metrics_socket(t
     finally:
         for mta in held.values():
             mta.close()
+    assert m.stop() == 0
+
+
+def scrape_inode(url: str, client: socket.socket) -> str:
+    """The inode of the endpoint's end of ``client``'s connection, once the endpoint accepted it
+    (/proc/net/tcp: a connection still in the accept queue has inode 0)."""
+    port, peer = int(url.rsplit(":", 1)[1].split("/")[0]), client.getsockname()[1]
+    deadline = time.monotonic() + 5
+    while True:
+        for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+            fields = line.split()
+            if (int(fields[1].rsplit(":", 1)[1], 16), int(fields[2].rsplit(":", 1)[1], 16)) == (port, peer) \
+                    and fields[9] != "0":
+                return fields[9]
+        assert time.monotonic() < deadline, "the endpoint did not accept the scrape"
+        time.sleep(0.02)
+
+
+def test_a_worker_forked_while_scrapes_are_open_holds_none_of_their_sockets(tclrun, tmp_path) -> None:
+    """A worker forked (here by a reload) while the supervisor answered scrapes kept a copy of
+    each scrape's socket (up to MAX_SCRAPES a fork) until it exited. It holds none now."""
+    from pytclmilter.metrics import MAX_SCRAPES
+
+    script = tmp_path / "filter.tcl"
+    script.write_text(SCRIPT)
+    m = tclrun(script, "--workers", "2", "--metrics", "inet:0@127.0.0.1")
+    url = m.wait_for(METRICS, since=0).group(1)
+    m.wait_for("2 workers serving")
+    supervisor = m.child.pid
+    old = children_of(supervisor)
+    where = url.split("/")[2].split(":")
+    clients = [socket.create_connection((where[0], int(where[1])), timeout=5) for _ in range(MAX_SCRAPES)]
+    try:
+        for c in clients:
+            c.send(b"G")  # (a request begun: each holds a thread of the supervisor)
+        inodes = {scrape_inode(url, c) for c in clients}
+        assert inodes <= sockets_of(supervisor)
+        m.child.kill(signal.SIGUSR1)
+        m.wait_for("reload: loading generation 2 ")
+        deadline = time.monotonic() + 10
+        while len(children_of(supervisor) - old) < 2:
+            assert time.monotonic() < deadline, "no workers of generation 2"
+            time.sleep(0.02)
+        for new in children_of(supervisor) - old:
+            assert not inodes & sockets_of(new), new
+    finally:
+        for c in clients:
+            c.close()
     assert m.stop() == 0
 
 

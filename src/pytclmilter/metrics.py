@@ -31,6 +31,7 @@ import asyncio
 import errno
 import logging
 import mmap
+import os
 import socket
 import sys
 import threading
@@ -230,6 +231,9 @@ class _Server(ThreadingMixIn, WSGIServer):
         self._exhausted = Repeated(_WARN_EVERY, tell=_exhausted_told)  # accepts that failed for want of descriptors
         self._failed = Repeated(_WARN_EVERY, tell=_failed_told)  # scrapes whose handler raised, by the exception's type
         self._pause = threading.Event().wait  # (a test counts the waits)
+        #: The scrapes' connections from accept to close: a worker forked meanwhile closes its
+        #: copies (Exporter.forget). A set's add and discard are atomic: no lock a fork could strand.
+        self.scrapes: set[socket.socket] = set()
         # (4-tuple for IPv6: a link-local address's interface, fe80::1%eth0, kept: listener.py's bind)
         super().__init__(sockaddr(self.address_family, spec.host or "", spec.port), _Handler)
 
@@ -243,11 +247,18 @@ class _Server(ThreadingMixIn, WSGIServer):
         """socketserver returns quietly when this raises, and its loop calls again at once while
         the scrape waits in the queue: out of descriptors, wait a little and say so once a minute."""
         try:
-            return super().get_request()
+            request, client = super().get_request()
         except OSError as exc:
             if exc.errno in _EXHAUSTED:
                 self._cannot_accept(exc)
             raise
+        self.scrapes.add(request)
+        return request, client
+
+    def close_request(self, request: Any) -> None:
+        """(socketserver's one close of every request get_request gave, served or refused)"""
+        super().close_request(request)
+        self.scrapes.discard(request)
 
     def service_actions(self) -> None:
         """Each turn of serve_forever (every poll_interval): the counts of failures not logged one
@@ -387,5 +398,13 @@ class Exporter:
         tell_counts(ended_only=False)  # (a --workers supervisor's own: its workers tell theirs)
 
     def forget(self) -> None:
-        """In a forked worker: close this process's copy of the listening socket (no thread serves it here)."""
+        """In a forked worker: close this process's copies of the listening socket and of the
+        scrapes' connections (no thread serves them here; each copy lived as long as the worker).
+        A scrape's socket is detached before its descriptor is closed: were the object freed
+        later, it must not close that number again, which may be another file's by then."""
         self._server.socket.close()
+        for request in self._server.scrapes:
+            fd = request.detach()  # (-1: closed in the supervisor before the fork)
+            if fd >= 0:
+                os.close(fd)
+        self._server.scrapes.clear()
