@@ -1014,3 +1014,36 @@ def test_a_reloaded_away_worker_holds_its_running_callback_to_the_grace(tclrun, 
     run.wait_for(HELD, since=0)
     run.wait_for(GONE)
     assert run.stop() == 0
+
+
+def test_a_load_whose_time_runs_out_as_it_returns_closes_the_interpreter_it_made(monkeypatch) -> None:
+    """The Python limit's SIGALRM handler may raise in the few bytecodes between a load's return
+    and the limit's release: the interpreter the load made was then dropped unclosed, left to the
+    garbage collector (which the serving process's gc.freeze may keep from it). Now it is closed."""
+    from pytclmilter.commands import reloading
+    from pytclmilter.limits import CallbackTimeout, Limit
+
+    class TimesOutAsReleased(Limit):
+        """The limit's handler raising as the load's release is called (once: then inactive)."""
+        raised = False
+
+        def begin(self, seconds: float, now: float) -> bool:
+            return True
+
+        def stop(self) -> bool:
+            if not self.raised:
+                self.raised = True
+                raise CallbackTimeout("callback stopped after 1 s (call_timeout)")
+            return True
+
+    class Host:
+        closed = False
+
+        def close(self) -> None:
+            self.closed = True
+
+    host = Host()
+    monkeypatch.setattr(reloading, "PYTHON_LIMIT", TimesOutAsReleased())
+    with pytest.raises(CallbackTimeout):
+        reloading._held(lambda exited: host, reloading.ScriptExit(), 1.0)
+    assert host.closed

@@ -78,11 +78,11 @@ class PythonLimit(Limit):
         """False when the callback cannot be limited here: no limit, or not the main thread."""
         if not seconds or _get_ident() != self._main:
             return False
-        if self._watchdog is None:
-            self._start()
         self._seconds, self._started, self._active, self._late, self._why = seconds, now, True, False, ""
         self._held_by = ""
         self._raised = False
+        if self._watchdog is None:  # (after: its first wait is as long as this limit makes it)
+            self._start()
         return True
 
     def hold_to(self, by: float, why: str) -> None:

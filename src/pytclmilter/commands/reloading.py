@@ -220,13 +220,22 @@ def _held(load: Load, exited: ScriptExit, seconds: float) -> TclHost:
     """``load`` held to ``seconds`` by the Python limit (the --python files' import and setup).
     Its CallbackTimeout comes wherever the load is: in a file's code (its import, the look-up of
     its setup, its setup) as HooksFailed, in ours (making the interpreter) as it is. A stop holds
-    the limit to now (_AbandonedAtStop), so one at the very start of a load ends it in our part."""
+    the limit to now (_AbandonedAtStop), so one at the very start of a load ends it in our part.
+    It may also come after the load returned, before the release: the interpreter made is
+    closed then (a reload goes on serving: nothing else would free it)."""
     held = PYTHON_LIMIT.begin(seconds, time.monotonic())
+    host: TclHost | None = None
     try:
-        return load(exited)
-    finally:
+        host = load(exited)
         if held:
             PYTHON_LIMIT.stop()
+    except BaseException:
+        if held:  # (again when the CallbackTimeout came first: that left the limit inactive)
+            PYTHON_LIMIT.stop()
+        if host is not None:
+            host.close()
+        raise
+    return host
 
 
 def _stopped(seconds: float, generation: int) -> str:
