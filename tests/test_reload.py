@@ -304,6 +304,35 @@ def test_a_reload_asked_as_run_starts_does_not_kill_it(tclrun, tmp_path: Path, d
     assert run.stop() == 0
 
 
+def blocked(pid: int) -> set[int]:
+    """The signals ``pid``'s main thread blocks (/proc's SigBlk)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("SigBlk:"):
+            mask = int(line.split()[1], 16)
+            return {n for n in range(1, 65) if mask >> (n - 1) & 1}
+    return set()
+
+
+def test_sigusr1_and_sigusr2_as_run_starts_are_ignored_with_their_lines(tclrun, tmp_path: Path) -> None:
+    """SIGUSR2 as `run` starts met its default action until run's handler (some 0.3 s of
+    imports and logging later): exit 140, no line. Now it waits from the package's first line
+    on, as SIGUSR1 does (earlyreload.py), and each is then ignored with its line. Both sent as
+    soon as SIGUSR1 is seen blocked (that first line has run), before run's handlers."""
+    script = tmp_path / "stamp.tcl"
+    script.write_text(stamping("A"))
+    run = tclrun(script, wait=False)
+    deadline = time.monotonic() + 5
+    while signal.SIGUSR1 not in blocked(run.child.pid):
+        assert time.monotonic() < deadline, run.text
+        time.sleep(0.002)
+    run.child.kill(signal.SIGUSR2)
+    run.child.kill(signal.SIGUSR1)
+    run.wait_listening()
+    run.wait_for(r"WARNING: received SIGUSR2, which means nothing to this process", since=0)
+    run.wait_for(r"WARNING: received SIGUSR1 before the milter served: nothing to reload yet; ignored", since=0)
+    assert run.stop() == 0
+
+
 @pytest.mark.parametrize("workers", ["1", "2"])
 def test_a_reload_asked_while_the_milter_stops_is_not_done(tclrun, tmp_path: Path, workers: str) -> None:
     """It loaded a new interpreter, running the script's top-level code, for a milter that stops.

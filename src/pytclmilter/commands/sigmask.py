@@ -179,9 +179,11 @@ def unused_signal_ignored() -> None:
     SIG_IGN: a worker forked later inherits the disposition, and an ignored signal is discarded,
     though blocked, where its supervisor's SIGUSR2 must wait for its server's handler (768bbf9);
     what the script execs starts with the default action. The handler never runs in a worker:
-    SIGUSR2 is blocked there until its server's own handler replaces this one (server.py)."""
+    SIGUSR2 is blocked there until its server's own handler replaces this one (server.py).
+    Unblocked then: one held since the start (earlyreload.py) is taken now, with its line."""
     if threading.current_thread() is threading.main_thread():
         signal.signal(REPLACED, _unused)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, (REPLACED,))
 
 
 def _unused(signum: int, frame: FrameType | None) -> None:
