@@ -1947,6 +1947,24 @@ def test_counts_no_failure_came_to_carry_are_told_once_their_window_is_over_or_a
     assert said == [("boom 3", 3), ("boom 5", 1)]
 
 
+def test_counts_of_places_forgotten_to_make_room_wait_for_at_most_keep_labels() -> None:
+    """A place forgotten to make room keeps its count, by label, for the next tell_counts (about
+    a second). Distinct labels that each recur, faster than that or while nothing calls it (a
+    callback looping past the sweep), grew that store by one label each, without bound. At
+    `keep` labels waiting, they are told at once: none lost, none held past `keep`."""
+    now = [100.0]
+    said: list[tuple[str, int]] = []
+    repeated = logline.Repeated(60.0, keep=3, clock=lambda: now[0], tell=lambda _r, label, count: said.append((label, count)))
+    waiting = 0
+    for n in range(1000):
+        assert [repeated.due(f"place {n}"), repeated.due(f"place {n}")] == [0, None]
+        waiting = max(waiting, len(repeated._forgotten))
+    assert waiting <= 3
+    assert len(said) >= 1000 - 3 - 3, len(said)  # told as they came, not at the next tell_counts
+    logline.tell_counts(ended_only=False)
+    assert sorted(said) == sorted((f"place {n}", 1) for n in range(1000))
+
+
 def test_a_worker_forked_while_another_thread_counts_can_count() -> None:
     """A Repeated is counted in the metrics' threads too, under one lock. A --workers fork while
     such a thread held it left the worker's copy held forever: the worker hung at its first

@@ -144,7 +144,7 @@ class Repeated:
     a failure that stops (HAProxy fixed) had its last window's count never told. So a failure
     that lasts makes ``whole`` lines and a count a window. At most ``keep`` places are
     remembered; the count of one forgotten to make room is told all the same, by the next
-    :func:`tell_counts`. Thread-safe: a scrape's thread counts, the event loop's tells."""
+    :func:`tell_counts`, or at once when ``keep`` labels wait. Thread-safe: a scrape's thread counts, the event loop's tells."""
 
     __slots__ = ("seconds", "keep", "whole", "clock", "tell", "_places", "_forgotten")
 
@@ -165,6 +165,12 @@ class Repeated:
         the last line of ``place`` (0: log it whole, as the first). Its line is named by its
         message, not by a time: a time taken here may differ from the line's own by a second.
         ``label``: what ``tell`` calls the place (default: the place)."""
+        missed = self._due(place, label)
+        if len(self._forgotten) >= self.keep:  # (read unlocked: at worst told one due later)
+            self._tell_forgotten()
+        return missed
+
+    def _due(self, place: str, label: str) -> int | None:
         with _LOCK:
             now = self.clock()
             seen = self._places.pop(place, None)
@@ -193,8 +199,7 @@ class Repeated:
         a summary line each, for a failure that may not come again to carry its count."""
         with _LOCK:
             now = self.clock()
-            told = list(self._forgotten.items())
-            self._forgotten.clear()
+            told = self._take_forgotten()
             for place, (start, logged, counted, label) in list(self._places.items()):
                 if counted and (not ended_only or now - start >= self.seconds):
                     told.append((label or place, counted))
@@ -202,6 +207,22 @@ class Repeated:
             if not any(counted for _, _, counted, _ in self._places.values()):
                 _untold.discard(self)
             return told
+
+    def _take_forgotten(self) -> list[tuple[str, int]]:
+        told = list(self._forgotten.items())
+        self._forgotten.clear()
+        return told
+
+    def _tell_forgotten(self) -> None:
+        """The counts of ``keep`` labels forgotten to make room, told now rather than by the next
+        tell_counts: distinct labels that each recur (a script's error quoting a sender) grew
+        them one a label, without bound while nothing called it (a callback looping past the
+        sweep). Told outside the lock, as tell_counts tells."""
+        with _LOCK:
+            told = self._take_forgotten()
+        if self.tell is not None:
+            for label, count in told:
+                self.tell(self, label, count)
 
     def _make_room(self, now: float) -> None:
         if len(self._places) >= self.keep:
