@@ -9,8 +9,8 @@ Imported by the package right after cwdguard, with nothing but ``os``, ``sys`` a
 the package's own imports are most of that time. Only for the ``run`` program (the console
 script or ``python3 -m pytclmilter.cli``): ``try``, ``check`` and ``send``, and an application
 that imports the package, keep the mask they had (a blocked signal is inherited by what they
-exec). What Python does before the package is imported (its own start, some 20 ms on an idle
-machine, as long as ``python3 -c pass``) is beyond this. The stop signals are left to their
+exec). What Python does before the package is imported (its own start, 20-30 ms on an idle
+machine and up to 150 ms on a busy one, as long as ``python3 -c pass``) is beyond this. The stop signals are left to their
 default action meanwhile: a stop asked before anything serves ends the process, as asked.
 """
 
