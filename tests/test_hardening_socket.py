@@ -5,7 +5,8 @@ tests/test_engine_server.py covers a regular file and a live socket at the path 
 API; here: directories, FIFOs, symlinks (also to sockets), a socket replaced by a file while
 serving, two ``pytclmilter run`` on one path, modes with and without --user, the ownership of
 files a script writes from callbacks and timers after the privilege drop, and a process racing
-to swap the socket for a symlink to a root-owned file while the milter starts as root.
+to swap the socket for a symlink to a root-owned file while the milter starts as root; and
+safepath's checks of a path or socket that root opens by name (for ``--python`` files).
 """
 
 from __future__ import annotations
@@ -484,3 +485,53 @@ def test_a_relative_socket_path_too_long_from_the_current_directory_is_refused(t
     assert (f'connection "unix:{relative}": socket path longer than 106 bytes '
             f"from the current directory: {absolute}") in run.text
     assert not (tmp_path / relative).exists()
+
+
+# ---------------------------------------------------------------------------- a path opened by name as root
+# (what a --python file calls before a library opens a path as written: the greylist example's
+# store, tests/test_greylist_store.py, shows them through its outage lines)
+
+
+@ROOT_ONLY
+def test_a_path_root_opens_by_name_is_refused_in_a_directory_others_may_write_or_through_a_link(
+        tmp_path, monkeypatch):
+    """refuse_unsafe_path_as_root: a relative path is checked from the root, as the library's open
+    walks it; a link at a name made beside it (a suffix) is refused as at the name itself; a
+    directory that does not exist is the walk's own OSError, not a refusal."""
+    from pytclmilter.safepath import Untrusted, refuse_unsafe_path_as_root
+
+    (tmp_path / "roots").mkdir(mode=0o755)
+    (tmp_path / "roots" / "db-wal").symlink_to(tmp_path / "victim")
+    refuse_unsafe_path_as_root(str(tmp_path / "roots" / "db"))  # no suffix: the link is no name of it
+    with pytest.raises(Untrusted) as refused:
+        refuse_unsafe_path_as_root(str(tmp_path / "roots" / "db"), ("-shm", "-wal"))
+    assert refused.value.strerror == f"refusing to open it as root through the symbolic link {tmp_path}/roots/db-wal"
+    (tmp_path / "shared").mkdir()
+    (tmp_path / "shared").chmod(0o1777)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(Untrusted) as refused:
+        refuse_unsafe_path_as_root("shared/db")
+    assert refused.value.strerror == (f"refusing to open it as root in {tmp_path}/shared, which others may "
+                                      "write (run with --user, or give root the directory)")
+    with pytest.raises(FileNotFoundError):
+        refuse_unsafe_path_as_root("missing/db")
+
+
+@ROOT_ONLY
+def test_a_socket_root_connects_to_by_name_is_refused_in_another_users_directory_until_theirs_is_there(tmp_path):
+    """refuse_unsafe_socket_as_root: the socket's directory may be the socket owner's (/run/redis),
+    so with no socket there yet anyone's could appear: refused, saying so; a directory that cannot
+    be reached is an OSError naming it."""
+    from pytclmilter.safepath import Untrusted, refuse_unsafe_socket_as_root
+
+    nobody = pwd.getpwnam("nobody")
+    theirs = tmp_path / "theirs"
+    theirs.mkdir(mode=0o755)
+    os.chown(theirs, nobody.pw_uid, nobody.pw_gid)
+    with pytest.raises(Untrusted) as refused:
+        refuse_unsafe_socket_as_root(str(theirs / "redis.sock"))
+    assert refused.value.strerror == (f"refusing to connect to it as root in {theirs}, owned by uid "
+                                      f"{nobody.pw_uid}, not root (no socket there yet)")
+    with pytest.raises(FileNotFoundError) as unreachable:
+        refuse_unsafe_socket_as_root(str(tmp_path / "missing" / "redis.sock"))
+    assert unreachable.value.strerror == f"cannot reach its directory {tmp_path}/missing: No such file or directory"

@@ -13,6 +13,10 @@ socket and pid file into any directory.
 A file root runs (the script, a ``--python`` file) is opened by the same walk, every directory
 on the way and the file itself checked as it is opened (:func:`open_trusted`), as OpenSSH's
 StrictModes and Sendmail's safe-file checks do.
+
+A path root gives to a library that opens it by name (SQLite's file, redis-py's unix socket) is
+checked first by the same walk (:func:`refuse_unsafe_path_as_root`,
+:func:`refuse_unsafe_socket_as_root`): the library follows what the name holds by then.
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ import os
 import shlex
 import socket
 import stat
-from typing import Callable
+from typing import Callable, Iterable
 
 
 _DIR = os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC
@@ -70,11 +74,9 @@ def open_trusted(path: str) -> int:
     :func:`open_dir` (a link followed only where no one else could have made it) with each
     directory on the way and the file checked as it is opened (:func:`_owned_by_us`): Untrusted
     when another user could have changed any of them, and so what root runs; OSError otherwise."""
-    if not path.startswith("/"):
-        # From the root, as a reload names it: the walk from the current directory alone let a
-        # start accept what each reload then refused (a directory above it another user's).
-        path = os.path.join(os.getcwd(), path)
-    fd = _walk(path, _owned_and_linked_once(), _FILE)
+    # From the root, as a reload names it: the walk from the current directory alone let a
+    # start accept what each reload then refused (a directory above it another user's).
+    fd = _walk(_from_root(path), _owned_and_linked_once(), _FILE)
     try:
         mode = os.fstat(fd).st_mode
         if stat.S_ISDIR(mode):
@@ -197,6 +199,104 @@ def open_roots_dir(path: str) -> int:
     library opens again by path (SQLite, its -wal) reaches this very directory. Untrusted naming
     the first that another user could change (rename, or replace by a link)."""
     return _walk(path, _owned_by_us)
+
+
+def _from_root(path: str) -> str:
+    """``path`` from the root, its ``..`` left in, for :func:`_walk` to take as the kernel does:
+    after a link, from where the link points (os.path.abspath drops ``link/..`` as text, and a
+    check walked another way than the open: past another user's link in /tmp into their directory)."""
+    return path if path.startswith("/") else os.path.join(os.getcwd(), path)
+
+
+def refuse_unsafe_path_as_root(path: str, suffixes: Iterable[str] = ()) -> None:
+    """Untrusted unless root may open ``path`` by its name: for code that gives the path to a
+    library which opens it as written (SQLite; and the names it makes beside it, ``suffixes``:
+    "-wal"). Links are followed there, and the file opened again by its path later, so the
+    directory it is in and every one on the way must be root's (:func:`open_roots_dir`: a sticky
+    one, as /tmp, allowed on the way; a link followed only where no one else could have made it),
+    that directory writable by no group or others, and no name (with each suffix) a symbolic
+    link: a directory another user may rename could be a link to any directory by the open, and
+    a link at a name in one others may write could point at any file root may write. Not root
+    (``run --user`` dropped privileges): nothing to refuse, a link reaches only what that user
+    may write anyway. Any other OSError (no such directory) as the walk raised it."""
+    if os.geteuid() != 0:
+        return
+    where, name = os.path.split(_from_root(path))
+    dirfd = _roots_dir(where, where, _OPEN)
+    try:
+        if os.fstat(dirfd).st_mode & _OTHERS_WRITE:
+            raise _refused(_OPEN, f"in {where}, which others may write (run with --user, or give root the directory)")
+        for entry in (name, *(name + suffix for suffix in suffixes)):
+            found = lstat_at(dirfd, entry)
+            if found is not None and stat.S_ISLNK(found.st_mode):
+                raise _refused(_OPEN, f"through the symbolic link {os.path.join(os.path.dirname(path), entry)}")
+    finally:
+        os.close(dirfd)
+
+
+def refuse_unsafe_socket_as_root(path: str) -> None:
+    """Untrusted unless root may connect to the unix socket ``path`` by its name (a client library
+    connects by the path: redis-py): a name another user could change (a directory of theirs on
+    the way, or one others may write) could be their own socket by then, a fake server. So every
+    directory above the socket's must be root's, as for :func:`refuse_unsafe_path_as_root`; the
+    socket's own directory may be its owner's too (/run/redis is redis's, who runs the server
+    anyway), but writable by no group or others; and neither its name nor the socket's may be a
+    symbolic link (the library would follow it, into a directory not checked). OSError
+    "cannot reach its directory ..." when the walk to it fails; nothing to refuse when not root."""
+    if os.geteuid() != 0:
+        return
+    where, name = os.path.split(_from_root(path))
+    dirfd = _sockets_dir(where)
+    try:
+        directory, sock = os.fstat(dirfd), lstat_at(dirfd, name)
+    finally:
+        os.close(dirfd)
+    _refuse_socket_link(sock, os.path.join(where, name))
+    if directory.st_mode & _OTHERS_WRITE:
+        raise _refused(_CONNECT, f"in {where}, which others may write (chmod go-w {where}, or run with --user)")
+    if directory.st_uid not in (0, None if sock is None else sock.st_uid):  # (none there: anyone's to make)
+        owner = "no socket there yet" if sock is None else f"the socket's owner is uid {sock.st_uid}"
+        raise _refused(_CONNECT, f"in {where}, owned by uid {directory.st_uid}, not root ({owner})")
+
+
+_OPEN, _CONNECT = "open it", "connect to it"
+
+
+def _refused(doing: str, why: str) -> Untrusted:
+    return Untrusted(errno.EPERM, f"refusing to {doing} as root {why}")
+
+
+def _roots_dir(path: str, where: str, doing: str) -> int:
+    """:func:`open_roots_dir`, its refusal said as one to do ``doing`` in ``where``."""
+    try:
+        return open_roots_dir(path)
+    except Untrusted as exc:
+        raise _refused(doing, f"in {where}: {exc.strerror}") from None
+
+
+def _sockets_dir(where: str) -> int:
+    """A descriptor of the socket's directory ``where`` (close it): root's directories up to it, and
+    no link at its name (O_NOFOLLOW alone said "Not a directory" there)."""
+    above, last = os.path.split(where)
+    try:
+        fd = _roots_dir(above, where, _CONNECT)
+        try:
+            if not last:
+                return os.dup(fd)
+            _refuse_socket_link(lstat_at(fd, last), where)
+            return os.open(last, _DIR | os.O_NOFOLLOW, dir_fd=fd)
+        finally:
+            os.close(fd)
+    except Untrusted:
+        raise
+    except OSError as exc:
+        raise OSError(exc.errno, f"cannot reach its directory {where}: {exc.strerror}") from None
+
+
+def _refuse_socket_link(found: os.stat_result | None, link: str) -> None:
+    """Untrusted if ``found`` (an lstat) is a symbolic link."""
+    if found is not None and stat.S_ISLNK(found.st_mode):
+        raise _refused(_CONNECT, f"through the symbolic link {link} (name the socket itself, or run with --user)")
 
 
 def read_trusted(path: str) -> bytes:

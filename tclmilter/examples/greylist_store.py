@@ -19,7 +19,9 @@ reached, and the two back ends, chosen by -store:
   the ``redis`` package (``pip install redis``), imported only when Redis is chosen.
 
 The store is opened at the first check, not when the script loads: by then ``run --user`` has
-dropped root's privileges and ``--workers`` have forked (each opens its own connection).
+dropped root's privileges and ``--workers`` have forked (each opens its own connection). Still
+root (no ``--user``), it opens the file or the socket only where pytclmilter.safepath's checks
+for a path opened by name allow (docs/python-api.md, "Opening a path by name as root").
 
 A store that cannot be reached (Redis down, the SQLite file locked past 0.5 s or unwritable)
 answers ``unavailable`` (-unavailable tempfail, the default: the script refuses the recipient
@@ -65,7 +67,7 @@ from urllib.parse import SplitResult, parse_qsl, urlencode, urlsplit, urlunsplit
 
 try:
     from pytclmilter.logline import Repeated, escape
-    from pytclmilter.safepath import Untrusted, lstat_at, open_roots_dir
+    from pytclmilter.safepath import Untrusted, refuse_unsafe_path_as_root, refuse_unsafe_socket_as_root
 except ImportError as exc:  # `import` run by a python3 other than pytclmilter's: say which one, not a traceback
     if __name__ != "__main__":
         raise
@@ -86,6 +88,8 @@ REDIS_PREFIX = b"greylist:"
 DEFAULT_MAX_AGE = 3024000.0  # 35 days
 #: The longest -maxage: Redis's EXPIRE refuses past about 9.2e15 s, at every check; none needs more.
 MAX_AGE_LIMIT = 3153600000.0  # 100 years
+#: The files SQLite makes beside the database (and opens by their paths, as the database).
+SQLITE_SIDE_FILES = ("-wal", "-shm", "-journal")
 OUTAGE_LINES_EVERY = 60.0  # seconds: an outage that starts sooner after the last one logged is counted, not logged
 
 
@@ -262,7 +266,10 @@ class SqliteStore:
         if self._db is not None and self._pid == os.getpid():
             return self._db
         # (a connection from before a fork is the parent's: SQLite forbids using it; left alone)
-        _refuse_unsafe_as_root(self.path)
+        try:  # as root: SQLite follows links, and opens the file and makes its -wal... by their paths
+            refuse_unsafe_path_as_root(self.path, SQLITE_SIDE_FILES)
+        except Untrusted as exc:
+            raise StoreError(exc.strerror) from None
         self._tell_others_read(_create_private(self.path))
         db = sqlite3.connect(self.path, timeout=SQLITE_BUSY_TIMEOUT, isolation_level=None)
         try:
@@ -336,7 +343,7 @@ def _create_private(path: str) -> int | None:
     SQLite makes it 0644 (less the umask): a list of who mails whom, readable by every local
     user. Its -wal, -shm and -journal take the database file's mode (SQLite's rule, os_unix.c),
     so they are private too. O_EXCL: a name that exists, a link too, is never opened here, and
-    never replaced; SQLite opens what is there (as root, no link: _refuse_unsafe_as_root). A
+    never replaced; SQLite opens what is there (as root, no link: refuse_unsafe_path_as_root). A
     link to where the file is to be (the --user's: it reaches what that user may write) is
     followed to make it there, as SQLite would.
     """
@@ -362,94 +369,6 @@ def _kind(mode: int) -> str:
         if test(mode):
             return name
     return "a special file"
-
-
-def _refuse_unsafe_as_root(path: str) -> None:
-    """As root, open the file only in a directory no one else can write, and never through a link.
-
-    SQLite follows links and creates PATH-wal and PATH-shm beside PATH: in a directory others may
-    write, they could point one of those names at any file root may write. The directory itself
-    is the admin's choice, but it and every directory on the way must be root's (a sticky one, as
-    /tmp, allowed on the way; a link followed only where no one else could have made it):
-    SQLite opens the file again by its path, as it makes the -wal and -shm, and one directory on
-    the way that another user may rename (theirs, or writable by others) could be a link to any
-    directory by then, where root would make and write the database.
-    After ``run --user`` dropped privileges none of this applies: a link then reaches only what
-    that user may write anyway.
-    """
-    if os.geteuid() != 0:
-        return
-    where, name = os.path.split(_as_the_kernel_walks(path))
-    try:
-        dirfd = open_roots_dir(where)  # the project's root-time helpers (safepath)
-    except Untrusted as exc:
-        raise StoreError(f"refusing to open it as root in {where}: {exc.strerror}") from None
-    try:
-        if os.fstat(dirfd).st_mode & (stat.S_IWGRP | stat.S_IWOTH):
-            raise StoreError(f"refusing to open it as root in {where}, "
-                             "which others may write (run with --user, or give root the directory)")
-        for entry in (name, name + "-wal", name + "-shm", name + "-journal"):
-            found = lstat_at(dirfd, entry)
-            if found is not None and stat.S_ISLNK(found.st_mode):
-                raise StoreError(f"refusing to open it as root through the symbolic link "
-                                 f"{os.path.join(os.path.dirname(path), entry)}")
-    finally:
-        os.close(dirfd)
-
-
-def _as_the_kernel_walks(path: str) -> str:
-    """``path`` from the root, its ``..`` left in: SQLite and redis-py open it as written, and
-    the kernel takes a ``..`` after a link from where the link points (os.path.abspath drops
-    ``link/..`` as text, and the checks walked another way than the open: past another user's
-    link in /tmp into a directory of theirs). The walk (safepath) takes ``..`` as the kernel does."""
-    return path if path.startswith("/") else os.path.join(os.getcwd(), path)
-
-
-def _refuse_unsafe_socket_as_root(path: str) -> None:
-    """As root, connect to Redis's unix socket only where no one but root and Redis could have put it.
-
-    redis-py connects by the path: a name another user could change (a directory of theirs on
-    the way, or one others may write) could be their own socket by then, a fake Redis that
-    greylists nothing. So every directory above the socket's must be root's, as for the SQLite
-    file (_refuse_unsafe_as_root); the socket's own directory may be its owner's too (/run/redis
-    is redis's), the one who runs the server anyway, but writable by no group or others.
-    After ``run --user`` dropped privileges none of this applies."""
-    if os.geteuid() != 0:
-        return
-    where, name = os.path.split(_as_the_kernel_walks(path))
-    above, last = os.path.split(where)
-    try:
-        fd = open_roots_dir(above)
-        try:
-            _refuse_link(lstat_at(fd, last) if last else None, where)
-            flags = os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
-            dirfd = os.open(last, flags, dir_fd=fd) if last else os.dup(fd)
-        finally:
-            os.close(fd)
-    except Untrusted as exc:
-        raise StoreError(f"refusing to connect to it as root in {where}: {exc.strerror}") from None
-    except OSError as exc:
-        raise StoreError(f"cannot reach its directory {where}: {exc.strerror}") from None
-    try:
-        directory, sock = os.fstat(dirfd), lstat_at(dirfd, name)
-    finally:
-        os.close(dirfd)
-    _refuse_link(sock, os.path.join(where, name))
-    if directory.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
-        raise StoreError(f"refusing to connect to it as root in {where}, which others may write "
-                         f"(chmod go-w {where}, or run with --user)")
-    if directory.st_uid not in (0, None if sock is None else sock.st_uid):  # (none there: anyone's to make)
-        owner = "no socket there yet" if sock is None else f"the socket's owner is uid {sock.st_uid}"
-        raise StoreError(f"refusing to connect to it as root in {where}, owned by uid {directory.st_uid}, "
-                         f"not root ({owner})")
-
-
-def _refuse_link(found: os.stat_result | None, link: str) -> None:
-    """StoreError if ``found`` (an lstat) is a symbolic link: redis-py would follow it, into a
-    directory not checked (at the socket's directory's name, O_NOFOLLOW said "Not a directory")."""
-    if found is not None and stat.S_ISLNK(found.st_mode):
-        raise StoreError(f"refusing to connect to it as root through the symbolic link {link} "
-                         "(name the socket itself, or run with --user)")
 
 
 # The sighting, in Redis: one script runs atomically, so two hosts recording the same new triplet
@@ -641,7 +560,10 @@ def _bounded_connection(base: Any, deadline: _Deadline) -> type:
 
     def _connect(self: Any) -> _BoundedSocket:
         if isinstance(getattr(self, "path", None), str):  # (a unix socket's connection)
-            _refuse_unsafe_socket_as_root(self.path)
+            try:  # as root, only a socket no other user could have put there (redis-py connects by the path)
+                refuse_unsafe_socket_as_root(self.path)
+            except OSError as exc:  # (not redis-py's to word as a connection error)
+                raise StoreError(exc.strerror) from None
         return _BoundedSocket(base._connect(self), deadline)
 
     return type(f"Bounded{base.__name__}", (base,), {"_connect": _connect})
