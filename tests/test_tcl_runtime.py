@@ -950,3 +950,42 @@ def test_after_events_that_keep_growing_are_told_once_then_when_they_double(tclr
     assert m.stop() == 0
     assert len(re.findall(told, m.text)) == 2, m.text
     assert "`after cancel`" in m.text and "threads of the Thread package" not in m.text, m.text
+
+
+#: In the script's interpreter: ::listed counts the `after info` that list every pending event.
+COUNT_AFTER_INFO = r"""
+set ::listed 0
+proc listed {command op} { if {[lrange $command 1 end] eq "info"} { incr ::listed } }
+trace add execution after enter listed
+"""
+
+
+def test_the_idle_check_does_not_list_the_pending_after_events_at_every_tick(tcl_host, monkeypatch) -> None:
+    """The tick asked `quiet` every 20 ms, and `quiet` lists every pending `after` event (Tcl 8.6
+    has no cheaper way to know there is one): 33 ms of CPU a tick at 100 000 events, more than
+    the tick. Now a tick that found something pending polls for a while (RECHECK_AFTER) without
+    asking again; a quiet script is asked at every tick, so its first timer fires at the next."""
+    from pytclmilter.tcl import interp
+
+    monkeypatch.setattr(interp, "RECHECK_AFTER", 0.25)
+    host = tcl_host
+    host.child_call("eval", COUNT_AFTER_INFO)
+
+    def ticks(count: int) -> int:
+        """`after info` listings over ``count`` ticks."""
+        host.child_call("set", "::listed", 0)
+        for _ in range(count):
+            host.service_events()
+        return int(host.child_call("set", "::listed"))
+
+    assert ticks(5) == 5  # quiet: asked at every tick
+    host.child_call("after", 0, "set ::fired first")
+    host.service_events()
+    assert host.child_call("set", "::fired") == "first"  # the quiet script's first timer, at the next tick
+    host.child_call("eval", "for {set i 0} {$i < 500} {incr i} { after 3600000 {} }")
+    host.child_call("after", 0, "set ::fired second")
+    assert ticks(20) <= 2  # (one more on a machine that stalls past RECHECK_AFTER): was 20
+    assert host.child_call("set", "::fired") == "second"  # and a due one still fires within a tick
+    host.child_call("eval", "foreach id [after info] { after cancel $id }")
+    time.sleep(0.25)
+    assert ticks(5) == 5  # quiet again: asked at every tick, nothing polled

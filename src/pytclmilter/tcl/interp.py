@@ -48,6 +48,14 @@ log: Final = logging.getLogger("pytclmilter")
 _DONT_WAIT: Final = _tkinter.DONT_WAIT
 _ALL_EVENTS: Final = _tkinter.ALL_EVENTS
 _IDLE_EVENTS: Final = _tkinter.IDLE_EVENTS
+#: Seconds a tick that found something pending polls Tcl on, tick after tick, before `quiet` is
+#: asked again. Tcl 8.6 can tell whether an `after` event is pending only by listing them all
+#: (`after info`): O(n), 33 ms of CPU at 100 000 events, more than the 20 ms between ticks, where
+#: a poll with nothing due costs microseconds. Asked every tick, that filled a CPU.
+RECHECK_AFTER = 1.0
+#: And for at least this many times the CPU the last `quiet` took: at most 1 % of a CPU whatever
+#: the number of events (3.3 s at 100 000).
+RECHECK_SHARE = 100.0
 #: What a handler that Tcl refused to run, in the pass whose earlier handler the limit stopped,
 #: is logged as (Tcl gives it no message: the interpreter runs nothing until the limit is reset).
 _NOT_RUN: Final = ("not run: a handler due with it was stopped at the time limit (-calltimeout), and Tcl "
@@ -140,6 +148,8 @@ class TclHost:
         self._handler_stopped = False
         #: The script's pending `after` events and threads, told when they grow past any need.
         self.growth = growth.Growth()
+        #: Until when (time.monotonic) ticks poll Tcl without asking `quiet` (RECHECK_AFTER).
+        self._polling_until = 0.0
         self.command = MilterCommand(self, self.milter)
         self._register("::tclmilter::py::milter", self.command)
         self._register("::tclmilter::py::context", self._context)
@@ -379,7 +389,7 @@ class TclHost:
         if self.limit.exceeded:  # a handler was stopped: until reset, the interpreter runs nothing
             self.limit.reset()
             self._report_errors()
-        if self.tk.call("::tclmilter::py::quiet", self.CHILD, 1 if _THREAD_HOME else 0) in (1, "1"):
+        if self._quiet():
             return
         if self.growth.due():  # (quiet: no `after` event, no other thread, nothing to count)
             self.growth.counted(int(self.tk.call("::tclmilter::py::after_count", self.CHILD)), self.thread_count() - 1)
@@ -395,6 +405,23 @@ class TclHost:
             self.limit.done()
             # A Python command stopped in a handler: Tcl reported it (bgerror), no callback will.
             self.pycommands.stopped = ""
+
+    def _quiet(self) -> bool:
+        """Whether the script has nothing that could produce an event (prelude.py's `quiet`).
+
+        Once it had something, the next ticks poll without asking for RECHECK_AFTER seconds or
+        RECHECK_SHARE times what asking cost: a poll is all that `quiet` could save, and asking
+        lists every pending `after` event. A quiet script is asked at every tick, so the first
+        event it schedules fires at the next one.
+        """
+        now = time.monotonic()
+        if now < self._polling_until:
+            return False
+        spent = time.thread_time()
+        if self.tk.call("::tclmilter::py::quiet", self.CHILD, 1 if _THREAD_HOME else 0) in (1, "1"):
+            return True
+        self._polling_until = now + max(RECHECK_AFTER, RECHECK_SHARE * (time.thread_time() - spent))
+        return False
 
     def _report_errors(self) -> None:
         """Run the idle handlers, Tcl's reports of background errors among them, before any

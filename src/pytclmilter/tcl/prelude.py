@@ -18,8 +18,9 @@ proc exit {{returnCode 0}} {
 
 # 1 when no Tcl event can be pending: no `after` timer in either interpreter, no channel but the
 # standard three and no file event handler on these (`watched`), no second thread (so no
-# thread::send). See TclHost.service_events. (Counting channels was not enough: a daemon's `close stdin`
-# left a script's server socket the third channel, and its connections were never accepted.)
+# thread::send). See TclHost.service_events: asked at every tick only while it answers 1
+# (TclHost._quiet). (Counting channels was not enough: a daemon's `close stdin` left a script's
+# server socket the third channel, and its connections were never accepted.)
 # `threads`: 1 once a script's interpreter has run a thread:: command (TclHost.thread_home);
 # before, thread::names here would make this interpreter the one Thread sends this thread's
 # scripts to.
