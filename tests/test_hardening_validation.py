@@ -142,6 +142,9 @@ INVALID = {
     # libmilter sends these; Postfix and Sendmail pass them on to the SMTP client as they are
     "escape-in-reply": (lambda c: c.setreply("550", None, "a\x1bb"), ["other control characters (\\x1b)"]),
     "del-in-ml-reply": (lambda c: c.setmlreply("550", None, "ok", "b\x7f"), ["other control characters (\\x7f)"]),
+    # C1 controls too: a terminal acts on U+009B (CSI) as on ESC [, and U+0085 is a line break to some
+    "c1-csi-in-reply": (lambda c: c.setreply("550", None, "a\x9b31mb"), ["other control characters (\\u009b)"]),
+    "c1-nel-in-ml-reply": (lambda c: c.setmlreply("550", None, "ok", "b\x85c"), ["other control characters (\\u0085)"]),
 }
 
 VALID = {
@@ -155,6 +158,7 @@ VALID = {
     "ml-percent": (lambda c: c.setmlreply("450", None, "a %% b"), "450 4.0.0 a %% b"),
     "980-bytes-of-utf8": (lambda c: c.setreply("550", "5.7.1", "€" * 326 + "xx"), "550 5.7.1 " + "€" * 326 + "xx"),
     "tab-in-reply": (lambda c: c.setreply("550", None, "a\tb"), "550 a\tb"),  # RFC 5321's reply text allows it
+    "utf8-next-to-c1-in-reply": (lambda c: c.setreply("550", None, "\xa0d\xe9j\xe0 \u20ac"), "550 \xa0d\xe9j\xe0 \u20ac"),
     # after an extended code the text is free; a text may open with the extended code itself
     "digit-after-xcode": (lambda c: c.setreply("550", "5.7.1", "4 apples left"), "550 5.7.1 4 apples left"),
     "xcode-in-text": (lambda c: c.setreply("550", None, "5.7.1 go away"), "550 5.7.1 go away"),

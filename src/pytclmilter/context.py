@@ -34,8 +34,11 @@ _LEADING_XCODE: Final = re.compile(r"([245]\.[0-9]{1,3}\.[0-9]{1,3})(?: |\Z)")
 #: libmilter has no length limit of its own for a name (smfi_header in smfi.c checks only that it
 #: is not empty): the whole packet must fit, as for every modification (see Context._granted).
 _HEADER_NAME: Final = re.compile(r"[\x21-\x39\x3b-\x7e]+\Z")
-#: In a header value or a reply text: any C0 control but tab, and DEL (in a header, LF may fold a line).
+#: In a header value: any C0 control but tab, and DEL (LF is allowed only to fold a line).
 _VALUE_CONTROL: Final = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
+#: In a reply text: those, and the C1 controls, which reach the SMTP client's terminal as they are
+#: (U+009B is ESC [ to a terminal that takes C1 in UTF-8, as xterm does; U+0085 is a line break to some).
+_REPLY_CONTROL: Final = re.compile(r"[\x00-\x08\x0a-\x1f\x7f-\x9f]")
 _FOLD: Final = re.compile(r"\r?\n(?=[ \t])")
 #: What must not be left once folds are LF + white space: a control but tab, or an LF that does not fold.
 _NOT_FOLDING: Final = re.compile(r"[\x00-\x08\x0b-\x1f\x7f]|\n(?![ \t])")
@@ -249,11 +252,11 @@ def check_args(args: str | None) -> str | None:
 def _reply_line(text: str) -> str:
     """One line of reply text as it may go out. Postfix 3.7 and Sendmail 8.17 pass a control
     character in it on to the SMTP client as it is (an ESC reaches the client's terminal and
-    logs), so any but the tab RFC 5321 allows is refused, not only the CR, LF and NUL libmilter
-    refuses."""
+    logs), so any but the tab RFC 5321 allows is refused (C1's too), not only the CR, LF and NUL
+    libmilter refuses."""
     if wire_size(text) > MAX_REPLY_LINE:
         raise MilterError(f"reply text longer than {MAX_REPLY_LINE} bytes")
-    bad = _VALUE_CONTROL.search(text)
+    bad = _REPLY_CONTROL.search(text)
     if bad is not None:
         raise MilterError("reply text must not contain CR, LF, NUL or other control characters "
                           f"({escape(bad.group())})")
