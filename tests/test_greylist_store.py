@@ -29,6 +29,8 @@ from typing import Any, Callable, Iterator
 
 import pytest
 
+from pytclmilter import logline
+
 from support.loopback import LoopbackServer
 from support.postfix import free_port
 from support.redis import RedisServer
@@ -418,6 +420,32 @@ def test_an_outage_under_way_without_a_line_is_told_as_the_store_is_closed(redis
     assert [r.getMessage().partition(": ")[2] for r in caplog.records[2:]] == [
         "1 more outages since the last line about it, 2 recipients answered tempfail in them, the last one "
         "still under way (told as the store is closed)"]
+
+
+def test_an_outage_under_way_after_its_line_is_told_at_an_end_and_as_the_store_is_closed(
+        redis_server: RedisServer, caplog: Any) -> None:
+    """A reload (or another -store) drops the Greylist, or the process ends, while an outage that
+    had its line is under way: its "is back" line, which tells how many recipients it answered,
+    never comes, so those recipients were said nowhere. At an end with no atexit (a worker's
+    os._exit) logline's end hook tells them; a close after it only what came since."""
+    store = load_store_module()
+    greylist = store.Greylist(store.Settings(store=redis_server.url, delay=0, retry=0))
+    redis_server.command("CONFIG", "SET", "maxmemory", "1")
+    caplog.set_level("WARNING", logger="pytclmilter.greylist")
+    try:
+        assert [greylist.check("192.0.2.1", f"s{n}@example.org", "r@example.com") for n in range(2)] == [
+            "unavailable"] * 2
+        assert len(caplog.records) == 1  # its line
+        logline.tell_counts(ended_only=False)
+        logline.tell_counts(ended_only=False)
+        assert greylist.check("192.0.2.1", "s2@example.org", "r@example.com") == "unavailable"
+    finally:
+        redis_server.command("CONFIG", "SET", "maxmemory", "0")
+    del greylist
+    gc.collect()
+    assert [r.getMessage().partition(": ")[2] for r in caplog.records[1:]] == [
+        "still unavailable, 2 recipients answered tempfail since the last line about it (told as the milter stops)",
+        "still unavailable, 1 recipients answered tempfail since the last line about it (told as the store is closed)"]
 
 
 @pytest.mark.parametrize("answer, mode", [(b"*2\r\n$3\r\nabc\r\n$3\r\nxyz\r\n", "tempfail"), (b":1\r\n", "accept")])

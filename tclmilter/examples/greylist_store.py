@@ -713,7 +713,8 @@ class _Outages:
     lines every -retry seconds, per process: an outage that starts within OUTAGE_LINES_EVERY of
     the last line is counted instead, both its lines, and the count told by the next line, or
     the first check the store answers once the minute is over, or as the store is closed, or at
-    an end with no atexit; an outage under way without a line is in the count. A counted one
+    an end with no atexit; an outage under way without a line is in the count, and one under way
+    with its line has its recipients told then (its "is back" line never comes). A counted one
     that lasts past the minute gets its line then. Holds nothing of the Greylist, which the
     finalizer and logline's end hook outlive.
     """
@@ -722,6 +723,7 @@ class _Outages:
         self.where = where  # the store's spec, for the lines
         self.since: float | None = None  # clock() when the outage under way began
         self.answered = 0  # recipients answered without the store in it
+        self.answered_told = 0  # of those, the ones a line told while it went on (tell)
         self.told = False  # it has had its line
         self.answer = "tempfail"  # how they were answered (Greylist._answer)
         self.untold = self.untold_answered = 0  # outages ended without a line since the last one, their recipients
@@ -735,9 +737,10 @@ class _Outages:
     def failed(self, now: float, reason: str, answer: str, retry: float) -> None:
         """A try failed: an outage starts or goes on; its line, unless one came within the minute."""
         if self.since is None:
-            self.since, self.answered, self.told = now, 0, False
+            self.since, self.answered, self.answered_told, self.told = now, 0, 0, False
         self.answer = answer
         if self.told:
+            self._at_end.due(self.where)  # (its recipients: an end with no "is back" line tells them)
             return
         if now < self.quiet_until:
             self._at_end.due(self.where)  # (counted: an end tells it)
@@ -768,15 +771,21 @@ class _Outages:
         self.since = None
 
     def tell(self, why: str) -> None:
-        """The line of the outages no line told, the one under way included (``why``: when)."""
+        """The line of the outages no line told, the one under way included (``why``: when); or,
+        for one under way that had its line, of the recipients since: its "is back" line, which
+        would tell them, does not come if the store is closed or the process ends first."""
         under_way = self.since is not None and not self.told
         if self.untold or under_way:
             log.warning("greylist store %s: %d more outages since the last line about it, %d recipients answered "
                         "%s in them%s (%s)", escape(self.where), self.untold + under_way,
                         self.untold_answered + (self.answered if under_way else 0), self.answer,
                         ", the last one still under way" if under_way else "", why)
+        elif self.since is not None and self.answered > self.answered_told:
+            log.warning("greylist store %s: still unavailable, %d recipients answered %s since the last line about "
+                        "it (%s)", escape(self.where), self.answered - self.answered_told, self.answer, why)
         self.untold = self.untold_answered = 0
         self.told = self.since is not None  # (the end of the one under way: its own line)
+        self.answered_told = self.answered
 
     def closing(self) -> None:
         """The store is closed: what no line told is told now, and nothing is left for an end."""
