@@ -535,3 +535,31 @@ def test_a_socket_root_connects_to_by_name_is_refused_in_another_users_directory
     with pytest.raises(FileNotFoundError) as unreachable:
         refuse_unsafe_socket_as_root(str(tmp_path / "missing" / "redis.sock"))
     assert unreachable.value.strerror == f"cannot reach its directory {tmp_path}/missing: No such file or directory"
+
+
+@ROOT_ONLY
+def test_a_socket_named_with_dot_or_repeated_slashes_is_checked_as_without_them(tmp_path):
+    """refuse_unsafe_socket_as_root: ``/run/redis/./redis.sock`` is the socket ``/run/redis/redis.sock``
+    is (the check wanted root's ``/run/redis`` above a ``.``); ``..`` keeps its rule: the
+    directory it is walked from must be root's."""
+    from pytclmilter.safepath import Untrusted, refuse_unsafe_socket_as_root
+
+    nobody = pwd.getpwnam("nobody")
+    theirs = tmp_path / "theirs"
+    (theirs / "sub").mkdir(mode=0o755, parents=True)
+    for directory in (theirs, theirs / "sub"):
+        os.chown(directory, nobody.pw_uid, nobody.pw_gid)
+    with socket.socket(socket.AF_UNIX) as server:
+        server.bind(str(theirs / "redis.sock"))
+        os.chown(theirs / "redis.sock", nobody.pw_uid, nobody.pw_gid)
+        for path in (f"{theirs}/redis.sock", f"{theirs}/./redis.sock", f"{theirs}//redis.sock",
+                     f"{tmp_path}//theirs/.//./redis.sock"):
+            refuse_unsafe_socket_as_root(path)
+        with pytest.raises(Untrusted) as refused:
+            refuse_unsafe_socket_as_root(f"{theirs}/sub/../redis.sock")
+        assert refused.value.strerror.startswith(f"refusing to connect to it as root in {theirs}/sub/..: ")
+    (theirs / "redis.sock").unlink()
+    with pytest.raises(Untrusted) as refused:
+        refuse_unsafe_socket_as_root(f"{theirs}/./redis.sock")
+    assert refused.value.strerror == (f"refusing to connect to it as root in {theirs}, owned by uid "
+                                      f"{nobody.pw_uid}, not root (no socket there yet)")

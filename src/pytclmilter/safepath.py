@@ -208,6 +208,15 @@ def _from_root(path: str) -> str:
     return path if path.startswith("/") else os.path.join(os.getcwd(), path)
 
 
+def _dir_and_name(path: str) -> tuple[str, str]:
+    """The directory ``path`` is in, from the root, and its name. The directory without its ``.``
+    and empty names, which name the same directory: a socket at ``/run/redis/./redis.sock`` is in
+    ``/run/redis``, not in a ``.`` whose directory above (``/run/redis``) must be root's. Its
+    ``..`` stay: the kernel walks ``link/..`` from where the link points (:func:`_from_root`)."""
+    where, name = os.path.split(_from_root(path))
+    return "/" + "/".join(part for part in where.split("/") if part not in ("", ".")), name
+
+
 def refuse_unsafe_path_as_root(path: str, suffixes: Iterable[str] = ()) -> None:
     """Untrusted unless root may open ``path`` by its name: for code that gives the path to a
     library which opens it as written (SQLite; and the names it makes beside it, ``suffixes``:
@@ -221,7 +230,7 @@ def refuse_unsafe_path_as_root(path: str, suffixes: Iterable[str] = ()) -> None:
     may write anyway. Any other OSError (no such directory) as the walk raised it."""
     if os.geteuid() != 0:
         return
-    where, name = os.path.split(_from_root(path))
+    where, name = _dir_and_name(path)
     dirfd = _roots_dir(where, where, _OPEN)
     try:
         if os.fstat(dirfd).st_mode & _OTHERS_WRITE:
@@ -245,7 +254,7 @@ def refuse_unsafe_socket_as_root(path: str) -> None:
     "cannot reach its directory ..." when the walk to it fails; nothing to refuse when not root."""
     if os.geteuid() != 0:
         return
-    where, name = os.path.split(_from_root(path))
+    where, name = _dir_and_name(path)
     dirfd = _sockets_dir(where)
     try:
         directory, sock = os.fstat(dirfd), lstat_at(dirfd, name)
