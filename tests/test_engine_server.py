@@ -771,6 +771,27 @@ def test_a_zone_on_an_address_that_is_not_link_local_is_refused_saying_why(host,
                                f"{addr}, so it would not limit the socket to that interface: write inet6:8891@{addr}")
 
 
+@pytest.mark.parametrize("host, said", [
+    ("::1%", '"::1%": an empty zone (%) is only meaningful on a link-local address (fe80::/10); Linux ignores '
+             "it on ::1, so it would not limit the socket to that interface: write inet6:8891@::1"),
+    ("[::1%]", '"::1%": an empty zone (%) is only meaningful'),
+    ("fe80::1%", '"fe80::1%" is a link-local address, which means nothing without its interface: name it, as in '
+                 "inet6:8891@fe80::1%"),
+    ("[fe80::1%]", '"fe80::1%" is a link-local address, which means nothing without its interface'),
+    ("[::ffff:224.0.0.1%lo]", '"::ffff:224.0.0.1%lo" (::ffff:224.0.0.1) is a multicast address: no MTA can '
+                              "connect to it (TCP connects to one host's address)"),
+    ("ff05::1%lo", '"ff05::1%lo" (ff05::1) is a multicast address'),
+    ("[ff05::1%]", '"ff05::1%" (ff05::1) is a multicast address'),
+])
+def test_an_empty_zone_or_a_zone_on_a_multicast_address_is_refused_saying_why(host, said):
+    """An empty zone said `cannot resolve "::1%"` (bracketed: "not an inet6 address"), and a
+    multicast address with a zone "not an inet6 address": the zone's and the multicast
+    address's own refusals say why."""
+    with pytest.raises(ConnSpecError) as info:
+        parse(f"inet6:8891@{host}")
+    assert str(info.value).startswith(f'connection "inet6:8891@{host}": {said}'), str(info.value)
+
+
 def test_unix_path_length_limit_is_libmilters():
     """libmilter: strlen(path) + 1 < sizeof(sun_path) = 108 on Linux, so 106 bytes fit (docs/protocol.md §9.1)."""
     path = "/" + "p" * 105  # 106 bytes

@@ -47,14 +47,22 @@ def address(written: str, proto: str, port: str, *, bracketed: bool) -> str:
         raise AddressError(f'"{written}"{which} is the broadcast address: no MTA can connect to '
                            f"it (libmilter refuses [{_BROADCAST}]: inet_addr's error value, INADDR_NONE)")
     if _multicast(addr):
-        which = "" if written == addr else f" ({addr})"
-        raise AddressError(f'"{written}"{which} is a multicast address: no MTA can connect to it '
-                           "(TCP connects to one host's address)")
+        raise _multicast_refused(written, addr)
     if _link_local_without_zone(addr):
-        raise AddressError(f'"{written}" is a link-local address, which means nothing without its '
-                           f"interface: name it, as in {proto}:{port}@{addr}%{_an_interface()} (Linux "
-                           "refuses the bind)")
+        raise _link_local_refused(written, addr, proto, port)
     return addr
+
+
+def _multicast_refused(written: str, addr: str) -> AddressError:
+    which = "" if written == addr else f" ({addr})"
+    return AddressError(f'"{written}"{which} is a multicast address: no MTA can connect to it '
+                        "(TCP connects to one host's address)")
+
+
+def _link_local_refused(written: str, addr: str, proto: str, port: str) -> AddressError:
+    return AddressError(f'"{written}" is a link-local address, which means nothing without its '
+                        f"interface: name it, as in {proto}:{port}@{addr}%{_an_interface()} (Linux "
+                        "refuses the bind)")
 
 
 def _resolved(host: str, family: int, proto: str) -> str:
@@ -104,14 +112,20 @@ def _refuse_zone_off_link(host: str, family: int, proto: str, port: str) -> None
     """AddressError for a zone on an IPv6 address that is not link-local (``::1%lo``): it was
     "cannot resolve" (getaddrinfo takes an interface's name on fe80::/10 only) or "not an inet6
     address", and a number (``::1%1``) was taken though Linux ignores it there, tying the socket
-    to no interface. libmilter takes no zone at all. A multicast one is refused as multicast."""
+    to no interface. libmilter takes no zone at all. A multicast one is refused as multicast, an
+    empty zone (``fe80::1%``) on a link-local one as no zone: both were "cannot resolve" too."""
     addr, percent, zone = host.partition("%")
-    if family != socket.AF_INET6 or not percent or not zone or not _is_ipv6(addr):
-        return
-    if ipaddress.IPv6Address(addr) in _LINK_LOCAL or _multicast(addr):
+    if family != socket.AF_INET6 or not percent or not _is_ipv6(addr):
         return
     plain = _one_form(addr)
-    raise AddressError(f'"{host}": a zone (%{zone}) is only meaningful on a link-local address (fe80::/10); Linux '
+    if _multicast(plain):
+        raise _multicast_refused(host, plain)
+    if ipaddress.IPv6Address(addr) in _LINK_LOCAL:
+        if not zone:
+            raise _link_local_refused(host, plain, proto, port)
+        return
+    which = f"a zone (%{zone})" if zone else "an empty zone (%)"
+    raise AddressError(f'"{host}": {which} is only meaningful on a link-local address (fe80::/10); Linux '
                        f"ignores it on {plain}, so it would not limit the socket to that interface: write "
                        f"{proto}:{port}@{plain}")
 
