@@ -1053,10 +1053,17 @@ def test_a_reloaded_away_worker_holds_its_running_callback_to_the_grace(tclrun, 
     assert run.stop() == 0
 
 
-def test_a_load_whose_time_runs_out_as_it_returns_closes_the_interpreter_it_made(monkeypatch) -> None:
+@pytest.mark.parametrize("close_fails", [False, True], ids=["closed", "close-fails"])
+def test_a_load_whose_time_runs_out_as_it_returns_closes_the_interpreter_it_made(monkeypatch, caplog,
+                                                                                 close_fails) -> None:
     """The Python limit's SIGALRM handler may raise in the few bytecodes between a load's return
     and the limit's release: the interpreter the load made was then dropped unclosed, left to the
-    garbage collector (which the serving process's gc.freeze may keep from it). Now it is closed."""
+    garbage collector (which the serving process's gc.freeze may keep from it). Now it is closed;
+    a close that fails is logged, and the load's own error is what the reload reports (the
+    close's error hid it)."""
+    import logging
+    import tkinter
+
     from pytclmilter.commands import reloading
     from pytclmilter.limits import CallbackTimeout, Limit
 
@@ -1078,9 +1085,15 @@ def test_a_load_whose_time_runs_out_as_it_returns_closes_the_interpreter_it_made
 
         def close(self) -> None:
             self.closed = True
+            if close_fails:
+                raise tkinter.TclError('can\'t delete "\x1bchild"')
 
     host = Host()
+    caplog.set_level(logging.ERROR, logger="pytclmilter")
     monkeypatch.setattr(reloading, "PYTHON_LIMIT", TimesOutAsReleased())
     with pytest.raises(CallbackTimeout):
         reloading._held(lambda exited: host, reloading.ScriptExit(), 1.0)
     assert host.closed
+    told = [r.getMessage() for r in caplog.records if "clos" in r.getMessage()]
+    assert told == (['reload: closing the interpreter of the failed load failed too: '
+                     'TclError: can\'t delete "\\x1bchild"'] if close_fails else []), told

@@ -233,9 +233,19 @@ def _held(load: Load, exited: ScriptExit, seconds: float) -> TclHost:
         if held:  # (again when the CallbackTimeout came first: that left the limit inactive)
             PYTHON_LIMIT.stop()
         if host is not None:
-            host.close()
+            _close_failed_load(host)
         raise
     return host
+
+
+def _close_failed_load(host: TclHost) -> None:
+    """Close the interpreter of a load that failed, logging an error of the close: the load's
+    own error, which is raising, is what the reload reports (the close's error hid it)."""
+    try:
+        host.close()
+    except Exception as exc:  # noqa: BLE001 - whatever it is, the load's error goes on
+        log.error("reload: closing the interpreter of the failed load failed too: %s",
+                  escape(f"{type(exc).__name__}: {said(exc)}"))
 
 
 def _stopped(seconds: float, generation: int) -> str:
