@@ -448,6 +448,44 @@ def test_an_outage_under_way_after_its_line_is_told_at_an_end_and_as_the_store_i
         "still unavailable, 1 recipients answered tempfail since the last line about it (told as the store is closed)"]
 
 
+def test_an_outage_told_as_the_milter_stops_counts_its_recipients_once_when_the_store_is_back(
+        redis_server: RedisServer, caplog: Any) -> None:
+    """A stop tells the recipients of an outage under way (its "is back" line may never come); if
+    the store answers in the grace period after all, that line told the outage's whole count
+    again, with or without a line of its own before: it tells those since the last line."""
+    store = load_store_module()
+    greylist = store.Greylist(store.Settings(store=redis_server.url, delay=0, retry=0))
+    now = [1000.0]
+    greylist.clock = lambda: now[0]
+
+    def check(n: int, down: bool) -> Any:
+        redis_server.command("CONFIG", "SET", "maxmemory", "1" if down else "0")
+        return greylist.check("192.0.2.1", f"s{n}@example.org", "r@example.com")
+
+    caplog.set_level("WARNING", logger="pytclmilter.greylist")
+    try:
+        assert [check(0, True), check(1, False)] == ["unavailable", ("wait", 0)]  # logged: its two lines
+        assert [check(2, True), check(3, True)] == ["unavailable"] * 2  # within the minute: counted
+        logline.tell_counts(ended_only=False)
+        assert [check(4, True), check(5, False)] == ["unavailable", ("wait", 0)]
+        now[0] += store.OUTAGE_LINES_EVERY
+        assert [check(6, True), check(7, True)] == ["unavailable"] * 2  # its line
+        logline.tell_counts(ended_only=False)
+        assert [check(8, True), check(9, False)] == ["unavailable", ("wait", 0)]
+    finally:
+        redis_server.command("CONFIG", "SET", "maxmemory", "0")
+    told = [r.getMessage() for r in caplog.records[2:]]
+    assert [told[0].partition(": ")[2], told[1].partition("; ")[2], told[3].partition(": ")[2],
+            told[4].partition("; ")[2]] == [
+        "1 more outages since the last line about it, 2 recipients answered tempfail in them, the last one "
+        "still under way (told as the milter stops)",
+        "1 recipients were answered tempfail since the last line about it",
+        "still unavailable, 2 recipients answered tempfail since the last line about it (told as the milter stops)",
+        "1 recipients were answered tempfail since the last line about it"], told
+    assert len(told) == 5, told
+    greylist.store.close()
+
+
 @pytest.mark.parametrize("answer, mode", [(b"*2\r\n$3\r\nabc\r\n$3\r\nxyz\r\n", "tempfail"), (b":1\r\n", "accept")])
 def test_a_store_that_answers_what_no_redis_answers_is_an_outage_not_an_error_per_message(
         tclrun: Callable[..., TclRun], not_redis: Callable[..., NotRedis], answer: bytes, mode: str) -> None:

@@ -762,9 +762,10 @@ class _Outages:
                 self.tell("logged at most once a minute")
                 self._said(now)
             return
-        if self.told:
-            log.warning("greylist store %s is back after %.1f s; %d recipients were answered %s meanwhile",
-                        escape(self.where), now - self.since, self.answered, self.answer)
+        if self.told:  # (the ones a line told while it went on, at a stop, are not told again)
+            since = "since the last line about it" if self.answered_told else "meanwhile"
+            log.warning("greylist store %s is back after %.1f s; %d recipients were answered %s %s",
+                        escape(self.where), now - self.since, self.answered - self.answered_told, self.answer, since)
         else:
             self.untold += 1
             self.untold_answered += self.answered
