@@ -316,6 +316,25 @@ def test_threads_made_at_every_connection_are_told_once_past_the_threshold(tclru
     assert "`thread::release`" in m.text and "`after` events" not in m.text, m.text
 
 
+def test_threads_are_told_once_for_the_process_not_once_per_generation(monkeypatch, caplog) -> None:
+    """The threads counted are the process's (`thread::names`): during a reload the old and the
+    new generation, each with its counts, told the same threads twice, and the new one again from
+    the threshold. What was told of them belongs to the process. (In-process: a generation's
+    counts are its host's Growth.)"""
+    import logging
+
+    from pytclmilter.tcl import growth
+
+    monkeypatch.setattr(growth, "THREADS", 3)
+    monkeypatch.setattr(growth.Growth, "_process_threads_told", 0)
+    caplog.set_level(logging.WARNING, logger="pytclmilter")
+    old, new = growth.Growth(), growth.Growth()
+    for generation, threads in ((old, 4), (new, 4), (new, 7), (old, 8), (new, 9)):
+        generation.counted(0, threads)
+    told = [r.getMessage().split(" threads of")[0] for r in caplog.records]
+    assert told == ["the script runs 4", "the script runs 8"], told
+
+
 # ---------------------------------------------------------------------------- threads and reloads
 #
 # Thread evaluates what threads send to this thread in the interpreter that ran the thread's

@@ -10,6 +10,8 @@ Counted on the host's event tick (TclHost.service_events), at most every :data:`
 seconds and only while the script has anything pending there: no cost per callback or message.
 Told with one warning when a count reaches its threshold, then again only when it reaches twice
 the count last told: a few lines in all (1 000, 2 000, 4 000 ... `after` events), never a flood.
+The `after` events are the host's own, the threads the process's: told once for the process, not
+again by each generation a reload makes.
 The thresholds are module attributes, read at each count (a test's `--python` setup lowers them).
 """
 
@@ -17,7 +19,7 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Final
+from typing import ClassVar, Final
 
 log: Final = logging.getLogger("pytclmilter")
 
@@ -46,12 +48,16 @@ _THREADS: Final = ("the script runs %d threads of the Thread package besides its
 class Growth:
     """One host's counts: when the next is due, and what was told of each."""
 
-    __slots__ = ("_next", "_after_told", "_threads_told")
+    __slots__ = ("_next", "_after_told")
+
+    #: The threads last told, the process's: `thread::names` lists every thread of the process,
+    #: whichever generation counts them, so a reload's old and new script told the same ones
+    #: twice, and the new one again from the threshold.
+    _process_threads_told: ClassVar[int] = 0
 
     def __init__(self) -> None:
         self._next = 0.0
         self._after_told = 0
-        self._threads_told = 0
 
     def due(self) -> bool:
         """True at most every CHECK_EVERY seconds: count now, and hand the counts to :meth:`counted`."""
@@ -66,6 +72,6 @@ class Growth:
         if after_events >= max(AFTER_EVENTS, 2 * self._after_told):
             self._after_told = after_events
             log.warning(_AFTER, after_events)
-        if threads >= max(THREADS, 2 * self._threads_told):
-            self._threads_told = threads
+        if threads >= max(THREADS, 2 * Growth._process_threads_told):
+            Growth._process_threads_told = threads
             log.warning(_THREADS, threads)
