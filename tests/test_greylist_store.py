@@ -91,6 +91,24 @@ def load_store_module(name: str = "greylist_store") -> Any:
     return module
 
 
+def redis_greylist(redis_server: RedisServer, retry: float,
+                   step: float = 0.0) -> tuple[Any, Any, Callable[[int, bool], Any], list[float]]:
+    """In this process: the example's module, a Greylist on ``redis_server`` whose clock is the
+    list's one number, and check(n, down), a check of triplet n (sender s{n}) with Redis failing
+    it (at its maxmemory) when ``down``, the clock moved on by ``step`` first."""
+    store = load_store_module()
+    greylist = store.Greylist(store.Settings(store=redis_server.url, delay=0, retry=retry))
+    now = [1000.0]
+    greylist.clock = lambda: now[0]
+
+    def check(n: int, down: bool) -> Any:
+        redis_server.command("CONFIG", "SET", "maxmemory", "1" if down else "0")
+        now[0] += step
+        return greylist.check("192.0.2.1", f"s{n}@example.org", "r@example.com")
+
+    return store, greylist, check, now
+
+
 def unavailable(reply: Any) -> bool:
     return isinstance(reply, tuple) and reply[0] == "y" and reply[1] == {
         "smtpcode": "451", "space": " ", "text": UNAVAILABLE}
@@ -362,16 +380,7 @@ def test_the_outages_of_a_minute_not_logged_are_counted_in_the_next_line(redis_s
                                                                          caplog: Any) -> None:
     """The count of the outages that had no line: told once their minute is over, by the first
     check the store answers, or by the next outage line. (In-process: the minute is the clock's.)"""
-    store = load_store_module()
-    greylist = store.Greylist(store.Settings(store=redis_server.url, delay=0, retry=1))
-    now = [1000.0]
-    greylist.clock = lambda: now[0]
-
-    def check(n: int, down: bool) -> Any:
-        redis_server.command("CONFIG", "SET", "maxmemory", "1" if down else "0")
-        now[0] += 2  # past -retry
-        return greylist.check("192.0.2.1", f"s{n}@example.org", "r@example.com")
-
+    store, greylist, check, now = redis_greylist(redis_server, retry=1, step=2)  # (2: past -retry)
     caplog.set_level("WARNING", logger="pytclmilter.greylist")
     assert [check(n, down) for n in range(3) for down in (True, False)] == ["unavailable", ("wait", 0)] * 3
     assert len(caplog.records) == 2  # the first outage's two lines
@@ -453,15 +462,7 @@ def test_an_outage_told_as_the_milter_stops_counts_its_recipients_once_when_the_
     """A stop tells the recipients of an outage under way (its "is back" line may never come); if
     the store answers in the grace period after all, that line told the outage's whole count
     again, with or without a line of its own before: it tells those since the last line."""
-    store = load_store_module()
-    greylist = store.Greylist(store.Settings(store=redis_server.url, delay=0, retry=0))
-    now = [1000.0]
-    greylist.clock = lambda: now[0]
-
-    def check(n: int, down: bool) -> Any:
-        redis_server.command("CONFIG", "SET", "maxmemory", "1" if down else "0")
-        return greylist.check("192.0.2.1", f"s{n}@example.org", "r@example.com")
-
+    store, greylist, check, now = redis_greylist(redis_server, retry=0)
     caplog.set_level("WARNING", logger="pytclmilter.greylist")
     try:
         assert [check(0, True), check(1, False)] == ["unavailable", ("wait", 0)]  # logged: its two lines
