@@ -15,9 +15,11 @@ import mailbox
 import os
 import re
 import select
+import shutil
 import signal
 import socket
 import subprocess
+import tempfile
 import time
 from pathlib import Path
 from typing import Callable, Iterator
@@ -481,13 +483,16 @@ def test_try_reads_a_message_or_an_mbox_from_a_pipe_it_can_read_only_once(tmp_pa
 
 
 @pytest.mark.parametrize("message", ["file", "stdin"])
-def test_ctrl_c_while_the_script_loads_leaves_no_temporary_directory(tmp_path: Path, message: str) -> None:
+def test_ctrl_c_while_the_script_loads_leaves_no_temporary_directory(tmp_path: Path, message: str,
+                                                                      request: pytest.FixtureRequest) -> None:
     """Ctrl-C while the script loads ends try at once, as under tclsh: its temporary directory
     (and a copy of standard input in it) stayed in /tmp."""
     script = tmp_path / "loop.tcl"
     script.write_text("package require TclMilter\nputs looping\nwhile 1 {}\nmilter main\n")
-    tmp = tmp_path / "tmp"
-    tmp.mkdir()
+    # A TMPDIR short enough for try's socket in it: under tmp_path, as deep as pytest-xdist's
+    # (.../popen-gw0/...) makes it, try would fall back to /tmp (workdir.py) and this see nothing.
+    tmp = Path(tempfile.mkdtemp(prefix="t", dir="/tmp"))
+    request.addfinalizer(lambda: shutil.rmtree(tmp, ignore_errors=True))
     source = f"< {DATA / 'plain.eml'} -" if message == "stdin" else str(DATA / "plain.eml")
     child = spawn_in_bash(source, "try", str(script), env={"TMPDIR": str(tmp)})
     try:
