@@ -1,10 +1,11 @@
 """Build hook: the per-message hot path is compiled with mypyc; everything else stays Python.
 
 The modules in HOT run for every packet of every message (the sans-I/O core, the engine, the
-context, the callback chain, the Tcl side of a callback call, the server's per-read path, and
-the per-connection accept loop). mypyc turns their type-annotated Python into C extensions that
-run the same code about twice as fast (docs/benchmarks.md); the .py files remain the source and
-the fallback. Compilation is skipped, and the install is pure Python, when
+context and its checks, the callback chain, the Tcl side of a callback call, the server's
+per-read path, and the per-connection accept loop). mypyc turns their type-annotated Python
+into C extensions that run the same code about twice as fast (docs/benchmarks.md); the .py
+files remain the source and the fallback. Compilation is skipped, and the install is pure
+Python, when
 
 * the install is editable (``pip install -e .``): a compiled module would shadow edits to its
   .py file, so development always runs the source;
@@ -58,6 +59,9 @@ HOT = [
     "logline.py",
     "callbacks.py",
     "meter.py",
+    "checks.py",
+    "replies.py",
+    "tclmatch.py",
     "context.py",
     "shared.py",
     "calling.py",

@@ -1207,7 +1207,7 @@ def test_unsetpriv_removes_the_names_tcls_string_match_matches(pattern):
 @settings(max_examples=300, deadline=None)
 @given(st.text("ab*?[]-\\^", max_size=8), st.lists(st.text("ab[]-\\^*?", max_size=5), max_size=6))
 def test_unsetpriv_patterns_match_as_in_tcl_whatever_they_are(pattern, names):
-    from pytclmilter.context import unset_matching
+    from pytclmilter.tclmatch import unset_matching
 
     priv = dict.fromkeys(names, 1)
     unset_matching(priv, pattern)

@@ -8,7 +8,8 @@ from . import earlyreload
 
 earlyreload.hold()  # before the imports that take most of run's start: see earlyreload
 
-from .context import Context, MilterError
+from .checks import MilterError
+from .context import Context
 from .hooks import Hooks
 from .milter import Milter, ReloadError
 from .scripting import TclError

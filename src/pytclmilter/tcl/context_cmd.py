@@ -10,8 +10,9 @@ from __future__ import annotations
 import logging
 from typing import Any, Callable, Final, Sequence
 
-from ..context import Context, unset_matching
+from ..context import Context
 from ..logline import Repeated, escape, said
+from ..tclmatch import unset_matching
 from .pycommands import tcl_form
 from .usage import TclUsageError, bad_choice, count_ok, integer, with_article, wrong_args
 

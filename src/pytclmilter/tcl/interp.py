@@ -26,7 +26,8 @@ from typing import Any, Callable, Final, Sequence
 
 import _tkinter
 
-from ..context import Context, MilterError
+from ..checks import MilterError
+from ..context import Context
 from ..hooks import Hooks
 from ..limits import PYTHON_LIMIT, CallbackTimeout
 from ..logline import escape, failure_text, tell_counts

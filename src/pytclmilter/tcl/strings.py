@@ -28,7 +28,7 @@ from __future__ import annotations
 import re
 from typing import Any, Callable, Final
 
-from ..context import MilterError
+from ..checks import MilterError
 from ..protocol.codec import text, wire
 
 # Surrogates are written with chr(): mypyc refuses them in string literals (tcl/ is compiled).
