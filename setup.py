@@ -57,6 +57,7 @@ HOT = [
     "settings.py",
     "limits.py",
     "logline.py",
+    "repeats.py",
     "callbacks.py",
     "meter.py",
     "checks.py",

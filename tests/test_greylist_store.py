@@ -29,7 +29,7 @@ from typing import Any, Callable, Iterator
 
 import pytest
 
-from pytclmilter import logline
+from pytclmilter import repeats
 
 from support.loopback import LoopbackServer
 from support.postfix import free_port
@@ -357,7 +357,7 @@ def test_the_outages_counted_and_not_told_are_told_when_a_stop_gives_up(
         tclrun: Callable[..., TclRun], redis_server: RedisServer, tmp_path: Path) -> None:
     """The same, but the stop gives up on a callback held past the grace (overdue.py): the
     process ends by os._exit, which runs no atexit, so the store's finalizer never told the
-    count (3 outages, 3 recipients, said nowhere). The count is now held where logline tells
+    count (3 outages, 3 recipients, said nowhere). The count is now held where repeats.py tells
     counts at such ends (tell_counts_unlocked at the give-up, tell_counts at a worker's exit)."""
     hold = tmp_path / "hold.py"
     hold.write_text(HELD_AT_HELO)
@@ -436,7 +436,7 @@ def test_an_outage_under_way_after_its_line_is_told_at_an_end_and_as_the_store_i
     """A reload (or another -store) drops the Greylist, or the process ends, while an outage that
     had its line is under way: its "is back" line, which tells how many recipients it answered,
     never comes, so those recipients were said nowhere. At an end with no atexit (a worker's
-    os._exit) logline's end hook tells them; a close after it only what came since."""
+    os._exit) repeats.py's end hook tells them; a close after it only what came since."""
     store = load_store_module()
     greylist = store.Greylist(store.Settings(store=redis_server.url, delay=0, retry=0))
     redis_server.command("CONFIG", "SET", "maxmemory", "1")
@@ -445,8 +445,8 @@ def test_an_outage_under_way_after_its_line_is_told_at_an_end_and_as_the_store_i
         assert [greylist.check("192.0.2.1", f"s{n}@example.org", "r@example.com") for n in range(2)] == [
             "unavailable"] * 2
         assert len(caplog.records) == 1  # its line
-        logline.tell_counts(ended_only=False)
-        logline.tell_counts(ended_only=False)
+        repeats.tell_counts(ended_only=False)
+        repeats.tell_counts(ended_only=False)
         assert greylist.check("192.0.2.1", "s2@example.org", "r@example.com") == "unavailable"
     finally:
         redis_server.command("CONFIG", "SET", "maxmemory", "0")
@@ -467,11 +467,11 @@ def test_an_outage_told_as_the_milter_stops_counts_its_recipients_once_when_the_
     try:
         assert [check(0, True), check(1, False)] == ["unavailable", ("wait", 0)]  # logged: its two lines
         assert [check(2, True), check(3, True)] == ["unavailable"] * 2  # within the minute: counted
-        logline.tell_counts(ended_only=False)
+        repeats.tell_counts(ended_only=False)
         assert [check(4, True), check(5, False)] == ["unavailable", ("wait", 0)]
         now[0] += store.OUTAGE_LINES_EVERY
         assert [check(6, True), check(7, True)] == ["unavailable"] * 2  # its line
-        logline.tell_counts(ended_only=False)
+        repeats.tell_counts(ended_only=False)
         assert [check(8, True), check(9, False)] == ["unavailable", ("wait", 0)]
     finally:
         redis_server.command("CONFIG", "SET", "maxmemory", "0")

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 
-from pytclmilter import logline
+from pytclmilter import logline, repeats
 from pytclmilter.commands.logs import STDERR_FORMAT, CoalescingStreamHandler, LeanLogRecord, LineFormatter
 from support.postfix import free_port
 from support.tclrun import ROOT_WARNING, _pytclmilter_command, child_env, tclrun_factory
@@ -1776,9 +1776,9 @@ REPEATS = ("import gc\nimport threading\n\n\ndef poll(i):\n    raise ValueError(
 # it every second) finds a cycle whose __del__ raises: as a --python file's object made per
 # message may be, whenever the collector happens to run there. (The lock is looked at only to
 # make that moment come at once.)
-DEL_IN_THE_LOCK = ("import gc\n\nfrom pytclmilter import logline\n\n\nclass Handle:\n    def __init__(self):\n"
+DEL_IN_THE_LOCK = ("import gc\n\nfrom pytclmilter import repeats\n\n\nclass Handle:\n    def __init__(self):\n"
                    "        self.me = self\n\n    def __del__(self):\n        raise OSError('socket gone')\n\n\n"
-                   "made = []\nlock = logline._LOCK\nheld = getattr(lock, 'locked', None) or lock._is_owned  # (Lock, RLock)\n"
+                   "made = []\nlock = repeats._LOCK\nheld = getattr(lock, 'locked', None) or lock._is_owned  # (Lock, RLock)\n"
                    "\n\ndef garbage(phase, info):\n"
                    "    if phase == 'start' and not made and held():\n"
                    "        made.append(1)\n        Handle()\n\n\n"
@@ -1884,10 +1884,10 @@ def test_a_quote_in_a_sender_or_reply_cannot_make_fields_of_the_verdict_line(cap
 
 
 def test_a_failure_that_recurs_is_logged_whole_once_then_counted_once_a_minute() -> None:
-    """logline.Repeated, which keeps a failing `after` loop (test_tcl_runtime.py) from flooding
+    """repeats.Repeated, which keeps a failing `after` loop (test_tcl_runtime.py) from flooding
     the log: log the first whole, count the rest, log the count with the first one a minute on."""
     now = [100.0]
-    repeated = logline.Repeated(60.0, keep=3, clock=lambda: now[0])
+    repeated = repeats.Repeated(60.0, keep=3, clock=lambda: now[0])
     assert repeated.due("tick") == 0  # the first: logged whole
     for _ in range(46):
         now[0] += 0.05
@@ -1907,12 +1907,20 @@ def test_a_failure_that_recurs_is_logged_whole_once_then_counted_once_a_minute()
     assert repeated.due("c") is None  # still remembered
 
 
+def test_a_copy_of_the_greylist_example_still_imports_repeated_from_logline() -> None:
+    """The greylist example imported Repeated from logline before it had a module of its own
+    (repeats.py), and users run copies of it as their --python file: that import still works."""
+    from pytclmilter.logline import Repeated
+
+    assert Repeated is repeats.Repeated
+
+
 def test_a_fault_that_recurs_is_logged_whole_n_times_a_window_and_its_count_told_when_it_ends() -> None:
-    """logline.Repeated with ``whole``, as the lines of connections ended by a fault use it: the
+    """repeats.Repeated with ``whole``, as the lines of connections ended by a fault use it: the
     first ``whole`` of a place in a window logged, the rest counted; overdue() tells the count once
     the window is over even if no fault comes again (before, only the next fault told it)."""
     now = [100.0]
-    repeated = logline.Repeated(60.0, clock=lambda: now[0], whole=3)
+    repeated = repeats.Repeated(60.0, clock=lambda: now[0], whole=3)
     assert [repeated.due("garbled") for _ in range(5)] == [0, 0, 0, None, None]
     assert repeated.due("reset") == 0  # a kind of its own
     now[0] += 59
@@ -1927,23 +1935,23 @@ def test_a_fault_that_recurs_is_logged_whole_n_times_a_window_and_its_count_told
 
 
 def test_counts_no_failure_came_to_carry_are_told_once_their_window_is_over_or_at_the_end() -> None:
-    """logline.tell_counts, which the server's sweep calls every second or so: a Repeated's count
+    """repeats.tell_counts, which the server's sweep calls every second or so: a Repeated's count
     was told only by its next failure, so the last window of a failure that stopped (HAProxy's
     send-proxy fixed, a failing timer's script reloaded) was never told. Now its ``tell`` says
     it once the window is over, once, by the label of the last failure counted."""
     now = [100.0]
     said: list[tuple[str, int]] = []
-    repeated = logline.Repeated(60.0, clock=lambda: now[0], tell=lambda _r, label, count: said.append((label, count)))
+    repeated = repeats.Repeated(60.0, clock=lambda: now[0], tell=lambda _r, label, count: said.append((label, count)))
     assert [repeated.due("tick", f"boom {n}") for n in range(4)] == [0, None, None, None]
-    logline.tell_counts()
+    repeats.tell_counts()
     assert said == []  # its window is not over
     now[0] += 60
-    logline.tell_counts()
-    logline.tell_counts()
+    repeats.tell_counts()
+    repeats.tell_counts()
     assert said == [("boom 3", 3)]  # told once
     assert repeated.due("tick", "boom 4") == 0  # the next one is whole: nothing left to tell
     assert repeated.due("tick", "boom 5") is None
-    logline.tell_counts(ended_only=False)  # at a stop: whatever is counted
+    repeats.tell_counts(ended_only=False)  # at a stop: whatever is counted
     assert said == [("boom 3", 3), ("boom 5", 1)]
 
 
@@ -1954,14 +1962,14 @@ def test_counts_of_places_forgotten_to_make_room_wait_for_at_most_keep_labels() 
     `keep` labels waiting, they are told at once: none lost, none held past `keep`."""
     now = [100.0]
     said: list[tuple[str, int]] = []
-    repeated = logline.Repeated(60.0, keep=3, clock=lambda: now[0], tell=lambda _r, label, count: said.append((label, count)))
+    repeated = repeats.Repeated(60.0, keep=3, clock=lambda: now[0], tell=lambda _r, label, count: said.append((label, count)))
     waiting = 0
     for n in range(1000):
         assert [repeated.due(f"place {n}"), repeated.due(f"place {n}")] == [0, None]
         waiting = max(waiting, len(repeated._forgotten))
     assert waiting <= 3
     assert len(said) >= 1000 - 3 - 3, len(said)  # told as they came, not at the next tell_counts
-    logline.tell_counts(ended_only=False)
+    repeats.tell_counts(ended_only=False)
     assert sorted(said) == sorted((f"place {n}", 1) for n in range(1000))
 
 
@@ -1972,7 +1980,7 @@ def test_a_worker_forked_while_another_thread_counts_can_count() -> None:
     held, release = threading.Event(), threading.Event()
 
     def hold() -> None:
-        with logline._LOCK:
+        with repeats._LOCK:
             held.set()
             release.wait(10)
 
@@ -1982,10 +1990,10 @@ def test_a_worker_forked_while_another_thread_counts_can_count() -> None:
     threading.Timer(0.2, release.set).start()  # (whenever it comes: the fork waits for it)
     pid = os.fork()
     if pid == 0:
-        repeated = logline.Repeated(tell=lambda _r, _label, _count: None)
+        repeated = repeats.Repeated(tell=lambda _r, _label, _count: None)
         repeated.due("x")
         repeated.due("x")
-        logline.tell_counts(ended_only=False)
+        repeats.tell_counts(ended_only=False)
         os._exit(0)
     holder.join()
     deadline = time.monotonic() + 10
@@ -2000,11 +2008,11 @@ def test_a_worker_forked_while_another_thread_counts_can_count() -> None:
 def test_faults_of_one_kind_differ_only_in_the_mtas_bytes_and_numbers() -> None:
     """The kind of a fault is its message with the MTA's bytes (quoted by repr) and the numbers
     left out: a peer varying its bytes makes one kind, not one per byte value."""
-    kinds = {logline.fault_kind(f"protocol error: unknown command {chr(c)!r}") for c in range(256)}
+    kinds = {repeats.fault_kind(f"protocol error: unknown command {chr(c)!r}") for c in range(256)}
     assert kinds == {"protocol error: unknown command '...'"}
-    assert logline.fault_kind(f"connect: {b'x' * 64 + bytes([39, 34, 92])!r} is not an INET6 address") == \
+    assert repeats.fault_kind(f"connect: {b'x' * 64 + bytes([39, 34, 92])!r} is not an INET6 address") == \
         "connect: '...' is not an INET6 address"
-    assert logline.fault_kind("packet of 9999999 bytes exceeds the limit of 65535") == \
+    assert repeats.fault_kind("packet of 9999999 bytes exceeds the limit of 65535") == \
         "packet of N bytes exceeds the limit of N"
 
 
@@ -2269,7 +2277,7 @@ def test_the_places_kept_for_counts_are_bounded_whatever_errorinfo_the_script_gi
 
 def test_the_traces_kept_to_refer_to_are_bounded_whatever_data_they_quote(caplog) -> None:
     """A failing callback's trace is logged once a minute at its place, the others referring to
-    it (logline.SameTrace, up to 100 places). The place was the whole trace less the error's own
+    it (repeats.SameTrace, up to 100 places). The place was the whole trace less the error's own
     message: data a chained exception quotes (a sender's 60 kB header value here) made each
     failure a place of its own, kept whole, so 100 failures kept 100 such traces. Now a place is
     kept by a digest of it: the same places, a few bytes each."""

@@ -7,7 +7,7 @@ listening socket is watched with ``add_reader``; when it is ready a connection i
 handed to the loop's ``connect_accepted_socket``. When ``accept()`` fails for want of
 descriptors or kernel memory, accepting stops until a connection closes (which frees a
 descriptor) or a short timer passes (something else may have freed one), and the waiting
-connections stay queued; one WARNING says so, at most once a minute (logline.Repeated), and one
+connections stay queued; one WARNING says so, at most once a minute (repeats.Repeated), and one
 INFO line when accepting works again, with the number of failures since; failures no line named
 (a second shortage within the minute) are told once the minute is over, or at stop. Open
 connections are served throughout: reading and writing need no new descriptor.
@@ -34,7 +34,7 @@ import resource
 import socket
 from typing import Any, Callable, Final
 
-from .logline import Repeated
+from .repeats import Repeated
 
 log: Final = logging.getLogger("pytclmilter")
 

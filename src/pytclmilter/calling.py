@@ -16,8 +16,9 @@ from typing import Any, Awaitable, Final
 
 from .callbacks import Callback, CallbackError
 from .limits import CallbackTimeout, internals_dropped
-from .logline import SHOWN, clip, escape, escape_lines, failure_text, place_of, said
+from .logline import SHOWN, clip, escape, escape_lines, failure_text, said
 from .meter import Meter
+from .repeats import place_of
 from .shared import FOREVER, Shared
 from .status import Status, parse_status
 

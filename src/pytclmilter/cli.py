@@ -9,7 +9,8 @@ from typing import Callable, NoReturn, Sequence
 from . import __version__
 from .commands import check, run, send, sigmask, trial
 from .commands.common import EX_SOFTWARE, EX_USAGE, HooksFailed, UnsafeFile, UsageError
-from .logline import controls_escaped, escape, guard, tell_counts
+from .logline import controls_escaped, escape, guard
+from .repeats import tell_counts
 from .tcl import threads
 
 _COMMANDS: dict[str, tuple[Callable[..., argparse.ArgumentParser], Callable[[argparse.Namespace], int]]] = {

@@ -23,8 +23,9 @@ from .calling import Caller, traceback_text
 from .context import Context
 from .hooks import Hooks
 from .limits import PYTHON_LIMIT
-from .logline import as_field, escape, escape_lines, failure_text, fault_kind, quoted, said
+from .logline import as_field, escape, escape_lines, failure_text, quoted, said
 from .logline import info as log_info
+from .repeats import fault_kind
 # Imported by name, not as a module: compiled, `events.Name` is a module attribute look-up per use.
 from .protocol.events import (
     Abort, Accept, Body, Closed, Connect, Continue, Discard, EndOfMessage, EnvFrom, EnvRcpt, Event, Helo, Macro,

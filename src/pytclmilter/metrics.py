@@ -51,7 +51,8 @@ from .callbacks import EVENTS
 from .connspec import ConnSpec, ConnSpecError, parse_metrics
 from .inetaddr import sockaddr
 from .shared import Stats
-from .logline import Repeated, escape, tell_counts
+from .logline import escape
+from .repeats import Repeated, tell_counts
 
 log = logging.getLogger("pytclmilter")
 
@@ -263,7 +264,7 @@ class _Server(ThreadingMixIn, WSGIServer):
     def service_actions(self) -> None:
         """Each turn of serve_forever (every poll_interval): the counts of failures not logged one
         by one whose minute is over, here or elsewhere in the process; in a --workers
-        supervisor nothing else ticks (logline.tell_counts)."""
+        supervisor nothing else ticks (repeats.tell_counts)."""
         tell_counts()
 
     def _cannot_accept(self, exc: OSError) -> None:

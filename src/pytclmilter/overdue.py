@@ -30,7 +30,7 @@ import threading
 import time
 from typing import Callable, Final
 
-from .logline import tell_counts_unlocked
+from .repeats import tell_counts_unlocked
 from .signalpipe import SignalPipe
 
 log: Final = logging.getLogger("pytclmilter")

@@ -21,7 +21,8 @@ from .connspec import ConnSpec, parse
 from .engine import ConnectionEngine
 from .hooks import forget_early_reload, signalled
 from .listener import Listener, bind
-from .logline import Every, Repeated, escape, said, tell_counts
+from .logline import escape, said
+from .repeats import Every, Repeated, tell_counts
 from .limits import PYTHON_LIMIT
 from .overdue import StopDeadline
 from .shared import FOREVER, LAST_WORDS, Shared
@@ -489,7 +490,7 @@ class MilterServer:
 
     async def _sweep(self, loop: asyncio.AbstractEventLoop) -> None:
         """Close connections idle longer than the I/O timeout (progress counts as activity); tell
-        the failures counted, not logged, in a window now over (logline.tell_counts)."""
+        the failures counted, not logged, in a window now over (repeats.tell_counts)."""
         while True:
             timeout = self.shared.settings.timeout  # read each round: a reload may change it
             await asyncio.sleep(max(0.05, min(1.0, timeout / 4)))

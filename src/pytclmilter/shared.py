@@ -15,8 +15,9 @@ from typing import Final
 
 from .callbacks import Registry
 from .hooks import Hooks
-from .logline import Repeated, SameTrace, escape
+from .logline import escape
 from .meter import Meter
+from .repeats import Repeated, SameTrace
 from .settings import Settings
 
 log: Final = logging.getLogger("pytclmilter")
@@ -104,7 +105,7 @@ class Shared:
     def fault_due(self, kind: str) -> bool:
         """Whether to log the line of a connection ended by a fault of ``kind`` (fault_kind of its
         message): not when FAULT_LINES of that kind were logged in the last FAULT_WINDOW seconds;
-        it is counted then, told by logline.tell_counts once the window is over (or by this method,
+        it is counted then, told by repeats.tell_counts once the window is over (or by this method,
         when the next one comes first). A peer opening bad connections as fast as it can must not
         decide the log's size."""
         faults = self.faults

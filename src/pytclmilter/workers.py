@@ -46,7 +46,8 @@ from .hooks import Hooks, forget_early_reload, signalled
 from .limits import PYTHON_LIMIT
 from .listener import Listener, bind
 from .server import REPLACED, STOP_SIGNALS
-from .logline import Every, Repeated, escape, tell_counts
+from .logline import escape
+from .repeats import Every, Repeated, tell_counts
 from .settings import Settings
 
 log = logging.getLogger("pytclmilter")
@@ -112,7 +113,7 @@ def _how(code: int) -> str:
 
 
 def _deaths_told(deaths: Repeated, _label: str, count: int) -> None:
-    """The count of the deaths no line named, once their window is over (logline.tell_counts)."""
+    """The count of the deaths no line named, once their window is over (repeats.tell_counts)."""
     how = (f"at most {deaths.whole} lines in {deaths.seconds:g} s" if deaths.whole > 1 else
            f"one line in {deaths.seconds:g} s while they come faster than {_RESPAWN_BURST} in {_RESPAWN_WINDOW:g} s")
     log.error("%d more worker death%s since the last line about them, each replaced (not logged one by one: %s)",
@@ -123,7 +124,7 @@ class _Deaths:
     """Worker deaths, each logged, at most _RESPAWN_BURST in _DEATHS_WINDOW seconds; past
     _RESPAWN_BURST in _RESPAWN_WINDOW seconds (a worker that dies at once, the OOM killer under
     load) the respawns slow to one a second, which one line a window says. The deaths past those
-    lines are counted, and their count told (logline.Repeated): a worker that dies on every
+    lines are counted, and their count told (repeats.Repeated): a worker that dies on every
     connection, or at every start, makes a few lines a minute, not one a death."""
 
     def __init__(self) -> None:

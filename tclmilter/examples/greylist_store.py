@@ -66,7 +66,8 @@ from typing import Any, Iterable, Iterator, NamedTuple, Protocol
 from urllib.parse import SplitResult, parse_qsl, urlencode, urlsplit, urlunsplit
 
 try:
-    from pytclmilter.logline import Repeated, escape
+    from pytclmilter.logline import escape
+    from pytclmilter.repeats import Repeated
     from pytclmilter.safepath import Untrusted, refuse_unsafe_path_as_root, refuse_unsafe_socket_as_root
 except ImportError as exc:  # `import` run by a python3 other than pytclmilter's: say which one, not a traceback
     if __name__ != "__main__":
@@ -716,7 +717,7 @@ class _Outages:
     an end with no atexit; an outage under way without a line is in the count, and one under way
     with its line has its recipients told then (its "is back" line never comes). A counted one
     that lasts past the minute gets its line then. Holds nothing of the Greylist, which the
-    finalizer and logline's end hook outlive.
+    finalizer and pytclmilter.repeats' end hook outlive.
     """
 
     def __init__(self, where: str) -> None:
@@ -728,9 +729,10 @@ class _Outages:
         self.answer = "tempfail"  # how they were answered (Greylist._answer)
         self.untold = self.untold_answered = 0  # outages ended without a line since the last one, their recipients
         self.quiet_until = -math.inf  # no line before this (clock())
-        # logline tells a Repeated's counts at every end, atexit or not (a stop, overdue's give-up, a
-        # worker's os._exit, which the finalizer misses). Its window never ends, so nothing but an
-        # end tells it; its first due() is "log it", made here so that each later one is counted.
+        # pytclmilter.repeats tells a Repeated's counts at every end, atexit or not (a stop,
+        # overdue's give-up, a worker's os._exit, which the finalizer misses). Its window never
+        # ends, so nothing but an end tells it; its first due() is "log it", made here so that
+        # each later one is counted.
         self._at_end = Repeated(math.inf, tell=lambda *_: self.tell("told as the milter stops"))
         self._at_end.due(where)
 

@@ -24,9 +24,10 @@ from ..compiled import describe
 from ..connspec import ConnSpec
 from ..hooks import Hooks, forget_early_reload
 from ..listener import remove_made
-from ..logline import clip, escape, escape_lines, fault_kind, guard, one_line, place_of, said
+from ..logline import clip, escape, escape_lines, guard, one_line, said
 from ..milter import Milter
 from ..overdue import EXIT
+from ..repeats import fault_kind, place_of
 from ..tcl import threads
 from ..tcl.interp import TclHost
 from ..tcl.unanswered import Unanswered
@@ -327,7 +328,7 @@ def _unraisable_logger() -> Callable[[sys.UnraisableHookArgs], None]:
 
 #: The unexpected errors of threads and of code Python cannot raise in: a --python file's thread
 #: started per message, or a __del__ of an object made per message, may fail for every message;
-#: each place's error is logged whole once a minute, its repeats counted (logline.Repeated).
+#: each place's error is logged whole once a minute, its repeats counted (repeats.Repeated).
 _UNEXPECTED: Final = Unanswered()
 
 

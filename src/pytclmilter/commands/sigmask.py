@@ -39,7 +39,8 @@ import threading
 from types import FrameType
 from typing import Callable, Iterator
 
-from ..logline import Repeated, escape, tell_counts
+from ..logline import escape
+from ..repeats import Repeated, tell_counts
 from ..server import REPLACED, STOP_SIGNALS
 from ..signalpipe import SignalPipe
 from ..tcl.output import write_held_now

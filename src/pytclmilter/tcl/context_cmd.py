@@ -11,7 +11,8 @@ import logging
 from typing import Any, Callable, Final, Sequence
 
 from ..context import Context
-from ..logline import Repeated, escape, said
+from ..logline import escape, said
+from ..repeats import Repeated
 from ..tclmatch import unset_matching
 from .pycommands import tcl_form
 from .usage import TclUsageError, bad_choice, count_ok, integer, with_article, wrong_args
@@ -102,7 +103,7 @@ def _bare_name(ctx: Context, name: str) -> None:
 
 def _bare_name_said(_names: Repeated, name: str, missed: int) -> None:
     """The warning of a macro asked for without its braces, with how many such calls since the
-    last (as the next one says it, or alone once the hour is over: logline.tell_counts)."""
+    last (as the next one says it, or alone once the hour is over: repeats.tell_counts)."""
     shown = escape(name)
     log.warning('getsymval %s found nothing though the MTA sent {%s}: a long macro name needs its '
                 'braces in the value, as in getsymval {{%s}} or "{%s}" (said once an hour%s)',

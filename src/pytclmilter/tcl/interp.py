@@ -30,8 +30,9 @@ from ..checks import MilterError
 from ..context import Context
 from ..hooks import Hooks
 from ..limits import PYTHON_LIMIT, CallbackTimeout
-from ..logline import escape, failure_text, tell_counts
+from ..logline import escape, failure_text
 from ..milter import Milter
+from ..repeats import tell_counts
 from . import context_cmd, growth, output, rootfiles, threads
 from .callbacks import TclCallbacks, command_object
 from .limit import CallLimit, is_limit_error

@@ -12,8 +12,9 @@ from typing import TYPE_CHECKING, Any, Callable, Sequence, TypeVar
 
 from ..callbacks import EVENTS, Callback
 from ..connspec import ConnSpecError, parse, parse_metrics
-from ..logline import Repeated, escape
+from ..logline import escape
 from ..milter import Milter
+from ..repeats import Repeated
 from ..settings import MAX_WORKERS
 from ..status import parse_status, status_names
 from .usage import NONE, VALUE_NUMBER, Answer, TclUsageError, boolean, check_count, integer, number, one_of, wrong_args
@@ -27,7 +28,7 @@ log = logging.getLogger("pytclmilter")
 def _ignored_said(_options: Repeated, label: str, missed: int) -> None:
     """The line of a script's configure of an option the command line fixed (``label``: the
     option, the value given and why it is ignored, escaped), with how many such calls since the
-    last (as the next one says it, or alone once the hour is over: logline.tell_counts)."""
+    last (as the next one says it, or alone once the hour is over: repeats.tell_counts)."""
     log.info("milter configure %s (said once an hour for this option%s)", label,
              f"; {missed} more since" if missed else "")
 

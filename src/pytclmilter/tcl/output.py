@@ -192,7 +192,7 @@ def install(register: Callable[[str, Callable[[Sequence[str]], Any]], None], cal
 _FD: Final = {"stdout": 1, "stderr": 2}
 #: (thread, channel) -> the bytes of its open line held, and those written already (a terminal's).
 _open: dict[tuple[int, str], tuple[bytes, int]] = {}
-#: Re-entrant, as logline's: any allocation under it can start a collection, whose __del__ (a
+#: Re-entrant, as repeats.py's: any allocation under it can start a collection, whose __del__ (a
 #: --python file's) may `puts` (milter.tcl) in this thread; a plain Lock waited on itself for
 #: ever. A nested `puts` may then reorder or drop a piece held meanwhile, never hang.
 _LOCK: Final = threading.RLock()

@@ -28,7 +28,8 @@ from typing import Any, Callable, Final, Sequence
 
 import _tkinter
 
-from ..logline import failure_text, tell_counts
+from ..logline import failure_text
+from ..repeats import tell_counts
 from .strings import tcl_to_text, wire_to_tcl
 from .usage import NONE, Answer, TclUsageError
 
@@ -232,7 +233,7 @@ def _process_exits(_data: int) -> None:
     skips Python's finalization: the log lines still pending (logs.py holds a loop iteration's
     until its end) and the standard streams' buffers are written here, as the script's own
     `exit` writes them (TclHost.exit_process), after the failures counted and not told yet
-    (logline.tell_counts: a failing `after` loop's count was lost)."""
+    (repeats.tell_counts: a failing `after` loop's count was lost)."""
     _run([*_AT_EXIT, _logs_written], "as a thread ended the process")
 
 
@@ -244,7 +245,7 @@ _LOG_WAIT: Final = 2.0
 def _logs_written() -> None:
     """What logging.shutdown() writes: every handler's pending lines (a handler's close() waits a
     while for a stuck reader, logs.py); the standard streams flushed. First the failures counted
-    and not told yet (logline.tell_counts), while every handler is held here: told with a handler
+    and not told yet (repeats.tell_counts), while every handler is held here: told with a handler
     another thread holds past _LOG_WAIT, they waited for it for ever (the process never ended),
     so then they are not told, as that handler's pending lines are lost."""
     handlers = logging.getLogger().handlers

@@ -2,7 +2,7 @@
 
 Such an error may recur many times a second (a timer that fails and reschedules itself, a
 worker sending one bad script after another). Each is logged whole (its message and errorInfo)
-once a minute at its place, the repeats counted (logline.Repeated). A place is what varying
+once a minute at its place, the repeats counted (repeats.Repeated). A place is what varying
 data cannot vary: the message's kind (its numbers and quoted strings left out) and the
 errorInfo's frames, each command by its name and the lines Tcl writes after it (``(procedure
 "tick" line 3)``, ``("after" script)``); a command's words can be data (`after 10 [list expr
@@ -18,7 +18,8 @@ import logging
 import re
 from typing import Final
 
-from ..logline import Repeated, clip, escape, escape_lines, fault_kind
+from ..logline import clip, escape, escape_lines
+from ..repeats import Repeated, fault_kind
 
 log: Final = logging.getLogger("pytclmilter")
 
@@ -36,7 +37,7 @@ PLACE_FRAMES: Final = (10, 5)
 def _told(_repeated: Repeated, label: str, count: int) -> None:
     """The count of an error no caller answers (``label``: what it is and its escaped message)
     logged once a minute: with the next such error, or alone once the minute is over
-    (logline.tell_counts)."""
+    (repeats.tell_counts)."""
     log.error("%s (repeated %d times since its last line with the trace; logged once a minute)", label, count)
 
 
