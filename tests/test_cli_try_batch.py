@@ -482,17 +482,24 @@ def test_try_reads_a_message_or_an_mbox_from_a_pipe_it_can_read_only_once(tmp_pa
     assert status == 0
 
 
+@pytest.fixture
+def try_tmpdir() -> Iterator[Path]:
+    """A TMPDIR short enough for try's sockets in it, removed after the test. Under tmp_path, as
+    deep as pytest-xdist's workers make it (.../popen-gw0/...), try puts its directory in /tmp
+    instead (workdir.py), and a test that looks for what it left in its TMPDIR sees nothing."""
+    tmp = Path(tempfile.mkdtemp(prefix="t", dir="/tmp"))
+    yield tmp
+    shutil.rmtree(tmp, ignore_errors=True)
+
+
 @pytest.mark.parametrize("message", ["file", "stdin"])
 def test_ctrl_c_while_the_script_loads_leaves_no_temporary_directory(tmp_path: Path, message: str,
-                                                                      request: pytest.FixtureRequest) -> None:
+                                                                      try_tmpdir: Path) -> None:
     """Ctrl-C while the script loads ends try at once, as under tclsh: its temporary directory
     (and a copy of standard input in it) stayed in /tmp."""
     script = tmp_path / "loop.tcl"
     script.write_text("package require TclMilter\nputs looping\nwhile 1 {}\nmilter main\n")
-    # A TMPDIR short enough for try's socket in it: under tmp_path, as deep as pytest-xdist's
-    # (.../popen-gw0/...) makes it, try would fall back to /tmp (workdir.py) and this see nothing.
-    tmp = Path(tempfile.mkdtemp(prefix="t", dir="/tmp"))
-    request.addfinalizer(lambda: shutil.rmtree(tmp, ignore_errors=True))
+    tmp = try_tmpdir
     source = f"< {DATA / 'plain.eml'} -" if message == "stdin" else str(DATA / "plain.eml")
     child = spawn_in_bash(source, "try", str(script), env={"TMPDIR": str(tmp)})
     try:
@@ -862,12 +869,11 @@ def test_try_escapes_terminal_controls_in_the_report_of_one_message(tmp_path: Pa
     assert r"body\u009b2J\u0085" in out, out
 
 
-def test_try_refuses_an_endless_message_from_standard_input_at_max_size(tmp_path: Path) -> None:
+def test_try_refuses_an_endless_message_from_standard_input_at_max_size(try_tmpdir: Path) -> None:
     """`try x.tcl - < /dev/zero` copied standard input until the disk was full. A message is read
     up to --max-size bytes (Postfix's message_size_limit default, 10240000) and refused past it
     with exit 66, as an unreadable one; the copy in try's private directory is gone."""
-    tmp = tmp_path / "tmp"
-    tmp.mkdir()
+    tmp = try_tmpdir
     status, out = run_in_bash("< /dev/zero -", "try", str(STAMP), env={"TMPDIR": str(tmp)})
     assert (status, out) == (66, "pytclmilter try: -: larger than 10240000 bytes (--max-size)\n"), out
     assert os.listdir(tmp) == []
