@@ -105,3 +105,29 @@ def test_engine_mode_measures_both_modes_beside_the_null_milter(tmp_path: Path) 
     cells = json.loads(out.read_text())["cells"]
     assert sorted((c["filter"], c["per_conn"], c["errors"]) for c in cells) == [
         ("null", 1, 0), ("null", 20, 0), ("tcl-pure", 1, 0), ("tcl-pure", 20, 0)]
+
+
+def test_a_program_the_bench_builds_appears_whole_to_a_build_running_meanwhile(tmp_path: Path,
+                                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """pytest-xdist's workers build build/bench/nullmilter (and loadgen) at once: gcc wrote the
+    binary in place, and a worker that looked meanwhile found it there, newer than its source,
+    and ran it half-written. (In process: a stand-in gcc writes its output in two steps, and
+    another build of the same program runs between them.)"""
+    from milterbench import build
+
+    src, out = tmp_path / "p.c", tmp_path / "p"
+    src.write_text("int main(void) { return 0; }\n")
+    meanwhile: list[bytes] = []
+
+    def gcc(cmd: list[str], **_: object) -> subprocess.CompletedProcess[str]:
+        target = Path(cmd[cmd.index("-o") + 1])
+        target.write_bytes(b"\x7fELF half")
+        if not meanwhile:
+            meanwhile.append(b"")
+            meanwhile[0] = build.build_c(src, out, []).read_bytes()  # another worker's build
+        target.write_bytes(b"\x7fELF whole")
+        return subprocess.CompletedProcess(cmd, 0, "", "")
+
+    monkeypatch.setattr(build, "subprocess", type("Subprocess", (), {"run": staticmethod(gcc)}))
+    assert build.build_c(src, out, []).read_bytes() == b"\x7fELF whole"
+    assert meanwhile == [b"\x7fELF whole"]

@@ -7,22 +7,34 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 from milterbench import BUILD, ROOT, SCRIPTS, VENV, say, warn
 
 
 def build_c(src: Path, out: Path, libs: list[str]) -> Path:
-    """gcc -O2, only when the source is newer than the binary."""
+    """gcc -O2, only when the source is newer than the binary. Built under a name of its own, then
+    renamed into place: the tests' parallel workers build the same program at once, and one that
+    looked while gcc wrote found the binary there, newer than its source, and ran it half-made."""
     BUILD.mkdir(parents=True, exist_ok=True)
     if out.exists() and out.stat().st_mtime >= src.stat().st_mtime:
         return out
-    cmd = ["gcc", "-O2", "-Wall", "-o", str(out), str(src), *libs]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise SystemExit(f"bench: {' '.join(cmd)} failed:\n{proc.stderr}")
+    fd, part = tempfile.mkstemp(prefix=f".{out.name}.", dir=out.parent)
+    os.close(fd)
+    try:
+        cmd = ["gcc", "-O2", "-Wall", "-o", part, str(src), *libs]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise SystemExit(f"bench: {' '.join(cmd)} failed:\n{proc.stderr}")
+        os.chmod(part, 0o755)  # (mkstemp made it 0600: the linker keeps that, adding only x)
+        os.replace(part, out)
+    finally:
+        if os.path.exists(part):
+            os.unlink(part)
     return out
 
 
