@@ -640,7 +640,7 @@ def test_a_store_slower_than_retry_is_still_left_alone_between_tries(tclrun: Cal
     finally:
         holder.execute("ROLLBACK")
         holder.close()
-    assert took[0] >= 0.45 and max(took[1:]) < 0.3, took
+    assert took[0] >= 0.45 and max(took[1:]) < 0.45, took  # (the fault: 0.5 each, the lock's wait)
     time.sleep(0.5)
     assert greylisted(rcpt_reply(m, 2)) == 0  # the store answers again: triplet 2's first sight
     m.wait_for(r"greylist store \S+ is back after")
