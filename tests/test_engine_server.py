@@ -38,6 +38,7 @@ from support.engine import (
     wait_for,
     z,
 )
+from support.postfix import free_port
 
 LOG = "pytclmilter"
 
@@ -645,8 +646,10 @@ def test_inet_zero_port_reports_the_real_port_and_serves():
 
 def test_a_port_is_served_again_at_once_after_sessions_the_milter_closed():
     """The milter closes a session at QUIT first, which leaves its side in TIME_WAIT for a
-    minute: a restart must bind the port all the same (SO_REUSEADDR, as libmilter sets)."""
-    m = make_milter()
+    minute: a restart must bind the port all the same (SO_REUSEADDR, as libmilter sets). The
+    port is free_port()'s, below the ephemeral range: no connect() or bind(0) of the other
+    xdist worker can take it between the two runs, as one could take a port from inet:0."""
+    m = make_milter(connection=f"inet:{free_port()}@127.0.0.1")
     m.register("envfrom", lambda ctx, args: REJECT)
     with serving(m) as srv, srv.raw() as mta:
         port = srv.spec.port

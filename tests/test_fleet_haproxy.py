@@ -20,7 +20,7 @@ import pytest
 
 from support.haproxy import TEMPLATE, haproxy_factory
 from support.loopback import LoopbackServer
-from support.postfix import PrivatePostfix, SinkMessage, wait_until
+from support.postfix import PrivatePostfix, SinkMessage, free_port, wait_until
 from support.tclrun import Mta, TclRun, tclrun_factory, warnings
 
 pytestmark = [pytest.mark.postfix, pytest.mark.haproxy]
@@ -119,7 +119,8 @@ def wait_for_stamp(pf: PrivatePostfix, stamp: str, timeout: float = 15.0) -> Non
 
 
 def test_pool_survives_a_killed_instance_and_takes_it_back(postfix, haproxy, tclrun) -> None:
-    a, b = instance(tclrun, "a"), instance(tclrun, "b")
+    a = instance(tclrun, "a", free_port())  # restarted on its port below: one no bind(0) or connect() takes
+    b = instance(tclrun, "b")
     port_a = a.port
     hap = haproxy({"a": f"127.0.0.1:{a.port}", "b": f"127.0.0.1:{b.port}"})
     hap.wait_status("a", "UP")

@@ -208,6 +208,16 @@ def test_redis_stopped_mid_run_tempfails_logs_once_and_recovers_by_itself(
     assert m.stop() == 0
 
 
+def test_a_restarted_servers_port_lies_below_the_ephemeral_range() -> None:
+    """Between stop() and start() above, Redis's port is free: with a port from bind(0) an
+    outgoing connection or bind(0) of the other xdist worker could take it, and the restart
+    failed with "Address already in use". Below the kernel's range no automatic choice goes."""
+    start = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    ports = [free_port() for _ in range(20)]
+    assert all(10000 <= port < start for port in ports), ports
+    assert len(set(ports)) > 1, ports
+
+
 def test_an_unresponsive_redis_costs_one_timeout_per_retry_interval_not_one_per_message(
         tclrun: Callable[..., TclRun], redis_server: RedisServer) -> None:
     """A frozen server (SIGSTOP: connections hang, like a host gone from the network): the check

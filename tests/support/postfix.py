@@ -121,10 +121,12 @@ import email
 import email.message
 import email.policy
 import fcntl
+import functools
 import glob
 import json
 import os
 import pwd
+import random
 import re
 import shutil
 import signal
@@ -284,15 +286,41 @@ def wait_until(
         time.sleep(interval)
 
 
-def free_port(host: str = LOCALHOST) -> int:
-    """A TCP port that was free a moment ago (the usual bind-to-0 trick).
+LOCAL_PORT_RANGE = Path("/proc/sys/net/ipv4/ip_local_port_range")
+LOWEST_TEST_PORT = 10000
 
-    Racy by nature; :meth:`PrivatePostfix.start` retries with new ports when a
-    bind fails.
+
+@functools.cache
+def ports_below_ephemeral() -> range:
+    """[10000, start of the kernel's ephemeral range): ports neither connect() nor bind(0) hand out."""
+    try:
+        start = int(LOCAL_PORT_RANGE.read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        start = 32768  # Linux's default
+    return range(LOWEST_TEST_PORT, start)
+
+
+def free_port(host: str = LOCALHOST) -> int:
+    """A TCP port that was free a moment ago, chosen below the ephemeral range.
+
+    Why not bind-to-0: a server stopped and started again on its port (a Redis
+    outage) leaves the port free in between, and bind(0) or connect() of either
+    xdist worker could take it: the restart would fail with "Address already in
+    use".  No automatic choice takes a port below the range; another worker's
+    free_port() still picks the same number by chance (1 in ~22 000 per call,
+    no cross-process lock).  SystemRandom: a seeded ``random`` would give every
+    worker the same sequence.  Racy by nature; :meth:`PrivatePostfix.start`
+    retries with new ports when a bind fails.
     """
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])
+    ports = ports_below_ephemeral()
+    for port in [*random.SystemRandom().sample(ports, min(len(ports), 50)), 0]:
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            try:
+                s.bind((host, port))
+            except OSError:
+                continue
+            return int(s.getsockname()[1])
+    raise HarnessError(f"no free TCP port on {host}")
 
 
 def tcp_listeners() -> list[tuple[str, int, str]]:
