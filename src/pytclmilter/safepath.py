@@ -236,9 +236,7 @@ def refuse_unsafe_path_as_root(path: str, suffixes: Iterable[str] = ()) -> None:
         if os.fstat(dirfd).st_mode & _OTHERS_WRITE:
             raise _refused(_OPEN, f"in {where}, which others may write (run with --user, or give root the directory)")
         for entry in (name, *(name + suffix for suffix in suffixes)):
-            found = lstat_at(dirfd, entry)
-            if found is not None and stat.S_ISLNK(found.st_mode):
-                raise _refused(_OPEN, f"through the symbolic link {os.path.join(os.path.dirname(path), entry)}")
+            _refuse_link(lstat_at(dirfd, entry), os.path.join(os.path.dirname(path), entry), _OPEN)
     finally:
         os.close(dirfd)
 
@@ -303,9 +301,14 @@ def _sockets_dir(where: str) -> int:
 
 
 def _refuse_socket_link(found: os.stat_result | None, link: str) -> None:
-    """Untrusted if ``found`` (an lstat) is a symbolic link."""
+    """:func:`_refuse_link` for a socket, with what to do instead."""
+    _refuse_link(found, link, _CONNECT, " (name the socket itself, or run with --user)")
+
+
+def _refuse_link(found: os.stat_result | None, link: str, doing: str, advice: str = "") -> None:
+    """Untrusted if ``found`` (an lstat of ``link``) is a symbolic link."""
     if found is not None and stat.S_ISLNK(found.st_mode):
-        raise _refused(_CONNECT, f"through the symbolic link {link} (name the socket itself, or run with --user)")
+        raise _refused(doing, f"through the symbolic link {link}{advice}")
 
 
 def read_trusted(path: str) -> bytes:
