@@ -952,11 +952,12 @@ def test_after_events_that_keep_growing_are_told_once_then_when_they_double(tclr
     assert "`after cancel`" in m.text and "threads of the Thread package" not in m.text, m.text
 
 
-#: In the script's interpreter: ::listed counts the `after info` that list every pending event.
+#: In the script's interpreter: ::listed counts the `after info` that list every pending event
+#: (by Tcl's own `after`, which the milter calls: prelude.py's OWN_AFTER).
 COUNT_AFTER_INFO = r"""
 set ::listed 0
 proc listed {command op} { if {[lrange $command 1 end] eq "info"} { incr ::listed } }
-trace add execution after enter listed
+trace add execution ::tclmilter::py::after enter listed
 """
 
 
@@ -989,3 +990,26 @@ def test_the_idle_check_does_not_list_the_pending_after_events_at_every_tick(tcl
     host.child_call("eval", "foreach id [after info] { after cancel $id }")
     time.sleep(0.25)
     assert ticks(5) == 5  # quiet again: asked at every tick, nothing polled
+
+
+@pytest.mark.parametrize("redefine", [
+    "rename after _after; proc after args { incr ::ran; _after {*}$args }",
+    "proc after args { incr ::ran }",  # (replaced: Tcl's own is gone for the script)
+], ids=["renamed", "replaced"])
+def test_the_idle_check_and_the_growth_count_call_tcls_own_after_not_the_scripts(tcl_host, redefine, caplog) -> None:
+    """The milter's idle check and growth count called `after info` by name in the script's
+    interpreter, so a script's own `after` proc ran there, outside the callbacks' time limit:
+    one that looped hung every connection. Now they call Tcl's own, which still sees the events
+    the script set before and after, and the script's `after` is as it made it."""
+    from pytclmilter.tcl import growth
+
+    host = tcl_host
+    host.child_call("eval", f"set ::ran 0; after 3600000 {{}}; {redefine}")
+    assert host.tk.splitlist(host.child_call("::tcl::info::procs", "after")) == ("after",)
+    with pytest.MonkeyPatch.context() as patch, caplog.at_level("WARNING", "pytclmilter"):
+        patch.setattr(growth, "AFTER_EVENTS", 1)
+        host.service_events()  # (the first tick counts: no count is due before it)
+    assert int(host.child_call("expr", "$::ran")) == 0
+    assert "the script has 1 pending `after` events" in caplog.text
+    host.child_call("after", 0, "set ::fired 1")  # the script's own, called by the script
+    assert int(host.child_call("expr", "$::ran")) == 1

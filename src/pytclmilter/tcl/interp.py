@@ -38,7 +38,7 @@ from .callbacks import TclCallbacks, command_object
 from .limit import CallLimit, is_limit_error
 from .milter_cmd import MilterCommand, SuspendAtMain
 from .priv import TclPrivate
-from .prelude import PRELUDE
+from .prelude import OWN_AFTER, PRELUDE
 from .pycommands import PythonCommands
 from .script import TclScript
 from .strings import deep_to_tcl, from_tcl, tcl_body_to_wire
@@ -200,6 +200,7 @@ class TclHost:
         call("interp", "alias", child, "::tclmilter::py::bg_made", "", "::tclmilter::py::bg_made", child)
         # The first trace: Tcl gives each leave trace the previous one's result as the command's.
         self.child_call("trace", "add", "execution", "::interp", "leave", "::tclmilter::py::bg_made")
+        self.child_call("eval", OWN_AFTER)  # (before any code of the script's: see prelude.py)
         output.install(self._register, call, child)
         threads.install(call, child)
         rootfiles.install(self._register, call, child, self._sourced)

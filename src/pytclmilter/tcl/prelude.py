@@ -44,7 +44,7 @@ proc ::tclmilter::py::quiet {child threads} {
     # came back to Python as a normal return (the child lets it through to here: it is this
     # interpreter that makes it Tcl's error). The child's as a pure list, not compiled: a braced
     # literal would be recompiled on every tick.
-    if {[llength [after info]] || [llength [interp eval $child [list after info]]]} { return 0 }
+    if {[llength [after info]] || [llength [interp eval $child [list ::tclmilter::py::after info]]]} { return 0 }
     foreach channel [concat [chan names] [interp eval $child [list ::tcl::chan::names]]] {
         if {$channel ni {stdin stdout stderr}} { return 0 }
     }
@@ -54,7 +54,7 @@ proc ::tclmilter::py::quiet {child threads} {
 }
 # The script's pending `after` events, counted here: the list `after info` makes stays in Tcl
 # (tcl/growth.py counts them every few seconds, not on every tick).
-proc ::tclmilter::py::after_count {child} { llength [interp eval $child [list after info]] }
+proc ::tclmilter::py::after_count {child} { llength [interp eval $child [list ::tclmilter::py::after info]] }
 
 # The callbacks' time limit (tcl/limit.py) on the script's interpreter and on every interpreter the
 # script made (`interp create`, also inside those): Tcl checks an interpreter's own limit only,
@@ -158,4 +158,17 @@ proc ::tclmilter::py::flush_all {child ending} {
         catch {interp eval $child [list ::tcl::chan::flush $c]}
     }
 }
+"""
+
+#: Evaluated in the script's interpreter before its script: Tcl's own `after` kept as
+#: ::tclmilter::py::after, where `quiet` and `after_count` call it, and imported back as ::after
+#: (errors and errorInfo as Tcl's; `namespace origin after` names it). A script's `rename after`,
+#: `proc after` or `rename after ""` acts on the import: its own `after`, called by the milter's
+#: checks, ran outside the callbacks' time limit, and one that looped hung every connection.
+OWN_AFTER: Final = r"""
+::tcl::namespace::eval ::tclmilter::py { }
+::rename ::after ::tclmilter::py::after
+::tcl::namespace::eval ::tclmilter::py { ::namespace export after }
+::namespace import ::tclmilter::py::after
+::tcl::namespace::eval ::tclmilter::py { ::namespace export -clear }
 """
