@@ -916,7 +916,7 @@ from pytclmilter.tcl import growth
 
 
 def setup(milter):
-    growth.AFTER_EVENTS, growth.THREADS, growth.CHECK_EVERY = 10, 3, 0.05
+    growth.AFTER_EVENTS, growth.THREADS, growth.POOLS, growth.CHECK_EVERY = 10, 3, 3, 0.05
 """
 
 

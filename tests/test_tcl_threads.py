@@ -587,3 +587,24 @@ def test_a_threads_exit_as_the_socket_is_made_removes_its_file(tclrun, tmp_path)
     assert run.wait_exit(20) == 3, run.output
     assert marker.exists(), run.output  # (the window was reached)
     assert not sock.exists() and not sock.is_symlink(), run.output
+
+
+def test_thread_pools_made_at_every_connection_are_told_past_the_threshold(tclrun):
+    """`thread::names` lists no `tpool` worker, so a pool made at every connection and never
+    released (each keeping its workers for ever) grew without a word. A pool's workers are
+    bounded by its -maxworkers, its pools are not: those are counted (`tpool::names`) and told
+    as the threads are, once at the threshold (3 here, 16 by default)."""
+    m = tclrun(r"""
+        package require TclMilter
+        package require Thread
+        proc connect {ctx host addr} { tpool::create -minworkers 1 -maxworkers 1; return SMFIS_CONTINUE }
+        milter register connect connect
+        milter main
+    """, python=[LOW_GROWTH_THRESHOLDS])
+    told = r"WARNING: the script has (\d+) thread pools of the Thread package \(tpool::create\): a pool made at every"
+    _connections(m, 5)  # told at 3 to 5, and again at 6 to 10 at the earliest
+    assert 3 <= int(m.wait_for(told).group(1)) <= 5
+    time.sleep(0.15)  # three counts more
+    assert m.stop() == 0
+    assert len(re.findall(told, m.text)) == 1, m.text
+    assert "`tpool::release`" in m.text and "threads of the Thread package besides" not in m.text, m.text

@@ -1,5 +1,5 @@
-"""What a script can grow without bound and nothing else limits: its pending `after` events and
-its threads of the Thread package, told to the admin once they pass a count no filter needs.
+"""What a script can grow without bound and nothing else limits: its pending `after` events, its
+threads of the Thread package and its thread pools, told to the admin once they pass a count no filter needs.
 
 A script that runs `after 3600000 {...}` or `thread::create` at every connection grows them for
 as long as it serves (304 threads after 300 connections), until memory or descriptors run out,
@@ -33,6 +33,11 @@ AFTER_EVENTS = 1000
 #: Threads of the Thread package besides the script's own first told: each holds an interpreter,
 #: a stack (8 MiB of address space on Linux) and descriptors; a script's pool rarely needs 64.
 THREADS = 64
+#: Thread pools (`tpool::create`) first told. `thread::names` lists no pool's worker, and the
+#: Thread package tells no pool's worker count; but a pool's workers are bounded by its
+#: -maxworkers (4 by default) where its pools are not: a pool made per connection is the leak.
+#: A script needs one or two.
+POOLS = 16
 
 _AFTER: Final = ("the script has %d pending `after` events: a timer set at every connection or message that "
                  "never runs or is never cancelled? Each keeps its script until it runs; cancel those no "
@@ -44,6 +49,12 @@ _THREADS: Final = ("the script runs %d threads of the Thread package besides its
                    "them). Told again only if their number doubles (docs/troubleshooting.md, \"Timers or threads "
                    "that keep growing\")")
 
+_POOLS: Final = ("the script has %d thread pools of the Thread package (tpool::create): a pool made at every "
+                 "connection or message and never released? Each keeps its workers (threads the count of "
+                 "threads leaves out) until `tpool::release`; make one at start and post to it (`tpool::names` "
+                 "lists them). Told again only if their number doubles (docs/troubleshooting.md, \"Timers or "
+                 "threads that keep growing\")")
+
 
 class Growth:
     """One host's counts: when the next is due, and what was told of each."""
@@ -54,6 +65,8 @@ class Growth:
     #: whichever generation counts them, so a reload's old and new script told the same ones
     #: twice, and the new one again from the threshold.
     _process_threads_told: ClassVar[int] = 0
+    #: The pools last told, the process's as the threads (`tpool::names` lists every pool).
+    _process_pools_told: ClassVar[int] = 0
 
     def __init__(self) -> None:
         self._next = 0.0
@@ -67,7 +80,7 @@ class Growth:
         self._next = now + CHECK_EVERY
         return True
 
-    def counted(self, after_events: int, threads: int) -> None:
+    def counted(self, after_events: int, threads: int, pools: int = 0) -> None:
         """Warn of a count at its threshold, or at twice the count last told."""
         if after_events >= max(AFTER_EVENTS, 2 * self._after_told):
             self._after_told = after_events
@@ -75,3 +88,6 @@ class Growth:
         if threads >= max(THREADS, 2 * Growth._process_threads_told):
             Growth._process_threads_told = threads
             log.warning(_THREADS, threads)
+        if pools >= max(POOLS, 2 * Growth._process_pools_told):
+            Growth._process_pools_told = pools
+            log.warning(_POOLS, pools)

@@ -216,6 +216,13 @@ class TclHost:
             return 1  # (before any script ran a thread:: command, none can have made a thread)
         return len(self.tk.splitlist(self.tk.call("thread::names")))
 
+    def thread_pools(self) -> int:
+        """Thread pools of the Thread package in this process (`tpool::names`): their workers are
+        threads that `thread::names`, and so :meth:`thread_count`, does not list."""
+        if not _THREAD_HOME or not self.tk.call("info", "commands", "::tpool::names"):
+            return 0
+        return len(self.tk.splitlist(self.tk.call("tpool::names")))
+
     def _sourced(self, path: str) -> None:
         if not self.command.main_calls:
             self.sourced[path] = None
@@ -395,7 +402,8 @@ class TclHost:
         if self._quiet():
             return
         if self.growth.due():  # (quiet: no `after` event, no other thread, nothing to count)
-            self.growth.counted(int(self.tk.call("::tclmilter::py::after_count", self.CHILD)), self.thread_count() - 1)
+            self.growth.counted(int(self.tk.call("::tclmilter::py::after_count", self.CHILD)), self.thread_count() - 1,
+                                self.thread_pools())
         self.limit.begin_handlers()
         try:
             for _ in range(1000):
