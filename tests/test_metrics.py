@@ -378,6 +378,45 @@ def test_a_worker_forked_while_scrapes_are_open_holds_none_of_their_sockets(tclr
     assert m.stop() == 0
 
 
+def test_a_worker_forked_between_a_scrapes_accept_and_its_record_holds_no_copy() -> None:
+    """The metrics thread records a scrape's socket (for a forked worker to close its copy) only
+    once accept() has returned it: a fork in between (the thread waiting for the GIL with the
+    descriptor already made) left the worker a copy no list named, held until it exited. Here
+    the test accepts, as that thread would, and forks before any record."""
+    from pytclmilter.meter import CELLS
+    from pytclmilter.metrics import Exporter
+    from pytclmilter.shared import Stats
+
+    exporter = Exporter("inet:0@127.0.0.1", lambda: [0] * CELLS, Stats(), lambda: 1)
+    server = exporter._server
+    server.shutdown()  # (its thread accepts no more: the test does)
+    client = socket.create_connection(server.server_address[:2], timeout=5)
+    accepted, _ = server.socket.accept()
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        try:
+            exporter.forget()
+            os.fstat(client.fileno())  # (the client's end, whose own port is another: kept)
+            try:
+                os.fstat(accepted.fileno())
+                os.write(w, b"held")
+            except OSError:
+                os.write(w, b"closed")
+        finally:
+            os._exit(0)
+    os.close(w)
+    try:
+        with os.fdopen(r, "rb") as out:
+            said = out.read()
+    finally:
+        os.waitpid(pid, 0)
+        accepted.close()
+        client.close()
+        exporter.close()
+    assert said == b"closed", said
+
+
 def hold_both_workers(m: TclRun, held: dict[int, Mta]) -> list[int]:
     """Sessions until two workers not in ``held`` have answered, each then held open there."""
     new: list[int] = []

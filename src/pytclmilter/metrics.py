@@ -400,7 +400,8 @@ class Exporter:
 
     def forget(self) -> None:
         """In a forked worker: close this process's copies of the listening socket and of the
-        scrapes' connections (no thread serves them here; each copy lived as long as the worker).
+        scrapes' connections (no thread serves them here; each copy lived as long as the worker),
+        those the fork came too early to find recorded too (:func:`_close_unrecorded`).
         A scrape's socket is detached before its descriptor is closed: were the object freed
         later, it must not close that number again, which may be another file's by then."""
         self._server.socket.close()
@@ -409,3 +410,39 @@ class Exporter:
             if fd >= 0:
                 os.close(fd)
         self._server.scrapes.clear()
+        _close_unrecorded(self._server.address_family, self._server.server_address)
+
+
+def _close_unrecorded(family: int, listening: tuple[Any, ...]) -> None:
+    """In a forked worker: close the scrapes' connections no list names. The metrics thread
+    records one (_Server.scrapes) only once accept() has returned it, and a fork may come in
+    between (the descriptor made, the thread waiting for the GIL). Such a one is a connected
+    TCP socket whose own address is the metrics listener's (its port; its host too unless that
+    listens on every address): no other socket can have that as its own, the kernel gives no
+    listening port to an outgoing connection, and another listener on it is not connected. Its
+    descriptor is closed without an object that could close that number again later."""
+    host, port = str(listening[0]), int(listening[1])
+    try:
+        fds = [int(name) for name in os.listdir("/proc/self/fd")]
+    except OSError:  # (no /proc: what was recorded was closed all the same)
+        return
+    for fd in fds:
+        try:
+            sock = socket.socket(fileno=fd)  # (fails for what is no socket, and the listing's own, closed)
+        except OSError:
+            continue
+        try:
+            ours = sock.family == family and sock.type == socket.SOCK_STREAM and _accepted_at(sock, host, port)
+        except OSError:
+            ours = False
+        finally:
+            sock.detach()
+        if ours:
+            os.close(fd)
+
+
+def _accepted_at(sock: socket.socket, host: str, port: int) -> bool:
+    """A connected TCP socket whose own address is ``host`` (unless every address) and ``port``."""
+    own_host, own_port = sock.getsockname()[:2]
+    return (own_port == port and host in (own_host, "0.0.0.0", "::")
+            and not sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN))
