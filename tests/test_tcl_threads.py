@@ -296,24 +296,33 @@ def test_threads_started_before_main_with_workers_fail_loudly(tclrun):
     assert "listening on" not in m.text
 
 
-def test_threads_made_at_every_connection_are_told_once_past_the_threshold(tclrun):
-    """A thread made at every connection and never ended (304 threads after 300 connections)
-    grew without a word until memory or descriptors ran out. Now one warning when they reach the
-    threshold (3 here, 64 by default), then none until their number doubles."""
+@pytest.mark.parametrize("made, told, absent", [
+    ("thread::create {thread::wait}", r"the script runs (\d+) threads of the Thread package besides its own: a "
+     r"thread made at every", "`thread::release`"),
+    # (no pool's worker is in thread::names: a pool's workers are bounded, its pools are not)
+    ("tpool::create -minworkers 1 -maxworkers 1", r"the script has (\d+) thread pools of the Thread package "
+     r"\(tpool::create\): a pool made at every", "`tpool::release`"),
+], ids=["threads", "pools"])
+def test_threads_made_at_every_connection_are_told_once_past_the_threshold(tclrun, made, told, absent):
+    """A thread made at every connection and never ended (304 threads after 300 connections),
+    or a pool (`tpool::create`, whose workers `thread::names` does not list), grew without a
+    word until memory or descriptors ran out. Now one warning when they reach the threshold (3
+    here, 64 threads or 16 pools by default), then none until their number doubles."""
     m = tclrun(r"""
         package require TclMilter
         package require Thread
-        proc connect {ctx host addr} { thread::create {thread::wait}; return SMFIS_CONTINUE }
+        proc connect {ctx host addr} { %s; return SMFIS_CONTINUE }
         milter register connect connect
         milter main
-    """, python=[LOW_GROWTH_THRESHOLDS])
-    told = r"WARNING: the script runs (\d+) threads of the Thread package besides its own: a thread made at every"
+    """ % made, python=[LOW_GROWTH_THRESHOLDS])
+    told = "WARNING: " + told
     _connections(m, 5)  # told at 3 to 5, and again at 6 to 10 at the earliest
     assert 3 <= int(m.wait_for(told).group(1)) <= 5
     time.sleep(0.15)  # three counts more
     assert m.stop() == 0
     assert len(re.findall(told, m.text)) == 1, m.text
-    assert "`thread::release`" in m.text and "`after` events" not in m.text, m.text
+    assert absent in m.text and "`after` events" not in m.text, m.text
+    assert len(re.findall(r"WARNING: the script (runs|has) \d+", m.text)) == 1, m.text  # (not the other count)
 
 
 def test_threads_are_told_once_for_the_process_not_once_per_generation(monkeypatch, caplog) -> None:
@@ -587,24 +596,3 @@ def test_a_threads_exit_as_the_socket_is_made_removes_its_file(tclrun, tmp_path)
     assert run.wait_exit(20) == 3, run.output
     assert marker.exists(), run.output  # (the window was reached)
     assert not sock.exists() and not sock.is_symlink(), run.output
-
-
-def test_thread_pools_made_at_every_connection_are_told_past_the_threshold(tclrun):
-    """`thread::names` lists no `tpool` worker, so a pool made at every connection and never
-    released (each keeping its workers for ever) grew without a word. A pool's workers are
-    bounded by its -maxworkers, its pools are not: those are counted (`tpool::names`) and told
-    as the threads are, once at the threshold (3 here, 16 by default)."""
-    m = tclrun(r"""
-        package require TclMilter
-        package require Thread
-        proc connect {ctx host addr} { tpool::create -minworkers 1 -maxworkers 1; return SMFIS_CONTINUE }
-        milter register connect connect
-        milter main
-    """, python=[LOW_GROWTH_THRESHOLDS])
-    told = r"WARNING: the script has (\d+) thread pools of the Thread package \(tpool::create\): a pool made at every"
-    _connections(m, 5)  # told at 3 to 5, and again at 6 to 10 at the earliest
-    assert 3 <= int(m.wait_for(told).group(1)) <= 5
-    time.sleep(0.15)  # three counts more
-    assert m.stop() == 0
-    assert len(re.findall(told, m.text)) == 1, m.text
-    assert "`tpool::release`" in m.text and "threads of the Thread package besides" not in m.text, m.text
