@@ -1013,3 +1013,20 @@ def test_the_idle_check_and_the_growth_count_call_tcls_own_after_not_the_scripts
     assert "the script has 1 pending `after` events" in caplog.text
     host.child_call("after", 0, "set ::fired 1")  # the script's own, called by the script
     assert int(host.child_call("expr", "$::ran")) == 1
+
+
+def test_the_flush_at_stop_calls_tcls_own_fconfigure_not_the_scripts(tcl_host, tmp_path) -> None:
+    """At a stop the milter makes the script's channels non-blocking before flushing them. It
+    called `fconfigure` by name in the script's interpreter, so a script's own `fconfigure` proc
+    ran there, outside the callbacks' time limit (one that looped hung the stop). Now it calls
+    Tcl's own, and the channel is still made non-blocking."""
+    host = tcl_host
+    path = str(tmp_path / "out.txt")
+    host.child_call("eval", "set ::ran 0; rename fconfigure _fconfigure; "
+                    "proc fconfigure args { incr ::ran; _fconfigure {*}$args }")
+    channel = host.child_call("open", path, "w")
+    host.child_call("puts", "-nonewline", channel, "held")
+    host.flush_channels(True)
+    assert int(host.child_call("expr", "$::ran")) == 0
+    assert host.child_call("_fconfigure", channel, "-blocking") in ("0", 0)
+    assert (tmp_path / "out.txt").read_text() == "held"

@@ -37,6 +37,7 @@ from typing import Any, Callable, Final, Sequence
 
 from ..logline import OUTPUT_LINE, as_output, clip, escape
 from . import threads
+from .prelude import kept_own
 from .unanswered import Unanswered, place
 from .usage import WRONGARGS, TclUsageError, check_count, one_of
 
@@ -50,7 +51,8 @@ REPORTED: Final = "::tclmilter::py::bgreported"
 #: held would leave theirs for the process's life. Past it, the oldest is written as it is.
 KEPT_OPEN: Final = 256
 
-#: Evaluated in the script's interpreter and in each it creates (prelude.py's bg_made).
+#: Evaluated in the script's interpreter and in each it creates (prelude.py's bg_made). Its
+#: `puts` and prelude.py's `flush_all` call Tcl's own `fconfigure`, not a script's (kept_own).
 PRELUDE: Final = r"""
 ::tcl::namespace::eval ::tclmilter::py {}
 rename ::puts ::tclmilter::py::puts
@@ -110,8 +112,8 @@ proc ::tclmilter::py::escaped {command name args} {
         # line ended with a bare CR, which ends no journal line (the next writer's went on in it).
         set bytes [expr {2 * [::tcl::string::length $text] + 4}]
         if {!$open && ![::tcl::info::exists ::tclmilter::py::open($channel)] && $bytes <= @LINE@
-                && [regexp {^[\t -~]*$} $text] && ![catch {::fconfigure $channel -buffersize} size]
-                && $bytes <= $size && [::fconfigure $channel -translation] eq "lf"
+                && [regexp {^[\t -~]*$} $text] && ![catch {::tclmilter::py::fconfigure $channel -buffersize} size]
+                && $bytes <= $size && [::tclmilter::py::fconfigure $channel -translation] eq "lf"
                 && ![::tcl::chan::pending output $channel]} {
             set words [list -nonewline $channel $text\n]
             set whole 1
@@ -136,7 +138,7 @@ proc ::tclmilter::py::escaped {command name args} {
     }
     return
 }
-""".replace("@LINE@", str(OUTPUT_LINE))
+""".replace("@LINE@", str(OUTPUT_LINE)) + kept_own("fconfigure")
 
 
 #: In each interpreter of a thread (threads.py), after PRELUDE: no host logs an error of its

@@ -153,22 +153,34 @@ proc ::tclmilter::py::unexpected {code result options command} {
 proc ::tclmilter::py::flush_all {child ending} {
     foreach c [interp eval $child [list ::tcl::chan::names]] {
         if {$ending && $c ni {stdin stdout stderr}} {
-            catch {interp eval $child [list ::fconfigure $c -blocking 0]}
+            catch {interp eval $child [list ::tclmilter::py::fconfigure $c -blocking 0]}
         }
         catch {interp eval $child [list ::tcl::chan::flush $c]}
     }
 }
 """
 
-#: Evaluated in the script's interpreter before its script: Tcl's own `after` kept as
-#: ::tclmilter::py::after, where `quiet` and `after_count` call it, and imported back as ::after
-#: (errors and errorInfo as Tcl's; `namespace origin after` names it). A script's `rename after`,
-#: `proc after` or `rename after ""` acts on the import: its own `after`, called by the milter's
-#: checks, ran outside the callbacks' time limit, and one that looped hung every connection.
-OWN_AFTER: Final = r"""
-::tcl::namespace::eval ::tclmilter::py { }
-::rename ::after ::tclmilter::py::after
-::tcl::namespace::eval ::tclmilter::py { ::namespace export after }
-::namespace import ::tclmilter::py::after
-::tcl::namespace::eval ::tclmilter::py { ::namespace export -clear }
+def kept_own(name: str) -> str:
+    """Tcl code that keeps Tcl's own command ``name`` as ::tclmilter::py::NAME, where the
+    milter's own code calls it, and imports it back into the global namespace, once in an
+    interpreter (errors and errorInfo as Tcl's; only `namespace origin NAME` names the new
+    place). A script's `rename NAME`, `proc NAME` or `rename NAME ""` then acts on the import:
+    called by name, its own proc ran in the milter's checks, outside the callbacks' time
+    limit, and one that looped hung every connection, or the stop. (The alias stands in while
+    `namespace import` runs Tcl's auto_import, whose index loading calls `fconfigure`. A safe
+    interpreter has no `fconfigure`: hidden, it is left as it is.)"""
+    return f"""
+if {{![llength [::tcl::info::commands ::tclmilter::py::{name}]] && [llength [::tcl::info::commands ::{name}]]}} {{
+    ::tcl::namespace::eval ::tclmilter::py {{ }}
+    ::rename ::{name} ::tclmilter::py::{name}
+    ::interp alias {{}} ::{name} {{}} ::tclmilter::py::{name}
+    ::tcl::namespace::eval ::tclmilter::py {{ ::namespace export {name} }}
+    ::namespace import -force ::tclmilter::py::{name}
+    ::tcl::namespace::eval ::tclmilter::py {{ ::namespace export -clear }}
+}}
 """
+
+
+#: Evaluated in the script's interpreter before its script: `quiet` and `after_count` call Tcl's
+#: own `after` (output.py's PRELUDE keeps `fconfigure`, for its `puts` and `flush_all`).
+OWN_AFTER: Final = kept_own("after")
