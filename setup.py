@@ -1,9 +1,9 @@
 """Build hook: the per-message hot path is compiled with mypyc; everything else stays Python.
 
 The modules in HOT run for every packet of every message (the sans-I/O core, the engine, the
-context and its checks, the callback chain, the Tcl side of a callback call, the server's
-per-read path, and the per-connection accept loop). mypyc turns their type-annotated Python
-into C extensions that run the same code about twice as fast (docs/benchmarks.md); the .py
+context and its checks, the callback chain, the Tcl side of a callback call, a connection's
+per-read path, its server, and the per-connection accept loop). mypyc turns their type-annotated
+Python into C extensions that run the same code about twice as fast (docs/benchmarks.md); the .py
 files remain the source and the fallback. Compilation is skipped, and the install is pure
 Python, when
 
@@ -73,6 +73,7 @@ HOT = [
     "tcl/callbacks.py",
     "tcl/strings.py",
     "tcl/usage.py",
+    "connection.py",
     "server.py",
     "accept.py",
 ]

@@ -196,7 +196,7 @@ def test_a_thousand_stuck_clients_do_not_stop_good_ones(tclrun, record_property)
 def test_a_client_that_never_reads_its_replies_does_not_grow_the_servers_buffers():
     """A peer that pipelines commands and never reads the replies must be pushed back (the server
     stops reading while its write buffer is full), not buffered without limit: asyncio's transport
-    buffers every write unless the protocol pauses on pause_writing(), and _Connection has none.
+    buffers every write unless the protocol pauses on pause_writing(), and Connection had none.
     Here a filter that rejects recipients with a 900-character reply turns 25-byte RCPT commands
     into 910-byte replies: 40 000 RCPTs (1 MB) leave ~36 MB in the filter's memory, and a peer
     that goes on takes as much as it likes. FAILS until the server applies back-pressure

@@ -82,7 +82,7 @@ _GROUPS = [
     ("Tcl bridge + Tcl interpreter", re.compile(r"\(pytclmilter/tcl/|\(tkinter/")),
     ("protocol core (src/pytclmilter/protocol)", re.compile(r"\(pytclmilter/protocol/")),
     ("engine, context, callbacks", re.compile(r"\(pytclmilter/(engine|context|callbacks|status)\.py")),
-    ("server (src/pytclmilter/server.py)", re.compile(r"\(pytclmilter/server\.py")),
+    ("server (src/pytclmilter/server.py, connection.py)", re.compile(r"\(pytclmilter/(server|connection)\.py")),
     ("asyncio loop + socket system calls", re.compile(r"\((asyncio/|selectors\.py|socket\.py)")),
 ]
 

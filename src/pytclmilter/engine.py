@@ -207,7 +207,7 @@ class ConnectionEngine(Caller):
     def due(self) -> float:
         """When the async callback running now reaches its own time limit (``time.monotonic()``;
         infinity: none runs, or it has none): the server lets one due by a grace's end be
-        stopped by it, answered and logged, before it cuts the connection (server._cut)."""
+        stopped by it, answered and logged, before it cuts the connection (connection.cut)."""
         return self._due
 
     @property

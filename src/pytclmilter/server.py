@@ -1,7 +1,7 @@
-"""The asyncio server: listens, feeds each connection's engine, enforces timeouts, stops gracefully.
+"""The asyncio server: listens, times out idle connections, stops gracefully, reloads.
 
-Knows sockets and time; knows nothing of the protocol beyond handing bytes
-to :class:`~pytclmilter.engine.ConnectionEngine`.
+Knows sockets, signals and time; each accepted socket is a :class:`~pytclmilter.connection.Connection`
+(connection.py), which hands its bytes to its engine; of the protocol it knows nothing.
 """
 
 from __future__ import annotations
@@ -10,22 +10,20 @@ import asyncio
 import logging
 import os
 import signal
-import socket
 import threading
 import time
-from typing import Any, Callable, Final, cast
+from typing import Any, Callable, Final
 
 from .accept import Acceptor, check_fd_limit
-from .calling import UNWIND
+from .connection import Connection, cut
 from .connspec import ConnSpec, parse
-from .engine import ConnectionEngine
 from .hooks import forget_early_reload, signalled
 from .listener import Listener, bind
-from .logline import escape, said
+from .logline import escape
 from .repeats import Every, Repeated, tell_counts
 from .limits import PYTHON_LIMIT
 from .overdue import StopDeadline
-from .shared import FOREVER, LAST_WORDS, Shared
+from .shared import FOREVER, Shared
 
 log: Final = logging.getLogger("pytclmilter")
 
@@ -35,192 +33,6 @@ STOP_SIGNALS: Final = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 #: log lines and metrics then say "milter reloaded", not "milter stopped"), then end.
 REPLACED: Final = signal.SIGUSR2
 _RELOAD: Final = signal.SIGUSR1
-_QUICKACK: Final = getattr(socket, "TCP_QUICKACK", 0)  # Linux only
-_UNKNOWN: Final[Any] = object()  # a connection's socket, not fetched yet
-#: How a PROXY protocol header starts, v1 and v2: what HAProxy's send-proxy (-v2) puts before
-#: the MTA's first packet, which the milter reads as a garbled packet ("unknown command 'Y'").
-_PROXY_SIGNATURES: Final = (b"PROXY ", b"\r\n\r\n\x00\r\nQUIT\n")
-_SNIFFED: Final = 12  # bytes that tell either signature
-#: Said after the peer in the log lines of a connection that began with one.
-_PROXY_HINT: Final = (" (it began with a PROXY protocol header, which a milter does not speak: remove "
-                      "send-proxy from HAProxy's server lines; docs/deployment.md, HAProxy)")
-
-
-class _Connection(asyncio.Protocol):
-    """One accepted socket; the engine's Link."""
-
-    __slots__ = ("server", "transport", "engine", "last", "_loop", "_tcp", "_wrote", "_blocked", "_head", "_proxy")
-
-    def __init__(self, server: "MilterServer", loop: asyncio.AbstractEventLoop) -> None:
-        self.server = server
-        self.transport: asyncio.Transport | None = None
-        self.engine: ConnectionEngine | None = None
-        self._loop = loop
-        self.last = self._loop.time()
-        self._tcp: Any = None  # the socket for TCP_QUICKACK, _UNKNOWN until fetched, None if not TCP
-        self._wrote = False
-        self._blocked = False  # the write buffer is full: reading waits for resume_writing
-        self._head: bytes | None = b""  # the first bytes, until they tell whether a PROXY header came
-        self._proxy = False
-
-    # asyncio.Protocol
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        # asyncio types the argument as any transport; a stream server's is a stream Transport.
-        # (cast, not isinstance: uvloop's transports do not derive from asyncio.Transport.)
-        self.transport = cast(asyncio.Transport, transport)
-        # TCP_NODELAY and SO_KEEPALIVE are set on the listening socket; accepted ones inherit them.
-        # The socket object for TCP_QUICKACK is fetched when first needed: with uvloop that costs
-        # two system calls, and many connections never need it.
-        self._tcp = _UNKNOWN if _QUICKACK and self.server.tcp else None
-        self.engine = ConnectionEngine(self.server.shared, self.server.next_id(), self)
-        self.server.connections.add(self)
-        if self.engine.debug:  # per connection: the verdict line names the client
-            log.debug("%s: connection from %s", self.engine.name, _peer_text(transport.get_extra_info("peername")))
-
-    @property
-    def proxied(self) -> bool:
-        return self._proxy
-
-    @property
-    def peer(self) -> str:
-        """Who is at the other end, as log lines name it; with a hint if it sent a PROXY header."""
-        peer = _peer_text(self.transport.get_extra_info("peername") if self.transport is not None else None)
-        return peer + _PROXY_HINT if self._proxy else peer
-
-    def _sniff(self, head: bytes, data: bytes) -> None:
-        """Do the first bytes start a PROXY protocol header? Told within 12 bytes; an MTA's first
-        byte (a length's high byte, 0) tells at once, so a session pays one comparison."""
-        if not head and data[:1] == b"\0":  # the common case, without the generator below
-            self._head = None
-            return
-        head += data[: _SNIFFED - len(head)]
-        self._proxy = any(sig[: len(head)] == head[: len(sig)] for sig in _PROXY_SIGNATURES)
-        self._head = head if self._proxy and len(head) < _SNIFFED else None
-
-    def data_received(self, data: bytes) -> None:
-        self.last = self._loop.time()
-        self._wrote = False
-        if self._head is not None:  # (before the engine: it logs the garbled packet at once)
-            self._sniff(self._head, data)
-        engine = self.engine
-        if engine is None:  # connection_lost came first: nothing reads this connection any more
-            return
-        engine.data_received(data)
-        if not self._wrote and self._tcp is not None and not engine.closed:
-            self._quick_ack()
-
-    def _quick_ack(self) -> None:
-        """Data we do not answer (macros, no-reply headers) would get a delayed ACK, and the
-        MTA's next small write waits ~40 ms for it (Nagle): acknowledge at once instead."""
-        if self._tcp is _UNKNOWN:
-            self._tcp = self.transport.get_extra_info("socket") if self.transport is not None else None
-        try:
-            self._tcp.setsockopt(socket.IPPROTO_TCP, _QUICKACK, 1)
-        except (OSError, AttributeError):
-            self._tcp = None
-
-    def pause_writing(self) -> None:
-        """The peer does not read its replies: stop reading its commands until it does."""
-        self._blocked = True
-        if self.transport is not None:
-            self.transport.pause_reading()
-
-    def resume_writing(self) -> None:
-        self._blocked = False
-        if self.engine is not None and not self.engine.busy:
-            self.resume_reading()
-            self.engine.resume()
-
-    @property
-    def blocked(self) -> bool:
-        return self._blocked
-
-    def eof_received(self) -> bool:
-        if self.engine is not None:
-            self.engine.connection_lost("eof")
-        return False
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        server = self.server
-        server.connections.discard(self)
-        if server.acceptor is not None:
-            server.acceptor.connection_closed()  # a descriptor is free: accept again if we ran out
-        # The transport's last call: letting go of the engine (whose link is this object) lets
-        # reference counting free the connection now, not the cycle collector some time later.
-        engine, self.engine = self.engine, None
-        if engine is not None and not engine.closed:
-            engine.connection_lost("eof" if exc is None else f"error: {said(exc)}")
-        if server.retiring and engine is not None:
-            server.session_over(engine.shared)
-
-    # Link
-    def write(self, data: bytes) -> None:
-        if self.transport is not None and not self.transport.is_closing():
-            self.transport.write(data)
-            self._wrote = True
-            self.last = self._loop.time()  # the idle clock runs from our answer (docs/protocol.md §9.3)
-
-    def close(self) -> None:
-        if self.transport is not None:
-            self.transport.close()
-
-    def pause_reading(self) -> None:
-        if self.transport is not None:
-            self.transport.pause_reading()
-
-    def resume_reading(self) -> None:
-        if self.transport is not None and not self.transport.is_closing() and not self._blocked:
-            self.transport.resume_reading()
-
-    @property
-    def busy(self) -> bool:
-        return self.engine is not None and self.engine.busy
-
-    def touch(self) -> None:
-        self.last = self._loop.time()
-
-    def expire(self, reason: str) -> None:
-        if self.engine is not None:
-            self.engine.connection_lost(reason)
-        if self.transport is not None:
-            self.transport.abort()
-
-
-async def _cut(conns: list["_Connection"], reason: str) -> None:
-    """Close these sessions now; return once their abort and close callbacks have run, after the
-    async callbacks the close cancelled (else the loop's end, or a reload's ``gone``, came first)."""
-    engines = [c.engine for c in conns if c.engine is not None]
-    await _due_first(engines)
-    for conn in conns:
-        conn.pause_reading()  # (no command more for the sessions still waiting for their turn)
-    for conn in conns:
-        conn.expire(reason)
-        # The loop turns between sessions: hundreds of close callbacks in one turn took overdue.py's
-        # patience, and a stop's orderly cut was taken for a held thread and ended halfway.
-        await asyncio.sleep(0)
-    ending = [f for f in (e.ending for e in engines) if f is not None and not f.done()]
-    if ending:
-        await asyncio.wait(ending, timeout=2 * UNWIND)  # (each abandons its callback after UNWIND)
-
-
-async def _due_first(engines: list[ConnectionEngine]) -> None:
-    """Let the async callbacks whose own limit ends with the grace (one started in it gets what
-    is left of it, LAST_WORDS at least) reach it before their connections are cut: each is
-    then stopped, logged and answered with on_error, as a sync or Tcl one is. Without this the
-    loop's timers decided: a cut first left the MTA an EOF and the log no line of the callback.
-    Waits UNWIND more at most (a loop a callback holds runs no timers meanwhile)."""
-    soon = time.monotonic() + LAST_WORDS
-    due = [e for e in engines if e.due <= soon]
-    while any(e.due <= soon for e in due) and time.monotonic() < soon + UNWIND:
-        await asyncio.sleep(0.005)
-
-
-def _peer_text(peer: object) -> str:
-    """The peer as log lines name it. A unix socket's peer names itself (the path it bound),
-    line breaks and all: escaped."""
-    if isinstance(peer, tuple):
-        return f"{peer[0]}:{peer[1]}"
-    return escape(str(peer)) or "unix socket"
 
 
 def _reloads_told(_repeated: Repeated, label: str, count: int) -> None:
@@ -256,7 +68,7 @@ class MilterServer:
     def __init__(self, shared: Shared) -> None:
         self.shared = shared
         self.loop: asyncio.AbstractEventLoop | None = None  # the loop serve() runs on, once it has run
-        self.connections: set[_Connection] = set()
+        self.connections: set[Connection] = set()
         self._ids = 0
         self._stop: asyncio.Event | None = None
         self._stop_requested = False
@@ -410,7 +222,7 @@ class MilterServer:
             settings = self.shared.settings
             listener = bind(spec, settings.backlog, settings.socket_mode, settings.socket_owner)
             check_fd_limit(settings.backlog)  # with --workers, the supervisor checks once
-        acceptor = Acceptor(loop, listener.sock, lambda: _Connection(self, loop),
+        acceptor = Acceptor(loop, listener.sock, lambda: Connection(self, loop),
                             lambda: self.shared.settings.max_connections, self._refused)
         acceptor.start()
         return listener, acceptor
@@ -457,7 +269,7 @@ class MilterServer:
                 try:
                     await asyncio.wait_for(retiring.over.wait(), old.settings.grace)
                 except asyncio.TimeoutError:
-                    await _cut([c for c in self.connections if c.engine is not None and c.engine.shared is old],
+                    await cut([c for c in self.connections if c.engine is not None and c.engine.shared is old],
                                "milter reloaded")
         finally:
             del self.retiring[old]
@@ -483,7 +295,7 @@ class MilterServer:
             open_now = len(self.connections)
             log.warning("%s: %d conversation%s still open at the end of the %g s grace cut short (the MTA applies "
                         "its default action to each)", self._ending[0], open_now, "" if open_now == 1 else "s", grace)
-        await _cut(list(self.connections), self._ending[1])
+        await cut(list(self.connections), self._ending[1])
         if self.connections:
             await asyncio.sleep(0)
         self.connections.clear()
