@@ -66,6 +66,7 @@ HOT = [
     "context.py",
     "shared.py",
     "calling.py",
+    "negotiating.py",
     "engine.py",
     "tcl/limit.py",
     "tcl/context_cmd.py",

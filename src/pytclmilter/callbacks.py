@@ -33,7 +33,7 @@ EVENT_ARGS: Final = {c.callback: c.args for c in COMMANDS if c.callback}
 DEFERRABLE: Final = frozenset({"header"})
 
 #: Registry versions, unique across registries, so that a negotiation computed for one set of
-#: callbacks is never reused for another (see ConnectionEngine._negotiated).
+#: callbacks is never reused for another (see negotiating.answer_for).
 _GENERATIONS: Final = itertools.count(1)
 
 

@@ -24,16 +24,17 @@ from .context import Context
 from .hooks import Hooks
 from .limits import PYTHON_LIMIT
 from .logline import as_field, escape, escape_lines, failure_text, quoted, said
+from .negotiating import answer_for, answer_text
 from .logline import info as log_info
 from .repeats import fault_kind
 # Imported by name, not as a module: compiled, `events.Name` is a module attribute look-up per use.
 from .protocol.events import (
     Abort, Accept, Body, Closed, Connect, Continue, Discard, EndOfMessage, EnvFrom, EnvRcpt, Event, Helo, Macro,
-    OptionNegotiation, OptionNegotiationReply, Progress, Reject, Reply, ReplyCode, Skip, Tempfail, Unknown,
+    OptionNegotiation, Progress, Reject, Reply, ReplyCode, Skip, Tempfail, Unknown,
 )
-from .protocol.constants import Action, MacroStage, Proto, flag_names
+from .protocol.constants import Proto
 from .protocol.errors import LocalProtocolError, RemoteProtocolError
-from .protocol.negotiation import Negotiated, check_offer, negotiate, shown
+from .protocol.negotiation import check_offer, shown
 from .protocol.session import FilterSession, NeedData
 from .protocol.table import COMMANDS
 from .shared import Shared
@@ -75,9 +76,6 @@ _FINAL_OF: Final = {
     Status.SKIP: Skip(),
 }
 
-#: negotiate() results by (registry generation, offer, size limit, macro lists): see _negotiated.
-_NEGOTIATED: Final[dict[tuple[Any, ...], Negotiated]] = {}
-
 _MESSAGE_EVENTS: Final = frozenset(c.event for c in COMMANDS if c.message)
 _SKIP: Final = int(Proto.SKIP)
 
@@ -101,16 +99,6 @@ class Link(Protocol):
     @property
     def proxied(self) -> bool:
         """The connection began with a PROXY protocol header (HAProxy's send-proxy)."""
-
-
-def _answer_text(reply: OptionNegotiationReply) -> str:
-    """The option negotiation's answer in the debug line: its flags by name (docs/protocol.md
-    §4.2-§4.3), each number in hex too; the macro lists of a negotiate callback's setsymlist."""
-    actions, protocol = Action(reply.actions), Proto(reply.protocol)
-    text = (f"v{reply.version} actions {'|'.join(flag_names(actions)) or 'none'} (0x{reply.actions:x}) "
-            f"protocol {'|'.join(flag_names(protocol)) or 'none'} (0x{reply.protocol:x})")
-    lists = [f"{MacroStage(stage).name.lower()}={as_field(names)}" for stage, names in reply.macros.items()]
-    return " ".join([text, "macro lists", *lists]) if lists else text
 
 
 class ConnectionEngine(Caller):
@@ -400,7 +388,7 @@ class ConnectionEngine(Caller):
                 self.ctx.stage = ""
             if status not in (Status.CONTINUE, Status.ACCEPT):
                 raise RemoteProtocolError(f"the negotiate callback answered {status.smfis}")
-            negotiated = self._negotiated(offer)
+            negotiated = answer_for(self.registry, offer, self.shared.settings.max_data_size, self.ctx.symlists)
         except RemoteProtocolError as exc:
             if self.fault_due(f"negotiation failed: {said(exc)}"):
                 log.warning("%s: negotiation with %s failed: %s", self.name, self.link.peer, said(exc))
@@ -409,29 +397,8 @@ class ConnectionEngine(Caller):
             return
         if self.debug:
             log.debug("%s: offered v%d actions 0x%x protocol 0x%x; answered %s", self.name,
-                      offer.version, offer.actions, offer.protocol, _answer_text(negotiated.reply))
+                      offer.version, offer.actions, offer.protocol, answer_text(negotiated.reply))
         self._out.append(self.session.accept_negotiation(negotiated))
-
-    def _negotiated(self, offer: OptionNegotiation) -> Negotiated:
-        """negotiate() for this offer and the callbacks registered now, computed once per combination.
-
-        Every connection of an MTA makes the same offer, and the callbacks rarely change, so
-        this is a dictionary lookup on the per-connection path.
-        """
-        symlists = self.ctx.symlists
-        max_data_size = self.shared.settings.max_data_size
-        key = (self.registry.generation, offer.version, offer.actions, offer.protocol,
-               max_data_size, tuple(symlists.items()))
-        negotiated = _NEGOTIATED.get(key)
-        if negotiated is None:
-            wants = self.registry.wants()
-            wants.max_data_size = max_data_size
-            wants.macros = dict(symlists)
-            negotiated = negotiate(offer, wants)
-            if len(_NEGOTIATED) >= 256:  # bounded: callbacks changing all the time must not grow it
-                _NEGOTIATED.clear()
-            _NEGOTIATED[key] = negotiated
-        return negotiated
 
     # ------------------------------------------------------------ running callbacks
 
