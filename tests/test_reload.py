@@ -1097,3 +1097,39 @@ def test_a_load_whose_time_runs_out_as_it_returns_closes_the_interpreter_it_made
     told = [r.getMessage() for r in caplog.records if "clos" in r.getMessage()]
     assert told == (['reload: closing the interpreter of the failed load failed too: '
                      'TclError: can\'t delete "\\x1bchild"'] if close_fails else []), told
+
+
+def test_a_stop_as_the_loads_watch_takes_the_signals_is_passed_on_to_the_stop_it_replaced() -> None:
+    """The watch of a load (reloading._AbandonedAtStop) passes a stop signal on to the handler it
+    replaced, the --workers supervisor's, which begins the stop. It learnt that handler only once
+    it had replaced all three (SIGTERM, SIGINT, SIGHUP): a SIGTERM that Python ran between two
+    of those (the admin's `systemctl stop` as a reload began) abandoned the load and was passed
+    on to no one; the supervisor logged "abandoned ...; stopping" and served on, until systemd's
+    SIGKILL. Here the SIGTERM comes right after the watch's handler of it is in place."""
+    import _signal
+    import sys
+
+    from pytclmilter.commands import reloading
+
+    begun: list[int] = []
+    sent: list[bool] = []
+
+    def profile(frame: Any, event: str, arg: Any) -> None:
+        # (signal.signal is Python calling _signal.signal: its caller, the watch's code)
+        if (event == "c_return" and arg is _signal.signal and not sent and frame.f_back is not None
+                and os.path.basename(frame.f_back.f_code.co_filename) == "reloading.py"):
+            sent.append(True)
+            os.kill(os.getpid(), signal.SIGTERM)  # (first of STOP_SIGNALS: its handler is ours now)
+
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: begun.append(signum))
+    try:
+        sys.setprofile(profile)
+        try:
+            with reloading._AbandonedAtStop() as watch:
+                sys.setprofile(None)
+        finally:
+            sys.setprofile(None)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert sent and watch.signal == signal.SIGTERM
+    assert begun == [signal.SIGTERM]

@@ -60,7 +60,12 @@ class _AbandonedAtStop:
 
     def __enter__(self) -> "_AbandonedAtStop":
         if threading.current_thread() is threading.main_thread():  # (only it may set a handler)
-            self._previous = {sig: signal.signal(sig, self._taken) for sig in STOP_SIGNALS}
+            for sig in STOP_SIGNALS:
+                # Known before ours is in place: Python may run ours as soon as it is (before the
+                # next signal.signal, which runs the handlers due first), and without the one it
+                # replaced the stop was never begun: the load abandoned, the process served on.
+                self._previous[sig] = signal.getsignal(sig)
+                signal.signal(sig, self._taken)
         return self
 
     def __exit__(self, *exc: object) -> None:
