@@ -325,6 +325,48 @@ def test_a_reload_a_stop_abandons_is_not_told_as_ready_and_failed(tclrun: Callab
         manager.close()
 
 
+def wait_in_poll(pid: int) -> None:
+    """Until the main thread of ``pid`` waits in poll() (a send waiting for room in the queue), as
+    /proc tells it (its wchan: the kernel function it sleeps in)."""
+    wchan = Path(f"/proc/{pid}/wchan")
+    deadline = time.monotonic() + 10
+    seen = set()
+    while "poll_schedule_timeout" not in (where := wchan.read_text()):
+        seen.add(where)
+        if time.monotonic() > deadline:
+            if seen == {"0"}:  # (running, or a kernel that never tells)
+                pytest.skip("/proc/PID/wchan says nothing here")
+            raise AssertionError(f"not waiting in poll() but in {seen}")
+        time.sleep(0.005)
+
+
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_a_stop_as_a_reload_begins_abandons_its_load(tclrun: Callable[..., TclRun], tmp_path: Path,
+                                                     workers: str) -> None:
+    """SIGTERM as a reload begins, before its load watches for stops (here while RELOADING=1
+    waits for room in the manager's queue; in the field, as the loading line is written): the
+    process's own handler took it, and the load ran to its end, "generation 2 serves" while all
+    stopped, however long the load took: here a --python file's setup that sleeps, with no
+    -calltimeout. Now the load is abandoned, as it is later in it."""
+    manager = Manager(str(tmp_path / "notify"))
+    try:
+        script = tmp_path / "stamp.tcl"
+        script.write_text("milter configure -calltimeout 0\n" + SCRIPT)
+        run = tclrun(script, "--workers", workers, env={"NOTIFY_SOCKET": str(tmp_path / "notify")},
+                     python=["def setup(milter):\n    pass\n"])
+        assert manager.receive()[1]["READY"] == "1"
+        (tmp_path / "hooks0.py").write_text("import time\n\ndef setup(milter):\n    time.sleep(600)\n")
+        with filled(tmp_path / "notify"):
+            run.child.kill(signal.SIGUSR1)
+            wait_in_poll(run.child.pid)  # RELOADING=1, before the load
+            run.child.kill(signal.SIGTERM)
+            assert run.wait_exit(10) == 0, run.text
+        assert "reload: generation 2 abandoned: received SIGTERM while it loaded" in run.text, run.text
+        assert "generation 2 serves" not in run.text, run.text
+    finally:
+        manager.close()
+
+
 def test_an_abstract_notify_socket_of_bytes_not_utf8_is_heard(
         tclrun: Callable[..., TclRun]) -> None:
     """NOTIFY_SOCKET is bytes: an abstract name that is not UTF-8 (``@`` and the byte 0xff) came

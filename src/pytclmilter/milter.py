@@ -319,6 +319,16 @@ class Milter:
         """1, or one more than the milter this one replaced (:meth:`reload`)."""
         return self.shared.generation
 
+    @property
+    def stop_signal(self) -> signal.Signals | None:
+        """The stop signal (SIGTERM, SIGINT, SIGHUP) the serving process took while serving (with
+        workers, their supervisor), if one came: a ``Hooks.reload`` under way learns of it here,
+        though the process's handler took it before the hook could take it itself."""
+        if self._supervisor is not None:
+            taken: signal.Signals | None = self._supervisor.stop_signal
+            return taken
+        return self._server.stop_signal
+
     def check_connection(self) -> ConnSpec:
         return parse(self.connection)
 

@@ -97,9 +97,10 @@ class MilterServer:
         #: Why serving ends, as the log and the metrics say it: a stop, or (a worker) a reload.
         self._ending = _STOPPED
         self._aborted = False  # abort(): serve() ends without the grace
-        #: A stop signal came (Python's handler, _grace_starts), maybe before the loop's takes it:
-        #: a SIGUSR1 queued before it must not load a script meanwhile (_on_reload).
-        self._stop_signalled = False
+        #: The stop signal that came (Python's handler, _grace_starts), maybe before the loop's takes
+        #: it: a SIGUSR1 queued before it must not load a script meanwhile (_on_reload), and a load
+        #: under way when it came is abandoned (commands/reloading.py).
+        self.stop_signal: signal.Signals | None = None
         self._holding = ""  # what the loop's thread does other than callbacks, for overdue.py
         self._reload_told = False  # the SIGUSR1 waiting for a callback was logged (_seen)
 
@@ -174,7 +175,7 @@ class MilterServer:
                 self._stop_requested = False
                 self._stop = None
                 return
-        self.stopped_by, self._ending, self._aborted, self._stop_signalled = None, _STOPPED, False, False
+        self.stopped_by, self._ending, self._aborted, self.stop_signal = None, _STOPPED, False, None
         self.tcp = spec.family != "unix"  # before listening: the first connection may come at once
         try:
             listener, acceptor = self._listen(spec, inherited, loop)
@@ -431,7 +432,8 @@ class MilterServer:
         loop next turns): the grace starts at the signal. Python runs it even while a Tcl callback
         holds the loop (at its limit's beats, tcl/limit.py), which is then held to the grace at
         once rather than to its -calltimeout."""
-        self._stop_signalled = self._stop_signalled or signum != REPLACED
+        if signum != REPLACED and self.stop_signal is None:
+            self.stop_signal = signal.Signals(signum)
         self._hold_to_grace(0.0 if self._aborted else self.shared.settings.grace, signum == REPLACED)
 
     def _hold_to_grace(self, grace: float, reload: bool) -> None:
@@ -468,7 +470,7 @@ class MilterServer:
 
     def _on_reload(self) -> None:
         self._reload_told = False
-        if self._stop_signalled or self._stop is not None and self._stop.is_set():
+        if self.stop_signal is not None or self._stop is not None and self._stop.is_set():
             self._reload_refused("received SIGUSR1 while stopping: no reload")
             return
         reload = self.shared.hooks.reload

@@ -181,6 +181,9 @@ class Supervisor:
         # Taken with sigtimedwait in the parent; SIGUSR1 only when the milter can reload (Hooks.reload).
         self._waited = (signal.SIGCHLD,) + ((signal.SIGUSR1,) if hooks.reload is not None else ())
         self.stopping = False
+        #: The stop signal that came, if one did: a reload's load under way is abandoned by it
+        #: (commands/reloading.py), though this process's handler took it before the load's watch.
+        self.stop_signal: signal.Signals | None = None
         #: The workers of the serving set whose stop was not clean (killed, failed, or ended by
         #: overdue.py past the grace): how each ended. The stop then fails, for systemd too
         #: (Milter.run, commands/run.py).
@@ -354,6 +357,7 @@ class Supervisor:
         return dead
 
     def _on_signal(self, signum: int, frame: object) -> None:
+        self.stop_signal = self.stop_signal or signal.Signals(signum)
         askers, junk = self._askers() if signum == signal.SIGTERM else ([], 0)
         why = f"{_named(askers)} called milter stop" if askers else f"received {signal.Signals(signum).name}"
         if junk:

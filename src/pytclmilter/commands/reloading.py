@@ -51,10 +51,13 @@ class _AbandonedAtStop:
     The load runs on the thread that serves, so the server's own stop (its loop's handler)
     waited for the load to end: up to -calltimeout (60 s), for ever with -calltimeout 0.
     Python runs this handler at the beats of Tcl's limit and between a --python file's
-    statements; it runs the handler it replaced first (the server's: the grace starts then)."""
+    statements; it runs the handler it replaced first (the server's: the grace starts then).
+    A stop that handler took before this one was in place, once the reload was asked, is
+    ``taken`` (Milter.stop_signal): it abandons the load as well."""
 
-    def __init__(self) -> None:
+    def __init__(self, taken: Callable[[], signal.Signals | None] = lambda: None) -> None:
         self.signal: signal.Signals | None = None
+        self._taken_before = taken
         self.host: TclHost | None = None  # the interpreter loading, once made
         self._previous: dict[signal.Signals, Any] = {}
 
@@ -66,6 +69,7 @@ class _AbandonedAtStop:
                 # replaced the stop was never begun: the load abandoned, the process served on.
                 self._previous[sig] = signal.getsignal(sig)
                 signal.signal(sig, self._taken)
+        self.signal = self.signal or self._taken_before()  # (after: one in between is either's)
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -122,11 +126,14 @@ class Generations:
         Abandoned, once logged, when a stop signal came while it loaded (the stop goes on)."""
         current = self.current
         number = current.milter.generation + 1
-        log.info("reload: loading generation %d from %s", number, escape(self.script))
-        flush_log()  # (now, not once the loop turns: a load may take a while)
         try:
-            _check_replaceable(current)
-            with _AbandonedAtStop() as watch:
+            # Watched from before the loading line: a stop after it (systemd's, the admin's, seeing
+            # it) was taken by the serving process's handler until the watch began, and the load
+            # went on to its end (generation 2 "serves" while all stopped), however long it took.
+            with _AbandonedAtStop(lambda: current.milter.stop_signal) as watch:
+                log.info("reload: loading generation %d from %s", number, escape(self.script))
+                flush_log()  # (now, not once the loop turns: a load may take a while)
+                _check_replaceable(current)
                 host = self._start(watch)
         except Abandoned as exc:
             current.milter.stats.reloads_abandoned += 1
@@ -157,7 +164,7 @@ class Generations:
         within = self.current.milter.call_timeout
         stopped = _stopped(within, self.current.milter.generation)
         try:
-            host = _held(self._load, exited, within or UNLIMITED)
+            host = _held(self._load, exited, within or UNLIMITED, watch.check)
         except (Exception, CallbackTimeout) as exc:
             # A stop meanwhile abandons the load, whatever that made it raise: the limit's
             # CallbackTimeout, or Tcl's error around it when it came in a Python command Tcl ran.
@@ -221,8 +228,9 @@ class Generations:
                  number, self.current.milter.generation)
 
 
-def _held(load: Load, exited: ScriptExit, seconds: float) -> TclHost:
-    """``load`` held to ``seconds`` by the Python limit (the --python files' import and setup).
+def _held(load: Load, exited: ScriptExit, seconds: float, stopped: Callable[[], None] = lambda: None) -> TclHost:
+    """``load`` held to ``seconds`` by the Python limit (the --python files' import and setup);
+    ``stopped`` raises once the limit is held for a stop that came before (it could not hold it).
     Its CallbackTimeout comes wherever the load is: in a file's code (its import, the look-up of
     its setup, its setup) as HooksFailed, in ours (making the interpreter) as it is. A stop holds
     the limit to now (_AbandonedAtStop), so one at the very start of a load ends it in our part.
@@ -231,6 +239,7 @@ def _held(load: Load, exited: ScriptExit, seconds: float) -> TclHost:
     held = PYTHON_LIMIT.begin(seconds, time.monotonic())
     host: TclHost | None = None
     try:
+        stopped()
         host = load(exited)
         if held:
             PYTHON_LIMIT.stop()
