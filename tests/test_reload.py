@@ -1133,3 +1133,42 @@ def test_a_stop_as_the_loads_watch_takes_the_signals_is_passed_on_to_the_stop_it
         signal.signal(signal.SIGTERM, previous)
     assert sent and watch.signal == signal.SIGTERM
     assert begun == [signal.SIGTERM]
+
+
+#: A --python file that, once loaded, sends its process SIGTERM as the script's load is started
+#: (TclScript.start called, its Tcl limit not begun yet): the one moment a profile hook can name.
+STOP_AS_THE_SCRIPT_STARTS = """\
+import os
+import signal
+import sys
+
+
+def _profile(frame, event, arg):
+    code = frame.f_code
+    if event == "call" and code.co_name == "start" and code.co_filename.endswith(os.path.join("tcl", "script.py")):
+        sys.setprofile(None)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
+def setup(milter):
+    sys.setprofile(_profile)
+"""
+
+
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_a_stop_as_the_reloads_script_starts_stops_the_script(tclrun, tmp_path: Path, workers: str) -> None:
+    """A stop taken after the load's last check and before the script's Tcl limit began (in
+    TclScript.start, before begin_within): the watch expired a limit the begin then set afresh,
+    so the script ran on to its `milter main`, however long that took (for ever with -calltimeout
+    0), and only then was the load abandoned. Here the script's next commands write a file."""
+    script = tmp_path / "stamp.tcl"
+    script.write_text("milter configure -calltimeout 0\n" + stamping("A"))
+    marker = tmp_path / "reached"
+    run = tclrun(script, "--workers", workers, python=["def setup(milter):\n    pass\n"])
+    (tmp_path / "hooks0.py").write_text(STOP_AS_THE_SCRIPT_STARTS)
+    script.write_text("milter configure -calltimeout 0\nfor {set i 0} {$i < 1000} {incr i} {}\n"
+                      f"close [open {{{marker}}} w]\n" + stamping("B"))
+    run.child.kill(signal.SIGUSR1)
+    assert run.wait_exit(timeout=20) == 0, run.text
+    assert "reload: generation 2 abandoned: received SIGTERM while it loaded" in run.text, run.text
+    assert not marker.exists(), run.text

@@ -85,6 +85,10 @@ class _AbandonedAtStop:
         if self.host is not None:
             self.host.limit.expire()  # Tcl's next check stops the script where it is
 
+    def stopped(self) -> bool:
+        """A stop signal came: a limit begun after it (the script's, TclScript.start) ends now."""
+        return self.signal is not None
+
     def check(self) -> None:
         """Abandoned, if a stop signal came."""
         if self.signal is not None:
@@ -180,7 +184,7 @@ class Generations:
         try:
             watch.check()
             with sigmask.children_reapable():  # under --workers, in the supervisor
-                started = host.start(self.script, within or UNLIMITED)
+                started = host.start(self.script, within or UNLIMITED, watch.stopped)
             watch.check()
             if not started:
                 raise LoadFailed(f"{self.script}: error: {NO_MAIN}")

@@ -454,9 +454,9 @@ class TclHost:
 
     # ------------------------------------------------------------ run's script, suspended in `milter main`
 
-    def start(self, path: str, within: float = 0.0) -> bool:
+    def start(self, path: str, within: float = 0.0, stopped: Callable[[], bool] = lambda: False) -> bool:
         """Source the script, suspended in its `milter main` (TclScript.start)."""
-        return self.script.start(path, within)
+        return self.script.start(path, within, stopped)
 
     def resume(self, result: Answer) -> bool:
         """`milter main` returns ``result`` and the script goes on (TclScript.resume)."""

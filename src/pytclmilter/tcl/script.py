@@ -8,7 +8,7 @@ from __future__ import annotations
 import contextlib
 import time
 import tkinter
-from typing import Any, Final, Sequence
+from typing import Any, Callable, Final, Sequence
 
 from . import output
 from .callbacks import CALLED_FROM
@@ -65,19 +65,23 @@ class TclScript:
         self._call("set", "argc", len(argv))
         self._call("set", "tcl_interactive", 0)
 
-    def start(self, path: str, within: float = 0.0) -> bool:
+    def start(self, path: str, within: float = 0.0, stopped: Callable[[], bool] = lambda: False) -> bool:
         """Source a script whose `milter main` suspends it instead of serving (tclmilter.tcl), so that
         the milter serves outside the script's stack and a reload can replace the script without
         running the code after its `milter main`. True: it waits in `milter main` (serve, then
         resume); False: it ended, or it served inside (where Tcl could not suspend it). A TclError
         carries errorInfo in ``error_info()``. ``within``: seconds the script may take to get there
         (0: no limit), held by Tcl's `interp limit` whatever the script sets -calltimeout to; past
-        them the TclError comes with ``self.limit.exceeded`` set."""
+        them the TclError comes with ``self.limit.exceeded`` set. ``stopped``: true when a stop
+        came before that limit began (a reload's watch, which expires it from then on), which
+        then ends at once: begun, it would have run the script to its `milter main`."""
         self.command.suspend_at_main = True
         self.source_word = str(self.tk.call("format", "%s", ("source", path)))  # (a list: as Tcl shows it)
         if within:
             now = time.monotonic()
             self.limit.begin_within(now + within, now)
+            if stopped():
+                self.limit.expire()
         yielded = self._call("coroutine", COROUTINE, "source", path)
         if within:
             self.limit.clear()
