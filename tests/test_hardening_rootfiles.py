@@ -515,6 +515,27 @@ def test_a_tcl_index_in_another_users_directory_is_not_evaluated(etc, theirs):
                   f'refusing to source "{index}" as root: {owned_by_nobody(theirs)}', "index ran")
 
 
+@pytest.mark.parametrize("where", ["process", "interp create", pytest.param("thread", marks=needs_thread)])
+def test_a_tcl_index_on_the_auto_path_at_an_interpreters_making_is_not_evaluated(etc, theirs, where):
+    """Making an interpreter (the script's, one it creates, a thread's) keeps Tcl's own `after`
+    and `fconfigure` with `namespace import`, which runs Tcl's `auto_import`, which loads the
+    autoloader's index: every tclIndex on the auto_path (TCLLIBPATH's directories among them)
+    was evaluated by Tcl's own `auto_load_index` there, before the checking one was in place:
+    another user's ran as root, with no unknown command called."""
+    index = theirs / "tclIndex"
+    index.write_text('# Tcl autoload index file, version 2.0\nputs "index ran"\n')
+    making = {"process": "", "interp create": "interp create i",
+              "thread": "package require Thread; thread::send [thread::create {thread::wait}] {set x 1}"}[where]
+    script = etc / "filter.tcl"
+    script.write_text(pulling_in(f"set env(TCLLIBPATH) {{{theirs}}}; {making}"))
+    env = {"TCLLIBPATH": str(theirs)} if where == "process" else {}
+    done = subprocess.run([*_pytclmilter_command(), "check", str(script)], env=child_env(env),
+                          capture_output=True, text=True, timeout=60)
+    assert "index ran" not in done.stdout, done
+    if where != "process":  # (there `package require TclMilter` is refused: the index is root's to run)
+        assert done.returncode == 0 and "script ran" in done.stdout, done
+
+
 @pytest.mark.parametrize("nested", [False, True], ids=["interp create", "interp create in it"])
 def test_an_interpreter_the_script_creates_refuses_too(etc, theirs, nested):
     """An interpreter the script made had Tcl's own `source`, also below it."""

@@ -166,16 +166,23 @@ def kept_own(name: str) -> str:
     interpreter (errors and errorInfo as Tcl's; only `namespace origin NAME` names the new
     place). A script's `rename NAME`, `proc NAME` or `rename NAME ""` then acts on the import:
     called by name, its own proc ran in the milter's checks, outside the callbacks' time
-    limit, and one that looped hung every connection, or the stop. (The alias stands in while
-    `namespace import` runs Tcl's auto_import, whose index loading calls `fconfigure`. A safe
-    interpreter has no `fconfigure`: hidden, it is left as it is.)"""
+    limit, and one that looped hung every connection, or the stop. Tcl's `auto_import` is held
+    aside while `namespace import` runs (Tcl runs it first when it exists): it loads the
+    autoloader's index, evaluating every tclIndex on the auto_path with Tcl's own
+    `auto_load_index`, here before rootfiles.py's checking one is in place (another user's ran
+    as root). A safe interpreter has no `fconfigure`: hidden, it is left as it is."""
     return f"""
 if {{![llength [::tcl::info::commands ::tclmilter::py::{name}]] && [llength [::tcl::info::commands ::{name}]]}} {{
     ::tcl::namespace::eval ::tclmilter::py {{ }}
     ::rename ::{name} ::tclmilter::py::{name}
-    ::interp alias {{}} ::{name} {{}} ::tclmilter::py::{name}
     ::tcl::namespace::eval ::tclmilter::py {{ ::namespace export {name} }}
-    ::namespace import -force ::tclmilter::py::{name}
+    if {{[llength [::tcl::info::commands ::auto_import]]}} {{
+        ::rename ::auto_import ::tclmilter::py::auto_import
+        ::namespace import ::tclmilter::py::{name}
+        ::rename ::tclmilter::py::auto_import ::auto_import
+    }} else {{
+        ::namespace import ::tclmilter::py::{name}
+    }}
     ::tcl::namespace::eval ::tclmilter::py {{ ::namespace export -clear }}
 }}
 """
