@@ -532,8 +532,12 @@ def test_a_tcl_index_on_the_auto_path_at_an_interpreters_making_is_not_evaluated
     done = subprocess.run([*_pytclmilter_command(), "check", str(script)], env=child_env(env),
                           capture_output=True, text=True, timeout=60)
     assert "index ran" not in done.stdout, done
-    if where != "process":  # (there `package require TclMilter` is refused: the index is root's to run)
+    if where != "process":
         assert done.returncode == 0 and "script ran" in done.stdout, done
+    else:  # `package require TclMilter` is refused (the index is root's to run): one line, no traceback
+        assert done.returncode == 1, done
+        assert done.stderr == (f"pytclmilter check: cannot make the script's interpreter: refusing to source "
+                               f'"{index}" as root: {owned_by_nobody(theirs)}\n'), done.stderr
 
 
 @pytest.mark.parametrize("nested", [False, True], ids=["interp create", "interp create in it"])

@@ -8,7 +8,7 @@ from typing import Callable, NoReturn, Sequence
 
 from . import __version__
 from .commands import check, run, send, sigmask, trial
-from .commands.common import EX_SOFTWARE, EX_USAGE, HooksFailed, UnsafeFile, UsageError
+from .commands.common import EX_SOFTWARE, EX_USAGE, HooksFailed, UsageError
 from .logline import controls_escaped, escape, guard
 from .repeats import tell_counts
 from .tcl import threads
@@ -76,7 +76,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _COMMANDS[argv[0]][1](opts)
     except UsageError as exc:
         print(_printed(argv[0], f"pytclmilter {argv[0]}: {exc}"), file=sys.stderr)  # (a file's name, Tcl's reason)
-        if isinstance(exc, UnsafeFile) and argv[0] == "try":  # (1 would read as "rejected")
+        if exc.status == 1 and argv[0] == "try":  # (1 would read as "rejected"; UnsafeFile's and the like)
             return EX_SOFTWARE
         return exc.status
     except HooksFailed as exc:  # the traceback from the file's frames, not from ours

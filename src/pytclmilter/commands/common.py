@@ -12,6 +12,7 @@ import signal
 import stat
 import sys
 import time
+import tkinter
 import traceback
 from pathlib import Path
 from types import ModuleType, TracebackType
@@ -219,7 +220,10 @@ def make_host(script: str, hooks: list[str], overrides: dict[str, str | None],
     sources = [(path, read_hooks(path)) for path in hooks]
     if os.geteuid() == 0:
         rootimports.install()  # what the files import, as they are, only from files of root's
-    host = TclHost(milter_hooks, on_exit=on_exit)
+    try:
+        host = TclHost(milter_hooks, on_exit=on_exit)
+    except tkinter.TclError as exc:  # (as root, an index on Tcl's auto_path refused: TCLLIBPATH's)
+        raise UsageError(f"cannot make the script's interpreter: {exc}", 1) from None
     try:
         for option, value in overrides.items():
             if value is not None:
