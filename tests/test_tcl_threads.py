@@ -296,6 +296,65 @@ def test_threads_started_before_main_with_workers_fail_loudly(tclrun):
     assert "listening on" not in m.text
 
 
+_POOL_IN_CALLBACK = r"""
+    package require TclMilter
+    package require Thread
+    %s
+    set ::pool [tpool::create -minworkers %d]
+    proc helo {ctx host} {
+        set job [tpool::post $::pool {expr {6 * 7}}]
+        tpool::wait $::pool $job
+        $ctx setreply 550 5.7.1 "got [tpool::get $::pool $job]"
+        return SMFIS_REJECT
+    }
+    milter register helo helo
+    milter main
+"""
+_UNLISTED = ("milter main: -workers 2 forks the serving processes and a fork keeps no thread, so %d thread(s) of "
+             "this process that `thread::names` does not list would not be in them: a thread pool's workers")
+#: Before the pool, or not: an event waited for starts Tcl's notifier thread, which is not counted.
+_WAITED = pytest.mark.parametrize("waited", ["", "after 10 {set ::x 1}; vwait ::x"], ids=["", "notifier"])
+
+
+@_WAITED
+def test_a_pool_with_workers_made_before_main_with_workers_fails_loudly(tclrun, waited):
+    """A pool's workers are threads that `thread::names` does not list: forked, the pool believed
+    its two workers idle without them, and each --workers worker's first `tpool::wait` waited
+    for ever in C (no -calltimeout stops it; the stop ended it past the grace, exit status 1).
+    Now `milter main` counts the process's threads (/proc/self/task) and refuses the fork."""
+    m = tclrun(_POOL_IN_CALLBACK % (waited, 2), "--workers", "2", wait=False)
+    assert m.wait_exit() == 1
+    assert _UNLISTED % 2 in m.text, m.text
+    assert "create the pool in a callback (the first that needs it), or with -minworkers 0" in m.text
+    assert "listening on" not in m.text
+
+
+@_WAITED
+def test_a_pool_without_workers_made_before_main_serves_in_each_worker(tclrun, waited):
+    """`tpool::create -minworkers 0` starts no thread: each forked worker's pool starts its own
+    on its first post, so it is not refused (nor is Tcl's notifier thread, which every serving
+    process has), and the job's result comes back in both workers."""
+    m = tclrun(_POOL_IN_CALLBACK % (waited, 0), "--workers", "2")
+    for _ in range(4):  # (the kernel hands them to either worker)
+        with m.mta() as mta:
+            mta.negotiate()
+            assert mta.helo() == ("y", {"smtpcode": "550", "space": " ", "text": "5.7.1 got 42"})
+    assert m.stop() == 0
+
+
+def test_a_thread_python_does_not_know_of_with_workers_fails_loudly(tclrun):
+    """A thread a --python file's C code starts (here faulthandler's watchdog) is neither in
+    `threading` nor in `thread::names`: it would not be in the forked workers either."""
+    m = tclrun("package require TclMilter\nmilter main\n", "--workers", "2", wait=False, python=["""
+        import faulthandler
+
+        def setup(milter):
+            faulthandler.dump_traceback_later(3600)
+    """])
+    assert m.wait_exit() == 1
+    assert _UNLISTED % 1 in m.text, m.text
+
+
 @pytest.mark.parametrize("made, told, absent", [
     ("thread::create {thread::wait}", r"the script runs (\d+) threads of the Thread package besides its own: a "
      r"thread made at every", "`thread::release`"),

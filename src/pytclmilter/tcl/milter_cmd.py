@@ -17,6 +17,7 @@ from ..milter import Milter
 from ..repeats import Repeated
 from ..settings import MAX_WORKERS
 from ..status import parse_status, status_names
+from . import osthreads
 from .usage import NONE, VALUE_NUMBER, Answer, TclUsageError, boolean, check_count, integer, number, one_of, wrong_args
 
 if TYPE_CHECKING:
@@ -248,13 +249,8 @@ class MilterCommand:
         check_count(args, 0, 0, "milter main")
         if self.milter.running:
             raise TclUsageError("milter main: the milter is already running")
-        threads = self.host.thread_count() - 1
-        if self.milter.workers > 1 and threads:
-            # The workers are forked, and a fork copies no thread: what the script's threads do or
-            # send would never reach them, and a worker's sync send to one would wait forever.
-            raise TclUsageError(f"milter main: -workers {self.milter.workers} forks the serving processes and a fork "
-                                f"keeps no thread, so the script's {threads} other thread(s) would not be in them: "
-                                "start threads in callbacks, or serve with -workers 1")
+        if self.milter.workers > 1:
+            self._check_forkable()
         self.main_calls += 1
         # (Tcl's own `info script`, whatever the script made of `info`; Tcl's cwd is the process's)
         script = str(self.host.child_call("::tcl::info::script"))
@@ -271,6 +267,25 @@ class MilterCommand:
         if self.end_script_at_main:
             return self._after_main()
         return ""
+
+    def _check_forkable(self) -> None:
+        """The workers are forked, and a fork copies no thread: what the script's threads do or
+        send would never reach them, and a worker's sync send to one would wait forever; a
+        forked thread pool believes its workers idle without them, and a post to it waits for
+        ever too (osthreads.py)."""
+        forks = f"milter main: -workers {self.milter.workers} forks the serving processes and a fork keeps no thread"
+        threads = self.host.thread_count() - 1
+        if threads:
+            raise TclUsageError(f"{forks}, so the script's {threads} other thread(s) would not be in them: "
+                                "start threads in callbacks, or serve with -workers 1")
+        unknown = osthreads.unknown_threads()
+        if unknown:
+            raise TclUsageError(
+                f"{forks}, so {unknown} thread(s) of this process that `thread::names` does not list would not be "
+                "in them: a thread pool's workers (`tpool::create` with -minworkers above 0, or a `tpool::post`, "
+                "before `milter main`) or a thread of a library a --python file loaded; create the pool in a "
+                "callback (the first that needs it), or with -minworkers 0 and no post before `milter main`, "
+                "or serve with -workers 1")
 
     def serve(self, inside: bool = False) -> Answer:
         """Serve until the milter stops, for a script waiting in `milter main`: what that returns,
