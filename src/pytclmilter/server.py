@@ -24,15 +24,9 @@ from .repeats import Every, Repeated, tell_counts
 from .limits import PYTHON_LIMIT
 from .overdue import StopDeadline
 from .shared import FOREVER, Shared
+from .signalroles import RELOAD, REPLACED, STOP_SIGNALS
 
 log: Final = logging.getLogger("pytclmilter")
-
-#: Stop the milter gracefully (with workers: sent to the supervisor; to a worker, that worker).
-STOP_SIGNALS: Final = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
-#: From the --workers supervisor to the workers a reload replaced: finish the open sessions (their
-#: log lines and metrics then say "milter reloaded", not "milter stopped"), then end.
-REPLACED: Final = signal.SIGUSR2
-_RELOAD: Final = signal.SIGUSR1
 
 
 def _reloads_told(_repeated: Repeated, label: str, count: int) -> None:
@@ -356,9 +350,9 @@ class MilterServer:
         # SIGUSR1 only for a milter that can reload (Hooks.reload): otherwise it keeps its meaning.
         # A --workers worker's milter can, in the supervisor: one sent to a worker is only logged.
         can_reload = self.shared.hooks.reload is not None
-        for sig in STOP_SIGNALS + ((_RELOAD,) if can_reload else ()):
+        for sig in STOP_SIGNALS + ((RELOAD,) if can_reload else ()):
             try:
-                if sig == _RELOAD:
+                if sig == RELOAD:
                     self._reload_disposition = signal.getsignal(sig)
                     loop.add_signal_handler(sig, self._on_reload if self.reloadable else self._reload_elsewhere)
                     if not self.reloadable:  # a worker: its supervisor tells it when a reload replaced it
@@ -380,7 +374,7 @@ class MilterServer:
                 # platform lacks: serving goes on, but this signal no longer stops it gracefully,
                 # which the admin must know before relying on it.
                 log.warning("%s will not %s (the event loop cannot handle it: %s)", sig.name,
-                            "reload the milter" if sig == _RELOAD else "stop the milter gracefully",
+                            "reload the milter" if sig == RELOAD else "stop the milter gracefully",
                             exc or type(exc).__name__)
         return installed
 
@@ -393,7 +387,7 @@ class MilterServer:
     def _seen(self, number: int) -> None:
         """A signal came (overdue.py's thread): a reload that must wait for the callback running
         now is told now, once; the loop runs it when the callback returns (_on_reload)."""
-        if number != _RELOAD or not self.reloadable or self._reload_told:
+        if number != RELOAD or not self.reloadable or self._reload_told:
             return
         held = self._held_by()
         if held.startswith("conn#"):
@@ -488,7 +482,7 @@ class MilterServer:
     def _remove_signals(self, loop: asyncio.AbstractEventLoop, sigs: list[signal.Signals]) -> None:
         for sig in sigs:
             loop.remove_signal_handler(sig)
-            if sig == _RELOAD:  # asyncio leaves the default, which would end the process
+            if sig == RELOAD:  # asyncio leaves the default, which would end the process
                 signal.signal(sig, self._reload_disposition)
             elif sig == REPLACED:  # (the same: a late one must not kill the worker)
                 signal.signal(sig, signal.SIG_IGN)

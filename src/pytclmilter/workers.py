@@ -45,7 +45,7 @@ from .connspec import parse
 from .hooks import Hooks, forget_early_reload, signalled
 from .limits import PYTHON_LIMIT
 from .listener import Listener, bind
-from .server import REPLACED, STOP_SIGNALS
+from .signalroles import REPLACED, STOP_SIGNALS
 from .logline import escape
 from .repeats import Every, Repeated, tell_counts
 from .settings import Settings

@@ -27,7 +27,7 @@ from typing import Any, Callable
 from ..limits import PYTHON_LIMIT, UNLIMITED, CallbackTimeout, internals_dropped
 from ..logline import escape, escape_lines, said
 from ..milter import RESTART_ONLY, ReloadError
-from ..server import STOP_SIGNALS
+from ..signalroles import STOP_SIGNALS
 from ..tcl.interp import TclHost
 from .check import NO_MAIN, callback_errors, script_error
 from .common import HooksFailed, ScriptExit, UsageError

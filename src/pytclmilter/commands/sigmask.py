@@ -41,7 +41,7 @@ from typing import Callable, Iterator
 
 from ..logline import escape
 from ..repeats import Repeated, tell_counts
-from ..server import REPLACED, STOP_SIGNALS
+from ..signalroles import REPLACED, STOP_SIGNALS
 from ..signalpipe import SignalPipe
 from ..tcl.output import write_held_now
 
