@@ -231,11 +231,17 @@ def test_worker_sends_are_served_while_main_runs(tclrun, tmp_path):
     assert m.stop() == 0
 
 
-def test_vwait_in_a_callback_gets_a_workers_send(tclrun):
+@pytest.mark.parametrize("loaded", ["at the top", "in the callback"])
+def test_vwait_in_a_callback_gets_a_workers_send(tclrun, loaded):
+    """Also where the script loads Thread only in the callback, after the event loop has ticked
+    while it was quiet: Thread sends to the first interpreter of the thread that used it, so the
+    idle check must not touch Thread before the script does (a worker's send was lost)."""
+    top, inner = ("package require Thread", "") if loaded == "at the top" else ("", "package require Thread")
     m = tclrun(REPORT + r"""
         package require TclMilter
-        package require Thread
+        TOP
         proc helo {ctx host} {
+            INNER
             thread::create [list thread::send -async [thread::id] {set ::flag done}]
             after 5000 {set ::flag "timed out"}
             vwait ::flag
@@ -244,9 +250,10 @@ def test_vwait_in_a_callback_gets_a_workers_send(tclrun):
         }
         milter register helo helo
         milter main
-    """)
+    """.replace("TOP", top).replace("INNER", inner))
     with m.mta() as mta:
         mta.negotiate()
+        time.sleep(0.2)  # idle ticks (every 20 ms) before the script's first use of Thread
         assert mta.helo() == ("y", {"smtpcode": "550", "space": " ", "text": "5.7.1 flag=done"})
     assert m.stop() == 0
 
