@@ -25,7 +25,7 @@ from pathlib import Path
 
 import pytest
 
-from pytclmilter.connspec import ConnSpecError
+from pytclmilter.connspec import ConnSpecError, parse
 from support.engine import MilterThread, make_milter, serving
 from support.tclrun import tclrun_factory
 
@@ -458,6 +458,19 @@ def test_the_probe_of_a_stale_socket_never_connects_through_a_symlink_swapped_in
         os.close(dirfd)
         live.close()
     assert reached == 0, f"{reached} probes connected to the live socket a symlink named"
+
+
+@pytest.mark.parametrize("length", [106, 107])
+def test_a_socket_path_is_refused_from_107_bytes_as_libmilter_refuses_it(length):
+    """libmilter takes a path only while strlen + 1 < sizeof(sun_path): 106 bytes at most. One of
+    107 (the kernel's limit, no room left) must be refused as the MTA's libmilter would refuse it;
+    only 108 was tried, so a bound one byte late went unseen."""
+    path = "/" + "s" * (length - 1)
+    if length <= 106:
+        assert parse(f"unix:{path}").path == path
+    else:
+        with pytest.raises(ConnSpecError, match="socket path longer than 106 bytes"):
+            parse(f"unix:{path}")
 
 
 def test_a_relative_socket_path_that_fits_is_not_measured_escaped(tclrun, tmp_path):
