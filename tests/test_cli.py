@@ -2653,8 +2653,12 @@ def test_send_to_a_filter_that_dies_while_it_sends_says_the_connection_was_lost(
     assert status == 2, out
     assert "socket.send()" not in out and "WARNING" not in out, out
     assert "envrcpt  <b@example.org> -> continue\n" in out, out
-    assert re.findall(r"^error: .*", out, re.M) == [
-        "error: the connection to the filter was lost while sending (after envrcpt)"], out
+    # Where the filter's end came before send had written the headers, the writes failed (the
+    # case of the flood); where it came later, on a loaded machine, the headers had gone into the
+    # socket's buffers and the loss is seen waiting for end of headers' reply: one line either way.
+    assert re.findall(r"^error: .*", out, re.M) in (
+        ["error: the connection to the filter was lost while sending (after envrcpt)"],
+        ["error: the connection to the filter was lost while reading its reply (after eoh)"]), out
 
 
 #: One that, at RCPT, sends the first bytes of a reply and resets the connection (SO_LINGER 0: a
