@@ -194,20 +194,12 @@ if {[llength [::tcl::info::commands ::tclmilter::py::milter]]} {
 
     # Errors of `after` and `fileevent` handlers, as Tcl's own handler treats them: the script's
     # bgerror proc if it has one (its break drops the errors queued after, as in Tcl); but what
-    # Tcl would print raw on stderr goes to the log, escaped and with its errorInfo.
+    # Tcl would print raw on stderr goes to the log, escaped and with its errorInfo. That is the
+    # host's work (py::bghandle, in its interpreter: the time limit cannot stop it halfway).
     proc ::tclmilter::bgerror {message options} {
-        lassign [::tclmilter::py::background $message $options] what message info result resultinfo
-        switch -- $what {
-            break { return -code break }
-            unhandled { ::tclmilter::py::bgerror $message $info }
-            failed {
-                ::tclmilter::py::bgerror "bgerror failed to handle a background error: $result (the error:\
-                    $message)" $resultinfo
-            }
-        }
-        return
+        if {[::tclmilter::py::bghandle $message $options]} { return -code break }
     }
-    if {[llength [::tcl::info::commands ::tclmilter::py::bgerror]]} {
+    if {[llength [::tcl::info::commands ::tclmilter::py::bghandle]]} {
         interp bgerror {} ::tclmilter::bgerror
     }
 

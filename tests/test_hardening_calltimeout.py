@@ -154,6 +154,31 @@ def test_a_looping_timer_that_reschedules_itself_is_logged_and_a_co_due_one_said
     assert m.stop() == 0
 
 
+
+STOPPED_BGERROR = r"""
+package require TclMilter
+milter configure -calltimeout 0.5
+proc bgerror {message} { while 1 {} }
+after 50 [list error "bad\n\033\[31mred"]
+after 1500 { milter stop }
+milter main
+"""
+
+
+def test_a_bgerror_proc_stopped_at_the_limit_is_logged_escaped_not_by_tcl_raw(tclrun):
+    """The script's bgerror proc, stopped at the limit, left the milter's handler (a proc in the
+    script's interpreter, which Tcl then refuses to run anything in) failing: Tcl wrote its own
+    report raw on stderr, "error in background error handler:" and an errorInfo quoting the
+    error's message, its newline and ESC as they were. The handler runs in the host now."""
+    m = tclrun(STOPPED_BGERROR)
+    assert m.wait_exit(15) == 0, m.output
+    assert "error in background error handler" not in m.text, m.text
+    assert "\x1b" not in m.text, m.text
+    lines = re.findall(r"ERROR: error in an event handler of the script \(after, fileevent\): stopped after "
+                       r"0\.5 s \(-calltimeout\), as its bgerror handled the error: bad\\n\\x1b\[31mred\r?\n"
+                       r"  time limit exceeded\r?\n    while executing\r?\n  \"while 1 \{\} \"", m.text)
+    assert len(lines) == 1, m.text
+
 def test_calltimeout_from_the_command_line(tclrun):
     m = tclrun(TCL_STUCK.replace("milter configure -calltimeout 1 -onerror SMFIS_REJECT", ""),
                "--call-timeout", "0.5", "--on-error", "SMFIS_TEMPFAIL")

@@ -197,6 +197,7 @@ class TclHost:
                      "::tclmilter::py::badcode"):
             call("interp", "alias", child, name, "", name)
         call("interp", "alias", child, "exit", "", "exit")
+        call("interp", "alias", child, "::tclmilter::py::bghandle", "", "::tclmilter::py::bghandle", child)
         call("interp", "alias", child, "::tclmilter::py::bg_made", "", "::tclmilter::py::bg_made", child)
         # The first trace: Tcl gives each leave trace the previous one's result as the command's.
         self.child_call("trace", "add", "execution", "::interp", "leave", "::tclmilter::py::bg_made")
@@ -276,15 +277,19 @@ class TclHost:
         ctx.replacebody(tcl_body_to_wire(data) if isinstance(data, bytes) else from_tcl(str(data)))
 
     def _bgerror(self, args: Sequence[str]) -> None:
-        """An error of an `after` or `fileevent` handler (tclmilter.tcl's bgerror): logged as a
-        callback's error is, where Tcl would print it raw on stderr."""
+        """An error of an `after` or `fileevent` handler (prelude.py's bghandle): logged as a
+        callback's error is, where Tcl would print it raw on stderr. With a third word, the
+        error's message: its handling in the script's interpreter was stopped (the time limit)."""
         message, info = (list(args) + ["", ""])[:2]
-        if not message and self._handler_stopped:
-            message = _NOT_RUN
-        elif is_limit_error(message, ()):
+        handled = args[2] if len(args) > 2 else None
+        if handled is not None and not message or is_limit_error(message, ()):
             message = self.limit.stopped()
             if self.pycommands.stopped:  # a Python command was running: where it was, too
                 info, self.pycommands.stopped = f"{info}\n{self.pycommands.stopped}", ""
+        elif not message and self._handler_stopped:
+            message = _NOT_RUN
+        if handled is not None:
+            message = f"{message}, as its bgerror handled the error: {handled}"
         self.bgerrors.log(_HANDLER_ERROR, message, info)
 
     def _thread_error(self, args: Sequence[str]) -> None:

@@ -97,6 +97,7 @@ proc ::tclmilter::py::bg_made {parent command code result op} {
     foreach name {bgerror threads thread_error poll_next} {
         interp alias $path ::tclmilter::py::$name {} ::tclmilter::py::$name
     }
+    interp alias $path ::tclmilter::py::bghandle {} ::tclmilter::py::bghandle $path
     foreach name {bgerror threads_used thread_error trace_threads watch_threads} {
         set from [list interp eval [lindex $path 0]]
         set procedure [list proc $name [{*}$from [list ::tcl::info::args ::tclmilter::$name]] \
@@ -105,6 +106,32 @@ proc ::tclmilter::py::bg_made {parent command code result op} {
     }
     interp bgerror $path ::tclmilter::bgerror
     return $result
+}
+
+# The `interp bgerror` handler of the script's interpreter and of each it creates (path: that
+# interpreter), called by their ::tclmilter::bgerror, which breaks when it answers 1 (a break
+# passes no alias: this interpreter makes it an error). Tcl's own handler's work there
+# (::tclmilter::py::background: the script's `bgerror` proc first, under the time limit), the
+# rest to the log. It runs here, where no limit stops it: in the script's interpreter, once the
+# limit stopped the script's `bgerror` proc or the handler itself, the handler failed and Tcl wrote
+# its report raw on stderr ("error in background error handler:", the error's message in its
+# errorInfo). Such a stop is logged, and the errors queued after it are dropped (break): the
+# interpreter, stopped, would refuse the handler each, and Tcl write that report again.
+proc ::tclmilter::py::bghandle {path message options} {
+    if {[catch {interp eval $path [list ::tclmilter::py::background $message $options]} result ropts]} {
+        ::tclmilter::py::bgerror $result [dict get $ropts -errorinfo] $message
+        return 1
+    }
+    lassign $result what message info result resultinfo
+    switch -- $what {
+        break { return 1 }
+        unhandled { ::tclmilter::py::bgerror $message $info }
+        failed {
+            ::tclmilter::py::bgerror "bgerror failed to handle a background error: $result (the error: $message)" \
+                $resultinfo
+        }
+    }
+    return 0
 }
 
 # A code other than ok and error where Tcl's top level ends it, in Tcl's words: {message errorCode}.
