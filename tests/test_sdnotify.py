@@ -269,6 +269,30 @@ def test_as_root_a_link_of_roots_socket_in_a_sticky_directory_is_refused(
         manager.close()
 
 
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root")
+def test_as_root_roots_own_socket_in_a_sticky_directory_is_heard(tclrun: Callable[..., TclRun],
+                                                                  tmp_path: Path) -> None:
+    """A manager's socket of root's, with no other link, in a sticky directory of root's (a
+    container manager's or a test harness's in /tmp): no other user could have put it under that
+    name or renamed it, so root connects to it and systemd hears READY=1, with no warning. Refused,
+    the unit would fail its start at TimeoutStartSec; the refusals beside it (another user's
+    socket there, a second link) must not take this one with them."""
+    sticky = tmp_path / "sticky"
+    sticky.mkdir()
+    sticky.chmod(0o1777)
+    manager = Manager(str(sticky / "notify"))
+    try:
+        assert os.stat(sticky / "notify").st_nlink == 1
+        run = tclrun(SCRIPT, env={"NOTIFY_SOCKET": str(sticky / "notify")})
+        pid, fields = manager.receive()
+        assert pid == run.child.pid and fields["READY"] == "1", fields
+        stamps_and_stops(run)
+        assert manager.receive()[1]["STOPPING"] == "1"
+        assert "WARNING: NOTIFY_SOCKET" not in run.text and "cannot notify" not in run.text, run.text
+    finally:
+        manager.close()
+
+
 def test_a_notify_socket_named_by_a_link_of_ours_is_heard(tclrun: Callable[..., TclRun], tmp_path: Path) -> None:
     """NOTIFY_SOCKET naming a link to the manager's socket was heard (sendto() follows it); the
     connect at start refused it as "a symbolic link, not a socket". A link no one else could
