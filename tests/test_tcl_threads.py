@@ -349,6 +349,34 @@ def test_a_pool_without_workers_made_before_main_serves_in_each_worker(tclrun, w
     assert m.stop() == 0
 
 
+#: A _tkinter built into the interpreter has no file; one that links Tcl statically may export
+#: none of its functions: a library by the file's name then lacks Tcl_SetServiceMode.
+_TKINTER_BUILDS = pytest.mark.parametrize("build", [
+    "del _tkinter.__file__",
+    "_tkinter.__file__ = ctypes.util.find_library('m')",
+], ids=["built-in", "static"])
+
+
+@_TKINTER_BUILDS
+@_WAITED
+def test_the_threads_are_told_apart_whatever_build_of_tkinter(tclrun, build, waited):
+    """Telling Tcl's notifier thread apart called Tcl_SetServiceMode by the name of _tkinter's
+    file: where _tkinter is built in, or links Tcl without exporting it, `milter main` with
+    --workers 2 failed with a Python traceback ("internal error"). Now the notifier is then taken
+    for one of the threads: the script serves, and a pool's workers are still refused (counted
+    one too few where the notifier was not running)."""
+    python = f"import ctypes.util, _tkinter\n{build}\ndef setup(milter):\n    pass\n"
+    m = tclrun(_POOL_IN_CALLBACK % (waited, 0), "--workers", "2", python=[python])
+    with m.mta() as mta:
+        mta.negotiate()
+        assert mta.helo() == ("y", {"smtpcode": "550", "space": " ", "text": "5.7.1 got 42"})
+    assert m.stop() == 0
+    assert "internal error" not in m.text, m.text
+    m = tclrun(_POOL_IN_CALLBACK % (waited, 2), "--workers", "2", wait=False, python=[python])
+    assert m.wait_exit() == 1
+    assert _UNLISTED % (2 if waited else 1) in m.text, m.text
+
+
 def test_a_thread_python_does_not_know_of_with_workers_fails_loudly(tclrun):
     """A thread a --python file's C code starts (here faulthandler's watchdog) is neither in
     `threading` nor in `thread::names`: it would not be in the forked workers either."""

@@ -64,18 +64,26 @@ def _not_pythons() -> set[int]:
 
 
 def _notifier_started() -> bool:
-    """Start Tcl's notifier thread if it was not running: True if it was not (see the module)."""
+    """Start Tcl's notifier thread if it was not running: True if it was not (see the module).
+    False where Tcl's function cannot be found by _tkinter's file (a _tkinter built into Python
+    has none; one linking Tcl statically need export nothing; threads.py meets the same): the
+    notifier is then taken for one of the threads, as if it ran."""
+    try:
+        tcl = ctypes.CDLL(_tkinter.__file__)
+        service_mode = tcl.Tcl_SetServiceMode
+    except (OSError, AttributeError):
+        return False
+    service_mode.restype, service_mode.argtypes = ctypes.c_int, [ctypes.c_int]
     before = _tasks() or set()
-    tcl = ctypes.CDLL(_tkinter.__file__)
-    tcl.Tcl_SetServiceMode.restype, tcl.Tcl_SetServiceMode.argtypes = ctypes.c_int, [ctypes.c_int]
-    tcl.Tcl_SetServiceMode(tcl.Tcl_SetServiceMode(_SERVICE_ALL))  # (the mode it had, set back)
+    service_mode(service_mode(_SERVICE_ALL))  # (the mode it had, set back)
     return bool((_tasks() or set()) - before - _python_threads())
 
 
 def unknown_threads() -> int:
     """The threads of this process that are neither Python's, nor Tcl's notifier, nor listed by
     `thread::names` (call it when that lists none but the script's); 0 where the system does
-    not list its threads. One too few on a Tcl whose notifier has no thread (epoll: Tcl 8.7)."""
+    not list its threads. One too few on a Tcl whose notifier has no thread (epoll: Tcl 8.7), or
+    whose Tcl_SetServiceMode is out of reach while the notifier is not running."""
     foreign = _not_pythons()
     if not foreign or _notifier_started():
         return len(foreign)
