@@ -175,9 +175,35 @@ def test_a_bgerror_proc_stopped_at_the_limit_is_logged_escaped_not_by_tcl_raw(tc
     assert "error in background error handler" not in m.text, m.text
     assert "\x1b" not in m.text, m.text
     lines = re.findall(r"ERROR: error in an event handler of the script \(after, fileevent\): stopped after "
-                       r"0\.5 s \(-calltimeout\), as its bgerror handled the error: bad\\n\\x1b\[31mred\r?\n"
+                       r"0\.5 s \(-calltimeout\), as its bgerror handled the error: bad\\n\\x1b\[31mred; the errors "
+                       r"queued after it in that pass, if any, are dropped\r?\n"
                        r"  time limit exceeded\r?\n    while executing\r?\n  \"while 1 \{\} \"", m.text)
     assert len(lines) == 1, m.text
+
+
+STOPPED_BGERROR_TWO = r"""
+package require TclMilter
+milter configure -calltimeout 0.5
+proc bgerror {message} { while 1 {} }
+after 50 {error first}
+after 50 {error second}
+after 1500 { milter stop }
+milter main
+"""
+
+
+def test_the_errors_a_stopped_bgerror_proc_drops_are_told(tclrun):
+    """The errors queued after the one whose bgerror proc was stopped are dropped (its break):
+    Tcl tells nothing of them, nor how many (it discards them itself). Before, nothing said so
+    either, and "second" vanished without a trace: now the stop's line says they go."""
+    m = tclrun(STOPPED_BGERROR_TWO)
+    assert m.wait_exit(15) == 0, m.output
+    lines = re.findall(r"ERROR: error in an event handler of the script \(after, fileevent\): stopped after "
+                       r"0\.5 s \(-calltimeout\), as its bgerror handled the error: first; the errors queued "
+                       r"after it in that pass, if any, are dropped\n", m.text)
+    assert len(lines) == 1, m.text
+    assert "error in background error handler" not in m.text, m.text
+
 
 def test_calltimeout_from_the_command_line(tclrun):
     m = tclrun(TCL_STUCK.replace("milter configure -calltimeout 1 -onerror SMFIS_REJECT", ""),

@@ -63,6 +63,9 @@ RECHECK_SHARE = 100.0
 _NOT_RUN: Final = ("not run: a handler due with it was stopped at the time limit (-calltimeout), and Tcl "
                    "runs nothing more in that pass")
 
+#: What ends the line of a stopped `bgerror` (TclHost._bgerror): nothing else tells of them.
+_DROPPED: Final = "; the errors queued after it in that pass, if any, are dropped"
+
 
 #: The host whose script's interpreter Thread evaluates what threads send to this thread in: the
 #: first to run a thread:: command (tclmilter.tcl, threads_used). Thread keeps that interpreter
@@ -279,7 +282,9 @@ class TclHost:
     def _bgerror(self, args: Sequence[str]) -> None:
         """An error of an `after` or `fileevent` handler (prelude.py's bghandle): logged as a
         callback's error is, where Tcl would print it raw on stderr. With a third word, the
-        error's message: its handling in the script's interpreter was stopped (the time limit)."""
+        error's message: its handling in the script's interpreter was stopped (the time limit),
+        and the errors queued after it are dropped (bghandle's break): said, as Tcl discards them
+        itself, and cannot count them."""
         message, info = (list(args) + ["", ""])[:2]
         handled = args[2] if len(args) > 2 else None
         if handled is not None and not message or is_limit_error(message, ()):
@@ -289,7 +294,7 @@ class TclHost:
         elif not message and self._handler_stopped:
             message = _NOT_RUN
         if handled is not None:
-            message = f"{message}, as its bgerror handled the error: {handled}"
+            message = f"{message}, as its bgerror handled the error: {handled}{_DROPPED}"
         self.bgerrors.log(_HANDLER_ERROR, message, info)
 
     def _thread_error(self, args: Sequence[str]) -> None:
