@@ -1386,3 +1386,35 @@ def test_python_callbacks_tcl_whose_time_ran_out_in_c_code_is_stopped(tclrun):
         assert ok(mta.mail("<ok@example.org>"))
     assert m.stop(timeout=20) == 0
     assert "CAUGHT" not in m.text and "tick failed" not in m.text, m.text
+
+
+TPOOL_WAIT_STOPPED = r"""
+package require TclMilter
+milter configure -calltimeout 0.5
+proc from {ctx list} {
+    package require Thread
+    set pool [tpool::create]
+    after 0 [list error "bad\n\033\[31mred"]
+    tpool::wait $pool [tpool::post $pool {after 1200}]
+    return SMFIS_CONTINUE
+}
+milter register envfrom from
+milter main
+"""
+
+
+def test_tcls_own_report_on_stderr_is_escaped_and_indented(tclrun):
+    """A callback blocked in tpool::wait (C code that runs the event loop) past its limit: Tcl's
+    limit timer queues "time limit exceeded" in the stopped interpreter, which refuses the
+    bgerror handler, and Tcl writes its own report on stderr, "error in background error
+    handler:" and an errorInfo that quotes the timer's error: its LF began a line of the log and
+    its ESC reached the terminal. Tcl's stderr channel has a transform now (tcl/tclstderr.py)."""
+    m = tclrun(TPOOL_WAIT_STOPPED)
+    with m.mta() as mta:
+        mta.negotiate()
+        assert ok(mta.connect())
+        mta.mail("<a@example.org>")
+    m.wait_for(r"\nerror in background error handler:\r*\n(  .*\r*\n)*?  \"::tclmilter::bgerror \{time limit "
+               r"exceeded\} .*\{bad\r*\n  \\x1b\[31mred\}", timeout=10)
+    assert m.stop() == 0
+    assert "\x1b" not in m.text, m.text

@@ -18,6 +18,7 @@ import sys
 import tempfile
 import threading
 import time
+import tkinter
 from collections.abc import Callable
 from pathlib import Path
 
@@ -25,6 +26,7 @@ import pytest
 
 from pytclmilter import logline, repeats
 from pytclmilter.commands.logs import STDERR_FORMAT, CoalescingStreamHandler, LeanLogRecord, LineFormatter
+from pytclmilter.tcl import tclstderr
 from support.postfix import free_port
 from support.tclrun import ROOT_WARNING, _pytclmilter_command, child_env, tclrun_factory
 
@@ -825,6 +827,60 @@ def test_puts_ends_its_lines_with_lf_whatever_the_channels_translation(tmp_path)
     assert done.returncode == 0, done.stderr
     assert done.stdout.startswith("one\ncaf\u00e9\nthree\n".encode()), done.stdout
     assert b"\r" not in done.stderr and b"two\n" in done.stderr, done.stderr
+
+
+TCL_OWN_STDERR = r"""
+puts -nonewline stderr "debug: a \\ b\n"
+puts -nonewline stderr "    Original error: "
+puts -nonewline stderr "x\n\033\[31mERROR: forged"
+puts -nonewline stderr "\n"
+interp create c
+c eval { close stderr; after 0 {error "after close\n\033"}; update }
+exec sh -c {echo exec >&2} 2>@stderr
+"""
+
+
+def test_what_tcl_writes_itself_on_stderr_is_escaped_the_scripts_lines_not_twice(capfd) -> None:
+    """Tcl's stderr channel (tcl/tclstderr.py), in a thread of its own as the script's: a whole
+    printable line, the script's usual debug line, as it is (its backslash not doubled); a line
+    Tcl writes in pieces, held and written whole, its controls escaped and the lines after it
+    indented; Tcl's default report of an interpreter that closed its stderr, each line indented
+    (its first is the error's message); `exec ... 2>@stderr` still reaches descriptor 2."""
+    _in_a_thread_of_its_own(TCL_OWN_STDERR)
+    err = capfd.readouterr().err
+    assert err.startswith("debug: a \\ b\n    Original error: x\n  \\x1b[31mERROR: forged\n  after close\n  \\x1b\n"
+                          "    while executing\n"), err
+    assert err.endswith('    ("after" script)\nexec\n'), err
+
+
+def _in_a_thread_of_its_own(script: str) -> str:
+    """``script``'s result, evaluated in a new thread whose stderr has tclstderr's transform."""
+    done: list[str | BaseException] = []
+
+    def run() -> None:
+        try:
+            tclstderr.install()
+            done.append(tkinter.Tcl().eval(script))
+        except BaseException as exc:  # noqa: BLE001 - told by the assertion below
+            done.append(exc)
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    thread.join()
+    assert isinstance(done[0], str), done
+    return done[0]
+
+
+def test_stderr_with_tcls_own_reports_escaped_is_still_named_stderr(capfd) -> None:
+    """The transform on the thread's stderr (tcl/tclstderr.py) made Tcl name the channel
+    ``file2``: `chan names` listed it, prelude.py's `quiet` took it for a script's channel and the
+    milter polled Tcl every tick for ever (test_bench_idle.py). It is `stderr`, popped too (Tcl's
+    own again, raw); its pop (as its close at exit) wrote an empty indented line."""
+    names = _in_a_thread_of_its_own(
+        'set names [chan names]; chan pop stderr; lappend names | {*}[chan names]; puts -nonewline stderr "raw\033\n"'
+        "; set names")
+    assert names.split() == ["stdin", "stdout", "stderr", "|", "stdin", "stdout", "stderr"], names
+    assert capfd.readouterr().err == "raw\x1b\n"
 
 
 LONE_SURROGATE_PUTS_TCL = r"""

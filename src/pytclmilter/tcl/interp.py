@@ -33,7 +33,7 @@ from ..limits import PYTHON_LIMIT, CallbackTimeout
 from ..logline import escape, failure_text
 from ..milter import Milter
 from ..repeats import tell_counts
-from . import context_cmd, growth, output, rootfiles, threads
+from . import context_cmd, growth, output, rootfiles, tclstderr, threads
 from .callbacks import TclCallbacks, command_object
 from .limit import CallLimit, is_limit_error
 from .milter_cmd import MilterCommand, SuspendAtMain
@@ -166,6 +166,7 @@ class TclHost:
         self._register("::tclmilter::py::thread_error", self._thread_error)
         self._create("::tclmilter::py::serve", self._serve_inside)
         self.tk.call("eval", PRELUDE)
+        tclstderr.install()  # what Tcl itself writes on stderr, escaped
         self._make_child(libdir)
         # For `quiet` only, and only now: see _make_child.
         self.tk.call("catch", "package require Thread")

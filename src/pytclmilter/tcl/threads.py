@@ -63,9 +63,12 @@ _SIGNATURES: Final[dict[str, tuple[Any, list[Any]]]] = {
     "Tcl_CreateExitHandler": (None, [_THREAD_EXIT, _p]),
     "Tcl_GetStdChannel": (_p, [ctypes.c_int]),
     "Tcl_RegisterChannel": (None, [_p, _p]),
+    "Tcl_SetStdChannel": (None, [_p, ctypes.c_int]),
+    "Tcl_GetTopChannel": (_p, [_p]),
 }
 #: TCL_STDIN, TCL_STDOUT, TCL_STDERR.
 _STD_CHANNELS: Final = (1 << 1, 1 << 2, 1 << 3)
+STDERR: Final = _STD_CHANNELS[2]
 #: kind -> its commands (name, the callback handed to Tcl) and its script.
 _GIVEN: dict[int, tuple[list[tuple[bytes, Any]], bytes]] = {}
 #: The Tcl library and the init callbacks handed to it: kept for the process's life, as Tcl
@@ -196,7 +199,7 @@ def give(kind: int, commands: dict[str, Callable[[Sequence[str]], Any]], script:
     answers as TclHost's: {ok value} or {error message errorCode}) and then evaluate ``script``
     in it, where ``kind`` reaches it; once a process for each kind (every host's are the same).
     OSError or AttributeError where this Tcl cannot be reached."""
-    tcl = _library()
+    tcl = library()
     if kind not in _GIVEN:
         _GIVEN[kind] = ([(name.encode(), _OBJ_COMMAND(_command(tcl, name, func))) for name, func in commands.items()],
                         script.encode())
@@ -217,7 +220,7 @@ def at_process_exit(process: Callable[[], None]) -> None:
     run's removal of its pid file, which the script's own `exit` does. OSError or AttributeError
     where this Tcl cannot be reached."""
     if not _AT_EXIT:
-        _library().Tcl_CreateExitHandler(_EXITS, None)
+        library().Tcl_CreateExitHandler(_EXITS, None)
     if process not in _AT_EXIT:
         _AT_EXIT.append(process)
 
@@ -318,8 +321,9 @@ _ENDS: Final = _THREAD_EXIT(_thread_ends)
 _EXITS: Final = _THREAD_EXIT(_process_exits)
 
 
-def _library() -> Any:
-    """libtcl's functions (as tkinter calls them), the static package registered at the first call."""
+def library() -> Any:
+    """libtcl's functions (as tkinter calls them), the static package registered at the first call.
+    OSError or AttributeError where this Tcl cannot be reached."""
     if _KEPT:
         return _KEPT[0]
     tcl = ctypes.CDLL(_tkinter.__file__)
