@@ -232,9 +232,9 @@ class Generations:
                  number, self.current.milter.generation)
 
 
-def _held(load: Load, exited: ScriptExit, seconds: float, stopped: Callable[[], None] = lambda: None) -> TclHost:
+def _held(load: Load, exited: ScriptExit, seconds: float, check_stop: Callable[[], None] = lambda: None) -> TclHost:
     """``load`` held to ``seconds`` by the Python limit (the --python files' import and setup);
-    ``stopped`` raises once the limit is held for a stop that came before (it could not hold it).
+    ``check_stop`` raises once the limit is held for a stop that came before (it could not hold it).
     Its CallbackTimeout comes wherever the load is: in a file's code (its import, the look-up of
     its setup, its setup) as HooksFailed, in ours (making the interpreter) as it is. A stop holds
     the limit to now (_AbandonedAtStop), so one at the very start of a load ends it in our part.
@@ -243,7 +243,7 @@ def _held(load: Load, exited: ScriptExit, seconds: float, stopped: Callable[[], 
     held = PYTHON_LIMIT.begin(seconds, time.monotonic())
     host: TclHost | None = None
     try:
-        stopped()
+        check_stop()
         host = load(exited)
         if held:
             PYTHON_LIMIT.stop()
