@@ -298,6 +298,40 @@ def test_a_triplet_key_holding_what_the_greylist_never_wrote_is_a_first_sight_no
     assert m.stop() == 0
 
 
+@pytest.mark.parametrize("first", ["a day ahead", "1e300"])
+@pytest.mark.parametrize("kind", ["sqlite", "redis"])
+def test_a_first_sight_recorded_in_the_future_waits_one_delay_not_until_then(
+        tclrun: Callable[..., TclRun], tmp_path: Path, kind: str, first: str) -> None:
+    """A triplet whose first sight the store holds as later than now: written by a host whose
+    clock ran ahead (a day, before NTP set it), or a number no greylist wrote. The reply said the
+    whole distance ("try again in 86401 seconds"; for 1e300, a 301-digit number in the SMTP
+    reply), every sight renewed the triplet and none passed before then: that sender's mail to
+    that recipient bounced once its MTA gave up retrying. A first sight is never later than now:
+    one -delay, then it passes."""
+    server: RedisServer | None = None
+    if kind == "redis":
+        server = RedisServer(tmp_path)
+        server.start()
+    try:
+        store = server.url if server is not None else f"sqlite:{tmp_path / 'greylist.sqlite'}"
+        m = greylist(tclrun, store, args=("-delay", "1", "-retry", "30"))
+        assert greylisted(rcpt_reply(m, 1)) == 1
+        future = repr(time.time() + 86400) if first == "a day ahead" else first
+        if server is not None:
+            server.command("HSET", triplet_key(1), "first", future)
+        else:
+            with sqlite3.connect(tmp_path / "greylist.sqlite") as db:
+                db.execute("UPDATE triplets SET first_seen = ?", (float(future),))
+        assert greylisted(rcpt_reply(m, 1)) == 1  # (before: 86401, or 10**300)
+        time.sleep(1.1)
+        assert rcpt_reply(m, 1) == ("c", {})
+        assert "unavailable" not in m.text and "Traceback" not in m.text, m.text
+        assert m.stop() == 0
+    finally:
+        if server is not None:
+            server.close()
+
+
 def test_a_store_failing_and_answering_by_turns_logs_one_outage_a_minute(
         tclrun: Callable[..., TclRun], redis_server: RedisServer) -> None:
     """Redis at its maxmemory refuses writes, answers again once keys expire, refuses again: each

@@ -241,10 +241,12 @@ class SqliteStore:
     """
     # One statement: SQLite runs it under the write lock, so two workers recording the same new
     # triplet at once get one first sighting (seen 1) and one second (seen 2), never two firsts.
+    # A first sighting later than now (another host's clock ahead, a number no greylist wrote)
+    # becomes now: kept, it held the triplet until then ("try again in 86401 seconds").
     _SEE = """
         INSERT INTO triplets (ip, sender, rcpt, first_seen, last_seen, seen) VALUES (?, ?, ?, ?, ?, 1)
         ON CONFLICT (ip, sender, rcpt) DO UPDATE SET
-            first_seen = CASE WHEN last_seen < ? THEN excluded.first_seen ELSE first_seen END,
+            first_seen = CASE WHEN last_seen < ? THEN excluded.first_seen ELSE min(first_seen, excluded.first_seen) END,
             seen = CASE WHEN last_seen < ? THEN 1 ELSE seen + 1 END,
             last_seen = excluded.last_seen
         RETURNING first_seen, seen
@@ -378,6 +380,8 @@ def _kind(mode: int) -> str:
 # ours holding what the script never writes (a string another program SET, a field that is no
 # number) is that triplet's first sight: Redis's error for it (WRONGTYPE) made an outage of the
 # whole store, every recipient tempfailed for -retry seconds, at each retry of that one triplet.
+# A first sight later than now (a host whose clock ran ahead, a number no greylist wrote) becomes
+# now, as in SQLite: kept, it held the triplet until then, its reply "try again in 86401 seconds".
 _REDIS_NUMBER = """
 local function number(s)
     local n = tonumber(s)
@@ -391,6 +395,10 @@ if kind == 'hash' then
     local old = redis.call('HMGET', KEYS[1], 'first', 'seen')
     if number(old[1]) and number(old[2]) then
         first, seen = string.format('%.17g', number(old[1])), math.floor(number(old[2])) + 1
+        if number(old[1]) > tonumber(ARGV[1]) then
+            first = ARGV[1]
+            redis.call('HSET', KEYS[1], 'first', first)
+        end
     end
 end
 if first then
