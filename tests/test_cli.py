@@ -285,6 +285,24 @@ def test_run_socket_mode_must_be_an_octal_file_mode(mode: str) -> None:
     assert f'--socket-mode: "{mode}" is not an octal mode (0 to 0777)' in out, out
 
 
+@pytest.mark.parametrize("args, said", [
+    (("--group", "postfix"), "--group needs --user"),
+    (("--user", "nosuch-user-x"), '--user: no such user "nosuch-user-x"'),
+    (("--socket-mode", "1777"), '--socket-mode: "1777" is not an octal mode (0 to 0777)'),
+    (("--name", " "), "--name ' ': must not be empty"),
+    (("--connection", "inet:127.0.0.1:8891"), '--connection "inet:127.0.0.1:8891": port "127.0.0.1:8891" is not a number'),
+    (("--workers", "0x10"), '--workers: expected decimal number but got "0x10"'),
+    (("--timeout", "abc"), '--timeout: expected integer but got "abc"'),
+])
+def test_a_usage_error_of_run_is_its_one_line(args: tuple[str, ...], said: str) -> None:
+    """cli.md: "Usage errors print one line `pytclmilter COMMAND: what is wrong`". A value the
+    parser takes but run then refuses came after `INFO: hot path: ...`, a log line of a filter
+    that never started, above the one that says why."""
+    status, out = cli("run", str(STAMP), *args, timeout=10)
+    assert status == 64, out
+    assert out.startswith(f"pytclmilter run: {said}") and out.count("\n") == 1, out
+
+
 @pytest.mark.parametrize("spec, ours", [("inet:127.0.0.1:8891", "inet:8891@127.0.0.1"),
                                          ("inet:[::1]:8891", "inet6:8891@[::1]")])
 def test_run_refuses_postfixs_host_port_syntax_and_says_the_milters(spec: str, ours: str) -> None:

@@ -211,11 +211,12 @@ def _not_readable(path: str, directory: str) -> str:
 
 def make_host(script: str, hooks: list[str], overrides: dict[str, str | None],
               on_exit: Callable[[int], None] | None = None, milter_hooks: Hooks | None = None,
-              by: str = "") -> TclHost:
+              by: str = "", checked: Callable[[], None] | None = None) -> TclHost:
     """An interpreter with the milter command, command-line overrides locked, Python hooks loaded;
     ``milter_hooks``: the command's own (listening, signal); ``by``: the command that fixes the
     overrides itself (try), which the script's ignored configure then names, not a flag nobody
-    gave. Every file is checked, as root, before any of them runs."""
+    gave; ``checked``: called once the files and the overrides passed, before any file runs.
+    Every file is checked, as root, before any of them runs."""
     check_script(script)
     sources = [(path, read_hooks(path)) for path in hooks]
     if os.geteuid() == 0:
@@ -232,6 +233,8 @@ def make_host(script: str, hooks: list[str], overrides: dict[str, str | None],
     except TclUsageError as exc:
         host.close()
         raise UsageError(str(exc)) from None
+    if checked is not None:
+        checked()
     try:
         for path, source in sources:
             load_hooks(path, source, host.milter)

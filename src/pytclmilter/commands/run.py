@@ -415,8 +415,8 @@ def _serve(opts: argparse.Namespace) -> int:
 
 def _set_up_process() -> Notifier:
     """What the process needs before any code of the script's runs: systemd's notifier
-    (sdnotify.py), the descriptor limit, the signals a reload and the waiters take."""
-    log.info("%s", describe())
+    (sdnotify.py), the descriptor limit, the signals a reload and the waiters take. (The log's
+    first line, the hot path's, comes once the command line passed: _Run._generation.)"""
     notify = Notifier.from_environment()
     raise_fd_limit()
     # A reload (SIGUSR1) before the milter serves has nothing to replace: not the end of the process.
@@ -497,8 +497,11 @@ class _Run:
         """One generation's interpreter, made the same way at start and at every reload."""
         opts = self.opts
         script, python = (opts.script, opts.python) if not self.loads else self.reread
+        # The log's first line, at start; after a usage error (a refused --connection, say) it
+        # would stand above the one line that says what is wrong, for a filter that never started.
+        first = (lambda: log.info("%s", describe())) if not self.loads else None
         self.loads += 1
-        host = make_host(script, python, self.overrides, on_exit=on_exit, milter_hooks=self.hooks)
+        host = make_host(script, python, self.overrides, on_exit=on_exit, milter_hooks=self.hooks, checked=first)
         if self.socket_mode is not None:
             host.milter.socket_mode = self.socket_mode
         if self.ids is not None:  # the socket's file is made with this owner (unixsocket.py)
