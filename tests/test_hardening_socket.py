@@ -290,6 +290,22 @@ def test_after_user_the_process_has_the_users_supplementary_groups(tclrun, tmp_p
 
 
 @ROOT_ONLY
+@pytest.mark.skipif(shutil.which("setpriv") is None, reason="needs util-linux's setpriv")
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_a_user_switch_that_keeps_roots_capabilities_is_refused(tclrun, workers):
+    """Securebits that keep the capabilities across setuid() (systemd's SecureBits=no-setuid-fixup,
+    a container runtime's) left the process uid 65534 in all four slots with every capability of
+    root's (CapEff 000001fffeffffff), and the log said `running as uid 65534`: the callbacks could
+    write any file. The switch is checked: the start is refused before anything is served."""
+    m = tclrun(STAMP, "--user", "nobody", "--workers", workers, wait=False,
+               prefix=["setpriv", "--securebits", "+no_setuid_fixup", "--"])
+    assert m.wait_exit(15) == 1, m.text
+    assert re.search(r"milter main: after switching to uid 65534 the process still holds capabilities "
+                     r"\(CapPrm [0-9a-f]+, CapEff [0-9a-f]+\)", m.text), m.text
+    assert "listening on" not in m.text and "running as uid" not in m.text, m.text
+
+
+@ROOT_ONLY
 def test_a_socket_a_dropped_milter_could_not_remove_is_cleaned_at_the_next_start(tclrun):
     """In a root-owned directory the milter, once nobody, cannot unlink its socket at exit; it is
     left as a stale socket (never someone else's file), the log says so (it said nothing, where

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import faulthandler
 import grp
 import logging
@@ -173,6 +174,39 @@ class Ids(NamedTuple):
         os.initgroups(self.user, self.gid)
         os.setgid(self.gid)
         os.setuid(self.uid)
+        _check_switched(self.uid, self.gid)
+
+
+def _check_switched(uid: int, gid: int) -> None:
+    """OSError unless the switch left nothing of root's: the ids in every slot (real, effective,
+    saved), and, for a user other than root, no capability. setuid() clears the capabilities
+    only where the securebits let it: with no-setuid-fixup (systemd's SecureBits=, a container
+    runtime's) the process went on as uid 65534 with all of root's, which the log did not say."""
+    if os.getresuid() != (uid, uid, uid) or os.getresgid() != (gid, gid, gid):
+        raise OSError(errno.EPERM, f"after switching to uid {uid} gid {gid} the process has uids "
+                                   f"{os.getresuid()} and gids {os.getresgid()}; refusing to serve")
+    if uid == 0:
+        return  # (--user root: serving as root, said at start)
+    held = _capabilities_held()
+    if held:
+        raise OSError(errno.EPERM, f"after switching to uid {uid} the process still holds capabilities ({held}): "
+                                   "the securebits keep them across setuid() (no-setuid-fixup: systemd's "
+                                   "SecureBits=, a container's settings); refusing to serve with root's privileges")
+
+
+def _capabilities_held() -> str:
+    """The capability sets of this thread that are not empty, as /proc shows them ("" if none);
+    where /proc cannot be read, whether setuid(0) succeeds."""
+    try:
+        with open("/proc/thread-self/status", encoding="ascii", errors="replace") as status:
+            sets = re.findall(r"^(Cap(?:Prm|Eff|Amb)):\s*([0-9a-f]+)$", status.read(), re.M)
+    except OSError:
+        try:
+            os.setuid(0)
+        except OSError:
+            return ""
+        return "setuid(0) succeeded"
+    return ", ".join(f"{name} {value}" for name, value in sets if int(value, 16))
 
 
 def _tell_unreadable(files: list[str]) -> None:
