@@ -540,6 +540,30 @@ def test_a_tcl_index_on_the_auto_path_at_an_interpreters_making_is_not_evaluated
                                f'"{index}" as root: {owned_by_nobody(theirs)}\n'), done.stderr
 
 
+@pytest.mark.parametrize("kind", ["fifo", "link to /dev/zero"])
+def test_a_tcl_index_another_user_made_a_fifo_or_a_link_is_refused_without_opening_it(etc, theirs, kind):
+    """The autoloader opened each tclIndex by name to read its first line before `source` (which
+    checks) was reached: as root, a FIFO of another user's held the start for ever in open(),
+    their link to /dev/zero had root read without end, looking for a line's end. Now the file is
+    checked before it is opened, and refused as a regular file of theirs is."""
+    index = theirs / "tclIndex"
+    if kind == "fifo":
+        os.mkfifo(index)
+    else:
+        index.symlink_to("/dev/zero")
+    os.chown(index, NOBODY, -1, follow_symlinks=False)
+    script = etc / "filter.tcl"
+    script.write_text(pulling_in(f"lappend auto_path {theirs}; no_such_command"))
+    try:
+        done = subprocess.run([*_pytclmilter_command(), "check", str(script)], env=child_env(),
+                              capture_output=True, text=True, timeout=15)
+    except subprocess.TimeoutExpired as exc:
+        raise AssertionError(f"check as root still running after 15 s: {exc.stdout!r} {exc.stderr!r}") from None
+    assert done.returncode == 1, done
+    assert done.stderr.startswith(f'{script}:2: error: refusing to source "{index}" as root: '
+                                  f"{owned_by_nobody(theirs)}\n"), done.stderr
+
+
 @pytest.mark.parametrize("nested", [False, True], ids=["interp create", "interp create in it"])
 def test_an_interpreter_the_script_creates_refuses_too(etc, theirs, nested):
     """An interpreter the script made had Tcl's own `source`, also below it."""

@@ -141,11 +141,29 @@ trace add execution ::interp enter {::tclmilter::py::hidden 3}
 trace add execution ::interp leave ::tclmilter::py::safemade
 
 # The autoloader evaluates each tclIndex (version 2.0: a script) as it reads it by name: through
-# the `source` above instead, in the same frame (where $dir is its directory).
+# the `source` above instead, in the same frame (where $dir is its directory). It opens each by
+# name first, to read its first line: checked before (as `load`'s library), or another user's
+# FIFO held root in open() for ever, their link to /dev/zero had it read without end. A file
+# refused fails as `source` would; none there, or one that cannot be opened, is passed over, as
+# Tcl's `open` failing was (the walk refuses another user's directory before it finds no file).
+proc ::tclmilter::py::rootindex {file var} {
+    upvar 1 $var f
+    if {![::tcl::file::exists $file]} { return 1 }
+    set r [::tclmilter::py::rootcheck $file source]
+    if {[lindex $r 0] eq "error"} {
+        if {[lrange [lindex $r 2] 0 1] eq {POSIX EPERM}} {
+            return -code error -errorcode [lindex $r 2] [lindex $r 1]
+        }
+        return 1
+    }
+    catch {set f [open $file]}
+}
 apply {{} {
     set body [::tcl::info::body ::auto_load_index]
-    set checked [::tcl::string::map {{eval [read $f]} {source [::tcl::file::join $dir tclIndex]}} $body]
-    if {$checked eq $body} {
+    set opened {[catch {set f [open [file join $dir tclIndex]]}]}
+    set checked [::tcl::string::map [list {eval [read $f]} {source [::tcl::file::join $dir tclIndex]} \
+        $opened {[::tclmilter::py::rootindex [::tcl::file::join $dir tclIndex] f]}] $body]
+    if {[::tcl::string::first $opened $body] < 0 || [::tcl::string::first {eval [read $f]} $body] < 0} {
         error "this Tcl's auto_load_index reads tclIndex files in a way that cannot be checked as root"
     }
     proc ::auto_load_index {} $checked
