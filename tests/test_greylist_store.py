@@ -569,6 +569,105 @@ def test_a_store_that_trickles_its_answer_is_given_up_on_not_waited_for_until_th
     assert m.stop() == 0
 
 
+class TricklingTls(LoopbackServer):
+    """A TLS server that never finishes its handshake: to the ClientHello it answers the header
+    of a 16 KB handshake record, then that record one byte every 0.2 s (some 55 minutes, and no
+    certificate needed). ``hellos``: the ClientHellos it read (a TLS record starts 0x16)."""
+
+    def __init__(self) -> None:
+        self.hellos = 0
+        self.stopped = False
+        super().__init__(self._trickle)
+        self.url = f"rediss://127.0.0.1:{self.port}/0"
+
+    def _trickle(self, conn: socket.socket) -> None:
+        if conn.recv(65536)[:1] == b"\x16":
+            self.hellos += 1
+        conn.sendall(b"\x16\x03\x03\x40\x00")  # handshake, TLS 1.2, 16384 bytes
+        while not self.stopped:
+            conn.sendall(b"\x02")
+            time.sleep(0.2)
+
+    def close(self) -> None:
+        self.stopped = True
+        super().close()
+
+
+def timed_rcpt_reply(m: TclRun, n: int) -> tuple[Any, float]:
+    """rcpt_reply(m, n) and the seconds it took (the check held the milter's only thread so long)."""
+    started = time.monotonic()
+    reply = rcpt_reply(m, n)
+    return reply, time.monotonic() - started
+
+
+def assert_one_timeout_then_answered_at_once(m: TclRun, n: int, reason: str, least: float = 0.25) -> None:
+    """Triplet n meets the store's timeout, within REDIS_DEADLINE (1 s: docs/deployment.md,
+    section 7) and not before ``least``; n + 1, within -retry, is answered at once; one outage
+    line, saying ``reason``."""
+    (first, held), (second, then) = timed_rcpt_reply(m, n), timed_rcpt_reply(m, n + 1)
+    assert unavailable(first) and unavailable(second), (first, second)
+    assert least <= held < 1.0, held
+    assert then < 0.2, then
+    line = m.wait_for(r"WARNING: greylist store \S+ unavailable \((.*)\): answering tempfail")
+    assert line.group(1) == reason, line.group(1)
+    assert len(re.findall(r"greylist store \S+ unavailable", m.text)) == 1
+    assert "callback stopped" not in m.text and "ERROR" not in m.text
+    assert m.stop() == 0
+
+
+def test_a_rediss_store_whose_tls_handshake_trickles_is_given_up_on_within_the_check_bound(
+        tclrun: Callable[..., TclRun]) -> None:
+    """redis-py's SSLConnection does its TLS handshake in _connect, before the greylist wraps the
+    socket in its deadline: only socket_connect_timeout (0.3 s) is left over the handshake. Python's
+    ssl takes a socket's timeout as the handshake's in all (not per read, since 3.5), so a server
+    that trickles its handshake is given up on at 0.3 s, within the check's 1 s; a per-read
+    timeout would have held the thread until -calltimeout (5 s here), at every reconnect."""
+    server = TricklingTls()
+    try:
+        m = greylist(tclrun, server.url, "--call-timeout", "5", args=("-retry", "30"))
+        assert_one_timeout_then_answered_at_once(m, 1, "TimeoutError: Timeout connecting to server")
+    finally:
+        server.close()
+    assert server.hellos == 1, server.hellos  # the handshake was under way, once (none within -retry)
+
+
+@pytest.fixture
+def full_backlog() -> Iterator[socket.socket]:
+    """A listening socket on loopback whose backlog is full (one connection, never accepted): the
+    kernel drops a next SYN, and the connect waits for its retransmission, a second or more."""
+    listener = socket.create_server(("127.0.0.1", 0), backlog=0)
+    filler = socket.create_connection(listener.getsockname())
+    try:
+        yield listener
+    finally:
+        filler.close()
+        listener.close()
+
+
+@pytest.mark.parametrize("scheme", ["redis", "rediss"])
+def test_a_store_whose_tcp_connect_hangs_is_given_up_on_within_the_check_bound(
+        tclrun: Callable[..., TclRun], full_backlog: socket.socket, scheme: str) -> None:
+    """The connect is redis-py's too, before any deadline of the greylist's: socket_connect_timeout
+    (0.3 s) bounds it, on a host whose SYN-ACK never comes as on a TLS one."""
+    port = full_backlog.getsockname()[1]
+    m = greylist(tclrun, f"{scheme}://127.0.0.1:{port}/0", "--call-timeout", "5", args=("-retry", "30"))
+    assert_one_timeout_then_answered_at_once(m, 1, "TimeoutError: Timeout connecting to server")
+
+
+def test_a_unix_socket_store_whose_backlog_is_full_is_an_outage_at_once(
+        tclrun: Callable[..., TclRun], tmp_path: Path) -> None:
+    """A unix socket's connect does not wait for a full backlog (EAGAIN): an outage at once."""
+    path = tmp_path / "redis.sock"
+    with socket.socket(socket.AF_UNIX) as listener, socket.socket(socket.AF_UNIX) as filler:
+        listener.bind(str(path))
+        listener.listen(0)
+        filler.connect(str(path))
+        m = greylist(tclrun, f"unix://{path}?db=0", "--call-timeout", "5", args=("-retry", "30"))
+        assert_one_timeout_then_answered_at_once(
+            m, 1, f"ConnectionError: Error 11 connecting to {path}. Resource temporarily unavailable.",
+            least=0.0)
+
+
 # ---------------------------------------------------------------------------- import of the old file
 
 
