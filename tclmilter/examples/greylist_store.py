@@ -30,7 +30,8 @@ logs one warning when the outage starts and one when the store is back (the outa
 within a minute of the last one logged only counted), and is tried again at most every -retry
 seconds (default 5): in between, checks answer at once, without touching the network.
 Callbacks run on the milter's only thread, so no call may block long: Redis gets 0.3 s to
-connect and for each read, 1 s in all for a check, and its host name is resolved once, when
+connect, for a TLS handshake and for each read, 1 s in all for a check (a URL's timeouts may
+shorten these, never a check's 1 s), and its host name is resolved once, when
 the script loads (within 5 s, else the load fails), never while serving. A server that answers
 what no Redis answers (another service at that port) is an outage too, not an error per check.
 
@@ -50,6 +51,7 @@ the same process (a reload) shares nothing with the first.
 from __future__ import annotations
 
 import contextlib
+import inspect
 import logging
 import math
 import ipaddress
@@ -438,8 +440,6 @@ def _redis_module() -> Any:
 def _no_setinfo(redis: Any) -> dict[str, None]:
     """redis-py's arguments that keep it from sending CLIENT SETINFO: driver_info since 8.x,
     lib_name and lib_version before (deprecated since)."""
-    import inspect
-
     known = inspect.signature(redis.connection.AbstractConnection.__init__).parameters
     return {"driver_info": None} if "driver_info" in known else {"lib_name": None, "lib_version": None}
 
@@ -564,8 +564,45 @@ class _BoundedSocket:
         self._sock.sendall(*args)
 
 
+class _WithinDeadline:
+    """A connection's timeout (socket_connect_timeout, socket_timeout) as redis-py reads it: the
+    one set, cut to what is left of the operation's deadline.
+
+    The connect, and a TLS handshake, happen in redis-py's _connect, before the socket is a
+    _BoundedSocket: a URL's ?socket_connect_timeout=3 (the query wins over the client's
+    arguments) held a check 3 s on a trickled handshake, at every reconnect. Read as the connect
+    and then the handshake begin, each gets what the ones before left of REDIS_DEADLINE.
+    """
+
+    def __init__(self, deadline: _Deadline, base: type, name: str) -> None:
+        self._deadline = deadline
+        self._name = name
+        # redis-py 8 keeps it behind a property of its own; 5 sets it on the instance (__set__ here)
+        self._base = inspect.getattr_static(base, name, None)
+
+    def _configured(self, conn: Any) -> float | None:
+        if self._name in vars(conn):
+            configured: float | None = vars(conn)[self._name]
+            return configured
+        return self._base.__get__(conn, type(conn)) if hasattr(self._base, "__get__") else None
+
+    def __get__(self, conn: Any, owner: type | None = None) -> Any:
+        if conn is None:
+            return self
+        configured = self._configured(conn)
+        left = self._deadline.left()
+        if math.isinf(left):  # between operations
+            return configured
+        left = max(left, 0.001)  # (0 would make the socket non-blocking: a timeout is what this is)
+        return left if configured is None else min(configured, left)
+
+    def __set__(self, conn: Any, value: float | None) -> None:
+        vars(conn)[self._name] = value
+
+
 def _bounded_connection(base: Any, deadline: _Deadline) -> type:
-    """redis-py's connection class ``base`` (TCP, TLS or unix socket) with its socket bounded by ``deadline``."""
+    """redis-py's connection class ``base`` (TCP, TLS or unix socket) with its socket bounded by
+    ``deadline``, its connect and TLS handshake too."""
 
     def _connect(self: Any) -> _BoundedSocket:
         if isinstance(getattr(self, "path", None), str):  # (a unix socket's connection)
@@ -575,7 +612,9 @@ def _bounded_connection(base: Any, deadline: _Deadline) -> type:
                 raise StoreError(exc.strerror) from None
         return _BoundedSocket(base._connect(self), deadline)
 
-    return type(f"Bounded{base.__name__}", (base,), {"_connect": _connect})
+    return type(f"Bounded{base.__name__}", (base,), {
+        "_connect": _connect, **{name: _WithinDeadline(deadline, base, name)
+                                 for name in ("socket_connect_timeout", "socket_timeout")}})
 
 
 #: What redis-py raises when a server answers in Redis's syntax what Redis never answers (a
