@@ -889,3 +889,58 @@ def test_a_worker_killed_while_a_reload_loads_is_a_death_not_the_stops_failure(t
     assert re.search(rf"ERROR: worker \d \(pid {killed}\) died \(signal 9\) before the stop; not replaced\r?\n",
                      m.text), m.text
     assert "not cleanly" not in m.text and "INFO: all workers stopped" in m.text, m.text
+
+
+@contextlib.contextmanager
+def _detached_run(tmp_path: Path, workers: str) -> Iterator[tuple[subprocess.Popen[bytes], str, Path]]:
+    """`run SCRIPT --workers N --grace 10` on a unix socket, started as a service manager does, once
+    it listens; its socket, its log. It must have exited 0 when the block ends."""
+    script, sock, log = tmp_path / "w.tcl", str(tmp_path / "w.sock"), tmp_path / "w.log"
+    script.write_text(SCRIPT)
+    proc = start_detached([*_pytclmilter_command(), "run", str(script), "--workers", workers, "--grace", "10",
+                           "--connection", f"unix:{sock}"], log)
+    try:
+        wait_log(log, r"listening on unix:")
+        yield proc, sock, log
+        assert proc.wait(timeout=20) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def _lines_of(text: str, pid: int, pattern: str) -> int:
+    """How many of process ``pid``'s log lines match ``pattern``."""
+    return len(re.findall(rf"pytclmilter\[{pid}\] {pattern}\r?$", text, re.M))
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_a_stop_sent_to_the_whole_group_is_one_line_in_each_process(tmp_path: Path, sig: signal.Signals) -> None:
+    """systemd's default KillMode=control-group signals every process of the unit, a Ctrl-C at a
+    terminal its whole process group: each worker got the stop twice, from outside and from the
+    supervisor, and logged `received SIGTERM: stopping` for each (and SIGINT then SIGTERM), one
+    line per copy. The supervisor's own line says it passes the stop on; each worker stops once,
+    whatever copies come later (one sent while its session holds the grace, here)."""
+    with _detached_run(tmp_path, "2") as (proc, sock, log):
+        wait_log(log, r"2 workers serving")
+        with contextlib.ExitStack() as sessions:  # one open session in each worker: their stops wait for it
+            held: set[int] = set()
+            deadline = time.monotonic() + 15
+            while len(held) < 2:
+                assert time.monotonic() < deadline, held
+                conn = sessions.enter_context(session(sock))
+                held.add(rejected_by(conn, "<b@example.org>"))
+            os.killpg(proc.pid, sig)
+            # (a worker's line names the copy that came first: the supervisor's SIGTERM may be it)
+            wait_log(log, r"\] INFO: received SIG[A-Z]+: stopping\r?\n", count=2)
+            time.sleep(0.3)  # (the supervisor's copy has come too)
+            for pid in held:  # a late copy, as one sent by pid (systemd's, a `kill` of every pid)
+                os.kill(pid, sig)
+            time.sleep(0.3)
+    text = log.read_text(errors="replace")
+    assert _lines_of(text, proc.pid, rf"INFO: received {sig.name}: stopping 2 workers") == 1, text
+    assert len(re.findall(r"received \w+: stopping", text)) == 3, text
+    for pid in held:
+        assert _lines_of(text, pid, rf"INFO: received (?:{sig.name}|SIGTERM): stopping") == 1, text
+        assert _lines_of(text, pid, r"INFO: TclMilter stopped; verdicts: reject=\d+, callback errors=0") == 1, text
+

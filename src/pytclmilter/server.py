@@ -438,11 +438,21 @@ class MilterServer:
         PYTHON_LIMIT.hold_to(by, why)  # a plain Python callback the signal came in
 
     def _on_signal(self, sig: signal.Signals) -> None:
+        if self.stopped_by is not None:  # stopping already: a copy of the stop changes nothing
+            self._stop_again(sig)
+            return
         log.info("received %s: stopping", sig.name)
         self.stopped_by = sig
         signalled(self.shared.hooks, sig)
         if self._stop is not None:
             self._stop.set()
+
+    def _stop_again(self, sig: signal.Signals) -> None:
+        """A stop signal after the one this stop acts on: a --workers worker gets the supervisor's
+        copy and, from systemd (KillMode=control-group) or a terminal's Ctrl-C, the whole group's;
+        each made a line of its own, as if the worker stopped twice."""
+        log.debug("received %s while stopping (by %s): the stop goes on", sig.name,
+                  self.stopped_by.name if self.stopped_by is not None else "?")
 
     def _on_replaced(self) -> None:
         self._ending = _REPLACED
@@ -487,4 +497,7 @@ class MilterServer:
             elif sig == REPLACED:  # (the same: a late one must not kill the worker)
                 signal.signal(sig, signal.SIG_IGN)
             elif sig in self._stop_dispositions:
-                signal.signal(sig, self._stop_dispositions.pop(sig))
+                previous = self._stop_dispositions.pop(sig)
+                # A worker ends now: a copy of the stop that comes late (_stop_again) met the default
+                # action and ended it before its last lines (the verdicts, its counts for --metrics).
+                signal.signal(sig, previous if self.reloadable else signal.SIG_IGN)

@@ -359,6 +359,9 @@ class Supervisor:
     def _on_signal(self, signum: int, frame: object) -> None:
         self.stop_signal = self.stop_signal or signal.Signals(signum)
         askers, junk = self._askers() if signum == signal.SIGTERM else ([], 0)
+        if self.stopping:  # every worker has been told already (stop): nothing more to do
+            log.debug("received %s while stopping: the stop goes on", signal.Signals(signum).name)
+            return
         why = f"{_named(askers)} called milter stop" if askers else f"received {signal.Signals(signum).name}"
         if junk:
             why += f" (and {junk} bytes on the stop pipe that are no worker's name, ignored)"
@@ -367,13 +370,16 @@ class Supervisor:
         self.stop()
 
     def stop(self) -> None:
-        if not self.stopping:
-            self._dead_at_stop = self._dead_now()
-            self.stopping = True
-            # Our copy of the listening socket first: the workers close theirs as they stop.
-            if self.listener is not None:
-                self.listener.remove_unix()
-                self.listener.sock.close()
+        """Stop every worker, each told once: one forked later is told by _fork. (A second
+        stop signal sent them all another SIGTERM, and each logged a second stop.)"""
+        if self.stopping:
+            return
+        self._dead_at_stop = self._dead_now()
+        self.stopping = True
+        # Our copy of the listening socket first: the workers close theirs as they stop.
+        if self.listener is not None:
+            self.listener.remove_unix()
+            self.listener.sock.close()
         for pid in list(self.children):
             try:
                 os.kill(pid, signal.SIGTERM)
