@@ -944,3 +944,25 @@ def test_a_stop_sent_to_the_whole_group_is_one_line_in_each_process(tmp_path: Pa
         assert _lines_of(text, pid, rf"INFO: received (?:{sig.name}|SIGTERM): stopping") == 1, text
         assert _lines_of(text, pid, r"INFO: TclMilter stopped; verdicts: reject=\d+, callback errors=0") == 1, text
 
+
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_a_second_stop_signal_during_the_grace_is_told_once_as_what_it_is(tmp_path: Path, workers: str) -> None:
+    """An admin who sends SIGTERM again while the stop waits for open sessions (or a second
+    Ctrl-C) learns that it was received and what it does: nothing more, the grace runs on. One
+    line, however many come; the first stop's line stays the only `stopping` one."""
+    with _detached_run(tmp_path, workers) as (proc, sock, log):
+        with session(sock) as conn:
+            rejected_by(conn, "<b@example.org>")  # served: it is open while the stop waits
+            proc.send_signal(signal.SIGTERM)
+            wait_log(log, r"stopping: no new connections; 1 open")
+            for _ in range(3):
+                proc.send_signal(signal.SIGTERM)
+                time.sleep(0.2)
+            wait_log(log, rf"pytclmilter\[{proc.pid}\] INFO: received SIGTERM while stopping")
+    text = log.read_text(errors="replace")
+    # (a worker whose session is over may have ended by then)
+    ours = "the sessions still open keep the rest of the 10 s grace" if workers == "1" else \
+        "the (?:worker|2 workers) still stopping keeps? the rest of the grace"
+    assert _lines_of(text, proc.pid, rf"INFO: received SIGTERM while stopping: the stop goes on \({ours}\)") == 1, text
+    assert len(re.findall(r"received SIGTERM while stopping", text)) == 1, text
+    assert len(re.findall(r"received SIGTERM: stopping", text)) == int(workers) + (workers != "1"), text

@@ -97,6 +97,7 @@ class MilterServer:
         self.stop_signal: signal.Signals | None = None
         self._holding = ""  # what the loop's thread does other than callbacks, for overdue.py
         self._reload_told = False  # the SIGUSR1 waiting for a callback was logged (_seen)
+        self._told_again = False  # a stop signal while stopping was logged (_stop_again: once a stop)
 
     def next_id(self) -> int:
         self._ids += 1
@@ -170,6 +171,7 @@ class MilterServer:
                 self._stop = None
                 return
         self.stopped_by, self._ending, self._aborted, self.stop_signal = None, _STOPPED, False, None
+        self._told_again = False
         self.tcp = spec.family != "unix"  # before listening: the first connection may come at once
         try:
             listener, acceptor = self._listen(spec, inherited, loop)
@@ -448,9 +450,15 @@ class MilterServer:
             self._stop.set()
 
     def _stop_again(self, sig: signal.Signals) -> None:
-        """A stop signal after the one this stop acts on: a --workers worker gets the supervisor's
-        copy and, from systemd (KillMode=control-group) or a terminal's Ctrl-C, the whole group's;
-        each made a line of its own, as if the worker stopped twice."""
+        """A stop signal after the one this stop acts on. Serving alone, an admin's (a second
+        Ctrl-C, a `kill` that seemed slow): told once, what it does, nothing more. A --workers
+        worker gets the supervisor's copy and, from systemd (KillMode=control-group) or a
+        terminal's Ctrl-C, the whole group's: each made a line of its own, as if it stopped twice."""
+        if self.reloadable and not self._told_again:
+            self._told_again = True
+            log.info("received %s while stopping: the stop goes on (the sessions still open keep the rest of the "
+                     "%g s grace)", sig.name, self.shared.settings.grace)
+            return
         log.debug("received %s while stopping (by %s): the stop goes on", sig.name,
                   self.stopped_by.name if self.stopped_by is not None else "?")
 

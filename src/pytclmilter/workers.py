@@ -181,6 +181,7 @@ class Supervisor:
         # Taken with sigtimedwait in the parent; SIGUSR1 only when the milter can reload (Hooks.reload).
         self._waited = (signal.SIGCHLD,) + ((signal.SIGUSR1,) if hooks.reload is not None else ())
         self.stopping = False
+        self._told_again = False  # a stop signal while stopping was logged (_stop_again: once)
         #: The stop signal that came, if one did: a reload's load under way is abandoned by it
         #: (commands/reloading.py), though this process's handler took it before the load's watch.
         self.stop_signal: signal.Signals | None = None
@@ -360,7 +361,7 @@ class Supervisor:
         self.stop_signal = self.stop_signal or signal.Signals(signum)
         askers, junk = self._askers() if signum == signal.SIGTERM else ([], 0)
         if self.stopping:  # every worker has been told already (stop): nothing more to do
-            log.debug("received %s while stopping: the stop goes on", signal.Signals(signum).name)
+            self._stop_again(signal.Signals(signum), askers)
             return
         why = f"{_named(askers)} called milter stop" if askers else f"received {signal.Signals(signum).name}"
         if junk:
@@ -368,6 +369,18 @@ class Supervisor:
         log.info("%s: stopping %d workers", why, len(self.children))
         signalled(self.hooks, signal.Signals(signum))
         self.stop()
+
+    def _stop_again(self, sig: signal.Signals, askers: list[str]) -> None:
+        """A stop signal while all stop: an admin's (a second Ctrl-C, a `kill` that seemed slow) is
+        told once, what it does; a worker's `milter stop` meanwhile is nothing to tell."""
+        if askers or self._told_again:
+            log.debug("received %s while stopping%s: the stop goes on", sig.name,
+                      f" ({_named(askers)} called milter stop)" if askers else "")
+            return
+        self._told_again = True
+        left = len(self.children)
+        log.info("received %s while stopping: the stop goes on (%s still stopping keep%s the rest of the grace)",
+                 sig.name, "the worker" if left == 1 else f"the {left} workers", "s" if left == 1 else "")
 
     def stop(self) -> None:
         """Stop every worker, each told once: one forked later is told by _fork. (A second
