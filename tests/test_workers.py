@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import io
 import logging
 import os
 import re
@@ -966,3 +967,25 @@ def test_a_second_stop_signal_during_the_grace_is_told_once_as_what_it_is(tmp_pa
     assert _lines_of(text, proc.pid, rf"INFO: received SIGTERM while stopping: the stop goes on \({ours}\)") == 1, text
     assert len(re.findall(r"received SIGTERM while stopping", text)) == 1, text
     assert len(re.findall(r"received SIGTERM: stopping", text)) == int(workers) + (workers != "1"), text
+
+
+def test_a_ctrl_c_is_answered_once_at_the_terminal(tmp_path: Path) -> None:
+    """A Ctrl-C reaches the supervisor and every worker (the terminal's process group), and each
+    printed `pytclmilter: interrupted, stopping` on the terminal: three for `--workers 2`."""
+    child, sock = two_workers(tmp_path)
+    assert len(answering(sock)) == 2  # both serve: the signal finds their handlers
+    seen = io.StringIO()
+    child.logfile_read = seen
+    try:
+        child.sendintr()
+        child.expect("all workers stopped")
+        child.expect(pexpect.EOF)
+        child.wait()
+        assert child.exitstatus == 0
+        text = seen.getvalue()
+        assert text.count("pytclmilter: interrupted, stopping") == 1, text
+        assert "received SIGINT: stopping 2 workers" in text, text
+        assert len(re.findall(r"\] INFO: TclMilter stopped", text)) == 2, text
+    finally:
+        if child.isalive():
+            child.kill(signal.SIGKILL)

@@ -148,9 +148,10 @@ class Daemon:
 
 
 def _stopped_by(notify: Notifier, sig: signal.Signals) -> None:
-    """A stop signal came: systemd is told, and Ctrl-C at a terminal is answered."""
+    """A stop signal came: systemd is told, and Ctrl-C at a terminal is answered, by the main
+    process alone (it reaches the --workers workers too: each printed the answer again)."""
     notify.stopping()
-    if sig == signal.SIGINT and sys.stdin is not None and sys.stdin.isatty():
+    if sig == signal.SIGINT and notify.main and sys.stdin is not None and sys.stdin.isatty():
         print("\npytclmilter: interrupted, stopping", file=sys.stderr, flush=True)
 
 

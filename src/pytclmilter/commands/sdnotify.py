@@ -86,8 +86,13 @@ class Notifier:
     def stopping(self) -> None:
         self.send("STOPPING=1\nSTATUS=stopping")
 
+    @property
+    def main(self) -> bool:
+        """Whether this is the process that made it: not a --workers worker, which tells no one."""
+        return os.getpid() == self._pid
+
     def send(self, message: str) -> None:
-        if self._sock is None or os.getpid() != self._pid:
+        if self._sock is None or not self.main:
             return  # (a --workers worker: systemd hears the main process alone, NotifyAccess=main)
         try:
             self._sock.send(message.encode())
