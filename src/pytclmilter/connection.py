@@ -32,6 +32,17 @@ _PROXY_HINT: Final = (" (it began with a PROXY protocol header, which a milter d
                       "send-proxy from HAProxy's server lines; docs/deployment.md, HAProxy)")
 
 
+def ended(exc: Exception | None) -> str:
+    """How a connection the transport lost ended: ``eof`` when the peer closed it, whether its
+    close was read (``exc`` None) or met by a write (EPIPE: a unix socket refuses a write to a
+    closed peer at once, where TCP takes the write and reads the EOF next, as when Sendmail
+    closes on its `R:` timeout while a callback runs); ``error: ...`` for anything else (a
+    reset)."""
+    if exc is None or isinstance(exc, BrokenPipeError):
+        return "eof"
+    return f"error: {said(exc)}"
+
+
 class Server(Protocol):
     """What a connection needs of its server (server.py's MilterServer): the milter serving new
     connections, its ids, the set of those open, the accept loop, and the replaced generations."""
@@ -153,7 +164,7 @@ class Connection(asyncio.Protocol):
         # reference counting free the connection now, not the cycle collector some time later.
         engine, self.engine = self.engine, None
         if engine is not None and not engine.closed:
-            engine.connection_lost("eof" if exc is None else f"error: {said(exc)}")
+            engine.connection_lost(ended(exc))
         if server.retiring and engine is not None:
             server.session_over(engine.shared)
 

@@ -1,0 +1,61 @@
+"""Sendmail's time limits (`T=` of INPUT_MAIL_FILTER) against a script whose callback is slow.
+
+A private Sendmail 8.17 (tests/support/sendmail.py) with a short `R:` (the wait for each reply)
+drives a script whose envrcpt callback outlasts it. What the client sees, what the filter logs and
+what happens to the rest of the SMTP session are asserted here and documented in
+docs/deployment.md (Sendmail) and docs/protocol.md (§10.16).
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+from support.sendmail import milter_socket_path, sendmail_factory
+from support.tclrun import tclrun_factory
+
+pytestmark = pytest.mark.sendmail
+
+sendmail = pytest.fixture(sendmail_factory, name="sendmail")
+milter = pytest.fixture(tclrun_factory, name="milter")
+socket_path = pytest.fixture(milter_socket_path, name="socket_path")
+
+#: Sendmail waits 1 s for each reply; the first recipient of a session takes the script 2.5 s.
+TIMEOUTS = "S:10s;R:1s;E:5m"
+
+SLOW_FIRST_RCPT = r"""
+package require TclMilter 1.0
+proc envrcpt {ctx rcpt} {
+    puts stderr "envrcpt $rcpt"
+    if {[incr ::rcpts] == 1} { after 2500 }
+    return SMFIS_CONTINUE
+}
+proc eom {ctx} { $ctx addheader X-Filtered yes; return SMFIS_CONTINUE }
+proc abort {ctx} { puts stderr "abort ran"; return SMFIS_CONTINUE }
+proc close {ctx} { puts stderr "close ran"; return SMFIS_CONTINUE }
+foreach event {envrcpt eom abort close} { milter register $event $event }
+milter main
+"""
+
+
+def message(subject: str) -> bytes:
+    return f"From: a@client.test\r\nTo: b@example.com\r\nSubject: {subject}\r\n\r\nHello.\r\n".encode()
+
+
+def test_sendmail_giving_up_on_a_unix_socket_is_an_eof_not_an_error(sendmail, milter, socket_path: Path) -> None:
+    """Sendmail closes the filter's connection when `R:` runs out; the slow callback's reply then
+    goes to a closed unix socket, whose write fails with EPIPE. That is the MTA's end of the
+    session, as the EOF read on TCP is (docs/troubleshooting.md, "Timeouts"): `closed (eof)` at
+    debug, after the abort and close callbacks. Before, the same end was logged at info as a
+    connection fault, `closed (error: [Errno 32] Broken pipe)`, on a unix socket only."""
+    m = milter(SLOW_FIRST_RCPT, "--log-level", "debug", connection=f"unix:{socket_path}")
+    sm = sendmail(f"unix:{socket_path}", timeouts=TIMEOUTS).start()
+    result = sm.send("a@client.test", ["b@example.com"], message("slow"))
+    assert result.rcpt["b@example.com"].code == 451, result  # F=T
+    m.wait_for(r"conn#1: closed \(eof\)")
+    text = m.text
+    assert "Broken pipe" not in text and "closed (error" not in text, text
+    assert text.index("envrcpt <b@example.com>") < text.index("abort ran") < text.index("close ran"), text
+    assert sm.sink_messages() == []
