@@ -59,3 +59,38 @@ def test_sendmail_giving_up_on_a_unix_socket_is_an_eof_not_an_error(sendmail, mi
     assert "Broken pipe" not in text and "closed (error" not in text, text
     assert text.index("envrcpt <b@example.com>") < text.index("abort ran") < text.index("close ran"), text
     assert sm.sink_messages() == []
+
+
+@pytest.mark.parametrize(("flags", "first", "later"), [
+    ("T", "451 4.3.2 Please try again later", "451 4.3.2 Please try again later"),
+    ("R", "550 5.7.1 <b@example.com>... Command rejected", "550 5.7.1 <a@client.test>... Command rejected"),
+    ("", "250 2.1.5 <b@example.com>... Recipient ok", "250 2.1.0 <a@client.test>... Sender ok"),
+])
+def test_after_a_timeout_sendmail_drops_the_filter_for_the_rest_of_the_smtp_session(
+        sendmail, milter, socket_path: Path, flags: str, first: str, later: str) -> None:
+    """The recipient whose reply came too late gets F='s answer (none: accepted unfiltered), and
+    so does every later MAIL of that SMTP session, at MAIL, without a word to the filter (F=T:
+    451 at each MAIL; F=R: 550, a permanent refusal for a slow filter; none: the mail passes
+    unfiltered). Only a new SMTP session connects to the filter again, and is filtered."""
+    m = milter(SLOW_FIRST_RCPT, connection=f"unix:{socket_path}")
+    sm = sendmail(f"unix:{socket_path}", flags=flags, timeouts=TIMEOUTS).start()
+    with sm.smtp_session() as smtp:
+        smtp.ehlo("client.test")
+        smtp.mail("a@client.test")
+        code, text = smtp.rcpt("b@example.com")
+        assert f"{code} {text.decode()}" == first
+        smtp.rset()
+        for _ in range(2):
+            code, text = smtp.mail("a@client.test")
+            assert f"{code} {text.decode()}" == later
+            if code == 250:
+                assert smtp.rcpt("b@example.com")[0] == 250
+                assert smtp.data(message("unfiltered"))[0] == 250
+            smtp.rset()
+    m.wait_for("close ran")  # the script's one thread is free again (troubleshooting.md, Timeouts)
+    assert sm.send("a@client.test", ["b@example.com"], message("next session")).accepted
+    msgs = sm.wait_for_sink(3 if flags == "" else 1)
+    assert sorted((x.message["Subject"], x.headers("X-Filtered")) for x in msgs) == \
+        [("next session", ["yes"])] + [("unfiltered", [])] * (len(msgs) - 1)
+    # The filter saw the slow recipient and the next session's, nothing of the messages between.
+    assert re.findall(r"envrcpt <[^>]*>", m.text) == ["envrcpt <b@example.com>"] * 2, m.text
