@@ -22,14 +22,16 @@ sendmail = pytest.fixture(sendmail_factory, name="sendmail")
 milter = pytest.fixture(tclrun_factory, name="milter")
 socket_path = pytest.fixture(milter_socket_path, name="socket_path")
 
-#: Sendmail waits 1 s for each reply; the first recipient of a session takes the script 2.5 s.
-TIMEOUTS = "S:10s;R:1s;E:5m"
+#: Sendmail waits 2 s for each reply (not 1 s: Sendmail counts whole seconds, and under R:1s a
+#: reply of a millisecond that crosses a second's boundary is late, see the last test); the first
+#: recipient of a session takes the script 3.5 s.
+TIMEOUTS = "S:10s;R:2s;E:5m"
 
 SLOW_FIRST_RCPT = r"""
 package require TclMilter 1.0
 proc envrcpt {ctx rcpt} {
     puts stderr "envrcpt $rcpt"
-    if {[incr ::rcpts] == 1} { after 2500 }
+    if {[incr ::rcpts] == 1} { after 3500 }
     return SMFIS_CONTINUE
 }
 proc eom {ctx} { $ctx addheader X-Filtered yes; return SMFIS_CONTINUE }
@@ -94,3 +96,33 @@ def test_after_a_timeout_sendmail_drops_the_filter_for_the_rest_of_the_smtp_sess
         [("next session", ["yes"])] + [("unfiltered", [])] * (len(msgs) - 1)
     # The filter saw the slow recipient and the next session's, nothing of the messages between.
     assert re.findall(r"envrcpt <[^>]*>", m.text) == ["envrcpt <b@example.com>"] * 2, m.text
+
+
+PROGRESS_EVERY = r"""
+package require TclMilter 1.0
+proc eom {ctx} {
+    for {set i 0} {$i < $::argv} {incr i} { after 1950; $ctx progress }
+    $ctx addheader X-Filtered yes
+    return SMFIS_CONTINUE
+}
+milter register eom eom
+milter main
+"""
+
+
+@pytest.mark.parametrize(("read_limit", "progresses", "code"), [(3, 2, 250), (2, 5, 451)])
+def test_sendmail_counts_its_read_limit_in_whole_seconds(
+        sendmail, milter, socket_path: Path, read_limit: int, progresses: int, code: int) -> None:
+    """`progress` restarts Sendmail's `R:` wait, but Sendmail measures every wait in whole seconds
+    of the clock (milter.c, milter_read: `curtime() - readstart >= to` once the reply's header is
+    read): a reply 1.95 s after the wait began counts as 2 s whenever the wait began in the last
+    0.95 s of a second, so an end of message kept alive by progress every 1.95 s is tempfailed
+    under `R:2s` (5 waits all starting early enough: about 1 in 3 million), and passes under
+    `R:3s`. Any reply later than `R:` minus 1 s may be taken as too late."""
+    milter(PROGRESS_EVERY, connection=f"unix:{socket_path}", args=[str(progresses)])
+    sm = sendmail(f"unix:{socket_path}", timeouts=f"S:10s;R:{read_limit}s;E:5m").start()
+    result = sm.send("a@client.test", ["b@example.com"], message("kept alive"))
+    assert result.data is not None and result.data.code == code, result
+    if code == 250:
+        (msg,) = sm.wait_for_sink(1)
+        assert msg.headers("X-Filtered") == ["yes"]
