@@ -291,6 +291,17 @@ def test_an_empty_replacement_body(sendmail, milter, socket_path: Path) -> None:
     assert msg.body.strip(b"\n") == b""
 
 
+def test_a_replaced_body_line_longer_than_990_bytes_is_broken_by_sendmail(sendmail, milter, socket_path: Path) -> None:
+    """Sendmail's SMTP mailers (L=990) break a longer line into lines of 990 bytes, ending each
+    but the last with `!` and starting the next with a space: a replacement body of one
+    2 000-byte line reaches the next hop as three lines, its bytes otherwise intact (base64
+    without line ends would be corrupted; deployment.md, Sendmail)."""
+    sm, result = edited(sendmail, milter, socket_path, ["replacebody " + "a" * 2000])
+    assert result.accepted, result
+    (msg,) = sm.wait_for_sink(1)
+    assert msg.body.rstrip(b"\n").split(b"\n") == [b"a" * 989 + b"!", b" " + b"a" * 988 + b"!", b" " + b"a" * 23]
+
+
 MACROS = r"""
 package require TclMilter 1.0
 proc look {ctx stage} {
