@@ -1434,3 +1434,53 @@ def test_as_root_a_redis_socket_is_not_reached_through_a_symbolic_link_at_its_na
     m.wait_for(re.escape(f"unavailable (StoreError: refusing to connect to it as root through the symbolic link "
                          f"{link} (name the socket itself, or run with --user))"))
     assert m.stop() == 0
+
+
+OPTIONS_ACCEPTED = "must be db, username, password, client_name, socket_timeout, socket_connect_timeout"
+
+
+@pytest.mark.parametrize(("spec", "said"), [
+    ("redis://127.0.0.1:6379/0?foo=bar", f'unknown option "foo" in its query: {OPTIONS_ACCEPTED}'),
+    ("redis://127.0.0.1:6379/0?timeout=5", f'unknown option "timeout" in its query (socket_timeout?): {OPTIONS_ACCEPTED}'),
+    ("redis://127.0.0.1:6379/0?socket_timout=1",
+     f'unknown option "socket_timout" in its query (socket_timeout?): {OPTIONS_ACCEPTED}'),
+    ("unix:///run/redis/redis.sock?db=0&socket_timout=1", 'unknown option "socket_timout"'),
+    ("redis://127.0.0.1:6379/0?ssl_ca_certs=/etc/ca.pem",
+     'unknown option "ssl_ca_certs" in its query (TLS options are for rediss:// only)'),
+    ("redis://127.0.0.1:6379/0?socket_timeout=abc", 'socket_timeout must be a number of seconds > 0, not "abc"'),
+    ("redis://127.0.0.1:6379/0?socket_timeout=-1", 'socket_timeout must be a number of seconds > 0, not "-1"'),
+    ("redis://127.0.0.1:6379/0?socket_connect_timeout=nan",
+     'socket_connect_timeout must be a number of seconds > 0, not "nan"'),
+    ("redis://127.0.0.1:6379/0?db=x", 'db must be a database number (0, 1, ...), not "x"'),
+    ("redis://127.0.0.1:6379/0?db=-1", 'db must be a database number (0, 1, ...), not "-1"'),
+    ("redis://127.0.0.1:6379/x", 'the database after the port must be a number (/0, /1, ...), not "/x"'),
+    ("redis://127.0.0.1:6379/0?db=1&db=2", 'option "db" given twice'),
+    ("rediss://127.0.0.1:6379/0?ssl_cert_reqs=bogus",
+     'ssl_cert_reqs must be none, optional or required, not "bogus"'),
+    ("rediss://127.0.0.1:6379/0?ssl_check_hostname=bogus", 'ssl_check_hostname must be true or false, not "bogus"'),
+])
+def test_a_bad_option_in_a_redis_url_fails_the_load_naming_it(tclrun: Callable[..., TclRun], spec: str,
+                                                               said: str) -> None:
+    """A misspelled option (?socket_timout=1) loaded, and every check was then an outage blaming
+    the server, "an answer no Redis gives (TypeError: ... unexpected keyword argument
+    'socket_timout'): is it a Redis server?", for as long as the filter ran; a bad value of an
+    option redis-py checks only as it connects (?ssl_cert_reqs=bogus) or not at all
+    (?ssl_check_hostname=bogus is true to it, /x after the port database 0) likewise or silently.
+    Refused at load, and by the import, naming the option."""
+    m = tclrun(GREYLIST, "--python", str(STORE_PY), wait=False, args=("-store", spec))
+    assert m.wait_exit(timeout=20) == 1
+    assert f"-store {spec}: {said}" in m.text, m.text
+    assert "listening" not in m.text
+    bad = run_import("/nonexistent/greylist.db", spec)
+    assert bad.returncode == 64 and said in bad.stderr, bad.stderr
+
+
+def test_the_options_a_redis_url_may_take_still_load_and_reach_redis(tclrun: Callable[..., TclRun],
+                                                                     redis_server: RedisServer) -> None:
+    """The checks refuse no option the docs list: a store with each of the plain ones greylists."""
+    url = (f"redis://127.0.0.1:{redis_server.port}/3?socket_timeout=0.5&socket_connect_timeout=0.5"
+           "&client_name=greylist")
+    m = greylist(tclrun, url)
+    assert greylisted(rcpt_reply(m, 1)) == 300
+    assert (redis_server.command("DBSIZE", db=3), redis_server.command("DBSIZE")) == (b":1", b":0")
+    assert m.stop() == 0

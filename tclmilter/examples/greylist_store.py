@@ -16,7 +16,9 @@ reached, and the two back ends, chosen by -store:
   once agree on its first sight); made 0600, and its -wal and -shm with it;
 * ``redis://HOST:PORT/DB`` (or ``rediss://``, or ``unix://SOCKET?db=DB``): a Redis server shared by several hosts; one key
   per triplet whose time to live is -maxage, updated by one Lua script (atomic in Redis). Needs
-  the ``redis`` package (``pip install redis``), imported only when Redis is chosen.
+  the ``redis`` package (``pip install redis``), imported only when Redis is chosen. The URL's
+  query may give the options of _REDIS_OPTIONS (rediss://: and _REDIS_TLS_OPTIONS); any other
+  name, or a value an option does not take, fails the load.
 
 The store is opened at the first check, not when the script loads: by then ``run --user`` has
 dropped root's privileges and ``--workers`` have forked (each opens its own connection). Still
@@ -51,6 +53,7 @@ the same process (a reload) shares nothing with the first.
 from __future__ import annotations
 
 import contextlib
+import difflib
 import inspect
 import logging
 import math
@@ -65,7 +68,7 @@ import threading
 import time
 import weakref
 from typing import Any, Iterable, Iterator, NamedTuple, Protocol
-from urllib.parse import SplitResult, parse_qsl, urlencode, urlsplit, urlunsplit
+from urllib.parse import SplitResult, parse_qsl, unquote_plus, urlsplit, urlunsplit
 
 try:
     from pytclmilter.logline import escape
@@ -196,6 +199,7 @@ def check_spec(spec: str) -> str:
         return "sqlite"
     if re.match(r"(rediss?|unix)://.", spec):  # unix:///run/redis/redis-server.sock?db=0: Redis's socket
         _refuse_unix_host(spec)
+        _check_redis_options(spec)
         _redis_module()
         return "redis"
     raise ValueError(f'-store must be sqlite:PATH or redis://HOST:PORT/DB (or unix://SOCKET?db=DB), not "{spec}"')
@@ -210,6 +214,68 @@ def _refuse_unix_host(spec: str) -> None:
     if parts.scheme == "unix" and host:
         raise ValueError(f'-store {_redis_where(spec)}: a unix:// URL names the socket by its absolute path, after '
                          f'three slashes (unix:///run/redis/redis-server.sock?db=0); "{host}" would be dropped')
+
+
+def _positive_seconds(value: str) -> str | None:
+    try:
+        seconds = float(value)
+    except ValueError:
+        return "a number of seconds > 0"
+    return None if 0 < seconds < math.inf else "a number of seconds > 0"
+
+
+def _database(value: str) -> str | None:
+    return None if value.isascii() and value.isdigit() else "a database number (0, 1, ...)"
+
+
+def _anything(value: str) -> str | None:
+    return None
+
+
+def _one_of(words: tuple[str, ...], said: str) -> Any:
+    def check(value: str) -> str | None:
+        return None if value.lower() in words else said
+    return check
+
+
+#: The options a Redis URL's query may give, and what each must be (None: fine; else what it must
+#: be). redis-py hands every other name to its connection as an argument, which refused it as each
+#: check connected ("unexpected keyword argument"), an outage blamed on the server; and checks a
+#: value only then (?ssl_cert_reqs=bogus) or not at all (?ssl_check_hostname=bogus is true).
+_REDIS_OPTIONS = {"db": _database, "username": _anything, "password": _anything, "client_name": _anything,
+                  "socket_timeout": _positive_seconds, "socket_connect_timeout": _positive_seconds}
+_REDIS_TLS_OPTIONS = {"ssl_ca_certs": _anything, "ssl_ca_path": _anything, "ssl_certfile": _anything,
+                      "ssl_keyfile": _anything, "ssl_password": _anything,
+                      "ssl_cert_reqs": _one_of(("none", "optional", "required"), "none, optional or required"),
+                      # (redis-py reads these as false, any other word as true)
+                      "ssl_check_hostname": _one_of(("true", "false", "yes", "no", "1", "0"), "true or false")}
+
+
+def _check_redis_options(spec: str) -> None:
+    """ValueError naming an option of a Redis URL's query that redis-py would take and fail on
+    later, at each check, or read as something else than meant; and a database after the port
+    that is no number (redis-py ignores it: database 0)."""
+    parts = urlsplit(spec)
+    where = _redis_where(spec)
+    accepted = {**_REDIS_OPTIONS, **(_REDIS_TLS_OPTIONS if parts.scheme == "rediss" else {})}
+    database = parts.path.strip("/")
+    if parts.scheme != "unix" and database and _database(database) is not None:
+        raise ValueError(f'-store {where}: the database after the port must be a number (/0, /1, ...), '
+                         f'not "{parts.path}"')
+    seen: set[str] = set()
+    for name, value in parse_qsl(parts.query, keep_blank_values=True):
+        check = accepted.get(name)
+        if check is None:
+            hint = ("TLS options are for rediss:// only" if name in _REDIS_TLS_OPTIONS
+                    else "".join(f"{m}?" for m in difflib.get_close_matches(name, accepted, 1)))
+            raise ValueError(f'-store {where}: unknown option "{name}" in its query'
+                             f'{f" ({hint})" if hint else ""}: must be {", ".join(accepted)}')
+        if name in seen:
+            raise ValueError(f'-store {where}: option "{name}" given twice')
+        seen.add(name)
+        wanted = check(value)
+        if wanted is not None:
+            raise ValueError(f'-store {where}: {name} must be {wanted}, not "{value}"')
 
 
 def open_store(spec: str) -> Store:
@@ -447,9 +513,9 @@ def _no_setinfo(redis: Any) -> dict[str, None]:
 def _redis_where(url: str) -> str:
     """The URL for the log, without the user and password it may hold: before the host's "@" (the
     last one: redis-py reads an unencoded "@" in a password so) or as ?password= / ?username=."""
-    parts = urlsplit(url)
-    query = urlencode([(k, v) for k, v in parse_qsl(parts.query, keep_blank_values=True)
-                       if k not in ("password", "username")])
+    parts = urlsplit(url)  # (the rest of the query as written: re-encoded, ?ssl_ca_certs=/etc/ca.pem read %2Fetc%2F...)
+    query = "&".join(item for item in parts.query.split("&")
+                     if unquote_plus(item.partition("=")[0]) not in ("password", "username"))
     return f"{parts.scheme}://{parts.netloc.rpartition('@')[2]}{parts.path}" + (f"?{query}" if query else "")
 
 

@@ -81,16 +81,17 @@ class RedisServer:
             self.proc.wait(5)
         self.proc = None
 
-    def command(self, *words: str) -> bytes:
-        """One command in RESP; the first line of the reply (``+PONG``, ``:3``...)."""
-        payload = f"*{len(words)}\r\n".encode() + b"".join(
-            f"${len(w.encode())}\r\n".encode() + w.encode() + b"\r\n" for w in words)
+    def command(self, *words: str, db: int | None = None) -> bytes:
+        """One command in RESP, in database ``db`` if given; the first line of its reply (``+PONG``, ``:3``...)."""
+        commands = [("SELECT", str(db)), words] if db is not None else [words]
+        payload = b"".join(f"*{len(c)}\r\n".encode() + b"".join(
+            f"${len(w.encode())}\r\n".encode() + w.encode() + b"\r\n" for w in c) for c in commands)
         with socket.create_connection(("127.0.0.1", self.port), timeout=2) as s:
             s.sendall(payload)
             reply = b""
-            while not reply.endswith(b"\r\n"):
+            while reply.count(b"\r\n") < len(commands):  # (SELECT's +OK, then the first line of the command's)
                 data = s.recv(4096)
                 if not data:
                     break
                 reply += data
-        return reply.split(b"\r\n", 1)[0]
+        return reply.split(b"\r\n")[len(commands) - 1]
