@@ -33,7 +33,7 @@ from pytclmilter import repeats
 
 from support.loopback import LoopbackServer
 from support.postfix import free_port
-from support.redis import RedisServer
+from support.redis import RedisServer, tls_files
 from support.tclrun import TclRun, tclrun_factory
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "tclmilter" / "examples"
@@ -46,14 +46,23 @@ GREYLISTED = re.compile(r"4\.7\.1 Greylisted, please try again in (\d+) seconds?
 UNAVAILABLE = "4.3.0 Greylisting temporarily unavailable, please try again later"
 
 
-@pytest.fixture
-def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
-    server = RedisServer(tmp_path)
+def serving(server: RedisServer) -> Iterator[RedisServer]:
     server.start()
     try:
         yield server
     finally:
         server.close()
+
+
+@pytest.fixture
+def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
+    yield from serving(RedisServer(tmp_path))
+
+
+@pytest.fixture
+def tls_redis_server(tmp_path: Path) -> Iterator[RedisServer]:
+    """A redis-server on its TLS port only, its certificate (for 127.0.0.1) signed by a CA of its own."""
+    yield from serving(RedisServer(tmp_path, tls=tls_files(tmp_path / "ca")))
 
 
 def greylist(tclrun: Callable[..., TclRun], store: str, *options: str, args: tuple[str, ...] = ()) -> TclRun:
@@ -1483,4 +1492,41 @@ def test_the_options_a_redis_url_may_take_still_load_and_reach_redis(tclrun: Cal
     m = greylist(tclrun, url)
     assert greylisted(rcpt_reply(m, 1)) == 300
     assert (redis_server.command("DBSIZE", db=3), redis_server.command("DBSIZE")) == (b":1", b":0")
+    assert m.stop() == 0
+
+
+def test_a_rediss_store_greylists_over_tls_and_a_certificate_no_trusted_ca_signed_is_an_outage(
+        tclrun: Callable[..., TclRun], tls_redis_server: RedisServer, tmp_path: Path) -> None:
+    """rediss:// had never met a TLS server. A redis-server on its TLS port only (--port 0), the
+    CA given as ?ssl_ca_certs=: first sights greylisted, retries passed, the keys in Redis. Then
+    restarted with a certificate another CA signed (a server the filter must not trust): an outage,
+    logged once, saying why; restarted with its own again: the store is back."""
+    server = tls_redis_server
+    url, trusted = server.url, server.tls
+    m = greylist(tclrun, url, args=("-delay", "1", "-retry", "0.3"))
+    assert [greylisted(rcpt_reply(m, n)) for n in (1, 2)] == [1, 1]
+    assert server.command("DBSIZE") == b":2"
+    time.sleep(1.1)
+    assert [rcpt_reply(m, n, whole=True) for n in (1, 2)] == [(("c", {}), "c")] * 2
+
+    server.stop()
+    server.tls = tls_files(tmp_path / "another-ca")
+    server.start()
+    outage = [rcpt_reply(m, n) for n in (1, 3)]
+    time.sleep(0.4)  # past -retry: tried again, refused again
+    outage.append(rcpt_reply(m, 4))
+    assert all(unavailable(r) for r in outage), outage
+    line = m.wait_for(r"WARNING: greylist store (\S+) unavailable \((.*)\): answering tempfail")
+    assert line.group(1) == url, line.group(0)  # as written: ?ssl_ca_certs=/tmp/..., not %2Ftmp%2F...
+    assert "ConnectionError" in line.group(2) and "certificate verify failed" in line.group(2), line.group(0)
+    assert len(re.findall(r"greylist store \S+ unavailable", m.text)) == 1
+    assert server.command("DBSIZE") == b":0"  # (a new server: no check reached it)
+
+    server.stop()
+    server.tls = trusted
+    server.start()
+    time.sleep(0.4)
+    assert greylisted(rcpt_reply(m, 1)) == 1  # (a new server, without persistence: a first sight again)
+    m.wait_for(r"WARNING: greylist store \S+ is back after [\d.]+ s; 3 recipients were answered tempfail")
+    assert server.command("DBSIZE") == b":1"
     assert m.stop() == 0
