@@ -1530,3 +1530,30 @@ def test_a_rediss_store_greylists_over_tls_and_a_certificate_no_trusted_ca_signe
     m.wait_for(r"WARNING: greylist store \S+ is back after [\d.]+ s; 3 recipients were answered tempfail")
     assert server.command("DBSIZE") == b":1"
     assert m.stop() == 0
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="the checks are root's")
+@pytest.mark.parametrize("option", ["ssl_ca_certs", "ssl_certfile"])
+def test_as_root_a_tls_file_is_read_only_where_no_other_user_could_swap_it(
+        tclrun: Callable[..., TclRun], tls_redis_server: RedisServer, roots_dir: Path, option: str) -> None:
+    """Without --user, redis-py reads ?ssl_ca_certs= (and a client certificate and key) as root,
+    by the path, following links: a CA file in a directory others may write could be swapped for
+    another user's CA, whose fake Redis would then be trusted, greylisting nothing. Held to the
+    rule of the SQLite file: refused, an outage that says so."""
+    server = tls_redis_server
+    assert server.tls is not None
+    anyones = roots_dir / "anyones"
+    anyones.mkdir()
+    anyones.chmod(0o777)
+    shutil.copy(server.tls.ca, anyones / "ca.pem")
+    shutil.copy(server.tls.cert, anyones / "client.pem")  # (any certificate will do: it is refused unread)
+    shutil.copy(server.tls.key, anyones / "client.key")
+    url = (f"{server.url.split('?')[0]}?ssl_ca_certs={anyones / 'ca.pem'}" if option == "ssl_ca_certs" else
+           f"{server.url}&ssl_certfile={anyones / 'client.pem'}&ssl_keyfile={anyones / 'client.key'}")
+    m = greylist(tclrun, url)
+    assert unavailable(rcpt_reply(m, 1))
+    path = anyones / ("ca.pem" if option == "ssl_ca_certs" else "client.pem")
+    m.wait_for(re.escape(f"unavailable (StoreError: {option} {path}: refusing to open it as root in {anyones}: "
+                         f"{anyones} is writable by its group and others, who could change what runs as root "
+                         f"(chmod go-w {anyones})): answering tempfail"))
+    assert m.stop() == 0

@@ -666,6 +666,22 @@ class _WithinDeadline:
         vars(conn)[self._name] = value
 
 
+#: The files a rediss:// connection reads by their paths (redis-py's attribute, the URL's option).
+_TLS_FILES = (("ca_certs", "ssl_ca_certs"), ("certfile", "ssl_certfile"), ("keyfile", "ssl_keyfile"))
+
+
+def _refuse_unsafe_tls_files(conn: Any) -> None:
+    """StoreError unless root may read the TLS files of ``conn`` by their paths (no --user):
+    OpenSSL follows links, and a CA file another user could swap would have a fake Redis trusted."""
+    for attribute, option in _TLS_FILES:
+        path = getattr(conn, attribute, None)
+        if isinstance(path, str):
+            try:
+                refuse_unsafe_path_as_root(path)
+            except Untrusted as exc:
+                raise StoreError(f"{option} {path}: {exc.strerror}") from None
+
+
 def _bounded_connection(base: Any, deadline: _Deadline) -> type:
     """redis-py's connection class ``base`` (TCP, TLS or unix socket) with its socket bounded by
     ``deadline``, its connect and TLS handshake too."""
@@ -676,6 +692,7 @@ def _bounded_connection(base: Any, deadline: _Deadline) -> type:
                 refuse_unsafe_socket_as_root(self.path)
             except OSError as exc:  # (not redis-py's to word as a connection error)
                 raise StoreError(exc.strerror) from None
+        _refuse_unsafe_tls_files(self)
         return _BoundedSocket(base._connect(self), deadline)
 
     return type(f"Bounded{base.__name__}", (base,), {
