@@ -431,6 +431,51 @@ def test_the_log_of_a_tcl_callback_stopped_inside_vwait_names_the_limit(tclrun):
     assert m.stop() == 0
 
 
+TCL_STOPPED_WAITING = r"""
+package require TclMilter
+milter configure -calltimeout 0.5 -onerror SMFIS_REJECT
+BGERROR
+proc from {ctx list} {
+    switch -- [lindex $list 0] {
+        <vwait@example.org>   { after 0 {error "queued before the stop"}; vwait ::never }
+        <handler@example.org> { after 10 {vwait ::never}; return SMFIS_TEMPFAIL }
+        <update@example.org>  { update }
+    }
+    return SMFIS_CONTINUE
+}
+milter register envfrom from
+milter main
+"""
+
+
+@pytest.mark.parametrize("proc", ["", "proc bgerror {message} { puts stderr \"script's bgerror: $message\" }"],
+                         ids=["host", "script-bgerror"])
+@pytest.mark.parametrize("stuck", ["vwait", "handler"])
+def test_a_tcl_callback_or_handler_stopped_in_vwait_is_logged_once(tclrun, stuck, proc):
+    """Stopping code that waits in `vwait` (or `update`), Tcl's time-limit timer also queues its
+    own report, "time limit exceeded (while waiting for event)", as a background error of the
+    stopped interpreter: at the next event pass it was logged (or given to the script's bgerror
+    proc) as an error of an event handler, a second line for the one stop. FAILED before: both
+    lines. The error an `after` handler raised before the stop is still reported."""
+    m = tclrun(TCL_STOPPED_WAITING.replace("BGERROR", proc))
+    with m.mta() as mta:
+        mta.negotiate()
+        mark = m.mark()
+        assert mta.mail(f"<{stuck}@example.org>")[0] == ("r" if stuck == "vwait" else "t")
+        time.sleep(0.8)  # (the handler's stop, at its limit)
+        assert ok(mta.mail("<update@example.org>"))  # an event pass: the queued reports are made
+        time.sleep(0.3)
+        assert ok(mta.mail("<update@example.org>"))
+    text = re.sub(r"\r+\n", "\n", m.output[mark:])
+    assert "waiting for event" not in text, text
+    stops = [ln for ln in text.splitlines() if "limit exceeded" in ln and "genuine" not in ln]
+    assert len(stops) == 1, text
+    if stuck == "vwait":
+        assert ("script's bgerror: queued before the stop" if proc else
+                "error in an event handler of the script (after, fileevent): queued before the stop") in text, text
+    assert m.stop() == 0
+
+
 # ---------------------------------------------------------------- calls the limit cannot interrupt
 
 TCL_EXEC = r"""

@@ -16,7 +16,7 @@ from ..callbacks import CallbackError
 from ..logline import SHOWN, clip
 from ..protocol.codec import text
 from ..status import Status
-from .limit import CallLimit, is_limit_error
+from .limit import WAIT_STOPPED, CallLimit, is_limit_error
 from .pycommands import PythonCommands
 from .strings import ascii_text, from_tcl, tcl_to_wire, to_tcl, wire_to_tcl
 from .usage import TclUsageError
@@ -287,6 +287,7 @@ class TclCallbacks:
         if is_limit_error(str(exc), [str(w) for w in words[:3]]):
             stopped = self.limit.stopped()
             self.limit.reset()
+            self.limit.echo_due = str(exc) == WAIT_STOPPED  # (Tcl's echo of it comes at the next event pass)
             if self.pycommands.stopped:  # a Python command was running: where it was, too
                 info = f"{info}\n{self.pycommands.stopped}"
                 self.pycommands.stopped = ""

@@ -35,7 +35,7 @@ from ..milter import Milter
 from ..repeats import tell_counts
 from . import context_cmd, growth, output, rootfiles, tclstderr, threads
 from .callbacks import TclCallbacks, command_object
-from .limit import CallLimit, is_limit_error
+from .limit import LIMIT_ECHO, WAIT_STOPPED, CallLimit, is_limit_error
 from .milter_cmd import MilterCommand, SuspendAtMain
 from .priv import TclPrivate
 from .prelude import OWN_AFTER, PRELUDE
@@ -151,6 +151,9 @@ class TclHost:
         self.thread_errors = Unanswered()
         #: A handler was stopped by the limit since the background errors were last reported.
         self._handler_stopped = False
+        #: The line of the time limit's echo (_limit_echo) held until it is known to be no echo of
+        #: a stop reported by what was stopped; "": none held.
+        self._echo_held = ""
         #: The script's pending `after` events and threads, told when they grow past any need.
         self.growth = growth.Growth()
         #: Until when (time.monotonic) ticks poll Tcl without asking `quiet` (RECHECK_AFTER).
@@ -163,6 +166,7 @@ class TclHost:
         self._register("::tclmilter::py::exit", self._exit)
         self._register("::tclmilter::py::threads", self._threads)
         self._register("::tclmilter::py::bgerror", self._bgerror)
+        self._register("::tclmilter::py::limit_echo", self._limit_echo)
         self._register("::tclmilter::py::thread_error", self._thread_error)
         self._create("::tclmilter::py::serve", self._serve_inside)
         self.tk.call("eval", PRELUDE)
@@ -298,6 +302,38 @@ class TclHost:
             message = f"{message}, as its bgerror handled the error: {handled}{_DROPPED}"
         self.bgerrors.log(_HANDLER_ERROR, message, info)
 
+    def _limit_echo(self, args: Sequence[str]) -> int:
+        """1 when a background error (its message and errorInfo, before bghandle handles it) is
+        the time limit's echo of a stop reported by what was stopped, and is not reported again.
+
+        When the limit passes in `vwait` or `update`, Tcl queues "time limit exceeded (while
+        waiting for event)" as a background error (limit.LIMIT_ECHO) and the code that waited
+        fails with "limit exceeded": a callback's failure is logged then (``echo_due``), and the
+        echo, at the next event pass, was a second ERROR line for the same stop; a handler's
+        error is queued just after the echo, which is held until the next report says which it
+        was. An echo nothing else reports (the limit passed between two handlers of a batch) is
+        logged, at the next report or at the end of the pass (_report_errors)."""
+        message, info = (list(args) + ["", ""])[:2]
+        if message == "time limit exceeded" and info == LIMIT_ECHO:
+            if self.limit.echo_due:
+                self.limit.echo_due = False
+            else:
+                self._flush_echo()
+                self._echo_held = self.limit.stopped()
+            return 1
+        if message == WAIT_STOPPED:  # the held echo's stop, reported by the handler it stopped
+            self._echo_held = ""
+        self._flush_echo()
+        if is_limit_error(message, ()):  # a stop reported by a handler stopped inside the wait: no echo
+            self.limit.echo_due = False
+        return 0
+
+    def _flush_echo(self) -> None:
+        """Log the echo held (_limit_echo): nothing else reported its stop."""
+        if self._echo_held:
+            message, self._echo_held = self._echo_held, ""
+            self.bgerrors.log(_HANDLER_ERROR, message, LIMIT_ECHO)
+
     def _thread_error(self, args: Sequence[str]) -> None:
         """An error in a script that Thread ran with no caller to return it to (an `-async`
         `thread::send`, a thread's own script): tclmilter.tcl's thread_error, Thread's errorproc.
@@ -407,6 +443,7 @@ class TclHost:
         switches, and a wait whenever both CPUs are busy), so it is skipped while the script has
         nothing that could produce an event: most filters never have.
         """
+        self._flush_echo()  # (one a callback's `update` or `vwait` took in and left held)
         if self.limit.exceeded:  # a handler was stopped: until reset, the interpreter runs nothing
             self.limit.reset()
             self._report_errors()
@@ -458,6 +495,7 @@ class TclHost:
         finally:
             self.limit.done()
             self._handler_stopped = False
+            self._flush_echo()
 
     def set_argv(self, script: str, argv: Sequence[str]) -> None:
         """argv0, argv and argc as tclsh sets them (TclScript.set_argv)."""

@@ -61,12 +61,21 @@ def _take_signals() -> None:
     signal.pthread_sigmask(signal.SIG_BLOCK, _NO_SIGNALS)
 
 
+#: The errorInfo of the background error Tcl's own timer for the time limit queues when the limit
+#: passes while the event loop runs (TimeLimitCallback, in `vwait` or `update`): its message is
+#: "time limit exceeded". The code that waited is stopped too, and fails with "limit exceeded"
+#: (:data:`WAIT_STOPPED`): that is the stop's report, and this its echo (TclHost._limit_echo).
+LIMIT_ECHO: Final = "time limit exceeded\n    (while waiting for event)"
+#: The error of `vwait` or `update` that the time limit stopped.
+WAIT_STOPPED: Final = "limit exceeded"
+
+
 def is_limit_error(message: str, code: Sequence[str]) -> bool:
     """Whether a Tcl error is this limit ending the callback. Tcl says so with errorCode ``TCL
     LIMIT TIME``, but from inside ``vwait`` with ``TCL EVENT LIMIT`` or none, so the message
     tells too."""
     return (tuple(code[:3]) in (("TCL", "LIMIT", "TIME"), ("TCL", "EVENT", "LIMIT"))
-            or message in ("time limit exceeded", "limit exceeded"))
+            or message in ("time limit exceeded", WAIT_STOPPED))
 
 
 class CallLimit(Limit):
@@ -85,6 +94,9 @@ class CallLimit(Limit):
         #: Tcl stopped an evaluation at the deadline, and runs nothing more in the interpreter
         #: until the limit is set again (any _set).
         self.exceeded = False
+        #: A callback stopped waiting in `vwait` or `update` was reported: the echo of its stop that
+        #: Tcl queued as a background error (:data:`LIMIT_ECHO`) is not logged again.
+        self.echo_due = False
         create(_DECIDE, self._on_deadline)
         create(_FAILED, self._failed)
         call("proc", _HANDLER, "args", _HANDLER_BODY)

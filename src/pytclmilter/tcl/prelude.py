@@ -117,7 +117,11 @@ proc ::tclmilter::py::bg_made {parent command code result op} {
 # its report raw on stderr ("error in background error handler:", the error's message in its
 # errorInfo). Such a stop is logged, and the errors queued after it are dropped (break): the
 # interpreter, stopped, would refuse the handler each, and Tcl write that report again.
+# The time limit's own echo of a stop in `vwait` or `update` (TclHost._limit_echo) goes nowhere:
+# the stop is reported once, by what was stopped.
 proc ::tclmilter::py::bghandle {path message options} {
+    set info [expr {[dict exists $options -errorinfo] ? [dict get $options -errorinfo] : ""}]
+    if {[lindex [::tclmilter::py::limit_echo $message $info] 1] eq "1"} { return 0 }
     if {[catch {interp eval $path [list ::tclmilter::py::background $message $options]} result ropts]} {
         ::tclmilter::py::bgerror $result [dict get $ropts -errorinfo] $message
         return 1
