@@ -209,6 +209,29 @@ def test_a_script_argument_starting_with_a_dash_without_the_lone_dashes_says_whe
         assert status == 0, out
 
 
+HOSTILE_ARG = b"\x1b[31mred\r\x07\xff\xc2\x9b"
+
+
+@pytest.mark.parametrize("words", [
+    (b"run", str(BLACKLIST).encode(), b"--bad" + HOSTILE_ARG),  # unrecognized arguments: ...
+    (b"run", str(BLACKLIST).encode(), b"--c=" + HOSTILE_ARG),  # ambiguous option: --c=... could match
+    (b"try", str(BLACKLIST).encode(), str(DATA / "plain.eml").encode(), b"--max-size", HOSTILE_ARG),  # a type's
+    (HOSTILE_ARG,),  # invalid choice (argparse's repr)
+], ids=["unrecognized", "ambiguous", "type", "command"])
+def test_a_usage_error_quotes_the_command_line_escaped(words: tuple[bytes, ...]) -> None:
+    """argparse's usage errors quote what was typed: "unrecognized arguments", "ambiguous option"
+    and a type's own error (--max-size's) quoted it raw, an ESC, CR, BEL, a C1 CSI and a byte
+    not UTF-8 as they were, on a terminal or, for run, in its log (a unit's ExecStart).
+    FAILED before: the raw ESC on stderr. Now each is escaped as the other reports are."""
+    done = subprocess.run([*map(os.fsencode, PYTCLMILTER), *words], capture_output=True, env=child_env(),
+                          cwd=str(ROOT), timeout=30)
+    assert done.returncode == 64, done
+    err = done.stderr
+    for raw in (b"\x1b", b"\r", b"\x07", b"\xff", b"\xc2\x9b"):
+        assert raw not in err, err
+    assert b"error: " in err and b"[31mred" in err, err
+
+
 def synopsis_options(text: str, command: str) -> set[str]:
     """The --options of the synopsis of ``pytclmilter COMMAND`` in a page's code blocks: the block
     whose first line starts so and lists options (not the summary line of every command)."""

@@ -26,7 +26,18 @@ _SCRIPT_ARGS = {"run": "SCRIPT.tcl [options] -- ARGS", "check": "SCRIPT.tcl [opt
                 "try": "SCRIPT.tcl MESSAGE.eml [options] -- ARGS"}
 
 
-class _CommandParser(argparse.ArgumentParser):
+class _Parser(argparse.ArgumentParser):
+    """argparse's parser, its error's controls escaped (logline.guard: not backslashes, as the
+    "invalid choice" error quotes a word in Python's escapes already): "unrecognized arguments",
+    "ambiguous option" and a type's error quote the command line as typed, an ESC, a CR or a
+    newline in it raw on a terminal, or in run's log (its stderr), where a newline began a line
+    of its own."""
+
+    def error(self, message: str) -> NoReturn:
+        super().error(guard(message))
+
+
+class _CommandParser(_Parser):
     """A command's parser. A script's argument that starts with - (``-store x``) is one argparse
     does not know unless it follows a lone ``--``; its error named it and no more."""
 
@@ -39,7 +50,7 @@ class _CommandParser(argparse.ArgumentParser):
 
 
 def _parsers() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
-    top = argparse.ArgumentParser(prog="pytclmilter", description="Run TclMilter scripts as a milter.")
+    top = _Parser(prog="pytclmilter", description="Run TclMilter scripts as a milter.")
     top.add_argument("--version", action="version", version=f"pytclmilter {__version__}")
     sub = top.add_subparsers(dest="command", metavar="COMMAND", required=True, parser_class=_CommandParser)
     return top, {name: add(sub) for name, (add, _) in _COMMANDS.items()}
