@@ -360,6 +360,38 @@ def test_mta_and_script_text_is_escaped_on_stderr(tclrun) -> None:
                              "callback errors=1") for line in lines), text
 
 
+WARNING_HOOKS = r"""
+import warnings
+
+def setup(milter):
+    @milter.register("envfrom")
+    def envfrom(ctx, args):
+        warnings.warn(f"odd sender {args[0]}")
+"""
+
+
+def test_a_python_warning_quoting_mta_text_is_a_log_line_escaped(tclrun) -> None:
+    """A --python file's `warnings.warn` quoting a sender went through Python's own showwarning,
+    straight to stderr (the log, under systemd): the sender's ESC, CR and LF raw, and after its LF
+    a line of the sender's choosing that passed for one of the log's. FAILED before: the raw ESC
+    and the forged line. Warnings are now log records of py.warnings (logs.py), escaped and
+    guarded as every record is."""
+    m = tclrun("package require TclMilter\nmilter main\n", python=[WARNING_HOOKS])
+    forged = "2001-01-01 00:00:00,000 pytclmilter[1] INFO: forged"
+    with m.mta() as mta:
+        mta.negotiate()
+        mta.connect()
+        assert mta.mail(f"<a\x1b[31m\r\n{forged}@example.org>") == ("c", {})
+    m.wait_for("odd sender")
+    assert m.stop() == 0
+    text = m.text
+    assert not re.search(r"[\x00-\x09\x0b-\x1f\x7f]", text), [c for c in text if ord(c) < 32 and c != "\n"]
+    assert not any(line.startswith(forged) for line in text.splitlines()), text
+    # the warning's lines are the record's: its LF a line break, the next line indented
+    assert re.search(r"WARNING: .*hooks0\.py:7: UserWarning: odd sender <a\\x1b\[31m\\r\n  " + re.escape(forged)
+                     + r"@example\.org>\n  warnings\.warn", text), text
+
+
 PUTS_TCL = r"""
 package require TclMilter
 set child [interp create]

@@ -25,6 +25,7 @@ import stat
 import sys
 import threading
 import time
+import warnings
 from collections.abc import Mapping
 from typing import Any, TextIO
 
@@ -97,11 +98,26 @@ def setup_logging(level: str, syslog: bool = False, daemon: bool = False) -> boo
     if LeanLogRecord.fits():
         logging.setLogRecordFactory(LeanLogRecord)
     logline.set_sink(handler if isinstance(handler, CoalescingStreamHandler) else None)
+    warnings.showwarning = _show_warning
     if instead:
         logging.getLogger("pytclmilter").warning(
             "stderr is closed: logging to syslog (%s, facility mail) instead; start pytclmilter with --syslog, "
             "or with stderr open (to the journal or a file)", SYSLOG_SOCKET)
     return syslog or instead
+
+
+def _show_warning(message: Warning | str, category: type[Warning], filename: str, lineno: int,
+                  file: TextIO | None = None, line: str | None = None) -> None:
+    """warnings.showwarning: a warning (a --python file's, quoting a sender, say) as a log record
+    of py.warnings, escaped and guarded as every record is (LineFormatter); Python's own wrote
+    it straight to stderr, the log under systemd, its controls and line breaks raw. As
+    logging.captureWarnings, less the empty continuation line its final LF made; a warning
+    shown to a file of its own (``file``) is written there as Python writes it."""
+    text = warnings.formatwarning(message, category, filename, lineno, line)
+    if file is not None:
+        file.write(text)
+        return
+    logging.getLogger("py.warnings").warning("%s", text.rstrip("\n"))
 
 
 class SyslogHandler(logging.handlers.SysLogHandler):
