@@ -668,8 +668,25 @@ def test_a_stop_while_a_reload_loads_abandons_the_load(tclrun, tmp_path: Path, h
     assert run.wait_exit(timeout=90) == 0
     assert time.monotonic() - t0 <= 2 + 3 + 5  # the grace, a beat, and 5 s for a loaded machine
     run.wait_for(r"WARNING: reload: generation 2 abandoned: received SIGTERM while it loaded; stopping", since=0)
-    run.wait_for(r"received SIGTERM: stopping", since=0)
     assert "not loaded" not in run.text
+
+
+@pytest.mark.parametrize("workers", [None, "2"])
+def test_a_stop_that_abandons_a_load_is_told_once(tclrun, tmp_path: Path, workers: str | None) -> None:
+    """One SIGTERM while a reload loads: the process logged the abandon line, "...; stopping",
+    and then its loop's handler "received SIGTERM: stopping" (with --workers the supervisor's
+    "received SIGTERM: stopping 2 workers" came first, the abandon line after): one stop, told
+    twice. Now the abandon line alone tells it; the handler's goes to debug."""
+    script = tmp_path / "stamp.tcl"
+    script.write_text("milter configure -calltimeout 0\n" + stamping("A"))
+    run = tclrun(script, "--grace", "2", *(["--workers", workers] if workers else []))
+    script.write_text("puts loading; flush stdout\nafter 60000\n" + stamping("B"))
+    run.child.kill(signal.SIGUSR1)
+    run.wait_for(r"\nloading\r*\n")
+    run.child.kill(signal.SIGTERM)
+    assert run.wait_exit(timeout=30) == 0, run.text
+    told = re.findall(rf"pytclmilter\[{run.child.pid}\] (\w+: .*SIGTERM.*?)\r*$", run.text, re.M)
+    assert told == ["WARNING: reload: generation 2 abandoned: received SIGTERM while it loaded; stopping"], run.text
 
 
 
@@ -1179,3 +1196,4 @@ def test_a_stop_as_the_reloads_script_starts_stops_the_script(tclrun, tmp_path: 
     assert run.wait_exit(timeout=20) == 0, run.text
     assert "reload: generation 2 abandoned: received SIGTERM while it loaded" in run.text, run.text
     assert not marker.exists(), run.text
+

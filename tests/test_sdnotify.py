@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import os
 import pwd
+import re
 import signal
 import socket
 import struct
@@ -387,6 +388,10 @@ def test_a_stop_as_a_reload_begins_abandons_its_load(tclrun: Callable[..., TclRu
             assert run.wait_exit(10) == 0, run.text
         assert "reload: generation 2 abandoned: received SIGTERM while it loaded" in run.text, run.text
         assert "generation 2 serves" not in run.text, run.text
+        # The supervisor's handler took it first, and its "received SIGTERM: stopping N workers"
+        # came before the abandon line: the one stop told twice. It waits for the reload now.
+        assert re.findall(rf"\[{run.child.pid}\] \w+: .*SIGTERM", run.text) == [
+            f"[{run.child.pid}] WARNING: reload: generation 2 abandoned: received SIGTERM"], run.text
     finally:
         manager.close()
 

@@ -329,6 +329,16 @@ class Milter:
             return taken
         return self._server.stop_signal
 
+    def tell_stop(self) -> bool:
+        """Whether the caller logs the stop signal that came (a reload's load it abandons,
+        commands/reloading.py): True once, and the process's own handler (with workers, their
+        supervisor's) then logs it at debug; False when that handler logged it already."""
+        process = self._supervisor if self._supervisor is not None else self._server
+        if process.stop_told:
+            return False
+        process.stop_told = True
+        return True
+
     def check_connection(self) -> ConnSpec:
         return parse(self.connection)
 

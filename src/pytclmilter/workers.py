@@ -182,6 +182,12 @@ class Supervisor:
         self._waited = (signal.SIGCHLD,) + ((signal.SIGUSR1,) if hooks.reload is not None else ())
         self.stopping = False
         self._told_again = False  # a stop signal while stopping was logged (_stop_again: once)
+        #: The stop's line was logged: by _on_signal, or by the line of a reload's load the stop
+        #: abandons (Milter.tell_stop), which logs after this handler ran: ours goes to debug.
+        self.stop_told = False
+        #: _on_signal's line while a reload runs (_on_reload), logged once it returned unless the
+        #: reload's line told the stop: a stop before its load's watch began abandons it too.
+        self._untold: str | None = None
         #: The stop signal that came, if one did: a reload's load under way is abandoned by it
         #: (commands/reloading.py), though this process's handler took it before the load's watch.
         self.stop_signal: signal.Signals | None = None
@@ -302,15 +308,29 @@ class Supervisor:
 
     def _on_reload(self) -> None:
         reload = self.hooks.reload
-        if self.stopping:
-            log.warning("received SIGUSR1 while stopping: no reload")
-            return
-        if reload is None:
-            return
+        self._untold = ""  # (before the check: a stop after it is the reload's to tell)
         try:
-            reload()
-        except Exception:  # noqa: BLE001 - a failed reload must not stop serving
-            log.exception("reload failed; the milter serves on unchanged")
+            if self.stopping:
+                log.warning("received SIGUSR1 while stopping: no reload")
+                return
+            if reload is None:
+                return
+            try:
+                reload()
+            except Exception:  # noqa: BLE001 - a failed reload must not stop serving
+                log.exception("reload failed; the milter serves on unchanged")
+        finally:
+            line, self._untold = self._untold, None
+            if line:
+                self._tell_stop(line)
+
+    def _tell_stop(self, line: str) -> None:
+        """The stop's line, unless a reload's load it abandoned told the stop (Milter.tell_stop)."""
+        if self.stop_told:
+            log.debug("%s (the abandoned reload's line told it)", line)
+            return
+        self.stop_told = True
+        log.info("%s", line)
 
     def _reaped(self, pid: int, number: int, status: int) -> None:
         code = os.waitstatus_to_exitcode(status)
@@ -366,7 +386,11 @@ class Supervisor:
         why = f"{_named(askers)} called milter stop" if askers else f"received {signal.Signals(signum).name}"
         if junk:
             why += f" (and {junk} bytes on the stop pipe that are no worker's name, ignored)"
-        log.info("%s: stopping %d workers", why, len(self.children))
+        line = f"{why}: stopping {len(self.children)} workers"
+        if self._untold is None:
+            self._tell_stop(line)
+        else:  # a reload runs: its load is abandoned and its line tells the stop, or ours once it returns
+            self._untold = line
         signalled(self.hooks, signal.Signals(signum))
         self.stop()
 

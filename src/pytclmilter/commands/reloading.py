@@ -22,7 +22,7 @@ import tkinter
 import traceback
 import weakref
 from types import FrameType
-from typing import Any, Callable
+from typing import Any, Callable, NoReturn
 
 from ..limits import PYTHON_LIMIT, UNLIMITED, CallbackTimeout, internals_dropped
 from ..logline import escape, escape_lines, said
@@ -53,11 +53,19 @@ class _AbandonedAtStop:
     Python runs this handler at the beats of Tcl's limit and between a --python file's
     statements; it runs the handler it replaced first (the server's: the grace starts then).
     A stop that handler took before this one was in place, once the reload was asked, is
-    ``taken`` (Milter.stop_signal): it abandons the load as well."""
+    ``taken`` (Milter.stop_signal): it abandons the load as well.
 
-    def __init__(self, taken: Callable[[], signal.Signals | None] = lambda: None) -> None:
+    The abandon line tells the stop (:attr:`tells`), unless the process's handler told it
+    already; ``tell`` (Milter.tell_stop) says which, and that handler, which runs later (the
+    server's loop) or from ours (the --workers supervisor), logs its own at debug: one stop
+    made two lines, in either order."""
+
+    def __init__(self, taken: Callable[[], signal.Signals | None] = lambda: None,
+                 tell: Callable[[], bool] = lambda: True) -> None:
         self.signal: signal.Signals | None = None
+        self.tells = False  # the abandon line tells the stop (its own handler's line did not)
         self._taken_before = taken
+        self._tell = tell
         self.host: TclHost | None = None  # the interpreter loading, once made
         self._previous: dict[signal.Signals, Any] = {}
 
@@ -69,7 +77,10 @@ class _AbandonedAtStop:
                 # replaced the stop was never begun: the load abandoned, the process served on.
                 self._previous[sig] = signal.getsignal(sig)
                 signal.signal(sig, self._taken)
-        self.signal = self.signal or self._taken_before()  # (after: one in between is either's)
+        taken = self._taken_before()  # (after: one in between is either's)
+        if self.signal is None and taken is not None:
+            self.tells = self._tell() or self.tells  # (ours may have told it just now)
+            self.signal = taken
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -77,10 +88,12 @@ class _AbandonedAtStop:
             signal.signal(sig, handler)
 
     def _taken(self, signum: int, frame: FrameType | None) -> None:
+        if self.signal is None:  # before the handler: the supervisor's logs at once
+            self.tells = self._tell() or self.tells
         handler = self._previous.get(signal.Signals(signum))
         if callable(handler):
             handler(signum, frame)
-        self.signal = signal.Signals(signum)
+        self.signal = self.signal or signal.Signals(signum)  # the one the abandon line tells
         PYTHON_LIMIT.hold_to(time.monotonic(), "the stop")  # a --python file's setup: stopped now
         if self.host is not None:
             self.host.limit.expire()  # Tcl's next check stops the script where it is
@@ -130,21 +143,22 @@ class Generations:
         Abandoned, once logged, when a stop signal came while it loaded (the stop goes on)."""
         current = self.current
         number = current.milter.generation + 1
+        # Watched from before the loading line: a stop after it (systemd's, the admin's, seeing
+        # it) was taken by the serving process's handler until the watch began, and the load
+        # went on to its end (generation 2 "serves" while all stopped), however long it took.
+        watch = _AbandonedAtStop(lambda: current.milter.stop_signal, current.milter.tell_stop)
         try:
-            # Watched from before the loading line: a stop after it (systemd's, the admin's, seeing
-            # it) was taken by the serving process's handler until the watch began, and the load
-            # went on to its end (generation 2 "serves" while all stopped), however long it took.
-            with _AbandonedAtStop(lambda: current.milter.stop_signal) as watch:
+            with watch:
                 log.info("reload: loading generation %d from %s", number, escape(self.script))
                 flush_log()  # (now, not once the loop turns: a load may take a while)
                 _check_replaceable(current)
                 host = self._start(watch)
-        except Abandoned as exc:
-            current.milter.stats.reloads_abandoned += 1
-            log.warning("reload: generation %d abandoned: received %s while it loaded; stopping", number, exc)
-            _collect()
-            raise
+            if watch.signal is not None:  # after the load's last look: its line tells the stop all the same
+                host.close()
+                watch.check()
         except Exception as exc:  # noqa: BLE001 - whatever failed, the running script serves on
+            if watch.signal is not None:  # (Abandoned, or a failure after the stop came: the stop's)
+                self._abandoned(current, number, watch)
             self._failed(current, number, exc)
             return False
         self.current = host
@@ -206,6 +220,18 @@ class Generations:
             raise
         host.loading = False
         return self._ends_the_process(host)  # as at start
+
+    def _abandoned(self, current: TclHost, number: int, watch: _AbandonedAtStop) -> NoReturn:
+        """A stop signal came while generation ``number`` loaded: told (once, watch.tells), and
+        Abandoned for the stop to go on."""
+        current.milter.stats.reloads_abandoned += 1
+        name = watch.signal.name if watch.signal is not None else "?"
+        if watch.tells:
+            log.warning("reload: generation %d abandoned: received %s while it loaded; stopping", number, name)
+        else:  # the process's handler told the stop (it came before the load began)
+            log.warning("reload: generation %d abandoned: the milter is stopping", number)
+        _collect()
+        raise Abandoned(name) from None
 
     def _failed(self, current: TclHost, number: int, exc: Exception) -> None:
         current.milter.stats.reloads_failed += 1
