@@ -346,6 +346,76 @@ def test_a_python_exception_is_a_tcl_error_the_script_can_catch(tclrun):
                          "    invoked from within", '"p"']
 
 
+PLAIN_ERROR_HOOKS = r"""
+from pytclmilter import TclError
+
+
+def setup(milter):
+    @milter.tcl_command("setting")
+    def setting(value):
+        if not value.isdigit():
+            raise TclError(f'setting: must be a number, not "{value}"', error_code=("MYAPP", "SETTING"))
+        return int(value)
+
+    @milter.tcl_command("plainly")
+    def plainly():
+        raise TclError("no code given")
+
+    @milter.tcl_command("passes")
+    def passes():
+        return milter.tcl("fails")  # its TclError not caught: the Tcl error goes on up
+"""
+
+PLAIN_ERROR_SCRIPT = TCL_HELPERS + r"""
+package require TclMilter
+proc fails {} { error "no such key" "" {MYAPP NOTFOUND} }
+proc info1 {script} { catch {uplevel 1 $script} m o; string map {\n |} [dict get $o -errorinfo] }
+T good     {setting 42}
+T code     {catch {setting abc} m o; list $m [dict get $o -errorcode]}
+T info     {info1 {setting abc}}
+T none     {catch plainly m o; list $m [dict get $o -errorcode]}
+T passes   {catch passes m o; list $m [dict get $o -errorcode]}
+T passinfo {info1 passes}
+setting abc
+milter main
+"""
+
+
+def test_a_python_command_raising_tclerror_gives_a_plain_tcl_error_without_a_traceback(tmp_path: Path):
+    """A command rejecting what the script gave it (an admin's typo in a setting) had no way to
+    fail as a Tcl command does: any exception came with the Python traceback in errorInfo, and
+    `check` and `run` showed a typo as a crash of the command. Raised as pytclmilter.TclError it
+    is Tcl's error: the message, errorCode as given (NONE by default), errorInfo the message and
+    Tcl's frames; a TclError from milter.tcl let through keeps the Tcl stack it came with."""
+    script, hooks = tmp_path / "plain.tcl", tmp_path / "hooks.py"
+    script.write_text(PLAIN_ERROR_SCRIPT)
+    hooks.write_text(PLAIN_ERROR_HOOKS)
+    message = 'setting: must be a number, not "abc"'
+    for command in ("check", "run"):
+        status, out = cli(command, str(script), "--python", str(hooks),
+                          *(["--connection", f"unix:{tmp_path}/x.sock"] if command == "run" else []))
+        assert status == 1, out
+        assert "Traceback" not in out and "hooks.py" not in out, out
+        results = dict(line.split("\t")[1:] for line in out.splitlines() if line.startswith("R\t"))
+        assert results == {
+            "good": "OK 42",
+            "code": f"OK {{{message}}} {{MYAPP SETTING}}",
+            "info": f'OK {message}|    invoked from within|"setting abc"|    ("uplevel" body line 1)|'
+                    '    invoked from within|"uplevel 1 $script"',
+            "none": "OK {no code given} NONE",
+            "passes": "OK {no such key} {MYAPP NOTFOUND}",
+            "passinfo": 'OK no such key|    while executing|"error "no such key" "" {MYAPP NOTFOUND} "|'
+                        '    (procedure "fails" line 1)|    invoked from within|"fails"|    invoked from within|'
+                        '"passes"|    ("uplevel" body line 1)|    invoked from within|"uplevel 1 $script"',
+        }, out
+        line = PLAIN_ERROR_SCRIPT.splitlines().index("setting abc") + 1
+        frames = ["    invoked from within", '"setting abc"', f'    (file "{script}" line {line})']
+        if command == "check":
+            assert "\n".join([f"{script}:{line}: error: {message}", message, *frames]) in out, out
+        else:  # the log's form: the lines after the first indented, as far as they are not already
+            assert "\n".join([message, *(f if f.startswith(" ") else "  " + f for f in frames)]) in out, out
+
+
 def results_to_helo(tclrun, hooks: str, at_load: str, at_helo: str) -> tuple[Any, dict[str, str]]:
     """Run ``at_load`` as the script loads and ``at_helo`` in its helo callback (``T`` lines, see
     TCL_HELPERS), with the hooks file; one session up to HELO, a stop; the run and its results."""

@@ -17,7 +17,8 @@ from typing import Any, Callable, Iterator
 class TclError(Exception):
     """A Tcl error in what Python ran in the script (``ctx.tcl``): Tcl's message, with its
     ``error_info`` (the Tcl stack, also shown under a traceback as the exception's note) and its
-    ``error_code`` words (``("NONE",)`` for a plain ``error``)."""
+    ``error_code`` words (``("NONE",)`` for a plain ``error``). Raised by a Python command, the
+    script gets it as Tcl's ``error message ?info? ?code?`` makes one: no Python traceback."""
 
     def __init__(self, message: str, error_info: str = "", error_code: tuple[str, ...] = ()) -> None:
         super().__init__(message)

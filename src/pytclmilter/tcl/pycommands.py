@@ -8,8 +8,10 @@ message of an error raised inside a Python command):
 
 * ``{ok value}``: the function's result as a Tcl value (:func:`tcl_value`);
 * ``{error message errorCode errorInfo}``: a wrong number of arguments (Tcl's wording, errorCode
-  ``TCL WRONGARGS``) or an exception (errorCode ``PYTHON ClassName message``; errorInfo starts
-  with the Python traceback, and Tcl adds its own frames as the error travels up);
+  ``TCL WRONGARGS``), a :class:`TclError` (a Tcl error by intent, as Tcl's ``error`` makes one:
+  its errorCode or ``NONE``, errorInfo its own or the message, no traceback) or another exception
+  (errorCode ``PYTHON ClassName message``; errorInfo starts with the Python traceback, and Tcl
+  adds its own frames as the error travels up);
 * ``{limit}``: the callback's time (``-calltimeout``) ran out while the function ran. Tcl's limit
   cannot stop Python code, so the function runs under the Python limit (limits.py) with the
   time left to the Tcl callback; once it is stopped, Tcl's deadline is set to now and the proc
@@ -210,6 +212,8 @@ class PythonCommands:
                 return self._stopped_in(command.name, stopped.where)
             except CallbackTimeout:  # (not the function's: _limited made that _Stopped) a limit all the same
                 raise
+            except TclError as exc:  # a Tcl error by intent (or one of milter.tcl let through): no traceback
+                return self._tcl_answer(exc)
             # The script gets it as a Tcl error: a sys.exit() too, which would otherwise pass
             # through Tcl uncatchable and fail the callback, or end the load, from outside it,
             # and any BaseException (a library's own class), of which tkinter gave Tcl an empty message.
@@ -318,6 +322,14 @@ class PythonCommands:
         return TclError(from_tcl(str(exc)), info, words)
 
     # ------------------------------------------------------------ errors
+
+    @staticmethod
+    def _tcl_answer(exc: TclError) -> tuple[Any, ...]:
+        """A TclError as Tcl's ``error message ?info? ?code?`` makes it: errorInfo the one it
+        carries (the Tcl stack of a milter.tcl call) or its message, errorCode its words or NONE."""
+        message = to_tcl(exc.message)
+        code = tuple(to_tcl(w) for w in exc.error_code) or ("NONE",)
+        return ("error", message, code, to_tcl(exc.error_info) if exc.error_info else message)
 
     @staticmethod
     def _error(exc: BaseException, tb: TracebackType | None) -> tuple[Any, ...]:
