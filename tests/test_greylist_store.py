@@ -1484,6 +1484,66 @@ def test_a_bad_option_in_a_redis_url_fails_the_load_naming_it(tclrun: Callable[.
     assert bad.returncode == 64 and said in bad.stderr, bad.stderr
 
 
+CONFIGURE_LINE = "greydb configure -store $store -delay $delay -maxage $max_age -unavailable $unavailable -retry $retry"
+
+
+@pytest.mark.parametrize(("args", "said"), [
+    (("-maxage", "abc"), '-maxage must be a number of seconds from 1 to 3153600000 (100 years), not "abc"'),
+    (("-store", "unix://redis.sock?db=0"),
+     '-store unix://redis.sock?db=0: a unix:// URL names the socket by its absolute path, after three slashes '
+     '(unix:///run/redis/redis-server.sock?db=0); "redis.sock" would be dropped'),
+    (("-store", "redis://127.0.0.1:6379/0?socket_timout=1"),
+     '-store redis://127.0.0.1:6379/0?socket_timout=1: unknown option "socket_timout" in its query '
+     f"(socket_timeout?): {OPTIONS_ACCEPTED}"),
+])
+def test_a_setting_greydb_refuses_is_one_tcl_error_under_check_and_run_not_a_traceback(
+        tmp_path: Path, args: tuple[str, ...], said: str) -> None:
+    """An admin's typo in a setting (-maxage abc) failed the load with the message, then the
+    Python traceback of greylist_store.py through configured() and _seconds() down to the raise,
+    under `check` and in `run`'s log: a crash of the example to read, not a setting to mend. It is
+    Tcl's error now, as a Tcl script's typo shows: the message once, then Tcl's frames."""
+    from support.tclrun import _pytclmilter_command, child_env
+
+    message = f"greydb configure: {said}"
+    line = GREYLIST.read_text().splitlines().index(CONFIGURE_LINE) + 1
+    frames = ["    invoked from within", f'"{CONFIGURE_LINE}"', f'    (file "{GREYLIST}" line {line})']
+    for command in ("check", "run"):
+        extra = ["--connection", f"unix:{tmp_path}/g.sock"] if command == "run" else []
+        done = subprocess.run([*_pytclmilter_command(), command, str(GREYLIST), "--python", str(STORE_PY), *extra,
+                               "--", *args], env=child_env(), capture_output=True, text=True, timeout=30)
+        out = done.stdout + done.stderr
+        assert done.returncode == 1, out
+        assert "Traceback" not in out and "greylist_store.py" not in out, out
+        if command == "check":
+            assert "\n".join([f"{GREYLIST}:{line}: error: {message}", message, *frames]) in out, out
+        else:  # the log's form: the lines after the first indented, as far as they are not already
+            assert "\n".join([message, *(f if f.startswith(" ") else "  " + f for f in frames)]) in out, out
+        assert "listening" not in out
+
+
+def test_a_wrong_greydb_call_is_tcls_usage_error_not_a_traceback(tmp_path: Path) -> None:
+    """`greydb check` with two words, or `greydb nosuch`, was a PYTHON ValueError whose errorInfo
+    opened with the traceback of greylist_store.py: a script's slip shown as the command's fault."""
+    from support.tclrun import _pytclmilter_command, child_env
+
+    script = tmp_path / "calls.tcl"
+    script.write_text("package require TclMilter\n"
+                      "foreach call {{greydb check 192.0.2.1 a@b} {greydb nosuch}} {\n"
+                      "    catch $call m o\n"
+                      "    puts \"CALL [list $m [dict get $o -errorcode] [string map {\\n |} [dict get $o -errorinfo]]]\"\n"
+                      "}\nmilter main\n")
+    done = subprocess.run([*_pytclmilter_command(), "check", str(script), "--python", str(STORE_PY)],
+                          env=child_env(), capture_output=True, text=True, timeout=30)
+    assert done.returncode == 0, done.stdout + done.stderr
+    said = [line.removeprefix("CALL ") for line in done.stdout.splitlines() if line.startswith("CALL ")]
+    assert said == [
+        '{wrong # args: should be "greydb check ip sender rcpt"} {TCL WRONGARGS} {wrong # args: should be "greydb '
+        'check ip sender rcpt"|    invoked from within|"greydb check 192.0.2.1 a@b"}',
+        '{bad subcommand "nosuch": must be check, configure or expire} {TCL LOOKUP SUBCOMMAND nosuch} {bad '
+        'subcommand "nosuch": must be check, configure or expire|    invoked from within|"greydb nosuch"}',
+    ], done.stdout
+
+
 def test_the_options_a_redis_url_may_take_still_load_and_reach_redis(tclrun: Callable[..., TclRun],
                                                                      redis_server: RedisServer) -> None:
     """The checks refuse no option the docs list: a store with each of the plain ones greylists."""

@@ -71,6 +71,7 @@ from typing import Any, Iterable, Iterator, NamedTuple, Protocol
 from urllib.parse import SplitResult, parse_qsl, unquote_plus, urlsplit, urlunsplit
 
 try:
+    from pytclmilter import TclError
     from pytclmilter.logline import escape
     from pytclmilter.repeats import Repeated
     from pytclmilter.safepath import Untrusted, refuse_unsafe_path_as_root, refuse_unsafe_socket_as_root
@@ -99,6 +100,13 @@ SQLITE_SIDE_FILES = ("-wal", "-shm", "-journal")
 OUTAGE_LINES_EVERY = 60.0  # seconds: an outage that starts sooner after the last one logged is counted, not logged
 
 
+class ConfigError(ValueError):
+    """A setting that cannot work (a bad -maxage, an option a Redis URL does not take): the admin's
+    to mend, so the script gets it as a Tcl error, one line and Tcl's frames (``greydb configure:
+    -maxage must be ...``), never a Python traceback; the import prints it and exits 64. Any other
+    exception of ``greydb`` is a fault of this file's, and keeps its traceback."""
+
+
 class StoreError(Exception):
     """The store cannot be used now (also: a setting of this host that stops it being opened)."""
 
@@ -116,21 +124,21 @@ _OPTIONS = {"-store": "store", "-delay": "delay", "-maxage": "max_age", "-unavai
 
 
 def configured(settings: Settings, words: Iterable[str]) -> Settings:
-    """``settings`` changed by ``-option value`` pairs; ValueError naming a bad one."""
+    """``settings`` changed by ``-option value`` pairs; ConfigError naming a bad one."""
     words = list(words)
     if len(words) % 2:
-        raise ValueError(f'option "{words[-1]}" has no value')
+        raise ConfigError(f'option "{words[-1]}" has no value')
     changes: dict[str, Any] = {}
     for option, value in zip(words[::2], words[1::2]):
         field = _OPTIONS.get(option)
         if field is None:
-            raise ValueError(f'unknown option "{option}": must be {", ".join(_OPTIONS)}')
+            raise ConfigError(f'unknown option "{option}": must be {", ".join(_OPTIONS)}')
         if field == "store":
             check_spec(value)  # a bad spec, or Redis without its client: said at load time
             changes[field] = value
         elif field == "unavailable":
             if value not in ("tempfail", "accept"):
-                raise ValueError(f'-unavailable must be tempfail or accept, not "{value}"')
+                raise ConfigError(f'-unavailable must be tempfail or accept, not "{value}"')
             changes[field] = value
         elif field == "max_age":
             changes[field] = _seconds(option, value, minimum=1, maximum=MAX_AGE_LIMIT)
@@ -142,7 +150,7 @@ def configured(settings: Settings, words: Iterable[str]) -> Settings:
 def _consistent(settings: Settings) -> Settings:
     """``settings``, unless -maxage would forget a triplet before its retry could pass."""
     if settings.max_age <= settings.delay:
-        raise ValueError(f"-maxage ({settings.max_age:g} s) must be longer than -delay ({settings.delay:g} s): a "
+        raise ConfigError(f"-maxage ({settings.max_age:g} s) must be longer than -delay ({settings.delay:g} s): a "
                          "retry after the delay would find its triplet forgotten, greylisted again for ever")
     return settings
 
@@ -155,7 +163,7 @@ def _seconds(option: str, value: str, minimum: float, maximum: float = math.inf)
     if not minimum <= seconds <= maximum or math.isinf(seconds):
         limits = (f"from {minimum:g} to {maximum:.0f} ({maximum / 31536000:g} years)" if maximum < math.inf
                   else f">= {minimum:g}")
-        raise ValueError(f'{option} must be a number of seconds {limits}, not "{value}"')
+        raise ConfigError(f'{option} must be a number of seconds {limits}, not "{value}"')
     return seconds
 
 
@@ -192,27 +200,27 @@ class Store(Protocol):
 
 
 def check_spec(spec: str) -> str:
-    """The kind of store a ``-store`` spec names (sqlite, redis); ValueError for a bad one."""
+    """The kind of store a ``-store`` spec names (sqlite, redis); ConfigError for a bad one."""
     if spec.startswith("sqlite:"):
         if spec == "sqlite:":
-            raise ValueError("-store sqlite:PATH needs a path")
+            raise ConfigError("-store sqlite:PATH needs a path")
         return "sqlite"
     if re.match(r"(rediss?|unix)://.", spec):  # unix:///run/redis/redis-server.sock?db=0: Redis's socket
         _refuse_unix_host(spec)
         _check_redis_options(spec)
         _redis_module()
         return "redis"
-    raise ValueError(f'-store must be sqlite:PATH or redis://HOST:PORT/DB (or unix://SOCKET?db=DB), not "{spec}"')
+    raise ConfigError(f'-store must be sqlite:PATH or redis://HOST:PORT/DB (or unix://SOCKET?db=DB), not "{spec}"')
 
 
 def _refuse_unix_host(spec: str) -> None:
-    """ValueError for a unix:// URL with a host part: redis-py takes its path alone, so
+    """ConfigError for a unix:// URL with a host part: redis-py takes its path alone, so
     unix://run/redis.sock connected to /redis.sock, "run" dropped in silence, and
     unix://redis.sock to no path at all (a user before an "@" is redis-py's: kept)."""
     parts = urlsplit(spec)
     host = parts.netloc.rpartition("@")[2]
     if parts.scheme == "unix" and host:
-        raise ValueError(f'-store {_redis_where(spec)}: a unix:// URL names the socket by its absolute path, after '
+        raise ConfigError(f'-store {_redis_where(spec)}: a unix:// URL names the socket by its absolute path, after '
                          f'three slashes (unix:///run/redis/redis-server.sock?db=0); "{host}" would be dropped')
 
 
@@ -252,7 +260,7 @@ _REDIS_TLS_OPTIONS = {"ssl_ca_certs": _anything, "ssl_ca_path": _anything, "ssl_
 
 
 def _check_redis_options(spec: str) -> None:
-    """ValueError naming an option of a Redis URL's query that redis-py would take and fail on
+    """ConfigError naming an option of a Redis URL's query that redis-py would take and fail on
     later, at each check, or read as something else than meant; and a database after the port
     that is no number (redis-py ignores it: database 0)."""
     parts = urlsplit(spec)
@@ -260,7 +268,7 @@ def _check_redis_options(spec: str) -> None:
     accepted = {**_REDIS_OPTIONS, **(_REDIS_TLS_OPTIONS if parts.scheme == "rediss" else {})}
     database = parts.path.strip("/")
     if parts.scheme != "unix" and database and _database(database) is not None:
-        raise ValueError(f'-store {where}: the database after the port must be a number (/0, /1, ...), '
+        raise ConfigError(f'-store {where}: the database after the port must be a number (/0, /1, ...), '
                          f'not "{parts.path}"')
     seen: set[str] = set()
     for name, value in parse_qsl(parts.query, keep_blank_values=True):
@@ -268,14 +276,14 @@ def _check_redis_options(spec: str) -> None:
         if check is None:
             hint = ("TLS options are for rediss:// only" if name in _REDIS_TLS_OPTIONS
                     else "".join(f"{m}?" for m in difflib.get_close_matches(name, accepted, 1)))
-            raise ValueError(f'-store {where}: unknown option "{name}" in its query'
+            raise ConfigError(f'-store {where}: unknown option "{name}" in its query'
                              f'{f" ({hint})" if hint else ""}: must be {", ".join(accepted)}')
         if name in seen:
-            raise ValueError(f'-store {where}: option "{name}" given twice')
+            raise ConfigError(f'-store {where}: option "{name}" given twice')
         seen.add(name)
         wanted = check(value)
         if wanted is not None:
-            raise ValueError(f'-store {where}: {name} must be {wanted}, not "{value}"')
+            raise ConfigError(f'-store {where}: {name} must be {wanted}, not "{value}"')
 
 
 def open_store(spec: str) -> Store:
@@ -499,7 +507,7 @@ def _redis_module() -> Any:
     try:
         import redis
     except ImportError:
-        raise ValueError("-store redis://... needs the Python package redis (pip install redis)") from None
+        raise ConfigError("-store redis://... needs the Python package redis (pip install redis)") from None
     return redis
 
 
@@ -520,7 +528,7 @@ def _redis_where(url: str) -> str:
 
 
 def _resolve(host: str, port: int, timeout: float = RESOLVE_TIMEOUT) -> str:
-    """The first address ``host`` resolves to, within ``timeout``; ValueError saying why not.
+    """The first address ``host`` resolves to, within ``timeout``; ConfigError saying why not.
 
     getaddrinfo has no time limit of its own (a slow DNS holds it 4-30 s), so it runs in a
     thread of its own that is given up on after ``timeout``.
@@ -537,10 +545,10 @@ def _resolve(host: str, port: int, timeout: float = RESOLVE_TIMEOUT) -> str:
     thread.start()
     thread.join(timeout)
     if not found:
-        raise ValueError(f'cannot resolve the Redis host "{host}": no answer within {timeout:g} s')
+        raise ConfigError(f'cannot resolve the Redis host "{host}": no answer within {timeout:g} s')
     answer = found[0]
     if isinstance(answer, OSError) or not answer:
-        raise ValueError(f'cannot resolve the Redis host "{host}": {answer or "no address"}')
+        raise ConfigError(f'cannot resolve the Redis host "{host}": {answer or "no address"}')
     return str(answer[0][4][0])
 
 
@@ -568,7 +576,7 @@ def pinned_url(url: str) -> str:
     if parts.scheme == "unix" or not host or _is_address(host):
         return url
     if parts.scheme == "rediss":  # TLS checks the certificate against the name it connects to
-        raise ValueError(f'-store rediss:// needs an IP address, not the host name "{host}" (a name '
+        raise ConfigError(f'-store rediss:// needs an IP address, not the host name "{host}" (a name '
                          "would be looked up at every reconnect, holding the milter while DNS answers)")
     return _with_address(parts, _resolve(host, parts.port or 6379))
 
@@ -950,14 +958,18 @@ def _command(greylist: Greylist) -> Any:
     def greydb(subcommand: str, *args: str) -> Any:
         if subcommand == "check":
             if len(args) != 3:
-                raise ValueError('wrong # args: should be "greydb check ip sender rcpt"')
+                raise TclError('wrong # args: should be "greydb check ip sender rcpt"', error_code=("TCL", "WRONGARGS"))
             return greylist.check(*args)
         if subcommand == "configure":
-            greylist.configure(args)
+            try:
+                greylist.configure(args)
+            except ConfigError as exc:
+                raise TclError(f"greydb configure: {exc}", error_code=("GREYLIST", "CONFIG")) from None
             return None
         if subcommand == "expire" and not args:
             return greylist.expire()
-        raise ValueError(f'bad subcommand "{subcommand}": must be check, configure or expire')
+        raise TclError(f'bad subcommand "{subcommand}": must be check, configure or expire',
+                       error_code=("TCL", "LOOKUP", "SUBCOMMAND", subcommand))
 
     return greydb
 
