@@ -1544,6 +1544,28 @@ def test_a_wrong_greydb_call_is_tcls_usage_error_not_a_traceback(tmp_path: Path)
     ], done.stdout
 
 
+@pytest.mark.parametrize(("spec", "said"), [
+    ("redis://127.0.0.1:99999/0", '-store redis://127.0.0.1:99999/0: the port must be a number from 1 to 65535, '
+                                  'not "99999"'),
+    ("redis://127.0.0.1:abc/0", '-store redis://127.0.0.1:abc/0: the port must be a number from 1 to 65535, not "abc"'),
+    ("redis://u:secret@127.0.0.1:0/0", '-store redis://127.0.0.1:0/0: the port must be a number from 1 to 65535, '
+                                       'not "0"'),
+    ("redis://u:secret@[::1/0", "-store redis://...: not a URL (Invalid IPv6 URL)"),
+])
+def test_a_redis_url_with_a_bad_port_or_no_url_fails_the_load_saying_so(tclrun: Callable[..., TclRun], spec: str,
+                                                                       said: str) -> None:
+    """A port out of range or no number, or a URL urlsplit cannot read, failed the load in
+    Python's words ("Port out of range 0-65535", "Invalid IPv6 URL") under its traceback, from
+    deep in pinned_url; port 0 loaded, and every check was an outage. Refused as a setting, naming
+    it (its password left out), at load and by the import."""
+    m = tclrun(GREYLIST, "--python", str(STORE_PY), wait=False, args=("-store", spec))
+    assert m.wait_exit(timeout=20) == 1
+    assert f"greydb configure: {said}\n" in m.text, m.text
+    assert "Traceback" not in m.text and "secret" not in m.text and "listening" not in m.text, m.text
+    bad = run_import("/nonexistent/greylist.db", spec)
+    assert bad.returncode == 64 and bad.stderr == f"import: {said}\n", bad.stderr
+
+
 def test_the_options_a_redis_url_may_take_still_load_and_reach_redis(tclrun: Callable[..., TclRun],
                                                                      redis_server: RedisServer) -> None:
     """The checks refuse no option the docs list: a store with each of the plain ones greylists."""

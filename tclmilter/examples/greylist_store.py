@@ -206,11 +206,27 @@ def check_spec(spec: str) -> str:
             raise ConfigError("-store sqlite:PATH needs a path")
         return "sqlite"
     if re.match(r"(rediss?|unix)://.", spec):  # unix:///run/redis/redis-server.sock?db=0: Redis's socket
+        _refuse_unreadable_url(spec)
         _refuse_unix_host(spec)
         _check_redis_options(spec)
         _redis_module()
         return "redis"
     raise ConfigError(f'-store must be sqlite:PATH or redis://HOST:PORT/DB (or unix://SOCKET?db=DB), not "{spec}"')
+
+
+def _refuse_unreadable_url(spec: str) -> None:
+    """ConfigError for a URL urlsplit cannot read (``redis://[::1/0``; shown by its scheme alone,
+    as what it holds, a password too, cannot be told apart) and for a port that is no number from
+    1 to 65535: Python's words for those ("Port out of range 0-65535") came from deep in the
+    store's making, and port 0 loaded, every check an outage."""
+    try:
+        parts = urlsplit(spec)
+    except ValueError as exc:
+        raise ConfigError(f"-store {spec.partition(':')[0]}://...: not a URL ({exc})") from None
+    host_port = parts.netloc.rpartition("@")[2]
+    port = host_port.rpartition("]")[2].partition(":")[2] if host_port.startswith("[") else host_port.partition(":")[2]
+    if port and not (port.isascii() and port.isdigit() and 1 <= int(port) <= 65535):
+        raise ConfigError(f'-store {_redis_where(spec)}: the port must be a number from 1 to 65535, not "{port}"')
 
 
 def _refuse_unix_host(spec: str) -> None:
