@@ -42,6 +42,15 @@ def run_in_thread(milter: Any) -> threading.Thread:
     return thread
 
 
+def served(milter: Milter) -> Iterator[Milter]:
+    """A fixture's body: ``milter`` served from its own thread, stopped at teardown."""
+    thread = run_in_thread(milter)
+    yield milter
+    milter.stop()
+    thread.join(10)
+    assert not thread.is_alive()
+
+
 @pytest.fixture
 def python_milter() -> Iterator[Milter]:
     """A Python filter: rejects one sender, stamps and rewrites marked mail, quarantines another."""
@@ -73,11 +82,7 @@ def python_milter() -> Iterator[Milter]:
             ctx.quarantine("held by e2e")
         ctx.unsetpriv("body")
 
-    thread = run_in_thread(milter)
-    yield milter
-    milter.stop()
-    thread.join(10)
-    assert not thread.is_alive()
+    yield from served(milter)
 
 
 def test_rejected_sender_gets_5xx_at_mail_from(postfix, python_milter: Milter) -> None:
@@ -309,3 +314,45 @@ def test_a_header_line_with_an_8bit_name_ends_the_header_section(postfix) -> Non
         thread.join(10)
     assert names == ["From"], names
     assert msg.body.startswith(b"X-\xe9t\xe9: one\nSubject: s\n\nbody"), msg.raw
+
+
+@pytest.fixture
+def deleting_milter() -> Iterator[Milter]:
+    """A filter whose eom deletes each recipient its X-Delete headers name, as written there."""
+    milter = Milter(name="delrcpt", connection="inet:0@127.0.0.1", grace=1)
+
+    @milter.register("header")
+    def header(ctx, name, value):
+        if name.lower() == "x-delete":
+            ctx.setpriv("delete", [*ctx.getpriv("delete", []), value.strip()])
+
+    @milter.register("eom")
+    def eom(ctx):
+        for rcpt in ctx.getpriv("delete", []):
+            ctx.delrcpt(rcpt)
+        ctx.unsetpriv("delete")
+
+    yield from served(milter)
+
+
+def test_delrcpt_behind_postfix_matches_with_or_without_brackets_and_case_exactly(
+        postfix, deleting_milter: Milter) -> None:
+    """docs/tcl-reference.md said only "as envrcpt received it". Postfix's cleanup parses the
+    address (so `<b@example.com>` and `b@example.com` are one) and compares it byte for byte with
+    the recipient as the client gave it (`<B@example.com>`, `<b@EXAMPLE.COM>` delete nothing); deleting the only
+    recipient still answers 250, and the message goes nowhere."""
+    pf = postfix(milter=deleting_milter.listening.postfix())
+    cases = {"brackets": "<b@example.com>", "bare": "b@example.com", "case": "<B@Example.com>",
+             "user": "<B@example.com>", "domain": "<b@EXAMPLE.COM>"}
+    for subject, delete in cases.items():
+        body = message("a@example.org", subject).replace(b"\r\n\r\n", f"\r\nX-Delete: {delete}\r\n\r\n".encode(), 1)
+        assert pf.send("a@example.org", ["b@example.com", "c@example.com"], body).accepted, subject
+    got = {m.message["Subject"]: sorted(m.recipients) for m in pf.wait_for_sink(5)}
+    both = ["b@example.com", "c@example.com"]
+    assert got == {"brackets": ["c@example.com"], "bare": ["c@example.com"], "case": both, "user": both,
+                   "domain": both}, got
+    last = message("a@example.org", "last").replace(b"\r\n\r\n", b"\r\nX-Delete: <b@example.com>\r\n\r\n", 1)
+    result = pf.send("a@example.org", ["b@example.com"], last)
+    assert result.accepted and result.data is not None and result.data.code == 250, result
+    pf.wait_for_log(rf"{result.queue_id}: removed")  # (after "nrcpt=1 (queue active)": no delivery, no bounce)
+    assert len(pf.sink_messages()) == 5 and pf.queue() == []

@@ -441,3 +441,44 @@ def test_a_header_line_with_an_8bit_name_ends_the_header_section(sendmail, milte
     (msg,) = sm.wait_for_sink(1)
     assert re.findall(r"HEADER <[^>]*>", m.output) == ["HEADER <From>"], m.output
     assert msg.body.startswith(b"X-\xe9t\xe9: one\nSubject: s\n\nbody"), msg.raw
+
+
+DELETES = r"""
+package require TclMilter 1.0
+proc header {ctx name value} {
+    if {[string equal -nocase $name X-Delete]} { $ctx setpriv delete [string trim $value] }
+    return SMFIS_CONTINUE
+}
+proc eom {ctx} {
+    if {![catch {$ctx getpriv delete} rcpt]} { $ctx delrcpt $rcpt; $ctx unsetpriv delete }
+    return SMFIS_CONTINUE
+}
+milter register header header
+milter register eom eom
+milter main
+"""
+
+
+def test_delrcpt_behind_sendmail_matches_with_or_without_brackets_and_case_exactly(
+        sendmail, milter, socket_path: Path) -> None:
+    """docs/tcl-reference.md said only "as envrcpt received it". Sendmail parses the address (so
+    `<b@example.com>` and `b@example.com` are one) and compares user and domain case-sensitively
+    (`<B@example.com>`, `<b@EXAMPLE.COM>` delete nothing); deleting the only recipient still
+    answers 250, and the message goes nowhere: no delivery, nothing queued."""
+    milter(DELETES, connection=f"unix:{socket_path}")
+    sm = sendmail(f"unix:{socket_path}").start()
+    cases = {"brackets": "<b@example.com>", "bare": "b@example.com", "case": "<B@Example.com>",
+             "user": "<B@example.com>", "domain": "<b@EXAMPLE.COM>"}
+    for subject, delete in cases.items():
+        body = message("a@client.test", subject, extra=f"X-Delete: {delete}\r\n".encode())
+        assert sm.send("a@client.test", ["b@example.com", "c@example.com"], body).accepted, subject
+    got = {m.message["Subject"]: sorted(m.recipients) for m in sm.wait_for_sink(5)}
+    both = ["b@example.com", "c@example.com"]
+    assert got == {"brackets": ["c@example.com"], "bare": ["c@example.com"], "case": both, "user": both,
+                   "domain": both}, got
+    last = sm.send("a@client.test", ["b@example.com"], message("a@client.test", "last",
+                                                               extra=b"X-Delete: <b@example.com>\r\n"))
+    assert last.accepted and last.data is not None and last.data.code == 250, last
+    assert sm.send("a@client.test", ["c@example.com"], message("a@client.test", "after")).accepted
+    assert "after" in {m.message["Subject"] for m in sm.wait_for_sink(6)}
+    assert [m.message["Subject"] for m in sm.sink_messages()].count("last") == 0 and sm.queue_files() == {}
