@@ -1510,6 +1510,22 @@ def test_try_and_send_show_a_delrcpt_of_a_recipient_the_envelope_lacks(tmp_path:
     assert (status, json_of(out)["notes"]) == (0, []), out
 
 
+def test_try_notes_a_message_whose_every_recipient_a_delrcpt_removed(tmp_path: Path) -> None:
+    """Both MTAs answer 250 to a message whose filter deleted every recipient, and deliver it
+    nowhere (docs/protocol.md §10.17); `try` reported "verdict: accept" and an envelope ending in
+    "to " without a word, a lost message looking like a delivered one."""
+    script = tmp_path / "delall.tcl"
+    script.write_text("package require TclMilter 1.0\n"
+                      "proc eom {ctx} { $ctx delrcpt <bob@example.com>; return SMFIS_CONTINUE }\n"
+                      "milter register eom eom\nmilter main\n")
+    note = "no recipient left: the MTA answers 250 and delivers the message nowhere"
+    status, out = cli("try", str(script), str(DATA / "plain.eml"))
+    assert status == 0, out
+    assert f"verdict: accept at eom\nnote: {note}\nenvelope: from <alice@example.org> to \n" in out, out
+    status, out = cli("try", str(script), str(DATA / "plain.eml"), "--json")
+    assert (status, json_of(out)["notes"], json_of(out)["message"]["recipients"]) == (0, [note], []), out
+
+
 def test_try_shows_the_headers_no_filter_changed_as_the_message_has_them(tmp_path: Path) -> None:
     """Bug: every header was shown rewritten as `Name: value`, so a tab or no space after the
     colon, or an empty value, came out altered (`Subject: \tHi`), although the MTA delivers a

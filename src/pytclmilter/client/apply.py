@@ -60,6 +60,8 @@ def apply(actions: list[ev.Reply], msg: Message, env: Envelope) -> Result:
                 result.quarantine = action.reason
     if body_parts is not None:
         result.message.body = b"".join(body_parts)
+    if not rcpts and any(isinstance(a, ev.DeleteRecipient) for a in actions):  # (docs/protocol.md §10.17)
+        result.notes.append("no recipient left: the MTA answers 250 and delivers the message nowhere")
     return result
 
 
