@@ -28,7 +28,7 @@ from pytclmilter import logline, repeats
 from pytclmilter.commands.logs import STDERR_FORMAT, CoalescingStreamHandler, LeanLogRecord, LineFormatter
 from pytclmilter.tcl import tclstderr
 from support.postfix import free_port
-from support.tclrun import ROOT_WARNING, _pytclmilter_command, child_env, tclrun_factory
+from support.tclrun import ROOT_WARNING, Mta, _pytclmilter_command, child_env, tclrun_factory
 
 PYTCLMILTER = _pytclmilter_command()
 DATA = Path(__file__).parent / "data"
@@ -390,6 +390,65 @@ def test_a_python_warning_quoting_mta_text_is_a_log_line_escaped(tclrun) -> None
     # the warning's lines are the record's: its LF a line break, the next line indented
     assert re.search(r"WARNING: .*hooks0\.py:7: UserWarning: odd sender <a\\x1b\[31m\\r\n  " + re.escape(forged)
                      + r"@example\.org>\n  warnings\.warn", text), text
+
+
+PRINT_HOOKS = r"""
+import sys
+
+def setup(milter):
+    @milter.register("envfrom")
+    def envfrom(ctx, args):
+        print("from", args[0])
+        sys.stderr.write("err: " + args[0] + "\n")
+        print("built:", end=" ")
+        sys.stdout.flush()
+        print(args[0], end="", flush=True)
+        print(" (end)")
+        print("held", end="")
+"""
+
+
+def test_a_python_hooks_print_of_mta_text_cannot_forge_a_line(tmp_path) -> None:
+    """A --python hook's print() and sys.stderr.write() of a sender with ESC, CR LF and a forged
+    line, as under systemd (stdout and stderr pipes): each control escaped and the line after the
+    LF indented, as a script's `puts` is; a line built by writes without a newline (flushed
+    between) written whole; the line left open written, ended, at the stop; our own lines as
+    they were. FAILED before: the raw ESC and CR, and the forged line at a line's start."""
+    script = tmp_path / "milter.tcl"
+    script.write_text("package require TclMilter\nmilter main\n")
+    hooks = tmp_path / "hooks.py"
+    hooks.write_text(PRINT_HOOKS)
+    forged = "2001-01-01 00:00:00,000 pytclmilter[1] ERROR: forged"
+    sender = f"<a\x1b[31m\x7f\r\n{forged}@example.org>"
+    shown = [r"<a\x1b[31m\x7f\r", f"  {forged}@example.org>"]
+    port = free_port()
+    proc = subprocess.Popen([*PYTCLMILTER, "run", str(script), "--python", str(hooks), "--connection",
+                             f"inet:{port}@127.0.0.1"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            env=child_env())
+    read: dict[str, bytes] = {}
+    reading = threading.Thread(target=lambda: read.update(zip(("out", "err"), proc.communicate(timeout=30))))
+    reading.start()
+    try:
+        wait_listening(proc, port)
+        with Mta(port) as mta:
+            mta.negotiate()
+            mta.connect()
+            assert mta.mail(sender) == ("c", {})
+    finally:
+        proc.terminate()
+        reading.join(30)
+    assert proc.returncode == 0
+    out, err = read["out"].decode(), read["err"].decode()
+    for text in (out, err):
+        assert not re.search(r"[\x00-\x09\x0b-\x1f\x7f]", text), text
+        assert not any(line.startswith(forged) for line in text.splitlines()), text
+    assert out.split("\n") == [f"pytclmilter: TclMilter listening on inet:{port}@127.0.0.1",
+                                "from " + shown[0], shown[1], "built: " + shown[0], shown[1] + " (end)",
+                                "held", ""], out
+    lines = err.splitlines()
+    at = lines.index("err: " + shown[0])
+    assert lines[at + 1] == shown[1], err
+    assert all(STDERR_LINE.match(line) for line in lines[:at] + lines[at + 2:]), err
 
 
 PUTS_TCL = r"""

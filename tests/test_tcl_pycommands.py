@@ -1133,10 +1133,11 @@ def test_python_callbacks_call_the_scripts_procs(tclrun):
                      ("h", z("X-Refused", "an object has no Tcl form (pass a context, str")),
                      ("h", z("X-Error", "no key here / MYAPP NOTFOUND")),
                      ("h", z("X-Tcl-Eom", "yes")), ("c", b"")]
-    # errorInfo is the script's, without the frames of the call itself
+    # errorInfo is the script's, without the frames of the call itself (printed by the hook: its
+    # lines after the first that start with no space indented, as run writes a print's lines)
     info = re.search(r"ERRORINFO<<(.*?)>>", m.text, re.S).group(1)
-    assert info.split("\n") == ["no key here", "    while executing", '"error "no $what here" "" {MYAPP NOTFOUND} "',
-                                '    (procedure "fails" line 1)', "    invoked from within", '"fails key"']
+    assert info.split("\n") == ["no key here", "    while executing", '  "error "no $what here" "" {MYAPP NOTFOUND} "',
+                                '    (procedure "fails" line 1)', "    invoked from within", '  "fails key"']
     # Uncaught, the Tcl error fails the Python callback: its traceback, then Tcl's errorInfo
     logged(m, r"ERROR: conn#1: eom callback setup\.<locals>\.eom failed \(no luck here\), answering SMFIS_TEMPFAIL:\n"
               r"  Traceback \(most recent call last\):\n(.*\n)*?"

@@ -30,6 +30,7 @@ from ..milter import Milter
 from ..overdue import EXIT
 from ..repeats import fault_kind, place_of
 from ..tcl import threads
+from ..tcl.output import python_output, unescaped
 from ..tcl.interp import TclHost
 from ..tcl.unanswered import Unanswered
 from ..tcl.usage import Answer
@@ -114,7 +115,8 @@ class Daemon:
                         "127.0.0.1" if spec.family == "inet" else "[::1]")
         # (-name and -connection are the script's text: escaped as in the log)
         try:
-            print(f"pytclmilter: {escape(self.milter.name)} listening on {escape(str(spec))}", flush=True)
+            print(f"pytclmilter: {escape(self.milter.name)} listening on {escape(str(spec))}", file=unescaped(sys.stdout),
+                  flush=True)
         except OSError as exc:  # stdout's reader went away (a closed pipe): no reason not to serve
             log.warning("stdout cannot be written (%s): the listening line is not printed", exc.strerror or exc)
             sys.stdout = open(os.devnull, "w", encoding="utf-8")  # (its buffer would fail at exit)
@@ -152,7 +154,7 @@ def _stopped_by(notify: Notifier, sig: signal.Signals) -> None:
     process alone (it reaches the --workers workers too: each printed the answer again)."""
     notify.stopping()
     if sig == signal.SIGINT and notify.main and sys.stdin is not None and sys.stdin.isatty():
-        print("\npytclmilter: interrupted, stopping", file=sys.stderr, flush=True)
+        print("\npytclmilter: interrupted, stopping", file=unescaped(sys.stderr), flush=True)
 
 
 def _stopping(notify: Notifier, sig: signal.Signals) -> None:
@@ -308,7 +310,9 @@ def cmd_run(opts: argparse.Namespace) -> int:
     # (Café under PYTHONIOENCODING=ascii) ended the start in a traceback, nothing served.
     reports_print_anywhere()
     try:
-        return _serve(opts)
+        # A --python file's print() and sys.stderr.write() escaped as the script's `puts` (output.py)
+        with python_output():
+            return _serve(opts)
     except UsageError as exc:
         if opts.syslog:
             _log_failure(f"pytclmilter run: {exc}")
@@ -329,7 +333,7 @@ def _unexpected(opts: argparse.Namespace, exc: BaseException) -> int:
     alone, unescaped, which an init script's daemon sends nowhere: the mail log just stopped."""
     trace = "".join(traceback.format_exception(exc)).rstrip()
     if opts.syslog:
-        print(guard(f"pytclmilter run: unexpected error\n{trace}"), file=sys.stderr)
+        print(guard(f"pytclmilter run: unexpected error\n{trace}"), file=unescaped(sys.stderr))
     _log_failure(f"unexpected error: {type(exc).__name__}: {said(exc)}", trace)
     return 1
 
@@ -422,7 +426,7 @@ def _refused(opts: argparse.Namespace, host: TclHost) -> bool:
     message (all mail answered -onerror): say so as check does, and serve nothing, as a reload does."""
     errors = callback_errors(opts.script, host)
     for line in errors:
-        print(one_line(line), file=sys.stderr)
+        print(one_line(line), file=unescaped(sys.stderr))
     if errors and opts.syslog:
         _log_failure(errors[0], "\n".join(errors[1:]))
     return bool(errors)
@@ -433,7 +437,7 @@ def _never_served(opts: argparse.Namespace) -> int:
     the start. It ended with status 0 and not a word (an empty or truncated file, a `milter
     main` behind a condition not met), and a service manager saw a clean stop."""
     message = f"{opts.script}: error: {NO_MAIN} (nothing was served)"
-    print(escape(message), file=sys.stderr)
+    print(escape(message), file=unescaped(sys.stderr))
     if opts.syslog:
         _log_failure(message)
     return 1
@@ -604,7 +608,7 @@ class _Run:
         info = self.scripts.current.error_info()  # (before the flush: the errors it catches are recorded there too)
         self.scripts.current.flush_channels(ending=True)  # what the script wrote, before why it ended
         # tclsh's layout, but stderr is the log (the journal): no line after the first can pass for one
-        print(guard(info), file=sys.stderr)
+        print(guard(info), file=unescaped(sys.stderr))
         if self.opts.syslog:
             _log_failure(info)
         return 1

@@ -17,6 +17,12 @@ a thread builds by `puts -nonewline` are held until it ends (or the thread, or t
 terminal has no journal, and gets them at once). A whole line of printable ASCII short enough, the usual
 debug line, is handed to Tcl's own `puts` in one piece and flushed, without a call into Python.
 
+Python code under ``run`` (a --python hook's print(), a library's sys.stderr.write()) writes the
+same way: :func:`python_output` makes sys.stdout and sys.stderr :class:`PythonOutput`, whose text
+goes through :func:`_written` as a `puts`'s does, sharing its thread's open line. Raw, a hook's
+``print("from", sender)`` put the sender's ESC and CR in the journal, and its LF a line of its
+choosing. The program's own lines go to the streams replaced (:func:`unescaped`).
+
 Why not the channels themselves: a transform (`chan push`) or a reflected channel in place of
 stdout (`chan create`) sees the buffer Tcl flushes, not `puts` calls, so it cannot tell the
 newline one `puts` ends with from one inside its text; and `exec ... 2>@stderr` needs a channel
@@ -29,11 +35,13 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import io
 import logging
 import os
 import select
+import sys
 import threading
-from typing import Any, Callable, Final, Sequence
+from typing import Any, Callable, Final, Iterator, Sequence, TextIO
 
 from ..logline import OUTPUT_LINE, as_output, clip, escape
 from . import threads
@@ -209,7 +217,18 @@ def _output(args: Sequence[str]) -> int:
     # (the script can call it too: with fewer words, or another channel, each call was an
     # internal error, a traceback logged)
     check_count(args, 3, 3, f"{COMMAND} channel text open")
-    channel, text, ends = one_of("channel", args[0], _FD), args[1], args[2] == "0"
+    channel = one_of("channel", args[0], _FD)
+    try:
+        return int(_written(channel, args[1], args[2] == "0"))
+    except OSError as exc:
+        reason = os.strerror(exc.errno or 0).lower() if exc.errno else str(exc)
+        raise TclUsageError(f'error writing "{channel}": {reason}',
+                            ("POSIX", errno.errorcode.get(exc.errno or 0, "EIO"), reason)) from None
+
+
+def _written(channel: str, text: str, ends: bool) -> bool:
+    """``text`` written to ``channel`` as :func:`_output` writes it (``ends``: the line with it):
+    whether a line is left open. OSError if the descriptor fails."""
     key = (threading.get_ident(), channel)
     with _LOCK:
         held, done = _open.pop(key, (b"", 0))
@@ -223,8 +242,88 @@ def _output(args: Sequence[str]) -> int:
         _write(channel, line)
     if held or done:
         _keep(key, held, done)
-        return 1
-    return 0
+        return True
+    return False
+
+
+class PythonOutput(io.TextIOBase):
+    """sys.stdout or sys.stderr while ``run`` serves (:func:`python_output`): what Python code
+    writes there (a --python hook's print(), a library's sys.stderr.write()) goes out as a
+    script's `puts` to that channel does, escaped by :func:`logline.as_output`, each line in one
+    write() when its newline comes, a line's start held meanwhile (its thread's, shared with the
+    `puts -nonewline` of a script in that thread: the bound, KEPT_OPEN, and the ends at a thread's
+    or the process's end, are theirs). A newline inside one write() indents the line after it,
+    as inside one `puts`; print() writes its end apart, so its last line is not. flush() writes
+    no line's start (on a terminal it is written at once anyway). ``own``: the stream replaced,
+    for the program's own lines (:func:`unescaped`)."""
+
+    def __init__(self, channel: str, own: TextIO) -> None:
+        super().__init__()
+        self.channel, self.own = channel, own
+
+    def write(self, text: str) -> int:
+        if self.closed:
+            raise ValueError("I/O operation on closed file.")
+        if not isinstance(text, str):
+            raise TypeError(f"write() argument must be str, not {type(text).__name__}")
+        if text:
+            ends = text.endswith("\n")
+            _written(self.channel, text[:-1] if ends else text, ends)
+        return len(text)
+
+    def flush(self) -> None:
+        if not self.closed:
+            with contextlib.suppress(OSError, ValueError):  # (the program's own stream: its writes say)
+                self.own.flush()
+
+    def fileno(self) -> int:
+        return _FD[self.channel]
+
+    def isatty(self) -> bool:
+        return os.isatty(_FD[self.channel])
+
+    def writable(self) -> bool:
+        return True
+
+    @property
+    def encoding(self) -> str:  # (what reaches the descriptor, escaped: as_output's UTF-8)
+        return "utf-8"
+
+    @encoding.setter
+    def encoding(self, value: str) -> None:
+        raise AttributeError("readonly attribute")
+
+
+def unescaped(stream: TextIO) -> TextIO:
+    """Where pytclmilter's own line for ``stream`` (sys.stdout or sys.stderr) is printed: the
+    stream :class:`PythonOutput` replaced, if it is one. Our lines escape what they quote
+    already, and some are laid out on purpose (Ctrl-C's answer starts with a newline)."""
+    return stream.own if isinstance(stream, PythonOutput) else stream
+
+
+@contextlib.contextmanager
+def python_output() -> Iterator[None]:
+    """sys.stdout and sys.stderr as :class:`PythonOutput` meanwhile, where each is the process's
+    descriptor (1, 2: under systemd, the journal); else (closed at start, a test's capture) as
+    they are. What they buffered is written first; a stream still ours is put back after.
+    Logging's handler and faulthandler hold the stream and the descriptor they were given."""
+    made: list[PythonOutput] = []
+    for name, fd in (("stdout", 1), ("stderr", 2)):
+        stream = getattr(sys, name)
+        try:
+            stream.flush()
+            if stream.fileno() != fd:
+                continue
+        except (AttributeError, OSError, ValueError):  # (None, no descriptor, closed)
+            continue
+        made.append(PythonOutput(name, stream))
+        setattr(sys, name, made[-1])
+    try:
+        yield
+    finally:
+        for wrapper in made:
+            if getattr(sys, wrapper.channel) is wrapper:
+                setattr(sys, wrapper.channel, wrapper.own)
 
 
 #: The background errors that threads' interpreters report on stderr (THREAD_BGERROR).
@@ -301,7 +400,7 @@ def _end(lines: list[tuple[tuple[int, str], tuple[bytes, int]]], wait: bool = Tr
         if not wait and not _room(_FD[channel]):
             lost += 1
             continue
-        with contextlib.suppress(TclUsageError):
+        with contextlib.suppress(OSError):
             _write(channel, data + b"\n")
     if lost:
         log.warning("%d lines begun by the script's puts -nonewline are lost as the process ends: their "
@@ -310,7 +409,7 @@ def _end(lines: list[tuple[tuple[int, str], tuple[bytes, int]]], wait: bool = Tr
 
 def _write(channel: str, data: bytes) -> None:
     """``data`` on ``channel``'s descriptor in one write() (whole, on a pipe, up to PIPE_BUF);
-    Tcl's error if not. A descriptor the script made non-blocking (`fconfigure stdout -blocking
+    OSError if not. A descriptor the script made non-blocking (`fconfigure stdout -blocking
     0`: not to wait for its reader) that takes none of it loses it, counted (:func:`_lose`); only
     the rest of a line begun is waited for, as another writer's must not go on with it."""
     fd = _FD[channel]
@@ -323,10 +422,6 @@ def _write(channel: str, data: bytes) -> None:
                 _lose(channel)
                 return
             select.select([], [fd], [])
-        except OSError as exc:
-            reason = os.strerror(exc.errno or 0).lower() if exc.errno else str(exc)
-            raise TclUsageError(f'error writing "{channel}": {reason}',
-                                ("POSIX", errno.errorcode.get(exc.errno or 0, "EIO"), reason)) from None
         begun = True
     if _lost:
         _lost_told(channel)
