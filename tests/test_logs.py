@@ -974,6 +974,30 @@ def test_stderr_with_tcls_own_reports_escaped_is_still_named_stderr(capfd) -> No
     assert capfd.readouterr().err == "raw\x1b\n"
 
 
+
+def test_a_thread_with_an_ended_threads_ident_gets_the_transform_too(capfd) -> None:
+    """tclstderr.py installed its transform once per thread ident, and Python reuses the ident of
+    a thread that ended for the next one: the next thread's TclHost (an embedding program's pool,
+    these tests one after another) had none, and Tcl's own reports went out raw, an ESC and all,
+    on its stderr. Each thread's own is installed, whatever its ident."""
+    idents: list[int] = []
+    for n in range(20):  # (until an ident comes again: at once with glibc, which reuses the stack)
+        def run(n: int = n) -> None:
+            idents.append(threading.get_ident())
+            tclstderr.install()
+            tkinter.Tcl().eval(f'puts -nonewline stderr "thread {n}\\033\\n"')
+
+        thread = threading.Thread(target=run)
+        thread.start()
+        thread.join()
+        if len(set(idents)) < len(idents):
+            break
+    else:
+        pytest.skip("no thread ident was reused")
+    err = capfd.readouterr().err
+    assert err == "".join(f"  thread {n}\\x1b\n" for n in range(len(idents))), err
+
+
 LONE_SURROGATE_PUTS_TCL = r"""
 package require TclMilter
 package require Thread

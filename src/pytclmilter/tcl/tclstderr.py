@@ -94,9 +94,11 @@ class _Escaper:
         return int(bool(self.held)), b"".join([line + b"\n" for line in whole])
 
 
-#: thread ident -> the interpreter of that thread's transform (kept: see the module docstring).
-_OWNERS: Final[dict[int, _tkinter.TkappType]] = {}
-_LOCK: Final = threading.Lock()
+#: The interpreters of the threads' transforms (kept: see the module docstring), one a thread
+#: that made a host. Marked in the thread itself, not by its ident: Python gives an ended
+#: thread's ident to the next, whose stderr has no transform yet.
+_OWNERS: Final[list[_tkinter.TkappType]] = []
+_INSTALLED: Final = threading.local()
 
 
 class _Standard:
@@ -118,17 +120,16 @@ class _Standard:
 def install() -> None:
     """The transform on this thread's stderr channel, once per thread; none where Tcl's functions
     cannot be reached."""
-    me = threading.get_ident()
-    with _LOCK:
-        if me in _OWNERS:
-            return
-        try:
-            tcl = threads.library()
-        except (OSError, AttributeError):
-            return
-        # tkinter.Tcl() without its start-up files, as interp.py's _Interpreter: no Tk, no profile
-        owner = _tkinter.create(None, "pytclmilter", "Tk", False, True, False, False, None)
-        _OWNERS[me] = owner
+    if getattr(_INSTALLED, "done", False):
+        return
+    try:
+        tcl = threads.library()
+    except (OSError, AttributeError):
+        return
+    _INSTALLED.done = True
+    # tkinter.Tcl() without its start-up files, as interp.py's _Interpreter: no Tk, no profile
+    owner = _tkinter.create(None, "pytclmilter", "Tk", False, True, False, False, None)
+    _OWNERS.append(owner)  # (list.append: atomic, whatever thread)
     owner.createcommand("::tclmilter::py::stderr_escaped", _Escaper())
     standard: list[_Standard] = []
 
