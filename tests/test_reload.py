@@ -1197,3 +1197,32 @@ def test_a_stop_as_the_reloads_script_starts_stops_the_script(tclrun, tmp_path: 
     assert "reload: generation 2 abandoned: received SIGTERM while it loaded" in run.text, run.text
     assert not marker.exists(), run.text
 
+
+SLOW_REJECT = r"""
+package require TclMilter
+proc from {ctx list} { after 1500; return SMFIS_REJECT }
+milter register envfrom from
+milter main
+"""
+
+
+def test_a_stop_after_a_reload_gives_the_running_callback_its_grace(tclrun, tmp_path: Path) -> None:
+    """The load's watch of the stop signals (reloading._AbandonedAtStop) hands them back to the
+    server once the load is over. Left in place, it took the next stop after a reload too, and
+    expired the limit of the interpreter it had loaded, the one serving: a callback running then
+    was stopped at once and the MTA got -onerror, where it had the stop's --grace to finish."""
+    script = tmp_path / "slow.tcl"
+    script.write_text(SLOW_REJECT)
+    run = tclrun(script, "--grace", "10")
+    run.child.kill(signal.SIGUSR1)
+    run.wait_for(GONE)
+    with run.mta() as mta:
+        mta.negotiate()
+        assert ok(mta.connect())
+        mta.send_raw("M", b"<a@example.org>\0")
+        time.sleep(0.5)  # (the callback sleeping in its `after 1500`)
+        run.child.kill(signal.SIGTERM)
+        mta.sock.settimeout(30)
+        assert mta.reply_raw() == ("r", b""), run.text  # the callback's own answer
+    assert run.wait_exit(timeout=20) == 0, run.text
+    assert "callback stopped" not in run.text, run.text
