@@ -1015,6 +1015,18 @@ def test_the_idle_check_and_the_growth_count_call_tcls_own_after_not_the_scripts
     assert int(host.child_call("expr", "$::ran")) == 1
 
 
+def test_namespace_import_autoloads_as_tcls_after_the_own_commands_are_kept(tcl_host) -> None:
+    """Keeping Tcl's own `after` and `fconfigure` (prelude.py's kept_own) holds Tcl's `auto_import`
+    aside while it imports them, and puts it back: without it, `namespace import` of a command the
+    autoloader knows but has not loaded failed, `unknown namespace in import pattern`, where
+    tclsh imports it (here ::safe::interpCreate, from Tcl's own tclIndex), in the script's
+    interpreter and in one it creates."""
+    host = tcl_host
+    imported = "namespace import ::safe::interpCreate; namespace origin interpCreate"
+    assert host.child_call("eval", imported) == "::safe::interpCreate"
+    assert host.child_call("eval", f"interp create c; c eval {{{imported}}}") == "::safe::interpCreate"
+
+
 def test_the_flush_at_stop_calls_tcls_own_fconfigure_not_the_scripts(tcl_host, tmp_path) -> None:
     """At a stop the milter makes the script's channels non-blocking before flushing them. It
     called `fconfigure` by name in the script's interpreter, so a script's own `fconfigure` proc
