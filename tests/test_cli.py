@@ -3512,3 +3512,26 @@ def test_an_event_handlers_break_is_named_as_tcl_names_it(tmp_path: Path) -> Non
     assert f'{prefix}invoked "break" outside of a loop\n' in out, out
     assert f"{prefix}command returned bad code: 2\n" in out, out
     assert 'bgerror <invoked "continue" outside of a loop> <invoked "continue" outside of a loop>' in out, out
+
+
+BREAKING_BGERROR = r"""
+package require TclMilter
+proc bgerror {message} { puts stderr "bgerror <$message>"; return -code break }
+after 0 {error one}
+after 0 {error two}
+update
+puts stderr "updated"
+milter main
+"""
+
+
+def test_a_bgerror_procs_break_drops_the_errors_queued_after_as_tcls(tmp_path: Path) -> None:
+    """A script's `bgerror` proc that breaks: Tcl drops the background errors queued after the
+    one it handled (tclsh prints `bgerror <one>` alone), and so does the milter (prelude.py's
+    bghandle answers 1, its interpreter's handler breaks); nothing goes to the log either."""
+    script = tmp_path / "breaking.tcl"
+    script.write_text(BREAKING_BGERROR)
+    got, out = cli("check", str(script))
+    assert got == 0, out
+    assert "bgerror <one>\nupdated\n" in out, out
+    assert "two" not in out and "ERROR" not in out, out
