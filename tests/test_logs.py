@@ -975,6 +975,27 @@ def test_stderr_with_tcls_own_reports_escaped_is_still_named_stderr(capfd) -> No
 
 
 
+def test_a_second_host_in_a_thread_pushes_no_second_transform(capfd) -> None:
+    """Each TclHost installs the transform (a reload makes one in the serving thread): a thread's
+    second install does nothing, or each reload stacked one more transform and one more
+    interpreter on stderr for the process's life. One `chan pop` leaves Tcl's own channel."""
+    done: list[str | BaseException] = []
+
+    def run() -> None:
+        try:
+            tclstderr.install()
+            tclstderr.install()
+            done.append(tkinter.Tcl().eval('chan pop stderr; puts -nonewline stderr "raw\\033\\n"; chan names'))
+        except BaseException as exc:  # noqa: BLE001 - told by the assertion below
+            done.append(exc)
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    thread.join()
+    assert done == ["stdin stdout stderr"], done
+    assert capfd.readouterr().err == "raw\x1b\n"
+
+
 def test_a_thread_with_an_ended_threads_ident_gets_the_transform_too(capfd) -> None:
     """tclstderr.py installed its transform once per thread ident, and Python reuses the ident of
     a thread that ended for the next one: the next thread's TclHost (an embedding program's pool,
