@@ -975,6 +975,20 @@ def test_stderr_with_tcls_own_reports_escaped_is_still_named_stderr(capfd) -> No
 
 
 
+@pytest.mark.parametrize(("script", "written"), [
+    ('fconfigure stderr -translation cr; puts stderr "a\\033"; puts stderr "b\\033"; '
+     'fconfigure stderr -translation lf; puts stderr end', "  a\\x1b\n  b\\x1b\n  end\n"),
+    ('puts -nonewline stderr "part\\033"; chan pop stderr; puts stderr after', "  part\\x1b\nafter\n"),
+], ids=["translation cr", "held at the pop"])
+def test_tcls_own_stderr_lines_end_where_tcl_ends_them(capfd, script: str, written: str) -> None:
+    """The transform on Tcl's stderr (tcl/tclstderr.py) under `-translation cr`: each bare CR ends
+    a line, as the terminal shows it (taken for a control, the whole went out as one line,
+    `a\\x1b\\rb\\x1b\\rend`); a line's start it holds is written when the script pops it (or
+    closes the channel: its flush), not lost."""
+    _in_a_thread_of_its_own(script)
+    assert capfd.readouterr().err == written
+
+
 def test_a_second_host_in_a_thread_pushes_no_second_transform(capfd) -> None:
     """Each TclHost installs the transform (a reload makes one in the serving thread): a thread's
     second install does nothing, or each reload stacked one more transform and one more
