@@ -1027,6 +1027,16 @@ def test_namespace_import_autoloads_as_tcls_after_the_own_commands_are_kept(tcl_
     assert host.child_call("eval", f"interp create c; c eval {{{imported}}}") == "::safe::interpCreate"
 
 
+def test_a_safe_interpreter_is_made_though_it_has_no_fconfigure(tcl_host) -> None:
+    """An interpreter the script creates gets the escaping `puts` and, where it has one, Tcl's own
+    `fconfigure` kept (prelude.py's kept_own). A safe one has none (hidden): nothing is kept
+    there, and it is made as Tcl makes it (keeping a missing command failed its making, `can't
+    rename "::fconfigure"`, and the script with it)."""
+    host = tcl_host
+    assert str(host.child_call("eval", "interp create -safe s; s eval {expr {6 * 7}}")) == "42"
+    assert str(host.child_call("s", "eval", "info commands fconfigure")) == ""
+
+
 def test_the_flush_at_stop_calls_tcls_own_fconfigure_not_the_scripts(tcl_host, tmp_path) -> None:
     """At a stop the milter makes the script's channels non-blocking before flushing them. It
     called `fconfigure` by name in the script's interpreter, so a script's own `fconfigure` proc
