@@ -1566,6 +1566,31 @@ def test_a_redis_url_with_a_bad_port_or_no_url_fails_the_load_saying_so(tclrun: 
     assert bad.returncode == 64 and bad.stderr == f"import: {said}\n", bad.stderr
 
 
+@pytest.mark.parametrize(("spec", "secrets"), [
+    ("redis://:Zm9vYmFy/c2VjcmV0+dA==@127.0.0.1:6379/0", ("Zm9vYmFy", "c2VjcmV0")),  # base64: "/" and "+"
+    ("redis://:2024/spring@127.0.0.1:6379/0", (":2024", "spring")),  # its "port" a number: the path refused
+    ("redis://u:pa55#w0rd@127.0.0.1:6379/0", ("pa55", "w0rd")),
+    ("redis://u:86420?sekrit@127.0.0.1:6379/0", ("u:86420", "sekrit")),  # its tail an unknown option
+    ("redis://:6380#sekrit@127.0.0.1:6379/0", (":6380#", "sekrit")),  # host "", port 6380: it loaded
+])
+def test_a_password_with_an_unencoded_slash_hash_or_question_mark_is_not_shown(
+        tclrun: Callable[..., TclRun], spec: str, secrets: tuple[str, ...]) -> None:
+    """A password's "/", "?" or "#" (base64 ones have "/") ends the URL's host part there: the
+    password's head read as the port, its tail as the path, the query or a fragment. The refusal
+    then quoted the URL as it read it, the password in it: "-store redis://:Zm9vYmFy/c2VjcmV0+dA==@
+    127.0.0.1:6379/0: the port must be ..., not "Zm9vYmFy"". Refused without a word of it, at
+    load and by the import, saying how to write one."""
+    said = ('-store redis://...: not shown, as a password in it may have been read as its port, path '
+            'or query: a password\'s "/", "?", "#" or "@" must be written %2F, %3F, %23, %40')
+    m = tclrun(GREYLIST, "--python", str(STORE_PY), wait=False, args=("-store", spec))
+    assert m.wait_exit(timeout=20) == 1
+    assert f"greydb configure: {said}\n" in m.text, m.text
+    bad = run_import("/nonexistent/greylist.db", spec)
+    assert bad.returncode == 64 and bad.stderr == f"import: {said}\n", bad.stderr
+    for secret in secrets:
+        assert secret not in m.text and secret not in bad.stderr, (secret, m.text)
+
+
 def test_the_options_a_redis_url_may_take_still_load_and_reach_redis(tclrun: Callable[..., TclRun],
                                                                      redis_server: RedisServer) -> None:
     """The checks refuse no option the docs list: a store with each of the plain ones greylists."""

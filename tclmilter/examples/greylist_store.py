@@ -206,9 +206,16 @@ def check_spec(spec: str) -> str:
             raise ConfigError("-store sqlite:PATH needs a path")
         return "sqlite"
     if re.match(r"(rediss?|unix)://.", spec):  # unix:///run/redis/redis-server.sock?db=0: Redis's socket
-        _refuse_unreadable_url(spec)
-        _refuse_unix_host(spec)
-        _check_redis_options(spec)
+        try:
+            _refuse_unreadable_url(spec)
+            _refuse_unix_host(spec)
+            _check_redis_options(spec)
+        except ConfigError:
+            if _password_misread(spec):
+                raise ConfigError(f"-store {spec.partition(':')[0]}://...: not shown, as a password in it may have "
+                                  "been read as its port, path or query: a password's \"/\", \"?\", \"#\" or \"@\" "
+                                  "must be written %2F, %3F, %23, %40") from None
+            raise
         _redis_module()
         return "redis"
     raise ConfigError(f'-store must be sqlite:PATH or redis://HOST:PORT/DB (or unix://SOCKET?db=DB), not "{spec}"')
@@ -223,10 +230,21 @@ def _refuse_unreadable_url(spec: str) -> None:
         parts = urlsplit(spec)
     except ValueError as exc:
         raise ConfigError(f"-store {spec.partition(':')[0]}://...: not a URL ({exc})") from None
+    if "#" in spec:  # (redis-py drops it and what follows: a password's "#", ?password=a#b read as "a")
+        raise ConfigError(f'-store {_redis_where(spec)}: a "#" ends a URL, what follows it would be dropped '
+                          '(a password\'s "#" is written %23)')
     host_port = parts.netloc.rpartition("@")[2]
     port = host_port.rpartition("]")[2].partition(":")[2] if host_port.startswith("[") else host_port.partition(":")[2]
     if port and not (port.isascii() and port.isdigit() and 1 <= int(port) <= 65535):
         raise ConfigError(f'-store {_redis_where(spec)}: the port must be a number from 1 to 65535, not "{port}"')
+
+
+def _password_misread(spec: str) -> bool:
+    """Whether an "@" follows the URL's host part: a password's unencoded "/", "?" or "#" (base64
+    ones have "/") ended the host part there, its head read as the port and its tail as the path,
+    the query or a fragment, so that any message quoting what was read would show it. (Or an
+    "@" in the query's values, ?username=me@example.org: its messages are withheld as well.)"""
+    return "@" in re.sub(r"^[^/?#]*", "", spec.partition("://")[2])
 
 
 def _refuse_unix_host(spec: str) -> None:
