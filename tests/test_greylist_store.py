@@ -1445,7 +1445,9 @@ def test_as_root_a_redis_socket_is_not_reached_through_a_symbolic_link_at_its_na
     assert m.stop() == 0
 
 
-OPTIONS_ACCEPTED = "must be db, username, password, client_name, socket_timeout, socket_connect_timeout"
+OPTIONS_ACCEPTED = ("must be db, username, password, client_name, socket_timeout, socket_connect_timeout, "
+                    "health_check_interval, socket_keepalive, protocol, max_connections, retry_on_timeout, "
+                    "socket_read_size")
 
 
 @pytest.mark.parametrize(("spec", "said"), [
@@ -1464,6 +1466,8 @@ OPTIONS_ACCEPTED = "must be db, username, password, client_name, socket_timeout,
     ("redis://127.0.0.1:6379/0?db=-1", 'db must be a database number (0, 1, ...), not "-1"'),
     ("redis://127.0.0.1:6379/x", 'the database after the port must be a number (/0, /1, ...), not "/x"'),
     ("redis://127.0.0.1:6379/0?db=1&db=2", 'option "db" given twice'),
+    ("redis://127.0.0.1:6379/0?protocol=4", 'protocol must be 2 or 3, not "4"'),
+    ("redis://127.0.0.1:6379/0?health_check_interval=-1", 'health_check_interval must be a whole number >= 0, not "-1"'),
     ("rediss://127.0.0.1:6379/0?ssl_cert_reqs=bogus",
      'ssl_cert_reqs must be none, optional or required, not "bogus"'),
     ("rediss://127.0.0.1:6379/0?ssl_check_hostname=bogus", 'ssl_check_hostname must be true or false, not "bogus"'),
@@ -1599,6 +1603,19 @@ def test_the_options_a_redis_url_may_take_still_load_and_reach_redis(tclrun: Cal
     m = greylist(tclrun, url)
     assert greylisted(rcpt_reply(m, 1)) == 300
     assert (redis_server.command("DBSIZE", db=3), redis_server.command("DBSIZE")) == (b":1", b":0")
+    assert m.stop() == 0
+
+
+def test_the_options_of_redis_py_that_worked_before_the_checks_still_load(tclrun: Callable[..., TclRun],
+                                                                          redis_server: RedisServer) -> None:
+    """Options redis-py's URL parser reads that a URL may well carry (its docs suggest
+    health_check_interval; protocol=3 is RESP3) greylisted before the query was checked, and
+    then failed the load as "unknown option": an upgrade that stopped a working filter."""
+    url = (f"redis://127.0.0.1:{redis_server.port}/0?health_check_interval=30&socket_keepalive=true"
+           "&protocol=3&max_connections=4&retry_on_timeout=true&socket_read_size=65536")
+    m = greylist(tclrun, url)
+    assert greylisted(rcpt_reply(m, 1)) == 300
+    assert redis_server.command("DBSIZE") == b":1"
     assert m.stop() == 0
 
 

@@ -270,6 +270,12 @@ def _database(value: str) -> str | None:
     return None if value.isascii() and value.isdigit() else "a database number (0, 1, ...)"
 
 
+def _count(minimum: int) -> Any:
+    def check(value: str) -> str | None:
+        return None if value.isascii() and value.isdigit() and int(value) >= minimum else f"a whole number >= {minimum}"
+    return check
+
+
 def _anything(value: str) -> str | None:
     return None
 
@@ -284,13 +290,19 @@ def _one_of(words: tuple[str, ...], said: str) -> Any:
 #: be). redis-py hands every other name to its connection as an argument, which refused it as each
 #: check connected ("unexpected keyword argument"), an outage blamed on the server; and checks a
 #: value only then (?ssl_cert_reqs=bogus) or not at all (?ssl_check_hostname=bogus is true).
+_TRUE_OR_FALSE = _one_of(("true", "false", "yes", "no", "1", "0"), "true or false")
+#: (health_check_interval .. socket_read_size: redis-py reads them, and a URL may have carried them
+#: before this list; none lengthens a check past its 1 s, none adds a retry: that has no tries)
 _REDIS_OPTIONS = {"db": _database, "username": _anything, "password": _anything, "client_name": _anything,
-                  "socket_timeout": _positive_seconds, "socket_connect_timeout": _positive_seconds}
+                  "socket_timeout": _positive_seconds, "socket_connect_timeout": _positive_seconds,
+                  "health_check_interval": _count(0), "socket_keepalive": _TRUE_OR_FALSE,
+                  "protocol": _one_of(("2", "3"), "2 or 3"), "max_connections": _count(1),
+                  "retry_on_timeout": _TRUE_OR_FALSE, "socket_read_size": _count(1)}
 _REDIS_TLS_OPTIONS = {"ssl_ca_certs": _anything, "ssl_ca_path": _anything, "ssl_certfile": _anything,
                       "ssl_keyfile": _anything, "ssl_password": _anything,
                       "ssl_cert_reqs": _one_of(("none", "optional", "required"), "none, optional or required"),
                       # (redis-py reads these as false, any other word as true)
-                      "ssl_check_hostname": _one_of(("true", "false", "yes", "no", "1", "0"), "true or false")}
+                      "ssl_check_hostname": _TRUE_OR_FALSE}
 
 
 def _check_redis_options(spec: str) -> None:
