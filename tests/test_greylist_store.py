@@ -1470,6 +1470,8 @@ OPTIONS_ACCEPTED = ("must be db, username, password, client_name, socket_timeout
     ("redis://127.0.0.1:6379/0?health_check_interval=-1", 'health_check_interval must be a whole number >= 0, not "-1"'),
     ("rediss://127.0.0.1:6379/0?ssl_cert_reqs=bogus",
      'ssl_cert_reqs must be none, optional or required, not "bogus"'),
+    ("rediss://127.0.0.1:6379/0?ssl_cert_reqs=NONE",  # (redis-py's words are lower case: an outage per check)
+     'ssl_cert_reqs must be none, optional or required, not "NONE"'),
     ("rediss://127.0.0.1:6379/0?ssl_check_hostname=bogus", 'ssl_check_hostname must be true or false, not "bogus"'),
 ])
 def test_a_bad_option_in_a_redis_url_fails_the_load_naming_it(tclrun: Callable[..., TclRun], spec: str,

@@ -280,9 +280,10 @@ def _anything(value: str) -> str | None:
     return None
 
 
-def _one_of(words: tuple[str, ...], said: str) -> Any:
+def _one_of(words: tuple[str, ...], said: str, fold: bool = True) -> Any:
+    """A check of a word among ``words``; in any case with ``fold`` (redis-py's booleans), else as written."""
     def check(value: str) -> str | None:
-        return None if value.lower() in words else said
+        return None if (value.lower() if fold else value) in words else said
     return check
 
 
@@ -300,7 +301,8 @@ _REDIS_OPTIONS = {"db": _database, "username": _anything, "password": _anything,
                   "retry_on_timeout": _TRUE_OR_FALSE, "socket_read_size": _count(1)}
 _REDIS_TLS_OPTIONS = {"ssl_ca_certs": _anything, "ssl_ca_path": _anything, "ssl_certfile": _anything,
                       "ssl_keyfile": _anything, "ssl_password": _anything,
-                      "ssl_cert_reqs": _one_of(("none", "optional", "required"), "none, optional or required"),
+                      # (as written: redis-py refused NONE at each connect, an outage per check)
+                      "ssl_cert_reqs": _one_of(("none", "optional", "required"), "none, optional or required", fold=False),
                       # (redis-py reads these as false, any other word as true)
                       "ssl_check_hostname": _TRUE_OR_FALSE}
 
