@@ -31,6 +31,7 @@ time that callback has left (Tcl's own limit, set for it), or a callback's full 
 from __future__ import annotations
 
 import itertools
+import os
 import threading
 import time
 import tkinter
@@ -213,7 +214,7 @@ class PythonCommands:
             except CallbackTimeout:  # (not the function's: _limited made that _Stopped) a limit all the same
                 raise
             except TclError as exc:  # a Tcl error by intent (or one of milter.tcl let through): no traceback
-                return self._tcl_answer(exc)
+                return self._tcl_answer(exc, _own_frames_dropped(exc.__traceback__))
             # The script gets it as a Tcl error: a sys.exit() too, which would otherwise pass
             # through Tcl uncatchable and fail the callback, or end the load, from outside it,
             # and any BaseException (a library's own class), of which tkinter gave Tcl an empty message.
@@ -324,12 +325,19 @@ class PythonCommands:
     # ------------------------------------------------------------ errors
 
     @staticmethod
-    def _tcl_answer(exc: TclError) -> tuple[Any, ...]:
-        """A TclError as Tcl's ``error message ?info? ?code?`` makes it: errorInfo the one it
-        carries (the Tcl stack of a milter.tcl call) or its message, errorCode its words or NONE."""
+    def _tcl_answer(exc: TclError, tb: TracebackType | None) -> tuple[Any, ...]:
+        """A TclError as Tcl's ``error message ?info? ?code?`` makes it: errorCode its words or
+        NONE; errorInfo its message, or the Tcl stack it carries (a milter.tcl call's) followed by
+        the Python frames it went up through (``tb``): the script's fault was Tcl's, but which
+        Python line called that proc is what its author looks for, and a typo's refusal, raised
+        where it was found, has no stack to show."""
         message = to_tcl(exc.message)
         code = tuple(to_tcl(w) for w in exc.error_code) or ("NONE",)
-        return ("error", message, code, to_tcl(exc.error_info) if exc.error_info else message)
+        if not exc.error_info:
+            return ("error", message, code, message)
+        frames = _through(tb)
+        info = f"{exc.error_info}\n    (in Python, going up through)\n{frames}" if frames else exc.error_info
+        return ("error", message, code, to_tcl(info))
 
     @staticmethod
     def _error(exc: BaseException, tb: TracebackType | None) -> tuple[Any, ...]:
@@ -337,6 +345,23 @@ class PythonCommands:
         trace = "".join(traceback.format_exception(type(exc), exc, internals_dropped(exc, tb))).rstrip("\n")
         return ("error", to_tcl(message), ("PYTHON", type(exc).__name__, to_tcl(message)),
                 to_tcl(f"{message}\n{trace}"))
+
+
+#: The modules a call into the script's Tcl (milter.tcl, ctx.tcl) goes through before its
+#: TclError is raised (by basename: compiled, a frame is named by the source path at build time).
+_CALLS_INTO_TCL: Final = frozenset({"milter.py", "context.py", "pycommands.py"})
+
+
+def _through(tb: TracebackType | None) -> str:
+    """The Python frames a TclError went up through, without the last ones, pytclmilter's call
+    into Tcl: the line of the command's that called the proc is where its author looks."""
+    entries = []
+    while tb is not None:
+        entries.append((tb.tb_frame, tb.tb_lineno))
+        tb = tb.tb_next
+    while entries and os.path.basename(entries[-1][0].f_code.co_filename) in _CALLS_INTO_TCL:
+        entries.pop()
+    return "".join(traceback.StackSummary.extract(iter(entries)).format()).rstrip("\n")
 
 
 def _where(exc: BaseException) -> str:
