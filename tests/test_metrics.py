@@ -23,9 +23,11 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from pytclmilter.metrics import PUBLISH_EVERY
 from support.postfix import tcp_listeners
-from support.tclrun import NOREPLY, Mta, TclRun, children_of, link_local, ok, tclrun_factory
+from support.tclrun import NOREPLY, Mta, TclRun, children_of, ipv6_loopback, link_local, ok, tclrun_factory
 
 tclrun = pytest.fixture(tclrun_factory, name="tclrun")
+
+NO_IPV6 = ipv6_loopback()
 
 SCRIPT = r"""
 package require TclMilter 1.0
@@ -378,16 +380,19 @@ def test_a_worker_forked_while_scrapes_are_open_holds_none_of_their_sockets(tclr
     assert m.stop() == 0
 
 
-def test_a_worker_forked_between_a_scrapes_accept_and_its_record_holds_no_copy() -> None:
+@pytest.mark.parametrize("spec", ["inet:0@127.0.0.1",
+                                  pytest.param("inet6:0@::1", marks=pytest.mark.skipif(bool(NO_IPV6), reason=str(NO_IPV6)))])
+def test_a_worker_forked_between_a_scrapes_accept_and_its_record_holds_no_copy(spec: str) -> None:
     """The metrics thread records a scrape's socket (for a forked worker to close its copy) only
     once accept() has returned it: a fork in between (the thread waiting for the GIL with the
     descriptor already made) left the worker a copy no list named, held until it exited. Here
-    the test accepts, as that thread would, and forks before any record."""
+    the test accepts, as that thread would, and forks before any record. Over IPv6 too, whose
+    socket addresses have four fields, not two."""
     from pytclmilter.meter import CELLS
     from pytclmilter.metrics import Exporter
     from pytclmilter.shared import Stats
 
-    exporter = Exporter("inet:0@127.0.0.1", lambda: [0] * CELLS, Stats(), lambda: 1)
+    exporter = Exporter(spec, lambda: [0] * CELLS, Stats(), lambda: 1)
     server = exporter._server
     server.shutdown()  # (its thread accepts no more: the test does)
     client = socket.create_connection(server.server_address[:2], timeout=5)
@@ -403,6 +408,8 @@ def test_a_worker_forked_between_a_scrapes_accept_and_its_record_holds_no_copy()
                 os.write(w, b"held")
             except OSError:
                 os.write(w, b"closed")
+        except BaseException as exc:  # (what the worker would die of, for the assertion)
+            os.write(w, repr(exc).encode())
         finally:
             os._exit(0)
     os.close(w)
@@ -415,6 +422,30 @@ def test_a_worker_forked_between_a_scrapes_accept_and_its_record_holds_no_copy()
         client.close()
         exporter.close()
     assert said == b"closed", said
+
+
+@pytest.mark.skipif(bool(NO_IPV6), reason=str(NO_IPV6))
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_metrics_on_the_ipv6_loopback_with_and_without_workers(tclrun, workers: str) -> None:
+    """`--metrics inet6:PORT@::1`, the milter on ::1 as well: the URL logged is one a scraper
+    takes (the address bracketed), a session is counted, and with --workers 2 both workers
+    serve: each, just forked, looks for scrapes' sockets among its IPv6 ones (Exporter.forget),
+    whose addresses have four fields; none may fail there."""
+    m = tclrun(SCRIPT, "--workers", workers, "--metrics", "inet6:0@::1", connection="inet6:0@::1")
+    url = m.wait_for(r"metrics at (http://\S+)", since=0).group(1)
+    assert re.fullmatch(r"http://\[::1\]:\d+/metrics", url), url
+    m.wait_for(f"{workers} workers serving" if workers == "2" else "listening on inet6:", since=0)
+    with m.mta(host="::1") as mta:
+        eom = message(mta, "<good@example.org>")[1]
+        mta.quit()
+        assert mta.eof()
+    assert eom[-1] == ("c", b"")
+    s = wait_value(url, "pytclmilter_connections_total", 1)
+    assert value(s, "pytclmilter_connections_total") == 1
+    assert value(s, "pytclmilter_verdicts_total", verdict="accept", stage="eom", dry_run="false") == 1
+    assert value(s, "pytclmilter_workers_alive") == int(workers)
+    assert " failed" not in m.text and "died" not in m.text, m.text
+    assert m.stop() == 0
 
 
 def hold_both_workers(m: TclRun, held: dict[int, Mta]) -> list[int]:

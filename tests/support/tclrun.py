@@ -89,6 +89,16 @@ def link_local() -> tuple[str, str] | None:
     return None
 
 
+def ipv6_loopback() -> str | None:
+    """Why ``::1`` cannot be listened on here (no IPv6, or lo without it), or None if it can."""
+    try:
+        with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as sock:
+            sock.bind(("::1", 0))
+    except OSError as exc:
+        return f"no IPv6 loopback here: {exc.strerror or exc}"
+    return None
+
+
 SKIPPED = "skipped"  # the filter asked the MTA not to send this event
 NOREPLY = "noreply"  # the filter asked the MTA not to wait for a reply
 
