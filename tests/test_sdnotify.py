@@ -146,6 +146,50 @@ def test_systemd_hears_ready_reloads_and_stop_from_the_main_process(tclrun: Call
         manager.close()
 
 
+REFUSED = {
+    "restart only": ("milter configure -metrics inet:0@127.0.0.1",
+                     "-metrics cannot change without a restart"),
+    "stopped": ("milter stop",
+                r"the new milter was stopped before it served \(its script called `milter stop` before `milter main`\)"),
+}
+
+
+@pytest.mark.parametrize("workers", ["1", "2"])
+@pytest.mark.parametrize("why", sorted(REFUSED))
+def test_a_reload_the_serving_milter_refuses_is_told_as_failed(tclrun: Callable[..., TclRun], tmp_path: Path,
+                                                               workers: str, why: str) -> None:
+    """A script that loads but that the serving milter refuses to hand over to (a setting only a
+    restart can change; a `milter stop` before `milter main`): the old one serves on, and what
+    `systemctl status` shows says the last reload failed, with the old generation and the old
+    -name (the refused script renamed it), READY=1 after RELOADING=1 as systemd requires. Then
+    a good script loads as the next generation."""
+    manager = Manager(str(tmp_path / "notify"))
+    try:
+        script = tmp_path / "stamp.tcl"
+        script.write_text(SCRIPT)
+        run = tclrun(script, "--workers", workers, env={"NOTIFY_SOCKET": str(tmp_path / "notify")})
+        assert manager.receive()[1] == {"READY": "1", "STATUS": f"TclMilter listening on {run.spec}"}
+        change, said = REFUSED[why]
+        script.write_text(SCRIPT.replace("milter main", f"milter configure -name Renamed\n{change}\nmilter main"))
+        run.child.kill(signal.SIGUSR1)
+        assert manager.receive()[1]["RELOADING"] == "1"
+        assert manager.receive()[1] == {"READY": "1", "STATUS": f"TclMilter listening on {run.spec}; generation 1; "
+                                                                "the last reload failed (see the log)"}
+        run.wait_for(rf"ERROR: reload: generation 2 not loaded, generation 1 serves on unchanged: {said}\r?\n",
+                     since=0)
+        with run.mta() as mta:  # the old script serves on
+            mta.negotiate()
+            assert ("h", b"X-Stamp\0A\0") in mta.message()["eom"]
+
+        script.write_text(SCRIPT.replace("milter main", "milter configure -name Renamed\nmilter main"))
+        run.child.kill(signal.SIGUSR1)
+        assert manager.receive()[1]["RELOADING"] == "1"
+        assert manager.receive()[1] == {"READY": "1", "STATUS": f"Renamed listening on {run.spec}; generation 2"}
+        assert run.stop() == 0
+    finally:
+        manager.close()
+
+
 def test_status_quotes_the_scripts_name_and_socket_escaped_so_they_add_no_field(tclrun: Callable[..., TclRun],
                                                                                 tmp_path: Path) -> None:
     """STATUS= quotes the script's ``-name`` and ``-connection``, and each line of a notify message
