@@ -997,3 +997,157 @@ def test_a_ctrl_c_is_answered_once_at_the_terminal(tmp_path: Path) -> None:
     finally:
         if child.isalive():
             child.kill(signal.SIGKILL)
+
+
+#: A script that leaves 900000 bytes in its buffer for a program that never reads (the pipe takes
+#: 64 KiB of them): a blocking flush of the channel waits for ever. Its pipe is opened only while the
+#: file FLAG exists (a reload's generation, here).
+UNREAD_PIPE = r"""
+package require TclMilter 1.0
+if {[file exists [file join [file dirname [info script]] FLAG]]} {
+    set f [open "|sleep 61" w]
+    fconfigure $f -buffersize 1048576
+    puts -nonewline $f [string repeat x 900000]
+}
+proc rc {ctx l} { return SMFIS_CONTINUE }
+milter register envrcpt rc
+milter main
+"""
+
+
+@contextlib.contextmanager
+def _unread_pipe(tmp_path: Path, *options: str, flag: bool = True) -> Iterator[tuple[subprocess.Popen[bytes], Path]]:
+    """`run UNREAD_PIPE OPTIONS` started detached; its log. Every process it left is killed after."""
+    script, log = tmp_path / "u.tcl", tmp_path / "u.log"
+    script.write_text(UNREAD_PIPE)
+    if flag:
+        (tmp_path / "FLAG").write_text("")
+    proc = start_detached([*_pytclmilter_command(), "run", str(script), "--connection",
+                           f"unix:{tmp_path / 'u.sock'}", *options], log)
+    seen: set[int] = set()
+    try:
+        yield proc, log
+    finally:
+        seen |= children_of(proc.pid)
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        for pid in seen:
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGKILL)
+
+
+def _sleeper(proc: subprocess.Popen[bytes]) -> int:
+    """The `sleep 61` the script's pipe runs, once it exists (then its 900000 bytes are queued)."""
+    deadline = time.monotonic() + 15
+    while True:
+        for pid in children_of(proc.pid):
+            with contextlib.suppress(OSError):
+                if Path(f"/proc/{pid}/cmdline").read_bytes() == b"sleep\x0061\x00":
+                    return pid
+        assert time.monotonic() < deadline and proc.poll() is None, "no sleep 61"
+        time.sleep(0.02)
+
+
+def _terminated(proc: subprocess.Popen[bytes], log: Path) -> tuple[int, float, str]:
+    """SIGTERM to ``proc``: its exit status, the seconds it took to exit, its log."""
+    proc.send_signal(signal.SIGTERM)
+    t0 = time.monotonic()
+    try:
+        status = proc.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        raise AssertionError(f"SIGTERM did not end it:\n{log.read_text()}") from None
+    return status, time.monotonic() - t0, log.read_text(errors="replace")
+
+
+def test_a_pipe_nobody_reads_refuses_the_fork_with_one_error_not_a_hang(tmp_path: Path) -> None:
+    """Before the workers are forked the script's channels are flushed, or a buffer both workers
+    inherit is written twice. That flush waited for a reader that never reads: the supervisor hung
+    in a write, before any line, and a SIGTERM did not end it. Now the flush waits a bounded time
+    and `milter main` fails, naming the channel and what to do; the bytes are then dropped at
+    exit with one warning."""
+    with _unread_pipe(tmp_path, "--workers", "2") as (proc, log):
+        sleeper = _sleeper(proc)
+        try:
+            status = proc.wait(timeout=12)
+        except subprocess.TimeoutExpired:
+            raise AssertionError(f"still running 12 s on: {Path(f'/proc/{proc.pid}/wchan').read_text()}\n"
+                                 f"{log.read_text()}") from None
+        text = log.read_text(errors="replace")
+        assert status == 1, text
+        held = re.findall(r"milter main: --workers 2 forks the serving processes, but channel (file\d+) \(to pid "
+                          rf"{sleeper}\) still holds (\d+) bytes its reader did not take within 3 s: ", text)
+        assert len(held) == 1 and 800000 < int(held[0][1]) <= 900000, text  # (the pipe takes 64 KiB)
+        assert "Flush or close it before `milter main`" in text, text
+        assert len(re.findall(rf"WARNING: channel {held[0][0]} \(to pid {sleeper}\): {held[0][1]} bytes not written "
+                              r"within 3 s, dropped as the process ends", text)) == 1, text
+        assert "workers serving" not in text, text
+
+
+def test_a_stop_while_the_fork_waits_for_a_pipe_ends_it_at_once(tmp_path: Path) -> None:
+    """A SIGTERM while the flush before the fork waits for the pipe's reader: the wait ends, nothing
+    is forked, status 0 (before, the supervisor stayed in its write for good)."""
+    with _unread_pipe(tmp_path, "--workers", "2") as (proc, log):
+        _sleeper(proc)
+        time.sleep(0.2)
+        status, took, text = _terminated(proc, log)
+        assert status == 0 and took < 1.5, (took, text)  # (no second wait at exit either)
+        assert "INFO: received SIGTERM: stopping" in text and "still holds" not in text, text
+        assert len(re.findall(r"WARNING: channel file\d+ \(to pid \d+\): \d+ bytes not written", text)) == 1, text
+        assert "workers serving" not in text, text
+
+
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_a_pipe_nobody_reads_is_dropped_at_the_stop_with_one_warning(tmp_path: Path, workers: str) -> None:
+    """One process serving, the pipe's 900000 bytes queued, then a SIGTERM: the stop ends at once
+    (the flush at exit waits for no reader, and a bounded time for a pipe whose reader does), and
+    what stays unwritten is told, channel and count, not lost without a word. With --workers, the
+    same after a reload whose new generation left the bytes: the reload is refused, naming the
+    channel, and the first generation serves on and stops."""
+    with _unread_pipe(tmp_path, "--workers", workers, flag=workers == "1") as (proc, log):
+        wait_log(log, r"listening on unix:")
+        if workers == "2":
+            wait_log(log, r"2 workers serving")
+            (tmp_path / "FLAG").write_text("")
+            proc.send_signal(signal.SIGUSR1)
+            wait_log(log, r"reload: generation 2 not loaded, generation 1 serves on unchanged: --workers 2 forks "
+                          r"the serving processes, but channel file\d+ \(to pid \d+\) still holds \d+ bytes")
+        sleeper = _sleeper(proc)
+        status, took, text = _terminated(proc, log)
+        assert status == 0 and took < 6, (took, text)
+        warned = rf"WARNING: channel file\d+ \(to pid {sleeper}\): \d+ bytes not written within 3 s, dropped"
+        assert len(re.findall(warned, text)) == (workers == "1"), text  # (a refused generation's interpreter is gone)
+
+
+def test_a_pipe_whose_reader_reads_is_written_once_before_the_fork(tmp_path: Path) -> None:
+    """The bounded flush before the fork still writes all a reading pipe is given, once (not once
+    more in each worker), and leaves the channel blocking as the script made it."""
+    script, log, out = tmp_path / "r.tcl", tmp_path / "r.log", tmp_path / "out"
+    script.write_text(r"""
+package require TclMilter 1.0
+set f [open [list | cat > [file join [file dirname [info script]] out]] w]
+fconfigure $f -buffersize 1048576
+puts -nonewline $f [string repeat x 900000]
+proc rc {ctx l} { $ctx setreply 550 5.7.1 "blocking [fconfigure $::f -blocking]"; return SMFIS_REJECT }
+milter register envrcpt rc
+milter main
+""")
+    proc = start_detached([*_pytclmilter_command(), "run", str(script), "--workers", "2", "--connection",
+                           f"unix:{tmp_path / 'r.sock'}"], log)
+    try:
+        wait_log(log, r"2 workers serving")
+        with session(str(tmp_path / "r.sock")) as conn:
+            cmd, data = conn.send_ar("R", args=["<b@example.org>"])
+            assert "blocking 1" in str(data), data
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=15) == 0, log.read_text()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    deadline = time.monotonic() + 5
+    while out.stat().st_size < 900000 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    time.sleep(0.2)
+    assert out.stat().st_size == 900000, (out.stat().st_size, log.read_text())
+    assert "not written" not in log.read_text()

@@ -23,6 +23,12 @@ def _ignore(*args: object) -> None:
     """The hook nobody asked for."""
 
 
+class FlushRefused(Exception):
+    """A ``flush`` hook before a fork (False) could not write out what the program buffers within
+    its bound: no worker is forked (each would write the buffer again). The message says what
+    is left and what to do; `milter main` fails with it, a reload is refused with it."""
+
+
 @dataclass(frozen=True)
 class Hooks:
     """All optional."""
@@ -42,7 +48,8 @@ class Hooks:
     reload: Callable[[], None] | None = None
     #: The process forks workers (False), or a worker that served ends without unwinding (True):
     #: write out what the host buffers, as stdio's buffers are flushed then, so that nothing is
-    #: written by parent and child alike, or never. True: wait for no reader.
+    #: written by parent and child alike, or never. Each waits a bounded time for a reader (and
+    #: False stops waiting once a stop is asked); False raises FlushRefused if some is left.
     flush: Callable[[bool], None] = _ignore
     #: The process ends at once, from another thread: a stop's grace is long over and the serving
     #: thread is held in code no limit stops (overdue.py). Remove what must not outlive it (a pid

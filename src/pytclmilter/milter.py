@@ -16,7 +16,7 @@ from .callbacks import EVENTS, Callback, Registry, accepts, not_accepted
 from .connspec import ConnSpec, parse, parse_metrics, same
 from .context import ScriptCalls, hosted
 from .shared import Shared, Stats
-from .hooks import Hooks
+from .hooks import FlushRefused, Hooks
 from .logline import escape
 from .meter import Meter, WorkerCounts
 from .protocol.constants import MAX_DATA_SIZE
@@ -319,6 +319,11 @@ class Milter:
         """1, or one more than the milter this one replaced (:meth:`reload`)."""
         return self.shared.generation
 
+    def stop_pending(self) -> bool:
+        """Whether :meth:`stop` came before this milter serves, and :meth:`run` has not taken it
+        yet (a stop while the flush before the workers' fork waits: it ends that wait)."""
+        return self._server.stop_pending()
+
     @property
     def stop_signal(self) -> signal.Signals | None:
         """The stop signal (SIGTERM, SIGINT, SIGHUP) the serving process took while serving (with
@@ -379,10 +384,11 @@ class Milter:
         if settings.workers > 1:
             from .workers import Supervisor, run_workers
 
+            if not self._server.stop_pending():
+                self.hooks.flush(False)  # before the workers are forked (a stop ends its wait; FlushRefused)
             if self._server.stop_asked():  # (`milter stop`, a stop signal: commands/sigmask.py)
                 self._tell_stopped()  # bound to nothing, as serve() returns then: no socket, no READY=1
                 return
-            self.hooks.flush(False)  # before the workers are forked
             supervisor = Supervisor(settings.workers, self.hooks, self._serve_worker)
             with self._metrics_of_workers(supervisor):
                 self._stop_others, self._supervisor = supervisor.stop, supervisor
@@ -503,6 +509,11 @@ class Milter:
                               "before `milter main`)")
         if not self.running and self._supervisor is None:
             raise ReloadError("the milter is not serving")
+        if self._supervisor is not None:
+            try:
+                new.hooks.flush(False)  # before its workers are forked
+            except FlushRefused as exc:
+                raise ReloadError(str(exc)) from None
         new.stats = new.shared.stats = self.stats
         # --metrics goes on counting in the same cells: here, and in the workers forked for new
         new.shared.meter, new._worker_counts = self.shared.meter, self._worker_counts
@@ -514,7 +525,6 @@ class Milter:
         self.stats.reloads_ok += 1
         done = gone or (lambda: None)
         if self._supervisor is not None:
-            new.hooks.flush(False)  # before its workers are forked
             self._supervisor.reload(new._serve_worker, new.generation, done)
         else:
             new._server = self._server

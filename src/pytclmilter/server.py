@@ -128,6 +128,11 @@ class MilterServer:
         except RuntimeError:
             pass  # the loop already closed: nothing left to stop
 
+    def stop_pending(self) -> bool:
+        """Whether stop() came before serving, not taken (stop_asked takes it)."""
+        with self._lock:
+            return self._stop_requested
+
     def stop_asked(self) -> bool:
         """Whether stop() came before serving (taken: asked once more, False): the --workers
         supervisor, which serves without serve(), stops at once too."""

@@ -28,7 +28,7 @@ import _tkinter
 
 from ..checks import MilterError
 from ..context import Context
-from ..hooks import Hooks
+from ..hooks import FlushRefused, Hooks
 from ..limits import PYTHON_LIMIT, CallbackTimeout
 from ..logline import escape, failure_text
 from ..milter import Milter
@@ -38,9 +38,9 @@ from .callbacks import TclCallbacks, command_object
 from .limit import LIMIT_ECHO, WAIT_STOPPED, CallLimit, is_limit_error
 from .milter_cmd import MilterCommand, SuspendAtMain
 from .priv import TclPrivate
-from .prelude import OWN_AFTER, PRELUDE
+from .prelude import OWN_AFTER, OWN_PID, PRELUDE
 from .pycommands import PythonCommands
-from .script import TclScript
+from .script import FLUSH_WAIT, Queued, TclScript
 from .strings import deep_to_tcl, from_tcl, tcl_body_to_wire
 from .unanswered import Unanswered, message_of
 from .usage import NONE, Answer, TclUsageError, check_count, integer
@@ -127,6 +127,8 @@ class TclHost:
                       tick=self.service_events, flush=self.flush_channels, write_held=output.write_held_now)
         self.milter = Milter(name="TclMilter", hooks=own)
         self.on_exit = on_exit or self.exit_process
+        self._flush_waited = False  # (flush_channels: a wait gave up, output was left queued)
+        self._dropped: set[str] = set()  # (and warned of these channels)
         libdir = str(tcl_library_dir())
         # New interpreters (those of Thread's secondary threads too) read TCLLIBPATH into auto_path.
         paths = os.environ.get("TCLLIBPATH", "")
@@ -210,6 +212,7 @@ class TclHost:
         # The first trace: Tcl gives each leave trace the previous one's result as the command's.
         self.child_call("trace", "add", "execution", "::interp", "leave", "::tclmilter::py::bg_made")
         self.child_call("eval", OWN_AFTER)  # (before any code of the script's: see prelude.py)
+        self.child_call("eval", OWN_PID)
         output.install(self._register, call, child)
         threads.install(call, child)
         rootfiles.install(self._register, call, child, self._sourced)
@@ -527,8 +530,25 @@ class TclHost:
         self.script.cancel(message)
 
     def flush_channels(self, ending: bool) -> None:
-        """Write what the script's channels buffer, as Tcl's exit does (TclScript.flush)."""
-        self.script.flush(ending)
+        """Write what the script's channels buffer, as Tcl's exit does (TclScript.flush), waiting
+        a bounded time for slow readers. Before a fork (not ``ending``): FlushRefused if output
+        is queued still, unless a stop ended the wait. Ending: what is left is dropped, with one
+        warning for each channel. Once a wait left output queued (or a stop cut it short), the
+        flushes after it wait no more: the stop, the exit do not wait twice."""
+        wait = 0.0 if self._flush_waited else FLUSH_WAIT
+        if not ending:
+            left = self.script.flush(False, self.milter.stop_pending, wait)
+            self._flush_waited = bool(left)
+            if left and not self.milter.stop_pending():
+                raise FlushRefused(_unflushed(self.milter.workers, left))
+            return
+        left = self.script.flush(True, wait=wait)
+        self._flush_waited = bool(left)
+        for queued in left:
+            if queued.channel not in self._dropped:
+                self._dropped.add(queued.channel)
+                log.warning("%s: %d bytes not written within %g s, dropped as the process ends (its reader "
+                            "did not take them)", escape(str(queued)), queued.left, FLUSH_WAIT)
 
     def close(self) -> None:
         """Delete the script's interpreter (a script waiting in `milter main` with it: the code
@@ -543,3 +563,11 @@ class TclHost:
         self._commands.clear()
         self.milter.tcl_commands.clear()
         self.contexts.clear()
+
+
+def _unflushed(workers: int, left: Sequence[Queued]) -> str:
+    """Why the workers are not forked: what the script's channels still queue (FlushRefused)."""
+    held = "; ".join(f"{queued} still holds {queued.left} bytes" for queued in left)
+    return (f"--workers {workers} forks the serving processes, but {held} its reader did not take within "
+            f"{FLUSH_WAIT:g} s: forked, each worker would write them again. Flush or close it before "
+            "`milter main` (or read the pipe's other end), or serve with --workers 1")

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any, Callable, Sequence, TypeVar
 
 from ..callbacks import EVENTS, Callback
 from ..connspec import ConnSpecError, parse, parse_metrics
+from ..hooks import FlushRefused
 from ..logline import escape
 from ..milter import Milter
 from ..repeats import Repeated
@@ -316,7 +317,7 @@ class MilterCommand:
         self.host.callbacks.inside += inside
         try:
             self.milter.run()
-        except ConnSpecError as exc:
+        except (ConnSpecError, FlushRefused) as exc:
             raise TclUsageError(f"milter main: {exc}") from None
         except OSError as exc:
             raise TclUsageError(f"milter main: {exc.strerror or exc}") from None

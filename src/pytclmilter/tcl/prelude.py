@@ -175,18 +175,48 @@ proc ::tclmilter::py::unexpected {code result options command} {
 
 # Tcl's exit writes what every channel buffers before the process ends (Tcl_Finalize); the milter
 # ends by other ways (a worker's os._exit, the end of `run`), so this does it: a script's log file
-# keeps its last lines. `ending`: the process or the interpreter goes, so every channel but the
-# standard three is made non-blocking first. A flush of a blocking socket waits until a stuck
-# peer reads; deleting an interpreter closes its channels, and closing a blocking pipeline waits
-# for its programs to end (`open "|tail -f log"`: for ever, and the milter with it). Non-blocking,
-# Tcl writes what can go now and detaches the programs. The standard channels stay blocking:
-# their descriptors are shared with the process that started the milter.
+# keeps its last lines. Every channel but the standard three is made non-blocking first (their
+# descriptors are shared with the process that started the milter: they stay blocking). A flush
+# of a blocking socket waits until a stuck peer reads, of a blocking pipe until its program reads
+# (`open "|sleep 600" w`: for ever, and the milter with it); deleting an interpreter closes its
+# channels, and closing a blocking pipeline waits for its programs to end (`open "|tail -f log"`).
+# Non-blocking, Tcl writes what can go now, queues the rest (written as the reader takes it,
+# while the host services file events: TclScript.flush, for a bounded time) and detaches the
+# programs. `ending` 0 (before a fork): the channels that were blocking are returned, to be made
+# so again once the wait is over.
 proc ::tclmilter::py::flush_all {child ending} {
+    set switched {}
     foreach c [interp eval $child [list ::tcl::chan::names]] {
-        if {$ending && $c ni {stdin stdout stderr}} {
+        if {$c ni {stdin stdout stderr}} {
+            if {!$ending && ![catch {interp eval $child [list ::tclmilter::py::fconfigure $c -blocking]} b] && $b} {
+                lappend switched $c
+            }
             catch {interp eval $child [list ::tclmilter::py::fconfigure $c -blocking 0]}
         }
         catch {interp eval $child [list ::tcl::chan::flush $c]}
+    }
+    return $switched
+}
+
+# The script's channels whose output is queued, not written yet: {channel bytes pids} each (the
+# pids of a pipeline's programs; Tcl's own `pid`, kept by OWN_PID).
+proc ::tclmilter::py::queued {child} {
+    set out {}
+    foreach c [interp eval $child [list ::tcl::chan::names]] {
+        if {$c in {stdin stdout stderr}
+                || [catch {interp eval $child [list ::tcl::chan::pending output $c]} n] || $n <= 0} {
+            continue
+        }
+        if {[catch {interp eval $child [list ::tclmilter::py::pid $c]} pids]} { set pids {} }
+        lappend out [list $c $n $pids]
+    }
+    return $out
+}
+
+# Make the channels `flush_all` made non-blocking before a fork blocking again.
+proc ::tclmilter::py::blocking {child channels} {
+    foreach c $channels {
+        catch {interp eval $child [list ::tclmilter::py::fconfigure $c -blocking 1]}
     }
 }
 """
@@ -222,3 +252,5 @@ if {{![llength [::tcl::info::commands ::tclmilter::py::{name}]] && [llength [::t
 #: Evaluated in the script's interpreter before its script: `quiet` and `after_count` call Tcl's
 #: own `after` (output.py's PRELUDE keeps `fconfigure`, for its `puts` and `flush_all`).
 OWN_AFTER: Final = kept_own("after")
+#: And `pid`, which `queued` calls to name a pipeline's programs.
+OWN_PID: Final = kept_own("pid")

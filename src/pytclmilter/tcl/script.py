@@ -5,10 +5,11 @@ and its channels flushed as Tcl's exit does.
 
 from __future__ import annotations
 
+import _tkinter
 import contextlib
 import time
 import tkinter
-from typing import Any, Callable, Final, Sequence
+from typing import Any, Callable, Final, NamedTuple, Sequence
 
 from . import output
 from .callbacks import CALLED_FROM
@@ -21,6 +22,25 @@ from .usage import Answer
 COROUTINE: Final = "::tclmilter::py::script"
 #: Tcl's error for a `yield` outside a coroutine.
 _NO_COROUTINE: Final = "yield can only be called in a coroutine"
+#: How long a flush waits for the readers of the script's channels (a pipe's program, a socket's
+#: peer) to take what is queued: before a fork, and as the process ends.
+FLUSH_WAIT: Final = 3.0
+_DONT_WAIT: Final = _tkinter.DONT_WAIT
+_FILE_EVENTS: Final = _tkinter.FILE_EVENTS
+
+
+class Queued(NamedTuple):
+    """A channel's output not written yet: its name, the bytes, its pipeline's pids (or "")."""
+    channel: str
+    left: int
+    pids: str
+
+    def __str__(self) -> str:
+        return f"channel {self.channel}" + (f" (to pid {self.pids})" if self.pids else "")
+
+
+def _never() -> bool:
+    return False
 
 
 class TclScript:
@@ -115,17 +135,58 @@ class TclScript:
         -unwind`): the ``message`` is the error its evaluation ends with."""
         self.tk.call("interp", "cancel", "-unwind", "--", self.child, message)
 
-    def flush(self, ending: bool) -> None:
-        """Write what the script's channels buffer, as Tcl's exit does; ``ending``: the process
-        goes, so wait for no reader and no program (``flush_all`` in prelude.py), and write the
-        lines `puts -nonewline` began and holds (output.py)."""
-        self.flush_tcl(ending)
+    def flush(self, ending: bool, stopped: Callable[[], bool] = _never, wait: float = FLUSH_WAIT) -> list[Queued]:
+        """Write what the script's channels buffer, as Tcl's exit does, waiting at most ``wait``
+        seconds (or until ``stopped()``) for readers that take it slowly; what is still
+        queued then, by channel. ``ending``: the process goes, so the channels stay non-blocking
+        (``flush_all`` in prelude.py), and the lines `puts -nonewline` began and holds are written
+        (output.py); else (before a fork) those that were blocking are made so again."""
+        switched = self.flush_tcl(ending)
+        try:
+            left = self._drain(stopped, wait)
+        finally:
+            if switched:
+                self.tk.call("::tclmilter::py::blocking", self.child, switched)
         if ending:  # (every call but close's: the process ends)
             output.write_held()
+        return left
 
-    def flush_tcl(self, ending: bool) -> None:
-        """flush() without the held lines: the interpreter's own channels only."""
+    def _drain(self, stopped: Callable[[], bool], wait: float) -> list[Queued]:
+        """Service file events (Tcl writes a non-blocking channel's queue as its reader takes it)
+        while output is queued, for ``wait`` seconds at most; a script's `fileevent` handler
+        that runs meanwhile is held to that end. What is queued still."""
+        left = self._queued()
+        if not left or wait <= 0:
+            return left
+        now = time.monotonic()
+        deadline = now + wait
+        self.limit.begin_within(deadline, now)
+        try:
+            while left and not stopped() and time.monotonic() < deadline and not self.limit.exceeded:
+                while self.tk.dooneevent(_DONT_WAIT | _FILE_EVENTS) and not self.limit.exceeded:
+                    pass
+                time.sleep(0.01)
+                left = self._queued()
+        finally:
+            self.limit.clear()
+        return self._queued()  # (past the deadline the limit refused every command: it is off now)
+
+    def _queued(self) -> list[Queued]:
+        try:
+            entries = self.tk.splitlist(self.tk.call("::tclmilter::py::queued", self.child))
+        except tkinter.TclError:  # (an interpreter deleted already)
+            return []
+        left = []
+        for entry in entries:
+            channel, count, pids = self.tk.splitlist(entry)
+            left.append(Queued(str(channel), int(count), " ".join(str(p) for p in self.tk.splitlist(pids))))
+        return left
+
+    def flush_tcl(self, ending: bool) -> Any:
+        """flush() without the held lines and the wait: the interpreter's own channels only; the
+        channels made non-blocking that were not (none when ``ending``)."""
         if ending:
             self.limit.clear()  # (a stopped callback's limit would refuse every command)
         with contextlib.suppress(tkinter.TclError):  # (an interpreter deleted already)
-            self.tk.call("::tclmilter::py::flush_all", self.child, 1 if ending else 0)
+            return self.tk.call("::tclmilter::py::flush_all", self.child, 1 if ending else 0)
+        return ""
