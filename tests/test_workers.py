@@ -77,10 +77,11 @@ def stop_all(child: pexpect.spawn) -> None:
 def two_workers(tmp_path: Path) -> tuple[pexpect.spawn, str]:
     """`run SCRIPT --workers 2` on a unix socket, once both workers answered; and the socket.
 
-    "2 workers serving" comes once both are forked, before they install their signal handlers:
-    a signal sent to one then met the default action and killed it ("died (signal 15)", 1 run in
-    10 here), and a test of what a signal does could pass or fail by that. A worker answers only
-    once its loop turns, after serve() installed its handlers."""
+    "2 workers serving" comes once both are forked, before they install their signal handlers (a
+    stop signal sent meanwhile waits for them: test_a_stop_sent_to_a_worker_the_moment_it_is_forked_
+    stops_it_cleanly), and a test of what another signal does (SIGUSR1: ignored only once serving)
+    could pass or fail by that. A worker answers only once its loop turns, after serve() installed
+    its handlers."""
     script = tmp_path / "w.tcl"
     script.write_text(SCRIPT)
     sock = str(tmp_path / "w.sock")
@@ -1151,3 +1152,50 @@ milter main
     time.sleep(0.2)
     assert out.stat().st_size == 900000, (out.stat().st_size, log.read_text())
     assert "not written" not in log.read_text()
+
+
+def _new_child(parent: int, known: set[int], deadline: float) -> int:
+    """The first child of ``parent`` not in ``known``, as soon as the kernel lists it (the
+    supervisor's main thread's children: it forks every worker)."""
+    path = Path(f"/proc/{parent}/task/{parent}/children")
+    while True:
+        fresh = [int(p) for p in path.read_text().split()]
+        for pid in fresh:
+            if pid not in known:
+                return pid
+        assert time.monotonic() < deadline, "no new worker"
+
+
+def test_a_stop_sent_to_a_worker_the_moment_it_is_forked_stops_it_cleanly(tmp_path: Path) -> None:
+    """A worker's stop signals were unblocked right after the fork, before serve() installed
+    its handlers: a SIGTERM sent to it then met the default action, and the supervisor logged
+    `died (signal 15)` (an error, a death) where an admin had stopped it. Blocked until the
+    handlers take them, each is the worker's clean stop. Twenty workers, each signalled as soon
+    as its pid shows in /proc (the two first, then each replacement)."""
+    script = tmp_path / "w.tcl"
+    script.write_text(SCRIPT)
+    sock = str(tmp_path / "w.sock")
+    out = io.StringIO()
+    child = pexpect.spawn(sys.executable, ["-m", "pytclmilter.cli", "run", str(script), "--workers", "2",
+                                           "--connection", f"unix:{sock}"], encoding="utf-8", timeout=20,
+                          use_poll=True)
+    child.logfile_read = out
+    try:
+        child.expect("listening on unix:")
+        known: set[int] = set()
+        deadline = time.monotonic() + 20
+        for _ in range(20):
+            victim = _new_child(child.pid, known, deadline)
+            known.add(victim)
+            os.kill(victim, signal.SIGTERM)
+        ended = re.compile(r"worker \d \(pid (\d+)\) (was stopped by SIGTERM sent to it|died)")
+        while {int(m[1]) for m in ended.finditer(out.getvalue())} < known:
+            child.expect([ended, pexpect.TIMEOUT], timeout=max(deadline - time.monotonic(), 0.1))
+            assert time.monotonic() < deadline, out.getvalue()
+        stop_all(child)
+    finally:
+        if child.isalive():
+            child.kill(signal.SIGKILL)
+    text = out.getvalue()
+    assert "died" not in text and "ERROR" not in text, text
+    assert len(re.findall(r"was stopped by SIGTERM sent to it; starting a new one", text)) == 20, text

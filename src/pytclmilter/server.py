@@ -386,6 +386,10 @@ class MilterServer:
                 log.warning("%s will not %s (the event loop cannot handle it: %s)", sig.name,
                             "reload the milter" if sig == RELOAD else "stop the milter gracefully",
                             exc or type(exc).__name__)
+        if not self.reloadable:  # a --workers worker: blocked since the fork (workers.py), taken now
+            # (by the handlers above: a stop sent before they were in place is a stop, not a death;
+            # one whose handler failed has its default action, as before)
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
         return installed
 
     def _stop_deadline(self, loop: asyncio.AbstractEventLoop) -> StopDeadline:

@@ -56,8 +56,9 @@ log = logging.getLogger("pytclmilter")
 #: is replaced (the supervisor stops its workers with SIGTERM too, and then replaces none). Exit
 #: status 0 is `milter stop`, which stops all.
 STOPPED_BY = 128
-#: How a worker ends a stop cleanly: by a stop signal (the supervisor's SIGTERM), handled or, before
-#: it serves, by the default action (os.waitstatus_to_exitcode: minus the signal); or its `milter stop`.
+#: How a worker ends a stop cleanly: by a stop signal (the supervisor's SIGTERM), handled or, where
+#: serve() could not install a handler, by the default action (os.waitstatus_to_exitcode: minus the
+#: signal); or its `milter stop`.
 _CLEAN = frozenset({0, *(STOPPED_BY + sig for sig in STOP_SIGNALS), *(-sig for sig in STOP_SIGNALS)})
 _RESPAWN_WINDOW = 10.0  # seconds
 _RESPAWN_BURST = 5  # deaths within the window before respawning slows down
@@ -449,7 +450,8 @@ class Supervisor:
         # runs no callback: fork from a process with no thread of ours (docs/deployment.md).
         PYTHON_LIMIT.end_watchdog()
         # A stop signal waits until the new worker is in self.children (a stop in between would
-        # miss it and leave it serving) and, in the worker, until our handlers are gone. REPLACED
+        # miss it and leave it serving) and, in the worker, until serve() has installed its
+        # handlers (_worker: a stop, never the default action's death). REPLACED
         # waits in the worker until its server takes it (server.py): a reload right after this
         # fork tells the worker before then, and the signal's default action ended it.
         slot = self._free_slot()
@@ -482,7 +484,10 @@ class Supervisor:
             signal.signal(sig, signal.SIG_DFL)
         if signal.SIGUSR1 in self._waited:
             signal.signal(signal.SIGUSR1, signal.SIG_IGN)  # a reload is the supervisor's
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS + self._waited)
+        # The stop signals stay blocked (since _fork) until serve() has installed its handlers
+        # (server.py), which then take one sent meanwhile: unblocked here, with the default action,
+        # a SIGTERM to a worker just forked ended it at once, a "death" the supervisor replaced.
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, self._waited)
         os.close(self._lifeline_w)  # else the pipe would never reach EOF
         os.close(self._asked_r)
         parent = self.pid
