@@ -227,6 +227,9 @@ class Supervisor:
             for number in range(1, self.count + 1):
                 if not self.stopping:
                     self._spawn(number)
+            # Forked, not yet accepting: each does once its loop runs (the connections meanwhile
+            # wait in the socket's queue; a stop meanwhile waits for its handlers: _worker).
+            # docs/deployment.md says so; a worker that dies before it serves is logged after.
             if not self.stopping:  # (a stop signal may have come before: none was started)
                 log.info("%d workers serving %s", self.count, escape(str(self.listener.spec)))  # the script's text
             while self._reap() or (self.unstarted and not self.stopping):
