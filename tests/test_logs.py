@@ -408,19 +408,14 @@ def setup(milter):
 """
 
 
-def test_a_python_hooks_print_of_mta_text_cannot_forge_a_line(tmp_path) -> None:
-    """A --python hook's print() and sys.stderr.write() of a sender with ESC, CR LF and a forged
-    line, as under systemd (stdout and stderr pipes): each control escaped and the line after the
-    LF indented, as a script's `puts` is; a line built by writes without a newline (flushed
-    between) written whole; the line left open written, ended, at the stop; our own lines as
-    they were. FAILED before: the raw ESC and CR, and the forged line at a line's start."""
+def _hooks_served(tmp_path: Path, hooks_text: str, sender: str) -> tuple[int, int, str, str]:
+    """`run` of a script that only serves, with ``hooks_text`` as its --python file, stdout and
+    stderr pipes (as under systemd), given one MAIL FROM ``sender``, then stopped: its port, exit
+    status, stdout and stderr."""
     script = tmp_path / "milter.tcl"
     script.write_text("package require TclMilter\nmilter main\n")
     hooks = tmp_path / "hooks.py"
-    hooks.write_text(PRINT_HOOKS)
-    forged = "2001-01-01 00:00:00,000 pytclmilter[1] ERROR: forged"
-    sender = f"<a\x1b[31m\x7f\r\n{forged}@example.org>"
-    shown = [r"<a\x1b[31m\x7f\r", f"  {forged}@example.org>"]
+    hooks.write_text(hooks_text)
     port = free_port()
     proc = subprocess.Popen([*PYTCLMILTER, "run", str(script), "--python", str(hooks), "--connection",
                              f"inet:{port}@127.0.0.1"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
@@ -437,8 +432,20 @@ def test_a_python_hooks_print_of_mta_text_cannot_forge_a_line(tmp_path) -> None:
     finally:
         proc.terminate()
         reading.join(30)
-    assert proc.returncode == 0
-    out, err = read["out"].decode(), read["err"].decode()
+    return port, proc.returncode, read["out"].decode(), read["err"].decode()
+
+
+def test_a_python_hooks_print_of_mta_text_cannot_forge_a_line(tmp_path) -> None:
+    """A --python hook's print() and sys.stderr.write() of a sender with ESC, CR LF and a forged
+    line, as under systemd (stdout and stderr pipes): each control escaped and the line after the
+    LF indented, as a script's `puts` is; a line built by writes without a newline (flushed
+    between) written whole; the line left open written, ended, at the stop; our own lines as
+    they were. FAILED before: the raw ESC and CR, and the forged line at a line's start."""
+    forged = "2001-01-01 00:00:00,000 pytclmilter[1] ERROR: forged"
+    sender = f"<a\x1b[31m\x7f\r\n{forged}@example.org>"
+    shown = [r"<a\x1b[31m\x7f\r", f"  {forged}@example.org>"]
+    port, status, out, err = _hooks_served(tmp_path, PRINT_HOOKS, sender)
+    assert status == 0
     for text in (out, err):
         assert not re.search(r"[\x00-\x09\x0b-\x1f\x7f]", text), text
         assert not any(line.startswith(forged) for line in text.splitlines()), text
@@ -2523,3 +2530,34 @@ def test_a_scripts_call_of_output_with_wrong_words_is_a_tcl_error_not_a_tracebac
                                      "puts stderr \"said: [thread::send $t {catch {::tclmilter::py::output} m; set m}]\"\n"
                                      "puts stderr \"channel: [::tclmilter::py::output stdin x 0]\"\n")
     assert said == ["::tclmilter::py::output channel text open"] * 2, said
+
+
+BYTES_HOOKS = r"""
+import sys
+
+# At the top of a --python file, as under systemd to see each line at once: it loaded before.
+sys.stdout.reconfigure(line_buffering=True)
+sys.stderr.reconfigure(errors="backslashreplace")
+
+def setup(milter):
+    @milter.register("envfrom")
+    def envfrom(ctx, args):
+        sys.stdout.buffer.write(b"bytes: " + args[0].encode("utf-8", "surrogateescape") + b" \xff\n")
+        sys.stdout.buffer.flush()
+        print("named", sys.stdout.name, sys.stderr.name, sys.stdout.mode, sys.stdout.line_buffering)
+"""
+
+
+def test_a_python_hooks_bytes_and_reconfigure_under_run_as_before_escaped(tmp_path) -> None:
+    """A --python file that calls sys.stdout.reconfigure() at its top (line_buffering=True, as
+    under systemd) loads, and a hook writing bytes to sys.stdout.buffer writes them, escaped as
+    its print() is (ESC, CR LF and a byte not UTF-8); the streams' name, mode and line_buffering
+    read as Python's. FAILED before: `AttributeError: 'PythonOutput' object has no attribute
+    'reconfigure'` refused the start (status 1), and sys.stdout.buffer was missing too."""
+    forged = "2001-01-01 00:00:00,000 pytclmilter[1] ERROR: forged"
+    _, status, out, err = _hooks_served(tmp_path, BYTES_HOOKS, f"<a\x1b[31m\r\n{forged}@example.org>")
+    assert status == 0, err
+    assert not re.search(r"[\x00-\x09\x0b-\x1f\x7f]", out), out
+    assert out.split("\n")[1:] == [r"bytes: <a\x1b[31m\r", f"  {forged}@example.org> \\xff",
+                                    "named <stdout> <stderr> w True", ""], out
+    assert all(STDERR_LINE.match(line) for line in err.splitlines()), err

@@ -260,6 +260,26 @@ class PythonOutput(io.TextIOBase):
     def __init__(self, channel: str, own: TextIO) -> None:
         super().__init__()
         self.channel, self.own = channel, own
+        #: Bytes written here (sys.stdout.buffer.write) go the same way, read as UTF-8 (a byte
+        #: that is not, or a character split between two writes, as ``\\xNN``).
+        self.buffer = PythonBytes(self)
+
+    @property
+    def name(self) -> str:
+        return f"<{self.channel}>"
+
+    @property
+    def mode(self) -> str:
+        return "w"
+
+    @property
+    def line_buffering(self) -> bool:  # (each line is written when its newline comes)
+        return True
+
+    def reconfigure(self, *, encoding: str | None = None, errors: str | None = None, newline: str | None = None,
+                    line_buffering: bool | None = None, write_through: bool | None = None) -> None:
+        """TextIOWrapper's, accepted and ignored (a --python file's top level calling it loaded
+        before): each line goes out at its newline, escaped, as UTF-8, whatever is asked."""
 
     def write(self, text: str) -> int:
         if self.closed:
@@ -292,6 +312,34 @@ class PythonOutput(io.TextIOBase):
     @encoding.setter
     def encoding(self, value: str) -> None:
         raise AttributeError("readonly attribute")
+
+
+class PythonBytes(io.BufferedIOBase):
+    """A :class:`PythonOutput`'s ``buffer``: bytes written (sys.stdout.buffer.write(...), a
+    TextIOWrapper made on it) go through its text path, escaped as a `puts`."""
+
+    def __init__(self, text: PythonOutput) -> None:
+        super().__init__()
+        self.text = text
+
+    def write(self, data: Any) -> int:
+        if self.closed:
+            raise ValueError("I/O operation on closed file.")
+        chunk = bytes(memoryview(data))  # (TypeError, as a real buffer's, if it holds no bytes)
+        self.text.write(chunk.decode("utf-8", "surrogateescape"))
+        return len(chunk)
+
+    def flush(self) -> None:
+        self.text.flush()
+
+    def fileno(self) -> int:
+        return self.text.fileno()
+
+    def isatty(self) -> bool:
+        return self.text.isatty()
+
+    def writable(self) -> bool:
+        return True
 
 
 def unescaped(stream: TextIO) -> TextIO:
