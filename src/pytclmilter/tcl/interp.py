@@ -40,7 +40,7 @@ from .milter_cmd import MilterCommand, SuspendAtMain
 from .priv import TclPrivate
 from .prelude import OWN_AFTER, OWN_PID, PRELUDE
 from .pycommands import PythonCommands
-from .script import FLUSH_WAIT, Queued, TclScript
+from .script import FLUSH_MOST, FLUSH_WAIT, Queued, TclScript
 from .strings import deep_to_tcl, from_tcl, tcl_body_to_wire
 from .unanswered import Unanswered, message_of
 from .usage import NONE, Answer, TclUsageError, check_count, integer
@@ -568,6 +568,7 @@ class TclHost:
 def _unflushed(workers: int, left: Sequence[Queued]) -> str:
     """Why the workers are not forked: what the script's channels still queue (FlushRefused)."""
     held = "; ".join(f"{queued} still holds {queued.left} bytes" for queued in left)
-    return (f"--workers {workers} forks the serving processes, but {held} its reader did not take within "
-            f"{FLUSH_WAIT:g} s: forked, each worker would write them again. Flush or close it before "
+    return (f"--workers {workers} forks the serving processes, but {held} its reader did not take (none "
+            f"for {FLUSH_WAIT:g} s, or not all in {FLUSH_MOST:g} s): forked, each worker would write them again. "
+            "Flush or close it before "
             "`milter main` (or read the pipe's other end), or serve with --workers 1")

@@ -23,8 +23,12 @@ COROUTINE: Final = "::tclmilter::py::script"
 #: Tcl's error for a `yield` outside a coroutine.
 _NO_COROUTINE: Final = "yield can only be called in a coroutine"
 #: How long a flush waits for the readers of the script's channels (a pipe's program, a socket's
-#: peer) to take what is queued: before a fork, and as the process ends.
+#: peer) to take what is queued: as the process ends, in all; before a fork, while they take
+#: none of it (each time the bytes queued reach a new low it waits as long again), ...
 FLUSH_WAIT: Final = 3.0
+#: ... and this long at most, however steadily they read (a reload's flush holds the
+#: supervisor's loop, and a stop comes after it).
+FLUSH_MOST: Final = 30.0
 _DONT_WAIT: Final = _tkinter.DONT_WAIT
 _FILE_EVENTS: Final = _tkinter.FILE_EVENTS
 
@@ -136,14 +140,15 @@ class TclScript:
         self.tk.call("interp", "cancel", "-unwind", "--", self.child, message)
 
     def flush(self, ending: bool, stopped: Callable[[], bool] = _never, wait: float = FLUSH_WAIT) -> list[Queued]:
-        """Write what the script's channels buffer, as Tcl's exit does, waiting at most ``wait``
-        seconds (or until ``stopped()``) for readers that take it slowly; what is still
+        """Write what the script's channels buffer, as Tcl's exit does, waiting (until
+        ``stopped()`` at most) for readers that take it slowly: ``wait`` seconds in all when
+        ``ending``, else ``wait`` seconds without progress, FLUSH_MOST in all; what is still
         queued then, by channel. ``ending``: the process goes, so the channels stay non-blocking
         (``flush_all`` in prelude.py), and the lines `puts -nonewline` began and holds are written
         (output.py); else (before a fork) those that were blocking are made so again."""
         switched = self.flush_tcl(ending)
         try:
-            left = self._drain(stopped, wait)
+            left = self._drain(stopped, wait, wait if ending else max(wait, FLUSH_MOST))
         finally:
             if switched:
                 self.tk.call("::tclmilter::py::blocking", self.child, switched)
@@ -151,22 +156,27 @@ class TclScript:
             output.write_held()
         return left
 
-    def _drain(self, stopped: Callable[[], bool], wait: float) -> list[Queued]:
+    def _drain(self, stopped: Callable[[], bool], wait: float, most: float) -> list[Queued]:
         """Service file events (Tcl writes a non-blocking channel's queue as its reader takes it)
-        while output is queued, for ``wait`` seconds at most; a script's `fileevent` handler
-        that runs meanwhile is held to that end. What is queued still."""
+        while output is queued, until ``wait`` seconds pass with no new low in the bytes queued,
+        ``most`` seconds at most; a script's `fileevent` handler that runs meanwhile is held to
+        that end. What is queued still."""
         left = self._queued()
         if not left or wait <= 0:
             return left
         now = time.monotonic()
-        deadline = now + wait
-        self.limit.begin_within(deadline, now)
+        end, low = now + most, sum(queued.left for queued in left)
+        deadline = min(now + wait, end)
         try:
             while left and not stopped() and time.monotonic() < deadline and not self.limit.exceeded:
+                self.limit.begin_within(deadline, time.monotonic())
                 while self.tk.dooneevent(_DONT_WAIT | _FILE_EVENTS) and not self.limit.exceeded:
                     pass
                 time.sleep(0.01)
                 left = self._queued()
+                total = sum(queued.left for queued in left)
+                if total < low:  # the reader took some: as long again
+                    low, deadline = total, min(time.monotonic() + wait, end)
         finally:
             self.limit.clear()
         return self._queued()  # (past the deadline the limit refused every command: it is off now)
