@@ -2285,7 +2285,7 @@ def test_a_python_files_failure_is_printed_with_controls_escaped(tmp_path: Path)
     hooks.write_text("def setup(milter):\n    raise ValueError('bad\\x1b[2J entry')\n")
     status, out = cli("check", str(script), "--python", str(hooks))
     assert status == 1 and "\x1b" not in out, repr(out)
-    assert "\nValueError: bad\\x1b[2J entry\n" in out, out
+    assert "\n  ValueError: bad\\x1b[2J entry\n" in out, out  # (indented, as run prints it)
 
 
 def test_a_usage_error_prints_a_file_name_with_controls_escaped(tmp_path: Path) -> None:
@@ -2295,6 +2295,22 @@ def test_a_usage_error_prints_a_file_name_with_controls_escaped(tmp_path: Path) 
     status, out = cli("try", str(script), str(tmp_path / "no\x1b[2J.eml"))
     assert status == 66 and "\x1b" not in out, repr(out)
     assert f"pytclmilter try: {tmp_path}/no\\x1b[2J.eml: No such file or directory\n" in out, out
+
+
+@pytest.mark.parametrize("command", ["check", "try", "send"])
+def test_a_usage_error_indents_a_file_names_newline_as_run_does(command: str, tmp_path: Path) -> None:
+    """check, try and send printed a usage error with only its controls escaped, a newline in a
+    file's name raw: `INFO: forged` began a line of its own on stderr (what CI and cron mail
+    capture), where run's, its log, indents it. Now every command prints it as run does."""
+    script = tmp_path / "ok.tcl"
+    script.write_text("package require TclMilter\nmilter main\n")
+    missing = str(tmp_path / "no\nINFO: forged")
+    args = {"check": [missing], "try": [str(script), missing],
+            "send": ["--connection", "inet:1@127.0.0.1", missing]}[command]
+    status, out = cli(command, *args)
+    assert status == 66, out
+    assert not re.search(r"^INFO: forged", out, re.M), out
+    assert "\n  INFO: forged" in out, out
 
 
 @pytest.mark.parametrize("command", ["run", "check"])

@@ -9,7 +9,7 @@ from typing import Callable, NoReturn, Sequence
 from . import __version__
 from .commands import check, run, send, sigmask, trial
 from .commands.common import EX_SOFTWARE, EX_USAGE, HooksFailed, UsageError
-from .logline import controls_escaped, escape, guard
+from .logline import escape, guard
 from .repeats import tell_counts
 from .tcl import threads
 
@@ -56,13 +56,6 @@ def _parsers() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentPars
     return top, {name: add(sub) for name, (add, _) in _COMMANDS.items()}
 
 
-def _printed(command: str, text: str) -> str:
-    """What ends a command, for stderr: run's stderr is its log (the journal under systemd), where a
-    line after the first must not pass for a log line (logline.guard indents it); the others' is a
-    terminal's, which gets the layout tclsh and Python print (controls escaped all the same)."""
-    return guard(text) if command == "run" else controls_escaped(text)
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     rest: list[str] = []
@@ -86,13 +79,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return _COMMANDS[argv[0]][1](opts)
     except UsageError as exc:
-        print(_printed(argv[0], f"pytclmilter {argv[0]}: {exc}"), file=sys.stderr)  # (a file's name, Tcl's reason)
+        # (a file's name, Tcl's reason) as run's log writes it, for every command: run's stderr is its
+        # log; the others' a terminal's, but also what CI and cron mail capture, where a newline in a
+        # file's name or a --python file's message began a line of its own (`INFO: forged`)
+        print(guard(f"pytclmilter {argv[0]}: {exc}"), file=sys.stderr)
         if exc.status == 1 and argv[0] == "try":  # (1 would read as "rejected"; UnsafeFile's and the like)
             return EX_SOFTWARE
         return exc.status
     except HooksFailed as exc:  # the traceback from the file's frames, not from ours
         # one line, then its traceback (a --python file's exception may quote what it read)
-        print(_printed(argv[0], f"pytclmilter {argv[0]}: {escape(str(exc))}\n{exc.detail}"), file=sys.stderr)
+        print(guard(f"pytclmilter {argv[0]}: {escape(str(exc))}\n{exc.detail}"), file=sys.stderr)
         return EX_SOFTWARE if argv[0] == "try" else 1
     except KeyboardInterrupt:
         print("pytclmilter: interrupted", file=sys.stderr)
