@@ -1520,10 +1520,10 @@ def test_a_setting_greydb_refuses_is_one_tcl_error_under_check_and_run_not_a_tra
         out = done.stdout + done.stderr
         assert done.returncode == 1, out
         assert "Traceback" not in out and "greylist_store.py" not in out, out
+        # the log's form, for both: the lines after the first indented, as far as they are not already
+        assert "\n".join([message, *(f if f.startswith(" ") else "  " + f for f in frames)]) in out, out
         if command == "check":
-            assert "\n".join([f"{GREYLIST}:{line}: error: {message}", message, *frames]) in out, out
-        else:  # the log's form: the lines after the first indented, as far as they are not already
-            assert "\n".join([message, *(f if f.startswith(" ") else "  " + f for f in frames)]) in out, out
+            assert f"{GREYLIST}:{line}: error: {message}\n  {message}\n" in out, out  # (below its line)
         assert "listening" not in out
 
 

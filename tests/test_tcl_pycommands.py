@@ -416,10 +416,10 @@ def test_a_python_command_raising_tclerror_gives_a_plain_tcl_error_without_a_tra
         }, out
         line = PLAIN_ERROR_SCRIPT.splitlines().index("setting abc") + 1
         frames = ["    invoked from within", '"setting abc"', f'    (file "{script}" line {line})']
+        # the log's form, for both: the lines after the first indented, as far as they are not already
+        assert "\n".join([message, *(f if f.startswith(" ") else "  " + f for f in frames)]) in out, out
         if command == "check":
-            assert "\n".join([f"{script}:{line}: error: {message}", message, *frames]) in out, out
-        else:  # the log's form: the lines after the first indented, as far as they are not already
-            assert "\n".join([message, *(f if f.startswith(" ") else "  " + f for f in frames)]) in out, out
+            assert f"{script}:{line}: error: {message}\n  {message}\n" in out, out  # (below its line)
 
 
 def results_to_helo(tclrun, hooks: str, at_load: str, at_helo: str) -> tuple[Any, dict[str, str]]:

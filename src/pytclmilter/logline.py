@@ -140,14 +140,6 @@ def escape_lines(text: str) -> str:
     return _continued([escape(line) for line in text.split("\n")], 0)
 
 
-def controls_escaped(text: str) -> str:
-    """A multi-line text printed in its own layout (Tcl's errorInfo on stderr, laid out as tclsh
-    lays it out): each line's controls escaped (not backslashes, as :func:`guard`), no line
-    indented, so a terminal or a log reader gets no escape sequence, no CR over a line; bounded
-    as :func:`guard` bounds a record (a script failing with a 10 MB message wrote it all)."""
-    return "\n".join([_shorter(line) for line in _fewer(text.split("\n"))])
-
-
 def one_line(text: str) -> str:
     """``text`` (from the MTA or a script) as one line printed on a terminal: escaped
     (:func:`escape`) and bounded as a line of a record (LINE_KEPT)."""

@@ -17,7 +17,7 @@ import tkinter
 from typing import Any, Final
 
 from ..callbacks import EVENT_ARGS, Callback, not_accepted
-from ..logline import controls_escaped, escape, one_line
+from ..logline import escape, guard, one_line
 from ..protocol.constants import Action, Proto, flag_names
 from ..protocol.events import OptionNegotiation
 from ..protocol.negotiation import negotiate
@@ -202,15 +202,17 @@ def describe_negotiation(host: TclHost) -> list[str]:
 
 def _load_failure(script: str, host: TclHost, exc: tkinter.TclError, exited: ScriptExit) -> list[str]:
     """check's lines for a load that ended before `milter main` (none if it ended there): a Tcl
-    error with its errorInfo (controls escaped and bounded, as run prints it), or an `exit`. The
-    status is 1 either way: check's is its verdict, and an `exit 66` would read as a missing file."""
+    error, then its errorInfo below it as the continuation lines of a log record (controls escaped,
+    each line indented, bounded: logline.guard), or an `exit`. The status is 1 either way: check's
+    is its verdict, and an `exit 66` would read as a missing file."""
     if exited.code is not None:
         where = error_location(host.error_info()) or script
         return [one_line(f"{where}: error: {exited.before_main()}")]
     if host.command.ended_at_main:
         return []
     info = host.error_info()
-    return [one_line(script_error(script, exc, info)), controls_escaped(info)]
+    # (guard bounds the whole once, and leaves the first line's escapes alone: not escaped twice)
+    return [guard(escape(script_error(script, exc, info)) + "\n" + info)]
 
 
 def cmd_check(opts: argparse.Namespace) -> int:

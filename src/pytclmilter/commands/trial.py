@@ -33,7 +33,7 @@ from ..client.report import EXIT_CODES, as_text, to_json
 from ..client.streamed import StreamedMbox
 from ..connspec import ConnSpec
 from ..hooks import Hooks
-from ..logline import controls_escaped, escape, one_line
+from ..logline import escape, guard, one_line
 from .common import (EX_NOINPUT, EX_SOFTWARE, ScriptExit, UsageError, add_envelope_options, add_log_level,
                      add_script_options, check_script, envelope_of, macros_of, make_host, read_message,
                      reports_print_anywhere, stdin_fd)
@@ -198,7 +198,7 @@ def _serve(opts: argparse.Namespace, script: str, socket: str,
             if failed:
                 raise failed[0]
             if exited.code is None and not host.command.ended_at_main:
-                print(controls_escaped(info), file=sys.stderr)  # (as run prints it)
+                print(guard(info), file=sys.stderr)  # (as run prints it: a newline of the message's indented)
                 return EX_SOFTWARE
         if stops and not done:
             return _interrupted(stops[0], "before every message was tried")
