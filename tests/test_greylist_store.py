@@ -752,6 +752,16 @@ def test_import_run_by_a_python_without_pytclmilter_says_which_python_to_use(tmp
     assert not (tmp_path / "new.sqlite").exists()
 
 
+def test_a_store_url_with_an_upper_case_scheme_is_the_same_store(redis_server: RedisServer, tmp_path: Path) -> None:
+    """A URL's scheme is case-insensitive (RFC 3986, 3.1), and redis-py reads REDIS://... as
+    redis://...; -store refused it as no store at all ("-store must be sqlite:PATH or redis://...")."""
+    url = "REDIS" + redis_server.url.removeprefix("redis")
+    done = run_import(str(old_file(tmp_path / "greylist.db")), url)
+    assert done.returncode == 0, done.stderr
+    assert "imported 3 triplets" in done.stdout
+    assert redis_server.command("DBSIZE") == b":3"
+
+
 def test_import_into_redis_and_its_errors(redis_server: RedisServer, tmp_path: Path) -> None:
     old = old_file(tmp_path / "greylist.db")
     done = run_import(str(old), redis_server.url)

@@ -205,7 +205,8 @@ def check_spec(spec: str) -> str:
         if spec == "sqlite:":
             raise ConfigError("-store sqlite:PATH needs a path")
         return "sqlite"
-    if re.match(r"(rediss?|unix)://.", spec):  # unix:///run/redis/redis-server.sock?db=0: Redis's socket
+    # (unix:///run/redis/redis-server.sock?db=0: Redis's socket; a scheme in any case, as RFC 3986 and redis-py read it)
+    if re.match(r"(rediss?|unix)://.", spec, re.IGNORECASE):
         try:
             _refuse_unreadable_url(spec)
             _refuse_unix_host(spec)
