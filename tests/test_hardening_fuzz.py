@@ -34,6 +34,8 @@ def load_harness():
 
 fuzz = load_harness()
 import fuzz_engine  # noqa: E402 - scripts/ is on the path once the harness is loaded
+import fuzz_output  # noqa: E402
+import fuzz_url  # noqa: E402
 FILES = sorted(CORPUS.iterdir()) if CORPUS.is_dir() else []
 
 
@@ -70,6 +72,20 @@ def test_the_engine_seeds_replay_through_a_tcl_script(name):
     Tcl script, with async Python callbacks ahead of its own in some, answers each read as the
     protocol says, logs escaped lines, ends clean, also when the MTA goes away while one awaits."""
     fuzz_engine.one_input(fuzz_engine.seeds()[name])
+
+
+@pytest.mark.parametrize("name", sorted(fuzz_url.seeds()))
+def test_the_url_seeds_replay_through_the_greylists_store_check(name):
+    """The url target's seeds (scripts/fuzz_url.py): a -store spec is taken (and redis-py's parser
+    takes it too) or refused as a ConfigError that shows no password."""
+    fuzz_url.one_input(fuzz_url.seeds()[name])
+
+
+@pytest.mark.parametrize("name", sorted(fuzz_output.seeds()))
+def test_the_output_seeds_replay_through_pythons_escaped_writes(name):
+    """The output target's seeds (scripts/fuzz_output.py): Python's writes to stdout and stderr go
+    out one whole, escaped line a write(), none past the fold."""
+    fuzz_output.one_input(fuzz_output.seeds()[name])
 
 
 def test_out_of_order_commands_ignored_silently_do_not_grow_memory():
