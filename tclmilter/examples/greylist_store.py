@@ -67,7 +67,7 @@ import sys
 import threading
 import time
 import weakref
-from typing import Any, Iterable, Iterator, NamedTuple, Protocol
+from typing import Any, Final, Iterable, Iterator, NamedTuple, Protocol
 from urllib.parse import SplitResult, parse_qsl, unquote_plus, urlsplit, urlunsplit
 
 try:
@@ -567,12 +567,17 @@ def _no_setinfo(redis: Any) -> dict[str, None]:
     return {"driver_info": None} if "driver_info" in known else {"lib_name": None, "lib_version": None}
 
 
+#: The options of a Redis URL's query whose values are never shown (:func:`_redis_where`).
+_SECRET_OPTIONS: Final = ("password", "username", "ssl_password")
+
+
 def _redis_where(url: str) -> str:
     """The URL for the log, without the user and password it may hold: before the host's "@" (the
-    last one: redis-py reads an unencoded "@" in a password so) or as ?password= / ?username=."""
+    last one: redis-py reads an unencoded "@" in a password so) or as ?password= / ?username=,
+    nor a rediss:// URL's ?ssl_password= (its key file's passphrase)."""
     parts = urlsplit(url)  # (the rest of the query as written: re-encoded, ?ssl_ca_certs=/etc/ca.pem read %2Fetc%2F...)
     query = "&".join(item for item in parts.query.split("&")
-                     if unquote_plus(item.partition("=")[0]) not in ("password", "username"))
+                     if unquote_plus(item.partition("=")[0]) not in _SECRET_OPTIONS)
     return f"{parts.scheme}://{parts.netloc.rpartition('@')[2]}{parts.path}" + (f"?{query}" if query else "")
 
 
