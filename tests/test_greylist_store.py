@@ -1627,6 +1627,31 @@ def test_the_tls_keys_passphrase_in_a_rediss_url_is_not_shown(tclrun: Callable[.
     assert "Pw7Secr3tQz" not in m.text + bad.stderr, m.text + bad.stderr
 
 
+def refused_at_load(tclrun: Callable[..., TclRun], spec: str, said: str) -> str:
+    """The greylist with ``-store spec`` fails its load saying ``said``, and the import exits 64
+    saying it: what both printed."""
+    m = tclrun(GREYLIST, "--python", str(STORE_PY), wait=False, args=("-store", spec))
+    assert m.wait_exit(timeout=20) == 1
+    assert f"greydb configure: {said}\n" in m.text, m.text
+    bad = run_import("/nonexistent/greylist.db", spec)
+    assert bad.returncode == 64 and bad.stderr == f"import: {said}\n", bad.stderr
+    return m.text + bad.stderr
+
+
+@pytest.mark.parametrize("spec", ["Redis://:Pw7Secr3tQz@127.0.0.1:6379/0", "redis:/:Pw7Secr3tQz@127.0.0.1:6379/0",
+                                  "redis//u:Pw7Secr3tQz@127.0.0.1:6379/0", "u:Pw7Secr3tQz@127.0.0.1"])
+def test_a_spec_that_is_no_url_is_not_quoted_when_it_may_hold_a_password(tclrun: Callable[..., TclRun],
+                                                                          spec: str) -> None:
+    """scripts/fuzz --target url: a Redis URL mistyped (a scheme in capitals, a slash short) is
+    no spec at all, and the refusal quoted it whole, password and all: "-store must be
+    sqlite:PATH or redis://HOST:PORT/DB ..., not "Redis://:Pw7Secr3tQz@...". One with an "@" is
+    now named by its head alone, at load and by the import."""
+    said = ('-store must be sqlite:PATH or redis://HOST:PORT/DB (or unix://SOCKET?db=DB), not '
+            f'"{"" if spec.startswith("u:") else spec[:5]}..." (the rest not shown: what comes before its "@" may be '
+            'a password)')
+    assert "Pw7Secr3tQz" not in refused_at_load(tclrun, spec, said)
+
+
 def test_the_options_a_redis_url_may_take_still_load_and_reach_redis(tclrun: Callable[..., TclRun],
                                                                      redis_server: RedisServer) -> None:
     """The checks refuse no option the docs list: a store with each of the plain ones greylists."""

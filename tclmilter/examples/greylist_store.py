@@ -219,7 +219,12 @@ def check_spec(spec: str) -> str:
             raise
         _redis_module()
         return "redis"
-    raise ConfigError(f'-store must be sqlite:PATH or redis://HOST:PORT/DB (or unix://SOCKET?db=DB), not "{spec}"')
+    said = "-store must be sqlite:PATH or redis://HOST:PORT/DB (or unix://SOCKET?db=DB), not"
+    if "@" in spec:  # (a mistyped URL, Redis:// or redis:/, may hold a password: its head alone)
+        head = re.match(r"[A-Za-z][A-Za-z0-9+.-]{0,15}(?=:?/)", spec)  # (a scheme's word, nothing else)
+        raise ConfigError(f'{said} "{head[0] if head else ""}..." (the rest not shown: what comes before its "@" '
+                          'may be a password)')
+    raise ConfigError(f'{said} "{spec}"')
 
 
 def _refuse_unreadable_url(spec: str) -> None:
