@@ -1652,6 +1652,32 @@ def test_a_spec_that_is_no_url_is_not_quoted_when_it_may_hold_a_password(tclrun:
     assert "Pw7Secr3tQz" not in refused_at_load(tclrun, spec, said)
 
 
+DIGITS = "1" * 5000  # (past Python's 4300 digits for int(): a ValueError)
+
+
+@pytest.mark.parametrize(("spec", "said"), [  # (the log clips a line of 800 characters: the number's head)
+    (f"redis://127.0.0.1:{DIGITS}/0", '-store redis://127.0.0.1:1111'),
+    (f"redis://127.0.0.1:6379/0?max_connections={DIGITS}",
+     '-store redis://127.0.0.1:6379/0?max_connections=1111'),
+    (f"redis://127.0.0.1:6379/0?db={DIGITS}", '-store redis://127.0.0.1:6379/0?db=1111'),
+    (f"redis://127.0.0.1:6379/{DIGITS}", "-store redis://127.0.0.1:6379/1111"),
+])
+def test_a_number_of_thousands_of_digits_in_a_redis_url_is_refused_as_a_setting(
+        tclrun: Callable[..., TclRun], spec: str, said: str) -> None:
+    """Seen while writing scripts/fuzz --target url: a port or a count of 5000 digits failed the load with Python's
+    "ValueError: Exceeds the limit (4300 digits) for integer string conversion" under a
+    traceback (int() of it), and ?db= or /DB of 5000 digits loaded, which redis-py then refused at
+    every check (?db=: "Invalid value for 'db'") or read as database 0 (/DB). Refused as a
+    setting, naming it, at load and by the import."""
+    m = tclrun(GREYLIST, "--python", str(STORE_PY), wait=False, args=("-store", spec))
+    assert m.wait_exit(timeout=20) == 1
+    assert f"greydb configure: {said}" in m.text, m.text[-2000:]
+    assert "Traceback" not in m.text and "listening" not in m.text, m.text[-2000:]
+    bad = run_import("/nonexistent/greylist.db", spec)
+    assert bad.returncode == 64 and bad.stderr.startswith(f"import: {said}"), bad.stderr[-2000:]
+    assert bad.stderr.endswith(f'{DIGITS}"\n') and bad.stderr.count("\n") == 1, bad.stderr[-300:]
+
+
 def test_the_options_a_redis_url_may_take_still_load_and_reach_redis(tclrun: Callable[..., TclRun],
                                                                      redis_server: RedisServer) -> None:
     """The checks refuse no option the docs list: a store with each of the plain ones greylists."""

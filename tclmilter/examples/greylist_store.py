@@ -241,7 +241,7 @@ def _refuse_unreadable_url(spec: str) -> None:
                           '(a password\'s "#" is written %23)')
     host_port = parts.netloc.rpartition("@")[2]
     port = host_port.rpartition("]")[2].partition(":")[2] if host_port.startswith("[") else host_port.partition(":")[2]
-    if port and not (port.isascii() and port.isdigit() and 1 <= int(port) <= 65535):
+    if port and not (port.isascii() and port.isdigit() and len(port) <= 5 and 1 <= int(port) <= 65535):
         raise ConfigError(f'-store {_redis_where(spec)}: the port must be a number from 1 to 65535, not "{port}"')
 
 
@@ -272,13 +272,21 @@ def _positive_seconds(value: str) -> str | None:
     return None if 0 < seconds < math.inf else "a number of seconds > 0"
 
 
+#: The most digits a number of a Redis URL may have: int() refuses more than 4300 (a ValueError out
+#: of the load, under its traceback), redis-py too, at each check (?db=) or in silence (/DB: 0).
+DIGITS_AT_MOST = 18
+
+
 def _database(value: str) -> str | None:
-    return None if value.isascii() and value.isdigit() else "a database number (0, 1, ...)"
+    return (None if value.isascii() and value.isdigit() and len(value) <= DIGITS_AT_MOST
+            else "a database number (0, 1, ...)")
 
 
 def _count(minimum: int) -> Any:
     def check(value: str) -> str | None:
-        return None if value.isascii() and value.isdigit() and int(value) >= minimum else f"a whole number >= {minimum}"
+        if not (value.isascii() and value.isdigit()) or len(value) <= DIGITS_AT_MOST and int(value) < minimum:
+            return f"a whole number >= {minimum}"
+        return None if len(value) <= DIGITS_AT_MOST else f"a whole number of {DIGITS_AT_MOST} digits at most"
     return check
 
 
