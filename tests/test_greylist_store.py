@@ -1567,6 +1567,10 @@ def test_a_wrong_greydb_call_is_tcls_usage_error_not_a_traceback(tmp_path: Path)
     ("redis://u:secret@127.0.0.1:0/0", '-store redis://127.0.0.1:0/0: the port must be a number from 1 to 65535, '
                                        'not "0"'),
     ("redis://u:secret@[::1/0", "-store redis://...: not a URL (Invalid IPv6 URL)"),
+    # (scripts/fuzz --target url: the port read after the last "]", "6379", where Python's urllib
+    # and redis-py read it after the first: a ValueError under a traceback at load)
+    ("redis://[::1]:1]:6379/0", '-store redis://[::1]:1]:6379/0: the port must be a number from 1 to 65535, '
+                                'not "1]:6379"'),
 ])
 def test_a_redis_url_with_a_bad_port_or_no_url_fails_the_load_saying_so(tclrun: Callable[..., TclRun], spec: str,
                                                                        said: str) -> None:

@@ -239,8 +239,11 @@ def _refuse_unreadable_url(spec: str) -> None:
     if "#" in spec:  # (redis-py drops it and what follows: a password's "#", ?password=a#b read as "a")
         raise ConfigError(f'-store {_redis_where(spec)}: a "#" ends a URL, what follows it would be dropped '
                           '(a password\'s "#" is written %23)')
+    # The port as urllib's SplitResult.port, and so redis-py, reads it: after the first "]" of a
+    # bracketed host (redis://[::1]:1]:6379/0: "1]:6379", not "6379": a ValueError at load).
     host_port = parts.netloc.rpartition("@")[2]
-    port = host_port.rpartition("]")[2].partition(":")[2] if host_port.startswith("[") else host_port.partition(":")[2]
+    _, bracket, bracketed = host_port.partition("[")
+    port = bracketed.partition("]")[2].partition(":")[2] if bracket else host_port.partition(":")[2]
     if port and not (port.isascii() and port.isdigit() and len(port) <= 5 and 1 <= int(port) <= 65535):
         raise ConfigError(f'-store {_redis_where(spec)}: the port must be a number from 1 to 65535, not "{port}"')
 
