@@ -1643,7 +1643,8 @@ def refused_at_load(tclrun: Callable[..., TclRun], spec: str, said: str) -> str:
 
 
 @pytest.mark.parametrize("spec", ["Redis://:Pw7Secr3tQz@127.0.0.1:6379/0", "redis:/:Pw7Secr3tQz@127.0.0.1:6379/0",
-                                  "redis//u:Pw7Secr3tQz@127.0.0.1:6379/0", "u:Pw7Secr3tQz@127.0.0.1"])
+                                  "redis//u:Pw7Secr3tQz@127.0.0.1:6379/0", "u:Pw7Secr3tQz@127.0.0.1",
+                                  "redis:/127.0.0.1:6379/0?password=Pw7Secr3tQz"])
 def test_a_spec_that_is_no_url_is_not_quoted_when_it_may_hold_a_password(tclrun: Callable[..., TclRun],
                                                                           spec: str) -> None:
     """scripts/fuzz --target url: a Redis URL mistyped (a scheme in capitals, a slash short) is
@@ -1651,8 +1652,8 @@ def test_a_spec_that_is_no_url_is_not_quoted_when_it_may_hold_a_password(tclrun:
     sqlite:PATH or redis://HOST:PORT/DB ..., not "Redis://:Pw7Secr3tQz@...". One with an "@" is
     now named by its head alone, at load and by the import."""
     said = ('-store must be sqlite:PATH or redis://HOST:PORT/DB (or unix://SOCKET?db=DB), not '
-            f'"{"" if spec.startswith("u:") else spec[:5]}..." (the rest not shown: what comes before its "@" may be '
-            'a password)')
+            f'"{"" if spec.startswith("u:") else spec[:5]}..." (the rest not shown: a password may be in it, before '
+            'an "@" or in its query)')
     assert "Pw7Secr3tQz" not in refused_at_load(tclrun, spec, said)
 
 

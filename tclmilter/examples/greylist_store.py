@@ -220,10 +220,10 @@ def check_spec(spec: str) -> str:
         _redis_module()
         return "redis"
     said = "-store must be sqlite:PATH or redis://HOST:PORT/DB (or unix://SOCKET?db=DB), not"
-    if "@" in spec:  # (a mistyped URL, Redis:// or redis:/, may hold a password: its head alone)
-        head = re.match(r"[A-Za-z][A-Za-z0-9+.-]{0,15}(?=:?/)", spec)  # (a scheme's word, nothing else)
-        raise ConfigError(f'{said} "{head[0] if head else ""}..." (the rest not shown: what comes before its "@" '
-                          'may be a password)')
+    if "@" in spec or "?" in spec:  # (a mistyped URL, Redis:// or redis:/, may hold a password: its head alone)
+        head = re.match(r"(?i)(rediss?|unix|sqlite)(?=:?/)", spec)  # (a scheme's word, nothing else)
+        raise ConfigError(f'{said} "{head[0] if head else ""}..." (the rest not shown: a password may be in it, '
+                          'before an "@" or in its query)')
     raise ConfigError(f'{said} "{spec}"')
 
 
