@@ -1657,6 +1657,17 @@ def test_a_spec_that_is_no_url_is_not_quoted_when_it_may_hold_a_password(tclrun:
     assert "Pw7Secr3tQz" not in refused_at_load(tclrun, spec, said)
 
 
+@pytest.mark.parametrize("spec", ["redis://:Pw7[Secr3t]Qz@127.0.0.1:6379/0", "redis://u:[Secr3t]@127.0.0.1:6379/0"])
+def test_a_password_with_brackets_is_not_quoted_by_the_refusal_of_the_url(tclrun: Callable[..., TclRun],
+                                                                          spec: str) -> None:
+    """scripts/fuzz --target url: a password with "[" and "]" is no URL to Python's urlsplit,
+    whose error, quoted as the reason, quoted what stood between them: "-store redis://...: not a
+    URL ('Secr3t' does not appear to be an IPv4 or IPv6 address)". With an "@" in the URL, the
+    reason is now how to write them."""
+    said = '-store redis://...: not a URL (a password\'s "[" or "]" must be written %5B, %5D)'
+    assert "Secr3t" not in refused_at_load(tclrun, spec, said)
+
+
 DIGITS = "1" * 5000  # (past Python's 4300 digits for int(): a ValueError)
 
 

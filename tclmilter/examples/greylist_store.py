@@ -234,8 +234,9 @@ def _refuse_unreadable_url(spec: str) -> None:
     store's making, and port 0 loaded, every check an outage."""
     try:
         parts = urlsplit(spec)
-    except ValueError as exc:
-        raise ConfigError(f"-store {spec.partition(':')[0]}://...: not a URL ({exc})") from None
+    except ValueError as exc:  # (its words quote what stands in brackets: with an "@", a password's maybe)
+        why = str(exc) if "@" not in spec or "'" not in str(exc) else 'a password\'s "[" or "]" must be written %5B, %5D'
+        raise ConfigError(f"-store {spec.partition(':')[0]}://...: not a URL ({why})") from None
     if "#" in spec:  # (redis-py drops it and what follows: a password's "#", ?password=a#b read as "a")
         raise ConfigError(f'-store {_redis_where(spec)}: a "#" ends a URL, what follows it would be dropped '
                           '(a password\'s "#" is written %23)')
