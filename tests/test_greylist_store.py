@@ -1642,15 +1642,16 @@ def refused_at_load(tclrun: Callable[..., TclRun], spec: str, said: str) -> str:
     return m.text + bad.stderr
 
 
-@pytest.mark.parametrize("spec", ["Redis://:Pw7Secr3tQz@127.0.0.1:6379/0", "redis:/:Pw7Secr3tQz@127.0.0.1:6379/0",
+@pytest.mark.parametrize("spec", ["REDIS:/:Pw7Secr3tQz@127.0.0.1:6379/0", "redis:/:Pw7Secr3tQz@127.0.0.1:6379/0",
                                   "redis//u:Pw7Secr3tQz@127.0.0.1:6379/0", "u:Pw7Secr3tQz@127.0.0.1",
                                   "redis:/127.0.0.1:6379/0?password=Pw7Secr3tQz"])
 def test_a_spec_that_is_no_url_is_not_quoted_when_it_may_hold_a_password(tclrun: Callable[..., TclRun],
                                                                           spec: str) -> None:
-    """scripts/fuzz --target url: a Redis URL mistyped (a scheme in capitals, a slash short) is
-    no spec at all, and the refusal quoted it whole, password and all: "-store must be
-    sqlite:PATH or redis://HOST:PORT/DB ..., not "Redis://:Pw7Secr3tQz@...". One with an "@" is
-    now named by its head alone, at load and by the import."""
+    """scripts/fuzz --target url: a Redis URL mistyped (a slash short, its scheme in capitals or
+    not) is no spec at all, and the refusal quoted it whole, password and all: "-store must be
+    sqlite:PATH or redis://HOST:PORT/DB ..., not "redis:/:Pw7Secr3tQz@...". One with an "@" is
+    now named by its head alone, at load and by the import. (Redis://, whole, is a store URL:
+    test_a_store_url_with_an_upper_case_scheme_is_the_same_store.)"""
     said = ('-store must be sqlite:PATH or redis://HOST:PORT/DB (or unix://SOCKET?db=DB), not '
             f'"{"" if spec.startswith("u:") else spec[:5]}..." (the rest not shown: a password may be in it, before '
             'an "@" or in its query)')

@@ -220,7 +220,7 @@ def check_spec(spec: str) -> str:
         _redis_module()
         return "redis"
     said = "-store must be sqlite:PATH or redis://HOST:PORT/DB (or unix://SOCKET?db=DB), not"
-    if "@" in spec or "?" in spec:  # (a mistyped URL, Redis:// or redis:/, may hold a password: its head alone)
+    if "@" in spec or "?" in spec:  # (a mistyped URL, REDIS:/ or redis//, may hold a password: its head alone)
         head = re.match(r"(?i)(rediss?|unix|sqlite)(?=:?/)", spec)  # (a scheme's word, nothing else)
         raise ConfigError(f'{said} "{head[0] if head else ""}..." (the rest not shown: a password may be in it, '
                           'before an "@" or in its query)')
