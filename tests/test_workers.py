@@ -1214,13 +1214,14 @@ def test_a_stop_sent_to_a_worker_the_moment_it_is_forked_stops_it_cleanly(tmp_pa
     assert len(re.findall(r"was stopped by SIGTERM sent to it; starting a new one", text)) == 20, text
 
 
-#: A reader that takes half the script's 3 MB after 2 s, and the rest 2 s later: slow, never
-#: stalled for 3 s, done within 5 s.
+#: A reader that takes the script's 3 MB a third at a time, each after a pause of 1.2 s: slow
+#: (3.6 s in all, past a wait of 3 s in all), never stalled for 3 s (1.8 s to spare for a loaded
+#: machine's scheduling).
 SLOW_READER = r"""
 import sys, time
 out = open(sys.argv[1], "wb")
-for n in (1500000, None):
-    time.sleep(2)
+for n in (1000000, 1000000, None):
+    time.sleep(1.2)
     out.write(sys.stdin.buffer.read(n) if n else sys.stdin.buffer.read())
     out.flush()
 """
@@ -1229,9 +1230,9 @@ for n in (1500000, None):
 def test_a_pipe_whose_reader_is_slow_but_steady_is_written_before_the_fork(tmp_path: Path) -> None:
     """The flush before the fork waits while the reader takes what is queued: 3 s without
     progress end it, not 3 s in all. A script's non-blocking pipe holds 3 MB for a program that
-    reads half after 2 s and the rest 2 s later: written whole, once, and the workers serve.
+    reads a third every 1.2 s: written whole, once, and the workers serve.
     FAILED before: refused at 3 s (`milter main: --workers 2 forks the serving processes, but
-    channel file6 (to pid 13968) still holds 1431232 bytes`), status 1."""
+    channel file6 (to pid N) still holds 931520 bytes`), status 1."""
     script, log, out, reader = tmp_path / "s.tcl", tmp_path / "s.log", tmp_path / "out", tmp_path / "reader.py"
     reader.write_text(SLOW_READER)
     script.write_text(rf"""
