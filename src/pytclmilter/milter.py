@@ -339,10 +339,7 @@ class Milter:
         commands/reloading.py): True once, and the process's own handler (with workers, their
         supervisor's) then logs it at debug; False when that handler logged it already."""
         process = self._supervisor if self._supervisor is not None else self._server
-        if process.stop_told:
-            return False
-        process.stop_told = True
-        return True
+        return process.stop_told.claim()
 
     def check_connection(self) -> ConnSpec:
         return parse(self.connection)

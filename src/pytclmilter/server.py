@@ -24,7 +24,7 @@ from .repeats import Every, Repeated, tell_counts
 from .limits import PYTHON_LIMIT
 from .overdue import StopDeadline
 from .shared import FOREVER, Shared
-from .signalroles import RELOAD, REPLACED, STOP_SIGNALS
+from .signalroles import RELOAD, REPLACED, STOP_SIGNALS, StopTold
 
 log: Final = logging.getLogger("pytclmilter")
 
@@ -100,7 +100,7 @@ class MilterServer:
         self._told_again = False  # a stop signal while stopping was logged (_stop_again: once a stop)
         #: The stop's line was logged: by _on_signal, or by the line of a reload's load the stop
         #: abandoned (Milter.tell_stop), which comes first, and _on_signal's then goes to debug.
-        self.stop_told = False
+        self.stop_told = StopTold()
 
     def next_id(self) -> int:
         self._ids += 1
@@ -179,7 +179,7 @@ class MilterServer:
                 self._stop = None
                 return
         self.stopped_by, self._ending, self._aborted, self.stop_signal = None, _STOPPED, False, None
-        self._told_again = self.stop_told = False
+        self._told_again, self.stop_told = False, StopTold()
         self.tcp = spec.family != "unix"  # before listening: the first connection may come at once
         try:
             listener, acceptor = self._listen(spec, inherited, loop)
@@ -455,11 +455,8 @@ class MilterServer:
         if self.stopped_by is not None:  # stopping already: a copy of the stop changes nothing
             self._stop_again(sig)
             return
-        if self.stop_told:  # by a reload's load it abandoned (commands/reloading.py): once is enough
-            log.debug("received %s: stopping (the abandoned reload's line told it)", sig.name)
-        else:
-            log.info("received %s: stopping", sig.name)
-        self.stopped_by, self.stop_told = sig, True
+        self.stop_told.tell(f"received {sig.name}: stopping")
+        self.stopped_by = sig
         signalled(self.shared.hooks, sig)
         if self._stop is not None:
             self._stop.set()

@@ -45,7 +45,7 @@ from .connspec import parse
 from .hooks import Hooks, forget_early_reload, signalled
 from .limits import PYTHON_LIMIT
 from .listener import Listener, bind
-from .signalroles import REPLACED, STOP_SIGNALS
+from .signalroles import REPLACED, STOP_SIGNALS, StopTold
 from .logline import escape
 from .repeats import Every, Repeated, tell_counts
 from .settings import Settings
@@ -185,7 +185,7 @@ class Supervisor:
         self._told_again = False  # a stop signal while stopping was logged (_stop_again: once)
         #: The stop's line was logged: by _on_signal, or by the line of a reload's load the stop
         #: abandons (Milter.tell_stop), which logs after this handler ran: ours goes to debug.
-        self.stop_told = False
+        self.stop_told = StopTold()
         #: _on_signal's line while a reload runs (_on_reload), logged once it returned unless the
         #: reload's line told the stop: a stop before its load's watch began abandons it too.
         self._untold: str | None = None
@@ -326,15 +326,7 @@ class Supervisor:
         finally:
             line, self._untold = self._untold, None
             if line:
-                self._tell_stop(line)
-
-    def _tell_stop(self, line: str) -> None:
-        """The stop's line, unless a reload's load it abandoned told the stop (Milter.tell_stop)."""
-        if self.stop_told:
-            log.debug("%s (the abandoned reload's line told it)", line)
-            return
-        self.stop_told = True
-        log.info("%s", line)
+                self.stop_told.tell(line)
 
     def _reaped(self, pid: int, number: int, status: int) -> None:
         code = os.waitstatus_to_exitcode(status)
@@ -392,7 +384,7 @@ class Supervisor:
             why += f" (and {junk} bytes on the stop pipe that are no worker's name, ignored)"
         line = f"{why}: stopping {len(self.children)} workers"
         if self._untold is None:
-            self._tell_stop(line)
+            self.stop_told.tell(line)
         else:  # a reload runs: its load is abandoned and its line tells the stop, or ours once it returns
             self._untold = line
         signalled(self.hooks, signal.Signals(signum))
